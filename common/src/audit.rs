@@ -1,0 +1,185 @@
+//! Audit records (DESIGN §8): one JSON object per line, on both sides, joined by `query_id`.
+//!
+//! Rendering goes through `serde_json`, which escapes every control character, so no value —
+//! a destination name, a reason, a peer's SPIFFE ID — can end a line early and forge a second
+//! record. Fields that do not apply to an event are left out, not written as `null`.
+
+use serde::{Serialize, Serializer};
+
+use crate::frame::QueryId;
+use crate::time::Timestamp;
+
+/// Which side wrote the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// The Ewii Client, in the customer's network.
+    Client,
+    /// The Ewii Hub, at the operator.
+    Hub,
+}
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Event {
+    /// One query (one requester connection), written when it ends.
+    Query,
+    /// A session came up.
+    SessionUp,
+    /// A session ended (`reason` says why).
+    SessionLost,
+    /// A TLS handshake was refused by this side (`reason` has the local detail).
+    HandshakeRefused,
+    /// A Client enrolled (Hub) / this Client enrolled (Client).
+    Enrolled,
+    /// An enrolment attempt was refused.
+    EnrolmentRefused,
+    /// The operator created a join token.
+    TokenCreated,
+    /// The process started (`reason` carries the effective configuration summary).
+    Started,
+    /// The process stopped.
+    Stopped,
+}
+
+/// How an event ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Outcome {
+    /// It went through.
+    Ok,
+    /// It was refused by policy or identity checks.
+    Refused,
+    /// It failed (I/O, timeout, peer gone).
+    Failed,
+}
+
+/// A destination as audited: the entry name, and on the Client the address it resolved to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Destination {
+    /// Allow-list entry name, as the Hub asked for it.
+    pub name: String,
+    /// Resolved address (Client side only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+/// One audit record. Build with [`AuditRecord::new`] and the `with_*`-free struct update syntax.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRecord {
+    /// UTC, RFC 3339, microseconds.
+    pub time: Timestamp,
+    /// Who wrote it.
+    pub side: Side,
+    /// What happened.
+    pub event: Event,
+    /// Hub-chosen session id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<u64>,
+    /// Joins the Hub's and the Client's record of one query.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "query_id_hex"
+    )]
+    pub query_id: Option<QueryId>,
+    /// The Client's SPIFFE ID (the source workload SVID of the connection).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// The requester: a caller's SPIFFE ID, or a configured principal with the peer address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Where the query went.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination: Option<Destination>,
+    /// Bytes from the requester towards the destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_up: Option<u64>,
+    /// Bytes from the destination back to the requester.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_down: Option<u64>,
+    /// Wall time of the query or session, milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// How it ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+    /// Local detail: why it was refused or failed. Never sent to the peer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Network peer (address of a requester, a Client, or the Hub).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+}
+
+impl AuditRecord {
+    /// A record with only the mandatory fields set.
+    pub fn new(time: Timestamp, side: Side, event: Event) -> Self {
+        Self {
+            time,
+            side,
+            event,
+            session_id: None,
+            query_id: None,
+            client: None,
+            source: None,
+            destination: None,
+            bytes_up: None,
+            bytes_down: None,
+            duration_ms: None,
+            outcome: None,
+            reason: None,
+            peer: None,
+        }
+    }
+
+    /// The record as one line of JSON, without the trailing newline.
+    pub fn to_json_line(&self) -> String {
+        // Serialising this struct cannot fail: every field is a string, number or enum.
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            format!(r#"{{"event":"audit_error","reason":{:?}}}"#, e.to_string())
+        })
+    }
+}
+
+fn query_id_hex<S: Serializer>(id: &Option<QueryId>, s: S) -> Result<S::Ok, S::Error> {
+    match id {
+        Some(id) => s.collect_str(id),
+        None => s.serialize_none(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_one_line_with_exact_fields() {
+        let mut r = AuditRecord::new(Timestamp(1_000_000), Side::Hub, Event::Query);
+        r.query_id = Some(QueryId(0xab));
+        r.destination = Some(Destination {
+            name: "db".into(),
+            address: None,
+        });
+        r.bytes_up = Some(3);
+        r.outcome = Some(Outcome::Ok);
+        assert_eq!(
+            r.to_json_line(),
+            r#"{"time":"1970-01-01T00:00:01.000000Z","side":"hub","event":"query","query_id":"000000000000000000000000000000ab","destination":{"name":"db"},"bytes_up":3,"outcome":"ok"}"#
+        );
+    }
+
+    #[test]
+    fn no_value_can_forge_a_second_record() {
+        let mut r = AuditRecord::new(Timestamp(0), Side::Client, Event::Query);
+        r.reason = Some("x\"}\n{\"event\":\"forged\"\r\u{2028}\u{0}".into());
+        r.source = Some("\n".into());
+        let line = r.to_json_line();
+        assert!(!line.contains('\n') && !line.contains('\r') && !line.contains('\0'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["event"], "query");
+        assert_eq!(v["reason"], "x\"}\n{\"event\":\"forged\"\r\u{2028}\u{0}");
+    }
+}
