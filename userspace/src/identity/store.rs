@@ -1,0 +1,143 @@
+//! Key and certificate files.
+//!
+//! Private keys are written 0600 and never leave the host that made them. Files are replaced
+//! atomically (write to a temporary file in the same directory, fsync, rename) so a crash
+//! never leaves half a key or a chain that does not match its key.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rcgen::KeyPair;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::IdentityError;
+
+/// File names inside a Client's state directory.
+pub const SVID_CERT: &str = "svid.pem";
+/// The SVID's private key (0600).
+pub const SVID_KEY: &str = "svid.key";
+/// The trust bundle (Hub CA certificates).
+pub const BUNDLE: &str = "bundle.pem";
+
+/// PEM rendering helpers.
+#[derive(Debug)]
+pub struct Pem;
+
+impl Pem {
+    /// Certificates as concatenated PEM blocks.
+    pub fn certs(certs: &[CertificateDer<'_>]) -> String {
+        certs
+            .iter()
+            .map(|c| pem_block("CERTIFICATE", c.as_ref()))
+            .collect()
+    }
+}
+
+fn pem_block(label: &str, der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new(label, der.to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
+
+/// An SVID as held in memory: the chain (leaf first) and the key.
+pub struct Svid {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// PKCS#8 DER of the private key.
+    key_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for Svid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Svid")
+            .field("chain_len", &self.chain.len())
+            .field("key", &"***")
+            .finish()
+    }
+}
+
+impl Svid {
+    /// Builds from a chain and an rcgen key pair.
+    pub fn new(chain: Vec<CertificateDer<'static>>, key: &KeyPair) -> Self {
+        Self {
+            chain,
+            key_der: key.serialize_der(),
+        }
+    }
+
+    /// The private key for rustls.
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key_der.clone().into())
+    }
+
+    /// Loads `<stem>.pem` and `<stem>.key` from `dir`.
+    pub fn load(dir: &Path, cert_file: &str, key_file: &str) -> Result<Self, IdentityError> {
+        let chain = read_certs(&dir.join(cert_file))?;
+        if chain.is_empty() {
+            return Err(IdentityError::Pem(dir.join(cert_file)));
+        }
+        let key = read_key_pair(&dir.join(key_file))?;
+        Ok(Self::new(chain, &key))
+    }
+
+    /// Writes the chain and the key (0600) into `dir`; the key first, so a chain on disk
+    /// always has its key.
+    pub fn save(&self, dir: &Path, cert_file: &str, key_file: &str) -> Result<(), IdentityError> {
+        let key_pem = pem_block("PRIVATE KEY", &self.key_der);
+        write_file(&dir.join(key_file), key_pem.as_bytes(), 0o600)?;
+        write_file(
+            &dir.join(cert_file),
+            Pem::certs(&self.chain).as_bytes(),
+            0o644,
+        )
+    }
+}
+
+/// Reads every certificate in a PEM file.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let data = read(path)?;
+    CertificateDer::pem_slice_iter(&data)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| IdentityError::Pem(path.to_owned()))
+}
+
+/// Reads a PKCS#8 private key.
+pub fn read_key_pair(path: &Path) -> Result<KeyPair, IdentityError> {
+    let data = read(path)?;
+    let text = String::from_utf8(data).map_err(|_| IdentityError::Pem(path.to_owned()))?;
+    KeyPair::from_pem(&text).map_err(|_| IdentityError::Pem(path.to_owned()))
+}
+
+/// Writes `data` to `path` atomically with `mode`.
+pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
+    let io = |source| IdentityError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp: PathBuf = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
+    let mut f = opts.open(&tmp).map_err(io)?;
+    // `mode` applies only on creation; force it in case a stale temporary file existed.
+    #[cfg(unix)]
+    fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(io)?;
+    f.write_all(data).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    fs::rename(&tmp, path).map_err(io)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
+    fs::read(path).map_err(|source| IdentityError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}

@@ -1,0 +1,355 @@
+//! SPIFFE verification, run by both sides on every handshake (DESIGN §5).
+//!
+//! In order: the chain must lead to an anchor of the current trust bundle (webpki, with the
+//! right extended key usage and validity at `now`); the leaf must meet the X509-SVID rules
+//! ([`inspect_leaf`]); its ID must be in the expected trust domain with the expected role; and,
+//! on the Hub, its serial must be one the Hub issued and has not retired or revoked.
+//!
+//! A refusal is logged and audited here with its detail; the peer only sees a generic
+//! `access_denied` alert, since QUIC would otherwise carry rustls's error text to it.
+
+use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use ewii_common::audit::{Event, Outcome};
+use ewii_common::spiffe::{Role, SpiffeId};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use sha2::{Digest, Sha256};
+
+use super::{inspect_leaf, LeafInfo};
+use crate::audit::Audit;
+
+/// Which identities a verifier accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Exactly `spiffe://<td>/hub`.
+    Hub,
+    /// `spiffe://<td>/client/<name>`.
+    Client,
+    /// `spiffe://<td>/workload/<name>`.
+    Workload,
+}
+
+/// The Hub's check of a serial against its records (issued, not retired, not revoked).
+pub trait SerialCheck: Send + Sync + fmt::Debug {
+    /// `Err(detail)` refuses the handshake.
+    fn check(&self, id: &SpiffeId, serial: &str) -> Result<(), String>;
+}
+
+/// The trust bundle: the CA certificates currently trusted. Shared and swappable, so a bundle
+/// update reaches the next handshake without rebuilding the TLS configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Bundle(Arc<RwLock<Vec<CertificateDer<'static>>>>);
+
+impl Bundle {
+    /// A bundle holding `anchors`.
+    pub fn new(anchors: Vec<CertificateDer<'static>>) -> Self {
+        Self(Arc::new(RwLock::new(anchors)))
+    }
+
+    /// The anchors now.
+    pub fn anchors(&self) -> Vec<CertificateDer<'static>> {
+        self.0.read().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the anchors.
+    pub fn replace(&self, anchors: Vec<CertificateDer<'static>>) {
+        if let Ok(mut a) = self.0.write() {
+            *a = anchors;
+        }
+    }
+}
+
+/// A SPIFFE verifier for one side of one kind of connection.
+#[derive(Clone)]
+pub struct SpiffeVerifier {
+    bundle: Bundle,
+    trust_domain: String,
+    expect: Expect,
+    serials: Option<Arc<dyn SerialCheck>>,
+    audit: Option<Audit>,
+    algs: WebPkiSupportedAlgorithms,
+    mandatory: bool,
+}
+
+impl fmt::Debug for SpiffeVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeVerifier")
+            .field("trust_domain", &self.trust_domain)
+            .field("expect", &self.expect)
+            .finish()
+    }
+}
+
+impl SpiffeVerifier {
+    /// Accepts `expect` identities of `trust_domain` chaining to `bundle`.
+    pub fn new(bundle: Bundle, trust_domain: &str, expect: Expect) -> Self {
+        Self {
+            bundle,
+            trust_domain: trust_domain.to_owned(),
+            expect,
+            serials: None,
+            audit: None,
+            algs: crate::transport::provider().signature_verification_algorithms,
+            mandatory: true,
+        }
+    }
+
+    /// Also checks serials against the Hub's records.
+    pub fn with_serial_check(mut self, check: Arc<dyn SerialCheck>) -> Self {
+        self.serials = Some(check);
+        self
+    }
+
+    /// Audits refusals (`handshake_refused`).
+    pub fn with_audit(mut self, audit: Audit) -> Self {
+        self.audit = Some(audit);
+        self
+    }
+
+    /// As a client-certificate verifier: let a peer without a certificate through the
+    /// handshake (the Hub then allows it nothing but enrolment).
+    pub fn optional(mut self) -> Self {
+        self.mandatory = false;
+        self
+    }
+
+    /// Full check of a presented chain at `now`.
+    pub fn verify_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<LeafInfo, String> {
+        let anchors_der = self.bundle.anchors();
+        let anchors: Vec<_> = anchors_der
+            .iter()
+            .filter_map(|c| webpki::anchor_from_trusted_cert(c).ok())
+            .collect();
+        if anchors.is_empty() {
+            return Err("trust bundle is empty".into());
+        }
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| format!("certificate does not parse: {e}"))?;
+        let usage = match self.expect {
+            Expect::Hub => webpki::KeyUsage::server_auth(),
+            Expect::Client | Expect::Workload => webpki::KeyUsage::client_auth(),
+        };
+        cert.verify_for_usage(
+            self.algs.all,
+            &anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| format!("chain: {e}"))?;
+        let leaf = inspect_leaf(end_entity).map_err(|e| e.to_string())?;
+        if leaf.id.trust_domain() != self.trust_domain {
+            return Err(format!(
+                "{} is not in trust domain {}",
+                leaf.id, self.trust_domain
+            ));
+        }
+        let role_ok = matches!(
+            (self.expect, leaf.id.role()),
+            (Expect::Hub, Role::Hub)
+                | (Expect::Client, Role::Client(_))
+                | (Expect::Workload, Role::Workload(_))
+        );
+        if !role_ok {
+            return Err(format!("{} is not a {:?} identity", leaf.id, self.expect));
+        }
+        if let Some(check) = &self.serials {
+            check.check(&leaf.id, &leaf.serial)?;
+        }
+        Ok(leaf)
+    }
+
+    fn refuse(&self, detail: String, end_entity: &CertificateDer<'_>) -> rustls::Error {
+        let who = inspect_leaf(end_entity).ok().map(|l| l.id.to_string());
+        tracing::warn!(peer = ?who, reason = %detail, "handshake refused");
+        if let Some(audit) = &self.audit {
+            let mut r = audit.record(Event::HandshakeRefused);
+            r.client = who;
+            r.outcome = Some(Outcome::Refused);
+            r.reason = Some(detail);
+            audit.emit(r);
+        }
+        generic_refusal()
+    }
+}
+
+/// The one error a peer ever sees from our verifiers.
+pub fn generic_refusal() -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // The DNS name is irrelevant: the Hub is whoever holds `spiffe://<td>/hub`.
+        self.verify_chain(end_entity, intermediates, now)
+            .map(|_| ServerCertVerified::assertion())
+            .map_err(|d| self.refuse(d, end_entity))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for SpiffeVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verify_chain(end_entity, intermediates, now)
+            .map(|_| ClientCertVerified::assertion())
+            .map_err(|d| self.refuse(d, end_entity))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Enrolment-time verifier: the Client has no bundle yet, only the SHA-256 of the Hub CA's
+/// certificate, pinned at install. The Hub must present that CA in its chain, and a `/hub`
+/// leaf that chains to it. Only then is the join token sent.
+#[derive(Debug)]
+pub struct PinnedHubVerifier {
+    pin: [u8; 32],
+    algs: WebPkiSupportedAlgorithms,
+    /// The CA that matched the pin, for the Client to check the `Issued` bundle against.
+    pub matched: RwLock<Option<CertificateDer<'static>>>,
+}
+
+impl PinnedHubVerifier {
+    /// Pins the CA with this SHA-256.
+    pub fn new(pin: [u8; 32]) -> Self {
+        Self {
+            pin,
+            algs: crate::transport::provider().signature_verification_algorithms,
+            matched: RwLock::new(None),
+        }
+    }
+}
+
+impl ServerCertVerifier for PinnedHubVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(ca) = intermediates
+            .iter()
+            .find(|c| Sha256::digest(c.as_ref()).as_slice() == self.pin)
+        else {
+            tracing::warn!("enrolment: the Hub's chain does not contain the pinned CA");
+            return Err(generic_refusal());
+        };
+        let ca = ca.clone().into_owned();
+        let td = inspect_leaf(end_entity)
+            .map(|l| l.id.trust_domain().to_owned())
+            .map_err(|e| {
+                tracing::warn!(reason = %e, "enrolment: Hub leaf is not an SVID");
+                generic_refusal()
+            })?;
+        let verifier = SpiffeVerifier::new(Bundle::new(vec![ca.clone()]), &td, Expect::Hub);
+        verifier.verify_chain(end_entity, &[], now).map_err(|d| {
+            tracing::warn!(reason = %d, "enrolment: Hub refused");
+            generic_refusal()
+        })?;
+        if let Ok(mut m) = self.matched.write() {
+            *m = Some(ca);
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}

@@ -1,0 +1,227 @@
+//! QUIC and TLS configuration, frame I/O on QUIC streams, and the TCP ⇄ stream pipe.
+//!
+//! P5: TLS 1.3 only, and `TLS13_CHACHA20_POLY1305_SHA256` is the only suite either side can
+//! negotiate. QUIC Initial packets are protected with AES-128-GCM by RFC 9001 §5.2 whatever
+//! the TLS suites are, so the quinn configs are built with `with_initial`. No 0-RTT and no
+//! session resumption: a resumed handshake would skip the client-certificate verifier, and a
+//! revoked Client would get back in.
+
+pub mod pipe;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use ewii_common::frame::{self, FrameError, MAX_FRAME};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, RecvStream, SendStream, TransportConfig, VarInt};
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::Resumption;
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::NoServerSessionStorage;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::identity::store::Svid;
+
+/// The Hub marks a silent Client lost after this long (P9: within 3 s).
+pub const IDLE_TIMEOUT: Duration = Duration::from_millis(3_000);
+/// Keep-alive interval: three chances to be heard within one idle timeout.
+pub const KEEP_ALIVE: Duration = Duration::from_millis(900);
+/// Most queries the Hub may have open on one Client connection at once.
+pub const MAX_CONCURRENT_QUERIES: u32 = 1024;
+
+/// QUIC application error codes (connection close and stream reset).
+pub mod codes {
+    use quinn::VarInt;
+
+    /// Orderly close.
+    pub const DONE: VarInt = VarInt::from_u32(0);
+    /// The TCP side was reset or failed: the stream is aborted, the peer resets its TCP side.
+    pub const ABORTED: VarInt = VarInt::from_u32(1);
+    /// The peer broke the protocol (bad frame, wrong order).
+    pub const PROTOCOL: VarInt = VarInt::from_u32(2);
+    /// The identity was revoked.
+    pub const REVOKED: VarInt = VarInt::from_u32(3);
+    /// The process is shutting down.
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(4);
+    /// Refused (no certificate on a session connection, wrong role, version).
+    pub const REFUSED: VarInt = VarInt::from_u32(5);
+}
+
+/// Why a TLS or QUIC configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// rustls refused the key, the chain or the protocol set.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// quinn refused the TLS configuration.
+    #[error("QUIC configuration: {0}")]
+    Quic(String),
+}
+
+/// A frame could not be read or written on a stream.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// The bytes were not a valid frame.
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    /// The stream or connection failed.
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadError),
+    /// The stream or connection failed.
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+}
+
+/// The ring provider with `TLS13_CHACHA20_POLY1305_SHA256` as its only cipher suite.
+pub fn provider() -> CryptoProvider {
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256];
+    p
+}
+
+/// The suite that protects QUIC Initial packets (RFC 9001 §5.2 fixes it to AES-128-GCM).
+fn initial_suite() -> Result<rustls::quic::Suite, ConfigError> {
+    rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+        .tls13()
+        .and_then(|s| s.quic_suite())
+        .ok_or_else(|| ConfigError::Quic("ring lacks the QUIC initial suite".into()))
+}
+
+fn transport(max_bidi_from_peer: u32) -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    // 3 000 ms is far below the VarInt limit.
+    t.max_idle_timeout(IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(max_bidi_from_peer));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    Arc::new(t)
+}
+
+/// The rustls client configuration for one dial: TLS 1.3, ChaCha20-Poly1305, no resumption,
+/// no early data.
+pub fn tls_client_config(
+    svid: Option<&Svid>,
+    verifier: Arc<dyn ServerCertVerifier>,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, ConfigError> {
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut tls = match svid {
+        Some(svid) => builder.with_client_auth_cert(svid.chain.clone(), svid.key())?,
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.resumption = Resumption::disabled();
+    tls.enable_early_data = false;
+    Ok(tls)
+}
+
+/// The quinn client configuration (the Client accepts up to [`MAX_CONCURRENT_QUERIES`]
+/// Hub-opened query streams).
+pub fn quic_client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, ConfigError> {
+    let quic = QuicClientConfig::with_initial(Arc::new(tls), initial_suite()?)
+        .map_err(|e| ConfigError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(transport(MAX_CONCURRENT_QUERIES));
+    Ok(cfg)
+}
+
+/// The rustls server configuration for `svid`, verifying peers with `verifier`; no tickets,
+/// no session cache, no early data.
+pub fn tls_server_config(
+    svid: &Svid,
+    verifier: Arc<dyn ClientCertVerifier>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, ConfigError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(svid.chain.clone(), svid.key())?;
+    tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    tls.session_storage = Arc::new(NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
+    tls.max_early_data_size = 0;
+    Ok(tls)
+}
+
+/// The quinn server configuration (a Client may open one stream: the control stream).
+pub fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, ConfigError> {
+    let quic = QuicServerConfig::with_initial(Arc::new(tls), initial_suite()?)
+        .map_err(|e| ConfigError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(transport(1));
+    Ok(cfg)
+}
+
+/// Reads frames off a QUIC stream, keeping any bytes past the last frame.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: BytesMut,
+}
+
+impl FrameReader {
+    /// A reader with an empty buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next message; `Ok(None)` when the stream ended cleanly between frames.
+    pub async fn read<T: DeserializeOwned>(
+        &mut self,
+        recv: &mut RecvStream,
+    ) -> Result<Option<T>, StreamError> {
+        loop {
+            if let Some(msg) = frame::decode(&mut self.buf)? {
+                return Ok(Some(msg));
+            }
+            // Read no further than the end of the frame in progress (or its header).
+            let want = match frame::frame_len(&self.buf)? {
+                Some(total) => total - self.buf.len(),
+                None => frame::HEADER_LEN - self.buf.len(),
+            };
+            match recv.read_chunk(want.min(MAX_FRAME), true).await? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                None if self.buf.is_empty() => return Ok(None),
+                None => return Err(StreamError::Truncated),
+            }
+        }
+    }
+
+    /// Bytes read past the last frame (raw payload that followed a header).
+    pub fn into_leftover(self) -> Bytes {
+        self.buf.freeze()
+    }
+}
+
+/// Writes one message as a frame.
+pub async fn write_frame<T: Serialize>(send: &mut SendStream, msg: &T) -> Result<(), StreamError> {
+    let buf = frame::encode_to_vec(msg)?;
+    send.write_chunk(buf.freeze()).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p5_only_chacha20_poly1305_on_tls13() {
+        let p = provider();
+        let suites: Vec<_> = p.cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(
+            suites,
+            [rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256]
+        );
+        assert!(p.cipher_suites.iter().all(|s| s.tls13().is_some()));
+    }
+}

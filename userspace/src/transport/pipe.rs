@@ -1,0 +1,145 @@
+//! The byte pipe between a TCP socket and a QUIC bidirectional stream.
+//!
+//! Bytes move as `Bytes`: a TCP read fills a `BytesMut` that is frozen and handed to quinn
+//! without a copy; quinn's received chunks are written to TCP as they are. Memory stays
+//! bounded by QUIC flow control on one side and TCP's window on the other, because each
+//! direction awaits its write before it reads again.
+//!
+//! Semantics: a TCP FIN becomes a stream FIN and the other way round (half-close); a TCP
+//! reset or any I/O error aborts both directions, and a stream reset becomes a TCP RST.
+
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use quinn::{ReadError, RecvStream, SendStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use super::codes;
+
+/// Bytes per TCP read; large enough to fill QUIC packets, small enough to keep latency.
+const CHUNK: usize = 64 * 1024;
+
+/// What went through, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PipeReport {
+    /// Bytes from the TCP socket into the stream.
+    pub tcp_to_stream: u64,
+    /// Bytes from the stream onto the TCP socket.
+    pub stream_to_tcp: u64,
+    /// `None` when both directions ended with a FIN; otherwise what broke first.
+    pub error: Option<String>,
+}
+
+/// Pipes until both directions have finished or one fails. `leftover` is payload already read
+/// off `recv` (it goes to the TCP socket first).
+pub async fn pipe(
+    tcp: TcpStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    leftover: Bytes,
+) -> PipeReport {
+    let _ = tcp.set_nodelay(true);
+    let (mut r, mut w) = tcp.into_split();
+    let mut up_count = 0u64;
+    let mut down_count = 0u64;
+    let error = {
+        let up = tcp_to_stream(&mut r, &mut send, &mut up_count);
+        let down = stream_to_tcp(&mut recv, &mut w, leftover, &mut down_count);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            tokio::select! {
+                res = &mut up, if !up_done => match res {
+                    Ok(()) => up_done = true,
+                    Err(e) => break Some(e),
+                },
+                res = &mut down, if !down_done => match res {
+                    Ok(()) => down_done = true,
+                    Err(e) => break Some(e),
+                },
+            }
+            if up_done && down_done {
+                break None;
+            }
+        }
+    };
+    if error.is_some() {
+        // Abort everything: the peer sees a stream reset, the TCP peer an RST.
+        let _ = send.reset(codes::ABORTED);
+        let _ = recv.stop(codes::ABORTED);
+        if let Ok(tcp) = r.reunite(w) {
+            let _ = tcp.set_zero_linger();
+            drop(tcp);
+        }
+    }
+    PipeReport {
+        tcp_to_stream: up_count,
+        stream_to_tcp: down_count,
+        error,
+    }
+}
+
+async fn tcp_to_stream(
+    r: &mut OwnedReadHalf,
+    send: &mut SendStream,
+    count: &mut u64,
+) -> Result<(), String> {
+    let mut buf = BytesMut::with_capacity(CHUNK);
+    loop {
+        // Reuses the allocation once quinn has released the previous chunk.
+        buf.reserve(CHUNK);
+        match r.read_buf(&mut buf).await {
+            Ok(0) => {
+                let _ = send.finish();
+                return Ok(());
+            }
+            Ok(n) => {
+                *count += n as u64;
+                send.write_chunk(buf.split().freeze())
+                    .await
+                    .map_err(|e| format!("stream write: {e}"))?;
+            }
+            Err(e) => return Err(format!("tcp read: {}", describe(&e))),
+        }
+    }
+}
+
+async fn stream_to_tcp(
+    recv: &mut RecvStream,
+    w: &mut OwnedWriteHalf,
+    leftover: Bytes,
+    count: &mut u64,
+) -> Result<(), String> {
+    if !leftover.is_empty() {
+        w.write_all(&leftover)
+            .await
+            .map_err(|e| format!("tcp write: {}", describe(&e)))?;
+        *count += leftover.len() as u64;
+    }
+    loop {
+        match recv.read_chunk(CHUNK, true).await {
+            Ok(Some(chunk)) => {
+                w.write_all(&chunk.bytes)
+                    .await
+                    .map_err(|e| format!("tcp write: {}", describe(&e)))?;
+                *count += chunk.bytes.len() as u64;
+            }
+            Ok(None) => {
+                // Half-close: the TCP peer reads EOF, and may keep sending.
+                let _ = w.shutdown().await;
+                return Ok(());
+            }
+            Err(ReadError::Reset(code)) => return Err(format!("stream reset by peer ({code})")),
+            Err(e) => return Err(format!("stream read: {e}")),
+        }
+    }
+}
+
+fn describe(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset => "connection reset".into(),
+        _ => e.to_string(),
+    }
+}
