@@ -13,6 +13,7 @@
 //! - [`client`]: the Client: enrolment, the reconnecting session, the [`client::dialer`],
 //!   and the status file read by `ewii-client status` and `health`.
 //! - [`quickstart`]: the self-contained demo run by `ewii-quickstart`.
+//! - [`signal`]: SIGTERM/SIGINT as a shutdown future.
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod hub;
 pub mod identity;
 pub mod quickstart;
+pub mod signal;
 pub mod transport;
 
 /// Microseconds since the Unix epoch, for audit records and certificate validity.

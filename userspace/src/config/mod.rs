@@ -348,10 +348,12 @@ impl FromStr for HubConfig {
                     )))
                 }
                 (true, None) => ServiceMode::Tls,
-                (true, Some(_)) => return Err(ConfigError::Invalid(format!(
+                (true, Some(_)) => {
+                    return Err(ConfigError::Invalid(format!(
                     "service {:?}: a TLS service takes the caller's SPIFFE ID; drop `principal`",
                     s.name
-                ))),
+                )))
+                }
             };
             services.push(ServiceConfig {
                 destination: s.destination.parse()?,

@@ -12,8 +12,7 @@ use std::io;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{ReadError, RecvStream, SendStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use super::codes;
@@ -32,16 +31,34 @@ pub struct PipeReport {
     pub error: Option<String>,
 }
 
+/// A byte stream over TCP that can be torn down with an RST.
+pub trait TcpLike: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Closes the connection with an RST instead of a FIN.
+    fn abort(self);
+}
+
+impl TcpLike for TcpStream {
+    fn abort(self) {
+        // SO_LINGER 0: close() sends RST and does not block.
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl TcpLike for tokio_rustls::server::TlsStream<TcpStream> {
+    fn abort(self) {
+        let _ = self.get_ref().0.set_zero_linger();
+    }
+}
+
 /// Pipes until both directions have finished or one fails. `leftover` is payload already read
 /// off `recv` (it goes to the TCP socket first).
-pub async fn pipe(
-    tcp: TcpStream,
+pub async fn pipe<S: TcpLike>(
+    io: S,
     mut send: SendStream,
     mut recv: RecvStream,
     leftover: Bytes,
 ) -> PipeReport {
-    let _ = tcp.set_nodelay(true);
-    let (mut r, mut w) = tcp.into_split();
+    let (mut r, mut w) = tokio::io::split(io);
     let mut up_count = 0u64;
     let mut down_count = 0u64;
     let error = {
@@ -69,10 +86,7 @@ pub async fn pipe(
         // Abort everything: the peer sees a stream reset, the TCP peer an RST.
         let _ = send.reset(codes::ABORTED);
         let _ = recv.stop(codes::ABORTED);
-        if let Ok(tcp) = r.reunite(w) {
-            let _ = tcp.set_zero_linger();
-            drop(tcp);
-        }
+        r.unsplit(w).abort();
     }
     PipeReport {
         tcp_to_stream: up_count,
@@ -81,8 +95,8 @@ pub async fn pipe(
     }
 }
 
-async fn tcp_to_stream(
-    r: &mut OwnedReadHalf,
+async fn tcp_to_stream<S: TcpLike>(
+    r: &mut ReadHalf<S>,
     send: &mut SendStream,
     count: &mut u64,
 ) -> Result<(), String> {
@@ -106,9 +120,9 @@ async fn tcp_to_stream(
     }
 }
 
-async fn stream_to_tcp(
+async fn stream_to_tcp<S: TcpLike>(
     recv: &mut RecvStream,
-    w: &mut OwnedWriteHalf,
+    w: &mut WriteHalf<S>,
     leftover: Bytes,
     count: &mut u64,
 ) -> Result<(), String> {

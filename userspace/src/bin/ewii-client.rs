@@ -1,0 +1,198 @@
+//! `ewii-client`: the customer's Client — enrol once, then run; `status` and `health` read the
+//! status file (there is no listener of any kind).
+//!
+//! Exit status: 0 stopped; 1 error; 2 bad configuration; 3 not enrolled or enrolment refused;
+//! 10 revoked by the Hub (a restart exits 10 again at once, without touching the network).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ewii::audit::{Audit, AuditOutput};
+use ewii::client::{self, status::Status, ClientError, Exit};
+use ewii::config::{self, ClientConfig, HubAddress};
+use ewii::identity::parse_bundle_hash;
+use ewii_common::audit::Side;
+
+/// Exit status when the Hub has revoked this Client.
+const EXIT_REVOKED: u8 = 10;
+const EXIT_CONFIG: u8 = 2;
+const EXIT_NOT_ENROLLED: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "ewii-client",
+    version,
+    about = "Ewii Client: one outbound QUIC connection to your operator's Hub, to allow-listed destinations only"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enrol with the Hub using a one-time join token.
+    Enroll {
+        /// The Hub, host[:port] (port 443 by default).
+        #[arg(long, env = "EWII_HUB")]
+        hub: String,
+        /// The one-time join token from the operator.
+        #[arg(long, env = "EWII_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The Hub's bundle hash from the operator (sha256:…).
+        #[arg(long, env = "EWII_BUNDLE_HASH")]
+        bundle_hash: String,
+        /// State directory for svid.pem, svid.key and bundle.pem.
+        #[arg(long, env = "EWII_STATE_DIR", default_value = "/var/lib/ewii")]
+        state_dir: PathBuf,
+    },
+    /// Run: connect to the Hub and serve its queries. With EWII_TOKEN and EWII_BUNDLE_HASH
+    /// set and no SVID yet, enrol first.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, env = "EWII_CONFIG", default_value = "/etc/ewii/client.toml")]
+        config: PathBuf,
+    },
+    /// Print the Client's state (from the status file).
+    Status {
+        /// State directory.
+        #[arg(long, env = "EWII_STATE_DIR", default_value = "/var/lib/ewii")]
+        state_dir: PathBuf,
+    },
+    /// Exit 0 when connected and running, 1 otherwise (for container health checks).
+    Health {
+        /// State directory.
+        #[arg(long, env = "EWII_STATE_DIR", default_value = "/var/lib/ewii")]
+        state_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Enroll {
+            hub,
+            token,
+            bundle_hash,
+            state_dir,
+        } => {
+            let audit = match Audit::open(Side::Client, &AuditOutput::Stdout) {
+                Ok(a) => a,
+                Err(e) => return fail(1, format!("opening the audit sink: {e}")),
+            };
+            block_on(async move { enroll(&hub, &token, &bundle_hash, &state_dir, &audit).await })
+        }
+        Command::Run { config } => run(&config),
+        Command::Status { state_dir } => match Status::read(&state_dir) {
+            Ok(status) => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(1, e),
+        },
+        Command::Health { state_dir } => {
+            let verdict = Status::read(&state_dir).and_then(|s| s.healthy(ewii::now_timestamp().0));
+            match verdict {
+                Ok(()) => {
+                    println!("healthy");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, format!("unhealthy: {e}")),
+            }
+        }
+    }
+}
+
+async fn enroll(
+    hub: &str,
+    token: &str,
+    bundle_hash: &str,
+    state_dir: &Path,
+    audit: &Audit,
+) -> ExitCode {
+    let hub: HubAddress = match hub.parse() {
+        Ok(h) => h,
+        Err(e) => return fail(EXIT_CONFIG, e.to_string()),
+    };
+    let pin = match parse_bundle_hash(bundle_hash) {
+        Ok(p) => p,
+        Err(e) => return fail(EXIT_CONFIG, e.to_string()),
+    };
+    match client::enrol::enrol(&hub, token, pin, state_dir, audit).await {
+        Ok(id) => {
+            eprintln!(
+                "ewii-client: enrolled as {id}; state in {}",
+                state_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_NOT_ENROLLED, e.to_string()),
+    }
+}
+
+fn run(path: &Path) -> ExitCode {
+    let config: ClientConfig = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_CONFIG, format!("{}: {e}", path.display())),
+    };
+    let audit = match Audit::open(Side::Client, &config.audit) {
+        Ok(a) => a,
+        Err(e) => return fail(1, format!("opening the audit sink: {e}")),
+    };
+    eprintln!("ewii-client: hub {}", config.hub);
+    eprintln!("ewii-client: effective allow-list (the only destinations this Client dials):");
+    for line in client::describe_allow_list(&config) {
+        eprintln!("  {line}");
+    }
+    block_on(async move {
+        let token = std::env::var("EWII_TOKEN").ok();
+        let hash = std::env::var("EWII_BUNDLE_HASH").ok();
+        let enrolled = config
+            .state_dir
+            .join(ewii::identity::store::SVID_CERT)
+            .exists();
+        if let (false, Some(token), Some(hash)) = (enrolled, token, hash) {
+            let hub = config.hub.to_string();
+            let code = enroll(&hub, &token, &hash, &config.state_dir, &audit).await;
+            if code != ExitCode::SUCCESS {
+                return code;
+            }
+        }
+        match client::run(config, audit, ewii::signal::terminate()).await {
+            Ok(Exit::Stopped) => ExitCode::SUCCESS,
+            Ok(Exit::Revoked { reason }) => fail(
+                EXIT_REVOKED,
+                format!("revoked by the Hub: {reason}; this Client will not reconnect"),
+            ),
+            Err(e @ ClientError::RevokedEarlier(_)) => fail(EXIT_REVOKED, e.to_string()),
+            Err(e @ ClientError::NotEnrolled { .. }) => fail(EXIT_NOT_ENROLLED, e.to_string()),
+            Err(e) => fail(1, e.to_string()),
+        }
+    })
+}
+
+fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => fail(1, format!("starting the runtime: {e}")),
+    }
+}
+
+fn fail(code: u8, msg: String) -> ExitCode {
+    eprintln!("ewii-client: {msg}");
+    ExitCode::from(code)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EWII_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

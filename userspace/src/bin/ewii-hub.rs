@@ -1,0 +1,214 @@
+//! `ewii-hub`: the operator's Hub — state setup, join tokens, and the server itself.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ewii::audit::Audit;
+use ewii::config::{self, HubConfig};
+use ewii::hub::{admin, Hub};
+use ewii_common::audit::Side;
+
+#[derive(Parser)]
+#[command(
+    name = "ewii-hub",
+    version,
+    about = "Ewii Hub: the operator's end of the outbound-only connector"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the CA, the Hub SVID and the database in the state directory.
+    Init {
+        /// State directory (created 0700).
+        #[arg(long, env = "EWII_HUB_STATE_DIR", default_value = "/var/lib/ewii-hub")]
+        state_dir: PathBuf,
+        /// SPIFFE trust domain, e.g. example.org.
+        #[arg(long)]
+        trust_domain: String,
+    },
+    /// Join tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Issue an SVID for an operator workload that calls a TLS service listener.
+    WorkloadSvid {
+        /// State directory.
+        #[arg(long, env = "EWII_HUB_STATE_DIR", default_value = "/var/lib/ewii-hub")]
+        state_dir: PathBuf,
+        /// Workload name: the SVID is spiffe://<td>/workload/<name>.
+        #[arg(long)]
+        name: String,
+        /// Directory for svid.pem, svid.key and bundle.pem.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime, e.g. 24h.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        lifetime: Duration,
+    },
+    /// List enrolled clients, their serials and revocation state.
+    Clients {
+        /// State directory.
+        #[arg(long, env = "EWII_HUB_STATE_DIR", default_value = "/var/lib/ewii-hub")]
+        state_dir: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the bundle hash Clients pin at install.
+    BundleHash {
+        /// State directory.
+        #[arg(long, env = "EWII_HUB_STATE_DIR", default_value = "/var/lib/ewii-hub")]
+        state_dir: PathBuf,
+    },
+    /// Run the Hub.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, env = "EWII_HUB_CONFIG", default_value = "/etc/ewii/hub.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a one-time join token for a Client.
+    Create {
+        /// State directory.
+        #[arg(long, env = "EWII_HUB_STATE_DIR", default_value = "/var/lib/ewii-hub")]
+        state_dir: PathBuf,
+        /// Client name: its SVID will be spiffe://<td>/client/<name>.
+        #[arg(long)]
+        client: String,
+        /// How long the token may wait for its one use, e.g. 1h.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The customer's webhook URL for revocation notices.
+        #[arg(long)]
+        webhook: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ewii-hub: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Init {
+            state_dir,
+            trust_domain,
+        } => {
+            let r = admin::init(&state_dir, &trust_domain)?;
+            println!("initialised {}", state_dir.display());
+            println!("hub id:      {}", r.hub_id);
+            println!("bundle hash: {}", r.bundle_hash);
+        }
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    state_dir,
+                    client,
+                    ttl,
+                    webhook,
+                },
+        } => {
+            let r = admin::create_token(&state_dir, &client, ttl, webhook.as_deref())?;
+            println!("token:       {}", r.token);
+            println!("client id:   {}", r.client_id);
+            println!("bundle hash: {}", r.bundle_hash);
+            println!(
+                "expires:     {}",
+                ewii_common::time::Timestamp(r.expires_at as u64 * 1_000_000)
+            );
+            println!();
+            println!("The customer enrols with:");
+            println!(
+                "  ewii-client enroll --hub <hub-host>:443 --token {} --bundle-hash {}",
+                r.token, r.bundle_hash
+            );
+        }
+        Command::WorkloadSvid {
+            state_dir,
+            name,
+            out,
+            lifetime,
+        } => {
+            let id = admin::issue_workload_svid(&state_dir, &name, lifetime, &out)?;
+            println!("issued {id} into {}", out.display());
+        }
+        Command::Clients { state_dir, json } => {
+            let rows = admin::clients(&state_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<20} {:<8} {:<34} SVID EXPIRES",
+                    "CLIENT", "STATE", "SERIAL"
+                );
+                for row in rows {
+                    let state = if row.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    };
+                    let (serial, exp) = row
+                        .serials
+                        .last()
+                        .map(|(s, e)| {
+                            (
+                                s.clone(),
+                                ewii_common::time::Timestamp(*e as u64 * 1_000_000).to_string(),
+                            )
+                        })
+                        .unwrap_or_else(|| ("-".into(), "-".into()));
+                    println!("{:<20} {:<8} {:<34} {}", row.name, state, serial, exp);
+                }
+            }
+        }
+        Command::BundleHash { state_dir } => {
+            println!("{}", admin::current_bundle_hash(&state_dir)?);
+        }
+        Command::Run { config } => {
+            let config: HubConfig =
+                config::load(&config).with_context(|| format!("loading {}", config.display()))?;
+            let audit = Audit::open(Side::Hub, &config.audit).context("opening the audit sink")?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(async {
+                let hub = Hub::bind(config, audit.clone()).await?;
+                eprintln!("ewii-hub: listening on udp {}", hub.local_addr());
+                hub.run(shutdown_signal()).await?;
+                audit.flush();
+                anyhow::Ok(())
+            })?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EWII_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    ewii::signal::terminate().await;
+}

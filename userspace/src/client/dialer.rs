@@ -1,0 +1,139 @@
+//! The Dialer: the only code in the Client that opens outbound TCP connections (P4).
+//!
+//! A destination arrives as an allow-list entry *name*. The name is looked up in the
+//! install-time allow-list and nowhere else; a name that is not there is refused before any
+//! socket exists. DNS names are resolved here, and every resolved address is checked again
+//! (no wildcard, multicast or broadcast address is ever dialled).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ewii_common::policy::{AllowList, Decision, Host};
+use tokio::net::TcpStream;
+
+/// Why a destination was not connected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DialError {
+    /// The name is not in the allow-list; nothing was resolved or dialled.
+    #[error("destination {0:?} is not in the allow-list")]
+    NotAllowed(String),
+    /// The entry's DNS name did not resolve to an acceptable address.
+    #[error("cannot resolve {name}: {why}")]
+    Resolve {
+        /// Entry name.
+        name: String,
+        /// Resolver error or rejected addresses.
+        why: String,
+    },
+    /// Every address of the entry refused or timed out.
+    #[error("cannot connect to {name}: {why}")]
+    Unreachable {
+        /// Entry name.
+        name: String,
+        /// The last connect error.
+        why: String,
+    },
+}
+
+/// Opens TCP connections to allow-list entries, and only to them.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    allow: AllowList,
+    connect_timeout: Duration,
+}
+
+impl Dialer {
+    /// A dialer for `allow`.
+    pub fn new(allow: AllowList, connect_timeout: Duration) -> Self {
+        Self {
+            allow,
+            connect_timeout,
+        }
+    }
+
+    /// The allow-list it enforces.
+    pub fn allow_list(&self) -> &AllowList {
+        &self.allow
+    }
+
+    /// Connects to entry `destination`; returns the stream and the address it reached.
+    pub async fn dial(&self, destination: &str) -> Result<(TcpStream, SocketAddr), DialError> {
+        let entry = match self.allow.decide(destination) {
+            Decision::Allow(entry) => entry,
+            Decision::Deny => return Err(DialError::NotAllowed(destination.to_owned())),
+        };
+        let name = entry.name.to_string();
+        let addrs: Vec<SocketAddr> = match &entry.endpoint.host {
+            Host::Ip(ip) => vec![SocketAddr::new(*ip, entry.endpoint.port)],
+            Host::Dns(host) => {
+                let resolved = tokio::net::lookup_host((host.as_str(), entry.endpoint.port))
+                    .await
+                    .map_err(|e| DialError::Resolve {
+                        name: name.clone(),
+                        why: e.to_string(),
+                    })?;
+                let ok: Vec<SocketAddr> = resolved
+                    .filter_map(|a| AllowList::check_resolved(a).ok())
+                    .collect();
+                if ok.is_empty() {
+                    return Err(DialError::Resolve {
+                        name,
+                        why: "no unicast address".into(),
+                    });
+                }
+                ok
+            }
+        };
+        let mut last = String::from("no address");
+        for addr in addrs {
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok((stream, addr));
+                }
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: connect timed out"),
+            }
+        }
+        Err(DialError::Unreachable { name, why: last })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn p4_dials_only_allow_listed_names() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let allow = AllowList::from_pairs([("db", addr.as_str())]).unwrap();
+        let dialer = Dialer::new(allow, Duration::from_secs(2));
+        let (_s, reached) = dialer.dial("db").await.unwrap();
+        assert_eq!(reached.to_string(), addr);
+        assert!(listener.accept().await.is_ok());
+        for other in ["DB", "db2", "", &addr, "127.0.0.1"] {
+            assert_eq!(
+                dialer.dial(other).await.unwrap_err(),
+                DialError::NotAllowed(other.to_string())
+            );
+        }
+        // No further connection reached the listener.
+        let none = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
+        assert!(none.is_err(), "a refused name must not connect anywhere");
+    }
+
+    #[tokio::test]
+    async fn closed_port_is_unreachable_not_a_panic() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        drop(l);
+        let allow = AllowList::from_pairs([("db", addr.as_str())]).unwrap();
+        let dialer = Dialer::new(allow, Duration::from_secs(2));
+        assert!(matches!(
+            dialer.dial("db").await,
+            Err(DialError::Unreachable { .. })
+        ));
+    }
+}

@@ -1,0 +1,210 @@
+//! Enrolment: a one-time join token and a locally made key become an SVID.
+//!
+//! The Hub is checked against the bundle hash pinned at install *during the handshake*; the
+//! token is sent only on a connection whose handshake passed that check. The private key is
+//! made here and never leaves the host; the Hub sees a CSR.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ewii_common::audit::{Event, Outcome};
+use ewii_common::frame::{self, Enrol};
+use ewii_common::spiffe::SpiffeId;
+use rcgen::PublicKeyData;
+use rustls::pki_types::CertificateDer;
+
+use crate::audit::Audit;
+use crate::config::HubAddress;
+use crate::identity::ca::new_key_and_csr;
+use crate::identity::store::{self, Svid};
+use crate::identity::verify::{Bundle, Expect, PinnedHubVerifier, SpiffeVerifier};
+use crate::identity::{inspect_leaf, IdentityError};
+use crate::transport::{self, FrameReader};
+
+/// How long the whole enrolment may take.
+const ENROL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Why enrolment failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnrolError {
+    /// The Hub address did not resolve.
+    #[error("cannot resolve the Hub {0}")]
+    Resolve(String),
+    /// The Hub did not present the pinned CA (or a valid Hub SVID under it). The token was
+    /// not sent.
+    #[error("the Hub at {0} is not the one pinned by the bundle hash; the token was NOT sent")]
+    HubNotTrusted(String),
+    /// The Hub could not be reached.
+    #[error("cannot reach the Hub: {0}")]
+    Connect(String),
+    /// The Hub refused the token (unknown, used or expired: it does not say which).
+    #[error("the Hub refused enrolment (token unknown, already used, or expired)")]
+    Refused,
+    /// The Hub answered with something that is not a valid SVID for this key.
+    #[error("the Hub's answer is invalid: {0}")]
+    BadAnswer(String),
+    /// Keys or files.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// QUIC or TLS configuration.
+    #[error(transparent)]
+    Transport(#[from] transport::ConfigError),
+    /// The state directory already holds an SVID.
+    #[error("{0} already holds an SVID; remove it to enrol again")]
+    AlreadyEnrolled(PathBuf),
+    /// It took too long.
+    #[error("enrolment timed out")]
+    Timeout,
+}
+
+/// Enrols with the Hub at `hub` and writes `svid.pem`, `svid.key` (0600) and `bundle.pem`
+/// into `state_dir`. Returns the new SPIFFE ID.
+pub async fn enrol(
+    hub: &HubAddress,
+    token: &str,
+    pin: [u8; 32],
+    state_dir: &Path,
+    audit: &Audit,
+) -> Result<SpiffeId, EnrolError> {
+    if state_dir.join(store::SVID_CERT).exists() {
+        return Err(EnrolError::AlreadyEnrolled(state_dir.to_owned()));
+    }
+    let result = tokio::time::timeout(ENROL_TIMEOUT, enrol_inner(hub, token, pin, state_dir))
+        .await
+        .unwrap_or(Err(EnrolError::Timeout));
+    let mut r = audit.record(match result {
+        Ok(_) => Event::Enrolled,
+        Err(_) => Event::EnrolmentRefused,
+    });
+    r.peer = Some(hub.to_string());
+    match &result {
+        Ok(id) => {
+            r.client = Some(id.to_string());
+            r.outcome = Some(Outcome::Ok);
+        }
+        Err(e) => {
+            r.outcome = Some(Outcome::Refused);
+            r.reason = Some(e.to_string());
+        }
+    }
+    audit.emit(r);
+    audit.flush();
+    result
+}
+
+async fn enrol_inner(
+    hub: &HubAddress,
+    token: &str,
+    pin: [u8; 32],
+    state_dir: &Path,
+) -> Result<SpiffeId, EnrolError> {
+    let (key, csr) = new_key_and_csr()?;
+    let verifier = Arc::new(PinnedHubVerifier::new(pin));
+    let tls = transport::tls_client_config(None, verifier.clone(), frame::ENROLL_ALPN)?;
+    let quic = transport::quic_client_config(tls)?;
+    let addr = resolve(hub).await?;
+    let endpoint = client_endpoint(addr).map_err(|e| EnrolError::Connect(e.to_string()))?;
+    let connecting = endpoint
+        .connect_with(quic, addr, &hub.host)
+        .map_err(|e| EnrolError::Connect(e.to_string()))?;
+    let conn = connecting.await.map_err(|e| match e {
+        quinn::ConnectionError::TransportError(_) => EnrolError::HubNotTrusted(hub.to_string()),
+        other => EnrolError::Connect(other.to_string()),
+    })?;
+    // Only now, with the Hub proven, does the token leave this host.
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| EnrolError::Connect(e.to_string()))?;
+    let request = Enrol::Request {
+        token: token.to_owned(),
+        csr,
+    };
+    transport::write_frame(&mut send, &request)
+        .await
+        .map_err(|e| EnrolError::Connect(e.to_string()))?;
+    let _ = send.finish();
+    let answer = FrameReader::new()
+        .read::<Enrol>(&mut recv)
+        .await
+        .map_err(|e| EnrolError::BadAnswer(e.to_string()))?;
+    conn.close(transport::codes::DONE, b"");
+    endpoint.wait_idle().await;
+    let (chain, bundle) = match answer {
+        Some(Enrol::Issued { chain, bundle }) => (chain, bundle),
+        Some(Enrol::Refused { .. }) => return Err(EnrolError::Refused),
+        _ => return Err(EnrolError::BadAnswer("no answer".into())),
+    };
+    let pinned = verifier
+        .matched
+        .read()
+        .ok()
+        .and_then(|m| m.clone())
+        .ok_or_else(|| EnrolError::BadAnswer("no pinned CA matched".into()))?;
+    let bundle: Vec<CertificateDer<'static>> = bundle.into_iter().map(Into::into).collect();
+    if !bundle.contains(&pinned) {
+        return Err(EnrolError::BadAnswer(
+            "the bundle does not contain the pinned CA".into(),
+        ));
+    }
+    let chain: Vec<CertificateDer<'static>> = chain.into_iter().map(Into::into).collect();
+    let leaf = chain
+        .first()
+        .ok_or_else(|| EnrolError::BadAnswer("empty chain".into()))?;
+    let info = inspect_leaf(leaf).map_err(|e| EnrolError::BadAnswer(e.to_string()))?;
+    let td = info.id.trust_domain().to_owned();
+    SpiffeVerifier::new(Bundle::new(bundle.clone()), &td, Expect::Client)
+        .verify_chain(leaf, &chain[1..], rustls::pki_types::UnixTime::now())
+        .map_err(EnrolError::BadAnswer)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|_| EnrolError::BadAnswer("leaf does not parse".into()))?;
+    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err(EnrolError::BadAnswer(
+            "the certificate is not for our key".into(),
+        ));
+    }
+    create_state_dir(state_dir)?;
+    store::write_file(
+        &state_dir.join(store::BUNDLE),
+        store::Pem::certs(&bundle).as_bytes(),
+        0o644,
+    )?;
+    Svid::new(chain, &key).save(state_dir, store::SVID_CERT, store::SVID_KEY)?;
+    Ok(info.id)
+}
+
+/// Resolves the Hub address (first result).
+pub(crate) async fn resolve(hub: &HubAddress) -> Result<SocketAddr, EnrolError> {
+    tokio::net::lookup_host((hub.host.as_str(), hub.port))
+        .await
+        .map_err(|e| EnrolError::Resolve(format!("{hub}: {e}")))?
+        .next()
+        .ok_or_else(|| EnrolError::Resolve(hub.to_string()))
+}
+
+/// A client-only QUIC endpoint on an ephemeral port of the right family.
+pub(crate) fn client_endpoint(hub: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let bind: SocketAddr = if hub.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    quinn::Endpoint::client(bind)
+}
+
+fn create_state_dir(dir: &Path) -> Result<(), IdentityError> {
+    let io = |source| IdentityError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! Offline operations on the Hub's state directory: `init`, `token create`, workload SVIDs,
+//! `clients`. They need no running Hub (SQLite serialises them with one that runs).
+
+use std::path::Path;
+use std::time::Duration;
+
+use ewii_common::spiffe::SpiffeId;
+use rand::RngCore;
+
+use super::state::{ClientRow, Db};
+use super::HubError;
+use crate::identity::ca::{new_key_and_csr, Ca};
+use crate::identity::store::{self, Svid};
+use crate::identity::{bundle_hash, inspect_leaf, IdentityError};
+
+/// The database file inside the state directory.
+pub const DB_FILE: &str = "hub.db";
+/// The Hub's own SVID chain.
+pub const HUB_CERT: &str = "hub.pem";
+/// The Hub's own SVID key (0600).
+pub const HUB_KEY: &str = "hub.key";
+/// Lifetime of the Hub's own SVID; `ewii-hub run` renews it when less than a third is left.
+pub const HUB_SVID_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
+
+/// What `init` made.
+#[derive(Debug, Clone)]
+pub struct InitReport {
+    /// The Hub's SPIFFE ID.
+    pub hub_id: SpiffeId,
+    /// The pin Clients install with.
+    pub bundle_hash: String,
+}
+
+/// What `token create` made.
+#[derive(Debug, Clone)]
+pub struct TokenReport {
+    /// The one-time join token (shown once, stored only as a hash).
+    pub token: String,
+    /// The SPIFFE ID the Client will get.
+    pub client_id: SpiffeId,
+    /// The pin to install the Client with.
+    pub bundle_hash: String,
+    /// Expiry, seconds since the epoch.
+    pub expires_at: i64,
+}
+
+fn ident(dir: &Path) -> impl Fn(IdentityError) -> HubError + '_ {
+    move |source| HubError::Identity {
+        dir: dir.to_owned(),
+        source,
+    }
+}
+
+/// Makes the CA, the Hub SVID and the database in `state_dir`. Refuses to overwrite a CA.
+pub fn init(state_dir: &Path, trust_domain: &str) -> Result<InitReport, HubError> {
+    let hub_id = SpiffeId::hub(trust_domain)
+        .map_err(|e| HubError::Usage(format!("trust domain {trust_domain:?}: {e}")))?;
+    if hub_id.trust_domain() != trust_domain {
+        return Err(HubError::Usage(format!(
+            "trust domain must be lower case: {}",
+            hub_id.trust_domain()
+        )));
+    }
+    if state_dir.join("ca.key").exists() {
+        return Err(HubError::Usage(format!(
+            "{} already holds a CA; refusing to replace it (every enrolled Client trusts it)",
+            state_dir.display()
+        )));
+    }
+    create_private_dir(state_dir)?;
+    let ca = Ca::generate(trust_domain).map_err(ident(state_dir))?;
+    ca.save(state_dir).map_err(ident(state_dir))?;
+    issue_hub_svid(state_dir, &ca).map_err(ident(state_dir))?;
+    Db::open(&state_dir.join(DB_FILE))?;
+    Ok(InitReport {
+        hub_id,
+        bundle_hash: bundle_hash(ca.cert()),
+    })
+}
+
+/// The bundle pin of the Hub in `state_dir`.
+pub fn current_bundle_hash(state_dir: &Path) -> Result<String, HubError> {
+    let ca = Ca::load(state_dir).map_err(ident(state_dir))?;
+    Ok(bundle_hash(ca.cert()))
+}
+
+/// Creates a one-time join token for Client `client`, valid for `ttl`.
+pub fn create_token(
+    state_dir: &Path,
+    client: &str,
+    ttl: Duration,
+    webhook: Option<&str>,
+) -> Result<TokenReport, HubError> {
+    let ca = Ca::load(state_dir).map_err(ident(state_dir))?;
+    let leaf = store::read_certs(&state_dir.join(HUB_CERT)).map_err(ident(state_dir))?;
+    let td = leaf
+        .first()
+        .ok_or_else(|| HubError::Usage("hub.pem is empty; run ewii-hub init".into()))
+        .and_then(|c| inspect_leaf(c).map_err(ident(state_dir)))?
+        .id
+        .trust_domain()
+        .to_owned();
+    let client_id = SpiffeId::client(&td, client).map_err(|_| {
+        HubError::Usage(format!(
+            "client name {client:?}: use 1-63 characters of a-z, 0-9, '-', '_', '.'"
+        ))
+    })?;
+    if ttl.is_zero() || ttl > Duration::from_secs(30 * 86_400) {
+        return Err(HubError::Usage(
+            "token TTL must be between 1s and 30 days".into(),
+        ));
+    }
+    if let Some(url) = webhook {
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(HubError::Usage(format!(
+                "webhook {url:?} is not an http(s) URL"
+            )));
+        }
+    }
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    let token = format!("ewii_{}", hex::encode(secret));
+    let now = crate::now_timestamp().unix_secs() as i64;
+    let expires_at = now + ttl.as_secs() as i64;
+    Db::open(&state_dir.join(DB_FILE))?.add_token(&token, client, expires_at, webhook, now)?;
+    Ok(TokenReport {
+        token,
+        client_id,
+        bundle_hash: bundle_hash(ca.cert()),
+        expires_at,
+    })
+}
+
+/// Issues an SVID for operator workload `name` into `out_dir` (`svid.pem`, `svid.key`,
+/// `bundle.pem`), for callers of TLS service listeners.
+pub fn issue_workload_svid(
+    state_dir: &Path,
+    name: &str,
+    lifetime: Duration,
+    out_dir: &Path,
+) -> Result<SpiffeId, HubError> {
+    let ca = Ca::load(state_dir).map_err(ident(state_dir))?;
+    let hub = load_or_renew_hub_svid(state_dir, &ca).map_err(ident(state_dir))?;
+    let td = inspect_leaf(&hub.chain[0])
+        .map_err(ident(state_dir))?
+        .id
+        .trust_domain()
+        .to_owned();
+    let id = SpiffeId::workload(&td, name)
+        .map_err(|_| HubError::Usage(format!("workload name {name:?} is not valid")))?;
+    create_private_dir(out_dir)?;
+    let (key, _) = new_key_and_csr().map_err(ident(state_dir))?;
+    let issued = ca.issue(&key, &id, lifetime).map_err(ident(state_dir))?;
+    Svid::new(vec![issued.der], &key)
+        .save(out_dir, store::SVID_CERT, store::SVID_KEY)
+        .map_err(ident(out_dir))?;
+    store::write_file(
+        &out_dir.join(store::BUNDLE),
+        store::Pem::certs(std::slice::from_ref(ca.cert())).as_bytes(),
+        0o644,
+    )
+    .map_err(ident(out_dir))?;
+    Ok(id)
+}
+
+/// Every client the Hub knows.
+pub fn clients(state_dir: &Path) -> Result<Vec<ClientRow>, HubError> {
+    Ok(Db::open(&state_dir.join(DB_FILE))?.clients()?)
+}
+
+/// Loads the Hub SVID, issuing a fresh one when it is missing or has less than a third of
+/// its lifetime left.
+pub fn load_or_renew_hub_svid(dir: &Path, ca: &Ca) -> Result<Svid, IdentityError> {
+    if let Ok(svid) = Svid::load(dir, HUB_CERT, HUB_KEY) {
+        let now = crate::now_timestamp().unix_secs() as i64;
+        let fresh = svid
+            .chain
+            .first()
+            .and_then(|c| inspect_leaf(c).ok())
+            .is_some_and(|l| l.not_after - now > HUB_SVID_LIFETIME.as_secs() as i64 / 3);
+        if fresh {
+            return Ok(svid);
+        }
+    }
+    issue_hub_svid(dir, ca)
+}
+
+fn issue_hub_svid(dir: &Path, ca: &Ca) -> Result<Svid, IdentityError> {
+    let td = ca_trust_domain(ca)?;
+    let id = SpiffeId::hub(&td).map_err(|e| IdentityError::NotSvid(e.to_string()))?;
+    let (key, _) = new_key_and_csr()?;
+    let issued = ca.issue(&key, &id, HUB_SVID_LIFETIME)?;
+    // The CA travels in the chain so that an enrolling Client can match its pin.
+    let svid = Svid::new(vec![issued.der, ca.cert().clone()], &key);
+    svid.save(dir, HUB_CERT, HUB_KEY)?;
+    Ok(svid)
+}
+
+/// The trust domain named by the CA's `spiffe://<td>` URI SAN.
+fn ca_trust_domain(ca: &Ca) -> Result<String, IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(ca.cert())
+        .map_err(|_| IdentityError::NotSvid("CA certificate does not parse".into()))?;
+    let san = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .ok_or_else(|| IdentityError::NotSvid("CA has no trust-domain SAN".into()))?;
+    san.value
+        .general_names
+        .iter()
+        .find_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => u
+                .parse::<SpiffeId>()
+                .ok()
+                .filter(|id| id.path().is_empty())
+                .map(|id| id.trust_domain().to_owned()),
+            _ => None,
+        })
+        .ok_or_else(|| IdentityError::NotSvid("CA has no spiffe://<td> SAN".into()))
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), HubError> {
+    let io = |e: std::io::Error| HubError::Usage(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    Ok(())
+}

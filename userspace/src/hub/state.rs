@@ -1,0 +1,326 @@
+//! The Hub's persistent state in an embedded SQLite database (`hub.db`): join tokens (hashed),
+//! enrolled clients, issued serials, revocations. A Hub restart loses none of it.
+//!
+//! Calls are short single statements behind one mutex; SQLite in WAL mode makes each commit
+//! durable before the call returns.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use ewii_common::spiffe::SpiffeId;
+use rusqlite::{params, Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
+
+use crate::identity::verify::SerialCheck;
+
+/// Why a state operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// The database could not be opened, read or written.
+    #[error("hub database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// The mutex around the connection was poisoned by a panic elsewhere.
+    #[error("hub database lock poisoned")]
+    Poisoned,
+}
+
+/// Why a join token was not accepted. The peer is told none of this.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenRefusal {
+    /// No such token: never issued, or already used (used tokens are deleted).
+    #[error("unknown or already used token")]
+    UnknownOrUsed,
+    /// The token existed but its TTL had passed (it is deleted now).
+    #[error("expired token")]
+    Expired,
+}
+
+/// A redeemed token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenGrant {
+    /// The Client name it was created for.
+    pub client: String,
+    /// Webhook URL registered with it, if any.
+    pub webhook: Option<String>,
+}
+
+/// One row of `ewii-hub clients`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ClientRow {
+    /// Client name.
+    pub name: String,
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    /// First enrolment, seconds since the epoch.
+    pub enrolled_at: i64,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<i64>,
+    /// Revocation reason.
+    pub revoke_reason: Option<String>,
+    /// Current (not retired) serials with their expiry.
+    pub serials: Vec<(String, i64)>,
+}
+
+/// The Hub database.
+#[derive(Debug)]
+pub struct Db {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = FULL;
+CREATE TABLE IF NOT EXISTS tokens (
+    hash BLOB PRIMARY KEY,
+    client TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    webhook TEXT,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS clients (
+    name TEXT PRIMARY KEY,
+    spiffe_id TEXT NOT NULL,
+    enrolled_at INTEGER NOT NULL,
+    webhook TEXT,
+    revoked_at INTEGER,
+    revoke_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS serials (
+    serial TEXT PRIMARY KEY,
+    client TEXT NOT NULL REFERENCES clients(name),
+    issued_at INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    retired INTEGER NOT NULL DEFAULT 0
+);
+";
+
+impl Db {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        let conn = Connection::open(path)?;
+        conn.execute_batch(SCHEMA)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StateError> {
+        let mut conn = self.conn.lock().map_err(|_| StateError::Poisoned)?;
+        Ok(f(&mut conn)?)
+    }
+
+    /// Stores a token (as its SHA-256) for `client`, valid until `expires_at`.
+    pub fn add_token(
+        &self,
+        token: &str,
+        client: &str,
+        expires_at: i64,
+        webhook: Option<&str>,
+        now: i64,
+    ) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tokens (hash, client, expires_at, webhook, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![token_hash(token), client, expires_at, webhook, now],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Redeems a token: it is deleted whatever the outcome, so it works at most once.
+    pub fn redeem_token(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<Result<TokenGrant, TokenRefusal>, StateError> {
+        let row = self.with(|c| {
+            c.query_row(
+                "DELETE FROM tokens WHERE hash = ?1 RETURNING client, expires_at, webhook",
+                params![token_hash(token)],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get(2)?)),
+            )
+            .optional()
+        })?;
+        Ok(match row {
+            None => Err(TokenRefusal::UnknownOrUsed),
+            Some((_, expires_at, _)) if expires_at <= now => Err(TokenRefusal::Expired),
+            Some((client, _, webhook)) => Ok(TokenGrant { client, webhook }),
+        })
+    }
+
+    /// Records an enrolment: the client (re-enrolling clears an earlier revocation, since the
+    /// operator made a new token for it), and its first serial.
+    pub fn record_enrolment(
+        &self,
+        grant: &TokenGrant,
+        id: &SpiffeId,
+        serial: &str,
+        not_after: i64,
+        now: i64,
+    ) -> Result<(), StateError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO clients (name, spiffe_id, enrolled_at, webhook) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO UPDATE SET webhook = excluded.webhook, revoked_at = NULL, revoke_reason = NULL",
+                params![grant.client, id.to_string(), now, grant.webhook],
+            )?;
+            // A new enrolment replaces every earlier key of this client.
+            tx.execute(
+                "UPDATE serials SET retired = 1 WHERE client = ?1",
+                params![grant.client],
+            )?;
+            tx.execute(
+                "INSERT INTO serials (serial, client, issued_at, not_after) VALUES (?1, ?2, ?3, ?4)",
+                params![serial, grant.client, now, not_after],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// Marks `client` revoked. Returns false when there is no such client.
+    pub fn revoke_client(&self, client: &str, reason: &str, now: i64) -> Result<bool, StateError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE clients SET revoked_at = COALESCE(revoked_at, ?2), revoke_reason = COALESCE(revoke_reason, ?3) WHERE name = ?1",
+                params![client, now, reason],
+            )
+            .map(|n| n > 0)
+        })
+    }
+
+    /// Every client with its current serials.
+    pub fn clients(&self) -> Result<Vec<ClientRow>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT name, spiffe_id, enrolled_at, revoked_at, revoke_reason FROM clients ORDER BY name",
+            )?;
+            let mut rows: Vec<ClientRow> = stmt
+                .query_map([], |r| {
+                    Ok(ClientRow {
+                        name: r.get(0)?,
+                        spiffe_id: r.get(1)?,
+                        enrolled_at: r.get(2)?,
+                        revoked_at: r.get(3)?,
+                        revoke_reason: r.get(4)?,
+                        serials: Vec::new(),
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut serials = c.prepare(
+                "SELECT serial, not_after FROM serials WHERE client = ?1 AND retired = 0 ORDER BY issued_at",
+            )?;
+            for row in &mut rows {
+                row.serials = serials
+                    .query_map(params![row.name], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+            }
+            Ok(rows)
+        })
+    }
+}
+
+impl SerialCheck for Db {
+    fn check(&self, id: &SpiffeId, serial: &str) -> Result<(), String> {
+        let row = self
+            .with(|c| {
+                c.query_row(
+                    "SELECT c.spiffe_id, c.revoked_at, s.retired FROM serials s JOIN clients c ON c.name = s.client WHERE s.serial = ?1",
+                    params![serial],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?, r.get::<_, bool>(2)?)),
+                )
+                .optional()
+            })
+            .map_err(|e| format!("revocation check failed closed: {e}"))?;
+        match row {
+            None => Err(format!("serial {serial} was not issued by this Hub")),
+            Some((sid, _, _)) if sid != id.to_string() => {
+                Err(format!("serial {serial} belongs to {sid}, not {id}"))
+            }
+            Some((_, Some(_), _)) => Err(format!("{id} is revoked")),
+            Some((_, None, true)) => Err(format!("serial {serial} of {id} is retired")),
+            Some((_, None, false)) => Ok(()),
+        }
+    }
+}
+
+fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_work_once_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("hub.db")).unwrap();
+        db.add_token("t1", "acme", 100, None, 0).unwrap();
+        db.add_token("t2", "acme", 100, Some("https://x"), 0)
+            .unwrap();
+        assert_eq!(
+            db.redeem_token("t1", 50).unwrap(),
+            Ok(TokenGrant {
+                client: "acme".into(),
+                webhook: None
+            })
+        );
+        assert_eq!(
+            db.redeem_token("t1", 50).unwrap(),
+            Err(TokenRefusal::UnknownOrUsed)
+        );
+        assert_eq!(
+            db.redeem_token("t2", 100).unwrap(),
+            Err(TokenRefusal::Expired)
+        );
+        // Expired tokens are deleted too.
+        assert_eq!(
+            db.redeem_token("t2", 0).unwrap(),
+            Err(TokenRefusal::UnknownOrUsed)
+        );
+        assert_eq!(
+            db.redeem_token("nope", 0).unwrap(),
+            Err(TokenRefusal::UnknownOrUsed)
+        );
+    }
+
+    #[test]
+    fn serial_check_follows_enrolment_and_revocation_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let id = SpiffeId::client("example.org", "acme").unwrap();
+        let grant = TokenGrant {
+            client: "acme".into(),
+            webhook: None,
+        };
+        {
+            let db = Db::open(&path).unwrap();
+            db.record_enrolment(&grant, &id, "0a", 1000, 1).unwrap();
+            assert_eq!(db.check(&id, "0a"), Ok(()));
+            assert!(db.check(&id, "0b").is_err());
+            let other = SpiffeId::client("example.org", "other").unwrap();
+            assert!(db.check(&other, "0a").is_err());
+            db.record_enrolment(&grant, &id, "0c", 1000, 2).unwrap();
+            assert!(db.check(&id, "0a").unwrap_err().contains("retired"));
+            assert!(db.revoke_client("acme", "test", 3).unwrap());
+            assert!(!db.revoke_client("nobody", "test", 3).unwrap());
+        }
+        let db = Db::open(&path).unwrap();
+        assert!(db.check(&id, "0c").unwrap_err().contains("revoked"));
+        let rows = db.clients().unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].revoked_at, Some(3));
+        assert_eq!(rows[0].serials, vec![("0c".to_string(), 1000)]);
+    }
+}
