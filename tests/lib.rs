@@ -1,1 +1,424 @@
-//! Shared helpers for the end-to-end tests.
+//! The end-to-end harness: a real Hub and real Clients in-process on loopback port 0, real
+//! TCP services, and helpers to reach the binaries and PostgreSQL.
+//!
+//! Helpers panic with a message on failure, so a test fails where the problem is.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_debug_implementations
+)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ewii::audit::{Audit, AuditOutput};
+use ewii::client::{self, Exit};
+use ewii::config::{ClientConfig, HubConfig};
+use ewii::hub::admin::{self, TokenReport};
+use ewii::hub::{Hub, HubHandle};
+use ewii::identity::parse_bundle_hash;
+use ewii_common::audit::{AuditRecord, Event, Side};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The trust domain every test Hub uses.
+pub const TD: &str = "test.ewii.local";
+/// Upper bound for "soon" in tests: generous for a loaded 2-core CI machine.
+pub const SOON: Duration = Duration::from_secs(10);
+
+/// Installs a log subscriber once (`EWII_LOG=debug` to see the stack's own logs).
+pub fn logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EWII_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// A service listener to configure on a test Hub.
+#[derive(Clone, Debug)]
+pub struct Service {
+    /// Listener name.
+    pub name: &'static str,
+    /// Client name.
+    pub client: &'static str,
+    /// Allow-list entry name asked for.
+    pub destination: &'static str,
+    /// `None` for TLS, `Some(principal)` for plain TCP.
+    pub principal: Option<&'static str>,
+}
+
+impl Service {
+    /// A plain TCP service.
+    pub fn tcp(name: &'static str, client: &'static str, destination: &'static str) -> Self {
+        Self {
+            name,
+            client,
+            destination,
+            principal: Some("test-principal"),
+        }
+    }
+
+    /// A TLS service (callers present a workload SVID).
+    pub fn tls(name: &'static str, client: &'static str, destination: &'static str) -> Self {
+        Self {
+            name,
+            client,
+            destination,
+            principal: None,
+        }
+    }
+}
+
+/// A Hub running in-process.
+pub struct TestHub {
+    /// Keeps the state directory alive.
+    pub dir: TempDir,
+    /// UDP address.
+    pub addr: SocketAddr,
+    /// Its audit records.
+    pub audit: Audit,
+    handle: Option<HubHandle>,
+    services: Vec<Service>,
+    service_addrs: Vec<(String, SocketAddr)>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestHub {
+    /// `ewii-hub init` in a fresh directory, then bind on 127.0.0.1:0 and run.
+    pub async fn start(services: &[Service]) -> Self {
+        Self::start_with(services, 86_400).await
+    }
+
+    /// Like [`start`](Self::start) with a given SVID lifetime.
+    pub async fn start_with(services: &[Service], svid_lifetime_secs: u64) -> Self {
+        logs();
+        let dir = tempfile::tempdir().unwrap();
+        admin::init(&dir.path().join("hub"), TD).unwrap();
+        let mut hub = Self {
+            dir,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            audit: Audit::open_with_tap(Side::Hub, &AuditOutput::Discard).unwrap(),
+            handle: None,
+            services: services.to_vec(),
+            service_addrs: Vec::new(),
+            stop: None,
+            task: None,
+        };
+        hub.launch(svid_lifetime_secs).await;
+        hub
+    }
+
+    /// Live view of the running Hub.
+    pub fn handle(&self) -> &HubHandle {
+        self.handle.as_ref().expect("launched")
+    }
+
+    /// The Hub's state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("hub")
+    }
+
+    async fn launch(&mut self, svid_lifetime_secs: u64) {
+        let mut toml = format!(
+            "state_dir = {:?}\nlisten = \"{}\"\naudit = \"discard\"\nsvid_lifetime_secs = {svid_lifetime_secs}\n",
+            self.state_dir(),
+            self.addr
+        );
+        for s in &self.services {
+            // Keep a restarted Hub on the same service ports.
+            let listen = self
+                .service_addrs
+                .iter()
+                .find(|(n, _)| n == s.name)
+                .map(|(_, a)| *a)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+            toml.push_str(&format!(
+                "[[service]]\nname = \"{}\"\nlisten = \"{listen}\"\nclient = \"{}\"\ndestination = \"{}\"\n",
+                s.name, s.client, s.destination
+            ));
+            match s.principal {
+                Some(p) => toml.push_str(&format!("principal = \"{p}\"\n")),
+                None => toml.push_str("tls = true\n"),
+            }
+        }
+        let config: HubConfig = toml.parse().unwrap();
+        let hub = Hub::bind(config, self.audit.clone()).await.unwrap();
+        self.addr = hub.local_addr();
+        self.handle = Some(hub.handle());
+        self.service_addrs = self
+            .services
+            .iter()
+            .map(|s| (s.name.to_string(), hub.service_addr(s.name).unwrap()))
+            .collect();
+        let (tx, rx) = oneshot::channel::<()>();
+        self.stop = Some(tx);
+        self.task = Some(tokio::spawn(async move {
+            hub.run(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        }));
+    }
+
+    /// The address of service `name`.
+    pub fn service(&self, name: &str) -> SocketAddr {
+        self.service_addrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no service {name}"))
+    }
+
+    /// A join token for `client`.
+    pub fn token(&self, client: &str, ttl: Duration) -> TokenReport {
+        admin::create_token(&self.state_dir(), client, ttl, None).unwrap()
+    }
+
+    /// Stops the Hub and waits for it.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+
+    /// Stops and starts again on the same UDP and service ports, with the same state.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.launch(86_400).await;
+    }
+
+    /// Waits until `client` has a live session.
+    pub async fn wait_connected(&self, client: &str) {
+        let handle = self.handle().clone();
+        poll_until(&format!("client {client} to connect"), SOON, || {
+            handle.connected_clients().iter().any(|c| c == client)
+        })
+        .await;
+    }
+
+    /// Waits for a Hub audit record matching `pred`.
+    pub async fn wait_audit(&self, what: &str, pred: impl Fn(&AuditRecord) -> bool) -> AuditRecord {
+        wait_audit(&self.audit, what, pred).await
+    }
+}
+
+/// Waits up to [`SOON`] for a record matching `pred` in `audit`, or panics with the records.
+pub async fn wait_audit(
+    audit: &Audit,
+    what: &str,
+    pred: impl Fn(&AuditRecord) -> bool,
+) -> AuditRecord {
+    match audit.wait_for(SOON, pred).await {
+        Some(r) => r,
+        None => panic!(
+            "no {what} audit record; {:?} side has: {:#?}",
+            audit.side(),
+            audit.records()
+        ),
+    }
+}
+
+/// A Client running in-process.
+pub struct TestClient {
+    /// Keeps the state directory alive.
+    pub dir: TempDir,
+    /// Its audit records.
+    pub audit: Audit,
+    /// Its configuration.
+    pub config: ClientConfig,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<Exit, client::ClientError>>>,
+}
+
+impl TestClient {
+    /// Enrols `name` with `hub` and starts it with `allow` (`name`, `address`) entries.
+    pub async fn enrol_and_run(hub: &TestHub, name: &str, allow: &[(&str, String)]) -> Self {
+        let mut c = Self::enrol(hub, name, allow).await;
+        c.start();
+        c
+    }
+
+    /// Enrols without starting.
+    pub async fn enrol(hub: &TestHub, name: &str, allow: &[(&str, String)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = Audit::open_with_tap(Side::Client, &AuditOutput::Discard).unwrap();
+        let token = hub.token(name, Duration::from_secs(600));
+        client::enrol::enrol(
+            &hub.addr.to_string().parse().unwrap(),
+            &token.token,
+            parse_bundle_hash(&token.bundle_hash).unwrap(),
+            &dir.path().join("state"),
+            &audit,
+        )
+        .await
+        .unwrap();
+        let config = client_config(hub.addr, &dir.path().join("state"), allow);
+        Self {
+            dir,
+            audit,
+            config,
+            stop: None,
+            task: None,
+        }
+    }
+
+    /// Starts `run` in a task.
+    pub fn start(&mut self) {
+        let (tx, rx) = oneshot::channel::<()>();
+        self.stop = Some(tx);
+        let config = self.config.clone();
+        let audit = self.audit.clone();
+        self.task = Some(tokio::spawn(client::run(config, audit, async {
+            let _ = rx.await;
+        })));
+    }
+
+    /// Stops it (SIGTERM equivalent) and returns how it ended.
+    pub async fn stop(&mut self) -> Exit {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().expect("running").await.unwrap().unwrap()
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.config.state_dir.clone()
+    }
+
+    /// Waits for a Client audit record matching `pred`.
+    pub async fn wait_audit(&self, what: &str, pred: impl Fn(&AuditRecord) -> bool) -> AuditRecord {
+        wait_audit(&self.audit, what, pred).await
+    }
+}
+
+/// A Client configuration for tests: fast reconnects, `on_stop = "disconnect"`.
+pub fn client_config(hub: SocketAddr, state_dir: &Path, allow: &[(&str, String)]) -> ClientConfig {
+    let mut toml = format!(
+        "hub = \"{hub}\"\nstate_dir = {state_dir:?}\naudit = \"discard\"\non_stop = \"disconnect\"\n[reconnect]\ninitial_ms = 50\nmax_ms = 500\n"
+    );
+    for (name, address) in allow {
+        toml.push_str(&format!(
+            "[[allow]]\nname = \"{name}\"\naddress = \"{address}\"\n"
+        ));
+    }
+    toml.parse().unwrap()
+}
+
+/// A TCP echo server on loopback; returns its address.
+pub async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A server that reads until EOF and only then answers `EOF after N bytes` and closes:
+/// it proves a half-close crossed the tunnel while the other direction stayed open.
+pub async fn eof_reporter() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let _ = s.read_to_end(&mut buf).await;
+                let _ = s
+                    .write_all(format!("EOF after {} bytes", buf.len()).as_bytes())
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A server that resets every connection as soon as it has read something.
+pub async fn resetter() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 1];
+                let _ = s.read(&mut b).await;
+                let _ = s.set_zero_linger();
+                drop(s);
+            });
+        }
+    });
+    addr
+}
+
+/// Counts connections accepted by a listener that otherwise does nothing.
+pub async fn counting_listener() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Ok((_s, _)) = listener.accept().await {
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    (addr, count)
+}
+
+/// Path of a workspace binary next to the test executable (`cargo nextest run --workspace`
+/// and `cargo test --workspace` build them).
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+/// How often [`poll_until`] looks again.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// Waits until `cond` holds, looking every [`POLL`], for at most `within`; panics with `what`.
+/// For state that has no notification (files, process tables); records use `wait_audit`.
+pub async fn poll_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Whether a skip must fail (CI sets it: a skipped privileged test proves nothing).
+pub fn require(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "1")
+}
+
+/// `Event` shorthand for matchers.
+pub fn is(event: Event) -> impl Fn(&AuditRecord) -> bool {
+    move |r| r.event == event
+}

@@ -72,7 +72,7 @@ mod tests {
         assert_eq!(b.next_delay(0), Duration::ZERO);
         b.reset();
         assert_eq!(b.next_delay(100_000_000), Duration::from_millis(100));
-        assert_eq!(b.next_delay(u64::MAX) <= Duration::from_millis(200), true);
+        assert!(b.next_delay(u64::MAX) <= Duration::from_millis(200));
         b.reset();
         assert_eq!(b.ceiling(), Duration::from_millis(100));
     }

@@ -3,6 +3,7 @@
 //!
 //! A counting global allocator records the largest single allocation made while decoding.
 #![allow(unsafe_code)] // the counting allocator below; nothing else in this file is unsafe
+#![allow(clippy::unwrap_used)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

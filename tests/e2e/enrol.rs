@@ -1,0 +1,149 @@
+//! Enrolment (P7 issuance): one-time tokens, expiry, and the bundle pin checked before the
+//! token leaves the Client.
+
+use std::time::Duration;
+
+use ewii::audit::{Audit, AuditOutput};
+use ewii::client::enrol::{enrol, EnrolError};
+use ewii::hub::admin;
+use ewii::hub::state::Db;
+use ewii::identity::{inspect_leaf, parse_bundle_hash, store};
+use ewii_common::audit::{Event, Outcome, Side};
+use ewii_common::spiffe::SpiffeId;
+use ewii_tests::*;
+
+fn client_audit() -> Audit {
+    Audit::open_with_tap(Side::Client, &AuditOutput::Discard).unwrap()
+}
+
+#[tokio::test]
+async fn p7_valid_token_issues_a_working_24h_svid_with_a_private_key() {
+    let hub = TestHub::start(&[Service::tcp("svc", "acme", "db")]).await;
+    let echo = echo_server().await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    let dir = client.state_dir();
+    let svid = store::read_certs(&dir.join(store::SVID_CERT)).unwrap();
+    let info = inspect_leaf(&svid[0]).unwrap();
+    assert_eq!(info.id, SpiffeId::client(TD, "acme").unwrap());
+    assert_eq!(
+        info.not_after - info.not_before,
+        86_400 + 30,
+        "24 h, backdated 30 s"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join(store::SVID_KEY))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the key is private");
+    let enrolled = hub.wait_audit("enrolled", is(Event::Enrolled)).await;
+    assert_eq!(
+        enrolled.client.as_deref(),
+        Some("spiffe://test.ewii.local/client/acme")
+    );
+    assert_eq!(enrolled.reason, Some(format!("serial {}", info.serial)));
+    // The SVID works: a session comes up.
+    client.start();
+    hub.wait_connected("acme").await;
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn p7_a_token_works_once() {
+    let hub = TestHub::start(&[]).await;
+    let token = hub.token("acme", Duration::from_secs(600));
+    let pin = parse_bundle_hash(&token.bundle_hash).unwrap();
+    let hub_addr = hub.addr.to_string().parse().unwrap();
+    let first = tempfile::tempdir().unwrap();
+    enrol(&hub_addr, &token.token, pin, first.path(), &client_audit())
+        .await
+        .unwrap();
+    let second = tempfile::tempdir().unwrap();
+    let again = enrol(&hub_addr, &token.token, pin, second.path(), &client_audit()).await;
+    assert!(matches!(again, Err(EnrolError::Refused)), "{again:?}");
+    assert!(!second.path().join(store::SVID_CERT).exists());
+    let refused = hub
+        .wait_audit("enrolment_refused", is(Event::EnrolmentRefused))
+        .await;
+    assert_eq!(refused.reason.as_deref(), Some("unknown or used token"));
+    assert_eq!(refused.outcome, Some(Outcome::Refused));
+}
+
+#[tokio::test]
+async fn p7_an_expired_token_is_refused_with_the_same_answer() {
+    let hub = TestHub::start(&[]).await;
+    // A token whose TTL ran out a second ago, written the way `token create` writes it.
+    let db = Db::open(&hub.state_dir().join(admin::DB_FILE)).unwrap();
+    let now = ewii::now_timestamp().unix_secs() as i64;
+    db.add_token("ewii_expired", "acme", now - 1, None, now - 3601)
+        .unwrap();
+    let pin = admin::current_bundle_hash(&hub.state_dir()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let res = enrol(
+        &hub.addr.to_string().parse().unwrap(),
+        "ewii_expired",
+        parse_bundle_hash(&pin).unwrap(),
+        dir.path(),
+        &client_audit(),
+    )
+    .await;
+    assert!(matches!(res, Err(EnrolError::Refused)), "{res:?}");
+    let refused = hub
+        .wait_audit("enrolment_refused", is(Event::EnrolmentRefused))
+        .await;
+    assert_eq!(refused.reason.as_deref(), Some("expired token"));
+}
+
+#[tokio::test]
+async fn p7_a_client_pinned_to_another_bundle_aborts_before_sending_the_token() {
+    let hub = TestHub::start(&[]).await;
+    let token = hub.token("acme", Duration::from_secs(600));
+    let wrong_pin = [0x42u8; 32];
+    let dir = tempfile::tempdir().unwrap();
+    let audit = client_audit();
+    let res = enrol(
+        &hub.addr.to_string().parse().unwrap(),
+        &token.token,
+        wrong_pin,
+        dir.path(),
+        &audit,
+    )
+    .await;
+    assert!(matches!(res, Err(EnrolError::HubNotTrusted(_))), "{res:?}");
+    let refused = wait_audit(&audit, "enrolment_refused", is(Event::EnrolmentRefused)).await;
+    assert!(refused.reason.unwrap().contains("the token was NOT sent"));
+    // The Hub never saw an enrolment request, and the token is still unused: it works now.
+    assert!(hub
+        .audit
+        .records()
+        .iter()
+        .all(|r| r.event != Event::EnrolmentRefused && r.event != Event::Enrolled));
+    let ok = enrol(
+        &hub.addr.to_string().parse().unwrap(),
+        &token.token,
+        parse_bundle_hash(&token.bundle_hash).unwrap(),
+        dir.path(),
+        &client_audit(),
+    )
+    .await;
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[tokio::test]
+async fn enrolling_twice_into_one_state_dir_is_refused() {
+    let hub = TestHub::start(&[]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let token = hub.token("acme", Duration::from_secs(600));
+    let res = enrol(
+        &hub.addr.to_string().parse().unwrap(),
+        &token.token,
+        parse_bundle_hash(&token.bundle_hash).unwrap(),
+        &client.state_dir(),
+        &client_audit(),
+    )
+    .await;
+    assert!(
+        matches!(res, Err(EnrolError::AlreadyEnrolled(_))),
+        "{res:?}"
+    );
+}

@@ -1,0 +1,351 @@
+//! Mutual TLS on every connection (P5, P7): each side refuses what it must, and the refusal is
+//! asserted on the side that refuses — in TLS 1.3 the client's handshake "succeeds" before the
+//! server has checked the client certificate.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ewii::identity::store::{self, Svid};
+use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
+use ewii::transport;
+use ewii_common::audit::{Event, Outcome};
+use ewii_common::frame;
+use ewii_tests::*;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::CertificateDer;
+use time::OffsetDateTime;
+
+/// The test Hub's CA as an rcgen issuer, to mint deliberately bad certificates.
+fn hub_ca(hub: &TestHub) -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
+    let dir = hub.state_dir();
+    let cert = store::read_certs(&dir.join("ca.pem")).unwrap().remove(0);
+    let key = store::read_key_pair(&dir.join("ca.key")).unwrap();
+    let issuer = Issuer::from_ca_cert_der(&cert, key).unwrap();
+    (cert, issuer)
+}
+
+struct LeafSpec<'a> {
+    uris: &'a [&'a str],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+}
+
+impl<'a> LeafSpec<'a> {
+    fn valid(uris: &'a [&'a str]) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            uris,
+            not_before: now - Duration::from_secs(60),
+            not_after: now + Duration::from_secs(3600),
+        }
+    }
+}
+
+fn params(spec: &LeafSpec<'_>) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.subject_alt_names = spec
+        .uris
+        .iter()
+        .map(|u| SanType::URI((*u).try_into().unwrap()))
+        .collect();
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    p.not_before = spec.not_before;
+    p.not_after = spec.not_after;
+    p
+}
+
+fn signed_leaf(issuer: &Issuer<'_, KeyPair>, spec: &LeafSpec<'_>) -> Svid {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = params(spec).signed_by(&key, issuer).unwrap();
+    Svid::new(vec![cert.der().clone()], &key)
+}
+
+/// Dials the Hub as a Client presenting `svid`, opens the control stream and says Hello.
+/// Returns whether the Hub answered with Welcome.
+async fn try_session(hub: &TestHub, svid: &Svid) -> bool {
+    let (ca, _) = hub_ca(hub);
+    let verifier = SpiffeVerifier::new(Bundle::new(vec![ca]), TD, Expect::Hub);
+    let tls = transport::tls_client_config(Some(svid), Arc::new(verifier), frame::ALPN).unwrap();
+    let quic = transport::quic_client_config(tls).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let Ok(conn) = endpoint
+        .connect_with(quic, hub.addr, "127.0.0.1")
+        .unwrap()
+        .await
+    else {
+        return false;
+    };
+    let attempt = async {
+        let (mut send, mut recv) = conn.open_bi().await.ok()?;
+        let hello = frame::Control::Hello {
+            version: frame::PROTOCOL_VERSION,
+            allow_list: vec!["db".into()],
+            allow_list_digest: vec![0; 32],
+            build: "test".into(),
+        };
+        transport::write_frame(&mut send, &hello).await.ok()?;
+        transport::FrameReader::new()
+            .read::<frame::Control>(&mut recv)
+            .await
+            .ok()
+            .flatten()
+    };
+    let answer = tokio::time::timeout(SOON, attempt).await.ok().flatten();
+    matches!(answer, Some(frame::Control::Welcome { .. }))
+}
+
+async fn assert_hub_refuses(hub: &TestHub, svid: &Svid, reason_contains: &str) {
+    assert!(
+        !try_session(hub, svid).await,
+        "the Hub must not welcome this SVID"
+    );
+    let r = hub
+        .wait_audit("handshake_refused", |r| {
+            r.event == Event::HandshakeRefused
+                && r.reason
+                    .as_deref()
+                    .is_some_and(|x| x.contains(reason_contains))
+        })
+        .await;
+    assert_eq!(r.outcome, Some(Outcome::Refused));
+    assert!(hub.handle().connected_clients().is_empty());
+}
+
+#[tokio::test]
+async fn p7_hub_refuses_an_expired_svid() {
+    let hub = TestHub::start(&[]).await;
+    let (_, ca) = hub_ca(&hub);
+    let now = OffsetDateTime::now_utc();
+    let svid = signed_leaf(
+        &ca,
+        &LeafSpec {
+            uris: &["spiffe://test.ewii.local/client/acme"],
+            not_before: now - Duration::from_secs(7200),
+            not_after: now - Duration::from_secs(3600),
+        },
+    );
+    assert_hub_refuses(&hub, &svid, "Expired").await;
+}
+
+#[tokio::test]
+async fn p7_hub_refuses_an_svid_from_another_trust_domain() {
+    let hub = TestHub::start(&[]).await;
+    let (_, ca) = hub_ca(&hub);
+    let svid = signed_leaf(
+        &ca,
+        &LeafSpec::valid(&["spiffe://other.example/client/acme"]),
+    );
+    assert_hub_refuses(&hub, &svid, "is not in trust domain test.ewii.local").await;
+}
+
+#[tokio::test]
+async fn p7_hub_refuses_an_svid_with_two_uri_sans() {
+    let hub = TestHub::start(&[]).await;
+    let (_, ca) = hub_ca(&hub);
+    let svid = signed_leaf(
+        &ca,
+        &LeafSpec::valid(&[
+            "spiffe://test.ewii.local/client/acme",
+            "spiffe://test.ewii.local/hub",
+        ]),
+    );
+    assert_hub_refuses(&hub, &svid, "2 URI SANs, need exactly one").await;
+}
+
+#[tokio::test]
+async fn p7_hub_refuses_a_self_signed_svid() {
+    let hub = TestHub::start(&[]).await;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = params(&LeafSpec::valid(&["spiffe://test.ewii.local/client/acme"]))
+        .self_signed(&key)
+        .unwrap();
+    let svid = Svid::new(vec![cert.der().clone()], &key);
+    assert_hub_refuses(&hub, &svid, "UnknownIssuer").await;
+}
+
+#[tokio::test]
+async fn p7_hub_refuses_a_well_formed_svid_it_never_issued() {
+    // Signed by the right CA with the right shape: only the Hub's serial records stop it.
+    let hub = TestHub::start(&[]).await;
+    let (_, ca) = hub_ca(&hub);
+    let svid = signed_leaf(
+        &ca,
+        &LeafSpec::valid(&["spiffe://test.ewii.local/client/acme"]),
+    );
+    assert_hub_refuses(&hub, &svid, "was not issued by this Hub").await;
+}
+
+#[tokio::test]
+async fn p7_hub_refuses_a_ca_certificate_as_a_client() {
+    let hub = TestHub::start(&[]).await;
+    let (_, ca) = hub_ca(&hub);
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = params(&LeafSpec::valid(&["spiffe://test.ewii.local/client/acme"]));
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyCertSign,
+    ];
+    let cert = p.signed_by(&key, &ca).unwrap();
+    let svid = Svid::new(vec![cert.der().clone()], &key);
+    assert_hub_refuses(&hub, &svid, "CaUsedAsEndEntity").await;
+}
+
+/// A fake Hub: a QUIC server presenting `svid`, offering only `suites`.
+async fn fake_hub(
+    svid: Svid,
+    provider: rustls::crypto::CryptoProvider,
+) -> (SocketAddr, quinn::Endpoint) {
+    let ca_bundle = Bundle::new(vec![]);
+    let verifier = SpiffeVerifier::new(ca_bundle, TD, Expect::Client).optional();
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(svid.chain.clone(), svid.key())
+        .unwrap();
+    tls.alpn_protocols = vec![frame::ALPN.to_vec()];
+    let initial = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+        .tls13()
+        .and_then(|s| s.quic_suite())
+        .unwrap();
+    let quic =
+        quinn::crypto::rustls::QuicServerConfig::with_initial(Arc::new(tls), initial).unwrap();
+    let endpoint = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(Arc::new(quic)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let ep = endpoint.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            // Drive the handshake; the Client's verdict is what the tests look at.
+            tokio::spawn(async move {
+                if let Ok(c) = incoming.await {
+                    let _ = c.closed().await;
+                }
+            });
+        }
+    });
+    (addr, endpoint)
+}
+
+#[tokio::test]
+async fn p7_client_refuses_a_hub_with_the_wrong_spiffe_id() {
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    // A server holding a perfectly valid SVID from the same CA — but not the Hub's ID.
+    let (_, ca) = hub_ca(&hub);
+    let impostor = signed_leaf(
+        &ca,
+        &LeafSpec::valid(&["spiffe://test.ewii.local/workload/evil"]),
+    );
+    let (addr, _endpoint) = fake_hub(impostor, transport::provider()).await;
+    client.config.hub = addr.to_string().parse().unwrap();
+    client.start();
+    let r = client
+        .wait_audit("handshake_refused", is(Event::HandshakeRefused))
+        .await;
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("spiffe://test.ewii.local/workload/evil is not a Hub identity")
+    );
+    assert_eq!(
+        r.client.as_deref(),
+        Some("spiffe://test.ewii.local/workload/evil")
+    );
+    assert!(client
+        .audit
+        .records()
+        .iter()
+        .all(|r| r.event != Event::SessionUp));
+    client.stop().await;
+}
+
+fn aes_only_provider() -> rustls::crypto::CryptoProvider {
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+    ];
+    p
+}
+
+#[tokio::test]
+async fn p5_hub_refuses_a_client_that_offers_no_chacha20_poly1305() {
+    let hub = TestHub::start(&[]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let (ca, _) = hub_ca(&hub);
+    let verifier = SpiffeVerifier::new(Bundle::new(vec![ca]), TD, Expect::Hub);
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(aes_only_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(svid.chain.clone(), svid.key())
+        .unwrap();
+    tls.alpn_protocols = vec![frame::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let res = endpoint
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(quic)),
+            hub.addr,
+            "127.0.0.1",
+        )
+        .unwrap()
+        .await;
+    // TLS alert handshake_failure (40) carried as QUIC CRYPTO_ERROR 0x100 + 40 (RFC 9001 §4.8).
+    match res {
+        Err(quinn::ConnectionError::ConnectionClosed(close)) => {
+            assert_eq!(u64::from(close.error_code), 0x128, "{close:?}");
+        }
+        other => panic!("the Hub must refuse a peer without ChaCha20-Poly1305: {other:?}"),
+    }
+    assert!(hub.handle().connected_clients().is_empty());
+}
+
+#[tokio::test]
+async fn p5_client_refuses_a_hub_that_offers_no_chacha20_poly1305() {
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    // The real Hub identity, on a server that only speaks AES-GCM.
+    let hub_svid = Svid::load(&hub.state_dir(), "hub.pem", "hub.key").unwrap();
+    let (addr, _endpoint) = fake_hub(hub_svid, aes_only_provider()).await;
+    client.config.hub = addr.to_string().parse().unwrap();
+    client.start();
+    // The Client keeps trying (and failing) without ever getting a session.
+    let dir = client.state_dir();
+    let read = || ewii::client::status::Status::read(&dir).ok();
+    poll_until("two failed dials", SOON, || {
+        read().is_some_and(|s| s.failures >= 2)
+    })
+    .await;
+    let status = read().unwrap();
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("handshake"),
+        "{status:?}"
+    );
+    assert!(client
+        .audit
+        .records()
+        .iter()
+        .all(|r| r.event != Event::SessionUp));
+    client.stop().await;
+}

@@ -1,0 +1,380 @@
+//! The binaries as an operator and a customer run them (P13, P6, P7): `ewii-hub init`,
+//! `token create`, `run`; `ewii-client enroll`, `run`, `status`, `health`; SIGTERM.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener as StdTcpListener, UdpSocket};
+use std::process::{Child, Command, Output, Stdio};
+
+use ewii_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Kills the child if the test panics.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        for _ in 0..500 {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(POLL);
+        }
+        panic!("process {} did not exit within 10 s of SIGTERM", self.pid());
+    }
+}
+
+fn run(bin: &str, args: &[&str]) -> Output {
+    let out = Command::new(bin_path(bin)).args(args).output().unwrap();
+    if !out.status.success() {
+        panic!(
+            "{bin} {args:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+fn field(out: &Output, label: &str) -> String {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(label).map(|v| v.trim().to_owned()))
+        .unwrap_or_else(|| panic!("no {label} in output"))
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn free_tcp_port() -> u16 {
+    StdTcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Socket inodes held by `pid`.
+fn socket_inodes(pid: u32) -> HashSet<String> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            l.strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// `(state, local address)` rows of /proc/<pid>/net/<table> whose inode is in `inodes`.
+fn sockets(pid: u32, table: &str, inodes: &HashSet<String>) -> Vec<(String, String)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let inode = cols.get(9)?;
+            inodes
+                .contains(*inode)
+                .then(|| (cols[3].to_owned(), cols[1].to_owned()))
+        })
+        .collect()
+}
+
+/// `(flags, path)` of the AF_UNIX sockets of `pid` (flag 0x10000 is `__SO_ACCEPTCON`: listening).
+fn unix_sockets(pid: u32, inodes: &HashSet<String>) -> Vec<(u32, String)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            inodes.contains(*cols.get(6)?).then(|| {
+                let flags = u32::from_str_radix(cols[3], 16).unwrap();
+                (flags, cols.get(7).copied().unwrap_or("").to_owned())
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p13_the_client_binary_has_no_listener_and_p6_one_udp_socket() {
+    let root = tempfile::tempdir().unwrap();
+    let hub_dir = root.path().join("hub");
+    let client_dir = root.path().join("client");
+    let hub_dir_s = hub_dir.to_str().unwrap();
+
+    // Operator: init, config, run.
+    let init = run(
+        "ewii-hub",
+        &["init", "--state-dir", hub_dir_s, "--trust-domain", TD],
+    );
+    let bundle_hash = field(&init, "bundle hash:");
+    let echo = echo_server().await;
+    let udp = free_udp_port();
+    let svc = free_tcp_port();
+    let hub_toml = root.path().join("hub.toml");
+    let hub_audit = root.path().join("hub-audit.jsonl");
+    fs::write(
+        &hub_toml,
+        format!(
+            "state_dir = {hub_dir:?}\nlisten = \"127.0.0.1:{udp}\"\naudit = \"file:{}\"\n[[service]]\nname = \"pg\"\nlisten = \"127.0.0.1:{svc}\"\nclient = \"acme\"\ndestination = \"db\"\nprincipal = \"ops\"\n",
+            hub_audit.display()
+        ),
+    )
+    .unwrap();
+    let mut hub = Proc(
+        Command::new(bin_path("ewii-hub"))
+            .args(["run", "--config", hub_toml.to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Wait for the Hub to say it listens.
+    let mut line = String::new();
+    BufReader::new(hub.0.stderr.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening on udp"), "{line}");
+    let token_out = run(
+        "ewii-hub",
+        &[
+            "token",
+            "create",
+            "--state-dir",
+            hub_dir_s,
+            "--client",
+            "acme",
+            "--ttl",
+            "10m",
+        ],
+    );
+    let token = field(&token_out, "token:");
+    assert_eq!(field(&token_out, "bundle hash:"), bundle_hash);
+
+    // Customer: enrol, config, run.
+    let hub_addr = format!("127.0.0.1:{udp}");
+    let enrol = Command::new(bin_path("ewii-client"))
+        .args(["enroll", "--hub", &hub_addr, "--bundle-hash", &bundle_hash])
+        .args(["--state-dir", client_dir.to_str().unwrap()])
+        .env("EWII_TOKEN", &token)
+        .output()
+        .unwrap();
+    assert!(
+        enrol.status.success(),
+        "{}",
+        String::from_utf8_lossy(&enrol.stderr)
+    );
+    // A second use of the token is refused with the documented status.
+    let again = Command::new(bin_path("ewii-client"))
+        .args(["enroll", "--hub", &hub_addr, "--bundle-hash", &bundle_hash])
+        .args(["--state-dir", root.path().join("other").to_str().unwrap()])
+        .env("EWII_TOKEN", &token)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(3));
+
+    let client_toml = root.path().join("client.toml");
+    fs::write(
+        &client_toml,
+        format!(
+            "hub = \"{hub_addr}\"\nstate_dir = {client_dir:?}\n[[allow]]\nname = \"db\"\naddress = \"{echo}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut client = Proc(
+        Command::new(bin_path("ewii-client"))
+            .args(["run", "--config", client_toml.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let cdir = client_dir.to_str().unwrap().to_owned();
+    poll_until("ewii-client health to pass", SOON, || {
+        Command::new(bin_path("ewii-client"))
+            .args(["health", "--state-dir", &cdir])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+    .await;
+    let status = run("ewii-client", &["status", "--state-dir", &cdir]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["state"], "connected");
+    assert_eq!(status["allow_list"][0], format!("db={echo}"));
+    assert_eq!(status["pid"], client.pid());
+
+    // A query through the running binaries, with the requester kept open while we look.
+    let mut s = tokio::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], svc)))
+        .await
+        .unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+
+    // P13: no socket of the Client process is listening; P6: exactly one UDP socket, the
+    // QUIC connection; TCP sockets are the query's connection to the destination only.
+    let inodes = socket_inodes(client.pid());
+    let mut tcp = sockets(client.pid(), "tcp", &inodes);
+    tcp.extend(sockets(client.pid(), "tcp6", &inodes));
+    let mut udp_socks = sockets(client.pid(), "udp", &inodes);
+    udp_socks.extend(sockets(client.pid(), "udp6", &inodes));
+    assert!(
+        tcp.iter().all(|(state, _)| state != "0A"),
+        "a TCP socket is listening: {tcp:?}"
+    );
+    assert_eq!(
+        tcp.len(),
+        1,
+        "one TCP connection, to the destination: {tcp:?}"
+    );
+    assert_eq!(tcp[0].0, "01", "established");
+    assert_eq!(udp_socks.len(), 1, "one UDP socket: {udp_socks:?}");
+    // tokio's signal driver holds an unnamed AF_UNIX socketpair: no path, not listening.
+    let unix = unix_sockets(client.pid(), &inodes);
+    assert!(
+        unix.iter()
+            .all(|(flags, path)| path.is_empty() && (flags & 0x10000) == 0),
+        "a named or listening unix socket: {unix:?}"
+    );
+    assert_eq!(
+        inodes.len(),
+        tcp.len() + udp_socks.len() + unix.len(),
+        "no socket of another family (raw, packet, netlink…)"
+    );
+    drop(s);
+
+    // SIGTERM: exit 0; with the default on_stop the Hub revokes the identity.
+    let code = client.terminate();
+    assert_eq!(code.code(), Some(0));
+    let mut out = String::new();
+    client
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each audit line is JSON"))
+        .collect();
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "query" && e["outcome"] == "ok"));
+    assert_eq!(events.last().unwrap()["event"], "stopped");
+    let health = Command::new(bin_path("ewii-client"))
+        .args(["health", "--state-dir", &cdir])
+        .output()
+        .unwrap();
+    assert_eq!(
+        health.status.code(),
+        Some(1),
+        "a stopped Client is unhealthy"
+    );
+    poll_until("the Hub to record the revocation", SOON, || {
+        let out = run("ewii-hub", &["clients", "--state-dir", hub_dir_s, "--json"]);
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        rows[0]["revoked_at"].is_i64()
+    })
+    .await;
+
+    assert_eq!(hub.terminate().code(), Some(0));
+    let hub_lines = fs::read_to_string(&hub_audit).unwrap();
+    let hub_events: Vec<serde_json::Value> = hub_lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let q = hub_events.iter().find(|e| e["event"] == "query").unwrap();
+    assert_eq!(q["source"].as_str().unwrap().split('@').next(), Some("ops"));
+    assert!(hub_events
+        .iter()
+        .any(|e| e["event"] == "session_lost" && e["reason"] == "goodbye (revoke: true)"));
+}
+
+#[test]
+fn bad_client_config_exits_2_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    for (text, expect) in [
+        ("hub = \"h:443\"\nstate_dir = \"/x\"\n", "allow-list is empty"),
+        (
+            "hub = \"h:443\"\nstate_dir = \"/x\"\nalow = 1\n",
+            "unknown field `alow`",
+        ),
+        (
+            "hub = \"h:443\"\nstate_dir = \"/x\"\n[[allow]]\nname = \"db\"\naddress = \"0.0.0.0:5432\"\n",
+            "not a unicast address",
+        ),
+    ] {
+        fs::write(&path, text).unwrap();
+        let out = Command::new(bin_path("ewii-client"))
+            .args(["run", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{err}");
+    }
+}
+
+#[test]
+fn running_without_enrolment_exits_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    fs::write(
+        &path,
+        format!(
+            "hub = \"127.0.0.1:9\"\nstate_dir = {:?}\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:5432\"\n",
+            dir.path()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin_path("ewii-client"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ewii-client enroll"));
+}
+
+#[test]
+fn hub_init_refuses_to_replace_a_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    run(
+        "ewii-hub",
+        &["init", "--state-dir", d, "--trust-domain", TD],
+    );
+    let out = Command::new(bin_path("ewii-hub"))
+        .args(["init", "--state-dir", d, "--trust-domain", TD])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to replace it"));
+}

@@ -1,0 +1,349 @@
+//! Queries through the tunnel (P4, P11, P14): byte-exact transfer, half-close, reset,
+//! allow-list refusal, concurrency, TLS callers, and reconnection after a Hub restart.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ewii_common::audit::{Event, Outcome};
+use ewii_tests::*;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Writes `data` and reads everything back until EOF, concurrently (so that neither side's
+/// buffers fill up and deadlock).
+async fn roundtrip(addr: SocketAddr, data: Vec<u8>) -> Vec<u8> {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut back))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    writer.await.unwrap();
+    back
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            // xorshift: cheap bytes that are not all alike
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_one_mib_each_way_is_byte_exact_and_p11_both_sides_audit_it() {
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let client = TestClient::enrol_and_run(&hub, "acme", &[("db", echo.to_string())]).await;
+    hub.wait_connected("acme").await;
+
+    let data = pattern(1 << 20, 7);
+    let back = roundtrip(hub.service("pg"), data.clone()).await;
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "bytes differ");
+
+    let h = hub.wait_audit("hub query", is(Event::Query)).await;
+    let qid = h.query_id.expect("query id");
+    let c = client
+        .wait_audit("client query", |r| {
+            r.event == Event::Query && r.query_id == Some(qid)
+        })
+        .await;
+    for r in [&h, &c] {
+        assert_eq!(r.outcome, Some(Outcome::Ok));
+        assert_eq!(r.bytes_up, Some(1 << 20));
+        assert_eq!(r.bytes_down, Some(1 << 20));
+        assert_eq!(
+            r.client.as_deref(),
+            Some("spiffe://test.ewii.local/client/acme")
+        );
+        assert!(r
+            .source
+            .as_deref()
+            .unwrap()
+            .starts_with("test-principal@127.0.0.1:"));
+        assert_eq!(r.destination.as_ref().unwrap().name, "db");
+        assert!(r.duration_ms.is_some());
+        assert_eq!(r.session_id, h.session_id);
+    }
+    assert_eq!(
+        c.destination.as_ref().unwrap().address,
+        Some(echo.to_string())
+    );
+    assert_eq!(
+        h.destination.as_ref().unwrap().address,
+        None,
+        "the Hub never learns addresses"
+    );
+    // The JSON lines carry the same fields.
+    let line: serde_json::Value = serde_json::from_str(&h.to_json_line()).unwrap();
+    for key in [
+        "time",
+        "event",
+        "session_id",
+        "query_id",
+        "client",
+        "source",
+        "destination",
+        "bytes_up",
+        "bytes_down",
+        "duration_ms",
+        "outcome",
+    ] {
+        assert!(line.get(key).is_some(), "missing {key} in {line}");
+    }
+}
+
+#[tokio::test]
+async fn p4_half_close_crosses_the_tunnel_both_ways() {
+    let reporter = eof_reporter().await;
+    let hub = TestHub::start(&[Service::tcp("r", "acme", "rep")]).await;
+    let _client = TestClient::enrol_and_run(&hub, "acme", &[("rep", reporter.to_string())]).await;
+    hub.wait_connected("acme").await;
+    // The server answers only after it has seen our FIN; we read its answer on the half that
+    // is still open, then its FIN.
+    let back = roundtrip(hub.service("r"), b"12345".to_vec()).await;
+    assert_eq!(back, b"EOF after 5 bytes");
+}
+
+#[tokio::test]
+async fn p4_a_reset_destination_resets_the_requester() {
+    let rst = resetter().await;
+    let hub = TestHub::start(&[Service::tcp("x", "acme", "rst")]).await;
+    let client = TestClient::enrol_and_run(&hub, "acme", &[("rst", rst.to_string())]).await;
+    hub.wait_connected("acme").await;
+    let mut s = TcpStream::connect(hub.service("x")).await.unwrap();
+    s.write_all(b"x").await.unwrap();
+    let mut buf = [0u8; 16];
+    let res = tokio::time::timeout(SOON, s.read(&mut buf)).await.unwrap();
+    match res {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        Ok(n) => panic!("expected a reset, read {n} bytes"),
+    }
+    let c = client.wait_audit("query", is(Event::Query)).await;
+    assert_eq!(c.outcome, Some(Outcome::Failed));
+    assert!(c.reason.unwrap().contains("connection reset"));
+}
+
+#[tokio::test]
+async fn p4_a_name_outside_the_allow_list_is_refused_with_no_connection_attempt() {
+    let (allowed, accepted) = counting_listener().await;
+    let hub = TestHub::start(&[Service::tcp("sneaky", "acme", "secret")]).await;
+    let client = TestClient::enrol_and_run(&hub, "acme", &[("db", allowed.to_string())]).await;
+    hub.wait_connected("acme").await;
+    let mut s = TcpStream::connect(hub.service("sneaky")).await.unwrap();
+    let mut buf = Vec::new();
+    // The Hub drops the requester (RST or EOF) without a byte of data.
+    let res = tokio::time::timeout(SOON, s.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    assert!(buf.is_empty(), "{res:?}");
+    let c = client.wait_audit("refused query", is(Event::Query)).await;
+    assert_eq!(c.outcome, Some(Outcome::Refused));
+    assert_eq!(
+        c.reason.as_deref(),
+        Some("destination \"secret\" is not in the allow-list")
+    );
+    assert_eq!(c.destination.as_ref().unwrap().address, None);
+    let h = hub.wait_audit("refused query", is(Event::Query)).await;
+    assert_eq!(h.outcome, Some(Outcome::Refused));
+    assert_eq!(
+        h.reason.as_deref(),
+        Some("refused by the client: not_allowed")
+    );
+    assert_eq!(h.query_id, c.query_id);
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was dialled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_a_hundred_concurrent_queries_all_succeed() {
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let client = TestClient::enrol_and_run(&hub, "acme", &[("db", echo.to_string())]).await;
+    hub.wait_connected("acme").await;
+    let entry = hub.service("pg");
+    let tasks: Vec<_> = (0..100u64)
+        .map(|i| {
+            tokio::spawn(async move {
+                let data = pattern(16 * 1024 + i as usize, i);
+                let back = roundtrip(entry, data.clone()).await;
+                assert!(back == data, "query {i} differs");
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    poll_until("100 client query records", SOON, || {
+        client
+            .audit
+            .records()
+            .iter()
+            .filter(|r| r.event == Event::Query && r.outcome == Some(Outcome::Ok))
+            .count()
+            == 100
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn p14_the_client_reconnects_by_itself_after_a_hub_restart() {
+    let echo = echo_server().await;
+    let mut hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let client = TestClient::enrol_and_run(&hub, "acme", &[("db", echo.to_string())]).await;
+    hub.wait_connected("acme").await;
+    assert_eq!(
+        roundtrip(hub.service("pg"), b"before".to_vec()).await,
+        b"before"
+    );
+    hub.restart().await;
+    hub.wait_connected("acme").await;
+    assert_eq!(
+        roundtrip(hub.service("pg"), b"after".to_vec()).await,
+        b"after"
+    );
+    let ups = client
+        .audit
+        .records()
+        .iter()
+        .filter(|r| r.event == Event::SessionUp)
+        .count();
+    assert!(ups >= 2, "a second session came up ({ups})");
+    let lost = client
+        .wait_audit("session_lost", is(Event::SessionLost))
+        .await;
+    assert!(lost.reason.is_some());
+}
+
+#[tokio::test]
+async fn p11_a_tls_service_records_the_callers_spiffe_id_as_source() {
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[Service::tls("pg-tls", "acme", "db")]).await;
+    let client = TestClient::enrol_and_run(&hub, "acme", &[("db", echo.to_string())]).await;
+    hub.wait_connected("acme").await;
+
+    let wl_dir: PathBuf = hub.dir.path().join("billing");
+    ewii::hub::admin::issue_workload_svid(
+        &hub.state_dir(),
+        "billing",
+        Duration::from_secs(3600),
+        &wl_dir,
+    )
+    .unwrap();
+    let svid = ewii::identity::store::Svid::load(&wl_dir, "svid.pem", "svid.key").unwrap();
+    let bundle: Vec<CertificateDer<'static>> =
+        ewii::identity::store::read_certs(&wl_dir.join("bundle.pem")).unwrap();
+    let verifier = ewii::identity::verify::SpiffeVerifier::new(
+        ewii::identity::verify::Bundle::new(bundle),
+        TD,
+        ewii::identity::verify::Expect::Hub,
+    );
+    let tls = ewii::transport::tls_client_config(Some(&svid), Arc::new(verifier), b"x").unwrap();
+    let mut tls = tls;
+    tls.alpn_protocols.clear();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = TcpStream::connect(hub.service("pg-tls")).await.unwrap();
+    let mut stream = connector
+        .connect(ServerName::try_from("hub").unwrap(), tcp)
+        .await
+        .unwrap();
+    stream.write_all(b"over tls").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(SOON, stream.read_to_end(&mut back))
+        .await
+        .unwrap();
+    assert_eq!(back, b"over tls");
+
+    let h = hub.wait_audit("hub query", is(Event::Query)).await;
+    assert_eq!(
+        h.source.as_deref(),
+        Some("spiffe://test.ewii.local/workload/billing")
+    );
+    let c = client.wait_audit("client query", is(Event::Query)).await;
+    assert_eq!(c.source, h.source);
+    assert_eq!(c.outcome, Some(Outcome::Ok));
+}
+
+#[tokio::test]
+async fn p11_a_tls_service_refuses_a_caller_without_a_workload_svid() {
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[Service::tls("pg-tls", "acme", "db")]).await;
+    let (accepted_addr, accepted) = counting_listener().await;
+    let _client = TestClient::enrol_and_run(
+        &hub,
+        "acme",
+        &[
+            ("db", echo.to_string()),
+            ("other", accepted_addr.to_string()),
+        ],
+    )
+    .await;
+    hub.wait_connected("acme").await;
+    // A Client SVID is from the trust domain but is not a workload identity.
+    let client_dir = _client.state_dir();
+    let svid = ewii::identity::store::Svid::load(&client_dir, "svid.pem", "svid.key").unwrap();
+    let bundle = ewii::identity::store::read_certs(&client_dir.join("bundle.pem")).unwrap();
+    let verifier = ewii::identity::verify::SpiffeVerifier::new(
+        ewii::identity::verify::Bundle::new(bundle),
+        TD,
+        ewii::identity::verify::Expect::Hub,
+    );
+    let mut tls =
+        ewii::transport::tls_client_config(Some(&svid), Arc::new(verifier), b"x").unwrap();
+    tls.alpn_protocols.clear();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = TcpStream::connect(hub.service("pg-tls")).await.unwrap();
+    // TLS 1.3: the client side may finish; the Hub's refusal shows on the first read.
+    if let Ok(mut s) = connector
+        .connect(ServerName::try_from("hub").unwrap(), tcp)
+        .await
+    {
+        let _ = s.write_all(b"x").await;
+        let mut buf = Vec::new();
+        let res = tokio::time::timeout(SOON, s.read_to_end(&mut buf))
+            .await
+            .unwrap();
+        assert!(res.is_err() || buf.is_empty(), "no data may flow");
+    }
+    let r = hub
+        .wait_audit("handshake_refused", |r| r.event == Event::HandshakeRefused)
+        .await;
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("spiffe://test.ewii.local/client/acme is not a Workload identity")
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn p11_a_query_for_a_disconnected_client_is_audited_as_failed() {
+    let hub = TestHub::start(&[Service::tcp("pg", "nobody", "db")]).await;
+    let mut s = TcpStream::connect(hub.service("pg")).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(SOON, s.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    assert!(buf.is_empty());
+    let h = hub.wait_audit("query", is(Event::Query)).await;
+    assert_eq!(h.outcome, Some(Outcome::Failed));
+    assert_eq!(h.reason.as_deref(), Some("client nobody is not connected"));
+    assert_eq!(
+        h.client.as_deref(),
+        Some("spiffe://test.ewii.local/client/nobody")
+    );
+}
