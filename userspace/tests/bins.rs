@@ -1,5 +1,6 @@
 //! The binaries start and describe themselves. (This file also makes `cargo test` and
 //! `cargo nextest run` build the binaries that the end-to-end tests in `tests/` run.)
+#![allow(clippy::unwrap_used)]
 
 use std::process::Command;
 
