@@ -179,7 +179,7 @@ impl TestHub {
 
     /// A join token for `client`.
     pub fn token(&self, client: &str, ttl: Duration) -> TokenReport {
-        admin::create_token(&self.state_dir(), client, ttl, None).unwrap()
+        admin::create_token(&self.state_dir(), client, ttl, None, false).unwrap()
     }
 
     /// Stops the Hub and waits for it.

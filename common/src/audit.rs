@@ -42,6 +42,18 @@ pub enum Event {
     Started,
     /// The process stopped.
     Stopped,
+    /// An identity was revoked (Hub: recorded; Client: told so by the Hub).
+    Revoked,
+    /// An SVID was renewed (Hub: issued; Client: now in use).
+    SvidRotated,
+    /// The trust bundle changed (Hub: published; Client: received).
+    BundleUpdated,
+    /// A webhook delivery was acknowledged by the customer's endpoint.
+    WebhookDelivered,
+    /// A webhook delivery attempt failed (it is retried until `max_attempts`).
+    WebhookFailed,
+    /// The SVID expired without renewal: the Client needs a new enrolment.
+    SvidExpired,
 }
 
 /// How an event ended.

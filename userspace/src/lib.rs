@@ -14,6 +14,7 @@
 //!   and the status file read by `ewii-client status` and `health`.
 //! - [`quickstart`]: the self-contained demo run by `ewii-quickstart`.
 //! - [`signal`]: SIGTERM/SIGINT as a shutdown future.
+//! - [`webhook`]: Standard Webhooks signing (Ed25519 `v1a`), verification, target checks.
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -24,6 +25,7 @@ pub mod identity;
 pub mod quickstart;
 pub mod signal;
 pub mod transport;
+pub mod webhook;
 
 /// Microseconds since the Unix epoch, for audit records and certificate validity.
 pub fn now_timestamp() -> ewii_common::time::Timestamp {

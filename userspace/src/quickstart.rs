@@ -72,7 +72,7 @@ principal = "operator-report-job"
         "3. ewii-hub run: QUIC on udp {hub_addr}, service 'demo-db' on tcp {entry}"
     )?;
 
-    let token = admin::create_token(&hub_dir, "demo", Duration::from_secs(600), None)?;
+    let token = admin::create_token(&hub_dir, "demo", Duration::from_secs(600), None, false)?;
     writeln!(
         out,
         "4. ewii-hub token create --client demo: {}…",

@@ -1,7 +1,8 @@
 //! `ewii-client`: the customer's Client — enrol once, then run; `status` and `health` read the
 //! status file (there is no listener of any kind).
 //!
-//! Exit status: 0 stopped; 1 error; 2 bad configuration; 3 not enrolled or enrolment refused;
+//! Exit status: 0 stopped; 1 error; 2 bad configuration; 3 not enrolled, enrolment refused, or
+//! SVID expired (enrol again);
 //! 10 revoked by the Hub (a restart exits 10 again at once, without touching the network).
 
 use std::path::{Path, PathBuf};
@@ -60,6 +61,24 @@ enum Command {
         #[arg(long, env = "EWII_STATE_DIR", default_value = "/var/lib/ewii")]
         state_dir: PathBuf,
     },
+    /// Verify a webhook delivery from the Hub (Standard Webhooks, v1a / Ed25519).
+    VerifyWebhook {
+        /// The operator's webhook key, whpk_….
+        #[arg(long)]
+        key: String,
+        /// The `webhook-id` header.
+        #[arg(long)]
+        id: String,
+        /// The `webhook-timestamp` header.
+        #[arg(long)]
+        timestamp: String,
+        /// The `webhook-signature` header.
+        #[arg(long)]
+        signature: String,
+        /// File with the exact request body (`-` for stdin).
+        #[arg(long)]
+        body: PathBuf,
+    },
     /// Exit 0 when connected and running, 1 otherwise (for container health checks).
     Health {
         /// State directory.
@@ -95,6 +114,32 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(1, e),
         },
+        Command::VerifyWebhook {
+            key,
+            id,
+            timestamp,
+            signature,
+            body,
+        } => {
+            let data = if body.as_os_str() == "-" {
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut v).map(|_| v)
+            } else {
+                std::fs::read(&body)
+            };
+            let data = match data {
+                Ok(d) => d,
+                Err(e) => return fail(EXIT_CONFIG, format!("{}: {e}", body.display())),
+            };
+            let now = ewii::now_timestamp().unix_secs() as i64;
+            match ewii::webhook::verify(&key, &id, &timestamp, &signature, &data, now) {
+                Ok(()) => {
+                    println!("valid: signed by {key}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(1, format!("INVALID: {e}")),
+            }
+        }
         Command::Health { state_dir } => {
             let verdict = Status::read(&state_dir).and_then(|s| s.healthy(ewii::now_timestamp().0));
             match verdict {
@@ -169,7 +214,12 @@ fn run(path: &Path) -> ExitCode {
                 EXIT_REVOKED,
                 format!("revoked by the Hub: {reason}; this Client will not reconnect"),
             ),
+            Ok(Exit::Expired) => fail(
+                EXIT_NOT_ENROLLED,
+                "the SVID expired without renewal (the Hub was unreachable for a whole lifetime); enrol again with a new token".into(),
+            ),
             Err(e @ ClientError::RevokedEarlier(_)) => fail(EXIT_REVOKED, e.to_string()),
+            Err(e @ ClientError::SvidExpired(_)) => fail(EXIT_NOT_ENROLLED, e.to_string()),
             Err(e @ ClientError::NotEnrolled { .. }) => fail(EXIT_NOT_ENROLLED, e.to_string()),
             Err(e) => fail(1, e.to_string()),
         }

@@ -53,7 +53,20 @@ enum Command {
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         lifetime: Duration,
     },
-    /// List enrolled clients, their serials and revocation state.
+    /// Revoke a Client now: its live session closes within a second, it cannot come back,
+    /// and the customer's webhook (if registered) is notified.
+    Revoke {
+        /// State directory.
+        #[arg(long, env = "EWII_HUB_STATE_DIR", default_value = "/var/lib/ewii-hub")]
+        state_dir: PathBuf,
+        /// Client name.
+        #[arg(long)]
+        client: String,
+        /// Reason, recorded and sent in the webhook.
+        #[arg(long, default_value = "revoked by the operator")]
+        reason: String,
+    },
+    /// List enrolled clients, their sessions, serials and revocation state.
     Clients {
         /// State directory.
         #[arg(long, env = "EWII_HUB_STATE_DIR", default_value = "/var/lib/ewii-hub")]
@@ -92,6 +105,9 @@ enum TokenCommand {
         /// The customer's webhook URL for revocation notices.
         #[arg(long)]
         webhook: Option<String>,
+        /// Accept a loopback or link-local webhook address (tests only).
+        #[arg(long)]
+        danger_allow_private_webhook: bool,
     },
 }
 
@@ -125,9 +141,16 @@ fn real_main() -> anyhow::Result<ExitCode> {
                     client,
                     ttl,
                     webhook,
+                    danger_allow_private_webhook,
                 },
         } => {
-            let r = admin::create_token(&state_dir, &client, ttl, webhook.as_deref())?;
+            let r = admin::create_token(
+                &state_dir,
+                &client,
+                ttl,
+                webhook.as_deref(),
+                danger_allow_private_webhook,
+            )?;
             println!("token:       {}", r.token);
             println!("client id:   {}", r.client_id);
             println!("bundle hash: {}", r.bundle_hash);
@@ -135,6 +158,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 "expires:     {}",
                 ewii_common::time::Timestamp(r.expires_at as u64 * 1_000_000)
             );
+            if let Some(key) = &r.webhook_public_key {
+                println!("webhook key: {key}   (the customer verifies deliveries with it)");
+            }
             println!();
             println!("The customer enrols with:");
             println!(
@@ -150,6 +176,19 @@ fn real_main() -> anyhow::Result<ExitCode> {
         } => {
             let id = admin::issue_workload_svid(&state_dir, &name, lifetime, &out)?;
             println!("issued {id} into {}", out.display());
+        }
+        Command::Revoke {
+            state_dir,
+            client,
+            reason,
+        } => {
+            if admin::revoke(&state_dir, &client, &reason)? {
+                println!(
+                    "revoked {client}: a live session closes within 1 s; the Client cannot return"
+                );
+            } else {
+                println!("{client} was already revoked");
+            }
         }
         Command::Clients { state_dir, json } => {
             let rows = admin::clients(&state_dir)?;
@@ -176,7 +215,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                             )
                         })
                         .unwrap_or_else(|| ("-".into(), "-".into()));
-                    println!("{:<20} {:<8} {:<34} {}", row.name, state, serial, exp);
+                    println!("{:<20} {:<10} {:<34} {}", row.name, state, serial, exp);
                 }
             }
         }

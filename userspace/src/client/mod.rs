@@ -13,19 +13,21 @@ pub mod status;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ewii_common::audit::{Destination, Event, Outcome};
 use ewii_common::backoff::Backoff;
 use ewii_common::frame::{self, Control, QueryHead, RefuseCode};
-use ewii_common::session::{Action, Link};
+use ewii_common::session::{self, Action, Link};
 use rand::RngCore;
+use rustls::pki_types::CertificateDer;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::audit::Audit;
 use crate::config::{ClientConfig, OnStop};
+use crate::identity::ca::new_key_and_csr;
 use crate::identity::store::{self, Svid};
 use crate::identity::verify::{Bundle, Expect, SpiffeVerifier};
 use crate::identity::{inspect_leaf, IdentityError, LeafInfo};
@@ -37,6 +39,12 @@ use status::{State, Status};
 pub const REVOKED_MARKER: &str = "revoked";
 /// How long in-flight queries may drain after a stop.
 const DRAIN: Duration = Duration::from_secs(5);
+/// How long a connection retired by a rotation may keep serving its in-flight queries.
+const DRAIN_AFTER_ROTATION: Duration = Duration::from_secs(600);
+/// First retry delay of a failed renewal.
+const RENEW_RETRY: Duration = Duration::from_secs(1);
+/// How long the Hub has to answer `Renew`.
+const RENEW_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the Hub has to answer `Hello`.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -55,6 +63,9 @@ pub enum ClientError {
     /// The Hub revoked this Client earlier (the marker file exists).
     #[error("this Client was revoked by the Hub ({0}); it will not connect again")]
     RevokedEarlier(String),
+    /// The SVID expired without being renewed.
+    #[error("the SVID expired at {0} without renewal; enrol again with a new token")]
+    SvidExpired(ewii_common::time::Timestamp),
     /// TLS or QUIC configuration.
     #[error(transparent)]
     Transport(#[from] transport::ConfigError),
@@ -70,19 +81,40 @@ pub enum Exit {
         /// The Hub's reason, if it gave one.
         reason: String,
     },
+    /// The SVID expired without renewal (the Hub was away for a whole lifetime).
+    Expired,
 }
 
-/// Everything a session needs, loaded once at start.
+/// The SVID in use and what was read from it.
+struct Identity {
+    svid: Svid,
+    leaf: LeafInfo,
+}
+
+/// Everything a session needs.
 struct Ctx {
     config: ClientConfig,
     audit: Audit,
-    svid: Svid,
-    leaf: LeafInfo,
+    identity: RwLock<Arc<Identity>>,
     bundle: Bundle,
     dialer: Dialer,
 }
 
-/// Runs the Client until `shutdown` resolves or the Hub revokes it.
+impl Ctx {
+    fn identity(&self) -> Arc<Identity> {
+        // A poisoned lock still holds the last identity written whole.
+        match self.identity.read() {
+            Ok(i) => i.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn client_id(&self) -> String {
+        self.identity().leaf.id.to_string()
+    }
+}
+
+/// Runs the Client until `shutdown` resolves, the Hub revokes it, or its SVID expires.
 pub async fn run(
     config: ClientConfig,
     audit: Audit,
@@ -99,16 +131,24 @@ pub async fn run(
     let svid = Svid::load(&dir, store::SVID_CERT, store::SVID_KEY).map_err(not_enrolled)?;
     let leaf = inspect_leaf(&svid.chain[0]).map_err(not_enrolled)?;
     let anchors = store::read_certs(&dir.join(store::BUNDLE)).map_err(not_enrolled)?;
+    if leaf.not_after <= crate::now_timestamp().unix_secs() as i64 {
+        let at = ewii_common::time::Timestamp(leaf.not_after.max(0) as u64 * 1_000_000);
+        let mut r = audit.record(Event::SvidExpired);
+        r.client = Some(leaf.id.to_string());
+        r.reason = Some(format!("expired at {at}; enrol again"));
+        audit.emit(r);
+        audit.flush();
+        return Err(ClientError::SvidExpired(at));
+    }
     let ctx = Arc::new(Ctx {
         dialer: Dialer::new(config.allow.clone(), config.connect_timeout),
         bundle: Bundle::new(anchors),
         config,
         audit,
-        svid,
-        leaf,
+        identity: RwLock::new(Arc::new(Identity { svid, leaf })),
     });
     let mut started = ctx.audit.record(Event::Started);
-    started.client = Some(ctx.leaf.id.to_string());
+    started.client = Some(ctx.client_id());
     started.peer = Some(ctx.config.hub.to_string());
     started.reason = Some(format!(
         "allow-list [{}]",
@@ -118,7 +158,7 @@ pub async fn run(
 
     let exit = drive(&ctx, shutdown).await;
     let mut stopped = ctx.audit.record(Event::Stopped);
-    stopped.client = Some(ctx.leaf.id.to_string());
+    stopped.client = Some(ctx.client_id());
     stopped.reason = Some(format!("{exit:?}"));
     ctx.audit.emit(stopped);
     ctx.audit.flush();
@@ -134,43 +174,62 @@ async fn drive(ctx: &Arc<Ctx>, shutdown: impl Future<Output = ()>) -> Exit {
         ctx.config.reconnect.max,
     ));
     let mut last_error: Option<String> = None;
-    loop {
+    let mut drains = JoinSet::new();
+    let exit = loop {
         let now = epoch.elapsed();
         match link.poll_action(now) {
             Action::Dial => {
+                if expired(ctx) {
+                    break expire(ctx);
+                }
                 write_status(ctx, State::Connecting, None, link.failures(), &last_error);
                 let dialled = tokio::select! {
                     () = &mut shutdown => { link.handle_shutdown(); continue; }
                     d = dial(ctx) => d,
                 };
-                match dialled {
-                    Ok(session) => {
-                        last_error = None;
-                        link.handle_up(epoch.elapsed(), session.id);
-                        write_status(ctx, State::Connected, Some(session.id), 0, &None);
-                        match serve(ctx, session, &mut shutdown).await {
-                            End::Lost(reason) => {
-                                last_error = Some(reason);
-                                link.handle_lost(epoch.elapsed(), rand::rng().next_u64());
-                            }
-                            End::Revoked(reason) => {
-                                link.handle_revoked();
-                                let marker = ctx.config.state_dir.join(REVOKED_MARKER);
-                                if let Err(e) = store::write_file(&marker, reason.as_bytes(), 0o644)
-                                {
-                                    tracing::error!(error = %e, "cannot write the revocation marker");
-                                }
-                                write_status(ctx, State::Revoked, None, 0, &Some(reason.clone()));
-                                return Exit::Revoked { reason };
-                            }
-                            End::Stopped => link.handle_shutdown(),
-                        }
-                    }
+                let mut session = match dialled {
+                    Ok(session) => session,
                     Err(e) => {
                         tracing::warn!(error = %e, attempt = link.failures() + 1, "cannot reach the Hub");
                         last_error = Some(e);
                         link.handle_dial_failed(epoch.elapsed(), rand::rng().next_u64());
+                        continue;
                     }
+                };
+                last_error = None;
+                // Serve, and keep serving across rotations (make-before-break).
+                let end = loop {
+                    link.handle_up(epoch.elapsed(), session.id);
+                    write_status(ctx, State::Connected, Some(session.id), 0, &None);
+                    match serve(ctx, session, &mut shutdown).await {
+                        End::Rotated { next, old } => {
+                            drains.spawn(drain(*old));
+                            session = *next;
+                        }
+                        other => break other,
+                    }
+                };
+                match end {
+                    End::Lost(reason) => {
+                        last_error = Some(reason);
+                        link.handle_lost(epoch.elapsed(), rand::rng().next_u64());
+                    }
+                    End::Revoked(reason) => {
+                        link.handle_revoked();
+                        let marker = ctx.config.state_dir.join(REVOKED_MARKER);
+                        if let Err(e) = store::write_file(&marker, reason.as_bytes(), 0o644) {
+                            tracing::error!(error = %e, "cannot write the revocation marker");
+                        }
+                        let mut r = ctx.audit.record(Event::Revoked);
+                        r.client = Some(ctx.client_id());
+                        r.reason = Some(reason.clone());
+                        ctx.audit.emit(r);
+                        write_status(ctx, State::Revoked, None, 0, &Some(reason.clone()));
+                        break Exit::Revoked { reason };
+                    }
+                    End::Expired => break expire(ctx),
+                    End::Stopped => link.handle_shutdown(),
+                    End::Rotated { .. } => unreachable_rotation(),
                 }
             }
             Action::WaitUntil(until) => {
@@ -184,10 +243,35 @@ async fn drive(ctx: &Arc<Ctx>, shutdown: impl Future<Output = ()>) -> Exit {
             Action::Serve => link.handle_lost(epoch.elapsed(), rand::rng().next_u64()),
             Action::Stop => {
                 write_status(ctx, State::Stopped, None, 0, &last_error);
-                return Exit::Stopped;
+                break Exit::Stopped;
             }
         }
-    }
+    };
+    // Connections left behind by rotations finish their queries (bounded) before we return.
+    let _ =
+        tokio::time::timeout(DRAIN, async { while drains.join_next().await.is_some() {} }).await;
+    exit
+}
+
+/// `serve` never returns `Rotated` to this point: the inner loop consumes it.
+fn unreachable_rotation() {
+    tracing::error!("rotation end escaped the serve loop");
+}
+
+fn expired(ctx: &Ctx) -> bool {
+    ctx.identity().leaf.not_after <= crate::now_timestamp().unix_secs() as i64
+}
+
+fn expire(ctx: &Ctx) -> Exit {
+    let leaf = ctx.identity().leaf.clone();
+    let at = ewii_common::time::Timestamp(leaf.not_after.max(0) as u64 * 1_000_000);
+    let reason = format!("SVID expired at {at} without renewal; enrol again");
+    let mut r = ctx.audit.record(Event::SvidExpired);
+    r.client = Some(leaf.id.to_string());
+    r.reason = Some(reason.clone());
+    ctx.audit.emit(r);
+    write_status(ctx, State::Expired, None, 0, &Some(reason));
+    Exit::Expired
 }
 
 struct Session {
@@ -197,17 +281,35 @@ struct Session {
     started: Instant,
 }
 
+/// A connection being retired after a rotation, with its in-flight queries.
+struct Retiring {
+    session: Session,
+    queries: JoinSet<()>,
+    ctx: Arc<Ctx>,
+}
+
 enum End {
     Lost(String),
     Revoked(String),
+    Expired,
     Stopped,
+    /// A renewed SVID has its own session up: serve `next`, drain `old`.
+    Rotated {
+        next: Box<Session>,
+        old: Box<Retiring>,
+    },
 }
 
-/// Dials the Hub and opens the control stream: `Hello` → `Welcome`.
+/// Dials the Hub with the current SVID and opens the control stream: `Hello` → `Welcome`.
 async fn dial(ctx: &Ctx) -> Result<Session, String> {
-    let verifier = SpiffeVerifier::new(ctx.bundle.clone(), ctx.leaf.id.trust_domain(), Expect::Hub)
-        .with_audit(ctx.audit.clone());
-    let tls = transport::tls_client_config(Some(&ctx.svid), Arc::new(verifier), frame::ALPN)
+    let identity = ctx.identity();
+    let verifier = SpiffeVerifier::new(
+        ctx.bundle.clone(),
+        identity.leaf.id.trust_domain(),
+        Expect::Hub,
+    )
+    .with_audit(ctx.audit.clone());
+    let tls = transport::tls_client_config(Some(&identity.svid), Arc::new(verifier), frame::ALPN)
         .map_err(|e| e.to_string())?;
     let quic = transport::quic_client_config(tls).map_err(|e| e.to_string())?;
     let addr = enrol::resolve(&ctx.config.hub)
@@ -218,7 +320,12 @@ async fn dial(ctx: &Ctx) -> Result<Session, String> {
         .connect_with(quic, addr, &ctx.config.hub.host)
         .map_err(|e| e.to_string())?
         .await
-        .map_err(|e| format!("handshake with {addr}: {e}"))?;
+        .map_err(|e| match &e {
+            quinn::ConnectionError::ApplicationClosed(c) if c.error_code == codes::REVOKED => {
+                format!("revoked: {}", String::from_utf8_lossy(&c.reason))
+            }
+            _ => format!("handshake with {addr}: {e}"),
+        })?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let hello = Control::Hello {
         version: frame::PROTOCOL_VERSION,
@@ -241,9 +348,10 @@ async fn dial(ctx: &Ctx) -> Result<Session, String> {
     };
     let mut r = ctx.audit.record(Event::SessionUp);
     r.session_id = Some(id);
-    r.client = Some(ctx.leaf.id.to_string());
+    r.client = Some(identity.leaf.id.to_string());
     r.peer = Some(addr.to_string());
     r.outcome = Some(Outcome::Ok);
+    r.reason = Some(format!("serial {}", identity.leaf.serial));
     ctx.audit.emit(r);
     tracing::info!(session_id = id, hub = %addr, "session up");
     Ok(Session {
@@ -254,7 +362,30 @@ async fn dial(ctx: &Ctx) -> Result<Session, String> {
     })
 }
 
-/// Serves one session until it ends.
+/// Where a renewal stands inside one session.
+enum Renewal {
+    /// Nothing asked; renew at the instant.
+    Idle(Instant),
+    /// `Renew` sent with this key; the answer is due by the instant.
+    Asked(Box<rcgen::KeyPair>, Instant),
+    /// New SVID in hand; a session with it is being dialled.
+    Dialling,
+    /// New SVID in hand; the last dial failed, dial again at the instant.
+    RedialAt(Instant),
+}
+
+/// When to start renewing the current SVID (half-life ± 10 %, in tokio time).
+fn renewal_instant(leaf: &LeafInfo) -> Instant {
+    let at = session::renewal_time(
+        leaf.not_before.max(0) as u64,
+        leaf.not_after.max(0) as u64,
+        rand::rng().next_u64(),
+    );
+    let now = crate::now_timestamp().unix_secs();
+    Instant::now() + Duration::from_secs(at.saturating_sub(now))
+}
+
+/// Serves one session until it ends or hands over to a rotated one.
 async fn serve(
     ctx: &Arc<Ctx>,
     session: Session,
@@ -269,7 +400,19 @@ async fn serve(
     let mut queries = JoinSet::new();
     let mut heartbeat = tokio::time::interval(status::HEARTBEAT);
     heartbeat.tick().await;
+    let mut renewal = Renewal::Idle(renewal_instant(&ctx.identity().leaf));
+    let mut renew_backoff = Backoff::new(RENEW_RETRY, ctx.config.reconnect.max.max(RENEW_RETRY));
+    let mut next_dial: Option<PendingDial<'_>> = None;
+    let expiry = Instant::now()
+        + Duration::from_secs(
+            (ctx.identity().leaf.not_after - crate::now_timestamp().unix_secs() as i64).max(0)
+                as u64,
+        );
     let end = loop {
+        let renew_due = match &renewal {
+            Renewal::Idle(at) | Renewal::Asked(_, at) | Renewal::RedialAt(at) => Some(*at),
+            Renewal::Dialling => None,
+        };
         tokio::select! {
             () = &mut *shutdown => {
                 let revoke = ctx.config.on_stop == OnStop::Revoke;
@@ -292,7 +435,33 @@ async fn serve(
             },
             msg = reader.read::<Control>(&mut recv) => match msg {
                 Ok(Some(Control::Revoked { reason })) => break End::Revoked(reason),
-                Ok(Some(Control::Pong { .. } | Control::BundleUpdate { .. })) => {}
+                Ok(Some(Control::Renewed { chain, bundle })) => {
+                    let Renewal::Asked(key, _) = std::mem::replace(&mut renewal, Renewal::Dialling) else {
+                        conn.close(codes::PROTOCOL, b"");
+                        break End::Lost("Renewed without a Renew".into());
+                    };
+                    match adopt_renewal(ctx, &key, chain, bundle) {
+                        Ok(()) => {
+                            renew_backoff.reset();
+                            next_dial = Some(Box::pin(dial(ctx)));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "renewal answer refused");
+                            renewal = Renewal::Idle(Instant::now() + renew_backoff.next_delay(rand::rng().next_u64()));
+                        }
+                    }
+                }
+                Ok(Some(Control::Refused { code })) => {
+                    tracing::warn!(%code, "the Hub refused the renewal");
+                    let mut r = ctx.audit.record(Event::SvidRotated);
+                    r.client = Some(ctx.client_id());
+                    r.outcome = Some(Outcome::Refused);
+                    r.reason = Some(format!("renewal refused by the Hub: {code}"));
+                    ctx.audit.emit(r);
+                    renewal = Renewal::Idle(Instant::now() + renew_backoff.next_delay(rand::rng().next_u64()));
+                }
+                Ok(Some(Control::BundleUpdate { bundle })) => adopt_bundle(ctx, bundle),
+                Ok(Some(Control::Pong { .. })) => {}
                 Ok(Some(other)) => {
                     conn.close(codes::PROTOCOL, b"");
                     break End::Lost(format!("unexpected control message {other:?}"));
@@ -300,21 +469,209 @@ async fn serve(
                 Ok(None) => break End::Lost("the Hub closed the control stream".into()),
                 Err(_) => break closed(&conn.closed().await),
             },
+            () = sleep_until_opt(renew_due) => {
+                match renewal {
+                    Renewal::RedialAt(_) => {
+                        renewal = Renewal::Dialling;
+                        next_dial = Some(Box::pin(dial(ctx)));
+                        continue;
+                    }
+                    Renewal::Asked(..) => tracing::warn!("no answer to Renew in time; asking again"),
+                    Renewal::Idle(_) | Renewal::Dialling => {}
+                }
+                match new_key_and_csr() {
+                    Ok((key, csr)) => {
+                        if transport::write_frame(&mut send, &Control::Renew { csr }).await.is_err() {
+                            break closed(&conn.closed().await);
+                        }
+                        renewal = Renewal::Asked(Box::new(key), Instant::now() + RENEW_ANSWER_TIMEOUT);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot make a renewal key");
+                        renewal = Renewal::Idle(Instant::now() + renew_backoff.next_delay(rand::rng().next_u64()));
+                    }
+                }
+            }
+            dialled = poll_opt(&mut next_dial), if next_dial.is_some() => {
+                next_dial = None;
+                match dialled {
+                    Ok(next) => {
+                        let old = Retiring {
+                            session: Session { id, conn, control: (send, recv, reader), started },
+                            queries,
+                            ctx: ctx.clone(),
+                        };
+                        return End::Rotated { next: Box::new(next), old: Box::new(old) };
+                    }
+                    Err(e) => {
+                        // Keep serving on the old connection; dial again after a backoff.
+                        tracing::warn!(error = %e, "cannot bring up the rotated session; retrying");
+                        renewal = Renewal::RedialAt(Instant::now() + renew_backoff.next_delay(rand::rng().next_u64()));
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(expiry) => break End::Expired,
             Some(_) = queries.join_next() => {}
             _ = heartbeat.tick() => write_status(ctx, State::Connected, Some(id), 0, &None),
         }
     };
     let mut r = ctx.audit.record(Event::SessionLost);
     r.session_id = Some(id);
-    r.client = Some(ctx.leaf.id.to_string());
+    r.client = Some(ctx.client_id());
     r.duration_ms = Some(started.elapsed().as_millis() as u64);
     r.reason = Some(match &end {
         End::Lost(reason) => reason.clone(),
         End::Revoked(reason) => format!("revoked: {reason}"),
+        End::Expired => "SVID expired".into(),
         End::Stopped => "stopped".into(),
+        End::Rotated { .. } => "rotated".into(),
     });
     ctx.audit.emit(r);
     end
+}
+/// Checks a `Renewed` answer and makes it the identity in use (files first, then memory).
+fn adopt_renewal(
+    ctx: &Ctx,
+    key: &rcgen::KeyPair,
+    chain: Vec<Vec<u8>>,
+    bundle: Vec<Vec<u8>>,
+) -> Result<(), String> {
+    let old = ctx.identity();
+    let chain: Vec<CertificateDer<'static>> = chain.into_iter().map(Into::into).collect();
+    let leaf = chain.first().ok_or("empty chain")?;
+    let anchors: Vec<CertificateDer<'static>> = if bundle.is_empty() {
+        ctx.bundle.anchors()
+    } else {
+        bundle.into_iter().map(Into::into).collect()
+    };
+    let info = SpiffeVerifier::new(
+        Bundle::new(anchors.clone()),
+        old.leaf.id.trust_domain(),
+        Expect::Client,
+    )
+    .verify_chain(leaf, &chain[1..], rustls::pki_types::UnixTime::now())?;
+    if info.id != old.leaf.id {
+        return Err(format!(
+            "renewed SVID is for {}, not {}",
+            info.id, old.leaf.id
+        ));
+    }
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(leaf).map_err(|_| "leaf does not parse".to_string())?;
+    if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(key).as_slice() {
+        return Err("renewed SVID is not for the key we sent".into());
+    }
+    let svid = Svid::new(chain, key);
+    let dir = &ctx.config.state_dir;
+    svid.save(dir, store::SVID_CERT, store::SVID_KEY)
+        .map_err(|e| e.to_string())?;
+    store::write_file(
+        &dir.join(store::BUNDLE),
+        store::Pem::certs(&anchors).as_bytes(),
+        0o644,
+    )
+    .map_err(|e| e.to_string())?;
+    ctx.bundle.replace(anchors);
+    let mut r = ctx.audit.record(Event::SvidRotated);
+    r.client = Some(info.id.to_string());
+    r.outcome = Some(Outcome::Ok);
+    r.reason = Some(format!(
+        "serial {} replaces {}",
+        info.serial, old.leaf.serial
+    ));
+    ctx.audit.emit(r);
+    if let Ok(mut id) = ctx.identity.write() {
+        *id = Arc::new(Identity { svid, leaf: info });
+    }
+    Ok(())
+}
+
+/// A bundle pushed by the Hub over the authenticated control stream replaces ours.
+fn adopt_bundle(ctx: &Ctx, bundle: Vec<Vec<u8>>) {
+    let anchors: Vec<CertificateDer<'static>> = bundle.into_iter().map(Into::into).collect();
+    let usable = anchors
+        .iter()
+        .filter(|c| webpki::anchor_from_trusted_cert(c).is_ok())
+        .count();
+    let mut r = ctx.audit.record(Event::BundleUpdated);
+    r.client = Some(ctx.client_id());
+    if usable == 0 || usable != anchors.len() {
+        r.outcome = Some(Outcome::Refused);
+        r.reason = Some(format!(
+            "{} of {} anchors usable; bundle kept",
+            usable,
+            anchors.len()
+        ));
+    } else if let Err(e) = store::write_file(
+        &ctx.config.state_dir.join(store::BUNDLE),
+        store::Pem::certs(&anchors).as_bytes(),
+        0o644,
+    ) {
+        r.outcome = Some(Outcome::Failed);
+        r.reason = Some(e.to_string());
+    } else {
+        ctx.bundle.replace(anchors);
+        r.outcome = Some(Outcome::Ok);
+        r.reason = Some(format!("{usable} trust anchor(s)"));
+    }
+    ctx.audit.emit(r);
+}
+
+/// Finishes the queries of a connection retired by a rotation, then closes it. Streams the
+/// Hub opened on it just before the switch are still served.
+async fn drain(old: Retiring) {
+    let Retiring {
+        session,
+        mut queries,
+        ctx,
+    } = old;
+    let Session {
+        id,
+        conn,
+        control: (mut send, _recv, _reader),
+        ..
+    } = session;
+    let _ = tokio::time::timeout(DRAIN_AFTER_ROTATION, async {
+        let grace = tokio::time::sleep(Duration::from_secs(1));
+        tokio::pin!(grace);
+        let mut grace_over = false;
+        loop {
+            tokio::select! {
+                stream = conn.accept_bi() => match stream {
+                    Ok((qs, qr)) => { queries.spawn(query(ctx.clone(), id, qs, qr)); }
+                    Err(_) => break,
+                },
+                Some(_) = queries.join_next() => {}
+                () = &mut grace, if !grace_over => grace_over = true,
+            }
+            if grace_over && queries.is_empty() {
+                break;
+            }
+        }
+    })
+    .await;
+    let _ = transport::write_frame(&mut send, &Control::Goodbye { revoke: false }).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    conn.close(codes::DONE, b"");
+}
+
+/// A dial of the rotated session, polled alongside the old one.
+type PendingDial<'a> = std::pin::Pin<Box<dyn Future<Output = Result<Session, String>> + Send + 'a>>;
+
+/// Polls the future if there is one; never resolves otherwise.
+async fn poll_opt<F: Future + Unpin>(f: &mut Option<F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn closed(e: &quinn::ConnectionError) -> End {
@@ -350,7 +707,7 @@ async fn query(
     let mut r = ctx.audit.record(Event::Query);
     r.session_id = Some(session_id);
     r.query_id = Some(query_id);
-    r.client = Some(ctx.leaf.id.to_string());
+    r.client = Some(ctx.client_id());
     r.source = Some(source);
     r.destination = Some(Destination {
         name: destination.clone(),
@@ -410,13 +767,14 @@ fn write_status(
     failures: u32,
     last_error: &Option<String>,
 ) {
+    let identity = ctx.identity();
     Status {
         state,
         pid: std::process::id(),
         updated_us: crate::now_timestamp().0,
         hub: ctx.config.hub.to_string(),
-        spiffe_id: ctx.leaf.id.to_string(),
-        svid_not_after: ctx.leaf.not_after,
+        spiffe_id: identity.leaf.id.to_string(),
+        svid_not_after: identity.leaf.not_after,
         session_id,
         allow_list: allow_list_lines(&ctx.config),
         failures,

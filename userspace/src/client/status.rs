@@ -30,6 +30,8 @@ pub enum State {
     Revoked,
     /// Stopped.
     Stopped,
+    /// The SVID expired without renewal; enrol again.
+    Expired,
 }
 
 /// Contents of `status.json`.

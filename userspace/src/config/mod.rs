@@ -282,6 +282,48 @@ pub struct HubConfig {
     pub audit: AuditOutput,
     /// Service listeners.
     pub services: Vec<ServiceConfig>,
+    /// Revoke a Client that has had no session for this long (`None`: never).
+    pub revoke_after_lost: Option<Duration>,
+    /// Webhook delivery.
+    pub webhooks: WebhookConfig,
+}
+
+/// How the Hub delivers webhooks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// Also notify when a Client revokes itself by stopping (`on_stop = "revoke"`).
+    pub notify_on_stop: bool,
+    /// Deliver to loopback and link-local addresses. For tests only: it lets a webhook URL
+    /// reach services on the Hub's own host or a cloud metadata endpoint.
+    pub danger_allow_private_targets: bool,
+    /// First retry delay; doubles per attempt.
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// Attempts before a delivery is given up (and left in the outbox, marked failed).
+    pub max_attempts: u32,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            notify_on_stop: true,
+            danger_allow_private_targets: false,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(600),
+            max_attempts: 30,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWebhooks {
+    notify_on_stop: Option<bool>,
+    danger_allow_private_targets: Option<bool>,
+    retry_initial_ms: Option<u64>,
+    retry_max_ms: Option<u64>,
+    max_attempts: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -296,6 +338,14 @@ struct RawHub {
     audit: String,
     #[serde(default)]
     service: Vec<RawService>,
+    #[serde(default = "default_revoke_after_lost")]
+    revoke_after_lost_secs: u64,
+    #[serde(default)]
+    webhooks: RawWebhooks,
+}
+
+fn default_revoke_after_lost() -> u64 {
+    86_400
 }
 
 #[derive(Deserialize)]
@@ -363,12 +413,36 @@ impl FromStr for HubConfig {
                 mode,
             });
         }
+        let d = WebhookConfig::default();
+        let w = raw.webhooks;
+        let webhooks = WebhookConfig {
+            notify_on_stop: w.notify_on_stop.unwrap_or(d.notify_on_stop),
+            danger_allow_private_targets: w
+                .danger_allow_private_targets
+                .unwrap_or(d.danger_allow_private_targets),
+            retry_initial: w
+                .retry_initial_ms
+                .map_or(d.retry_initial, Duration::from_millis),
+            retry_max: w.retry_max_ms.map_or(d.retry_max, Duration::from_millis),
+            max_attempts: w.max_attempts.unwrap_or(d.max_attempts),
+        };
+        if webhooks.retry_initial.is_zero()
+            || webhooks.retry_max < webhooks.retry_initial
+            || webhooks.max_attempts == 0
+        {
+            return Err(ConfigError::Invalid(
+                "webhooks: need 0 < retry_initial_ms <= retry_max_ms and max_attempts > 0".into(),
+            ));
+        }
         Ok(Self {
             state_dir: raw.state_dir,
             listen: raw.listen,
             svid_lifetime: Duration::from_secs(raw.svid_lifetime_secs),
             audit: raw.audit.parse()?,
             services,
+            revoke_after_lost: (raw.revoke_after_lost_secs > 0)
+                .then(|| Duration::from_secs(raw.revoke_after_lost_secs)),
+            webhooks,
         })
     }
 }

@@ -12,6 +12,7 @@ use super::HubError;
 use crate::identity::ca::{new_key_and_csr, Ca};
 use crate::identity::store::{self, Svid};
 use crate::identity::{bundle_hash, inspect_leaf, IdentityError};
+use crate::webhook::WebhookKey;
 
 /// The database file inside the state directory.
 pub const DB_FILE: &str = "hub.db";
@@ -42,6 +43,8 @@ pub struct TokenReport {
     pub bundle_hash: String,
     /// Expiry, seconds since the epoch.
     pub expires_at: i64,
+    /// The key the customer verifies webhooks with (`whpk_…`), when a webhook was given.
+    pub webhook_public_key: Option<String>,
 }
 
 fn ident(dir: &Path) -> impl Fn(IdentityError) -> HubError + '_ {
@@ -90,6 +93,7 @@ pub fn create_token(
     client: &str,
     ttl: Duration,
     webhook: Option<&str>,
+    allow_private_webhook: bool,
 ) -> Result<TokenReport, HubError> {
     let ca = Ca::load(state_dir).map_err(ident(state_dir))?;
     let leaf = store::read_certs(&state_dir.join(HUB_CERT)).map_err(ident(state_dir))?;
@@ -111,11 +115,7 @@ pub fn create_token(
         ));
     }
     if let Some(url) = webhook {
-        if !(url.starts_with("https://") || url.starts_with("http://")) {
-            return Err(HubError::Usage(format!(
-                "webhook {url:?} is not an http(s) URL"
-            )));
-        }
+        check_webhook_url(url, allow_private_webhook)?;
     }
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
@@ -123,12 +123,55 @@ pub fn create_token(
     let now = crate::now_timestamp().unix_secs() as i64;
     let expires_at = now + ttl.as_secs() as i64;
     Db::open(&state_dir.join(DB_FILE))?.add_token(&token, client, expires_at, webhook, now)?;
+    let webhook_public_key = match webhook {
+        Some(_) => Some(
+            WebhookKey::load_or_create(state_dir)
+                .map_err(ident(state_dir))?
+                .public(),
+        ),
+        None => None,
+    };
     Ok(TokenReport {
         token,
         client_id,
         bundle_hash: bundle_hash(ca.cert()),
         expires_at,
+        webhook_public_key,
     })
+}
+
+/// Refuses a webhook URL that is not http(s), or whose host is a loopback, link-local,
+/// unspecified or multicast IP literal (unless `allow_private`). Host names are checked again
+/// at every delivery, after resolution.
+fn check_webhook_url(url: &str, allow_private: bool) -> Result<(), HubError> {
+    let parsed = reqwest::Url::parse(url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .ok_or_else(|| HubError::Usage(format!("webhook {url:?} is not an http(s) URL")))?;
+    let ip = match parsed.host() {
+        Some(url::Host::Ipv4(v4)) => Some(std::net::IpAddr::V4(v4)),
+        Some(url::Host::Ipv6(v6)) => Some(std::net::IpAddr::V6(v6)),
+        _ => None,
+    };
+    if let (Some(ip), false) = (ip, allow_private) {
+        if !crate::webhook::is_public(ip) {
+            return Err(HubError::Usage(format!(
+                "webhook {url:?} points at {ip}, which is not a public address"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `ewii-hub revoke`: revokes `client` now; the running Hub closes its live session within a
+/// second and delivers the customer's webhook. Returns false when it was revoked already.
+pub fn revoke(state_dir: &Path, client: &str, reason: &str) -> Result<bool, HubError> {
+    let db = Db::open(&state_dir.join(DB_FILE))?;
+    if !db.clients()?.iter().any(|c| c.name == client) {
+        return Err(HubError::Usage(format!("no client named {client:?}")));
+    }
+    let now = crate::now_timestamp().unix_secs() as i64;
+    Ok(db.revoke_client(client, reason, now, true)?)
 }
 
 /// Issues an SVID for operator workload `name` into `out_dir` (`svid.pem`, `svid.key`,

@@ -1,7 +1,10 @@
 //! The Ewii Hub: the operator's side.
 //!
 //! - [`admin`]: `init`, `token create`, workload SVIDs, `clients` — offline state operations.
-//! - [`state`]: the SQLite database (tokens, clients, serials, revocations).
+//! - [`state`]: the SQLite database (tokens, clients, serials, revocations, webhook outbox).
+//! - `watch`: notices revocations made by `ewii-hub revoke` (another process) and Clients
+//!   silent past their grace, and closes or revokes them.
+//! - `outbox`: delivers signed webhooks from the persisted outbox, with retries.
 //! - this module: [`Hub`], which binds the QUIC endpoint and the service listeners and runs
 //!   until its shutdown future resolves. Tests start it in-process on port 0.
 //!
@@ -11,8 +14,10 @@
 //! query streams to it.
 
 pub mod admin;
+mod outbox;
 mod query;
 pub mod state;
+mod watch;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -31,12 +36,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::audit::Audit;
-use crate::config::{HubConfig, ServiceConfig};
+use crate::config::{HubConfig, ServiceConfig, WebhookConfig};
 use crate::identity::ca::Ca;
 use crate::identity::inspect_leaf;
 use crate::identity::verify::{Bundle, Expect, SpiffeVerifier};
 use crate::transport::{self, codes, FrameReader};
-use state::{Db, StateError, TokenRefusal};
+use crate::webhook::WebhookKey;
+use state::{Db, SessionRow, StateError, TokenRefusal};
 
 /// How long an enrolment or session opening may take before the Hub gives up on it.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
@@ -89,6 +95,10 @@ pub(crate) struct Inner {
     pub(crate) audit: Audit,
     pub(crate) svid_lifetime: Duration,
     pub(crate) sessions: Mutex<HashMap<String, Session>>,
+    pub(crate) bundle: Bundle,
+    pub(crate) revoke_after_lost: Option<Duration>,
+    pub(crate) webhooks: WebhookConfig,
+    pub(crate) webhook_key: WebhookKey,
 }
 
 impl Inner {
@@ -153,6 +163,8 @@ impl Hub {
             .trust_domain()
             .to_owned();
         let db = Arc::new(Db::open(&dir.join(admin::DB_FILE))?);
+        db.clear_sessions()?;
+        let webhook_key = WebhookKey::load_or_create(dir).map_err(ident)?;
         let bundle = Bundle::new(vec![ca.cert().clone()]);
 
         let client_verifier = SpiffeVerifier::new(bundle.clone(), &trust_domain, Expect::Client)
@@ -173,7 +185,8 @@ impl Hub {
         })?;
 
         let workload_verifier =
-            SpiffeVerifier::new(bundle, &trust_domain, Expect::Workload).with_audit(audit.clone());
+            SpiffeVerifier::new(bundle.clone(), &trust_domain, Expect::Workload)
+                .with_audit(audit.clone());
         let service_tls =
             transport::tls_server_config(&hub_svid, Arc::new(workload_verifier), &[])?;
         let tls_acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(service_tls));
@@ -201,6 +214,10 @@ impl Hub {
                 audit,
                 svid_lifetime: config.svid_lifetime,
                 sessions: Mutex::new(HashMap::new()),
+                bundle,
+                revoke_after_lost: config.revoke_after_lost,
+                webhooks: config.webhooks.clone(),
+                webhook_key,
             }),
             endpoint,
             services,
@@ -251,6 +268,8 @@ impl Hub {
             let tls = svc_tls(&svc, &tls_acceptor);
             listeners.spawn(query::serve(inner.clone(), svc, listener, tls));
         }
+        listeners.spawn(watch::watch(inner.clone()));
+        listeners.spawn(outbox::deliver(inner.clone()));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -476,6 +495,32 @@ async fn session(
         return;
     }
     let started = tokio::time::Instant::now();
+    let now = crate::now_timestamp().unix_secs() as i64;
+    let row = SessionRow {
+        session_id,
+        serial: leaf.serial.clone(),
+        peer: peer.to_string(),
+        since: now,
+    };
+    if let Err(e) = inner.db.session_up(&name, &row) {
+        tracing::error!(error = %e, "cannot record the session");
+    }
+    // P8: once a renewed serial is in use, every older one is dead.
+    match inner.db.retire_older_serials(&name, &leaf.serial) {
+        Ok(0) => {}
+        Ok(n) => {
+            let mut r = inner.audit.record(Event::SvidRotated);
+            r.session_id = Some(session_id);
+            r.client = Some(leaf.id.to_string());
+            r.outcome = Some(Outcome::Ok);
+            r.reason = Some(format!(
+                "serial {} in use; {n} older serial(s) retired",
+                leaf.serial
+            ));
+            inner.audit.emit(r);
+        }
+        Err(e) => tracing::error!(error = %e, "cannot retire older serials"),
+    }
     if let Ok(mut sessions) = inner.sessions.lock() {
         sessions.insert(
             name.clone(),
@@ -509,13 +554,16 @@ async fn session(
                 }
                 Ok(Some(Control::Goodbye { revoke })) => {
                     if revoke {
-                        let now = crate::now_timestamp().unix_secs() as i64;
-                        if let Err(e) = inner.db.revoke_client(&name, "stopped by the customer (goodbye)", now) {
-                            tracing::error!(error = %e, client = %name, "could not record revocation");
-                        }
+                        revoke_now(inner, &name, &leaf.id, Some(session_id), "stopped by the customer", inner.webhooks.notify_on_stop);
                     }
                     conn.close(codes::DONE, b"");
                     break format!("goodbye (revoke: {revoke})");
+                }
+                Ok(Some(Control::Renew { csr })) => {
+                    let answer = renew(inner, &name, &leaf, session_id, &csr);
+                    if transport::write_frame(&mut send, &answer).await.is_err() {
+                        break "control stream write failed".to_string();
+                    }
                 }
                 Ok(Some(other)) => {
                     conn.close(codes::PROTOCOL, b"");
@@ -535,6 +583,10 @@ async fn session(
             sessions.remove(&name);
         }
     }
+    let now = crate::now_timestamp().unix_secs() as i64;
+    if let Err(e) = inner.db.session_down(&name, session_id, now) {
+        tracing::error!(error = %e, "cannot record the session end");
+    }
     let mut r = inner.audit.record(Event::SessionLost);
     r.session_id = Some(session_id);
     r.client = Some(leaf.id.to_string());
@@ -542,6 +594,85 @@ async fn session(
     r.duration_ms = Some(started.elapsed().as_millis() as u64);
     r.reason = Some(reason);
     inner.audit.emit(r);
+}
+
+/// Signs a renewal CSR for the session's own identity (never what the CSR asks for).
+fn renew(
+    inner: &Inner,
+    name: &str,
+    leaf: &crate::identity::LeafInfo,
+    session_id: u64,
+    csr: &[u8],
+) -> Control {
+    let mut r = inner.audit.record(Event::SvidRotated);
+    r.session_id = Some(session_id);
+    r.client = Some(leaf.id.to_string());
+    let now = crate::now_timestamp().unix_secs() as i64;
+    let revoked = inner
+        .db
+        .revoked_among(&[name.to_owned()])
+        .map_or(true, |v| !v.is_empty());
+    let issued = if revoked {
+        Err("revoked clients get no renewal".to_string())
+    } else {
+        inner
+            .ca
+            .sign_csr(csr, &leaf.id, inner.svid_lifetime)
+            .map_err(|e| format!("renewal CSR refused: {e}"))
+            .and_then(|issued| {
+                inner
+                    .db
+                    .record_renewal(name, &issued.serial, issued.not_after, now)
+                    .map(|()| issued)
+                    .map_err(|e| e.to_string())
+            })
+    };
+    let answer = match issued {
+        Ok(issued) => {
+            r.outcome = Some(Outcome::Ok);
+            r.reason = Some(format!(
+                "issued serial {} to replace {}",
+                issued.serial, leaf.serial
+            ));
+            Control::Renewed {
+                chain: vec![issued.der.to_vec()],
+                bundle: inner.bundle.anchors().iter().map(|c| c.to_vec()).collect(),
+            }
+        }
+        Err(reason) => {
+            r.outcome = Some(Outcome::Refused);
+            r.reason = Some(reason);
+            Control::Refused {
+                code: RefuseCode::BadRequest,
+            }
+        }
+    };
+    inner.audit.emit(r);
+    answer
+}
+
+/// Revokes `name` now (persisted first), closes its live session with `REVOKED`, audits.
+pub(crate) fn revoke_now(
+    inner: &Inner,
+    name: &str,
+    id: &SpiffeId,
+    session_id: Option<u64>,
+    reason: &str,
+    notify: bool,
+) {
+    let now = crate::now_timestamp().unix_secs() as i64;
+    match inner.db.revoke_client(name, reason, now, notify) {
+        Ok(true) => {
+            let mut r = inner.audit.record(Event::Revoked);
+            r.client = Some(id.to_string());
+            r.session_id = session_id;
+            r.outcome = Some(Outcome::Ok);
+            r.reason = Some(reason.to_owned());
+            inner.audit.emit(r);
+        }
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, client = %name, "could not record revocation"),
+    }
 }
 
 fn lost_reason(e: &quinn::ConnectionError) -> String {

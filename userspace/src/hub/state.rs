@@ -61,6 +61,45 @@ pub struct ClientRow {
     pub revoke_reason: Option<String>,
     /// Current (not retired) serials with their expiry.
     pub serials: Vec<(String, i64)>,
+    /// When a session of this client last ended (or began), seconds since the epoch.
+    pub last_seen: Option<i64>,
+    /// The live session, as the running Hub recorded it.
+    pub session: Option<SessionRow>,
+}
+
+/// A live session as recorded by the running Hub.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SessionRow {
+    /// Hub-chosen session id.
+    pub session_id: u64,
+    /// The serial it authenticated with.
+    pub serial: String,
+    /// Client address.
+    pub peer: String,
+    /// Since, seconds since the epoch.
+    pub since: i64,
+}
+
+/// A revoked client, as the running Hub polls for them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// Client name.
+    pub client: String,
+    /// Operator's or the Hub's reason.
+    pub reason: String,
+}
+
+/// A webhook delivery waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingWebhook {
+    /// Idempotency key (`webhook-id`).
+    pub id: String,
+    /// Target URL.
+    pub url: String,
+    /// JSON body.
+    pub body: String,
+    /// Attempts so far.
+    pub attempts: u32,
 }
 
 /// The Hub database.
@@ -85,7 +124,26 @@ CREATE TABLE IF NOT EXISTS clients (
     enrolled_at INTEGER NOT NULL,
     webhook TEXT,
     revoked_at INTEGER,
-    revoke_reason TEXT
+    revoke_reason TEXT,
+    last_seen INTEGER
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    client TEXT PRIMARY KEY,
+    session_id INTEGER NOT NULL,
+    serial TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    since INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS webhooks (
+    id TEXT PRIMARY KEY,
+    client TEXT NOT NULL,
+    url TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    delivered_at INTEGER,
+    last_error TEXT
 );
 CREATE TABLE IF NOT EXISTS serials (
     serial TEXT PRIMARY KEY,
@@ -100,6 +158,7 @@ impl Db {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StateError> {
         let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         #[cfg(unix)]
         {
@@ -188,14 +247,199 @@ impl Db {
         })
     }
 
-    /// Marks `client` revoked. Returns false when there is no such client.
-    pub fn revoke_client(&self, client: &str, reason: &str, now: i64) -> Result<bool, StateError> {
+    /// Marks `client` revoked and, when it registered a webhook and `notify` is set, queues
+    /// one `client.revoked` delivery — in the same transaction, so a revocation never loses
+    /// its notice. Returns false when there is no such client or it was revoked already.
+    pub fn revoke_client(
+        &self,
+        client: &str,
+        reason: &str,
+        now: i64,
+        notify: bool,
+    ) -> Result<bool, StateError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE clients SET revoked_at = ?2, revoke_reason = ?3 WHERE name = ?1 AND revoked_at IS NULL",
+                params![client, now, reason],
+            )?;
+            if n > 0 && notify {
+                let row: Option<(String, Option<String>)> = tx
+                    .query_row(
+                        "SELECT spiffe_id, webhook FROM clients WHERE name = ?1",
+                        params![client],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                if let Some((spiffe_id, Some(url))) = row {
+                    let id = format!("msg_{}", hex::encode(rand::random::<[u8; 16]>()));
+                    let body = serde_json::json!({
+                        "type": "client.revoked",
+                        "timestamp": ewii_common::time::Timestamp(now as u64 * 1_000_000).to_string(),
+                        "data": { "client": spiffe_id, "name": client, "reason": reason, "revoked_at": now },
+                    })
+                    .to_string();
+                    tx.execute(
+                        "INSERT INTO webhooks (id, client, url, body, created_at, next_attempt_ms) VALUES (?1, ?2, ?3, ?4, ?5, 0)",
+                        params![id, client, url, body, now],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            Ok(n > 0)
+        })
+    }
+
+    /// Revoked clients among `names`.
+    pub fn revoked_among(&self, names: &[String]) -> Result<Vec<Revocation>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT revoke_reason FROM clients WHERE name = ?1 AND revoked_at IS NOT NULL",
+            )?;
+            let mut out = Vec::new();
+            for name in names {
+                if let Some(reason) = stmt
+                    .query_row(params![name], |r| r.get::<_, Option<String>>(0))
+                    .optional()?
+                {
+                    out.push(Revocation {
+                        client: name.clone(),
+                        reason: reason.unwrap_or_default(),
+                    });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Not-revoked clients with no live session whose last session ended before `cutoff`.
+    pub fn silent_since(&self, cutoff: i64) -> Result<Vec<String>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT name FROM clients WHERE revoked_at IS NULL AND last_seen IS NOT NULL AND last_seen < ?1
+                 AND name NOT IN (SELECT client FROM sessions)",
+            )?;
+            let rows = stmt.query_map(params![cutoff], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    /// SQLite's `data_version`: changes when another connection (an `ewii-hub` command)
+    /// commits, so the running Hub notices revocations and CA changes without a socket.
+    pub fn data_version(&self) -> Result<i64, StateError> {
+        self.with(|c| c.query_row("PRAGMA data_version", [], |r| r.get(0)))
+    }
+
+    /// A session came up: record it (replacing an older one of the same client).
+    pub fn session_up(&self, client: &str, session: &SessionRow) -> Result<(), StateError> {
         self.with(|c| {
             c.execute(
-                "UPDATE clients SET revoked_at = COALESCE(revoked_at, ?2), revoke_reason = COALESCE(revoke_reason, ?3) WHERE name = ?1",
-                params![client, now, reason],
+                "INSERT INTO sessions (client, session_id, serial, peer, since) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(client) DO UPDATE SET session_id = excluded.session_id, serial = excluded.serial, peer = excluded.peer, since = excluded.since",
+                params![client, session.session_id as i64, session.serial, session.peer, session.since],
+            )?;
+            c.execute(
+                "UPDATE clients SET last_seen = ?2 WHERE name = ?1",
+                params![client, session.since],
             )
-            .map(|n| n > 0)
+            .map(|_| ())
+        })
+    }
+
+    /// A session ended: forget it (if it is still the recorded one) and note the time.
+    pub fn session_down(&self, client: &str, session_id: u64, now: i64) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM sessions WHERE client = ?1 AND session_id = ?2",
+                params![client, session_id as i64],
+            )?;
+            c.execute(
+                "UPDATE clients SET last_seen = ?2 WHERE name = ?1",
+                params![client, now],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// At Hub start: no session survives a restart.
+    pub fn clear_sessions(&self) -> Result<(), StateError> {
+        self.with(|c| c.execute("DELETE FROM sessions", []).map(|_| ()))
+    }
+
+    /// Records a serial issued by renewal for `client` (the old one stays valid until the
+    /// Client's next session authenticates with the new one).
+    pub fn record_renewal(
+        &self,
+        client: &str,
+        serial: &str,
+        not_after: i64,
+        now: i64,
+    ) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO serials (serial, client, issued_at, not_after) VALUES (?1, ?2, ?3, ?4)",
+                params![serial, client, now, not_after],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// A session authenticated with `current`: retire every serial of `client` issued before
+    /// it. Older serials never retire newer ones, so a stolen old key that races the
+    /// legitimate Client cannot lock it out; once the new serial is used, the old is dead.
+    pub fn retire_older_serials(&self, client: &str, current: &str) -> Result<usize, StateError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE serials SET retired = 1 WHERE client = ?1 AND retired = 0
+                 AND rowid < (SELECT rowid FROM serials WHERE serial = ?2)",
+                params![client, current],
+            )
+        })
+    }
+
+    /// Outbox rows due at `now_ms` (milliseconds since the epoch), oldest first.
+    pub fn due_webhooks(
+        &self,
+        now_ms: i64,
+        max_attempts: u32,
+    ) -> Result<Vec<PendingWebhook>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, url, body, attempts FROM webhooks
+                 WHERE delivered_at IS NULL AND next_attempt_ms <= ?1 AND attempts < ?2
+                 ORDER BY created_at, id LIMIT 32",
+            )?;
+            let rows = stmt.query_map(params![now_ms, max_attempts], |r| {
+                Ok(PendingWebhook {
+                    id: r.get(0)?,
+                    url: r.get(1)?,
+                    body: r.get(2)?,
+                    attempts: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// A delivery was acknowledged (2xx).
+    pub fn webhook_delivered(&self, id: &str, now: i64) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE webhooks SET delivered_at = ?2, attempts = attempts + 1, last_error = NULL WHERE id = ?1",
+                params![id, now],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// A delivery failed; try again at `next_ms`.
+    pub fn webhook_failed(&self, id: &str, error: &str, next_ms: i64) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE webhooks SET attempts = attempts + 1, last_error = ?2, next_attempt_ms = ?3 WHERE id = ?1",
+                params![id, error, next_ms],
+            )
+            .map(|_| ())
         })
     }
 
@@ -203,10 +447,21 @@ impl Db {
     pub fn clients(&self) -> Result<Vec<ClientRow>, StateError> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT name, spiffe_id, enrolled_at, revoked_at, revoke_reason FROM clients ORDER BY name",
+                "SELECT c.name, c.spiffe_id, c.enrolled_at, c.revoked_at, c.revoke_reason, c.last_seen,
+                        s.session_id, s.serial, s.peer, s.since
+                 FROM clients c LEFT JOIN sessions s ON s.client = c.name ORDER BY c.name",
             )?;
             let mut rows: Vec<ClientRow> = stmt
                 .query_map([], |r| {
+                    let session = match r.get::<_, Option<i64>>(6)? {
+                        Some(id) => Some(SessionRow {
+                            session_id: id as u64,
+                            serial: r.get(7)?,
+                            peer: r.get(8)?,
+                            since: r.get(9)?,
+                        }),
+                        None => None,
+                    };
                     Ok(ClientRow {
                         name: r.get(0)?,
                         spiffe_id: r.get(1)?,
@@ -214,6 +469,8 @@ impl Db {
                         revoked_at: r.get(3)?,
                         revoke_reason: r.get(4)?,
                         serials: Vec::new(),
+                        last_seen: r.get(5)?,
+                        session,
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;
@@ -313,8 +570,9 @@ mod tests {
             assert!(db.check(&other, "0a").is_err());
             db.record_enrolment(&grant, &id, "0c", 1000, 2).unwrap();
             assert!(db.check(&id, "0a").unwrap_err().contains("retired"));
-            assert!(db.revoke_client("acme", "test", 3).unwrap());
-            assert!(!db.revoke_client("nobody", "test", 3).unwrap());
+            assert!(db.revoke_client("acme", "test", 3, true).unwrap());
+            assert!(!db.revoke_client("acme", "again", 4, true).unwrap(), "once");
+            assert!(!db.revoke_client("nobody", "test", 3, true).unwrap());
         }
         let db = Db::open(&path).unwrap();
         assert!(db.check(&id, "0c").unwrap_err().contains("revoked"));

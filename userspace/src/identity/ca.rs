@@ -20,8 +20,13 @@ use time::OffsetDateTime;
 use super::store::{self, Pem};
 use super::{normalize_serial, IdentityError};
 
-/// Clock skew allowance: certificates start this long before they are issued.
+/// Clock skew allowance: certificates start this long before they are issued (at most a
+/// tenth of their lifetime, so that half-life stays half-life for short test lifetimes).
 pub const BACKDATE: Duration = Duration::from_secs(30);
+
+fn backdate(lifetime: Duration) -> Duration {
+    BACKDATE.min(lifetime / 10)
+}
 /// Lifetime of the CA itself.
 pub const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 86_400);
 
@@ -126,7 +131,7 @@ impl Ca {
         ];
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
+        params.not_before = now - backdate(lifetime);
         params.not_after = now + lifetime;
         let serial = random_serial();
         params.serial_number = Some(serial.clone());

@@ -127,7 +127,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn serials_compare_in_normalised_form() {
+    fn p8_serials_compare_in_normalised_form() {
         assert_eq!(normalize_serial(&[0x00, 0x80, 0x01]), "8001");
         assert_eq!(normalize_serial(&[0x80, 0x01]), "8001");
         assert_eq!(normalize_serial(&[0, 0]), "00");

@@ -25,10 +25,10 @@ use serde::Serialize;
 
 use crate::identity::store::Svid;
 
-/// The Hub marks a silent Client lost after this long (P9: within 3 s).
-pub const IDLE_TIMEOUT: Duration = Duration::from_millis(3_000);
+/// The Hub marks a silent Client lost after this long (P9: within 3 s, with room for scheduling).
+pub const IDLE_TIMEOUT: Duration = Duration::from_millis(2_500);
 /// Keep-alive interval: three chances to be heard within one idle timeout.
-pub const KEEP_ALIVE: Duration = Duration::from_millis(900);
+pub const KEEP_ALIVE: Duration = Duration::from_millis(800);
 /// Most queries the Hub may have open on one Client connection at once.
 pub const MAX_CONCURRENT_QUERIES: u32 = 1024;
 

@@ -1,0 +1,275 @@
+//! Signed webhooks (Standard Webhooks, <https://www.standardwebhooks.com>): the Hub tells a
+//! customer that its Client was revoked.
+//!
+//! Signatures are asymmetric (`v1a`, Ed25519), so the customer holds only a public key
+//! (`whpk_…`) and no shared secret. The signed content is `{webhook-id}.{webhook-timestamp}.{body}`;
+//! the `webhook-signature` header is `v1a,<base64 signature>` (several may be given,
+//! space-separated, during a key rotation).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+
+use crate::identity::{store, IdentityError};
+
+/// Default tolerance for `webhook-timestamp`, seconds either way (the spec's recommendation).
+pub const TOLERANCE_SECS: i64 = 300;
+
+/// Why a delivery does not verify, or a target is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WebhookError {
+    /// The public key is not `whpk_` + base64 of 32 bytes.
+    #[error("public key must be whpk_<base64 of 32 bytes>")]
+    BadKey,
+    /// The timestamp header is not an integer.
+    #[error("webhook-timestamp is not a Unix time in seconds")]
+    BadTimestamp,
+    /// The timestamp is outside the tolerance window (a replay, or a badly skewed clock).
+    #[error("webhook-timestamp is {0} s away from now (tolerance {TOLERANCE_SECS} s)")]
+    Stale(i64),
+    /// No `v1a` signature in the header verifies.
+    #[error("no v1a signature verifies over this id, timestamp and body")]
+    BadSignature,
+    /// The URL is not http(s) with a host.
+    #[error("webhook URL {0:?} is not an http(s) URL with a host")]
+    BadUrl(String),
+    /// The target resolves to loopback, link-local, unspecified or multicast.
+    #[error(
+        "webhook target {0} is not a public address (refused unless danger_allow_private_targets)"
+    )]
+    PrivateTarget(IpAddr),
+    /// The host did not resolve.
+    #[error("webhook host {0} does not resolve")]
+    Resolve(String),
+}
+
+/// The Hub's webhook signing key (Ed25519), kept as `webhook.key` (0600) in its state dir.
+pub struct WebhookKey(SigningKey);
+
+impl std::fmt::Debug for WebhookKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("WebhookKey").field(&self.public()).finish()
+    }
+}
+
+/// File name of the signing key inside the Hub state directory.
+pub const KEY_FILE: &str = "webhook.key";
+
+impl WebhookKey {
+    /// Loads `webhook.key` from `dir`, creating it on first use.
+    pub fn load_or_create(dir: &Path) -> Result<Self, IdentityError> {
+        let path = dir.join(KEY_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let seed = text
+                    .trim()
+                    .strip_prefix("whsk_")
+                    .and_then(|b| B64.decode(b).ok())
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .ok_or_else(|| IdentityError::Pem(path.clone()))?;
+                Ok(Self(SigningKey::from_bytes(&seed)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+                let text = format!("whsk_{}\n", B64.encode(key.to_bytes()));
+                store::write_file(&path, text.as_bytes(), 0o600)?;
+                Ok(Self(key))
+            }
+            Err(source) => Err(IdentityError::Io { path, source }),
+        }
+    }
+
+    /// The public key as the customer configures it: `whpk_<base64>`.
+    pub fn public(&self) -> String {
+        format!("whpk_{}", B64.encode(self.0.verifying_key().to_bytes()))
+    }
+
+    /// The `webhook-signature` header value for this delivery.
+    pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
+        let sig = self.0.sign(&signed_content(id, timestamp, body));
+        format!("v1a,{}", B64.encode(sig.to_bytes()))
+    }
+}
+
+fn signed_content(id: &str, timestamp: impl std::fmt::Display, body: &[u8]) -> Vec<u8> {
+    let mut msg = format!("{id}.{timestamp}.").into_bytes();
+    msg.extend_from_slice(body);
+    msg
+}
+
+/// Verifies a received delivery, as a customer does.
+pub fn verify(
+    public_key: &str,
+    id: &str,
+    timestamp: &str,
+    signature_header: &str,
+    body: &[u8],
+    now_secs: i64,
+) -> Result<(), WebhookError> {
+    let key = public_key
+        .strip_prefix("whpk_")
+        .and_then(|b| B64.decode(b).ok())
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .and_then(|b| VerifyingKey::from_bytes(&b).ok())
+        .ok_or(WebhookError::BadKey)?;
+    let ts: i64 = timestamp
+        .trim()
+        .parse()
+        .map_err(|_| WebhookError::BadTimestamp)?;
+    let skew = now_secs - ts;
+    if skew.abs() > TOLERANCE_SECS {
+        return Err(WebhookError::Stale(skew));
+    }
+    let content = signed_content(id, ts, body);
+    let ok = signature_header.split_whitespace().any(|part| {
+        part.strip_prefix("v1a,")
+            .and_then(|b| B64.decode(b).ok())
+            .and_then(|b| Signature::from_slice(&b).ok())
+            .is_some_and(|sig| key.verify(&content, &sig).is_ok())
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(WebhookError::BadSignature)
+    }
+}
+
+/// Resolves the URL's host and checks every address; returns the host and the address to pin
+/// the connection to (so DNS cannot change between the check and the request).
+pub async fn check_target(
+    url: &str,
+    allow_private: bool,
+) -> Result<(String, SocketAddr), WebhookError> {
+    let parsed = reqwest::Url::parse(url).map_err(|_| WebhookError::BadUrl(url.to_owned()))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(WebhookError::BadUrl(url.to_owned()));
+    }
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| WebhookError::BadUrl(url.to_owned()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|_| WebhookError::Resolve(host.clone()))?
+        .collect();
+    let first = *addrs
+        .first()
+        .ok_or_else(|| WebhookError::Resolve(host.clone()))?;
+    if !allow_private {
+        if let Some(bad) = addrs.iter().map(|a| a.ip()).find(|ip| !is_public(*ip)) {
+            return Err(WebhookError::PrivateTarget(bad));
+        }
+    }
+    Ok((host, first))
+}
+
+/// Whether `ip` may receive webhooks without `danger_allow_private_targets`.
+pub fn is_public(ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast())
+        }
+        IpAddr::V6(v6) => {
+            let link_local = (v6.segments()[0] & 0xffc0) == 0xfe80;
+            !(v6.is_loopback() || link_local || v6.is_unspecified() || v6.is_multicast())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p10_signatures_verify_and_tampering_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = WebhookKey::load_or_create(dir.path()).unwrap();
+        let again = WebhookKey::load_or_create(dir.path()).unwrap();
+        assert_eq!(key.public(), again.public(), "the key persists");
+        let body = br#"{"type":"client.revoked"}"#;
+        let sig = key.sign("msg_1", 1_000, body);
+        let pk = key.public();
+        assert_eq!(verify(&pk, "msg_1", "1000", &sig, body, 1_100), Ok(()));
+        // Several signatures, one valid: accepted (key rotation).
+        let multi = format!("v1a,AAAA {sig}");
+        assert_eq!(verify(&pk, "msg_1", "1000", &multi, body, 1_000), Ok(()));
+        assert_eq!(
+            verify(
+                &pk,
+                "msg_1",
+                "1000",
+                &sig,
+                br#"{"type":"client.revokeD"}"#,
+                1_000
+            ),
+            Err(WebhookError::BadSignature)
+        );
+        assert_eq!(
+            verify(&pk, "msg_2", "1000", &sig, body, 1_000),
+            Err(WebhookError::BadSignature)
+        );
+        assert_eq!(
+            verify(&pk, "msg_1", "1001", &sig, body, 1_000),
+            Err(WebhookError::BadSignature)
+        );
+        assert_eq!(
+            verify(&pk, "msg_1", "1000", &sig, body, 1_301),
+            Err(WebhookError::Stale(301))
+        );
+        assert_eq!(
+            verify(&pk, "msg_1", "x", &sig, body, 1_000),
+            Err(WebhookError::BadTimestamp)
+        );
+        assert_eq!(
+            verify("whpk_AAAA", "msg_1", "1000", &sig, body, 1_000),
+            Err(WebhookError::BadKey)
+        );
+        let other = WebhookKey::load_or_create(tempfile::tempdir().unwrap().path()).unwrap();
+        assert_eq!(
+            verify(&other.public(), "msg_1", "1000", &sig, body, 1_000),
+            Err(WebhookError::BadSignature)
+        );
+    }
+
+    #[tokio::test]
+    async fn p10_loopback_and_link_local_targets_are_refused_by_default() {
+        for url in [
+            "http://127.0.0.1:8080/hook",
+            "http://[::1]/hook",
+            "http://169.254.169.254/latest",
+            "http://[fe80::1]/x",
+            "http://0.0.0.0/x",
+            "http://localhost/x",
+        ] {
+            assert!(
+                matches!(
+                    check_target(url, false).await,
+                    Err(WebhookError::PrivateTarget(_))
+                ),
+                "{url}"
+            );
+        }
+        assert!(check_target("http://127.0.0.1:8080/hook", true)
+            .await
+            .is_ok());
+        assert!(matches!(
+            check_target("ftp://example.org/", false).await,
+            Err(WebhookError::BadUrl(_))
+        ));
+    }
+}
