@@ -86,6 +86,7 @@ pub struct TestHub {
     handle: Option<HubHandle>,
     services: Vec<Service>,
     service_addrs: Vec<(String, SocketAddr)>,
+    extra_toml: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -98,6 +99,15 @@ impl TestHub {
 
     /// Like [`start`](Self::start) with a given SVID lifetime.
     pub async fn start_with(services: &[Service], svid_lifetime_secs: u64) -> Self {
+        Self::start_custom(
+            services,
+            &format!("svid_lifetime_secs = {svid_lifetime_secs}\n"),
+        )
+        .await
+    }
+
+    /// Like [`start`](Self::start) with extra top-level TOML (keys and tables) in the config.
+    pub async fn start_custom(services: &[Service], extra_toml: &str) -> Self {
         logs();
         let dir = tempfile::tempdir().unwrap();
         admin::init(&dir.path().join("hub"), TD).unwrap();
@@ -108,10 +118,11 @@ impl TestHub {
             handle: None,
             services: services.to_vec(),
             service_addrs: Vec::new(),
+            extra_toml: extra_toml.to_owned(),
             stop: None,
             task: None,
         };
-        hub.launch(svid_lifetime_secs).await;
+        hub.launch().await;
         hub
     }
 
@@ -125,11 +136,12 @@ impl TestHub {
         self.dir.path().join("hub")
     }
 
-    async fn launch(&mut self, svid_lifetime_secs: u64) {
+    async fn launch(&mut self) {
         let mut toml = format!(
-            "state_dir = {:?}\nlisten = \"{}\"\naudit = \"discard\"\nsvid_lifetime_secs = {svid_lifetime_secs}\n",
+            "state_dir = {:?}\nlisten = \"{}\"\naudit = \"discard\"\n{}\n",
             self.state_dir(),
-            self.addr
+            self.addr,
+            self.extra_toml
         );
         for s in &self.services {
             // Keep a restarted Hub on the same service ports.
@@ -182,6 +194,18 @@ impl TestHub {
         admin::create_token(&self.state_dir(), client, ttl, None, false).unwrap()
     }
 
+    /// A join token for `client` with a webhook URL (loopback allowed: tests only).
+    pub fn token_with_webhook(&self, client: &str, url: &str) -> TokenReport {
+        admin::create_token(
+            &self.state_dir(),
+            client,
+            Duration::from_secs(600),
+            Some(url),
+            true,
+        )
+        .unwrap()
+    }
+
     /// Stops the Hub and waits for it.
     pub async fn stop(&mut self) {
         if let Some(tx) = self.stop.take() {
@@ -195,7 +219,7 @@ impl TestHub {
     /// Stops and starts again on the same UDP and service ports, with the same state.
     pub async fn restart(&mut self) {
         self.stop().await;
-        self.launch(86_400).await;
+        self.launch().await;
     }
 
     /// Waits until `client` has a live session.
@@ -251,9 +275,14 @@ impl TestClient {
 
     /// Enrols without starting.
     pub async fn enrol(hub: &TestHub, name: &str, allow: &[(&str, String)]) -> Self {
+        let token = hub.token(name, Duration::from_secs(600));
+        Self::enrol_with(hub, &token, allow).await
+    }
+
+    /// Enrols with a given token, without starting.
+    pub async fn enrol_with(hub: &TestHub, token: &TokenReport, allow: &[(&str, String)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let audit = Audit::open_with_tap(Side::Client, &AuditOutput::Discard).unwrap();
-        let token = hub.token(name, Duration::from_secs(600));
         client::enrol::enrol(
             &hub.addr.to_string().parse().unwrap(),
             &token.token,
@@ -292,6 +321,21 @@ impl TestClient {
         self.task.take().expect("running").await.unwrap().unwrap()
     }
 
+    /// Waits for `run` to end by itself (revocation, expiry) within `within`.
+    pub async fn ended(&mut self, within: Duration) -> Result<Exit, client::ClientError> {
+        let task = self.task.take().expect("running");
+        tokio::time::timeout(within, task)
+            .await
+            .expect("the Client did not end in time")
+            .unwrap()
+    }
+
+    /// Runs the Client to completion after a fresh start (e.g. to see it refuse at once).
+    pub async fn run_once(&mut self, within: Duration) -> Result<Exit, client::ClientError> {
+        self.start();
+        self.ended(within).await
+    }
+
     /// The state directory.
     pub fn state_dir(&self) -> PathBuf {
         self.config.state_dir.clone()
@@ -301,6 +345,156 @@ impl TestClient {
     pub async fn wait_audit(&self, what: &str, pred: impl Fn(&AuditRecord) -> bool) -> AuditRecord {
         wait_audit(&self.audit, what, pred).await
     }
+}
+
+/// A minimal HTTP/1.1 endpoint that records webhook deliveries and answers with the given
+/// statuses in turn (then 200).
+pub struct Receiver {
+    /// `http://127.0.0.1:port/hook`.
+    pub url: String,
+    /// Every request, in order: headers (lower-case names), body, status answered.
+    pub got: std::sync::Arc<std::sync::Mutex<Vec<Delivery>>>,
+}
+
+/// One request the [`Receiver`] saw.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// Header name (lower case) → value.
+    pub headers: std::collections::HashMap<String, String>,
+    /// Exact body bytes.
+    pub body: Vec<u8>,
+    /// What the receiver answered.
+    pub status: u16,
+}
+
+impl Receiver {
+    /// Starts listening on loopback.
+    pub async fn start(statuses: Vec<u16>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Delivery>::new()));
+        let g = got.clone();
+        tokio::spawn(async move {
+            let mut statuses = statuses.into_iter();
+            while let Ok((mut s, _)) = listener.accept().await {
+                let Some((headers, body)) = read_request(&mut s).await else {
+                    continue;
+                };
+                let status = statuses.next().unwrap_or(200);
+                g.lock().unwrap().push(Delivery {
+                    headers,
+                    body,
+                    status,
+                });
+                let reply = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+        });
+        Self { url, got }
+    }
+
+    /// Deliveries so far.
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+async fn read_request(
+    s: &mut tokio::net::TcpStream,
+) -> Option<(std::collections::HashMap<String, String>, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 64 * 1024 {
+            return None;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let headers: std::collections::HashMap<String, String> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let len: usize = headers.get("content-length")?.parse().ok()?;
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < len {
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(len);
+    Some((headers, body))
+}
+
+/// A raw session with the Hub, as a Client would open it: handshake with `svid`, control
+/// stream, `Hello`. `None` when the Hub does not answer `Welcome`.
+pub async fn raw_session(hub: &TestHub, svid: &ewii::identity::store::Svid) -> Option<RawSession> {
+    use std::sync::Arc;
+
+    use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
+    use ewii::transport;
+    use ewii_common::frame;
+
+    let ca = ewii::identity::store::read_certs(&hub.state_dir().join("ca.pem")).ok()?;
+    let verifier = SpiffeVerifier::new(Bundle::new(ca), TD, Expect::Hub);
+    let tls = transport::tls_client_config(Some(svid), Arc::new(verifier), frame::ALPN).ok()?;
+    let quic = transport::quic_client_config(tls).ok()?;
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().ok()?).ok()?;
+    let conn = endpoint
+        .connect_with(quic, hub.addr, "127.0.0.1")
+        .ok()?
+        .await
+        .ok()?;
+    let attempt = async {
+        let (mut send, mut recv) = conn.open_bi().await.ok()?;
+        let hello = frame::Control::Hello {
+            version: frame::PROTOCOL_VERSION,
+            allow_list: vec!["db".into()],
+            allow_list_digest: vec![0; 32],
+            build: "test".into(),
+        };
+        transport::write_frame(&mut send, &hello).await.ok()?;
+        let mut reader = transport::FrameReader::new();
+        match reader.read::<frame::Control>(&mut recv).await.ok()?? {
+            frame::Control::Welcome { .. } => Some((send, recv, reader)),
+            _ => None,
+        }
+    };
+    let (send, recv, reader) = tokio::time::timeout(SOON, attempt).await.ok()??;
+    Some(RawSession {
+        _endpoint: endpoint,
+        conn,
+        send,
+        recv,
+        reader,
+    })
+}
+
+/// An open session from [`raw_session`].
+pub struct RawSession {
+    _endpoint: quinn::Endpoint,
+    /// The connection.
+    pub conn: quinn::Connection,
+    /// Control stream, send half.
+    pub send: quinn::SendStream,
+    /// Control stream, receive half.
+    pub recv: quinn::RecvStream,
+    /// Frame reader over `recv`.
+    pub reader: ewii::transport::FrameReader,
 }
 
 /// A Client configuration for tests: fast reconnects, `on_stop = "disconnect"`.

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod enrol;
+mod lifecycle;
 mod mtls;
 mod postgres;
 mod process;

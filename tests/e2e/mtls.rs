@@ -70,43 +70,9 @@ fn signed_leaf(issuer: &Issuer<'_, KeyPair>, spec: &LeafSpec<'_>) -> Svid {
     Svid::new(vec![cert.der().clone()], &key)
 }
 
-/// Dials the Hub as a Client presenting `svid`, opens the control stream and says Hello.
-/// Returns whether the Hub answered with Welcome.
-async fn try_session(hub: &TestHub, svid: &Svid) -> bool {
-    let (ca, _) = hub_ca(hub);
-    let verifier = SpiffeVerifier::new(Bundle::new(vec![ca]), TD, Expect::Hub);
-    let tls = transport::tls_client_config(Some(svid), Arc::new(verifier), frame::ALPN).unwrap();
-    let quic = transport::quic_client_config(tls).unwrap();
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let Ok(conn) = endpoint
-        .connect_with(quic, hub.addr, "127.0.0.1")
-        .unwrap()
-        .await
-    else {
-        return false;
-    };
-    let attempt = async {
-        let (mut send, mut recv) = conn.open_bi().await.ok()?;
-        let hello = frame::Control::Hello {
-            version: frame::PROTOCOL_VERSION,
-            allow_list: vec!["db".into()],
-            allow_list_digest: vec![0; 32],
-            build: "test".into(),
-        };
-        transport::write_frame(&mut send, &hello).await.ok()?;
-        transport::FrameReader::new()
-            .read::<frame::Control>(&mut recv)
-            .await
-            .ok()
-            .flatten()
-    };
-    let answer = tokio::time::timeout(SOON, attempt).await.ok().flatten();
-    matches!(answer, Some(frame::Control::Welcome { .. }))
-}
-
 async fn assert_hub_refuses(hub: &TestHub, svid: &Svid, reason_contains: &str) {
     assert!(
-        !try_session(hub, svid).await,
+        raw_session(hub, svid).await.is_none(),
         "the Hub must not welcome this SVID"
     );
     let r = hub

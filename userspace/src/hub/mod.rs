@@ -573,6 +573,9 @@ async fn session(
                     conn.close(codes::PROTOCOL, b"");
                     break "control stream closed".to_string();
                 }
+                Err(transport::StreamError::Read(quinn::ReadError::ConnectionLost(e))) => {
+                    break lost_reason(&e)
+                }
                 Err(e) => break format!("control stream: {e}"),
             },
             e = conn.closed() => break lost_reason(&e),

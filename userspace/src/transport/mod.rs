@@ -95,11 +95,13 @@ fn initial_suite() -> Result<rustls::quic::Suite, ConfigError> {
         .ok_or_else(|| ConfigError::Quic("ring lacks the QUIC initial suite".into()))
 }
 
-fn transport(max_bidi_from_peer: u32) -> Arc<TransportConfig> {
+fn transport(max_bidi_from_peer: u32, keep_alive: bool) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
-    // 3 000 ms is far below the VarInt limit.
+    // 2 500 ms is far below the VarInt limit.
     t.max_idle_timeout(IdleTimeout::try_from(IDLE_TIMEOUT).ok());
-    t.keep_alive_interval(Some(KEEP_ALIVE));
+    // Only the Client pings: a Hub ping would restart the Hub's own idle timer (RFC 9000
+    // §10.1) and delay the detection of a Client that went silent.
+    t.keep_alive_interval(keep_alive.then_some(KEEP_ALIVE));
     t.max_concurrent_bidi_streams(VarInt::from_u32(max_bidi_from_peer));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     Arc::new(t)
@@ -132,7 +134,7 @@ pub fn quic_client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConf
     let quic = QuicClientConfig::with_initial(Arc::new(tls), initial_suite()?)
         .map_err(|e| ConfigError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(transport(MAX_CONCURRENT_QUERIES));
+    cfg.transport_config(transport(MAX_CONCURRENT_QUERIES, true));
     Ok(cfg)
 }
 
@@ -159,7 +161,7 @@ pub fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConf
     let quic = QuicServerConfig::with_initial(Arc::new(tls), initial_suite()?)
         .map_err(|e| ConfigError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(transport(1));
+    cfg.transport_config(transport(1, false));
     Ok(cfg)
 }
 

@@ -1,0 +1,535 @@
+//! The SVID lifecycle and revocation (P7, P8, P9, P10): rotation under load, renewal that
+//! grants only the recorded identity, stop-to-revoke, silent loss and its grace, central
+//! revoke, and signed webhooks.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ewii::client::status::{State, Status};
+use ewii::client::{ClientError, Exit, REVOKED_MARKER};
+use ewii::config::OnStop;
+use ewii::hub::admin;
+use ewii::identity::inspect_leaf;
+use ewii::identity::store::{self, Svid};
+use ewii::transport;
+use ewii_common::audit::{Event, Outcome};
+use ewii_common::frame::Control;
+use ewii_common::spiffe::SpiffeId;
+use ewii_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+async fn try_roundtrip(addr: SocketAddr, data: &[u8]) -> Result<(), String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    s.write_all(data).await.map_err(|e| format!("write: {e}"))?;
+    s.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+    let mut back = Vec::new();
+    tokio::time::timeout(SOON, s.read_to_end(&mut back))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| format!("read: {e}"))?;
+    if back == data {
+        Ok(())
+    } else {
+        Err(format!(
+            "got {} bytes back, sent {}",
+            back.len(),
+            data.len()
+        ))
+    }
+}
+
+fn count(
+    audit: &ewii::audit::Audit,
+    pred: impl Fn(&ewii_common::audit::AuditRecord) -> bool,
+) -> usize {
+    audit.records().iter().filter(|r| pred(r)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_p8_rotation_under_load_drops_no_query_and_retires_the_old_serial() {
+    let echo = echo_server().await;
+    let hub = TestHub::start_with(&[Service::tcp("pg", "acme", "db")], 4).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    let first = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let first_serial = inspect_leaf(&first.chain[0]).unwrap().serial;
+    client.start();
+    hub.wait_connected("acme").await;
+    let entry = hub.service("pg");
+
+    // One query that stays open across the rotations: it lives on the old connection.
+    let mut long = TcpStream::connect(entry).await.unwrap();
+    long.write_all(b"first").await.unwrap();
+    let mut buf = [0u8; 6];
+    long.read_exact(&mut buf[..5]).await.unwrap();
+    assert_eq!(&buf[..5], b"first");
+
+    // Continuous load from three workers until three rotations have happened.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..3u8)
+        .map(|w| {
+            let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+            tokio::spawn(async move {
+                let mut i = 0u32;
+                while !stop.load(Ordering::SeqCst) && i < 100_000 {
+                    let data = vec![w.wrapping_add(i as u8); 4096 + (i as usize % 4096)];
+                    match try_roundtrip(entry, &data).await {
+                        Ok(()) => ok.fetch_add(1, Ordering::SeqCst),
+                        Err(e) => {
+                            failures.lock().unwrap().push(e);
+                            0
+                        }
+                    };
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    poll_until("three rotations", Duration::from_secs(30), || {
+        count(&client.audit, |r| {
+            r.event == Event::SvidRotated && r.outcome == Some(Outcome::Ok)
+        }) >= 3
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(
+        *failures.lock().unwrap(),
+        Vec::<String>::new(),
+        "no query may fail"
+    );
+    assert!(ok.load(Ordering::SeqCst) > 10, "the load ran");
+
+    // The long query finishes on the connection it started on.
+    long.write_all(b"second").await.unwrap();
+    long.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"second");
+    drop(long);
+
+    // The Hub retired the first serial when the renewed one came into use…
+    hub.wait_audit("serial retirement", |r| {
+        r.event == Event::SvidRotated && r.reason.as_deref().is_some_and(|x| x.contains("retired"))
+    })
+    .await;
+    // …so the Hub's serial check refuses it whether or not it has expired yet…
+    let db = ewii::hub::state::Db::open(&hub.state_dir().join(admin::DB_FILE)).unwrap();
+    let id = SpiffeId::client(TD, "acme").unwrap();
+    let verdict = ewii::identity::verify::SerialCheck::check(&db, &id, &first_serial);
+    assert_eq!(
+        verdict,
+        Err(format!("serial {first_serial} of {id} is retired"))
+    );
+    // …and a handshake with it fails.
+    assert!(raw_session(&hub, &first).await.is_none());
+    hub.wait_audit("old SVID refused", |r| r.event == Event::HandshakeRefused)
+        .await;
+    // The state directory holds the newest SVID, different from the first.
+    let now = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    assert_ne!(inspect_leaf(&now.chain[0]).unwrap().serial, first_serial);
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn p7_a_renewal_csr_asking_for_more_gets_exactly_the_recorded_identity() {
+    let hub = TestHub::start(&[]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let mut session = raw_session(&hub, &svid).await.expect("session");
+    // A CSR for a CA certificate with the Hub's identity and an extra DNS name.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut greedy = rcgen::CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
+    greedy.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://test.ewii.local/hub".try_into().unwrap(),
+    ));
+    greedy.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let csr = greedy.serialize_request(&key).unwrap();
+    transport::write_frame(
+        &mut session.send,
+        &Control::Renew {
+            csr: csr.der().to_vec(),
+        },
+    )
+    .await
+    .unwrap();
+    let answer = session
+        .reader
+        .read::<Control>(&mut session.recv)
+        .await
+        .unwrap()
+        .unwrap();
+    let Control::Renewed { chain, .. } = answer else {
+        panic!("expected Renewed, got {answer:?}");
+    };
+    let info = inspect_leaf(&chain[0]).unwrap();
+    assert_eq!(info.id, SpiffeId::client(TD, "acme").unwrap());
+    let (_, cert) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+    assert_eq!(
+        cert.subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .len(),
+        1
+    );
+    assert!(!cert.basic_constraints().unwrap().unwrap().value.ca);
+    assert_eq!(
+        cert.public_key().raw,
+        rcgen::PublicKeyData::subject_public_key_info(&key).as_slice(),
+        "only the public key comes from the CSR"
+    );
+}
+
+#[tokio::test]
+async fn p9_stop_revokes_and_a_returning_client_is_refused_also_after_a_hub_restart() {
+    let mut hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    client.config.on_stop = OnStop::Revoke;
+    client.start();
+    hub.wait_connected("acme").await;
+    assert_eq!(client.stop().await, Exit::Stopped);
+    let revoked = hub.wait_audit("revoked", is(Event::Revoked)).await;
+    assert_eq!(revoked.reason.as_deref(), Some("stopped by the customer"));
+    assert_eq!(
+        revoked.client.as_deref(),
+        Some("spiffe://test.ewii.local/client/acme")
+    );
+
+    // It comes back with the same SVID: refused on the handshake.
+    client.start();
+    hub.wait_audit("refused return", |r| {
+        r.event == Event::HandshakeRefused
+            && r.reason.as_deref() == Some("spiffe://test.ewii.local/client/acme is revoked")
+    })
+    .await;
+    client.stop().await;
+    // The revocation is in the database: a restarted Hub refuses it too.
+    hub.restart().await;
+    let before = count(&hub.audit, |r| r.event == Event::HandshakeRefused);
+    client.start();
+    poll_until("a refusal after the restart", SOON, || {
+        count(&hub.audit, |r| r.event == Event::HandshakeRefused) > before
+    })
+    .await;
+    assert!(hub.handle().connected_clients().is_empty());
+    client.stop().await;
+    assert_eq!(
+        count(&client.audit, is(Event::SessionUp)),
+        1,
+        "only the first session"
+    );
+}
+
+#[tokio::test]
+async fn p9_on_stop_disconnect_keeps_the_identity() {
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol_and_run(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    hub.wait_connected("acme").await;
+    client.stop().await;
+    hub.wait_audit("goodbye", |r| {
+        r.event == Event::SessionLost && r.reason.as_deref() == Some("goodbye (revoke: false)")
+    })
+    .await;
+    client.start();
+    poll_until("a second session", SOON, || {
+        count(&hub.audit, is(Event::SessionUp)) == 2
+    })
+    .await;
+    assert_eq!(count(&hub.audit, is(Event::Revoked)), 0);
+    client.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p9_silent_loss_is_seen_within_3s_is_not_a_revoke_and_the_client_returns() {
+    let hub = TestHub::start(&[]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let toml = client.dir.path().join("client.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "hub = \"{}\"\nstate_dir = {:?}\naudit = \"discard\"\n[reconnect]\ninitial_ms = 50\nmax_ms = 500\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:9\"\n",
+            hub.addr,
+            client.state_dir()
+        ),
+    )
+    .unwrap();
+    let spawn = || {
+        Command::new(bin_path("ewii-client"))
+            .args(["run", "--config", toml.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut proc = spawn();
+    hub.wait_connected("acme").await;
+    // SIGKILL: no goodbye, no CONNECTION_CLOSE; the Hub only notices the silence.
+    proc.kill().unwrap();
+    proc.wait().unwrap();
+    let killed = Instant::now();
+    let lost = hub
+        .wait_audit("session_lost", |r| r.event == Event::SessionLost)
+        .await;
+    let took = killed.elapsed();
+    assert_eq!(
+        lost.reason.as_deref(),
+        Some("idle timeout: the Client went silent")
+    );
+    assert!(took <= Duration::from_secs(3), "seen after {took:?}");
+    assert_eq!(
+        count(&hub.audit, is(Event::Revoked)),
+        0,
+        "a silent loss is not a revoke"
+    );
+    // The Client comes back with its SVID.
+    let mut again = spawn();
+    poll_until("the Client back", SOON, || {
+        count(&hub.audit, is(Event::SessionUp)) == 2
+    })
+    .await;
+    again.kill().unwrap();
+    again.wait().unwrap();
+}
+
+#[tokio::test]
+async fn p9_a_client_silent_past_the_grace_is_revoked() {
+    let hub = TestHub::start_custom(&[], "revoke_after_lost_secs = 1\n").await;
+    let mut client = TestClient::enrol_and_run(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    hub.wait_connected("acme").await;
+    client.stop().await; // disconnect only
+    let gone = Instant::now();
+    let revoked = hub.wait_audit("grace revocation", is(Event::Revoked)).await;
+    assert_eq!(
+        revoked.reason.as_deref(),
+        Some("no session for 1 s (revoke_after_lost_secs)")
+    );
+    assert!(
+        gone.elapsed() >= Duration::from_millis(900),
+        "not before the grace"
+    );
+    client.start();
+    hub.wait_audit("refused after grace", |r| {
+        r.event == Event::HandshakeRefused
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.ends_with("is revoked"))
+    })
+    .await;
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn p10_central_revoke_closes_a_live_session_within_1s_and_a_restart_exits_at_once() {
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol_and_run(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    hub.wait_connected("acme").await;
+    let t0 = Instant::now();
+    assert!(admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap());
+    let exit = client.ended(SOON).await.unwrap();
+    let took = t0.elapsed();
+    assert_eq!(
+        exit,
+        Exit::Revoked {
+            reason: "contract ended".into()
+        }
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    hub.wait_audit("revoked", |r| {
+        r.event == Event::Revoked
+            && r.reason.as_deref() == Some("live session closed: contract ended")
+    })
+    .await;
+    client
+        .wait_audit("client revoked record", is(Event::Revoked))
+        .await;
+    let marker = std::fs::read_to_string(client.state_dir().join(REVOKED_MARKER)).unwrap();
+    assert_eq!(marker, "contract ended");
+    let status = Status::read(&client.state_dir()).unwrap();
+    assert_eq!(status.state, State::Revoked);
+
+    // A restart sees the marker and stops before touching the network.
+    let ups = count(&client.audit, is(Event::SessionUp));
+    let again = client.run_once(Duration::from_secs(1)).await;
+    assert!(
+        matches!(again, Err(ClientError::RevokedEarlier(ref r)) if r == "contract ended"),
+        "{again:?}"
+    );
+    assert_eq!(count(&client.audit, is(Event::SessionUp)), ups);
+    // The binary says so with its documented status.
+    let toml = client.dir.path().join("client.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "hub = \"{}\"\nstate_dir = {:?}\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:9\"\n",
+            hub.addr,
+            client.state_dir()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin_path("ewii-client"))
+        .args(["run", "--config", toml.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(10));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("revoked by the Hub"));
+    // The operator's listing says revoked.
+    let rows = admin::clients(&hub.state_dir()).unwrap();
+    assert_eq!(rows[0].revoke_reason.as_deref(), Some("contract ended"));
+    assert!(rows[0].session.is_none());
+}
+
+#[tokio::test]
+async fn p10_a_revocation_made_while_the_hub_is_down_holds_after_its_restart() {
+    let mut hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol_and_run(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    hub.wait_connected("acme").await;
+    hub.stop().await;
+    assert!(admin::revoke(&hub.state_dir(), "acme", "while down").unwrap());
+    hub.restart().await;
+    hub.wait_audit("refused", |r| {
+        r.event == Event::HandshakeRefused
+            && r.reason.as_deref() == Some("spiffe://test.ewii.local/client/acme is revoked")
+    })
+    .await;
+    assert!(hub.handle().connected_clients().is_empty());
+    client.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p10_webhook_arrives_exactly_once_across_failures_and_a_hub_restart_and_verifies() {
+    let receiver = Receiver::start(vec![500, 503]).await;
+    let mut hub = TestHub::start_custom(
+        &[],
+        "[webhooks]\ndanger_allow_private_targets = true\nretry_initial_ms = 300\nretry_max_ms = 600\n",
+    )
+    .await;
+    let token = hub.token_with_webhook("acme", &receiver.url);
+    let key = token
+        .webhook_public_key
+        .clone()
+        .expect("a webhook key is printed");
+    let mut client = TestClient::enrol_with(&hub, &token, &[("db", "127.0.0.1:9".into())]).await;
+    client.start();
+    hub.wait_connected("acme").await;
+    admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap();
+    poll_until("the first failed delivery", SOON, || {
+        !receiver.deliveries().is_empty()
+    })
+    .await;
+    hub.restart().await;
+    poll_until("a successful delivery", SOON, || {
+        receiver.deliveries().iter().any(|d| d.status == 200)
+    })
+    .await;
+    // A second event after the first succeeded: once it is delivered, the outbox has run
+    // past the first one again — which must not have been sent a second time.
+    let token_b = hub.token_with_webhook("beta", &receiver.url);
+    let _b = TestClient::enrol_with(&hub, &token_b, &[("db", "127.0.0.1:9".into())]).await;
+    admin::revoke(&hub.state_dir(), "beta", "second event").unwrap();
+    poll_until("the second event delivered", SOON, || {
+        receiver
+            .deliveries()
+            .iter()
+            .filter(|d| d.status == 200)
+            .count()
+            == 2
+    })
+    .await;
+
+    let all = receiver.deliveries();
+    let first_id = all[0].headers["webhook-id"].clone();
+    let acme: Vec<_> = all
+        .iter()
+        .filter(|d| d.headers["webhook-id"] == first_id)
+        .collect();
+    let statuses: Vec<u16> = acme.iter().map(|d| d.status).collect();
+    assert_eq!(
+        statuses,
+        [500, 503, 200],
+        "retried with one id, acknowledged once"
+    );
+    assert!(all
+        .iter()
+        .all(|d| d.body == acme[0].body || d.headers["webhook-id"] != first_id));
+    let ok = acme[2];
+    let body: serde_json::Value = serde_json::from_slice(&ok.body).unwrap();
+    assert_eq!(body["type"], "client.revoked");
+    assert_eq!(
+        body["data"]["client"],
+        "spiffe://test.ewii.local/client/acme"
+    );
+    assert_eq!(body["data"]["reason"], "contract ended");
+    let ts = ok.headers["webhook-timestamp"].clone();
+    let sig = ok.headers["webhook-signature"].clone();
+    let now: i64 = ts.parse().unwrap();
+    assert_eq!(
+        ewii::webhook::verify(&key, &first_id, &ts, &sig, &ok.body, now),
+        Ok(())
+    );
+    let mut tampered = ok.body.clone();
+    tampered[10] ^= 1;
+    assert_eq!(
+        ewii::webhook::verify(&key, &first_id, &ts, &sig, &tampered, now),
+        Err(ewii::webhook::WebhookError::BadSignature)
+    );
+    assert_eq!(
+        ewii::webhook::verify(&key, &first_id, &ts, &sig, &ok.body, now + 301),
+        Err(ewii::webhook::WebhookError::Stale(301))
+    );
+    // The customer's verifier, as shipped.
+    let body_file = hub.dir.path().join("body.json");
+    std::fs::write(&body_file, &ok.body).unwrap();
+    let verify = |file: &std::path::Path| {
+        Command::new(bin_path("ewii-client"))
+            .args([
+                "verify-webhook",
+                "--key",
+                &key,
+                "--id",
+                &first_id,
+                "--timestamp",
+                &ts,
+            ])
+            .args(["--signature", &sig, "--body", file.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    assert_eq!(verify(&body_file).status.code(), Some(0));
+    std::fs::write(&body_file, &tampered).unwrap();
+    let bad = verify(&body_file);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("INVALID"));
+    // Both failures and the delivery are audited.
+    assert_eq!(count(&hub.audit, is(Event::WebhookFailed)), 2);
+    client.stop().await;
+}
+
+#[tokio::test]
+async fn p7_an_svid_that_expires_without_renewal_stops_the_client_plainly() {
+    let mut hub = TestHub::start_with(&[], 2).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    hub.stop().await; // the Hub is away for the SVID's whole lifetime
+    client.start();
+    let exit = client.ended(SOON).await.unwrap();
+    assert_eq!(exit, Exit::Expired);
+    let status = Status::read(&client.state_dir()).unwrap();
+    assert_eq!(status.state, State::Expired);
+    let r = client
+        .wait_audit("svid_expired", is(Event::SvidExpired))
+        .await;
+    assert!(r.reason.unwrap().contains("enrol again"));
+    // A restart says so at once.
+    let again = client.run_once(Duration::from_secs(2)).await;
+    assert!(
+        matches!(again, Err(ClientError::SvidExpired(_))),
+        "{again:?}"
+    );
+}
