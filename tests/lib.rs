@@ -161,7 +161,21 @@ impl TestHub {
             }
         }
         let config: HubConfig = toml.parse().unwrap();
-        let hub = Hub::bind(config, self.audit.clone()).await.unwrap();
+        // A stopped Hub's QUIC endpoint drains its connections for a moment (RFC 9000 §10.2)
+        // and holds the UDP port meanwhile; a restart on the same port waits for it.
+        let deadline = tokio::time::Instant::now() + SOON;
+        let hub = loop {
+            match Hub::bind(config.clone(), self.audit.clone()).await {
+                Ok(hub) => break hub,
+                Err(ewii::hub::HubError::Bind { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(POLL).await;
+                }
+                Err(e) => panic!("hub bind: {e}"),
+            }
+        };
         self.addr = hub.local_addr();
         self.handle = Some(hub.handle());
         self.service_addrs = self
@@ -206,7 +220,7 @@ impl TestHub {
         .unwrap()
     }
 
-    /// Stops the Hub and waits for it.
+    /// Stops the Hub and waits for it. The handle goes too: it keeps the UDP socket open.
     pub async fn stop(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
@@ -214,6 +228,7 @@ impl TestHub {
         if let Some(task) = self.task.take() {
             task.await.unwrap();
         }
+        self.handle = None;
     }
 
     /// Stops and starts again on the same UDP and service ports, with the same state.

@@ -533,3 +533,77 @@ async fn p7_an_svid_that_expires_without_renewal_stops_the_client_plainly() {
         "{again:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p15_the_ca_rotates_with_an_overlap_and_clients_follow_over_the_control_stream() {
+    use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
+
+    let echo = echo_server().await;
+    let mut hub = TestHub::start_with(&[Service::tcp("pg", "acme", "db")], 4).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    let first = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    client.start();
+    hub.wait_connected("acme").await;
+    let dir = client.state_dir();
+    let anchors = || store::read_certs(&dir.join(store::BUNDLE)).unwrap();
+    assert_eq!(anchors().len(), 1);
+
+    // 1. Prepare: the next CA is published; the live Client receives it on its control stream.
+    assert!(
+        admin::ca_retire(&hub.state_dir(), false).is_err(),
+        "nothing to retire yet"
+    );
+    admin::ca_prepare(&hub.state_dir()).unwrap();
+    client
+        .wait_audit("bundle update", |r| {
+            r.event == Event::BundleUpdated && r.reason.as_deref() == Some("2 trust anchor(s)")
+        })
+        .await;
+    assert_eq!(anchors().len(), 2);
+    let new_ca = anchors()[1].clone();
+
+    // 2. Activate: the Hub signs with the new CA. A fresh handshake now pairs a new-CA Hub
+    //    SVID with an old-CA Client SVID: the overlap lets both through.
+    admin::ca_activate(&hub.state_dir()).unwrap();
+    hub.restart().await;
+    hub.wait_connected("acme").await;
+    let data = b"during the overlap".to_vec();
+    let mut s = TcpStream::connect(hub.service("pg")).await.unwrap();
+    s.write_all(&data).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, data);
+
+    // 3. The Client's next renewal comes from the new CA.
+    let only_new = SpiffeVerifier::new(Bundle::new(vec![new_ca.clone()]), TD, Expect::Client);
+    poll_until("an SVID from the new CA", Duration::from_secs(20), || {
+        Svid::load(&dir, store::SVID_CERT, store::SVID_KEY)
+            .ok()
+            .is_some_and(|s| {
+                only_new
+                    .verify_chain(&s.chain[0], &[], rustls::pki_types::UnixTime::now())
+                    .is_ok()
+            })
+    })
+    .await;
+
+    // 4. Retire: allowed once no Client holds an old-CA SVID; the Client drops the old CA.
+    let state = hub.state_dir();
+    poll_until("retire to be allowed", Duration::from_secs(20), || {
+        admin::ca_retire(&state, false).is_ok()
+    })
+    .await;
+    client
+        .wait_audit("bundle of one", |r| {
+            r.event == Event::BundleUpdated && r.reason.as_deref() == Some("1 trust anchor(s)")
+        })
+        .await;
+    assert_eq!(anchors(), vec![new_ca]);
+    // The old-CA SVID is refused now; the Client keeps working.
+    assert!(raw_session(&hub, &first).await.is_none());
+    assert!(try_roundtrip(hub.service("pg"), b"after retirement")
+        .await
+        .is_ok());
+    client.stop().await;
+}

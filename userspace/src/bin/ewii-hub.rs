@@ -53,6 +53,11 @@ enum Command {
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         lifetime: Duration,
     },
+    /// Rotate the CA: prepare (publish the next CA), activate (sign with it), retire (drop the old).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Revoke a Client now: its live session closes within a second, it cannot come back,
     /// and the customer's webhook (if registered) is notified.
     Revoke {
@@ -86,6 +91,31 @@ enum Command {
         /// Configuration file (TOML).
         #[arg(long, env = "EWII_HUB_CONFIG", default_value = "/etc/ewii/hub.toml")]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Make the next CA and add it to the bundle pushed to every Client.
+    Prepare {
+        /// State directory.
+        #[arg(long, env = "EWII_HUB_STATE_DIR", default_value = "/var/lib/ewii-hub")]
+        state_dir: PathBuf,
+    },
+    /// Sign with the prepared CA from now on (the old one stays trusted).
+    Activate {
+        /// State directory.
+        #[arg(long, env = "EWII_HUB_STATE_DIR", default_value = "/var/lib/ewii-hub")]
+        state_dir: PathBuf,
+    },
+    /// Remove the old CA from the bundle.
+    Retire {
+        /// State directory.
+        #[arg(long, env = "EWII_HUB_STATE_DIR", default_value = "/var/lib/ewii-hub")]
+        state_dir: PathBuf,
+        /// Retire even if some Clients still hold SVIDs from the old CA (they will be refused).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -176,6 +206,30 @@ fn real_main() -> anyhow::Result<ExitCode> {
         } => {
             let id = admin::issue_workload_svid(&state_dir, &name, lifetime, &out)?;
             println!("issued {id} into {}", out.display());
+        }
+        Command::Ca { command } => {
+            match command {
+                CaCommand::Prepare { state_dir } => {
+                    let hash = admin::ca_prepare(&state_dir)?;
+                    println!("prepared the next CA ({hash}); it is in the bundle now.");
+                    println!("Give Clients time to receive it, then: ewii-hub ca activate");
+                }
+                CaCommand::Activate { state_dir } => {
+                    let hash = admin::ca_activate(&state_dir)?;
+                    println!("activated the new CA ({hash}); new tokens carry this bundle hash.");
+                    println!("After every Client has renewed (half an SVID lifetime): ewii-hub ca retire");
+                }
+                CaCommand::Retire { state_dir, force } => {
+                    let stale = admin::ca_retire(&state_dir, force)?;
+                    println!("retired the old CA; the bundle holds the signing CA only.");
+                    if !stale.is_empty() {
+                        println!(
+                            "forced: {} will be refused until re-enrolled",
+                            stale.join(", ")
+                        );
+                    }
+                }
+            }
         }
         Command::Revoke {
             state_dir,

@@ -20,6 +20,13 @@ pub const DB_FILE: &str = "hub.db";
 pub const HUB_CERT: &str = "hub.pem";
 /// The Hub's own SVID key (0600).
 pub const HUB_KEY: &str = "hub.key";
+/// The trust bundle (every CA the Hub trusts), when it differs from the signing CA alone.
+pub const BUNDLE_FILE: &str = "bundle.pem";
+/// A prepared next CA, published in the bundle but not yet signing.
+pub const NEXT_CA_CERT: &str = "ca-next.pem";
+/// Its key.
+pub const NEXT_CA_KEY: &str = "ca-next.key";
+
 /// Lifetime of the Hub's own SVID; `ewii-hub run` renews it when less than a third is left.
 pub const HUB_SVID_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
 
@@ -211,6 +218,102 @@ pub fn clients(state_dir: &Path) -> Result<Vec<ClientRow>, HubError> {
     Ok(Db::open(&state_dir.join(DB_FILE))?.clients()?)
 }
 
+/// `ewii-hub ca prepare`: makes the next CA and publishes it in the bundle beside the current
+/// one. A running Hub pushes the bundle to every live Client within a second; Clients then
+/// trust both. Returns the new CA's bundle hash.
+pub fn ca_prepare(state_dir: &Path) -> Result<String, HubError> {
+    let ca = Ca::load(state_dir).map_err(ident(state_dir))?;
+    if state_dir.join(NEXT_CA_KEY).exists() {
+        return Err(HubError::Usage(
+            "a next CA is prepared already; run `ewii-hub ca activate`".into(),
+        ));
+    }
+    let td = ca_trust_domain(&ca).map_err(ident(state_dir))?;
+    let next = Ca::generate(&td).map_err(ident(state_dir))?;
+    next.save_as(state_dir, NEXT_CA_CERT, NEXT_CA_KEY)
+        .map_err(ident(state_dir))?;
+    let mut bundle = current_bundle(state_dir, &ca)?;
+    bundle.push(next.cert().clone());
+    write_bundle(state_dir, &bundle)?;
+    touch(state_dir, "ca_prepared_at")?;
+    Ok(bundle_hash(next.cert()))
+}
+
+/// `ewii-hub ca activate`: the prepared CA becomes the signing CA and issues a new Hub SVID.
+/// Clients keep working: the bundle still holds both CAs, and their SVIDs move to the new CA
+/// at their next renewal.
+pub fn ca_activate(state_dir: &Path) -> Result<String, HubError> {
+    let next = Ca::load_from(state_dir, NEXT_CA_CERT, NEXT_CA_KEY)
+        .map_err(|_| HubError::Usage("no prepared CA; run `ewii-hub ca prepare` first".into()))?;
+    let old = Ca::load(state_dir).map_err(ident(state_dir))?;
+    let bundle = current_bundle(state_dir, &old)?;
+    if !bundle.contains(next.cert()) {
+        return Err(HubError::Usage(
+            "the prepared CA is not in the bundle; run `ewii-hub ca prepare` again".into(),
+        ));
+    }
+    old.save_as(state_dir, "ca-previous.pem", "ca-previous.key")
+        .map_err(ident(state_dir))?;
+    next.save(state_dir).map_err(ident(state_dir))?;
+    let _ = std::fs::remove_file(state_dir.join(NEXT_CA_KEY));
+    let _ = std::fs::remove_file(state_dir.join(NEXT_CA_CERT));
+    issue_hub_svid(state_dir, &next).map_err(ident(state_dir))?;
+    touch(state_dir, "ca_activated_at")?;
+    Ok(bundle_hash(next.cert()))
+}
+
+/// `ewii-hub ca retire`: removes every CA but the signing one from the bundle. Refused while
+/// a Client still holds an SVID issued before the last activation (it would be locked out),
+/// unless `force`.
+pub fn ca_retire(state_dir: &Path, force: bool) -> Result<Vec<String>, HubError> {
+    let ca = Ca::load(state_dir).map_err(ident(state_dir))?;
+    let db = Db::open(&state_dir.join(DB_FILE))?;
+    let activated = db
+        .meta("ca_activated_at")?
+        .ok_or_else(|| HubError::Usage("no CA was activated; nothing to retire".into()))?;
+    let stale = db.clients_with_serials_before(activated)?;
+    if !stale.is_empty() && !force {
+        return Err(HubError::Usage(format!(
+            "client(s) {} still hold an SVID from the old CA; wait for their renewal (half an SVID lifetime) or use --force",
+            stale.join(", ")
+        )));
+    }
+    write_bundle(state_dir, std::slice::from_ref(ca.cert()))?;
+    touch(state_dir, "ca_retired_at")?;
+    Ok(stale)
+}
+
+fn current_bundle(
+    state_dir: &Path,
+    ca: &Ca,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, HubError> {
+    let path = state_dir.join(BUNDLE_FILE);
+    if path.exists() {
+        store::read_certs(&path).map_err(ident(state_dir))
+    } else {
+        Ok(vec![ca.cert().clone()])
+    }
+}
+
+fn write_bundle(
+    state_dir: &Path,
+    anchors: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<(), HubError> {
+    store::write_file(
+        &state_dir.join(BUNDLE_FILE),
+        store::Pem::certs(anchors).as_bytes(),
+        0o644,
+    )
+    .map_err(ident(state_dir))
+}
+
+/// Records when a CA step happened; the write also wakes a running Hub's watcher.
+fn touch(state_dir: &Path, key: &str) -> Result<(), HubError> {
+    let now = crate::now_timestamp().unix_secs() as i64;
+    Db::open(&state_dir.join(DB_FILE))?.set_meta(key, now)?;
+    Ok(())
+}
+
 /// Loads the Hub SVID, issuing a fresh one when it is missing or has less than a third of
 /// its lifetime left.
 pub fn load_or_renew_hub_svid(dir: &Path, ca: &Ca) -> Result<Svid, IdentityError> {
@@ -221,7 +324,8 @@ pub fn load_or_renew_hub_svid(dir: &Path, ca: &Ca) -> Result<Svid, IdentityError
             .first()
             .and_then(|c| inspect_leaf(c).ok())
             .is_some_and(|l| l.not_after - now > HUB_SVID_LIFETIME.as_secs() as i64 / 3);
-        if fresh {
+        let from_this_ca = svid.chain.get(1) == Some(ca.cert());
+        if fresh && from_this_ca {
             return Ok(svid);
         }
     }

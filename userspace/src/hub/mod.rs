@@ -5,6 +5,8 @@
 //! - `watch`: notices revocations made by `ewii-hub revoke` (another process) and Clients
 //!   silent past their grace, and closes or revokes them.
 //! - `outbox`: delivers signed webhooks from the persisted outbox, with retries.
+//! - `trust`: the bundle and the TLS configurations built from it; reloaded live when
+//!   `ewii-hub ca prepare|activate|retire` changes them.
 //! - this module: [`Hub`], which binds the QUIC endpoint and the service listeners and runs
 //!   until its shutdown future resolves. Tests start it in-process on port 0.
 //!
@@ -17,13 +19,14 @@ pub mod admin;
 mod outbox;
 mod query;
 pub mod state;
+mod trust;
 mod watch;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ewii_common::audit::{Event, Outcome};
@@ -39,7 +42,7 @@ use crate::audit::Audit;
 use crate::config::{HubConfig, ServiceConfig, WebhookConfig};
 use crate::identity::ca::Ca;
 use crate::identity::inspect_leaf;
-use crate::identity::verify::{Bundle, Expect, SpiffeVerifier};
+use crate::identity::verify::Bundle;
 use crate::transport::{self, codes, FrameReader};
 use crate::webhook::WebhookKey;
 use state::{Db, SessionRow, StateError, TokenRefusal};
@@ -84,13 +87,17 @@ pub(crate) struct Session {
     pub(crate) id: u64,
     pub(crate) conn: quinn::Connection,
     pub(crate) spiffe_id: SpiffeId,
+    /// Control messages the Hub pushes (bundle updates), written by the session task.
+    pub(crate) push: tokio::sync::mpsc::UnboundedSender<Control>,
 }
 
 /// What the Hub shares between its tasks.
-#[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) trust_domain: String,
-    pub(crate) ca: Ca,
+    pub(crate) state_dir: std::path::PathBuf,
+    pub(crate) ca: RwLock<Arc<Ca>>,
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) service_tls: RwLock<tokio_rustls::TlsAcceptor>,
     pub(crate) db: Arc<Db>,
     pub(crate) audit: Audit,
     pub(crate) svid_lifetime: Duration,
@@ -101,9 +108,34 @@ pub(crate) struct Inner {
     pub(crate) webhook_key: WebhookKey,
 }
 
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("trust_domain", &self.trust_domain)
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Inner {
     pub(crate) fn session_for(&self, client: &str) -> Option<Session> {
         self.sessions.lock().ok()?.get(client).cloned()
+    }
+
+    /// The signing CA now (it changes on `ewii-hub ca activate`).
+    pub(crate) fn ca(&self) -> Arc<Ca> {
+        match self.ca.read() {
+            Ok(ca) => ca.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The acceptor for TLS service listeners now.
+    pub(crate) fn service_tls(&self) -> tokio_rustls::TlsAcceptor {
+        match self.service_tls.read() {
+            Ok(a) => a.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 }
 
@@ -133,15 +165,13 @@ impl HubHandle {
 /// A bound, not yet running Hub.
 pub struct Hub {
     inner: Arc<Inner>,
-    endpoint: quinn::Endpoint,
     services: Vec<(ServiceConfig, TcpListener, SocketAddr)>,
-    tls_acceptor: tokio_rustls::TlsAcceptor,
 }
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
-            .field("listen", &self.endpoint.local_addr().ok())
+            .field("listen", &self.inner.endpoint.local_addr().ok())
             .field("trust_domain", &self.inner.trust_domain)
             .finish()
     }
@@ -165,31 +195,15 @@ impl Hub {
         let db = Arc::new(Db::open(&dir.join(admin::DB_FILE))?);
         db.clear_sessions()?;
         let webhook_key = WebhookKey::load_or_create(dir).map_err(ident)?;
-        let bundle = Bundle::new(vec![ca.cert().clone()]);
-
-        let client_verifier = SpiffeVerifier::new(bundle.clone(), &trust_domain, Expect::Client)
-            .with_serial_check(db.clone())
-            .with_audit(audit.clone())
-            .optional();
-        let tls = transport::tls_server_config(
-            &hub_svid,
-            Arc::new(client_verifier),
-            &[frame::ALPN, frame::ENROLL_ALPN],
-        )?;
-        let server_config = transport::quic_server_config(tls)?;
+        let bundle = Bundle::new(trust::load_bundle(dir, &ca).map_err(ident)?);
+        let (server_config, tls_acceptor) =
+            trust::server_configs(&hub_svid, &bundle, &trust_domain, &db, &audit)?;
         let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
             HubError::Bind {
                 addr: config.listen,
                 source,
             }
         })?;
-
-        let workload_verifier =
-            SpiffeVerifier::new(bundle.clone(), &trust_domain, Expect::Workload)
-                .with_audit(audit.clone());
-        let service_tls =
-            transport::tls_server_config(&hub_svid, Arc::new(workload_verifier), &[])?;
-        let tls_acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(service_tls));
 
         let mut services = Vec::new();
         for svc in &config.services {
@@ -209,7 +223,10 @@ impl Hub {
         Ok(Self {
             inner: Arc::new(Inner {
                 trust_domain,
-                ca,
+                state_dir: dir.clone(),
+                ca: RwLock::new(Arc::new(ca)),
+                endpoint,
+                service_tls: RwLock::new(tls_acceptor),
                 db,
                 audit,
                 svid_lifetime: config.svid_lifetime,
@@ -219,15 +236,14 @@ impl Hub {
                 webhooks: config.webhooks.clone(),
                 webhook_key,
             }),
-            endpoint,
             services,
-            tls_acceptor,
         })
     }
 
     /// The UDP address Clients dial.
     pub fn local_addr(&self) -> SocketAddr {
-        self.endpoint
+        self.inner
+            .endpoint
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
@@ -247,12 +263,8 @@ impl Hub {
 
     /// Serves until `shutdown` resolves; then closes every connection and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), HubError> {
-        let Self {
-            inner,
-            endpoint,
-            services,
-            tls_acceptor,
-        } = self;
+        let Self { inner, services } = self;
+        let endpoint = inner.endpoint.clone();
         // Listeners never end by themselves; connections do once the endpoint closes.
         let mut listeners = JoinSet::new();
         let mut connections = JoinSet::new();
@@ -265,8 +277,7 @@ impl Hub {
         ));
         inner.audit.emit(r);
         for (svc, listener, _) in services {
-            let tls = svc_tls(&svc, &tls_acceptor);
-            listeners.spawn(query::serve(inner.clone(), svc, listener, tls));
+            listeners.spawn(query::serve(inner.clone(), svc, listener));
         }
         listeners.spawn(watch::watch(inner.clone()));
         listeners.spawn(outbox::deliver(inner.clone()));
@@ -297,16 +308,6 @@ impl Hub {
         inner.audit.emit(inner.audit.record(Event::Stopped));
         inner.audit.flush();
         Ok(())
-    }
-}
-
-fn svc_tls(
-    svc: &ServiceConfig,
-    acceptor: &tokio_rustls::TlsAcceptor,
-) -> Option<tokio_rustls::TlsAcceptor> {
-    match svc.mode {
-        crate::config::ServiceMode::Tls => Some(acceptor.clone()),
-        crate::config::ServiceMode::Tcp { .. } => None,
     }
 }
 
@@ -410,7 +411,7 @@ fn issue_for_token(
         Ok(id) => id,
         Err(e) => return refuse(format!("bad client name in token record: {e}")),
     };
-    let issued = match inner.ca.sign_csr(csr, &id, inner.svid_lifetime) {
+    let issued = match inner.ca().sign_csr(csr, &id, inner.svid_lifetime) {
         Ok(issued) => issued,
         Err(e) => return refuse(format!("CSR refused: {e}")),
     };
@@ -423,7 +424,7 @@ fn issue_for_token(
     (
         Enrol::Issued {
             chain: vec![issued.der.to_vec()],
-            bundle: vec![inner.ca.cert().to_vec()],
+            bundle: inner.bundle.anchors().iter().map(|c| c.to_vec()).collect(),
         },
         Ok((id, issued.serial)),
     )
@@ -521,6 +522,7 @@ async fn session(
         }
         Err(e) => tracing::error!(error = %e, "cannot retire older serials"),
     }
+    let (push, mut pushed) = tokio::sync::mpsc::unbounded_channel::<Control>();
     if let Ok(mut sessions) = inner.sessions.lock() {
         sessions.insert(
             name.clone(),
@@ -528,6 +530,7 @@ async fn session(
                 id: session_id,
                 conn: conn.clone(),
                 spiffe_id: leaf.id.clone(),
+                push,
             },
         );
     }
@@ -578,6 +581,11 @@ async fn session(
                 }
                 Err(e) => break format!("control stream: {e}"),
             },
+            Some(msg) = pushed.recv() => {
+                if transport::write_frame(&mut send, &msg).await.is_err() {
+                    break "control stream write failed".to_string();
+                }
+            }
             e = conn.closed() => break lost_reason(&e),
         }
     };
@@ -619,7 +627,7 @@ fn renew(
         Err("revoked clients get no renewal".to_string())
     } else {
         inner
-            .ca
+            .ca()
             .sign_csr(csr, &leaf.id, inner.svid_lifetime)
             .map_err(|e| format!("renewal CSR refused: {e}"))
             .and_then(|issued| {

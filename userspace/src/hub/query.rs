@@ -24,19 +24,16 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts requesters on one service listener until the task is aborted.
-pub(super) async fn serve(
-    inner: Arc<Inner>,
-    svc: ServiceConfig,
-    listener: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) {
+pub(super) async fn serve(inner: Arc<Inner>, svc: ServiceConfig, listener: TcpListener) {
     let svc = Arc::new(svc);
     let mut queries = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    queries.spawn(query(inner.clone(), svc.clone(), tcp, peer, tls.clone()));
+                    // The acceptor is fetched per connection: a CA rotation replaces it.
+                    let tls = matches!(svc.mode, ServiceMode::Tls).then(|| inner.service_tls());
+                    queries.spawn(query(inner.clone(), svc.clone(), tcp, peer, tls));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.

@@ -127,6 +127,10 @@ CREATE TABLE IF NOT EXISTS clients (
     revoke_reason TEXT,
     last_seen INTEGER
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS sessions (
     client TEXT PRIMARY KEY,
     session_id INTEGER NOT NULL,
@@ -358,6 +362,40 @@ impl Db {
                 params![client, now],
             )
             .map(|_| ())
+        })
+    }
+
+    /// Sets a bookkeeping value (and so tells a running Hub that something changed).
+    pub fn set_meta(&self, key: &str, value: i64) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// A bookkeeping value.
+    pub fn meta(&self, key: &str) -> Result<Option<i64>, StateError> {
+        self.with(|c| {
+            c.query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get(0)
+            })
+            .optional()
+        })
+    }
+
+    /// Clients (not revoked) holding a serial issued at or before `ts` (same-second issues
+    /// count as old: the running Hub may not have switched CA yet).
+    pub fn clients_with_serials_before(&self, ts: i64) -> Result<Vec<String>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT DISTINCT s.client FROM serials s JOIN clients c ON c.name = s.client
+                 WHERE s.retired = 0 AND c.revoked_at IS NULL AND s.issued_at <= ?1 ORDER BY s.client",
+            )?;
+            let rows = stmt.query_map(params![ts], |r| r.get(0))?;
+            rows.collect()
         })
     }
 

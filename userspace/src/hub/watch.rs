@@ -24,6 +24,7 @@ pub(super) async fn watch(inner: Arc<Inner>) {
         if now != version {
             version = now;
             close_revoked(&inner);
+            super::trust::reload(&inner);
         }
         if let Some(grace) = inner.revoke_after_lost {
             revoke_silent(&inner, grace);

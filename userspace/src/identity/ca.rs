@@ -84,26 +84,50 @@ impl Ca {
 
     /// Loads `ca.pem` and `ca.key` from `dir`.
     pub fn load(dir: &Path) -> Result<Self, IdentityError> {
-        let cert = store::read_certs(&dir.join("ca.pem"))?
+        Self::load_from(dir, "ca.pem", "ca.key")
+    }
+
+    /// Loads a CA from `cert_file` and `key_file` in `dir`.
+    pub fn load_from(dir: &Path, cert_file: &str, key_file: &str) -> Result<Self, IdentityError> {
+        let cert = store::read_certs(&dir.join(cert_file))?
             .into_iter()
             .next()
-            .ok_or_else(|| IdentityError::Pem(dir.join("ca.pem")))?;
-        let key = store::read_key_pair(&dir.join("ca.key"))?;
+            .ok_or_else(|| IdentityError::Pem(dir.join(cert_file)))?;
+        let key = store::read_key_pair(&dir.join(key_file))?;
+        // A key that does not match the certificate (a half-replaced pair) would sign
+        // certificates nobody can verify: refuse it.
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
+            .map_err(|_| IdentityError::Pem(dir.join(cert_file)))?;
+        if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
+            return Err(IdentityError::NotSvid(format!(
+                "{key_file} does not match {cert_file}"
+            )));
+        }
         let issuer = Issuer::from_ca_cert_der(&cert, key)?;
         Ok(Self { cert, issuer })
     }
 
     /// Writes `ca.pem` and `ca.key` (0600) into `dir`.
     pub fn save(&self, dir: &Path) -> Result<(), IdentityError> {
+        self.save_as(dir, "ca.pem", "ca.key")
+    }
+
+    /// Writes the certificate and the key (0600, first) under the given names.
+    pub fn save_as(
+        &self,
+        dir: &Path,
+        cert_file: &str,
+        key_file: &str,
+    ) -> Result<(), IdentityError> {
         store::write_file(
-            &dir.join("ca.pem"),
-            Pem::certs(std::slice::from_ref(&self.cert)).as_bytes(),
-            0o644,
-        )?;
-        store::write_file(
-            &dir.join("ca.key"),
+            &dir.join(key_file),
             self.issuer.key().serialize_pem().as_bytes(),
             0o600,
+        )?;
+        store::write_file(
+            &dir.join(cert_file),
+            Pem::certs(std::slice::from_ref(&self.cert)).as_bytes(),
+            0o644,
         )
     }
 
