@@ -54,6 +54,10 @@ pub enum Event {
     WebhookFailed,
     /// The SVID expired without renewal: the Client needs a new enrolment.
     SvidExpired,
+    /// Which kernel layers are active and what their self-tests saw.
+    Enforcement,
+    /// The kernel refused a connection or packet from the Client's cgroup.
+    KernelDenied,
 }
 
 /// How an event ended.

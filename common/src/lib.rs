@@ -9,6 +9,7 @@
 //! - [`policy`]: the install-time allow-list — parsing, validation and the per-query decision.
 //! - [`spiffe`]: SPIFFE IDs in canonical form and the path rules for Hub and Client identities.
 //! - [`backoff`]: full-jitter exponential backoff with the randomness passed in.
+//! - [`egress`]: the kernel egress lock's rules and map keys (mirrors `ebpf/egress.h`).
 //! - [`session`]: the Client's link state machine (dial, up, lost, back off, revoked).
 //! - [`audit`]: audit record types and their one-line JSON rendering.
 //! - [`time`]: UTC timestamps rendered as RFC 3339 with microseconds.
@@ -17,6 +18,7 @@
 
 pub mod audit;
 pub mod backoff;
+pub mod egress;
 pub mod frame;
 pub mod policy;
 pub mod session;

@@ -9,17 +9,21 @@
 //! - [`transport`]: rustls and quinn configuration (TLS 1.3, ChaCha20-Poly1305 only), frame I/O
 //!   on QUIC streams, and the byte pipe between a TCP socket and a QUIC stream.
 //! - [`audit`]: audit sinks (stdout, file, in-memory tap), written by a dedicated thread.
+//! - [`enforce`]: kernel layers under the Dialer — Landlock, seccomp, the eBPF egress lock —
+//!   and their self-proofs. The only module with `unsafe` code.
 //! - [`hub`]: the Hub: QUIC listener, enrolment, sessions, service listeners, SQLite state.
 //! - [`client`]: the Client: enrolment, the reconnecting session, the [`client::dialer`],
 //!   and the status file read by `ewii-client status` and `health`.
 //! - [`quickstart`]: the self-contained demo run by `ewii-quickstart`.
 //! - [`signal`]: SIGTERM/SIGINT as a shutdown future.
 //! - [`webhook`]: Standard Webhooks signing (Ed25519 `v1a`), verification, target checks.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod audit;
 pub mod client;
 pub mod config;
+#[allow(unsafe_code)] // raw syscalls of the probes and the eBPF map types; nowhere else
+pub mod enforce;
 pub mod hub;
 pub mod identity;
 pub mod quickstart;

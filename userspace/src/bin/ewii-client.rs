@@ -3,7 +3,8 @@
 //!
 //! Exit status: 0 stopped; 1 error; 2 bad configuration; 3 not enrolled, enrolment refused, or
 //! SVID expired (enrol again);
-//! 10 revoked by the Hub (a restart exits 10 again at once, without touching the network).
+//! 4 the kernel enforcement required by the config is unavailable; 10 revoked by the Hub (a
+//! restart exits 10 again at once, without touching the network).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,6 +13,7 @@ use clap::{Parser, Subcommand};
 use ewii::audit::{Audit, AuditOutput};
 use ewii::client::{self, status::Status, ClientError, Exit};
 use ewii::config::{self, ClientConfig, HubAddress};
+use ewii::enforce;
 use ewii::identity::parse_bundle_hash;
 use ewii_common::audit::Side;
 
@@ -19,6 +21,8 @@ use ewii_common::audit::Side;
 const EXIT_REVOKED: u8 = 10;
 const EXIT_CONFIG: u8 = 2;
 const EXIT_NOT_ENROLLED: u8 = 3;
+/// Exit status when `enforcement.require` cannot be met.
+const EXIT_ENFORCEMENT: u8 = 4;
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +58,16 @@ enum Command {
         /// Configuration file (TOML).
         #[arg(long, env = "EWII_CONFIG", default_value = "/etc/ewii/client.toml")]
         config: PathBuf,
+    },
+    /// Install the kernel layers as `run` would, then try what the policy forbids and print
+    /// what the kernel answered (JSON). Run it in the Client's container to see the lock work.
+    ProbeEnforcement {
+        /// Configuration file (TOML).
+        #[arg(long, env = "EWII_CONFIG", default_value = "/etc/ewii/client.toml")]
+        config: PathBuf,
+        /// Layers to install, comma-separated.
+        #[arg(long, default_value = "ebpf,landlock,seccomp", value_delimiter = ',')]
+        layers: Vec<String>,
     },
     /// Print the Client's state (from the status file).
     Status {
@@ -104,6 +118,7 @@ fn main() -> ExitCode {
             block_on(async move { enroll(&hub, &token, &bundle_hash, &state_dir, &audit).await })
         }
         Command::Run { config } => run(&config),
+        Command::ProbeEnforcement { config, layers } => probe_enforcement(&config, &layers),
         Command::Status { state_dir } => match Status::read(&state_dir) {
             Ok(status) => {
                 println!(
@@ -185,15 +200,41 @@ fn run(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(EXIT_CONFIG, format!("{}: {e}", path.display())),
     };
-    let audit = match Audit::open(Side::Client, &config.audit) {
-        Ok(a) => a,
-        Err(e) => return fail(1, format!("opening the audit sink: {e}")),
-    };
     eprintln!("ewii-client: hub {}", config.hub);
     eprintln!("ewii-client: effective allow-list (the only destinations this Client dials):");
     for line in client::describe_allow_list(&config) {
         eprintln!("  {line}");
     }
+    // The kernel layers go in before any other thread exists (Landlock binds the calling
+    // thread and the threads it creates; the audit writer and the runtime come after).
+    let (report, denies) = match enforce::Plan::for_config(&config) {
+        Ok(plan) => enforce::install(&plan, &enforce::ALL_LAYERS),
+        Err(e) => {
+            let mut report = enforce::Report::default();
+            report.layers.push(enforce::Layer {
+                name: "plan".into(),
+                active: false,
+                covers: "kernel layers".into(),
+                detail: e.to_string(),
+            });
+            (report, None)
+        }
+    };
+    for layer in &report.layers {
+        eprintln!(
+            "ewii-client: {} {}: {}",
+            layer.name,
+            if layer.active { "active" } else { "inactive" },
+            layer.detail
+        );
+    }
+    if let Err(e) = report.check(config.require) {
+        return fail(EXIT_ENFORCEMENT, e.to_string());
+    }
+    let audit = match Audit::open(Side::Client, &config.audit) {
+        Ok(a) => a,
+        Err(e) => return fail(1, format!("opening the audit sink: {e}")),
+    };
     block_on(async move {
         let token = std::env::var("EWII_TOKEN").ok();
         let hash = std::env::var("EWII_BUNDLE_HASH").ok();
@@ -208,7 +249,8 @@ fn run(path: &Path) -> ExitCode {
                 return code;
             }
         }
-        match client::run(config, audit, ewii::signal::terminate()).await {
+        let stopped = ewii::signal::terminate();
+        match client::run_enforced(config, audit, report, denies, stopped).await {
             Ok(Exit::Stopped) => ExitCode::SUCCESS,
             Ok(Exit::Revoked { reason }) => fail(
                 EXIT_REVOKED,
@@ -224,6 +266,48 @@ fn run(path: &Path) -> ExitCode {
             Err(e) => fail(1, e.to_string()),
         }
     })
+}
+
+fn probe_enforcement(path: &Path, layers: &[String]) -> ExitCode {
+    let config: ClientConfig = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_CONFIG, format!("{}: {e}", path.display())),
+    };
+    let plan = match enforce::Plan::for_config(&config) {
+        Ok(p) => p,
+        Err(e) => return fail(EXIT_CONFIG, e.to_string()),
+    };
+    let layers: Vec<&str> = layers.iter().map(String::as_str).collect();
+    let (report, denies) = enforce::install(&plan, &layers);
+    let probes = enforce::matrix(&plan);
+    let mut result = serde_json::json!({
+        "layers": report.layers,
+        "links_pinned": report.links_pinned,
+        "probes": probes,
+    });
+    if let Some(mut src) = denies {
+        let audit = match Audit::open_with_tap(Side::Client, &AuditOutput::Discard) {
+            Ok(a) => a,
+            Err(e) => return fail(1, e.to_string()),
+        };
+        let records: Vec<serde_json::Value> = src
+            .drain()
+            .iter()
+            .filter_map(|e| {
+                serde_json::from_str(&enforce::deny_record(&audit, e).to_json_line()).ok()
+            })
+            .collect();
+        result["kernel_denied"] = serde_json::Value::Array(records);
+        result["counters"] = serde_json::json!(src
+            .counters()
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>());
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&result).unwrap_or_default()
+    );
+    ExitCode::SUCCESS
 }
 
 fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {

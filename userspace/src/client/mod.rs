@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use crate::audit::Audit;
 use crate::config::{ClientConfig, OnStop};
+use crate::enforce::{DenySource, Report};
 use crate::identity::ca::new_key_and_csr;
 use crate::identity::store::{self, Svid};
 use crate::identity::verify::{Bundle, Expect, SpiffeVerifier};
@@ -98,6 +99,32 @@ struct Ctx {
     identity: RwLock<Arc<Identity>>,
     bundle: Bundle,
     dialer: Dialer,
+    enforcement: Report,
+    /// Latest per-hook kernel refusal counts.
+    denied: std::sync::Mutex<Vec<(String, u64)>>,
+}
+
+/// How often the eBPF ring buffer is read.
+const DENY_POLL: Duration = Duration::from_millis(200);
+
+/// Turns kernel refusals into `kernel_denied` audit records, and keeps the counters current.
+async fn watch_denies(ctx: Arc<Ctx>, mut src: Box<dyn DenySource>) {
+    let mut tick = tokio::time::interval(DENY_POLL);
+    loop {
+        tick.tick().await;
+        for e in src.drain() {
+            let mut r = crate::enforce::deny_record(&ctx.audit, &e);
+            r.client = Some(ctx.client_id());
+            ctx.audit.emit(r);
+        }
+        if let Ok(mut d) = ctx.denied.lock() {
+            *d = src
+                .counters()
+                .into_iter()
+                .map(|(h, n)| (h.to_owned(), n))
+                .collect();
+        }
+    }
 }
 
 impl Ctx {
@@ -114,10 +141,23 @@ impl Ctx {
     }
 }
 
-/// Runs the Client until `shutdown` resolves, the Hub revokes it, or its SVID expires.
+/// Runs the Client until `shutdown` resolves, the Hub revokes it, or its SVID expires. No
+/// kernel layer is installed (that is the binary's job, before its runtime starts).
 pub async fn run(
     config: ClientConfig,
     audit: Audit,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Exit, ClientError> {
+    run_enforced(config, audit, Report::library(), None, shutdown).await
+}
+
+/// [`run`], with the kernel layers already installed: `report` goes to the status file and
+/// the audit, and `denies` (the eBPF ring buffer) becomes `kernel_denied` audit records.
+pub async fn run_enforced(
+    config: ClientConfig,
+    audit: Audit,
+    report: Report,
+    denies: Option<Box<dyn DenySource>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Exit, ClientError> {
     let dir = config.state_dir.clone();
@@ -146,7 +186,10 @@ pub async fn run(
         config,
         audit,
         identity: RwLock::new(Arc::new(Identity { svid, leaf })),
+        enforcement: report,
+        denied: std::sync::Mutex::new(Vec::new()),
     });
+    let watcher = denies.map(|src| tokio::spawn(watch_denies(ctx.clone(), src)));
     let mut started = ctx.audit.record(Event::Started);
     started.client = Some(ctx.client_id());
     started.peer = Some(ctx.config.hub.to_string());
@@ -156,7 +199,11 @@ pub async fn run(
     ));
     ctx.audit.emit(started);
 
+    ctx.enforcement.audit(&ctx.audit);
     let exit = drive(&ctx, shutdown).await;
+    if let Some(w) = watcher {
+        w.abort();
+    }
     let mut stopped = ctx.audit.record(Event::Stopped);
     stopped.client = Some(ctx.client_id());
     stopped.reason = Some(format!("{exit:?}"));
@@ -779,6 +826,8 @@ fn write_status(
         allow_list: allow_list_lines(&ctx.config),
         failures,
         last_error: last_error.clone(),
+        enforcement: ctx.enforcement.clone(),
+        kernel_denied: ctx.denied.lock().map(|d| d.clone()).unwrap_or_default(),
     }
     .write(&ctx.config.state_dir);
 }

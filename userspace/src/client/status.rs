@@ -57,6 +57,12 @@ pub struct Status {
     pub failures: u32,
     /// Last error, if any.
     pub last_error: Option<String>,
+    /// Which kernel layers are active, what each covers, what its self-test saw.
+    #[serde(default)]
+    pub enforcement: crate::enforce::Report,
+    /// Kernel refusals per eBPF hook since start.
+    #[serde(default)]
+    pub kernel_denied: Vec<(String, u64)>,
 }
 
 impl Status {

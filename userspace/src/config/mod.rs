@@ -157,6 +157,8 @@ pub struct ClientConfig {
     pub on_stop: OnStop,
     /// Timeout of one TCP connect to a destination.
     pub connect_timeout: Duration,
+    /// What the kernel must enforce before the Client starts.
+    pub require: crate::enforce::Require,
 }
 
 #[derive(Deserialize)]
@@ -174,6 +176,15 @@ struct RawClient {
     connect_timeout_ms: u64,
     #[serde(default)]
     allow: Vec<RawAllow>,
+    #[serde(default)]
+    enforcement: RawEnforcement,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEnforcement {
+    #[serde(default)]
+    require: crate::enforce::Require,
 }
 
 #[derive(Deserialize, Default)]
@@ -237,6 +248,7 @@ impl FromStr for ClientConfig {
             allow,
             on_stop: raw.on_stop,
             connect_timeout: Duration::from_millis(raw.connect_timeout_ms),
+            require: raw.enforcement.require,
         })
     }
 }

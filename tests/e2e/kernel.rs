@@ -1,0 +1,375 @@
+//! Kernel enforcement, for real (P6, P13, P16): the eBPF egress lock attached to a fresh child
+//! cgroup, the unprivileged Landlock + seccomp layers as uid 65534, and `require = "kernel"`.
+//!
+//! These need root (cgroup and BPF). Without it they print `SKIPPED: …` — unless
+//! `EWII_REQUIRE_PRIVILEGED=1` (set by `.ci/run`), which turns the skip into a failure.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use ewii_common::audit::Event;
+use ewii_tests::*;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// `Some(reason)` when this process cannot run privileged tests.
+fn lacking_privilege() -> Option<String> {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid_root = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .is_some_and(|l| l.split_whitespace().nth(2) == Some("0"));
+    if !euid_root {
+        return Some("not root".into());
+    }
+    if cgroup2_mount().is_none() {
+        return Some("cgroup2 is not mounted".into());
+    }
+    None
+}
+
+macro_rules! privileged {
+    () => {
+        if let Some(why) = lacking_privilege() {
+            assert!(
+                !require("EWII_REQUIRE_PRIVILEGED"),
+                "EWII_REQUIRE_PRIVILEGED=1 but this test cannot run: {why}"
+            );
+            println!("SKIPPED: {why}");
+            return;
+        }
+    };
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let mi = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mi.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let mount = pre.split_whitespace().nth(4)?;
+        (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount))
+    })
+}
+
+/// A fresh child cgroup, removed on drop.
+struct Cgroup(PathBuf);
+
+impl Cgroup {
+    fn new() -> Self {
+        let name = format!("ewii-test-{}-{}", std::process::id(), rand_suffix());
+        let path = cgroup2_mount().unwrap().join(name);
+        fs::create_dir(&path).unwrap();
+        Self(path)
+    }
+
+    /// `sh -c 'join the cgroup; exec …'`: the program starts inside it.
+    fn command(&self, program: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+            .arg(&self.0)
+            .arg(program)
+            .args(args);
+        c
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Its processes have exited by now; a cgroup without processes can be removed.
+        for _ in 0..100 {
+            if fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+}
+
+/// A directory and config readable by uid 65534.
+fn world_readable_config(allow: &str, hub: &str, extra: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("client.toml");
+    fs::write(
+        &path,
+        format!(
+            "hub = \"{hub}\"\nstate_dir = {:?}\n{extra}\n[[allow]]\nname = \"db\"\naddress = \"{allow}\"\n",
+            dir.path().join("state")
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    (dir, path)
+}
+
+fn json(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p16_the_ebpf_lock_refuses_everything_outside_the_policy_with_eperm() {
+    privileged!();
+    let (allowed, _accepted) = counting_listener().await;
+    let (_dir, config) = world_readable_config(&allowed.to_string(), "127.0.0.1:47443", "");
+    let cg = Cgroup::new();
+    let bin = bin_path("ewii-client");
+    let cfg = config.to_str().unwrap().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        cg.command(
+            &bin,
+            &["probe-enforcement", "--config", &cfg, "--layers", "ebpf"],
+        )
+        .output()
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    let report = json(&out);
+    assert_eq!(report["layers"][0]["name"], "ebpf");
+    assert_eq!(report["layers"][0]["active"], true, "{report:#}");
+    let p = &report["probes"];
+    for allowed in ["tcp_allowed", "tcp_allowed_v4_mapped", "udp_hub"] {
+        assert_eq!(p[allowed], "ok", "{allowed}: {p:#}");
+    }
+    for refused in [
+        "tcp_other_port",
+        "tcp_other_address",
+        "tcp_v4_mapped_denied",
+        "udp_other",
+        "tcp_fast_open",
+        "mptcp",
+        "raw_icmp",
+    ] {
+        assert_eq!(p[refused], "EPERM", "{refused}: {p:#}");
+    }
+    // Every refusal became an audit record, and the counters agree: the seven probes above
+    // and the self-test's TCP connect and UDP send.
+    let denied = report["kernel_denied"].as_array().unwrap();
+    assert_eq!(denied.len(), 9, "{denied:#?}");
+    assert!(denied
+        .iter()
+        .all(|r| r["event"] == "kernel_denied" && r["outcome"] == "refused"));
+    let addrs: Vec<&str> = denied
+        .iter()
+        .map(|r| r["destination"]["address"].as_str().unwrap())
+        .collect();
+    assert!(
+        addrs.contains(&format!("127.0.0.2:{}", allowed.port()).as_str()),
+        "{addrs:?}"
+    );
+    assert!(
+        addrs.contains(&"127.0.0.2:0"),
+        "the raw ICMP packet: {addrs:?}"
+    );
+    let c = &report["counters"];
+    let total: u64 = ["connect4", "connect6", "sendmsg4", "sendmsg6", "skb_egress"]
+        .iter()
+        .map(|h| c[h].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 9, "{c}");
+    assert_eq!(
+        c["connect6"], 1,
+        "the v4-mapped spelling went through connect6"
+    );
+    assert_eq!(
+        c["skb_egress"], 1,
+        "the raw packet was caught by the backstop"
+    );
+    // Without a bpffs the status must say that a crash lifts the lock.
+    assert!(report["links_pinned"].is_boolean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p13_p6_the_unprivileged_layers_hold_as_uid_65534() {
+    privileged!();
+    let (allowed, _accepted) = counting_listener().await;
+    let (_dir, config) = world_readable_config(&allowed.to_string(), "127.0.0.1:47443", "");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin_path("ewii-client"))
+        .args(["probe-enforcement", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let report = json(&out);
+    let layers = report["layers"].as_array().unwrap();
+    let layer = |n: &str| layers.iter().find(|l| l["name"] == n).unwrap().clone();
+    assert_eq!(layer("ebpf")["active"], false, "no CAP_BPF as uid 65534");
+    assert_eq!(layer("landlock")["active"], true, "{report:#}");
+    assert_eq!(layer("seccomp")["active"], true, "{report:#}");
+    let p = &report["probes"];
+    assert_eq!(p["listen"], "EPERM");
+    assert_eq!(p["io_uring_setup"], "EPERM");
+    assert_eq!(p["mptcp"], "EPERM");
+    assert_eq!(p["tcp_fast_open"], "EPERM");
+    assert_eq!(
+        p["tcp_other_port"], "EACCES",
+        "Landlock: only allow-listed ports"
+    );
+    assert_eq!(p["tcp_allowed"], "ok", "allowed traffic still flows");
+}
+
+#[test]
+fn p16_require_kernel_refuses_to_start_without_the_lock() {
+    privileged!();
+    let (_dir, config) = world_readable_config(
+        "127.0.0.1:5432",
+        "127.0.0.1:47443",
+        "[enforcement]\nrequire = \"kernel\"\n",
+    );
+    // As uid 65534 there is no CAP_BPF: the eBPF lock cannot load.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin_path("ewii-client"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("enforcement.require = Kernel is not met"),
+        "{err}"
+    );
+    assert!(err.contains("ebpf:"), "the reason names the layer: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p16_a_locked_client_serves_queries_while_the_kernel_refuses_a_rogue_connect() {
+    privileged!();
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    let audit_file = client.dir.path().join("audit.jsonl");
+    let config = client.dir.path().join("client.toml");
+    fs::write(
+        &config,
+        format!(
+            "hub = \"{}\"\nstate_dir = {:?}\naudit = \"file:{}\"\n[enforcement]\nrequire = \"kernel\"\n[[allow]]\nname = \"db\"\naddress = \"{echo}\"\n",
+            hub.addr,
+            client.state_dir(),
+            audit_file.display()
+        ),
+    )
+    .unwrap();
+    let cg = Cgroup::new();
+    let mut proc = cg
+        .command(
+            &bin_path("ewii-client"),
+            &["run", "--config", config.to_str().unwrap()],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = proc.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    hub.wait_connected("acme").await;
+
+    // The Client serves queries through the lock.
+    let mut s = TcpStream::connect(hub.service("pg")).await.unwrap();
+    s.write_all(b"through the lock").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"through the lock");
+
+    // A second program in the Client's container cgroup tries another connection.
+    let rogue_port = 47999;
+    let rogue = cg
+        .command(
+            Path::new("/bin/bash"),
+            &["-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{rogue_port}")],
+        )
+        .output()
+        .unwrap();
+    assert!(!rogue.status.success());
+    assert!(
+        String::from_utf8_lossy(&rogue.stderr).contains("Operation not permitted"),
+        "{}",
+        String::from_utf8_lossy(&rogue.stderr)
+    );
+    let rogue_dest = format!("127.0.0.1:{rogue_port}");
+    poll_until("the rogue connect in the Client's audit", SOON, || {
+        fs::read_to_string(&audit_file).is_ok_and(|t| t.contains(&rogue_dest))
+    })
+    .await;
+
+    let status = ewii::client::status::Status::read(&client.state_dir()).unwrap();
+    assert!(
+        status.enforcement.active("ebpf"),
+        "{:?}",
+        status.enforcement
+    );
+
+    let ok = Command::new("kill")
+        .args(["-TERM", &proc.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let code = tokio::task::spawn_blocking(move || proc.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(code.code(), Some(0));
+    let log = log.join().unwrap().join("\n");
+    assert!(log.contains("ebpf active"), "{log}");
+
+    let records: Vec<Value> = fs::read_to_string(&audit_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let enforcement = records
+        .iter()
+        .find(|r| r["event"] == "enforcement")
+        .unwrap();
+    assert!(enforcement["reason"]
+        .as_str()
+        .unwrap()
+        .contains("ebpf active"));
+    // The self-test's own refused connect (same process) and the rogue's (same cgroup).
+    let denied: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["event"] == "kernel_denied")
+        .collect();
+    assert!(denied.len() >= 3, "{denied:#?}");
+    assert!(denied
+        .iter()
+        .any(|r| r["destination"]["address"] == rogue_dest.as_str()));
+    assert!(records
+        .iter()
+        .any(|r| r["event"] == "query" && r["outcome"] == "ok"));
+    let hub_query = hub.wait_audit("hub query", is(Event::Query)).await;
+    assert_eq!(hub_query.bytes_up, Some(16));
+    drop(cg);
+}
+
+#[test]
+fn p16_status_says_a_crash_lifts_an_unpinned_lock() {
+    let report = ewii::enforce::Report {
+        layers: vec![],
+        links_pinned: Some(false),
+    };
+    assert!(report
+        .to_string()
+        .contains("not pinned: no bpffs, so a crash of the Client lifts the lock"));
+}

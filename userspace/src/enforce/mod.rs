@@ -1,0 +1,425 @@
+//! Kernel enforcement of the Client's egress (DESIGN §7): every layer below the Dialer.
+//!
+//! - [`landlock`]: Landlock ABI ≥ 4 — TCP connect only to allow-listed ports, no TCP bind.
+//!   Unprivileged.
+//! - [`seccomp`]: no `listen`/`accept`/`accept4`, no io_uring, no MPTCP sockets, no
+//!   `MSG_FASTOPEN` sends. Unprivileged.
+//! - `ebpf` (feature `ebpf`): cgroup programs that allow only the Hub (UDP) and the
+//!   allow-list (TCP) for every process in the Client's cgroup. Needs CAP_BPF + CAP_NET_ADMIN.
+//! - [`probe`]: the self-proof — a deliberate connection the policy forbids must fail with the
+//!   layer's own error, or the layer does not count as active.
+//!
+//! Layers are installed by the binary before the tokio runtime starts its threads (Landlock
+//! binds the calling thread and its future children; seccomp is synchronised to all threads).
+//! This is the one module with `unsafe` code: raw syscalls for the probes.
+
+pub mod landlock;
+pub mod probe;
+pub mod seccomp;
+
+#[cfg(feature = "ebpf")]
+pub mod ebpf;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+
+use ewii_common::audit::{AuditRecord, Destination, Event, Outcome};
+use ewii_common::egress::{self, DenyEvent, Rule};
+use ewii_common::policy::Host;
+use serde::{Deserialize, Serialize};
+
+use crate::audit::Audit;
+use crate::config::ClientConfig;
+
+/// What the Client requires of the kernel before it starts (`[enforcement] require`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Require {
+    /// The eBPF egress lock must be attached and proven (feature `ebpf`, CAP_BPF + CAP_NET_ADMIN).
+    Kernel,
+    /// At least one kernel layer (eBPF, Landlock or seccomp) must be active and proven.
+    #[default]
+    Any,
+    /// Start on the Dialer alone if the kernel offers nothing (says so in status and audit).
+    None,
+}
+
+/// One layer's state after installation and self-proof.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    /// `ebpf`, `landlock`, `seccomp`.
+    pub name: String,
+    /// Installed and proven by its probe.
+    pub active: bool,
+    /// What it covers.
+    pub covers: String,
+    /// Why it is inactive, or what its probe saw.
+    pub detail: String,
+}
+
+/// All layers, as written to the status file and the `enforcement` audit record.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Report {
+    /// Every layer tried, in installation order.
+    pub layers: Vec<Layer>,
+    /// Whether the eBPF links survive a crash of the Client (pinned in a bpffs).
+    pub links_pinned: Option<bool>,
+}
+
+impl Report {
+    /// The report of a Client run as a library, with no kernel layer installed.
+    pub fn library() -> Self {
+        Self {
+            layers: vec![Layer {
+                name: "dialer".into(),
+                active: true,
+                covers: "the Client's own code opens sockets only to allow-list entries".into(),
+                detail: "kernel layers are installed by the ewii-client binary".into(),
+            }],
+            links_pinned: None,
+        }
+    }
+
+    /// Whether layer `name` is active.
+    pub fn active(&self, name: &str) -> bool {
+        self.layers.iter().any(|l| l.name == name && l.active)
+    }
+
+    /// Checks `require`; `Err` says why the Client must not start.
+    pub fn check(&self, require: Require) -> Result<(), EnforceError> {
+        let kernel = self.active("ebpf");
+        let any = kernel || self.active("landlock") || self.active("seccomp");
+        match require {
+            Require::Kernel if !kernel => Err(EnforceError::Required {
+                require,
+                why: self.inactive_reasons(),
+            }),
+            Require::Any if !any => Err(EnforceError::Required {
+                require,
+                why: self.inactive_reasons(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn inactive_reasons(&self) -> String {
+        self.layers
+            .iter()
+            .filter(|l| !l.active)
+            .map(|l| format!("{}: {}", l.name, l.detail))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// The `enforcement` audit record.
+    pub fn audit(&self, audit: &Audit) {
+        let mut r = audit.record(Event::Enforcement);
+        let all_ok = self.layers.iter().all(|l| l.active);
+        r.outcome = Some(if all_ok { Outcome::Ok } else { Outcome::Failed });
+        r.reason = Some(self.to_string());
+        audit.emit(r);
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self
+            .layers
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} {} ({})",
+                    l.name,
+                    if l.active { "active" } else { "inactive" },
+                    l.detail
+                )
+            })
+            .collect();
+        f.write_str(&parts.join("; "))?;
+        if let Some(pinned) = self.links_pinned {
+            write!(
+                f,
+                "; ebpf links {}",
+                if pinned {
+                    "pinned (the lock survives a crash)"
+                } else {
+                    "not pinned: no bpffs, so a crash of the Client lifts the lock"
+                }
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Why enforcement could not be planned or required layers are missing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnforceError {
+    /// A name in the config (the Hub or an allow-list entry) did not resolve at start; the
+    /// kernel lock needs fixed addresses.
+    #[error("cannot resolve {0} for the egress lock")]
+    Resolve(String),
+    /// The egress rules are invalid (no Hub address, a wildcard address).
+    #[error(transparent)]
+    Rules(#[from] egress::EgressError),
+    /// `require` is not met.
+    #[error("enforcement.require = {require:?} is not met: {why}")]
+    Required {
+        /// What was required.
+        require: Require,
+        /// What each missing layer reported.
+        why: String,
+    },
+}
+
+/// What the layers must allow, with names resolved once, at start.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The Hub's UDP addresses.
+    pub hub: Vec<SocketAddr>,
+    /// Allow-list endpoints (TCP).
+    pub allow: Vec<SocketAddr>,
+    /// DNS resolvers (only when a name is used).
+    pub resolvers: Vec<IpAddr>,
+    /// TCP ports the Client may connect to (Landlock).
+    pub tcp_ports: Vec<u16>,
+}
+
+impl Plan {
+    /// Resolves the config's names (blocking: call before the runtime starts).
+    pub fn for_config(config: &ClientConfig) -> Result<Self, EnforceError> {
+        let resolve = |host: &str, port: u16| -> Result<Vec<SocketAddr>, EnforceError> {
+            let addrs: Vec<SocketAddr> = (host, port)
+                .to_socket_addrs()
+                .map_err(|_| EnforceError::Resolve(format!("{host}:{port}")))?
+                .collect();
+            if addrs.is_empty() {
+                return Err(EnforceError::Resolve(format!("{host}:{port}")));
+            }
+            Ok(addrs)
+        };
+        let hub = resolve(&config.hub.host, config.hub.port)?;
+        let mut names_used = config.hub.host.parse::<IpAddr>().is_err();
+        let mut allow = Vec::new();
+        let mut tcp_ports = Vec::new();
+        for e in config.allow.entries() {
+            tcp_ports.push(e.endpoint.port);
+            match &e.endpoint.host {
+                Host::Ip(ip) => allow.push(SocketAddr::new(*ip, e.endpoint.port)),
+                Host::Dns(name) => {
+                    names_used = true;
+                    allow.extend(resolve(name, e.endpoint.port)?);
+                }
+            }
+        }
+        let resolvers = if names_used { resolvers() } else { Vec::new() };
+        if !resolvers.is_empty() {
+            tcp_ports.push(53);
+        }
+        tcp_ports.sort_unstable();
+        tcp_ports.dedup();
+        Ok(Self {
+            hub,
+            allow,
+            resolvers,
+            tcp_ports,
+        })
+    }
+
+    /// The eBPF rule set.
+    pub fn rules(&self) -> Result<Vec<Rule>, EnforceError> {
+        Ok(egress::rules(&self.hub, &self.allow, &self.resolvers)?)
+    }
+
+    /// A TCP port that no allow-list entry uses (for the probes).
+    pub fn denied_port(&self) -> u16 {
+        (1..=u16::MAX)
+            .rev()
+            .find(|p| !self.tcp_ports.contains(p))
+            .unwrap_or(1)
+    }
+}
+
+/// Nameservers from /etc/resolv.conf.
+fn resolvers() -> Vec<IpAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect()
+}
+
+/// The audit record for one kernel refusal.
+pub fn deny_record(audit: &Audit, e: &DenyEvent) -> AuditRecord {
+    let mut r = audit.record(Event::KernelDenied);
+    r.destination = Some(Destination {
+        name: e.proto_name(),
+        address: Some(e.addr.to_string()),
+    });
+    r.outcome = Some(Outcome::Refused);
+    r.reason = Some(format!(
+        "{} refused pid {} ({})",
+        e.hook.name(),
+        e.pid,
+        e.proto_name()
+    ));
+    r
+}
+
+/// A source of kernel refusals (the eBPF ring buffer), drained by the running Client.
+pub trait DenySource: Send {
+    /// Refusals since the last call.
+    fn drain(&mut self) -> Vec<DenyEvent>;
+    /// Per-hook refusal counts since attach.
+    fn counters(&self) -> Vec<(&'static str, u64)>;
+}
+
+/// Installs the layers for `config` in order — eBPF (if built in and `try_ebpf`), Landlock,
+/// seccomp — and proves each one. Returns the report and the eBPF event source.
+pub fn install(plan: &Plan, layers: &[&str]) -> (Report, Option<Box<dyn DenySource>>) {
+    let mut report = Report::default();
+    let mut source: Option<Box<dyn DenySource>> = None;
+    if layers.contains(&"ebpf") {
+        let (layer, pinned, src) = install_ebpf(plan);
+        report.layers.push(layer);
+        report.links_pinned = pinned;
+        source = src;
+    }
+    if layers.contains(&"landlock") {
+        report.layers.push(landlock::install(plan));
+    }
+    if layers.contains(&"seccomp") {
+        report.layers.push(seccomp::install());
+    }
+    (report, source)
+}
+
+#[cfg(feature = "ebpf")]
+fn install_ebpf(plan: &Plan) -> (Layer, Option<bool>, Option<Box<dyn DenySource>>) {
+    let covers = "every process in the Client's cgroup: TCP only to the allow-list, UDP only to the Hub (and resolvers), raw packets included".to_string();
+    let rules = match plan.rules() {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                Layer {
+                    name: "ebpf".into(),
+                    active: false,
+                    covers,
+                    detail: e.to_string(),
+                },
+                None,
+                None,
+            )
+        }
+    };
+    match ebpf::EgressLock::attach(&rules) {
+        Ok(mut lock) => {
+            let verdict = lock.prove(plan);
+            let pinned = Some(lock.pinned());
+            let active = verdict.is_ok();
+            let detail = verdict.unwrap_or_else(|e| e);
+            (
+                Layer {
+                    name: "ebpf".into(),
+                    active,
+                    covers,
+                    detail,
+                },
+                pinned,
+                active.then(|| Box::new(lock) as Box<dyn DenySource>),
+            )
+        }
+        Err(e) => (
+            Layer {
+                name: "ebpf".into(),
+                active: false,
+                covers,
+                detail: e.to_string(),
+            },
+            None,
+            None,
+        ),
+    }
+}
+
+#[cfg(not(feature = "ebpf"))]
+fn install_ebpf(_plan: &Plan) -> (Layer, Option<bool>, Option<Box<dyn DenySource>>) {
+    (
+        Layer {
+            name: "ebpf".into(),
+            active: false,
+            covers: "every process in the Client's cgroup".into(),
+            detail: "this build has no `ebpf` feature".into(),
+        },
+        None,
+        None,
+    )
+}
+
+/// The layers `run` installs by default.
+pub const ALL_LAYERS: [&str; 3] = ["ebpf", "landlock", "seccomp"];
+
+/// Tries, from this process, what the policy allows and what it forbids, and names what the
+/// kernel answered. Targets are loopback or configured destinations only.
+pub fn matrix(plan: &Plan) -> std::collections::BTreeMap<&'static str, String> {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    let denied = plan.denied_port();
+    let lo = |port| SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    let mut out = std::collections::BTreeMap::new();
+    if let Some(first) = plan.allow.first() {
+        out.insert("tcp_allowed", probe::name(&probe::tcp_connect(*first)));
+        if let SocketAddr::V4(v4) = egress_canonical(*first) {
+            out.insert(
+                "tcp_allowed_v4_mapped",
+                probe::name(&probe::tcp_connect_v4_mapped(v4)),
+            );
+            // Same address, a port the allow-list does not have.
+            out.insert(
+                "tcp_other_port",
+                probe::name(&probe::tcp_connect(SocketAddr::V4(SocketAddrV4::new(
+                    *v4.ip(),
+                    denied,
+                )))),
+            );
+            // Another loopback address, the allowed port.
+            let other = if v4.ip().octets()[3] == 2 {
+                Ipv4Addr::new(127, 0, 0, 3)
+            } else {
+                Ipv4Addr::new(127, 0, 0, 2)
+            };
+            out.insert(
+                "tcp_other_address",
+                probe::name(&probe::tcp_connect(SocketAddr::V4(SocketAddrV4::new(
+                    other,
+                    v4.port(),
+                )))),
+            );
+        }
+    }
+    out.insert(
+        "tcp_v4_mapped_denied",
+        probe::name(&probe::tcp_connect_v4_mapped(lo(denied))),
+    );
+    if let Some(hub) = plan.hub.first() {
+        out.insert("udp_hub", probe::name(&probe::udp_send(*hub)));
+    }
+    out.insert(
+        "udp_other",
+        probe::name(&probe::udp_send(SocketAddr::V4(lo(denied)))),
+    );
+    out.insert("tcp_fast_open", probe::name(&probe::tfo_send(lo(denied))));
+    out.insert("mptcp", probe::name(&probe::mptcp_connect(lo(denied))));
+    out.insert(
+        "raw_icmp",
+        probe::name(&probe::raw_icmp(Ipv4Addr::new(127, 0, 0, 2))),
+    );
+    out.insert("listen", probe::name(&probe::listen()));
+    out.insert("io_uring_setup", probe::name(&probe::io_uring_setup()));
+    out
+}
+
+fn egress_canonical(a: SocketAddr) -> SocketAddr {
+    ewii_common::policy::canonical(a)
+}
