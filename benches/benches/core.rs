@@ -1,2 +1,158 @@
-#![allow(missing_docs)]
-fn main() {}
+//! Criterion benches. `cargo bench -p ewii-benches` (release profile).
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use chacha20poly1305::aead::AeadInPlace;
+use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ewii_common::frame::{self, Control, QueryHead, QueryId};
+use ewii_common::policy::AllowList;
+
+/// Payload sizes: a small packet, a full QUIC datagram, a TLS record, a large transfer.
+const SIZES: [usize; 4] = [128, 1350, 16 * 1024, 1024 * 1024];
+
+fn codec(c: &mut Criterion) {
+    let mut g = c.benchmark_group("codec");
+    let open = QueryHead::Open {
+        query_id: QueryId(0x1234_5678_9abc_def0_1234_5678_9abc_def0),
+        destination: "db".into(),
+        source: "spiffe://example.org/workload/billing".into(),
+    };
+    let encoded = frame::encode_to_vec(&open).unwrap();
+    g.throughput(Throughput::Bytes(encoded.len() as u64));
+    g.bench_function("encode_open", |b| {
+        let mut buf = BytesMut::with_capacity(256);
+        b.iter(|| {
+            buf.clear();
+            frame::encode(black_box(&open), &mut buf).unwrap();
+        })
+    });
+    g.bench_function("decode_open", |b| {
+        b.iter(|| {
+            let mut buf = encoded.clone();
+            black_box(frame::decode::<QueryHead>(&mut buf).unwrap())
+        })
+    });
+    let renewed = Control::Renewed {
+        chain: vec![vec![0x30; 600]],
+        bundle: vec![vec![0x30; 550], vec![0x30; 550]],
+    };
+    let encoded = frame::encode_to_vec(&renewed).unwrap();
+    g.throughput(Throughput::Bytes(encoded.len() as u64));
+    g.bench_function("decode_renewed", |b| {
+        b.iter(|| {
+            let mut buf = encoded.clone();
+            black_box(frame::decode::<Control>(&mut buf).unwrap())
+        })
+    });
+    g.finish();
+}
+
+fn policy(c: &mut Criterion) {
+    let mut g = c.benchmark_group("policy");
+    for n in [1usize, 16, 256] {
+        let names: Vec<(String, String)> = (0..n)
+            .map(|i| {
+                (
+                    format!("db-{i}"),
+                    format!("10.0.{}.{}:5432", i / 250, i % 250 + 1),
+                )
+            })
+            .collect();
+        let list =
+            AllowList::from_pairs(names.iter().map(|(a, b)| (a.as_str(), b.as_str()))).unwrap();
+        let hit = format!("db-{}", n / 2);
+        g.bench_with_input(BenchmarkId::new("decide_hit", n), &hit, |b, hit| {
+            b.iter(|| black_box(list.decide(black_box(hit))))
+        });
+        g.bench_with_input(BenchmarkId::new("decide_miss", n), &"secret", |b, miss| {
+            b.iter(|| black_box(list.decide(black_box(miss))))
+        });
+    }
+    g.finish();
+}
+
+/// The seal QUIC applies to every packet: ring (what quinn uses) against RustCrypto's
+/// `chacha20poly1305`, the reference. DESIGN §4 explains why payloads are not sealed twice.
+fn seal(c: &mut Criterion) {
+    let mut g = c.benchmark_group("seal_chacha20poly1305");
+    let key = [7u8; 32];
+    let ring_key = ring::aead::LessSafeKey::new(
+        ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &key).unwrap(),
+    );
+    let rc = ChaCha20Poly1305::new((&key).into());
+    for size in SIZES {
+        g.throughput(Throughput::Bytes(size as u64));
+        let mut buf = vec![0u8; size];
+        g.bench_with_input(BenchmarkId::new("ring", size), &size, |b, _| {
+            b.iter(|| {
+                let nonce = ring::aead::Nonce::assume_unique_for_key([1u8; 12]);
+                let tag = ring_key
+                    .seal_in_place_separate_tag(nonce, ring::aead::Aad::empty(), &mut buf)
+                    .unwrap();
+                let _ = black_box(tag);
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("rustcrypto", size), &size, |b, _| {
+            b.iter(|| {
+                let tag = rc
+                    .encrypt_in_place_detached((&[1u8; 12]).into(), b"", &mut buf)
+                    .unwrap();
+                let _ = black_box(tag);
+            })
+        });
+    }
+    g.finish();
+}
+
+/// One query of `size` bytes each way through a real Hub and Client on loopback.
+fn tunnel(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (hub, _client, echo) = rt.block_on(async {
+        let echo = ewii_tests::echo_server().await;
+        let hub = ewii_tests::TestHub::start(&[ewii_tests::Service::tcp("pg", "acme", "db")]).await;
+        let client =
+            ewii_tests::TestClient::enrol_and_run(&hub, "acme", &[("db", echo.to_string())]).await;
+        hub.wait_connected("acme").await;
+        (hub, client, echo)
+    });
+    let mut g = c.benchmark_group("tunnel_echo");
+    g.measurement_time(Duration::from_secs(5));
+    g.sample_size(10);
+    for size in [16 * 1024usize, 1024 * 1024] {
+        g.throughput(Throughput::Bytes(2 * size as u64));
+        let data = vec![0x5au8; size];
+        g.bench_with_input(BenchmarkId::new("through_ewii", size), &size, |b, _| {
+            b.iter(|| rt.block_on(ewii_benches_roundtrip(hub.service("pg"), &data)))
+        });
+        g.bench_with_input(BenchmarkId::new("direct_tcp", size), &size, |b, _| {
+            b.iter(|| rt.block_on(ewii_benches_roundtrip(echo, &data)))
+        });
+    }
+    g.finish();
+}
+
+async fn ewii_benches_roundtrip(addr: std::net::SocketAddr, data: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let payload = data.to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&payload).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::with_capacity(data.len());
+    r.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), data.len());
+}
+
+criterion_group!(benches, codec, policy, seal, tunnel);
+criterion_main!(benches);

@@ -160,6 +160,110 @@ impl AuditRecord {
     }
 }
 
+/// How records are rendered: Ewii's own schema, or OCSF Network Activity (class 4001).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// The schema in `docs/audit.md`.
+    #[default]
+    Ewii,
+    /// OCSF 1.1 Network Activity (class_uid 4001), for SIEMs that ingest OCSF.
+    Ocsf,
+}
+
+impl AuditRecord {
+    /// The record in `format`, one line.
+    pub fn render(&self, format: Format) -> String {
+        match format {
+            Format::Ewii => self.to_json_line(),
+            Format::Ocsf => self.to_ocsf_line(),
+        }
+    }
+
+    /// OCSF 1.1 Network Activity (class_uid 4001). Fields without an OCSF home go to
+    /// `unmapped`; nothing is dropped.
+    pub fn to_ocsf_line(&self) -> String {
+        // OCSF Network Activity activity_id: 1 Open, 2 Close, 4 Fail, 5 Refuse, 6 Traffic, 99 Other.
+        let (activity_id, activity_name) = match (self.event, self.outcome) {
+            (Event::Query, Some(Outcome::Ok)) => (6, "Traffic"),
+            (
+                Event::Query | Event::KernelDenied | Event::HandshakeRefused,
+                Some(Outcome::Refused),
+            ) => (5, "Refuse"),
+            (Event::Query, _) => (4, "Fail"),
+            (Event::SessionUp, _) => (1, "Open"),
+            (Event::SessionLost, _) => (2, "Close"),
+            _ => (99, "Other"),
+        };
+        let (status_id, status) = match self.outcome {
+            Some(Outcome::Ok) => (1, "Success"),
+            Some(Outcome::Refused | Outcome::Failed) => (2, "Failure"),
+            None => (0, "Unknown"),
+        };
+        let event = serde_json::to_value(self.event).unwrap_or_default();
+        let side = serde_json::to_value(self.side).unwrap_or_default();
+        let mut v = serde_json::json!({
+            "class_uid": 4001,
+            "class_name": "Network Activity",
+            "category_uid": 4,
+            "category_name": "Network Activity",
+            "activity_id": activity_id,
+            "activity_name": activity_name,
+            "type_uid": 4001 * 100 + activity_id,
+            "severity_id": 1,
+            "time": self.time.0 / 1000,
+            "status_id": status_id,
+            "status": status,
+            "metadata": {
+                "version": "1.1.0",
+                "product": { "name": "Ewii", "vendor_name": "Ewii", "feature": { "name": side } },
+            },
+            "unmapped": { "event": event, "time_rfc3339": self.time.to_string() },
+        });
+        if let Some(reason) = &self.reason {
+            v["status_detail"] = reason.clone().into();
+        }
+        if let Some(q) = self.query_id {
+            v["metadata"]["uid"] = q.to_string().into();
+        }
+        if let Some(s) = self.session_id {
+            v["metadata"]["correlation_uid"] = s.to_string().into();
+        }
+        if let Some(source) = &self.source {
+            v["src_endpoint"] = serde_json::json!({ "name": source });
+        }
+        if let Some(d) = &self.destination {
+            let mut dst = serde_json::json!({ "name": d.name });
+            if let Some(addr) = d
+                .address
+                .as_deref()
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+            {
+                dst["ip"] = addr.ip().to_string().into();
+                dst["port"] = addr.port().into();
+            }
+            v["dst_endpoint"] = dst;
+        }
+        if self.bytes_up.is_some() || self.bytes_down.is_some() {
+            let up = self.bytes_up.unwrap_or(0);
+            let down = self.bytes_down.unwrap_or(0);
+            v["traffic"] =
+                serde_json::json!({ "bytes_out": up, "bytes_in": down, "bytes": up + down });
+        }
+        if let Some(ms) = self.duration_ms {
+            v["duration"] = ms.into();
+        }
+        if let Some(client) = &self.client {
+            v["actor"] =
+                serde_json::json!({ "app_name": "ewii-client", "user": { "uid": client } });
+        }
+        if let Some(peer) = &self.peer {
+            v["unmapped"]["peer"] = peer.clone().into();
+        }
+        v.to_string()
+    }
+}
+
 fn query_id_hex<S: Serializer>(id: &Option<QueryId>, s: S) -> Result<S::Ok, S::Error> {
     match id {
         Some(id) => s.collect_str(id),
@@ -185,6 +289,48 @@ mod tests {
             r.to_json_line(),
             r#"{"time":"1970-01-01T00:00:01.000000Z","side":"hub","event":"query","query_id":"000000000000000000000000000000ab","destination":{"name":"db"},"bytes_up":3,"outcome":"ok"}"#
         );
+    }
+
+    #[test]
+    fn p12_ocsf_rendering_maps_a_query_to_network_activity_traffic() {
+        let mut r = AuditRecord::new(Timestamp(1_795_502_502_123_456), Side::Client, Event::Query);
+        r.query_id = Some(QueryId(0xab));
+        r.session_id = Some(9);
+        r.client = Some("spiffe://example.org/client/acme".into());
+        r.source = Some("spiffe://example.org/workload/billing".into());
+        r.destination = Some(Destination {
+            name: "db".into(),
+            address: Some("10.0.0.5:5432".into()),
+        });
+        r.bytes_up = Some(10);
+        r.bytes_down = Some(32);
+        r.duration_ms = Some(4);
+        r.outcome = Some(Outcome::Ok);
+        let line = r.render(Format::Ocsf);
+        assert!(!line.contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["class_uid"], 4001);
+        assert_eq!(v["type_uid"], 400106);
+        assert_eq!(v["activity_name"], "Traffic");
+        assert_eq!(v["time"], 1_795_502_502_123u64);
+        assert_eq!(v["dst_endpoint"]["ip"], "10.0.0.5");
+        assert_eq!(v["dst_endpoint"]["port"], 5432);
+        assert_eq!(v["traffic"]["bytes"], 42);
+        assert_eq!(v["metadata"]["uid"], "000000000000000000000000000000ab");
+        assert_eq!(
+            v["src_endpoint"]["name"],
+            "spiffe://example.org/workload/billing"
+        );
+        assert_eq!(
+            v["actor"]["user"]["uid"],
+            "spiffe://example.org/client/acme"
+        );
+        assert_eq!(v["unmapped"]["event"], "query");
+        let mut refused = AuditRecord::new(Timestamp(0), Side::Hub, Event::Query);
+        refused.outcome = Some(Outcome::Refused);
+        let v: serde_json::Value = serde_json::from_str(&refused.render(Format::Ocsf)).unwrap();
+        assert_eq!(v["activity_id"], 5);
+        assert_eq!(v["status"], "Failure");
     }
 
     #[test]

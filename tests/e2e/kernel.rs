@@ -197,7 +197,7 @@ async fn p16_the_ebpf_lock_refuses_everything_outside_the_policy_with_eperm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p13_p6_the_unprivileged_layers_hold_as_uid_65534() {
+async fn p2_p3_p13_p6_the_unprivileged_layers_hold_as_uid_65534() {
     privileged!();
     let (allowed, _accepted) = counting_listener().await;
     let (_dir, config) = world_readable_config(&allowed.to_string(), "127.0.0.1:47443", "");

@@ -378,3 +378,24 @@ fn hub_init_refuses_to_replace_a_ca() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to replace it"));
 }
+
+#[test]
+fn p1_p2_the_image_is_scratch_based_and_runs_as_uid_65532() {
+    let dockerfile =
+        fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Dockerfile")).unwrap();
+    let final_stage = dockerfile.rsplit("\nFROM ").next().unwrap();
+    assert!(final_stage.starts_with("${RUNTIME_BASE}"), "{final_stage}");
+    assert!(
+        dockerfile.contains("ARG RUNTIME_BASE=gcr.io/distroless/static"),
+        "a static, shell-less base"
+    );
+    assert!(final_stage.contains("\nUSER 65532:65532\n"), "non-root");
+    assert!(final_stage.contains("ENTRYPOINT [\"/usr/local/bin/ewii-client\"]"));
+    // One binary and an empty state directory: nothing else goes into the image.
+    let copies: Vec<&str> = final_stage
+        .lines()
+        .filter(|l| l.starts_with("COPY"))
+        .collect();
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    assert!(!dockerfile.contains("privileged"));
+}

@@ -13,7 +13,7 @@ use std::thread;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
-use ewii_common::audit::{AuditRecord, Event, Side};
+use ewii_common::audit::{AuditRecord, Event, Format, Side};
 use tokio::sync::Notify;
 
 /// Where audit lines go.
@@ -36,6 +36,7 @@ enum Msg {
 #[derive(Clone)]
 pub struct Audit {
     side: Side,
+    format: Format,
     tx: Sender<Msg>,
     tap: Option<Arc<Tap>>,
 }
@@ -72,9 +73,16 @@ impl Audit {
             .spawn(move || writer(BufWriter::new(sink), rx))?;
         Ok(Self {
             side,
+            format: Format::Ewii,
             tx,
             tap: None,
         })
+    }
+
+    /// Renders lines in `format` (the tap keeps the records themselves).
+    pub fn with_format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
     }
 
     /// Like [`open`](Self::open), and also keeps every record in memory for [`records`](Self::records).
@@ -96,7 +104,7 @@ impl Audit {
 
     /// Writes one record. Never blocks on the sink.
     pub fn emit(&self, record: AuditRecord) {
-        let line = record.to_json_line();
+        let line = record.render(self.format);
         if self.tx.send(Msg::Line(line)).is_err() {
             // The writer thread is gone (it only exits when every sender is dropped, so this
             // is unreachable while `self` lives); say so rather than lose the record silently.
@@ -173,6 +181,51 @@ fn writer(mut out: BufWriter<Box<dyn Write + Send>>, rx: Receiver<Msg>) {
         }
         if let Err(e) = out.flush() {
             tracing::error!(error = %e, "audit flush failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ewii_common::audit::Outcome;
+
+    use super::*;
+
+    #[test]
+    fn p12_the_file_sink_writes_one_complete_json_line_per_record_in_either_format() {
+        let dir = tempfile::tempdir().unwrap();
+        for format in [Format::Ewii, Format::Ocsf] {
+            let path = dir.path().join(format!("{format:?}.jsonl"));
+            let audit = Audit::open(Side::Hub, &AuditOutput::File(path.clone()))
+                .unwrap()
+                .with_format(format);
+            for i in 0..100u64 {
+                let mut r = audit.record(Event::Query);
+                r.bytes_up = Some(i);
+                r.outcome = Some(Outcome::Ok);
+                r.reason = Some("line\nbreak \"quoted\"".into());
+                audit.emit(r);
+            }
+            audit.flush();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines.len(), 100, "{format:?}");
+            for (i, line) in lines.iter().enumerate() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                match format {
+                    Format::Ewii => assert_eq!(v["bytes_up"], i as u64),
+                    Format::Ocsf => {
+                        assert_eq!(v["class_uid"], 4001);
+                        assert_eq!(v["traffic"]["bytes_out"], i as u64);
+                    }
+                }
+            }
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode & 0o007, 0, "not world-readable");
+            }
         }
     }
 }

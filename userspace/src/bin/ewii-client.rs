@@ -232,7 +232,7 @@ fn run(path: &Path) -> ExitCode {
         return fail(EXIT_ENFORCEMENT, e.to_string());
     }
     let audit = match Audit::open(Side::Client, &config.audit) {
-        Ok(a) => a,
+        Ok(a) => a.with_format(config.audit_format),
         Err(e) => return fail(1, format!("opening the audit sink: {e}")),
     };
     block_on(async move {

@@ -279,7 +279,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
         Command::Run { config } => {
             let config: HubConfig =
                 config::load(&config).with_context(|| format!("loading {}", config.display()))?;
-            let audit = Audit::open(Side::Hub, &config.audit).context("opening the audit sink")?;
+            let audit = Audit::open(Side::Hub, &config.audit)
+                .context("opening the audit sink")?
+                .with_format(config.audit_format);
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(async {
                 let hub = Hub::bind(config, audit.clone()).await?;

@@ -149,6 +149,8 @@ pub struct ClientConfig {
     pub state_dir: PathBuf,
     /// Where audit lines go.
     pub audit: AuditOutput,
+    /// How audit lines are rendered.
+    pub audit_format: ewii_common::audit::Format,
     /// Reconnection backoff.
     pub reconnect: ReconnectPolicy,
     /// The install-time allow-list.
@@ -168,6 +170,8 @@ struct RawClient {
     state_dir: PathBuf,
     #[serde(default = "default_audit")]
     audit: String,
+    #[serde(default)]
+    audit_format: ewii_common::audit::Format,
     #[serde(default)]
     reconnect: RawReconnect,
     #[serde(default)]
@@ -244,6 +248,7 @@ impl FromStr for ClientConfig {
             hub: raw.hub.parse()?,
             state_dir: raw.state_dir,
             audit: raw.audit.parse()?,
+            audit_format: raw.audit_format,
             reconnect,
             allow,
             on_stop: raw.on_stop,
@@ -292,6 +297,8 @@ pub struct HubConfig {
     pub svid_lifetime: Duration,
     /// Where audit lines go.
     pub audit: AuditOutput,
+    /// How audit lines are rendered.
+    pub audit_format: ewii_common::audit::Format,
     /// Service listeners.
     pub services: Vec<ServiceConfig>,
     /// Revoke a Client that has had no session for this long (`None`: never).
@@ -348,6 +355,8 @@ struct RawHub {
     svid_lifetime_secs: u64,
     #[serde(default = "default_audit")]
     audit: String,
+    #[serde(default)]
+    audit_format: ewii_common::audit::Format,
     #[serde(default)]
     service: Vec<RawService>,
     #[serde(default = "default_revoke_after_lost")]
@@ -451,6 +460,7 @@ impl FromStr for HubConfig {
             listen: raw.listen,
             svid_lifetime: Duration::from_secs(raw.svid_lifetime_secs),
             audit: raw.audit.parse()?,
+            audit_format: raw.audit_format,
             services,
             revoke_after_lost: (raw.revoke_after_lost_secs > 0)
                 .then(|| Duration::from_secs(raw.revoke_after_lost_secs)),
