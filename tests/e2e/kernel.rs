@@ -45,12 +45,7 @@ macro_rules! privileged {
 }
 
 fn cgroup2_mount() -> Option<PathBuf> {
-    let mi = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mi.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        let mount = pre.split_whitespace().nth(4)?;
-        (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount))
-    })
+    ewii::enforce::ebpf::cgroup2_mount().ok()
 }
 
 /// A fresh child cgroup, removed on drop.
@@ -372,4 +367,43 @@ fn p16_status_says_a_crash_lifts_an_unpinned_lock() {
     assert!(report
         .to_string()
         .contains("not pinned: no bpffs, so a crash of the Client lifts the lock"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p16_pinned_links_keep_the_lock_after_the_client_is_gone() {
+    privileged!();
+    let (allowed, _accepted) = counting_listener().await;
+    let (dir, config) = world_readable_config(&allowed.to_string(), "127.0.0.1:47443", "");
+    let cg = Cgroup::new();
+    let bin = bin_path("ewii-client");
+    let out = dir.path().join("probe.json");
+    let rogue = dir.path().join("rogue.txt");
+    // A private mount namespace with its own bpffs: the pins live as long as it does, and it
+    // outlives the Client process. Inside: the Client attaches and exits (from the kernel's
+    // view a crash and an exit are the same: its descriptors close); then another program in
+    // the same cgroup tries a connection the policy forbids.
+    let script = format!(
+        r#"mount -t bpf bpf /sys/fs/bpf || exit 90
+sh -c 'echo $$ > "{cg}/cgroup.procs" && exec "{bin}" probe-enforcement --config "{cfg}" --layers ebpf' > "{out}" || exit 91
+sh -c 'echo $$ > "{cg}/cgroup.procs" && exec bash -c "exec 3<>/dev/tcp/127.0.0.1/47998"' 2> "{rogue}"
+exit 0"#,
+        cg = cg.0.display(),
+        bin = bin.display(),
+        cfg = config.display(),
+        out = out.display(),
+        rogue = rogue.display(),
+    );
+    let status = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "unshare/mount/probe failed");
+    let report: Value = serde_json::from_slice(&fs::read(&out).unwrap()).unwrap();
+    assert_eq!(report["links_pinned"], true, "{report:#}");
+    assert_eq!(report["layers"][0]["active"], true);
+    let rogue = fs::read_to_string(&rogue).unwrap();
+    assert!(
+        rogue.contains("Operation not permitted"),
+        "with the Client gone the pinned lock still refuses: {rogue}"
+    );
 }

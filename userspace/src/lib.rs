@@ -14,6 +14,7 @@
 //! - [`hub`]: the Hub: QUIC listener, enrolment, sessions, service listeners, SQLite state.
 //! - [`client`]: the Client: enrolment, the reconnecting session, the [`client::dialer`],
 //!   and the status file read by `ewii-client status` and `health`.
+//! - [`logging`]: stderr logs filtered by `EWII_LOG`.
 //! - [`quickstart`]: the self-contained demo run by `ewii-quickstart`.
 //! - [`signal`]: SIGTERM/SIGINT as a shutdown future.
 //! - [`webhook`]: Standard Webhooks signing (Ed25519 `v1a`), verification, target checks.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod enforce;
 pub mod hub;
 pub mod identity;
+pub mod logging;
 pub mod quickstart;
 pub mod signal;
 pub mod transport;

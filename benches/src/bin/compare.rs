@@ -215,10 +215,5 @@ fn is_root() -> bool {
 }
 
 fn cgroup2_mount() -> Option<PathBuf> {
-    let mi = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mi.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        let mount = pre.split_whitespace().nth(4)?;
-        (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount))
-    })
+    ewii::enforce::ebpf::cgroup2_mount().ok()
 }

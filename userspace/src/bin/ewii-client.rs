@@ -102,7 +102,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    init_logging();
+    ewii::logging::init("info");
     let cli = Cli::parse();
     match cli.command {
         Command::Enroll {
@@ -320,13 +320,4 @@ fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
 fn fail(code: u8, msg: String) -> ExitCode {
     eprintln!("ewii-client: {msg}");
     ExitCode::from(code)
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EWII_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }

@@ -142,7 +142,7 @@ enum TokenCommand {
 }
 
 fn main() -> ExitCode {
-    init_logging();
+    ewii::logging::init("info");
     match real_main() {
         Ok(code) => code,
         Err(e) => {
@@ -293,15 +293,6 @@ fn real_main() -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EWII_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 async fn shutdown_signal() {
