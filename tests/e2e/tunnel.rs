@@ -347,3 +347,66 @@ async fn p11_a_query_for_a_disconnected_client_is_audited_as_failed() {
         Some("spiffe://test.ewii.local/client/nobody")
     );
 }
+
+/// A destination that accepts and then reads nothing until told to, then reads everything.
+async fn stalled_reader() -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<usize>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (go, wait) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let _ = wait.await;
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+        }
+    });
+    (addr, go, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_a_slow_destination_stalls_the_requester_instead_of_being_buffered() {
+    let (slow, go, reader) = stalled_reader().await;
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "slow")]).await;
+    let _client = TestClient::enrol_and_run(&hub, "acme", &[("slow", slow.to_string())]).await;
+    hub.wait_connected("acme").await;
+    let mut s = TcpStream::connect(hub.service("pg")).await.unwrap();
+    // Offer 256 MiB; with nobody reading, writes must stop long before that.
+    let chunk = vec![0x42u8; 64 * 1024];
+    let mut written = 0usize;
+    while written < 256 * 1024 * 1024 {
+        match tokio::time::timeout(Duration::from_millis(500), s.write_all(&chunk)).await {
+            Ok(Ok(())) => written += chunk.len(),
+            Ok(Err(e)) => panic!("write failed: {e}"),
+            Err(_) => break, // stalled: backpressure reached the requester
+        }
+    }
+    println!("accepted {} KiB before the stall", written / 1024);
+    // What is in flight sits in two TCP socket pairs (kernel autotuning, a few MiB each) and
+    // in QUIC's windows (1 MiB per stream): bounded, far below what was offered.
+    assert!(
+        written < 48 * 1024 * 1024,
+        "{} MiB went in with nobody reading",
+        written / (1024 * 1024)
+    );
+    // Released, the destination gets every byte that was accepted.
+    let _ = go.send(());
+    s.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    // (The write that timed out may have handed part of its chunk over.)
+    assert!(
+        got >= written && got <= written + chunk.len(),
+        "accepted {written}, delivered {got}"
+    );
+}

@@ -31,6 +31,10 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_millis(2_500);
 pub const KEEP_ALIVE: Duration = Duration::from_millis(800);
 /// Most queries the Hub may have open on one Client connection at once.
 pub const MAX_CONCURRENT_QUERIES: u32 = 1024;
+/// Per-query receive window: how far a sender may run ahead of a slow reader on one stream.
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+/// Per-connection receive window: bounds what one peer can make us buffer across all queries.
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// QUIC application error codes (connection close and stream reset).
 pub mod codes {
@@ -103,6 +107,10 @@ fn transport(max_bidi_from_peer: u32, keep_alive: bool) -> Arc<TransportConfig> 
     // §10.1) and delay the detection of a Client that went silent.
     t.keep_alive_interval(keep_alive.then_some(KEEP_ALIVE));
     t.max_concurrent_bidi_streams(VarInt::from_u32(max_bidi_from_peer));
+    // Memory stays bounded whatever the peer sends: flow control stops it at these windows.
+    t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
+    t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
+    t.send_window(u64::from(CONNECTION_WINDOW));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     Arc::new(t)
 }
