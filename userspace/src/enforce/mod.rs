@@ -275,8 +275,9 @@ pub trait DenySource: Send {
     fn counters(&self) -> Vec<(&'static str, u64)>;
 }
 
-/// Installs the layers for `config` in order — eBPF (if built in and `try_ebpf`), Landlock,
-/// seccomp — and proves each one. Returns the report and the eBPF event source.
+/// Installs the named `layers` in order — eBPF (if built in), Landlock, seccomp — and proves
+/// each one; a layer the kernel refuses is reported inactive with the reason. Returns the
+/// report and, when the eBPF lock is active, its source of refusals.
 pub fn install(plan: &Plan, layers: &[&str]) -> (Report, Option<Box<dyn DenySource>>) {
     let mut report = Report::default();
     let mut source: Option<Box<dyn DenySource>> = None;
