@@ -399,3 +399,137 @@ fn p1_p2_the_image_is_scratch_based_and_runs_as_uid_65532() {
     assert_eq!(copies.len(), 2, "{copies:?}");
     assert!(!dockerfile.contains("privileged"));
 }
+
+/// Builds the image offline from host-built static binaries (`EWII_IMAGE_DIST`, prepared by
+/// `.ci/run`), checks its size and user, runs the Client in it against a Hub on loopback, and
+/// stops it as `docker stop` would. Needs podman; `EWII_REQUIRE_IMAGE=1` turns a skip into a
+/// failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p1_p2_the_image_is_small_runs_as_65532_and_serves_a_query() {
+    let dist = std::env::var("EWII_IMAGE_DIST")
+        .ok()
+        .map(std::path::PathBuf::from);
+    let podman = Command::new("podman")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let (Some(dist), true) = (dist.filter(|d| d.join("ewii-client").exists()), podman) else {
+        assert!(
+            !require("EWII_REQUIRE_IMAGE"),
+            "EWII_REQUIRE_IMAGE=1 but EWII_IMAGE_DIST or podman is missing"
+        );
+        println!("SKIPPED: needs podman and EWII_IMAGE_DIST with a static ewii-client");
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let conf = work.path().join("containers.conf");
+    // DESIGN §9: runc (crun refuses this hybrid cgroup layout), and rlimits root cannot raise.
+    fs::write(
+        &conf,
+        "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=4096:4096\"]\n[engine]\nruntime = \"runc\"\n",
+    )
+    .unwrap();
+    let tag = format!("localhost/ewii-client-test:{}", std::process::id());
+    let podman = |args: &[&str]| {
+        Command::new("podman")
+            .env("CONTAINERS_CONF", &conf)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let ctx = format!("builder={}", dist.display());
+    let built = podman(&[
+        "build",
+        "--build-context",
+        &ctx,
+        "--build-arg",
+        "RUNTIME_BASE=scratch",
+        "-t",
+        &tag,
+        root,
+    ]);
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let inspect = podman(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Size}} {{.Config.User}}",
+        &tag,
+    ]);
+    let inspect = String::from_utf8_lossy(&inspect.stdout).trim().to_owned();
+    let (size, user) = inspect.split_once(' ').unwrap();
+    let size: u64 = size.parse().unwrap();
+    assert!(size <= 20 * 1000 * 1000, "image is {size} bytes");
+    assert_eq!(user, "65532:65532");
+
+    // A Hub on loopback, a Client enrolled on the host, its state handed to the container.
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    let state = client.state_dir();
+    let chown = Command::new("chown")
+        .args(["-R", "65532:65532"])
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let toml = work.path().join("client.toml");
+    fs::write(
+        &toml,
+        format!(
+            "hub = \"{}\"\nstate_dir = \"/var/lib/ewii\"\non_stop = \"disconnect\"\n[[allow]]\nname = \"db\"\naddress = \"{echo}\"\n",
+            hub.addr
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&toml, fs::Permissions::from_mode(0o644)).unwrap();
+    let name = format!("ewii-client-test-{}", std::process::id());
+    let vol_state = format!("{}:/var/lib/ewii", state.display());
+    let vol_conf = format!("{}:/etc/ewii/client.toml:ro", toml.display());
+    let started = podman(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--network",
+        "host",
+        "-v",
+        &vol_state,
+        "-v",
+        &vol_conf,
+        &tag,
+    ]);
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    hub.wait_connected("acme").await;
+    let mut s = tokio::net::TcpStream::connect(hub.service("pg"))
+        .await
+        .unwrap();
+    s.write_all(b"from the container").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"from the container");
+    // `docker stop`: SIGTERM, then the exit status.
+    let stopped = podman(&["stop", "-t", "10", &name]);
+    assert!(stopped.status.success());
+    let code = podman(&["inspect", "--format", "{{.State.ExitCode}}", &name]);
+    assert_eq!(String::from_utf8_lossy(&code.stdout).trim(), "0");
+    let logs = podman(&["logs", &name]);
+    let out = String::from_utf8_lossy(&logs.stdout);
+    assert!(
+        out.lines().any(|l| l.contains("\"event\":\"query\"")),
+        "{out}"
+    );
+    podman(&["rm", "-f", &name]);
+    podman(&["rmi", "-f", &tag]);
+}
