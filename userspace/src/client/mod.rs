@@ -274,6 +274,13 @@ async fn drive(ctx: &Arc<Ctx>, shutdown: impl Future<Output = ()>) -> Exit {
                         write_status(ctx, State::Revoked, None, 0, &Some(reason.clone()));
                         break Exit::Revoked { reason };
                     }
+                    // The session's SVID ran out; a renewed one (whose session could not be
+                    // brought up yet) may still be valid: then this is a loss, not the end.
+                    End::Expired if !expired(ctx) => {
+                        last_error =
+                            Some("the old SVID expired; dialling with the renewed one".into());
+                        link.handle_lost(epoch.elapsed(), rand::rng().next_u64());
+                    }
                     End::Expired => break expire(ctx),
                     End::Stopped => link.handle_shutdown(),
                     End::Rotated { .. } => unreachable_rotation(),
