@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ewii_common::policy::{AllowList, EntryName, PolicyError};
 use ewii_common::spiffe;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditOutput;
 
@@ -140,6 +140,19 @@ pub enum OnStop {
     Disconnect,
 }
 
+/// What the Client requires of the kernel before it starts (`[enforcement] require`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Require {
+    /// The eBPF egress lock must be attached and proven (feature `ebpf`, CAP_BPF + CAP_NET_ADMIN).
+    Kernel,
+    /// At least one kernel layer (eBPF, Landlock or seccomp) must be active and proven.
+    #[default]
+    Any,
+    /// Start on the Dialer alone if the kernel offers nothing (says so in status and audit).
+    None,
+}
+
 /// The Client's configuration.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -160,7 +173,7 @@ pub struct ClientConfig {
     /// Timeout of one TCP connect to a destination.
     pub connect_timeout: Duration,
     /// What the kernel must enforce before the Client starts.
-    pub require: crate::enforce::Require,
+    pub require: Require,
 }
 
 #[derive(Deserialize)]
@@ -188,7 +201,7 @@ struct RawClient {
 #[serde(deny_unknown_fields)]
 struct RawEnforcement {
     #[serde(default)]
-    require: crate::enforce::Require,
+    require: Require,
 }
 
 #[derive(Deserialize, Default)]

@@ -30,19 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::Audit;
 use crate::config::ClientConfig;
-
-/// What the Client requires of the kernel before it starts (`[enforcement] require`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Require {
-    /// The eBPF egress lock must be attached and proven (feature `ebpf`, CAP_BPF + CAP_NET_ADMIN).
-    Kernel,
-    /// At least one kernel layer (eBPF, Landlock or seccomp) must be active and proven.
-    #[default]
-    Any,
-    /// Start on the Dialer alone if the kernel offers nothing (says so in status and audit).
-    None,
-}
+pub use crate::config::Require;
 
 /// One layer's state after installation and self-proof.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -122,7 +122,7 @@ impl SpiffeVerifier {
             expect,
             serials: None,
             audit: None,
-            algs: crate::transport::provider().signature_verification_algorithms,
+            algs: rustls::crypto::ring::default_provider().signature_verification_algorithms,
             mandatory: true,
         }
     }
@@ -279,7 +279,7 @@ impl PinnedHubVerifier {
     pub fn new(pin: [u8; 32]) -> Self {
         Self {
             pin,
-            algs: crate::transport::provider().signature_verification_algorithms,
+            algs: rustls::crypto::ring::default_provider().signature_verification_algorithms,
             matched: RwLock::new(None),
         }
     }
