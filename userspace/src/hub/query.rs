@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ewii_common::audit::{Destination, Event, Outcome};
+use ewii_common::audit::{AuditRecord, Destination, Event, Outcome};
 use ewii_common::frame::{QueryHead, QueryId};
-use ewii_common::spiffe::Role;
+use ewii_common::spiffe::{Role, SpiffeId};
 use rand::RngCore;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -54,46 +54,23 @@ async fn query(
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let _ = tcp.set_nodelay(true);
+    let mut log = QueryLog::new(&inner, &svc, peer);
     match tls {
         None => {
             let ServiceMode::Tcp { principal } = &svc.mode else {
                 return;
             };
-            let source = format!("{principal}@{peer}");
-            forward(&inner, &svc, tcp, peer, source).await;
+            log.source = Some(format!("{principal}@{peer}"));
+            forward(log, tcp).await;
         }
         Some(acceptor) => {
             let stream = match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    audit_query(
-                        &inner,
-                        &svc,
-                        None,
-                        peer,
-                        None,
-                        Outcome::Refused,
-                        format!("requester TLS: {e}"),
-                        None,
-                    );
-                    return;
-                }
-                Err(_) => {
-                    audit_query(
-                        &inner,
-                        &svc,
-                        None,
-                        peer,
-                        None,
-                        Outcome::Refused,
-                        "requester TLS handshake timed out".into(),
-                        None,
-                    );
-                    return;
-                }
+                Ok(Err(e)) => return log.emit(Outcome::Refused, format!("requester TLS: {e}")),
+                Err(_) => return log.emit(Outcome::Refused, "requester TLS handshake timed out"),
             };
             // The verifier accepted only `/workload/<name>` SVIDs of our trust domain.
-            let source = stream
+            log.source = stream
                 .get_ref()
                 .1
                 .peer_certificates()
@@ -101,81 +78,41 @@ async fn query(
                 .and_then(|c| inspect_leaf(c).ok())
                 .filter(|l| matches!(l.id.role(), Role::Workload(_)))
                 .map(|l| l.id.to_string());
-            match source {
-                Some(source) => forward(&inner, &svc, stream, peer, source).await,
-                None => audit_query(
-                    &inner,
-                    &svc,
-                    None,
-                    peer,
-                    None,
-                    Outcome::Refused,
-                    "requester presented no workload SVID".into(),
-                    None,
-                ),
+            if log.source.is_some() {
+                forward(log, stream).await;
+            } else {
+                log.emit(Outcome::Refused, "requester presented no workload SVID");
             }
         }
     }
 }
 
-async fn forward<S: TcpLike>(
-    inner: &Inner,
-    svc: &ServiceConfig,
-    io: S,
-    peer: SocketAddr,
-    source: String,
-) {
-    let started = tokio::time::Instant::now();
+async fn forward<S: TcpLike>(mut log: QueryLog<'_>, io: S) {
     let query_id =
         QueryId(u128::from(rand::rng().next_u64()) << 64 | u128::from(rand::rng().next_u64()));
-    let Some(session) = inner.session_for(&svc.client) else {
-        audit_query(
-            inner,
-            svc,
-            Some((query_id, None)),
-            peer,
-            Some(source),
-            Outcome::Failed,
-            format!("client {} is not connected", svc.client),
-            None,
-        );
+    log.query_id = Some(query_id);
+    let Some(session) = log.inner.session_for(&log.svc.client) else {
+        let reason = format!("client {} is not connected", log.svc.client);
+        log.emit(Outcome::Failed, reason);
         io.abort();
         return;
     };
-    let ctx = Some((query_id, Some(&session)));
+    log.session = Some((session.id, session.spiffe_id.to_string()));
     let (mut send, mut recv) = match session.conn.open_bi().await {
         Ok(s) => s,
         Err(e) => {
-            audit_query(
-                inner,
-                svc,
-                ctx,
-                peer,
-                Some(source),
-                Outcome::Failed,
-                format!("open stream: {e}"),
-                None,
-            );
+            log.emit(Outcome::Failed, format!("open stream: {e}"));
             io.abort();
             return;
         }
     };
     let open = QueryHead::Open {
         query_id,
-        destination: svc.destination.to_string(),
-        source: source.clone(),
+        destination: log.svc.destination.to_string(),
+        source: log.source.clone().unwrap_or_default(),
     };
     if let Err(e) = transport::write_frame(&mut send, &open).await {
-        audit_query(
-            inner,
-            svc,
-            ctx,
-            peer,
-            Some(source),
-            Outcome::Failed,
-            format!("send Open: {e}"),
-            None,
-        );
+        log.emit(Outcome::Failed, format!("send Open: {e}"));
         io.abort();
         return;
     }
@@ -184,27 +121,20 @@ async fn forward<S: TcpLike>(
     match head {
         Ok(Ok(Some(QueryHead::Opened))) => {
             let report = pipe(io, send, recv, reader.into_leftover()).await;
-            let (outcome, reason) = match report.error {
-                None => (Outcome::Ok, None),
-                Some(e) => (Outcome::Failed, Some(e)),
-            };
-            let mut r = query_record(inner, svc, ctx, peer, Some(source), outcome, reason);
+            let mut r = log.record(
+                if report.error.is_none() {
+                    Outcome::Ok
+                } else {
+                    Outcome::Failed
+                },
+                report.error,
+            );
             r.bytes_up = Some(report.tcp_to_stream);
             r.bytes_down = Some(report.stream_to_tcp);
-            r.duration_ms = Some(started.elapsed().as_millis() as u64);
-            inner.audit.emit(r);
+            log.inner.audit.emit(r);
         }
         Ok(Ok(Some(QueryHead::Refused { code }))) => {
-            audit_query(
-                inner,
-                svc,
-                ctx,
-                peer,
-                Some(source),
-                Outcome::Refused,
-                format!("refused by the client: {code}"),
-                Some(started),
-            );
+            log.emit(Outcome::Refused, format!("refused by the client: {code}"));
             io.abort();
         }
         other => {
@@ -214,68 +144,62 @@ async fn forward<S: TcpLike>(
                 Ok(Ok(_)) => "unexpected answer to Open".to_string(),
             };
             let _ = send.reset(transport::codes::PROTOCOL);
-            audit_query(
-                inner,
-                svc,
-                ctx,
-                peer,
-                Some(source),
-                Outcome::Failed,
-                reason,
-                Some(started),
-            );
+            log.emit(Outcome::Failed, reason);
             io.abort();
         }
     }
 }
 
-type Ctx<'a> = Option<(QueryId, Option<&'a super::Session>)>;
-
-fn query_record(
-    inner: &Inner,
-    svc: &ServiceConfig,
-    ctx: Ctx<'_>,
+/// What the Hub knows about one query so far; every exit path writes its record from here.
+struct QueryLog<'a> {
+    inner: &'a Inner,
+    svc: &'a ServiceConfig,
     peer: SocketAddr,
+    started: tokio::time::Instant,
     source: Option<String>,
-    outcome: Outcome,
-    reason: Option<String>,
-) -> ewii_common::audit::AuditRecord {
-    let mut r = inner.audit.record(Event::Query);
-    if let Some((qid, session)) = ctx {
-        r.query_id = Some(qid);
-        if let Some(s) = session {
-            r.session_id = Some(s.id);
-            r.client = Some(s.spiffe_id.to_string());
-        }
-    }
-    if r.client.is_none() {
-        r.client = ewii_common::spiffe::SpiffeId::client(&inner.trust_domain, &svc.client)
-            .ok()
-            .map(|id| id.to_string());
-    }
-    r.source = source;
-    r.destination = Some(Destination {
-        name: svc.destination.to_string(),
-        address: None,
-    });
-    r.peer = Some(peer.to_string());
-    r.outcome = Some(outcome);
-    r.reason = reason;
-    r
+    query_id: Option<QueryId>,
+    /// Session id and the Client's SPIFFE ID, once a session was found.
+    session: Option<(u64, String)>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn audit_query(
-    inner: &Inner,
-    svc: &ServiceConfig,
-    ctx: Ctx<'_>,
-    peer: SocketAddr,
-    source: Option<String>,
-    outcome: Outcome,
-    reason: String,
-    started: Option<tokio::time::Instant>,
-) {
-    let mut r = query_record(inner, svc, ctx, peer, source, outcome, Some(reason));
-    r.duration_ms = started.map(|s| s.elapsed().as_millis() as u64);
-    inner.audit.emit(r);
+impl<'a> QueryLog<'a> {
+    fn new(inner: &'a Inner, svc: &'a ServiceConfig, peer: SocketAddr) -> Self {
+        Self {
+            inner,
+            svc,
+            peer,
+            started: tokio::time::Instant::now(),
+            source: None,
+            query_id: None,
+            session: None,
+        }
+    }
+
+    fn record(&self, outcome: Outcome, reason: Option<String>) -> AuditRecord {
+        let mut r = self.inner.audit.record(Event::Query);
+        r.query_id = self.query_id;
+        r.session_id = self.session.as_ref().map(|(id, _)| *id);
+        r.client = match &self.session {
+            Some((_, client)) => Some(client.clone()),
+            None => SpiffeId::client(&self.inner.trust_domain, &self.svc.client)
+                .ok()
+                .map(|id| id.to_string()),
+        };
+        r.source = self.source.clone();
+        r.destination = Some(Destination {
+            name: self.svc.destination.to_string(),
+            address: None,
+        });
+        r.peer = Some(self.peer.to_string());
+        r.outcome = Some(outcome);
+        r.reason = reason;
+        r.duration_ms = Some(self.started.elapsed().as_millis() as u64);
+        r
+    }
+
+    fn emit(&self, outcome: Outcome, reason: impl Into<String>) {
+        self.inner
+            .audit
+            .emit(self.record(outcome, Some(reason.into())));
+    }
 }
