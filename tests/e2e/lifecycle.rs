@@ -91,6 +91,18 @@ async fn p7_p8_rotation_under_load_drops_no_query_and_retires_the_old_serial() {
             })
         })
         .collect();
+    // The long query outlives the first rotation on the connection it started on (a session
+    // ends when its own SVID expires, so with a 4 s lifetime it cannot outlive them all).
+    poll_until("the first rotation", Duration::from_secs(30), || {
+        count(&client.audit, |r| {
+            r.event == Event::SvidRotated && r.outcome == Some(Outcome::Ok)
+        }) >= 1
+    })
+    .await;
+    long.write_all(b"second").await.unwrap();
+    long.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"second");
+    drop(long);
     poll_until("three rotations", Duration::from_secs(30), || {
         count(&client.audit, |r| {
             r.event == Event::SvidRotated && r.outcome == Some(Outcome::Ok)
@@ -107,12 +119,6 @@ async fn p7_p8_rotation_under_load_drops_no_query_and_retires_the_old_serial() {
         "no query may fail"
     );
     assert!(ok.load(Ordering::SeqCst) > 10, "the load ran");
-
-    // The long query finishes on the connection it started on.
-    long.write_all(b"second").await.unwrap();
-    long.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"second");
-    drop(long);
 
     // The Hub retired the first serial when the renewed one came into use…
     hub.wait_audit("serial retirement", |r| {
@@ -606,4 +612,59 @@ async fn p15_the_ca_rotates_with_an_overlap_and_clients_follow_over_the_control_
         .await
         .is_ok());
     client.stop().await;
+}
+
+#[tokio::test]
+async fn p8_a_stolen_older_key_cannot_renew_once_the_newer_serial_is_in_use() {
+    let hub = TestHub::start(&[]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let first = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    // The thief connects with the first key and keeps the connection.
+    let mut thief = raw_session(&hub, &first).await.expect("thief session");
+    // The Client renews on its own connection and moves to the new serial.
+    let mut owner = raw_session(&hub, &first).await.expect("owner session");
+    let renew = |key: &rcgen::KeyPair| {
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(key)
+            .unwrap();
+        Control::Renew {
+            csr: csr.der().to_vec(),
+        }
+    };
+    let key2 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    transport::write_frame(&mut owner.send, &renew(&key2))
+        .await
+        .unwrap();
+    let Some(Control::Renewed { chain, .. }) =
+        owner.reader.read::<Control>(&mut owner.recv).await.unwrap()
+    else {
+        panic!("the owner's renewal must succeed");
+    };
+    let second = Svid::new(chain.into_iter().map(Into::into).collect(), &key2);
+    let _new = raw_session(&hub, &second)
+        .await
+        .expect("session with the new serial");
+    hub.wait_audit("first serial retired", |r| {
+        r.event == Event::SvidRotated && r.reason.as_deref().is_some_and(|x| x.contains("retired"))
+    })
+    .await;
+    // The thief asks for a fresh certificate on the old connection: refused.
+    let key3 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    transport::write_frame(&mut thief.send, &renew(&key3))
+        .await
+        .unwrap();
+    let answer = thief.reader.read::<Control>(&mut thief.recv).await.unwrap();
+    assert!(
+        matches!(answer, Some(Control::Refused { .. })),
+        "{answer:?}"
+    );
+    let refusal = hub
+        .wait_audit("refused renewal", |r| {
+            r.event == Event::SvidRotated && r.outcome == Some(Outcome::Refused)
+        })
+        .await;
+    assert!(
+        refusal.reason.unwrap().contains("retired"),
+        "only the newest key renews"
+    );
 }

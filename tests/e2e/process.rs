@@ -91,19 +91,25 @@ fn socket_inodes(pid: u32) -> HashSet<String> {
         .collect()
 }
 
-/// `(state, local address)` rows of /proc/<pid>/net/<table> whose inode is in `inodes`.
+/// `(state, local address)` rows of /proc/<pid>/net/<table> whose inode is in `inodes`, one
+/// per inode (the file is not read atomically: under socket churn a row can appear twice).
 fn sockets(pid: u32, table: &str, inodes: &HashSet<String>) -> Vec<(String, String)> {
     let text = fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap();
-    text.lines()
+    let rows: std::collections::BTreeMap<String, (String, String)> = text
+        .lines()
         .skip(1)
         .filter_map(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
             let inode = cols.get(9)?;
-            inodes
-                .contains(*inode)
-                .then(|| (cols[3].to_owned(), cols[1].to_owned()))
+            inodes.contains(*inode).then(|| {
+                (
+                    (*inode).to_owned(),
+                    (cols[3].to_owned(), cols[1].to_owned()),
+                )
+            })
         })
-        .collect()
+        .collect();
+    rows.into_values().collect()
 }
 
 /// `(flags, path)` of the AF_UNIX sockets of `pid` (flag 0x10000 is `__SO_ACCEPTCON`: listening).

@@ -30,6 +30,9 @@ pub const NEXT_CA_KEY: &str = "ca-next.key";
 /// Lifetime of the Hub's own SVID; `ewii-hub run` renews it when less than a third is left.
 pub const HUB_SVID_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
 
+/// Longest workload SVID (they cannot be revoked before expiry).
+pub const MAX_WORKLOAD_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
+
 /// What `init` made.
 #[derive(Debug, Clone)]
 pub struct InitReport {
@@ -198,6 +201,13 @@ pub fn issue_workload_svid(
         .to_owned();
     let id = SpiffeId::workload(&td, name)
         .map_err(|_| HubError::Usage(format!("workload name {name:?} is not valid")))?;
+    // Workload serials are not tracked, so a workload SVID cannot be revoked before it
+    // expires: keep that window short.
+    if lifetime.is_zero() || lifetime > MAX_WORKLOAD_LIFETIME {
+        return Err(HubError::Usage(
+            "workload SVID lifetime must be between 1 s and 7 days".into(),
+        ));
+    }
     create_private_dir(out_dir)?;
     let (key, _) = new_key_and_csr().map_err(ident(state_dir))?;
     let issued = ca.issue(&key, &id, lifetime).map_err(ident(state_dir))?;

@@ -49,6 +49,11 @@ use state::{Db, SessionRow, StateError, TokenRefusal};
 
 /// How long an enrolment or session opening may take before the Hub gives up on it.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a live session re-checks its serial (revocation, retirement, expiry).
+const RECHECK: Duration = Duration::from_secs(1);
+/// How long a session whose serial was retired by a rotation may finish its queries (the
+/// Client drains as long; no new query is routed to it meanwhile).
+const RETIRED_DRAIN: Duration = Duration::from_secs(600);
 
 /// Why the Hub could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +125,18 @@ impl std::fmt::Debug for Inner {
 impl Inner {
     pub(crate) fn session_for(&self, client: &str) -> Option<Session> {
         self.sessions.lock().ok()?.get(client).cloned()
+    }
+
+    /// Removes `client`'s session from the registry if it is still `session_id`.
+    pub(crate) fn take_session(&self, client: &str, session_id: u64) -> bool {
+        self.sessions.lock().is_ok_and(|mut s| {
+            if s.get(client).is_some_and(|x| x.id == session_id) {
+                s.remove(client);
+                true
+            } else {
+                false
+            }
+        })
     }
 
     /// The signing CA now (it changes on `ewii-hub ca activate`).
@@ -194,6 +211,7 @@ impl Hub {
             .to_owned();
         let db = Arc::new(Db::open(&dir.join(admin::DB_FILE))?);
         db.clear_sessions()?;
+        db.restart_grace(crate::now_timestamp().unix_secs() as i64)?;
         let webhook_key = WebhookKey::load_or_create(dir).map_err(ident)?;
         let bundle = Bundle::new(trust::load_bundle(dir, &ca).map_err(ident)?);
         let (server_config, tls_acceptor) =
@@ -546,8 +564,57 @@ async fn session(
     ));
     inner.audit.emit(r);
 
+    // The handshake checked the serial once; the session keeps checking it, so that a
+    // revocation, a retirement (after a bounded drain) or the SVID's expiry ends it.
+    let mut recheck = tokio::time::interval(RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retired_since: Option<tokio::time::Instant> = None;
+    if inner
+        .db
+        .revoked_among(std::slice::from_ref(&name))
+        .map_or(true, |v| !v.is_empty())
+    {
+        conn.close(codes::REVOKED, b"revoked");
+    }
     let reason = loop {
         tokio::select! {
+            _ = recheck.tick() => {
+                let now = crate::now_timestamp().unix_secs() as i64;
+                if now >= leaf.not_after {
+                    conn.close(codes::REFUSED, b"");
+                    break "the SVID of this session expired".to_string();
+                }
+                match inner.db.serial_status(&leaf.id, &leaf.serial) {
+                    Ok(state::SerialStatus::Current) => retired_since = None,
+                    Ok(state::SerialStatus::Retired) => {
+                        let since = *retired_since.get_or_insert_with(tokio::time::Instant::now);
+                        if since.elapsed() >= RETIRED_DRAIN {
+                            conn.close(codes::REFUSED, b"");
+                            break format!("serial {} retired; drain time over", leaf.serial);
+                        }
+                    }
+                    Ok(state::SerialStatus::Revoked) => {
+                        // Whoever takes the session out of the registry closes it: this task
+                        // or the watcher, never both.
+                        if inner.take_session(&name, session_id) {
+                            let reason = inner
+                                .db
+                                .revoked_among(std::slice::from_ref(&name))
+                                .ok()
+                                .and_then(|v| v.into_iter().next())
+                                .map(|r| r.reason)
+                                .unwrap_or_default();
+                            watch::close_for_revocation(inner, &conn, session_id, &leaf.id, &reason);
+                        }
+                        break format!("{} is revoked", leaf.id);
+                    }
+                    // Unknown, someone else's, or the database failing: fail closed.
+                    Ok(other) => {
+                        conn.close(codes::REFUSED, b"");
+                        break format!("serial {} no longer valid: {other:?}", leaf.serial);
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot re-check a session's serial"),                }
+            }
             msg = reader.read::<Control>(&mut recv) => match msg {
                 Ok(Some(Control::Ping { time_us })) => {
                     let pong = Control::Pong { echo_us: time_us, time_us: crate::now_timestamp().0 };
@@ -619,12 +686,18 @@ fn renew(
     r.session_id = Some(session_id);
     r.client = Some(leaf.id.to_string());
     let now = crate::now_timestamp().unix_secs() as i64;
-    let revoked = inner
-        .db
-        .revoked_among(&[name.to_owned()])
-        .map_or(true, |v| !v.is_empty());
-    let issued = if revoked {
-        Err("revoked clients get no renewal".to_string())
+    // Only the newest key in use renews: a connection holding a retired, revoked or
+    // superseded serial (a stolen old key) gets nothing.
+    use crate::identity::verify::SerialCheck;
+    let current = inner.db.check(&leaf.id, &leaf.serial);
+    let superseded = inner.db.superseded(name, &leaf.serial).unwrap_or(true);
+    let issued = if let Err(why) = current {
+        Err(format!("no renewal: {why}"))
+    } else if superseded {
+        Err(format!(
+            "no renewal: serial {} is superseded by a newer one in use",
+            leaf.serial
+        ))
     } else {
         inner
             .ca()

@@ -78,6 +78,8 @@ async fn send(inner: &Inner, w: &PendingWebhook) -> Result<u16, String> {
         .map_err(|e| e.to_string())?;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        // A proxy from the environment would reach targets the address check refused.
+        .no_proxy()
         .timeout(REQUEST_TIMEOUT)
         .resolve(&host, addr)
         .build()

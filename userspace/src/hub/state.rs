@@ -154,7 +154,8 @@ CREATE TABLE IF NOT EXISTS serials (
     client TEXT NOT NULL REFERENCES clients(name),
     issued_at INTEGER NOT NULL,
     not_after INTEGER NOT NULL,
-    retired INTEGER NOT NULL DEFAULT 0
+    retired INTEGER NOT NULL DEFAULT 0,
+    first_used INTEGER
 );
 ";
 
@@ -267,6 +268,8 @@ impl Db {
                 "UPDATE clients SET revoked_at = ?2, revoke_reason = ?3 WHERE name = ?1 AND revoked_at IS NULL",
                 params![client, now, reason],
             )?;
+            // An unused token for this client must not quietly undo the revocation.
+            tx.execute("DELETE FROM tokens WHERE client = ?1", params![client])?;
             if n > 0 && notify {
                 let row: Option<(String, Option<String>)> = tx
                     .query_row(
@@ -343,8 +346,37 @@ impl Db {
                 params![client, session.session_id as i64, session.serial, session.peer, session.since],
             )?;
             c.execute(
+                "UPDATE serials SET first_used = COALESCE(first_used, ?2) WHERE serial = ?1",
+                params![session.serial, session.since],
+            )?;
+            c.execute(
                 "UPDATE clients SET last_seen = ?2 WHERE name = ?1",
                 params![client, session.since],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Whether `client` has a serial issued after `serial` that has already authenticated a
+    /// session: then `serial` is superseded and must not be renewed again.
+    pub fn superseded(&self, client: &str, serial: &str) -> Result<bool, StateError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM serials WHERE client = ?1 AND first_used IS NOT NULL
+                 AND rowid > (SELECT rowid FROM serials WHERE serial = ?2))",
+                params![client, serial],
+                |r| r.get(0),
+            )
+        })
+    }
+
+    /// At Hub start: the grace for silent clients restarts, since none could reach a Hub that
+    /// was down.
+    pub fn restart_grace(&self, now: i64) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE clients SET last_seen = ?1 WHERE revoked_at IS NULL AND last_seen IS NOT NULL",
+                params![now],
             )
             .map(|_| ())
         })
@@ -525,26 +557,53 @@ impl Db {
     }
 }
 
+/// Where a serial stands in the Hub's records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialStatus {
+    /// Issued to this identity, not retired, identity not revoked.
+    Current,
+    /// Never issued by this Hub.
+    Unknown,
+    /// Issued to another identity.
+    OtherIdentity(String),
+    /// The identity is revoked.
+    Revoked,
+    /// Replaced by a newer serial that is in use.
+    Retired,
+}
+
+impl Db {
+    /// The status of `serial` for `id`.
+    pub fn serial_status(&self, id: &SpiffeId, serial: &str) -> Result<SerialStatus, StateError> {
+        let row = self.with(|c| {
+            c.query_row(
+                "SELECT c.spiffe_id, c.revoked_at, s.retired FROM serials s JOIN clients c ON c.name = s.client WHERE s.serial = ?1",
+                params![serial],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?, r.get::<_, bool>(2)?)),
+            )
+            .optional()
+        })?;
+        Ok(match row {
+            None => SerialStatus::Unknown,
+            Some((sid, _, _)) if sid != id.to_string() => SerialStatus::OtherIdentity(sid),
+            Some((_, Some(_), _)) => SerialStatus::Revoked,
+            Some((_, None, true)) => SerialStatus::Retired,
+            Some((_, None, false)) => SerialStatus::Current,
+        })
+    }
+}
+
 impl SerialCheck for Db {
     fn check(&self, id: &SpiffeId, serial: &str) -> Result<(), String> {
-        let row = self
-            .with(|c| {
-                c.query_row(
-                    "SELECT c.spiffe_id, c.revoked_at, s.retired FROM serials s JOIN clients c ON c.name = s.client WHERE s.serial = ?1",
-                    params![serial],
-                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?, r.get::<_, bool>(2)?)),
-                )
-                .optional()
-            })
-            .map_err(|e| format!("revocation check failed closed: {e}"))?;
-        match row {
-            None => Err(format!("serial {serial} was not issued by this Hub")),
-            Some((sid, _, _)) if sid != id.to_string() => {
+        match self.serial_status(id, serial) {
+            Err(e) => Err(format!("revocation check failed closed: {e}")),
+            Ok(SerialStatus::Current) => Ok(()),
+            Ok(SerialStatus::Unknown) => Err(format!("serial {serial} was not issued by this Hub")),
+            Ok(SerialStatus::OtherIdentity(sid)) => {
                 Err(format!("serial {serial} belongs to {sid}, not {id}"))
             }
-            Some((_, Some(_), _)) => Err(format!("{id} is revoked")),
-            Some((_, None, true)) => Err(format!("serial {serial} of {id} is retired")),
-            Some((_, None, false)) => Ok(()),
+            Ok(SerialStatus::Revoked) => Err(format!("{id} is revoked")),
+            Ok(SerialStatus::Retired) => Err(format!("serial {serial} of {id} is retired")),
         }
     }
 }
@@ -588,6 +647,46 @@ mod tests {
             db.redeem_token("nope", 0).unwrap(),
             Err(TokenRefusal::UnknownOrUsed)
         );
+    }
+
+    #[test]
+    fn p10_revocation_deletes_outstanding_tokens_and_a_restart_resets_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("hub.db")).unwrap();
+        let id = SpiffeId::client("example.org", "acme").unwrap();
+        let grant = TokenGrant {
+            client: "acme".into(),
+            webhook: None,
+        };
+        db.record_enrolment(&grant, &id, "0a", 1000, 1).unwrap();
+        db.add_token("spare", "acme", 10_000, None, 1).unwrap();
+        assert!(db.revoke_client("acme", "test", 2, false).unwrap());
+        // A leaked spare token must not quietly undo the revocation.
+        assert_eq!(
+            db.redeem_token("spare", 3).unwrap(),
+            Err(TokenRefusal::UnknownOrUsed)
+        );
+
+        let other = SpiffeId::client("example.org", "beta").unwrap();
+        let grant_b = TokenGrant {
+            client: "beta".into(),
+            webhook: None,
+        };
+        db.record_enrolment(&grant_b, &other, "0b", 1000, 1)
+            .unwrap();
+        let row = SessionRow {
+            session_id: 1,
+            serial: "0b".into(),
+            peer: "p".into(),
+            since: 10,
+        };
+        db.session_up("beta", &row).unwrap();
+        db.session_down("beta", 1, 10).unwrap();
+        assert_eq!(db.silent_since(100).unwrap(), vec!["beta".to_string()]);
+        // The Hub was down until 500: nobody could reach it, so the grace starts again.
+        db.restart_grace(500).unwrap();
+        assert!(db.silent_since(100).unwrap().is_empty());
+        assert_eq!(db.silent_since(501).unwrap(), vec!["beta".to_string()]);
     }
 
     #[test]

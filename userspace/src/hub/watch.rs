@@ -53,15 +53,32 @@ pub(super) fn close_revoked(inner: &Inner) {
             .ok()
             .and_then(|mut s| s.remove(&rev.client));
         if let Some(session) = session {
-            session.conn.close(codes::REVOKED, rev.reason.as_bytes());
-            let mut r = inner.audit.record(Event::Revoked);
-            r.session_id = Some(session.id);
-            r.client = Some(session.spiffe_id.to_string());
-            r.outcome = Some(Outcome::Ok);
-            r.reason = Some(format!("live session closed: {}", rev.reason));
-            inner.audit.emit(r);
+            close_for_revocation(
+                inner,
+                &session.conn,
+                session.id,
+                &session.spiffe_id,
+                &rev.reason,
+            );
         }
     }
+}
+
+/// Closes a live session with `REVOKED` and the operator's reason, and audits it.
+pub(super) fn close_for_revocation(
+    inner: &Inner,
+    conn: &quinn::Connection,
+    session_id: u64,
+    id: &SpiffeId,
+    reason: &str,
+) {
+    conn.close(codes::REVOKED, reason.as_bytes());
+    let mut r = inner.audit.record(Event::Revoked);
+    r.session_id = Some(session_id);
+    r.client = Some(id.to_string());
+    r.outcome = Some(Outcome::Ok);
+    r.reason = Some(format!("live session closed: {reason}"));
+    inner.audit.emit(r);
 }
 
 fn revoke_silent(inner: &Inner, grace: Duration) {
