@@ -139,12 +139,15 @@ address = "{service_addr}"
     Ok(())
 }
 
+/// How often the quickstart looks whether the Client is connected (100 looks: 5 s).
+const CONNECT_POLL: Duration = Duration::from_millis(50);
+
 async fn wait_connected(handle: &crate::hub::HubHandle, client: &str) -> anyhow::Result<()> {
     for _ in 0..100 {
         if handle.connected_clients().iter().any(|c| c == client) {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(CONNECT_POLL).await;
     }
     bail!("the Client did not connect within 5 s")
 }

@@ -25,6 +25,8 @@ use tokio::time::Instant;
 const TRANSFER: usize = 8 * 1024 * 1024;
 /// Transfers per configuration per round.
 const PER_ROUND: usize = 3;
+/// How often the harness looks again at a cgroup or the Hub's sessions.
+const POLL: Duration = Duration::from_millis(20);
 /// Rounds (each runs every configuration once).
 const ROUNDS: usize = 3;
 
@@ -136,7 +138,7 @@ impl Running {
                 if fs::remove_dir(&cg).is_ok() {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(POLL);
             }
         }
         Ok(())
@@ -178,7 +180,7 @@ async fn start_client(
         if Instant::now() > deadline {
             bail!("the Client did not connect");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(POLL).await;
     }
     Ok(Running { child, cgroup })
 }

@@ -42,6 +42,9 @@ pub const REVOKED_MARKER: &str = "revoked";
 const DRAIN: Duration = Duration::from_secs(5);
 /// How long a connection retired by a rotation may keep serving its in-flight queries.
 const DRAIN_AFTER_ROTATION: Duration = Duration::from_secs(600);
+/// After a rotation, how long the old connection still accepts streams the Hub opened just
+/// before it switched to the new session.
+const ROTATION_GRACE: Duration = Duration::from_secs(1);
 /// First retry delay of a failed renewal.
 const RENEW_RETRY: Duration = Duration::from_secs(1);
 /// How long the Hub has to answer `Renew`.
@@ -686,7 +689,7 @@ async fn drain(old: Retiring) {
         ..
     } = session;
     let _ = tokio::time::timeout(DRAIN_AFTER_ROTATION, async {
-        let grace = tokio::time::sleep(Duration::from_secs(1));
+        let grace = tokio::time::sleep(ROTATION_GRACE);
         tokio::pin!(grace);
         let mut grace_over = false;
         loop {

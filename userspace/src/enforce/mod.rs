@@ -284,63 +284,43 @@ pub fn install(plan: &Plan, layers: &[&str]) -> (Report, Option<Box<dyn DenySour
     (report, source)
 }
 
+/// What the eBPF layer covers, as reported.
+const EBPF_COVERS: &str = "every process in the Client's cgroup: TCP only to the allow-list, UDP only to the Hub (and resolvers), raw packets included";
+
+fn ebpf_layer(active: bool, detail: String) -> Layer {
+    Layer {
+        name: "ebpf".into(),
+        active,
+        covers: EBPF_COVERS.into(),
+        detail,
+    }
+}
+
 #[cfg(feature = "ebpf")]
 fn install_ebpf(plan: &Plan) -> (Layer, Option<bool>, Option<Box<dyn DenySource>>) {
-    let covers = "every process in the Client's cgroup: TCP only to the allow-list, UDP only to the Hub (and resolvers), raw packets included".to_string();
-    let rules = match plan.rules() {
-        Ok(r) => r,
-        Err(e) => {
-            return (
-                Layer {
-                    name: "ebpf".into(),
-                    active: false,
-                    covers,
-                    detail: e.to_string(),
-                },
-                None,
-                None,
-            )
-        }
-    };
-    match ebpf::EgressLock::attach(&rules) {
+    let attached = plan
+        .rules()
+        .map_err(|e| e.to_string())
+        .and_then(|rules| ebpf::EgressLock::attach(&rules).map_err(|e| e.to_string()));
+    match attached {
         Ok(mut lock) => {
             let verdict = lock.prove(plan);
             let pinned = Some(lock.pinned());
             let active = verdict.is_ok();
-            let detail = verdict.unwrap_or_else(|e| e);
             (
-                Layer {
-                    name: "ebpf".into(),
-                    active,
-                    covers,
-                    detail,
-                },
+                ebpf_layer(active, verdict.unwrap_or_else(|e| e)),
                 pinned,
                 active.then(|| Box::new(lock) as Box<dyn DenySource>),
             )
         }
-        Err(e) => (
-            Layer {
-                name: "ebpf".into(),
-                active: false,
-                covers,
-                detail: e.to_string(),
-            },
-            None,
-            None,
-        ),
+        Err(e) => (ebpf_layer(false, e), None, None),
     }
 }
 
 #[cfg(not(feature = "ebpf"))]
 fn install_ebpf(_plan: &Plan) -> (Layer, Option<bool>, Option<Box<dyn DenySource>>) {
     (
-        Layer {
-            name: "ebpf".into(),
-            active: false,
-            covers: "every process in the Client's cgroup".into(),
-            detail: "this build has no `ebpf` feature".into(),
-        },
+        ebpf_layer(false, "this build has no `ebpf` feature".into()),
         None,
         None,
     )

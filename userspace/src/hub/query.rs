@@ -20,6 +20,8 @@ use crate::transport::{self, FrameReader};
 
 /// How long the Client may take to answer `Open` (it dials the destination meanwhile).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Pause after a failed `accept` (EMFILE and the like), instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a requester may take to finish its TLS handshake.
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -38,7 +40,7 @@ pub(super) async fn serve(inner: Arc<Inner>, svc: ServiceConfig, listener: TcpLi
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
                     tracing::warn!(service = %svc.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
             Some(_) = queries.join_next() => {}
