@@ -77,34 +77,22 @@ impl EgressLock {
         refuse_root(cgroup)?;
         let mut bpf =
             Ebpf::load(ewii_ebpf::object()).map_err(|e| bpf_err("load object")(e.to_string()))?;
-        {
-            let map = bpf
-                .map_mut("ALLOW4")
-                .ok_or_else(|| EbpfError::Bpf("no ALLOW4 map".into()))?;
-            let mut allow4: HashMap<_, K4, u8> =
-                HashMap::try_from(map).map_err(|e| bpf_err("ALLOW4")(e.to_string()))?;
-            for r in rules {
-                if let Key::V4(k) = r.key() {
-                    allow4
-                        .insert(K4(k), 1, 0)
-                        .map_err(|e| bpf_err("fill ALLOW4")(e.to_string()))?;
-                }
-            }
-        }
-        {
-            let map = bpf
-                .map_mut("ALLOW6")
-                .ok_or_else(|| EbpfError::Bpf("no ALLOW6 map".into()))?;
-            let mut allow6: HashMap<_, K6, u8> =
-                HashMap::try_from(map).map_err(|e| bpf_err("ALLOW6")(e.to_string()))?;
-            for r in rules {
-                if let Key::V6(k) = r.key() {
-                    allow6
-                        .insert(K6(k), 1, 0)
-                        .map_err(|e| bpf_err("fill ALLOW6")(e.to_string()))?;
-                }
-            }
-        }
+        fill(
+            &mut bpf,
+            "ALLOW4",
+            rules.iter().filter_map(|r| match r.key() {
+                Key::V4(k) => Some(K4(k)),
+                Key::V6(_) => None,
+            }),
+        )?;
+        fill(
+            &mut bpf,
+            "ALLOW6",
+            rules.iter().filter_map(|r| match r.key() {
+                Key::V6(k) => Some(K6(k)),
+                Key::V4(_) => None,
+            }),
+        )?;
         let events = bpf
             .take_map("EVENTS")
             .ok_or_else(|| EbpfError::Bpf("no EVENTS map".into()))?;
@@ -234,6 +222,24 @@ impl DenySource for EgressLock {
             })
             .collect()
     }
+}
+
+/// Puts every key into hash map `name` (value 1: present).
+fn fill<K: aya::Pod>(
+    bpf: &mut Ebpf,
+    name: &str,
+    keys: impl Iterator<Item = K>,
+) -> Result<(), EbpfError> {
+    let map = bpf
+        .map_mut(name)
+        .ok_or_else(|| EbpfError::Bpf(format!("no {name} map")))?;
+    let mut set: HashMap<_, K, u8> =
+        HashMap::try_from(map).map_err(|e| bpf_err(name)(e.to_string()))?;
+    for k in keys {
+        set.insert(k, 1, 0)
+            .map_err(|e| bpf_err(name)(format!("fill: {e}")))?;
+    }
+    Ok(())
 }
 
 /// This process's cgroup v2 directory.

@@ -140,24 +140,7 @@ pub fn mptcp_connect(addr: SocketAddrV4) -> Verdict {
 /// A TCP Fast Open send (`sendto` with `MSG_FASTOPEN`: connect and data in one call).
 pub fn tfo_send(addr: SocketAddrV4) -> Verdict {
     let fd = socket(libc::AF_INET, libc::SOCK_STREAM, 0)?;
-    let sa = sockaddr_in(addr);
-    let data = b"ewii-probe";
-    // SAFETY: `data` and `sa` are valid for the stated lengths during the call.
-    let rc = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            data.as_ptr().cast(),
-            data.len(),
-            libc::MSG_FASTOPEN,
-            (&sa as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if rc >= 0 {
-        Ok(())
-    } else {
-        Err(last_errno())
-    }
+    sendto_v4(&fd, b"ewii-probe", libc::MSG_FASTOPEN, addr)
 }
 
 /// An ICMP echo request from a raw socket (needs CAP_NET_RAW; the socket-address hooks do not
@@ -172,14 +155,19 @@ pub fn raw_icmp(dst: std::net::Ipv4Addr) -> Verdict {
         .sum::<u32>();
     let sum = !((sum & 0xffff) + (sum >> 16)) as u16;
     pkt[2..4].copy_from_slice(&sum.to_be_bytes());
-    let sa = sockaddr_in(SocketAddrV4::new(dst, 0));
-    // SAFETY: `pkt` and `sa` are valid for the stated lengths during the call.
+    sendto_v4(&fd, &pkt, 0, SocketAddrV4::new(dst, 0))
+}
+
+/// `sendto(2)` of `data` with `flags` to an IPv4 address.
+fn sendto_v4(fd: &OwnedFd, data: &[u8], flags: i32, addr: SocketAddrV4) -> Verdict {
+    let sa = sockaddr_in(addr);
+    // SAFETY: `data` and `sa` are valid for the stated lengths during the call.
     let rc = unsafe {
         libc::sendto(
             fd.as_raw_fd(),
-            pkt.as_ptr().cast(),
-            pkt.len(),
-            0,
+            data.as_ptr().cast(),
+            data.len(),
+            flags,
             (&sa as *const libc::sockaddr_in).cast(),
             size_of::<libc::sockaddr_in>() as libc::socklen_t,
         )
