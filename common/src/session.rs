@@ -1,144 +1,586 @@
-//! The Client's link to the Hub as a state machine, with time passed in.
+//! The Client's session with the Hub as a sans-IO state machine, with time passed in.
 //!
-//! Time is a [`Duration`] since an epoch the driver chooses (its start), so the machine never
-//! reads a clock and tests drive it with a virtual one. Feed events with the `handle_*`
-//! methods, then ask [`Link::poll_action`] what to do next; poll again after every event.
+//! [`ClientSession`] decides *when* to dial, renew, move to a renewed SVID's connection, drain
+//! the old one, back off, stop and exit; the userspace driver does the I/O. It never reads a
+//! clock: `now` is wall-clock time as a [`Duration`] since the Unix epoch, the same scale as an
+//! SVID's validity, and tests drive it with a virtual clock.
+//!
+//! How to drive it (in the manner of quinn-proto's `Connection`):
+//! 1. after every event (`handle_*`), drain [`ClientSession::poll_action`] until `None` and
+//!    perform each [`Action`];
+//! 2. then wait for the next I/O event or for [`ClientSession::poll_timeout`], whichever
+//!    comes first; at the timeout call [`ClientSession::handle_timeout`].
 //!
 //! ```text
-//!   Idle ──poll──▶ Dialing ──handle_up──▶ Up ──handle_lost──▶ Waiting ──(until)──▶ Dialing …
-//!                     └──handle_dial_failed──▶ Waiting
-//!   any ──handle_revoked──▶ Revoked (final)      any ──handle_shutdown──▶ Stopped (final)
+//!             ┌───────────── handle_dial_failed / handle_lost (backoff, full jitter) ─────────┐
+//!             ▼                                                                             │
+//!   new ─▶ Dialing ──handle_dialed──▶ Up ──renew at half-life──▶ SendRenew ──handle_renewed──┤
+//!             ▲                        │                                     │               │
+//!             └──── Waiting(until) ◀───┘     rotated Dial ──handle_dialed──▶ Up(new) + Drain(old)
+//!
+//!   Up ──handle_stop──▶ Stopping ──handle_drained / deadline──▶ Exit(Stopped)
+//!   Waiting|Dialing ──handle_stop──▶ Exit(Stopped)
+//!   any ──handle_revoked──▶ Exit(Revoked)      SVID past not_after, no renewed one ──▶ Exit(Expired)
 //! ```
+//!
+//! Renewal: at half-life of the SVID in use (± 10 % jitter, [`renewal_time`]) the machine asks
+//! for `SendRenew`; an answer that does not come within `renew_answer_timeout` is asked again; a
+//! refusal retries with backoff. A renewed SVID brings a new connection up *before* the old one
+//! is retired (make-before-break); the old one drains its in-flight queries until
+//! `rotation_drain` has passed. When the connection's own SVID runs out while a renewed one is
+//! still valid, that is a loss (dial again with the renewed one), not the end.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use crate::backoff::Backoff;
 
-/// Where the link stands.
+/// An SVID's validity, in seconds since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LinkState {
-    /// Nothing tried yet.
-    Idle,
-    /// A dial is in progress.
-    Dialing,
-    /// A session is up.
-    Up {
-        /// Hub-chosen session id.
-        session_id: u64,
-        /// When it came up.
-        since: Duration,
+pub struct Validity {
+    /// First second of validity.
+    pub not_before: u64,
+    /// Last second of validity.
+    pub not_after: u64,
+}
+
+impl Validity {
+    /// Whether the SVID is past its end at `now`.
+    pub fn expired_at(&self, now: Duration) -> bool {
+        now >= self.end()
+    }
+
+    /// `not_after` as a [`Duration`] since the epoch.
+    pub fn end(&self) -> Duration {
+        Duration::from_secs(self.not_after)
+    }
+}
+
+/// The knobs of a [`ClientSession`].
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Ceiling of the first reconnect wait.
+    pub reconnect_initial: Duration,
+    /// Bound of every reconnect wait.
+    pub reconnect_max: Duration,
+    /// First retry delay of a refused or unanswered renewal.
+    pub renew_retry: Duration,
+    /// How long the Hub has to answer `Renew` before it is asked again.
+    pub renew_answer_timeout: Duration,
+    /// How long a connection retired by a rotation may finish its in-flight queries.
+    pub rotation_drain: Duration,
+    /// How long in-flight queries may drain after a stop.
+    pub stop_drain: Duration,
+    /// Whether a stop asks the Hub to revoke this identity (`on_stop = "revoke"`).
+    pub revoke_on_stop: bool,
+}
+
+/// How the session ended for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// Stopped locally (SIGTERM/SIGINT).
+    Stopped,
+    /// The Hub revoked this identity.
+    Revoked {
+        /// The Hub's reason, if it gave one.
+        reason: String,
     },
-    /// Backing off until the given time.
-    Waiting {
-        /// When to dial again.
+    /// The SVID expired without renewal (the Hub was away for a whole lifetime).
+    Expired,
+}
+
+/// Why the machine wants a connection closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The SVID this connection authenticated with has expired.
+    SvidExpired,
+    /// A retired connection's drain time is over.
+    DrainOver,
+    /// The stop's drain time is over.
+    StopDeadline,
+    /// The Hub broke the protocol (e.g. `Renewed` without a `Renew`).
+    Protocol,
+}
+
+/// What the driver must do now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Dial the Hub with the current SVID and say `Hello`; report [`ClientSession::handle_dialed`]
+    /// or [`ClientSession::handle_dial_failed`]. Only one dial is ever in flight.
+    Dial,
+    /// Make a fresh key, send `Renew` with its CSR on the current connection; report
+    /// [`ClientSession::handle_renewed`] or [`ClientSession::handle_renew_refused`].
+    SendRenew,
+    /// Connection `session_id` is retired by a rotation: take no new queries on it once the
+    /// Hub has switched, let in-flight ones finish, then say `Goodbye` and close; report
+    /// [`ClientSession::handle_drained`]. The machine asks for [`Action::Close`] at the deadline.
+    Drain {
+        /// The retired connection.
+        session_id: u64,
+    },
+    /// Close connection `session_id` now.
+    Close {
+        /// The connection.
+        session_id: u64,
+        /// Why.
+        reason: CloseReason,
+    },
+    /// Stop: send `Goodbye { revoke }` on connection `session_id`, take no new queries, and
+    /// report [`ClientSession::handle_drained`] when its in-flight queries are done.
+    SendGoodbye {
+        /// The connection.
+        session_id: u64,
+        /// Whether the Hub is asked to revoke this identity.
+        revoke: bool,
+    },
+    /// The session is over; close whatever is left and end with this.
+    Exit(Exit),
+}
+
+/// Where the session stands, for the status file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// A dial is in flight and no connection is up.
+    Connecting,
+    /// A connection is up and serving.
+    Connected {
+        /// The Hub's id of the current session.
+        session_id: u64,
+    },
+    /// Waiting before the next dial.
+    Backoff {
+        /// When the next dial starts.
         until: Duration,
     },
-    /// The Hub revoked this identity: never dial again.
-    Revoked,
-    /// Shut down locally.
-    Stopped,
+    /// Draining in-flight queries after a stop.
+    Stopping,
+    /// Ended; see the [`Action::Exit`] that was polled.
+    Done,
 }
 
-/// What the driver should do now.
+/// Where a renewal stands while a connection is up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Start a dial, then report `handle_up` or `handle_dial_failed`.
-    Dial,
-    /// Nothing until the given time (or until an event).
-    WaitUntil(Duration),
-    /// Serve the live session; report `handle_lost` when it ends.
-    Serve,
-    /// Stop for good.
-    Stop,
+enum Renewal {
+    /// Nothing asked; ask at the instant.
+    Due(Duration),
+    /// `Renew` sent; the answer is due by the instant.
+    Asked(Duration),
+    /// A renewed SVID is in hand and its connection is being dialled.
+    Dialing,
+    /// A renewed SVID is in hand; its last dial failed; dial again at the instant.
+    RedialAt(Duration),
 }
 
-/// The Client's link state machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// The first dial, or a redial after a backoff, is in flight.
+    Dialing,
+    /// Backing off.
+    Waiting {
+        until: Duration,
+    },
+    /// A connection is up.
+    Up {
+        session_id: u64,
+        /// The validity of the SVID *this connection* authenticated with.
+        svid: Validity,
+        renewal: Renewal,
+    },
+    /// `Goodbye` sent on `session_id`; waiting for its queries until `deadline`.
+    Stopping {
+        session_id: u64,
+        deadline: Duration,
+        drained: bool,
+    },
+    Done,
+}
+
+/// A connection retired by a rotation, draining until `deadline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Retiring {
+    session_id: u64,
+    deadline: Duration,
+}
+
+/// The Client's session state machine. See the module documentation for how to drive it.
 #[derive(Debug, Clone)]
-pub struct Link {
-    state: LinkState,
+pub struct ClientSession {
+    config: SessionConfig,
+    state: State,
+    /// The SVID the next dial uses (the newest one adopted).
+    svid: Validity,
     backoff: Backoff,
+    renew_backoff: Backoff,
+    retiring: Vec<Retiring>,
+    actions: VecDeque<Action>,
+    /// Jitter source for renewal times, refreshed by every event that carries randomness.
+    random: u64,
 }
 
-impl Link {
-    /// A new link that backs off with `backoff` between failures.
-    pub fn new(backoff: Backoff) -> Self {
-        Self {
-            state: LinkState::Idle,
+impl ClientSession {
+    /// A session for an SVID valid over `svid`, starting at `now`: the first action is a
+    /// [`Action::Dial`], or [`Action::Exit`] with [`Exit::Expired`] when the SVID is over.
+    pub fn new(config: SessionConfig, svid: Validity, now: Duration, random: u64) -> Self {
+        let backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
+        let renew_backoff = Backoff::new(
+            config.renew_retry,
+            config.reconnect_max.max(config.renew_retry),
+        );
+        let mut s = Self {
+            config,
+            state: State::Dialing,
+            svid,
             backoff,
+            renew_backoff,
+            retiring: Vec::new(),
+            actions: VecDeque::new(),
+            random,
+        };
+        s.dial_or_expire(now);
+        s
+    }
+
+    /// The next thing to do, if any. Drain this after every event.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The next instant (since the epoch) at which [`handle_timeout`](Self::handle_timeout)
+    /// must be called, if any.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        let state = match self.state {
+            State::Dialing | State::Done => None,
+            State::Waiting { until } => Some(until.min(self.svid.end())),
+            State::Up { svid, renewal, .. } => {
+                let renewal = match renewal {
+                    Renewal::Due(at) | Renewal::Asked(at) | Renewal::RedialAt(at) => Some(at),
+                    Renewal::Dialing => None,
+                };
+                Some(renewal.map_or(svid.end(), |r| r.min(svid.end())))
+            }
+            State::Stopping { deadline, .. } => Some(deadline),
+        };
+        let drains = self.retiring.iter().map(|r| r.deadline).min();
+        match (state, drains) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
-    /// The current state.
-    pub fn state(&self) -> LinkState {
-        self.state
+    /// Where the session stands.
+    pub fn phase(&self) -> Phase {
+        match self.state {
+            State::Dialing => Phase::Connecting,
+            State::Waiting { until } => Phase::Backoff { until },
+            State::Up { session_id, .. } => Phase::Connected { session_id },
+            State::Stopping { .. } => Phase::Stopping,
+            State::Done => Phase::Done,
+        }
     }
 
-    /// Failures in a row since the last session came up.
+    /// Failed dials in a row since the last connection came up.
     pub fn failures(&self) -> u32 {
         self.backoff.attempts()
     }
 
-    /// A session came up.
-    pub fn handle_up(&mut self, now: Duration, session_id: u64) {
-        if self.is_final() {
+    /// The validity of the SVID the next dial uses.
+    pub fn svid(&self) -> Validity {
+        self.svid
+    }
+
+    /// Whether a `Renew` is waiting for its answer (a `Renewed` at any other time is a
+    /// protocol violation by the Hub).
+    pub fn awaiting_renewal(&self) -> bool {
+        matches!(
+            self.state,
+            State::Up {
+                renewal: Renewal::Asked(_),
+                ..
+            }
+        )
+    }
+
+    /// The dial asked for by [`Action::Dial`] brought session `session_id` up.
+    pub fn handle_dialed(&mut self, now: Duration, session_id: u64, random: u64) {
+        self.random = random;
+        match self.state {
+            State::Dialing | State::Waiting { .. } => {
+                self.backoff.reset();
+                self.up(now, session_id);
+            }
+            // A rotation's dial: make-before-break. The old connection drains.
+            State::Up {
+                session_id: old, ..
+            } => {
+                self.renew_backoff.reset();
+                self.retiring.push(Retiring {
+                    session_id: old,
+                    deadline: now + self.config.rotation_drain,
+                });
+                self.actions.push_back(Action::Drain { session_id: old });
+                self.up(now, session_id);
+            }
+            // A dial that finished after a stop or the end is not used.
+            State::Stopping { .. } | State::Done => {
+                self.actions.push_back(Action::Close {
+                    session_id,
+                    reason: CloseReason::StopDeadline,
+                });
+            }
+        }
+    }
+
+    /// The dial asked for by [`Action::Dial`] failed (not a revocation: that is
+    /// [`handle_revoked`](Self::handle_revoked)).
+    pub fn handle_dial_failed(&mut self, now: Duration, random: u64) {
+        self.random = random;
+        match &mut self.state {
+            State::Dialing => self.back_off(now, random),
+            // The rotated connection could not be brought up: keep serving on the old one.
+            State::Up { renewal, .. } if *renewal == Renewal::Dialing => {
+                *renewal = Renewal::RedialAt(now + self.renew_backoff.next_delay(random));
+            }
+            _ => {}
+        }
+    }
+
+    /// Connection `session_id` ended without a revocation (closed, timed out, reset).
+    pub fn handle_lost(&mut self, now: Duration, session_id: u64, random: u64) {
+        self.random = random;
+        if self.retire_done(session_id) {
             return;
         }
-        self.backoff.reset();
-        self.state = LinkState::Up {
+        match self.state {
+            State::Up {
+                session_id: current,
+                renewal,
+                ..
+            } if current == session_id => {
+                if renewal == Renewal::Dialing {
+                    // The rotated connection's dial is still in flight: let it decide.
+                    self.state = State::Dialing;
+                } else {
+                    self.back_off(now, random);
+                }
+            }
+            State::Stopping {
+                session_id: current,
+                ..
+            } if current == session_id => self.finish(Exit::Stopped),
+            _ => {}
+        }
+    }
+
+    /// A retired or stopping connection has no query left (and said `Goodbye` if draining).
+    pub fn handle_drained(&mut self, session_id: u64) {
+        if self.retire_done(session_id) {
+            return;
+        }
+        if let State::Stopping {
+            session_id: current,
+            ref mut drained,
+            ..
+        } = self.state
+        {
+            if current == session_id {
+                *drained = true;
+                self.finish_stop_if_idle();
+            }
+        }
+    }
+
+    /// The Hub issued a renewed SVID valid over `svid`, and the driver adopted it (checked,
+    /// stored). The next action dials a connection with it.
+    pub fn handle_renewed(&mut self, now: Duration, svid: Validity) {
+        if let State::Up { renewal, .. } = &mut self.state {
+            if matches!(renewal, Renewal::Asked(_)) {
+                *renewal = Renewal::Dialing;
+                self.svid = svid;
+                self.actions.push_back(Action::Dial);
+                return;
+            }
+        }
+        // Not asked: the Hub broke the protocol; the current connection is closed.
+        if let State::Up { session_id, .. } = self.state {
+            self.actions.push_back(Action::Close {
+                session_id,
+                reason: CloseReason::Protocol,
+            });
+            self.handle_lost(now, session_id, self.random);
+        }
+    }
+
+    /// The Hub refused the renewal, or its answer did not check out: retry with backoff.
+    pub fn handle_renew_refused(&mut self, now: Duration, random: u64) {
+        self.random = random;
+        if let State::Up { renewal, .. } = &mut self.state {
+            if matches!(renewal, Renewal::Asked(_)) {
+                *renewal = Renewal::Due(now + self.renew_backoff.next_delay(random));
+            }
+        }
+    }
+
+    /// The Hub revoked this identity (on a connection, or in a refused handshake).
+    pub fn handle_revoked(&mut self, reason: String) {
+        if self.state != State::Done {
+            self.finish(Exit::Revoked { reason });
+        }
+    }
+
+    /// A local stop (SIGTERM/SIGINT). A connection that is up says `Goodbye` and drains for
+    /// at most `stop_drain`; without one, the session ends at once.
+    pub fn handle_stop(&mut self, now: Duration) {
+        match self.state {
+            State::Up { session_id, .. } => {
+                self.actions.push_back(Action::SendGoodbye {
+                    session_id,
+                    revoke: self.config.revoke_on_stop,
+                });
+                self.state = State::Stopping {
+                    session_id,
+                    deadline: now + self.config.stop_drain,
+                    drained: false,
+                };
+                // Retired connections get no longer than the stop itself.
+                for r in &mut self.retiring {
+                    r.deadline = r.deadline.min(now + self.config.stop_drain);
+                }
+            }
+            State::Dialing | State::Waiting { .. } => self.finish(Exit::Stopped),
+            State::Stopping { .. } | State::Done => {}
+        }
+    }
+
+    /// Time passed: fire every deadline at or before `now`.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        let mut over = Vec::new();
+        self.retiring.retain(|r| {
+            let keep = r.deadline > now;
+            if !keep {
+                over.push(r.session_id);
+            }
+            keep
+        });
+        for session_id in over {
+            self.actions.push_back(Action::Close {
+                session_id,
+                reason: CloseReason::DrainOver,
+            });
+        }
+        self.finish_stop_if_idle();
+        match self.state {
+            State::Waiting { .. } if self.svid.expired_at(now) => self.finish(Exit::Expired),
+            State::Waiting { until } if now >= until => self.dial_or_expire(now),
+            State::Up {
+                session_id,
+                svid,
+                renewal,
+            } if svid.expired_at(now) => {
+                self.actions.push_back(Action::Close {
+                    session_id,
+                    reason: CloseReason::SvidExpired,
+                });
+                // A renewed SVID (whose connection is not up yet) may still be valid.
+                if self.svid.expired_at(now) {
+                    self.finish(Exit::Expired);
+                } else {
+                    self.state = State::Dialing;
+                    // Its dial may be in flight already: only one dial at a time.
+                    if renewal != Renewal::Dialing {
+                        self.actions.push_back(Action::Dial);
+                    }
+                }
+            }
+            State::Up {
+                renewal: Renewal::Due(at) | Renewal::Asked(at),
+                ..
+            } if now >= at => {
+                // Due, or asked and unanswered: ask (again) with a fresh key.
+                self.set_renewal(Renewal::Asked(now + self.config.renew_answer_timeout));
+                self.actions.push_back(Action::SendRenew);
+            }
+            State::Up {
+                renewal: Renewal::RedialAt(at),
+                ..
+            } if now >= at => {
+                self.set_renewal(Renewal::Dialing);
+                self.actions.push_back(Action::Dial);
+            }
+            State::Stopping {
+                session_id,
+                deadline,
+                ..
+            } if now >= deadline => {
+                self.actions.push_back(Action::Close {
+                    session_id,
+                    reason: CloseReason::StopDeadline,
+                });
+                for r in std::mem::take(&mut self.retiring) {
+                    self.actions.push_back(Action::Close {
+                        session_id: r.session_id,
+                        reason: CloseReason::StopDeadline,
+                    });
+                }
+                self.finish(Exit::Stopped);
+            }
+            _ => {}
+        }
+    }
+
+    fn up(&mut self, now: Duration, session_id: u64) {
+        let at = renewal_time(self.svid.not_before, self.svid.not_after, self.random);
+        // A renewal time already past (a Client started late in its SVID's life) is now.
+        let at = Duration::from_secs(at).max(now);
+        self.state = State::Up {
             session_id,
-            since: now,
+            svid: self.svid,
+            renewal: Renewal::Due(at),
         };
     }
 
-    /// The dial failed; `random` feeds the jitter.
-    pub fn handle_dial_failed(&mut self, now: Duration, random: u64) {
-        self.back_off(now, random);
-    }
-
-    /// The live session ended without a revocation.
-    pub fn handle_lost(&mut self, now: Duration, random: u64) {
-        self.back_off(now, random);
-    }
-
-    /// The Hub revoked this identity.
-    pub fn handle_revoked(&mut self) {
-        self.state = LinkState::Revoked;
-    }
-
-    /// Local shutdown was requested.
-    pub fn handle_shutdown(&mut self) {
-        if self.state != LinkState::Revoked {
-            self.state = LinkState::Stopped;
+    fn set_renewal(&mut self, to: Renewal) {
+        if let State::Up { renewal, .. } = &mut self.state {
+            *renewal = to;
         }
     }
 
-    /// What to do at `now`.
-    pub fn poll_action(&mut self, now: Duration) -> Action {
-        match self.state {
-            LinkState::Idle => {
-                self.state = LinkState::Dialing;
-                Action::Dial
-            }
-            LinkState::Waiting { until } if now >= until => {
-                self.state = LinkState::Dialing;
-                Action::Dial
-            }
-            LinkState::Waiting { until } => Action::WaitUntil(until),
-            LinkState::Dialing | LinkState::Up { .. } => Action::Serve,
-            LinkState::Revoked | LinkState::Stopped => Action::Stop,
+    fn dial_or_expire(&mut self, now: Duration) {
+        if self.svid.expired_at(now) {
+            self.finish(Exit::Expired);
+        } else {
+            self.state = State::Dialing;
+            self.actions.push_back(Action::Dial);
         }
-    }
-
-    fn is_final(&self) -> bool {
-        matches!(self.state, LinkState::Revoked | LinkState::Stopped)
     }
 
     fn back_off(&mut self, now: Duration, random: u64) {
-        if self.is_final() {
-            return;
-        }
         let until = now + self.backoff.next_delay(random);
-        self.state = LinkState::Waiting { until };
+        self.state = State::Waiting { until };
+    }
+
+    /// Forgets a retired connection; true when `session_id` was one.
+    fn retire_done(&mut self, session_id: u64) -> bool {
+        let before = self.retiring.len();
+        self.retiring.retain(|r| r.session_id != session_id);
+        let was = self.retiring.len() != before;
+        if was {
+            self.finish_stop_if_idle();
+        }
+        was
+    }
+
+    fn finish_stop_if_idle(&mut self) {
+        if let State::Stopping { drained: true, .. } = self.state {
+            if self.retiring.is_empty() {
+                self.finish(Exit::Stopped);
+            }
+        }
+    }
+
+    fn finish(&mut self, exit: Exit) {
+        self.state = State::Done;
+        self.retiring.clear();
+        self.actions.push_back(Action::Exit(exit));
     }
 }
 
@@ -156,72 +598,4 @@ pub fn renewal_time(not_before: u64, not_after: u64, random: u64) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn link() -> Link {
-        Link::new(Backoff::new(
-            Duration::from_millis(100),
-            Duration::from_secs(10),
-        ))
-    }
-
-    #[test]
-    fn reconnects_forever_with_growing_backoff() {
-        let mut l = link();
-        let mut now = Duration::ZERO;
-        assert_eq!(l.poll_action(now), Action::Dial);
-        let mut waits = Vec::new();
-        for _ in 0..50 {
-            l.handle_dial_failed(now, u64::MAX);
-            let Action::WaitUntil(until) = l.poll_action(now) else {
-                panic!("must wait after a failure");
-            };
-            waits.push(until - now);
-            assert_eq!(
-                l.poll_action(until - Duration::from_nanos(1)),
-                Action::WaitUntil(until)
-            );
-            now = until;
-            assert_eq!(l.poll_action(now), Action::Dial, "never gives up");
-        }
-        assert!(waits.iter().all(|w| *w <= Duration::from_secs(10)));
-        assert_eq!(l.failures(), 50);
-        l.handle_up(now, 7);
-        assert_eq!(l.failures(), 0);
-        assert_eq!(l.poll_action(now), Action::Serve);
-        assert_eq!(
-            l.state(),
-            LinkState::Up {
-                session_id: 7,
-                since: now
-            }
-        );
-    }
-
-    #[test]
-    fn revoked_is_final() {
-        let mut l = link();
-        l.poll_action(Duration::ZERO);
-        l.handle_up(Duration::ZERO, 1);
-        l.handle_revoked();
-        l.handle_lost(Duration::from_secs(1), 0);
-        l.handle_up(Duration::from_secs(2), 2);
-        l.handle_shutdown();
-        assert_eq!(l.state(), LinkState::Revoked);
-        assert_eq!(l.poll_action(Duration::from_secs(3)), Action::Stop);
-    }
-
-    #[test]
-    fn renewal_lands_around_half_life() {
-        let day = 86_400;
-        for r in [0, 1, 12345, u64::MAX] {
-            let t = renewal_time(1000, 1000 + day, r);
-            assert!(
-                (1000 + day * 4 / 10..=1000 + day * 6 / 10).contains(&t),
-                "{t}"
-            );
-        }
-        assert_eq!(renewal_time(10, 10, 5), 10);
-    }
-}
+mod tests;

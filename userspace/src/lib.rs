@@ -1,6 +1,6 @@
 //! ewii — the Ewii Client and Hub: every piece of I/O lives here.
 //!
-//! Decisions (frames, policy, SPIFFE IDs, backoff, link state, audit records) come from
+//! Decisions (frames, policy, SPIFFE IDs, backoff, the session machine, audit records) come from
 //! `ewii-common`; this crate moves bytes, keys and files.
 //!
 //! - [`config`]: the Client's and the Hub's TOML configuration, parsed into typed values.

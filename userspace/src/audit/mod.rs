@@ -29,8 +29,17 @@ pub enum AuditOutput {
 
 enum Msg {
     Line(String),
-    Flush(Sender<()>),
+    Flush(Done),
 }
+
+/// Who waits for a flush: a thread, or an async task.
+enum Done {
+    Thread(Sender<()>),
+    Task(tokio::sync::oneshot::Sender<()>),
+}
+
+/// The longest a flush waits for the writer (a blocked sink must not hang a stop).
+const FLUSH_BOUND: Duration = Duration::from_secs(5);
 
 /// A handle to the audit writer. Cheap to clone; every clone writes to the same sink.
 #[derive(Clone)]
@@ -118,11 +127,20 @@ impl Audit {
         }
     }
 
-    /// Waits until every record emitted so far is written and flushed.
+    /// Waits (at most 5 s) until every record emitted so far is written and flushed. Blocks
+    /// the calling thread: async code uses [`flush_async`](Self::flush_async).
     pub fn flush(&self) {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if self.tx.send(Msg::Flush(tx)).is_ok() {
-            let _ = rx.recv_timeout(Duration::from_secs(5));
+        if self.tx.send(Msg::Flush(Done::Thread(tx))).is_ok() {
+            let _ = rx.recv_timeout(FLUSH_BOUND);
+        }
+    }
+
+    /// [`flush`](Self::flush) for async code: awaits the writer thread, never blocks a worker.
+    pub async fn flush_async(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Msg::Flush(Done::Task(tx))).is_ok() {
+            let _ = tokio::time::timeout(FLUSH_BOUND, rx).await;
         }
     }
 
@@ -174,7 +192,10 @@ fn writer(mut out: BufWriter<Box<dyn Write + Send>>, rx: Receiver<Msg>) {
                 }
                 Msg::Flush(done) => {
                     let _ = out.flush();
-                    let _ = done.send(());
+                    match done {
+                        Done::Thread(tx) => drop(tx.send(())),
+                        Done::Task(tx) => drop(tx.send(())),
+                    }
                 }
             }
             pending = rx.try_recv().ok();

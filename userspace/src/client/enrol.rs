@@ -4,7 +4,6 @@
 //! token is sent only on a connection whose handshake passed that check. The private key is
 //! made here and never leaves the host; the Hub sees a CSR.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,15 +11,15 @@ use std::time::Duration;
 use ewii_common::audit::{Event, Outcome};
 use ewii_common::frame::{self, Enrol};
 use ewii_common::spiffe::SpiffeId;
-use rcgen::PublicKeyData;
 use rustls::pki_types::CertificateDer;
 
+use super::{connect, rotation};
 use crate::audit::Audit;
 use crate::config::HubAddress;
 use crate::identity::ca::new_key_and_csr;
-use crate::identity::store::{self, Svid};
-use crate::identity::verify::{Bundle, Expect, PinnedHubVerifier, SpiffeVerifier};
-use crate::identity::{inspect_leaf, IdentityError};
+use crate::identity::store;
+use crate::identity::verify::PinnedHubVerifier;
+use crate::identity::IdentityError;
 use crate::transport::{self, FrameReader};
 
 /// How long the whole enrolment may take.
@@ -91,7 +90,7 @@ pub async fn enrol(
         }
     }
     audit.emit(r);
-    audit.flush();
+    audit.flush_async().await;
     result
 }
 
@@ -105,8 +104,11 @@ async fn enrol_inner(
     let verifier = Arc::new(PinnedHubVerifier::new(pin));
     let tls = transport::tls_client_config(None, verifier.clone(), frame::ENROLL_ALPN)?;
     let quic = transport::quic_client_config(tls)?;
-    let addr = resolve(hub).await?;
-    let endpoint = client_endpoint(addr).map_err(|e| EnrolError::Connect(e.to_string()))?;
+    let addr = connect::resolve(hub)
+        .await
+        .map_err(|e| EnrolError::Resolve(e.to_string()))?;
+    let endpoint =
+        connect::client_endpoint(addr).map_err(|e| EnrolError::Connect(e.to_string()))?;
     let connecting = endpoint
         .connect_with(quic, addr, &hub.host)
         .map_err(|e| EnrolError::Connect(e.to_string()))?;
@@ -150,49 +152,15 @@ async fn enrol_inner(
             "the bundle does not contain the pinned CA".into(),
         ));
     }
-    let chain: Vec<CertificateDer<'static>> = chain.into_iter().map(Into::into).collect();
-    let leaf = chain
-        .first()
-        .ok_or_else(|| EnrolError::BadAnswer("empty chain".into()))?;
-    let info = inspect_leaf(leaf).map_err(|e| EnrolError::BadAnswer(e.to_string()))?;
-    let td = info.id.trust_domain().to_owned();
-    SpiffeVerifier::new(Bundle::new(bundle.clone()), &td, Expect::Client)
-        .verify_chain(leaf, &chain[1..], rustls::pki_types::UnixTime::now())
-        .map_err(EnrolError::BadAnswer)?;
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
-        .map_err(|_| EnrolError::BadAnswer("leaf does not parse".into()))?;
-    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
-        return Err(EnrolError::BadAnswer(
-            "the certificate is not for our key".into(),
-        ));
-    }
+    let accepted = rotation::accept_issued(&key, chain, bundle, None)
+        .map_err(|e| EnrolError::BadAnswer(e.to_string()))?;
     create_state_dir(state_dir)?;
-    store::write_file(
-        &state_dir.join(store::BUNDLE),
-        store::Pem::certs(&bundle).as_bytes(),
-        0o644,
-    )?;
-    Svid::new(chain, &key).save(state_dir, store::SVID_CERT, store::SVID_KEY)?;
-    Ok(info.id)
-}
-
-/// Resolves the Hub address (first result).
-pub(crate) async fn resolve(hub: &HubAddress) -> Result<SocketAddr, EnrolError> {
-    tokio::net::lookup_host((hub.host.as_str(), hub.port))
+    let dir = state_dir.to_owned();
+    let id = accepted.identity.leaf.id.clone();
+    tokio::task::spawn_blocking(move || rotation::save(&dir, &accepted))
         .await
-        .map_err(|e| EnrolError::Resolve(format!("{hub}: {e}")))?
-        .next()
-        .ok_or_else(|| EnrolError::Resolve(hub.to_string()))
-}
-
-/// A client-only QUIC endpoint on an ephemeral port of the right family.
-pub(crate) fn client_endpoint(hub: SocketAddr) -> std::io::Result<quinn::Endpoint> {
-    let bind: SocketAddr = if hub.is_ipv4() {
-        SocketAddr::from(([0, 0, 0, 0], 0))
-    } else {
-        SocketAddr::from(([0u16; 8], 0))
-    };
-    quinn::Endpoint::client(bind)
+        .map_err(|e| EnrolError::Connect(e.to_string()))??;
+    Ok(id)
 }
 
 fn create_state_dir(dir: &Path) -> Result<(), IdentityError> {

@@ -263,6 +263,38 @@ pub trait DenySource: Send {
     fn counters(&self) -> Vec<(&'static str, u64)>;
 }
 
+/// How often the eBPF ring buffer is read.
+const DENY_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Turns kernel refusals into `kernel_denied` audit records for `client_id`, and publishes the
+/// per-hook counters whenever they change. Runs until aborted.
+pub async fn forward_denies(
+    audit: Audit,
+    client_id: String,
+    mut src: Box<dyn DenySource>,
+    counters: tokio::sync::watch::Sender<Vec<(String, u64)>>,
+) {
+    let mut tick = tokio::time::interval(DENY_POLL);
+    loop {
+        tick.tick().await;
+        for e in src.drain() {
+            let mut r = deny_record(&audit, &e);
+            r.client = Some(client_id.clone());
+            audit.emit(r);
+        }
+        let now: Vec<(String, u64)> = src
+            .counters()
+            .into_iter()
+            .map(|(h, n)| (h.to_owned(), n))
+            .collect();
+        counters.send_if_modified(|c| {
+            let changed = *c != now;
+            *c = now;
+            changed
+        });
+    }
+}
+
 /// Installs the named `layers` in order — eBPF (if built in), Landlock, seccomp — and proves
 /// each one; a layer the kernel refuses is reported inactive with the reason. Returns the
 /// report and, when the eBPF lock is active, its source of refusals.

@@ -129,7 +129,7 @@ async fn forward<S: TcpLike>(mut log: QueryLog<'_>, io: S) {
                 } else {
                     Outcome::Failed
                 },
-                report.error,
+                report.error.as_ref().map(ToString::to_string),
             );
             r.bytes_up = Some(report.tcp_to_stream);
             r.bytes_down = Some(report.stream_to_tcp);

@@ -28,7 +28,31 @@ pub struct PipeReport {
     /// Bytes from the stream onto the TCP socket.
     pub stream_to_tcp: u64,
     /// `None` when both directions ended with a FIN; otherwise what broke first.
-    pub error: Option<String>,
+    pub error: Option<PipeError>,
+}
+
+/// What broke a pipe first. The audit `reason` is rendered from it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipeError {
+    /// Reading the TCP (or TLS) side failed.
+    #[error("tcp read: {0}")]
+    TcpRead(String),
+    /// Writing the TCP (or TLS) side failed.
+    #[error("tcp write: {0}")]
+    TcpWrite(String),
+    /// The TCP peer reset its connection.
+    #[error("tcp connection reset")]
+    TcpReset,
+    /// The QUIC peer reset the stream with this application code.
+    #[error("stream reset by peer ({0})")]
+    StreamReset(u64),
+    /// Writing the QUIC stream failed (the peer stopped it, or the connection was lost).
+    #[error("stream write: {0}")]
+    StreamWrite(String),
+    /// Reading the QUIC stream failed for another reason (connection lost).
+    #[error("stream read: {0}")]
+    StreamRead(String),
 }
 
 /// A byte stream over TCP that can be torn down with an RST.
@@ -99,7 +123,7 @@ async fn tcp_to_stream<S: TcpLike>(
     r: &mut ReadHalf<S>,
     send: &mut SendStream,
     count: &mut u64,
-) -> Result<(), String> {
+) -> Result<(), PipeError> {
     let mut buf = BytesMut::with_capacity(CHUNK);
     loop {
         // Reuses the allocation once quinn has released the previous chunk.
@@ -113,9 +137,9 @@ async fn tcp_to_stream<S: TcpLike>(
                 *count += n as u64;
                 send.write_chunk(buf.split().freeze())
                     .await
-                    .map_err(|e| format!("stream write: {e}"))?;
+                    .map_err(|e| PipeError::StreamWrite(e.to_string()))?;
             }
-            Err(e) => return Err(format!("tcp read: {}", describe(&e))),
+            Err(e) => return Err(tcp_error(&e, PipeError::TcpRead)),
         }
     }
 }
@@ -125,11 +149,11 @@ async fn stream_to_tcp<S: TcpLike>(
     w: &mut WriteHalf<S>,
     leftover: Bytes,
     count: &mut u64,
-) -> Result<(), String> {
+) -> Result<(), PipeError> {
     if !leftover.is_empty() {
         w.write_all(&leftover)
             .await
-            .map_err(|e| format!("tcp write: {}", describe(&e)))?;
+            .map_err(|e| tcp_error(&e, PipeError::TcpWrite))?;
         *count += leftover.len() as u64;
     }
     loop {
@@ -137,7 +161,7 @@ async fn stream_to_tcp<S: TcpLike>(
             Ok(Some(chunk)) => {
                 w.write_all(&chunk.bytes)
                     .await
-                    .map_err(|e| format!("tcp write: {}", describe(&e)))?;
+                    .map_err(|e| tcp_error(&e, PipeError::TcpWrite))?;
                 *count += chunk.bytes.len() as u64;
             }
             Ok(None) => {
@@ -145,15 +169,15 @@ async fn stream_to_tcp<S: TcpLike>(
                 let _ = w.shutdown().await;
                 return Ok(());
             }
-            Err(ReadError::Reset(code)) => return Err(format!("stream reset by peer ({code})")),
-            Err(e) => return Err(format!("stream read: {e}")),
+            Err(ReadError::Reset(code)) => return Err(PipeError::StreamReset(code.into_inner())),
+            Err(e) => return Err(PipeError::StreamRead(e.to_string())),
         }
     }
 }
 
-fn describe(e: &io::Error) -> String {
+fn tcp_error(e: &io::Error, other: fn(String) -> PipeError) -> PipeError {
     match e.kind() {
-        io::ErrorKind::ConnectionReset => "connection reset".into(),
-        _ => e.to_string(),
+        io::ErrorKind::ConnectionReset => PipeError::TcpReset,
+        _ => other(e.to_string()),
     }
 }

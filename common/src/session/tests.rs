@@ -1,0 +1,574 @@
+//! Scenarios of the Client session machine on a virtual clock: days pass in milliseconds, no
+//! sockets, no tokio, no sleeps. Test names carry the promise ids they touch.
+
+use super::*;
+
+const DAY: u64 = 86_400;
+const START: u64 = 1_800_000_000;
+
+fn config() -> SessionConfig {
+    SessionConfig {
+        reconnect_initial: Duration::from_millis(500),
+        reconnect_max: Duration::from_secs(30),
+        renew_retry: Duration::from_secs(1),
+        renew_answer_timeout: Duration::from_secs(10),
+        rotation_drain: Duration::from_secs(600),
+        stop_drain: Duration::from_secs(5),
+        revoke_on_stop: true,
+    }
+}
+
+/// A 24 h SVID issued at `at` (seconds), backdated 30 s as the Hub does.
+fn svid_at(at: u64) -> Validity {
+    Validity {
+        not_before: at - 30,
+        not_after: at + DAY,
+    }
+}
+
+/// A deterministic stand-in for the driver's RNG (64-bit LCG).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        self.0.rotate_right(11)
+    }
+}
+
+/// The machine plus a virtual clock and a record of what it asked for.
+struct Sim {
+    s: ClientSession,
+    now: Duration,
+    rng: Rng,
+    next_session: u64,
+    log: Vec<(Duration, Action)>,
+}
+
+impl Sim {
+    fn new(config: SessionConfig, svid: Validity) -> Self {
+        let now = Duration::from_secs(START);
+        Self {
+            s: ClientSession::new(config, svid, now, 7),
+            now,
+            rng: Rng(42),
+            next_session: 1,
+            log: Vec::new(),
+        }
+    }
+
+    /// Drains the actions queued by the last event.
+    fn actions(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        while let Some(a) = self.s.poll_action() {
+            self.log.push((self.now, a.clone()));
+            out.push(a);
+        }
+        out
+    }
+
+    /// Moves the clock to the next timeout and fires it; panics when there is none.
+    fn advance(&mut self) -> Vec<Action> {
+        let at = self.s.poll_timeout().expect("a timeout is pending");
+        assert!(at >= self.now, "timeouts never lie in the past");
+        self.now = at;
+        self.s.handle_timeout(self.now);
+        self.actions()
+    }
+
+    fn dialed(&mut self) -> u64 {
+        let id = self.next_session;
+        self.next_session += 1;
+        let r = self.rng.next();
+        self.s.handle_dialed(self.now, id, r);
+        id
+    }
+
+    fn dial_failed(&mut self) {
+        let r = self.rng.next();
+        self.s.handle_dial_failed(self.now, r);
+    }
+
+    /// Up and serving on a first connection.
+    fn connected(config: SessionConfig, svid: Validity) -> (Self, u64) {
+        let mut sim = Self::new(config, svid);
+        assert_eq!(sim.actions(), vec![Action::Dial]);
+        let id = sim.dialed();
+        assert_eq!(sim.actions(), vec![]);
+        assert_eq!(sim.s.phase(), Phase::Connected { session_id: id });
+        (sim, id)
+    }
+
+    /// Runs the clock until the machine asks for `SendRenew`.
+    fn until_renew(&mut self) {
+        loop {
+            let acts = self.advance();
+            if acts.contains(&Action::SendRenew) {
+                return;
+            }
+            assert!(
+                !acts.iter().any(|a| matches!(a, Action::Exit(_))),
+                "ended before renewing: {acts:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn p7_p8_a_week_of_rotations_never_drops_the_session_or_keeps_old_connections() {
+    let (mut sim, mut current) = Sim::connected(config(), svid_at(START));
+    let end = Duration::from_secs(START + 7 * DAY);
+    let mut rotations = 0;
+    let mut open = vec![current];
+    let mut max_open = 1;
+    while sim.now < end {
+        for action in sim.advance() {
+            match action {
+                Action::SendRenew => {
+                    // The Hub answers with a fresh 24 h SVID.
+                    let at = sim.now.as_secs();
+                    sim.s.handle_renewed(sim.now, svid_at(at));
+                    assert_eq!(sim.actions(), vec![Action::Dial], "make before break");
+                    let next = sim.dialed();
+                    assert_eq!(
+                        sim.actions(),
+                        vec![Action::Drain {
+                            session_id: current
+                        }]
+                    );
+                    open.push(next);
+                    max_open = max_open.max(open.len());
+                    current = next;
+                    rotations += 1;
+                }
+                Action::Close {
+                    session_id,
+                    reason: CloseReason::DrainOver,
+                } => {
+                    assert_ne!(session_id, current, "only a retired connection drains");
+                    open.retain(|&s| s != session_id);
+                }
+                other => panic!("unexpected {other:?} at {:?}", sim.now),
+            }
+        }
+    }
+    // Half-life ± 10 %: every 9.6 h to 14.4 h.
+    assert!((11..=18).contains(&rotations), "{rotations} rotations");
+    assert_eq!(
+        sim.s.phase(),
+        Phase::Connected {
+            session_id: current
+        }
+    );
+    assert_eq!(
+        max_open, 2,
+        "at most one draining connection beside the current"
+    );
+    // Each retired connection was closed exactly `rotation_drain` after it was retired.
+    let drains: Vec<_> = sim
+        .log
+        .iter()
+        .filter_map(|(t, a)| match a {
+            Action::Drain { session_id } => Some((*session_id, *t)),
+            _ => None,
+        })
+        .collect();
+    for (id, t) in drains {
+        let closed = sim.log.iter().find(|(_, a)| {
+            *a == Action::Close {
+                session_id: id,
+                reason: CloseReason::DrainOver,
+            }
+        });
+        if let Some((ct, _)) = closed {
+            assert_eq!(*ct - t, Duration::from_secs(600));
+        } else {
+            assert!(
+                sim.now - t < Duration::from_secs(600),
+                "drain of {id} never closed"
+            );
+        }
+    }
+}
+
+#[test]
+fn p7_a_retired_connection_that_drains_early_is_forgotten() {
+    let (mut sim, first) = Sim::connected(config(), svid_at(START));
+    sim.until_renew();
+    sim.s.handle_renewed(sim.now, svid_at(sim.now.as_secs()));
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    sim.dialed();
+    assert_eq!(sim.actions(), vec![Action::Drain { session_id: first }]);
+    sim.s.handle_drained(first);
+    // The next timeout is the next renewal, not a drain deadline for a connection long gone.
+    let next = sim.s.poll_timeout().unwrap();
+    assert!(next - sim.now > Duration::from_secs(DAY / 3), "{next:?}");
+}
+
+#[test]
+fn p7_a_hub_that_never_answers_renew_is_asked_again_until_the_svid_expires() {
+    let svid = svid_at(START);
+    let (mut sim, id) = Sim::connected(config(), svid);
+    let mut asks = Vec::new();
+    loop {
+        let acts = sim.advance();
+        if acts.contains(&Action::SendRenew) {
+            asks.push(sim.now);
+            continue;
+        }
+        assert_eq!(
+            acts,
+            vec![
+                Action::Close {
+                    session_id: id,
+                    reason: CloseReason::SvidExpired
+                },
+                Action::Exit(Exit::Expired)
+            ]
+        );
+        break;
+    }
+    assert_eq!(sim.now, svid.end(), "ends exactly at not_after");
+    let first = asks[0].as_secs();
+    assert!((START + DAY * 4 / 10..=START + DAY * 6 / 10).contains(&first));
+    // Unanswered asks repeat every answer timeout: thousands, never a tight loop.
+    for pair in asks.windows(2) {
+        assert_eq!(pair[1] - pair[0], Duration::from_secs(10));
+    }
+    assert!(asks.len() > 1000, "{}", asks.len());
+    assert_eq!(sim.s.phase(), Phase::Done);
+    assert_eq!(sim.s.poll_timeout(), None);
+}
+
+#[test]
+fn p7_a_refused_renewal_retries_with_growing_backoff() {
+    let (mut sim, _) = Sim::connected(config(), svid_at(START));
+    sim.until_renew();
+    let mut gaps = Vec::new();
+    for _ in 0..6 {
+        let r = sim.rng.next();
+        sim.s.handle_renew_refused(sim.now, r);
+        let asked = sim.now;
+        sim.until_renew();
+        gaps.push(sim.now - asked);
+    }
+    // Full jitter under a doubling ceiling (1 s, 2 s, …, capped at 30 s).
+    for (i, g) in gaps.iter().enumerate() {
+        let ceiling = Duration::from_secs(1 << i).min(Duration::from_secs(30));
+        assert!(*g <= ceiling, "retry {i} after {g:?}");
+    }
+}
+
+#[test]
+fn p8_the_old_svid_expiring_while_a_renewed_one_is_valid_is_a_loss_not_the_end() {
+    let svid = svid_at(START);
+    let (mut sim, first) = Sim::connected(config(), svid);
+    sim.until_renew();
+    let renewed = svid_at(sim.now.as_secs());
+    sim.s.handle_renewed(sim.now, renewed);
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    // The rotated connection never comes up: redial with backoff, serving on the old one.
+    let acts = loop {
+        sim.dial_failed();
+        assert_eq!(sim.actions(), vec![]);
+        let acts = sim.advance();
+        if acts != vec![Action::Dial] {
+            break acts;
+        }
+    };
+    // The old connection is closed at its SVID's end; the session is not over: it dials
+    // with the renewed SVID.
+    assert_eq!(
+        acts,
+        vec![
+            Action::Close {
+                session_id: first,
+                reason: CloseReason::SvidExpired,
+            },
+            Action::Dial
+        ]
+    );
+    assert_eq!(sim.now, svid.end());
+    assert_eq!(sim.s.phase(), Phase::Connecting);
+    assert_eq!(sim.s.svid(), renewed);
+    let second = sim.dialed();
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: second });
+
+    // The same with the rotated dial still in flight at the old SVID's end: no second dial.
+    let (mut sim, first) = Sim::connected(config(), svid);
+    sim.until_renew();
+    sim.s.handle_renewed(sim.now, svid_at(sim.now.as_secs()));
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    assert_eq!(
+        sim.advance(),
+        vec![Action::Close {
+            session_id: first,
+            reason: CloseReason::SvidExpired,
+        }]
+    );
+    assert_eq!(sim.s.phase(), Phase::Connecting);
+    sim.dialed();
+    assert!(matches!(sim.s.phase(), Phase::Connected { .. }));
+}
+
+#[test]
+fn p14_reconnects_forever_with_growing_full_jitter_backoff() {
+    let mut sim = Sim::new(config(), svid_at(START));
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    let mut waits = Vec::new();
+    for _ in 0..200 {
+        sim.dial_failed();
+        let Phase::Backoff { until } = sim.s.phase() else {
+            panic!("must back off after a failure");
+        };
+        waits.push(until - sim.now);
+        assert_eq!(sim.advance(), vec![Action::Dial], "never gives up");
+        assert_eq!(sim.now, until);
+    }
+    assert_eq!(sim.s.failures(), 200);
+    assert!(waits.iter().all(|w| *w <= Duration::from_secs(30)));
+    assert!(
+        waits.iter().skip(10).any(|w| *w > Duration::from_secs(5)),
+        "grows"
+    );
+    let id = sim.dialed();
+    assert_eq!(sim.s.failures(), 0, "a session resets the backoff");
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: id });
+    // A loss backs off from the start again.
+    let r = sim.rng.next();
+    sim.s.handle_lost(sim.now, id, r);
+    let Phase::Backoff { until } = sim.s.phase() else {
+        panic!("a loss backs off");
+    };
+    assert!(until - sim.now <= Duration::from_millis(500));
+}
+
+#[test]
+fn p7_p14_expiry_while_disconnected_ends_at_not_after_and_dials_no_more() {
+    let svid = svid_at(START);
+    let mut sim = Sim::new(config(), svid);
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    loop {
+        sim.dial_failed();
+        let acts = sim.advance();
+        if acts == vec![Action::Exit(Exit::Expired)] {
+            break;
+        }
+        assert_eq!(acts, vec![Action::Dial]);
+        assert!(sim.now < svid.end(), "no dial with an expired SVID");
+    }
+    assert_eq!(sim.now, svid.end());
+    assert_eq!(sim.s.poll_timeout(), None);
+    // An SVID already over at start never dials.
+    let mut late = ClientSession::new(config(), svid, svid.end(), 1);
+    assert_eq!(late.poll_action(), Some(Action::Exit(Exit::Expired)));
+    assert_eq!(late.poll_action(), None);
+}
+
+#[test]
+fn p9_stop_while_connected_says_goodbye_drains_and_exits() {
+    let (mut sim, id) = Sim::connected(config(), svid_at(START));
+    sim.s.handle_stop(sim.now);
+    assert_eq!(
+        sim.actions(),
+        vec![Action::SendGoodbye {
+            session_id: id,
+            revoke: true
+        }]
+    );
+    assert_eq!(sim.s.phase(), Phase::Stopping);
+    sim.s.handle_drained(id);
+    assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
+
+    // `on_stop = "disconnect"` asks for no revocation.
+    let mut keep = config();
+    keep.revoke_on_stop = false;
+    let (mut sim, id) = Sim::connected(keep, svid_at(START));
+    sim.s.handle_stop(sim.now);
+    assert_eq!(
+        sim.actions(),
+        vec![Action::SendGoodbye {
+            session_id: id,
+            revoke: false
+        }]
+    );
+}
+
+#[test]
+fn p9_a_stop_whose_queries_do_not_finish_ends_at_the_drain_bound() {
+    let (mut sim, first) = Sim::connected(config(), svid_at(START));
+    // A rotation left a connection draining.
+    sim.until_renew();
+    sim.s.handle_renewed(sim.now, svid_at(sim.now.as_secs()));
+    sim.actions();
+    let second = sim.dialed();
+    sim.actions();
+    let stopped_at = sim.now;
+    sim.s.handle_stop(sim.now);
+    sim.actions();
+    sim.s.handle_drained(second);
+    assert_eq!(
+        sim.actions(),
+        vec![],
+        "the retired connection is still draining"
+    );
+    // At the stop's bound the retired connection is closed, and that ends the stop.
+    assert_eq!(
+        sim.advance(),
+        vec![
+            Action::Close {
+                session_id: first,
+                reason: CloseReason::DrainOver
+            },
+            Action::Exit(Exit::Stopped)
+        ]
+    );
+    assert_eq!(
+        sim.now - stopped_at,
+        Duration::from_secs(5),
+        "bounded by stop_drain"
+    );
+
+    // Nothing drains at all: the deadline closes the connection and exits.
+    let (mut sim, id) = Sim::connected(config(), svid_at(START));
+    sim.s.handle_stop(sim.now);
+    sim.actions();
+    assert_eq!(
+        sim.advance(),
+        vec![
+            Action::Close {
+                session_id: id,
+                reason: CloseReason::StopDeadline
+            },
+            Action::Exit(Exit::Stopped)
+        ]
+    );
+}
+
+#[test]
+fn p9_stop_while_disconnected_exits_at_once() {
+    let mut sim = Sim::new(config(), svid_at(START));
+    sim.actions();
+    sim.dial_failed();
+    sim.s.handle_stop(sim.now);
+    assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
+    // A dial that completes after the stop is closed, not served.
+    let mut sim = Sim::new(config(), svid_at(START));
+    sim.actions();
+    sim.s.handle_stop(sim.now);
+    assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
+    let late = sim.dialed();
+    assert_eq!(
+        sim.actions(),
+        vec![Action::Close {
+            session_id: late,
+            reason: CloseReason::StopDeadline
+        }]
+    );
+}
+
+/// Drives a fresh machine into each state a revocation can meet.
+fn in_every_state() -> Vec<(&'static str, Sim)> {
+    let mut out = Vec::new();
+    let mut sim = Sim::new(config(), svid_at(START));
+    sim.actions();
+    out.push(("dialing", sim));
+
+    let mut sim = Sim::new(config(), svid_at(START));
+    sim.actions();
+    sim.dial_failed();
+    out.push(("backing off", sim));
+
+    let (sim, _) = Sim::connected(config(), svid_at(START));
+    out.push(("up", sim));
+
+    let (mut sim, _) = Sim::connected(config(), svid_at(START));
+    sim.until_renew();
+    out.push(("renewal asked", sim));
+
+    let (mut sim, _) = Sim::connected(config(), svid_at(START));
+    sim.until_renew();
+    sim.s.handle_renewed(sim.now, svid_at(sim.now.as_secs()));
+    sim.actions();
+    out.push(("rotated dial in flight", sim));
+
+    let (mut sim, _) = Sim::connected(config(), svid_at(START));
+    sim.until_renew();
+    sim.s.handle_renewed(sim.now, svid_at(sim.now.as_secs()));
+    sim.actions();
+    sim.dialed();
+    sim.actions();
+    out.push(("old connection draining", sim));
+
+    let (mut sim, _) = Sim::connected(config(), svid_at(START));
+    sim.s.handle_stop(sim.now);
+    sim.actions();
+    out.push(("stopping", sim));
+    out
+}
+
+#[test]
+fn p10_a_revocation_in_every_state_ends_the_session_for_good() {
+    for (state, mut sim) in in_every_state() {
+        sim.s.handle_revoked("contract ended".into());
+        assert_eq!(
+            sim.actions(),
+            vec![Action::Exit(Exit::Revoked {
+                reason: "contract ended".into()
+            })],
+            "in state {state}"
+        );
+        assert_eq!(sim.s.phase(), Phase::Done, "{state}");
+        assert_eq!(
+            sim.s.poll_timeout(),
+            None,
+            "{state}: nothing left to wake for"
+        );
+        // Nothing brings it back: no dial, no renewal, no second exit.
+        sim.dial_failed();
+        sim.s.handle_lost(sim.now, 1, 0);
+        sim.s.handle_timeout(sim.now + Duration::from_secs(DAY));
+        sim.s.handle_stop(sim.now);
+        sim.s.handle_revoked("again".into());
+        assert_eq!(sim.actions(), vec![], "{state}");
+    }
+}
+
+#[test]
+fn p7_renewed_without_renew_is_a_protocol_error() {
+    let (mut sim, id) = Sim::connected(config(), svid_at(START));
+    let old = sim.s.svid();
+    sim.s.handle_renewed(sim.now, svid_at(START + 10));
+    assert_eq!(
+        sim.actions(),
+        vec![Action::Close {
+            session_id: id,
+            reason: CloseReason::Protocol
+        }]
+    );
+    assert_eq!(sim.s.svid(), old, "an unasked SVID is not adopted");
+    assert!(matches!(sim.s.phase(), Phase::Backoff { .. }));
+}
+
+#[test]
+fn p7_a_client_started_late_in_its_svids_life_renews_at_once() {
+    let svid = svid_at(START - DAY * 7 / 10);
+    let (mut sim, _) = Sim::connected(config(), svid);
+    assert_eq!(sim.s.poll_timeout(), Some(sim.now));
+    assert_eq!(sim.advance(), vec![Action::SendRenew]);
+}
+
+#[test]
+fn renewal_lands_around_half_life() {
+    for r in [0, 1, 12345, u64::MAX] {
+        let t = renewal_time(1000, 1000 + DAY, r);
+        assert!(
+            (1000 + DAY * 4 / 10..=1000 + DAY * 6 / 10).contains(&t),
+            "{t}"
+        );
+    }
+    assert_eq!(renewal_time(10, 10, 5), 10);
+}

@@ -1,0 +1,272 @@
+//! One QUIC connection to the Hub, owned by one task: it serves the query streams the Hub
+//! opens, reads the control stream, and obeys the driver's commands (send `Renew`, say
+//! `Goodbye`, drain after a rotation, close). It reports what it saw as [`Event`]s and writes
+//! its own `session_lost` audit record when it ends.
+//!
+//! Draining (after a rotation) follows DESIGN §5: streams the Hub opened just before it moved
+//! to the new connection are still served for [`ROTATION_GRACE`]; once no query is left the
+//! connection says `Goodbye { revoke: false }` and closes. The driver bounds the whole drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ewii_common::audit::Event as AuditEvent;
+use ewii_common::frame::Control;
+use ewii_common::session::CloseReason;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::connect::Opened;
+use super::query::{self, QueryCtx};
+use crate::transport::{self, codes, StreamError};
+
+/// After a rotation, how long the old connection still accepts streams the Hub opened just
+/// before it switched to the new session.
+pub(crate) const ROTATION_GRACE: Duration = Duration::from_secs(1);
+/// After `Goodbye`, how long to wait for the Hub to close (closing first could discard it).
+const GOODBYE_LINGER: Duration = Duration::from_secs(2);
+
+/// What the driver tells a connection.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Send `Renew` with this CSR.
+    Renew(Vec<u8>),
+    /// Say `Goodbye`, take no new query, report [`Event::Drained`] when none is left.
+    Goodbye {
+        /// Ask the Hub to revoke this identity.
+        revoke: bool,
+    },
+    /// Retired by a rotation: drain, then `Goodbye { revoke: false }` and close.
+    Drain,
+    /// Close now.
+    Close(CloseReason),
+}
+
+/// What a connection reports to the driver, with its session id.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// A control message the driver decides on (`Renewed`, `Refused`, `BundleUpdate`).
+    Control(Control),
+    /// No query is left after `Goodbye` or `Drain`.
+    Drained(u64),
+    /// The connection is over.
+    Ended(u64, End),
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The Hub closed it with `REVOKED`, or said `Revoked` on the control stream.
+    Revoked(String),
+    /// Anything else.
+    Lost(Lost),
+}
+
+/// Why a connection was lost. The audit `reason` is rendered from it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Lost {
+    /// Closed by the driver.
+    #[error("{}", close_text(*.0))]
+    Closed(CloseReason),
+    /// Retired by a rotation and drained.
+    #[error("rotated")]
+    Rotated,
+    /// Stopped locally after `Goodbye`.
+    #[error("stopped")]
+    Stopped,
+    /// No packet from the Hub within the idle timeout.
+    #[error("idle timeout: the Hub went silent")]
+    IdleTimeout,
+    /// The Hub closed the connection with this application code.
+    #[error("closed by the Hub (code {0})")]
+    ClosedByHub(u64),
+    /// The Hub closed the control stream, or broke the protocol on it.
+    #[error("control stream: {0}")]
+    Control(String),
+    /// Any other connection error (reset, transport error).
+    #[error("{0}")]
+    Connection(String),
+}
+
+fn close_text(reason: CloseReason) -> &'static str {
+    match reason {
+        CloseReason::SvidExpired => "SVID expired",
+        CloseReason::DrainOver => "drain time over",
+        CloseReason::StopDeadline => "stop drain time over",
+        CloseReason::Protocol => "protocol violation by the Hub",
+    }
+}
+
+/// Where the connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Serving,
+    /// Retired by a rotation; takes streams until `grace_until`.
+    Draining {
+        grace_until: Instant,
+    },
+    /// `Goodbye` sent on stop.
+    Stopping,
+}
+
+/// One connection and its queries.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    opened: Opened,
+    ctx: Arc<QueryCtx>,
+    started: Instant,
+}
+
+impl Connection {
+    pub(crate) fn new(opened: Opened, ctx: Arc<QueryCtx>) -> Self {
+        Self {
+            opened,
+            ctx,
+            started: Instant::now(),
+        }
+    }
+
+    /// Serves until the connection ends; reports to `events`, obeys `commands`.
+    pub(crate) async fn run(
+        self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        events: mpsc::UnboundedSender<Event>,
+    ) {
+        let Self {
+            opened,
+            ctx,
+            started,
+        } = self;
+        let Opened {
+            id,
+            conn,
+            mut send,
+            mut recv,
+            mut reader,
+        } = opened;
+        let mut queries = JoinSet::new();
+        let mut mode = Mode::Serving;
+        let end = loop {
+            let accepting = match mode {
+                Mode::Serving => true,
+                Mode::Draining { grace_until } => Instant::now() < grace_until,
+                Mode::Stopping => false,
+            };
+            if !accepting && queries.is_empty() && mode != Mode::Serving {
+                let _ = events.send(Event::Drained(id));
+                if matches!(mode, Mode::Draining { .. }) {
+                    let _ = transport::write_frame(&mut send, &Control::Goodbye { revoke: false })
+                        .await;
+                    let _ = send.finish();
+                    linger(&conn).await;
+                    break End::Lost(Lost::Rotated);
+                }
+                // Stopping: the Hub closes once it has read the goodbye.
+                linger(&conn).await;
+                break End::Lost(Lost::Stopped);
+            }
+            let grace = match mode {
+                Mode::Draining { grace_until } if accepting => Some(grace_until),
+                _ => None,
+            };
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(Command::Renew(csr)) => {
+                        if let Err(e) = transport::write_frame(&mut send, &Control::Renew { csr }).await {
+                            break ended_by(&conn, &e);
+                        }
+                    }
+                    Some(Command::Goodbye { revoke }) => {
+                        let _ = transport::write_frame(&mut send, &Control::Goodbye { revoke }).await;
+                        let _ = send.finish();
+                        mode = Mode::Stopping;
+                    }
+                    Some(Command::Drain) => {
+                        mode = Mode::Draining { grace_until: Instant::now() + ROTATION_GRACE };
+                    }
+                    Some(Command::Close(reason)) => {
+                        let code = match reason {
+                            CloseReason::Protocol => codes::PROTOCOL,
+                            _ => codes::DONE,
+                        };
+                        conn.close(code, b"");
+                        break End::Lost(Lost::Closed(reason));
+                    }
+                    // The driver is gone: nothing will be served any more.
+                    None => {
+                        conn.close(codes::SHUTDOWN, b"");
+                        break End::Lost(Lost::Stopped);
+                    }
+                },
+                stream = conn.accept_bi(), if accepting => match stream {
+                    Ok((qs, qr)) => {
+                        queries.spawn(query::serve(ctx.clone(), id, qs, qr));
+                    }
+                    Err(e) => break closed(&e),
+                },
+                msg = reader.read::<Control>(&mut recv) => match msg {
+                    Ok(Some(Control::Revoked { reason })) => break End::Revoked(reason),
+                    Ok(Some(Control::Pong { .. })) => {}
+                    Ok(Some(msg @ (Control::Renewed { .. } | Control::Refused { .. } | Control::BundleUpdate { .. }))) => {
+                        let _ = events.send(Event::Control(msg));
+                    }
+                    Ok(Some(_)) => {
+                        conn.close(codes::PROTOCOL, b"");
+                        break End::Lost(Lost::Control("unexpected control message".into()));
+                    }
+                    Ok(None) => break End::Lost(Lost::Control("the Hub closed the control stream".into())),
+                    Err(e) => break ended_by(&conn, &e),
+                },
+                Some(_) = queries.join_next(), if !queries.is_empty() => {}
+                () = sleep_until_opt(grace) => {}
+            }
+        };
+        queries.abort_all();
+        let mut r = ctx.audit.record(AuditEvent::SessionLost);
+        r.session_id = Some(id);
+        r.client = Some(ctx.client_id.clone());
+        r.duration_ms = Some(started.elapsed().as_millis() as u64);
+        r.reason = Some(match &end {
+            End::Revoked(reason) => format!("revoked: {reason}"),
+            End::Lost(lost) => lost.to_string(),
+        });
+        ctx.audit.emit(r);
+        let _ = events.send(Event::Ended(id, end));
+    }
+}
+
+/// Waits (bounded) for the Hub to close after our `Goodbye`, then closes.
+async fn linger(conn: &quinn::Connection) {
+    let _ = tokio::time::timeout(GOODBYE_LINGER, conn.closed()).await;
+    conn.close(codes::DONE, b"");
+}
+
+/// A control-stream error: the connection's own close reason says more.
+fn ended_by(conn: &quinn::Connection, e: &StreamError) -> End {
+    match conn.close_reason() {
+        Some(reason) => closed(&reason),
+        None => End::Lost(Lost::Control(e.to_string())),
+    }
+}
+
+fn closed(e: &quinn::ConnectionError) -> End {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(close) if close.error_code == codes::REVOKED => {
+            End::Revoked(String::from_utf8_lossy(&close.reason).into_owned())
+        }
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            End::Lost(Lost::ClosedByHub(close.error_code.into_inner()))
+        }
+        quinn::ConnectionError::TimedOut => End::Lost(Lost::IdleTimeout),
+        other => End::Lost(Lost::Connection(other.to_string())),
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

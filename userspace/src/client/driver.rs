@@ -1,0 +1,515 @@
+//! The thin driver around [`ClientSession`]: it turns I/O into `handle_*` calls and the
+//! machine's [`Action`]s into I/O. Every decision — when to dial, renew, move to a renewed
+//! connection, drain, back off, stop, exit — is the machine's; this file only does what it
+//! is told and reports what happened.
+//!
+//! One loop: drain `poll_action` → publish the status if it changed → `select!` on the stop
+//! signal, the dial in flight, the connections' events, kernel-denial counters and the
+//! machine's next timeout. Disk writes (SVID, bundle, marker, status) run off the async
+//! workers.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ewii_common::audit::{Event as AuditEvent, Outcome};
+use ewii_common::frame::{self, Control};
+use ewii_common::session::{
+    Action, ClientSession, CloseReason, Exit, Phase, SessionConfig, Validity,
+};
+use rand::RngCore;
+use rustls::pki_types::CertificateDer;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::connect::{self, ConnectError, DialPlan, Opened};
+use super::connection::{Command, Connection, End, Event};
+use super::dialer::Dialer;
+use super::query::QueryCtx;
+use super::rotation::{self, Identity, IssueError};
+use super::status::{State, Status, StatusWriter};
+use super::REVOKED_MARKER;
+use crate::audit::Audit;
+use crate::config::{ClientConfig, OnStop};
+use crate::enforce::{DenySource, Report};
+use crate::identity::ca::new_key_and_csr;
+use crate::identity::store;
+use crate::identity::verify::Bundle;
+
+/// First retry delay of a refused or unanswered renewal.
+const RENEW_RETRY: Duration = Duration::from_secs(1);
+/// How long the Hub has to answer `Renew` before it is asked again.
+const RENEW_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection retired by a rotation may keep serving its in-flight queries.
+const DRAIN_AFTER_ROTATION: Duration = Duration::from_secs(600);
+/// How long in-flight queries may drain after a stop.
+const STOP_DRAIN: Duration = Duration::from_secs(5);
+/// How long connection tasks get to write their last records once the session is over.
+const WIND_DOWN: Duration = Duration::from_secs(3);
+
+type Dialing = Pin<Box<dyn Future<Output = Result<Opened, ConnectError>> + Send>>;
+
+/// The driver's state: the machine, the connections it runs, and what they share.
+pub(super) struct Driver {
+    machine: ClientSession,
+    clock: Clock,
+    config: ClientConfig,
+    audit: Audit,
+    identity: Arc<Identity>,
+    bundle: Bundle,
+    queries: Arc<QueryCtx>,
+    enforcement: Report,
+    denies: Option<Box<dyn DenySource>>,
+    status: StatusWriter,
+    connections: HashMap<u64, mpsc::UnboundedSender<Command>>,
+    tasks: JoinSet<()>,
+    events: (mpsc::UnboundedSender<Event>, mpsc::UnboundedReceiver<Event>),
+    dialing: Option<Dialing>,
+    /// The key of the `Renew` in flight.
+    renew_key: Option<rcgen::KeyPair>,
+    last_error: Option<String>,
+}
+
+impl Driver {
+    pub(super) fn new(
+        config: ClientConfig,
+        audit: Audit,
+        identity: Arc<Identity>,
+        bundle: Bundle,
+        enforcement: Report,
+        denies: Option<Box<dyn DenySource>>,
+    ) -> Self {
+        let clock = Clock::start();
+        let session = SessionConfig {
+            reconnect_initial: config.reconnect.initial,
+            reconnect_max: config.reconnect.max,
+            renew_retry: RENEW_RETRY,
+            renew_answer_timeout: RENEW_ANSWER_TIMEOUT,
+            rotation_drain: DRAIN_AFTER_ROTATION,
+            stop_drain: STOP_DRAIN,
+            revoke_on_stop: config.on_stop == OnStop::Revoke,
+        };
+        let machine = ClientSession::new(session, validity(&identity), clock.now(), random());
+        let queries = Arc::new(QueryCtx {
+            audit: audit.clone(),
+            dialer: Dialer::new(config.allow.clone(), config.connect_timeout),
+            client_id: identity.leaf.id.to_string(),
+        });
+        Self {
+            machine,
+            clock,
+            status: StatusWriter::start(config.state_dir.clone()),
+            config,
+            audit,
+            identity,
+            bundle,
+            queries,
+            enforcement,
+            denies,
+            connections: HashMap::new(),
+            tasks: JoinSet::new(),
+            events: mpsc::unbounded_channel(),
+            dialing: None,
+            renew_key: None,
+            last_error: None,
+        }
+    }
+
+    /// Runs the session until the machine exits.
+    pub(super) async fn run(mut self, shutdown: impl Future<Output = ()>) -> Exit {
+        tokio::pin!(shutdown);
+        let (denied_tx, mut denied) = watch::channel(Vec::new());
+        let watcher = self.denies.take().map(|src| {
+            tokio::spawn(crate::enforce::forward_denies(
+                self.audit.clone(),
+                self.queries.client_id.clone(),
+                src,
+                denied_tx,
+            ))
+        });
+        let mut stopping = false;
+        let exit = loop {
+            if let Some(exit) = self.perform_actions() {
+                break exit;
+            }
+            let counters = denied.borrow().clone();
+            self.publish_status(&counters);
+            let timeout = self.machine.poll_timeout().map(|t| self.clock.instant(t));
+            tokio::select! {
+                () = &mut shutdown, if !stopping => {
+                    stopping = true;
+                    self.machine.handle_stop(self.clock.now());
+                }
+                dialled = poll_dial(&mut self.dialing), if self.dialing.is_some() => {
+                    self.dialing = None;
+                    self.dialled(dialled);
+                }
+                Some(event) = self.events.1.recv() => self.event(event).await,
+                Ok(()) = denied.changed() => {}
+                () = sleep_until_opt(timeout) => self.machine.handle_timeout(self.clock.now()),
+            }
+        };
+        if let Some(w) = watcher {
+            w.abort();
+        }
+        let denied = denied.borrow().clone();
+        self.finish(&exit, &denied).await;
+        exit
+    }
+
+    /// Performs every queued action; returns the exit once the machine asks for it.
+    fn perform_actions(&mut self) -> Option<Exit> {
+        while let Some(action) = self.machine.poll_action() {
+            match action {
+                Action::Dial => {
+                    let plan = Arc::new(DialPlan {
+                        hub: self.config.hub.clone(),
+                        identity: self.identity.clone(),
+                        bundle: self.bundle.clone(),
+                        hello: Control::Hello {
+                            version: frame::PROTOCOL_VERSION,
+                            allow_list: self.config.allow.names(),
+                            allow_list_digest: self.config.allow.digest().to_vec(),
+                            build: crate::BUILD.to_owned(),
+                        },
+                        audit: self.audit.clone(),
+                    });
+                    self.dialing = Some(Box::pin(connect::dial(plan)));
+                }
+                Action::SendRenew => match new_key_and_csr() {
+                    Ok((key, csr)) => {
+                        self.renew_key = Some(key);
+                        self.command(self.current(), Command::Renew(csr));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot make a renewal key");
+                        self.machine
+                            .handle_renew_refused(self.clock.now(), random());
+                    }
+                },
+                Action::Drain { session_id } => self.command(Some(session_id), Command::Drain),
+                Action::Close { session_id, reason } => {
+                    self.command(Some(session_id), Command::Close(reason));
+                    self.connections.remove(&session_id);
+                }
+                Action::SendGoodbye { session_id, revoke } => {
+                    self.command(Some(session_id), Command::Goodbye { revoke });
+                }
+                Action::Exit(exit) => return Some(exit),
+            }
+        }
+        None
+    }
+
+    fn dialled(&mut self, dialled: Result<Opened, ConnectError>) {
+        let now = self.clock.now();
+        match dialled {
+            Ok(opened) => {
+                let id = opened.id;
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.connections.insert(id, tx);
+                let connection = Connection::new(opened, self.queries.clone());
+                self.tasks.spawn(connection.run(rx, self.events.0.clone()));
+                self.last_error = None;
+                self.machine.handle_dialed(now, id, random());
+            }
+            Err(ConnectError::Revoked(reason)) => self.machine.handle_revoked(reason),
+            Err(e) => {
+                tracing::warn!(error = %e, attempt = self.machine.failures() + 1, "cannot reach the Hub");
+                self.last_error = Some(e.to_string());
+                self.machine.handle_dial_failed(now, random());
+            }
+        }
+    }
+
+    async fn event(&mut self, event: Event) {
+        let now = self.clock.now();
+        match event {
+            Event::Control(Control::Renewed { chain, bundle }) => {
+                let key = self.renew_key.take();
+                match key {
+                    // Not asked for: the machine closes the connection.
+                    _ if !self.machine.awaiting_renewal() => {
+                        self.machine.handle_renewed(now, validity(&self.identity));
+                    }
+                    None => self.machine.handle_renew_refused(now, random()),
+                    Some(key) => match self.adopt_renewal(key, chain, bundle).await {
+                        Ok(validity) => self.machine.handle_renewed(now, validity),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "renewal answer refused");
+                            self.machine.handle_renew_refused(now, random());
+                        }
+                    },
+                }
+            }
+            Event::Control(Control::Refused { code }) => {
+                tracing::warn!(%code, "the Hub refused the renewal");
+                let mut r = self.audit.record(AuditEvent::SvidRotated);
+                r.client = Some(self.queries.client_id.clone());
+                r.outcome = Some(Outcome::Refused);
+                r.reason = Some(format!("renewal refused by the Hub: {code}"));
+                self.audit.emit(r);
+                self.renew_key = None;
+                self.machine.handle_renew_refused(now, random());
+            }
+            Event::Control(Control::BundleUpdate { bundle }) => self.adopt_bundle(bundle).await,
+            Event::Control(_) => {}
+            Event::Drained(id) => self.machine.handle_drained(id),
+            Event::Ended(id, End::Revoked(reason)) => {
+                self.connections.remove(&id);
+                self.machine.handle_revoked(reason);
+            }
+            Event::Ended(id, End::Lost(lost)) => {
+                if self.connections.remove(&id).is_some() {
+                    self.last_error = Some(lost.to_string());
+                }
+                self.machine.handle_lost(now, id, random());
+            }
+        }
+    }
+
+    /// Checks a `Renewed` answer and makes it the identity in use (files first, then memory).
+    async fn adopt_renewal(
+        &mut self,
+        key: rcgen::KeyPair,
+        chain: Vec<Vec<u8>>,
+        bundle: Vec<Vec<u8>>,
+    ) -> Result<Validity, RenewalError> {
+        let old = self.identity.clone();
+        let anchors: Vec<CertificateDer<'static>> = if bundle.is_empty() {
+            self.bundle.anchors()
+        } else {
+            bundle.into_iter().map(Into::into).collect()
+        };
+        let dir = self.config.state_dir.clone();
+        let accepted = tokio::task::spawn_blocking(move || {
+            let accepted = rotation::accept_issued(&key, chain, anchors, Some(&old.leaf.id))?;
+            rotation::save(&dir, &accepted).map_err(|e| RenewalError::Store(e.to_string()))?;
+            Ok::<_, RenewalError>(accepted)
+        })
+        .await
+        .map_err(|e| RenewalError::Store(e.to_string()))?;
+        let mut r = self.audit.record(AuditEvent::SvidRotated);
+        r.client = Some(self.queries.client_id.clone());
+        let accepted = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                r.outcome = Some(Outcome::Refused);
+                r.reason = Some(format!("renewed SVID refused: {e}"));
+                self.audit.emit(r);
+                return Err(e);
+            }
+        };
+        self.bundle.replace(accepted.anchors);
+        r.outcome = Some(Outcome::Ok);
+        r.reason = Some(format!(
+            "serial {} replaces {}",
+            accepted.identity.leaf.serial, self.identity.leaf.serial
+        ));
+        self.audit.emit(r);
+        self.identity = Arc::new(accepted.identity);
+        Ok(validity(&self.identity))
+    }
+
+    /// A bundle pushed by the Hub over the authenticated control stream replaces ours.
+    async fn adopt_bundle(&mut self, bundle: Vec<Vec<u8>>) {
+        let anchors: Vec<CertificateDer<'static>> = bundle.into_iter().map(Into::into).collect();
+        let mut r = self.audit.record(AuditEvent::BundleUpdated);
+        r.client = Some(self.queries.client_id.clone());
+        if let Err(e) = rotation::check_anchors(&anchors) {
+            r.outcome = Some(Outcome::Refused);
+            r.reason = Some(format!("{e}; bundle kept"));
+            return self.audit.emit(r);
+        }
+        let dir = self.config.state_dir.clone();
+        let to_save = anchors.clone();
+        let saved = tokio::task::spawn_blocking(move || rotation::save_bundle(&dir, &to_save))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match saved {
+            Err(e) => {
+                r.outcome = Some(Outcome::Failed);
+                r.reason = Some(e);
+            }
+            Ok(()) => {
+                r.outcome = Some(Outcome::Ok);
+                r.reason = Some(format!("{} trust anchor(s)", anchors.len()));
+                self.bundle.replace(anchors);
+            }
+        }
+        self.audit.emit(r);
+    }
+
+    /// The session is over: record why, let the connections finish (bounded), write the
+    /// last status.
+    async fn finish(mut self, exit: &Exit, denied: &[(String, u64)]) {
+        let state = match exit {
+            Exit::Stopped => State::Stopped,
+            Exit::Revoked { reason } => {
+                let marker = self.config.state_dir.join(REVOKED_MARKER);
+                write_marker(marker, reason.clone()).await;
+                let mut r = self.audit.record(AuditEvent::Revoked);
+                r.client = Some(self.queries.client_id.clone());
+                r.reason = Some(reason.clone());
+                self.audit.emit(r);
+                self.last_error = Some(reason.clone());
+                State::Revoked
+            }
+            Exit::Expired => {
+                let at = ewii_common::time::Timestamp(
+                    self.identity.leaf.not_after.max(0) as u64 * 1_000_000,
+                );
+                let reason = format!("SVID expired at {at} without renewal; enrol again");
+                let mut r = self.audit.record(AuditEvent::SvidExpired);
+                r.client = Some(self.queries.client_id.clone());
+                r.reason = Some(reason.clone());
+                self.audit.emit(r);
+                self.last_error = Some(reason);
+                State::Expired
+            }
+        };
+        self.dialing = None;
+        // A connection still open is closed; one that said Goodbye lingers (bounded) until
+        // the Hub closes it, and each writes its `session_lost` record.
+        for (_, tx) in self.connections.drain() {
+            let _ = tx.send(Command::Close(CloseReason::StopDeadline));
+        }
+        let _ = tokio::time::timeout(WIND_DOWN, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        self.tasks.abort_all();
+        self.status.publish(self.snapshot(state, None, denied));
+        let status = self.status;
+        let _ = tokio::task::spawn_blocking(move || status.finish()).await;
+    }
+
+    fn publish_status(&self, denied: &[(String, u64)]) {
+        let (state, session) = match self.machine.phase() {
+            Phase::Connecting => (State::Connecting, None),
+            Phase::Connected { session_id } => (State::Connected, Some(session_id)),
+            Phase::Backoff { .. } => (State::Backoff, None),
+            Phase::Stopping | Phase::Done => (State::Stopped, None),
+        };
+        self.status.publish(self.snapshot(state, session, denied));
+    }
+
+    fn snapshot(&self, state: State, session_id: Option<u64>, denied: &[(String, u64)]) -> Status {
+        let connected = state == State::Connected;
+        Status {
+            state,
+            pid: std::process::id(),
+            updated_us: 0,
+            hub: self.config.hub.to_string(),
+            spiffe_id: self.queries.client_id.clone(),
+            svid_not_after: self.identity.leaf.not_after,
+            session_id,
+            allow_list: super::describe_allow_list(&self.config),
+            failures: if connected {
+                0
+            } else {
+                self.machine.failures()
+            },
+            last_error: if connected {
+                None
+            } else {
+                self.last_error.clone()
+            },
+            enforcement: self.enforcement.clone(),
+            kernel_denied: denied.to_vec(),
+        }
+    }
+
+    fn current(&self) -> Option<u64> {
+        match self.machine.phase() {
+            Phase::Connected { session_id } => Some(session_id),
+            _ => None,
+        }
+    }
+
+    fn command(&self, session_id: Option<u64>, command: Command) {
+        if let Some(tx) = session_id.and_then(|id| self.connections.get(&id)) {
+            // A connection that is gone reports `Ended` itself.
+            let _ = tx.send(command);
+        }
+    }
+}
+
+/// Why a renewed SVID was not adopted.
+#[derive(Debug, thiserror::Error)]
+enum RenewalError {
+    /// It did not check out.
+    #[error(transparent)]
+    Issue(#[from] IssueError),
+    /// It could not be stored.
+    #[error("cannot store the renewed SVID: {0}")]
+    Store(String),
+}
+
+/// Maps the machine's wall-clock time onto tokio's clock: one reading of each at start, then
+/// tokio time only, so tests can pause and advance it.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    wall: Duration,
+    start: Instant,
+}
+
+impl Clock {
+    fn start() -> Self {
+        Self {
+            wall: Duration::from_micros(crate::now_timestamp().0),
+            start: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.wall + self.start.elapsed()
+    }
+
+    fn instant(&self, at: Duration) -> Instant {
+        self.start + at.saturating_sub(self.wall)
+    }
+}
+
+fn validity(identity: &Identity) -> Validity {
+    Validity {
+        not_before: identity.leaf.not_before.max(0) as u64,
+        not_after: identity.leaf.not_after.max(0) as u64,
+    }
+}
+
+fn random() -> u64 {
+    rand::rng().next_u64()
+}
+
+async fn write_marker(path: PathBuf, reason: String) {
+    let written = tokio::task::spawn_blocking(move || {
+        store::write_file(&path, reason.as_bytes(), 0o644).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    if let Err(e) = written {
+        tracing::error!(error = %e, "cannot write the revocation marker");
+    }
+}
+
+/// Polls the dial in flight; never resolves without one.
+async fn poll_dial(dialing: &mut Option<Dialing>) -> Result<Opened, ConnectError> {
+    match dialing {
+        Some(d) => d.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

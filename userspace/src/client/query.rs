@@ -1,0 +1,118 @@
+//! One query stream, as the Hub opened it: `Open` → the [`Dialer`] reaches the allow-listed
+//! entry → `Opened` and the bytes are piped, or `Refused` (DESIGN §4). Every query leaves one
+//! audit record (P11).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ewii_common::audit::{Destination, Event, Outcome};
+use ewii_common::frame::{QueryHead, RefuseCode};
+use tokio::time::Instant;
+
+use super::dialer::{DialError, Dialer};
+use crate::audit::Audit;
+use crate::transport::pipe::{pipe, PipeError};
+use crate::transport::{self, codes, FrameReader};
+
+/// How long the Hub has to send the `Open` header once it opened a stream.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a query needs from the Client: shared, read-only.
+#[derive(Debug)]
+pub(crate) struct QueryCtx {
+    pub(crate) audit: Audit,
+    pub(crate) dialer: Dialer,
+    /// This Client's SPIFFE ID, for the audit records.
+    pub(crate) client_id: String,
+}
+
+/// How a query ended, when it did not end well. The audit `reason` is rendered from it.
+#[derive(Debug, thiserror::Error)]
+enum QueryError {
+    /// The destination could not be dialled (or is not in the allow-list).
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    /// The Hub's stream broke before `Opened` could be sent.
+    #[error("the Hub went away before Opened")]
+    HubGone,
+    /// The pipe broke.
+    #[error(transparent)]
+    Pipe(#[from] PipeError),
+}
+
+impl QueryError {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Self::Dial(DialError::NotAllowed(_)) => Outcome::Refused,
+            _ => Outcome::Failed,
+        }
+    }
+}
+
+/// Serves one query stream of session `session_id`.
+pub(crate) async fn serve(
+    ctx: Arc<QueryCtx>,
+    session_id: u64,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let started = Instant::now();
+    let mut reader = FrameReader::new();
+    let head = tokio::time::timeout(OPEN_TIMEOUT, reader.read::<QueryHead>(&mut recv)).await;
+    let Ok(Ok(Some(QueryHead::Open {
+        query_id,
+        destination,
+        source,
+    }))) = head
+    else {
+        let _ = send.reset(codes::PROTOCOL);
+        let _ = recv.stop(codes::PROTOCOL);
+        return;
+    };
+    let mut r = ctx.audit.record(Event::Query);
+    r.session_id = Some(session_id);
+    r.query_id = Some(query_id);
+    r.client = Some(ctx.client_id.clone());
+    r.source = Some(source);
+    r.destination = Some(Destination {
+        name: destination.clone(),
+        address: None,
+    });
+    let result = match ctx.dialer.dial(&destination).await {
+        Ok((tcp, addr)) => {
+            if let Some(d) = &mut r.destination {
+                d.address = Some(addr.to_string());
+            }
+            r.peer = tcp.local_addr().ok().map(|a| a.to_string());
+            if transport::write_frame(&mut send, &QueryHead::Opened)
+                .await
+                .is_err()
+            {
+                Err(QueryError::HubGone)
+            } else {
+                let report = pipe(tcp, send, recv, reader.into_leftover()).await;
+                r.bytes_up = Some(report.stream_to_tcp);
+                r.bytes_down = Some(report.tcp_to_stream);
+                report.error.map_or(Ok(()), |e| Err(e.into()))
+            }
+        }
+        Err(e) => {
+            let code = match e {
+                DialError::NotAllowed(_) => RefuseCode::NotAllowed,
+                _ => RefuseCode::Unreachable,
+            };
+            let _ = transport::write_frame(&mut send, &QueryHead::Refused { code }).await;
+            let _ = send.finish();
+            Err(e.into())
+        }
+    };
+    match result {
+        Ok(()) => r.outcome = Some(Outcome::Ok),
+        Err(e) => {
+            r.outcome = Some(e.outcome());
+            r.reason = Some(e.to_string());
+        }
+    }
+    r.duration_ms = Some(started.elapsed().as_millis() as u64);
+    ctx.audit.emit(r);
+}

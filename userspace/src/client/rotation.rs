@@ -1,0 +1,142 @@
+//! Taking an SVID the Hub issued — at enrolment and at every renewal, through one function —
+//! and a trust bundle the Hub pushed (P7, P8, P15).
+//!
+//! [`accept_issued`] is the only place that decides whether an issued chain is ours: it chains
+//! to the bundle, names the expected SPIFFE ID, and certifies the key this host made. Saving
+//! the files ([`save`], [`save_bundle`]) does blocking I/O with an fsync: async callers run it
+//! on the blocking pool.
+
+use std::path::Path;
+
+use ewii_common::spiffe::SpiffeId;
+use rcgen::PublicKeyData;
+use rustls::pki_types::{CertificateDer, UnixTime};
+
+use crate::identity::store::{self, Svid};
+use crate::identity::verify::{Bundle, Expect, SpiffeVerifier};
+use crate::identity::{IdentityError, LeafInfo};
+
+/// An SVID in use: the chain with its key, and what was read from the leaf.
+#[derive(Debug)]
+pub(crate) struct Identity {
+    pub(crate) svid: Svid,
+    pub(crate) leaf: LeafInfo,
+}
+
+/// An issued SVID that checked out, with the bundle it came with.
+#[derive(Debug)]
+pub(crate) struct Accepted {
+    pub(crate) identity: Identity,
+    pub(crate) anchors: Vec<CertificateDer<'static>>,
+}
+
+/// Why an issued SVID was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IssueError {
+    /// The Hub sent no certificate.
+    #[error("empty chain")]
+    EmptyChain,
+    /// The chain does not verify against the bundle as a Client SVID.
+    #[error("the chain does not verify: {0}")]
+    Chain(String),
+    /// The SVID names another identity than the one renewed.
+    #[error("the SVID is for {got}, not {want}")]
+    WrongIdentity {
+        /// What the leaf names.
+        got: String,
+        /// What we hold.
+        want: String,
+    },
+    /// The leaf certifies another key than the one this host made.
+    #[error("the certificate is not for the key we sent")]
+    WrongKey,
+    /// The bundle holds no usable trust anchor, or some unusable one.
+    #[error("{usable} of {total} trust anchors usable")]
+    BadBundle {
+        /// Anchors that parse as trust anchors.
+        usable: usize,
+        /// Anchors sent.
+        total: usize,
+    },
+}
+
+/// Checks an issued `chain` for `key` against `anchors`, the bundle it came with. `expect` is the identity being renewed; at enrolment it is `None` and the
+/// leaf's own trust domain is used (the bundle was pinned by hash before).
+pub(crate) fn accept_issued(
+    key: &rcgen::KeyPair,
+    chain: Vec<Vec<u8>>,
+    anchors: Vec<CertificateDer<'static>>,
+    expect: Option<&SpiffeId>,
+) -> Result<Accepted, IssueError> {
+    let chain: Vec<CertificateDer<'static>> = chain.into_iter().map(Into::into).collect();
+    let leaf = chain.first().ok_or(IssueError::EmptyChain)?;
+    check_anchors(&anchors)?;
+    let trust_domain = match expect {
+        Some(id) => id.trust_domain().to_owned(),
+        None => crate::identity::inspect_leaf(leaf)
+            .map_err(|e| IssueError::Chain(e.to_string()))?
+            .id
+            .trust_domain()
+            .to_owned(),
+    };
+    let info = SpiffeVerifier::new(Bundle::new(anchors.clone()), &trust_domain, Expect::Client)
+        .verify_chain(leaf, &chain[1..], UnixTime::now())
+        .map_err(IssueError::Chain)?;
+    if let Some(want) = expect {
+        if info.id != *want {
+            return Err(IssueError::WrongIdentity {
+                got: info.id.to_string(),
+                want: want.to_string(),
+            });
+        }
+    }
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|_| IssueError::Chain("leaf does not parse".into()))?;
+    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+        return Err(IssueError::WrongKey);
+    }
+    Ok(Accepted {
+        identity: Identity {
+            svid: Svid::new(chain, key),
+            leaf: info,
+        },
+        anchors,
+    })
+}
+
+/// Every anchor must be usable, and there must be one: a bundle never shrinks to garbage.
+pub(crate) fn check_anchors(anchors: &[CertificateDer<'static>]) -> Result<(), IssueError> {
+    let usable = anchors
+        .iter()
+        .filter(|c| webpki::anchor_from_trusted_cert(c).is_ok())
+        .count();
+    if usable == 0 || usable != anchors.len() {
+        return Err(IssueError::BadBundle {
+            usable,
+            total: anchors.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Writes the SVID (key 0600) and its bundle into the state directory. Blocking.
+pub(crate) fn save(dir: &Path, accepted: &Accepted) -> Result<(), IdentityError> {
+    save_bundle(dir, &accepted.anchors)?;
+    accepted
+        .identity
+        .svid
+        .save(dir, store::SVID_CERT, store::SVID_KEY)
+}
+
+/// Writes the trust bundle into the state directory. Blocking.
+pub(crate) fn save_bundle(
+    dir: &Path,
+    anchors: &[CertificateDer<'static>],
+) -> Result<(), IdentityError> {
+    store::write_file(
+        &dir.join(store::BUNDLE),
+        store::Pem::certs(anchors).as_bytes(),
+        0o644,
+    )
+}
