@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener as StdTcpListener, UdpSocket};
 use std::process::{Child, Command, Output, Stdio};
 
+use ewii::client::status::State;
 use ewii_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -538,4 +539,78 @@ async fn p1_p2_the_image_is_small_runs_as_65532_and_serves_a_query() {
     );
     podman(&["rm", "-f", &name]);
     podman(&["rmi", "-f", &tag]);
+}
+
+/// P14 with DNS down at start: the binary does not give up (today's bug was exit 4 with no
+/// kernel layer at all). The Landlock and seccomp layers go in whatever resolved, the eBPF
+/// lock says why it could not be attached, and the session keeps trying with backoff until
+/// SIGTERM ends it with 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p14_a_hub_name_that_does_not_resolve_at_start_is_retried_with_the_unprivileged_layers_on()
+{
+    let hub = TestHub::start(&[]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let dir = client.state_dir();
+    let toml = dir.parent().unwrap().join("client.toml");
+    // `.invalid` never resolves (RFC 6761 §6.4).
+    fs::write(
+        &toml,
+        format!(
+            "hub = \"hub.invalid:{}\"\nstate_dir = {dir:?}\n[reconnect]\ninitial_ms = 50\nmax_ms = 200\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:9\"\n",
+            hub.addr.port()
+        ),
+    )
+    .unwrap();
+    let mut proc = Proc(
+        Command::new(bin_path("ewii-client"))
+            .args(["run", "--config", toml.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let read = || ewii::client::status::Status::read(&dir).ok();
+    poll_until("three failed dials", SOON, || {
+        read().is_some_and(|s| s.failures >= 3)
+    })
+    .await;
+    let status = read().unwrap();
+    assert_eq!(status.pid, proc.pid());
+    assert!(
+        matches!(status.state, State::Backoff | State::Connecting),
+        "{:?}",
+        status.state
+    );
+    let error = status.last_error.unwrap();
+    assert!(
+        error.contains("cannot resolve the Hub hub.invalid"),
+        "{error}"
+    );
+    for layer in ["landlock", "seccomp"] {
+        assert!(
+            status.enforcement.active(layer),
+            "{layer}: {:?}",
+            status.enforcement
+        );
+    }
+    let ebpf = status
+        .enforcement
+        .layers
+        .iter()
+        .find(|l| l.name == "ebpf")
+        .unwrap();
+    assert!(!ebpf.active);
+    assert!(ebpf.detail.contains("did not resolve"), "{}", ebpf.detail);
+    assert_eq!(proc.terminate().code(), Some(0));
+    let mut err = String::new();
+    proc.0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(
+        err.contains("hub.invalid") && err.contains("will keep trying"),
+        "{err}"
+    );
 }

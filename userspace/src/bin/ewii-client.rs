@@ -207,19 +207,13 @@ fn run(path: &Path) -> ExitCode {
     }
     // The kernel layers go in before any other thread exists (Landlock binds the calling
     // thread and the threads it creates; the audit writer and the runtime come after).
-    let (report, denies) = match enforce::Plan::for_config(&config) {
-        Ok(plan) => enforce::install(&plan, &enforce::ALL_LAYERS),
-        Err(e) => {
-            let mut report = enforce::Report::default();
-            report.layers.push(enforce::Layer {
-                name: "plan".into(),
-                active: false,
-                covers: "kernel layers".into(),
-                detail: e.to_string(),
-            });
-            (report, None)
-        }
-    };
+    // A name that does not resolve now installs every layer that needs no address; the
+    // session reaches the Hub with backoff once DNS answers (P14).
+    let plan = enforce::Plan::for_config(&config);
+    for name in &plan.unresolved {
+        eprintln!("ewii-client: {name} does not resolve now; the Client will keep trying");
+    }
+    let (report, denies) = enforce::install(&plan, &enforce::ALL_LAYERS);
     for layer in &report.layers {
         eprintln!(
             "ewii-client: {} {}: {}",
@@ -273,10 +267,13 @@ fn probe_enforcement(path: &Path, layers: &[String]) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(EXIT_CONFIG, format!("{}: {e}", path.display())),
     };
-    let plan = match enforce::Plan::for_config(&config) {
-        Ok(p) => p,
-        Err(e) => return fail(EXIT_CONFIG, e.to_string()),
-    };
+    let plan = enforce::Plan::for_config(&config);
+    if !plan.unresolved.is_empty() {
+        return fail(
+            EXIT_CONFIG,
+            format!("cannot resolve {}", plan.unresolved.join(", ")),
+        );
+    }
     let layers: Vec<&str> = layers.iter().map(String::as_str).collect();
     let (report, denies) = enforce::install(&plan, &layers);
     let probes = enforce::matrix(&plan);

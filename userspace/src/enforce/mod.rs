@@ -143,10 +143,6 @@ impl fmt::Display for Report {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EnforceError {
-    /// A name in the config (the Hub or an allow-list entry) did not resolve at start; the
-    /// kernel lock needs fixed addresses.
-    #[error("cannot resolve {0} for the egress lock")]
-    Resolve(String),
     /// The egress rules are invalid (no Hub address, a wildcard address).
     #[error(transparent)]
     Rules(#[from] egress::EgressError),
@@ -171,22 +167,29 @@ pub struct Plan {
     pub resolvers: Vec<IpAddr>,
     /// TCP ports the Client may connect to (Landlock).
     pub tcp_ports: Vec<u16>,
+    /// `host:port` names that did not resolve at start (left out of the eBPF lock).
+    pub unresolved: Vec<String>,
 }
 
 impl Plan {
-    /// Resolves the config's names (blocking: call before the runtime starts).
-    pub fn for_config(config: &ClientConfig) -> Result<Self, EnforceError> {
-        let resolve = |host: &str, port: u16| -> Result<Vec<SocketAddr>, EnforceError> {
+    /// Resolves the config's names (blocking: call before the runtime starts). A name that
+    /// does not resolve does not stop the plan: it is listed in [`Plan::unresolved`], the
+    /// layers that need no address (Landlock, seccomp) are planned as usual, and the eBPF
+    /// lock leaves that name's addresses out (it fails closed for them; without a Hub address
+    /// it cannot be attached at all). The session then reaches the Hub with backoff (P14).
+    pub fn for_config(config: &ClientConfig) -> Self {
+        let mut unresolved = Vec::new();
+        let mut resolve = |host: &str, port: u16| -> Vec<SocketAddr> {
             let addrs: Vec<SocketAddr> = (host, port)
                 .to_socket_addrs()
-                .map_err(|_| EnforceError::Resolve(format!("{host}:{port}")))?
-                .collect();
+                .map(Iterator::collect)
+                .unwrap_or_default();
             if addrs.is_empty() {
-                return Err(EnforceError::Resolve(format!("{host}:{port}")));
+                unresolved.push(format!("{host}:{port}"));
             }
-            Ok(addrs)
+            addrs
         };
-        let hub = resolve(&config.hub.host, config.hub.port)?;
+        let hub = resolve(&config.hub.host, config.hub.port);
         let mut names_used = config.hub.host.parse::<IpAddr>().is_err();
         let mut allow = Vec::new();
         let mut tcp_ports = Vec::new();
@@ -196,7 +199,7 @@ impl Plan {
                 Host::Ip(ip) => allow.push(SocketAddr::new(*ip, e.endpoint.port)),
                 Host::Dns(name) => {
                     names_used = true;
-                    allow.extend(resolve(name, e.endpoint.port)?);
+                    allow.extend(resolve(name, e.endpoint.port));
                 }
             }
         }
@@ -206,12 +209,13 @@ impl Plan {
         }
         tcp_ports.sort_unstable();
         tcp_ports.dedup();
-        Ok(Self {
+        Self {
             hub,
             allow,
             resolvers,
             tcp_ports,
-        })
+            unresolved,
+        }
     }
 
     /// The eBPF rule set.
@@ -330,13 +334,29 @@ fn ebpf_layer(active: bool, detail: String) -> Layer {
 
 #[cfg(feature = "ebpf")]
 fn install_ebpf(plan: &Plan) -> (Layer, Option<bool>, Option<Box<dyn DenySource>>) {
+    if plan.hub.is_empty() {
+        let why = format!(
+            "the Hub's name did not resolve at start ({}): the lock needs its addresses",
+            plan.unresolved.join(", ")
+        );
+        return (ebpf_layer(false, why), None, None);
+    }
     let attached = plan
         .rules()
         .map_err(|e| e.to_string())
         .and_then(|rules| ebpf::EgressLock::attach(&rules).map_err(|e| e.to_string()));
     match attached {
         Ok(mut lock) => {
-            let verdict = lock.prove(plan);
+            let verdict = lock.prove(plan).map(|proof| {
+                if plan.unresolved.is_empty() {
+                    proof
+                } else {
+                    format!(
+                        "{proof}; not resolved at start, so refused by the lock until a restart: {}",
+                        plan.unresolved.join(", ")
+                    )
+                }
+            });
             let pinned = Some(lock.pinned());
             let active = verdict.is_ok();
             (
