@@ -19,7 +19,10 @@
 //!             └──── Waiting(until) ◀───┘     rotated Dial ──handle_dialed──▶ Up(new) + Drain(old)
 //!
 //!   Up ──handle_stop──▶ Stopping ──handle_drained / deadline──▶ Exit(Stopped)
-//!   Waiting|Dialing ──handle_stop──▶ Exit(Stopped)
+//!   Waiting|Dialing ──handle_stop (on_stop = revoke)──▶ Revoking ──dialed──▶ Stopping (Goodbye{revoke})
+//!                                      └── goodbye_budget over ──▶ RecordPendingRevoke, Exit(Stopped)
+//!   new_with_pending_revoke ──▶ Revoking (no deadline) ──dialed──▶ Goodbye{revoke} ──▶ Exit(Revoked)
+//!   Waiting|Dialing ──handle_stop (on_stop = disconnect)──▶ Exit(Stopped)
 //!   any ──handle_revoked──▶ Exit(Revoked)      SVID past not_after, no renewed one ──▶ Exit(Expired)
 //! ```
 //!
@@ -34,6 +37,9 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use crate::backoff::Backoff;
+
+/// The reason of the [`Exit::Revoked`] that ends the delivery of a pending revoke.
+pub const PENDING_REVOKE_REASON: &str = "stopped by the customer (revoke delivered at restart)";
 
 /// An SVID's validity, in seconds since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +79,9 @@ pub struct SessionConfig {
     pub stop_drain: Duration,
     /// Whether a stop asks the Hub to revoke this identity (`on_stop = "revoke"`).
     pub revoke_on_stop: bool,
+    /// How long a stop without a live connection may try to reach the Hub to deliver its
+    /// revoke before it records the revoke as pending and exits.
+    pub goodbye_budget: Duration,
 }
 
 /// How the session ended for good.
@@ -133,6 +142,10 @@ pub enum Action {
         /// Whether the Hub is asked to revoke this identity.
         revoke: bool,
     },
+    /// A stop could not deliver its revoke in time: record on disk that a revoke is pending,
+    /// so that the next start delivers it before anything else
+    /// ([`ClientSession::new_with_pending_revoke`]).
+    RecordPendingRevoke,
     /// The session is over; close whatever is left and end with this.
     Exit(Exit),
 }
@@ -152,6 +165,9 @@ pub enum Phase {
         /// When the next dial starts.
         until: Duration,
     },
+    /// Delivering a revoke (a stop without a live connection, or a revoke pending from an
+    /// earlier stop): dialling the Hub only to say `Goodbye { revoke: true }`.
+    Revoking,
     /// Draining in-flight queries after a stop.
     Stopping,
     /// Ended; see the [`Action::Exit`] that was polled.
@@ -186,11 +202,19 @@ enum State {
         svid: Validity,
         renewal: Renewal,
     },
-    /// `Goodbye` sent on `session_id`; waiting for its queries until `deadline`.
+    /// Dialling only to deliver a revoke; the dial is in flight unless `retry_at` is set.
+    /// `deadline` is `None` for a revoke pending from an earlier stop: it retries for ever.
+    Revoking {
+        deadline: Option<Duration>,
+        retry_at: Option<Duration>,
+    },
+    /// `Goodbye` sent on `session_id`; waiting for its queries until `deadline`. `pending` is
+    /// set when this delivers a revoke pending from an earlier stop: the end is a revocation.
     Stopping {
         session_id: u64,
         deadline: Duration,
         drained: bool,
+        pending: bool,
     },
     Done,
 }
@@ -240,6 +264,26 @@ impl ClientSession {
         s
     }
 
+    /// A session that starts by delivering a revoke an earlier stop could not deliver: it
+    /// dials (with backoff, for ever), says `Goodbye { revoke: true }`, and ends with
+    /// [`Exit::Revoked`]. It never serves a query. A stop meanwhile ends it with the revoke
+    /// still pending.
+    pub fn new_with_pending_revoke(
+        config: SessionConfig,
+        svid: Validity,
+        now: Duration,
+        random: u64,
+    ) -> Self {
+        let mut s = Self::new(config, svid, now, random);
+        if s.state == State::Dialing {
+            s.state = State::Revoking {
+                deadline: None,
+                retry_at: None,
+            };
+        }
+        s
+    }
+
     /// The next thing to do, if any. Drain this after every event.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
@@ -258,6 +302,10 @@ impl ClientSession {
                 };
                 Some(renewal.map_or(svid.end(), |r| r.min(svid.end())))
             }
+            State::Revoking { deadline, retry_at } => match (deadline, retry_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
             State::Stopping { deadline, .. } => Some(deadline),
         };
         let drains = self.retiring.iter().map(|r| r.deadline).min();
@@ -273,6 +321,7 @@ impl ClientSession {
             State::Dialing => Phase::Connecting,
             State::Waiting { until } => Phase::Backoff { until },
             State::Up { session_id, .. } => Phase::Connected { session_id },
+            State::Revoking { .. } => Phase::Revoking,
             State::Stopping { .. } => Phase::Stopping,
             State::Done => Phase::Done,
         }
@@ -320,6 +369,19 @@ impl ClientSession {
                 self.actions.push_back(Action::Drain { session_id: old });
                 self.up(now, session_id);
             }
+            // Reached only to deliver the revoke.
+            State::Revoking { deadline, .. } => {
+                self.actions.push_back(Action::SendGoodbye {
+                    session_id,
+                    revoke: true,
+                });
+                self.state = State::Stopping {
+                    session_id,
+                    deadline: now + self.config.stop_drain,
+                    drained: false,
+                    pending: deadline.is_none(),
+                };
+            }
             // A dial that finished after a stop or the end is not used.
             State::Stopping { .. } | State::Done => {
                 self.actions.push_back(Action::Close {
@@ -336,6 +398,13 @@ impl ClientSession {
         self.random = random;
         match &mut self.state {
             State::Dialing => self.back_off(now, random),
+            State::Revoking { deadline, retry_at } => {
+                let mut at = now + self.backoff.next_delay(random);
+                if let Some(d) = deadline {
+                    at = at.min(*d);
+                }
+                *retry_at = Some(at);
+            }
             // The rotated connection could not be brought up: keep serving on the old one.
             State::Up { renewal, .. } if *renewal == Renewal::Dialing => {
                 *renewal = Renewal::RedialAt(now + self.renew_backoff.next_delay(random));
@@ -366,7 +435,7 @@ impl ClientSession {
             State::Stopping {
                 session_id: current,
                 ..
-            } if current == session_id => self.finish(Exit::Stopped),
+            } if current == session_id => self.finish_stop(),
             _ => {}
         }
     }
@@ -440,14 +509,29 @@ impl ClientSession {
                     session_id,
                     deadline: now + self.config.stop_drain,
                     drained: false,
+                    pending: false,
                 };
                 // Retired connections get no longer than the stop itself.
                 for r in &mut self.retiring {
                     r.deadline = r.deadline.min(now + self.config.stop_drain);
                 }
             }
+            // Without a connection, a stop that revokes tries to reach the Hub for a bounded
+            // time: "stopping the container revokes it" must hold when the network is bad.
+            State::Dialing | State::Waiting { .. } if self.config.revoke_on_stop => {
+                let in_flight = self.state == State::Dialing;
+                self.state = State::Revoking {
+                    deadline: Some(now + self.config.goodbye_budget),
+                    retry_at: None,
+                };
+                if !in_flight {
+                    self.actions.push_back(Action::Dial);
+                }
+            }
             State::Dialing | State::Waiting { .. } => self.finish(Exit::Stopped),
-            State::Stopping { .. } | State::Done => {}
+            // A revoke pending from an earlier stop stays pending.
+            State::Revoking { deadline: None, .. } => self.finish(Exit::Stopped),
+            State::Revoking { .. } | State::Stopping { .. } | State::Done => {}
         }
     }
 
@@ -506,6 +590,23 @@ impl ClientSession {
                 self.set_renewal(Renewal::Dialing);
                 self.actions.push_back(Action::Dial);
             }
+            State::Revoking {
+                deadline: Some(deadline),
+                ..
+            } if now >= deadline => {
+                self.actions.push_back(Action::RecordPendingRevoke);
+                self.finish(Exit::Stopped);
+            }
+            State::Revoking {
+                deadline,
+                retry_at: Some(at),
+            } if now >= at => {
+                self.state = State::Revoking {
+                    deadline,
+                    retry_at: None,
+                };
+                self.actions.push_back(Action::Dial);
+            }
             State::Stopping {
                 session_id,
                 deadline,
@@ -521,7 +622,7 @@ impl ClientSession {
                         reason: CloseReason::StopDeadline,
                     });
                 }
-                self.finish(Exit::Stopped);
+                self.finish_stop();
             }
             _ => {}
         }
@@ -572,8 +673,19 @@ impl ClientSession {
     fn finish_stop_if_idle(&mut self) {
         if let State::Stopping { drained: true, .. } = self.state {
             if self.retiring.is_empty() {
-                self.finish(Exit::Stopped);
+                self.finish_stop();
             }
+        }
+    }
+
+    /// A stop is over: a pending revoke that was delivered ends as a revocation.
+    fn finish_stop(&mut self) {
+        if let State::Stopping { pending: true, .. } = self.state {
+            self.finish(Exit::Revoked {
+                reason: PENDING_REVOKE_REASON.into(),
+            });
+        } else {
+            self.finish(Exit::Stopped);
         }
     }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ewii::client::status::{State, Status};
-use ewii::client::{ClientError, Exit, REVOKED_MARKER};
+use ewii::client::{ClientError, Exit, REVOKED_MARKER, REVOKE_PENDING_MARKER};
 use ewii::config::OnStop;
 use ewii::hub::admin;
 use ewii::identity::inspect_leaf;
@@ -234,6 +234,69 @@ async fn p9_stop_revokes_and_a_returning_client_is_refused_also_after_a_hub_rest
     );
 }
 
+/// "Stop the container and it is revoked" must hold when the network is bad too: a stop
+/// while the Hub is unreachable tries within its budget, records the revoke as pending, and
+/// the next start delivers it before serving anything, then stays revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p9_a_stop_while_the_hub_is_away_revokes_at_the_next_start() {
+    let mut hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    client.config.on_stop = OnStop::Revoke;
+    client.start();
+    hub.wait_connected("acme").await;
+    hub.stop().await;
+    client
+        .wait_audit("the loss of the Hub", is(Event::SessionLost))
+        .await;
+    let stopped = Instant::now();
+    assert_eq!(client.stop().await, Exit::Stopped);
+    let took = stopped.elapsed();
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(9),
+        "the stop tries for its 5 s budget, no longer: {took:?}"
+    );
+    let dir = client.state_dir();
+    assert!(dir.join(REVOKE_PENDING_MARKER).exists());
+    let pending = client
+        .wait_audit("pending revoke", |r| {
+            r.event == Event::Revoked && r.outcome == Some(Outcome::Failed)
+        })
+        .await;
+    assert!(
+        pending.reason.as_deref().unwrap().contains("next start"),
+        "{pending:?}"
+    );
+
+    // The Hub comes back; so does the Client: it delivers the revoke and ends, revoked.
+    hub.restart().await;
+    let exit = client.run_once(SOON).await.unwrap();
+    assert_eq!(
+        exit,
+        Exit::Revoked {
+            reason: ewii_common::session::PENDING_REVOKE_REASON.into()
+        }
+    );
+    let revoked = hub.wait_audit("revoked", is(Event::Revoked)).await;
+    assert_eq!(revoked.reason.as_deref(), Some("stopped by the customer"));
+    assert_eq!(
+        count(&client.audit, |r| r.event == Event::Query),
+        0,
+        "nothing was served"
+    );
+    assert!(!dir.join(REVOKE_PENDING_MARKER).exists());
+    assert!(dir.join(REVOKED_MARKER).exists());
+    assert_eq!(
+        Status::read(&dir).unwrap().state,
+        State::Revoked,
+        "the status says so"
+    );
+    // And a later start stops at once.
+    assert!(matches!(
+        client.run_once(SOON).await,
+        Err(ClientError::RevokedEarlier(_))
+    ));
+}
+
 #[tokio::test]
 async fn p9_on_stop_disconnect_keeps_the_identity() {
     let hub = TestHub::start(&[]).await;
@@ -332,7 +395,7 @@ async fn p9_a_client_silent_past_the_grace_is_revoked() {
     client.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p10_central_revoke_closes_a_live_session_within_1s_and_a_restart_exits_at_once() {
     let hub = TestHub::start(&[]).await;
     let mut client = TestClient::enrol_and_run(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
@@ -390,12 +453,54 @@ async fn p10_central_revoke_closes_a_live_session_within_1s_and_a_restart_exits_
     let rows = admin::clients(&hub.state_dir()).unwrap();
     assert_eq!(rows[0].revoke_reason.as_deref(), Some("contract ended"));
     assert!(rows[0].session.is_none());
+
+    // The supported way back: a new token from the operator and `enroll --replace`.
+    let token = hub.token("acme", Duration::from_secs(600));
+    let dir = client.state_dir();
+    let enroll = |token: &str, replace: bool| {
+        let mut cmd = Command::new(bin_path("ewii-client"));
+        cmd.args(["enroll", "--hub", &hub.addr.to_string()])
+            .args(["--bundle-hash", &token_hash(&hub)])
+            .args(["--state-dir", dir.to_str().unwrap()])
+            .env("EWII_TOKEN", token);
+        if replace {
+            cmd.arg("--replace");
+        }
+        cmd.output().unwrap()
+    };
+    let plain = enroll(&token.token, false);
+    assert_eq!(plain.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&plain.stderr).contains("enroll --replace"),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    // A failed replacement leaves the revoked state as it was.
+    let bad = enroll("not-a-token", true);
+    assert_eq!(bad.status.code(), Some(3));
+    assert!(dir.join(REVOKED_MARKER).exists());
+    let replaced = enroll(&token.token, true);
+    assert!(
+        replaced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replaced.stderr)
+    );
+    assert!(!dir.join(REVOKED_MARKER).exists());
+    client.start();
+    hub.wait_connected("acme").await;
+    assert_eq!(client.stop().await, Exit::Stopped);
+}
+
+fn token_hash(hub: &TestHub) -> String {
+    hub.token("unused", Duration::from_secs(1)).bundle_hash
 }
 
 #[tokio::test]
 async fn p10_a_revocation_made_while_the_hub_is_down_holds_after_its_restart() {
     let mut hub = TestHub::start(&[]).await;
-    let mut client = TestClient::enrol_and_run(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    client.config.on_stop = OnStop::Revoke;
+    client.start();
     hub.wait_connected("acme").await;
     hub.stop().await;
     assert!(admin::revoke(&hub.state_dir(), "acme", "while down").unwrap());

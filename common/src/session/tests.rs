@@ -15,6 +15,14 @@ fn config() -> SessionConfig {
         rotation_drain: Duration::from_secs(600),
         stop_drain: Duration::from_secs(5),
         revoke_on_stop: true,
+        goodbye_budget: Duration::from_secs(5),
+    }
+}
+
+fn disconnect_on_stop() -> SessionConfig {
+    SessionConfig {
+        revoke_on_stop: false,
+        ..config()
     }
 }
 
@@ -449,14 +457,14 @@ fn p9_a_stop_whose_queries_do_not_finish_ends_at_the_drain_bound() {
 }
 
 #[test]
-fn p9_stop_while_disconnected_exits_at_once() {
-    let mut sim = Sim::new(config(), svid_at(START));
+fn p9_stop_without_a_revoke_while_disconnected_exits_at_once() {
+    let mut sim = Sim::new(disconnect_on_stop(), svid_at(START));
     sim.actions();
     sim.dial_failed();
     sim.s.handle_stop(sim.now);
     assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
     // A dial that completes after the stop is closed, not served.
-    let mut sim = Sim::new(config(), svid_at(START));
+    let mut sim = Sim::new(disconnect_on_stop(), svid_at(START));
     sim.actions();
     sim.s.handle_stop(sim.now);
     assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
@@ -467,6 +475,137 @@ fn p9_stop_while_disconnected_exits_at_once() {
             session_id: late,
             reason: CloseReason::StopDeadline
         }]
+    );
+}
+
+#[test]
+fn p9_stop_while_disconnected_still_delivers_the_revoke() {
+    // Backing off when the stop comes: dial at once, only to say Goodbye.
+    let mut sim = Sim::new(config(), svid_at(START));
+    sim.actions();
+    sim.dial_failed();
+    sim.s.handle_stop(sim.now);
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    assert_eq!(sim.s.phase(), Phase::Revoking);
+    let id = sim.dialed();
+    assert_eq!(
+        sim.actions(),
+        vec![Action::SendGoodbye {
+            session_id: id,
+            revoke: true
+        }]
+    );
+    sim.s.handle_drained(id);
+    assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
+
+    // A dial in flight when the stop comes is used for the Goodbye; no second dial.
+    let mut sim = Sim::new(config(), svid_at(START));
+    sim.actions();
+    sim.s.handle_stop(sim.now);
+    assert_eq!(sim.actions(), vec![]);
+    let id = sim.dialed();
+    assert_eq!(
+        sim.actions(),
+        vec![Action::SendGoodbye {
+            session_id: id,
+            revoke: true
+        }]
+    );
+}
+
+#[test]
+fn p9_a_stop_that_cannot_reach_the_hub_records_a_pending_revoke_within_its_budget() {
+    let mut sim = Sim::new(config(), svid_at(START));
+    sim.actions();
+    sim.dial_failed();
+    let stopped_at = sim.now;
+    sim.s.handle_stop(sim.now);
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    let acts = loop {
+        sim.dial_failed();
+        let acts = sim.advance();
+        if acts != vec![Action::Dial] {
+            break acts;
+        }
+    };
+    assert_eq!(
+        acts,
+        vec![Action::RecordPendingRevoke, Action::Exit(Exit::Stopped)]
+    );
+    assert_eq!(
+        sim.now - stopped_at,
+        Duration::from_secs(5),
+        "goodbye_budget"
+    );
+}
+
+#[test]
+fn p9_a_pending_revoke_is_delivered_before_anything_else_at_the_next_start() {
+    let mut sim = Sim {
+        s: ClientSession::new_with_pending_revoke(
+            config(),
+            svid_at(START),
+            Duration::from_secs(START),
+            3,
+        ),
+        ..Sim::new(config(), svid_at(START))
+    };
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    assert_eq!(sim.s.phase(), Phase::Revoking);
+    // The Hub stays away for a long time: retry for ever, never give up, never serve.
+    for _ in 0..100 {
+        sim.dial_failed();
+        assert_eq!(sim.advance(), vec![Action::Dial]);
+    }
+    let id = sim.dialed();
+    assert_eq!(
+        sim.actions(),
+        vec![Action::SendGoodbye {
+            session_id: id,
+            revoke: true
+        }]
+    );
+    assert_eq!(sim.s.phase(), Phase::Stopping, "no query is served");
+    sim.s.handle_drained(id);
+    assert_eq!(
+        sim.actions(),
+        vec![Action::Exit(Exit::Revoked {
+            reason: PENDING_REVOKE_REASON.into()
+        })]
+    );
+
+    // A stop while it is still trying leaves the revoke pending (nothing new to record).
+    let mut sim = Sim {
+        s: ClientSession::new_with_pending_revoke(
+            config(),
+            svid_at(START),
+            Duration::from_secs(START),
+            3,
+        ),
+        ..Sim::new(config(), svid_at(START))
+    };
+    sim.actions();
+    sim.dial_failed();
+    sim.s.handle_stop(sim.now);
+    assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
+
+    // The Hub answers the handshake with REVOKED (it revoked meanwhile): that is the end.
+    let mut sim = Sim {
+        s: ClientSession::new_with_pending_revoke(
+            config(),
+            svid_at(START),
+            Duration::from_secs(START),
+            3,
+        ),
+        ..Sim::new(config(), svid_at(START))
+    };
+    sim.actions();
+    sim.s.handle_revoked("grace over".into());
+    assert_eq!(
+        sim.actions(),
+        vec![Action::Exit(Exit::Revoked {
+            reason: "grace over".into()
+        })]
     );
 }
 
@@ -507,6 +646,19 @@ fn in_every_state() -> Vec<(&'static str, Sim)> {
     sim.s.handle_stop(sim.now);
     sim.actions();
     out.push(("stopping", sim));
+
+    let mut sim = Sim::new(config(), svid_at(START));
+    sim.actions();
+    sim.dial_failed();
+    sim.s.handle_stop(sim.now);
+    sim.actions();
+    out.push(("delivering a stop's revoke", sim));
+
+    let mut sim = Sim::new(config(), svid_at(START));
+    sim.s = ClientSession::new_with_pending_revoke(config(), svid_at(START), sim.now, 1);
+    sim.actions();
+    sim.dial_failed();
+    out.push(("delivering a pending revoke", sim));
     out
 }
 

@@ -51,6 +51,11 @@ enum Command {
         /// State directory for svid.pem, svid.key and bundle.pem.
         #[arg(long, env = "EWII_STATE_DIR", default_value = "/var/lib/ewii")]
         state_dir: PathBuf,
+        /// Replace an existing enrolment (e.g. after a revocation, with a new token from the
+        /// operator). The old SVID, and the revoked or revoke-pending markers, are replaced
+        /// only once the new enrolment has succeeded.
+        #[arg(long)]
+        replace: bool,
     },
     /// Run: connect to the Hub and serve its queries. With EWII_TOKEN and EWII_BUNDLE_HASH
     /// set and no SVID yet, enrol first.
@@ -110,12 +115,15 @@ fn main() -> ExitCode {
             token,
             bundle_hash,
             state_dir,
+            replace,
         } => {
             let audit = match Audit::open(Side::Client, &AuditOutput::Stdout) {
                 Ok(a) => a,
                 Err(e) => return fail(1, format!("opening the audit sink: {e}")),
             };
-            block_on(async move { enroll(&hub, &token, &bundle_hash, &state_dir, &audit).await })
+            block_on(async move {
+                enroll(&hub, &token, &bundle_hash, &state_dir, &audit, replace).await
+            })
         }
         Command::Run { config } => run(&config),
         Command::ProbeEnforcement { config, layers } => probe_enforcement(&config, &layers),
@@ -174,6 +182,7 @@ async fn enroll(
     bundle_hash: &str,
     state_dir: &Path,
     audit: &Audit,
+    replace: bool,
 ) -> ExitCode {
     let hub: HubAddress = match hub.parse() {
         Ok(h) => h,
@@ -183,7 +192,12 @@ async fn enroll(
         Ok(p) => p,
         Err(e) => return fail(EXIT_CONFIG, e.to_string()),
     };
-    match client::enrol::enrol(&hub, token, pin, state_dir, audit).await {
+    let enrolled = if replace {
+        client::enrol::enrol_replacing(&hub, token, pin, state_dir, audit).await
+    } else {
+        client::enrol::enrol(&hub, token, pin, state_dir, audit).await
+    };
+    match enrolled {
         Ok(id) => {
             eprintln!(
                 "ewii-client: enrolled as {id}; state in {}",
@@ -238,7 +252,7 @@ fn run(path: &Path) -> ExitCode {
             .exists();
         if let (false, Some(token), Some(hash)) = (enrolled, token, hash) {
             let hub = config.hub.to_string();
-            let code = enroll(&hub, &token, &hash, &config.state_dir, &audit).await;
+            let code = enroll(&hub, &token, &hash, &config.state_dir, &audit, false).await;
             if code != ExitCode::SUCCESS {
                 return code;
             }

@@ -32,7 +32,7 @@ use super::dialer::Dialer;
 use super::query::QueryCtx;
 use super::rotation::{self, Identity, IssueError};
 use super::status::{State, Status, StatusWriter};
-use super::REVOKED_MARKER;
+use super::{REVOKED_MARKER, REVOKE_PENDING_MARKER};
 use crate::audit::Audit;
 use crate::config::{ClientConfig, OnStop};
 use crate::enforce::{DenySource, Report};
@@ -48,6 +48,8 @@ const RENEW_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_AFTER_ROTATION: Duration = Duration::from_secs(600);
 /// How long in-flight queries may drain after a stop.
 const STOP_DRAIN: Duration = Duration::from_secs(5);
+/// How long a stop without a live connection tries to reach the Hub to deliver its revoke.
+const GOODBYE_BUDGET: Duration = Duration::from_secs(5);
 /// How long connection tasks get to write their last records once the session is over.
 const WIND_DOWN: Duration = Duration::from_secs(3);
 
@@ -82,6 +84,7 @@ impl Driver {
         bundle: Bundle,
         enforcement: Report,
         denies: Option<Box<dyn DenySource>>,
+        pending_revoke: bool,
     ) -> Self {
         let clock = Clock::start();
         let session = SessionConfig {
@@ -92,8 +95,18 @@ impl Driver {
             rotation_drain: DRAIN_AFTER_ROTATION,
             stop_drain: STOP_DRAIN,
             revoke_on_stop: config.on_stop == OnStop::Revoke,
+            goodbye_budget: GOODBYE_BUDGET,
         };
-        let machine = ClientSession::new(session, validity(&identity), clock.now(), random());
+        let machine = if pending_revoke {
+            ClientSession::new_with_pending_revoke(
+                session,
+                validity(&identity),
+                clock.now(),
+                random(),
+            )
+        } else {
+            ClientSession::new(session, validity(&identity), clock.now(), random())
+        };
         let queries = Arc::new(QueryCtx {
             audit: audit.clone(),
             dialer: Dialer::new(config.allow.clone(), config.connect_timeout),
@@ -199,6 +212,7 @@ impl Driver {
                 Action::SendGoodbye { session_id, revoke } => {
                     self.command(Some(session_id), Command::Goodbye { revoke });
                 }
+                Action::RecordPendingRevoke => self.record_pending_revoke(),
                 Action::Exit(exit) => return Some(exit),
             }
         }
@@ -353,6 +367,9 @@ impl Driver {
             Exit::Revoked { reason } => {
                 let marker = self.config.state_dir.join(REVOKED_MARKER);
                 write_marker(marker, reason.clone()).await;
+                // The revocation is done: nothing is pending any more.
+                let pending = self.config.state_dir.join(REVOKE_PENDING_MARKER);
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(pending)).await;
                 let mut r = self.audit.record(AuditEvent::Revoked);
                 r.client = Some(self.queries.client_id.clone());
                 r.reason = Some(reason.clone());
@@ -394,6 +411,7 @@ impl Driver {
             Phase::Connecting => (State::Connecting, None),
             Phase::Connected { session_id } => (State::Connected, Some(session_id)),
             Phase::Backoff { .. } => (State::Backoff, None),
+            Phase::Revoking => (State::Revoking, None),
             Phase::Stopping | Phase::Done => (State::Stopped, None),
         };
         self.status.publish(self.snapshot(state, session, denied));
@@ -423,6 +441,24 @@ impl Driver {
             enforcement: self.enforcement.clone(),
             kernel_denied: denied.to_vec(),
         }
+    }
+
+    /// A stop could not reach the Hub: the next start delivers the revoke first.
+    fn record_pending_revoke(&mut self) {
+        let path = self.config.state_dir.join(REVOKE_PENDING_MARKER);
+        let why = format!(
+            "the Hub could not be reached within {} s of the stop; the revoke is delivered at the next start",
+            GOODBYE_BUDGET.as_secs()
+        );
+        // Written before the exit, in this task: the stop must not end without it.
+        if let Err(e) = store::write_file(&path, why.as_bytes(), 0o644) {
+            tracing::error!(error = %e, "cannot record the pending revoke");
+        }
+        let mut r = self.audit.record(AuditEvent::Revoked);
+        r.client = Some(self.queries.client_id.clone());
+        r.outcome = Some(Outcome::Failed);
+        r.reason = Some(why);
+        self.audit.emit(r);
     }
 
     fn current(&self) -> Option<u64> {

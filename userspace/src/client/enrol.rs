@@ -52,7 +52,7 @@ pub enum EnrolError {
     #[error(transparent)]
     Transport(#[from] transport::ConfigError),
     /// The state directory already holds an SVID.
-    #[error("{0} already holds an SVID; remove it to enrol again")]
+    #[error("{0} already holds an SVID; to enrol again with a new token, use `ewii-client enroll --replace`")]
     AlreadyEnrolled(PathBuf),
     /// It took too long.
     #[error("enrolment timed out")]
@@ -60,7 +60,7 @@ pub enum EnrolError {
 }
 
 /// Enrols with the Hub at `hub` and writes `svid.pem`, `svid.key` (0600) and `bundle.pem`
-/// into `state_dir`. Returns the new SPIFFE ID.
+/// into `state_dir`. Returns the new SPIFFE ID. Refuses a state directory that holds an SVID.
 pub async fn enrol(
     hub: &HubAddress,
     token: &str,
@@ -71,6 +71,47 @@ pub async fn enrol(
     if state_dir.join(store::SVID_CERT).exists() {
         return Err(EnrolError::AlreadyEnrolled(state_dir.to_owned()));
     }
+    enrol_audited(hub, token, pin, state_dir, audit).await
+}
+
+/// [`enrol`] over an existing enrolment (`ewii-client enroll --replace`): the new SVID
+/// replaces the old one, and the `revoked` and `revoke-pending` markers are removed — only
+/// once the new enrolment succeeded, so a failed attempt leaves the old state as it was.
+pub async fn enrol_replacing(
+    hub: &HubAddress,
+    token: &str,
+    pin: [u8; 32],
+    state_dir: &Path,
+    audit: &Audit,
+) -> Result<SpiffeId, EnrolError> {
+    let id = enrol_audited(hub, token, pin, state_dir, audit).await?;
+    let dir = state_dir.to_owned();
+    tokio::task::spawn_blocking(move || {
+        for marker in [super::REVOKED_MARKER, super::REVOKE_PENDING_MARKER] {
+            match std::fs::remove_file(dir.join(marker)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(IdentityError::Io {
+                        path: dir.join(marker),
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| EnrolError::Connect(e.to_string()))??;
+    Ok(id)
+}
+
+async fn enrol_audited(
+    hub: &HubAddress,
+    token: &str,
+    pin: [u8; 32],
+    state_dir: &Path,
+    audit: &Audit,
+) -> Result<SpiffeId, EnrolError> {
     let result = tokio::time::timeout(ENROL_TIMEOUT, enrol_inner(hub, token, pin, state_dir))
         .await
         .unwrap_or(Err(EnrolError::Timeout));

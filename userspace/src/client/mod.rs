@@ -43,6 +43,9 @@ pub use rotation::IssueError;
 
 /// Marker file written when the Hub revokes this Client; its presence stops every restart.
 pub const REVOKED_MARKER: &str = "revoked";
+/// Marker file written when a stop could not deliver its revoke; the next start delivers it
+/// before anything else, then exits as revoked.
+pub const REVOKE_PENDING_MARKER: &str = "revoke-pending";
 
 /// Why the Client could not run.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +99,12 @@ pub async fn run_enforced(
                 source: std::io::Error::other(e.to_string()),
             },
         })??;
-    let (identity, anchors) = loaded;
+    let (identity, anchors, pending_revoke) = loaded;
+    if pending_revoke {
+        tracing::warn!(
+            "a revoke from an earlier stop is pending; delivering it before anything else"
+        );
+    }
     if identity.leaf.not_after <= crate::now_timestamp().unix_secs() as i64 {
         let at = Timestamp(identity.leaf.not_after.max(0) as u64 * 1_000_000);
         let mut r = audit.record(Event::SvidExpired);
@@ -123,6 +131,7 @@ pub async fn run_enforced(
         Bundle::new(anchors),
         report,
         denies,
+        pending_revoke,
     );
     let exit = driver.run(shutdown).await;
     let mut stopped = audit.record(Event::Stopped);
@@ -140,16 +149,15 @@ pub async fn run_enforced(
     Ok(exit)
 }
 
+/// The SVID, the bundle, and whether a revoke is pending from an earlier stop.
+type Loaded = (
+    rotation::Identity,
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    bool,
+);
+
 /// Reads the SVID and the bundle; refuses a Client revoked earlier. Blocking.
-fn load_state(
-    dir: &Path,
-) -> Result<
-    (
-        rotation::Identity,
-        Vec<rustls::pki_types::CertificateDer<'static>>,
-    ),
-    ClientError,
-> {
+fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
     if let Ok(reason) = std::fs::read_to_string(dir.join(REVOKED_MARKER)) {
         return Err(ClientError::RevokedEarlier(reason.trim().to_owned()));
     }
@@ -160,7 +168,8 @@ fn load_state(
     let svid = Svid::load(dir, store::SVID_CERT, store::SVID_KEY).map_err(not_enrolled)?;
     let leaf = inspect_leaf(&svid.chain[0]).map_err(not_enrolled)?;
     let anchors = store::read_certs(&dir.join(store::BUNDLE)).map_err(not_enrolled)?;
-    Ok((rotation::Identity { svid, leaf }, anchors))
+    let pending_revoke = dir.join(REVOKE_PENDING_MARKER).exists();
+    Ok((rotation::Identity { svid, leaf }, anchors, pending_revoke))
 }
 
 /// The effective allow-list as printed at start (`name=endpoint` lines).

@@ -31,6 +31,8 @@ pub enum State {
     Connected,
     /// Waiting before the next dial.
     Backoff,
+    /// Stopping: reaching the Hub only to deliver the revoke (`on_stop = "revoke"`).
+    Revoking,
     /// Revoked by the Hub; the Client will not dial again.
     Revoked,
     /// Stopped.
