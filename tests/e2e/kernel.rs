@@ -141,7 +141,7 @@ async fn p16_the_ebpf_lock_refuses_everything_outside_the_policy_with_eperm() {
     assert_eq!(report["layers"][0]["active"], true, "{report:#}");
     let p = &report["probes"];
     for allowed in ["tcp_allowed", "tcp_allowed_v4_mapped", "udp_hub"] {
-        assert_eq!(p[allowed], "ok", "{allowed}: {p:#}");
+        assert_eq!(p[allowed], "allowed", "{allowed}: {p:#}");
     }
     for refused in [
         "tcp_other_port",
@@ -152,7 +152,7 @@ async fn p16_the_ebpf_lock_refuses_everything_outside_the_policy_with_eperm() {
         "mptcp",
         "raw_icmp",
     ] {
-        assert_eq!(p[refused], "EPERM", "{refused}: {p:#}");
+        assert_eq!(p[refused], "blocked (EPERM)", "{refused}: {p:#}");
     }
     // Every refusal became an audit record, and the counters agree: the seven probes above
     // and the self-test's TCP connect and UDP send.
@@ -209,15 +209,15 @@ async fn p2_p3_p13_p6_the_unprivileged_layers_hold_as_uid_65534() {
     assert_eq!(layer("landlock")["active"], true, "{report:#}");
     assert_eq!(layer("seccomp")["active"], true, "{report:#}");
     let p = &report["probes"];
-    assert_eq!(p["listen"], "EPERM");
-    assert_eq!(p["io_uring_setup"], "EPERM");
-    assert_eq!(p["mptcp"], "EPERM");
-    assert_eq!(p["tcp_fast_open"], "EPERM");
+    assert_eq!(p["listen"], "blocked (EPERM)");
+    assert_eq!(p["io_uring_setup"], "blocked (EPERM)");
+    assert_eq!(p["mptcp"], "blocked (EPERM)");
+    assert_eq!(p["tcp_fast_open"], "blocked (EPERM)");
     assert_eq!(
-        p["tcp_other_port"], "EACCES",
+        p["tcp_other_port"], "blocked (EACCES)",
         "Landlock: only allow-listed ports"
     );
-    assert_eq!(p["tcp_allowed"], "ok", "allowed traffic still flows");
+    assert_eq!(p["tcp_allowed"], "allowed", "allowed traffic still flows");
 }
 
 #[test]
@@ -238,7 +238,7 @@ fn p16_require_kernel_refuses_to_start_without_the_lock() {
     assert_eq!(out.status.code(), Some(4));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("enforcement.require = Kernel is not met"),
+        err.contains("[enforcement] require = \"kernel\" is not met"),
         "{err}"
     );
     assert!(err.contains("ebpf:"), "the reason names the layer: {err}");

@@ -448,7 +448,12 @@ async fn p10_central_revoke_closes_a_live_session_within_1s_and_a_restart_exits_
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(10));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("revoked by the Hub"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("revoked by the Hub"), "{err}");
+    assert!(
+        err.contains("ask the operator for a new token, then run `ewii-client enroll --replace`"),
+        "says what to do next: {err}"
+    );
     // The operator's listing says revoked.
     let rows = admin::clients(&hub.state_dir()).unwrap();
     assert_eq!(rows[0].revoke_reason.as_deref(), Some("contract ended"));

@@ -613,4 +613,135 @@ async fn p14_a_hub_name_that_does_not_resolve_at_start_is_retried_with_the_unpri
         err.contains("hub.invalid") && err.contains("will keep trying"),
         "{err}"
     );
+    assert!(err.contains("cannot reach the Hub"), "logs say so: {err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "no colour codes when stderr is a pipe: {err:?}"
+    );
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn status_and_health_before_the_first_run_say_no_client_has_run() {
+    let dir = tempfile::tempdir().unwrap();
+    for cmd in ["status", "health"] {
+        let out = Command::new(bin_path("ewii-client"))
+            .args([cmd, "--state-dir", dir.path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{cmd}");
+        let err = stderr_of(&out);
+        assert!(
+            err.contains("no Client has run with this state directory yet"),
+            "{cmd}: {err}"
+        );
+        assert!(!err.contains("No such file"), "{cmd}: {err}");
+    }
+}
+
+#[test]
+fn a_token_without_its_bundle_hash_is_refused_by_name_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let toml = dir.path().join("client.toml");
+    fs::write(
+        &toml,
+        format!("hub = \"127.0.0.1:9\"\nstate_dir = {state:?}\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:9\"\n"),
+    )
+    .unwrap();
+    for (set, missing) in [
+        ("EWII_TOKEN", "EWII_BUNDLE_HASH"),
+        ("EWII_BUNDLE_HASH", "EWII_TOKEN"),
+    ] {
+        let out = Command::new(bin_path("ewii-client"))
+            .args(["run", "--config", toml.to_str().unwrap()])
+            .env_remove("EWII_TOKEN")
+            .env_remove("EWII_BUNDLE_HASH")
+            .env(set, "x")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{set}");
+        let err = stderr_of(&out);
+        assert!(err.contains(&format!("{missing} is not")), "{err}");
+        // Refused before the kernel layers or the state directory were touched.
+        assert!(!err.contains("effective allow-list"), "{err}");
+        assert!(!state.exists());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_client_on_the_same_state_directory_is_refused_and_the_first_keeps_its_status() {
+    let hub = TestHub::start(&[]).await;
+    let mut first = TestClient::enrol_and_run(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    hub.wait_connected("acme").await;
+    let dir = first.state_dir();
+    poll_until("the first Client's status", SOON, || {
+        ewii::client::status::Status::read(&dir).is_ok_and(|s| s.state == State::Connected)
+    })
+    .await;
+    let toml = dir.parent().unwrap().join("client.toml");
+    fs::write(
+        &toml,
+        format!(
+            "hub = \"{}\"\nstate_dir = {dir:?}\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:9\"\n",
+            hub.addr
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin_path("ewii-client"))
+        .args(["run", "--config", toml.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("another ewii-client process is using"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("effective allow-list"),
+        "refused before anything: {err}"
+    );
+    // `enroll --replace` is refused too: the running Client's SVID stays.
+    let token = hub.token("acme", std::time::Duration::from_secs(60));
+    let out = Command::new(bin_path("ewii-client"))
+        .args(["enroll", "--replace", "--hub", &hub.addr.to_string()])
+        .args([
+            "--bundle-hash",
+            &token.bundle_hash,
+            "--state-dir",
+            dir.to_str().unwrap(),
+        ])
+        .env("EWII_TOKEN", &token.token)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let status = ewii::client::status::Status::read(&dir).unwrap();
+    assert_eq!(status.state, State::Connected);
+    assert_eq!(
+        status.pid,
+        std::process::id(),
+        "the first Client's status file"
+    );
+    first.stop().await;
+}
+
+#[test]
+fn enrolling_with_a_hub_that_does_not_answer_names_the_address_and_exits_5() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_udp_port();
+    let hub = format!("127.0.0.1:{port}");
+    let out = Command::new(bin_path("ewii-client"))
+        .args(["enroll", "--hub", &hub])
+        .args(["--bundle-hash", &format!("sha256:{}", "ab".repeat(32))])
+        .args(["--state-dir", dir.path().join("state").to_str().unwrap()])
+        .env("EWII_TOKEN", "ewii_x")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert!(err.contains(&hub) && err.contains("UDP/QUIC"), "{err}");
 }

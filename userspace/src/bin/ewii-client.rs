@@ -1,16 +1,18 @@
 //! `ewii-client`: the customer's Client — enrol once, then run; `status` and `health` read the
 //! status file (there is no listener of any kind).
 //!
-//! Exit status: 0 stopped; 1 error; 2 bad configuration; 3 not enrolled, enrolment refused, or
-//! SVID expired (enrol again);
-//! 4 the kernel enforcement required by the config is unavailable; 10 revoked by the Hub (a
-//! restart exits 10 again at once, without touching the network).
+//! Exit status: 0 stopped; 1 error (including a second Client on the same state directory);
+//! 2 bad configuration or arguments; 3 not enrolled, enrolment refused, or SVID expired (enrol
+//! again); 4 the kernel enforcement required by the config is unavailable; 5 the Hub could not
+//! be reached to enrol; 10 revoked by the Hub (a restart exits 10 again at once, without
+//! touching the network).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use ewii::audit::{Audit, AuditOutput};
+use ewii::client::enrol::EnrolError;
 use ewii::client::{self, status::Status, ClientError, Exit};
 use ewii::config::{self, ClientConfig, HubAddress};
 use ewii::enforce;
@@ -23,6 +25,11 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_NOT_ENROLLED: u8 = 3;
 /// Exit status when `enforcement.require` cannot be met.
 const EXIT_ENFORCEMENT: u8 = 4;
+/// Exit status when the Hub cannot be reached (or resolved) to enrol.
+const EXIT_UNREACHABLE: u8 = 5;
+/// What a revoked customer does next.
+const REVOKED_NEXT: &str =
+    "ask the operator for a new token, then run `ewii-client enroll --replace`";
 
 #[derive(Parser)]
 #[command(
@@ -205,6 +212,10 @@ async fn enroll(
             );
             ExitCode::SUCCESS
         }
+        Err(e @ (EnrolError::Unreachable { .. } | EnrolError::Resolve(_))) => {
+            fail(EXIT_UNREACHABLE, e.to_string())
+        }
+        Err(e @ EnrolError::Busy(_)) => fail(1, e.to_string()),
         Err(e) => fail(EXIT_NOT_ENROLLED, e.to_string()),
     }
 }
@@ -213,6 +224,35 @@ fn run(path: &Path) -> ExitCode {
     let config: ClientConfig = match config::load(path) {
         Ok(c) => c,
         Err(e) => return fail(EXIT_CONFIG, format!("{}: {e}", path.display())),
+    };
+    let token = std::env::var("EWII_TOKEN").ok().filter(|v| !v.is_empty());
+    let hash = std::env::var("EWII_BUNDLE_HASH")
+        .ok()
+        .filter(|v| !v.is_empty());
+    match (&token, &hash) {
+        (Some(_), None) => return fail(
+            EXIT_CONFIG,
+            "EWII_TOKEN is set but EWII_BUNDLE_HASH is not: enrolling on first start needs both"
+                .into(),
+        ),
+        (None, Some(_)) => return fail(
+            EXIT_CONFIG,
+            "EWII_BUNDLE_HASH is set but EWII_TOKEN is not: enrolling on first start needs both"
+                .into(),
+        ),
+        _ => {}
+    }
+    // One Client per state directory, checked before anything is installed or written.
+    // (Created 0700 when missing, so that a first start can enrol into it.)
+    // An error here shows up as the lock's, below.
+    let _ =
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&config.state_dir);
+    // A directory this user cannot write is reported after the enforcement check (which says
+    // more about a missing privilege); a second Client is refused here, before anything.
+    let lock = match client::state_dir::StateLock::acquire(&config.state_dir) {
+        Err(e @ client::state_dir::LockError::Busy(_)) => return fail(1, e.to_string()),
+        other => other,
     };
     eprintln!("ewii-client: hub {}", config.hub);
     eprintln!("ewii-client: effective allow-list (the only destinations this Client dials):");
@@ -239,13 +279,15 @@ fn run(path: &Path) -> ExitCode {
     if let Err(e) = report.check(config.require) {
         return fail(EXIT_ENFORCEMENT, e.to_string());
     }
+    let lock = match lock {
+        Ok(lock) => lock,
+        Err(e) => return fail(1, e.to_string()),
+    };
     let audit = match Audit::open(Side::Client, &config.audit) {
         Ok(a) => a.with_format(config.audit_format),
         Err(e) => return fail(1, format!("opening the audit sink: {e}")),
     };
     block_on(async move {
-        let token = std::env::var("EWII_TOKEN").ok();
-        let hash = std::env::var("EWII_BUNDLE_HASH").ok();
         let enrolled = config
             .state_dir
             .join(ewii::identity::store::SVID_CERT)
@@ -258,19 +300,22 @@ fn run(path: &Path) -> ExitCode {
             }
         }
         let stopped = ewii::signal::terminate();
-        match client::run_enforced(config, audit, report, denies, stopped).await {
+        match client::run_enforced(config, audit, report, denies, lock, stopped).await {
             Ok(Exit::Stopped) => ExitCode::SUCCESS,
             Ok(Exit::Revoked { reason }) => fail(
                 EXIT_REVOKED,
-                format!("revoked by the Hub: {reason}; this Client will not reconnect"),
+                format!("revoked by the Hub: {reason}; this Client will not reconnect; {REVOKED_NEXT}"),
             ),
             Ok(Exit::Expired) => fail(
                 EXIT_NOT_ENROLLED,
                 "the SVID expired without renewal (the Hub was unreachable for a whole lifetime); enrol again with a new token".into(),
             ),
-            Err(e @ ClientError::RevokedEarlier(_)) => fail(EXIT_REVOKED, e.to_string()),
+            Err(e @ ClientError::RevokedEarlier(_)) => {
+                fail(EXIT_REVOKED, format!("{e}; {REVOKED_NEXT}"))
+            }
             Err(e @ ClientError::SvidExpired(_)) => fail(EXIT_NOT_ENROLLED, e.to_string()),
             Err(e @ ClientError::NotEnrolled { .. }) => fail(EXIT_NOT_ENROLLED, e.to_string()),
+            Err(e @ ClientError::Busy(_)) => fail(1, e.to_string()),
             Err(e) => fail(1, e.to_string()),
         }
     })
@@ -291,6 +336,7 @@ fn probe_enforcement(path: &Path, layers: &[String]) -> ExitCode {
     let layers: Vec<&str> = layers.iter().map(String::as_str).collect();
     let (report, denies) = enforce::install(&plan, &layers);
     let probes = enforce::matrix(&plan);
+    let required = report.check(config.require);
     let mut result = serde_json::json!({
         "layers": report.layers,
         "links_pinned": report.links_pinned,
@@ -318,7 +364,10 @@ fn probe_enforcement(path: &Path, layers: &[String]) -> ExitCode {
         "{}",
         serde_json::to_string_pretty(&result).unwrap_or_default()
     );
-    ExitCode::SUCCESS
+    match required {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(EXIT_ENFORCEMENT, e.to_string()),
+    }
 }
 
 fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {

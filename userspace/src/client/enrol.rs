@@ -36,8 +36,18 @@ pub enum EnrolError {
     /// not sent.
     #[error("the Hub at {0} is not the one pinned by the bundle hash; the token was NOT sent")]
     HubNotTrusted(String),
-    /// The Hub could not be reached.
-    #[error("cannot reach the Hub: {0}")]
+    /// The Hub could not be reached: nothing answered on UDP at that address and port.
+    #[error("cannot reach the Hub at {hub} ({addr}, UDP/QUIC): {why}; check the address and port, and that outbound UDP to it is allowed")]
+    Unreachable {
+        /// The Hub as configured.
+        hub: String,
+        /// The address dialled.
+        addr: std::net::SocketAddr,
+        /// What failed.
+        why: String,
+    },
+    /// The connection to the Hub broke during enrolment, or a local step failed.
+    #[error("enrolment with the Hub failed: {0}")]
     Connect(String),
     /// The Hub refused the token (unknown, used or expired: it does not say which).
     #[error("the Hub refused enrolment (token unknown, already used, or expired)")]
@@ -54,6 +64,9 @@ pub enum EnrolError {
     /// The state directory already holds an SVID.
     #[error("{0} already holds an SVID; to enrol again with a new token, use `ewii-client enroll --replace`")]
     AlreadyEnrolled(PathBuf),
+    /// Another Client process uses the state directory.
+    #[error(transparent)]
+    Busy(#[from] super::state_dir::LockError),
     /// It took too long.
     #[error("enrolment timed out")]
     Timeout,
@@ -74,6 +87,13 @@ pub async fn enrol(
     enrol_audited(hub, token, pin, state_dir, audit).await
 }
 
+/// Locks the state directory (creating it) for the enrolment: a running Client must not
+/// have its SVID replaced under it.
+fn lock(state_dir: &Path) -> Result<super::state_dir::StateLock, EnrolError> {
+    create_state_dir(state_dir)?;
+    Ok(super::state_dir::StateLock::acquire(state_dir)?)
+}
+
 /// [`enrol`] over an existing enrolment (`ewii-client enroll --replace`): the new SVID
 /// replaces the old one, and the `revoked` and `revoke-pending` markers are removed — only
 /// once the new enrolment succeeded, so a failed attempt leaves the old state as it was.
@@ -84,6 +104,7 @@ pub async fn enrol_replacing(
     state_dir: &Path,
     audit: &Audit,
 ) -> Result<SpiffeId, EnrolError> {
+    let _lock = lock(state_dir)?;
     let id = enrol_audited(hub, token, pin, state_dir, audit).await?;
     let dir = state_dir.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -155,7 +176,11 @@ async fn enrol_inner(
         .map_err(|e| EnrolError::Connect(e.to_string()))?;
     let conn = connecting.await.map_err(|e| match e {
         quinn::ConnectionError::TransportError(_) => EnrolError::HubNotTrusted(hub.to_string()),
-        other => EnrolError::Connect(other.to_string()),
+        other => EnrolError::Unreachable {
+            hub: hub.to_string(),
+            addr,
+            why: other.to_string(),
+        },
     })?;
     // Only now, with the Hub proven, does the token leave this host.
     let (mut send, mut recv) = conn

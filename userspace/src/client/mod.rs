@@ -9,6 +9,8 @@
 //! - `driver`: feeds the sans-IO [`ewii_common::session::ClientSession`] (renewal, rotation,
 //!   backoff, drain, stop, revoke, expiry) and performs its actions.
 //! - [`dialer`]: the only code that opens outbound TCP connections (P4).
+//! - [`state_dir`]: the markers in the state directory and the lock that keeps a second
+//!   Client process off it.
 //! - [`status`]: the status file behind `ewii-client status` / `health` (no listener, P13).
 //! - this module: [`run`] and [`run_enforced`], which load the state directory and start the
 //!   driver.
@@ -20,6 +22,7 @@ mod driver;
 pub mod enrol;
 mod query;
 mod rotation;
+pub mod state_dir;
 pub mod status;
 
 use std::future::Future;
@@ -41,11 +44,7 @@ pub use connection::Lost;
 pub use ewii_common::session::Exit;
 pub use rotation::IssueError;
 
-/// Marker file written when the Hub revokes this Client; its presence stops every restart.
-pub const REVOKED_MARKER: &str = "revoked";
-/// Marker file written when a stop could not deliver its revoke; the next start delivers it
-/// before anything else, then exits as revoked.
-pub const REVOKE_PENDING_MARKER: &str = "revoke-pending";
+pub use state_dir::{REVOKED_MARKER, REVOKE_PENDING_MARKER};
 
 /// Why the Client could not run.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +61,9 @@ pub enum ClientError {
     /// The Hub revoked this Client earlier (the marker file exists).
     #[error("this Client was revoked by the Hub ({0}); it will not connect again")]
     RevokedEarlier(String),
+    /// Another Client process uses this state directory.
+    #[error(transparent)]
+    Busy(#[from] state_dir::LockError),
     /// The SVID expired without being renewed.
     #[error("the SVID expired at {0} without renewal; enrol again with a new token")]
     SvidExpired(Timestamp),
@@ -77,29 +79,36 @@ pub async fn run(
     audit: Audit,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Exit, ClientError> {
-    run_enforced(config, audit, Report::library(), None, shutdown).await
+    let dir = config.state_dir.clone();
+    let lock = tokio::task::spawn_blocking(move || {
+        if !dir.is_dir() {
+            // Not enrolled: say so, rather than that the lock file cannot be made.
+            load_state(&dir)?;
+        }
+        Ok::<_, ClientError>(state_dir::StateLock::acquire(&dir)?)
+    })
+    .await
+    .map_err(|e| join_error(&config.state_dir, e))??;
+    run_enforced(config, audit, Report::library(), None, lock, shutdown).await
 }
 
 /// [`run`], with the kernel layers already installed: `report` goes to the status file and
 /// the audit, and `denies` (the eBPF ring buffer) becomes `kernel_denied` audit records.
+/// `lock` is the state directory's, taken by the caller before anything else (the binary
+/// takes it before it installs the kernel layers); it is held until this returns.
 pub async fn run_enforced(
     config: ClientConfig,
     audit: Audit,
     report: Report,
     denies: Option<Box<dyn DenySource>>,
+    lock: state_dir::StateLock,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Exit, ClientError> {
+    let _lock = lock;
     let dir = config.state_dir.clone();
-    let loaded = tokio::task::spawn_blocking(move || load_state(&dir))
+    let (identity, anchors, pending_revoke) = tokio::task::spawn_blocking(move || load_state(&dir))
         .await
-        .map_err(|e| ClientError::NotEnrolled {
-            dir: config.state_dir.clone(),
-            source: IdentityError::Io {
-                path: config.state_dir.clone(),
-                source: std::io::Error::other(e.to_string()),
-            },
-        })??;
-    let (identity, anchors, pending_revoke) = loaded;
+        .map_err(|e| join_error(&config.state_dir, e))??;
     if pending_revoke {
         tracing::warn!(
             "a revoke from an earlier stop is pending; delivering it before anything else"
@@ -170,6 +179,17 @@ fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
     let anchors = store::read_certs(&dir.join(store::BUNDLE)).map_err(not_enrolled)?;
     let pending_revoke = dir.join(REVOKE_PENDING_MARKER).exists();
     Ok((rotation::Identity { svid, leaf }, anchors, pending_revoke))
+}
+
+/// A blocking step that panicked: reported as an I/O failure on the state directory.
+fn join_error(dir: &Path, e: tokio::task::JoinError) -> ClientError {
+    ClientError::NotEnrolled {
+        dir: dir.to_owned(),
+        source: IdentityError::Io {
+            path: dir.to_owned(),
+            source: std::io::Error::other(e.to_string()),
+        },
+    }
 }
 
 /// The effective allow-list as printed at start (`name=endpoint` lines).

@@ -87,7 +87,13 @@ impl Status {
     /// Reads the file.
     pub fn read(state_dir: &Path) -> Result<Self, String> {
         let path = state_dir.join(STATUS_FILE);
-        let data = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let data = std::fs::read(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => format!(
+                "no status in {}: no Client has run with this state directory yet (is --state-dir / EWII_STATE_DIR the one in its config?)",
+                state_dir.display()
+            ),
+            _ => format!("{}: {e}", path.display()),
+        })?;
         let mut status: Self =
             serde_json::from_slice(&data).map_err(|e| format!("{}: {e}", path.display()))?;
         let touched = std::fs::metadata(&path)

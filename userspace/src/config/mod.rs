@@ -33,9 +33,56 @@ pub enum ConfigError {
     /// The allow-list is refused (empty, duplicate, bad address…).
     #[error("invalid allow-list: {0}")]
     Policy(#[from] PolicyError),
+    /// A top-level key was written after a `[section]` or `[[allow]]` header, so TOML read it
+    /// as part of that table.
+    #[error("invalid configuration: {source}hint: `{key}` is a top-level key: write it before the first [section] or [[…]] header (TOML reads every key after a header as part of that table)")]
+    Misplaced {
+        /// The key.
+        key: String,
+        /// The parser's error.
+        source: toml::de::Error,
+    },
     /// Any other invalid value.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+}
+
+/// The Client file's top-level keys.
+const CLIENT_TOP_LEVEL: &[&str] = &[
+    "hub",
+    "state_dir",
+    "audit",
+    "audit_format",
+    "on_stop",
+    "connect_timeout_ms",
+];
+/// The Hub file's top-level keys.
+const HUB_TOP_LEVEL: &[&str] = &[
+    "state_dir",
+    "listen",
+    "svid_lifetime_secs",
+    "revoke_after_lost_secs",
+    "audit",
+    "audit_format",
+];
+
+/// Parses TOML; an unknown key that is one of `top_level` gets the ordering hint.
+fn parse_toml<T: serde::de::DeserializeOwned>(
+    s: &str,
+    top_level: &[&str],
+) -> Result<T, ConfigError> {
+    toml::from_str(s).map_err(|source| {
+        let misplaced = top_level
+            .iter()
+            .find(|k| source.message().contains(&format!("unknown field `{k}`")));
+        match misplaced {
+            Some(key) => ConfigError::Misplaced {
+                key: (*key).to_owned(),
+                source,
+            },
+            None => ConfigError::Toml(source),
+        }
+    })
 }
 
 /// `host:port` of the Hub as the Client dials it. The port defaults to 443.
@@ -153,6 +200,17 @@ pub enum Require {
     None,
 }
 
+impl fmt::Display for Require {
+    /// As it is written in the config file.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Kernel => "kernel",
+            Self::Any => "any",
+            Self::None => "none",
+        })
+    }
+}
+
 /// The Client's configuration.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -230,7 +288,7 @@ impl FromStr for ClientConfig {
     type Err = ConfigError;
 
     fn from_str(s: &str) -> Result<Self, ConfigError> {
-        let raw: RawClient = toml::from_str(s)?;
+        let raw: RawClient = parse_toml(s, CLIENT_TOP_LEVEL)?;
         let defaults = ReconnectPolicy::default();
         let reconnect = ReconnectPolicy {
             initial: raw
@@ -406,7 +464,7 @@ impl FromStr for HubConfig {
     type Err = ConfigError;
 
     fn from_str(s: &str) -> Result<Self, ConfigError> {
-        let raw: RawHub = toml::from_str(s)?;
+        let raw: RawHub = parse_toml(s, HUB_TOP_LEVEL)?;
         if raw.svid_lifetime_secs < 2 || raw.svid_lifetime_secs > 30 * 86_400 {
             return Err(ConfigError::Invalid(
                 "svid_lifetime_secs must be between 2 and 2592000 (30 days)".into(),
@@ -494,6 +552,37 @@ pub fn load<T: FromStr<Err = ConfigError>>(path: &Path) -> Result<T, ConfigError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shipped_examples_parse_with_every_key() {
+        let client: ClientConfig = include_str!("../../../examples/client.toml")
+            .parse()
+            .unwrap();
+        assert_eq!(client.allow.names(), vec!["cache".to_string(), "db".into()]);
+        assert_eq!(client.on_stop, OnStop::Revoke);
+        let hub: HubConfig = include_str!("../../../examples/hub.toml").parse().unwrap();
+        assert_eq!(hub.services.len(), 2);
+    }
+
+    #[test]
+    fn a_top_level_key_after_a_table_says_where_it_belongs() {
+        let text = "hub = \"h:443\"\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:5432\"\nstate_dir = \"/x\"\n";
+        let err = text.parse::<ClientConfig>().unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Misplaced { key, .. } if key == "state_dir"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("write it before the first"),
+            "{err}"
+        );
+        // A key unknown everywhere is a plain unknown key.
+        let text = "hub = \"h:443\"\nstate_dirr = \"/x\"\n";
+        assert!(matches!(
+            text.parse::<ClientConfig>().unwrap_err(),
+            ConfigError::Toml(_)
+        ));
+    }
 
     const CLIENT: &str = r#"
 hub = "hub.example.net"

@@ -147,7 +147,7 @@ pub enum EnforceError {
     #[error(transparent)]
     Rules(#[from] egress::EgressError),
     /// `require` is not met.
-    #[error("enforcement.require = {require:?} is not met: {why}")]
+    #[error("[enforcement] require = \"{require}\" is not met: {why}")]
     Required {
         /// What was required.
         require: Require,

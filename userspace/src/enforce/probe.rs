@@ -14,24 +14,35 @@ pub const IPPROTO_MPTCP: i32 = 262;
 /// A probe's outcome: `Ok` or an errno.
 pub type Verdict = Result<(), i32>;
 
-/// The errno's symbolic name (`EPERM`), or `errno N`.
+/// What a probe's verdict means, in words that cannot be misread: `allowed`; `blocked (EPERM)`
+/// when a layer refused it (EPERM, EACCES); `allowed (ECONNREFUSED)` when the call got past
+/// every layer and the network answered; `failed (…)` for anything else.
 pub fn name(v: &Verdict) -> String {
-    match v {
-        Ok(()) => "ok".into(),
-        Err(e) => match *e {
-            libc::EPERM => "EPERM".into(),
-            libc::EACCES => "EACCES".into(),
-            libc::ECONNREFUSED => "ECONNREFUSED".into(),
-            libc::ETIMEDOUT => "ETIMEDOUT".into(),
-            libc::EINPROGRESS => "EINPROGRESS".into(),
-            libc::ENOSYS => "ENOSYS".into(),
-            libc::EPROTONOSUPPORT => "EPROTONOSUPPORT".into(),
-            libc::ENETUNREACH => "ENETUNREACH".into(),
-            libc::EOPNOTSUPP => "EOPNOTSUPP".into(),
-            libc::EINVAL => "EINVAL".into(),
-            libc::EADDRNOTAVAIL => "EADDRNOTAVAIL".into(),
-            n => format!("errno {n}"),
-        },
+    match *v {
+        Ok(()) => "allowed".into(),
+        Err(e @ (libc::EPERM | libc::EACCES)) => format!("blocked ({})", errno_name(e)),
+        Err(e @ (libc::ECONNREFUSED | libc::ETIMEDOUT | libc::EINPROGRESS | libc::ENETUNREACH)) => {
+            format!("allowed ({})", errno_name(e))
+        }
+        Err(e) => format!("failed ({})", errno_name(e)),
+    }
+}
+
+/// The errno's symbolic name (`EPERM`), or `errno N`.
+pub fn errno_name(e: i32) -> String {
+    match e {
+        libc::EPERM => "EPERM".into(),
+        libc::EACCES => "EACCES".into(),
+        libc::ECONNREFUSED => "ECONNREFUSED".into(),
+        libc::ETIMEDOUT => "ETIMEDOUT".into(),
+        libc::EINPROGRESS => "EINPROGRESS".into(),
+        libc::ENOSYS => "ENOSYS".into(),
+        libc::EPROTONOSUPPORT => "EPROTONOSUPPORT".into(),
+        libc::ENETUNREACH => "ENETUNREACH".into(),
+        libc::EOPNOTSUPP => "EOPNOTSUPP".into(),
+        libc::EINVAL => "EINVAL".into(),
+        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL".into(),
+        n => format!("errno {n}"),
     }
 }
 
