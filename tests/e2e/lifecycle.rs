@@ -14,6 +14,7 @@ use ewii::config::OnStop;
 use ewii::hub::admin;
 use ewii::identity::inspect_leaf;
 use ewii::identity::store::{self, Svid};
+use ewii::identity::verify::SerialRefusal;
 use ewii::transport;
 use ewii_common::audit::{Event, Outcome};
 use ewii_common::frame::Control;
@@ -131,7 +132,10 @@ async fn p7_p8_rotation_under_load_drops_no_query_and_retires_the_old_serial() {
     let verdict = ewii::identity::verify::SerialCheck::check(&db, &id, &first_serial);
     assert_eq!(
         verdict,
-        Err(format!("serial {first_serial} of {id} is retired"))
+        Err(SerialRefusal::Retired {
+            serial: first_serial.clone(),
+            id: id.to_string()
+        })
     );
     // …and a handshake with it fails.
     assert!(raw_session(&hub, &first).await.is_none());
