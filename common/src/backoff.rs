@@ -38,6 +38,16 @@ impl Backoff {
         Duration::from_nanos(random % nanos.saturating_add(1))
     }
 
+    /// The wait before retry number `attempt` (0-based), given a uniformly random `u64`,
+    /// without touching this state: for callers that persist the attempt count themselves
+    /// (the Hub's webhook outbox keeps it in its database row).
+    pub fn delay_for(&self, attempt: u32, random: u64) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
+        let ceiling = self.base.saturating_mul(factor).min(self.cap);
+        let nanos = ceiling.as_nanos().min(u128::from(u64::MAX)) as u64;
+        Duration::from_nanos(random % nanos.saturating_add(1))
+    }
+
     /// Number of waits handed out since the last [`reset`](Self::reset).
     pub fn attempts(&self) -> u32 {
         self.attempt
@@ -75,5 +85,24 @@ mod tests {
         assert!(b.next_delay(u64::MAX) <= Duration::from_millis(200));
         b.reset();
         assert_eq!(b.ceiling(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn delay_for_matches_next_delay_and_keeps_no_state() {
+        let b = Backoff::new(Duration::from_millis(300), Duration::from_millis(600));
+        let mut stepped = b.clone();
+        for (attempt, random) in [(0u32, 7u64), (1, 123_456_789), (2, u64::MAX), (40, 42)] {
+            while stepped.attempts() < attempt {
+                stepped.next_delay(0);
+            }
+            assert_eq!(
+                b.delay_for(attempt, random),
+                stepped.clone().next_delay(random)
+            );
+        }
+        assert_eq!(b.attempts(), 0, "delay_for leaves the state alone");
+        assert_eq!(b.delay_for(0, 0), Duration::ZERO);
+        assert_eq!(b.delay_for(0, 300_000_000), Duration::from_millis(300));
+        assert!(b.delay_for(5, u64::MAX) <= Duration::from_millis(600));
     }
 }

@@ -14,6 +14,7 @@ use ewii::config::OnStop;
 use ewii::hub::admin;
 use ewii::identity::inspect_leaf;
 use ewii::identity::store::{self, Svid};
+use ewii::identity::verify::SerialRefusal;
 use ewii::transport;
 use ewii_common::audit::{Event, Outcome};
 use ewii_common::frame::Control;
@@ -131,7 +132,10 @@ async fn p7_p8_rotation_under_load_drops_no_query_and_retires_the_old_serial() {
     let verdict = ewii::identity::verify::SerialCheck::check(&db, &id, &first_serial);
     assert_eq!(
         verdict,
-        Err(format!("serial {first_serial} of {id} is retired"))
+        Err(SerialRefusal::Retired {
+            serial: first_serial.clone(),
+            id: id.to_string()
+        })
     );
     // …and a handshake with it fails.
     assert!(raw_session(&hub, &first).await.is_none());
@@ -777,4 +781,71 @@ async fn p8_a_stolen_older_key_cannot_renew_once_the_newer_serial_is_in_use() {
         refusal.reason.unwrap().contains("retired"),
         "only the newest key renews"
     );
+}
+
+#[tokio::test]
+async fn p10_a_revoke_closes_every_connection_of_the_client_also_a_draining_one() {
+    let hub = TestHub::start(&[]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let first = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    // A stolen copy of the key holds a second connection with the same serial.
+    let stolen = raw_session(&hub, &first).await.expect("stolen session");
+    let mut old = raw_session(&hub, &first).await.expect("first session");
+    // The Client renews and moves to the new serial: the old connections drain.
+    let key2 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key2)
+        .unwrap();
+    transport::write_frame(
+        &mut old.send,
+        &Control::Renew {
+            csr: csr.der().to_vec(),
+        },
+    )
+    .await
+    .unwrap();
+    let Some(Control::Renewed { chain, .. }) =
+        old.reader.read::<Control>(&mut old.recv).await.unwrap()
+    else {
+        panic!("the renewal must succeed");
+    };
+    let second = Svid::new(chain.into_iter().map(Into::into).collect(), &key2);
+    let new = raw_session(&hub, &second).await.expect("renewed session");
+    hub.wait_audit("first serial retired", |r| {
+        r.event == Event::SvidRotated && r.reason.as_deref().is_some_and(|x| x.contains("retired"))
+    })
+    .await;
+    assert_eq!(
+        hub.handle().connections(),
+        3,
+        "the old ones drain, still open"
+    );
+
+    let t0 = Instant::now();
+    assert!(admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap());
+    for (what, conn) in [
+        ("new", &new.conn),
+        ("draining", &old.conn),
+        ("stolen", &stolen.conn),
+    ] {
+        let closed = tokio::time::timeout(SOON, conn.closed()).await.unwrap();
+        match closed {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(close.error_code, transport::codes::REVOKED, "{what}");
+                assert_eq!(&close.reason[..], b"contract ended", "{what}");
+            }
+            other => panic!("{what} connection: {other:?}"),
+        }
+    }
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    poll_until("no connection left", SOON, || {
+        hub.handle().connections() == 0
+    })
+    .await;
+    let closed = count(&hub.audit, |r| {
+        r.event == Event::Revoked
+            && r.reason.as_deref() == Some("live session closed: contract ended")
+    });
+    assert_eq!(closed, 3, "each connection's closing is audited");
 }

@@ -9,4 +9,5 @@ mod lifecycle;
 mod mtls;
 mod postgres;
 mod process;
+mod scale;
 mod tunnel;

@@ -1,79 +1,124 @@
-//! Delivers the webhook outbox: signed POSTs with retries and backoff, no redirects, only to
-//! public addresses (unless `danger_allow_private_targets`). A row is marked delivered only
-//! on a 2xx, in the database, so a Hub restart neither loses nor repeats an acknowledged one;
-//! the receiver deduplicates the rare retry of an unrecorded success by `webhook-id`.
+//! Delivers the webhook outbox: signed POSTs with retries and full-jitter backoff, no
+//! redirects, only to public addresses (unless `danger_allow_private_targets`). A row is
+//! marked delivered only on a 2xx, in the database, so a Hub restart neither loses nor repeats
+//! an acknowledged one; the receiver deduplicates the rare retry of an unrecorded success by
+//! `webhook-id`.
+//!
+//! The task sleeps until a row is queued (the store wakes it) or until the next retry it
+//! learned from the store is due: an empty outbox costs no query.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use ewii_common::audit::{Event, Outcome};
+use ewii_common::backoff::Backoff;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::state::PendingWebhook;
-use super::Inner;
-use crate::webhook::check_target;
+use super::store::Store;
+use crate::audit::Audit;
+use crate::config::WebhookConfig;
+use crate::webhook::{check_target, WebhookKey};
 
-const TICK: Duration = Duration::from_millis(200);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after the store failed, before asking it again.
+const STORE_RETRY: Duration = Duration::from_secs(1);
 
-pub(super) async fn deliver(inner: Arc<Inner>) {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// What the delivery task needs.
+#[derive(Debug)]
+pub(crate) struct Parts {
+    pub(crate) store: Store,
+    pub(crate) audit: Audit,
+    pub(crate) config: WebhookConfig,
+    pub(crate) key: WebhookKey,
+}
+
+/// Runs until the task is aborted.
+pub(crate) async fn deliver(parts: Parts) {
+    let queued: Arc<Notify> = parts.store.outbox_queued();
     loop {
-        tick.tick().await;
-        let now_ms = (crate::now_timestamp().0 / 1000) as i64;
-        let due = match inner.db.due_webhooks(now_ms, inner.webhooks.max_attempts) {
-            Ok(d) => d,
+        let next = match deliver_due(&parts).await {
+            Ok(()) => {
+                parts
+                    .store
+                    .next_webhook_due(parts.config.max_attempts)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let wake_at = match next {
+            Ok(Some(due_ms)) => {
+                let now_ms = (crate::now_timestamp().0 / 1000) as i64;
+                let wait = Duration::from_millis(due_ms.saturating_sub(now_ms).max(0) as u64);
+                Some(Instant::now() + wait)
+            }
+            Ok(None) => None,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the webhook outbox");
-                continue;
+                Some(Instant::now() + STORE_RETRY)
             }
         };
-        for w in due {
-            let result = send(&inner, &w).await;
-            let now = crate::now_timestamp();
-            let mut r = inner.audit.record(Event::WebhookDelivered);
-            r.reason = Some(format!("{} to {}", w.id, w.url));
-            match result {
-                Ok(status) => {
-                    if let Err(e) = inner.db.webhook_delivered(&w.id, now.unix_secs() as i64) {
-                        tracing::error!(error = %e, "cannot record a webhook delivery");
-                    }
-                    r.outcome = Some(Outcome::Ok);
-                    r.reason = Some(format!("{} to {}: HTTP {status}", w.id, w.url));
-                }
-                Err(e) => {
-                    let delay = backoff(&inner, w.attempts);
-                    let next = (now.0 / 1000) as i64 + delay.as_millis() as i64;
-                    if let Err(e) = inner.db.webhook_failed(&w.id, &e, next) {
-                        tracing::error!(error = %e, "cannot record a webhook failure");
-                    }
-                    r.event = Event::WebhookFailed;
-                    r.outcome = Some(Outcome::Failed);
-                    r.reason = Some(format!(
-                        "{} to {} (attempt {} of {}): {e}",
-                        w.id,
-                        w.url,
-                        w.attempts + 1,
-                        inner.webhooks.max_attempts
-                    ));
-                }
+        let due = async {
+            match wake_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
             }
-            inner.audit.emit(r);
+        };
+        tokio::select! {
+            () = queued.notified() => {}
+            () = due => {}
         }
     }
 }
 
-fn backoff(inner: &Inner, attempts: u32) -> Duration {
-    let factor = 1u32.checked_shl(attempts.min(20)).unwrap_or(u32::MAX);
-    inner
-        .webhooks
-        .retry_initial
-        .saturating_mul(factor)
-        .min(inner.webhooks.retry_max)
+async fn deliver_due(parts: &Parts) -> Result<(), super::store::StoreError> {
+    let now_ms = (crate::now_timestamp().0 / 1000) as i64;
+    let due = parts
+        .store
+        .due_webhooks(now_ms, parts.config.max_attempts)
+        .await?;
+    for w in due {
+        let result = send(parts, &w).await;
+        let now = crate::now_timestamp();
+        let mut r = parts.audit.record(Event::WebhookDelivered);
+        match result {
+            Ok(status) => {
+                if let Err(e) = parts
+                    .store
+                    .webhook_delivered(&w.id, now.unix_secs() as i64)
+                    .await
+                {
+                    tracing::error!(error = %e, "cannot record a webhook delivery");
+                }
+                r.outcome = Some(Outcome::Ok);
+                r.reason = Some(format!("{} to {}: HTTP {status}", w.id, w.url));
+            }
+            Err(e) => {
+                let delay = Backoff::new(parts.config.retry_initial, parts.config.retry_max)
+                    .delay_for(w.attempts, rand::random());
+                let next = (now.0 / 1000) as i64 + delay.as_millis() as i64;
+                if let Err(e) = parts.store.webhook_failed(&w.id, &e, next).await {
+                    tracing::error!(error = %e, "cannot record a webhook failure");
+                }
+                r.event = Event::WebhookFailed;
+                r.outcome = Some(Outcome::Failed);
+                r.reason = Some(format!(
+                    "{} to {} (attempt {} of {}): {e}",
+                    w.id,
+                    w.url,
+                    w.attempts + 1,
+                    parts.config.max_attempts
+                ));
+            }
+        }
+        parts.audit.emit(r);
+    }
+    Ok(())
 }
 
-async fn send(inner: &Inner, w: &PendingWebhook) -> Result<u16, String> {
-    let (host, addr) = check_target(&w.url, inner.webhooks.danger_allow_private_targets)
+async fn send(parts: &Parts, w: &PendingWebhook) -> Result<u16, String> {
+    let (host, addr) = check_target(&w.url, parts.config.danger_allow_private_targets)
         .await
         .map_err(|e| e.to_string())?;
     let client = reqwest::Client::builder()
@@ -85,7 +130,7 @@ async fn send(inner: &Inner, w: &PendingWebhook) -> Result<u16, String> {
         .build()
         .map_err(|e| e.to_string())?;
     let ts = crate::now_timestamp().unix_secs() as i64;
-    let signature = inner.webhook_key.sign(&w.id, ts, w.body.as_bytes());
+    let signature = parts.key.sign(&w.id, ts, w.body.as_bytes());
     let resp = client
         .post(&w.url)
         .header("content-type", "application/json")

@@ -12,7 +12,9 @@ use rand::RngCore;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use super::Inner;
+use super::registry::Registry;
+use super::trust::Trust;
+use crate::audit::Audit;
 use crate::config::{ServiceConfig, ServiceMode};
 use crate::identity::inspect_leaf;
 use crate::transport::pipe::{pipe, TcpLike};
@@ -25,8 +27,16 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a requester may take to finish its TLS handshake.
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What a service listener needs from the rest of the Hub.
+#[derive(Debug, Clone)]
+pub(crate) struct Parts {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) trust: Arc<Trust>,
+    pub(crate) audit: Audit,
+}
+
 /// Accepts requesters on one service listener until the task is aborted.
-pub(super) async fn serve(inner: Arc<Inner>, svc: ServiceConfig, listener: TcpListener) {
+pub(crate) async fn serve(parts: Parts, svc: ServiceConfig, listener: TcpListener) {
     let svc = Arc::new(svc);
     let mut queries = JoinSet::new();
     loop {
@@ -34,8 +44,8 @@ pub(super) async fn serve(inner: Arc<Inner>, svc: ServiceConfig, listener: TcpLi
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     // The acceptor is fetched per connection: a CA rotation replaces it.
-                    let tls = matches!(svc.mode, ServiceMode::Tls).then(|| inner.service_tls());
-                    queries.spawn(query(inner.clone(), svc.clone(), tcp, peer, tls));
+                    let tls = matches!(svc.mode, ServiceMode::Tls).then(|| parts.trust.service_tls());
+                    queries.spawn(query(parts.clone(), svc.clone(), tcp, peer, tls));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -49,14 +59,14 @@ pub(super) async fn serve(inner: Arc<Inner>, svc: ServiceConfig, listener: TcpLi
 }
 
 async fn query(
-    inner: Arc<Inner>,
+    parts: Parts,
     svc: Arc<ServiceConfig>,
     tcp: TcpStream,
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let mut log = QueryLog::new(&inner, &svc, peer);
+    let mut log = QueryLog::new(&parts, &svc, peer);
     match tls {
         None => {
             let ServiceMode::Tcp { principal } = &svc.mode else {
@@ -93,7 +103,7 @@ async fn forward<S: TcpLike>(mut log: QueryLog<'_>, io: S) {
     let query_id =
         QueryId(u128::from(rand::rng().next_u64()) << 64 | u128::from(rand::rng().next_u64()));
     log.query_id = Some(query_id);
-    let Some(session) = log.inner.session_for(&log.svc.client) else {
+    let Some(session) = log.parts.registry.route(&log.svc.client) else {
         let reason = format!("client {} is not connected", log.svc.client);
         log.emit(Outcome::Failed, reason);
         io.abort();
@@ -133,7 +143,7 @@ async fn forward<S: TcpLike>(mut log: QueryLog<'_>, io: S) {
             );
             r.bytes_up = Some(report.tcp_to_stream);
             r.bytes_down = Some(report.stream_to_tcp);
-            log.inner.audit.emit(r);
+            log.parts.audit.emit(r);
         }
         Ok(Ok(Some(QueryHead::Refused { code }))) => {
             log.emit(Outcome::Refused, format!("refused by the client: {code}"));
@@ -154,7 +164,7 @@ async fn forward<S: TcpLike>(mut log: QueryLog<'_>, io: S) {
 
 /// What the Hub knows about one query so far; every exit path writes its record from here.
 struct QueryLog<'a> {
-    inner: &'a Inner,
+    parts: &'a Parts,
     svc: &'a ServiceConfig,
     peer: SocketAddr,
     started: tokio::time::Instant,
@@ -165,9 +175,9 @@ struct QueryLog<'a> {
 }
 
 impl<'a> QueryLog<'a> {
-    fn new(inner: &'a Inner, svc: &'a ServiceConfig, peer: SocketAddr) -> Self {
+    fn new(parts: &'a Parts, svc: &'a ServiceConfig, peer: SocketAddr) -> Self {
         Self {
-            inner,
+            parts,
             svc,
             peer,
             started: tokio::time::Instant::now(),
@@ -178,12 +188,12 @@ impl<'a> QueryLog<'a> {
     }
 
     fn record(&self, outcome: Outcome, reason: Option<String>) -> AuditRecord {
-        let mut r = self.inner.audit.record(Event::Query);
+        let mut r = self.parts.audit.record(Event::Query);
         r.query_id = self.query_id;
         r.session_id = self.session.as_ref().map(|(id, _)| *id);
         r.client = match &self.session {
             Some((_, client)) => Some(client.clone()),
-            None => SpiffeId::client(&self.inner.trust_domain, &self.svc.client)
+            None => SpiffeId::client(self.parts.trust.trust_domain(), &self.svc.client)
                 .ok()
                 .map(|id| id.to_string()),
         };
@@ -200,7 +210,7 @@ impl<'a> QueryLog<'a> {
     }
 
     fn emit(&self, outcome: Outcome, reason: impl Into<String>) {
-        self.inner
+        self.parts
             .audit
             .emit(self.record(outcome, Some(reason.into())));
     }

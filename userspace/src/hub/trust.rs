@@ -1,51 +1,249 @@
-//! The Hub's trust material at run time: the bundle, and the QUIC and TLS server
-//! configurations built from the Hub SVID and it. `ewii-hub ca …` commands change the files;
-//! [`reload`] (called by the watcher) swaps them in and pushes the new bundle to every live
-//! session, so Clients trust the next CA before the Hub presents a certificate from it.
+//! The Hub's trust material at run time: the signing CA, the bundle, and the QUIC and TLS
+//! server configurations built from the Hub SVID and them. `ewii-hub ca …` commands change the
+//! files; [`Trust::reload`] (run by the watcher on a blocking thread) swaps them in and pushes
+//! the new bundle to every live session, so Clients trust the next CA before the Hub presents
+//! a certificate from it.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use ewii_common::audit::{Event, Outcome};
 use ewii_common::frame::{self, Control};
+use ewii_common::spiffe::SpiffeId;
 use rustls::pki_types::CertificateDer;
 
-use super::state::Db;
-use super::{admin, HubError, Inner};
+use super::layout;
+use super::registry::Registry;
+use super::store::View;
 use crate::audit::Audit;
-use crate::identity::ca::Ca;
-use crate::identity::store::{self, Svid};
+use crate::identity::ca::{Ca, Issued};
+use crate::identity::store::Svid;
 use crate::identity::verify::{Bundle, Expect, SpiffeVerifier};
-use crate::identity::IdentityError;
+use crate::identity::{inspect_leaf, IdentityError};
 use crate::transport;
 
-/// The trusted CAs: `bundle.pem` when present, else the signing CA alone.
-pub(super) fn load_bundle(
-    dir: &Path,
-    ca: &Ca,
-) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
-    let path = dir.join(admin::BUNDLE_FILE);
-    if path.exists() {
-        let anchors = store::read_certs(&path)?;
-        if anchors.is_empty() {
-            return Err(IdentityError::Pem(path));
-        }
-        Ok(anchors)
-    } else {
-        Ok(vec![ca.cert().clone()])
+/// Why the trust material could not be loaded or built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrustError {
+    /// A file of the state directory is missing or unreadable.
+    #[error("hub state in {dir}: {source}")]
+    Identity {
+        /// The state directory.
+        dir: PathBuf,
+        /// What failed.
+        source: IdentityError,
+    },
+    /// A TLS or QUIC configuration was refused.
+    #[error(transparent)]
+    Transport(#[from] transport::ConfigError),
+    /// The bundle on disk does not contain the signing CA.
+    #[error("the bundle does not contain the signing CA; not reloading")]
+    BundleWithoutCa,
+}
+
+/// The CA, the Hub SVID and the bundle as read from the state directory.
+#[derive(Debug)]
+pub(crate) struct Material {
+    ca: Ca,
+    hub_svid: Svid,
+    anchors: Vec<CertificateDer<'static>>,
+    trust_domain: String,
+}
+
+impl Material {
+    /// Reads (and renews the Hub SVID when due). Blocking file I/O: call it off the async
+    /// workers.
+    pub(crate) fn load(dir: &Path) -> Result<Self, TrustError> {
+        let ident = |source| TrustError::Identity {
+            dir: dir.to_owned(),
+            source,
+        };
+        let ca = Ca::load(dir).map_err(ident)?;
+        let anchors = layout::load_bundle(dir, &ca).map_err(ident)?;
+        let hub_svid = layout::load_or_renew_hub_svid(dir, &ca).map_err(ident)?;
+        let leaf = hub_svid
+            .chain
+            .first()
+            .ok_or_else(|| ident(IdentityError::NotSvid("the Hub SVID is empty".into())))?;
+        let trust_domain = inspect_leaf(leaf)
+            .map_err(ident)?
+            .id
+            .trust_domain()
+            .to_owned();
+        Ok(Self {
+            ca,
+            hub_svid,
+            anchors,
+            trust_domain,
+        })
     }
 }
 
-/// The QUIC server configuration (Clients) and the TLS acceptor (service callers).
-pub(super) fn server_configs(
+/// What the Hub trusts and signs with now.
+pub(crate) struct Trust {
+    trust_domain: String,
+    state_dir: PathBuf,
+    svid_lifetime: Duration,
+    ca: RwLock<Arc<Ca>>,
+    bundle: Bundle,
+    service_tls: RwLock<tokio_rustls::TlsAcceptor>,
+    view: Arc<View>,
+    audit: Audit,
+}
+
+impl std::fmt::Debug for Trust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trust")
+            .field("trust_domain", &self.trust_domain)
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trust {
+    /// Builds the configurations from `material`; the QUIC one is for the endpoint.
+    pub(crate) fn new(
+        material: Material,
+        state_dir: &Path,
+        svid_lifetime: Duration,
+        view: Arc<View>,
+        audit: Audit,
+    ) -> Result<(Self, quinn::ServerConfig), TrustError> {
+        let bundle = Bundle::new(material.anchors);
+        let (quic, acceptor) = server_configs(
+            &material.hub_svid,
+            &bundle,
+            &material.trust_domain,
+            &view,
+            &audit,
+        )?;
+        Ok((
+            Self {
+                trust_domain: material.trust_domain,
+                state_dir: state_dir.to_owned(),
+                svid_lifetime,
+                ca: RwLock::new(Arc::new(material.ca)),
+                bundle,
+                service_tls: RwLock::new(acceptor),
+                view,
+                audit,
+            },
+            quic,
+        ))
+    }
+
+    /// The trust domain.
+    pub(crate) fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The bundle's anchors as DER, for `Issued`/`Renewed`/`BundleUpdate`.
+    pub(crate) fn bundle_der(&self) -> Vec<Vec<u8>> {
+        self.bundle.anchors().iter().map(|c| c.to_vec()).collect()
+    }
+
+    /// The acceptor for TLS service listeners now (a CA rotation replaces it).
+    pub(crate) fn service_tls(&self) -> tokio_rustls::TlsAcceptor {
+        match self.service_tls.read() {
+            Ok(a) => a.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Signs the public key of `csr` for `id` with the current CA (nothing else from the CSR
+    /// is used). One ECDSA signature: short enough for an async worker.
+    pub(crate) fn issue(&self, csr: &[u8], id: &SpiffeId) -> Result<Issued, IdentityError> {
+        let ca = match self.ca.read() {
+            Ok(ca) => ca.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        ca.sign_csr(csr, id, self.svid_lifetime)
+    }
+
+    /// Re-reads the CA, the Hub SVID and the bundle; swaps in what changed and pushes a new
+    /// bundle to every live session. Blocking: run it with `spawn_blocking`.
+    pub(crate) fn reload(&self, endpoint: &quinn::Endpoint, registry: &Registry) {
+        if let Err(e) = self.try_reload(endpoint, registry) {
+            tracing::error!(error = %e, "cannot reload the trust material; keeping the current one");
+            let mut r = self.audit.record(Event::BundleUpdated);
+            r.outcome = Some(Outcome::Failed);
+            r.reason = Some(e.to_string());
+            self.audit.emit(r);
+        }
+    }
+
+    fn try_reload(
+        &self,
+        endpoint: &quinn::Endpoint,
+        registry: &Registry,
+    ) -> Result<(), TrustError> {
+        let dir = &self.state_dir;
+        let ident = |source| TrustError::Identity {
+            dir: dir.clone(),
+            source,
+        };
+        let ca = Ca::load(dir).map_err(ident)?;
+        let anchors = layout::load_bundle(dir, &ca).map_err(ident)?;
+        let current = match self.ca.read() {
+            Ok(c) => c.cert().clone(),
+            Err(poisoned) => poisoned.into_inner().cert().clone(),
+        };
+        let ca_changed = *ca.cert() != current;
+        let bundle_changed = anchors != self.bundle.anchors();
+        if !ca_changed && !bundle_changed {
+            return Ok(());
+        }
+        if !anchors.contains(ca.cert()) {
+            return Err(TrustError::BundleWithoutCa);
+        }
+        self.bundle.replace(anchors.clone());
+        let hub_svid = layout::load_or_renew_hub_svid(dir, &ca).map_err(ident)?;
+        let (quic, acceptor) = server_configs(
+            &hub_svid,
+            &self.bundle,
+            &self.trust_domain,
+            &self.view,
+            &self.audit,
+        )?;
+        endpoint.set_server_config(Some(quic));
+        if let Ok(mut a) = self.service_tls.write() {
+            *a = acceptor;
+        }
+        if let Ok(mut c) = self.ca.write() {
+            *c = Arc::new(ca);
+        }
+        let pushed = if bundle_changed {
+            registry.push_all(&Control::BundleUpdate {
+                bundle: anchors.iter().map(|c| c.to_vec()).collect(),
+            })
+        } else {
+            0
+        };
+        let mut r = self.audit.record(Event::BundleUpdated);
+        r.outcome = Some(Outcome::Ok);
+        r.reason = Some(format!(
+            "{} trust anchor(s){}; pushed to {pushed} live session(s)",
+            anchors.len(),
+            if ca_changed { ", new signing CA" } else { "" },
+        ));
+        self.audit.emit(r);
+        Ok(())
+    }
+}
+
+/// The QUIC server configuration (Clients; serials checked against the in-memory view) and
+/// the TLS acceptor (service callers).
+fn server_configs(
     hub_svid: &Svid,
     bundle: &Bundle,
     trust_domain: &str,
-    db: &Arc<Db>,
+    view: &Arc<View>,
     audit: &Audit,
-) -> Result<(quinn::ServerConfig, tokio_rustls::TlsAcceptor), HubError> {
+) -> Result<(quinn::ServerConfig, tokio_rustls::TlsAcceptor), TrustError> {
     let client_verifier = SpiffeVerifier::new(bundle.clone(), trust_domain, Expect::Client)
-        .with_serial_check(db.clone())
+        .with_serial_check(view.clone())
         .with_audit(audit.clone())
         .optional();
     let tls = transport::tls_server_config(
@@ -58,74 +256,4 @@ pub(super) fn server_configs(
         .with_audit(audit.clone());
     let service_tls = transport::tls_server_config(hub_svid, Arc::new(workload_verifier), &[])?;
     Ok((quic, tokio_rustls::TlsAcceptor::from(Arc::new(service_tls))))
-}
-
-/// Re-reads the CA, the Hub SVID and the bundle; swaps in what changed.
-pub(super) fn reload(inner: &Inner) {
-    if let Err(e) = try_reload(inner) {
-        tracing::error!(error = %e, "cannot reload the trust material; keeping the current one");
-        let mut r = inner.audit.record(Event::BundleUpdated);
-        r.outcome = Some(Outcome::Failed);
-        r.reason = Some(e.to_string());
-        inner.audit.emit(r);
-    }
-}
-
-fn try_reload(inner: &Inner) -> Result<(), HubError> {
-    let dir = &inner.state_dir;
-    let ident = |source| HubError::Identity {
-        dir: dir.clone(),
-        source,
-    };
-    let ca = Ca::load(dir).map_err(ident)?;
-    let anchors = load_bundle(dir, &ca).map_err(ident)?;
-    let ca_changed = ca.cert() != inner.ca().cert();
-    let bundle_changed = anchors != inner.bundle.anchors();
-    if !ca_changed && !bundle_changed {
-        return Ok(());
-    }
-    if !anchors.contains(ca.cert()) {
-        return Err(HubError::Usage(
-            "the bundle does not contain the signing CA; not reloading".into(),
-        ));
-    }
-    inner.bundle.replace(anchors.clone());
-    let hub_svid = admin::load_or_renew_hub_svid(dir, &ca).map_err(ident)?;
-    let (quic, acceptor) = server_configs(
-        &hub_svid,
-        &inner.bundle,
-        &inner.trust_domain,
-        &inner.db,
-        &inner.audit,
-    )?;
-    inner.endpoint.set_server_config(Some(quic));
-    if let Ok(mut a) = inner.service_tls.write() {
-        *a = acceptor;
-    }
-    if let Ok(mut c) = inner.ca.write() {
-        *c = Arc::new(ca);
-    }
-    let sessions: Vec<_> = inner
-        .sessions
-        .lock()
-        .map(|s| s.values().cloned().collect())
-        .unwrap_or_default();
-    if bundle_changed {
-        let der: Vec<Vec<u8>> = anchors.iter().map(|c| c.to_vec()).collect();
-        for s in &sessions {
-            let _ = s.push.send(Control::BundleUpdate {
-                bundle: der.clone(),
-            });
-        }
-    }
-    let mut r = inner.audit.record(Event::BundleUpdated);
-    r.outcome = Some(Outcome::Ok);
-    r.reason = Some(format!(
-        "{} trust anchor(s){}; pushed to {} live session(s)",
-        anchors.len(),
-        if ca_changed { ", new signing CA" } else { "" },
-        if bundle_changed { sessions.len() } else { 0 }
-    ));
-    inner.audit.emit(r);
-    Ok(())
 }

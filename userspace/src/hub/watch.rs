@@ -1,103 +1,122 @@
-//! Notices what other processes wrote to the Hub database — `ewii-hub revoke` above all — and
-//! Clients silent past their grace. SQLite's `data_version` changes only when another
-//! connection commits, so the poll is one cheap pragma; the reaction is within one tick.
+//! Reacts to what the store reports and to what only the clock or another process can tell:
+//!
+//! - a [`Change`] from the store (a revocation by this Hub or, after a reload, by
+//!   `ewii-hub revoke`; serials retired by a rotation or a new enrolment) is handed to the
+//!   registry, which closes or drains every connection concerned;
+//! - every [`TICK`] the store owner compares SQLite's `data_version` — one pragma, whatever the
+//!   number of sessions — so another process's commit is seen within one tick; then the
+//!   trust material is reloaded too (`ewii-hub ca …` writes files and touches the database);
+//! - the silent-client grace is a timer computed from the view's `last_seen` values, not a
+//!   query.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use ewii_common::audit::{Event, Outcome};
 use ewii_common::spiffe::SpiffeId;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
-use super::{revoke_now, Inner};
-use crate::transport::codes;
+use super::registry::{self, Registry};
+use super::store::{Change, Store};
+use super::trust::Trust;
+use crate::audit::Audit;
 
-/// Poll period: revocations reach live sessions well within 1 s.
+/// Change-marker period: a revocation by another process reaches live sessions well within
+/// 1 s (DESIGN §6).
 const TICK: Duration = Duration::from_millis(200);
 
-pub(super) async fn watch(inner: Arc<Inner>) {
-    let mut version = inner.db.data_version().ok();
+/// What the watcher needs.
+#[derive(Debug, Clone)]
+pub(crate) struct Parts {
+    pub(crate) store: Store,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) trust: Arc<Trust>,
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) audit: Audit,
+    /// `revoke_after_lost_secs`.
+    pub(crate) grace: Option<Duration>,
+}
+
+/// Runs until the task is aborted.
+pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Change>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut grace_at = next_grace(&parts);
     loop {
-        tick.tick().await;
-        let now = inner.db.data_version().ok();
-        if now != version {
-            version = now;
-            close_revoked(&inner);
-            super::trust::reload(&inner);
-        }
-        if let Some(grace) = inner.revoke_after_lost {
-            revoke_silent(&inner, grace);
+        let grace_due = async {
+            match grace_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tick.tick() => match parts.store.refresh().await {
+                Ok(true) => reload_trust(&parts).await,
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %e, "cannot read the hub database; refusing handshakes until it can"),
+            },
+            change = changes.recv() => match change {
+                Some(change) => {
+                    apply(&parts, change);
+                    grace_at = next_grace(&parts);
+                }
+                None => return,
+            },
+            () = grace_due => {
+                revoke_silent(&parts).await;
+                grace_at = next_grace(&parts);
+            }
         }
     }
 }
 
-/// Closes every live session whose client is now revoked.
-pub(super) fn close_revoked(inner: &Inner) {
-    let live: Vec<String> = inner
-        .sessions
-        .lock()
-        .map(|s| s.keys().cloned().collect())
-        .unwrap_or_default();
-    let revoked = match inner.db.revoked_among(&live) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read revocations");
-            return;
+fn apply(parts: &Parts, change: Change) {
+    match change {
+        Change::Revoked { client, reason } => {
+            parts.registry.close_revoked(&client, &reason);
         }
+        Change::Retired { client, serials } => {
+            parts.registry.retire(&client, &serials);
+        }
+        Change::Seen => {}
+    }
+}
+
+async fn reload_trust(parts: &Parts) {
+    let (trust, endpoint, registry) = (
+        parts.trust.clone(),
+        parts.endpoint.clone(),
+        parts.registry.clone(),
+    );
+    // File reads and possibly a new Hub SVID on disk: not on an async worker.
+    let _ = tokio::task::spawn_blocking(move || trust.reload(&endpoint, &registry)).await;
+}
+
+/// When the next client passes its grace, as an instant.
+fn next_grace(parts: &Parts) -> Option<Instant> {
+    let grace = parts.grace?;
+    let at = parts
+        .store
+        .view()
+        .next_silent_deadline(grace.as_secs() as i64)?;
+    let now_us = crate::now_timestamp().0 as i128;
+    let wait_us = (i128::from(at) * 1_000_000 - now_us).clamp(0, 1 << 62);
+    Some(Instant::now() + Duration::from_micros(wait_us as u64))
+}
+
+async fn revoke_silent(parts: &Parts) {
+    let Some(grace) = parts.grace else {
+        return;
     };
-    for rev in revoked {
-        let session = inner
-            .sessions
-            .lock()
-            .ok()
-            .and_then(|mut s| s.remove(&rev.client));
-        if let Some(session) = session {
-            close_for_revocation(
-                inner,
-                &session.conn,
-                session.id,
-                &session.spiffe_id,
-                &rev.reason,
-            );
-        }
-    }
-}
-
-/// Closes a live session with `REVOKED` and the operator's reason, and audits it.
-pub(super) fn close_for_revocation(
-    inner: &Inner,
-    conn: &quinn::Connection,
-    session_id: u64,
-    id: &SpiffeId,
-    reason: &str,
-) {
-    conn.close(codes::REVOKED, reason.as_bytes());
-    let mut r = inner.audit.record(Event::Revoked);
-    r.session_id = Some(session_id);
-    r.client = Some(id.to_string());
-    r.outcome = Some(Outcome::Ok);
-    r.reason = Some(format!("live session closed: {reason}"));
-    inner.audit.emit(r);
-}
-
-fn revoke_silent(inner: &Inner, grace: Duration) {
     let cutoff = crate::now_timestamp().unix_secs() as i64 - grace.as_secs() as i64;
-    let silent = match inner.db.silent_since(cutoff) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read silent clients");
-            return;
-        }
-    };
-    for name in silent {
-        let Ok(id) = SpiffeId::client(&inner.trust_domain, &name) else {
+    for (name, spiffe_id) in parts.store.view().silent_since(cutoff) {
+        let Ok(id) = spiffe_id.parse::<SpiffeId>() else {
             continue;
         };
         let reason = format!(
             "no session for {} s (revoke_after_lost_secs)",
             grace.as_secs()
         );
-        revoke_now(inner, &name, &id, None, &reason, true);
+        registry::revoke(&parts.store, &parts.audit, &name, &id, None, &reason, true).await;
     }
 }

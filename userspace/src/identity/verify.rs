@@ -36,8 +36,50 @@ pub enum Expect {
 
 /// The Hub's check of a serial against its records (issued, not retired, not revoked).
 pub trait SerialCheck: Send + Sync + fmt::Debug {
-    /// `Err(detail)` refuses the handshake.
-    fn check(&self, id: &SpiffeId, serial: &str) -> Result<(), String>;
+    /// `Err(why)` refuses the handshake (or a renewal).
+    fn check(&self, id: &SpiffeId, serial: &str) -> Result<(), SerialRefusal>;
+}
+
+/// Why the Hub's records refuse a serial. The text is what the Hub's audit record says; the
+/// peer sees only a generic refusal.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SerialRefusal {
+    /// The Hub never issued this serial (a certificate minted with a stolen CA key, or one
+    /// issued by another Hub sharing the CA).
+    #[error("serial {serial} was not issued by this Hub")]
+    Unknown {
+        /// The serial presented.
+        serial: String,
+    },
+    /// The serial was issued to another identity than the one the certificate names.
+    #[error("serial {serial} belongs to {owner}, not {id}")]
+    OtherIdentity {
+        /// The serial presented.
+        serial: String,
+        /// The identity it was issued to.
+        owner: String,
+        /// The identity the certificate claims.
+        id: String,
+    },
+    /// The identity is revoked (by the operator, by a stop, or after its silent grace).
+    #[error("{id} is revoked")]
+    Revoked {
+        /// The identity.
+        id: String,
+    },
+    /// A newer serial of this identity has authenticated a session (or the identity enrolled
+    /// again), so this one is dead.
+    #[error("serial {serial} of {id} is retired")]
+    Retired {
+        /// The serial presented.
+        serial: String,
+        /// The identity.
+        id: String,
+    },
+    /// The records could not be read: the check fails closed.
+    #[error("revocation check failed closed: {0}")]
+    StoreUnavailable(String),
 }
 
 /// The trust bundle: the CA certificates currently trusted. Shared and swappable, so a bundle
@@ -194,7 +236,9 @@ impl SpiffeVerifier {
             return Err(format!("{} is not a {:?} identity", leaf.id, self.expect));
         }
         if let Some(check) = &self.serials {
-            check.check(&leaf.id, &leaf.serial)?;
+            check
+                .check(&leaf.id, &leaf.serial)
+                .map_err(|refusal| refusal.to_string())?;
         }
         Ok(leaf)
     }

@@ -1,0 +1,136 @@
+//! Enrolment (ALPN `ewii-enroll/1`, no client certificate): one `Enrol::Request` with a join
+//! token and a CSR in, an SVID out. The token is redeemed and the enrolment recorded through
+//! the store; the refusal detail goes to the audit record, the Client gets a generic answer.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ewii_common::audit::{Event, Outcome};
+use ewii_common::frame::{Enrol, RefuseCode};
+use ewii_common::spiffe::SpiffeId;
+
+use super::state::TokenRefusal;
+use super::store::{Store, StoreError};
+use super::trust::Trust;
+use crate::audit::Audit;
+use crate::identity::IdentityError;
+use crate::transport::{self, codes, FrameReader};
+
+/// How long an enrolment may take before the Hub gives up on it.
+const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the Hub waits for the Client to read the answer and close first.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Why an enrolment was refused (audited; the Client only hears `EnrolmentRefused`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum EnrolRefusal {
+    /// The token was unknown, used or expired.
+    #[error(transparent)]
+    Token(TokenRefusal),
+    /// The token could not be checked (fail closed).
+    #[error("token check failed: {0}")]
+    TokenCheck(StoreError),
+    /// The token record names a client that is not a valid SPIFFE path segment.
+    #[error("bad client name in token record: {0}")]
+    BadName(String),
+    /// The CSR did not parse or its signature was wrong.
+    #[error("CSR refused: {0}")]
+    Csr(IdentityError),
+    /// The enrolment could not be recorded (the SVID is not handed out).
+    #[error("could not record enrolment: {0}")]
+    Record(StoreError),
+    /// The first frame was something else.
+    #[error("expected an enrolment request")]
+    NotARequest,
+    /// The stream failed.
+    #[error("{0}")]
+    Stream(String),
+    /// The peer took longer than the opening timeout.
+    #[error("enrolment timed out")]
+    TimedOut,
+}
+
+/// One enrolment connection, from the first stream to the audit record.
+pub(crate) async fn enrol(
+    trust: &Trust,
+    store: &Store,
+    audit: &Audit,
+    conn: quinn::Connection,
+    peer: SocketAddr,
+) {
+    let outcome = tokio::time::timeout(OPENING_TIMEOUT, async {
+        let stream = |e: &dyn std::fmt::Display| EnrolRefusal::Stream(e.to_string());
+        let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| stream(&e))?;
+        let mut reader = FrameReader::new();
+        let request: Option<Enrol> = reader.read(&mut recv).await.map_err(|e| stream(&e))?;
+        let Some(Enrol::Request { token, csr }) = request else {
+            return Err(EnrolRefusal::NotARequest);
+        };
+        let result = issue_for_token(trust, store, &token, &csr).await;
+        let answer = match &result {
+            Ok((_, _, der)) => Enrol::Issued {
+                chain: vec![der.clone()],
+                bundle: trust.bundle_der(),
+            },
+            Err(_) => Enrol::Refused {
+                code: RefuseCode::EnrolmentRefused,
+            },
+        };
+        transport::write_frame(&mut send, &answer)
+            .await
+            .map_err(|e| stream(&e))?;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(LINGER, conn.closed()).await;
+        result.map(|(id, serial, _)| (id, serial))
+    })
+    .await
+    .unwrap_or(Err(EnrolRefusal::TimedOut));
+    let mut r = audit.record(match &outcome {
+        Ok(_) => Event::Enrolled,
+        Err(_) => Event::EnrolmentRefused,
+    });
+    r.peer = Some(peer.to_string());
+    match outcome {
+        Ok((id, serial)) => {
+            r.client = Some(id.to_string());
+            r.outcome = Some(Outcome::Ok);
+            r.reason = Some(format!("serial {serial}"));
+        }
+        Err(reason) => {
+            r.outcome = Some(Outcome::Refused);
+            r.reason = Some(reason.to_string());
+        }
+    }
+    audit.emit(r);
+    conn.close(codes::DONE, b"");
+}
+
+/// Decides an enrolment: the identity, its serial and the certificate, or why not.
+async fn issue_for_token(
+    trust: &Trust,
+    store: &Store,
+    token: &str,
+    csr: &[u8],
+) -> Result<(SpiffeId, String, Vec<u8>), EnrolRefusal> {
+    let now = crate::now_timestamp().unix_secs() as i64;
+    let grant = store
+        .redeem_token(token, now)
+        .await
+        .map_err(EnrolRefusal::TokenCheck)?
+        .map_err(EnrolRefusal::Token)?;
+    let id = SpiffeId::client(trust.trust_domain(), &grant.client)
+        .map_err(|e| EnrolRefusal::BadName(e.to_string()))?;
+    let issued = trust.issue(csr, &id).map_err(EnrolRefusal::Csr)?;
+    store
+        .record_enrolment(
+            grant,
+            id.clone(),
+            issued.serial.clone(),
+            issued.not_after,
+            now,
+        )
+        .await
+        .map_err(EnrolRefusal::Record)?;
+    Ok((id, issued.serial, issued.der.to_vec()))
+}

@@ -1,0 +1,54 @@
+//! The first moments of a connection: the handshake completes (the TLS verifier has checked
+//! the certificate, if any, and audited a refusal), then the ALPN and the presence of a client
+//! certificate decide whether it is an enrolment or a session.
+
+use ewii_common::audit::{Event, Outcome};
+use ewii_common::frame;
+use quinn::crypto::rustls::HandshakeData;
+use rustls::pki_types::CertificateDer;
+
+use super::enrol;
+use super::session::{Parts, Session};
+use crate::transport::codes;
+
+/// Completes the handshake and hands the connection to an enrolment or a session.
+pub(crate) async fn handle(parts: Parts, incoming: quinn::Incoming) {
+    let peer = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            // Certificate refusals were audited by the verifier with their detail.
+            tracing::debug!(%peer, error = %e, "handshake failed");
+            return;
+        }
+    };
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    let certs = conn
+        .peer_identity()
+        .and_then(|p| p.downcast::<Vec<CertificateDer<'static>>>().ok());
+    match (alpn.as_deref(), certs) {
+        (Some(frame::ENROLL_ALPN), None) => {
+            enrol::enrol(&parts.trust, &parts.store, &parts.audit, conn, peer).await;
+        }
+        (Some(frame::ALPN), Some(certs)) => {
+            if let Some(session) = Session::open(parts, conn, peer, &certs).await {
+                session.run().await;
+            }
+        }
+        (alpn, certs) => {
+            let mut r = parts.audit.record(Event::HandshakeRefused);
+            r.peer = Some(peer.to_string());
+            r.outcome = Some(Outcome::Refused);
+            r.reason = Some(format!(
+                "ALPN {:?} with{} a client certificate",
+                alpn.map(String::from_utf8_lossy),
+                if certs.is_some() { "" } else { "out" }
+            ));
+            parts.audit.emit(r);
+            conn.close(codes::REFUSED, b"");
+        }
+    }
+}

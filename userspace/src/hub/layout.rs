@@ -1,0 +1,95 @@
+//! The Hub's state directory: what each file is called, and the Hub's own SVID and trust
+//! bundle as read from it. Used by the running Hub and by the offline `admin` commands alike.
+
+use std::path::Path;
+use std::time::Duration;
+
+use ewii_common::spiffe::SpiffeId;
+use rustls::pki_types::CertificateDer;
+
+use crate::identity::ca::{new_key_and_csr, Ca};
+use crate::identity::store::{self, Svid};
+use crate::identity::{inspect_leaf, IdentityError};
+
+/// The database file inside the state directory.
+pub const DB_FILE: &str = "hub.db";
+/// The Hub's own SVID chain.
+pub const HUB_CERT: &str = "hub.pem";
+/// The Hub's own SVID key (0600).
+pub const HUB_KEY: &str = "hub.key";
+/// The trust bundle (every CA the Hub trusts), when it differs from the signing CA alone.
+pub const BUNDLE_FILE: &str = "bundle.pem";
+/// A prepared next CA, published in the bundle but not yet signing.
+pub const NEXT_CA_CERT: &str = "ca-next.pem";
+/// Its key.
+pub const NEXT_CA_KEY: &str = "ca-next.key";
+
+/// Lifetime of the Hub's own SVID; `ewii-hub run` renews it when less than a third is left.
+pub const HUB_SVID_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
+
+/// The trusted CAs: `bundle.pem` when present, else the signing CA alone.
+pub fn load_bundle(dir: &Path, ca: &Ca) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let path = dir.join(BUNDLE_FILE);
+    if path.exists() {
+        let anchors = store::read_certs(&path)?;
+        if anchors.is_empty() {
+            return Err(IdentityError::Pem(path));
+        }
+        Ok(anchors)
+    } else {
+        Ok(vec![ca.cert().clone()])
+    }
+}
+
+/// Loads the Hub SVID, issuing a fresh one when it is missing or has less than a third of
+/// its lifetime left.
+pub fn load_or_renew_hub_svid(dir: &Path, ca: &Ca) -> Result<Svid, IdentityError> {
+    if let Ok(svid) = Svid::load(dir, HUB_CERT, HUB_KEY) {
+        let now = crate::now_timestamp().unix_secs() as i64;
+        let fresh = svid
+            .chain
+            .first()
+            .and_then(|c| inspect_leaf(c).ok())
+            .is_some_and(|l| l.not_after - now > HUB_SVID_LIFETIME.as_secs() as i64 / 3);
+        let from_this_ca = svid.chain.get(1) == Some(ca.cert());
+        if fresh && from_this_ca {
+            return Ok(svid);
+        }
+    }
+    issue_hub_svid(dir, ca)
+}
+
+/// Issues and saves a new Hub SVID from `ca`.
+pub fn issue_hub_svid(dir: &Path, ca: &Ca) -> Result<Svid, IdentityError> {
+    let td = ca_trust_domain(ca)?;
+    let id = SpiffeId::hub(&td).map_err(|e| IdentityError::NotSvid(e.to_string()))?;
+    let (key, _) = new_key_and_csr()?;
+    let issued = ca.issue(&key, &id, HUB_SVID_LIFETIME)?;
+    // The CA travels in the chain so that an enrolling Client can match its pin.
+    let svid = Svid::new(vec![issued.der, ca.cert().clone()], &key);
+    svid.save(dir, HUB_CERT, HUB_KEY)?;
+    Ok(svid)
+}
+
+/// The trust domain named by the CA's `spiffe://<td>` URI SAN.
+pub fn ca_trust_domain(ca: &Ca) -> Result<String, IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(ca.cert())
+        .map_err(|_| IdentityError::NotSvid("CA certificate does not parse".into()))?;
+    let san = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .ok_or_else(|| IdentityError::NotSvid("CA has no trust-domain SAN".into()))?;
+    san.value
+        .general_names
+        .iter()
+        .find_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => u
+                .parse::<SpiffeId>()
+                .ok()
+                .filter(|id| id.path().is_empty())
+                .map(|id| id.trust_domain().to_owned()),
+            _ => None,
+        })
+        .ok_or_else(|| IdentityError::NotSvid("CA has no spiffe://<td> SAN".into()))
+}

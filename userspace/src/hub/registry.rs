@@ -1,0 +1,236 @@
+//! Who is connected: every live connection of every Client, one of them marked current for
+//! routing queries. The registry is what revocation and retirement act on — it closes
+//! **every** connection of a revoked client (also one draining after a rotation, or a second
+//! one opened with a stolen key) and tells the holders of retired serials to drain.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use ewii_common::audit::{Event, Outcome};
+use ewii_common::frame::Control;
+use ewii_common::spiffe::SpiffeId;
+use tokio::sync::mpsc;
+
+use super::store::Store;
+use crate::audit::Audit;
+use crate::transport::codes;
+
+/// What the registry tells a session.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Command {
+    /// Write this control message to the Client (a bundle update).
+    Push(Control),
+    /// The session's serial was retired: finish in-flight queries, then close.
+    Drain,
+}
+
+/// Where to send a query for a client.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    /// Session id.
+    pub(crate) id: u64,
+    /// The connection.
+    pub(crate) conn: quinn::Connection,
+    /// The Client's identity.
+    pub(crate) spiffe_id: SpiffeId,
+}
+
+/// The live connections.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    clients: Mutex<HashMap<String, Connections>>,
+    audit: Audit,
+}
+
+#[derive(Debug, Default)]
+struct Connections {
+    /// In registration order.
+    entries: Vec<Entry>,
+    /// The session queries go to.
+    current: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    route: Route,
+    serial: String,
+    tell: mpsc::UnboundedSender<Command>,
+    draining: bool,
+}
+
+impl Connections {
+    /// The newest connection that is not draining becomes current.
+    fn pick_current(&mut self) {
+        self.current = self
+            .entries
+            .iter()
+            .rev()
+            .find(|e| !e.draining)
+            .map(|e| e.route.id);
+    }
+}
+
+impl Registry {
+    /// An empty registry that audits through `audit`.
+    pub(crate) fn new(audit: Audit) -> Self {
+        Self {
+            clients: Mutex::new(HashMap::new()),
+            audit,
+        }
+    }
+
+    /// Adds a session; the newest one is current.
+    pub(crate) fn register(
+        &self,
+        client: &str,
+        route: Route,
+        serial: &str,
+        tell: mpsc::UnboundedSender<Command>,
+    ) {
+        let Ok(mut clients) = self.clients.lock() else {
+            return;
+        };
+        let c = clients.entry(client.to_owned()).or_default();
+        c.current = Some(route.id);
+        c.entries.push(Entry {
+            route,
+            serial: serial.to_owned(),
+            tell,
+            draining: false,
+        });
+    }
+
+    /// Removes a session (when it ends). False when it was gone already.
+    pub(crate) fn remove(&self, client: &str, session_id: u64) -> bool {
+        let Ok(mut clients) = self.clients.lock() else {
+            return false;
+        };
+        let Some(c) = clients.get_mut(client) else {
+            return false;
+        };
+        let before = c.entries.len();
+        c.entries.retain(|e| e.route.id != session_id);
+        let removed = c.entries.len() != before;
+        if c.entries.is_empty() {
+            clients.remove(client);
+        } else if c.current == Some(session_id) {
+            c.pick_current();
+        }
+        removed
+    }
+
+    /// The current session of `client`, if it has one.
+    pub(crate) fn route(&self, client: &str) -> Option<Route> {
+        let clients = self.clients.lock().ok()?;
+        let c = clients.get(client)?;
+        let id = c.current?;
+        c.entries
+            .iter()
+            .find(|e| e.route.id == id)
+            .map(|e| e.route.clone())
+    }
+
+    /// Names of the Clients with at least one live connection, sorted.
+    pub(crate) fn connected_clients(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .clients
+            .lock()
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Number of live connections.
+    pub(crate) fn connections(&self) -> usize {
+        self.clients
+            .lock()
+            .map(|c| c.values().map(|x| x.entries.len()).sum())
+            .unwrap_or_default()
+    }
+
+    /// `client` is revoked: closes every one of its connections with `REVOKED` and the
+    /// reason, and audits each. Returns how many it closed.
+    pub(crate) fn close_revoked(&self, client: &str, reason: &str) -> usize {
+        let taken = self
+            .clients
+            .lock()
+            .ok()
+            .and_then(|mut c| c.remove(client))
+            .map(|c| c.entries)
+            .unwrap_or_default();
+        for e in &taken {
+            e.route.conn.close(codes::REVOKED, reason.as_bytes());
+            let mut r = self.audit.record(Event::Revoked);
+            r.session_id = Some(e.route.id);
+            r.client = Some(e.route.spiffe_id.to_string());
+            r.outcome = Some(Outcome::Ok);
+            r.reason = Some(format!("live session closed: {reason}"));
+            self.audit.emit(r);
+        }
+        taken.len()
+    }
+
+    /// `serials` of `client` are retired: their sessions stop taking queries and are told to
+    /// drain. Returns how many were told.
+    pub(crate) fn retire(&self, client: &str, serials: &[String]) -> usize {
+        let Ok(mut clients) = self.clients.lock() else {
+            return 0;
+        };
+        let Some(c) = clients.get_mut(client) else {
+            return 0;
+        };
+        let mut told = 0;
+        for e in c
+            .entries
+            .iter_mut()
+            .filter(|e| !e.draining && serials.contains(&e.serial))
+        {
+            e.draining = true;
+            let _ = e.tell.send(Command::Drain);
+            told += 1;
+        }
+        if told > 0 {
+            c.pick_current();
+        }
+        told
+    }
+
+    /// Sends `msg` to every live session; returns how many.
+    pub(crate) fn push_all(&self, msg: &Control) -> usize {
+        let Ok(clients) = self.clients.lock() else {
+            return 0;
+        };
+        clients
+            .values()
+            .flat_map(|c| c.entries.iter())
+            .filter(|e| e.tell.send(Command::Push(msg.clone())).is_ok())
+            .count()
+    }
+}
+
+/// Revokes `client` now (persisted first) and audits it. The store then reports the change,
+/// and the watcher closes every live connection of the client through the registry.
+pub(crate) async fn revoke(
+    store: &Store,
+    audit: &Audit,
+    client: &str,
+    id: &SpiffeId,
+    session_id: Option<u64>,
+    reason: &str,
+    notify: bool,
+) {
+    let now = crate::now_timestamp().unix_secs() as i64;
+    match store.revoke(client, reason, now, notify).await {
+        Ok(true) => {
+            let mut r = audit.record(Event::Revoked);
+            r.client = Some(id.to_string());
+            r.session_id = session_id;
+            r.outcome = Some(Outcome::Ok);
+            r.reason = Some(reason.to_owned());
+            audit.emit(r);
+        }
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, %client, "could not record revocation"),
+    }
+}

@@ -1,0 +1,405 @@
+//! One Client session (ALPN `ewii/1`): a [`Session`] owns its connection and control stream
+//! and runs until the connection ends, in the manner of rathole's `ControlChannel::run`.
+//!
+//! A session is told, never polls: revocation closes its connection through the registry;
+//! retirement of its serial arrives as [`Command::Drain`] (it then takes no new query and
+//! closes after [`RETIRED_DRAIN`]); its own SVID's expiry is a timer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ewii_common::audit::{Event, Outcome};
+use ewii_common::frame::{self, Control, Limits, RefuseCode};
+use ewii_common::spiffe::Role;
+use rand::RngCore;
+use rustls::pki_types::CertificateDer;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::registry::{self, Command, Registry, Route};
+use super::state::{SerialStatus, SessionRow};
+use super::store::Store;
+use super::trust::Trust;
+use crate::audit::Audit;
+use crate::identity::{inspect_leaf, LeafInfo};
+use crate::transport::{self, codes, FrameReader};
+
+/// How long a session opening may take before the Hub gives up on it.
+const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a session whose serial was retired by a rotation may finish its queries (the
+/// Client drains as long; no new query is routed to it meanwhile).
+pub(crate) const RETIRED_DRAIN: Duration = Duration::from_secs(600);
+
+/// What every session shares with the rest of the Hub.
+#[derive(Debug, Clone)]
+pub(crate) struct Parts {
+    pub(crate) store: Store,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) trust: Arc<Trust>,
+    pub(crate) audit: Audit,
+    /// Queue a webhook when a Client revokes itself by stopping.
+    pub(crate) notify_on_stop: bool,
+}
+
+/// One authenticated connection with its control stream open and `Welcome` sent.
+#[derive(Debug)]
+pub(crate) struct Session {
+    parts: Parts,
+    conn: quinn::Connection,
+    peer: SocketAddr,
+    name: String,
+    leaf: LeafInfo,
+    id: u64,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    reader: FrameReader,
+    allow_list: Vec<String>,
+}
+
+impl Session {
+    /// Reads `Hello` and answers `Welcome`. `None` when the connection was refused or failed
+    /// (closed and audited here).
+    pub(crate) async fn open(
+        parts: Parts,
+        conn: quinn::Connection,
+        peer: SocketAddr,
+        certs: &[CertificateDer<'static>],
+    ) -> Option<Self> {
+        let Some(leaf) = certs.first().and_then(|c| inspect_leaf(c).ok()) else {
+            conn.close(codes::REFUSED, b"");
+            return None;
+        };
+        let Role::Client(name) = leaf.id.role() else {
+            conn.close(codes::REFUSED, b"");
+            return None;
+        };
+        let opened = tokio::time::timeout(OPENING_TIMEOUT, hello(&conn))
+            .await
+            .unwrap_or_else(|_| Err("no Hello in time".into()));
+        let (mut send, recv, reader, allow_list) = match opened {
+            Ok(v) => v,
+            Err(reason) => {
+                let mut r = parts.audit.record(Event::SessionLost);
+                r.client = Some(leaf.id.to_string());
+                r.peer = Some(peer.to_string());
+                r.outcome = Some(Outcome::Refused);
+                r.reason = Some(reason);
+                parts.audit.emit(r);
+                conn.close(codes::PROTOCOL, b"");
+                return None;
+            }
+        };
+        let id = rand::rng().next_u64();
+        let welcome = Control::Welcome {
+            session_id: id,
+            hub_time_us: crate::now_timestamp().0,
+            limits: Limits {
+                max_concurrent_queries: transport::MAX_CONCURRENT_QUERIES,
+                idle_timeout_ms: transport::IDLE_TIMEOUT.as_millis() as u32,
+            },
+        };
+        transport::write_frame(&mut send, &welcome).await.ok()?;
+        Some(Self {
+            parts,
+            conn,
+            peer,
+            name,
+            leaf,
+            id,
+            send,
+            recv,
+            reader,
+            allow_list,
+        })
+    }
+
+    /// Registers the session, serves its control stream until the connection ends, then
+    /// records the end.
+    pub(crate) async fn run(mut self) {
+        let started = Instant::now();
+        let (tell, mut told) = mpsc::unbounded_channel::<Command>();
+        self.up(tell).await;
+        let expiry = deadline_at(self.leaf.not_after);
+        let mut drain_until: Option<Instant> = None;
+        // Told before it registered? The view says so.
+        match self
+            .parts
+            .store
+            .view()
+            .status(&self.leaf.id, &self.leaf.serial)
+        {
+            Some(SerialStatus::Revoked) => {
+                let reason = self
+                    .parts
+                    .store
+                    .view()
+                    .revocation(&self.name)
+                    .unwrap_or_default();
+                self.parts.registry.close_revoked(&self.name, &reason);
+            }
+            Some(SerialStatus::Retired) => {
+                self.parts
+                    .registry
+                    .retire(&self.name, std::slice::from_ref(&self.leaf.serial));
+            }
+            _ => {}
+        }
+        let reason = loop {
+            let drained = async {
+                match drain_until {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(expiry) => {
+                    self.conn.close(codes::REFUSED, b"");
+                    break "the SVID of this session expired".to_string();
+                }
+                () = drained => {
+                    self.conn.close(codes::REFUSED, b"");
+                    break format!("serial {} retired; drain time over", self.leaf.serial);
+                }
+                command = told.recv() => match command {
+                    Some(Command::Drain) => {
+                        drain_until.get_or_insert_with(|| Instant::now() + RETIRED_DRAIN);
+                    }
+                    Some(Command::Push(msg)) => {
+                        if transport::write_frame(&mut self.send, &msg).await.is_err() {
+                            break "control stream write failed".to_string();
+                        }
+                    }
+                    // The registry dropped us: we were closed by a revocation.
+                    None => break format!("{} is revoked", self.leaf.id),
+                },
+                msg = self.reader.read::<Control>(&mut self.recv) => {
+                    if let Some(reason) = self.control(msg).await {
+                        break reason;
+                    }
+                }
+                e = self.conn.closed() => break lost_reason(&e),
+            }
+        };
+        self.parts.registry.remove(&self.name, self.id);
+        let now = crate::now_timestamp().unix_secs() as i64;
+        if let Err(e) = self
+            .parts
+            .store
+            .session_down(&self.name, self.id, now)
+            .await
+        {
+            tracing::error!(error = %e, "cannot record the session end");
+        }
+        let mut r = self.parts.audit.record(Event::SessionLost);
+        r.session_id = Some(self.id);
+        r.client = Some(self.leaf.id.to_string());
+        r.peer = Some(self.peer.to_string());
+        r.duration_ms = Some(started.elapsed().as_millis() as u64);
+        r.reason = Some(reason);
+        self.parts.audit.emit(r);
+    }
+
+    /// Records the session, retires older serials (P8) and registers it for queries.
+    async fn up(&mut self, tell: mpsc::UnboundedSender<Command>) {
+        let row = SessionRow {
+            session_id: self.id,
+            serial: self.leaf.serial.clone(),
+            peer: self.peer.to_string(),
+            since: crate::now_timestamp().unix_secs() as i64,
+        };
+        match self.parts.store.session_up(&self.name, row).await {
+            Ok(0) => {}
+            Ok(n) => {
+                let mut r = self.parts.audit.record(Event::SvidRotated);
+                r.session_id = Some(self.id);
+                r.client = Some(self.leaf.id.to_string());
+                r.outcome = Some(Outcome::Ok);
+                r.reason = Some(format!(
+                    "serial {} in use; {n} older serial(s) retired",
+                    self.leaf.serial
+                ));
+                self.parts.audit.emit(r);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot record the session"),
+        }
+        let route = Route {
+            id: self.id,
+            conn: self.conn.clone(),
+            spiffe_id: self.leaf.id.clone(),
+        };
+        self.parts
+            .registry
+            .register(&self.name, route, &self.leaf.serial, tell);
+        let mut r = self.parts.audit.record(Event::SessionUp);
+        r.session_id = Some(self.id);
+        r.client = Some(self.leaf.id.to_string());
+        r.peer = Some(self.peer.to_string());
+        r.outcome = Some(Outcome::Ok);
+        r.reason = Some(format!(
+            "serial {}; allow-list [{}]",
+            self.leaf.serial,
+            self.allow_list.join(",")
+        ));
+        self.parts.audit.emit(r);
+    }
+
+    /// Handles one control message; `Some(reason)` ends the session.
+    async fn control(
+        &mut self,
+        msg: Result<Option<Control>, transport::StreamError>,
+    ) -> Option<String> {
+        match msg {
+            Ok(Some(Control::Ping { time_us })) => {
+                let pong = Control::Pong {
+                    echo_us: time_us,
+                    time_us: crate::now_timestamp().0,
+                };
+                if transport::write_frame(&mut self.send, &pong).await.is_err() {
+                    return Some("control stream write failed".into());
+                }
+                None
+            }
+            Ok(Some(Control::Goodbye { revoke })) => {
+                if revoke {
+                    // Out of the registry first: this connection closes with DONE below; the
+                    // revocation closes any other one of this client.
+                    self.parts.registry.remove(&self.name, self.id);
+                    registry::revoke(
+                        &self.parts.store,
+                        &self.parts.audit,
+                        &self.name,
+                        &self.leaf.id,
+                        Some(self.id),
+                        "stopped by the customer",
+                        self.parts.notify_on_stop,
+                    )
+                    .await;
+                }
+                self.conn.close(codes::DONE, b"");
+                Some(format!("goodbye (revoke: {revoke})"))
+            }
+            Ok(Some(Control::Renew { csr })) => {
+                let answer = self.renew(&csr).await;
+                if transport::write_frame(&mut self.send, &answer)
+                    .await
+                    .is_err()
+                {
+                    return Some("control stream write failed".into());
+                }
+                None
+            }
+            Ok(Some(other)) => {
+                self.conn.close(codes::PROTOCOL, b"");
+                Some(format!("unexpected control message {other:?}"))
+            }
+            Ok(None) => {
+                self.conn.close(codes::PROTOCOL, b"");
+                Some("control stream closed".into())
+            }
+            Err(transport::StreamError::Read(quinn::ReadError::ConnectionLost(e))) => {
+                Some(lost_reason(&e))
+            }
+            Err(e) => Some(format!("control stream: {e}")),
+        }
+    }
+
+    /// Signs a renewal CSR for the session's own identity (never what the CSR asks for).
+    /// Only the newest key in use renews: a connection holding a retired, revoked or
+    /// superseded serial (a stolen old key) gets nothing.
+    async fn renew(&self, csr: &[u8]) -> Control {
+        let parts = &self.parts;
+        let mut r = parts.audit.record(Event::SvidRotated);
+        r.session_id = Some(self.id);
+        r.client = Some(self.leaf.id.to_string());
+        let now = crate::now_timestamp().unix_secs() as i64;
+        let issued = match parts
+            .store
+            .may_renew(&self.name, &self.leaf.id, &self.leaf.serial)
+            .await
+        {
+            Err(refusal) => Err(refusal.to_string()),
+            Ok(()) => match parts.trust.issue(csr, &self.leaf.id) {
+                Err(e) => Err(format!("renewal CSR refused: {e}")),
+                Ok(issued) => parts
+                    .store
+                    .record_renewal(&self.name, &issued.serial, issued.not_after, now)
+                    .await
+                    .map(|()| issued)
+                    .map_err(|e| e.to_string()),
+            },
+        };
+        let answer = match issued {
+            Ok(issued) => {
+                r.outcome = Some(Outcome::Ok);
+                r.reason = Some(format!(
+                    "issued serial {} to replace {}",
+                    issued.serial, self.leaf.serial
+                ));
+                Control::Renewed {
+                    chain: vec![issued.der.to_vec()],
+                    bundle: parts.trust.bundle_der(),
+                }
+            }
+            Err(reason) => {
+                r.outcome = Some(Outcome::Refused);
+                r.reason = Some(reason);
+                Control::Refused {
+                    code: RefuseCode::BadRequest,
+                }
+            }
+        };
+        parts.audit.emit(r);
+        answer
+    }
+}
+
+/// Reads the Client's `Hello` on the first stream.
+async fn hello(
+    conn: &quinn::Connection,
+) -> Result<
+    (
+        quinn::SendStream,
+        quinn::RecvStream,
+        FrameReader,
+        Vec<String>,
+    ),
+    String,
+> {
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+    let mut reader = FrameReader::new();
+    match reader.read::<Control>(&mut recv).await {
+        Ok(Some(Control::Hello {
+            version: frame::PROTOCOL_VERSION,
+            allow_list,
+            ..
+        })) => Ok((send, recv, reader, allow_list)),
+        Ok(Some(Control::Hello { version, .. })) => {
+            let _ = transport::write_frame(
+                &mut send,
+                &Control::Refused {
+                    code: RefuseCode::Version,
+                },
+            )
+            .await;
+            Err(format!("unsupported protocol version {version}"))
+        }
+        Ok(_) => Err("expected Hello".to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The instant the wall clock reads `unix_secs` (now when that has passed).
+fn deadline_at(unix_secs: i64) -> Instant {
+    let now_us = crate::now_timestamp().0 as i128;
+    // At most about a century ahead, so that the addition cannot overflow.
+    let wait_us = (i128::from(unix_secs) * 1_000_000 - now_us).clamp(0, 1 << 62);
+    Instant::now() + Duration::from_micros(wait_us as u64)
+}
+
+fn lost_reason(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::TimedOut => "idle timeout: the Client went silent".into(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,200 @@
+//! The rows the database hands out: for `ewii-hub clients`, and the snapshot the running
+//! Hub's in-memory view is built from.
+
+use ewii_common::spiffe::SpiffeId;
+use rusqlite::params;
+
+use super::{Db, StateError};
+use crate::identity::verify::SerialRefusal;
+
+/// One row of `ewii-hub clients`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ClientRow {
+    /// Client name.
+    pub name: String,
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    /// First enrolment, seconds since the epoch.
+    pub enrolled_at: i64,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<i64>,
+    /// Revocation reason.
+    pub revoke_reason: Option<String>,
+    /// Current (not retired) serials with their expiry.
+    pub serials: Vec<(String, i64)>,
+    /// When a session of this client last ended (or began), seconds since the epoch.
+    pub last_seen: Option<i64>,
+    /// The live session, as the running Hub recorded it.
+    pub session: Option<SessionRow>,
+}
+
+/// A live session as recorded by the running Hub.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SessionRow {
+    /// Hub-chosen session id.
+    pub session_id: u64,
+    /// The serial it authenticated with.
+    pub serial: String,
+    /// Client address.
+    pub peer: String,
+    /// Since, seconds since the epoch.
+    pub since: i64,
+}
+
+/// Everything the running Hub keeps in memory about clients and serials, read at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Every client.
+    pub clients: Vec<ClientRecord>,
+    /// Every serial ever issued to a client.
+    pub serials: Vec<SerialRecord>,
+}
+
+/// A client as the Hub's in-memory view needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRecord {
+    /// Client name.
+    pub name: String,
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    /// The revocation reason, when revoked.
+    pub revoked: Option<String>,
+    /// When a session of it last ended (or began), seconds since the epoch.
+    pub last_seen: Option<i64>,
+}
+
+/// A serial as the Hub's in-memory view needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialRecord {
+    /// Normalised serial.
+    pub serial: String,
+    /// The client it was issued to.
+    pub client: String,
+    /// Issue order (later issues compare greater).
+    pub order: i64,
+    /// Replaced by a newer serial in use, or by a new enrolment.
+    pub retired: bool,
+    /// Whether it has authenticated a session.
+    pub used: bool,
+}
+
+/// Where a serial stands in the Hub's records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialStatus {
+    /// Issued to this identity, not retired, identity not revoked.
+    Current,
+    /// Never issued by this Hub.
+    Unknown,
+    /// Issued to another identity.
+    OtherIdentity(String),
+    /// The identity is revoked.
+    Revoked,
+    /// Replaced by a newer serial that is in use.
+    Retired,
+}
+
+impl SerialStatus {
+    /// The refusal this status means for `serial` of `id`, if any.
+    pub fn refusal(self, id: &SpiffeId, serial: &str) -> Result<(), SerialRefusal> {
+        match self {
+            Self::Current => Ok(()),
+            Self::Unknown => Err(SerialRefusal::Unknown {
+                serial: serial.to_owned(),
+            }),
+            Self::OtherIdentity(owner) => Err(SerialRefusal::OtherIdentity {
+                serial: serial.to_owned(),
+                owner,
+                id: id.to_string(),
+            }),
+            Self::Revoked => Err(SerialRefusal::Revoked { id: id.to_string() }),
+            Self::Retired => Err(SerialRefusal::Retired {
+                serial: serial.to_owned(),
+                id: id.to_string(),
+            }),
+        }
+    }
+}
+
+impl Db {
+    /// Every client and serial, for the running Hub's in-memory view (two statements, in one
+    /// read transaction so they agree).
+    pub fn snapshot(&self) -> Result<Snapshot, StateError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let clients = tx
+                .prepare(
+                    "SELECT name, spiffe_id, revoked_at, revoke_reason, last_seen FROM clients",
+                )?
+                .query_map([], |r| {
+                    let revoked_at: Option<i64> = r.get(2)?;
+                    let reason: Option<String> = r.get(3)?;
+                    Ok(ClientRecord {
+                        name: r.get(0)?,
+                        spiffe_id: r.get(1)?,
+                        revoked: revoked_at.map(|_| reason.unwrap_or_default()),
+                        last_seen: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let serials = tx
+                .prepare(
+                    "SELECT serial, client, rowid, retired, first_used IS NOT NULL FROM serials",
+                )?
+                .query_map([], |r| {
+                    Ok(SerialRecord {
+                        serial: r.get(0)?,
+                        client: r.get(1)?,
+                        order: r.get(2)?,
+                        retired: r.get(3)?,
+                        used: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            tx.commit()?;
+            Ok(Snapshot { clients, serials })
+        })
+    }
+
+    /// Every client with its current serials.
+    pub fn clients(&self) -> Result<Vec<ClientRow>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT c.name, c.spiffe_id, c.enrolled_at, c.revoked_at, c.revoke_reason, c.last_seen,
+                        s.session_id, s.serial, s.peer, s.since
+                 FROM clients c LEFT JOIN sessions s ON s.client = c.name ORDER BY c.name",
+            )?;
+            let mut rows: Vec<ClientRow> = stmt
+                .query_map([], |r| {
+                    let session = match r.get::<_, Option<i64>>(6)? {
+                        Some(id) => Some(SessionRow {
+                            session_id: id as u64,
+                            serial: r.get(7)?,
+                            peer: r.get(8)?,
+                            since: r.get(9)?,
+                        }),
+                        None => None,
+                    };
+                    Ok(ClientRow {
+                        name: r.get(0)?,
+                        spiffe_id: r.get(1)?,
+                        enrolled_at: r.get(2)?,
+                        revoked_at: r.get(3)?,
+                        revoke_reason: r.get(4)?,
+                        serials: Vec::new(),
+                        last_seen: r.get(5)?,
+                        session,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut serials = c.prepare(
+                "SELECT serial, not_after FROM serials WHERE client = ?1 AND retired = 0 ORDER BY issued_at",
+            )?;
+            for row in &mut rows {
+                row.serials = serials
+                    .query_map(params![row.name], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+            }
+            Ok(rows)
+        })
+    }
+}

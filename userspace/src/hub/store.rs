@@ -1,0 +1,471 @@
+//! The Hub's one door to its database: a [`Store`] handle whose async methods send a job to
+//! the thread that owns the database and await the answer. No async task ever runs SQL.
+//!
+//! The owner thread also keeps the in-memory [`View`] of clients and serials current — after
+//! every write it makes, and by a full reload when another process (`ewii-hub revoke`,
+//! `ewii-hub ca …`) committed, which it notices by a change marker (SQLite's
+//! `PRAGMA data_version`) that the watcher asks it to compare. What changed goes out as
+//! [`Change`]s on a channel; sessions are told, they never poll.
+//!
+//! **The seam.** The owner talks to its database only through [`Backend`]: tokens, enrolments,
+//! serials, revocations, sessions, the webhook outbox, a snapshot for the view, and the change
+//! marker. [`Db`] (SQLite, one file) is the backend today. A PostgreSQL backend shared by
+//! several Hub replicas implements the same trait — its change marker a `LISTEN`/`NOTIFY`
+//! sequence or a version row bumped by every writer — and no session, enrolment or watcher
+//! code changes: they hold a `Store`, never a backend.
+//!
+//! Failing to read fails closed: an unreadable view refuses every handshake
+//! ([`SerialRefusal::StoreUnavailable`]), and a renewal whose records cannot be read is refused.
+
+mod backend;
+mod view;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ewii_common::spiffe::SpiffeId;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::state::{Db, PendingWebhook, SessionRow, StateError, TokenGrant, TokenRefusal};
+use crate::identity::verify::SerialRefusal;
+
+pub use backend::Backend;
+pub(crate) use view::{Change, View};
+
+/// Jobs waiting for the owner at most; senders wait beyond that (back-pressure).
+const QUEUE: usize = 256;
+
+/// Why the store could not answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The owner thread is gone (the Hub is stopping, or it panicked).
+    #[error("the hub store has stopped")]
+    Closed,
+    /// The database failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The owner thread could not be started.
+    #[error("cannot start the store thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Why a renewal was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RenewalRefusal {
+    /// The serial itself is not current (or the records could not be read).
+    #[error("no renewal: {0}")]
+    Serial(#[from] SerialRefusal),
+    /// A newer serial of this client is in use: only the newest key renews.
+    #[error("no renewal: serial {0} is superseded by a newer one in use")]
+    Superseded(String),
+}
+
+/// How much database work the owner has done.
+#[derive(Debug, Default)]
+pub struct Counts {
+    statements: AtomicU64,
+    change_checks: AtomicU64,
+}
+
+impl Counts {
+    /// Statements run, except the change-marker checks.
+    pub fn statements(&self) -> u64 {
+        self.statements.load(Ordering::Relaxed)
+    }
+
+    /// Change-marker checks (`PRAGMA data_version`) run.
+    pub fn change_checks(&self) -> u64 {
+        self.change_checks.load(Ordering::Relaxed)
+    }
+}
+
+/// The handle async code holds. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Store {
+    jobs: mpsc::Sender<Job>,
+    view: Arc<View>,
+    counts: Arc<Counts>,
+    outbox: Arc<Notify>,
+}
+
+type Job = Box<dyn FnOnce(&mut Owner) + Send>;
+
+/// The thread that owns the backend.
+struct Owner {
+    backend: Box<dyn Backend>,
+    view: Arc<View>,
+    changes: mpsc::UnboundedSender<Change>,
+    outbox: Arc<Notify>,
+    marker: Option<i64>,
+    /// Statements spent on change-marker checks during the current job.
+    marker_statements: u64,
+    counts: Arc<Counts>,
+}
+
+impl Store {
+    /// Opens the SQLite database at `path` on a new owner thread, resets the per-run state
+    /// (recorded sessions, the silent-client grace) and loads the view. The receiver gets
+    /// every [`Change`] of the view.
+    pub(crate) async fn open(
+        path: &Path,
+        now: i64,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<Change>), StoreError> {
+        let path: PathBuf = path.to_owned();
+        Self::spawn(
+            move || Ok(Box::new(Db::open(&path)?) as Box<dyn Backend>),
+            now,
+        )
+        .await
+    }
+
+    /// Like [`open`](Self::open) with any backend, made on the owner thread.
+    pub(crate) async fn spawn(
+        make: impl FnOnce() -> Result<Box<dyn Backend>, StateError> + Send + 'static,
+        now: i64,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<Change>), StoreError> {
+        let (jobs, mut queue) = mpsc::channel::<Job>(QUEUE);
+        let (changes, changed) = mpsc::unbounded_channel();
+        let view = Arc::new(View::default());
+        let counts = Arc::new(Counts::default());
+        let outbox = Arc::new(Notify::new());
+        let (ready, started) = oneshot::channel::<Result<(), StateError>>();
+        let (v, c, o) = (view.clone(), counts.clone(), outbox.clone());
+        std::thread::Builder::new()
+            .name("ewii-store".into())
+            .spawn(move || {
+                let backend = match make() {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                let mut owner = Owner {
+                    backend,
+                    view: v,
+                    changes,
+                    outbox: o,
+                    marker: None,
+                    marker_statements: 0,
+                    counts: c,
+                };
+                let first = owner.begin(now);
+                let failed = first.is_err();
+                let _ = ready.send(first);
+                if failed {
+                    return;
+                }
+                while let Some(job) = queue.blocking_recv() {
+                    job(&mut owner);
+                }
+            })
+            .map_err(StoreError::Thread)?;
+        started.await.map_err(|_| StoreError::Closed)??;
+        Ok((
+            Self {
+                jobs,
+                view,
+                counts,
+                outbox,
+            },
+            changed,
+        ))
+    }
+
+    /// The in-memory view (for the TLS verifier and the watcher).
+    pub(crate) fn view(&self) -> &Arc<View> {
+        &self.view
+    }
+
+    /// The statement counters.
+    pub(crate) fn counts(&self) -> Arc<Counts> {
+        self.counts.clone()
+    }
+
+    /// Woken whenever a webhook row may have been queued.
+    pub(crate) fn outbox_queued(&self) -> Arc<Notify> {
+        self.outbox.clone()
+    }
+
+    /// Redeems a join token (deleted whatever the outcome).
+    pub(crate) async fn redeem_token(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<Result<TokenGrant, TokenRefusal>, StoreError> {
+        let token = token.to_owned();
+        self.call(move |o| o.backend.redeem_token(&token, now))
+            .await?
+            .map_err(Into::into)
+    }
+
+    /// Records an enrolment and its first serial.
+    pub(crate) async fn record_enrolment(
+        &self,
+        grant: TokenGrant,
+        id: SpiffeId,
+        serial: String,
+        not_after: i64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.call(move |o| {
+            o.backend
+                .record_enrolment(&grant, &id, &serial, not_after, now)?;
+            let changes = o
+                .view
+                .apply_enrolment(&grant.client, &id.to_string(), &serial);
+            o.publish(changes);
+            Ok(())
+        })
+        .await?
+    }
+
+    /// Whether the session holding `serial` of `id` (client `client`) may renew: current in
+    /// the records, and no newer serial in use. Read from the database, failing closed.
+    pub(crate) async fn may_renew(
+        &self,
+        client: &str,
+        id: &SpiffeId,
+        serial: &str,
+    ) -> Result<(), RenewalRefusal> {
+        let (client, id, serial) = (client.to_owned(), id.clone(), serial.to_owned());
+        let closed = || {
+            RenewalRefusal::Serial(SerialRefusal::StoreUnavailable(
+                "the hub store has stopped".into(),
+            ))
+        };
+        self.call(move |o| {
+            let unavailable = |e: StateError| SerialRefusal::StoreUnavailable(e.to_string());
+            o.backend
+                .serial_status(&id, &serial)
+                .map_err(unavailable)?
+                .refusal(&id, &serial)?;
+            if o.backend
+                .superseded(&client, &serial)
+                .map_err(unavailable)?
+            {
+                return Err(RenewalRefusal::Superseded(serial));
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|_| Err(closed()))
+    }
+
+    /// Records a serial issued by renewal.
+    pub(crate) async fn record_renewal(
+        &self,
+        client: &str,
+        serial: &str,
+        not_after: i64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let (client, serial) = (client.to_owned(), serial.to_owned());
+        self.call(move |o| {
+            o.backend.record_renewal(&client, &serial, not_after, now)?;
+            let changes = o.view.apply_renewal(&client, &serial);
+            o.publish(changes);
+            Ok(())
+        })
+        .await?
+    }
+
+    /// Revokes `client`; false when there is no such client or it was revoked already.
+    pub(crate) async fn revoke(
+        &self,
+        client: &str,
+        reason: &str,
+        now: i64,
+        notify: bool,
+    ) -> Result<bool, StoreError> {
+        let (client, reason) = (client.to_owned(), reason.to_owned());
+        self.call(move |o| {
+            let changed = o.backend.revoke_client(&client, &reason, now, notify)?;
+            if changed {
+                let changes = o.view.apply_revocation(&client, &reason);
+                o.publish(changes);
+                if notify {
+                    o.outbox.notify_one();
+                }
+            }
+            Ok(changed)
+        })
+        .await?
+    }
+
+    /// A session came up: recorded, its serial used, older serials retired. Returns how many
+    /// serials it retired.
+    pub(crate) async fn session_up(
+        &self,
+        client: &str,
+        row: SessionRow,
+    ) -> Result<usize, StoreError> {
+        let client = client.to_owned();
+        self.call(move |o| {
+            o.backend.session_up(&client, &row)?;
+            let (changes, retired) =
+                o.view
+                    .apply_session_up(&client, row.session_id, &row.serial, row.since);
+            o.publish(changes);
+            Ok(retired)
+        })
+        .await?
+    }
+
+    /// A session ended.
+    pub(crate) async fn session_down(
+        &self,
+        client: &str,
+        session_id: u64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let client = client.to_owned();
+        self.call(move |o| {
+            // The view moves even when the write fails: the session is gone either way.
+            let written = o.backend.session_down(&client, session_id, now);
+            let changes = o.view.apply_session_down(&client, session_id, now);
+            o.publish(changes);
+            written.map_err(Into::into)
+        })
+        .await?
+    }
+
+    /// Compares the change marker; when another writer committed (or the view is not
+    /// loaded), reloads the view and publishes what changed. Returns whether it reloaded.
+    pub(crate) async fn refresh(&self) -> Result<bool, StoreError> {
+        self.call(Owner::refresh).await?
+    }
+
+    /// Outbox rows due at `now_ms`.
+    pub(crate) async fn due_webhooks(
+        &self,
+        now_ms: i64,
+        max_attempts: u32,
+    ) -> Result<Vec<PendingWebhook>, StoreError> {
+        self.call(move |o| o.backend.due_webhooks(now_ms, max_attempts))
+            .await?
+            .map_err(Into::into)
+    }
+
+    /// When the next outbox row is due (ms since the epoch).
+    pub(crate) async fn next_webhook_due(
+        &self,
+        max_attempts: u32,
+    ) -> Result<Option<i64>, StoreError> {
+        self.call(move |o| o.backend.next_webhook_due(max_attempts))
+            .await?
+            .map_err(Into::into)
+    }
+
+    /// A delivery was acknowledged.
+    pub(crate) async fn webhook_delivered(&self, id: &str, now: i64) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.call(move |o| o.backend.webhook_delivered(&id, now))
+            .await?
+            .map_err(Into::into)
+    }
+
+    /// A delivery failed; the next attempt is at `next_ms`.
+    pub(crate) async fn webhook_failed(
+        &self,
+        id: &str,
+        error: &str,
+        next_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (id, error) = (id.to_owned(), error.to_owned());
+        self.call(move |o| o.backend.webhook_failed(&id, &error, next_ms))
+            .await?
+            .map_err(Into::into)
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Owner) -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |owner| {
+            // Counted before the answer goes out, so that a caller reading the counters
+            // after its answer sees its own statements.
+            let before = owner.backend.statements();
+            let answer = f(owner);
+            owner.count(before);
+            let _ = tx.send(answer);
+        });
+        self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+}
+
+impl Owner {
+    fn begin(&mut self, now: i64) -> Result<(), StateError> {
+        let before = self.backend.statements();
+        self.backend.start(now)?;
+        self.marker = Some(self.check_marker()?);
+        let snapshot = self.backend.snapshot()?;
+        self.view.replace(Some(snapshot));
+        self.count(before);
+        Ok(())
+    }
+
+    /// Adds what ran since `before` to the counters, the marker checks apart.
+    fn count(&mut self, before: u64) {
+        let ran = self.backend.statements().wrapping_sub(before);
+        let checks = std::mem::take(&mut self.marker_statements);
+        self.counts
+            .statements
+            .fetch_add(ran.saturating_sub(checks), Ordering::Relaxed);
+        self.counts
+            .change_checks
+            .fetch_add(checks, Ordering::Relaxed);
+    }
+
+    fn check_marker(&mut self) -> Result<i64, StateError> {
+        let before = self.backend.statements();
+        let marker = self.backend.change_marker();
+        self.marker_statements += self.backend.statements().wrapping_sub(before);
+        marker
+    }
+
+    fn refresh(&mut self) -> Result<bool, StoreError> {
+        let marker = match self.check_marker() {
+            Ok(m) => m,
+            Err(e) => {
+                // Cannot tell whether someone revoked: fail closed until a reload works.
+                self.marker = None;
+                self.view.replace(None);
+                return Err(e.into());
+            }
+        };
+        if self.marker == Some(marker) && self.view.available() {
+            return Ok(false);
+        }
+        match self.backend.snapshot() {
+            Ok(snapshot) => {
+                self.marker = Some(marker);
+                let changes = self.view.replace(Some(snapshot));
+                self.publish(changes);
+                // Another process may have queued a webhook with its revocation.
+                self.outbox.notify_one();
+                Ok(true)
+            }
+            Err(e) => {
+                self.marker = None;
+                self.view.replace(None);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn publish(&self, changes: Vec<Change>) {
+        for change in changes {
+            // Nobody listening means the Hub is stopping.
+            let _ = self.changes.send(change);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,152 @@
+//! The seam between the store owner and a database (see the `store` module doc).
+
+use ewii_common::spiffe::SpiffeId;
+
+use crate::hub::state::{
+    self, Db, PendingWebhook, SerialStatus, SessionRow, Snapshot, StateError, TokenGrant,
+    TokenRefusal,
+};
+
+/// What the owner needs from a database. See the module doc: this is the seam for another
+/// backend.
+pub trait Backend: Send + 'static {
+    /// Hub start: forget recorded sessions, restart the silent-client grace at `now`.
+    fn start(&self, now: i64) -> Result<(), StateError>;
+    /// Every client and serial, for the view.
+    fn snapshot(&self) -> Result<Snapshot, StateError>;
+    /// A value that changes whenever another writer committed.
+    fn change_marker(&self) -> Result<i64, StateError>;
+    /// Statements run so far on the owner thread (for [`Counts`]).
+    fn statements(&self) -> u64;
+    /// See [`Db::redeem_token`].
+    fn redeem_token(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<Result<TokenGrant, TokenRefusal>, StateError>;
+    /// See [`Db::record_enrolment`].
+    fn record_enrolment(
+        &self,
+        grant: &TokenGrant,
+        id: &SpiffeId,
+        serial: &str,
+        not_after: i64,
+        now: i64,
+    ) -> Result<(), StateError>;
+    /// See [`Db::record_renewal`].
+    fn record_renewal(
+        &self,
+        client: &str,
+        serial: &str,
+        not_after: i64,
+        now: i64,
+    ) -> Result<(), StateError>;
+    /// See [`Db::serial_status`].
+    fn serial_status(&self, id: &SpiffeId, serial: &str) -> Result<SerialStatus, StateError>;
+    /// See [`Db::superseded`].
+    fn superseded(&self, client: &str, serial: &str) -> Result<bool, StateError>;
+    /// See [`Db::revoke_client`].
+    fn revoke_client(
+        &self,
+        client: &str,
+        reason: &str,
+        now: i64,
+        notify: bool,
+    ) -> Result<bool, StateError>;
+    /// See [`Db::session_up`] and [`Db::retire_older_serials`].
+    fn session_up(&self, client: &str, row: &SessionRow) -> Result<(), StateError>;
+    /// See [`Db::session_down`].
+    fn session_down(&self, client: &str, session_id: u64, now: i64) -> Result<(), StateError>;
+    /// See [`Db::due_webhooks`].
+    fn due_webhooks(
+        &self,
+        now_ms: i64,
+        max_attempts: u32,
+    ) -> Result<Vec<PendingWebhook>, StateError>;
+    /// See [`Db::next_webhook_due`].
+    fn next_webhook_due(&self, max_attempts: u32) -> Result<Option<i64>, StateError>;
+    /// See [`Db::webhook_delivered`].
+    fn webhook_delivered(&self, id: &str, now: i64) -> Result<(), StateError>;
+    /// See [`Db::webhook_failed`].
+    fn webhook_failed(&self, id: &str, error: &str, next_ms: i64) -> Result<(), StateError>;
+}
+
+impl Backend for Db {
+    fn start(&self, now: i64) -> Result<(), StateError> {
+        self.clear_sessions()?;
+        self.restart_grace(now)
+    }
+    fn snapshot(&self) -> Result<Snapshot, StateError> {
+        Db::snapshot(self)
+    }
+    fn change_marker(&self) -> Result<i64, StateError> {
+        self.data_version()
+    }
+    fn statements(&self) -> u64 {
+        state::statements_on_this_thread()
+    }
+    fn redeem_token(
+        &self,
+        token: &str,
+        now: i64,
+    ) -> Result<Result<TokenGrant, TokenRefusal>, StateError> {
+        Db::redeem_token(self, token, now)
+    }
+    fn record_enrolment(
+        &self,
+        grant: &TokenGrant,
+        id: &SpiffeId,
+        serial: &str,
+        not_after: i64,
+        now: i64,
+    ) -> Result<(), StateError> {
+        Db::record_enrolment(self, grant, id, serial, not_after, now)
+    }
+    fn record_renewal(
+        &self,
+        client: &str,
+        serial: &str,
+        not_after: i64,
+        now: i64,
+    ) -> Result<(), StateError> {
+        Db::record_renewal(self, client, serial, not_after, now)
+    }
+    fn serial_status(&self, id: &SpiffeId, serial: &str) -> Result<SerialStatus, StateError> {
+        Db::serial_status(self, id, serial)
+    }
+    fn superseded(&self, client: &str, serial: &str) -> Result<bool, StateError> {
+        Db::superseded(self, client, serial)
+    }
+    fn revoke_client(
+        &self,
+        client: &str,
+        reason: &str,
+        now: i64,
+        notify: bool,
+    ) -> Result<bool, StateError> {
+        Db::revoke_client(self, client, reason, now, notify)
+    }
+    fn session_up(&self, client: &str, row: &SessionRow) -> Result<(), StateError> {
+        Db::session_up(self, client, row)?;
+        self.retire_older_serials(client, &row.serial).map(|_| ())
+    }
+    fn session_down(&self, client: &str, session_id: u64, now: i64) -> Result<(), StateError> {
+        Db::session_down(self, client, session_id, now)
+    }
+    fn due_webhooks(
+        &self,
+        now_ms: i64,
+        max_attempts: u32,
+    ) -> Result<Vec<PendingWebhook>, StateError> {
+        Db::due_webhooks(self, now_ms, max_attempts)
+    }
+    fn next_webhook_due(&self, max_attempts: u32) -> Result<Option<i64>, StateError> {
+        Db::next_webhook_due(self, max_attempts)
+    }
+    fn webhook_delivered(&self, id: &str, now: i64) -> Result<(), StateError> {
+        Db::webhook_delivered(self, id, now)
+    }
+    fn webhook_failed(&self, id: &str, error: &str, next_ms: i64) -> Result<(), StateError> {
+        Db::webhook_failed(self, id, error, next_ms)
+    }
+}

@@ -1,0 +1,186 @@
+use std::time::Duration;
+
+use super::*;
+use crate::identity::verify::SerialCheck;
+
+fn grant(client: &str) -> TokenGrant {
+    TokenGrant {
+        client: client.into(),
+        webhook: None,
+    }
+}
+
+fn id(name: &str) -> SpiffeId {
+    SpiffeId::client("example.org", name).unwrap()
+}
+
+fn row(session_id: u64, serial: &str, since: i64) -> SessionRow {
+    SessionRow {
+        session_id,
+        serial: serial.into(),
+        peer: "p".into(),
+        since,
+    }
+}
+
+async fn next_change(rx: &mut mpsc::UnboundedReceiver<Change>) -> Change {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("a change in time")
+        .expect("the store is running")
+}
+
+#[test]
+fn an_unloaded_view_refuses_every_serial() {
+    let view = View::default();
+    assert_eq!(
+        view.check(&id("acme"), "0a"),
+        Err(SerialRefusal::StoreUnavailable(
+            "the Hub's serial records are not loaded".into()
+        ))
+    );
+    assert_eq!(view.next_silent_deadline(1), None);
+}
+
+#[tokio::test]
+async fn the_view_follows_the_owners_writes_and_reports_retirements() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, mut changes) = Store::open(&dir.path().join("hub.db"), 1).await.unwrap();
+    let acme = id("acme");
+    assert!(matches!(
+        store.view().check(&acme, "0a"),
+        Err(SerialRefusal::Unknown { .. })
+    ));
+    store
+        .record_enrolment(grant("acme"), acme.clone(), "0a".into(), 1000, 1)
+        .await
+        .unwrap();
+    assert_eq!(store.view().check(&acme, "0a"), Ok(()));
+    store.record_renewal("acme", "0b", 1000, 2).await.unwrap();
+    assert_eq!(store.may_renew("acme", &acme, "0a").await, Ok(()));
+    // The renewed serial comes into use: the first retires, and may not renew any more.
+    assert_eq!(store.session_up("acme", row(7, "0b", 3)).await.unwrap(), 1);
+    assert_eq!(
+        next_change(&mut changes).await,
+        Change::Retired {
+            client: "acme".into(),
+            serials: vec!["0a".into()]
+        }
+    );
+    assert_eq!(next_change(&mut changes).await, Change::Seen);
+    assert_eq!(
+        store.view().check(&acme, "0a"),
+        Err(SerialRefusal::Retired {
+            serial: "0a".into(),
+            id: acme.to_string()
+        })
+    );
+    assert_eq!(store.view().superseded("acme", "0a"), Some(true));
+    assert!(matches!(
+        store.may_renew("acme", &acme, "0a").await,
+        Err(RenewalRefusal::Serial(SerialRefusal::Retired { .. }))
+    ));
+    // A live session holds off the grace; once it ends, the deadline is last_seen + grace + 1.
+    assert_eq!(store.view().next_silent_deadline(60), None);
+    store.session_down("acme", 7, 10).await.unwrap();
+    assert_eq!(store.view().next_silent_deadline(60), Some(71));
+    assert!(store.view().silent_since(10).is_empty());
+    assert_eq!(
+        store.view().silent_since(11),
+        vec![("acme".to_string(), acme.to_string())]
+    );
+    // This Hub's own revocation: reported at once, checked from memory.
+    assert!(store.revoke("acme", "test", 11, false).await.unwrap());
+    loop {
+        match next_change(&mut changes).await {
+            Change::Seen => continue,
+            other => {
+                assert_eq!(
+                    other,
+                    Change::Revoked {
+                        client: "acme".into(),
+                        reason: "test".into()
+                    }
+                );
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        store.view().check(&acme, "0b"),
+        Err(SerialRefusal::Revoked {
+            id: acme.to_string()
+        })
+    );
+    assert_eq!(
+        store.view().next_silent_deadline(60),
+        None,
+        "revoked: no grace"
+    );
+}
+
+#[tokio::test]
+async fn another_process_commit_is_noticed_by_one_pragma_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    let (store, mut changes) = Store::open(&path, 1).await.unwrap();
+    let acme = id("acme");
+    store
+        .record_enrolment(grant("acme"), acme.clone(), "0a".into(), 1000, 1)
+        .await
+        .unwrap();
+    while changes.try_recv().is_ok() {}
+    // Nothing changed: one pragma, no statement.
+    let (stmts, checks) = (store.counts().statements(), store.counts().change_checks());
+    assert!(!store.refresh().await.unwrap());
+    assert!(!store.refresh().await.unwrap());
+    assert_eq!(store.counts().statements(), stmts);
+    assert_eq!(store.counts().change_checks(), checks + 2);
+    // `ewii-hub revoke` in another process.
+    let other = Db::open(&path).unwrap();
+    assert!(other
+        .revoke_client("acme", "contract ended", 5, false)
+        .unwrap());
+    assert!(store.refresh().await.unwrap());
+    assert!(store.counts().statements() > stmts, "the reload is counted");
+    assert_eq!(
+        next_change(&mut changes).await,
+        Change::Revoked {
+            client: "acme".into(),
+            reason: "contract ended".into()
+        }
+    );
+    assert_eq!(
+        store.view().check(&acme, "0a"),
+        Err(SerialRefusal::Revoked {
+            id: acme.to_string()
+        })
+    );
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_be_read_fails_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    let (store, _changes) = Store::open(&path, 1).await.unwrap();
+    store
+        .record_enrolment(grant("acme"), id("acme"), "0a".into(), 1000, 1)
+        .await
+        .unwrap();
+    // Another process breaks the schema: the next reload fails, and so does every check.
+    let other = Db::open(&path).unwrap();
+    drop(other);
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute_batch("ALTER TABLE serials RENAME TO gone")
+        .unwrap();
+    drop(raw);
+    assert!(store.refresh().await.is_err());
+    assert!(matches!(
+        store.view().check(&id("acme"), "0a"),
+        Err(SerialRefusal::StoreUnavailable(_))
+    ));
+    assert!(matches!(
+        store.may_renew("acme", &id("acme"), "0a").await,
+        Err(RenewalRefusal::Serial(SerialRefusal::StoreUnavailable(_)))
+    ));
+}
