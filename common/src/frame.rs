@@ -240,6 +240,12 @@ pub enum Control {
         /// Responder's clock.
         time_us: u64,
     },
+    /// Client → Hub: the SVID of the last `Renewed` is stored and in use; the Hub re-binds
+    /// this session to `serial` and retires the older ones (P8). No second connection.
+    Rotated {
+        /// The renewed SVID's serial, normalised.
+        serial: String,
+    },
 }
 
 /// Messages of an enrolment connection (ALPN [`ENROLL_ALPN`]).
@@ -400,6 +406,9 @@ mod tests {
             bundle: vec![vec![9; 300]],
         });
         roundtrip(Control::Goodbye { revoke: true });
+        roundtrip(Control::Rotated {
+            serial: "0a1b".into(),
+        });
         roundtrip(QueryHead::Open {
             query_id: QueryId(u128::MAX - 5),
             destination: "db".into(),

@@ -10,7 +10,7 @@
 //! - [`spiffe`]: SPIFFE IDs in canonical form and the path rules for Hub and Client identities.
 //! - [`backoff`]: full-jitter exponential backoff with the randomness passed in.
 //! - [`egress`]: the kernel egress lock's rules and map keys (mirrors `ebpf/egress.h`).
-//! - [`session`]: the Client's session machine: dial, renew at half-life, rotate make-before-break,
+//! - [`session`]: the Client's session machine: dial, renew at half-life on the live connection,
 //!   drain, back off, stop, revoke, expire — with time passed in.
 //! - [`audit`]: audit record types and their one-line JSON rendering.
 //! - [`time`]: UTC timestamps rendered as RFC 3339 with microseconds.

@@ -12,26 +12,29 @@
 //!    comes first; at the timeout call [`ClientSession::handle_timeout`].
 //!
 //! ```text
-//!             ┌───────────── handle_dial_failed / handle_lost (backoff, full jitter) ─────────┐
-//!             ▼                                                                             │
-//!   new ─▶ Dialing ──handle_dialed──▶ Up ──renew at half-life──▶ SendRenew ──handle_renewed──┤
-//!             ▲                        │                                     │               │
-//!             └──── Waiting(until) ◀───┘     rotated Dial ──handle_dialed──▶ Up(new) + Drain(old)
-//!
-//!   Up ──handle_stop──▶ Stopping ──handle_drained / deadline──▶ Exit(Stopped)
+//!             ┌──── handle_dial_failed / handle_lost (backoff, full jitter) ─────┐
+//!             ▼                                                                   │
+//!   new ─▶ Dialing ──handle_dialed──▶ Up{session, svid, renewal} ─────────────────┘
+//!             ▲                        │  renewal Due(t) ──timeout──▶ SendRenew ──▶ Asked(t)
+//!             └──── Waiting(until)     │  Asked(t) ──timeout──▶ SendRenew again
+//!                                      │  ──handle_renewed(svid')──▶ Up{same session, svid'}
+//!                                      │  ──handle_renew_refused──▶ Due(backoff)
+//!                                      │  own SVID past not_after ──▶ Close + Exit(Expired)
+//!                                      └─handle_stop──▶ Stopping ──drained / deadline──▶ Exit(Stopped)
 //!   Waiting|Dialing ──handle_stop (on_stop = revoke)──▶ Revoking ──dialed──▶ Stopping (Goodbye{revoke})
 //!                                      └── goodbye_budget over ──▶ RecordPendingRevoke, Exit(Stopped)
 //!   new_with_pending_revoke ──▶ Revoking (no deadline) ──dialed──▶ Goodbye{revoke} ──▶ Exit(Revoked)
 //!   Waiting|Dialing ──handle_stop (on_stop = disconnect)──▶ Exit(Stopped)
-//!   any ──handle_revoked──▶ Exit(Revoked)      SVID past not_after, no renewed one ──▶ Exit(Expired)
+//!   Waiting past not_after ──▶ Exit(Expired)        any ──handle_revoked──▶ Exit(Revoked)
 //! ```
 //!
-//! Renewal: at half-life of the SVID in use (± 10 % jitter, [`renewal_time`]) the machine asks
-//! for `SendRenew`; an answer that does not come within `renew_answer_timeout` is asked again; a
-//! refusal retries with backoff. A renewed SVID brings a new connection up *before* the old one
-//! is retired (make-before-break); the old one drains its in-flight queries until
-//! `rotation_drain` has passed. When the connection's own SVID runs out while a renewed one is
-//! still valid, that is a loss (dial again with the renewed one), not the end.
+//! Renewal: at half of the SVID's remaining life when it came into use (± 10 % jitter,
+//! [`renewal_time`]) the machine asks for `SendRenew`; an answer that does not come within
+//! `renew_answer_timeout` is asked again; a refusal retries with backoff. A renewed SVID is
+//! adopted *on the same connection*: the Hub re-binds the live session to the new serial once
+//! the Client confirms it stored it, so a rotation needs no second connection and cuts no
+//! query (see `docs/architecture.md` for the security argument). The next dial, after a loss,
+//! uses the newest SVID.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -73,8 +76,6 @@ pub struct SessionConfig {
     pub renew_retry: Duration,
     /// How long the Hub has to answer `Renew` before it is asked again.
     pub renew_answer_timeout: Duration,
-    /// How long a connection retired by a rotation may finish its in-flight queries.
-    pub rotation_drain: Duration,
     /// How long in-flight queries may drain after a stop.
     pub stop_drain: Duration,
     /// Whether a stop asks the Hub to revoke this identity (`on_stop = "revoke"`).
@@ -101,10 +102,8 @@ pub enum Exit {
 /// Why the machine wants a connection closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
-    /// The SVID this connection authenticated with has expired.
+    /// The SVID of this connection has expired.
     SvidExpired,
-    /// A retired connection's drain time is over.
-    DrainOver,
     /// The stop's drain time is over.
     StopDeadline,
     /// The Hub broke the protocol (e.g. `Renewed` without a `Renew`).
@@ -118,15 +117,9 @@ pub enum Action {
     /// or [`ClientSession::handle_dial_failed`]. Only one dial is ever in flight.
     Dial,
     /// Make a fresh key, send `Renew` with its CSR on the current connection; report
-    /// [`ClientSession::handle_renewed`] or [`ClientSession::handle_renew_refused`].
+    /// [`ClientSession::handle_renewed`] (after the new SVID is checked and stored, and the
+    /// Hub told so with `Rotated`) or [`ClientSession::handle_renew_refused`].
     SendRenew,
-    /// Connection `session_id` is retired by a rotation: take no new queries on it once the
-    /// Hub has switched, let in-flight ones finish, then say `Goodbye` and close; report
-    /// [`ClientSession::handle_drained`]. The machine asks for [`Action::Close`] at the deadline.
-    Drain {
-        /// The retired connection.
-        session_id: u64,
-    },
     /// Close connection `session_id` now.
     Close {
         /// The connection.
@@ -181,10 +174,6 @@ enum Renewal {
     Due(Duration),
     /// `Renew` sent; the answer is due by the instant.
     Asked(Duration),
-    /// A renewed SVID is in hand and its connection is being dialled.
-    Dialing,
-    /// A renewed SVID is in hand; its last dial failed; dial again at the instant.
-    RedialAt(Duration),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,8 +187,6 @@ enum State {
     /// A connection is up.
     Up {
         session_id: u64,
-        /// The validity of the SVID *this connection* authenticated with.
-        svid: Validity,
         renewal: Renewal,
     },
     /// Dialling only to deliver a revoke; the dial is in flight unless `retry_at` is set.
@@ -213,17 +200,9 @@ enum State {
     Stopping {
         session_id: u64,
         deadline: Duration,
-        drained: bool,
         pending: bool,
     },
     Done,
-}
-
-/// A connection retired by a rotation, draining until `deadline`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Retiring {
-    session_id: u64,
-    deadline: Duration,
 }
 
 /// The Client's session state machine. See the module documentation for how to drive it.
@@ -231,11 +210,10 @@ struct Retiring {
 pub struct ClientSession {
     config: SessionConfig,
     state: State,
-    /// The SVID the next dial uses (the newest one adopted).
+    /// The SVID in use: the current connection's (re-bound on renewal), and the next dial's.
     svid: Validity,
     backoff: Backoff,
     renew_backoff: Backoff,
-    retiring: Vec<Retiring>,
     actions: VecDeque<Action>,
     /// Jitter source for renewal times, refreshed by every event that carries randomness.
     random: u64,
@@ -256,7 +234,6 @@ impl ClientSession {
             svid,
             backoff,
             renew_backoff,
-            retiring: Vec::new(),
             actions: VecDeque::new(),
             random,
         };
@@ -292,26 +269,18 @@ impl ClientSession {
     /// The next instant (since the epoch) at which [`handle_timeout`](Self::handle_timeout)
     /// must be called, if any.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        let state = match self.state {
+        match self.state {
             State::Dialing | State::Done => None,
             State::Waiting { until } => Some(until.min(self.svid.end())),
-            State::Up { svid, renewal, .. } => {
-                let renewal = match renewal {
-                    Renewal::Due(at) | Renewal::Asked(at) | Renewal::RedialAt(at) => Some(at),
-                    Renewal::Dialing => None,
-                };
-                Some(renewal.map_or(svid.end(), |r| r.min(svid.end())))
-            }
+            State::Up {
+                renewal: Renewal::Due(at) | Renewal::Asked(at),
+                ..
+            } => Some(at.min(self.svid.end())),
             State::Revoking { deadline, retry_at } => match (deadline, retry_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             },
             State::Stopping { deadline, .. } => Some(deadline),
-        };
-        let drains = self.retiring.iter().map(|r| r.deadline).min();
-        match (state, drains) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
         }
     }
 
@@ -332,7 +301,7 @@ impl ClientSession {
         self.backoff.attempts()
     }
 
-    /// The validity of the SVID the next dial uses.
+    /// The validity of the SVID in use.
     pub fn svid(&self) -> Validity {
         self.svid
     }
@@ -357,18 +326,6 @@ impl ClientSession {
                 self.backoff.reset();
                 self.up(now, session_id);
             }
-            // A rotation's dial: make-before-break. The old connection drains.
-            State::Up {
-                session_id: old, ..
-            } => {
-                self.renew_backoff.reset();
-                self.retiring.push(Retiring {
-                    session_id: old,
-                    deadline: now + self.config.rotation_drain,
-                });
-                self.actions.push_back(Action::Drain { session_id: old });
-                self.up(now, session_id);
-            }
             // Reached only to deliver the revoke.
             State::Revoking { deadline, .. } => {
                 self.actions.push_back(Action::SendGoodbye {
@@ -378,12 +335,11 @@ impl ClientSession {
                 self.state = State::Stopping {
                     session_id,
                     deadline: now + self.config.stop_drain,
-                    drained: false,
                     pending: deadline.is_none(),
                 };
             }
-            // A dial that finished after a stop or the end is not used.
-            State::Stopping { .. } | State::Done => {
+            // A dial that finished when it was no longer wanted is not used.
+            State::Up { .. } | State::Stopping { .. } | State::Done => {
                 self.actions.push_back(Action::Close {
                     session_id,
                     reason: CloseReason::StopDeadline,
@@ -405,10 +361,6 @@ impl ClientSession {
                 }
                 *retry_at = Some(at);
             }
-            // The rotated connection could not be brought up: keep serving on the old one.
-            State::Up { renewal, .. } if *renewal == Renewal::Dialing => {
-                *renewal = Renewal::RedialAt(now + self.renew_backoff.next_delay(random));
-            }
             _ => {}
         }
     }
@@ -416,22 +368,11 @@ impl ClientSession {
     /// Connection `session_id` ended without a revocation (closed, timed out, reset).
     pub fn handle_lost(&mut self, now: Duration, session_id: u64, random: u64) {
         self.random = random;
-        if self.retire_done(session_id) {
-            return;
-        }
         match self.state {
             State::Up {
                 session_id: current,
-                renewal,
                 ..
-            } if current == session_id => {
-                if renewal == Renewal::Dialing {
-                    // The rotated connection's dial is still in flight: let it decide.
-                    self.state = State::Dialing;
-                } else {
-                    self.back_off(now, random);
-                }
-            }
+            } if current == session_id => self.back_off(now, random),
             State::Stopping {
                 session_id: current,
                 ..
@@ -440,42 +381,40 @@ impl ClientSession {
         }
     }
 
-    /// A retired or stopping connection has no query left (and said `Goodbye` if draining).
+    /// A stopping connection has no query left.
     pub fn handle_drained(&mut self, session_id: u64) {
-        if self.retire_done(session_id) {
-            return;
-        }
         if let State::Stopping {
             session_id: current,
-            ref mut drained,
             ..
         } = self.state
         {
             if current == session_id {
-                *drained = true;
-                self.finish_stop_if_idle();
+                self.finish_stop();
             }
         }
     }
 
     /// The Hub issued a renewed SVID valid over `svid`, and the driver adopted it (checked,
-    /// stored). The next action dials a connection with it.
+    /// stored, and confirmed to the Hub with `Rotated`). The connection goes on with it.
     pub fn handle_renewed(&mut self, now: Duration, svid: Validity) {
-        if let State::Up { renewal, .. } = &mut self.state {
-            if matches!(renewal, Renewal::Asked(_)) {
-                *renewal = Renewal::Dialing;
-                self.svid = svid;
-                self.actions.push_back(Action::Dial);
-                return;
-            }
-        }
-        // Not asked: the Hub broke the protocol; the current connection is closed.
-        if let State::Up { session_id, .. } = self.state {
-            self.actions.push_back(Action::Close {
+        match self.state {
+            State::Up {
                 session_id,
-                reason: CloseReason::Protocol,
-            });
-            self.handle_lost(now, session_id, self.random);
+                renewal: Renewal::Asked(_),
+            } => {
+                self.renew_backoff.reset();
+                self.svid = svid;
+                self.up(now, session_id);
+            }
+            // Not asked: the Hub broke the protocol; the current connection is closed.
+            State::Up { session_id, .. } => {
+                self.actions.push_back(Action::Close {
+                    session_id,
+                    reason: CloseReason::Protocol,
+                });
+                self.back_off(now, self.random);
+            }
+            _ => {}
         }
     }
 
@@ -497,7 +436,8 @@ impl ClientSession {
     }
 
     /// A local stop (SIGTERM/SIGINT). A connection that is up says `Goodbye` and drains for
-    /// at most `stop_drain`; without one, the session ends at once.
+    /// at most `stop_drain`; without one, a stop that revokes tries to reach the Hub for
+    /// `goodbye_budget`, and one that does not ends at once.
     pub fn handle_stop(&mut self, now: Duration) {
         match self.state {
             State::Up { session_id, .. } => {
@@ -508,16 +448,10 @@ impl ClientSession {
                 self.state = State::Stopping {
                     session_id,
                     deadline: now + self.config.stop_drain,
-                    drained: false,
                     pending: false,
                 };
-                // Retired connections get no longer than the stop itself.
-                for r in &mut self.retiring {
-                    r.deadline = r.deadline.min(now + self.config.stop_drain);
-                }
             }
-            // Without a connection, a stop that revokes tries to reach the Hub for a bounded
-            // time: "stopping the container revokes it" must hold when the network is bad.
+            // "Stopping the container revokes it" must hold when the network is bad too.
             State::Dialing | State::Waiting { .. } if self.config.revoke_on_stop => {
                 let in_flight = self.state == State::Dialing;
                 self.state = State::Revoking {
@@ -537,58 +471,25 @@ impl ClientSession {
 
     /// Time passed: fire every deadline at or before `now`.
     pub fn handle_timeout(&mut self, now: Duration) {
-        let mut over = Vec::new();
-        self.retiring.retain(|r| {
-            let keep = r.deadline > now;
-            if !keep {
-                over.push(r.session_id);
-            }
-            keep
-        });
-        for session_id in over {
-            self.actions.push_back(Action::Close {
-                session_id,
-                reason: CloseReason::DrainOver,
-            });
-        }
-        self.finish_stop_if_idle();
         match self.state {
             State::Waiting { .. } if self.svid.expired_at(now) => self.finish(Exit::Expired),
             State::Waiting { until } if now >= until => self.dial_or_expire(now),
-            State::Up {
-                session_id,
-                svid,
-                renewal,
-            } if svid.expired_at(now) => {
+            State::Up { session_id, .. } if self.svid.expired_at(now) => {
                 self.actions.push_back(Action::Close {
                     session_id,
                     reason: CloseReason::SvidExpired,
                 });
-                // A renewed SVID (whose connection is not up yet) may still be valid.
-                if self.svid.expired_at(now) {
-                    self.finish(Exit::Expired);
-                } else {
-                    self.state = State::Dialing;
-                    // Its dial may be in flight already: only one dial at a time.
-                    if renewal != Renewal::Dialing {
-                        self.actions.push_back(Action::Dial);
-                    }
-                }
+                self.finish(Exit::Expired);
             }
             State::Up {
                 renewal: Renewal::Due(at) | Renewal::Asked(at),
                 ..
             } if now >= at => {
                 // Due, or asked and unanswered: ask (again) with a fresh key.
-                self.set_renewal(Renewal::Asked(now + self.config.renew_answer_timeout));
+                if let State::Up { renewal, .. } = &mut self.state {
+                    *renewal = Renewal::Asked(now + self.config.renew_answer_timeout);
+                }
                 self.actions.push_back(Action::SendRenew);
-            }
-            State::Up {
-                renewal: Renewal::RedialAt(at),
-                ..
-            } if now >= at => {
-                self.set_renewal(Renewal::Dialing);
-                self.actions.push_back(Action::Dial);
             }
             State::Revoking {
                 deadline: Some(deadline),
@@ -616,33 +517,21 @@ impl ClientSession {
                     session_id,
                     reason: CloseReason::StopDeadline,
                 });
-                for r in std::mem::take(&mut self.retiring) {
-                    self.actions.push_back(Action::Close {
-                        session_id: r.session_id,
-                        reason: CloseReason::StopDeadline,
-                    });
-                }
                 self.finish_stop();
             }
             _ => {}
         }
     }
 
+    /// Serving on `session_id` with the SVID in use; its renewal is due at half of the life
+    /// it has left from `now` (an SVID that came into use late renews soon, never in a loop).
     fn up(&mut self, now: Duration, session_id: u64) {
-        let at = renewal_time(self.svid.not_before, self.svid.not_after, self.random);
-        // A renewal time already past (a Client started late in its SVID's life) is now.
-        let at = Duration::from_secs(at).max(now);
+        let from = self.svid.not_before.max(now.as_secs());
+        let at = renewal_time(from, self.svid.not_after, self.random);
         self.state = State::Up {
             session_id,
-            svid: self.svid,
-            renewal: Renewal::Due(at),
+            renewal: Renewal::Due(Duration::from_secs(at).max(now)),
         };
-    }
-
-    fn set_renewal(&mut self, to: Renewal) {
-        if let State::Up { renewal, .. } = &mut self.state {
-            *renewal = to;
-        }
     }
 
     fn dial_or_expire(&mut self, now: Duration) {
@@ -659,25 +548,6 @@ impl ClientSession {
         self.state = State::Waiting { until };
     }
 
-    /// Forgets a retired connection; true when `session_id` was one.
-    fn retire_done(&mut self, session_id: u64) -> bool {
-        let before = self.retiring.len();
-        self.retiring.retain(|r| r.session_id != session_id);
-        let was = self.retiring.len() != before;
-        if was {
-            self.finish_stop_if_idle();
-        }
-        was
-    }
-
-    fn finish_stop_if_idle(&mut self) {
-        if let State::Stopping { drained: true, .. } = self.state {
-            if self.retiring.is_empty() {
-                self.finish_stop();
-            }
-        }
-    }
-
     /// A stop is over: a pending revoke that was delivered ends as a revocation.
     fn finish_stop(&mut self) {
         if let State::Stopping { pending: true, .. } = self.state {
@@ -691,7 +561,6 @@ impl ClientSession {
 
     fn finish(&mut self, exit: Exit) {
         self.state = State::Done;
-        self.retiring.clear();
         self.actions.push_back(Action::Exit(exit));
     }
 }

@@ -213,24 +213,30 @@ async fn p9_stop_revokes_and_a_returning_client_is_refused_also_after_a_hub_rest
         Some("spiffe://test.ewii.local/client/acme")
     );
 
-    // It comes back with the same SVID: refused on the handshake.
-    client.start();
+    // It comes back with the same SVID: refused on the handshake, and told why (it proved
+    // its key), so it records the revocation and stops for good.
+    let exit = client.run_once(SOON).await.unwrap();
+    assert_eq!(
+        exit,
+        Exit::Revoked {
+            reason: "stopped by the customer".into()
+        }
+    );
     hub.wait_audit("refused return", |r| {
         r.event == Event::HandshakeRefused
             && r.reason.as_deref() == Some("spiffe://test.ewii.local/client/acme is revoked")
     })
     .await;
-    client.stop().await;
-    // The revocation is in the database: a restarted Hub refuses it too.
+    // The revocation is in the database: a restarted Hub refuses that SVID too.
     hub.restart().await;
     let before = count(&hub.audit, |r| r.event == Event::HandshakeRefused);
-    client.start();
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    assert!(raw_session(&hub, &svid).await.is_none());
     poll_until("a refusal after the restart", SOON, || {
         count(&hub.audit, |r| r.event == Event::HandshakeRefused) > before
     })
     .await;
     assert!(hub.handle().connected_clients().is_empty());
-    client.stop().await;
     assert_eq!(
         count(&client.audit, is(Event::SessionUp)),
         1,
@@ -505,7 +511,8 @@ fn token_hash(hub: &TestHub) -> String {
 }
 
 #[tokio::test]
-async fn p10_a_revocation_made_while_the_hub_is_down_holds_after_its_restart() {
+async fn p10_a_revocation_made_while_the_hub_is_down_holds_after_its_restart_and_the_client_learns_it(
+) {
     let mut hub = TestHub::start(&[]).await;
     let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
     client.config.on_stop = OnStop::Revoke;
@@ -520,7 +527,31 @@ async fn p10_a_revocation_made_while_the_hub_is_down_holds_after_its_restart() {
     })
     .await;
     assert!(hub.handle().connected_clients().is_empty());
-    client.stop().await;
+    // The Client proved its key, so the Hub told it why (a stranger gets only the generic
+    // refusal): it records the revocation and stops dialling instead of retrying for ever.
+    let exit = client.ended(SOON).await.unwrap();
+    assert_eq!(
+        exit,
+        Exit::Revoked {
+            reason: "while down".into()
+        }
+    );
+    let dir = client.state_dir();
+    assert_eq!(
+        std::fs::read_to_string(dir.join(REVOKED_MARKER)).unwrap(),
+        "while down"
+    );
+    assert_eq!(Status::read(&dir).unwrap().state, State::Revoked);
+    let refusals = count(&hub.audit, is(Event::HandshakeRefused));
+    assert!(matches!(
+        client.run_once(SOON).await,
+        Err(ClientError::RevokedEarlier(_))
+    ));
+    assert_eq!(
+        count(&hub.audit, is(Event::HandshakeRefused)),
+        refusals,
+        "a restart does not touch the network"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -848,4 +879,124 @@ async fn p10_a_revoke_closes_every_connection_of_the_client_also_a_draining_one(
             && r.reason.as_deref() == Some("live session closed: contract ended")
     });
     assert_eq!(closed, 3, "each connection's closing is audited");
+}
+
+/// DESIGN §6: on SIGTERM a query in flight finishes within the drain bound, a new one is
+/// refused, and the Client exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p9_stop_lets_a_query_in_flight_finish_and_refuses_new_ones() {
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    client.config.on_stop = OnStop::Disconnect;
+    client.start();
+    hub.wait_connected("acme").await;
+    let entry = hub.service("pg");
+    let mut long = TcpStream::connect(entry).await.unwrap();
+    long.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    long.read_exact(&mut buf).await.unwrap();
+
+    let stopping = tokio::spawn(async move {
+        let exit = client.stop().await;
+        (exit, client)
+    });
+    // Goodbye read: the Hub routes nothing new to the Client, and keeps its connection.
+    poll_until("the Hub to stop routing to the Client", SOON, || {
+        hub.handle().connected_clients().is_empty()
+    })
+    .await;
+    assert_eq!(
+        count(&hub.audit, is(Event::SessionLost)),
+        0,
+        "not closed yet"
+    );
+    // A new query is refused: nothing reaches the destination.
+    // (The Hub may reset the requester before its connect returns.)
+    if let Ok(mut late) = TcpStream::connect(entry).await {
+        let _ = late.write_all(b"late").await;
+        let mut back = Vec::new();
+        let _ = tokio::time::timeout(SOON, late.read_to_end(&mut back)).await;
+        assert!(back.is_empty(), "a query after the stop was served");
+    }
+    hub.wait_audit("the refused late query", |r| {
+        r.event == Event::Query && r.outcome != Some(Outcome::Ok)
+    })
+    .await;
+    // The one in flight still works, then ends cleanly.
+    long.write_all(b"during").await.unwrap();
+    long.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"during");
+    long.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    long.read_to_end(&mut rest).await.unwrap();
+    let (exit, client) = tokio::time::timeout(SOON, stopping).await.unwrap().unwrap();
+    assert_eq!(exit, Exit::Stopped);
+    let q = client
+        .wait_audit("the drained query", |r| {
+            r.event == Event::Query && r.outcome == Some(Outcome::Ok)
+        })
+        .await;
+    assert_eq!((q.bytes_up, q.bytes_down), (Some(12), Some(12)));
+    hub.wait_audit("the Hub's record of it", |r| {
+        r.event == Event::Query && r.outcome == Some(Outcome::Ok) && r.bytes_up == Some(12)
+    })
+    .await;
+}
+
+/// Issue 10: a rotation must not cut a long query (database pools keep connections for
+/// hours). The renewed SVID is adopted on the live connection; a query kept busy across
+/// several rotations moves bytes throughout and ends cleanly while short ones keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_p8_a_query_kept_busy_across_several_rotations_ends_cleanly() {
+    let echo = echo_server().await;
+    let hub = TestHub::start_with(&[Service::tcp("pg", "acme", "db")], 4).await;
+    let mut client = TestClient::enrol_and_run(&hub, "acme", &[("db", echo.to_string())]).await;
+    hub.wait_connected("acme").await;
+    let entry = hub.service("pg");
+    let rotations = |a: &ewii::audit::Audit| {
+        count(a, |r| {
+            r.event == Event::SvidRotated
+                && r.outcome == Some(Outcome::Ok)
+                && r.reason.as_deref().is_some_and(|x| x.contains("re-bound"))
+        })
+    };
+    let mut long = TcpStream::connect(entry).await.unwrap();
+    let mut moved = 0u64;
+    let mut short_ok = 0u32;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut i = 0u8;
+    while rotations(&hub.audit) < 3 {
+        assert!(Instant::now() < deadline, "three rotations within 40 s");
+        let chunk = [i; 512];
+        long.write_all(&chunk).await.unwrap();
+        let mut back = [0u8; 512];
+        tokio::time::timeout(SOON, long.read_exact(&mut back))
+            .await
+            .expect("the long query keeps moving bytes")
+            .unwrap();
+        assert_eq!(back, chunk);
+        moved += 512;
+        try_roundtrip(entry, &[i; 100]).await.unwrap();
+        short_ok += 1;
+        i = i.wrapping_add(1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    long.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    long.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    let q = client
+        .wait_audit("the long query's record", |r| {
+            r.event == Event::Query && r.bytes_up == Some(moved)
+        })
+        .await;
+    assert_eq!(q.outcome, Some(Outcome::Ok), "{q:?}");
+    assert_eq!(q.bytes_down, Some(moved));
+    assert!(short_ok >= 3);
+    // One connection throughout: the Client brought up one session and lost none.
+    assert_eq!(count(&client.audit, is(Event::SessionUp)), 1);
+    assert_eq!(count(&client.audit, is(Event::SessionLost)), 0);
+    assert!(count(&client.audit, is(Event::SvidRotated)) >= 3);
+    client.stop().await;
 }

@@ -12,7 +12,6 @@ fn config() -> SessionConfig {
         reconnect_max: Duration::from_secs(30),
         renew_retry: Duration::from_secs(1),
         renew_answer_timeout: Duration::from_secs(10),
-        rotation_drain: Duration::from_secs(600),
         stop_drain: Duration::from_secs(5),
         revoke_on_stop: true,
         goodbye_budget: Duration::from_secs(5),
@@ -126,94 +125,74 @@ impl Sim {
 }
 
 #[test]
-fn p7_p8_a_week_of_rotations_never_drops_the_session_or_keeps_old_connections() {
-    let (mut sim, mut current) = Sim::connected(config(), svid_at(START));
+fn p7_p8_a_week_of_rotations_keeps_one_connection_and_never_lapses() {
+    let (mut sim, id) = Sim::connected(config(), svid_at(START));
     let end = Duration::from_secs(START + 7 * DAY);
-    let mut rotations = 0;
-    let mut open = vec![current];
-    let mut max_open = 1;
+    let mut renewed_at = Vec::new();
     while sim.now < end {
-        for action in sim.advance() {
-            match action {
-                Action::SendRenew => {
-                    // The Hub answers with a fresh 24 h SVID.
-                    let at = sim.now.as_secs();
-                    sim.s.handle_renewed(sim.now, svid_at(at));
-                    assert_eq!(sim.actions(), vec![Action::Dial], "make before break");
-                    let next = sim.dialed();
-                    assert_eq!(
-                        sim.actions(),
-                        vec![Action::Drain {
-                            session_id: current
-                        }]
-                    );
-                    open.push(next);
-                    max_open = max_open.max(open.len());
-                    current = next;
-                    rotations += 1;
-                }
-                Action::Close {
-                    session_id,
-                    reason: CloseReason::DrainOver,
-                } => {
-                    assert_ne!(session_id, current, "only a retired connection drains");
-                    open.retain(|&s| s != session_id);
-                }
-                other => panic!("unexpected {other:?} at {:?}", sim.now),
-            }
-        }
+        let acts = sim.advance();
+        assert_eq!(acts, vec![Action::SendRenew], "at {:?}", sim.now);
+        // The Hub answers with a fresh 24 h SVID; it is adopted on the same connection.
+        let at = sim.now.as_secs();
+        sim.s.handle_renewed(sim.now, svid_at(at));
+        assert_eq!(
+            sim.actions(),
+            vec![],
+            "no second connection, nothing closed"
+        );
+        assert_eq!(sim.s.phase(), Phase::Connected { session_id: id });
+        assert_eq!(sim.s.svid(), svid_at(at));
+        renewed_at.push(sim.now);
     }
-    // Half-life ± 10 %: every 9.6 h to 14.4 h.
-    assert!((11..=18).contains(&rotations), "{rotations} rotations");
-    assert_eq!(
-        sim.s.phase(),
-        Phase::Connected {
-            session_id: current
-        }
+    // Half of the remaining life ± 10 %: every 9.6 h to 14.4 h.
+    assert!(
+        (11..=18).contains(&renewed_at.len()),
+        "{}",
+        renewed_at.len()
     );
-    assert_eq!(
-        max_open, 2,
-        "at most one draining connection beside the current"
-    );
-    // Each retired connection was closed exactly `rotation_drain` after it was retired.
-    let drains: Vec<_> = sim
-        .log
-        .iter()
-        .filter_map(|(t, a)| match a {
-            Action::Drain { session_id } => Some((*session_id, *t)),
-            _ => None,
-        })
-        .collect();
-    for (id, t) in drains {
-        let closed = sim.log.iter().find(|(_, a)| {
-            *a == Action::Close {
-                session_id: id,
-                reason: CloseReason::DrainOver,
-            }
-        });
-        if let Some((ct, _)) = closed {
-            assert_eq!(*ct - t, Duration::from_secs(600));
-        } else {
-            assert!(
-                sim.now - t < Duration::from_secs(600),
-                "drain of {id} never closed"
-            );
-        }
+    for pair in renewed_at.windows(2) {
+        let gap = (pair[1] - pair[0]).as_secs();
+        assert!((DAY * 4 / 10..=DAY * 6 / 10).contains(&gap), "{gap}");
     }
+    assert_eq!(sim.s.failures(), 0);
 }
 
 #[test]
-fn p7_a_retired_connection_that_drains_early_is_forgotten() {
-    let (mut sim, first) = Sim::connected(config(), svid_at(START));
-    sim.until_renew();
-    sim.s.handle_renewed(sim.now, svid_at(sim.now.as_secs()));
-    assert_eq!(sim.actions(), vec![Action::Dial]);
-    sim.dialed();
-    assert_eq!(sim.actions(), vec![Action::Drain { session_id: first }]);
-    sim.s.handle_drained(first);
-    // The next timeout is the next renewal, not a drain deadline for a connection long gone.
-    let next = sim.s.poll_timeout().unwrap();
-    assert!(next - sim.now > Duration::from_secs(DAY / 3), "{next:?}");
+fn p7_renewal_is_due_at_half_of_the_life_left_when_an_svid_comes_into_use() {
+    // An SVID that was issued long before the Client started renews soon, not in a loop.
+    let svid = svid_at(START - DAY * 7 / 10);
+    let (mut sim, _) = Sim::connected(config(), svid);
+    let left = svid.end() - sim.now;
+    let due = sim.s.poll_timeout().unwrap() - sim.now;
+    assert!(
+        due >= left * 4 / 10 && due <= left * 6 / 10,
+        "{due:?} of {left:?}"
+    );
+    assert_eq!(sim.advance(), vec![Action::SendRenew]);
+    // A short lifetime (the Hub allows a few seconds): renewed every second or two, never
+    // at once, although the Hub backdates notBefore by 30 s.
+    let short = Validity {
+        not_before: START - 30,
+        not_after: START + 4,
+    };
+    let (mut sim, _) = Sim::connected(config(), short);
+    for _ in 0..5 {
+        let before = sim.now;
+        assert_eq!(sim.advance(), vec![Action::SendRenew]);
+        assert!(
+            sim.now - before >= Duration::from_millis(1000),
+            "{:?}",
+            sim.now - before
+        );
+        let at = sim.now.as_secs();
+        sim.s.handle_renewed(
+            sim.now,
+            Validity {
+                not_before: at - 30,
+                not_after: at + 4,
+            },
+        );
+    }
 }
 
 #[test]
@@ -271,55 +250,22 @@ fn p7_a_refused_renewal_retries_with_growing_backoff() {
 }
 
 #[test]
-fn p8_the_old_svid_expiring_while_a_renewed_one_is_valid_is_a_loss_not_the_end() {
-    let svid = svid_at(START);
-    let (mut sim, first) = Sim::connected(config(), svid);
+fn p8_a_renewed_svid_carries_the_same_connection_past_the_old_ones_end() {
+    let first = svid_at(START);
+    let (mut sim, id) = Sim::connected(config(), first);
     sim.until_renew();
     let renewed = svid_at(sim.now.as_secs());
     sim.s.handle_renewed(sim.now, renewed);
-    assert_eq!(sim.actions(), vec![Action::Dial]);
-    // The rotated connection never comes up: redial with backoff, serving on the old one.
-    let acts = loop {
-        sim.dial_failed();
-        assert_eq!(sim.actions(), vec![]);
-        let acts = sim.advance();
-        if acts != vec![Action::Dial] {
-            break acts;
-        }
-    };
-    // The old connection is closed at its SVID's end; the session is not over: it dials
-    // with the renewed SVID.
-    assert_eq!(
-        acts,
-        vec![
-            Action::Close {
-                session_id: first,
-                reason: CloseReason::SvidExpired,
-            },
-            Action::Dial
-        ]
-    );
-    assert_eq!(sim.now, svid.end());
-    assert_eq!(sim.s.phase(), Phase::Connecting);
+    // Past the first SVID's end (the Hub answers no further renewal meanwhile): nothing is
+    // closed, only renewals are asked for.
+    while sim.now <= first.end() + Duration::from_secs(60) {
+        assert_eq!(sim.advance(), vec![Action::SendRenew], "at {:?}", sim.now);
+    }
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: id });
+    // After a loss the next dial uses the renewed SVID, and its end is what counts.
+    let r = sim.rng.next();
+    sim.s.handle_lost(sim.now, id, r);
     assert_eq!(sim.s.svid(), renewed);
-    let second = sim.dialed();
-    assert_eq!(sim.s.phase(), Phase::Connected { session_id: second });
-
-    // The same with the rotated dial still in flight at the old SVID's end: no second dial.
-    let (mut sim, first) = Sim::connected(config(), svid);
-    sim.until_renew();
-    sim.s.handle_renewed(sim.now, svid_at(sim.now.as_secs()));
-    assert_eq!(sim.actions(), vec![Action::Dial]);
-    assert_eq!(
-        sim.advance(),
-        vec![Action::Close {
-            session_id: first,
-            reason: CloseReason::SvidExpired,
-        }]
-    );
-    assert_eq!(sim.s.phase(), Phase::Connecting);
-    sim.dialed();
-    assert!(matches!(sim.s.phase(), Phase::Connected { .. }));
 }
 
 #[test]
@@ -407,41 +353,8 @@ fn p9_stop_while_connected_says_goodbye_drains_and_exits() {
 
 #[test]
 fn p9_a_stop_whose_queries_do_not_finish_ends_at_the_drain_bound() {
-    let (mut sim, first) = Sim::connected(config(), svid_at(START));
-    // A rotation left a connection draining.
-    sim.until_renew();
-    sim.s.handle_renewed(sim.now, svid_at(sim.now.as_secs()));
-    sim.actions();
-    let second = sim.dialed();
-    sim.actions();
-    let stopped_at = sim.now;
-    sim.s.handle_stop(sim.now);
-    sim.actions();
-    sim.s.handle_drained(second);
-    assert_eq!(
-        sim.actions(),
-        vec![],
-        "the retired connection is still draining"
-    );
-    // At the stop's bound the retired connection is closed, and that ends the stop.
-    assert_eq!(
-        sim.advance(),
-        vec![
-            Action::Close {
-                session_id: first,
-                reason: CloseReason::DrainOver
-            },
-            Action::Exit(Exit::Stopped)
-        ]
-    );
-    assert_eq!(
-        sim.now - stopped_at,
-        Duration::from_secs(5),
-        "bounded by stop_drain"
-    );
-
-    // Nothing drains at all: the deadline closes the connection and exits.
     let (mut sim, id) = Sim::connected(config(), svid_at(START));
+    let stopped_at = sim.now;
     sim.s.handle_stop(sim.now);
     sim.actions();
     assert_eq!(
@@ -454,6 +367,19 @@ fn p9_a_stop_whose_queries_do_not_finish_ends_at_the_drain_bound() {
             Action::Exit(Exit::Stopped)
         ]
     );
+    assert_eq!(
+        sim.now - stopped_at,
+        Duration::from_secs(5),
+        "bounded by stop_drain"
+    );
+    // A stop during a renewal is a stop: an answer that comes late changes nothing.
+    let (mut sim, id) = Sim::connected(config(), svid_at(START));
+    sim.until_renew();
+    sim.s.handle_stop(sim.now);
+    sim.actions();
+    sim.s.handle_renewed(sim.now, svid_at(sim.now.as_secs()));
+    sim.s.handle_drained(id);
+    assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
 }
 
 #[test]
@@ -632,15 +558,7 @@ fn in_every_state() -> Vec<(&'static str, Sim)> {
     sim.until_renew();
     sim.s.handle_renewed(sim.now, svid_at(sim.now.as_secs()));
     sim.actions();
-    out.push(("rotated dial in flight", sim));
-
-    let (mut sim, _) = Sim::connected(config(), svid_at(START));
-    sim.until_renew();
-    sim.s.handle_renewed(sim.now, svid_at(sim.now.as_secs()));
-    sim.actions();
-    sim.dialed();
-    sim.actions();
-    out.push(("old connection draining", sim));
+    out.push(("up after a rotation", sim));
 
     let (mut sim, _) = Sim::connected(config(), svid_at(START));
     sim.s.handle_stop(sim.now);
@@ -703,14 +621,6 @@ fn p7_renewed_without_renew_is_a_protocol_error() {
     );
     assert_eq!(sim.s.svid(), old, "an unasked SVID is not adopted");
     assert!(matches!(sim.s.phase(), Phase::Backoff { .. }));
-}
-
-#[test]
-fn p7_a_client_started_late_in_its_svids_life_renews_at_once() {
-    let svid = svid_at(START - DAY * 7 / 10);
-    let (mut sim, _) = Sim::connected(config(), svid);
-    assert_eq!(sim.s.poll_timeout(), Some(sim.now));
-    assert_eq!(sim.advance(), vec![Action::SendRenew]);
 }
 
 #[test]

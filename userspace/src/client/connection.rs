@@ -3,9 +3,8 @@
 //! `Goodbye`, drain after a rotation, close). It reports what it saw as [`Event`]s and writes
 //! its own `session_lost` audit record when it ends.
 //!
-//! Draining (after a rotation) follows DESIGN §5: streams the Hub opened just before it moved
-//! to the new connection are still served for [`ROTATION_GRACE`]; once no query is left the
-//! connection says `Goodbye { revoke: false }` and closes. The driver bounds the whole drain.
+//! A rotation does not change the connection: the driver sends `Rotated` once the renewed
+//! SVID is stored, and the Hub re-binds the session to it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,9 +20,6 @@ use super::connect::Opened;
 use super::query::{self, QueryCtx};
 use crate::transport::{self, codes, StreamError};
 
-/// After a rotation, how long the old connection still accepts streams the Hub opened just
-/// before it switched to the new session.
-pub(crate) const ROTATION_GRACE: Duration = Duration::from_secs(1);
 /// After `Goodbye`, how long to wait for the Hub to close (closing first could discard it).
 const GOODBYE_LINGER: Duration = Duration::from_secs(2);
 
@@ -32,13 +28,13 @@ const GOODBYE_LINGER: Duration = Duration::from_secs(2);
 pub(crate) enum Command {
     /// Send `Renew` with this CSR.
     Renew(Vec<u8>),
+    /// Tell the Hub the renewed SVID with this serial is stored and in use.
+    Rotated(String),
     /// Say `Goodbye`, take no new query, report [`Event::Drained`] when none is left.
     Goodbye {
         /// Ask the Hub to revoke this identity.
         revoke: bool,
     },
-    /// Retired by a rotation: drain, then `Goodbye { revoke: false }` and close.
-    Drain,
     /// Close now.
     Close(CloseReason),
 }
@@ -48,7 +44,7 @@ pub(crate) enum Command {
 pub(crate) enum Event {
     /// A control message the driver decides on (`Renewed`, `Refused`, `BundleUpdate`).
     Control(Control),
-    /// No query is left after `Goodbye` or `Drain`.
+    /// No query is left after `Goodbye`.
     Drained(u64),
     /// The connection is over.
     Ended(u64, End),
@@ -70,9 +66,6 @@ pub enum Lost {
     /// Closed by the driver.
     #[error("{}", close_text(*.0))]
     Closed(CloseReason),
-    /// Retired by a rotation and drained.
-    #[error("rotated")]
-    Rotated,
     /// Stopped locally after `Goodbye`.
     #[error("stopped")]
     Stopped,
@@ -93,22 +86,9 @@ pub enum Lost {
 fn close_text(reason: CloseReason) -> &'static str {
     match reason {
         CloseReason::SvidExpired => "SVID expired",
-        CloseReason::DrainOver => "drain time over",
         CloseReason::StopDeadline => "stop drain time over",
         CloseReason::Protocol => "protocol violation by the Hub",
     }
-}
-
-/// Where the connection stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Serving,
-    /// Retired by a rotation; takes streams until `grace_until`.
-    Draining {
-        grace_until: Instant,
-    },
-    /// `Goodbye` sent on stop.
-    Stopping,
 }
 
 /// One connection and its queries.
@@ -147,30 +127,15 @@ impl Connection {
             mut reader,
         } = opened;
         let mut queries = JoinSet::new();
-        let mut mode = Mode::Serving;
+        // Set once `Goodbye` is sent: no new query, and the end comes when none is left.
+        let mut stopping = false;
         let end = loop {
-            let accepting = match mode {
-                Mode::Serving => true,
-                Mode::Draining { grace_until } => Instant::now() < grace_until,
-                Mode::Stopping => false,
-            };
-            if !accepting && queries.is_empty() && mode != Mode::Serving {
+            if stopping && queries.is_empty() {
                 let _ = events.send(Event::Drained(id));
-                if matches!(mode, Mode::Draining { .. }) {
-                    let _ = transport::write_frame(&mut send, &Control::Goodbye { revoke: false })
-                        .await;
-                    let _ = send.finish();
-                    linger(&conn).await;
-                    break End::Lost(Lost::Rotated);
-                }
-                // Stopping: the Hub closes once it has read the goodbye.
+                // The Hub closes once it has read the goodbye.
                 linger(&conn).await;
                 break End::Lost(Lost::Stopped);
             }
-            let grace = match mode {
-                Mode::Draining { grace_until } if accepting => Some(grace_until),
-                _ => None,
-            };
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(Command::Renew(csr)) => {
@@ -178,13 +143,15 @@ impl Connection {
                             break ended_by(&conn, &e);
                         }
                     }
+                    Some(Command::Rotated(serial)) => {
+                        if let Err(e) = transport::write_frame(&mut send, &Control::Rotated { serial }).await {
+                            break ended_by(&conn, &e);
+                        }
+                    }
                     Some(Command::Goodbye { revoke }) => {
                         let _ = transport::write_frame(&mut send, &Control::Goodbye { revoke }).await;
                         let _ = send.finish();
-                        mode = Mode::Stopping;
-                    }
-                    Some(Command::Drain) => {
-                        mode = Mode::Draining { grace_until: Instant::now() + ROTATION_GRACE };
+                        stopping = true;
                     }
                     Some(Command::Close(reason)) => {
                         let code = match reason {
@@ -200,7 +167,7 @@ impl Connection {
                         break End::Lost(Lost::Stopped);
                     }
                 },
-                stream = conn.accept_bi(), if accepting => match stream {
+                stream = conn.accept_bi(), if !stopping => match stream {
                     Ok((qs, qr)) => {
                         queries.spawn(query::serve(ctx.clone(), id, qs, qr));
                     }
@@ -220,7 +187,6 @@ impl Connection {
                     Err(e) => break ended_by(&conn, &e),
                 },
                 Some(_) = queries.join_next(), if !queries.is_empty() => {}
-                () = sleep_until_opt(grace) => {}
             }
         };
         queries.abort_all();
@@ -261,12 +227,5 @@ fn closed(e: &quinn::ConnectionError) -> End {
         }
         quinn::ConnectionError::TimedOut => End::Lost(Lost::IdleTimeout),
         other => End::Lost(Lost::Connection(other.to_string())),
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

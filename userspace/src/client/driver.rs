@@ -44,8 +44,6 @@ use crate::identity::verify::Bundle;
 const RENEW_RETRY: Duration = Duration::from_secs(1);
 /// How long the Hub has to answer `Renew` before it is asked again.
 const RENEW_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a connection retired by a rotation may keep serving its in-flight queries.
-const DRAIN_AFTER_ROTATION: Duration = Duration::from_secs(600);
 /// How long in-flight queries may drain after a stop.
 const STOP_DRAIN: Duration = Duration::from_secs(5);
 /// How long a stop without a live connection tries to reach the Hub to deliver its revoke.
@@ -92,7 +90,6 @@ impl Driver {
             reconnect_max: config.reconnect.max,
             renew_retry: RENEW_RETRY,
             renew_answer_timeout: RENEW_ANSWER_TIMEOUT,
-            rotation_drain: DRAIN_AFTER_ROTATION,
             stop_drain: STOP_DRAIN,
             revoke_on_stop: config.on_stop == OnStop::Revoke,
             goodbye_budget: GOODBYE_BUDGET,
@@ -204,7 +201,6 @@ impl Driver {
                             .handle_renew_refused(self.clock.now(), random());
                     }
                 },
-                Action::Drain { session_id } => self.command(Some(session_id), Command::Drain),
                 Action::Close { session_id, reason } => {
                     self.command(Some(session_id), Command::Close(reason));
                     self.connections.remove(&session_id);
@@ -252,7 +248,12 @@ impl Driver {
                     }
                     None => self.machine.handle_renew_refused(now, random()),
                     Some(key) => match self.adopt_renewal(key, chain, bundle).await {
-                        Ok(validity) => self.machine.handle_renewed(now, validity),
+                        Ok(validity) => {
+                            // Stored and in use: the Hub re-binds this session to it.
+                            let serial = self.identity.leaf.serial.clone();
+                            self.command(self.current(), Command::Rotated(serial));
+                            self.machine.handle_renewed(now, validity);
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "renewal answer refused");
                             self.machine.handle_renew_refused(now, random());

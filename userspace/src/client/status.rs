@@ -89,7 +89,7 @@ impl Status {
         let path = state_dir.join(STATUS_FILE);
         let data = std::fs::read(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => format!(
-                "no status in {}: no Client has run with this state directory yet (is --state-dir / EWII_STATE_DIR the one in its config?)",
+                "no status.json in {}: no Client has run with this state directory yet (is --state-dir / EWII_STATE_DIR the one in its config?)",
                 state_dir.display()
             ),
             _ => format!("{}: {e}", path.display()),

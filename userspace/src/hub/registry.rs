@@ -100,6 +100,20 @@ impl Registry {
         });
     }
 
+    /// Session `session_id` of `client` now holds `serial` (a rotation on the live
+    /// connection): retiring its older serial no longer concerns it.
+    pub(crate) fn rebind(&self, client: &str, session_id: u64, serial: &str) {
+        let Ok(mut clients) = self.clients.lock() else {
+            return;
+        };
+        if let Some(e) = clients
+            .get_mut(client)
+            .and_then(|c| c.entries.iter_mut().find(|e| e.route.id == session_id))
+        {
+            serial.clone_into(&mut e.serial);
+        }
+    }
+
     /// Removes a session (when it ends). False when it was gone already.
     pub(crate) fn remove(&self, client: &str, session_id: u64) -> bool {
         let Ok(mut clients) = self.clients.lock() else {

@@ -27,9 +27,14 @@ use crate::transport::{self, codes, FrameReader};
 
 /// How long a session opening may take before the Hub gives up on it.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a session whose serial was retired by a rotation may finish its queries (the
-/// Client drains as long; no new query is routed to it meanwhile).
+/// How long a session whose serial was retired may finish its queries (no new query is
+/// routed to it meanwhile). A rotation re-binds the live session instead, so this only
+/// applies to a connection that holds an older key (a second process with a stolen key, or
+/// a Client that re-enrolled).
 pub(crate) const RETIRED_DRAIN: Duration = Duration::from_secs(600);
+/// After `Goodbye`, how long the Client has to finish its in-flight queries and close (it
+/// drains for 5 s itself); no new query is routed to it meanwhile.
+const GOODBYE_DRAIN: Duration = Duration::from_secs(10);
 
 /// What every session shares with the rest of the Hub.
 #[derive(Debug, Clone)]
@@ -55,6 +60,12 @@ pub(crate) struct Session {
     recv: quinn::RecvStream,
     reader: FrameReader,
     allow_list: Vec<String>,
+    /// When this session ends because its SVID does (moved by a rotation).
+    expiry: Instant,
+    /// The SVID issued by the last `Renew`, until the Client says `Rotated`.
+    pending: Option<LeafInfo>,
+    /// `Goodbye` received: whether it revoked, and until when the Client may drain.
+    goodbye: Option<(bool, Instant)>,
 }
 
 impl Session {
@@ -74,6 +85,20 @@ impl Session {
             conn.close(codes::REFUSED, b"");
             return None;
         };
+        // A revoked identity that proved a current key is told so (it holds the key, so
+        // telling it leaks nothing): it records the revocation and stops dialling (exit 10).
+        // The TLS verifier let it through for this; strangers got the generic refusal there.
+        if parts.store.view().status(&leaf.id, &leaf.serial) == Some(SerialStatus::Revoked) {
+            let reason = parts.store.view().revocation(&name).unwrap_or_default();
+            let mut r = parts.audit.record(Event::HandshakeRefused);
+            r.client = Some(leaf.id.to_string());
+            r.peer = Some(peer.to_string());
+            r.outcome = Some(Outcome::Refused);
+            r.reason = Some(format!("{} is revoked", leaf.id));
+            parts.audit.emit(r);
+            conn.close(codes::REVOKED, reason.as_bytes());
+            return None;
+        }
         let opened = tokio::time::timeout(OPENING_TIMEOUT, hello(&conn))
             .await
             .unwrap_or_else(|_| Err("no Hello in time".into()));
@@ -105,12 +130,15 @@ impl Session {
             conn,
             peer,
             name,
+            expiry: deadline_at(leaf.not_after),
             leaf,
             id,
             send,
             recv,
             reader,
             allow_list,
+            pending: None,
+            goodbye: None,
         })
     }
 
@@ -120,7 +148,6 @@ impl Session {
         let started = Instant::now();
         let (tell, mut told) = mpsc::unbounded_channel::<Command>();
         self.up(tell).await;
-        let expiry = deadline_at(self.leaf.not_after);
         let mut drain_until: Option<Instant> = None;
         // Told before it registered? The view says so.
         match self
@@ -152,8 +179,14 @@ impl Session {
                     None => std::future::pending().await,
                 }
             };
+            let goodbye_over = async {
+                match self.goodbye {
+                    Some((_, at)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                () = tokio::time::sleep_until(expiry) => {
+                () = tokio::time::sleep_until(self.expiry) => {
                     self.conn.close(codes::REFUSED, b"");
                     break "the SVID of this session expired".to_string();
                 }
@@ -161,7 +194,13 @@ impl Session {
                     self.conn.close(codes::REFUSED, b"");
                     break format!("serial {} retired; drain time over", self.leaf.serial);
                 }
-                command = told.recv() => match command {
+                () = goodbye_over => {
+                    self.conn.close(codes::DONE, b"");
+                    break goodbye_reason(self.goodbye);
+                }
+                // After `Goodbye` the registry no longer holds this session (it dropped the
+                // sender): nothing more is told.
+                command = told.recv(), if self.goodbye.is_none() => match command {
                     Some(Command::Drain) => {
                         drain_until.get_or_insert_with(|| Instant::now() + RETIRED_DRAIN);
                     }
@@ -173,12 +212,16 @@ impl Session {
                     // The registry dropped us: we were closed by a revocation.
                     None => break format!("{} is revoked", self.leaf.id),
                 },
-                msg = self.reader.read::<Control>(&mut self.recv) => {
+                // After `Goodbye` the Client has finished its side of the control stream.
+                msg = self.reader.read::<Control>(&mut self.recv), if self.goodbye.is_none() => {
                     if let Some(reason) = self.control(msg).await {
                         break reason;
                     }
                 }
-                e = self.conn.closed() => break lost_reason(&e),
+                e = self.conn.closed() => match self.goodbye {
+                    Some(_) => break goodbye_reason(self.goodbye),
+                    None => break lost_reason(&e),
+                },
             }
         };
         self.parts.registry.remove(&self.name, self.id);
@@ -261,10 +304,10 @@ impl Session {
                 None
             }
             Ok(Some(Control::Goodbye { revoke })) => {
+                // No new query goes to it; in-flight ones finish, then the Client closes.
+                self.parts.registry.remove(&self.name, self.id);
                 if revoke {
-                    // Out of the registry first: this connection closes with DONE below; the
-                    // revocation closes any other one of this client.
-                    self.parts.registry.remove(&self.name, self.id);
+                    // The revocation closes any other connection of this client.
                     registry::revoke(
                         &self.parts.store,
                         &self.parts.audit,
@@ -276,9 +319,10 @@ impl Session {
                     )
                     .await;
                 }
-                self.conn.close(codes::DONE, b"");
-                Some(format!("goodbye (revoke: {revoke})"))
+                self.goodbye = Some((revoke, Instant::now() + GOODBYE_DRAIN));
+                None
             }
+            Ok(Some(Control::Rotated { serial })) => self.rotated(serial).await,
             Ok(Some(Control::Renew { csr })) => {
                 let answer = self.renew(&csr).await;
                 if transport::write_frame(&mut self.send, &answer)
@@ -307,7 +351,7 @@ impl Session {
     /// Signs a renewal CSR for the session's own identity (never what the CSR asks for).
     /// Only the newest key in use renews: a connection holding a retired, revoked or
     /// superseded serial (a stolen old key) gets nothing.
-    async fn renew(&self, csr: &[u8]) -> Control {
+    async fn renew(&mut self, csr: &[u8]) -> Control {
         let parts = &self.parts;
         let mut r = parts.audit.record(Event::SvidRotated);
         r.session_id = Some(self.id);
@@ -331,6 +375,7 @@ impl Session {
         };
         let answer = match issued {
             Ok(issued) => {
+                self.pending = inspect_leaf(&issued.der).ok();
                 r.outcome = Some(Outcome::Ok);
                 r.reason = Some(format!(
                     "issued serial {} to replace {}",
@@ -352,6 +397,54 @@ impl Session {
         parts.audit.emit(r);
         answer
     }
+
+    /// The Client stored the SVID of the last `Renewed` and uses it: this live session is
+    /// re-bound to the new serial (its expiry moves with it), and every older serial of the
+    /// client is retired (P8), so a stolen older key opens nothing any more. The connection
+    /// stays: a rotation cuts no query. `Some(reason)` ends the session.
+    async fn rotated(&mut self, serial: String) -> Option<String> {
+        let Some(leaf) = self.pending.take().filter(|l| l.serial == serial) else {
+            self.conn.close(codes::PROTOCOL, b"");
+            return Some(format!(
+                "Rotated for serial {serial}, which this session was not issued"
+            ));
+        };
+        // Re-bound in the registry first, so that the retirement below does not drain us.
+        self.parts
+            .registry
+            .rebind(&self.name, self.id, &leaf.serial);
+        let row = SessionRow {
+            session_id: self.id,
+            serial: leaf.serial.clone(),
+            peer: self.peer.to_string(),
+            since: crate::now_timestamp().unix_secs() as i64,
+        };
+        let retired = self.parts.store.session_up(&self.name, row).await;
+        let mut r = self.parts.audit.record(Event::SvidRotated);
+        r.session_id = Some(self.id);
+        r.client = Some(self.leaf.id.to_string());
+        match retired {
+            Ok(n) => {
+                r.outcome = Some(Outcome::Ok);
+                r.reason = Some(format!(
+                    "session re-bound from serial {} to {}; {n} older serial(s) retired",
+                    self.leaf.serial, leaf.serial
+                ));
+            }
+            Err(e) => {
+                r.outcome = Some(Outcome::Failed);
+                r.reason = Some(format!("cannot record serial {}: {e}", leaf.serial));
+            }
+        }
+        self.parts.audit.emit(r);
+        self.expiry = deadline_at(leaf.not_after);
+        self.leaf = leaf;
+        None
+    }
+}
+
+fn goodbye_reason(goodbye: Option<(bool, Instant)>) -> String {
+    format!("goodbye (revoke: {})", goodbye.is_some_and(|(r, _)| r))
 }
 
 /// Reads the Client's `Hello` on the first stream.

@@ -410,8 +410,9 @@ impl Db {
         Ok(match row {
             None => SerialStatus::Unknown,
             Some((sid, _, _)) if sid != id.to_string() => SerialStatus::OtherIdentity(sid),
-            Some((_, Some(_), _)) => SerialStatus::Revoked,
-            Some((_, None, true)) => SerialStatus::Retired,
+            // Retirement first, as in the view: only a current key is told it is revoked.
+            Some((_, _, true)) => SerialStatus::Retired,
+            Some((_, Some(_), false)) => SerialStatus::Revoked,
             Some((_, None, false)) => SerialStatus::Current,
         })
     }

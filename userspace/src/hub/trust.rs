@@ -244,6 +244,7 @@ fn server_configs(
 ) -> Result<(quinn::ServerConfig, tokio_rustls::TlsAcceptor), TrustError> {
     let client_verifier = SpiffeVerifier::new(bundle.clone(), trust_domain, Expect::Client)
         .with_serial_check(view.clone())
+        .telling_revoked()
         .with_audit(audit.clone())
         .optional();
     let tls = transport::tls_server_config(

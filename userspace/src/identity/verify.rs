@@ -141,6 +141,9 @@ pub struct SpiffeVerifier {
     trust_domain: String,
     expect: Expect,
     serials: Option<Arc<dyn SerialCheck>>,
+    /// Let a current serial of a revoked identity complete the handshake, so that the session
+    /// can tell it it is revoked (see [`SpiffeVerifier::telling_revoked`]).
+    tell_revoked: bool,
     audit: Option<Audit>,
     algs: WebPkiSupportedAlgorithms,
     mandatory: bool,
@@ -163,10 +166,21 @@ impl SpiffeVerifier {
             trust_domain: trust_domain.to_owned(),
             expect,
             serials: None,
+            tell_revoked: false,
             audit: None,
             algs: rustls::crypto::ring::default_provider().signature_verification_algorithms,
             mandatory: true,
         }
+    }
+
+    /// A current serial of a *revoked* identity passes the handshake: the caller must then
+    /// close the connection with `REVOKED` at once (the Hub's session does). The peer holds
+    /// the identity's current key, so telling it leaks nothing to a stranger, and it lets the
+    /// Client stop dialling instead of retrying a generic refusal for ever. Retired, unknown
+    /// and foreign serials are still refused generically.
+    pub fn telling_revoked(mut self) -> Self {
+        self.tell_revoked = true;
+        self
     }
 
     /// Also checks serials against the Hub's records.
@@ -236,9 +250,12 @@ impl SpiffeVerifier {
             return Err(format!("{} is not a {:?} identity", leaf.id, self.expect));
         }
         if let Some(check) = &self.serials {
-            check
-                .check(&leaf.id, &leaf.serial)
-                .map_err(|refusal| refusal.to_string())?;
+            match check.check(&leaf.id, &leaf.serial) {
+                Ok(()) => {}
+                // Proven key of a revoked identity: the session tells it, and closes.
+                Err(SerialRefusal::Revoked { .. }) if self.tell_revoked => {}
+                Err(refusal) => return Err(refusal.to_string()),
+            }
         }
         Ok(leaf)
     }

@@ -78,10 +78,12 @@ impl View {
         };
         Some(if client.spiffe_id != id.to_string() {
             SerialStatus::OtherIdentity(client.spiffe_id.clone())
+        } else if s.retired {
+            // Retirement first: an older key is refused as retired whether or not the
+            // identity is revoked too (only a current key is told it is revoked).
+            SerialStatus::Retired
         } else if client.revoked.is_some() {
             SerialStatus::Revoked
-        } else if s.retired {
-            SerialStatus::Retired
         } else {
             SerialStatus::Current
         })
