@@ -369,6 +369,8 @@ pub struct Receiver {
     pub url: String,
     /// Every request, in order: headers (lower-case names), body, status answered.
     pub got: std::sync::Arc<std::sync::Mutex<Vec<Delivery>>>,
+    /// While false, every request is answered 503 (the customer's endpoint is down).
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// One request the [`Receiver`] saw.
@@ -383,8 +385,24 @@ pub struct Delivery {
 }
 
 impl Receiver {
-    /// Starts listening on loopback.
+    /// Starts listening on loopback; answers `statuses` in turn, then 200.
     pub async fn start(statuses: Vec<u16>) -> Self {
+        Self::start_gated(statuses, true).await
+    }
+
+    /// Starts answering 503 to everything until [`open`](Self::open) is called.
+    pub async fn start_closed() -> Self {
+        Self::start_gated(Vec::new(), false).await
+    }
+
+    /// From now on, answers as [`start`](Self::start) would.
+    pub fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    async fn start_gated(statuses: Vec<u16>, open: bool) -> Self {
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(open));
+        let gate = open.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Delivery>::new()));
@@ -395,7 +413,11 @@ impl Receiver {
                 let Some((headers, body)) = read_request(&mut s).await else {
                     continue;
                 };
-                let status = statuses.next().unwrap_or(200);
+                let status = if gate.load(std::sync::atomic::Ordering::SeqCst) {
+                    statuses.next().unwrap_or(200)
+                } else {
+                    503
+                };
                 g.lock().unwrap().push(Delivery {
                     headers,
                     body,
@@ -408,7 +430,7 @@ impl Receiver {
                 let _ = s.shutdown().await;
             }
         });
-        Self { url, got }
+        Self { url, got, open }
     }
 
     /// Deliveries so far.
@@ -594,7 +616,22 @@ pub async fn counting_listener() -> (SocketAddr, std::sync::Arc<std::sync::atomi
 
 /// Path of a workspace binary next to the test executable (`cargo nextest run --workspace`
 /// and `cargo test --workspace` build them).
+///
+/// `ewii-client` is special: its path is a wrapper that starts the real binary inside a fresh
+/// child cgroup of its own whenever it runs as root, so that an eBPF lock the Client attaches
+/// can only ever fence that child cgroup — never the test runner's own cgroup, whatever
+/// machine the tests run on (without root there is no CAP_BPF and no lock). Tests that place
+/// the Client in a cgroup themselves use [`Cgroup::client`].
 pub fn bin_path(name: &str) -> PathBuf {
+    let real = built_binary(name);
+    if name == "ewii-client" {
+        confined_client(&real)
+    } else {
+        real
+    }
+}
+
+fn built_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap();
     let p = dir.join(name);
@@ -604,6 +641,122 @@ pub fn bin_path(name: &str) -> PathBuf {
         p.display()
     );
     p
+}
+
+/// Writes (once per test process) the wrapper that confines `ewii-client` to a fresh child
+/// cgroup; removes the empty ones earlier runs left behind.
+fn confined_client(real: &Path) -> PathBuf {
+    let wrapper = real.with_file_name(format!("ewii-client-confined-{}", std::process::id()));
+    if !wrapper.exists() {
+        // `exec` keeps the pid (tests signal it and read its /proc); the cgroup stays behind
+        // empty, and the next test process removes it.
+        let script = format!(
+            r#"#!/bin/sh
+# Test harness only (tests/lib.rs): as root, start ewii-client in a fresh child cgroup.
+if [ "$(id -u)" = 0 ]; then
+  mnt=$(awk '$9 == "cgroup2" {{ print $5; exit }}' /proc/self/mountinfo)
+  cur=$(sed -n 's/^0:://p' /proc/self/cgroup)
+  cg="$mnt${{cur%/}}/ewii-client-$$"
+  if [ -z "$mnt" ] || ! mkdir "$cg" || ! echo $$ > "$cg/cgroup.procs"; then
+    echo "test harness: cannot confine ewii-client to a child cgroup ($cg)" >&2
+    exit 97
+  fi
+fi
+exec "{}" "$@"
+"#,
+            real.display()
+        );
+        let tmp = wrapper.with_extension("tmp");
+        std::fs::write(&tmp, script).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, &wrapper).unwrap();
+        remove_stale_client_cgroups();
+    }
+    wrapper
+}
+
+fn remove_stale_client_cgroups() {
+    let Ok(mnt) = ewii::enforce::ebpf::cgroup2_mount() else {
+        return;
+    };
+    let Ok(me) = std::fs::read_to_string("/proc/self/cgroup") else {
+        return;
+    };
+    let Some(cur) = me.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return;
+    };
+    let dir = mnt.join(cur.trim_start_matches('/'));
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("ewii-client-")
+        {
+            // Fails (and is left) while a Client still runs in it.
+            let _ = std::fs::remove_dir(entry.path());
+        }
+    }
+}
+
+/// A fresh child cgroup of the test's own, removed on drop (its processes must be gone).
+#[derive(Debug)]
+pub struct Cgroup(pub PathBuf);
+
+impl Cgroup {
+    /// Makes it (needs root and cgroup v2).
+    pub fn new() -> Self {
+        let name = format!(
+            "ewii-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        let path = ewii::enforce::ebpf::cgroup2_mount().unwrap().join(name);
+        std::fs::create_dir(&path).unwrap();
+        Self(path)
+    }
+
+    /// `sh -c 'join the cgroup; exec …'`: the program starts inside it.
+    pub fn command(&self, program: &Path, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new("sh");
+        c.arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+            .arg(&self.0)
+            .arg(program)
+            .args(args);
+        c
+    }
+
+    /// `ewii-client` started inside this cgroup (not a child of it).
+    pub fn client(&self, args: &[&str]) -> std::process::Command {
+        self.command(&built_binary("ewii-client"), args)
+    }
+
+    /// The real `ewii-client`, for a script that joins this cgroup before it runs it.
+    pub fn client_binary(&self) -> PathBuf {
+        built_binary("ewii-client")
+    }
+}
+
+impl Default for Cgroup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Its processes have exited by now; a cgroup without processes can be removed.
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
 }
 
 /// How often [`poll_until`] looks again.

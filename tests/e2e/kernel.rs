@@ -48,48 +48,6 @@ fn cgroup2_mount() -> Option<PathBuf> {
     ewii::enforce::ebpf::cgroup2_mount().ok()
 }
 
-/// A fresh child cgroup, removed on drop.
-struct Cgroup(PathBuf);
-
-impl Cgroup {
-    fn new() -> Self {
-        let name = format!("ewii-test-{}-{}", std::process::id(), rand_suffix());
-        let path = cgroup2_mount().unwrap().join(name);
-        fs::create_dir(&path).unwrap();
-        Self(path)
-    }
-
-    /// `sh -c 'join the cgroup; exec …'`: the program starts inside it.
-    fn command(&self, program: &Path, args: &[&str]) -> Command {
-        let mut c = Command::new("sh");
-        c.arg("-c")
-            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
-            .arg(&self.0)
-            .arg(program)
-            .args(args);
-        c
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        // Its processes have exited by now; a cgroup without processes can be removed.
-        for _ in 0..100 {
-            if fs::remove_dir(&self.0).is_ok() {
-                return;
-            }
-            std::thread::sleep(POLL);
-        }
-    }
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos() as u64
-}
-
 /// A directory and config readable by uid 65534.
 fn world_readable_config(allow: &str, hub: &str, extra: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -124,15 +82,11 @@ async fn p16_the_ebpf_lock_refuses_everything_outside_the_policy_with_eperm() {
     let (allowed, _accepted) = counting_listener().await;
     let (_dir, config) = world_readable_config(&allowed.to_string(), "127.0.0.1:47443", "");
     let cg = Cgroup::new();
-    let bin = bin_path("ewii-client");
     let cfg = config.to_str().unwrap().to_owned();
     let out = tokio::task::spawn_blocking(move || {
-        cg.command(
-            &bin,
-            &["probe-enforcement", "--config", &cfg, "--layers", "ebpf"],
-        )
-        .output()
-        .unwrap()
+        cg.client(&["probe-enforcement", "--config", &cfg, "--layers", "ebpf"])
+            .output()
+            .unwrap()
     })
     .await
     .unwrap();
@@ -264,10 +218,7 @@ async fn p16_a_locked_client_serves_queries_while_the_kernel_refuses_a_rogue_con
     .unwrap();
     let cg = Cgroup::new();
     let mut proc = cg
-        .command(
-            &bin_path("ewii-client"),
-            &["run", "--config", config.to_str().unwrap()],
-        )
+        .client(&["run", "--config", config.to_str().unwrap()])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -375,7 +326,7 @@ async fn p16_pinned_links_keep_the_lock_after_the_client_is_gone() {
     let (allowed, _accepted) = counting_listener().await;
     let (dir, config) = world_readable_config(&allowed.to_string(), "127.0.0.1:47443", "");
     let cg = Cgroup::new();
-    let bin = bin_path("ewii-client");
+    let bin = cg.client_binary();
     let out = dir.path().join("probe.json");
     let rogue = dir.path().join("rogue.txt");
     // A private mount namespace with its own bpffs: the pins live as long as it does, and it

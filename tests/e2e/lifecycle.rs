@@ -554,6 +554,44 @@ async fn p10_a_revocation_made_while_the_hub_is_down_holds_after_its_restart_and
     );
 }
 
+/// The outbox is persisted: a webhook the Hub could not deliver before it stopped is delivered
+/// by the restarted Hub — the receiver accepts nothing until the first Hub is gone, so the
+/// delivery can only come from the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p10_a_webhook_undelivered_before_a_hub_restart_is_delivered_after_it() {
+    let receiver = Receiver::start_closed().await;
+    let mut hub = TestHub::start_custom(
+        &[],
+        "[webhooks]\ndanger_allow_private_targets = true\nretry_initial_ms = 200\nretry_max_ms = 400\n",
+    )
+    .await;
+    let token = hub.token_with_webhook("acme", &receiver.url);
+    let _client = TestClient::enrol_with(&hub, &token, &[("db", "127.0.0.1:9".into())]).await;
+    admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap();
+    poll_until("a refused delivery", SOON, || {
+        !receiver.deliveries().is_empty()
+    })
+    .await;
+    hub.stop().await;
+    let refused = receiver.deliveries();
+    assert!(refused.iter().all(|d| d.status == 503));
+    receiver.open();
+    hub.restart().await;
+    poll_until("the delivery after the restart", SOON, || {
+        receiver.deliveries().iter().any(|d| d.status == 200)
+    })
+    .await;
+    let all = receiver.deliveries();
+    let ok: Vec<_> = all.iter().filter(|d| d.status == 200).collect();
+    assert_eq!(ok.len(), 1, "delivered once");
+    assert!(all.len() > refused.len());
+    assert!(all[..refused.len()].iter().all(|d| d.status == 503));
+    assert_eq!(
+        ok[0].headers["webhook-id"], refused[0].headers["webhook-id"],
+        "the same persisted event"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p10_webhook_arrives_exactly_once_across_failures_and_a_hub_restart_and_verifies() {
     let receiver = Receiver::start(vec![500, 503]).await;
@@ -690,7 +728,7 @@ async fn p15_the_ca_rotates_with_an_overlap_and_clients_follow_over_the_control_
     use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
 
     let echo = echo_server().await;
-    let mut hub = TestHub::start_with(&[Service::tcp("pg", "acme", "db")], 4).await;
+    let hub = TestHub::start_with(&[Service::tcp("pg", "acme", "db")], 4).await;
     let mut client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
     let first = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
     client.start();
@@ -713,11 +751,27 @@ async fn p15_the_ca_rotates_with_an_overlap_and_clients_follow_over_the_control_
     assert_eq!(anchors().len(), 2);
     let new_ca = anchors()[1].clone();
 
-    // 2. Activate: the Hub signs with the new CA. A fresh handshake now pairs a new-CA Hub
-    //    SVID with an old-CA Client SVID: the overlap lets both through.
+    // 2. Activate: the running Hub (no restart) reloads its own SVID, now issued by the new
+    //    CA, and presents it to the next handshake; the live session goes on. The overlap
+    //    lets a new-CA Hub SVID and an old-CA Client SVID through.
+    assert!(
+        !hub_presents(&hub, &new_ca).await,
+        "still the old CA's SVID"
+    );
     admin::ca_activate(&hub.state_dir()).unwrap();
-    hub.restart().await;
-    hub.wait_connected("acme").await;
+    let deadline = Instant::now() + SOON;
+    while !hub_presents(&hub, &new_ca).await {
+        assert!(
+            Instant::now() < deadline,
+            "the Hub never presented its new-CA SVID"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    assert_eq!(
+        count(&client.audit, is(Event::SessionUp)),
+        1,
+        "no reconnection was needed"
+    );
     let data = b"during the overlap".to_vec();
     let mut s = TcpStream::connect(hub.service("pg")).await.unwrap();
     s.write_all(&data).await.unwrap();
@@ -757,6 +811,25 @@ async fn p15_the_ca_rotates_with_an_overlap_and_clients_follow_over_the_control_
         .await
         .is_ok());
     client.stop().await;
+}
+
+/// Whether the Hub at `hub.addr` presents an SVID that chains to `anchor` (a handshake
+/// without a client certificate: the server's certificate is checked all the same).
+async fn hub_presents(hub: &TestHub, anchor: &rustls::pki_types::CertificateDer<'static>) -> bool {
+    use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
+    let verifier = SpiffeVerifier::new(Bundle::new(vec![anchor.clone()]), TD, Expect::Hub);
+    let tls =
+        transport::tls_client_config(None, Arc::new(verifier), ewii_common::frame::ALPN).unwrap();
+    let quic = transport::quic_client_config(tls).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let ok = match endpoint.connect_with(quic, hub.addr, "hub") {
+        Ok(connecting) => tokio::time::timeout(SOON, connecting)
+            .await
+            .is_ok_and(|c| c.is_ok()),
+        Err(_) => false,
+    };
+    endpoint.close(0u32.into(), b"");
+    ok
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use ewii::identity::store::{self, Svid};
 use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
 use ewii::transport;
 use ewii_common::audit::{Event, Outcome};
-use ewii_common::frame;
+use ewii_common::frame::{self, Control};
 use ewii_tests::*;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer,
@@ -171,9 +171,11 @@ async fn p7_hub_refuses_a_ca_certificate_as_a_client() {
 async fn fake_hub(
     svid: Svid,
     provider: rustls::crypto::CryptoProvider,
+    trusted: Vec<CertificateDer<'static>>,
 ) -> (SocketAddr, quinn::Endpoint) {
-    let ca_bundle = Bundle::new(vec![]);
-    let verifier = SpiffeVerifier::new(ca_bundle, TD, Expect::Client).optional();
+    // Trusts the real CA: a Client it is given is accepted in every respect but the one a
+    // test changes (the provider, or the server's own certificate).
+    let verifier = SpiffeVerifier::new(Bundle::new(trusted), TD, Expect::Client).optional();
     let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
@@ -196,11 +198,26 @@ async fn fake_hub(
     let ep = endpoint.clone();
     tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
-            // Drive the handshake; the Client's verdict is what the tests look at.
+            // Drive the handshake and, when it completes, answer Hello with Welcome: a
+            // session that comes up proves the handshake was acceptable to the Client.
             tokio::spawn(async move {
-                if let Ok(c) = incoming.await {
-                    let _ = c.closed().await;
+                let Ok(c) = incoming.await else { return };
+                if let Ok((mut send, mut recv)) = c.accept_bi().await {
+                    let mut reader = transport::FrameReader::new();
+                    if let Ok(Some(Control::Hello { .. })) = reader.read::<Control>(&mut recv).await
+                    {
+                        let welcome = Control::Welcome {
+                            session_id: 7,
+                            hub_time_us: 0,
+                            limits: frame::Limits {
+                                max_concurrent_queries: 16,
+                                idle_timeout_ms: 3000,
+                            },
+                        };
+                        let _ = transport::write_frame(&mut send, &welcome).await;
+                    }
                 }
+                let _ = c.closed().await;
             });
         }
     });
@@ -217,7 +234,7 @@ async fn p7_client_refuses_a_hub_with_the_wrong_spiffe_id() {
         &ca,
         &LeafSpec::valid(&["spiffe://test.ewii.local/workload/evil"]),
     );
-    let (addr, _endpoint) = fake_hub(impostor, transport::provider()).await;
+    let (addr, _endpoint) = fake_hub(impostor, transport::provider(), vec![hub_ca(&hub).0]).await;
     client.config.hub = addr.to_string().parse().unwrap();
     client.start();
     let r = client
@@ -283,16 +300,26 @@ async fn p5_hub_refuses_a_client_that_offers_no_chacha20_poly1305() {
     assert!(hub.handle().connected_clients().is_empty());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p5_client_refuses_a_hub_that_offers_no_chacha20_poly1305() {
     let hub = TestHub::start(&[]).await;
     let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
-    // The real Hub identity, on a server that only speaks AES-GCM.
-    let hub_svid = Svid::load(&hub.state_dir(), "hub.pem", "hub.key").unwrap();
-    let (addr, _endpoint) = fake_hub(hub_svid, aes_only_provider()).await;
+    // The real Hub identity, trusting the real CA: with Ewii's own provider (ChaCha20-Poly1305
+    // only) the Client's session comes up, so the suite is the only thing the next one changes.
+    let hub_svid = || Svid::load(&hub.state_dir(), "hub.pem", "hub.key").unwrap();
+    let ca = vec![hub_ca(&hub).0];
+    let (good, _good_endpoint) = fake_hub(hub_svid(), transport::provider(), ca.clone()).await;
+    client.config.hub = good.to_string().parse().unwrap();
+    client.start();
+    client
+        .wait_audit("a session with a ChaCha20 Hub", is(Event::SessionUp))
+        .await;
+    client.stop().await;
+
+    // The same server speaking only AES-GCM.
+    let (addr, _endpoint) = fake_hub(hub_svid(), aes_only_provider(), ca).await;
     client.config.hub = addr.to_string().parse().unwrap();
     client.start();
-    // The Client keeps trying (and failing) without ever getting a session.
     let dir = client.state_dir();
     let read = || ewii::client::status::Status::read(&dir).ok();
     poll_until("two failed dials", SOON, || {
@@ -300,18 +327,32 @@ async fn p5_client_refuses_a_hub_that_offers_no_chacha20_poly1305() {
     })
     .await;
     let status = read().unwrap();
-    assert!(
-        status
-            .last_error
-            .as_deref()
-            .unwrap_or("")
-            .contains("handshake"),
+    // The server found no suite in common with what the Client offers (ChaCha20-Poly1305
+    // alone) and aborted with TLS alert 40, handshake_failure (RFC 8446 §6.2; QUIC crypto
+    // error 0x128, RFC 9001 §4.8). Nothing else differs from the Hub that gave a session.
+    assert_eq!(
+        status.last_error.as_deref(),
+        Some(
+            format!(
+                "handshake with {addr}: aborted by peer: the cryptographic handshake failed: error 40: peer is incompatible: NoCipherSuitesInCommon"
+            )
+            .as_str()
+        ),
         "{status:?}"
     );
-    assert!(client
+    assert_eq!(
+        count_ups(&client),
+        1,
+        "only the ChaCha20 Hub gave a session"
+    );
+    client.stop().await;
+}
+
+fn count_ups(client: &TestClient) -> usize {
+    client
         .audit
         .records()
         .iter()
-        .all(|r| r.event != Event::SessionUp));
-    client.stop().await;
+        .filter(|r| r.event == Event::SessionUp)
+        .count()
 }

@@ -11,7 +11,7 @@ use ewii_common::audit::{Event, Outcome};
 use ewii_tests::*;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 /// Writes `data` and reads everything back until EOF, concurrently (so that neither side's
 /// buffers fill up and deadlock).
@@ -137,6 +137,55 @@ async fn p4_a_reset_destination_resets_the_requester() {
     let c = client.wait_audit("query", is(Event::Query)).await;
     assert_eq!(c.outcome, Some(Outcome::Failed));
     assert!(c.reason.unwrap().contains("connection reset"));
+}
+
+/// The other direction of `p4_a_reset_destination_resets_the_requester`: a requester that
+/// aborts (RST) makes the Client abort its connection to the destination, which reads a reset,
+/// not a clean end of stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_a_reset_requester_resets_the_destination() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = listener.local_addr().unwrap();
+    let (got_bytes, mut bytes_seen) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let (ended, end) = tokio::sync::oneshot::channel::<Result<usize, std::io::ErrorKind>>();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 64];
+        let mut total = 0;
+        let how = loop {
+            match s.read(&mut buf).await {
+                Ok(0) => break Ok(total),
+                Ok(n) => {
+                    total += n;
+                    let _ = got_bytes.send(total);
+                }
+                Err(e) => break Err(e.kind()),
+            }
+        };
+        let _ = ended.send(how);
+    });
+    let hub = TestHub::start(&[Service::tcp("x", "acme", "db")]).await;
+    let client = TestClient::enrol_and_run(&hub, "acme", &[("db", dest.to_string())]).await;
+    hub.wait_connected("acme").await;
+    let s = TcpStream::connect(hub.service("x")).await.unwrap();
+    let mut s = s;
+    s.write_all(b"hello").await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(SOON, bytes_seen.recv()).await.unwrap(),
+        Some(5),
+        "the bytes went through first"
+    );
+    s.set_zero_linger().unwrap();
+    drop(s);
+    let how = tokio::time::timeout(SOON, end).await.unwrap().unwrap();
+    assert_eq!(how, Err(std::io::ErrorKind::ConnectionReset));
+    let h = hub.wait_audit("query", is(Event::Query)).await;
+    assert_eq!(h.outcome, Some(Outcome::Failed));
+    assert_eq!(h.reason.as_deref(), Some("tcp connection reset"));
+    let c = client.wait_audit("query", is(Event::Query)).await;
+    assert_eq!(c.outcome, Some(Outcome::Failed));
+    assert_eq!(c.reason.as_deref(), Some("stream reset by peer (1)"));
+    assert_eq!(c.bytes_up, Some(5));
 }
 
 #[tokio::test]
@@ -354,7 +403,7 @@ async fn stalled_reader() -> (
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<usize>,
 ) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (go, wait) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
