@@ -167,11 +167,66 @@ async fn p2_p3_p13_p6_the_unprivileged_layers_hold_as_uid_65534() {
     assert_eq!(p["io_uring_setup"], "blocked (EPERM)");
     assert_eq!(p["mptcp"], "blocked (EPERM)");
     assert_eq!(p["tcp_fast_open"], "blocked (EPERM)");
+    // Aimed at the allowed destination: refused for what they are, not where they go.
+    assert_eq!(p["tcp_fast_open_allowed"], "blocked (EPERM)", "{p:#}");
+    assert_eq!(p["mptcp_allowed"], "blocked (EPERM)", "{p:#}");
+    // accept4 on a non-listening socket would be EINVAL from the kernel: EPERM is seccomp.
+    assert_eq!(p["accept"], "blocked (EPERM)", "{p:#}");
+    assert_eq!(
+        p["tcp_bind"], "blocked (EACCES)",
+        "Landlock: no TCP bind: {p:#}"
+    );
     assert_eq!(
         p["tcp_other_port"], "blocked (EACCES)",
         "Landlock: only allow-listed ports"
     );
     assert_eq!(p["tcp_allowed"], "allowed", "allowed traffic still flows");
+}
+
+/// DESIGN §9: attaching to the host's root cgroup would filter the whole machine, so the lock
+/// refuses it. Run in a private mount namespace with an empty /sys/fs/bpf: should the refusal
+/// ever break, nothing is pinned and the lock ends with the probe.
+#[test]
+fn p16_the_lock_refuses_to_attach_to_the_host_root_cgroup() {
+    privileged!();
+    let (_dir, config) = world_readable_config("127.0.0.1:5432", "127.0.0.1:47443", "");
+    let mnt = cgroup2_mount().unwrap();
+    let cg = Cgroup::new();
+    let script = format!(
+        r#"mount -t tmpfs none /sys/fs/bpf || exit 90
+echo $$ > "{root}/cgroup.procs" || exit 92
+exec "{bin}" probe-enforcement --config "{cfg}" --layers ebpf"#,
+        root = mnt.display(),
+        bin = cg.client_binary().display(),
+        cfg = config.display(),
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let ebpf = &report["layers"][0];
+    assert_eq!(ebpf["name"], "ebpf");
+    assert_eq!(ebpf["active"], false, "{report:#}");
+    assert!(
+        ebpf["detail"]
+            .as_str()
+            .unwrap()
+            .contains("is the root cgroup"),
+        "{report:#}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "the required layer is missing: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -432,6 +432,17 @@ pub fn matrix(plan: &Plan) -> std::collections::BTreeMap<&'static str, String> {
     );
     out.insert("tcp_fast_open", probe::name(&probe::tfo_send(lo(denied))));
     out.insert("mptcp", probe::name(&probe::mptcp_connect(lo(denied))));
+    // The same two aimed at an allowed destination: a refusal there is the seccomp rule on
+    // the mechanism itself, not the address policy.
+    if let Some(SocketAddr::V4(first)) = plan.allow.first().map(|a| egress_canonical(*a)) {
+        out.insert(
+            "tcp_fast_open_allowed",
+            probe::name(&probe::tfo_send(first)),
+        );
+        out.insert("mptcp_allowed", probe::name(&probe::mptcp_connect(first)));
+    }
+    out.insert("accept", probe::name(&probe::accept()));
+    out.insert("tcp_bind", probe::name(&probe::tcp_bind(lo(0))));
     out.insert(
         "raw_icmp",
         probe::name(&probe::raw_icmp(Ipv4Addr::new(127, 0, 0, 2))),

@@ -115,6 +115,47 @@ pub fn listen() -> Verdict {
     }
 }
 
+/// `accept4(2)` on a fresh, non-listening TCP socket: the kernel would answer EINVAL, so
+/// EPERM can only come from the seccomp filter.
+pub fn accept() -> Verdict {
+    let fd = socket(libc::AF_INET, libc::SOCK_STREAM, 0)?;
+    // SAFETY: accept4 on a descriptor we own, with no address buffer (both pointers null).
+    let rc = unsafe {
+        libc::accept4(
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK,
+        )
+    };
+    if rc >= 0 {
+        // SAFETY: a non-negative result is a new descriptor that we own and close here.
+        drop(unsafe { OwnedFd::from_raw_fd(rc) });
+        Ok(())
+    } else {
+        Err(last_errno())
+    }
+}
+
+/// `bind(2)` of a fresh TCP socket to `addr` (Landlock ABI 4 refuses TCP binds with EACCES).
+pub fn tcp_bind(addr: SocketAddrV4) -> Verdict {
+    let fd = socket(libc::AF_INET, libc::SOCK_STREAM, 0)?;
+    let sa = sockaddr_in(addr);
+    // SAFETY: `sa` is a valid sockaddr_in that outlives the call; the length matches it.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(last_errno())
+    }
+}
+
 /// `io_uring_setup(2)` with one entry.
 pub fn io_uring_setup() -> Verdict {
     // struct io_uring_params is 120 bytes; zeroed means "no flags".
