@@ -784,3 +784,70 @@ pub fn require(var: &str) -> bool {
 pub fn is(event: Event) -> impl Fn(&AuditRecord) -> bool {
     move |r| r.event == event
 }
+
+/// A JSON-schema check for the subset of keywords the schemas in `tests/schemas/` use:
+/// `type` (object, string, integer), `const`, `enum`, `required`, `properties`,
+/// `additionalProperties: false`, `minimum`, `maximum`. Returns every violation, with its path.
+pub fn schema_violations(value: &serde_json::Value, schema: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    check_schema(value, schema, "$", &mut out);
+    out
+}
+
+fn check_schema(v: &serde_json::Value, s: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+    use serde_json::Value;
+    if let Some(t) = s.get("type").and_then(Value::as_str) {
+        let ok = match t {
+            "object" => v.is_object(),
+            "string" => v.is_string(),
+            "integer" => v.is_i64() || v.is_u64(),
+            other => panic!("schema keyword type={other} is not supported by this check"),
+        };
+        if !ok {
+            out.push(format!("{at}: not a {t}: {v}"));
+            return;
+        }
+    }
+    if let Some(c) = s.get("const") {
+        if v != c {
+            out.push(format!("{at}: {v} is not {c}"));
+        }
+    }
+    if let Some(e) = s.get("enum").and_then(Value::as_array) {
+        if !e.contains(v) {
+            out.push(format!("{at}: {v} is not one of {e:?}"));
+        }
+    }
+    if let Some(min) = s.get("minimum").and_then(Value::as_i64) {
+        if v.as_i64().is_some_and(|n| n < min) {
+            out.push(format!("{at}: {v} < {min}"));
+        }
+    }
+    if let Some(max) = s.get("maximum").and_then(Value::as_i64) {
+        if v.as_i64().is_some_and(|n| n > max) {
+            out.push(format!("{at}: {v} > {max}"));
+        }
+    }
+    let Some(obj) = v.as_object() else { return };
+    for r in s
+        .get("required")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let r = r.as_str().unwrap();
+        if !obj.contains_key(r) {
+            out.push(format!("{at}: missing {r}"));
+        }
+    }
+    let props = s.get("properties").and_then(Value::as_object);
+    for (k, child) in obj {
+        match props.and_then(|p| p.get(k)) {
+            Some(sub) => check_schema(child, sub, &format!("{at}.{k}"), out),
+            None if s.get("additionalProperties") == Some(&Value::Bool(false)) => {
+                out.push(format!("{at}: unexpected field {k}"));
+            }
+            None => {}
+        }
+    }
+}

@@ -8,6 +8,7 @@ use std::net::{SocketAddr, TcpListener as StdTcpListener, UdpSocket};
 use std::process::{Child, Command, Output, Stdio};
 
 use ewii::client::status::State;
+use ewii_common::audit::Event;
 use ewii_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -771,4 +772,124 @@ fn the_quickstart_shows_one_query_audited_on_both_sides_with_byte_counts() {
     }
     assert_eq!(hub["bytes_up"], client["bytes_up"]);
     assert_eq!(hub["bytes_down"], client["bytes_down"]);
+}
+
+/// P12: with `audit_format = "ocsf"`, every record the running Client binary writes is OCSF
+/// 1.1 Network Activity (the schema in tests/schemas/), and the query's record says, field by
+/// field, what happened. The Hub's records of the same run are checked against it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p12_the_client_binary_writes_ocsf_network_activity_field_by_field() {
+    let schema: serde_json::Value = serde_json::from_str(include_str!(
+        "../schemas/ocsf-1.1-network-activity.schema.json"
+    ))
+    .unwrap();
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    let dir = client.state_dir();
+    let audit = dir.parent().unwrap().join("audit.ocsf.jsonl");
+    let toml = dir.parent().unwrap().join("client.toml");
+    fs::write(
+        &toml,
+        format!(
+            "hub = \"{}\"\nstate_dir = {dir:?}\naudit = \"file:{}\"\naudit_format = \"ocsf\"\non_stop = \"disconnect\"\n[[allow]]\nname = \"db\"\naddress = \"{echo}\"\n",
+            hub.addr,
+            audit.display()
+        ),
+    )
+    .unwrap();
+    let started_ms = ewii::now_timestamp().0 / 1000;
+    let mut proc = Proc(
+        Command::new(bin_path("ewii-client"))
+            .args(["run", "--config", toml.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    hub.wait_connected("acme").await;
+    let mut s = tokio::net::TcpStream::connect(hub.service("pg"))
+        .await
+        .unwrap();
+    s.write_all(b"twelve bytes").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"twelve bytes");
+    let hub_query = hub.wait_audit("the Hub's query", is(Event::Query)).await;
+    poll_until("the Client's query record", SOON, || {
+        fs::read_to_string(&audit).is_ok_and(|t| t.contains("\"activity_id\":6"))
+    })
+    .await;
+    assert_eq!(proc.terminate().code(), Some(0));
+    let ended_ms = ewii::now_timestamp().0 / 1000;
+
+    let lines = fs::read_to_string(&audit).unwrap();
+    let records: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert!(records.len() >= 5, "{lines}");
+    for r in &records {
+        assert_eq!(schema_violations(r, &schema), Vec::<String>::new(), "{r}");
+        let activity = r["activity_id"].as_i64().unwrap();
+        assert_eq!(
+            r["type_uid"].as_i64().unwrap(),
+            4001 * 100 + activity,
+            "{r}"
+        );
+        let t = r["time"].as_u64().unwrap();
+        assert!(
+            (started_ms..=ended_ms).contains(&t),
+            "time in ms of this run: {r}"
+        );
+        assert_eq!(r["metadata"]["product"]["feature"]["name"], "client");
+    }
+    let names = [
+        (1, "Open"),
+        (2, "Close"),
+        (4, "Fail"),
+        (5, "Refuse"),
+        (6, "Traffic"),
+        (99, "Other"),
+    ];
+    for r in &records {
+        let id = r["activity_id"].as_i64().unwrap();
+        let name = names.iter().find(|(i, _)| *i == id).map(|(_, n)| *n);
+        assert_eq!(r["activity_name"].as_str(), name, "{r}");
+    }
+    // The query: Traffic, Success, both byte counts, the resolved destination, the
+    // requester, the Client's identity, joined to the Hub's record by its uid.
+    let q = records.iter().find(|r| r["activity_id"] == 6).unwrap();
+    assert_eq!(q["status_id"], 1);
+    assert_eq!(q["status"], "Success");
+    assert_eq!(q["traffic"]["bytes_out"], 12);
+    assert_eq!(q["traffic"]["bytes_in"], 12);
+    assert_eq!(q["traffic"]["bytes"], 24);
+    assert_eq!(q["dst_endpoint"]["name"], "db");
+    assert_eq!(q["dst_endpoint"]["ip"], echo.ip().to_string());
+    assert_eq!(q["dst_endpoint"]["port"], echo.port());
+    assert_eq!(q["src_endpoint"]["name"], hub_query.source.clone().unwrap());
+    assert_eq!(
+        q["actor"]["user"]["uid"],
+        "spiffe://test.ewii.local/client/acme"
+    );
+    assert_eq!(
+        q["metadata"]["uid"],
+        hub_query.query_id.unwrap().to_string(),
+        "joined to the Hub's record"
+    );
+    assert_eq!(q["unmapped"]["event"], "query");
+    // The session opened and closed.
+    assert!(records
+        .iter()
+        .any(|r| r["activity_id"] == 1 && r["unmapped"]["event"] == "session_up"));
+    assert!(records
+        .iter()
+        .any(|r| r["activity_id"] == 2 && r["unmapped"]["event"] == "session_lost"));
+    // The Hub's side of the same run, rendered the same way, passes the same schema.
+    for r in hub.audit.records() {
+        let v: serde_json::Value = serde_json::from_str(&r.to_ocsf_line()).unwrap();
+        assert_eq!(schema_violations(&v, &schema), Vec::<String>::new(), "{v}");
+    }
 }
