@@ -20,12 +20,12 @@ use ewii_common::frame::{self, Control};
 use ewii_common::session::{
     Action, ClientSession, CloseReason, Exit, Phase, SessionConfig, Validity,
 };
-use rand::RngCore;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::clock::{random, validity, Clock};
 use super::connect::{self, ConnectError, DialPlan, Opened};
 use super::connection::{Command, Connection, End, Event};
 use super::dialer::Dialer;
@@ -486,42 +486,6 @@ enum RenewalError {
     /// It could not be stored.
     #[error("cannot store the renewed SVID: {0}")]
     Store(String),
-}
-
-/// Maps the machine's wall-clock time onto tokio's clock: one reading of each at start, then
-/// tokio time only, so tests can pause and advance it.
-#[derive(Debug, Clone, Copy)]
-struct Clock {
-    wall: Duration,
-    start: Instant,
-}
-
-impl Clock {
-    fn start() -> Self {
-        Self {
-            wall: Duration::from_micros(crate::now_timestamp().0),
-            start: Instant::now(),
-        }
-    }
-
-    fn now(&self) -> Duration {
-        self.wall + self.start.elapsed()
-    }
-
-    fn instant(&self, at: Duration) -> Instant {
-        self.start + at.saturating_sub(self.wall)
-    }
-}
-
-fn validity(identity: &Identity) -> Validity {
-    Validity {
-        not_before: identity.leaf.not_before.max(0) as u64,
-        not_after: identity.leaf.not_after.max(0) as u64,
-    }
-}
-
-fn random() -> u64 {
-    rand::rng().next_u64()
 }
 
 async fn write_marker(path: PathBuf, reason: String) {

@@ -15,6 +15,7 @@
 //! - this module: [`run`] and [`run_enforced`], which load the state directory and start the
 //!   driver.
 
+mod clock;
 mod connect;
 mod connection;
 pub mod dialer;

@@ -1,0 +1,234 @@
+//! The Hub's configuration file (`ewii-hub run --config`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use ewii_common::policy::EntryName;
+use ewii_common::spiffe;
+use serde::Deserialize;
+
+use super::{default_audit, parse_toml, ConfigError};
+use crate::audit::AuditOutput;
+
+/// The Hub file's top-level keys.
+const HUB_TOP_LEVEL: &[&str] = &[
+    "state_dir",
+    "listen",
+    "svid_lifetime_secs",
+    "revoke_after_lost_secs",
+    "audit",
+    "audit_format",
+];
+
+/// How a Hub service listener learns who the requester is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceMode {
+    /// Plain TCP: the source recorded is this configured principal plus the peer address.
+    Tcp {
+        /// Operator-chosen name of the requester.
+        principal: String,
+    },
+    /// TLS with a client certificate: the source recorded is the caller's SPIFFE ID, which
+    /// must be a `/workload/<name>` SVID of the Hub's trust domain.
+    Tls,
+}
+
+/// One Hub service listener: operator workloads connect here to reach a Client's destination.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Unique name (for logs).
+    pub name: String,
+    /// TCP address to listen on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Name of the Client (`spiffe://<td>/client/<name>`).
+    pub client: String,
+    /// Allow-list entry name on that Client.
+    pub destination: EntryName,
+    /// Plain TCP or TLS.
+    pub mode: ServiceMode,
+}
+
+/// The Hub's configuration.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Holds the CA, the Hub SVID and `hub.db` (made by `ewii-hub init`).
+    pub state_dir: PathBuf,
+    /// UDP address for Clients (443 by default).
+    pub listen: SocketAddr,
+    /// Lifetime of issued SVIDs.
+    pub svid_lifetime: Duration,
+    /// Where audit lines go.
+    pub audit: AuditOutput,
+    /// How audit lines are rendered.
+    pub audit_format: ewii_common::audit::Format,
+    /// Service listeners.
+    pub services: Vec<ServiceConfig>,
+    /// Revoke a Client that has had no session for this long (`None`: never).
+    pub revoke_after_lost: Option<Duration>,
+    /// Webhook delivery.
+    pub webhooks: WebhookConfig,
+}
+
+/// How the Hub delivers webhooks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    /// Also notify when a Client revokes itself by stopping (`on_stop = "revoke"`).
+    pub notify_on_stop: bool,
+    /// Deliver to loopback and link-local addresses. For tests only: it lets a webhook URL
+    /// reach services on the Hub's own host or a cloud metadata endpoint.
+    pub danger_allow_private_targets: bool,
+    /// First retry delay; doubles per attempt.
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// Attempts before a delivery is given up (and left in the outbox, marked failed).
+    pub max_attempts: u32,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            notify_on_stop: true,
+            danger_allow_private_targets: false,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(600),
+            max_attempts: 30,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWebhooks {
+    notify_on_stop: Option<bool>,
+    danger_allow_private_targets: Option<bool>,
+    retry_initial_ms: Option<u64>,
+    retry_max_ms: Option<u64>,
+    max_attempts: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHub {
+    state_dir: PathBuf,
+    #[serde(default = "default_hub_listen")]
+    listen: SocketAddr,
+    #[serde(default = "default_svid_lifetime")]
+    svid_lifetime_secs: u64,
+    #[serde(default = "default_audit")]
+    audit: String,
+    #[serde(default)]
+    audit_format: ewii_common::audit::Format,
+    #[serde(default)]
+    service: Vec<RawService>,
+    #[serde(default = "default_revoke_after_lost")]
+    revoke_after_lost_secs: u64,
+    #[serde(default)]
+    webhooks: RawWebhooks,
+}
+
+fn default_revoke_after_lost() -> u64 {
+    86_400
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    listen: SocketAddr,
+    client: String,
+    destination: String,
+    #[serde(default)]
+    tls: bool,
+    principal: Option<String>,
+}
+
+fn default_hub_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 443))
+}
+
+fn default_svid_lifetime() -> u64 {
+    86_400
+}
+
+impl FromStr for HubConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let raw: RawHub = parse_toml(s, HUB_TOP_LEVEL)?;
+        if raw.svid_lifetime_secs < 2 || raw.svid_lifetime_secs > 30 * 86_400 {
+            return Err(ConfigError::Invalid(
+                "svid_lifetime_secs must be between 2 and 2592000 (30 days)".into(),
+            ));
+        }
+        let mut services: Vec<ServiceConfig> = Vec::new();
+        for s in raw.service {
+            if services.iter().any(|o| o.name == s.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "duplicate service name {:?}",
+                    s.name
+                )));
+            }
+            spiffe::valid_name(&s.client).map_err(|_| {
+                ConfigError::Invalid(format!("service {:?}: invalid client name", s.name))
+            })?;
+            let mode = match (s.tls, s.principal) {
+                (false, Some(p)) if !p.is_empty() => ServiceMode::Tcp { principal: p },
+                (false, _) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "service {:?}: a plain TCP service needs `principal` (who connects here)",
+                        s.name
+                    )))
+                }
+                (true, None) => ServiceMode::Tls,
+                (true, Some(_)) => {
+                    return Err(ConfigError::Invalid(format!(
+                    "service {:?}: a TLS service takes the caller's SPIFFE ID; drop `principal`",
+                    s.name
+                )))
+                }
+            };
+            services.push(ServiceConfig {
+                destination: s.destination.parse()?,
+                name: s.name,
+                listen: s.listen,
+                client: s.client,
+                mode,
+            });
+        }
+        let d = WebhookConfig::default();
+        let w = raw.webhooks;
+        let webhooks = WebhookConfig {
+            notify_on_stop: w.notify_on_stop.unwrap_or(d.notify_on_stop),
+            danger_allow_private_targets: w
+                .danger_allow_private_targets
+                .unwrap_or(d.danger_allow_private_targets),
+            retry_initial: w
+                .retry_initial_ms
+                .map_or(d.retry_initial, Duration::from_millis),
+            retry_max: w.retry_max_ms.map_or(d.retry_max, Duration::from_millis),
+            max_attempts: w.max_attempts.unwrap_or(d.max_attempts),
+        };
+        if webhooks.retry_initial.is_zero()
+            || webhooks.retry_max < webhooks.retry_initial
+            || webhooks.max_attempts == 0
+        {
+            return Err(ConfigError::Invalid(
+                "webhooks: need 0 < retry_initial_ms <= retry_max_ms and max_attempts > 0".into(),
+            ));
+        }
+        Ok(Self {
+            state_dir: raw.state_dir,
+            listen: raw.listen,
+            svid_lifetime: Duration::from_secs(raw.svid_lifetime_secs),
+            audit: raw.audit.parse()?,
+            audit_format: raw.audit_format,
+            services,
+            revoke_after_lost: (raw.revoke_after_lost_secs > 0)
+                .then(|| Duration::from_secs(raw.revoke_after_lost_secs)),
+            webhooks,
+        })
+    }
+}

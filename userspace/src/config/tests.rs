@@ -1,0 +1,109 @@
+//! Parsing the Client's and the Hub's configuration files.
+
+use super::*;
+
+#[test]
+fn the_shipped_examples_parse_with_every_key() {
+    let client: ClientConfig = include_str!("../../../examples/client.toml")
+        .parse()
+        .unwrap();
+    assert_eq!(client.allow.names(), vec!["cache".to_string(), "db".into()]);
+    assert_eq!(client.on_stop, OnStop::Revoke);
+    let hub: HubConfig = include_str!("../../../examples/hub.toml").parse().unwrap();
+    assert_eq!(hub.services.len(), 2);
+}
+
+#[test]
+fn a_top_level_key_after_a_table_says_where_it_belongs() {
+    let text = "hub = \"h:443\"\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:5432\"\nstate_dir = \"/x\"\n";
+    let err = text.parse::<ClientConfig>().unwrap_err();
+    assert!(
+        matches!(&err, ConfigError::Misplaced { key, .. } if key == "state_dir"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("write it before the first"),
+        "{err}"
+    );
+    // A key unknown everywhere is a plain unknown key.
+    let text = "hub = \"h:443\"\nstate_dirr = \"/x\"\n";
+    assert!(matches!(
+        text.parse::<ClientConfig>().unwrap_err(),
+        ConfigError::Toml(_)
+    ));
+}
+
+const CLIENT: &str = r#"
+hub = "hub.example.net"
+state_dir = "/var/lib/ewii"
+[[allow]]
+name = "db"
+address = "10.0.0.5:5432"
+"#;
+
+#[test]
+fn client_defaults() {
+    let c: ClientConfig = CLIENT.parse().unwrap();
+    assert_eq!(c.hub.to_string(), "hub.example.net:443");
+    assert_eq!(c.on_stop, OnStop::Revoke);
+    assert_eq!(c.audit, AuditOutput::Stdout);
+    assert_eq!(c.allow.names(), ["db"]);
+}
+
+#[test]
+fn unknown_keys_and_empty_lists_are_errors() {
+    let typo = CLIENT.replace("[[allow]]", "[[alow]]");
+    assert!(matches!(
+        typo.parse::<ClientConfig>(),
+        Err(ConfigError::Toml(_))
+    ));
+    let none = "hub = \"h:443\"\nstate_dir = \"/s\"\n";
+    assert!(matches!(
+        none.parse::<ClientConfig>(),
+        Err(ConfigError::Policy(PolicyError::Empty))
+    ));
+    let wild = CLIENT.replace("10.0.0.5", "0.0.0.0");
+    assert!(matches!(
+        wild.parse::<ClientConfig>(),
+        Err(ConfigError::Policy(_))
+    ));
+}
+
+#[test]
+fn hub_addresses() {
+    for (s, want) in [
+        ("10.0.0.1:8443", "10.0.0.1:8443"),
+        ("[::1]:443", "[::1]:443"),
+        ("::1", "[::1]:443"),
+        ("Hub.Example.NET:4433", "hub.example.net:4433"),
+    ] {
+        assert_eq!(s.parse::<HubAddress>().unwrap().to_string(), want);
+    }
+    for bad in ["", "hub:0", "hub:x", "hu b:1", "a/b:1"] {
+        assert!(bad.parse::<HubAddress>().is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn hub_services_need_a_principal_or_tls() {
+    let base = "state_dir = \"/s\"\n[[service]]\nname = \"pg\"\nlisten = \"127.0.0.1:0\"\nclient = \"acme\"\ndestination = \"db\"\n";
+    assert!(base.parse::<HubConfig>().is_err());
+    let tcp = format!("{base}principal = \"billing\"\n");
+    let h: HubConfig = tcp.parse().unwrap();
+    assert_eq!(
+        h.services[0].mode,
+        ServiceMode::Tcp {
+            principal: "billing".into()
+        }
+    );
+    assert_eq!(h.listen.port(), 443);
+    let tls = format!("{base}tls = true\n");
+    assert_eq!(
+        tls.parse::<HubConfig>().unwrap().services[0].mode,
+        ServiceMode::Tls
+    );
+    let both = format!("{base}tls = true\nprincipal = \"x\"\n");
+    assert!(both.parse::<HubConfig>().is_err());
+    let bad_dest = base.replace("\"db\"", "\"DB!\"") + "principal = \"b\"\n";
+    assert!(bad_dest.parse::<HubConfig>().is_err());
+}
