@@ -785,6 +785,58 @@ pub fn is(event: Event) -> impl Fn(&AuditRecord) -> bool {
     move |r| r.event == event
 }
 
+/// Checks every record of `audit` against the Ewii audit schema and its OCSF rendering against
+/// the OCSF schema (`tests/schemas/`); panics with every violation. Called when a test Hub or
+/// Client goes away, so every record the tests produce is checked.
+pub fn check_audit_schemas(audit: &Audit) {
+    let ewii: serde_json::Value =
+        serde_json::from_str(include_str!("schemas/ewii-audit.schema.json")).unwrap();
+    let ocsf: serde_json::Value = serde_json::from_str(include_str!(
+        "schemas/ocsf-1.1-network-activity.schema.json"
+    ))
+    .unwrap();
+    let mut bad = Vec::new();
+    for r in audit.records() {
+        let line = r.to_json_line();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        for e in schema_violations(&v, &ewii) {
+            bad.push(format!("{e} in {line}"));
+        }
+        let o: serde_json::Value = serde_json::from_str(&r.to_ocsf_line()).unwrap();
+        for e in schema_violations(&o, &ocsf) {
+            bad.push(format!("OCSF: {e} in {o}"));
+        }
+        // No Rust debug text in a reason (a SIEM rule cannot match `Revoked { … }`).
+        if let Some(reason) = &r.reason {
+            assert!(
+                !reason.contains(" { ") && !reason.contains("Some("),
+                "debug text in a reason: {line}"
+            );
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "audit records off their schema:\n{}",
+        bad.join("\n")
+    );
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            check_audit_schemas(&self.audit);
+        }
+    }
+}
+
+impl Drop for TestClient {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            check_audit_schemas(&self.audit);
+        }
+    }
+}
+
 /// A JSON-schema check for the subset of keywords the schemas in `tests/schemas/` use:
 /// `type` (object, string, integer), `const`, `enum`, `required`, `properties`,
 /// `additionalProperties: false`, `minimum`, `maximum`. Returns every violation, with its path.

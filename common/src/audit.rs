@@ -86,8 +86,11 @@ pub struct Destination {
 /// One audit record. Build with [`AuditRecord::new`] and the `with_*`-free struct update syntax.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditRecord {
-    /// UTC, RFC 3339, microseconds.
+    /// UTC, RFC 3339, microseconds: when the event ended (a query or session: its end).
     pub time: Timestamp,
+    /// When a query or session began (both sides stamp `time` at the end).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started: Option<Timestamp>,
     /// Who wrote it.
     pub side: Side,
     /// What happened.
@@ -135,6 +138,7 @@ impl AuditRecord {
     pub fn new(time: Timestamp, side: Side, event: Event) -> Self {
         Self {
             time,
+            started: None,
             side,
             event,
             session_id: None,
@@ -252,6 +256,10 @@ impl AuditRecord {
         }
         if let Some(ms) = self.duration_ms {
             v["duration"] = ms.into();
+        }
+        if let Some(started) = self.started {
+            v["start_time"] = (started.0 / 1000).into();
+            v["end_time"] = (self.time.0 / 1000).into();
         }
         if let Some(client) = &self.client {
             v["actor"] =

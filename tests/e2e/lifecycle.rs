@@ -1073,3 +1073,30 @@ async fn p7_p8_a_query_kept_busy_across_several_rotations_ends_cleanly() {
     assert!(count(&client.audit, is(Event::SvidRotated)) >= 3);
     client.stop().await;
 }
+
+/// A central revoke of a Client that is not connected is audited by the running Hub at once,
+/// not only when the Client next shows up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p10_a_central_revoke_of_an_offline_client_is_audited_at_once() {
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol_and_run(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    hub.wait_connected("acme").await;
+    client.stop().await;
+    poll_until("the Client to be gone", SOON, || {
+        hub.handle().connected_clients().is_empty()
+    })
+    .await;
+    let t0 = Instant::now();
+    assert!(admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap());
+    let r = hub.wait_audit("the revocation", is(Event::Revoked)).await;
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("contract ended (offline: told at its next handshake)")
+    );
+    assert_eq!(
+        r.client.as_deref(),
+        Some("spiffe://test.ewii.local/client/acme")
+    );
+    assert_eq!(count(&hub.audit, is(Event::Revoked)), 1, "audited once");
+}

@@ -127,6 +127,7 @@ impl Connection {
             mut reader,
         } = opened;
         let mut queries = JoinSet::new();
+        let hub = conn.remote_address();
         // Set once `Goodbye` is sent: no new query, and the end comes when none is left.
         let mut stopping = false;
         let end = loop {
@@ -169,7 +170,7 @@ impl Connection {
                 },
                 stream = conn.accept_bi(), if !stopping => match stream {
                     Ok((qs, qr)) => {
-                        queries.spawn(query::serve(ctx.clone(), id, qs, qr));
+                        queries.spawn(query::serve(ctx.clone(), id, hub, qs, qr));
                     }
                     Err(e) => break closed(&e),
                 },

@@ -31,6 +31,8 @@ pub enum DialError {
     Unreachable {
         /// Entry name.
         name: String,
+        /// The last address tried.
+        addr: SocketAddr,
         /// The last connect error.
         why: String,
     },
@@ -41,6 +43,16 @@ pub enum DialError {
 pub struct Dialer {
     allow: AllowList,
     connect_timeout: Duration,
+}
+
+impl DialError {
+    /// The address the dial tried last, when it got as far as a connect.
+    pub fn address(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Unreachable { addr, .. } => Some(*addr),
+            _ => None,
+        }
+    }
 }
 
 impl Dialer {
@@ -85,18 +97,25 @@ impl Dialer {
                 ok
             }
         };
-        let mut last = String::from("no address");
+        let mut last = None;
         for addr in addrs {
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
                     return Ok((stream, addr));
                 }
-                Ok(Err(e)) => last = format!("{addr}: {e}"),
-                Err(_) => last = format!("{addr}: connect timed out"),
+                Ok(Err(e)) => last = Some((addr, format!("{addr}: {e}"))),
+                Err(_) => last = Some((addr, format!("{addr}: connect timed out"))),
             }
         }
-        Err(DialError::Unreachable { name, why: last })
+        // `addrs` is never empty here (an IP entry has one; a name with none returned above).
+        let (addr, why) = last.unwrap_or_else(|| {
+            (
+                SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0),
+                "no address".into(),
+            )
+        });
+        Err(DialError::Unreachable { name, addr, why })
     }
 }
 

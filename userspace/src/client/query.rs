@@ -49,14 +49,16 @@ impl QueryError {
     }
 }
 
-/// Serves one query stream of session `session_id`.
+/// Serves one query stream of session `session_id`, opened by the Hub at `hub`.
 pub(crate) async fn serve(
     ctx: Arc<QueryCtx>,
     session_id: u64,
+    hub: std::net::SocketAddr,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
     let started = Instant::now();
+    let started_at = crate::now_timestamp();
     let mut reader = FrameReader::new();
     let head = tokio::time::timeout(OPEN_TIMEOUT, reader.read::<QueryHead>(&mut recv)).await;
     let Ok(Ok(Some(QueryHead::Open {
@@ -83,7 +85,6 @@ pub(crate) async fn serve(
             if let Some(d) = &mut r.destination {
                 d.address = Some(addr.to_string());
             }
-            r.peer = tcp.local_addr().ok().map(|a| a.to_string());
             if transport::write_frame(&mut send, &QueryHead::Opened)
                 .await
                 .is_err()
@@ -97,6 +98,9 @@ pub(crate) async fn serve(
             }
         }
         Err(e) => {
+            if let (Some(d), Some(addr)) = (&mut r.destination, e.address()) {
+                d.address = Some(addr.to_string());
+            }
             let code = match e {
                 DialError::NotAllowed(_) => RefuseCode::NotAllowed,
                 _ => RefuseCode::Unreachable,
@@ -114,5 +118,9 @@ pub(crate) async fn serve(
         }
     }
     r.duration_ms = Some(started.elapsed().as_millis() as u64);
+    // Stamped at the end, like the Hub's record of the same query.
+    r.time = crate::now_timestamp();
+    r.started = Some(started_at);
+    r.peer = Some(hub.to_string());
     ctx.audit.emit(r);
 }

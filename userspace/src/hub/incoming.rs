@@ -43,8 +43,8 @@ pub(crate) async fn handle(parts: Parts, incoming: quinn::Incoming) {
             r.peer = Some(peer.to_string());
             r.outcome = Some(Outcome::Refused);
             r.reason = Some(format!(
-                "ALPN {:?} with{} a client certificate",
-                alpn.map(String::from_utf8_lossy),
+                "ALPN {} with{} a client certificate",
+                alpn.map_or_else(|| "none".into(), String::from_utf8_lossy),
                 if certs.is_some() { "" } else { "out" }
             ));
             parts.audit.emit(r);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ewii_common::audit::{AuditRecord, Destination, Event, Outcome};
-use ewii_common::frame::{QueryHead, QueryId};
+use ewii_common::frame::{QueryHead, QueryId, RefuseCode};
 use ewii_common::spiffe::{Role, SpiffeId};
 use rand::RngCore;
 use tokio::net::{TcpListener, TcpStream};
@@ -146,7 +146,13 @@ async fn forward<S: TcpLike>(mut log: QueryLog<'_>, io: S) {
             log.parts.audit.emit(r);
         }
         Ok(Ok(Some(QueryHead::Refused { code }))) => {
-            log.emit(Outcome::Refused, format!("refused by the client: {code}"));
+            // One vocabulary on both sides: `refused` is policy (not in the allow-list),
+            // `failed` is the network (the destination did not answer or refused).
+            let outcome = match code {
+                RefuseCode::Unreachable => Outcome::Failed,
+                _ => Outcome::Refused,
+            };
+            log.emit(outcome, format!("refused by the client: {code}"));
             io.abort();
         }
         other => {
@@ -168,6 +174,7 @@ struct QueryLog<'a> {
     svc: &'a ServiceConfig,
     peer: SocketAddr,
     started: tokio::time::Instant,
+    started_at: ewii_common::time::Timestamp,
     source: Option<String>,
     query_id: Option<QueryId>,
     /// Session id and the Client's SPIFFE ID, once a session was found.
@@ -181,6 +188,7 @@ impl<'a> QueryLog<'a> {
             svc,
             peer,
             started: tokio::time::Instant::now(),
+            started_at: crate::now_timestamp(),
             source: None,
             query_id: None,
             session: None,
@@ -206,6 +214,7 @@ impl<'a> QueryLog<'a> {
         r.outcome = Some(outcome);
         r.reason = reason;
         r.duration_ms = Some(self.started.elapsed().as_millis() as u64);
+        r.started = Some(self.started_at);
         r
     }
 

@@ -335,7 +335,10 @@ impl Session {
             }
             Ok(Some(other)) => {
                 self.conn.close(codes::PROTOCOL, b"");
-                Some(format!("unexpected control message {other:?}"))
+                Some(format!(
+                    "unexpected control message {}",
+                    control_name(&other)
+                ))
             }
             Ok(None) => {
                 self.conn.close(codes::PROTOCOL, b"");
@@ -440,6 +443,24 @@ impl Session {
         self.expiry = deadline_at(leaf.not_after);
         self.leaf = leaf;
         None
+    }
+}
+
+/// A control message's name, for a reason text (never its fields: they can be large).
+fn control_name(msg: &Control) -> &'static str {
+    match msg {
+        Control::Hello { .. } => "Hello",
+        Control::Welcome { .. } => "Welcome",
+        Control::Refused { .. } => "Refused",
+        Control::Renew { .. } => "Renew",
+        Control::Renewed { .. } => "Renewed",
+        Control::BundleUpdate { .. } => "BundleUpdate",
+        Control::Revoked { .. } => "Revoked",
+        Control::Goodbye { .. } => "Goodbye",
+        Control::Ping { .. } => "Ping",
+        Control::Pong { .. } => "Pong",
+        Control::Rotated { .. } => "Rotated",
+        _ => "unknown",
     }
 }
 

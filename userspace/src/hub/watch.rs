@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ewii_common::audit::{Event, Outcome};
 use ewii_common::spiffe::SpiffeId;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -72,8 +73,27 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
 
 fn apply(parts: &Parts, change: Change) {
     match change {
-        Change::Revoked { client, reason } => {
-            parts.registry.close_revoked(&client, &reason);
+        Change::Revoked {
+            client,
+            reason,
+            elsewhere,
+        } => {
+            let closed = parts.registry.close_revoked(&client, &reason);
+            // A revocation made by `ewii-hub revoke` is this Hub's to audit, at once, whether
+            // or not the Client is connected (this Hub's own are audited where it makes them).
+            if elsewhere {
+                let mut r = parts.audit.record(Event::Revoked);
+                r.client = SpiffeId::client(parts.trust.trust_domain(), &client)
+                    .ok()
+                    .map(|id| id.to_string());
+                r.outcome = Some(Outcome::Ok);
+                r.reason = Some(if closed == 0 {
+                    format!("{reason} (offline: told at its next handshake)")
+                } else {
+                    reason
+                });
+                parts.audit.emit(r);
+            }
         }
         Change::Retired { client, serials } => {
             parts.registry.retire(&client, &serials);

@@ -232,7 +232,7 @@ impl SpiffeVerifier {
             None,
             None,
         )
-        .map_err(|e| format!("chain: {e}"))?;
+        .map_err(|e| format!("chain: {}", chain_error(&e)))?;
         let leaf = inspect_leaf(end_entity).map_err(|e| e.to_string())?;
         if leaf.id.trust_domain() != self.trust_domain {
             return Err(format!(
@@ -271,6 +271,27 @@ impl SpiffeVerifier {
             audit.emit(r);
         }
         generic_refusal()
+    }
+}
+
+/// A chain error in words (webpki's own text for these is its debug form).
+fn chain_error(e: &webpki::Error) -> String {
+    let at = |t: &UnixTime| ewii_common::time::Timestamp(t.as_secs() * 1_000_000).to_string();
+    match e {
+        webpki::Error::CertExpired { time, not_after } => {
+            format!(
+                "Expired: notAfter {} is before now ({})",
+                at(not_after),
+                at(time)
+            )
+        }
+        webpki::Error::CertNotValidYet { time, not_before } => format!(
+            "NotYetValid: notBefore {} is after now ({})",
+            at(not_before),
+            at(time)
+        ),
+        webpki::Error::UnknownIssuer => "UnknownIssuer: not signed by a trusted CA".into(),
+        other => other.to_string(),
     }
 }
 

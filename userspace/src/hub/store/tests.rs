@@ -99,7 +99,8 @@ async fn the_view_follows_the_owners_writes_and_reports_retirements() {
                     other,
                     Change::Revoked {
                         client: "acme".into(),
-                        reason: "test".into()
+                        reason: "test".into(),
+                        elsewhere: false,
                     }
                 );
                 break;
@@ -147,7 +148,8 @@ async fn another_process_commit_is_noticed_by_one_pragma_and_reported() {
         next_change(&mut changes).await,
         Change::Revoked {
             client: "acme".into(),
-            reason: "contract ended".into()
+            reason: "contract ended".into(),
+            elsewhere: true,
         }
     );
     assert_eq!(

@@ -22,6 +22,9 @@ pub(crate) enum Change {
         client: String,
         /// The operator's or the Hub's reason.
         reason: String,
+        /// Made by another process (`ewii-hub revoke`), noticed in the database: this Hub
+        /// has not audited it yet.
+        elsewhere: bool,
     },
     /// These serials of `client` are retired now: connections holding them drain.
     Retired {
@@ -185,6 +188,7 @@ impl View {
                     changes.push(Change::Revoked {
                         client: name.clone(),
                         reason: reason.clone(),
+                        elsewhere: true,
                     });
                 }
             }
@@ -243,6 +247,7 @@ impl View {
                 vec![Change::Revoked {
                     client: client.to_owned(),
                     reason: reason.to_owned(),
+                    elsewhere: false,
                 }]
             }
             _ => Vec::new(),
