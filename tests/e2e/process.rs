@@ -230,6 +230,15 @@ async fn p13_the_client_binary_has_no_listener_and_p6_one_udp_socket() {
             .is_ok_and(|o| o.status.success())
     })
     .await;
+    // The operator's listing says connected while the session is up.
+    let listing = run("ewii-hub", &["clients", "--state-dir", hub_dir_s]);
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let row = listing.lines().find(|l| l.starts_with("acme ")).unwrap();
+    assert_eq!(
+        row.split_whitespace().nth(1),
+        Some("connected"),
+        "{listing}"
+    );
     let status = run("ewii-client", &["status", "--state-dir", &cdir]);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["state"], "connected");
@@ -311,6 +320,10 @@ async fn p13_the_client_binary_has_no_listener_and_p6_one_udp_socket() {
         rows[0]["revoked_at"].is_i64()
     })
     .await;
+    let listing = run("ewii-hub", &["clients", "--state-dir", hub_dir_s]);
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let row = listing.lines().find(|l| l.starts_with("acme ")).unwrap();
+    assert_eq!(row.split_whitespace().nth(1), Some("revoked"), "{listing}");
 
     assert_eq!(hub.terminate().code(), Some(0));
     let hub_lines = fs::read_to_string(&hub_audit).unwrap();
@@ -892,4 +905,85 @@ async fn p12_the_client_binary_writes_ocsf_network_activity_field_by_field() {
         let v: serde_json::Value = serde_json::from_str(&r.to_ocsf_line()).unwrap();
         assert_eq!(schema_violations(&v, &schema), Vec::<String>::new(), "{v}");
     }
+}
+
+/// The Hub's mistakes an operator makes first: an uninitialised state directory is named once
+/// with the command that fixes it (exit 3), a bad config file is exit 2 with its error once,
+/// and the enrolment line of `token create` carries the address the operator gave.
+#[test]
+fn hub_errors_say_what_to_do_with_documented_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("nothing-here");
+    let e = empty.to_str().unwrap();
+    for args in [
+        vec!["clients", "--state-dir", e],
+        vec!["token", "create", "--state-dir", e, "--client", "acme"],
+        vec!["revoke", "--state-dir", e, "--client", "acme"],
+        vec!["bundle-hash", "--state-dir", e],
+    ] {
+        let out = Command::new(bin_path("ewii-hub"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", stderr_of(&out));
+        let err = stderr_of(&out);
+        assert_eq!(
+            err.matches("holds no Hub state").count(),
+            1,
+            "said once: {err}"
+        );
+        assert!(
+            err.contains(&format!(
+                "run `ewii-hub init --state-dir {e} --trust-domain"
+            )),
+            "{err}"
+        );
+    }
+    let toml = dir.path().join("hub.toml");
+    fs::write(
+        &toml,
+        format!("state_dir = {empty:?}\nlisen = \"0.0.0.0:443\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(bin_path("ewii-hub"))
+        .args(["run", "--config", toml.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert_eq!(
+        err.matches("unknown field `lisen`").count(),
+        1,
+        "once: {err}"
+    );
+
+    let state = dir.path().join("hub");
+    let s = state.to_str().unwrap();
+    run(
+        "ewii-hub",
+        &["init", "--state-dir", s, "--trust-domain", TD],
+    );
+    let out = run(
+        "ewii-hub",
+        &[
+            "token",
+            "create",
+            "--state-dir",
+            s,
+            "--client",
+            "acme",
+            "--hub-address",
+            "hub.example.net:8443",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("ewii-client enroll --hub hub.example.net:8443 "),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = run("ewii-hub", &["clients", "--state-dir", s]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let header = text.lines().next().unwrap();
+    assert!(header.starts_with("CLIENT "), "{text}");
 }

@@ -1,4 +1,7 @@
 //! `ewii-hub`: the operator's Hub — state setup, join tokens, and the server itself.
+//!
+//! Exit status: 0 done; 1 error; 2 bad configuration file or arguments; 3 the state directory
+//! is not initialised (run `ewii-hub init`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -138,8 +141,17 @@ enum TokenCommand {
         /// Accept a loopback or link-local webhook address (tests only).
         #[arg(long)]
         danger_allow_private_webhook: bool,
+        /// The address Clients dial (`host:port`), for the enrolment line printed for the
+        /// customer.
+        #[arg(long, env = "EWII_HUB_ADDRESS")]
+        hub_address: Option<String>,
     },
 }
+
+/// Exit status for a bad configuration file or argument.
+const EXIT_CONFIG: u8 = 2;
+/// Exit status when the state directory holds no Hub (no `ewii-hub init` yet).
+const EXIT_NOT_INITIALISED: u8 = 3;
 
 fn main() -> ExitCode {
     ewii::logging::init("info");
@@ -150,6 +162,19 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Refuses, once and clearly, a state directory that `ewii-hub init` never made.
+fn initialised(state_dir: &std::path::Path) -> Result<(), ExitCode> {
+    if state_dir.join(admin::CA_CERT).exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "ewii-hub: {} holds no Hub state: run `ewii-hub init --state-dir {} --trust-domain <your.domain>` first",
+        state_dir.display(),
+        state_dir.display()
+    );
+    Err(ExitCode::from(EXIT_NOT_INITIALISED))
 }
 
 fn real_main() -> anyhow::Result<ExitCode> {
@@ -172,8 +197,12 @@ fn real_main() -> anyhow::Result<ExitCode> {
                     ttl,
                     webhook,
                     danger_allow_private_webhook,
+                    hub_address,
                 },
         } => {
+            if let Err(code) = initialised(&state_dir) {
+                return Ok(code);
+            }
             let r = admin::create_token(
                 &state_dir,
                 &client,
@@ -194,8 +223,10 @@ fn real_main() -> anyhow::Result<ExitCode> {
             println!();
             println!("The customer enrols with:");
             println!(
-                "  ewii-client enroll --hub <hub-host>:443 --token {} --bundle-hash {}",
-                r.token, r.bundle_hash
+                "  ewii-client enroll --hub {} --token {} --bundle-hash {}",
+                hub_address.as_deref().unwrap_or("<hub-host>:443"),
+                r.token,
+                r.bundle_hash
             );
         }
         Command::WorkloadSvid {
@@ -204,22 +235,34 @@ fn real_main() -> anyhow::Result<ExitCode> {
             out,
             lifetime,
         } => {
+            if let Err(code) = initialised(&state_dir) {
+                return Ok(code);
+            }
             let id = admin::issue_workload_svid(&state_dir, &name, lifetime, &out)?;
             println!("issued {id} into {}", out.display());
         }
         Command::Ca { command } => {
             match command {
                 CaCommand::Prepare { state_dir } => {
+                    if let Err(code) = initialised(&state_dir) {
+                        return Ok(code);
+                    }
                     let hash = admin::ca_prepare(&state_dir)?;
                     println!("prepared the next CA ({hash}); it is in the bundle now.");
                     println!("Give Clients time to receive it, then: ewii-hub ca activate");
                 }
                 CaCommand::Activate { state_dir } => {
+                    if let Err(code) = initialised(&state_dir) {
+                        return Ok(code);
+                    }
                     let hash = admin::ca_activate(&state_dir)?;
                     println!("activated the new CA ({hash}); new tokens carry this bundle hash.");
                     println!("After every Client has renewed (half an SVID lifetime): ewii-hub ca retire");
                 }
                 CaCommand::Retire { state_dir, force } => {
+                    if let Err(code) = initialised(&state_dir) {
+                        return Ok(code);
+                    }
                     let stale = admin::ca_retire(&state_dir, force)?;
                     println!("retired the old CA; the bundle holds the signing CA only.");
                     if !stale.is_empty() {
@@ -236,6 +279,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
             client,
             reason,
         } => {
+            if let Err(code) = initialised(&state_dir) {
+                return Ok(code);
+            }
             if admin::revoke(&state_dir, &client, &reason)? {
                 println!(
                     "revoked {client}: a live session closes within 1 s; the Client cannot return"
@@ -245,19 +291,25 @@ fn real_main() -> anyhow::Result<ExitCode> {
             }
         }
         Command::Clients { state_dir, json } => {
+            if let Err(code) = initialised(&state_dir) {
+                return Ok(code);
+            }
             let rows = admin::clients(&state_dir)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "{:<20} {:<8} {:<34} SVID EXPIRES",
+                    "{:<20} {:<10} {:<34} SVID EXPIRES",
                     "CLIENT", "STATE", "SERIAL"
                 );
                 for row in rows {
+                    // As the running Hub recorded it: a live session, none, or revoked.
                     let state = if row.revoked_at.is_some() {
                         "revoked"
+                    } else if row.session.is_some() {
+                        "connected"
                     } else {
-                        "active"
+                        "offline"
                     };
                     let (serial, exp) = row
                         .serials
@@ -274,11 +326,22 @@ fn real_main() -> anyhow::Result<ExitCode> {
             }
         }
         Command::BundleHash { state_dir } => {
+            if let Err(code) = initialised(&state_dir) {
+                return Ok(code);
+            }
             println!("{}", admin::current_bundle_hash(&state_dir)?);
         }
-        Command::Run { config } => {
-            let config: HubConfig =
-                config::load(&config).with_context(|| format!("loading {}", config.display()))?;
+        Command::Run { config: path } => {
+            let config: HubConfig = match config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("ewii-hub: {}: {e}", path.display());
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+            };
+            if let Err(code) = initialised(&config.state_dir) {
+                return Ok(code);
+            }
             let audit = Audit::open(Side::Hub, &config.audit)
                 .context("opening the audit sink")?
                 .with_format(config.audit_format);
@@ -287,7 +350,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 let hub = Hub::bind(config, audit.clone()).await?;
                 eprintln!("ewii-hub: listening on udp {}", hub.local_addr());
                 hub.run(shutdown_signal()).await?;
-                audit.flush();
+                audit.flush_async().await;
                 anyhow::Ok(())
             })?;
         }

@@ -16,7 +16,7 @@ use crate::identity::{bundle_hash, inspect_leaf, IdentityError};
 use crate::webhook::WebhookKey;
 
 pub use super::layout::{
-    load_or_renew_hub_svid, BUNDLE_FILE, DB_FILE, HUB_CERT, HUB_KEY, HUB_SVID_LIFETIME,
+    load_or_renew_hub_svid, BUNDLE_FILE, CA_CERT, DB_FILE, HUB_CERT, HUB_KEY, HUB_SVID_LIFETIME,
     NEXT_CA_CERT, NEXT_CA_KEY,
 };
 

@@ -11,6 +11,8 @@ use crate::identity::ca::{new_key_and_csr, Ca};
 use crate::identity::store::{self, Svid};
 use crate::identity::{inspect_leaf, IdentityError};
 
+/// The signing CA's certificate (made by `ewii-hub init`; its presence means "initialised").
+pub const CA_CERT: &str = "ca.pem";
 /// The database file inside the state directory.
 pub const DB_FILE: &str = "hub.db";
 /// The Hub's own SVID chain.

@@ -223,11 +223,18 @@ impl Trust {
         };
         let mut r = self.audit.record(Event::BundleUpdated);
         r.outcome = Some(Outcome::Ok);
-        r.reason = Some(format!(
-            "{} trust anchor(s){}; pushed to {pushed} live session(s)",
-            anchors.len(),
-            if ca_changed { ", new signing CA" } else { "" },
-        ));
+        r.reason = Some(if bundle_changed {
+            format!(
+                "{} trust anchor(s){}; pushed to {pushed} live session(s)",
+                anchors.len(),
+                if ca_changed { ", new signing CA" } else { "" },
+            )
+        } else {
+            format!(
+                "new signing CA; the bundle of {} trust anchor(s) is unchanged (live Clients have it already)",
+                anchors.len()
+            )
+        });
         self.audit.emit(r);
         Ok(())
     }
