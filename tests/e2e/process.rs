@@ -578,7 +578,7 @@ async fn p14_a_hub_name_that_does_not_resolve_at_start_is_retried_with_the_unpri
     let mut proc = Proc(
         Command::new(bin_path("ewii-client"))
             .args(["run", "--config", toml.to_str().unwrap()])
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
@@ -628,6 +628,31 @@ async fn p14_a_hub_name_that_does_not_resolve_at_start_is_retried_with_the_unpri
         "{err}"
     );
     assert!(err.contains("cannot reach the Hub"), "logs say so: {err}");
+    assert!(err.contains("ewii-client: ebpf unavailable:"), "{err}");
+    // The enforcement record: `ok`, since `require = "any"` is met — a layer this host cannot
+    // offer is `unavailable`, not a failure a SIEM should alert on.
+    let mut out = String::new();
+    proc.0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let enforcement: serde_json::Value = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["event"] == "enforcement")
+        .unwrap();
+    assert_eq!(enforcement["outcome"], "ok", "{enforcement}");
+    let reason = enforcement["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("require = \"any\": ebpf unavailable ("),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("landlock active") && reason.contains("seccomp active"),
+        "{reason}"
+    );
     assert!(
         !err.contains('\u{1b}'),
         "no colour codes when stderr is a pipe: {err:?}"

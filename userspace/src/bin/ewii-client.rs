@@ -269,12 +269,12 @@ fn run(path: &Path) -> ExitCode {
     }
     let (report, denies) = enforce::install(&plan, &enforce::ALL_LAYERS);
     for layer in &report.layers {
-        eprintln!(
-            "ewii-client: {} {}: {}",
-            layer.name,
-            if layer.active { "active" } else { "inactive" },
-            layer.detail
-        );
+        let state = match layer.state {
+            enforce::LayerState::Active => "active",
+            enforce::LayerState::Unavailable => "unavailable",
+            enforce::LayerState::Failed => "FAILED",
+        };
+        eprintln!("ewii-client: {} {state}: {}", layer.name, layer.detail);
     }
     if let Err(e) = report.check(config.require) {
         return fail(EXIT_ENFORCEMENT, e.to_string());

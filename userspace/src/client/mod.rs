@@ -132,7 +132,7 @@ pub async fn run_enforced(
         describe_allow_list(&config).join(", ")
     ));
     audit.emit(started);
-    report.audit(&audit);
+    report.audit(&audit, config.require);
     let client_id = identity.leaf.id.to_string();
     let driver = driver::Driver::new(
         config,

@@ -6,7 +6,7 @@ use landlock::{
     Access, AccessNet, NetPort, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI,
 };
 
-use super::{probe, Layer, Plan};
+use super::{probe, Layer, LayerState, Plan};
 
 /// Restricts this thread and every thread it creates later; then proves it.
 pub fn install(plan: &Plan) -> Layer {
@@ -14,12 +14,7 @@ pub fn install(plan: &Plan) -> Layer {
         "TCP connect only to ports {:?}, no TCP bind (this process and its threads)",
         plan.tcp_ports
     );
-    let layer = |active, detail: String| Layer {
-        name: "landlock".into(),
-        active,
-        covers: covers.clone(),
-        detail,
-    };
+    let layer = |state, detail: String| Layer::new("landlock", state, covers.clone(), detail);
     let result =
         Ruleset::default()
             .handle_access(AccessNet::from_all(ABI::V4))
@@ -32,16 +27,20 @@ pub fn install(plan: &Plan) -> Layer {
             .and_then(|r| r.restrict_self());
     match result {
         Ok(status) if status.ruleset == RulesetStatus::FullyEnforced => {
-            prove(plan, |detail| layer(true, detail), |detail| layer(false, detail))
+            prove(
+                plan,
+                |detail| layer(LayerState::Active, detail),
+                |detail| layer(LayerState::Failed, detail),
+            )
         }
         Ok(status) => layer(
-            false,
+            LayerState::Unavailable,
             format!(
                 "the kernel does not enforce Landlock network rules ({:?}); needs ABI 4 (Linux 6.7)",
                 status.ruleset
             ),
         ),
-        Err(e) => layer(false, format!("cannot install: {e}")),
+        Err(e) => layer(LayerState::Unavailable, format!("cannot install: {e}")),
     }
 }
 

@@ -39,10 +39,40 @@ pub struct Layer {
     pub name: String,
     /// Installed and proven by its probe.
     pub active: bool,
+    /// `active`, `unavailable` (this host or build cannot offer it: no privilege, no kernel
+    /// support, no feature) or `failed` (installed, but its self-test did not see it work).
+    #[serde(default)]
+    pub state: LayerState,
     /// What it covers.
     pub covers: String,
     /// Why it is inactive, or what its probe saw.
     pub detail: String,
+}
+
+/// Where a layer stands. Only `failed` means something is wrong with a layer that should work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerState {
+    /// Installed and proven.
+    Active,
+    /// Not offered here (privilege, kernel, build).
+    #[default]
+    Unavailable,
+    /// Installed, but its self-test failed.
+    Failed,
+}
+
+impl Layer {
+    /// A layer in `state`.
+    pub fn new(name: &str, state: LayerState, covers: String, detail: String) -> Self {
+        Self {
+            name: name.into(),
+            active: state == LayerState::Active,
+            state,
+            covers,
+            detail,
+        }
+    }
 }
 
 /// All layers, as written to the status file and the `enforcement` audit record.
@@ -58,12 +88,12 @@ impl Report {
     /// The report of a Client run as a library, with no kernel layer installed.
     pub fn library() -> Self {
         Self {
-            layers: vec![Layer {
-                name: "dialer".into(),
-                active: true,
-                covers: "the Client's own code opens sockets only to allow-list entries".into(),
-                detail: "kernel layers are installed by the ewii-client binary".into(),
-            }],
+            layers: vec![Layer::new(
+                "dialer",
+                LayerState::Active,
+                "the Client's own code opens sockets only to allow-list entries".into(),
+                "kernel layers are installed by the ewii-client binary".into(),
+            )],
             links_pinned: None,
         }
     }
@@ -99,12 +129,17 @@ impl Report {
             .join("; ")
     }
 
-    /// The `enforcement` audit record.
-    pub fn audit(&self, audit: &Audit) {
+    /// The `enforcement` audit record: `ok` when `require` is met (whatever layers this host
+    /// cannot offer), `failed` when it is not or a layer failed its self-test.
+    pub fn audit(&self, audit: &Audit, require: Require) {
         let mut r = audit.record(Event::Enforcement);
-        let all_ok = self.layers.iter().all(|l| l.active);
-        r.outcome = Some(if all_ok { Outcome::Ok } else { Outcome::Failed });
-        r.reason = Some(self.to_string());
+        let failed = self.layers.iter().any(|l| l.state == LayerState::Failed);
+        r.outcome = Some(if self.check(require).is_ok() && !failed {
+            Outcome::Ok
+        } else {
+            Outcome::Failed
+        });
+        r.reason = Some(format!("require = \"{require}\": {self}"));
         audit.emit(r);
     }
 }
@@ -115,12 +150,12 @@ impl fmt::Display for Report {
             .layers
             .iter()
             .map(|l| {
-                format!(
-                    "{} {} ({})",
-                    l.name,
-                    if l.active { "active" } else { "inactive" },
-                    l.detail
-                )
+                let state = match l.state {
+                    LayerState::Active => "active",
+                    LayerState::Unavailable => "unavailable",
+                    LayerState::Failed => "failed",
+                };
+                format!("{} {state} ({})", l.name, l.detail)
             })
             .collect();
         f.write_str(&parts.join("; "))?;
@@ -323,13 +358,8 @@ pub fn install(plan: &Plan, layers: &[&str]) -> (Report, Option<Box<dyn DenySour
 /// What the eBPF layer covers, as reported.
 const EBPF_COVERS: &str = "every process in the Client's cgroup: TCP only to the allow-list, UDP only to the Hub (and resolvers), raw packets included";
 
-fn ebpf_layer(active: bool, detail: String) -> Layer {
-    Layer {
-        name: "ebpf".into(),
-        active,
-        covers: EBPF_COVERS.into(),
-        detail,
-    }
+fn ebpf_layer(state: LayerState, detail: String) -> Layer {
+    Layer::new("ebpf", state, EBPF_COVERS.into(), detail)
 }
 
 #[cfg(feature = "ebpf")]
@@ -339,7 +369,7 @@ fn install_ebpf(plan: &Plan) -> (Layer, Option<bool>, Option<Box<dyn DenySource>
             "the Hub's name did not resolve at start ({}): the lock needs its addresses",
             plan.unresolved.join(", ")
         );
-        return (ebpf_layer(false, why), None, None);
+        return (ebpf_layer(LayerState::Unavailable, why), None, None);
     }
     let attached = plan
         .rules()
@@ -360,19 +390,29 @@ fn install_ebpf(plan: &Plan) -> (Layer, Option<bool>, Option<Box<dyn DenySource>
             let pinned = Some(lock.pinned());
             let active = verdict.is_ok();
             (
-                ebpf_layer(active, verdict.unwrap_or_else(|e| e)),
+                ebpf_layer(
+                    if active {
+                        LayerState::Active
+                    } else {
+                        LayerState::Failed
+                    },
+                    verdict.unwrap_or_else(|e| e),
+                ),
                 pinned,
                 active.then(|| Box::new(lock) as Box<dyn DenySource>),
             )
         }
-        Err(e) => (ebpf_layer(false, e), None, None),
+        Err(e) => (ebpf_layer(LayerState::Unavailable, e), None, None),
     }
 }
 
 #[cfg(not(feature = "ebpf"))]
 fn install_ebpf(_plan: &Plan) -> (Layer, Option<bool>, Option<Box<dyn DenySource>>) {
     (
-        ebpf_layer(false, "this build has no `ebpf` feature".into()),
+        ebpf_layer(
+            LayerState::Unavailable,
+            "this build has no `ebpf` feature".into(),
+        ),
         None,
         None,
     )

@@ -10,7 +10,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-use super::{probe, Layer};
+use super::{probe, Layer, LayerState};
 
 const COVERS: &str =
     "no listen/accept/accept4, no io_uring, no MPTCP sockets, no MSG_FASTOPEN sends (all threads)";
@@ -69,29 +69,24 @@ pub fn filter() -> Result<BpfProgram, String> {
 
 /// Installs the filter on every thread, then proves it.
 pub fn install() -> Layer {
-    let layer = |active, detail: String| Layer {
-        name: "seccomp".into(),
-        active,
-        covers: COVERS.into(),
-        detail,
-    };
+    let layer = |state, detail: String| Layer::new("seccomp", state, COVERS.into(), detail);
     let prog = match filter() {
         Ok(p) => p,
-        Err(e) => return layer(false, format!("cannot build the filter: {e}")),
+        Err(e) => return layer(LayerState::Failed, format!("cannot build the filter: {e}")),
     };
     if let Err(e) = seccompiler::apply_filter_all_threads(&prog) {
-        return layer(false, format!("cannot install: {e}"));
+        return layer(LayerState::Unavailable, format!("cannot install: {e}"));
     }
     let listen = probe::listen();
     let uring = probe::io_uring_setup();
     if listen == Err(libc::EPERM) && uring == Err(libc::EPERM) {
         layer(
-            true,
+            LayerState::Active,
             "self-test: listen and io_uring_setup refused with EPERM".into(),
         )
     } else {
         layer(
-            false,
+            LayerState::Failed,
             format!(
                 "self-test: listen answered {}, io_uring_setup {}",
                 probe::name(&listen),
