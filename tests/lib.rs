@@ -806,6 +806,25 @@ pub fn check_audit_schemas(audit: &Audit) {
         for e in schema_violations(&o, &ocsf) {
             bad.push(format!("OCSF: {e} in {o}"));
         }
+        // A session's end is one of the documented codes (docs/audit.md).
+        if r.event == Event::SessionLost {
+            const CODES: [&str; 10] = [
+                "goodbye",
+                "hub_shutdown",
+                "idle_timeout",
+                "revoked",
+                "svid_expired",
+                "retired",
+                "protocol",
+                "stopped",
+                "closed_by_peer",
+                "connection_lost",
+            ];
+            let code = r.reason.as_deref().and_then(|x| x.split(": ").next());
+            if !code.is_some_and(|c| CODES.contains(&c)) {
+                bad.push(format!("session_lost reason off the list: {line}"));
+            }
+        }
         // No Rust debug text in a reason (a SIEM rule cannot match `Revoked { … }`).
         if let Some(reason) = &r.reason {
             assert!(

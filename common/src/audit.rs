@@ -60,6 +60,56 @@ pub enum Event {
     KernelDenied,
 }
 
+/// Why a session ended: the first word of a `session_lost` record's `reason` on both sides
+/// (`"<code>: <detail>"`), from one documented list (docs/audit.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEnd {
+    /// The Client said `Goodbye` (it is stopping).
+    Goodbye,
+    /// The Hub is shutting down or restarting.
+    HubShutdown,
+    /// No packet within the idle timeout: the peer went silent (crash, network).
+    IdleTimeout,
+    /// The identity is revoked.
+    Revoked,
+    /// The SVID of the session expired.
+    SvidExpired,
+    /// A connection still holding a retired serial drained and was closed.
+    Retired,
+    /// A peer broke the protocol.
+    Protocol,
+    /// The Client stopped locally (its drain bound ran out, or it was shut down).
+    Stopped,
+    /// The peer closed it for another reason.
+    ClosedByPeer,
+    /// The connection broke (reset, transport error).
+    ConnectionLost,
+}
+
+impl SessionEnd {
+    /// The code as written in the record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Goodbye => "goodbye",
+            Self::HubShutdown => "hub_shutdown",
+            Self::IdleTimeout => "idle_timeout",
+            Self::Revoked => "revoked",
+            Self::SvidExpired => "svid_expired",
+            Self::Retired => "retired",
+            Self::Protocol => "protocol",
+            Self::Stopped => "stopped",
+            Self::ClosedByPeer => "closed_by_peer",
+            Self::ConnectionLost => "connection_lost",
+        }
+    }
+
+    /// `"<code>: <detail>"`, the `reason` of a `session_lost` record.
+    pub fn reason(self, detail: &str) -> String {
+        format!("{}: {detail}", self.as_str())
+    }
+}
+
 /// How an event ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -314,7 +314,8 @@ async fn p9_on_stop_disconnect_keeps_the_identity() {
     hub.wait_connected("acme").await;
     client.stop().await;
     hub.wait_audit("goodbye", |r| {
-        r.event == Event::SessionLost && r.reason.as_deref() == Some("goodbye (revoke: false)")
+        r.event == Event::SessionLost
+            && r.reason.as_deref() == Some("goodbye: the Client stopped; its identity is kept")
     })
     .await;
     client.start();
@@ -360,7 +361,7 @@ async fn p9_silent_loss_is_seen_within_3s_is_not_a_revoke_and_the_client_returns
     let took = killed.elapsed();
     assert_eq!(
         lost.reason.as_deref(),
-        Some("idle timeout: the Client went silent")
+        Some("idle_timeout: the Client went silent")
     );
     assert!(took <= Duration::from_secs(3), "seen after {took:?}");
     assert_eq!(

@@ -333,9 +333,8 @@ async fn p13_the_client_binary_has_no_listener_and_p6_one_udp_socket() {
         .collect();
     let q = hub_events.iter().find(|e| e["event"] == "query").unwrap();
     assert_eq!(q["source"].as_str().unwrap().split('@').next(), Some("ops"));
-    assert!(hub_events
-        .iter()
-        .any(|e| e["event"] == "session_lost" && e["reason"] == "goodbye (revoke: true)"));
+    assert!(hub_events.iter().any(|e| e["event"] == "session_lost"
+        && e["reason"] == "goodbye: the Client stopped and asked to be revoked"));
 }
 
 #[test]

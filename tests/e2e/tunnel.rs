@@ -275,7 +275,11 @@ async fn p14_the_client_reconnects_by_itself_after_a_hub_restart() {
     let lost = client
         .wait_audit("session_lost", is(Event::SessionLost))
         .await;
-    assert!(lost.reason.is_some());
+    // The Client says why, in the documented vocabulary (docs/audit.md).
+    assert_eq!(
+        lost.reason.as_deref(),
+        Some("hub_shutdown: closed by the Hub (shutting down or restarting, code 4)")
+    );
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ewii_common::audit::Event as AuditEvent;
+use ewii_common::audit::{Event as AuditEvent, SessionEnd};
 use ewii_common::frame::Control;
 use ewii_common::session::CloseReason;
 use tokio::sync::mpsc;
@@ -67,13 +67,13 @@ pub enum Lost {
     #[error("{}", close_text(*.0))]
     Closed(CloseReason),
     /// Stopped locally after `Goodbye`.
-    #[error("stopped")]
+    #[error("the Client stopped")]
     Stopped,
     /// No packet from the Hub within the idle timeout.
     #[error("idle timeout: the Hub went silent")]
     IdleTimeout,
     /// The Hub closed the connection with this application code.
-    #[error("closed by the Hub (code {0})")]
+    #[error("closed by the Hub ({})", hub_code(*.0))]
     ClosedByHub(u64),
     /// The Hub closed the control stream, or broke the protocol on it.
     #[error("control stream: {0}")]
@@ -81,6 +81,40 @@ pub enum Lost {
     /// Any other connection error (reset, transport error).
     #[error("{0}")]
     Connection(String),
+}
+
+impl Lost {
+    /// The documented code for this end (docs/audit.md).
+    pub fn session_end(&self) -> SessionEnd {
+        match self {
+            Self::Closed(CloseReason::SvidExpired) => SessionEnd::SvidExpired,
+            Self::Closed(CloseReason::Protocol) | Self::Control(_) => SessionEnd::Protocol,
+            Self::Closed(_) => SessionEnd::Stopped,
+            Self::Stopped => SessionEnd::Goodbye,
+            Self::IdleTimeout => SessionEnd::IdleTimeout,
+            Self::ClosedByHub(code) if *code == codes::SHUTDOWN.into_inner() => {
+                SessionEnd::HubShutdown
+            }
+            Self::ClosedByHub(code) if *code == codes::PROTOCOL.into_inner() => {
+                SessionEnd::Protocol
+            }
+            Self::ClosedByHub(_) => SessionEnd::ClosedByPeer,
+            Self::Connection(_) => SessionEnd::ConnectionLost,
+        }
+    }
+}
+
+fn hub_code(code: u64) -> String {
+    let name = match code {
+        0 => "done",
+        1 => "aborted",
+        2 => "protocol",
+        3 => "revoked",
+        4 => "shutting down or restarting",
+        5 => "refused",
+        _ => "unknown code",
+    };
+    format!("{name}, code {code}")
 }
 
 fn close_text(reason: CloseReason) -> &'static str {
@@ -196,8 +230,8 @@ impl Connection {
         r.client = Some(ctx.client_id.clone());
         r.duration_ms = Some(started.elapsed().as_millis() as u64);
         r.reason = Some(match &end {
-            End::Revoked(reason) => format!("revoked: {reason}"),
-            End::Lost(lost) => lost.to_string(),
+            End::Revoked(reason) => SessionEnd::Revoked.reason(reason),
+            End::Lost(lost) => lost.session_end().reason(&lost.to_string()),
         });
         ctx.audit.emit(r);
         let _ = events.send(Event::Ended(id, end));

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ewii_common::audit::{Event, Outcome};
+use ewii_common::audit::{Event, Outcome, SessionEnd};
 use ewii_common::frame::{self, Control, Limits, RefuseCode};
 use ewii_common::spiffe::Role;
 use rand::RngCore;
@@ -109,7 +109,7 @@ impl Session {
                 r.client = Some(leaf.id.to_string());
                 r.peer = Some(peer.to_string());
                 r.outcome = Some(Outcome::Refused);
-                r.reason = Some(reason);
+                r.reason = Some(SessionEnd::Protocol.reason(&reason));
                 parts.audit.emit(r);
                 conn.close(codes::PROTOCOL, b"");
                 return None;
@@ -188,11 +188,11 @@ impl Session {
             tokio::select! {
                 () = tokio::time::sleep_until(self.expiry) => {
                     self.conn.close(codes::REFUSED, b"");
-                    break "the SVID of this session expired".to_string();
+                    break SessionEnd::SvidExpired.reason("the SVID of this session expired");
                 }
                 () = drained => {
                     self.conn.close(codes::REFUSED, b"");
-                    break format!("serial {} retired; drain time over", self.leaf.serial);
+                    break SessionEnd::Retired.reason(&format!("serial {} retired; drain time over", self.leaf.serial));
                 }
                 () = goodbye_over => {
                     self.conn.close(codes::DONE, b"");
@@ -206,11 +206,11 @@ impl Session {
                     }
                     Some(Command::Push(msg)) => {
                         if transport::write_frame(&mut self.send, &msg).await.is_err() {
-                            break "control stream write failed".to_string();
+                            break SessionEnd::ConnectionLost.reason("control stream write failed");
                         }
                     }
                     // The registry dropped us: we were closed by a revocation.
-                    None => break format!("{} is revoked", self.leaf.id),
+                    None => break SessionEnd::Revoked.reason(&format!("{} is revoked", self.leaf.id)),
                 },
                 // After `Goodbye` the Client has finished its side of the control stream.
                 msg = self.reader.read::<Control>(&mut self.recv), if self.goodbye.is_none() => {
@@ -220,7 +220,7 @@ impl Session {
                 }
                 e = self.conn.closed() => match self.goodbye {
                     Some(_) => break goodbye_reason(self.goodbye),
-                    None => break lost_reason(&e),
+                    None => break self.lost_reason(&e),
                 },
             }
         };
@@ -299,7 +299,7 @@ impl Session {
                     time_us: crate::now_timestamp().0,
                 };
                 if transport::write_frame(&mut self.send, &pong).await.is_err() {
-                    return Some("control stream write failed".into());
+                    return Some(SessionEnd::ConnectionLost.reason("control stream write failed"));
                 }
                 None
             }
@@ -329,25 +329,25 @@ impl Session {
                     .await
                     .is_err()
                 {
-                    return Some("control stream write failed".into());
+                    return Some(SessionEnd::ConnectionLost.reason("control stream write failed"));
                 }
                 None
             }
             Ok(Some(other)) => {
                 self.conn.close(codes::PROTOCOL, b"");
-                Some(format!(
+                Some(SessionEnd::Protocol.reason(&format!(
                     "unexpected control message {}",
                     control_name(&other)
-                ))
+                )))
             }
             Ok(None) => {
                 self.conn.close(codes::PROTOCOL, b"");
-                Some("control stream closed".into())
+                Some(SessionEnd::Protocol.reason("control stream closed"))
             }
             Err(transport::StreamError::Read(quinn::ReadError::ConnectionLost(e))) => {
-                Some(lost_reason(&e))
+                Some(self.lost_reason(&e))
             }
-            Err(e) => Some(format!("control stream: {e}")),
+            Err(e) => Some(SessionEnd::Protocol.reason(&format!("control stream: {e}"))),
         }
     }
 
@@ -401,6 +401,37 @@ impl Session {
         answer
     }
 
+    /// Why the connection ended, as the documented code and a detail.
+    fn lost_reason(&self, e: &quinn::ConnectionError) -> String {
+        use quinn::ConnectionError as E;
+        match e {
+            E::TimedOut => SessionEnd::IdleTimeout.reason("the Client went silent"),
+            E::ApplicationClosed(c) if c.error_code == codes::REVOKED => {
+                SessionEnd::Revoked.reason(&format!("{} is revoked", self.leaf.id))
+            }
+            E::ApplicationClosed(c) if c.error_code == codes::PROTOCOL => {
+                SessionEnd::Protocol.reason("the Client closed it for a protocol error")
+            }
+            E::ApplicationClosed(c) if c.error_code == codes::SHUTDOWN => {
+                SessionEnd::Stopped.reason("the Client shut down")
+            }
+            E::ApplicationClosed(_) => SessionEnd::ClosedByPeer.reason("closed by the Client"),
+            // This Hub closed it: a revocation, or its own shutdown.
+            E::LocallyClosed
+                if self
+                    .parts
+                    .store
+                    .view()
+                    .status(&self.leaf.id, &self.leaf.serial)
+                    == Some(SerialStatus::Revoked) =>
+            {
+                SessionEnd::Revoked.reason(&format!("{} is revoked", self.leaf.id))
+            }
+            E::LocallyClosed => SessionEnd::HubShutdown.reason("this Hub is shutting down"),
+            other => SessionEnd::ConnectionLost.reason(&other.to_string()),
+        }
+    }
+
     /// The Client stored the SVID of the last `Renewed` and uses it: this live session is
     /// re-bound to the new serial (its expiry moves with it), and every older serial of the
     /// client is retired (P8), so a stolen older key opens nothing any more. The connection
@@ -408,9 +439,9 @@ impl Session {
     async fn rotated(&mut self, serial: String) -> Option<String> {
         let Some(leaf) = self.pending.take().filter(|l| l.serial == serial) else {
             self.conn.close(codes::PROTOCOL, b"");
-            return Some(format!(
+            return Some(SessionEnd::Protocol.reason(&format!(
                 "Rotated for serial {serial}, which this session was not issued"
-            ));
+            )));
         };
         // Re-bound in the registry first, so that the retirement below does not drain us.
         self.parts
@@ -465,7 +496,11 @@ fn control_name(msg: &Control) -> &'static str {
 }
 
 fn goodbye_reason(goodbye: Option<(bool, Instant)>) -> String {
-    format!("goodbye (revoke: {})", goodbye.is_some_and(|(r, _)| r))
+    SessionEnd::Goodbye.reason(if goodbye.is_some_and(|(r, _)| r) {
+        "the Client stopped and asked to be revoked"
+    } else {
+        "the Client stopped; its identity is kept"
+    })
 }
 
 /// Reads the Client's `Hello` on the first stream.
@@ -509,11 +544,4 @@ fn deadline_at(unix_secs: i64) -> Instant {
     // At most about a century ahead, so that the addition cannot overflow.
     let wait_us = (i128::from(unix_secs) * 1_000_000 - now_us).clamp(0, 1 << 62);
     Instant::now() + Duration::from_micros(wait_us as u64)
-}
-
-fn lost_reason(e: &quinn::ConnectionError) -> String {
-    match e {
-        quinn::ConnectionError::TimedOut => "idle timeout: the Client went silent".into(),
-        other => other.to_string(),
-    }
 }
