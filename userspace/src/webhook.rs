@@ -170,25 +170,64 @@ pub async fn check_target(
     Ok((host, first))
 }
 
-/// Whether `ip` may receive webhooks without `danger_allow_private_targets`.
+/// Whether `ip` may receive webhooks without `danger_allow_private_targets`: a globally
+/// routable unicast address. Refused: loopback, link-local (cloud metadata 169.254.169.254),
+/// unspecified, multicast, broadcast, private (RFC 1918), shared/CGNAT (RFC 6598, including
+/// 100.100.100.200), "this network", IETF protocol and benchmarking ranges, documentation
+/// ranges, reserved 240/4; for IPv6 also unique-local (fc00::/7, including fd00:ec2::254),
+/// site-local, documentation, NAT64 (64:ff9b::/96, 64:ff9b:1::/48) and IPv4-compatible or
+/// IPv4-mapped forms of any of these (which are judged by their IPv4 address).
 pub fn is_public(ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
     match ip {
-        IpAddr::V4(v4) => {
-            !(v4.is_loopback()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_multicast()
-                || v4.is_broadcast())
-        }
+        IpAddr::V4(v4) => is_public_v4(v4),
         IpAddr::V6(v6) => {
-            let link_local = (v6.segments()[0] & 0xffc0) == 0xfe80;
-            !(v6.is_loopback() || link_local || v6.is_unspecified() || v6.is_multicast())
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public_v4(v4);
+            }
+            let seg = v6.segments();
+            // NAT64 and IPv4-compatible (::a.b.c.d, deprecated) forms reach IPv4 hosts
+            // through a translator: refused outright.
+            let nat64 = seg[0] == 0x64 && seg[1] == 0xff9b && (seg[2..6] == [0; 4] || seg[2] == 1);
+            let v4_compatible = seg[..6] == [0; 6];
+            let unique_local = (seg[0] & 0xfe00) == 0xfc00;
+            let link_local = (seg[0] & 0xffc0) == 0xfe80;
+            let site_local = (seg[0] & 0xffc0) == 0xfec0;
+            let documentation = seg[0] == 0x2001 && seg[1] == 0x0db8;
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || nat64
+                || v4_compatible
+                || unique_local
+                || link_local
+                || site_local
+                || documentation)
         }
     }
+}
+
+fn is_public_v4(v4: std::net::Ipv4Addr) -> bool {
+    let [a, b, c, _] = v4.octets();
+    let shared = a == 100 && (64..=127).contains(&b);
+    let this_network = a == 0;
+    let ietf = a == 192 && b == 0 && c == 0;
+    let benchmarking = a == 198 && (b == 18 || b == 19);
+    let documentation = (a == 192 && b == 0 && c == 2)
+        || (a == 198 && b == 51 && c == 100)
+        || (a == 203 && b == 0 && c == 113);
+    let reserved = a >= 240;
+    !(v4.is_loopback()
+        || v4.is_link_local()
+        || v4.is_unspecified()
+        || v4.is_multicast()
+        || v4.is_broadcast()
+        || v4.is_private()
+        || shared
+        || this_network
+        || ietf
+        || benchmarking
+        || documentation
+        || reserved)
 }
 
 #[cfg(test)]
@@ -244,6 +283,54 @@ mod tests {
             verify(&other.public(), "msg_1", "1000", &sig, body, 1_000),
             Err(WebhookError::BadSignature)
         );
+    }
+
+    #[test]
+    fn p10_only_globally_routable_addresses_receive_webhooks() {
+        for refused in [
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "100.64.0.1",
+            "100.100.100.200",
+            "100.127.255.254",
+            "0.1.2.3",
+            "192.0.0.8",
+            "198.18.0.1",
+            "192.0.2.1",
+            "198.51.100.1",
+            "203.0.113.1",
+            "240.0.0.1",
+            "255.255.255.255",
+            "127.0.0.1",
+            "169.254.169.254",
+            "fd00:ec2::254",
+            "fc00::1",
+            "fec0::1",
+            "2001:db8::1",
+            "64:ff9b::a00:1",
+            "64:ff9b:1::1",
+            "::10.0.0.1",
+            "::ffff:10.0.0.1",
+            "::ffff:100.100.100.200",
+            "::1",
+            "fe80::1",
+        ] {
+            let ip: IpAddr = refused.parse().unwrap();
+            assert!(!is_public(ip), "{refused} must be refused");
+        }
+        for public in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "100.128.0.1",
+            "172.32.0.1",
+            "2606:4700::1111",
+            "::ffff:1.1.1.1",
+        ] {
+            let ip: IpAddr = public.parse().unwrap();
+            assert!(is_public(ip), "{public} is public");
+        }
     }
 
     #[tokio::test]
