@@ -38,6 +38,15 @@ pub enum PolicyError {
     /// A resolved address is one the Client never dials (unspecified, multicast, broadcast).
     #[error("address {0} is not a unicast destination")]
     NotUnicast(SocketAddr),
+    /// A DNS answer points somewhere only a literal may: loopback, link-local (including the
+    /// cloud metadata service), IPv4-mapped forms of those. DNS answers never widen reach.
+    #[error("{name} resolved to {addr}, which a DNS answer may not reach (write the address itself if it is meant)")]
+    SpecialAnswer {
+        /// The name in the allow-list.
+        name: String,
+        /// The answer.
+        addr: SocketAddr,
+    },
 }
 
 /// A validated allow-list entry name.
@@ -220,16 +229,35 @@ impl AllowList {
         h.finalize().into()
     }
 
-    /// Checks one address that a DNS name of `entry` resolved to, and returns it canonical.
+    /// Checks one address that the DNS name `name` of an entry resolved to, and returns it
+    /// canonical. A DNS answer never widens what the Client reaches: loopback, link-local
+    /// (169.254.0.0/16, including the cloud metadata address, fe80::/10, and `fd00:ec2::254`),
+    /// unspecified, multicast and broadcast answers are refused — except loopback for the name
+    /// `localhost`, which is reserved for it (RFC 6761 §6.3). A customer who means such an
+    /// address writes it as a literal.
     ///
     /// Literal entries need no check: they were validated at parse time.
-    pub fn check_resolved(addr: SocketAddr) -> Result<SocketAddr, PolicyError> {
+    pub fn check_resolved(name: &str, addr: SocketAddr) -> Result<SocketAddr, PolicyError> {
         let addr = canonical(addr);
-        if is_unicast(addr.ip()) {
-            Ok(addr)
-        } else {
-            Err(PolicyError::NotUnicast(addr))
+        if !is_unicast(addr.ip()) {
+            return Err(PolicyError::NotUnicast(addr));
         }
+        let localhost = name.trim_end_matches('.').eq_ignore_ascii_case("localhost");
+        let special = match addr.ip() {
+            IpAddr::V4(v4) => (v4.is_loopback() && !localhost) || v4.is_link_local(),
+            IpAddr::V6(v6) => {
+                (v6.is_loopback() && !localhost)
+                    || (v6.segments()[0] & 0xffc0) == 0xfe80
+                    || v6 == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+            }
+        };
+        if special {
+            return Err(PolicyError::SpecialAnswer {
+                name: name.to_owned(),
+                addr,
+            });
+        }
+        Ok(addr)
     }
 }
 
@@ -339,10 +367,44 @@ mod tests {
         let names: Vec<String> = l.entries().map(|e| e.endpoint.to_string()).collect();
         assert_eq!(names, ["10.0.0.7:80", "db.example.org:5432"]);
         assert_eq!(
-            AllowList::check_resolved("[::ffff:127.0.0.1]:5".parse().unwrap()),
-            Ok("127.0.0.1:5".parse().unwrap())
+            AllowList::check_resolved("db.example.org", "[::ffff:10.0.0.7]:5".parse().unwrap()),
+            Ok("10.0.0.7:5".parse().unwrap())
         );
-        assert!(AllowList::check_resolved("0.0.0.0:5".parse().unwrap()).is_err());
+        assert!(AllowList::check_resolved("db.example.org", "0.0.0.0:5".parse().unwrap()).is_err());
+    }
+
+    #[test]
+    fn p4_dns_answers_never_widen_reach() {
+        for (name, answer) in [
+            ("db.example.org", "127.0.0.1:5432"),
+            ("db.example.org", "[::ffff:127.0.0.1]:5432"),
+            ("db.example.org", "[::1]:5432"),
+            ("db.example.org", "169.254.169.254:80"),
+            ("db.example.org", "[fe80::1]:80"),
+            ("db.example.org", "[fd00:ec2::254]:80"),
+            ("vm", "127.0.0.1:22"),
+        ] {
+            let addr: SocketAddr = answer.parse().unwrap();
+            assert!(
+                matches!(
+                    AllowList::check_resolved(name, addr),
+                    Err(PolicyError::SpecialAnswer { .. })
+                ),
+                "{name} -> {answer}"
+            );
+        }
+        // `localhost` is reserved for loopback (RFC 6761): its answer is what the customer wrote.
+        for name in ["localhost", "LOCALHOST.", "localhost"] {
+            assert!(AllowList::check_resolved(name, "127.0.0.1:5432".parse().unwrap()).is_ok());
+            assert!(AllowList::check_resolved(name, "[::1]:5432".parse().unwrap()).is_ok());
+        }
+        // …but not a metadata answer.
+        assert!(
+            AllowList::check_resolved("localhost", "169.254.169.254:80".parse().unwrap()).is_err()
+        );
+        assert!(
+            AllowList::check_resolved("db.example.org", "10.0.0.5:5432".parse().unwrap()).is_ok()
+        );
     }
 
     #[test]

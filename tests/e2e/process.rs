@@ -1011,3 +1011,112 @@ fn hub_errors_say_what_to_do_with_documented_exit_codes() {
     let header = text.lines().next().unwrap();
     assert!(header.starts_with("CLIENT "), "{text}");
 }
+
+/// P4: a DNS answer never widens what the Client reaches. The allow-list names
+/// `evil.example`, whose answer (from a hosts file in the Client's own mount namespace) is
+/// loopback: the Client refuses to dial it, and nothing reaches the service listening there.
+/// `localhost`, reserved for loopback, is still dialled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_a_dns_answer_pointing_at_loopback_is_refused() {
+    if not_root() {
+        assert!(
+            !require("EWII_REQUIRE_PRIVILEGED"),
+            "EWII_REQUIRE_PRIVILEGED=1 but this test needs root for a mount namespace"
+        );
+        println!("SKIPPED: needs root for a private mount namespace");
+        return;
+    }
+    let (target, accepted) = counting_listener().await;
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[
+        Service::tcp("evil", "acme", "evil"),
+        Service::tcp("local", "acme", "local"),
+    ])
+    .await;
+    let client = TestClient::enrol(&hub, "acme", &[("evil", "127.0.0.1:9".into())]).await;
+    let dir = client.state_dir();
+    let root = dir.parent().unwrap().to_owned();
+    let hosts = root.join("hosts");
+    fs::write(&hosts, "127.0.0.1 evil.example\n127.0.0.1 localhost\n").unwrap();
+    let audit = root.join("audit.jsonl");
+    let toml = root.join("client.toml");
+    fs::write(
+        &toml,
+        format!(
+            "hub = \"{}\"\nstate_dir = {dir:?}\naudit = \"file:{}\"\non_stop = \"disconnect\"\n[[allow]]\nname = \"evil\"\naddress = \"evil.example:{}\"\n[[allow]]\nname = \"local\"\naddress = \"localhost:{}\"\n",
+            hub.addr,
+            audit.display(),
+            target.port(),
+            echo.port()
+        ),
+    )
+    .unwrap();
+    let mut proc = Proc(
+        Command::new("unshare")
+            .args([
+                "-m",
+                "sh",
+                "-c",
+                r#"mount --bind "$0" /etc/hosts && exec "$@""#,
+            ])
+            .arg(&hosts)
+            .arg(bin_path("ewii-client"))
+            .args(["run", "--config", toml.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    hub.wait_connected("acme").await;
+    // The refused name: the requester gets nothing, the service behind loopback no connection.
+    let mut s = tokio::net::TcpStream::connect(hub.service("evil"))
+        .await
+        .unwrap();
+    let _ = s.write_all(b"x").await;
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(SOON, s.read_to_end(&mut back)).await;
+    assert!(back.is_empty());
+    // `localhost` still works.
+    let mut s = tokio::net::TcpStream::connect(hub.service("local"))
+        .await
+        .unwrap();
+    s.write_all(b"ping").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"ping");
+    poll_until("both query records", SOON, || {
+        fs::read_to_string(&audit).is_ok_and(|t| t.matches("\"event\":\"query\"").count() == 2)
+    })
+    .await;
+    assert_eq!(proc.terminate().code(), Some(0));
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing reached the loopback service"
+    );
+    let records: Vec<serde_json::Value> = fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let evil = records
+        .iter()
+        .find(|r| r["event"] == "query" && r["destination"]["name"] == "evil")
+        .unwrap();
+    assert_eq!(evil["outcome"], "failed", "{evil}");
+    assert_eq!(
+        evil["reason"],
+        format!(
+            "cannot resolve evil: evil.example resolved to 127.0.0.1:{}, which a DNS answer may not reach (write the address itself if it is meant)",
+            target.port()
+        )
+    );
+}
+
+fn not_root() -> bool {
+    !fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+}

@@ -85,13 +85,20 @@ impl Dialer {
                         name: name.clone(),
                         why: e.to_string(),
                     })?;
+                let mut refused = None;
                 let ok: Vec<SocketAddr> = resolved
-                    .filter_map(|a| AllowList::check_resolved(a).ok())
+                    .filter_map(|a| match AllowList::check_resolved(host, a) {
+                        Ok(a) => Some(a),
+                        Err(e) => {
+                            refused = Some(e);
+                            None
+                        }
+                    })
                     .collect();
                 if ok.is_empty() {
                     return Err(DialError::Resolve {
                         name,
-                        why: "no unicast address".into(),
+                        why: refused.map_or_else(|| "no address".into(), |e| e.to_string()),
                     });
                 }
                 ok

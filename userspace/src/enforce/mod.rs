@@ -25,7 +25,7 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 
 use ewii_common::audit::{AuditRecord, Destination, Event, Outcome};
 use ewii_common::egress::{self, DenyEvent, Rule};
-use ewii_common::policy::Host;
+use ewii_common::policy::{AllowList, Host};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::Audit;
@@ -234,7 +234,12 @@ impl Plan {
                 Host::Ip(ip) => allow.push(SocketAddr::new(*ip, e.endpoint.port)),
                 Host::Dns(name) => {
                     names_used = true;
-                    allow.extend(resolve(name, e.endpoint.port));
+                    // The same answers the Dialer accepts: the kernel map never holds more.
+                    allow.extend(
+                        resolve(name, e.endpoint.port)
+                            .into_iter()
+                            .filter_map(|a| AllowList::check_resolved(name, a).ok()),
+                    );
                 }
             }
         }
