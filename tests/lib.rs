@@ -922,3 +922,184 @@ fn check_schema(v: &serde_json::Value, s: &serde_json::Value, at: &str, out: &mu
         }
     }
 }
+
+/// What a [`FaultyPath`] does to each datagram, both ways.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// Probability a datagram is dropped.
+    pub loss: f64,
+    /// Probability a datagram is sent twice.
+    pub duplicate: f64,
+    /// Probability a datagram is held back (by `reorder_by`) so that later ones overtake it.
+    pub reorder: f64,
+    /// How long a reordered datagram is held back.
+    pub reorder_by: Duration,
+    /// Delay added to every datagram.
+    pub delay: Duration,
+    /// Up to this much more, uniformly.
+    pub jitter: Duration,
+}
+
+/// A user-space UDP relay between a Client and a Hub that injects seeded faults (this kernel
+/// has no netem): loss, duplication, reordering, delay with jitter, a blackhole, and a path
+/// change (a new source port towards the Hub, as after a NAT rebinding). The Client dials
+/// [`FaultyPath::addr`]; one Client per relay.
+#[derive(Debug)]
+pub struct FaultyPath {
+    /// Where the Client dials.
+    pub addr: SocketAddr,
+    ctl: std::sync::Arc<std::sync::Mutex<PathControl>>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Debug)]
+struct PathControl {
+    faults: Faults,
+    blackhole: bool,
+    rebinds: u64,
+    rng: u64,
+}
+
+impl PathControl {
+    fn chance(&mut self, p: f64) -> bool {
+        // xorshift64*: deterministic for a seed.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let x = self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11;
+        (x as f64 / (1u64 << 53) as f64) < p
+    }
+
+    /// The delays at which to send one datagram (none: dropped; two: duplicated).
+    fn plan(&mut self) -> Vec<Duration> {
+        if self.blackhole || self.chance(self.faults.loss) {
+            return Vec::new();
+        }
+        let f = self.faults;
+        let mut delay = f.delay;
+        if !f.jitter.is_zero() {
+            let r = (self.rng % 1_000_000) as f64 / 1_000_000.0;
+            delay += f.jitter.mul_f64(r);
+        }
+        if self.chance(f.reorder) {
+            delay += f.reorder_by;
+        }
+        let mut out = vec![delay];
+        if self.chance(f.duplicate) {
+            out.push(delay);
+        }
+        out
+    }
+}
+
+impl FaultyPath {
+    /// Relays to `target` (the Hub's UDP address) with no fault until [`set`](Self::set).
+    pub async fn start(target: SocketAddr, seed: u64) -> Self {
+        use std::sync::Arc;
+        use tokio::net::UdpSocket;
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = front.local_addr().unwrap();
+        let ctl = Arc::new(std::sync::Mutex::new(PathControl {
+            faults: Faults::default(),
+            blackhole: false,
+            rebinds: 0,
+            rng: seed | 1,
+        }));
+        let c = ctl.clone();
+        let task = tokio::spawn(async move {
+            let mut back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+            let mut bound = 0u64;
+            let mut client: Option<SocketAddr> = None;
+            let (mut up, mut down) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+            loop {
+                let rebinds = c.lock().unwrap().rebinds;
+                if rebinds != bound {
+                    back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                    bound = rebinds;
+                }
+                tokio::select! {
+                    r = front.recv_from(&mut up) => {
+                        let Ok((n, from)) = r else { continue };
+                        client = Some(from);
+                        let plan = c.lock().unwrap().plan();
+                        send_later(back.clone(), up[..n].to_vec(), target, plan);
+                    }
+                    r = back.recv_from(&mut down) => {
+                        let (Ok((n, _)), Some(to)) = (r, client) else { continue };
+                        let plan = c.lock().unwrap().plan();
+                        send_later(front.clone(), down[..n].to_vec(), to, plan);
+                    }
+                    // Look at the controls again now and then (a rebind while idle).
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        });
+        Self { addr, ctl, task }
+    }
+
+    /// Applies `faults` from now on.
+    pub fn set(&self, faults: Faults) {
+        self.ctl.lock().unwrap().faults = faults;
+    }
+
+    /// Drops everything, both ways, while `on`.
+    pub fn blackhole(&self, on: bool) {
+        self.ctl.lock().unwrap().blackhole = on;
+    }
+
+    /// From now on, talks to the Hub from a new source port.
+    pub fn rebind(&self) {
+        self.ctl.lock().unwrap().rebinds += 1;
+    }
+}
+
+impl Drop for FaultyPath {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn send_later(
+    socket: std::sync::Arc<tokio::net::UdpSocket>,
+    data: Vec<u8>,
+    to: SocketAddr,
+    plan: Vec<Duration>,
+) {
+    for delay in plan {
+        let (socket, data) = (socket.clone(), data.clone());
+        if delay.is_zero() {
+            let _ = socket.try_send_to(&data, to);
+        } else {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = socket.send_to(&data, to).await;
+            });
+        }
+    }
+}
+
+/// A destination that hashes every byte it receives (SHA-256) and, at the end of the stream,
+/// answers with the 32-byte digest.
+pub async fn hashing_sink() -> SocketAddr {
+    use sha2::{Digest, Sha256};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut h = Sha256::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => h.update(&buf[..n]),
+                        Err(_) => return,
+                    }
+                }
+                let _ = s.write_all(&h.finalize()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}

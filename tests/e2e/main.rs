@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod enrol;
+mod faults;
 mod kernel;
 mod lifecycle;
 mod mtls;
