@@ -51,7 +51,9 @@ async fn echo_once(entry: SocketAddr, data: &[u8]) -> Result<(), String> {
         .await
         .map_err(|_| "timeout".to_string())?
         .map_err(|e| e.to_string())?;
-    (back == data).then_some(()).ok_or("wrong bytes back".into())
+    (back == data)
+        .then_some(())
+        .ok_or("wrong bytes back".into())
 }
 
 /// A Hub with an echo and a hashing sink service, and a Client that dials it through a
@@ -182,7 +184,11 @@ async fn p14_a_path_change_mid_transfer_migrates_the_connection() {
     let (mine, theirs, _) = transfer.await.unwrap();
     assert_eq!(theirs, mine, "byte-exact across the path change");
     echo_once(hub.service("echo"), b"after").await.unwrap();
-    assert_eq!(count_events(&client, Event::SessionUp), 1, "migrated, not redialled");
+    assert_eq!(
+        count_events(&client, Event::SessionUp),
+        1,
+        "migrated, not redialled"
+    );
     client.stop().await;
 }
 

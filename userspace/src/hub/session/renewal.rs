@@ -1,0 +1,106 @@
+//! Renewal on a live session (P7, P8): `Renew` signs a fresh key for the session's own
+//! identity; `Rotated` re-binds the session to the renewed serial and retires the older ones.
+
+use ewii_common::audit::{Event, Outcome, SessionEnd};
+use ewii_common::frame::{Control, RefuseCode};
+
+use super::super::state::SessionRow;
+use super::{deadline_at, Session};
+use crate::identity::inspect_leaf;
+use crate::transport::codes;
+
+impl Session {
+    /// Signs a renewal CSR for the session's own identity (never what the CSR asks for).
+    /// Only the newest key in use renews: a connection holding a retired, revoked or
+    /// superseded serial (a stolen old key) gets nothing.
+    pub(super) async fn renew(&mut self, csr: &[u8]) -> Control {
+        let parts = &self.parts;
+        let mut r = parts.audit.record(Event::SvidRotated);
+        r.session_id = Some(self.id);
+        r.client = Some(self.leaf.id.to_string());
+        let now = crate::now_timestamp().unix_secs() as i64;
+        let issued = match parts
+            .store
+            .may_renew(&self.name, &self.leaf.id, &self.leaf.serial)
+            .await
+        {
+            Err(refusal) => Err(refusal.to_string()),
+            Ok(()) => match parts.trust.issue(csr, &self.leaf.id) {
+                Err(e) => Err(format!("renewal CSR refused: {e}")),
+                Ok(issued) => parts
+                    .store
+                    .record_renewal(&self.name, &issued.serial, issued.not_after, now)
+                    .await
+                    .map(|()| issued)
+                    .map_err(|e| e.to_string()),
+            },
+        };
+        let answer = match issued {
+            Ok(issued) => {
+                self.pending = inspect_leaf(&issued.der).ok();
+                r.outcome = Some(Outcome::Ok);
+                r.reason = Some(format!(
+                    "issued serial {} to replace {}",
+                    issued.serial, self.leaf.serial
+                ));
+                Control::Renewed {
+                    chain: vec![issued.der.to_vec()],
+                    bundle: parts.trust.bundle_der(),
+                }
+            }
+            Err(reason) => {
+                r.outcome = Some(Outcome::Refused);
+                r.reason = Some(reason);
+                Control::Refused {
+                    code: RefuseCode::BadRequest,
+                }
+            }
+        };
+        parts.audit.emit(r);
+        answer
+    }
+
+    /// The Client stored the SVID of the last `Renewed` and uses it: this live session is
+    /// re-bound to the new serial (its expiry moves with it), and every older serial of the
+    /// client is retired (P8), so a stolen older key opens nothing any more. The connection
+    /// stays: a rotation cuts no query. `Some(reason)` ends the session.
+    pub(super) async fn rotated(&mut self, serial: String) -> Option<String> {
+        let Some(leaf) = self.pending.take().filter(|l| l.serial == serial) else {
+            self.conn.close(codes::PROTOCOL, b"");
+            return Some(SessionEnd::Protocol.reason(&format!(
+                "Rotated for serial {serial}, which this session was not issued"
+            )));
+        };
+        // Re-bound in the registry first, so that the retirement below does not drain us.
+        self.parts
+            .registry
+            .rebind(&self.name, self.id, &leaf.serial);
+        let row = SessionRow {
+            session_id: self.id,
+            serial: leaf.serial.clone(),
+            peer: self.peer.to_string(),
+            since: crate::now_timestamp().unix_secs() as i64,
+        };
+        let retired = self.parts.store.session_up(&self.name, row).await;
+        let mut r = self.parts.audit.record(Event::SvidRotated);
+        r.session_id = Some(self.id);
+        r.client = Some(self.leaf.id.to_string());
+        match retired {
+            Ok(n) => {
+                r.outcome = Some(Outcome::Ok);
+                r.reason = Some(format!(
+                    "session re-bound from serial {} to {}; {n} older serial(s) retired",
+                    self.leaf.serial, leaf.serial
+                ));
+            }
+            Err(e) => {
+                r.outcome = Some(Outcome::Failed);
+                r.reason = Some(format!("cannot record serial {}: {e}", leaf.serial));
+            }
+        }
+        self.parts.audit.emit(r);
+        self.expiry = deadline_at(leaf.not_after);
+        self.leaf = leaf;
+        None
+    }
+}
