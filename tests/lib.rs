@@ -949,6 +949,8 @@ pub struct FaultyPath {
     /// Where the Client dials.
     pub addr: SocketAddr,
     ctl: std::sync::Arc<std::sync::Mutex<PathControl>>,
+    /// Wakes the relay when a control changes (a rebind).
+    wake: std::sync::Arc<tokio::sync::Notify>,
     task: JoinHandle<()>,
 }
 
@@ -1006,6 +1008,8 @@ impl FaultyPath {
             rng: seed | 1,
         }));
         let c = ctl.clone();
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let woken = wake.clone();
         let task = tokio::spawn(async move {
             let mut back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
             let mut bound = 0u64;
@@ -1029,12 +1033,17 @@ impl FaultyPath {
                         let plan = c.lock().unwrap().plan();
                         send_later(front.clone(), down[..n].to_vec(), to, plan);
                     }
-                    // Look at the controls again now and then (a rebind while idle).
-                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    // A control changed (a rebind): look at them again.
+                    () = woken.notified() => {}
                 }
             }
         });
-        Self { addr, ctl, task }
+        Self {
+            addr,
+            ctl,
+            wake,
+            task,
+        }
     }
 
     /// Applies `faults` from now on.
@@ -1050,6 +1059,7 @@ impl FaultyPath {
     /// From now on, talks to the Hub from a new source port.
     pub fn rebind(&self) {
         self.ctl.lock().unwrap().rebinds += 1;
+        self.wake.notify_one();
     }
 }
 

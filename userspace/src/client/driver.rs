@@ -71,6 +71,8 @@ pub(super) struct Driver {
     dialing: Option<Dialing>,
     /// The key of the `Renew` in flight.
     renew_key: Option<rcgen::KeyPair>,
+    /// The machine asked for the stop's revoke to be recorded as pending.
+    pending_revoke: bool,
     last_error: Option<String>,
 }
 
@@ -125,6 +127,7 @@ impl Driver {
             events: mpsc::unbounded_channel(),
             dialing: None,
             renew_key: None,
+            pending_revoke: false,
             last_error: None,
         }
     }
@@ -208,7 +211,8 @@ impl Driver {
                 Action::SendGoodbye { session_id, revoke } => {
                     self.command(Some(session_id), Command::Goodbye { revoke });
                 }
-                Action::RecordPendingRevoke => self.record_pending_revoke(),
+                // Written in `finish`, which comes next (the machine exits right after).
+                Action::RecordPendingRevoke => self.pending_revoke = true,
                 Action::Exit(exit) => return Some(exit),
             }
         }
@@ -363,6 +367,9 @@ impl Driver {
     /// The session is over: record why, let the connections finish (bounded), write the
     /// last status.
     async fn finish(mut self, exit: &Exit, denied: &[(String, u64)]) {
+        if self.pending_revoke {
+            self.record_pending_revoke().await;
+        }
         let state = match exit {
             Exit::Stopped => State::Stopped,
             Exit::Revoked { reason } => {
@@ -444,17 +451,15 @@ impl Driver {
         }
     }
 
-    /// A stop could not reach the Hub: the next start delivers the revoke first.
-    fn record_pending_revoke(&mut self) {
+    /// A stop could not reach the Hub: the next start delivers the revoke first. Written (with
+    /// an fsync, off the async workers) before the session returns.
+    async fn record_pending_revoke(&mut self) {
         let path = self.config.state_dir.join(REVOKE_PENDING_MARKER);
         let why = format!(
             "the Hub could not be reached within {} s of the stop; the revoke is delivered at the next start",
             GOODBYE_BUDGET.as_secs()
         );
-        // Written before the exit, in this task: the stop must not end without it.
-        if let Err(e) = store::write_file(&path, why.as_bytes(), 0o644) {
-            tracing::error!(error = %e, "cannot record the pending revoke");
-        }
+        write_marker(path, why.clone()).await;
         let mut r = self.audit.record(AuditEvent::Revoked);
         r.client = Some(self.queries.client_id.clone());
         r.outcome = Some(Outcome::Failed);

@@ -104,7 +104,10 @@ pub async fn enrol_replacing(
     state_dir: &Path,
     audit: &Audit,
 ) -> Result<SpiffeId, EnrolError> {
-    let _lock = lock(state_dir)?;
+    let dir = state_dir.to_owned();
+    let _lock = tokio::task::spawn_blocking(move || lock(&dir))
+        .await
+        .map_err(|e| EnrolError::Connect(e.to_string()))??;
     let id = enrol_audited(hub, token, pin, state_dir, audit).await?;
     let dir = state_dir.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -220,12 +223,14 @@ async fn enrol_inner(
     }
     let accepted = rotation::accept_issued(&key, chain, bundle, None)
         .map_err(|e| EnrolError::BadAnswer(e.to_string()))?;
-    create_state_dir(state_dir)?;
     let dir = state_dir.to_owned();
     let id = accepted.identity.leaf.id.clone();
-    tokio::task::spawn_blocking(move || rotation::save(&dir, &accepted))
-        .await
-        .map_err(|e| EnrolError::Connect(e.to_string()))??;
+    tokio::task::spawn_blocking(move || {
+        create_state_dir(&dir)?;
+        rotation::save(&dir, &accepted)
+    })
+    .await
+    .map_err(|e| EnrolError::Connect(e.to_string()))??;
     Ok(id)
 }
 
