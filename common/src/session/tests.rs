@@ -465,9 +465,9 @@ fn p9_a_stop_that_cannot_reach_the_hub_records_a_pending_revoke_within_its_budge
     );
 }
 
-#[test]
-fn p9_a_pending_revoke_is_delivered_before_anything_else_at_the_next_start() {
-    let mut sim = Sim {
+/// A fresh start with a revoke pending from an earlier stop.
+fn pending_revoke_sim() -> Sim {
+    Sim {
         s: ClientSession::new_with_pending_revoke(
             config(),
             svid_at(START),
@@ -475,7 +475,12 @@ fn p9_a_pending_revoke_is_delivered_before_anything_else_at_the_next_start() {
             3,
         ),
         ..Sim::new(config(), svid_at(START))
-    };
+    }
+}
+
+#[test]
+fn p9_a_pending_revoke_is_delivered_before_anything_else_at_the_next_start() {
+    let mut sim = pending_revoke_sim();
     assert_eq!(sim.actions(), vec![Action::Dial]);
     assert_eq!(sim.s.phase(), Phase::Revoking);
     // The Hub stays away for a long time: retry for ever, never give up, never serve.
@@ -501,30 +506,14 @@ fn p9_a_pending_revoke_is_delivered_before_anything_else_at_the_next_start() {
     );
 
     // A stop while it is still trying leaves the revoke pending (nothing new to record).
-    let mut sim = Sim {
-        s: ClientSession::new_with_pending_revoke(
-            config(),
-            svid_at(START),
-            Duration::from_secs(START),
-            3,
-        ),
-        ..Sim::new(config(), svid_at(START))
-    };
+    let mut sim = pending_revoke_sim();
     sim.actions();
     sim.dial_failed();
     sim.s.handle_stop(sim.now);
     assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
 
     // The Hub answers the handshake with REVOKED (it revoked meanwhile): that is the end.
-    let mut sim = Sim {
-        s: ClientSession::new_with_pending_revoke(
-            config(),
-            svid_at(START),
-            Duration::from_secs(START),
-            3,
-        ),
-        ..Sim::new(config(), svid_at(START))
-    };
+    let mut sim = pending_revoke_sim();
     sim.actions();
     sim.s.handle_revoked("grace over".into());
     assert_eq!(

@@ -140,20 +140,7 @@ pub fn accept() -> Verdict {
 /// `bind(2)` of a fresh TCP socket to `addr` (Landlock ABI 4 refuses TCP binds with EACCES).
 pub fn tcp_bind(addr: SocketAddrV4) -> Verdict {
     let fd = socket(libc::AF_INET, libc::SOCK_STREAM, 0)?;
-    let sa = sockaddr_in(addr);
-    // SAFETY: `sa` is a valid sockaddr_in that outlives the call; the length matches it.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sa as *const libc::sockaddr_in).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(last_errno())
-    }
+    with_sockaddr(&fd, addr, libc::bind)
 }
 
 /// `io_uring_setup(2)` with one entry.
@@ -173,10 +160,20 @@ pub fn io_uring_setup() -> Verdict {
 /// An MPTCP socket connecting to `addr`.
 pub fn mptcp_connect(addr: SocketAddrV4) -> Verdict {
     let fd = socket(libc::AF_INET, libc::SOCK_STREAM, IPPROTO_MPTCP)?;
+    with_sockaddr(&fd, addr, libc::connect)
+}
+
+/// `connect(2)` or `bind(2)` of `fd` to the IPv4 `addr`.
+fn with_sockaddr(
+    fd: &OwnedFd,
+    addr: SocketAddrV4,
+    call: unsafe extern "C" fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int,
+) -> Verdict {
     let sa = sockaddr_in(addr);
-    // SAFETY: `sa` is a valid sockaddr_in that outlives the call; the length matches it.
+    // SAFETY: `sa` is a valid sockaddr_in that outlives the call; the length matches it, and
+    // `call` is connect(2) or bind(2), which only read it.
     let rc = unsafe {
-        libc::connect(
+        call(
             fd.as_raw_fd(),
             (&sa as *const libc::sockaddr_in).cast(),
             size_of::<libc::sockaddr_in>() as libc::socklen_t,
