@@ -5,6 +5,7 @@
 
 mod enrol;
 mod faults;
+mod hostile;
 mod kernel;
 mod lifecycle;
 mod mtls;

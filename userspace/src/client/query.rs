@@ -61,15 +61,33 @@ pub(crate) async fn serve(
     let started_at = crate::now_timestamp();
     let mut reader = FrameReader::new();
     let head = tokio::time::timeout(OPEN_TIMEOUT, reader.read::<QueryHead>(&mut recv)).await;
-    let Ok(Ok(Some(QueryHead::Open {
-        query_id,
-        destination,
-        source,
-    }))) = head
-    else {
-        let _ = send.reset(codes::PROTOCOL);
-        let _ = recv.stop(codes::PROTOCOL);
-        return;
+    let (query_id, destination, source) = match head {
+        Ok(Ok(Some(QueryHead::Open {
+            query_id,
+            destination,
+            source,
+        }))) => (query_id, destination, source),
+        // Anything else from the Hub is refused with a code, and audited: a hostile or broken
+        // Hub leaves a trace, and the Client goes on.
+        other => {
+            let _ = send.reset(codes::PROTOCOL);
+            let _ = recv.stop(codes::PROTOCOL);
+            let why = match other {
+                Err(_) => "no Open header in time".to_string(),
+                Ok(Err(e)) => format!("bad Open header: {e}"),
+                Ok(Ok(None)) => "the stream ended before an Open header".to_string(),
+                Ok(Ok(Some(_))) => "a stream that does not start with Open".to_string(),
+            };
+            let mut r = ctx.audit.record(Event::Query);
+            r.session_id = Some(session_id);
+            r.client = Some(ctx.client_id.clone());
+            r.outcome = Some(Outcome::Refused);
+            r.reason = Some(format!("protocol: {why}"));
+            r.started = Some(started_at);
+            r.peer = Some(hub.to_string());
+            ctx.audit.emit(r);
+            return;
+        }
     };
     let mut r = ctx.audit.record(Event::Query);
     r.session_id = Some(session_id);

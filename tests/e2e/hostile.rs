@@ -1,0 +1,212 @@
+//! A hostile Hub: the real Hub's identity on a server that speaks the protocol wrongly on
+//! purpose. The Client refuses every bad `Open` with a code and an audit record, dials nothing
+//! it should not, and stays healthy (P4).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use ewii::identity::store::{self, Svid};
+use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
+use ewii::transport::{self, FrameReader};
+use ewii_common::audit::{Event, Outcome};
+use ewii_common::frame::{self, Control, QueryHead, QueryId, RefuseCode};
+use ewii_tests::*;
+
+/// A server holding the real Hub's SVID and trusting its CA: it welcomes the Client, then
+/// hands the connection to the test.
+async fn hostile_hub(
+    hub: &TestHub,
+) -> (SocketAddr, tokio::sync::mpsc::Receiver<quinn::Connection>) {
+    let dir = hub.state_dir();
+    let svid = Svid::load(&dir, "hub.pem", "hub.key").unwrap();
+    let ca = store::read_certs(&dir.join("ca.pem")).unwrap();
+    let verifier = SpiffeVerifier::new(Bundle::new(ca), TD, Expect::Client);
+    let tls = transport::tls_server_config(&svid, Arc::new(verifier), &[frame::ALPN]).unwrap();
+    // Ewii's own server settings: the Client opens one stream (control); how many the
+    // hostile side may open is the Client's limit.
+    let quic = transport::quic_server_config(tls).unwrap();
+    let endpoint = quinn::Endpoint::server(quic, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let endpoint = endpoint;
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                continue;
+            };
+            let mut reader = FrameReader::new();
+            if let Ok(Some(Control::Hello { .. })) = reader.read::<Control>(&mut recv).await {
+                let welcome = Control::Welcome {
+                    session_id: 1,
+                    hub_time_us: 0,
+                    limits: frame::Limits {
+                        max_concurrent_queries: 1024,
+                        idle_timeout_ms: 3000,
+                    },
+                };
+                transport::write_frame(&mut send, &welcome).await.unwrap();
+                // Keep the control stream open for the whole test.
+                std::mem::forget((send, recv));
+                let _ = tx.send(conn).await;
+            }
+        }
+    });
+    (addr, rx)
+}
+
+/// Opens a stream, writes `bytes`, ends it, and returns the Client's answer.
+async fn ask(conn: &quinn::Connection, bytes: &[u8]) -> Result<Option<QueryHead>, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(bytes).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    tokio::time::timeout(SOON, FrameReader::new().read::<QueryHead>(&mut recv))
+        .await
+        .map_err(|_| "no answer in time".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+fn open(destination: &str) -> Vec<u8> {
+    frame::encode_to_vec(&QueryHead::Open {
+        query_id: QueryId(7),
+        destination: destination.to_owned(),
+        source: "hostile".into(),
+    })
+    .unwrap()
+    .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy() {
+    let (db, accepted) = counting_listener().await;
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", db.to_string())]).await;
+    let (addr, mut conns) = hostile_hub(&hub).await;
+    client.config.hub = addr.to_string().parse().unwrap();
+    client.start();
+    let conn = tokio::time::timeout(SOON, conns.recv())
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Every spelling of a name that is not exactly "db".
+    let long = "d".repeat(60_000);
+    let names = [
+        "DB",
+        "Db",
+        "db.",
+        ".db",
+        "db ",
+        " db",
+        "db\0",
+        "db\n",
+        "../db",
+        "db/..",
+        "d/b",
+        "ｄｂ",
+        "dЬ",
+        "",
+        long.as_str(),
+        &db.to_string(),
+        &db.ip().to_string(),
+        "localhost",
+        "db,db",
+        "db*",
+    ];
+    for name in names {
+        let answer = ask(&conn, &open(name)).await;
+        assert_eq!(
+            answer,
+            Ok(Some(QueryHead::Refused {
+                code: RefuseCode::NotAllowed
+            })),
+            "{name:?}"
+        );
+    }
+    // Frames that are not an Open: truncated, oversized, unknown type, the wrong message.
+    let mut oversized = ((frame::MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+    oversized.push(frame::FORMAT_VERSION);
+    let mut truncated = 100u32.to_be_bytes().to_vec();
+    truncated.extend_from_slice(&[frame::FORMAT_VERSION, 0, 1, 2]);
+    let unknown = {
+        let mut f = 3u32.to_be_bytes().to_vec();
+        f.extend_from_slice(&[frame::FORMAT_VERSION, 0x7f, 0]);
+        f
+    };
+    let wrong_message = frame::encode_to_vec(&QueryHead::Opened).unwrap().to_vec();
+    let wrong_version = {
+        let mut f = open("db");
+        f[4] = 99;
+        f
+    };
+    for (what, bytes) in [
+        ("oversized", oversized),
+        ("truncated", truncated),
+        ("unknown type", unknown),
+        ("wrong message", wrong_message),
+        ("wrong format version", wrong_version),
+        ("nothing", Vec::new()),
+    ] {
+        let answer = ask(&conn, &bytes).await;
+        assert!(
+            answer
+                .as_ref()
+                .is_err_and(|e| e.contains("reset by peer") || e.contains("stopped")),
+            "{what}: {answer:?}"
+        );
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was dialled");
+
+    // Thousands of refusals at once do not wear it down.
+    let many: Vec<_> = (0..2000)
+        .map(|i| {
+            let conn = conn.clone();
+            tokio::spawn(async move { ask(&conn, &open(&format!("nope-{i}"))).await })
+        })
+        .collect();
+    for t in many {
+        assert_eq!(
+            t.await.unwrap(),
+            Ok(Some(QueryHead::Refused {
+                code: RefuseCode::NotAllowed
+            }))
+        );
+    }
+    // Still healthy: the real name is served.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&open("db")).await.unwrap();
+    let answer = FrameReader::new()
+        .read::<QueryHead>(&mut recv)
+        .await
+        .unwrap();
+    assert_eq!(answer, Some(QueryHead::Opened));
+    drop((send, recv));
+    poll_until("the real query to connect", SOON, || {
+        accepted.load(Ordering::SeqCst) == 1
+    })
+    .await;
+
+    // Every refusal left an audit record with its reason.
+    let records = client.audit.records();
+    let refused: Vec<_> = records
+        .iter()
+        .filter(|r| r.event == Event::Query && r.outcome == Some(Outcome::Refused))
+        .collect();
+    assert_eq!(
+        refused.len(),
+        names.len() + 6 + 2000,
+        "one record per refusal"
+    );
+    assert!(
+        refused
+            .iter()
+            .filter(|r| r
+                .reason
+                .as_deref()
+                .is_some_and(|x| x.starts_with("protocol: ")))
+            .count()
+            == 6
+    );
+    client.stop().await;
+}
