@@ -1101,3 +1101,61 @@ async fn p10_a_central_revoke_of_an_offline_client_is_audited_at_once() {
     );
     assert_eq!(count(&hub.audit, is(Event::Revoked)), 1, "audited once");
 }
+
+/// A hostile Client (issue 11): `Renew` in a loop costs one signature, the rest is refused
+/// cheaply and audited; garbage on the control stream ends that session; another Client is
+/// not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_a_renew_flood_and_control_garbage_are_cut_off_without_touching_other_clients() {
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[Service::tcp("pg", "beta", "db")]).await;
+    let hostile = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let mut other = TestClient::enrol_and_run(&hub, "beta", &[("db", echo.to_string())]).await;
+    hub.wait_connected("beta").await;
+    let svid = Svid::load(&hostile.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let mut raw = raw_session(&hub, &svid).await.expect("a session");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    let mut renewed = 0;
+    let mut refused = 0;
+    for _ in 0..50 {
+        transport::write_frame(&mut raw.send, &Control::Renew { csr: csr.clone() })
+            .await
+            .unwrap();
+        match raw.reader.read::<Control>(&mut raw.recv).await.unwrap() {
+            Some(Control::Renewed { .. }) => renewed += 1,
+            Some(Control::Refused { .. }) => refused += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((renewed, refused), (1, 49), "one signature, 49 refusals");
+    assert_eq!(
+        count(&hub.audit, |r| r.event == Event::SvidRotated
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.starts_with("renewal flood"))),
+        49
+    );
+    // Garbage on the control stream: that session ends as a protocol violation.
+    raw.send
+        .write_all(&[0, 0, 0, 3, 1, 0xff, 0xff])
+        .await
+        .unwrap();
+    hub.wait_audit("the hostile session's end", |r| {
+        r.event == Event::SessionLost
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.starts_with("protocol: "))
+    })
+    .await;
+    // The other Client never noticed.
+    assert!(try_roundtrip(hub.service("pg"), b"still fine")
+        .await
+        .is_ok());
+    assert_eq!(count(&other.audit, is(Event::SessionLost)), 0);
+    other.stop().await;
+}

@@ -68,6 +68,8 @@ pub(crate) struct Session {
     pending: Option<LeafInfo>,
     /// `Goodbye` received: whether it revoked, and until when the Client may drain.
     goodbye: Option<(bool, Instant)>,
+    /// When this session last asked for a renewal (a flood is refused).
+    last_renew: Option<Instant>,
 }
 
 impl Session {
@@ -141,6 +143,7 @@ impl Session {
             allow_list,
             pending: None,
             goodbye: None,
+            last_renew: None,
         })
     }
 

@@ -1,13 +1,21 @@
 //! Renewal on a live session (P7, P8): `Renew` signs a fresh key for the session's own
 //! identity; `Rotated` re-binds the session to the renewed serial and retires the older ones.
 
+use std::time::Duration;
+
 use ewii_common::audit::{Event, Outcome, SessionEnd};
 use ewii_common::frame::{Control, RefuseCode};
+use tokio::time::Instant;
 
 use super::super::state::SessionRow;
 use super::{deadline_at, Session};
 use crate::identity::inspect_leaf;
 use crate::transport::codes;
+
+/// The shortest time between two `Renew` on one session: each costs a signature and a synced
+/// database write, and an honest Client renews twice a day (at half of the life left, so a
+/// quarter of the life left is the bound for very short test lifetimes).
+const RENEW_MIN_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Session {
     /// Signs a renewal CSR for the session's own identity (never what the CSR asks for).
@@ -18,6 +26,23 @@ impl Session {
         let mut r = parts.audit.record(Event::SvidRotated);
         r.session_id = Some(self.id);
         r.client = Some(self.leaf.id.to_string());
+        // A flood of `Renew` from one session (a hostile or broken peer) is refused cheaply, before
+        // any signature or database work, and audited.
+        let left = (self.leaf.not_after - crate::now_timestamp().unix_secs() as i64).max(0);
+        let bound = RENEW_MIN_INTERVAL.min(Duration::from_secs(left as u64) / 4);
+        let flood = self.last_renew.is_some_and(|at| at.elapsed() < bound);
+        self.last_renew = Some(Instant::now());
+        if flood {
+            r.outcome = Some(Outcome::Refused);
+            r.reason = Some(format!(
+                "renewal flood: another Renew within {} ms on this session",
+                bound.as_millis()
+            ));
+            parts.audit.emit(r);
+            return Control::Refused {
+                code: RefuseCode::BadRequest,
+            };
+        }
         let now = crate::now_timestamp().unix_secs() as i64;
         let issued = match parts
             .store
