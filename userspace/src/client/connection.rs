@@ -7,7 +7,6 @@
 //! SVID is stored, and the Hub re-binds the session to it.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use ewii_common::audit::{Event as AuditEvent, SessionEnd};
 use ewii_common::frame::Control;
@@ -19,9 +18,6 @@ use tokio::time::Instant;
 use super::connect::Opened;
 use super::query::{self, QueryCtx};
 use crate::transport::{self, codes, StreamError};
-
-/// After `Goodbye`, how long to wait for the Hub to close (closing first could discard it).
-const GOODBYE_LINGER: Duration = Duration::from_secs(2);
 
 /// What the driver tells a connection.
 #[derive(Debug)]
@@ -164,11 +160,15 @@ impl Connection {
         let hub = conn.remote_address();
         // Set once `Goodbye` is sent: no new query, and the end comes when none is left.
         let mut stopping = false;
+        // The Hub has read and processed our `Goodbye`.
+        let mut goodbye_read = false;
         let end = loop {
-            if stopping && queries.is_empty() {
+            // Done once no query is left and the Hub has processed the `Goodbye` (it finishes
+            // its side of the control stream then): closing earlier could discard it. The
+            // session machine bounds the wait.
+            if stopping && queries.is_empty() && goodbye_read {
                 let _ = events.send(Event::Drained(id));
-                // The Hub closes once it has read the goodbye.
-                linger(&conn).await;
+                conn.close(codes::DONE, b"");
                 break End::Lost(Lost::Stopped);
             }
             tokio::select! {
@@ -208,7 +208,8 @@ impl Connection {
                     }
                     Err(e) => break closed(&e),
                 },
-                msg = reader.read::<Control>(&mut recv) => match msg {
+                msg = reader.read::<Control>(&mut recv), if !goodbye_read => match msg {
+                    Ok(None) if stopping => goodbye_read = true,
                     Ok(Some(Control::Revoked { reason })) => break End::Revoked(reason),
                     Ok(Some(Control::Pong { .. })) => {}
                     Ok(Some(msg @ (Control::Renewed { .. } | Control::Refused { .. } | Control::BundleUpdate { .. }))) => {
@@ -236,12 +237,6 @@ impl Connection {
         ctx.audit.emit(r);
         let _ = events.send(Event::Ended(id, end));
     }
-}
-
-/// Waits (bounded) for the Hub to close after our `Goodbye`, then closes.
-async fn linger(conn: &quinn::Connection) {
-    let _ = tokio::time::timeout(GOODBYE_LINGER, conn.closed()).await;
-    conn.close(codes::DONE, b"");
 }
 
 /// A control-stream error: the connection's own close reason says more.

@@ -154,6 +154,7 @@ impl Session {
         let (tell, mut told) = mpsc::unbounded_channel::<Command>();
         self.up(tell).await;
         let mut drain_until: Option<Instant> = None;
+        let mut control_ended = false;
         // Told before it registered? The view says so.
         match self
             .parts
@@ -217,9 +218,12 @@ impl Session {
                     // The registry dropped us: we were closed by a revocation.
                     None => break SessionEnd::Revoked.reason(&format!("{} is revoked", self.leaf.id)),
                 },
-                // After `Goodbye` the Client has finished its side of the control stream.
-                msg = self.reader.read::<Control>(&mut self.recv), if self.goodbye.is_none() => {
-                    if let Some(reason) = self.control(msg).await {
+                // After `Goodbye` the stream is read to its end (the Client waits for that
+                // before it closes), and nothing on it matters any more.
+                msg = self.reader.read::<Control>(&mut self.recv), if !control_ended => {
+                    if self.goodbye.is_some() {
+                        control_ended = !matches!(msg, Ok(Some(_)));
+                    } else if let Some(reason) = self.control(msg).await {
                         break reason;
                     }
                 }
@@ -325,6 +329,9 @@ impl Session {
                     .await;
                 }
                 self.goodbye = Some((revoke, Instant::now() + GOODBYE_DRAIN));
+                // Tells the Client its `Goodbye` is processed: it closes once its queries are
+                // done (closing earlier could have discarded the `Goodbye`).
+                let _ = self.send.finish();
                 None
             }
             Ok(Some(Control::Rotated { serial })) => self.rotated(serial).await,

@@ -20,6 +20,9 @@ use super::codes;
 /// Bytes per TCP read; large enough to fill QUIC packets, small enough to keep latency.
 const CHUNK: usize = 64 * 1024;
 
+/// How long a finished query waits for the peer to read its last bytes.
+const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What went through, and how it ended.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PipeReport {
@@ -111,6 +114,11 @@ pub async fn pipe<S: TcpLike>(
         let _ = send.reset(codes::ABORTED);
         let _ = recv.stop(codes::ABORTED);
         r.unsplit(w).abort();
+    } else {
+        // The last bytes and the FIN are delivered only once the peer has read them: the query
+        // ends then (bounded), so that closing the connection right after (a stop) cannot
+        // discard them.
+        let _ = tokio::time::timeout(FINISH_WAIT, send.stopped()).await;
     }
     PipeReport {
         tcp_to_stream: up_count,
