@@ -1,7 +1,7 @@
 //! The Client's session with the Hub as a sans-IO state machine, with time passed in.
 //!
-//! [`ClientSession`] decides *when* to dial, renew, move to a renewed SVID's connection, drain
-//! the old one, back off, stop and exit; the userspace driver does the I/O. It never reads a
+//! [`ClientSession`] decides *when* to dial, renew, back off, deliver a revoke, stop and exit;
+//! the userspace driver does the I/O. It never reads a
 //! clock: `now` is wall-clock time as a [`Duration`] since the Unix epoch, the same scale as an
 //! SVID's validity, and tests drive it with a virtual clock.
 //!

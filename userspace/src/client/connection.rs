@@ -1,7 +1,7 @@
 //! One QUIC connection to the Hub, owned by one task: it serves the query streams the Hub
-//! opens, reads the control stream, and obeys the driver's commands (send `Renew`, say
-//! `Goodbye`, drain after a rotation, close). It reports what it saw as [`Event`]s and writes
-//! its own `session_lost` audit record when it ends.
+//! opens, reads the control stream, and obeys the driver's commands (send `Renew` and
+//! `Rotated`, say `Goodbye`, close). It reports what it saw as [`Event`]s and writes its own
+//! `session_lost` audit record when it ends.
 //!
 //! A rotation does not change the connection: the driver sends `Rotated` once the renewed
 //! SVID is stored, and the Hub re-binds the session to it.
@@ -26,7 +26,8 @@ pub(crate) enum Command {
     Renew(Vec<u8>),
     /// Tell the Hub the renewed SVID with this serial is stored and in use.
     Rotated(String),
-    /// Say `Goodbye`, take no new query, report [`Event::Drained`] when none is left.
+    /// Say `Goodbye`, take no new query, report [`Event::Drained`] when none is left and the
+    /// Hub has acknowledged the `Goodbye`.
     Goodbye {
         /// Ask the Hub to revoke this identity.
         revoke: bool,
@@ -40,7 +41,7 @@ pub(crate) enum Command {
 pub(crate) enum Event {
     /// A control message the driver decides on (`Renewed`, `Refused`, `BundleUpdate`).
     Control(Control),
-    /// No query is left after `Goodbye`.
+    /// No query is left after `Goodbye`, and the Hub has processed it.
     Drained(u64),
     /// The connection is over.
     Ended(u64, End),
