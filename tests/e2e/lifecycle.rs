@@ -796,10 +796,15 @@ async fn p15_the_ca_rotates_with_an_overlap_and_clients_follow_over_the_control_
 
     // 4. Retire: allowed once no Client holds an old-CA SVID; the Client drops the old CA.
     let state = hub.state_dir();
+    assert!(state.join("ca-previous.key").exists(), "kept until retire");
     poll_until("retire to be allowed", Duration::from_secs(20), || {
         admin::ca_retire(&state, false).is_ok()
     })
     .await;
+    assert!(
+        !state.join("ca-previous.key").exists(),
+        "retire removes the old CA's key"
+    );
     client
         .wait_audit("bundle of one", |r| {
             r.event == Event::BundleUpdated && r.reason.as_deref() == Some("1 trust anchor(s)")

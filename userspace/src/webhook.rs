@@ -11,7 +11,7 @@ use std::path::Path;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use crate::identity::{store, IdentityError};
 
@@ -116,12 +116,15 @@ pub fn verify(
         .and_then(|b| <[u8; 32]>::try_from(b).ok())
         .and_then(|b| VerifyingKey::from_bytes(&b).ok())
         .ok_or(WebhookError::BadKey)?;
+    // Canonical decimal only (no sign, spaces or leading zeros): the signed content is built
+    // from the number, so another spelling of it must not verify.
     let ts: i64 = timestamp
-        .trim()
         .parse()
-        .map_err(|_| WebhookError::BadTimestamp)?;
-    let skew = now_secs - ts;
-    if skew.abs() > TOLERANCE_SECS {
+        .ok()
+        .filter(|ts: &i64| ts.to_string() == timestamp)
+        .ok_or(WebhookError::BadTimestamp)?;
+    let skew = now_secs.saturating_sub(ts);
+    if skew.unsigned_abs() > TOLERANCE_SECS.unsigned_abs() {
         return Err(WebhookError::Stale(skew));
     }
     let content = signed_content(id, ts, body);
@@ -129,7 +132,8 @@ pub fn verify(
         part.strip_prefix("v1a,")
             .and_then(|b| B64.decode(b).ok())
             .and_then(|b| Signature::from_slice(&b).ok())
-            .is_some_and(|sig| key.verify(&content, &sig).is_ok())
+            // Strict: no small-order keys, no malleable signatures (RFC 8032 §5.1.7).
+            .is_some_and(|sig| key.verify_strict(&content, &sig).is_ok())
     });
     if ok {
         Ok(())
@@ -283,6 +287,40 @@ mod tests {
             verify(&other.public(), "msg_1", "1000", &sig, body, 1_000),
             Err(WebhookError::BadSignature)
         );
+    }
+
+    #[test]
+    fn p10_a_timestamp_is_canonical_and_never_overflows() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = WebhookKey::load_or_create(dir.path()).unwrap();
+        let public = key.public();
+        let sig = key.sign("msg_1", 1_700_000_000, b"{}");
+        assert_eq!(
+            verify(&public, "msg_1", "1700000000", &sig, b"{}", 1_700_000_000),
+            Ok(())
+        );
+        for spelling in [
+            "+1700000000",
+            " 1700000000",
+            "01700000000",
+            "1700000000 ",
+            "",
+        ] {
+            assert_eq!(
+                verify(&public, "msg_1", spelling, &sig, b"{}", 1_700_000_000),
+                Err(WebhookError::BadTimestamp),
+                "{spelling:?}"
+            );
+        }
+        for (ts, now) in [
+            (i64::MIN.to_string(), i64::MAX),
+            (i64::MAX.to_string(), i64::MIN),
+        ] {
+            assert!(matches!(
+                verify(&public, "msg_1", &ts, &sig, b"{}", now),
+                Err(WebhookError::Stale(_))
+            ));
+        }
     }
 
     #[test]

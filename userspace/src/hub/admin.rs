@@ -280,6 +280,21 @@ pub fn ca_retire(state_dir: &Path, force: bool) -> Result<Vec<String>, HubError>
     }
     write_bundle(state_dir, std::slice::from_ref(ca.cert()))?;
     touch(state_dir, "ca_retired_at")?;
+    // The old CA signs nothing any more and is no longer trusted: its key goes.
+    for file in ["ca-previous.key", "ca-previous.pem"] {
+        match std::fs::remove_file(state_dir.join(file)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(HubError::Identity {
+                    dir: state_dir.to_owned(),
+                    source: IdentityError::Io {
+                        path: state_dir.join(file),
+                        source: e,
+                    },
+                })
+            }
+            _ => {}
+        }
+    }
     Ok(stale)
 }
 
