@@ -34,6 +34,28 @@ struct LeafSpec<'a> {
     not_after: OffsetDateTime,
 }
 
+/// Which of an SVID's required extensions a test leaves out or narrows.
+#[derive(Clone, Copy, PartialEq)]
+enum Flaw {
+    NoEku,
+    NoKeyUsage,
+    NoBasicConstraints,
+    ClientAuthOnly,
+}
+
+fn flawed_leaf(issuer: &Issuer<'_, KeyPair>, spec: &LeafSpec<'_>, flaw: Flaw) -> Svid {
+    let mut p = params(spec);
+    match flaw {
+        Flaw::NoEku => p.extended_key_usages = Vec::new(),
+        Flaw::NoKeyUsage => p.key_usages = Vec::new(),
+        Flaw::NoBasicConstraints => p.is_ca = IsCa::NoCa,
+        Flaw::ClientAuthOnly => p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth],
+    }
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = p.signed_by(&key, issuer).unwrap();
+    Svid::new(vec![cert.der().clone()], &key)
+}
+
 impl<'a> LeafSpec<'a> {
     fn valid(uris: &'a [&'a str]) -> Self {
         let now = OffsetDateTime::now_utc();
@@ -355,4 +377,74 @@ fn count_ups(client: &TestClient) -> usize {
         .iter()
         .filter(|r| r.event == Event::SessionUp)
         .count()
+}
+
+/// The verifiers' leaf rules (DESIGN §5), each tested both ways: a Client SVID without
+/// extendedKeyUsage, without keyUsage or without basicConstraints is refused by the Hub with
+/// that reason (before any serial lookup); the well-formed one passes the same checks.
+#[tokio::test]
+async fn p7_hub_refuses_client_leaves_missing_eku_ku_or_basic_constraints() {
+    let hub = TestHub::start(&[]).await;
+    let (_, ca) = hub_ca(&hub);
+    let acme = ["spiffe://test.ewii.local/client/acme"];
+    for (flaw, reason) in [
+        (
+            Flaw::NoEku,
+            "no extendedKeyUsage with clientAuth or serverAuth",
+        ),
+        (Flaw::NoKeyUsage, "key usage must have digitalSignature"),
+        (
+            Flaw::NoBasicConstraints,
+            "lacks explicit basicConstraints cA=false",
+        ),
+    ] {
+        let svid = flawed_leaf(&ca, &LeafSpec::valid(&acme), flaw);
+        assert_hub_refuses(&hub, &svid, reason).await;
+    }
+    // The same leaf without the flaw gets past every structural rule: what stops it is the
+    // serial check (the Hub never issued it).
+    let good = signed_leaf(&ca, &LeafSpec::valid(&acme));
+    assert_hub_refuses(&hub, &good, "was not issued by this Hub").await;
+}
+
+/// The Client's side: a Hub certificate that expired, or whose extendedKeyUsage allows only
+/// clientAuth, is refused; the Hub's real certificate from the same CA is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p15_client_refuses_an_expired_or_client_only_hub_certificate() {
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let (ca_cert, ca) = hub_ca(&hub);
+    let hub_id = ["spiffe://test.ewii.local/hub"];
+    let now = OffsetDateTime::now_utc();
+    let expired = signed_leaf(
+        &ca,
+        &LeafSpec {
+            uris: &hub_id,
+            not_before: now - Duration::from_secs(7200),
+            not_after: now - Duration::from_secs(3600),
+        },
+    );
+    let client_only = flawed_leaf(&ca, &LeafSpec::valid(&hub_id), Flaw::ClientAuthOnly);
+    for (svid, reason) in [
+        (expired, "chain: Expired"),
+        (client_only, "chain: RequiredEkuNotFound"),
+    ] {
+        let (addr, _endpoint) = fake_hub(svid, transport::provider(), vec![ca_cert.clone()]).await;
+        client.config.hub = addr.to_string().parse().unwrap();
+        client.start();
+        let r = client
+            .wait_audit("handshake_refused", |r| {
+                r.event == Event::HandshakeRefused
+                    && r.reason.as_deref().is_some_and(|x| x.starts_with(reason))
+            })
+            .await;
+        assert_eq!(r.outcome, Some(Outcome::Refused));
+        client.stop().await;
+    }
+    assert_eq!(count_ups(&client), 0);
+    // The real Hub certificate from the same CA is accepted.
+    client.config.hub = hub.addr.to_string().parse().unwrap();
+    client.start();
+    hub.wait_connected("acme").await;
+    client.stop().await;
 }

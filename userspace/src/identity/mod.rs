@@ -90,6 +90,14 @@ pub fn inspect_leaf(der: &[u8]) -> Result<LeafInfo, IdentityError> {
                 && !ku.value.crl_sign() => {}
         _ => return Err(bad("key usage must have digitalSignature and no CA bits")),
     }
+    // An SVID names its purpose: without extendedKeyUsage a certificate would be good for any
+    // use (RFC 5280 §4.2.1.12). The verifiers then require the one they check for (clientAuth
+    // or serverAuth).
+    match cert.extended_key_usage() {
+        Ok(Some(eku)) if eku.value.client_auth || eku.value.server_auth => {}
+        Ok(_) => return Err(bad("no extendedKeyUsage with clientAuth or serverAuth")),
+        Err(_) => return Err(bad("malformed extendedKeyUsage")),
+    }
     Ok(LeafInfo {
         id,
         serial: normalize_serial(cert.raw_serial()),

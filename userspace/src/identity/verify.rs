@@ -291,6 +291,9 @@ fn chain_error(e: &webpki::Error) -> String {
             at(time)
         ),
         webpki::Error::UnknownIssuer => "UnknownIssuer: not signed by a trusted CA".into(),
+        webpki::Error::RequiredEkuNotFoundContext(_) => {
+            "RequiredEkuNotFound: the certificate's extendedKeyUsage does not allow this use".into()
+        }
         other => other.to_string(),
     }
 }
