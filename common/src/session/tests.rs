@@ -338,9 +338,7 @@ fn p9_stop_while_connected_says_goodbye_drains_and_exits() {
     assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
 
     // `on_stop = "disconnect"` asks for no revocation.
-    let mut keep = config();
-    keep.revoke_on_stop = false;
-    let (mut sim, id) = Sim::connected(keep, svid_at(START));
+    let (mut sim, id) = Sim::connected(disconnect_on_stop(), svid_at(START));
     sim.s.handle_stop(sim.now);
     assert_eq!(
         sim.actions(),
