@@ -789,48 +789,12 @@ pub fn is(event: Event) -> impl Fn(&AuditRecord) -> bool {
 /// the OCSF schema (`tests/schemas/`); panics with every violation. Called when a test Hub or
 /// Client goes away, so every record the tests produce is checked.
 pub fn check_audit_schemas(audit: &Audit) {
-    let ewii: serde_json::Value =
-        serde_json::from_str(include_str!("schemas/ewii-audit.schema.json")).unwrap();
-    let ocsf: serde_json::Value = serde_json::from_str(include_str!(
-        "schemas/ocsf-1.1-network-activity.schema.json"
-    ))
-    .unwrap();
     let mut bad = Vec::new();
     for r in audit.records() {
-        let line = r.to_json_line();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        for e in schema_violations(&v, &ewii) {
-            bad.push(format!("{e} in {line}"));
-        }
+        bad.extend(audit_line_violations(&r.to_json_line()));
         let o: serde_json::Value = serde_json::from_str(&r.to_ocsf_line()).unwrap();
-        for e in schema_violations(&o, &ocsf) {
+        for e in schema_violations(&o, &ocsf_schema()) {
             bad.push(format!("OCSF: {e} in {o}"));
-        }
-        // A session's end is one of the documented codes (docs/audit.md).
-        if r.event == Event::SessionLost {
-            const CODES: [&str; 10] = [
-                "goodbye",
-                "hub_shutdown",
-                "idle_timeout",
-                "revoked",
-                "svid_expired",
-                "retired",
-                "protocol",
-                "stopped",
-                "closed_by_peer",
-                "connection_lost",
-            ];
-            let code = r.reason.as_deref().and_then(|x| x.split(": ").next());
-            if !code.is_some_and(|c| CODES.contains(&c)) {
-                bad.push(format!("session_lost reason off the list: {line}"));
-            }
-        }
-        // No Rust debug text in a reason (a SIEM rule cannot match `Revoked { … }`).
-        if let Some(reason) = &r.reason {
-            assert!(
-                !reason.contains(" { ") && !reason.contains("Some("),
-                "debug text in a reason: {line}"
-            );
         }
     }
     assert!(
@@ -838,6 +802,55 @@ pub fn check_audit_schemas(audit: &Audit) {
         "audit records off their schema:\n{}",
         bad.join("\n")
     );
+}
+
+/// The OCSF 1.1 Network Activity schema (`tests/schemas/`).
+pub fn ocsf_schema() -> serde_json::Value {
+    serde_json::from_str(include_str!(
+        "schemas/ocsf-1.1-network-activity.schema.json"
+    ))
+    .unwrap()
+}
+
+/// What is wrong with one Ewii-format audit line (as a binary writes it to stdout): its
+/// schema (`tests/schemas/ewii-audit.schema.json`), a session end off the documented list of
+/// codes (docs/audit.md), Rust debug text in a reason. Empty when nothing is.
+pub fn audit_line_violations(line: &str) -> Vec<String> {
+    let ewii: serde_json::Value =
+        serde_json::from_str(include_str!("schemas/ewii-audit.schema.json")).unwrap();
+    let v: serde_json::Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => return vec![format!("not JSON ({e}): {line}")],
+    };
+    let mut bad: Vec<String> = schema_violations(&v, &ewii)
+        .into_iter()
+        .map(|e| format!("{e} in {line}"))
+        .collect();
+    let reason = v["reason"].as_str();
+    // A session's end is one of the documented codes (docs/audit.md).
+    if v["event"] == "session_lost" {
+        const CODES: [&str; 10] = [
+            "goodbye",
+            "hub_shutdown",
+            "idle_timeout",
+            "revoked",
+            "svid_expired",
+            "retired",
+            "protocol",
+            "stopped",
+            "closed_by_peer",
+            "connection_lost",
+        ];
+        let code = reason.and_then(|x| x.split(": ").next());
+        if !code.is_some_and(|c| CODES.contains(&c)) {
+            bad.push(format!("session_lost reason off the list: {line}"));
+        }
+    }
+    // No Rust debug text in a reason (a SIEM rule cannot match `Revoked { … }`).
+    if reason.is_some_and(|r| r.contains(" { ") || r.contains("Some(")) {
+        bad.push(format!("debug text in a reason: {line}"));
+    }
+    bad
 }
 
 impl Drop for TestHub {
@@ -1112,4 +1125,65 @@ pub async fn hashing_sink() -> SocketAddr {
         }
     });
     addr
+}
+
+/// One query through a service listener: sends `data`, half-closes, and requires the same
+/// bytes back within [`SOON`]; says what went wrong otherwise.
+pub async fn try_roundtrip(addr: SocketAddr, data: &[u8]) -> Result<(), String> {
+    let s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let back = exchange(s, data).await?;
+    if back == data {
+        Ok(())
+    } else {
+        Err(format!(
+            "got {} bytes back, sent {}",
+            back.len(),
+            data.len()
+        ))
+    }
+}
+
+/// Writes `data` on `s`, half-closes, and reads to the end (within [`SOON`]).
+pub async fn exchange<S>(mut s: S, data: &[u8]) -> Result<Vec<u8>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    s.write_all(data).await.map_err(|e| format!("write: {e}"))?;
+    s.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+    let mut back = Vec::new();
+    tokio::time::timeout(SOON, s.read_to_end(&mut back))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| format!("read: {e}"))?;
+    Ok(back)
+}
+
+/// A TLS 1.3 caller of a Hub TLS service listener at `addr`, presenting the SVID in `dir` and
+/// trusting its bundle (`svid.pem`, `svid.key`, `bundle.pem`: what `ewii-hub workload-svid`
+/// writes, and what a Client's state directory holds). The handshake's outcome is returned:
+/// with TLS 1.3 a refusal of the caller may show only at the first read.
+pub async fn tls_caller(
+    addr: SocketAddr,
+    dir: &Path,
+    trust_domain: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use ewii::identity::{store, verify};
+    let svid = store::Svid::load(dir, store::SVID_CERT, store::SVID_KEY).unwrap();
+    let bundle = store::read_certs(&dir.join(store::BUNDLE)).unwrap();
+    let verifier = verify::SpiffeVerifier::new(
+        verify::Bundle::new(bundle),
+        trust_domain,
+        verify::Expect::Hub,
+    );
+    let mut tls =
+        ewii::transport::tls_client_config(Some(&svid), std::sync::Arc::new(verifier), b"x")
+            .unwrap();
+    // A service listener speaks plain TLS: no ALPN.
+    tls.alpn_protocols.clear();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("hub").unwrap();
+    connector.connect(name, tcp).await
 }

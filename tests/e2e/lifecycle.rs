@@ -2,7 +2,6 @@
 //! grants only the recorded identity, stop-to-revoke, silent loss and its grace, central
 //! revoke, and signed webhooks.
 
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,26 +22,6 @@ use ewii_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-
-async fn try_roundtrip(addr: SocketAddr, data: &[u8]) -> Result<(), String> {
-    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    s.write_all(data).await.map_err(|e| format!("write: {e}"))?;
-    s.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
-    let mut back = Vec::new();
-    tokio::time::timeout(SOON, s.read_to_end(&mut back))
-        .await
-        .map_err(|_| "timeout".to_string())?
-        .map_err(|e| format!("read: {e}"))?;
-    if back == data {
-        Ok(())
-    } else {
-        Err(format!(
-            "got {} bytes back, sent {}",
-            back.len(),
-            data.len()
-        ))
-    }
-}
 
 fn count(
     audit: &ewii::audit::Audit,

@@ -13,3 +13,4 @@ mod postgres;
 mod process;
 mod scale;
 mod tunnel;
+mod walkthrough;

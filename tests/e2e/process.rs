@@ -816,10 +816,7 @@ fn the_quickstart_shows_one_query_audited_on_both_sides_with_byte_counts() {
 /// field, what happened. The Hub's records of the same run are checked against it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p12_the_client_binary_writes_ocsf_network_activity_field_by_field() {
-    let schema: serde_json::Value = serde_json::from_str(include_str!(
-        "../schemas/ocsf-1.1-network-activity.schema.json"
-    ))
-    .unwrap();
+    let schema = ocsf_schema();
     let echo = echo_server().await;
     let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
     let client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;

@@ -4,12 +4,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ewii_common::audit::{Event, Outcome};
 use ewii_tests::*;
-use rustls::pki_types::{CertificateDer, ServerName};
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -297,29 +296,10 @@ async fn p11_a_tls_service_records_the_callers_spiffe_id_as_source() {
         &wl_dir,
     )
     .unwrap();
-    let svid = ewii::identity::store::Svid::load(&wl_dir, "svid.pem", "svid.key").unwrap();
-    let bundle: Vec<CertificateDer<'static>> =
-        ewii::identity::store::read_certs(&wl_dir.join("bundle.pem")).unwrap();
-    let verifier = ewii::identity::verify::SpiffeVerifier::new(
-        ewii::identity::verify::Bundle::new(bundle),
-        TD,
-        ewii::identity::verify::Expect::Hub,
-    );
-    let tls = ewii::transport::tls_client_config(Some(&svid), Arc::new(verifier), b"x").unwrap();
-    let mut tls = tls;
-    tls.alpn_protocols.clear();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let tcp = TcpStream::connect(hub.service("pg-tls")).await.unwrap();
-    let mut stream = connector
-        .connect(ServerName::try_from("hub").unwrap(), tcp)
+    let stream = tls_caller(hub.service("pg-tls"), &wl_dir, TD)
         .await
         .unwrap();
-    stream.write_all(b"over tls").await.unwrap();
-    stream.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    let _ = tokio::time::timeout(SOON, stream.read_to_end(&mut back))
-        .await
-        .unwrap();
+    let back = exchange(stream, b"over tls").await.unwrap();
     assert_eq!(back, b"over tls");
 
     let h = hub.wait_audit("hub query", is(Event::Query)).await;
@@ -349,23 +329,8 @@ async fn p11_a_tls_service_refuses_a_caller_without_a_workload_svid() {
     hub.wait_connected("acme").await;
     // A Client SVID is from the trust domain but is not a workload identity.
     let client_dir = _client.state_dir();
-    let svid = ewii::identity::store::Svid::load(&client_dir, "svid.pem", "svid.key").unwrap();
-    let bundle = ewii::identity::store::read_certs(&client_dir.join("bundle.pem")).unwrap();
-    let verifier = ewii::identity::verify::SpiffeVerifier::new(
-        ewii::identity::verify::Bundle::new(bundle),
-        TD,
-        ewii::identity::verify::Expect::Hub,
-    );
-    let mut tls =
-        ewii::transport::tls_client_config(Some(&svid), Arc::new(verifier), b"x").unwrap();
-    tls.alpn_protocols.clear();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let tcp = TcpStream::connect(hub.service("pg-tls")).await.unwrap();
     // TLS 1.3: the client side may finish; the Hub's refusal shows on the first read.
-    if let Ok(mut s) = connector
-        .connect(ServerName::try_from("hub").unwrap(), tcp)
-        .await
-    {
+    if let Ok(mut s) = tls_caller(hub.service("pg-tls"), &client_dir, TD).await {
         let _ = s.write_all(b"x").await;
         let mut buf = Vec::new();
         let res = tokio::time::timeout(SOON, s.read_to_end(&mut buf))
