@@ -549,7 +549,12 @@ pub fn client_config(hub: SocketAddr, state_dir: &Path, allow: &[(&str, String)]
 
 /// A TCP echo server on loopback; returns its address.
 pub async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    echo_server_on(std::net::Ipv4Addr::LOCALHOST.into()).await
+}
+
+/// Like [`echo_server`], on `ip` (for a container that reaches the host at its bridge address).
+pub async fn echo_server_on(ip: std::net::IpAddr) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {

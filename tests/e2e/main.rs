@@ -6,6 +6,7 @@
 mod enrol;
 mod faults;
 mod hostile;
+mod image;
 mod kernel;
 mod lifecycle;
 mod mtls;
