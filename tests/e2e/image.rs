@@ -334,6 +334,7 @@ async fn p1_p2_p3_the_dockerfile_targets_run_hardened_in_their_own_network_names
         let layers = enforcement["reason"].as_str().unwrap();
         assert_eq!(enforcement["outcome"], "ok", "{layers}");
         assert!(layers.contains("seccomp active"), "{layers}");
+        assert!(layers.contains("privileges active"), "{layers}");
         if target == "client-ebpf" {
             assert!(layers.contains("ebpf active"), "{layers}");
             assert!(

@@ -141,8 +141,14 @@ async fn p16_the_ebpf_lock_refuses_everything_outside_the_policy_with_eperm() {
         c["skb_egress"], 1,
         "the raw packet was caught by the backstop"
     );
-    // Without a bpffs the status must say that a crash lifts the lock.
-    assert!(report["links_pinned"].is_boolean());
+    // The probe's lock is its own: it says so, and ends with it.
+    assert!(
+        report["layers"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("held by this process"),
+        "{report:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,6 +187,28 @@ async fn p2_p3_p13_p6_the_unprivileged_layers_hold_as_uid_65534() {
         "Landlock: only allow-listed ports"
     );
     assert_eq!(p["tcp_allowed"], "allowed", "allowed traffic still flows");
+    // Without the lock, the report says what is left to the Client's own code.
+    let gaps: Vec<&str> = report["not_covered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g.as_str().unwrap())
+        .collect();
+    assert!(
+        gaps.iter()
+            .any(|g| g.starts_with("UDP from this process to any address")),
+        "{gaps:?}"
+    );
+    assert!(
+        gaps.iter()
+            .any(|g| g.starts_with("TCP from this process to any address on an allow-listed port")),
+        "{gaps:?}"
+    );
+    assert!(
+        gaps.iter()
+            .any(|g| g.starts_with("other processes in the container")),
+        "{gaps:?}"
+    );
 }
 
 /// DESIGN §9: attaching to the host's root cgroup would filter the whole machine, so the lock
@@ -364,52 +392,75 @@ async fn p16_a_locked_client_serves_queries_while_the_kernel_refuses_a_rogue_con
     drop(cg);
 }
 
-#[test]
-fn p16_status_says_a_crash_lifts_an_unpinned_lock() {
-    let report = ewii::enforce::Report {
-        layers: vec![],
-        links_pinned: Some(false),
-    };
-    assert!(report
-        .to_string()
-        .contains("not pinned: no bpffs, so a crash of the Client lifts the lock"));
-}
-
+/// P6/P16 against hostile code inside the Client process. A harness runs the Client's own
+/// start-up (every layer, the lock held by the cgroup) as uid 65532 with only CAP_BPF and
+/// CAP_NET_ADMIN, as the `client-ebpf` container does, then plays a compromised dependency on
+/// another thread: it tries to detach the programs, to write an allow entry through every
+/// descriptor it holds, to raise its capabilities again, to ptrace, to write process memory,
+/// to steal descriptors, to exec, to make a user namespace, raw/packet/netlink-diag sockets,
+/// the x32 ABI; then it closes every descriptor and tries the lock itself. Everything is
+/// refused; the allowed destination still works; and after the process is gone another
+/// program in the same cgroup is still refused (the lock is the cgroup's, not the process's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p16_pinned_links_keep_the_lock_after_the_client_is_gone() {
+async fn p6_p16_hostile_code_inside_the_client_cannot_lift_widen_or_outlive_around_the_lock() {
     privileged!();
-    let (allowed, _accepted) = counting_listener().await;
-    let (dir, config) = world_readable_config(&allowed.to_string(), "127.0.0.1:47443", "");
+    let (allowed, accepted) = counting_listener().await;
+    let (_dir, config) = world_readable_config(&allowed.to_string(), "127.0.0.1:47443", "");
     let cg = Cgroup::new();
-    let bin = cg.client_binary();
-    let out = dir.path().join("probe.json");
-    let rogue = dir.path().join("rogue.txt");
-    // A private mount namespace with its own bpffs: the pins live as long as it does, and it
-    // outlives the Client process. Inside: the Client attaches and exits (from the kernel's
-    // view a crash and an exit are the same: its descriptors close); then another program in
-    // the same cgroup tries a connection the policy forbids.
-    let script = format!(
-        r#"mount -t bpf bpf /sys/fs/bpf || exit 90
-sh -c 'echo $$ > "{cg}/cgroup.procs" && exec "{bin}" probe-enforcement --config "{cfg}" --layers ebpf' > "{out}" || exit 91
-sh -c 'echo $$ > "{cg}/cgroup.procs" && exec bash -c "exec 3<>/dev/tcp/127.0.0.1/47998"' 2> "{rogue}"
-exit 0"#,
-        cg = cg.0.display(),
-        bin = bin.display(),
-        cfg = config.display(),
-        out = out.display(),
-        rogue = rogue.display(),
+    let harness = PathBuf::from(env!("CARGO_BIN_EXE_ewii-hostile-client"));
+    let cfg = config.to_str().unwrap().to_owned();
+    let mut cmd = cg.command(
+        Path::new("setpriv"),
+        &[
+            "--reuid=65532",
+            "--regid=65532",
+            "--clear-groups",
+            "--inh-caps=-all,+bpf,+net_admin",
+            "--ambient-caps=-all,+bpf,+net_admin",
+            "--bounding-set=-all,+bpf,+net_admin",
+            harness.to_str().unwrap(),
+            "--config",
+            &cfg,
+        ],
     );
-    let status = Command::new("unshare")
-        .args(["-m", "sh", "-c", &script])
-        .status()
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
         .unwrap();
-    assert_eq!(status.code(), Some(0), "unshare/mount/probe failed");
-    let report: Value = serde_json::from_slice(&fs::read(&out).unwrap()).unwrap();
-    assert_eq!(report["links_pinned"], true, "{report:#}");
-    assert_eq!(report["layers"][0]["active"], true);
-    let rogue = fs::read_to_string(&rogue).unwrap();
-    assert!(
-        rogue.contains("Operation not permitted"),
-        "with the Client gone the pinned lock still refuses: {rogue}"
+    let report = json(&out);
+    let layers = report["layers"].as_array().unwrap();
+    let state = |n: &str| layers.iter().find(|l| l["name"] == n).unwrap()["state"].clone();
+    for layer in ["ebpf", "landlock", "privileges", "seccomp"] {
+        assert_eq!(state(layer), "active", "{layer}: {report:#}");
+    }
+    let attacks = report["attacks"].as_object().unwrap();
+    for (attack, answer) in attacks {
+        let expected = match attack.as_str() {
+            "tcp_allowed" => "allowed",
+            "capabilities_left" => {
+                "permitted 0x0 effective 0x0 inheritable 0x0 ambient 0x0 no_new_privs true"
+            }
+            _ => "blocked (EPERM)",
+        };
+        assert_eq!(answer, expected, "{attack}: {report:#}");
+    }
+    assert_eq!(attacks.len(), 17, "every attack ran: {report:#}");
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the allowed connect arrived"
     );
+    // The harness is gone; the lock is not.
+    let rogue = cg
+        .command(
+            Path::new("/bin/bash"),
+            &["-c", "exec 3<>/dev/tcp/127.0.0.1/47998"],
+        )
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&rogue.stderr).contains("Operation not permitted"),
+        "after the Client process: {}",
+        String::from_utf8_lossy(&rogue.stderr)
+    );
+    drop(cg);
 }

@@ -78,7 +78,11 @@ enum Command {
         #[arg(long, env = "EWII_CONFIG", default_value = "/etc/ewii/client.toml")]
         config: PathBuf,
         /// Layers to install, comma-separated.
-        #[arg(long, default_value = "ebpf,landlock,seccomp", value_delimiter = ',')]
+        #[arg(
+            long,
+            default_value = "ebpf,landlock,privileges,seccomp",
+            value_delimiter = ','
+        )]
         layers: Vec<String>,
     },
     /// Print the Client's state (from the status file).
@@ -267,7 +271,7 @@ fn run(path: &Path) -> ExitCode {
     for name in &plan.unresolved {
         eprintln!("ewii-client: {name} does not resolve now; the Client will keep trying");
     }
-    let (report, denies) = enforce::install(&plan, &enforce::ALL_LAYERS);
+    let (report, denies) = enforce::install(&plan, &enforce::ALL_LAYERS, enforce::Hold::Cgroup);
     for layer in &report.layers {
         let state = match layer.state {
             enforce::LayerState::Active => "active",
@@ -275,6 +279,9 @@ fn run(path: &Path) -> ExitCode {
             enforce::LayerState::Failed => "FAILED",
         };
         eprintln!("ewii-client: {} {state}: {}", layer.name, layer.detail);
+    }
+    for gap in &report.not_covered {
+        eprintln!("ewii-client: not covered: {gap}");
     }
     if let Err(e) = report.check(config.require) {
         return fail(EXIT_ENFORCEMENT, e.to_string());
@@ -334,12 +341,13 @@ fn probe_enforcement(path: &Path, layers: &[String]) -> ExitCode {
         );
     }
     let layers: Vec<&str> = layers.iter().map(String::as_str).collect();
-    let (report, denies) = enforce::install(&plan, &layers);
+    // The probe's lock is held by its own process: it leaves nothing behind.
+    let (report, denies) = enforce::install(&plan, &layers, enforce::Hold::Process);
     let probes = enforce::matrix(&plan);
     let required = report.check(config.require);
     let mut result = serde_json::json!({
         "layers": report.layers,
-        "links_pinned": report.links_pinned,
+        "not_covered": report.not_covered,
         "probes": probes,
     });
     if let Some(mut src) = denies {

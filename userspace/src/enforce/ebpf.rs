@@ -4,15 +4,23 @@
 //! The cgroup is found from `/proc/self/cgroup` and the cgroup2 mount in `mountinfo`. The
 //! host's root cgroup is refused (inode 1, or our pid not in its `cgroup.procs`): attaching
 //! there would filter the whole machine. Maps are filled before the programs attach, so the
-//! Hub is never cut off. Links are pinned in a bpffs when one is mounted at /sys/fs/bpf, so a
-//! crash of the Client does not lift the lock; otherwise `status` says so.
+//! Hub is never cut off.
+//!
+//! How the programs are held ([`Hold`]): for `run`, by the cgroup itself (`BPF_PROG_ATTACH`,
+//! not a bpf link), and every map and program descriptor is closed once they are attached — so
+//! nothing in the process (a descriptor closed, reused or misused) can lift or widen the lock,
+//! and it outlives a crash of the Client until the cgroup is removed. For `probe-enforcement`,
+//! by the process's bpf links, so that the probe leaves nothing behind.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr};
+use aya::maps::{HashMap, MapData, RingBuf};
+use aya::programs::links::FdLink;
+use aya::programs::{
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
+};
 use aya::Ebpf;
 use ewii_common::egress::{DenyEvent, Hook, Key, Key4, Key6, Rule};
 
@@ -47,33 +55,99 @@ struct K6(Key6);
 // SAFETY: as for K4: #[repr(C)], u8 fields only.
 unsafe impl aya::Pod for K6 {}
 
-/// The attached lock. Dropping it detaches the programs (unless pinned).
+/// Who holds the attached programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// The cgroup (`BPF_PROG_ATTACH` in the exclusive mode): no descriptor of this process
+    /// keeps the programs, so none can lift the lock; they stay until the cgroup is removed
+    /// (a later Client in the same cgroup replaces them). For `run`.
+    Cgroup,
+    /// This process's bpf links: the lock ends when the process does. For the probe.
+    Process,
+}
+
+/// The attached lock: the ring buffer of refusals, and (held by the process) the links.
 pub struct EgressLock {
-    bpf: Ebpf,
     events: RingBuf<MapData>,
+    /// Held, never read: dropping a link detaches its program ([`Hold::Process`]).
+    _links: Vec<FdLink>,
     cgroup: PathBuf,
-    pinned: bool,
+    hold: Hold,
     rules: Vec<Rule>,
+    tally: [u64; Hook::ALL.len()],
 }
 
 impl std::fmt::Debug for EgressLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EgressLock")
             .field("cgroup", &self.cgroup)
-            .field("pinned", &self.pinned)
+            .field("hold", &self.hold)
             .finish_non_exhaustive()
     }
 }
 
+/// `bpf_attach_type` of each program (linux/bpf.h).
+fn attach_type(program: &str) -> Option<u32> {
+    Some(match program {
+        "ewii_skb_egress" => 1, // BPF_CGROUP_INET_EGRESS
+        "ewii_connect4" => 10,  // BPF_CGROUP_INET4_CONNECT
+        "ewii_connect6" => 11,  // BPF_CGROUP_INET6_CONNECT
+        "ewii_sendmsg4" => 14,  // BPF_CGROUP_UDP4_SENDMSG
+        "ewii_sendmsg6" => 15,  // BPF_CGROUP_UDP6_SENDMSG
+        _ => return None,
+    })
+}
+
+/// The `BPF_PROG_ATTACH` part of `union bpf_attr`.
+#[repr(C)]
+struct ProgAttach {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+}
+
+/// `BPF_PROG_ATTACH` with no flags: the one program of this type on `cgroup`, replacing one a
+/// previous Client left, and closing the cgroup's subtree to programs of its own.
+fn prog_attach(
+    cgroup: std::os::fd::BorrowedFd<'_>,
+    prog: std::os::fd::BorrowedFd<'_>,
+    attach_type: u32,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const BPF_PROG_ATTACH: libc::c_long = 8;
+    let attr = ProgAttach {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type,
+        attach_flags: 0,
+    };
+    // SAFETY: bpf(2) reads `size` bytes of a valid, #[repr(C)] prefix of union bpf_attr; the
+    // kernel treats the fields it does not receive as zero.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_ATTACH,
+            &attr as *const ProgAttach,
+            size_of::<ProgAttach>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl EgressLock {
     /// Attaches to this process's own cgroup with `rules`.
-    pub fn attach(rules: &[Rule]) -> Result<Self, EbpfError> {
+    pub fn attach(rules: &[Rule], hold: Hold) -> Result<Self, EbpfError> {
         let cgroup = own_cgroup()?;
-        Self::attach_to(&cgroup, rules)
+        Self::attach_to(&cgroup, rules, hold)
     }
 
     /// Attaches to `cgroup` (which must not be the host root).
-    pub fn attach_to(cgroup: &Path, rules: &[Rule]) -> Result<Self, EbpfError> {
+    pub fn attach_to(cgroup: &Path, rules: &[Rule], hold: Hold) -> Result<Self, EbpfError> {
+        use std::os::fd::AsFd;
         refuse_root(cgroup)?;
         let mut bpf =
             Ebpf::load(ewii_ebpf::object()).map_err(|e| bpf_err("load object")(e.to_string()))?;
@@ -99,67 +173,70 @@ impl EgressLock {
         let events = RingBuf::try_from(events).map_err(|e| bpf_err("EVENTS")(e.to_string()))?;
         let cg = File::open(cgroup)
             .map_err(|e| EbpfError::Cgroup(format!("{}: {e}", cgroup.display())))?;
-        let pin_dir = pin_dir(cgroup);
-        if let Some(dir) = &pin_dir {
-            // Links a crashed Client left pinned are replaced by ours.
-            let _ = std::fs::remove_dir_all(dir);
-            std::fs::create_dir_all(dir)
-                .map_err(|e| bpf_err("bpffs pin directory")(e.to_string()))?;
-        }
+        let mut links = Vec::new();
         for (name, _) in ewii_ebpf::PROGRAMS {
             let prog = bpf
                 .program_mut(name)
                 .ok_or_else(|| EbpfError::Bpf(format!("no program {name}")))?;
-            let link = if name == "ewii_skb_egress" {
+            let err = bpf_err(name);
+            let skb = name == "ewii_skb_egress";
+            if skb {
                 let p: &mut CgroupSkb = prog
                     .try_into()
-                    .map_err(|e: aya::programs::ProgramError| bpf_err(name)(e.to_string()))?;
-                p.load().map_err(|e| bpf_err(name)(e.to_string()))?;
-                let id = p
-                    .attach(&cg, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
-                    .map_err(|e| bpf_err(name)(e.to_string()))?;
-                p.take_link(id)
-                    .ok()
-                    .and_then(|l| aya::programs::links::FdLink::try_from(l).ok())
+                    .map_err(|e: ProgramError| err(e.to_string()))?;
+                p.load().map_err(|e| err(e.to_string()))?;
             } else {
                 let p: &mut CgroupSockAddr = prog
                     .try_into()
-                    .map_err(|e: aya::programs::ProgramError| bpf_err(name)(e.to_string()))?;
-                p.load().map_err(|e| bpf_err(name)(e.to_string()))?;
-                let id = p
-                    .attach(&cg, CgroupAttachMode::Single)
-                    .map_err(|e| bpf_err(name)(e.to_string()))?;
-                p.take_link(id)
-                    .ok()
-                    .and_then(|l| aya::programs::links::FdLink::try_from(l).ok())
-            };
-            let Some(link) = link else {
-                return Err(EbpfError::Bpf(format!(
-                    "{name}: the kernel gave no bpf link"
-                )));
-            };
-            match &pin_dir {
-                Some(dir) => {
-                    // The pin holds the link; our fd can go.
-                    link.pin(dir.join(name))
-                        .map_err(|e| bpf_err("pin")(e.to_string()))?;
+                    .map_err(|e: ProgramError| err(e.to_string()))?;
+                p.load().map_err(|e| err(e.to_string()))?;
+            }
+            match hold {
+                Hold::Cgroup => {
+                    let kind = attach_type(name)
+                        .ok_or_else(|| EbpfError::Bpf(format!("no attach type for {name}")))?;
+                    let fd = prog.fd().map_err(|e| err(e.to_string()))?;
+                    prog_attach(cg.as_fd(), fd.as_fd(), kind)
+                        .map_err(|e| err(format!("attach: {e}")))?;
                 }
-                // Keep the link alive for as long as the process runs.
-                None => std::mem::forget(link),
+                Hold::Process => {
+                    let link = if skb {
+                        let p: &mut CgroupSkb = prog
+                            .try_into()
+                            .map_err(|e: ProgramError| err(e.to_string()))?;
+                        let id = p
+                            .attach(&cg, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+                            .map_err(|e| err(e.to_string()))?;
+                        p.take_link(id).ok().and_then(|l| FdLink::try_from(l).ok())
+                    } else {
+                        let p: &mut CgroupSockAddr = prog
+                            .try_into()
+                            .map_err(|e: ProgramError| err(e.to_string()))?;
+                        let id = p
+                            .attach(&cg, CgroupAttachMode::Single)
+                            .map_err(|e| err(e.to_string()))?;
+                        p.take_link(id).ok().and_then(|l| FdLink::try_from(l).ok())
+                    };
+                    links.push(link.ok_or_else(|| err("the kernel gave no bpf link".into()))?);
+                }
             }
         }
+        // Every map and program descriptor closes here: held by the cgroup, the programs
+        // need none of them, and the ring buffer is read through its own mapping.
+        drop(bpf);
         Ok(Self {
-            bpf,
             events,
+            _links: links,
             cgroup: cgroup.to_owned(),
-            pinned: pin_dir.is_some(),
+            hold,
             rules: rules.to_vec(),
+            tally: [0; Hook::ALL.len()],
         })
     }
 
-    /// Whether the links are pinned in a bpffs.
-    pub fn pinned(&self) -> bool {
-        self.pinned
+    /// Who holds the programs.
+    pub fn hold(&self) -> Hold {
+        self.hold
     }
 
     /// The cgroup the programs are attached to.
@@ -203,23 +280,21 @@ impl DenySource for EgressLock {
                 out.push(e);
             }
         }
+        for e in &out {
+            if let Some(i) = Hook::ALL.iter().position(|h| *h == e.hook) {
+                self.tally[i] += 1;
+            }
+        }
         out
     }
 
+    /// Refusals read from the ring buffer, by hook. (The kernel's own per-CPU counters are
+    /// not read: after start-up `bpf(2)` is refused to this process.)
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        let Some(map) = self.bpf.map("DENIES") else {
-            return Vec::new();
-        };
-        let Ok(arr) = PerCpuArray::<_, u64>::try_from(map) else {
-            return Vec::new();
-        };
         Hook::ALL
             .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let n = arr.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
-                (h.name(), n)
-            })
+            .zip(self.tally)
+            .map(|(h, n)| (h.name(), n))
             .collect()
     }
 }
@@ -286,20 +361,4 @@ fn refuse_root(cgroup: &Path) -> Result<(), EbpfError> {
         )));
     }
     Ok(())
-}
-
-/// `/sys/fs/bpf/ewii-<cgroup inode>` when /sys/fs/bpf is a bpffs.
-fn pin_dir(cgroup: &Path) -> Option<PathBuf> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let root = Path::new("/sys/fs/bpf");
-    let c = std::ffi::CString::new("/sys/fs/bpf").ok()?;
-    // SAFETY: statfs(2) fills the zeroed struct we pass; the path is a valid C string.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is NUL-terminated and `st` is a valid, writable statfs.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    if rc != 0 || st.f_type as i64 != BPF_FS_MAGIC {
-        return None;
-    }
-    let ino = std::fs::metadata(cgroup).ok()?.ino();
-    Some(root.join(format!("ewii-{ino}")))
 }

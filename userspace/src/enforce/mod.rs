@@ -6,14 +6,18 @@
 //!   `MSG_FASTOPEN` sends. Unprivileged.
 //! - `ebpf` (feature `ebpf`): cgroup programs that allow only the Hub (UDP) and the
 //!   allow-list (TCP) for every process in the Client's cgroup. Needs CAP_BPF + CAP_NET_ADMIN.
+//! - [`privileges`]: every capability dropped, `no_new_privs`, not dumpable — after the lock
+//!   is attached, so that nothing later in the process can undo it.
 //! - [`probe`]: the self-proof — a deliberate connection the policy forbids must fail with the
 //!   layer's own error, or the layer does not count as active.
 //!
 //! Layers are installed by the binary before the tokio runtime starts its threads (Landlock
 //! binds the calling thread and its future children; seccomp is synchronised to all threads).
-//! This is the one module with `unsafe` code: raw syscalls for the probes.
+//! This is the one module with `unsafe` code: raw syscalls for the probes, `capset`/`prctl` to
+//! drop privileges, and `bpf(BPF_PROG_ATTACH)` for a lock held by the cgroup.
 
 pub mod landlock;
+pub mod privileges;
 pub mod probe;
 pub mod seccomp;
 
@@ -80,8 +84,9 @@ impl Layer {
 pub struct Report {
     /// Every layer tried, in installation order.
     pub layers: Vec<Layer>,
-    /// Whether the eBPF links survive a crash of the Client (pinned in a bpffs).
-    pub links_pinned: Option<bool>,
+    /// What the active layers leave uncovered, in words ([`Report::gaps`]).
+    #[serde(default)]
+    pub not_covered: Vec<String>,
 }
 
 impl Report {
@@ -94,8 +99,38 @@ impl Report {
                 "the Client's own code opens sockets only to allow-list entries".into(),
                 "kernel layers are installed by the ewii-client binary".into(),
             )],
-            links_pinned: None,
+            not_covered: vec![
+                "no kernel layer: only the Client's own code keeps to the allow-list".into(),
+            ],
         }
+    }
+
+    /// What the active layers leave uncovered: said plainly, so that a customer who runs
+    /// without the eBPF lock knows what reaches the network unchecked by the kernel.
+    pub fn gaps(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.active("ebpf") {
+            out.push(
+                "the host's administrator (or a process added from outside with the container's capabilities) can detach the lock".into(),
+            );
+            return out;
+        }
+        out.push(if self.active("landlock") {
+            "TCP from this process to any address on an allow-listed port (Landlock checks ports, not addresses)".into()
+        } else {
+            "TCP from this process to any address and port (only the Client's own code keeps to the allow-list)".into()
+        });
+        out.push(
+            "UDP from this process to any address (only the Client's own code keeps QUIC to the Hub and DNS to the resolvers)".into(),
+        );
+        if !self.active("seccomp") && !self.active("privileges") {
+            out.push("ICMP and raw packets, when this process holds CAP_NET_RAW".into());
+        }
+        out.push(
+            "other processes in the container (no kernel layer covers them without the eBPF lock)"
+                .into(),
+        );
+        out
     }
 
     /// Whether layer `name` is active.
@@ -158,19 +193,7 @@ impl fmt::Display for Report {
                 format!("{} {state} ({})", l.name, l.detail)
             })
             .collect();
-        f.write_str(&parts.join("; "))?;
-        if let Some(pinned) = self.links_pinned {
-            write!(
-                f,
-                "; ebpf links {}",
-                if pinned {
-                    "pinned (the lock survives a crash)"
-                } else {
-                    "not pinned: no bpffs, so a crash of the Client lifts the lock"
-                }
-            )?;
-        }
-        Ok(())
+        f.write_str(&parts.join("; "))
     }
 }
 
@@ -339,25 +362,61 @@ pub async fn forward_denies(
     }
 }
 
-/// Installs the named `layers` in order — eBPF (if built in), Landlock, seccomp — and proves
-/// each one; a layer the kernel refuses is reported inactive with the reason. Returns the
-/// report and, when the eBPF lock is active, its source of refusals.
-pub fn install(plan: &Plan, layers: &[&str]) -> (Report, Option<Box<dyn DenySource>>) {
+/// Installs the named `layers` in order — eBPF (if built in), Landlock, the privilege drop,
+/// seccomp — and proves each one; a layer the kernel refuses is reported inactive with the
+/// reason. `run` installs all of them with the lock held by the cgroup; the probe may pick.
+/// Call it while the process has one thread. Returns the report and, when the eBPF lock is
+/// active, its source of refusals.
+///
+/// The lock is not counted as active when the process keeps privileges that could undo it:
+/// if `privileges` was asked for and did not drop everything, an active eBPF layer becomes
+/// `failed` (so `require = "kernel"` refuses to start).
+pub fn install(plan: &Plan, layers: &[&str], hold: Hold) -> (Report, Option<Box<dyn DenySource>>) {
     let mut report = Report::default();
     let mut source: Option<Box<dyn DenySource>> = None;
     if layers.contains(&"ebpf") {
-        let (layer, pinned, src) = install_ebpf(plan);
+        let (layer, src) = install_ebpf(plan, hold);
         report.layers.push(layer);
-        report.links_pinned = pinned;
         source = src;
     }
     if layers.contains(&"landlock") {
         report.layers.push(landlock::install(plan));
     }
+    if layers.contains(&"privileges") {
+        let dropped = privileges::drop_all();
+        if dropped.state != LayerState::Active {
+            if let Some(l) = report
+                .layers
+                .iter_mut()
+                .find(|l| l.name == "ebpf" && l.active)
+            {
+                *l = ebpf_layer(
+                    LayerState::Failed,
+                    format!(
+                        "{}; but this process kept privileges that could undo it",
+                        l.detail
+                    ),
+                );
+                source = None;
+            }
+        }
+        report.layers.push(dropped);
+    }
     if layers.contains(&"seccomp") {
         report.layers.push(seccomp::install());
     }
+    report.not_covered = report.gaps();
     (report, source)
+}
+
+/// Who holds the eBPF programs once attached: the cgroup (`run`: no descriptor of the process
+/// keeps them) or the process (the probe: they go when it exits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// The cgroup.
+    Cgroup,
+    /// The process.
+    Process,
 }
 
 /// What the eBPF layer covers, as reported.
@@ -368,31 +427,38 @@ fn ebpf_layer(state: LayerState, detail: String) -> Layer {
 }
 
 #[cfg(feature = "ebpf")]
-fn install_ebpf(plan: &Plan) -> (Layer, Option<bool>, Option<Box<dyn DenySource>>) {
+fn install_ebpf(plan: &Plan, hold: Hold) -> (Layer, Option<Box<dyn DenySource>>) {
     if plan.hub.is_empty() {
         let why = format!(
             "the Hub's name did not resolve at start ({}): the lock needs its addresses",
             plan.unresolved.join(", ")
         );
-        return (ebpf_layer(LayerState::Unavailable, why), None, None);
+        return (ebpf_layer(LayerState::Unavailable, why), None);
     }
+    let hold = match hold {
+        Hold::Cgroup => ebpf::Hold::Cgroup,
+        Hold::Process => ebpf::Hold::Process,
+    };
     let attached = plan
         .rules()
         .map_err(|e| e.to_string())
-        .and_then(|rules| ebpf::EgressLock::attach(&rules).map_err(|e| e.to_string()));
+        .and_then(|rules| ebpf::EgressLock::attach(&rules, hold).map_err(|e| e.to_string()));
     match attached {
         Ok(mut lock) => {
             let verdict = lock.prove(plan).map(|proof| {
-                if plan.unresolved.is_empty() {
-                    proof
-                } else {
-                    format!(
-                        "{proof}; not resolved at start, so refused by the lock until a restart: {}",
+                let held = match lock.hold() {
+                    ebpf::Hold::Cgroup => "held by the cgroup, not by any descriptor of this process: it stays until the cgroup is removed",
+                    ebpf::Hold::Process => "held by this process: it ends when the process does",
+                };
+                let mut detail = format!("{proof}; {held}");
+                if !plan.unresolved.is_empty() {
+                    detail.push_str(&format!(
+                        "; not resolved at start, so refused by the lock until a restart: {}",
                         plan.unresolved.join(", ")
-                    )
+                    ));
                 }
+                detail
             });
-            let pinned = Some(lock.pinned());
             let active = verdict.is_ok();
             (
                 ebpf_layer(
@@ -403,28 +469,26 @@ fn install_ebpf(plan: &Plan) -> (Layer, Option<bool>, Option<Box<dyn DenySource>
                     },
                     verdict.unwrap_or_else(|e| e),
                 ),
-                pinned,
                 active.then(|| Box::new(lock) as Box<dyn DenySource>),
             )
         }
-        Err(e) => (ebpf_layer(LayerState::Unavailable, e), None, None),
+        Err(e) => (ebpf_layer(LayerState::Unavailable, e), None),
     }
 }
 
 #[cfg(not(feature = "ebpf"))]
-fn install_ebpf(_plan: &Plan) -> (Layer, Option<bool>, Option<Box<dyn DenySource>>) {
+fn install_ebpf(_plan: &Plan, _hold: Hold) -> (Layer, Option<Box<dyn DenySource>>) {
     (
         ebpf_layer(
             LayerState::Unavailable,
             "this build has no `ebpf` feature".into(),
         ),
         None,
-        None,
     )
 }
 
-/// The layers `run` installs by default.
-pub const ALL_LAYERS: [&str; 3] = ["ebpf", "landlock", "seccomp"];
+/// The layers `run` installs, in order.
+pub const ALL_LAYERS: [&str; 4] = ["ebpf", "landlock", "privileges", "seccomp"];
 
 /// Tries, from this process, what the policy allows and what it forbids, and names what the
 /// kernel answered. Targets are loopback or configured destinations only.

@@ -157,6 +157,39 @@ pub fn io_uring_setup() -> Verdict {
     Ok(())
 }
 
+/// `socket(AF_INET, SOCK_STREAM)` through the x32 ABI (its syscall number with bit 30 set).
+/// Without a filter the kernel answers ENOSYS (x32 not built) or makes a socket; EPERM is
+/// seccomp refusing the ABI.
+pub fn x32_socket() -> Verdict {
+    const X32_SYSCALL_BIT: libc::c_long = 0x4000_0000;
+    // SAFETY: socket(2) takes integers only; a returned descriptor is closed here.
+    let fd = unsafe {
+        libc::syscall(
+            X32_SYSCALL_BIT | libc::SYS_socket,
+            libc::AF_INET,
+            libc::SOCK_STREAM,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(last_errno());
+    }
+    // SAFETY: a non-negative result is a new socket that we own and close here.
+    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    Ok(())
+}
+
+/// `bpf(2)` with a command that does not exist: the kernel answers EINVAL, privileged or not;
+/// EPERM is seccomp refusing `bpf` altogether.
+pub fn bpf_call() -> Verdict {
+    // SAFETY: a NULL attribute pointer with size 0 is never dereferenced.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 0xffff, std::ptr::null::<u8>(), 0u32) };
+    if rc < 0 {
+        return Err(last_errno());
+    }
+    Ok(())
+}
+
 /// An MPTCP socket connecting to `addr`.
 pub fn mptcp_connect(addr: SocketAddrV4) -> Verdict {
     let fd = socket(libc::AF_INET, libc::SOCK_STREAM, IPPROTO_MPTCP)?;
