@@ -51,6 +51,8 @@ pub struct Service {
     pub destination: &'static str,
     /// `None` for TLS, `Some(principal)` for plain TCP.
     pub principal: Option<&'static str>,
+    /// TLS: the workload names allowed to call it.
+    pub workloads: &'static [&'static str],
 }
 
 impl Service {
@@ -61,16 +63,18 @@ impl Service {
             client,
             destination,
             principal: Some("test-principal"),
+            workloads: &[],
         }
     }
 
-    /// A TLS service (callers present a workload SVID).
+    /// A TLS service that workload `billing` may call (callers present a workload SVID).
     pub fn tls(name: &'static str, client: &'static str, destination: &'static str) -> Self {
         Self {
             name,
             client,
             destination,
             principal: None,
+            workloads: &["billing"],
         }
     }
 }
@@ -157,7 +161,7 @@ impl TestHub {
             ));
             match s.principal {
                 Some(p) => toml.push_str(&format!("principal = \"{p}\"\n")),
-                None => toml.push_str("tls = true\n"),
+                None => toml.push_str(&format!("tls = true\nworkloads = {:?}\n", s.workloads)),
             }
         }
         let config: HubConfig = toml.parse().unwrap();

@@ -58,6 +58,8 @@ pub enum Event {
     Enforcement,
     /// The kernel refused a connection or packet from the Client's cgroup.
     KernelDenied,
+    /// A DNS allow-list entry's answers changed at a refresh (adopted, or not: see `outcome`).
+    DnsChanged,
 }
 
 /// Why a session ended: the first word of a `session_lost` record's `reason` on both sides

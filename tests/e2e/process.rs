@@ -854,6 +854,88 @@ fn hub_errors_say_what_to_do_with_documented_exit_codes() {
     assert!(header.starts_with("CLIENT "), "{text}");
 }
 
+/// `token list` shows unused tokens by id (never the token), `token revoke` deletes one by id
+/// or all of a client's, and a deleted token no longer enrols. A mistyped id is an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_tokens_are_listed_by_id_and_revoked_by_id_or_by_client() {
+    let hub = TestHub::start(&[]).await;
+    let s = hub.state_dir();
+    let s = s.to_str().unwrap();
+    let create = |client: &str| {
+        let out = run(
+            "ewii-hub",
+            &["token", "create", "--state-dir", s, "--client", client],
+        );
+        (field(&out, "token:"), field(&out, "token id:"))
+    };
+    let (first, first_id) = create("acme");
+    let (_, _) = create("acme");
+    let (_, beta_id) = create("beta");
+    let first_id = first_id.split_whitespace().next().unwrap().to_owned();
+    let beta_id = beta_id.split_whitespace().next().unwrap().to_owned();
+    let list = || {
+        let out = run("ewii-hub", &["token", "list", "--state-dir", s, "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let rows = list();
+    assert_eq!(rows.as_array().unwrap().len(), 3, "{rows:#}");
+    assert!(
+        !rows.to_string().contains(&first),
+        "a token is never listed"
+    );
+    assert!(rows.to_string().contains(&first_id), "{rows:#}");
+
+    run(
+        "ewii-hub",
+        &["token", "revoke", "--state-dir", s, "--id", &first_id],
+    );
+    assert_eq!(list().as_array().unwrap().len(), 2);
+    // The deleted token enrols nothing.
+    let hash = run("ewii-hub", &["bundle-hash", "--state-dir", s]);
+    let hash = String::from_utf8_lossy(&hash.stdout).trim().to_owned();
+    let state = tempfile::tempdir().unwrap();
+    let out = Command::new(bin_path("ewii-client"))
+        .args([
+            "enroll",
+            "--hub",
+            &hub.addr.to_string(),
+            "--token",
+            &first,
+            "--bundle-hash",
+            &hash,
+            "--state-dir",
+            state.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
+
+    run(
+        "ewii-hub",
+        &["token", "revoke", "--state-dir", s, "--client", "beta"],
+    );
+    let left: Vec<String> = list()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["client"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(left, ["acme"]);
+    // Ids already gone, or never issued: an error, not a silent success.
+    for id in [first_id.as_str(), beta_id.as_str(), "0123456789abcdef"] {
+        let out = Command::new(bin_path("ewii-hub"))
+            .args(["token", "revoke", "--state-dir", s, "--id", id])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{id}");
+        assert!(
+            stderr_of(&out).contains("no unused token with id"),
+            "{}",
+            stderr_of(&out)
+        );
+    }
+}
+
 /// P4: a DNS answer never widens what the Client reaches. The allow-list names
 /// `evil.example`, whose answer (from a hosts file in the Client's own mount namespace) is
 /// loopback: the Client refuses to dial it, and nothing reaches the service listening there.

@@ -149,6 +149,7 @@ fn p9_thousand_idle_sessions_cost_no_database_work() {
             let grant = TokenGrant {
                 client: name,
                 webhook: None,
+                revocations: 0,
             };
             db.record_enrolment(&grant, &id, &issued.serial, issued.not_after, now)
                 .unwrap();

@@ -312,6 +312,60 @@ async fn p11_a_tls_service_records_the_callers_spiffe_id_as_source() {
     assert_eq!(c.outcome, Some(Outcome::Ok));
 }
 
+/// A TLS service admits only the workloads its `workloads` list names: another workload of
+/// the same trust domain is refused at the Hub, audited with its SPIFFE ID and the reason,
+/// and nothing reaches the Client's destination.
+#[tokio::test]
+async fn p11_a_tls_service_admits_only_the_workloads_it_lists() {
+    let (dest, accepted) = counting_listener().await;
+    let hub = TestHub::start(&[Service::tls("pg-tls", "acme", "db")]).await;
+    let _client = TestClient::enrol_and_run(&hub, "acme", &[("db", dest.to_string())]).await;
+    hub.wait_connected("acme").await;
+    let issue = |name: &str| {
+        let dir: PathBuf = hub.dir.path().join(name);
+        ewii::hub::admin::issue_workload_svid(
+            &hub.state_dir(),
+            name,
+            Duration::from_secs(3600),
+            &dir,
+        )
+        .unwrap();
+        dir
+    };
+    let reports = issue("reports");
+    if let Ok(stream) = tls_caller(hub.service("pg-tls"), &reports, TD).await {
+        // TLS 1.3: the refusal shows as the end of the stream, with nothing echoed.
+        assert_eq!(
+            exchange(stream, b"let me in").await.unwrap_or_default(),
+            b""
+        );
+    }
+    let r = hub
+        .wait_audit("refused query", |r| {
+            r.event == Event::Query && r.outcome == Some(Outcome::Refused)
+        })
+        .await;
+    assert_eq!(
+        r.source.as_deref(),
+        Some("spiffe://test.ewii.local/workload/reports")
+    );
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("workload reports is not allowed to call service pg-tls (allowed: billing)")
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+
+    let billing = issue("billing");
+    let stream = tls_caller(hub.service("pg-tls"), &billing, TD)
+        .await
+        .unwrap();
+    exchange(stream, b"hello").await.unwrap();
+    poll_until("the listed workload's connection", SOON, || {
+        accepted.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn p11_a_tls_service_refuses_a_caller_without_a_workload_svid() {
     let echo = echo_server().await;

@@ -1,6 +1,6 @@
 //! The operator's guide followed literally (P13, P7, P10, P11, P15): `docs/operator-guide.md`
-//! and the README's customer commands, run with the real binaries as separate processes on
-//! loopback — init, a workload SVID, a token, the Hub, enrolment, the Client, a plain and a
+//! and the README's customer commands, run with the real binaries (the static release builds
+//! when `scripts/test` prepared them) as separate processes on loopback — init, a workload SVID, a token, the Hub, enrolment, the Client, a plain and a
 //! TLS query, `clients`, a CA rotation dry run with a short SVID lifetime, a revocation with
 //! its webhook verified by the customer's command, re-enrolment, and both stops.
 //!
@@ -99,9 +99,19 @@ impl Guide {
     }
 }
 
+/// The binary an operator would run: the static release build `scripts/test` prepares for
+/// the images (`EWII_IMAGE_DIST`: `ewii-hub`, and `ewii-client` without the `ebpf` feature,
+/// as the default image ships it), else the one cargo built for the tests.
+fn binary(name: &str) -> PathBuf {
+    std::env::var_os("EWII_IMAGE_DIST")
+        .map(|d| PathBuf::from(d).join(name))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| bin_path(name))
+}
+
 /// Runs argv (its first word a binary of this workspace), returns the output.
 fn exec(argv: &[String]) -> Output {
-    Command::new(bin_path(&argv[0]))
+    Command::new(binary(&argv[0]))
         .args(&argv[1..])
         .output()
         .unwrap()
@@ -140,7 +150,7 @@ impl Bg {
     fn start(argv: &[String], dir: &Path, name: &str) -> Self {
         let out = dir.join(format!("{name}.stdout"));
         let err = dir.join(format!("{name}.stderr"));
-        let child = Command::new(bin_path(&argv[0]))
+        let child = Command::new(binary(&argv[0]))
             .args(&argv[1..])
             .stdout(Stdio::from(fs::File::create(&out).unwrap()))
             .stderr(Stdio::from(fs::File::create(&err).unwrap()))
@@ -167,6 +177,26 @@ impl Bg {
             self.records().iter().any(&pred)
         })
         .await;
+    }
+
+    /// Waits until `cond` holds while the process runs; fails at once, with its stderr, when
+    /// it exits first.
+    async fn until(&mut self, what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !cond() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "waiting for {what}, the process exited ({status}):\n{}",
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within 20 s; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     async fn exited(&mut self, within: Duration) -> ExitStatus {
@@ -300,6 +330,41 @@ async fn p13_the_operator_guide_followed_literally_with_the_real_binaries() {
         .next()
         .unwrap()
         .to_owned();
+    // Unused tokens by id (never the token); a spare one deleted by id is gone.
+    let id = line("token id:")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let listed = ok(&guide.command("ewii-hub token list"));
+    assert!(
+        listed.contains(&id) && !listed.contains(&line("token:")),
+        "{listed}"
+    );
+    let spare = ok(&words(&format!(
+        "ewii-hub token create --state-dir {} --client other",
+        hub_state.display()
+    )));
+    let spare_id = spare
+        .lines()
+        .find_map(|l| l.strip_prefix("token id:"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let (by_id, by_client): (Vec<_>, Vec<_>) = guide
+        .all("ewii-hub token revoke")
+        .into_iter()
+        .partition(|c| c.contains(&"--id".to_owned()));
+    assert_eq!((by_id.len(), by_client.len()), (1, 1));
+    ok(&fill(
+        &by_id[0],
+        &HashMap::from([("--id", spare_id.clone())]),
+    ));
+    let listed = ok(&guide.command("ewii-hub token list"));
+    assert!(
+        listed.contains(&id) && !listed.contains(&spare_id),
+        "{listed}"
+    );
     let enroll = words(&line("ewii-client enroll"));
     let enroll = with(
         [vec!["ewii-client".to_owned(), "enroll".to_owned()], enroll].concat(),
@@ -309,8 +374,9 @@ async fn p13_the_operator_guide_followed_literally_with_the_real_binaries() {
 
     // §4. Run the Hub.
     let mut hub = Bg::start(&guide.command("ewii-hub run"), dir, "hub");
-    poll_until("the Hub listening", Duration::from_secs(20), || {
-        hub.stderr().contains("listening on udp")
+    let err = hub.err.clone();
+    hub.until("the Hub listening", || {
+        fs::read_to_string(&err).is_ok_and(|e| e.contains("listening on udp"))
     })
     .await;
 
@@ -341,10 +407,9 @@ async fn p13_the_operator_guide_followed_literally_with_the_real_binaries() {
         "ewii-client health --state-dir {}",
         client_state.display()
     ));
-    poll_until("health says connected", Duration::from_secs(20), || {
-        exec(&health).status.success()
-    })
-    .await;
+    client
+        .until("health to say connected", || exec(&health).status.success())
+        .await;
     assert!(ok(&status).contains("\"connected\""));
 
     // §5. Inspect: connected.
@@ -500,10 +565,11 @@ async fn p13_the_operator_guide_followed_literally_with_the_real_binaries() {
         &["--state-dir", &s(&client_state), "--replace"],
     ));
     let mut client = Bg::start(&run_client, dir, "client-again");
-    poll_until("connected again", Duration::from_secs(20), || {
-        exec(&health).status.success()
-    })
-    .await;
+    client
+        .until("health to say connected again", || {
+            exec(&health).status.success()
+        })
+        .await;
     assert_eq!(clients_row(&list, "acme")[1], "connected");
     assert_eq!(try_roundtrip(tcp_service, b"back").await, Ok(()));
 

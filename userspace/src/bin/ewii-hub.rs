@@ -146,6 +146,27 @@ enum TokenCommand {
         #[arg(long, env = "EWII_HUB_ADDRESS")]
         hub_address: Option<String>,
     },
+    /// List unused tokens (by id: a token itself is shown only once, when created).
+    List {
+        /// State directory.
+        #[arg(long, env = "EWII_HUB_STATE_DIR", default_value = "/var/lib/ewii-hub")]
+        state_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete unused tokens: one by id, or every one of a client.
+    Revoke {
+        /// State directory.
+        #[arg(long, env = "EWII_HUB_STATE_DIR", default_value = "/var/lib/ewii-hub")]
+        state_dir: PathBuf,
+        /// The token's id (from `token list` or `token create`).
+        #[arg(long, conflicts_with = "client", required_unless_present = "client")]
+        id: Option<String>,
+        /// Every unused token of this client.
+        #[arg(long)]
+        client: Option<String>,
+    },
 }
 
 /// Exit status for a bad configuration file or argument.
@@ -211,6 +232,10 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 danger_allow_private_webhook,
             )?;
             println!("token:       {}", r.token);
+            println!(
+                "token id:    {}   (for `ewii-hub token list` / `token revoke`)",
+                r.id
+            );
             println!("client id:   {}", r.client_id);
             println!("bundle hash: {}", r.bundle_hash);
             println!(
@@ -228,6 +253,57 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 r.token,
                 r.bundle_hash
             );
+        }
+        Command::Token {
+            command: TokenCommand::List { state_dir, json },
+        } => {
+            if let Err(code) = initialised(&state_dir) {
+                return Ok(code);
+            }
+            let rows = admin::tokens(&state_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                let now = ewii::now_timestamp().unix_secs() as i64;
+                println!("{:<18} {:<20} {:<28} WEBHOOK", "ID", "CLIENT", "EXPIRES");
+                for t in rows {
+                    let expires = ewii_common::time::Timestamp(t.expires_at as u64 * 1_000_000);
+                    let expires = if t.expires_at <= now {
+                        format!("{expires} (expired)")
+                    } else {
+                        expires.to_string()
+                    };
+                    println!(
+                        "{:<18} {:<20} {:<28} {}",
+                        t.id,
+                        t.client,
+                        expires,
+                        t.webhook.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        Command::Token {
+            command:
+                TokenCommand::Revoke {
+                    state_dir,
+                    id,
+                    client,
+                },
+        } => {
+            if let Err(code) = initialised(&state_dir) {
+                return Ok(code);
+            }
+            let which = match (id, client) {
+                (Some(id), _) => ewii::hub::state::TokenSelector::Id(id),
+                (None, Some(c)) => ewii::hub::state::TokenSelector::Client(c),
+                (None, None) => {
+                    eprintln!("ewii-hub: token revoke needs --id <id> or --client <name>");
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+            };
+            let n = admin::revoke_tokens(&state_dir, &which)?;
+            println!("deleted {n} unused token(s); they can no longer enrol anything");
         }
         Command::WorkloadSvid {
             state_dir,

@@ -2,10 +2,21 @@
 //!
 //! A destination arrives as an allow-list entry *name*. The name is looked up in the
 //! install-time allow-list and nowhere else; a name that is not there is refused before any
-//! socket exists. DNS names are resolved here, and every resolved address is checked again
-//! (no wildcard, multicast or broadcast address is ever dialled).
+//! socket exists.
+//!
+//! A DNS entry is dialled at the addresses of its current set ([`Addresses`]), not at
+//! whatever the resolver answers at that moment: the set is resolved at start (the same
+//! answers the eBPF lock was filled with) and refreshed on the schedule the customer sets
+//! (`[dns] refresh_secs`) by [`refresh_once`]. Every answer is checked (no loopback,
+//! link-local, metadata, wildcard, multicast or broadcast address unless written literally);
+//! a change is an audit record. With the eBPF lock attached, the set stays the one resolved at
+//! start — the lock cannot follow (nothing in the process may touch it after start-up) — and
+//! the record says that a restart adopts the new answer: the Dialer and the kernel never
+//! disagree. A name that did not resolve at start is resolved when it is first dialled.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ewii_common::policy::{AllowList, Decision, Host};
@@ -43,6 +54,185 @@ pub enum DialError {
 pub struct Dialer {
     allow: AllowList,
     connect_timeout: Duration,
+    addresses: Addresses,
+}
+
+/// The current addresses of each DNS entry, shared by the Dialer and the refresher.
+#[derive(Debug, Clone, Default)]
+pub struct Addresses {
+    sets: Arc<RwLock<BTreeMap<String, Vec<SocketAddr>>>>,
+    /// The eBPF lock holds the set resolved at start: refreshes are recorded, not adopted.
+    pinned: bool,
+}
+
+impl Addresses {
+    /// Starts from `sets` (entry name → addresses resolved at start); `pinned` when the eBPF
+    /// lock was filled with exactly these.
+    pub fn new(sets: BTreeMap<String, Vec<SocketAddr>>, pinned: bool) -> Self {
+        Self {
+            sets: Arc::new(RwLock::new(sets)),
+            pinned,
+        }
+    }
+
+    /// The current set of entry `name` (empty when it has none yet).
+    pub fn get(&self, name: &str) -> Vec<SocketAddr> {
+        self.sets
+            .read()
+            .map(|s| s.get(name).cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    fn set(&self, name: &str, addrs: Vec<SocketAddr>) {
+        if let Ok(mut s) = self.sets.write() {
+            s.insert(name.to_owned(), addrs);
+        }
+    }
+}
+
+/// A change a refresh found in one entry's answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressChange {
+    /// Entry name.
+    pub entry: String,
+    /// The DNS name.
+    pub host: String,
+    /// The set before.
+    pub before: Vec<SocketAddr>,
+    /// The answers now (checked; refused ones are in `refused`).
+    pub after: Vec<SocketAddr>,
+    /// Answers refused as loopback, link-local, metadata or not unicast.
+    pub refused: Vec<String>,
+    /// Whether the Dialer now uses `after` (false: pinned by the eBPF lock, or no acceptable
+    /// answer at all).
+    pub adopted: bool,
+}
+
+/// Checks `answers` for `host`: the acceptable addresses (sorted, unique) and the refusals.
+fn check_answers(
+    host: &str,
+    answers: impl Iterator<Item = SocketAddr>,
+) -> (Vec<SocketAddr>, Vec<String>) {
+    let mut ok = Vec::new();
+    let mut refused = Vec::new();
+    for a in answers {
+        match AllowList::check_resolved(host, a) {
+            Ok(a) => ok.push(a),
+            Err(e) => refused.push(e.to_string()),
+        }
+    }
+    ok.sort_unstable();
+    ok.dedup();
+    (ok, refused)
+}
+
+/// Re-resolves every DNS entry of `dialer` with `resolve` and returns what changed. An entry
+/// whose lookup fails keeps its set (a resolver outage does not cut a working destination).
+pub async fn refresh_once<F, Fut>(dialer: &Dialer, resolve: F) -> Vec<AddressChange>
+where
+    F: Fn(String, u16) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Vec<SocketAddr>>>,
+{
+    let mut changes = Vec::new();
+    for entry in dialer.allow.entries() {
+        let Host::Dns(host) = &entry.endpoint.host else {
+            continue;
+        };
+        let name = entry.name.to_string();
+        let Ok(answers) = resolve(host.clone(), entry.endpoint.port).await else {
+            continue;
+        };
+        let (after, refused) = check_answers(host, answers.into_iter());
+        let before = dialer.addresses.get(&name);
+        if after == before && refused.is_empty() {
+            continue;
+        }
+        let adopted = !dialer.addresses.pinned && !after.is_empty() && after != before;
+        if adopted {
+            dialer.addresses.set(&name, after.clone());
+        }
+        changes.push(AddressChange {
+            entry: name,
+            host: host.clone(),
+            before,
+            after,
+            refused,
+            adopted,
+        });
+    }
+    changes
+}
+
+/// The `dns_changed` audit record of `change`.
+pub fn change_record(
+    audit: &crate::audit::Audit,
+    client_id: &str,
+    change: &AddressChange,
+) -> ewii_common::audit::AuditRecord {
+    use ewii_common::audit::{Destination, Event, Outcome};
+    let list = |a: &[SocketAddr]| {
+        if a.is_empty() {
+            "none".to_owned()
+        } else {
+            a.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let mut r = audit.record(Event::DnsChanged);
+    r.client = Some(client_id.to_owned());
+    r.destination = Some(Destination {
+        name: change.entry.clone(),
+        address: change.after.first().map(ToString::to_string),
+    });
+    r.outcome = Some(if change.adopted {
+        Outcome::Ok
+    } else {
+        Outcome::Refused
+    });
+    let mut reason = format!(
+        "{} resolved to {} (was {})",
+        change.host,
+        list(&change.after),
+        list(&change.before)
+    );
+    if !change.refused.is_empty() {
+        reason.push_str(&format!("; refused answers: {}", change.refused.join("; ")));
+    }
+    reason.push_str(if change.adopted {
+        "; adopted"
+    } else if change.after.is_empty() || change.after == change.before {
+        "; kept the addresses it had"
+    } else {
+        "; not adopted: the eBPF lock holds the addresses resolved at start (restart the Client to adopt the new ones)"
+    });
+    r.reason = Some(reason);
+    r
+}
+
+/// Re-resolves the DNS entries every `every` and records each change; runs until aborted.
+pub async fn refresh_every(
+    dialer: Dialer,
+    audit: crate::audit::Audit,
+    client_id: String,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let changes = refresh_once(&dialer, |host, port| async move {
+            tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map(Iterator::collect)
+        })
+        .await;
+        for c in &changes {
+            audit.emit(change_record(&audit, &client_id, c));
+        }
+    }
 }
 
 impl DialError {
@@ -56,11 +246,21 @@ impl DialError {
 }
 
 impl Dialer {
-    /// A dialer for `allow`.
+    /// A dialer for `allow` that resolves its DNS entries when first dialled.
     pub fn new(allow: AllowList, connect_timeout: Duration) -> Self {
+        Self::with_addresses(allow, connect_timeout, Addresses::default())
+    }
+
+    /// A dialer for `allow` starting from the address sets resolved at start.
+    pub fn with_addresses(
+        allow: AllowList,
+        connect_timeout: Duration,
+        addresses: Addresses,
+    ) -> Self {
         Self {
             allow,
             connect_timeout,
+            addresses,
         }
     }
 
@@ -79,29 +279,30 @@ impl Dialer {
         let addrs: Vec<SocketAddr> = match &entry.endpoint.host {
             Host::Ip(ip) => vec![SocketAddr::new(*ip, entry.endpoint.port)],
             Host::Dns(host) => {
-                let resolved = tokio::net::lookup_host((host.as_str(), entry.endpoint.port))
-                    .await
-                    .map_err(|e| DialError::Resolve {
-                        name: name.clone(),
-                        why: e.to_string(),
-                    })?;
-                let mut refused = None;
-                let ok: Vec<SocketAddr> = resolved
-                    .filter_map(|a| match AllowList::check_resolved(host, a) {
-                        Ok(a) => Some(a),
-                        Err(e) => {
-                            refused = Some(e);
-                            None
-                        }
-                    })
-                    .collect();
-                if ok.is_empty() {
-                    return Err(DialError::Resolve {
-                        name,
-                        why: refused.map_or_else(|| "no address".into(), |e| e.to_string()),
-                    });
+                let known = self.addresses.get(&name);
+                if known.is_empty() {
+                    // Not resolved at start (DNS was down): resolve now, and keep the answer.
+                    let resolved = tokio::net::lookup_host((host.as_str(), entry.endpoint.port))
+                        .await
+                        .map_err(|e| DialError::Resolve {
+                            name: name.clone(),
+                            why: e.to_string(),
+                        })?;
+                    let (ok, refused) = check_answers(host, resolved);
+                    if ok.is_empty() {
+                        return Err(DialError::Resolve {
+                            name,
+                            why: refused
+                                .into_iter()
+                                .next()
+                                .unwrap_or_else(|| "no address".into()),
+                        });
+                    }
+                    self.addresses.set(&name, ok.clone());
+                    ok
+                } else {
+                    known
                 }
-                ok
             }
         };
         let mut last = None;
@@ -148,6 +349,113 @@ mod tests {
         // No further connection reached the listener.
         let none = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
         assert!(none.is_err(), "a refused name must not connect anywhere");
+    }
+
+    fn discard() -> crate::audit::Audit {
+        crate::audit::Audit::open_with_tap(
+            ewii_common::audit::Side::Client,
+            &crate::audit::AuditOutput::Discard,
+        )
+        .unwrap()
+    }
+
+    /// A resolver seam for the refresh tests (a mock: the real one is the system's, exercised
+    /// by the binary tests): always answers `addrs`.
+    fn answer(
+        addrs: Vec<SocketAddr>,
+    ) -> impl Fn(String, u16) -> std::future::Ready<std::io::Result<Vec<SocketAddr>>> {
+        move |_, _| std::future::ready(Ok(addrs.clone()))
+    }
+
+    /// Two listeners on one port, at 127.0.0.1 and 127.0.0.2, and an entry `db` naming
+    /// `localhost` (the one name allowed to answer loopback) that starts at the first.
+    async fn two_hosts(
+        pinned: bool,
+    ) -> (Dialer, SocketAddr, SocketAddr, [tokio::net::TcpListener; 2]) {
+        let first = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = first.local_addr().unwrap();
+        let second = tokio::net::TcpListener::bind(("127.0.0.2", a.port()))
+            .await
+            .unwrap();
+        let b = second.local_addr().unwrap();
+        let allow =
+            AllowList::from_pairs([("db", format!("localhost:{}", a.port()).as_str())]).unwrap();
+        let start = BTreeMap::from([("db".to_owned(), vec![a])]);
+        let dialer =
+            Dialer::with_addresses(allow, Duration::from_secs(2), Addresses::new(start, pinned));
+        (dialer, a, b, [first, second])
+    }
+
+    #[tokio::test]
+    async fn p4_a_refresh_moves_the_dialer_to_new_answers_and_never_to_refused_ones() {
+        let (dialer, a, b, _listeners) = two_hosts(false).await;
+        assert_eq!(dialer.dial("db").await.unwrap().1, a);
+        // The same answer: nothing to record.
+        assert!(refresh_once(&dialer, answer(vec![a])).await.is_empty());
+        // Another answer: adopted, recorded, dialled.
+        let changes = refresh_once(&dialer, answer(vec![b])).await;
+        assert_eq!(
+            changes,
+            [AddressChange {
+                entry: "db".into(),
+                host: "localhost".into(),
+                before: vec![a],
+                after: vec![b],
+                refused: vec![],
+                adopted: true,
+            }]
+        );
+        assert_eq!(dialer.dial("db").await.unwrap().1, b);
+        // A resolver outage keeps the set.
+        let down = |_: String, _: u16| {
+            std::future::ready(Err::<Vec<SocketAddr>, _>(std::io::Error::other("down")))
+        };
+        assert!(refresh_once(&dialer, down).await.is_empty());
+        assert_eq!(dialer.dial("db").await.unwrap().1, b);
+        // An answer moved onto the metadata address: refused, recorded, not adopted.
+        let metadata: SocketAddr = format!("169.254.169.254:{}", a.port()).parse().unwrap();
+        let changes = refresh_once(&dialer, answer(vec![metadata])).await;
+        assert_eq!(changes.len(), 1);
+        assert!(!changes[0].adopted);
+        assert!(changes[0].after.is_empty());
+        assert!(
+            changes[0].refused[0].contains("169.254.169.254"),
+            "{changes:?}"
+        );
+        assert_eq!(dialer.dial("db").await.unwrap().1, b);
+        let audit = discard();
+        let r = change_record(&audit, "spiffe://x/client/acme", &changes[0]);
+        assert_eq!(r.outcome, Some(ewii_common::audit::Outcome::Refused));
+        let reason = r.reason.unwrap();
+        assert!(
+            reason.contains("refused answers:") && reason.contains("kept the addresses it had"),
+            "{reason}"
+        );
+    }
+
+    /// With the eBPF lock attached the Dialer keeps the addresses the lock holds: a new answer
+    /// is recorded as not adopted, and dials still go to the start-up address.
+    #[tokio::test]
+    async fn p4_p16_with_the_lock_a_new_answer_is_recorded_and_not_adopted() {
+        let (dialer, a, b, _listeners) = two_hosts(true).await;
+        let changes = refresh_once(&dialer, answer(vec![b])).await;
+        assert_eq!(changes.len(), 1);
+        assert!(!changes[0].adopted);
+        assert_eq!(changes[0].after, vec![b]);
+        assert_eq!(dialer.dial("db").await.unwrap().1, a);
+        let audit = discard();
+        let r = change_record(&audit, "spiffe://x/client/acme", &changes[0]);
+        assert_eq!(r.event, ewii_common::audit::Event::DnsChanged);
+        assert_eq!(r.outcome, Some(ewii_common::audit::Outcome::Refused));
+        assert!(
+            r.reason
+                .as_deref()
+                .unwrap()
+                .contains("restart the Client to adopt"),
+            "{:?}",
+            r.reason
+        );
+        assert_eq!(r.destination.unwrap().name, "db");
     }
 
     #[tokio::test]

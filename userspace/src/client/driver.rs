@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use super::clock::{random, validity, Clock};
 use super::connect::{self, ConnectError, DialPlan, Opened};
 use super::connection::{Command, Connection, End, Event};
-use super::dialer::Dialer;
+use super::dialer::{Addresses, Dialer};
 use super::query::QueryCtx;
 use super::rotation::{self, Identity, IssueError};
 use super::status::{State, Status, StatusWriter};
@@ -106,9 +106,12 @@ impl Driver {
         } else {
             ClientSession::new(session, validity(&identity), clock.now(), random())
         };
+        // The Dialer starts from the addresses the layers were planned with; with the eBPF
+        // lock attached they are the lock's, and stay.
+        let addresses = Addresses::new(enforcement.addresses.clone(), enforcement.active("ebpf"));
         let queries = Arc::new(QueryCtx {
             audit: audit.clone(),
-            dialer: Dialer::new(config.allow.clone(), config.connect_timeout),
+            dialer: Dialer::with_addresses(config.allow.clone(), config.connect_timeout, addresses),
             client_id: identity.leaf.id.to_string(),
         });
         Self {
@@ -144,6 +147,23 @@ impl Driver {
                 denied_tx,
             ))
         });
+        let refresher = self
+            .config
+            .dns_refresh
+            .filter(|_| {
+                self.config
+                    .allow
+                    .entries()
+                    .any(|e| matches!(e.endpoint.host, ewii_common::policy::Host::Dns(_)))
+            })
+            .map(|every| {
+                tokio::spawn(super::dialer::refresh_every(
+                    self.queries.dialer.clone(),
+                    self.audit.clone(),
+                    self.queries.client_id.clone(),
+                    every,
+                ))
+            });
         let mut stopping = false;
         let exit = loop {
             if let Some(exit) = self.perform_actions() {
@@ -166,8 +186,8 @@ impl Driver {
                 () = sleep_until_opt(timeout) => self.machine.handle_timeout(self.clock.now()),
             }
         };
-        if let Some(w) = watcher {
-            w.abort();
+        for task in [watcher, refresher].into_iter().flatten() {
+            task.abort();
         }
         let denied = denied.borrow().clone();
         self.finish(&exit, &denied).await;

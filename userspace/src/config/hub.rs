@@ -31,8 +31,11 @@ pub enum ServiceMode {
         principal: String,
     },
     /// TLS with a client certificate: the source recorded is the caller's SPIFFE ID, which
-    /// must be a `/workload/<name>` SVID of the Hub's trust domain.
-    Tls,
+    /// must be a `/workload/<name>` SVID of the Hub's trust domain whose name is listed.
+    Tls {
+        /// The workload names allowed to call this service (never empty).
+        workloads: Vec<String>,
+    },
 }
 
 /// One Hub service listener: operator workloads connect here to reach a Client's destination.
@@ -143,6 +146,7 @@ struct RawService {
     #[serde(default)]
     tls: bool,
     principal: Option<String>,
+    workloads: Option<Vec<String>>,
 }
 
 fn default_hub_listen() -> SocketAddr {
@@ -174,20 +178,46 @@ impl FromStr for HubConfig {
             spiffe::valid_name(&s.client).map_err(|_| {
                 ConfigError::Invalid(format!("service {:?}: invalid client name", s.name))
             })?;
-            let mode = match (s.tls, s.principal) {
-                (false, Some(p)) if !p.is_empty() => ServiceMode::Tcp { principal: p },
-                (false, _) => {
+            let mode = match (s.tls, s.principal, s.workloads) {
+                (false, Some(p), None) if !p.is_empty() => ServiceMode::Tcp { principal: p },
+                (false, _, Some(_)) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "service {:?}: `workloads` is for TLS services (`tls = true`); a plain TCP service names its caller with `principal`",
+                        s.name
+                    )))
+                }
+                (false, _, None) => {
                     return Err(ConfigError::Invalid(format!(
                         "service {:?}: a plain TCP service needs `principal` (who connects here)",
                         s.name
                     )))
                 }
-                (true, None) => ServiceMode::Tls,
-                (true, Some(_)) => {
+                (true, Some(_), _) => {
                     return Err(ConfigError::Invalid(format!(
-                    "service {:?}: a TLS service takes the caller's SPIFFE ID; drop `principal`",
-                    s.name
-                )))
+                        "service {:?}: a TLS service takes the caller's SPIFFE ID; drop `principal`",
+                        s.name
+                    )))
+                }
+                (true, None, None) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "service {:?}: a TLS service needs `workloads`: the workload names allowed to call it (e.g. workloads = [\"billing\"])",
+                        s.name
+                    )))
+                }
+                (true, None, Some(workloads)) => {
+                    if workloads.is_empty() {
+                        return Err(ConfigError::Invalid(format!(
+                            "service {:?}: `workloads` is empty: no workload could call it",
+                            s.name
+                        )));
+                    }
+                    if let Some(bad) = workloads.iter().find(|w| spiffe::valid_name(w).is_err()) {
+                        return Err(ConfigError::Invalid(format!(
+                            "service {:?}: invalid workload name {bad:?} (lower-case letters, digits, '-', '_', '.')",
+                            s.name
+                        )));
+                    }
+                    ServiceMode::Tls { workloads }
                 }
             };
             services.push(ServiceConfig {

@@ -224,6 +224,8 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// What the kernel must enforce before the Client starts.
     pub require: Require,
+    /// How often DNS allow-list entries are resolved again (`None`: only at start).
+    pub dns_refresh: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -245,6 +247,27 @@ struct RawClient {
     allow: Vec<RawAllow>,
     #[serde(default)]
     enforcement: RawEnforcement,
+    #[serde(default)]
+    dns: RawDns,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    #[serde(default = "default_dns_refresh_secs")]
+    refresh_secs: u64,
+}
+
+impl Default for RawDns {
+    fn default() -> Self {
+        Self {
+            refresh_secs: default_dns_refresh_secs(),
+        }
+    }
+}
+
+fn default_dns_refresh_secs() -> u64 {
+    300
 }
 
 #[derive(Deserialize, Default)]
@@ -297,6 +320,11 @@ impl FromStr for ClientConfig {
                 "reconnect: need 0 < initial_ms <= max_ms".into(),
             ));
         }
+        if raw.dns.refresh_secs > 86_400 {
+            return Err(ConfigError::Invalid(
+                "dns.refresh_secs must be at most 86400 (a day); 0 resolves only at start".into(),
+            ));
+        }
         if raw.connect_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "connect_timeout_ms must be > 0".into(),
@@ -317,6 +345,8 @@ impl FromStr for ClientConfig {
             on_stop: raw.on_stop,
             connect_timeout: Duration::from_millis(raw.connect_timeout_ms),
             require: raw.enforcement.require,
+            dns_refresh: (raw.dns.refresh_secs > 0)
+                .then(|| Duration::from_secs(raw.dns.refresh_secs)),
         })
     }
 }

@@ -97,11 +97,29 @@ fn hub_services_need_a_principal_or_tls() {
         }
     );
     assert_eq!(h.listen.port(), 443);
-    let tls = format!("{base}tls = true\n");
+    let tls = format!("{base}tls = true\nworkloads = [\"billing\", \"reports\"]\n");
     assert_eq!(
         tls.parse::<HubConfig>().unwrap().services[0].mode,
-        ServiceMode::Tls
+        ServiceMode::Tls {
+            workloads: vec!["billing".into(), "reports".into()]
+        }
     );
+    // A TLS service names who may call it: never "any workload of the trust domain".
+    for (extra, says) in [
+        ("tls = true\n", "needs `workloads`"),
+        ("tls = true\nworkloads = []\n", "`workloads` is empty"),
+        (
+            "tls = true\nworkloads = [\"Bad Name\"]\n",
+            "invalid workload name",
+        ),
+        (
+            "principal = \"b\"\nworkloads = [\"billing\"]\n",
+            "`workloads` is for TLS services",
+        ),
+    ] {
+        let err = format!("{base}{extra}").parse::<HubConfig>().unwrap_err();
+        assert!(err.to_string().contains(says), "{extra}: {err}");
+    }
     let both = format!("{base}tls = true\nprincipal = \"x\"\n");
     assert!(both.parse::<HubConfig>().is_err());
     let bad_dest = base.replace("\"db\"", "\"DB!\"") + "principal = \"b\"\n";

@@ -87,6 +87,10 @@ pub struct Report {
     /// What the active layers leave uncovered, in words ([`Report::gaps`]).
     #[serde(default)]
     pub not_covered: Vec<String>,
+    /// The addresses each DNS allow-list entry resolved to at start (checked answers only):
+    /// what the eBPF lock holds, and where the Dialer starts.
+    #[serde(default)]
+    pub addresses: std::collections::BTreeMap<String, Vec<SocketAddr>>,
 }
 
 impl Report {
@@ -102,6 +106,7 @@ impl Report {
             not_covered: vec![
                 "no kernel layer: only the Client's own code keeps to the allow-list".into(),
             ],
+            addresses: Default::default(),
         }
     }
 
@@ -227,6 +232,8 @@ pub struct Plan {
     pub tcp_ports: Vec<u16>,
     /// `host:port` names that did not resolve at start (left out of the eBPF lock).
     pub unresolved: Vec<String>,
+    /// Each DNS allow-list entry's accepted answers at start, by entry name.
+    pub by_name: std::collections::BTreeMap<String, Vec<SocketAddr>>,
 }
 
 impl Plan {
@@ -250,6 +257,7 @@ impl Plan {
         let hub = resolve(&config.hub.host, config.hub.port);
         let mut names_used = config.hub.host.parse::<IpAddr>().is_err();
         let mut allow = Vec::new();
+        let mut by_name = std::collections::BTreeMap::new();
         let mut tcp_ports = Vec::new();
         for e in config.allow.entries() {
             tcp_ports.push(e.endpoint.port);
@@ -257,12 +265,17 @@ impl Plan {
                 Host::Ip(ip) => allow.push(SocketAddr::new(*ip, e.endpoint.port)),
                 Host::Dns(name) => {
                     names_used = true;
-                    // The same answers the Dialer accepts: the kernel map never holds more.
-                    allow.extend(
-                        resolve(name, e.endpoint.port)
-                            .into_iter()
-                            .filter_map(|a| AllowList::check_resolved(name, a).ok()),
-                    );
+                    // The same answers the Dialer starts from: the kernel map never holds more.
+                    let mut ok: Vec<SocketAddr> = resolve(name, e.endpoint.port)
+                        .into_iter()
+                        .filter_map(|a| AllowList::check_resolved(name, a).ok())
+                        .collect();
+                    ok.sort_unstable();
+                    ok.dedup();
+                    allow.extend(ok.iter().copied());
+                    if !ok.is_empty() {
+                        by_name.insert(e.name.to_string(), ok);
+                    }
                 }
             }
         }
@@ -278,6 +291,7 @@ impl Plan {
             resolvers,
             tcp_ports,
             unresolved,
+            by_name,
         }
     }
 
@@ -406,6 +420,7 @@ pub fn install(plan: &Plan, layers: &[&str], hold: Hold) -> (Report, Option<Box<
         report.layers.push(seccomp::install());
     }
     report.not_covered = report.gaps();
+    report.addresses = plan.by_name.clone();
     (report, source)
 }
 

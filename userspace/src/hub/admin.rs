@@ -8,7 +8,7 @@ use ewii_common::spiffe::SpiffeId;
 use rand::RngCore;
 
 use super::layout::{ca_trust_domain, issue_hub_svid};
-use super::state::{ClientRow, Db};
+use super::state::{token_id_of, ClientRow, Db, TokenRow, TokenSelector};
 use super::HubError;
 use crate::identity::ca::{new_key_and_csr, Ca};
 use crate::identity::store::{self, Svid};
@@ -37,6 +37,8 @@ pub struct InitReport {
 pub struct TokenReport {
     /// The one-time join token (shown once, stored only as a hash).
     pub token: String,
+    /// Its id in `ewii-hub token list` (from the hash: it reveals nothing of the token).
+    pub id: String,
     /// The SPIFFE ID the Client will get.
     pub client_id: SpiffeId,
     /// The pin to install the Client with.
@@ -132,6 +134,7 @@ pub fn create_token(
         None => None,
     };
     Ok(TokenReport {
+        id: token_id_of(&token),
         token,
         client_id,
         bundle_hash: bundle_hash(ca.cert()),
@@ -172,6 +175,27 @@ pub fn revoke(state_dir: &Path, client: &str, reason: &str) -> Result<bool, HubE
     }
     let now = crate::now_timestamp().unix_secs() as i64;
     Ok(db.revoke_client(client, reason, now, true)?)
+}
+
+/// `ewii-hub token list`: every unused token (by id, never the token itself).
+pub fn tokens(state_dir: &Path) -> Result<Vec<TokenRow>, HubError> {
+    Ok(Db::open(&state_dir.join(DB_FILE))?.tokens()?)
+}
+
+/// `ewii-hub token revoke`: deletes the unused tokens `which` names (a token sent to the
+/// wrong person, or no longer wanted). Refuses when none matches, so a mistyped id is not
+/// taken for success.
+pub fn revoke_tokens(state_dir: &Path, which: &TokenSelector) -> Result<usize, HubError> {
+    let n = Db::open(&state_dir.join(DB_FILE))?.delete_tokens(which)?;
+    if n == 0 {
+        return Err(HubError::Usage(match which {
+            TokenSelector::Id(id) => {
+                format!("no unused token with id {id:?} (see `ewii-hub token list`)")
+            }
+            TokenSelector::Client(c) => format!("client {c:?} has no unused token"),
+        }));
+    }
+    Ok(n)
 }
 
 /// Issues an SVID for operator workload `name` into `out_dir` (`svid.pem`, `svid.key`,

@@ -44,7 +44,8 @@ pub(crate) async fn serve(parts: Parts, svc: ServiceConfig, listener: TcpListene
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     // The acceptor is fetched per connection: a CA rotation replaces it.
-                    let tls = matches!(svc.mode, ServiceMode::Tls).then(|| parts.trust.service_tls());
+                    let tls = matches!(svc.mode, ServiceMode::Tls { .. })
+                        .then(|| parts.trust.service_tls());
                     queries.spawn(query(parts.clone(), svc.clone(), tcp, peer, tls));
                 }
                 Err(e) => {
@@ -81,19 +82,33 @@ async fn query(
                 Ok(Err(e)) => return log.emit(Outcome::Refused, format!("requester TLS: {e}")),
                 Err(_) => return log.emit(Outcome::Refused, "requester TLS handshake timed out"),
             };
-            // The verifier accepted only `/workload/<name>` SVIDs of our trust domain.
-            log.source = stream
+            // The verifier accepted only `/workload/<name>` SVIDs of our trust domain; this
+            // service takes only the ones it lists.
+            let ServiceMode::Tls { workloads } = &svc.mode else {
+                return;
+            };
+            let caller = stream
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .and_then(|c| inspect_leaf(c).ok())
-                .filter(|l| matches!(l.id.role(), Role::Workload(_)))
-                .map(|l| l.id.to_string());
-            if log.source.is_some() {
-                forward(log, stream).await;
-            } else {
-                log.emit(Outcome::Refused, "requester presented no workload SVID");
+                .and_then(|c| inspect_leaf(c).ok());
+            let name = caller.as_ref().and_then(|l| match l.id.role() {
+                Role::Workload(name) => Some(name.to_owned()),
+                _ => None,
+            });
+            log.source = caller.filter(|_| name.is_some()).map(|l| l.id.to_string());
+            match name {
+                Some(name) if workloads.contains(&name) => forward(log, stream).await,
+                Some(name) => {
+                    let reason = format!(
+                        "workload {name} is not allowed to call service {} (allowed: {})",
+                        svc.name,
+                        workloads.join(", ")
+                    );
+                    log.emit(Outcome::Refused, reason);
+                }
+                None => log.emit(Outcome::Refused, "requester presented no workload SVID"),
             }
         }
     }

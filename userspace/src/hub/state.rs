@@ -14,6 +14,7 @@ pub mod outbox;
 mod records;
 #[cfg(test)]
 mod tests;
+mod tokens;
 
 use std::cell::Cell;
 use std::path::Path;
@@ -28,6 +29,7 @@ use crate::identity::verify::{SerialCheck, SerialRefusal};
 
 pub use outbox::PendingWebhook;
 pub use records::{ClientRecord, ClientRow, SerialRecord, SerialStatus, SessionRow, Snapshot};
+pub use tokens::{token_id_of, TokenRow, TokenSelector};
 
 /// Why a state operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,10 @@ pub enum StateError {
     /// The mutex around the connection was poisoned by a panic elsewhere.
     #[error("hub database lock poisoned")]
     Poisoned,
+    /// The client was revoked after its token was redeemed and before its enrolment was
+    /// recorded: the enrolment is refused, so that it cannot undo that revocation.
+    #[error("client {0} was revoked while it enrolled; the enrolment is refused")]
+    RevokedMeanwhile(String),
 }
 
 /// Why a join token was not accepted. The peer is told none of this.
@@ -60,6 +66,9 @@ pub struct TokenGrant {
     pub client: String,
     /// Webhook URL registered with it, if any.
     pub webhook: Option<String>,
+    /// How many times the client had been revoked when the token was redeemed (0 for a new
+    /// client): the enrolment clears only those revocations, never a later one.
+    pub revocations: i64,
 }
 
 /// The Hub database.
@@ -80,6 +89,7 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 CREATE TABLE IF NOT EXISTS clients (
     name TEXT PRIMARY KEY,
+    revocations INTEGER NOT NULL DEFAULT 0,
     spiffe_id TEXT NOT NULL,
     enrolled_at INTEGER NOT NULL,
     webhook TEXT,
@@ -119,6 +129,21 @@ CREATE TABLE IF NOT EXISTS serials (
 );
 ";
 
+/// Brings a database made by an older Hub up to [`SCHEMA`] (columns added since).
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_revocations: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('clients') WHERE name = 'revocations')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_revocations {
+        conn.execute_batch(
+            "ALTER TABLE clients ADD COLUMN revocations INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    Ok(())
+}
+
 thread_local! {
     static STATEMENTS: Cell<u64> = const { Cell::new(0) };
 }
@@ -145,6 +170,7 @@ impl Db {
         conn.trace_v2(TraceEventCodes::SQLITE_TRACE_STMT, Some(count_statement));
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -187,23 +213,46 @@ impl Db {
         token: &str,
         now: i64,
     ) -> Result<Result<TokenGrant, TokenRefusal>, StateError> {
+        // One transaction: a revocation lands before the redemption (and is counted in the
+        // grant, so the enrolment may clear it) or after it (and the enrolment is refused).
         let row = self.with(|c| {
-            c.query_row(
-                "DELETE FROM tokens WHERE hash = ?1 RETURNING client, expires_at, webhook",
-                params![token_hash(token)],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get(2)?)),
-            )
-            .optional()
+            let tx = c.transaction()?;
+            let row = tx
+                .query_row(
+                    "DELETE FROM tokens WHERE hash = ?1 RETURNING client, expires_at, webhook",
+                    params![token_hash(token)],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let revocations = match &row {
+                Some((client, _, _)) => tx
+                    .query_row(
+                        "SELECT revocations FROM clients WHERE name = ?1",
+                        params![client],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .optional()?
+                    .unwrap_or(0),
+                None => 0,
+            };
+            tx.commit()?;
+            Ok(row.map(|(client, expires_at, webhook)| (client, expires_at, webhook, revocations)))
         })?;
         Ok(match row {
             None => Err(TokenRefusal::UnknownOrUsed),
-            Some((_, expires_at, _)) if expires_at <= now => Err(TokenRefusal::Expired),
-            Some((client, _, webhook)) => Ok(TokenGrant { client, webhook }),
+            Some((_, expires_at, _, _)) if expires_at <= now => Err(TokenRefusal::Expired),
+            Some((client, _, webhook, revocations)) => Ok(TokenGrant {
+                client,
+                webhook,
+                revocations,
+            }),
         })
     }
 
     /// Records an enrolment: the client (re-enrolling clears an earlier revocation, since the
-    /// operator made a new token for it), and its first serial.
+    /// operator made a new token for it), and its first serial. A revocation made after the
+    /// token was redeemed is not cleared: the enrolment is refused
+    /// ([`StateError::RevokedMeanwhile`]).
     pub fn record_enrolment(
         &self,
         grant: &TokenGrant,
@@ -212,8 +261,18 @@ impl Db {
         not_after: i64,
         now: i64,
     ) -> Result<(), StateError> {
-        self.with(|c| {
+        let recorded = self.with(|c| {
             let tx = c.transaction()?;
+            let revocations: Option<i64> = tx
+                .query_row(
+                    "SELECT revocations FROM clients WHERE name = ?1",
+                    params![grant.client],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if revocations.is_some_and(|n| n != grant.revocations) {
+                return Ok(false);
+            }
             tx.execute(
                 "INSERT INTO clients (name, spiffe_id, enrolled_at, webhook) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(name) DO UPDATE SET webhook = excluded.webhook, revoked_at = NULL, revoke_reason = NULL",
@@ -228,8 +287,14 @@ impl Db {
                 "INSERT INTO serials (serial, client, issued_at, not_after) VALUES (?1, ?2, ?3, ?4)",
                 params![serial, grant.client, now, not_after],
             )?;
-            tx.commit()
-        })
+            tx.commit()?;
+            Ok(true)
+        })?;
+        if recorded {
+            Ok(())
+        } else {
+            Err(StateError::RevokedMeanwhile(grant.client.clone()))
+        }
     }
 
     /// Marks `client` revoked and, when it registered a webhook and `notify` is set, queues
@@ -247,6 +312,12 @@ impl Db {
             let n = tx.execute(
                 "UPDATE clients SET revoked_at = ?2, revoke_reason = ?3 WHERE name = ?1 AND revoked_at IS NULL",
                 params![client, now, reason],
+            )?;
+            // Counted even when it was revoked already: an enrolment in flight must not undo
+            // an operator's later "no".
+            tx.execute(
+                "UPDATE clients SET revocations = revocations + 1 WHERE name = ?1",
+                params![client],
             )?;
             // An unused token for this client must not quietly undo the revocation.
             tx.execute("DELETE FROM tokens WHERE client = ?1", params![client])?;

@@ -20,7 +20,8 @@ fn tokens_work_once_and_expire() {
         db.redeem_token("t1", 50).unwrap(),
         Ok(TokenGrant {
             client: "acme".into(),
-            webhook: None
+            webhook: None,
+            revocations: 0,
         })
     );
     assert_eq!(
@@ -50,6 +51,7 @@ fn p10_revocation_deletes_outstanding_tokens_and_a_restart_resets_the_grace() {
     let grant = TokenGrant {
         client: "acme".into(),
         webhook: None,
+        revocations: 0,
     };
     db.record_enrolment(&grant, &id, "0a", 1000, 1).unwrap();
     db.add_token("spare", "acme", 10_000, None, 1).unwrap();
@@ -64,6 +66,7 @@ fn p10_revocation_deletes_outstanding_tokens_and_a_restart_resets_the_grace() {
     let grant_b = TokenGrant {
         client: "beta".into(),
         webhook: None,
+        revocations: 0,
     };
     db.record_enrolment(&grant_b, &other, "0b", 1000, 1)
         .unwrap();
@@ -91,6 +94,7 @@ fn serial_check_follows_enrolment_and_revocation_across_reopen() {
     let grant = TokenGrant {
         client: "acme".into(),
         webhook: None,
+        revocations: 0,
     };
     {
         let db = Db::open(&path).unwrap();
@@ -151,6 +155,7 @@ fn the_outbox_tells_when_its_next_row_is_due() {
     let grant = TokenGrant {
         client: "acme".into(),
         webhook: Some("https://example.org/hook".into()),
+        revocations: 0,
     };
     db.record_enrolment(&grant, &id, "0a", 1000, 1).unwrap();
     assert!(db.revoke_client("acme", "test", 2, true).unwrap());
@@ -177,13 +182,85 @@ fn statements_are_counted_per_thread() {
     let grant = TokenGrant {
         client: "acme".into(),
         webhook: None,
+        revocations: 0,
     };
     let before = statements_on_this_thread();
     db.record_enrolment(&grant, &id, "0a", 1000, 1).unwrap();
-    // BEGIN, three writes, COMMIT.
-    assert_eq!(statements_on_this_thread() - before, 5);
+    // BEGIN, the revocation count, three writes, COMMIT.
+    assert_eq!(statements_on_this_thread() - before, 6);
     let other = std::thread::spawn(statements_on_this_thread)
         .join()
         .unwrap();
     assert_eq!(other, 0);
+}
+
+/// Issue 9 §6: a revocation that lands between a token's redemption and the enrolment record
+/// is not undone by the enrolment (which is refused); one made before the redemption is the
+/// one a re-enrolment token is meant to clear.
+#[test]
+fn p10_a_revocation_between_redemption_and_record_is_not_undone_by_the_enrolment() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("hub.db")).unwrap();
+    let id = SpiffeId::client("example.org", "acme").unwrap();
+    db.add_token("first", "acme", 100, None, 0).unwrap();
+    let grant = db.redeem_token("first", 1).unwrap().unwrap();
+    db.record_enrolment(&grant, &id, "0a", 1000, 1).unwrap();
+
+    // Revoked, then a new token to let it back in: the re-enrolment clears that revocation.
+    assert!(db
+        .revoke_client("acme", "contract ended", 2, false)
+        .unwrap());
+    db.add_token("again", "acme", 100, None, 3).unwrap();
+    let grant = db.redeem_token("again", 4).unwrap().unwrap();
+    db.record_enrolment(&grant, &id, "0b", 1000, 4).unwrap();
+    let row = || {
+        db.clients()
+            .unwrap()
+            .into_iter()
+            .find(|c| c.name == "acme")
+            .unwrap()
+    };
+    assert_eq!(row().revoked_at, None);
+
+    // Redeemed, then revoked before the record: the enrolment is refused, the revocation
+    // stays, and no serial is recorded for it.
+    db.add_token("raced", "acme", 100, None, 5).unwrap();
+    let grant = db.redeem_token("raced", 6).unwrap().unwrap();
+    assert!(db
+        .revoke_client("acme", "changed my mind", 7, false)
+        .unwrap());
+    let refused = db.record_enrolment(&grant, &id, "0c", 1000, 8);
+    assert!(
+        matches!(refused, Err(StateError::RevokedMeanwhile(ref c)) if c == "acme"),
+        "{refused:?}"
+    );
+    assert_eq!(row().revoked_at, Some(7));
+    assert_eq!(row().revoke_reason.as_deref(), Some("changed my mind"));
+    assert!(!row().serials.iter().any(|(s, _)| s == "0c"));
+
+    // The same when it was revoked already and is revoked again while a token is redeemed.
+    db.add_token("late", "acme", 100, None, 9).unwrap();
+    let grant = db.redeem_token("late", 10).unwrap().unwrap();
+    assert!(!db.revoke_client("acme", "still no", 11, false).unwrap());
+    assert!(db.record_enrolment(&grant, &id, "0d", 1000, 12).is_err());
+    assert!(row().revoked_at.is_some());
+}
+
+/// A database made before the `revocations` column existed opens, and gains it.
+#[test]
+fn an_older_database_is_migrated_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE clients (name TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, enrolled_at INTEGER NOT NULL, webhook TEXT, revoked_at INTEGER, revoke_reason TEXT, last_seen INTEGER);
+             INSERT INTO clients (name, spiffe_id, enrolled_at) VALUES ('acme', 'spiffe://example.org/client/acme', 1);",
+        )
+        .unwrap();
+    }
+    let db = Db::open(&path).unwrap();
+    assert!(db.revoke_client("acme", "r", 2, false).unwrap());
+    db.add_token("t", "acme", 100, None, 3).unwrap();
+    assert_eq!(db.redeem_token("t", 4).unwrap().unwrap().revocations, 1);
 }

@@ -7,6 +7,7 @@ fn grant(client: &str) -> TokenGrant {
     TokenGrant {
         client: client.into(),
         webhook: None,
+        revocations: 0,
     }
 }
 
