@@ -91,6 +91,7 @@ pub struct TestHub {
     services: Vec<Service>,
     service_addrs: Vec<(String, SocketAddr)>,
     extra_toml: String,
+    limits: Option<ewii::hub::admission::Limits>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -110,6 +111,17 @@ impl TestHub {
         .await
     }
 
+    /// Like [`start`](Self::start) with other admission bounds than the Hub's fixed ones.
+    pub async fn start_with_limits(
+        services: &[Service],
+        limits: ewii::hub::admission::Limits,
+    ) -> Self {
+        let mut hub = Self::start(services).await;
+        hub.limits = Some(limits);
+        hub.restart().await;
+        hub
+    }
+
     /// Like [`start`](Self::start) with extra top-level TOML (keys and tables) in the config.
     pub async fn start_custom(services: &[Service], extra_toml: &str) -> Self {
         logs();
@@ -123,6 +135,7 @@ impl TestHub {
             services: services.to_vec(),
             service_addrs: Vec::new(),
             extra_toml: extra_toml.to_owned(),
+            limits: None,
             stop: None,
             task: None,
         };
@@ -164,7 +177,10 @@ impl TestHub {
                 None => toml.push_str(&format!("tls = true\nworkloads = {:?}\n", s.workloads)),
             }
         }
-        let config: HubConfig = toml.parse().unwrap();
+        let mut config: HubConfig = toml.parse().unwrap();
+        if let Some(limits) = self.limits {
+            config.limits = limits;
+        }
         // A stopped Hub's QUIC endpoint drains its connections for a moment (RFC 9000 §10.2)
         // and holds the UDP port meanwhile; a restart on the same port waits for it.
         let deadline = tokio::time::Instant::now() + SOON;

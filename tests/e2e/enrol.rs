@@ -147,3 +147,53 @@ async fn enrolling_twice_into_one_state_dir_is_refused() {
         "{res:?}"
     );
 }
+
+/// Bounded peers (issue 9 §4): after ten refused enrolments (bad tokens) from one address in
+/// a minute, its further enrolments are refused unread — a valid token included, which stays
+/// unused — and audited as throttled; a Client with an SVID from the same address still opens
+/// its session, and the operator's valid token works from elsewhere once the window ends.
+#[tokio::test]
+async fn p8_bad_tokens_from_one_address_throttle_its_enrolments_and_not_its_sessions() {
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[Service::tcp("svc", "acme", "db")]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    let good = hub.token("beta", Duration::from_secs(600));
+    let pin = parse_bundle_hash(&good.bundle_hash).unwrap();
+    let hub_addr = hub.addr.to_string().parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..10 {
+        let bad = format!("ewii_{i:064x}");
+        let err = enrol(&hub_addr, &bad, pin, dir.path(), &client_audit())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, EnrolError::Refused), "{err}");
+    }
+    let err = enrol(&hub_addr, &good.token, pin, dir.path(), &client_audit())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EnrolError::Refused), "{err}");
+    let r = hub
+        .wait_audit("throttled", |r| {
+            r.event == Event::EnrolmentRefused
+                && r.reason
+                    .as_deref()
+                    .is_some_and(|x| x.starts_with("throttled"))
+        })
+        .await;
+    assert_eq!(r.outcome, Some(Outcome::Refused));
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("throttled: 10 refused enrolments from 127.0.0.1 in the last minute")
+    );
+    // Refused unread: the valid token was not redeemed.
+    let db = Db::open(&hub.state_dir().join("hub.db")).unwrap();
+    assert_eq!(
+        db.tokens().unwrap().len(),
+        1,
+        "the valid token is still unused"
+    );
+    // Sessions from the same address are not throttled.
+    client.start();
+    hub.wait_connected("acme").await;
+    client.stop().await;
+}

@@ -482,3 +482,28 @@ async fn p4_a_slow_destination_stalls_the_requester_instead_of_being_buffered() 
         "accepted {written}, delivered {got}"
     );
 }
+
+/// Bounded peers (issue 9 §4): a Hub under load first asks an address QUIC has not validated
+/// for a Retry (RFC 9000 §8.1) before it spends a handshake on it. Here every connection is
+/// asked (`retry_above = 0`): the Client enrols, opens its session and serves a query through
+/// it.
+#[tokio::test]
+async fn p8_a_client_enrols_and_serves_through_quic_retries() {
+    let echo = echo_server().await;
+    let limits = ewii::hub::admission::Limits {
+        retry_above: 0,
+        ..Default::default()
+    };
+    let hub = TestHub::start_with_limits(&[Service::tcp("pg", "acme", "db")], limits).await;
+    let _client = TestClient::enrol_and_run(&hub, "acme", &[("db", echo.to_string())]).await;
+    hub.wait_connected("acme").await;
+    assert_eq!(
+        try_roundtrip(hub.service("pg"), b"after a retry").await,
+        Ok(())
+    );
+    assert!(
+        hub.handle().retries_sent() >= 2,
+        "the enrolment and the session each proved their address: {}",
+        hub.handle().retries_sent()
+    );
+}

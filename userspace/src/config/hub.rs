@@ -72,6 +72,9 @@ pub struct HubConfig {
     pub revoke_after_lost: Option<Duration>,
     /// Webhook delivery.
     pub webhooks: WebhookConfig,
+    /// What one source may cost before it has proven anything (fixed bounds, not read from
+    /// the file: docs/config.md lists them).
+    pub limits: crate::hub::admission::Limits,
 }
 
 /// How the Hub delivers webhooks.
@@ -259,6 +262,7 @@ impl FromStr for HubConfig {
             revoke_after_lost: (raw.revoke_after_lost_secs > 0)
                 .then(|| Duration::from_secs(raw.revoke_after_lost_secs)),
             webhooks,
+            limits: crate::hub::admission::Limits::default(),
         })
     }
 }

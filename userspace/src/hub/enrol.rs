@@ -51,14 +51,15 @@ pub(crate) enum EnrolRefusal {
     TimedOut,
 }
 
-/// One enrolment connection, from the first stream to the audit record.
+/// One enrolment connection, from the first stream to the audit record. Returns whether it
+/// enrolled.
 pub(crate) async fn enrol(
     trust: &Trust,
     store: &Store,
     audit: &Audit,
     conn: quinn::Connection,
     peer: SocketAddr,
-) {
+) -> bool {
     let outcome = tokio::time::timeout(OPENING_TIMEOUT, async {
         let stream = |e: &dyn std::fmt::Display| EnrolRefusal::Stream(e.to_string());
         let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| stream(&e))?;
@@ -91,6 +92,7 @@ pub(crate) async fn enrol(
         Err(_) => Event::EnrolmentRefused,
     });
     r.peer = Some(peer.to_string());
+    let enrolled = outcome.is_ok();
     match outcome {
         Ok((id, serial)) => {
             r.client = Some(id.to_string());
@@ -103,6 +105,24 @@ pub(crate) async fn enrol(
         }
     }
     audit.emit(r);
+    conn.close(codes::DONE, b"");
+    enrolled
+}
+
+/// Answers an enrolment with the one generic refusal without reading its request (no token
+/// lookup, no CSR parsing, no signature): for an address whose enrolments are throttled.
+pub(crate) async fn refuse_unread(conn: quinn::Connection) {
+    let _ = tokio::time::timeout(OPENING_TIMEOUT, async {
+        let (mut send, _recv) = conn.accept_bi().await.ok()?;
+        let answer = Enrol::Refused {
+            code: RefuseCode::EnrolmentRefused,
+        };
+        transport::write_frame(&mut send, &answer).await.ok()?;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(LINGER, conn.closed()).await;
+        Some(())
+    })
+    .await;
     conn.close(codes::DONE, b"");
 }
 

@@ -7,12 +7,15 @@ use ewii_common::frame;
 use quinn::crypto::rustls::HandshakeData;
 use rustls::pki_types::CertificateDer;
 
+use super::admission::Slot;
 use super::enrol;
 use super::session::{Parts, Session};
 use crate::transport::codes;
 
-/// Completes the handshake and hands the connection to an enrolment or a session.
-pub(crate) async fn handle(parts: Parts, incoming: quinn::Incoming) {
+/// Completes the handshake and hands the connection to an enrolment or a session. `slot` is
+/// its place among the connections in their first moments: released once a session is open,
+/// or when an enrolment ends.
+pub(crate) async fn handle(parts: Parts, incoming: quinn::Incoming, slot: Slot) {
     let peer = incoming.remote_address();
     let conn = match incoming.await {
         Ok(conn) => conn,
@@ -31,10 +34,29 @@ pub(crate) async fn handle(parts: Parts, incoming: quinn::Incoming) {
         .and_then(|p| p.downcast::<Vec<CertificateDer<'static>>>().ok());
     match (alpn.as_deref(), certs) {
         (Some(frame::ENROLL_ALPN), None) => {
-            enrol::enrol(&parts.trust, &parts.store, &parts.audit, conn, peer).await;
+            if let Some(failures) = parts.admission.enrolment_throttled(peer.ip()) {
+                // Refused unread: no token lookup, no signature.
+                let mut r = parts.audit.record(Event::EnrolmentRefused);
+                r.peer = Some(peer.to_string());
+                r.outcome = Some(Outcome::Refused);
+                r.reason = Some(format!(
+                    "throttled: {failures} refused enrolments from {} in the last minute",
+                    peer.ip()
+                ));
+                parts.audit.emit(r);
+                enrol::refuse_unread(conn).await;
+                return;
+            }
+            let enrolled = enrol::enrol(&parts.trust, &parts.store, &parts.audit, conn, peer).await;
+            if !enrolled {
+                parts.admission.enrolment_refused(peer.ip());
+            }
+            drop(slot);
         }
         (Some(frame::ALPN), Some(certs)) => {
-            if let Some(session) = Session::open(parts, conn, peer, &certs).await {
+            let session = Session::open(parts, conn, peer, &certs).await;
+            drop(slot);
+            if let Some(session) = session {
                 session.run().await;
             }
         }

@@ -23,6 +23,7 @@
 //! `Audit`) from [`Hub::bind`]; none reaches back into this module.
 
 pub mod admin;
+pub mod admission;
 mod enrol;
 mod incoming;
 pub mod layout;
@@ -105,9 +106,15 @@ pub struct HubHandle {
     registry: Arc<Registry>,
     counts: Arc<Counts>,
     trust_domain: String,
+    admission: admission::Admission,
 }
 
 impl HubHandle {
+    /// How many new connections were asked to prove their address (a QUIC Retry) so far.
+    pub fn retries_sent(&self) -> u64 {
+        self.admission.retries_sent()
+    }
+
     /// Names of the Clients with a live session.
     pub fn connected_clients(&self) -> Vec<String> {
         self.registry.connected_clients()
@@ -201,6 +208,7 @@ impl Hub {
                 trust,
                 audit,
                 notify_on_stop: config.webhooks.notify_on_stop,
+                admission: admission::Admission::new(config.limits),
             },
             endpoint,
             changes,
@@ -229,6 +237,7 @@ impl Hub {
             registry: self.sessions.registry.clone(),
             counts: self.sessions.store.counts(),
             trust_domain: self.sessions.trust.trust_domain().to_owned(),
+            admission: self.sessions.admission.clone(),
         }
     }
 
@@ -270,7 +279,22 @@ impl Hub {
                 () = &mut shutdown => break,
                 incoming = endpoint.accept() => match incoming {
                     Some(incoming) => {
-                        connections.spawn(incoming::handle(sessions.clone(), incoming));
+                        let peer = incoming.remote_address();
+                        let validated = incoming.remote_address_validated();
+                        match sessions.admission.admit(peer.ip(), validated) {
+                            (admission::Verdict::Accept, Some(slot)) => {
+                                connections.spawn(incoming::handle(sessions.clone(), incoming, slot));
+                            }
+                            (admission::Verdict::Retry, _) if incoming.may_retry() => {
+                                if incoming.retry().is_ok() {
+                                    sessions.admission.retried();
+                                }
+                            }
+                            (verdict, _) => {
+                                tracing::debug!(%peer, ?verdict, "connection refused before its handshake");
+                                incoming.refuse();
+                            }
+                        }
                     }
                     None => break,
                 },

@@ -47,6 +47,8 @@ pub(crate) struct Parts {
     pub(crate) audit: Audit,
     /// Queue a webhook when a Client revokes itself by stopping.
     pub(crate) notify_on_stop: bool,
+    /// What a new connection may cost before it has proven anything.
+    pub(crate) admission: super::admission::Admission,
 }
 
 /// One authenticated connection with its control stream open and `Welcome` sent.

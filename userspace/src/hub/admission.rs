@@ -1,0 +1,225 @@
+//! Admission of new connections (issue: bounded peers): what one source address may cost the
+//! Hub before it has proven anything, so that a flood from one place does not slow every other
+//! Client's handshake. Decided before any TLS work where the address is all there is, and
+//! after the handshake for enrolments. The bounds are fixed (docs/config.md, "Hub fixed
+//! bounds"):
+//!
+//! - at most [`Limits::handshakes`] connections in their first moments at once (handshake,
+//!   and for an enrolment the whole exchange), and [`Limits::per_address`] from one IP
+//!   address: beyond, a new one is refused before any cryptography;
+//! - above [`Limits::retry_above`] of them, a new connection from an address QUIC has not
+//!   validated gets a Retry first (RFC 9000 §8.1): one round trip that proves the address
+//!   is real before the Hub spends a handshake on it;
+//! - an address with [`Limits::enrol_failures`] refused enrolments (bad tokens, bad CSRs) in
+//!   [`Limits::enrol_window`] has its further enrolments refused, unread, until the window
+//!   ends. Sessions (Clients that hold an SVID) from that address are not affected.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// The bounds. [`Limits::default`] is what the Hub runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections in their first moments at once, in all.
+    pub handshakes: usize,
+    /// … and from one IP address.
+    pub per_address: usize,
+    /// Above this many, unvalidated addresses get a Retry first.
+    pub retry_above: usize,
+    /// Refused enrolments from one address before its enrolments are refused unread.
+    pub enrol_failures: u32,
+    /// The window those are counted in.
+    pub enrol_window: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshakes: 512,
+            per_address: 64,
+            retry_above: 64,
+            enrol_failures: 10,
+            enrol_window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What to do with a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Go on (the returned slot is released when dropped).
+    Accept,
+    /// Ask the peer to prove its address first.
+    Retry,
+    /// Refuse it: the Hub or this address is at its bound.
+    Refuse(&'static str),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    in_flight: usize,
+    per_address: HashMap<IpAddr, usize>,
+    /// Refused enrolments per address: count and the start of its window.
+    enrol_failures: HashMap<IpAddr, (u32, Instant)>,
+}
+
+/// The Hub's admission state, shared by every new connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Admission {
+    limits: Limits,
+    state: Arc<Mutex<State>>,
+    retries: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A connection's place among those in their first moments; released on drop.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    ip: IpAddr,
+    state: Arc<Mutex<State>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.in_flight = s.in_flight.saturating_sub(1);
+            if let Some(n) = s.per_address.get_mut(&self.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    s.per_address.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+impl Admission {
+    pub(crate) fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            state: Arc::default(),
+            retries: Arc::default(),
+        }
+    }
+
+    /// Counts a Retry sent.
+    pub(crate) fn retried(&self) {
+        self.retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Retries sent so far.
+    pub(crate) fn retries_sent(&self) -> u64 {
+        self.retries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Decides on a new connection from `ip` (`validated`: QUIC has proven the address, e.g.
+    /// by a Retry). `Accept` comes with the slot it holds.
+    pub(crate) fn admit(&self, ip: IpAddr, validated: bool) -> (Verdict, Option<Slot>) {
+        let Ok(mut s) = self.state.lock() else {
+            return (Verdict::Refuse("admission state poisoned"), None);
+        };
+        if s.in_flight >= self.limits.handshakes {
+            return (Verdict::Refuse("too many handshakes in progress"), None);
+        }
+        if s.per_address.get(&ip).copied().unwrap_or(0) >= self.limits.per_address {
+            return (
+                Verdict::Refuse("too many handshakes in progress from this address"),
+                None,
+            );
+        }
+        if !validated && s.in_flight >= self.limits.retry_above {
+            return (Verdict::Retry, None);
+        }
+        s.in_flight += 1;
+        *s.per_address.entry(ip).or_default() += 1;
+        let slot = Slot {
+            ip,
+            state: self.state.clone(),
+        };
+        (Verdict::Accept, Some(slot))
+    }
+
+    /// Whether enrolments from `ip` are refused for now; `Some(failures)` when they are.
+    pub(crate) fn enrolment_throttled(&self, ip: IpAddr) -> Option<u32> {
+        let mut s = self.state.lock().ok()?;
+        let window = self.limits.enrol_window;
+        match s.enrol_failures.get(&ip).copied() {
+            Some((_, since)) if since.elapsed() >= window => {
+                s.enrol_failures.remove(&ip);
+                None
+            }
+            Some((n, _)) if n >= self.limits.enrol_failures => Some(n),
+            _ => None,
+        }
+    }
+
+    /// Counts a refused enrolment from `ip`.
+    pub(crate) fn enrolment_refused(&self, ip: IpAddr) {
+        let Ok(mut s) = self.state.lock() else {
+            return;
+        };
+        let window = self.limits.enrol_window;
+        // Bounded: a table of one entry per address, forgotten when its window ends.
+        let now = Instant::now();
+        s.enrol_failures
+            .retain(|_, (_, since)| since.elapsed() < window);
+        let e = s.enrol_failures.entry(ip).or_insert((0, now));
+        e.0 = e.0.saturating_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([192, 0, 2, last])
+    }
+
+    #[test]
+    fn p8_one_address_is_bounded_and_others_still_get_in() {
+        let a = Admission::new(Limits {
+            handshakes: 4,
+            per_address: 2,
+            retry_above: 3,
+            ..Limits::default()
+        });
+        let (v1, s1) = a.admit(ip(1), false);
+        let (v2, _s2) = a.admit(ip(1), false);
+        assert_eq!((v1, v2), (Verdict::Accept, Verdict::Accept));
+        assert!(matches!(a.admit(ip(1), false).0, Verdict::Refuse(_)));
+        // Another address still gets in; above `retry_above`, unvalidated ones must retry.
+        let (v, _s3) = a.admit(ip(2), false);
+        assert_eq!(v, Verdict::Accept);
+        assert_eq!(a.admit(ip(3), false).0, Verdict::Retry);
+        let (v, _s4) = a.admit(ip(3), true);
+        assert_eq!(v, Verdict::Accept);
+        // The whole Hub's bound.
+        assert!(matches!(a.admit(ip(4), true).0, Verdict::Refuse(_)));
+        // A finished handshake gives its slot back.
+        drop(s1);
+        assert_eq!(a.admit(ip(1), true).0, Verdict::Accept);
+    }
+
+    #[test]
+    fn p8_refused_enrolments_throttle_that_address_for_the_window() {
+        let a = Admission::new(Limits {
+            enrol_failures: 3,
+            enrol_window: Duration::from_millis(300),
+            ..Limits::default()
+        });
+        for _ in 0..2 {
+            a.enrolment_refused(ip(1));
+        }
+        assert_eq!(a.enrolment_throttled(ip(1)), None);
+        a.enrolment_refused(ip(1));
+        assert_eq!(a.enrolment_throttled(ip(1)), Some(3));
+        assert_eq!(a.enrolment_throttled(ip(2)), None, "only that address");
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(a.enrolment_throttled(ip(1)), None, "the window ended");
+    }
+}
