@@ -23,6 +23,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+/// A Hub that lets an SVID renew at once (the Hub refuses renewals in the first quarter of
+/// the life by default), for tests that renew right after enrolling.
+async fn hub_renewing_at_once(services: &[Service]) -> TestHub {
+    let limits = ewii::hub::admission::Limits {
+        renew_after_percent: 0,
+        ..Default::default()
+    };
+    TestHub::start_with_limits(services, limits).await
+}
+
 fn count(
     audit: &ewii::audit::Audit,
     pred: impl Fn(&ewii_common::audit::AuditRecord) -> bool,
@@ -128,7 +138,7 @@ async fn p7_p8_rotation_under_load_drops_no_query_and_retires_the_old_serial() {
 
 #[tokio::test]
 async fn p7_a_renewal_csr_asking_for_more_gets_exactly_the_recorded_identity() {
-    let hub = TestHub::start(&[]).await;
+    let hub = hub_renewing_at_once(&[]).await;
     let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
     let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
     let mut session = raw_session(&hub, &svid).await.expect("session");
@@ -819,7 +829,7 @@ async fn hub_presents(hub: &TestHub, anchor: &rustls::pki_types::CertificateDer<
 
 #[tokio::test]
 async fn p8_a_stolen_older_key_cannot_renew_once_the_newer_serial_is_in_use() {
-    let hub = TestHub::start(&[]).await;
+    let hub = hub_renewing_at_once(&[]).await;
     let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
     let first = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
     // The thief connects with the first key and keeps the connection.
@@ -874,7 +884,7 @@ async fn p8_a_stolen_older_key_cannot_renew_once_the_newer_serial_is_in_use() {
 
 #[tokio::test]
 async fn p10_a_revoke_closes_every_connection_of_the_client_also_a_draining_one() {
-    let hub = TestHub::start(&[]).await;
+    let hub = hub_renewing_at_once(&[]).await;
     let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
     let first = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
     // A stolen copy of the key holds a second connection with the same serial.
@@ -1092,7 +1102,7 @@ async fn p10_a_central_revoke_of_an_offline_client_is_audited_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p8_a_renew_flood_and_control_garbage_are_cut_off_without_touching_other_clients() {
     let echo = echo_server().await;
-    let hub = TestHub::start(&[Service::tcp("pg", "beta", "db")]).await;
+    let hub = hub_renewing_at_once(&[Service::tcp("pg", "beta", "db")]).await;
     let hostile = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
     let mut other = TestClient::enrol_and_run(&hub, "beta", &[("db", echo.to_string())]).await;
     hub.wait_connected("beta").await;
@@ -1142,4 +1152,89 @@ async fn p8_a_renew_flood_and_control_garbage_are_cut_off_without_touching_other
         .is_ok());
     assert_eq!(count(&other.audit, is(Event::SessionLost)), 0);
     other.stop().await;
+}
+
+/// Sends one `Renew` with `key` on a fresh raw session of `svid`; returns the answer.
+async fn renew_once(hub: &TestHub, svid: &Svid, key: &rcgen::KeyPair) -> Control {
+    let mut raw = raw_session(hub, svid).await.expect("a session");
+    let csr = ewii::identity::ca::csr_for(key).unwrap();
+    transport::write_frame(&mut raw.send, &Control::Renew { csr })
+        .await
+        .unwrap();
+    raw.reader
+        .read::<Control>(&mut raw.recv)
+        .await
+        .unwrap()
+        .expect("an answer")
+}
+
+/// Issue 9 §4 (P8): a serial renews once. The same key asking again (its answer lost) gets
+/// the very same certificate and no new serial; another key asking for the same serial — two
+/// holders of one key — is refused and audited as such. And by default an SVID in the first
+/// quarter of its life does not renew at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_a_serial_renews_once_and_not_in_the_first_quarter_of_its_life() {
+    // Default bounds: right after enrolment it is too early.
+    let hub = TestHub::start(&[]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    assert!(matches!(
+        renew_once(&hub, &svid, &key).await,
+        Control::Refused { .. }
+    ));
+    let r = hub
+        .wait_audit("too early", |r| {
+            r.event == Event::SvidRotated && r.outcome == Some(Outcome::Refused)
+        })
+        .await;
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap()
+            .starts_with("renewal too early:"),
+        "{r:?}"
+    );
+    drop(client);
+
+    // Renewal allowed at once: one serial, one renewal.
+    let hub = hub_renewing_at_once(&[]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let first = match renew_once(&hub, &svid, &key).await {
+        Control::Renewed { chain, .. } => chain,
+        other => panic!("{other:?}"),
+    };
+    // The answer was "lost": the same key asks again and gets the same certificate.
+    let again = match renew_once(&hub, &svid, &key).await {
+        Control::Renewed { chain, .. } => chain,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(again, first, "the same certificate, not a second serial");
+    hub.wait_audit("re-sent", |r| {
+        r.event == Event::SvidRotated
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.starts_with("re-sent serial"))
+    })
+    .await;
+    // Another key for the same serial: refused, and said why.
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    assert!(matches!(
+        renew_once(&hub, &svid, &other).await,
+        Control::Refused { .. }
+    ));
+    let r = hub
+        .wait_audit("a second renewal", |r| {
+            r.event == Event::SvidRotated
+                && r.reason
+                    .as_deref()
+                    .is_some_and(|x| x.contains("was renewed already"))
+        })
+        .await;
+    assert_eq!(r.outcome, Some(Outcome::Refused));
+    assert!(r.reason.unwrap().contains("a copy of this key?"));
+    // One renewal recorded for the enrolment serial: two serials in all.
+    let rows = admin::clients(&hub.state_dir()).unwrap();
+    assert_eq!(rows[0].serials.len(), 2, "{rows:?}");
 }

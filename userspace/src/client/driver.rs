@@ -213,11 +213,10 @@ impl Driver {
                     });
                     self.dialing = Some(Box::pin(connect::dial(plan)));
                 }
-                Action::SendRenew => match new_key_and_csr() {
-                    Ok((key, csr)) => {
-                        self.renew_key = Some(key);
-                        self.command(self.current(), Command::Renew(csr));
-                    }
+                // A serial renews once (the Hub refuses a second key): an ask that got no
+                // answer is asked again with the same key, and gets the same certificate.
+                Action::SendRenew => match self.renewal_request() {
+                    Ok(csr) => self.command(self.current(), Command::Renew(csr)),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot make a renewal key");
                         self.machine
@@ -237,6 +236,16 @@ impl Driver {
             }
         }
         None
+    }
+
+    /// The CSR of the next `Renew`: for the pending key when there is one, else a new key.
+    fn renewal_request(&mut self) -> Result<Vec<u8>, crate::identity::IdentityError> {
+        if let Some(key) = &self.renew_key {
+            return crate::identity::ca::csr_for(key);
+        }
+        let (key, csr) = new_key_and_csr()?;
+        self.renew_key = Some(key);
+        Ok(csr)
     }
 
     fn dialled(&mut self, dialled: Result<Opened, ConnectError>) {
@@ -292,7 +301,7 @@ impl Driver {
                 r.outcome = Some(Outcome::Refused);
                 r.reason = Some(format!("renewal refused by the Hub: {code}"));
                 self.audit.emit(r);
-                self.renew_key = None;
+                // The key is kept: the next ask for this serial is made with it.
                 self.machine.handle_renew_refused(now, random());
             }
             Event::Control(Control::BundleUpdate { bundle }) => self.adopt_bundle(bundle).await,

@@ -34,6 +34,9 @@ pub struct Limits {
     pub enrol_failures: u32,
     /// The window those are counted in.
     pub enrol_window: Duration,
+    /// How much of an SVID's life (in percent) must be used before it may renew: earlier asks
+    /// are refused (an honest Client renews at about half its life).
+    pub renew_after_percent: u8,
 }
 
 impl Default for Limits {
@@ -44,6 +47,7 @@ impl Default for Limits {
             retry_above: 64,
             enrol_failures: 10,
             enrol_window: Duration::from_secs(60),
+            renew_after_percent: 25,
         }
     }
 }
@@ -103,6 +107,11 @@ impl Admission {
             state: Arc::default(),
             retries: Arc::default(),
         }
+    }
+
+    /// The bounds.
+    pub(crate) fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// Counts a Retry sent.

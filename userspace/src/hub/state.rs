@@ -71,6 +71,23 @@ pub struct TokenGrant {
     pub revocations: i64,
 }
 
+/// A serial issued by renewal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenewalRow {
+    /// The Client.
+    pub client: String,
+    /// The serial it renews.
+    pub from: String,
+    /// The new serial.
+    pub serial: String,
+    /// SHA-256 of the public key it certifies (DER SubjectPublicKeyInfo).
+    pub key_sha256: Vec<u8>,
+    /// The certificate.
+    pub der: Vec<u8>,
+    /// Validity end, seconds since the epoch.
+    pub not_after: i64,
+}
+
 /// The Hub database.
 #[derive(Debug)]
 pub struct Db {
@@ -125,7 +142,10 @@ CREATE TABLE IF NOT EXISTS serials (
     issued_at INTEGER NOT NULL,
     not_after INTEGER NOT NULL,
     retired INTEGER NOT NULL DEFAULT 0,
-    first_used INTEGER
+    first_used INTEGER,
+    renewed_from TEXT,
+    key_sha256 BLOB,
+    der BLOB
 );
 ";
 
@@ -139,6 +159,18 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has_revocations {
         conn.execute_batch(
             "ALTER TABLE clients ADD COLUMN revocations INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    let has_renewed_from: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('serials') WHERE name = 'renewed_from')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_renewed_from {
+        conn.execute_batch(
+            "ALTER TABLE serials ADD COLUMN renewed_from TEXT;
+             ALTER TABLE serials ADD COLUMN key_sha256 BLOB;
+             ALTER TABLE serials ADD COLUMN der BLOB;",
         )?;
     }
     Ok(())
@@ -437,21 +469,47 @@ impl Db {
         self.with(|c| c.execute("DELETE FROM sessions", []).map(|_| ()))
     }
 
-    /// Records a serial issued by renewal for `client` (the old one stays valid until the
-    /// Client's next session authenticates with the new one).
-    pub fn record_renewal(
-        &self,
-        client: &str,
-        serial: &str,
-        not_after: i64,
-        now: i64,
-    ) -> Result<(), StateError> {
+    /// Records a serial issued by renewal (the old one stays valid until the Client's next
+    /// session authenticates with the new one), with what renewed it: the serial it renews,
+    /// the key it certifies and the certificate, so that the same key asking again gets the
+    /// same certificate and no second one.
+    pub fn record_renewal(&self, row: &RenewalRow, now: i64) -> Result<(), StateError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO serials (serial, client, issued_at, not_after) VALUES (?1, ?2, ?3, ?4)",
-                params![serial, client, now, not_after],
+                "INSERT INTO serials (serial, client, issued_at, not_after, renewed_from, key_sha256, der)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    row.serial,
+                    row.client,
+                    now,
+                    row.not_after,
+                    row.from,
+                    row.key_sha256,
+                    row.der
+                ],
             )
             .map(|_| ())
+        })
+    }
+
+    /// The renewal of serial `from`, if it was renewed.
+    pub fn renewal_of(&self, from: &str) -> Result<Option<RenewalRow>, StateError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT serial, client, not_after, key_sha256, der FROM serials WHERE renewed_from = ?1",
+                params![from],
+                |r| {
+                    Ok(RenewalRow {
+                        serial: r.get(0)?,
+                        client: r.get(1)?,
+                        not_after: r.get(2)?,
+                        from: from.to_owned(),
+                        key_sha256: r.get::<_, Option<Vec<u8>>>(3)?.unwrap_or_default(),
+                        der: r.get::<_, Option<Vec<u8>>>(4)?.unwrap_or_default(),
+                    })
+                },
+            )
+            .optional()
         })
     }
 

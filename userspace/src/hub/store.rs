@@ -27,7 +27,9 @@ use std::sync::Arc;
 use ewii_common::spiffe::SpiffeId;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::state::{Db, PendingWebhook, SessionRow, StateError, TokenGrant, TokenRefusal};
+use super::state::{
+    Db, PendingWebhook, RenewalRow, SessionRow, StateError, TokenGrant, TokenRefusal,
+};
 use crate::identity::verify::SerialRefusal;
 
 pub use backend::Backend;
@@ -61,6 +63,24 @@ pub enum RenewalRefusal {
     /// A newer serial of this client is in use: only the newest key renews.
     #[error("no renewal: serial {0} is superseded by a newer one in use")]
     Superseded(String),
+    /// The serial was renewed already, for another key: a serial renews once. Suspicious: two
+    /// holders of one key (a stolen copy), or a Client that lost its pending key.
+    #[error("no renewal: serial {serial} was renewed already (to {to}) for another key; a serial renews once — a copy of this key?")]
+    AlreadyRenewed {
+        /// The serial asked to renew.
+        serial: String,
+        /// Its renewal.
+        to: String,
+    },
+}
+
+/// What a permitted renewal is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Renewal {
+    /// The first renewal of this serial: sign.
+    Fresh,
+    /// The same key asked again (its answer was lost): the same certificate, no signature.
+    Again(RenewalRow),
 }
 
 /// How much database work the owner has done.
@@ -230,8 +250,10 @@ impl Store {
         client: &str,
         id: &SpiffeId,
         serial: &str,
-    ) -> Result<(), RenewalRefusal> {
+        key_sha256: &[u8],
+    ) -> Result<Renewal, RenewalRefusal> {
         let (client, id, serial) = (client.to_owned(), id.clone(), serial.to_owned());
+        let key = key_sha256.to_vec();
         let closed = || {
             RenewalRefusal::Serial(SerialRefusal::StoreUnavailable(
                 "the hub store has stopped".into(),
@@ -249,24 +271,24 @@ impl Store {
             {
                 return Err(RenewalRefusal::Superseded(serial));
             }
-            Ok(())
+            match o.backend.renewal_of(&serial).map_err(unavailable)? {
+                None => Ok(Renewal::Fresh),
+                Some(row) if row.key_sha256 == key => Ok(Renewal::Again(row)),
+                Some(row) => Err(RenewalRefusal::AlreadyRenewed {
+                    serial,
+                    to: row.serial,
+                }),
+            }
         })
         .await
         .unwrap_or_else(|_| Err(closed()))
     }
 
     /// Records a serial issued by renewal.
-    pub(crate) async fn record_renewal(
-        &self,
-        client: &str,
-        serial: &str,
-        not_after: i64,
-        now: i64,
-    ) -> Result<(), StoreError> {
-        let (client, serial) = (client.to_owned(), serial.to_owned());
+    pub(crate) async fn record_renewal(&self, row: RenewalRow, now: i64) -> Result<(), StoreError> {
         self.call(move |o| {
-            o.backend.record_renewal(&client, &serial, not_after, now)?;
-            let changes = o.view.apply_renewal(&client, &serial);
+            o.backend.record_renewal(&row, now)?;
+            let changes = o.view.apply_renewal(&row.client, &row.serial);
             o.publish(changes);
             Ok(())
         })

@@ -167,6 +167,15 @@ impl Ca {
         })
     }
 
+    /// SHA-256 of the public key (DER SubjectPublicKeyInfo) a CSR asks to certify, after its
+    /// self-signature is checked.
+    pub fn csr_key_sha256(csr_der: &[u8]) -> Result<Vec<u8>, IdentityError> {
+        use sha2::Digest;
+        let csr = CertificateSigningRequestDer::from(csr_der);
+        let parsed = CertificateSigningRequestParams::from_der(&csr)?;
+        Ok(sha2::Sha256::digest(parsed.public_key.der_bytes()).to_vec())
+    }
+
     /// Checks a CSR's self-signature and issues an SVID for `id` to its public key only.
     pub fn sign_csr(
         &self,
@@ -193,8 +202,16 @@ fn random_serial() -> SerialNumber {
 /// A fresh ECDSA P-256 key and a CSR for it (the CA ignores everything in it but the key).
 pub fn new_key_and_csr() -> Result<(KeyPair, Vec<u8>), IdentityError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let csr = CertificateParams::default().serialize_request(&key)?;
-    Ok((key, csr.der().to_vec()))
+    let csr = csr_for(&key)?;
+    Ok((key, csr))
+}
+
+/// A CSR for an existing `key` (a renewal asked again with the key of the first ask).
+pub fn csr_for(key: &KeyPair) -> Result<Vec<u8>, IdentityError> {
+    Ok(CertificateParams::default()
+        .serialize_request(key)?
+        .der()
+        .to_vec())
 }
 
 #[cfg(test)]

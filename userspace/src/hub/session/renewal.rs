@@ -7,8 +7,10 @@ use ewii_common::audit::{Event, Outcome, SessionEnd};
 use ewii_common::frame::{Control, RefuseCode};
 use tokio::time::Instant;
 
-use super::super::state::SessionRow;
+use super::super::state::{RenewalRow, SessionRow};
+use super::super::store::Renewal;
 use super::{deadline_at, Session};
+use crate::identity::ca::Ca;
 use crate::identity::inspect_leaf;
 use crate::transport::codes;
 
@@ -44,32 +46,24 @@ impl Session {
             };
         }
         let now = crate::now_timestamp().unix_secs() as i64;
-        let issued = match parts
-            .store
-            .may_renew(&self.name, &self.leaf.id, &self.leaf.serial)
-            .await
-        {
-            Err(refusal) => Err(refusal.to_string()),
-            Ok(()) => match parts.trust.issue(csr, &self.leaf.id) {
-                Err(e) => Err(format!("renewal CSR refused: {e}")),
-                Ok(issued) => parts
-                    .store
-                    .record_renewal(&self.name, &issued.serial, issued.not_after, now)
-                    .await
-                    .map(|()| issued)
-                    .map_err(|e| e.to_string()),
-            },
-        };
-        let answer = match issued {
-            Ok(issued) => {
-                self.pending = inspect_leaf(&issued.der).ok();
+        let answer = self.decide_renewal(csr, now).await;
+        let answer = match answer {
+            Ok((row, again)) => {
+                self.pending = inspect_leaf(&row.der).ok();
                 r.outcome = Some(Outcome::Ok);
-                r.reason = Some(format!(
-                    "issued serial {} to replace {}",
-                    issued.serial, self.leaf.serial
-                ));
+                r.reason = Some(if again {
+                    format!(
+                        "re-sent serial {} (the renewal of {}): the same key asked again",
+                        row.serial, self.leaf.serial
+                    )
+                } else {
+                    format!(
+                        "issued serial {} to replace {}",
+                        row.serial, self.leaf.serial
+                    )
+                });
                 Control::Renewed {
-                    chain: vec![issued.der.to_vec()],
+                    chain: vec![row.der],
                     bundle: parts.trust.bundle_der(),
                 }
             }
@@ -83,6 +77,52 @@ impl Session {
         };
         parts.audit.emit(r);
         answer
+    }
+
+    /// Whether and how this session's serial renews for `csr`: refused in the first quarter
+    /// of its life, refused when retired, revoked or superseded, refused when it was renewed
+    /// already for another key (a serial renews once), the same certificate again for the
+    /// same key (an answer lost on the way), else a new signature. `Ok((row, again))`.
+    async fn decide_renewal(&self, csr: &[u8], now: i64) -> Result<(RenewalRow, bool), String> {
+        let parts = &self.parts;
+        let life = (self.leaf.not_after - self.leaf.not_before).max(1);
+        let used = now - self.leaf.not_before;
+        let percent = i64::from(parts.admission.limits().renew_after_percent);
+        if used * 100 < life * percent {
+            return Err(format!(
+                "renewal too early: {used} s of serial {}'s {life} s life used; renewal is refused before {percent} %",
+                self.leaf.serial
+            ));
+        }
+        let key = Ca::csr_key_sha256(csr).map_err(|e| format!("renewal CSR refused: {e}"))?;
+        let renewal = parts
+            .store
+            .may_renew(&self.name, &self.leaf.id, &self.leaf.serial, &key)
+            .await
+            .map_err(|e| e.to_string())?;
+        match renewal {
+            Renewal::Again(row) => Ok((row, true)),
+            Renewal::Fresh => {
+                let issued = parts
+                    .trust
+                    .issue(csr, &self.leaf.id)
+                    .map_err(|e| format!("renewal CSR refused: {e}"))?;
+                let row = RenewalRow {
+                    client: self.name.clone(),
+                    from: self.leaf.serial.clone(),
+                    serial: issued.serial,
+                    key_sha256: key,
+                    der: issued.der.to_vec(),
+                    not_after: issued.not_after,
+                };
+                parts
+                    .store
+                    .record_renewal(row.clone(), now)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok((row, false))
+            }
+        }
     }
 
     /// The Client stored the SVID of the last `Renewed` and uses it: this live session is

@@ -3,8 +3,8 @@
 use ewii_common::spiffe::SpiffeId;
 
 use crate::hub::state::{
-    self, Db, PendingWebhook, SerialStatus, SessionRow, Snapshot, StateError, TokenGrant,
-    TokenRefusal,
+    self, Db, PendingWebhook, RenewalRow, SerialStatus, SessionRow, Snapshot, StateError,
+    TokenGrant, TokenRefusal,
 };
 
 /// What the owner needs from a database. See the module doc: this is the seam for another
@@ -34,13 +34,9 @@ pub trait Backend: Send + 'static {
         now: i64,
     ) -> Result<(), StateError>;
     /// See [`Db::record_renewal`].
-    fn record_renewal(
-        &self,
-        client: &str,
-        serial: &str,
-        not_after: i64,
-        now: i64,
-    ) -> Result<(), StateError>;
+    fn record_renewal(&self, row: &RenewalRow, now: i64) -> Result<(), StateError>;
+    /// See [`Db::renewal_of`].
+    fn renewal_of(&self, from: &str) -> Result<Option<RenewalRow>, StateError>;
     /// See [`Db::serial_status`].
     fn serial_status(&self, id: &SpiffeId, serial: &str) -> Result<SerialStatus, StateError>;
     /// See [`Db::superseded`].
@@ -102,14 +98,11 @@ impl Backend for Db {
     ) -> Result<(), StateError> {
         Db::record_enrolment(self, grant, id, serial, not_after, now)
     }
-    fn record_renewal(
-        &self,
-        client: &str,
-        serial: &str,
-        not_after: i64,
-        now: i64,
-    ) -> Result<(), StateError> {
-        Db::record_renewal(self, client, serial, not_after, now)
+    fn record_renewal(&self, row: &RenewalRow, now: i64) -> Result<(), StateError> {
+        Db::record_renewal(self, row, now)
+    }
+    fn renewal_of(&self, from: &str) -> Result<Option<RenewalRow>, StateError> {
+        Db::renewal_of(self, from)
     }
     fn serial_status(&self, id: &SpiffeId, serial: &str) -> Result<SerialStatus, StateError> {
         Db::serial_status(self, id, serial)

@@ -57,8 +57,32 @@ async fn the_view_follows_the_owners_writes_and_reports_retirements() {
         .await
         .unwrap();
     assert_eq!(store.view().check(&acme, "0a"), Ok(()));
-    store.record_renewal("acme", "0b", 1000, 2).await.unwrap();
-    assert_eq!(store.may_renew("acme", &acme, "0a").await, Ok(()));
+    assert_eq!(
+        store.may_renew("acme", &acme, "0a", b"key-1").await,
+        Ok(Renewal::Fresh)
+    );
+    let renewal = RenewalRow {
+        client: "acme".into(),
+        from: "0a".into(),
+        serial: "0b".into(),
+        key_sha256: b"key-1".to_vec(),
+        der: b"cert-0b".to_vec(),
+        not_after: 1000,
+    };
+    store.record_renewal(renewal.clone(), 2).await.unwrap();
+    // A serial renews once: the same key asking again gets the same certificate; another key
+    // is refused.
+    assert_eq!(
+        store.may_renew("acme", &acme, "0a", b"key-1").await,
+        Ok(Renewal::Again(renewal))
+    );
+    assert_eq!(
+        store.may_renew("acme", &acme, "0a", b"key-2").await,
+        Err(RenewalRefusal::AlreadyRenewed {
+            serial: "0a".into(),
+            to: "0b".into()
+        })
+    );
     // The renewed serial comes into use: the first retires, and may not renew any more.
     assert_eq!(store.session_up("acme", row(7, "0b", 3)).await.unwrap(), 1);
     assert_eq!(
@@ -78,7 +102,7 @@ async fn the_view_follows_the_owners_writes_and_reports_retirements() {
     );
     assert_eq!(store.view().superseded("acme", "0a"), Some(true));
     assert!(matches!(
-        store.may_renew("acme", &acme, "0a").await,
+        store.may_renew("acme", &acme, "0a", b"key-1").await,
         Err(RenewalRefusal::Serial(SerialRefusal::Retired { .. }))
     ));
     // A live session holds off the grace; once it ends, the deadline is last_seen + grace + 1.
@@ -183,7 +207,7 @@ async fn a_store_that_cannot_be_read_fails_closed() {
         Err(SerialRefusal::StoreUnavailable(_))
     ));
     assert!(matches!(
-        store.may_renew("acme", &id("acme"), "0a").await,
+        store.may_renew("acme", &id("acme"), "0a", b"key").await,
         Err(RenewalRefusal::Serial(SerialRefusal::StoreUnavailable(_)))
     ));
 }
