@@ -682,6 +682,29 @@ async fn p10_webhook_arrives_exactly_once_across_failures_and_a_hub_restart_and_
             .unwrap()
     };
     assert_eq!(verify(&body_file).status.code(), Some(0));
+    // With a file of verified ids, the same delivery verifies once: its retry (or a replay)
+    // is reported as a duplicate (exit 6); an invalid one is not recorded.
+    let seen = hub.dir.path().join("seen-ids");
+    let with_seen = || {
+        let mut c = Command::new(bin_path("ewii-client"));
+        c.args([
+            "verify-webhook",
+            "--key",
+            &key,
+            "--id",
+            &first_id,
+            "--timestamp",
+            &ts,
+        ])
+        .args(["--signature", &sig, "--body", body_file.to_str().unwrap()])
+        .args(["--seen", seen.to_str().unwrap()]);
+        c.output().unwrap()
+    };
+    assert_eq!(with_seen().status.code(), Some(0));
+    let again = with_seen();
+    assert_eq!(again.status.code(), Some(6));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("DUPLICATE"));
+    assert_eq!(std::fs::read_to_string(&seen).unwrap().lines().count(), 1);
     std::fs::write(&body_file, &tampered).unwrap();
     let bad = verify(&body_file);
     assert_eq!(bad.status.code(), Some(1));

@@ -45,6 +45,58 @@ pub enum WebhookError {
     /// The host did not resolve.
     #[error("webhook host {0} does not resolve")]
     Resolve(String),
+    /// A delivery with this id was verified before (a retry already handled, or a replay).
+    #[error("delivery {0:?} was verified before (a retry already handled, or a replay)")]
+    Seen(String),
+    /// The file of verified ids could not be read or written.
+    #[error("{0}")]
+    SeenFile(String),
+}
+
+/// Records `id` as verified in the file at `path` (one `<unix seconds> <id>` line each), unless
+/// it is there already: then [`WebhookError::Seen`]. Lines older than twice the timestamp
+/// tolerance are dropped (a delivery that old fails the timestamp check anyway), so the file
+/// stays small. An exclusive lock on the file serialises concurrent verifications.
+pub fn check_and_record_seen(path: &Path, id: &str, now_secs: i64) -> Result<(), WebhookError> {
+    use std::io::{Read, Seek, Write};
+    let io = |e: std::io::Error| WebhookError::SeenFile(format!("{}: {e}", path.display()));
+    if id.is_empty() || id.chars().any(char::is_whitespace) {
+        return Err(WebhookError::SeenFile(format!(
+            "webhook-id {id:?} is not one word"
+        )));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io)?;
+    file.lock().map_err(io)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io)?;
+    let horizon = now_secs.saturating_sub(2 * TOLERANCE_SECS);
+    let mut kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.split_once(' ')
+                .and_then(|(t, _)| t.parse::<i64>().ok())
+                .is_some_and(|t| t >= horizon)
+        })
+        .collect();
+    if kept
+        .iter()
+        .any(|l| l.split_once(' ').map(|(_, i)| i) == Some(id))
+    {
+        return Err(WebhookError::Seen(id.to_owned()));
+    }
+    let line = format!("{now_secs} {id}");
+    kept.push(&line);
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    file.write_all((kept.join("\n") + "\n").as_bytes())
+        .map_err(io)?;
+    file.sync_all().map_err(io)
 }
 
 /// The Hub's webhook signing key (Ed25519), kept as `webhook.key` (0600) in its state dir.
@@ -395,6 +447,28 @@ mod tests {
         assert!(matches!(
             check_target("ftp://example.org/", false).await,
             Err(WebhookError::BadUrl(_))
+        ));
+    }
+
+    #[test]
+    fn p10_a_verified_id_is_refused_the_second_time_and_forgotten_after_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = dir.path().join("seen");
+        assert_eq!(check_and_record_seen(&seen, "msg_1", 1000), Ok(()));
+        assert_eq!(check_and_record_seen(&seen, "msg_2", 1001), Ok(()));
+        assert_eq!(
+            check_and_record_seen(&seen, "msg_1", 1100),
+            Err(WebhookError::Seen("msg_1".into()))
+        );
+        // Past twice the tolerance the id is dropped: such a delivery fails its timestamp.
+        let later = 1000 + 2 * TOLERANCE_SECS + 1;
+        assert_eq!(check_and_record_seen(&seen, "msg_1", later), Ok(()));
+        let text = std::fs::read_to_string(&seen).unwrap();
+        assert_eq!(text, format!("1001 msg_2\n{later} msg_1\n"));
+        // An id that would forge a line is refused, and not written.
+        assert!(matches!(
+            check_and_record_seen(&seen, "x\n1 msg_2", later),
+            Err(WebhookError::SeenFile(_))
         ));
     }
 }

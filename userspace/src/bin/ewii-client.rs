@@ -27,6 +27,8 @@ const EXIT_NOT_ENROLLED: u8 = 3;
 const EXIT_ENFORCEMENT: u8 = 4;
 /// Exit status when the Hub cannot be reached (or resolved) to enrol.
 const EXIT_UNREACHABLE: u8 = 5;
+/// `verify-webhook --seen`: a valid delivery whose id was verified before.
+const EXIT_SEEN: u8 = 6;
 /// What a revoked customer does next.
 const REVOKED_NEXT: &str =
     "ask the operator for a new token, then run `ewii-client enroll --replace`";
@@ -108,6 +110,11 @@ enum Command {
         /// File with the exact request body (`-` for stdin).
         #[arg(long)]
         body: PathBuf,
+        /// A file of the delivery ids verified so far: a delivery whose id is in it is
+        /// refused with exit status 6 (a retry already handled, or a replay), and a verified
+        /// one is added.
+        #[arg(long)]
+        seen: Option<PathBuf>,
     },
     /// Exit 0 when connected and running, 1 otherwise (for container health checks).
     Health {
@@ -154,6 +161,7 @@ fn main() -> ExitCode {
             timestamp,
             signature,
             body,
+            seen,
         } => {
             let data = if body.as_os_str() == "-" {
                 let mut v = Vec::new();
@@ -166,12 +174,18 @@ fn main() -> ExitCode {
                 Err(e) => return fail(EXIT_CONFIG, format!("{}: {e}", body.display())),
             };
             let now = ewii::now_timestamp().unix_secs() as i64;
-            match ewii::webhook::verify(&key, &id, &timestamp, &signature, &data, now) {
-                Ok(()) => {
+            if let Err(e) = ewii::webhook::verify(&key, &id, &timestamp, &signature, &data, now) {
+                return fail(1, format!("INVALID: {e}"));
+            }
+            match seen.map(|path| ewii::webhook::check_and_record_seen(&path, &id, now)) {
+                Some(Err(e @ ewii::webhook::WebhookError::Seen(_))) => {
+                    fail(EXIT_SEEN, format!("DUPLICATE: {e}"))
+                }
+                Some(Err(e)) => fail(1, e.to_string()),
+                _ => {
                     println!("valid: signed by {key}");
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(1, format!("INVALID: {e}")),
             }
         }
         Command::Health { state_dir } => {
