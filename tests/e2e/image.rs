@@ -473,3 +473,81 @@ fn p1_p2_the_dockerfile_targets_are_scratch_based_non_root_and_hold_one_binary()
         );
     }
 }
+
+/// Each image's SBOM (CycloneDX 1.5, made by `scripts/sbom` beside the binaries): every
+/// component is the exact version Cargo.lock pins, with its checksum; the crates that carry
+/// the promises are there; test- and bench-only crates are not; only the eBPF image has aya.
+#[test]
+fn p1_each_image_has_an_sbom_of_the_crates_it_is_built_from() {
+    let Some(dist) = std::env::var("EWII_IMAGE_DIST")
+        .ok()
+        .map(PathBuf::from)
+        .filter(|d| d.join("ewii-client.cdx.json").exists())
+    else {
+        assert!(
+            !require("EWII_REQUIRE_IMAGE"),
+            "EWII_REQUIRE_IMAGE=1 but EWII_IMAGE_DIST has no SBOMs (run scripts/test)"
+        );
+        println!("SKIPPED: needs EWII_IMAGE_DIST with the SBOMs (run scripts/test)");
+        return;
+    };
+    let lock = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap();
+    // name@version -> checksum, from Cargo.lock's [[package]] entries.
+    let mut pinned = std::collections::HashMap::new();
+    for block in lock.split("[[package]]").skip(1) {
+        let field = |k: &str| {
+            block
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{k} = \"")))
+                .map(|v| v.trim_end_matches('"').to_owned())
+        };
+        if let (Some(n), Some(v)) = (field("name"), field("version")) {
+            pinned.insert(format!("{n}@{v}"), field("checksum"));
+        }
+    }
+    for (file, app, has_aya) in [
+        ("ewii-client.cdx.json", "ewii-client", false),
+        ("ewii-client-ebpf.cdx.json", "ewii-client", true),
+        ("ewii-hub.cdx.json", "ewii-hub", false),
+    ] {
+        let bom: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dist.join(file)).unwrap()).unwrap();
+        assert_eq!(bom["bomFormat"], "CycloneDX", "{file}");
+        assert_eq!(bom["specVersion"], "1.5", "{file}");
+        assert_eq!(bom["metadata"]["component"]["name"], app, "{file}");
+        let components = bom["components"].as_array().unwrap();
+        let names: Vec<&str> = components
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        for c in components {
+            let key = format!(
+                "{}@{}",
+                c["name"].as_str().unwrap(),
+                c["version"].as_str().unwrap()
+            );
+            let sum = pinned
+                .get(&key)
+                .unwrap_or_else(|| panic!("{file}: {key} is not in Cargo.lock"));
+            assert_eq!(c["purl"], format!("pkg:cargo/{key}"), "{file}: {key}");
+            let listed = c["hashes"][0]["content"].as_str().map(str::to_owned);
+            assert_eq!(&listed, sum, "{file}: {key}'s checksum");
+        }
+        for needed in ["ewii-common", "quinn", "rustls", "ring", "rcgen", "tokio"] {
+            assert!(names.contains(&needed), "{file}: {needed} missing");
+        }
+        for absent in [
+            "criterion",
+            "proptest",
+            "ewii-tests",
+            "ewii-benches",
+            "shlex",
+        ] {
+            assert!(
+                !names.contains(&absent),
+                "{file}: {absent} is not in the binary"
+            );
+        }
+        assert_eq!(names.contains(&"aya"), has_aya, "{file}: aya");
+    }
+}
