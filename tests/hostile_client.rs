@@ -223,7 +223,8 @@ fn main() {
     let config: ewii::config::ClientConfig = ewii::config::load(config.as_ref()).unwrap();
     // What `ewii-client run` does before it serves.
     let plan = enforce::Plan::for_config(&config);
-    let (report, denies) = enforce::install(&plan, &enforce::ALL_LAYERS, Hold::Cgroup);
+    let layers: Vec<&str> = config.layers.iter().map(String::as_str).collect();
+    let (report, denies) = enforce::install(&plan, &layers, Hold::Cgroup);
     // Its descriptor is about to be closed behind its back: never drop it.
     std::mem::forget(denies);
     // The compromised dependency runs on a thread of its own, as a library's would.

@@ -633,27 +633,54 @@ fn enrolling_with_a_hub_that_does_not_answer_names_the_address_and_exits_5() {
 /// audited on both sides, joined by its id, with the same byte counts.
 #[test]
 fn the_quickstart_shows_one_query_audited_on_both_sides_with_byte_counts() {
-    let out = Command::new(bin_path("ewii-quickstart")).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", stderr_of(&out));
-    assert!(stdout.trim_end().ends_with("quickstart OK"), "{stdout}");
-    let queries: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|r: &serde_json::Value| r["event"] == "query")
-        .collect();
-    assert_eq!(queries.len(), 2, "{stdout}");
-    let hub = queries.iter().find(|r| r["side"] == "hub").unwrap();
-    let client = queries.iter().find(|r| r["side"] == "client").unwrap();
-    assert_eq!(hub["query_id"], client["query_id"]);
-    for side in [hub, client] {
-        assert_eq!(side["outcome"], "ok");
-        assert!(side["bytes_up"].as_u64().unwrap() > 0, "{side}");
-        assert!(side["bytes_down"].as_u64().unwrap() > 0, "{side}");
+    // In one process, and with the real binaries as separate processes (`--processes`).
+    for args in [&[][..], &["--processes"][..]] {
+        let out = Command::new(bin_path("ewii-quickstart"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{args:?}: {stdout}\n{}",
+            stderr_of(&out)
+        );
+        assert!(stdout.trim_end().ends_with("quickstart OK"), "{stdout}");
+        let records: Vec<serde_json::Value> = stdout
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let queries: Vec<&serde_json::Value> =
+            records.iter().filter(|r| r["event"] == "query").collect();
+        assert_eq!(queries.len(), 2, "{stdout}");
+        let hub = queries.iter().find(|r| r["side"] == "hub").unwrap();
+        let client = queries.iter().find(|r| r["side"] == "client").unwrap();
+        assert_eq!(hub["query_id"], client["query_id"]);
+        for side in [hub, client] {
+            assert_eq!(side["outcome"], "ok");
+            assert!(side["bytes_up"].as_u64().unwrap() > 0, "{side}");
+            assert!(side["bytes_down"].as_u64().unwrap() > 0, "{side}");
+        }
+        assert_eq!(hub["bytes_up"], client["bytes_up"]);
+        assert_eq!(hub["bytes_down"], client["bytes_down"]);
+        if !args.is_empty() {
+            // The real Client, stopped as `docker stop` would, with its unprivileged layers
+            // and without the eBPF lock (it must not fence the caller's own cgroup).
+            assert!(
+                stdout
+                    .contains("ewii-client exited exit status: 0, ewii-hub exited exit status: 0"),
+                "{stdout}"
+            );
+            let enforcement = records
+                .iter()
+                .find(|r| r["event"] == "enforcement")
+                .unwrap();
+            let layers = enforcement["reason"].as_str().unwrap();
+            assert!(layers.contains("seccomp active"), "{layers}");
+            assert!(!layers.contains("ebpf"), "{layers}");
+        }
     }
-    assert_eq!(hub["bytes_up"], client["bytes_up"]);
-    assert_eq!(hub["bytes_down"], client["bytes_down"]);
 }
 
 /// P12: with `audit_format = "ocsf"`, every record the running Client binary writes is OCSF

@@ -285,7 +285,8 @@ fn run(path: &Path) -> ExitCode {
     for name in &plan.unresolved {
         eprintln!("ewii-client: {name} does not resolve now; the Client will keep trying");
     }
-    let (report, denies) = enforce::install(&plan, &enforce::ALL_LAYERS, enforce::Hold::Cgroup);
+    let layers: Vec<&str> = config.layers.iter().map(String::as_str).collect();
+    let (report, denies) = enforce::install(&plan, &layers, enforce::Hold::Cgroup);
     for layer in &report.layers {
         let state = match layer.state {
             enforce::LayerState::Active => "active",

@@ -224,6 +224,8 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// What the kernel must enforce before the Client starts.
     pub require: Require,
+    /// Which kernel layers `run` installs, in order (`[enforcement] layers`; all by default).
+    pub layers: Vec<String>,
     /// How often DNS allow-list entries are resolved again (`None`: only at start).
     pub dns_refresh: Option<Duration>,
 }
@@ -275,7 +277,11 @@ fn default_dns_refresh_secs() -> u64 {
 struct RawEnforcement {
     #[serde(default)]
     require: Require,
+    layers: Option<Vec<String>>,
 }
+
+/// Every kernel layer the Client knows, in the order it installs them.
+pub const LAYERS: [&str; 4] = ["ebpf", "landlock", "privileges", "seccomp"];
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -320,6 +326,34 @@ impl FromStr for ClientConfig {
                 "reconnect: need 0 < initial_ms <= max_ms".into(),
             ));
         }
+        let layers = match raw.enforcement.layers {
+            None => LAYERS.iter().map(|l| (*l).to_owned()).collect(),
+            Some(asked) => {
+                if let Some(bad) = asked.iter().find(|l| !LAYERS.contains(&l.as_str())) {
+                    return Err(ConfigError::Invalid(format!(
+                        "[enforcement] layers: unknown layer {bad:?} (known: {})",
+                        LAYERS.join(", ")
+                    )));
+                }
+                // Always in installation order, each once.
+                LAYERS
+                    .iter()
+                    .filter(|l| asked.iter().any(|a| a == *l))
+                    .map(|l| (*l).to_owned())
+                    .collect::<Vec<_>>()
+            }
+        };
+        let has = |name: &str| layers.iter().any(|l| l == name);
+        if has("ebpf") && !(has("privileges") && has("seccomp")) {
+            return Err(ConfigError::Invalid(
+                "[enforcement] layers: \"ebpf\" needs \"privileges\" and \"seccomp\" too: without them code in the Client could lift the lock".into(),
+            ));
+        }
+        if raw.enforcement.require == Require::Kernel && !has("ebpf") {
+            return Err(ConfigError::Invalid(
+                "[enforcement] require = \"kernel\" needs \"ebpf\" in [enforcement] layers".into(),
+            ));
+        }
         if raw.dns.refresh_secs > 86_400 {
             return Err(ConfigError::Invalid(
                 "dns.refresh_secs must be at most 86400 (a day); 0 resolves only at start".into(),
@@ -345,6 +379,7 @@ impl FromStr for ClientConfig {
             on_stop: raw.on_stop,
             connect_timeout: Duration::from_millis(raw.connect_timeout_ms),
             require: raw.enforcement.require,
+            layers,
             dns_refresh: (raw.dns.refresh_secs > 0)
                 .then(|| Duration::from_secs(raw.dns.refresh_secs)),
         })

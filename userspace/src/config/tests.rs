@@ -9,6 +9,7 @@ fn the_shipped_examples_parse_with_every_key() {
         .unwrap();
     assert_eq!(client.allow.names(), vec!["cache".to_string(), "db".into()]);
     assert_eq!(client.on_stop, OnStop::Revoke);
+    assert_eq!(client.layers, LAYERS);
     let hub: HubConfig = include_str!("../../../examples/hub.toml").parse().unwrap();
     assert_eq!(hub.services.len(), 2);
 }
@@ -124,4 +125,31 @@ fn hub_services_need_a_principal_or_tls() {
     assert!(both.parse::<HubConfig>().is_err());
     let bad_dest = base.replace("\"db\"", "\"DB!\"") + "principal = \"b\"\n";
     assert!(bad_dest.parse::<HubConfig>().is_err());
+}
+
+#[test]
+fn enforcement_layers_are_known_ordered_and_keep_the_lock_whole() {
+    let base = "hub = \"h:443\"\nstate_dir = \"/s\"\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:5432\"\n[enforcement]\n";
+    let parse = |extra: &str| format!("{base}{extra}").parse::<ClientConfig>();
+    assert_eq!(parse("").unwrap().layers, LAYERS);
+    assert_eq!(
+        parse("layers = [\"seccomp\", \"landlock\", \"privileges\"]\n")
+            .unwrap()
+            .layers,
+        ["landlock", "privileges", "seccomp"]
+    );
+    for (extra, says) in [
+        ("layers = [\"ebfp\"]\n", "unknown layer \"ebfp\""),
+        (
+            "layers = [\"ebpf\", \"landlock\"]\n",
+            "\"ebpf\" needs \"privileges\" and \"seccomp\"",
+        ),
+        (
+            "require = \"kernel\"\nlayers = [\"landlock\", \"privileges\", \"seccomp\"]\n",
+            "needs \"ebpf\"",
+        ),
+    ] {
+        let err = parse(extra).unwrap_err().to_string();
+        assert!(err.contains(says), "{extra}: {err}");
+    }
 }

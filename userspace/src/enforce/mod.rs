@@ -503,7 +503,7 @@ fn install_ebpf(_plan: &Plan, _hold: Hold) -> (Layer, Option<Box<dyn DenySource>
 }
 
 /// The layers `run` installs, in order.
-pub const ALL_LAYERS: [&str; 4] = ["ebpf", "landlock", "privileges", "seccomp"];
+pub const ALL_LAYERS: [&str; 4] = crate::config::LAYERS;
 
 /// Tries, from this process, what the policy allows and what it forbids, and names what the
 /// kernel answered. Targets are loopback or configured destinations only.

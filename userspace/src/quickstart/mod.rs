@@ -1,6 +1,10 @@
 //! The quickstart: the whole job on embedded defaults, in one process and a temporary
 //! directory — a Hub, an enrolled Client, a local service, and one query through the tunnel,
-//! with the audit lines of both sides. `cargo run --bin ewii-quickstart`.
+//! with the audit lines of both sides. `cargo run --bin ewii-quickstart`; with `--processes`
+//! ([`processes`]) the same with the real binaries, each its own process.
+
+mod processes;
+pub use processes::run_processes;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -153,7 +157,7 @@ async fn wait_connected(handle: &crate::hub::HubHandle, client: &str) -> anyhow:
 }
 
 /// What an operator workload does: connect to the Hub's service listener, ask, read.
-async fn ask(entry: SocketAddr, line: &str) -> anyhow::Result<String> {
+pub(crate) async fn ask(entry: SocketAddr, line: &str) -> anyhow::Result<String> {
     let mut s = TcpStream::connect(entry).await?;
     s.write_all(format!("{line}\n").as_bytes()).await?;
     s.shutdown().await?;
@@ -165,7 +169,7 @@ async fn ask(entry: SocketAddr, line: &str) -> anyhow::Result<String> {
 }
 
 /// A stand-in for the customer's database: answers each line.
-async fn customer_service(listener: TcpListener) {
+pub(crate) async fn customer_service(listener: TcpListener) {
     while let Ok((stream, _)) = listener.accept().await {
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
