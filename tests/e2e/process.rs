@@ -363,24 +363,96 @@ fn bad_client_config_exits_2_with_a_clear_error() {
     }
 }
 
-#[test]
-fn running_without_enrolment_exits_3() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("c.toml");
+/// A Client config whose state directory (`dir`) holds no enrolment.
+fn unenrolled_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("c.toml");
     fs::write(
         &path,
         format!(
-            "hub = \"127.0.0.1:9\"\nstate_dir = {:?}\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:5432\"\n",
-            dir.path()
+            "hub = \"127.0.0.1:9\"\nstate_dir = {dir:?}\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:5432\"\n"
         ),
     )
     .unwrap();
+    path
+}
+
+#[test]
+fn running_without_enrolment_exits_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = unenrolled_config(dir.path());
     let out = Command::new(bin_path("ewii-client"))
         .args(["run", "--config", path.to_str().unwrap()])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("ewii-client enroll"));
+}
+
+/// `--log-format json` (or `EWII_LOG_FORMAT=json`): every line either binary writes to stderr
+/// is one JSON object — the start-up lines and the error included — for a log collector; and
+/// both binaries print shell completions.
+#[test]
+fn logs_can_be_json_lines_and_both_binaries_print_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = unenrolled_config(dir.path());
+    let json_lines = |out: &Output| -> Vec<serde_json::Value> {
+        stderr_of(out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
+            .collect()
+    };
+    let client = Command::new(bin_path("ewii-client"))
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(client.status.code(), Some(3));
+    let lines = json_lines(&client);
+    let message = |l: &serde_json::Value| l["fields"]["message"].as_str().unwrap_or("").to_owned();
+    assert!(
+        lines
+            .iter()
+            .any(|l| message(l).contains("effective allow-list")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "ERROR" && message(l).contains("ewii-client enroll")),
+        "{lines:?}"
+    );
+    let hub = Command::new(bin_path("ewii-hub"))
+        .env("EWII_LOG_FORMAT", "json")
+        .args([
+            "clients",
+            "--state-dir",
+            dir.path().join("none").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(hub.status.code(), Some(3));
+    let lines = json_lines(&hub);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "ERROR" && message(l).contains("ewii-hub init")),
+        "{lines:?}"
+    );
+    for (bin, shell, word) in [
+        ("ewii-client", "bash", "verify-webhook"),
+        ("ewii-hub", "zsh", "workload-svid"),
+    ] {
+        let out = run(bin, &["completions", shell]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(word),
+            "{bin} {shell}"
+        );
+    }
 }
 
 #[test]

@@ -10,13 +10,14 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use ewii::audit::{Audit, AuditOutput};
 use ewii::client::enrol::EnrolError;
 use ewii::client::{self, status::Status, ClientError, Exit};
 use ewii::config::{self, ClientConfig, HubAddress};
 use ewii::enforce;
 use ewii::identity::parse_bundle_hash;
+use ewii::logging::{say, LogArgs};
 use ewii_common::audit::Side;
 
 /// Exit status when the Hub has revoked this Client.
@@ -40,6 +41,8 @@ const REVOKED_NEXT: &str =
     about = "Ewii Client: one outbound QUIC connection to your operator's Hub, to allow-listed destinations only"
 )]
 struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -116,6 +119,11 @@ enum Command {
         #[arg(long)]
         seen: Option<PathBuf>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Exit 0 when connected and running, 1 otherwise (for container health checks).
     Health {
         /// State directory.
@@ -125,8 +133,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    ewii::logging::init("info");
     let cli = Cli::parse();
+    ewii::logging::init("info", cli.log.log_format);
     match cli.command {
         Command::Enroll {
             hub,
@@ -188,6 +196,15 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "ewii-client",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
         Command::Health { state_dir } => {
             let verdict = Status::read(&state_dir).and_then(|s| s.healthy(ewii::now_timestamp().0));
             match verdict {
@@ -224,10 +241,10 @@ async fn enroll(
     };
     match enrolled {
         Ok(id) => {
-            eprintln!(
+            say(&format!(
                 "ewii-client: enrolled as {id}; state in {}",
                 state_dir.display()
-            );
+            ));
             ExitCode::SUCCESS
         }
         Err(e @ (EnrolError::Unreachable { .. } | EnrolError::Resolve(_))) => {
@@ -272,10 +289,10 @@ fn run(path: &Path) -> ExitCode {
         Err(e @ client::state_dir::LockError::Busy(_)) => return fail(1, e.to_string()),
         other => other,
     };
-    eprintln!("ewii-client: hub {}", config.hub);
-    eprintln!("ewii-client: effective allow-list (the only destinations this Client dials):");
+    say(&format!("ewii-client: hub {}", config.hub));
+    say("ewii-client: effective allow-list (the only destinations this Client dials):");
     for line in client::describe_allow_list(&config) {
-        eprintln!("  {line}");
+        say(&format!("  {line}"));
     }
     // The kernel layers go in before any other thread exists (Landlock binds the calling
     // thread and the threads it creates; the audit writer and the runtime come after).
@@ -283,7 +300,9 @@ fn run(path: &Path) -> ExitCode {
     // session reaches the Hub with backoff once DNS answers (P14).
     let plan = enforce::Plan::for_config(&config);
     for name in &plan.unresolved {
-        eprintln!("ewii-client: {name} does not resolve now; the Client will keep trying");
+        say(&format!(
+            "ewii-client: {name} does not resolve now; the Client will keep trying"
+        ));
     }
     let layers: Vec<&str> = config.layers.iter().map(String::as_str).collect();
     let (report, denies) = enforce::install(&plan, &layers, enforce::Hold::Cgroup);
@@ -293,10 +312,13 @@ fn run(path: &Path) -> ExitCode {
             enforce::LayerState::Unavailable => "unavailable",
             enforce::LayerState::Failed => "FAILED",
         };
-        eprintln!("ewii-client: {} {state}: {}", layer.name, layer.detail);
+        say(&format!(
+            "ewii-client: {} {state}: {}",
+            layer.name, layer.detail
+        ));
     }
     for gap in &report.not_covered {
-        eprintln!("ewii-client: not covered: {gap}");
+        say(&format!("ewii-client: not covered: {gap}"));
     }
     if let Err(e) = report.check(config.require) {
         return fail(EXIT_ENFORCEMENT, e.to_string());
@@ -401,6 +423,6 @@ fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
 }
 
 fn fail(code: u8, msg: String) -> ExitCode {
-    eprintln!("ewii-client: {msg}");
+    ewii::logging::fail(&format!("ewii-client: {msg}"));
     ExitCode::from(code)
 }

@@ -8,10 +8,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use ewii::audit::Audit;
 use ewii::config::{self, HubConfig};
 use ewii::hub::{admin, Hub};
+use ewii::logging::{fail, say, LogArgs};
 use ewii_common::audit::Side;
 
 #[derive(Parser)]
@@ -21,12 +22,19 @@ use ewii_common::audit::Side;
     about = "Ewii Hub: the operator's end of the outbound-only connector"
 )]
 struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Create the CA, the Hub SVID and the database in the state directory.
     Init {
         /// State directory (created 0700).
@@ -175,11 +183,12 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_NOT_INITIALISED: u8 = 3;
 
 fn main() -> ExitCode {
-    ewii::logging::init("info");
-    match real_main() {
+    let cli = Cli::parse();
+    ewii::logging::init("info", cli.log.log_format);
+    match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ewii-hub: {e:#}");
+            fail(&format!("ewii-hub: {e:#}"));
             ExitCode::from(1)
         }
     }
@@ -190,17 +199,24 @@ fn initialised(state_dir: &std::path::Path) -> Result<(), ExitCode> {
     if state_dir.join(admin::CA_CERT).exists() {
         return Ok(());
     }
-    eprintln!(
+    fail(&format!(
         "ewii-hub: {} holds no Hub state: run `ewii-hub init --state-dir {} --trust-domain <your.domain>` first",
         state_dir.display(),
         state_dir.display()
-    );
+    ));
     Err(ExitCode::from(EXIT_NOT_INITIALISED))
 }
 
-fn real_main() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "ewii-hub",
+                &mut std::io::stdout(),
+            );
+        }
         Command::Init {
             state_dir,
             trust_domain,
@@ -298,7 +314,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 (Some(id), _) => ewii::hub::state::TokenSelector::Id(id),
                 (None, Some(c)) => ewii::hub::state::TokenSelector::Client(c),
                 (None, None) => {
-                    eprintln!("ewii-hub: token revoke needs --id <id> or --client <name>");
+                    fail("ewii-hub: token revoke needs --id <id> or --client <name>");
                     return Ok(ExitCode::from(EXIT_CONFIG));
                 }
             };
@@ -411,7 +427,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             let config: HubConfig = match config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("ewii-hub: {}: {e}", path.display());
+                    fail(&format!("ewii-hub: {}: {e}", path.display()));
                     return Ok(ExitCode::from(EXIT_CONFIG));
                 }
             };
@@ -424,7 +440,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(async {
                 let hub = Hub::bind(config, audit.clone()).await?;
-                eprintln!("ewii-hub: listening on udp {}", hub.local_addr());
+                say(&format!("ewii-hub: listening on udp {}", hub.local_addr()));
                 hub.run(shutdown_signal()).await?;
                 audit.flush_async().await;
                 anyhow::Ok(())

@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    ewii::logging::init("warn");
+    ewii::logging::init("warn", ewii::logging::LogFormat::Text);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
