@@ -296,6 +296,18 @@ impl ClientSession {
         }
     }
 
+    /// When the next renewal will be asked for (wall time), while a connection is up and
+    /// nothing is asked yet.
+    pub fn renewal_due(&self) -> Option<Duration> {
+        match self.state {
+            State::Up {
+                renewal: Renewal::Due(at),
+                ..
+            } => Some(at),
+            _ => None,
+        }
+    }
+
     /// Failed dials in a row since the last connection came up.
     pub fn failures(&self) -> u32 {
         self.backoff.attempts()

@@ -14,4 +14,5 @@ mod postgres;
 mod process;
 mod scale;
 mod tunnel;
+mod verify;
 mod walkthrough;

@@ -13,7 +13,7 @@ use ewii_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Kills the child if the test panics.
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -23,12 +23,12 @@ impl Drop for Proc {
 }
 
 impl Proc {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.0.id()
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
-    fn terminate(&mut self) -> std::process::ExitStatus {
+    pub(crate) fn terminate(&mut self) -> std::process::ExitStatus {
         let ok = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status()
@@ -44,7 +44,36 @@ impl Proc {
     }
 }
 
-fn run(bin: &str, args: &[&str]) -> Output {
+/// `ewii-hub run --config <path>`, once it says it listens.
+pub(crate) fn spawn_hub(config: &std::path::Path) -> Proc {
+    let mut hub = Proc(
+        Command::new(bin_path("ewii-hub"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(hub.0.stderr.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("listening on udp"), "{line}");
+    hub
+}
+
+/// Waits until `ewii-client health` passes for the state directory.
+pub(crate) async fn healthy(dir: &std::path::Path) {
+    let dir = dir.to_str().unwrap().to_owned();
+    poll_until("ewii-client health to pass", SOON, || {
+        Command::new(bin_path("ewii-client"))
+            .args(["health", "--state-dir", &dir])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+    .await;
+}
+
+pub(crate) fn run(bin: &str, args: &[&str]) -> Output {
     let out = Command::new(bin_path(bin)).args(args).output().unwrap();
     if !out.status.success() {
         panic!(
@@ -56,14 +85,14 @@ fn run(bin: &str, args: &[&str]) -> Output {
     out
 }
 
-fn field(out: &Output, label: &str) -> String {
+pub(crate) fn field(out: &Output, label: &str) -> String {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|l| l.strip_prefix(label).map(|v| v.trim().to_owned()))
         .unwrap_or_else(|| panic!("no {label} in output"))
 }
 
-fn free_udp_port() -> u16 {
+pub(crate) fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -71,7 +100,7 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
-fn free_tcp_port() -> u16 {
+pub(crate) fn free_tcp_port() -> u16 {
     StdTcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -155,19 +184,7 @@ async fn p13_the_client_binary_has_no_listener_and_p6_one_udp_socket() {
         ),
     )
     .unwrap();
-    let mut hub = Proc(
-        Command::new(bin_path("ewii-hub"))
-            .args(["run", "--config", hub_toml.to_str().unwrap()])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    // Wait for the Hub to say it listens.
-    let mut line = String::new();
-    BufReader::new(hub.0.stderr.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("listening on udp"), "{line}");
+    let mut hub = spawn_hub(&hub_toml);
     let token_out = run(
         "ewii-hub",
         &[
@@ -223,13 +240,7 @@ async fn p13_the_client_binary_has_no_listener_and_p6_one_udp_socket() {
             .unwrap(),
     );
     let cdir = client_dir.to_str().unwrap().to_owned();
-    poll_until("ewii-client health to pass", SOON, || {
-        Command::new(bin_path("ewii-client"))
-            .args(["health", "--state-dir", &cdir])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-    .await;
+    healthy(&client_dir).await;
     // The operator's listing says connected while the session is up.
     let listing = run("ewii-hub", &["clients", "--state-dir", hub_dir_s]);
     let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
@@ -1137,7 +1148,7 @@ async fn p4_a_dns_answer_pointing_at_loopback_is_refused() {
     );
 }
 
-fn not_root() -> bool {
+pub(crate) fn not_root() -> bool {
     !fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()

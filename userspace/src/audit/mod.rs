@@ -16,6 +16,10 @@ use crossbeam_channel::{Receiver, Sender};
 use ewii_common::audit::{AuditRecord, Event, Format, Side};
 use tokio::sync::Notify;
 
+pub mod metrics;
+
+pub use metrics::{Metrics, Snapshot};
+
 /// Where audit lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditOutput {
@@ -48,6 +52,7 @@ pub struct Audit {
     format: Format,
     tx: Sender<Msg>,
     tap: Option<Arc<Tap>>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Audit {
@@ -85,6 +90,7 @@ impl Audit {
             format: Format::Ewii,
             tx,
             tap: None,
+            metrics: Arc::default(),
         })
     }
 
@@ -111,8 +117,14 @@ impl Audit {
         AuditRecord::new(crate::now_timestamp(), self.side, event)
     }
 
+    /// The counters of every record emitted through this handle and its clones.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Writes one record. Never blocks on the sink.
     pub fn emit(&self, record: AuditRecord) {
+        self.metrics.count(&record);
         let line = record.render(self.format);
         if self.tx.send(Msg::Line(line)).is_err() {
             // The writer thread is gone (it only exits when every sender is dropped, so this

@@ -96,6 +96,20 @@ enum Command {
         #[arg(long, env = "EWII_STATE_DIR", default_value = "/var/lib/ewii")]
         state_dir: PathBuf,
     },
+    /// The customer's evidence: promise by promise, what holds for the running Client and how
+    /// it was checked (reads the state directory, the config and /proc; opens no socket).
+    /// Exit status 1 when a promise is broken.
+    Verify {
+        /// State directory.
+        #[arg(long, env = "EWII_STATE_DIR", default_value = "/var/lib/ewii")]
+        state_dir: PathBuf,
+        /// The Client's configuration file: its allow-list must be the running one.
+        #[arg(long, env = "EWII_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Verify a webhook delivery from the Hub (Standard Webhooks, v1a / Ed25519).
     VerifyWebhook {
         /// The operator's webhook key, whpk_….
@@ -132,6 +146,31 @@ enum Command {
     },
 }
 
+fn verify(state_dir: &Path, config: Option<&Path>, json: bool) -> ExitCode {
+    use client::verify;
+    let facts = match verify::gather(state_dir, config, Path::new("/proc")) {
+        Ok(f) => f,
+        Err(e) => return fail(1, e.to_string()),
+    };
+    let findings = verify::assess(&facts);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&verify::to_json(&facts, &findings)).unwrap_or_default()
+        );
+    } else {
+        print!("{}", verify::render(&facts, &findings));
+    }
+    if findings
+        .iter()
+        .any(|f| f.verdict == verify::Verdict::Broken)
+    {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     ewii::logging::init("info", cli.log.log_format);
@@ -163,6 +202,11 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(1, e),
         },
+        Command::Verify {
+            state_dir,
+            config,
+            json,
+        } => verify(&state_dir, config.as_deref(), json),
         Command::VerifyWebhook {
             key,
             id,

@@ -441,6 +441,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(async {
                 let hub = Hub::bind(config, audit.clone()).await?;
                 say(&format!("ewii-hub: listening on udp {}", hub.local_addr()));
+                if let Some(addr) = hub.metrics_addr() {
+                    say(&format!("ewii-hub: metrics on http://{addr}/metrics"));
+                }
                 hub.run(shutdown_signal()).await?;
                 audit.flush_async().await;
                 anyhow::Ok(())

@@ -117,7 +117,11 @@ impl Driver {
         Self {
             machine,
             clock,
-            status: StatusWriter::start(config.state_dir.clone()),
+            status: StatusWriter::start(
+                config.state_dir.clone(),
+                audit.metrics().clone(),
+                config.metrics_file.clone(),
+            ),
             config,
             audit,
             identity,
@@ -477,6 +481,20 @@ impl Driver {
             },
             enforcement: self.enforcement.clone(),
             kernel_denied: denied.to_vec(),
+            svid_serial: self.identity.leaf.serial.clone(),
+            svid_not_before: self.identity.leaf.not_before,
+            next_renewal_unix: self.machine.renewal_due().map(|t| t.as_secs() as i64),
+            hub_spiffe_id: format!("spiffe://{}/hub", self.identity.leaf.id.trust_domain()),
+            bundle: self
+                .bundle
+                .anchors()
+                .iter()
+                .map(|a| crate::identity::bundle_hash(a))
+                .collect(),
+            allow_list_digest: format!("sha256:{}", hex::encode(self.config.allow.digest())),
+            audit: super::describe_audit(&self.config),
+            on_stop: self.config.on_stop.to_string(),
+            metrics: Default::default(),
         }
     }
 

@@ -12,6 +12,7 @@
 //! - [`state_dir`]: the markers in the state directory and the lock that keeps a second
 //!   Client process off it.
 //! - [`status`]: the status file behind `ewii-client status` / `health` (no listener, P13).
+//! - [`verify`]: `ewii-client verify`, the customer's evidence promise by promise.
 //! - this module: [`run`] and [`run_enforced`], which load the state directory and start the
 //!   driver.
 
@@ -25,6 +26,7 @@ mod query;
 mod rotation;
 pub mod state_dir;
 pub mod status;
+pub mod verify;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -200,6 +202,15 @@ pub fn describe_allow_list(config: &ClientConfig) -> Vec<String> {
         .entries()
         .map(|e| format!("{}={}", e.name, e.endpoint))
         .collect()
+}
+
+/// The audit sink and format, as `status.json` and `verify` show them.
+pub fn describe_audit(config: &ClientConfig) -> String {
+    let format = match config.audit_format {
+        ewii_common::audit::Format::Ewii => "ewii",
+        ewii_common::audit::Format::Ocsf => "ocsf",
+    };
+    format!("{} ({format} JSON lines)", config.audit)
 }
 
 /// Where `ewii-client` keeps its state by default.

@@ -12,7 +12,10 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit::metrics::Exposition;
+use crate::audit::{Metrics, Snapshot};
 use crate::identity::store;
+use ewii_common::audit::Side;
 
 /// File name inside the state directory.
 pub const STATUS_FILE: &str = "status.json";
@@ -71,6 +74,34 @@ pub struct Status {
     /// Kernel refusals per eBPF hook since start.
     #[serde(default)]
     pub kernel_denied: Vec<(String, u64)>,
+    /// The serial of the SVID in use.
+    #[serde(default)]
+    pub svid_serial: String,
+    /// SVID validity start, seconds since the epoch.
+    #[serde(default)]
+    pub svid_not_before: i64,
+    /// When the next renewal is due, seconds since the epoch (only while connected).
+    #[serde(default)]
+    pub next_renewal_unix: Option<i64>,
+    /// The identity the Hub must present: `spiffe://<trust domain>/hub`.
+    #[serde(default)]
+    pub hub_spiffe_id: String,
+    /// `sha256:` of each trust anchor the Hub is checked against (the first one is pinned at
+    /// enrolment; rotations add and retire anchors).
+    #[serde(default)]
+    pub bundle: Vec<String>,
+    /// `sha256:` of the allow-list (order-independent; what `Hello` tells the Hub).
+    #[serde(default)]
+    pub allow_list_digest: String,
+    /// Where audit records go (`stdout` or `file:<path>`) and in which format.
+    #[serde(default)]
+    pub audit: String,
+    /// What a stop does to the identity (`revoke` or `keep`).
+    #[serde(default)]
+    pub on_stop: String,
+    /// Counters since start, derived from the audit records.
+    #[serde(default)]
+    pub metrics: Snapshot,
 }
 
 impl Status {
@@ -105,12 +136,74 @@ impl Status {
         Ok(status)
     }
 
+    /// The state as written in the file (`connected`, `backoff`, …).
+    pub fn state_word(&self) -> String {
+        serde_json::to_value(self.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
     /// Whether the two differ in anything but the time of writing.
     fn differs(&self, other: &Self) -> bool {
         Self {
             updated_us: other.updated_us,
             ..self.clone()
         } != *other
+    }
+
+    /// The status as Prometheus families, for node-exporter's textfile collector.
+    pub fn prometheus(&self) -> String {
+        let mut out = Exposition::default();
+        out.one(
+            "ewii_client_connected",
+            "gauge",
+            "1 while a session with the Hub is up.",
+            u8::from(self.state == State::Connected),
+        );
+        out.one(
+            "ewii_client_svid_expiry_timestamp_seconds",
+            "gauge",
+            "When the SVID in use expires.",
+            self.svid_not_after,
+        );
+        if let Some(at) = self.next_renewal_unix {
+            out.one(
+                "ewii_client_svid_next_renewal_timestamp_seconds",
+                "gauge",
+                "When the next renewal is due.",
+                at,
+            );
+        }
+        out.one(
+            "ewii_client_reconnect_failures",
+            "gauge",
+            "Failed dials since the last session.",
+            self.failures,
+        );
+        let layers: Vec<(String, String)> = self
+            .enforcement
+            .layers
+            .iter()
+            .map(|l| {
+                (
+                    format!("layer=\"{}\"", l.name),
+                    u8::from(l.active).to_string(),
+                )
+            })
+            .collect();
+        let layers: Vec<(&str, String)> = layers
+            .iter()
+            .map(|(l, v)| (l.as_str(), v.clone()))
+            .collect();
+        out.family(
+            "ewii_client_enforcement_active",
+            "gauge",
+            "1 for each enforcement layer installed and proven by its self-test.",
+            &layers,
+        );
+        self.metrics.expose(Side::Client, &mut out);
+        out.finish()
     }
 
     /// Healthy: connected, and written recently.
@@ -138,15 +231,23 @@ pub struct StatusWriter {
 }
 
 impl StatusWriter {
-    /// Starts the writer thread for `state_dir`.
-    pub fn start(state_dir: PathBuf) -> Self {
+    /// Starts the writer thread for `state_dir`; it adds the audit `metrics` to every status
+    /// it writes, and writes them to `textfile` too when one is configured.
+    pub fn start(state_dir: PathBuf, metrics: Arc<Metrics>, textfile: Option<PathBuf>) -> Self {
         let slot = Arc::new(Mutex::new(None));
         // One pending wake-up is enough: the thread always takes the newest status.
         let (wake, woken) = crossbeam_channel::bounded(1);
         let taken = slot.clone();
         let thread = std::thread::Builder::new()
             .name("ewii-status".into())
-            .spawn(move || write_loop(&state_dir, &taken, &woken))
+            .spawn(move || {
+                let out = Outputs {
+                    dir: state_dir,
+                    metrics,
+                    textfile,
+                };
+                write_loop(&out, &taken, &woken);
+            })
             .map_err(|e| tracing::error!(error = %e, "cannot start the status writer"))
             .ok();
         Self { slot, wake, thread }
@@ -173,27 +274,68 @@ impl StatusWriter {
     }
 }
 
-fn write_loop(dir: &Path, slot: &Mutex<Option<Status>>, woken: &crossbeam_channel::Receiver<()>) {
+/// Where the writer thread writes, and the counters it adds.
+struct Outputs {
+    dir: PathBuf,
+    metrics: Arc<Metrics>,
+    textfile: Option<PathBuf>,
+}
+
+impl Outputs {
+    fn write(&self, status: &Status) {
+        status.write(&self.dir);
+        if let Some(path) = &self.textfile {
+            // 0644: node-exporter reads it as another user.
+            if let Err(e) = store::write_file(path, status.prometheus().as_bytes(), 0o644) {
+                tracing::warn!(error = %e, path = %path.display(), "cannot write the metrics file");
+            }
+        }
+    }
+}
+
+fn write_loop(
+    out: &Outputs,
+    slot: &Mutex<Option<Status>>,
+    woken: &crossbeam_channel::Receiver<()>,
+) {
     let mut written: Option<Status> = None;
     let now = tokio::time::Instant::now;
     let mut confirmed = now();
     loop {
         let wait = HEARTBEAT.saturating_sub(confirmed.elapsed());
         let wake = woken.recv_timeout(wait);
-        let next = slot.lock().ok().and_then(|mut s| s.take());
+        let last = matches!(wake, Err(crossbeam_channel::RecvTimeoutError::Disconnected));
+        // The newest status, or the last one again at a heartbeat (its counters may have
+        // moved: queries do not wake the driver).
+        let next = slot
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take())
+            .or_else(|| written.clone());
         if let Some(mut status) = next {
-            if written.as_ref().is_none_or(|w| status.differs(w)) {
+            status.metrics = out.metrics.snapshot();
+            let heartbeat = confirmed.elapsed() >= HEARTBEAT;
+            let content = written.as_ref().is_none_or(|w| status.differs(w));
+            // Counters alone are written at heartbeats, not per query.
+            let counters_only = written.as_ref().is_some_and(|w| {
+                !Status {
+                    metrics: w.metrics,
+                    ..status.clone()
+                }
+                .differs(w)
+            });
+            if content && (!counters_only || heartbeat || last) {
                 status.updated_us = crate::now_timestamp().0;
-                status.write(dir);
+                out.write(&status);
                 written = Some(status);
                 confirmed = now();
             }
         }
         if written.is_some() && confirmed.elapsed() >= HEARTBEAT {
-            touch(&dir.join(STATUS_FILE));
+            touch(&out.dir.join(STATUS_FILE));
             confirmed = now();
         }
-        if matches!(wake, Err(crossbeam_channel::RecvTimeoutError::Disconnected)) {
+        if last {
             return;
         }
     }

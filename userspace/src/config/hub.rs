@@ -20,6 +20,7 @@ const HUB_TOP_LEVEL: &[&str] = &[
     "revoke_after_lost_secs",
     "audit",
     "audit_format",
+    "metrics_listen",
 ];
 
 /// How a Hub service listener learns who the requester is.
@@ -75,6 +76,8 @@ pub struct HubConfig {
     /// What one source may cost before it has proven anything (fixed bounds, not read from
     /// the file: docs/config.md lists them).
     pub limits: crate::hub::admission::Limits,
+    /// Where `/metrics` is served (Prometheus text), if anywhere. Off by default.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How the Hub delivers webhooks.
@@ -133,6 +136,7 @@ struct RawHub {
     revoke_after_lost_secs: u64,
     #[serde(default)]
     webhooks: RawWebhooks,
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn default_revoke_after_lost() -> u64 {
@@ -263,6 +267,7 @@ impl FromStr for HubConfig {
                 .then(|| Duration::from_secs(raw.revoke_after_lost_secs)),
             webhooks,
             limits: crate::hub::admission::Limits::default(),
+            metrics_listen: raw.metrics_listen,
         })
     }
 }

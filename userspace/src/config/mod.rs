@@ -56,6 +56,7 @@ const CLIENT_TOP_LEVEL: &[&str] = &[
     "audit_format",
     "on_stop",
     "connect_timeout_ms",
+    "metrics_file",
 ];
 
 /// Parses TOML; an unknown key that is one of `top_level` gets the ordering hint.
@@ -132,6 +133,17 @@ impl fmt::Display for HubAddress {
     }
 }
 
+impl fmt::Display for AuditOutput {
+    /// As it is written in the config file.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Stdout => f.write_str("stdout"),
+            Self::Discard => f.write_str("discard"),
+            Self::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
 impl FromStr for AuditOutput {
     type Err = ConfigError;
 
@@ -177,6 +189,16 @@ pub enum OnStop {
     Revoke,
     /// Only disconnect; the identity stays valid for a restart.
     Disconnect,
+}
+
+impl fmt::Display for OnStop {
+    /// As it is written in the config file.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Revoke => "revoke",
+            Self::Disconnect => "disconnect",
+        })
+    }
 }
 
 /// What the Client requires of the kernel before it starts (`[enforcement] require`).
@@ -228,6 +250,9 @@ pub struct ClientConfig {
     pub layers: Vec<String>,
     /// How often DNS allow-list entries are resolved again (`None`: only at start).
     pub dns_refresh: Option<Duration>,
+    /// A Prometheus textfile for node-exporter's textfile collector, rewritten with the
+    /// status (the Client has no listener, so no `/metrics`).
+    pub metrics_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -251,6 +276,7 @@ struct RawClient {
     enforcement: RawEnforcement,
     #[serde(default)]
     dns: RawDns,
+    metrics_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -382,6 +408,7 @@ impl FromStr for ClientConfig {
             layers,
             dns_refresh: (raw.dns.refresh_secs > 0)
                 .then(|| Duration::from_secs(raw.dns.refresh_secs)),
+            metrics_file: raw.metrics_file,
         })
     }
 }

@@ -27,6 +27,7 @@ pub mod admission;
 mod enrol;
 mod incoming;
 pub mod layout;
+mod metrics;
 mod outbox;
 mod query;
 mod registry;
@@ -151,6 +152,7 @@ pub struct Hub {
     watcher: watch::Parts,
     outbox: outbox::Parts,
     services: Vec<(ServiceConfig, TcpListener, SocketAddr)>,
+    metrics: Option<(TcpListener, SocketAddr)>,
 }
 
 impl Hub {
@@ -186,6 +188,15 @@ impl Hub {
             let addr = listener.local_addr().map_err(bind_err)?;
             services.push((svc.clone(), listener, addr));
         }
+        let metrics = match config.metrics_listen {
+            None => None,
+            Some(addr) => {
+                let bind_err = |source| HubError::Bind { addr, source };
+                let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+                let bound = listener.local_addr().map_err(bind_err)?;
+                Some((listener, bound))
+            }
+        };
         let (registry, trust) = (Arc::new(Registry::new(audit.clone())), Arc::new(trust));
         Ok(Self {
             watcher: watch::Parts {
@@ -213,7 +224,13 @@ impl Hub {
             endpoint,
             changes,
             services,
+            metrics,
         })
+    }
+
+    /// The bound address of `/metrics`, when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(_, a)| *a)
     }
 
     /// The UDP address Clients dial.
@@ -243,6 +260,7 @@ impl Hub {
 
     /// Serves until `shutdown` resolves; then closes every connection and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), HubError> {
+        let handle = self.handle();
         let Self {
             endpoint,
             changes,
@@ -250,6 +268,7 @@ impl Hub {
             watcher,
             outbox,
             services,
+            metrics,
         } = self;
         let audit = sessions.audit.clone();
         let mut r = audit.record(Event::Started);
@@ -273,6 +292,9 @@ impl Hub {
         }
         listeners.spawn(watch::watch(watcher, changes));
         listeners.spawn(outbox::deliver(outbox));
+        if let Some((listener, _)) = metrics {
+            listeners.spawn(metrics::serve(listener, audit.clone(), handle));
+        }
         tokio::pin!(shutdown);
         loop {
             tokio::select! {

@@ -1,0 +1,115 @@
+//! `/metrics` for Prometheus, on the address the operator chooses (`metrics_listen`). The Hub
+//! may listen; the Client never does (it writes a textfile instead).
+//!
+//! A deliberately small HTTP/1.1 responder: one request per connection, the request head
+//! bounded in size and time, a bounded number of scrapes at once. `GET /metrics` answers the
+//! audit-derived counters and the Hub's live gauges; anything else is 404 or 405.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ewii_common::audit::Side;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use super::HubHandle;
+use crate::audit::metrics::Exposition;
+use crate::audit::Audit;
+
+/// The longest request head read.
+const MAX_HEAD: usize = 8 * 1024;
+/// How long a scraper has to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Scrapes served at once; more wait for their turn.
+const MAX_SCRAPES: usize = 16;
+
+/// Serves until the task is dropped.
+pub(super) async fn serve(listener: TcpListener, audit: Audit, hub: HubHandle) {
+    let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let (audit, hub) = (audit.clone(), hub.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let _ = tokio::time::timeout(READ_TIMEOUT, answer(stream, &audit, &hub)).await;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn answer(mut stream: TcpStream, audit: &Audit, hub: &HubHandle) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() > MAX_HEAD {
+            return respond(&mut stream, "431 Request Header Fields Too Large", "").await;
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, target) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    match (method, target) {
+        (b"GET", b"/metrics") => respond(&mut stream, "200 OK", &exposition(audit, hub)).await,
+        (b"GET", _) => respond(&mut stream, "404 Not Found", "only /metrics is served\n").await,
+        _ => respond(&mut stream, "405 Method Not Allowed", "GET /metrics only\n").await,
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// The text a scrape receives.
+fn exposition(audit: &Audit, hub: &HubHandle) -> String {
+    let mut out = Exposition::default();
+    out.one(
+        "ewii_hub_clients_connected",
+        "gauge",
+        "Clients with a live session.",
+        hub.connected_clients().len(),
+    );
+    out.one(
+        "ewii_hub_connections",
+        "gauge",
+        "Live Client connections (two for a moment while a Client rotates).",
+        hub.connections(),
+    );
+    out.one(
+        "ewii_hub_quic_retries_total",
+        "counter",
+        "New connections asked to prove their address (QUIC Retry) under load.",
+        hub.retries_sent(),
+    );
+    out.one(
+        "ewii_hub_store_statements_total",
+        "counter",
+        "Database statements run by the store since start.",
+        hub.store_statements(),
+    );
+    audit.metrics().snapshot().expose(Side::Hub, &mut out);
+    out.finish()
+}
