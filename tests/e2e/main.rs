@@ -9,6 +9,7 @@ mod hostile;
 mod image;
 mod kernel;
 mod lifecycle;
+mod manifests;
 mod mtls;
 mod postgres;
 mod process;
