@@ -349,6 +349,31 @@ async fn p1_p2_p3_the_dockerfile_targets_run_hardened_in_their_own_network_names
             assert!(bad.is_empty(), "{bad:?}");
         }
 
+        // The customer's evidence, from inside the container as the documentation runs it:
+        // every promise it can show holds (P16 too with the lock); as the Client's own user it
+        // attributes sockets by owner in the container's network namespace.
+        let evidence = podman.run(&["exec", &cname, "ewii-client", "verify", "--json"]);
+        let report: serde_json::Value =
+            serde_json::from_slice(&evidence.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "{name}: verify printed no JSON ({e}): {}",
+                    String::from_utf8_lossy(&evidence.stderr)
+                )
+            });
+        assert!(evidence.status.success(), "{name}: {report:#}");
+        for p in report["promises"].as_array().unwrap() {
+            let expected = match p["id"].as_str().unwrap() {
+                "P1" => "elsewhere",
+                "P16" if target == "client" => "off",
+                _ => "holds",
+            };
+            assert_eq!(p["verdict"], expected, "{name}: {p:#}");
+        }
+        assert!(
+            report["client"]["sockets"]["attribution"]["owner_in_namespace"].is_object(),
+            "{name}: {report:#}"
+        );
+
         // `docker stop`: SIGTERM, exit 0, and (on_stop = "revoke") the Hub has revoked it.
         podman.ok(&["stop", "-t", "10", &cname]);
         assert_eq!(

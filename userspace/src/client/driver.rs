@@ -495,6 +495,7 @@ impl Driver {
             audit: super::describe_audit(&self.config),
             on_stop: self.config.on_stop.to_string(),
             metrics: Default::default(),
+            hub_connections: self.connections.len(),
         }
     }
 

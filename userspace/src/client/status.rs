@@ -102,6 +102,10 @@ pub struct Status {
     /// Counters since start, derived from the audit records.
     #[serde(default)]
     pub metrics: Snapshot,
+    /// Connections to the Hub held now: the current one, and for a while after a rotation
+    /// the one it replaced while its queries drain (each has its own UDP socket).
+    #[serde(default)]
+    pub hub_connections: usize,
 }
 
 impl Status {

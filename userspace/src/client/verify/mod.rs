@@ -450,12 +450,19 @@ fn udp_sockets(s: &Sockets) -> Vec<&procfs::Socket> {
         .collect()
 }
 
+/// UDP sockets the Client may hold: one per Hub connection it reports (the current one, and
+/// one draining after a rotation), at least one.
+fn udp_allowance(s: &Status) -> usize {
+    s.hub_connections.max(1)
+}
+
 fn p5(f: &Facts) -> Assessed {
     let Ok(sockets) = &f.sockets else {
         return holds_if(false, vec!["cannot read the sockets".into()]);
     };
     let udp = udp_sockets(sockets);
     let connected = f.status.state == State::Connected;
+    let allowance = udp_allowance(&f.status);
     let mut ev = vec![format!(
         "Hub {} ({}); {} UDP socket(s) besides DNS: {}",
         f.status.hub,
@@ -466,6 +473,11 @@ fn p5(f: &Facts) -> Assessed {
             .collect::<Vec<_>>()
             .join(", ")
     )];
+    if allowance > 1 {
+        ev.push(format!(
+            "the Client holds {allowance} Hub connections: the current one and, after a rotation, the one it replaced while its queries drain (make-before-break)"
+        ));
+    }
     ev.push("TLS 1.3 only, with TLS_CHACHA20_POLY1305_SHA256 as the only cipher suite: fixed in the binary, not configurable".into());
     if !f.status.hub.ends_with(":443") {
         ev.push(format!(
@@ -474,15 +486,15 @@ fn p5(f: &Facts) -> Assessed {
         ));
     }
     let ok = if connected {
-        udp.len() == 1
+        (1..=allowance).contains(&udp.len())
     } else {
-        udp.len() <= 1
+        udp.len() <= allowance
     };
     if !ok {
         ev.push(if udp.is_empty() {
             "connected, yet no UDP socket".into()
         } else {
-            "more than one UDP socket".into()
+            format!("more UDP sockets than Hub connections ({allowance})")
         });
     }
     holds_if(ok, ev)
@@ -500,8 +512,8 @@ fn p6(f: &Facts) -> Assessed {
             .filter(|x| x.proto == Proto::Raw)
             .map(|x| format!("raw socket {}", x.local)),
     );
-    if udp_sockets(sockets).len() > 1 {
-        wrong.push("a second UDP socket".into());
+    if udp_sockets(sockets).len() > udp_allowance(&f.status) {
+        wrong.push("a UDP socket that is no Hub connection".into());
     }
     let mut ev = vec![format!(
         "{} socket(s) in all: UDP to the Hub, TCP to allow-listed destinations{}; {}",

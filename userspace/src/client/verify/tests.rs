@@ -57,6 +57,7 @@ fn good() -> Facts {
         audit: "stdout (ewii JSON lines)".into(),
         on_stop: "revoke".into(),
         metrics: Default::default(),
+        hub_connections: 1,
     };
     Facts {
         now: NOW,
@@ -194,6 +195,14 @@ fn p5_p6_a_second_udp_or_a_raw_socket_breaks_them() {
         s.sockets
             .push(sock(Proto::Udp, "0.0.0.0:40001", "8.8.4.4:443", 1));
     });
+    // The connection a rotation replaced, still draining, is accounted for.
+    let mut f = good();
+    f.status.hub_connections = 2;
+    let s = f.sockets.as_mut().unwrap();
+    s.sockets
+        .push(sock(Proto::Udp, "0.0.0.0:40001", "0.0.0.0:0", 7));
+    assert_eq!(verdict(&f, "P5"), Verdict::Holds);
+    assert_eq!(verdict(&f, "P6"), Verdict::Holds);
     // A DNS query in flight is not a second connection.
     let mut f = good();
     let s = f.sockets.as_mut().unwrap();
