@@ -60,6 +60,9 @@ pub enum Event {
     KernelDenied,
     /// A DNS allow-list entry's answers changed at a refresh (adopted, or not: see `outcome`).
     DnsChanged,
+    /// New queries were refused while the audit sink lagged too far behind (written once it
+    /// caught up; `reason` says how many and since when). Records are never dropped.
+    AuditBacklog,
 }
 
 /// Why a session ended: the first word of a `session_lost` record's `reason` on both sides
@@ -243,7 +246,7 @@ impl AuditRecord {
         let (activity_id, activity_name) = match (self.event, self.outcome) {
             (Event::Query, Some(Outcome::Ok)) => (6, "Traffic"),
             (
-                Event::Query | Event::KernelDenied | Event::HandshakeRefused,
+                Event::Query | Event::KernelDenied | Event::HandshakeRefused | Event::AuditBacklog,
                 Some(Outcome::Refused),
             ) => (5, "Refuse"),
             (Event::Query, _) => (4, "Fail"),

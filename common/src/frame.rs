@@ -142,6 +142,8 @@ pub enum RefuseCode {
     EnrolmentRefused,
     /// The protocol version is not supported.
     Version,
+    /// The Client takes no new query for now (its audit sink lags); try again later.
+    Busy,
 }
 
 impl fmt::Display for RefuseCode {
@@ -153,6 +155,7 @@ impl fmt::Display for RefuseCode {
             Self::BadRequest => "bad_request",
             Self::EnrolmentRefused => "enrolment_refused",
             Self::Version => "version",
+            Self::Busy => "busy",
         })
     }
 }

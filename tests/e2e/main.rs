@@ -3,6 +3,7 @@
 //! Test names carry the promise ids of DESIGN §2 they prove: `grep -r p4_ tests/`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod backlog;
 mod enrol;
 mod faults;
 mod hostile;

@@ -61,6 +61,84 @@ pub(crate) fn spawn_hub(config: &std::path::Path) -> Proc {
     hub
 }
 
+/// An `ewii-hub` process with one plain TCP service, `pg`, to Client `acme`'s entry `db`.
+pub(crate) struct HubProcess {
+    pub(crate) proc: Proc,
+    pub(crate) dir: std::path::PathBuf,
+    /// Where Clients dial it (`127.0.0.1:<udp>`).
+    pub(crate) addr: String,
+    /// The service listener.
+    pub(crate) service: SocketAddr,
+    pub(crate) bundle_hash: String,
+}
+
+impl HubProcess {
+    /// `init` in `<root>/hub`, a `hub.toml` with `extra` top-level keys, `run`.
+    pub(crate) fn start(root: &std::path::Path, extra: &str) -> Self {
+        let dir = root.join("hub");
+        let init = run(
+            "ewii-hub",
+            &[
+                "init",
+                "--state-dir",
+                dir.to_str().unwrap(),
+                "--trust-domain",
+                TD,
+            ],
+        );
+        let (udp, svc) = (free_udp_port(), free_tcp_port());
+        let toml = root.join("hub.toml");
+        fs::write(
+            &toml,
+            format!(
+                "state_dir = {dir:?}\nlisten = \"127.0.0.1:{udp}\"\naudit = \"discard\"\n{extra}\n[[service]]\nname = \"pg\"\nlisten = \"127.0.0.1:{svc}\"\nclient = \"acme\"\ndestination = \"db\"\nprincipal = \"ops\"\n"
+            ),
+        )
+        .unwrap();
+        Self {
+            proc: spawn_hub(&toml),
+            dir,
+            addr: format!("127.0.0.1:{udp}"),
+            service: SocketAddr::from(([127, 0, 0, 1], svc)),
+            bundle_hash: field(&init, "bundle hash:"),
+        }
+    }
+
+    /// A token for Client `name`, redeemed by `ewii-client enroll` into `state_dir`.
+    pub(crate) fn enrol(&self, name: &str, state_dir: &std::path::Path) {
+        let token = run(
+            "ewii-hub",
+            &[
+                "token",
+                "create",
+                "--state-dir",
+                self.dir.to_str().unwrap(),
+                "--client",
+                name,
+                "--ttl",
+                "10m",
+            ],
+        );
+        let out = Command::new(bin_path("ewii-client"))
+            .args([
+                "enroll",
+                "--hub",
+                &self.addr,
+                "--bundle-hash",
+                &self.bundle_hash,
+            ])
+            .args(["--state-dir", state_dir.to_str().unwrap()])
+            .env("EWII_TOKEN", field(&token, "token:"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// Waits until `ewii-client health` passes for the state directory.
 pub(crate) async fn healthy(dir: &std::path::Path) {
     let dir = dir.to_str().unwrap().to_owned();

@@ -13,9 +13,7 @@ use std::process::{Command, Output, Stdio};
 use ewii_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::process::{
-    field, free_tcp_port, free_udp_port, healthy, not_root, run, spawn_hub, Proc,
-};
+use crate::process::{free_tcp_port, healthy, not_root, run, HubProcess, Proc};
 
 /// The uid the image runs as.
 const NOBODY: u32 = 65532;
@@ -51,33 +49,6 @@ fn verdict<'a>(report: &'a serde_json::Value, id: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {id} in {report:#}"))
 }
 
-fn enrol(hub_dir: &str, hub_addr: &str, bundle_hash: &str, name: &str, dir: &Path) {
-    let token = run(
-        "ewii-hub",
-        &[
-            "token",
-            "create",
-            "--state-dir",
-            hub_dir,
-            "--client",
-            name,
-            "--ttl",
-            "10m",
-        ],
-    );
-    let out = Command::new(bin_path("ewii-client"))
-        .args(["enroll", "--hub", hub_addr, "--bundle-hash", bundle_hash])
-        .args(["--state-dir", dir.to_str().unwrap()])
-        .env("EWII_TOKEN", field(&token, "token:"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn chown(path: &Path, uid: u32) {
     let ok = Command::new("chown")
         .args(["-R", &format!("{uid}:{uid}"), path.to_str().unwrap()])
@@ -109,30 +80,18 @@ async fn p2_p3_p4_p13_p14_verify_reports_what_holds_for_a_running_client_and_wha
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let hub_dir = root.path().join("hub");
-    let hub_dir_s = hub_dir.to_str().unwrap();
-    let init = run(
-        "ewii-hub",
-        &["init", "--state-dir", hub_dir_s, "--trust-domain", TD],
-    );
-    let bundle_hash = field(&init, "bundle hash:");
     let echo = echo_server().await;
-    let (udp, svc, metrics) = (free_udp_port(), free_tcp_port(), free_tcp_port());
-    let hub_toml = root.path().join("hub.toml");
-    fs::write(
-        &hub_toml,
-        format!(
-            "state_dir = {hub_dir:?}\nlisten = \"127.0.0.1:{udp}\"\naudit = \"discard\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n[[service]]\nname = \"pg\"\nlisten = \"127.0.0.1:{svc}\"\nclient = \"acme\"\ndestination = \"db\"\nprincipal = \"ops\"\n"
-        ),
-    )
-    .unwrap();
-    let mut hub = spawn_hub(&hub_toml);
-    let hub_addr = format!("127.0.0.1:{udp}");
+    let metrics = free_tcp_port();
+    let mut hub = HubProcess::start(
+        root.path(),
+        &format!("metrics_listen = \"127.0.0.1:{metrics}\""),
+    );
+    let hub_addr = hub.addr.clone();
 
     // The customer's Client as the image runs it: uid 65532, the unprivileged layers, a
     // metrics textfile for node-exporter.
     let acme = root.path().join("acme");
-    enrol(hub_dir_s, &hub_addr, &bundle_hash, "acme", &acme);
+    hub.enrol("acme", &acme);
     let textfile_dir = root.path().join("textfile");
     fs::create_dir(&textfile_dir).unwrap();
     chown(&acme, NOBODY);
@@ -159,9 +118,7 @@ async fn p2_p3_p4_p13_p14_verify_reports_what_holds_for_a_running_client_and_wha
     healthy(&acme).await;
 
     // A query, kept open while verify looks at the sockets.
-    let mut s = tokio::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], svc)))
-        .await
-        .unwrap();
+    let mut s = tokio::net::TcpStream::connect(hub.service).await.unwrap();
     s.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];
     s.read_exact(&mut buf).await.unwrap();
@@ -295,7 +252,7 @@ async fn p2_p3_p4_p13_p14_verify_reports_what_holds_for_a_running_client_and_wha
 
     // Broken on purpose (real): a Client run as root, keeping its capabilities.
     let beta = root.path().join("beta");
-    enrol(hub_dir_s, &hub_addr, &bundle_hash, "beta", &beta);
+    hub.enrol("beta", &beta);
     let beta_toml = root.path().join("beta.toml");
     client_toml(&beta_toml, &hub_addr, &beta, echo, "");
     let beta_text = fs::read_to_string(&beta_toml)
@@ -333,5 +290,5 @@ async fn p2_p3_p4_p13_p14_verify_reports_what_holds_for_a_running_client_and_wha
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no status.json"));
-    assert_eq!(hub.terminate().code(), Some(0));
+    assert_eq!(hub.proc.terminate().code(), Some(0));
 }

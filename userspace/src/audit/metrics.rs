@@ -29,6 +29,7 @@ pub struct Metrics {
     webhooks_delivered: AtomicU64,
     webhooks_failed: AtomicU64,
     dns_changed: AtomicU64,
+    queries_shed: AtomicU64,
 }
 
 /// Counters by outcome.
@@ -78,6 +79,8 @@ pub struct Snapshot {
     pub webhooks_failed: u64,
     /// DNS allow-list answers that changed at a refresh.
     pub dns_changed: u64,
+    /// Queries refused because the audit sink lagged (`audit_backlog` records sum them up).
+    pub queries_shed: u64,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -135,6 +138,11 @@ impl Metrics {
         }
     }
 
+    /// Counts one query refused because the audit sink lagged.
+    pub fn count_shed(&self) {
+        add(&self.queries_shed, 1);
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> Snapshot {
         let get = |c: &AtomicU64| c.load(Relaxed);
@@ -155,6 +163,7 @@ impl Metrics {
             webhooks_delivered: get(&self.webhooks_delivered),
             webhooks_failed: get(&self.webhooks_failed),
             dns_changed: get(&self.dns_changed),
+            queries_shed: get(&self.queries_shed),
         }
     }
 }
@@ -218,6 +227,12 @@ impl Snapshot {
                 ("direction=\"up\"", self.bytes_up.to_string()),
                 ("direction=\"down\"", self.bytes_down.to_string()),
             ],
+        );
+        out.one(
+            &n("queries_shed_total"),
+            "counter",
+            "Queries refused because the audit sink lagged (no record is ever dropped).",
+            self.queries_shed,
         );
         out.one(
             &n("sessions_up_total"),

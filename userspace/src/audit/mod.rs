@@ -8,6 +8,7 @@
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -45,6 +46,17 @@ enum Done {
 /// The longest a flush waits for the writer (a blocked sink must not hang a stop).
 const FLUSH_BOUND: Duration = Duration::from_secs(5);
 
+/// Records waiting for the sink above which new queries are refused (`audit_backlog`).
+pub const DEFAULT_BACKLOG: usize = 16_384;
+
+/// Queries refused while the sink lagged, not yet reported.
+#[derive(Debug, Default)]
+struct Shed {
+    count: AtomicU64,
+    /// When the first of them was refused, microseconds since the epoch.
+    since: AtomicU64,
+}
+
 /// A handle to the audit writer. Cheap to clone; every clone writes to the same sink.
 #[derive(Clone)]
 pub struct Audit {
@@ -53,6 +65,8 @@ pub struct Audit {
     tx: Sender<Msg>,
     tap: Option<Arc<Tap>>,
     metrics: Arc<Metrics>,
+    backlog: usize,
+    shed: Arc<Shed>,
 }
 
 impl std::fmt::Debug for Audit {
@@ -81,6 +95,11 @@ impl Audit {
             }
             AuditOutput::Discard => Box::new(io::sink()),
         };
+        Self::open_writer(side, sink)
+    }
+
+    /// Starts the writer thread for any sink.
+    fn open_writer(side: Side, sink: Box<dyn Write + Send>) -> io::Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded();
         thread::Builder::new()
             .name("ewii-audit".into())
@@ -91,6 +110,8 @@ impl Audit {
             tx,
             tap: None,
             metrics: Arc::default(),
+            backlog: DEFAULT_BACKLOG,
+            shed: Arc::default(),
         })
     }
 
@@ -98,6 +119,44 @@ impl Audit {
     pub fn with_format(mut self, format: Format) -> Self {
         self.format = format;
         self
+    }
+
+    /// Refuses new queries while more than `records` records wait for the sink (see
+    /// [`admit_query`](Self::admit_query)); at least 16.
+    pub fn with_backlog(mut self, records: usize) -> Self {
+        self.backlog = records.max(16);
+        self
+    }
+
+    /// Whether a new query may start. While the sink is `backlog` records behind (a blocked
+    /// stdout, a full disk), no: the query is refused before it does anything, and counted.
+    /// Records are never dropped — work that would make more of them is refused instead, so
+    /// memory stays bounded by the backlog plus the records of queries already in flight.
+    /// The first query admitted after the sink caught up writes one `audit_backlog` record
+    /// with the count.
+    pub fn admit_query(&self) -> bool {
+        if self.tx.len() >= self.backlog {
+            if self.shed.count.fetch_add(1, Ordering::Relaxed) == 0 {
+                self.shed
+                    .since
+                    .store(crate::now_timestamp().0, Ordering::Relaxed);
+            }
+            self.metrics.count_shed();
+            return false;
+        }
+        let shed = self.shed.count.swap(0, Ordering::Relaxed);
+        if shed > 0 {
+            let since = ewii_common::time::Timestamp(self.shed.since.load(Ordering::Relaxed));
+            let mut r = self.record(Event::AuditBacklog);
+            r.outcome = Some(ewii_common::audit::Outcome::Refused);
+            r.reason = Some(format!(
+                "{shed} queries refused since {since}: the audit sink was {} records behind",
+                self.backlog
+            ));
+            tracing::warn!(shed, %since, "the audit sink caught up; queries refused meanwhile");
+            self.emit(r);
+        }
+        true
     }
 
     /// Like [`open`](Self::open), and also keeps every record in memory for [`records`](Self::records).
@@ -220,9 +279,99 @@ fn writer(mut out: BufWriter<Box<dyn Write + Send>>, rx: Receiver<Msg>) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Condvar;
+
     use ewii_common::audit::Outcome;
 
     use super::*;
+
+    /// Whether the gate is open, and what went through it.
+    type Passed = Mutex<(bool, Vec<u8>)>;
+
+    /// A sink that blocks every write until opened, like a stdout nobody reads.
+    #[derive(Clone, Default)]
+    struct Gate(Arc<(Passed, Condvar)>);
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let (lock, cvar) = &*self.0;
+            let mut state = lock.lock().unwrap();
+            while !state.0 {
+                state = cvar.wait(state).unwrap();
+            }
+            state.1.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Gate {
+        fn open(&self) {
+            self.0 .0.lock().unwrap().0 = true;
+            self.0 .1.notify_all();
+        }
+        fn lines(&self) -> Vec<serde_json::Value> {
+            let text = String::from_utf8(self.0 .0.lock().unwrap().1.clone()).unwrap();
+            text.lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        }
+    }
+
+    #[test]
+    fn p11_a_blocked_sink_refuses_new_queries_and_loses_no_record() {
+        let gate = Gate::default();
+        let audit = Audit::open_writer(Side::Client, Box::new(gate.clone()))
+            .unwrap()
+            .with_backlog(16);
+        // A first record, big enough to reach the sink (the writer blocks on it), then 16
+        // more waiting in the queue: the backlog is full.
+        let mut first = audit.record(Event::Query);
+        first.reason = Some("x".repeat(10_000));
+        audit.emit(first);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !audit.tx.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the writer never took it"
+            );
+            thread::yield_now();
+        }
+        for _ in 0..16 {
+            assert!(audit.admit_query());
+            audit.emit(audit.record(Event::Query));
+        }
+        for _ in 0..3 {
+            assert!(!audit.admit_query(), "refused while 16 records wait");
+        }
+        assert_eq!(audit.metrics().snapshot().queries_shed, 3);
+        gate.open();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while audit.tx.len() >= 16 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the sink did not drain"
+            );
+            thread::yield_now();
+        }
+        assert!(audit.admit_query(), "admitted once the sink caught up");
+        assert!(audit.admit_query(), "and the summary is written once");
+        audit.flush();
+        let lines = gate.lines();
+        assert_eq!(lines.len(), 1 + 16 + 1, "every record written");
+        let summary = lines.last().unwrap();
+        assert_eq!(summary["event"], "audit_backlog");
+        assert_eq!(summary["outcome"], "refused");
+        assert!(
+            summary["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("3 queries refused since "),
+            "{summary}"
+        );
+    }
 
     #[test]
     fn p12_the_file_sink_writes_one_complete_json_line_per_record_in_either_format() {

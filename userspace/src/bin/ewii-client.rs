@@ -372,7 +372,9 @@ fn run(path: &Path) -> ExitCode {
         Err(e) => return fail(1, e.to_string()),
     };
     let audit = match Audit::open(Side::Client, &config.audit) {
-        Ok(a) => a.with_format(config.audit_format),
+        Ok(a) => a
+            .with_format(config.audit_format)
+            .with_backlog(config.audit_backlog),
         Err(e) => return fail(1, format!("opening the audit sink: {e}")),
     };
     block_on(async move {

@@ -436,7 +436,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let audit = Audit::open(Side::Hub, &config.audit)
                 .context("opening the audit sink")?
-                .with_format(config.audit_format);
+                .with_format(config.audit_format)
+                .with_backlog(config.audit_backlog);
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(async {
                 let hub = Hub::bind(config, audit.clone()).await?;

@@ -89,6 +89,15 @@ pub(crate) async fn serve(
             return;
         }
     };
+    // The audit sink lags too far behind (a blocked stdout, a full disk): refuse before doing
+    // anything, rather than lose a record or grow without bound. Counted, and summed up in
+    // one `audit_backlog` record once the sink catches up.
+    if !ctx.audit.admit_query() {
+        let code = RefuseCode::Busy;
+        let _ = transport::write_frame(&mut send, &QueryHead::Refused { code }).await;
+        let _ = send.finish();
+        return;
+    }
     let mut r = ctx.audit.record(Event::Query);
     r.session_id = Some(session_id);
     r.query_id = Some(query_id);

@@ -20,6 +20,7 @@ const HUB_TOP_LEVEL: &[&str] = &[
     "revoke_after_lost_secs",
     "audit",
     "audit_format",
+    "audit_backlog",
     "metrics_listen",
 ];
 
@@ -67,6 +68,8 @@ pub struct HubConfig {
     pub audit: AuditOutput,
     /// How audit lines are rendered.
     pub audit_format: ewii_common::audit::Format,
+    /// Records waiting for the audit sink above which new queries are refused.
+    pub audit_backlog: usize,
     /// Service listeners.
     pub services: Vec<ServiceConfig>,
     /// Revoke a Client that has had no session for this long (`None`: never).
@@ -130,6 +133,8 @@ struct RawHub {
     audit: String,
     #[serde(default)]
     audit_format: ewii_common::audit::Format,
+    #[serde(default = "super::default_audit_backlog")]
+    audit_backlog: usize,
     #[serde(default)]
     service: Vec<RawService>,
     #[serde(default = "default_revoke_after_lost")]
@@ -262,6 +267,7 @@ impl FromStr for HubConfig {
             svid_lifetime: Duration::from_secs(raw.svid_lifetime_secs),
             audit: raw.audit.parse()?,
             audit_format: raw.audit_format,
+            audit_backlog: super::check_audit_backlog(raw.audit_backlog)?,
             services,
             revoke_after_lost: (raw.revoke_after_lost_secs > 0)
                 .then(|| Duration::from_secs(raw.revoke_after_lost_secs)),

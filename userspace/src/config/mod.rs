@@ -54,6 +54,7 @@ const CLIENT_TOP_LEVEL: &[&str] = &[
     "state_dir",
     "audit",
     "audit_format",
+    "audit_backlog",
     "on_stop",
     "connect_timeout_ms",
     "metrics_file",
@@ -236,6 +237,8 @@ pub struct ClientConfig {
     pub audit: AuditOutput,
     /// How audit lines are rendered.
     pub audit_format: ewii_common::audit::Format,
+    /// Records waiting for the audit sink above which new queries are refused.
+    pub audit_backlog: usize,
     /// Reconnection backoff.
     pub reconnect: ReconnectPolicy,
     /// The install-time allow-list.
@@ -264,6 +267,8 @@ struct RawClient {
     audit: String,
     #[serde(default)]
     audit_format: ewii_common::audit::Format,
+    #[serde(default = "default_audit_backlog")]
+    audit_backlog: usize,
     #[serde(default)]
     reconnect: RawReconnect,
     #[serde(default)]
@@ -321,6 +326,21 @@ struct RawReconnect {
 struct RawAllow {
     name: String,
     address: String,
+}
+
+pub(crate) fn default_audit_backlog() -> usize {
+    crate::audit::DEFAULT_BACKLOG
+}
+
+/// Checks `audit_backlog`: at least 16 records, at most a million.
+pub(crate) fn check_audit_backlog(n: usize) -> Result<usize, ConfigError> {
+    if (16..=1_000_000).contains(&n) {
+        Ok(n)
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "audit_backlog must be 16 to 1000000 records (got {n})"
+        )))
+    }
 }
 
 pub(crate) fn default_audit() -> String {
@@ -400,6 +420,7 @@ impl FromStr for ClientConfig {
             state_dir: raw.state_dir,
             audit: raw.audit.parse()?,
             audit_format: raw.audit_format,
+            audit_backlog: check_audit_backlog(raw.audit_backlog)?,
             reconnect,
             allow,
             on_stop: raw.on_stop,

@@ -66,6 +66,12 @@ async fn query(
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
+    // The audit sink lags too far behind: the requester is closed before anything happens
+    // (counted, and summed up in one `audit_backlog` record once the sink catches up).
+    if !parts.audit.admit_query() {
+        tracing::debug!(%peer, service = %svc.name, "query refused: the audit sink lags");
+        return;
+    }
     let _ = tcp.set_nodelay(true);
     let mut log = QueryLog::new(&parts, &svc, peer);
     match tls {

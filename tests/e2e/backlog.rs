@@ -1,0 +1,138 @@
+//! A Client whose audit sink stops draining (P11): its stdout is a pipe nobody reads. New
+//! queries are refused once `audit_backlog` records wait — the process does not grow without
+//! bound and loses no record — and once the pipe is read again, queries work, every query the
+//! requester saw served has its record, and one `audit_backlog` record counts the refused ones.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ewii_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::process::{healthy, HubProcess, Proc};
+
+/// One query: true when the byte came back, false when the requester was closed unanswered.
+async fn one_query(service: SocketAddr) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(service).await.ok()?;
+        s.write_all(b"x").await.ok()?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.ok()?;
+        Some(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p11_a_client_whose_audit_sink_blocks_refuses_new_queries_and_loses_no_record() {
+    let root = tempfile::tempdir().unwrap();
+    let echo = echo_server().await;
+    let mut hub = HubProcess::start(root.path(), "");
+    let client_dir = root.path().join("acme");
+    hub.enrol("acme", &client_dir);
+    let client_toml = root.path().join("client.toml");
+    std::fs::write(
+        &client_toml,
+        format!(
+            "hub = \"{}\"\nstate_dir = {client_dir:?}\naudit_backlog = 16\n[[allow]]\nname = \"db\"\naddress = \"{echo}\"\n[enforcement]\nlayers = [\"landlock\", \"privileges\", \"seccomp\"]\n",
+            hub.addr
+        ),
+    )
+    .unwrap();
+    // Audit lines go to a pipe this test does not read (yet).
+    let mut client = Proc(
+        Command::new(bin_path("ewii-client"))
+            .args(["run", "--config", client_toml.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    healthy(&client_dir).await;
+    let service = hub.service;
+
+    // The pipe (64 KiB) fills after a few hundred records, then 16 wait in the Client: from
+    // there on new queries are refused. Bounded: at most 3,000 queries.
+    let (mut served, mut refused) = (0u64, 0u64);
+    let rss_before = rss_kib(client.pid());
+    for _ in 0..3_000 {
+        if one_query(service).await {
+            served += 1;
+        } else {
+            refused += 1;
+            if refused == 50 {
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, 50, "never refused after {served} queries");
+    assert!(served > 16, "served {served} before the backlog filled");
+    let rss_blocked = rss_kib(client.pid());
+
+    // Read the pipe again: the backlog drains and queries are served again.
+    let stdout = client.0.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(&l.unwrap()).unwrap())
+            .collect::<Vec<_>>()
+    });
+    let mut back = false;
+    for _ in 0..100 {
+        if one_query(service).await {
+            served += 1;
+            back = true;
+            break;
+        }
+        refused += 1;
+        tokio::time::sleep(POLL).await;
+    }
+    assert!(back, "queries not served again once the sink drained");
+    for _ in 0..5 {
+        assert!(one_query(service).await);
+        served += 1;
+    }
+    assert_eq!(client.terminate().code(), Some(0));
+    let records = reader.join().unwrap();
+    let ok = records
+        .iter()
+        .filter(|r| r["event"] == "query" && r["outcome"] == "ok")
+        .count() as u64;
+    assert_eq!(ok, served, "one record per query served");
+    let summaries: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["event"] == "audit_backlog")
+        .collect();
+    assert_eq!(summaries.len(), 1, "{summaries:?}");
+    let reason = summaries[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(&format!("{refused} queries refused since ")),
+        "{reason} (requester saw {refused} refused)"
+    );
+    for r in &records {
+        let bad = audit_line_violations(&r.to_string());
+        assert!(bad.is_empty(), "{bad:?}");
+    }
+    // Bounded: refusing costs nothing that stays (reported, not asserted as a timing).
+    eprintln!("client RSS: {rss_before} KiB before, {rss_blocked} KiB with the sink blocked");
+    assert!(
+        rss_blocked < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} to {rss_blocked} KiB"
+    );
+    assert_eq!(hub.proc.terminate().code(), Some(0));
+}
