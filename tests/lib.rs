@@ -509,7 +509,7 @@ pub async fn raw_session(hub: &TestHub, svid: &ewii::identity::store::Svid) -> O
     let ca = ewii::identity::store::read_certs(&hub.state_dir().join("ca.pem")).ok()?;
     let verifier = SpiffeVerifier::new(Bundle::new(ca), TD, Expect::Hub);
     let tls = transport::tls_client_config(Some(svid), Arc::new(verifier), frame::ALPN).ok()?;
-    let quic = transport::quic_client_config(tls).ok()?;
+    let quic = transport::quic_client_config(tls, transport::MAX_CONCURRENT_QUERIES).ok()?;
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().ok()?).ok()?;
     let conn = endpoint
         .connect_with(quic, hub.addr, "127.0.0.1")

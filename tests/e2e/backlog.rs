@@ -5,13 +5,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use ewii_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::process::{healthy, HubProcess, Proc};
+use crate::process::HubProcess;
 
 /// One query: true when the byte came back, false when the requester was closed unanswered.
 async fn one_query(service: SocketAddr) -> bool {
@@ -43,27 +43,10 @@ async fn p11_a_client_whose_audit_sink_blocks_refuses_new_queries_and_loses_no_r
     let root = tempfile::tempdir().unwrap();
     let echo = echo_server().await;
     let mut hub = HubProcess::start(root.path(), "");
-    let client_dir = root.path().join("acme");
-    hub.enrol("acme", &client_dir);
-    let client_toml = root.path().join("client.toml");
-    std::fs::write(
-        &client_toml,
-        format!(
-            "hub = \"{}\"\nstate_dir = {client_dir:?}\naudit_backlog = 16\n[[allow]]\nname = \"db\"\naddress = \"{echo}\"\n[enforcement]\nlayers = [\"landlock\", \"privileges\", \"seccomp\"]\n",
-            hub.addr
-        ),
-    )
-    .unwrap();
     // Audit lines go to a pipe this test does not read (yet).
-    let mut client = Proc(
-        Command::new(bin_path("ewii-client"))
-            .args(["run", "--config", client_toml.to_str().unwrap()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    healthy(&client_dir).await;
+    let (mut client, _) = hub
+        .run_client(root.path(), echo, "audit_backlog = 16", Stdio::piped())
+        .await;
     let service = hub.service;
 
     // The pipe (64 KiB) fills after a few hundred records, then 16 wait in the Client: from

@@ -10,6 +10,7 @@ mod hostile;
 mod image;
 mod kernel;
 mod lifecycle;
+mod load;
 mod manifests;
 mod mtls;
 mod postgres;

@@ -53,12 +53,18 @@ pub(crate) fn spawn_hub(config: &std::path::Path) -> Proc {
             .spawn()
             .unwrap(),
     );
-    let mut line = String::new();
-    BufReader::new(hub.0.stderr.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("listening on udp"), "{line}");
-    hub
+    // It may say a word about its limits first.
+    let mut said = String::new();
+    let mut err = BufReader::new(hub.0.stderr.as_mut().unwrap());
+    for _ in 0..10 {
+        let mut line = String::new();
+        err.read_line(&mut line).unwrap();
+        said.push_str(&line);
+        if line.contains("listening on udp") {
+            return hub;
+        }
+    }
+    panic!("ewii-hub did not say it listens: {said}");
 }
 
 /// An `ewii-hub` process with one plain TCP service, `pg`, to Client `acme`'s entry `db`.
@@ -102,6 +108,39 @@ impl HubProcess {
             service: SocketAddr::from(([127, 0, 0, 1], svc)),
             bundle_hash: field(&init, "bundle hash:"),
         }
+    }
+
+    /// Client `acme` enrolled into `<root>/acme` and running (healthy) with the unprivileged
+    /// layers, allow-list entry `db` at `echo` and `extra` top-level keys; its audit lines
+    /// go to `stdout`. Returns the process and its state directory.
+    pub(crate) async fn run_client(
+        &self,
+        root: &std::path::Path,
+        echo: SocketAddr,
+        extra: &str,
+        stdout: Stdio,
+    ) -> (Proc, std::path::PathBuf) {
+        let dir = root.join("acme");
+        self.enrol("acme", &dir);
+        let toml = root.join("client.toml");
+        fs::write(
+            &toml,
+            format!(
+                "hub = \"{}\"\nstate_dir = {dir:?}\n{extra}\n[[allow]]\nname = \"db\"\naddress = \"{echo}\"\n[enforcement]\nlayers = [\"landlock\", \"privileges\", \"seccomp\"]\n",
+                self.addr
+            ),
+        )
+        .unwrap();
+        let client = Proc(
+            Command::new(bin_path("ewii-client"))
+                .args(["run", "--config", toml.to_str().unwrap()])
+                .stdout(stdout)
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        healthy(&dir).await;
+        (client, dir)
     }
 
     /// A token for Client `name`, redeemed by `ewii-client enroll` into `state_dir`.

@@ -342,6 +342,16 @@ fn run(path: &Path) -> ExitCode {
     // thread and the threads it creates; the audit writer and the runtime come after).
     // A name that does not resolve now installs every layer that needs no address; the
     // session reaches the Hub with backoff once DNS answers (P14).
+    // A socket per query, plus the QUIC socket, the state files and the runtime's own.
+    let wanted = u64::from(config.max_queries) + 256;
+    match enforce::privileges::raise_open_files(wanted) {
+        Ok(n) if n < wanted => say(&format!(
+            "ewii-client: open files limited to {n} (max_queries = {} wants {wanted}): raise the hard limit (ulimit -Hn, the container's nofile) or lower max_queries",
+            config.max_queries
+        )),
+        Ok(_) => {}
+        Err(e) => say(&format!("ewii-client: cannot raise the open-files limit: {e}")),
+    }
     let plan = enforce::Plan::for_config(&config);
     for name in &plan.unresolved {
         say(&format!(

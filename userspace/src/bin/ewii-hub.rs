@@ -438,6 +438,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("opening the audit sink")?
                 .with_format(config.audit_format)
                 .with_backlog(config.audit_backlog);
+            // A socket per requester and per Client: the usual soft limit of 1,024 is far too
+            // low for a Hub.
+            match ewii::enforce::privileges::raise_open_files(1 << 20) {
+                Ok(n) if n < 16_384 => say(&format!(
+                    "ewii-hub: open files limited to {n}: raise the hard limit (LimitNOFILE, ulimit -Hn) for many Clients and requesters"
+                )),
+                Ok(_) => {}
+                Err(e) => say(&format!("ewii-hub: cannot raise the open-files limit: {e}")),
+            }
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(async {
                 let hub = Hub::bind(config, audit.clone()).await?;

@@ -89,6 +89,8 @@ pub(crate) struct DialPlan {
     pub(crate) bundle: Bundle,
     pub(crate) hello: Control,
     pub(crate) audit: Audit,
+    /// Queries the Hub may run at once on this connection.
+    pub(crate) max_queries: u32,
 }
 
 /// Dials the Hub and opens the control stream: `Hello` → `Welcome`. Audits `session_up`.
@@ -98,7 +100,7 @@ pub(crate) async fn dial(plan: Arc<DialPlan>) -> Result<Opened, ConnectError> {
         .with_audit(plan.audit.clone());
     let tls =
         transport::tls_client_config(Some(&plan.identity.svid), Arc::new(verifier), frame::ALPN)?;
-    let quic = transport::quic_client_config(tls)?;
+    let quic = transport::quic_client_config(tls, plan.max_queries)?;
     let addr = resolve(&plan.hub).await?;
     let endpoint = client_endpoint(addr).map_err(ConnectError::Socket)?;
     let conn = endpoint

@@ -214,6 +214,7 @@ impl Driver {
                             build: crate::BUILD.to_owned(),
                         },
                         audit: self.audit.clone(),
+                        max_queries: self.config.max_queries,
                     });
                     self.dialing = Some(Box::pin(connect::dial(plan)));
                 }

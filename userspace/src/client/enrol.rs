@@ -168,7 +168,8 @@ async fn enrol_inner(
     let (key, csr) = new_key_and_csr()?;
     let verifier = Arc::new(PinnedHubVerifier::new(pin));
     let tls = transport::tls_client_config(None, verifier.clone(), frame::ENROLL_ALPN)?;
-    let quic = transport::quic_client_config(tls)?;
+    // Enrolment runs no query.
+    let quic = transport::quic_client_config(tls, 0)?;
     let addr = connect::resolve(hub)
         .await
         .map_err(|e| EnrolError::Resolve(e.to_string()))?;

@@ -55,6 +55,7 @@ const CLIENT_TOP_LEVEL: &[&str] = &[
     "audit",
     "audit_format",
     "audit_backlog",
+    "max_queries",
     "on_stop",
     "connect_timeout_ms",
     "metrics_file",
@@ -239,6 +240,8 @@ pub struct ClientConfig {
     pub audit_format: ewii_common::audit::Format,
     /// Records waiting for the audit sink above which new queries are refused.
     pub audit_backlog: usize,
+    /// Queries the Hub may run through this Client at once (per connection).
+    pub max_queries: u32,
     /// Reconnection backoff.
     pub reconnect: ReconnectPolicy,
     /// The install-time allow-list.
@@ -269,6 +272,8 @@ struct RawClient {
     audit_format: ewii_common::audit::Format,
     #[serde(default = "default_audit_backlog")]
     audit_backlog: usize,
+    #[serde(default = "default_max_queries")]
+    max_queries: u32,
     #[serde(default)]
     reconnect: RawReconnect,
     #[serde(default)]
@@ -327,6 +332,13 @@ struct RawAllow {
     name: String,
     address: String,
 }
+
+fn default_max_queries() -> u32 {
+    crate::transport::MAX_CONCURRENT_QUERIES
+}
+
+/// The most `max_queries` may be: each query holds a TCP socket and a task.
+pub const MAX_QUERIES_LIMIT: u32 = 100_000;
 
 pub(crate) fn default_audit_backlog() -> usize {
     crate::audit::DEFAULT_BACKLOG
@@ -421,6 +433,14 @@ impl FromStr for ClientConfig {
             audit: raw.audit.parse()?,
             audit_format: raw.audit_format,
             audit_backlog: check_audit_backlog(raw.audit_backlog)?,
+            max_queries: if (1..=MAX_QUERIES_LIMIT).contains(&raw.max_queries) {
+                raw.max_queries
+            } else {
+                return Err(ConfigError::Invalid(format!(
+                    "max_queries must be 1 to {MAX_QUERIES_LIMIT} (got {})",
+                    raw.max_queries
+                )));
+            },
             reconnect,
             allow,
             on_stop: raw.on_stop,

@@ -175,3 +175,30 @@ pub fn drop_all() -> Layer {
         format!("capabilities dropped (read back from /proc: none permitted, effective, inheritable or ambient; {bounding}); no_new_privs; not dumpable"),
     )
 }
+
+/// Raises the soft limit of open files towards `wanted` (never above the hard limit, never
+/// lowered): each query holds a socket, and the usual soft limit of 1,024 would refuse a
+/// busy Client's dials long before `max_queries`. Returns the soft limit now in force.
+pub fn raise_open_files(wanted: u64) -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the kernel to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let target = wanted.min(lim.rlim_max);
+    if target > lim.rlim_cur {
+        let new = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `new` is a valid rlimit; the soft limit stays within the hard one.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        return Ok(target);
+    }
+    Ok(lim.rlim_cur)
+}

@@ -29,7 +29,8 @@ use crate::identity::store::Svid;
 pub const IDLE_TIMEOUT: Duration = Duration::from_millis(2_500);
 /// Keep-alive interval: three chances to be heard within one idle timeout.
 pub const KEEP_ALIVE: Duration = Duration::from_millis(800);
-/// Most queries the Hub may have open on one Client connection at once.
+/// Most queries the Hub may have open on one Client connection at once, by default
+/// (`max_queries` in the Client's configuration).
 pub const MAX_CONCURRENT_QUERIES: u32 = 1024;
 /// Per-query receive window: how far a sender may run ahead of a slow reader on one stream.
 pub const STREAM_WINDOW: u32 = 1024 * 1024;
@@ -136,13 +137,16 @@ pub fn tls_client_config(
     Ok(tls)
 }
 
-/// The quinn client configuration (the Client accepts up to [`MAX_CONCURRENT_QUERIES`]
-/// Hub-opened query streams).
-pub fn quic_client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, ConfigError> {
+/// The quinn client configuration: the Client accepts up to `max_queries` Hub-opened query
+/// streams at once (more wait in the Hub for one to end: QUIC stream credit).
+pub fn quic_client_config(
+    tls: rustls::ClientConfig,
+    max_queries: u32,
+) -> Result<quinn::ClientConfig, ConfigError> {
     let quic = QuicClientConfig::with_initial(Arc::new(tls), initial_suite()?)
         .map_err(|e| ConfigError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(transport(MAX_CONCURRENT_QUERIES, true));
+    cfg.transport_config(transport(max_queries, true));
     Ok(cfg)
 }
 
