@@ -180,3 +180,182 @@ async fn p4_p11_ten_thousand_queries_at_once_on_one_connection() {
     assert_eq!(client.terminate().code(), Some(0));
     assert_eq!(hub.proc.terminate().code(), Some(0));
 }
+
+/// What each requester tries to push at the destination that never reads.
+const PUSH: usize = 64 << 20;
+
+/// A destination that accepts and never reads: every connection is held, unread.
+async fn never_reads() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    addr
+}
+
+/// A destination whose accept queue is full and that never accepts: connects hang.
+fn never_accepts() -> (
+    tokio::net::TcpListener,
+    Vec<std::net::TcpStream>,
+    SocketAddr,
+) {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = s.listen(1).unwrap();
+    let addr = l.local_addr().unwrap();
+    // Fill the accept queue (backlog 1 holds two) so that the next SYNs go unanswered.
+    let fill = (0..2)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+        })
+        .collect();
+    (l, fill, addr)
+}
+
+/// A destination that sends a byte every 100 ms and reads nothing.
+async fn trickles() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                while s.write_all(b".").await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_p11_hostile_destinations_hold_memory_within_the_window_and_others_are_unaffected() {
+    let root = tempfile::tempdir().unwrap();
+    let echo = echo_server().await;
+    let (sink, (_void_listener, _fill, void), drip) =
+        (never_reads().await, never_accepts(), trickles().await);
+    let ports: Vec<u16> = (0..3).map(|_| crate::process::free_tcp_port()).collect();
+    let services: String = [("sink", ports[0]), ("void", ports[1]), ("drip", ports[2])]
+        .iter()
+        .map(|(name, port)| {
+            format!("[[service]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nclient = \"acme\"\ndestination = \"{name}\"\nprincipal = \"ops\"\n")
+        })
+        .collect();
+    let mut hub = HubProcess::start(root.path(), &services);
+    let allow = format!(
+        "audit = \"discard\"\nconnect_timeout_ms = 1000\n[[allow]]\nname = \"sink\"\naddress = \"{sink}\"\n[[allow]]\nname = \"void\"\naddress = \"{void}\"\n[[allow]]\nname = \"drip\"\naddress = \"{drip}\""
+    );
+    let (mut client, _) = hub
+        .run_client(root.path(), echo, &allow, Stdio::null())
+        .await;
+    let idle = status_kib(client.pid(), "VmRSS:");
+    let hub_idle = status_kib(hub.proc.pid(), "VmRSS:");
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+
+    // 8 requesters push 64 MiB each into the destination that never reads: held back by flow
+    // control once the kernel's socket buffers on the way are full, not by the Client's
+    // memory (its QUIC receive window is 16 MiB per connection, 1 MiB per query).
+    let pushers: Vec<_> = (0..8)
+        .map(|_| {
+            let target = at(ports[0]);
+            tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(target).await.unwrap();
+                let chunk = vec![7u8; 64 * 1024];
+                let mut sent = 0usize;
+                while sent < PUSH {
+                    match tokio::time::timeout(Duration::from_secs(3), s.write_all(&chunk)).await {
+                        Ok(Ok(())) => sent += chunk.len(),
+                        _ => break,
+                    }
+                }
+                (sent, s)
+            })
+        })
+        .collect();
+    // 20 requesters to the destination that never accepts: each refused within the connect
+    // timeout (1 s), with no byte and no hang.
+    let voids: Vec<_> = (0..20)
+        .map(|_| {
+            let target = at(ports[1]);
+            tokio::spawn(async move {
+                let started = tokio::time::Instant::now();
+                let mut s = tokio::net::TcpStream::connect(target).await.unwrap();
+                let mut b = [0u8; 1];
+                let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await;
+                // Closed (EOF) or reset: either way, no byte.
+                let closed = matches!(n, Ok(Ok(0)))
+                    || matches!(&n, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset);
+                (closed, started.elapsed())
+            })
+        })
+        .collect();
+    // A trickling destination: its bytes arrive, slowly.
+    let drip_reader = tokio::spawn(async move {
+        let mut s = tokio::net::TcpStream::connect(at(ports[2])).await.unwrap();
+        let mut got = 0;
+        let mut b = [0u8; 16];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, s.read(&mut b)).await {
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        got
+    });
+
+    // Meanwhile the well-behaved destination is served, query after query.
+    for i in 0..20u8 {
+        let started = tokio::time::Instant::now();
+        let mut s = tokio::net::TcpStream::connect(hub.service).await.unwrap();
+        s.write_all(&[i]).await.unwrap();
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+            .await
+            .unwrap_or_else(|_| panic!("query {i} not served within 5 s"))
+            .unwrap();
+        assert_eq!(b[0], i);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    let mut offered = 0;
+    let mut held = Vec::new();
+    for p in pushers {
+        let (sent, s) = p.await.unwrap();
+        offered += sent;
+        held.push(s);
+    }
+    let loaded = status_kib(client.pid(), "VmRSS:");
+    let hub_loaded = status_kib(hub.proc.pid(), "VmRSS:");
+    for v in voids {
+        let (closed, took) = v.await.unwrap();
+        assert!(closed, "closed without a byte");
+        assert!(took < Duration::from_secs(5), "refused in {took:?}");
+    }
+    let dripped = drip_reader.await.unwrap();
+    assert!(
+        (10..=40).contains(&dripped),
+        "trickled {dripped} bytes in 3 s"
+    );
+    eprintln!(
+        "Client RSS {idle} KiB idle, {loaded} KiB with {} MiB taken of {} MiB pushed at a destination that never reads; Hub RSS {hub_idle} KiB idle, {hub_loaded} KiB then",
+        offered >> 20,
+        (8 * PUSH) >> 20,
+    );
+    // The bound: the 16 MiB connection window, plus per-query buffers and bookkeeping.
+    assert!(
+        loaded < idle + 48 * 1024,
+        "RSS grew from {idle} to {loaded} KiB"
+    );
+    assert!(
+        offered < 40 * (4 << 20),
+        "flow control held the pushers back"
+    );
+    drop(held);
+    assert_eq!(client.terminate().code(), Some(0));
+    assert_eq!(hub.proc.terminate().code(), Some(0));
+}
