@@ -7,6 +7,7 @@
 //! SVID is stored, and the Hub re-binds the session to it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ewii_common::audit::{Event as AuditEvent, SessionEnd};
 use ewii_common::frame::Control;
@@ -122,6 +123,9 @@ fn close_text(reason: CloseReason) -> &'static str {
     }
 }
 
+/// How long the queries of an ended connection get to write their own records.
+const QUERY_WIND_DOWN: Duration = Duration::from_secs(1);
+
 /// One connection and its queries.
 #[derive(Debug)]
 pub(crate) struct Connection {
@@ -226,7 +230,14 @@ impl Connection {
                 Some(_) = queries.join_next(), if !queries.is_empty() => {}
             }
         };
+        // The connection is gone: its queries' streams fail at once, so each ends and writes
+        // its record; one still stuck after the bound is dropped, and writes it then.
+        let _ = tokio::time::timeout(QUERY_WIND_DOWN, async {
+            while queries.join_next().await.is_some() {}
+        })
+        .await;
         queries.abort_all();
+        while queries.join_next().await.is_some() {}
         let mut r = ctx.audit.record(AuditEvent::SessionLost);
         r.session_id = Some(id);
         r.client = Some(ctx.client_id.clone());

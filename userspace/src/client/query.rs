@@ -98,7 +98,9 @@ pub(crate) async fn serve(
         let _ = send.finish();
         return;
     }
-    let mut r = ctx.audit.record(Event::Query);
+    // Written when the query ends, or — if the task is dropped first (its session ended and
+    // it did not wind down in time) — by the guard, so that no query goes unrecorded (P11).
+    let mut r = Unfinished::new(&ctx.audit, started, started_at, hub);
     r.session_id = Some(session_id);
     r.query_id = Some(query_id);
     r.client = Some(ctx.client_id.clone());
@@ -144,10 +146,69 @@ pub(crate) async fn serve(
             r.reason = Some(e.to_string());
         }
     }
-    r.duration_ms = Some(started.elapsed().as_millis() as u64);
-    // Stamped at the end, like the Hub's record of the same query.
-    r.time = crate::now_timestamp();
-    r.started = Some(started_at);
-    r.peer = Some(hub.to_string());
-    ctx.audit.emit(r);
+    r.finish();
+}
+
+/// A query's audit record until it is written: [`finish`](Self::finish) writes it; dropped
+/// unwritten, it is written as failed.
+struct Unfinished {
+    audit: Audit,
+    record: Option<ewii_common::audit::AuditRecord>,
+    started: Instant,
+}
+
+impl Unfinished {
+    fn new(
+        audit: &Audit,
+        started: Instant,
+        started_at: ewii_common::time::Timestamp,
+        hub: std::net::SocketAddr,
+    ) -> Self {
+        let mut r = audit.record(Event::Query);
+        r.started = Some(started_at);
+        r.peer = Some(hub.to_string());
+        Self {
+            audit: audit.clone(),
+            record: Some(r),
+            started,
+        }
+    }
+
+    /// Stamps and writes the record.
+    fn finish(mut self) {
+        self.write();
+    }
+
+    fn write(&mut self) {
+        if let Some(mut r) = self.record.take() {
+            r.duration_ms = Some(self.started.elapsed().as_millis() as u64);
+            // Stamped at the end, like the Hub's record of the same query.
+            r.time = crate::now_timestamp();
+            self.audit.emit(r);
+        }
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(r) = &mut self.record {
+            r.outcome = Some(Outcome::Failed);
+            r.reason = Some("the session ended before the query did".into());
+        }
+        self.write();
+    }
+}
+
+impl std::ops::Deref for Unfinished {
+    type Target = ewii_common::audit::AuditRecord;
+    fn deref(&self) -> &Self::Target {
+        // Present until written, and written only by `finish` (which consumes) or `drop`.
+        self.record.as_ref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl std::ops::DerefMut for Unfinished {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.record.as_mut().unwrap_or_else(|| unreachable!())
+    }
 }
