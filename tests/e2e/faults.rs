@@ -119,8 +119,13 @@ async fn p4_p14_a_lossy_reordering_duplicating_path_loses_no_byte_and_no_query()
 /// loss within 3 s, the transfer ends with an error on the requester's side (no hang), and
 /// once the path heals the Client is back by itself and queries succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p9_p14_a_ten_second_blackhole_is_seen_within_3s_and_healed_by_reconnection() {
+async fn p9_p14_a_ten_second_blackhole_is_seen_within_3s_and_healed_by_reconnection_without_leaking_tasks(
+) {
     let (hub, mut client, path) = world().await;
+    // Hub, Client and this test share one runtime: its live tasks, counted once everything
+    // is up and one query has run, are the baseline a blackhole must not leave grown.
+    echo_once(hub.service("echo"), b"before").await.unwrap();
+    let tasks_before = settled_tasks().await;
     let entry = hub.service("sink");
     let transfer = tokio::spawn(async move {
         let mut s = TcpStream::connect(entry).await.unwrap();
@@ -167,6 +172,13 @@ async fn p9_p14_a_ten_second_blackhole_is_seen_within_3s_and_healed_by_reconnect
     echo_once(hub.service("echo"), b"after the dark")
         .await
         .unwrap();
+    // No task leaked by the lost session, its queries, or the reconnection.
+    let tasks_after = settled_tasks().await;
+    assert!(
+        tasks_after <= tasks_before,
+        "live tasks: {tasks_before} before the blackhole, {tasks_after} after"
+    );
+    eprintln!("live tasks: {tasks_before} before the blackhole, {tasks_after} after");
     client.stop().await;
 }
 
@@ -190,6 +202,26 @@ async fn p14_a_path_change_mid_transfer_migrates_the_connection() {
         "migrated, not redialled"
     );
     client.stop().await;
+}
+
+/// The runtime's live tasks once the count has held still for half a second (queries and
+/// connections that just ended take a moment to be reaped); at most 10 s.
+async fn settled_tasks() -> usize {
+    let alive = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let mut last = alive();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = alive();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
 }
 
 fn count_events(client: &TestClient, event: Event) -> usize {
