@@ -11,7 +11,7 @@ use std::time::Duration;
 use ewii_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::process::HubProcess;
+use crate::process::{status_kib, HubProcess};
 
 /// One query: true when the byte came back, false when the requester was closed unanswered.
 async fn one_query(service: SocketAddr) -> bool {
@@ -29,15 +29,6 @@ async fn one_query(service: SocketAddr) -> bool {
         .is_some()
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p11_a_client_whose_audit_sink_blocks_refuses_new_queries_and_loses_no_record() {
     let root = tempfile::tempdir().unwrap();
@@ -52,7 +43,7 @@ async fn p11_a_client_whose_audit_sink_blocks_refuses_new_queries_and_loses_no_r
     // The pipe (64 KiB) fills after a few hundred records, then 16 wait in the Client: from
     // there on new queries are refused. Bounded: at most 3,000 queries.
     let (mut served, mut refused) = (0u64, 0u64);
-    let rss_before = rss_kib(client.pid());
+    let rss_before = status_kib(client.pid(), "VmRSS:");
     for _ in 0..3_000 {
         if one_query(service).await {
             served += 1;
@@ -65,7 +56,7 @@ async fn p11_a_client_whose_audit_sink_blocks_refuses_new_queries_and_loses_no_r
     }
     assert_eq!(refused, 50, "never refused after {served} queries");
     assert!(served > 16, "served {served} before the backlog filled");
-    let rss_blocked = rss_kib(client.pid());
+    let rss_blocked = status_kib(client.pid(), "VmRSS:");
 
     // Read the pipe again: the backlog drains and queries are served again.
     let stdout = client.0.stdout.take().unwrap();

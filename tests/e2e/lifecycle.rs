@@ -1108,8 +1108,8 @@ async fn p10_a_central_revoke_of_an_offline_client_is_audited_at_once() {
 }
 
 /// A hostile Client (issue 11): `Renew` in a loop costs one signature, the rest is refused
-/// cheaply and audited; garbage on the control stream ends that session; another Client is
-/// not affected.
+/// cheaply and audited; streams the Hub did not ask for never open; garbage on the control
+/// stream ends that session; another Client is not affected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p8_a_renew_flood_and_control_garbage_are_cut_off_without_touching_other_clients() {
     let echo = echo_server().await;
@@ -1144,6 +1144,20 @@ async fn p8_a_renew_flood_and_control_garbage_are_cut_off_without_touching_other
                 .as_deref()
                 .is_some_and(|x| x.starts_with("renewal flood"))),
         49
+    );
+    // Streams the Hub did not ask for: a Client may open one stream, the control stream, and
+    // no unidirectional one; QUIC gives no credit for more, so they never open.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), raw.conn.open_bi())
+            .await
+            .is_err(),
+        "a second bidirectional stream got credit"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), raw.conn.open_uni())
+            .await
+            .is_err(),
+        "a unidirectional stream got credit"
     );
     // Garbage on the control stream: that session ends as a protocol violation.
     raw.send

@@ -12,19 +12,10 @@ use ewii_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use crate::process::{HubProcess, Proc};
+use crate::process::{status_kib, HubProcess, Proc};
 
 /// Queries held open at once.
 const QUERIES: usize = 10_000;
-
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
 
 /// The soft open-files limit raised to the hard one (this process, and the Hub and Client it
 /// starts, hold one socket per query each; the echo server is a process of its own).

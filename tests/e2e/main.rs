@@ -17,6 +17,7 @@ mod mtls;
 mod postgres;
 mod process;
 mod scale;
+mod soak;
 mod tunnel;
 mod verify;
 mod walkthrough;

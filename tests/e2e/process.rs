@@ -178,6 +178,16 @@ impl HubProcess {
     }
 }
 
+/// A `/proc/<pid>/status` figure in KiB (`VmRSS:`, `VmHWM:`), 0 once the process is gone.
+pub(crate) fn status_kib(pid: u32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Waits until `ewii-client health` passes for the state directory.
 pub(crate) async fn healthy(dir: &std::path::Path) {
     let dir = dir.to_str().unwrap().to_owned();
