@@ -7,6 +7,7 @@ mod backlog;
 mod crash;
 mod enrol;
 mod faults;
+mod fleet;
 mod hostile;
 mod image;
 mod kernel;

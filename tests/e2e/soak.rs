@@ -4,7 +4,7 @@
 //! every rotation audited, the memory of both processes reported (start, peak, end).
 //!
 //! Opt-in by duration: `EWII_SOAK_SECS` (unset: skipped). `.ci/run` sets 120 (about a dozen
-//! rotations); the full day is `scripts/soak` (30 minutes, ~180 rotations).
+//! rotations); the full day is `scripts/soak 1800` (30 minutes, ~180 rotations).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
