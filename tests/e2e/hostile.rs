@@ -84,6 +84,8 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
     let mut client = TestClient::enrol(&hub, "acme", &[("db", db.to_string())]).await;
     let (addr, mut conns) = hostile_hub(&hub).await;
     client.config.hub = addr.to_string().parse().unwrap();
+    // The hostile side may open as many streams at once as the Client allows.
+    client.config.max_queries = 10_000;
     client.start();
     let conn = tokio::time::timeout(SOON, conns.recv())
         .await
@@ -158,8 +160,8 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was dialled");
 
-    // Thousands of refusals at once do not wear it down.
-    let many: Vec<_> = (0..2000)
+    // 10,000 streams at once, each refused, do not wear it down.
+    let many: Vec<_> = (0..10_000)
         .map(|i| {
             let conn = conn.clone();
             tokio::spawn(async move { ask(&conn, &open(&format!("nope-{i}"))).await })
@@ -195,7 +197,7 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
         .collect();
     assert_eq!(
         refused.len(),
-        names.len() + 6 + 2000,
+        names.len() + 6 + 10_000,
         "one record per refusal"
     );
     assert!(

@@ -350,3 +350,45 @@ async fn p4_p11_hostile_destinations_hold_memory_within_the_window_and_others_ar
     assert_eq!(client.terminate().code(), Some(0));
     assert_eq!(hub.proc.terminate().code(), Some(0));
 }
+
+/// A Client at its `max_queries`: the next requester waits for a slot — bounded by the Hub's
+/// open timeout (15 s) — and is then closed with a record saying why; once a slot frees, the
+/// next query is served. Requesters cannot pile up on the Hub without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_p11_a_requester_beyond_max_queries_waits_a_bounded_time_and_is_audited() {
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    client.config.max_queries = 1;
+    client.start();
+    hub.wait_connected("acme").await;
+    let service = hub.service("pg");
+    let mut held = tokio::net::TcpStream::connect(service).await.unwrap();
+    held.write_all(b"a").await.unwrap();
+    let mut b = [0u8; 1];
+    held.read_exact(&mut b).await.unwrap();
+
+    let waited = tokio::time::Instant::now();
+    let mut second = tokio::net::TcpStream::connect(service).await.unwrap();
+    second.write_all(b"b").await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(40), second.read(&mut b))
+        .await
+        .expect("closed within the bound");
+    assert!(
+        matches!(answer, Ok(0)) || answer.is_err(),
+        "closed, not answered: {answer:?}"
+    );
+    assert!(
+        waited.elapsed() >= Duration::from_secs(10),
+        "it waited for a slot first"
+    );
+    hub.wait_audit("the refusal's record", |r| {
+        r.reason
+            .as_deref()
+            .is_some_and(|x| x.starts_with("no query slot on acme within 15 s"))
+    })
+    .await;
+    drop(held);
+    assert_eq!(try_roundtrip(service, b"after").await, Ok(()));
+    client.stop().await;
+}

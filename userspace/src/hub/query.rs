@@ -20,10 +20,13 @@ use crate::identity::inspect_leaf;
 use crate::transport::pipe::{pipe, TcpLike};
 use crate::transport::{self, FrameReader};
 
-/// How long the Client may take to answer `Open` (it dials the destination meanwhile).
+/// How long a query may wait for a stream (the Client's `max_queries` all in use), and then
+/// for the Client's answer to `Open` (it dials the destination meanwhile).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Pause after a failed `accept` (EMFILE and the like), instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Queries in progress on one service listener (waiting for a slot, or piping) at most.
+pub const MAX_QUERIES_PER_LISTENER: usize = 16_384;
 /// How long a requester may take to finish its TLS handshake.
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -42,6 +45,16 @@ pub(crate) async fn serve(parts: Parts, svc: ServiceConfig, listener: TcpListene
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                // Bounded: beyond this many queries in progress on one listener, a requester
+                // is closed at once (and audited) instead of waiting.
+                Ok((tcp, peer)) if queries.len() >= MAX_QUERIES_PER_LISTENER => {
+                    drop(tcp);
+                    let log = QueryLog::new(&parts, &svc, peer);
+                    log.emit(
+                        Outcome::Refused,
+                        format!("{MAX_QUERIES_PER_LISTENER} queries already in progress on this service"),
+                    );
+                }
                 Ok((tcp, peer)) => {
                     // The acceptor is fetched per connection: a CA rotation replaces it.
                     let tls = matches!(svc.mode, ServiceMode::Tls { .. })
@@ -131,14 +144,27 @@ async fn forward<S: TcpLike>(mut log: QueryLog<'_>, io: S) {
         return;
     };
     log.session = Some((session.id, session.spiffe_id.to_string()));
-    let (mut send, mut recv) = match session.conn.open_bi().await {
-        Ok(s) => s,
-        Err(e) => {
-            log.emit(Outcome::Failed, format!("open stream: {e}"));
-            io.abort();
-            return;
-        }
-    };
+    // A stream needs the Client's credit: with all of its `max_queries` in use, a requester
+    // waits for one to end — bounded, so that waiting requesters cannot pile up.
+    let (mut send, mut recv) =
+        match tokio::time::timeout(OPEN_TIMEOUT, session.conn.open_bi()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                log.emit(Outcome::Failed, format!("open stream: {e}"));
+                io.abort();
+                return;
+            }
+            Err(_) => {
+                let reason = format!(
+                    "no query slot on {} within {} s: all of its max_queries are in use",
+                    log.svc.client,
+                    OPEN_TIMEOUT.as_secs()
+                );
+                log.emit(Outcome::Failed, reason);
+                io.abort();
+                return;
+            }
+        };
     let open = QueryHead::Open {
         query_id,
         destination: log.svc.destination.to_string(),
