@@ -3,7 +3,7 @@
 //! at once — spread by their jittered backoff, not a storm. Reports the spread of their
 //! returns and the Hub's CPU and memory.
 //!
-//! Opt-in by size: `EWII_FLEET_CLIENTS` (unset: skipped). `.ci/run` runs 50;
+//! Opt-in by size: `EWII_FLEET_CLIENTS` (unset: skipped). `.ci/run` runs 50 (`scripts/soak 120 50`);
 //! `scripts/soak 1800 200` runs 200.
 
 use std::fmt::Write as _;
