@@ -1,4 +1,5 @@
-//! Criterion benches. `cargo bench -p ewii-benches` (release profile).
+//! Criterion benches. `scripts/bench` (release profile; HTML reports in
+//! `target/criterion/report/index.html`).
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -136,6 +137,17 @@ fn tunnel(c: &mut Criterion) {
             b.iter(|| rt.block_on(ewii_benches_roundtrip(echo, &data)))
         });
     }
+    g.finish();
+    // A new query: connect → 1-byte echo → close (the requester's byte travels with `Open`).
+    let mut g = c.benchmark_group("tunnel_new_query");
+    g.measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("through_ewii", |b| {
+        b.iter(|| rt.block_on(ewii_benches_roundtrip(hub.service("pg"), b"x")))
+    });
+    g.bench_function("direct_tcp", |b| {
+        b.iter(|| rt.block_on(ewii_benches_roundtrip(echo, b"x")))
+    });
     g.finish();
 }
 

@@ -507,3 +507,98 @@ async fn p8_a_client_enrols_and_serves_through_quic_retries() {
         hub.handle().retries_sent()
     );
 }
+
+/// A stand-in Client (a raw session with the acme SVID) that answers its first query stream
+/// with `answer`, after checking what arrived before it answered.
+async fn first_query_seen_by_a_raw_client(
+    answer: ewii_common::frame::QueryHead,
+) -> (Vec<u8>, TcpStream, TestHub) {
+    use ewii::identity::store::{self, Svid};
+    use ewii_common::frame::QueryHead;
+
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let session = raw_session(&hub, &svid).await.expect("session");
+    hub.wait_connected("acme").await;
+    let mut requester = TcpStream::connect(hub.service("pg")).await.unwrap();
+    requester.write_all(b"SELECT 1").await.unwrap();
+    let (mut send, mut recv) = tokio::time::timeout(SOON, session.conn.accept_bi())
+        .await
+        .expect("a query stream")
+        .unwrap();
+    let mut reader = ewii::transport::FrameReader::new();
+    let open = reader.read::<QueryHead>(&mut recv).await.unwrap().unwrap();
+    assert!(matches!(open, QueryHead::Open { .. }), "{open:?}");
+    // Nothing has been answered yet, and the requester's bytes are already here.
+    let mut early = reader.into_leftover().to_vec();
+    while early.len() < 8 {
+        let chunk = tokio::time::timeout(SOON, recv.read_chunk(64, true))
+            .await
+            .expect("the requester's bytes before any answer")
+            .unwrap()
+            .unwrap();
+        early.extend_from_slice(&chunk.bytes);
+    }
+    ewii::transport::write_frame(&mut send, &answer)
+        .await
+        .unwrap();
+    let opened = matches!(answer, QueryHead::Opened);
+    if opened {
+        send.write_all(b"one row").await.unwrap();
+    }
+    send.finish().unwrap();
+    // Keeps the session open until the caller is done; an opened query reads the requester's
+    // end (the Hub finishes a query once its last bytes were read), a refused one stops.
+    tokio::spawn(async move {
+        let _session = session;
+        if opened {
+            let _ = recv.read_to_end(1024).await;
+        } else {
+            drop(recv);
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    (early, requester, hub)
+}
+
+#[tokio::test]
+async fn p4_the_requesters_first_bytes_travel_with_open_and_reach_it_back_after_opened() {
+    let (early, mut requester, hub) =
+        first_query_seen_by_a_raw_client(ewii_common::frame::QueryHead::Opened).await;
+    assert_eq!(early, b"SELECT 1");
+    let mut back = Vec::new();
+    tokio::time::timeout(SOON, requester.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, b"one row");
+    requester.shutdown().await.unwrap();
+    let h = hub.wait_audit("the query", is(Event::Query)).await;
+    assert_eq!(h.outcome, Some(Outcome::Ok));
+    assert_eq!(h.bytes_up, Some(8));
+    assert_eq!(h.bytes_down, Some(7));
+}
+
+#[tokio::test]
+async fn p4_a_refused_query_discards_the_requesters_early_bytes_and_sends_nothing_back() {
+    let code = ewii_common::frame::RefuseCode::NotAllowed;
+    let (early, mut requester, hub) =
+        first_query_seen_by_a_raw_client(ewii_common::frame::QueryHead::Refused { code }).await;
+    assert_eq!(early, b"SELECT 1");
+    let mut back = Vec::new();
+    let res = tokio::time::timeout(SOON, requester.read_to_end(&mut back))
+        .await
+        .unwrap();
+    assert!(
+        back.is_empty(),
+        "nothing goes back to a refused requester: {res:?}"
+    );
+    let h = hub.wait_audit("the refused query", is(Event::Query)).await;
+    assert_eq!(h.outcome, Some(Outcome::Refused));
+    assert_eq!(
+        h.reason.as_deref(),
+        Some("refused by the client: not_allowed")
+    );
+    assert_eq!(h.bytes_up, None);
+}

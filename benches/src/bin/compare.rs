@@ -1,221 +1,337 @@
-//! `ewii-compare`: one run, three ways to move bytes to the same TCP echo service — a direct
-//! loopback connection, the Ewii tunnel, and the tunnel with the Client under the eBPF egress
-//! lock — interleaved round by round so that a noisy machine affects all alike. Prints the
-//! median throughput of each and the ratios. Measures; asserts nothing.
+//! `ewii-compare`: Ewii against the tunnels a customer would pick instead — raw TCP, a bare
+//! quinn reference, rathole (`noise` and `tcp`), bore — in one run on this machine, the
+//! systems interleaved repetition by repetition so that a noisy machine affects all alike.
+//! Writes a Markdown report and an SVG chart (medians, ranges, ratios to raw TCP and to
+//! rathole `noise`, Ewii's targets with their gaps). Measures; asserts nothing.
 //!
 //! ```sh
-//! cargo build --release --workspace --bins
-//! sudo target/release/ewii-compare            # root: the lock needs a child cgroup and CAP_BPF
+//! scripts/compare          # installs the peers, builds, runs this (root: the eBPF lock)
 //! ```
-#![allow(clippy::print_stdout)]
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 
-use std::fs;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use ewii_common::audit::Event;
-use ewii_tests::{echo_server, Service, TestClient, TestHub};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::Instant;
+use anyhow::Context;
+use clap::Parser;
+use ewii_benches::compare::load;
+use ewii_benches::compare::procs::{self, Proc};
+use ewii_benches::compare::report::{self, Figure, Samples};
+use ewii_benches::compare::systems::{find_program, Bins, Kind, Running, Services, Setup};
 
-/// Bytes each way per transfer.
-const TRANSFER: usize = 8 * 1024 * 1024;
-/// Transfers per configuration per round.
-const PER_ROUND: usize = 3;
-/// How often the harness looks again at a cgroup or the Hub's sessions.
-const POLL: Duration = Duration::from_millis(20);
-/// Rounds (each runs every configuration once).
-const ROUNDS: usize = 3;
+/// Idle connections held for the RSS figure.
+const IDLE_CONNECTIONS: usize = 100;
+/// Bytes in a GiB.
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+#[derive(Parser)]
+#[command(about = "Ewii against rathole, bore, bare quinn and raw TCP, in one run")]
+struct Args {
+    /// Where rathole and bore were installed (`cargo install --root DIR`: DIR/bin); else PATH.
+    #[arg(long)]
+    peers: Option<PathBuf>,
+    /// Where the report goes (`latest.md`, `latest.svg`, and dated copies).
+    #[arg(long, default_value = "benches/results")]
+    out: PathBuf,
+    /// Repetitions (each runs every system once).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Seconds of each iperf3 run (two per system and repetition).
+    #[arg(long, default_value_t = 5)]
+    bulk_secs: u32,
+    /// Seconds of each connection-rate run (two per system and repetition).
+    #[arg(long, default_value_t = 3)]
+    rate_secs: u64,
+    /// Timed round trips per system and repetition.
+    #[arg(long, default_value_t = 2000)]
+    round_trips: usize,
+    /// Only these systems (labels as in the report, comma-separated, e.g. "Ewii,rathole noise").
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(compare())
+    rt.block_on(compare(args))
 }
 
-async fn compare() -> anyhow::Result<()> {
-    let client_bin = sibling("ewii-client")?;
-    let echo = echo_server().await;
-    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
-    let client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
-    let config = client.dir.path().join("client.toml");
-    fs::write(
-        &config,
-        format!(
-            "hub = \"{}\"\nstate_dir = {:?}\naudit = \"discard\"\non_stop = \"disconnect\"\n[reconnect]\ninitial_ms = 50\nmax_ms = 500\n[[allow]]\nname = \"db\"\naddress = \"{echo}\"\n",
-            hub.addr,
-            client.state_dir()
-        ),
-    )?;
-    let lock_possible = is_root() && cgroup2_mount().is_some();
-    let mut results: Vec<(&str, Vec<f64>)> = vec![("direct TCP", vec![]), ("Ewii", vec![])];
-    if lock_possible {
-        results.push(("Ewii + eBPF lock", vec![]));
+fn beside_me(name: &str) -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let p = me.with_file_name(name);
+    anyhow::ensure!(
+        p.exists(),
+        "{name} is not beside {}: build it (scripts/compare does)",
+        me.display()
+    );
+    Ok(p)
+}
+
+async fn compare(args: Args) -> anyhow::Result<()> {
+    let peers_dir = args.peers.as_deref();
+    let iperf3 =
+        find_program("iperf3", None).context("iperf3 is not installed (apt-get install iperf3)")?;
+    let bins = Bins {
+        hub: beside_me("ewii-hub")?,
+        client: beside_me("ewii-client")?,
+        quinn_ref: beside_me("ewii-quinn-ref")?,
+        rathole: find_program("rathole", peers_dir),
+        bore: find_program("bore", peers_dir),
+    };
+    let mut missing = vec![];
+    let mut systems: Vec<Kind> = Kind::ALL.to_vec();
+    if bins.rathole.is_none() {
+        missing.push("rathole (not installed: scripts/compare installs it)".to_owned());
+        systems.retain(|k| !matches!(k, Kind::RatholeNoise | Kind::RatholeTcp));
     }
-    for round in 0..ROUNDS {
-        for (name, samples) in results.iter_mut() {
-            let target = match *name {
-                "direct TCP" => None,
-                "Ewii" => Some(false),
-                _ => Some(true),
+    if bins.bore.is_none() {
+        missing.push("bore (not installed: scripts/compare installs it)".to_owned());
+        systems.retain(|k| *k != Kind::Bore);
+    }
+    if !is_root() || ewii::enforce::ebpf::cgroup2_mount().is_err() {
+        missing.push("Ewii + eBPF lock (needs root and cgroup v2)".to_owned());
+        systems.retain(|k| *k != Kind::EwiiLocked);
+    }
+    if !args.only.is_empty() {
+        systems.retain(|k| args.only.iter().any(|o| o.eq_ignore_ascii_case(k.label())));
+    }
+
+    let echo = load::echo_service()?;
+    let iperf_addr = procs::free_tcp()?;
+    let mut iperf_server = Proc::spawn(
+        "iperf3 -s",
+        &iperf3,
+        &[
+            "-s",
+            "--forceflush",
+            "-B",
+            "127.0.0.1",
+            "-p",
+            &iperf_addr.port().to_string(),
+        ],
+        None,
+    )?;
+    iperf_server.wait_line("Server listening", Duration::from_secs(10))?;
+    let services = Services {
+        echo,
+        iperf: iperf_addr,
+    };
+    let setup = Setup::new(bins.clone(), services)?;
+
+    let mut samples = Samples::default();
+    let started = tokio::time::Instant::now();
+    for rep in 0..args.reps {
+        // Interleaved, and each repetition starts with another system.
+        let mut order = systems.clone();
+        order.rotate_left(rep % systems.len().max(1));
+        for kind in order {
+            eprintln!("rep {}/{}: {}", rep + 1, args.reps, kind.label());
+            let running = match setup.start(kind).await {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("  could not start: {e:#}");
+                    missing.push(format!(
+                        "{} (rep {}): could not start: {e}",
+                        kind.label(),
+                        rep + 1
+                    ));
+                    continue;
+                }
             };
-            let mut running = match target {
-                None => None,
-                Some(locked) => Some(start_client(&client_bin, &config, locked, &hub).await?),
-            };
-            let addr = if target.is_some() {
-                hub.service("pg")
-            } else {
-                echo
-            };
-            for _ in 0..PER_ROUND {
-                samples.push(transfer(addr).await?);
+            if let Err(e) = measure(running, &args, &iperf3, &mut samples).await {
+                eprintln!("  failed: {e:#}");
+                missing.push(format!("{} (rep {}): {e}", kind.label(), rep + 1));
             }
-            if let Some(c) = running.as_mut() {
-                c.stop()?;
-            }
-            eprintln!("round {}/{ROUNDS}: {name} done", round + 1);
         }
     }
-    let medians: Vec<(&str, f64)> = results.iter_mut().map(|(n, s)| (*n, median(s))).collect();
-    let direct = medians[0].1;
-    println!("\n{TRANSFER} bytes each way per transfer, {PER_ROUND} transfers x {ROUNDS} interleaved rounds, median:");
-    for (name, m) in &medians {
-        println!("  {name:<18} {m:>8.1} MB/s   {:>5.2} x direct", m / direct);
+    iperf_server.stop();
+
+    let ctx = report::Context {
+        date: shell("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        machine: machine(),
+        commit: {
+            let head = shell("git", &["rev-parse", "--short", "HEAD"]);
+            let dirty = std::process::Command::new("git")
+                .args(["status", "--porcelain", "--untracked-files=no"])
+                .output()
+                .is_ok_and(|o| !o.stdout.is_empty());
+            if dirty {
+                format!("{head} with uncommitted changes")
+            } else {
+                head
+            }
+        },
+        versions: [
+            bins.rathole.as_deref().map(|p| shell_path(p, &["--version"])),
+            bins.bore.as_deref().map(|p| shell_path(p, &["--version"])),
+            Some(shell_path(&iperf3, &["--version"])),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("; "),
+        method: format!(
+            "{} repetitions, systems interleaved (each repetition starts with the next system); per system and repetition: \
+             agent RSS idle, {IDLE_CONNECTIONS} idle connections held, {} timed 1-byte round trips on one connection, connect → 1-byte echo → close \
+             for {} s at c=1 and at c=32, iperf3 {} s each way (one TCP stream; CPU time of the tunnel's processes from /proc/<pid>/stat \
+             over both runs, divided by the bytes iperf3 received), agent RSS 1 s after. Loopback; QUIC datagrams at most 1,452 bytes. \
+             Whole run: {:.0} s.",
+            args.reps,
+            args.round_trips,
+            args.rate_secs,
+            args.bulk_secs,
+            started.elapsed().as_secs_f64()
+        ),
+        missing,
+    };
+    std::fs::create_dir_all(&args.out)?;
+    let md = report::markdown(&samples, &ctx);
+    let svg = report::svg(&samples, &ctx);
+    let day = shell("date", &["-u", "+%Y-%m-%d"]);
+    for (name, text) in [
+        ("latest.md".to_owned(), &md),
+        ("latest.svg".to_owned(), &svg),
+        (format!("compare-{day}.md"), &md),
+    ] {
+        std::fs::write(args.out.join(&name), text)?;
     }
-    if let [_, (_, off), (_, on)] = medians.as_slice() {
-        println!("  lock on / lock off: {:.3}", on / off);
-    } else {
-        println!("  eBPF lock: not measured (needs root and cgroup v2)");
-    }
+    println!("{md}");
+    eprintln!(
+        "written: {}/latest.md, latest.svg, compare-{day}.md",
+        args.out.display()
+    );
     Ok(())
 }
 
-/// Echoes `TRANSFER` bytes through `addr`; returns MB/s counting both directions.
-async fn transfer(addr: SocketAddr) -> anyhow::Result<f64> {
-    let data = vec![0xa5u8; TRANSFER];
-    let start = Instant::now();
-    let s = tokio::net::TcpStream::connect(addr).await?;
-    let (mut r, mut w) = s.into_split();
-    let writer = tokio::spawn(async move {
-        w.write_all(&data).await?;
-        w.shutdown().await
-    });
-    let mut back = Vec::with_capacity(TRANSFER);
-    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut back))
-        .await
-        .context("transfer timed out")??;
-    writer.await??;
-    if back.len() != TRANSFER {
-        bail!("short echo: {} of {TRANSFER}", back.len());
-    }
-    Ok((2 * TRANSFER) as f64 / start.elapsed().as_secs_f64() / 1e6)
-}
-
-struct Running {
-    child: Child,
-    cgroup: Option<PathBuf>,
-}
-
-impl Running {
-    fn stop(&mut self) -> anyhow::Result<()> {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()?;
-        self.child.wait()?;
-        if let Some(cg) = self.cgroup.take() {
-            for _ in 0..100 {
-                if fs::remove_dir(&cg).is_ok() {
-                    break;
-                }
-                std::thread::sleep(POLL);
+async fn measure(
+    mut running: Running,
+    args: &Args,
+    iperf3: &Path,
+    samples: &mut Samples,
+) -> anyhow::Result<()> {
+    let kind = running.kind;
+    let result = async {
+        if let Some(d) = running.start_to_serving {
+            samples.add(kind, Figure::StartToServing, d.as_secs_f64() * 1e3);
+        }
+        let agents = running.agent_pids();
+        let rss = |pids: &[u32]| -> anyhow::Result<Option<f64>> {
+            if pids.is_empty() {
+                return Ok(None);
             }
+            Ok(Some(
+                pids.iter()
+                    .map(|p| procs::rss_mb(*p))
+                    .sum::<anyhow::Result<f64>>()?,
+            ))
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Some(v) = rss(&agents)? {
+            samples.add(kind, Figure::RssIdle, v);
         }
-        Ok(())
+        let held = load::hold_idle(running.echo, IDLE_CONNECTIONS).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Some(v) = rss(&agents)? {
+            samples.add(kind, Figure::Rss100, v);
+        }
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let mut rtt = load::round_trips(running.echo, args.round_trips).await?;
+        rtt.sort_by(f64::total_cmp);
+        let pct = |p: f64| rtt[((rtt.len() as f64 - 1.0) * p).round() as usize];
+        samples.add(kind, Figure::RttP50, pct(0.50));
+        samples.add(kind, Figure::RttP99, pct(0.99));
+
+        let rate_for = Duration::from_secs(args.rate_secs);
+        for (c, figure) in [(1, Figure::RateC1), (32, Figure::RateC32)] {
+            let r = load::connection_rate(running.echo, c, rate_for).await;
+            samples.add(kind, figure, r.per_sec);
+            if r.failed > 0 {
+                eprintln!("  {} at c={c}: {} cycles failed", kind.label(), r.failed);
+            }
+            // Let closed connections' state (TIME_WAIT, streams winding down) settle.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+
+        let pids = running.pids();
+        let cpu_before = procs::cpu_total(&pids)?;
+        let up = load::iperf(iperf3, running.iperf, args.bulk_secs, false).await?;
+        let down = load::iperf(iperf3, running.iperf, args.bulk_secs, true).await?;
+        let cpu = procs::cpu_total(&pids)? - cpu_before;
+        samples.add(kind, Figure::BulkUp, up.bits_per_sec / 1e9);
+        samples.add(kind, Figure::BulkDown, down.bits_per_sec / 1e9);
+        if !pids.is_empty() {
+            samples.add(
+                kind,
+                Figure::CpuPerGib,
+                cpu / ((up.bytes + down.bytes) / GIB),
+            );
+        }
+
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(v) = rss(&agents)? {
+            samples.add(kind, Figure::RssAfter, v);
+        }
+        running.check_alive()
     }
+    .await;
+    running.stop();
+    result
 }
 
-async fn start_client(
-    bin: &Path,
-    config: &Path,
-    locked: bool,
-    hub: &TestHub,
-) -> anyhow::Result<Running> {
-    let ups = session_ups(hub);
-    let (child, cgroup) = if locked {
-        let cg = cgroup2_mount()
-            .context("cgroup2")?
-            .join(format!("ewii-compare-{}", std::process::id()));
-        fs::create_dir_all(&cg)?;
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
-            .arg(&cg)
-            .arg(bin)
-            .args(["run", "--config"])
-            .arg(config)
-            .stderr(Stdio::null())
-            .spawn()?;
-        (child, Some(cg))
-    } else {
-        let child = Command::new(bin)
-            .args(["run", "--config"])
-            .arg(config)
-            .stderr(Stdio::null())
-            .spawn()?;
-        (child, None)
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while session_ups(hub) == ups {
-        if Instant::now() > deadline {
-            bail!("the Client did not connect");
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    Ok(Running { child, cgroup })
+fn shell(program: &str, args: &[&str]) -> String {
+    shell_path(Path::new(program), args)
 }
 
-fn session_ups(hub: &TestHub) -> usize {
-    hub.audit
-        .records()
-        .iter()
-        .filter(|r| r.event == Event::SessionUp)
-        .count()
+fn shell_path(program: &Path, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            // rathole prints its name alone, then "Build Version: …"; the others one line.
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let first = text.lines().next().unwrap_or("").trim();
+            match text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Build Version:"))
+            {
+                Some(v) => format!("{first} {}", v.trim()),
+                None => first.to_owned(),
+            }
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("exe dir")?;
-    for d in [dir, dir.parent().unwrap_or(dir)] {
-        let p = d.join(name);
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    bail!(
-        "{name} not found next to {}: cargo build --release --workspace --bins",
-        exe.display()
-    )
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown CPU", |(_, m)| m.trim());
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or("?".to_owned(), |kib| {
+            format!("{:.0} GiB", kib / 1024.0 / 1024.0)
+        });
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{model}, {cores} cores, {mem}, Linux {}", kernel.trim())
 }
 
 fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
+    std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()
         .find(|l| l.starts_with("Uid:"))
         .is_some_and(|l| l.split_whitespace().nth(2) == Some("0"))
-}
-
-fn cgroup2_mount() -> Option<PathBuf> {
-    ewii::enforce::ebpf::cgroup2_mount().ok()
 }

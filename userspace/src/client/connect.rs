@@ -180,5 +180,5 @@ pub(crate) fn client_endpoint(hub: SocketAddr) -> std::io::Result<quinn::Endpoin
     } else {
         SocketAddr::from(([0u16; 8], 0))
     };
-    quinn::Endpoint::client(bind)
+    transport::endpoint(bind, None)
 }

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::dialer::{DialError, Dialer};
 use crate::audit::Audit;
-use crate::transport::pipe::{pipe, PipeError};
+use crate::transport::pipe::{pipe, PipeError, Start};
 use crate::transport::{self, codes, FrameReader};
 
 /// How long the Hub has to send the `Open` header once it opened a stream.
@@ -120,7 +120,7 @@ pub(crate) async fn serve(
             {
                 Err(QueryError::HubGone)
             } else {
-                let report = pipe(tcp, send, recv, reader.into_leftover()).await;
+                let report = pipe(tcp, send, recv, Start::Leftover(reader.into_leftover())).await;
                 r.bytes_up = Some(report.stream_to_tcp);
                 r.bytes_down = Some(report.tcp_to_stream);
                 report.error.map_or(Ok(()), |e| Err(e.into()))

@@ -174,7 +174,7 @@ impl Hub {
         let view = store.view().clone();
         let (trust, quic) = Trust::new(material, &dir, config.svid_lifetime, view, audit.clone())?;
         let endpoint =
-            quinn::Endpoint::server(quic, config.listen).map_err(|source| HubError::Bind {
+            transport::endpoint(config.listen, Some(quic)).map_err(|source| HubError::Bind {
                 addr: config.listen,
                 source,
             })?;

@@ -17,11 +17,12 @@ use super::trust::Trust;
 use crate::audit::Audit;
 use crate::config::{ServiceConfig, ServiceMode};
 use crate::identity::inspect_leaf;
-use crate::transport::pipe::{pipe, TcpLike};
-use crate::transport::{self, FrameReader};
+use crate::transport;
+use crate::transport::pipe::{pipe, PipeError, Start, TcpLike};
 
 /// How long a query may wait for a stream (the Client's `max_queries` all in use), and then
-/// for the Client's answer to `Open` (it dials the destination meanwhile).
+/// for the Client's answer to `Open` (it dials the destination meanwhile; the requester's first
+/// bytes are already on their way).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Pause after a failed `accept` (EMFILE and the like), instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -146,25 +147,24 @@ async fn forward<S: TcpLike>(mut log: QueryLog<'_>, io: S) {
     log.session = Some((session.id, session.spiffe_id.to_string()));
     // A stream needs the Client's credit: with all of its `max_queries` in use, a requester
     // waits for one to end — bounded, so that waiting requesters cannot pile up.
-    let (mut send, mut recv) =
-        match tokio::time::timeout(OPEN_TIMEOUT, session.conn.open_bi()).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                log.emit(Outcome::Failed, format!("open stream: {e}"));
-                io.abort();
-                return;
-            }
-            Err(_) => {
-                let reason = format!(
-                    "no query slot on {} within {} s: all of its max_queries are in use",
-                    log.svc.client,
-                    OPEN_TIMEOUT.as_secs()
-                );
-                log.emit(Outcome::Failed, reason);
-                io.abort();
-                return;
-            }
-        };
+    let (mut send, recv) = match tokio::time::timeout(OPEN_TIMEOUT, session.conn.open_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            log.emit(Outcome::Failed, format!("open stream: {e}"));
+            io.abort();
+            return;
+        }
+        Err(_) => {
+            let reason = format!(
+                "no query slot on {} within {} s: all of its max_queries are in use",
+                log.svc.client,
+                OPEN_TIMEOUT.as_secs()
+            );
+            log.emit(Outcome::Failed, reason);
+            io.abort();
+            return;
+        }
+    };
     let open = QueryHead::Open {
         query_id,
         destination: log.svc.destination.to_string(),
@@ -175,44 +175,23 @@ async fn forward<S: TcpLike>(mut log: QueryLog<'_>, io: S) {
         io.abort();
         return;
     }
-    let mut reader = FrameReader::new();
-    let head = tokio::time::timeout(OPEN_TIMEOUT, reader.read::<QueryHead>(&mut recv)).await;
-    match head {
-        Ok(Ok(Some(QueryHead::Opened))) => {
-            let report = pipe(io, send, recv, reader.into_leftover()).await;
-            let mut r = log.record(
-                if report.error.is_none() {
-                    Outcome::Ok
-                } else {
-                    Outcome::Failed
-                },
-                report.error.as_ref().map(ToString::to_string),
-            );
-            r.bytes_up = Some(report.tcp_to_stream);
-            r.bytes_down = Some(report.stream_to_tcp);
-            log.parts.audit.emit(r);
-        }
-        Ok(Ok(Some(QueryHead::Refused { code }))) => {
-            // One vocabulary on both sides: `refused` is policy (not in the allow-list),
-            // `failed` is the network (the destination did not answer or refused).
-            let outcome = match code {
-                RefuseCode::Unreachable => Outcome::Failed,
-                _ => Outcome::Refused,
-            };
-            log.emit(outcome, format!("refused by the client: {code}"));
-            io.abort();
-        }
-        other => {
-            let reason = match other {
-                Err(_) => "no answer to Open in time".to_string(),
-                Ok(Err(e)) => format!("reading the answer to Open: {e}"),
-                Ok(Ok(_)) => "unexpected answer to Open".to_string(),
-            };
-            let _ = send.reset(transport::codes::PROTOCOL);
-            log.emit(Outcome::Failed, reason);
-            io.abort();
-        }
+    // The requester's bytes follow `Open` at once; nothing goes back before `Opened`.
+    let report = pipe(io, send, recv, Start::AwaitAnswer(OPEN_TIMEOUT)).await;
+    let (outcome, record_bytes) = match &report.error {
+        None => (Outcome::Ok, true),
+        // One vocabulary on both sides: `refused` is policy (not in the allow-list), `failed`
+        // is the network (the destination did not answer or refused).
+        Some(PipeError::Refused(RefuseCode::Unreachable)) => (Outcome::Failed, false),
+        Some(PipeError::Refused(_)) => (Outcome::Refused, false),
+        Some(PipeError::NoAnswer(_)) => (Outcome::Failed, false),
+        Some(_) => (Outcome::Failed, true),
+    };
+    let mut r = log.record(outcome, report.error.as_ref().map(ToString::to_string));
+    if record_bytes {
+        r.bytes_up = Some(report.tcp_to_stream);
+        r.bytes_down = Some(report.stream_to_tcp);
     }
+    log.parts.audit.emit(r);
 }
 
 /// What the Hub knows about one query so far; every exit path writes its record from here.

@@ -8,6 +8,7 @@
 
 pub mod pipe;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +37,12 @@ pub const MAX_CONCURRENT_QUERIES: u32 = 1024;
 pub const STREAM_WINDOW: u32 = 1024 * 1024;
 /// Per-connection receive window: bounds what one peer can make us buffer across all queries.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// Receive and send buffer asked for the QUIC socket. The kernel's default (208 KiB) drops
+/// datagrams under a burst at a few Gbit/s, and QUIC reads a drop as congestion; on a 50 ms
+/// path at 1 Gbit/s one round trip is 6 MB in flight. Capped by `net.core.rmem_max` and
+/// `wmem_max` (an unprivileged process cannot go past them): see docs/benchmarks.md.
+pub const UDP_BUFFER: usize = 4 * 1024 * 1024;
 
 /// QUIC application error codes (connection close and stream reset).
 pub mod codes {
@@ -175,6 +182,46 @@ pub fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConf
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(transport(1, false));
     Ok(cfg)
+}
+
+/// A QUIC endpoint on `bind` (a server when `server` is given) whose UDP socket has
+/// [`UDP_BUFFER`] receive and send buffers, or as much as the kernel allows (a warning says
+/// how to raise it).
+pub fn endpoint(
+    bind: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if bind.is_ipv6() {
+        // Dual-stack when bound to `::` (a v4 Hub address still works), as std binds it.
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort: the kernel caps both at its maxima; below them QUIC still works.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER);
+    socket.bind(&bind.into())?;
+    // Linux reports twice what it grants (its bookkeeping overhead).
+    let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    if granted < UDP_BUFFER {
+        WARNED.call_once(|| tracing::warn!(
+            granted_kib = granted / 1024,
+            wanted_kib = UDP_BUFFER / 1024,
+            "the QUIC socket's receive buffer is smaller than wanted; bursts may be dropped: raise net.core.rmem_max to {UDP_BUFFER}"
+        ));
+    }
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket.into(),
+        runtime,
+    )
 }
 
 /// Reads frames off a QUIC stream, keeping any bytes past the last frame.

@@ -7,21 +7,33 @@
 //!
 //! Semantics: a TCP FIN becomes a stream FIN and the other way round (half-close); a TCP
 //! reset or any I/O error aborts both directions, and a stream reset becomes a TCP RST.
+//!
+//! On the Hub the pipe starts before the Client has answered `Open` ([`Start::AwaitAnswer`]):
+//! the requester's first bytes travel right behind `Open` instead of a round trip later, and
+//! nothing goes back to the requester until the answer is `Opened`. A refused query discards
+//! them (the Client never reads past `Open` before it has decided).
 
-use std::io;
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use ewii_common::frame::{QueryHead, RefuseCode};
 use quinn::{ReadError, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
-use super::codes;
+use super::{codes, FrameReader};
 
-/// Bytes per TCP read; large enough to fill QUIC packets, small enough to keep latency.
-const CHUNK: usize = 64 * 1024;
+/// Smallest TCP read (a new query starts here).
+const MIN_READ: usize = 4 * 1024;
+/// Largest TCP read: enough to fill a GSO batch of QUIC packets.
+const MAX_READ: usize = 64 * 1024;
+/// Chunks taken off a QUIC stream at once and written to TCP with one `writev`.
+const WRITE_BATCH: usize = 32;
 
 /// How long a finished query waits for the peer to read its last bytes.
-const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const FINISH_WAIT: Duration = Duration::from_secs(10);
 
 /// What went through, and how it ended.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -56,6 +68,23 @@ pub enum PipeError {
     /// Reading the QUIC stream failed for another reason (connection lost).
     #[error("stream read: {0}")]
     StreamRead(String),
+    /// The Client answered `Open` with `Refused` (Hub side).
+    #[error("refused by the client: {0}")]
+    Refused(RefuseCode),
+    /// No valid answer to `Open` (Hub side): none in time, a bad frame, the stream broke.
+    #[error("{0}")]
+    NoAnswer(String),
+}
+
+/// What comes off the stream before the peer's raw bytes.
+#[derive(Debug)]
+pub enum Start {
+    /// Nothing more: these bytes, already read off the stream past its header, go to the TCP
+    /// socket first (Client side, after `Open`).
+    Leftover(Bytes),
+    /// The Client's answer to `Open`, awaited at most this long before anything goes back to
+    /// the TCP peer (Hub side); the TCP peer's bytes go out meanwhile.
+    AwaitAnswer(Duration),
 }
 
 /// A byte stream over TCP that can be torn down with an RST.
@@ -77,26 +106,45 @@ impl TcpLike for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
-/// Pipes until both directions have finished or one fails. `leftover` is payload already read
-/// off `recv` (it goes to the TCP socket first).
+/// Pipes until both directions have finished or one fails; `start` says what the stream holds
+/// before the peer's raw bytes.
 pub async fn pipe<S: TcpLike>(
     io: S,
     mut send: SendStream,
     mut recv: RecvStream,
-    leftover: Bytes,
+    start: Start,
 ) -> PipeReport {
     let (mut r, mut w) = tokio::io::split(io);
     let mut up_count = 0u64;
     let mut down_count = 0u64;
+    // Shared by the two directions, polled by this one task.
+    let answered = AtomicBool::new(matches!(start, Start::Leftover(_)));
     let error = {
         let up = tcp_to_stream(&mut r, &mut send, &mut up_count);
-        let down = stream_to_tcp(&mut recv, &mut w, leftover, &mut down_count);
+        let down = async {
+            let leftover = match start {
+                Start::Leftover(bytes) => bytes,
+                Start::AwaitAnswer(within) => {
+                    let leftover = answer(&mut recv, within).await?;
+                    answered.store(true, Ordering::Relaxed);
+                    leftover
+                }
+            };
+            stream_to_tcp(&mut recv, &mut w, leftover, &mut down_count).await
+        };
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
+        // A Client that refuses stops the stream as it answers: the stop may overtake the
+        // `Refused` frame, so before the answer an upload error waits for it.
+        let mut up_error = None;
         loop {
             tokio::select! {
                 res = &mut up, if !up_done => match res {
                     Ok(()) => up_done = true,
+                    Err(e) if !answered.load(Ordering::Relaxed) => {
+                        up_done = true;
+                        up_error = Some(e);
+                    }
                     Err(e) => break Some(e),
                 },
                 res = &mut down, if !down_done => match res {
@@ -105,14 +153,21 @@ pub async fn pipe<S: TcpLike>(
                 },
             }
             if up_done && down_done {
-                break None;
+                break up_error;
+            }
+            if up_error.is_some() && answered.load(Ordering::Relaxed) {
+                break up_error;
             }
         }
     };
-    if error.is_some() {
+    if let Some(e) = &error {
         // Abort everything: the peer sees a stream reset, the TCP peer an RST.
-        let _ = send.reset(codes::ABORTED);
-        let _ = recv.stop(codes::ABORTED);
+        let code = match e {
+            PipeError::NoAnswer(_) => codes::PROTOCOL,
+            _ => codes::ABORTED,
+        };
+        let _ = send.reset(code);
+        let _ = recv.stop(code);
         r.unsplit(w).abort();
     } else {
         // The last bytes and the FIN are delivered only once the peer has read them: the query
@@ -132,10 +187,13 @@ async fn tcp_to_stream<S: TcpLike>(
     send: &mut SendStream,
     count: &mut u64,
 ) -> Result<(), PipeError> {
-    let mut buf = BytesMut::with_capacity(CHUNK);
+    let mut size = MIN_READ;
+    let mut buf = BytesMut::new();
     loop {
-        // Reuses the allocation once quinn has released the previous chunk.
-        buf.reserve(CHUNK);
+        // quinn keeps each chunk until the peer acknowledges it, so a read's allocation is
+        // reused only once that happened; a small read size keeps idle and chatty queries from
+        // pinning 64 KiB each.
+        buf.reserve(size);
         match r.read_buf(&mut buf).await {
             Ok(0) => {
                 let _ = send.finish();
@@ -143,6 +201,7 @@ async fn tcp_to_stream<S: TcpLike>(
             }
             Ok(n) => {
                 *count += n as u64;
+                size = next_read_size(size, n);
                 send.write_chunk(buf.split().freeze())
                     .await
                     .map_err(|e| PipeError::StreamWrite(e.to_string()))?;
@@ -152,26 +211,40 @@ async fn tcp_to_stream<S: TcpLike>(
     }
 }
 
+/// The next TCP read size: doubled after a read that filled it (bulk), halved after one that
+/// used less than a quarter of it, within [`MIN_READ`, `MAX_READ`].
+fn next_read_size(size: usize, read: usize) -> usize {
+    if read >= size {
+        (size * 2).min(MAX_READ)
+    } else if read < size / 4 {
+        (size / 2).max(MIN_READ)
+    } else {
+        size
+    }
+}
+
 async fn stream_to_tcp<S: TcpLike>(
     recv: &mut RecvStream,
     w: &mut WriteHalf<S>,
     leftover: Bytes,
     count: &mut u64,
 ) -> Result<(), PipeError> {
+    let mut chunks: [Bytes; WRITE_BATCH] = Default::default();
+    let mut n = 0;
     if !leftover.is_empty() {
-        w.write_all(&leftover)
-            .await
-            .map_err(|e| tcp_error(&e, PipeError::TcpWrite))?;
-        *count += leftover.len() as u64;
+        chunks[0] = leftover;
+        n = 1;
     }
     loop {
-        match recv.read_chunk(CHUNK, true).await {
-            Ok(Some(chunk)) => {
-                w.write_all(&chunk.bytes)
-                    .await
-                    .map_err(|e| tcp_error(&e, PipeError::TcpWrite))?;
-                *count += chunk.bytes.len() as u64;
-            }
+        if n > 0 {
+            // One `writev` for every chunk quinn had ready (each is about one packet's payload),
+            // instead of a `write` per chunk.
+            *count += write_all_vectored(w, &mut chunks[..n])
+                .await
+                .map_err(|e| tcp_error(&e, PipeError::TcpWrite))?;
+        }
+        match recv.read_chunks(&mut chunks).await {
+            Ok(Some(got)) => n = got,
             Ok(None) => {
                 // Half-close: the TCP peer reads EOF, and may keep sending.
                 let _ = w.shutdown().await;
@@ -183,9 +256,143 @@ async fn stream_to_tcp<S: TcpLike>(
     }
 }
 
+/// Writes every byte of `chunks` (emptying them); returns how many.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    chunks: &mut [Bytes],
+) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut first = 0;
+    loop {
+        while chunks.get(first).is_some_and(Bytes::is_empty) {
+            first += 1;
+        }
+        if first == chunks.len() {
+            return Ok(total);
+        }
+        let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
+        let count = (chunks.len() - first).min(WRITE_BATCH);
+        for (slice, chunk) in slices.iter_mut().zip(&chunks[first..]) {
+            *slice = IoSlice::new(chunk);
+        }
+        let mut written = w.write_vectored(&slices[..count]).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        total += written as u64;
+        while first < chunks.len() && written >= chunks[first].len() {
+            written -= chunks[first].len();
+            chunks[first] = Bytes::new();
+            first += 1;
+        }
+        if written > 0 {
+            chunks[first].advance(written);
+        }
+    }
+}
+
+/// Reads the Client's answer to `Open`: the bytes after `Opened`, or why there are none.
+async fn answer(recv: &mut RecvStream, within: Duration) -> Result<Bytes, PipeError> {
+    let mut reader = FrameReader::new();
+    match tokio::time::timeout(within, reader.read::<QueryHead>(recv)).await {
+        Ok(Ok(Some(QueryHead::Opened))) => Ok(reader.into_leftover()),
+        Ok(Ok(Some(QueryHead::Refused { code }))) => Err(PipeError::Refused(code)),
+        Ok(Ok(_)) => Err(PipeError::NoAnswer("unexpected answer to Open".into())),
+        Ok(Err(e)) => Err(PipeError::NoAnswer(format!(
+            "reading the answer to Open: {e}"
+        ))),
+        Err(_) => Err(PipeError::NoAnswer("no answer to Open in time".into())),
+    }
+}
+
 fn tcp_error(e: &io::Error, other: fn(String) -> PipeError) -> PipeError {
     match e.kind() {
         io::ErrorKind::ConnectionReset => PipeError::TcpReset,
         _ => other(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    #[test]
+    fn read_size_grows_under_bulk_and_shrinks_when_reads_are_small() {
+        let mut size = MIN_READ;
+        for _ in 0..10 {
+            size = next_read_size(size, size);
+        }
+        assert_eq!(size, MAX_READ);
+        assert_eq!(
+            next_read_size(MAX_READ, MAX_READ / 2),
+            MAX_READ,
+            "a half-full read keeps it"
+        );
+        for _ in 0..10 {
+            size = next_read_size(size, 100);
+        }
+        assert_eq!(size, MIN_READ);
+    }
+
+    /// A writer that takes at most 5 bytes per call, vectored or not (a stand-in for a full
+    /// socket buffer: partial writes are what the loop must survive).
+    #[derive(Default)]
+    struct Dribble(Vec<u8>);
+
+    impl AsyncWrite for Dribble {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(5);
+            self.0.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(5 - n);
+                self.0.extend_from_slice(&b[..take]);
+                n += take;
+                if n == 5 {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn vectored_writes_deliver_every_byte_in_order_through_partial_writes() {
+        let mut chunks: Vec<Bytes> = ["", "abc", "", "defghij", "k", "lmnopqrstu", ""]
+            .iter()
+            .map(|s| Bytes::from_static(s.as_bytes()))
+            .collect();
+        let mut w = Dribble::default();
+        let n = write_all_vectored(&mut w, &mut chunks).await.unwrap();
+        assert_eq!(n, 21);
+        assert_eq!(w.0, b"abcdefghijklmnopqrstu");
+        assert!(chunks.iter().all(Bytes::is_empty));
     }
 }

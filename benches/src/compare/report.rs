@@ -1,0 +1,457 @@
+//! The comparison's results: samples per system and figure, a Markdown report with medians,
+//! ranges and ratios, Ewii's targets with their gaps, and an SVG chart.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use super::systems::Kind;
+
+/// A measured figure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Figure {
+    /// iperf3, requester → service, one connection.
+    BulkUp,
+    /// iperf3 `-R`, service → requester, one connection.
+    BulkDown,
+    /// CPU seconds of the tunnel's processes per GiB moved in the two bulk runs.
+    CpuPerGib,
+    /// One-byte round trip on an open connection, median.
+    RttP50,
+    /// One-byte round trip on an open connection, 99th percentile.
+    RttP99,
+    /// New connection → 1-byte echo → close, one at a time.
+    RateC1,
+    /// The same, 32 at once.
+    RateC32,
+    /// The customer-side agent's RSS before any load.
+    RssIdle,
+    /// … with 100 idle connections open through it.
+    Rss100,
+    /// … after the whole run, idle again.
+    RssAfter,
+    /// Ewii: the Client's process start to its `session_up`.
+    StartToServing,
+}
+
+impl Figure {
+    /// Every figure, in report order.
+    pub const ALL: [Figure; 11] = [
+        Figure::BulkUp,
+        Figure::BulkDown,
+        Figure::CpuPerGib,
+        Figure::RttP50,
+        Figure::RttP99,
+        Figure::RateC1,
+        Figure::RateC32,
+        Figure::RssIdle,
+        Figure::Rss100,
+        Figure::RssAfter,
+        Figure::StartToServing,
+    ];
+
+    /// Title in the report.
+    pub fn title(self) -> &'static str {
+        match self {
+            Figure::BulkUp => "Bulk, requester → service (iperf3, one connection)",
+            Figure::BulkDown => "Bulk, service → requester (iperf3 -R, one connection)",
+            Figure::CpuPerGib => "CPU-seconds per GiB moved, tunnel processes together",
+            Figure::RttP50 => "1-byte round trip on an open connection, p50",
+            Figure::RttP99 => "1-byte round trip on an open connection, p99",
+            Figure::RateC1 => "New connection → 1-byte echo → close, c=1",
+            Figure::RateC32 => "New connection → 1-byte echo → close, c=32",
+            Figure::RssIdle => "Agent RSS, idle",
+            Figure::Rss100 => "Agent RSS, 100 idle connections open",
+            Figure::RssAfter => "Agent RSS after the run",
+            Figure::StartToServing => "Agent process start to serving (Ewii: to `session_up`)",
+        }
+    }
+
+    /// Unit of the values.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Figure::BulkUp | Figure::BulkDown => "Gbit/s",
+            Figure::CpuPerGib => "CPU-s/GiB",
+            Figure::RttP50 | Figure::RttP99 => "µs",
+            Figure::RateC1 | Figure::RateC32 => "conn/s",
+            Figure::RssIdle | Figure::Rss100 | Figure::RssAfter => "MB",
+            Figure::StartToServing => "ms",
+        }
+    }
+
+    /// "higher" or "lower", as in "higher is better".
+    pub fn better(self) -> &'static str {
+        if self.higher_is_better() {
+            "higher"
+        } else {
+            "lower"
+        }
+    }
+
+    /// Whether a larger value is better.
+    pub fn higher_is_better(self) -> bool {
+        matches!(
+            self,
+            Figure::BulkUp | Figure::BulkDown | Figure::RateC1 | Figure::RateC32
+        )
+    }
+}
+
+/// Every sample of the run: system → figure → one value per repetition.
+#[derive(Debug, Default)]
+pub struct Samples(BTreeMap<usize, BTreeMap<Figure, Vec<f64>>>);
+
+fn index(kind: Kind) -> usize {
+    Kind::ALL.iter().position(|k| *k == kind).unwrap_or(0)
+}
+
+impl Samples {
+    /// Records one value.
+    pub fn add(&mut self, kind: Kind, figure: Figure, value: f64) {
+        self.0
+            .entry(index(kind))
+            .or_default()
+            .entry(figure)
+            .or_default()
+            .push(value);
+    }
+
+    fn values(&self, kind: Kind, figure: Figure) -> Option<&[f64]> {
+        self.0
+            .get(&index(kind))
+            .and_then(|f| f.get(&figure))
+            .map(Vec::as_slice)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The median of a figure of a system.
+    pub fn median(&self, kind: Kind, figure: Figure) -> Option<f64> {
+        let mut v = self.values(kind, figure)?.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        Some(if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        })
+    }
+
+    fn range(&self, kind: Kind, figure: Figure) -> Option<(f64, f64)> {
+        let v = self.values(kind, figure)?;
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Some((min, max))
+    }
+
+    fn systems(&self) -> Vec<Kind> {
+        Kind::ALL
+            .into_iter()
+            .filter(|k| self.0.contains_key(&index(*k)))
+            .collect()
+    }
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// What the report says about the run besides the numbers.
+#[derive(Debug)]
+pub struct Context {
+    /// ISO date of the run.
+    pub date: String,
+    /// CPU, cores, memory, kernel.
+    pub machine: String,
+    /// Commit of this checkout.
+    pub commit: String,
+    /// Versions of the peers and tools.
+    pub versions: String,
+    /// How the run was made (repetitions, durations).
+    pub method: String,
+    /// Systems that could not be run, and why.
+    pub missing: Vec<String>,
+}
+
+/// A target of the performance issue, checked against the medians.
+struct Target {
+    what: &'static str,
+    ewii: Option<f64>,
+    goal: Option<f64>,
+    /// `true`: Ewii's value must be at least the goal; `false`: at most.
+    at_least: bool,
+    unit: &'static str,
+}
+
+fn targets(s: &Samples) -> Vec<Target> {
+    let e = |f| s.median(Kind::Ewii, f);
+    let noise = |f| s.median(Kind::RatholeNoise, f);
+    let times = |f, k: f64| noise(f).map(|v| v * k);
+    let lock = match (
+        s.median(Kind::EwiiLocked, Figure::BulkUp),
+        e(Figure::BulkUp),
+    ) {
+        (Some(on), Some(off)) if off > 0.0 => Some(on / off),
+        _ => None,
+    };
+    vec![
+        Target {
+            what: "bulk up ≥ 1.2× rathole noise",
+            ewii: e(Figure::BulkUp),
+            goal: times(Figure::BulkUp, 1.2),
+            at_least: true,
+            unit: "Gbit/s",
+        },
+        Target {
+            what: "bulk down ≥ 1.2× rathole noise",
+            ewii: e(Figure::BulkDown),
+            goal: times(Figure::BulkDown, 1.2),
+            at_least: true,
+            unit: "Gbit/s",
+        },
+        Target {
+            what: "CPU-s per GiB ≤ rathole noise",
+            ewii: e(Figure::CpuPerGib),
+            goal: noise(Figure::CpuPerGib),
+            at_least: false,
+            unit: "CPU-s/GiB",
+        },
+        Target {
+            what: "round trip p50 ≤ 0.8× rathole noise",
+            ewii: e(Figure::RttP50),
+            goal: times(Figure::RttP50, 0.8),
+            at_least: false,
+            unit: "µs",
+        },
+        Target {
+            what: "round trip p99 ≤ 0.8× rathole noise",
+            ewii: e(Figure::RttP99),
+            goal: times(Figure::RttP99, 0.8),
+            at_least: false,
+            unit: "µs",
+        },
+        Target {
+            what: "new connections c=1 ≥ 2× rathole noise",
+            ewii: e(Figure::RateC1),
+            goal: times(Figure::RateC1, 2.0),
+            at_least: true,
+            unit: "conn/s",
+        },
+        Target {
+            what: "new connections c=32 ≥ rathole tcp",
+            ewii: e(Figure::RateC32),
+            goal: s.median(Kind::RatholeTcp, Figure::RateC32),
+            at_least: true,
+            unit: "conn/s",
+        },
+        Target {
+            what: "Client RSS idle ≤ 5 MB",
+            ewii: e(Figure::RssIdle),
+            goal: Some(5.0),
+            at_least: false,
+            unit: "MB",
+        },
+        Target {
+            what: "Client RSS, 100 idle queries ≤ 7 MB",
+            ewii: e(Figure::Rss100),
+            goal: Some(7.0),
+            at_least: false,
+            unit: "MB",
+        },
+        Target {
+            what: "Client RSS after the load ≤ 8 MB",
+            ewii: e(Figure::RssAfter),
+            goal: Some(8.0),
+            at_least: false,
+            unit: "MB",
+        },
+        Target {
+            what: "process start to session_up ≤ 50 ms",
+            ewii: e(Figure::StartToServing),
+            goal: Some(50.0),
+            at_least: false,
+            unit: "ms",
+        },
+        Target {
+            what: "eBPF lock: bulk with / without ≥ 0.97",
+            ewii: lock,
+            goal: Some(0.97),
+            at_least: true,
+            unit: "ratio",
+        },
+    ]
+}
+
+/// The Markdown report.
+pub fn markdown(s: &Samples, ctx: &Context) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Ewii against the tunnels customers know — {}\n",
+        ctx.date
+    );
+    let _ = writeln!(out, "- machine: {}", ctx.machine);
+    let _ = writeln!(out, "- commit: {}", ctx.commit);
+    let _ = writeln!(out, "- versions: {}", ctx.versions);
+    let _ = writeln!(out, "- method: {}", ctx.method);
+    for m in &ctx.missing {
+        let _ = writeln!(out, "- not run: {m}");
+    }
+    let _ = writeln!(out, "\n![chart](latest.svg)\n");
+    let _ = writeln!(out, "## Ewii's targets (medians of this run)\n");
+    let _ = writeln!(out, "| target | Ewii | goal | status |\n|---|---|---|---|");
+    for t in targets(s) {
+        let status = match (t.ewii, t.goal) {
+            (Some(v), Some(g)) if (t.at_least && v >= g) || (!t.at_least && v <= g) => {
+                "met".to_owned()
+            }
+            (Some(v), Some(g)) if g > 0.0 => {
+                let gap = if t.at_least { g / v } else { v / g };
+                format!("**not met**: {gap:.2}× off")
+            }
+            _ => "not measured".to_owned(),
+        };
+        let show =
+            |v: Option<f64>| v.map_or("—".to_owned(), |v| format!("{} {}", fmt(v), t.unit));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {status} |",
+            t.what,
+            show(t.ewii),
+            show(t.goal)
+        );
+    }
+    let systems = s.systems();
+    for figure in Figure::ALL {
+        if !systems.iter().any(|k| s.values(*k, figure).is_some()) {
+            continue;
+        }
+        let better = figure.better();
+        let _ = writeln!(
+            out,
+            "\n## {} ({}, {better} is better)\n",
+            figure.title(),
+            figure.unit()
+        );
+        let _ = writeln!(
+            out,
+            "| system | median | min–max | × raw TCP | × rathole noise |\n|---|---|---|---|---|"
+        );
+        let raw = s.median(Kind::RawTcp, figure);
+        let noise = s.median(Kind::RatholeNoise, figure);
+        for k in &systems {
+            let (Some(m), Some((lo, hi))) = (s.median(*k, figure), s.range(*k, figure)) else {
+                continue;
+            };
+            let ratio = |base: Option<f64>| match base {
+                Some(b) if b > 0.0 => format!("{:.2}", m / b),
+                _ => "—".to_owned(),
+            };
+            let name = if matches!(k, Kind::Ewii | Kind::EwiiLocked) {
+                format!("**{}**", k.label())
+            } else {
+                k.label().to_owned()
+            };
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {}–{} | {} | {} |",
+                fmt(m),
+                fmt(lo),
+                fmt(hi),
+                ratio(raw),
+                ratio(noise)
+            );
+        }
+    }
+    out
+}
+
+/// An SVG chart: one panel per figure, one bar per system, the median written beside it.
+pub fn svg(s: &Samples, ctx: &Context) -> String {
+    const W: f64 = 760.0;
+    const LABEL: f64 = 130.0;
+    const BAR: f64 = 14.0;
+    const GAP: f64 = 4.0;
+    let systems = s.systems();
+    let figures: Vec<Figure> = Figure::ALL
+        .into_iter()
+        .filter(|f| {
+            *f != Figure::StartToServing && systems.iter().any(|k| s.values(*k, *f).is_some())
+        })
+        .collect();
+    let panel = 26.0 + systems.len() as f64 * (BAR + GAP) + 10.0;
+    let height = 40.0 + panel * figures.len() as f64 + 20.0;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        out,
+        r#"<text x="8" y="20" font-size="14" font-weight="bold">Ewii against the tunnels customers know — {} (medians)</text>"#,
+        xml(&ctx.date)
+    );
+    for (i, figure) in figures.iter().enumerate() {
+        let top = 40.0 + panel * i as f64;
+        let better = figure.better();
+        let _ = writeln!(
+            out,
+            r#"<text x="8" y="{}" font-weight="bold">{} ({}, {better} is better)</text>"#,
+            top + 14.0,
+            xml(figure.title()),
+            xml(figure.unit())
+        );
+        let max = systems
+            .iter()
+            .filter_map(|k| s.median(*k, *figure))
+            .fold(0.0, f64::max);
+        for (j, k) in systems.iter().enumerate() {
+            let y = top + 22.0 + j as f64 * (BAR + GAP);
+            let _ = writeln!(
+                out,
+                r#"<text x="8" y="{}">{}</text>"#,
+                y + BAR - 3.0,
+                xml(k.label())
+            );
+            let Some(m) = s.median(*k, *figure) else {
+                continue;
+            };
+            let width = if max > 0.0 {
+                (W - LABEL - 90.0) * m / max
+            } else {
+                0.0
+            };
+            let colour = match k {
+                Kind::Ewii | Kind::EwiiLocked => "#d9480f",
+                Kind::RawTcp => "#868e96",
+                _ if k.encrypted() => "#1c7ed6",
+                _ => "#74c0fc",
+            };
+            let _ = writeln!(
+                out,
+                r#"<rect x="{LABEL}" y="{y}" width="{width:.1}" height="{BAR}" fill="{colour}"/><text x="{:.1}" y="{}">{}</text>"#,
+                LABEL + width + 4.0,
+                y + BAR - 3.0,
+                fmt(m)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        r##"<text x="8" y="{}" fill="#495057">orange: Ewii · dark blue: encrypted peers · light blue: plaintext peers · grey: no tunnel</text>"##,
+        height - 6.0
+    );
+    out.push_str("</svg>\n");
+    out
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
