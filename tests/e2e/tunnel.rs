@@ -508,11 +508,17 @@ async fn p8_a_client_enrols_and_serves_through_quic_retries() {
     );
 }
 
-/// A stand-in Client (a raw session with the acme SVID) that answers its first query stream
-/// with `answer`, after checking what arrived before it answered.
-async fn first_query_seen_by_a_raw_client(
-    answer: ewii_common::frame::QueryHead,
-) -> (Vec<u8>, TcpStream, TestHub) {
+/// A query as a stand-in Client (a raw session with the acme SVID) sees it before answering:
+/// the Hub, the session, the requester (who wrote `SELECT 1`), the stream, and the bytes that
+/// arrived behind `Open`.
+async fn a_query_at_a_raw_client() -> (
+    TestHub,
+    RawSession,
+    TcpStream,
+    quinn::SendStream,
+    quinn::RecvStream,
+    Vec<u8>,
+) {
     use ewii::identity::store::{self, Svid};
     use ewii_common::frame::QueryHead;
 
@@ -523,7 +529,7 @@ async fn first_query_seen_by_a_raw_client(
     hub.wait_connected("acme").await;
     let mut requester = TcpStream::connect(hub.service("pg")).await.unwrap();
     requester.write_all(b"SELECT 1").await.unwrap();
-    let (mut send, mut recv) = tokio::time::timeout(SOON, session.conn.accept_bi())
+    let (send, mut recv) = tokio::time::timeout(SOON, session.conn.accept_bi())
         .await
         .expect("a query stream")
         .unwrap();
@@ -540,6 +546,16 @@ async fn first_query_seen_by_a_raw_client(
             .unwrap();
         early.extend_from_slice(&chunk.bytes);
     }
+    (hub, session, requester, send, recv, early)
+}
+
+/// [`a_query_at_a_raw_client`], answered with `answer`.
+async fn first_query_seen_by_a_raw_client(
+    answer: ewii_common::frame::QueryHead,
+) -> (Vec<u8>, TcpStream, TestHub) {
+    use ewii_common::frame::QueryHead;
+
+    let (hub, session, requester, mut send, mut recv, early) = a_query_at_a_raw_client().await;
     ewii::transport::write_frame(&mut send, &answer)
         .await
         .unwrap();
@@ -601,4 +617,17 @@ async fn p4_a_refused_query_discards_the_requesters_early_bytes_and_sends_nothin
         Some("refused by the client: not_allowed")
     );
     assert_eq!(h.bytes_up, None);
+}
+
+#[tokio::test]
+async fn p4_a_requester_that_resets_before_the_answer_ends_its_query_at_once() {
+    let (hub, _session, requester, _send, _recv, early) = a_query_at_a_raw_client().await;
+    assert_eq!(early, b"SELECT 1");
+    // The Client never answers; the requester gives up with an RST.
+    requester.set_zero_linger().unwrap();
+    drop(requester);
+    // Within wait_audit's 10 s, where waiting for the answer would take the Hub's 15 s.
+    let h = hub.wait_audit("the query", is(Event::Query)).await;
+    assert_eq!(h.outcome, Some(Outcome::Failed));
+    assert_eq!(h.reason.as_deref(), Some("tcp connection reset"));
 }

@@ -455,3 +455,73 @@ fn xml(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Context {
+        Context {
+            date: "2026-12-01".into(),
+            machine: "test".into(),
+            commit: "abc".into(),
+            versions: "v".into(),
+            method: "m".into(),
+            missing: vec!["bore (not installed)".into()],
+        }
+    }
+
+    #[test]
+    fn medians_ranges_and_ratios_come_from_the_samples_of_the_same_run() {
+        let mut s = Samples::default();
+        for v in [3.0, 1.0, 2.0] {
+            s.add(Kind::RatholeNoise, Figure::BulkUp, v);
+        }
+        for v in [6.0, 2.0, 4.0, 100.0] {
+            s.add(Kind::Ewii, Figure::BulkUp, v);
+        }
+        assert_eq!(s.median(Kind::RatholeNoise, Figure::BulkUp), Some(2.0));
+        assert_eq!(
+            s.median(Kind::Ewii, Figure::BulkUp),
+            Some(5.0),
+            "even count: mean of the middle two"
+        );
+        assert_eq!(s.median(Kind::Bore, Figure::BulkUp), None);
+        let md = markdown(&s, &ctx());
+        assert!(
+            md.contains("| **Ewii** | 5.00 | 2.00–100 | — | 2.50 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| rathole noise | 2.00 | 1.00–3.00 | — | 1.00 |"),
+            "{md}"
+        );
+        assert!(md.contains("- not run: bore (not installed)"), "{md}");
+    }
+
+    #[test]
+    fn a_target_is_met_or_shows_its_gap_in_the_right_direction() {
+        let mut s = Samples::default();
+        s.add(Kind::RatholeNoise, Figure::BulkUp, 2.0);
+        s.add(Kind::Ewii, Figure::BulkUp, 3.0); // goal 2.4: met
+        s.add(Kind::RatholeNoise, Figure::RttP50, 100.0);
+        s.add(Kind::Ewii, Figure::RttP50, 160.0); // goal ≤ 80: 2× off
+        s.add(Kind::Ewii, Figure::RssIdle, 4.0); // ≤ 5: met
+        let md = markdown(&s, &ctx());
+        assert!(
+            md.contains("| bulk up ≥ 1.2× rathole noise | 3.00 Gbit/s | 2.40 Gbit/s | met |"),
+            "{md}"
+        );
+        assert!(md.contains("| round trip p50 ≤ 0.8× rathole noise | 160 µs | 80.0 µs | **not met**: 2.00× off |"), "{md}");
+        assert!(
+            md.contains("| Client RSS idle ≤ 5 MB | 4.00 MB | 5.00 MB | met |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| bulk down ≥ 1.2× rathole noise | — | — | not measured |"),
+            "{md}"
+        );
+        let svg = svg(&s, &ctx());
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    }
+}

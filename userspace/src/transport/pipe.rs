@@ -119,6 +119,7 @@ pub async fn pipe<S: TcpLike>(
     let mut down_count = 0u64;
     // Shared by the two directions, polled by this one task.
     let answered = AtomicBool::new(matches!(start, Start::Leftover(_)));
+    let stopped_early = AtomicBool::new(false);
     let error = {
         let up = tcp_to_stream(&mut r, &mut send, &mut up_count);
         let down = async {
@@ -127,6 +128,11 @@ pub async fn pipe<S: TcpLike>(
                 Start::AwaitAnswer(within) => {
                     let leftover = answer(&mut recv, within).await?;
                     answered.store(true, Ordering::Relaxed);
+                    if stopped_early.load(Ordering::Relaxed) {
+                        // Opened, but the stream was already stopped: the upload's error
+                        // stands, and nothing is piped.
+                        return Ok(());
+                    }
                     leftover
                 }
             };
@@ -135,15 +141,17 @@ pub async fn pipe<S: TcpLike>(
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         // A Client that refuses stops the stream as it answers: the stop may overtake the
-        // `Refused` frame, so before the answer an upload error waits for it.
+        // `Refused` frame, so an upload that fails on the stream before the answer waits for
+        // it (bounded by the answer's timeout). A TCP error ends the query at once.
         let mut up_error = None;
         loop {
             tokio::select! {
                 res = &mut up, if !up_done => match res {
                     Ok(()) => up_done = true,
-                    Err(e) if !answered.load(Ordering::Relaxed) => {
+                    Err(e @ PipeError::StreamWrite(_)) if !answered.load(Ordering::Relaxed) => {
                         up_done = true;
                         up_error = Some(e);
+                        stopped_early.store(true, Ordering::Relaxed);
                     }
                     Err(e) => break Some(e),
                 },
@@ -153,9 +161,6 @@ pub async fn pipe<S: TcpLike>(
                 },
             }
             if up_done && down_done {
-                break up_error;
-            }
-            if up_error.is_some() && answered.load(Ordering::Relaxed) {
                 break up_error;
             }
         }
