@@ -8,6 +8,8 @@
     missing_debug_implementations
 )]
 
+pub mod workload_api;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -26,6 +26,12 @@
 //!   new_with_pending_revoke ──▶ Revoking (no deadline) ──dialed──▶ Goodbye{revoke} ──▶ Exit(Revoked)
 //!   Waiting|Dialing ──handle_stop (on_stop = disconnect)──▶ Exit(Stopped)
 //!   Waiting past not_after ──▶ Exit(Expired)        any ──handle_revoked──▶ Exit(Revoked)
+//!
+//!   SVID from a SPIFFE Workload API (`external_svid`): no Renew; the agent pushes new SVIDs:
+//!   Up{session} ──handle_svid(svid')──▶ Moving{from: session} + Dial (with svid')
+//!   Moving ──handle_dialed(new)──▶ Up{new} + Retire{from} (the old one drains, then closes)
+//!   Moving ──handle_dial_failed──▶ Moving (old one still serves; redial after a backoff)
+//!   Moving ──handle_lost(from)──▶ Dialing (the dial in flight) or Waiting
 //! ```
 //!
 //! Renewal: at half of the SVID's remaining life when it came into use (± 10 % jitter,
@@ -35,6 +41,12 @@
 //! the Client confirms it stored it, so a rotation needs no second connection and cuts no
 //! query (see `docs/architecture.md` for the security argument). The next dial, after a loss,
 //! uses the newest SVID.
+//!
+//! An SVID that comes from a SPIFFE Workload API (SPIRE) is renewed by the agent, not by the
+//! Hub: the machine never asks for `Renew`, and a pushed SVID ([`ClientSession::handle_svid`])
+//! moves the session to a new connection, make-before-break: the new connection is dialled
+//! while the old one serves, then the old one is retired ([`Action::Retire`]): it says
+//! `Goodbye` without a revoke and finishes its in-flight queries. No query is cut.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -83,6 +95,9 @@ pub struct SessionConfig {
     /// How long a stop without a live connection may try to reach the Hub to deliver its
     /// revoke before it records the revoke as pending and exits.
     pub goodbye_budget: Duration,
+    /// The SVID comes from outside (a SPIFFE Workload API): never ask the Hub to renew it; a
+    /// new one arrives through [`ClientSession::handle_svid`].
+    pub external_svid: bool,
 }
 
 /// How the session ended for good.
@@ -126,6 +141,13 @@ pub enum Action {
         session_id: u64,
         /// Why.
         reason: CloseReason,
+    },
+    /// The session moved to a newer connection: connection `session_id` says
+    /// `Goodbye { revoke: false }`, serves what the Hub sent before it read that, and closes
+    /// once those queries are done (bounded by the driver). Nothing is reported back.
+    Retire {
+        /// The old connection.
+        session_id: u64,
     },
     /// Stop: send `Goodbye { revoke }` on connection `session_id`, take no new queries, and
     /// report [`ClientSession::handle_drained`] when its in-flight queries are done.
@@ -174,6 +196,8 @@ enum Renewal {
     Due(Duration),
     /// `Renew` sent; the answer is due by the instant.
     Asked(Duration),
+    /// The SVID source renews (a Workload API): nothing to ask.
+    External,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +212,12 @@ enum State {
     Up {
         session_id: u64,
         renewal: Renewal,
+    },
+    /// Connection `from` serves while a dial with a newer SVID is in flight (or, with
+    /// `retry_at`, waits to be retried).
+    Moving {
+        from: u64,
+        retry_at: Option<Duration>,
     },
     /// Dialling only to deliver a revoke; the dial is in flight unless `retry_at` is set.
     /// `deadline` is `None` for a revoke pending from an earlier stop: it retries for ever.
@@ -217,6 +247,8 @@ pub struct ClientSession {
     actions: VecDeque<Action>,
     /// Jitter source for renewal times, refreshed by every event that carries randomness.
     random: u64,
+    /// A newer SVID arrived while the dial in flight used the older one: move again once up.
+    stale_dial: bool,
 }
 
 impl ClientSession {
@@ -236,6 +268,7 @@ impl ClientSession {
             renew_backoff,
             actions: VecDeque::new(),
             random,
+            stale_dial: false,
         };
         s.dial_or_expire(now);
         s
@@ -276,6 +309,14 @@ impl ClientSession {
                 renewal: Renewal::Due(at) | Renewal::Asked(at),
                 ..
             } => Some(at.min(self.svid.end())),
+            State::Up {
+                renewal: Renewal::External,
+                ..
+            }
+            | State::Moving { retry_at: None, .. } => Some(self.svid.end()),
+            State::Moving {
+                retry_at: Some(at), ..
+            } => Some(at.min(self.svid.end())),
             State::Revoking { deadline, retry_at } => match (deadline, retry_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -289,7 +330,10 @@ impl ClientSession {
         match self.state {
             State::Dialing => Phase::Connecting,
             State::Waiting { until } => Phase::Backoff { until },
-            State::Up { session_id, .. } => Phase::Connected { session_id },
+            State::Up { session_id, .. }
+            | State::Moving {
+                from: session_id, ..
+            } => Phase::Connected { session_id },
             State::Revoking { .. } => Phase::Revoking,
             State::Stopping { .. } => Phase::Stopping,
             State::Done => Phase::Done,
@@ -337,6 +381,14 @@ impl ClientSession {
             State::Dialing | State::Waiting { .. } => {
                 self.backoff.reset();
                 self.up(now, session_id);
+                self.move_if_stale();
+            }
+            // The newer SVID is in use: the old connection drains and goes.
+            State::Moving { from, .. } => {
+                self.backoff.reset();
+                self.actions.push_back(Action::Retire { session_id: from });
+                self.up(now, session_id);
+                self.move_if_stale();
             }
             // Reached only to deliver the revoke.
             State::Revoking { deadline, .. } => {
@@ -364,6 +416,8 @@ impl ClientSession {
     /// [`handle_revoked`](Self::handle_revoked)).
     pub fn handle_dial_failed(&mut self, now: Duration, random: u64) {
         self.random = random;
+        // The next dial presents the newest SVID anyway.
+        self.stale_dial = false;
         match &mut self.state {
             State::Dialing => self.back_off(now, random),
             State::Revoking { deadline, retry_at } => {
@@ -372,6 +426,10 @@ impl ClientSession {
                     at = at.min(*d);
                 }
                 *retry_at = Some(at);
+            }
+            // The old connection still serves: try again later.
+            State::Moving { retry_at, .. } => {
+                *retry_at = Some(now + self.backoff.next_delay(random));
             }
             _ => {}
         }
@@ -385,6 +443,13 @@ impl ClientSession {
                 session_id: current,
                 ..
             } if current == session_id => self.back_off(now, random),
+            // The old connection went before the new one came: the dial in flight (if any)
+            // becomes the plain reconnect.
+            State::Moving {
+                from,
+                retry_at: None,
+            } if from == session_id => self.state = State::Dialing,
+            State::Moving { from, .. } if from == session_id => self.back_off(now, random),
             State::Stopping {
                 session_id: current,
                 ..
@@ -430,6 +495,27 @@ impl ClientSession {
         }
     }
 
+    /// The SVID source (a Workload API) delivered a new SVID valid over `svid`: the next dial
+    /// uses it, and a live connection moves to a new one made with it (make-before-break).
+    /// Ignored unless the session was built with `external_svid`.
+    pub fn handle_svid(&mut self, svid: Validity) {
+        if !self.config.external_svid {
+            return;
+        }
+        self.svid = svid;
+        match self.state {
+            State::Up { session_id, .. } => self.start_move(session_id),
+            // The dial in flight presents the older SVID: move once it is up.
+            State::Dialing | State::Moving { retry_at: None, .. } => self.stale_dial = true,
+            // The next dial uses the new SVID anyway.
+            State::Moving { .. }
+            | State::Waiting { .. }
+            | State::Revoking { .. }
+            | State::Stopping { .. }
+            | State::Done => {}
+        }
+    }
+
     /// The Hub refused the renewal, or its answer did not check out: retry with backoff.
     pub fn handle_renew_refused(&mut self, now: Duration, random: u64) {
         self.random = random;
@@ -452,7 +538,11 @@ impl ClientSession {
     /// `goodbye_budget`, and one that does not ends at once.
     pub fn handle_stop(&mut self, now: Duration) {
         match self.state {
-            State::Up { session_id, .. } => {
+            // A dial in flight for a move is closed when it completes (it is not wanted).
+            State::Up { session_id, .. }
+            | State::Moving {
+                from: session_id, ..
+            } => {
                 self.actions.push_back(Action::SendGoodbye {
                     session_id,
                     revoke: self.config.revoke_on_stop,
@@ -486,7 +576,10 @@ impl ClientSession {
         match self.state {
             State::Waiting { .. } if self.svid.expired_at(now) => self.finish(Exit::Expired),
             State::Waiting { until } if now >= until => self.dial_or_expire(now),
-            State::Up { session_id, .. } if self.svid.expired_at(now) => {
+            State::Up { session_id, .. }
+            | State::Moving {
+                from: session_id, ..
+            } if self.svid.expired_at(now) => {
                 self.actions.push_back(Action::Close {
                     session_id,
                     reason: CloseReason::SvidExpired,
@@ -502,6 +595,12 @@ impl ClientSession {
                     *renewal = Renewal::Asked(now + self.config.renew_answer_timeout);
                 }
                 self.actions.push_back(Action::SendRenew);
+            }
+            State::Moving {
+                from,
+                retry_at: Some(at),
+            } if now >= at => {
+                self.start_move(from);
             }
             State::Revoking {
                 deadline: Some(deadline),
@@ -538,12 +637,35 @@ impl ClientSession {
     /// Serving on `session_id` with the SVID in use; its renewal is due at half of the life
     /// it has left from `now` (an SVID that came into use late renews soon, never in a loop).
     fn up(&mut self, now: Duration, session_id: u64) {
-        let from = self.svid.not_before.max(now.as_secs());
-        let at = renewal_time(from, self.svid.not_after, self.random);
+        let renewal = if self.config.external_svid {
+            Renewal::External
+        } else {
+            let from = self.svid.not_before.max(now.as_secs());
+            let at = renewal_time(from, self.svid.not_after, self.random);
+            Renewal::Due(Duration::from_secs(at).max(now))
+        };
         self.state = State::Up {
             session_id,
-            renewal: Renewal::Due(Duration::from_secs(at).max(now)),
+            renewal,
         };
+    }
+
+    /// Just up with a dial that used an SVID older than the newest: move on at once.
+    fn move_if_stale(&mut self) {
+        if std::mem::take(&mut self.stale_dial) {
+            if let State::Up { session_id, .. } = self.state {
+                self.start_move(session_id);
+            }
+        }
+    }
+
+    fn start_move(&mut self, from: u64) {
+        self.stale_dial = false;
+        self.state = State::Moving {
+            from,
+            retry_at: None,
+        };
+        self.actions.push_back(Action::Dial);
     }
 
     fn dial_or_expire(&mut self, now: Duration) {
@@ -551,6 +673,7 @@ impl ClientSession {
             self.finish(Exit::Expired);
         } else {
             self.state = State::Dialing;
+            self.stale_dial = false;
             self.actions.push_back(Action::Dial);
         }
     }

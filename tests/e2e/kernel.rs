@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// `Some(reason)` when this process cannot run privileged tests.
-fn lacking_privilege() -> Option<String> {
+pub(crate) fn lacking_privilege() -> Option<String> {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
     let euid_root = status
         .lines()
@@ -31,9 +31,10 @@ fn lacking_privilege() -> Option<String> {
     None
 }
 
+/// Skips the test (or, with `EWII_REQUIRE_PRIVILEGED=1`, fails it) without the privileges.
 macro_rules! privileged {
     () => {
-        if let Some(why) = lacking_privilege() {
+        if let Some(why) = $crate::kernel::lacking_privilege() {
             assert!(
                 !require("EWII_REQUIRE_PRIVILEGED"),
                 "EWII_REQUIRE_PRIVILEGED=1 but this test cannot run: {why}"
@@ -43,6 +44,7 @@ macro_rules! privileged {
         }
     };
 }
+pub(crate) use privileged;
 
 fn cgroup2_mount() -> Option<PathBuf> {
     ewii::enforce::ebpf::cgroup2_mount().ok()

@@ -19,6 +19,7 @@ mod postgres;
 mod process;
 mod scale;
 mod soak;
+mod spire;
 mod tunnel;
 mod verify;
 mod walkthrough;

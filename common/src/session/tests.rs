@@ -15,6 +15,23 @@ fn config() -> SessionConfig {
         stop_drain: Duration::from_secs(5),
         revoke_on_stop: true,
         goodbye_budget: Duration::from_secs(5),
+        external_svid: false,
+    }
+}
+
+/// An SVID from a SPIFFE Workload API: the agent renews it and pushes the new one.
+fn workload_api() -> SessionConfig {
+    SessionConfig {
+        external_svid: true,
+        ..config()
+    }
+}
+
+/// A 1 h SVID as a SPIRE agent issues it, from `at` (seconds).
+fn spire_svid_at(at: u64) -> Validity {
+    Validity {
+        not_before: at,
+        not_after: at + 3_600,
     }
 }
 
@@ -564,6 +581,11 @@ fn in_every_state() -> Vec<(&'static str, Sim)> {
     sim.actions();
     sim.dial_failed();
     out.push(("delivering a pending revoke", sim));
+
+    let (mut sim, _) = Sim::connected(workload_api(), spire_svid_at(START));
+    sim.s.handle_svid(spire_svid_at(START + 1));
+    sim.actions();
+    out.push(("moving to a new SVID's connection", sim));
     out
 }
 
@@ -620,4 +642,126 @@ fn renewal_lands_around_half_life() {
         );
     }
     assert_eq!(renewal_time(10, 10, 5), 10);
+}
+
+#[test]
+fn p7_an_svid_from_the_workload_api_is_never_renewed_through_the_hub() {
+    let (mut sim, id) = Sim::connected(workload_api(), spire_svid_at(START));
+    assert_eq!(sim.s.renewal_due(), None, "nothing to ask the Hub");
+    // Nothing happens until the SVID's end, if the agent never pushes a new one.
+    let acts = sim.advance();
+    assert_eq!(sim.now, Duration::from_secs(START + 3_600));
+    assert_eq!(
+        acts,
+        vec![
+            Action::Close {
+                session_id: id,
+                reason: CloseReason::SvidExpired
+            },
+            Action::Exit(Exit::Expired)
+        ]
+    );
+    assert!(!sim.log.iter().any(|(_, a)| *a == Action::SendRenew));
+}
+
+#[test]
+fn p7_p8_a_pushed_svid_moves_to_a_new_connection_before_the_old_one_goes() {
+    let (mut sim, old) = Sim::connected(workload_api(), spire_svid_at(START));
+    sim.now += Duration::from_secs(1_800);
+    sim.s.handle_svid(spire_svid_at(START + 1_800));
+    // Make: the old connection still serves while the new one is dialled.
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: old });
+    let new = sim.dialed();
+    // Break: only now is the old one retired.
+    assert_eq!(sim.actions(), vec![Action::Retire { session_id: old }]);
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: new });
+    assert_eq!(sim.s.svid(), spire_svid_at(START + 1_800));
+    // The old connection's end is no loss of the session.
+    let r = sim.rng.next();
+    sim.s.handle_lost(sim.now, old, r);
+    assert_eq!(sim.actions(), vec![]);
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: new });
+}
+
+#[test]
+fn p14_a_move_whose_dial_fails_keeps_serving_on_the_old_connection_and_retries() {
+    let (mut sim, old) = Sim::connected(workload_api(), spire_svid_at(START));
+    sim.s.handle_svid(spire_svid_at(START + 10));
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    sim.dial_failed();
+    assert_eq!(sim.actions(), vec![]);
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: old });
+    let before = sim.now;
+    assert_eq!(sim.advance(), vec![Action::Dial], "retried after a backoff");
+    assert!(sim.now > before && sim.now <= before + Duration::from_millis(500));
+    let new = sim.dialed();
+    assert_eq!(sim.actions(), vec![Action::Retire { session_id: old }]);
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: new });
+}
+
+#[test]
+fn p14_the_old_connection_lost_during_a_move_leaves_the_dial_in_flight_as_the_reconnect() {
+    let (mut sim, old) = Sim::connected(workload_api(), spire_svid_at(START));
+    sim.s.handle_svid(spire_svid_at(START + 10));
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    let r = sim.rng.next();
+    sim.s.handle_lost(sim.now, old, r);
+    assert_eq!(
+        sim.actions(),
+        vec![],
+        "no second dial while one is in flight"
+    );
+    assert_eq!(sim.s.phase(), Phase::Connecting);
+    let new = sim.dialed();
+    assert_eq!(sim.actions(), vec![], "nothing left to retire");
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: new });
+}
+
+#[test]
+fn p7_an_svid_pushed_during_a_dial_moves_again_once_that_dial_is_up() {
+    let mut sim = Sim::new(workload_api(), spire_svid_at(START));
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    sim.s.handle_svid(spire_svid_at(START + 5));
+    assert_eq!(sim.actions(), vec![], "one dial in flight at a time");
+    let first = sim.dialed();
+    // That dial presented the older SVID: move to one made with the newer.
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    let second = sim.dialed();
+    assert_eq!(sim.actions(), vec![Action::Retire { session_id: first }]);
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: second });
+}
+
+#[test]
+fn p9_a_stop_during_a_move_says_goodbye_on_the_serving_connection_and_drops_the_new_one() {
+    let (mut sim, old) = Sim::connected(workload_api(), spire_svid_at(START));
+    sim.s.handle_svid(spire_svid_at(START + 10));
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    sim.s.handle_stop(sim.now);
+    assert_eq!(
+        sim.actions(),
+        vec![Action::SendGoodbye {
+            session_id: old,
+            revoke: true
+        }]
+    );
+    let late = sim.dialed();
+    assert_eq!(
+        sim.actions(),
+        vec![Action::Close {
+            session_id: late,
+            reason: CloseReason::StopDeadline
+        }]
+    );
+    sim.s.handle_drained(old);
+    assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
+}
+
+#[test]
+fn p7_a_pushed_svid_is_ignored_by_a_session_the_hub_renews() {
+    let (mut sim, id) = Sim::connected(config(), svid_at(START));
+    sim.s.handle_svid(svid_at(START + 10));
+    assert_eq!(sim.actions(), vec![]);
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: id });
+    assert_eq!(sim.s.svid(), svid_at(START));
 }

@@ -33,6 +33,8 @@ const EXIT_SEEN: u8 = 6;
 /// What a revoked customer does next.
 const REVOKED_NEXT: &str =
     "ask the operator for a new token, then run `ewii-client enroll --replace`";
+/// The same, for an SVID from a SPIFFE Workload API (no token: the operator readmits it).
+const REVOKED_NEXT_SPIRE: &str = "ask the operator to readmit this Client (`ewii-hub readmit --client <name>`), then delete the `revoked` file in the state directory";
 
 #[derive(Parser)]
 #[command(
@@ -319,6 +321,12 @@ fn run(path: &Path) -> ExitCode {
             "EWII_BUNDLE_HASH is set but EWII_TOKEN is not: enrolling on first start needs both"
                 .into(),
         ),
+        (Some(_), Some(_)) if config.svid_source != config::SvidSource::StateDir => {
+            return fail(
+                EXIT_CONFIG,
+                "EWII_TOKEN is set, but svid_source = \"workload-api\": the SVID comes from the SPIRE agent; unset EWII_TOKEN and EWII_BUNDLE_HASH".into(),
+            )
+        }
         _ => {}
     }
     // One Client per state directory, checked before anything is installed or written.
@@ -399,20 +407,20 @@ fn run(path: &Path) -> ExitCode {
                 return code;
             }
         }
+        let (next, expired) = match config.svid_source {
+            config::SvidSource::StateDir => (REVOKED_NEXT, "the SVID expired without renewal (the Hub was unreachable for a whole lifetime); enrol again with a new token"),
+            config::SvidSource::WorkloadApi { .. } => (REVOKED_NEXT_SPIRE, "the SVID expired and the Workload API delivered no newer one; check the SPIRE agent"),
+        };
         let stopped = ewii::signal::terminate();
         match client::run_enforced(config, audit, report, denies, lock, stopped).await {
             Ok(Exit::Stopped) => ExitCode::SUCCESS,
             Ok(Exit::Revoked { reason }) => fail(
                 EXIT_REVOKED,
-                format!("revoked by the Hub: {reason}; this Client will not reconnect; {REVOKED_NEXT}"),
+                format!("revoked by the Hub: {reason}; this Client will not reconnect; {next}"),
             ),
-            Ok(Exit::Expired) => fail(
-                EXIT_NOT_ENROLLED,
-                "the SVID expired without renewal (the Hub was unreachable for a whole lifetime); enrol again with a new token".into(),
-            ),
-            Err(e @ ClientError::RevokedEarlier(_)) => {
-                fail(EXIT_REVOKED, format!("{e}; {REVOKED_NEXT}"))
-            }
+            Ok(Exit::Expired) => fail(EXIT_NOT_ENROLLED, expired.into()),
+            Err(e @ ClientError::WorkloadApi(_)) => fail(EXIT_NOT_ENROLLED, e.to_string()),
+            Err(e @ ClientError::RevokedEarlier(_)) => fail(EXIT_REVOKED, format!("{e}; {next}")),
             Err(e @ ClientError::SvidExpired(_)) => fail(EXIT_NOT_ENROLLED, e.to_string()),
             Err(e @ ClientError::NotEnrolled { .. }) => fail(EXIT_NOT_ENROLLED, e.to_string()),
             Err(e @ ClientError::Busy(_)) => fail(1, e.to_string()),

@@ -82,6 +82,16 @@ enum Command {
         #[arg(long, default_value = "revoked by the operator")]
         reason: String,
     },
+    /// Lift the revocation of a [[federation]] Client (SPIRE-issued SVIDs: no token to enrol
+    /// it again with). The customer also deletes the `revoked` marker in its state directory.
+    Readmit {
+        /// State directory.
+        #[arg(long, env = "EWII_HUB_STATE_DIR", default_value = "/var/lib/ewii-hub")]
+        state_dir: PathBuf,
+        /// Client name.
+        #[arg(long)]
+        client: String,
+    },
     /// List enrolled clients, their sessions, serials and revocation state.
     Clients {
         /// State directory.
@@ -380,6 +390,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             } else {
                 println!("{client} was already revoked");
+            }
+        }
+        Command::Readmit { state_dir, client } => {
+            if let Err(code) = initialised(&state_dir) {
+                return Ok(code);
+            }
+            if admin::readmit(&state_dir, &client)? {
+                println!(
+                    "readmitted {client}: its next handshake is accepted (the customer deletes the `revoked` marker in its state directory first)"
+                );
+            } else {
+                println!("{client} was not revoked");
             }
         }
         Command::Clients { state_dir, json } => {

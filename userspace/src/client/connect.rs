@@ -87,6 +87,8 @@ pub(crate) struct DialPlan {
     pub(crate) hub: HubAddress,
     pub(crate) identity: Arc<Identity>,
     pub(crate) bundle: Bundle,
+    /// The Hub must present `spiffe://<this>/hub`.
+    pub(crate) hub_trust_domain: String,
     pub(crate) hello: Control,
     pub(crate) audit: Audit,
     /// Queries the Hub may run at once on this connection.
@@ -96,7 +98,7 @@ pub(crate) struct DialPlan {
 /// Dials the Hub and opens the control stream: `Hello` → `Welcome`. Audits `session_up`.
 pub(crate) async fn dial(plan: Arc<DialPlan>) -> Result<Opened, ConnectError> {
     let leaf = &plan.identity.leaf;
-    let verifier = SpiffeVerifier::new(plan.bundle.clone(), leaf.id.trust_domain(), Expect::Hub)
+    let verifier = SpiffeVerifier::new(plan.bundle.clone(), &plan.hub_trust_domain, Expect::Hub)
         .with_audit(plan.audit.clone());
     let tls =
         transport::tls_client_config(Some(&plan.identity.svid), Arc::new(verifier), frame::ALPN)?;

@@ -3,8 +3,16 @@
 //! `Rotated`, say `Goodbye`, close). It reports what it saw as [`Event`]s and writes its own
 //! `session_lost` audit record when it ends.
 //!
-//! A rotation does not change the connection: the driver sends `Rotated` once the renewed
-//! SVID is stored, and the Hub re-binds the session to it.
+//! A rotation through the Hub does not change the connection: the driver sends `Rotated` once
+//! the renewed SVID is stored, and the Hub re-binds the session to it. An SVID pushed by a
+//! SPIFFE Workload API needs a new handshake: the driver dials a new connection and then
+//! retires this one ([`Command::Retire`]).
+//!
+//! Retiring is `Goodbye` without a revoke, after which the connection still serves every query
+//! the Hub opened before it read the `Goodbye` (the Hub acknowledges by finishing its side of
+//! the control stream, and opens nothing here after that); it closes once those are done, a
+//! moment after the acknowledgement (a query stream opened just before it may arrive just
+//! after it), and at the latest after [`RETIRE_DRAIN`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +41,9 @@ pub(crate) enum Command {
         /// Ask the Hub to revoke this identity.
         revoke: bool,
     },
+    /// The session moved to a newer connection: say `Goodbye` without a revoke, serve what
+    /// the Hub already sent, then close (nothing is reported but the end).
+    Retire,
     /// Close now.
     Close(CloseReason),
 }
@@ -67,6 +78,9 @@ pub enum Lost {
     /// Stopped locally after `Goodbye`.
     #[error("the Client stopped")]
     Stopped,
+    /// Retired after the session moved to a newer connection (a new SVID).
+    #[error("moved to a newer connection (a new SVID)")]
+    Moved,
     /// No packet from the Hub within the idle timeout.
     #[error("idle timeout: the Hub went silent")]
     IdleTimeout,
@@ -88,7 +102,7 @@ impl Lost {
             Self::Closed(CloseReason::SvidExpired) => SessionEnd::SvidExpired,
             Self::Closed(CloseReason::Protocol) | Self::Control(_) => SessionEnd::Protocol,
             Self::Closed(_) => SessionEnd::Stopped,
-            Self::Stopped => SessionEnd::Goodbye,
+            Self::Stopped | Self::Moved => SessionEnd::Goodbye,
             Self::IdleTimeout => SessionEnd::IdleTimeout,
             Self::ClosedByHub(code) if *code == codes::SHUTDOWN.into_inner() => {
                 SessionEnd::HubShutdown
@@ -125,6 +139,12 @@ fn close_text(reason: CloseReason) -> &'static str {
 
 /// How long the queries of an ended connection get to write their own records.
 const QUERY_WIND_DOWN: Duration = Duration::from_secs(1);
+/// How long a retired connection may finish its queries (the Hub allows 10 s after Goodbye).
+pub(crate) const RETIRE_DRAIN: Duration = Duration::from_secs(15);
+/// After the Hub acknowledged a retiring `Goodbye`, how long a query stream it opened just
+/// before may still arrive (in round trips; at least [`RETIRE_LINGER_MIN`]).
+const RETIRE_LINGER_RTTS: u32 = 2;
+const RETIRE_LINGER_MIN: Duration = Duration::from_millis(20);
 
 /// One connection and its queries.
 #[derive(Debug)]
@@ -167,7 +187,26 @@ impl Connection {
         let mut stopping = false;
         // The Hub has read and processed our `Goodbye`.
         let mut goodbye_read = false;
+        // Set once retired: queries are still taken until the Hub acknowledged, and a moment
+        // after; the end comes when none is left then, or at the deadline.
+        let mut retiring: Option<Instant> = None;
+        let mut linger_until: Option<Instant> = None;
         let end = loop {
+            if let Some(deadline) = retiring {
+                if goodbye_read && queries.is_empty() {
+                    let at = *linger_until.get_or_insert_with(|| {
+                        Instant::now() + (conn.rtt() * RETIRE_LINGER_RTTS).max(RETIRE_LINGER_MIN)
+                    });
+                    if Instant::now() >= at {
+                        conn.close(codes::DONE, b"");
+                        break End::Lost(Lost::Moved);
+                    }
+                }
+                if Instant::now() >= deadline {
+                    conn.close(codes::DONE, b"");
+                    break End::Lost(Lost::Moved);
+                }
+            }
             // Done once no query is left and the Hub has processed the `Goodbye` (it finishes
             // its side of the control stream then): closing earlier could discard it. The
             // session machine bounds the wait.
@@ -193,6 +232,13 @@ impl Connection {
                         let _ = send.finish();
                         stopping = true;
                     }
+                    Some(Command::Retire) => {
+                        if retiring.is_none() && !stopping {
+                            let _ = transport::write_frame(&mut send, &Control::Goodbye { revoke: false }).await;
+                            let _ = send.finish();
+                            retiring = Some(Instant::now() + RETIRE_DRAIN);
+                        }
+                    }
                     Some(Command::Close(reason)) => {
                         let code = match reason {
                             CloseReason::Protocol => codes::PROTOCOL,
@@ -214,7 +260,7 @@ impl Connection {
                     Err(e) => break closed(&e),
                 },
                 msg = reader.read::<Control>(&mut recv), if !goodbye_read => match msg {
-                    Ok(None) if stopping => goodbye_read = true,
+                    Ok(None) if stopping || retiring.is_some() => goodbye_read = true,
                     Ok(Some(Control::Revoked { reason })) => break End::Revoked(reason),
                     Ok(Some(Control::Pong { .. })) => {}
                     Ok(Some(msg @ (Control::Renewed { .. } | Control::Refused { .. } | Control::BundleUpdate { .. }))) => {
@@ -227,7 +273,11 @@ impl Connection {
                     Ok(None) => break End::Lost(Lost::Control("the Hub closed the control stream".into())),
                     Err(e) => break ended_by(&conn, &e),
                 },
-                Some(_) = queries.join_next(), if !queries.is_empty() => {}
+                Some(_) = queries.join_next(), if !queries.is_empty() => {
+                    // A query that ended makes room for the linger to start again.
+                    linger_until = None;
+                }
+                () = sleep_until_opt(retiring.map(|d| linger_until.map_or(d, |l| l.min(d)))) => {}
             }
         };
         // The connection is gone: its queries' streams fail at once, so each ends and writes
@@ -269,5 +319,12 @@ fn closed(e: &quinn::ConnectionError) -> End {
         }
         quinn::ConnectionError::TimedOut => End::Lost(Lost::IdleTimeout),
         other => End::Lost(Lost::Connection(other.to_string())),
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -27,14 +27,15 @@ use tokio::time::Instant;
 
 use super::clock::{random, validity, Clock};
 use super::connect::{self, ConnectError, DialPlan, Opened};
-use super::connection::{Command, Connection, End, Event};
+use super::connection::{Command, Connection, End, Event, Lost};
 use super::dialer::{Addresses, Dialer};
 use super::query::QueryCtx;
 use super::rotation::{self, Identity, IssueError};
 use super::status::{State, Status, StatusWriter};
+use super::workload::{same_svid, Delivered, Deliveries, WorkloadError};
 use super::{REVOKED_MARKER, REVOKE_PENDING_MARKER};
 use crate::audit::Audit;
-use crate::config::{ClientConfig, OnStop};
+use crate::config::{ClientConfig, OnStop, SvidSource};
 use crate::enforce::{DenySource, Report};
 use crate::identity::ca::new_key_and_csr;
 use crate::identity::store;
@@ -52,6 +53,14 @@ const GOODBYE_BUDGET: Duration = Duration::from_secs(5);
 const WIND_DOWN: Duration = Duration::from_secs(3);
 
 type Dialing = Pin<Box<dyn Future<Output = Result<Opened, ConnectError>> + Send>>;
+
+/// What the Client authenticates with: the SVID in use, the bundle the Hub is checked
+/// against, and, with a Workload API, the SVIDs it pushes later.
+pub(super) struct Credentials {
+    pub(super) identity: Arc<Identity>,
+    pub(super) bundle: Bundle,
+    pub(super) deliveries: Option<Deliveries>,
+}
 
 /// The driver's state: the machine, the connections it runs, and what they share.
 pub(super) struct Driver {
@@ -74,18 +83,24 @@ pub(super) struct Driver {
     /// The machine asked for the stop's revoke to be recorded as pending.
     pending_revoke: bool,
     last_error: Option<String>,
+    /// SVIDs pushed by a SPIFFE Workload API (`svid_source = "workload-api"`).
+    deliveries: Option<Deliveries>,
 }
 
 impl Driver {
     pub(super) fn new(
         config: ClientConfig,
         audit: Audit,
-        identity: Arc<Identity>,
-        bundle: Bundle,
+        credentials: Credentials,
         enforcement: Report,
         denies: Option<Box<dyn DenySource>>,
         pending_revoke: bool,
     ) -> Self {
+        let Credentials {
+            identity,
+            bundle,
+            deliveries,
+        } = credentials;
         let clock = Clock::start();
         let session = SessionConfig {
             reconnect_initial: config.reconnect.initial,
@@ -95,6 +110,7 @@ impl Driver {
             stop_drain: STOP_DRAIN,
             revoke_on_stop: config.on_stop == OnStop::Revoke,
             goodbye_budget: GOODBYE_BUDGET,
+            external_svid: matches!(config.svid_source, SvidSource::WorkloadApi { .. }),
         };
         let machine = if pending_revoke {
             ClientSession::new_with_pending_revoke(
@@ -136,6 +152,17 @@ impl Driver {
             renew_key: None,
             pending_revoke: false,
             last_error: None,
+            deliveries,
+        }
+    }
+
+    /// The Hub's trust domain: the configured one with a Workload API, else our own.
+    fn hub_trust_domain(&self) -> String {
+        match &self.config.svid_source {
+            SvidSource::WorkloadApi {
+                hub_trust_domain, ..
+            } => hub_trust_domain.clone(),
+            SvidSource::StateDir => self.identity.leaf.id.trust_domain().to_owned(),
         }
     }
 
@@ -186,6 +213,12 @@ impl Driver {
                     self.dialled(dialled);
                 }
                 Some(event) = self.events.1.recv() => self.event(event).await,
+                delivered = next_delivery(&mut self.deliveries), if self.deliveries.is_some() => {
+                    match delivered {
+                        Some(d) => self.delivered(d),
+                        None => self.delivered(Err(WorkloadError::Closed)),
+                    }
+                }
                 Ok(()) = denied.changed() => {}
                 () = sleep_until_opt(timeout) => self.machine.handle_timeout(self.clock.now()),
             }
@@ -207,6 +240,7 @@ impl Driver {
                         hub: self.config.hub.clone(),
                         identity: self.identity.clone(),
                         bundle: self.bundle.clone(),
+                        hub_trust_domain: self.hub_trust_domain(),
                         hello: Control::Hello {
                             version: frame::PROTOCOL_VERSION,
                             allow_list: self.config.allow.names(),
@@ -228,6 +262,8 @@ impl Driver {
                             .handle_renew_refused(self.clock.now(), random());
                     }
                 },
+                // Kept in the map until it ends: a stop meanwhile closes it too.
+                Action::Retire { session_id } => self.command(Some(session_id), Command::Retire),
                 Action::Close { session_id, reason } => {
                     self.command(Some(session_id), Command::Close(reason));
                     self.connections.remove(&session_id);
@@ -317,7 +353,7 @@ impl Driver {
                 self.machine.handle_revoked(reason);
             }
             Event::Ended(id, End::Lost(lost)) => {
-                if self.connections.remove(&id).is_some() {
+                if self.connections.remove(&id).is_some() && lost != Lost::Moved {
                     self.last_error = Some(lost.to_string());
                 }
                 self.machine.handle_lost(now, id, random());
@@ -366,6 +402,49 @@ impl Driver {
         self.audit.emit(r);
         self.identity = Arc::new(accepted.identity);
         Ok(validity(&self.identity))
+    }
+
+    /// The Workload API delivered something: a new SVID moves the session (the machine
+    /// decides how), a new Hub bundle alone replaces ours; a refused delivery keeps what is in
+    /// use and is audited.
+    fn delivered(&mut self, delivered: Result<Delivered, WorkloadError>) {
+        let mut r = self.audit.record(AuditEvent::SvidRotated);
+        r.client = Some(self.queries.client_id.clone());
+        let delivered = match delivered {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "Workload API delivery refused; keeping the SVID in use");
+                if e == WorkloadError::Closed {
+                    // Nothing more will come: the session goes on until the SVID in use ends.
+                    self.deliveries = None;
+                }
+                r.outcome = Some(Outcome::Refused);
+                r.reason = Some(format!("{e}; keeping serial {}", self.identity.leaf.serial));
+                return self.audit.emit(r);
+            }
+        };
+        if delivered.hub_anchors != self.bundle.anchors() {
+            let mut b = self.audit.record(AuditEvent::BundleUpdated);
+            b.client = Some(self.queries.client_id.clone());
+            b.outcome = Some(Outcome::Ok);
+            b.reason = Some(format!(
+                "{} trust anchor(s) for the Hub, from the Workload API",
+                delivered.hub_anchors.len()
+            ));
+            self.audit.emit(b);
+            self.bundle.replace(delivered.hub_anchors);
+        }
+        if same_svid(&self.identity, &delivered.identity) {
+            return;
+        }
+        r.outcome = Some(Outcome::Ok);
+        r.reason = Some(format!(
+            "serial {} replaces {} (from the Workload API); moving to a new connection",
+            delivered.identity.leaf.serial, self.identity.leaf.serial
+        ));
+        self.audit.emit(r);
+        self.identity = Arc::new(delivered.identity);
+        self.machine.handle_svid(validity(&self.identity));
     }
 
     /// A bundle pushed by the Hub over the authenticated control stream replaces ours.
@@ -423,7 +502,14 @@ impl Driver {
                 let at = ewii_common::time::Timestamp(
                     self.identity.leaf.not_after.max(0) as u64 * 1_000_000,
                 );
-                let reason = format!("SVID expired at {at} without renewal; enrol again");
+                let reason = match self.config.svid_source {
+                    SvidSource::StateDir => {
+                        format!("SVID expired at {at} without renewal; enrol again")
+                    }
+                    SvidSource::WorkloadApi { .. } => format!(
+                        "SVID expired at {at}: the Workload API delivered no newer one; check the SPIRE agent"
+                    ),
+                };
                 let mut r = self.audit.record(AuditEvent::SvidExpired);
                 r.client = Some(self.queries.client_id.clone());
                 r.reason = Some(reason.clone());
@@ -485,7 +571,7 @@ impl Driver {
             svid_serial: self.identity.leaf.serial.clone(),
             svid_not_before: self.identity.leaf.not_before,
             next_renewal_unix: self.machine.renewal_due().map(|t| t.as_secs() as i64),
-            hub_spiffe_id: format!("spiffe://{}/hub", self.identity.leaf.id.trust_domain()),
+            hub_spiffe_id: format!("spiffe://{}/hub", self.hub_trust_domain()),
             bundle: self
                 .bundle
                 .anchors()
@@ -551,6 +637,16 @@ async fn write_marker(path: PathBuf, reason: String) {
     .and_then(|r| r);
     if let Err(e) = written {
         tracing::error!(error = %e, "cannot write the revocation marker");
+    }
+}
+
+/// The next Workload API delivery; never resolves without a source.
+async fn next_delivery(
+    deliveries: &mut Option<Deliveries>,
+) -> Option<Result<Delivered, WorkloadError>> {
+    match deliveries {
+        Some(d) => d.recv().await,
+        None => std::future::pending().await,
     }
 }
 

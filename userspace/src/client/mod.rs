@@ -13,6 +13,7 @@
 //!   Client process off it.
 //! - [`status`]: the status file behind `ewii-client status` / `health` (no listener, P13).
 //! - [`verify`]: `ewii-client verify`, the customer's evidence promise by promise.
+//! - `workload`: the SVID from a SPIFFE Workload API (a SPIRE agent), and its rotations.
 //! - this module: [`run`] and [`run_enforced`], which load the state directory and start the
 //!   driver.
 
@@ -27,6 +28,7 @@ mod rotation;
 pub mod state_dir;
 pub mod status;
 pub mod verify;
+mod workload;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -36,7 +38,7 @@ use ewii_common::audit::Event;
 use ewii_common::time::Timestamp;
 
 use crate::audit::Audit;
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, SvidSource};
 use crate::enforce::{DenySource, Report};
 use crate::identity::store::{self, Svid};
 use crate::identity::verify::Bundle;
@@ -46,6 +48,7 @@ pub use connect::ConnectError;
 pub use connection::Lost;
 pub use ewii_common::session::Exit;
 pub use rotation::IssueError;
+pub use workload::WorkloadError;
 
 pub use state_dir::{REVOKED_MARKER, REVOKE_PENDING_MARKER};
 
@@ -73,6 +76,9 @@ pub enum ClientError {
     /// TLS or QUIC configuration.
     #[error(transparent)]
     Transport(#[from] transport::ConfigError),
+    /// `svid_source = "workload-api"`: the agent gave no usable SVID or Hub bundle.
+    #[error(transparent)]
+    WorkloadApi(#[from] WorkloadError),
 }
 
 /// Runs the Client until `shutdown` resolves, the Hub revokes it, or its SVID expires. No
@@ -83,8 +89,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Exit, ClientError> {
     let dir = config.state_dir.clone();
+    let from_agent = matches!(config.svid_source, SvidSource::WorkloadApi { .. });
     let lock = tokio::task::spawn_blocking(move || {
-        if !dir.is_dir() {
+        if from_agent {
+            // Nothing to enrol: the directory only holds the status, the lock and markers.
+            let _ = std::os::unix::fs::DirBuilderExt::mode(
+                std::fs::DirBuilder::new().recursive(true),
+                0o700,
+            )
+            .create(&dir);
+        } else if !dir.is_dir() {
             // Not enrolled: say so, rather than that the lock file cannot be made.
             load_state(&dir)?;
         }
@@ -109,9 +123,36 @@ pub async fn run_enforced(
 ) -> Result<Exit, ClientError> {
     let _lock = lock;
     let dir = config.state_dir.clone();
-    let (identity, anchors, pending_revoke) = tokio::task::spawn_blocking(move || load_state(&dir))
-        .await
-        .map_err(|e| join_error(&config.state_dir, e))??;
+    let (identity, anchors, pending_revoke, deliveries) = match &config.svid_source {
+        SvidSource::StateDir => {
+            let (identity, anchors, pending) =
+                tokio::task::spawn_blocking(move || load_state(&dir))
+                    .await
+                    .map_err(|e| join_error(&config.state_dir, e))??;
+            (identity, anchors, pending, None)
+        }
+        SvidSource::WorkloadApi {
+            socket,
+            hub_trust_domain,
+        } => {
+            let pending = tokio::task::spawn_blocking(move || load_markers(&dir))
+                .await
+                .map_err(|e| join_error(&config.state_dir, e))??;
+            let (source, first) = workload::WorkloadSvid::connect(
+                socket,
+                hub_trust_domain,
+                workload::FIRST_SVID_TIMEOUT,
+            )
+            .await?;
+            tracing::info!(
+                spiffe_id = %first.identity.leaf.id,
+                serial = %first.identity.leaf.serial,
+                "SVID from the Workload API"
+            );
+            let deliveries = workload::spawn_watch(source, first.identity.leaf.id.to_string());
+            (first.identity, first.hub_anchors, pending, Some(deliveries))
+        }
+    };
     if pending_revoke {
         tracing::warn!(
             "a revoke from an earlier stop is pending; delivering it before anything else"
@@ -139,8 +180,11 @@ pub async fn run_enforced(
     let driver = driver::Driver::new(
         config,
         audit.clone(),
-        Arc::new(identity),
-        Bundle::new(anchors),
+        driver::Credentials {
+            identity: Arc::new(identity),
+            bundle: Bundle::new(anchors),
+            deliveries,
+        },
         report,
         denies,
         pending_revoke,
@@ -170,9 +214,7 @@ type Loaded = (
 
 /// Reads the SVID and the bundle; refuses a Client revoked earlier. Blocking.
 fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
-    if let Ok(reason) = std::fs::read_to_string(dir.join(REVOKED_MARKER)) {
-        return Err(ClientError::RevokedEarlier(reason.trim().to_owned()));
-    }
+    let pending_revoke = load_markers(dir)?;
     let not_enrolled = |source| ClientError::NotEnrolled {
         dir: dir.to_owned(),
         source,
@@ -180,8 +222,15 @@ fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
     let svid = Svid::load(dir, store::SVID_CERT, store::SVID_KEY).map_err(not_enrolled)?;
     let leaf = inspect_leaf(&svid.chain[0]).map_err(not_enrolled)?;
     let anchors = store::read_certs(&dir.join(store::BUNDLE)).map_err(not_enrolled)?;
-    let pending_revoke = dir.join(REVOKE_PENDING_MARKER).exists();
     Ok((rotation::Identity { svid, leaf }, anchors, pending_revoke))
+}
+
+/// Refuses a Client revoked earlier; says whether a revoke is pending. Blocking.
+fn load_markers(dir: &Path) -> Result<bool, ClientError> {
+    if let Ok(reason) = std::fs::read_to_string(dir.join(REVOKED_MARKER)) {
+        return Err(ClientError::RevokedEarlier(reason.trim().to_owned()));
+    }
+    Ok(dir.join(REVOKE_PENDING_MARKER).exists())
 }
 
 /// A blocking step that panicked: reported as an I/O failure on the state directory.

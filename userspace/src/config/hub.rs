@@ -1,5 +1,6 @@
 //! The Hub's configuration file (`ewii-hub run --config`).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -55,6 +56,18 @@ pub struct ServiceConfig {
     pub mode: ServiceMode,
 }
 
+/// A foreign trust domain whose SVIDs the Hub accepts for the Clients it names (a customer
+/// who runs SPIRE: its agent issues the Client's SVID, `[[federation]]` in the Hub file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationConfig {
+    /// The customer's trust domain (never the Hub's own).
+    pub trust_domain: String,
+    /// PEM file with that trust domain's CA certificates (its SPIFFE bundle), read at start.
+    pub bundle: PathBuf,
+    /// Client name → the one SPIFFE ID (of that trust domain) that authenticates as it.
+    pub clients: BTreeMap<String, spiffe::SpiffeId>,
+}
+
 /// The Hub's configuration.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
@@ -81,6 +94,8 @@ pub struct HubConfig {
     pub limits: crate::hub::admission::Limits,
     /// Where `/metrics` is served (Prometheus text), if anywhere. Off by default.
     pub metrics_listen: Option<SocketAddr>,
+    /// Foreign trust domains whose SVIDs authenticate named Clients (SPIRE customers).
+    pub federation: Vec<FederationConfig>,
 }
 
 /// How the Hub delivers webhooks.
@@ -142,6 +157,70 @@ struct RawHub {
     #[serde(default)]
     webhooks: RawWebhooks,
     metrics_listen: Option<SocketAddr>,
+    #[serde(default)]
+    federation: Vec<RawFederation>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFederation {
+    trust_domain: String,
+    bundle: PathBuf,
+    clients: BTreeMap<String, String>,
+}
+
+/// Checks the `[[federation]]` tables: valid, distinct trust domains; each client name and
+/// SPIFFE ID used once across all of them; every ID in its table's trust domain.
+fn federation(raw: Vec<RawFederation>) -> Result<Vec<FederationConfig>, ConfigError> {
+    let mut out: Vec<FederationConfig> = Vec::new();
+    let bad = |td: &str, why: String| ConfigError::Invalid(format!("[[federation]] {td:?}: {why}"));
+    for f in raw {
+        let td = spiffe::SpiffeId::hub(&f.trust_domain)
+            .map_err(|e| bad(&f.trust_domain, format!("invalid trust domain: {e}")))?
+            .trust_domain()
+            .to_owned();
+        if out.iter().any(|o| o.trust_domain == td) {
+            return Err(bad(&td, "listed twice".into()));
+        }
+        if f.clients.is_empty() {
+            return Err(bad(
+                &td,
+                "`clients` is empty: name the Clients it authenticates, e.g. clients = { acme = \"spiffe://customer.example/ewii\" }".into(),
+            ));
+        }
+        let mut clients = BTreeMap::new();
+        for (name, id) in f.clients {
+            spiffe::valid_name(&name)
+                .map_err(|_| bad(&td, format!("invalid client name {name:?}")))?;
+            let id: spiffe::SpiffeId = id
+                .parse()
+                .map_err(|e| bad(&td, format!("client {name:?}: {e}")))?;
+            if id.trust_domain() != td {
+                return Err(bad(
+                    &td,
+                    format!("client {name:?}: {id} is not in trust domain {td}"),
+                ));
+            }
+            let taken = out
+                .iter()
+                .flat_map(|o| o.clients.iter())
+                .chain(clients.iter())
+                .find(|(n, i)| **n == name || **i == id);
+            if let Some((n, i)) = taken {
+                return Err(bad(
+                    &td,
+                    format!("client {name:?} ({id}): {n:?} ({i}) is listed already; each name and each SPIFFE ID once"),
+                ));
+            }
+            clients.insert(name, id);
+        }
+        out.push(FederationConfig {
+            trust_domain: td,
+            bundle: f.bundle,
+            clients,
+        });
+    }
+    Ok(out)
 }
 
 fn default_revoke_after_lost() -> u64 {
@@ -274,6 +353,7 @@ impl FromStr for HubConfig {
             webhooks,
             limits: crate::hub::admission::Limits::default(),
             metrics_listen: raw.metrics_listen,
+            federation: federation(raw.federation)?,
         })
     }
 }

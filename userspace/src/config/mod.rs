@@ -59,6 +59,9 @@ const CLIENT_TOP_LEVEL: &[&str] = &[
     "on_stop",
     "connect_timeout_ms",
     "metrics_file",
+    "svid_source",
+    "workload_api_socket",
+    "hub_trust_domain",
 ];
 
 /// Parses TOML; an unknown key that is one of `top_level` gets the ordering hint.
@@ -227,6 +230,32 @@ impl fmt::Display for Require {
     }
 }
 
+/// Where the Client's SVID comes from (`svid_source`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SvidSource {
+    /// Enrolled with a join token; the Hub renews it; kept in the state directory.
+    StateDir,
+    /// A SPIFFE Workload API (a SPIRE agent beside the Client): the agent issues and rotates
+    /// the SVID and delivers the Hub's trust bundle; nothing is written to disk.
+    WorkloadApi {
+        /// The agent's endpoint, `unix:///path/to/agent.sock` (or `unix:/path`).
+        socket: String,
+        /// The Hub's trust domain: the Hub must present `spiffe://<it>/hub`, verified with
+        /// that trust domain's bundle as the agent delivers it (federation).
+        hub_trust_domain: String,
+    },
+}
+
+impl fmt::Display for SvidSource {
+    /// As it is written in the config file.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::StateDir => f.write_str("state-dir"),
+            Self::WorkloadApi { socket, .. } => write!(f, "workload-api ({socket})"),
+        }
+    }
+}
+
 /// The Client's configuration.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -259,6 +288,8 @@ pub struct ClientConfig {
     /// A Prometheus textfile for node-exporter's textfile collector, rewritten with the
     /// status (the Client has no listener, so no `/metrics`).
     pub metrics_file: Option<PathBuf>,
+    /// Where the SVID comes from.
+    pub svid_source: SvidSource,
 }
 
 #[derive(Deserialize)]
@@ -287,6 +318,67 @@ struct RawClient {
     #[serde(default)]
     dns: RawDns,
     metrics_file: Option<PathBuf>,
+    #[serde(default)]
+    svid_source: RawSvidSource,
+    workload_api_socket: Option<String>,
+    hub_trust_domain: Option<String>,
+}
+
+#[derive(Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum RawSvidSource {
+    #[default]
+    StateDir,
+    WorkloadApi,
+}
+
+/// Checks `svid_source` and the keys that belong to it.
+fn svid_source(raw: &RawClient) -> Result<SvidSource, ConfigError> {
+    match raw.svid_source {
+        RawSvidSource::StateDir => {
+            if let Some(key) = [
+                ("workload_api_socket", raw.workload_api_socket.is_some()),
+                ("hub_trust_domain", raw.hub_trust_domain.is_some()),
+            ]
+            .iter()
+            .find_map(|(k, set)| set.then_some(k))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} is only used with svid_source = \"workload-api\""
+                )));
+            }
+            Ok(SvidSource::StateDir)
+        }
+        RawSvidSource::WorkloadApi => {
+            let socket = raw.workload_api_socket.clone().ok_or_else(|| {
+                ConfigError::Invalid(
+                    "svid_source = \"workload-api\" needs workload_api_socket = \"unix:///path/to/agent.sock\"".into(),
+                )
+            })?;
+            let path = socket
+                .strip_prefix("unix://")
+                .or_else(|| socket.strip_prefix("unix:"))
+                .unwrap_or_default();
+            if !path.starts_with('/') {
+                return Err(ConfigError::Invalid(format!(
+                    "workload_api_socket {socket:?}: use unix:///absolute/path (the Client opens no TCP connection but to the Hub and its allow-list)"
+                )));
+            }
+            let td = raw.hub_trust_domain.clone().ok_or_else(|| {
+                ConfigError::Invalid(
+                    "svid_source = \"workload-api\" needs hub_trust_domain = \"<the operator's trust domain>\"".into(),
+                )
+            })?;
+            let hub_trust_domain = ewii_common::spiffe::SpiffeId::hub(&td)
+                .map_err(|e| ConfigError::Invalid(format!("hub_trust_domain {td:?}: {e}")))?
+                .trust_domain()
+                .to_owned();
+            Ok(SvidSource::WorkloadApi {
+                socket,
+                hub_trust_domain,
+            })
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -368,6 +460,7 @@ impl FromStr for ClientConfig {
 
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let raw: RawClient = parse_toml(s, CLIENT_TOP_LEVEL)?;
+        let svid_source = svid_source(&raw)?;
         let defaults = ReconnectPolicy::default();
         let reconnect = ReconnectPolicy {
             initial: raw
@@ -450,6 +543,7 @@ impl FromStr for ClientConfig {
             dns_refresh: (raw.dns.refresh_secs > 0)
                 .then(|| Duration::from_secs(raw.dns.refresh_secs)),
             metrics_file: raw.metrics_file,
+            svid_source,
         })
     }
 }
@@ -465,7 +559,7 @@ pub fn load<T: FromStr<Err = ConfigError>>(path: &Path) -> Result<T, ConfigError
 
 mod hub;
 
-pub use hub::{HubConfig, ServiceConfig, ServiceMode, WebhookConfig};
+pub use hub::{FederationConfig, HubConfig, ServiceConfig, ServiceMode, WebhookConfig};
 
 #[cfg(test)]
 mod tests;

@@ -153,3 +153,124 @@ fn enforcement_layers_are_known_ordered_and_keep_the_lock_whole() {
         assert!(err.contains(says), "{extra}: {err}");
     }
 }
+
+/// `CLIENT` with `keys` added at the top level.
+fn client_with(keys: &str) -> Result<ClientConfig, ConfigError> {
+    format!("{keys}\n{CLIENT}").parse()
+}
+
+#[test]
+fn p7_svid_source_workload_api_needs_its_socket_and_the_hubs_trust_domain() {
+    assert_eq!(
+        client_with("").unwrap().svid_source,
+        SvidSource::StateDir,
+        "enrolment with a token is the default"
+    );
+    let c = client_with(
+        "svid_source = \"workload-api\"\nworkload_api_socket = \"unix:///run/spire/agent.sock\"\nhub_trust_domain = \"Operator.Example\"",
+    )
+    .unwrap();
+    assert_eq!(
+        c.svid_source,
+        SvidSource::WorkloadApi {
+            socket: "unix:///run/spire/agent.sock".into(),
+            hub_trust_domain: "operator.example".into(),
+        }
+    );
+    for (keys, says) in [
+        (
+            "svid_source = \"workload-api\"\nhub_trust_domain = \"o.example\"",
+            "needs workload_api_socket",
+        ),
+        (
+            "svid_source = \"workload-api\"\nworkload_api_socket = \"unix:///a.sock\"",
+            "needs hub_trust_domain",
+        ),
+        (
+            "svid_source = \"workload-api\"\nworkload_api_socket = \"tcp://10.0.0.1:8081\"\nhub_trust_domain = \"o.example\"",
+            "unix:///absolute/path",
+        ),
+        (
+            "svid_source = \"workload-api\"\nworkload_api_socket = \"unix:relative.sock\"\nhub_trust_domain = \"o.example\"",
+            "unix:///absolute/path",
+        ),
+        (
+            "svid_source = \"workload-api\"\nworkload_api_socket = \"unix:///a.sock\"\nhub_trust_domain = \"bad domain\"",
+            "hub_trust_domain",
+        ),
+        (
+            "workload_api_socket = \"unix:///a.sock\"",
+            "only used with svid_source",
+        ),
+        ("hub_trust_domain = \"o.example\"", "only used with svid_source"),
+    ] {
+        let err = client_with(keys).unwrap_err().to_string();
+        assert!(err.contains(says), "{keys}: {err}");
+    }
+    assert!(matches!(
+        client_with("svid_source = \"spire\"").unwrap_err(),
+        ConfigError::Toml(_)
+    ));
+}
+
+/// A Hub file with `federation` appended.
+fn hub_with(federation: &str) -> Result<HubConfig, ConfigError> {
+    format!("state_dir = \"/var/lib/ewii-hub\"\n{federation}").parse()
+}
+
+#[test]
+fn p7_federation_names_each_client_once_in_its_own_trust_domain() {
+    let h = hub_with(
+        "[[federation]]\ntrust_domain = \"Customer.Example\"\nbundle = \"/etc/ewii-hub/customer.pem\"\nclients = { acme = \"spiffe://customer.example/ewii/db\" }\n",
+    )
+    .unwrap();
+    assert_eq!(h.federation.len(), 1);
+    assert_eq!(h.federation[0].trust_domain, "customer.example");
+    assert_eq!(
+        h.federation[0].clients["acme"].to_string(),
+        "spiffe://customer.example/ewii/db"
+    );
+    assert!(hub_with("").unwrap().federation.is_empty());
+    let table = |td: &str, clients: &str| {
+        format!("[[federation]]\ntrust_domain = \"{td}\"\nbundle = \"/b.pem\"\nclients = {{ {clients} }}\n")
+    };
+    for (text, says) in [
+        (table("c.example", ""), "`clients` is empty"),
+        (
+            table("c.example", "acme = \"spiffe://other.example/x\""),
+            "is not in trust domain c.example",
+        ),
+        (
+            table("c.example", "Acme = \"spiffe://c.example/x\""),
+            "invalid client name",
+        ),
+        (
+            table("c.example", "acme = \"https://c.example/x\""),
+            "client \"acme\"",
+        ),
+        (
+            table(
+                "c.example",
+                "acme = \"spiffe://c.example/x\", beta = \"spiffe://c.example/x\"",
+            ),
+            "listed already",
+        ),
+        (
+            table("c.example", "acme = \"spiffe://c.example/x\"")
+                + &table("d.example", "acme = \"spiffe://d.example/x\""),
+            "listed already",
+        ),
+        (
+            table("c.example", "acme = \"spiffe://c.example/x\"")
+                + &table("c.example", "beta = \"spiffe://c.example/y\""),
+            "listed twice",
+        ),
+        (
+            table("not a domain", "acme = \"spiffe://x/y\""),
+            "invalid trust domain",
+        ),
+    ] {
+        let err = hub_with(&text).unwrap_err().to_string();
+        assert!(err.contains(says), "{text}: {err}");
+    }
+}

@@ -177,6 +177,31 @@ pub fn revoke(state_dir: &Path, client: &str, reason: &str) -> Result<bool, HubE
     Ok(db.revoke_client(client, reason, now, true)?)
 }
 
+/// `ewii-hub readmit`: lifts the revocation of a `[[federation]]` Client (its SVIDs come from
+/// the customer's SPIRE, so there is no token to enrol it again with). A Client enrolled with
+/// a token is refused: it comes back with a new token instead. Returns false when it was not
+/// revoked.
+pub fn readmit(state_dir: &Path, client: &str) -> Result<bool, HubError> {
+    let db = Db::open(&state_dir.join(DB_FILE))?;
+    let row = db
+        .clients()?
+        .into_iter()
+        .find(|c| c.name == client)
+        .ok_or_else(|| HubError::Usage(format!("no client named {client:?}")))?;
+    let ca = Ca::load(state_dir).map_err(ident(state_dir))?;
+    let own = ca_trust_domain(&ca).map_err(ident(state_dir))?;
+    let federated = row
+        .spiffe_id
+        .parse::<SpiffeId>()
+        .is_ok_and(|id| id.trust_domain() != own);
+    if !federated {
+        return Err(HubError::Usage(format!(
+            "{client} was enrolled with a token: give it a new one (`ewii-hub token create --client {client}`) and enrol it again; readmit is for [[federation]] Clients"
+        )));
+    }
+    Ok(db.readmit(client)?)
+}
+
 /// `ewii-hub token list`: every unused token (by id, never the token itself).
 pub fn tokens(state_dir: &Path) -> Result<Vec<TokenRow>, HubError> {
     Ok(Db::open(&state_dir.join(DB_FILE))?.tokens()?)

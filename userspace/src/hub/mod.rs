@@ -161,18 +161,37 @@ impl Hub {
         let dir = config.state_dir.clone();
         // File reads (and maybe a renewed Hub SVID written to disk): off the async workers.
         let d = dir.clone();
-        let (material, key) = tokio::task::spawn_blocking(move || {
+        let federation_config = config.federation.clone();
+        let (material, key, federation) = tokio::task::spawn_blocking(move || {
             let material = Material::load(&d)?;
+            let federation = trust::load_federation(&federation_config, material.trust_domain())?;
             let key = WebhookKey::load_or_create(&d)
                 .map_err(|source| TrustError::Identity { dir: d, source })?;
-            Ok::<_, TrustError>((material, key))
+            Ok::<_, TrustError>((material, key, federation))
         })
         .await
         .map_err(|e| HubError::Usage(format!("loading the state directory: {e}")))??;
         let now = crate::now_timestamp().unix_secs() as i64;
         let (store, changes) = Store::open(&dir.join(layout::DB_FILE), now).await?;
+        // Before any handshake: the verifier checks federated Clients against these rows.
+        store
+            .admit_federated(
+                federation
+                    .clients()
+                    .map(|(name, id)| (name.to_owned(), id.clone()))
+                    .collect(),
+                now,
+            )
+            .await?;
         let view = store.view().clone();
-        let (trust, quic) = Trust::new(material, &dir, config.svid_lifetime, view, audit.clone())?;
+        let (trust, quic) = Trust::new(
+            material,
+            &dir,
+            config.svid_lifetime,
+            view,
+            audit.clone(),
+            federation,
+        )?;
         let endpoint =
             transport::endpoint(config.listen, Some(quic)).map_err(|source| HubError::Bind {
                 addr: config.listen,

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use ewii_common::audit::{Event, Outcome, SessionEnd};
 use ewii_common::frame::{self, Control, Limits, RefuseCode};
-use ewii_common::spiffe::Role;
 use rand::RngCore;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
@@ -72,6 +71,9 @@ pub(crate) struct Session {
     goodbye: Option<(bool, Instant)>,
     /// When this session last asked for a renewal (a flood is refused).
     last_renew: Option<Instant>,
+    /// `Goodbye` without a revoke while a newer connection of the client is live: the
+    /// Client moved (a new SVID from its SPIRE), it did not stop.
+    moved: bool,
 }
 
 impl Session {
@@ -87,7 +89,7 @@ impl Session {
             conn.close(codes::REFUSED, b"");
             return None;
         };
-        let Role::Client(name) = leaf.id.role() else {
+        let Some(name) = parts.trust.client_name(&leaf.id) else {
             conn.close(codes::REFUSED, b"");
             return None;
         };
@@ -108,7 +110,7 @@ impl Session {
         let opened = tokio::time::timeout(OPENING_TIMEOUT, hello(&conn))
             .await
             .unwrap_or_else(|_| Err("no Hello in time".into()));
-        let (mut send, recv, reader, allow_list) = match opened {
+        let (send, recv, reader, allow_list) = match opened {
             Ok(v) => v,
             Err(reason) => {
                 let mut r = parts.audit.record(Event::SessionLost);
@@ -122,15 +124,6 @@ impl Session {
             }
         };
         let id = rand::rng().next_u64();
-        let welcome = Control::Welcome {
-            session_id: id,
-            hub_time_us: crate::now_timestamp().0,
-            limits: Limits {
-                max_concurrent_queries: transport::MAX_CONCURRENT_QUERIES,
-                idle_timeout_ms: transport::IDLE_TIMEOUT.as_millis() as u32,
-            },
-        };
-        transport::write_frame(&mut send, &welcome).await.ok()?;
         Some(Self {
             parts,
             conn,
@@ -146,15 +139,31 @@ impl Session {
             pending: None,
             goodbye: None,
             last_renew: None,
+            moved: false,
         })
     }
 
-    /// Registers the session, serves its control stream until the connection ends, then
-    /// records the end.
+    /// Registers the session, answers `Welcome`, serves its control stream until the
+    /// connection ends, then records the end.
+    ///
+    /// `Welcome` goes out only once the session is registered and routable: a Client that
+    /// moves to a new connection retires the old one as soon as it reads `Welcome`, and no
+    /// query may find neither connection in between.
     pub(crate) async fn run(mut self) {
         let started = Instant::now();
         let (tell, mut told) = mpsc::unbounded_channel::<Command>();
         self.up(tell).await;
+        let welcome = Control::Welcome {
+            session_id: self.id,
+            hub_time_us: crate::now_timestamp().0,
+            limits: Limits {
+                max_concurrent_queries: transport::MAX_CONCURRENT_QUERIES,
+                idle_timeout_ms: transport::IDLE_TIMEOUT.as_millis() as u32,
+            },
+        };
+        let welcomed = transport::write_frame(&mut self.send, &welcome)
+            .await
+            .is_ok();
         let mut drain_until: Option<Instant> = None;
         let mut control_ended = false;
         // Told before it registered? The view says so.
@@ -181,6 +190,9 @@ impl Session {
             _ => {}
         }
         let reason = loop {
+            if !welcomed {
+                break SessionEnd::ConnectionLost.reason("control stream write failed (Welcome)");
+            }
             let drained = async {
                 match drain_until {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -204,7 +216,7 @@ impl Session {
                 }
                 () = goodbye_over => {
                     self.conn.close(codes::DONE, b"");
-                    break goodbye_reason(self.goodbye);
+                    break goodbye_reason(self.goodbye, self.moved);
                 }
                 // After `Goodbye` the registry no longer holds this session (it dropped the
                 // sender): nothing more is told.
@@ -230,7 +242,7 @@ impl Session {
                     }
                 }
                 e = self.conn.closed() => match self.goodbye {
-                    Some(_) => break goodbye_reason(self.goodbye),
+                    Some(_) => break goodbye_reason(self.goodbye, self.moved),
                     None => break self.lost_reason(&e),
                 },
             }
@@ -317,6 +329,7 @@ impl Session {
             Ok(Some(Control::Goodbye { revoke })) => {
                 // No new query goes to it; in-flight ones finish, then the Client closes.
                 self.parts.registry.remove(&self.name, self.id);
+                self.moved = !revoke && self.parts.registry.route(&self.name).is_some();
                 if revoke {
                     // The revocation closes any other connection of this client.
                     registry::revoke(
@@ -415,9 +428,11 @@ fn control_name(msg: &Control) -> &'static str {
     }
 }
 
-fn goodbye_reason(goodbye: Option<(bool, Instant)>) -> String {
+fn goodbye_reason(goodbye: Option<(bool, Instant)>, moved: bool) -> String {
     SessionEnd::Goodbye.reason(if goodbye.is_some_and(|(r, _)| r) {
         "the Client stopped and asked to be revoked"
+    } else if moved {
+        "the Client moved to its newer connection (a new SVID)"
     } else {
         "the Client stopped; its identity is kept"
     })

@@ -45,6 +45,17 @@ pub enum StateError {
     /// recorded: the enrolment is refused, so that it cannot undo that revocation.
     #[error("client {0} was revoked while it enrolled; the enrolment is refused")]
     RevokedMeanwhile(String),
+    /// A `[[federation]]` client name is already held by another identity (an enrolled
+    /// Client, or another SPIFFE ID).
+    #[error("client {client} is {holder} in this Hub's records, not {wanted}; choose another name for it in [[federation]]")]
+    NameTaken {
+        /// The name.
+        client: String,
+        /// The SPIFFE ID recorded for it.
+        holder: String,
+        /// The SPIFFE ID the configuration names.
+        wanted: String,
+    },
 }
 
 /// Why a join token was not accepted. The peer is told none of this.
@@ -327,6 +338,51 @@ impl Db {
         } else {
             Err(StateError::RevokedMeanwhile(grant.client.clone()))
         }
+    }
+
+    /// Records a federated client (`[[federation]]`): no token and no serial, the customer's
+    /// SPIRE issues its SVIDs. An existing row for the same ID is kept as it is, revocation
+    /// included (a revoked federated client stays revoked across restarts); a name held by
+    /// another identity is refused.
+    pub fn admit_federated(&self, client: &str, id: &SpiffeId, now: i64) -> Result<(), StateError> {
+        let holder: Option<String> = self.with(|c| {
+            let tx = c.transaction()?;
+            let holder: Option<String> = tx
+                .query_row(
+                    "SELECT spiffe_id FROM clients WHERE name = ?1",
+                    params![client],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if holder.is_none() {
+                tx.execute(
+                    "INSERT INTO clients (name, spiffe_id, enrolled_at) VALUES (?1, ?2, ?3)",
+                    params![client, id.to_string(), now],
+                )?;
+            }
+            tx.commit()?;
+            Ok(holder)
+        })?;
+        match holder {
+            Some(h) if h != id.to_string() => Err(StateError::NameTaken {
+                client: client.to_owned(),
+                holder: h,
+                wanted: id.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Lifts the revocation of `client` (for `[[federation]]` Clients; the caller checks).
+    /// Returns false when it was not revoked.
+    pub fn readmit(&self, client: &str) -> Result<bool, StateError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE clients SET revoked_at = NULL, revoke_reason = NULL WHERE name = ?1 AND revoked_at IS NOT NULL",
+                params![client],
+            )
+            .map(|n| n > 0)
+        })
     }
 
     /// Marks `client` revoked and, when it registered a webhook and `notify` is set, queues

@@ -337,6 +337,26 @@ impl Store {
         .await?
     }
 
+    /// Records the federated Clients (name, SPIFFE ID) and tells the view which IDs they are;
+    /// refuses a name held by another identity. At Hub start, before any handshake.
+    pub(crate) async fn admit_federated(
+        &self,
+        clients: Vec<(String, SpiffeId)>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.call(move |o| {
+            for (name, id) in &clients {
+                o.backend.admit_federated(name, id, now)?;
+            }
+            o.view
+                .set_federated(clients.iter().map(|(n, id)| (n.as_str(), id.to_string())));
+            let changes = o.view.replace(Some(o.backend.snapshot()?));
+            o.publish(changes);
+            Ok(())
+        })
+        .await?
+    }
+
     /// A session ended.
     pub(crate) async fn session_down(
         &self,

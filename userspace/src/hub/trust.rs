@@ -19,7 +19,7 @@ use super::store::View;
 use crate::audit::Audit;
 use crate::identity::ca::{Ca, Issued};
 use crate::identity::store::Svid;
-use crate::identity::verify::{Bundle, Expect, SpiffeVerifier};
+use crate::identity::verify::{Bundle, Expect, FederatedDomain, Federation, SpiffeVerifier};
 use crate::identity::{inspect_leaf, IdentityError};
 use crate::transport;
 
@@ -41,6 +41,57 @@ pub enum TrustError {
     /// The bundle on disk does not contain the signing CA.
     #[error("the bundle does not contain the signing CA; not reloading")]
     BundleWithoutCa,
+    /// A `[[federation]]` table cannot be used.
+    #[error("[[federation]] {trust_domain:?}: {why}")]
+    Federation {
+        /// Its trust domain.
+        trust_domain: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// Reads the `[[federation]]` bundles. Blocking file I/O. A trust domain equal to the Hub's
+/// own, or a bundle without a usable CA certificate, is refused.
+pub(crate) fn load_federation(
+    config: &[crate::config::FederationConfig],
+    own_trust_domain: &str,
+) -> Result<Federation, TrustError> {
+    let mut domains = Vec::new();
+    for f in config {
+        let bad = |why: String| TrustError::Federation {
+            trust_domain: f.trust_domain.clone(),
+            why,
+        };
+        if f.trust_domain == own_trust_domain {
+            return Err(bad(
+                "that is this Hub's own trust domain; federation is for the customer's".into(),
+            ));
+        }
+        let anchors = crate::identity::store::read_certs(&f.bundle)
+            .map_err(|e| bad(format!("bundle: {e}")))?;
+        let usable = anchors
+            .iter()
+            .filter(|c| webpki::anchor_from_trusted_cert(c).is_ok())
+            .count();
+        if usable == 0 || usable != anchors.len() {
+            return Err(bad(format!(
+                "bundle {}: {usable} of {} certificates usable as trust anchors",
+                f.bundle.display(),
+                anchors.len()
+            )));
+        }
+        domains.push(FederatedDomain {
+            trust_domain: f.trust_domain.clone(),
+            bundle: Bundle::new(anchors),
+            clients: f
+                .clients
+                .iter()
+                .map(|(name, id)| (id.clone(), name.clone()))
+                .collect(),
+        });
+    }
+    Ok(Federation::new(domains))
 }
 
 /// The CA, the Hub SVID and the bundle as read from the state directory.
@@ -53,6 +104,11 @@ pub(crate) struct Material {
 }
 
 impl Material {
+    /// The Hub's trust domain.
+    pub(crate) fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
     /// Reads (and renews the Hub SVID when due). Blocking file I/O: call it off the async
     /// workers.
     pub(crate) fn load(dir: &Path) -> Result<Self, TrustError> {
@@ -91,6 +147,7 @@ pub(crate) struct Trust {
     service_tls: RwLock<tokio_rustls::TlsAcceptor>,
     view: Arc<View>,
     audit: Audit,
+    federation: Arc<Federation>,
 }
 
 impl std::fmt::Debug for Trust {
@@ -110,14 +167,17 @@ impl Trust {
         svid_lifetime: Duration,
         view: Arc<View>,
         audit: Audit,
+        federation: Federation,
     ) -> Result<(Self, quinn::ServerConfig), TrustError> {
         let bundle = Bundle::new(material.anchors);
+        let federation = Arc::new(federation);
         let (quic, acceptor) = server_configs(
             &material.hub_svid,
             &bundle,
             &material.trust_domain,
             &view,
             &audit,
+            &federation,
         )?;
         Ok((
             Self {
@@ -129,9 +189,28 @@ impl Trust {
                 service_tls: RwLock::new(acceptor),
                 view,
                 audit,
+                federation,
             },
             quic,
         ))
+    }
+
+    /// The Client name an authenticated SPIFFE ID stands for: `spiffe://<td>/client/<name>`
+    /// of the Hub's trust domain, or a SPIFFE ID a `[[federation]]` table names.
+    pub(crate) fn client_name(&self, id: &SpiffeId) -> Option<String> {
+        if id.trust_domain() == self.trust_domain {
+            return match id.role() {
+                ewii_common::spiffe::Role::Client(name) => Some(name),
+                _ => None,
+            };
+        }
+        self.federation.client(id).map(str::to_owned)
+    }
+
+    /// Whether `id` is a federated Client (its SVIDs come from the customer's SPIRE, and the
+    /// Hub renews nothing for it).
+    pub(crate) fn is_federated(&self, id: &SpiffeId) -> bool {
+        self.federation.client(id).is_some()
     }
 
     /// The trust domain.
@@ -206,6 +285,7 @@ impl Trust {
             &self.trust_domain,
             &self.view,
             &self.audit,
+            &self.federation,
         )?;
         endpoint.set_server_config(Some(quic));
         if let Ok(mut a) = self.service_tls.write() {
@@ -248,8 +328,10 @@ fn server_configs(
     trust_domain: &str,
     view: &Arc<View>,
     audit: &Audit,
+    federation: &Arc<Federation>,
 ) -> Result<(quinn::ServerConfig, tokio_rustls::TlsAcceptor), TrustError> {
     let client_verifier = SpiffeVerifier::new(bundle.clone(), trust_domain, Expect::Client)
+        .with_federation(federation.clone())
         .with_serial_check(view.clone())
         .telling_revoked()
         .with_audit(audit.clone())

@@ -68,6 +68,26 @@ impl Svid {
         }
     }
 
+    /// Builds from a chain and the PKCS#8 DER of its key (as a SPIFFE Workload API delivers
+    /// them). Whether the key is the leaf's is checked by [`Svid::key_matches`].
+    pub fn from_pkcs8(chain: Vec<CertificateDer<'static>>, key_der: Vec<u8>) -> Self {
+        Self { chain, key_der }
+    }
+
+    /// Whether the private key is the one the leaf certifies (and parses at all).
+    pub fn key_matches(&self) -> bool {
+        let Some(leaf) = self.chain.first() else {
+            return false;
+        };
+        let Ok(key) = KeyPair::try_from(self.key_der.as_slice()) else {
+            return false;
+        };
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
+            return false;
+        };
+        rcgen::PublicKeyData::subject_public_key_info(&key) == cert.public_key().raw
+    }
+
     /// The private key for rustls.
     pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key_der.clone().into())

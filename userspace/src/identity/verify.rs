@@ -134,12 +134,64 @@ macro_rules! signature_checks {
     };
 }
 
+/// Foreign trust domains whose SVIDs the Hub accepts for named Clients (customers who run
+/// SPIRE): each with its own bundle, and the one SPIFFE ID that is each Client.
+#[derive(Debug, Clone, Default)]
+pub struct Federation {
+    domains: Vec<FederatedDomain>,
+}
+
+/// One federated trust domain.
+#[derive(Debug, Clone)]
+pub struct FederatedDomain {
+    /// The trust domain.
+    pub trust_domain: String,
+    /// Its CA certificates.
+    pub bundle: Bundle,
+    /// SPIFFE ID → Client name.
+    pub clients: std::collections::BTreeMap<SpiffeId, String>,
+}
+
+impl Federation {
+    /// The federated trust domains.
+    pub fn new(domains: Vec<FederatedDomain>) -> Self {
+        Self { domains }
+    }
+
+    /// The trust domain `td`, if federated.
+    pub fn domain(&self, td: &str) -> Option<&FederatedDomain> {
+        self.domains.iter().find(|d| d.trust_domain == td)
+    }
+
+    /// The Client name of a federated SPIFFE ID, if it is one.
+    pub fn client(&self, id: &SpiffeId) -> Option<&str> {
+        self.domain(id.trust_domain())?
+            .clients
+            .get(id)
+            .map(String::as_str)
+    }
+
+    /// Every federated Client: (name, SPIFFE ID).
+    pub fn clients(&self) -> impl Iterator<Item = (&str, &SpiffeId)> {
+        self.domains
+            .iter()
+            .flat_map(|d| d.clients.iter().map(|(id, n)| (n.as_str(), id)))
+    }
+
+    /// Whether no trust domain is federated.
+    pub fn is_empty(&self) -> bool {
+        self.domains.is_empty()
+    }
+}
+
 /// A SPIFFE verifier for one side of one kind of connection.
 #[derive(Clone)]
 pub struct SpiffeVerifier {
     bundle: Bundle,
     trust_domain: String,
     expect: Expect,
+    /// Client SVIDs of foreign trust domains, each checked against its own bundle only.
+    federation: Option<Arc<Federation>>,
     serials: Option<Arc<dyn SerialCheck>>,
     /// Let a current serial of a revoked identity complete the handshake, so that the session
     /// can tell it it is revoked (see [`SpiffeVerifier::telling_revoked`]).
@@ -165,6 +217,7 @@ impl SpiffeVerifier {
             bundle,
             trust_domain: trust_domain.to_owned(),
             expect,
+            federation: None,
             serials: None,
             tell_revoked: false,
             audit: None,
@@ -180,6 +233,13 @@ impl SpiffeVerifier {
     /// and foreign serials are still refused generically.
     pub fn telling_revoked(mut self) -> Self {
         self.tell_revoked = true;
+        self
+    }
+
+    /// Also accepts the Client SVIDs that `federation` names, each verified against its own
+    /// trust domain's bundle (a foreign CA can never vouch for an ID of another domain).
+    pub fn with_federation(mut self, federation: Arc<Federation>) -> Self {
+        self.federation = Some(federation);
         self
     }
 
@@ -209,7 +269,29 @@ impl SpiffeVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<LeafInfo, String> {
-        let anchors_der = self.bundle.anchors();
+        // With federation, the leaf's claimed trust domain picks the bundle; the chain then
+        // has to prove it. A leaf that is no SVID at all falls to the Hub's own bundle, and
+        // is refused below as before.
+        let claimed = self
+            .federation
+            .as_ref()
+            .and_then(|f| Some((f, inspect_leaf(end_entity).ok()?.id)));
+        let federated = match claimed {
+            Some((f, id)) if id.trust_domain() != self.trust_domain => {
+                let domain = f.domain(id.trust_domain()).ok_or_else(|| {
+                    format!(
+                        "{id} is not in trust domain {} nor in a federated one",
+                        self.trust_domain
+                    )
+                })?;
+                Some(domain)
+            }
+            _ => None,
+        };
+        let anchors_der = match federated {
+            Some(d) => d.bundle.anchors(),
+            None => self.bundle.anchors(),
+        };
         let anchors: Vec<_> = anchors_der
             .iter()
             .filter_map(|c| webpki::anchor_from_trusted_cert(c).ok())
@@ -234,18 +316,26 @@ impl SpiffeVerifier {
         )
         .map_err(|e| format!("chain: {}", chain_error(&e)))?;
         let leaf = inspect_leaf(end_entity).map_err(|e| e.to_string())?;
-        if leaf.id.trust_domain() != self.trust_domain {
+        if let Some(domain) = federated {
+            if !domain.clients.contains_key(&leaf.id) {
+                return Err(format!(
+                    "{} is not a Client of this Hub ([[federation]] {} does not list it)",
+                    leaf.id, domain.trust_domain
+                ));
+            }
+        } else if leaf.id.trust_domain() != self.trust_domain {
             return Err(format!(
                 "{} is not in trust domain {}",
                 leaf.id, self.trust_domain
             ));
         }
-        let role_ok = matches!(
-            (self.expect, leaf.id.role()),
-            (Expect::Hub, Role::Hub)
-                | (Expect::Client, Role::Client(_))
-                | (Expect::Workload, Role::Workload(_))
-        );
+        let role_ok = federated.is_some()
+            || matches!(
+                (self.expect, leaf.id.role()),
+                (Expect::Hub, Role::Hub)
+                    | (Expect::Client, Role::Client(_))
+                    | (Expect::Workload, Role::Workload(_))
+            );
         if !role_ok {
             return Err(format!("{} is not a {:?} identity", leaf.id, self.expect));
         }

@@ -34,6 +34,16 @@ impl Session {
         let bound = RENEW_MIN_INTERVAL.min(Duration::from_secs(left as u64) / 4);
         let flood = self.last_renew.is_some_and(|at| at.elapsed() < bound);
         self.last_renew = Some(Instant::now());
+        if parts.trust.is_federated(&self.leaf.id) {
+            r.outcome = Some(Outcome::Refused);
+            r.reason = Some(
+                "a federated Client's SVIDs come from its own SPIRE; this Hub issues none".into(),
+            );
+            parts.audit.emit(r);
+            return Control::Refused {
+                code: RefuseCode::BadRequest,
+            };
+        }
         if flood {
             r.outcome = Some(Outcome::Refused);
             r.reason = Some(format!(

@@ -53,6 +53,8 @@ pub trait Backend: Send + 'static {
     fn session_up(&self, client: &str, row: &SessionRow) -> Result<(), StateError>;
     /// See [`Db::session_down`].
     fn session_down(&self, client: &str, session_id: u64, now: i64) -> Result<(), StateError>;
+    /// See [`Db::admit_federated`].
+    fn admit_federated(&self, client: &str, id: &SpiffeId, now: i64) -> Result<(), StateError>;
     /// See [`Db::due_webhooks`].
     fn due_webhooks(
         &self,
@@ -125,6 +127,9 @@ impl Backend for Db {
     }
     fn session_down(&self, client: &str, session_id: u64, now: i64) -> Result<(), StateError> {
         Db::session_down(self, client, session_id, now)
+    }
+    fn admit_federated(&self, client: &str, id: &SpiffeId, now: i64) -> Result<(), StateError> {
+        Db::admit_federated(self, client, id, now)
     }
     fn due_webhooks(
         &self,

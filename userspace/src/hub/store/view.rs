@@ -42,6 +42,10 @@ pub(crate) enum Change {
 #[derive(Debug, Default)]
 pub(crate) struct View {
     state: RwLock<Option<ViewState>>,
+    /// SPIFFE ID → client name of the federated Clients (`[[federation]]`, set at start; not
+    /// in the database, so a reload keeps it). Their SVIDs come from the customer's SPIRE, so
+    /// the Hub knows no serial of theirs: they stand or fall by the client's revocation.
+    federated: RwLock<HashMap<String, String>>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -73,6 +77,19 @@ impl View {
     pub(crate) fn status(&self, id: &SpiffeId, serial: &str) -> Option<SerialStatus> {
         let guard = self.state.read().ok()?;
         let state = guard.as_ref()?;
+        let federated = self.federated.read().ok()?.get(&id.to_string()).cloned();
+        if let Some(name) = federated {
+            let Some(client) = state.clients.get(&name) else {
+                return Some(SerialStatus::Unknown);
+            };
+            return Some(if client.spiffe_id != id.to_string() {
+                SerialStatus::OtherIdentity(client.spiffe_id.clone())
+            } else if client.revoked.is_some() {
+                SerialStatus::Revoked
+            } else {
+                SerialStatus::Current
+            });
+        }
         let Some(s) = state.serials.get(serial) else {
             return Some(SerialStatus::Unknown);
         };
@@ -90,6 +107,13 @@ impl View {
         } else {
             SerialStatus::Current
         })
+    }
+
+    /// The federated Clients: (name, SPIFFE ID). Only the store owner sets them, at start.
+    pub(super) fn set_federated<'a>(&self, clients: impl Iterator<Item = (&'a str, String)>) {
+        if let Ok(mut f) = self.federated.write() {
+            *f = clients.map(|(n, id)| (id, n.to_owned())).collect();
+        }
     }
 
     /// The revocation reason of `client`, when it is revoked.
@@ -265,20 +289,23 @@ impl View {
     ) -> (Vec<Change>, usize) {
         let mut n = 0;
         let changes = self.write(|state| {
-            let order = match state.serials.get_mut(serial) {
-                Some(s) => {
-                    s.used = true;
-                    s.order
-                }
-                None => return Vec::new(),
-            };
+            // A federated Client's serial is not the Hub's: nothing to mark or retire.
+            let order = state.serials.get_mut(serial).map(|s| {
+                s.used = true;
+                s.order
+            });
             if let Some(c) = state.clients.get_mut(client) {
                 c.last_seen = Some(since);
                 c.live.insert(session_id);
             }
-            let retired = retire(state, client, order);
-            n = retired.len();
-            let mut changes = retired_change(client, retired);
+            let mut changes = match order {
+                Some(order) => {
+                    let retired = retire(state, client, order);
+                    n = retired.len();
+                    retired_change(client, retired)
+                }
+                None => Vec::new(),
+            };
             changes.push(Change::Seen);
             changes
         });

@@ -1,0 +1,564 @@
+//! SPIRE customers (issue 12 §4): the Client takes its SVID from a SPIFFE Workload API socket
+//! (`svid_source = "workload-api"`), follows the rotations the agent pushes by moving to a new
+//! connection (make-before-break), and verifies the Hub with the bundle the agent delivers;
+//! the Hub accepts that trust domain's SVIDs only for the Clients its `[[federation]]` table
+//! names, and revokes them by name like any other.
+//!
+//! The agent is the test Workload API server (`ewii_tests::workload_api`: real gRPC on a Unix
+//! socket, the specification's messages); the Client's side is the real `spiffe` source.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ewii::audit::{Audit, AuditOutput};
+use ewii::client::{self, ClientError, Exit};
+use ewii::config::SvidSource;
+use ewii::hub::admin;
+use ewii::identity::store::read_certs;
+use ewii_common::audit::{Event, Outcome, Side};
+use ewii_tests::workload_api::{IssuedSvid, SpireCa, WorkloadApi};
+use ewii_tests::*;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The customer's trust domain.
+const CUSTOMER: &str = "customer.test";
+/// The Client's SPIFFE ID path in it (the customer's SPIRE registration entry).
+const ACME_PATH: &str = "/ewii/acme";
+const HOUR: Duration = Duration::from_secs(3_600);
+
+/// A Hub that federates with `ca`'s trust domain for Client `acme`, with a TCP service to its
+/// `echo` destination.
+async fn federated_hub(ca: &SpireCa, dir: &TempDir) -> TestHub {
+    let bundle = dir.path().join("customer.pem");
+    ca.write_bundle(&bundle);
+    let federation = format!(
+        "[[federation]]\ntrust_domain = \"{CUSTOMER}\"\nbundle = {bundle:?}\nclients = {{ acme = \"spiffe://{CUSTOMER}{ACME_PATH}\" }}\n"
+    );
+    TestHub::start_custom(&[Service::tcp("svc", "acme", "echo")], &federation).await
+}
+
+/// The Hub's CA certificates, as the customer's SPIRE server holds them once federated.
+fn hub_bundle(hub: &TestHub) -> Vec<Vec<u8>> {
+    read_certs(&hub.state_dir().join("ca.pem"))
+        .unwrap()
+        .into_iter()
+        .map(|c| c.to_vec())
+        .collect()
+}
+
+/// A Client of `hub` that takes its SVID from `api`, running in-process.
+struct SpireClient {
+    _dir: TempDir,
+    audit: Audit,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<Exit, ClientError>>>,
+}
+
+impl SpireClient {
+    fn start(hub: &TestHub, api: &WorkloadApi, echo: std::net::SocketAddr) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = client_config(
+            hub.addr,
+            &dir.path().join("state"),
+            &[("echo", echo.to_string())],
+        );
+        config.svid_source = SvidSource::WorkloadApi {
+            socket: api.endpoint(),
+            hub_trust_domain: TD.into(),
+        };
+        let audit = Audit::open_with_tap(Side::Client, &AuditOutput::Discard).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(client::run(config, audit.clone(), async {
+            let _ = stopped.await;
+        }));
+        Self {
+            _dir: dir,
+            audit,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    async fn stop(&mut self) -> Exit {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().unwrap().await.unwrap().unwrap()
+    }
+
+    async fn ended(&mut self, within: Duration) -> Result<Exit, ClientError> {
+        tokio::time::timeout(within, self.task.take().unwrap())
+            .await
+            .expect("the Client did not end in time")
+            .unwrap()
+    }
+}
+
+/// A federated Hub, an echo destination, and an agent serving a first SVID for `acme`.
+struct Setup {
+    dir: TempDir,
+    ca: SpireCa,
+    hub: TestHub,
+    echo: std::net::SocketAddr,
+    api: WorkloadApi,
+    first: IssuedSvid,
+}
+
+impl Setup {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = SpireCa::new(CUSTOMER);
+        let hub = federated_hub(&ca, &dir).await;
+        let echo = echo_server().await;
+        let api = WorkloadApi::start(&dir.path().join("agent.sock"));
+        let first = ca.issue(ACME_PATH, HOUR);
+        serve(&api, &first, &hub);
+        Self {
+            dir,
+            ca,
+            hub,
+            echo,
+            api,
+            first,
+        }
+    }
+}
+
+/// Serves `svid` with the Hub's bundle federated in.
+fn serve(api: &WorkloadApi, svid: &IssuedSvid, hub: &TestHub) {
+    let bundle = hub_bundle(hub);
+    api.push(svid, &[(TD, bundle.as_slice())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_p8_a_rotation_pushed_by_the_workload_api_moves_the_session_with_no_failed_query() {
+    let Setup {
+        dir: _dir,
+        mut ca,
+        hub,
+        echo,
+        api,
+        first,
+    } = Setup::new().await;
+    let mut client = SpireClient::start(&hub, &api, echo);
+    hub.wait_connected("acme").await;
+    let up = hub
+        .wait_audit("session_up", |r| r.event == Event::SessionUp)
+        .await;
+    assert!(
+        up.reason
+            .as_deref()
+            .is_some_and(|r| r.contains(&format!("serial {}", first.serial))),
+        "the Hub saw the agent's SVID: {up:?}"
+    );
+    assert_eq!(
+        up.client.as_deref(),
+        Some(format!("spiffe://{CUSTOMER}{ACME_PATH}").as_str())
+    );
+    let svc = hub.service("svc");
+    try_roundtrip(svc, b"before the rotation").await.unwrap();
+
+    // Load: 8 workers, each a new query after the other, until told to stop (bounded).
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut workers = Vec::new();
+    for w in 0..8u8 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            let data = vec![w; 4096];
+            for _ in 0..20_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match try_roundtrip(svc, &data).await {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("query failed: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    // A query in flight across the move: opened on the old connection, finished after.
+    let mut long = tokio::net::TcpStream::connect(svc).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    long.write_all(b"opened before").await.unwrap();
+    let mut buf = [0u8; 13];
+    long.read_exact(&mut buf).await.unwrap();
+    poll_until("load before the push", SOON, || {
+        ok.load(Ordering::Relaxed) >= 50
+    })
+    .await;
+
+    // The agent rotates: a new key and SVID, pushed to the open stream.
+    let second = ca.issue(ACME_PATH, HOUR);
+    assert_ne!(first.serial, second.serial);
+    serve(&api, &second, &hub);
+    let rotated = client
+        .audit
+        .wait_for(SOON, |r| {
+            r.event == Event::SvidRotated && r.outcome == Some(Outcome::Ok)
+        })
+        .await
+        .expect("the Client took the pushed SVID");
+    assert!(
+        rotated
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains(&second.serial) && r.contains(&first.serial)),
+        "{rotated:?}"
+    );
+    // The Hub saw a session with the new serial (the Client retires the old one as soon as
+    // it is welcomed there).
+    hub.wait_audit("session_up with the new serial", |r| {
+        r.event == Event::SessionUp
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.contains(&format!("serial {}", second.serial)))
+    })
+    .await;
+    // Time for the retiring Goodbye to cross; the old connection must stay while the long
+    // query is open on it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ended = |audit: &Audit| {
+        audit
+            .records()
+            .into_iter()
+            .filter(|r| r.event == Event::SessionLost)
+            .count()
+    };
+    assert_eq!(
+        ended(&hub.audit),
+        0,
+        "the old connection drains its query in flight"
+    );
+    assert_eq!(
+        ended(&client.audit),
+        0,
+        "the old connection drains its query in flight"
+    );
+    long.write_all(b"finished after").await.unwrap();
+    long.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    long.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(
+        rest, b"finished after",
+        "the query in flight survived the move"
+    );
+
+    // The old one ended as a move once its query was done.
+    let moved = hub
+        .wait_audit("the old session ending as a move", |r| {
+            r.event == Event::SessionLost
+                && r.reason.as_deref().is_some_and(|x| x.contains("moved"))
+        })
+        .await;
+    assert_ne!(moved.session_id, None);
+    let handle = hub.handle().clone();
+    poll_until("one connection again", SOON, || handle.connections() == 1).await;
+    let at_move = ok.load(Ordering::Relaxed);
+    poll_until("load after the move", SOON, || {
+        ok.load(Ordering::Relaxed) >= at_move + 50
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no query failed");
+    assert!(ok.load(Ordering::Relaxed) >= 100);
+    // Nothing of the agent's SVID was written to disk.
+    assert!(!client._dir.path().join("state/svid.key").exists());
+    assert_eq!(client.stop().await, Exit::Stopped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_the_hub_accepts_a_federated_svid_only_for_the_id_it_lists_and_from_that_domains_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = SpireCa::new(CUSTOMER);
+    let hub = federated_hub(&ca, &dir).await;
+    let raw = |svid: &IssuedSvid| svid.svid();
+    // The listed ID from the listed domain's CA gets in.
+    let listed = ca.issue(ACME_PATH, HOUR);
+    assert!(raw_session(&hub, &raw(&listed)).await.is_some());
+    // Another ID of the same domain does not.
+    let unlisted = ca.issue("/ewii/mallory", HOUR);
+    assert!(raw_session(&hub, &raw(&unlisted)).await.is_none());
+    hub.wait_audit("the unlisted ID refused", |r| {
+        r.event == Event::HandshakeRefused
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.contains("not a Client of this Hub"))
+    })
+    .await;
+    // The listed ID from another CA claiming the same trust domain does not.
+    let mut impostor = SpireCa::new(CUSTOMER);
+    let forged = impostor.issue(ACME_PATH, HOUR);
+    assert!(raw_session(&hub, &raw(&forged)).await.is_none());
+    // The federated CA cannot vouch for an ID of the Hub's own trust domain.
+    let mut crossing = SpireCa::new(CUSTOMER);
+    crossing.trust_domain = TD.into();
+    let own = crossing.issue("/client/acme", HOUR);
+    assert!(raw_session(&hub, &raw(&own)).await.is_none());
+    // Nor for a trust domain nobody federated.
+    let mut stranger = SpireCa::new("elsewhere.test");
+    let far = stranger.issue(ACME_PATH, HOUR);
+    assert!(raw_session(&hub, &raw(&far)).await.is_none());
+    let refusals = hub
+        .audit
+        .records()
+        .into_iter()
+        .filter(|r| r.event == Event::HandshakeRefused)
+        .count();
+    assert!(refusals >= 4, "each refusal is audited ({refusals})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p10_a_federated_client_is_revoked_by_name_and_stays_revoked() {
+    let Setup {
+        dir: _dir,
+        mut ca,
+        mut hub,
+        echo,
+        api,
+        first: _,
+    } = Setup::new().await;
+    let mut client = SpireClient::start(&hub, &api, echo);
+    hub.wait_connected("acme").await;
+    assert!(admin::revoke(&hub.state_dir(), "acme", "operator says no").unwrap());
+    match client.ended(SOON).await {
+        Ok(Exit::Revoked { reason }) => assert!(reason.contains("operator says no"), "{reason}"),
+        other => panic!("expected a revocation, got {other:?}"),
+    }
+    // A restarted Hub keeps it revoked, whatever SVID the agent issues next.
+    hub.restart().await;
+    let fresh = ca.issue(ACME_PATH, HOUR);
+    let session = raw_session(&hub, &fresh.svid()).await;
+    assert!(
+        session.is_none(),
+        "a revoked federated client gets no session"
+    );
+    // The operator readmits it (there is no token to enrol it again with); the running Hub
+    // takes it from the database.
+    assert!(admin::readmit(&hub.state_dir(), "acme").unwrap());
+    assert!(!admin::readmit(&hub.state_dir(), "acme").unwrap(), "once");
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        let svid = fresh.svid();
+        if raw_session(&hub, &svid).await.is_some() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readmitted, but still refused"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    // A Client enrolled with a token is not readmitted: it gets a new token.
+    let _enrolled = TestClient::enrol(&hub, "beta", &[("db", "127.0.0.1:1".into())]).await;
+    admin::revoke(&hub.state_dir(), "beta", "test").unwrap();
+    let err = admin::readmit(&hub.state_dir(), "beta")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("token create --client beta"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_a_client_without_the_hubs_bundle_from_its_agent_refuses_to_start_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = SpireCa::new(CUSTOMER);
+    let hub = federated_hub(&ca, &dir).await;
+    let api = WorkloadApi::start(&dir.path().join("agent.sock"));
+    // The agent is not federated with the Hub's trust domain: no bundle for it.
+    api.push(&ca.issue(ACME_PATH, HOUR), &[]);
+    let mut client = SpireClient::start(&hub, &api, echo_server().await);
+    let err = client.ended(SOON * 2).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(TD) && text.contains("federate"),
+        "names the missing trust domain: {text}"
+    );
+    // And no agent at all: a clear error within the bound, not a hang.
+    let mut none = SpireClient::start(
+        &hub,
+        &WorkloadApi::start(&dir.path().join("silent.sock")),
+        echo_server().await,
+    );
+    let err = none.ended(SOON * 3).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::WorkloadApi(_)) && err.to_string().contains("silent.sock"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p3_p7_the_client_binary_under_every_kernel_layer_takes_its_svid_from_the_agent_and_moves()
+{
+    crate::kernel::privileged!();
+    let Setup {
+        dir,
+        mut ca,
+        hub,
+        echo,
+        api,
+        first: _,
+    } = Setup::new().await;
+    let state = dir.path().join("state");
+    let config = dir.path().join("client.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "hub = \"{}\"\nstate_dir = {state:?}\naudit = \"discard\"\non_stop = \"disconnect\"\nsvid_source = \"workload-api\"\nworkload_api_socket = \"{}\"\nhub_trust_domain = \"{TD}\"\n[enforcement]\nrequire = \"kernel\"\n[[allow]]\nname = \"echo\"\naddress = \"{echo}\"\n",
+            hub.addr,
+            api.endpoint()
+        ),
+    )
+    .unwrap();
+    let cgroup = Cgroup::new();
+    let mut client = crate::process::Proc(
+        cgroup
+            .client(&["run", "--config", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let handle = hub.handle().clone();
+    let deadline = tokio::time::Instant::now() + SOON;
+    while !handle.connected_clients().iter().any(|c| c == "acme") {
+        if tokio::time::Instant::now() > deadline {
+            let _ = client.0.kill();
+            let out = client.0.wait_with_output_ref();
+            panic!("the Client binary did not connect: {out}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let svc = hub.service("svc");
+    try_roundtrip(svc, b"through the locked binary")
+        .await
+        .unwrap();
+    // The agent rotates; the locked process (seccomp, Landlock, eBPF) still reaches both the
+    // agent's socket and the Hub, and moves.
+    let second = ca.issue(ACME_PATH, HOUR);
+    serve(&api, &second, &hub);
+    hub.wait_audit("the session with the new serial", |r| {
+        r.event == Event::SessionUp
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.contains(&format!("serial {}", second.serial)))
+    })
+    .await;
+    hub.wait_audit("the old session ending as a move", |r| {
+        r.event == Event::SessionLost && r.reason.as_deref().is_some_and(|x| x.contains("moved"))
+    })
+    .await;
+    try_roundtrip(svc, b"after the move").await.unwrap();
+    let status = client.terminate();
+    let mut stderr = String::new();
+    use std::io::Read;
+    client
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{status:?}\n{stderr}");
+    for layer in ["ebpf active", "landlock active", "seccomp active"] {
+        assert!(stderr.contains(layer), "{layer}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_a_federated_client_gets_no_svid_from_the_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = SpireCa::new(CUSTOMER);
+    let hub = federated_hub(&ca, &dir).await;
+    let svid = ca.issue(ACME_PATH, HOUR);
+    let mut session = raw_session(&hub, &svid.svid())
+        .await
+        .expect("a listed federated SVID gets a session");
+    let (_key, csr) = ewii::identity::ca::new_key_and_csr().unwrap();
+    ewii::transport::write_frame(
+        &mut session.send,
+        &ewii_common::frame::Control::Renew { csr },
+    )
+    .await
+    .unwrap();
+    let answer = session
+        .reader
+        .read::<ewii_common::frame::Control>(&mut session.recv)
+        .await
+        .unwrap();
+    assert!(
+        matches!(answer, Some(ewii_common::frame::Control::Refused { .. })),
+        "{answer:?}"
+    );
+    hub.wait_audit("the refused renewal", |r| {
+        r.event == Event::SvidRotated
+            && r.outcome == Some(Outcome::Refused)
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.contains("its own SPIRE"))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_a_hub_refuses_to_start_with_a_federation_it_cannot_use_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = SpireCa::new(CUSTOMER);
+    let good = dir.path().join("customer.pem");
+    ca.write_bundle(&good);
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    // A name enrolled under the Hub's own trust domain cannot be given to a federated ID.
+    let hub = TestHub::start(&[]).await;
+    let _enrolled = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:1".into())]).await;
+    let state = hub.state_dir();
+    let table = |td: &str, bundle: &std::path::Path, name: &str| {
+        format!("[[federation]]\ntrust_domain = \"{td}\"\nbundle = {bundle:?}\nclients = {{ {name} = \"spiffe://{td}/ewii\" }}\n")
+    };
+    for (federation, says) in [
+        (table(TD, &good, "beta"), "this Hub's own trust domain"),
+        (
+            table(CUSTOMER, &dir.path().join("missing.pem"), "beta"),
+            "missing.pem",
+        ),
+        (table(CUSTOMER, &garbage, "beta"), "bundle"),
+        (table(CUSTOMER, &good, "acme"), "choose another name"),
+    ] {
+        let config: ewii::config::HubConfig = format!(
+            "state_dir = {state:?}\nlisten = \"127.0.0.1:0\"\naudit = \"discard\"\n{federation}"
+        )
+        .parse()
+        .unwrap();
+        let audit = Audit::open_with_tap(Side::Hub, &AuditOutput::Discard).unwrap();
+        let err = ewii::hub::Hub::bind(config, audit)
+            .await
+            .expect_err(&federation)
+            .to_string();
+        assert!(err.contains(says), "{federation}: {err}");
+    }
+}
+
+/// What a killed child wrote to its piped stderr.
+trait StderrOf {
+    fn wait_with_output_ref(&mut self) -> String;
+}
+
+impl StderrOf for std::process::Child {
+    fn wait_with_output_ref(&mut self) -> String {
+        use std::io::Read;
+        let _ = self.wait();
+        let mut out = String::new();
+        if let Some(mut e) = self.stderr.take() {
+            let _ = e.read_to_string(&mut out);
+        }
+        out
+    }
+}
