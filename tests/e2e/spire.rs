@@ -457,6 +457,19 @@ async fn p3_p7_the_client_binary_under_every_kernel_layer_takes_its_svid_from_th
     })
     .await;
     try_roundtrip(svc, b"after the move").await.unwrap();
+    // The customer's evidence: the SVID and the bundle from the agent, nothing of them on disk.
+    let (_, report) = crate::verify::verify(&state, &[]);
+    for id in ["P7", "P15", "P13"] {
+        assert_eq!(
+            crate::verify::verdict(&report, id),
+            "holds",
+            "{id}: {report:#}"
+        );
+    }
+    assert!(
+        report.to_string().contains("memory only"),
+        "P7 says where the key is: {report:#}"
+    );
     let status = client.terminate();
     let mut stderr = String::new();
     use std::io::Read;

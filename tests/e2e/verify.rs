@@ -18,7 +18,7 @@ use crate::process::{free_tcp_port, healthy, not_root, run, HubProcess, Proc};
 /// The uid the image runs as.
 const NOBODY: u32 = 65532;
 
-fn verify(state_dir: &Path, extra: &[&str]) -> (Output, serde_json::Value) {
+pub(crate) fn verify(state_dir: &Path, extra: &[&str]) -> (Output, serde_json::Value) {
     let out = Command::new(bin_path("ewii-client"))
         .args([
             "verify",
@@ -39,7 +39,7 @@ fn verify(state_dir: &Path, extra: &[&str]) -> (Output, serde_json::Value) {
     (out, json)
 }
 
-fn verdict<'a>(report: &'a serde_json::Value, id: &str) -> &'a str {
+pub(crate) fn verdict<'a>(report: &'a serde_json::Value, id: &str) -> &'a str {
     report["promises"]
         .as_array()
         .unwrap()

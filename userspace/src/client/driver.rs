@@ -583,6 +583,7 @@ impl Driver {
             on_stop: self.config.on_stop.to_string(),
             metrics: Default::default(),
             hub_connections: self.connections.len(),
+            svid_source: self.config.svid_source.to_string(),
         }
     }
 

@@ -106,6 +106,10 @@ pub struct Status {
     /// the one it replaced while its queries drain (each has its own UDP socket).
     #[serde(default)]
     pub hub_connections: usize,
+    /// Where the SVID comes from: `state-dir`, or `workload-api (<socket>)` (then the key is
+    /// in memory only and the bundle comes from the agent: nothing of either is on disk).
+    #[serde(default)]
+    pub svid_source: String,
 }
 
 impl Status {

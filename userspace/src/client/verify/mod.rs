@@ -82,8 +82,11 @@ pub struct Facts {
     pub credentials: Result<Credentials, String>,
     /// The process's sockets, or why they could not be read.
     pub sockets: Result<Sockets, String>,
-    /// The SVID on disk.
+    /// The SVID on disk (or, from a Workload API, as the running Client reports it).
     pub svid: Result<LeafInfo, String>,
+    /// The SPIFFE Workload API the SVID comes from (`svid_source` in the status), if any:
+    /// then no key and no bundle are on disk, by design.
+    pub workload_api: Option<String>,
     /// The key file's permission bits.
     pub key_mode: Result<u32, String>,
     /// `sha256:` of each anchor in `bundle.pem`.
@@ -132,12 +135,30 @@ pub fn gather(
             .map_err(|e| format!("/proc/{}/net: {e}", status.pid)),
         Err(e) => Err(e.clone()),
     };
-    let svid = store::read_certs(&state_dir.join(store::SVID_CERT))
-        .map_err(|e| e.to_string())
-        .and_then(|chain| {
-            let leaf = chain.first().ok_or("svid.pem holds no certificate")?;
-            identity::inspect_leaf(leaf).map_err(|e| e.to_string())
-        });
+    let workload_api = status.svid_source.strip_prefix("workload-api").map(|rest| {
+        rest.trim()
+            .trim_matches(|c| c == '(' || c == ')')
+            .to_owned()
+    });
+    let svid = match workload_api {
+        // The key never touches the disk: the running Client's report is the evidence.
+        Some(_) => status
+            .spiffe_id
+            .parse()
+            .map(|id| LeafInfo {
+                id,
+                serial: status.svid_serial.clone(),
+                not_before: status.svid_not_before,
+                not_after: status.svid_not_after,
+            })
+            .map_err(|e| format!("status.json spiffe_id: {e}")),
+        None => store::read_certs(&state_dir.join(store::SVID_CERT))
+            .map_err(|e| e.to_string())
+            .and_then(|chain| {
+                let leaf = chain.first().ok_or("svid.pem holds no certificate")?;
+                identity::inspect_leaf(leaf).map_err(|e| e.to_string())
+            }),
+    };
     let key_mode = {
         use std::os::unix::fs::PermissionsExt;
         let path = state_dir.join(store::SVID_KEY);
@@ -164,6 +185,7 @@ pub fn gather(
         credentials,
         sockets,
         svid,
+        workload_api,
         key_mode,
         bundle_on_disk,
         revoked,
@@ -542,15 +564,19 @@ fn p7(f: &Facts) -> Assessed {
     let s = &f.status;
     let mut ev = Vec::new();
     let mut ok = true;
+    let source = match &f.workload_api {
+        Some(socket) => format!("from the SPIFFE Workload API at {socket} (status.json)"),
+        None => "svid.pem".into(),
+    };
     match &f.svid {
         Err(e) => {
             ok = false;
-            ev.push(format!("svid.pem: {e}"));
+            ev.push(format!("{source}: {e}"));
         }
         Ok(leaf) => {
             let life = leaf.not_after - leaf.not_before;
             ev.push(format!(
-                "{} serial {}, valid {} to {} ({}h{:02}m), svid.pem",
+                "{} serial {}, valid {} to {} ({}h{:02}m), {source}",
                 leaf.id,
                 leaf.serial,
                 stamp(leaf.not_before),
@@ -577,6 +603,9 @@ fn p7(f: &Facts) -> Assessed {
         }
     }
     match f.key_mode {
+        _ if f.workload_api.is_some() => ev.push(
+            "private key: held in the Client's memory only, as the SPIRE agent delivered it; never written to disk; the agent rotates it".into(),
+        ),
         Ok(mode) if mode & 0o077 == 0 => ev.push(format!(
             "private key svid.key mode {mode:04o}: only the Client's user reads it; it never leaves this host"
         )),
@@ -743,6 +772,10 @@ fn p15(f: &Facts) -> Assessed {
         s.bundle.join(", ")
     )];
     let ok = match &f.bundle_on_disk {
+        _ if f.workload_api.is_some() => {
+            ev.push("the bundle comes from the SPIRE agent (federation with the Hub's trust domain); none is kept on disk".into());
+            !s.bundle.is_empty()
+        }
         Ok(disk) if !disk.is_empty() => {
             if *disk == s.bundle {
                 ev.push("bundle.pem holds the same anchors".into());

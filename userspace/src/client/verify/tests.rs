@@ -58,6 +58,7 @@ fn good() -> Facts {
         on_stop: "revoke".into(),
         metrics: Default::default(),
         hub_connections: 1,
+        svid_source: "state-dir".into(),
     };
     Facts {
         now: NOW,
@@ -82,6 +83,7 @@ fn good() -> Facts {
             read: vec![],
         }),
         svid: Ok(leaf(NOW - 3600, NOW + 3600)),
+        workload_api: None,
         key_mode: Ok(0o600),
         bundle_on_disk: Ok(vec!["sha256:ab".into()]),
         revoked: None,
@@ -277,4 +279,38 @@ fn p16_an_active_lock_holds_and_a_failed_layer_breaks_it() {
         assert_eq!(verdict(f, "P16"), Verdict::Holds);
         f.status.enforcement.layers[1].state = LayerState::Failed;
     });
+}
+
+/// `good()` for a Client whose SVID comes from a SPIRE agent: no key and no bundle on disk.
+fn from_agent() -> Facts {
+    let mut f = good();
+    f.workload_api = Some("unix:///run/spire/agent.sock".into());
+    f.key_mode = Err("/var/lib/ewii/svid.key: No such file or directory".into());
+    f.bundle_on_disk = Err("/var/lib/ewii/bundle.pem: No such file or directory".into());
+    f.status.next_renewal_unix = None;
+    f
+}
+
+#[test]
+fn p7_p15_an_svid_from_the_workload_api_is_evidenced_without_files_and_breaks_when_expired() {
+    let f = from_agent();
+    for id in ["P7", "P8", "P15"] {
+        assert_eq!(verdict(&f, id), Verdict::Holds, "{id}");
+    }
+    let p7 = assess(&f).into_iter().find(|x| x.id == "P7").unwrap();
+    assert!(
+        p7.evidence.iter().any(|e| e.contains("memory only")),
+        "{:?}",
+        p7.evidence
+    );
+    let mut expired = from_agent();
+    expired.svid = Ok(leaf(NOW - 7200, NOW - 1));
+    assert_eq!(verdict(&expired, "P7"), Verdict::Broken);
+    let mut no_bundle = from_agent();
+    no_bundle.status.bundle.clear();
+    assert_eq!(verdict(&no_bundle, "P15"), Verdict::Broken);
+    // A state-dir Client without its key file still breaks P7.
+    let mut missing = good();
+    missing.key_mode = Err("svid.key: No such file or directory".into());
+    assert_eq!(verdict(&missing, "P7"), Verdict::Broken);
 }
