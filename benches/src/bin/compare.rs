@@ -177,7 +177,7 @@ async fn compare(args: Args) -> anyhow::Result<()> {
             "{} repetitions, systems interleaved (each repetition starts with the next system); per system and repetition: \
              agent RSS idle, {IDLE_CONNECTIONS} idle connections held, {} timed 1-byte round trips on one connection, connect → 1-byte echo → close \
              for {} s at c=1 and at c=32, iperf3 {} s each way (one TCP stream; CPU time of the tunnel's processes from /proc/<pid>/stat \
-             over both runs, divided by the bytes iperf3 received), agent RSS 1 s after. Loopback; QUIC datagrams at most 1,452 bytes. \
+             over both runs, divided by the bytes iperf3 received), agent RSS 1 s after; anonymous memory (RssAnon) idle and after. Loopback; QUIC datagrams at most 1,452 bytes. \
              Whole run: {:.0} s.",
             args.reps,
             args.round_trips,
@@ -218,19 +218,23 @@ async fn measure(
             samples.add(kind, Figure::StartToServing, d.as_secs_f64() * 1e3);
         }
         let agents = running.agent_pids();
-        let rss = |pids: &[u32]| -> anyhow::Result<Option<f64>> {
+        let sum = |pids: &[u32], of: fn(u32) -> anyhow::Result<f64>| {
             if pids.is_empty() {
                 return Ok(None);
             }
-            Ok(Some(
-                pids.iter()
-                    .map(|p| procs::rss_mb(*p))
-                    .sum::<anyhow::Result<f64>>()?,
-            ))
+            pids.iter()
+                .map(|p| of(*p))
+                .sum::<anyhow::Result<f64>>()
+                .map(Some)
         };
+        let rss = |pids: &[u32]| sum(pids, procs::rss_mb);
+        let anon = |pids: &[u32]| sum(pids, procs::rss_anon_mb);
         tokio::time::sleep(Duration::from_millis(300)).await;
         if let Some(v) = rss(&agents)? {
             samples.add(kind, Figure::RssIdle, v);
+        }
+        if let Some(v) = anon(&agents)? {
+            samples.add(kind, Figure::AnonIdle, v);
         }
         let held = load::hold_idle(running.echo, IDLE_CONNECTIONS).await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -275,6 +279,9 @@ async fn measure(
         tokio::time::sleep(Duration::from_secs(1)).await;
         if let Some(v) = rss(&agents)? {
             samples.add(kind, Figure::RssAfter, v);
+        }
+        if let Some(v) = anon(&agents)? {
+            samples.add(kind, Figure::AnonAfter, v);
         }
         running.check_alive()
     }

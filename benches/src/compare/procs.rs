@@ -195,14 +195,22 @@ pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
 
 /// Resident set size in MB (10^6 bytes).
 pub fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+    status_kib(pid, "VmRSS:").map(|kib| kib * 1024.0 / 1e6)
+}
+
+/// Anonymous resident memory in MB (`RssAnon`: heap and stacks, not the mapped files).
+pub fn rss_anon_mb(pid: u32) -> anyhow::Result<f64> {
+    status_kib(pid, "RssAnon:").map(|kib| kib * 1024.0 / 1e6)
+}
+
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<f64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
+    Ok(status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
-        .context("VmRSS")?
-        .parse()?;
-    Ok(kib * 1024.0 / 1e6)
+        .with_context(|| field.to_owned())?
+        .parse()?)
 }
 
 /// Sum of [`cpu_secs`] over `pids`.

@@ -29,13 +29,18 @@ pub enum Figure {
     Rss100,
     /// … after the whole run, idle again.
     RssAfter,
+    /// The agent's anonymous memory before any load (`RssAnon`: heap, stacks; without the
+    /// mapped binary and libraries, which are file-backed, shared and reclaimable).
+    AnonIdle,
+    /// … after the whole run.
+    AnonAfter,
     /// Ewii: the Client's process start to its `session_up`.
     StartToServing,
 }
 
 impl Figure {
     /// Every figure, in report order.
-    pub const ALL: [Figure; 11] = [
+    pub const ALL: [Figure; 13] = [
         Figure::BulkUp,
         Figure::BulkDown,
         Figure::CpuPerGib,
@@ -46,6 +51,8 @@ impl Figure {
         Figure::RssIdle,
         Figure::Rss100,
         Figure::RssAfter,
+        Figure::AnonIdle,
+        Figure::AnonAfter,
         Figure::StartToServing,
     ];
 
@@ -62,6 +69,8 @@ impl Figure {
             Figure::RssIdle => "Agent RSS, idle",
             Figure::Rss100 => "Agent RSS, 100 idle connections open",
             Figure::RssAfter => "Agent RSS after the run",
+            Figure::AnonIdle => "Agent anonymous memory (RssAnon), idle",
+            Figure::AnonAfter => "Agent anonymous memory (RssAnon) after the run",
             Figure::StartToServing => "Agent process start to serving (Ewii: to `session_up`)",
         }
     }
@@ -73,7 +82,11 @@ impl Figure {
             Figure::CpuPerGib => "CPU-s/GiB",
             Figure::RttP50 | Figure::RttP99 => "µs",
             Figure::RateC1 | Figure::RateC32 => "conn/s",
-            Figure::RssIdle | Figure::Rss100 | Figure::RssAfter => "MB",
+            Figure::RssIdle
+            | Figure::Rss100
+            | Figure::RssAfter
+            | Figure::AnonIdle
+            | Figure::AnonAfter => "MB",
             Figure::StartToServing => "ms",
         }
     }
