@@ -567,13 +567,13 @@ async fn first_query_seen_by_a_raw_client(
     // Keeps the session open until the caller is done; an opened query reads the requester's
     // end (the Hub finishes a query once its last bytes were read), a refused one stops.
     tokio::spawn(async move {
-        let _session = session;
         if opened {
             let _ = recv.read_to_end(1024).await;
         } else {
             drop(recv);
         }
-        tokio::time::sleep(Duration::from_secs(30)).await;
+        // Until the Hub closes the session (or the test's runtime ends, which drops this).
+        let _ = tokio::time::timeout(SOON * 3, session.conn.closed()).await;
     });
     (early, requester, hub)
 }
