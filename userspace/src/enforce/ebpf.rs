@@ -21,7 +21,7 @@ use aya::programs::links::FdLink;
 use aya::programs::{
     CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
 };
-use aya::Ebpf;
+use aya::{Ebpf, EbpfLoader};
 use ewii_common::egress::{DenyEvent, Hook, Key, Key4, Key6, Rule};
 
 use super::{probe, DenySource, Plan};
@@ -149,8 +149,13 @@ impl EgressLock {
     pub fn attach_to(cgroup: &Path, rules: &[Rule], hold: Hold) -> Result<Self, EbpfError> {
         use std::os::fd::AsFd;
         refuse_root(cgroup)?;
-        let mut bpf =
-            Ebpf::load(ewii_ebpf::object()).map_err(|e| bpf_err("load object")(e.to_string()))?;
+        // Without the kernel's BTF: the programs use no CO-RE relocation, and `Ebpf::load`
+        // would parse all of /sys/kernel/btf/vmlinux (megabytes, tens of milliseconds) only to
+        // relocate nothing.
+        let mut bpf = EbpfLoader::new()
+            .btf(None)
+            .load(ewii_ebpf::object())
+            .map_err(|e| bpf_err("load object")(e.to_string()))?;
         fill(
             &mut bpf,
             "ALLOW4",
