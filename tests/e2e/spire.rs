@@ -575,3 +575,54 @@ impl StderrOf for std::process::Child {
         out
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_a_delivery_for_another_identity_or_with_a_foreign_key_is_refused_and_the_svid_kept() {
+    let Setup {
+        dir: _dir,
+        mut ca,
+        hub,
+        echo,
+        api,
+        first,
+    } = Setup::new().await;
+    let mut client = SpireClient::start(&hub, &api, echo);
+    hub.wait_connected("acme").await;
+    let svc = hub.service("svc");
+    let refused = |client: &SpireClient, says: &'static str| {
+        let audit = client.audit.clone();
+        async move {
+            audit
+                .wait_for(SOON, |r| {
+                    r.event == Event::SvidRotated
+                        && r.outcome == Some(Outcome::Refused)
+                        && r.reason.as_deref().is_some_and(|x| x.contains(says))
+                })
+                .await
+                .unwrap_or_else(|| panic!("no refusal saying {says:?}: {:#?}", audit.records()))
+        }
+    };
+    // A compromised or misconfigured agent hands over another identity: refused, kept.
+    let other = ca.issue("/ewii/other", HOUR);
+    serve(&api, &other, &hub);
+    let r = refused(&client, "restart it to change identity").await;
+    assert!(
+        r.reason.unwrap().contains(&first.serial),
+        "keeps the SVID in use"
+    );
+    // A certificate with a key that is not its own: refused, kept.
+    let mut mismatched = ca.issue(ACME_PATH, HOUR);
+    mismatched.key_pkcs8 = ca.issue(ACME_PATH, HOUR).key_pkcs8;
+    serve(&api, &mismatched, &hub);
+    refused(&client, "not the one the certificate names").await;
+    // Still serving, on the first SVID: no move, no second session at the Hub.
+    try_roundtrip(svc, b"still here").await.unwrap();
+    let ups = hub
+        .audit
+        .records()
+        .into_iter()
+        .filter(|r| r.event == Event::SessionUp)
+        .count();
+    assert_eq!(ups, 1, "no move for a refused delivery");
+    assert_eq!(client.stop().await, Exit::Stopped);
+}
