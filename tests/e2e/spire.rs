@@ -127,6 +127,16 @@ impl Setup {
     }
 }
 
+impl Setup {
+    /// [`Setup::new`], with a Client of it running and connected.
+    async fn connected() -> (Self, SpireClient) {
+        let s = Self::new().await;
+        let client = SpireClient::start(&s.hub, &s.api, s.echo);
+        s.hub.wait_connected("acme").await;
+        (s, client)
+    }
+}
+
 /// Serves `svid` with the Hub's bundle federated in.
 fn serve(api: &WorkloadApi, svid: &IssuedSvid, hub: &TestHub) {
     let bundle = hub_bundle(hub);
@@ -135,16 +145,17 @@ fn serve(api: &WorkloadApi, svid: &IssuedSvid, hub: &TestHub) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p7_p8_a_rotation_pushed_by_the_workload_api_moves_the_session_with_no_failed_query() {
-    let Setup {
-        dir: _dir,
-        mut ca,
-        hub,
-        echo,
-        api,
-        first,
-    } = Setup::new().await;
-    let mut client = SpireClient::start(&hub, &api, echo);
-    hub.wait_connected("acme").await;
+    let (
+        Setup {
+            dir: _dir,
+            mut ca,
+            hub,
+            api,
+            first,
+            ..
+        },
+        mut client,
+    ) = Setup::connected().await;
     let up = hub
         .wait_audit("session_up", |r| r.event == Event::SessionUp)
         .await;
@@ -319,16 +330,17 @@ async fn p7_the_hub_accepts_a_federated_svid_only_for_the_id_it_lists_and_from_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p10_a_federated_client_is_revoked_by_name_and_stays_revoked() {
-    let Setup {
-        dir: _dir,
-        mut ca,
-        mut hub,
-        echo,
-        api,
-        first: _,
-    } = Setup::new().await;
-    let mut client = SpireClient::start(&hub, &api, echo);
-    hub.wait_connected("acme").await;
+    let (
+        Setup {
+            dir: _dir,
+            mut ca,
+            mut hub,
+            api: _api,
+            first: _,
+            ..
+        },
+        mut client,
+    ) = Setup::connected().await;
     assert!(admin::revoke(&hub.state_dir(), "acme", "operator says no").unwrap());
     match client.ended(SOON).await {
         Ok(Exit::Revoked { reason }) => assert!(reason.contains("operator says no"), "{reason}"),
@@ -578,17 +590,8 @@ impl StderrOf for std::process::Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p7_a_delivery_for_another_identity_or_with_a_foreign_key_is_refused_and_the_svid_kept() {
-    let Setup {
-        dir: _dir,
-        mut ca,
-        hub,
-        echo,
-        api,
-        first,
-    } = Setup::new().await;
-    let mut client = SpireClient::start(&hub, &api, echo);
-    hub.wait_connected("acme").await;
-    let svc = hub.service("svc");
+    let (mut s, mut client) = Setup::connected().await;
+    let svc = s.hub.service("svc");
     let refused = |client: &SpireClient, says: &'static str| {
         let audit = client.audit.clone();
         async move {
@@ -603,21 +606,22 @@ async fn p7_a_delivery_for_another_identity_or_with_a_foreign_key_is_refused_and
         }
     };
     // A compromised or misconfigured agent hands over another identity: refused, kept.
-    let other = ca.issue("/ewii/other", HOUR);
-    serve(&api, &other, &hub);
+    let other = s.ca.issue("/ewii/other", HOUR);
+    serve(&s.api, &other, &s.hub);
     let r = refused(&client, "restart it to change identity").await;
     assert!(
-        r.reason.unwrap().contains(&first.serial),
+        r.reason.unwrap().contains(&s.first.serial),
         "keeps the SVID in use"
     );
     // A certificate with a key that is not its own: refused, kept.
-    let mut mismatched = ca.issue(ACME_PATH, HOUR);
-    mismatched.key_pkcs8 = ca.issue(ACME_PATH, HOUR).key_pkcs8;
-    serve(&api, &mismatched, &hub);
+    let mut mismatched = s.ca.issue(ACME_PATH, HOUR);
+    mismatched.key_pkcs8 = s.ca.issue(ACME_PATH, HOUR).key_pkcs8;
+    serve(&s.api, &mismatched, &s.hub);
     refused(&client, "not the one the certificate names").await;
     // Still serving, on the first SVID: no move, no second session at the Hub.
     try_roundtrip(svc, b"still here").await.unwrap();
-    let ups = hub
+    let ups = s
+        .hub
         .audit
         .records()
         .into_iter()
