@@ -232,9 +232,14 @@ async fn p7_p8_a_rotation_pushed_by_the_workload_api_moves_the_session_with_no_f
                 .is_some_and(|x| x.contains(&format!("serial {}", second.serial)))
     })
     .await;
-    // Time for the retiring Goodbye to cross; the old connection must stay while the long
-    // query is open on it.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The Hub has read the retiring Goodbye once it routes nothing more to the old session
+    // (its registry then holds the new one only); the old connection must stay while the
+    // long query is open on it.
+    let handle = hub.handle().clone();
+    poll_until("the Hub to process the retiring Goodbye", SOON, || {
+        handle.connections() == 1
+    })
+    .await;
     let ended = |audit: &Audit| {
         audit
             .records()
@@ -269,7 +274,6 @@ async fn p7_p8_a_rotation_pushed_by_the_workload_api_moves_the_session_with_no_f
         })
         .await;
     assert_ne!(moved.session_id, None);
-    let handle = hub.handle().clone();
     poll_until("one connection again", SOON, || handle.connections() == 1).await;
     let at_move = ok.load(Ordering::Relaxed);
     poll_until("load after the move", SOON, || {

@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::connect::Opened;
+use super::driver::sleep_until_opt;
 use super::query::{self, QueryCtx};
 use crate::transport::{self, codes, StreamError};
 
@@ -319,12 +320,5 @@ fn closed(e: &quinn::ConnectionError) -> End {
         }
         quinn::ConnectionError::TimedOut => End::Lost(Lost::IdleTimeout),
         other => End::Lost(Lost::Connection(other.to_string())),
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

@@ -659,7 +659,8 @@ async fn poll_dial(dialing: &mut Option<Dialing>) -> Result<Opened, ConnectError
     }
 }
 
-async fn sleep_until_opt(at: Option<Instant>) {
+/// Sleeps until `at`; never wakes without one.
+pub(super) async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
