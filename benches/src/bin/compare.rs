@@ -48,6 +48,10 @@ struct Args {
     /// Only these systems (labels as in the report, comma-separated, e.g. "Ewii,rathole noise").
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Measure nothing: start each selected system in turn, print its entries and process ids,
+    /// and keep it up this many seconds (for a profiler or /proc/<pid>/smaps).
+    #[arg(long, value_name = "SECS")]
+    hold: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -120,6 +124,27 @@ async fn compare(args: Args) -> anyhow::Result<()> {
         iperf: iperf_addr,
     };
     let setup = Setup::new(bins.clone(), services)?;
+
+    if let Some(secs) = args.hold {
+        for kind in systems {
+            let running = setup.start(kind).await?;
+            println!(
+                "{}: echo entry {}, iperf3 entry {}, processes {:?} (agent {:?}); held {secs} s",
+                kind.label(),
+                running.echo,
+                running.iperf,
+                running.pids(),
+                running.agent_pids()
+            );
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(secs)) => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            running.stop();
+        }
+        iperf_server.stop();
+        return Ok(());
+    }
 
     let mut samples = Samples::default();
     let started = tokio::time::Instant::now();

@@ -138,6 +138,11 @@ impl Metrics {
         }
     }
 
+    /// Queries ended so far, whatever their outcome (a cheap measure of work done).
+    pub fn queries_ended(&self) -> u64 {
+        self.queries.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
     /// Counts one query refused because the audit sink lagged.
     pub fn count_shed(&self) {
         add(&self.queries_shed, 1);

@@ -395,6 +395,11 @@ fn run(path: &Path) -> ExitCode {
             .with_backlog(config.audit_backlog),
         Err(e) => return fail(1, format!("opening the audit sink: {e}")),
     };
+    if let Err(e) = enforce::heap::tune_for_bulk(&audit) {
+        say(&format!(
+            "ewii-client: freed heap will not be returned after load: {e}"
+        ));
+    }
     block_on(async move {
         let enrolled = config
             .state_dir

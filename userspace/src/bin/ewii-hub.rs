@@ -460,6 +460,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("opening the audit sink")?
                 .with_format(config.audit_format)
                 .with_backlog(config.audit_backlog);
+            if let Err(e) = ewii::enforce::heap::tune_for_bulk(&audit) {
+                say(&format!(
+                    "ewii-hub: freed heap will not be returned after load: {e}"
+                ));
+            }
             // A socket per requester and per Client: the usual soft limit of 1,024 is far too
             // low for a Hub.
             match ewii::enforce::privileges::raise_open_files(1 << 20) {

@@ -8,6 +8,8 @@
 //!   allow-list (TCP) for every process in the Client's cgroup. Needs CAP_BPF + CAP_NET_ADMIN.
 //! - [`privileges`]: every capability dropped, `no_new_privs`, not dumpable — after the lock
 //!   is attached, so that nothing later in the process can undo it.
+//! - [`heap`]: not a layer: glibc's allocator settings (freed heap kept under bulk load and
+//!   returned when quiet), here because they are foreign calls.
 //! - [`probe`]: the self-proof — a deliberate connection the policy forbids must fail with the
 //!   layer's own error, or the layer does not count as active.
 //!
@@ -16,6 +18,7 @@
 //! This is the one module with `unsafe` code: raw syscalls for the probes, `capset`/`prctl` to
 //! drop privileges, and `bpf(BPF_PROG_ATTACH)` for a lock held by the cgroup.
 
+pub mod heap;
 pub mod landlock;
 pub mod privileges;
 pub mod probe;
@@ -392,7 +395,9 @@ pub fn install(plan: &Plan, layers: &[&str], hold: Hold) -> (Report, Option<Box<
         let (layer, src) = install_ebpf(plan, hold);
         report.layers.push(layer);
         source = src;
-        release_freed_heap();
+        // Loading the object (the ELF, the verifier's logs) freed ~16 MB that glibc would
+        // otherwise keep for the process's whole life (docs/benchmarks.md).
+        heap::release_freed_heap();
     }
     if layers.contains(&"landlock") {
         report.layers.push(landlock::install(plan));
@@ -423,19 +428,6 @@ pub fn install(plan: &Plan, layers: &[&str], hold: Hold) -> (Report, Option<Box<
     report.not_covered = report.gaps();
     report.addresses = plan.by_name.clone();
     (report, source)
-}
-
-/// Loading the eBPF object (parsing the ELF and its BTF, the verifier's logs) frees ~16 MB
-/// that glibc's allocator would otherwise keep in the process for its whole life: the locked
-/// Client's RSS went from 25.8 to 13.4 MB with this (docs/benchmarks.md). Only glibc builds
-/// have it; the image's musl build is not measured for this.
-fn release_freed_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free memory at the top of glibc's heaps to the kernel;
-    // it takes no pointer and touches no live allocation.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Who holds the eBPF programs once attached: the cgroup (`run`: no descriptor of the process
