@@ -48,6 +48,11 @@ struct Args {
     /// Only these systems (labels as in the report, comma-separated, e.g. "Ewii,rathole noise").
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Where `ewii-hub`, `ewii-client` and `ewii-client-ebpf` are (scripts/compare: the
+    /// image's static binaries, from scripts/image-bins); else beside this program, with its
+    /// `ewii-client` for both Ewii systems.
+    #[arg(long, value_name = "DIR")]
+    ewii_bins: Option<PathBuf>,
     /// Measure nothing: start each selected system in turn, print its entries and process ids,
     /// and keep it up this many seconds (for a profiler or /proc/<pid>/smaps).
     #[arg(long, value_name = "SECS")]
@@ -78,9 +83,22 @@ async fn compare(args: Args) -> anyhow::Result<()> {
     let peers_dir = args.peers.as_deref();
     let iperf3 =
         find_program("iperf3", None).context("iperf3 is not installed (apt-get install iperf3)")?;
+    let ewii = |name: &str| match &args.ewii_bins {
+        Some(dir) => {
+            let p = dir.join(name);
+            anyhow::ensure!(p.exists(), "{} is missing", p.display());
+            Ok(p)
+        }
+        None => beside_me(name),
+    };
+    let client = ewii("ewii-client")?;
     let bins = Bins {
-        hub: beside_me("ewii-hub")?,
-        client: beside_me("ewii-client")?,
+        hub: ewii("ewii-hub")?,
+        client_ebpf: match &args.ewii_bins {
+            Some(_) => ewii("ewii-client-ebpf")?,
+            None => client.clone(),
+        },
+        client,
         quinn_ref: beside_me("ewii-quinn-ref")?,
         rathole: find_program("rathole", peers_dir),
         bore: find_program("bore", peers_dir),
@@ -203,11 +221,18 @@ async fn compare(args: Args) -> anyhow::Result<()> {
              agent RSS idle, {IDLE_CONNECTIONS} idle connections held, {} timed 1-byte round trips on one connection, connect → 1-byte echo → close \
              for {} s at c=1 and at c=32, iperf3 {} s each way (one TCP stream; CPU time of the tunnel's processes from /proc/<pid>/stat \
              over both runs, divided by the bytes iperf3 received), agent RSS 1 s after; anonymous memory (RssAnon) idle and after. Loopback; QUIC datagrams at most 1,452 bytes. \
-             Whole run: {:.0} s.",
+             Ewii's binaries: {}. Whole run: {:.0} s.",
             args.reps,
             args.round_trips,
             args.rate_secs,
             args.bulk_secs,
+            match &args.ewii_bins {
+                Some(dir) => format!(
+                    "from {} (scripts/compare: the images' static builds; the locked system runs ewii-client-ebpf)",
+                    dir.display()
+                ),
+                None => "beside the harness (one ewii-client, built with the ebpf feature, for both systems)".to_owned(),
+            },
             started.elapsed().as_secs_f64()
         ),
         missing,

@@ -77,8 +77,10 @@ impl Kind {
 pub struct Bins {
     /// `ewii-hub`.
     pub hub: PathBuf,
-    /// `ewii-client`.
+    /// `ewii-client` for the unlocked system.
     pub client: PathBuf,
+    /// `ewii-client` built with the `ebpf` feature, for the locked system.
+    pub client_ebpf: PathBuf,
     /// `ewii-quinn-ref`.
     pub quinn_ref: PathBuf,
     /// `rathole`, when installed.
@@ -355,7 +357,11 @@ impl Setup {
         let started = Instant::now();
         let mut client = Proc::spawn(
             "ewii-client",
-            &self.bins.client,
+            if locked {
+                &self.bins.client_ebpf
+            } else {
+                &self.bins.client
+            },
             &["run", "--config", &config],
             cgroup.as_deref(),
         )?;
