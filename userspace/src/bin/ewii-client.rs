@@ -188,7 +188,7 @@ fn main() -> ExitCode {
                 Ok(a) => a,
                 Err(e) => return fail(1, format!("opening the audit sink: {e}")),
             };
-            block_on(async move {
+            block_on(config::DEFAULT_CLIENT_THREADS, async move {
                 enroll(&hub, &token, &bundle_hash, &state_dir, &audit, replace).await
             })
         }
@@ -400,7 +400,7 @@ fn run(path: &Path) -> ExitCode {
             "ewii-client: freed heap will not be returned after load: {e}"
         ));
     }
-    block_on(async move {
+    block_on(config.threads, async move {
         let enrolled = config
             .state_dir
             .join(ewii::identity::store::SVID_CERT)
@@ -484,8 +484,13 @@ fn probe_enforcement(path: &Path, layers: &[String]) -> ExitCode {
     }
 }
 
-fn block_on(f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Runtime::new() {
+/// Runs `f` on a runtime of `threads` worker threads (`threads` in the configuration).
+fn block_on(threads: usize, f: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build();
+    match rt {
         Ok(rt) => rt.block_on(f),
         Err(e) => fail(1, format!("starting the runtime: {e}")),
     }

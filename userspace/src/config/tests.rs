@@ -52,6 +52,21 @@ fn client_defaults() {
 }
 
 #[test]
+fn client_threads_default_to_one_and_stay_in_range() {
+    assert_eq!(CLIENT.parse::<ClientConfig>().unwrap().threads, 1);
+    let with = |n: &str| format!("threads = {n}\n{CLIENT}").parse::<ClientConfig>();
+    assert_eq!(with("4").unwrap().threads, 4);
+    for bad in ["0", "65"] {
+        let err = with(bad).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid(m) if m.contains("threads must be 1 to 64")),
+            "{bad}: {err}"
+        );
+    }
+    assert!(matches!(with("-1"), Err(ConfigError::Toml(_))));
+}
+
+#[test]
 fn unknown_keys_and_empty_lists_are_errors() {
     let typo = CLIENT.replace("[[allow]]", "[[alow]]");
     assert!(matches!(
