@@ -440,8 +440,8 @@ pub const MAX_QUERIES_LIMIT: u32 = 100_000;
 /// The Client's worker threads by default. Its one QUIC connection is processed by one task
 /// whatever the count (sealing, opening, acknowledging every packet); more workers only let
 /// queries' TCP sockets be served beside it, and cost a cross-thread wake-up on the hops
-/// between them: one measured 12–16 % less CPU per GiB than two on a 2-core host
-/// (docs/benchmarks.md). A Client also shares its host with what it serves.
+/// between them: one used 2–16 % less CPU per GiB than two on a 2-core host, depending on the
+/// measurement (docs/benchmarks.md). A Client also shares its host with what it serves.
 pub const DEFAULT_CLIENT_THREADS: usize = 1;
 /// The most worker threads a Client may ask for.
 pub const MAX_CLIENT_THREADS: usize = 64;
