@@ -472,13 +472,7 @@ pub(crate) fn default_audit_backlog() -> usize {
 
 /// Checks `audit_backlog`: at least 16 records, at most a million.
 pub(crate) fn check_audit_backlog(n: usize) -> Result<usize, ConfigError> {
-    if (16..=1_000_000).contains(&n) {
-        Ok(n)
-    } else {
-        Err(ConfigError::Invalid(format!(
-            "audit_backlog must be 16 to 1000000 records (got {n})"
-        )))
-    }
+    in_range("audit_backlog", n, 16, 1_000_000)
 }
 
 pub(crate) fn default_audit() -> String {

@@ -67,6 +67,39 @@ fn client_threads_default_to_one_and_stay_in_range() {
 }
 
 #[test]
+fn counts_out_of_their_range_are_refused_with_the_range() {
+    for (key, bad, says) in [
+        (
+            "max_queries",
+            "0",
+            "max_queries must be 1 to 100000 (got 0)",
+        ),
+        ("max_queries", "100001", "max_queries must be 1 to 100000"),
+        (
+            "audit_backlog",
+            "15",
+            "audit_backlog must be 16 to 1000000 (got 15)",
+        ),
+        (
+            "audit_backlog",
+            "1000001",
+            "audit_backlog must be 16 to 1000000",
+        ),
+    ] {
+        let err = format!("{key} = {bad}\n{CLIENT}")
+            .parse::<ClientConfig>()
+            .unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid(m) if m.contains(says)),
+            "{key} = {bad}: {err}"
+        );
+    }
+    let ok = format!("max_queries = 100000\naudit_backlog = 16\n{CLIENT}");
+    let c: ClientConfig = ok.parse().unwrap();
+    assert_eq!((c.max_queries, c.audit_backlog), (100_000, 16));
+}
+
+#[test]
 fn unknown_keys_and_empty_lists_are_errors() {
     let typo = CLIENT.replace("[[allow]]", "[[alow]]");
     assert!(matches!(
