@@ -34,11 +34,13 @@ pub const SOON: Duration = Duration::from_secs(10);
 
 /// Installs a log subscriber once (`EWII_LOG=debug` to see the stack's own logs).
 pub fn logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EWII_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, _) = ewii::logging::log_filter(std::env::var("EWII_LOG").ok().as_deref(), "off");
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_test_writer()
+        .finish()
+        .with(filter)
         .try_init();
 }
 
