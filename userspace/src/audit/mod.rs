@@ -250,6 +250,14 @@ impl Audit {
     }
 }
 
+/// How long the writer lets records gather after it wrote some. A busy Hub or Client (thousands
+/// of queries a second) then finds the writer awake instead of waking it for every record (a
+/// futex wake-up, a context switch, a spin on the empty queue and one `write` per record: 16 %
+/// of both processes' CPU at one query at a time, docs/benchmarks.md), and the records of
+/// those 2 ms go out with one `write`. A lone record still leaves at once; the next one waits at
+/// most this long.
+const GATHER: Duration = Duration::from_millis(2);
+
 fn writer(mut out: BufWriter<Box<dyn Write + Send>>, rx: Receiver<Msg>) {
     while let Ok(msg) = rx.recv() {
         let mut pending = Some(msg);
@@ -274,6 +282,7 @@ fn writer(mut out: BufWriter<Box<dyn Write + Send>>, rx: Receiver<Msg>) {
         if let Err(e) = out.flush() {
             tracing::error!(error = %e, "audit flush failed");
         }
+        thread::sleep(GATHER);
     }
 }
 
@@ -371,6 +380,35 @@ mod tests {
                 .starts_with("3 queries refused since "),
             "{summary}"
         );
+    }
+
+    #[test]
+    fn p12_a_lone_record_reaches_the_sink_without_a_flush() {
+        let gate = Gate::default();
+        gate.open();
+        let audit = Audit::open_writer(Side::Hub, Box::new(gate.clone())).unwrap();
+        for n in 1..=2 {
+            audit.emit(audit.record(Event::Query));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while gate
+                .0
+                 .0
+                .lock()
+                .unwrap()
+                .1
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                < n
+            {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "record {n} is still held by the writer"
+                );
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+        assert_eq!(gate.lines().len(), 2);
     }
 
     #[test]
