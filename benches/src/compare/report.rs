@@ -364,7 +364,7 @@ pub fn markdown(s: &Samples, ctx: &Context) -> String {
                 Some(b) if b > 0.0 => format!("{:.2}", m / b),
                 _ => "—".to_owned(),
             };
-            let name = if matches!(k, Kind::Ewii | Kind::EwiiLocked) {
+            let name = if k.ewii() {
                 format!("**{}**", k.label())
             } else {
                 k.label().to_owned()
@@ -440,7 +440,7 @@ pub fn svg(s: &Samples, ctx: &Context) -> String {
                 0.0
             };
             let colour = match k {
-                Kind::Ewii | Kind::EwiiLocked => "#d9480f",
+                _ if k.ewii() => "#d9480f",
                 Kind::RawTcp => "#868e96",
                 _ if k.encrypted() => "#1c7ed6",
                 _ => "#74c0fc",

@@ -36,11 +36,14 @@ pub enum Kind {
     Ewii,
     /// Ewii with the Client in its own cgroup under the eBPF egress lock (root only).
     EwiiLocked,
+    /// Ewii with the Hub at `threads = 1`: what a Hub serving one busy Client on a small host
+    /// may be set to (docs/config.md); not the default, so not the figure the targets read.
+    EwiiHubOneThread,
 }
 
 impl Kind {
     /// Every system, in report order.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::RawTcp,
         Kind::QuinnRef,
         Kind::RatholeNoise,
@@ -48,6 +51,7 @@ impl Kind {
         Kind::Bore,
         Kind::Ewii,
         Kind::EwiiLocked,
+        Kind::EwiiHubOneThread,
     ];
 
     /// Its name in the report.
@@ -60,6 +64,7 @@ impl Kind {
             Kind::Bore => "bore",
             Kind::Ewii => "Ewii",
             Kind::EwiiLocked => "Ewii + eBPF lock",
+            Kind::EwiiHubOneThread => "Ewii (Hub threads = 1)",
         }
     }
 
@@ -67,8 +72,17 @@ impl Kind {
     pub fn encrypted(self) -> bool {
         matches!(
             self,
-            Kind::QuinnRef | Kind::RatholeNoise | Kind::Ewii | Kind::EwiiLocked
+            Kind::QuinnRef
+                | Kind::RatholeNoise
+                | Kind::Ewii
+                | Kind::EwiiLocked
+                | Kind::EwiiHubOneThread
         )
+    }
+
+    /// Whether it is one of Ewii's systems.
+    pub fn ewii(self) -> bool {
+        matches!(self, Kind::Ewii | Kind::EwiiLocked | Kind::EwiiHubOneThread)
     }
 }
 
@@ -193,7 +207,7 @@ impl Setup {
                 "bench.ewii.test",
             ],
         )?;
-        let mut hub = setup.start_hub()?;
+        let mut hub = setup.start_hub(None)?;
         let token = run(
             &setup.bins.hub,
             &[
@@ -248,13 +262,16 @@ impl Setup {
         self.dir.path().join(name).display().to_string()
     }
 
-    fn start_hub(&self) -> anyhow::Result<Proc> {
+    fn start_hub(&self, threads: Option<usize>) -> anyhow::Result<Proc> {
         let config = self.path("hub.toml");
         let (echo, iperf) = self.hub_entries;
+        let threads = threads
+            .map(|n| format!("threads = {n}\n"))
+            .unwrap_or_default();
         fs::write(
             &config,
             format!(
-                "state_dir = {:?}\nlisten = \"{}\"\naudit = \"stdout\"\n\n\
+                "state_dir = {:?}\nlisten = \"{}\"\naudit = \"stdout\"\n{threads}\n\
                  [[service]]\nname = \"echo\"\nlisten = \"{echo}\"\nclient = \"bench\"\ndestination = \"echo\"\nprincipal = \"bench\"\n\n\
                  [[service]]\nname = \"iperf\"\nlisten = \"{iperf}\"\nclient = \"bench\"\ndestination = \"iperf\"\nprincipal = \"bench\"\n",
                 self.path("hub"),
@@ -286,9 +303,11 @@ impl Setup {
         };
         match kind {
             Kind::RawTcp => return Ok(running),
-            Kind::Ewii | Kind::EwiiLocked => {
-                self.start_ewii(&mut running, kind == Kind::EwiiLocked)?
-            }
+            Kind::Ewii | Kind::EwiiLocked | Kind::EwiiHubOneThread => self.start_ewii(
+                &mut running,
+                kind == Kind::EwiiLocked,
+                (kind == Kind::EwiiHubOneThread).then_some(1),
+            )?,
             Kind::QuinnRef => self.start_quinn_ref(&mut running)?,
             Kind::RatholeNoise | Kind::RatholeTcp => {
                 self.start_rathole(&mut running, kind == Kind::RatholeNoise)?
@@ -319,8 +338,14 @@ impl Setup {
         Ok(running)
     }
 
-    fn start_ewii(&self, running: &mut Running, locked: bool) -> anyhow::Result<()> {
-        running.procs.push(self.start_hub()?);
+    /// `hub_threads`: the Hub's `threads` setting, when not its default.
+    fn start_ewii(
+        &self,
+        running: &mut Running,
+        locked: bool,
+        hub_threads: Option<usize>,
+    ) -> anyhow::Result<()> {
+        running.procs.push(self.start_hub(hub_threads)?);
         let config = self.path(if locked {
             "client-locked.toml"
         } else {

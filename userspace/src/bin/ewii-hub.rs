@@ -474,7 +474,14 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(_) => {}
                 Err(e) => say(&format!("ewii-hub: cannot raise the open-files limit: {e}")),
             }
-            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(threads) = config.threads {
+                runtime.worker_threads(threads);
+            }
+            let runtime = runtime
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
             runtime.block_on(async {
                 let hub = Hub::bind(config, audit.clone()).await?;
                 say(&format!("ewii-hub: listening on udp {}", hub.local_addr()));

@@ -23,6 +23,7 @@ const HUB_TOP_LEVEL: &[&str] = &[
     "audit_format",
     "audit_backlog",
     "metrics_listen",
+    "threads",
 ];
 
 /// How a Hub service listener learns who the requester is.
@@ -96,7 +97,12 @@ pub struct HubConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Foreign trust domains whose SVIDs authenticate named Clients (SPIRE customers).
     pub federation: Vec<FederationConfig>,
+    /// Worker threads of the Hub's runtime; `None`: one per core.
+    pub threads: Option<usize>,
 }
+
+/// The most worker threads a Hub may ask for.
+pub const MAX_HUB_THREADS: usize = 1024;
 
 /// How the Hub delivers webhooks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +165,7 @@ struct RawHub {
     metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     federation: Vec<RawFederation>,
+    threads: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -354,6 +361,10 @@ impl FromStr for HubConfig {
             limits: crate::hub::admission::Limits::default(),
             metrics_listen: raw.metrics_listen,
             federation: federation(raw.federation)?,
+            threads: raw
+                .threads
+                .map(|n| super::in_range("threads", n, 1, MAX_HUB_THREADS))
+                .transpose()?,
         })
     }
 }

@@ -267,6 +267,24 @@ fn hub_with(federation: &str) -> Result<HubConfig, ConfigError> {
 }
 
 #[test]
+fn hub_threads_default_to_one_per_core_and_stay_in_range() {
+    assert_eq!(hub_with("").unwrap().threads, None);
+    assert_eq!(hub_with("threads = 1").unwrap().threads, Some(1));
+    assert_eq!(hub_with("threads = 1024").unwrap().threads, Some(1024));
+    for bad in ["0", "1025"] {
+        let err = hub_with(&format!("threads = {bad}")).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid(m) if m.contains("threads must be 1 to 1024")),
+            "{bad}: {err}"
+        );
+    }
+    assert!(matches!(
+        hub_with("threads = -1"),
+        Err(ConfigError::Toml(_))
+    ));
+}
+
+#[test]
 fn p7_federation_names_each_client_once_in_its_own_trust_domain() {
     let h = hub_with(
         "[[federation]]\ntrust_domain = \"Customer.Example\"\nbundle = \"/etc/ewii-hub/customer.pem\"\nclients = { acme = \"spiffe://customer.example/ewii/db\" }\n",
