@@ -306,6 +306,8 @@ fn run(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(EXIT_CONFIG, format!("{}: {e}", path.display())),
     };
+    // Before any thread of ours allocates: one heap arena per worker thread.
+    enforce::heap::limit_arenas(config.threads);
     let token = std::env::var("EWII_TOKEN").ok().filter(|v| !v.is_empty());
     let hash = std::env::var("EWII_BUNDLE_HASH")
         .ok()
