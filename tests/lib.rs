@@ -37,10 +37,10 @@ pub fn logs() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let (filter, _) = ewii::logging::log_filter(std::env::var("EWII_LOG").ok().as_deref(), "off");
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .finish()
+    // The filter alone decides (the `fmt()` builder's own default would cap it at `info`).
+    let _ = tracing_subscriber::registry()
         .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_test_writer())
         .try_init();
 }
 

@@ -32,8 +32,8 @@ pub fn keep_freed_heap() {
     }
 }
 
-/// Lets glibc make at most `arenas` heap arenas (its default is eight per core, one more for
-/// each thread that meets the others in the allocator). For the Client, one per worker thread:
+/// Lets glibc make at most `arenas` heap arenas (by default it gives each new thread that
+/// allocates an arena of its own, up to eight per core). For the Client, one per worker thread:
 /// with one worker, the audit, heap and DNS threads share the worker's arena instead of each
 /// keeping freed blocks of its own after a load (Client RSS after the harness's load 11.0–11.4
 /// → 10.0 MB, bulk unchanged within the noise: docs/benchmarks.md). Call it once, before the
