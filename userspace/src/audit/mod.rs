@@ -309,6 +309,8 @@ mod tests {
                 state = cvar.wait(state).unwrap();
             }
             state.1.extend_from_slice(buf);
+            // Whoever waits for lines (`Gate::wait_lines`) looks again.
+            cvar.notify_all();
             Ok(buf.len())
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -317,6 +319,18 @@ mod tests {
     }
 
     impl Gate {
+        /// Waits until `n` whole lines went through, at most `within`; whether they did.
+        fn wait_lines(&self, n: usize, within: Duration) -> bool {
+            let (lock, cvar) = &*self.0;
+            let state = lock.lock().unwrap();
+            let (_state, waited) = cvar
+                .wait_timeout_while(state, within, |s| {
+                    s.1.iter().filter(|&&b| b == b'\n').count() < n
+                })
+                .unwrap();
+            !waited.timed_out()
+        }
+
         fn open(&self) {
             self.0 .0.lock().unwrap().0 = true;
             self.0 .1.notify_all();
@@ -389,24 +403,10 @@ mod tests {
         let audit = Audit::open_writer(Side::Hub, Box::new(gate.clone())).unwrap();
         for n in 1..=2 {
             audit.emit(audit.record(Event::Query));
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while gate
-                .0
-                 .0
-                .lock()
-                .unwrap()
-                .1
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count()
-                < n
-            {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "record {n} is still held by the writer"
-                );
-                thread::sleep(Duration::from_millis(1));
-            }
+            assert!(
+                gate.wait_lines(n, Duration::from_secs(5)),
+                "record {n} is still held by the writer"
+            );
         }
         assert_eq!(gate.lines().len(), 2);
     }
