@@ -1,8 +1,9 @@
 //! Scale (P9, issue 7): a Hub holding many idle sessions does no database work while nothing
 //! changes. Sessions are told of revocations and retirements; none polls the store.
 //!
-//! The Hub runs on a runtime of its own (threads `hub-rt`), so that its CPU time can be told
-//! apart from the test's 1,000 QUIC clients, which run on the test's runtime.
+//! The Hub runs on a runtime of its own (threads `hub-rt`) and its shards (`ewii-shard-…`), so
+//! that its CPU time can be told apart from the test's 1,000 QUIC clients, which run on the
+//! test's runtime.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,9 +53,9 @@ fn cpu_seconds(prefixes: &[&str]) -> f64 {
     ticks as f64 / TICKS
 }
 
-/// The Hub's threads: its runtime (workers and blocking pool), the store owner, the audit
-/// writer.
-const HUB_THREADS: &[&str] = &["hub-rt", "ewii-store", "ewii-audit"];
+/// The Hub's threads: its runtime (workers and blocking pool), its shards, the store owner,
+/// the audit writer.
+const HUB_THREADS: &[&str] = &["hub-rt", "ewii-shard", "ewii-store", "ewii-audit"];
 
 /// Opens a session the way a Client does (handshake, `Hello`, `Welcome`) and keeps it.
 /// Loopback UDP drops datagrams when a socket buffer overflows during the burst of

@@ -224,6 +224,13 @@ async fn p2_p3_p4_p13_p14_verify_reports_what_holds_for_a_running_client_and_wha
     ] {
         assert!(scrape.contains(line), "{line:?} not in {scrape}");
     }
+    // Its one connection, counted on one of the shards.
+    let on_shards: u64 = scrape
+        .lines()
+        .filter_map(|l| l.strip_prefix("ewii_hub_shard_connections{shard=\""))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(on_shards, 1, "{scrape}");
     for (args, code) in [
         (vec![url.replace("/metrics", "/")], "404"),
         (vec!["-X".into(), "POST".into(), url.clone()], "405"),

@@ -10,7 +10,8 @@
 //!   on QUIC streams, and the byte pipe between a TCP socket and a QUIC stream.
 //! - [`audit`]: audit sinks (stdout, file, in-memory tap), written by a dedicated thread.
 //! - [`enforce`]: kernel layers under the Dialer — Landlock, seccomp, the eBPF egress lock —
-//!   and their self-proofs; glibc's heap settings. The only module with `unsafe` code.
+//!   and their self-proofs; glibc's heap settings; the Hub's datagram steering. The only module
+//!   with `unsafe` code.
 //! - [`hub`]: the Hub: QUIC listener, enrolment, sessions, service listeners, SQLite state.
 //! - [`client`]: the Client: enrolment, the reconnecting session, the [`client::dialer`],
 //!   and the status file read by `ewii-client status` and `health`.
@@ -23,7 +24,8 @@
 pub mod audit;
 pub mod client;
 pub mod config;
-#[allow(unsafe_code)] // raw syscalls of the probes, the eBPF map types, mallopt; nowhere else
+#[allow(unsafe_code)]
+// raw syscalls of the probes, the eBPF map types, mallopt, one socket option; nowhere else
 pub mod enforce;
 pub mod hub;
 pub mod identity;

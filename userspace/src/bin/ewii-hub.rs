@@ -474,11 +474,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(_) => {}
                 Err(e) => say(&format!("ewii-hub: cannot raise the open-files limit: {e}")),
             }
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            if let Some(threads) = config.threads {
-                runtime.worker_threads(threads);
-            }
-            let runtime = runtime
+            // The Hub's own work — service accepts, the store watcher, webhooks, metrics — runs
+            // on this thread; the Clients' connections and their queries on `threads` shards.
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;

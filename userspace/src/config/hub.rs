@@ -97,12 +97,13 @@ pub struct HubConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Foreign trust domains whose SVIDs authenticate named Clients (SPIRE customers).
     pub federation: Vec<FederationConfig>,
-    /// Worker threads of the Hub's runtime; `None`: one per core.
+    /// Shards: threads that each serve the connections of one QUIC endpoint (all on the
+    /// Hub's port); `None`: one per core.
     pub threads: Option<usize>,
 }
 
-/// The most worker threads a Hub may ask for.
-pub const MAX_HUB_THREADS: usize = 1024;
+/// The most shards a Hub may ask for (one byte of connection ID names the shard).
+pub const MAX_HUB_THREADS: usize = crate::transport::shard::MAX_SHARDS;
 
 /// How the Hub delivers webhooks.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -270,11 +270,11 @@ fn hub_with(federation: &str) -> Result<HubConfig, ConfigError> {
 fn hub_threads_default_to_one_per_core_and_stay_in_range() {
     assert_eq!(hub_with("").unwrap().threads, None);
     assert_eq!(hub_with("threads = 1").unwrap().threads, Some(1));
-    assert_eq!(hub_with("threads = 1024").unwrap().threads, Some(1024));
-    for bad in ["0", "1025"] {
+    assert_eq!(hub_with("threads = 256").unwrap().threads, Some(256));
+    for bad in ["0", "257"] {
         let err = hub_with(&format!("threads = {bad}")).unwrap_err();
         assert!(
-            matches!(&err, ConfigError::Invalid(m) if m.contains("threads must be 1 to 1024")),
+            matches!(&err, ConfigError::Invalid(m) if m.contains("threads must be 1 to 256")),
             "{bad}: {err}"
         );
     }

@@ -10,19 +10,23 @@
 //!   is attached, so that nothing later in the process can undo it.
 //! - [`heap`]: not a layer: glibc's allocator settings (freed heap kept under bulk load and
 //!   returned when quiet), here because they are foreign calls.
+//! - [`steer`]: not a layer: the Hub's `SO_ATTACH_REUSEPORT_CBPF` (each datagram to the shard
+//!   that owns its connection), here because it is a foreign call.
 //! - [`probe`]: the self-proof — a deliberate connection the policy forbids must fail with the
 //!   layer's own error, or the layer does not count as active.
 //!
 //! Layers are installed by the binary before the tokio runtime starts its threads (Landlock
 //! binds the calling thread and its future children; seccomp is synchronised to all threads).
 //! This is the one module with `unsafe` code: raw syscalls for the probes, `capset`/`prctl` to
-//! drop privileges, and `bpf(BPF_PROG_ATTACH)` for a lock held by the cgroup.
+//! drop privileges, `bpf(BPF_PROG_ATTACH)` for a lock held by the cgroup, `mallopt`, and one
+//! socket option.
 
 pub mod heap;
 pub mod landlock;
 pub mod privileges;
 pub mod probe;
 pub mod seccomp;
+pub mod steer;
 
 #[cfg(feature = "ebpf")]
 pub mod ebpf;

@@ -98,6 +98,22 @@ fn exposition(audit: &Audit, hub: &HubHandle) -> String {
         "Live Client connections (two for a moment while a Client rotates).",
         hub.connections(),
     );
+    let per_shard: Vec<(String, String)> = hub
+        .connections_per_shard()
+        .iter()
+        .enumerate()
+        .map(|(shard, n)| (format!("shard=\"{shard}\""), n.to_string()))
+        .collect();
+    let samples: Vec<(&str, String)> = per_shard
+        .iter()
+        .map(|(label, n)| (label.as_str(), n.clone()))
+        .collect();
+    out.family(
+        "ewii_hub_shard_connections",
+        "gauge",
+        "Live Client connections on each shard (thread); a Client's queries run on its connection's shard.",
+        &samples,
+    );
     out.one(
         "ewii_hub_quic_retries_total",
         "counter",

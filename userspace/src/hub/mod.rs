@@ -1,5 +1,6 @@
-//! The Ewii Hub: the operator's side. [`Hub`] binds the QUIC endpoint and the service
-//! listeners and runs until its shutdown future resolves; tests start it in-process on port 0.
+//! The Ewii Hub: the operator's side. [`Hub`] binds the QUIC endpoints (one per shard, on one
+//! port) and the service listeners and runs until its shutdown future resolves; tests start it
+//! in-process on port 0.
 //!
 //! - [`admin`]: `init`, `token create`, workload SVIDs, `clients`, `revoke`, `ca …` — offline
 //!   operations on the state directory.
@@ -13,7 +14,10 @@
 //! - `incoming`: completes a handshake and hands the connection on by its ALPN.
 //! - `session`: one Client session (ALPN `ewii/1`), from `Hello` to the end of the connection.
 //! - `enrol`: one enrolment (ALPN `ewii-enroll/1`): a token and a CSR in, an SVID out.
-//! - `query`: service listeners; each accepted connection becomes a query stream.
+//! - `query`: service listeners; each accepted connection becomes a query stream, run on the
+//!   shard of its Client's connection.
+//! - `shards`: the threads and runtimes of the shards (`threads`); a Client's connection, its
+//!   session and its queries live on one of them.
 //! - `watch`: hands the store's changes to the registry, notices another process's commits,
 //!   revokes Clients silent past their grace.
 //! - `outbox`: delivers signed webhooks from the persisted outbox, with retries.
@@ -32,6 +36,7 @@ mod outbox;
 mod query;
 mod registry;
 mod session;
+mod shards;
 pub mod state;
 mod store;
 mod trust;
@@ -53,6 +58,7 @@ use crate::config::{HubConfig, ServiceConfig};
 use crate::transport::{self, codes};
 use crate::webhook::WebhookKey;
 use registry::Registry;
+use shards::Shards;
 use state::StateError;
 use store::{Change, Counts, Store, StoreError};
 use trust::{Material, Trust, TrustError};
@@ -105,6 +111,7 @@ impl From<TrustError> for HubError {
 #[derive(Debug, Clone)]
 pub struct HubHandle {
     registry: Arc<Registry>,
+    shards: usize,
     counts: Arc<Counts>,
     trust_domain: String,
     admission: admission::Admission,
@@ -124,6 +131,11 @@ impl HubHandle {
     /// Live connections (a Client has two for a moment while it rotates).
     pub fn connections(&self) -> usize {
         self.registry.connections()
+    }
+
+    /// Live connections on each shard (`threads`), in shard order.
+    pub fn connections_per_shard(&self) -> Vec<usize> {
+        self.registry.per_shard(self.shards)
     }
 
     /// Database statements run by the store owner since the Hub started, except the
@@ -146,7 +158,9 @@ impl HubHandle {
 /// A bound, not yet running Hub.
 #[derive(Debug)]
 pub struct Hub {
-    endpoint: quinn::Endpoint,
+    /// One per shard, in shard order, all on one UDP port.
+    endpoints: Vec<quinn::Endpoint>,
+    shards: Shards,
     changes: mpsc::UnboundedReceiver<Change>,
     sessions: session::Parts,
     watcher: watch::Parts,
@@ -192,11 +206,14 @@ impl Hub {
             audit.clone(),
             federation,
         )?;
-        let endpoint =
-            transport::endpoint(config.listen, Some(quic)).map_err(|source| HubError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let bind_err = |source| HubError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let shards = Shards::start(config.threads.unwrap_or_else(default_threads))
+            .map_err(|e| HubError::Usage(format!("starting the shard threads: {e}")))?;
+        let endpoints = transport::shard::endpoints(config.listen, &quic, shards.handles())
+            .map_err(bind_err)?;
         let mut services = Vec::new();
         for svc in &config.services {
             let bind_err = |source| HubError::Bind {
@@ -222,7 +239,7 @@ impl Hub {
                 store: store.clone(),
                 registry: registry.clone(),
                 trust: trust.clone(),
-                endpoint: endpoint.clone(),
+                endpoints: endpoints.clone(),
                 audit: audit.clone(),
                 grace: config.revoke_after_lost,
             },
@@ -239,8 +256,10 @@ impl Hub {
                 audit,
                 notify_on_stop: config.webhooks.notify_on_stop,
                 admission: admission::Admission::new(config.limits),
+                shard: 0,
             },
-            endpoint,
+            endpoints,
+            shards,
             changes,
             services,
             metrics,
@@ -254,7 +273,7 @@ impl Hub {
 
     /// The UDP address Clients dial.
     pub fn local_addr(&self) -> SocketAddr {
-        self.endpoint
+        self.endpoints[0]
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
@@ -271,6 +290,7 @@ impl Hub {
     pub fn handle(&self) -> HubHandle {
         HubHandle {
             registry: self.sessions.registry.clone(),
+            shards: self.endpoints.len(),
             counts: self.sessions.store.counts(),
             trust_domain: self.sessions.trust.trust_domain().to_owned(),
             admission: self.sessions.admission.clone(),
@@ -281,7 +301,8 @@ impl Hub {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), HubError> {
         let handle = self.handle();
         let Self {
-            endpoint,
+            endpoints,
+            shards,
             changes,
             sessions,
             watcher,
@@ -291,7 +312,7 @@ impl Hub {
         } = self;
         let audit = sessions.audit.clone();
         let mut r = audit.record(Event::Started);
-        r.peer = endpoint.local_addr().ok().map(|a| a.to_string());
+        r.peer = endpoints[0].local_addr().ok().map(|a| a.to_string());
         r.reason = Some(format!(
             "trust domain {}, {} service listener(s)",
             sessions.trust.trust_domain(),
@@ -305,6 +326,7 @@ impl Hub {
             registry: sessions.registry.clone(),
             trust: sessions.trust.clone(),
             audit: audit.clone(),
+            shards: shards.handles().into(),
         };
         for (svc, listener, _) in services {
             listeners.spawn(query::serve(query.clone(), svc, listener));
@@ -314,17 +336,36 @@ impl Hub {
         if let Some((listener, _)) = metrics {
             listeners.spawn(metrics::serve(listener, audit.clone(), handle));
         }
+        // Each shard's new connections come here for admission, and go back to be served on
+        // that shard. Only a connection's first moment crosses threads.
+        let (arrived, mut arrivals) = mpsc::channel::<(usize, quinn::Incoming)>(64);
+        for (shard, endpoint) in endpoints.iter().enumerate() {
+            let (endpoint, arrived) = (endpoint.clone(), arrived.clone());
+            listeners.spawn(async move {
+                while let Some(incoming) = endpoint.accept().await {
+                    if arrived.send((shard, incoming)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(arrived);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
-                incoming = endpoint.accept() => match incoming {
-                    Some(incoming) => {
+                incoming = arrivals.recv() => match incoming {
+                    Some((shard, incoming)) => {
                         let peer = incoming.remote_address();
                         let validated = incoming.remote_address_validated();
                         match sessions.admission.admit(peer.ip(), validated) {
                             (admission::Verdict::Accept, Some(slot)) => {
-                                connections.spawn(incoming::handle(sessions.clone(), incoming, slot));
+                                let mut parts = sessions.clone();
+                                parts.shard = shard;
+                                connections.spawn_on(
+                                    incoming::handle(parts, incoming, slot),
+                                    &shards.handles()[shard],
+                                );
                             }
                             (admission::Verdict::Retry, _) if incoming.may_retry() => {
                                 if incoming.retry().is_ok() {
@@ -343,7 +384,9 @@ impl Hub {
             }
         }
         listeners.shutdown().await;
-        endpoint.close(codes::SHUTDOWN, b"");
+        for endpoint in &endpoints {
+            endpoint.close(codes::SHUTDOWN, b"");
+        }
         // Let each session write its `session_lost` record, within a bound.
         let drained = tokio::time::timeout(Duration::from_secs(2), async {
             while connections.join_next().await.is_some() {}
@@ -352,11 +395,25 @@ impl Hub {
         if drained.is_err() {
             connections.shutdown().await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        let idle = async {
+            for endpoint in &endpoints {
+                endpoint.wait_idle().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), idle).await;
+        drop(endpoints);
+        shards.stop().await;
         audit.emit(audit.record(Event::Stopped));
         audit.flush_async().await;
         Ok(())
     }
+}
+
+/// Shards when `threads` is not set: one per core.
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(transport::shard::MAX_SHARDS)
 }
 
 /// Where `ewii-hub` keeps its state by default.

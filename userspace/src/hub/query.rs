@@ -10,6 +10,7 @@ use ewii_common::frame::{QueryHead, QueryId, RefuseCode};
 use ewii_common::spiffe::{Role, SpiffeId};
 use rand::RngCore;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::task::JoinSet;
 
 use super::registry::Registry;
@@ -37,12 +38,86 @@ pub(crate) struct Parts {
     pub(crate) registry: Arc<Registry>,
     pub(crate) trust: Arc<Trust>,
     pub(crate) audit: Audit,
+    /// The shards' runtimes, in shard order.
+    pub(crate) shards: Arc<[Handle]>,
 }
 
-/// Accepts requesters on one service listener until the task is aborted.
+/// Serves one service listener until the task is aborted. Its accepts run on the shard of the
+/// service's Client and follow that Client's connection when it moves to another shard: each
+/// query then runs beside the connection it goes through, and none of its bytes crosses a
+/// thread (a hand-off per query cost 5–10 % of the new-query rate: docs/benchmarks.md).
 pub(crate) async fn serve(parts: Parts, svc: ServiceConfig, listener: TcpListener) {
     let svc = Arc::new(svc);
+    // Kept here and registered nowhere: each shard's accept loop registers a duplicate.
+    let listener = match listener.into_std() {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(service = %svc.name, error = %e, "the service listener failed; it accepts no more");
+            return;
+        }
+    };
     let mut queries = JoinSet::new();
+    let mut shard = parts.registry.shard(&svc.client).unwrap_or(0);
+    loop {
+        let duplicate = match listener.try_clone() {
+            Ok(duplicate) => duplicate,
+            Err(e) => {
+                tracing::warn!(service = %svc.name, error = %e, "cannot hand the listener to a shard");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let accepting = accept(parts.clone(), svc.clone(), duplicate, queries, shard);
+        // Aborted with this task (the Hub's shutdown), and the queries with it.
+        let mut running = Aborting(parts.shards[shard].spawn(accepting));
+        match (&mut running.0).await {
+            Ok(Moved {
+                queries: q,
+                shard: s,
+            }) => (queries, shard) = (q, s),
+            Err(e) => {
+                tracing::error!(service = %svc.name, error = %e, "the service listener failed; it accepts no more");
+                return;
+            }
+        }
+    }
+}
+
+/// A task's handle that aborts it when dropped.
+struct Aborting<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Aborting<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why an accept loop ended: the service's Client is on `shard` now (or the listener could not
+/// be registered here, and `shard` is this one again).
+struct Moved {
+    queries: JoinSet<()>,
+    shard: usize,
+}
+
+/// Accepts requesters on shard `here` until the service's Client is found on another shard.
+async fn accept(
+    parts: Parts,
+    svc: Arc<ServiceConfig>,
+    listener: std::net::TcpListener,
+    mut queries: JoinSet<()>,
+    here: usize,
+) -> Moved {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::warn!(service = %svc.name, error = %e, "cannot register the listener");
+            tokio::time::sleep(ACCEPT_BACKOFF).await;
+            return Moved {
+                queries,
+                shard: here,
+            };
+        }
+    };
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -60,7 +135,32 @@ pub(crate) async fn serve(parts: Parts, svc: ServiceConfig, listener: TcpListene
                     // The acceptor is fetched per connection: a CA rotation replaces it.
                     let tls = matches!(svc.mode, ServiceMode::Tls { .. })
                         .then(|| parts.trust.service_tls());
-                    queries.spawn(query(parts.clone(), svc.clone(), tcp, peer, tls));
+                    let there = parts.registry.shard(&svc.client).unwrap_or(here);
+                    if there == here {
+                        queries.spawn(query(parts.clone(), svc.clone(), tcp, peer, tls));
+                        continue;
+                    }
+                    // The Client's connection is on another shard: this requester's socket
+                    // goes there, and so do the accepts after it.
+                    match tcp.into_std() {
+                        Ok(tcp) => {
+                            let (parts, svc) = (parts.clone(), svc.clone());
+                            let shard = parts.shards[there].clone();
+                            queries.spawn_on(
+                                async move {
+                                    match TcpStream::from_std(tcp) {
+                                        Ok(tcp) => query(parts, svc, tcp, peer, tls).await,
+                                        Err(e) => QueryLog::new(&parts, &svc, peer)
+                                            .emit(Outcome::Failed, format!("requester socket: {e}")),
+                                    }
+                                },
+                                &shard,
+                            );
+                        }
+                        Err(e) => QueryLog::new(&parts, &svc, peer)
+                            .emit(Outcome::Failed, format!("requester socket: {e}")),
+                    }
+                    return Moved { queries, shard: there };
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.

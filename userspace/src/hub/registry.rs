@@ -33,6 +33,8 @@ pub(crate) struct Route {
     pub(crate) conn: quinn::Connection,
     /// The Client's identity.
     pub(crate) spiffe_id: SpiffeId,
+    /// The connection's shard, where its queries run.
+    pub(crate) shard: usize,
 }
 
 /// The live connections.
@@ -135,13 +137,36 @@ impl Registry {
 
     /// The current session of `client`, if it has one.
     pub(crate) fn route(&self, client: &str) -> Option<Route> {
+        self.current(client, Route::clone)
+    }
+
+    /// What `f` reads from `client`'s current route.
+    fn current<T>(&self, client: &str, f: impl FnOnce(&Route) -> T) -> Option<T> {
         let clients = self.clients.lock().ok()?;
         let c = clients.get(client)?;
         let id = c.current?;
         c.entries
             .iter()
             .find(|e| e.route.id == id)
-            .map(|e| e.route.clone())
+            .map(|e| f(&e.route))
+    }
+
+    /// The shard of `client`'s current connection.
+    pub(crate) fn shard(&self, client: &str) -> Option<usize> {
+        self.current(client, |r| r.shard)
+    }
+
+    /// Live connections on each of `shards` shards.
+    pub(crate) fn per_shard(&self, shards: usize) -> Vec<usize> {
+        let mut counts = vec![0; shards];
+        if let Ok(clients) = self.clients.lock() {
+            for e in clients.values().flat_map(|c| &c.entries) {
+                if let Some(n) = counts.get_mut(e.route.shard) {
+                    *n += 1;
+                }
+            }
+        }
+        counts
     }
 
     /// Names of the Clients with at least one live connection, sorted.

@@ -48,6 +48,8 @@ pub(crate) struct Parts {
     pub(crate) notify_on_stop: bool,
     /// What a new connection may cost before it has proven anything.
     pub(crate) admission: super::admission::Admission,
+    /// The shard the connection lives on (set for each connection).
+    pub(crate) shard: usize,
 }
 
 /// One authenticated connection with its control stream open and `Welcome` sent.
@@ -248,6 +250,7 @@ impl Session {
             }
         };
         self.parts.registry.remove(&self.name, self.id);
+        tracing::debug!(session_id = %self.id, stats = ?self.conn.stats(), "session's QUIC counters");
         let now = crate::now_timestamp().unix_secs() as i64;
         if let Err(e) = self
             .parts
@@ -293,6 +296,7 @@ impl Session {
             id: self.id,
             conn: self.conn.clone(),
             spiffe_id: self.leaf.id.clone(),
+            shard: self.parts.shard,
         };
         self.parts
             .registry

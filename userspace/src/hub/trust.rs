@@ -243,8 +243,8 @@ impl Trust {
 
     /// Re-reads the CA, the Hub SVID and the bundle; swaps in what changed and pushes a new
     /// bundle to every live session. Blocking: run it with `spawn_blocking`.
-    pub(crate) fn reload(&self, endpoint: &quinn::Endpoint, registry: &Registry) {
-        if let Err(e) = self.try_reload(endpoint, registry) {
+    pub(crate) fn reload(&self, endpoints: &[quinn::Endpoint], registry: &Registry) {
+        if let Err(e) = self.try_reload(endpoints, registry) {
             tracing::error!(error = %e, "cannot reload the trust material; keeping the current one");
             let mut r = self.audit.record(Event::BundleUpdated);
             r.outcome = Some(Outcome::Failed);
@@ -255,7 +255,7 @@ impl Trust {
 
     fn try_reload(
         &self,
-        endpoint: &quinn::Endpoint,
+        endpoints: &[quinn::Endpoint],
         registry: &Registry,
     ) -> Result<(), TrustError> {
         let dir = &self.state_dir;
@@ -287,7 +287,9 @@ impl Trust {
             &self.audit,
             &self.federation,
         )?;
-        endpoint.set_server_config(Some(quic));
+        for endpoint in endpoints {
+            endpoint.set_server_config(Some(quic.clone()));
+        }
         if let Ok(mut a) = self.service_tls.write() {
             *a = acceptor;
         }

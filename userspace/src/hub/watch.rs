@@ -32,7 +32,7 @@ pub(crate) struct Parts {
     pub(crate) store: Store,
     pub(crate) registry: Arc<Registry>,
     pub(crate) trust: Arc<Trust>,
-    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) endpoints: Vec<quinn::Endpoint>,
     pub(crate) audit: Audit,
     /// `revoke_after_lost_secs`.
     pub(crate) grace: Option<Duration>,
@@ -105,7 +105,7 @@ fn apply(parts: &Parts, change: Change) {
 async fn reload_trust(parts: &Parts) {
     let (trust, endpoint, registry) = (
         parts.trust.clone(),
-        parts.endpoint.clone(),
+        parts.endpoints.clone(),
         parts.registry.clone(),
     );
     // File reads and possibly a new Hub SVID on disk: not on an async worker.

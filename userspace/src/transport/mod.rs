@@ -7,6 +7,7 @@
 //! revoked Client would get back in.
 
 pub mod pipe;
+pub mod shard;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -186,11 +187,25 @@ pub fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConf
 
 /// A QUIC endpoint on `bind` (a server when `server` is given) whose UDP socket has
 /// [`UDP_BUFFER`] receive and send buffers, or as much as the kernel allows (a warning says
-/// how to raise it).
+/// how to raise it). The Hub binds one per shard instead: [`shard::endpoints`].
 pub fn endpoint(
     bind: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<quinn::Endpoint> {
+    let socket = udp_socket(bind, false)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket.into(),
+        runtime,
+    )
+}
+
+/// A UDP socket bound to `bind` with [`UDP_BUFFER`] buffers (as far as the kernel allows), in
+/// an `SO_REUSEPORT` group when `reuse_port`.
+fn udp_socket(bind: SocketAddr, reuse_port: bool) -> std::io::Result<socket2::Socket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(bind),
         socket2::Type::DGRAM,
@@ -199,6 +214,9 @@ pub fn endpoint(
     if bind.is_ipv6() {
         // Dual-stack when bound to `::` (a v4 Hub address still works), as std binds it.
         let _ = socket.set_only_v6(false);
+    }
+    if reuse_port {
+        socket.set_reuse_port(true)?;
     }
     // Best effort: the kernel caps both at its maxima; below them QUIC still works.
     let _ = socket.set_recv_buffer_size(UDP_BUFFER);
@@ -214,14 +232,7 @@ pub fn endpoint(
             "the QUIC socket's receive buffer is smaller than wanted; bursts may be dropped: raise net.core.rmem_max to {UDP_BUFFER}"
         ));
     }
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        socket.into(),
-        runtime,
-    )
+    Ok(socket)
 }
 
 /// Reads frames off a QUIC stream, keeping any bytes past the last frame.
