@@ -36,8 +36,9 @@ pub enum Kind {
     Ewii,
     /// Ewii with the Client in its own cgroup under the eBPF egress lock (root only).
     EwiiLocked,
-    /// Ewii with the Hub at `threads = 1`: what a Hub serving one busy Client on a small host
-    /// may be set to (docs/config.md); not the default, so not the figure the targets read.
+    /// Ewii with the Hub at `threads = 1`: one shard, one plain socket and no steering program,
+    /// a control for the default's sharding (with one Client, both serve it on one thread); not
+    /// the default, so not the figure the targets read.
     EwiiHubOneThread,
 }
 

@@ -474,8 +474,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(_) => {}
                 Err(e) => say(&format!("ewii-hub: cannot raise the open-files limit: {e}")),
             }
-            // The Hub's own work — service accepts, the store watcher, webhooks, metrics — runs
-            // on this thread; the Clients' connections and their queries on `threads` shards.
+            // The Hub's own work — admitting new connections, the store watcher, webhooks,
+            // metrics — runs on this thread; the Clients' connections, their service listeners'
+            // accepts and their queries on `threads` shards.
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

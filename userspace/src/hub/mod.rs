@@ -92,6 +92,13 @@ pub enum HubError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A shard's QUIC endpoint stopped while the Hub ran (its socket failed): the Hub stops
+    /// rather than lose that shard's share of the Clients, which reconnect once it is back.
+    #[error("shard {shard}'s QUIC endpoint stopped; the Hub stopped with it")]
+    ShardLost {
+        /// The shard.
+        shard: usize,
+    },
     /// `ewii-hub init` refused to overwrite an existing CA, or got a bad argument.
     #[error("{0}")]
     Usage(String),
@@ -160,6 +167,7 @@ impl HubHandle {
 pub struct Hub {
     /// One per shard, in shard order, all on one UDP port.
     endpoints: Vec<quinn::Endpoint>,
+    held: transport::shard::AddressHeld,
     shards: Shards,
     changes: mpsc::UnboundedReceiver<Change>,
     sessions: session::Parts,
@@ -212,8 +220,9 @@ impl Hub {
         };
         let shards = Shards::start(config.threads.unwrap_or_else(default_threads))
             .map_err(|e| HubError::Usage(format!("starting the shard threads: {e}")))?;
-        let endpoints = transport::shard::endpoints(config.listen, &quic, shards.handles())
-            .map_err(bind_err)?;
+        let transport::shard::Endpoints { endpoints, held } =
+            transport::shard::endpoints(config.listen, &quic, shards.handles())
+                .map_err(bind_err)?;
         let mut services = Vec::new();
         for svc in &config.services {
             let bind_err = |source| HubError::Bind {
@@ -259,6 +268,7 @@ impl Hub {
                 shard: 0,
             },
             endpoints,
+            held,
             shards,
             changes,
             services,
@@ -302,6 +312,7 @@ impl Hub {
         let handle = self.handle();
         let Self {
             endpoints,
+            held,
             shards,
             changes,
             sessions,
@@ -338,24 +349,34 @@ impl Hub {
         }
         // Each shard's new connections come here for admission, and go back to be served on
         // that shard. Only a connection's first moment crosses threads.
-        let (arrived, mut arrivals) = mpsc::channel::<(usize, quinn::Incoming)>(64);
+        // `None` from a shard: its endpoint stopped (these tasks are aborted before a shutdown
+        // closes the endpoints, so it is a failure).
+        let (arrived, mut arrivals) = mpsc::channel::<(usize, Option<quinn::Incoming>)>(64);
         for (shard, endpoint) in endpoints.iter().enumerate() {
             let (endpoint, arrived) = (endpoint.clone(), arrived.clone());
             listeners.spawn(async move {
-                while let Some(incoming) = endpoint.accept().await {
-                    if arrived.send((shard, incoming)).await.is_err() {
+                loop {
+                    let incoming = endpoint.accept().await;
+                    let ended = incoming.is_none();
+                    if arrived.send((shard, incoming)).await.is_err() || ended {
                         break;
                     }
                 }
             });
         }
         drop(arrived);
+        let mut lost = None;
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 incoming = arrivals.recv() => match incoming {
-                    Some((shard, incoming)) => {
+                    Some((shard, None)) => {
+                        tracing::error!(shard, "a shard's QUIC endpoint stopped; stopping the Hub");
+                        lost = Some(shard);
+                        break;
+                    }
+                    Some((shard, Some(incoming))) => {
                         let peer = incoming.remote_address();
                         let validated = incoming.remote_address_validated();
                         match sessions.admission.admit(peer.ip(), validated) {
@@ -403,9 +424,17 @@ impl Hub {
         let _ = tokio::time::timeout(Duration::from_secs(1), idle).await;
         drop(endpoints);
         shards.stop().await;
-        audit.emit(audit.record(Event::Stopped));
+        drop(held);
+        let mut r = audit.record(Event::Stopped);
+        if let Some(shard) = lost {
+            r.reason = Some(HubError::ShardLost { shard }.to_string());
+        }
+        audit.emit(r);
         audit.flush_async().await;
-        Ok(())
+        match lost {
+            Some(shard) => Err(HubError::ShardLost { shard }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -419,4 +448,49 @@ fn default_threads() -> usize {
 /// Where `ewii-hub` keeps its state by default.
 pub fn default_state_dir() -> &'static Path {
     Path::new("/var/lib/ewii-hub")
+}
+
+#[cfg(test)]
+mod tests {
+    use ewii_common::audit::Side;
+
+    use super::*;
+    use crate::audit::AuditOutput;
+
+    /// A shard whose endpoint stops (its socket failed) stops the Hub with an error and a
+    /// `stopped` record that says why, instead of losing that shard's Clients in silence.
+    #[tokio::test]
+    async fn a_lost_shard_stops_the_hub_and_says_which() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("hub");
+        admin::init(&state, "test.ewii.local").unwrap();
+        let config: HubConfig = format!(
+            "state_dir = {state:?}\nlisten = \"127.0.0.1:0\"\naudit = \"discard\"\nthreads = 3\n"
+        )
+        .parse()
+        .unwrap();
+        let audit = Audit::open_with_tap(Side::Hub, &AuditOutput::Discard).unwrap();
+        let hub = Hub::bind(config, audit.clone()).await.unwrap();
+        assert_eq!(hub.endpoints.len(), 3);
+        hub.endpoints[1].close(codes::SHUTDOWN, b"");
+        let ran = tokio::time::timeout(Duration::from_secs(10), hub.run(std::future::pending()))
+            .await
+            .expect("the Hub stops by itself");
+        assert!(
+            matches!(ran, Err(HubError::ShardLost { shard: 1 })),
+            "{ran:?}"
+        );
+        let stopped = audit
+            .records()
+            .into_iter()
+            .find(|r| r.event == Event::Stopped)
+            .expect("a stopped record");
+        assert!(
+            stopped
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("shard 1")),
+            "{stopped:?}"
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! The Hub's shards: one thread per shard, each running a single-threaded runtime on which
-//! the connections of its QUIC endpoint live (`transport::shard`). The Hub's other work —
-//! service listeners' accepts, the store watcher, webhooks, metrics — stays on the runtime
-//! that runs [`Hub::run`](super::Hub::run).
+//! the connections of its QUIC endpoint live (`transport::shard`), and the accepts and queries
+//! of their Clients' service listeners. The Hub's other work — admitting new connections, the
+//! store watcher, webhooks, metrics — stays on the runtime that runs
+//! [`Hub::run`](super::Hub::run).
 
 use std::io;
 use std::thread::JoinHandle;

@@ -12,12 +12,19 @@
 //! changes when a Client's NAT rebinds its port (P14: the connection migrates): the datagrams
 //! would reach a shard that does not know the connection. So every connection ID a shard
 //! issues has a first byte ≡ shard (mod N) — the other seven bytes are random — and a classic
-//! BPF program attached to the group reads that byte of each datagram's destination
-//! connection ID and hands the datagram to the socket of that shard. A Client's first Initial
-//! carries an ID of its own choosing: it lands on the shard that byte names, that shard
-//! answers with its own IDs, and the Client uses those from then on. The program needs no
-//! privilege. What an observer learns: connection IDs of one connection share their residue
-//! mod N, log2(N) bits (as QUIC-LB's plaintext mode).
+//! BPF program attached to the group reads that byte of each short-header datagram's
+//! destination connection ID and hands the datagram to the socket of that shard. Long-header
+//! datagrams (the handshake) are left to the kernel's keyed 4-tuple hash: a handshake does not
+//! migrate (RFC 9000 §9), and a sender cannot aim a flood of Initials at one shard by the IDs it
+//! makes up. The shard that gets a Client's first Initial issues the IDs the Client's
+//! short-header packets carry from then on. The program needs no privilege. What an observer
+//! learns: connection IDs of one connection share their residue mod N, log2(N) bits (as
+//! QUIC-LB's plaintext mode).
+//!
+//! **One Hub per address.** The group would let a second Hub of the same user join the port.
+//! A plain bind comes first and refuses an address anyone holds, as without shards; and for
+//! the Hub's life an abstract Unix socket named after the address is held, so that two Hubs
+//! starting at once cannot both pass that bind.
 
 use std::future::Future;
 use std::io;
@@ -41,7 +48,7 @@ pub fn endpoints(
     bind: SocketAddr,
     server: &quinn::ServerConfig,
     shards: &[Handle],
-) -> io::Result<Vec<quinn::Endpoint>> {
+) -> io::Result<Endpoints> {
     let n = shards.len();
     if n == 0 || n > MAX_SHARDS {
         return Err(io::Error::new(
@@ -50,13 +57,15 @@ pub fn endpoints(
         ));
     }
     let mut addr = bind;
+    let mut held = None;
     if n > 1 {
-        // A plain bind first: a port anyone holds (another Hub included) is refused here as it
-        // would be without sharding; the group then takes the port this bind proved free.
+        // A plain bind first: an address anyone holds (another Hub included) is refused here
+        // as it would be without sharding; the group then takes the port this bind proved free.
         addr = super::udp_socket(bind, false)?
             .local_addr()?
             .as_socket()
             .ok_or_else(|| io::Error::other("the QUIC socket has no IP address"))?;
+        held = Some(hold(addr)?);
     }
     let mut sockets = Vec::with_capacity(n);
     for _ in 0..n {
@@ -71,7 +80,7 @@ pub fn endpoints(
         // After every bind: the program serves the whole group, indexed in bind order.
         crate::enforce::steer::attach_reuseport_cbpf(&sockets[0], &steering_program(n as u32))?;
     }
-    sockets
+    let endpoints = sockets
         .into_iter()
         .zip(shards)
         .enumerate()
@@ -88,7 +97,42 @@ pub fn endpoints(
                 Arc::new(ShardRuntime(handle.clone())),
             )
         })
-        .collect()
+        .collect::<io::Result<_>>()?;
+    Ok(Endpoints {
+        endpoints,
+        held: AddressHeld { _socket: held },
+    })
+}
+
+/// The endpoints of the shards, in shard order, and what keeps their address this Hub's.
+#[derive(Debug)]
+pub struct Endpoints {
+    /// One per shard.
+    pub endpoints: Vec<quinn::Endpoint>,
+    /// Keep it as long as the endpoints.
+    pub held: AddressHeld,
+}
+
+/// Holds the Hub's address against a second sharded Hub until dropped.
+#[derive(Debug)]
+pub struct AddressHeld {
+    /// Closed (and the name released) when dropped.
+    _socket: Option<std::os::unix::net::UnixDatagram>,
+}
+
+/// Binds the abstract Unix socket `ewii-hub/udp/<addr>` (in this network namespace, released
+/// when the process ends): a second sharded Hub on `addr` fails here.
+fn hold(addr: SocketAddr) -> io::Result<std::os::unix::net::UnixDatagram> {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("ewii-hub/udp/{addr}");
+    let unix = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    std::os::unix::net::UnixDatagram::bind_addr(&unix).map_err(|e| match e.kind() {
+        io::ErrorKind::AddrInUse => io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("another Hub is starting on {addr}"),
+        ),
+        _ => e,
+    })
 }
 
 /// quinn's tokio runtime pinned to one shard: the endpoint's driver and every connection's
@@ -161,31 +205,33 @@ mod op {
     pub const LOAD_BYTE: u16 = 0x30;
     /// Jump by `jt` if `A & k`, else by `jf` (`BPF_JMP | BPF_JSET | BPF_K`).
     pub const JUMP_IF_SET: u16 = 0x45;
-    /// Jump by `k` (`BPF_JMP | BPF_JA`).
-    pub const JUMP: u16 = 0x05;
     /// `A = A % k` (`BPF_ALU | BPF_MOD | BPF_K`).
     pub const MOD: u16 = 0x94;
     /// Return `A` (`BPF_RET | BPF_A`).
     pub const RETURN_A: u16 = 0x16;
+    /// Return `k` (`BPF_RET | BPF_K`).
+    pub const RETURN_K: u16 = 0x06;
 }
 
+/// What the program returns to leave a datagram to the kernel's 4-tuple hash: any index past
+/// the group's last socket.
+const BY_HASH: u32 = u32::MAX;
+
 /// The program the kernel runs on each datagram (its UDP payload from offset 0) to pick the
-/// socket: the first byte of the destination connection ID, modulo `shards`. That byte is the
-/// packet's second in a short header (first bit 0), its seventh in a long header (after the
-/// first byte, the version and the ID's length). A datagram too short for the byte ends the
-/// program with 0 (the kernel's rule for a load past the end): shard 0 gets it, and QUIC drops
-/// it as garbage.
-fn steering_program(shards: u32) -> [libc::sock_filter; 7] {
+/// socket. A short header (first bit 0): the first byte of the destination connection ID, the
+/// packet's second byte, modulo `shards`. A long header (the handshake): [`BY_HASH`]. A
+/// datagram too short for the byte ends the program with 0 (the kernel's rule for a load past
+/// the end): shard 0 gets it, and QUIC drops it as garbage.
+fn steering_program(shards: u32) -> [libc::sock_filter; 6] {
     let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
     [
         insn(op::LOAD_BYTE, 0, 0, 0),
-        // Long header: to the load at 4.
-        insn(op::JUMP_IF_SET, 2, 0, 0x80),
+        // Long header: to the return at 5.
+        insn(op::JUMP_IF_SET, 3, 0, 0x80),
         insn(op::LOAD_BYTE, 0, 0, 1),
-        insn(op::JUMP, 0, 0, 1),
-        insn(op::LOAD_BYTE, 0, 0, 6),
         insn(op::MOD, 0, 0, shards),
         insn(op::RETURN_A, 0, 0, 0),
+        insn(op::RETURN_K, 0, 0, BY_HASH),
     ]
 }
 
@@ -253,13 +299,25 @@ mod tests {
                 usize::from(byte) % shards,
                 "short header, first ID byte {byte}"
             );
-            let long = [0xc0, 0, 0, 0, 1, 8, byte, 0xcc];
+        }
+        // Long headers go by the 4-tuple, whatever ID they carry: one client, one socket…
+        let long = |byte: u8| [0xc0, 0, 0, 0, 1, 8, byte, 0xcc];
+        let first = landing(&group, &client, &long(0));
+        for byte in 1u8..12 {
             assert_eq!(
-                landing(&group, &client, &long),
-                usize::from(byte) % shards,
+                landing(&group, &client, &long(byte)),
+                first,
                 "long header, first ID byte {byte}"
             );
         }
+        // …and many clients, several sockets (all 16 on one of 4 by chance: 1 in 10^9).
+        let spread: std::collections::HashSet<usize> = (0..16)
+            .map(|_| landing(&group, &UdpSocket::bind("127.0.0.1:0").unwrap(), &long(0)))
+            .collect();
+        assert!(
+            spread.len() > 1,
+            "long headers all went to socket {spread:?}"
+        );
         // A connection's IDs as each shard issues them bring its datagrams back to it.
         for shard in 0..shards {
             let mut cids = ShardCids::new(shard, shards);
@@ -282,19 +340,22 @@ mod tests {
         let server = test_server_config();
         let shards = vec![Handle::current(); 3];
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let first = endpoints(any, &server, &shards).unwrap();
+        let bound = endpoints(any, &server, &shards).unwrap();
+        let first = &bound.endpoints;
         assert_eq!(first.len(), 3);
         let taken = first[0].local_addr().unwrap();
         assert!(first.iter().all(|e| e.local_addr().unwrap() == taken));
         // A second sharded Hub, a one-shard Hub, and anything else: all refused.
         for n in [3, 1] {
-            match endpoints(taken, &server, &shards[..n]) {
+            match endpoints(taken, &server, &shards[..n]).map(|e| e.endpoints) {
                 Ok(_) => panic!("{n} shards bound a port in use"),
                 Err(err) => assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{n} shards: {err}"),
             }
         }
         assert!(UdpSocket::bind(taken).is_err());
-        match endpoints(any, &server, &[]) {
+        // Two Hubs starting at once: the second cannot hold the address the first holds.
+        assert_eq!(hold(taken).unwrap_err().kind(), io::ErrorKind::AddrInUse);
+        match endpoints(any, &server, &[]).map(|e| e.endpoints) {
             Ok(_) => panic!("no shard bound"),
             Err(err) => assert_eq!(err.kind(), io::ErrorKind::InvalidInput),
         }
