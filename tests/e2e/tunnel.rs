@@ -43,22 +43,29 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A Hub with four shards, and one connected Client per name, each with a service of that name
+/// to an echo server.
+async fn four_shards_serving(names: &[&'static str]) -> (TestHub, Vec<TestClient>) {
+    let echo = echo_server().await;
+    let services: Vec<Service> = names.iter().map(|n| Service::tcp(n, n, "db")).collect();
+    let hub = TestHub::start_custom(&services, "threads = 4").await;
+    let mut clients = Vec::new();
+    for name in names {
+        clients.push(TestClient::enrol_and_run(&hub, name, &[("db", echo.to_string())]).await);
+    }
+    for name in names {
+        hub.wait_connected(name).await;
+    }
+    (hub, clients)
+}
+
 /// A Hub with four shards: eight Clients spread over them, and every Client's queries are
 /// byte-exact, through a service listener that follows its Client to its connection's shard
 /// (the listener starts on shard 0, so most of them move).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p4_clients_spread_over_the_hubs_shards_and_each_serves_its_queries() {
     const NAMES: [&str; 8] = ["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7"];
-    let echo = echo_server().await;
-    let services: Vec<Service> = NAMES.iter().map(|n| Service::tcp(n, n, "db")).collect();
-    let hub = TestHub::start_custom(&services, "threads = 4").await;
-    let mut clients = Vec::new();
-    for name in NAMES {
-        clients.push(TestClient::enrol_and_run(&hub, name, &[("db", echo.to_string())]).await);
-    }
-    for name in NAMES {
-        hub.wait_connected(name).await;
-    }
+    let (hub, clients) = four_shards_serving(&NAMES).await;
     for round in 0..3u64 {
         for (i, name) in NAMES.iter().enumerate() {
             let data = pattern(64 << 10, round * 8 + i as u64);
@@ -77,6 +84,60 @@ async fn p4_clients_spread_over_the_hubs_shards_and_each_serves_its_queries() {
     assert!(
         per_shard.iter().filter(|&&n| n > 0).count() >= 2,
         "the connections did not spread over the shards: {per_shard:?}"
+    );
+    for mut client in clients {
+        client.stop().await;
+    }
+}
+
+/// Junk at a sharded Hub's port, of every shape its steering reads: empty and one-byte
+/// datagrams (too short for the program's load), short headers naming every shard by their
+/// first ID byte, long headers with made-up IDs and an unknown version. Every shard gets some;
+/// each drops it, and no Client's session is lost or slowed to failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_p14_junk_datagrams_at_every_shard_are_dropped_and_no_session_is_lost() {
+    const NAMES: [&str; 4] = ["j0", "j1", "j2", "j3"];
+    let (hub, clients) = four_shards_serving(&NAMES).await;
+    let sessions_up = |h: &TestHub| {
+        h.audit
+            .records()
+            .iter()
+            .filter(|r| r.event == Event::SessionUp)
+            .count()
+    };
+    let up_before = sessions_up(&hub);
+    let junk = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut tail = pattern(1_400, 5);
+    for round in 0..20u8 {
+        let mut shapes: Vec<Vec<u8>> = vec![vec![], vec![0x40], vec![0xc0, 0, 0]];
+        for byte in 0..=255u8 {
+            let mut short = vec![0x40 | (round & 0x3f), byte];
+            short.extend_from_slice(&tail[..40]);
+            shapes.push(short);
+        }
+        for version in [1u32, 0x1a2a_3a4a] {
+            let mut long = vec![0xc0];
+            long.extend_from_slice(&version.to_be_bytes());
+            long.push(8);
+            long.extend_from_slice(&tail[..1_200]);
+            shapes.push(long);
+        }
+        for datagram in &shapes {
+            junk.send_to(datagram, hub.addr).await.unwrap();
+        }
+        tail.rotate_left(7);
+        // Between rounds, the Clients' queries still go through.
+        for name in NAMES {
+            let data = pattern(4 << 10, u64::from(round));
+            let back = roundtrip(hub.service(name), data.clone()).await;
+            assert!(back == data, "{name}, round {round}: bytes differ");
+        }
+    }
+    assert_eq!(hub.handle().connections(), NAMES.len());
+    assert_eq!(
+        sessions_up(&hub),
+        up_before,
+        "a session was lost and opened again"
     );
     for mut client in clients {
         client.stop().await;
