@@ -241,79 +241,86 @@ mod tests {
 
     use super::*;
 
-    /// `n` sockets in one `SO_REUSEPORT` group on a loopback port, steered by the program.
-    fn group(n: usize) -> Vec<UdpSocket> {
-        let mut addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let sockets: Vec<UdpSocket> = (0..n)
-            .map(|_| {
-                let s = crate::transport::udp_socket(addr, true).unwrap();
-                addr = s.local_addr().unwrap().as_socket().unwrap();
-                s.into()
-            })
-            .collect();
-        crate::enforce::steer::attach_reuseport_cbpf(&sockets[0], &steering_program(n as u32))
-            .unwrap();
-        for s in &sockets {
-            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        }
-        sockets
+    /// `n` sockets in one `SO_REUSEPORT` group on a loopback port, steered by the program; each
+    /// datagram they get comes out of the receiver with the index of its socket.
+    struct Group {
+        addr: SocketAddr,
+        got: tokio::sync::mpsc::UnboundedReceiver<(usize, Vec<u8>)>,
     }
 
-    /// Sends `packet` to the group from one fixed client socket and returns the index of the
-    /// socket that received it.
-    fn landing(group: &[UdpSocket], client: &UdpSocket, packet: &[u8]) -> usize {
-        client
-            .send_to(packet, group[0].local_addr().unwrap())
-            .unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        for s in group {
-            s.set_nonblocking(true).unwrap();
-        }
-        let mut buf = [0u8; 64];
-        loop {
-            for (i, s) in group.iter().enumerate() {
-                if let Ok((len, _)) = s.recv_from(&mut buf) {
-                    assert_eq!(&buf[..len], packet);
-                    return i;
-                }
+    impl Group {
+        fn new(n: usize) -> Self {
+            let mut addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+            let sockets: Vec<UdpSocket> = (0..n)
+                .map(|_| {
+                    let s = crate::transport::udp_socket(addr, true).unwrap();
+                    addr = s.local_addr().unwrap().as_socket().unwrap();
+                    s.into()
+                })
+                .collect();
+            crate::enforce::steer::attach_reuseport_cbpf(&sockets[0], &steering_program(n as u32))
+                .unwrap();
+            let (tell, got) = tokio::sync::mpsc::unbounded_channel();
+            for (i, socket) in sockets.into_iter().enumerate() {
+                socket.set_nonblocking(true).unwrap();
+                let socket = tokio::net::UdpSocket::from_std(socket).unwrap();
+                let tell = tell.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok((len, _)) = socket.recv_from(&mut buf).await {
+                        if tell.send((i, buf[..len].to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                });
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no socket got {packet:?}"
-            );
-            std::thread::sleep(Duration::from_millis(1));
+            Self { addr, got }
+        }
+
+        /// Sends `packet` to the group from `client` and returns the index of the socket that
+        /// received it.
+        async fn landing(&mut self, client: &UdpSocket, packet: &[u8]) -> usize {
+            client.send_to(packet, self.addr).unwrap();
+            let (i, got) = tokio::time::timeout(Duration::from_secs(2), self.got.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no socket got {packet:?}"))
+                .unwrap();
+            assert_eq!(got, packet);
+            i
         }
     }
 
-    #[test]
-    fn p14_the_kernel_hands_each_datagram_to_the_shard_its_connection_id_names() {
+    #[tokio::test]
+    async fn p14_the_kernel_hands_each_datagram_to_the_shard_its_connection_id_names() {
         let shards = 4;
-        let group = group(shards);
+        let mut group = Group::new(shards);
         // One client 4-tuple for every packet: without the program the kernel's hash would put
         // them all on one socket.
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
         for byte in 0u8..12 {
             let short = [0x40, byte, 0xaa, 0xbb];
             assert_eq!(
-                landing(&group, &client, &short),
+                group.landing(&client, &short).await,
                 usize::from(byte) % shards,
                 "short header, first ID byte {byte}"
             );
         }
         // Long headers go by the 4-tuple, whatever ID they carry: one client, one socket…
         let long = |byte: u8| [0xc0, 0, 0, 0, 1, 8, byte, 0xcc];
-        let first = landing(&group, &client, &long(0));
+        let first = group.landing(&client, &long(0)).await;
         for byte in 1u8..12 {
             assert_eq!(
-                landing(&group, &client, &long(byte)),
+                group.landing(&client, &long(byte)).await,
                 first,
                 "long header, first ID byte {byte}"
             );
         }
         // …and many clients, several sockets (all 16 on one of 4 by chance: 1 in 10^9).
-        let spread: std::collections::HashSet<usize> = (0..16)
-            .map(|_| landing(&group, &UdpSocket::bind("127.0.0.1:0").unwrap(), &long(0)))
-            .collect();
+        let mut spread = std::collections::HashSet::new();
+        for _ in 0..16 {
+            let other = UdpSocket::bind("127.0.0.1:0").unwrap();
+            spread.insert(group.landing(&other, &long(0)).await);
+        }
         assert!(
             spread.len() > 1,
             "long headers all went to socket {spread:?}"
@@ -327,7 +334,7 @@ mod tests {
                 let mut packet = vec![0x41];
                 packet.extend_from_slice(&cid);
                 assert_eq!(
-                    landing(&group, &client, &packet),
+                    group.landing(&client, &packet).await,
                     shard,
                     "an ID of shard {shard}: {cid:?}"
                 );
