@@ -1,14 +1,20 @@
 //! Criterion benches. `scripts/bench` (release profile; HTML reports in
-//! `target/criterion/report/index.html`).
+//! `target/criterion/report/index.html`). The tunnel groups run each tunnel as its own
+//! processes, as deployed (Ewii's from `$EWII_BENCH_BINS`, see `ewii_bins`); this process
+//! is only the load.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ewii_benches::compare::load;
+use ewii_benches::compare::systems::{find_program, Bins, Kind, Running, Services, Setup};
 use ewii_common::frame::{self, Control, QueryHead, QueryId};
 use ewii_common::policy::AllowList;
 
@@ -109,49 +115,122 @@ fn seal(c: &mut Criterion) {
     g.finish();
 }
 
-/// One query of `size` bytes each way through a real Hub and Client on loopback.
+/// The tunnels under test, each as the real processes a customer runs (Ewii's `ewii-hub` and
+/// `ewii-client`, the bare-quinn reference, rathole `noise` when installed), forwarding to one
+/// echo service that has a thread of its own; and the echo service directly, the ceiling.
+/// Criterion's IDs: `direct_tcp`, `bare_quinn`, `rathole_noise`, `ewii`.
+struct Tunnels {
+    entries: Vec<(&'static str, SocketAddr)>,
+    running: Vec<Running>,
+    _setup: Setup,
+}
+
+impl Drop for Tunnels {
+    fn drop(&mut self) {
+        for r in self.running.drain(..) {
+            r.stop();
+        }
+    }
+}
+
+/// Where Ewii's binaries are: `$EWII_BENCH_BINS` (scripts/bench: the images' static binaries,
+/// from scripts/image-bins), else beside this package's own binaries (a `cargo build
+/// --release -p ewii` in the same target directory).
+fn ewii_bins() -> Result<PathBuf, String> {
+    let quinn_ref = PathBuf::from(env!("CARGO_BIN_EXE_ewii-quinn-ref"));
+    let dir = match std::env::var_os("EWII_BENCH_BINS") {
+        Some(d) => PathBuf::from(d),
+        None => quinn_ref.parent().map(PathBuf::from).unwrap_or_default(),
+    };
+    match ["ewii-hub", "ewii-client"]
+        .iter()
+        .find(|b| !dir.join(b).exists())
+    {
+        Some(b) => Err(format!(
+            "{b} is not in {}: run scripts/bench, or set EWII_BENCH_BINS",
+            dir.display()
+        )),
+        None => Ok(dir),
+    }
+}
+
+fn start_tunnels(rt: &tokio::runtime::Runtime) -> anyhow::Result<Tunnels> {
+    let dir = ewii_bins().map_err(anyhow::Error::msg)?;
+    let peers = std::env::var_os("EWII_BENCH_PEERS").map(PathBuf::from);
+    let bins = Bins {
+        hub: dir.join("ewii-hub"),
+        client: dir.join("ewii-client"),
+        client_ebpf: dir.join("ewii-client"),
+        quinn_ref: PathBuf::from(env!("CARGO_BIN_EXE_ewii-quinn-ref")),
+        rathole: find_program("rathole", peers.as_deref()),
+        bore: None,
+    };
+    let echo = load::echo_service()?;
+    // No bulk service here: the second entry each system forwards goes to the echo service too.
+    let setup = Setup::new(bins.clone(), Services { echo, iperf: echo })?;
+    let mut tunnels = Tunnels {
+        entries: vec![("direct_tcp", echo)],
+        running: vec![],
+        _setup: setup,
+    };
+    let mut systems = vec![("bare_quinn", Kind::QuinnRef), ("ewii", Kind::Ewii)];
+    match bins.rathole {
+        Some(_) => systems.insert(1, ("rathole_noise", Kind::RatholeNoise)),
+        None => eprintln!(
+            "tunnel benches: rathole is not installed, so rathole_noise is left out \
+             (scripts/bench installs it)"
+        ),
+    }
+    for (id, kind) in systems {
+        let running = rt.block_on(tunnels._setup.start(kind))?;
+        tunnels.entries.push((id, running.echo));
+        tunnels.running.push(running);
+    }
+    Ok(tunnels)
+}
+
+/// One query of `size` bytes each way, and new queries, through each tunnel on loopback.
 fn tunnel(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let (hub, _client, echo) = rt.block_on(async {
-        let echo = ewii_tests::echo_server().await;
-        let hub = ewii_tests::TestHub::start(&[ewii_tests::Service::tcp("pg", "acme", "db")]).await;
-        let client =
-            ewii_tests::TestClient::enrol_and_run(&hub, "acme", &[("db", echo.to_string())]).await;
-        hub.wait_connected("acme").await;
-        (hub, client, echo)
-    });
+    let tunnels = match start_tunnels(&rt) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tunnel benches NOT RUN: {e:#}");
+            return;
+        }
+    };
     let mut g = c.benchmark_group("tunnel_echo");
     g.measurement_time(Duration::from_secs(5));
     g.sample_size(10);
     for size in [16 * 1024usize, 1024 * 1024] {
         g.throughput(Throughput::Bytes(2 * size as u64));
         let data = vec![0x5au8; size];
-        g.bench_with_input(BenchmarkId::new("through_ewii", size), &size, |b, _| {
-            b.iter(|| rt.block_on(ewii_benches_roundtrip(hub.service("pg"), &data)))
-        });
-        g.bench_with_input(BenchmarkId::new("direct_tcp", size), &size, |b, _| {
-            b.iter(|| rt.block_on(ewii_benches_roundtrip(echo, &data)))
-        });
+        for (id, entry) in &tunnels.entries {
+            g.bench_with_input(BenchmarkId::new(*id, size), &size, |b, _| {
+                b.iter(|| rt.block_on(ewii_benches_roundtrip(*entry, &data)))
+            });
+        }
     }
     g.finish();
-    // A new query: connect → 1-byte echo → close (the requester's byte travels with `Open`).
+    // A new query: connect → 1-byte echo → close (Ewii: the requester's byte travels with
+    // `Open`).
     let mut g = c.benchmark_group("tunnel_new_query");
     g.measurement_time(Duration::from_secs(5));
     g.throughput(Throughput::Elements(1));
-    g.bench_function("through_ewii", |b| {
-        b.iter(|| rt.block_on(ewii_benches_roundtrip(hub.service("pg"), b"x")))
-    });
-    g.bench_function("direct_tcp", |b| {
-        b.iter(|| rt.block_on(ewii_benches_roundtrip(echo, b"x")))
-    });
+    for (id, entry) in &tunnels.entries {
+        g.bench_function(*id, |b| {
+            b.iter(|| rt.block_on(ewii_benches_roundtrip(*entry, b"x")))
+        });
+    }
     g.finish();
+    drop(tunnels);
 }
 
-async fn ewii_benches_roundtrip(addr: std::net::SocketAddr, data: &[u8]) {
+async fn ewii_benches_roundtrip(addr: SocketAddr, data: &[u8]) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut r, mut w) = s.into_split();
