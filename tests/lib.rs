@@ -660,6 +660,15 @@ pub fn bin_path(name: &str) -> PathBuf {
     }
 }
 
+/// A copy of the built program `name` in `dir`, unconfined: a file of its own, so that its
+/// pages in memory are its own (the kernel shares a file's pages between the processes that
+/// map it, and other tests run the same binary).
+pub fn binary_copy(name: &str, dir: &Path) -> PathBuf {
+    let copy = dir.join(format!("{name}-copy"));
+    std::fs::copy(built_binary(name), &copy).unwrap();
+    copy
+}
+
 fn built_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap();

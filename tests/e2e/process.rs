@@ -120,6 +120,19 @@ impl HubProcess {
         extra: &str,
         stdout: Stdio,
     ) -> (Proc, std::path::PathBuf) {
+        self.run_client_from(&bin_path("ewii-client"), root, echo, extra, stdout)
+            .await
+    }
+
+    /// [`Self::run_client`] with the `ewii-client` program at `bin`.
+    pub(crate) async fn run_client_from(
+        &self,
+        bin: &std::path::Path,
+        root: &std::path::Path,
+        echo: SocketAddr,
+        extra: &str,
+        stdout: Stdio,
+    ) -> (Proc, std::path::PathBuf) {
         let dir = root.join("acme");
         self.enrol("acme", &dir);
         let toml = root.join("client.toml");
@@ -132,7 +145,7 @@ impl HubProcess {
         )
         .unwrap();
         let client = Proc(
-            Command::new(bin_path("ewii-client"))
+            Command::new(bin)
                 .args(["run", "--config", toml.to_str().unwrap()])
                 .stdout(stdout)
                 .stderr(Stdio::null())
@@ -283,6 +296,71 @@ fn unix_sockets(pid: u32, inodes: &HashSet<String>) -> Vec<(u32, String)> {
             })
         })
         .collect()
+}
+
+/// The sum of one `smaps` field (`Size:`, `Rss:`) in KiB over the read-only mappings of the
+/// process's own program file: its code and read-only data.
+fn program_kib(pid: u32, field: &str) -> u64 {
+    let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) else {
+        return 0;
+    };
+    let exe = exe.to_string_lossy().into_owned();
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut mine = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words
+            .first()
+            .is_some_and(|w| w.contains('-') && !w.ends_with(':'))
+        {
+            mine = words.get(1).is_some_and(|p| !p.contains('w')) && words.last() == Some(&&*exe);
+        } else if mine && words.first() == Some(&field) {
+            kib += words
+                .get(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    kib
+}
+
+/// Once it serves, the Client hands the pages of its start-up code back to the kernel
+/// (`enforce::code`, docs/benchmarks.md): the resident share of its program's read-only
+/// mappings falls, and it serves on. It runs from a copy of the binary: the kernel leaves
+/// alone pages that other processes map too, and other tests run the same binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_hands_back_its_start_up_code_once_it_serves() {
+    let root = tempfile::tempdir().unwrap();
+    let echo = echo_server().await;
+    let mut hub = HubProcess::start(root.path(), "");
+    let bin = binary_copy("ewii-client", root.path());
+    let (mut client, _) = hub
+        .run_client_from(&bin, root.path(), echo, "", Stdio::null())
+        .await;
+    let pid = client.pid();
+    let size = program_kib(pid, "Size:");
+    assert!(
+        size > 1024,
+        "no program mappings seen for {pid}: {size} KiB"
+    );
+    poll_until(
+        "the Client's resident code to fall under a quarter of its program's mappings",
+        SOON,
+        || program_kib(pid, "Rss:") * 4 < size,
+    )
+    .await;
+    eprintln!(
+        "program mappings {size} KiB, {} KiB resident once serving",
+        program_kib(pid, "Rss:")
+    );
+    let mut s = tokio::net::TcpStream::connect(hub.service).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+    assert_eq!(client.terminate().code(), Some(0));
+    assert_eq!(hub.proc.terminate().code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,10 @@ use ewii_benches::compare::systems::{find_program, Bins, Kind, Running, Services
 
 /// Idle connections held for the RSS figure.
 const IDLE_CONNECTIONS: usize = 100;
+/// How long an agent is left idle after its first echo before its idle memory is read: long
+/// enough for keep-alives and timers to have run (Ewii's Client hands its start-up code back
+/// within a quarter second of its first session; what idling runs comes back after that).
+const IDLE_SETTLE: Duration = Duration::from_secs(2);
 /// Bytes in a GiB.
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
@@ -218,11 +222,12 @@ async fn compare(args: Args) -> anyhow::Result<()> {
         .join("; "),
         method: format!(
             "{} repetitions, systems interleaved (each repetition starts with the next system); per system and repetition: \
-             agent RSS idle, {IDLE_CONNECTIONS} idle connections held, {} timed 1-byte round trips on one connection, connect → 1-byte echo → close \
+             agent RSS idle ({} s after the first echo), {IDLE_CONNECTIONS} idle connections held, {} timed 1-byte round trips on one connection, connect → 1-byte echo → close \
              for {} s at c=1 and at c=32, iperf3 {} s each way (one TCP stream; CPU time of the tunnel's processes from /proc/<pid>/stat \
              over both runs, divided by the bytes iperf3 received), agent RSS 1 s after; anonymous memory (RssAnon) idle and after. Loopback; QUIC datagrams at most 1,452 bytes. \
              Ewii's binaries: {}. Whole run: {:.0} s.",
             args.reps,
+            IDLE_SETTLE.as_secs(),
             args.round_trips,
             args.rate_secs,
             args.bulk_secs,
@@ -279,7 +284,7 @@ async fn measure(
         };
         let rss = |pids: &[u32]| sum(pids, procs::rss_mb);
         let anon = |pids: &[u32]| sum(pids, procs::rss_anon_mb);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(IDLE_SETTLE).await;
         if let Some(v) = rss(&agents)? {
             samples.add(kind, Figure::RssIdle, v);
         }

@@ -143,6 +143,11 @@ impl Metrics {
         self.queries.iter().map(|c| c.load(Relaxed)).sum()
     }
 
+    /// Sessions that came up so far.
+    pub fn sessions_up(&self) -> u64 {
+        self.sessions_up.load(Relaxed)
+    }
+
     /// Counts one query refused because the audit sink lagged.
     pub fn count_shed(&self) {
         add(&self.queries_shed, 1);

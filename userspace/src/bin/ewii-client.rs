@@ -397,7 +397,9 @@ fn run(path: &Path) -> ExitCode {
             .with_backlog(config.audit_backlog),
         Err(e) => return fail(1, format!("opening the audit sink: {e}")),
     };
-    if let Err(e) = enforce::heap::tune_for_bulk(&audit) {
+    if let Err(e) =
+        enforce::heap::tune_for_bulk(&audit, enforce::heap::ProgramPages::ReleaseOnceServing)
+    {
         say(&format!(
             "ewii-client: freed heap will not be returned after load: {e}"
         ));

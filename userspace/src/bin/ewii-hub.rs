@@ -460,7 +460,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("opening the audit sink")?
                 .with_format(config.audit_format)
                 .with_backlog(config.audit_backlog);
-            if let Err(e) = ewii::enforce::heap::tune_for_bulk(&audit) {
+            if let Err(e) =
+                ewii::enforce::heap::tune_for_bulk(&audit, ewii::enforce::heap::ProgramPages::Keep)
+            {
                 say(&format!(
                     "ewii-hub: freed heap will not be returned after load: {e}"
                 ));

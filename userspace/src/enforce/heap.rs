@@ -62,23 +62,53 @@ pub fn release_freed_heap() {
     }
 }
 
+/// What the thread of [`tune_for_bulk`] does with the program's own code pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgramPages {
+    /// Leaves them to the kernel.
+    Keep,
+    /// Once the first session is up (start-up is over), asks the kernel to reclaim them
+    /// ([`super::code::release_program_pages`]): what serving runs faults back in. The Client,
+    /// whose idle memory was mostly start-up code.
+    ReleaseOnceServing,
+}
+
 /// For a process that moves bulk data: [`keep_freed_heap`], and a thread that calls
 /// [`release_freed_heap`] once the work has stopped — when the count of ended queries in
 /// `audit`'s metrics moved since the last release and then stayed still for one
-/// [`QUIET_TICK`]. The thread ends with the last handle on those metrics.
-pub fn tune_for_bulk(audit: &Audit) -> std::io::Result<()> {
+/// [`QUIET_TICK`] — and that handles the program's code pages as `code` says, at its first
+/// tick after `audit` counted a session up. The thread ends with the last handle on those
+/// metrics.
+pub fn tune_for_bulk(audit: &Audit, code: ProgramPages) -> std::io::Result<()> {
     keep_freed_heap();
     let metrics: Weak<Metrics> = Arc::downgrade(audit.metrics());
     let mut quiet = Quiet::default();
+    let mut code_pending = code == ProgramPages::ReleaseOnceServing;
     std::thread::Builder::new()
         .name("ewii-heap".into())
         .spawn(move || loop {
             std::thread::sleep(QUIET_TICK);
-            let Some(ended) = metrics.upgrade().map(|m| m.queries_ended()) else {
+            let Some((ended, sessions)) = metrics
+                .upgrade()
+                .map(|m| (m.queries_ended(), m.sessions_up()))
+            else {
                 return;
             };
             if quiet.tick(ended) {
                 release_freed_heap();
+            }
+            if code_pending && sessions > 0 {
+                code_pending = false;
+                match super::code::release_program_pages() {
+                    Ok(bytes) => tracing::debug!(
+                        kib = bytes / 1024,
+                        "start-up over: the program's code and read-only pages handed back"
+                    ),
+                    Err(e) => tracing::debug!(
+                        error = %e,
+                        "the program's code pages stay resident (MADV_PAGEOUT refused)"
+                    ),
+                }
             }
         })
         .map(drop)

@@ -10,6 +10,8 @@
 //!   is attached, so that nothing later in the process can undo it.
 //! - [`heap`]: not a layer: glibc's allocator settings (freed heap kept under bulk load and
 //!   returned when quiet), here because they are foreign calls.
+//! - [`code`]: not a layer: the Client's start-up code handed back to the kernel once it serves
+//!   (`MADV_PAGEOUT` of the program's read-only segments), here because it is a foreign call.
 //! - [`steer`]: not a layer: the Hub's `SO_ATTACH_REUSEPORT_CBPF` (each datagram to the shard
 //!   that owns its connection), here because it is a foreign call.
 //! - [`probe`]: the self-proof — a deliberate connection the policy forbids must fail with the
@@ -18,9 +20,10 @@
 //! Layers are installed by the binary before the tokio runtime starts its threads (Landlock
 //! binds the calling thread and its future children; seccomp is synchronised to all threads).
 //! This is the one module with `unsafe` code: raw syscalls for the probes, `capset`/`prctl` to
-//! drop privileges, `bpf(BPF_PROG_ATTACH)` for a lock held by the cgroup, `mallopt`, and one
-//! socket option.
+//! drop privileges, `bpf(BPF_PROG_ATTACH)` for a lock held by the cgroup, `mallopt`, `madvise`
+//! of the program's own code, and one socket option.
 
+pub mod code;
 pub mod heap;
 pub mod landlock;
 pub mod privileges;
