@@ -117,7 +117,7 @@ async fn compare(args: Args) -> anyhow::Result<()> {
         missing.push("bore (not installed: scripts/compare installs it)".to_owned());
         systems.retain(|k| *k != Kind::Bore);
     }
-    if !is_root() || ewii::enforce::ebpf::cgroup2_mount().is_err() {
+    if !procs::is_root() || ewii::enforce::ebpf::cgroup2_mount().is_err() {
         missing.push("Ewii + eBPF lock (needs root and cgroup v2)".to_owned());
         systems.retain(|k| *k != Kind::EwiiLocked);
     }
@@ -225,7 +225,7 @@ async fn compare(args: Args) -> anyhow::Result<()> {
              agent RSS idle ({} s after the first echo), {IDLE_CONNECTIONS} idle connections held, {} timed 1-byte round trips on one connection, connect → 1-byte echo → close \
              for {} s at c=1 and at c=32, iperf3 {} s each way (one TCP stream; CPU time of the tunnel's processes from /proc/<pid>/stat \
              over both runs, divided by the bytes iperf3 received), agent RSS 1 s after; anonymous memory (RssAnon) idle and after. Loopback; QUIC datagrams at most 1,452 bytes. \
-             Ewii's binaries: {}. Whole run: {:.0} s.",
+             Ewii's binaries: {}; {}. Whole run: {:.0} s.",
             args.reps,
             IDLE_SETTLE.as_secs(),
             args.round_trips,
@@ -237,6 +237,14 @@ async fn compare(args: Args) -> anyhow::Result<()> {
                     dir.display()
                 ),
                 None => "beside the harness (one ewii-client, built with the ebpf feature, for both systems)".to_owned(),
+            },
+            if procs::is_root() {
+                format!(
+                    "the unlocked Client runs as uid {}, its binary owned by root, as in the image (the locked one as root, for the lock)",
+                    ewii_benches::compare::systems::IMAGE_UID
+                )
+            } else {
+                "every process runs as the user who ran the harness, who owns Ewii's binaries (in the image the Client does not own its binary: docs/benchmarks.md)".to_owned()
             },
             started.elapsed().as_secs_f64()
         ),
@@ -388,12 +396,4 @@ fn machine() -> String {
         });
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{model}, {cores} cores, {mem}, Linux {}", kernel.trim())
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .is_some_and(|l| l.split_whitespace().nth(2) == Some("0"))
 }

@@ -50,6 +50,17 @@ impl Proc {
         args: &[&str],
         cgroup: Option<&Path>,
     ) -> anyhow::Result<Self> {
+        Self::spawn_as(name, program, args, cgroup, None)
+    }
+
+    /// [`Self::spawn`], as user and group `uid` if given (the caller must be root).
+    pub fn spawn_as(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        cgroup: Option<&Path>,
+        uid: Option<u32>,
+    ) -> anyhow::Result<Self> {
         let mut cmd = match cgroup {
             Some(cg) => {
                 let mut c = Command::new("sh");
@@ -61,6 +72,10 @@ impl Proc {
             }
             None => Command::new(program),
         };
+        if let Some(uid) = uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid);
+        }
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -175,6 +190,26 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .is_some_and(|l| l.split_whitespace().nth(2) == Some("0"))
+}
+
+/// `chown -R uid:uid path`.
+pub fn chown_tree(path: &Path, uid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(uid))?;
+    if fs::symlink_metadata(path)?.is_dir() {
+        for entry in fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid)?;
+        }
+    }
+    Ok(())
 }
 
 /// CPU seconds (user + system, all threads) a process has used so far.

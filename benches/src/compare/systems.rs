@@ -17,6 +17,11 @@ use super::procs::{free_port, free_tcp, run, Proc};
 
 /// How long a system may take to start serving.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// The user the images run Ewii as (Dockerfile). As root, the harness runs the unlocked
+/// Client as this user, with its binary owned by root, as the image does: the kernel treats a
+/// process that does not own its binary differently (it may not reclaim the binary's pages
+/// from the page cache, only unmap them: `enforce::code`).
+pub const IMAGE_UID: u32 = 65_532;
 
 /// A system under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -380,8 +385,19 @@ impl Setup {
         } else {
             None
         };
+        // The locked Client needs root for the lock (it drops every privilege after, so its
+        // state directory must be root's again, not the image user's).
+        let root = super::procs::is_root();
+        let as_image = (!locked && root).then_some(IMAGE_UID);
+        if root {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(self.dir.path(), fs::Permissions::from_mode(0o755))?;
+            fs::set_permissions(&config, fs::Permissions::from_mode(0o644))?;
+            super::procs::chown_tree(Path::new(&self.path("client")), as_image.unwrap_or(0))
+                .context("handing the Client's state directory to the user it runs as")?;
+        }
         let started = Instant::now();
-        let mut client = Proc::spawn(
+        let mut client = Proc::spawn_as(
             "ewii-client",
             if locked {
                 &self.bins.client_ebpf
@@ -390,6 +406,7 @@ impl Setup {
             },
             &["run", "--config", &config],
             cgroup.as_deref(),
+            as_image,
         )?;
         let up = client.wait_line("\"session_up\"", START_TIMEOUT);
         running.procs.push(client);
