@@ -67,9 +67,10 @@ pub fn release_freed_heap() {
 pub enum ProgramPages {
     /// Leaves them to the kernel.
     Keep,
-    /// Once the first session is up (start-up is over), asks the kernel to reclaim them
-    /// ([`super::code::release_program_pages`]): what serving runs faults back in. The Client,
-    /// whose idle memory was mostly start-up code.
+    /// Once the first session is up (start-up is over), hands them back
+    /// ([`super::code::release_program_pages`]: reclaimed where the process owns its binary,
+    /// else unmapped): what serving runs faults back in. The Client, whose idle memory was
+    /// mostly start-up code.
     ReleaseOnceServing,
 }
 
@@ -106,7 +107,7 @@ pub fn tune_for_bulk(audit: &Audit, code: ProgramPages) -> std::io::Result<()> {
                     ),
                     Err(e) => tracing::debug!(
                         error = %e,
-                        "the program's code pages stay resident (MADV_PAGEOUT refused)"
+                        "the program's code pages stay mapped"
                     ),
                 }
             }
