@@ -122,7 +122,7 @@ fn seal(c: &mut Criterion) {
 struct Tunnels {
     entries: Vec<(&'static str, SocketAddr)>,
     running: Vec<Running>,
-    _setup: Setup,
+    setup: Setup,
 }
 
 impl Drop for Tunnels {
@@ -173,7 +173,7 @@ fn start_tunnels(rt: &tokio::runtime::Runtime) -> anyhow::Result<Tunnels> {
     let mut tunnels = Tunnels {
         entries: vec![("direct_tcp", echo)],
         running: vec![],
-        _setup: setup,
+        setup,
     };
     let mut systems = vec![("bare_quinn", Kind::QuinnRef), ("ewii", Kind::Ewii)];
     match bins.rathole {
@@ -184,7 +184,7 @@ fn start_tunnels(rt: &tokio::runtime::Runtime) -> anyhow::Result<Tunnels> {
         ),
     }
     for (id, kind) in systems {
-        let running = rt.block_on(tunnels._setup.start(kind))?;
+        let running = rt.block_on(tunnels.setup.start(kind))?;
         tunnels.entries.push((id, running.echo));
         tunnels.running.push(running);
     }

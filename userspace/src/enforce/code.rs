@@ -154,16 +154,21 @@ fn program() -> Program {
     found
 }
 
+/// The page size at run time (4 KiB if the system will not say).
+fn page_size() -> usize {
+    // SAFETY: sysconf takes no pointer.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .ok()
+        .filter(|p| p.is_power_of_two())
+        .unwrap_or(4096)
+}
+
 /// Hands back the resident pages of the program's code and read-only data: reclaimed from the
 /// page cache where the process may (`MADV_PAGEOUT`, Linux ≥ 5.4; the process owns its
 /// binary), else unmapped from this process (`MADV_DONTNEED`). Returns the bytes of address
 /// space advised. The pages stay valid: the next use faults them back in.
 pub fn release_program_pages() -> io::Result<usize> {
-    // SAFETY: sysconf takes no pointer.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
-        .ok()
-        .filter(|p| p.is_power_of_two())
-        .unwrap_or(4096);
+    let page = page_size();
     let program = program();
     if program.text_relocations {
         return Err(io::Error::other(
@@ -356,7 +361,7 @@ mod tests {
             run(Some(65_534));
         } else {
             assert!(
-                std::env::var_os("EWII_REQUIRE_PRIVILEGED").is_none(),
+                !std::env::var("EWII_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1"),
                 "not root: the copy cannot run as a user that does not own it"
             );
             eprintln!("not root: the check as a user that does not own the program is skipped");
@@ -364,7 +369,7 @@ mod tests {
     }
 
     fn pages_leave_and_the_program_still_runs() {
-        let page = 4096;
+        let page = page_size();
         let p = program();
         let mut present = Present::new(read_only_pages(p.base, &p.segments, page), page);
         let before = present.count();
