@@ -249,6 +249,43 @@ pub enum Control {
         /// The renewed SVID's serial, normalised.
         serial: String,
     },
+    /// Client → Hub, from a Client whose SVIDs come from its own SPIRE (a federated Client):
+    /// this connection goes on with `chain`, a new SVID for the same SPIFFE ID. `proof` is
+    /// the new key's TLS 1.3 signature (`scheme`, a TLS `SignatureScheme` code) over
+    /// [`present_message`]: it proves the key, bound to this one connection. The Hub answers
+    /// `Presented` or `Refused`; the Client then moves to a new connection instead.
+    Present {
+        /// Leaf first, DER.
+        #[serde(deserialize_with = "bounded::byte_lists")]
+        chain: Vec<Vec<u8>>,
+        /// The signature scheme of `proof`.
+        scheme: u16,
+        /// The signature.
+        #[serde(with = "bounded::bytes")]
+        proof: Vec<u8>,
+    },
+    /// Hub → Client: the session is re-bound to the presented SVID with this serial.
+    Presented {
+        /// The presented SVID's serial, normalised.
+        serial: String,
+    },
+}
+
+/// The TLS exporter label whose output a `Present` proof signs (RFC 8446 §7.5).
+pub const PRESENT_EXPORTER_LABEL: &[u8] = b"EXPORTER-ewii-present";
+/// Length of the exporter output a `Present` proof signs.
+pub const PRESENT_EXPORTER_LEN: usize = 32;
+
+/// What the key of a presented SVID signs: a context string, the connection's exporter
+/// output ([`PRESENT_EXPORTER_LABEL`], so a proof is good on this connection only) and the
+/// leaf certificate (so it vouches for this certificate only).
+pub fn present_message(exporter: &[u8; PRESENT_EXPORTER_LEN], leaf: &[u8]) -> Vec<u8> {
+    const CONTEXT: &[u8] = b"ewii/1 present SVID\0";
+    let mut m = Vec::with_capacity(CONTEXT.len() + exporter.len() + leaf.len());
+    m.extend_from_slice(CONTEXT);
+    m.extend_from_slice(exporter);
+    m.extend_from_slice(leaf);
+    m
 }
 
 /// Messages of an enrolment connection (ALPN [`ENROLL_ALPN`]).
@@ -412,6 +449,14 @@ mod tests {
         roundtrip(Control::Rotated {
             serial: "0a1b".into(),
         });
+        roundtrip(Control::Present {
+            chain: vec![vec![0x30; 500], vec![0x30; 400]],
+            scheme: 0x0403,
+            proof: vec![5; 72],
+        });
+        roundtrip(Control::Presented {
+            serial: "0c2d".into(),
+        });
         roundtrip(QueryHead::Open {
             query_id: QueryId(u128::MAX - 5),
             destination: "db".into(),
@@ -424,6 +469,14 @@ mod tests {
             token: "t".into(),
             csr: vec![0x30; 200],
         });
+    }
+
+    #[test]
+    fn a_present_proof_is_bound_to_its_connection_and_its_certificate() {
+        let m = present_message(&[1; PRESENT_EXPORTER_LEN], b"leaf");
+        assert_ne!(m, present_message(&[2; PRESENT_EXPORTER_LEN], b"leaf"));
+        assert_ne!(m, present_message(&[1; PRESENT_EXPORTER_LEN], b"leaf2"));
+        assert!(m.ends_with(b"leaf"));
     }
 
     #[test]

@@ -28,7 +28,9 @@
 //!   Waiting past not_after ──▶ Exit(Expired)        any ──handle_revoked──▶ Exit(Revoked)
 //!
 //!   SVID from a SPIFFE Workload API (`external_svid`): no Renew; the agent pushes new SVIDs:
-//!   Up{session} ──handle_svid(svid')──▶ Moving{from: session} + Dial (with svid')
+//!   Up{session} ──handle_svid(svid')──▶ Up{session, Presenting} + Present (on the live connection)
+//!   Presenting ──handle_presented──▶ Up{same session, svid'}  (a newer SVID meanwhile: Present again)
+//!   Presenting ──handle_present_refused / no answer in time──▶ Moving{from: session} + Dial
 //!   Moving ──handle_dialed(new)──▶ Up{new} + Retire{from} (the old one drains, then closes)
 //!   Moving ──handle_dial_failed──▶ Moving (old one still serves; redial after a backoff)
 //!   Moving ──handle_lost(from)──▶ Dialing (the dial in flight) or Waiting
@@ -43,10 +45,14 @@
 //! uses the newest SVID.
 //!
 //! An SVID that comes from a SPIFFE Workload API (SPIRE) is renewed by the agent, not by the
-//! Hub: the machine never asks for `Renew`, and a pushed SVID ([`ClientSession::handle_svid`])
-//! moves the session to a new connection, make-before-break: the new connection is dialled
-//! while the old one serves, then the old one is retired ([`Action::Retire`]): it says
-//! `Goodbye` without a revoke and finishes its in-flight queries. No query is cut.
+//! Hub: the machine never asks for `Renew`. A pushed SVID ([`ClientSession::handle_svid`]) is
+//! presented on the live connection ([`Action::Present`]: the new chain and a proof of its key
+//! bound to that connection), and the Hub re-binds the session to it, as it does for a
+//! renewal: no second connection, no query cut, however long it is open. When the Hub refuses
+//! the presentation or does not answer in time, the session moves to a new connection instead,
+//! make-before-break: the new connection is dialled while the old one serves, then the old one
+//! is retired ([`Action::Retire`]): it says `Goodbye` without a revoke and finishes its
+//! in-flight queries (within the drain time the Hub allows).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -86,7 +92,8 @@ pub struct SessionConfig {
     pub reconnect_max: Duration,
     /// First retry delay of a refused or unanswered renewal.
     pub renew_retry: Duration,
-    /// How long the Hub has to answer `Renew` before it is asked again.
+    /// How long the Hub has to answer `Renew` before it is asked again (and `Present` before
+    /// the session moves to a new connection instead).
     pub renew_answer_timeout: Duration,
     /// How long in-flight queries may drain after a stop.
     pub stop_drain: Duration,
@@ -135,6 +142,13 @@ pub enum Action {
     /// [`ClientSession::handle_renewed`] (after the new SVID is checked and stored, and the
     /// Hub told so with `Rotated`) or [`ClientSession::handle_renew_refused`].
     SendRenew,
+    /// Present the SVID in use (from the Workload API) on connection `session_id`: its chain
+    /// and a proof of its key; report [`ClientSession::handle_presented`] or
+    /// [`ClientSession::handle_present_refused`].
+    Present {
+        /// The connection.
+        session_id: u64,
+    },
     /// Close connection `session_id` now.
     Close {
         /// The connection.
@@ -198,6 +212,9 @@ enum Renewal {
     Asked(Duration),
     /// The SVID source renews (a Workload API): nothing to ask.
     External,
+    /// The SVID source renewed and the new SVID is presented on the live connection; the
+    /// Hub's answer is due by the instant.
+    Presenting(Duration),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,8 +264,11 @@ pub struct ClientSession {
     actions: VecDeque<Action>,
     /// Jitter source for renewal times, refreshed by every event that carries randomness.
     random: u64,
-    /// A newer SVID arrived while the dial in flight used the older one: move again once up.
+    /// A newer SVID arrived while the dial in flight used the older one: present it once up.
     stale_dial: bool,
+    /// A newer SVID arrived while an older one was being presented: present again once
+    /// that is answered.
+    stale_present: bool,
 }
 
 impl ClientSession {
@@ -269,6 +289,7 @@ impl ClientSession {
             actions: VecDeque::new(),
             random,
             stale_dial: false,
+            stale_present: false,
         };
         s.dial_or_expire(now);
         s
@@ -306,7 +327,7 @@ impl ClientSession {
             State::Dialing | State::Done => None,
             State::Waiting { until } => Some(until.min(self.svid.end())),
             State::Up {
-                renewal: Renewal::Due(at) | Renewal::Asked(at),
+                renewal: Renewal::Due(at) | Renewal::Asked(at) | Renewal::Presenting(at),
                 ..
             } => Some(at.min(self.svid.end())),
             State::Up {
@@ -374,6 +395,18 @@ impl ClientSession {
         )
     }
 
+    /// Whether a `Present` is waiting for its answer (a `Presented` at any other time is a
+    /// protocol violation by the Hub, and a `Refused` answers something else).
+    pub fn awaiting_presentation(&self) -> bool {
+        matches!(
+            self.state,
+            State::Up {
+                renewal: Renewal::Presenting(_),
+                ..
+            }
+        )
+    }
+
     /// The dial asked for by [`Action::Dial`] brought session `session_id` up.
     pub fn handle_dialed(&mut self, now: Duration, session_id: u64, random: u64) {
         self.random = random;
@@ -381,14 +414,14 @@ impl ClientSession {
             State::Dialing | State::Waiting { .. } => {
                 self.backoff.reset();
                 self.up(now, session_id);
-                self.move_if_stale();
+                self.present_if_stale(now);
             }
             // The newer SVID is in use: the old connection drains and goes.
             State::Moving { from, .. } => {
                 self.backoff.reset();
                 self.actions.push_back(Action::Retire { session_id: from });
                 self.up(now, session_id);
-                self.move_if_stale();
+                self.present_if_stale(now);
             }
             // Reached only to deliver the revoke.
             State::Revoking { deadline, .. } => {
@@ -483,29 +516,29 @@ impl ClientSession {
                 self.svid = svid;
                 self.up(now, session_id);
             }
-            // Not asked: the Hub broke the protocol; the current connection is closed.
-            State::Up { session_id, .. } => {
-                self.actions.push_back(Action::Close {
-                    session_id,
-                    reason: CloseReason::Protocol,
-                });
-                self.back_off(now, self.random);
-            }
+            // Not asked: the Hub broke the protocol.
+            State::Up { session_id, .. } => self.protocol_broken(now, session_id),
             _ => {}
         }
     }
 
     /// The SVID source (a Workload API) delivered a new SVID valid over `svid`: the next dial
-    /// uses it, and a live connection moves to a new one made with it (make-before-break).
-    /// Ignored unless the session was built with `external_svid`.
-    pub fn handle_svid(&mut self, svid: Validity) {
+    /// uses it, and a live connection presents it (it moves to a new connection made with it
+    /// if the Hub does not take it). Ignored unless the session was built with
+    /// `external_svid`.
+    pub fn handle_svid(&mut self, now: Duration, svid: Validity) {
         if !self.config.external_svid {
             return;
         }
         self.svid = svid;
         match self.state {
-            State::Up { session_id, .. } => self.start_move(session_id),
-            // The dial in flight presents the older SVID: move once it is up.
+            // The answer to the older one decides; then the newest is presented.
+            State::Up {
+                renewal: Renewal::Presenting(_),
+                ..
+            } => self.stale_present = true,
+            State::Up { session_id, .. } => self.present(now, session_id),
+            // The dial in flight presents the older SVID: present the newer once it is up.
             State::Dialing | State::Moving { retry_at: None, .. } => self.stale_dial = true,
             // The next dial uses the new SVID anyway.
             State::Moving { .. }
@@ -513,6 +546,38 @@ impl ClientSession {
             | State::Revoking { .. }
             | State::Stopping { .. }
             | State::Done => {}
+        }
+    }
+
+    /// The Hub re-bound the live session to the presented SVID. An SVID delivered meanwhile
+    /// is presented next.
+    pub fn handle_presented(&mut self, now: Duration) {
+        match self.state {
+            State::Up {
+                session_id,
+                renewal: Renewal::Presenting(_),
+            } => {
+                if std::mem::take(&mut self.stale_present) {
+                    self.present(now, session_id);
+                } else {
+                    self.up(now, session_id);
+                }
+            }
+            // Not asked: the Hub broke the protocol.
+            State::Up { session_id, .. } => self.protocol_broken(now, session_id),
+            _ => {}
+        }
+    }
+
+    /// The Hub did not take the presented SVID on the live connection (or the proof could
+    /// not be made): move to a new connection made with the newest SVID, make-before-break.
+    pub fn handle_present_refused(&mut self) {
+        if let State::Up {
+            session_id,
+            renewal: Renewal::Presenting(_),
+        } = self.state
+        {
+            self.start_move(session_id);
         }
     }
 
@@ -586,6 +651,12 @@ impl ClientSession {
                 });
                 self.finish(Exit::Expired);
             }
+            // No answer to the presentation: the old connection serves while a new one is
+            // dialled with the new SVID.
+            State::Up {
+                session_id,
+                renewal: Renewal::Presenting(at),
+            } if now >= at => self.start_move(session_id),
             State::Up {
                 renewal: Renewal::Due(at) | Renewal::Asked(at),
                 ..
@@ -650,17 +721,37 @@ impl ClientSession {
         };
     }
 
-    /// Just up with a dial that used an SVID older than the newest: move on at once.
-    fn move_if_stale(&mut self) {
+    /// Just up with a dial that used an SVID older than the newest: present the newest on it
+    /// at once.
+    fn present_if_stale(&mut self, now: Duration) {
         if std::mem::take(&mut self.stale_dial) {
             if let State::Up { session_id, .. } = self.state {
-                self.start_move(session_id);
+                self.present(now, session_id);
             }
         }
     }
 
+    /// The Hub answered what was not asked: the current connection is closed, and the next
+    /// dial comes after a backoff.
+    fn protocol_broken(&mut self, now: Duration, session_id: u64) {
+        self.actions.push_back(Action::Close {
+            session_id,
+            reason: CloseReason::Protocol,
+        });
+        self.back_off(now, self.random);
+    }
+
+    fn present(&mut self, now: Duration, session_id: u64) {
+        self.state = State::Up {
+            session_id,
+            renewal: Renewal::Presenting(now + self.config.renew_answer_timeout),
+        };
+        self.actions.push_back(Action::Present { session_id });
+    }
+
     fn start_move(&mut self, from: u64) {
         self.stale_dial = false;
+        self.stale_present = false;
         self.state = State::Moving {
             from,
             retry_at: None,
@@ -674,12 +765,14 @@ impl ClientSession {
         } else {
             self.state = State::Dialing;
             self.stale_dial = false;
+            self.stale_present = false;
             self.actions.push_back(Action::Dial);
         }
     }
 
     fn back_off(&mut self, now: Duration, random: u64) {
         let until = now + self.backoff.next_delay(random);
+        self.stale_present = false;
         self.state = State::Waiting { until };
     }
 

@@ -15,8 +15,10 @@ use ewii::audit::{Audit, AuditOutput};
 use ewii::client::{self, ClientError, Exit};
 use ewii::config::SvidSource;
 use ewii::hub::admin;
+use ewii::identity::present;
 use ewii::identity::store::read_certs;
 use ewii_common::audit::{Event, Outcome, Side};
+use ewii_common::frame;
 use ewii_tests::workload_api::{IssuedSvid, SpireCa, WorkloadApi};
 use ewii_tests::*;
 use tempfile::TempDir;
@@ -144,7 +146,8 @@ fn serve(api: &WorkloadApi, svid: &IssuedSvid, hub: &TestHub) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p7_p8_a_rotation_pushed_by_the_workload_api_moves_the_session_with_no_failed_query() {
+async fn p5_p7_p8_a_rotation_pushed_by_the_workload_api_re_binds_the_live_session_and_one_the_hub_refuses_moves(
+) {
     let (
         Setup {
             dir: _dir,
@@ -194,7 +197,7 @@ async fn p7_p8_a_rotation_pushed_by_the_workload_api_moves_the_session_with_no_f
             }
         }));
     }
-    // A query in flight across the move: opened on the old connection, finished after.
+    // A query open across both rotations: opened before, used between, finished after.
     let mut long = tokio::net::TcpStream::connect(svc).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     long.write_all(b"opened before").await.unwrap();
@@ -204,8 +207,16 @@ async fn p7_p8_a_rotation_pushed_by_the_workload_api_moves_the_session_with_no_f
         ok.load(Ordering::Relaxed) >= 50
     })
     .await;
+    let count = |audit: &Audit, event: Event| {
+        audit
+            .records()
+            .into_iter()
+            .filter(|r| r.event == event)
+            .count()
+    };
 
-    // The agent rotates: a new key and SVID, pushed to the open stream.
+    // The agent rotates: a new key and SVID, pushed to the open stream. The Client presents
+    // it on its one connection, and the Hub re-binds that session to it.
     let second = ca.issue(ACME_PATH, HOUR);
     assert_ne!(first.serial, second.serial);
     serve(&api, &second, &hub);
@@ -223,13 +234,73 @@ async fn p7_p8_a_rotation_pushed_by_the_workload_api_moves_the_session_with_no_f
             .is_some_and(|r| r.contains(&second.serial) && r.contains(&first.serial)),
         "{rotated:?}"
     );
-    // The Hub saw a session with the new serial (the Client retires the old one as soon as
-    // it is welcomed there).
-    hub.wait_audit("session_up with the new serial", |r| {
+    let rebound = hub
+        .wait_audit("the session re-bound to the presented SVID", |r| {
+            r.event == Event::SvidRotated && r.outcome == Some(Outcome::Ok)
+        })
+        .await;
+    let expected = format!(
+        "session re-bound from serial {} to {} (presented from the Client's SPIRE)",
+        first.serial, second.serial
+    );
+    assert!(
+        rebound
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains(&expected)),
+        "{rebound:?}"
+    );
+    assert_eq!(rebound.session_id, up.session_id, "the same session");
+    let at_rebind = ok.load(Ordering::Relaxed);
+    poll_until("load after the re-bind", SOON, || {
+        ok.load(Ordering::Relaxed) >= at_rebind + 50
+    })
+    .await;
+    long.write_all(b"across the re-bind").await.unwrap();
+    let mut buf = [0u8; 18];
+    long.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"across the re-bind");
+    assert_eq!(
+        count(&hub.audit, Event::SessionUp),
+        1,
+        "no second connection"
+    );
+    assert_eq!(count(&hub.audit, Event::SessionLost), 0);
+    assert_eq!(count(&client.audit, Event::SessionLost), 0);
+
+    // A second rotation at once: the Hub refuses a presentation so soon after the last (a
+    // flood bound), and the Client moves to a new connection made with it instead,
+    // make-before-break: the old connection finishes the query open on it.
+    let third = ca.issue(ACME_PATH, HOUR);
+    serve(&api, &third, &hub);
+    let refused = hub
+        .wait_audit("the second presentation refused", |r| {
+            r.event == Event::SvidRotated && r.outcome == Some(Outcome::Refused)
+        })
+        .await;
+    assert!(
+        refused
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("presented SVID refused: flood")),
+        "{refused:?}"
+    );
+    client
+        .audit
+        .wait_for(SOON, |r| {
+            r.event == Event::SvidRotated
+                && r.outcome == Some(Outcome::Refused)
+                && r.reason
+                    .as_deref()
+                    .is_some_and(|x| x.contains("not taken on the live connection"))
+        })
+        .await
+        .expect("the Client says it moves");
+    hub.wait_audit("session_up with the third serial", |r| {
         r.event == Event::SessionUp
             && r.reason
                 .as_deref()
-                .is_some_and(|x| x.contains(&format!("serial {}", second.serial)))
+                .is_some_and(|x| x.contains(&format!("serial {}", third.serial)))
     })
     .await;
     // The Hub has read the retiring Goodbye once it routes nothing more to the old session
@@ -240,20 +311,13 @@ async fn p7_p8_a_rotation_pushed_by_the_workload_api_moves_the_session_with_no_f
         handle.connections() == 1
     })
     .await;
-    let ended = |audit: &Audit| {
-        audit
-            .records()
-            .into_iter()
-            .filter(|r| r.event == Event::SessionLost)
-            .count()
-    };
     assert_eq!(
-        ended(&hub.audit),
+        count(&hub.audit, Event::SessionLost),
         0,
         "the old connection drains its query in flight"
     );
     assert_eq!(
-        ended(&client.audit),
+        count(&client.audit, Event::SessionLost),
         0,
         "the old connection drains its query in flight"
     );
@@ -263,7 +327,7 @@ async fn p7_p8_a_rotation_pushed_by_the_workload_api_moves_the_session_with_no_f
     long.read_to_end(&mut rest).await.unwrap();
     assert_eq!(
         rest, b"finished after",
-        "the query in flight survived the move"
+        "the query in flight survived both rotations"
     );
 
     // The old one ended as a move once its query was done.
@@ -273,7 +337,7 @@ async fn p7_p8_a_rotation_pushed_by_the_workload_api_moves_the_session_with_no_f
                 && r.reason.as_deref().is_some_and(|x| x.contains("moved"))
         })
         .await;
-    assert_ne!(moved.session_id, None);
+    assert_eq!(moved.session_id, up.session_id);
     poll_until("one connection again", SOON, || handle.connections() == 1).await;
     let at_move = ok.load(Ordering::Relaxed);
     poll_until("load after the move", SOON, || {
@@ -285,10 +349,160 @@ async fn p7_p8_a_rotation_pushed_by_the_workload_api_moves_the_session_with_no_f
         w.await.unwrap();
     }
     assert_eq!(failed.load(Ordering::Relaxed), 0, "no query failed");
-    assert!(ok.load(Ordering::Relaxed) >= 100);
+    assert!(ok.load(Ordering::Relaxed) >= 150);
     // Nothing of the agent's SVID was written to disk.
     assert!(!client._dir.path().join("state/svid.key").exists());
     assert_eq!(client.stop().await, Exit::Stopped);
+}
+
+/// Sends `Present` on `session` and reads the Hub's answer.
+async fn present(
+    session: &mut RawSession,
+    chain: &[Vec<u8>],
+    scheme: u16,
+    proof: Vec<u8>,
+) -> frame::Control {
+    let msg = frame::Control::Present {
+        chain: chain.to_vec(),
+        scheme,
+        proof,
+    };
+    ewii::transport::write_frame(&mut session.send, &msg)
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        SOON,
+        session.reader.read::<frame::Control>(&mut session.recv),
+    )
+    .await
+    .expect("the Hub answers Present")
+    .unwrap()
+    .expect("an answer, not the end of the stream")
+}
+
+/// The exporter output `Present` proofs sign, for `session`'s connection.
+fn exporter(session: &RawSession) -> [u8; frame::PRESENT_EXPORTER_LEN] {
+    let mut out = [0u8; frame::PRESENT_EXPORTER_LEN];
+    session
+        .conn
+        .export_keying_material(&mut out, present::PRESENT_EXPORTER_LABEL, b"")
+        .unwrap();
+    out
+}
+
+fn der_chain(svid: &IssuedSvid) -> Vec<Vec<u8>> {
+    svid.svid().chain.iter().map(|c| c.to_vec()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_p8_a_presented_svid_is_taken_only_for_this_identity_with_its_keys_proof_for_this_connection(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = SpireCa::new(CUSTOMER);
+    // Two federated Clients: one must not take the other's SVID on its session.
+    let bundle = dir.path().join("customer.pem");
+    ca.write_bundle(&bundle);
+    let federation = format!(
+        "[[federation]]\ntrust_domain = \"{CUSTOMER}\"\nbundle = {bundle:?}\nclients = {{ acme = \"spiffe://{CUSTOMER}{ACME_PATH}\", bob = \"spiffe://{CUSTOMER}/ewii/bob\" }}\n"
+    );
+    let hub = TestHub::start_custom(&[Service::tcp("svc", "acme", "echo")], &federation).await;
+    let first = ca.issue(ACME_PATH, HOUR);
+    let next = ca.issue(ACME_PATH, HOUR);
+    let refused = frame::Control::Refused {
+        code: frame::RefuseCode::BadRequest,
+    };
+    // Each attempt on its own session: one session may present once per flood bound.
+    let session = || async { raw_session(&hub, &first.svid()).await.unwrap() };
+    let refusal = |why: &'static str| {
+        let hub = &hub;
+        async move {
+            hub.wait_audit(why, |r| {
+                r.event == Event::SvidRotated
+                    && r.outcome == Some(Outcome::Refused)
+                    && r.reason.as_deref().is_some_and(|x| x.contains(why))
+            })
+            .await
+        }
+    };
+
+    // A proof made for another connection (replayed, or made elsewhere).
+    let mut s = session().await;
+    let (scheme, proof) = present::sign(&next.svid(), &[0; frame::PRESENT_EXPORTER_LEN]).unwrap();
+    assert_eq!(
+        present(&mut s, &der_chain(&next), scheme, proof).await,
+        refused
+    );
+    refusal("is not the presented certificate's key's signature").await;
+    // The new chain with a proof by the key in use, not the new one (a stolen certificate).
+    let mut s = session().await;
+    let (scheme, proof) = present::sign(&first.svid(), &exporter(&s)).unwrap();
+    assert_eq!(
+        present(&mut s, &der_chain(&next), scheme, proof).await,
+        refused
+    );
+    // Another Client of this Hub, with its own key's proof (it cannot take over acme's
+    // session).
+    let bob = ca.issue("/ewii/bob", HOUR);
+    let mut s = session().await;
+    let (scheme, proof) = present::sign(&bob.svid(), &exporter(&s)).unwrap();
+    assert_eq!(
+        present(&mut s, &der_chain(&bob), scheme, proof).await,
+        refused
+    );
+    refusal("but this session is").await;
+    // An identity of the same trust domain this Hub does not list, with its own key's proof.
+    let mallory = ca.issue("/ewii/mallory", HOUR);
+    let mut s = session().await;
+    let (scheme, proof) = present::sign(&mallory.svid(), &exporter(&s)).unwrap();
+    assert_eq!(
+        present(&mut s, &der_chain(&mallory), scheme, proof).await,
+        refused
+    );
+    refusal("not a Client of this Hub").await;
+    // The same identity from another CA claiming the customer's trust domain.
+    let forged = SpireCa::new(CUSTOMER).issue(ACME_PATH, HOUR);
+    let mut s = session().await;
+    let (scheme, proof) = present::sign(&forged.svid(), &exporter(&s)).unwrap();
+    assert_eq!(
+        present(&mut s, &der_chain(&forged), scheme, proof).await,
+        refused
+    );
+    refusal("presented SVID refused: chain:").await;
+    // Nothing was re-bound by any of that.
+    assert!(!hub
+        .audit
+        .records()
+        .iter()
+        .any(|r| r.event == Event::SvidRotated && r.outcome == Some(Outcome::Ok)));
+
+    // The new SVID with its own key's proof for this connection is taken, once per bound.
+    let mut s = session().await;
+    let (scheme, proof) = present::sign(&next.svid(), &exporter(&s)).unwrap();
+    assert_eq!(
+        present(&mut s, &der_chain(&next), scheme, proof.clone()).await,
+        frame::Control::Presented {
+            serial: next.serial.clone()
+        }
+    );
+    let rebound = hub
+        .wait_audit("the re-bind", |r| {
+            r.event == Event::SvidRotated && r.outcome == Some(Outcome::Ok)
+        })
+        .await;
+    assert!(
+        rebound
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains(&format!("to {}", next.serial))),
+        "{rebound:?}"
+    );
+    assert_eq!(
+        present(&mut s, &der_chain(&next), scheme, proof).await,
+        refused
+    );
+    refusal("flood").await;
+    // The session is still up, on the re-bound SVID.
+    assert!(s.conn.close_reason().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,8 +626,8 @@ async fn p7_a_client_without_the_hubs_bundle_from_its_agent_refuses_to_start_and
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p3_p7_the_client_binary_under_every_kernel_layer_takes_its_svid_from_the_agent_and_moves()
-{
+async fn p3_p7_the_client_binary_under_every_kernel_layer_takes_its_svid_from_the_agent_and_presents_the_next(
+) {
     crate::kernel::privileged!();
     let Setup {
         dir,
@@ -457,22 +671,19 @@ async fn p3_p7_the_client_binary_under_every_kernel_layer_takes_its_svid_from_th
     try_roundtrip(svc, b"through the locked binary")
         .await
         .unwrap();
-    // The agent rotates; the locked process (seccomp, Landlock, eBPF) still reaches both the
-    // agent's socket and the Hub, and moves.
+    // The agent rotates; the locked process (seccomp, Landlock, eBPF) still reaches the
+    // agent's socket, and presents the new SVID on its one connection.
     let second = ca.issue(ACME_PATH, HOUR);
     serve(&api, &second, &hub);
-    hub.wait_audit("the session with the new serial", |r| {
-        r.event == Event::SessionUp
+    hub.wait_audit("the session re-bound to the new serial", |r| {
+        r.event == Event::SvidRotated
+            && r.outcome == Some(Outcome::Ok)
             && r.reason
                 .as_deref()
-                .is_some_and(|x| x.contains(&format!("serial {}", second.serial)))
+                .is_some_and(|x| x.contains(&format!("to {} (presented", second.serial)))
     })
     .await;
-    hub.wait_audit("the old session ending as a move", |r| {
-        r.event == Event::SessionLost && r.reason.as_deref().is_some_and(|x| x.contains("moved"))
-    })
-    .await;
-    try_roundtrip(svc, b"after the move").await.unwrap();
+    try_roundtrip(svc, b"after the rotation").await.unwrap();
     // The customer's evidence: the SVID and the bundle from the agent, nothing of them on disk.
     let (_, report) = crate::verify::verify(&state, &[]);
     for id in ["P7", "P15", "P13"] {
@@ -512,19 +723,16 @@ async fn p7_a_federated_client_gets_no_svid_from_the_hub() {
         .await
         .expect("a listed federated SVID gets a session");
     let (_key, csr) = ewii::identity::ca::new_key_and_csr().unwrap();
-    ewii::transport::write_frame(
-        &mut session.send,
-        &ewii_common::frame::Control::Renew { csr },
-    )
-    .await
-    .unwrap();
+    ewii::transport::write_frame(&mut session.send, &frame::Control::Renew { csr })
+        .await
+        .unwrap();
     let answer = session
         .reader
-        .read::<ewii_common::frame::Control>(&mut session.recv)
+        .read::<frame::Control>(&mut session.recv)
         .await
         .unwrap();
     assert!(
-        matches!(answer, Some(ewii_common::frame::Control::Refused { .. })),
+        matches!(answer, Some(frame::Control::Refused { .. })),
         "{answer:?}"
     );
     hub.wait_audit("the refused renewal", |r| {

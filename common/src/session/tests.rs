@@ -35,6 +35,17 @@ fn spire_svid_at(at: u64) -> Validity {
     }
 }
 
+/// What the machine asks for when the SVID of connection `id` ends.
+fn expired(id: u64) -> Vec<Action> {
+    vec![
+        Action::Close {
+            session_id: id,
+            reason: CloseReason::SvidExpired,
+        },
+        Action::Exit(Exit::Expired),
+    ]
+}
+
 fn disconnect_on_stop() -> SessionConfig {
     SessionConfig {
         revoke_on_stop: false,
@@ -109,6 +120,15 @@ impl Sim {
         let r = self.rng.next();
         self.s.handle_dialed(self.now, id, r);
         id
+    }
+
+    /// An SVID pushed on a live connection, presented, and refused by the Hub: what the
+    /// machine asks for then.
+    fn push_refused(&mut self, svid: Validity) -> Vec<Action> {
+        self.s.handle_svid(self.now, svid);
+        assert!(matches!(self.actions()[..], [Action::Present { .. }]));
+        self.s.handle_present_refused();
+        self.actions()
     }
 
     fn dial_failed(&mut self) {
@@ -223,16 +243,7 @@ fn p7_a_hub_that_never_answers_renew_is_asked_again_until_the_svid_expires() {
             asks.push(sim.now);
             continue;
         }
-        assert_eq!(
-            acts,
-            vec![
-                Action::Close {
-                    session_id: id,
-                    reason: CloseReason::SvidExpired
-                },
-                Action::Exit(Exit::Expired)
-            ]
-        );
+        assert_eq!(acts, expired(id));
         break;
     }
     assert_eq!(sim.now, svid.end(), "ends exactly at not_after");
@@ -583,8 +594,12 @@ fn in_every_state() -> Vec<(&'static str, Sim)> {
     out.push(("delivering a pending revoke", sim));
 
     let (mut sim, _) = Sim::connected(workload_api(), spire_svid_at(START));
-    sim.s.handle_svid(spire_svid_at(START + 1));
+    sim.s.handle_svid(sim.now, spire_svid_at(START + 1));
     sim.actions();
+    out.push(("presenting a new SVID", sim));
+
+    let (mut sim, _) = Sim::connected(workload_api(), spire_svid_at(START));
+    sim.push_refused(spire_svid_at(START + 1));
     out.push(("moving to a new SVID's connection", sim));
     out
 }
@@ -651,24 +666,90 @@ fn p7_an_svid_from_the_workload_api_is_never_renewed_through_the_hub() {
     // Nothing happens until the SVID's end, if the agent never pushes a new one.
     let acts = sim.advance();
     assert_eq!(sim.now, Duration::from_secs(START + 3_600));
-    assert_eq!(
-        acts,
-        vec![
-            Action::Close {
-                session_id: id,
-                reason: CloseReason::SvidExpired
-            },
-            Action::Exit(Exit::Expired)
-        ]
-    );
+    assert_eq!(acts, expired(id));
     assert!(!sim.log.iter().any(|(_, a)| *a == Action::SendRenew));
 }
 
 #[test]
-fn p7_p8_a_pushed_svid_moves_to_a_new_connection_before_the_old_one_goes() {
+fn p5_p7_a_pushed_svid_is_presented_on_the_live_connection_and_nothing_is_dialled() {
+    let (mut sim, id) = Sim::connected(workload_api(), spire_svid_at(START));
+    sim.now += Duration::from_secs(1_800);
+    sim.s.handle_svid(sim.now, spire_svid_at(START + 1_800));
+    assert_eq!(sim.actions(), vec![Action::Present { session_id: id }]);
+    assert!(sim.s.awaiting_presentation());
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: id });
+    sim.s.handle_presented(sim.now);
+    assert_eq!(sim.actions(), vec![], "the same connection goes on");
+    assert!(!sim.s.awaiting_presentation());
+    assert_eq!(sim.s.svid(), spire_svid_at(START + 1_800));
+    // It lives until the new SVID's end, not the old one's.
+    let acts = sim.advance();
+    assert_eq!(sim.now, Duration::from_secs(START + 1_800 + 3_600));
+    assert_eq!(acts, expired(id));
+    assert!(
+        !sim.log.iter().skip(1).any(|(_, a)| *a == Action::Dial),
+        "one connection throughout: {:?}",
+        sim.log
+    );
+}
+
+#[test]
+fn p7_a_presentation_the_hub_does_not_answer_moves_to_a_new_connection_in_time() {
+    let (mut sim, old) = Sim::connected(workload_api(), spire_svid_at(START));
+    sim.s.handle_svid(sim.now, spire_svid_at(START + 10));
+    assert_eq!(sim.actions(), vec![Action::Present { session_id: old }]);
+    let asked = sim.now;
+    assert_eq!(sim.advance(), vec![Action::Dial]);
+    assert_eq!(
+        sim.now,
+        asked + Duration::from_secs(10),
+        "the answer timeout"
+    );
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: old });
+    // A late answer changes nothing: the move is under way.
+    sim.s.handle_presented(sim.now);
+    assert_eq!(sim.actions(), vec![]);
+    let new = sim.dialed();
+    assert_eq!(sim.actions(), vec![Action::Retire { session_id: old }]);
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: new });
+}
+
+#[test]
+fn p7_an_svid_pushed_while_another_is_presented_is_presented_next() {
+    let (mut sim, id) = Sim::connected(workload_api(), spire_svid_at(START));
+    sim.s.handle_svid(sim.now, spire_svid_at(START + 10));
+    assert_eq!(sim.actions(), vec![Action::Present { session_id: id }]);
+    sim.s.handle_svid(sim.now, spire_svid_at(START + 20));
+    assert_eq!(sim.actions(), vec![], "one presentation at a time");
+    sim.s.handle_presented(sim.now);
+    assert_eq!(sim.actions(), vec![Action::Present { session_id: id }]);
+    sim.s.handle_presented(sim.now);
+    assert_eq!(sim.actions(), vec![]);
+    assert_eq!(sim.s.svid(), spire_svid_at(START + 20));
+    assert!(!sim.s.awaiting_presentation());
+}
+
+#[test]
+fn p7_presented_without_present_is_a_protocol_error() {
+    let (mut sim, id) = Sim::connected(workload_api(), spire_svid_at(START));
+    sim.s.handle_presented(sim.now);
+    assert_eq!(
+        sim.actions(),
+        vec![Action::Close {
+            session_id: id,
+            reason: CloseReason::Protocol
+        }]
+    );
+    assert!(matches!(sim.s.phase(), Phase::Backoff { .. }));
+}
+
+#[test]
+fn p7_p8_a_pushed_svid_the_hub_does_not_take_moves_to_a_new_connection_before_the_old_one_goes() {
     let (mut sim, old) = Sim::connected(workload_api(), spire_svid_at(START));
     sim.now += Duration::from_secs(1_800);
-    sim.s.handle_svid(spire_svid_at(START + 1_800));
+    sim.s.handle_svid(sim.now, spire_svid_at(START + 1_800));
+    assert_eq!(sim.actions(), vec![Action::Present { session_id: old }]);
+    sim.s.handle_present_refused();
     // Make: the old connection still serves while the new one is dialled.
     assert_eq!(sim.actions(), vec![Action::Dial]);
     assert_eq!(sim.s.phase(), Phase::Connected { session_id: old });
@@ -687,8 +768,10 @@ fn p7_p8_a_pushed_svid_moves_to_a_new_connection_before_the_old_one_goes() {
 #[test]
 fn p14_a_move_whose_dial_fails_keeps_serving_on_the_old_connection_and_retries() {
     let (mut sim, old) = Sim::connected(workload_api(), spire_svid_at(START));
-    sim.s.handle_svid(spire_svid_at(START + 10));
-    assert_eq!(sim.actions(), vec![Action::Dial]);
+    assert_eq!(
+        sim.push_refused(spire_svid_at(START + 10)),
+        vec![Action::Dial]
+    );
     sim.dial_failed();
     assert_eq!(sim.actions(), vec![]);
     assert_eq!(sim.s.phase(), Phase::Connected { session_id: old });
@@ -703,8 +786,10 @@ fn p14_a_move_whose_dial_fails_keeps_serving_on_the_old_connection_and_retries()
 #[test]
 fn p14_the_old_connection_lost_during_a_move_leaves_the_dial_in_flight_as_the_reconnect() {
     let (mut sim, old) = Sim::connected(workload_api(), spire_svid_at(START));
-    sim.s.handle_svid(spire_svid_at(START + 10));
-    assert_eq!(sim.actions(), vec![Action::Dial]);
+    assert_eq!(
+        sim.push_refused(spire_svid_at(START + 10)),
+        vec![Action::Dial]
+    );
     let r = sim.rng.next();
     sim.s.handle_lost(sim.now, old, r);
     assert_eq!(
@@ -719,24 +804,26 @@ fn p14_the_old_connection_lost_during_a_move_leaves_the_dial_in_flight_as_the_re
 }
 
 #[test]
-fn p7_an_svid_pushed_during_a_dial_moves_again_once_that_dial_is_up() {
+fn p7_an_svid_pushed_during_a_dial_is_presented_once_that_dial_is_up() {
     let mut sim = Sim::new(workload_api(), spire_svid_at(START));
     assert_eq!(sim.actions(), vec![Action::Dial]);
-    sim.s.handle_svid(spire_svid_at(START + 5));
+    sim.s.handle_svid(sim.now, spire_svid_at(START + 5));
     assert_eq!(sim.actions(), vec![], "one dial in flight at a time");
     let first = sim.dialed();
-    // That dial presented the older SVID: move to one made with the newer.
-    assert_eq!(sim.actions(), vec![Action::Dial]);
-    let second = sim.dialed();
-    assert_eq!(sim.actions(), vec![Action::Retire { session_id: first }]);
-    assert_eq!(sim.s.phase(), Phase::Connected { session_id: second });
+    // That dial presented the older SVID: present the newer on it.
+    assert_eq!(sim.actions(), vec![Action::Present { session_id: first }]);
+    sim.s.handle_presented(sim.now);
+    assert_eq!(sim.actions(), vec![]);
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: first });
 }
 
 #[test]
 fn p9_a_stop_during_a_move_says_goodbye_on_the_serving_connection_and_drops_the_new_one() {
     let (mut sim, old) = Sim::connected(workload_api(), spire_svid_at(START));
-    sim.s.handle_svid(spire_svid_at(START + 10));
-    assert_eq!(sim.actions(), vec![Action::Dial]);
+    assert_eq!(
+        sim.push_refused(spire_svid_at(START + 10)),
+        vec![Action::Dial]
+    );
     sim.s.handle_stop(sim.now);
     assert_eq!(
         sim.actions(),
@@ -760,7 +847,7 @@ fn p9_a_stop_during_a_move_says_goodbye_on_the_serving_connection_and_drops_the_
 #[test]
 fn p7_a_pushed_svid_is_ignored_by_a_session_the_hub_renews() {
     let (mut sim, id) = Sim::connected(config(), svid_at(START));
-    sim.s.handle_svid(svid_at(START + 10));
+    sim.s.handle_svid(sim.now, svid_at(START + 10));
     assert_eq!(sim.actions(), vec![]);
     assert_eq!(sim.s.phase(), Phase::Connected { session_id: id });
     assert_eq!(sim.s.svid(), svid_at(START));

@@ -4,9 +4,11 @@
 //! `session_lost` audit record when it ends.
 //!
 //! A rotation through the Hub does not change the connection: the driver sends `Rotated` once
-//! the renewed SVID is stored, and the Hub re-binds the session to it. An SVID pushed by a
-//! SPIFFE Workload API needs a new handshake: the driver dials a new connection and then
-//! retires this one ([`Command::Retire`]).
+//! the renewed SVID is stored, and the Hub re-binds the session to it. Nor does an SVID pushed
+//! by a SPIFFE Workload API, as a rule: the connection presents it ([`Command::Present`]: the
+//! chain, and the new key's signature over this connection's TLS exporter output), and the
+//! Hub re-binds the session to it. Only when the Hub does not take it does the driver dial a
+//! new connection with it and then retire this one ([`Command::Retire`]).
 //!
 //! Retiring is `Goodbye` without a revoke, after which the connection still serves every query
 //! the Hub opened before it read the `Goodbye` (the Hub acknowledges by finishing its side of
@@ -27,6 +29,7 @@ use tokio::time::Instant;
 use super::connect::Opened;
 use super::driver::sleep_until_opt;
 use super::query::{self, QueryCtx};
+use super::rotation::Identity;
 use crate::transport::{self, codes, StreamError};
 
 /// What the driver tells a connection.
@@ -36,6 +39,8 @@ pub(crate) enum Command {
     Renew(Vec<u8>),
     /// Tell the Hub the renewed SVID with this serial is stored and in use.
     Rotated(String),
+    /// Present this SVID (delivered by the Workload API) with a proof of its key.
+    Present(Arc<Identity>),
     /// Say `Goodbye`, take no new query, report [`Event::Drained`] when none is left and the
     /// Hub has acknowledged the `Goodbye`.
     Goodbye {
@@ -52,8 +57,11 @@ pub(crate) enum Command {
 /// What a connection reports to the driver, with its session id.
 #[derive(Debug)]
 pub(crate) enum Event {
-    /// A control message the driver decides on (`Renewed`, `Refused`, `BundleUpdate`).
+    /// A control message the driver decides on (`Renewed`, `Refused`, `BundleUpdate`,
+    /// `Presented`).
     Control(Control),
+    /// The proof for a `Present` could not be made (nothing was sent).
+    PresentFailed(String),
     /// No query is left after `Goodbye`, and the Hub has processed it.
     Drained(u64),
     /// The connection is over.
@@ -228,6 +236,16 @@ impl Connection {
                             break ended_by(&conn, &e);
                         }
                     }
+                    Some(Command::Present(identity)) => match present(&conn, identity).await {
+                        Ok(msg) => {
+                            if let Err(e) = transport::write_frame(&mut send, &msg).await {
+                                break ended_by(&conn, &e);
+                            }
+                        }
+                        Err(e) => {
+                            let _ = events.send(Event::PresentFailed(e));
+                        }
+                    },
                     Some(Command::Goodbye { revoke }) => {
                         let _ = transport::write_frame(&mut send, &Control::Goodbye { revoke }).await;
                         let _ = send.finish();
@@ -264,7 +282,7 @@ impl Connection {
                     Ok(None) if stopping || retiring.is_some() => goodbye_read = true,
                     Ok(Some(Control::Revoked { reason })) => break End::Revoked(reason),
                     Ok(Some(Control::Pong { .. })) => {}
-                    Ok(Some(msg @ (Control::Renewed { .. } | Control::Refused { .. } | Control::BundleUpdate { .. }))) => {
+                    Ok(Some(msg @ (Control::Renewed { .. } | Control::Refused { .. } | Control::BundleUpdate { .. } | Control::Presented { .. }))) => {
                         let _ = events.send(Event::Control(msg));
                     }
                     Ok(Some(_)) => {
@@ -300,6 +318,25 @@ impl Connection {
         ctx.audit.emit(r);
         let _ = events.send(Event::Ended(id, end));
     }
+}
+
+/// `Present` for `identity` on `conn`: the chain, and the new key's signature over this
+/// connection's exporter output (made off the async workers: an RSA key takes milliseconds).
+async fn present(conn: &quinn::Connection, identity: Arc<Identity>) -> Result<Control, String> {
+    use crate::identity::present;
+    let mut exporter = [0u8; ewii_common::frame::PRESENT_EXPORTER_LEN];
+    conn.export_keying_material(&mut exporter, present::PRESENT_EXPORTER_LABEL, b"")
+        .map_err(|_| "the connection exports no keying material".to_owned())?;
+    let chain = identity.svid.chain.iter().map(|c| c.to_vec()).collect();
+    let (scheme, proof) =
+        tokio::task::spawn_blocking(move || present::sign(&identity.svid, &exporter))
+            .await
+            .map_err(|e| e.to_string())??;
+    Ok(Control::Present {
+        chain,
+        scheme,
+        proof,
+    })
 }
 
 /// A control-stream error: the connection's own close reason says more.

@@ -262,6 +262,9 @@ impl Driver {
                             .handle_renew_refused(self.clock.now(), random());
                     }
                 },
+                Action::Present { session_id } => {
+                    self.command(Some(session_id), Command::Present(self.identity.clone()));
+                }
                 // Kept in the map until it ends: a stop meanwhile closes it too.
                 Action::Retire { session_id } => self.command(Some(session_id), Command::Retire),
                 Action::Close { session_id, reason } => {
@@ -335,6 +338,21 @@ impl Driver {
                     },
                 }
             }
+            Event::Control(Control::Presented { serial }) => {
+                if self.machine.awaiting_presentation() {
+                    tracing::info!(%serial, "the Hub re-bound the session to the SVID from the Workload API");
+                }
+                // Not asked for: the machine closes the connection.
+                self.machine.handle_presented(now);
+            }
+            Event::Control(Control::Refused { code }) if self.machine.awaiting_presentation() => {
+                self.present_refused(&format!("refused by the Hub: {code}"));
+            }
+            Event::PresentFailed(why) => {
+                if self.machine.awaiting_presentation() {
+                    self.present_refused(&why);
+                }
+            }
             Event::Control(Control::Refused { code }) => {
                 tracing::warn!(%code, "the Hub refused the renewal");
                 let mut r = self.audit.record(AuditEvent::SvidRotated);
@@ -359,6 +377,22 @@ impl Driver {
                 self.machine.handle_lost(now, id, random());
             }
         }
+    }
+
+    /// The SVID from the Workload API could not be presented on the live connection: the
+    /// machine moves to a new connection made with it. Audited: it is the Client's second
+    /// connection, for a while.
+    fn present_refused(&mut self, why: &str) {
+        tracing::warn!(reason = %why, "the Hub did not take the new SVID on the live connection; moving to a new connection");
+        let mut r = self.audit.record(AuditEvent::SvidRotated);
+        r.client = Some(self.queries.client_id.clone());
+        r.outcome = Some(Outcome::Refused);
+        r.reason = Some(format!(
+            "serial {} not taken on the live connection ({why}); moving to a new connection made with it",
+            self.identity.leaf.serial
+        ));
+        self.audit.emit(r);
+        self.machine.handle_present_refused();
     }
 
     /// Checks a `Renewed` answer and makes it the identity in use (files first, then memory).
@@ -439,12 +473,13 @@ impl Driver {
         }
         r.outcome = Some(Outcome::Ok);
         r.reason = Some(format!(
-            "serial {} replaces {} (from the Workload API); moving to a new connection",
+            "serial {} replaces {} (from the Workload API); presenting it on the live connection",
             delivered.identity.leaf.serial, self.identity.leaf.serial
         ));
         self.audit.emit(r);
         self.identity = Arc::new(delivered.identity);
-        self.machine.handle_svid(validity(&self.identity));
+        self.machine
+            .handle_svid(self.clock.now(), validity(&self.identity));
     }
 
     /// A bundle pushed by the Hub over the authenticated control stream replaces ours.

@@ -71,7 +71,7 @@ pub(crate) struct Session {
     pending: Option<LeafInfo>,
     /// `Goodbye` received: whether it revoked, and until when the Client may drain.
     goodbye: Option<(bool, Instant)>,
-    /// When this session last asked for a renewal (a flood is refused).
+    /// When this session last asked for a renewal or presented an SVID (a flood is refused).
     last_renew: Option<Instant>,
     /// `Goodbye` without a revoke while a newer connection of the client is live: the
     /// Client moved (a new SVID from its SPIRE), it did not stop.
@@ -354,6 +354,20 @@ impl Session {
                 None
             }
             Ok(Some(Control::Rotated { serial })) => self.rotated(serial).await,
+            Ok(Some(Control::Present {
+                chain,
+                scheme,
+                proof,
+            })) => {
+                let answer = self.present(chain, scheme, &proof).await;
+                if transport::write_frame(&mut self.send, &answer)
+                    .await
+                    .is_err()
+                {
+                    return Some(SessionEnd::ConnectionLost.reason("control stream write failed"));
+                }
+                None
+            }
             Ok(Some(Control::Renew { csr })) => {
                 let answer = self.renew(&csr).await;
                 if transport::write_frame(&mut self.send, &answer)
@@ -428,6 +442,8 @@ fn control_name(msg: &Control) -> &'static str {
         Control::Ping { .. } => "Ping",
         Control::Pong { .. } => "Pong",
         Control::Rotated { .. } => "Rotated",
+        Control::Present { .. } => "Present",
+        Control::Presented { .. } => "Presented",
         _ => "unknown",
     }
 }

@@ -213,6 +213,20 @@ impl Trust {
         self.federation.client(id).is_some()
     }
 
+    /// Checks a chain a live Client presents (`Present`) as its handshake was checked: the
+    /// chain to the bundle of its trust domain (a federated one's own), the SVID rules, a
+    /// Client this Hub knows, and the Hub's records (a revoked identity is refused).
+    pub(crate) fn verify_client_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+    ) -> Result<crate::identity::LeafInfo, String> {
+        let (leaf, intermediates) = chain.split_first().ok_or("empty chain")?;
+        SpiffeVerifier::new(self.bundle.clone(), &self.trust_domain, Expect::Client)
+            .with_federation(self.federation.clone())
+            .with_serial_check(self.view.clone())
+            .verify_chain(leaf, intermediates, rustls::pki_types::UnixTime::now())
+    }
+
     /// The trust domain.
     pub(crate) fn trust_domain(&self) -> &str {
         &self.trust_domain

@@ -3,8 +3,10 @@
 //! - [`ca`]: the Hub CA (ECDSA P-256); issues SVIDs from a CSR's public key alone.
 //! - [`store`]: key and certificate files (`svid.pem`, `svid.key` 0600, `bundle.pem`).
 //! - [`verify`]: the SPIFFE verifiers both sides run on every handshake.
+//! - [`present`]: the proof of a new SVID's key on a live connection (`Present`).
 
 pub mod ca;
+pub mod present;
 pub mod store;
 pub mod verify;
 

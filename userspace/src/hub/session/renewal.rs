@@ -1,17 +1,21 @@
 //! Renewal on a live session (P7, P8): `Renew` signs a fresh key for the session's own
 //! identity; `Rotated` re-binds the session to the renewed serial and retires the older ones.
+//! A federated Client, whose SVIDs its own SPIRE issues, sends `Present` instead: the new
+//! chain, checked as a handshake's, and its key's proof bound to this connection; the session
+//! is re-bound to it the same way.
 
 use std::time::Duration;
 
 use ewii_common::audit::{Event, Outcome, SessionEnd};
-use ewii_common::frame::{Control, RefuseCode};
+use ewii_common::frame::{self, Control, RefuseCode};
+use rustls::pki_types::CertificateDer;
 use tokio::time::Instant;
 
 use super::super::state::{RenewalRow, SessionRow};
 use super::super::store::Renewal;
 use super::{deadline_at, Session};
 use crate::identity::ca::Ca;
-use crate::identity::inspect_leaf;
+use crate::identity::{inspect_leaf, present, LeafInfo};
 use crate::transport::codes;
 
 /// The shortest time between two `Renew` on one session: each costs a signature and a synced
@@ -24,16 +28,11 @@ impl Session {
     /// Only the newest key in use renews: a connection holding a retired, revoked or
     /// superseded serial (a stolen old key) gets nothing.
     pub(super) async fn renew(&mut self, csr: &[u8]) -> Control {
+        let flood = self.flood();
         let parts = &self.parts;
         let mut r = parts.audit.record(Event::SvidRotated);
         r.session_id = Some(self.id);
         r.client = Some(self.leaf.id.to_string());
-        // A flood of `Renew` from one session (a hostile or broken peer) is refused cheaply, before
-        // any signature or database work, and audited.
-        let left = (self.leaf.not_after - crate::now_timestamp().unix_secs() as i64).max(0);
-        let bound = RENEW_MIN_INTERVAL.min(Duration::from_secs(left as u64) / 4);
-        let flood = self.last_renew.is_some_and(|at| at.elapsed() < bound);
-        self.last_renew = Some(Instant::now());
         if parts.trust.is_federated(&self.leaf.id) {
             r.outcome = Some(Outcome::Refused);
             r.reason = Some(
@@ -44,10 +43,10 @@ impl Session {
                 code: RefuseCode::BadRequest,
             };
         }
-        if flood {
+        if let Some(bound) = flood {
             r.outcome = Some(Outcome::Refused);
             r.reason = Some(format!(
-                "renewal flood: another Renew within {} ms on this session",
+                "renewal flood: another Renew or Present within {} ms on this session",
                 bound.as_millis()
             ));
             parts.audit.emit(r);
@@ -87,6 +86,82 @@ impl Session {
         };
         parts.audit.emit(r);
         answer
+    }
+
+    /// A flood of `Renew` or `Present` from one session (a hostile or broken peer) is refused
+    /// cheaply, before any signature or database work: `Some(bound)` when this one comes
+    /// within `bound` of the last.
+    fn flood(&mut self) -> Option<Duration> {
+        let left = (self.leaf.not_after - crate::now_timestamp().unix_secs() as i64).max(0);
+        let bound = RENEW_MIN_INTERVAL.min(Duration::from_secs(left as u64) / 4);
+        let flood = self.last_renew.is_some_and(|at| at.elapsed() < bound);
+        self.last_renew = Some(Instant::now());
+        flood.then_some(bound)
+    }
+
+    /// A federated Client presents the SVID its SPIRE delivered: re-bound to it when the chain
+    /// passes the handshake's checks, names this session's SPIFFE ID, and its key signed this
+    /// connection's proof. Anything else is refused (and audited); the session goes on with the
+    /// SVID it has, and the Client moves to a new connection made with the new one.
+    pub(super) async fn present(
+        &mut self,
+        chain: Vec<Vec<u8>>,
+        scheme: u16,
+        proof: &[u8],
+    ) -> Control {
+        match self.check_presented(chain, scheme, proof) {
+            Ok(leaf) => {
+                let serial = leaf.serial.clone();
+                self.rebind(leaf, "presented from the Client's SPIRE").await;
+                Control::Presented { serial }
+            }
+            Err(reason) => {
+                let mut r = self.parts.audit.record(Event::SvidRotated);
+                r.session_id = Some(self.id);
+                r.client = Some(self.leaf.id.to_string());
+                r.outcome = Some(Outcome::Refused);
+                r.reason = Some(format!("presented SVID refused: {reason}"));
+                self.parts.audit.emit(r);
+                Control::Refused {
+                    code: RefuseCode::BadRequest,
+                }
+            }
+        }
+    }
+
+    fn check_presented(
+        &mut self,
+        chain: Vec<Vec<u8>>,
+        scheme: u16,
+        proof: &[u8],
+    ) -> Result<LeafInfo, String> {
+        let flood = self.flood();
+        if !self.parts.trust.is_federated(&self.leaf.id) {
+            return Err(format!(
+                "{} takes its SVIDs from this Hub (Renew); only a federated Client presents one",
+                self.leaf.id
+            ));
+        }
+        if let Some(bound) = flood {
+            return Err(format!(
+                "flood: another Renew or Present within {} ms on this session",
+                bound.as_millis()
+            ));
+        }
+        let chain: Vec<CertificateDer<'static>> = chain.into_iter().map(Into::into).collect();
+        let leaf = self.parts.trust.verify_client_chain(&chain)?;
+        if leaf.id != self.leaf.id {
+            return Err(format!(
+                "it names {}, but this session is {}",
+                leaf.id, self.leaf.id
+            ));
+        }
+        let mut exporter = [0u8; frame::PRESENT_EXPORTER_LEN];
+        self.conn
+            .export_keying_material(&mut exporter, present::PRESENT_EXPORTER_LABEL, b"")
+            .map_err(|_| "the connection exports no keying material".to_owned())?;
+        present::verify(&chain[0], &exporter, scheme, proof)?;
+        Ok(leaf)
     }
 
     /// Whether and how this session's serial renews for `csr`: refused in the first quarter
@@ -146,6 +221,13 @@ impl Session {
                 "Rotated for serial {serial}, which this session was not issued"
             )));
         };
+        self.rebind(leaf, "renewed by this Hub").await;
+        None
+    }
+
+    /// Re-binds this live session to `leaf` (its expiry moves with it) and retires every
+    /// older serial of the client (P8). The connection stays: no query is cut.
+    async fn rebind(&mut self, leaf: LeafInfo, how: &str) {
         // Re-bound in the registry first, so that the retirement below does not drain us.
         self.parts
             .registry
@@ -164,7 +246,7 @@ impl Session {
             Ok(n) => {
                 r.outcome = Some(Outcome::Ok);
                 r.reason = Some(format!(
-                    "session re-bound from serial {} to {}; {n} older serial(s) retired",
+                    "session re-bound from serial {} to {} ({how}); {n} older serial(s) retired",
                     self.leaf.serial, leaf.serial
                 ));
             }
@@ -176,6 +258,5 @@ impl Session {
         self.parts.audit.emit(r);
         self.expiry = deadline_at(leaf.not_after);
         self.leaf = leaf;
-        None
     }
 }
