@@ -20,7 +20,7 @@ use ewii::config::{ClientConfig, HubConfig};
 use ewii::hub::admin::{self, TokenReport};
 use ewii::hub::{Hub, HubHandle};
 use ewii::identity::parse_bundle_hash;
-use ewii_common::audit::{AuditRecord, Event, Side};
+use ewii_common::audit::{AuditRecord, Event, Outcome, Side};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -273,6 +273,16 @@ impl TestHub {
     /// Waits for a Hub audit record matching `pred`.
     pub async fn wait_audit(&self, what: &str, pred: impl Fn(&AuditRecord) -> bool) -> AuditRecord {
         wait_audit(&self.audit, what, pred).await
+    }
+
+    /// Waits for a refused `svid_rotated` record whose reason contains `why`.
+    pub async fn wait_rotation_refused(&self, why: &str) -> AuditRecord {
+        self.wait_audit(why, |r| {
+            r.event == Event::SvidRotated
+                && r.outcome == Some(Outcome::Refused)
+                && r.reason.as_deref().is_some_and(|x| x.contains(why))
+        })
+        .await
     }
 }
 
@@ -556,6 +566,47 @@ pub struct RawSession {
     pub recv: quinn::RecvStream,
     /// Frame reader over `recv`.
     pub reader: ewii::transport::FrameReader,
+}
+
+impl RawSession {
+    /// Sends `Present` and reads the Hub's answer.
+    pub async fn present(
+        &mut self,
+        chain: &[Vec<u8>],
+        scheme: u16,
+        proof: Vec<u8>,
+    ) -> ewii_common::frame::Control {
+        let msg = ewii_common::frame::Control::Present {
+            chain: chain.to_vec(),
+            scheme,
+            proof,
+        };
+        ewii::transport::write_frame(&mut self.send, &msg)
+            .await
+            .unwrap();
+        tokio::time::timeout(
+            SOON,
+            self.reader
+                .read::<ewii_common::frame::Control>(&mut self.recv),
+        )
+        .await
+        .expect("the Hub answers Present")
+        .unwrap()
+        .expect("an answer, not the end of the stream")
+    }
+
+    /// The exporter output a `Present` proof signs, for this connection.
+    pub fn exporter(&self) -> [u8; ewii_common::frame::PRESENT_EXPORTER_LEN] {
+        let mut out = [0u8; ewii_common::frame::PRESENT_EXPORTER_LEN];
+        self.conn
+            .export_keying_material(
+                &mut out,
+                ewii::identity::present::PRESENT_EXPORTER_LABEL,
+                b"",
+            )
+            .unwrap();
+        out
+    }
 }
 
 /// A Client configuration for tests: fast reconnects, `on_stop = "disconnect"`.

@@ -549,10 +549,15 @@ impl ClientSession {
         }
     }
 
-    /// The Hub re-bound the live session to the presented SVID. An SVID delivered meanwhile
-    /// is presented next.
-    pub fn handle_presented(&mut self, now: Duration) {
+    /// The Hub re-bound connection `session_id`'s session to the presented SVID. An SVID
+    /// delivered meanwhile is presented next. An answer from another connection (one retired
+    /// after its presentation timed out) changes nothing.
+    pub fn handle_presented(&mut self, now: Duration, session_id: u64) {
         match self.state {
+            State::Up {
+                session_id: current,
+                ..
+            } if current != session_id => {}
             State::Up {
                 session_id,
                 renewal: Renewal::Presenting(_),
@@ -569,15 +574,17 @@ impl ClientSession {
         }
     }
 
-    /// The Hub did not take the presented SVID on the live connection (or the proof could
+    /// The Hub did not take the SVID presented on connection `session_id` (or the proof could
     /// not be made): move to a new connection made with the newest SVID, make-before-break.
-    pub fn handle_present_refused(&mut self) {
+    pub fn handle_present_refused(&mut self, session_id: u64) {
         if let State::Up {
-            session_id,
+            session_id: current,
             renewal: Renewal::Presenting(_),
         } = self.state
         {
-            self.start_move(session_id);
+            if current == session_id {
+                self.start_move(current);
+            }
         }
     }
 

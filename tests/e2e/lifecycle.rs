@@ -137,6 +137,28 @@ async fn p7_p8_rotation_under_load_drops_no_query_and_retires_the_old_serial() {
 }
 
 #[tokio::test]
+async fn p7_a_client_the_hub_issues_for_cannot_present_an_svid_of_its_own() {
+    let hub = TestHub::start(&[]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let mut session = raw_session(&hub, &svid).await.expect("session");
+    // Its own valid SVID, with a correct proof for this connection: still not taken, since
+    // only the Hub's `Renew` changes what such a Client holds.
+    let (scheme, proof) = ewii::identity::present::sign(&svid, &session.exporter()).unwrap();
+    let chain: Vec<Vec<u8>> = svid.chain.iter().map(|c| c.to_vec()).collect();
+    assert_eq!(
+        session.present(&chain, scheme, proof).await,
+        Control::Refused {
+            code: ewii_common::frame::RefuseCode::BadRequest
+        }
+    );
+    hub.wait_rotation_refused("takes its SVIDs from this Hub")
+        .await;
+    // The session goes on.
+    assert!(session.conn.close_reason().is_none());
+}
+
+#[tokio::test]
 async fn p7_a_renewal_csr_asking_for_more_gets_exactly_the_recorded_identity() {
     let hub = hub_renewing_at_once(&[]).await;
     let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;

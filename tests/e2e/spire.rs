@@ -15,8 +15,8 @@ use ewii::audit::{Audit, AuditOutput};
 use ewii::client::{self, ClientError, Exit};
 use ewii::config::SvidSource;
 use ewii::hub::admin;
-use ewii::identity::present;
 use ewii::identity::store::read_certs;
+use ewii::identity::{inspect_leaf, present};
 use ewii_common::audit::{Event, Outcome, Side};
 use ewii_common::frame;
 use ewii_tests::workload_api::{IssuedSvid, SpireCa, WorkloadApi};
@@ -146,7 +146,7 @@ fn serve(api: &WorkloadApi, svid: &IssuedSvid, hub: &TestHub) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p5_p7_p8_a_rotation_pushed_by_the_workload_api_re_binds_the_live_session_and_one_the_hub_refuses_moves(
+async fn p5_p7_p8_a_rotation_pushed_by_the_workload_api_re_binds_the_live_session_and_one_the_hub_refuses_moves_later(
 ) {
     let (
         Setup {
@@ -268,34 +268,46 @@ async fn p5_p7_p8_a_rotation_pushed_by_the_workload_api_re_binds_the_live_sessio
     assert_eq!(count(&hub.audit, Event::SessionLost), 0);
     assert_eq!(count(&client.audit, Event::SessionLost), 0);
 
-    // A second rotation at once: the Hub refuses a presentation so soon after the last (a
-    // flood bound), and the Client moves to a new connection made with it instead,
-    // make-before-break: the old connection finishes the query open on it.
-    let third = ca.issue(ACME_PATH, HOUR);
-    serve(&api, &third, &hub);
-    let refused = hub
-        .wait_audit("the second presentation refused", |r| {
-            r.event == Event::SvidRotated && r.outcome == Some(Outcome::Refused)
-        })
+    // The agent delivers an SVID the Hub does not accept (the customer's SPIRE signs with a
+    // CA the Hub's `[[federation]]` bundle does not hold yet): the Hub refuses the
+    // presentation, the Client tries to move, and that handshake is refused too. The old
+    // connection goes on serving meanwhile.
+    let foreign = SpireCa::new(CUSTOMER).issue(ACME_PATH, HOUR);
+    serve(&api, &foreign, &hub);
+    hub.wait_rotation_refused("presented SVID refused: chain:")
         .await;
-    assert!(
-        refused
-            .reason
-            .as_deref()
-            .is_some_and(|r| r.contains("presented SVID refused: flood")),
-        "{refused:?}"
-    );
-    client
+    let moving = client
         .audit
         .wait_for(SOON, |r| {
-            r.event == Event::SvidRotated
-                && r.outcome == Some(Outcome::Refused)
-                && r.reason
-                    .as_deref()
-                    .is_some_and(|x| x.contains("not taken on the live connection"))
+            r.event == Event::SvidRotated && r.outcome == Some(Outcome::Refused)
         })
         .await
         .expect("the Client says it moves");
+    assert!(
+        moving
+            .reason
+            .as_deref()
+            .is_some_and(|x| x.contains(&format!(
+                "serial {} not taken on the live connection",
+                foreign.serial
+            ))),
+        "{moving:?}"
+    );
+    hub.wait_audit("the move's handshake refused", |r| {
+        r.event == Event::HandshakeRefused
+    })
+    .await;
+    let at_refusal = ok.load(Ordering::Relaxed);
+    poll_until(
+        "load on the old connection while the move fails",
+        SOON,
+        || ok.load(Ordering::Relaxed) >= at_refusal + 50,
+    )
+    .await;
+    // Then an SVID the Hub accepts: the move's next dial is made with it, and the old
+    // connection is retired, make-before-break: it finishes the query open on it.
+    let third = ca.issue(ACME_PATH, HOUR);
+    serve(&api, &third, &hub);
     hub.wait_audit("session_up with the third serial", |r| {
         r.event == Event::SessionUp
             && r.reason
@@ -349,45 +361,10 @@ async fn p5_p7_p8_a_rotation_pushed_by_the_workload_api_re_binds_the_live_sessio
         w.await.unwrap();
     }
     assert_eq!(failed.load(Ordering::Relaxed), 0, "no query failed");
-    assert!(ok.load(Ordering::Relaxed) >= 150);
+    assert!(ok.load(Ordering::Relaxed) >= 200);
     // Nothing of the agent's SVID was written to disk.
     assert!(!client._dir.path().join("state/svid.key").exists());
     assert_eq!(client.stop().await, Exit::Stopped);
-}
-
-/// Sends `Present` on `session` and reads the Hub's answer.
-async fn present(
-    session: &mut RawSession,
-    chain: &[Vec<u8>],
-    scheme: u16,
-    proof: Vec<u8>,
-) -> frame::Control {
-    let msg = frame::Control::Present {
-        chain: chain.to_vec(),
-        scheme,
-        proof,
-    };
-    ewii::transport::write_frame(&mut session.send, &msg)
-        .await
-        .unwrap();
-    tokio::time::timeout(
-        SOON,
-        session.reader.read::<frame::Control>(&mut session.recv),
-    )
-    .await
-    .expect("the Hub answers Present")
-    .unwrap()
-    .expect("an answer, not the end of the stream")
-}
-
-/// The exporter output `Present` proofs sign, for `session`'s connection.
-fn exporter(session: &RawSession) -> [u8; frame::PRESENT_EXPORTER_LEN] {
-    let mut out = [0u8; frame::PRESENT_EXPORTER_LEN];
-    session
-        .conn
-        .export_keying_material(&mut out, present::PRESENT_EXPORTER_LABEL, b"")
-        .unwrap();
-    out
 }
 
 fn der_chain(svid: &IssuedSvid) -> Vec<Vec<u8>> {
@@ -413,61 +390,54 @@ async fn p7_p8_a_presented_svid_is_taken_only_for_this_identity_with_its_keys_pr
     };
     // Each attempt on its own session: one session may present once per flood bound.
     let session = || async { raw_session(&hub, &first.svid()).await.unwrap() };
-    let refusal = |why: &'static str| {
-        let hub = &hub;
-        async move {
-            hub.wait_audit(why, |r| {
-                r.event == Event::SvidRotated
-                    && r.outcome == Some(Outcome::Refused)
-                    && r.reason.as_deref().is_some_and(|x| x.contains(why))
-            })
-            .await
-        }
-    };
-
     // A proof made for another connection (replayed, or made elsewhere).
     let mut s = session().await;
     let (scheme, proof) = present::sign(&next.svid(), &[0; frame::PRESENT_EXPORTER_LEN]).unwrap();
-    assert_eq!(
-        present(&mut s, &der_chain(&next), scheme, proof).await,
-        refused
-    );
-    refusal("is not the presented certificate's key's signature").await;
+    assert_eq!(s.present(&der_chain(&next), scheme, proof).await, refused);
+    hub.wait_rotation_refused("is not the presented certificate's key's signature")
+        .await;
     // The new chain with a proof by the key in use, not the new one (a stolen certificate).
     let mut s = session().await;
-    let (scheme, proof) = present::sign(&first.svid(), &exporter(&s)).unwrap();
-    assert_eq!(
-        present(&mut s, &der_chain(&next), scheme, proof).await,
-        refused
-    );
+    let (scheme, proof) = present::sign(&first.svid(), &s.exporter()).unwrap();
+    assert_eq!(s.present(&der_chain(&next), scheme, proof).await, refused);
+    let bad_proofs = || {
+        hub.audit
+            .records()
+            .iter()
+            .filter(|r| {
+                r.reason
+                    .as_deref()
+                    .is_some_and(|x| x.contains("is not the presented certificate's key's"))
+            })
+            .count()
+    };
+    poll_until("the stolen certificate's refusal", SOON, || {
+        bad_proofs() == 2
+    })
+    .await;
     // Another Client of this Hub, with its own key's proof (it cannot take over acme's
     // session).
     let bob = ca.issue("/ewii/bob", HOUR);
     let mut s = session().await;
-    let (scheme, proof) = present::sign(&bob.svid(), &exporter(&s)).unwrap();
-    assert_eq!(
-        present(&mut s, &der_chain(&bob), scheme, proof).await,
-        refused
-    );
-    refusal("but this session is").await;
+    let (scheme, proof) = present::sign(&bob.svid(), &s.exporter()).unwrap();
+    assert_eq!(s.present(&der_chain(&bob), scheme, proof).await, refused);
+    hub.wait_rotation_refused("but this session is").await;
     // An identity of the same trust domain this Hub does not list, with its own key's proof.
     let mallory = ca.issue("/ewii/mallory", HOUR);
     let mut s = session().await;
-    let (scheme, proof) = present::sign(&mallory.svid(), &exporter(&s)).unwrap();
+    let (scheme, proof) = present::sign(&mallory.svid(), &s.exporter()).unwrap();
     assert_eq!(
-        present(&mut s, &der_chain(&mallory), scheme, proof).await,
+        s.present(&der_chain(&mallory), scheme, proof).await,
         refused
     );
-    refusal("not a Client of this Hub").await;
+    hub.wait_rotation_refused("not a Client of this Hub").await;
     // The same identity from another CA claiming the customer's trust domain.
     let forged = SpireCa::new(CUSTOMER).issue(ACME_PATH, HOUR);
     let mut s = session().await;
-    let (scheme, proof) = present::sign(&forged.svid(), &exporter(&s)).unwrap();
-    assert_eq!(
-        present(&mut s, &der_chain(&forged), scheme, proof).await,
-        refused
-    );
-    refusal("presented SVID refused: chain:").await;
+    let (scheme, proof) = present::sign(&forged.svid(), &s.exporter()).unwrap();
+    assert_eq!(s.present(&der_chain(&forged), scheme, proof).await, refused);
+    hub.wait_rotation_refused("presented SVID refused: chain:")
+        .await;
     // Nothing was re-bound by any of that.
     assert!(!hub
         .audit
@@ -475,11 +445,13 @@ async fn p7_p8_a_presented_svid_is_taken_only_for_this_identity_with_its_keys_pr
         .iter()
         .any(|r| r.event == Event::SvidRotated && r.outcome == Some(Outcome::Ok)));
 
-    // The new SVID with its own key's proof for this connection is taken, once per bound.
-    let mut s = session().await;
-    let (scheme, proof) = present::sign(&next.svid(), &exporter(&s)).unwrap();
+    // The new SVID with its own key's proof for this connection is taken, on a session
+    // whose first SVID ends in seconds: the session outlives it.
+    let short = ca.issue(ACME_PATH, Duration::from_secs(4));
+    let mut s = raw_session(&hub, &short.svid()).await.unwrap();
+    let (scheme, proof) = present::sign(&next.svid(), &s.exporter()).unwrap();
     assert_eq!(
-        present(&mut s, &der_chain(&next), scheme, proof.clone()).await,
+        s.present(&der_chain(&next), scheme, proof.clone()).await,
         frame::Control::Presented {
             serial: next.serial.clone()
         }
@@ -489,19 +461,43 @@ async fn p7_p8_a_presented_svid_is_taken_only_for_this_identity_with_its_keys_pr
             r.event == Event::SvidRotated && r.outcome == Some(Outcome::Ok)
         })
         .await;
+    let expected = format!(
+        "session re-bound from serial {} to {} (presented from the Client's SPIRE)",
+        short.serial, next.serial
+    );
     assert!(
         rebound
             .reason
             .as_deref()
-            .is_some_and(|r| r.contains(&format!("to {}", next.serial))),
+            .is_some_and(|r| r.contains(&expected)),
         "{rebound:?}"
     );
+    // Two presentations within the bound are taken (one pushed while the last was being
+    // presented follows it), a third is not.
     assert_eq!(
-        present(&mut s, &der_chain(&next), scheme, proof).await,
-        refused
+        s.present(&der_chain(&next), scheme, proof.clone()).await,
+        frame::Control::Presented {
+            serial: next.serial.clone()
+        }
     );
-    refusal("flood").await;
-    // The session is still up, on the re-bound SVID.
+    assert_eq!(s.present(&der_chain(&next), scheme, proof).await, refused);
+    hub.wait_rotation_refused("flood: a third Present").await;
+    // Past the first SVID's end the session is still up, and answers on its control stream.
+    let left = u64::try_from(inspect_leaf(&short.svid().chain[0]).unwrap().not_after)
+        .unwrap()
+        .saturating_sub(ewii::now_timestamp().unix_secs());
+    tokio::time::sleep(Duration::from_secs(left + 1)).await;
+    ewii::transport::write_frame(&mut s.send, &frame::Control::Ping { time_us: 1 })
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(SOON, s.reader.read::<frame::Control>(&mut s.recv))
+        .await
+        .expect("an answer")
+        .expect("the session outlives its first SVID");
+    assert!(
+        matches!(pong, Some(frame::Control::Pong { echo_us: 1, .. })),
+        "{pong:?}"
+    );
     assert!(s.conn.close_reason().is_none());
 }
 

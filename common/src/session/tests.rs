@@ -122,12 +122,31 @@ impl Sim {
         id
     }
 
+    /// Connected with an SVID from the Workload API, and presenting the next one it pushed
+    /// (valid from `START + 10`).
+    fn presenting() -> (Self, u64) {
+        let (mut sim, id) = Self::connected(workload_api(), spire_svid_at(START));
+        assert_eq!(
+            sim.push(spire_svid_at(START + 10)),
+            vec![Action::Present { session_id: id }]
+        );
+        (sim, id)
+    }
+
+    /// An SVID pushed by the Workload API: what the machine asks for.
+    fn push(&mut self, svid: Validity) -> Vec<Action> {
+        self.s.handle_svid(self.now, svid);
+        self.actions()
+    }
+
     /// An SVID pushed on a live connection, presented, and refused by the Hub: what the
     /// machine asks for then.
     fn push_refused(&mut self, svid: Validity) -> Vec<Action> {
-        self.s.handle_svid(self.now, svid);
-        assert!(matches!(self.actions()[..], [Action::Present { .. }]));
-        self.s.handle_present_refused();
+        let acts = self.push(svid);
+        let [Action::Present { session_id }] = acts[..] else {
+            panic!("presented: {acts:?}")
+        };
+        self.s.handle_present_refused(session_id);
         self.actions()
     }
 
@@ -627,6 +646,9 @@ fn p10_a_revocation_in_every_state_ends_the_session_for_good() {
         sim.s.handle_timeout(sim.now + Duration::from_secs(DAY));
         sim.s.handle_stop(sim.now);
         sim.s.handle_revoked("again".into());
+        sim.s.handle_svid(sim.now, spire_svid_at(START + 30));
+        sim.s.handle_presented(sim.now, 1);
+        sim.s.handle_present_refused(1);
         assert_eq!(sim.actions(), vec![], "{state}");
     }
 }
@@ -674,11 +696,13 @@ fn p7_an_svid_from_the_workload_api_is_never_renewed_through_the_hub() {
 fn p5_p7_a_pushed_svid_is_presented_on_the_live_connection_and_nothing_is_dialled() {
     let (mut sim, id) = Sim::connected(workload_api(), spire_svid_at(START));
     sim.now += Duration::from_secs(1_800);
-    sim.s.handle_svid(sim.now, spire_svid_at(START + 1_800));
-    assert_eq!(sim.actions(), vec![Action::Present { session_id: id }]);
+    assert_eq!(
+        sim.push(spire_svid_at(START + 1_800)),
+        vec![Action::Present { session_id: id }]
+    );
     assert!(sim.s.awaiting_presentation());
     assert_eq!(sim.s.phase(), Phase::Connected { session_id: id });
-    sim.s.handle_presented(sim.now);
+    sim.s.handle_presented(sim.now, id);
     assert_eq!(sim.actions(), vec![], "the same connection goes on");
     assert!(!sim.s.awaiting_presentation());
     assert_eq!(sim.s.svid(), spire_svid_at(START + 1_800));
@@ -695,9 +719,7 @@ fn p5_p7_a_pushed_svid_is_presented_on_the_live_connection_and_nothing_is_dialle
 
 #[test]
 fn p7_a_presentation_the_hub_does_not_answer_moves_to_a_new_connection_in_time() {
-    let (mut sim, old) = Sim::connected(workload_api(), spire_svid_at(START));
-    sim.s.handle_svid(sim.now, spire_svid_at(START + 10));
-    assert_eq!(sim.actions(), vec![Action::Present { session_id: old }]);
+    let (mut sim, old) = Sim::presenting();
     let asked = sim.now;
     assert_eq!(sim.advance(), vec![Action::Dial]);
     assert_eq!(
@@ -707,23 +729,124 @@ fn p7_a_presentation_the_hub_does_not_answer_moves_to_a_new_connection_in_time()
     );
     assert_eq!(sim.s.phase(), Phase::Connected { session_id: old });
     // A late answer changes nothing: the move is under way.
-    sim.s.handle_presented(sim.now);
+    sim.s.handle_presented(sim.now, old);
     assert_eq!(sim.actions(), vec![]);
     let new = sim.dialed();
     assert_eq!(sim.actions(), vec![Action::Retire { session_id: old }]);
     assert_eq!(sim.s.phase(), Phase::Connected { session_id: new });
+    // The old connection's answers, arriving late, leave the new one alone.
+    sim.s.handle_presented(sim.now, old);
+    sim.s.handle_present_refused(old);
+    assert_eq!(sim.actions(), vec![]);
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: new });
+}
+
+#[test]
+fn p7_a_late_answer_from_the_old_connection_is_not_taken_for_the_new_ones_presentation() {
+    let (mut sim, old) = Sim::presenting();
+    assert_eq!(sim.advance(), vec![Action::Dial], "no answer in time");
+    // A newer SVID while that dial (made with the older one) is in flight.
+    sim.s.handle_svid(sim.now, spire_svid_at(START + 20));
+    let new = sim.dialed();
+    assert_eq!(
+        sim.actions(),
+        vec![
+            Action::Retire { session_id: old },
+            Action::Present { session_id: new }
+        ]
+    );
+    sim.s.handle_presented(sim.now, old);
+    assert_eq!(sim.actions(), vec![]);
+    assert!(
+        sim.s.awaiting_presentation(),
+        "still waiting for the new connection's answer"
+    );
+    sim.s.handle_presented(sim.now, new);
+    assert!(!sim.s.awaiting_presentation());
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: new });
+}
+
+#[test]
+fn p9_a_stop_while_presenting_says_goodbye_and_a_late_answer_changes_nothing() {
+    let (mut sim, id) = Sim::presenting();
+    sim.s.handle_stop(sim.now);
+    assert_eq!(
+        sim.actions(),
+        vec![Action::SendGoodbye {
+            session_id: id,
+            revoke: true
+        }]
+    );
+    sim.s.handle_presented(sim.now, id);
+    sim.s.handle_present_refused(id);
+    assert_eq!(sim.actions(), vec![]);
+    assert_eq!(sim.s.phase(), Phase::Stopping);
+}
+
+#[test]
+fn p14_a_connection_lost_while_presenting_redials_with_the_newest_svid_and_presents_nothing() {
+    let (mut sim, id) = Sim::presenting();
+    // A newer one is waiting to be presented when the connection goes.
+    sim.s.handle_svid(sim.now, spire_svid_at(START + 20));
+    let r = sim.rng.next();
+    sim.s.handle_lost(sim.now, id, r);
+    assert_eq!(sim.actions(), vec![]);
+    assert_eq!(sim.advance(), vec![Action::Dial]);
+    assert_eq!(
+        sim.s.svid(),
+        spire_svid_at(START + 20),
+        "the dial uses the newest"
+    );
+    let new = sim.dialed();
+    assert_eq!(
+        sim.actions(),
+        vec![],
+        "the dial presented the newest already"
+    );
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: new });
+}
+
+#[test]
+fn p7_a_refused_presentation_with_a_newer_svid_waiting_moves_with_the_newest() {
+    let (mut sim, old) = Sim::presenting();
+    sim.s.handle_svid(sim.now, spire_svid_at(START + 20));
+    sim.s.handle_present_refused(old);
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    assert_eq!(sim.s.svid(), spire_svid_at(START + 20));
+    let new = sim.dialed();
+    assert_eq!(
+        sim.actions(),
+        vec![Action::Retire { session_id: old }],
+        "nothing left to present"
+    );
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: new });
+}
+
+#[test]
+fn p7_the_svid_in_use_ending_while_presenting_ends_the_session() {
+    let (mut sim, id) = Sim::connected(workload_api(), spire_svid_at(START));
+    sim.now = Duration::from_secs(START + 3_595);
+    // Delivered with only 2 s left, and the Hub never answers.
+    sim.s.handle_svid(
+        sim.now,
+        Validity {
+            not_before: START,
+            not_after: START + 3_597,
+        },
+    );
+    assert_eq!(sim.actions(), vec![Action::Present { session_id: id }]);
+    assert_eq!(sim.advance(), expired(id));
+    assert_eq!(sim.now, Duration::from_secs(START + 3_597));
 }
 
 #[test]
 fn p7_an_svid_pushed_while_another_is_presented_is_presented_next() {
-    let (mut sim, id) = Sim::connected(workload_api(), spire_svid_at(START));
-    sim.s.handle_svid(sim.now, spire_svid_at(START + 10));
-    assert_eq!(sim.actions(), vec![Action::Present { session_id: id }]);
+    let (mut sim, id) = Sim::presenting();
     sim.s.handle_svid(sim.now, spire_svid_at(START + 20));
     assert_eq!(sim.actions(), vec![], "one presentation at a time");
-    sim.s.handle_presented(sim.now);
+    sim.s.handle_presented(sim.now, id);
     assert_eq!(sim.actions(), vec![Action::Present { session_id: id }]);
-    sim.s.handle_presented(sim.now);
+    sim.s.handle_presented(sim.now, id);
     assert_eq!(sim.actions(), vec![]);
     assert_eq!(sim.s.svid(), spire_svid_at(START + 20));
     assert!(!sim.s.awaiting_presentation());
@@ -732,7 +855,7 @@ fn p7_an_svid_pushed_while_another_is_presented_is_presented_next() {
 #[test]
 fn p7_presented_without_present_is_a_protocol_error() {
     let (mut sim, id) = Sim::connected(workload_api(), spire_svid_at(START));
-    sim.s.handle_presented(sim.now);
+    sim.s.handle_presented(sim.now, id);
     assert_eq!(
         sim.actions(),
         vec![Action::Close {
@@ -747,9 +870,11 @@ fn p7_presented_without_present_is_a_protocol_error() {
 fn p7_p8_a_pushed_svid_the_hub_does_not_take_moves_to_a_new_connection_before_the_old_one_goes() {
     let (mut sim, old) = Sim::connected(workload_api(), spire_svid_at(START));
     sim.now += Duration::from_secs(1_800);
-    sim.s.handle_svid(sim.now, spire_svid_at(START + 1_800));
-    assert_eq!(sim.actions(), vec![Action::Present { session_id: old }]);
-    sim.s.handle_present_refused();
+    assert_eq!(
+        sim.push(spire_svid_at(START + 1_800)),
+        vec![Action::Present { session_id: old }]
+    );
+    sim.s.handle_present_refused(old);
     // Make: the old connection still serves while the new one is dialled.
     assert_eq!(sim.actions(), vec![Action::Dial]);
     assert_eq!(sim.s.phase(), Phase::Connected { session_id: old });
@@ -812,7 +937,7 @@ fn p7_an_svid_pushed_during_a_dial_is_presented_once_that_dial_is_up() {
     let first = sim.dialed();
     // That dial presented the older SVID: present the newer on it.
     assert_eq!(sim.actions(), vec![Action::Present { session_id: first }]);
-    sim.s.handle_presented(sim.now);
+    sim.s.handle_presented(sim.now, first);
     assert_eq!(sim.actions(), vec![]);
     assert_eq!(sim.s.phase(), Phase::Connected { session_id: first });
 }

@@ -58,10 +58,10 @@ pub(crate) enum Command {
 #[derive(Debug)]
 pub(crate) enum Event {
     /// A control message the driver decides on (`Renewed`, `Refused`, `BundleUpdate`,
-    /// `Presented`).
-    Control(Control),
-    /// The proof for a `Present` could not be made (nothing was sent).
-    PresentFailed(String),
+    /// `Presented`), and the connection it came on.
+    Control(u64, Control),
+    /// The proof for a `Present` on this connection could not be made (nothing was sent).
+    PresentFailed(u64, String),
     /// No query is left after `Goodbye`, and the Hub has processed it.
     Drained(u64),
     /// The connection is over.
@@ -243,7 +243,7 @@ impl Connection {
                             }
                         }
                         Err(e) => {
-                            let _ = events.send(Event::PresentFailed(e));
+                            let _ = events.send(Event::PresentFailed(id, e));
                         }
                     },
                     Some(Command::Goodbye { revoke }) => {
@@ -283,7 +283,7 @@ impl Connection {
                     Ok(Some(Control::Revoked { reason })) => break End::Revoked(reason),
                     Ok(Some(Control::Pong { .. })) => {}
                     Ok(Some(msg @ (Control::Renewed { .. } | Control::Refused { .. } | Control::BundleUpdate { .. } | Control::Presented { .. }))) => {
-                        let _ = events.send(Event::Control(msg));
+                        let _ = events.send(Event::Control(id, msg));
                     }
                     Ok(Some(_)) => {
                         conn.close(codes::PROTOCOL, b"");

@@ -85,6 +85,8 @@ pub(super) struct Driver {
     last_error: Option<String>,
     /// SVIDs pushed by a SPIFFE Workload API (`svid_source = "workload-api"`).
     deliveries: Option<Deliveries>,
+    /// The serial of the last SVID presented to the Hub (`Present`).
+    presented: Option<String>,
 }
 
 impl Driver {
@@ -153,6 +155,7 @@ impl Driver {
             pending_revoke: false,
             last_error: None,
             deliveries,
+            presented: None,
         }
     }
 
@@ -263,6 +266,7 @@ impl Driver {
                     }
                 },
                 Action::Present { session_id } => {
+                    self.presented = Some(self.identity.leaf.serial.clone());
                     self.command(Some(session_id), Command::Present(self.identity.clone()));
                 }
                 // Kept in the map until it ends: a stop meanwhile closes it too.
@@ -316,7 +320,15 @@ impl Driver {
     async fn event(&mut self, event: Event) {
         let now = self.clock.now();
         match event {
-            Event::Control(Control::Renewed { chain, bundle }) => {
+            // An answer on a connection that no longer serves (one retired after its
+            // presentation timed out) is not the serving one's.
+            Event::Control(
+                id,
+                Control::Renewed { .. } | Control::Refused { .. } | Control::Presented { .. },
+            ) if self.current() != Some(id) => {
+                tracing::debug!(session_id = %id, "an answer on a connection that no longer serves; ignored");
+            }
+            Event::Control(_, Control::Renewed { chain, bundle }) => {
                 let key = self.renew_key.take();
                 match key {
                     // Not asked for: the machine closes the connection.
@@ -338,22 +350,29 @@ impl Driver {
                     },
                 }
             }
-            Event::Control(Control::Presented { serial }) => {
+            Event::Control(id, Control::Presented { serial }) => {
                 if self.machine.awaiting_presentation() {
                     tracing::info!(%serial, "the Hub re-bound the session to the SVID from the Workload API");
                 }
                 // Not asked for: the machine closes the connection.
-                self.machine.handle_presented(now);
+                self.machine.handle_presented(now, id);
             }
-            Event::Control(Control::Refused { code }) if self.machine.awaiting_presentation() => {
-                self.present_refused(&format!("refused by the Hub: {code}"));
+            Event::Control(id, Control::Refused { code })
+                if self.machine.awaiting_presentation() =>
+            {
+                self.present_refused(id, &format!("refused by the Hub: {code}"));
             }
-            Event::PresentFailed(why) => {
+            Event::PresentFailed(id, why) => {
                 if self.machine.awaiting_presentation() {
-                    self.present_refused(&why);
+                    self.present_refused(id, &why);
                 }
             }
-            Event::Control(Control::Refused { code }) => {
+            // A Client whose SVIDs come from a Workload API never renews: a `Refused` answers
+            // nothing it asked.
+            Event::Control(id, Control::Refused { code }) if !self.machine.awaiting_renewal() => {
+                tracing::warn!(session_id = %id, %code, "a refusal from the Hub that answers nothing asked; ignored");
+            }
+            Event::Control(_, Control::Refused { code }) => {
                 tracing::warn!(%code, "the Hub refused the renewal");
                 let mut r = self.audit.record(AuditEvent::SvidRotated);
                 r.client = Some(self.queries.client_id.clone());
@@ -363,8 +382,8 @@ impl Driver {
                 // The key is kept: the next ask for this serial is made with it.
                 self.machine.handle_renew_refused(now, random());
             }
-            Event::Control(Control::BundleUpdate { bundle }) => self.adopt_bundle(bundle).await,
-            Event::Control(_) => {}
+            Event::Control(_, Control::BundleUpdate { bundle }) => self.adopt_bundle(bundle).await,
+            Event::Control(..) => {}
             Event::Drained(id) => self.machine.handle_drained(id),
             Event::Ended(id, End::Revoked(reason)) => {
                 self.connections.remove(&id);
@@ -382,17 +401,19 @@ impl Driver {
     /// The SVID from the Workload API could not be presented on the live connection: the
     /// machine moves to a new connection made with it. Audited: it is the Client's second
     /// connection, for a while.
-    fn present_refused(&mut self, why: &str) {
+    fn present_refused(&mut self, session_id: u64, why: &str) {
         tracing::warn!(reason = %why, "the Hub did not take the new SVID on the live connection; moving to a new connection");
         let mut r = self.audit.record(AuditEvent::SvidRotated);
+        r.session_id = Some(session_id);
         r.client = Some(self.queries.client_id.clone());
         r.outcome = Some(Outcome::Refused);
         r.reason = Some(format!(
-            "serial {} not taken on the live connection ({why}); moving to a new connection made with it",
+            "serial {} not taken on the live connection ({why}); moving to a new connection made with serial {}",
+            self.presented.as_deref().unwrap_or("?"),
             self.identity.leaf.serial
         ));
         self.audit.emit(r);
-        self.machine.handle_present_refused();
+        self.machine.handle_present_refused(session_id);
     }
 
     /// Checks a `Renewed` answer and makes it the identity in use (files first, then memory).
@@ -471,15 +492,21 @@ impl Driver {
         if same_svid(&self.identity, &delivered.identity) {
             return;
         }
-        r.outcome = Some(Outcome::Ok);
-        r.reason = Some(format!(
-            "serial {} replaces {} (from the Workload API); presenting it on the live connection",
-            delivered.identity.leaf.serial, self.identity.leaf.serial
-        ));
-        self.audit.emit(r);
-        self.identity = Arc::new(delivered.identity);
+        let replaced = std::mem::replace(&mut self.identity, Arc::new(delivered.identity));
         self.machine
             .handle_svid(self.clock.now(), validity(&self.identity));
+        r.outcome = Some(Outcome::Ok);
+        r.reason = Some(format!(
+            "serial {} replaces {} (from the Workload API); {}",
+            self.identity.leaf.serial,
+            replaced.leaf.serial,
+            if self.machine.awaiting_presentation() {
+                "presenting it on the live connection"
+            } else {
+                "used by the next connection (presented on it if that one was made with an older one)"
+            }
+        ));
+        self.audit.emit(r);
     }
 
     /// A bundle pushed by the Hub over the authenticated control stream replaces ours.

@@ -71,8 +71,10 @@ pub(crate) struct Session {
     pending: Option<LeafInfo>,
     /// `Goodbye` received: whether it revoked, and until when the Client may drain.
     goodbye: Option<(bool, Instant)>,
-    /// When this session last asked for a renewal or presented an SVID (a flood is refused).
+    /// When this session last asked for a renewal (a flood is refused).
     last_renew: Option<Instant>,
+    /// When this session presented its last two SVIDs (a flood is refused).
+    last_presents: [Option<Instant>; 2],
     /// `Goodbye` without a revoke while a newer connection of the client is live: the
     /// Client moved (a new SVID from its SPIRE), it did not stop.
     moved: bool,
@@ -141,6 +143,7 @@ impl Session {
             pending: None,
             goodbye: None,
             last_renew: None,
+            last_presents: [None; 2],
             moved: false,
         })
     }

@@ -22,13 +22,18 @@ use crate::transport::codes;
 /// database write, and an honest Client renews twice a day (at half of the life left, so a
 /// quarter of the life left is the bound for very short test lifetimes).
 const RENEW_MIN_INTERVAL: Duration = Duration::from_secs(5);
+/// At most two `Present` in this window on one session (each costs a chain check, a
+/// signature check and a synced database write). Two, so that an SVID the agent pushed while
+/// the last one was being presented follows it at once; fixed, since a federated Client's
+/// certificates (and so their lifetimes) come from its own CA.
+const PRESENT_WINDOW: Duration = Duration::from_secs(5);
 
 impl Session {
     /// Signs a renewal CSR for the session's own identity (never what the CSR asks for).
     /// Only the newest key in use renews: a connection holding a retired, revoked or
     /// superseded serial (a stolen old key) gets nothing.
     pub(super) async fn renew(&mut self, csr: &[u8]) -> Control {
-        let flood = self.flood();
+        let flood = self.renew_flood();
         let parts = &self.parts;
         let mut r = parts.audit.record(Event::SvidRotated);
         r.session_id = Some(self.id);
@@ -46,7 +51,7 @@ impl Session {
         if let Some(bound) = flood {
             r.outcome = Some(Outcome::Refused);
             r.reason = Some(format!(
-                "renewal flood: another Renew or Present within {} ms on this session",
+                "renewal flood: another Renew within {} ms on this session",
                 bound.as_millis()
             ));
             parts.audit.emit(r);
@@ -88,15 +93,24 @@ impl Session {
         answer
     }
 
-    /// A flood of `Renew` or `Present` from one session (a hostile or broken peer) is refused
-    /// cheaply, before any signature or database work: `Some(bound)` when this one comes
-    /// within `bound` of the last.
-    fn flood(&mut self) -> Option<Duration> {
+    /// A flood of `Renew` from one session (a hostile or broken peer) is refused cheaply,
+    /// before any signature or database work: `Some(bound)` when this one comes within
+    /// `bound` of the last.
+    fn renew_flood(&mut self) -> Option<Duration> {
         let left = (self.leaf.not_after - crate::now_timestamp().unix_secs() as i64).max(0);
         let bound = RENEW_MIN_INTERVAL.min(Duration::from_secs(left as u64) / 4);
         let flood = self.last_renew.is_some_and(|at| at.elapsed() < bound);
         self.last_renew = Some(Instant::now());
         flood.then_some(bound)
+    }
+
+    /// Whether this `Present` is a third within [`PRESENT_WINDOW`] (refused cheaply, before
+    /// any signature or database work).
+    fn present_flood(&mut self) -> bool {
+        let [older, last] = self.last_presents;
+        let flood = older.is_some_and(|at| at.elapsed() < PRESENT_WINDOW);
+        self.last_presents = [last, Some(Instant::now())];
+        flood
     }
 
     /// A federated Client presents the SVID its SPIRE delivered: re-bound to it when the chain
@@ -135,17 +149,17 @@ impl Session {
         scheme: u16,
         proof: &[u8],
     ) -> Result<LeafInfo, String> {
-        let flood = self.flood();
+        let flood = self.present_flood();
         if !self.parts.trust.is_federated(&self.leaf.id) {
             return Err(format!(
                 "{} takes its SVIDs from this Hub (Renew); only a federated Client presents one",
                 self.leaf.id
             ));
         }
-        if let Some(bound) = flood {
+        if flood {
             return Err(format!(
-                "flood: another Renew or Present within {} ms on this session",
-                bound.as_millis()
+                "flood: a third Present within {} s on this session",
+                PRESENT_WINDOW.as_secs()
             ));
         }
         let chain: Vec<CertificateDer<'static>> = chain.into_iter().map(Into::into).collect();
