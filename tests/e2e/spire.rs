@@ -542,6 +542,90 @@ async fn p7_the_hub_accepts_a_federated_svid_only_for_the_id_it_lists_and_from_t
     assert!(refusals >= 4, "each refusal is audited ({refusals})");
 }
 
+/// Waits for the Hub's `bundle_updated` record with `outcome` whose reason contains `text`.
+async fn bundle_updated(hub: &TestHub, outcome: Outcome, text: String) {
+    hub.wait_audit(&text.clone(), move |r| {
+        r.event == Event::BundleUpdated
+            && r.outcome == Some(outcome)
+            && r.reason.as_deref().is_some_and(|x| x.contains(&text))
+    })
+    .await;
+}
+
+/// Replaces `path` with `pem` at once (a new file renamed over it, as a ConfigMap update or
+/// an atomic write does), so that the Hub never reads half of it.
+fn replace_file(path: &std::path::Path, pem: &[u8]) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, pem).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_the_hub_follows_the_customers_ca_rotation_in_its_bundle_file_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = SpireCa::new(CUSTOMER);
+    let hub = federated_hub(&ca, &dir).await;
+    let file = dir.path().join("customer.pem");
+    let old = ca.issue(ACME_PATH, HOUR);
+    // The customer's SPIRE prepares its next CA.
+    let mut next_ca = SpireCa::new(CUSTOMER);
+    let new = next_ca.issue(ACME_PATH, HOUR);
+    assert!(
+        raw_session(&hub, &new.svid()).await.is_none(),
+        "not trusted before the bundle says so"
+    );
+    let pem = |ca: &SpireCa| {
+        let p = dir.path().join("one.pem");
+        ca.write_bundle(&p);
+        std::fs::read(p).unwrap()
+    };
+    // A file the Hub cannot use changes nothing.
+    replace_file(
+        &file,
+        b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+    );
+    bundle_updated(
+        &hub,
+        Outcome::Failed,
+        "keeping the 1 trust anchor(s) in use".into(),
+    )
+    .await;
+    assert!(raw_session(&hub, &old.svid()).await.is_some());
+    assert!(raw_session(&hub, &new.svid()).await.is_none());
+    // Re-read at the next checks, the unchanged file is not audited again.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    // The overlap: both CAs. Both SVIDs get in.
+    replace_file(&file, &[pem(&ca), pem(&next_ca)].concat());
+    bundle_updated(
+        &hub,
+        Outcome::Ok,
+        format!("federated trust domain {CUSTOMER}: 2 trust anchor(s)"),
+    )
+    .await;
+    assert!(
+        raw_session(&hub, &new.svid()).await.is_some(),
+        "the next CA is trusted"
+    );
+    assert!(raw_session(&hub, &old.svid()).await.is_some());
+
+    // The old CA retired: its SVIDs no longer get in.
+    replace_file(&file, &pem(&next_ca));
+    bundle_updated(&hub, Outcome::Ok, "1 trust anchor(s) from".into()).await;
+    assert!(
+        raw_session(&hub, &old.svid()).await.is_none(),
+        "the old CA is gone"
+    );
+    assert!(raw_session(&hub, &new.svid()).await.is_some());
+    let failed = hub
+        .audit
+        .records()
+        .into_iter()
+        .filter(|r| r.event == Event::BundleUpdated && r.outcome == Some(Outcome::Failed))
+        .count();
+    assert_eq!(failed, 1, "a file that did not change is not audited again");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p10_a_federated_client_is_revoked_by_name_and_stays_revoked() {
     let (

@@ -63,7 +63,8 @@ pub struct ServiceConfig {
 pub struct FederationConfig {
     /// The customer's trust domain (never the Hub's own).
     pub trust_domain: String,
-    /// PEM file with that trust domain's CA certificates (its SPIFFE bundle), read at start.
+    /// PEM file with that trust domain's CA certificates (its SPIFFE bundle), read at start and
+    /// re-read every 5 s while the Hub runs.
     pub bundle: PathBuf,
     /// Client name → the one SPIFFE ID (of that trust domain) that authenticates as it.
     pub clients: BTreeMap<String, spiffe::SpiffeId>,

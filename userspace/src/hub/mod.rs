@@ -213,6 +213,7 @@ impl Hub {
             view,
             audit.clone(),
             federation,
+            trust::BundleFile::all(&config.federation),
         )?;
         let bind_err = |source| HubError::Bind {
             addr: config.listen,

@@ -68,19 +68,10 @@ pub(crate) fn load_federation(
                 "that is this Hub's own trust domain; federation is for the customer's".into(),
             ));
         }
-        let anchors = crate::identity::store::read_certs(&f.bundle)
-            .map_err(|e| bad(format!("bundle: {e}")))?;
-        let usable = anchors
-            .iter()
-            .filter(|c| webpki::anchor_from_trusted_cert(c).is_ok())
-            .count();
-        if usable == 0 || usable != anchors.len() {
-            return Err(bad(format!(
-                "bundle {}: {usable} of {} certificates usable as trust anchors",
-                f.bundle.display(),
-                anchors.len()
-            )));
-        }
+        let bytes = std::fs::read(&f.bundle)
+            .map_err(|e| bad(format!("bundle: {}: {e}", f.bundle.display())))?;
+        let anchors = federated_anchors(&bytes)
+            .map_err(|why| bad(format!("bundle {}: {why}", f.bundle.display())))?;
         domains.push(FederatedDomain {
             trust_domain: f.trust_domain.clone(),
             bundle: Bundle::new(anchors),
@@ -92,6 +83,50 @@ pub(crate) fn load_federation(
         });
     }
     Ok(Federation::new(domains))
+}
+
+/// The trust anchors of a `[[federation]]` bundle file's contents: PEM certificates, every
+/// one usable as a trust anchor, at least one.
+fn federated_anchors(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let anchors = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| "not PEM certificates".to_owned())?;
+    let usable = anchors
+        .iter()
+        .filter(|c| webpki::anchor_from_trusted_cert(c).is_ok())
+        .count();
+    if usable == 0 || usable != anchors.len() {
+        return Err(format!(
+            "{usable} of {} certificates usable as trust anchors",
+            anchors.len()
+        ));
+    }
+    Ok(anchors)
+}
+
+/// A `[[federation]]` bundle file, re-read while the Hub runs ([`Trust::refresh_federation`]).
+#[derive(Debug)]
+pub(crate) struct BundleFile {
+    trust_domain: String,
+    path: PathBuf,
+    /// What the last read found (contents or error), so that a file that has not changed
+    /// is neither parsed nor audited again.
+    seen: std::sync::Mutex<Option<Result<Vec<u8>, String>>>,
+}
+
+impl BundleFile {
+    /// The files of `config`'s `[[federation]]` tables.
+    pub(crate) fn all(config: &[crate::config::FederationConfig]) -> Vec<Self> {
+        config
+            .iter()
+            .map(|f| Self {
+                trust_domain: f.trust_domain.clone(),
+                path: f.bundle.clone(),
+                seen: std::sync::Mutex::new(None),
+            })
+            .collect()
+    }
 }
 
 /// The CA, the Hub SVID and the bundle as read from the state directory.
@@ -148,6 +183,7 @@ pub(crate) struct Trust {
     view: Arc<View>,
     audit: Audit,
     federation: Arc<Federation>,
+    bundle_files: Vec<BundleFile>,
 }
 
 impl std::fmt::Debug for Trust {
@@ -168,6 +204,7 @@ impl Trust {
         view: Arc<View>,
         audit: Audit,
         federation: Federation,
+        bundle_files: Vec<BundleFile>,
     ) -> Result<(Self, quinn::ServerConfig), TrustError> {
         let bundle = Bundle::new(material.anchors);
         let federation = Arc::new(federation);
@@ -190,6 +227,7 @@ impl Trust {
                 view,
                 audit,
                 federation,
+                bundle_files,
             },
             quic,
         ))
@@ -253,6 +291,56 @@ impl Trust {
             Err(poisoned) => poisoned.into_inner().clone(),
         };
         ca.sign_csr(csr, id, self.svid_lifetime)
+    }
+
+    /// Re-reads every `[[federation]]` bundle file and, where it changed and holds usable
+    /// trust anchors, replaces that trust domain's anchors: the next handshake and `Present`
+    /// of its Clients are checked against them (live sessions keep going). A file that
+    /// cannot be read or holds no usable anchors changes nothing. Both are audited
+    /// (`bundle_updated`), once per change of the file. Blocking: run it with `spawn_blocking`.
+    pub(crate) fn refresh_federation(&self) {
+        for file in &self.bundle_files {
+            let read = std::fs::read(&file.path).map_err(|e| e.to_string());
+            {
+                let Ok(mut seen) = file.seen.lock() else {
+                    continue;
+                };
+                if seen.as_ref() == Some(&read) {
+                    continue;
+                }
+                *seen = Some(read.clone());
+            }
+            let Some(domain) = self.federation.domain(&file.trust_domain) else {
+                continue;
+            };
+            let in_use = domain.bundle.anchors();
+            let mut r = self.audit.record(Event::BundleUpdated);
+            match read.and_then(|bytes| federated_anchors(&bytes)) {
+                Ok(anchors) if anchors == in_use => continue,
+                Ok(anchors) => {
+                    r.outcome = Some(Outcome::Ok);
+                    r.reason = Some(format!(
+                        "federated trust domain {}: {} trust anchor(s) from {} (were {})",
+                        file.trust_domain,
+                        anchors.len(),
+                        file.path.display(),
+                        in_use.len()
+                    ));
+                    domain.bundle.replace(anchors);
+                }
+                Err(why) => {
+                    tracing::error!(trust_domain = %file.trust_domain, file = %file.path.display(), reason = %why, "federated bundle refused; keeping the one in use");
+                    r.outcome = Some(Outcome::Failed);
+                    r.reason = Some(format!(
+                        "federated trust domain {}: bundle {} refused: {why}; keeping the {} trust anchor(s) in use",
+                        file.trust_domain,
+                        file.path.display(),
+                        in_use.len()
+                    ));
+                }
+            }
+            self.audit.emit(r);
+        }
     }
 
     /// Re-reads the CA, the Hub SVID and the bundle; swaps in what changed and pushes a new

@@ -7,7 +7,9 @@
 //!   number of sessions — so another process's commit is seen within one tick; then the
 //!   trust material is reloaded too (`ewii-hub ca …` writes files and touches the database);
 //! - the silent-client grace is a timer computed from the view's `last_seen` values, not a
-//!   query.
+//!   query;
+//! - every [`FEDERATION_CHECK`] the `[[federation]]` bundle files are re-read, and a changed
+//!   one replaces that trust domain's anchors.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +27,9 @@ use crate::audit::Audit;
 /// Change-marker period: a revocation by another process reaches live sessions well within
 /// 1 s (DESIGN §6).
 const TICK: Duration = Duration::from_millis(200);
+/// How often the `[[federation]]` bundle files are re-read (a customer's SPIRE rotates its CA
+/// daily by default, publishing the next one ahead).
+pub(crate) const FEDERATION_CHECK: Duration = Duration::from_secs(5);
 
 /// What the watcher needs.
 #[derive(Debug, Clone)]
@@ -42,6 +47,8 @@ pub(crate) struct Parts {
 pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Change>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut federation = tokio::time::interval(FEDERATION_CHECK);
+    federation.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut grace_at = next_grace(&parts);
     loop {
         let grace_due = async {
@@ -56,6 +63,11 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
                 Ok(false) => {}
                 Err(e) => tracing::error!(error = %e, "cannot read the hub database; refusing handshakes until it can"),
             },
+            _ = federation.tick() => {
+                let trust = parts.trust.clone();
+                // File reads: not on an async worker.
+                let _ = tokio::task::spawn_blocking(move || trust.refresh_federation()).await;
+            }
             change = changes.recv() => match change {
                 Some(change) => {
                     apply(&parts, change);
