@@ -421,12 +421,18 @@ pub struct Delivery {
 impl Receiver {
     /// Starts listening on loopback; answers `statuses` in turn, then 200.
     pub async fn start(statuses: Vec<u16>) -> Self {
-        Self::start_gated(statuses, true).await
+        Self::start_gated(statuses, true, Duration::ZERO).await
+    }
+
+    /// Answers 200 to everything, each `delay` after the request arrived (it is recorded at
+    /// once).
+    pub async fn start_slow(delay: Duration) -> Self {
+        Self::start_gated(Vec::new(), true, delay).await
     }
 
     /// Starts answering 503 to everything until [`open`](Self::open) is called.
     pub async fn start_closed() -> Self {
-        Self::start_gated(Vec::new(), false).await
+        Self::start_gated(Vec::new(), false, Duration::ZERO).await
     }
 
     /// From now on, answers as [`start`](Self::start) would.
@@ -434,7 +440,7 @@ impl Receiver {
         self.open.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    async fn start_gated(statuses: Vec<u16>, open: bool) -> Self {
+    async fn start_gated(statuses: Vec<u16>, open: bool, delay: Duration) -> Self {
         let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(open));
         let gate = open.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -457,6 +463,7 @@ impl Receiver {
                     body,
                     status,
                 });
+                tokio::time::sleep(delay).await;
                 let reply = format!(
                     "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
                 );

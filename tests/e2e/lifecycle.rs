@@ -725,6 +725,33 @@ async fn p10_webhook_arrives_exactly_once_across_failures_and_a_hub_restart_and_
 }
 
 #[tokio::test]
+async fn p10_a_webhook_attempt_in_flight_at_a_hub_stop_is_finished_recorded_and_not_sent_again() {
+    // The customer's endpoint takes 500 ms to answer; the Hub stops meanwhile.
+    let receiver = Receiver::start_slow(Duration::from_millis(500)).await;
+    let mut hub =
+        TestHub::start_custom(&[], "[webhooks]\ndanger_allow_private_targets = true\n").await;
+    let token = hub.token_with_webhook("acme", &receiver.url);
+    let _client = TestClient::enrol_with(&hub, &token, &[("db", "127.0.0.1:9".into())]).await;
+    admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap();
+    poll_until("the attempt in flight", SOON, || {
+        !receiver.deliveries().is_empty()
+    })
+    .await;
+    hub.stop().await;
+    // The stop let the attempt finish, and recorded it.
+    let delivered = count(&hub.audit, is(Event::WebhookDelivered));
+    assert_eq!(
+        delivered, 1,
+        "the attempt in flight is audited before the Hub ends"
+    );
+    // So the restarted Hub does not send it again.
+    hub.restart().await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(receiver.deliveries().len(), 1, "sent once");
+    assert_eq!(count(&hub.audit, is(Event::WebhookDelivered)), 1);
+}
+
+#[tokio::test]
 async fn p7_an_svid_that_expires_without_renewal_stops_the_client_plainly() {
     let mut hub = TestHub::start_with(&[], 2).await;
     let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;

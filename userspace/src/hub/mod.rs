@@ -63,6 +63,10 @@ use state::StateError;
 use store::{Change, Counts, Store, StoreError};
 use trust::{Material, Trust, TrustError};
 
+/// At a shutdown, how long a webhook attempt in flight may take to finish and be recorded
+/// (it runs while the sessions drain; an unfinished one is retried after the restart).
+const OUTBOX_WIND_DOWN: Duration = Duration::from_secs(2);
+
 /// Why the Hub could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -344,7 +348,8 @@ impl Hub {
             listeners.spawn(query::serve(query.clone(), svc, listener));
         }
         listeners.spawn(watch::watch(watcher, changes));
-        listeners.spawn(outbox::deliver(outbox));
+        let (stop_outbox, outbox_stop) = tokio::sync::watch::channel(false);
+        let mut outbox = tokio::spawn(outbox::deliver(outbox, outbox_stop));
         if let Some((listener, _)) = metrics {
             listeners.spawn(metrics::serve(listener, audit.clone(), handle));
         }
@@ -405,6 +410,8 @@ impl Hub {
                 Some(_) = connections.join_next() => {}
             }
         }
+        // The outbox finishes the attempt in flight meanwhile (bounded below).
+        let _ = stop_outbox.send(true);
         listeners.shutdown().await;
         for endpoint in &endpoints {
             endpoint.close(codes::SHUTDOWN, b"");
@@ -416,6 +423,13 @@ impl Hub {
         .await;
         if drained.is_err() {
             connections.shutdown().await;
+        }
+        if tokio::time::timeout(OUTBOX_WIND_DOWN, &mut outbox)
+            .await
+            .is_err()
+        {
+            tracing::warn!("a webhook attempt was still in flight at the shutdown; it is retried after the restart");
+            outbox.abort();
         }
         let idle = async {
             for endpoint in &endpoints {

@@ -6,13 +6,17 @@
 //!
 //! The task sleeps until a row is queued (the store wakes it) or until the next retry it
 //! learned from the store is due: an empty outbox costs no query.
+//!
+//! At a shutdown the task is told to stop, not aborted: an attempt in flight finishes (within
+//! the Hub's bound) and its result is recorded and audited before the task returns, so that a
+//! restart neither loses the record of an attempt nor sends an acknowledged webhook again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use ewii_common::audit::{Event, Outcome};
 use ewii_common::backoff::Backoff;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::state::PendingWebhook;
@@ -34,11 +38,11 @@ pub(crate) struct Parts {
     pub(crate) key: WebhookKey,
 }
 
-/// Runs until the task is aborted.
-pub(crate) async fn deliver(parts: Parts) {
+/// Runs until `stop` turns true (or the task is aborted), between attempts.
+pub(crate) async fn deliver(parts: Parts, mut stop: watch::Receiver<bool>) {
     let queued: Arc<Notify> = parts.store.outbox_queued();
     loop {
-        let next = match deliver_due(&parts).await {
+        let next = match deliver_due(&parts, &stop).await {
             Ok(()) => {
                 parts
                     .store
@@ -68,17 +72,27 @@ pub(crate) async fn deliver(parts: Parts) {
         tokio::select! {
             () = queued.notified() => {}
             () = due => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        if *stop.borrow() {
+            return;
         }
     }
 }
 
-async fn deliver_due(parts: &Parts) -> Result<(), super::store::StoreError> {
+async fn deliver_due(
+    parts: &Parts,
+    stop: &watch::Receiver<bool>,
+) -> Result<(), super::store::StoreError> {
     let now_ms = (crate::now_timestamp().0 / 1000) as i64;
     let due = parts
         .store
         .due_webhooks(now_ms, parts.config.max_attempts)
         .await?;
     for w in due {
+        if *stop.borrow() {
+            break;
+        }
         let result = send(parts, &w).await;
         let now = crate::now_timestamp();
         let mut r = parts.audit.record(Event::WebhookDelivered);
