@@ -405,6 +405,8 @@ pub struct Receiver {
     pub got: std::sync::Arc<std::sync::Mutex<Vec<Delivery>>>,
     /// While false, every request is answered 503 (the customer's endpoint is down).
     open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Set for a held receiver: each answer waits for [`release`](Self::release).
+    held: Option<std::sync::Arc<tokio::sync::Semaphore>>,
 }
 
 /// One request the [`Receiver`] saw.
@@ -421,18 +423,25 @@ pub struct Delivery {
 impl Receiver {
     /// Starts listening on loopback; answers `statuses` in turn, then 200.
     pub async fn start(statuses: Vec<u16>) -> Self {
-        Self::start_gated(statuses, true, Duration::ZERO).await
+        Self::start_gated(statuses, true, false).await
     }
 
-    /// Answers 200 to everything, each `delay` after the request arrived (it is recorded at
-    /// once).
-    pub async fn start_slow(delay: Duration) -> Self {
-        Self::start_gated(Vec::new(), true, delay).await
+    /// Answers 200 to everything, each only once [`release`](Self::release) lets it (the
+    /// request is recorded at once).
+    pub async fn start_held() -> Self {
+        Self::start_gated(Vec::new(), true, true).await
+    }
+
+    /// Lets one held answer go.
+    pub fn release(&self) {
+        if let Some(h) = &self.held {
+            h.add_permits(1);
+        }
     }
 
     /// Starts answering 503 to everything until [`open`](Self::open) is called.
     pub async fn start_closed() -> Self {
-        Self::start_gated(Vec::new(), false, Duration::ZERO).await
+        Self::start_gated(Vec::new(), false, false).await
     }
 
     /// From now on, answers as [`start`](Self::start) would.
@@ -440,7 +449,9 @@ impl Receiver {
         self.open.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    async fn start_gated(statuses: Vec<u16>, open: bool, delay: Duration) -> Self {
+    async fn start_gated(statuses: Vec<u16>, open: bool, held: bool) -> Self {
+        let held = held.then(|| std::sync::Arc::new(tokio::sync::Semaphore::new(0)));
+        let hold = held.clone();
         let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(open));
         let gate = open.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -463,7 +474,9 @@ impl Receiver {
                     body,
                     status,
                 });
-                tokio::time::sleep(delay).await;
+                if let Some(hold) = &hold {
+                    hold.acquire().await.unwrap().forget();
+                }
                 let reply = format!(
                     "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
                 );
@@ -471,7 +484,12 @@ impl Receiver {
                 let _ = s.shutdown().await;
             }
         });
-        Self { url, got, open }
+        Self {
+            url,
+            got,
+            open,
+            held,
+        }
     }
 
     /// Deliveries so far.

@@ -447,7 +447,7 @@ async fn p7_p8_a_presented_svid_is_taken_only_for_this_identity_with_its_keys_pr
 
     // The new SVID with its own key's proof for this connection is taken, on a session
     // whose first SVID ends in seconds: the session outlives it.
-    let short = ca.issue(ACME_PATH, Duration::from_secs(4));
+    let short = ca.issue(ACME_PATH, Duration::from_secs(8));
     let mut s = raw_session(&hub, &short.svid()).await.unwrap();
     let (scheme, proof) = present::sign(&next.svid(), &s.exporter()).unwrap();
     assert_eq!(
@@ -579,15 +579,16 @@ async fn p7_the_hub_follows_the_customers_ca_rotation_in_its_bundle_file_without
         ca.write_bundle(&p);
         std::fs::read(p).unwrap()
     };
-    // A file the Hub cannot use changes nothing.
+    // A file the Hub cannot use changes nothing: here a leaf (an SVID copied by mistake),
+    // whose key could otherwise sign SVIDs for any listed Client.
     replace_file(
         &file,
-        b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+        ewii::identity::store::Pem::certs(&old.svid().chain[..1]).as_bytes(),
     );
     bundle_updated(
         &hub,
         Outcome::Failed,
-        "keeping the 1 trust anchor(s) in use".into(),
+        "is not a CA certificate (no basicConstraints cA=true); keeping the 1 trust anchor(s) in use".into(),
     )
     .await;
     assert!(raw_session(&hub, &old.svid()).await.is_some());

@@ -363,7 +363,7 @@ impl Driver {
                 self.present_refused(id, &format!("refused by the Hub: {code}"));
             }
             Event::PresentFailed(id, why) => {
-                if self.machine.awaiting_presentation() {
+                if self.machine.awaiting_presentation() && self.current() == Some(id) {
                     self.present_refused(id, &why);
                 }
             }

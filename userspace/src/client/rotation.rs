@@ -54,7 +54,7 @@ pub enum IssueError {
     /// The bundle holds no usable trust anchor, or some unusable one.
     #[error("{usable} of {total} trust anchors usable")]
     BadBundle {
-        /// Anchors that parse as trust anchors.
+        /// Anchors that parse as trust anchors and are CA certificates.
         usable: usize,
         /// Anchors sent.
         total: usize,
@@ -107,9 +107,13 @@ pub(crate) fn accept_issued(
 
 /// Every anchor must be usable, and there must be one: a bundle never shrinks to garbage.
 pub(crate) fn check_anchors(anchors: &[CertificateDer<'static>]) -> Result<(), IssueError> {
+    // A leaf is no anchor: its key holder could stand as the Hub.
     let usable = anchors
         .iter()
-        .filter(|c| webpki::anchor_from_trusted_cert(c).is_ok())
+        .filter(|c| {
+            webpki::anchor_from_trusted_cert(c).is_ok()
+                && crate::identity::check_ca_certificate(c).is_ok()
+        })
         .count();
     if usable == 0 || usable != anchors.len() {
         return Err(IssueError::BadBundle {
@@ -139,4 +143,27 @@ pub(crate) fn save_bundle(
         store::Pem::certs(anchors).as_bytes(),
         0o644,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::ca::{new_key_and_csr, Ca};
+
+    #[test]
+    fn p15_a_bundle_for_the_hub_holds_only_ca_certificates() {
+        let ca = Ca::generate("example.org").unwrap();
+        check_anchors(&[ca.cert().clone()]).unwrap();
+        let (_key, csr) = new_key_and_csr().unwrap();
+        let id = SpiffeId::hub("example.org").unwrap();
+        let leaf = ca
+            .sign_csr(&csr, &id, std::time::Duration::from_secs(3_600))
+            .unwrap()
+            .der;
+        // A leaf beside the CA (its key holder could stand as the Hub), alone, or nothing.
+        let err = check_anchors(&[ca.cert().clone(), leaf.clone()]).unwrap_err();
+        assert_eq!(err.to_string(), "1 of 2 trust anchors usable");
+        assert!(check_anchors(&[leaf]).is_err());
+        assert!(check_anchors(&[]).is_err());
+    }
 }

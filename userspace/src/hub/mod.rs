@@ -63,9 +63,9 @@ use state::StateError;
 use store::{Change, Counts, Store, StoreError};
 use trust::{Material, Trust, TrustError};
 
-/// At a shutdown, how long a webhook attempt in flight may take to finish and be recorded
-/// (it runs while the sessions drain; an unfinished one is retried after the restart).
-const OUTBOX_WIND_DOWN: Duration = Duration::from_secs(2);
+/// At a shutdown, how long the outbox may take to record an answered attempt after its
+/// wind-down (a store write and an audit record).
+const OUTBOX_RECORD: Duration = Duration::from_secs(3);
 
 /// Why the Hub could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +190,7 @@ impl Hub {
         let federation_config = config.federation.clone();
         let (material, key, federation) = tokio::task::spawn_blocking(move || {
             let material = Material::load(&d)?;
-            let federation = trust::load_federation(&federation_config, material.trust_domain())?;
+            let federation = trust::load_federation(&federation_config, &material)?;
             let key = WebhookKey::load_or_create(&d)
                 .map_err(|source| TrustError::Identity { dir: d, source })?;
             Ok::<_, TrustError>((material, key, federation))
@@ -347,9 +347,14 @@ impl Hub {
         for (svc, listener, _) in services {
             listeners.spawn(query::serve(query.clone(), svc, listener));
         }
+        if sessions.trust.has_federation_files() {
+            listeners.spawn(watch::federation(sessions.trust.clone()));
+        }
         listeners.spawn(watch::watch(watcher, changes));
         let (stop_outbox, outbox_stop) = tokio::sync::watch::channel(false);
-        let mut outbox = tokio::spawn(outbox::deliver(outbox, outbox_stop));
+        // Its own set: aborted if this future is dropped, waited for at a shutdown.
+        let mut outbox_task = JoinSet::new();
+        outbox_task.spawn(outbox::deliver(outbox, outbox_stop));
         if let Some((listener, _)) = metrics {
             listeners.spawn(metrics::serve(listener, audit.clone(), handle));
         }
@@ -424,12 +429,12 @@ impl Hub {
         if drained.is_err() {
             connections.shutdown().await;
         }
-        if tokio::time::timeout(OUTBOX_WIND_DOWN, &mut outbox)
+        if tokio::time::timeout(outbox::WIND_DOWN + OUTBOX_RECORD, outbox_task.join_next())
             .await
             .is_err()
         {
-            tracing::warn!("a webhook attempt was still in flight at the shutdown; it is retried after the restart");
-            outbox.abort();
+            tracing::warn!("the webhook outbox did not stop in time; an attempt it was recording is sent again after the restart");
+            outbox_task.shutdown().await;
         }
         let idle = async {
             for endpoint in &endpoints {

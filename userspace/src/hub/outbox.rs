@@ -7,9 +7,11 @@
 //! The task sleeps until a row is queued (the store wakes it) or until the next retry it
 //! learned from the store is due: an empty outbox costs no query.
 //!
-//! At a shutdown the task is told to stop, not aborted: an attempt in flight finishes (within
-//! the Hub's bound) and its result is recorded and audited before the task returns, so that a
-//! restart neither loses the record of an attempt nor sends an acknowledged webhook again.
+//! At a shutdown the task is told to stop, not aborted: an attempt in flight gets
+//! [`WIND_DOWN`] to be answered, and an answered one is recorded and audited before the task
+//! returns, so that a restart neither loses the record of an attempt nor sends an acknowledged
+//! webhook again. An attempt not answered by then is abandoned unrecorded, and sent again
+//! (same `webhook-id`) after the restart.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +30,8 @@ use crate::webhook::{check_target, WebhookKey};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after the store failed, before asking it again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
+/// After a stop, how long an attempt in flight may wait for its answer.
+pub(crate) const WIND_DOWN: Duration = Duration::from_secs(2);
 
 /// What the delivery task needs.
 #[derive(Debug)]
@@ -38,7 +42,8 @@ pub(crate) struct Parts {
     pub(crate) key: WebhookKey,
 }
 
-/// Runs until `stop` turns true (or the task is aborted), between attempts.
+/// Runs until `stop` turns true or its sender is gone (or the task is aborted), between
+/// attempts.
 pub(crate) async fn deliver(parts: Parts, mut stop: watch::Receiver<bool>) {
     let queued: Arc<Notify> = parts.store.outbox_queued();
     loop {
@@ -74,9 +79,21 @@ pub(crate) async fn deliver(parts: Parts, mut stop: watch::Receiver<bool>) {
             () = due => {}
             _ = stop.wait_for(|stop| *stop) => return,
         }
-        if *stop.borrow() {
+        if stopping(&stop) {
             return;
         }
+    }
+}
+
+/// Whether the Hub has told the outbox to stop, or is gone.
+fn stopping(stop: &watch::Receiver<bool>) -> bool {
+    *stop.borrow() || stop.has_changed().is_err()
+}
+
+/// Resolves [`WIND_DOWN`] after the stop (at once when the Hub is gone).
+async fn wound_down(mut stop: watch::Receiver<bool>) {
+    if stop.wait_for(|stop| *stop).await.is_ok() {
+        tokio::time::sleep(WIND_DOWN).await;
     }
 }
 
@@ -90,10 +107,14 @@ async fn deliver_due(
         .due_webhooks(now_ms, parts.config.max_attempts)
         .await?;
     for w in due {
-        if *stop.borrow() {
+        if stopping(stop) {
             break;
         }
-        let result = send(parts, &w).await;
+        // Unanswered at the end of the wind-down: left as it is, sent again after a restart.
+        let result = tokio::select! {
+            result = send(parts, &w) => result,
+            () = wound_down(stop.clone()) => break,
+        };
         let now = crate::now_timestamp();
         let mut r = parts.audit.record(Event::WebhookDelivered);
         match result {

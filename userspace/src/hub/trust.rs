@@ -5,7 +5,7 @@
 //! a certificate from it.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use ewii_common::audit::{Event, Outcome};
@@ -52,11 +52,12 @@ pub enum TrustError {
 }
 
 /// Reads the `[[federation]]` bundles. Blocking file I/O. A trust domain equal to the Hub's
-/// own, or a bundle without a usable CA certificate, is refused.
+/// own, or a bundle that [`federated_anchors`] refuses, is refused.
 pub(crate) fn load_federation(
     config: &[crate::config::FederationConfig],
-    own_trust_domain: &str,
+    material: &Material,
 ) -> Result<Federation, TrustError> {
+    let own_trust_domain = material.trust_domain();
     let mut domains = Vec::new();
     for f in config {
         let bad = |why: String| TrustError::Federation {
@@ -70,7 +71,7 @@ pub(crate) fn load_federation(
         }
         let bytes = std::fs::read(&f.bundle)
             .map_err(|e| bad(format!("bundle: {}: {e}", f.bundle.display())))?;
-        let anchors = federated_anchors(&bytes)
+        let anchors = federated_anchors(&bytes, &material.anchors)
             .map_err(|why| bad(format!("bundle {}: {why}", f.bundle.display())))?;
         domains.push(FederatedDomain {
             trust_domain: f.trust_domain.clone(),
@@ -85,11 +86,16 @@ pub(crate) fn load_federation(
     Ok(Federation::new(domains))
 }
 
-/// The trust anchors of a `[[federation]]` bundle file's contents: PEM certificates, every
-/// one usable as a trust anchor, at least one.
-fn federated_anchors(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The trust anchors of a `[[federation]]` bundle file's contents: PEM certificates, at
+/// least one, every one a CA certificate usable as a trust anchor and none of them the Hub's
+/// own (`own`: a customer's domain is never vouched for by the operator's CA). Sorted, so
+/// that the same CAs in another order are the same bundle.
+fn federated_anchors(
+    pem: &[u8],
+    own: &[CertificateDer<'static>],
+) -> Result<Vec<CertificateDer<'static>>, String> {
     use rustls::pki_types::pem::PemObject;
-    let anchors = CertificateDer::pem_slice_iter(pem)
+    let mut anchors = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| "not PEM certificates".to_owned())?;
     let usable = anchors
@@ -102,6 +108,14 @@ fn federated_anchors(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String>
             anchors.len()
         ));
     }
+    for a in &anchors {
+        crate::identity::check_ca_certificate(a)?;
+        if own.contains(a) {
+            return Err("it holds this Hub's own CA certificate".into());
+        }
+    }
+    anchors.sort_by(|a, b| a.as_ref().cmp(b.as_ref()));
+    anchors.dedup();
     Ok(anchors)
 }
 
@@ -110,9 +124,17 @@ fn federated_anchors(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String>
 pub(crate) struct BundleFile {
     trust_domain: String,
     path: PathBuf,
-    /// What the last read found (contents or error), so that a file that has not changed
-    /// is neither parsed nor audited again.
-    seen: std::sync::Mutex<Option<Result<Vec<u8>, String>>>,
+    seen: Mutex<Seen>,
+}
+
+/// What the last read of a [`BundleFile`] found.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Contents or error, so that a file that has not changed is neither parsed nor audited
+    /// again.
+    read: Option<Result<Vec<u8>, String>>,
+    /// The last contents were refused.
+    refused: bool,
 }
 
 impl BundleFile {
@@ -123,7 +145,7 @@ impl BundleFile {
             .map(|f| Self {
                 trust_domain: f.trust_domain.clone(),
                 path: f.bundle.clone(),
-                seen: std::sync::Mutex::new(None),
+                seen: Mutex::default(),
             })
             .collect()
     }
@@ -293,30 +315,43 @@ impl Trust {
         ca.sign_csr(csr, id, self.svid_lifetime)
     }
 
-    /// Re-reads every `[[federation]]` bundle file and, where it changed and holds usable
-    /// trust anchors, replaces that trust domain's anchors: the next handshake and `Present`
-    /// of its Clients are checked against them (live sessions keep going). A file that
-    /// cannot be read or holds no usable anchors changes nothing. Both are audited
-    /// (`bundle_updated`), once per change of the file. Blocking: run it with `spawn_blocking`.
+    /// Whether any `[[federation]]` bundle file is to be re-read.
+    pub(crate) fn has_federation_files(&self) -> bool {
+        !self.bundle_files.is_empty()
+    }
+
+    /// Re-reads every `[[federation]]` bundle file and, where it changed and passes
+    /// [`federated_anchors`] (the checks made at start), replaces that trust domain's
+    /// anchors: the next handshake and `Present` of its Clients are checked against them
+    /// (live sessions keep going). A file that cannot be read or is refused changes nothing:
+    /// the anchors in use stay. Each outcome is audited (`bundle_updated`) once per change of
+    /// the file, and so is a file usable again after a refusal. Blocking: run it with
+    /// `spawn_blocking`.
     pub(crate) fn refresh_federation(&self) {
         for file in &self.bundle_files {
             let read = std::fs::read(&file.path).map_err(|e| e.to_string());
-            {
-                let Ok(mut seen) = file.seen.lock() else {
-                    continue;
-                };
-                if seen.as_ref() == Some(&read) {
-                    continue;
-                }
-                *seen = Some(read.clone());
+            let mut seen = file.seen.lock().unwrap_or_else(PoisonError::into_inner);
+            if seen.read.as_ref() == Some(&read) {
+                continue;
             }
+            seen.read = Some(read.clone());
             let Some(domain) = self.federation.domain(&file.trust_domain) else {
                 continue;
             };
             let in_use = domain.bundle.anchors();
+            let was_refused = std::mem::take(&mut seen.refused);
             let mut r = self.audit.record(Event::BundleUpdated);
-            match read.and_then(|bytes| federated_anchors(&bytes)) {
-                Ok(anchors) if anchors == in_use => continue,
+            match read.and_then(|bytes| federated_anchors(&bytes, &self.bundle.anchors())) {
+                Ok(anchors) if anchors == in_use && !was_refused => continue,
+                Ok(anchors) if anchors == in_use => {
+                    r.outcome = Some(Outcome::Ok);
+                    r.reason = Some(format!(
+                        "federated trust domain {}: {} usable again; its {} trust anchor(s) are the ones in use",
+                        file.trust_domain,
+                        file.path.display(),
+                        in_use.len()
+                    ));
+                }
                 Ok(anchors) => {
                     r.outcome = Some(Outcome::Ok);
                     r.reason = Some(format!(
@@ -330,6 +365,7 @@ impl Trust {
                 }
                 Err(why) => {
                     tracing::error!(trust_domain = %file.trust_domain, file = %file.path.display(), reason = %why, "federated bundle refused; keeping the one in use");
+                    seen.refused = true;
                     r.outcome = Some(Outcome::Failed);
                     r.reason = Some(format!(
                         "federated trust domain {}: bundle {} refused: {why}; keeping the {} trust anchor(s) in use",
@@ -450,4 +486,47 @@ fn server_configs(
         .with_audit(audit.clone());
     let service_tls = transport::tls_server_config(hub_svid, Arc::new(workload_verifier), &[])?;
     Ok((quic, tokio_rustls::TlsAcceptor::from(Arc::new(service_tls))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::store::Pem;
+
+    #[test]
+    fn p7_a_federated_bundle_holds_only_ca_certificates_and_never_the_hubs_own() {
+        let customer = Ca::generate("customer.example").unwrap();
+        let next = Ca::generate("customer.example").unwrap();
+        let own = Ca::generate("hub.example").unwrap();
+        let own_anchors = vec![own.cert().clone()];
+        let (_key, csr) = crate::identity::ca::new_key_and_csr().unwrap();
+        let id = SpiffeId::new("customer.example", "/ewii/acme").unwrap();
+        let leaf = customer
+            .sign_csr(&csr, &id, Duration::from_secs(3_600))
+            .unwrap()
+            .der;
+        let read = |certs: &[CertificateDer<'static>]| {
+            federated_anchors(Pem::certs(certs).as_bytes(), &own_anchors)
+        };
+        // The same CAs in any order (or twice) are the same bundle.
+        let both = read(&[customer.cert().clone(), next.cert().clone()]).unwrap();
+        assert_eq!(both.len(), 2);
+        assert_eq!(
+            read(&[
+                next.cert().clone(),
+                customer.cert().clone(),
+                next.cert().clone()
+            ])
+            .unwrap(),
+            both
+        );
+        // A leaf (its key would sign SVIDs for anyone listed), the Hub's own CA, nothing and
+        // not PEM: refused, with the reason.
+        let why = read(&[customer.cert().clone(), leaf]).unwrap_err();
+        assert!(why.contains("is not a CA certificate"), "{why}");
+        let why = read(&[own.cert().clone()]).unwrap_err();
+        assert!(why.contains("this Hub's own CA"), "{why}");
+        assert!(read(&[]).unwrap_err().contains("0 of 0"));
+        assert!(federated_anchors(b"not pem at all", &own_anchors).is_err());
+    }
 }

@@ -9,7 +9,8 @@
 //! - the silent-client grace is a timer computed from the view's `last_seen` values, not a
 //!   query;
 //! - every [`FEDERATION_CHECK`] the `[[federation]]` bundle files are re-read, and a changed
-//!   one replaces that trust domain's anchors.
+//!   one replaces that trust domain's anchors ([`federation`], a task of its own, so that a
+//!   file that hangs its reader never holds up a revocation).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,8 +48,6 @@ pub(crate) struct Parts {
 pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Change>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut federation = tokio::time::interval(FEDERATION_CHECK);
-    federation.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut grace_at = next_grace(&parts);
     loop {
         let grace_due = async {
@@ -63,11 +62,6 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
                 Ok(false) => {}
                 Err(e) => tracing::error!(error = %e, "cannot read the hub database; refusing handshakes until it can"),
             },
-            _ = federation.tick() => {
-                let trust = parts.trust.clone();
-                // File reads: not on an async worker.
-                let _ = tokio::task::spawn_blocking(move || trust.refresh_federation()).await;
-            }
             change = changes.recv() => match change {
                 Some(change) => {
                     apply(&parts, change);
@@ -111,6 +105,18 @@ fn apply(parts: &Parts, change: Change) {
             parts.registry.retire(&client, &serials);
         }
         Change::Seen => {}
+    }
+}
+
+/// Re-reads the `[[federation]]` bundle files every [`FEDERATION_CHECK`]; runs until aborted.
+pub(crate) async fn federation(trust: Arc<Trust>) {
+    let mut every = tokio::time::interval(FEDERATION_CHECK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let trust = trust.clone();
+        // File reads: not on an async worker.
+        let _ = tokio::task::spawn_blocking(move || trust.refresh_federation()).await;
     }
 }
 

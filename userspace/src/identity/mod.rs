@@ -53,6 +53,33 @@ pub struct LeafInfo {
     pub not_after: i64,
 }
 
+/// Checks that `der` may stand as a trust anchor: a certificate that says it is a CA
+/// (basicConstraints `cA=true`) and, when it limits its key's usage, may sign certificates
+/// (RFC 5280 §4.2.1.3, §4.2.1.9). webpki takes any certificate as an anchor, a leaf included:
+/// a leaf's key holder could then sign SVIDs for any identity of that trust domain.
+pub fn check_ca_certificate(der: &[u8]) -> Result<(), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|_| "a certificate does not parse".to_owned())?;
+    let subject = cert.subject().to_string();
+    match cert.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => {}
+        Ok(_) => {
+            return Err(format!(
+                "{subject} is not a CA certificate (no basicConstraints cA=true)"
+            ))
+        }
+        Err(_) => return Err(format!("{subject}: malformed basicConstraints")),
+    }
+    match cert.key_usage() {
+        Ok(None) => Ok(()),
+        Ok(Some(ku)) if ku.value.key_cert_sign() => Ok(()),
+        Ok(Some(_)) => Err(format!(
+            "{subject}: its key usage does not allow signing certificates"
+        )),
+        Err(_) => Err(format!("{subject}: malformed keyUsage")),
+    }
+}
+
 /// Reads a leaf and checks the SPIFFE X509-SVID leaf rules (SPIFFE X509-SVID §4, §5): exactly
 /// one URI SAN that parses as a SPIFFE ID, explicit `cA=false`, key usage with
 /// `digitalSignature` and without `keyCertSign`/`cRLSign`.

@@ -95,14 +95,18 @@ impl Bundle {
 
     /// The anchors now.
     pub fn anchors(&self) -> Vec<CertificateDer<'static>> {
-        self.0.read().map(|a| a.clone()).unwrap_or_default()
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Replaces the anchors.
     pub fn replace(&self, anchors: Vec<CertificateDer<'static>>) {
-        if let Ok(mut a) = self.0.write() {
-            *a = anchors;
-        }
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = anchors;
     }
 }
 
