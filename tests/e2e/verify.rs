@@ -221,6 +221,7 @@ async fn p2_p3_p4_p13_p14_verify_reports_what_holds_for_a_running_client_and_wha
         "ewii_hub_queries_total{outcome=\"ok\"} 1\n",
         "ewii_hub_query_bytes_total{direction=\"down\"} 4\n",
         "ewii_hub_enrolments_total{outcome=\"ok\"} 1\n",
+        "ewii_hub_connections_refused_total{reason=\"address_bound\"} 0\n",
     ] {
         assert!(scrape.contains(line), "{line:?} not in {scrape}");
     }

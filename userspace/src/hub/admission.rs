@@ -77,7 +77,13 @@ pub(crate) struct Admission {
     limits: Limits,
     state: Arc<Mutex<State>>,
     retries: Arc<std::sync::atomic::AtomicU64>,
+    /// New connections refused before their handshake: the Hub at its bound (or its state
+    /// unusable), one address at its bound.
+    refused: Arc<[std::sync::atomic::AtomicU64; 2]>,
 }
+
+/// The metric labels of [`Admission::refused`]'s counts, in order.
+pub(crate) const REFUSAL_REASONS: [&str; 2] = ["hub_bound", "address_bound"];
 
 /// A connection's place among those in their first moments; released on drop.
 #[derive(Debug)]
@@ -106,6 +112,7 @@ impl Admission {
             limits,
             state: Arc::default(),
             retries: Arc::default(),
+            refused: Arc::default(),
         }
     }
 
@@ -125,20 +132,29 @@ impl Admission {
         self.retries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// New connections refused before their handshake, by [`REFUSAL_REASONS`].
+    pub(crate) fn refused(&self) -> [u64; 2] {
+        self.refused
+            .each_ref()
+            .map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn refuse(&self, reason: usize, why: &'static str) -> (Verdict, Option<Slot>) {
+        self.refused[reason].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (Verdict::Refuse(why), None)
+    }
+
     /// Decides on a new connection from `ip` (`validated`: QUIC has proven the address, e.g.
     /// by a Retry). `Accept` comes with the slot it holds.
     pub(crate) fn admit(&self, ip: IpAddr, validated: bool) -> (Verdict, Option<Slot>) {
         let Ok(mut s) = self.state.lock() else {
-            return (Verdict::Refuse("admission state poisoned"), None);
+            return self.refuse(0, "admission state poisoned");
         };
         if s.in_flight >= self.limits.handshakes {
-            return (Verdict::Refuse("too many handshakes in progress"), None);
+            return self.refuse(0, "too many handshakes in progress");
         }
         if s.per_address.get(&ip).copied().unwrap_or(0) >= self.limits.per_address {
-            return (
-                Verdict::Refuse("too many handshakes in progress from this address"),
-                None,
-            );
+            return self.refuse(1, "too many handshakes in progress from this address");
         }
         if !validated && s.in_flight >= self.limits.retry_above {
             return (Verdict::Retry, None);
@@ -201,6 +217,7 @@ mod tests {
         let (v2, _s2) = a.admit(ip(1), false);
         assert_eq!((v1, v2), (Verdict::Accept, Verdict::Accept));
         assert!(matches!(a.admit(ip(1), false).0, Verdict::Refuse(_)));
+        assert_eq!(a.refused(), [0, 1], "counted as the address's bound");
         // Another address still gets in; above `retry_above`, unvalidated ones must retry.
         let (v, _s3) = a.admit(ip(2), false);
         assert_eq!(v, Verdict::Accept);
@@ -209,6 +226,7 @@ mod tests {
         assert_eq!(v, Verdict::Accept);
         // The whole Hub's bound.
         assert!(matches!(a.admit(ip(4), true).0, Verdict::Refuse(_)));
+        assert_eq!(a.refused(), [1, 1], "counted as the Hub's bound");
         // A finished handshake gives its slot back.
         drop(s1);
         assert_eq!(a.admit(ip(1), true).0, Verdict::Accept);

@@ -83,6 +83,22 @@ async fn respond(stream: &mut TcpStream, status: &str, body: &str) -> std::io::R
     stream.shutdown().await
 }
 
+/// A family of samples, each with its label set (`name="value"`).
+fn labelled(
+    out: &mut Exposition,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: impl Iterator<Item = (String, String)>,
+) {
+    let samples: Vec<(String, String)> = samples.collect();
+    let refs: Vec<(&str, String)> = samples
+        .iter()
+        .map(|(label, n)| (label.as_str(), n.clone()))
+        .collect();
+    out.family(name, kind, help, &refs);
+}
+
 /// The text a scrape receives.
 fn exposition(audit: &Audit, hub: &HubHandle) -> String {
     let mut out = Exposition::default();
@@ -95,30 +111,34 @@ fn exposition(audit: &Audit, hub: &HubHandle) -> String {
     out.one(
         "ewii_hub_connections",
         "gauge",
-        "Live Client connections (two for a moment while a Client rotates).",
+        "Live Client connections (two for a moment while a Client moves to a new one).",
         hub.connections(),
     );
-    let per_shard: Vec<(String, String)> = hub
-        .connections_per_shard()
-        .iter()
-        .enumerate()
-        .map(|(shard, n)| (format!("shard=\"{shard}\""), n.to_string()))
-        .collect();
-    let samples: Vec<(&str, String)> = per_shard
-        .iter()
-        .map(|(label, n)| (label.as_str(), n.clone()))
-        .collect();
-    out.family(
+    labelled(
+        &mut out,
         "ewii_hub_shard_connections",
         "gauge",
         "Live Client connections on each shard (thread); a Client's queries run on its connection's shard.",
-        &samples,
+        hub.connections_per_shard()
+            .iter()
+            .enumerate()
+            .map(|(shard, n)| (format!("shard=\"{shard}\""), n.to_string())),
     );
     out.one(
         "ewii_hub_quic_retries_total",
         "counter",
         "New connections asked to prove their address (QUIC Retry) under load.",
         hub.retries_sent(),
+    );
+    labelled(
+        &mut out,
+        "ewii_hub_connections_refused_total",
+        "counter",
+        "New connections refused before their handshake: the Hub, or one address, at its bound of handshakes in progress.",
+        super::admission::REFUSAL_REASONS
+            .iter()
+            .zip(hub.handshakes_refused())
+            .map(|(reason, n)| (format!("reason=\"{reason}\""), n.to_string())),
     );
     out.one(
         "ewii_hub_store_statements_total",

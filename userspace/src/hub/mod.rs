@@ -63,6 +63,9 @@ use state::StateError;
 use store::{Change, Counts, Store, StoreError};
 use trust::{Material, Trust, TrustError};
 
+/// At most one log line per this period for connections refused before their handshake.
+const REFUSAL_LOG: Duration = Duration::from_secs(10);
+
 /// At a shutdown, how long the outbox may take to record an answered attempt after its
 /// wind-down (a store write and an audit record).
 const OUTBOX_RECORD: Duration = Duration::from_secs(3);
@@ -132,6 +135,12 @@ impl HubHandle {
     /// How many new connections were asked to prove their address (a QUIC Retry) so far.
     pub fn retries_sent(&self) -> u64 {
         self.admission.retries_sent()
+    }
+
+    /// New connections refused before their handshake so far: the Hub at its bound, one
+    /// address at its bound.
+    pub fn handshakes_refused(&self) -> [u64; 2] {
+        self.admission.refused()
     }
 
     /// Names of the Clients with a live session.
@@ -377,6 +386,8 @@ impl Hub {
         }
         drop(arrived);
         let mut lost = None;
+        // Refusals before the handshake are logged at most every REFUSAL_LOG, with a count.
+        let (mut refused_unlogged, mut refusal_logged) = (0u64, None::<tokio::time::Instant>);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -405,7 +416,11 @@ impl Hub {
                                 }
                             }
                             (verdict, _) => {
-                                tracing::debug!(%peer, ?verdict, "connection refused before its handshake");
+                                refused_unlogged += 1;
+                                if refusal_logged.is_none_or(|at| at.elapsed() >= REFUSAL_LOG) {
+                                    tracing::warn!(%peer, ?verdict, refused = refused_unlogged, "connections refused before their handshake (ewii_hub_connections_refused_total)");
+                                    (refused_unlogged, refusal_logged) = (0, Some(tokio::time::Instant::now()));
+                                }
                                 incoming.refuse();
                             }
                         }
