@@ -434,8 +434,8 @@ impl Db {
                 params![client, session.session_id as i64, session.serial, session.peer, session.since],
             )?;
             tx.execute(
-                "UPDATE serials SET first_used = COALESCE(first_used, ?2) WHERE serial = ?1",
-                params![session.serial, session.since],
+                "UPDATE serials SET first_used = COALESCE(first_used, ?2) WHERE serial = ?1 AND client = ?3",
+                params![session.serial, session.since, client],
             )?;
             tx.execute(
                 "UPDATE clients SET last_seen = ?2 WHERE name = ?1",

@@ -24,6 +24,18 @@ fn row(session_id: u64, serial: &str, since: i64) -> SessionRow {
     }
 }
 
+/// Serial `0a` of acme renewed as `0b` for `key-1`.
+fn acme_renewal() -> RenewalRow {
+    RenewalRow {
+        client: "acme".into(),
+        from: "0a".into(),
+        serial: "0b".into(),
+        key_sha256: b"key-1".to_vec(),
+        der: b"cert-0b".to_vec(),
+        not_after: 1000,
+    }
+}
+
 async fn next_change(rx: &mut mpsc::UnboundedReceiver<Change>) -> Change {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
@@ -61,14 +73,7 @@ async fn the_view_follows_the_owners_writes_and_reports_retirements() {
         store.may_renew("acme", &acme, "0a", b"key-1").await,
         Ok(Renewal::Fresh)
     );
-    let renewal = RenewalRow {
-        client: "acme".into(),
-        from: "0a".into(),
-        serial: "0b".into(),
-        key_sha256: b"key-1".to_vec(),
-        der: b"cert-0b".to_vec(),
-        not_after: 1000,
-    };
+    let renewal = acme_renewal();
     store.record_renewal(renewal.clone(), 2).await.unwrap();
     // A serial renews once: the same key asking again gets the same certificate; another key
     // is refused.
@@ -143,6 +148,40 @@ async fn the_view_follows_the_owners_writes_and_reports_retirements() {
         None,
         "revoked: no grace"
     );
+}
+
+#[tokio::test]
+async fn p8_a_session_with_another_clients_serial_marks_nothing_of_that_client() {
+    // A federated Client's CA chooses its own serials: one may equal a serial this Hub issued
+    // to another Client. Its session must not mark that serial used (which would make the
+    // other Client's current serial superseded, and refuse its renewal).
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("hub.db");
+    let (store, _changes) = Store::open(&db, 1).await.unwrap();
+    let acme = id("acme");
+    store
+        .record_enrolment(grant("acme"), acme.clone(), "0a".into(), 1000, 1)
+        .await
+        .unwrap();
+    store.record_renewal(acme_renewal(), 2).await.unwrap();
+    store
+        .record_enrolment(grant("other"), id("other"), "0c".into(), 1000, 3)
+        .await
+        .unwrap();
+    assert_eq!(store.session_up("other", row(9, "0b", 4)).await.unwrap(), 0);
+    assert_eq!(store.view().superseded("acme", "0a"), Some(false));
+    assert_eq!(store.view().check(&acme, "0a"), Ok(()));
+    assert_eq!(
+        store
+            .may_renew("acme", &acme, "0a", b"key-1")
+            .await
+            .map(|_| ()),
+        Ok(())
+    );
+    // Nor in the database: a view loaded afresh says the same.
+    drop(store);
+    let (again, _changes) = Store::open(&db, 5).await.unwrap();
+    assert_eq!(again.view().superseded("acme", "0a"), Some(false));
 }
 
 #[tokio::test]

@@ -289,11 +289,16 @@ impl View {
     ) -> (Vec<Change>, usize) {
         let mut n = 0;
         let changes = self.write(|state| {
-            // A federated Client's serial is not the Hub's: nothing to mark or retire.
-            let order = state.serials.get_mut(serial).map(|s| {
-                s.used = true;
-                s.order
-            });
+            // A federated Client's serial is not the Hub's: nothing to mark or retire (its CA
+            // may even have chosen a serial this Hub issued to another Client).
+            let order = state
+                .serials
+                .get_mut(serial)
+                .filter(|s| s.client == client)
+                .map(|s| {
+                    s.used = true;
+                    s.order
+                });
             if let Some(c) = state.clients.get_mut(client) {
                 c.last_seen = Some(since);
                 c.live.insert(session_id);
