@@ -732,14 +732,20 @@ async fn p10_a_webhook_attempt_in_flight_at_a_hub_stop_is_finished_recorded_and_
         TestHub::start_custom(&[], "[webhooks]\ndanger_allow_private_targets = true\n").await;
     let token = hub.token_with_webhook("acme", &receiver.url);
     let _client = TestClient::enrol_with(&hub, &token, &[("db", "127.0.0.1:9".into())]).await;
+    // A Client whose session shows when the Hub has begun to stop (it closes its endpoint
+    // after it told the outbox to stop).
+    let watcher = TestClient::enrol_and_run(&hub, "watcher", &[("db", "127.0.0.1:9".into())]).await;
+    hub.wait_connected("watcher").await;
     admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap();
     poll_until("the attempt in flight", SOON, || {
         !receiver.deliveries().is_empty()
     })
     .await;
-    // The stop is under way (its signal goes at once) when the answer comes.
+    // The stop is under way when the answer comes.
     tokio::join!(hub.stop(), async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        watcher
+            .wait_audit("the Hub closing its endpoint", is(Event::SessionLost))
+            .await;
         receiver.release();
     });
     assert_eq!(

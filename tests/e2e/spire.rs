@@ -17,7 +17,7 @@ use ewii::config::SvidSource;
 use ewii::hub::admin;
 use ewii::identity::store::read_certs;
 use ewii::identity::{inspect_leaf, present};
-use ewii_common::audit::{Event, Outcome, Side};
+use ewii_common::audit::{AuditRecord, Event, Outcome, Side};
 use ewii_common::frame;
 use ewii_tests::workload_api::{IssuedSvid, SpireCa, WorkloadApi};
 use ewii_tests::*;
@@ -234,22 +234,7 @@ async fn p5_p7_p8_a_rotation_pushed_by_the_workload_api_re_binds_the_live_sessio
             .is_some_and(|r| r.contains(&second.serial) && r.contains(&first.serial)),
         "{rotated:?}"
     );
-    let rebound = hub
-        .wait_audit("the session re-bound to the presented SVID", |r| {
-            r.event == Event::SvidRotated && r.outcome == Some(Outcome::Ok)
-        })
-        .await;
-    let expected = format!(
-        "session re-bound from serial {} to {} (presented from the Client's SPIRE)",
-        first.serial, second.serial
-    );
-    assert!(
-        rebound
-            .reason
-            .as_deref()
-            .is_some_and(|r| r.contains(&expected)),
-        "{rebound:?}"
-    );
+    let rebound = wait_rebound(&hub, &first, &second).await;
     assert_eq!(rebound.session_id, up.session_id, "the same session");
     let at_rebind = ok.load(Ordering::Relaxed);
     poll_until("load after the re-bind", SOON, || {
@@ -367,6 +352,27 @@ async fn p5_p7_p8_a_rotation_pushed_by_the_workload_api_re_binds_the_live_sessio
     assert_eq!(client.stop().await, Exit::Stopped);
 }
 
+/// Waits for the Hub's record of a session re-bound from `from` to the presented `to`.
+async fn wait_rebound(hub: &TestHub, from: &IssuedSvid, to: &IssuedSvid) -> AuditRecord {
+    let rebound = hub
+        .wait_audit("the session re-bound to the presented SVID", |r| {
+            r.event == Event::SvidRotated && r.outcome == Some(Outcome::Ok)
+        })
+        .await;
+    let expected = format!(
+        "session re-bound from serial {} to {} (presented from the Client's SPIRE)",
+        from.serial, to.serial
+    );
+    assert!(
+        rebound
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains(&expected)),
+        "{rebound:?}"
+    );
+    rebound
+}
+
 fn der_chain(svid: &IssuedSvid) -> Vec<Vec<u8>> {
     svid.svid().chain.iter().map(|c| c.to_vec()).collect()
 }
@@ -456,22 +462,7 @@ async fn p7_p8_a_presented_svid_is_taken_only_for_this_identity_with_its_keys_pr
             serial: next.serial.clone()
         }
     );
-    let rebound = hub
-        .wait_audit("the re-bind", |r| {
-            r.event == Event::SvidRotated && r.outcome == Some(Outcome::Ok)
-        })
-        .await;
-    let expected = format!(
-        "session re-bound from serial {} to {} (presented from the Client's SPIRE)",
-        short.serial, next.serial
-    );
-    assert!(
-        rebound
-            .reason
-            .as_deref()
-            .is_some_and(|r| r.contains(&expected)),
-        "{rebound:?}"
-    );
+    wait_rebound(&hub, &short, &next).await;
     // Two presentations within the bound are taken (one pushed while the last was being
     // presented follows it), a third is not.
     assert_eq!(
@@ -593,8 +584,8 @@ async fn p7_the_hub_follows_the_customers_ca_rotation_in_its_bundle_file_without
     .await;
     assert!(raw_session(&hub, &old.svid()).await.is_some());
     assert!(raw_session(&hub, &new.svid()).await.is_none());
-    // Re-read at the next checks, the unchanged file is not audited again.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // (That an unchanged file is not audited again at each re-read is shown by
+    // `hub::trust::tests`, without waiting for re-reads here.)
 
     // The overlap: both CAs. Both SVIDs get in.
     replace_file(&file, &[pem(&ca), pem(&next_ca)].concat());

@@ -138,6 +138,56 @@ struct Seen {
 }
 
 impl BundleFile {
+    /// Re-reads the file and, when it changed and passes [`federated_anchors`] (`own`: the
+    /// Hub's anchors), replaces `bundle`'s anchors. What to audit, if anything: nothing for a
+    /// file that did not change, or changed to the anchors in use after none was refused.
+    /// Blocking.
+    fn refresh(
+        &self,
+        bundle: &Bundle,
+        own: &[CertificateDer<'static>],
+    ) -> Option<(Outcome, String)> {
+        let read = std::fs::read(&self.path).map_err(|e| e.to_string());
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.read.as_ref() == Some(&read) {
+            return None;
+        }
+        seen.read = Some(read.clone());
+        let in_use = bundle.anchors();
+        let was_refused = std::mem::take(&mut seen.refused);
+        let (td, path) = (&self.trust_domain, self.path.display());
+        match read.and_then(|bytes| federated_anchors(&bytes, own)) {
+            Ok(anchors) if anchors == in_use && !was_refused => None,
+            Ok(anchors) if anchors == in_use => Some((
+                Outcome::Ok,
+                format!(
+                    "federated trust domain {td}: {path} usable again; its {} trust anchor(s) are the ones in use",
+                    in_use.len()
+                ),
+            )),
+            Ok(anchors) => {
+                let reason = format!(
+                    "federated trust domain {td}: {} trust anchor(s) from {path} (were {})",
+                    anchors.len(),
+                    in_use.len()
+                );
+                bundle.replace(anchors);
+                Some((Outcome::Ok, reason))
+            }
+            Err(why) => {
+                tracing::error!(trust_domain = %td, file = %path, reason = %why, "federated bundle refused; keeping the one in use");
+                seen.refused = true;
+                Some((
+                    Outcome::Failed,
+                    format!(
+                        "federated trust domain {td}: bundle {path} refused: {why}; keeping the {} trust anchor(s) in use",
+                        in_use.len()
+                    ),
+                ))
+            }
+        }
+    }
+
     /// The files of `config`'s `[[federation]]` tables.
     pub(crate) fn all(config: &[crate::config::FederationConfig]) -> Vec<Self> {
         config
@@ -328,54 +378,17 @@ impl Trust {
     /// the file, and so is a file usable again after a refusal. Blocking: run it with
     /// `spawn_blocking`.
     pub(crate) fn refresh_federation(&self) {
+        let own = self.bundle.anchors();
         for file in &self.bundle_files {
-            let read = std::fs::read(&file.path).map_err(|e| e.to_string());
-            let mut seen = file.seen.lock().unwrap_or_else(PoisonError::into_inner);
-            if seen.read.as_ref() == Some(&read) {
-                continue;
-            }
-            seen.read = Some(read.clone());
             let Some(domain) = self.federation.domain(&file.trust_domain) else {
                 continue;
             };
-            let in_use = domain.bundle.anchors();
-            let was_refused = std::mem::take(&mut seen.refused);
-            let mut r = self.audit.record(Event::BundleUpdated);
-            match read.and_then(|bytes| federated_anchors(&bytes, &self.bundle.anchors())) {
-                Ok(anchors) if anchors == in_use && !was_refused => continue,
-                Ok(anchors) if anchors == in_use => {
-                    r.outcome = Some(Outcome::Ok);
-                    r.reason = Some(format!(
-                        "federated trust domain {}: {} usable again; its {} trust anchor(s) are the ones in use",
-                        file.trust_domain,
-                        file.path.display(),
-                        in_use.len()
-                    ));
-                }
-                Ok(anchors) => {
-                    r.outcome = Some(Outcome::Ok);
-                    r.reason = Some(format!(
-                        "federated trust domain {}: {} trust anchor(s) from {} (were {})",
-                        file.trust_domain,
-                        anchors.len(),
-                        file.path.display(),
-                        in_use.len()
-                    ));
-                    domain.bundle.replace(anchors);
-                }
-                Err(why) => {
-                    tracing::error!(trust_domain = %file.trust_domain, file = %file.path.display(), reason = %why, "federated bundle refused; keeping the one in use");
-                    seen.refused = true;
-                    r.outcome = Some(Outcome::Failed);
-                    r.reason = Some(format!(
-                        "federated trust domain {}: bundle {} refused: {why}; keeping the {} trust anchor(s) in use",
-                        file.trust_domain,
-                        file.path.display(),
-                        in_use.len()
-                    ));
-                }
+            if let Some((outcome, reason)) = file.refresh(&domain.bundle, &own) {
+                let mut r = self.audit.record(Event::BundleUpdated);
+                r.outcome = Some(outcome);
+                r.reason = Some(reason);
+                self.audit.emit(r);
             }
-            self.audit.emit(r);
         }
     }
 
@@ -528,5 +541,51 @@ mod tests {
         assert!(why.contains("this Hub's own CA"), "{why}");
         assert!(read(&[]).unwrap_err().contains("0 of 0"));
         assert!(federated_anchors(b"not pem at all", &own_anchors).is_err());
+    }
+
+    #[test]
+    fn p7_a_bundle_file_is_taken_when_it_changes_and_audited_once_per_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("customer.pem");
+        let first = Ca::generate("customer.example").unwrap();
+        let next = Ca::generate("customer.example").unwrap();
+        let own = [Ca::generate("hub.example").unwrap().cert().clone()];
+        let write = |certs: &[CertificateDer<'static>]| {
+            std::fs::write(&path, Pem::certs(certs)).unwrap();
+        };
+        write(&[first.cert().clone()]);
+        let file = BundleFile {
+            trust_domain: "customer.example".into(),
+            path: path.clone(),
+            seen: Mutex::default(),
+        };
+        let bundle = Bundle::new(vec![first.cert().clone()]);
+        // The file as loaded at start: nothing to say, then or on any later read.
+        assert_eq!(file.refresh(&bundle, &own), None);
+        assert_eq!(file.refresh(&bundle, &own), None);
+        // Refused (a leaf would do; here the Hub's own CA): said once, the anchors kept.
+        write(&own);
+        let (outcome, why) = file.refresh(&bundle, &own).unwrap();
+        assert_eq!(outcome, Outcome::Failed);
+        assert!(why.contains("this Hub's own CA"), "{why}");
+        assert_eq!(file.refresh(&bundle, &own), None, "the same file again");
+        assert_eq!(bundle.anchors(), vec![first.cert().clone()]);
+        // Back to the anchors in use: said, since the last word was a refusal.
+        write(&[first.cert().clone()]);
+        let (outcome, why) = file.refresh(&bundle, &own).unwrap();
+        assert_eq!(outcome, Outcome::Ok);
+        assert!(why.contains("usable again"), "{why}");
+        // A new CA: taken, said once.
+        write(&[next.cert().clone()]);
+        let (outcome, why) = file.refresh(&bundle, &own).unwrap();
+        assert_eq!(outcome, Outcome::Ok);
+        assert!(why.contains("1 trust anchor(s) from"), "{why}");
+        assert_eq!(bundle.anchors(), vec![next.cert().clone()]);
+        assert_eq!(file.refresh(&bundle, &own), None);
+        // A file that is gone: refused once, the anchors kept.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(file.refresh(&bundle, &own).unwrap().0, Outcome::Failed);
+        assert_eq!(file.refresh(&bundle, &own), None);
+        assert_eq!(bundle.anchors(), vec![next.cert().clone()]);
     }
 }
