@@ -21,5 +21,6 @@ mod scale;
 mod soak;
 mod spire;
 mod tunnel;
+mod udp;
 mod verify;
 mod walkthrough;

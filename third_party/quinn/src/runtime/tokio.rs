@@ -2,13 +2,16 @@ use std::{
     future::Future,
     io,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll, ready},
     time::Instant,
 };
 
 use tokio::{
-    io::Interest,
+    io::{Interest, Ready, unix::AsyncFd},
     time::{Sleep, sleep_until},
 };
 
@@ -30,7 +33,8 @@ impl Runtime for TokioRuntime {
     fn wrap_udp_socket(&self, sock: std::net::UdpSocket) -> io::Result<Arc<dyn AsyncUdpSocket>> {
         Ok(Arc::new(UdpSocket {
             inner: udp::UdpSocketState::new((&sock).into())?,
-            io: tokio::net::UdpSocket::from_std(sock)?,
+            io: register(sock, Interest::READABLE)?,
+            blocked: AtomicBool::new(false),
         }))
     }
 
@@ -48,24 +52,62 @@ impl AsyncTimer for Sleep {
     }
 }
 
+// Ewii patch (third_party/README.md): the socket is registered for reading only, and reading
+// stops at a short batch.
+//
+// - Upstream registers it for writing too. Every datagram sent then raises an EPOLLOUT edge (the
+//   kernel frees the sent buffer and wakes the writers' queue), and the runtime's next wait
+//   returns at once for nothing: one `epoll_wait` per send. Here, writability is waited for
+//   only after a send found the buffer full (`blocked`), through a second descriptor of the
+//   same socket registered for writing while that wait lasts.
+// - Upstream reads until `recvmmsg` fails with `EAGAIN`: one empty call per burst received. On
+//   Linux a non-blocking `recvmmsg` that returns fewer datagrams than asked has emptied the
+//   queue, so the readiness is cleared there. A datagram that arrives after the call raises a
+//   new edge, and the runtime's tick keeps a clear from erasing an edge it already saw.
 #[derive(Debug)]
 struct UdpSocket {
-    io: tokio::net::UdpSocket,
+    io: AsyncFd<std::net::UdpSocket>,
     inner: udp::UdpSocketState,
+    /// A send found the socket's buffer full; cleared once it is writable again.
+    blocked: AtomicBool,
+}
+
+/// Registers `sock` with the current runtime's reactor for `interest`.
+fn register(
+    sock: std::net::UdpSocket,
+    interest: Interest,
+) -> io::Result<AsyncFd<std::net::UdpSocket>> {
+    // SAFETY: the socket owns its descriptor, and the `AsyncFd` owns the socket until it is
+    // dropped; nothing replaces it (only `get_ref` is used).
+    Ok(unsafe { AsyncFd::register_with_interest(sock, interest) }?)
 }
 
 impl AsyncUdpSocket for UdpSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn super::UdpPoller>> {
         Box::pin(UdpPollHelper::new(move || {
             let socket = self.clone();
-            async move { socket.io.writable().await }
+            async move {
+                if !socket.blocked.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                // Registered now, so the kernel reports the socket's writability as it is
+                // (an edge already past is not lost), and deregistered when the wait ends.
+                let writer = register(socket.io.get_ref().try_clone()?, Interest::WRITABLE)?;
+                drop(writer.writable().await?);
+                socket.blocked.store(false, Ordering::Release);
+                Ok(())
+            }
         }))
     }
 
     fn try_send(&self, transmit: &udp::Transmit) -> io::Result<()> {
-        self.io.try_io(Interest::WRITABLE, || {
-            self.inner.send((&self.io).into(), transmit)
-        })
+        match self.inner.send(self.io.get_ref().into(), transmit) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.blocked.store(true, Ordering::Release);
+                Err(e)
+            }
+            other => other,
+        }
     }
 
     fn poll_recv(
@@ -74,18 +116,22 @@ impl AsyncUdpSocket for UdpSocket {
         bufs: &mut [std::io::IoSliceMut<'_>],
         meta: &mut [udp::RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        let batch = bufs.len().min(udp::BATCH_SIZE);
         loop {
-            ready!(self.io.poll_recv_ready(cx))?;
-            if let Ok(res) = self.io.try_io(Interest::READABLE, || {
-                self.inner.recv((&self.io).into(), bufs, meta)
-            }) {
-                return Poll::Ready(Ok(res));
+            let mut guard = ready!(self.io.poll_read_ready(cx))?;
+            // As upstream, an error other than `WouldBlock` is retried rather than returned.
+            if let Ok(Ok(n)) = guard.try_io(|io| self.inner.recv(io.get_ref().into(), bufs, meta))
+            {
+                if cfg!(any(target_os = "linux", target_os = "android")) && n < batch {
+                    guard.clear_ready_matching(Ready::READABLE);
+                }
+                return Poll::Ready(Ok(n));
             }
         }
     }
 
     fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.io.local_addr()
+        self.io.get_ref().local_addr()
     }
 
     fn may_fragment(&self) -> bool {

@@ -1,0 +1,256 @@
+//! P5: the one QUIC connection's UDP socket. The socket glue of the vendored quinn
+//! (third_party/README.md, the Ewii patch in `runtime/tokio.rs`), driven directly: the socket
+//! is registered for reading only, writability is waited for only after a send found the
+//! buffer full, and reading stops at a short batch instead of calling `recvmmsg` once more to
+//! see it empty. Every QUIC packet of the Hub and the Client goes through this glue; these
+//! tests prove the two paths the rest of the suite cannot reach or cannot tell from a delay:
+//! - a send buffer that really fills (loopback frees a datagram's memory as it is sent, so
+//!   the test's own network namespace holds datagrams in a slow `tbf` queue instead), and
+//! - a burst larger than one batch, and a datagram that arrives after a short read: neither
+//!   may wait for a later datagram to be read.
+
+use std::future::poll_fn;
+use std::io::{self, IoSliceMut};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ewii_tests::require;
+use quinn::udp::{RecvMeta, Transmit, BATCH_SIZE};
+use quinn::{AsyncUdpSocket, Runtime, TokioRuntime};
+
+/// Datagrams in the burst: more than one batch (`BATCH_SIZE`, 32 on Linux) and not a multiple.
+const BURST: usize = 3 * BATCH_SIZE + 5;
+/// Bytes of each test datagram.
+const DATAGRAM: usize = 100;
+
+/// Runs `f` on a thread of its own in a new network namespace with loopback up, on a
+/// current-thread runtime. Returns `None` (and the reason) where that is not possible here.
+fn in_own_netns<F, Fut>(f: F) -> Option<String>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    std::thread::spawn(move || {
+        if let Err(e) = unshare_net() {
+            return Some(format!("unshare(CLONE_NEWNET): {e}"));
+        }
+        // Children inherit this thread's namespace.
+        if let Err(why) = run("ip", &["link", "set", "lo", "up"]) {
+            return Some(why);
+        }
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f());
+        None
+    })
+    .join()
+    .unwrap()
+}
+
+/// Moves this thread (only) into a new network namespace.
+#[allow(unsafe_code)]
+fn unshare_net() -> io::Result<()> {
+    // SAFETY: unshare(2) with a flag and no pointers; it changes the calling thread's
+    // namespace only, and that thread ends with the test.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn skip_or_fail(why: Option<String>) {
+    if let Some(why) = why {
+        assert!(
+            !require("EWII_REQUIRE_PRIVILEGED"),
+            "EWII_REQUIRE_PRIVILEGED=1 but this test cannot run: {why}"
+        );
+        println!("SKIPPED: {why}");
+    }
+}
+
+fn bound() -> UdpSocket {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_nonblocking(true).unwrap();
+    s
+}
+
+fn transmit(to: SocketAddr, contents: &[u8]) -> Transmit<'_> {
+    Transmit {
+        destination: to,
+        ecn: None,
+        contents,
+        segment_size: None,
+        src_ip: None,
+    }
+}
+
+/// Polls `socket` for writability until `within`: true when it became ready.
+async fn writable_within(socket: &Arc<dyn AsyncUdpSocket>, within: Duration) -> bool {
+    let mut poller = socket.clone().create_io_poller();
+    tokio::time::timeout(within, poll_fn(|cx| poller.as_mut().poll_writable(cx)))
+        .await
+        .map(|r| r.unwrap())
+        .is_ok()
+}
+
+/// Reads datagrams until `bytes` arrived, each read bounded by `within`; returns the bytes
+/// read, short if a read timed out.
+async fn read_bytes(socket: &Arc<dyn AsyncUdpSocket>, bytes: usize, within: Duration) -> usize {
+    let mut buf = vec![0u8; BATCH_SIZE * 2048];
+    let mut got = 0;
+    while got < bytes {
+        let mut metas = [RecvMeta::default(); BATCH_SIZE];
+        let mut iovs: Vec<IoSliceMut<'_>> = buf.chunks_mut(2048).map(IoSliceMut::new).collect();
+        let read = tokio::time::timeout(
+            within,
+            poll_fn(|cx| socket.poll_recv(cx, &mut iovs, &mut metas)),
+        )
+        .await;
+        match read {
+            Ok(Ok(n)) => got += metas[..n].iter().map(|m| m.len).sum::<usize>(),
+            Ok(Err(e)) => panic!("recv: {e}"),
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+#[test]
+fn p5_a_full_udp_send_buffer_is_waited_for_and_then_sends_again() {
+    let why = in_own_netns(|| async {
+        // Datagrams wait in this queue, charged to the sender's buffer, until it lets them go
+        // (8 kbit/s: one of these every ~1.2 s) or is removed.
+        run(
+            "tc",
+            &[
+                "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "8kbit", "burst", "1600",
+                "limit", "10000000",
+            ],
+        )
+        .unwrap();
+        let sender = bound();
+        // The smallest buffer the kernel allows (it doubles the 4 KiB asked): a few datagrams.
+        socket_buffer(&sender, 4096);
+        let to = bound().local_addr().unwrap();
+        let socket = TokioRuntime.wrap_udp_socket(sender).unwrap();
+        assert!(
+            writable_within(&socket, Duration::from_secs(1)).await,
+            "a fresh socket is writable"
+        );
+
+        let payload = [7u8; 1200];
+        let mut sent = 0;
+        let full = loop {
+            match socket.try_send(&transmit(to, &payload)) {
+                Ok(()) => sent += 1,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
+                Err(e) => panic!("send: {e}"),
+            }
+            if sent > 1_000 {
+                break false;
+            }
+        };
+        assert!(full, "the send buffer never filled ({sent} datagrams sent)");
+        // Full: the poller waits, and does not claim room that is not there.
+        assert!(
+            !writable_within(&socket, Duration::from_millis(300)).await,
+            "the poller said writable while the buffer was full"
+        );
+        // The queue goes, its datagrams' memory is freed: the waiting poller is woken.
+        let mut poller = socket.clone().create_io_poller();
+        let waiting = tokio::spawn(async move {
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                poll_fn(|cx| poller.as_mut().poll_writable(cx)),
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        run("tc", &["qdisc", "del", "dev", "lo", "root"]).unwrap();
+        let woken = waiting.await.unwrap();
+        assert!(
+            matches!(woken, Ok(Ok(()))),
+            "no wake-up once the buffer had room: {woken:?}"
+        );
+        socket
+            .try_send(&transmit(to, &payload))
+            .expect("a send after the wait");
+        // And the next send does not wait at all.
+        assert!(writable_within(&socket, Duration::from_millis(100)).await);
+    });
+    skip_or_fail(why);
+}
+
+#[test]
+fn p5_a_udp_burst_larger_than_a_batch_and_a_late_datagram_are_all_read() {
+    let why = in_own_netns(|| async {
+        let receiver = bound();
+        let to = receiver.local_addr().unwrap();
+        let socket = TokioRuntime.wrap_udp_socket(receiver).unwrap();
+        let sender = bound();
+        let datagram = [1u8; DATAGRAM];
+
+        // More than three batches at once: a full batch must not end the reading.
+        for _ in 0..BURST {
+            sender.send_to(&datagram, to).unwrap();
+        }
+        let got = read_bytes(&socket, BURST * DATAGRAM, Duration::from_secs(2)).await;
+        assert_eq!(
+            got,
+            BURST * DATAGRAM,
+            "datagrams of the burst were left unread"
+        );
+
+        // The queue is empty now and the reader waits; a datagram sent after the short read
+        // wakes it.
+        let late = tokio::spawn({
+            let socket = socket.clone();
+            async move { read_bytes(&socket, DATAGRAM, Duration::from_secs(2)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sender.send_to(&datagram, to).unwrap();
+        assert_eq!(
+            late.await.unwrap(),
+            DATAGRAM,
+            "a datagram after a short read was not read"
+        );
+    });
+    skip_or_fail(why);
+}
+
+/// Sets the socket's send buffer (`SO_SNDBUF`).
+#[allow(unsafe_code)]
+fn socket_buffer(s: &UdpSocket, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt on a descriptor we own, with a pointer to a live int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&bytes as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_SNDBUF: {}", io::Error::last_os_error());
+}
