@@ -119,12 +119,19 @@ async fn p4_p11_ten_thousand_queries_at_once_on_one_connection() {
     }
     let root = tempfile::tempdir().unwrap();
     let (_echo_proc, echo) = echo_process();
-    let mut hub = HubProcess::start(root.path(), "");
+    // Both sides' records, read when a query fails: they say which side ended it and why.
+    let hub_audit = root.path().join("hub-audit.jsonl");
+    let client_audit = root.path().join("client-audit.jsonl");
+    let mut hub =
+        HubProcess::start_with_audit(root.path(), &format!("file:{}", hub_audit.display()), "");
     let (mut client, _) = hub
         .run_client(
             root.path(),
             echo,
-            &format!("audit = \"discard\"\nmax_queries = {QUERIES}"),
+            &format!(
+                "audit = \"file:{}\"\nmax_queries = {QUERIES}",
+                client_audit.display()
+            ),
             Stdio::null(),
         )
         .await;
@@ -159,10 +166,17 @@ async fn p4_p11_ten_thousand_queries_at_once_on_one_connection() {
     for t in tasks.iter_mut().filter(|t| t.is_finished()) {
         ended.push(format!("{:?}", t.await));
     }
+    if !ended.is_empty() {
+        // Time for both sides to end the query and write its record.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     assert_eq!(
         open.load(Ordering::SeqCst),
         QUERIES,
-        "queries open at once; requesters that ended early: {ended:?}"
+        "queries open at once; requesters that ended early: {ended:?}; the records of queries \
+         that did not go well: Hub {:?}, Client {:?}",
+        not_ok(&hub_audit),
+        not_ok(&client_audit)
     );
     let loaded = status_kib(client.pid(), "VmRSS:");
     release.notify_waiters();
@@ -185,6 +199,17 @@ async fn p4_p11_ten_thousand_queries_at_once_on_one_connection() {
     );
     assert_eq!(client.terminate().code(), Some(0));
     assert_eq!(hub.proc.terminate().code(), Some(0));
+}
+
+/// The query records in the audit file at `path` whose outcome is not `ok` (the first 5).
+fn not_ok(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"event\":\"query\"") && !l.contains("\"outcome\":\"ok\""))
+        .take(3)
+        .map(str::to_owned)
+        .collect()
 }
 
 /// What each requester tries to push at the destination that never reads.

@@ -81,6 +81,12 @@ pub(crate) struct HubProcess {
 impl HubProcess {
     /// `init` in `<root>/hub`, a `hub.toml` with `extra` top-level keys, `run`.
     pub(crate) fn start(root: &std::path::Path, extra: &str) -> Self {
+        Self::start_with_audit(root, "discard", extra)
+    }
+
+    /// As [`start`](Self::start), with the audit records going to `audit` (`discard`,
+    /// `stdout`, `file:<path>`).
+    pub(crate) fn start_with_audit(root: &std::path::Path, audit: &str, extra: &str) -> Self {
         let dir = root.join("hub");
         let init = run(
             "ewii-hub",
@@ -97,7 +103,7 @@ impl HubProcess {
         fs::write(
             &toml,
             format!(
-                "state_dir = {dir:?}\nlisten = \"127.0.0.1:{udp}\"\naudit = \"discard\"\n{extra}\n[[service]]\nname = \"pg\"\nlisten = \"127.0.0.1:{svc}\"\nclient = \"acme\"\ndestination = \"db\"\nprincipal = \"ops\"\n"
+                "state_dir = {dir:?}\nlisten = \"127.0.0.1:{udp}\"\naudit = \"{audit}\"\n{extra}\n[[service]]\nname = \"pg\"\nlisten = \"127.0.0.1:{svc}\"\nclient = \"acme\"\ndestination = \"db\"\nprincipal = \"ops\"\n"
             ),
         )
         .unwrap();

@@ -7,7 +7,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll, ready},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use tokio::{
@@ -72,6 +72,9 @@ struct UdpSocket {
     blocked: AtomicBool,
 }
 
+/// How long a send waits for room when its socket's writability cannot be watched.
+const BLOCKED_RETRY: Duration = Duration::from_millis(1);
+
 /// Registers `sock` with the current runtime's reactor for `interest`.
 fn register(
     sock: std::net::UdpSocket,
@@ -92,8 +95,18 @@ impl AsyncUdpSocket for UdpSocket {
                 }
                 // Registered now, so the kernel reports the socket's writability as it is
                 // (an edge already past is not lost), and deregistered when the wait ends.
-                let writer = register(socket.io.get_ref().try_clone()?, Interest::WRITABLE)?;
-                drop(writer.writable().await?);
+                let writer = socket
+                    .io
+                    .get_ref()
+                    .try_clone()
+                    .and_then(|dup| register(dup, Interest::WRITABLE));
+                match writer {
+                    Ok(writer) => drop(writer.writable().await?),
+                    // No descriptor or watch to spare (EMFILE, ENOSPC): an error here would
+                    // end the connection's driver, which upstream's wait never does. Retry
+                    // the send a little later instead.
+                    Err(_) => tokio::time::sleep(BLOCKED_RETRY).await,
+                }
                 socket.blocked.store(false, Ordering::Release);
                 Ok(())
             }
@@ -105,6 +118,11 @@ impl AsyncUdpSocket for UdpSocket {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.blocked.store(true, Ordering::Release);
                 Err(e)
+            }
+            // A send that went through: the next ones need not wait either.
+            Ok(()) if self.blocked.load(Ordering::Relaxed) => {
+                self.blocked.store(false, Ordering::Release);
+                Ok(())
             }
             other => other,
         }
