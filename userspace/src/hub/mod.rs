@@ -243,7 +243,7 @@ impl Hub {
                 addr: svc.listen,
                 source,
             };
-            let listener = TcpListener::bind(svc.listen).await.map_err(bind_err)?;
+            let listener = query::bind(svc.listen).map_err(bind_err)?;
             let addr = listener.local_addr().map_err(bind_err)?;
             services.push((svc.clone(), listener, addr));
         }

@@ -31,6 +31,23 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub const MAX_QUERIES_PER_LISTENER: usize = 16_384;
 /// How long a requester may take to finish its TLS handshake.
 const TLS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections a service listener's kernel queue holds before it accepts them (capped by
+/// `net.core.somaxconn`, 4096 by default). tokio's `TcpListener::bind` asks for 128: a burst
+/// of requesters larger than that (a connection pool opening at once) overflowed the queue,
+/// and the kernel answered the rest with SYN cookies or dropped their handshakes.
+pub(crate) const LISTEN_BACKLOG: u32 = 4096;
+
+/// A service listener on `addr`: address reuse (a restarted Hub binds again at once while
+/// old connections linger) and a queue of [`LISTEN_BACKLOG`].
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// What a service listener needs from the rest of the Hub.
 #[derive(Debug, Clone)]
