@@ -150,15 +150,30 @@ impl HubProcess {
             ),
         )
         .unwrap();
-        let client = Proc(
+        // Its log, shown if it never becomes healthy.
+        let log = root.join("client.stderr");
+        let mut client = Proc(
             Command::new(bin)
                 .args(["run", "--config", toml.to_str().unwrap()])
                 .stdout(stdout)
-                .stderr(Stdio::null())
+                .stderr(fs::File::create(&log).unwrap())
                 .spawn()
                 .unwrap(),
         );
-        healthy(&dir).await;
+        let deadline = tokio::time::Instant::now() + SOON;
+        while !health_passes(&dir) {
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "ewii-client health did not pass within {SOON:?}; the Client {}; its log:\n{}",
+                    match client.0.try_wait() {
+                        Ok(Some(status)) => format!("exited ({status})"),
+                        _ => "still runs".to_owned(),
+                    },
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
         (client, dir)
     }
 
@@ -209,14 +224,15 @@ pub(crate) fn status_kib(pid: u32, field: &str) -> u64 {
 
 /// Waits until `ewii-client health` passes for the state directory.
 pub(crate) async fn healthy(dir: &std::path::Path) {
-    let dir = dir.to_str().unwrap().to_owned();
-    poll_until("ewii-client health to pass", SOON, || {
-        Command::new(bin_path("ewii-client"))
-            .args(["health", "--state-dir", &dir])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-    .await;
+    poll_until("ewii-client health to pass", SOON, || health_passes(dir)).await;
+}
+
+/// Whether `ewii-client health` passes for the state directory now.
+fn health_passes(dir: &std::path::Path) -> bool {
+    Command::new(bin_path("ewii-client"))
+        .args(["health", "--state-dir", dir.to_str().unwrap()])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 pub(crate) fn run(bin: &str, args: &[&str]) -> Output {
