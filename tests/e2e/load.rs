@@ -180,8 +180,14 @@ async fn p4_p11_ten_thousand_queries_at_once_on_one_connection() {
         ended.push(format!("{:?}", t.await));
     }
     if !ended.is_empty() {
-        // Time for both sides to end the query and write its record.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Until both sides have ended the query and written its record (bounded: the
+        // assertion below shows what there is).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while (not_ok(&hub_audit).is_empty() || not_ok(&client_audit).is_empty())
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(POLL).await;
+        }
     }
     assert_eq!(
         open.load(Ordering::SeqCst),

@@ -115,13 +115,12 @@ fn writable_now(socket: &Arc<dyn AsyncUdpSocket>) -> bool {
     matches!(poller.as_mut().poll_writable(&mut cx), Poll::Ready(Ok(())))
 }
 
-/// Polls `socket` for writability until `within`: true when it became ready.
-async fn writable_within(socket: &Arc<dyn AsyncUdpSocket>, within: Duration) -> bool {
-    let mut poller = socket.clone().create_io_poller();
-    tokio::time::timeout(within, poll_fn(|cx| poller.as_mut().poll_writable(cx)))
-        .await
-        .map(|r| r.unwrap())
-        .is_ok()
+/// Lets the current-thread runtime run its other tasks and poll its reactor a few times
+/// (a yielding task is resumed only after the reactor's non-blocking poll).
+async fn reactor_turns() {
+    for _ in 0..5 {
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Reads datagrams until `bytes` arrived, each read bounded by `within`; returns the bytes
@@ -180,12 +179,8 @@ fn p5_a_full_udp_send_buffer_is_waited_for_and_then_sends_again() {
             }
         };
         assert!(full, "the send buffer never filled ({sent} datagrams sent)");
-        // Full: the poller waits, and does not claim room that is not there.
-        assert!(
-            !writable_within(&socket, Duration::from_millis(300)).await,
-            "the poller said writable while the buffer was full"
-        );
-        // The queue goes, its datagrams' memory is freed: the waiting poller is woken.
+        // Full: the poller waits, and does not claim room that is not there, however often
+        // the reactor looks.
         let mut poller = socket.clone().create_io_poller();
         let waiting = tokio::spawn(async move {
             tokio::time::timeout(
@@ -194,7 +189,12 @@ fn p5_a_full_udp_send_buffer_is_waited_for_and_then_sends_again() {
             )
             .await
         });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        reactor_turns().await;
+        assert!(
+            !waiting.is_finished(),
+            "the poller said writable while the buffer was full"
+        );
+        // The queue goes, its datagrams' memory is freed: the waiting poller is woken.
         run("tc", &["qdisc", "del", "dev", "lo", "root"]).unwrap();
         let woken = waiting.await.unwrap();
         assert!(
@@ -241,7 +241,9 @@ fn p5_a_udp_burst_larger_than_a_batch_and_a_late_datagram_are_all_read() {
             let socket = socket.clone();
             async move { read_bytes(&socket, DATAGRAM, Duration::from_secs(2)).await }
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The reader has read the queue empty and waits.
+        reactor_turns().await;
+        assert!(!late.is_finished());
         sender.send_to(&datagram, to).unwrap();
         assert_eq!(
             late.await.unwrap(),
