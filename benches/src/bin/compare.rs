@@ -307,7 +307,20 @@ async fn measure(
         drop(held);
         tokio::time::sleep(Duration::from_millis(300)).await;
 
+        // CPU of the tunnel's processes (none for raw TCP) per round trip and per new
+        // connection: what each costs, beside how long it takes.
+        let pids = running.pids();
+        let cpu_per = |since: f64, count: f64, figure: Figure, samples: &mut Samples| {
+            if !pids.is_empty() && count > 0.0 {
+                let used = procs::cpu_total(&pids)? - since;
+                samples.add(kind, figure, used / count * 1e6);
+            }
+            anyhow::Ok(())
+        };
+        let cpu_before = procs::cpu_total(&pids)?;
         let mut rtt = load::round_trips(running.echo, args.round_trips).await?;
+        let echoes = (args.round_trips + load::WARM_UP) as f64;
+        cpu_per(cpu_before, echoes, Figure::CpuPerRoundTrip, samples)?;
         rtt.sort_by(f64::total_cmp);
         let pct = |p: f64| rtt[((rtt.len() as f64 - 1.0) * p).round() as usize];
         samples.add(kind, Figure::RttP50, pct(0.50));
@@ -315,7 +328,11 @@ async fn measure(
 
         let rate_for = Duration::from_secs(args.rate_secs);
         for (c, figure) in [(1, Figure::RateC1), (32, Figure::RateC32)] {
+            let cpu_before = procs::cpu_total(&pids)?;
             let r = load::connection_rate(running.echo, c, rate_for).await;
+            if c == 1 {
+                cpu_per(cpu_before, r.completed as f64, Figure::CpuPerNewC1, samples)?;
+            }
             samples.add(kind, figure, r.per_sec);
             if r.failed > 0 {
                 eprintln!("  {} at c={c}: {} cycles failed", kind.label(), r.failed);
@@ -324,7 +341,6 @@ async fn measure(
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
 
-        let pids = running.pids();
         let cpu_before = procs::cpu_total(&pids)?;
         let up = load::iperf(iperf3, running.iperf, args.bulk_secs, false).await?;
         let down = load::iperf(iperf3, running.iperf, args.bulk_secs, true).await?;

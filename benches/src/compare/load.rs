@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 /// Round trips timed on one connection after this many unmeasured ones.
-const WARM_UP: usize = 100;
+pub const WARM_UP: usize = 100;
 
 /// A TCP echo service on loopback, on its own thread and runtime so that the load generator
 /// does not starve it; returns its address.
@@ -93,6 +93,8 @@ pub async fn round_trips(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<f64>>
 pub struct Rate {
     /// Completed connect → 1-byte echo → close cycles per second.
     pub per_sec: f64,
+    /// Completed cycles.
+    pub completed: u64,
     /// Cycles that failed (refused, reset, short echo, 5 s timeout).
     pub failed: u64,
 }
@@ -129,6 +131,7 @@ pub async fn connection_rate(addr: SocketAddr, concurrency: usize, dur: Duration
     }
     Rate {
         per_sec: ok as f64 / start.elapsed().as_secs_f64(),
+        completed: ok,
         failed,
     }
 }

@@ -19,8 +19,12 @@ pub enum Figure {
     RttP50,
     /// One-byte round trip on an open connection, 99th percentile.
     RttP99,
+    /// CPU time of the tunnel's processes per round trip (the round trips above).
+    CpuPerRoundTrip,
     /// New connection → 1-byte echo → close, one at a time.
     RateC1,
+    /// CPU time of the tunnel's processes per new connection, in the c=1 run.
+    CpuPerNewC1,
     /// The same, 32 at once.
     RateC32,
     /// The customer-side agent's RSS before any load.
@@ -40,13 +44,15 @@ pub enum Figure {
 
 impl Figure {
     /// Every figure, in report order.
-    pub const ALL: [Figure; 13] = [
+    pub const ALL: [Figure; 15] = [
         Figure::BulkUp,
         Figure::BulkDown,
         Figure::CpuPerGib,
         Figure::RttP50,
         Figure::RttP99,
+        Figure::CpuPerRoundTrip,
         Figure::RateC1,
+        Figure::CpuPerNewC1,
         Figure::RateC32,
         Figure::RssIdle,
         Figure::Rss100,
@@ -64,7 +70,9 @@ impl Figure {
             Figure::CpuPerGib => "CPU-seconds per GiB moved, tunnel processes together",
             Figure::RttP50 => "1-byte round trip on an open connection, p50",
             Figure::RttP99 => "1-byte round trip on an open connection, p99",
+            Figure::CpuPerRoundTrip => "CPU per round trip, tunnel processes together",
             Figure::RateC1 => "New connection → 1-byte echo → close, c=1",
+            Figure::CpuPerNewC1 => "CPU per new connection at c=1, tunnel processes together",
             Figure::RateC32 => "New connection → 1-byte echo → close, c=32",
             Figure::RssIdle => "Agent RSS, idle",
             Figure::Rss100 => "Agent RSS, 100 idle connections open",
@@ -81,6 +89,7 @@ impl Figure {
             Figure::BulkUp | Figure::BulkDown => "Gbit/s",
             Figure::CpuPerGib => "CPU-s/GiB",
             Figure::RttP50 | Figure::RttP99 => "µs",
+            Figure::CpuPerRoundTrip | Figure::CpuPerNewC1 => "CPU-µs",
             Figure::RateC1 | Figure::RateC32 => "conn/s",
             Figure::RssIdle
             | Figure::Rss100
