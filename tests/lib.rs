@@ -539,6 +539,15 @@ async fn read_request(
 /// A raw session with the Hub, as a Client would open it: handshake with `svid`, control
 /// stream, `Hello`. `None` when the Hub does not answer `Welcome`.
 pub async fn raw_session(hub: &TestHub, svid: &ewii::identity::store::Svid) -> Option<RawSession> {
+    raw_handshake(hub, svid).await?.hello().await
+}
+
+/// The first half of [`raw_session`]: the handshake done, nothing sent yet. `None` when the
+/// handshake fails.
+pub async fn raw_handshake(
+    hub: &TestHub,
+    svid: &ewii::identity::store::Svid,
+) -> Option<RawHandshake> {
     use std::sync::Arc;
 
     use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
@@ -555,29 +564,56 @@ pub async fn raw_session(hub: &TestHub, svid: &ewii::identity::store::Svid) -> O
         .ok()?
         .await
         .ok()?;
-    let attempt = async {
-        let (mut send, mut recv) = conn.open_bi().await.ok()?;
-        let hello = frame::Control::Hello {
-            version: frame::PROTOCOL_VERSION,
-            allow_list: vec!["db".into()],
-            allow_list_digest: vec![0; 32],
-            build: "test".into(),
+    Some(RawHandshake { endpoint, conn })
+}
+
+/// A connection whose handshake the Hub accepted, before `Hello`.
+pub struct RawHandshake {
+    endpoint: quinn::Endpoint,
+    /// The connection.
+    pub conn: quinn::Connection,
+}
+
+/// The application code the Hub closed `conn` with, waiting at most [`SOON`]; `None` when it
+/// did not close it (or closed it otherwise).
+pub async fn closed_by_hub(conn: &quinn::Connection) -> Option<u64> {
+    match tokio::time::timeout(SOON, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => Some(c.error_code.into_inner()),
+        _ => None,
+    }
+}
+
+impl RawHandshake {
+    /// The second half of [`raw_session`]: control stream, `Hello`, `Welcome`.
+    pub async fn hello(self) -> Option<RawSession> {
+        use ewii::transport;
+        use ewii_common::frame;
+
+        let Self { endpoint, conn } = self;
+        let attempt = async {
+            let (mut send, mut recv) = conn.open_bi().await.ok()?;
+            let hello = frame::Control::Hello {
+                version: frame::PROTOCOL_VERSION,
+                allow_list: vec!["db".into()],
+                allow_list_digest: vec![0; 32],
+                build: "test".into(),
+            };
+            transport::write_frame(&mut send, &hello).await.ok()?;
+            let mut reader = transport::FrameReader::new();
+            match reader.read::<frame::Control>(&mut recv).await.ok()?? {
+                frame::Control::Welcome { .. } => Some((send, recv, reader)),
+                _ => None,
+            }
         };
-        transport::write_frame(&mut send, &hello).await.ok()?;
-        let mut reader = transport::FrameReader::new();
-        match reader.read::<frame::Control>(&mut recv).await.ok()?? {
-            frame::Control::Welcome { .. } => Some((send, recv, reader)),
-            _ => None,
-        }
-    };
-    let (send, recv, reader) = tokio::time::timeout(SOON, attempt).await.ok()??;
-    Some(RawSession {
-        _endpoint: endpoint,
-        conn,
-        send,
-        recv,
-        reader,
-    })
+        let (send, recv, reader) = tokio::time::timeout(SOON, attempt).await.ok()??;
+        Some(RawSession {
+            _endpoint: endpoint,
+            conn,
+            send,
+            recv,
+            reader,
+        })
+    }
 }
 
 /// An open session from [`raw_session`].
@@ -618,6 +654,36 @@ impl RawSession {
         .expect("the Hub answers Present")
         .unwrap()
         .expect("an answer, not the end of the stream")
+    }
+
+    /// Sends `Ping` and reads frames until its `Pong` (a pushed bundle may come first):
+    /// whether it came within [`SOON`]. The Hub handles what it was told before a frame of
+    /// the peer's, so a `Pong` shows that the session took everything told before the `Ping`
+    /// and is still up.
+    pub async fn ping(&mut self) -> bool {
+        use ewii_common::frame::Control;
+        let time_us = 42;
+        if ewii::transport::write_frame(&mut self.send, &Control::Ping { time_us })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let pong = async {
+            loop {
+                match self.reader.read::<Control>(&mut self.recv).await {
+                    Ok(Some(Control::Pong { echo_us, .. })) if echo_us == time_us => return true,
+                    Ok(Some(_)) => continue,
+                    _ => return false,
+                }
+            }
+        };
+        tokio::time::timeout(SOON, pong).await.unwrap_or(false)
+    }
+
+    /// [`closed_by_hub`] for this session's connection.
+    pub async fn closed_by_hub(&self) -> Option<u64> {
+        closed_by_hub(&self.conn).await
     }
 
     /// The exporter output a `Present` proof signs, for this connection.
@@ -899,6 +965,11 @@ pub fn is(event: Event) -> impl Fn(&AuditRecord) -> bool {
     move |r| r.event == event
 }
 
+/// A record of `event` whose reason contains `text`.
+pub fn says(event: Event, text: &str) -> impl Fn(&AuditRecord) -> bool + '_ {
+    move |r| r.event == event && r.reason.as_deref().is_some_and(|x| x.contains(text))
+}
+
 /// Checks every record of `audit` against the Ewii audit schema and its OCSF rendering against
 /// the OCSF schema (`tests/schemas/`); panics with every violation. Called when a test Hub or
 /// Client goes away, so every record the tests produce is checked.
@@ -943,13 +1014,14 @@ pub fn audit_line_violations(line: &str) -> Vec<String> {
     let reason = v["reason"].as_str();
     // A session's end is one of the documented codes (docs/audit.md).
     if v["event"] == "session_lost" {
-        const CODES: [&str; 10] = [
+        const CODES: [&str; 11] = [
             "goodbye",
             "hub_shutdown",
             "idle_timeout",
             "revoked",
             "svid_expired",
             "retired",
+            "untrusted",
             "protocol",
             "stopped",
             "closed_by_peer",

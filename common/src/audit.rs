@@ -82,6 +82,9 @@ pub enum SessionEnd {
     SvidExpired,
     /// A connection still holding a retired serial drained and was closed.
     Retired,
+    /// The Hub's trust bundle for the session's trust domain no longer vouches for its SVID
+    /// (its CA was removed: `ewii-hub ca retire --force`, or a federated bundle file).
+    Untrusted,
     /// A peer broke the protocol.
     Protocol,
     /// The Client stopped locally (its drain bound ran out, or it was shut down).
@@ -102,6 +105,7 @@ impl SessionEnd {
             Self::Revoked => "revoked",
             Self::SvidExpired => "svid_expired",
             Self::Retired => "retired",
+            Self::Untrusted => "untrusted",
             Self::Protocol => "protocol",
             Self::Stopped => "stopped",
             Self::ClosedByPeer => "closed_by_peer",

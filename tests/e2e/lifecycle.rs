@@ -800,6 +800,65 @@ async fn p7_an_svid_that_expires_without_renewal_stops_the_client_plainly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_p15_a_forced_ca_retirement_ends_the_live_sessions_of_old_ca_svids_at_once() {
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    // `acme` holds an SVID from the first CA, and runs.
+    let mut acme = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    let old = Svid::load(&acme.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let serial = inspect_leaf(&old.chain[0]).unwrap().serial;
+    acme.start();
+    hub.wait_connected("acme").await;
+    let state = hub.state_dir();
+    admin::ca_prepare(&state).unwrap();
+    admin::ca_activate(&state).unwrap();
+    hub.wait_audit(
+        "the Hub signs with the new CA",
+        says(Event::BundleUpdated, "new signing CA"),
+    )
+    .await;
+    // `beta` enrols after the activation: its SVID is from the new CA.
+    let beta = TestClient::enrol(&hub, "beta", &[("db", echo.to_string())]).await;
+    let new = Svid::load(&beta.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let mut beta_session = raw_session(&hub, &new).await.expect("a new-CA session");
+
+    // The operator drops the old CA before `acme` renewed (a compromised CA, say).
+    assert!(
+        admin::ca_retire(&state, false).is_err(),
+        "acme holds an old-CA SVID"
+    );
+    // (The list may name `beta` too: the database stamps issues and the activation to the
+    // second, and counts a Client issued in the activation's second as possibly old.)
+    let stale = admin::ca_retire(&state, true).unwrap();
+    assert!(stale.contains(&"acme".to_owned()), "{stale:?}");
+    let vouch = format!("untrusted: the bundle of {TD} no longer vouches for serial {serial}");
+    hub.wait_audit("acme's session ended", says(Event::SessionLost, &vouch))
+        .await;
+    hub.wait_audit(
+        "the reload",
+        says(
+            Event::BundleUpdated,
+            "1 trust anchor(s); pushed to 2 live session(s), 2 re-checked",
+        ),
+    )
+    .await;
+    // The customer's side says why in its own record…
+    acme.wait_audit(
+        "acme's own record",
+        says(
+            Event::SessionLost,
+            "untrusted: closed by the Hub (its SVID's CA is no longer trusted",
+        ),
+    )
+    .await;
+    // …and the way back is refused: the Hub no longer trusts that SVID.
+    assert!(raw_session(&hub, &old).await.is_none());
+    // The new-CA session took the same re-check and goes on.
+    assert!(beta_session.ping().await, "a new-CA session was cut");
+    acme.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p15_the_ca_rotates_with_an_overlap_and_clients_follow_over_the_control_stream() {
     use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
 

@@ -619,6 +619,98 @@ async fn p7_the_hub_follows_the_customers_ca_rotation_in_its_bundle_file_without
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_p15_a_ca_that_leaves_a_federated_bundle_ends_the_live_sessions_it_vouched_for_and_no_other(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = SpireCa::new(CUSTOMER);
+    let hub = federated_hub(&ca, &dir).await;
+    let file = dir.path().join("customer.pem");
+    let mut next_ca = SpireCa::new(CUSTOMER);
+    let old = ca.issue(ACME_PATH, HOUR);
+    // (The test CAs count serials from the same number: one more, so that they differ.)
+    let _ = next_ca.issue(ACME_PATH, HOUR);
+    let new = next_ca.issue(ACME_PATH, HOUR);
+    assert_ne!(old.serial, new.serial);
+    let pem = |ca: &SpireCa| {
+        let p = dir.path().join("one.pem");
+        ca.write_bundle(&p);
+        std::fs::read(p).unwrap()
+    };
+    // The overlap: a live session on an SVID of each CA. (The newer one retires the older
+    // serial, which then drains: still live.)
+    replace_file(&file, &[pem(&ca), pem(&next_ca)].concat());
+    bundle_updated(&hub, Outcome::Ok, "2 trust anchor(s)".into()).await;
+    let old_session = raw_session(&hub, &old.svid())
+        .await
+        .expect("the old CA's SVID");
+    let mut new_session = raw_session(&hub, &new.svid())
+        .await
+        .expect("the new CA's SVID");
+    // And one more on the old CA's SVID, whose handshake passes now and whose session
+    // registers only after the sessions were told to re-check.
+    let late = raw_handshake(&hub, &old.svid()).await.expect("a handshake");
+
+    // The customer's SPIRE retires its old CA: the session it vouched for ends at once, not
+    // when its SVID would (an hour here, a day by default).
+    replace_file(&file, &pem(&next_ca));
+    bundle_updated(&hub, Outcome::Ok, "1 trust anchor(s) from".into()).await;
+    assert_eq!(
+        old_session.closed_by_hub().await,
+        Some(ewii::transport::codes::UNTRUSTED.into_inner())
+    );
+    let serial = old.serial.clone();
+    let lost = hub
+        .wait_audit("the old session's end", |r| {
+            r.event == Event::SessionLost
+                && r.reason.as_deref().is_some_and(|x| x.contains(&serial))
+        })
+        .await;
+    let reason = lost.reason.unwrap();
+    assert!(
+        reason.starts_with(&format!(
+            "untrusted: the bundle of {CUSTOMER} no longer vouches for serial {serial}"
+        )),
+        "{reason}"
+    );
+    let update = hub
+        .audit
+        .records()
+        .into_iter()
+        .rfind(|r| r.event == Event::BundleUpdated)
+        .and_then(|r| r.reason)
+        .unwrap();
+    assert!(
+        update.ends_with("; 2 live session(s) re-checked"),
+        "{update}"
+    );
+    // The session on the new CA's SVID took the same re-check and goes on.
+    assert!(new_session.ping().await, "the new CA's session was cut");
+    // The late one sees the bundle change it missed and checks itself.
+    // (The Hub closes it right after `Welcome`, which may not arrive before the close.)
+    let late_conn = late.conn.clone();
+    let _ = late.hello().await;
+    assert_eq!(
+        closed_by_hub(&late_conn).await,
+        Some(ewii::transport::codes::UNTRUSTED.into_inner()),
+        "a session registered after the re-check went on"
+    );
+    let ended = |hub: &TestHub| {
+        hub.audit
+            .records()
+            .into_iter()
+            .filter(|r| r.event == Event::SessionLost)
+            .filter_map(|r| r.reason)
+            .collect::<Vec<_>>()
+    };
+    poll_until("the late session's record", SOON, || ended(&hub).len() == 2).await;
+    assert!(
+        ended(&hub).iter().all(|r| r.starts_with("untrusted:")),
+        "{:?}",
+        ended(&hub)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p10_a_federated_client_is_revoked_by_name_and_stays_revoked() {
     let (
         Setup {

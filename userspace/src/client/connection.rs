@@ -119,6 +119,9 @@ impl Lost {
             Self::ClosedByHub(code) if *code == codes::PROTOCOL.into_inner() => {
                 SessionEnd::Protocol
             }
+            Self::ClosedByHub(code) if *code == codes::UNTRUSTED.into_inner() => {
+                SessionEnd::Untrusted
+            }
             Self::ClosedByHub(_) => SessionEnd::ClosedByPeer,
             Self::Connection(_) => SessionEnd::ConnectionLost,
         }
@@ -133,6 +136,7 @@ fn hub_code(code: u64) -> String {
         3 => "revoked",
         4 => "shutting down or restarting",
         5 => "refused",
+        6 => "its SVID's CA is no longer trusted",
         _ => "unknown code",
     };
     format!("{name}, code {code}")

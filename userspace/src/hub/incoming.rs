@@ -17,6 +17,9 @@ use crate::transport::codes;
 /// or when an enrolment ends.
 pub(crate) async fn handle(parts: Parts, incoming: quinn::Incoming, slot: Slot) {
     let peer = incoming.remote_address();
+    // Read before the verifier runs: a bundle that changes meanwhile is checked again once
+    // the session is registered.
+    let generation = parts.trust.generation();
     let conn = match incoming.await {
         Ok(conn) => conn,
         Err(e) => {
@@ -54,7 +57,7 @@ pub(crate) async fn handle(parts: Parts, incoming: quinn::Incoming, slot: Slot) 
             drop(slot);
         }
         (Some(frame::ALPN), Some(certs)) => {
-            let session = Session::open(parts, conn, peer, &certs).await;
+            let session = Session::open(parts, conn, peer, &certs, generation).await;
             drop(slot);
             if let Some(session) = session {
                 session.run().await;

@@ -357,7 +357,10 @@ impl Hub {
             listeners.spawn(query::serve(query.clone(), svc, listener));
         }
         if sessions.trust.has_federation_files() {
-            listeners.spawn(watch::federation(sessions.trust.clone()));
+            listeners.spawn(watch::federation(
+                sessions.trust.clone(),
+                sessions.registry.clone(),
+            ));
         }
         listeners.spawn(watch::watch(watcher, changes));
         let (stop_outbox, outbox_stop) = tokio::sync::watch::channel(false);

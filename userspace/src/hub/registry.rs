@@ -22,6 +22,9 @@ pub(crate) enum Command {
     Push(Control),
     /// The session's serial was retired: finish in-flight queries, then close.
     Drain,
+    /// The bundle of this trust domain changed: a session of it checks its SVID's chain
+    /// against the new anchors, and ends when they no longer vouch for it.
+    Recheck(String),
 }
 
 /// Where to send a query for a client.
@@ -237,13 +240,26 @@ impl Registry {
 
     /// Sends `msg` to every live session; returns how many.
     pub(crate) fn push_all(&self, msg: &Control) -> usize {
+        self.tell(|_| true, &Command::Push(msg.clone()))
+    }
+
+    /// Tells every live session of `trust_domain` to re-check its chain
+    /// ([`Command::Recheck`]); returns how many.
+    pub(crate) fn recheck(&self, trust_domain: &str) -> usize {
+        self.tell(
+            |e| e.route.spiffe_id.trust_domain() == trust_domain,
+            &Command::Recheck(trust_domain.to_owned()),
+        )
+    }
+
+    fn tell(&self, to: impl Fn(&Entry) -> bool, command: &Command) -> usize {
         let Ok(clients) = self.clients.lock() else {
             return 0;
         };
         clients
             .values()
             .flat_map(|c| c.entries.iter())
-            .filter(|e| e.tell.send(Command::Push(msg.clone())).is_ok())
+            .filter(|e| to(e) && e.tell.send(command.clone()).is_ok())
             .count()
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! A session is told, never polls: revocation closes its connection through the registry;
 //! retirement of its serial arrives as [`Command::Drain`] (it then takes no new query and
-//! closes after [`RETIRED_DRAIN`]); its own SVID's expiry is a timer.
+//! closes after [`RETIRED_DRAIN`]); a changed bundle of its trust domain as
+//! [`Command::Recheck`] (it ends when the new anchors no longer vouch for its chain); its own
+//! SVID's expiry is a timer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,6 +62,10 @@ pub(crate) struct Session {
     peer: SocketAddr,
     name: String,
     leaf: LeafInfo,
+    /// The chain `leaf` heads, as the Client presented it (or this Hub issued it).
+    chain: Vec<CertificateDer<'static>>,
+    /// [`Trust::generation`] before the handshake was verified.
+    generation: u64,
     id: u64,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
@@ -68,7 +74,7 @@ pub(crate) struct Session {
     /// When this session ends because its SVID does (moved by a rotation).
     expiry: Instant,
     /// The SVID issued by the last `Renew`, until the Client says `Rotated`.
-    pending: Option<LeafInfo>,
+    pending: Option<(LeafInfo, CertificateDer<'static>)>,
     /// `Goodbye` received: whether it revoked, and until when the Client may drain.
     goodbye: Option<(bool, Instant)>,
     /// When this session last asked for a renewal (a flood is refused).
@@ -82,12 +88,13 @@ pub(crate) struct Session {
 
 impl Session {
     /// Reads `Hello` and answers `Welcome`. `None` when the connection was refused or failed
-    /// (closed and audited here).
+    /// (closed and audited here). `generation`: [`Trust::generation`] before the handshake.
     pub(crate) async fn open(
         parts: Parts,
         conn: quinn::Connection,
         peer: SocketAddr,
         certs: &[CertificateDer<'static>],
+        generation: u64,
     ) -> Option<Self> {
         let Some(leaf) = certs.first().and_then(|c| inspect_leaf(c).ok()) else {
             conn.close(codes::REFUSED, b"");
@@ -135,6 +142,8 @@ impl Session {
             name,
             expiry: deadline_at(leaf.not_after),
             leaf,
+            chain: certs.to_vec(),
+            generation,
             id,
             send,
             recv,
@@ -169,6 +178,11 @@ impl Session {
         let welcomed = transport::write_frame(&mut self.send, &welcome)
             .await
             .is_ok();
+        // A bundle changed between the handshake's check and the registration: the sessions
+        // were told before this one could be, so it checks itself.
+        let mut untrusted = (self.parts.trust.generation() != self.generation)
+            .then(|| self.untrusted())
+            .flatten();
         let mut drain_until: Option<Instant> = None;
         let mut control_ended = false;
         // Told before it registered? The view says so.
@@ -195,6 +209,9 @@ impl Session {
             _ => {}
         }
         let reason = loop {
+            if let Some(reason) = untrusted.take() {
+                break reason;
+            }
             if !welcomed {
                 break SessionEnd::ConnectionLost.reason("control stream write failed (Welcome)");
             }
@@ -210,7 +227,10 @@ impl Session {
                     None => std::future::pending().await,
                 }
             };
+            // In this order: the session's own timers and what the registry tells it (a
+            // revocation, a drain, a bundle to re-check) before anything more from the peer.
             tokio::select! {
+                biased;
                 () = tokio::time::sleep_until(self.expiry) => {
                     self.conn.close(codes::REFUSED, b"");
                     break SessionEnd::SvidExpired.reason("the SVID of this session expired");
@@ -232,6 +252,13 @@ impl Session {
                     Some(Command::Push(msg)) => {
                         if transport::write_frame(&mut self.send, &msg).await.is_err() {
                             break SessionEnd::ConnectionLost.reason("control stream write failed");
+                        }
+                    }
+                    Some(Command::Recheck(trust_domain)) => {
+                        if self.leaf.id.trust_domain() == trust_domain {
+                            if let Some(reason) = self.untrusted() {
+                                break reason;
+                            }
                         }
                     }
                     // The registry dropped us: we were closed by a revocation.
@@ -270,6 +297,22 @@ impl Session {
         r.duration_ms = Some(started.elapsed().as_millis() as u64);
         r.reason = Some(reason);
         self.parts.audit.emit(r);
+    }
+
+    /// After a change of its trust domain's bundle: when the bundle no longer vouches for the
+    /// chain the session is bound to (its CA left it), the connection is closed with
+    /// [`codes::UNTRUSTED`], and the end's reason is returned. One chain check (a signature or
+    /// two): short enough for an async worker, and bundles change rarely.
+    fn untrusted(&self) -> Option<String> {
+        let trust_domain = self.leaf.id.trust_domain();
+        let why = self.parts.trust.vouches_for(&self.chain).err()?;
+        tracing::warn!(client = %self.name, serial = %self.leaf.serial, reason = %why, "the bundle no longer vouches for a live session's SVID; closing it");
+        let reason = format!(
+            "the bundle of {trust_domain} no longer vouches for serial {}: {why}",
+            self.leaf.serial
+        );
+        self.conn.close(codes::UNTRUSTED, reason.as_bytes());
+        Some(SessionEnd::Untrusted.reason(&reason))
     }
 
     /// Records the session, retires older serials (P8) and registers it for queries.

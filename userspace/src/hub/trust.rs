@@ -4,7 +4,9 @@
 //! the new bundle to every live session, so Clients trust the next CA before the Hub presents
 //! a certificate from it.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -256,6 +258,8 @@ pub(crate) struct Trust {
     audit: Audit,
     federation: Arc<Federation>,
     bundle_files: Vec<BundleFile>,
+    /// Counts the changes of any bundle's anchors (see [`Trust::generation`]).
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Trust {
@@ -300,6 +304,7 @@ impl Trust {
                 audit,
                 federation,
                 bundle_files,
+                generation: AtomicU64::new(0),
             },
             quic,
         ))
@@ -337,6 +342,26 @@ impl Trust {
             .verify_chain(leaf, intermediates, rustls::pki_types::UnixTime::now())
     }
 
+    /// Whether the bundles in use still vouch for `chain`, the one a live session is bound to:
+    /// it chains to an anchor of its trust domain and passes the SVID rules, as at the
+    /// handshake. The serial is not looked at: a revoked one is closed by its revocation, a
+    /// retired one drains.
+    pub(crate) fn vouches_for(&self, chain: &[CertificateDer<'_>]) -> Result<(), String> {
+        let (leaf, intermediates) = chain.split_first().ok_or("empty chain")?;
+        SpiffeVerifier::new(self.bundle.clone(), &self.trust_domain, Expect::Client)
+            .with_federation(self.federation.clone())
+            .verify_chain(leaf, intermediates, rustls::pki_types::UnixTime::now())
+            .map(drop)
+    }
+
+    /// How many times a bundle's anchors changed. A change is counted after the anchors are
+    /// replaced and before the live sessions are told to re-check: a connection whose
+    /// handshake began before a change, and that registers after the sessions were told,
+    /// sees the count move and checks itself.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
     /// The trust domain.
     pub(crate) fn trust_domain(&self) -> &str {
         &self.trust_domain
@@ -372,18 +397,25 @@ impl Trust {
 
     /// Re-reads every `[[federation]]` bundle file and, where it changed and passes
     /// [`federated_anchors`] (the checks made at start), replaces that trust domain's
-    /// anchors: the next handshake and `Present` of its Clients are checked against them
-    /// (live sessions keep going). A file that cannot be read or is refused changes nothing:
-    /// the anchors in use stay. Each outcome is audited (`bundle_updated`) once per change of
-    /// the file, and so is a file usable again after a refusal. Blocking: run it with
-    /// `spawn_blocking`.
-    pub(crate) fn refresh_federation(&self) {
+    /// anchors: the next handshake and `Present` of its Clients are checked against them, and
+    /// its live sessions re-check the chains they are bound to ([`Registry::recheck`]): one
+    /// the new anchors no longer vouch for ends. A file that cannot be read or is refused
+    /// changes nothing: the anchors in use stay. Each outcome is audited (`bundle_updated`)
+    /// once per change of the file, and so is a file usable again after a refusal. Blocking:
+    /// run it with `spawn_blocking`.
+    pub(crate) fn refresh_federation(&self, registry: &Registry) {
         let own = self.bundle.anchors();
         for file in &self.bundle_files {
             let Some(domain) = self.federation.domain(&file.trust_domain) else {
                 continue;
             };
-            if let Some((outcome, reason)) = file.refresh(&domain.bundle, &own) {
+            let before = domain.bundle.anchors();
+            if let Some((outcome, mut reason)) = file.refresh(&domain.bundle, &own) {
+                if domain.bundle.anchors() != before {
+                    self.generation.fetch_add(1, Ordering::SeqCst);
+                    let told = registry.recheck(&domain.trust_domain);
+                    let _ = write!(reason, "; {told} live session(s) re-checked");
+                }
                 let mut r = self.audit.record(Event::BundleUpdated);
                 r.outcome = Some(outcome);
                 r.reason = Some(reason);
@@ -447,18 +479,22 @@ impl Trust {
         if let Ok(mut c) = self.ca.write() {
             *c = Arc::new(ca);
         }
-        let pushed = if bundle_changed {
-            registry.push_all(&Control::BundleUpdate {
+        // The Clients learn the new bundle; and where a CA left it (`ca retire --force`), a
+        // session still bound to an SVID from that CA ends.
+        let (pushed, rechecked) = if bundle_changed {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            let pushed = registry.push_all(&Control::BundleUpdate {
                 bundle: anchors.iter().map(|c| c.to_vec()).collect(),
-            })
+            });
+            (pushed, registry.recheck(&self.trust_domain))
         } else {
-            0
+            (0, 0)
         };
         let mut r = self.audit.record(Event::BundleUpdated);
         r.outcome = Some(Outcome::Ok);
         r.reason = Some(if bundle_changed {
             format!(
-                "{} trust anchor(s){}; pushed to {pushed} live session(s)",
+                "{} trust anchor(s){}; pushed to {pushed} live session(s), {rechecked} re-checked",
                 anchors.len(),
                 if ca_changed { ", new signing CA" } else { "" },
             )

@@ -109,14 +109,14 @@ fn apply(parts: &Parts, change: Change) {
 }
 
 /// Re-reads the `[[federation]]` bundle files every [`FEDERATION_CHECK`]; runs until aborted.
-pub(crate) async fn federation(trust: Arc<Trust>) {
+pub(crate) async fn federation(trust: Arc<Trust>, registry: Arc<Registry>) {
     let mut every = tokio::time::interval(FEDERATION_CHECK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let trust = trust.clone();
+        let (trust, registry) = (trust.clone(), registry.clone());
         // File reads: not on an async worker.
-        let _ = tokio::task::spawn_blocking(move || trust.refresh_federation()).await;
+        let _ = tokio::task::spawn_blocking(move || trust.refresh_federation(&registry)).await;
     }
 }
 

@@ -61,6 +61,9 @@ pub mod codes {
     pub const SHUTDOWN: VarInt = VarInt::from_u32(4);
     /// Refused (no certificate on a session connection, wrong role, version).
     pub const REFUSED: VarInt = VarInt::from_u32(5);
+    /// The Hub no longer trusts the CA of the session's SVID (it left the bundle of its trust
+    /// domain); the reason says which.
+    pub const UNTRUSTED: VarInt = VarInt::from_u32(6);
 }
 
 /// Why a TLS or QUIC configuration could not be built.

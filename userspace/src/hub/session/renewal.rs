@@ -63,7 +63,9 @@ impl Session {
         let answer = self.decide_renewal(csr, now).await;
         let answer = match answer {
             Ok((row, again)) => {
-                self.pending = inspect_leaf(&row.der).ok();
+                self.pending = inspect_leaf(&row.der)
+                    .ok()
+                    .map(|leaf| (leaf, CertificateDer::from(row.der.clone())));
                 r.outcome = Some(Outcome::Ok);
                 r.reason = Some(if again {
                     format!(
@@ -124,9 +126,10 @@ impl Session {
         proof: &[u8],
     ) -> Control {
         match self.check_presented(chain, scheme, proof) {
-            Ok(leaf) => {
+            Ok((leaf, chain)) => {
                 let serial = leaf.serial.clone();
-                self.rebind(leaf, "presented from the Client's SPIRE").await;
+                self.rebind(leaf, chain, "presented from the Client's SPIRE")
+                    .await;
                 Control::Presented { serial }
             }
             Err(reason) => {
@@ -148,7 +151,7 @@ impl Session {
         chain: Vec<Vec<u8>>,
         scheme: u16,
         proof: &[u8],
-    ) -> Result<LeafInfo, String> {
+    ) -> Result<(LeafInfo, Vec<CertificateDer<'static>>), String> {
         let flood = self.present_flood();
         if !self.parts.trust.is_federated(&self.leaf.id) {
             return Err(format!(
@@ -175,7 +178,7 @@ impl Session {
             .export_keying_material(&mut exporter, present::PRESENT_EXPORTER_LABEL, b"")
             .map_err(|_| "the connection exports no keying material".to_owned())?;
         present::verify(&chain[0], &exporter, scheme, proof)?;
-        Ok(leaf)
+        Ok((leaf, chain))
     }
 
     /// Whether and how this session's serial renews for `csr`: refused in the first quarter
@@ -229,19 +232,20 @@ impl Session {
     /// client is retired (P8), so a stolen older key opens nothing any more. The connection
     /// stays: a rotation cuts no query. `Some(reason)` ends the session.
     pub(super) async fn rotated(&mut self, serial: String) -> Option<String> {
-        let Some(leaf) = self.pending.take().filter(|l| l.serial == serial) else {
+        let Some((leaf, cert)) = self.pending.take().filter(|(l, _)| l.serial == serial) else {
             self.conn.close(codes::PROTOCOL, b"");
             return Some(SessionEnd::Protocol.reason(&format!(
                 "Rotated for serial {serial}, which this session was not issued"
             )));
         };
-        self.rebind(leaf, "renewed by this Hub").await;
+        self.rebind(leaf, vec![cert], "renewed by this Hub").await;
         None
     }
 
-    /// Re-binds this live session to `leaf` (its expiry moves with it) and retires every
-    /// older serial of the client (P8). The connection stays: no query is cut.
-    async fn rebind(&mut self, leaf: LeafInfo, how: &str) {
+    /// Re-binds this live session to `leaf`, the head of `chain` (its expiry moves with it),
+    /// and retires every older serial of the client (P8). The connection stays: no query is
+    /// cut.
+    async fn rebind(&mut self, leaf: LeafInfo, chain: Vec<CertificateDer<'static>>, how: &str) {
         // Re-bound in the registry first, so that the retirement below does not drain us.
         self.parts
             .registry
@@ -272,5 +276,6 @@ impl Session {
         self.parts.audit.emit(r);
         self.expiry = deadline_at(leaf.not_after);
         self.leaf = leaf;
+        self.chain = chain;
     }
 }
