@@ -28,6 +28,21 @@ use crate::audit::Audit;
 use crate::identity::{inspect_leaf, LeafInfo};
 use crate::transport::{self, codes, FrameReader};
 
+/// Why the bundles in use no longer vouch for `chain`, headed by `leaf` (a CA left one): the
+/// detail of an `untrusted` end. `None` while they do.
+fn no_longer_vouched(
+    trust: &Trust,
+    leaf: &LeafInfo,
+    chain: &[CertificateDer<'_>],
+) -> Option<String> {
+    let why = trust.vouches_for(chain).err()?;
+    Some(format!(
+        "the bundle of {} no longer vouches for serial {}: {why}",
+        leaf.id.trust_domain(),
+        leaf.serial
+    ))
+}
+
 /// How long a session opening may take before the Hub gives up on it.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a session whose serial was retired may finish its queries (no new query is
@@ -64,7 +79,7 @@ pub(crate) struct Session {
     leaf: LeafInfo,
     /// The chain `leaf` heads, as the Client presented it (or this Hub issued it).
     chain: Vec<CertificateDer<'static>>,
-    /// [`Trust::generation`] before the handshake was verified.
+    /// [`Trust::generation`] when the chain was last checked (the handshake, or `open`).
     generation: u64,
     id: u64,
     send: quinn::SendStream,
@@ -134,6 +149,21 @@ impl Session {
                 return None;
             }
         };
+        // A CA left a bundle since the handshake was checked: not registered (no query goes
+        // to it) unless the bundles in use still vouch for this chain.
+        let checked = parts.trust.generation();
+        if checked != generation {
+            if let Some(reason) = no_longer_vouched(&parts.trust, &leaf, certs) {
+                let mut r = parts.audit.record(Event::SessionLost);
+                r.client = Some(leaf.id.to_string());
+                r.peer = Some(peer.to_string());
+                r.outcome = Some(Outcome::Refused);
+                r.reason = Some(SessionEnd::Untrusted.reason(&reason));
+                parts.audit.emit(r);
+                conn.close(codes::UNTRUSTED, reason.as_bytes());
+                return None;
+            }
+        }
         let id = rand::rng().next_u64();
         Some(Self {
             parts,
@@ -143,7 +173,7 @@ impl Session {
             expiry: deadline_at(leaf.not_after),
             leaf,
             chain: certs.to_vec(),
-            generation,
+            generation: checked,
             id,
             send,
             recv,
@@ -178,7 +208,7 @@ impl Session {
         let welcomed = transport::write_frame(&mut self.send, &welcome)
             .await
             .is_ok();
-        // A bundle changed between the handshake's check and the registration: the sessions
+        // A CA left a bundle between the check in `open` and the registration: the sessions
         // were told before this one could be, so it checks itself.
         let mut untrusted = (self.parts.trust.generation() != self.generation)
             .then(|| self.untrusted())
@@ -304,13 +334,8 @@ impl Session {
     /// [`codes::UNTRUSTED`], and the end's reason is returned. One chain check (a signature or
     /// two): short enough for an async worker, and bundles change rarely.
     fn untrusted(&self) -> Option<String> {
-        let trust_domain = self.leaf.id.trust_domain();
-        let why = self.parts.trust.vouches_for(&self.chain).err()?;
-        tracing::warn!(client = %self.name, serial = %self.leaf.serial, reason = %why, "the bundle no longer vouches for a live session's SVID; closing it");
-        let reason = format!(
-            "the bundle of {trust_domain} no longer vouches for serial {}: {why}",
-            self.leaf.serial
-        );
+        let reason = no_longer_vouched(&self.parts.trust, &self.leaf, &self.chain)?;
+        tracing::warn!(client = %self.name, %reason, "closing a live session");
         self.conn.close(codes::UNTRUSTED, reason.as_bytes());
         Some(SessionEnd::Untrusted.reason(&reason))
     }

@@ -258,7 +258,7 @@ pub(crate) struct Trust {
     audit: Audit,
     federation: Arc<Federation>,
     bundle_files: Vec<BundleFile>,
-    /// Counts the changes of any bundle's anchors (see [`Trust::generation`]).
+    /// Counts the anchors that left a bundle (see [`Trust::generation`]).
     generation: AtomicU64,
 }
 
@@ -354,7 +354,7 @@ impl Trust {
             .map(drop)
     }
 
-    /// How many times a bundle's anchors changed. A change is counted after the anchors are
+    /// How many times an anchor left a bundle. A change is counted after the anchors are
     /// replaced and before the live sessions are told to re-check: a connection whose
     /// handshake began before a change, and that registers after the sessions were told,
     /// sees the count move and checks itself.
@@ -398,8 +398,8 @@ impl Trust {
     /// Re-reads every `[[federation]]` bundle file and, where it changed and passes
     /// [`federated_anchors`] (the checks made at start), replaces that trust domain's
     /// anchors: the next handshake and `Present` of its Clients are checked against them, and
-    /// its live sessions re-check the chains they are bound to ([`Registry::recheck`]): one
-    /// the new anchors no longer vouch for ends. A file that cannot be read or is refused
+    /// when a CA left, its live sessions re-check the chains they are bound to
+    /// ([`Registry::recheck`]): one the new anchors no longer vouch for ends. A file that cannot be read or is refused
     /// changes nothing: the anchors in use stay. Each outcome is audited (`bundle_updated`)
     /// once per change of the file, and so is a file usable again after a refusal. Blocking:
     /// run it with `spawn_blocking`.
@@ -411,9 +411,9 @@ impl Trust {
             };
             let before = domain.bundle.anchors();
             if let Some((outcome, mut reason)) = file.refresh(&domain.bundle, &own) {
-                if domain.bundle.anchors() != before {
-                    self.generation.fetch_add(1, Ordering::SeqCst);
-                    let told = registry.recheck(&domain.trust_domain);
+                let after = domain.bundle.anchors();
+                let td = &domain.trust_domain;
+                if let Some(told) = self.recheck_if_removed(&before, &after, td, registry) {
                     let _ = write!(reason, "; {told} live session(s) re-checked");
                 }
                 let mut r = self.audit.record(Event::BundleUpdated);
@@ -422,6 +422,23 @@ impl Trust {
                 self.audit.emit(r);
             }
         }
+    }
+
+    /// When `before` held an anchor that `after` lacks, counts a change ([`Trust::generation`])
+    /// and tells the live sessions of `trust_domain` to re-check their chains; how many were
+    /// told. `None` when no anchor left: what passed before passes still.
+    fn recheck_if_removed(
+        &self,
+        before: &[CertificateDer<'static>],
+        after: &[CertificateDer<'static>],
+        trust_domain: &str,
+        registry: &Registry,
+    ) -> Option<usize> {
+        if before.iter().all(|a| after.contains(a)) {
+            return None;
+        }
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        Some(registry.recheck(trust_domain))
     }
 
     /// Re-reads the CA, the Hub SVID and the bundle; swaps in what changed and pushes a new
@@ -460,7 +477,21 @@ impl Trust {
         if !anchors.contains(ca.cert()) {
             return Err(TrustError::BundleWithoutCa);
         }
+        let before = self.bundle.anchors();
         self.bundle.replace(anchors.clone());
+        // At once, before anything below can fail: handshakes are checked against the new
+        // bundle from now on, so the Clients learn it, and where a CA left it (`ca retire`),
+        // a session still bound to an SVID from that CA ends.
+        let (pushed, rechecked) = if bundle_changed {
+            let pushed = registry.push_all(&Control::BundleUpdate {
+                bundle: anchors.iter().map(|c| c.to_vec()).collect(),
+            });
+            let rechecked =
+                self.recheck_if_removed(&before, &anchors, &self.trust_domain, registry);
+            (pushed, rechecked)
+        } else {
+            (0, None)
+        };
         let hub_svid = layout::load_or_renew_hub_svid(dir, &ca).map_err(ident)?;
         let (quic, acceptor) = server_configs(
             &hub_svid,
@@ -479,24 +510,14 @@ impl Trust {
         if let Ok(mut c) = self.ca.write() {
             *c = Arc::new(ca);
         }
-        // The Clients learn the new bundle; and where a CA left it (`ca retire --force`), a
-        // session still bound to an SVID from that CA ends.
-        let (pushed, rechecked) = if bundle_changed {
-            self.generation.fetch_add(1, Ordering::SeqCst);
-            let pushed = registry.push_all(&Control::BundleUpdate {
-                bundle: anchors.iter().map(|c| c.to_vec()).collect(),
-            });
-            (pushed, registry.recheck(&self.trust_domain))
-        } else {
-            (0, 0)
-        };
         let mut r = self.audit.record(Event::BundleUpdated);
         r.outcome = Some(Outcome::Ok);
         r.reason = Some(if bundle_changed {
             format!(
-                "{} trust anchor(s){}; pushed to {pushed} live session(s), {rechecked} re-checked",
+                "{} trust anchor(s){}; pushed to {pushed} live session(s){}",
                 anchors.len(),
                 if ca_changed { ", new signing CA" } else { "" },
+                rechecked.map_or_else(String::new, |n| format!(", {n} re-checked")),
             )
         } else {
             format!(
