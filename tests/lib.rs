@@ -120,7 +120,16 @@ impl TestHub {
         services: &[Service],
         limits: ewii::hub::admission::Limits,
     ) -> Self {
-        let mut hub = Self::start(services).await;
+        Self::start_with_limits_and_lifetime(services, limits, 86_400).await
+    }
+
+    /// [`start_with_limits`](Self::start_with_limits) with a given SVID lifetime.
+    pub async fn start_with_limits_and_lifetime(
+        services: &[Service],
+        limits: ewii::hub::admission::Limits,
+        svid_lifetime_secs: u64,
+    ) -> Self {
+        let mut hub = Self::start_with(services, svid_lifetime_secs).await;
         hub.limits = Some(limits);
         hub.restart().await;
         hub

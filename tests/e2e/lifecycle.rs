@@ -1327,6 +1327,99 @@ async fn renew_once(hub: &TestHub, svid: &Svid, key: &rcgen::KeyPair) -> Control
         .expect("an answer")
 }
 
+/// A Hub that issues `lifetime_secs` SVIDs and renews none before `percent` of their life.
+async fn hub_renewing_after(percent: u8, lifetime_secs: u64) -> TestHub {
+    let limits = ewii::hub::admission::Limits {
+        renew_after_percent: percent,
+        ..Default::default()
+    };
+    let services = [Service::tcp("pg", "acme", "db")];
+    TestHub::start_with_limits_and_lifetime(&services, limits, lifetime_secs).await
+}
+
+/// Waits until the Hub re-bound the session of serial `serial` to its renewal; the SVID then
+/// in `dir`.
+async fn rebound_from(hub: &TestHub, dir: &std::path::Path, serial: &str) -> Svid {
+    let rebound = format!("session re-bound from serial {serial}");
+    hub.wait_audit("the session re-bound", says(Event::SvidRotated, &rebound))
+        .await;
+    Svid::load(dir, store::SVID_CERT, store::SVID_KEY).unwrap()
+}
+
+/// The run before a restart asked for a renewal and never stored the answer (a crash, a lost
+/// answer): the restarted Client asks again with the key it kept, and gets that certificate.
+/// A serial renews once, so a new key would be refused as a copy of this one, and the Client
+/// would be locked out when its SVID ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_a_client_restarted_before_it_stored_its_renewal_asks_again_with_the_same_key() {
+    let echo = echo_server().await;
+    let hub = hub_renewing_after(0, 8).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    let dir = client.state_dir();
+    let svid = Svid::load(&dir, store::SVID_CERT, store::SVID_KEY).unwrap();
+    let serial = inspect_leaf(&svid.chain[0]).unwrap().serial;
+    // What the earlier run left: its renewal key, kept as the Client keeps it, and a renewal
+    // the Hub issued for it.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let kept = dir.join(store::renew_key_file(&serial));
+    std::fs::write(&kept, key.serialize_pem()).unwrap();
+    let Control::Renewed { chain: issued, .. } = renew_once(&hub, &svid, &key).await else {
+        panic!("the Hub issued nothing");
+    };
+
+    // At half of its SVID's life the restarted Client renews with the kept key.
+    client.start();
+    hub.wait_audit(
+        "the same key again",
+        says(Event::SvidRotated, "re-sent serial"),
+    )
+    .await;
+    let now = rebound_from(&hub, &dir, &serial).await;
+    assert_eq!(
+        now.chain[0].to_vec(),
+        issued[0],
+        "the certificate issued before"
+    );
+    assert_eq!(
+        count(&hub.audit, says(Event::SvidRotated, "was renewed already")),
+        0
+    );
+    assert!(!kept.exists(), "the key file goes once its SVID is stored");
+    client.stop().await;
+}
+
+/// The Client keeps a renewal's key in its state directory before it asks, asks again with it
+/// after a refusal, and removes it once the renewed SVID is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_a_renewal_key_is_kept_on_disk_before_the_ask_and_goes_with_the_renewal() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let echo = echo_server().await;
+    // The Client asks at half of the life; this Hub refuses before three quarters.
+    let hub = hub_renewing_after(75, 8).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    let dir = client.state_dir();
+    let svid = Svid::load(&dir, store::SVID_CERT, store::SVID_KEY).unwrap();
+    let serial = inspect_leaf(&svid.chain[0]).unwrap().serial;
+    let kept = dir.join(store::renew_key_file(&serial));
+    client.start();
+    hub.wait_audit("too early", says(Event::SvidRotated, "renewal too early"))
+        .await;
+    // The Hub saw the ask: the key was on disk before it went out, and it is not the SVID's.
+    let key = std::fs::read_to_string(&kept).expect("the renewal key is kept");
+    assert_eq!(
+        std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let key = rcgen::KeyPair::from_pem(&key).unwrap();
+    assert_ne!(key.serialized_der(), svid.key().secret_der());
+    // Asked again with it past three quarters: issued, stored, and the key file removed.
+    let now = rebound_from(&hub, &dir, &serial).await;
+    assert_eq!(now.key().secret_der(), key.serialized_der(), "the kept key");
+    assert!(!kept.exists(), "removed before the Client said Rotated");
+    client.stop().await;
+}
+
 /// Issue 9 §4 (P8): a serial renews once. The same key asking again (its answer lost) gets
 /// the very same certificate and no new serial; another key asking for the same serial — two
 /// holders of one key — is refused and audited as such. And by default an SVID in the first

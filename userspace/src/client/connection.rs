@@ -66,6 +66,14 @@ pub(crate) enum Event {
     Drained(u64),
     /// The connection is over.
     Ended(u64, End),
+    /// The driver's own: the key of a new renewal is kept in the state directory (or could
+    /// not be: `kept`), and `csr` may go out.
+    RenewKeyKept {
+        /// The `Renew`'s CSR.
+        csr: Vec<u8>,
+        /// Whether the key file was written.
+        kept: Result<(), String>,
+    },
 }
 
 /// How a connection ended.

@@ -60,6 +60,8 @@ pub(super) struct Credentials {
     pub(super) identity: Arc<Identity>,
     pub(super) bundle: Bundle,
     pub(super) deliveries: Option<Deliveries>,
+    /// The key of a renewal an earlier run asked for and did not store.
+    pub(super) renew_key: Option<rcgen::KeyPair>,
 }
 
 /// The driver's state: the machine, the connections it runs, and what they share.
@@ -78,7 +80,8 @@ pub(super) struct Driver {
     tasks: JoinSet<()>,
     events: (mpsc::UnboundedSender<Event>, mpsc::UnboundedReceiver<Event>),
     dialing: Option<Dialing>,
-    /// The key of the `Renew` in flight.
+    /// The key of the `Renew` in flight, also kept in the state directory
+    /// ([`rotation::save_renew_key`]) until the renewed SVID is stored.
     renew_key: Option<rcgen::KeyPair>,
     /// The machine asked for the stop's revoke to be recorded as pending.
     pending_revoke: bool,
@@ -102,6 +105,7 @@ impl Driver {
             identity,
             bundle,
             deliveries,
+            renew_key,
         } = credentials;
         let clock = Clock::start();
         let session = SessionConfig {
@@ -151,7 +155,7 @@ impl Driver {
             tasks: JoinSet::new(),
             events: mpsc::unbounded_channel(),
             dialing: None,
-            renew_key: None,
+            renew_key,
             pending_revoke: false,
             last_error: None,
             deliveries,
@@ -255,16 +259,7 @@ impl Driver {
                     });
                     self.dialing = Some(Box::pin(connect::dial(plan)));
                 }
-                // A serial renews once (the Hub refuses a second key): an ask that got no
-                // answer is asked again with the same key, and gets the same certificate.
-                Action::SendRenew => match self.renewal_request() {
-                    Ok(csr) => self.command(self.current(), Command::Renew(csr)),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot make a renewal key");
-                        self.machine
-                            .handle_renew_refused(self.clock.now(), random());
-                    }
-                },
+                Action::SendRenew => self.send_renew(),
                 Action::Present { session_id } => {
                     self.presented = Some(self.identity.leaf.serial.clone());
                     self.command(Some(session_id), Command::Present(self.identity.clone()));
@@ -286,14 +281,42 @@ impl Driver {
         None
     }
 
-    /// The CSR of the next `Renew`: for the pending key when there is one, else a new key.
-    fn renewal_request(&mut self) -> Result<Vec<u8>, crate::identity::IdentityError> {
+    /// Asks for a renewal. A serial renews once (the Hub refuses a second key): an ask that
+    /// got no answer is asked again with the same key, and gets the same certificate, also
+    /// after a restart. So a new key is kept in the state directory first, and the `Renew`
+    /// goes out once it is ([`Event::RenewKeyKept`]).
+    fn send_renew(&mut self) {
+        let refused = |this: &mut Self, e: &dyn std::fmt::Display| {
+            tracing::error!(error = %e, "cannot make a renewal key");
+            this.machine
+                .handle_renew_refused(this.clock.now(), random());
+        };
         if let Some(key) = &self.renew_key {
-            return crate::identity::ca::csr_for(key);
+            match crate::identity::ca::csr_for(key) {
+                Ok(csr) => self.command(self.current(), Command::Renew(csr)),
+                Err(e) => refused(self, &e),
+            }
+            return;
         }
-        let (key, csr) = new_key_and_csr()?;
+        let (key, csr) = match new_key_and_csr() {
+            Ok(made) => made,
+            Err(e) => return refused(self, &e),
+        };
+        let (dir, serial) = (
+            self.config.state_dir.clone(),
+            self.identity.leaf.serial.clone(),
+        );
+        let pem = key.serialize_pem();
         self.renew_key = Some(key);
-        Ok(csr)
+        let events = self.events.0.clone();
+        self.tasks.spawn(async move {
+            let kept = tokio::task::spawn_blocking(move || {
+                rotation::save_renew_key(&dir, &serial, &pem).map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            let _ = events.send(Event::RenewKeyKept { csr, kept });
+        });
     }
 
     fn dialled(&mut self, dialled: Result<Opened, ConnectError>) {
@@ -384,6 +407,17 @@ impl Driver {
             }
             Event::Control(_, Control::BundleUpdate { bundle }) => self.adopt_bundle(bundle).await,
             Event::Control(..) => {}
+            Event::RenewKeyKept { csr, kept } => {
+                if let Err(e) = kept {
+                    // Asked all the same: only a restart before the answer is stored would
+                    // need the file, and the Client would then renew with a new key after
+                    // the Hub's refusal of it (until the SVID ends).
+                    tracing::warn!(error = %e, "cannot keep the renewal key in the state directory; asking with it anyway");
+                }
+                if self.machine.awaiting_renewal() {
+                    self.command(self.current(), Command::Renew(csr));
+                }
+            }
             Event::Drained(id) => self.machine.handle_drained(id),
             Event::Ended(id, End::Revoked(reason)) => {
                 self.connections.remove(&id);
@@ -433,6 +467,7 @@ impl Driver {
         let accepted = tokio::task::spawn_blocking(move || {
             let accepted = rotation::accept_issued(&key, chain, anchors, Some(&old.leaf.id))?;
             rotation::save(&dir, &accepted).map_err(|e| RenewalError::Store(e.to_string()))?;
+            rotation::remove_renew_keys(&dir);
             Ok::<_, RenewalError>(accepted)
         })
         .await

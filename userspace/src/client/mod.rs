@@ -123,13 +123,16 @@ pub async fn run_enforced(
 ) -> Result<Exit, ClientError> {
     let _lock = lock;
     let dir = config.state_dir.clone();
-    let (identity, anchors, pending_revoke, deliveries) = match &config.svid_source {
+    let (identity, anchors, pending_revoke, deliveries, renew_key) = match &config.svid_source {
         SvidSource::StateDir => {
-            let (identity, anchors, pending) =
+            let (identity, anchors, pending, renew_key) =
                 tokio::task::spawn_blocking(move || load_state(&dir))
                     .await
                     .map_err(|e| join_error(&config.state_dir, e))??;
-            (identity, anchors, pending, None)
+            if renew_key.is_some() {
+                tracing::info!(serial = %identity.leaf.serial, "a renewal was asked for before a restart; asking again with its key");
+            }
+            (identity, anchors, pending, None, renew_key)
         }
         SvidSource::WorkloadApi {
             socket,
@@ -150,7 +153,13 @@ pub async fn run_enforced(
                 "SVID from the Workload API"
             );
             let deliveries = workload::spawn_watch(source, first.identity.leaf.id.to_string());
-            (first.identity, first.hub_anchors, pending, Some(deliveries))
+            (
+                first.identity,
+                first.hub_anchors,
+                pending,
+                Some(deliveries),
+                None,
+            )
         }
     };
     if pending_revoke {
@@ -184,6 +193,7 @@ pub async fn run_enforced(
             identity: Arc::new(identity),
             bundle: Bundle::new(anchors),
             deliveries,
+            renew_key,
         },
         report,
         denies,
@@ -205,14 +215,17 @@ pub async fn run_enforced(
     Ok(exit)
 }
 
-/// The SVID, the bundle, and whether a revoke is pending from an earlier stop.
+/// The SVID, the bundle, whether a revoke is pending from an earlier stop, and the key of a
+/// renewal an earlier run asked for and did not store.
 type Loaded = (
     rotation::Identity,
     Vec<rustls::pki_types::CertificateDer<'static>>,
     bool,
+    Option<rcgen::KeyPair>,
 );
 
-/// Reads the SVID and the bundle; refuses a Client revoked earlier. Blocking.
+/// Reads the SVID, the bundle and a kept renewal key; refuses a Client revoked earlier.
+/// Blocking.
 fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
     let pending_revoke = load_markers(dir)?;
     let not_enrolled = |source| ClientError::NotEnrolled {
@@ -222,7 +235,13 @@ fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
     let svid = Svid::load(dir, store::SVID_CERT, store::SVID_KEY).map_err(not_enrolled)?;
     let leaf = inspect_leaf(&svid.chain[0]).map_err(not_enrolled)?;
     let anchors = store::read_certs(&dir.join(store::BUNDLE)).map_err(not_enrolled)?;
-    Ok((rotation::Identity { svid, leaf }, anchors, pending_revoke))
+    let renew_key = rotation::load_renew_key(dir, &leaf.serial, &svid);
+    Ok((
+        rotation::Identity { svid, leaf },
+        anchors,
+        pending_revoke,
+        renew_key,
+    ))
 }
 
 /// Refuses a Client revoked earlier; says whether a revoke is pending. Blocking.

@@ -133,6 +133,62 @@ pub(crate) fn save(dir: &Path, accepted: &Accepted) -> Result<(), IdentityError>
         .save(dir, store::SVID_CERT, store::SVID_KEY)
 }
 
+/// Keeps the key of a renewal asked for `serial` in the state directory (0600, synced), before
+/// the ask goes out. Blocking.
+pub(crate) fn save_renew_key(dir: &Path, serial: &str, key_pem: &str) -> Result<(), IdentityError> {
+    store::write_file(
+        &dir.join(store::renew_key_file(serial)),
+        key_pem.as_bytes(),
+        0o600,
+    )
+}
+
+/// The key of a renewal asked for `svid`'s serial by an earlier run, if one was kept; every
+/// other kept renewal key (for an older serial) is removed. A kept key that does not parse, or
+/// is the SVID's own key (the renewal was stored, the key file not yet removed), is removed
+/// and not used: the next renewal makes a new key. Blocking.
+pub(crate) fn load_renew_key(dir: &Path, serial: &str, svid: &Svid) -> Option<rcgen::KeyPair> {
+    let mine = store::renew_key_file(serial);
+    let mut kept = None;
+    for name in renew_key_files(dir) {
+        let path = dir.join(&name);
+        if name == mine {
+            match store::read_key_pair(&path) {
+                Ok(key) if key.serialized_der() != svid.key().secret_der() => {
+                    kept = Some(key);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "a kept renewal key does not parse; removed"),
+            }
+        }
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(file = %path.display(), error = %e, "cannot remove a stale renewal key");
+        }
+    }
+    kept
+}
+
+/// Removes every kept renewal key: the renewed SVID is stored, with its key. Blocking.
+pub(crate) fn remove_renew_keys(dir: &Path) {
+    for name in renew_key_files(dir) {
+        let path = dir.join(name);
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(file = %path.display(), error = %e, "cannot remove a used renewal key");
+        }
+    }
+}
+
+fn renew_key_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(store::RENEW_KEY_PREFIX) && n.ends_with(".key"))
+        .collect()
+}
+
 /// Writes the trust bundle into the state directory. Blocking.
 pub(crate) fn save_bundle(
     dir: &Path,

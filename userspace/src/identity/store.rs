@@ -21,6 +21,16 @@ pub const SVID_KEY: &str = "svid.key";
 /// The trust bundle (Hub CA certificates).
 pub const BUNDLE: &str = "bundle.pem";
 
+/// The key of a renewal asked for SVID serial `serial` (0600), kept until the renewed SVID is
+/// stored: a serial renews once, so a Client that restarts before it stored the answer must
+/// ask again with the same key (the Hub refuses another one).
+pub fn renew_key_file(serial: &str) -> String {
+    format!("{RENEW_KEY_PREFIX}{serial}.key")
+}
+
+/// What every [`renew_key_file`] name starts with.
+pub const RENEW_KEY_PREFIX: &str = "renew-";
+
 /// PEM rendering helpers.
 #[derive(Debug)]
 pub struct Pem;
