@@ -222,8 +222,9 @@ async fn compare(args: Args) -> anyhow::Result<()> {
         .join("; "),
         method: format!(
             "{} repetitions, systems interleaved (each repetition starts with the next system); per system and repetition: \
-             agent RSS idle ({} s after the first echo), {IDLE_CONNECTIONS} idle connections held, {} timed 1-byte round trips on one connection, connect → 1-byte echo → close \
-             for {} s at c=1 and at c=32, iperf3 {} s each way (one TCP stream; CPU time of the tunnel's processes from /proc/<pid>/stat \
+             agent RSS idle ({} s after the first echo), {IDLE_CONNECTIONS} idle connections held, {} timed 1-byte round trips on one connection (and the tunnel's CPU per round trip, \
+             the warm-up's included), connect → 1-byte echo → close for {} s at c=1 (and the CPU per completed \
+             connection) and at c=32, iperf3 {} s each way (one TCP stream; CPU time of the tunnel's processes from /proc/<pid>/stat \
              over both runs, divided by the bytes iperf3 received), agent RSS 1 s after; anonymous memory (RssAnon) idle and after. Loopback; QUIC datagrams at most 1,452 bytes. \
              Ewii's binaries: {}; {}. Whole run: {:.0} s.",
             args.reps,
