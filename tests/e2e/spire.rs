@@ -711,6 +711,66 @@ async fn p7_p15_a_ca_that_leaves_a_federated_bundle_ends_the_live_sessions_it_vo
     );
 }
 
+/// P10 for a SPIRE customer: no token carried a webhook URL, so the `[[federation]]` table
+/// does; a revocation of one of its Clients reaches it, signed with the key the operator hands
+/// over (`ewii-hub webhook-key`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p10_a_federated_clients_revocation_reaches_the_webhook_of_its_table_signed() {
+    let receiver = Receiver::start(Vec::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = SpireCa::new(CUSTOMER);
+    let bundle = dir.path().join("customer.pem");
+    ca.write_bundle(&bundle);
+    let config = format!(
+        "[[federation]]\ntrust_domain = \"{CUSTOMER}\"\nbundle = {bundle:?}\nclients = {{ acme = \"spiffe://{CUSTOMER}{ACME_PATH}\" }}\nwebhook = \"{}\"\n[webhooks]\ndanger_allow_private_targets = true\n",
+        receiver.url
+    );
+    let hub = TestHub::start_custom(&[], &config).await;
+    let svid = ca.issue(ACME_PATH, HOUR);
+    let session = raw_session(&hub, &svid.svid()).await.expect("a session");
+    // The key the operator hands over, as the command prints it.
+    let printed = std::process::Command::new(bin_path("ewii-hub"))
+        .arg("webhook-key")
+        .arg("--state-dir")
+        .arg(hub.state_dir())
+        .output()
+        .unwrap();
+    assert!(printed.status.success(), "{printed:?}");
+    let key = String::from_utf8(printed.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("whpk_"), "{key}");
+    assert!(admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap());
+    assert_eq!(
+        session.closed_by_hub().await,
+        Some(ewii::transport::codes::REVOKED.into_inner())
+    );
+    poll_until("the delivery", SOON, || !receiver.deliveries().is_empty()).await;
+    let got = receiver.deliveries().remove(0);
+    let body: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(body["type"], "client.revoked");
+    assert_eq!(
+        body["data"]["client"],
+        format!("spiffe://{CUSTOMER}{ACME_PATH}")
+    );
+    assert_eq!(body["data"]["name"], "acme");
+    assert_eq!(body["data"]["reason"], "contract ended");
+    let (id, ts) = (
+        &got.headers["webhook-id"],
+        &got.headers["webhook-timestamp"],
+    );
+    let now: i64 = ts.parse().unwrap();
+    assert_eq!(
+        ewii::webhook::verify(
+            &key,
+            id,
+            ts,
+            &got.headers["webhook-signature"],
+            &got.body,
+            now
+        ),
+        Ok(())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p10_a_federated_client_is_revoked_by_name_and_stays_revoked() {
     let (
@@ -933,6 +993,15 @@ async fn p7_a_hub_refuses_to_start_with_a_federation_it_cannot_use_and_says_why(
         ),
         (table(CUSTOMER, &garbage, "beta"), "bundle"),
         (table(CUSTOMER, &good, "acme"), "choose another name"),
+        (
+            table(CUSTOMER, &good, "beta") + "webhook = \"ftp://customer.test/hook\"\n",
+            "is not an http(s) URL",
+        ),
+        // The rules of a token's --webhook: no private address without the opt-in.
+        (
+            table(CUSTOMER, &good, "beta") + "webhook = \"http://169.254.169.254/latest\"\n",
+            "not a public address",
+        ),
     ] {
         let config: ewii::config::HubConfig = format!(
             "state_dir = {state:?}\nlisten = \"127.0.0.1:0\"\naudit = \"discard\"\n{federation}"

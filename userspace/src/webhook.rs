@@ -226,6 +226,27 @@ pub async fn check_target(
     Ok((host, first))
 }
 
+/// Refuses a webhook URL that is not http(s), or whose host is an IP literal that
+/// [`is_public`] refuses (unless `allow_private`). Host names are checked again at every
+/// delivery, after resolution.
+pub fn check_url(url: &str, allow_private: bool) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .ok_or_else(|| format!("webhook {url:?} is not an http(s) URL"))?;
+    let ip = match parsed.host() {
+        Some(url::Host::Ipv4(v4)) => Some(IpAddr::V4(v4)),
+        Some(url::Host::Ipv6(v6)) => Some(IpAddr::V6(v6)),
+        _ => None,
+    };
+    match ip {
+        Some(ip) if !allow_private && !is_public(ip) => Err(format!(
+            "webhook {url:?} points at {ip}, which is not a public address"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Whether `ip` may receive webhooks without `danger_allow_private_targets`: a globally
 /// routable unicast address. Refused: loopback, link-local (cloud metadata 169.254.169.254),
 /// unspecified, multicast, broadcast, private (RFC 1918), shared/CGNAT (RFC 6598, including

@@ -107,6 +107,13 @@ enum Command {
         #[arg(long, env = "EWII_HUB_STATE_DIR", default_value = "/var/lib/ewii-hub")]
         state_dir: PathBuf,
     },
+    /// Print the key customers verify webhook deliveries with (`whpk_…`), for a
+    /// `[[federation]]` webhook (`token create --webhook` prints it too).
+    WebhookKey {
+        /// State directory.
+        #[arg(long, env = "EWII_HUB_STATE_DIR", default_value = "/var/lib/ewii-hub")]
+        state_dir: PathBuf,
+    },
     /// Run the Hub.
     Run {
         /// Configuration file (TOML).
@@ -444,6 +451,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(code);
             }
             println!("{}", admin::current_bundle_hash(&state_dir)?);
+        }
+        Command::WebhookKey { state_dir } => {
+            if let Err(code) = initialised(&state_dir) {
+                return Ok(code);
+            }
+            println!("{}", admin::webhook_key(&state_dir)?);
         }
         Command::Run { config: path } => {
             let config: HubConfig = match config::load(&path) {

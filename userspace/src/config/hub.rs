@@ -68,6 +68,9 @@ pub struct FederationConfig {
     pub bundle: PathBuf,
     /// Client name → the one SPIFFE ID (of that trust domain) that authenticates as it.
     pub clients: BTreeMap<String, spiffe::SpiffeId>,
+    /// The customer's URL for revocation notices of these Clients (`client.revoked`, signed
+    /// with the Hub's webhook key, as for a token's `--webhook`).
+    pub webhook: Option<String>,
 }
 
 /// The Hub's configuration.
@@ -176,6 +179,7 @@ struct RawFederation {
     trust_domain: String,
     bundle: PathBuf,
     clients: BTreeMap<String, String>,
+    webhook: Option<String>,
 }
 
 /// Checks the `[[federation]]` tables: valid, distinct trust domains; each client name and
@@ -227,6 +231,7 @@ fn federation(raw: Vec<RawFederation>) -> Result<Vec<FederationConfig>, ConfigEr
             trust_domain: td,
             bundle: f.bundle,
             clients,
+            webhook: f.webhook,
         });
     }
     Ok(out)

@@ -89,6 +89,14 @@ pub fn current_bundle_hash(state_dir: &Path) -> Result<String, HubError> {
     Ok(bundle_hash(ca.cert()))
 }
 
+/// `ewii-hub webhook-key`: the public key customers verify webhook deliveries with (`whpk_…`),
+/// made now if no token with a webhook or `[[federation]]` webhook made it before.
+pub fn webhook_key(state_dir: &Path) -> Result<String, HubError> {
+    Ok(WebhookKey::load_or_create(state_dir)
+        .map_err(ident(state_dir))?
+        .public())
+}
+
 /// Creates a one-time join token for Client `client`, valid for `ttl`.
 pub fn create_token(
     state_dir: &Path,
@@ -117,7 +125,7 @@ pub fn create_token(
         ));
     }
     if let Some(url) = webhook {
-        check_webhook_url(url, allow_private_webhook)?;
+        crate::webhook::check_url(url, allow_private_webhook).map_err(HubError::Usage)?;
     }
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
@@ -141,29 +149,6 @@ pub fn create_token(
         expires_at,
         webhook_public_key,
     })
-}
-
-/// Refuses a webhook URL that is not http(s), or whose host is a loopback, link-local,
-/// unspecified or multicast IP literal (unless `allow_private`). Host names are checked again
-/// at every delivery, after resolution.
-fn check_webhook_url(url: &str, allow_private: bool) -> Result<(), HubError> {
-    let parsed = reqwest::Url::parse(url)
-        .ok()
-        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-        .ok_or_else(|| HubError::Usage(format!("webhook {url:?} is not an http(s) URL")))?;
-    let ip = match parsed.host() {
-        Some(url::Host::Ipv4(v4)) => Some(std::net::IpAddr::V4(v4)),
-        Some(url::Host::Ipv6(v6)) => Some(std::net::IpAddr::V6(v6)),
-        _ => None,
-    };
-    if let (Some(ip), false) = (ip, allow_private) {
-        if !crate::webhook::is_public(ip) {
-            return Err(HubError::Usage(format!(
-                "webhook {url:?} points at {ip}, which is not a public address"
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// `ewii-hub revoke`: revokes `client` now; the running Hub closes its live session within a

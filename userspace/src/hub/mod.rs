@@ -196,6 +196,18 @@ impl Hub {
         let dir = config.state_dir.clone();
         // File reads (and maybe a renewed Hub SVID written to disk): off the async workers.
         let d = dir.clone();
+        // A `[[federation]]` webhook is checked as a token's `--webhook` is.
+        let allow_private = config.webhooks.danger_allow_private_targets;
+        for f in &config.federation {
+            if let Some(url) = &f.webhook {
+                crate::webhook::check_url(url, allow_private).map_err(|why| {
+                    TrustError::Federation {
+                        trust_domain: f.trust_domain.clone(),
+                        why,
+                    }
+                })?;
+            }
+        }
         let federation_config = config.federation.clone();
         let (material, key, federation) = tokio::task::spawn_blocking(move || {
             let material = Material::load(&d)?;
@@ -211,9 +223,14 @@ impl Hub {
         // Before any handshake: the verifier checks federated Clients against these rows.
         store
             .admit_federated(
-                federation
-                    .clients()
-                    .map(|(name, id)| (name.to_owned(), id.clone()))
+                config
+                    .federation
+                    .iter()
+                    .flat_map(|f| {
+                        f.clients
+                            .iter()
+                            .map(|(name, id)| (name.clone(), id.clone(), f.webhook.clone()))
+                    })
                     .collect(),
                 now,
             )

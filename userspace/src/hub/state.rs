@@ -342,9 +342,15 @@ impl Db {
 
     /// Records a federated client (`[[federation]]`): no token and no serial, the customer's
     /// SPIRE issues its SVIDs. An existing row for the same ID is kept as it is, revocation
-    /// included (a revoked federated client stays revoked across restarts); a name held by
-    /// another identity is refused.
-    pub fn admit_federated(&self, client: &str, id: &SpiffeId, now: i64) -> Result<(), StateError> {
+    /// included (a revoked federated client stays revoked across restarts), but takes
+    /// `webhook`, as the configuration says now; a name held by another identity is refused.
+    pub fn admit_federated(
+        &self,
+        client: &str,
+        id: &SpiffeId,
+        webhook: Option<&str>,
+        now: i64,
+    ) -> Result<(), StateError> {
         let holder: Option<String> = self.with(|c| {
             let tx = c.transaction()?;
             let holder: Option<String> = tx
@@ -356,8 +362,13 @@ impl Db {
                 .optional()?;
             if holder.is_none() {
                 tx.execute(
-                    "INSERT INTO clients (name, spiffe_id, enrolled_at) VALUES (?1, ?2, ?3)",
-                    params![client, id.to_string(), now],
+                    "INSERT INTO clients (name, spiffe_id, enrolled_at, webhook) VALUES (?1, ?2, ?3, ?4)",
+                    params![client, id.to_string(), now, webhook],
+                )?;
+            } else {
+                tx.execute(
+                    "UPDATE clients SET webhook = ?3 WHERE name = ?1 AND spiffe_id = ?2",
+                    params![client, id.to_string(), webhook],
                 )?;
             }
             tx.commit()?;

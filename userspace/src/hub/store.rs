@@ -341,15 +341,19 @@ impl Store {
     /// refuses a name held by another identity. At Hub start, before any handshake.
     pub(crate) async fn admit_federated(
         &self,
-        clients: Vec<(String, SpiffeId)>,
+        clients: Vec<(String, SpiffeId, Option<String>)>,
         now: i64,
     ) -> Result<(), StoreError> {
         self.call(move |o| {
-            for (name, id) in &clients {
-                o.backend.admit_federated(name, id, now)?;
+            for (name, id, webhook) in &clients {
+                o.backend
+                    .admit_federated(name, id, webhook.as_deref(), now)?;
             }
-            o.view
-                .set_federated(clients.iter().map(|(n, id)| (n.as_str(), id.to_string())));
+            o.view.set_federated(
+                clients
+                    .iter()
+                    .map(|(n, id, _)| (n.as_str(), id.to_string())),
+            );
             let changes = o.view.replace(Some(o.backend.snapshot()?));
             o.publish(changes);
             Ok(())

@@ -54,7 +54,13 @@ pub trait Backend: Send + 'static {
     /// See [`Db::session_down`].
     fn session_down(&self, client: &str, session_id: u64, now: i64) -> Result<(), StateError>;
     /// See [`Db::admit_federated`].
-    fn admit_federated(&self, client: &str, id: &SpiffeId, now: i64) -> Result<(), StateError>;
+    fn admit_federated(
+        &self,
+        client: &str,
+        id: &SpiffeId,
+        webhook: Option<&str>,
+        now: i64,
+    ) -> Result<(), StateError>;
     /// See [`Db::due_webhooks`].
     fn due_webhooks(
         &self,
@@ -128,8 +134,14 @@ impl Backend for Db {
     fn session_down(&self, client: &str, session_id: u64, now: i64) -> Result<(), StateError> {
         Db::session_down(self, client, session_id, now)
     }
-    fn admit_federated(&self, client: &str, id: &SpiffeId, now: i64) -> Result<(), StateError> {
-        Db::admit_federated(self, client, id, now)
+    fn admit_federated(
+        &self,
+        client: &str,
+        id: &SpiffeId,
+        webhook: Option<&str>,
+        now: i64,
+    ) -> Result<(), StateError> {
+        Db::admit_federated(self, client, id, webhook, now)
     }
     fn due_webhooks(
         &self,
