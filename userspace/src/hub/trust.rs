@@ -477,11 +477,22 @@ impl Trust {
         if !anchors.contains(ca.cert()) {
             return Err(TrustError::BundleWithoutCa);
         }
+        // What can fail comes first: a reload that fails changes nothing, and the next one
+        // finds the same change to make. (The configurations share `self.bundle`, replaced
+        // below.)
+        let hub_svid = layout::load_or_renew_hub_svid(dir, &ca).map_err(ident)?;
+        let (quic, acceptor) = server_configs(
+            &hub_svid,
+            &self.bundle,
+            &self.trust_domain,
+            &self.view,
+            &self.audit,
+            &self.federation,
+        )?;
         let before = self.bundle.anchors();
         self.bundle.replace(anchors.clone());
-        // At once, before anything below can fail: handshakes are checked against the new
-        // bundle from now on, so the Clients learn it, and where a CA left it (`ca retire`),
-        // a session still bound to an SVID from that CA ends.
+        // Handshakes are checked against the new bundle from now on: the Clients learn it, and
+        // where a CA left it (`ca retire`), a session still bound to an SVID from that CA ends.
         let (pushed, rechecked) = if bundle_changed {
             let pushed = registry.push_all(&Control::BundleUpdate {
                 bundle: anchors.iter().map(|c| c.to_vec()).collect(),
@@ -492,15 +503,6 @@ impl Trust {
         } else {
             (0, None)
         };
-        let hub_svid = layout::load_or_renew_hub_svid(dir, &ca).map_err(ident)?;
-        let (quic, acceptor) = server_configs(
-            &hub_svid,
-            &self.bundle,
-            &self.trust_domain,
-            &self.view,
-            &self.audit,
-            &self.federation,
-        )?;
         for endpoint in endpoints {
             endpoint.set_server_config(Some(quic.clone()));
         }
