@@ -1388,6 +1388,45 @@ async fn p8_a_client_restarted_before_it_stored_its_renewal_asks_again_with_the_
     client.stop().await;
 }
 
+/// A renewal answer the Client cannot store (its state directory refuses the write) keeps
+/// its key: the next ask uses it and gets the same certificate, where a new key would be
+/// refused as a copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_a_renewal_that_cannot_be_stored_is_asked_again_with_the_same_key() {
+    let echo = echo_server().await;
+    let hub = hub_renewing_after(0, 12).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    let dir = client.state_dir();
+    let svid = Svid::load(&dir, store::SVID_CERT, store::SVID_KEY).unwrap();
+    let serial = inspect_leaf(&svid.chain[0]).unwrap().serial;
+    client.start();
+    hub.wait_connected("acme").await;
+    // The certificate's file becomes a directory: storing the answer fails.
+    let cert = dir.join(store::SVID_CERT);
+    let pem = std::fs::read(&cert).unwrap();
+    std::fs::remove_file(&cert).unwrap();
+    std::fs::create_dir(&cert).unwrap();
+    hub.wait_audit("issued", says(Event::SvidRotated, "issued serial"))
+        .await;
+    client
+        .wait_audit(
+            "not stored",
+            says(Event::SvidRotated, "renewed SVID refused"),
+        )
+        .await;
+    hub.wait_audit("asked again", says(Event::SvidRotated, "re-sent serial"))
+        .await;
+    std::fs::remove_dir(&cert).unwrap();
+    std::fs::write(&cert, pem).unwrap();
+    let now = rebound_from(&hub, &dir, &serial).await;
+    assert!(now.key_matches());
+    assert_eq!(
+        count(&hub.audit, says(Event::SvidRotated, "was renewed already")),
+        0
+    );
+    client.stop().await;
+}
+
 /// The Client keeps a renewal's key in its state directory before it asks, asks again with it
 /// after a refusal, and removes it once the renewed SVID is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1403,13 +1442,23 @@ async fn p8_a_renewal_key_is_kept_on_disk_before_the_ask_and_goes_with_the_renew
     let serial = inspect_leaf(&svid.chain[0]).unwrap().serial;
     let kept = dir.join(store::renew_key_file(&serial));
     client.start();
-    hub.wait_audit("too early", says(Event::SvidRotated, "renewal too early"))
+    let refused = hub
+        .wait_audit("too early", says(Event::SvidRotated, "renewal too early"))
         .await;
-    // The Hub saw the ask: the key was on disk before it went out, and it is not the SVID's.
+    // The Hub saw the ask: the key was on disk before it went out (written before the Hub's
+    // record of the ask, by the same clock), and it is not the SVID's.
     let key = std::fs::read_to_string(&kept).expect("the renewal key is kept");
-    assert_eq!(
-        std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777,
-        0o600
+    let meta = std::fs::metadata(&kept).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let written = meta
+        .modified()
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    assert!(
+        written <= refused.time.0,
+        "written after the Hub saw the ask"
     );
     let key = rcgen::KeyPair::from_pem(&key).unwrap();
     assert_ne!(key.serialized_der(), svid.key().secret_der());

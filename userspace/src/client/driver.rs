@@ -83,6 +83,9 @@ pub(super) struct Driver {
     /// The key of the `Renew` in flight, also kept in the state directory
     /// ([`rotation::save_renew_key`]) until the renewed SVID is stored.
     renew_key: Option<rcgen::KeyPair>,
+    /// A new `renew_key` is being written; its `Renew` goes out once it is
+    /// ([`Event::RenewKeyKept`]), and no other meanwhile.
+    renew_key_writing: bool,
     /// The machine asked for the stop's revoke to be recorded as pending.
     pending_revoke: bool,
     last_error: Option<String>,
@@ -156,6 +159,7 @@ impl Driver {
             events: mpsc::unbounded_channel(),
             dialing: None,
             renew_key,
+            renew_key_writing: false,
             pending_revoke: false,
             last_error: None,
             deliveries,
@@ -291,6 +295,9 @@ impl Driver {
             this.machine
                 .handle_renew_refused(this.clock.now(), random());
         };
+        if self.renew_key_writing {
+            return;
+        }
         if let Some(key) = &self.renew_key {
             match crate::identity::ca::csr_for(key) {
                 Ok(csr) => self.command(self.current(), Command::Renew(csr)),
@@ -308,6 +315,7 @@ impl Driver {
         );
         let pem = key.serialize_pem();
         self.renew_key = Some(key);
+        self.renew_key_writing = true;
         let events = self.events.0.clone();
         self.tasks.spawn(async move {
             let kept = tokio::task::spawn_blocking(move || {
@@ -353,6 +361,9 @@ impl Driver {
             }
             Event::Control(_, Control::Renewed { chain, bundle }) => {
                 let key = self.renew_key.take();
+                // Put back if the answer is not stored: the next ask must use this key (the
+                // Hub issued for it), and so must a restart (its file stays).
+                let kept = key.as_ref().map(rcgen::KeyPair::serialize_pem);
                 match key {
                     // Not asked for: the machine closes the connection.
                     _ if !self.machine.awaiting_renewal() => {
@@ -368,6 +379,8 @@ impl Driver {
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "renewal answer refused");
+                            self.renew_key =
+                                kept.and_then(|pem| rcgen::KeyPair::from_pem(&pem).ok());
                             self.machine.handle_renew_refused(now, random());
                         }
                     },
@@ -408,6 +421,7 @@ impl Driver {
             Event::Control(_, Control::BundleUpdate { bundle }) => self.adopt_bundle(bundle).await,
             Event::Control(..) => {}
             Event::RenewKeyKept { csr, kept } => {
+                self.renew_key_writing = false;
                 if let Err(e) = kept {
                     // Asked all the same: only a restart before the answer is stored would
                     // need the file, and the Client would then renew with a new key after
@@ -466,7 +480,8 @@ impl Driver {
         let dir = self.config.state_dir.clone();
         let accepted = tokio::task::spawn_blocking(move || {
             let accepted = rotation::accept_issued(&key, chain, anchors, Some(&old.leaf.id))?;
-            rotation::save(&dir, &accepted).map_err(|e| RenewalError::Store(e.to_string()))?;
+            rotation::save_renewal(&dir, &accepted)
+                .map_err(|e| RenewalError::Store(e.to_string()))?;
             rotation::remove_renew_keys(&dir);
             Ok::<_, RenewalError>(accepted)
         })

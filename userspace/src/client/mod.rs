@@ -64,6 +64,17 @@ pub enum ClientError {
         /// What is missing or broken.
         source: IdentityError,
     },
+    /// A file of the state directory that must not be lost could not be read (a kept
+    /// renewal key: without it the Client could not renew its SVID).
+    #[error(
+        "state directory {dir}: {source}; fix the file's permissions (the Client must read it)"
+    )]
+    StateDir {
+        /// The state directory.
+        dir: PathBuf,
+        /// What failed.
+        source: IdentityError,
+    },
     /// The Hub revoked this Client earlier (the marker file exists).
     #[error("this Client was revoked by the Hub ({0}); it will not connect again")]
     RevokedEarlier(String),
@@ -233,9 +244,13 @@ fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
         source,
     };
     let svid = Svid::load(dir, store::SVID_CERT, store::SVID_KEY).map_err(not_enrolled)?;
+    let (svid, renew_key) =
+        rotation::recover_renewal(dir, svid).map_err(|source| ClientError::StateDir {
+            dir: dir.to_owned(),
+            source,
+        })?;
     let leaf = inspect_leaf(&svid.chain[0]).map_err(not_enrolled)?;
     let anchors = store::read_certs(&dir.join(store::BUNDLE)).map_err(not_enrolled)?;
-    let renew_key = rotation::load_renew_key(dir, &leaf.serial, &svid);
     Ok((
         rotation::Identity { svid, leaf },
         anchors,

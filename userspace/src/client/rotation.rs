@@ -133,59 +133,129 @@ pub(crate) fn save(dir: &Path, accepted: &Accepted) -> Result<(), IdentityError>
         .save(dir, store::SVID_CERT, store::SVID_KEY)
 }
 
+/// [`save`] for a renewal, whose key is kept ([`save_renew_key`]): the chain first
+/// ([`Svid::save_chain_first`]), so that an interruption leaves what [`recover_renewal`]
+/// puts right. Blocking.
+pub(crate) fn save_renewal(dir: &Path, accepted: &Accepted) -> Result<(), IdentityError> {
+    save_bundle(dir, &accepted.anchors)?;
+    accepted
+        .identity
+        .svid
+        .save_chain_first(dir, store::SVID_CERT, store::SVID_KEY)
+}
+
 /// Keeps the key of a renewal asked for `serial` in the state directory (0600, synced), before
 /// the ask goes out. Blocking.
 pub(crate) fn save_renew_key(dir: &Path, serial: &str, key_pem: &str) -> Result<(), IdentityError> {
-    store::write_file(
+    store::write_durable(
         &dir.join(store::renew_key_file(serial)),
         key_pem.as_bytes(),
         0o600,
     )
 }
 
-/// The key of a renewal asked for `svid`'s serial by an earlier run, if one was kept; every
-/// other kept renewal key (for an older serial) is removed. A kept key that does not parse, or
-/// is the SVID's own key (the renewal was stored, the key file not yet removed), is removed
-/// and not used: the next renewal makes a new key. Blocking.
-pub(crate) fn load_renew_key(dir: &Path, serial: &str, svid: &Svid) -> Option<rcgen::KeyPair> {
-    let mine = store::renew_key_file(serial);
-    let mut kept = None;
-    for name in renew_key_files(dir) {
+/// What an earlier run left of a renewal, put right at start: `svid` as loaded, and the key
+/// of a renewal asked for its serial and not stored yet, if one was kept. Blocking.
+///
+/// - A kept key that certifies `svid`'s chain while `svid.key` does not: the renewal's save
+///   was interrupted between the chain and the key ([`save_renewal`]); the key is written
+///   now.
+/// - A kept key for `svid`'s serial: asked for, not stored; the next `Renew` asks with it
+///   (a serial renews once: another key would be refused).
+/// - Every other kept key (an older serial's, one that does not parse) and leftover temporary
+///   files are removed.
+///
+/// A kept key that cannot be read (permissions, I/O) is an error: removing it could lock the
+/// Client out, and a new key would overwrite it.
+pub(crate) fn recover_renewal(
+    dir: &Path,
+    mut svid: Svid,
+) -> Result<(Svid, Option<rcgen::KeyPair>), IdentityError> {
+    let mut kept = Vec::new();
+    for (name, temporary) in renew_key_files(dir) {
         let path = dir.join(&name);
-        if name == mine {
+        let key = if temporary {
+            None
+        } else {
             match store::read_key_pair(&path) {
-                Ok(key) if key.serialized_der() != svid.key().secret_der() => {
-                    kept = Some(key);
-                    continue;
+                Ok(key) => Some(key),
+                Err(IdentityError::Pem(_)) => {
+                    tracing::warn!(file = %path.display(), "a kept renewal key does not parse; removed");
+                    None
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "a kept renewal key does not parse; removed"),
+                Err(e) => return Err(e),
             }
-        }
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::warn!(file = %path.display(), error = %e, "cannot remove a stale renewal key");
+        };
+        match key {
+            Some(key) => kept.push((name, key)),
+            None => remove(&path),
         }
     }
-    kept
+    if !svid.key_matches() {
+        if let Some(i) = kept
+            .iter()
+            .position(|(_, key)| Svid::new(svid.chain.clone(), key).key_matches())
+        {
+            let (name, key) = kept.swap_remove(i);
+            tracing::warn!(file = %name, "the last renewal's key was not stored beside its SVID; storing it now");
+            let repaired = Svid::new(svid.chain.clone(), &key);
+            store::write_durable(
+                &dir.join(store::SVID_KEY),
+                key.serialize_pem().as_bytes(),
+                0o600,
+            )?;
+            remove(&dir.join(name));
+            svid = repaired;
+        }
+    }
+    let serial = svid
+        .chain
+        .first()
+        .and_then(|c| crate::identity::inspect_leaf(c).ok())
+        .map(|l| l.serial);
+    let mine = serial.as_deref().map(store::renew_key_file);
+    let mut pending = None;
+    for (name, key) in kept {
+        if Some(&name) == mine.as_ref() && key.serialized_der() != svid.key().secret_der() {
+            pending = Some(key);
+        } else {
+            remove(&dir.join(name));
+        }
+    }
+    Ok((svid, pending))
 }
 
 /// Removes every kept renewal key: the renewed SVID is stored, with its key. Blocking.
 pub(crate) fn remove_renew_keys(dir: &Path) {
-    for name in renew_key_files(dir) {
-        let path = dir.join(name);
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::warn!(file = %path.display(), error = %e, "cannot remove a used renewal key");
-        }
+    for (name, _) in renew_key_files(dir) {
+        remove(&dir.join(name));
     }
 }
 
-fn renew_key_files(dir: &Path) -> Vec<String> {
+fn remove(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        tracing::warn!(file = %path.display(), error = %e, "cannot remove a renewal key file");
+    }
+}
+
+/// The names of the kept renewal keys, and of their temporary files (`true`) that a write cut
+/// short left behind.
+fn renew_key_files(dir: &Path) -> Vec<(String, bool)> {
+    let temporary_prefix = format!(".{}", store::RENEW_KEY_PREFIX);
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with(store::RENEW_KEY_PREFIX) && n.ends_with(".key"))
+        .filter_map(|n| {
+            if n.starts_with(store::RENEW_KEY_PREFIX) && n.ends_with(".key") {
+                Some((n, false))
+            } else if n.starts_with(&temporary_prefix) && n.ends_with(".key.tmp") {
+                Some((n, true))
+            } else {
+                None
+            }
+        })
         .collect()
 }
 
@@ -194,7 +264,7 @@ pub(crate) fn save_bundle(
     dir: &Path,
     anchors: &[CertificateDer<'static>],
 ) -> Result<(), IdentityError> {
-    store::write_file(
+    store::write_durable(
         &dir.join(store::BUNDLE),
         store::Pem::certs(anchors).as_bytes(),
         0o644,
@@ -221,5 +291,103 @@ mod tests {
         assert_eq!(err.to_string(), "1 of 2 trust anchors usable");
         assert!(check_anchors(&[leaf]).is_err());
         assert!(check_anchors(&[]).is_err());
+    }
+
+    /// An SVID for `key` from `ca`, and its serial.
+    fn svid_for(ca: &Ca, key: &rcgen::KeyPair) -> (Svid, String) {
+        let csr = crate::identity::ca::csr_for(key).unwrap();
+        let id = SpiffeId::client("example.org", "acme").unwrap();
+        let issued = ca
+            .sign_csr(&csr, &id, std::time::Duration::from_secs(3_600))
+            .unwrap();
+        let serial = crate::identity::inspect_leaf(&issued.der).unwrap().serial;
+        (Svid::new(vec![issued.der], key), serial)
+    }
+
+    fn new_key() -> rcgen::KeyPair {
+        new_key_and_csr().unwrap().0
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn p8_a_start_keeps_the_renewal_key_of_its_serial_and_removes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ca = Ca::generate("example.org").unwrap();
+        let (svid, serial) = svid_for(&ca, &new_key());
+        svid.save(d, store::SVID_CERT, store::SVID_KEY).unwrap();
+        let asked = new_key();
+        save_renew_key(d, &serial, &asked.serialize_pem()).unwrap();
+        save_renew_key(d, "0123", &new_key().serialize_pem()).unwrap();
+        std::fs::write(d.join(store::renew_key_file("04")), "not a key").unwrap();
+        std::fs::write(d.join(".renew-05.key.tmp"), "half a key").unwrap();
+        let loaded = Svid::load(d, store::SVID_CERT, store::SVID_KEY).unwrap();
+        let (back, pending) = recover_renewal(d, loaded).unwrap();
+        assert_eq!(back.key().secret_der(), svid.key().secret_der());
+        assert_eq!(
+            pending.unwrap().serialized_der(),
+            asked.serialized_der(),
+            "the key asked with, for this serial"
+        );
+        let mut want = vec![
+            store::SVID_KEY.to_owned(),
+            store::SVID_CERT.to_owned(),
+            store::renew_key_file(&serial),
+        ];
+        want.sort();
+        assert_eq!(
+            names(d),
+            want,
+            "the other serial's key, garbage and a temporary file go"
+        );
+    }
+
+    #[test]
+    fn p8_a_kept_renewal_key_that_cannot_be_read_stops_the_start_and_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ca = Ca::generate("example.org").unwrap();
+        let (svid, serial) = svid_for(&ca, &new_key());
+        // A read that fails for another reason than its contents (a directory here: the test
+        // runs as root, which reads any file whatever its mode).
+        std::fs::create_dir(d.join(store::renew_key_file(&serial))).unwrap();
+        let err = recover_renewal(d, svid).unwrap_err();
+        assert!(matches!(err, IdentityError::Io { .. }), "{err:?}");
+        assert!(d.join(store::renew_key_file(&serial)).exists());
+    }
+
+    #[test]
+    fn p8_a_renewal_saved_up_to_its_chain_is_completed_from_the_kept_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ca = Ca::generate("example.org").unwrap();
+        let old_key = new_key();
+        let (old, old_serial) = svid_for(&ca, &old_key);
+        old.save(d, store::SVID_CERT, store::SVID_KEY).unwrap();
+        // The renewal: its key kept, its chain written, then the run ended.
+        let renewed_key = new_key();
+        save_renew_key(d, &old_serial, &renewed_key.serialize_pem()).unwrap();
+        let (renewed, _) = svid_for(&ca, &renewed_key);
+        std::fs::write(d.join(store::SVID_CERT), store::Pem::certs(&renewed.chain)).unwrap();
+        let loaded = Svid::load(d, store::SVID_CERT, store::SVID_KEY).unwrap();
+        assert!(!loaded.key_matches(), "the new chain beside the old key");
+        let (fixed, pending) = recover_renewal(d, loaded).unwrap();
+        assert!(fixed.key_matches());
+        assert_eq!(fixed.key().secret_der(), renewed_key.serialized_der());
+        assert!(pending.is_none());
+        let on_disk = Svid::load(d, store::SVID_CERT, store::SVID_KEY).unwrap();
+        assert!(on_disk.key_matches(), "the key is stored beside its chain");
+        assert_eq!(
+            names(d),
+            vec![store::SVID_KEY.to_owned(), store::SVID_CERT.to_owned()]
+        );
     }
 }

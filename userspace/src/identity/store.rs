@@ -116,13 +116,34 @@ impl Svid {
     /// Writes the chain and the key (0600) into `dir`; the key first, so a chain on disk
     /// always has its key.
     pub fn save(&self, dir: &Path, cert_file: &str, key_file: &str) -> Result<(), IdentityError> {
-        let key_pem = pem_block("PRIVATE KEY", &self.key_der);
-        write_file(&dir.join(key_file), key_pem.as_bytes(), 0o600)?;
-        write_file(
+        write_durable(&dir.join(key_file), self.key_pem().as_bytes(), 0o600)?;
+        write_durable(
             &dir.join(cert_file),
             Pem::certs(&self.chain).as_bytes(),
             0o644,
         )
+    }
+
+    /// [`save`](Self::save) with the chain first: for a renewal, whose key is kept in a file of
+    /// its own until both are written. Interrupted between the two, the directory holds the
+    /// new chain, the old key and the kept one: the new chain's key is found again, where the
+    /// other order would leave the new key beside the old chain and lose the old key.
+    pub fn save_chain_first(
+        &self,
+        dir: &Path,
+        cert_file: &str,
+        key_file: &str,
+    ) -> Result<(), IdentityError> {
+        write_durable(
+            &dir.join(cert_file),
+            Pem::certs(&self.chain).as_bytes(),
+            0o644,
+        )?;
+        write_durable(&dir.join(key_file), self.key_pem().as_bytes(), 0o600)
+    }
+
+    fn key_pem(&self) -> String {
+        pem_block("PRIVATE KEY", &self.key_der)
     }
 }
 
@@ -139,6 +160,18 @@ pub fn read_key_pair(path: &Path) -> Result<KeyPair, IdentityError> {
     let data = read(path)?;
     let text = String::from_utf8(data).map_err(|_| IdentityError::Pem(path.to_owned()))?;
     KeyPair::from_pem(&text).map_err(|_| IdentityError::Pem(path.to_owned()))
+}
+
+/// [`write_file`], and the directory synced: the rename survives a power loss.
+pub fn write_durable(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
+    write_file(path, data, mode)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| IdentityError::Io {
+            path: dir.to_owned(),
+            source,
+        })
 }
 
 /// Writes `data` to `path` atomically with `mode`.
