@@ -420,7 +420,14 @@ async fn p9_a_client_silent_past_the_grace_is_revoked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p10_central_revoke_closes_a_live_session_within_1s_and_a_restart_exits_at_once() {
     let hub = TestHub::start(&[]).await;
-    let mut client = TestClient::enrol_and_run(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    // A renewal key kept from an earlier run: a revoked Client does not keep it.
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let serial = inspect_leaf(&svid.chain[0]).unwrap().serial;
+    let kept = client.state_dir().join(store::renew_key_file(&serial));
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    std::fs::write(&kept, key.serialize_pem()).unwrap();
+    client.start();
     hub.wait_connected("acme").await;
     let t0 = Instant::now();
     assert!(admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap());
@@ -443,6 +450,7 @@ async fn p10_central_revoke_closes_a_live_session_within_1s_and_a_restart_exits_
         .await;
     let marker = std::fs::read_to_string(client.state_dir().join(REVOKED_MARKER)).unwrap();
     assert_eq!(marker, "contract ended");
+    assert!(!kept.exists(), "the kept renewal key is removed");
     let status = Status::read(&client.state_dir()).unwrap();
     assert_eq!(status.state, State::Revoked);
 

@@ -600,6 +600,10 @@ impl Driver {
             Exit::Revoked { reason } => {
                 let marker = self.config.state_dir.join(REVOKED_MARKER);
                 write_marker(marker, reason.clone()).await;
+                // No renewal will be stored any more: a kept key has nothing left to do.
+                let dir = self.config.state_dir.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || rotation::remove_renew_keys(&dir)).await;
                 // The revocation is done: nothing is pending any more.
                 let pending = self.config.state_dir.join(REVOKE_PENDING_MARKER);
                 let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(pending)).await;
