@@ -365,8 +365,11 @@ impl Driver {
                 // Hub issued for it), and so must a restart (its file stays).
                 let kept = key.as_ref().map(rcgen::KeyPair::serialize_pem);
                 match key {
-                    // Not asked for: the machine closes the connection.
+                    // Not asked for (an answer after its timeout): the machine closes the
+                    // connection. The key stays: the Hub issued for it, and the next ask must
+                    // use it.
                     _ if !self.machine.awaiting_renewal() => {
+                        self.renew_key = key;
                         self.machine.handle_renewed(now, validity(&self.identity));
                     }
                     None => self.machine.handle_renew_refused(now, random()),
