@@ -922,8 +922,11 @@ async fn a_second_client_on_the_same_state_directory_is_refused_and_the_first_ke
 #[test]
 fn enrolling_with_a_hub_that_does_not_answer_names_the_address_and_exits_5() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_udp_port();
-    let hub = format!("127.0.0.1:{port}");
+    // A socket that takes the datagrams and never answers, held for the whole test: a port
+    // only found free could be taken meanwhile by a Hub of a test running beside this one,
+    // which then answered (seen once: "not the one pinned", exit 3).
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let hub = silent.local_addr().unwrap().to_string();
     let out = Command::new(bin_path("ewii-client"))
         .args(["enroll", "--hub", &hub])
         .args(["--bundle-hash", &format!("sha256:{}", "ab".repeat(32))])
