@@ -1354,18 +1354,23 @@ async fn rebound_from(hub: &TestHub, dir: &std::path::Path, serial: &str) -> Svi
     Svid::load(dir, store::SVID_CERT, store::SVID_KEY).unwrap()
 }
 
+/// Client `acme` enrolled with `hub`, not started: its state directory, SVID and serial.
+async fn enrolled_acme(hub: &TestHub) -> (TestClient, std::path::PathBuf, Svid, String) {
+    let client = TestClient::enrol(hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let dir = client.state_dir();
+    let svid = Svid::load(&dir, store::SVID_CERT, store::SVID_KEY).unwrap();
+    let serial = inspect_leaf(&svid.chain[0]).unwrap().serial;
+    (client, dir, svid, serial)
+}
+
 /// The run before a restart asked for a renewal and never stored the answer (a crash, a lost
 /// answer): the restarted Client asks again with the key it kept, and gets that certificate.
 /// A serial renews once, so a new key would be refused as a copy of this one, and the Client
 /// would be locked out when its SVID ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p8_a_client_restarted_before_it_stored_its_renewal_asks_again_with_the_same_key() {
-    let echo = echo_server().await;
     let hub = hub_renewing_after(0, 8).await;
-    let mut client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
-    let dir = client.state_dir();
-    let svid = Svid::load(&dir, store::SVID_CERT, store::SVID_KEY).unwrap();
-    let serial = inspect_leaf(&svid.chain[0]).unwrap().serial;
+    let (mut client, dir, svid, serial) = enrolled_acme(&hub).await;
     // What the earlier run left: its renewal key, kept as the Client keeps it, and a renewal
     // the Hub issued for it.
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
@@ -1401,12 +1406,8 @@ async fn p8_a_client_restarted_before_it_stored_its_renewal_asks_again_with_the_
 /// refused as a copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p8_a_renewal_that_cannot_be_stored_is_asked_again_with_the_same_key() {
-    let echo = echo_server().await;
     let hub = hub_renewing_after(0, 12).await;
-    let mut client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
-    let dir = client.state_dir();
-    let svid = Svid::load(&dir, store::SVID_CERT, store::SVID_KEY).unwrap();
-    let serial = inspect_leaf(&svid.chain[0]).unwrap().serial;
+    let (mut client, dir, _svid, serial) = enrolled_acme(&hub).await;
     client.start();
     hub.wait_connected("acme").await;
     // The certificate's file becomes a directory: storing the answer fails.
@@ -1441,13 +1442,9 @@ async fn p8_a_renewal_that_cannot_be_stored_is_asked_again_with_the_same_key() {
 async fn p8_a_renewal_key_is_kept_on_disk_before_the_ask_and_goes_with_the_renewal() {
     use std::os::unix::fs::PermissionsExt;
 
-    let echo = echo_server().await;
     // The Client asks at half of the life; this Hub refuses before three quarters.
     let hub = hub_renewing_after(75, 8).await;
-    let mut client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
-    let dir = client.state_dir();
-    let svid = Svid::load(&dir, store::SVID_CERT, store::SVID_KEY).unwrap();
-    let serial = inspect_leaf(&svid.chain[0]).unwrap().serial;
+    let (mut client, dir, svid, serial) = enrolled_acme(&hub).await;
     let kept = dir.join(store::renew_key_file(&serial));
     client.start();
     let refused = hub

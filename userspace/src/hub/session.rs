@@ -43,6 +43,26 @@ fn no_longer_vouched(
     ))
 }
 
+/// A connection refused while its session opens: a `session_lost` record (refused, with
+/// `reason`), then closed with `code` and `said`.
+fn refuse_opening(
+    parts: &Parts,
+    conn: &quinn::Connection,
+    leaf: &LeafInfo,
+    peer: SocketAddr,
+    reason: String,
+    code: quinn::VarInt,
+    said: &[u8],
+) {
+    let mut r = parts.audit.record(Event::SessionLost);
+    r.client = Some(leaf.id.to_string());
+    r.peer = Some(peer.to_string());
+    r.outcome = Some(Outcome::Refused);
+    r.reason = Some(reason);
+    parts.audit.emit(r);
+    conn.close(code, said);
+}
+
 /// How long a session opening may take before the Hub gives up on it.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a session whose serial was retired may finish its queries (no new query is
@@ -139,13 +159,8 @@ impl Session {
         let (send, recv, reader, allow_list) = match opened {
             Ok(v) => v,
             Err(reason) => {
-                let mut r = parts.audit.record(Event::SessionLost);
-                r.client = Some(leaf.id.to_string());
-                r.peer = Some(peer.to_string());
-                r.outcome = Some(Outcome::Refused);
-                r.reason = Some(SessionEnd::Protocol.reason(&reason));
-                parts.audit.emit(r);
-                conn.close(codes::PROTOCOL, b"");
+                let reason = SessionEnd::Protocol.reason(&reason);
+                refuse_opening(&parts, &conn, &leaf, peer, reason, codes::PROTOCOL, b"");
                 return None;
             }
         };
@@ -154,13 +169,9 @@ impl Session {
         let checked = parts.trust.generation();
         if checked != generation {
             if let Some(reason) = no_longer_vouched(&parts.trust, &leaf, certs) {
-                let mut r = parts.audit.record(Event::SessionLost);
-                r.client = Some(leaf.id.to_string());
-                r.peer = Some(peer.to_string());
-                r.outcome = Some(Outcome::Refused);
-                r.reason = Some(SessionEnd::Untrusted.reason(&reason));
-                parts.audit.emit(r);
-                conn.close(codes::UNTRUSTED, reason.as_bytes());
+                let said = reason.clone().into_bytes();
+                let reason = SessionEnd::Untrusted.reason(&reason);
+                refuse_opening(&parts, &conn, &leaf, peer, reason, codes::UNTRUSTED, &said);
                 return None;
             }
         }
