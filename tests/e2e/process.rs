@@ -1273,6 +1273,120 @@ async fn hub_tokens_are_listed_by_id_and_revoked_by_id_or_by_client() {
     }
 }
 
+/// An operator who runs a writing `ewii-hub` command as root on the state directory of a Hub
+/// that runs as its own user is refused (exit 4), told whose directory it is and how to run the
+/// command, and nothing in the directory changes: a root-owned key or journal there would stop
+/// that Hub. Reading commands still work; the owner itself is not refused.
+#[test]
+fn hub_commands_that_write_refuse_a_state_directory_of_another_user() {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    if not_root() {
+        assert!(
+            !require("EWII_REQUIRE_PRIVILEGED"),
+            "EWII_REQUIRE_PRIVILEGED=1 but this test needs root to own files as another user"
+        );
+        println!("SKIPPED: needs root to give the state directory to another user");
+        return;
+    }
+    const OWNER: u32 = 65532;
+    let top = tempfile::tempdir().unwrap();
+    let dir = top.path().join("hub");
+    let d = dir.to_str().unwrap();
+    run(
+        "ewii-hub",
+        &["init", "--state-dir", d, "--trust-domain", "example.org"],
+    );
+    let chown_all = |uid: u32| {
+        for path in [top.path().to_owned(), dir.clone()]
+            .into_iter()
+            .chain(fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()))
+        {
+            std::os::unix::fs::lchown(&path, Some(uid), Some(uid)).unwrap();
+        }
+    };
+    chown_all(OWNER);
+    let listing = || {
+        let mut v: Vec<(String, u64, i64, u32)> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let m = e.metadata().unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    m.len(),
+                    m.mtime_nsec(),
+                    m.uid(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing();
+    for args in [
+        vec!["init", "--state-dir", d, "--trust-domain", "example.org"],
+        vec!["token", "create", "--state-dir", d, "--client", "acme"],
+        vec!["token", "revoke", "--state-dir", d, "--client", "acme"],
+        vec!["revoke", "--state-dir", d, "--client", "acme"],
+        vec!["readmit", "--state-dir", d, "--client", "acme"],
+        vec!["ca", "prepare", "--state-dir", d],
+        vec!["ca", "activate", "--state-dir", d],
+        vec!["ca", "retire", "--state-dir", d],
+        // No key yet: this one would make it.
+        vec!["webhook-key", "--state-dir", d],
+    ] {
+        let out = Command::new(bin_path("ewii-hub"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {}", stderr_of(&out));
+        let err = stderr_of(&out);
+        assert_eq!(
+            err.matches(&format!(
+                "{d} belongs to uid {OWNER}, and this command runs as uid 0"
+            ))
+            .count(),
+            1,
+            "{args:?}, said once: {err}"
+        );
+        assert!(
+            err.contains(&format!("sudo -u '#{OWNER}' ewii-hub")),
+            "{err}"
+        );
+        assert_eq!(listing(), before, "{args:?} changed the state directory");
+    }
+    // Reading is not refused.
+    for args in [
+        vec!["clients", "--state-dir", d],
+        vec!["token", "list", "--state-dir", d],
+        vec!["bundle-hash", "--state-dir", d],
+    ] {
+        run("ewii-hub", &args);
+    }
+    // The directory's owner writes (the whole tree is its own, as a Hub's would be).
+    let as_owner = |args: &[&str]| {
+        let out = Command::new(bin_path("ewii-hub"))
+            .args(args)
+            .uid(OWNER)
+            .gid(OWNER)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?} as the owner: {}",
+            stderr_of(&out)
+        );
+        out
+    };
+    as_owner(&["token", "create", "--state-dir", d, "--client", "acme"]);
+    let key = as_owner(&["webhook-key", "--state-dir", d]);
+    assert_eq!(fs::metadata(dir.join("webhook.key")).unwrap().uid(), OWNER);
+    // Once the key exists, root only reads it, and reads the same key.
+    let again = run("ewii-hub", &["webhook-key", "--state-dir", d]);
+    assert_eq!(again.stdout, key.stdout);
+}
+
 /// P4: a DNS answer never widens what the Client reaches. The allow-list names
 /// `evil.example`, whose answer (from a hosts file in the Client's own mount namespace) is
 /// loopback: the Client refuses to dial it, and nothing reaches the service listening there.

@@ -198,6 +198,9 @@ enum TokenCommand {
 const EXIT_CONFIG: u8 = 2;
 /// Exit status when the state directory holds no Hub (no `ewii-hub init` yet).
 const EXIT_NOT_INITIALISED: u8 = 3;
+/// Exit status when a command that writes the state directory runs as a user other than its
+/// owner.
+const EXIT_NOT_OWNER: u8 = 4;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -224,6 +227,34 @@ fn initialised(state_dir: &std::path::Path) -> Result<(), ExitCode> {
     Err(ExitCode::from(EXIT_NOT_INITIALISED))
 }
 
+/// Refuses to write into a state directory that belongs to another user: what this command
+/// would create there (a key, a database journal) would be the caller's, and a Hub running as
+/// the directory's owner could not read it. Root is refused too: that is the usual mistake.
+fn owned(state_dir: &std::path::Path) -> Result<(), ExitCode> {
+    match admin::foreign_owner(state_dir) {
+        Ok(None) => Ok(()),
+        Ok(Some((owner, caller))) => {
+            fail(&format!(
+                "ewii-hub: {} belongs to uid {owner}, and this command runs as uid {caller}: what it \
+                 writes there would belong to uid {caller}, and a Hub running as uid {owner} could \
+                 not read it. Run it as the directory's owner, e.g. `sudo -u '#{owner}' ewii-hub …`",
+                state_dir.display()
+            ));
+            Err(ExitCode::from(EXIT_NOT_OWNER))
+        }
+        Err(e) => {
+            fail(&format!("ewii-hub: {}: {e}", state_dir.display()));
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+/// [`initialised`], then [`owned`]: for the commands that write the state directory.
+fn writable(state_dir: &std::path::Path) -> Result<(), ExitCode> {
+    initialised(state_dir)?;
+    owned(state_dir)
+}
+
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Completions { shell } => {
@@ -238,6 +269,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             state_dir,
             trust_domain,
         } => {
+            if let Err(code) = owned(&state_dir) {
+                return Ok(code);
+            }
             let r = admin::init(&state_dir, &trust_domain)?;
             println!("initialised {}", state_dir.display());
             println!("hub id:      {}", r.hub_id);
@@ -254,7 +288,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     hub_address,
                 },
         } => {
-            if let Err(code) = initialised(&state_dir) {
+            if let Err(code) = writable(&state_dir) {
                 return Ok(code);
             }
             let r = admin::create_token(
@@ -324,7 +358,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     client,
                 },
         } => {
-            if let Err(code) = initialised(&state_dir) {
+            if let Err(code) = writable(&state_dir) {
                 return Ok(code);
             }
             let which = match (id, client) {
@@ -353,7 +387,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ca { command } => {
             match command {
                 CaCommand::Prepare { state_dir } => {
-                    if let Err(code) = initialised(&state_dir) {
+                    if let Err(code) = writable(&state_dir) {
                         return Ok(code);
                     }
                     let hash = admin::ca_prepare(&state_dir)?;
@@ -361,7 +395,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("Give Clients time to receive it, then: ewii-hub ca activate");
                 }
                 CaCommand::Activate { state_dir } => {
-                    if let Err(code) = initialised(&state_dir) {
+                    if let Err(code) = writable(&state_dir) {
                         return Ok(code);
                     }
                     let hash = admin::ca_activate(&state_dir)?;
@@ -369,7 +403,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("After every Client has renewed (half an SVID lifetime): ewii-hub ca retire");
                 }
                 CaCommand::Retire { state_dir, force } => {
-                    if let Err(code) = initialised(&state_dir) {
+                    if let Err(code) = writable(&state_dir) {
                         return Ok(code);
                     }
                     let stale = admin::ca_retire(&state_dir, force)?;
@@ -388,7 +422,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             client,
             reason,
         } => {
-            if let Err(code) = initialised(&state_dir) {
+            if let Err(code) = writable(&state_dir) {
                 return Ok(code);
             }
             if admin::revoke(&state_dir, &client, &reason)? {
@@ -400,7 +434,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Readmit { state_dir, client } => {
-            if let Err(code) = initialised(&state_dir) {
+            if let Err(code) = writable(&state_dir) {
                 return Ok(code);
             }
             if admin::readmit(&state_dir, &client)? {
@@ -455,6 +489,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::WebhookKey { state_dir } => {
             if let Err(code) = initialised(&state_dir) {
                 return Ok(code);
+            }
+            // Made on first use: only then does it write.
+            if !state_dir.join(ewii::webhook::KEY_FILE).exists() {
+                if let Err(code) = owned(&state_dir) {
+                    return Ok(code);
+                }
             }
             println!("{}", admin::webhook_key(&state_dir)?);
         }
