@@ -14,7 +14,9 @@ use std::time::Duration;
 use ewii_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::process::{field, free_tcp_port, free_udp_port, run, spawn_hub, status_kib, Proc};
+use crate::process::{
+    field, free_tcp_port, run, spawn_hub, spawn_hub_on_free_ports, status_kib, Proc,
+};
 
 /// utime + stime of a process, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
@@ -83,26 +85,27 @@ async fn p9_p14_a_fleet_of_clients_returns_after_a_hub_restart_without_a_storm()
         &["init", "--state-dir", &hub_dir_s, "--trust-domain", TD],
     );
     let bundle_hash = field(&init, "bundle hash:");
-    let udp = free_udp_port();
-    let mut toml =
-        format!("state_dir = {hub_dir:?}\nlisten = \"127.0.0.1:{udp}\"\naudit = \"discard\"\n");
-    // Distinct ports (a port freed by one probe can come back from the next).
-    let mut services: Vec<u16> = Vec::with_capacity(n);
-    while services.len() < n {
-        let port = free_tcp_port();
-        if port != udp && !services.contains(&port) {
-            services.push(port);
-        }
-    }
-    for (i, port) in services.iter().enumerate() {
-        let _ = write!(
-            toml,
-            "[[service]]\nname = \"s{i}\"\nlisten = \"127.0.0.1:{port}\"\nclient = \"c{i}\"\ndestination = \"db\"\nprincipal = \"ops\"\n"
-        );
-    }
     let hub_toml = root.path().join("hub.toml");
-    std::fs::write(&hub_toml, toml).unwrap();
-    let mut hub = spawn_hub(&hub_toml);
+    let mut services: Vec<u16> = Vec::with_capacity(n);
+    let (mut hub, udp) = spawn_hub_on_free_ports(&hub_toml, |udp| {
+        let mut toml =
+            format!("state_dir = {hub_dir:?}\nlisten = \"127.0.0.1:{udp}\"\naudit = \"discard\"\n");
+        // Distinct ports (a port freed by one probe can come back from the next).
+        services.clear();
+        while services.len() < n {
+            let port = free_tcp_port();
+            if port != udp && !services.contains(&port) {
+                services.push(port);
+            }
+        }
+        for (i, port) in services.iter().enumerate() {
+            let _ = write!(
+                toml,
+                "[[service]]\nname = \"s{i}\"\nlisten = \"127.0.0.1:{port}\"\nclient = \"c{i}\"\ndestination = \"db\"\nprincipal = \"ops\"\n"
+            );
+        }
+        toml
+    });
     let hub_addr = format!("127.0.0.1:{udp}");
 
     // The fleet: enrolled and started one after the other, each its own process.

@@ -46,6 +46,11 @@ impl Proc {
 
 /// `ewii-hub run --config <path>`, once it says it listens.
 pub(crate) fn spawn_hub(config: &std::path::Path) -> Proc {
+    try_spawn_hub(config).unwrap_or_else(|said| panic!("ewii-hub did not say it listens: {said}"))
+}
+
+/// `ewii-hub run` with `config`, once it says it listens; else what it said.
+fn try_spawn_hub(config: &std::path::Path) -> Result<Proc, String> {
     let mut hub = Proc(
         Command::new(bin_path("ewii-hub"))
             .args(["run", "--config", config.to_str().unwrap()])
@@ -58,13 +63,36 @@ pub(crate) fn spawn_hub(config: &std::path::Path) -> Proc {
     let mut err = BufReader::new(hub.0.stderr.as_mut().unwrap());
     for _ in 0..10 {
         let mut line = String::new();
-        err.read_line(&mut line).unwrap();
+        if err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
         said.push_str(&line);
         if line.contains("listening on udp") {
-            return hub;
+            return Ok(hub);
         }
     }
-    panic!("ewii-hub did not say it listens: {said}");
+    Err(said)
+}
+
+/// `ewii-hub run` with the configuration `config(udp)` writes to `toml`, `udp` a port found
+/// free (and any TCP ports `config` picks with [`free_tcp_port`]). A port is only free when it
+/// is probed: another test's socket can take it before the Hub binds it. A Hub that cannot
+/// listen is started again with new ports, up to five times. Returns it and its UDP port.
+pub(crate) fn spawn_hub_on_free_ports(
+    toml: &std::path::Path,
+    mut config: impl FnMut(u16) -> String,
+) -> (Proc, u16) {
+    let mut said = String::new();
+    for _ in 0..5 {
+        let udp = free_udp_port();
+        fs::write(toml, config(udp)).unwrap();
+        match try_spawn_hub(toml) {
+            Ok(hub) => return (hub, udp),
+            Err(s) if s.contains("cannot listen on") => said = s,
+            Err(s) => panic!("ewii-hub did not say it listens: {s}"),
+        }
+    }
+    panic!("ewii-hub found no free port in five tries: {said}");
 }
 
 /// An `ewii-hub` process with one plain TCP service, `pg`, to Client `acme`'s entry `db`.
@@ -98,17 +126,15 @@ impl HubProcess {
                 TD,
             ],
         );
-        let (udp, svc) = (free_udp_port(), free_tcp_port());
-        let toml = root.join("hub.toml");
-        fs::write(
-            &toml,
+        let mut svc = 0;
+        let (proc, udp) = spawn_hub_on_free_ports(&root.join("hub.toml"), |udp| {
+            svc = free_tcp_port();
             format!(
                 "state_dir = {dir:?}\nlisten = \"127.0.0.1:{udp}\"\naudit = \"{audit}\"\n{extra}\n[[service]]\nname = \"pg\"\nlisten = \"127.0.0.1:{svc}\"\nclient = \"acme\"\ndestination = \"db\"\nprincipal = \"ops\"\n"
-            ),
-        )
-        .unwrap();
+            )
+        });
         Self {
-            proc: spawn_hub(&toml),
+            proc,
             dir,
             addr: format!("127.0.0.1:{udp}"),
             service: SocketAddr::from(([127, 0, 0, 1], svc)),
@@ -396,19 +422,16 @@ async fn p13_the_client_binary_has_no_listener_and_p6_one_udp_socket() {
     );
     let bundle_hash = field(&init, "bundle hash:");
     let echo = echo_server().await;
-    let udp = free_udp_port();
-    let svc = free_tcp_port();
     let hub_toml = root.path().join("hub.toml");
     let hub_audit = root.path().join("hub-audit.jsonl");
-    fs::write(
-        &hub_toml,
+    let mut svc = 0;
+    let (mut hub, udp) = spawn_hub_on_free_ports(&hub_toml, |udp| {
+        svc = free_tcp_port();
         format!(
             "state_dir = {hub_dir:?}\nlisten = \"127.0.0.1:{udp}\"\naudit = \"file:{}\"\n[[service]]\nname = \"pg\"\nlisten = \"127.0.0.1:{svc}\"\nclient = \"acme\"\ndestination = \"db\"\nprincipal = \"ops\"\n",
             hub_audit.display()
-        ),
-    )
-    .unwrap();
-    let mut hub = spawn_hub(&hub_toml);
+        )
+    });
     let token_out = run(
         "ewii-hub",
         &[
