@@ -1304,12 +1304,7 @@ async fn hub_tokens_are_listed_by_id_and_revoked_by_id_or_by_client() {
 fn hub_commands_that_write_refuse_a_state_directory_of_another_user() {
     use std::os::unix::fs::MetadataExt;
     use std::os::unix::process::CommandExt;
-    if not_root() {
-        assert!(
-            !require("EWII_REQUIRE_PRIVILEGED"),
-            "EWII_REQUIRE_PRIVILEGED=1 but this test needs root to own files as another user"
-        );
-        println!("SKIPPED: needs root to give the state directory to another user");
+    if skipped_without_root("to give the state directory to another user") {
         return;
     }
     const OWNER: u32 = 65532;
@@ -1410,18 +1405,57 @@ fn hub_commands_that_write_refuse_a_state_directory_of_another_user() {
     assert_eq!(again.stdout, key.stdout);
 }
 
+/// `ewii-client enroll` run as root into the state directory of the Client's user (the image's
+/// 65532) would spend the one-time token on an SVID that Client cannot read: it is refused
+/// (exit 2) before anything is sent, and nothing is written.
+#[test]
+fn enrolling_into_a_state_directory_of_another_user_is_refused_before_the_token_is_sent() {
+    use std::os::unix::fs::MetadataExt;
+    if skipped_without_root("to give the state directory to another user") {
+        return;
+    }
+    let top = tempfile::tempdir().unwrap();
+    let dir = top.path().join("client");
+    fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(65532), Some(65532)).unwrap();
+    // What would be the Hub: anything sent to it is seen.
+    let hub = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let hub_addr = hub.local_addr().unwrap().to_string();
+    let hash = format!("sha256:{}", "ab".repeat(32));
+    let out = Command::new(bin_path("ewii-client"))
+        .args(["enroll", "--hub", &hub_addr, "--bundle-hash", &hash])
+        .args(["--state-dir", dir.to_str().unwrap()])
+        .env("EWII_TOKEN", format!("ewii_{}", "00".repeat(32)))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert_eq!(
+        err.matches("belongs to uid 65532, and enroll runs as uid 0")
+            .count(),
+        1,
+        "said once: {err}"
+    );
+    assert!(err.contains("the token was NOT sent"), "{err}");
+    assert!(err.contains("sudo -u '#65532' ewii-client enroll"), "{err}");
+    hub.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 2048];
+    assert_eq!(
+        hub.recv(&mut buf).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock),
+        "nothing reached the Hub's address"
+    );
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "nothing written");
+    assert_eq!(fs::metadata(&dir).unwrap().uid(), 65532);
+}
+
 /// P4: a DNS answer never widens what the Client reaches. The allow-list names
 /// `evil.example`, whose answer (from a hosts file in the Client's own mount namespace) is
 /// loopback: the Client refuses to dial it, and nothing reaches the service listening there.
 /// `localhost`, reserved for loopback, is still dialled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p4_a_dns_answer_pointing_at_loopback_is_refused() {
-    if not_root() {
-        assert!(
-            !require("EWII_REQUIRE_PRIVILEGED"),
-            "EWII_REQUIRE_PRIVILEGED=1 but this test needs root for a mount namespace"
-        );
-        println!("SKIPPED: needs root for a private mount namespace");
+    if skipped_without_root("for a private mount namespace") {
         return;
     }
     let (target, accepted) = counting_listener().await;
@@ -1510,6 +1544,20 @@ async fn p4_a_dns_answer_pointing_at_loopback_is_refused() {
             target.port()
         )
     );
+}
+
+/// True (and said) when the test cannot run for want of root, which it needs `why`; with
+/// `EWII_REQUIRE_PRIVILEGED=1` (CI) that is a failure instead.
+fn skipped_without_root(why: &str) -> bool {
+    if !not_root() {
+        return false;
+    }
+    assert!(
+        !require("EWII_REQUIRE_PRIVILEGED"),
+        "EWII_REQUIRE_PRIVILEGED=1 but this test needs root {why}"
+    );
+    println!("SKIPPED: needs root {why}");
+    true
 }
 
 pub(crate) fn not_root() -> bool {

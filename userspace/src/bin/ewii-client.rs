@@ -280,6 +280,24 @@ async fn enroll(
         Ok(p) => p,
         Err(e) => return fail(EXIT_CONFIG, e.to_string()),
     };
+    // Before the token is spent: an SVID written as another user (root, typically) is one the
+    // Client, running as the directory's owner, could not read.
+    match ewii::identity::store::foreign_owner(state_dir) {
+        Ok(None) => {}
+        Ok(Some((owner, caller))) => {
+            return fail(
+                EXIT_CONFIG,
+                format!(
+                    "{} belongs to uid {owner}, and enroll runs as uid {caller}: the key and SVID \
+                     it would write there would belong to uid {caller}, and a Client running as \
+                     uid {owner} could not read them; the token was NOT sent. Run it as the \
+                     directory's owner, e.g. `sudo -u '#{owner}' ewii-client enroll …`",
+                    state_dir.display()
+                ),
+            )
+        }
+        Err(e) => return fail(1, format!("state directory {}: {e}", state_dir.display())),
+    }
     let enrolled = if replace {
         client::enrol::enrol_replacing(&hub, token, pin, state_dir, audit).await
     } else {

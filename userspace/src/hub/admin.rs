@@ -19,6 +19,7 @@ pub use super::layout::{
     load_or_renew_hub_svid, BUNDLE_FILE, CA_CERT, DB_FILE, HUB_CERT, HUB_KEY, HUB_SVID_LIFETIME,
     NEXT_CA_CERT, NEXT_CA_KEY,
 };
+pub use crate::identity::store::foreign_owner;
 
 /// Longest workload SVID (they cannot be revoked before expiry).
 pub const MAX_WORKLOAD_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
@@ -54,33 +55,6 @@ fn ident(dir: &Path) -> impl Fn(IdentityError) -> HubError + '_ {
         dir: dir.to_owned(),
         source,
     }
-}
-
-/// The owner of `state_dir` when it is not the user this process creates files as (its
-/// filesystem uid), as `(owner, caller)`; `None` when they match or the directory does not
-/// exist yet. An offline command run as another user (root, typically) would leave files there
-/// that a Hub running as the owner cannot read or replace: the CLI refuses instead.
-pub fn foreign_owner(state_dir: &Path) -> std::io::Result<Option<(u32, u32)>> {
-    use std::os::unix::fs::MetadataExt;
-    let owner = match std::fs::metadata(state_dir) {
-        Ok(m) => m.uid(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let caller = fs_uid()?;
-    Ok((owner != caller).then_some((owner, caller)))
-}
-
-/// This process's filesystem uid (the owner of what it creates), from `/proc/self/status`.
-fn fs_uid() -> std::io::Result<u32> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        // Real, effective, saved, filesystem.
-        .and_then(|ids| ids.split_whitespace().nth(3))
-        .and_then(|id| id.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no Uid line in /proc/self/status"))
 }
 
 /// Makes the CA, the Hub SVID and the database in `state_dir`. Refuses to overwrite a CA.

@@ -147,6 +147,33 @@ impl Svid {
     }
 }
 
+/// The owner of `state_dir` when it is not the user this process creates files as (its
+/// filesystem uid), as `(owner, caller)`; `None` when they match or the directory does not
+/// exist yet. A command run as another user (root, typically) would leave files there that the
+/// Hub or Client running as the owner cannot read or replace: the CLIs refuse instead.
+pub fn foreign_owner(state_dir: &Path) -> std::io::Result<Option<(u32, u32)>> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = match fs::metadata(state_dir) {
+        Ok(m) => m.uid(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let caller = fs_uid()?;
+    Ok((owner != caller).then_some((owner, caller)))
+}
+
+/// This process's filesystem uid (the owner of what it creates), from `/proc/self/status`.
+fn fs_uid() -> std::io::Result<u32> {
+    let status = fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        // Real, effective, saved, filesystem.
+        .and_then(|ids| ids.split_whitespace().nth(3))
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no Uid line in /proc/self/status"))
+}
+
 /// Reads every certificate in a PEM file.
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
     let data = read(path)?;
