@@ -1298,12 +1298,13 @@ async fn hub_tokens_are_listed_by_id_and_revoked_by_id_or_by_client() {
 
 /// An operator who runs a writing `ewii-hub` command as root on the state directory of a Hub
 /// that runs as its own user is refused (exit 4), told whose directory it is and how to run the
-/// command, and nothing in the directory changes: a root-owned key or journal there would stop
-/// that Hub. Reading commands still work; the owner itself is not refused.
+/// command as its owner, and nothing in the directory changes: a root-owned key there would
+/// stop that Hub. `init` is refused the same way in a directory it would create. Reading
+/// commands still work as root and leave nothing of root's; the owner, run as the message says,
+/// writes.
 #[test]
 fn hub_commands_that_write_refuse_a_state_directory_of_another_user() {
     use std::os::unix::fs::MetadataExt;
-    use std::os::unix::process::CommandExt;
     if skipped_without_root("to give the state directory to another user") {
         return;
     }
@@ -1315,33 +1316,50 @@ fn hub_commands_that_write_refuse_a_state_directory_of_another_user() {
         "ewii-hub",
         &["init", "--state-dir", d, "--trust-domain", "example.org"],
     );
-    let chown_all = |uid: u32| {
-        for path in [top.path().to_owned(), dir.clone()]
-            .into_iter()
-            .chain(fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()))
-        {
-            std::os::unix::fs::lchown(&path, Some(uid), Some(uid)).unwrap();
-        }
-    };
-    chown_all(OWNER);
+    for path in [top.path().to_owned(), dir.clone()]
+        .into_iter()
+        .chain(fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()))
+    {
+        std::os::unix::fs::lchown(&path, Some(OWNER), Some(OWNER)).unwrap();
+    }
+    // Every entry, and the directory itself: name, inode, size, times to the nanosecond, owner.
     let listing = || {
-        let mut v: Vec<(String, u64, i64, u32)> = fs::read_dir(&dir)
+        let stat = |name: String, m: fs::Metadata| {
+            (name, m.ino(), m.len(), m.mtime(), m.mtime_nsec(), m.uid())
+        };
+        let mut v: Vec<_> = fs::read_dir(&dir)
             .unwrap()
             .map(|e| {
                 let e = e.unwrap();
-                let m = e.metadata().unwrap();
-                (
+                stat(
                     e.file_name().to_string_lossy().into_owned(),
-                    m.len(),
-                    m.mtime_nsec(),
-                    m.uid(),
+                    e.metadata().unwrap(),
                 )
             })
             .collect();
         v.sort();
+        v.push(stat(".".into(), fs::metadata(&dir).unwrap()));
         v
     };
     let before = listing();
+    let refused = |args: &[&str], dir: &str| -> String {
+        let out = Command::new(bin_path("ewii-hub"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(4), "{args:?}: {}", stderr_of(&out));
+        let err = stderr_of(&out);
+        assert_eq!(
+            err.matches(&format!(
+                "{dir} belongs to uid {OWNER}, and this command runs as uid 0"
+            ))
+            .count(),
+            1,
+            "{args:?}, said once: {err}"
+        );
+        err
+    };
+    let mut hint = String::new();
     for args in [
         vec!["init", "--state-dir", d, "--trust-domain", "example.org"],
         vec!["token", "create", "--state-dir", d, "--client", "acme"],
@@ -1354,47 +1372,71 @@ fn hub_commands_that_write_refuse_a_state_directory_of_another_user() {
         // No key yet: this one would make it.
         vec!["webhook-key", "--state-dir", d],
     ] {
-        let out = Command::new(bin_path("ewii-hub"))
-            .args(&args)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(4), "{args:?}: {}", stderr_of(&out));
-        let err = stderr_of(&out);
-        assert_eq!(
-            err.matches(&format!(
-                "{d} belongs to uid {OWNER}, and this command runs as uid 0"
-            ))
-            .count(),
-            1,
-            "{args:?}, said once: {err}"
-        );
-        assert!(
-            err.contains(&format!("sudo -u '#{OWNER}' ewii-hub")),
-            "{err}"
-        );
+        let err = refused(&args, d);
+        hint = err
+            .split('`')
+            .nth(1)
+            .and_then(|h| h.strip_suffix(" ewii-hub …"))
+            .unwrap_or_else(|| panic!("no `… ewii-hub …` to run: {err}"))
+            .to_owned();
         assert_eq!(listing(), before, "{args:?} changed the state directory");
     }
-    // Reading is not refused.
+    // Not there yet: the directory it would be made in is asked.
+    let inner = dir.join("nested");
+    let i = inner.to_str().unwrap();
+    refused(
+        &["init", "--state-dir", i, "--trust-domain", "example.org"],
+        d,
+    );
+    assert!(!inner.exists());
+    // Reading is not refused, and leaves nothing of root's.
+    let out = top.path().join("billing");
+    let o = out.to_str().unwrap();
     for args in [
         vec!["clients", "--state-dir", d],
         vec!["token", "list", "--state-dir", d],
         vec!["bundle-hash", "--state-dir", d],
+        // It writes only to its --out.
+        vec![
+            "workload-svid",
+            "--state-dir",
+            d,
+            "--name",
+            "billing",
+            "--out",
+            o,
+            "--lifetime",
+            "1h",
+        ],
     ] {
         run("ewii-hub", &args);
     }
-    // The directory's owner writes (the whole tree is its own, as a Hub's would be).
+    // The database's readers make and remove its `-wal` and `-shm` files, which touches the
+    // directory's time; what is in it must be as it was, and no one's but the owner's.
+    let entries = |l: Vec<(String, u64, u64, i64, i64, u32)>| {
+        l.into_iter().filter(|e| e.0 != ".").collect::<Vec<_>>()
+    };
+    assert_eq!(
+        entries(listing()),
+        entries(before.clone()),
+        "a reading command changed what is in the state directory"
+    );
+    assert_eq!(fs::metadata(&dir).unwrap().uid(), OWNER);
+    assert!(out.join("svid.pem").exists());
+    // The owner, run as the message says (`sudo -u NAME` stands for `runuser -u NAME --` here:
+    // there may be no sudo), writes.
     let as_owner = |args: &[&str]| {
-        let out = Command::new(bin_path("ewii-hub"))
+        let mut words: Vec<String> = hint.split_whitespace().map(str::to_owned).collect();
+        if words[0] == "sudo" {
+            words = vec!["runuser".into(), "-u".into(), words[2].clone(), "--".into()];
+        }
+        let out = Command::new(&words[0])
+            .args(&words[1..])
+            .arg(bin_path("ewii-hub"))
             .args(args)
-            .uid(OWNER)
-            .gid(OWNER)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?} as the owner: {}",
-            stderr_of(&out)
-        );
+        assert!(out.status.success(), "{hint} {args:?}: {}", stderr_of(&out));
         out
     };
     as_owner(&["token", "create", "--state-dir", d, "--client", "acme"]);
@@ -1407,10 +1449,11 @@ fn hub_commands_that_write_refuse_a_state_directory_of_another_user() {
 
 /// `ewii-client enroll` run as root into the state directory of the Client's user (the image's
 /// 65532) would spend the one-time token on an SVID that Client cannot read: it is refused
-/// (exit 2) before anything is sent, and nothing is written.
+/// (exit 2) before anything is sent, and nothing is written. A root-owned directory open to the
+/// Client's user is not refused.
 #[test]
 fn enrolling_into_a_state_directory_of_another_user_is_refused_before_the_token_is_sent() {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     if skipped_without_root("to give the state directory to another user") {
         return;
     }
@@ -1431,22 +1474,57 @@ fn enrolling_into_a_state_directory_of_another_user_is_refused_before_the_token_
     assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
     let err = stderr_of(&out);
     assert_eq!(
-        err.matches("belongs to uid 65532, and enroll runs as uid 0")
+        err.matches("belongs to uid 65532, and this command runs as uid 0")
             .count(),
         1,
         "said once: {err}"
     );
     assert!(err.contains("the token was NOT sent"), "{err}");
-    assert!(err.contains("sudo -u '#65532' ewii-client enroll"), "{err}");
-    hub.set_nonblocking(true).unwrap();
+    assert!(err.contains(" ewii-client enroll …`"), "{err}");
+    hub.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
     let mut buf = [0u8; 2048];
-    assert_eq!(
-        hub.recv(&mut buf).map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::WouldBlock),
-        "nothing reached the Hub's address"
+    let got = hub.recv(&mut buf).map_err(|e| e.kind());
+    assert!(
+        matches!(
+            got,
+            Err(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+        ),
+        "something reached the Hub's address: {got:?}"
     );
     assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "nothing written");
     assert_eq!(fs::metadata(&dir).unwrap().uid(), 65532);
+
+    // A root-owned directory the Client's user may write (a volume with `fsGroup`) is not
+    // another user's: root reads what uid 65532 writes. That enrolment goes out.
+    let shared = top.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(top.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
+    let mut enrol = Proc(
+        Command::new("setpriv")
+            .args(["--reuid=65532", "--regid=65532", "--clear-groups"])
+            .arg(bin_path("ewii-client"))
+            .args(["enroll", "--hub", &hub_addr, "--bundle-hash", &hash])
+            .args(["--state-dir", shared.to_str().unwrap()])
+            .env("EWII_TOKEN", format!("ewii_{}", "00".repeat(32)))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    hub.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let got = hub.recv(&mut buf);
+    let _ = enrol.0.kill();
+    let _ = enrol.0.wait();
+    let mut said = String::new();
+    if let Some(mut e) = enrol.0.stderr.take() {
+        let _ = e.read_to_string(&mut said);
+    }
+    assert!(
+        got.is_ok(),
+        "uid 65532 enrolling into a root-owned directory sent nothing: {got:?} {said}"
+    );
 }
 
 /// P4: a DNS answer never widens what the Client reaches. The allow-list names

@@ -2,7 +2,8 @@
 //! status file (there is no listener of any kind).
 //!
 //! Exit status: 0 stopped; 1 error (including a second Client on the same state directory);
-//! 2 bad configuration or arguments; 3 not enrolled, enrolment refused, or SVID expired (enrol
+//! 2 bad configuration or arguments, or `enroll` run as another user than the state
+//! directory's owner (exit 4 in `ewii-hub`; here 4 is taken); 3 not enrolled, enrolment refused, or SVID expired (enrol
 //! again); 4 the kernel enforcement required by the config is unavailable; 5 the Hub could not
 //! be reached to enrol; 10 revoked by the Hub (a restart exits 10 again at once, without
 //! touching the network).
@@ -284,15 +285,16 @@ async fn enroll(
     // Client, running as the directory's owner, could not read.
     match ewii::identity::store::foreign_owner(state_dir) {
         Ok(None) => {}
-        Ok(Some((owner, caller))) => {
+        Ok(Some(foreign)) => {
             return fail(
                 EXIT_CONFIG,
                 format!(
-                    "{} belongs to uid {owner}, and enroll runs as uid {caller}: the key and SVID \
-                     it would write there would belong to uid {caller}, and a Client running as \
-                     uid {owner} could not read them; the token was NOT sent. Run it as the \
-                     directory's owner, e.g. `sudo -u '#{owner}' ewii-client enroll …`",
-                    state_dir.display()
+                    "{foreign}: the key and SVID enroll would write there would belong to uid {}, \
+                     and a Client running as uid {} could not read them; the token was NOT sent. \
+                     Enrol as the directory's owner: `{} ewii-client enroll …`",
+                    foreign.caller,
+                    foreign.owner,
+                    foreign.run_as()
                 ),
             )
         }

@@ -1,7 +1,8 @@
 //! `ewii-hub`: the operator's Hub — state setup, join tokens, and the server itself.
 //!
 //! Exit status: 0 done; 1 error; 2 bad configuration file or arguments; 3 the state directory
-//! is not initialised (run `ewii-hub init`).
+//! is not initialised (run `ewii-hub init`); 4 a command that writes the state directory runs
+//! as another user than its owner.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -227,18 +228,20 @@ fn initialised(state_dir: &std::path::Path) -> Result<(), ExitCode> {
     Err(ExitCode::from(EXIT_NOT_INITIALISED))
 }
 
-/// Refuses to write into a state directory that belongs to another user: what this command
-/// would create there (a key, a database journal) would be the caller's, and a Hub running as
-/// the directory's owner could not read it. Root is refused too: that is the usual mistake.
+/// Refuses to write into a state directory that belongs to another user: the keys and
+/// certificates this command would create there (0600) would be the caller's, and a Hub running
+/// as the directory's owner could not read them. Root is refused too: that is the usual mistake.
 fn owned(state_dir: &std::path::Path) -> Result<(), ExitCode> {
     match admin::foreign_owner(state_dir) {
         Ok(None) => Ok(()),
-        Ok(Some((owner, caller))) => {
+        Ok(Some(foreign)) => {
             fail(&format!(
-                "ewii-hub: {} belongs to uid {owner}, and this command runs as uid {caller}: what it \
-                 writes there would belong to uid {caller}, and a Hub running as uid {owner} could \
-                 not read it. Run it as the directory's owner, e.g. `sudo -u '#{owner}' ewii-hub …`",
-                state_dir.display()
+                "ewii-hub: {foreign}: the files it writes there would belong to uid {}, and a Hub \
+                 running as uid {} could not read them; nothing was changed. Run it as the \
+                 directory's owner: `{} ewii-hub …`",
+                foreign.caller,
+                foreign.owner,
+                foreign.run_as()
             ));
             Err(ExitCode::from(EXIT_NOT_OWNER))
         }
@@ -249,10 +252,11 @@ fn owned(state_dir: &std::path::Path) -> Result<(), ExitCode> {
     }
 }
 
-/// [`initialised`], then [`owned`]: for the commands that write the state directory.
+/// [`owned`], then [`initialised`]: for the commands that write the state directory. In this
+/// order, since a user who is not the owner may not even see into it.
 fn writable(state_dir: &std::path::Path) -> Result<(), ExitCode> {
-    initialised(state_dir)?;
-    owned(state_dir)
+    owned(state_dir)?;
+    initialised(state_dir)
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -217,13 +217,10 @@ pub fn issue_workload_svid(
     lifetime: Duration,
     out_dir: &Path,
 ) -> Result<SpiffeId, HubError> {
+    // Reads the state directory only: it is run as whoever owns `out_dir` (root, often), and
+    // a Hub SVID renewed here would be that user's.
     let ca = Ca::load(state_dir).map_err(ident(state_dir))?;
-    let hub = load_or_renew_hub_svid(state_dir, &ca).map_err(ident(state_dir))?;
-    let td = inspect_leaf(&hub.chain[0])
-        .map_err(ident(state_dir))?
-        .id
-        .trust_domain()
-        .to_owned();
+    let td = ca_trust_domain(&ca).map_err(ident(state_dir))?;
     let id = SpiffeId::workload(&td, name)
         .map_err(|_| HubError::Usage(format!("workload name {name:?} is not valid")))?;
     // Workload serials are not tracked, so a workload SVID cannot be revoked before it

@@ -147,31 +147,98 @@ impl Svid {
     }
 }
 
-/// The owner of `state_dir` when it is not the user this process creates files as (its
-/// filesystem uid), as `(owner, caller)`; `None` when they match or the directory does not
-/// exist yet. A command run as another user (root, typically) would leave files there that the
-/// Hub or Client running as the owner cannot read or replace: the CLIs refuse instead.
-pub fn foreign_owner(state_dir: &Path) -> std::io::Result<Option<(u32, u32)>> {
+/// A state directory (or, while it does not exist, the nearest directory above it) that belongs
+/// to another user than the one this process creates files as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignOwner {
+    /// The directory: the state directory, or the ancestor it would be created in.
+    pub dir: PathBuf,
+    /// Its owner.
+    pub owner: u32,
+    /// Its group.
+    pub group: u32,
+    /// This process's filesystem uid.
+    pub caller: u32,
+}
+
+impl ForeignOwner {
+    /// How to run a command as the owner: `sudo -u NAME` when the uid has a name here, else
+    /// `setpriv` with the directory's uid and gid (sudo refuses a uid with no name by default).
+    pub fn run_as(&self) -> String {
+        match user_name(self.owner) {
+            Some(name) => format!("sudo -u {name}"),
+            None => format!(
+                "setpriv --reuid={} --regid={} --clear-groups",
+                self.owner, self.group
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for ForeignOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} belongs to uid {}, and this command runs as uid {}",
+            self.dir.display(),
+            self.owner,
+            self.caller
+        )
+    }
+}
+
+/// Whether what this process would create in `state_dir` would belong to another user than
+/// the directory's owner, who runs the Hub or Client there and could not then read it (a key,
+/// an SVID: 0600). While `state_dir` does not exist, its nearest existing ancestor is asked
+/// instead. A root-owned directory is nobody's else: root reads anything (a volume with a
+/// group-writable root directory, Kubernetes' `fsGroup`).
+pub fn foreign_owner(state_dir: &Path) -> std::io::Result<Option<ForeignOwner>> {
     use std::os::unix::fs::MetadataExt;
-    let owner = match fs::metadata(state_dir) {
-        Ok(m) => m.uid(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+    let mut dir = state_dir;
+    let meta = loop {
+        match fs::metadata(dir) {
+            Ok(m) => break m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match dir.parent() {
+                Some(up) if !up.as_os_str().is_empty() => dir = up,
+                // A relative path: its first component is in the working directory.
+                Some(_) => dir = Path::new("."),
+                None => return Ok(None),
+            },
+            Err(e) => return Err(e),
+        }
     };
     let caller = fs_uid()?;
-    Ok((owner != caller).then_some((owner, caller)))
+    let (owner, group) = (meta.uid(), meta.gid());
+    Ok((owner != caller && owner != 0).then(|| ForeignOwner {
+        dir: dir.to_owned(),
+        owner,
+        group,
+        caller,
+    }))
 }
 
 /// This process's filesystem uid (the owner of what it creates), from `/proc/self/status`.
 fn fs_uid() -> std::io::Result<u32> {
-    let status = fs::read_to_string("/proc/self/status")?;
+    const STATUS: &str = "/proc/self/status";
+    let status = fs::read_to_string(STATUS)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{STATUS}: {e}")))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))
         // Real, effective, saved, filesystem.
         .and_then(|ids| ids.split_whitespace().nth(3))
         .and_then(|id| id.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no Uid line in /proc/self/status"))
+        .ok_or_else(|| std::io::Error::other(format!("{STATUS}: no Uid line")))
+}
+
+/// The name of `uid` in `/etc/passwd`, if it has one there.
+fn user_name(uid: u32) -> Option<String> {
+    let passwd = fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        (f.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+    })
 }
 
 /// Reads every certificate in a PEM file.
