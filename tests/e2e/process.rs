@@ -1445,6 +1445,39 @@ fn hub_commands_that_write_refuse_a_state_directory_of_another_user() {
     // Once the key exists, root only reads it, and reads the same key.
     let again = run("ewii-hub", &["webhook-key", "--state-dir", d]);
     assert_eq!(again.stdout, key.stdout);
+
+    // The Hub itself, run as root there, starts, and says what it risks.
+    let toml = top.path().join("hub.toml");
+    fs::write(
+        &toml,
+        format!("state_dir = {dir:?}\nlisten = \"127.0.0.1:0\"\naudit = \"discard\"\n"),
+    )
+    .unwrap();
+    let mut hub = Proc(
+        Command::new(bin_path("ewii-hub"))
+            .args(["run", "--config", toml.to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut said = String::new();
+    let mut err = BufReader::new(hub.0.stderr.as_mut().unwrap());
+    while !said.contains("listening on udp") {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            panic!("the Hub did not start: {said}");
+        }
+        said.push_str(&line);
+    }
+    assert_eq!(
+        said.matches(&format!(
+            "ewii-hub: warning: {d} belongs to uid {OWNER}, and this command runs as uid 0"
+        ))
+        .count(),
+        1,
+        "{said}"
+    );
+    assert!(said.contains(&format!("`{hint} ewii-hub run …`")), "{said}");
 }
 
 /// `ewii-client enroll` run as root into the state directory of the Client's user (the image's
@@ -1525,6 +1558,36 @@ fn enrolling_into_a_state_directory_of_another_user_is_refused_before_the_token_
         got.is_ok(),
         "uid 65532 enrolling into a root-owned directory sent nothing: {got:?} {said}"
     );
+
+    // `run` as root in uid 65532's directory goes on (here to "not enrolled"), and says what
+    // it risks.
+    let toml = top.path().join("client.toml");
+    fs::write(
+        &toml,
+        format!(
+            "hub = \"127.0.0.1:9\"\nstate_dir = {dir:?}\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:5432\"\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin_path("ewii-client"))
+        .args(["run", "--config", toml.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
+    let err = stderr_of(&out);
+    assert_eq!(
+        err.matches("ewii-client: warning: ").count(),
+        1,
+        "said once: {err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{} belongs to uid 65532, and this command runs as uid 0: what this Client writes",
+            dir.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("`--user 65532:65532` in a container"), "{err}");
 }
 
 /// P4: a DNS answer never widens what the Client reaches. The allow-list names

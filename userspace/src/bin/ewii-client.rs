@@ -351,6 +351,21 @@ fn run(path: &Path) -> ExitCode {
         }
         _ => {}
     }
+    // Run as another user than the state directory's owner (root, usually), what this start
+    // writes there (the lock, the status, a renewed key) would be that user's, and the owner's
+    // next start could not use it. Said, not refused: the Client itself can run.
+    if let Ok(Some(foreign)) = ewii::identity::store::foreign_owner(&config.state_dir) {
+        say(&format!(
+            "ewii-client: warning: {foreign}: what this Client writes there would belong to uid \
+             {}, and a later start as uid {} could not use it; run it as the directory's owner \
+             (`{} ewii-client run …`, or `--user {}:{}` in a container)",
+            foreign.caller,
+            foreign.owner,
+            foreign.run_as(),
+            foreign.owner,
+            foreign.group
+        ));
+    }
     // One Client per state directory, checked before anything is installed or written.
     // (Created 0700 when missing, so that a first start can enrol into it.)
     // An error here shows up as the lock's, below.

@@ -513,6 +513,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Err(code) = initialised(&config.state_dir) {
                 return Ok(code);
             }
+            // Said, not refused: this Hub can run, but what it writes (a renewed SVID, the
+            // webhook key) would be the caller's, and the owner's Hub could not read it later.
+            if let Ok(Some(foreign)) = admin::foreign_owner(&config.state_dir) {
+                say(&format!(
+                    "ewii-hub: warning: {foreign}: what this Hub writes there would belong to \
+                     uid {}, and a later start as uid {} could not read it; run it as the \
+                     directory's owner (`{} ewii-hub run …`)",
+                    foreign.caller,
+                    foreign.owner,
+                    foreign.run_as()
+                ));
+            }
             let audit = Audit::open(Side::Hub, &config.audit)
                 .context("opening the audit sink")?
                 .with_format(config.audit_format)
