@@ -3,10 +3,10 @@
 //!
 //! Exit status: 0 stopped; 1 error (including a second Client on the same state directory);
 //! 2 bad configuration or arguments, or `enroll` run as another user than the state
-//! directory's owner (exit 4 in `ewii-hub`; here 4 is taken); 3 not enrolled, enrolment refused, or SVID expired (enrol
-//! again); 4 the kernel enforcement required by the config is unavailable; 5 the Hub could not
-//! be reached to enrol; 10 revoked by the Hub (a restart exits 10 again at once, without
-//! touching the network).
+//! directory's owner (exit 4 in `ewii-hub`; here 4 is taken); 3 not enrolled, enrolment
+//! refused, or SVID expired (enrol again); 4 the kernel enforcement required by the config is
+//! unavailable; 5 the Hub could not be reached to enrol; 10 revoked by the Hub (a restart
+//! exits 10 again at once, without touching the network).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
