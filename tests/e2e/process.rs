@@ -46,11 +46,14 @@ impl Proc {
 
 /// `ewii-hub run --config <path>`, once it says it listens.
 pub(crate) fn spawn_hub(config: &std::path::Path) -> Proc {
-    try_spawn_hub(config).unwrap_or_else(|said| panic!("ewii-hub did not say it listens: {said}"))
+    try_spawn_hub(config)
+        .unwrap_or_else(|said| panic!("ewii-hub did not say it listens: {said}"))
+        .0
 }
 
-/// `ewii-hub run` with `config`, once it says it listens; else what it said.
-fn try_spawn_hub(config: &std::path::Path) -> Result<Proc, String> {
+/// `ewii-hub run` with `config`, once it says it listens, and what it said until then; else
+/// what it said.
+fn try_spawn_hub(config: &std::path::Path) -> Result<(Proc, String), String> {
     let mut hub = Proc(
         Command::new(bin_path("ewii-hub"))
             .args(["run", "--config", config.to_str().unwrap()])
@@ -68,7 +71,7 @@ fn try_spawn_hub(config: &std::path::Path) -> Result<Proc, String> {
         }
         said.push_str(&line);
         if line.contains("listening on udp") {
-            return Ok(hub);
+            return Ok((hub, said));
         }
     }
     Err(said)
@@ -87,7 +90,7 @@ pub(crate) fn spawn_hub_on_free_ports(
         let udp = free_udp_port();
         fs::write(toml, config(udp)).unwrap();
         match try_spawn_hub(toml) {
-            Ok(hub) => return (hub, udp),
+            Ok((hub, _)) => return (hub, udp),
             Err(s) if s.contains("cannot listen on") => said = s,
             Err(s) => panic!("ewii-hub did not say it listens: {s}"),
         }
@@ -624,14 +627,19 @@ fn bad_client_config_exits_2_with_a_clear_error() {
 /// A Client config whose state directory (`dir`) holds no enrolment.
 fn unenrolled_config(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("c.toml");
+    write_unenrolled_config(&path, dir);
+    path
+}
+
+/// A Client configuration at `path` with its state in `state_dir` (a Hub that never answers).
+fn write_unenrolled_config(path: &std::path::Path, state_dir: &std::path::Path) {
     fs::write(
-        &path,
+        path,
         format!(
-            "hub = \"127.0.0.1:9\"\nstate_dir = {dir:?}\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:5432\"\n"
+            "hub = \"127.0.0.1:9\"\nstate_dir = {state_dir:?}\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:5432\"\n"
         ),
     )
     .unwrap();
-    path
 }
 
 #[test]
@@ -1453,22 +1461,8 @@ fn hub_commands_that_write_refuse_a_state_directory_of_another_user() {
         format!("state_dir = {dir:?}\nlisten = \"127.0.0.1:0\"\naudit = \"discard\"\n"),
     )
     .unwrap();
-    let mut hub = Proc(
-        Command::new(bin_path("ewii-hub"))
-            .args(["run", "--config", toml.to_str().unwrap()])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut said = String::new();
-    let mut err = BufReader::new(hub.0.stderr.as_mut().unwrap());
-    while !said.contains("listening on udp") {
-        let mut line = String::new();
-        if err.read_line(&mut line).unwrap() == 0 {
-            panic!("the Hub did not start: {said}");
-        }
-        said.push_str(&line);
-    }
+    let (_hub, said) =
+        try_spawn_hub(&toml).unwrap_or_else(|said| panic!("the Hub did not start: {said}"));
     assert_eq!(
         said.matches(&format!(
             "ewii-hub: warning: {d} belongs to uid {OWNER}, and this command runs as uid 0"
@@ -1562,13 +1556,7 @@ fn enrolling_into_a_state_directory_of_another_user_is_refused_before_the_token_
     // `run` as root in uid 65532's directory goes on (here to "not enrolled"), and says what
     // it risks.
     let toml = top.path().join("client.toml");
-    fs::write(
-        &toml,
-        format!(
-            "hub = \"127.0.0.1:9\"\nstate_dir = {dir:?}\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:5432\"\n"
-        ),
-    )
-    .unwrap();
+    write_unenrolled_config(&toml, &dir);
     let out = Command::new(bin_path("ewii-client"))
         .args(["run", "--config", toml.to_str().unwrap()])
         .output()

@@ -185,6 +185,9 @@ fn main() -> ExitCode {
             state_dir,
             replace,
         } => {
+            if let Some(code) = refuse_foreign_state_dir(&state_dir) {
+                return code;
+            }
             let audit = match Audit::open(Side::Client, &AuditOutput::Stdout) {
                 Ok(a) => a,
                 Err(e) => return fail(1, format!("opening the audit sink: {e}")),
@@ -265,6 +268,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// `enroll`'s refusal of a state directory of another user, before the token is spent: an SVID
+/// written as another user (root, typically) is one the Client, running as the directory's
+/// owner, could not read.
+fn refuse_foreign_state_dir(state_dir: &Path) -> Option<ExitCode> {
+    match ewii::identity::store::foreign_owner(state_dir) {
+        Ok(None) => None,
+        Ok(Some(foreign)) => Some(fail(
+            EXIT_CONFIG,
+            format!(
+                "{foreign}: the key and SVID enroll would write there would belong to uid {}, \
+                 and a Client running as uid {} could not read them; the token was NOT sent. \
+                 Enrol as the directory's owner: `{} ewii-client enroll …`",
+                foreign.caller,
+                foreign.owner,
+                foreign.run_as()
+            ),
+        )),
+        Err(e) => Some(fail(
+            1,
+            format!("state directory {}: {e}", state_dir.display()),
+        )),
+    }
+}
+
 async fn enroll(
     hub: &str,
     token: &str,
@@ -281,25 +308,6 @@ async fn enroll(
         Ok(p) => p,
         Err(e) => return fail(EXIT_CONFIG, e.to_string()),
     };
-    // Before the token is spent: an SVID written as another user (root, typically) is one the
-    // Client, running as the directory's owner, could not read.
-    match ewii::identity::store::foreign_owner(state_dir) {
-        Ok(None) => {}
-        Ok(Some(foreign)) => {
-            return fail(
-                EXIT_CONFIG,
-                format!(
-                    "{foreign}: the key and SVID enroll would write there would belong to uid {}, \
-                     and a Client running as uid {} could not read them; the token was NOT sent. \
-                     Enrol as the directory's owner: `{} ewii-client enroll …`",
-                    foreign.caller,
-                    foreign.owner,
-                    foreign.run_as()
-                ),
-            )
-        }
-        Err(e) => return fail(1, format!("state directory {}: {e}", state_dir.display())),
-    }
     let enrolled = if replace {
         client::enrol::enrol_replacing(&hub, token, pin, state_dir, audit).await
     } else {
