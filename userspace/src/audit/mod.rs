@@ -294,21 +294,34 @@ mod tests {
 
     use super::*;
 
-    /// Whether the gate is open, and what went through it.
-    type Passed = Mutex<(bool, Vec<u8>)>;
+    /// The state of a [`Gate`].
+    #[derive(Default)]
+    struct Passed {
+        open: bool,
+        /// Whether a write is waiting for the gate to open.
+        blocked: bool,
+        /// What went through.
+        bytes: Vec<u8>,
+    }
 
     /// A sink that blocks every write until opened, like a stdout nobody reads.
     #[derive(Clone, Default)]
-    struct Gate(Arc<(Passed, Condvar)>);
+    struct Gate(Arc<(Mutex<Passed>, Condvar)>);
 
     impl Write for Gate {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             let (lock, cvar) = &*self.0;
             let mut state = lock.lock().unwrap();
-            while !state.0 {
+            if !state.open {
+                state.blocked = true;
+                // Whoever waits for the writer to be stuck (`Gate::wait_blocked`) looks again.
+                cvar.notify_all();
+            }
+            while !state.open {
                 state = cvar.wait(state).unwrap();
             }
-            state.1.extend_from_slice(buf);
+            state.blocked = false;
+            state.bytes.extend_from_slice(buf);
             // Whoever waits for lines (`Gate::wait_lines`) looks again.
             cvar.notify_all();
             Ok(buf.len())
@@ -319,24 +332,34 @@ mod tests {
     }
 
     impl Gate {
+        /// Waits until a write is stuck at the closed gate, at most `within`; whether one is.
+        fn wait_blocked(&self, within: Duration) -> bool {
+            let (lock, cvar) = &*self.0;
+            let state = lock.lock().unwrap();
+            let (_state, waited) = cvar
+                .wait_timeout_while(state, within, |s| !s.blocked)
+                .unwrap();
+            !waited.timed_out()
+        }
+
         /// Waits until `n` whole lines went through, at most `within`; whether they did.
         fn wait_lines(&self, n: usize, within: Duration) -> bool {
             let (lock, cvar) = &*self.0;
             let state = lock.lock().unwrap();
             let (_state, waited) = cvar
                 .wait_timeout_while(state, within, |s| {
-                    s.1.iter().filter(|&&b| b == b'\n').count() < n
+                    s.bytes.iter().filter(|&&b| b == b'\n').count() < n
                 })
                 .unwrap();
             !waited.timed_out()
         }
 
         fn open(&self) {
-            self.0 .0.lock().unwrap().0 = true;
+            self.0 .0.lock().unwrap().open = true;
             self.0 .1.notify_all();
         }
         fn lines(&self) -> Vec<serde_json::Value> {
-            let text = String::from_utf8(self.0 .0.lock().unwrap().1.clone()).unwrap();
+            let text = String::from_utf8(self.0 .0.lock().unwrap().bytes.clone()).unwrap();
             text.lines()
                 .map(|l| serde_json::from_str(l).unwrap())
                 .collect()
@@ -354,14 +377,11 @@ mod tests {
         let mut first = audit.record(Event::Query);
         first.reason = Some("x".repeat(10_000));
         audit.emit(first);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !audit.tx.is_empty() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the writer never took it"
-            );
-            thread::yield_now();
-        }
+        assert!(
+            gate.wait_blocked(Duration::from_secs(5)),
+            "the writer never took it"
+        );
+        assert!(audit.tx.is_empty());
         for _ in 0..16 {
             assert!(audit.admit_query());
             audit.emit(audit.record(Event::Query));
@@ -371,14 +391,11 @@ mod tests {
         }
         assert_eq!(audit.metrics().snapshot().queries_shed, 3);
         gate.open();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while audit.tx.len() >= 16 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the sink did not drain"
-            );
-            thread::yield_now();
-        }
+        // Everything queued is written before the flush returns: the sink has caught up. (Waiting
+        // only until the queue fell below 16 raced: the summary record itself filled it again,
+        // and the second query was refused.)
+        audit.flush();
+        assert!(audit.tx.is_empty(), "the sink did not drain");
         assert!(audit.admit_query(), "admitted once the sink caught up");
         assert!(audit.admit_query(), "and the summary is written once");
         audit.flush();
