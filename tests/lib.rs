@@ -729,10 +729,21 @@ pub async fn echo_server() -> SocketAddr {
 
 /// Like [`echo_server`], on `ip` (for a container that reaches the host at its bridge address).
 pub async fn echo_server_on(ip: std::net::IpAddr) -> SocketAddr {
+    echo_server_counting(ip).await.0
+}
+
+/// Like [`echo_server_on`], and counts the connections it accepted: a query that reached the
+/// service.
+pub async fn echo_server_counting(
+    ip: std::net::IpAddr,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepted = count.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
+            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::spawn(async move {
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -740,7 +751,7 @@ pub async fn echo_server_on(ip: std::net::IpAddr) -> SocketAddr {
             });
         }
     });
-    addr
+    (addr, count)
 }
 
 /// A server that reads until EOF and only then answers `EOF after N bytes` and closes:

@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ewii_tests::*;
@@ -60,12 +61,16 @@ async fn p11_a_client_whose_audit_sink_blocks_refuses_new_queries_and_loses_no_r
 
     // Read the pipe again: the backlog drains and queries are served again.
     let stdout = client.0.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(&l.unwrap()).unwrap())
-            .collect::<Vec<_>>()
-    });
+    let read = Arc::new(Mutex::new(Vec::new()));
+    let reader = {
+        let read = read.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let record = serde_json::from_str::<serde_json::Value>(&line.unwrap()).unwrap();
+                read.lock().unwrap().push(record);
+            }
+        })
+    };
     let mut back = false;
     for _ in 0..100 {
         if one_query(service).await {
@@ -77,12 +82,23 @@ async fn p11_a_client_whose_audit_sink_blocks_refuses_new_queries_and_loses_no_r
         tokio::time::sleep(POLL).await;
     }
     assert!(back, "queries not served again once the sink drained");
+    // The first query admitted wrote the summary behind everything that waited: once it is
+    // read, the sink has caught up, and the next queries find the backlog empty (asked while
+    // the writer was still behind, they could be refused again).
+    poll_until("the summary read from the pipe", SOON, || {
+        read.lock()
+            .unwrap()
+            .iter()
+            .any(|r| r["event"] == "audit_backlog")
+    })
+    .await;
     for _ in 0..5 {
         assert!(one_query(service).await);
         served += 1;
     }
     assert_eq!(client.terminate().code(), Some(0));
-    let records = reader.join().unwrap();
+    reader.join().unwrap();
+    let records = std::mem::take(&mut *read.lock().unwrap());
     let ok = records
         .iter()
         .filter(|r| r["event"] == "query" && r["outcome"] == "ok")

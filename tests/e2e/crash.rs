@@ -54,7 +54,7 @@ fn clients(hub_dir: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p9_p10_p11_p14_the_hub_killed_during_100_queries_loses_no_record_and_no_state() {
     let root = tempfile::tempdir().unwrap();
-    let echo = echo_server().await;
+    let (echo, reached) = echo_server_counting(std::net::Ipv4Addr::LOCALHOST.into()).await;
     let receiver = Receiver::start_closed().await;
     let mut hub = HubProcess::start(
         root.path(),
@@ -141,7 +141,13 @@ async fn p9_p10_p11_p14_the_hub_killed_during_100_queries_loses_no_record_and_no
     let queries: Vec<_> = (0..100u8)
         .map(|i| tokio::spawn(slow_query(hub.service, i)))
         .collect();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Killed once every query reached the service: the Client read each one's `Open`, so each
+    // leaves a record on its side (a query the Hub had not yet sent would leave none). A
+    // query takes at least 1.9 s (64 chunks, 30 ms apart): the kill finds them running.
+    poll_until("the 100 queries at the service", SOON, || {
+        reached.load(std::sync::atomic::Ordering::SeqCst) >= 100
+    })
+    .await;
     let killed = Command::new("kill")
         .args(["-KILL", &hub.proc.pid().to_string()])
         .status()

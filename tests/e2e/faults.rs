@@ -149,10 +149,16 @@ async fn p9_p14_a_ten_second_blackhole_is_seen_within_3s_and_healed_by_reconnect
     tokio::time::sleep(Duration::from_millis(300)).await;
     path.blackhole(true);
     let dark = Instant::now();
+    // Seen when the Hub stops routing to the Client; its record follows the session's end in
+    // the database.
+    poll_until("the Hub to see the loss", Duration::from_secs(20), || {
+        hub.handle().connected_clients().is_empty()
+    })
+    .await;
+    let seen = dark.elapsed();
     let lost = hub
         .wait_audit("the loss", |r| r.event == Event::SessionLost)
         .await;
-    let seen = dark.elapsed();
     assert_eq!(
         lost.reason.as_deref(),
         Some("idle_timeout: the Client went silent")

@@ -105,6 +105,11 @@ async fn p4_p14_junk_datagrams_at_every_shard_are_dropped_and_no_session_is_lost
             .filter(|r| r.event == Event::SessionUp)
             .count()
     };
+    // The registry lists a session before its record is written: wait for the four records.
+    poll_until("the sessions' records", SOON, || {
+        sessions_up(&hub) >= NAMES.len()
+    })
+    .await;
     let up_before = sessions_up(&hub);
     let junk = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut tail = pattern(1_400, 5);
