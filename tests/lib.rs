@@ -791,6 +791,32 @@ pub async fn resetter() -> SocketAddr {
     addr
 }
 
+/// A loopback TCP port kept for a process the test starts next. A port found free by binding
+/// and closing a socket is free only then: another test's `connect` can take it as its
+/// ephemeral port before the process listens. Held by a socket bound with `SO_REUSEADDR` and
+/// not listening, no other socket takes it (a plain bind fails, and `connect` skips explicitly
+/// bound ports), while the process's listener, which sets `SO_REUSEADDR` too (the Hub's,
+/// PostgreSQL's), binds it. Drop it once the process listens.
+pub struct HeldPort {
+    _socket: tokio::net::TcpSocket,
+    /// The port, on 127.0.0.1.
+    pub addr: SocketAddr,
+}
+
+/// See [`HeldPort`].
+pub fn hold_tcp_port() -> HeldPort {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket
+        .bind(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)))
+        .unwrap();
+    let addr = socket.local_addr().unwrap();
+    HeldPort {
+        _socket: socket,
+        addr,
+    }
+}
+
 /// Counts connections accepted by a listener that otherwise does nothing.
 pub async fn counting_listener() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

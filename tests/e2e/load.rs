@@ -302,14 +302,16 @@ async fn p4_p11_hostile_destinations_hold_memory_within_the_window_and_others_ar
     let echo = echo_server().await;
     let (sink, (_void_listener, _fill, void), drip) =
         (never_reads().await, never_accepts(), trickles().await);
-    let ports: Vec<u16> = (0..3).map(|_| crate::process::free_tcp_port()).collect();
-    let services: String = [("sink", ports[0]), ("void", ports[1]), ("drip", ports[2])]
-        .iter()
-        .map(|(name, port)| {
-            format!("[[service]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nclient = \"acme\"\ndestination = \"{name}\"\nprincipal = \"ops\"\n")
-        })
-        .collect();
-    let mut hub = HubProcess::start(root.path(), &services);
+    let services = |ports: &[u16]| -> String {
+        ["sink", "void", "drip"]
+            .iter()
+            .zip(ports)
+            .map(|(name, port)| {
+                format!("[[service]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{port}\"\nclient = \"acme\"\ndestination = \"{name}\"\nprincipal = \"ops\"\n")
+            })
+            .collect()
+    };
+    let (mut hub, ports) = HubProcess::start_with_ports(root.path(), "discard", 3, services);
     let allow = format!(
         "audit = \"discard\"\nconnect_timeout_ms = 1000\n[[allow]]\nname = \"sink\"\naddress = \"{sink}\"\n[[allow]]\nname = \"void\"\naddress = \"{void}\"\n[[allow]]\nname = \"drip\"\naddress = \"{drip}\""
     );

@@ -60,11 +60,9 @@ impl Cluster {
                 .success();
             assert!(ok, "chown of the cluster directory failed");
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
+        // Held until PostgreSQL listens on it (`pg_ctl -w` returns then).
+        let held = hold_tcp_port();
+        let port = held.addr.port();
         let c = Self {
             bin,
             data: data.clone(),
@@ -100,6 +98,7 @@ impl Cluster {
             .arg("start")
             .output()
             .ok()?;
+        drop(held);
         assert!(
             start.status.success(),
             "pg_ctl start: {}{}",

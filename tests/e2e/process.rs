@@ -118,6 +118,18 @@ impl HubProcess {
     /// As [`start`](Self::start), with the audit records going to `audit` (`discard`,
     /// `stdout`, `file:<path>`).
     pub(crate) fn start_with_audit(root: &std::path::Path, audit: &str, extra: &str) -> Self {
+        Self::start_with_ports(root, audit, 0, |_| extra.to_owned()).0
+    }
+
+    /// As [`start_with_audit`](Self::start_with_audit), with `ports` more TCP ports found free
+    /// for the top-level keys `extra(ports)` writes (service listeners, the metrics listener).
+    /// They are picked again with the Hub's own when it cannot listen. Returns them too.
+    pub(crate) fn start_with_ports(
+        root: &std::path::Path,
+        audit: &str,
+        ports: usize,
+        extra: impl Fn(&[u16]) -> String,
+    ) -> (Self, Vec<u16>) {
         let dir = root.join("hub");
         let init = run(
             "ewii-hub",
@@ -129,20 +141,23 @@ impl HubProcess {
                 TD,
             ],
         );
-        let mut svc = 0;
+        let (mut svc, mut picked) = (0, Vec::new());
         let (proc, udp) = spawn_hub_on_free_ports(&root.join("hub.toml"), |udp| {
             svc = free_tcp_port();
+            picked = (0..ports).map(|_| free_tcp_port()).collect();
+            let extra = extra(&picked);
             format!(
                 "state_dir = {dir:?}\nlisten = \"127.0.0.1:{udp}\"\naudit = \"{audit}\"\n{extra}\n[[service]]\nname = \"pg\"\nlisten = \"127.0.0.1:{svc}\"\nclient = \"acme\"\ndestination = \"db\"\nprincipal = \"ops\"\n"
             )
         });
-        Self {
+        let hub = Self {
             proc,
             dir,
             addr: format!("127.0.0.1:{udp}"),
             service: SocketAddr::from(([127, 0, 0, 1], svc)),
             bundle_hash: field(&init, "bundle hash:"),
-        }
+        };
+        (hub, picked)
     }
 
     /// Client `acme` enrolled into `<root>/acme` and running (healthy) with the unprivileged

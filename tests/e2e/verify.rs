@@ -13,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 use ewii_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::process::{free_tcp_port, healthy, not_root, run, HubProcess, Proc};
+use crate::process::{healthy, not_root, run, HubProcess, Proc};
 
 /// The uid the image runs as.
 const NOBODY: u32 = 65532;
@@ -81,11 +81,10 @@ async fn p2_p3_p4_p13_p14_verify_reports_what_holds_for_a_running_client_and_wha
     )
     .unwrap();
     let echo = echo_server().await;
-    let metrics = free_tcp_port();
-    let mut hub = HubProcess::start(
-        root.path(),
-        &format!("metrics_listen = \"127.0.0.1:{metrics}\""),
-    );
+    let (mut hub, ports) = HubProcess::start_with_ports(root.path(), "discard", 1, |p| {
+        format!("metrics_listen = \"127.0.0.1:{}\"", p[0])
+    });
+    let metrics = ports[0];
     let hub_addr = hub.addr.clone();
 
     // The customer's Client as the image runs it: uid 65532, the unprivileged layers, a

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::net::{SocketAddr, TcpListener as StdTcpListener, UdpSocket};
+use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
@@ -232,13 +232,6 @@ impl Drop for Bg {
     }
 }
 
-fn free_tcp() -> SocketAddr {
-    StdTcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// `ewii-hub clients` line of `name`, split in columns.
 fn clients_row(list: &[String], name: &str) -> Vec<String> {
     ok(list)
@@ -261,7 +254,9 @@ async fn p13_the_operator_guide_followed_literally_with_the_real_binaries() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let (tcp_service, tls_service) = (free_tcp(), free_tcp());
+    // Held until the Hub listens on them (the guide's text names them from here on).
+    let held = [hold_tcp_port(), hold_tcp_port()];
+    let (tcp_service, tls_service) = (held[0].addr, held[1].addr);
     let db = echo_server().await;
     let cache = echo_server().await;
     let receiver = Receiver::start(Vec::new()).await;
@@ -379,6 +374,7 @@ async fn p13_the_operator_guide_followed_literally_with_the_real_binaries() {
         fs::read_to_string(&err).is_ok_and(|e| e.contains("listening on udp"))
     })
     .await;
+    drop(held);
 
     // The customer (README): enrol with the line they were sent, run with the example
     // config, `status` and `health`.
