@@ -8,6 +8,7 @@
 //! postcard's own sequence handling would pre-allocate up to 1 MiB on a claim alone.
 
 use std::fmt;
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
 use serde::de::DeserializeOwned;
@@ -27,6 +28,17 @@ pub const MAX_FRAME: usize = 64 * 1024;
 pub const HEADER_LEN: usize = 4;
 /// Most elements in any list inside a message (allow-list names, chain and bundle entries).
 pub const MAX_LIST: usize = 1024;
+
+/// The longest pause the Hub keeps between two `Renew` it serves on one session.
+pub const RENEW_PAUSE_MAX: Duration = Duration::from_secs(5);
+
+/// How long after a `Renew` the Hub served (signed, or refused on its merits) another one on
+/// the same session is refused as a flood, before any signature or database work, for an SVID
+/// with `left` of its life to go: [`RENEW_PAUSE_MAX`], or a quarter of `left` when that is
+/// shorter (very short lifetimes). A Client asks again no sooner.
+pub fn renew_pause(left: Duration) -> Duration {
+    RENEW_PAUSE_MAX.min(left / 4)
+}
 
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -38,7 +38,8 @@
 //!
 //! Renewal: at half of the SVID's remaining life when it came into use (± 10 % jitter,
 //! [`renewal_time`]) the machine asks for `SendRenew`; an answer that does not come within
-//! `renew_answer_timeout` is asked again; a refusal retries with backoff. A renewed SVID is
+//! `renew_answer_timeout` is asked again; a refusal retries with backoff, and no sooner than
+//! the Hub's pause between two `Renew` ([`frame::renew_pause`]). A renewed SVID is
 //! adopted *on the same connection*: the Hub re-binds the live session to the new serial once
 //! the Client confirms it stored it, so a rotation needs no second connection and cuts no
 //! query (see `docs/architecture.md` for the security argument). The next dial, after a loss,
@@ -58,6 +59,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use crate::backoff::Backoff;
+use crate::frame;
 
 /// The reason of the [`Exit::Revoked`] that ends the delivery of a pending revoke.
 pub const PENDING_REVOKE_REASON: &str = "stopped by the customer (revoke delivered at restart)";
@@ -588,12 +590,15 @@ impl ClientSession {
         }
     }
 
-    /// The Hub refused the renewal, or its answer did not check out: retry with backoff.
+    /// The Hub refused the renewal, or its answer did not check out: retry with backoff, and
+    /// no sooner than the Hub's pause between two `Renew` ([`frame::renew_pause`]): asked
+    /// sooner, an honest Client would be refused, and audited, as a renewal flood.
     pub fn handle_renew_refused(&mut self, now: Duration, random: u64) {
         self.random = random;
+        let pause = frame::renew_pause(self.svid.end().saturating_sub(now));
         if let State::Up { renewal, .. } = &mut self.state {
             if matches!(renewal, Renewal::Asked(_)) {
-                *renewal = Renewal::Due(now + self.renew_backoff.next_delay(random));
+                *renewal = Renewal::Due(now + self.renew_backoff.next_delay(random).max(pause));
             }
         }
     }

@@ -1282,26 +1282,50 @@ async fn p8_a_renew_flood_and_control_garbage_are_cut_off_without_touching_other
         .unwrap()
         .der()
         .to_vec();
+    async fn renew(raw: &mut RawSession, csr: &[u8]) -> Option<Control> {
+        let renew = Control::Renew { csr: csr.to_vec() };
+        transport::write_frame(&mut raw.send, &renew).await.unwrap();
+        raw.reader.read::<Control>(&mut raw.recv).await.unwrap()
+    }
+    let floods = || {
+        count(&hub.audit, |r| {
+            r.event == Event::SvidRotated
+                && r.reason
+                    .as_deref()
+                    .is_some_and(|x| x.starts_with("renewal flood"))
+        })
+    };
     let mut renewed = 0;
     let mut refused = 0;
+    let mut served_at = None;
     for _ in 0..50 {
-        transport::write_frame(&mut raw.send, &Control::Renew { csr: csr.clone() })
-            .await
-            .unwrap();
-        match raw.reader.read::<Control>(&mut raw.recv).await.unwrap() {
-            Some(Control::Renewed { .. }) => renewed += 1,
+        match renew(&mut raw, &csr).await {
+            Some(Control::Renewed { .. }) => {
+                renewed += 1;
+                served_at.get_or_insert_with(Instant::now);
+            }
             Some(Control::Refused { .. }) => refused += 1,
             other => panic!("{other:?}"),
         }
     }
     assert_eq!((renewed, refused), (1, 49), "one signature, 49 refusals");
-    assert_eq!(
-        count(&hub.audit, |r| r.event == Event::SvidRotated
-            && r.reason
-                .as_deref()
-                .is_some_and(|x| x.starts_with("renewal flood"))),
-        49
-    );
+    assert_eq!(floods(), 49);
+    // The pause (5 s for this SVID) counts from the Renew served, not from the refusals: one
+    // refused halfway does not hold off the next past the pause. (The same key asking again
+    // gets the same certificate.)
+    let served_at = served_at.unwrap();
+    tokio::time::sleep_until(served_at + Duration::from_millis(2_500)).await;
+    assert!(matches!(
+        renew(&mut raw, &csr).await,
+        Some(Control::Refused { .. })
+    ));
+    assert_eq!(floods(), 50);
+    tokio::time::sleep_until(served_at + Duration::from_millis(5_200)).await;
+    assert!(matches!(
+        renew(&mut raw, &csr).await,
+        Some(Control::Renewed { .. })
+    ));
+    assert_eq!(floods(), 50, "past the pause, not a flood");
     // Streams the Hub did not ask for: a Client may open one stream, the control stream, and
     // no unidirectional one; QUIC gives no credit for more, so they never open.
     assert!(
@@ -1440,6 +1464,11 @@ async fn p8_a_renewal_that_cannot_be_stored_is_asked_again_with_the_same_key() {
         .await;
     hub.wait_audit("asked again", says(Event::SvidRotated, "re-sent serial"))
         .await;
+    // An honest Client's retry waits out the Hub's pause: it is never taken for a flood.
+    assert_eq!(
+        count(&hub.audit, says(Event::SvidRotated, "renewal flood")),
+        0
+    );
     std::fs::remove_dir(&cert).unwrap();
     std::fs::write(&cert, pem).unwrap();
     let now = rebound_from(&hub, &dir, &serial).await;

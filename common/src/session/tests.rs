@@ -278,21 +278,31 @@ fn p7_a_hub_that_never_answers_renew_is_asked_again_until_the_svid_expires() {
 }
 
 #[test]
-fn p7_a_refused_renewal_retries_with_growing_backoff() {
-    let (mut sim, _) = Sim::connected(config(), svid_at(START));
-    sim.until_renew();
-    let mut gaps = Vec::new();
-    for _ in 0..6 {
-        let r = sim.rng.next();
-        sim.s.handle_renew_refused(sim.now, r);
-        let asked = sim.now;
+fn p7_a_refused_renewal_retries_with_growing_backoff_and_never_within_the_hubs_pause() {
+    // A day's SVID (the Hub's pause is 5 s), and a 12 s one (a quarter of the life left).
+    let short = Validity {
+        not_before: START - 1,
+        not_after: START + 11,
+    };
+    for (svid, retries) in [(svid_at(START), 6), (short, 2)] {
+        let (mut sim, _) = Sim::connected(config(), svid);
         sim.until_renew();
-        gaps.push(sim.now - asked);
-    }
-    // Full jitter under a doubling ceiling (1 s, 2 s, …, capped at 30 s).
-    for (i, g) in gaps.iter().enumerate() {
-        let ceiling = Duration::from_secs(1 << i).min(Duration::from_secs(30));
-        assert!(*g <= ceiling, "retry {i} after {g:?}");
+        for i in 0..retries {
+            let r = sim.rng.next();
+            sim.s.handle_renew_refused(sim.now, r);
+            let asked = sim.now;
+            let pause = frame::renew_pause(svid.end() - asked);
+            sim.until_renew();
+            let gap = sim.now - asked;
+            // Asked sooner, the Hub would refuse it as a flood.
+            assert!(
+                gap >= pause,
+                "retry {i} after {gap:?}, within the pause {pause:?}"
+            );
+            // Full jitter under a doubling ceiling (1 s, 2 s, …, capped at 30 s).
+            let ceiling = Duration::from_secs(1 << i).min(Duration::from_secs(30));
+            assert!(gap <= ceiling.max(pause), "retry {i} after {gap:?}");
+        }
     }
 }
 

@@ -112,7 +112,7 @@ pub(crate) struct Session {
     pending: Option<(LeafInfo, CertificateDer<'static>)>,
     /// `Goodbye` received: whether it revoked, and until when the Client may drain.
     goodbye: Option<(bool, Instant)>,
-    /// When this session last asked for a renewal (a flood is refused).
+    /// When this session last had a `Renew` served (a flood is refused).
     last_renew: Option<Instant>,
     /// When this session presented its last two SVIDs (a flood is refused).
     last_presents: [Option<Instant>; 2],

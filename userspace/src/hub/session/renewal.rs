@@ -18,10 +18,6 @@ use crate::identity::ca::Ca;
 use crate::identity::{inspect_leaf, present, LeafInfo};
 use crate::transport::codes;
 
-/// The shortest time between two `Renew` on one session: each costs a signature and a synced
-/// database write, and an honest Client renews twice a day (at half of the life left, so a
-/// quarter of the life left is the bound for very short test lifetimes).
-const RENEW_MIN_INTERVAL: Duration = Duration::from_secs(5);
 /// At most two `Present` in this window on one session (each costs a chain check, a
 /// signature check and a synced database write). Two, so that an SVID the agent pushed while
 /// the last one was being presented follows it at once; fixed, since a federated Client's
@@ -97,13 +93,19 @@ impl Session {
 
     /// A flood of `Renew` from one session (a hostile or broken peer) is refused cheaply,
     /// before any signature or database work: `Some(bound)` when this one comes within
-    /// `bound` of the last.
+    /// `bound` ([`frame::renew_pause`]) of the last one served. Each served one costs a
+    /// signature and a synced database write; an honest Client renews twice a day, and asks
+    /// again after a refusal no sooner than the pause. A refused one does not restart the
+    /// pause: the costly work stays bounded to one per pause either way, and a Client whose
+    /// retry came early is not held off by its own refusals.
     fn renew_flood(&mut self) -> Option<Duration> {
         let left = (self.leaf.not_after - crate::now_timestamp().unix_secs() as i64).max(0);
-        let bound = RENEW_MIN_INTERVAL.min(Duration::from_secs(left as u64) / 4);
-        let flood = self.last_renew.is_some_and(|at| at.elapsed() < bound);
+        let bound = frame::renew_pause(Duration::from_secs(left as u64));
+        if self.last_renew.is_some_and(|at| at.elapsed() < bound) {
+            return Some(bound);
+        }
         self.last_renew = Some(Instant::now());
-        flood.then_some(bound)
+        None
     }
 
     /// Whether this `Present` is a third within [`PRESENT_WINDOW`] (refused cheaply, before
