@@ -18,7 +18,7 @@
 //!             ▲                        │  renewal Due(t) ──timeout──▶ SendRenew ──▶ Asked(t)
 //!             └──── Waiting(until)     │  Asked(t) ──timeout──▶ SendRenew again
 //!                                      │  ──handle_renewed(svid')──▶ Up{same session, svid'}
-//!                                      │  ──handle_renew_refused──▶ Due(backoff)
+//!                                      │  ──handle_renew_refused──▶ Due(max(backoff, renew_pause))
 //!                                      │  own SVID past not_after ──▶ Close + Exit(Expired)
 //!                                      └─handle_stop──▶ Stopping ──drained / deadline──▶ Exit(Stopped)
 //!   Waiting|Dialing ──handle_stop (on_stop = revoke)──▶ Revoking ──dialed──▶ Stopping (Goodbye{revoke})

@@ -45,6 +45,8 @@ use crate::identity::verify::Bundle;
 const RENEW_RETRY: Duration = Duration::from_secs(1);
 /// How long the Hub has to answer `Renew` before it is asked again.
 const RENEW_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+// That ask again does not wait for the Hub's pause between two `Renew`: it must come later.
+const _: () = assert!(RENEW_ANSWER_TIMEOUT.as_secs() > frame::RENEW_PAUSE_MAX.as_secs());
 /// How long in-flight queries may drain after a stop.
 const STOP_DRAIN: Duration = Duration::from_secs(5);
 /// How long a stop without a live connection tries to reach the Hub to deliver its revoke.

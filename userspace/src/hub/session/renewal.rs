@@ -99,8 +99,14 @@ impl Session {
     /// pause: the costly work stays bounded to one per pause either way, and a Client whose
     /// retry came early is not held off by its own refusals.
     fn renew_flood(&mut self) -> Option<Duration> {
-        let left = (self.leaf.not_after - crate::now_timestamp().unix_secs() as i64).max(0);
-        let bound = frame::renew_pause(Duration::from_secs(left as u64));
+        // The life left to the microsecond, as the Client counts it: in whole seconds the
+        // pause could come out up to a quarter second above the Client's, and an honest retry
+        // in an SVID's last seconds would be refused.
+        let end_us = u64::try_from(self.leaf.not_after)
+            .unwrap_or(0)
+            .saturating_mul(1_000_000);
+        let left = Duration::from_micros(end_us.saturating_sub(crate::now_timestamp().0));
+        let bound = frame::renew_pause(left);
         if self.last_renew.is_some_and(|at| at.elapsed() < bound) {
             return Some(bound);
         }
