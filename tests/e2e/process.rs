@@ -860,6 +860,15 @@ fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Asserts that `out` ended with exit status `code` and that its stderr says `once` exactly
+/// once; returns that stderr.
+fn exits_saying_once(out: &Output, code: i32, once: &str) -> String {
+    let err = stderr_of(out);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert_eq!(err.matches(once).count(), 1, "said once: {err}");
+    err
+}
+
 #[test]
 fn status_and_health_before_the_first_run_say_no_client_has_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -1174,13 +1183,7 @@ fn hub_errors_say_what_to_do_with_documented_exit_codes() {
             .args(&args)
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", stderr_of(&out));
-        let err = stderr_of(&out);
-        assert_eq!(
-            err.matches("holds no Hub state").count(),
-            1,
-            "said once: {err}"
-        );
+        let err = exits_saying_once(&out, 3, "holds no Hub state");
         assert!(
             err.contains(&format!(
                 "run `ewii-hub init --state-dir {e} --trust-domain"
@@ -1198,13 +1201,7 @@ fn hub_errors_say_what_to_do_with_documented_exit_codes() {
         .args(["run", "--config", toml.to_str().unwrap()])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
-    let err = stderr_of(&out);
-    assert_eq!(
-        err.matches("unknown field `lisen`").count(),
-        1,
-        "once: {err}"
-    );
+    exits_saying_once(&out, 2, "unknown field `lisen`");
 
     let state = dir.path().join("hub");
     let s = state.to_str().unwrap();
@@ -1513,13 +1510,10 @@ fn enrolling_into_a_state_directory_of_another_user_is_refused_before_the_token_
         .env("EWII_TOKEN", format!("ewii_{}", "00".repeat(32)))
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
-    let err = stderr_of(&out);
-    assert_eq!(
-        err.matches("belongs to uid 65532, and this command runs as uid 0")
-            .count(),
-        1,
-        "said once: {err}"
+    let err = exits_saying_once(
+        &out,
+        2,
+        "belongs to uid 65532, and this command runs as uid 0",
     );
     assert!(err.contains("the token was NOT sent"), "{err}");
     assert!(err.contains(" ewii-client enroll …`"), "{err}");
@@ -1576,13 +1570,7 @@ fn enrolling_into_a_state_directory_of_another_user_is_refused_before_the_token_
         .args(["run", "--config", toml.to_str().unwrap()])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
-    let err = stderr_of(&out);
-    assert_eq!(
-        err.matches("ewii-client: warning: ").count(),
-        1,
-        "said once: {err}"
-    );
+    let err = exits_saying_once(&out, 3, "ewii-client: warning: ");
     assert!(
         err.contains(&format!(
             "{} belongs to uid 65532, and this command runs as uid 0: what this Client writes",
