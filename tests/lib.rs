@@ -557,6 +557,29 @@ pub async fn raw_handshake(
     hub: &TestHub,
     svid: &ewii::identity::store::Svid,
 ) -> Option<RawHandshake> {
+    raw_handshake_tuned(hub, svid, None).await
+}
+
+/// Like [`raw_handshake`], from a peer that grants the Hub only `window` bytes of unread data
+/// per stream (the Client's keep-alive and idle timeout otherwise): one that reads little or
+/// nothing of its control stream holds the Hub's writes.
+pub async fn raw_handshake_with_window(
+    hub: &TestHub,
+    svid: &ewii::identity::store::Svid,
+    window: u32,
+) -> Option<RawHandshake> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(ewii::transport::KEEP_ALIVE));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(ewii::transport::IDLE_TIMEOUT).ok());
+    t.stream_receive_window(quinn::VarInt::from_u32(window));
+    raw_handshake_tuned(hub, svid, Some(std::sync::Arc::new(t))).await
+}
+
+async fn raw_handshake_tuned(
+    hub: &TestHub,
+    svid: &ewii::identity::store::Svid,
+    transport_config: Option<std::sync::Arc<quinn::TransportConfig>>,
+) -> Option<RawHandshake> {
     use std::sync::Arc;
 
     use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
@@ -566,7 +589,10 @@ pub async fn raw_handshake(
     let ca = ewii::identity::store::read_certs(&hub.state_dir().join("ca.pem")).ok()?;
     let verifier = SpiffeVerifier::new(Bundle::new(ca), TD, Expect::Hub);
     let tls = transport::tls_client_config(Some(svid), Arc::new(verifier), frame::ALPN).ok()?;
-    let quic = transport::quic_client_config(tls, transport::MAX_CONCURRENT_QUERIES).ok()?;
+    let mut quic = transport::quic_client_config(tls, transport::MAX_CONCURRENT_QUERIES).ok()?;
+    if let Some(t) = transport_config {
+        quic.transport_config(t);
+    }
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().ok()?).ok()?;
     let conn = endpoint
         .connect_with(quic, hub.addr, "127.0.0.1")

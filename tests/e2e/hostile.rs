@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ewii::identity::store::{self, Svid};
 use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
@@ -18,6 +19,16 @@ use ewii_tests::*;
 async fn hostile_hub(
     hub: &TestHub,
 ) -> (SocketAddr, tokio::sync::mpsc::Receiver<quinn::Connection>) {
+    hostile_hub_granting(hub, None).await
+}
+
+/// [`hostile_hub`]; with `Some(window)`, one that grants the Client `window` bytes per stream
+/// and reads nothing of its control stream, not even the `Hello` (it welcomes it blind): the
+/// Client's writes past that window wait for ever.
+async fn hostile_hub_granting(
+    hub: &TestHub,
+    window: Option<u32>,
+) -> (SocketAddr, tokio::sync::mpsc::Receiver<quinn::Connection>) {
     let dir = hub.state_dir();
     let svid = Svid::load(&dir, "hub.pem", "hub.key").unwrap();
     let ca = store::read_certs(&dir.join("ca.pem")).unwrap();
@@ -25,7 +36,12 @@ async fn hostile_hub(
     let tls = transport::tls_server_config(&svid, Arc::new(verifier), &[frame::ALPN]).unwrap();
     // Ewii's own server settings: the Client opens one stream (control); how many the
     // hostile side may open is the Client's limit.
-    let quic = transport::quic_server_config(tls).unwrap();
+    let mut quic = transport::quic_server_config(tls).unwrap();
+    if let Some(window) = window {
+        let mut t = quinn::TransportConfig::default();
+        t.stream_receive_window(quinn::VarInt::from_u32(window));
+        quic.transport_config(Arc::new(t));
+    }
     let endpoint = quinn::Endpoint::server(quic, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = endpoint.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -37,7 +53,14 @@ async fn hostile_hub(
                 continue;
             };
             let mut reader = FrameReader::new();
-            if let Ok(Some(Control::Hello { .. })) = reader.read::<Control>(&mut recv).await {
+            let hello = match window {
+                Some(_) => true,
+                None => matches!(
+                    reader.read::<Control>(&mut recv).await,
+                    Ok(Some(Control::Hello { .. }))
+                ),
+            };
+            if hello {
                 let welcome = Control::Welcome {
                     session_id: 1,
                     hub_time_us: 0,
@@ -211,4 +234,39 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
             == 6
     );
     client.stop().await;
+}
+
+/// A Hub that stops reading the control stream holds each write on it for ever (QUIC flow
+/// control): the Client's loop must not wait behind one. Its stop still ends the session in
+/// order, and the session's end is on record (P11: every connection logged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p11_a_hub_that_stops_reading_the_control_stream_still_gets_the_session_on_record() {
+    // 4 s SVIDs: the Client asks to renew at about 2 s.
+    let hub = TestHub::start_with(&[], 4).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    // Room for the `Hello`, not for a `Renew` after it (a CSR alone is over 200 bytes).
+    let (addr, mut conns) = hostile_hub_granting(&hub, Some(256)).await;
+    client.config.hub = addr.to_string().parse().unwrap();
+    client.start();
+    let conn = tokio::time::timeout(SOON, conns.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // The `Renew` went out as far as the window lets it, and waits.
+    poll_until("the Client's Renew to start", SOON, || {
+        conn.stats().frame_rx.stream >= 2
+    })
+    .await;
+    let exit = tokio::time::timeout(Duration::from_secs(20), client.stop())
+        .await
+        .expect("the Client stops");
+    assert_eq!(exit, ewii::client::Exit::Stopped);
+    let lost = client
+        .audit
+        .records()
+        .into_iter()
+        .filter(|r| r.event == Event::SessionLost)
+        .count();
+    assert_eq!(lost, 1, "the session's end is on record");
+    drop(conn);
 }

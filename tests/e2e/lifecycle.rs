@@ -1265,8 +1265,9 @@ async fn p10_a_central_revoke_of_an_offline_client_is_audited_at_once() {
 }
 
 /// A hostile Client (issue 11): `Renew` in a loop costs one signature, the rest is refused
-/// cheaply and audited; streams the Hub did not ask for never open; garbage on the control
-/// stream ends that session; another Client is not affected.
+/// cheaply and audited, and the third refusal in a row ends the session (the records stay
+/// few); streams the Hub did not ask for never open; garbage on the control stream ends that
+/// session; another Client is not affected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p8_a_renew_flood_and_control_garbage_are_cut_off_without_touching_other_clients() {
     let echo = echo_server().await;
@@ -1295,40 +1296,66 @@ async fn p8_a_renew_flood_and_control_garbage_are_cut_off_without_touching_other
                     .is_some_and(|x| x.starts_with("renewal flood"))
         })
     };
-    let mut renewed = 0;
-    let mut refused = 0;
     // Before the first Renew went out, and after its answer came: the Hub's pause starts
     // between the two.
     let sent_at = Instant::now();
-    let mut served_at = None;
-    for _ in 0..50 {
-        match renew(&mut raw, &csr).await {
-            Some(Control::Renewed { .. }) => {
-                renewed += 1;
-                served_at.get_or_insert_with(Instant::now);
-            }
-            Some(Control::Refused { .. }) => refused += 1,
-            other => panic!("{other:?}"),
-        }
-    }
-    assert_eq!((renewed, refused), (1, 49), "one signature, 49 refusals");
-    assert_eq!(floods(), 49);
+    assert!(matches!(
+        renew(&mut raw, &csr).await,
+        Some(Control::Renewed { .. })
+    ));
+    let served_at = Instant::now();
     // The pause (5 s for this SVID) counts from the Renew served, not from the refusals: one
     // refused halfway does not hold off the next past the pause. (The same key asking again
     // gets the same certificate.)
-    let served_at = served_at.unwrap();
     tokio::time::sleep_until(sent_at + Duration::from_millis(2_500)).await;
     assert!(matches!(
         renew(&mut raw, &csr).await,
         Some(Control::Refused { .. })
     ));
-    assert_eq!(floods(), 50);
+    assert_eq!(floods(), 1);
     tokio::time::sleep_until(served_at + Duration::from_millis(5_200)).await;
     assert!(matches!(
         renew(&mut raw, &csr).await,
         Some(Control::Renewed { .. })
     ));
-    assert_eq!(floods(), 50, "past the pause, not a flood");
+    assert_eq!(floods(), 1, "past the pause, not a flood");
+    // A flood: 50 Renew sent at once, inside the pause. Each is refused without a signature,
+    // and the third in a row ends the session, so it leaves three refusals on record, not 50.
+    for _ in 0..50 {
+        let renew = Control::Renew { csr: csr.clone() };
+        if transport::write_frame(&mut raw.send, &renew).await.is_err() {
+            break;
+        }
+    }
+    let mut refused = 0;
+    while let Ok(Some(answer)) = raw.reader.read::<Control>(&mut raw.recv).await {
+        assert!(matches!(answer, Control::Refused { .. }), "{answer:?}");
+        refused += 1;
+    }
+    assert!(refused <= 3, "{refused} answers");
+    assert_eq!(
+        raw.closed_by_hub().await,
+        Some(2),
+        "closed as a protocol violation"
+    );
+    hub.wait_audit(
+        "the flooding session's end",
+        says(
+            Event::SessionLost,
+            "renewal requests in a row broke the renewal rules",
+        ),
+    )
+    .await;
+    assert_eq!(floods(), 4, "three refusals on record for the flood");
+    assert_eq!(
+        count(&hub.audit, |r| r.event == Event::SvidRotated
+            && r.outcome == Some(Outcome::Ok)
+            && r.client.as_deref()
+                == Some("spiffe://test.ewii.local/client/acme")),
+        2,
+        "two renewals served, one signature"
+    );
+    let mut raw = raw_session(&hub, &svid).await.expect("a new session");
     // Streams the Hub did not ask for: a Client may open one stream, the control stream, and
     // no unidirectional one; QUIC gives no credit for more, so they never open.
     assert!(
@@ -1361,6 +1388,57 @@ async fn p8_a_renew_flood_and_control_garbage_are_cut_off_without_touching_other
         .is_ok());
     assert_eq!(count(&other.audit, is(Event::SessionLost)), 0);
     other.stop().await;
+}
+
+/// A hostile Client that stops reading its control stream: QUIC flow control then holds each
+/// answer the Hub writes, for ever. The session's own timers must not wait behind such a write:
+/// it still ends at its SVID's expiry, and is routed to no more (P7, P8). Asking on while it
+/// reads nothing only stalls its own requests (the Hub reads the next once its answer has room).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_p8_a_client_that_stops_reading_its_control_stream_still_ends_at_its_svids_expiry() {
+    let hub = TestHub::start_with(&[Service::tcp("pg", "acme", "db")], 6).await;
+    let acme = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    // Room for the `Welcome` and no more: every later answer waits for a read that never comes.
+    let welcome = Control::Welcome {
+        session_id: u64::MAX,
+        hub_time_us: u64::MAX,
+        limits: ewii_common::frame::Limits {
+            max_concurrent_queries: u32::MAX,
+            idle_timeout_ms: u32::MAX,
+        },
+    };
+    let window = ewii_common::frame::encode_to_vec(&welcome).unwrap().len() as u32;
+    let svid = Svid::load(&acme.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let not_after = inspect_leaf(&svid.chain[0]).unwrap().not_after;
+    let mut raw = raw_handshake_with_window(&hub, &svid, window)
+        .await
+        .expect("a handshake")
+        .hello()
+        .await
+        .expect("a session");
+    hub.wait_connected("acme").await;
+    // More requests than the Hub holds answers for, not one answer read.
+    for time_us in 0..2 * transport::control::ROOM as u64 {
+        let ping = Control::Ping { time_us };
+        transport::write_frame(&mut raw.send, &ping).await.unwrap();
+    }
+    let left = u64::try_from(not_after - ewii::now_timestamp().unix_secs() as i64).unwrap_or(0);
+    let closed = tokio::time::timeout(Duration::from_secs(left + 2), raw.conn.closed())
+        .await
+        .expect("the session outlived its SVID by two seconds");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == transport::codes::REFUSED),
+        "{closed:?}"
+    );
+    hub.wait_audit(
+        "the stalled session's end at its expiry",
+        says(Event::SessionLost, "the SVID of this session expired"),
+    )
+    .await;
+    assert!(!hub
+        .handle()
+        .connected_clients()
+        .contains(&"acme".to_string()));
 }
 
 /// Sends one `Renew` with `key` on a fresh raw session of `svid`; returns the answer.

@@ -30,7 +30,8 @@ use super::connect::Opened;
 use super::driver::sleep_until_opt;
 use super::query::{self, QueryCtx};
 use super::rotation::Identity;
-use crate::transport::{self, codes, StreamError};
+use crate::transport::codes;
+use crate::transport::control::{ControlOut, OutError};
 
 /// What the driver tells a connection.
 #[derive(Debug)]
@@ -198,10 +199,13 @@ impl Connection {
         let Opened {
             id,
             conn,
-            mut send,
+            send,
             mut recv,
             mut reader,
         } = opened;
+        // Frames queued here never wait for the Hub: one that stops reading cannot hold this
+        // loop, and so a stop, behind a write.
+        let out = ControlOut::spawn(send);
         let mut queries = JoinSet::new();
         let hub = conn.remote_address();
         // Set once `Goodbye` is sent: no new query, and the end comes when none is left.
@@ -239,19 +243,19 @@ impl Connection {
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(Command::Renew(csr)) => {
-                        if let Err(e) = transport::write_frame(&mut send, &Control::Renew { csr }).await {
-                            break ended_by(&conn, &e);
+                        if let Err(e) = out.send(&Control::Renew { csr }) {
+                            break unsent(&conn, &e);
                         }
                     }
                     Some(Command::Rotated(serial)) => {
-                        if let Err(e) = transport::write_frame(&mut send, &Control::Rotated { serial }).await {
-                            break ended_by(&conn, &e);
+                        if let Err(e) = out.send(&Control::Rotated { serial }) {
+                            break unsent(&conn, &e);
                         }
                     }
                     Some(Command::Present(identity)) => match present(&conn, identity).await {
                         Ok(msg) => {
-                            if let Err(e) = transport::write_frame(&mut send, &msg).await {
-                                break ended_by(&conn, &e);
+                            if let Err(e) = out.send(&msg) {
+                                break unsent(&conn, &e);
                             }
                         }
                         Err(e) => {
@@ -259,14 +263,14 @@ impl Connection {
                         }
                     },
                     Some(Command::Goodbye { revoke }) => {
-                        let _ = transport::write_frame(&mut send, &Control::Goodbye { revoke }).await;
-                        let _ = send.finish();
+                        let _ = out.send(&Control::Goodbye { revoke });
+                        let _ = out.finish();
                         stopping = true;
                     }
                     Some(Command::Retire) => {
                         if retiring.is_none() && !stopping {
-                            let _ = transport::write_frame(&mut send, &Control::Goodbye { revoke: false }).await;
-                            let _ = send.finish();
+                            let _ = out.send(&Control::Goodbye { revoke: false });
+                            let _ = out.finish();
                             retiring = Some(Instant::now() + RETIRE_DRAIN);
                         }
                     }
@@ -284,6 +288,8 @@ impl Connection {
                         break End::Lost(Lost::Stopped);
                     }
                 },
+                // Past `Goodbye`, the end is the Hub's answer or the session machine's bound.
+                e = out.failed(), if !stopping && retiring.is_none() => break ended_by(&conn, &e),
                 stream = conn.accept_bi(), if !stopping => match stream {
                     Ok((qs, qr)) => {
                         queries.spawn(query::serve(ctx.clone(), id, hub, qs, qr));
@@ -351,8 +357,20 @@ async fn present(conn: &quinn::Connection, identity: Arc<Identity>) -> Result<Co
     })
 }
 
+/// A frame the Hub did not take: one that leaves [`crate::transport::control::ROOM`] frames unread is
+/// not reading its control stream, and the connection is closed as a protocol violation.
+fn unsent(conn: &quinn::Connection, e: &OutError) -> End {
+    if let OutError::Unread = e {
+        conn.close(codes::PROTOCOL, b"");
+        return End::Lost(Lost::Control(format!(
+            "the Hub does not read its control stream: {e}"
+        )));
+    }
+    ended_by(conn, e)
+}
+
 /// A control-stream error: the connection's own close reason says more.
-fn ended_by(conn: &quinn::Connection, e: &StreamError) -> End {
+fn ended_by(conn: &quinn::Connection, e: &dyn std::fmt::Display) -> End {
     match conn.close_reason() {
         Some(reason) => closed(&reason),
         None => End::Lost(Lost::Control(e.to_string())),

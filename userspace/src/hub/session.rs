@@ -6,6 +6,9 @@
 //! closes after [`RETIRED_DRAIN`]); a changed bundle of its trust domain as
 //! [`Command::Recheck`] (it ends when the new anchors no longer vouch for its chain); its own
 //! SVID's expiry is a timer.
+//!
+//! Nor does it ever wait on the Client: what it writes on the control stream is queued for a
+//! writer task ([`ControlOut`]), so a Client that stops reading cannot hold those timers.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +29,7 @@ use super::store::Store;
 use super::trust::Trust;
 use crate::audit::Audit;
 use crate::identity::{inspect_leaf, LeafInfo};
+use crate::transport::control::{ControlOut, OutError};
 use crate::transport::{self, codes, FrameReader};
 
 /// Why the bundles in use no longer vouch for `chain`, headed by `leaf` (a CA left one): the
@@ -102,7 +106,9 @@ pub(crate) struct Session {
     /// [`Trust::generation`] when the chain was last checked (the handshake, or `open`).
     generation: u64,
     id: u64,
-    send: quinn::SendStream,
+    /// The control stream's send half: frames queued here never wait for the Client
+    /// ([`ControlOut`]), so a Client that stops reading cannot hold this loop's timers.
+    out: ControlOut,
     recv: quinn::RecvStream,
     reader: FrameReader,
     allow_list: Vec<String>,
@@ -116,6 +122,8 @@ pub(crate) struct Session {
     last_renew: Option<Instant>,
     /// When this session presented its last two SVIDs (a flood is refused).
     last_presents: [Option<Instant>; 2],
+    /// Renewal requests in a row that broke the renewal rules (`renewal::STRIKES` end it).
+    strikes: u32,
     /// `Goodbye` without a revoke while a newer connection of the client is live: the
     /// Client moved (a new SVID from its SPIRE), it did not stop.
     moved: bool,
@@ -186,7 +194,7 @@ impl Session {
             chain: certs.to_vec(),
             generation: checked,
             id,
-            send,
+            out: ControlOut::spawn(send),
             recv,
             reader,
             allow_list,
@@ -194,6 +202,7 @@ impl Session {
             goodbye: None,
             last_renew: None,
             last_presents: [None; 2],
+            strikes: 0,
             moved: false,
         })
     }
@@ -216,9 +225,7 @@ impl Session {
                 idle_timeout_ms: transport::IDLE_TIMEOUT.as_millis() as u32,
             },
         };
-        let welcomed = transport::write_frame(&mut self.send, &welcome)
-            .await
-            .is_ok();
+        let welcomed = self.out.send(&welcome).is_ok();
         // A CA left a bundle between the check in `open` and the registration: the sessions
         // were told before this one could be, so it checks itself.
         let mut untrusted = (self.parts.trust.generation() != self.generation)
@@ -291,8 +298,8 @@ impl Session {
                         drain_until.get_or_insert_with(|| Instant::now() + RETIRED_DRAIN);
                     }
                     Some(Command::Push(msg)) => {
-                        if transport::write_frame(&mut self.send, &msg).await.is_err() {
-                            break SessionEnd::ConnectionLost.reason("control stream write failed");
+                        if let Err(e) = self.out.send(&msg) {
+                            break self.unsent(&e);
                         }
                     }
                     Some(Command::Recheck(trust_domain)) => {
@@ -305,9 +312,15 @@ impl Session {
                     // The registry dropped us: we were closed by a revocation.
                     None => break SessionEnd::Revoked.reason(&format!("{} is revoked", self.leaf.id)),
                 },
+                e = self.out.failed(), if self.goodbye.is_none() => {
+                    break SessionEnd::ConnectionLost.reason(&format!("control stream write failed: {e}"));
+                }
+                // The next request is read once its answer has room: a Client that asks without
+                // reading the answers is held by flow control, its session's timers are not.
+                () = self.out.room(), if !self.out.has_room() => {}
                 // After `Goodbye` the stream is read to its end (the Client waits for that
                 // before it closes), and nothing on it matters any more.
-                msg = self.reader.read::<Control>(&mut self.recv), if !control_ended => {
+                msg = self.reader.read::<Control>(&mut self.recv), if !control_ended && self.out.has_room() => {
                     if self.goodbye.is_some() {
                         control_ended = !matches!(msg, Ok(Some(_)));
                     } else if let Some(reason) = self.control(msg).await {
@@ -407,10 +420,7 @@ impl Session {
                     echo_us: time_us,
                     time_us: crate::now_timestamp().0,
                 };
-                if transport::write_frame(&mut self.send, &pong).await.is_err() {
-                    return Some(SessionEnd::ConnectionLost.reason("control stream write failed"));
-                }
-                None
+                self.answer(&pong)
             }
             Ok(Some(Control::Goodbye { revoke })) => {
                 // No new query goes to it; in-flight ones finish, then the Client closes.
@@ -432,7 +442,7 @@ impl Session {
                 self.goodbye = Some((revoke, Instant::now() + GOODBYE_DRAIN));
                 // Tells the Client its `Goodbye` is processed: it closes once its queries are
                 // done (closing earlier could have discarded the `Goodbye`).
-                let _ = self.send.finish();
+                let _ = self.out.finish();
                 None
             }
             Ok(Some(Control::Rotated { serial })) => self.rotated(serial).await,
@@ -442,23 +452,11 @@ impl Session {
                 proof,
             })) => {
                 let answer = self.present(chain, scheme, &proof).await;
-                if transport::write_frame(&mut self.send, &answer)
-                    .await
-                    .is_err()
-                {
-                    return Some(SessionEnd::ConnectionLost.reason("control stream write failed"));
-                }
-                None
+                self.answer(&answer).or_else(|| self.struck_out())
             }
             Ok(Some(Control::Renew { csr })) => {
                 let answer = self.renew(&csr).await;
-                if transport::write_frame(&mut self.send, &answer)
-                    .await
-                    .is_err()
-                {
-                    return Some(SessionEnd::ConnectionLost.reason("control stream write failed"));
-                }
-                None
+                self.answer(&answer).or_else(|| self.struck_out())
             }
             Ok(Some(other)) => {
                 self.conn.close(codes::PROTOCOL, b"");
@@ -475,6 +473,25 @@ impl Session {
                 Some(self.lost_reason(&e))
             }
             Err(e) => Some(SessionEnd::Protocol.reason(&format!("control stream: {e}"))),
+        }
+    }
+
+    /// Queues `answer` for the Client; `Some(reason)` ends the session.
+    fn answer(&self, answer: &Control) -> Option<String> {
+        self.out.send(answer).err().map(|e| self.unsent(&e))
+    }
+
+    /// Why the session ends when a frame could not be queued: a Client that leaves
+    /// [`transport::control::ROOM`] frames unread is not reading its control stream, and its
+    /// connection is closed as a protocol violation.
+    fn unsent(&self, e: &OutError) -> String {
+        match e {
+            OutError::Unread => {
+                self.conn.close(codes::PROTOCOL, b"");
+                SessionEnd::Protocol
+                    .reason(&format!("the Client does not read its control stream: {e}"))
+            }
+            _ => SessionEnd::ConnectionLost.reason(&format!("control stream write failed: {e}")),
         }
     }
 

@@ -1,4 +1,5 @@
-//! QUIC and TLS configuration, frame I/O on QUIC streams, and the TCP ⇄ stream pipe.
+//! QUIC and TLS configuration, frame I/O on QUIC streams, the control stream's writer, and the
+//! TCP ⇄ stream pipe.
 //!
 //! P5: TLS 1.3 only, and `TLS13_CHACHA20_POLY1305_SHA256` is the only suite either side can
 //! negotiate. QUIC Initial packets are protected with AES-128-GCM by RFC 9001 §5.2 whatever
@@ -6,6 +7,7 @@
 //! session resumption: a resumed handshake would skip the client-certificate verifier, and a
 //! revoked Client would get back in.
 
+pub mod control;
 pub mod pipe;
 pub mod shard;
 

@@ -24,17 +24,27 @@ use crate::transport::codes;
 /// certificates (and so their lifetimes) come from its own CA.
 const PRESENT_WINDOW: Duration = Duration::from_secs(5);
 
+/// Requests in a row that break the renewal rules (a `Renew` within the pause, a third
+/// `Present` within [`PRESENT_WINDOW`], the wrong one of the two for the Client) that end the
+/// session. Each is refused cheaply, but each is also an audit record: without an end, one
+/// session could write them as fast as it sends, and a lagging sink sheds every Client's
+/// queries (P11). An honest Client breaks a rule once at most (a retry early by its clock), and
+/// the next request served starts the count again.
+pub(super) const STRIKES: u32 = 3;
+
 impl Session {
     /// Signs a renewal CSR for the session's own identity (never what the CSR asks for).
     /// Only the newest key in use renews: a connection holding a retired, revoked or
     /// superseded serial (a stolen old key) gets nothing.
     pub(super) async fn renew(&mut self, csr: &[u8]) -> Control {
         let flood = self.renew_flood();
+        let federated = self.parts.trust.is_federated(&self.leaf.id);
+        self.strike(federated || flood.is_some());
         let parts = &self.parts;
         let mut r = parts.audit.record(Event::SvidRotated);
         r.session_id = Some(self.id);
         r.client = Some(self.leaf.id.to_string());
-        if parts.trust.is_federated(&self.leaf.id) {
+        if federated {
             r.outcome = Some(Outcome::Refused);
             r.reason = Some(
                 "a federated Client's SVIDs come from its own SPIRE; this Hub issues none".into(),
@@ -114,6 +124,24 @@ impl Session {
         None
     }
 
+    /// Counts a request that broke the renewal rules, or starts the count again after one
+    /// served ([`STRIKES`]).
+    fn strike(&mut self, broke_a_rule: bool) {
+        self.strikes = if broke_a_rule { self.strikes + 1 } else { 0 };
+    }
+
+    /// After a `Renew` or `Present`: the session's end when [`STRIKES`] requests in a row broke
+    /// the renewal rules (its connection closed as a protocol violation).
+    pub(super) fn struck_out(&self) -> Option<String> {
+        if self.strikes < STRIKES {
+            return None;
+        }
+        self.conn.close(codes::PROTOCOL, b"");
+        Some(SessionEnd::Protocol.reason(&format!(
+            "{STRIKES} renewal requests in a row broke the renewal rules (too soon after the last one served, or the wrong kind for this Client)"
+        )))
+    }
+
     /// Whether this `Present` is a third within [`PRESENT_WINDOW`] (refused cheaply, before
     /// any signature or database work).
     fn present_flood(&mut self) -> bool {
@@ -135,6 +163,7 @@ impl Session {
     ) -> Control {
         match self.check_presented(chain, scheme, proof) {
             Ok((leaf, chain)) => {
+                self.strike(false);
                 let serial = leaf.serial.clone();
                 self.rebind(leaf, chain, "presented from the Client's SPIRE")
                     .await;
@@ -161,7 +190,11 @@ impl Session {
         proof: &[u8],
     ) -> Result<(LeafInfo, Vec<CertificateDer<'static>>), String> {
         let flood = self.present_flood();
-        if !self.parts.trust.is_federated(&self.leaf.id) {
+        let federated = self.parts.trust.is_federated(&self.leaf.id);
+        if !federated || flood {
+            self.strike(true);
+        }
+        if !federated {
             return Err(format!(
                 "{} takes its SVIDs from this Hub (Renew); only a federated Client presents one",
                 self.leaf.id
