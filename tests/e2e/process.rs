@@ -1698,3 +1698,58 @@ pub(crate) fn not_root() -> bool {
         .lines()
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
 }
+
+/// Anyone can make the Hub refuse a handshake (no certificate needed), as fast as it can
+/// refuse: its audit file gets the first ten from one address one by one and one record with
+/// the count of the rest, written at the latest when the Hub stops (P11).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p11_a_strangers_flood_of_refused_handshakes_is_summed_up_in_the_hubs_audit() {
+    use std::sync::Arc;
+
+    use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
+    use ewii::transport;
+    use ewii_common::frame;
+
+    let root = tempfile::tempdir().unwrap();
+    let audit = root.path().join("hub-audit.jsonl");
+    let mut hub =
+        HubProcess::start_with_audit(root.path(), &format!("file:{}", audit.display()), "");
+    let ca = ewii::identity::store::read_certs(&hub.dir.join("ca.pem")).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr: SocketAddr = hub.addr.parse().unwrap();
+    // A session's protocol without a client certificate: refused after the handshake.
+    for _ in 0..30 {
+        let verifier = SpiffeVerifier::new(Bundle::new(ca.clone()), TD, Expect::Hub);
+        let tls = transport::tls_client_config(None, Arc::new(verifier), frame::ALPN).unwrap();
+        let quic = transport::quic_client_config(tls, 1).unwrap();
+        let conn = endpoint
+            .connect_with(quic, addr, "127.0.0.1")
+            .unwrap()
+            .await
+            .expect("the handshake itself completes");
+        assert_eq!(closed_by_hub(&conn).await, Some(5), "refused");
+    }
+    assert!(hub.proc.terminate().success());
+    let records: Vec<serde_json::Value> = fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r["event"] == "handshake_refused")
+        .collect();
+    let reasons: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["reason"].as_str())
+        .collect();
+    assert_eq!(records.len(), 11, "{reasons:#?}");
+    let one_by_one = reasons
+        .iter()
+        .filter(|r| **r == "ALPN ewii/1 without a client certificate")
+        .count();
+    assert_eq!(one_by_one, 10, "{reasons:#?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("20 more records of this event from 127.0.0.1 since ")),
+        "{reasons:#?}"
+    );
+}

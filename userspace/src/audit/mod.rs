@@ -13,13 +13,16 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ewii_common::audit::{AuditRecord, Event, Format, Side};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 pub mod metrics;
+pub mod quiet;
 
 pub use metrics::{Metrics, Snapshot};
+pub use quiet::Source;
 
 /// Where audit lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +70,8 @@ pub struct Audit {
     metrics: Arc<Metrics>,
     backlog: usize,
     shed: Arc<Shed>,
+    /// The windows of records strangers can cause ([`emit_from`](Self::emit_from)).
+    quiet: Arc<Mutex<quiet::Quiet>>,
 }
 
 impl std::fmt::Debug for Audit {
@@ -101,9 +106,11 @@ impl Audit {
     /// Starts the writer thread for any sink.
     fn open_writer(side: Side, sink: Box<dyn Write + Send>) -> io::Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded();
+        let quiet = Arc::new(Mutex::new(quiet::Quiet::new(side)));
+        let windows = Arc::clone(&quiet);
         thread::Builder::new()
             .name("ewii-audit".into())
-            .spawn(move || writer(BufWriter::new(sink), rx))?;
+            .spawn(move || writer(BufWriter::new(sink), rx, &windows))?;
         Ok(Self {
             side,
             format: Format::Ewii,
@@ -112,12 +119,16 @@ impl Audit {
             metrics: Arc::default(),
             backlog: DEFAULT_BACKLOG,
             shed: Arc::default(),
+            quiet,
         })
     }
 
     /// Renders lines in `format` (the tap keeps the records themselves).
     pub fn with_format(mut self, format: Format) -> Self {
         self.format = format;
+        if let Ok(mut q) = self.quiet.lock() {
+            q.format = format;
+        }
         self
     }
 
@@ -190,6 +201,31 @@ impl Audit {
             // is unreachable while `self` lives); say so rather than lose the record silently.
             tracing::error!("audit writer gone; record not written");
         }
+        self.tap_push(record);
+    }
+
+    /// Writes one record that a stranger can cause at will (a refused handshake, a throttled
+    /// enrolment) from `source`: at most [`quiet::BURST`] of them per source every
+    /// [`quiet::WINDOW`] are written one by one, the rest are counted into one summary record
+    /// per source and window ([`quiet`]). The metrics and the tap see every record.
+    pub fn emit_from(&self, source: Source, record: AuditRecord) {
+        let admitted = self
+            .quiet
+            .lock()
+            .map(|mut q| q.admit(source, &record, Instant::now()));
+        let (write, due) = admitted.unwrap_or((true, Vec::new()));
+        for line in due {
+            let _ = self.tx.send(Msg::Line(line));
+        }
+        if write {
+            self.emit(record);
+            return;
+        }
+        self.metrics.count(&record);
+        self.tap_push(record);
+    }
+
+    fn tap_push(&self, record: AuditRecord) {
         if let Some(tap) = &self.tap {
             if let Ok(mut records) = tap.records.lock() {
                 records.push(record);
@@ -230,7 +266,7 @@ impl Audit {
         pred: impl Fn(&AuditRecord) -> bool,
     ) -> Option<AuditRecord> {
         let tap = self.tap.as_ref()?;
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         loop {
             let notified = tap.changed.notified();
             tokio::pin!(notified);
@@ -258,9 +294,36 @@ impl Audit {
 /// most this long.
 const GATHER: Duration = Duration::from_millis(2);
 
-fn writer(mut out: BufWriter<Box<dyn Write + Send>>, rx: Receiver<Msg>) {
-    while let Ok(msg) = rx.recv() {
-        let mut pending = Some(msg);
+fn writer(
+    mut out: BufWriter<Box<dyn Write + Send>>,
+    rx: Receiver<Msg>,
+    quiet: &Mutex<quiet::Quiet>,
+) {
+    let summaries = |all: bool| {
+        quiet
+            .lock()
+            .map(|mut q| q.due(Instant::now(), all))
+            .unwrap_or_default()
+    };
+    loop {
+        // Awake when a window that held records back ends, to write its summary.
+        let next = quiet.lock().ok().and_then(|q| q.next_due());
+        let received = match next {
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+        };
+        let msg = match received {
+            Ok(msg) => Some(msg),
+            Err(RecvTimeoutError::Timeout) => None,
+            // Every handle is gone: the windows still open are summed up too.
+            Err(RecvTimeoutError::Disconnected) => {
+                write_lines(&mut out, summaries(true));
+                let _ = out.flush();
+                return;
+            }
+        };
+        write_lines(&mut out, summaries(false));
+        let mut pending = msg;
         // Write everything queued, then flush once: batching without delaying a lone record.
         while let Some(msg) = pending.take() {
             match msg {
@@ -270,6 +333,8 @@ fn writer(mut out: BufWriter<Box<dyn Write + Send>>, rx: Receiver<Msg>) {
                     }
                 }
                 Msg::Flush(done) => {
+                    // Everything emitted so far: the records held back included, as counts.
+                    write_lines(&mut out, summaries(true));
                     let _ = out.flush();
                     match done {
                         Done::Thread(tx) => drop(tx.send(())),
@@ -283,6 +348,14 @@ fn writer(mut out: BufWriter<Box<dyn Write + Send>>, rx: Receiver<Msg>) {
             tracing::error!(error = %e, "audit flush failed");
         }
         thread::sleep(GATHER);
+    }
+}
+
+fn write_lines(out: &mut impl Write, lines: Vec<String>) {
+    for line in lines {
+        if let Err(e) = writeln!(out, "{line}") {
+            tracing::error!(error = %e, "audit write failed");
+        }
     }
 }
 
@@ -411,6 +484,109 @@ mod tests {
                 .starts_with("3 queries refused since "),
             "{summary}"
         );
+    }
+
+    /// A refused handshake from `peer`.
+    fn refused_from(audit: &Audit, peer: &str) -> AuditRecord {
+        let mut r = audit.record(Event::HandshakeRefused);
+        r.peer = Some(peer.into());
+        r.outcome = Some(Outcome::Refused);
+        r.reason = Some("ALPN none without a client certificate".into());
+        r
+    }
+
+    #[test]
+    fn p11_a_flood_from_one_source_is_written_up_to_its_burst_then_summed_up_and_nothing_is_lost() {
+        let gate = Gate::default();
+        gate.open();
+        let audit = Audit::open_writer(Side::Hub, Box::new(gate.clone())).unwrap();
+        let flooder = Source::address("192.0.2.7".parse().unwrap());
+        for port in 0..50 {
+            audit.emit_from(
+                flooder.clone(),
+                refused_from(&audit, &format!("192.0.2.7:{port}")),
+            );
+        }
+        // Two hosts of one IPv6 /64 are one source; another address is its own.
+        for i in 0..6 {
+            for ip in ["2001:db8::1", "2001:db8::ffff:2"] {
+                let r = refused_from(&audit, &format!("[{ip}]:{i}"));
+                audit.emit_from(Source::address(ip.parse().unwrap()), r);
+            }
+        }
+        let other = Source::address("198.51.100.1".parse().unwrap());
+        audit.emit_from(other, refused_from(&audit, "198.51.100.1:1"));
+        audit.flush();
+        let lines = gate.lines();
+        let from = |prefix: &str| {
+            lines
+                .iter()
+                .filter(|l| l["peer"].as_str().is_some_and(|p| p.starts_with(prefix)))
+                .collect::<Vec<_>>()
+        };
+        let summary = |ls: &[&serde_json::Value]| {
+            ls.iter()
+                .filter_map(|l| l["reason"].as_str())
+                .filter(|r| r.contains("not written one by one"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let flood = from("192.0.2.7");
+        assert_eq!(flood.len(), 11, "ten one by one, one summary");
+        let said = summary(&flood);
+        assert_eq!(said.len(), 1);
+        assert!(
+            said[0].starts_with("40 more records of this event from 192.0.2.7 since "),
+            "{}",
+            said[0]
+        );
+        assert!(flood.iter().all(|l| l["event"] == "handshake_refused"));
+        let v6 = from("[2001:db8::");
+        assert_eq!(v6.len(), 10, "one source for the /64");
+        let said = summary(&from("2001:db8::"));
+        assert_eq!(said.len(), 1);
+        assert!(
+            said[0].starts_with("2 more records of this event from 2001:db8::/64"),
+            "{}",
+            said[0]
+        );
+        assert_eq!(from("198.51.100.1").len(), 1);
+        assert_eq!(lines.len(), 11 + 10 + 1 + 1);
+        // Every record is counted, the ones held back too.
+        assert_eq!(audit.metrics().snapshot().handshakes_refused, 63);
+    }
+
+    #[test]
+    fn p11_a_sources_window_ends_with_its_summary_and_the_sources_tracked_are_bounded() {
+        let mut q = quiet::Quiet::new(Side::Hub);
+        let r = AuditRecord::new(crate::now_timestamp(), Side::Hub, Event::HandshakeRefused);
+        let t0 = Instant::now();
+        let ip = Source::address("192.0.2.9".parse().unwrap());
+        let written = (0..12).filter(|_| q.admit(ip.clone(), &r, t0).0).count();
+        assert_eq!(written, quiet::BURST as usize);
+        assert_eq!(q.next_due(), Some(t0 + quiet::WINDOW));
+        assert!(
+            q.due(t0 + quiet::WINDOW / 2, false).is_empty(),
+            "the window is open"
+        );
+        // The next record after the window: the summary comes first, and it is written.
+        let (write, due) = q.admit(ip.clone(), &r, t0 + quiet::WINDOW);
+        assert!(write);
+        assert_eq!(due.len(), 1);
+        assert!(
+            due[0].contains("\"2 more records of this event from 192.0.2.9"),
+            "{}",
+            due[0]
+        );
+        assert_eq!(q.next_due(), None, "nothing held back in the new window");
+        // Past the bound, new sources share one entry, with its own burst.
+        for i in 0..2000u32 {
+            let ip = Source::address(std::net::Ipv4Addr::from(0x0a00_0000 + i).into());
+            q.admit(ip, &r, t0);
+        }
+        assert!(q.next_due().is_some(), "the shared entry held records back");
+        let due = q.due(t0 + 2 * quiet::WINDOW, true);
+        assert!(due.iter().any(|l| l.contains("other sources")), "{due:?}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use rustls::pki_types::CertificateDer;
 use super::admission::Slot;
 use super::enrol;
 use super::session::{Parts, Session};
+use crate::audit::Source;
 use crate::transport::codes;
 
 /// Completes the handshake and hands the connection to an enrolment or a session. `slot` is
@@ -46,7 +47,7 @@ pub(crate) async fn handle(parts: Parts, incoming: quinn::Incoming, slot: Slot) 
                     "throttled: {failures} refused enrolments from {} in the last minute",
                     peer.ip()
                 ));
-                parts.audit.emit(r);
+                parts.audit.emit_from(Source::address(peer.ip()), r);
                 enrol::refuse_unread(conn).await;
                 return;
             }
@@ -72,7 +73,7 @@ pub(crate) async fn handle(parts: Parts, incoming: quinn::Incoming, slot: Slot) 
                 alpn.map_or_else(|| "none".into(), String::from_utf8_lossy),
                 if certs.is_some() { "" } else { "out" }
             ));
-            parts.audit.emit(r);
+            parts.audit.emit_from(Source::address(peer.ip()), r);
             conn.close(codes::REFUSED, b"");
         }
     }

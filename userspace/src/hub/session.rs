@@ -27,7 +27,7 @@ use super::registry::{self, Command, Registry, Route};
 use super::state::{SerialStatus, SessionRow};
 use super::store::Store;
 use super::trust::Trust;
-use crate::audit::Audit;
+use crate::audit::{Audit, Source};
 use crate::identity::{inspect_leaf, LeafInfo};
 use crate::transport::control::{ControlOut, OutError};
 use crate::transport::{self, codes, FrameReader};
@@ -157,7 +157,10 @@ impl Session {
             r.peer = Some(peer.to_string());
             r.outcome = Some(Outcome::Refused);
             r.reason = Some(format!("{} is revoked", leaf.id));
-            parts.audit.emit(r);
+            // The holder of a revoked key may dial in a loop: a flood is summed up.
+            parts
+                .audit
+                .emit_from(Source::Claimed(leaf.id.to_string()), r);
             conn.close(codes::REVOKED, reason.as_bytes());
             return None;
         }
@@ -335,7 +338,14 @@ impl Session {
         };
         self.parts.registry.remove(&self.name, self.id);
         tracing::debug!(session_id = %self.id, stats = ?self.conn.stats(), "session's QUIC counters");
-        let now = crate::now_timestamp().unix_secs() as i64;
+        // Stamped now, when the end was seen, not after the synced commit below.
+        let mut r = self.parts.audit.record(Event::SessionLost);
+        r.session_id = Some(self.id);
+        r.client = Some(self.leaf.id.to_string());
+        r.peer = Some(self.peer.to_string());
+        r.duration_ms = Some(started.elapsed().as_millis() as u64);
+        r.reason = Some(reason);
+        let now = r.time.unix_secs() as i64;
         if let Err(e) = self
             .parts
             .store
@@ -344,12 +354,6 @@ impl Session {
         {
             tracing::error!(error = %e, "cannot record the session end");
         }
-        let mut r = self.parts.audit.record(Event::SessionLost);
-        r.session_id = Some(self.id);
-        r.client = Some(self.leaf.id.to_string());
-        r.peer = Some(self.peer.to_string());
-        r.duration_ms = Some(started.elapsed().as_millis() as u64);
-        r.reason = Some(reason);
         self.parts.audit.emit(r);
     }
 

@@ -21,7 +21,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use sha2::{Digest, Sha256};
 
 use super::{inspect_leaf, LeafInfo};
-use crate::audit::Audit;
+use crate::audit::{Audit, Source};
 
 /// Which identities a verifier accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -359,10 +359,12 @@ impl SpiffeVerifier {
         tracing::warn!(peer = ?who, reason = %detail, "handshake refused");
         if let Some(audit) = &self.audit {
             let mut r = audit.record(Event::HandshakeRefused);
+            // Anyone can send a certificate: a flood is summed up, per claimed identity.
+            let source = Source::Claimed(who.clone().unwrap_or_else(|| "(none)".into()));
             r.client = who;
             r.outcome = Some(Outcome::Refused);
             r.reason = Some(detail);
-            audit.emit(r);
+            audit.emit_from(source, r);
         }
         generic_refusal()
     }
