@@ -241,9 +241,14 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
 /// order, and the session's end is on record (P11: every connection logged).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p11_a_hub_that_stops_reading_the_control_stream_still_gets_the_session_on_record() {
-    // 4 s SVIDs: the Client asks to renew at about 2 s.
-    let hub = TestHub::start_with(&[], 4).await;
+    // 10 s SVIDs: the Client asks to renew at 4 to 6 s, and is stopped well before 10.
+    let hub = TestHub::start_with(&[], 10).await;
     let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let leaf = ewii::identity::inspect_leaf(&svid.chain[0]).unwrap();
+    // The earliest a renewal is asked for: 40 % of the life.
+    let life = leaf.not_after - leaf.not_before;
+    let earliest_us = (leaf.not_before + life * 2 / 5) as u64 * 1_000_000;
     // Room for the `Hello`, not for a `Renew` after it (a CSR alone is over 200 bytes).
     let (addr, mut conns) = hostile_hub_granting(&hub, Some(256)).await;
     client.config.hub = addr.to_string().parse().unwrap();
@@ -252,7 +257,10 @@ async fn p11_a_hub_that_stops_reading_the_control_stream_still_gets_the_session_
         .await
         .unwrap()
         .unwrap();
-    // The `Renew` went out as far as the window lets it, and waits.
+    // The `Renew` went out as far as the window lets it, and waits. (Counted from when it can
+    // have been asked: a `Hello` sent again would count as a second frame too.)
+    let wait = earliest_us.saturating_sub(ewii::now_timestamp().0);
+    tokio::time::sleep(Duration::from_micros(wait)).await;
     poll_until("the Client's Renew to start", SOON, || {
         conn.stats().frame_rx.stream >= 2
     })

@@ -876,6 +876,85 @@ async fn p8_p15_a_forced_ca_retirement_ends_the_live_sessions_of_old_ca_svids_at
     acme.stop().await;
 }
 
+/// A requester's TLS connection rests on its workload SVID as a Client's session rests on its
+/// own: when that SVID's CA leaves the bundle (a leaked CA key, retired by force), a connection
+/// it opened before is cut at once instead of staying open until the requester closes it, and
+/// the Hub's record says why, with the bytes moved so far. A caller whose SVID is from the new
+/// CA goes on (P8, P11, P15).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_p11_p15_a_forced_ca_retirement_cuts_the_live_tls_queries_of_old_ca_callers() {
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[Service::tls("pg-tls", "acme", "db")]).await;
+    let state = hub.state_dir();
+    let issue = |dir: &str| {
+        let dir = hub.dir.path().join(dir);
+        admin::issue_workload_svid(&state, "billing", Duration::from_secs(3600), &dir).unwrap();
+        dir
+    };
+    let old = issue("billing-old-ca");
+    admin::ca_prepare(&state).unwrap();
+    admin::ca_activate(&state).unwrap();
+    hub.wait_audit(
+        "the Hub signs with the new CA",
+        says(Event::BundleUpdated, "new signing CA"),
+    )
+    .await;
+    // The Client enrols after the activation: its SVID, and so its session, is the new CA's.
+    let mut client = TestClient::enrol_and_run(&hub, "acme", &[("db", echo.to_string())]).await;
+    hub.wait_connected("acme").await;
+    let new = issue("billing-new-ca");
+    // The old caller learnt the bundle with both CAs, as it would from the operator: the Hub's
+    // own SVID is the new CA's now.
+    std::fs::copy(new.join(store::BUNDLE), old.join(store::BUNDLE)).unwrap();
+    async fn echoes(s: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin), what: &[u8]) {
+        s.write_all(what).await.unwrap();
+        let mut back = vec![0; what.len()];
+        tokio::time::timeout(SOON, s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, what);
+    }
+    let mut before = tls_caller(hub.service("pg-tls"), &old, TD).await.unwrap();
+    let mut after = tls_caller(hub.service("pg-tls"), &new, TD).await.unwrap();
+    echoes(&mut before, b"old ca").await;
+    echoes(&mut after, b"new ca").await;
+
+    admin::ca_retire(&state, true).unwrap();
+    let cut = hub
+        .wait_audit("the old-CA caller's query cut", |r| {
+            r.event == Event::Query && r.outcome == Some(Outcome::Refused)
+        })
+        .await;
+    let reason = cut.reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.starts_with("untrusted: the bundle no longer vouches for the caller's SVID"),
+        "{reason}"
+    );
+    assert_eq!(
+        cut.source.as_deref(),
+        Some("spiffe://test.ewii.local/workload/billing")
+    );
+    assert_eq!((cut.bytes_up, cut.bytes_down), (Some(6), Some(6)));
+    // The requester sees its connection end: nothing more comes back.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(SOON, before.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(&ended, Ok(Err(_)) | Ok(Ok(0))),
+        "{ended:?} {rest:?}"
+    );
+    // The Client's side of it: the stream was reset under it.
+    let theirs = client
+        .wait_audit("the Client's record of the cut query", |r| {
+            r.event == Event::Query && r.outcome == Some(Outcome::Failed)
+        })
+        .await;
+    assert_eq!(theirs.query_id, cut.query_id);
+    // The new CA's caller is not touched.
+    echoes(&mut after, b"still here").await;
+    client.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p15_the_ca_rotates_with_an_overlap_and_clients_follow_over_the_control_stream() {
     use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
@@ -1398,30 +1477,9 @@ async fn p8_a_renew_flood_and_control_garbage_are_cut_off_without_touching_other
 async fn p7_p8_a_client_that_stops_reading_its_control_stream_still_ends_at_its_svids_expiry() {
     let hub = TestHub::start_with(&[Service::tcp("pg", "acme", "db")], 6).await;
     let acme = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
-    // Room for the `Welcome` and no more: every later answer waits for a read that never comes.
-    let welcome = Control::Welcome {
-        session_id: u64::MAX,
-        hub_time_us: u64::MAX,
-        limits: ewii_common::frame::Limits {
-            max_concurrent_queries: u32::MAX,
-            idle_timeout_ms: u32::MAX,
-        },
-    };
-    let window = ewii_common::frame::encode_to_vec(&welcome).unwrap().len() as u32;
-    let svid = Svid::load(&acme.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
-    let not_after = inspect_leaf(&svid.chain[0]).unwrap().not_after;
-    let mut raw = raw_handshake_with_window(&hub, &svid, window)
-        .await
-        .expect("a handshake")
-        .hello()
-        .await
-        .expect("a session");
-    hub.wait_connected("acme").await;
+    let (mut raw, not_after) = stalled_session(&hub, &acme, "acme").await;
     // More requests than the Hub holds answers for, not one answer read.
-    for time_us in 0..2 * transport::control::ROOM as u64 {
-        let ping = Control::Ping { time_us };
-        transport::write_frame(&mut raw.send, &ping).await.unwrap();
-    }
+    pings(&mut raw, 2 * transport::control::ROOM as u64).await;
     let left = u64::try_from(not_after - ewii::now_timestamp().unix_secs() as i64).unwrap_or(0);
     let closed = tokio::time::timeout(Duration::from_secs(left + 2), raw.conn.closed())
         .await
@@ -1439,6 +1497,63 @@ async fn p7_p8_a_client_that_stops_reading_its_control_stream_still_ends_at_its_
         .handle()
         .connected_clients()
         .contains(&"acme".to_string()));
+}
+
+/// A session of `client`'s SVID (Client `name`) from a peer that grants the Hub room for the `Welcome` and no
+/// more: every later answer waits for a read that never comes. Its SVID's end too.
+async fn stalled_session(hub: &TestHub, client: &TestClient, name: &str) -> (RawSession, i64) {
+    let welcome = Control::Welcome {
+        session_id: u64::MAX,
+        hub_time_us: u64::MAX,
+        limits: ewii_common::frame::Limits {
+            max_concurrent_queries: u32::MAX,
+            idle_timeout_ms: u32::MAX,
+        },
+    };
+    let window = ewii_common::frame::encode_to_vec(&welcome).unwrap().len() as u32;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let not_after = inspect_leaf(&svid.chain[0]).unwrap().not_after;
+    let raw = raw_handshake_with_window(hub, &svid, window)
+        .await
+        .expect("a handshake")
+        .hello()
+        .await
+        .expect("a session");
+    hub.wait_connected(name).await;
+    (raw, not_after)
+}
+
+/// Sends `n` `Ping`s on `raw`'s control stream.
+async fn pings(raw: &mut RawSession, n: u64) {
+    for time_us in 0..n {
+        let ping = Control::Ping { time_us };
+        transport::write_frame(&mut raw.send, &ping).await.unwrap();
+    }
+}
+
+/// A Client whose answers wait unread, then breaks the protocol: its session ends, and its
+/// connection is closed, not left open behind the write that waits (keep-alives would hold it
+/// for ever, outside every registry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_that_breaks_the_protocol_has_its_connection_closed() {
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let acme = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let (mut raw, _) = stalled_session(&hub, &acme, "acme").await;
+    pings(&mut raw, 4).await;
+    raw.send
+        .write_all(&[0, 0, 0, 3, 1, 0xff, 0xff])
+        .await
+        .unwrap();
+    hub.wait_audit(
+        "the session's end",
+        says(Event::SessionLost, "protocol: control stream"),
+    )
+    .await;
+    assert_eq!(
+        raw.closed_by_hub().await,
+        Some(2),
+        "closed as a protocol violation"
+    );
 }
 
 /// Sends one `Renew` with `key` on a fresh raw session of `svid`; returns the answer.

@@ -307,7 +307,10 @@ impl Connection {
                         conn.close(codes::PROTOCOL, b"");
                         break End::Lost(Lost::Control("unexpected control message".into()));
                     }
-                    Ok(None) => break End::Lost(Lost::Control("the Hub closed the control stream".into())),
+                    Ok(None) => {
+                        conn.close(codes::PROTOCOL, b"");
+                        break End::Lost(Lost::Control("the Hub closed the control stream".into()));
+                    }
                     Err(e) => break ended_by(&conn, &e),
                 },
                 Some(_) = queries.join_next(), if !queries.is_empty() => {
@@ -317,6 +320,9 @@ impl Connection {
                 () = sleep_until_opt(retiring.map(|d| linger_until.map_or(d, |l| l.min(d)))) => {}
             }
         };
+        // Closed on every way out (a no-op where it is already): the writer task holds the
+        // connection while a write waits for the Hub.
+        conn.close(codes::DONE, b"");
         // The connection is gone: its queries' streams fail at once, so each ends and writes
         // its record; one still stuck after the bound is dropped, and writes it then.
         let _ = tokio::time::timeout(QUERY_WIND_DOWN, async {
@@ -369,11 +375,15 @@ fn unsent(conn: &quinn::Connection, e: &OutError) -> End {
     ended_by(conn, e)
 }
 
-/// A control-stream error: the connection's own close reason says more.
+/// A control-stream error: the connection's own close reason says more. While it is open, the
+/// Hub broke the stream (a bad frame, a reset): it is closed as a protocol violation.
 fn ended_by(conn: &quinn::Connection, e: &dyn std::fmt::Display) -> End {
     match conn.close_reason() {
         Some(reason) => closed(&reason),
-        None => End::Lost(Lost::Control(e.to_string())),
+        None => {
+            conn.close(codes::PROTOCOL, b"");
+            End::Lost(Lost::Control(e.to_string()))
+        }
     }
 }
 

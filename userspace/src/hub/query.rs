@@ -9,6 +9,7 @@ use ewii_common::audit::{AuditRecord, Destination, Event, Outcome};
 use ewii_common::frame::{QueryHead, QueryId, RefuseCode};
 use ewii_common::spiffe::{Role, SpiffeId};
 use rand::RngCore;
+use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::task::JoinSet;
@@ -19,7 +20,7 @@ use crate::audit::Audit;
 use crate::config::{ServiceConfig, ServiceMode};
 use crate::identity::inspect_leaf;
 use crate::transport;
-use crate::transport::pipe::{pipe, PipeError, Start, TcpLike};
+use crate::transport::pipe::{pipe_until, PipeError, Start, TcpLike};
 
 /// How long a query may wait for a stream (the Client's `max_queries` all in use), and then
 /// for the Client's answer to `Open` (it dials the destination meanwhile; the requester's first
@@ -211,9 +212,11 @@ async fn query(
                 return;
             };
             log.source = Some(format!("{principal}@{peer}"));
-            forward(log, tcp).await;
+            forward(log, tcp, std::future::pending()).await;
         }
         Some(acceptor) => {
+            // Before the handshake: a CA that leaves the bundle while it runs is seen too.
+            let left = parts.trust.anchors_left();
             let stream = match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => return log.emit(Outcome::Refused, format!("requester TLS: {e}")),
@@ -235,8 +238,17 @@ async fn query(
                 _ => None,
             });
             log.source = caller.filter(|_| name.is_some()).map(|l| l.id.to_string());
+            let chain: Vec<CertificateDer<'static>> = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(<[_]>::to_vec)
+                .unwrap_or_default();
             match name {
-                Some(name) if workloads.contains(&name) => forward(log, stream).await,
+                Some(name) if workloads.contains(&name) => {
+                    let trust = Arc::clone(&parts.trust);
+                    forward(log, stream, untrusted(trust, left, chain)).await;
+                }
                 Some(name) => {
                     let reason = format!(
                         "workload {name} is not allowed to call service {} (allowed: {})",
@@ -251,7 +263,32 @@ async fn query(
     }
 }
 
-async fn forward<S: TcpLike>(mut log: QueryLog<'_>, io: S) {
+/// Resolves once the bundle no longer vouches for `chain`, a live requester's workload SVID (its
+/// CA left the bundle: `ewii-hub ca retire --force`, a leaked key). Its query is then cut, as a
+/// Client's session is (`untrusted`): what was proven at the handshake no longer holds.
+async fn untrusted(
+    trust: Arc<Trust>,
+    mut left: tokio::sync::watch::Receiver<u64>,
+    chain: Vec<CertificateDer<'static>>,
+) -> PipeError {
+    while left.changed().await.is_ok() {
+        if let Err(why) = trust.vouches_for_workload(&chain) {
+            return PipeError::Cut(format!(
+                "untrusted: the bundle no longer vouches for the caller's SVID: {why}"
+            ));
+        }
+    }
+    // The Hub is going away: nothing more will change.
+    std::future::pending().await
+}
+
+/// Opens a query on the client's current session and pipes `io` through it until it ends, or
+/// until `cut` resolves.
+async fn forward<S: TcpLike>(
+    mut log: QueryLog<'_>,
+    io: S,
+    cut: impl std::future::Future<Output = PipeError>,
+) {
     let query_id =
         QueryId(u128::from(rand::rng().next_u64()) << 64 | u128::from(rand::rng().next_u64()));
     log.query_id = Some(query_id);
@@ -293,7 +330,7 @@ async fn forward<S: TcpLike>(mut log: QueryLog<'_>, io: S) {
         return;
     }
     // The requester's bytes follow `Open` at once; nothing goes back before `Opened`.
-    let report = pipe(io, send, recv, Start::AwaitAnswer(OPEN_TIMEOUT)).await;
+    let report = pipe_until(io, send, recv, Start::AwaitAnswer(OPEN_TIMEOUT), cut).await;
     let (outcome, record_bytes) = match &report.error {
         None => (Outcome::Ok, true),
         // One vocabulary on both sides: `refused` is policy (not in the allow-list), `failed`
@@ -301,6 +338,8 @@ async fn forward<S: TcpLike>(mut log: QueryLog<'_>, io: S) {
         Some(PipeError::Refused(RefuseCode::Unreachable)) => (Outcome::Failed, false),
         Some(PipeError::Refused(_)) => (Outcome::Refused, false),
         Some(PipeError::NoAnswer(_)) => (Outcome::Failed, false),
+        // Policy again: the caller is no longer trusted. What it moved until then is counted.
+        Some(PipeError::Cut(_)) => (Outcome::Refused, true),
         Some(_) => (Outcome::Failed, true),
     };
     let mut r = log.record(outcome, report.error.as_ref().map(ToString::to_string));

@@ -315,9 +315,15 @@ impl Session {
                     // The registry dropped us: we were closed by a revocation.
                     None => break SessionEnd::Revoked.reason(&format!("{} is revoked", self.leaf.id)),
                 },
-                e = self.out.failed(), if self.goodbye.is_none() => {
-                    break SessionEnd::ConnectionLost.reason(&format!("control stream write failed: {e}"));
-                }
+                // A write failed: the connection's own end says why (a revocation, a shutdown), or
+                // the Client stopped the control stream under us.
+                e = self.out.failed(), if self.goodbye.is_none() => break match self.conn.close_reason() {
+                    Some(closed) => self.lost_reason(&closed),
+                    None => {
+                        self.conn.close(codes::PROTOCOL, b"");
+                        SessionEnd::Protocol.reason(&format!("control stream write failed: {e}"))
+                    }
+                },
                 // The next request is read once its answer has room: a Client that asks without
                 // reading the answers is held by flow control, its session's timers are not.
                 () = self.out.room(), if !self.out.has_room() => {}
@@ -336,6 +342,10 @@ impl Session {
                 },
             }
         };
+        // Closed on every way out (a no-op where it is already): the writer task holds the
+        // connection while a write waits for the Client, so dropping this session alone would
+        // not end it.
+        self.conn.close(codes::PROTOCOL, b"");
         self.parts.registry.remove(&self.name, self.id);
         tracing::debug!(session_id = %self.id, stats = ?self.conn.stats(), "session's QUIC counters");
         // Stamped now, when the end was seen, not after the synced commit below.
@@ -476,7 +486,10 @@ impl Session {
             Err(transport::StreamError::Read(quinn::ReadError::ConnectionLost(e))) => {
                 Some(self.lost_reason(&e))
             }
-            Err(e) => Some(SessionEnd::Protocol.reason(&format!("control stream: {e}"))),
+            Err(e) => {
+                self.conn.close(codes::PROTOCOL, b"");
+                Some(SessionEnd::Protocol.reason(&format!("control stream: {e}")))
+            }
         }
     }
 

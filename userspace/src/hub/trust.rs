@@ -260,6 +260,8 @@ pub(crate) struct Trust {
     bundle_files: Vec<BundleFile>,
     /// Counts the anchors that left a bundle (see [`Trust::generation`]).
     generation: AtomicU64,
+    /// The same count, for those that wait for it ([`Trust::anchors_left`]).
+    left: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Trust {
@@ -305,6 +307,7 @@ impl Trust {
                 federation,
                 bundle_files,
                 generation: AtomicU64::new(0),
+                left: tokio::sync::watch::Sender::new(0),
             },
             quic,
         ))
@@ -352,6 +355,22 @@ impl Trust {
             .with_federation(self.federation.clone())
             .verify_chain(leaf, intermediates, rustls::pki_types::UnixTime::now())
             .map(drop)
+    }
+
+    /// Whether the Hub's bundle still vouches for `chain`, a requester's workload SVID, as the
+    /// TLS service listeners' verifier checks it at the handshake.
+    pub(crate) fn vouches_for_workload(&self, chain: &[CertificateDer<'_>]) -> Result<(), String> {
+        let (leaf, intermediates) = chain.split_first().ok_or("empty chain")?;
+        SpiffeVerifier::new(self.bundle.clone(), &self.trust_domain, Expect::Workload)
+            .verify_chain(leaf, intermediates, rustls::pki_types::UnixTime::now())
+            .map(drop)
+    }
+
+    /// Changes when an anchor leaves a bundle ([`Trust::generation`]): a live requester's
+    /// connection re-checks its caller's chain then. Subscribed before its handshake, it also
+    /// sees a change made during it.
+    pub(crate) fn anchors_left(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.left.subscribe()
     }
 
     /// How many times an anchor left a bundle. A change is counted after the anchors are
@@ -437,7 +456,8 @@ impl Trust {
         if before.iter().all(|a| after.contains(a)) {
             return None;
         }
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.left.send_replace(generation);
         Some(registry.recheck(trust_domain))
     }
 

@@ -67,8 +67,10 @@ impl std::fmt::Debug for Out {
 }
 
 impl ControlOut {
-    /// Hands `send` to a new writer task on the current runtime. The task ends when this
-    /// handle is dropped (after the frames already queued) or when a write fails.
+    /// Hands `send` to a new writer task on the current runtime. The task ends once this handle
+    /// is dropped and the frames queued are written, or when a write fails. A write the peer
+    /// holds ends only when the connection closes: whoever drops the handle closes it (the
+    /// task keeps the connection alive meanwhile).
     pub fn spawn(send: SendStream) -> Self {
         let (tx, rx) = mpsc::channel(ROOM);
         let failed = Arc::default();

@@ -74,6 +74,9 @@ pub enum PipeError {
     /// No valid answer to `Open` (Hub side): none in time, a bad frame, the stream broke.
     #[error("{0}")]
     NoAnswer(String),
+    /// Cut by its owner while it ran ([`pipe_until`]), for the reason given.
+    #[error("{0}")]
+    Cut(String),
 }
 
 /// What comes off the stream before the peer's raw bytes.
@@ -110,9 +113,21 @@ impl TcpLike for tokio_rustls::server::TlsStream<TcpStream> {
 /// before the peer's raw bytes.
 pub async fn pipe<S: TcpLike>(
     io: S,
+    send: SendStream,
+    recv: RecvStream,
+    start: Start,
+) -> PipeReport {
+    pipe_until(io, send, recv, start, std::future::pending()).await
+}
+
+/// [`pipe`], cut when `cut` resolves first: both sides are aborted as on an error (a stream
+/// reset, a TCP RST), and the report keeps the bytes moved so far.
+pub async fn pipe_until<S: TcpLike>(
+    io: S,
     mut send: SendStream,
     mut recv: RecvStream,
     start: Start,
+    cut: impl std::future::Future<Output = PipeError>,
 ) -> PipeReport {
     let (mut r, mut w) = tokio::io::split(io);
     let mut up_count = 0u64;
@@ -138,7 +153,7 @@ pub async fn pipe<S: TcpLike>(
             };
             stream_to_tcp(&mut recv, &mut w, leftover, &mut down_count).await
         };
-        tokio::pin!(up, down);
+        tokio::pin!(up, down, cut);
         let (mut up_done, mut down_done) = (false, false);
         // A Client that refuses stops the stream as it answers: the stop may overtake the
         // `Refused` frame, so an upload that fails on the stream before the answer waits for
@@ -159,6 +174,7 @@ pub async fn pipe<S: TcpLike>(
                     Ok(()) => down_done = true,
                     Err(e) => break Some(e),
                 },
+                e = &mut cut => break Some(e),
             }
             if up_done && down_done {
                 break up_error;

@@ -29,7 +29,8 @@ const PRESENT_WINDOW: Duration = Duration::from_secs(5);
 /// session. Each is refused cheaply, but each is also an audit record: without an end, one
 /// session could write them as fast as it sends, and a lagging sink sheds every Client's
 /// queries (P11). An honest Client breaks a rule once at most (a retry early by its clock), and
-/// the next request served starts the count again.
+/// the next request that keeps them starts the count again, whatever its answer (a renewal
+/// refused as too early, or a chain refused, is judged on its merits and is no strike).
 pub(super) const STRIKES: u32 = 3;
 
 impl Session {
@@ -124,8 +125,8 @@ impl Session {
         None
     }
 
-    /// Counts a request that broke the renewal rules, or starts the count again after one
-    /// served ([`STRIKES`]).
+    /// Counts a request that broke the renewal rules, or starts the count again after one that
+    /// kept them ([`STRIKES`]).
     fn strike(&mut self, broke_a_rule: bool) {
         self.strikes = if broke_a_rule { self.strikes + 1 } else { 0 };
     }
@@ -163,7 +164,6 @@ impl Session {
     ) -> Control {
         match self.check_presented(chain, scheme, proof) {
             Ok((leaf, chain)) => {
-                self.strike(false);
                 let serial = leaf.serial.clone();
                 self.rebind(leaf, chain, "presented from the Client's SPIRE")
                     .await;
@@ -191,9 +191,7 @@ impl Session {
     ) -> Result<(LeafInfo, Vec<CertificateDer<'static>>), String> {
         let flood = self.present_flood();
         let federated = self.parts.trust.is_federated(&self.leaf.id);
-        if !federated || flood {
-            self.strike(true);
-        }
+        self.strike(!federated || flood);
         if !federated {
             return Err(format!(
                 "{} takes its SVIDs from this Hub (Renew); only a federated Client presents one",
