@@ -817,6 +817,18 @@ async fn p7_an_svid_that_expires_without_renewal_stops_the_client_plainly() {
     );
 }
 
+/// `ca prepare`, `ca activate`, and the running Hub signing with the new CA.
+async fn next_ca_signs(hub: &TestHub) {
+    let state = hub.state_dir();
+    admin::ca_prepare(&state).unwrap();
+    admin::ca_activate(&state).unwrap();
+    hub.wait_audit(
+        "the Hub signs with the new CA",
+        says(Event::BundleUpdated, "new signing CA"),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p8_p15_a_forced_ca_retirement_ends_the_live_sessions_of_old_ca_svids_at_once() {
     let echo = echo_server().await;
@@ -828,13 +840,7 @@ async fn p8_p15_a_forced_ca_retirement_ends_the_live_sessions_of_old_ca_svids_at
     acme.start();
     hub.wait_connected("acme").await;
     let state = hub.state_dir();
-    admin::ca_prepare(&state).unwrap();
-    admin::ca_activate(&state).unwrap();
-    hub.wait_audit(
-        "the Hub signs with the new CA",
-        says(Event::BundleUpdated, "new signing CA"),
-    )
-    .await;
+    next_ca_signs(&hub).await;
     // `beta` enrols after the activation: its SVID is from the new CA.
     let beta = TestClient::enrol(&hub, "beta", &[("db", echo.to_string())]).await;
     let new = Svid::load(&beta.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
@@ -892,13 +898,7 @@ async fn p8_p11_p15_a_forced_ca_retirement_cuts_the_live_tls_queries_of_old_ca_c
         dir
     };
     let old = issue("billing-old-ca");
-    admin::ca_prepare(&state).unwrap();
-    admin::ca_activate(&state).unwrap();
-    hub.wait_audit(
-        "the Hub signs with the new CA",
-        says(Event::BundleUpdated, "new signing CA"),
-    )
-    .await;
+    next_ca_signs(&hub).await;
     // The Client enrols after the activation: its SVID, and so its session, is the new CA's.
     let mut client = TestClient::enrol_and_run(&hub, "acme", &[("db", echo.to_string())]).await;
     hub.wait_connected("acme").await;
