@@ -207,8 +207,9 @@ impl Audit {
     /// Writes one record that a stranger can cause at will (a refused handshake, a throttled
     /// enrolment) from `source`: at most [`quiet::BURST`] of them per source every
     /// [`quiet::WINDOW`] are written one by one, the rest are counted into one summary record
-    /// per source and window ([`quiet`]). The metrics and the tap see every record.
-    pub fn emit_from(&self, source: Source, record: AuditRecord) {
+    /// per source and window ([`quiet`]). The metrics and the tap see every record. Whether
+    /// this one was written one by one: a log line about it should follow the same rule.
+    pub fn emit_from(&self, source: Source, record: AuditRecord) -> bool {
         let admitted = self
             .quiet
             .lock()
@@ -219,10 +220,11 @@ impl Audit {
         }
         if write {
             self.emit(record);
-            return;
+            return true;
         }
         self.metrics.count(&record);
         self.tap_push(record);
+        false
     }
 
     fn tap_push(&self, record: AuditRecord) {

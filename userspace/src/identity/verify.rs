@@ -356,15 +356,19 @@ impl SpiffeVerifier {
 
     fn refuse(&self, detail: String, end_entity: &CertificateDer<'_>) -> rustls::Error {
         let who = inspect_leaf(end_entity).ok().map(|l| l.id.to_string());
-        tracing::warn!(peer = ?who, reason = %detail, "handshake refused");
-        if let Some(audit) = &self.audit {
-            let mut r = audit.record(Event::HandshakeRefused);
-            // Anyone can send a certificate: a flood is summed up, per claimed identity.
-            let source = Source::Claimed(who.clone().unwrap_or_else(|| "(none)".into()));
-            r.client = who;
-            r.outcome = Some(Outcome::Refused);
-            r.reason = Some(detail);
-            audit.emit_from(source, r);
+        let Some(audit) = &self.audit else {
+            tracing::warn!(peer = ?who, reason = %detail, "handshake refused");
+            return generic_refusal();
+        };
+        let mut r = audit.record(Event::HandshakeRefused);
+        // Anyone can send a certificate: a flood is summed up, per claimed identity, and the
+        // log follows the audit (a warning for each record written one by one).
+        let source = Source::Claimed(who.clone().unwrap_or_else(|| "(none)".into()));
+        r.client.clone_from(&who);
+        r.outcome = Some(Outcome::Refused);
+        r.reason = Some(detail.clone());
+        if audit.emit_from(source, r) {
+            tracing::warn!(peer = ?who, reason = %detail, "handshake refused");
         }
         generic_refusal()
     }
