@@ -246,9 +246,10 @@ async fn p11_a_hub_that_stops_reading_the_control_stream_still_gets_the_session_
     let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
     let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
     let leaf = ewii::identity::inspect_leaf(&svid.chain[0]).unwrap();
-    // The earliest a renewal is asked for: 40 % of the life.
+    // The latest a renewal is asked for: 60 % of the life (and a moment for the `Renew` to be
+    // written up to the window).
     let life = leaf.not_after - leaf.not_before;
-    let earliest_us = (leaf.not_before + life * 2 / 5) as u64 * 1_000_000;
+    let asked_us = (leaf.not_before + life * 3 / 5) as u64 * 1_000_000 + 300_000;
     // Room for the `Hello`, not for a `Renew` after it (a CSR alone is over 200 bytes).
     let (addr, mut conns) = hostile_hub_granting(&hub, Some(256)).await;
     client.config.hub = addr.to_string().parse().unwrap();
@@ -257,9 +258,9 @@ async fn p11_a_hub_that_stops_reading_the_control_stream_still_gets_the_session_
         .await
         .unwrap()
         .unwrap();
-    // The `Renew` went out as far as the window lets it, and waits. (Counted from when it can
-    // have been asked: a `Hello` sent again would count as a second frame too.)
-    let wait = earliest_us.saturating_sub(ewii::now_timestamp().0);
+    // The `Renew` went out as far as the window lets it, and waits. (Counted once it was asked:
+    // a `Hello` sent again would count as a second frame too.)
+    let wait = asked_us.saturating_sub(ewii::now_timestamp().0);
     tokio::time::sleep(Duration::from_micros(wait)).await;
     poll_until("the Client's Renew to start", SOON, || {
         conn.stats().frame_rx.stream >= 2

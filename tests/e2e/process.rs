@@ -1701,7 +1701,8 @@ pub(crate) fn not_root() -> bool {
 
 /// Anyone can make the Hub refuse a handshake (no certificate needed), as fast as it can
 /// refuse: its audit file gets the first ten from one address one by one and one record with
-/// the count of the rest, written at the latest when the Hub stops (P11).
+/// the count of the rest, written at the latest when the Hub stops; certificates that do not
+/// verify share one such source whatever they name (P11).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p11_a_strangers_flood_of_refused_handshakes_is_summed_up_in_the_hubs_audit() {
     use std::sync::Arc;
@@ -1729,6 +1730,31 @@ async fn p11_a_strangers_flood_of_refused_handshakes_is_summed_up_in_the_hubs_au
             .expect("the handshake itself completes");
         assert_eq!(closed_by_hub(&conn).await, Some(5), "refused");
     }
+    // Certificates from a CA the Hub does not know, each naming another Client: what they
+    // name proves nothing, so they share one source however many names they make up.
+    let foreign = ewii::identity::ca::Ca::generate("elsewhere.example").unwrap();
+    for i in 0..15 {
+        let (key, _) = ewii::identity::ca::new_key_and_csr().unwrap();
+        let id = ewii_common::spiffe::SpiffeId::client(TD, &format!("made-up-{i}")).unwrap();
+        let issued = foreign
+            .issue(&key, &id, std::time::Duration::from_secs(3600))
+            .unwrap();
+        let svid = ewii::identity::store::Svid::new(vec![issued.der], &key);
+        let verifier = SpiffeVerifier::new(Bundle::new(ca.clone()), TD, Expect::Hub);
+        let tls =
+            transport::tls_client_config(Some(&svid), Arc::new(verifier), frame::ALPN).unwrap();
+        let quic = transport::quic_client_config(tls, 1).unwrap();
+        // TLS 1.3: the client may finish before the Hub has refused its certificate, and then
+        // sees the connection close.
+        if let Ok(conn) = endpoint
+            .connect_with(quic, addr, "127.0.0.1")
+            .unwrap()
+            .await
+        {
+            let closed = tokio::time::timeout(SOON, conn.closed()).await;
+            assert!(closed.is_ok(), "a foreign CA's certificate was taken");
+        }
+    }
     assert!(hub.proc.terminate().success());
     let records: Vec<serde_json::Value> = fs::read_to_string(&audit)
         .unwrap()
@@ -1740,7 +1766,7 @@ async fn p11_a_strangers_flood_of_refused_handshakes_is_summed_up_in_the_hubs_au
         .iter()
         .filter_map(|r| r["reason"].as_str())
         .collect();
-    assert_eq!(records.len(), 11, "{reasons:#?}");
+    assert_eq!(records.len(), 22, "{reasons:#?}");
     let one_by_one = reasons
         .iter()
         .filter(|r| **r == "ALPN ewii/1 without a client certificate")
@@ -1750,6 +1776,14 @@ async fn p11_a_strangers_flood_of_refused_handshakes_is_summed_up_in_the_hubs_au
         reasons
             .iter()
             .any(|r| r.starts_with("20 more records of this event from 127.0.0.1 since ")),
+        "{reasons:#?}"
+    );
+    let unproven = reasons.iter().filter(|r| r.starts_with("chain: ")).count();
+    assert_eq!(unproven, 10, "{reasons:#?}");
+    assert!(
+        reasons.iter().any(|r| r.starts_with(
+            "5 more records of this event from certificates whose chain did not verify since "
+        )),
         "{reasons:#?}"
     );
 }

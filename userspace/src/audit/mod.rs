@@ -38,6 +38,8 @@ pub enum AuditOutput {
 enum Msg {
     Line(String),
     Flush(Done),
+    /// A window began to hold records back: the writer looks again at when it must wake.
+    Wake,
 }
 
 /// Who waits for a flush: a thread, or an async task.
@@ -84,6 +86,15 @@ impl std::fmt::Debug for Audit {
 struct Tap {
     records: Mutex<Vec<AuditRecord>>,
     changed: Notify,
+}
+
+impl Tap {
+    fn push(&self, record: AuditRecord) {
+        if let Ok(mut records) = self.records.lock() {
+            records.push(record);
+        }
+        self.changed.notify_waiters();
+    }
 }
 
 impl Audit {
@@ -173,7 +184,11 @@ impl Audit {
     /// Like [`open`](Self::open), and also keeps every record in memory for [`records`](Self::records).
     pub fn open_with_tap(side: Side, output: &AuditOutput) -> io::Result<Self> {
         let mut a = Self::open(side, output)?;
-        a.tap = Some(Arc::default());
+        let tap: Arc<Tap> = Arc::default();
+        if let Ok(mut q) = a.quiet.lock() {
+            q.tap = Some(Arc::clone(&tap));
+        }
+        a.tap = Some(tap);
         Ok(a)
     }
 
@@ -210,13 +225,16 @@ impl Audit {
     /// per source and window ([`quiet`]). The metrics and the tap see every record. Whether
     /// this one was written one by one: a log line about it should follow the same rule.
     pub fn emit_from(&self, source: Source, record: AuditRecord) -> bool {
-        let admitted = self
-            .quiet
-            .lock()
-            .map(|mut q| q.admit(source, &record, Instant::now()));
-        let (write, due) = admitted.unwrap_or((true, Vec::new()));
+        let admitted = self.quiet.lock().map(|mut q| {
+            let a = q.admit(source, &record, Instant::now());
+            (a.write, q.lines(a.due), a.first_held)
+        });
+        let (write, due, first_held) = admitted.unwrap_or((true, Vec::new(), false));
         for line in due {
             let _ = self.tx.send(Msg::Line(line));
+        }
+        if first_held {
+            let _ = self.tx.send(Msg::Wake);
         }
         if write {
             self.emit(record);
@@ -229,10 +247,7 @@ impl Audit {
 
     fn tap_push(&self, record: AuditRecord) {
         if let Some(tap) = &self.tap {
-            if let Ok(mut records) = tap.records.lock() {
-                records.push(record);
-            }
-            tap.changed.notify_waiters();
+            tap.push(record);
         }
     }
 
@@ -304,7 +319,10 @@ fn writer(
     let summaries = |all: bool| {
         quiet
             .lock()
-            .map(|mut q| q.due(Instant::now(), all))
+            .map(|mut q| {
+                let due = q.due(Instant::now(), all);
+                q.lines(due)
+            })
             .unwrap_or_default()
     };
     loop {
@@ -334,6 +352,7 @@ fn writer(
                         tracing::error!(error = %e, "audit write failed");
                     }
                 }
+                Msg::Wake => {}
                 Msg::Flush(done) => {
                     // Everything emitted so far: the records held back included, as counts.
                     write_lines(&mut out, summaries(true));
@@ -564,7 +583,9 @@ mod tests {
         let r = AuditRecord::new(crate::now_timestamp(), Side::Hub, Event::HandshakeRefused);
         let t0 = Instant::now();
         let ip = Source::address("192.0.2.9".parse().unwrap());
-        let written = (0..12).filter(|_| q.admit(ip.clone(), &r, t0).0).count();
+        let written = (0..12)
+            .filter(|_| q.admit(ip.clone(), &r, t0).write)
+            .count();
         assert_eq!(written, quiet::BURST as usize);
         assert_eq!(q.next_due(), Some(t0 + quiet::WINDOW));
         assert!(
@@ -572,13 +593,13 @@ mod tests {
             "the window is open"
         );
         // The next record after the window: the summary comes first, and it is written.
-        let (write, due) = q.admit(ip.clone(), &r, t0 + quiet::WINDOW);
-        assert!(write);
-        assert_eq!(due.len(), 1);
+        let next = q.admit(ip.clone(), &r, t0 + quiet::WINDOW);
+        assert!(next.write);
+        assert_eq!(next.due.len(), 1);
+        let said = next.due[0].reason.as_deref().unwrap_or_default();
         assert!(
-            due[0].contains("\"2 more records of this event from 192.0.2.9"),
-            "{}",
-            due[0]
+            said.starts_with("2 more records of this event from 192.0.2.9"),
+            "{said}"
         );
         assert_eq!(q.next_due(), None, "nothing held back in the new window");
         // Past the bound, new sources share one entry, with its own burst.
@@ -588,7 +609,38 @@ mod tests {
         }
         assert!(q.next_due().is_some(), "the shared entry held records back");
         let due = q.due(t0 + 2 * quiet::WINDOW, true);
-        assert!(due.iter().any(|l| l.contains("other sources")), "{due:?}");
+        assert!(
+            due.iter().any(|r| r
+                .reason
+                .as_deref()
+                .is_some_and(|x| x.contains("other sources"))),
+            "{due:?}"
+        );
+    }
+
+    #[test]
+    fn p11_a_summary_is_written_when_its_window_ends_without_a_flush_or_another_record() {
+        let gate = Gate::default();
+        gate.open();
+        let audit = Audit::open_writer(Side::Hub, Box::new(gate.clone())).unwrap();
+        audit.quiet.lock().unwrap().window = Duration::from_millis(300);
+        let source = Source::address("192.0.2.11".parse().unwrap());
+        // Slower than the writer's 2 ms gathering: each record finds it asleep.
+        for port in 0..12 {
+            let r = refused_from(&audit, &format!("192.0.2.11:{port}"));
+            audit.emit_from(source.clone(), r);
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            gate.wait_lines(11, Duration::from_secs(5)),
+            "ten one by one, then the summary"
+        );
+        let lines = gate.lines();
+        let said = lines[10]["reason"].as_str().unwrap_or_default();
+        assert!(
+            said.starts_with("2 more records of this event from 192.0.2.11"),
+            "{said}"
+        );
     }
 
     #[test]

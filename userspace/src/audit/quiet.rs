@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ewii_common::audit::{AuditRecord, Event, Format, Outcome, Side};
@@ -29,8 +30,13 @@ const SOURCES: usize = 1024;
 pub enum Source {
     /// A peer's address (an IPv6 one by its /64: one host holds a whole prefix).
     Address(IpAddr),
-    /// The identity a refused certificate names (or `(none)`), where the address is unknown.
+    /// The identity a refused certificate names, proven by its chain (refused for its serial,
+    /// its role, …), where the address is unknown.
     Claimed(String),
+    /// Certificates whose chain did not verify: what they name proves nothing, so they share
+    /// one source (one stranger could otherwise name a new identity each time, or use up a real
+    /// Client's share).
+    Unverified,
     /// The sources past [`SOURCES`].
     Others,
 }
@@ -55,6 +61,7 @@ impl Source {
             Self::Address(ip @ IpAddr::V6(_)) => format!("{ip}/64"),
             Self::Address(ip) => ip.to_string(),
             Self::Claimed(id) => id.clone(),
+            Self::Unverified => "certificates whose chain did not verify".to_owned(),
             Self::Others => format!("other sources (past {SOURCES} at once)"),
         }
     }
@@ -69,12 +76,34 @@ struct Window {
     held: Vec<(Event, u64, Timestamp)>,
 }
 
-/// The windows of every source, shared by every handle and the writer thread.
+/// What [`Quiet::admit`] decided.
 #[derive(Debug)]
+pub(super) struct Admitted {
+    /// Whether the record is written now (else it was counted).
+    pub(super) write: bool,
+    /// Summaries due first: the source's last window ended with records held back.
+    pub(super) due: Vec<AuditRecord>,
+    /// The first record held back in its window: the writer must learn when that window ends.
+    pub(super) first_held: bool,
+}
+
+/// The windows of every source, shared by every handle and the writer thread.
 pub(super) struct Quiet {
     pub(super) side: Side,
     pub(super) format: Format,
+    /// The tap of the handles, if any: summaries are records too.
+    pub(super) tap: Option<Arc<super::Tap>>,
+    /// [`WINDOW`] (shorter in tests).
+    pub(super) window: Duration,
     sources: HashMap<Source, Window>,
+}
+
+impl std::fmt::Debug for Quiet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quiet")
+            .field("sources", &self.sources.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Quiet {
@@ -82,62 +111,81 @@ impl Quiet {
         Self {
             side,
             format: Format::Ewii,
+            tap: None,
+            window: WINDOW,
             sources: HashMap::new(),
         }
     }
 
-    /// Whether `record` from `source` is written now; counted as held back when not. Also
-    /// returns the line of a summary due first (the source's last window ended with records
-    /// held back).
-    pub(super) fn admit(
-        &mut self,
-        source: Source,
-        record: &AuditRecord,
-        now: Instant,
-    ) -> (bool, Vec<String>) {
+    /// The lines of `records` (summaries), which also go to the tap.
+    pub(super) fn lines(&self, records: Vec<AuditRecord>) -> Vec<String> {
+        records
+            .into_iter()
+            .map(|r| {
+                let line = r.render(self.format);
+                if let Some(tap) = &self.tap {
+                    tap.push(r);
+                }
+                line
+            })
+            .collect()
+    }
+
+    /// Whether `record` from `source` is written now; counted as held back when not.
+    pub(super) fn admit(&mut self, source: Source, record: &AuditRecord, now: Instant) -> Admitted {
         let source = if self.sources.len() >= SOURCES && !self.sources.contains_key(&source) {
             Source::Others
         } else {
             source
         };
         let mut due = Vec::new();
+        let length = self.window;
         let window = self.sources.entry(source.clone()).or_insert(Window {
-            ends: now + WINDOW,
+            ends: now + length,
             written: 0,
             held: Vec::new(),
         });
         if now >= window.ends {
-            due = summaries(self.side, self.format, &source, window);
+            due = summaries(self.side, &source, window, length);
             *window = Window {
-                ends: now + WINDOW,
+                ends: now + length,
                 written: 0,
                 held: Vec::new(),
             };
         }
         if window.written < BURST {
             window.written += 1;
-            return (true, due);
+            return Admitted {
+                write: true,
+                due,
+                first_held: false,
+            };
         }
+        let first_held = window.held.is_empty();
         match window.held.iter_mut().find(|(e, _, _)| *e == record.event) {
             Some((_, n, _)) => *n += 1,
             None => window.held.push((record.event, 1, record.time)),
         }
-        (false, due)
+        Admitted {
+            write: false,
+            due,
+            first_held,
+        }
     }
 
     /// The summaries of the windows that ended by `now` (every window when `all`); ended
     /// windows are forgotten.
-    pub(super) fn due(&mut self, now: Instant, all: bool) -> Vec<String> {
-        let (side, format) = (self.side, self.format);
-        let mut lines = Vec::new();
+    pub(super) fn due(&mut self, now: Instant, all: bool) -> Vec<AuditRecord> {
+        let (side, length) = (self.side, self.window);
+        let mut records = Vec::new();
         self.sources.retain(|source, window| {
             if all || now >= window.ends {
-                lines.extend(summaries(side, format, source, window));
+                records.extend(summaries(side, source, window, length));
                 window.held.clear();
             }
             now < window.ends
         });
-        lines
+        records
     }
 
     /// When the writer must look again: the end of the first window holding records back.
@@ -150,8 +198,8 @@ impl Quiet {
     }
 }
 
-/// One summary line per event `window` held back from `source`.
-fn summaries(side: Side, format: Format, source: &Source, window: &Window) -> Vec<String> {
+/// One summary record per event `window` (of `length`) held back from `source`.
+fn summaries(side: Side, source: &Source, window: &Window, length: Duration) -> Vec<AuditRecord> {
     window
         .held
         .iter()
@@ -161,14 +209,14 @@ fn summaries(side: Side, format: Format, source: &Source, window: &Window) -> Ve
             match source {
                 Source::Address(ip) => r.peer = Some(ip.to_string()),
                 Source::Claimed(id) => r.client = Some(id.clone()),
-                Source::Others => {}
+                Source::Unverified | Source::Others => {}
             }
             r.reason = Some(format!(
                 "{n} more records of this event from {} since {since}, not written one by one: at most {BURST} per source every {} s are",
                 source.describe(),
-                WINDOW.as_secs()
+                length.as_secs_f64()
             ));
-            r.render(format)
+            r
         })
         .collect()
 }

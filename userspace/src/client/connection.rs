@@ -320,9 +320,11 @@ impl Connection {
                 () = sleep_until_opt(retiring.map(|d| linger_until.map_or(d, |l| l.min(d)))) => {}
             }
         };
-        // Closed on every way out (a no-op where it is already): the writer task holds the
-        // connection while a write waits for the Hub.
-        conn.close(codes::DONE, b"");
+        // Closed on every way out: the writer task holds the connection while a write waits for
+        // the Hub. (Only while open: a close would replace the reason the queries read.)
+        if conn.close_reason().is_none() {
+            conn.close(codes::DONE, b"");
+        }
         // The connection is gone: its queries' streams fail at once, so each ends and writes
         // its record; one still stuck after the bound is dropped, and writes it then.
         let _ = tokio::time::timeout(QUERY_WIND_DOWN, async {

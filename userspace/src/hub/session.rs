@@ -317,13 +317,7 @@ impl Session {
                 },
                 // A write failed: the connection's own end says why (a revocation, a shutdown), or
                 // the Client stopped the control stream under us.
-                e = self.out.failed(), if self.goodbye.is_none() => break match self.conn.close_reason() {
-                    Some(closed) => self.lost_reason(&closed),
-                    None => {
-                        self.conn.close(codes::PROTOCOL, b"");
-                        SessionEnd::Protocol.reason(&format!("control stream write failed: {e}"))
-                    }
-                },
+                e = self.out.failed(), if self.goodbye.is_none() => break self.write_failed(&e),
                 // The next request is read once its answer has room: a Client that asks without
                 // reading the answers is held by flow control, its session's timers are not.
                 () = self.out.room(), if !self.out.has_room() => {}
@@ -342,10 +336,12 @@ impl Session {
                 },
             }
         };
-        // Closed on every way out (a no-op where it is already): the writer task holds the
-        // connection while a write waits for the Client, so dropping this session alone would
-        // not end it.
-        self.conn.close(codes::PROTOCOL, b"");
+        // Closed on every way out: the writer task holds the connection while a write waits for
+        // the Client, so dropping this session alone would not end it. (Only while open: a close
+        // would replace the reason the queries still running read.)
+        if self.conn.close_reason().is_none() {
+            self.conn.close(codes::PROTOCOL, b"");
+        }
         self.parts.registry.remove(&self.name, self.id);
         tracing::debug!(session_id = %self.id, stats = ?self.conn.stats(), "session's QUIC counters");
         // Stamped now, when the end was seen, not after the synced commit below.
@@ -508,7 +504,20 @@ impl Session {
                 SessionEnd::Protocol
                     .reason(&format!("the Client does not read its control stream: {e}"))
             }
-            _ => SessionEnd::ConnectionLost.reason(&format!("control stream write failed: {e}")),
+            _ => self.write_failed(e),
+        }
+    }
+
+    /// Why the session ends after a write on the control stream failed: the connection's own
+    /// end (a revocation, a shutdown, the Client gone), or, while it is open, the Client
+    /// stopped the stream under us (closed as a protocol violation).
+    fn write_failed(&self, e: &dyn std::fmt::Display) -> String {
+        match self.conn.close_reason() {
+            Some(closed) => self.lost_reason(&closed),
+            None => {
+                self.conn.close(codes::PROTOCOL, b"");
+                SessionEnd::Protocol.reason(&format!("control stream write failed: {e}"))
+            }
         }
     }
 

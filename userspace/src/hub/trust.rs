@@ -358,11 +358,23 @@ impl Trust {
     }
 
     /// Whether the Hub's bundle still vouches for `chain`, a requester's workload SVID, as the
-    /// TLS service listeners' verifier checks it at the handshake.
+    /// TLS service listeners' verifier checks it at the handshake. Checked within the SVID's
+    /// life: a connection may outlive its certificate, as any TLS connection does, and only the
+    /// anchors are in question here.
     pub(crate) fn vouches_for_workload(&self, chain: &[CertificateDer<'_>]) -> Result<(), String> {
         let (leaf, intermediates) = chain.split_first().ok_or("empty chain")?;
+        let now = rustls::pki_types::UnixTime::now();
+        let ends = inspect_leaf(leaf)
+            .ok()
+            .and_then(|l| u64::try_from(l.not_after).ok());
+        let at = match ends {
+            Some(end) if end < now.as_secs() => {
+                rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(end))
+            }
+            _ => now,
+        };
         SpiffeVerifier::new(self.bundle.clone(), &self.trust_domain, Expect::Workload)
-            .verify_chain(leaf, intermediates, rustls::pki_types::UnixTime::now())
+            .verify_chain(leaf, intermediates, at)
             .map(drop)
     }
 
@@ -457,7 +469,10 @@ impl Trust {
             return None;
         }
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        self.left.send_replace(generation);
+        // Requesters' workload SVIDs are of this Hub's own trust domain only.
+        if trust_domain == self.trust_domain {
+            self.left.send_replace(generation);
+        }
         Some(registry.recheck(trust_domain))
     }
 

@@ -273,6 +273,34 @@ impl SpiffeVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<LeafInfo, String> {
+        self.checked(end_entity, intermediates, now)
+            .map_err(|(detail, _)| detail)
+    }
+
+    /// [`verify_chain`](Self::verify_chain); a refusal also says whether the chain itself
+    /// verified (what the leaf names is then proven, and it was refused for its identity:
+    /// trust domain, role, serial).
+    fn checked(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<LeafInfo, (String, bool)> {
+        let (leaf, federated) = self
+            .chain_verifies(end_entity, intermediates, now)
+            .map_err(|d| (d, false))?;
+        self.identity_allowed(leaf, federated)
+            .map_err(|d| (d, true))
+    }
+
+    /// The chain to an anchor of the leaf's trust domain (its own bundle, or a federated one's):
+    /// the leaf, and its federated domain if it has one.
+    fn chain_verifies(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(LeafInfo, Option<&FederatedDomain>), String> {
         // With federation, the leaf's claimed trust domain picks the bundle; the chain then
         // has to prove it. A leaf that is no SVID at all falls to the Hub's own bundle, and
         // is refused below as before.
@@ -320,6 +348,16 @@ impl SpiffeVerifier {
         )
         .map_err(|e| format!("chain: {}", chain_error(&e)))?;
         let leaf = inspect_leaf(end_entity).map_err(|e| e.to_string())?;
+        Ok((leaf, federated))
+    }
+
+    /// What a proven leaf may be here: of this trust domain or a federated Client it lists, in
+    /// the expected role, and (with a serial check) a serial in use.
+    fn identity_allowed(
+        &self,
+        leaf: LeafInfo,
+        federated: Option<&FederatedDomain>,
+    ) -> Result<LeafInfo, String> {
         if let Some(domain) = federated {
             if !domain.clients.contains_key(&leaf.id) {
                 return Err(format!(
@@ -354,16 +392,27 @@ impl SpiffeVerifier {
         Ok(leaf)
     }
 
-    fn refuse(&self, detail: String, end_entity: &CertificateDer<'_>) -> rustls::Error {
+    /// Logs and audits a refusal (`proven`: the chain verified, so what the leaf names is
+    /// true), and returns the one error the peer sees.
+    fn refuse(
+        &self,
+        detail: String,
+        end_entity: &CertificateDer<'_>,
+        proven: bool,
+    ) -> rustls::Error {
         let who = inspect_leaf(end_entity).ok().map(|l| l.id.to_string());
         let Some(audit) = &self.audit else {
             tracing::warn!(peer = ?who, reason = %detail, "handshake refused");
             return generic_refusal();
         };
         let mut r = audit.record(Event::HandshakeRefused);
-        // Anyone can send a certificate: a flood is summed up, per claimed identity, and the
-        // log follows the audit (a warning for each record written one by one).
-        let source = Source::Claimed(who.clone().unwrap_or_else(|| "(none)".into()));
+        // Anyone can send a certificate: a flood is summed up, per proven identity, or all
+        // unproven ones together; the log follows the audit (a warning for each record
+        // written one by one).
+        let source = match (&who, proven) {
+            (Some(id), true) => Source::Claimed(id.clone()),
+            _ => Source::Unverified,
+        };
         r.client.clone_from(&who);
         r.outcome = Some(Outcome::Refused);
         r.reason = Some(detail.clone());
@@ -413,9 +462,9 @@ impl ServerCertVerifier for SpiffeVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         // The DNS name is irrelevant: the Hub is whoever holds `spiffe://<td>/hub`.
-        self.verify_chain(end_entity, intermediates, now)
+        self.checked(end_entity, intermediates, now)
             .map(|_| ServerCertVerified::assertion())
-            .map_err(|d| self.refuse(d, end_entity))
+            .map_err(|(d, proven)| self.refuse(d, end_entity, proven))
     }
 
     signature_checks!();
@@ -440,9 +489,9 @@ impl ClientCertVerifier for SpiffeVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.verify_chain(end_entity, intermediates, now)
+        self.checked(end_entity, intermediates, now)
             .map(|_| ClientCertVerified::assertion())
-            .map_err(|d| self.refuse(d, end_entity))
+            .map_err(|(d, proven)| self.refuse(d, end_entity, proven))
     }
 
     signature_checks!();
