@@ -1029,6 +1029,12 @@ fn the_quickstart_shows_one_query_audited_on_both_sides_with_byte_counts() {
         }
         assert_eq!(hub["bytes_up"], client["bytes_up"]);
         assert_eq!(hub["bytes_down"], client["bytes_down"]);
+        // Nothing a newcomer reads as a failure: what the Client requires, it has.
+        let enforcement = records
+            .iter()
+            .find(|r| r["event"] == "enforcement")
+            .unwrap();
+        assert_eq!(enforcement["outcome"], "ok", "{args:?}: {enforcement}");
         if !args.is_empty() {
             // The real Client, stopped as `docker stop` would, with its unprivileged layers
             // and without the eBPF lock (it must not fence the caller's own cgroup).
