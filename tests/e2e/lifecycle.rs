@@ -1563,6 +1563,69 @@ async fn a_stalled_client_that_breaks_the_protocol_has_its_connection_closed() {
     );
 }
 
+/// A Client that reconnects in a loop (each session a synced database write and two audit
+/// records on the Hub) is held to its rate: past its burst a new session is refused before
+/// any of that, with a record saying why, and another Client is not affected (P14: the way
+/// back stays open, at the rate of an honest Client's backoff).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p14_a_client_that_reconnects_in_a_loop_is_refused_past_its_rate_and_no_other_is() {
+    let echo = echo_server().await;
+    let limits = ewii::hub::admission::Limits {
+        sessions_per_minute: 5,
+        ..Default::default()
+    };
+    let services = [Service::tcp("pg", "beta", "db")];
+    let hub = TestHub::start_with_limits(&services, limits).await;
+    let mut looping = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let mut other = TestClient::enrol_and_run(&hub, "beta", &[("db", echo.to_string())]).await;
+    hub.wait_connected("beta").await;
+    let svid = Svid::load(&looping.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let ups = || {
+        count(&hub.audit, |r| {
+            r.event == Event::SessionUp
+                && r.client.as_deref() == Some("spiffe://test.ewii.local/client/acme")
+        })
+    };
+    for n in 1..=5 {
+        let raw = raw_session(&hub, &svid).await;
+        assert!(raw.is_some(), "session {n} of the burst");
+    }
+    let refused = raw_handshake(&hub, &svid)
+        .await
+        .expect("the handshake itself");
+    assert_eq!(closed_by_hub(&refused.conn).await, Some(5), "refused");
+    let r = hub
+        .wait_audit(
+            "the refusal",
+            says(
+                Event::HandshakeRefused,
+                "opens sessions faster than 5 a minute",
+            ),
+        )
+        .await;
+    assert_eq!(
+        r.client.as_deref(),
+        Some("spiffe://test.ewii.local/client/acme")
+    );
+    assert_eq!(ups(), 5, "no session, and no write, for the refused one");
+    // The Client itself, dialling now, says why (and backs off).
+    looping.start();
+    let dir = looping.state_dir();
+    let read = || Status::read(&dir).ok();
+    poll_until("a refused dial", SOON, || {
+        read().is_some_and(|s| s.failures >= 1)
+    })
+    .await;
+    let said = read().and_then(|s| s.last_error).unwrap_or_default();
+    assert!(said.contains("reconnecting too often (code 5)"), "{said}");
+    looping.stop().await;
+    // The other Client serves as before.
+    try_roundtrip(hub.service("pg"), b"still fine")
+        .await
+        .unwrap();
+    other.stop().await;
+}
+
 /// Sends one `Renew` with `key` on a fresh raw session of `svid`; returns the answer.
 async fn renew_once(hub: &TestHub, svid: &Svid, key: &rcgen::KeyPair) -> Control {
     let mut raw = raw_session(hub, svid).await.expect("a session");

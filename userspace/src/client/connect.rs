@@ -59,6 +59,10 @@ pub enum ConnectError {
     /// The control stream failed before `Welcome`.
     #[error("control stream: {0}")]
     Control(#[from] StreamError),
+    /// The Hub closed the connection before `Welcome`, saying why (e.g. `reconnecting too
+    /// often`).
+    #[error("closed by the Hub before Welcome: {0}")]
+    ClosedByHub(String),
     /// The Hub did not answer `Hello` in time.
     #[error("no Welcome within {0:?}")]
     NoWelcome(Duration),
@@ -124,7 +128,20 @@ pub(crate) async fn dial(plan: Arc<DialPlan>) -> Result<Opened, ConnectError> {
         }
         source => ConnectError::Handshake { addr, source },
     })?;
-    transport::write_frame(&mut send, &plan.hello).await?;
+    // A revocation found by the Hub after the handshake, or a refusal (a Client reconnecting
+    // too often), closes the connection at once: its close says which.
+    let lost = |e: StreamError| match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == codes::REVOKED => {
+            ConnectError::Revoked(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            ConnectError::ClosedByHub(c.to_string())
+        }
+        _ => ConnectError::Control(e),
+    };
+    transport::write_frame(&mut send, &plan.hello)
+        .await
+        .map_err(lost)?;
     let mut reader = FrameReader::new();
     let welcome = tokio::time::timeout(WELCOME_TIMEOUT, reader.read::<Control>(&mut recv))
         .await
@@ -133,17 +150,7 @@ pub(crate) async fn dial(plan: Arc<DialPlan>) -> Result<Opened, ConnectError> {
         Ok(Some(Control::Welcome { session_id, .. })) => session_id,
         Ok(Some(Control::Refused { code })) => return Err(ConnectError::Refused(code)),
         Ok(_) => return Err(ConnectError::Protocol),
-        // A revocation found by the Hub after the handshake closes the connection at once.
-        Err(e) => {
-            return Err(match conn.close_reason() {
-                Some(quinn::ConnectionError::ApplicationClosed(c))
-                    if c.error_code == codes::REVOKED =>
-                {
-                    ConnectError::Revoked(String::from_utf8_lossy(&c.reason).into_owned())
-                }
-                _ => ConnectError::Control(e),
-            })
-        }
+        Err(e) => return Err(lost(e)),
     };
     let mut r = plan.audit.record(Event::SessionUp);
     r.session_id = Some(id);

@@ -12,7 +12,11 @@
 //!   is real before the Hub spends a handshake on it;
 //! - an address with [`Limits::enrol_failures`] refused enrolments (bad tokens, bad CSRs) in
 //!   [`Limits::enrol_window`] has its further enrolments refused, unread, until the window
-//!   ends. Sessions (Clients that hold an SVID) from that address are not affected.
+//!   ends. Sessions (Clients that hold an SVID) from that address are not affected;
+//! - a Client opens at most [`Limits::sessions_per_minute`] sessions a minute (a burst of that
+//!   many, then one every `60 s / n`): each session costs a synced database write and two audit
+//!   records, and one that reconnects in a loop would spend the store's time for every Client.
+//!   An honest Client redials with backoff; a refused one backs off further.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -37,6 +41,9 @@ pub struct Limits {
     /// How much of an SVID's life (in percent) must be used before it may renew: earlier asks
     /// are refused (an honest Client renews at about half its life).
     pub renew_after_percent: u8,
+    /// Sessions one Client may open a minute (a burst of this many, then one every
+    /// `60 s / n`).
+    pub sessions_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -48,6 +55,7 @@ impl Default for Limits {
             enrol_failures: 10,
             enrol_window: Duration::from_secs(60),
             renew_after_percent: 25,
+            sessions_per_minute: 30,
         }
     }
 }
@@ -69,6 +77,8 @@ struct State {
     per_address: HashMap<IpAddr, usize>,
     /// Refused enrolments per address: count and the start of its window.
     enrol_failures: HashMap<IpAddr, (u32, Instant)>,
+    /// Sessions each Client may still open now (a token bucket), and when that was counted.
+    sessions: HashMap<String, (f64, Instant)>,
 }
 
 /// The Hub's admission state, shared by every new connection.
@@ -182,6 +192,28 @@ impl Admission {
         }
     }
 
+    /// Whether Client `client` (authenticated: one entry per enrolled name) may open one more
+    /// session now ([`Limits::sessions_per_minute`]); counts it when it may.
+    pub(crate) fn session_allowed(&self, client: &str) -> bool {
+        self.session_allowed_at(client, Instant::now())
+    }
+
+    fn session_allowed_at(&self, client: &str, now: Instant) -> bool {
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        let burst = f64::from(self.limits.sessions_per_minute.max(1));
+        let per_sec = burst / 60.0;
+        let (tokens, at) = s.sessions.entry(client.to_owned()).or_insert((burst, now));
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * per_sec).min(burst);
+        *at = (*at).max(now);
+        if *tokens < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        true
+    }
+
     /// Counts a refused enrolment from `ip`.
     pub(crate) fn enrolment_refused(&self, ip: IpAddr) {
         let Ok(mut s) = self.state.lock() else {
@@ -200,6 +232,27 @@ impl Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn p14_a_client_that_reconnects_in_a_loop_is_held_to_its_rate_and_no_other_is() {
+        let a = Admission::new(Limits {
+            sessions_per_minute: 6,
+            ..Limits::default()
+        });
+        let t0 = Instant::now();
+        let allowed =
+            |n: usize, at: Instant| (0..n).filter(|_| a.session_allowed_at("acme", at)).count();
+        assert_eq!(allowed(10, t0), 6, "a burst of six, then no more");
+        assert!(
+            a.session_allowed_at("beta", t0),
+            "another Client is not held"
+        );
+        // One every ten seconds after that.
+        assert_eq!(allowed(1, t0 + Duration::from_secs(9)), 0);
+        assert_eq!(allowed(3, t0 + Duration::from_secs(10)), 1);
+        // A long quiet gives the whole burst back, and no more.
+        assert_eq!(allowed(10, t0 + Duration::from_secs(600)), 6);
+    }
 
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([192, 0, 2, last])

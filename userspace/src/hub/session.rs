@@ -164,6 +164,24 @@ impl Session {
             conn.close(codes::REVOKED, reason.as_bytes());
             return None;
         }
+        // A Client that reconnects in a loop: refused before its session costs a synced write
+        // (it backs off, and its next dial comes once its rate allows).
+        if !parts.admission.session_allowed(&name) {
+            let per_minute = parts.admission.limits().sessions_per_minute;
+            let mut r = parts.audit.record(Event::HandshakeRefused);
+            r.client = Some(leaf.id.to_string());
+            r.peer = Some(peer.to_string());
+            r.outcome = Some(Outcome::Refused);
+            r.reason = Some(format!(
+                "{} opens sessions faster than {per_minute} a minute: refused until its rate falls",
+                leaf.id
+            ));
+            parts
+                .audit
+                .emit_from(Source::Claimed(leaf.id.to_string()), r);
+            conn.close(codes::REFUSED, b"reconnecting too often");
+            return None;
+        }
         let opened = tokio::time::timeout(OPENING_TIMEOUT, hello(&conn))
             .await
             .unwrap_or_else(|_| Err("no Hello in time".into()));
