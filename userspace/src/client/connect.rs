@@ -135,7 +135,11 @@ pub(crate) async fn dial(plan: Arc<DialPlan>) -> Result<Opened, ConnectError> {
             ConnectError::Revoked(String::from_utf8_lossy(&c.reason).into_owned())
         }
         Some(quinn::ConnectionError::ApplicationClosed(c)) => {
-            ConnectError::ClosedByHub(c.to_string())
+            let code = super::connection::hub_code(c.error_code.into_inner());
+            ConnectError::ClosedByHub(match String::from_utf8_lossy(&c.reason) {
+                said if said.is_empty() => code,
+                said => format!("{said} ({code})"),
+            })
         }
         _ => ConnectError::Control(e),
     };

@@ -137,7 +137,7 @@ impl Lost {
     }
 }
 
-fn hub_code(code: u64) -> String {
+pub(crate) fn hub_code(code: u64) -> String {
     let name = match code {
         0 => "done",
         1 => "aborted",

@@ -55,10 +55,15 @@ impl Default for Limits {
             enrol_failures: 10,
             enrol_window: Duration::from_secs(60),
             renew_after_percent: 25,
+            // A session lost to the network lives at least the idle timeout (2.5 s): a
+            // flapping path redials at most ~24 times a minute, under the refill.
             sessions_per_minute: 30,
         }
     }
 }
+
+/// Client names whose session rate is remembered before the full ones are forgotten.
+const SESSION_NAMES: usize = 4096;
 
 /// What to do with a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +209,13 @@ impl Admission {
         };
         let burst = f64::from(self.limits.sessions_per_minute.max(1));
         let per_sec = burst / 60.0;
+        // Enrolled names only, but revoked and removed ones stay: past a bound, the names whose
+        // bucket is full again (nothing to remember) are forgotten.
+        if s.sessions.len() > SESSION_NAMES {
+            s.sessions.retain(|_, (tokens, at)| {
+                *tokens + now.saturating_duration_since(*at).as_secs_f64() * per_sec < burst
+            });
+        }
         let (tokens, at) = s.sessions.entry(client.to_owned()).or_insert((burst, now));
         *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * per_sec).min(burst);
         *at = (*at).max(now);
@@ -249,9 +261,21 @@ mod tests {
         );
         // One every ten seconds after that.
         assert_eq!(allowed(1, t0 + Duration::from_secs(9)), 0);
-        assert_eq!(allowed(3, t0 + Duration::from_secs(10)), 1);
+        assert_eq!(allowed(3, t0 + Duration::from_millis(10_500)), 1);
         // A long quiet gives the whole burst back, and no more.
         assert_eq!(allowed(10, t0 + Duration::from_secs(600)), 6);
+    }
+
+    #[test]
+    fn the_session_rates_remembered_are_bounded() {
+        let a = Admission::new(Limits::default());
+        let t0 = Instant::now();
+        for n in 0..=SESSION_NAMES {
+            assert!(a.session_allowed_at(&format!("client-{n}"), t0));
+        }
+        // A minute on, every bucket is full again: nothing to remember but the newest.
+        assert!(a.session_allowed_at("late", t0 + Duration::from_secs(61)));
+        assert_eq!(a.state.lock().unwrap().sessions.len(), 1);
     }
 
     fn ip(last: u8) -> IpAddr {
