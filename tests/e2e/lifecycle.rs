@@ -1630,6 +1630,40 @@ async fn p14_a_client_that_reconnects_in_a_loop_is_refused_past_its_rate_and_no_
     other.stop().await;
 }
 
+/// A Client that speaks another protocol version (an upgrade on one side only) is told so in
+/// words it can report, `Refused { Version }`, before the Hub closes the connection: the answer
+/// is not lost to the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_another_protocol_version_is_told_so_before_the_close() {
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let acme = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&acme.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    for _ in 0..5 {
+        let raw = raw_handshake(&hub, &svid).await.expect("the handshake");
+        let (mut send, mut recv) = raw.conn.open_bi().await.unwrap();
+        let hello = Control::Hello {
+            version: ewii_common::frame::PROTOCOL_VERSION + 1,
+            allow_list: vec!["db".into()],
+            allow_list_digest: vec![0; 32],
+            build: "from the future".into(),
+        };
+        transport::write_frame(&mut send, &hello).await.unwrap();
+        let answer = transport::FrameReader::new()
+            .read::<Control>(&mut recv)
+            .await;
+        assert!(
+            matches!(
+                answer,
+                Ok(Some(Control::Refused {
+                    code: ewii_common::frame::RefuseCode::Version
+                }))
+            ),
+            "{answer:?}"
+        );
+        assert_eq!(closed_by_hub(&raw.conn).await, Some(2), "then closed");
+    }
+}
+
 /// Sends one `Renew` with `key` on a fresh raw session of `svid`; returns the answer.
 async fn renew_once(hub: &TestHub, svid: &Svid, key: &rcgen::KeyPair) -> Control {
     let mut raw = raw_session(hub, svid).await.expect("a session");

@@ -67,6 +67,8 @@ fn refuse_opening(
     conn.close(code, said);
 }
 
+/// How long a refusal before `Welcome` may take to reach the Client before the close.
+const REFUSAL_DELIVERY: Duration = Duration::from_secs(1);
 /// How long a session opening may take before the Hub gives up on it.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a session whose serial was retired may finish its queries (no new query is
@@ -629,6 +631,10 @@ async fn hello(
                 },
             )
             .await;
+            // The close that follows would discard the answer still unsent: it goes first
+            // (until the Client has read it, or a moment).
+            let _ = send.finish();
+            let _ = tokio::time::timeout(REFUSAL_DELIVERY, send.stopped()).await;
             Err(format!("unsupported protocol version {version}"))
         }
         Ok(_) => Err("expected Hello".to_string()),
