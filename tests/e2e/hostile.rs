@@ -14,21 +14,22 @@ use ewii_common::audit::{Event, Outcome};
 use ewii_common::frame::{self, Control, QueryHead, QueryId, RefuseCode};
 use ewii_tests::*;
 
+/// A welcomed connection and the receive half of its control stream (the `Hello` read off it).
+type Welcomed = (quinn::Connection, quinn::RecvStream);
+
 /// A server holding the real Hub's SVID and trusting its CA: it welcomes the Client, then
 /// hands the connection to the test.
-async fn hostile_hub(
-    hub: &TestHub,
-) -> (SocketAddr, tokio::sync::mpsc::Receiver<quinn::Connection>) {
+async fn hostile_hub(hub: &TestHub) -> (SocketAddr, tokio::sync::mpsc::Receiver<Welcomed>) {
     hostile_hub_granting(hub, None).await
 }
 
-/// [`hostile_hub`]; with `Some(window)`, one that grants the Client `window` bytes per stream
-/// and reads nothing of its control stream, not even the `Hello` (it welcomes it blind): the
-/// Client's writes past that window wait for ever.
+/// [`hostile_hub`]; with `Some(window)`, one that grants the Client `window` bytes of unread
+/// data per stream: past the `Hello`, what the Client writes on its control stream waits for
+/// the test to read it.
 async fn hostile_hub_granting(
     hub: &TestHub,
     window: Option<u32>,
-) -> (SocketAddr, tokio::sync::mpsc::Receiver<quinn::Connection>) {
+) -> (SocketAddr, tokio::sync::mpsc::Receiver<Welcomed>) {
     let dir = hub.state_dir();
     let svid = Svid::load(&dir, "hub.pem", "hub.key").unwrap();
     let ca = store::read_certs(&dir.join("ca.pem")).unwrap();
@@ -53,14 +54,7 @@ async fn hostile_hub_granting(
                 continue;
             };
             let mut reader = FrameReader::new();
-            let hello = match window {
-                Some(_) => true,
-                None => matches!(
-                    reader.read::<Control>(&mut recv).await,
-                    Ok(Some(Control::Hello { .. }))
-                ),
-            };
-            if hello {
+            if let Ok(Some(Control::Hello { .. })) = reader.read::<Control>(&mut recv).await {
                 let welcome = Control::Welcome {
                     session_id: 1,
                     hub_time_us: 0,
@@ -71,8 +65,8 @@ async fn hostile_hub_granting(
                 };
                 transport::write_frame(&mut send, &welcome).await.unwrap();
                 // Keep the control stream open for the whole test.
-                std::mem::forget((send, recv));
-                let _ = tx.send(conn).await;
+                std::mem::forget(send);
+                let _ = tx.send((conn, recv)).await;
             }
         }
     });
@@ -110,7 +104,7 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
     // The hostile side may open as many streams at once as the Client allows.
     client.config.max_queries = 10_000;
     client.start();
-    let conn = tokio::time::timeout(SOON, conns.recv())
+    let (conn, _control) = tokio::time::timeout(SOON, conns.recv())
         .await
         .unwrap()
         .unwrap();
@@ -244,28 +238,21 @@ async fn p11_a_hub_that_stops_reading_the_control_stream_still_gets_the_session_
     // 10 s SVIDs: the Client asks to renew at 4 to 6 s, and is stopped well before 10.
     let hub = TestHub::start_with(&[], 10).await;
     let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
-    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
-    let leaf = ewii::identity::inspect_leaf(&svid.chain[0]).unwrap();
-    // The latest a renewal is asked for: 60 % of the life (and a moment for the `Renew` to be
-    // written up to the window).
-    let life = leaf.not_after - leaf.not_before;
-    let asked_us = (leaf.not_before + life * 3 / 5) as u64 * 1_000_000 + 300_000;
-    // Room for the `Hello`, not for a `Renew` after it (a CSR alone is over 200 bytes).
-    let (addr, mut conns) = hostile_hub_granting(&hub, Some(256)).await;
+    // 64 bytes past what was read: a `Renew` (a CSR alone is over 150 bytes) waits.
+    let (addr, mut conns) = hostile_hub_granting(&hub, Some(64)).await;
     client.config.hub = addr.to_string().parse().unwrap();
     client.start();
-    let conn = tokio::time::timeout(SOON, conns.recv())
+    let (conn, mut control) = tokio::time::timeout(SOON, conns.recv())
         .await
         .unwrap()
         .unwrap();
-    // The `Renew` went out as far as the window lets it, and waits. (Counted once it was asked:
-    // a `Hello` sent again would count as a second frame too.)
-    let wait = asked_us.saturating_sub(ewii::now_timestamp().0);
-    tokio::time::sleep(Duration::from_micros(wait)).await;
-    poll_until("the Client's Renew to start", SOON, || {
-        conn.stats().frame_rx.stream >= 2
-    })
-    .await;
+    // The `Renew` has started (its first byte is here; reading one byte gives one byte of
+    // room, not the rest of it): the Client's write of it waits.
+    let first = tokio::time::timeout(Duration::from_secs(15), control.read_chunk(1, true))
+        .await
+        .expect("the Client's Renew in time")
+        .unwrap();
+    assert!(first.is_some_and(|c| c.bytes.len() == 1));
     let exit = tokio::time::timeout(Duration::from_secs(20), client.stop())
         .await
         .expect("the Client stops");

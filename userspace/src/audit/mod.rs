@@ -507,6 +507,14 @@ mod tests {
         );
     }
 
+    /// A Hub's writer over an open [`Gate`].
+    fn open_gate() -> (Gate, Audit) {
+        let gate = Gate::default();
+        gate.open();
+        let audit = Audit::open_writer(Side::Hub, Box::new(gate.clone())).unwrap();
+        (gate, audit)
+    }
+
     /// A refused handshake from `peer`.
     fn refused_from(audit: &Audit, peer: &str) -> AuditRecord {
         let mut r = audit.record(Event::HandshakeRefused);
@@ -518,9 +526,7 @@ mod tests {
 
     #[test]
     fn p11_a_flood_from_one_source_is_written_up_to_its_burst_then_summed_up_and_nothing_is_lost() {
-        let gate = Gate::default();
-        gate.open();
-        let audit = Audit::open_writer(Side::Hub, Box::new(gate.clone())).unwrap();
+        let (gate, audit) = open_gate();
         let flooder = Source::address("192.0.2.7".parse().unwrap());
         for port in 0..50 {
             audit.emit_from(
@@ -583,10 +589,13 @@ mod tests {
         let r = AuditRecord::new(crate::now_timestamp(), Side::Hub, Event::HandshakeRefused);
         let t0 = Instant::now();
         let ip = Source::address("192.0.2.9".parse().unwrap());
-        let written = (0..12)
-            .filter(|_| q.admit(ip.clone(), &r, t0).write)
-            .count();
+        let admitted: Vec<_> = (0..12).map(|_| q.admit(ip.clone(), &r, t0)).collect();
+        let written = admitted.iter().filter(|a| a.write).count();
         assert_eq!(written, quiet::BURST as usize);
+        // The first record held back, and only that one, tells the writer to look again.
+        let told: Vec<bool> = admitted.iter().map(|a| a.first_held).collect();
+        assert_eq!(told[10..], [true, false]);
+        assert!(!told[..10].contains(&true));
         assert_eq!(q.next_due(), Some(t0 + quiet::WINDOW));
         assert!(
             q.due(t0 + quiet::WINDOW / 2, false).is_empty(),
@@ -620,17 +629,19 @@ mod tests {
 
     #[test]
     fn p11_a_summary_is_written_when_its_window_ends_without_a_flush_or_another_record() {
-        let gate = Gate::default();
-        gate.open();
-        let audit = Audit::open_writer(Side::Hub, Box::new(gate.clone())).unwrap();
+        let (gate, audit) = open_gate();
         audit.quiet.lock().unwrap().window = Duration::from_millis(300);
         let source = Source::address("192.0.2.11".parse().unwrap());
-        // Slower than the writer's 2 ms gathering: each record finds it asleep.
-        for port in 0..12 {
+        let emit = |port: u16| {
             let r = refused_from(&audit, &format!("192.0.2.11:{port}"));
             audit.emit_from(source.clone(), r);
-            thread::sleep(Duration::from_millis(5));
-        }
+        };
+        (0..10).for_each(emit);
+        assert!(gate.wait_lines(10, Duration::from_secs(5)));
+        // Written, and past its gathering pause: the writer waits again, with nothing held
+        // and so no time to wake (no event says so; ten pauses are ample).
+        thread::sleep(GATHER * 10);
+        (10..12).for_each(emit);
         assert!(
             gate.wait_lines(11, Duration::from_secs(5)),
             "ten one by one, then the summary"
@@ -645,9 +656,7 @@ mod tests {
 
     #[test]
     fn p12_a_lone_record_reaches_the_sink_without_a_flush() {
-        let gate = Gate::default();
-        gate.open();
-        let audit = Audit::open_writer(Side::Hub, Box::new(gate.clone())).unwrap();
+        let (gate, audit) = open_gate();
         for n in 1..=2 {
             audit.emit(audit.record(Event::Query));
             assert!(

@@ -362,20 +362,7 @@ impl Trust {
     /// life: a connection may outlive its certificate, as any TLS connection does, and only the
     /// anchors are in question here.
     pub(crate) fn vouches_for_workload(&self, chain: &[CertificateDer<'_>]) -> Result<(), String> {
-        let (leaf, intermediates) = chain.split_first().ok_or("empty chain")?;
-        let now = rustls::pki_types::UnixTime::now();
-        let ends = inspect_leaf(leaf)
-            .ok()
-            .and_then(|l| u64::try_from(l.not_after).ok());
-        let at = match ends {
-            Some(end) if end < now.as_secs() => {
-                rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(end))
-            }
-            _ => now,
-        };
-        SpiffeVerifier::new(self.bundle.clone(), &self.trust_domain, Expect::Workload)
-            .verify_chain(leaf, intermediates, at)
-            .map(drop)
+        workload_vouched(&self.bundle, &self.trust_domain, chain)
     }
 
     /// Changes when an anchor leaves a bundle ([`Trust::generation`]): a live requester's
@@ -567,6 +554,29 @@ impl Trust {
     }
 }
 
+/// [`Trust::vouches_for_workload`] for `bundle` of `trust_domain`: the chain is checked at the
+/// leaf's end when that has passed.
+fn workload_vouched(
+    bundle: &Bundle,
+    trust_domain: &str,
+    chain: &[CertificateDer<'_>],
+) -> Result<(), String> {
+    let (leaf, intermediates) = chain.split_first().ok_or("empty chain")?;
+    let now = rustls::pki_types::UnixTime::now();
+    let ends = inspect_leaf(leaf)
+        .ok()
+        .and_then(|l| u64::try_from(l.not_after).ok());
+    let at = match ends {
+        Some(end) if end < now.as_secs() => {
+            rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(end))
+        }
+        _ => now,
+    };
+    SpiffeVerifier::new(bundle.clone(), trust_domain, Expect::Workload)
+        .verify_chain(leaf, intermediates, at)
+        .map(drop)
+}
+
 /// The QUIC server configuration (Clients; serials checked against the in-memory view) and
 /// the TLS acceptor (service callers).
 fn server_configs(
@@ -599,6 +609,34 @@ fn server_configs(
 mod tests {
     use super::*;
     use crate::identity::store::Pem;
+
+    /// A live requester is re-checked for its anchors, not for its SVID's end: a workload SVID
+    /// that expired during its connection is still vouched for while its CA is in the bundle,
+    /// and not once the CA left (P15).
+    #[test]
+    fn p15_an_expired_workload_svid_is_judged_by_its_anchors_alone() {
+        let td = "hub.example";
+        let ca = Ca::generate(td).unwrap();
+        let next = Ca::generate(td).unwrap();
+        let (key, _) = crate::identity::ca::new_key_and_csr().unwrap();
+        let id = SpiffeId::new(td, "/workload/billing").unwrap();
+        // Issued after its CA (valid from 30 s ago), ended 5 s ago.
+        let now = time::OffsetDateTime::now_utc();
+        let from = now - Duration::from_secs(25);
+        let to = now - Duration::from_secs(5);
+        let expired = ca.issue_between(&key, &id, from, to).unwrap().der;
+        let vouched = |anchors: &[&Ca]| {
+            let bundle = Bundle::new(anchors.iter().map(|c| c.cert().clone()).collect());
+            workload_vouched(&bundle, td, std::slice::from_ref(&expired))
+        };
+        assert_eq!(vouched(&[&ca, &next]), Ok(()));
+        let why = vouched(&[&next]).unwrap_err();
+        assert!(why.starts_with("chain: "), "{why}");
+        // A live SVID of a CA still in the bundle, for the contrast.
+        let live = ca.issue(&key, &id, Duration::from_secs(3_600)).unwrap().der;
+        let bundle = Bundle::new(vec![ca.cert().clone()]);
+        assert_eq!(workload_vouched(&bundle, td, &[live]), Ok(()));
+    }
 
     #[test]
     fn p7_a_federated_bundle_holds_only_ca_certificates_and_never_the_hubs_own() {

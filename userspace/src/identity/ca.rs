@@ -143,6 +143,18 @@ impl Ca {
         id: &SpiffeId,
         lifetime: Duration,
     ) -> Result<Issued, IdentityError> {
+        let now = OffsetDateTime::now_utc();
+        self.issue_between(public_key, id, now - backdate(lifetime), now + lifetime)
+    }
+
+    /// [`issue`](Self::issue) valid from `not_before` to `not_after`.
+    pub(crate) fn issue_between(
+        &self,
+        public_key: &impl PublicKeyData,
+        id: &SpiffeId,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Issued, IdentityError> {
         let mut params = CertificateParams::default();
         // The subject is not used by SPIFFE; keep it empty so nothing else can be read into it.
         params.distinguished_name = DistinguishedName::new();
@@ -154,9 +166,8 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - backdate(lifetime);
-        params.not_after = now + lifetime;
+        params.not_before = not_before;
+        params.not_after = not_after;
         let serial = random_serial();
         params.serial_number = Some(serial.clone());
         let cert = params.signed_by(public_key, &self.issuer)?;
