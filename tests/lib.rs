@@ -735,10 +735,12 @@ impl RawSession {
     }
 }
 
-/// A Client configuration for tests: fast reconnects, `on_stop = "disconnect"`.
+/// A Client configuration for tests: fast reconnects, `on_stop = "disconnect"`, and
+/// `require = "none"` (the in-process Client installs no kernel layer, and refuses to run
+/// when the config requires one).
 pub fn client_config(hub: SocketAddr, state_dir: &Path, allow: &[(&str, String)]) -> ClientConfig {
     let mut toml = format!(
-        "hub = \"{hub}\"\nstate_dir = {state_dir:?}\naudit = \"discard\"\non_stop = \"disconnect\"\n[reconnect]\ninitial_ms = 50\nmax_ms = 500\n"
+        "hub = \"{hub}\"\nstate_dir = {state_dir:?}\naudit = \"discard\"\non_stop = \"disconnect\"\n[reconnect]\ninitial_ms = 50\nmax_ms = 500\n[enforcement]\nrequire = \"none\"\n"
     );
     for (name, address) in allow {
         toml.push_str(&format!(

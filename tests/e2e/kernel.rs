@@ -283,6 +283,54 @@ fn p16_require_kernel_refuses_to_start_without_the_lock() {
     assert!(err.contains("ebpf:"), "the reason names the layer: {err}");
 }
 
+/// The library's `client::run` installs no kernel layer: with the default `require = "any"`
+/// (and with `"kernel"`) it refuses before it dials, with the reason and a `failed`
+/// enforcement record, rather than serving on the Dialer alone. Needs no privilege.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p16_the_library_client_refuses_a_requirement_it_cannot_meet() {
+    use ewii::client::ClientError;
+    use ewii::config::Require;
+    use ewii_common::audit::Outcome;
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    for require in [Require::Any, Require::Kernel] {
+        client.config.require = require;
+        let err = client.run_once(SOON).await.unwrap_err();
+        assert!(matches!(err, ClientError::Enforcement(_)), "{err:?}");
+        let said = err.to_string();
+        assert!(
+            said.contains(&format!("[enforcement] require = \"{require}\" is not met")),
+            "{said}"
+        );
+        assert!(
+            said.contains("no kernel layer: a Client run as a library installs none"),
+            "the reason says why: {said}"
+        );
+        let record = client
+            .wait_audit("enforcement", |r| {
+                r.event == Event::Enforcement
+                    && r.reason
+                        .as_deref()
+                        .is_some_and(|w| w.starts_with(&format!("require = \"{require}\"")))
+            })
+            .await;
+        assert_eq!(record.outcome, Some(Outcome::Failed), "{record:?}");
+    }
+    // Nothing reached the Hub: refused before the dial.
+    assert!(
+        !hub.audit
+            .records()
+            .iter()
+            .any(|r| r.event == Event::SessionUp),
+        "a session came up"
+    );
+    // What the library can honestly run: the Dialer alone, said so.
+    client.config.require = Require::None;
+    client.start();
+    hub.wait_connected("acme").await;
+    client.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p16_a_locked_client_serves_queries_while_the_kernel_refuses_a_rogue_connect() {
     privileged!();

@@ -476,6 +476,7 @@ fn run(path: &Path) -> ExitCode {
             Err(e @ ClientError::SvidExpired(_)) => fail(EXIT_NOT_ENROLLED, e.to_string()),
             Err(e @ ClientError::NotEnrolled { .. }) => fail(EXIT_NOT_ENROLLED, e.to_string()),
             Err(e @ ClientError::Busy(_)) => fail(1, e.to_string()),
+            Err(e @ ClientError::Enforcement(_)) => fail(EXIT_ENFORCEMENT, e.to_string()),
             Err(e) => fail(1, e.to_string()),
         }
     })

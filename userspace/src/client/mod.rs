@@ -90,10 +90,17 @@ pub enum ClientError {
     /// `svid_source = "workload-api"`: the agent gave no usable SVID or Hub bundle.
     #[error(transparent)]
     WorkloadApi(#[from] WorkloadError),
+    /// `[enforcement] require` is not met by the layers in place (the library's [`run`]
+    /// installs none: it runs only with `require = "none"`).
+    #[error(transparent)]
+    Enforcement(#[from] crate::enforce::EnforceError),
 }
 
 /// Runs the Client until `shutdown` resolves, the Hub revokes it, or its SVID expires. No
-/// kernel layer is installed (that is the binary's job, before its runtime starts).
+/// kernel layer is installed (that is the binary's job, before its runtime starts), so a
+/// config that requires one (`require = "any"`, the default, or `"kernel"`) is refused with
+/// [`ClientError::Enforcement`] before anything is dialled: the library runs a Client with
+/// `require = "none"` only.
 pub async fn run(
     config: ClientConfig,
     audit: Audit,
@@ -196,6 +203,12 @@ pub async fn run_enforced(
     ));
     audit.emit(started);
     report.audit(&audit, config.require);
+    // Fails closed: the caller was told what the layers in place cannot give (the binary
+    // checks before it starts its runtime; this is for every other caller).
+    if let Err(e) = report.check(config.require) {
+        audit.flush_async().await;
+        return Err(e.into());
+    }
     let client_id = identity.leaf.id.to_string();
     let driver = driver::Driver::new(
         config,

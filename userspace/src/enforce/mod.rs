@@ -114,7 +114,7 @@ impl Report {
                 "kernel layers are installed by the ewii-client binary".into(),
             )],
             not_covered: vec![
-                "no kernel layer: only the Client's own code keeps to the allow-list".into(),
+                "no kernel layer: a Client run as a library installs none (the ewii-client binary does), so only its own code keeps to the allow-list".into(),
             ],
             addresses: Default::default(),
         }
@@ -170,13 +170,20 @@ impl Report {
         }
     }
 
+    /// What each layer that is not active said; with none tried (a Client run as a
+    /// library), what is not covered.
     fn inactive_reasons(&self) -> String {
-        self.layers
+        let inactive: Vec<String> = self
+            .layers
             .iter()
             .filter(|l| !l.active)
             .map(|l| format!("{}: {}", l.name, l.detail))
-            .collect::<Vec<_>>()
-            .join("; ")
+            .collect();
+        if inactive.is_empty() {
+            self.not_covered.join("; ")
+        } else {
+            inactive.join("; ")
+        }
     }
 
     /// The `enforcement` audit record: `ok` when `require` is met (whatever layers this host
