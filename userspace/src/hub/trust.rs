@@ -262,6 +262,54 @@ pub(crate) struct Trust {
     generation: AtomicU64,
     /// The same count, for those that wait for it ([`Trust::anchors_left`]).
     left: tokio::sync::watch::Sender<u64>,
+    /// [`Trust::vouches_for_workload`]'s verdicts in the current generation, by chain.
+    verdicts: Mutex<Verdicts>,
+}
+
+/// Verdicts on requesters' chains, kept for one generation ([`Trust::generation`]): when an
+/// anchor leaves, every live TLS query re-checks its caller on its shard's thread, and
+/// thousands of them usually share a few callers' SVIDs. Each distinct chain is verified once
+/// per change, where each query verified its own (a signature check each, the shard's other
+/// work waiting behind them all).
+#[derive(Debug, Default)]
+struct Verdicts {
+    generation: u64,
+    by_chain: std::collections::HashMap<[u8; 32], Result<(), String>>,
+}
+
+impl Verdicts {
+    /// Chains remembered per generation; past it, a verdict is computed and not kept.
+    const BOUND: usize = 4096;
+
+    /// The verdict kept for `chain` in `generation`, if any.
+    fn get(&self, generation: u64, chain: &[u8; 32]) -> Option<Result<(), String>> {
+        (self.generation == generation)
+            .then(|| self.by_chain.get(chain).cloned())
+            .flatten()
+    }
+
+    /// Keeps `verdict`, reached in `generation` (read before the chain was verified: a
+    /// verdict of an older generation is never kept, nor served to a newer one).
+    fn put(&mut self, generation: u64, chain: [u8; 32], verdict: Result<(), String>) {
+        if generation > self.generation {
+            self.generation = generation;
+            self.by_chain.clear();
+        }
+        if generation == self.generation && self.by_chain.len() < Self::BOUND {
+            self.by_chain.insert(chain, verdict);
+        }
+    }
+}
+
+/// One digest for a whole chain, as presented (the leaf first).
+fn chain_digest(chain: &[CertificateDer<'_>]) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for cert in chain {
+        h.update((cert.len() as u64).to_be_bytes());
+        h.update(cert.as_ref());
+    }
+    h.finalize().into()
 }
 
 impl std::fmt::Debug for Trust {
@@ -308,6 +356,7 @@ impl Trust {
                 bundle_files,
                 generation: AtomicU64::new(0),
                 left: tokio::sync::watch::Sender::new(0),
+                verdicts: Mutex::default(),
             },
             quic,
         ))
@@ -360,9 +409,20 @@ impl Trust {
     /// Whether the Hub's bundle still vouches for `chain`, a requester's workload SVID, as the
     /// TLS service listeners' verifier checks it at the handshake. Checked within the SVID's
     /// life: a connection may outlive its certificate, as any TLS connection does, and only the
-    /// anchors are in question here.
+    /// anchors are in question here. A chain is verified once per generation: the live
+    /// queries of one caller share the verdict.
     pub(crate) fn vouches_for_workload(&self, chain: &[CertificateDer<'_>]) -> Result<(), String> {
-        workload_vouched(&self.bundle, &self.trust_domain, chain)
+        // Read first: anchors are replaced before the count moves, so a verdict reached after
+        // this read has seen at least this generation's removals.
+        let generation = self.generation();
+        let key = chain_digest(chain);
+        let lock = || self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(verdict) = lock().get(generation, &key) {
+            return verdict;
+        }
+        let verdict = workload_vouched(&self.bundle, &self.trust_domain, chain);
+        lock().put(generation, key, verdict.clone());
+        verdict
     }
 
     /// Changes when an anchor leaves a bundle ([`Trust::generation`]): a live requester's
@@ -609,6 +669,46 @@ fn server_configs(
 mod tests {
     use super::*;
     use crate::identity::store::Pem;
+
+    /// A verdict serves its own generation only: once an anchor leaves (the count moves), a
+    /// chain is verified again, and a verdict reached in an older generation is not kept.
+    #[test]
+    fn a_requesters_verdict_lasts_one_generation() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let mut v = Verdicts::default();
+        v.put(1, a, Ok(()));
+        assert_eq!(v.get(1, &a), Some(Ok(())));
+        assert_eq!(v.get(1, &b), None, "another chain");
+        assert_eq!(
+            v.get(2, &a),
+            None,
+            "a verdict of generation 1 judged generation 2"
+        );
+        v.put(2, a, Err("chain: unknown issuer".into()));
+        assert_eq!(v.get(2, &a), Some(Err("chain: unknown issuer".into())));
+        assert_eq!(v.get(1, &a), None, "generation 1's verdicts were dropped");
+        // A late verdict of generation 1 (verified before the count moved) is not kept.
+        v.put(1, b, Ok(()));
+        assert_eq!(v.get(2, &b), None);
+        assert_eq!(v.get(1, &b), None);
+        // Bounded: past the bound a verdict is not kept.
+        for n in 0..Verdicts::BOUND + 10 {
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&(n as u64).to_be_bytes());
+            v.put(3, key, Ok(()));
+        }
+        assert_eq!(v.by_chain.len(), Verdicts::BOUND);
+    }
+
+    /// A chain's digest covers every certificate and where each one ends.
+    #[test]
+    fn a_chain_digest_tells_chains_apart() {
+        let der = |b: &[u8]| CertificateDer::from(b.to_vec());
+        let one = chain_digest(&[der(b"leaf"), der(b"ca")]);
+        assert_eq!(one, chain_digest(&[der(b"leaf"), der(b"ca")]));
+        assert_ne!(one, chain_digest(&[der(b"leaf")]));
+        assert_ne!(one, chain_digest(&[der(b"lea"), der(b"fca")]));
+    }
 
     /// A live requester is re-checked for its anchors, not for its SVID's end: a workload SVID
     /// that expired during its connection is still vouched for while its CA is in the bundle,
