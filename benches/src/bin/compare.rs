@@ -170,6 +170,22 @@ async fn compare(args: Args) -> anyhow::Result<()> {
 
     let mut samples = Samples::default();
     let started = tokio::time::Instant::now();
+    // Read before the run: the binaries measured were built from what is checked out now, and
+    // a change made while the run goes on is not theirs.
+    let date = shell("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let stamp = shell("date", &["-u", "+%Y-%m-%d-%H%M"]);
+    let commit = {
+        let head = shell("git", &["rev-parse", "--short", "HEAD"]);
+        let dirty = std::process::Command::new("git")
+            .args(["status", "--porcelain", "--untracked-files=no"])
+            .output()
+            .is_ok_and(|o| !o.stdout.is_empty());
+        if dirty {
+            format!("{head} with uncommitted changes (at the start of the run)")
+        } else {
+            head
+        }
+    };
     for rep in 0..args.reps {
         // Interleaved, and each repetition starts with another system.
         let mut order = systems.clone();
@@ -197,20 +213,9 @@ async fn compare(args: Args) -> anyhow::Result<()> {
     iperf_server.stop();
 
     let ctx = report::Context {
-        date: shell("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        date,
         machine: machine(),
-        commit: {
-            let head = shell("git", &["rev-parse", "--short", "HEAD"]);
-            let dirty = std::process::Command::new("git")
-                .args(["status", "--porcelain", "--untracked-files=no"])
-                .output()
-                .is_ok_and(|o| !o.stdout.is_empty());
-            if dirty {
-                format!("{head} with uncommitted changes")
-            } else {
-                head
-            }
-        },
+        commit,
         versions: [
             bins.rathole.as_deref().map(|p| shell_path(p, &["--version"])),
             bins.bore.as_deref().map(|p| shell_path(p, &["--version"])),
@@ -254,17 +259,17 @@ async fn compare(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)?;
     let md = report::markdown(&samples, &ctx);
     let svg = report::svg(&samples, &ctx);
-    let day = shell("date", &["-u", "+%Y-%m-%d"]);
+    // Dated to the minute of its start: a second run on the same day keeps the first.
     for (name, text) in [
         ("latest.md".to_owned(), &md),
         ("latest.svg".to_owned(), &svg),
-        (format!("compare-{day}.md"), &md),
+        (format!("compare-{stamp}.md"), &md),
     ] {
         std::fs::write(args.out.join(&name), text)?;
     }
     println!("{md}");
     eprintln!(
-        "written: {}/latest.md, latest.svg, compare-{day}.md",
+        "written: {}/latest.md, latest.svg, compare-{stamp}.md",
         args.out.display()
     );
     Ok(())
