@@ -170,10 +170,14 @@ async fn compare(args: Args) -> anyhow::Result<()> {
 
     let mut samples = Samples::default();
     let started = tokio::time::Instant::now();
-    // Read before the run: the binaries measured were built from what is checked out now, and
-    // a change made while the run goes on is not theirs.
-    let date = shell("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
-    let stamp = shell("date", &["-u", "+%Y-%m-%d-%H%M"]);
+    // Read before the run, as scripts/compare builds the binaries from what is checked out just
+    // before it (with --ewii-bins of another build, the report's commit line says only what
+    // was checked out). One reading of the clock for both.
+    let now = shell("date", &["-u", "+%Y-%m-%d %H:%M UTC|%Y-%m-%d-%H%M"]);
+    let (date, stamp) = now
+        .split_once('|')
+        .map(|(d, s)| (d.to_owned(), s.to_owned()))
+        .unwrap_or_else(|| (now.clone(), now.replace([' ', ':'], "-")));
     let commit = {
         let head = shell("git", &["rev-parse", "--short", "HEAD"]);
         let dirty = std::process::Command::new("git")

@@ -106,6 +106,14 @@ pub async fn run(
     audit: Audit,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Exit, ClientError> {
+    // Before anything else (the state directory, the Workload API's agent): nothing a Client
+    // run as a library installs can meet a requirement of a kernel layer.
+    let report = Report::library();
+    if let Err(e) = report.check(config.require) {
+        report.audit(&audit, config.require);
+        audit.flush_async().await;
+        return Err(e.into());
+    }
     let dir = config.state_dir.clone();
     let from_agent = matches!(config.svid_source, SvidSource::WorkloadApi { .. });
     let lock = tokio::task::spawn_blocking(move || {
@@ -124,7 +132,7 @@ pub async fn run(
     })
     .await
     .map_err(|e| join_error(&config.state_dir, e))??;
-    run_enforced(config, audit, Report::library(), None, lock, shutdown).await
+    run_enforced(config, audit, report, None, lock, shutdown).await
 }
 
 /// [`run`], with the kernel layers already installed: `report` goes to the status file and

@@ -170,8 +170,9 @@ impl Report {
         }
     }
 
-    /// What each layer that is not active said; with none tried (a Client run as a
-    /// library), what is not covered.
+    /// What each layer that is not active said; with none of the kernel layers tried (a
+    /// Client run as a library, or `[enforcement] layers` without them), which layers are in
+    /// place and what they leave uncovered.
     fn inactive_reasons(&self) -> String {
         let inactive: Vec<String> = self
             .layers
@@ -180,7 +181,12 @@ impl Report {
             .map(|l| format!("{}: {}", l.name, l.detail))
             .collect();
         if inactive.is_empty() {
-            self.not_covered.join("; ")
+            let tried: Vec<&str> = self.layers.iter().map(|l| l.name.as_str()).collect();
+            format!(
+                "none of ebpf, landlock or seccomp was tried (in place: {}): {}",
+                tried.join(", "),
+                self.not_covered.join("; ")
+            )
         } else {
             inactive.join("; ")
         }

@@ -262,40 +262,64 @@ pub(crate) struct Trust {
     generation: AtomicU64,
     /// The same count, for those that wait for it ([`Trust::anchors_left`]).
     left: tokio::sync::watch::Sender<u64>,
-    /// [`Trust::vouches_for_workload`]'s verdicts in the current generation, by chain.
+    /// Counts the changes of the Hub's own bundle, any change (an anchor added too): what
+    /// [`Trust::vouches_for_workload`]'s verdicts are kept for.
+    bundle_epoch: AtomicU64,
+    /// [`Trust::vouches_for_workload`]'s verdicts for the current bundle, by chain.
     verdicts: Mutex<Verdicts>,
 }
 
-/// Verdicts on requesters' chains, kept for one generation ([`Trust::generation`]): when an
+/// Verdicts on requesters' chains, kept while the Hub's own bundle stays as it is: when an
 /// anchor leaves, every live TLS query re-checks its caller on its shard's thread, and
-/// thousands of them usually share a few callers' SVIDs. Each distinct chain is verified once
-/// per change, where each query verified its own (a signature check each, the shard's other
-/// work waiting behind them all).
+/// thousands of them usually share a few callers' SVIDs. A distinct chain is verified once
+/// per change (on each shard at most, where two miss at the same moment), where each query
+/// verified its own (a signature check each, the shard's other work waiting behind them all).
 #[derive(Debug, Default)]
 struct Verdicts {
-    generation: u64,
+    epoch: u64,
     by_chain: std::collections::HashMap<[u8; 32], Result<(), String>>,
 }
 
 impl Verdicts {
-    /// Chains remembered per generation; past it, a verdict is computed and not kept.
+    /// Chains remembered per bundle; past it, a verdict is computed and not kept.
     const BOUND: usize = 4096;
 
-    /// The verdict kept for `chain` in `generation`, if any.
-    fn get(&self, generation: u64, chain: &[u8; 32]) -> Option<Result<(), String>> {
-        (self.generation == generation)
+    /// `verify`'s verdict on `chain` for the bundle of `epoch` (the count of its changes),
+    /// kept for the next caller with the same chain while the count stays.
+    fn judge(
+        cell: &Mutex<Self>,
+        epoch: &AtomicU64,
+        chain: &[CertificateDer<'_>],
+        verify: impl FnOnce(&[CertificateDer<'_>]) -> Result<(), String>,
+    ) -> Result<(), String> {
+        // Read first: the bundle is replaced before the count moves, so a verdict reached
+        // after this read was judged against this bundle or a newer one.
+        let now = epoch.load(Ordering::SeqCst);
+        let key = chain_digest(chain);
+        let lock = || cell.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(verdict) = lock().get(now, &key) {
+            return verdict;
+        }
+        let verdict = verify(chain);
+        lock().put(now, key, verdict.clone());
+        verdict
+    }
+
+    /// The verdict kept for `chain` in `epoch`, if any.
+    fn get(&self, epoch: u64, chain: &[u8; 32]) -> Option<Result<(), String>> {
+        (self.epoch == epoch)
             .then(|| self.by_chain.get(chain).cloned())
             .flatten()
     }
 
-    /// Keeps `verdict`, reached in `generation` (read before the chain was verified: a
-    /// verdict of an older generation is never kept, nor served to a newer one).
-    fn put(&mut self, generation: u64, chain: [u8; 32], verdict: Result<(), String>) {
-        if generation > self.generation {
-            self.generation = generation;
+    /// Keeps `verdict`, reached in `epoch` (read before the chain was verified: a verdict of
+    /// an older bundle is never kept, nor served for a newer one).
+    fn put(&mut self, epoch: u64, chain: [u8; 32], verdict: Result<(), String>) {
+        if epoch > self.epoch {
+            self.epoch = epoch;
             self.by_chain.clear();
         }
-        if generation == self.generation && self.by_chain.len() < Self::BOUND {
+        if epoch == self.epoch && self.by_chain.len() < Self::BOUND {
             self.by_chain.insert(chain, verdict);
         }
     }
@@ -356,6 +380,7 @@ impl Trust {
                 bundle_files,
                 generation: AtomicU64::new(0),
                 left: tokio::sync::watch::Sender::new(0),
+                bundle_epoch: AtomicU64::new(0),
                 verdicts: Mutex::default(),
             },
             quic,
@@ -409,20 +434,12 @@ impl Trust {
     /// Whether the Hub's bundle still vouches for `chain`, a requester's workload SVID, as the
     /// TLS service listeners' verifier checks it at the handshake. Checked within the SVID's
     /// life: a connection may outlive its certificate, as any TLS connection does, and only the
-    /// anchors are in question here. A chain is verified once per generation: the live
+    /// anchors are in question here. A chain is verified once per change of the bundle: the live
     /// queries of one caller share the verdict.
     pub(crate) fn vouches_for_workload(&self, chain: &[CertificateDer<'_>]) -> Result<(), String> {
-        // Read first: anchors are replaced before the count moves, so a verdict reached after
-        // this read has seen at least this generation's removals.
-        let generation = self.generation();
-        let key = chain_digest(chain);
-        let lock = || self.verdicts.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(verdict) = lock().get(generation, &key) {
-            return verdict;
-        }
-        let verdict = workload_vouched(&self.bundle, &self.trust_domain, chain);
-        lock().put(generation, key, verdict.clone());
-        verdict
+        Verdicts::judge(&self.verdicts, &self.bundle_epoch, chain, |chain| {
+            workload_vouched(&self.bundle, &self.trust_domain, chain)
+        })
     }
 
     /// Changes when an anchor leaves a bundle ([`Trust::generation`]): a live requester's
@@ -573,6 +590,11 @@ impl Trust {
         )?;
         let before = self.bundle.anchors();
         self.bundle.replace(anchors.clone());
+        if bundle_changed {
+            // After the replace and before anyone is told: requesters' verdicts are judged
+            // again, against this bundle.
+            self.bundle_epoch.fetch_add(1, Ordering::SeqCst);
+        }
         // Handshakes are checked against the new bundle from now on: the Clients learn it, and
         // where a CA left it (`ca retire`), a session still bound to an SVID from that CA ends.
         let (pushed, rechecked) = if bundle_changed {
@@ -670,24 +692,20 @@ mod tests {
     use super::*;
     use crate::identity::store::Pem;
 
-    /// A verdict serves its own generation only: once an anchor leaves (the count moves), a
-    /// chain is verified again, and a verdict reached in an older generation is not kept.
+    /// A verdict serves its own bundle only: once the bundle changes (the count moves), a
+    /// chain is verified again, and a verdict reached for an older bundle is not kept.
     #[test]
-    fn a_requesters_verdict_lasts_one_generation() {
+    fn a_requesters_verdict_lasts_while_the_bundle_stays() {
         let (a, b) = ([1u8; 32], [2u8; 32]);
         let mut v = Verdicts::default();
         v.put(1, a, Ok(()));
         assert_eq!(v.get(1, &a), Some(Ok(())));
         assert_eq!(v.get(1, &b), None, "another chain");
-        assert_eq!(
-            v.get(2, &a),
-            None,
-            "a verdict of generation 1 judged generation 2"
-        );
+        assert_eq!(v.get(2, &a), None, "a verdict of bundle 1 judged bundle 2");
         v.put(2, a, Err("chain: unknown issuer".into()));
         assert_eq!(v.get(2, &a), Some(Err("chain: unknown issuer".into())));
-        assert_eq!(v.get(1, &a), None, "generation 1's verdicts were dropped");
-        // A late verdict of generation 1 (verified before the count moved) is not kept.
+        assert_eq!(v.get(1, &a), None, "bundle 1's verdicts were dropped");
+        // A late verdict of bundle 1 (verified before the count moved) is not kept.
         v.put(1, b, Ok(()));
         assert_eq!(v.get(2, &b), None);
         assert_eq!(v.get(1, &b), None);
@@ -698,6 +716,47 @@ mod tests {
             v.put(3, key, Ok(()));
         }
         assert_eq!(v.by_chain.len(), Verdicts::BOUND);
+    }
+
+    /// How the Hub judges a live requester: one verification per chain while the bundle stays
+    /// (the queries of one caller share it), and again once it changes, whichever way: its CA
+    /// left (cut), or came back (vouched again, not a kept refusal).
+    #[test]
+    fn p15_a_requesters_chain_is_judged_once_per_bundle() {
+        let td = "hub.example";
+        let ca = Ca::generate(td).unwrap();
+        let other = Ca::generate(td).unwrap();
+        let (key, _) = crate::identity::ca::new_key_and_csr().unwrap();
+        let id = SpiffeId::new(td, "/workload/billing").unwrap();
+        let chain = vec![ca.issue(&key, &id, Duration::from_secs(3_600)).unwrap().der];
+        let bundle = Bundle::new(vec![ca.cert().clone(), other.cert().clone()]);
+        let (cell, epoch) = (Mutex::<Verdicts>::default(), AtomicU64::new(0));
+        let verified = std::cell::Cell::new(0);
+        let judge = || {
+            Verdicts::judge(&cell, &epoch, &chain, |c| {
+                verified.set(verified.get() + 1);
+                workload_vouched(&bundle, td, c)
+            })
+        };
+        for _ in 0..100 {
+            assert_eq!(judge(), Ok(()));
+        }
+        assert_eq!(
+            verified.get(),
+            1,
+            "one verification for 100 queries of one caller"
+        );
+        // Its CA leaves: replaced, then counted (as `try_reload` does).
+        bundle.replace(vec![other.cert().clone()]);
+        epoch.fetch_add(1, Ordering::SeqCst);
+        assert!(judge().unwrap_err().starts_with("chain: "));
+        assert!(judge().is_err());
+        assert_eq!(verified.get(), 2);
+        // It comes back (an operator undoing a retirement): the refusal is not kept.
+        bundle.replace(vec![ca.cert().clone(), other.cert().clone()]);
+        epoch.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(judge(), Ok(()));
+        assert_eq!(verified.get(), 3);
     }
 
     /// A chain's digest covers every certificate and where each one ends.
