@@ -170,9 +170,7 @@ async fn compare(args: Args) -> anyhow::Result<()> {
 
     let mut samples = Samples::default();
     let started = tokio::time::Instant::now();
-    // Read before the run, as scripts/compare builds the binaries from what is checked out just
-    // before it (with --ewii-bins of another build, the report's commit line says only what
-    // was checked out). One reading of the clock for both.
+    // Read before the run. One reading of the clock for both.
     let now = shell("date", &["-u", "+%Y-%m-%d %H:%M UTC|%Y-%m-%d-%H%M"]);
     let (date, stamp) = now
         .split_once('|')
@@ -184,10 +182,26 @@ async fn compare(args: Args) -> anyhow::Result<()> {
             .args(["status", "--porcelain", "--untracked-files=no"])
             .output()
             .is_ok_and(|o| !o.stdout.is_empty());
-        if dirty {
+        let checked_out = if dirty {
             format!("{head} with uncommitted changes (at the start of the run)")
         } else {
             head
+        };
+        // What the measured binaries were built from, where scripts/image-bins wrote it: a
+        // directory of another build says so rather than borrowing the checkout's name.
+        let built = args.ewii_bins.as_ref().and_then(|dir| {
+            std::fs::read_to_string(dir.join("BUILT_FROM"))
+                .ok()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+        });
+        match built {
+            Some(built) if built == checked_out => checked_out,
+            Some(built) => format!("{checked_out}; the Ewii binaries measured were built from {built}"),
+            None if args.ewii_bins.is_some() => format!(
+                "{checked_out}; the Ewii binaries measured do not say what they were built from (no BUILT_FROM beside them)"
+            ),
+            None => checked_out,
         }
     };
     for rep in 0..args.reps {
