@@ -166,6 +166,7 @@ fn start_tunnels(rt: &tokio::runtime::Runtime) -> anyhow::Result<Tunnels> {
         quinn_ref: PathBuf::from(env!("CARGO_BIN_EXE_ewii-quinn-ref")),
         rathole: find_program("rathole", peers.as_deref()),
         bore: None,
+        candidate: None,
     };
     let echo = load::echo_service()?;
     // No bulk service here: the second entry each system forwards goes to the echo service too.

@@ -57,6 +57,12 @@ struct Args {
     /// `ewii-client` for both Ewii systems.
     #[arg(long, value_name = "DIR")]
     ewii_bins: Option<PathBuf>,
+    /// A candidate build to compare with `Ewii` (its `ewii-hub` and `ewii-client`, e.g. a
+    /// copy of scripts/image-bins' output from another commit): adds the system
+    /// "Ewii (candidate)", interleaved with the rest. The report then goes to
+    /// `ab-<date>-<HHMM>.md` and `.svg`, not to `latest.*`.
+    #[arg(long, value_name = "DIR")]
+    candidate: Option<PathBuf>,
     /// Measure nothing: start each selected system in turn, print its entries and process ids,
     /// and keep it up this many seconds (for a profiler or /proc/<pid>/smaps).
     #[arg(long, value_name = "SECS")]
@@ -70,6 +76,14 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(compare(args))
+}
+
+/// What scripts/image-bins wrote a directory's binaries were built from (`BUILT_FROM`).
+fn built_from(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join("BUILT_FROM"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
 }
 
 fn beside_me(name: &str) -> anyhow::Result<PathBuf> {
@@ -106,9 +120,23 @@ async fn compare(args: Args) -> anyhow::Result<()> {
         quinn_ref: beside_me("ewii-quinn-ref")?,
         rathole: find_program("rathole", peers_dir),
         bore: find_program("bore", peers_dir),
+        candidate: match &args.candidate {
+            Some(dir) => {
+                let bin = |name: &str| {
+                    let p = dir.join(name);
+                    anyhow::ensure!(p.exists(), "the candidate's {} is missing", p.display());
+                    Ok(p)
+                };
+                Some((bin("ewii-hub")?, bin("ewii-client")?))
+            }
+            None => None,
+        },
     };
     let mut missing = vec![];
     let mut systems: Vec<Kind> = Kind::ALL.to_vec();
+    if bins.candidate.is_none() {
+        systems.retain(|k| *k != Kind::EwiiCandidate);
+    }
     if bins.rathole.is_none() {
         missing.push("rathole (not installed: scripts/compare installs it)".to_owned());
         systems.retain(|k| !matches!(k, Kind::RatholeNoise | Kind::RatholeTcp));
@@ -189,19 +217,23 @@ async fn compare(args: Args) -> anyhow::Result<()> {
         };
         // What the measured binaries were built from, where scripts/image-bins wrote it: a
         // directory of another build says so rather than borrowing the checkout's name.
-        let built = args.ewii_bins.as_ref().and_then(|dir| {
-            std::fs::read_to_string(dir.join("BUILT_FROM"))
-                .ok()
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-        });
-        match built {
+        let built = args.ewii_bins.as_deref().and_then(built_from);
+        let line = match built {
             Some(built) if built == checked_out => checked_out,
             Some(built) => format!("{checked_out}; the Ewii binaries measured were built from {built}"),
             None if args.ewii_bins.is_some() => format!(
                 "{checked_out}; the Ewii binaries measured do not say what they were built from (no BUILT_FROM beside them)"
             ),
             None => checked_out,
+        };
+        match &args.candidate {
+            Some(dir) => format!(
+                "{line}; the candidate's from {}, built from {}",
+                dir.display(),
+                built_from(dir)
+                    .unwrap_or_else(|| "what it does not say (no BUILT_FROM)".to_owned())
+            ),
+            None => line,
         }
     };
     for rep in 0..args.reps {
@@ -245,10 +277,10 @@ async fn compare(args: Args) -> anyhow::Result<()> {
         .join("; "),
         method: format!(
             "{} repetitions, systems interleaved (each repetition starts with the next system); per system and repetition: \
-             agent RSS idle ({} s after the first echo), {IDLE_CONNECTIONS} idle connections held, {} timed 1-byte round trips on one connection (and the tunnel's CPU per round trip, \
-             the warm-up's included), connect → 1-byte echo → close for {} s at c=1 (and the CPU per completed \
+             agent RSS idle ({} s after the first echo), {IDLE_CONNECTIONS} idle connections held, {} timed 1-byte round trips on one connection from the harness's async client (tokio, two workers; and the tunnel's CPU per round trip, \
+             the warm-up's included), then as many from a blocking client on a thread of its own (as psql makes them), connect → 1-byte echo → close for {} s at c=1 (and the CPU per completed \
              connection) and at c=32, iperf3 {} s each way (one TCP stream; CPU time of the tunnel's processes from /proc/<pid>/stat \
-             over both runs, divided by the bytes iperf3 received), agent RSS 1 s after; anonymous memory (RssAnon) idle and after. Loopback; QUIC datagrams at most 1,452 bytes. \
+             over both runs, divided by the bytes iperf3 received), agent RSS 1 s after; anonymous memory (RssAnon) idle and after; the host's steal time (/proc/stat) over the system's whole measurement. Loopback; QUIC datagrams at most 1,452 bytes. \
              Ewii's binaries: {}; {}. Whole run: {:.0} s.",
             args.reps,
             IDLE_SETTLE.as_secs(),
@@ -273,23 +305,35 @@ async fn compare(args: Args) -> anyhow::Result<()> {
             started.elapsed().as_secs_f64()
         ),
         missing,
+        chart: if args.candidate.is_some() {
+            format!("ab-{stamp}.svg")
+        } else {
+            "latest.svg".to_owned()
+        },
     };
     std::fs::create_dir_all(&args.out)?;
     let md = report::markdown(&samples, &ctx);
     let svg = report::svg(&samples, &ctx);
     // Dated to the minute of its start: a second run on the same day keeps the first.
-    for (name, text) in [
-        ("latest.md".to_owned(), &md),
-        ("latest.svg".to_owned(), &svg),
-        (format!("compare-{stamp}.md"), &md),
-    ] {
-        std::fs::write(args.out.join(&name), text)?;
+    // An A/B is not the published comparison: it keeps `latest.*` as they are.
+    let files = if args.candidate.is_some() {
+        vec![
+            (format!("ab-{stamp}.md"), &md),
+            (format!("ab-{stamp}.svg"), &svg),
+        ]
+    } else {
+        vec![
+            ("latest.md".to_owned(), &md),
+            ("latest.svg".to_owned(), &svg),
+            (format!("compare-{stamp}.md"), &md),
+        ]
+    };
+    for (name, text) in &files {
+        std::fs::write(args.out.join(name), text)?;
     }
     println!("{md}");
-    eprintln!(
-        "written: {}/latest.md, latest.svg, compare-{stamp}.md",
-        args.out.display()
-    );
+    let names: Vec<&str> = files.iter().map(|(name, _)| name.as_str()).collect();
+    eprintln!("written in {}: {}", args.out.display(), names.join(", "));
     Ok(())
 }
 
@@ -300,6 +344,7 @@ async fn measure(
     samples: &mut Samples,
 ) -> anyhow::Result<()> {
     let kind = running.kind;
+    let host_before = procs::host_ticks()?;
     let result = async {
         if let Some(d) = running.start_to_serving {
             samples.add(kind, Figure::StartToServing, d.as_secs_f64() * 1e3);
@@ -349,6 +394,13 @@ async fn measure(
         let pct = |p: f64| rtt[((rtt.len() as f64 - 1.0) * p).round() as usize];
         samples.add(kind, Figure::RttP50, pct(0.50));
         samples.add(kind, Figure::RttP99, pct(0.99));
+        let (echo, n) = (running.echo, args.round_trips);
+        let mut rtt =
+            tokio::task::spawn_blocking(move || load::round_trips_blocking(echo, n)).await??;
+        rtt.sort_by(f64::total_cmp);
+        let pct = |p: f64| rtt[((rtt.len() as f64 - 1.0) * p).round() as usize];
+        samples.add(kind, Figure::RttBlockingP50, pct(0.50));
+        samples.add(kind, Figure::RttBlockingP99, pct(0.99));
 
         let rate_for = Duration::from_secs(args.rate_secs);
         for (c, figure) in [(1, Figure::RateC1), (32, Figure::RateC32)] {
@@ -385,6 +437,9 @@ async fn measure(
         }
         if let Some(v) = anon(&agents)? {
             samples.add(kind, Figure::AnonAfter, v);
+        }
+        if let Some(v) = procs::steal_percent(host_before, procs::host_ticks()?) {
+            samples.add(kind, Figure::Steal, v);
         }
         running.check_alive()
     }

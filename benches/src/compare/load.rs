@@ -88,6 +88,37 @@ pub async fn round_trips(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<f64>>
     Ok(times)
 }
 
+/// The same round trips from a blocking client on a thread of its own, as psql, redis-cli or a
+/// thread-per-connection application make them: each read sleeps in the kernel until the echo
+/// arrives, with no event loop or other worker between. Call it from a blocking thread
+/// (`spawn_blocking`).
+pub fn round_trips_blocking(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<f64>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_nodelay(true)?;
+    // Bounded: a tunnel that stops echoing fails the run instead of hanging it.
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let one = |s: &mut std::net::TcpStream| {
+        s.write_all(b"x")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+        if b != *b"x" {
+            bail!("echo returned {b:?}");
+        }
+        anyhow::Ok(())
+    };
+    for _ in 0..WARM_UP {
+        one(&mut s)?;
+    }
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        one(&mut s)?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(times)
+}
+
 /// What a connection-rate run did.
 #[derive(Debug, Clone, Copy)]
 pub struct Rate {

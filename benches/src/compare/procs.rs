@@ -248,6 +248,35 @@ fn status_kib(pid: u32, field: &str) -> anyhow::Result<f64> {
         .parse()?)
 }
 
+/// The machine's steal time and all its CPU time so far, in clock ticks (`/proc/stat`, the
+/// `cpu` line: steal is the time the hypervisor ran something else while a vCPU wanted to run).
+pub fn host_ticks() -> anyhow::Result<(u64, u64)> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("/proc/stat has no cpu line")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("/proc/stat: a cpu field is not a number")?;
+    anyhow::ensure!(
+        fields.len() == 8,
+        "/proc/stat: the cpu line is short: {line}"
+    );
+    Ok((fields[7], fields.iter().sum()))
+}
+
+/// Of the machine's CPU time between two [`host_ticks`] readings, the share stolen, in percent.
+pub fn steal_percent(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
+    let total = after.1.checked_sub(before.1)?;
+    let steal = after.0.checked_sub(before.0)?;
+    (total > 0).then(|| steal as f64 / total as f64 * 100.0)
+}
+
 /// Sum of [`cpu_secs`] over `pids`.
 pub fn cpu_total(pids: &[u32]) -> anyhow::Result<f64> {
     pids.iter().map(|p| cpu_secs(*p)).sum()
@@ -269,4 +298,26 @@ pub fn run(program: &Path, args: &[&str]) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steal_is_a_share_of_the_ticks_between_two_readings() {
+        assert_eq!(steal_percent((10, 1_000), (30, 1_400)), Some(5.0));
+        assert_eq!(
+            steal_percent((10, 1_000), (10, 1_000)),
+            None,
+            "no time passed"
+        );
+        assert_eq!(
+            steal_percent((30, 1_400), (10, 1_000)),
+            None,
+            "readings swapped"
+        );
+        let (steal, total) = host_ticks().expect("this machine has /proc/stat");
+        assert!(total > 0 && steal <= total, "{steal} of {total}");
+    }
 }

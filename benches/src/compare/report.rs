@@ -15,10 +15,15 @@ pub enum Figure {
     BulkDown,
     /// CPU seconds of the tunnel's processes per GiB moved in the two bulk runs.
     CpuPerGib,
-    /// One-byte round trip on an open connection, median.
+    /// One-byte round trip on an open connection, median, from the harness's async client (a
+    /// tokio runtime of two workers, the echo service on a thread beside it).
     RttP50,
-    /// One-byte round trip on an open connection, 99th percentile.
+    /// … 99th percentile.
     RttP99,
+    /// The same round trips from a blocking client on a thread of its own (as psql), median.
+    RttBlockingP50,
+    /// … 99th percentile.
+    RttBlockingP99,
     /// CPU time of the tunnel's processes per round trip (the round trips above).
     CpuPerRoundTrip,
     /// New connection → 1-byte echo → close, one at a time.
@@ -40,16 +45,21 @@ pub enum Figure {
     AnonAfter,
     /// Ewii: the Client's process start to its `session_up`.
     StartToServing,
+    /// The machine's steal time while the system was measured, in percent of all CPU time: how
+    /// much the hypervisor took from this VM, which moves every figure of a shared machine.
+    Steal,
 }
 
 impl Figure {
     /// Every figure, in report order.
-    pub const ALL: [Figure; 15] = [
+    pub const ALL: [Figure; 18] = [
         Figure::BulkUp,
         Figure::BulkDown,
         Figure::CpuPerGib,
         Figure::RttP50,
         Figure::RttP99,
+        Figure::RttBlockingP50,
+        Figure::RttBlockingP99,
         Figure::CpuPerRoundTrip,
         Figure::RateC1,
         Figure::CpuPerNewC1,
@@ -60,6 +70,7 @@ impl Figure {
         Figure::AnonIdle,
         Figure::AnonAfter,
         Figure::StartToServing,
+        Figure::Steal,
     ];
 
     /// Title in the report.
@@ -68,8 +79,14 @@ impl Figure {
             Figure::BulkUp => "Bulk, requester → service (iperf3, one connection)",
             Figure::BulkDown => "Bulk, service → requester (iperf3 -R, one connection)",
             Figure::CpuPerGib => "CPU-seconds per GiB moved, tunnel processes together",
-            Figure::RttP50 => "1-byte round trip on an open connection, p50",
-            Figure::RttP99 => "1-byte round trip on an open connection, p99",
+            Figure::RttP50 => "1-byte round trip on an open connection, async client, p50",
+            Figure::RttP99 => "1-byte round trip on an open connection, async client, p99",
+            Figure::RttBlockingP50 => {
+                "1-byte round trip on an open connection, blocking client (as psql), p50"
+            }
+            Figure::RttBlockingP99 => {
+                "1-byte round trip on an open connection, blocking client (as psql), p99"
+            }
             Figure::CpuPerRoundTrip => "CPU per round trip, tunnel processes together",
             Figure::RateC1 => "New connection → 1-byte echo → close, c=1",
             Figure::CpuPerNewC1 => "CPU per new connection at c=1, tunnel processes together",
@@ -80,6 +97,7 @@ impl Figure {
             Figure::AnonIdle => "Agent anonymous memory (RssAnon), idle",
             Figure::AnonAfter => "Agent anonymous memory (RssAnon) after the run",
             Figure::StartToServing => "Agent process start to serving (Ewii: to `session_up`)",
+            Figure::Steal => "The host's steal time while the system was measured",
         }
     }
 
@@ -88,7 +106,9 @@ impl Figure {
         match self {
             Figure::BulkUp | Figure::BulkDown => "Gbit/s",
             Figure::CpuPerGib => "CPU-s/GiB",
-            Figure::RttP50 | Figure::RttP99 => "µs",
+            Figure::RttP50 | Figure::RttP99 | Figure::RttBlockingP50 | Figure::RttBlockingP99 => {
+                "µs"
+            }
             Figure::CpuPerRoundTrip | Figure::CpuPerNewC1 => "CPU-µs",
             Figure::RateC1 | Figure::RateC32 => "conn/s",
             Figure::RssIdle
@@ -97,6 +117,7 @@ impl Figure {
             | Figure::AnonIdle
             | Figure::AnonAfter => "MB",
             Figure::StartToServing => "ms",
+            Figure::Steal => "% of CPU time",
         }
     }
 
@@ -106,6 +127,20 @@ impl Figure {
             "higher"
         } else {
             "lower"
+        }
+    }
+
+    /// Whether the figure describes the host rather than a system (no ratios, no "better").
+    pub fn context_only(self) -> bool {
+        matches!(self, Figure::Steal)
+    }
+
+    /// How a reader weighs the figure: "higher is better", or that it is only context.
+    pub fn judged(self) -> String {
+        if self.context_only() {
+            "context for the other figures, not a result".to_owned()
+        } else {
+            format!("{} is better", self.better())
         }
     }
 
@@ -197,6 +232,8 @@ pub struct Context {
     pub method: String,
     /// Systems that could not be run, and why.
     pub missing: Vec<String>,
+    /// File name of the chart beside the report.
+    pub chart: String,
 }
 
 /// A target of the performance issue, checked against the medians.
@@ -243,16 +280,30 @@ fn targets(s: &Samples) -> Vec<Target> {
             unit: "CPU-s/GiB",
         },
         Target {
-            what: "round trip p50 ≤ 0.8× rathole noise",
+            what: "round trip p50 ≤ 0.8× rathole noise (async client)",
             ewii: e(Figure::RttP50),
             goal: times(Figure::RttP50, 0.8),
             at_least: false,
             unit: "µs",
         },
         Target {
-            what: "round trip p99 ≤ 0.8× rathole noise",
+            what: "round trip p99 ≤ 0.8× rathole noise (async client)",
             ewii: e(Figure::RttP99),
             goal: times(Figure::RttP99, 0.8),
+            at_least: false,
+            unit: "µs",
+        },
+        Target {
+            what: "round trip p50 ≤ 0.8× rathole noise (blocking client)",
+            ewii: e(Figure::RttBlockingP50),
+            goal: times(Figure::RttBlockingP50, 0.8),
+            at_least: false,
+            unit: "µs",
+        },
+        Target {
+            what: "round trip p99 ≤ 0.8× rathole noise (blocking client)",
+            ewii: e(Figure::RttBlockingP99),
+            goal: times(Figure::RttBlockingP99, 0.8),
             at_least: false,
             unit: "µs",
         },
@@ -323,7 +374,8 @@ pub fn markdown(s: &Samples, ctx: &Context) -> String {
     for m in &ctx.missing {
         let _ = writeln!(out, "- not run: {m}");
     }
-    let _ = writeln!(out, "\n![chart](latest.svg)\n");
+    let _ = writeln!(out, "\n![chart]({})\n", ctx.chart);
+    candidate_table(s, &mut out);
     let _ = writeln!(out, "## Ewii's targets (medians of this run)\n");
     let _ = writeln!(out, "| target | Ewii | goal | status |\n|---|---|---|---|");
     for t in targets(s) {
@@ -352,12 +404,12 @@ pub fn markdown(s: &Samples, ctx: &Context) -> String {
         if !systems.iter().any(|k| s.values(*k, figure).is_some()) {
             continue;
         }
-        let better = figure.better();
         let _ = writeln!(
             out,
-            "\n## {} ({}, {better} is better)\n",
+            "\n## {} ({}, {})\n",
             figure.title(),
-            figure.unit()
+            figure.unit(),
+            figure.judged()
         );
         let _ = writeln!(
             out,
@@ -370,7 +422,7 @@ pub fn markdown(s: &Samples, ctx: &Context) -> String {
                 continue;
             };
             let ratio = |base: Option<f64>| match base {
-                Some(b) if b > 0.0 => format!("{:.2}", m / b),
+                Some(b) if b > 0.0 && !figure.context_only() => format!("{:.2}", m / b),
                 _ => "—".to_owned(),
             };
             let name = if k.ewii() {
@@ -392,6 +444,58 @@ pub fn markdown(s: &Samples, ctx: &Context) -> String {
     out
 }
 
+/// With a candidate build in the run: each figure's median for `Ewii` and the candidate, their
+/// ratio, and whether the two ranges overlap (when they do, the run shows no difference).
+fn candidate_table(s: &Samples, out: &mut String) {
+    if s.values(Kind::EwiiCandidate, Figure::BulkUp).is_none()
+        && s.values(Kind::EwiiCandidate, Figure::RttP50).is_none()
+    {
+        return;
+    }
+    let _ = writeln!(out, "## The candidate against Ewii (medians of this run)\n");
+    let _ = writeln!(
+        out,
+        "| figure | Ewii | candidate | candidate / Ewii | ranges |\n|---|---|---|---|---|"
+    );
+    for figure in Figure::ALL {
+        let (Some(a), Some(b), Some((alo, ahi)), Some((blo, bhi))) = (
+            s.median(Kind::Ewii, figure),
+            s.median(Kind::EwiiCandidate, figure),
+            s.range(Kind::Ewii, figure),
+            s.range(Kind::EwiiCandidate, figure),
+        ) else {
+            continue;
+        };
+        let ratio = if a > 0.0 {
+            format!("{:.2}", b / a)
+        } else {
+            "—".to_owned()
+        };
+        let apart = if figure.context_only() {
+            "context"
+        } else if bhi < alo || ahi < blo {
+            let better = (b > a) == figure.higher_is_better();
+            if better {
+                "apart: the candidate is better"
+            } else {
+                "apart: the candidate is worse"
+            }
+        } else {
+            "overlap"
+        };
+        let _ = writeln!(
+            out,
+            "| {} ({}, {}) | {} | {} | {ratio} | {apart} |",
+            figure.title(),
+            figure.unit(),
+            figure.judged(),
+            fmt(a),
+            fmt(b)
+        );
+    }
+    let _ = writeln!(out);
+}
+
 /// An SVG chart: one panel per figure, one bar per system, the median written beside it.
 pub fn svg(s: &Samples, ctx: &Context) -> String {
     const W: f64 = 760.0;
@@ -402,7 +506,8 @@ pub fn svg(s: &Samples, ctx: &Context) -> String {
     let figures: Vec<Figure> = Figure::ALL
         .into_iter()
         .filter(|f| {
-            *f != Figure::StartToServing && systems.iter().any(|k| s.values(*k, *f).is_some())
+            !matches!(f, Figure::StartToServing | Figure::Steal)
+                && systems.iter().any(|k| s.values(*k, *f).is_some())
         })
         .collect();
     let panel = 26.0 + systems.len() as f64 * (BAR + GAP) + 10.0;
@@ -487,6 +592,7 @@ mod tests {
             date: "2026-12-01".into(),
             machine: "test".into(),
             commit: "abc".into(),
+            chart: "latest.svg".into(),
             versions: "v".into(),
             method: "m".into(),
             missing: vec!["bore (not installed)".into()],
@@ -522,6 +628,48 @@ mod tests {
     }
 
     #[test]
+    fn the_hosts_steal_is_shown_as_context_without_ratios() {
+        let mut s = Samples::default();
+        s.add(Kind::RawTcp, Figure::Steal, 0.5);
+        s.add(Kind::RatholeNoise, Figure::Steal, 1.0);
+        s.add(Kind::Ewii, Figure::Steal, 4.0);
+        let md = markdown(&s, &ctx());
+        assert!(
+            md.contains("(% of CPU time, context for the other figures, not a result)"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| **Ewii** | 4.00 | 4.00–4.00 | — | — |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn a_candidate_is_set_against_ewii_with_its_ranges() {
+        let mut s = Samples::default();
+        let md = markdown(&s, &ctx());
+        assert!(!md.contains("The candidate against Ewii"), "{md}");
+        for v in [3.0, 3.2, 3.1] {
+            s.add(Kind::Ewii, Figure::BulkUp, v);
+            s.add(Kind::EwiiCandidate, Figure::BulkUp, v + 1.0);
+        }
+        for (a, b) in [(200.0, 150.0), (180.0, 210.0), (190.0, 170.0)] {
+            s.add(Kind::Ewii, Figure::RttP50, a);
+            s.add(Kind::EwiiCandidate, Figure::RttP50, b);
+        }
+        // Lower is better: a higher value, apart from Ewii's range, is worse.
+        s.add(Kind::Ewii, Figure::CpuPerGib, 4.0);
+        s.add(Kind::EwiiCandidate, Figure::CpuPerGib, 5.0);
+        let md = markdown(&s, &ctx());
+        assert!(md.contains("| Bulk, requester → service (iperf3, one connection) (Gbit/s, higher is better) | 3.10 | 4.10 | 1.32 | apart: the candidate is better |"), "{md}");
+        assert!(md.contains("| 1-byte round trip on an open connection, async client, p50 (µs, lower is better) | 190 | 170 | 0.89 | overlap |"), "{md}");
+        assert!(
+            md.contains("| 4.00 | 5.00 | 1.25 | apart: the candidate is worse |"),
+            "{md}"
+        );
+    }
+
+    #[test]
     fn a_target_is_met_or_shows_its_gap_in_the_right_direction() {
         let mut s = Samples::default();
         s.add(Kind::RatholeNoise, Figure::BulkUp, 2.0);
@@ -534,7 +682,7 @@ mod tests {
             md.contains("| bulk up ≥ 1.2× rathole noise | 3.00 Gbit/s | 2.40 Gbit/s | met |"),
             "{md}"
         );
-        assert!(md.contains("| round trip p50 ≤ 0.8× rathole noise | 160 µs | 80.0 µs | **not met**: 2.00× off |"), "{md}");
+        assert!(md.contains("| round trip p50 ≤ 0.8× rathole noise (async client) | 160 µs | 80.0 µs | **not met**: 2.00× off |"), "{md}");
         assert!(
             md.contains("| Client RSS idle ≤ 5 MB | 4.00 MB | 5.00 MB | met |"),
             "{md}"

@@ -45,11 +45,14 @@ pub enum Kind {
     /// a control for the default's sharding (with one Client, both serve it on one thread); not
     /// the default, so not the figure the targets read.
     EwiiHubOneThread,
+    /// Ewii from another build (`--candidate DIR`: its `ewii-hub` and `ewii-client`), run as
+    /// `Ewii` is, for an A/B interleaved with the rest; only with that option.
+    EwiiCandidate,
 }
 
 impl Kind {
     /// Every system, in report order.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::RawTcp,
         Kind::QuinnRef,
         Kind::RatholeNoise,
@@ -58,6 +61,7 @@ impl Kind {
         Kind::Ewii,
         Kind::EwiiLocked,
         Kind::EwiiHubOneThread,
+        Kind::EwiiCandidate,
     ];
 
     /// Its name in the report.
@@ -71,6 +75,7 @@ impl Kind {
             Kind::Ewii => "Ewii",
             Kind::EwiiLocked => "Ewii + eBPF lock",
             Kind::EwiiHubOneThread => "Ewii (Hub threads = 1)",
+            Kind::EwiiCandidate => "Ewii (candidate)",
         }
     }
 
@@ -83,12 +88,16 @@ impl Kind {
                 | Kind::Ewii
                 | Kind::EwiiLocked
                 | Kind::EwiiHubOneThread
+                | Kind::EwiiCandidate
         )
     }
 
     /// Whether it is one of Ewii's systems.
     pub fn ewii(self) -> bool {
-        matches!(self, Kind::Ewii | Kind::EwiiLocked | Kind::EwiiHubOneThread)
+        matches!(
+            self,
+            Kind::Ewii | Kind::EwiiLocked | Kind::EwiiHubOneThread | Kind::EwiiCandidate
+        )
     }
 }
 
@@ -107,6 +116,8 @@ pub struct Bins {
     pub rathole: Option<PathBuf>,
     /// `bore`, when installed.
     pub bore: Option<PathBuf>,
+    /// `ewii-hub` and `ewii-client` of the candidate build, when one is compared.
+    pub candidate: Option<(PathBuf, PathBuf)>,
 }
 
 /// The services every system forwards to.
@@ -213,7 +224,7 @@ impl Setup {
                 "bench.ewii.test",
             ],
         )?;
-        let mut hub = setup.start_hub(None)?;
+        let mut hub = setup.start_hub(&setup.bins.hub, None)?;
         let token = run(
             &setup.bins.hub,
             &[
@@ -268,7 +279,8 @@ impl Setup {
         self.dir.path().join(name).display().to_string()
     }
 
-    fn start_hub(&self, threads: Option<usize>) -> anyhow::Result<Proc> {
+    /// `bin`: the `ewii-hub` to run (the candidate's, or `bins.hub`).
+    fn start_hub(&self, bin: &Path, threads: Option<usize>) -> anyhow::Result<Proc> {
         let config = self.path("hub.toml");
         let (echo, iperf) = self.hub_entries;
         let threads = threads
@@ -284,12 +296,7 @@ impl Setup {
                 self.hub_udp
             ),
         )?;
-        let mut hub = Proc::spawn(
-            "ewii-hub",
-            &self.bins.hub,
-            &["run", "--config", &config],
-            None,
-        )?;
+        let mut hub = Proc::spawn("ewii-hub", bin, &["run", "--config", &config], None)?;
         hub.wait_line("listening on udp", START_TIMEOUT)?;
         Ok(hub)
     }
@@ -309,11 +316,9 @@ impl Setup {
         };
         match kind {
             Kind::RawTcp => return Ok(running),
-            Kind::Ewii | Kind::EwiiLocked | Kind::EwiiHubOneThread => self.start_ewii(
-                &mut running,
-                kind == Kind::EwiiLocked,
-                (kind == Kind::EwiiHubOneThread).then_some(1),
-            )?,
+            Kind::Ewii | Kind::EwiiLocked | Kind::EwiiHubOneThread | Kind::EwiiCandidate => {
+                self.start_ewii(&mut running, kind)?
+            }
             Kind::QuinnRef => self.start_quinn_ref(&mut running)?,
             Kind::RatholeNoise | Kind::RatholeTcp => {
                 self.start_rathole(&mut running, kind == Kind::RatholeNoise)?
@@ -344,14 +349,23 @@ impl Setup {
         Ok(running)
     }
 
-    /// `hub_threads`: the Hub's `threads` setting, when not its default.
-    fn start_ewii(
-        &self,
-        running: &mut Running,
-        locked: bool,
-        hub_threads: Option<usize>,
-    ) -> anyhow::Result<()> {
-        running.procs.push(self.start_hub(hub_threads)?);
+    /// `kind`: one of Ewii's systems, which says the binaries, the lock and the Hub's threads.
+    fn start_ewii(&self, running: &mut Running, kind: Kind) -> anyhow::Result<()> {
+        let locked = kind == Kind::EwiiLocked;
+        let (hub_bin, client_bin) = match kind {
+            Kind::EwiiCandidate => {
+                let (hub, client) = self
+                    .bins
+                    .candidate
+                    .as_ref()
+                    .context("no candidate build was given (--candidate DIR)")?;
+                (hub, client)
+            }
+            Kind::EwiiLocked => (&self.bins.hub, &self.bins.client_ebpf),
+            _ => (&self.bins.hub, &self.bins.client),
+        };
+        let hub_threads = (kind == Kind::EwiiHubOneThread).then_some(1);
+        running.procs.push(self.start_hub(hub_bin, hub_threads)?);
         let config = self.path(if locked {
             "client-locked.toml"
         } else {
@@ -399,11 +413,7 @@ impl Setup {
         let started = Instant::now();
         let mut client = Proc::spawn_as(
             "ewii-client",
-            if locked {
-                &self.bins.client_ebpf
-            } else {
-                &self.bins.client
-            },
+            client_bin,
             &["run", "--config", &config],
             cgroup.as_deref(),
             as_image,
