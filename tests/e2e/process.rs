@@ -1,7 +1,7 @@
 //! The binaries as an operator and a customer run them (P13, P6, P7): `ewii-hub init`,
 //! `token create`, `run`; `ewii-client enroll`, `run`, `status`, `health`; SIGTERM.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener as StdTcpListener, UdpSocket};
@@ -364,31 +364,65 @@ fn unix_sockets(pid: u32, inodes: &HashSet<String>) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// The sum of one `smaps` field (`Size:`, `Rss:`) in KiB over the executable mappings of the
+/// The process's mappings from `/proc/<pid>/smaps`: each one's header (range, permissions,
+/// offset, device, inode, and a name if it has one) and its fields in KiB (`Size`, `Rss`, …).
+fn smaps(pid: u32) -> Vec<(Vec<String>, HashMap<String, u64>)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut maps: Vec<(Vec<String>, HashMap<String, u64>)> = Vec::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match (words.first(), words.get(1), maps.last_mut()) {
+            (Some(w), _, _) if w.contains('-') && !w.ends_with(':') => {
+                maps.push((
+                    words.iter().map(|w| (*w).to_owned()).collect(),
+                    HashMap::new(),
+                ));
+            }
+            (Some(field), Some(kib), Some((_, fields))) => {
+                if let Ok(kib) = kib.parse() {
+                    fields.insert(field.trim_end_matches(':').to_owned(), kib);
+                }
+            }
+            _ => {}
+        }
+    }
+    maps
+}
+
+/// The sum of one `smaps` field (`Size`, `Rss`) in KiB over the executable mappings of the
 /// process's own program file: its code.
 fn code_kib(pid: u32, field: &str) -> u64 {
     let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) else {
         return 0;
     };
     let exe = exe.to_string_lossy().into_owned();
-    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let mut mine = false;
-    let mut kib = 0;
-    for line in smaps.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if words
-            .first()
-            .is_some_and(|w| w.contains('-') && !w.ends_with(':'))
-        {
-            mine = words.get(1).is_some_and(|p| p.contains('x')) && words.last() == Some(&&*exe);
-        } else if mine && words.first() == Some(&field) {
-            kib += words
-                .get(1)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    kib
+    smaps(pid)
+        .iter()
+        .filter(|(h, _)| h[1].contains('x') && h.last() == Some(&exe))
+        .filter_map(|(_, f)| f.get(field))
+        .sum()
+}
+
+/// The resident KiB of the process's large anonymous mappings (at least 2.5 MiB, without a
+/// name): in the Client, quinn's receive buffer (~3 MB of address space; thread stacks are
+/// 2 MiB, and its heap is `[heap]`).
+fn large_anonymous_rss_kib(pid: u32) -> u64 {
+    smaps(pid)
+        .iter()
+        .filter(|(h, f)| h.len() == 5 && h[4] == "0" && f.get("Size").is_some_and(|s| *s >= 2560))
+        .filter_map(|(_, f)| f.get("Rss"))
+        .sum()
+}
+
+/// An echo through the Hub's service answers; then both processes stop cleanly on SIGTERM.
+async fn serves_then_stops(mut hub: HubProcess, mut client: Proc) {
+    let mut s = tokio::net::TcpStream::connect(hub.service).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+    assert_eq!(client.terminate().code(), Some(0));
+    assert_eq!(hub.proc.terminate().code(), Some(0));
 }
 
 /// Once it serves, the Client hands the pages of its start-up code back to the kernel
@@ -399,31 +433,79 @@ fn code_kib(pid: u32, field: &str) -> u64 {
 async fn the_client_hands_back_its_start_up_code_once_it_serves() {
     let root = tempfile::tempdir().unwrap();
     let echo = echo_server().await;
-    let mut hub = HubProcess::start(root.path(), "");
+    let hub = HubProcess::start(root.path(), "");
     let bin = binary_copy("ewii-client", root.path());
-    let (mut client, _) = hub
+    let (client, _) = hub
         .run_client_from(&bin, root.path(), echo, "", Stdio::null())
         .await;
     let pid = client.pid();
-    let size = code_kib(pid, "Size:");
+    let size = code_kib(pid, "Size");
     assert!(size > 1024, "no code mapping seen for {pid}: {size} KiB");
     poll_until(
         "the Client's resident code to fall under a quarter of its code mapping",
         SOON,
-        || code_kib(pid, "Rss:") * 4 < size,
+        || code_kib(pid, "Rss") * 4 < size,
     )
     .await;
     eprintln!(
         "code mapped {size} KiB, {} KiB resident once serving",
-        code_kib(pid, "Rss:")
+        code_kib(pid, "Rss")
     );
-    let mut s = tokio::net::TcpStream::connect(hub.service).await.unwrap();
-    s.write_all(b"ping").await.unwrap();
-    let mut back = [0u8; 4];
-    s.read_exact(&mut back).await.unwrap();
-    assert_eq!(&back, b"ping");
-    assert_eq!(client.terminate().code(), Some(0));
-    assert_eq!(hub.proc.terminate().code(), Some(0));
+    serves_then_stops(hub, client).await;
+}
+
+/// A bulk transfer leaves the pages it received into resident in the Client's QUIC receive
+/// buffer; once its queries have ended the Client hands them back
+/// (`quinn::Endpoint::release_receive_buffer`, an Ewii patch; docs/benchmarks.md), and it
+/// serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_hands_back_its_receive_buffer_once_its_queries_end() {
+    let root = tempfile::tempdir().unwrap();
+    let echo = echo_server().await;
+    let hub = HubProcess::start(root.path(), "");
+    let (client, _) = hub.run_client(root.path(), echo, "", Stdio::null()).await;
+    let pid = client.pid();
+    // 64 MiB through the echo: the Client receives it from the Hub in bursts of datagrams.
+    const BULK: usize = 64 << 20;
+    let s = tokio::net::TcpStream::connect(hub.service).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 << 10];
+        for _ in 0..BULK / chunk.len() {
+            w.write_all(&chunk).await.unwrap();
+        }
+        w
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    let mut read = 0;
+    let mut loaded = 0;
+    while read < BULK {
+        let n = tokio::time::timeout(SOON, r.read(&mut buf))
+            .await
+            .expect("the echo stalled")
+            .unwrap();
+        assert!(n > 0, "the echo ended after {read} bytes");
+        read += n;
+        loaded = loaded.max(large_anonymous_rss_kib(pid));
+    }
+    let w = writer.await.unwrap();
+    assert!(
+        loaded >= 256,
+        "the transfer should leave receive pages resident: {loaded} KiB"
+    );
+    // The query ends; a moment later the buffer's pages are handed back.
+    drop((r, w));
+    poll_until(
+        "the Client's receive buffer to be handed back",
+        SOON,
+        || large_anonymous_rss_kib(pid) * 4 < loaded,
+    )
+    .await;
+    eprintln!(
+        "receive buffer resident: {loaded} KiB under load, {} KiB after",
+        large_anonymous_rss_kib(pid)
+    );
+    serves_then_stops(hub, client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -269,6 +269,25 @@ impl Endpoint {
         Ok(())
     }
 
+    /// Ewii patch: gives the memory of the receive buffer back, and starts a fresh one.
+    ///
+    /// The driver receives into one buffer of `BATCH_SIZE` slots, each sized for the largest
+    /// coalesced (GRO) datagram: 32 × 64 × 1,472 bytes (~3 MB) with the default
+    /// `max_udp_payload_size` on Linux, allocated zeroed, so resident only where a receive
+    /// wrote; once a bulk transfer has filled the slots, ~1.4 MB of it stays resident for the
+    /// endpoint's life. Replacing the buffer frees those pages (a buffer this large is a
+    /// mapping of its own in glibc's and musl's allocators), and the next receives fault in
+    /// only what they use. For when the endpoint's traffic has gone quiet;
+    /// the buffer is used only under the endpoint's lock, so a receive in progress finishes
+    /// first.
+    pub fn release_receive_buffer(&self) {
+        let mut state = self.inner.state.lock().unwrap();
+        let len = state.recv_state.recv_buf.len();
+        // The old buffer is freed before the new one is made: never two at once.
+        state.recv_state.recv_buf = Box::default();
+        state.recv_state.recv_buf = vec![0; len].into_boxed_slice();
+    }
+
     /// Replace the server configuration, affecting new incoming connections only
     ///
     /// Useful for e.g. refreshing TLS certificates without disrupting existing connections.

@@ -80,6 +80,9 @@ pub(crate) struct Opened {
     /// The Hub's session id.
     pub(crate) id: u64,
     pub(crate) conn: quinn::Connection,
+    /// The connection's endpoint (its own UDP socket): the connection hands its receive
+    /// buffer back when its queries have gone quiet.
+    pub(crate) endpoint: quinn::Endpoint,
     pub(crate) send: quinn::SendStream,
     pub(crate) recv: quinn::RecvStream,
     pub(crate) reader: FrameReader,
@@ -167,6 +170,7 @@ pub(crate) async fn dial(plan: Arc<DialPlan>) -> Result<Opened, ConnectError> {
     Ok(Opened {
         id,
         conn,
+        endpoint,
         send,
         recv,
         reader,

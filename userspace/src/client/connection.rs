@@ -1,7 +1,8 @@
 //! One QUIC connection to the Hub, owned by one task: it serves the query streams the Hub
 //! opens, reads the control stream, and obeys the driver's commands (send `Renew` and
 //! `Rotated`, say `Goodbye`, close). It reports what it saw as [`Event`]s and writes its own
-//! `session_lost` audit record when it ends.
+//! `session_lost` audit record when it ends. When its last query has ended and no other
+//! started for [`QUIET`], it hands its endpoint's receive buffer back to the kernel.
 //!
 //! A rotation through the Hub does not change the connection: the driver sends `Rotated` once
 //! the renewed SVID is stored, and the Hub re-binds the session to it. Nor does an SVID pushed
@@ -167,6 +168,11 @@ pub(crate) const RETIRE_DRAIN: Duration = Duration::from_secs(15);
 /// before may still arrive (in round trips; at least [`RETIRE_LINGER_MIN`]).
 const RETIRE_LINGER_RTTS: u32 = 2;
 const RETIRE_LINGER_MIN: Duration = Duration::from_millis(20);
+/// How long the connection waits, after its last query ended, before it hands the endpoint's
+/// receive buffer back (`quinn::Endpoint::release_receive_buffer`, an Ewii patch,
+/// third_party/README.md: a bulk transfer leaves ~1.4 MB of it resident). The heap's release
+/// waits about as long (`enforce::heap::QUIET_TICK`).
+const QUIET: Duration = Duration::from_millis(250);
 
 /// One connection and its queries.
 #[derive(Debug)]
@@ -199,6 +205,7 @@ impl Connection {
         let Opened {
             id,
             conn,
+            endpoint,
             send,
             mut recv,
             mut reader,
@@ -216,6 +223,8 @@ impl Connection {
         // after; the end comes when none is left then, or at the deadline.
         let mut retiring: Option<Instant> = None;
         let mut linger_until: Option<Instant> = None;
+        // Set when the last query ended: the moment to hand the receive buffer back.
+        let mut quiet_at: Option<Instant> = None;
         let end = loop {
             if let Some(deadline) = retiring {
                 if goodbye_read && queries.is_empty() {
@@ -292,6 +301,7 @@ impl Connection {
                 e = out.failed(), if !stopping && retiring.is_none() => break ended_by(&conn, &e),
                 stream = conn.accept_bi(), if !stopping => match stream {
                     Ok((qs, qr)) => {
+                        quiet_at = None;
                         queries.spawn(query::serve(ctx.clone(), id, hub, qs, qr));
                     }
                     Err(e) => break closed(&e),
@@ -316,8 +326,15 @@ impl Connection {
                 Some(_) = queries.join_next(), if !queries.is_empty() => {
                     // A query that ended makes room for the linger to start again.
                     linger_until = None;
+                    if queries.is_empty() {
+                        quiet_at = Some(Instant::now() + QUIET);
+                    }
                 }
                 () = sleep_until_opt(retiring.map(|d| linger_until.map_or(d, |l| l.min(d)))) => {}
+                () = sleep_until_opt(quiet_at) => {
+                    quiet_at = None;
+                    endpoint.release_receive_buffer();
+                }
             }
         };
         // Closed on every way out: the writer task holds the connection while a write waits for
