@@ -210,16 +210,22 @@ async fn compare(args: Args) -> anyhow::Result<()> {
             .args(["status", "--porcelain", "--untracked-files=no"])
             .output()
             .is_ok_and(|o| !o.stdout.is_empty());
-        let checked_out = if dirty {
-            format!("{head} with uncommitted changes (at the start of the run)")
+        // As scripts/image-bins words it in BUILT_FROM, so that the two compare equal.
+        let tree = if dirty {
+            format!("{head} with uncommitted changes")
         } else {
             head
+        };
+        let checked_out = if dirty {
+            format!("{tree} (at the start of the run)")
+        } else {
+            tree.clone()
         };
         // What the measured binaries were built from, where scripts/image-bins wrote it: a
         // directory of another build says so rather than borrowing the checkout's name.
         let built = args.ewii_bins.as_deref().and_then(built_from);
         let line = match built {
-            Some(built) if built == checked_out => checked_out,
+            Some(built) if built == tree => checked_out,
             Some(built) => format!("{checked_out}; the Ewii binaries measured were built from {built}"),
             None if args.ewii_bins.is_some() => format!(
                 "{checked_out}; the Ewii binaries measured do not say what they were built from (no BUILT_FROM beside them)"
