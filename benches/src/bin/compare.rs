@@ -86,6 +86,17 @@ fn built_from(dir: &Path) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// Records the median and 99th percentile of `times` (nothing when there are none).
+fn add_percentiles(samples: &mut Samples, kind: Kind, times: &mut [f64], p50: Figure, p99: Figure) {
+    if times.is_empty() {
+        return;
+    }
+    times.sort_by(f64::total_cmp);
+    let pct = |p: f64| times[((times.len() as f64 - 1.0) * p).round() as usize];
+    samples.add(kind, p50, pct(0.50));
+    samples.add(kind, p99, pct(0.99));
+}
+
 fn beside_me(name: &str) -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
     let p = me.with_file_name(name);
@@ -396,17 +407,17 @@ async fn measure(
         let mut rtt = load::round_trips(running.echo, args.round_trips).await?;
         let echoes = (args.round_trips + load::WARM_UP) as f64;
         cpu_per(cpu_before, echoes, Figure::CpuPerRoundTrip, samples)?;
-        rtt.sort_by(f64::total_cmp);
-        let pct = |p: f64| rtt[((rtt.len() as f64 - 1.0) * p).round() as usize];
-        samples.add(kind, Figure::RttP50, pct(0.50));
-        samples.add(kind, Figure::RttP99, pct(0.99));
+        add_percentiles(samples, kind, &mut rtt, Figure::RttP50, Figure::RttP99);
         let (echo, n) = (running.echo, args.round_trips);
         let mut rtt =
             tokio::task::spawn_blocking(move || load::round_trips_blocking(echo, n)).await??;
-        rtt.sort_by(f64::total_cmp);
-        let pct = |p: f64| rtt[((rtt.len() as f64 - 1.0) * p).round() as usize];
-        samples.add(kind, Figure::RttBlockingP50, pct(0.50));
-        samples.add(kind, Figure::RttBlockingP99, pct(0.99));
+        add_percentiles(
+            samples,
+            kind,
+            &mut rtt,
+            Figure::RttBlockingP50,
+            Figure::RttBlockingP99,
+        );
 
         let rate_for = Duration::from_secs(args.rate_secs);
         for (c, figure) in [(1, Figure::RateC1), (32, Figure::RateC32)] {
