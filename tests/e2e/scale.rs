@@ -53,6 +53,21 @@ fn cpu_seconds(prefixes: &[&str]) -> f64 {
     ticks as f64 / TICKS
 }
 
+/// Bytes of heap in use by the whole process (glibc's count over every arena, mapped chunks
+/// included).
+#[allow(unsafe_code)] // mallinfo2: no safe wrapper
+fn heap_in_use() -> usize {
+    // SAFETY: `mallinfo2` only reads the allocator's counters.
+    let info = unsafe { libc::mallinfo2() };
+    info.uordblks + info.hblkhd
+}
+
+/// The heap one idle session may cost, its two ends together (the Hub's side and the test's
+/// Client side share this process). Measured 2026-12-03 (debug build, as the tests run):
+/// 158 KB. Before quinn gave its send buffer back between bursts (third_party/README.md),
+/// a connection kept one sized for a whole batch of datagrams from its handshake on: 222 KB.
+const HEAP_PER_SESSION: usize = 190 * 1024;
+
 /// The Hub's threads: its runtime (workers and blocking pool), its shards, the store owner,
 /// the audit writer.
 const HUB_THREADS: &[&str] = &["hub-rt", "ewii-shard", "ewii-store", "ewii-audit"];
@@ -110,7 +125,7 @@ async fn try_open(
 }
 
 #[test]
-fn p9_thousand_idle_sessions_cost_no_database_work() {
+fn p9_thousand_idle_sessions_cost_no_database_work_and_bounded_heap() {
     logs();
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
@@ -178,6 +193,7 @@ fn p9_thousand_idle_sessions_cost_no_database_work() {
         let endpoints: Vec<quinn::Endpoint> = (0..4)
             .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap())
             .collect();
+        let heap0 = heap_in_use();
         let t0 = Instant::now();
         let mut opening = JoinSet::new();
         let mut open = Vec::with_capacity(SESSIONS);
@@ -208,6 +224,7 @@ fn p9_thousand_idle_sessions_cost_no_database_work() {
             }
             stmts = now;
         }
+        let heap_per_session = heap_in_use().saturating_sub(heap0) / SESSIONS;
         let (checks0, hub_cpu0, all_cpu0) = (
             handle.store_change_checks(),
             cpu_seconds(HUB_THREADS),
@@ -224,10 +241,11 @@ fn p9_thousand_idle_sessions_cost_no_database_work() {
              {retries} dial(s) retried); \
              idle {window:.1} s: {} database statements, {} change checks; \
              Hub CPU {hub_cpu:.2} s ({:.1} % of one core), whole test process {all_cpu:.2} s \
-             (with the clients' keep-alives)",
+             (with the clients' keep-alives); heap {} KB per session, both ends",
             stmts1 - stmts,
             checks1 - checks0,
             100.0 * hub_cpu / window,
+            heap_per_session / 1024,
         );
         assert_eq!(handle.connections(), SESSIONS, "every session stayed up");
         assert_eq!(
@@ -241,6 +259,12 @@ fn p9_thousand_idle_sessions_cost_no_database_work() {
             (5..=30).contains(&(checks1 - checks0)),
             "{} change checks in {window:.1} s",
             checks1 - checks0
+        );
+        assert!(
+            heap_per_session <= HEAP_PER_SESSION,
+            "an idle session holds {} KB of heap, both ends; at most {} KB expected",
+            heap_per_session / 1024,
+            HEAP_PER_SESSION / 1024
         );
         drop(open);
         for e in endpoints {

@@ -1081,6 +1081,15 @@ impl State {
             }
         }
 
+        // Ewii patch: quinn-proto sizes the buffer for a whole batch (up to 64 KiB) as soon as
+        // a transmit needs a second datagram, which every handshake does. A connection that
+        // has gone back to sending one datagram at a time (keep-alives, acknowledgements) gives
+        // that back; the next burst sizes it again. Nothing refers to the buffer here: the
+        // loop only ends once a transmit has been sent and no other is waiting.
+        if transmits <= 1 && self.send_buffer.capacity() > usize::from(self.inner.current_mtu()) {
+            self.send_buffer = Vec::new();
+        }
+
         Ok(false)
     }
 
