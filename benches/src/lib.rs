@@ -11,3 +11,4 @@
 #![forbid(unsafe_code)]
 
 pub mod compare;
+pub mod host;

@@ -18,6 +18,7 @@ use ewii_benches::compare::load;
 use ewii_benches::compare::procs::{self, Proc};
 use ewii_benches::compare::report::{self, Figure, Samples};
 use ewii_benches::compare::systems::{find_program, Bins, Kind, Running, Services, Setup};
+use ewii_benches::host;
 
 /// Idle connections held for the RSS figure.
 const IDLE_CONNECTIONS: usize = 100;
@@ -216,17 +217,7 @@ async fn compare(args: Args) -> anyhow::Result<()> {
         .map(|(d, s)| (d.to_owned(), s.to_owned()))
         .unwrap_or_else(|| (now.clone(), now.replace([' ', ':'], "-")));
     let commit = {
-        let head = shell("git", &["rev-parse", "--short", "HEAD"]);
-        let dirty = std::process::Command::new("git")
-            .args(["status", "--porcelain", "--untracked-files=no"])
-            .output()
-            .is_ok_and(|o| !o.stdout.is_empty());
-        // As scripts/image-bins words it in BUILT_FROM, so that the two compare equal.
-        let tree = if dirty {
-            format!("{head} with uncommitted changes")
-        } else {
-            head
-        };
+        let (tree, dirty) = host::checked_out();
         let checked_out = if dirty {
             format!("{tree} (at the start of the run)")
         } else {
@@ -281,7 +272,7 @@ async fn compare(args: Args) -> anyhow::Result<()> {
 
     let ctx = report::Context {
         date,
-        machine: machine(),
+        machine: host::machine(),
         commit,
         versions: [
             bins.rathole.as_deref().map(|p| shell_path(p, &["--version"])),
@@ -488,24 +479,4 @@ fn shell_path(program: &Path, args: &[&str]) -> String {
         })
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".to_owned())
-}
-
-fn machine() -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map_or("unknown CPU", |(_, m)| m.trim());
-    let cores = std::thread::available_parallelism().map_or(0, usize::from);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or("?".to_owned(), |kib| {
-            format!("{:.0} GiB", kib / 1024.0 / 1024.0)
-        });
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{model}, {cores} cores, {mem}, Linux {}", kernel.trim())
 }

@@ -29,6 +29,7 @@ use ewii::config::HubAddress;
 use ewii::identity::store::{self, Svid};
 use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
 use ewii_benches::compare::procs::{self, Proc};
+use ewii_benches::host;
 use ewii_common::audit::Side;
 use ewii_common::frame::{self, Control};
 use tokio::task::JoinSet;
@@ -288,13 +289,14 @@ fn render(steps: &[Step], idle_rss: f64, hold_secs: u64) -> String {
     let mut s = String::new();
     let date = ewii::now_timestamp();
     s.push_str(&format!(
-        "# Idle Clients on one Hub ({date})\n\n`ewii-fleet`: a {} `ewii-hub` on loopback, {} cores; each Client enrolled for real and holds one idle session (keep-alives only, the Client's own QUIC settings). Hub CPU over {hold_secs} s per step, from `/proc/<pid>/stat`; RSS from `/proc/<pid>/status`. Hub RSS with no session: {idle_rss:.1} MB.\n\n",
+        "# Idle Clients on one Hub ({date})\n\n- machine: {}\n- commit: {} (checked out at the run; scripts/fleet builds the Hub from it)\n\n`ewii-fleet`: a {} `ewii-hub` on loopback; each Client enrolled for real and holds one idle session (keep-alives only, the Client's own QUIC settings). Hub CPU over {hold_secs} s per step, from `/proc/<pid>/stat`; RSS from `/proc/<pid>/status`. Hub RSS with no session: {idle_rss:.1} MB.\n\n",
+        host::machine(),
+        host::checked_out().0,
         if cfg!(debug_assertions) {
             "debug (not for figures)"
         } else {
             "release"
         },
-        std::thread::available_parallelism().map_or(0, usize::from)
     ));
     s.push_str("| idle Clients | Hub CPU (% of one core) | Hub RSS (MB) | CPU per 1,000 (% of a core) | RSS per 1,000 (MB) | sessions opened in (s) |\n|---|---|---|---|---|---|\n");
     for st in steps {
