@@ -4,7 +4,7 @@
 //! one opened with a stolen key) and tells the holders of retired serials to drain.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ewii_common::audit::{Event, Outcome};
 use ewii_common::frame::Control;
@@ -18,8 +18,10 @@ use crate::transport::codes;
 /// What the registry tells a session.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Command {
-    /// Write this control message to the Client (a bundle update).
-    Push(Control),
+    /// Write this control message to the Client (a bundle update). Shared: every session
+    /// gets the same one, and each session's channel allocates room for 32 commands up front,
+    /// so a command stays small.
+    Push(Arc<Control>),
     /// The session's serial was retired: finish in-flight queries, then close.
     Drain,
     /// The bundle of this trust domain changed: a session of it checks its SVID's chain
@@ -240,7 +242,7 @@ impl Registry {
 
     /// Sends `msg` to every live session; returns how many.
     pub(crate) fn push_all(&self, msg: &Control) -> usize {
-        self.tell(|_| true, &Command::Push(msg.clone()))
+        self.tell(|_| true, &Command::Push(Arc::new(msg.clone())))
     }
 
     /// Tells every live session of `trust_domain` to re-check its chain

@@ -321,7 +321,7 @@ impl Session {
                         drain_until.get_or_insert_with(|| Instant::now() + RETIRED_DRAIN);
                     }
                     Some(Command::Push(msg)) => {
-                        if let Err(e) = self.out.send(&msg) {
+                        if let Err(e) = self.out.send(&*msg) {
                             break self.unsent(&e);
                         }
                     }
