@@ -30,6 +30,8 @@ pub struct Metrics {
     webhooks_failed: AtomicU64,
     dns_changed: AtomicU64,
     queries_shed: AtomicU64,
+    /// Not published: see [`Metrics::count_quiet_spell`].
+    quiet_spells: AtomicU64,
 }
 
 /// Counters by outcome.
@@ -146,6 +148,18 @@ impl Metrics {
     /// Sessions that came up so far.
     pub fn sessions_up(&self) -> u64 {
         self.sessions_up.load(Relaxed)
+    }
+
+    /// Counts one spell of quiet on a connection whose queries stay open after moving data (a
+    /// pooled database connection after a large result): no query ended, yet the work has
+    /// stopped. Not published; the heap thread reads it beside [`Metrics::queries_ended`].
+    pub fn count_quiet_spell(&self) {
+        add(&self.quiet_spells, 1);
+    }
+
+    /// Spells counted by [`Metrics::count_quiet_spell`].
+    pub fn quiet_spells(&self) -> u64 {
+        self.quiet_spells.load(Relaxed)
     }
 
     /// Counts one query refused because the audit sink lagged.

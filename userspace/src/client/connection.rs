@@ -2,7 +2,9 @@
 //! opens, reads the control stream, and obeys the driver's commands (send `Renew` and
 //! `Rotated`, say `Goodbye`, close). It reports what it saw as [`Event`]s and writes its own
 //! `session_lost` audit record when it ends. When its last query has ended and no other
-//! started for [`QUIET`], it hands its endpoint's receive buffer back to the kernel.
+//! started for [`QUIET`], it hands its endpoint's receive buffer back to the kernel. So it does
+//! when queries stay open but the data has stopped ([`HeldQuiet`]: a pooled database
+//! connection after a large result), and it tells the heap thread so.
 //!
 //! A rotation through the Hub does not change the connection: the driver sends `Rotated` once
 //! the renewed SVID is stored, and the Hub re-binds the session to it. Nor does an SVID pushed
@@ -173,6 +175,48 @@ const RETIRE_LINGER_MIN: Duration = Duration::from_millis(20);
 /// third_party/README.md: a bulk transfer leaves ~1.4 MB of it resident). The heap's release
 /// waits about as long (`enforce::heap::QUIET_TICK`).
 const QUIET: Duration = Duration::from_millis(250);
+/// While queries are open, how often the connection reads how many bytes it has moved.
+const HELD_CHECK: Duration = Duration::from_secs(1);
+/// Fewer bytes than this, received and sent, over one [`HELD_CHECK`] is quiet: keep-alives and
+/// their acknowledgements, or a few small queries, stay far below it.
+const HELD_QUIET_BYTES: u64 = 64 * 1024;
+
+/// Whether the queries held open have gone quiet after moving data: fed the connection's count
+/// of UDP bytes moved at each [`HELD_CHECK`].
+#[derive(Debug, Default)]
+struct HeldQuiet {
+    last: u64,
+    busy: bool,
+}
+
+impl HeldQuiet {
+    /// Starts counting from `moved` (a query opened on a quiet connection).
+    fn from(moved: u64) -> Self {
+        Self {
+            last: moved,
+            busy: false,
+        }
+    }
+
+    /// Takes the bytes moved so far; true once per busy spell, at the first quiet check after
+    /// it.
+    fn check(&mut self, moved: u64) -> bool {
+        let spell = moved.saturating_sub(self.last);
+        self.last = moved;
+        if spell >= HELD_QUIET_BYTES {
+            self.busy = true;
+            false
+        } else {
+            std::mem::take(&mut self.busy)
+        }
+    }
+}
+
+/// UDP bytes the connection has received and sent.
+fn moved(conn: &quinn::Connection) -> u64 {
+    let stats = conn.stats();
+    stats.udp_rx.bytes + stats.udp_tx.bytes
+}
 
 /// One connection and its queries.
 #[derive(Debug)]
@@ -225,6 +269,8 @@ impl Connection {
         let mut linger_until: Option<Instant> = None;
         // Set when the last query ended: the moment to hand the receive buffer back.
         let mut quiet_at: Option<Instant> = None;
+        // While queries are open: the next check of whether they went quiet.
+        let mut held_check: Option<(Instant, HeldQuiet)> = None;
         let end = loop {
             if let Some(deadline) = retiring {
                 if goodbye_read && queries.is_empty() {
@@ -302,6 +348,9 @@ impl Connection {
                 stream = conn.accept_bi(), if !stopping => match stream {
                     Ok((qs, qr)) => {
                         quiet_at = None;
+                        if held_check.is_none() {
+                            held_check = Some((Instant::now() + HELD_CHECK, HeldQuiet::from(moved(&conn))));
+                        }
                         queries.spawn(query::serve(ctx.clone(), id, hub, qs, qr));
                     }
                     Err(e) => break closed(&e),
@@ -328,12 +377,22 @@ impl Connection {
                     linger_until = None;
                     if queries.is_empty() {
                         quiet_at = Some(Instant::now() + QUIET);
+                        held_check = None;
                     }
                 }
                 () = sleep_until_opt(retiring.map(|d| linger_until.map_or(d, |l| l.min(d)))) => {}
                 () = sleep_until_opt(quiet_at) => {
                     quiet_at = None;
                     endpoint.release_receive_buffer();
+                }
+                () = sleep_until_opt(held_check.as_ref().map(|(at, _)| *at)) => {
+                    if let Some((at, watch)) = held_check.as_mut() {
+                        *at = Instant::now() + HELD_CHECK;
+                        if watch.check(moved(&conn)) {
+                            endpoint.release_receive_buffer();
+                            ctx.audit.metrics().count_quiet_spell();
+                        }
+                    }
                 }
             }
         };
@@ -416,5 +475,30 @@ fn closed(e: &quinn::ConnectionError) -> End {
         }
         quinn::ConnectionError::TimedOut => End::Lost(Lost::IdleTimeout),
         other => End::Lost(Lost::Connection(other.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_queries_go_quiet_once_per_busy_spell() {
+        let mut w = HeldQuiet::from(1_000);
+        // Keep-alives only: never busy, never a release.
+        assert!(!w.check(1_200));
+        assert!(!w.check(1_400));
+        // A large result, over two checks, then quiet: one release.
+        assert!(!w.check(1_400 + 10 * HELD_QUIET_BYTES));
+        assert!(!w.check(1_400 + 20 * HELD_QUIET_BYTES));
+        assert!(w.check(1_500 + 20 * HELD_QUIET_BYTES));
+        assert!(!w.check(1_600 + 20 * HELD_QUIET_BYTES));
+        // Just under the bound is quiet; at it, busy again.
+        let now = 1_600 + 20 * HELD_QUIET_BYTES;
+        assert!(!w.check(now + HELD_QUIET_BYTES - 1));
+        assert!(!w.check(now + 2 * HELD_QUIET_BYTES - 1));
+        let now = now + 3 * HELD_QUIET_BYTES - 1;
+        assert!(!w.check(now));
+        assert!(w.check(now));
     }
 }

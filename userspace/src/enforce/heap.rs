@@ -76,7 +76,8 @@ pub enum ProgramPages {
 
 /// For a process that moves bulk data: [`keep_freed_heap`], and a thread that calls
 /// [`release_freed_heap`] once the work has stopped — when the count of ended queries in
-/// `audit`'s metrics moved since the last release and then stayed still for one
+/// `audit`'s metrics, with its count of quiet spells on queries held open
+/// (`Metrics::count_quiet_spell`), moved since the last release and then stayed still for one
 /// [`QUIET_TICK`] — and that handles the program's code pages as `code` says, at its first
 /// tick after `audit` counted a session up. The thread ends with the last handle on those
 /// metrics.
@@ -91,7 +92,7 @@ pub fn tune_for_bulk(audit: &Audit, code: ProgramPages) -> std::io::Result<()> {
             std::thread::sleep(QUIET_TICK);
             let Some((ended, sessions)) = metrics
                 .upgrade()
-                .map(|m| (m.queries_ended(), m.sessions_up()))
+                .map(|m| (m.queries_ended() + m.quiet_spells(), m.sessions_up()))
             else {
                 return;
             };
