@@ -1214,9 +1214,9 @@ pub struct Faults {
 }
 
 /// A user-space UDP relay between a Client and a Hub that injects seeded faults (this kernel
-/// has no netem): loss, duplication, reordering, delay with jitter, a blackhole, and a path
-/// change (a new source port towards the Hub, as after a NAT rebinding). The Client dials
-/// [`FaultyPath::addr`]; one Client per relay.
+/// has no netem): loss, duplication, reordering, delay (datagrams keep their order) with
+/// jitter, a blackhole, and a path change (a new source port towards the Hub, as after a NAT
+/// rebinding). The Client dials [`FaultyPath::addr`]; one Client per relay.
 #[derive(Debug)]
 pub struct FaultyPath {
     /// Where the Client dials.
@@ -1245,23 +1245,28 @@ impl PathControl {
         (x as f64 / (1u64 << 53) as f64) < p
     }
 
-    /// The delays at which to send one datagram (none: dropped; two: duplicated).
-    fn plan(&mut self) -> Vec<Duration> {
+    /// When to send one datagram (none: dropped; two: duplicated), and whether it keeps its
+    /// place in line: one delayed by `delay` alone leaves after those that came before it, as
+    /// on a real path; jitter and reordering let it overtake or be overtaken.
+    fn plan(&mut self) -> Vec<(Duration, bool)> {
         if self.blackhole || self.chance(self.faults.loss) {
             return Vec::new();
         }
         let f = self.faults;
         let mut delay = f.delay;
+        let mut in_line = true;
         if !f.jitter.is_zero() {
             let r = (self.rng % 1_000_000) as f64 / 1_000_000.0;
             delay += f.jitter.mul_f64(r);
+            in_line = false;
         }
         if self.chance(f.reorder) {
             delay += f.reorder_by;
+            in_line = false;
         }
-        let mut out = vec![delay];
+        let mut out = vec![(delay, in_line)];
         if self.chance(f.duplicate) {
-            out.push(delay);
+            out.push((delay, in_line));
         }
         out
     }
@@ -1271,8 +1276,7 @@ impl FaultyPath {
     /// Relays to `target` (the Hub's UDP address) with no fault until [`set`](Self::set).
     pub async fn start(target: SocketAddr, seed: u64) -> Self {
         use std::sync::Arc;
-        use tokio::net::UdpSocket;
-        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let front = Arc::new(relay_socket());
         let addr = front.local_addr().unwrap();
         let ctl = Arc::new(std::sync::Mutex::new(PathControl {
             faults: Faults::default(),
@@ -1284,14 +1288,16 @@ impl FaultyPath {
         let wake = Arc::new(tokio::sync::Notify::new());
         let woken = wake.clone();
         let task = tokio::spawn(async move {
-            let mut back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+            let mut back = Arc::new(relay_socket());
             let mut bound = 0u64;
+            let (mut up_line, down_line) = (delay_line(back.clone()), delay_line(front.clone()));
             let mut client: Option<SocketAddr> = None;
             let (mut up, mut down) = (vec![0u8; 65_536], vec![0u8; 65_536]);
             loop {
                 let rebinds = c.lock().unwrap().rebinds;
                 if rebinds != bound {
-                    back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                    back = Arc::new(relay_socket());
+                    up_line = delay_line(back.clone());
                     bound = rebinds;
                 }
                 tokio::select! {
@@ -1299,12 +1305,12 @@ impl FaultyPath {
                         let Ok((n, from)) = r else { continue };
                         client = Some(from);
                         let plan = c.lock().unwrap().plan();
-                        send_later(back.clone(), up[..n].to_vec(), target, plan);
+                        send_later(&back, &up_line, &up[..n], target, plan);
                     }
                     r = back.recv_from(&mut down) => {
                         let (Ok((n, _)), Some(to)) = (r, client) else { continue };
                         let plan = c.lock().unwrap().plan();
-                        send_later(front.clone(), down[..n].to_vec(), to, plan);
+                        send_later(&front, &down_line, &down[..n], to, plan);
                     }
                     // A control changed (a rebind): look at them again.
                     () = woken.notified() => {}
@@ -1342,17 +1348,57 @@ impl Drop for FaultyPath {
     }
 }
 
+/// A [`FaultyPath`] socket on loopback with the buffers the Hub and Client ask for
+/// (`transport::UDP_BUFFER`): the relay is the path, and drops at its own sockets under a
+/// burst are faults no test asked for.
+fn relay_socket() -> tokio::net::UdpSocket {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .unwrap();
+    let _ = socket.set_recv_buffer_size(ewii::transport::UDP_BUFFER);
+    let _ = socket.set_send_buffer_size(ewii::transport::UDP_BUFFER);
+    socket.set_nonblocking(true).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    tokio::net::UdpSocket::from_std(socket.into()).unwrap()
+}
+
+/// Datagrams waiting in one direction of a [`FaultyPath`], each with when it may leave.
+type DelayLine = tokio::sync::mpsc::UnboundedSender<(tokio::time::Instant, Vec<u8>, SocketAddr)>;
+
+/// One direction's line: datagrams leave `socket` in the order they were queued, each once
+/// its time has come. (A timer each would let those due within the same millisecond of
+/// tokio's timer overtake one another: a path that reorders most of a burst, which QUIC reads
+/// as loss.) The line ends once its sender is dropped and it is empty.
+fn delay_line(socket: std::sync::Arc<tokio::net::UdpSocket>) -> DelayLine {
+    let (tx, mut rx): (DelayLine, _) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((due, data, to)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            let _ = socket.send_to(&data, to).await;
+        }
+    });
+    tx
+}
+
 fn send_later(
-    socket: std::sync::Arc<tokio::net::UdpSocket>,
-    data: Vec<u8>,
+    socket: &std::sync::Arc<tokio::net::UdpSocket>,
+    line: &DelayLine,
+    data: &[u8],
     to: SocketAddr,
-    plan: Vec<Duration>,
+    plan: Vec<(Duration, bool)>,
 ) {
-    for delay in plan {
-        let (socket, data) = (socket.clone(), data.clone());
+    for (delay, in_line) in plan {
         if delay.is_zero() {
-            let _ = socket.try_send_to(&data, to);
+            let _ = socket.try_send_to(data, to);
+        } else if in_line {
+            let _ = line.send((tokio::time::Instant::now() + delay, data.to_vec(), to));
         } else {
+            let (socket, data) = (socket.clone(), data.to_vec());
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 let _ = socket.send_to(&data, to).await;

@@ -1,6 +1,6 @@
 //! The tunnel on a bad path: a seeded fault-injecting UDP relay between Client and Hub
 //! (`FaultyPath` in the harness; this kernel has no netem). Loss, reordering and duplication,
-//! a blackhole, a path change.
+//! a blackhole, a path change, an Internet's round trip.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -237,4 +237,33 @@ fn count_events(client: &TestClient, event: Event) -> usize {
         .iter()
         .filter(|r| r.event == event)
         .count()
+}
+
+/// P4 on a path with an Internet's round trip (25 ms each way, in order, nothing lost): 64 MiB
+/// arrive byte-exact, twice on one session. The throughput is printed beside the ceiling the
+/// per-query window sets (one window per round trip; docs/benchmarks.md, "A 50 ms path"):
+/// figures, not assertions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_a_50ms_path_carries_a_bulk_query_byte_exact() {
+    const LEN: usize = 64 << 20;
+    const ONE_WAY: Duration = Duration::from_millis(25);
+    let (hub, mut client, path) = world().await;
+    path.set(Faults {
+        delay: ONE_WAY,
+        ..Faults::default()
+    });
+    let window = ewii::transport::STREAM_WINDOW as f64;
+    for seed in 1..=2 {
+        let (mine, theirs, secs) = send_hashed(hub.service("sink"), LEN, seed).await;
+        assert_eq!(theirs, mine, "transfer {seed}: byte-exact");
+        println!(
+            "64 MiB over a {} ms round trip: {:.1} MB/s (one {} KiB window per round trip: {:.1} MB/s)",
+            (2 * ONE_WAY).as_millis(),
+            LEN as f64 / secs / 1e6,
+            window as u64 / 1024,
+            window / (2 * ONE_WAY).as_secs_f64() / 1e6
+        );
+    }
+    assert_eq!(count_events(&client, Event::SessionUp), 1);
+    client.stop().await;
 }
