@@ -817,6 +817,47 @@ async fn p7_an_svid_that_expires_without_renewal_stops_the_client_plainly() {
     );
 }
 
+/// A reload of the trust material that fails is tried again every second until one succeeds,
+/// and audited once: here a bundle file without the signing CA (an operator's edit halfway),
+/// taken when a commit of another process wakes the Hub, then put right with no further commit
+/// to wake it. Before, the Hub kept the old material until the next change to its database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_a_failed_trust_reload_is_tried_again_until_it_succeeds() {
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let state = hub.state_dir();
+    let ca = ewii::identity::ca::Ca::load(&state).unwrap();
+    let other = ewii::identity::ca::Ca::generate(TD).unwrap();
+    let bundle = state.join(admin::BUNDLE_FILE);
+    let write = |certs: &[rustls::pki_types::CertificateDer<'static>]| {
+        store::write_file(&bundle, store::Pem::certs(certs).as_bytes(), 0o644).unwrap();
+    };
+    write(std::slice::from_ref(other.cert()));
+    // A commit by another process (a token) is what wakes the Hub to reload.
+    admin::create_token(&state, "beta", Duration::from_secs(600), None, false).unwrap();
+    hub.wait_audit("the failed reload", |r| {
+        r.event == Event::BundleUpdated
+            && r.outcome == Some(Outcome::Failed)
+            && r.reason.as_deref()
+                == Some("the bundle does not contain the signing CA; not reloading")
+    })
+    .await;
+    // Long enough for two more tries to fail the same way (`RELOAD_RETRY`: one second).
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    write(&[ca.cert().clone(), other.cert().clone()]);
+    hub.wait_audit(
+        "the reload tried again",
+        says(Event::BundleUpdated, "2 trust anchor(s); pushed to"),
+    )
+    .await;
+    let failures = hub
+        .audit
+        .records()
+        .iter()
+        .filter(|r| r.event == Event::BundleUpdated && r.outcome == Some(Outcome::Failed))
+        .count();
+    assert_eq!(failures, 1, "one record for one reason, however many tries");
+}
+
 /// `ca prepare`, `ca activate`, and the running Hub signing with the new CA.
 async fn next_ca_signs(hub: &TestHub) {
     let state = hub.state_dir();

@@ -21,6 +21,8 @@ pub use super::layout::{
 };
 pub use crate::identity::store::foreign_owner;
 
+use super::layout::lock_trust;
+
 /// Longest workload SVID (they cannot be revoked before expiry).
 pub const MAX_WORKLOAD_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
 
@@ -254,6 +256,7 @@ pub fn clients(state_dir: &Path) -> Result<Vec<ClientRow>, HubError> {
 /// one. A running Hub pushes the bundle to every live Client within a second; Clients then
 /// trust both. Returns the new CA's bundle hash.
 pub fn ca_prepare(state_dir: &Path) -> Result<String, HubError> {
+    let _lock = lock_trust(state_dir).map_err(ident(state_dir))?;
     let ca = Ca::load(state_dir).map_err(ident(state_dir))?;
     if state_dir.join(NEXT_CA_KEY).exists() {
         return Err(HubError::Usage(
@@ -275,6 +278,7 @@ pub fn ca_prepare(state_dir: &Path) -> Result<String, HubError> {
 /// Clients keep working: the bundle still holds both CAs, and their SVIDs move to the new CA
 /// at their next renewal.
 pub fn ca_activate(state_dir: &Path) -> Result<String, HubError> {
+    let _lock = lock_trust(state_dir).map_err(ident(state_dir))?;
     let next = Ca::load_from(state_dir, NEXT_CA_CERT, NEXT_CA_KEY)
         .map_err(|_| HubError::Usage("no prepared CA; run `ewii-hub ca prepare` first".into()))?;
     let old = Ca::load(state_dir).map_err(ident(state_dir))?;
@@ -298,6 +302,7 @@ pub fn ca_activate(state_dir: &Path) -> Result<String, HubError> {
 /// a Client still holds an SVID issued before the last activation (it would be locked out),
 /// unless `force`.
 pub fn ca_retire(state_dir: &Path, force: bool) -> Result<Vec<String>, HubError> {
+    let _lock = lock_trust(state_dir).map_err(ident(state_dir))?;
     let ca = Ca::load(state_dir).map_err(ident(state_dir))?;
     let db = Db::open(&state_dir.join(DB_FILE))?;
     let activated = db

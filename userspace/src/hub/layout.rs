@@ -10,6 +10,7 @@ use rustls::pki_types::CertificateDer;
 use crate::identity::ca::{new_key_and_csr, Ca};
 use crate::identity::store::{self, Svid};
 use crate::identity::{inspect_leaf, IdentityError};
+use crate::transport;
 
 /// The signing CA's certificate (made by `ewii-hub init`; its presence means "initialised").
 pub const CA_CERT: &str = "ca.pem";
@@ -26,8 +27,46 @@ pub const NEXT_CA_CERT: &str = "ca-next.pem";
 /// Its key.
 pub const NEXT_CA_KEY: &str = "ca-next.key";
 
+/// The lock that keeps a running Hub's reload and the `ewii-hub ca …` commands apart
+/// ([`lock_trust`]).
+pub const TRUST_LOCK: &str = "trust.lock";
+
 /// Lifetime of the Hub's own SVID; `ewii-hub run` renews it when less than a third is left.
 pub const HUB_SVID_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
+
+/// The state directory's trust lock, held until dropped: see [`lock_trust`].
+#[derive(Debug)]
+pub struct TrustLock {
+    _file: std::fs::File,
+}
+
+/// Waits for, then takes, the lock of the trust material in `dir`: the CA, the bundle and the
+/// Hub SVID. Each `ewii-hub ca …` command holds it from its first read to its last write, and a
+/// running Hub while it reads them (and renews its SVID): a Hub reloading while `ca activate`
+/// runs would otherwise read the new CA beside the old Hub SVID, issue one of its own, and the
+/// two writers would leave a key and a certificate that do not match (a Hub that cannot start
+/// again). Blocking I/O: an open and an `flock` that waits while the other side holds it (a
+/// few file writes). The file holds nothing; it is opened for reading when it exists, so that
+/// one made by another user (root running a command) still serves.
+pub fn lock_trust(dir: &Path) -> Result<TrustLock, IdentityError> {
+    let path = dir.join(TRUST_LOCK);
+    let io = |source| IdentityError::Io {
+        path: path.clone(),
+        source,
+    };
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut opts = std::fs::File::options();
+            opts.create(true).truncate(false).write(true);
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o644);
+            opts.open(&path).map_err(io)?
+        }
+        Err(e) => return Err(io(e)),
+    };
+    file.lock().map_err(io)?;
+    Ok(TrustLock { _file: file })
+}
 
 /// The trusted CAs: `bundle.pem` when present, else the signing CA alone.
 pub fn load_bundle(dir: &Path, ca: &Ca) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
@@ -43,8 +82,9 @@ pub fn load_bundle(dir: &Path, ca: &Ca) -> Result<Vec<CertificateDer<'static>>, 
     }
 }
 
-/// Loads the Hub SVID, issuing a fresh one when it is missing or has less than a third of
-/// its lifetime left.
+/// Loads the Hub SVID, issuing a fresh one when it is missing, has less than a third of its
+/// lifetime left, is not from `ca`, or is not whole: a key that does not match its certificate
+/// (a write of the two files cut short) would leave a Hub that cannot start.
 pub fn load_or_renew_hub_svid(dir: &Path, ca: &Ca) -> Result<Svid, IdentityError> {
     if let Ok(svid) = Svid::load(dir, HUB_CERT, HUB_KEY) {
         let now = crate::now_timestamp().unix_secs() as i64;
@@ -54,11 +94,17 @@ pub fn load_or_renew_hub_svid(dir: &Path, ca: &Ca) -> Result<Svid, IdentityError
             .and_then(|c| inspect_leaf(c).ok())
             .is_some_and(|l| l.not_after - now > HUB_SVID_LIFETIME.as_secs() as i64 / 3);
         let from_this_ca = svid.chain.get(1) == Some(ca.cert());
-        if fresh && from_this_ca {
+        if fresh && from_this_ca && whole(&svid) {
             return Ok(svid);
         }
     }
     issue_hub_svid(dir, ca)
+}
+
+/// Whether `svid`'s key is the one its certificate names.
+pub(crate) fn whole(svid: &Svid) -> bool {
+    rustls::sign::CertifiedKey::from_der(svid.chain.clone(), svid.key(), &transport::provider())
+        .is_ok()
 }
 
 /// Issues and saves a new Hub SVID from `ca`.

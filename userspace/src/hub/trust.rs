@@ -225,6 +225,8 @@ impl Material {
             dir: dir.to_owned(),
             source,
         };
+        // One consistent state, even while an `ewii-hub ca …` command runs.
+        let _lock = layout::lock_trust(dir).map_err(ident)?;
         let ca = Ca::load(dir).map_err(ident)?;
         let anchors = layout::load_bundle(dir, &ca).map_err(ident)?;
         let hub_svid = layout::load_or_renew_hub_svid(dir, &ca).map_err(ident)?;
@@ -267,6 +269,9 @@ pub(crate) struct Trust {
     bundle_epoch: AtomicU64,
     /// [`Trust::vouches_for_workload`]'s verdicts for the current bundle, by chain.
     verdicts: Mutex<Verdicts>,
+    /// Why the last reload failed, while it keeps failing: the watcher tries again each
+    /// [`super::watch::RELOAD_RETRY`], and the same reason is logged and audited once.
+    reload_failure: Mutex<Option<String>>,
 }
 
 /// Verdicts on requesters' chains, kept while the Hub's own bundle stays as it is: when an
@@ -382,6 +387,7 @@ impl Trust {
                 left: tokio::sync::watch::Sender::new(0),
                 bundle_epoch: AtomicU64::new(0),
                 verdicts: Mutex::default(),
+                reload_failure: Mutex::default(),
             },
             quic,
         ))
@@ -541,14 +547,32 @@ impl Trust {
     }
 
     /// Re-reads the CA, the Hub SVID and the bundle; swaps in what changed and pushes a new
-    /// bundle to every live session. Blocking: run it with `spawn_blocking`.
-    pub(crate) fn reload(&self, endpoints: &[quinn::Endpoint], registry: &Registry) {
-        if let Err(e) = self.try_reload(endpoints, registry) {
-            tracing::error!(error = %e, "cannot reload the trust material; keeping the current one");
-            let mut r = self.audit.record(Event::BundleUpdated);
-            r.outcome = Some(Outcome::Failed);
-            r.reason = Some(e.to_string());
-            self.audit.emit(r);
+    /// bundle to every live session. Whether it succeeded: a failed reload changes nothing,
+    /// and the watcher tries again until one does. A failure is logged and audited once per
+    /// reason. Blocking: run it with `spawn_blocking`.
+    pub(crate) fn reload(&self, endpoints: &[quinn::Endpoint], registry: &Registry) -> bool {
+        let outcome = self.try_reload(endpoints, registry);
+        let mut last = self
+            .reload_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match outcome {
+            Ok(()) => {
+                *last = None;
+                true
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if last.as_deref() != Some(why.as_str()) {
+                    tracing::error!(error = %why, "cannot reload the trust material; keeping the current one, and trying again every second");
+                    let mut r = self.audit.record(Event::BundleUpdated);
+                    r.outcome = Some(Outcome::Failed);
+                    r.reason = Some(why.clone());
+                    self.audit.emit(r);
+                    *last = Some(why);
+                }
+                false
+            }
         }
     }
 
@@ -562,6 +586,10 @@ impl Trust {
             dir: dir.clone(),
             source,
         };
+        // The files as one `ewii-hub ca …` command left them, never halfway through one: a
+        // new CA read beside the old Hub SVID would have this Hub issue an SVID of its own
+        // while the command writes another.
+        let _lock = layout::lock_trust(dir).map_err(ident)?;
         let ca = Ca::load(dir).map_err(ident)?;
         let anchors = layout::load_bundle(dir, &ca).map_err(ident)?;
         let current = match self.ca.read() {
@@ -757,6 +785,67 @@ mod tests {
         epoch.fetch_add(1, Ordering::SeqCst);
         assert_eq!(judge(), Ok(()));
         assert_eq!(verified.get(), 3);
+    }
+
+    /// P15, an operator's CA rotation under a running Hub: a Hub reading its trust material
+    /// while `ca prepare` and `ca activate` run (as its reload does, renewing its SVID when it
+    /// is not from the signing CA) never finds them halfway, and each rotation leaves a whole
+    /// Hub SVID from the signing CA. Without the trust lock the reader took the new CA beside
+    /// the old Hub SVID, issued an SVID of its own while `ca activate` wrote another, and the
+    /// two left a key and a certificate that do not match.
+    #[test]
+    fn p15_a_hub_reading_its_trust_while_the_ca_rotates_finds_each_rotation_whole() {
+        const ROTATIONS: usize = 12;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("hub");
+        crate::hub::admin::init(&state, "test.ewii.local").unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (state, stop) = (state.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut reads, mut errors) = (0usize, Vec::new());
+                while !stop.load(Ordering::SeqCst) {
+                    match Material::load(&state) {
+                        Ok(m) if layout::whole(&m.hub_svid) => {}
+                        Ok(_) => errors.push("a Hub SVID whose key does not match".to_owned()),
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                    reads += 1;
+                }
+                (reads, errors)
+            })
+        };
+        for _ in 0..ROTATIONS {
+            crate::hub::admin::ca_prepare(&state).unwrap();
+            crate::hub::admin::ca_activate(&state).unwrap();
+        }
+        stop.store(true, Ordering::SeqCst);
+        let (reads, errors) = reader.join().unwrap();
+        assert_eq!(errors, Vec::<String>::new(), "in {reads} reads");
+        assert!(reads > ROTATIONS, "the reader ran beside the rotations");
+        let last = Material::load(&state).unwrap();
+        assert!(layout::whole(&last.hub_svid));
+        assert_eq!(last.hub_svid.chain.get(1), Some(last.ca.cert()));
+    }
+
+    /// A Hub SVID whose key was replaced without its certificate (a write cut short between the
+    /// two files) is issued again at the next load, where it stopped the Hub from starting.
+    #[test]
+    fn a_torn_hub_svid_is_issued_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("hub");
+        crate::hub::admin::init(&state, "test.ewii.local").unwrap();
+        let ca = Ca::load(&state).unwrap();
+        let before = Svid::load(&state, layout::HUB_CERT, layout::HUB_KEY).unwrap();
+        let (key, _) = crate::identity::ca::new_key_and_csr().unwrap();
+        let torn = Svid::new(before.chain.clone(), &key);
+        torn.save(&state, layout::HUB_CERT, layout::HUB_KEY)
+            .unwrap();
+        assert!(!layout::whole(&torn));
+        let after = layout::load_or_renew_hub_svid(&state, &ca).unwrap();
+        assert!(layout::whole(&after));
+        assert_ne!(after.chain[0], before.chain[0], "a new SVID");
+        assert!(Material::load(&state).is_ok());
     }
 
     /// A chain's digest covers every certificate and where each one ends.

@@ -5,7 +5,8 @@
 //!   registry, which closes or drains every connection concerned;
 //! - every [`TICK`] the store owner compares SQLite's `data_version` — one pragma, whatever the
 //!   number of sessions — so another process's commit is seen within one tick; then the
-//!   trust material is reloaded too (`ewii-hub ca …` writes files and touches the database);
+//!   trust material is reloaded too (`ewii-hub ca …` writes files and touches the database),
+//!   and a reload that failed is tried again every [`RELOAD_RETRY`] until one succeeds;
 //! - the silent-client grace is a timer computed from the view's `last_seen` values, not a
 //!   query;
 //! - every [`FEDERATION_CHECK`] the `[[federation]]` bundle files are re-read, and a changed
@@ -31,6 +32,10 @@ const TICK: Duration = Duration::from_millis(200);
 /// How often the `[[federation]]` bundle files are re-read (a customer's SPIRE rotates its CA
 /// daily by default, publishing the next one ahead).
 pub(crate) const FEDERATION_CHECK: Duration = Duration::from_secs(5);
+/// How soon a failed reload of the trust material is tried again (files an operator is still
+/// changing, a state directory that cannot be read for a moment). Without it, the next try
+/// would wait for the next change to the database, which may never come.
+pub(crate) const RELOAD_RETRY: Duration = Duration::from_secs(1);
 
 /// What the watcher needs.
 #[derive(Debug, Clone)]
@@ -49,6 +54,8 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut grace_at = next_grace(&parts);
+    // When the last reload failed, while it keeps failing.
+    let mut reload_failed: Option<Instant> = None;
     loop {
         let grace_due = async {
             match grace_at {
@@ -57,11 +64,19 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
             }
         };
         tokio::select! {
-            _ = tick.tick() => match parts.store.refresh().await {
-                Ok(true) => reload_trust(&parts).await,
-                Ok(false) => {}
-                Err(e) => tracing::error!(error = %e, "cannot read the hub database; refusing handshakes until it can"),
-            },
+            _ = tick.tick() => {
+                let changed = match parts.store.refresh().await {
+                    Ok(changed) => changed,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the hub database; refusing handshakes until it can");
+                        false
+                    }
+                };
+                let retry = reload_failed.is_some_and(|at| at.elapsed() >= RELOAD_RETRY);
+                if changed || retry {
+                    reload_failed = (!reload_trust(&parts).await).then(Instant::now);
+                }
+            }
             change = changes.recv() => match change {
                 Some(change) => {
                     apply(&parts, change);
@@ -120,14 +135,18 @@ pub(crate) async fn federation(trust: Arc<Trust>, registry: Arc<Registry>) {
     }
 }
 
-async fn reload_trust(parts: &Parts) {
+/// Whether the reload succeeded (a task that could not run counts as a failure).
+async fn reload_trust(parts: &Parts) -> bool {
     let (trust, endpoint, registry) = (
         parts.trust.clone(),
         parts.endpoints.clone(),
         parts.registry.clone(),
     );
-    // File reads and possibly a new Hub SVID on disk: not on an async worker.
-    let _ = tokio::task::spawn_blocking(move || trust.reload(&endpoint, &registry)).await;
+    // File reads, a lock an `ewii-hub ca …` command may hold for a few writes, and possibly a
+    // new Hub SVID on disk: not on an async worker.
+    tokio::task::spawn_blocking(move || trust.reload(&endpoint, &registry))
+        .await
+        .unwrap_or(false)
 }
 
 /// When the next client passes its grace, as an instant.
