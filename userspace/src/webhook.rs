@@ -112,7 +112,12 @@ impl std::fmt::Debug for WebhookKey {
 pub const KEY_FILE: &str = "webhook.key";
 
 impl WebhookKey {
-    /// Loads `webhook.key` from `dir`, creating it on first use.
+    /// Loads `webhook.key` from `dir`, creating it on first use. Two processes that create it
+    /// at once (a Hub starting beside `ewii-hub token --webhook`, as a provisioning script may
+    /// run them) end with the same key: each writes its own aside and links it into place,
+    /// which only the first link does; the other reads that one. Otherwise each kept a key of
+    /// its own, and a customer configured with the command's could not verify the running
+    /// Hub's deliveries.
     pub fn load_or_create(dir: &Path) -> Result<Self, IdentityError> {
         let path = dir.join(KEY_FILE);
         match std::fs::read_to_string(&path) {
@@ -128,8 +133,30 @@ impl WebhookKey {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
                 let text = format!("whsk_{}\n", B64.encode(key.to_bytes()));
-                store::write_file(&path, text.as_bytes(), 0o600)?;
-                Ok(Self(key))
+                let aside = dir.join(format!(
+                    ".{KEY_FILE}.{}.{:08x}",
+                    std::process::id(),
+                    rand::random::<u32>()
+                ));
+                store::write_file(&aside, text.as_bytes(), 0o600)?;
+                let linked = std::fs::hard_link(&aside, &path);
+                let _ = std::fs::remove_file(&aside);
+                match linked {
+                    Ok(()) => {
+                        std::fs::File::open(dir)
+                            .and_then(|d| d.sync_all())
+                            .map_err(|source| IdentityError::Io {
+                                path: dir.to_owned(),
+                                source,
+                            })?;
+                        Ok(Self(key))
+                    }
+                    // Another process made it first: theirs is the key.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        Self::load_or_create(dir)
+                    }
+                    Err(source) => Err(IdentityError::Io { path, source }),
+                }
             }
             Err(source) => Err(IdentityError::Io { path, source }),
         }
@@ -310,6 +337,35 @@ fn is_public_v4(v4: std::net::Ipv4Addr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Made at once by several callers (as a Hub starting and `ewii-hub token --webhook` can),
+    /// the key is one: every caller signs with the key on disk.
+    #[test]
+    fn a_webhook_key_made_at_once_by_several_callers_is_one_key() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let keys: Vec<String> = (0..8)
+                .map(|_| {
+                    let (dir, barrier) = (dir.path().to_owned(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        WebhookKey::load_or_create(&dir).unwrap().public()
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect();
+            let on_disk = WebhookKey::load_or_create(dir.path()).unwrap().public();
+            assert!(
+                keys.iter().all(|k| *k == on_disk),
+                "{keys:?} against {on_disk}"
+            );
+            let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert_eq!(left.len(), 1, "only webhook.key is left: {left:?}");
+        }
+    }
 
     #[test]
     fn p10_signatures_verify_and_tampering_is_caught() {
