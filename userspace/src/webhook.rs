@@ -139,24 +139,26 @@ impl WebhookKey {
                     rand::random::<u32>()
                 ));
                 store::write_file(&aside, text.as_bytes(), 0o600)?;
-                let linked = std::fs::hard_link(&aside, &path);
-                let _ = std::fs::remove_file(&aside);
-                match linked {
+                let placed = match std::fs::hard_link(&aside, &path) {
                     Ok(()) => {
-                        std::fs::File::open(dir)
-                            .and_then(|d| d.sync_all())
-                            .map_err(|source| IdentityError::Io {
-                                path: dir.to_owned(),
-                                source,
-                            })?;
-                        Ok(Self(key))
+                        let _ = std::fs::remove_file(&aside);
+                        Ok(())
                     }
                     // Another process made it first: theirs is the key.
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                        Self::load_or_create(dir)
+                        let _ = std::fs::remove_file(&aside);
+                        return Self::load_or_create(dir);
                     }
-                    Err(source) => Err(IdentityError::Io { path, source }),
-                }
+                    // A file system without hard links: moved into place, as before (the
+                    // race above stays possible there).
+                    Err(_) => std::fs::rename(&aside, &path).inspect_err(|_| {
+                        let _ = std::fs::remove_file(&aside);
+                    }),
+                };
+                placed
+                    .and_then(|()| std::fs::File::open(dir)?.sync_all())
+                    .map_err(|source| IdentityError::Io { path, source })?;
+                Ok(Self(key))
             }
             Err(source) => Err(IdentityError::Io { path, source }),
         }
