@@ -800,29 +800,39 @@ mod tests {
         let state = dir.path().join("hub");
         crate::hub::admin::init(&state, "test.ewii.local").unwrap();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reads = Arc::new(AtomicU64::new(0));
         let reader = {
-            let (state, stop) = (state.clone(), stop.clone());
+            let (state, stop, reads) = (state.clone(), stop.clone(), reads.clone());
             std::thread::spawn(move || {
-                let (mut reads, mut errors) = (0usize, Vec::new());
+                let mut errors = Vec::new();
                 while !stop.load(Ordering::SeqCst) {
                     match Material::load(&state) {
                         Ok(m) if layout::whole(&m.hub_svid) => {}
                         Ok(_) => errors.push("a Hub SVID whose key does not match".to_owned()),
                         Err(e) => errors.push(e.to_string()),
                     }
-                    reads += 1;
+                    reads.fetch_add(1, Ordering::SeqCst);
                 }
-                (reads, errors)
+                errors
             })
         };
         for _ in 0..ROTATIONS {
             crate::hub::admin::ca_prepare(&state).unwrap();
             crate::hub::admin::ca_activate(&state).unwrap();
+            // The lock is not fair: let the reader in between two rotations, so that it is
+            // reading when the next one starts (bounded: 10 s in 1 ms steps).
+            let seen = reads.load(Ordering::SeqCst);
+            let mut waited = 0;
+            while reads.load(Ordering::SeqCst) < seen + 2 {
+                assert!(waited < 10_000, "the reader is stuck");
+                std::thread::sleep(Duration::from_millis(1));
+                waited += 1;
+            }
         }
         stop.store(true, Ordering::SeqCst);
-        let (reads, errors) = reader.join().unwrap();
+        let errors = reader.join().unwrap();
+        let reads = reads.load(Ordering::SeqCst);
         assert_eq!(errors, Vec::<String>::new(), "in {reads} reads");
-        assert!(reads > ROTATIONS, "the reader ran beside the rotations");
         let last = Material::load(&state).unwrap();
         assert!(layout::whole(&last.hub_svid));
         assert_eq!(last.hub_svid.chain.get(1), Some(last.ca.cert()));
