@@ -841,8 +841,12 @@ async fn p7_a_failed_trust_reload_is_tried_again_until_it_succeeds() {
                 == Some("the bundle does not contain the signing CA; not reloading")
     })
     .await;
-    // Long enough for two more tries to fail the same way (`RELOAD_RETRY`: one second).
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // Two more tries fail the same way (`RELOAD_RETRY`: one second apart).
+    let first = hub.handle().trust_reloads_failed();
+    poll_until("two more failed tries", SOON, || {
+        hub.handle().trust_reloads_failed() >= first + 2
+    })
+    .await;
     write(&[ca.cert().clone(), other.cert().clone()]);
     hub.wait_audit(
         "the reload tried again",

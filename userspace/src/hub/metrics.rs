@@ -141,6 +141,12 @@ fn exposition(audit: &Audit, hub: &HubHandle) -> String {
             .map(|(reason, n)| (format!("reason=\"{reason}\""), n.to_string())),
     );
     out.one(
+        "ewii_hub_trust_reloads_failed_total",
+        "counter",
+        "Reloads of the trust material (CA, bundle, Hub SVID) that failed, every try: a failed reload is tried again every second and audited once per reason.",
+        hub.trust_reloads_failed(),
+    );
+    out.one(
         "ewii_hub_store_statements_total",
         "counter",
         "Database statements run by the store since start.",

@@ -127,7 +127,7 @@ pub struct HubHandle {
     registry: Arc<Registry>,
     shards: usize,
     counts: Arc<Counts>,
-    trust_domain: String,
+    trust: Arc<Trust>,
     admission: admission::Admission,
 }
 
@@ -171,7 +171,13 @@ impl HubHandle {
 
     /// The trust domain.
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        self.trust.trust_domain()
+    }
+
+    /// Reloads of the trust material that failed since start, every try: a reload that fails
+    /// is tried again every second until one succeeds, and audited once per reason.
+    pub fn trust_reloads_failed(&self) -> u64 {
+        self.trust.reloads_failed()
     }
 }
 
@@ -333,7 +339,7 @@ impl Hub {
             registry: self.sessions.registry.clone(),
             shards: self.endpoints.len(),
             counts: self.sessions.store.counts(),
-            trust_domain: self.sessions.trust.trust_domain().to_owned(),
+            trust: self.sessions.trust.clone(),
             admission: self.sessions.admission.clone(),
         }
     }

@@ -272,6 +272,8 @@ pub(crate) struct Trust {
     /// Why the last reload failed, while it keeps failing: the watcher tries again each
     /// [`super::watch::RELOAD_RETRY`], and the same reason is logged and audited once.
     reload_failure: Mutex<Option<String>>,
+    /// Reloads that failed, every try counted ([`Trust::reloads_failed`]).
+    reloads_failed: AtomicU64,
 }
 
 /// Verdicts on requesters' chains, kept while the Hub's own bundle stays as it is: when an
@@ -388,6 +390,7 @@ impl Trust {
                 bundle_epoch: AtomicU64::new(0),
                 verdicts: Mutex::default(),
                 reload_failure: Mutex::default(),
+                reloads_failed: AtomicU64::new(0),
             },
             quic,
         ))
@@ -546,6 +549,12 @@ impl Trust {
         Some(registry.recheck(trust_domain))
     }
 
+    /// Reloads of the trust material that failed since start, every try (the audit says each
+    /// reason once; this shows that the tries go on).
+    pub(crate) fn reloads_failed(&self) -> u64 {
+        self.reloads_failed.load(Ordering::Relaxed)
+    }
+
     /// Re-reads the CA, the Hub SVID and the bundle; swaps in what changed and pushes a new
     /// bundle to every live session. Whether it succeeded: a failed reload changes nothing,
     /// and the watcher tries again until one does. A failure is logged and audited once per
@@ -562,6 +571,7 @@ impl Trust {
                 true
             }
             Err(e) => {
+                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
                 let why = e.to_string();
                 if last.as_deref() != Some(why.as_str()) {
                     tracing::error!(error = %why, "cannot reload the trust material; keeping the current one, and trying again every second");
