@@ -589,7 +589,12 @@ async fn raw_handshake_tuned(
     let ca = ewii::identity::store::read_certs(&hub.state_dir().join("ca.pem")).ok()?;
     let verifier = SpiffeVerifier::new(Bundle::new(ca), TD, Expect::Hub);
     let tls = transport::tls_client_config(Some(svid), Arc::new(verifier), frame::ALPN).ok()?;
-    let mut quic = transport::quic_client_config(tls, transport::MAX_CONCURRENT_QUERIES).ok()?;
+    let mut quic = transport::quic_client_config(
+        tls,
+        transport::MAX_CONCURRENT_QUERIES,
+        transport::STREAM_WINDOW,
+    )
+    .ok()?;
     if let Some(t) = transport_config {
         quic.transport_config(t);
     }

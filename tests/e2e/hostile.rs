@@ -37,7 +37,7 @@ async fn hostile_hub_granting(
     let tls = transport::tls_server_config(&svid, Arc::new(verifier), &[frame::ALPN]).unwrap();
     // Ewii's own server settings: the Client opens one stream (control); how many the
     // hostile side may open is the Client's limit.
-    let mut quic = transport::quic_server_config(tls).unwrap();
+    let mut quic = transport::quic_server_config(tls, transport::STREAM_WINDOW).unwrap();
     if let Some(window) = window {
         let mut t = quinn::TransportConfig::default();
         t.stream_receive_window(quinn::VarInt::from_u32(window));

@@ -1104,7 +1104,12 @@ async fn hub_presents(hub: &TestHub, anchor: &rustls::pki_types::CertificateDer<
     let verifier = SpiffeVerifier::new(Bundle::new(vec![anchor.clone()]), TD, Expect::Hub);
     let tls =
         transport::tls_client_config(None, Arc::new(verifier), ewii_common::frame::ALPN).unwrap();
-    let quic = transport::quic_client_config(tls, transport::MAX_CONCURRENT_QUERIES).unwrap();
+    let quic = transport::quic_client_config(
+        tls,
+        transport::MAX_CONCURRENT_QUERIES,
+        transport::STREAM_WINDOW,
+    )
+    .unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let ok = match endpoint.connect_with(quic, hub.addr, "hub") {
         Ok(connecting) => tokio::time::timeout(SOON, connecting)

@@ -1880,7 +1880,7 @@ async fn p11_a_strangers_flood_of_refused_handshakes_is_summed_up_in_the_hubs_au
     for _ in 0..30 {
         let verifier = SpiffeVerifier::new(Bundle::new(ca.clone()), TD, Expect::Hub);
         let tls = transport::tls_client_config(None, Arc::new(verifier), frame::ALPN).unwrap();
-        let quic = transport::quic_client_config(tls, 1).unwrap();
+        let quic = transport::quic_client_config(tls, 1, transport::STREAM_WINDOW).unwrap();
         let conn = endpoint
             .connect_with(quic, addr, "127.0.0.1")
             .unwrap()
@@ -1901,7 +1901,7 @@ async fn p11_a_strangers_flood_of_refused_handshakes_is_summed_up_in_the_hubs_au
         let verifier = SpiffeVerifier::new(Bundle::new(ca.clone()), TD, Expect::Hub);
         let tls =
             transport::tls_client_config(Some(&svid), Arc::new(verifier), frame::ALPN).unwrap();
-        let quic = transport::quic_client_config(tls, 1).unwrap();
+        let quic = transport::quic_client_config(tls, 1, transport::STREAM_WINDOW).unwrap();
         // TLS 1.3: the client may finish before the Hub has refused its certificate, and then
         // sees the connection close.
         if let Ok(conn) = endpoint

@@ -101,7 +101,12 @@ async fn try_open(
     svid: &Svid,
 ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
     let tls = transport::tls_client_config(Some(svid), verifier, frame::ALPN).unwrap();
-    let quic = transport::quic_client_config(tls, transport::MAX_CONCURRENT_QUERIES).unwrap();
+    let quic = transport::quic_client_config(
+        tls,
+        transport::MAX_CONCURRENT_QUERIES,
+        transport::STREAM_WINDOW,
+    )
+    .unwrap();
     let conn = endpoint
         .connect_with(quic, hub, "127.0.0.1")
         .unwrap()

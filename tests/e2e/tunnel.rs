@@ -594,6 +594,128 @@ async fn p4_a_slow_destination_stalls_the_requester_instead_of_being_buffered() 
     );
 }
 
+/// Writes 64 KiB chunks to `s` until a write has waited a second (or 256 MiB went in);
+/// returns the bytes that went in.
+async fn write_until_held(s: &mut TcpStream) -> usize {
+    let chunk = vec![0x42u8; 64 * 1024];
+    let mut written = 0usize;
+    while written < 256 * 1024 * 1024 {
+        match tokio::time::timeout(Duration::from_secs(1), s.write(&chunk)).await {
+            Ok(Ok(n)) => written += n,
+            Ok(Err(e)) => panic!("write failed: {e}"),
+            Err(_) => break,
+        }
+    }
+    written
+}
+
+/// A TCP socket on loopback whose kernel buffers are fixed at `SMALL` (no autotuning), so
+/// that what a stalled query holds is the tunnel's and not the test's.
+fn small_buffered() -> tokio::net::TcpSocket {
+    const SMALL: u32 = 64 * 1024;
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.set_send_buffer_size(SMALL).unwrap();
+    s.set_recv_buffer_size(SMALL).unwrap();
+    s
+}
+
+/// Bytes waiting in the kernel's queues (sent and not acknowledged, or received and not read)
+/// of every established IPv4 TCP socket with `port` at either end (`/proc/net/tcp`).
+fn tcp_queued(ports: &[u16]) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap(), 16).unwrap();
+    let queue = |hex: &str| usize::from_str_radix(hex, 16).unwrap();
+    table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f[3] == "01" && (ports.contains(&port(f[1])) || ports.contains(&port(f[2]))))
+        .map(|f| {
+            let (tx, rx) = f[4].split_once(':').unwrap();
+            queue(tx) + queue(rx)
+        })
+        .sum()
+}
+
+/// `query_window_kib` on each side is what the tunnel holds of one query ahead of a reader
+/// that reads nothing: the Client's for the requester → service direction, the Hub's for the
+/// other. Here 8 MiB on both (the most allowed). What a writer got in before it waited,
+/// less what the kernel queues of the two TCP legs hold (autotuned: megabytes that vary from
+/// run to run), is what the tunnel holds: about the window. With the default 1 MiB it is about
+/// 1 MiB. A long path needs a
+/// larger window: one window per round trip (docs/config.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_the_query_window_each_side_sets_is_what_it_holds_ahead_of_a_reader() {
+    const WINDOW: usize = 8 << 20;
+    let mute = small_buffered();
+    mute.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mute = mute.listen(8).unwrap();
+    let flood = small_buffered();
+    flood.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let flood = flood.listen(8).unwrap();
+    let hub = TestHub::start_custom(
+        &[
+            Service::tcp("up", "acme", "mute"),
+            Service::tcp("down", "acme", "flood"),
+        ],
+        &format!("query_window_kib = {}\n", WINDOW / 1024),
+    )
+    .await;
+    let mut client = TestClient::enrol(
+        &hub,
+        "acme",
+        &[
+            ("mute", mute.local_addr().unwrap().to_string()),
+            ("flood", flood.local_addr().unwrap().to_string()),
+        ],
+    )
+    .await;
+    client.config.query_window = WINDOW as u32;
+    client.start();
+    hub.wait_connected("acme").await;
+
+    // Service → requester, the Hub's window: the requester reads nothing.
+    let down = small_buffered().connect(hub.service("down")).await.unwrap();
+    let (mut service, _) = tokio::time::timeout(SOON, flood.accept())
+        .await
+        .expect("the query reaches the service")
+        .unwrap();
+    let taken = write_until_held(&mut service).await;
+    let queued = tcp_queued(&[
+        down.local_addr().unwrap().port(),
+        service.local_addr().unwrap().port(),
+    ]);
+    let held_down = taken - queued;
+    // Requester → service, the Client's window: the service reads nothing.
+    let mut up = small_buffered().connect(hub.service("up")).await.unwrap();
+    let (held, _) = tokio::time::timeout(SOON, mute.accept())
+        .await
+        .expect("the query reaches the service")
+        .unwrap();
+    let taken = write_until_held(&mut up).await;
+    let queued = tcp_queued(&[
+        up.local_addr().unwrap().port(),
+        held.local_addr().unwrap().port(),
+    ]);
+    let held_up = taken - queued;
+    println!(
+        "held by the tunnel ahead of a reader with {} KiB windows: {} KiB up, {} KiB down",
+        WINDOW / 1024,
+        held_up / 1024,
+        held_down / 1024
+    );
+    // A read of up to 64 KiB on each side may be in a process's hands, between its socket and
+    // its stream. Below: with 1 and 2 MiB windows this held the window within 5 %, with 8 MiB
+    // about 7.2–7.5 MiB (what keeps the rest back is not known yet); the default's 1 MiB is far
+    // below the bound.
+    let within = WINDOW * 3 / 4..=WINDOW + 256 * 1024;
+    assert!(
+        within.contains(&held_up) && within.contains(&held_down),
+        "held {held_up} bytes up, {held_down} down: not the {WINDOW}-byte windows"
+    );
+    client.stop().await;
+}
+
 /// Bounded peers (issue 9 §4): a Hub under load first asks an address QUIC has not validated
 /// for a Retry (RFC 9000 §8.1) before it spends a handshake on it. Here every connection is
 /// asked (`retry_above = 0`): the Client enrols, opens its session and serves a query through

@@ -310,7 +310,11 @@ async fn open(
 ) -> anyhow::Result<Session> {
     let verifier = SpiffeVerifier::new(bundle, TD, Expect::Hub);
     let tls = ewii::transport::tls_client_config(Some(svid), Arc::new(verifier), frame::ALPN)?;
-    let quic = ewii::transport::quic_client_config(tls, ewii::transport::MAX_CONCURRENT_QUERIES)?;
+    let quic = ewii::transport::quic_client_config(
+        tls,
+        ewii::transport::MAX_CONCURRENT_QUERIES,
+        ewii::transport::STREAM_WINDOW,
+    )?;
     let conn = endpoint.connect_with(quic, hub, "127.0.0.1")?.await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let hello = Control::Hello {

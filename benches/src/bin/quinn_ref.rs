@@ -97,7 +97,13 @@ async fn server(
                 rustls::pki_types::PrivateKeyDer::Pkcs8(key.signing_key.serialize_der().into()),
             )?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let endpoint = ewii::transport::endpoint(udp, Some(ewii::transport::quic_server_config(tls)?))?;
+    let endpoint = ewii::transport::endpoint(
+        udp,
+        Some(ewii::transport::quic_server_config(
+            tls,
+            ewii::transport::STREAM_WINDOW,
+        )?),
+    )?;
     let (tx, rx) = watch::channel(None::<quinn::Connection>);
     for (i, addr) in entries.iter().enumerate() {
         let listener = TcpListener::bind(addr).await?;
@@ -147,6 +153,7 @@ async fn client(server: SocketAddr, cert: PathBuf, dests: Vec<SocketAddr>) -> an
     endpoint.set_default_client_config(ewii::transport::quic_client_config(
         tls,
         ewii::transport::MAX_CONCURRENT_QUERIES,
+        ewii::transport::STREAM_WINDOW,
     )?);
     let conn = endpoint.connect(server, SERVER_NAME)?.await?;
     println!("connected to {server}");

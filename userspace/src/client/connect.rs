@@ -100,6 +100,8 @@ pub(crate) struct DialPlan {
     pub(crate) audit: Audit,
     /// Queries the Hub may run at once on this connection.
     pub(crate) max_queries: u32,
+    /// Bytes of one query this side takes ahead of the destination's reader.
+    pub(crate) query_window: u32,
 }
 
 /// Dials the Hub and opens the control stream: `Hello` → `Welcome`. Audits `session_up`.
@@ -109,7 +111,7 @@ pub(crate) async fn dial(plan: Arc<DialPlan>) -> Result<Opened, ConnectError> {
         .with_audit(plan.audit.clone());
     let tls =
         transport::tls_client_config(Some(&plan.identity.svid), Arc::new(verifier), frame::ALPN)?;
-    let quic = transport::quic_client_config(tls, plan.max_queries)?;
+    let quic = transport::quic_client_config(tls, plan.max_queries, plan.query_window)?;
     let addr = resolve(&plan.hub).await?;
     let endpoint = client_endpoint(addr).map_err(ConnectError::Socket)?;
     let conn = endpoint

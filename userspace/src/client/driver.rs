@@ -262,6 +262,7 @@ impl Driver {
                         },
                         audit: self.audit.clone(),
                         max_queries: self.config.max_queries,
+                        query_window: self.config.query_window,
                     });
                     self.dialing = Some(Box::pin(connect::dial(plan)));
                 }

@@ -169,7 +169,7 @@ async fn enrol_inner(
     let verifier = Arc::new(PinnedHubVerifier::new(pin));
     let tls = transport::tls_client_config(None, verifier.clone(), frame::ENROLL_ALPN)?;
     // Enrolment runs no query.
-    let quic = transport::quic_client_config(tls, 0)?;
+    let quic = transport::quic_client_config(tls, 0, transport::STREAM_WINDOW)?;
     let addr = connect::resolve(hub)
         .await
         .map_err(|e| EnrolError::Resolve(e.to_string()))?;

@@ -24,6 +24,7 @@ const HUB_TOP_LEVEL: &[&str] = &[
     "audit_backlog",
     "metrics_listen",
     "threads",
+    "query_window_kib",
 ];
 
 /// How a Hub service listener learns who the requester is.
@@ -104,6 +105,9 @@ pub struct HubConfig {
     /// Shards: threads that each serve the connections of one QUIC endpoint (all on the
     /// Hub's port); `None`: one per core.
     pub threads: Option<usize>,
+    /// Bytes of one query the Hub takes ahead of its requester's reader: the receive window of
+    /// the service → requester direction (`query_window_kib`).
+    pub query_window: u32,
 }
 
 /// The most shards a Hub may ask for (one byte of connection ID names the shard).
@@ -171,6 +175,8 @@ struct RawHub {
     #[serde(default)]
     federation: Vec<RawFederation>,
     threads: Option<usize>,
+    #[serde(default = "super::default_query_window_kib")]
+    query_window_kib: u32,
 }
 
 #[derive(Deserialize)]
@@ -372,6 +378,7 @@ impl FromStr for HubConfig {
                 .threads
                 .map(|n| super::in_range("threads", n, 1, MAX_HUB_THREADS))
                 .transpose()?,
+            query_window: super::query_window(raw.query_window_kib)?,
         })
     }
 }

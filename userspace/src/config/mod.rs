@@ -56,6 +56,7 @@ const CLIENT_TOP_LEVEL: &[&str] = &[
     "audit_format",
     "audit_backlog",
     "max_queries",
+    "query_window_kib",
     "threads",
     "on_stop",
     "connect_timeout_ms",
@@ -272,6 +273,9 @@ pub struct ClientConfig {
     pub audit_backlog: usize,
     /// Queries the Hub may run through this Client at once (per connection).
     pub max_queries: u32,
+    /// Bytes of one query the Client takes ahead of its destination's reader: the receive
+    /// window of the requester → service direction (`query_window_kib`).
+    pub query_window: u32,
     /// Worker threads of the Client's runtime ([`DEFAULT_CLIENT_THREADS`] by default).
     pub threads: usize,
     /// Reconnection backoff.
@@ -308,6 +312,8 @@ struct RawClient {
     audit_backlog: usize,
     #[serde(default = "default_max_queries")]
     max_queries: u32,
+    #[serde(default = "default_query_window_kib")]
+    query_window_kib: u32,
     #[serde(default = "default_client_threads")]
     threads: usize,
     #[serde(default)]
@@ -434,6 +440,25 @@ fn default_max_queries() -> u32 {
     crate::transport::MAX_CONCURRENT_QUERIES
 }
 
+/// `query_window_kib` by default, on either side: [`crate::transport::STREAM_WINDOW`].
+pub(crate) fn default_query_window_kib() -> u32 {
+    crate::transport::STREAM_WINDOW / 1024
+}
+
+/// `query_window_kib` in bytes, when it is within the bounds the transport allows: from
+/// [`crate::transport::MIN_STREAM_WINDOW`] to half the connection's window,
+/// [`crate::transport::MAX_STREAM_WINDOW`] (so that one stalled query never holds all of it).
+pub(crate) fn query_window(kib: u32) -> Result<u32, ConfigError> {
+    use crate::transport::{MAX_STREAM_WINDOW, MIN_STREAM_WINDOW};
+    let kib = in_range(
+        "query_window_kib",
+        kib,
+        MIN_STREAM_WINDOW / 1024,
+        MAX_STREAM_WINDOW / 1024,
+    )?;
+    Ok(kib * 1024)
+}
+
 /// The most `max_queries` may be: each query holds a TCP socket and a task.
 pub const MAX_QUERIES_LIMIT: u32 = 100_000;
 
@@ -555,6 +580,7 @@ impl FromStr for ClientConfig {
             audit_format: raw.audit_format,
             audit_backlog: check_audit_backlog(raw.audit_backlog)?,
             max_queries: in_range("max_queries", raw.max_queries, 1, MAX_QUERIES_LIMIT)?,
+            query_window: query_window(raw.query_window_kib)?,
             threads: in_range("threads", raw.threads, 1, MAX_CLIENT_THREADS)?,
             reconnect,
             allow,

@@ -285,6 +285,36 @@ fn hub_threads_default_to_one_per_core_and_stay_in_range() {
 }
 
 #[test]
+fn each_side_s_query_window_defaults_to_one_mib_and_stays_within_half_the_connection_s() {
+    let client = |keys: &str| format!("{keys}\n{CLIENT}").parse::<ClientConfig>();
+    assert_eq!(client("").unwrap().query_window, 1 << 20);
+    assert_eq!(hub_with("").unwrap().query_window, 1 << 20);
+    for (kib, bytes) in [(64, 64 << 10), (4096, 4 << 20), (8192, 8 << 20)] {
+        let keys = format!("query_window_kib = {kib}");
+        assert_eq!(client(&keys).unwrap().query_window, bytes, "{keys}");
+        assert_eq!(hub_with(&keys).unwrap().query_window, bytes, "{keys}");
+    }
+    for bad in ["0", "63", "8193", "16384", "4294967295"] {
+        let keys = format!("query_window_kib = {bad}");
+        let says = format!("query_window_kib must be 64 to 8192 (got {bad})");
+        for err in [client(&keys).unwrap_err(), hub_with(&keys).unwrap_err()] {
+            assert!(
+                matches!(&err, ConfigError::Invalid(m) if m.contains(&says)),
+                "{keys}: {err}"
+            );
+        }
+    }
+    for bad in ["-1", "\"8MiB\"", "4294967296"] {
+        let keys = format!("query_window_kib = {bad}");
+        assert!(matches!(client(&keys), Err(ConfigError::Toml(_))), "{keys}");
+        assert!(
+            matches!(hub_with(&keys), Err(ConfigError::Toml(_))),
+            "{keys}"
+        );
+    }
+}
+
+#[test]
 fn p7_federation_names_each_client_once_in_its_own_trust_domain() {
     let h = hub_with(
         "[[federation]]\ntrust_domain = \"Customer.Example\"\nbundle = \"/etc/ewii-hub/customer.pem\"\nclients = { acme = \"spiffe://customer.example/ewii/db\" }\n",

@@ -245,7 +245,10 @@ impl Hub {
         let (trust, quic) = Trust::new(
             material,
             &dir,
-            config.svid_lifetime,
+            trust::Terms {
+                svid_lifetime: config.svid_lifetime,
+                query_window: config.query_window,
+            },
             view,
             audit.clone(),
             federation,

@@ -248,11 +248,20 @@ impl Material {
     }
 }
 
+/// What the Hub's configuration adds to its trust material in what [`Trust`] builds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Terms {
+    /// Lifetime of the SVIDs the Hub issues.
+    pub(crate) svid_lifetime: Duration,
+    /// The QUIC server configuration's per-query receive window, in bytes.
+    pub(crate) query_window: u32,
+}
+
 /// What the Hub trusts and signs with now.
 pub(crate) struct Trust {
     trust_domain: String,
     state_dir: PathBuf,
-    svid_lifetime: Duration,
+    terms: Terms,
     ca: RwLock<Arc<Ca>>,
     bundle: Bundle,
     service_tls: RwLock<tokio_rustls::TlsAcceptor>,
@@ -357,7 +366,7 @@ impl Trust {
     pub(crate) fn new(
         material: Material,
         state_dir: &Path,
-        svid_lifetime: Duration,
+        terms: Terms,
         view: Arc<View>,
         audit: Audit,
         federation: Federation,
@@ -372,12 +381,13 @@ impl Trust {
             &view,
             &audit,
             &federation,
+            terms.query_window,
         )?;
         Ok((
             Self {
                 trust_domain: material.trust_domain,
                 state_dir: state_dir.to_owned(),
-                svid_lifetime,
+                terms,
                 ca: RwLock::new(Arc::new(material.ca)),
                 bundle,
                 service_tls: RwLock::new(acceptor),
@@ -491,7 +501,7 @@ impl Trust {
             Ok(ca) => ca.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        ca.sign_csr(csr, id, self.svid_lifetime)
+        ca.sign_csr(csr, id, self.terms.svid_lifetime)
     }
 
     /// Whether any `[[federation]]` bundle file is to be re-read.
@@ -625,6 +635,7 @@ impl Trust {
             &self.view,
             &self.audit,
             &self.federation,
+            self.terms.query_window,
         )?;
         let before = self.bundle.anchors();
         self.bundle.replace(anchors.clone());
@@ -706,6 +717,7 @@ fn server_configs(
     view: &Arc<View>,
     audit: &Audit,
     federation: &Arc<Federation>,
+    query_window: u32,
 ) -> Result<(quinn::ServerConfig, tokio_rustls::TlsAcceptor), TrustError> {
     let client_verifier = SpiffeVerifier::new(bundle.clone(), trust_domain, Expect::Client)
         .with_federation(federation.clone())
@@ -718,7 +730,7 @@ fn server_configs(
         Arc::new(client_verifier),
         &[frame::ALPN, frame::ENROLL_ALPN],
     )?;
-    let quic = transport::quic_server_config(tls)?;
+    let quic = transport::quic_server_config(tls, query_window)?;
     let workload_verifier = SpiffeVerifier::new(bundle.clone(), trust_domain, Expect::Workload)
         .with_audit(audit.clone());
     let service_tls = transport::tls_server_config(hub_svid, Arc::new(workload_verifier), &[])?;

@@ -155,22 +155,11 @@ mod tests {
     use std::time::Duration;
 
     use ewii_common::frame::{self as f, Control};
-    use ewii_common::spiffe::SpiffeId;
 
     use super::*;
-    use crate::identity::ca::{new_key_and_csr, Ca};
-    use crate::identity::store::Svid;
-    use crate::identity::verify::{Bundle, Expect, SpiffeVerifier};
     use crate::transport::{self, FrameReader};
 
-    const TD: &str = "control.test";
     const SOON: Duration = Duration::from_secs(10);
-
-    fn svid(ca: &Ca, id: &SpiffeId) -> Svid {
-        let (key, _) = new_key_and_csr().unwrap();
-        let issued = ca.issue(&key, id, Duration::from_secs(3600)).unwrap();
-        Svid::new(vec![issued.der], &key)
-    }
 
     /// A real QUIC connection on loopback whose server grants `window` bytes per stream: the
     /// client's end of a control stream, and the server's connection with its receive half.
@@ -183,26 +172,13 @@ mod tests {
         quinn::Connection,
         quinn::RecvStream,
     ) {
-        let ca = Ca::generate(TD).unwrap();
-        let anchors = || Bundle::new(vec![ca.cert().clone()]);
-        let hub = svid(&ca, &SpiffeId::hub(TD).unwrap());
-        let client = svid(&ca, &SpiffeId::client(TD, "acme").unwrap());
-        let verifier = SpiffeVerifier::new(anchors(), TD, Expect::Client);
-        let tls = transport::tls_server_config(&hub, Arc::new(verifier), &[f::ALPN]).unwrap();
-        let mut server = transport::quic_server_config(tls).unwrap();
+        let (tls, client_tls) = transport::tests::tls_pair(&[f::ALPN]);
+        let mut server = transport::quic_server_config(tls, transport::STREAM_WINDOW).unwrap();
         let mut t = quinn::TransportConfig::default();
         t.stream_receive_window(quinn::VarInt::from_u32(window));
         server.transport_config(Arc::new(t));
-        let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
-        let verifier = SpiffeVerifier::new(anchors(), TD, Expect::Hub);
-        let tls = transport::tls_client_config(Some(&client), Arc::new(verifier), f::ALPN).unwrap();
-        let quic = transport::quic_client_config(tls, 1).unwrap();
-        let dialer = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let connecting = dialer
-            .connect_with(quic, endpoint.local_addr().unwrap(), "127.0.0.1")
-            .unwrap();
-        let accepted = endpoint.accept().await.unwrap().await.unwrap();
-        let conn = connecting.await.unwrap();
+        let quic = transport::quic_client_config(client_tls, 1, transport::STREAM_WINDOW).unwrap();
+        let (endpoint, dialer, accepted, conn) = transport::tests::handshake(server, quic).await;
         let (mut send, _) = conn.open_bi().await.unwrap();
         // A stream is seen by the peer once it carries a byte.
         transport::write_frame(&mut send, &Control::Ping { time_us: u64::MAX })

@@ -36,10 +36,18 @@ pub const KEEP_ALIVE: Duration = Duration::from_millis(800);
 /// Most queries the Hub may have open on one Client connection at once, by default
 /// (`max_queries` in the Client's configuration).
 pub const MAX_CONCURRENT_QUERIES: u32 = 1024;
-/// Per-query receive window: how far a sender may run ahead of a slow reader on one stream.
+/// Per-query receive window by default (`query_window_kib` of either side's configuration):
+/// how far a sender may run ahead of a slow reader on one stream. It also bounds one query to
+/// one window per round trip: about 21 MB/s on a 50 ms path (docs/benchmarks.md).
 pub const STREAM_WINDOW: u32 = 1024 * 1024;
+/// The smallest per-query window a configuration may set: a few dozen datagrams.
+pub const MIN_STREAM_WINDOW: u32 = 64 * 1024;
 /// Per-connection receive window: bounds what one peer can make us buffer across all queries.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// The largest per-query window a configuration may set: half the connection's. Data held for
+/// a reader that does not read also holds the connection's window, so a query window as large
+/// as the connection's would let one stalled query stop every other query of its Client.
+pub const MAX_STREAM_WINDOW: u32 = CONNECTION_WINDOW / 2;
 
 /// Receive and send buffer asked for the QUIC socket. The kernel's default (208 KiB) drops
 /// datagrams under a burst at a few Gbit/s, and QUIC reads a drop as congestion; on a 50 ms
@@ -113,7 +121,13 @@ fn initial_suite() -> Result<rustls::quic::Suite, ConfigError> {
         .ok_or_else(|| ConfigError::Quic("ring lacks the QUIC initial suite".into()))
 }
 
-fn transport(max_bidi_from_peer: u32, keep_alive: bool) -> Arc<TransportConfig> {
+/// `stream_window` is clamped to [`MIN_STREAM_WINDOW`]..=[`MAX_STREAM_WINDOW`] (the
+/// configurations check it before it gets here).
+fn transport(
+    max_bidi_from_peer: u32,
+    keep_alive: bool,
+    stream_window: u32,
+) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     // 2 500 ms is far below the VarInt limit.
     t.max_idle_timeout(IdleTimeout::try_from(IDLE_TIMEOUT).ok());
@@ -122,7 +136,8 @@ fn transport(max_bidi_from_peer: u32, keep_alive: bool) -> Arc<TransportConfig> 
     t.keep_alive_interval(keep_alive.then_some(KEEP_ALIVE));
     t.max_concurrent_bidi_streams(VarInt::from_u32(max_bidi_from_peer));
     // Memory stays bounded whatever the peer sends: flow control stops it at these windows.
-    t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
+    let stream_window = stream_window.clamp(MIN_STREAM_WINDOW, MAX_STREAM_WINDOW);
+    t.stream_receive_window(VarInt::from_u32(stream_window));
     t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
     t.send_window(u64::from(CONNECTION_WINDOW));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
@@ -151,15 +166,17 @@ pub fn tls_client_config(
 }
 
 /// The quinn client configuration: the Client accepts up to `max_queries` Hub-opened query
-/// streams at once (more wait in the Hub for one to end: QUIC stream credit).
+/// streams at once (more wait in the Hub for one to end: QUIC stream credit), and takes up to
+/// `stream_window` bytes of each ahead of its reader (the requester → service direction).
 pub fn quic_client_config(
     tls: rustls::ClientConfig,
     max_queries: u32,
+    stream_window: u32,
 ) -> Result<quinn::ClientConfig, ConfigError> {
     let quic = QuicClientConfig::with_initial(Arc::new(tls), initial_suite()?)
         .map_err(|e| ConfigError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(transport(max_queries, true));
+    cfg.transport_config(transport(max_queries, true, stream_window));
     Ok(cfg)
 }
 
@@ -181,12 +198,17 @@ pub fn tls_server_config(
     Ok(tls)
 }
 
-/// The quinn server configuration (a Client may open one stream: the control stream).
-pub fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, ConfigError> {
+/// The quinn server configuration (a Client may open one stream: the control stream). The
+/// Hub takes up to `stream_window` bytes of each query ahead of its reader (the service →
+/// requester direction).
+pub fn quic_server_config(
+    tls: rustls::ServerConfig,
+    stream_window: u32,
+) -> Result<quinn::ServerConfig, ConfigError> {
     let quic = QuicServerConfig::with_initial(Arc::new(tls), initial_suite()?)
         .map_err(|e| ConfigError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(transport(1, false));
+    cfg.transport_config(transport(1, false, stream_window));
     Ok(cfg)
 }
 
@@ -288,8 +310,105 @@ pub async fn write_frame<T: Serialize>(send: &mut SendStream, msg: &T) -> Result
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use std::time::Duration;
+
+    use ewii_common::spiffe::SpiffeId;
+
     use super::*;
+    use crate::identity::ca::{new_key_and_csr, Ca};
+    use crate::identity::verify::{Bundle, Expect, SpiffeVerifier};
+
+    const TD: &str = "transport.test";
+
+    fn svid(ca: &Ca, id: &SpiffeId) -> Svid {
+        let (key, _) = new_key_and_csr().unwrap();
+        let issued = ca.issue(&key, id, Duration::from_secs(3600)).unwrap();
+        Svid::new(vec![issued.der], &key)
+    }
+
+    /// The TLS configurations of a Hub and a Client (`acme`) whose SVIDs one new CA issued,
+    /// each verifying the other, offering `alpn`.
+    pub(crate) fn tls_pair(alpn: &[&[u8]]) -> (rustls::ServerConfig, rustls::ClientConfig) {
+        let ca = Ca::generate(TD).unwrap();
+        let anchors = || Bundle::new(vec![ca.cert().clone()]);
+        let hub = svid(&ca, &SpiffeId::hub(TD).unwrap());
+        let client = svid(&ca, &SpiffeId::client(TD, "acme").unwrap());
+        let verifier = SpiffeVerifier::new(anchors(), TD, Expect::Client);
+        let server = tls_server_config(&hub, Arc::new(verifier), alpn).unwrap();
+        let verifier = SpiffeVerifier::new(anchors(), TD, Expect::Hub);
+        let client = tls_client_config(Some(&client), Arc::new(verifier), alpn[0]).unwrap();
+        (server, client)
+    }
+
+    /// A QUIC connection on loopback between `server` and `client`: (the server's endpoint,
+    /// the client's, the server's end of the connection, the client's).
+    pub(crate) async fn handshake(
+        server: quinn::ServerConfig,
+        client: quinn::ClientConfig,
+    ) -> (
+        quinn::Endpoint,
+        quinn::Endpoint,
+        quinn::Connection,
+        quinn::Connection,
+    ) {
+        let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let dialer = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connecting = dialer
+            .connect_with(client, endpoint.local_addr().unwrap(), "127.0.0.1")
+            .unwrap();
+        let accepted = endpoint.accept().await.unwrap().await.unwrap();
+        let conn = connecting.await.unwrap();
+        (endpoint, dialer, accepted, conn)
+    }
+
+    /// How many bytes `send` takes before a write waits: what the peer's window lets it run
+    /// ahead of a reader that reads nothing. Flow-control credit up to the window is granted in
+    /// the handshake, so every write before that completes at once; the first one that has
+    /// waited `STALL` is the one the window holds.
+    async fn taken_before_a_write_waits(send: &mut SendStream) -> u64 {
+        const STALL: Duration = Duration::from_millis(300);
+        let chunk = vec![0x5a; 64 * 1024];
+        let mut taken = 0u64;
+        // Bounded: 1,024 chunks is four times the connection's window.
+        for _ in 0..1024 {
+            match tokio::time::timeout(STALL, send.write(&chunk)).await {
+                Ok(written) => taken += written.unwrap() as u64,
+                Err(_) => return taken,
+            }
+        }
+        panic!("{taken} bytes taken and the writer never waited");
+    }
+
+    /// The per-query window each side sets is what the other side may send of one query
+    /// ahead of a reader: the Client's for the Hub's writes (requester → service), the Hub's
+    /// for the Client's (service → requester). A window outside the bounds is clamped to them.
+    #[tokio::test]
+    async fn each_side_s_query_window_is_what_the_other_may_send_ahead_of_its_reader() {
+        let kib = |n: u32| n * 1024;
+        for (hub_window, client_window, hub_takes, client_takes) in [
+            (kib(2048), kib(256), kib(256), kib(2048)),
+            (kib(128), kib(4096), kib(4096), kib(128)),
+            (1, u32::MAX, MAX_STREAM_WINDOW, MIN_STREAM_WINDOW),
+        ] {
+            let (server_tls, client_tls) = tls_pair(&[b"test"]);
+            let server = quic_server_config(server_tls, hub_window).unwrap();
+            let client = quic_client_config(client_tls, 1, client_window).unwrap();
+            let (_endpoint, _dialer, hub, client) = handshake(server, client).await;
+            // The Hub opens a query's stream, as it does; the Client accepts it on the first
+            // byte and reads nothing more.
+            let (mut hub_send, _hub_recv) = hub.open_bi().await.unwrap();
+            hub_send.write_all(b"q").await.unwrap();
+            let (mut client_send, _client_recv) = client.accept_bi().await.unwrap();
+            let hub_took = taken_before_a_write_waits(&mut hub_send).await + 1;
+            let client_took = taken_before_a_write_waits(&mut client_send).await;
+            assert_eq!(
+                (hub_took, client_took),
+                (u64::from(hub_takes), u64::from(client_takes)),
+                "windows: Hub {hub_window}, Client {client_window}"
+            );
+        }
+    }
 
     #[test]
     fn p5_only_chacha20_poly1305_on_tls13() {

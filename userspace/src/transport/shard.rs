@@ -383,7 +383,7 @@ mod tests {
                 rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
             )
             .unwrap();
-        super::super::quic_server_config(tls).unwrap()
+        super::super::quic_server_config(tls, super::super::STREAM_WINDOW).unwrap()
     }
 
     #[test]
