@@ -269,23 +269,22 @@ impl Endpoint {
         Ok(())
     }
 
-    /// Ewii patch: gives the memory of the receive buffer back, and starts a fresh one.
+    /// Ewii patch: lends the receive buffer to `release`, which hands its pages back to the
+    /// kernel in place (`madvise(MADV_DONTNEED)`: they read as zeros and fault in again when a
+    /// receive writes them).
     ///
     /// The driver receives into one buffer of `BATCH_SIZE` slots, each sized for the largest
     /// coalesced (GRO) datagram: 32 × 64 × 1,472 bytes (~3 MB) with the default
     /// `max_udp_payload_size` on Linux, allocated zeroed, so resident only where a receive
     /// wrote; once a bulk transfer has filled the slots, ~1.4 MB of it stays resident for the
-    /// endpoint's life. Replacing the buffer frees those pages (a buffer this large is a
-    /// mapping of its own in glibc's and musl's allocators), and the next receives fault in
-    /// only what they use. For when the endpoint's traffic has gone quiet;
-    /// the buffer is used only under the endpoint's lock, so a receive in progress finishes
-    /// first.
-    pub fn release_receive_buffer(&self) {
+    /// endpoint's life. The buffer is kept, not replaced: a fresh zeroed buffer is a mapping of
+    /// its own only when the allocator has no free block that large, and after a load its heap
+    /// often has one, which it then clears byte by byte, making all ~3 MB resident. Its contents
+    /// are never read before a receive writes them. The buffer is used only under the endpoint's
+    /// lock, held here, so a receive in progress finishes first.
+    pub fn release_receive_buffer(&self, release: impl FnOnce(&mut [u8])) {
         let mut state = self.inner.state.lock().unwrap();
-        let len = state.recv_state.recv_buf.len();
-        // The old buffer is freed before the new one is made: never two at once.
-        state.recv_state.recv_buf = Box::default();
-        state.recv_state.recv_buf = vec![0; len].into_boxed_slice();
+        release(&mut state.recv_state.recv_buf);
     }
 
     /// Replace the server configuration, affecting new incoming connections only

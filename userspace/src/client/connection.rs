@@ -170,10 +170,10 @@ pub(crate) const RETIRE_DRAIN: Duration = Duration::from_secs(15);
 /// before may still arrive (in round trips; at least [`RETIRE_LINGER_MIN`]).
 const RETIRE_LINGER_RTTS: u32 = 2;
 const RETIRE_LINGER_MIN: Duration = Duration::from_millis(20);
-/// How long the connection waits, after its last query ended, before it hands the endpoint's
-/// receive buffer back (`quinn::Endpoint::release_receive_buffer`, an Ewii patch,
-/// third_party/README.md: a bulk transfer leaves ~1.4 MB of it resident). The heap's release
-/// waits about as long (`enforce::heap::QUIET_TICK`).
+/// How long the connection waits, after its last query ended, before it hands the pages of
+/// the endpoint's receive buffer back (`quinn::Endpoint::release_receive_buffer`, an Ewii
+/// patch, third_party/README.md: a bulk transfer leaves ~1.4 MB of it resident). The heap's
+/// release waits about as long (`enforce::heap::QUIET_TICK`).
 const QUIET: Duration = Duration::from_millis(250);
 /// While queries are open, how often the connection reads how many bytes it has moved.
 const HELD_CHECK: Duration = Duration::from_secs(1);
@@ -210,6 +210,12 @@ impl HeldQuiet {
             std::mem::take(&mut self.busy)
         }
     }
+}
+
+/// Hands the pages of the endpoint's receive buffer back to the kernel, in place.
+fn release_receive_pages(buf: &mut [u8]) {
+    let bytes = crate::enforce::heap::discard_pages(buf);
+    tracing::trace!(kib = bytes / 1024, "receive buffer handed back");
 }
 
 /// UDP bytes the connection has received and sent.
@@ -383,13 +389,13 @@ impl Connection {
                 () = sleep_until_opt(retiring.map(|d| linger_until.map_or(d, |l| l.min(d)))) => {}
                 () = sleep_until_opt(quiet_at) => {
                     quiet_at = None;
-                    endpoint.release_receive_buffer();
+                    endpoint.release_receive_buffer(release_receive_pages);
                 }
                 () = sleep_until_opt(held_check.as_ref().map(|(at, _)| *at)) => {
                     if let Some((at, watch)) = held_check.as_mut() {
                         *at = Instant::now() + HELD_CHECK;
                         if watch.check(moved(&conn)) {
-                            endpoint.release_receive_buffer();
+                            endpoint.release_receive_buffer(release_receive_pages);
                             ctx.audit.metrics().count_quiet_spell();
                         }
                     }

@@ -62,6 +62,41 @@ pub fn release_freed_heap() {
     }
 }
 
+/// Hands the whole pages inside `buf` back to the kernel in place (`MADV_DONTNEED`): they read
+/// as zeros from now on and are resident again only once written. The bytes before the first
+/// page boundary and after the last are left as they are. For a large buffer whose contents do
+/// not matter between uses, such as quinn's receive buffer (`quinn::Endpoint::
+/// release_receive_buffer`, an Ewii patch): freeing it and allocating a new zeroed one would
+/// clear it byte by byte, and make it all resident, whenever the allocator finds a free block
+/// that large in its heap. Returns the bytes handed back.
+pub fn discard_pages(buf: &mut [u8]) -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sysconf takes no pointer.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let start = buf.as_mut_ptr();
+        let skip = start.align_offset(page).min(buf.len());
+        let len = (buf.len() - skip) / page * page;
+        if len == 0 {
+            return 0;
+        }
+        // SAFETY: the range is whole pages inside `buf`, which this call borrows exclusively:
+        // nothing else reads or writes it meanwhile, and MADV_DONTNEED on private anonymous
+        // memory only replaces its bytes with zeros (as a write of zeros through `buf` would).
+        let done = unsafe { libc::madvise(start.add(skip).cast(), len, libc::MADV_DONTNEED) };
+        if done == 0 {
+            return len;
+        }
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "the receive buffer's pages stay resident"
+        );
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+    0
+}
+
 /// What the thread of [`tune_for_bulk`] does with the program's own code pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProgramPages {
@@ -177,6 +212,37 @@ mod tests {
         }
         assert!(before >= 1);
         assert_eq!(arenas(), before, "four new threads, no new arena");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn discarded_pages_read_as_zeros_and_the_bytes_around_them_are_kept() {
+        const PAGE: usize = 4096;
+        let mut buf = vec![0xabu8; 64 * PAGE + 100];
+        // A slice that starts and ends inside a page.
+        let inner = &mut buf[10..64 * PAGE + 90];
+        let skip = inner.as_ptr().align_offset(PAGE);
+        let handed_back = discard_pages(inner);
+        assert!(handed_back >= 62 * PAGE, "{handed_back} bytes");
+        assert_eq!(handed_back % PAGE, 0);
+        let inner = &buf[10..64 * PAGE + 90];
+        assert!(
+            inner[..skip].iter().all(|&b| b == 0xab),
+            "before the first page"
+        );
+        assert!(
+            inner[skip..skip + handed_back].iter().all(|&b| b == 0),
+            "the whole pages read as zeros"
+        );
+        assert!(
+            inner[skip + handed_back..].iter().all(|&b| b == 0xab),
+            "after the last page"
+        );
+        assert!(buf[..10]
+            .iter()
+            .chain(&buf[64 * PAGE + 90..])
+            .all(|&b| b == 0xab));
+        assert_eq!(discard_pages(&mut buf[1..100]), 0, "no whole page: nothing");
     }
 
     #[test]
