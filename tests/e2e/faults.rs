@@ -59,12 +59,21 @@ async fn echo_once(entry: SocketAddr, data: &[u8]) -> Result<(), String> {
 /// A Hub with an echo and a hashing sink service, and a Client that dials it through a
 /// faulty path.
 async fn world() -> (TestHub, TestClient, FaultyPath) {
+    world_with_window(None).await
+}
+
+/// [`world`], with `query_window_kib` set on both sides when it is given.
+async fn world_with_window(kib: Option<u32>) -> (TestHub, TestClient, FaultyPath) {
     let sink = hashing_sink().await;
     let echo = echo_server().await;
-    let hub = TestHub::start(&[
-        Service::tcp("sink", "acme", "sink"),
-        Service::tcp("echo", "acme", "echo"),
-    ])
+    let hub = TestHub::start_custom(
+        &[
+            Service::tcp("sink", "acme", "sink"),
+            Service::tcp("echo", "acme", "echo"),
+        ],
+        &kib.map(|k| format!("query_window_kib = {k}\n"))
+            .unwrap_or_default(),
+    )
     .await;
     let mut client = TestClient::enrol(
         &hub,
@@ -74,6 +83,9 @@ async fn world() -> (TestHub, TestClient, FaultyPath) {
     .await;
     let path = FaultyPath::start(hub.addr, 0x5eed).await;
     client.config.hub = path.addr.to_string().parse().unwrap();
+    if let Some(kib) = kib {
+        client.config.query_window = kib * 1024;
+    }
     client.start();
     hub.wait_connected("acme").await;
     (hub, client, path)
@@ -240,30 +252,33 @@ fn count_events(client: &TestClient, event: Event) -> usize {
 }
 
 /// P4 on a path with an Internet's round trip (25 ms each way, in order, nothing lost): 64 MiB
-/// arrive byte-exact, twice on one session. The throughput is printed beside the ceiling the
-/// per-query window sets (one window per round trip; docs/benchmarks.md, "A 50 ms path"):
-/// figures, not assertions.
+/// arrive byte-exact, twice on one session with the default per-query window, then once with
+/// `query_window_kib = 4096` on both sides. The throughput is printed beside the ceiling the
+/// window sets (one window per round trip; docs/benchmarks.md, "A 50 ms path"): figures, not
+/// assertions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p4_a_50ms_path_carries_a_bulk_query_byte_exact() {
     const LEN: usize = 64 << 20;
     const ONE_WAY: Duration = Duration::from_millis(25);
-    let (hub, mut client, path) = world().await;
-    path.set(Faults {
-        delay: ONE_WAY,
-        ..Faults::default()
-    });
-    let window = ewii::transport::STREAM_WINDOW as f64;
-    for seed in 1..=2 {
-        let (mine, theirs, secs) = send_hashed(hub.service("sink"), LEN, seed).await;
-        assert_eq!(theirs, mine, "transfer {seed}: byte-exact");
-        println!(
-            "64 MiB over a {} ms round trip: {:.1} MB/s (one {} KiB window per round trip: {:.1} MB/s)",
-            (2 * ONE_WAY).as_millis(),
-            LEN as f64 / secs / 1e6,
-            window as u64 / 1024,
-            window / (2 * ONE_WAY).as_secs_f64() / 1e6
-        );
+    for (kib, transfers) in [(None, 2), (Some(4096), 1)] {
+        let (hub, mut client, path) = world_with_window(kib).await;
+        path.set(Faults {
+            delay: ONE_WAY,
+            ..Faults::default()
+        });
+        let window = kib.map_or(ewii::transport::STREAM_WINDOW, |k| k * 1024) as f64;
+        for seed in 1..=transfers {
+            let (mine, theirs, secs) = send_hashed(hub.service("sink"), LEN, seed).await;
+            assert_eq!(theirs, mine, "transfer {seed}: byte-exact");
+            println!(
+                "64 MiB over a {} ms round trip: {:.1} MB/s (one {} KiB window per round trip: {:.1} MB/s)",
+                (2 * ONE_WAY).as_millis(),
+                LEN as f64 / secs / 1e6,
+                window as u64 / 1024,
+                window / (2 * ONE_WAY).as_secs_f64() / 1e6
+            );
+        }
+        assert_eq!(count_events(&client, Event::SessionUp), 1);
+        client.stop().await;
     }
-    assert_eq!(count_events(&client, Event::SessionUp), 1);
-    client.stop().await;
 }
