@@ -89,7 +89,7 @@ pub fn discard_pages(buf: &mut [u8]) -> usize {
         }
         tracing::debug!(
             error = %std::io::Error::last_os_error(),
-            "the receive buffer's pages stay resident"
+            "the buffer's pages stay resident"
         );
     }
     #[cfg(not(target_os = "linux"))]
