@@ -620,16 +620,34 @@ fn small_buffered() -> tokio::net::TcpSocket {
 }
 
 /// Bytes waiting in the kernel's queues (sent and not acknowledged, or received and not read)
-/// of every established IPv4 TCP socket with `port` at either end (`/proc/net/tcp`).
-fn tcp_queued(ports: &[u16]) -> usize {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap(), 16).unwrap();
+/// of both ends of each established IPv4 TCP connection in `legs`, named by one end's local
+/// and peer address (`/proc/net/tcp`). By whole address pairs: other tests running beside
+/// this one may use the same port numbers towards other addresses.
+fn tcp_queued(legs: &[&TcpStream]) -> usize {
+    let pairs: Vec<(SocketAddr, SocketAddr)> = legs
+        .iter()
+        .map(|s| (s.local_addr().unwrap(), s.peer_addr().unwrap()))
+        .collect();
+    // `0100007F:8264`: the address as the kernel holds it (network order, printed as a native
+    // little-endian word), then the port.
+    let addr = |hex: &str| {
+        let (ip, port) = hex.split_once(':').unwrap();
+        let ip = u32::from_str_radix(ip, 16).unwrap().to_le_bytes();
+        SocketAddr::from((ip, u16::from_str_radix(port, 16).unwrap()))
+    };
     let queue = |hex: &str| usize::from_str_radix(hex, 16).unwrap();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
     table
         .lines()
         .skip(1)
         .map(|line| line.split_whitespace().collect::<Vec<_>>())
-        .filter(|f| f[3] == "01" && (ports.contains(&port(f[1])) || ports.contains(&port(f[2]))))
+        .filter(|f| {
+            let (local, remote) = (addr(f[1]), addr(f[2]));
+            f[3] == "01"
+                && pairs
+                    .iter()
+                    .any(|&(a, b)| (local, remote) == (a, b) || (local, remote) == (b, a))
+        })
         .map(|f| {
             let (tx, rx) = f[4].split_once(':').unwrap();
             queue(tx) + queue(rx)
@@ -681,10 +699,7 @@ async fn p4_the_query_window_each_side_sets_is_what_it_holds_ahead_of_a_reader()
         .expect("the query reaches the service")
         .unwrap();
     let taken = write_until_held(&mut service).await;
-    let queued = tcp_queued(&[
-        down.local_addr().unwrap().port(),
-        service.local_addr().unwrap().port(),
-    ]);
+    let queued = tcp_queued(&[&down, &service]);
     let held_down = taken - queued;
     // Requester → service, the Client's window: the service reads nothing.
     let mut up = small_buffered().connect(hub.service("up")).await.unwrap();
@@ -693,10 +708,7 @@ async fn p4_the_query_window_each_side_sets_is_what_it_holds_ahead_of_a_reader()
         .expect("the query reaches the service")
         .unwrap();
     let taken = write_until_held(&mut up).await;
-    let queued = tcp_queued(&[
-        up.local_addr().unwrap().port(),
-        held.local_addr().unwrap().port(),
-    ]);
+    let queued = tcp_queued(&[&up, &held]);
     let held_up = taken - queued;
     println!(
         "held by the tunnel ahead of a reader with {} KiB windows: {} KiB up, {} KiB down",
