@@ -619,6 +619,15 @@ fn small_buffered() -> tokio::net::TcpSocket {
     s
 }
 
+/// The connection a query made to the service listening on `listener`, within [`SOON`].
+async fn reached(listener: &TcpListener) -> TcpStream {
+    tokio::time::timeout(SOON, listener.accept())
+        .await
+        .expect("the query reaches the service")
+        .unwrap()
+        .0
+}
+
 /// Bytes waiting in the kernel's queues (sent and not acknowledged, or received and not read)
 /// of both ends of each established IPv4 TCP connection in `legs`, named by one end's local
 /// and peer address (`/proc/net/tcp`). By whole address pairs: other tests running beside
@@ -694,19 +703,13 @@ async fn p4_the_query_window_each_side_sets_is_what_it_holds_ahead_of_a_reader()
 
     // Service → requester, the Hub's window: the requester reads nothing.
     let down = small_buffered().connect(hub.service("down")).await.unwrap();
-    let (mut service, _) = tokio::time::timeout(SOON, flood.accept())
-        .await
-        .expect("the query reaches the service")
-        .unwrap();
+    let mut service = reached(&flood).await;
     let taken = write_until_held(&mut service).await;
     let queued = tcp_queued(&[&down, &service]);
     let held_down = taken - queued;
     // Requester → service, the Client's window: the service reads nothing.
     let mut up = small_buffered().connect(hub.service("up")).await.unwrap();
-    let (held, _) = tokio::time::timeout(SOON, mute.accept())
-        .await
-        .expect("the query reaches the service")
-        .unwrap();
+    let held = reached(&mute).await;
     let taken = write_until_held(&mut up).await;
     let queued = tcp_queued(&[&up, &held]);
     let held_up = taken - queued;

@@ -364,15 +364,15 @@ pub(crate) mod tests {
 
     /// How many bytes `send` takes before a write waits: what the peer's window lets it run
     /// ahead of a reader that reads nothing. Flow-control credit up to the window is granted in
-    /// the handshake, so every write before that completes at once; the first one that has
-    /// waited `STALL` is the one the window holds.
+    /// the handshake and counted locally, so each write is polled once, with no wall-time
+    /// wait: every write before the window completes on that poll, the first one past it does
+    /// not (`timeout` polls its future before it looks at the clock).
     async fn taken_before_a_write_waits(send: &mut SendStream) -> u64 {
-        const STALL: Duration = Duration::from_millis(300);
         let chunk = vec![0x5a; 64 * 1024];
         let mut taken = 0u64;
         // Bounded: 1,024 chunks is four times the connection's window.
         for _ in 0..1024 {
-            match tokio::time::timeout(STALL, send.write(&chunk)).await {
+            match tokio::time::timeout(Duration::ZERO, send.write(&chunk)).await {
                 Ok(written) => taken += written.unwrap() as u64,
                 Err(_) => return taken,
             }
