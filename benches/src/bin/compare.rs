@@ -65,7 +65,8 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     candidate: Option<PathBuf>,
     /// Measure nothing: start each selected system in turn, print its entries and process ids,
-    /// and keep it up this many seconds (for a profiler or /proc/<pid>/smaps).
+    /// and keep it up this many seconds (for a profiler or /proc/<pid>/smaps). Ctrl-C or
+    /// SIGTERM ends the hold early and stops every process it started.
     #[arg(long, value_name = "SECS")]
     hold: Option<u64>,
 }
@@ -188,6 +189,8 @@ async fn compare(args: Args) -> anyhow::Result<()> {
     let setup = Setup::new(bins.clone(), services)?;
 
     if let Some(secs) = args.hold {
+        // Ctrl-C and `kill` alike end the hold and stop what it started (none is left running).
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         for kind in systems {
             let running = setup.start(kind).await?;
             println!(
@@ -198,11 +201,15 @@ async fn compare(args: Args) -> anyhow::Result<()> {
                 running.pids(),
                 running.agent_pids()
             );
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(secs)) => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+            let signalled = tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(secs)) => false,
+                _ = tokio::signal::ctrl_c() => true,
+                _ = term.recv() => true,
+            };
             running.stop();
+            if signalled {
+                break;
+            }
         }
         iperf_server.stop();
         return Ok(());

@@ -1,0 +1,67 @@
+//! Lays out the Client's code so that what an idle Client runs sits together (issue 8's idle
+//! memory target; docs/benchmarks.md, "The Client's code layout").
+//!
+//! An idle Client's memory is mostly the pages of its own binary that the kernel maps in, and
+//! the kernel maps them 64 KiB at a time around each page touched. The linker puts functions
+//! in the order the compiler hands them over, so the ~280 pages an idle Client touches were
+//! spread over 44 such windows. `link/client-hot.txt` lists, in order, the sections that
+//! `scripts/code-order` saw a Client touch (idle first, then under load); LLD places them first.
+//!
+//! The list changes the order of code only, never what is linked: a name that is gone (another
+//! compiler, a dependency bump) is skipped silently, so a stale list makes the binary larger at
+//! idle, never wrong. `scripts/image-bins` reports how much of the list a build found.
+//!
+//! Set `EWII_LINK_MAP=<file>` to have the linker also write its map there (`scripts/code-order`
+//! reads it to turn touched pages into names).
+use std::env;
+use std::path::PathBuf;
+
+fn main() {
+    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
+    let list = manifest.join("link").join("client-hot.txt");
+    println!("cargo:rerun-if-changed={}", list.display());
+    println!("cargo:rerun-if-env-changed=EWII_LINK_MAP");
+
+    let skipped = if !list.is_file() {
+        Some(format!("{} is missing", list.display()))
+    } else if !linked_by_lld() {
+        Some("not rustc's default linker (LLD) on x86_64 Linux".to_owned())
+    } else {
+        None
+    };
+    if let Some(why) = skipped {
+        if env::var_os("EWII_LINK_MAP").is_some() {
+            println!("cargo:warning=the Client's code layout and link map are skipped: {why}");
+        }
+        return;
+    }
+    let arg = |a: &str| println!("cargo:rustc-link-arg-bin=ewii-client={a}");
+    arg(&format!("-Wl,--symbol-ordering-file={}", list.display()));
+    // Names the list has and this build has not (see above) are expected, not news.
+    arg("-Wl,--no-warn-symbol-ordering");
+    if let Some(map) = env::var_os("EWII_LINK_MAP").filter(|m| !m.is_empty()) {
+        let map = PathBuf::from(map);
+        arg(&format!("-Wl,-Map={}", map.display()));
+        // Mangled names, as the list holds them.
+        arg("-Wl,--no-demangle");
+    }
+}
+
+/// Whether the link is rustc's default on x86_64 Linux (glibc) since 1.90: `cc` driving the
+/// bundled LLD. Another target, a linker of the user's (`linker = …` in .cargo/config,
+/// `-C linker=…`, `-C link-arg=-fuse-ld=…`) or another linker flavour gets no flags: GNU ld and
+/// others spell the option differently or lack it, and the build must not fail for a layout.
+fn linked_by_lld() -> bool {
+    let var = |k: &str| env::var(k).unwrap_or_default();
+    for k in ["RUSTC_LINKER", "CARGO_ENCODED_RUSTFLAGS"] {
+        println!("cargo:rerun-if-env-changed={k}");
+    }
+    let flags = var("CARGO_ENCODED_RUSTFLAGS");
+    var("CARGO_CFG_TARGET_ARCH") == "x86_64"
+        && var("CARGO_CFG_TARGET_OS") == "linux"
+        && var("CARGO_CFG_TARGET_ENV") == "gnu"
+        && env::var_os("RUSTC_LINKER").is_none()
+        && !flags
+            .split('\x1f')
+            .any(|f| f.contains("linker") || f.contains("fuse-ld"))
+}
