@@ -3,8 +3,8 @@
 //!
 //! An idle Client's memory is mostly the pages of its own binary that the kernel maps in, and
 //! the kernel maps them 64 KiB at a time around each page touched. The linker puts functions
-//! in the order the compiler hands them over, so the ~280 pages an idle Client touches were
-//! spread over 44 such windows. `link/client-hot.txt` lists, in order, the sections that
+//! in the order the compiler hands them over, so the ~240 pages an idle Client touches were
+//! spread over the whole text. `link/client-hot.txt` lists, in order, the sections that
 //! `scripts/code-order` saw a Client touch (idle first, then under load); LLD places them first.
 //!
 //! The list changes the order of code only, never what is linked: a name that is gone (another
@@ -35,15 +35,26 @@ fn main() {
         }
         return;
     }
-    let arg = |a: &str| println!("cargo:rustc-link-arg-bin=ewii-client={a}");
-    arg(&format!("-Wl,--symbol-ordering-file={}", list.display()));
+    // One linker option per `-Xlinker`, so that a path may hold a comma (`-Wl,` would split it).
+    let arg = |a: &str| {
+        println!("cargo:rustc-link-arg-bin=ewii-client=-Xlinker");
+        println!("cargo:rustc-link-arg-bin=ewii-client={a}");
+    };
+    let Some(list) = list.to_str() else {
+        println!("cargo:warning=the Client's code layout is skipped: its path is not UTF-8");
+        return;
+    };
+    arg(&format!("--symbol-ordering-file={list}"));
     // Names the list has and this build has not (see above) are expected, not news.
-    arg("-Wl,--no-warn-symbol-ordering");
+    arg("--no-warn-symbol-ordering");
     if let Some(map) = env::var_os("EWII_LINK_MAP").filter(|m| !m.is_empty()) {
-        let map = PathBuf::from(map);
-        arg(&format!("-Wl,-Map={}", map.display()));
+        let Some(map) = map.to_str().map(str::to_owned) else {
+            println!("cargo:warning=EWII_LINK_MAP is not UTF-8: no link map is written");
+            return;
+        };
+        arg(&format!("-Map={map}"));
         // Mangled names, as the list holds them.
-        arg("-Wl,--no-demangle");
+        arg("--no-demangle");
     }
 }
 
@@ -57,9 +68,8 @@ fn linked_by_lld() -> bool {
         println!("cargo:rerun-if-env-changed={k}");
     }
     let flags = var("CARGO_ENCODED_RUSTFLAGS");
-    var("CARGO_CFG_TARGET_ARCH") == "x86_64"
-        && var("CARGO_CFG_TARGET_OS") == "linux"
-        && var("CARGO_CFG_TARGET_ENV") == "gnu"
+    // Exactly this target: x32 (`…-gnux32`) also reads x86_64/linux/gnu and links with GNU ld.
+    var("TARGET") == "x86_64-unknown-linux-gnu"
         && env::var_os("RUSTC_LINKER").is_none()
         && !flags
             .split('\x1f')

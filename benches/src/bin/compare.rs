@@ -189,8 +189,11 @@ async fn compare(args: Args) -> anyhow::Result<()> {
     let setup = Setup::new(bins.clone(), services)?;
 
     if let Some(secs) = args.hold {
-        // Ctrl-C and `kill` alike end the hold and stop what it started (none is left running).
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        // Ctrl-C and `kill` alike end the hold and stop what it started (none is left running),
+        // also when they come while a system is still starting: both are caught from here on.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
         for kind in systems {
             let running = setup.start(kind).await?;
             println!(
@@ -203,7 +206,7 @@ async fn compare(args: Args) -> anyhow::Result<()> {
             );
             let signalled = tokio::select! {
                 () = tokio::time::sleep(Duration::from_secs(secs)) => false,
-                _ = tokio::signal::ctrl_c() => true,
+                _ = int.recv() => true,
                 _ = term.recv() => true,
             };
             running.stop();
