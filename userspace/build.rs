@@ -6,6 +6,8 @@
 //! in the order the compiler hands them over, so the ~240 pages an idle Client touches were
 //! spread over the whole text. `link/client-hot.txt` lists, in order, the sections that
 //! `scripts/code-order` saw a Client touch (idle first, then under load); LLD places them first.
+//! The `ebpf` build has its own list, `link/client-hot-ebpf.txt`: it compiles this crate with
+//! other features, so many of its symbols carry other names.
 //!
 //! The list changes the order of code only, never what is linked: a name that is gone (another
 //! compiler, a dependency bump) is skipped silently, so a stale list makes the binary larger at
@@ -18,7 +20,13 @@ use std::path::PathBuf;
 
 fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
-    let list = manifest.join("link").join("client-hot.txt");
+    // Cargo sets CARGO_FEATURE_<NAME> for a build script whose package has the feature on.
+    let file = if env::var_os("CARGO_FEATURE_EBPF").is_some() {
+        "client-hot-ebpf.txt"
+    } else {
+        "client-hot.txt"
+    };
+    let list = manifest.join("link").join(file);
     println!("cargo:rerun-if-changed={}", list.display());
     println!("cargo:rerun-if-env-changed=EWII_LINK_MAP");
 
