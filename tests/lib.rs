@@ -1438,6 +1438,37 @@ pub async fn hashing_sink() -> SocketAddr {
     addr
 }
 
+/// How a query the Hub ends without an answer (refused, failed, or for a Client that is not
+/// there) looks to its requester: it reads nothing, and the Hub closes within [`SOON`].
+/// Returns `None` for an end of stream, the error's kind for anything else (a reset).
+///
+/// The Hub sends `Open` the moment it accepts, so on loopback the Client's refusal can reset
+/// the requester before a busy test runtime polls `connect` to its end: a reset there, or on
+/// writing `early`, is the same answer and is returned as such.
+pub async fn requester_gets_nothing(entry: SocketAddr, early: &[u8]) -> Option<std::io::ErrorKind> {
+    let mut s = match tokio::net::TcpStream::connect(entry).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(e.kind()),
+        Err(e) => panic!("connect to {entry}: {e}"),
+    };
+    if !early.is_empty() {
+        if let Err(e) = s.write_all(early).await {
+            // The reset came first; the kernel reports it once, here and not to the read.
+            return Some(e.kind());
+        }
+    }
+    let mut back = Vec::new();
+    let ended = tokio::time::timeout(SOON, s.read_to_end(&mut back))
+        .await
+        .unwrap_or_else(|_| panic!("the Hub did not end the query within {SOON:?}"));
+    assert!(
+        back.is_empty(),
+        "a query ended without an answer sent back {} bytes",
+        back.len()
+    );
+    ended.err().map(|e| e.kind())
+}
+
 /// One query through a service listener: sends `data`, half-closes, and requires the same
 /// bytes back within [`SOON`]; says what went wrong otherwise.
 pub async fn try_roundtrip(addr: SocketAddr, data: &[u8]) -> Result<(), String> {
