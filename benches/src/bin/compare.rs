@@ -69,6 +69,11 @@ struct Args {
     /// SIGTERM ends the hold early and stops every process it started.
     #[arg(long, value_name = "SECS")]
     hold: Option<u64>,
+    /// Exit with an error, after writing the report, when a selected system could not start
+    /// or one of its measurements failed (CI's reduced run). Without it such a failure is
+    /// listed in the report and the run goes on.
+    #[arg(long)]
+    strict: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -162,9 +167,41 @@ async fn compare(args: Args) -> anyhow::Result<()> {
         missing.push("Ewii + eBPF lock (needs root and cgroup v2)".to_owned());
         systems.retain(|k| *k != Kind::EwiiLocked);
     }
+    if let Some(unknown) = args
+        .only
+        .iter()
+        .find(|o| !Kind::ALL.iter().any(|k| o.eq_ignore_ascii_case(k.label())))
+    {
+        let labels: Vec<&str> = Kind::ALL.iter().map(|k| k.label()).collect();
+        anyhow::bail!(
+            "--only: no system is called {unknown:?}; the systems: {}",
+            labels.join(", ")
+        );
+    }
     if !args.only.is_empty() {
         systems.retain(|k| args.only.iter().any(|o| o.eq_ignore_ascii_case(k.label())));
     }
+    if args.strict {
+        if let Some(absent) = args
+            .only
+            .iter()
+            .find(|o| !systems.iter().any(|k| o.eq_ignore_ascii_case(k.label())))
+        {
+            anyhow::bail!(
+                "--strict: {absent:?} was asked for and cannot run here: {}",
+                missing.join("; ")
+            );
+        }
+    }
+    anyhow::ensure!(
+        !systems.is_empty(),
+        "no system left to measure: {}",
+        if missing.is_empty() {
+            "--only selected none".to_owned()
+        } else {
+            missing.join("; ")
+        }
+    );
 
     let echo = load::echo_service()?;
     let iperf_addr = procs::free_tcp()?;
@@ -254,6 +291,8 @@ async fn compare(args: Args) -> anyhow::Result<()> {
             None => line,
         }
     };
+    // What went wrong with a selected system (for `--strict`); also listed in the report.
+    let mut failed: Vec<String> = vec![];
     for rep in 0..args.reps {
         // Interleaved, and each repetition starts with another system.
         let mut order = systems.clone();
@@ -264,7 +303,7 @@ async fn compare(args: Args) -> anyhow::Result<()> {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("  could not start: {e:#}");
-                    missing.push(format!(
+                    failed.push(format!(
                         "{} (rep {}): could not start: {e}",
                         kind.label(),
                         rep + 1
@@ -274,7 +313,7 @@ async fn compare(args: Args) -> anyhow::Result<()> {
             };
             if let Err(e) = measure(running, &args, &iperf3, &mut samples).await {
                 eprintln!("  failed: {e:#}");
-                missing.push(format!("{} (rep {}): {e}", kind.label(), rep + 1));
+                failed.push(format!("{} (rep {}): {e}", kind.label(), rep + 1));
             }
         }
     }
@@ -322,7 +361,7 @@ async fn compare(args: Args) -> anyhow::Result<()> {
             },
             started.elapsed().as_secs_f64()
         ),
-        missing,
+        missing: missing.into_iter().chain(failed.iter().cloned()).collect(),
         chart: if args.candidate.is_some() {
             format!("ab-{stamp}.svg")
         } else {
@@ -352,6 +391,12 @@ async fn compare(args: Args) -> anyhow::Result<()> {
     println!("{md}");
     let names: Vec<&str> = files.iter().map(|(name, _)| name.as_str()).collect();
     eprintln!("written in {}: {}", args.out.display(), names.join(", "));
+    anyhow::ensure!(
+        !args.strict || failed.is_empty(),
+        "--strict: {} of the selected systems' runs failed: {}",
+        failed.len(),
+        failed.join("; ")
+    );
     Ok(())
 }
 
