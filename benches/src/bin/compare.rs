@@ -150,6 +150,29 @@ async fn compare(args: Args) -> anyhow::Result<()> {
             None => None,
         },
     };
+    // `--only`'s names, each a system's label in any case; one the harness does not know is
+    // refused, not left out in silence.
+    let only: Vec<Kind> = args
+        .only
+        .iter()
+        .map(|name| {
+            Kind::ALL
+                .into_iter()
+                .find(|k| name.eq_ignore_ascii_case(k.label()))
+                .with_context(|| {
+                    let labels: Vec<&str> = Kind::ALL.iter().map(|k| k.label()).collect();
+                    format!(
+                        "--only: no system is called {name:?}; the systems: {}",
+                        labels.join(", ")
+                    )
+                })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    anyhow::ensure!(
+        bins.candidate.is_some() || !only.contains(&Kind::EwiiCandidate),
+        "--only names {:?}, which needs --candidate DIR",
+        Kind::EwiiCandidate.label()
+    );
     let mut missing = vec![];
     let mut systems: Vec<Kind> = Kind::ALL.to_vec();
     if bins.candidate.is_none() {
@@ -167,40 +190,23 @@ async fn compare(args: Args) -> anyhow::Result<()> {
         missing.push("Ewii + eBPF lock (needs root and cgroup v2)".to_owned());
         systems.retain(|k| *k != Kind::EwiiLocked);
     }
-    if let Some(unknown) = args
-        .only
-        .iter()
-        .find(|o| !Kind::ALL.iter().any(|k| o.eq_ignore_ascii_case(k.label())))
-    {
-        let labels: Vec<&str> = Kind::ALL.iter().map(|k| k.label()).collect();
-        anyhow::bail!(
-            "--only: no system is called {unknown:?}; the systems: {}",
-            labels.join(", ")
+    if !only.is_empty() {
+        systems.retain(|k| only.contains(k));
+    }
+    if let Some(absent) = only.iter().find(|k| !systems.contains(k)) {
+        anyhow::ensure!(
+            !args.strict,
+            "--strict: {:?} was asked for and cannot run here: {}",
+            absent.label(),
+            missing.join("; ")
         );
     }
-    if !args.only.is_empty() {
-        systems.retain(|k| args.only.iter().any(|o| o.eq_ignore_ascii_case(k.label())));
-    }
-    if args.strict {
-        if let Some(absent) = args
-            .only
-            .iter()
-            .find(|o| !systems.iter().any(|k| o.eq_ignore_ascii_case(k.label())))
-        {
-            anyhow::bail!(
-                "--strict: {absent:?} was asked for and cannot run here: {}",
-                missing.join("; ")
-            );
-        }
-    }
+    // Only what `missing` names can leave `--only`'s systems out (the candidate is checked
+    // above), so it says why none is left.
     anyhow::ensure!(
         !systems.is_empty(),
         "no system left to measure: {}",
-        if missing.is_empty() {
-            "--only selected none".to_owned()
-        } else {
-            missing.join("; ")
-        }
+        missing.join("; ")
     );
 
     let echo = load::echo_service()?;
