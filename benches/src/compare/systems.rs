@@ -188,14 +188,20 @@ impl Running {
     }
 }
 
+/// A Hub that listens, and where.
+struct StartedHub {
+    proc: Proc,
+    udp: SocketAddr,
+    /// The echo and iperf3 services' entries.
+    entries: (SocketAddr, SocketAddr),
+}
+
 /// State kept across starts: Ewii's enrolled Hub and Client, rathole's noise keys.
 #[derive(Debug)]
 pub struct Setup {
     bins: Bins,
     services: Services,
     dir: TempDir,
-    hub_udp: SocketAddr,
-    hub_entries: (SocketAddr, SocketAddr),
     noise: Option<(String, String)>,
 }
 
@@ -204,12 +210,9 @@ impl Setup {
     /// rathole's noise key pair.
     pub fn new(bins: Bins, services: Services) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("ewii-compare-").tempdir()?;
-        let hub_udp = SocketAddr::from(([127, 0, 0, 1], free_port(true)?));
         let mut setup = Self {
             bins,
             services,
-            hub_udp,
-            hub_entries: (free_tcp()?, free_tcp()?),
             noise: None,
             dir,
         };
@@ -225,6 +228,7 @@ impl Setup {
             ],
         )?;
         let mut hub = setup.start_hub(&setup.bins.hub, None)?;
+        let hub_udp = hub.udp;
         let token = run(
             &setup.bins.hub,
             &[
@@ -259,7 +263,7 @@ impl Setup {
                 &setup.path("client"),
             ],
         )?;
-        hub.stop();
+        hub.proc.stop();
         if let Some(rathole) = &setup.bins.rathole {
             let out = run(rathole, &["--genkey"])?;
             let after = |label: &str| {
@@ -279,26 +283,40 @@ impl Setup {
         self.dir.path().join(name).display().to_string()
     }
 
-    /// `bin`: the `ewii-hub` to run (the candidate's, or `bins.hub`).
-    fn start_hub(&self, bin: &Path, threads: Option<usize>) -> anyhow::Result<Proc> {
-        let config = self.path("hub.toml");
-        let (echo, iperf) = self.hub_entries;
-        let threads = threads
-            .map(|n| format!("threads = {n}\n"))
-            .unwrap_or_default();
-        fs::write(
-            &config,
-            format!(
-                "state_dir = {:?}\nlisten = \"{}\"\naudit = \"stdout\"\n{threads}\n\
-                 [[service]]\nname = \"echo\"\nlisten = \"{echo}\"\nclient = \"bench\"\ndestination = \"echo\"\nprincipal = \"bench\"\n\n\
-                 [[service]]\nname = \"iperf\"\nlisten = \"{iperf}\"\nclient = \"bench\"\ndestination = \"iperf\"\nprincipal = \"bench\"\n",
-                self.path("hub"),
-                self.hub_udp
-            ),
-        )?;
-        let mut hub = Proc::spawn("ewii-hub", bin, &["run", "--config", &config], None)?;
-        hub.wait_line("listening on udp", START_TIMEOUT)?;
-        Ok(hub)
+    /// `bin`: the `ewii-hub` to run (the candidate's, or `bins.hub`). Each start takes fresh
+    /// ports, and another try on new ones if a port was taken between the pick and the
+    /// Hub's bind (`free_port` releases what it picked).
+    fn start_hub(&self, bin: &Path, threads: Option<usize>) -> anyhow::Result<StartedHub> {
+        const TRIES: usize = 3;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let udp = SocketAddr::from(([127, 0, 0, 1], free_port(true)?));
+            let entries = (free_tcp()?, free_tcp()?);
+            let config = self.path("hub.toml");
+            let threads = threads
+                .map(|n| format!("threads = {n}\n"))
+                .unwrap_or_default();
+            fs::write(
+                &config,
+                format!(
+                    "state_dir = {:?}\nlisten = \"{udp}\"\naudit = \"stdout\"\n{threads}\n\
+                     [[service]]\nname = \"echo\"\nlisten = \"{}\"\nclient = \"bench\"\ndestination = \"echo\"\nprincipal = \"bench\"\n\n\
+                     [[service]]\nname = \"iperf\"\nlisten = \"{}\"\nclient = \"bench\"\ndestination = \"iperf\"\nprincipal = \"bench\"\n",
+                    self.path("hub"),
+                    entries.0,
+                    entries.1,
+                ),
+            )?;
+            let mut proc = Proc::spawn("ewii-hub", bin, &["run", "--config", &config], None)?;
+            match proc.wait_line("listening on udp", START_TIMEOUT) {
+                Ok(_) => return Ok(StartedHub { proc, udp, entries }),
+                Err(e) if attempt < TRIES && proc.tail().contains("Address already in use") => {
+                    eprintln!("ewii-hub: a port was taken before it bound, trying others: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Starts `kind` and waits until both of its entries echo.
@@ -365,7 +383,8 @@ impl Setup {
             _ => (&self.bins.hub, &self.bins.client),
         };
         let hub_threads = (kind == Kind::EwiiHubOneThread).then_some(1);
-        running.procs.push(self.start_hub(hub_bin, hub_threads)?);
+        let hub = self.start_hub(hub_bin, hub_threads)?;
+        running.procs.push(hub.proc);
         let config = self.path(if locked {
             "client-locked.toml"
         } else {
@@ -383,7 +402,7 @@ impl Setup {
                 "hub = \"{}\"\nstate_dir = {:?}\naudit = \"stdout\"\non_stop = \"disconnect\"\n\n\
                  [reconnect]\ninitial_ms = 50\nmax_ms = 500\n\n[enforcement]\n{enforcement}\n\
                  [[allow]]\nname = \"echo\"\naddress = \"{}\"\n\n[[allow]]\nname = \"iperf\"\naddress = \"{}\"\n",
-                self.hub_udp,
+                hub.udp,
                 self.path("client"),
                 self.services.echo,
                 self.services.iperf
@@ -422,7 +441,7 @@ impl Setup {
         running.procs.push(client);
         running.agents = vec![1];
         running.start_to_serving = Some(up?.saturating_duration_since(started));
-        (running.echo, running.iperf) = self.hub_entries;
+        (running.echo, running.iperf) = hub.entries;
         Ok(())
     }
 
