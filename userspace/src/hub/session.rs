@@ -206,7 +206,7 @@ impl Session {
                 return None;
             }
         }
-        let id = rand::rng().next_u64();
+        let id = new_session_id();
         Some(Self {
             parts,
             conn,
@@ -642,10 +642,44 @@ async fn hello(
     }
 }
 
+/// The largest session id: 2^53 − 1. Audit records carry the id as a JSON integer, and many
+/// JSON readers (JavaScript, jq 1.6, a SIEM that parses numbers as doubles) read an integer
+/// beyond 2^53 inexactly, which would break the join of a customer's records by session.
+/// RFC 7493 (I-JSON) §2.2 asks for this bound.
+const MAX_SESSION_ID: u64 = (1 << 53) - 1;
+
+/// A random session id, at most [`MAX_SESSION_ID`]: 53 random bits.
+fn new_session_id() -> u64 {
+    rand::rng().next_u64() & MAX_SESSION_ID
+}
+
 /// The instant the wall clock reads `unix_secs` (now when that has passed).
 fn deadline_at(unix_secs: i64) -> Instant {
     let now_us = crate::now_timestamp().0 as i128;
     // At most about a century ahead, so that the addition cannot overflow.
     let wait_us = (i128::from(unix_secs) * 1_000_000 - now_us).clamp(0, 1 << 62);
     Instant::now() + Duration::from_micros(wait_us as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every id must survive a JSON reader that holds numbers as doubles; and they must still
+    /// differ (53 random bits, not a counter or a constant).
+    #[test]
+    fn session_ids_are_exact_in_every_json_reader() {
+        let ids: std::collections::HashSet<u64> = (0..10_000).map(|_| new_session_id()).collect();
+        assert_eq!(
+            ids.len(),
+            10_000,
+            "53 random bits should not repeat in 10,000 draws"
+        );
+        for id in &ids {
+            assert!(*id <= MAX_SESSION_ID, "{id} is beyond 2^53 - 1");
+            assert_eq!(*id as f64 as u64, *id, "{id} does not survive a double");
+        }
+        // The top bit in use is used: the ids are not confined to a smaller range.
+        assert!(ids.iter().any(|id| id >> 52 == 1));
+    }
 }
