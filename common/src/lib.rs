@@ -24,4 +24,5 @@ pub mod frame;
 pub mod policy;
 pub mod session;
 pub mod spiffe;
+pub mod text;
 pub mod time;

@@ -26,6 +26,8 @@
 //!   new_with_pending_revoke ──▶ Revoking (no deadline) ──dialed──▶ Goodbye{revoke} ──▶ Exit(Revoked)
 //!   Waiting|Dialing ──handle_stop (on_stop = disconnect)──▶ Exit(Stopped)
 //!   Waiting past not_after ──▶ Exit(Expired)        any ──handle_revoked──▶ Exit(Revoked)
+//!   Stopping with a revoke: handle_goodbye_acknowledged (or drained) ──▶ RevokedAtStop, or
+//!     Exit(Revoked) for a pending one; lost or deadline unacknowledged ──▶ RecordPendingRevoke
 //!
 //!   SVID from a SPIFFE Workload API (`external_svid`): no Renew; the agent pushes new SVIDs:
 //!   Up{session} ──handle_svid(svid')──▶ Up{session, Presenting} + Present (on the live connection)
@@ -177,6 +179,9 @@ pub enum Action {
     /// so that the next start delivers it before anything else
     /// ([`ClientSession::new_with_pending_revoke`]).
     RecordPendingRevoke,
+    /// This stop's revoke was acknowledged by the Hub: record that the identity is revoked
+    /// (the process still ends as [`Exit::Stopped`]: it was stopped, as asked).
+    RevokedAtStop,
     /// The session is over; close whatever is left and end with this.
     Exit(Exit),
 }
@@ -246,10 +251,14 @@ enum State {
     },
     /// `Goodbye` sent on `session_id`; waiting for its queries until `deadline`. `pending` is
     /// set when this delivers a revoke pending from an earlier stop: the end is a revocation.
+    /// `revoke`: the `Goodbye` asks for one. `acknowledged`: the Hub said it processed the
+    /// `Goodbye` (a revoke is recorded then); without it, a revoke stays pending.
     Stopping {
         session_id: u64,
         deadline: Duration,
         pending: bool,
+        revoke: bool,
+        acknowledged: bool,
     },
     Done,
 }
@@ -435,6 +444,8 @@ impl ClientSession {
                     session_id,
                     deadline: now + self.config.stop_drain,
                     pending: deadline.is_none(),
+                    revoke: true,
+                    acknowledged: false,
                 };
             }
             // A dial that finished when it was no longer wanted is not used.
@@ -493,8 +504,24 @@ impl ClientSession {
         }
     }
 
-    /// A stopping connection has no query left.
+    /// The Hub processed the `Goodbye` sent on `session_id` (it finished its side of the
+    /// control stream): a revoke it asked for is recorded. Queries may still be running.
+    pub fn handle_goodbye_acknowledged(&mut self, session_id: u64) {
+        if let State::Stopping {
+            session_id: current,
+            acknowledged,
+            ..
+        } = &mut self.state
+        {
+            if *current == session_id {
+                *acknowledged = true;
+            }
+        }
+    }
+
+    /// A stopping connection has no query left, and the Hub acknowledged its `Goodbye`.
     pub fn handle_drained(&mut self, session_id: u64) {
+        self.handle_goodbye_acknowledged(session_id);
         if let State::Stopping {
             session_id: current,
             ..
@@ -628,6 +655,8 @@ impl ClientSession {
                     session_id,
                     deadline: now + self.config.stop_drain,
                     pending: false,
+                    revoke: self.config.revoke_on_stop,
+                    acknowledged: false,
                 };
             }
             // "Stopping the container revokes it" must hold when the network is bad too.
@@ -788,9 +817,28 @@ impl ClientSession {
         self.state = State::Waiting { until };
     }
 
-    /// A stop is over: a pending revoke that was delivered ends as a revocation.
+    /// A stop is over. A revoke the Hub acknowledged is done: one pending from an earlier stop
+    /// ends as a revocation, one asked by this stop is recorded ([`Action::RevokedAtStop`]).
+    /// A revoke the Hub did not acknowledge (the connection was lost, or the drain ran out
+    /// first) may not have reached it: it stays pending for the next start.
     fn finish_stop(&mut self) {
-        if let State::Stopping { pending: true, .. } = self.state {
+        let State::Stopping {
+            pending,
+            revoke,
+            acknowledged,
+            ..
+        } = self.state
+        else {
+            return;
+        };
+        match (revoke, acknowledged) {
+            // A pending one is on disk already: nothing new to record.
+            _ if pending => {}
+            (true, false) => self.actions.push_back(Action::RecordPendingRevoke),
+            (true, true) => self.actions.push_back(Action::RevokedAtStop),
+            (false, _) => {}
+        }
+        if pending && acknowledged {
             self.finish(Exit::Revoked {
                 reason: PENDING_REVOKE_REASON.into(),
             });

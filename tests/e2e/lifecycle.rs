@@ -223,9 +223,31 @@ async fn p9_stop_revokes_and_a_returning_client_is_refused_also_after_a_hub_rest
         revoked.client.as_deref(),
         Some("spiffe://test.ewii.local/client/acme")
     );
+    // The Hub acknowledged the revoke: the Client records it, and knows it at its next start.
+    let own = client
+        .wait_audit("the Client's record of its revoke", |r| {
+            r.event == Event::Revoked && r.outcome == Some(Outcome::Ok)
+        })
+        .await;
+    assert!(
+        own.reason
+            .as_deref()
+            .unwrap()
+            .contains("confirmed by the Hub"),
+        "{own:?}"
+    );
+    let dir = client.state_dir();
+    assert!(dir.join(REVOKED_MARKER).exists());
+    assert!(!dir.join(REVOKE_PENDING_MARKER).exists());
+    assert!(matches!(
+        client.run_once(SOON).await,
+        Err(ClientError::RevokedEarlier(_))
+    ));
 
-    // It comes back with the same SVID: refused on the handshake, and told why (it proved
-    // its key), so it records the revocation and stops for good.
+    // A copy of its state from before the stop (no marker) comes back with the same SVID:
+    // refused on the handshake, and told why (it proved its key), so it records the
+    // revocation and stops for good.
+    std::fs::remove_file(dir.join(REVOKED_MARKER)).unwrap();
     let exit = client.run_once(SOON).await.unwrap();
     assert_eq!(
         exit,
@@ -534,6 +556,78 @@ async fn p10_central_revoke_closes_a_live_session_within_1s_and_a_restart_exits_
     client.start();
     hub.wait_connected("acme").await;
     assert_eq!(client.stop().await, Exit::Stopped);
+}
+
+/// A container or pod recreated after a stop with `on_stop = "revoke"` starts on the same
+/// state volume with a new token in its environment (the Kubernetes Secret): `run` enrols
+/// again with it, where it would otherwise stop on the revoked SVID at every start. A token
+/// already spent is refused, and the revoked state stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p9_a_client_stopped_and_revoked_comes_back_with_a_new_token_in_its_environment() {
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    client.config.on_stop = OnStop::Revoke;
+    client.start();
+    hub.wait_connected("acme").await;
+    assert_eq!(client.stop().await, Exit::Stopped);
+    let dir = client.state_dir();
+    assert!(
+        dir.join(REVOKED_MARKER).exists(),
+        "the stop's revoke was confirmed"
+    );
+    let before = store::read_certs(&dir.join(store::SVID_CERT)).unwrap();
+
+    let toml = client.dir.path().join("client.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "hub = \"{}\"\nstate_dir = {:?}\naudit = \"discard\"\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:9\"\n",
+            hub.addr, dir
+        ),
+    )
+    .unwrap();
+    let run = |token: &str| {
+        Command::new(bin_path("ewii-client"))
+            .args(["run", "--config", toml.to_str().unwrap()])
+            .env("EWII_TOKEN", token)
+            .env("EWII_BUNDLE_HASH", token_hash(&hub))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // A token that is not (or no longer) good: refused, still revoked, nothing served.
+    let mut refused = crate::process::Proc(run("ewii_not-a-token"));
+    let mut status = None;
+    poll_until("the refused start to end", SOON, || {
+        status = refused.0.try_wait().unwrap();
+        status.is_some()
+    })
+    .await;
+    let status = status.unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut refused.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("was revoked") && err.contains("enrolling again with EWII_TOKEN"),
+        "{err}"
+    );
+    assert!(dir.join(REVOKED_MARKER).exists());
+    assert_eq!(
+        store::read_certs(&dir.join(store::SVID_CERT)).unwrap(),
+        before
+    );
+
+    // The new token: enrolled again and serving, as the same client name.
+    let token = hub.token("acme", Duration::from_secs(600));
+    let mut child = crate::process::Proc(run(&token.token));
+    hub.wait_connected("acme").await;
+    assert!(!dir.join(REVOKED_MARKER).exists());
+    assert_ne!(
+        store::read_certs(&dir.join(store::SVID_CERT)).unwrap(),
+        before
+    );
+    assert_eq!(child.terminate().code(), Some(0));
 }
 
 fn token_hash(hub: &TestHub) -> String {

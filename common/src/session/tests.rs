@@ -391,10 +391,14 @@ fn p9_stop_while_connected_says_goodbye_drains_and_exits() {
         }]
     );
     assert_eq!(sim.s.phase(), Phase::Stopping);
+    // Drained: no query left, and the Hub acknowledged the `Goodbye`, so the revoke is done.
     sim.s.handle_drained(id);
-    assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
+    assert_eq!(
+        sim.actions(),
+        vec![Action::RevokedAtStop, Action::Exit(Exit::Stopped)]
+    );
 
-    // `on_stop = "disconnect"` asks for no revocation.
+    // `on_stop = "disconnect"` asks for no revocation, and records none.
     let (mut sim, id) = Sim::connected(disconnect_on_stop(), svid_at(START));
     sim.s.handle_stop(sim.now);
     assert_eq!(
@@ -404,12 +408,96 @@ fn p9_stop_while_connected_says_goodbye_drains_and_exits() {
             revoke: false
         }]
     );
+    sim.s.handle_drained(id);
+    assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
+}
+
+/// "Stopping the container revokes it" is only said once the Hub has said so: a stop whose
+/// connection is lost, or whose drain runs out, before the Hub acknowledged the `Goodbye`
+/// keeps the revoke pending for the next start.
+#[test]
+fn p9_a_stop_the_hub_did_not_acknowledge_keeps_the_revoke_pending() {
+    // Lost before the acknowledgement (the link died just before the stop).
+    let (mut sim, id) = Sim::connected(config(), svid_at(START));
+    sim.s.handle_stop(sim.now);
+    sim.actions();
+    sim.s.handle_lost(sim.now, id, 7);
+    assert_eq!(
+        sim.actions(),
+        vec![Action::RecordPendingRevoke, Action::Exit(Exit::Stopped)]
+    );
+
+    // Acknowledged, then lost while a query still ran: the revoke is done.
+    let (mut sim, id) = Sim::connected(config(), svid_at(START));
+    sim.s.handle_stop(sim.now);
+    sim.actions();
+    sim.s.handle_goodbye_acknowledged(id);
+    assert_eq!(sim.actions(), vec![]);
+    sim.s.handle_lost(sim.now, id, 7);
+    assert_eq!(
+        sim.actions(),
+        vec![Action::RevokedAtStop, Action::Exit(Exit::Stopped)]
+    );
+
+    // An acknowledgement on another connection is not this one's.
+    let (mut sim, id) = Sim::connected(config(), svid_at(START));
+    sim.s.handle_stop(sim.now);
+    sim.actions();
+    sim.s.handle_goodbye_acknowledged(id + 1);
+    sim.s.handle_lost(sim.now, id, 7);
+    assert_eq!(
+        sim.actions(),
+        vec![Action::RecordPendingRevoke, Action::Exit(Exit::Stopped)]
+    );
+
+    // Delivering a revoke pending from an earlier stop: lost before the acknowledgement,
+    // it stays pending (on disk already) and the end is not a revocation.
+    let mut sim = pending_revoke_sim();
+    sim.actions();
+    let id = sim.dialed();
+    sim.actions();
+    sim.s.handle_lost(sim.now, id, 7);
+    assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
+    // Acknowledged, then lost: revoked.
+    let mut sim = pending_revoke_sim();
+    sim.actions();
+    let id = sim.dialed();
+    sim.actions();
+    sim.s.handle_goodbye_acknowledged(id);
+    sim.s.handle_lost(sim.now, id, 7);
+    assert_eq!(
+        sim.actions(),
+        vec![Action::Exit(Exit::Revoked {
+            reason: PENDING_REVOKE_REASON.into()
+        })]
+    );
 }
 
 #[test]
 fn p9_a_stop_whose_queries_do_not_finish_ends_at_the_drain_bound() {
     let (mut sim, id) = Sim::connected(config(), svid_at(START));
     let stopped_at = sim.now;
+    sim.s.handle_stop(sim.now);
+    sim.actions();
+    sim.s.handle_goodbye_acknowledged(id);
+    assert_eq!(
+        sim.advance(),
+        vec![
+            Action::Close {
+                session_id: id,
+                reason: CloseReason::StopDeadline
+            },
+            Action::RevokedAtStop,
+            Action::Exit(Exit::Stopped)
+        ]
+    );
+    assert_eq!(
+        sim.now - stopped_at,
+        Duration::from_secs(5),
+        "bounded by stop_drain"
+    );
+    // The same bound without the Hub's acknowledgement: the revoke stays pending.
+    let (mut sim, id) = Sim::connected(config(), svid_at(START));
     sim.s.handle_stop(sim.now);
     sim.actions();
     assert_eq!(
@@ -419,13 +507,9 @@ fn p9_a_stop_whose_queries_do_not_finish_ends_at_the_drain_bound() {
                 session_id: id,
                 reason: CloseReason::StopDeadline
             },
+            Action::RecordPendingRevoke,
             Action::Exit(Exit::Stopped)
         ]
-    );
-    assert_eq!(
-        sim.now - stopped_at,
-        Duration::from_secs(5),
-        "bounded by stop_drain"
     );
     // A stop during a renewal is a stop: an answer that comes late changes nothing.
     let (mut sim, id) = Sim::connected(config(), svid_at(START));
@@ -434,7 +518,10 @@ fn p9_a_stop_whose_queries_do_not_finish_ends_at_the_drain_bound() {
     sim.actions();
     sim.s.handle_renewed(sim.now, svid_at(sim.now.as_secs()));
     sim.s.handle_drained(id);
-    assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
+    assert_eq!(
+        sim.actions(),
+        vec![Action::RevokedAtStop, Action::Exit(Exit::Stopped)]
+    );
 }
 
 #[test]
@@ -477,7 +564,10 @@ fn p9_stop_while_disconnected_still_delivers_the_revoke() {
         }]
     );
     sim.s.handle_drained(id);
-    assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
+    assert_eq!(
+        sim.actions(),
+        vec![Action::RevokedAtStop, Action::Exit(Exit::Stopped)]
+    );
 
     // A dial in flight when the stop comes is used for the Goodbye; no second dial.
     let mut sim = Sim::new(config(), svid_at(START));
@@ -976,7 +1066,10 @@ fn p9_a_stop_during_a_move_says_goodbye_on_the_serving_connection_and_drops_the_
         }]
     );
     sim.s.handle_drained(old);
-    assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
+    assert_eq!(
+        sim.actions(),
+        vec![Action::RevokedAtStop, Action::Exit(Exit::Stopped)]
+    );
 }
 
 #[test]

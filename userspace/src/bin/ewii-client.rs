@@ -20,6 +20,7 @@ use ewii::enforce;
 use ewii::identity::parse_bundle_hash;
 use ewii::logging::{say, LogArgs};
 use ewii_common::audit::Side;
+use ewii_common::text::printable;
 
 /// Exit status when the Hub has revoked this Client.
 const EXIT_REVOKED: u8 = 10;
@@ -32,8 +33,8 @@ const EXIT_UNREACHABLE: u8 = 5;
 /// `verify-webhook --seen`: a valid delivery whose id was verified before.
 const EXIT_SEEN: u8 = 6;
 /// What a revoked customer does next.
-const REVOKED_NEXT: &str =
-    "ask the operator for a new token, then run `ewii-client enroll --replace`";
+const REVOKED_NEXT: &str = "ask the operator for a new token, then run `ewii-client enroll --replace` \
+     (or start with the new token in EWII_TOKEN and EWII_BUNDLE_HASH: a start enrols again with them)";
 /// The same, for an SVID from a SPIFFE Workload API (no token: the operator readmits it).
 const REVOKED_NEXT_SPIRE: &str = "ask the operator to readmit this Client (`ewii-hub readmit --client <name>`), then delete the `revoked` file in the state directory";
 
@@ -192,8 +193,13 @@ fn main() -> ExitCode {
                 Ok(a) => a,
                 Err(e) => return fail(1, format!("opening the audit sink: {e}")),
             };
+            let how = if replace {
+                Enrolment::Replace
+            } else {
+                Enrolment::First
+            };
             block_on(config::DEFAULT_CLIENT_THREADS, async move {
-                enroll(&hub, &token, &bundle_hash, &state_dir, &audit, replace).await
+                enroll(&hub, &token, &bundle_hash, &state_dir, &audit, how).await
             })
         }
         Command::Run { config } => run(&config),
@@ -292,13 +298,23 @@ fn refuse_foreign_state_dir(state_dir: &Path) -> Option<ExitCode> {
     }
 }
 
+/// How [`enroll`] treats an enrolment already in the state directory.
+enum Enrolment<'a> {
+    /// There is none: refused if there is.
+    First,
+    /// `enroll --replace`: taking the state directory's lock for it.
+    Replace,
+    /// `run` with a token, over a revoked identity: the caller holds the lock.
+    ReplaceHeld(&'a client::state_dir::StateLock),
+}
+
 async fn enroll(
     hub: &str,
     token: &str,
     bundle_hash: &str,
     state_dir: &Path,
     audit: &Audit,
-    replace: bool,
+    how: Enrolment<'_>,
 ) -> ExitCode {
     let hub: HubAddress = match hub.parse() {
         Ok(h) => h,
@@ -308,10 +324,14 @@ async fn enroll(
         Ok(p) => p,
         Err(e) => return fail(EXIT_CONFIG, e.to_string()),
     };
-    let enrolled = if replace {
-        client::enrol::enrol_replacing(&hub, token, pin, state_dir, audit).await
-    } else {
-        client::enrol::enrol(&hub, token, pin, state_dir, audit).await
+    let enrolled = match how {
+        Enrolment::First => client::enrol::enrol(&hub, token, pin, state_dir, audit).await,
+        Enrolment::Replace => {
+            client::enrol::enrol_replacing(&hub, token, pin, state_dir, audit).await
+        }
+        Enrolment::ReplaceHeld(lock) => {
+            client::enrol::enrol_replacing_held(&hub, token, pin, state_dir, audit, lock).await
+        }
     };
     match enrolled {
         Ok(id) => {
@@ -448,15 +468,33 @@ fn run(path: &Path) -> ExitCode {
         ));
     }
     block_on(config.threads, async move {
-        let enrolled = config
-            .state_dir
-            .join(ewii::identity::store::SVID_CERT)
-            .exists();
-        if let (false, Some(token), Some(hash)) = (enrolled, token, hash) {
-            let hub = config.hub.to_string();
-            let code = enroll(&hub, &token, &hash, &config.state_dir, &audit, false).await;
-            if code != ExitCode::SUCCESS {
-                return code;
+        // A token in the environment enrols a Client that has no identity, and one whose
+        // identity was revoked (a stop with on_stop = "revoke", or the operator): a
+        // rescheduled pod or a recreated container comes back with the new token it was
+        // given, where it would otherwise stop on the revoked SVID at every start. A token
+        // already spent is refused by the Hub, and the revoked state stays as it was.
+        if let (Some(token), Some(hash)) = (token, hash) {
+            let dir = &config.state_dir;
+            let enrolled = dir.join(ewii::identity::store::SVID_CERT).exists();
+            let revoked = std::fs::read_to_string(dir.join(client::REVOKED_MARKER)).ok();
+            let how = match (enrolled, &revoked) {
+                (false, _) => Some(Enrolment::First),
+                (true, Some(reason)) => {
+                    say(&format!(
+                        "ewii-client: the identity in {} was revoked ({}); enrolling again with EWII_TOKEN",
+                        dir.display(),
+                        printable(reason.trim())
+                    ));
+                    Some(Enrolment::ReplaceHeld(&lock))
+                }
+                (true, None) => None,
+            };
+            if let Some(how) = how {
+                let hub = config.hub.to_string();
+                let code = enroll(&hub, &token, &hash, dir, &audit, how).await;
+                if code != ExitCode::SUCCESS {
+                    return code;
+                }
             }
         }
         let (next, expired) = match config.svid_source {
@@ -472,7 +510,10 @@ fn run(path: &Path) -> ExitCode {
             ),
             Ok(Exit::Expired) => fail(EXIT_NOT_ENROLLED, expired.into()),
             Err(e @ ClientError::WorkloadApi(_)) => fail(EXIT_NOT_ENROLLED, e.to_string()),
-            Err(e @ ClientError::RevokedEarlier(_)) => fail(EXIT_REVOKED, format!("{e}; {next}")),
+            Err(e @ ClientError::RevokedEarlier(_)) => fail(
+                EXIT_REVOKED,
+                format!("{}; {next}", printable(&e.to_string())),
+            ),
             Err(e @ ClientError::SvidExpired(_)) => fail(EXIT_NOT_ENROLLED, e.to_string()),
             Err(e @ ClientError::NotEnrolled { .. }) => fail(EXIT_NOT_ENROLLED, e.to_string()),
             Err(e @ ClientError::Busy(_)) => fail(1, e.to_string()),

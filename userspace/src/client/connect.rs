@@ -123,13 +123,13 @@ pub(crate) async fn dial(plan: Arc<DialPlan>) -> Result<Opened, ConnectError> {
         .await
         .map_err(|source| match source {
             quinn::ConnectionError::ApplicationClosed(c) if c.error_code == codes::REVOKED => {
-                ConnectError::Revoked(String::from_utf8_lossy(&c.reason).into_owned())
+                ConnectError::Revoked(ewii_common::text::from_peer(&c.reason))
             }
             source => ConnectError::Handshake { addr, source },
         })?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|source| match source {
         quinn::ConnectionError::ApplicationClosed(c) if c.error_code == codes::REVOKED => {
-            ConnectError::Revoked(String::from_utf8_lossy(&c.reason).into_owned())
+            ConnectError::Revoked(ewii_common::text::from_peer(&c.reason))
         }
         source => ConnectError::Handshake { addr, source },
     })?;
@@ -137,11 +137,11 @@ pub(crate) async fn dial(plan: Arc<DialPlan>) -> Result<Opened, ConnectError> {
     // too often), closes the connection at once: its close says which.
     let lost = |e: StreamError| match conn.close_reason() {
         Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == codes::REVOKED => {
-            ConnectError::Revoked(String::from_utf8_lossy(&c.reason).into_owned())
+            ConnectError::Revoked(ewii_common::text::from_peer(&c.reason))
         }
         Some(quinn::ConnectionError::ApplicationClosed(c)) => {
             let code = super::connection::hub_code(c.error_code.into_inner());
-            ConnectError::ClosedByHub(match String::from_utf8_lossy(&c.reason) {
+            ConnectError::ClosedByHub(match ewii_common::text::from_peer(&c.reason) {
                 said if said.is_empty() => code,
                 said => format!("{said} ({code})"),
             })

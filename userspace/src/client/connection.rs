@@ -66,6 +66,9 @@ pub(crate) enum Event {
     Control(u64, Control),
     /// The proof for a `Present` on this connection could not be made (nothing was sent).
     PresentFailed(u64, String),
+    /// The Hub has processed the `Goodbye` of a stop (a revoke it asked for is recorded);
+    /// queries may still be running.
+    GoodbyeAcknowledged(u64),
     /// No query is left after `Goodbye`, and the Hub has processed it.
     Drained(u64),
     /// The connection is over.
@@ -362,8 +365,13 @@ impl Connection {
                     Err(e) => break closed(&e),
                 },
                 msg = reader.read::<Control>(&mut recv), if !goodbye_read => match msg {
-                    Ok(None) if stopping || retiring.is_some() => goodbye_read = true,
-                    Ok(Some(Control::Revoked { reason })) => break End::Revoked(reason),
+                    Ok(None) if stopping || retiring.is_some() => {
+                        goodbye_read = true;
+                        if stopping {
+                            let _ = events.send(Event::GoodbyeAcknowledged(id));
+                        }
+                    }
+                    Ok(Some(Control::Revoked { reason })) => break End::Revoked(ewii_common::text::from_peer(reason.as_bytes())),
                     Ok(Some(Control::Pong { .. })) => {}
                     Ok(Some(msg @ (Control::Renewed { .. } | Control::Refused { .. } | Control::BundleUpdate { .. } | Control::Presented { .. }))) => {
                         let _ = events.send(Event::Control(id, msg));
@@ -474,13 +482,16 @@ fn ended_by(conn: &quinn::Connection, e: &dyn std::fmt::Display) -> End {
 fn closed(e: &quinn::ConnectionError) -> End {
     match e {
         quinn::ConnectionError::ApplicationClosed(close) if close.error_code == codes::REVOKED => {
-            End::Revoked(String::from_utf8_lossy(&close.reason).into_owned())
+            End::Revoked(ewii_common::text::from_peer(&close.reason))
         }
         quinn::ConnectionError::ApplicationClosed(close) => {
             End::Lost(Lost::ClosedByHub(close.error_code.into_inner()))
         }
         quinn::ConnectionError::TimedOut => End::Lost(Lost::IdleTimeout),
-        other => End::Lost(Lost::Connection(other.to_string())),
+        // Its text can carry the Hub's close reason.
+        other => End::Lost(Lost::Connection(ewii_common::text::from_peer(
+            other.to_string().as_bytes(),
+        ))),
     }
 }
 

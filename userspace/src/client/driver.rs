@@ -90,6 +90,8 @@ pub(super) struct Driver {
     renew_key_writing: bool,
     /// The machine asked for the stop's revoke to be recorded as pending.
     pending_revoke: bool,
+    /// The Hub acknowledged this stop's revoke.
+    revoked_at_stop: bool,
     last_error: Option<String>,
     /// SVIDs pushed by a SPIFFE Workload API (`svid_source = "workload-api"`).
     deliveries: Option<Deliveries>,
@@ -163,6 +165,7 @@ impl Driver {
             renew_key,
             renew_key_writing: false,
             pending_revoke: false,
+            revoked_at_stop: false,
             last_error: None,
             deliveries,
             presented: None,
@@ -282,6 +285,7 @@ impl Driver {
                 }
                 // Written in `finish`, which comes next (the machine exits right after).
                 Action::RecordPendingRevoke => self.pending_revoke = true,
+                Action::RevokedAtStop => self.revoked_at_stop = true,
                 Action::Exit(exit) => return Some(exit),
             }
         }
@@ -344,8 +348,10 @@ impl Driver {
             }
             Err(ConnectError::Revoked(reason)) => self.machine.handle_revoked(reason),
             Err(e) => {
-                tracing::warn!(error = %e, attempt = self.machine.failures() + 1, "cannot reach the Hub");
-                self.last_error = Some(e.to_string());
+                // A handshake's error can carry the Hub's close reason.
+                let said = ewii_common::text::printable(&e.to_string()).into_owned();
+                tracing::warn!(error = %said, attempt = self.machine.failures() + 1, "cannot reach the Hub");
+                self.last_error = Some(said);
                 self.machine.handle_dial_failed(now, random());
             }
         }
@@ -438,6 +444,7 @@ impl Driver {
                     self.command(self.current(), Command::Renew(csr));
                 }
             }
+            Event::GoodbyeAcknowledged(id) => self.machine.handle_goodbye_acknowledged(id),
             Event::Drained(id) => self.machine.handle_drained(id),
             Event::Ended(id, End::Revoked(reason)) => {
                 self.connections.remove(&id);
@@ -601,22 +608,15 @@ impl Driver {
         if self.pending_revoke {
             self.record_pending_revoke().await;
         }
+        if self.revoked_at_stop {
+            // The next start knows without asking the Hub, and enrols again if it is given
+            // a new token (`ewii-client run` with EWII_TOKEN).
+            self.record_revoked(REVOKED_AT_STOP).await;
+        }
         let state = match exit {
             Exit::Stopped => State::Stopped,
             Exit::Revoked { reason } => {
-                let marker = self.config.state_dir.join(REVOKED_MARKER);
-                write_marker(marker, reason.clone()).await;
-                // No renewal will be stored any more: a kept key has nothing left to do.
-                let dir = self.config.state_dir.clone();
-                let _ =
-                    tokio::task::spawn_blocking(move || rotation::remove_renew_keys(&dir)).await;
-                // The revocation is done: nothing is pending any more.
-                let pending = self.config.state_dir.join(REVOKE_PENDING_MARKER);
-                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(pending)).await;
-                let mut r = self.audit.record(AuditEvent::Revoked);
-                r.client = Some(self.queries.client_id.clone());
-                r.reason = Some(reason.clone());
-                self.audit.emit(r);
+                self.record_revoked(reason).await;
                 self.last_error = Some(reason.clone());
                 State::Revoked
             }
@@ -709,15 +709,41 @@ impl Driver {
         }
     }
 
-    /// A stop could not reach the Hub: the next start delivers the revoke first. Written (with
-    /// an fsync, off the async workers) before the session returns.
+    /// The identity is revoked: the `revoked` marker (later starts stop at once), no kept
+    /// renewal key, no pending revoke, and the audit record.
+    async fn record_revoked(&mut self, reason: &str) {
+        let marker = self.config.state_dir.join(REVOKED_MARKER);
+        let _ = write_marker(marker, reason.to_owned()).await;
+        // No renewal will be stored any more: a kept key has nothing left to do.
+        let dir = self.config.state_dir.clone();
+        let _ = tokio::task::spawn_blocking(move || rotation::remove_renew_keys(&dir)).await;
+        // The revocation is done: nothing is pending any more.
+        let pending = self.config.state_dir.join(REVOKE_PENDING_MARKER);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(pending)).await;
+        let mut r = self.audit.record(AuditEvent::Revoked);
+        r.client = Some(self.queries.client_id.clone());
+        r.outcome = Some(Outcome::Ok);
+        r.reason = Some(reason.to_owned());
+        self.audit.emit(r);
+    }
+
+    /// A stop's revoke was not confirmed by the Hub: the next start delivers it first.
+    /// Written (with an fsync, off the async workers) before the session returns. If it
+    /// cannot be written, the record says so: the identity is then not revoked.
     async fn record_pending_revoke(&mut self) {
         let path = self.config.state_dir.join(REVOKE_PENDING_MARKER);
-        let why = format!(
-            "the Hub could not be reached within {} s of the stop; the revoke is delivered at the next start",
+        let mut why = format!(
+            "the Hub did not confirm the revoke before the stop ended (unreachable for the {} s \
+             a stop allows, or the connection lost first); it is delivered at the next start",
             GOODBYE_BUDGET.as_secs()
         );
-        write_marker(path, why.clone()).await;
+        if let Err(e) = write_marker(path, why.clone()).await {
+            why = format!(
+                "the Hub did not confirm the revoke before the stop ended, and it cannot be \
+                 kept for the next start ({e}): the identity is NOT revoked; revoke it at the \
+                 Hub (`ewii-hub revoke`)"
+            );
+        }
         let mut r = self.audit.record(AuditEvent::Revoked);
         r.client = Some(self.queries.client_id.clone());
         r.outcome = Some(Outcome::Failed);
@@ -751,16 +777,21 @@ enum RenewalError {
     Store(String),
 }
 
-async fn write_marker(path: PathBuf, reason: String) {
+/// The reason in the `revoked` marker and the audit record when a stop's revoke was
+/// acknowledged by the Hub.
+const REVOKED_AT_STOP: &str = "revoked at its stop (on_stop = \"revoke\"), confirmed by the Hub";
+
+async fn write_marker(path: PathBuf, reason: String) -> Result<(), String> {
     let written = tokio::task::spawn_blocking(move || {
         store::write_file(&path, reason.as_bytes(), 0o644).map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| e.to_string())
     .and_then(|r| r);
-    if let Err(e) = written {
+    if let Err(e) = &written {
         tracing::error!(error = %e, "cannot write the revocation marker");
     }
+    written
 }
 
 /// The next Workload API delivery; never resolves without a source.

@@ -105,9 +105,23 @@ pub async fn enrol_replacing(
     audit: &Audit,
 ) -> Result<SpiffeId, EnrolError> {
     let dir = state_dir.to_owned();
-    let _lock = tokio::task::spawn_blocking(move || lock(&dir))
+    let lock = tokio::task::spawn_blocking(move || lock(&dir))
         .await
         .map_err(|e| EnrolError::Connect(e.to_string()))??;
+    enrol_replacing_held(hub, token, pin, state_dir, audit, &lock).await
+}
+
+/// [`enrol_replacing`] by a process that holds the state directory's lock already:
+/// `ewii-client run`, which enrols again at start with the token in its environment when the
+/// identity in the directory was revoked.
+pub async fn enrol_replacing_held(
+    hub: &HubAddress,
+    token: &str,
+    pin: [u8; 32],
+    state_dir: &Path,
+    audit: &Audit,
+    _held: &super::state_dir::StateLock,
+) -> Result<SpiffeId, EnrolError> {
     let id = enrol_audited(hub, token, pin, state_dir, audit).await?;
     let dir = state_dir.to_owned();
     tokio::task::spawn_blocking(move || {

@@ -268,6 +268,7 @@ impl Registry {
 
 /// Revokes `client` now (persisted first) and audits it. The store then reports the change,
 /// and the watcher closes every live connection of the client through the registry.
+/// Whether the revocation is recorded (made now or before); a failure is audited.
 pub(crate) async fn revoke(
     store: &Store,
     audit: &Audit,
@@ -276,7 +277,7 @@ pub(crate) async fn revoke(
     session_id: Option<u64>,
     reason: &str,
     notify: bool,
-) {
+) -> bool {
     let now = crate::now_timestamp().unix_secs() as i64;
     match store.revoke(client, reason, now, notify).await {
         Ok(true) => {
@@ -286,8 +287,18 @@ pub(crate) async fn revoke(
             r.outcome = Some(Outcome::Ok);
             r.reason = Some(reason.to_owned());
             audit.emit(r);
+            true
         }
-        Ok(false) => {}
-        Err(e) => tracing::error!(error = %e, %client, "could not record revocation"),
+        Ok(false) => true,
+        Err(e) => {
+            tracing::error!(error = %e, %client, "could not record revocation");
+            let mut r = audit.record(Event::Revoked);
+            r.client = Some(id.to_string());
+            r.session_id = session_id;
+            r.outcome = Some(Outcome::Failed);
+            r.reason = Some(format!("{reason}: not recorded: {e}"));
+            audit.emit(r);
+            false
+        }
     }
 }

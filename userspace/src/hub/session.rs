@@ -458,7 +458,7 @@ impl Session {
                 self.moved = !revoke && self.parts.registry.route(&self.name).is_some();
                 if revoke {
                     // The revocation closes any other connection of this client.
-                    registry::revoke(
+                    let recorded = registry::revoke(
                         &self.parts.store,
                         &self.parts.audit,
                         &self.name,
@@ -468,6 +468,16 @@ impl Session {
                         self.parts.notify_on_stop,
                     )
                     .await;
+                    if !recorded {
+                        // Not acknowledged: the Client keeps the revoke pending and delivers
+                        // it at its next start, where an acknowledgement would have told it
+                        // the identity is revoked when it is not.
+                        self.conn
+                            .close(codes::SHUTDOWN, b"the revoke could not be recorded");
+                        return Some(SessionEnd::Goodbye.reason(
+                            "the Client stopped and asked to be revoked, but the revocation could not be recorded; the Client keeps it pending",
+                        ));
+                    }
                 }
                 self.goodbye = Some((revoke, Instant::now() + GOODBYE_DRAIN));
                 // Tells the Client its `Goodbye` is processed: it closes once its queries are
