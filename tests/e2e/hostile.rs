@@ -30,20 +30,14 @@ async fn hostile_hub_granting(
     hub: &TestHub,
     window: Option<u32>,
 ) -> (SocketAddr, tokio::sync::mpsc::Receiver<Welcomed>) {
-    let dir = hub.state_dir();
-    let svid = Svid::load(&dir, "hub.pem", "hub.key").unwrap();
-    let ca = store::read_certs(&dir.join("ca.pem")).unwrap();
-    let verifier = SpiffeVerifier::new(Bundle::new(ca), TD, Expect::Client);
-    let tls = transport::tls_server_config(&svid, Arc::new(verifier), &[frame::ALPN]).unwrap();
-    // Ewii's own server settings: the Client opens one stream (control); how many the
-    // hostile side may open is the Client's limit.
-    let mut quic = transport::quic_server_config(tls, transport::STREAM_WINDOW).unwrap();
-    if let Some(window) = window {
-        let mut t = quinn::TransportConfig::default();
-        t.stream_receive_window(quinn::VarInt::from_u32(window));
-        quic.transport_config(Arc::new(t));
-    }
-    let endpoint = quinn::Endpoint::server(quic, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let endpoint = hub_impostor(
+        hub,
+        window.map(|window| {
+            let mut t = quinn::TransportConfig::default();
+            t.stream_receive_window(quinn::VarInt::from_u32(window));
+            t
+        }),
+    );
     let addr = endpoint.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
@@ -73,6 +67,22 @@ async fn hostile_hub_granting(
     (addr, rx)
 }
 
+/// A QUIC server on loopback with the real Hub's SVID, trusting its CA: Ewii's own server
+/// settings (the Client opens one stream, the control stream; how many the impostor may open
+/// is the Client's limit), or `transport` in their place.
+fn hub_impostor(hub: &TestHub, transport: Option<quinn::TransportConfig>) -> quinn::Endpoint {
+    let dir = hub.state_dir();
+    let svid = Svid::load(&dir, "hub.pem", "hub.key").unwrap();
+    let ca = store::read_certs(&dir.join("ca.pem")).unwrap();
+    let verifier = SpiffeVerifier::new(Bundle::new(ca), TD, Expect::Client);
+    let tls = transport::tls_server_config(&svid, Arc::new(verifier), &[frame::ALPN]).unwrap();
+    let mut quic = transport::quic_server_config(tls, transport::STREAM_WINDOW).unwrap();
+    if let Some(t) = transport {
+        quic.transport_config(Arc::new(t));
+    }
+    quinn::Endpoint::server(quic, "127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
 /// Opens a stream, writes `bytes`, ends it, and returns the Client's answer.
 async fn ask(conn: &quinn::Connection, bytes: &[u8]) -> Result<Option<QueryHead>, String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -92,6 +102,98 @@ fn open(destination: &str) -> Vec<u8> {
     })
     .unwrap()
     .to_vec()
+}
+
+/// Nothing of Ewii travels in QUIC DATAGRAM frames, so neither side may advertise them: one
+/// that did would queue a peer's datagrams for a reader that never comes, memory outside
+/// every flow-control window. Not advertised, a peer cannot send one (RFC 9221 §3: a
+/// protocol violation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_neither_side_takes_quic_datagrams_from_its_peer() {
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    // The Hub, as a Client's handshake sees it.
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let raw = raw_handshake(&hub, &svid)
+        .await
+        .expect("the Hub's handshake");
+    assert_eq!(
+        raw.conn.max_datagram_size(),
+        None,
+        "the Hub advertises QUIC DATAGRAM support"
+    );
+    assert!(raw
+        .conn
+        .send_datagram(bytes::Bytes::from_static(b"x"))
+        .is_err());
+    // The Client, as a Hub sees it.
+    let (addr, mut conns) = hostile_hub(&hub).await;
+    client.config.hub = addr.to_string().parse().unwrap();
+    client.start();
+    let (conn, _control) = tokio::time::timeout(SOON, conns.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        conn.max_datagram_size(),
+        None,
+        "the Client advertises QUIC DATAGRAM support"
+    );
+    assert!(conn.send_datagram(bytes::Bytes::from_static(b"x")).is_err());
+    assert_eq!(client.stop().await, ewii::client::Exit::Stopped);
+}
+
+/// A Hub (its real identity) that completes the handshake but grants the Client no stream:
+/// the control stream cannot open and `Hello` cannot go. The dial must give up within its
+/// bound and try again (P14), not wait for ever while the Hub's keep-alive answers keep the
+/// connection alive; and a stop meanwhile ends the Client at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p14_a_hub_that_grants_no_stream_cannot_hold_the_dial() {
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(0));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(transport::IDLE_TIMEOUT).ok());
+    let endpoint = hub_impostor(&hub, Some(t));
+    let addr = endpoint.local_addr().unwrap();
+    let dials = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = dials.clone();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Some(incoming) = endpoint.accept().await {
+            if let Ok(conn) = incoming.await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                conns.push(conn);
+            }
+        }
+    });
+    client.config.hub = addr.to_string().parse().unwrap();
+    client.start();
+    poll_until("the first dial's handshake", SOON, || {
+        dials.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    // Past the 10 s bound for `Welcome`, the dial failed and a new one came.
+    poll_until("a second dial", Duration::from_secs(20), || {
+        dials.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    assert!(
+        !client
+            .audit
+            .records()
+            .iter()
+            .any(|r| r.event == Event::SessionUp),
+        "no session came up"
+    );
+    let stopped = tokio::time::Instant::now();
+    assert_eq!(client.stop().await, ewii::client::Exit::Stopped);
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stopped.elapsed()
+    );
+    held.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,9 @@ use crate::config::HubAddress;
 use crate::identity::verify::{Bundle, Expect, SpiffeVerifier};
 use crate::transport::{self, codes, FrameReader, StreamError};
 
-/// How long the Hub has to answer `Hello`.
+/// How long the Hub has, once the handshake is done, to let the control stream open, take
+/// `Hello` and answer it: a Hub that grants no stream, or no credit, cannot hold the one dial
+/// in flight (and with it every retry) for ever.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a session with the Hub could not be opened.
@@ -127,7 +129,12 @@ pub(crate) async fn dial(plan: Arc<DialPlan>) -> Result<Opened, ConnectError> {
             }
             source => ConnectError::Handshake { addr, source },
         })?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|source| match source {
+    let deadline = tokio::time::Instant::now() + WELCOME_TIMEOUT;
+    let no_welcome = |_| ConnectError::NoWelcome(WELCOME_TIMEOUT);
+    let opened = tokio::time::timeout_at(deadline, conn.open_bi())
+        .await
+        .map_err(no_welcome)?;
+    let (mut send, mut recv) = opened.map_err(|source| match source {
         quinn::ConnectionError::ApplicationClosed(c) if c.error_code == codes::REVOKED => {
             ConnectError::Revoked(ewii_common::text::from_peer(&c.reason))
         }
@@ -148,13 +155,14 @@ pub(crate) async fn dial(plan: Arc<DialPlan>) -> Result<Opened, ConnectError> {
         }
         _ => ConnectError::Control(e),
     };
-    transport::write_frame(&mut send, &plan.hello)
+    tokio::time::timeout_at(deadline, transport::write_frame(&mut send, &plan.hello))
         .await
+        .map_err(no_welcome)?
         .map_err(lost)?;
     let mut reader = FrameReader::new();
-    let welcome = tokio::time::timeout(WELCOME_TIMEOUT, reader.read::<Control>(&mut recv))
+    let welcome = tokio::time::timeout_at(deadline, reader.read::<Control>(&mut recv))
         .await
-        .map_err(|_| ConnectError::NoWelcome(WELCOME_TIMEOUT))?;
+        .map_err(no_welcome)?;
     let id = match welcome {
         Ok(Some(Control::Welcome { session_id, .. })) => session_id,
         Ok(Some(Control::Refused { code })) => return Err(ConnectError::Refused(code)),

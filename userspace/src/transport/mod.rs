@@ -141,6 +141,11 @@ fn transport(
     t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
     t.send_window(u64::from(CONNECTION_WINDOW));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    // Nothing travels in QUIC DATAGRAM frames. quinn's default advertises them and queues
+    // what the peer sends until the application reads it, which nothing here does: a peer
+    // could hold memory outside every window above (each tiny datagram pinning a whole
+    // receive buffer). Not advertised, a peer's DATAGRAM is a protocol violation.
+    t.datagram_receive_buffer_size(None);
     Arc::new(t)
 }
 
