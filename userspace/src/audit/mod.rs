@@ -6,7 +6,7 @@
 //! quickstart read what was written.
 
 use std::fs::OpenOptions;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -121,7 +121,7 @@ impl Audit {
         let windows = Arc::clone(&quiet);
         thread::Builder::new()
             .name("ewii-audit".into())
-            .spawn(move || writer(BufWriter::new(sink), rx, &windows))?;
+            .spawn(move || writer(Sink::new(sink), rx, &windows))?;
         Ok(Self {
             side,
             format: Format::Ewii,
@@ -255,17 +255,31 @@ impl Audit {
     /// the calling thread: async code uses [`flush_async`](Self::flush_async).
     pub fn flush(&self) {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if self.tx.send(Msg::Flush(Done::Thread(tx))).is_ok() {
-            let _ = rx.recv_timeout(FLUSH_BOUND);
+        if self.tx.send(Msg::Flush(Done::Thread(tx))).is_ok()
+            && rx.recv_timeout(FLUSH_BOUND).is_err()
+        {
+            self.unflushed();
         }
     }
 
     /// [`flush`](Self::flush) for async code: awaits the writer thread, never blocks a worker.
     pub async fn flush_async(&self) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.tx.send(Msg::Flush(Done::Task(tx))).is_ok() {
-            let _ = tokio::time::timeout(FLUSH_BOUND, rx).await;
+        if self.tx.send(Msg::Flush(Done::Task(tx))).is_ok()
+            && tokio::time::timeout(FLUSH_BOUND, rx).await.is_err()
+        {
+            self.unflushed();
         }
+    }
+
+    /// A flush ran out of time: the sink is stuck or failing. Said on stderr, since those
+    /// records may never reach the sink if the process ends now.
+    fn unflushed(&self) {
+        tracing::error!(
+            waiting = self.tx.len(),
+            "the audit sink took more than {} s to take the records emitted so far; those still waiting are lost if this process ends now",
+            FLUSH_BOUND.as_secs()
+        );
     }
 
     /// Everything written so far (only with a tap; empty otherwise).
@@ -311,11 +325,80 @@ impl Audit {
 /// most this long.
 const GATHER: Duration = Duration::from_millis(2);
 
-fn writer(
-    mut out: BufWriter<Box<dyn Write + Send>>,
-    rx: Receiver<Msg>,
-    quiet: &Mutex<quiet::Quiet>,
-) {
+/// Lines gathered into one `write`, at most about this many bytes.
+const BATCH: usize = 64 * 1024;
+
+/// The first and the longest pause between two tries of a failing sink.
+const RETRY_FIRST: Duration = Duration::from_millis(10);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// The audit sink and the lines gathered for it. A write that fails (a full disk, a closed
+/// pipe) is tried again, from the byte where it stopped, until it succeeds: no record is
+/// dropped and none is cut or written twice. The writer thread waits meanwhile, its queue
+/// grows, and [`Audit::admit_query`] refuses new queries once it holds the backlog.
+struct Sink {
+    out: Box<dyn Write + Send>,
+    buf: Vec<u8>,
+    /// The sink failed and has not recovered yet (said once per episode).
+    failing: bool,
+}
+
+impl Sink {
+    fn new(out: Box<dyn Write + Send>) -> Self {
+        Self {
+            out,
+            buf: Vec::with_capacity(BATCH),
+            failing: false,
+        }
+    }
+
+    fn line(&mut self, line: &str) {
+        self.buf.extend_from_slice(line.as_bytes());
+        self.buf.push(b'\n');
+        if self.buf.len() >= BATCH {
+            self.flush();
+        }
+    }
+
+    /// Writes and flushes everything gathered, however long the sink takes to recover.
+    fn flush(&mut self) {
+        let mut done = 0;
+        let mut pause = RETRY_FIRST;
+        loop {
+            let tried = if done < self.buf.len() {
+                match self.out.write(&self.buf[done..]) {
+                    Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
+                    Ok(n) => {
+                        done += n;
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                }
+            } else {
+                self.out.flush()
+            };
+            match tried {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    if !self.failing {
+                        self.failing = true;
+                        tracing::error!(error = %e, "the audit sink fails; its records are kept and written when it recovers, and new queries are refused once the backlog is full");
+                    }
+                    thread::sleep(pause);
+                    pause = (pause * 2).min(RETRY_MAX);
+                }
+            }
+        }
+        self.buf.clear();
+        if self.failing {
+            self.failing = false;
+            tracing::warn!("the audit sink recovered; every record kept meanwhile is written");
+        }
+    }
+}
+
+fn writer(mut out: Sink, rx: Receiver<Msg>, quiet: &Mutex<quiet::Quiet>) {
     let summaries = |all: bool| {
         quiet
             .lock()
@@ -338,7 +421,7 @@ fn writer(
             // Every handle is gone: the windows still open are summed up too.
             Err(RecvTimeoutError::Disconnected) => {
                 write_lines(&mut out, summaries(true));
-                let _ = out.flush();
+                out.flush();
                 return;
             }
         };
@@ -347,16 +430,12 @@ fn writer(
         // Write everything queued, then flush once: batching without delaying a lone record.
         while let Some(msg) = pending.take() {
             match msg {
-                Msg::Line(line) => {
-                    if let Err(e) = writeln!(out, "{line}") {
-                        tracing::error!(error = %e, "audit write failed");
-                    }
-                }
+                Msg::Line(line) => out.line(&line),
                 Msg::Wake => {}
                 Msg::Flush(done) => {
                     // Everything emitted so far: the records held back included, as counts.
                     write_lines(&mut out, summaries(true));
-                    let _ = out.flush();
+                    out.flush();
                     match done {
                         Done::Thread(tx) => drop(tx.send(())),
                         Done::Task(tx) => drop(tx.send(())),
@@ -365,18 +444,14 @@ fn writer(
             }
             pending = rx.try_recv().ok();
         }
-        if let Err(e) = out.flush() {
-            tracing::error!(error = %e, "audit flush failed");
-        }
+        out.flush();
         thread::sleep(GATHER);
     }
 }
 
-fn write_lines(out: &mut impl Write, lines: Vec<String>) {
+fn write_lines(out: &mut Sink, lines: Vec<String>) {
     for line in lines {
-        if let Err(e) = writeln!(out, "{line}") {
-            tracing::error!(error = %e, "audit write failed");
-        }
+        out.line(&line);
     }
 }
 
@@ -505,6 +580,68 @@ mod tests {
                 .starts_with("3 queries refused since "),
             "{summary}"
         );
+    }
+
+    /// A sink that fails (a full disk) until it is healed, then takes at most 7 bytes per
+    /// write: records must survive both, whole, in order, each once.
+    #[derive(Clone, Default)]
+    struct Failing(Arc<Mutex<(bool, usize, Vec<u8>)>>);
+
+    impl Write for Failing {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let mut state = self.0.lock().unwrap();
+            if !state.0 {
+                state.1 += 1;
+                return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            let n = buf.len().min(7);
+            state.2.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn p11_a_failing_sink_keeps_every_record_and_refuses_new_queries_until_it_recovers() {
+        let sink = Failing::default();
+        let audit = Audit::open_writer(Side::Client, Box::new(sink.clone()))
+            .unwrap()
+            .with_backlog(16);
+        let emit = |i: usize| {
+            let mut r = audit.record(Event::Query);
+            r.reason = Some(format!("record {i}"));
+            audit.emit(r);
+        };
+        emit(0);
+        // The writer took the first record and is stuck on it; 16 more fill the backlog.
+        let mut waited = Duration::ZERO;
+        while sink.0.lock().unwrap().1 < 2 {
+            assert!(waited < Duration::from_secs(5), "the writer never tried");
+            thread::sleep(Duration::from_millis(5));
+            waited += Duration::from_millis(5);
+        }
+        for i in 1..=16 {
+            assert!(audit.admit_query());
+            emit(i);
+        }
+        assert!(!audit.admit_query(), "refused while the sink fails");
+        sink.0.lock().unwrap().0 = true;
+        audit.flush();
+        let bytes = sink.0.lock().unwrap().2.clone();
+        let lines: Vec<serde_json::Value> = String::from_utf8(bytes)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a whole JSON line"))
+            .collect();
+        let reasons: Vec<String> = lines
+            .iter()
+            .map(|l| l["reason"].as_str().unwrap().to_owned())
+            .collect();
+        let expected: Vec<String> = (0..=16).map(|i| format!("record {i}")).collect();
+        assert_eq!(reasons, expected, "every record, once, in order");
+        assert!(audit.admit_query(), "admitted once the sink recovered");
     }
 
     /// A Hub's writer over an open [`Gate`].

@@ -72,6 +72,12 @@ pub(crate) async fn serve(
         other => {
             let _ = send.reset(codes::PROTOCOL);
             let _ = recv.stop(codes::PROTOCOL);
+            // A Hub can open such streams as fast as it likes: their records wait for the
+            // sink like any query's, and past the backlog they are counted (the
+            // `audit_backlog` summary), not queued without bound.
+            if !ctx.audit.admit_query() {
+                return;
+            }
             let why = match other {
                 Err(_) => "no Open header in time".to_string(),
                 Ok(Err(e)) => format!("bad Open header: {e}"),
