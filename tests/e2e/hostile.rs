@@ -196,6 +196,43 @@ async fn p14_a_hub_that_grants_no_stream_cannot_hold_the_dial() {
     held.abort();
 }
 
+/// One identity (a stolen key, a broken Client) opening session after session: the Hub keeps
+/// at most four of them, closing the oldest, so they cannot pile up for the SVID's lifetime;
+/// the newest serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p6_one_identity_holds_at_most_four_sessions_on_the_hub() {
+    let hub = TestHub::start(&[]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let mut sessions = Vec::new();
+    for _ in 0..6 {
+        sessions.push(raw_session(&hub, &svid).await.expect("a session"));
+    }
+    for (i, s) in sessions.iter().enumerate().take(2) {
+        assert_eq!(
+            s.closed_by_hub().await,
+            Some(transport::codes::REFUSED.into_inner()),
+            "session {i}, among the oldest, was not closed"
+        );
+    }
+    let superseded = hub
+        .wait_audit("the oldest session's end", |r| {
+            r.event == Event::SessionLost
+                && r.reason
+                    .as_deref()
+                    .is_some_and(|s| s.contains("superseded"))
+        })
+        .await;
+    assert!(
+        superseded.reason.as_deref().unwrap().starts_with("retired"),
+        "{superseded:?}"
+    );
+    for s in &mut sessions[2..] {
+        assert!(s.ping().await, "a newer session was closed");
+    }
+    assert_eq!(hub.handle().connected_clients(), ["acme"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy() {
     let (db, accepted) = counting_listener().await;
@@ -234,6 +271,7 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
         "localhost",
         "db,db",
         "db*",
+        "db\u{202e}bd",
     ];
     for name in names {
         let answer = ask(&conn, &open(name)).await;
@@ -245,6 +283,15 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
             "{name:?}"
         );
     }
+    // The Hub's words are recorded with no character that could disguise them in a SIEM.
+    let spoof = client
+        .wait_audit("the record of a name with a bidi override", |r| {
+            r.destination
+                .as_ref()
+                .is_some_and(|d| d.name.starts_with("db\\u{202e}"))
+        })
+        .await;
+    assert_eq!(spoof.destination.unwrap().name, "db\\u{202e}bd");
     // Frames that are not an Open: truncated, oversized, unknown type, the wrong message.
     let mut oversized = ((frame::MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
     oversized.push(frame::FORMAT_VERSION);

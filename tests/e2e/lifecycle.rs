@@ -630,6 +630,49 @@ async fn p9_a_client_stopped_and_revoked_comes_back_with_a_new_token_in_its_envi
     assert_eq!(child.terminate().code(), Some(0));
 }
 
+/// A query cut by its session's end (a central revoke here) while it pushes into a
+/// destination that reads nothing keeps its byte counts on record: the pipe blocked on the
+/// destination's TCP is cut with what it moved, where it used to be dropped after a second
+/// and recorded with no bytes at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p11_a_query_cut_by_its_sessions_end_keeps_its_byte_counts() {
+    // A destination that accepts and never reads.
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_addr = sink.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = sink.accept().await {
+            held.push(s);
+        }
+    });
+    let hub = TestHub::start(&[Service::tcp("svc", "acme", "sink")]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("sink", sink_addr.to_string())]).await;
+    client.start();
+    hub.wait_connected("acme").await;
+    let mut requester = TcpStream::connect(hub.service("svc")).await.unwrap();
+    // Pushes until every buffer on the way is full.
+    let pushing = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        while requester.write_all(&chunk).await.is_ok() {}
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap());
+    let r = client
+        .wait_audit("the cut query's record", is(Event::Query))
+        .await;
+    assert_eq!(r.outcome, Some(Outcome::Failed), "{r:?}");
+    assert!(
+        r.reason.as_deref().unwrap().contains("the session ended"),
+        "{r:?}"
+    );
+    assert!(
+        r.bytes_up.is_some_and(|b| b > 64 * 1024),
+        "the bytes it moved: {r:?}"
+    );
+    pushing.abort();
+    holder.abort();
+}
+
 fn token_hash(hub: &TestHub) -> String {
     hub.token("unused", Duration::from_secs(1)).bundle_hash
 }

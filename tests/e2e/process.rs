@@ -927,6 +927,71 @@ fn logs_can_be_json_lines_and_both_binaries_print_completions() {
     }
 }
 
+/// A value a command refuses is a bad argument, with the documented status 2, as clap's own
+/// refusals are; a state that does not allow the command stays 1.
+#[test]
+fn hub_commands_exit_2_for_a_value_they_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("hub");
+    let d = d.to_str().unwrap();
+    let status = |args: &[&str]| {
+        let out = Command::new(bin_path("ewii-hub"))
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code(), stderr_of(&out))
+    };
+    let (code, err) = status(&["init", "--state-dir", d, "--trust-domain", "Not A Domain"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("trust domain"), "{err}");
+    run(
+        "ewii-hub",
+        &["init", "--state-dir", d, "--trust-domain", TD],
+    );
+    for (args, says) in [
+        (
+            &[
+                "token",
+                "create",
+                "--state-dir",
+                d,
+                "--client",
+                "acme",
+                "--ttl",
+                "40d",
+            ][..],
+            "TTL",
+        ),
+        (
+            &[
+                "token",
+                "create",
+                "--state-dir",
+                d,
+                "--client",
+                "Not/A/Name",
+            ][..],
+            "client name",
+        ),
+        (
+            &[
+                "revoke",
+                "--state-dir",
+                d,
+                "--client",
+                "nobody",
+                "--reason",
+                "x",
+            ][..],
+            "no client named",
+        ),
+    ] {
+        let (code, err) = status(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
 #[test]
 fn hub_init_refuses_to_replace_a_ca() {
     let dir = tempfile::tempdir().unwrap();

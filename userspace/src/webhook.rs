@@ -276,6 +276,34 @@ pub fn check_url(url: &str, allow_private: bool) -> Result<(), String> {
     }
 }
 
+/// [`check_url`], and a host name resolved now: refused if any of its addresses is not public
+/// (unless `allow_private`). A name that does not resolve here is let through: it is checked
+/// again, and pinned, at every delivery. Blocking (the resolver): for `ewii-hub token create`,
+/// never on an async worker.
+pub fn check_url_now(url: &str, allow_private: bool) -> Result<(), String> {
+    check_url(url, allow_private)?;
+    if allow_private {
+        return Ok(());
+    }
+    let Some(parsed) = reqwest::Url::parse(url).ok() else {
+        return Ok(());
+    };
+    let (Some(url::Host::Domain(host)), Some(port)) =
+        (parsed.host(), parsed.port_or_known_default())
+    else {
+        return Ok(());
+    };
+    let Ok(addrs) = std::net::ToSocketAddrs::to_socket_addrs(&(host, port)) else {
+        return Ok(());
+    };
+    match addrs.map(|a| a.ip()).find(|ip| !is_public(*ip)) {
+        Some(ip) => Err(format!(
+            "webhook {url:?} points at {ip} ({host} resolves to it), which is not a public address"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Whether `ip` may receive webhooks without `danger_allow_private_targets`: a globally
 /// routable unicast address. Refused: loopback, link-local (cloud metadata 169.254.169.254),
 /// unspecified, multicast, broadcast, private (RFC 1918), shared/CGNAT (RFC 6598, including
@@ -527,6 +555,18 @@ mod tests {
             check_target("ftp://example.org/", false).await,
             Err(WebhookError::BadUrl(_))
         ));
+    }
+
+    #[test]
+    fn p10_a_webhook_url_is_refused_at_once_when_its_name_resolves_to_a_private_address() {
+        // `localhost` resolves here (/etc/hosts); its addresses are loopback.
+        let err = check_url_now("http://localhost:9000/hook", false).unwrap_err();
+        assert!(err.contains("not a public address"), "{err}");
+        assert!(check_url_now("http://localhost:9000/hook", true).is_ok());
+        // Literals as before; a name that does not resolve here is checked at delivery.
+        assert!(check_url_now("http://127.0.0.1/", false).is_err());
+        assert!(check_url_now("https://name.invalid/hook", false).is_ok());
+        assert!(check_url_now("ftp://example.org/", false).is_err());
     }
 
     #[test]

@@ -166,6 +166,14 @@ impl Audit {
             self.metrics.count_shed();
             return false;
         }
+        self.record_shed("the audit sink caught up");
+        true
+    }
+
+    /// The `audit_backlog` record of the queries refused since the last one, if any: written
+    /// by the first query admitted once the sink caught up, and at a stop (`when` says which),
+    /// so that no refusal goes untold.
+    pub fn record_shed(&self, when: &str) {
         let shed = self.shed.count.swap(0, Ordering::Relaxed);
         if shed > 0 {
             let since = ewii_common::time::Timestamp(self.shed.since.load(Ordering::Relaxed));
@@ -175,10 +183,9 @@ impl Audit {
                 "{shed} queries refused since {since}: the audit sink was {} records behind",
                 self.backlog
             ));
-            tracing::warn!(shed, %since, "the audit sink caught up; queries refused meanwhile");
+            tracing::warn!(shed, %since, "{when}; queries refused meanwhile");
             self.emit(r);
         }
-        true
     }
 
     /// Like [`open`](Self::open), and also keeps every record in memory for [`records`](Self::records).
@@ -535,14 +542,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn p11_a_blocked_sink_refuses_new_queries_and_loses_no_record() {
+    /// A Client's writer, backlog 16, blocked on a closed [`Gate`] by a first record that
+    /// reached it (nothing queued yet).
+    fn blocked_writer() -> (Gate, Audit) {
         let gate = Gate::default();
         let audit = Audit::open_writer(Side::Client, Box::new(gate.clone()))
             .unwrap()
             .with_backlog(16);
-        // A first record, big enough to reach the sink (the writer blocks on it), then 16
-        // more waiting in the queue: the backlog is full.
         let mut first = audit.record(Event::Query);
         first.reason = Some("x".repeat(10_000));
         audit.emit(first);
@@ -551,6 +557,14 @@ mod tests {
             "the writer never took it"
         );
         assert!(audit.tx.is_empty());
+        (gate, audit)
+    }
+
+    #[test]
+    fn p11_a_blocked_sink_refuses_new_queries_and_loses_no_record() {
+        // A first record reached the sink (the writer blocks on it), then 16 more wait in
+        // the queue: the backlog is full.
+        let (gate, audit) = blocked_writer();
         for _ in 0..16 {
             assert!(audit.admit_query());
             audit.emit(audit.record(Event::Query));
@@ -580,6 +594,31 @@ mod tests {
                 .starts_with("3 queries refused since "),
             "{summary}"
         );
+    }
+
+    #[test]
+    fn p11_queries_refused_until_a_stop_are_summed_up_at_the_stop() {
+        let (gate, audit) = blocked_writer();
+        for _ in 0..16 {
+            audit.emit(audit.record(Event::Query));
+        }
+        assert!(!audit.admit_query());
+        assert!(!audit.admit_query());
+        // No query comes after: the stop writes the summary.
+        audit.record_shed("stopping");
+        audit.record_shed("stopping");
+        gate.open();
+        audit.flush();
+        let lines = gate.lines();
+        let summaries: Vec<_> = lines
+            .iter()
+            .filter(|l| l["event"] == "audit_backlog")
+            .collect();
+        assert_eq!(summaries.len(), 1, "once: {lines:?}");
+        assert!(summaries[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("2 queries refused since "));
     }
 
     /// A sink that fails (a full disk) until it is healed, then takes at most 7 bytes per

@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use ewii::audit::Audit;
 use ewii::config::{self, HubConfig};
-use ewii::hub::{admin, Hub};
+use ewii::hub::{admin, Hub, HubError};
 use ewii::logging::{fail, say, LogArgs};
 use ewii_common::audit::Side;
 
@@ -210,7 +210,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             fail(&format!("ewii-hub: {e:#}"));
-            ExitCode::from(1)
+            // A value the command refuses is a bad argument, as clap's own refusals are.
+            let invalid = matches!(e.downcast_ref::<HubError>(), Some(HubError::Invalid(_)));
+            ExitCode::from(if invalid { EXIT_CONFIG } else { 1 })
         }
     }
 }

@@ -167,6 +167,12 @@ fn close_text(reason: CloseReason) -> &'static str {
 
 /// How long the queries of an ended connection get to write their own records.
 const QUERY_WIND_DOWN: Duration = Duration::from_secs(1);
+
+/// How many `BundleUpdate`s the Hub may push in one [`BUNDLE_WINDOW`]. A Hub pushes one at
+/// each step of a CA rotation; each is checked and stored with an fsync, so a flood would
+/// queue faster than it is stored: past this many, it is a protocol violation.
+const BUNDLE_UPDATES: u32 = 8;
+const BUNDLE_WINDOW: Duration = Duration::from_secs(60);
 /// How long a retired connection may finish its queries (the Hub allows 10 s after Goodbye).
 pub(crate) const RETIRE_DRAIN: Duration = Duration::from_secs(15);
 /// After the Hub acknowledged a retiring `Goodbye`, how long a query stream it opened just
@@ -280,6 +286,7 @@ impl Connection {
         let mut quiet_at: Option<Instant> = None;
         // While queries are open: the next check of whether they went quiet.
         let mut held_check: Option<(Instant, HeldQuiet)> = None;
+        let mut bundles = BundleRate::default();
         let end = loop {
             if let Some(deadline) = retiring {
                 if goodbye_read && queries.is_empty() {
@@ -360,7 +367,7 @@ impl Connection {
                         if held_check.is_none() {
                             held_check = Some((Instant::now() + HELD_CHECK, HeldQuiet::from(moved(&conn))));
                         }
-                        queries.spawn(query::serve(ctx.clone(), id, hub, qs, qr));
+                        queries.spawn(query::serve(ctx.clone(), id, conn.clone(), qs, qr));
                     }
                     Err(e) => break closed(&e),
                 },
@@ -373,6 +380,13 @@ impl Connection {
                     }
                     Ok(Some(Control::Revoked { reason })) => break End::Revoked(ewii_common::text::from_peer(reason.as_bytes())),
                     Ok(Some(Control::Pong { .. })) => {}
+                    Ok(Some(Control::BundleUpdate { .. })) if !bundles.admit(Instant::now()) => {
+                        conn.close(codes::PROTOCOL, b"");
+                        break End::Lost(Lost::Control(format!(
+                            "more than {BUNDLE_UPDATES} bundle updates within {} s",
+                            BUNDLE_WINDOW.as_secs()
+                        )));
+                    }
                     Ok(Some(msg @ (Control::Renewed { .. } | Control::Refused { .. } | Control::BundleUpdate { .. } | Control::Presented { .. }))) => {
                         let _ = events.send(Event::Control(id, msg));
                     }
@@ -427,12 +441,35 @@ impl Connection {
         r.session_id = Some(id);
         r.client = Some(ctx.client_id.clone());
         r.duration_ms = Some(started.elapsed().as_millis() as u64);
+        r.peer = Some(hub.to_string());
         r.reason = Some(match &end {
             End::Revoked(reason) => SessionEnd::Revoked.reason(reason),
             End::Lost(lost) => lost.session_end().reason(&lost.to_string()),
         });
         ctx.audit.emit(r);
         let _ = events.send(Event::Ended(id, end));
+    }
+}
+
+/// The `BundleUpdate`s of the current window: at most [`BUNDLE_UPDATES`] per [`BUNDLE_WINDOW`].
+#[derive(Debug, Default)]
+struct BundleRate {
+    since: Option<Instant>,
+    count: u32,
+}
+
+impl BundleRate {
+    /// Whether one more, now, is within the bound.
+    fn admit(&mut self, now: Instant) -> bool {
+        match self.since {
+            Some(since) if now.duration_since(since) < BUNDLE_WINDOW => {}
+            _ => {
+                self.since = Some(now);
+                self.count = 0;
+            }
+        }
+        self.count += 1;
+        self.count <= BUNDLE_UPDATES
     }
 }
 
@@ -517,5 +554,21 @@ mod tests {
         let now = now + 3 * HELD_QUIET_BYTES - 1;
         assert!(!w.check(now));
         assert!(w.check(now));
+    }
+
+    #[test]
+    fn p4_a_hub_flooding_bundle_updates_is_cut_at_the_bound_and_a_rotation_is_not() {
+        let mut rate = BundleRate::default();
+        let t0 = Instant::now();
+        for i in 0..BUNDLE_UPDATES {
+            assert!(rate.admit(t0), "update {i} of a window");
+        }
+        assert!(!rate.admit(t0 + Duration::from_secs(59)));
+        // A new window: a rotation's prepare, activate and retire, minutes apart.
+        let mut rate = BundleRate::default();
+        for minute in 0..3 {
+            assert!(rate.admit(t0 + Duration::from_secs(60 * minute)));
+        }
+        assert!(rate.admit(t0 + BUNDLE_WINDOW * 10));
     }
 }

@@ -242,6 +242,7 @@ pub async fn run_enforced(
         }
         .into(),
     );
+    audit.record_shed("stopping");
     audit.emit(stopped);
     audit.flush_async().await;
     Ok(exit)

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::dialer::{DialError, Dialer};
 use crate::audit::Audit;
-use crate::transport::pipe::{pipe, PipeError, Start};
+use crate::transport::pipe::{pipe_until, PipeError, Start};
 use crate::transport::{self, codes, FrameReader};
 
 /// How long the Hub has to send the `Open` header once it opened a stream.
@@ -53,12 +53,13 @@ impl QueryError {
 pub(crate) async fn serve(
     ctx: Arc<QueryCtx>,
     session_id: u64,
-    hub: std::net::SocketAddr,
+    conn: quinn::Connection,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
     let started = Instant::now();
     let started_at = crate::now_timestamp();
+    let hub = conn.remote_address();
     let mut reader = FrameReader::new();
     let head = tokio::time::timeout(OPEN_TIMEOUT, reader.read::<QueryHead>(&mut recv)).await;
     let (query_id, destination, source) = match head {
@@ -110,9 +111,12 @@ pub(crate) async fn serve(
     r.session_id = Some(session_id);
     r.query_id = Some(query_id);
     r.client = Some(ctx.client_id.clone());
-    r.source = Some(source);
+    // Both are the Hub's words: recorded with no character that could break or disguise a
+    // line where the customer reads them (bidi controls, line separators), as `\u{…}`. A
+    // name that is allowed has none; the dial below uses the name as it came.
+    r.source = Some(ewii_common::text::printable(&source).into_owned());
     r.destination = Some(Destination {
-        name: destination.clone(),
+        name: ewii_common::text::printable(&destination).into_owned(),
         address: None,
     });
     let result = match ctx.dialer.dial(&destination).await {
@@ -126,7 +130,13 @@ pub(crate) async fn serve(
             {
                 Err(QueryError::HubGone)
             } else {
-                let report = pipe(tcp, send, recv, Start::Leftover(reader.into_leftover())).await;
+                // The session's end cuts the query with its bytes so far on record: a pipe
+                // blocked on the destination's TCP alone would not notice the stream is gone.
+                let ended = async move {
+                    PipeError::Cut(format!("the session ended: {}", conn.closed().await))
+                };
+                let start = Start::Leftover(reader.into_leftover());
+                let report = pipe_until(tcp, send, recv, start, ended).await;
                 r.bytes_up = Some(report.stream_to_tcp);
                 r.bytes_down = Some(report.tcp_to_stream);
                 report.error.map_or(Ok(()), |e| Err(e.into()))

@@ -62,9 +62,9 @@ fn ident(dir: &Path) -> impl Fn(IdentityError) -> HubError + '_ {
 /// Makes the CA, the Hub SVID and the database in `state_dir`. Refuses to overwrite a CA.
 pub fn init(state_dir: &Path, trust_domain: &str) -> Result<InitReport, HubError> {
     let hub_id = SpiffeId::hub(trust_domain)
-        .map_err(|e| HubError::Usage(format!("trust domain {trust_domain:?}: {e}")))?;
+        .map_err(|e| HubError::Invalid(format!("trust domain {trust_domain:?}: {e}")))?;
     if hub_id.trust_domain() != trust_domain {
-        return Err(HubError::Usage(format!(
+        return Err(HubError::Invalid(format!(
             "trust domain must be lower case: {}",
             hub_id.trust_domain()
         )));
@@ -118,17 +118,17 @@ pub fn create_token(
         .trust_domain()
         .to_owned();
     let client_id = SpiffeId::client(&td, client).map_err(|_| {
-        HubError::Usage(format!(
+        HubError::Invalid(format!(
             "client name {client:?}: use 1-63 characters of a-z, 0-9, '-', '_', '.'"
         ))
     })?;
     if ttl.is_zero() || ttl > Duration::from_secs(30 * 86_400) {
-        return Err(HubError::Usage(
+        return Err(HubError::Invalid(
             "token TTL must be between 1s and 30 days".into(),
         ));
     }
     if let Some(url) = webhook {
-        crate::webhook::check_url(url, allow_private_webhook).map_err(HubError::Usage)?;
+        crate::webhook::check_url_now(url, allow_private_webhook).map_err(HubError::Invalid)?;
     }
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
@@ -159,7 +159,7 @@ pub fn create_token(
 pub fn revoke(state_dir: &Path, client: &str, reason: &str) -> Result<bool, HubError> {
     let db = Db::open(&state_dir.join(DB_FILE))?;
     if !db.clients()?.iter().any(|c| c.name == client) {
-        return Err(HubError::Usage(format!("no client named {client:?}")));
+        return Err(HubError::Invalid(format!("no client named {client:?}")));
     }
     let now = crate::now_timestamp().unix_secs() as i64;
     Ok(db.revoke_client(client, reason, now, true)?)
@@ -175,7 +175,7 @@ pub fn readmit(state_dir: &Path, client: &str) -> Result<bool, HubError> {
         .clients()?
         .into_iter()
         .find(|c| c.name == client)
-        .ok_or_else(|| HubError::Usage(format!("no client named {client:?}")))?;
+        .ok_or_else(|| HubError::Invalid(format!("no client named {client:?}")))?;
     let ca = Ca::load(state_dir).map_err(ident(state_dir))?;
     let own = ca_trust_domain(&ca).map_err(ident(state_dir))?;
     let federated = row
@@ -224,11 +224,11 @@ pub fn issue_workload_svid(
     let ca = Ca::load(state_dir).map_err(ident(state_dir))?;
     let td = ca_trust_domain(&ca).map_err(ident(state_dir))?;
     let id = SpiffeId::workload(&td, name)
-        .map_err(|_| HubError::Usage(format!("workload name {name:?} is not valid")))?;
+        .map_err(|_| HubError::Invalid(format!("workload name {name:?} is not valid")))?;
     // Workload serials are not tracked, so a workload SVID cannot be revoked before it
     // expires: keep that window short.
     if lifetime.is_zero() || lifetime > MAX_WORKLOAD_LIFETIME {
-        return Err(HubError::Usage(
+        return Err(HubError::Invalid(
             "workload SVID lifetime must be between 1 s and 7 days".into(),
         ));
     }

@@ -106,9 +106,15 @@ pub enum HubError {
         /// The shard.
         shard: usize,
     },
-    /// `ewii-hub init` refused to overwrite an existing CA, or got a bad argument.
+    /// `ewii-hub init` refused to overwrite an existing CA, or the state does not allow
+    /// the command.
     #[error("{0}")]
     Usage(String),
+    /// A value given on the command line or in the configuration that the command refuses
+    /// (a trust domain, a client name, a TTL, a webhook URL, a `[[federation]]` entry):
+    /// `ewii-hub` exits 2 for it, as for any bad argument.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl From<TrustError> for HubError {
@@ -116,6 +122,7 @@ impl From<TrustError> for HubError {
         match e {
             TrustError::Identity { dir, source } => Self::Identity { dir, source },
             TrustError::Transport(e) => Self::Transport(e),
+            e @ TrustError::Federation { .. } => Self::Invalid(e.to_string()),
             other => Self::Usage(other.to_string()),
         }
     }
@@ -489,6 +496,7 @@ impl Hub {
         drop(endpoints);
         shards.stop().await;
         drop(held);
+        audit.record_shed("stopping");
         let mut r = audit.record(Event::Stopped);
         if let Some(shard) = lost {
             r.reason = Some(HubError::ShardLost { shard }.to_string());

@@ -138,13 +138,22 @@ async fn deliver_due(
                 }
                 r.event = Event::WebhookFailed;
                 r.outcome = Some(Outcome::Failed);
+                let attempt = w.attempts + 1;
+                let last = attempt >= parts.config.max_attempts;
                 r.reason = Some(format!(
-                    "{} to {} (attempt {} of {}): {e}",
+                    "{} to {} (attempt {attempt} of {}): {e}{}",
                     w.id,
                     w.url,
-                    w.attempts + 1,
-                    parts.config.max_attempts
+                    parts.config.max_attempts,
+                    if last {
+                        "; the last attempt: the delivery is kept in the outbox and not sent again"
+                    } else {
+                        ""
+                    }
                 ));
+                if last {
+                    tracing::error!(id = %w.id, url = %w.url, "a webhook was not delivered after its last attempt; the customer was not told of this revocation by webhook");
+                }
             }
         }
         parts.audit.emit(r);

@@ -324,10 +324,27 @@ async fn forward<S: TcpLike>(
         destination: log.svc.destination.to_string(),
         source: log.source.clone().unwrap_or_default(),
     };
-    if let Err(e) = transport::write_frame(&mut send, &open).await {
-        log.emit(Outcome::Failed, format!("send Open: {e}"));
-        io.abort();
-        return;
+    // Bounded like the stream's opening and its answer: a Client that grants no credit
+    // cannot hold the requester (and its socket) here until its connection ends.
+    match tokio::time::timeout(OPEN_TIMEOUT, transport::write_frame(&mut send, &open)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            log.emit(Outcome::Failed, format!("send Open: {e}"));
+            io.abort();
+            return;
+        }
+        Err(_) => {
+            let _ = send.reset(transport::codes::ABORTED);
+            log.emit(
+                Outcome::Failed,
+                format!(
+                    "send Open: the Client took none of it within {} s",
+                    OPEN_TIMEOUT.as_secs()
+                ),
+            );
+            io.abort();
+            return;
+        }
     }
     // The requester's bytes follow `Open` at once; nothing goes back before `Opened`.
     let report = pipe_until(io, send, recv, Start::AwaitAnswer(OPEN_TIMEOUT), cut).await;

@@ -15,6 +15,9 @@ use super::store::Store;
 use crate::audit::Audit;
 use crate::transport::codes;
 
+/// The most sessions one Client identity keeps at once (see [`Registry::register`]).
+pub(crate) const MAX_SESSIONS_PER_CLIENT: usize = 4;
+
 /// What the registry tells a session.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Command {
@@ -27,6 +30,9 @@ pub(crate) enum Command {
     /// The bundle of this trust domain changed: a session of it checks its SVID's chain
     /// against the new anchors, and ends when they no longer vouch for it.
     Recheck(String),
+    /// The Client has more than [`MAX_SESSIONS_PER_CLIENT`] sessions and this is the oldest:
+    /// close it.
+    Superseded,
 }
 
 /// Where to send a query for a client.
@@ -86,7 +92,11 @@ impl Registry {
         }
     }
 
-    /// Adds a session; the newest one is current.
+    /// Adds a session; the newest one is current. A Client holds one session, two while it
+    /// moves to a new SVID's connection, and an old one may linger until its idle timeout
+    /// after a reconnection: past [`MAX_SESSIONS_PER_CLIENT`], the oldest are closed, so that
+    /// one identity (a stolen key, a broken Client) cannot pile up connections, each held by
+    /// its keep-alives until its SVID expires.
     pub(crate) fn register(
         &self,
         client: &str,
@@ -105,6 +115,12 @@ impl Registry {
             tell,
             draining: false,
         });
+        let excess = c.entries.len().saturating_sub(MAX_SESSIONS_PER_CLIENT);
+        for old in c.entries.drain(..excess) {
+            tracing::warn!(%client, session_id = old.route.id, "more than {MAX_SESSIONS_PER_CLIENT} sessions of one Client: closing its oldest");
+            // Told before its channel closes (which alone would read as a revocation).
+            let _ = old.tell.send(Command::Superseded);
+        }
     }
 
     /// Session `session_id` of `client` now holds `serial` (a rotation on the live

@@ -332,6 +332,14 @@ impl Session {
                             }
                         }
                     }
+                    Some(Command::Superseded) => {
+                        self.conn.close(codes::REFUSED, b"superseded: this Client has newer sessions");
+                        break SessionEnd::Retired.reason(&format!(
+                            "superseded: {} has more than {} sessions, and this was the oldest",
+                            self.leaf.id,
+                            registry::MAX_SESSIONS_PER_CLIENT
+                        ));
+                    }
                     // The registry dropped us: we were closed by a revocation.
                     None => break SessionEnd::Revoked.reason(&format!("{} is revoked", self.leaf.id)),
                 },
