@@ -28,6 +28,7 @@
 //!   Waiting past not_after ──▶ Exit(Expired)        any ──handle_revoked──▶ Exit(Revoked)
 //!   Stopping with a revoke: handle_goodbye_acknowledged (or drained) ──▶ RevokedAtStop, or
 //!     Exit(Revoked) for a pending one; lost or deadline unacknowledged ──▶ RecordPendingRevoke
+//!     (a pending one, no stop asked: Revoking again, after a backoff)
 //!
 //!   SVID from a SPIFFE Workload API (`external_svid`): no Renew; the agent pushes new SVIDs:
 //!   Up{session} ──handle_svid(svid')──▶ Up{session, Presenting} + Present (on the live connection)
@@ -280,6 +281,8 @@ pub struct ClientSession {
     /// A newer SVID arrived while an older one was being presented: present again once
     /// that is answered.
     stale_present: bool,
+    /// A local stop was asked for ([`ClientSession::handle_stop`]).
+    stop_asked: bool,
 }
 
 impl ClientSession {
@@ -301,6 +304,7 @@ impl ClientSession {
             random,
             stale_dial: false,
             stale_present: false,
+            stop_asked: false,
         };
         s.dial_or_expire(now);
         s
@@ -308,8 +312,9 @@ impl ClientSession {
 
     /// A session that starts by delivering a revoke an earlier stop could not deliver: it
     /// dials (with backoff, for ever), says `Goodbye { revoke: true }`, and ends with
-    /// [`Exit::Revoked`]. It never serves a query. A stop meanwhile ends it with the revoke
-    /// still pending.
+    /// [`Exit::Revoked`] once the Hub acknowledged the `Goodbye`; a connection lost before
+    /// that is dialled again. It never serves a query. A stop meanwhile ends it with the
+    /// revoke still pending.
     pub fn new_with_pending_revoke(
         config: SessionConfig,
         svid: Validity,
@@ -499,7 +504,7 @@ impl ClientSession {
             State::Stopping {
                 session_id: current,
                 ..
-            } if current == session_id => self.finish_stop(),
+            } if current == session_id => self.finish_stop(Some(now)),
             _ => {}
         }
     }
@@ -528,7 +533,8 @@ impl ClientSession {
         } = self.state
         {
             if current == session_id {
-                self.finish_stop();
+                // Drained implies acknowledged: no retry can be due, so no time is needed.
+                self.finish_stop(None);
             }
         }
     }
@@ -641,6 +647,7 @@ impl ClientSession {
     /// at most `stop_drain`; without one, a stop that revokes tries to reach the Hub for
     /// `goodbye_budget`, and one that does not ends at once.
     pub fn handle_stop(&mut self, now: Duration) {
+        self.stop_asked = true;
         match self.state {
             // A dial in flight for a move is closed when it completes (it is not wanted).
             State::Up { session_id, .. }
@@ -740,7 +747,7 @@ impl ClientSession {
                     session_id,
                     reason: CloseReason::StopDeadline,
                 });
-                self.finish_stop();
+                self.finish_stop(Some(now));
             }
             _ => {}
         }
@@ -821,7 +828,9 @@ impl ClientSession {
     /// ends as a revocation, one asked by this stop is recorded ([`Action::RevokedAtStop`]).
     /// A revoke the Hub did not acknowledge (the connection was lost, or the drain ran out
     /// first) may not have reached it: it stays pending for the next start.
-    fn finish_stop(&mut self) {
+    /// A revoke pending from an earlier stop that was not acknowledged, with no stop asked
+    /// for, is dialled again after a backoff (at `now`): it is not over until delivered.
+    fn finish_stop(&mut self, now: Option<Duration>) {
         let State::Stopping {
             pending,
             revoke,
@@ -831,6 +840,13 @@ impl ClientSession {
         else {
             return;
         };
+        if let (true, false, false, Some(now)) = (pending, acknowledged, self.stop_asked, now) {
+            self.state = State::Revoking {
+                deadline: None,
+                retry_at: Some(now + self.backoff.next_delay(self.random)),
+            };
+            return;
+        }
         match (revoke, acknowledged) {
             // A pending one is on disk already: nothing new to record.
             _ if pending => {}

@@ -597,17 +597,8 @@ async fn p9_a_client_stopped_and_revoked_comes_back_with_a_new_token_in_its_envi
             .unwrap()
     };
     // A token that is not (or no longer) good: refused, still revoked, nothing served.
-    let mut refused = crate::process::Proc(run("ewii_not-a-token"));
-    let mut status = None;
-    poll_until("the refused start to end", SOON, || {
-        status = refused.0.try_wait().unwrap();
-        status.is_some()
-    })
-    .await;
-    let status = status.unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut refused.0.stderr.take().unwrap(), &mut err).unwrap();
-    assert_eq!(status.code(), Some(3), "{err}");
+    let (code, err) = exit_of(run("ewii_not-a-token")).await;
+    assert_eq!(code, Some(3), "{err}");
     assert!(
         err.contains("was revoked") && err.contains("enrolling again with EWII_TOKEN"),
         "{err}"
@@ -617,6 +608,13 @@ async fn p9_a_client_stopped_and_revoked_comes_back_with_a_new_token_in_its_envi
         store::read_certs(&dir.join(store::SVID_CERT)).unwrap(),
         before
     );
+    // A restart policy starting it again with the same token: not sent again (the Hub
+    // answered it); revoked, at once, as without a token.
+    let refusals = count(&hub.audit, is(Event::EnrolmentRefused));
+    let (code, err) = exit_of(run("ewii_not-a-token")).await;
+    assert_eq!(code, Some(10), "{err}");
+    assert!(err.contains("not sent again"), "{err}");
+    assert_eq!(count(&hub.audit, is(Event::EnrolmentRefused)), refusals);
 
     // The new token: enrolled again and serving, as the same client name.
     let token = hub.token("acme", Duration::from_secs(600));
@@ -627,7 +625,28 @@ async fn p9_a_client_stopped_and_revoked_comes_back_with_a_new_token_in_its_envi
         store::read_certs(&dir.join(store::SVID_CERT)).unwrap(),
         before
     );
+    // SIGTERM (on_stop = "revoke" by default): revoked again; the token it came back with is
+    // spent, so the next start with it stays revoked without asking the Hub.
     assert_eq!(child.terminate().code(), Some(0));
+    assert!(dir.join(REVOKED_MARKER).exists());
+    let (code, err) = exit_of(run(&token.token)).await;
+    assert_eq!(code, Some(10), "{err}");
+}
+
+/// The exit status and stderr of `child`, which must end within [`SOON`].
+async fn exit_of(child: std::process::Child) -> (Option<i32>, String) {
+    let mut child = crate::process::Proc(child);
+    let mut status = None;
+    poll_until("the process to end", SOON, || {
+        status = child.0.try_wait().unwrap();
+        status.is_some()
+    })
+    .await;
+    let mut err = String::new();
+    if let Some(mut stderr) = child.0.stderr.take() {
+        std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+    }
+    (status.unwrap().code(), err)
 }
 
 /// A query cut by its session's end (a central revoke here) while it pushes into a

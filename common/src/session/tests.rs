@@ -114,6 +114,20 @@ impl Sim {
         self.actions()
     }
 
+    /// The next dial comes up, says `Goodbye { revoke: true }` at once, and drains: the
+    /// Hub acknowledged it.
+    fn revoke_delivered(&mut self) {
+        let id = self.dialed();
+        assert_eq!(
+            self.actions(),
+            vec![Action::SendGoodbye {
+                session_id: id,
+                revoke: true
+            }]
+        );
+        self.s.handle_drained(id);
+    }
+
     fn dialed(&mut self) -> u64 {
         let id = self.next_session;
         self.next_session += 1;
@@ -451,11 +465,36 @@ fn p9_a_stop_the_hub_did_not_acknowledge_keeps_the_revoke_pending() {
     );
 
     // Delivering a revoke pending from an earlier stop: lost before the acknowledgement,
-    // it stays pending (on disk already) and the end is not a revocation.
+    // it is not over; it is dialled again after a backoff, and ends once acknowledged.
     let mut sim = pending_revoke_sim();
     sim.actions();
     let id = sim.dialed();
     sim.actions();
+    sim.s.handle_lost(sim.now, id, 7);
+    assert_eq!(sim.actions(), vec![]);
+    assert_eq!(sim.s.phase(), Phase::Revoking);
+    assert_eq!(sim.advance(), vec![Action::Dial]);
+    sim.revoke_delivered();
+    assert_eq!(sim.actions(), pending_revoke_done());
+    // The same, its drain running out unacknowledged: dialled again too.
+    let mut sim = pending_revoke_sim();
+    sim.actions();
+    let id = sim.dialed();
+    sim.actions();
+    assert_eq!(
+        sim.advance(),
+        vec![Action::Close {
+            session_id: id,
+            reason: CloseReason::StopDeadline
+        }]
+    );
+    assert_eq!(sim.s.phase(), Phase::Revoking);
+    // A stop asked for meanwhile ends it, the revoke still pending (on disk already).
+    let mut sim = pending_revoke_sim();
+    sim.actions();
+    let id = sim.dialed();
+    sim.actions();
+    sim.s.handle_stop(sim.now);
     sim.s.handle_lost(sim.now, id, 7);
     assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
     // Acknowledged, then lost: revoked.
@@ -465,12 +504,7 @@ fn p9_a_stop_the_hub_did_not_acknowledge_keeps_the_revoke_pending() {
     sim.actions();
     sim.s.handle_goodbye_acknowledged(id);
     sim.s.handle_lost(sim.now, id, 7);
-    assert_eq!(
-        sim.actions(),
-        vec![Action::Exit(Exit::Revoked {
-            reason: PENDING_REVOKE_REASON.into()
-        })]
-    );
+    assert_eq!(sim.actions(), pending_revoke_done());
 }
 
 #[test]
@@ -555,15 +589,7 @@ fn p9_stop_while_disconnected_still_delivers_the_revoke() {
     sim.s.handle_stop(sim.now);
     assert_eq!(sim.actions(), vec![Action::Dial]);
     assert_eq!(sim.s.phase(), Phase::Revoking);
-    let id = sim.dialed();
-    assert_eq!(
-        sim.actions(),
-        vec![Action::SendGoodbye {
-            session_id: id,
-            revoke: true
-        }]
-    );
-    sim.s.handle_drained(id);
+    sim.revoke_delivered();
     assert_eq!(
         sim.actions(),
         vec![Action::RevokedAtStop, Action::Exit(Exit::Stopped)]
@@ -610,6 +636,13 @@ fn p9_a_stop_that_cannot_reach_the_hub_records_a_pending_revoke_within_its_budge
     );
 }
 
+/// What ends the delivery of a pending revoke the Hub acknowledged.
+fn pending_revoke_done() -> Vec<Action> {
+    vec![Action::Exit(Exit::Revoked {
+        reason: PENDING_REVOKE_REASON.into(),
+    })]
+}
+
 /// A fresh start with a revoke pending from an earlier stop.
 fn pending_revoke_sim() -> Sim {
     Sim {
@@ -643,12 +676,7 @@ fn p9_a_pending_revoke_is_delivered_before_anything_else_at_the_next_start() {
     );
     assert_eq!(sim.s.phase(), Phase::Stopping, "no query is served");
     sim.s.handle_drained(id);
-    assert_eq!(
-        sim.actions(),
-        vec![Action::Exit(Exit::Revoked {
-            reason: PENDING_REVOKE_REASON.into()
-        })]
-    );
+    assert_eq!(sim.actions(), pending_revoke_done());
 
     // A stop while it is still trying leaves the revoke pending (nothing new to record).
     let mut sim = pending_revoke_sim();

@@ -475,10 +475,22 @@ fn run(path: &Path) -> ExitCode {
         // already spent is refused by the Hub, and the revoked state stays as it was.
         if let (Some(token), Some(hash)) = (token, hash) {
             let dir = &config.state_dir;
-            let enrolled = dir.join(ewii::identity::store::SVID_CERT).exists();
-            let revoked = std::fs::read_to_string(dir.join(client::REVOKED_MARKER)).ok();
+            // Small reads, but off the async workers all the same.
+            let (d, t) = (dir.clone(), token.clone());
+            let (enrolled, revoked, spent) = tokio::task::spawn_blocking(move || {
+                let enrolled = d.join(ewii::identity::store::SVID_CERT).exists();
+                let revoked = std::fs::read_to_string(d.join(client::REVOKED_MARKER)).ok();
+                let spent = revoked.is_some() && client::enrol::token_spent(&d, &t);
+                (enrolled, revoked, spent)
+            })
+            .await
+            .unwrap_or((true, None, true));
             let how = match (enrolled, &revoked) {
                 (false, _) => Some(Enrolment::First),
+                (true, Some(_)) if spent => {
+                    say("ewii-client: EWII_TOKEN is a token the Hub has answered already (it enrolled this Client, or was refused): not sent again; this Client stays revoked until it is given a new one");
+                    None
+                }
                 (true, Some(reason)) => {
                     say(&format!(
                         "ewii-client: the identity in {} was revoked ({}); enrolling again with EWII_TOKEN",

@@ -170,7 +170,32 @@ async fn enrol_audited(
     }
     audit.emit(r);
     audit.flush_async().await;
+    if matches!(result, Ok(_) | Err(EnrolError::Refused)) {
+        // The Hub answered: this token is spent, whatever the answer.
+        let (path, digest) = (
+            state_dir.join(super::state_dir::SPENT_TOKEN),
+            token_digest(token),
+        );
+        let kept =
+            tokio::task::spawn_blocking(move || store::write_file(&path, digest.as_bytes(), 0o600))
+                .await;
+        if !matches!(kept, Ok(Ok(()))) {
+            tracing::warn!("cannot note the spent token in the state directory: a later start may send it again");
+        }
+    }
     result
+}
+
+/// Whether `token` is the last one the Hub answered for `state_dir` (taken or refused), so
+/// sending it again can only be refused. Blocking (a small file read).
+pub fn token_spent(state_dir: &Path, token: &str) -> bool {
+    std::fs::read_to_string(state_dir.join(super::state_dir::SPENT_TOKEN))
+        .is_ok_and(|kept| kept.trim() == token_digest(token))
+}
+
+fn token_digest(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
 }
 
 async fn enrol_inner(
