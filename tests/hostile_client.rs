@@ -175,6 +175,27 @@ fn attacks(plan: &enforce::Plan) -> BTreeMap<&'static str, String> {
         socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_SOCK_DIAG),
     );
     out.insert("x32_socket", probe::name(&probe::x32_socket()));
+    // Internet sockets that are neither TCP nor UDP: no Landlock rule covers them.
+    out.insert(
+        "icmp_ping_socket",
+        socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP),
+    );
+    out.insert(
+        "icmpv6_ping_socket",
+        socket(libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_ICMPV6),
+    );
+    out.insert(
+        "sctp_socket",
+        socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP),
+    );
+    out.insert(
+        "sctp_seqpacket_socket",
+        socket(libc::AF_INET6, libc::SOCK_SEQPACKET, 0),
+    );
+    out.insert(
+        "udplite_socket",
+        socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_UDPLITE),
+    );
     // Close every descriptor the start-up left (the ring buffer's included): a lock held by
     // a descriptor would go with it.
     for fd in 3..1024 {

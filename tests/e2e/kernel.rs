@@ -493,7 +493,7 @@ async fn p6_p16_hostile_code_inside_the_client_cannot_lift_widen_or_outlive_arou
         };
         assert_eq!(answer, expected, "{attack}: {report:#}");
     }
-    assert_eq!(attacks.len(), 17, "every attack ran: {report:#}");
+    assert_eq!(attacks.len(), 22, "every attack ran: {report:#}");
     assert_eq!(
         accepted.load(std::sync::atomic::Ordering::SeqCst),
         1,

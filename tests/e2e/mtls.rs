@@ -320,6 +320,41 @@ async fn p5_hub_refuses_a_client_that_offers_no_chacha20_poly1305() {
         other => panic!("the Hub must refuse a peer without ChaCha20-Poly1305: {other:?}"),
     }
     assert!(hub.handle().connected_clients().is_empty());
+    // On record, though no certificate was refused (the verifier never ran).
+    let r = hub
+        .wait_audit("the refusal on record", |r| {
+            r.event == Event::HandshakeRefused
+                && r.reason
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with("TLS handshake refused"))
+        })
+        .await;
+    assert!(r.peer.is_some(), "{r:?}");
+}
+
+/// A peer speaking another protocol (here HTTP/3's ALPN) is refused in the TLS handshake, and
+/// the refusal is on record like any other handshake refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p5_a_peer_with_another_alpn_is_refused_and_audited() {
+    let hub = TestHub::start(&[]).await;
+    let (ca, _) = hub_ca(&hub);
+    let verifier = SpiffeVerifier::new(Bundle::new(vec![ca]), TD, Expect::Hub);
+    // Ewii's own client settings, but HTTP/3's ALPN.
+    let tls = transport::tls_client_config(None, Arc::new(verifier), b"h3").unwrap();
+    let quic = transport::quic_client_config(tls, 0, transport::STREAM_WINDOW).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let res = endpoint
+        .connect_with(quic, hub.addr, "127.0.0.1")
+        .unwrap()
+        .await;
+    assert!(res.is_err(), "an h3 peer got a connection");
+    hub.wait_audit("the refusal on record", |r| {
+        r.event == Event::HandshakeRefused
+            && r.reason
+                .as_deref()
+                .is_some_and(|s| s.starts_with("TLS handshake refused"))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

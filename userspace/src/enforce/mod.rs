@@ -131,7 +131,7 @@ impl Report {
             return out;
         }
         out.push(if self.active("landlock") {
-            "TCP from this process to any address on an allow-listed port (Landlock checks ports, not addresses)".into()
+            "TCP from this process to any address on an allow-listed port, and on port 53 when the configuration names hosts (DNS over TCP; Landlock checks ports, not addresses)".into()
         } else {
             "TCP from this process to any address and port (only the Client's own code keeps to the allow-list)".into()
         });
@@ -333,7 +333,7 @@ impl Plan {
 }
 
 /// Nameservers from /etc/resolv.conf.
-fn resolvers() -> Vec<IpAddr> {
+pub fn resolvers() -> Vec<IpAddr> {
     std::fs::read_to_string("/etc/resolv.conf")
         .unwrap_or_default()
         .lines()
@@ -461,7 +461,7 @@ pub enum Hold {
 }
 
 /// What the eBPF layer covers, as reported.
-const EBPF_COVERS: &str = "every process in the Client's cgroup: TCP only to the allow-list, UDP only to the Hub (and resolvers), raw packets included";
+const EBPF_COVERS: &str = "every process in the Client's cgroup: TCP only to the allow-list (and to the DNS resolvers on port 53 when names are used), UDP only to the Hub (and the resolvers), other IP protocols (ICMP, SCTP, raw IP) refused";
 
 fn ebpf_layer(state: LayerState, detail: String) -> Layer {
     Layer::new("ebpf", state, EBPF_COVERS.into(), detail)

@@ -179,6 +179,13 @@ pub fn x32_socket() -> Verdict {
     Ok(())
 }
 
+/// An ICMP "ping" socket (`SOCK_DGRAM`, `IPPROTO_ICMP`): made without privilege where the
+/// process's group is in `net.ipv4.ping_group_range`, EACCES where it is not; EPERM is
+/// seccomp refusing it. Closed at once; nothing is sent.
+pub fn ping_socket() -> Verdict {
+    socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP).map(drop)
+}
+
 /// `bpf(2)` with a command that does not exist: the kernel answers EINVAL, privileged or not;
 /// EPERM is seccomp refusing `bpf` altogether.
 pub fn bpf_call() -> Verdict {

@@ -29,7 +29,7 @@ use seccompiler::{
 
 use super::{probe, Layer, LayerState};
 
-const COVERS: &str = "no x32 ABI; no listen/accept/accept4; sockets only AF_UNIX, AF_INET, AF_INET6 and netlink route, no raw/packet sockets, no MPTCP, no MSG_FASTOPEN; no io_uring; no bpf, ptrace, process_vm_*, pidfd_getfd, execve, unshare/setns/mount, capset (all threads)";
+const COVERS: &str = "no x32 ABI; no listen/accept/accept4; sockets only AF_UNIX, AF_INET, AF_INET6 and netlink route, internet sockets only TCP and UDP (no ICMP ping sockets, SCTP, UDP-Lite or MPTCP), no raw/packet sockets, no MSG_FASTOPEN; no io_uring; no bpf, ptrace, process_vm_*, pidfd_getfd, execve, unshare/setns/mount, capset (all threads)";
 
 /// Syscalls refused whatever their arguments.
 const ALWAYS: &[i64] = &[
@@ -122,6 +122,22 @@ fn socket_rules() -> Result<Vec<SeccompRule>, String> {
             probe::IPPROTO_MPTCP as u64,
         )?])?,
     ];
+    // Internet sockets are TCP or UDP only: protocol 0 (the type's default), IPPROTO_TCP
+    // or IPPROTO_UDP, and no SOCK_SEQPACKET (SCTP's default). Without this, a ping socket
+    // (SOCK_DGRAM, IPPROTO_ICMP: no privilege needed where `ping_group_range` covers the
+    // process) or SCTP would reach any address, with no Landlock rule to stop them.
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        rules.push(rule(vec![
+            cond(0, SeccompCmpOp::Eq, family as u64)?,
+            cond(2, SeccompCmpOp::Ne, 0)?,
+            cond(2, SeccompCmpOp::Ne, libc::IPPROTO_TCP as u64)?,
+            cond(2, SeccompCmpOp::Ne, libc::IPPROTO_UDP as u64)?,
+        ])?);
+        rules.push(rule(vec![
+            cond(0, SeccompCmpOp::Eq, family as u64)?,
+            cond(1, SeccompCmpOp::MaskedEq(0xf), libc::SOCK_SEQPACKET as u64)?,
+        ])?);
+    }
     // (Netlink sockets are SOCK_RAW by nature; their protocol is checked above.)
     for ty in REFUSED_TYPES {
         rules.push(rule(vec![
@@ -199,24 +215,26 @@ pub fn install() -> Layer {
     let uring = probe::io_uring_setup();
     let x32 = probe::x32_socket();
     let bpf = probe::bpf_call();
-    if [listen, uring, x32, bpf]
+    let ping = probe::ping_socket();
+    if [listen, uring, x32, bpf, ping]
         .iter()
         .all(|v| *v == Err(libc::EPERM))
     {
         layer(
             LayerState::Active,
-            "self-test: listen, io_uring_setup, an x32 socket call and bpf refused with EPERM"
+            "self-test: listen, io_uring_setup, an x32 socket call, bpf and an ICMP ping socket refused with EPERM"
                 .into(),
         )
     } else {
         layer(
             LayerState::Failed,
             format!(
-                "self-test: listen answered {}, io_uring_setup {}, x32 socket {}, bpf {}",
+                "self-test: listen answered {}, io_uring_setup {}, x32 socket {}, bpf {}, ICMP ping socket {}",
                 probe::name(&listen),
                 probe::name(&uring),
                 probe::name(&x32),
-                probe::name(&bpf)
+                probe::name(&bpf),
+                probe::name(&ping)
             ),
         )
     }

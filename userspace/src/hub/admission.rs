@@ -5,14 +5,16 @@
 //! bounds"):
 //!
 //! - at most [`Limits::handshakes`] connections in their first moments at once (handshake,
-//!   and for an enrolment the whole exchange), and [`Limits::per_address`] from one IP
-//!   address: beyond, a new one is refused before any cryptography;
+//!   and for an enrolment the whole exchange), and [`Limits::per_address`] from one host (an
+//!   IPv4 address; an IPv6 /64, which one host holds whole: [`host`]): beyond, a new one is
+//!   refused before any cryptography;
 //! - above [`Limits::retry_above`] of them, a new connection from an address QUIC has not
 //!   validated gets a Retry first (RFC 9000 §8.1): one round trip that proves the address
 //!   is real before the Hub spends a handshake on it;
-//! - an address with [`Limits::enrol_failures`] refused enrolments (bad tokens, bad CSRs) in
+//! - a host with [`Limits::enrol_failures`] refused enrolments (bad tokens, bad CSRs) in
 //!   [`Limits::enrol_window`] has its further enrolments refused, unread, until the window
-//!   ends. Sessions (Clients that hold an SVID) from that address are not affected;
+//!   ends. An enrolment counts from its start and is forgiven when it succeeds, so that many
+//!   at once cannot all pass the check before the first is refused. Sessions (Clients that hold an SVID) from that address are not affected;
 //! - a Client opens at most [`Limits::sessions_per_minute`] sessions a minute (a burst of that
 //!   many, then one every `60 s / n`): each session costs a synced database write and two audit
 //!   records, and one that reconnects in a loop would spend the store's time for every Client.
@@ -24,6 +26,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+/// The host an address stands for in the bounds: an IPv4 address (also written as an
+/// IPv4-mapped IPv6 one), or an IPv6 /64, which one host holds whole (as the audit's flood
+/// summaries count it).
+pub(crate) fn host(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
+    }
+}
+
+/// Past this many hosts with enrolment attempts in their window, the table is swept of
+/// ended windows before it grows.
+const ENROL_HOSTS: usize = 4096;
 
 /// The bounds. [`Limits::default`] is what the Hub runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +181,7 @@ impl Admission {
     /// Decides on a new connection from `ip` (`validated`: QUIC has proven the address, e.g.
     /// by a Retry). `Accept` comes with the slot it holds.
     pub(crate) fn admit(&self, ip: IpAddr, validated: bool) -> (Verdict, Option<Slot>) {
+        let ip = host(ip);
         let Ok(mut s) = self.state.lock() else {
             return self.refuse(0, "admission state poisoned");
         };
@@ -183,8 +203,10 @@ impl Admission {
         (Verdict::Accept, Some(slot))
     }
 
-    /// Whether enrolments from `ip` are refused for now; `Some(failures)` when they are.
+    /// Whether enrolments from `ip`'s host are refused for now; `Some(count)` (refused and in
+    /// progress) when they are.
     pub(crate) fn enrolment_throttled(&self, ip: IpAddr) -> Option<u32> {
+        let ip = host(ip);
         let mut s = self.state.lock().ok()?;
         let window = self.limits.enrol_window;
         match s.enrol_failures.get(&ip).copied() {
@@ -226,18 +248,36 @@ impl Admission {
         true
     }
 
-    /// Counts a refused enrolment from `ip`.
-    pub(crate) fn enrolment_refused(&self, ip: IpAddr) {
+    /// Counts an enrolment from `ip`'s host as it starts, as if refused: many at once from
+    /// one host are throttled together, not after the first of them is refused.
+    pub(crate) fn enrolment_started(&self, ip: IpAddr) {
+        let ip = host(ip);
         let Ok(mut s) = self.state.lock() else {
             return;
         };
         let window = self.limits.enrol_window;
-        // Bounded: a table of one entry per address, forgotten when its window ends.
+        // Bounded: a table of one entry per host, forgotten when its window ends (swept only
+        // when it grows past a bound, not on every attempt).
         let now = Instant::now();
-        s.enrol_failures
-            .retain(|_, (_, since)| since.elapsed() < window);
+        if s.enrol_failures.len() >= ENROL_HOSTS {
+            s.enrol_failures
+                .retain(|_, (_, since)| since.elapsed() < window);
+        }
         let e = s.enrol_failures.entry(ip).or_insert((0, now));
+        if e.1.elapsed() >= window {
+            *e = (0, now);
+        }
         e.0 = e.0.saturating_add(1);
+    }
+
+    /// The enrolment started from `ip`'s host succeeded: it is not counted against it.
+    pub(crate) fn enrolment_succeeded(&self, ip: IpAddr) {
+        let ip = host(ip);
+        if let Ok(mut s) = self.state.lock() {
+            if let Some(e) = s.enrol_failures.get_mut(&ip) {
+                e.0 = e.0.saturating_sub(1);
+            }
+        }
     }
 }
 
@@ -319,23 +359,67 @@ mod tests {
         // A window no stall of a loaded machine outlasts, for what holds inside it.
         let a = Admission::new(limits(Duration::from_secs(60)));
         for _ in 0..2 {
-            a.enrolment_refused(ip(1));
+            a.enrolment_started(ip(1));
         }
         assert_eq!(a.enrolment_throttled(ip(1)), None);
-        a.enrolment_refused(ip(1));
+        a.enrolment_started(ip(1));
         assert_eq!(a.enrolment_throttled(ip(1)), Some(3));
         assert_eq!(a.enrolment_throttled(ip(2)), None, "only that address");
         // A short one, for its end: the failures before it no longer count, so two more are
         // below the bound again (five would be above it).
         let a = Admission::new(limits(Duration::from_millis(300)));
         for _ in 0..3 {
-            a.enrolment_refused(ip(1));
+            a.enrolment_started(ip(1));
         }
         std::thread::sleep(Duration::from_millis(350));
         assert_eq!(a.enrolment_throttled(ip(1)), None, "the window ended");
         for _ in 0..2 {
-            a.enrolment_refused(ip(1));
+            a.enrolment_started(ip(1));
         }
         assert_eq!(a.enrolment_throttled(ip(1)), None, "a new window");
+    }
+
+    #[test]
+    fn p8_enrolments_in_progress_count_and_a_success_is_forgiven() {
+        let a = Admission::new(Limits {
+            enrol_failures: 3,
+            ..Limits::default()
+        });
+        // Three at once, none answered yet: the fourth is throttled already.
+        for _ in 0..3 {
+            assert_eq!(a.enrolment_throttled(ip(1)), None);
+            a.enrolment_started(ip(1));
+        }
+        assert_eq!(a.enrolment_throttled(ip(1)), Some(3));
+        // Two of them succeed: only the refused one counts.
+        a.enrolment_succeeded(ip(1));
+        a.enrolment_succeeded(ip(1));
+        assert_eq!(a.enrolment_throttled(ip(1)), None);
+    }
+
+    #[test]
+    fn p8_an_ipv6_host_is_its_64_and_a_mapped_ipv4_is_its_ipv4() {
+        let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+        assert_eq!(host(v6("2001:db8:1:2:aaaa::1")), v6("2001:db8:1:2::"));
+        assert_eq!(host(v6("::ffff:192.0.2.7")), ip(7));
+        assert_eq!(host(ip(7)), ip(7));
+        let a = Admission::new(Limits {
+            per_address: 2,
+            enrol_failures: 2,
+            ..Limits::default()
+        });
+        let (_s1, _s2) = (
+            a.admit(v6("2001:db8::1"), true).1,
+            a.admit(v6("2001:db8::ffff:2"), true).1,
+        );
+        assert!(
+            matches!(a.admit(v6("2001:db8::3"), true).0, Verdict::Refuse(_)),
+            "three addresses of one /64 are one host"
+        );
+        assert_eq!(a.admit(v6("2001:db8:0:1::1"), true).0, Verdict::Accept);
+        a.enrolment_started(v6("2001:db8::10"));
+        a.enrolment_started(v6("2001:db8::20"));
+        assert_eq!(a.enrolment_throttled(v6("2001:db8::30")), Some(2));
+        assert_eq!(a.enrolment_throttled(v6("2001:db8:0:1::30")), None);
     }
 }

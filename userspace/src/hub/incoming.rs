@@ -7,11 +7,23 @@ use ewii_common::frame;
 use quinn::crypto::rustls::HandshakeData;
 use rustls::pki_types::CertificateDer;
 
+use std::time::Duration;
+
 use super::admission::Slot;
 use super::enrol;
 use super::session::{Parts, Session};
 use crate::audit::Source;
 use crate::transport::codes;
+
+/// How long a QUIC handshake may take. quinn bounds none: a peer that keeps sending
+/// packets (a PING a second) without finishing its TLS handshake resets the idle timeout for
+/// ever, and would hold its admission slot (64 per host, 512 in all) as long as it liked.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS alerts for a certificate the verifier refused: the verifier audited those, with
+/// their detail (RFC 8446 §6: bad_certificate … certificate_unknown, unknown_ca,
+/// access_denied, certificate_required).
+const CERTIFICATE_ALERTS: [u8; 8] = [42, 43, 44, 45, 46, 48, 49, 116];
 
 /// Completes the handshake and hands the connection to an enrolment or a session. `slot` is
 /// its place among the connections in their first moments: released once a session is open,
@@ -21,11 +33,33 @@ pub(crate) async fn handle(parts: Parts, incoming: quinn::Incoming, slot: Slot) 
     // Read before the verifier runs: a bundle that changes meanwhile is checked again once
     // the session is registered.
     let generation = parts.trust.generation();
-    let conn = match incoming.await {
-        Ok(conn) => conn,
-        Err(e) => {
-            // Certificate refusals were audited by the verifier with their detail.
+    let refused = |reason: String| {
+        let mut r = parts.audit.record(Event::HandshakeRefused);
+        r.peer = Some(peer.to_string());
+        r.outcome = Some(Outcome::Refused);
+        r.reason = Some(reason);
+        parts.audit.emit_from(Source::address(peer.ip()), r);
+    };
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "handshake failed");
+            // Certificate refusals were audited by the verifier with their detail; a TLS
+            // refusal of another kind (no common ALPN, cipher suite or version) is audited
+            // here, or it would leave no trace.
+            if let Some(alert) = local_tls_alert(&e) {
+                if !CERTIFICATE_ALERTS.contains(&alert) {
+                    refused(format!("TLS handshake refused: {e}"));
+                }
+            }
+            return;
+        }
+        // Dropped, the handshake ends (quinn closes a connection no handle holds).
+        Err(_) => {
+            refused(format!(
+                "the handshake did not complete within {} s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            ));
             return;
         }
     };
@@ -51,9 +85,10 @@ pub(crate) async fn handle(parts: Parts, incoming: quinn::Incoming, slot: Slot) 
                 enrol::refuse_unread(conn).await;
                 return;
             }
+            parts.admission.enrolment_started(peer.ip());
             let enrolled = enrol::enrol(&parts.trust, &parts.store, &parts.audit, conn, peer).await;
-            if !enrolled {
-                parts.admission.enrolment_refused(peer.ip());
+            if enrolled {
+                parts.admission.enrolment_succeeded(peer.ip());
             }
             drop(slot);
         }
@@ -65,16 +100,25 @@ pub(crate) async fn handle(parts: Parts, incoming: quinn::Incoming, slot: Slot) 
             }
         }
         (alpn, certs) => {
-            let mut r = parts.audit.record(Event::HandshakeRefused);
-            r.peer = Some(peer.to_string());
-            r.outcome = Some(Outcome::Refused);
-            r.reason = Some(format!(
+            refused(format!(
                 "ALPN {} with{} a client certificate",
                 alpn.map_or_else(|| "none".into(), String::from_utf8_lossy),
                 if certs.is_some() { "" } else { "out" }
             ));
-            parts.audit.emit_from(Source::address(peer.ip()), r);
             conn.close(codes::REFUSED, b"");
         }
+    }
+}
+
+/// The TLS alert this side's handshake failed with, if it failed on a TLS alert it raised.
+fn local_tls_alert(e: &quinn::ConnectionError) -> Option<u8> {
+    match e {
+        quinn::ConnectionError::TransportError(t) => {
+            let code = u64::from(t.code);
+            (0x100..=0x1ff)
+                .contains(&code)
+                .then(|| (code - 0x100) as u8)
+        }
+        _ => None,
     }
 }

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 
 use super::registry::Registry;
 use super::trust::Trust;
-use crate::audit::Audit;
+use crate::audit::{Audit, Source};
 use crate::config::{ServiceConfig, ServiceMode};
 use crate::identity::inspect_leaf;
 use crate::transport;
@@ -141,13 +141,19 @@ async fn accept(
             accepted = listener.accept() => match accepted {
                 // Bounded: beyond this many queries in progress on one listener, a requester
                 // is closed at once (and audited) instead of waiting.
+                // A requester can cause these at will: held to the audit's per-source burst
+                // and summed up beyond it, like refused handshakes.
                 Ok((tcp, peer)) if queries.len() >= MAX_QUERIES_PER_LISTENER => {
                     drop(tcp);
-                    let log = QueryLog::new(&parts, &svc, peer);
-                    log.emit(
+                    let mut log = QueryLog::new(&parts, &svc, peer);
+                    if let ServiceMode::Tcp { principal } = &svc.mode {
+                        log.source = Some(format!("{principal}@{peer}"));
+                    }
+                    let r = log.record(
                         Outcome::Refused,
-                        format!("{MAX_QUERIES_PER_LISTENER} queries already in progress on this service"),
+                        Some(format!("{MAX_QUERIES_PER_LISTENER} queries already in progress on this service")),
                     );
+                    parts.audit.emit_from(Source::address(peer.ip()), r);
                 }
                 Ok((tcp, peer)) => {
                     // The acceptor is fetched per connection: a CA rotation replaces it.

@@ -95,6 +95,9 @@ pub struct Facts {
     pub revoked: Option<String>,
     /// Whether a revoke from an earlier stop is still to be delivered.
     pub revoke_pending: bool,
+    /// The DNS resolvers (`/etc/resolv.conf`): UDP to port 53 of one of them is a lookup,
+    /// not a second connection.
+    pub resolvers: Vec<IpAddr>,
     /// The configuration file, when given: path and parsed file (or why it did not parse).
     pub config: Option<(PathBuf, Result<ClientConfig, String>)>,
 }
@@ -189,6 +192,7 @@ pub fn gather(
         key_mode,
         bundle_on_disk,
         revoked,
+        resolvers: crate::enforce::resolvers(),
         config,
     })
 }
@@ -465,10 +469,13 @@ fn p4(f: &Facts) -> Assessed {
     holds_if(ok, ev)
 }
 
-fn udp_sockets(s: &Sockets) -> Vec<&procfs::Socket> {
+/// The UDP sockets that are not a DNS lookup to one of `resolvers`.
+fn udp_sockets<'a>(s: &'a Sockets, resolvers: &[IpAddr]) -> Vec<&'a procfs::Socket> {
     s.sockets
         .iter()
-        .filter(|x| x.proto == Proto::Udp && x.remote.port() != 53)
+        .filter(|x| {
+            x.proto == Proto::Udp && !(x.remote.port() == 53 && resolvers.contains(&x.remote.ip()))
+        })
         .collect()
 }
 
@@ -482,7 +489,7 @@ fn p5(f: &Facts) -> Assessed {
     let Ok(sockets) = &f.sockets else {
         return holds_if(false, vec!["cannot read the sockets".into()]);
     };
-    let udp = udp_sockets(sockets);
+    let udp = udp_sockets(sockets, &f.resolvers);
     let connected = f.status.state == State::Connected;
     let allowance = udp_allowance(&f.status);
     let mut ev = vec![format!(
@@ -531,10 +538,20 @@ fn p6(f: &Facts) -> Assessed {
         sockets
             .sockets
             .iter()
-            .filter(|x| x.proto == Proto::Raw)
-            .map(|x| format!("raw socket {}", x.local)),
+            .filter(|x| matches!(x.proto, Proto::Raw | Proto::OtherIp))
+            .map(|x| {
+                format!(
+                    "{} socket {}",
+                    if x.proto == Proto::Raw {
+                        "raw"
+                    } else {
+                        "ICMP or UDP-Lite"
+                    },
+                    x.local
+                )
+            }),
     );
-    if udp_sockets(sockets).len() > udp_allowance(&f.status) {
+    if udp_sockets(sockets, &f.resolvers).len() > udp_allowance(&f.status) {
         wrong.push("a UDP socket that is no Hub connection".into());
     }
     let mut ev = vec![format!(
@@ -549,7 +566,7 @@ fn p6(f: &Facts) -> Assessed {
     )];
     if sockets.other_families > 0 {
         ev.push(format!(
-            "{} local socket(s) of other families (unix, netlink): not network connections",
+            "{} socket(s) of other families (unix, netlink: not network connections; seccomp refuses every other)",
             sockets.other_families
         ));
     }

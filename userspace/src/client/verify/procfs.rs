@@ -135,6 +135,9 @@ pub enum Proto {
     Udp,
     /// `raw`, `raw6`.
     Raw,
+    /// `icmp`, `icmp6` (unprivileged ping sockets) and `udplite`, `udplite6`: IP protocols
+    /// the Client never uses.
+    OtherIp,
 }
 
 /// One socket.
@@ -196,13 +199,19 @@ pub struct Sockets {
     pub read: Vec<PathBuf>,
 }
 
-const TABLES: [(&str, Proto, bool); 6] = [
+/// The tables read: name, protocol, and whether a kernel may lack it (no IPv6, or the
+/// protocol not built).
+const TABLES: [(&str, Proto, bool); 10] = [
     ("tcp", Proto::Tcp, false),
     ("tcp6", Proto::Tcp, true),
     ("udp", Proto::Udp, false),
     ("udp6", Proto::Udp, true),
     ("raw", Proto::Raw, false),
     ("raw6", Proto::Raw, true),
+    ("icmp", Proto::OtherIp, true),
+    ("icmp6", Proto::OtherIp, true),
+    ("udplite", Proto::OtherIp, true),
+    ("udplite6", Proto::OtherIp, true),
 ];
 
 /// The TCP, UDP and raw sockets of `pid` (with `uid` its owner, for the fallback).
@@ -211,12 +220,13 @@ pub fn sockets(proc_root: &Path, pid: u32, uid: u32) -> std::io::Result<Sockets>
     let inodes = socket_inodes(&base.join("fd"));
     let mut all = Vec::new();
     let mut read = Vec::new();
-    for (table, proto, v6) in TABLES {
+    for (table, proto, optional) in TABLES {
         let path = base.join("net").join(table);
+        let v6 = table.ends_with('6');
         match std::fs::read_to_string(&path) {
             Ok(text) => all.extend(parse_table(&text, proto, v6)),
-            // A kernel without IPv6 has no tcp6/udp6/raw6.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && v6 => continue,
+            // A kernel without IPv6 has no tcp6/udp6/raw6 (nor the others without them).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && optional => continue,
             Err(e) => return Err(e),
         }
         read.push(path);

@@ -88,6 +88,7 @@ fn good() -> Facts {
         bundle_on_disk: Ok(vec!["sha256:ab".into()]),
         revoked: None,
         revoke_pending: false,
+        resolvers: vec!["10.0.0.53".parse().unwrap()],
         config: None,
     }
 }
@@ -211,6 +212,18 @@ fn p5_p6_a_second_udp_or_a_raw_socket_breaks_them() {
     s.sockets
         .push(sock(Proto::Udp, "0.0.0.0:40002", "10.0.0.53:53", 1));
     assert_eq!(verdict(&f, "P6"), Verdict::Holds);
+    // Port 53 of an address that is no resolver is a second connection like any other.
+    let mut f = good();
+    let s = f.sockets.as_mut().unwrap();
+    s.sockets
+        .push(sock(Proto::Udp, "0.0.0.0:40002", "203.0.113.9:53", 1));
+    assert_eq!(verdict(&f, "P6"), Verdict::Broken);
+    // A ping socket is not allowed either.
+    let mut f = good();
+    let s = f.sockets.as_mut().unwrap();
+    s.sockets
+        .push(sock(Proto::OtherIp, "0.0.0.0:7", "203.0.113.9:0", 1));
+    assert_eq!(verdict(&f, "P6"), Verdict::Broken);
 }
 
 #[test]
