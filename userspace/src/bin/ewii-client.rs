@@ -488,7 +488,7 @@ fn run(path: &Path) -> ExitCode {
             let how = match (enrolled, &revoked) {
                 (false, _) => Some(Enrolment::First),
                 (true, Some(_)) if spent => {
-                    say("ewii-client: EWII_TOKEN is a token the Hub has answered already (it enrolled this Client, or was refused): not sent again; this Client stays revoked until it is given a new one");
+                    say("ewii-client: EWII_TOKEN is the token this Client was enrolled with, spent: not sent again; this Client stays revoked until it is given a new one");
                     None
                 }
                 (true, Some(reason)) => {

@@ -170,8 +170,10 @@ async fn enrol_audited(
     }
     audit.emit(r);
     audit.flush_async().await;
-    if matches!(result, Ok(_) | Err(EnrolError::Refused)) {
-        // The Hub answered: this token is spent, whatever the answer.
+    if result.is_ok() {
+        // The Hub took it: this token is spent. (A refusal is not noted: the Hub refuses
+        // alike a bad token, a throttled address and its own failure, and a good token
+        // refused for the last two must be sent again.)
         let (path, digest) = (
             state_dir.join(super::state_dir::SPENT_TOKEN),
             token_digest(token),
@@ -186,8 +188,8 @@ async fn enrol_audited(
     result
 }
 
-/// Whether `token` is the last one the Hub answered for `state_dir` (taken or refused), so
-/// sending it again can only be refused. Blocking (a small file read).
+/// Whether `token` is the last one this state directory was enrolled with, so sending it
+/// again can only be refused. Blocking (a small file read).
 pub fn token_spent(state_dir: &Path, token: &str) -> bool {
     std::fs::read_to_string(state_dir.join(super::state_dir::SPENT_TOKEN))
         .is_ok_and(|kept| kept.trim() == token_digest(token))

@@ -14,9 +14,9 @@ pub const REVOKE_PENDING_MARKER: &str = "revoke-pending";
 /// state directory.
 pub const LOCK_FILE: &str = ".lock";
 
-/// The SHA-256 of the last join token the Hub answered (took or refused), hex: a token is
-/// single-use, so a start that finds the same one in `EWII_TOKEN` over a revoked identity does
-/// not send it again (a restart policy would loop it against the Hub).
+/// The SHA-256 of the join token this state directory was last enrolled with, hex: a token
+/// is single-use, so a start that finds the same one in `EWII_TOKEN` over a revoked identity
+/// does not send it again (a restart policy would loop it against the Hub).
 pub const SPENT_TOKEN: &str = "spent-token";
 
 /// Why the state directory could not be locked.

@@ -13,8 +13,9 @@
 //!   is real before the Hub spends a handshake on it;
 //! - a host with [`Limits::enrol_failures`] refused enrolments (bad tokens, bad CSRs) in
 //!   [`Limits::enrol_window`] has its further enrolments refused, unread, until the window
-//!   ends. An enrolment counts from its start and is forgiven when it succeeds, so that many
-//!   at once cannot all pass the check before the first is refused. Sessions (Clients that hold an SVID) from that address are not affected;
+//!   ends. (Enrolments in progress do not count: honest Clients behind one address enrol
+//!   at once in a rollout. So up to [`Limits::per_address`] at once pass the check before
+//!   the first is refused.) Sessions (Clients that hold an SVID) from that address are not affected;
 //! - a Client opens at most [`Limits::sessions_per_minute`] sessions a minute (a burst of that
 //!   many, then one every `60 s / n`): each session costs a synced database write and two audit
 //!   records, and one that reconnects in a loop would spend the store's time for every Client.
@@ -203,8 +204,7 @@ impl Admission {
         (Verdict::Accept, Some(slot))
     }
 
-    /// Whether enrolments from `ip`'s host are refused for now; `Some(count)` (refused and in
-    /// progress) when they are.
+    /// Whether enrolments from `ip`'s host are refused for now; `Some(failures)` when they are.
     pub(crate) fn enrolment_throttled(&self, ip: IpAddr) -> Option<u32> {
         let ip = host(ip);
         let mut s = self.state.lock().ok()?;
@@ -248,9 +248,8 @@ impl Admission {
         true
     }
 
-    /// Counts an enrolment from `ip`'s host as it starts, as if refused: many at once from
-    /// one host are throttled together, not after the first of them is refused.
-    pub(crate) fn enrolment_started(&self, ip: IpAddr) {
+    /// Counts a refused enrolment from `ip`'s host.
+    pub(crate) fn enrolment_refused(&self, ip: IpAddr) {
         let ip = host(ip);
         let Ok(mut s) = self.state.lock() else {
             return;
@@ -268,16 +267,6 @@ impl Admission {
             *e = (0, now);
         }
         e.0 = e.0.saturating_add(1);
-    }
-
-    /// The enrolment started from `ip`'s host succeeded: it is not counted against it.
-    pub(crate) fn enrolment_succeeded(&self, ip: IpAddr) {
-        let ip = host(ip);
-        if let Ok(mut s) = self.state.lock() {
-            if let Some(e) = s.enrol_failures.get_mut(&ip) {
-                e.0 = e.0.saturating_sub(1);
-            }
-        }
     }
 }
 
@@ -359,42 +348,24 @@ mod tests {
         // A window no stall of a loaded machine outlasts, for what holds inside it.
         let a = Admission::new(limits(Duration::from_secs(60)));
         for _ in 0..2 {
-            a.enrolment_started(ip(1));
+            a.enrolment_refused(ip(1));
         }
         assert_eq!(a.enrolment_throttled(ip(1)), None);
-        a.enrolment_started(ip(1));
+        a.enrolment_refused(ip(1));
         assert_eq!(a.enrolment_throttled(ip(1)), Some(3));
         assert_eq!(a.enrolment_throttled(ip(2)), None, "only that address");
         // A short one, for its end: the failures before it no longer count, so two more are
         // below the bound again (five would be above it).
         let a = Admission::new(limits(Duration::from_millis(300)));
         for _ in 0..3 {
-            a.enrolment_started(ip(1));
+            a.enrolment_refused(ip(1));
         }
         std::thread::sleep(Duration::from_millis(350));
         assert_eq!(a.enrolment_throttled(ip(1)), None, "the window ended");
         for _ in 0..2 {
-            a.enrolment_started(ip(1));
+            a.enrolment_refused(ip(1));
         }
         assert_eq!(a.enrolment_throttled(ip(1)), None, "a new window");
-    }
-
-    #[test]
-    fn p8_enrolments_in_progress_count_and_a_success_is_forgiven() {
-        let a = Admission::new(Limits {
-            enrol_failures: 3,
-            ..Limits::default()
-        });
-        // Three at once, none answered yet: the fourth is throttled already.
-        for _ in 0..3 {
-            assert_eq!(a.enrolment_throttled(ip(1)), None);
-            a.enrolment_started(ip(1));
-        }
-        assert_eq!(a.enrolment_throttled(ip(1)), Some(3));
-        // Two of them succeed: only the refused one counts.
-        a.enrolment_succeeded(ip(1));
-        a.enrolment_succeeded(ip(1));
-        assert_eq!(a.enrolment_throttled(ip(1)), None);
     }
 
     #[test]
@@ -417,8 +388,8 @@ mod tests {
             "three addresses of one /64 are one host"
         );
         assert_eq!(a.admit(v6("2001:db8:0:1::1"), true).0, Verdict::Accept);
-        a.enrolment_started(v6("2001:db8::10"));
-        a.enrolment_started(v6("2001:db8::20"));
+        a.enrolment_refused(v6("2001:db8::10"));
+        a.enrolment_refused(v6("2001:db8::20"));
         assert_eq!(a.enrolment_throttled(v6("2001:db8::30")), Some(2));
         assert_eq!(a.enrolment_throttled(v6("2001:db8:0:1::30")), None);
     }

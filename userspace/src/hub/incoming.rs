@@ -85,10 +85,9 @@ pub(crate) async fn handle(parts: Parts, incoming: quinn::Incoming, slot: Slot) 
                 enrol::refuse_unread(conn).await;
                 return;
             }
-            parts.admission.enrolment_started(peer.ip());
             let enrolled = enrol::enrol(&parts.trust, &parts.store, &parts.audit, conn, peer).await;
-            if enrolled {
-                parts.admission.enrolment_succeeded(peer.ip());
+            if !enrolled {
+                parts.admission.enrolment_refused(peer.ip());
             }
             drop(slot);
         }
