@@ -231,7 +231,8 @@ impl AllowList {
 
     /// Checks one address that the DNS name `name` of an entry resolved to, and returns it
     /// canonical. A DNS answer never widens what the Client reaches: loopback, link-local
-    /// (169.254.0.0/16, including the cloud metadata address, fe80::/10, and `fd00:ec2::254`),
+    /// (169.254.0.0/16, including the cloud metadata address, fe80::/10), the other clouds'
+    /// metadata addresses (`fd00:ec2::254`, and Alibaba Cloud's `100.100.100.200`),
     /// unspecified, multicast and broadcast answers are refused — except loopback for the name
     /// `localhost`, which is reserved for it (RFC 6761 §6.3). A customer who means such an
     /// address writes it as a literal.
@@ -244,7 +245,11 @@ impl AllowList {
         }
         let localhost = name.trim_end_matches('.').eq_ignore_ascii_case("localhost");
         let special = match addr.ip() {
-            IpAddr::V4(v4) => (v4.is_loopback() && !localhost) || v4.is_link_local(),
+            IpAddr::V4(v4) => {
+                (v4.is_loopback() && !localhost)
+                    || v4.is_link_local()
+                    || v4 == std::net::Ipv4Addr::new(100, 100, 100, 200)
+            }
             IpAddr::V6(v6) => {
                 (v6.is_loopback() && !localhost)
                     || (v6.segments()[0] & 0xffc0) == 0xfe80
@@ -382,6 +387,8 @@ mod tests {
             ("db.example.org", "169.254.169.254:80"),
             ("db.example.org", "[fe80::1]:80"),
             ("db.example.org", "[fd00:ec2::254]:80"),
+            ("db.example.org", "100.100.100.200:80"),
+            ("db.example.org", "[::ffff:100.100.100.200]:80"),
             ("vm", "127.0.0.1:22"),
         ] {
             let addr: SocketAddr = answer.parse().unwrap();
