@@ -665,12 +665,6 @@ async fn p11_a_query_cut_by_its_sessions_end_keeps_its_byte_counts() {
     // A destination that accepts and never reads.
     let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sink_addr = sink.local_addr().unwrap();
-    let holder = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = sink.accept().await {
-            held.push(s);
-        }
-    });
     let hub = TestHub::start(&[Service::tcp("svc", "acme", "sink")]).await;
     let mut client = TestClient::enrol(&hub, "acme", &[("sink", sink_addr.to_string())]).await;
     client.start();
@@ -681,7 +675,21 @@ async fn p11_a_query_cut_by_its_sessions_end_keeps_its_byte_counts() {
         let chunk = vec![7u8; 64 * 1024];
         while requester.write_all(&chunk).await.is_ok() {}
     });
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Waits until more than 64 KiB came through the tunnel and wait, unread, at the
+    // destination.
+    let (held, _) = tokio::time::timeout(SOON, sink.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut peeked = vec![0u8; 256 * 1024];
+    tokio::time::timeout(SOON, async {
+        while held.peek(&mut peeked).await.unwrap() <= 64 * 1024 {
+            // peek does not consume readiness: look again shortly, not in a spin.
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await
+    .expect("the tunnel moved less than 64 KiB");
     assert!(admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap());
     let r = client
         .wait_audit("the cut query's record", is(Event::Query))
@@ -695,8 +703,13 @@ async fn p11_a_query_cut_by_its_sessions_end_keeps_its_byte_counts() {
         r.bytes_up.is_some_and(|b| b > 64 * 1024),
         "the bytes it moved: {r:?}"
     );
+    // The session's end names the Hub it was with.
+    let lost = client
+        .wait_audit("the session's end", is(Event::SessionLost))
+        .await;
+    assert_eq!(lost.peer, Some(hub.addr.to_string()), "{lost:?}");
     pushing.abort();
-    holder.abort();
+    drop(held);
 }
 
 fn token_hash(hub: &TestHub) -> String {

@@ -426,15 +426,31 @@ fn p9_stop_while_connected_says_goodbye_drains_and_exits() {
     assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
 }
 
+/// Connected with the default configuration (`on_stop = "revoke"`), stopped: `Goodbye`
+/// sent and taken.
+fn stopping_connected() -> (Sim, u64) {
+    let (mut sim, id) = Sim::connected(config(), svid_at(START));
+    sim.s.handle_stop(sim.now);
+    sim.actions();
+    (sim, id)
+}
+
+/// A start with a pending revoke whose dial came up: `Goodbye { revoke }` sent and taken.
+fn delivering_pending_revoke() -> (Sim, u64) {
+    let mut sim = pending_revoke_sim();
+    sim.actions();
+    let id = sim.dialed();
+    sim.actions();
+    (sim, id)
+}
+
 /// "Stopping the container revokes it" is only said once the Hub has said so: a stop whose
 /// connection is lost, or whose drain runs out, before the Hub acknowledged the `Goodbye`
 /// keeps the revoke pending for the next start.
 #[test]
 fn p9_a_stop_the_hub_did_not_acknowledge_keeps_the_revoke_pending() {
     // Lost before the acknowledgement (the link died just before the stop).
-    let (mut sim, id) = Sim::connected(config(), svid_at(START));
-    sim.s.handle_stop(sim.now);
-    sim.actions();
+    let (mut sim, id) = stopping_connected();
     sim.s.handle_lost(sim.now, id, 7);
     assert_eq!(
         sim.actions(),
@@ -442,9 +458,7 @@ fn p9_a_stop_the_hub_did_not_acknowledge_keeps_the_revoke_pending() {
     );
 
     // Acknowledged, then lost while a query still ran: the revoke is done.
-    let (mut sim, id) = Sim::connected(config(), svid_at(START));
-    sim.s.handle_stop(sim.now);
-    sim.actions();
+    let (mut sim, id) = stopping_connected();
     sim.s.handle_goodbye_acknowledged(id);
     assert_eq!(sim.actions(), vec![]);
     sim.s.handle_lost(sim.now, id, 7);
@@ -454,9 +468,7 @@ fn p9_a_stop_the_hub_did_not_acknowledge_keeps_the_revoke_pending() {
     );
 
     // An acknowledgement on another connection is not this one's.
-    let (mut sim, id) = Sim::connected(config(), svid_at(START));
-    sim.s.handle_stop(sim.now);
-    sim.actions();
+    let (mut sim, id) = stopping_connected();
     sim.s.handle_goodbye_acknowledged(id + 1);
     sim.s.handle_lost(sim.now, id, 7);
     assert_eq!(
@@ -466,10 +478,7 @@ fn p9_a_stop_the_hub_did_not_acknowledge_keeps_the_revoke_pending() {
 
     // Delivering a revoke pending from an earlier stop: lost before the acknowledgement,
     // it is not over; it is dialled again after a backoff, and ends once acknowledged.
-    let mut sim = pending_revoke_sim();
-    sim.actions();
-    let id = sim.dialed();
-    sim.actions();
+    let (mut sim, id) = delivering_pending_revoke();
     sim.s.handle_lost(sim.now, id, 7);
     assert_eq!(sim.actions(), vec![]);
     assert_eq!(sim.s.phase(), Phase::Revoking);
@@ -477,10 +486,7 @@ fn p9_a_stop_the_hub_did_not_acknowledge_keeps_the_revoke_pending() {
     sim.revoke_delivered();
     assert_eq!(sim.actions(), pending_revoke_done());
     // The same, its drain running out unacknowledged: dialled again too.
-    let mut sim = pending_revoke_sim();
-    sim.actions();
-    let id = sim.dialed();
-    sim.actions();
+    let (mut sim, id) = delivering_pending_revoke();
     assert_eq!(
         sim.advance(),
         vec![Action::Close {
@@ -490,18 +496,12 @@ fn p9_a_stop_the_hub_did_not_acknowledge_keeps_the_revoke_pending() {
     );
     assert_eq!(sim.s.phase(), Phase::Revoking);
     // A stop asked for meanwhile ends it, the revoke still pending (on disk already).
-    let mut sim = pending_revoke_sim();
-    sim.actions();
-    let id = sim.dialed();
-    sim.actions();
+    let (mut sim, id) = delivering_pending_revoke();
     sim.s.handle_stop(sim.now);
     sim.s.handle_lost(sim.now, id, 7);
     assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
     // Acknowledged, then lost: revoked.
-    let mut sim = pending_revoke_sim();
-    sim.actions();
-    let id = sim.dialed();
-    sim.actions();
+    let (mut sim, id) = delivering_pending_revoke();
     sim.s.handle_goodbye_acknowledged(id);
     sim.s.handle_lost(sim.now, id, 7);
     assert_eq!(sim.actions(), pending_revoke_done());

@@ -623,18 +623,48 @@ mod tests {
 
     /// A sink that fails (a full disk) until it is healed, then takes at most 7 bytes per
     /// write: records must survive both, whole, in order, each once.
+    /// What a [`Failing`] sink went through.
+    #[derive(Default)]
+    struct Failures {
+        healed: bool,
+        tries: usize,
+        written: Vec<u8>,
+    }
+
     #[derive(Clone, Default)]
-    struct Failing(Arc<Mutex<(bool, usize, Vec<u8>)>>);
+    struct Failing(Arc<(Mutex<Failures>, Condvar)>);
+
+    impl Failing {
+        /// Waits (at most 5 s) until the writer has tried `n` times.
+        fn wait_tries(&self, n: usize) -> bool {
+            let (lock, cvar) = &*self.0;
+            let state = lock.lock().unwrap();
+            let (_state, waited) = cvar
+                .wait_timeout_while(state, Duration::from_secs(5), |s| s.tries < n)
+                .unwrap();
+            !waited.timed_out()
+        }
+
+        fn heal(&self) {
+            self.0 .0.lock().unwrap().healed = true;
+        }
+
+        fn written(&self) -> Vec<u8> {
+            self.0 .0.lock().unwrap().written.clone()
+        }
+    }
 
     impl Write for Failing {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            let mut state = self.0.lock().unwrap();
-            if !state.0 {
-                state.1 += 1;
+            let (lock, cvar) = &*self.0;
+            let mut state = lock.lock().unwrap();
+            if !state.healed {
+                state.tries += 1;
+                cvar.notify_all();
                 return Err(io::Error::from_raw_os_error(28)); // ENOSPC
             }
             let n = buf.len().min(7);
-            state.2.extend_from_slice(&buf[..n]);
+            state.written.extend_from_slice(&buf[..n]);
             Ok(n)
         }
         fn flush(&mut self) -> io::Result<()> {
@@ -655,20 +685,15 @@ mod tests {
         };
         emit(0);
         // The writer took the first record and is stuck on it; 16 more fill the backlog.
-        let mut waited = Duration::ZERO;
-        while sink.0.lock().unwrap().1 < 2 {
-            assert!(waited < Duration::from_secs(5), "the writer never tried");
-            thread::sleep(Duration::from_millis(5));
-            waited += Duration::from_millis(5);
-        }
+        assert!(sink.wait_tries(2), "the writer never tried");
         for i in 1..=16 {
             assert!(audit.admit_query());
             emit(i);
         }
         assert!(!audit.admit_query(), "refused while the sink fails");
-        sink.0.lock().unwrap().0 = true;
+        sink.heal();
         audit.flush();
-        let bytes = sink.0.lock().unwrap().2.clone();
+        let bytes = sink.written();
         let lines: Vec<serde_json::Value> = String::from_utf8(bytes)
             .unwrap()
             .lines()
