@@ -30,6 +30,9 @@ pub enum Event {
     SessionUp,
     /// A session ended (`reason` says why).
     SessionLost,
+    /// Client: a dial to the Hub ended without a session (`outcome` `refused` when the Hub,
+    /// or this side's check of the Hub, said no; `failed` when the network or a name did).
+    SessionFailed,
     /// A TLS handshake was refused by this side (`reason` has the local detail).
     HandshakeRefused,
     /// A Client enrolled (Hub) / this Client enrolled (Client).
@@ -250,10 +253,14 @@ impl AuditRecord {
         let (activity_id, activity_name) = match (self.event, self.outcome) {
             (Event::Query, Some(Outcome::Ok)) => (6, "Traffic"),
             (
-                Event::Query | Event::KernelDenied | Event::HandshakeRefused | Event::AuditBacklog,
+                Event::Query
+                | Event::KernelDenied
+                | Event::HandshakeRefused
+                | Event::AuditBacklog
+                | Event::SessionFailed,
                 Some(Outcome::Refused),
             ) => (5, "Refuse"),
-            (Event::Query, _) => (4, "Fail"),
+            (Event::Query | Event::SessionFailed, _) => (4, "Fail"),
             (Event::SessionUp, _) => (1, "Open"),
             (Event::SessionLost, _) => (2, "Close"),
             _ => (99, "Other"),
@@ -398,6 +405,15 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&refused.render(Format::Ocsf)).unwrap();
         assert_eq!(v["activity_id"], 5);
         assert_eq!(v["status"], "Failure");
+        // A Client's dial that got no session: refused by the Hub, or failed on the way.
+        for (outcome, activity) in [(Outcome::Refused, 5), (Outcome::Failed, 4)] {
+            let mut r = AuditRecord::new(Timestamp(0), Side::Client, Event::SessionFailed);
+            r.outcome = Some(outcome);
+            let v: serde_json::Value = serde_json::from_str(&r.render(Format::Ocsf)).unwrap();
+            assert_eq!(v["activity_id"], activity, "{outcome:?}");
+            assert_eq!(v["type_uid"], 400100 + activity, "{outcome:?}");
+            assert_eq!(v["unmapped"]["event"], "session_failed");
+        }
     }
 
     #[test]

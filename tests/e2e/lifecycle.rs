@@ -1834,6 +1834,21 @@ async fn p14_a_client_that_reconnects_in_a_loop_is_refused_past_its_rate_and_no_
         said.contains("reconnecting too often (refused, code 5)")
     })
     .await;
+    // And its audit says so to the customer's SIEM: the Hub refused it, from where.
+    let r = looping
+        .wait_audit("the refused dial on record", |r| {
+            r.event == Event::SessionFailed
+                && r.reason
+                    .as_deref()
+                    .is_some_and(|s| s.contains("reconnecting too often (refused, code 5)"))
+        })
+        .await;
+    assert_eq!(r.outcome, Some(Outcome::Refused), "{r:?}");
+    assert_eq!(r.peer, Some(hub.addr.to_string()));
+    assert_eq!(
+        r.client.as_deref(),
+        Some("spiffe://test.ewii.local/client/acme")
+    );
     looping.stop().await;
     // The other Client has its own rate: it reconnects, and serves as before.
     other.stop().await;

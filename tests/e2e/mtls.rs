@@ -275,6 +275,19 @@ async fn p7_client_refuses_a_hub_with_the_wrong_spiffe_id() {
         .records()
         .iter()
         .all(|r| r.event != Event::SessionUp));
+    // The dial's own record: refused (by this side's check of the Hub), not a network failure.
+    let failed = client
+        .wait_audit("session_failed", is(Event::SessionFailed))
+        .await;
+    assert_eq!(failed.outcome, Some(Outcome::Refused), "{failed:?}");
+    assert_eq!(failed.peer, Some(addr.to_string()));
+    assert!(
+        failed
+            .reason
+            .as_deref()
+            .is_some_and(|s| s.contains("invalid peer certificate")),
+        "{failed:?}"
+    );
     client.stop().await;
 }
 
@@ -402,6 +415,24 @@ async fn p5_client_refuses_a_hub_that_offers_no_chacha20_poly1305() {
         1,
         "only the ChaCha20 Hub gave a session"
     );
+    // Each refused dial is on record as the Hub's refusal, with its words.
+    let refused: Vec<_> = client
+        .audit
+        .records()
+        .into_iter()
+        .filter(|r| r.event == Event::SessionFailed)
+        .collect();
+    assert!(refused.len() >= 2, "{refused:?}");
+    for r in &refused {
+        assert_eq!(r.outcome, Some(Outcome::Refused), "{r:?}");
+        assert_eq!(r.peer, Some(addr.to_string()), "{r:?}");
+        assert!(
+            r.reason
+                .as_deref()
+                .is_some_and(|s| s.ends_with("NoCipherSuitesInCommon")),
+            "{r:?}"
+        );
+    }
     client.stop().await;
 }
 

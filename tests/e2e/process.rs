@@ -1091,9 +1091,12 @@ async fn p14_a_hub_name_that_does_not_resolve_at_start_is_retried_with_the_unpri
         .unwrap()
         .read_to_string(&mut out)
         .unwrap();
-    let enforcement: serde_json::Value = out
+    let records: Vec<serde_json::Value> = out
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .collect();
+    let enforcement = records
+        .iter()
         .find(|r| r["event"] == "enforcement")
         .unwrap();
     assert_eq!(enforcement["outcome"], "ok", "{enforcement}");
@@ -1102,6 +1105,20 @@ async fn p14_a_hub_name_that_does_not_resolve_at_start_is_retried_with_the_unpri
         reason.starts_with("require = \"any\": ebpf unavailable ("),
         "{reason}"
     );
+    // Each failed dial is on record for the SIEM, as the network's failure (not the Hub's
+    // refusal), with the Hub as configured (no address to give) and the same words as status.
+    let failed: Vec<_> = records
+        .iter()
+        .filter(|r| r["event"] == "session_failed")
+        .collect();
+    assert!(failed.len() >= 3, "one per failed dial: {out}");
+    for r in failed {
+        assert_eq!(r["outcome"], "failed", "{r}");
+        assert_eq!(r["peer"], format!("hub.invalid:{}", hub.addr.port()), "{r}");
+        assert_eq!(r["client"], "spiffe://test.ewii.local/client/acme", "{r}");
+        let why = r["reason"].as_str().unwrap();
+        assert!(why.starts_with("cannot resolve the Hub hub.invalid"), "{r}");
+    }
     assert!(
         reason.contains("landlock active") && reason.contains("seccomp active"),
         "{reason}"

@@ -106,8 +106,50 @@ pub(crate) struct DialPlan {
     pub(crate) query_window: u32,
 }
 
-/// Dials the Hub and opens the control stream: `Hello` → `Welcome`. Audits `session_up`.
+impl ConnectError {
+    /// Whether the Hub (or this side's check of the Hub) said no, as opposed to a network,
+    /// a name or a local resource that failed: the `outcome` of a `session_failed` record.
+    pub(crate) fn refused(&self) -> bool {
+        match self {
+            Self::Revoked(_) | Self::ClosedByHub(_) | Self::Refused(_) => true,
+            Self::Handshake { source, .. } => match source {
+                // The Hub closed it: its TLS alert (a certificate it refused) or its words.
+                quinn::ConnectionError::ConnectionClosed(_)
+                | quinn::ConnectionError::ApplicationClosed(_) => true,
+                // This side's TLS refused the Hub's certificate or offer (a TLS alert's QUIC
+                // code, 0x100 + alert: RFC 9001 §4.8).
+                quinn::ConnectionError::TransportError(e) => u64::from(e.code) >> 8 == 1,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// Dials the Hub and opens the control stream: `Hello` → `Welcome`. Audits `session_up`, or
+/// `session_failed` with why (a revocation has its own record, written by the session).
 pub(crate) async fn dial(plan: Arc<DialPlan>) -> Result<Opened, ConnectError> {
+    let mut peer = None;
+    let dialled = open(&plan, &mut peer).await;
+    if let Err(e) = &dialled {
+        if !matches!(e, ConnectError::Revoked(_)) {
+            let mut r = plan.audit.record(Event::SessionFailed);
+            r.client = Some(plan.identity.leaf.id.to_string());
+            r.peer = Some(peer.map_or_else(|| plan.hub.to_string(), |a| a.to_string()));
+            r.outcome = Some(if e.refused() {
+                Outcome::Refused
+            } else {
+                Outcome::Failed
+            });
+            r.reason = Some(ewii_common::text::printable(&e.to_string()).into_owned());
+            plan.audit.emit(r);
+        }
+    }
+    dialled
+}
+
+/// [`dial`]'s work; `peer` is set once the Hub's name resolved.
+async fn open(plan: &DialPlan, peer: &mut Option<SocketAddr>) -> Result<Opened, ConnectError> {
     let leaf = &plan.identity.leaf;
     let verifier = SpiffeVerifier::new(plan.bundle.clone(), &plan.hub_trust_domain, Expect::Hub)
         .with_audit(plan.audit.clone());
@@ -115,6 +157,7 @@ pub(crate) async fn dial(plan: Arc<DialPlan>) -> Result<Opened, ConnectError> {
         transport::tls_client_config(Some(&plan.identity.svid), Arc::new(verifier), frame::ALPN)?;
     let quic = transport::quic_client_config(tls, plan.max_queries, plan.query_window)?;
     let addr = resolve(&plan.hub).await?;
+    *peer = Some(addr);
     let endpoint = client_endpoint(addr).map_err(ConnectError::Socket)?;
     let conn = endpoint
         .connect_with(quic, addr, &plan.hub.host)
