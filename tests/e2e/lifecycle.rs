@@ -460,7 +460,11 @@ async fn p10_central_revoke_closes_a_live_session_within_1s_and_a_restart_exits_
     client.start();
     hub.wait_connected("acme").await;
     let t0 = Instant::now();
-    assert!(admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap());
+    assert!(
+        admin::revoke(&hub.state_dir(), "acme", "contract ended")
+            .unwrap()
+            .revoked
+    );
     // The Hub closes the connection, then writes this record.
     hub.wait_audit("revoked", |r| {
         r.event == Event::Revoked
@@ -690,7 +694,11 @@ async fn p11_a_query_cut_by_its_sessions_end_keeps_its_byte_counts() {
     })
     .await
     .expect("the tunnel moved less than 64 KiB");
-    assert!(admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap());
+    assert!(
+        admin::revoke(&hub.state_dir(), "acme", "contract ended")
+            .unwrap()
+            .revoked
+    );
     let r = client
         .wait_audit("the cut query's record", is(Event::Query))
         .await;
@@ -725,7 +733,11 @@ async fn p10_a_revocation_made_while_the_hub_is_down_holds_after_its_restart_and
     client.start();
     hub.wait_connected("acme").await;
     hub.stop().await;
-    assert!(admin::revoke(&hub.state_dir(), "acme", "while down").unwrap());
+    assert!(
+        admin::revoke(&hub.state_dir(), "acme", "while down")
+            .unwrap()
+            .revoked
+    );
     hub.restart().await;
     hub.wait_audit("refused", |r| {
         r.event == Event::HandshakeRefused
@@ -1391,7 +1403,11 @@ async fn p10_a_revoke_closes_every_connection_of_the_client_also_a_draining_one(
     );
 
     let t0 = Instant::now();
-    assert!(admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap());
+    assert!(
+        admin::revoke(&hub.state_dir(), "acme", "contract ended")
+            .unwrap()
+            .revoked
+    );
     for (what, conn) in [
         ("new", &new.conn),
         ("draining", &old.conn),
@@ -1551,7 +1567,11 @@ async fn p10_a_central_revoke_of_an_offline_client_is_audited_at_once() {
     })
     .await;
     let t0 = Instant::now();
-    assert!(admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap());
+    assert!(
+        admin::revoke(&hub.state_dir(), "acme", "contract ended")
+            .unwrap()
+            .revoked
+    );
     let r = hub.wait_audit("the revocation", is(Event::Revoked)).await;
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
     assert_eq!(

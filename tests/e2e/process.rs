@@ -1444,6 +1444,51 @@ async fn p12_the_client_binary_writes_ocsf_network_activity_field_by_field() {
     }
 }
 
+/// P10 as the operator sees it: `ewii-hub revoke` says whether the customer hears of it. A
+/// Client whose token named a webhook is notified there (the URL is said, and the running Hub
+/// delivers it); one whose token named none gets a warning that nobody is told, rather than
+/// the operator assuming a notice went out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p10_revoke_says_whether_the_customer_is_notified() {
+    let receiver = Receiver::start(Vec::new()).await;
+    let hub = TestHub::start_custom(&[], "[webhooks]\ndanger_allow_private_targets = true\n").await;
+    let token = hub.token_with_webhook("acme", &receiver.url);
+    let _acme = TestClient::enrol_with(&hub, &token, &[("db", "127.0.0.1:9".into())]).await;
+    let _beta = TestClient::enrol(&hub, "beta", &[("db", "127.0.0.1:9".into())]).await;
+    let state = hub.state_dir();
+    let s = state.to_str().unwrap();
+    let revoke = |client: &str| {
+        Command::new(bin_path("ewii-hub"))
+            .args(["revoke", "--state-dir", s, "--client", client])
+            .output()
+            .unwrap()
+    };
+    let out = revoke("beta");
+    let err = exits_saying_once(&out, 0, "beta has no webhook URL");
+    assert!(err.contains("the customer is not notified"), "{err}");
+    let out = revoke("acme");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    assert_eq!(stderr_of(&out), "", "no warning with a webhook");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("revoked acme"), "{said}");
+    assert!(
+        said.contains(&format!(
+            "the customer's webhook ({}) is notified",
+            receiver.url
+        )),
+        "{said}"
+    );
+    poll_until("the notice delivered", SOON, || {
+        receiver.deliveries().len() == 1
+    })
+    .await;
+    // Again: nothing changes, so no notice and no warning.
+    let out = revoke("beta");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(stderr_of(&out), "");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("beta was already revoked"));
+}
+
 /// The Hub's mistakes an operator makes first: an uninitialised state directory is named once
 /// with the command that fixes it (exit 3), a bad config file is exit 2 with its error once,
 /// and the enrolment line of `token create` carries the address the operator gave.

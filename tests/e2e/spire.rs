@@ -738,7 +738,11 @@ async fn p10_a_federated_clients_revocation_reaches_the_webhook_of_its_table_sig
     assert!(printed.status.success(), "{printed:?}");
     let key = String::from_utf8(printed.stdout).unwrap().trim().to_owned();
     assert!(key.starts_with("whpk_"), "{key}");
-    assert!(admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap());
+    assert!(
+        admin::revoke(&hub.state_dir(), "acme", "contract ended")
+            .unwrap()
+            .revoked
+    );
     assert_eq!(
         session.closed_by_hub().await,
         Some(ewii::transport::codes::REVOKED.into_inner())
@@ -784,7 +788,11 @@ async fn p10_a_federated_client_is_revoked_by_name_and_stays_revoked() {
         },
         mut client,
     ) = Setup::connected().await;
-    assert!(admin::revoke(&hub.state_dir(), "acme", "operator says no").unwrap());
+    assert!(
+        admin::revoke(&hub.state_dir(), "acme", "operator says no")
+            .unwrap()
+            .revoked
+    );
     match client.ended(SOON).await {
         Ok(Exit::Revoked { reason }) => assert!(reason.contains("operator says no"), "{reason}"),
         other => panic!("expected a revocation, got {other:?}"),

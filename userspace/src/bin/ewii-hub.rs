@@ -431,12 +431,21 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Err(code) = writable(&state_dir) {
                 return Ok(code);
             }
-            if admin::revoke(&state_dir, &client, &reason)? {
-                println!(
-                    "revoked {client}: a live session closes within 1 s; the Client cannot return"
-                );
-            } else {
+            let done = admin::revoke(&state_dir, &client, &reason)?;
+            if !done.revoked {
                 println!("{client} was already revoked");
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "revoked {client}: a live session closes within 1 s; the Client cannot return"
+            );
+            match done.webhook {
+                Some(url) => println!(
+                    "the customer's webhook ({url}) is notified by the running Hub (its audit records the delivery: `webhook_delivered`)"
+                ),
+                None => eprintln!(
+                    "ewii-hub: warning: {client} has no webhook URL (its token was created without --webhook): the customer is not notified; tell them yourself"
+                ),
             }
         }
         Command::Readmit { state_dir, client } => {

@@ -154,15 +154,30 @@ pub fn create_token(
     })
 }
 
+/// What [`revoke`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// False when the client was revoked already (nothing changed, no notice queued).
+    pub revoked: bool,
+    /// Where the customer's notice goes; `None`: the client has no webhook, and nobody is
+    /// notified but by the operator.
+    pub webhook: Option<String>,
+}
+
 /// `ewii-hub revoke`: revokes `client` now; the running Hub closes its live session within a
-/// second and delivers the customer's webhook. Returns false when it was revoked already.
-pub fn revoke(state_dir: &Path, client: &str, reason: &str) -> Result<bool, HubError> {
+/// second and delivers the customer's webhook, if the client has one.
+pub fn revoke(state_dir: &Path, client: &str, reason: &str) -> Result<Revocation, HubError> {
     let db = Db::open(&state_dir.join(DB_FILE))?;
-    if !db.clients()?.iter().any(|c| c.name == client) {
-        return Err(HubError::Invalid(format!("no client named {client:?}")));
-    }
+    let row = db
+        .clients()?
+        .into_iter()
+        .find(|c| c.name == client)
+        .ok_or_else(|| HubError::Invalid(format!("no client named {client:?}")))?;
     let now = crate::now_timestamp().unix_secs() as i64;
-    Ok(db.revoke_client(client, reason, now, true)?)
+    Ok(Revocation {
+        revoked: db.revoke_client(client, reason, now, true)?,
+        webhook: row.webhook,
+    })
 }
 
 /// `ewii-hub readmit`: lifts the revocation of a `[[federation]]` Client (its SVIDs come from
