@@ -5,13 +5,14 @@
 //! bounded in size and time, a bounded number of scrapes at once. `GET /metrics` answers the
 //! audit-derived counters and the Hub's live gauges; anything else is 404 or 405.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ewii_common::audit::Side;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 use super::HubHandle;
 use crate::audit::metrics::Exposition;
@@ -21,45 +22,87 @@ use crate::audit::Audit;
 const MAX_HEAD: usize = 8 * 1024;
 /// How long a scraper has to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Scrapes served at once; more wait for their turn.
+/// Scrapes served at once. When all are taken, a new connection displaces the oldest one that
+/// has not sent its request yet, so that idle connections (16, renewed every 5 s) cannot keep
+/// Prometheus out; only connections being answered make a new one wait.
 const MAX_SCRAPES: usize = 16;
+
+/// Connections still waiting for their request head, oldest first: each can be told to go.
+#[derive(Default)]
+struct Waiting {
+    next: u64,
+    by_age: BTreeMap<u64, Arc<Notify>>,
+}
+
+impl Waiting {
+    fn add(&mut self) -> (u64, Arc<Notify>) {
+        let id = self.next;
+        self.next += 1;
+        let go = Arc::new(Notify::new());
+        self.by_age.insert(id, go.clone());
+        (id, go)
+    }
+}
 
 /// Serves until the task is dropped.
 pub(super) async fn serve(listener: TcpListener, audit: Audit, hub: HubHandle) {
     let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
+    let waiting = Arc::new(Mutex::new(Waiting::default()));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let (audit, hub) = (audit.clone(), hub.clone());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let _ = tokio::time::timeout(READ_TIMEOUT, answer(stream, &audit, &hub)).await;
-                });
-            }
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
             Err(e) => {
                 tracing::warn!(error = %e, "metrics listener: accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-        }
+        };
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // Full: the oldest connection that has sent nothing whole yet makes room (its
+                // permit comes back as it ends); if every one is being answered, wait.
+                if let Some((_, go)) = lock(&waiting).by_age.pop_first() {
+                    go.notify_one();
+                }
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                permit
+            }
+        };
+        let (id, go) = lock(&waiting).add();
+        let (audit, hub, waiting) = (audit.clone(), hub.clone(), waiting.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ =
+                tokio::time::timeout(READ_TIMEOUT, answer(stream, go, id, &waiting, &audit, &hub))
+                    .await;
+            lock(&waiting).by_age.remove(&id);
+        });
     }
 }
 
-async fn answer(mut stream: TcpStream, audit: &Audit, hub: &HubHandle) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > MAX_HEAD {
-            return respond(&mut stream, "431 Request Header Fields Too Large", "").await;
-        }
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
+fn lock(waiting: &Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
+    waiting.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn answer(
+    mut stream: TcpStream,
+    go: Arc<Notify>,
+    id: u64,
+    waiting: &Mutex<Waiting>,
+    audit: &Audit,
+    hub: &HubHandle,
+) -> std::io::Result<()> {
+    let head = tokio::select! {
+        head = read_head(&mut stream) => head?,
+        () = go.notified() => return Ok(()),
+    };
+    lock(waiting).by_age.remove(&id);
+    let Some(head) = head else {
+        return respond(&mut stream, "431 Request Header Fields Too Large", "").await;
+    };
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
     let (method, target) = (
@@ -71,6 +114,24 @@ async fn answer(mut stream: TcpStream, audit: &Audit, hub: &HubHandle) -> std::i
         (b"GET", _) => respond(&mut stream, "404 Not Found", "only /metrics is served\n").await,
         _ => respond(&mut stream, "405 Method Not Allowed", "GET /metrics only\n").await,
     }
+}
+
+/// The request head, up to its blank line; `None` when it is longer than [`MAX_HEAD`]. A peer
+/// that closes first is an error.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() > MAX_HEAD {
+            return Ok(None);
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(Some(head))
 }
 
 async fn respond(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
