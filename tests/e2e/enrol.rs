@@ -94,6 +94,34 @@ async fn p7_an_expired_token_is_refused_with_the_same_answer() {
     assert_eq!(refused.reason.as_deref(), Some("expired token"));
 }
 
+/// An enrolment that never reached a Hub (its name does not resolve) is on record as failed,
+/// not refused: a SIEM rule on refused enrolments (a bad or stolen token) does not fire for a
+/// network that was down.
+#[tokio::test]
+async fn an_enrolment_that_reaches_no_hub_is_recorded_as_failed_not_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = client_audit();
+    // `.invalid` never resolves (RFC 6761 §6.4).
+    let res = enrol(
+        &"hub.invalid:443".parse().unwrap(),
+        "ewii_jt_0000",
+        [0x42u8; 32],
+        dir.path(),
+        &audit,
+    )
+    .await;
+    assert!(matches!(res, Err(EnrolError::Resolve(_))), "{res:?}");
+    let r = wait_audit(&audit, "enrolment_refused", is(Event::EnrolmentRefused)).await;
+    assert_eq!(r.outcome, Some(Outcome::Failed), "{r:?}");
+    assert_eq!(r.peer.as_deref(), Some("hub.invalid:443"));
+    assert!(
+        r.reason
+            .as_deref()
+            .is_some_and(|s| s.starts_with("cannot resolve the Hub hub.invalid:443: ")),
+        "{r:?}"
+    );
+}
+
 #[tokio::test]
 async fn p7_a_client_pinned_to_another_bundle_aborts_before_sending_the_token() {
     let hub = TestHub::start(&[]).await;
@@ -111,6 +139,7 @@ async fn p7_a_client_pinned_to_another_bundle_aborts_before_sending_the_token() 
     .await;
     assert!(matches!(res, Err(EnrolError::HubNotTrusted(_))), "{res:?}");
     let refused = wait_audit(&audit, "enrolment_refused", is(Event::EnrolmentRefused)).await;
+    assert_eq!(refused.outcome, Some(Outcome::Refused), "this side said no");
     assert!(refused.reason.unwrap().contains("the token was NOT sent"));
     // The Hub never saw an enrolment request, and the token is still unused: it works now.
     assert!(hub

@@ -63,8 +63,13 @@ pub enum ConnectError {
     Control(#[from] StreamError),
     /// The Hub closed the connection before `Welcome`, saying why (e.g. `reconnecting too
     /// often`).
-    #[error("closed by the Hub before Welcome: {0}")]
-    ClosedByHub(String),
+    #[error("closed by the Hub before Welcome: {said}")]
+    ClosedByHub {
+        /// Its close code (`transport::codes`).
+        code: u64,
+        /// Its words and the code's name.
+        said: String,
+    },
     /// The Hub did not answer `Hello` in time.
     #[error("no Welcome within {0:?}")]
     NoWelcome(Duration),
@@ -107,22 +112,56 @@ pub(crate) struct DialPlan {
 }
 
 impl ConnectError {
-    /// Whether the Hub (or this side's check of the Hub) said no, as opposed to a network,
-    /// a name or a local resource that failed: the `outcome` of a `session_failed` record.
+    /// Whether the Hub, or this side's check of the Hub, said no by policy (a certificate
+    /// refused by either side's TLS, a revoked identity, a Client reconnecting too often or
+    /// speaking another version, an untrusted CA), as opposed to a network, a name, a restart,
+    /// a load bound or a local step that failed: the `outcome` of a `session_failed` record.
     pub(crate) fn refused(&self) -> bool {
         match self {
-            Self::Revoked(_) | Self::ClosedByHub(_) | Self::Refused(_) => true,
+            Self::Revoked(_) | Self::Refused(_) => true,
+            Self::ClosedByHub { code, .. } => policy_close(*code),
             Self::Handshake { source, .. } => match source {
-                // The Hub closed it: its TLS alert (a certificate it refused) or its words.
-                quinn::ConnectionError::ConnectionClosed(_)
-                | quinn::ConnectionError::ApplicationClosed(_) => true,
-                // This side's TLS refused the Hub's certificate or offer (a TLS alert's QUIC
-                // code, 0x100 + alert: RFC 9001 §4.8).
-                quinn::ConnectionError::TransportError(e) => u64::from(e.code) >> 8 == 1,
+                // The Hub's TLS alert: a certificate (or an offer) it refused.
+                quinn::ConnectionError::ConnectionClosed(c) => tls_refusal(c.error_code.into()),
+                quinn::ConnectionError::ApplicationClosed(c) => {
+                    policy_close(c.error_code.into_inner())
+                }
+                // This side's TLS refused the Hub's certificate or offer.
+                quinn::ConnectionError::TransportError(e) => tls_refusal(e.code.into()),
                 _ => false,
             },
             _ => false,
         }
+    }
+
+    /// The error as the Client says it (status `last_error`, logs, the audit `reason`): the
+    /// Hub's words in it (a close reason) bounded and escaped.
+    pub(crate) fn said(&self) -> String {
+        ewii_common::text::from_peer(self.to_string().as_bytes())
+    }
+}
+
+/// A close code the Hub sends when it refuses the Client by policy (not when it restarts).
+fn policy_close(code: u64) -> bool {
+    [codes::REVOKED, codes::REFUSED, codes::UNTRUSTED]
+        .iter()
+        .any(|c| c.into_inner() == code)
+}
+
+/// A QUIC error code that carries a TLS alert (0x100 + alert, RFC 9001 §4.8), other than
+/// `internal_error` (80), which is a failure and not a refusal.
+fn tls_refusal(code: u64) -> bool {
+    code >> 8 == 1 && code != 0x100 + 80
+}
+
+/// The connection ended during the dial: a revocation is said as such, anything else is the
+/// handshake's (or the connection's) error as quinn gives it.
+fn closed(addr: SocketAddr, source: quinn::ConnectionError) -> ConnectError {
+    match source {
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == codes::REVOKED => {
+            ConnectError::Revoked(ewii_common::text::from_peer(&c.reason))
+        }
+        source => ConnectError::Handshake { addr, source },
     }
 }
 
@@ -141,7 +180,7 @@ pub(crate) async fn dial(plan: Arc<DialPlan>) -> Result<Opened, ConnectError> {
             } else {
                 Outcome::Failed
             });
-            r.reason = Some(ewii_common::text::printable(&e.to_string()).into_owned());
+            r.reason = Some(e.said());
             plan.audit.emit(r);
         }
     }
@@ -166,36 +205,31 @@ async fn open(plan: &DialPlan, peer: &mut Option<SocketAddr>) -> Result<Opened, 
             why: e.to_string(),
         })?
         .await
-        .map_err(|source| match source {
-            quinn::ConnectionError::ApplicationClosed(c) if c.error_code == codes::REVOKED => {
-                ConnectError::Revoked(ewii_common::text::from_peer(&c.reason))
-            }
-            source => ConnectError::Handshake { addr, source },
-        })?;
+        .map_err(|source| closed(addr, source))?;
     let deadline = tokio::time::Instant::now() + WELCOME_TIMEOUT;
     let no_welcome = |_| ConnectError::NoWelcome(WELCOME_TIMEOUT);
     let opened = tokio::time::timeout_at(deadline, conn.open_bi())
         .await
         .map_err(no_welcome)?;
-    let (mut send, mut recv) = opened.map_err(|source| match source {
-        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == codes::REVOKED => {
-            ConnectError::Revoked(ewii_common::text::from_peer(&c.reason))
-        }
-        source => ConnectError::Handshake { addr, source },
-    })?;
+    let (mut send, mut recv) = opened.map_err(|source| closed(addr, source))?;
     // A revocation found by the Hub after the handshake, or a refusal (a Client reconnecting
-    // too often), closes the connection at once: its close says which.
+    // too often), closes the connection at once: its close says which. So does the Hub's TLS
+    // alert for this Client's certificate, which TLS 1.3 lets arrive after this side's
+    // handshake is done.
     let lost = |e: StreamError| match conn.close_reason() {
-        Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == codes::REVOKED => {
-            ConnectError::Revoked(ewii_common::text::from_peer(&c.reason))
+        Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code != codes::REVOKED => {
+            let code = c.error_code.into_inner();
+            let name = super::connection::hub_code(code);
+            ConnectError::ClosedByHub {
+                code,
+                said: match ewii_common::text::from_peer(&c.reason) {
+                    said if said.is_empty() => name,
+                    said => format!("{said} ({name})"),
+                },
+            }
         }
-        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
-            let code = super::connection::hub_code(c.error_code.into_inner());
-            ConnectError::ClosedByHub(match ewii_common::text::from_peer(&c.reason) {
-                said if said.is_empty() => code,
-                said => format!("{said} ({code})"),
-            })
-        }
+        Some(source @ quinn::ConnectionError::ConnectionClosed(_))
+        | Some(source @ quinn::ConnectionError::ApplicationClosed(_)) => closed(addr, source),
         _ => ConnectError::Control(e),
     };
     tokio::time::timeout_at(deadline, transport::write_frame(&mut send, &plan.hello))
@@ -251,4 +285,103 @@ pub(crate) fn client_endpoint(hub: SocketAddr) -> std::io::Result<quinn::Endpoin
         SocketAddr::from(([0u16; 8], 0))
     };
     transport::endpoint(bind, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 7], 443))
+    }
+
+    fn peer_closed(code: quinn::TransportErrorCode, reason: &[u8]) -> ConnectError {
+        ConnectError::Handshake {
+            addr: hub(),
+            source: quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+                error_code: code,
+                frame_type: None,
+                reason: reason.to_vec().into(),
+            }),
+        }
+    }
+
+    fn app_closed(code: quinn::VarInt) -> ConnectError {
+        closed(
+            hub(),
+            quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+                error_code: code,
+                reason: b"said".to_vec().into(),
+            }),
+        )
+    }
+
+    /// `refused` is policy (either side's TLS refusing a certificate, a revoked, refused or
+    /// untrusted Client); a restart, a load bound, a timeout or a TLS internal error is a
+    /// failure, so that a Hub restart does not read as the Hub saying no.
+    #[test]
+    fn a_dial_is_refused_by_policy_and_failed_otherwise() {
+        let alert = |a: u8| quinn::TransportErrorCode::crypto(a);
+        let refused = [
+            peer_closed(alert(42), b""), // bad_certificate, from the Hub
+            peer_closed(alert(40), b""), // handshake_failure (no suite in common)
+            ConnectError::Handshake {
+                addr: hub(),
+                source: quinn::ConnectionError::TransportError(alert(49).into()),
+            }, // this side: access_denied (not a Hub identity)
+            app_closed(codes::REFUSED),
+            app_closed(codes::UNTRUSTED),
+            app_closed(codes::REVOKED),
+            ConnectError::ClosedByHub {
+                code: codes::REFUSED.into_inner(),
+                said: "reconnecting too often".into(),
+            },
+            ConnectError::Refused(RefuseCode::Version),
+        ];
+        for e in &refused {
+            assert!(e.refused(), "{e}");
+        }
+        assert!(matches!(app_closed(codes::REVOKED), ConnectError::Revoked(r) if r == "said"));
+        let failed = [
+            peer_closed(alert(80), b""), // internal_error
+            peer_closed(quinn::TransportErrorCode::APPLICATION_ERROR, b""), // closed before its handshake: a stop
+            peer_closed(quinn::TransportErrorCode::CONNECTION_REFUSED, b""), // a load bound
+            app_closed(codes::SHUTDOWN),
+            ConnectError::ClosedByHub {
+                code: codes::SHUTDOWN.into_inner(),
+                said: "shutting down or restarting, code 4".into(),
+            },
+            ConnectError::Handshake {
+                addr: hub(),
+                source: quinn::ConnectionError::TimedOut,
+            },
+            ConnectError::NoWelcome(WELCOME_TIMEOUT),
+            ConnectError::Resolve {
+                hub: "hub.invalid:443".into(),
+                why: "no address".into(),
+            },
+        ];
+        for e in &failed {
+            assert!(!e.refused(), "{e}");
+        }
+    }
+
+    /// The Hub's close reason reaches the status and the audit bounded and escaped: a peer
+    /// cannot write a second line, or a record of any length, into them.
+    #[test]
+    fn the_hubs_words_in_an_error_are_bounded_and_escaped() {
+        let long = [b'x'; 4000];
+        let said = peer_closed(alert_free(), &long).said();
+        assert!(
+            said.chars().count() <= ewii_common::text::PEER_TEXT_MAX + 1,
+            "{}",
+            said.len()
+        );
+        let said = peer_closed(alert_free(), b"no\nforged: line").said();
+        assert!(!said.contains('\n'), "{said}");
+    }
+
+    fn alert_free() -> quinn::TransportErrorCode {
+        quinn::TransportErrorCode::PROTOCOL_VIOLATION
+    }
 }

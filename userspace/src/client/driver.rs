@@ -349,7 +349,7 @@ impl Driver {
             Err(ConnectError::Revoked(reason)) => self.machine.handle_revoked(reason),
             Err(e) => {
                 // A handshake's error can carry the Hub's close reason.
-                let said = ewii_common::text::printable(&e.to_string()).into_owned();
+                let said = e.said();
                 tracing::warn!(error = %said, attempt = self.machine.failures() + 1, "cannot reach the Hub");
                 self.last_error = Some(said);
                 self.machine.handle_dial_failed(now, random());

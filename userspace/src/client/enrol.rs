@@ -29,8 +29,8 @@ const ENROL_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EnrolError {
-    /// The Hub address did not resolve.
-    #[error("cannot resolve the Hub {0}")]
+    /// The Hub address did not resolve (the whole message: `cannot resolve the Hub …`).
+    #[error("{0}")]
     Resolve(String),
     /// The Hub did not present the pinned CA (or a valid Hub SVID under it). The token was
     /// not sent.
@@ -70,6 +70,17 @@ pub enum EnrolError {
     /// It took too long.
     #[error("enrolment timed out")]
     Timeout,
+}
+
+impl EnrolError {
+    /// Whether the Hub (or this side's check of the Hub) said no, as opposed to a network, a
+    /// name, a timeout or a local step that failed: the `outcome` of the enrolment's record.
+    pub fn refused(&self) -> bool {
+        matches!(
+            self,
+            Self::HubNotTrusted(_) | Self::Refused | Self::BadAnswer(_) | Self::AlreadyEnrolled(_)
+        )
+    }
 }
 
 /// Enrols with the Hub at `hub` and writes `svid.pem`, `svid.key` (0600) and `bundle.pem`
@@ -164,7 +175,11 @@ async fn enrol_audited(
             r.outcome = Some(Outcome::Ok);
         }
         Err(e) => {
-            r.outcome = Some(Outcome::Refused);
+            r.outcome = Some(if e.refused() {
+                Outcome::Refused
+            } else {
+                Outcome::Failed
+            });
             r.reason = Some(e.to_string());
         }
     }
