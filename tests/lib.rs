@@ -91,6 +91,8 @@ pub struct TestHub {
     pub addr: SocketAddr,
     /// Its audit records.
     pub audit: Audit,
+    /// Where `/metrics` is served, when the config sets `metrics_listen`.
+    pub metrics: Option<SocketAddr>,
     handle: Option<HubHandle>,
     services: Vec<Service>,
     service_addrs: Vec<(String, SocketAddr)>,
@@ -144,6 +146,7 @@ impl TestHub {
             dir,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             audit: Audit::open_with_tap(Side::Hub, &AuditOutput::Discard).unwrap(),
+            metrics: None,
             handle: None,
             services: services.to_vec(),
             service_addrs: Vec::new(),
@@ -210,6 +213,7 @@ impl TestHub {
             }
         };
         self.addr = hub.local_addr();
+        self.metrics = hub.metrics_addr();
         self.handle = Some(hub.handle());
         self.service_addrs = self
             .services

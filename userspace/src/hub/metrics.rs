@@ -12,7 +12,7 @@ use std::time::Duration;
 use ewii_common::audit::Side;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::HubHandle;
 use crate::audit::metrics::Exposition;
@@ -26,6 +26,9 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// has not sent its request yet, so that idle connections (16, renewed every 5 s) cannot keep
 /// Prometheus out; only connections being answered make a new one wait.
 const MAX_SCRAPES: usize = 16;
+
+/// How long a displaced connection has to give its slot back before the next one goes.
+const EVICT_RETRY: Duration = Duration::from_millis(20);
 
 /// Connections still waiting for their request head, oldest first: each can be told to go.
 #[derive(Default)]
@@ -57,19 +60,8 @@ pub(super) async fn serve(listener: TcpListener, audit: Audit, hub: HubHandle) {
                 continue;
             }
         };
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                // Full: the oldest connection that has sent nothing whole yet makes room (its
-                // permit comes back as it ends); if every one is being answered, wait.
-                if let Some((_, go)) = lock(&waiting).by_age.pop_first() {
-                    go.notify_one();
-                }
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                permit
-            }
+        let Some(permit) = make_room(&slots, &waiting).await else {
+            return;
         };
         let (id, go) = lock(&waiting).add();
         let (audit, hub, waiting) = (audit.clone(), hub.clone(), waiting.clone());
@@ -80,6 +72,29 @@ pub(super) async fn serve(listener: TcpListener, audit: Audit, hub: HubHandle) {
                     .await;
             lock(&waiting).by_age.remove(&id);
         });
+    }
+}
+
+/// A slot for a new connection. When all are taken, the oldest connection that has not sent
+/// its whole request yet is told to go, and its permit comes back as it ends; one that read
+/// its request meanwhile is answered, and the next oldest goes. With none waiting (every
+/// slot answering), this waits for an answer to finish.
+async fn make_room(
+    slots: &Arc<Semaphore>,
+    waiting: &Mutex<Waiting>,
+) -> Option<OwnedSemaphorePermit> {
+    loop {
+        if let Ok(permit) = slots.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        let Some((_, go)) = lock(waiting).by_age.pop_first() else {
+            return slots.clone().acquire_owned().await.ok();
+        };
+        go.notify_one();
+        tokio::select! {
+            permit = slots.clone().acquire_owned() => return permit.ok(),
+            () = tokio::time::sleep(EVICT_RETRY) => {}
+        }
     }
 }
 
@@ -96,6 +111,8 @@ async fn answer(
     hub: &HubHandle,
 ) -> std::io::Result<()> {
     let head = tokio::select! {
+        // A request already read is answered, even when its connection was told to go.
+        biased;
         head = read_head(&mut stream) => head?,
         () = go.notified() => return Ok(()),
     };
