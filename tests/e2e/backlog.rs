@@ -2,6 +2,7 @@
 //! queries are refused once `audit_backlog` records wait — the process does not grow without
 //! bound and loses no record — and once the pipe is read again, queries work, every query the
 //! requester saw served has its record, and one `audit_backlog` record counts the refused ones.
+//! The Hub's side of the same, whose count is written at its stop when no query came after.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -30,6 +31,23 @@ async fn one_query(service: SocketAddr) -> bool {
         .is_some()
 }
 
+/// Queries until `refusals` of them were refused (at most 3,000); returns (served, refused).
+async fn until_refused(service: SocketAddr, refusals: u64) -> (u64, u64) {
+    let (mut served, mut refused) = (0u64, 0u64);
+    for _ in 0..3_000 {
+        if one_query(service).await {
+            served += 1;
+        } else {
+            refused += 1;
+            if refused == refusals {
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, refusals, "never refused after {served} queries");
+    (served, refused)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p11_a_client_whose_audit_sink_blocks_refuses_new_queries_and_loses_no_record() {
     let root = tempfile::tempdir().unwrap();
@@ -43,19 +61,8 @@ async fn p11_a_client_whose_audit_sink_blocks_refuses_new_queries_and_loses_no_r
 
     // The pipe (64 KiB) fills after a few hundred records, then 16 wait in the Client: from
     // there on new queries are refused. Bounded: at most 3,000 queries.
-    let (mut served, mut refused) = (0u64, 0u64);
     let rss_before = status_kib(client.pid(), "VmRSS:");
-    for _ in 0..3_000 {
-        if one_query(service).await {
-            served += 1;
-        } else {
-            refused += 1;
-            if refused == 50 {
-                break;
-            }
-        }
-    }
-    assert_eq!(refused, 50, "never refused after {served} queries");
+    let (mut served, mut refused) = until_refused(service, 50).await;
     assert!(served > 16, "served {served} before the backlog filled");
     let rss_blocked = status_kib(client.pid(), "VmRSS:");
 
@@ -125,4 +132,75 @@ async fn p11_a_client_whose_audit_sink_blocks_refuses_new_queries_and_loses_no_r
         "RSS grew from {rss_before} to {rss_blocked} KiB"
     );
     assert_eq!(hub.proc.terminate().code(), Some(0));
+}
+
+/// The Hub's side of P11: its audit sink (here a FIFO nobody reads) stops draining. Requesters
+/// are closed at once past `audit_backlog` waiting records, and when the Hub stops before any
+/// query was admitted again, its stop still writes the one `audit_backlog` record that counts
+/// them, behind every record that waited: nothing is lost, and no refusal goes untold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p11_a_hub_whose_audit_sink_blocks_closes_requesters_and_counts_them_at_its_stop() {
+    let root = tempfile::tempdir().unwrap();
+    let echo = echo_server().await;
+    let fifo = root.path().join("hub-audit.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // The reader opens the FIFO (which lets the Hub's open go through) and reads nothing until
+    // told to; then it reads every line until the Hub closes its end.
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&fifo).unwrap();
+            wait.recv().unwrap();
+            BufReader::new(file)
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(&l.unwrap()).unwrap())
+                .collect::<Vec<_>>()
+        })
+    };
+    let mut hub = HubProcess::start_with_audit(
+        root.path(),
+        &format!("file:{}", fifo.display()),
+        "audit_backlog = 16",
+    );
+    let (client, _) = hub.run_client(root.path(), echo, "", Stdio::null()).await;
+    let service = hub.service;
+    // The FIFO (64 KiB) fills after a few hundred records, then 16 wait in the Hub. Bounded.
+    let (served, refused) = until_refused(service, 20).await;
+    // The reader drains the FIFO; no query comes, so only the stop can say what was refused.
+    go.send(()).unwrap();
+    assert_eq!(hub.proc.terminate().code(), Some(0));
+    let records = reader.join().unwrap();
+    let ok = records
+        .iter()
+        .filter(|r| r["event"] == "query" && r["outcome"] == "ok")
+        .count() as u64;
+    assert_eq!(ok, served, "one record per query served");
+    let summaries: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["event"] == "audit_backlog")
+        .collect();
+    assert_eq!(summaries.len(), 1, "{summaries:?}");
+    assert_eq!(summaries[0]["side"], "hub");
+    assert_eq!(summaries[0]["outcome"], "refused");
+    let reason = summaries[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(&format!("{refused} queries refused since ")),
+        "{reason} (requesters saw {refused} closed)"
+    );
+    assert_eq!(
+        records.last().map(|r| r["event"].clone()),
+        Some("stopped".into()),
+        "the stop's own record comes last"
+    );
+    for r in &records {
+        let bad = audit_line_violations(&r.to_string());
+        assert!(bad.is_empty(), "{bad:?}");
+    }
+    // (Killed: its stop would wait for a Hub that is gone to acknowledge its revoke.)
+    drop(client);
 }
