@@ -229,9 +229,9 @@ pub async fn check_target(
     url: &str,
     allow_private: bool,
 ) -> Result<(String, SocketAddr), WebhookError> {
-    let parsed = reqwest::Url::parse(url).map_err(|_| WebhookError::BadUrl(url.to_owned()))?;
+    let parsed = reqwest::Url::parse(url).map_err(|_| WebhookError::BadUrl(redacted(url)))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(WebhookError::BadUrl(url.to_owned()));
+        return Err(WebhookError::BadUrl(redacted(url)));
     }
     let host = parsed
         .host_str()
@@ -253,6 +253,31 @@ pub async fn check_target(
         }
     }
     Ok((host, first))
+}
+
+/// `url` as the Hub shows it (command output, audit records, logs): without the user name,
+/// password, query and fragment, which can hold a secret (`https://user:pass@…`,
+/// `…?token=…`); each part left out is marked `…`. The path is kept: it names the endpoint.
+pub fn redacted(url: &str) -> String {
+    let Ok(mut u) = reqwest::Url::parse(url) else {
+        return "(not a URL)".to_owned();
+    };
+    let userinfo = !u.username().is_empty() || u.password().is_some();
+    let query = u.query().is_some() || u.fragment().is_some();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.set_query(None);
+    u.set_fragment(None);
+    let mut shown = u.to_string();
+    if userinfo {
+        if let Some(at) = shown.find("://") {
+            shown.insert_str(at + 3, "…@");
+        }
+    }
+    if query {
+        shown.push_str("?…");
+    }
+    shown
 }
 
 /// Refuses a webhook URL that is not http(s), or whose host is an IP literal that
@@ -366,6 +391,26 @@ fn is_public_v4(v4: std::net::Ipv4Addr) -> bool {
 
 #[cfg(test)]
 mod tests {
+    /// What the Hub shows of a webhook URL keeps where it goes and none of what may be a
+    /// secret.
+    #[test]
+    fn a_shown_webhook_url_hides_credentials_and_query() {
+        use super::redacted;
+        assert_eq!(
+            redacted("https://hooks.example.com/ewii/acme"),
+            "https://hooks.example.com/ewii/acme"
+        );
+        assert_eq!(
+            redacted("https://bot:s3cret@hooks.example.com:8443/in?token=abc#x"),
+            "https://…@hooks.example.com:8443/in?…"
+        );
+        assert_eq!(
+            redacted("https://hooks.example.com/in#frag"),
+            "https://hooks.example.com/in?…"
+        );
+        assert_eq!(redacted("not a url ?token=abc"), "(not a URL)");
+    }
+
     use super::*;
 
     /// Made at once by several callers (as a Hub starting and `ewii-hub token --webhook` can),

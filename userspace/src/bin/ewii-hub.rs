@@ -351,7 +351,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         t.id,
                         t.client,
                         expires,
-                        t.webhook.as_deref().unwrap_or("-")
+                        t.webhook
+                            .as_deref()
+                            .map_or_else(|| "-".to_owned(), ewii::webhook::redacted)
                     );
                 }
             }
@@ -441,10 +443,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             match done.webhook {
                 Some(url) => println!(
-                    "the customer's webhook ({url}) is notified by the running Hub (its audit records the delivery: `webhook_delivered`)"
+                    "a notice to the customer's webhook ({}) is queued: the running Hub delivers it (or the next to start), and its audit says when (`webhook_delivered`, or `webhook_failed`)",
+                    ewii::webhook::redacted(&url)
                 ),
                 None => eprintln!(
-                    "ewii-hub: warning: {client} has no webhook URL (its token was created without --webhook): the customer is not notified; tell them yourself"
+                    "ewii-hub: warning: {client} has no webhook URL (its token was created without --webhook, or its [[federation]] entry names none): the customer is not notified; tell them yourself"
                 ),
             }
         }

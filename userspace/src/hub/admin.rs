@@ -159,8 +159,8 @@ pub fn create_token(
 pub struct Revocation {
     /// False when the client was revoked already (nothing changed, no notice queued).
     pub revoked: bool,
-    /// Where the customer's notice goes; `None`: the client has no webhook, and nobody is
-    /// notified but by the operator.
+    /// The webhook URL the customer's notice was queued for (the running Hub delivers it, or
+    /// the next one to start); `None`: no notice, since the client has no webhook.
     pub webhook: Option<String>,
 }
 
@@ -168,16 +168,12 @@ pub struct Revocation {
 /// second and delivers the customer's webhook, if the client has one.
 pub fn revoke(state_dir: &Path, client: &str, reason: &str) -> Result<Revocation, HubError> {
     let db = Db::open(&state_dir.join(DB_FILE))?;
-    let row = db
-        .clients()?
-        .into_iter()
-        .find(|c| c.name == client)
-        .ok_or_else(|| HubError::Invalid(format!("no client named {client:?}")))?;
+    if !db.clients()?.iter().any(|c| c.name == client) {
+        return Err(HubError::Invalid(format!("no client named {client:?}")));
+    }
     let now = crate::now_timestamp().unix_secs() as i64;
-    Ok(Revocation {
-        revoked: db.revoke_client(client, reason, now, true)?,
-        webhook: row.webhook,
-    })
+    let (revoked, webhook) = db.revoke_client_noting(client, reason, now, true)?;
+    Ok(Revocation { revoked, webhook })
 }
 
 /// `ewii-hub readmit`: lifts the revocation of a `[[federation]]` Client (its SVIDs come from

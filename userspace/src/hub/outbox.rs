@@ -127,7 +127,11 @@ async fn deliver_due(
                     tracing::error!(error = %e, "cannot record a webhook delivery");
                 }
                 r.outcome = Some(Outcome::Ok);
-                r.reason = Some(format!("{} to {}: HTTP {status}", w.id, w.url));
+                r.reason = Some(format!(
+                    "{} to {}: HTTP {status}",
+                    w.id,
+                    crate::webhook::redacted(&w.url)
+                ));
             }
             Err(e) => {
                 let delay = Backoff::new(parts.config.retry_initial, parts.config.retry_max)
@@ -143,7 +147,7 @@ async fn deliver_due(
                 r.reason = Some(format!(
                     "{} to {} (attempt {attempt} of {}): {e}{}",
                     w.id,
-                    w.url,
+                    crate::webhook::redacted(&w.url),
                     parts.config.max_attempts,
                     if last {
                         "; the last attempt: the delivery is kept in the outbox and not sent again"
@@ -152,7 +156,7 @@ async fn deliver_due(
                     }
                 ));
                 if last {
-                    tracing::error!(id = %w.id, url = %w.url, "a webhook was not delivered after its last attempt; the customer was not told of this revocation by webhook");
+                    tracing::error!(id = %w.id, url = %crate::webhook::redacted(&w.url), "a webhook was not delivered after its last attempt; the customer was not told of this revocation by webhook");
                 }
             }
         }
@@ -184,7 +188,8 @@ async fn send(parts: &Parts, w: &PendingWebhook) -> Result<u16, String> {
         .body(w.body.clone())
         .send()
         .await
-        .map_err(|e| format!("request failed: {e}"))?;
+        // (Without the URL: the record names it, redacted.)
+        .map_err(|e| format!("request failed: {}", e.without_url()))?;
     let status = resp.status();
     if status.is_success() {
         Ok(status.as_u16())

@@ -406,6 +406,19 @@ impl Db {
         now: i64,
         notify: bool,
     ) -> Result<bool, StateError> {
+        self.revoke_client_noting(client, reason, now, notify)
+            .map(|(revoked, _)| revoked)
+    }
+
+    /// [`revoke_client`](Self::revoke_client), also returning the webhook URL the notice was
+    /// queued for, as read in the same transaction (`None`: no notice, or none to send).
+    pub fn revoke_client_noting(
+        &self,
+        client: &str,
+        reason: &str,
+        now: i64,
+        notify: bool,
+    ) -> Result<(bool, Option<String>), StateError> {
         self.with(|c| {
             let tx = c.transaction()?;
             let n = tx.execute(
@@ -420,11 +433,13 @@ impl Db {
             )?;
             // An unused token for this client must not quietly undo the revocation.
             tx.execute("DELETE FROM tokens WHERE client = ?1", params![client])?;
-            if n > 0 && notify {
-                outbox::queue_revocation(&tx, client, reason, now)?;
-            }
+            let queued = if n > 0 && notify {
+                outbox::queue_revocation(&tx, client, reason, now)?
+            } else {
+                None
+            };
             tx.commit()?;
-            Ok(n > 0)
+            Ok((n > 0, queued))
         })
     }
 

@@ -25,7 +25,7 @@ pub(super) fn queue_revocation(
     client: &str,
     reason: &str,
     now: i64,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<Option<String>> {
     let row: Option<(String, Option<String>)> = tx
         .query_row(
             "SELECT spiffe_id, webhook FROM clients WHERE name = ?1",
@@ -45,8 +45,9 @@ pub(super) fn queue_revocation(
             "INSERT INTO webhooks (id, client, url, body, created_at, next_attempt_ms) VALUES (?1, ?2, ?3, ?4, ?5, 0)",
             params![id, client, url, body, now],
         )?;
+        return Ok(Some(url));
     }
-    Ok(())
+    Ok(None)
 }
 
 impl Db {

@@ -26,9 +26,6 @@ pub struct ClientRow {
     pub last_seen: Option<i64>,
     /// The live session, as the running Hub recorded it.
     pub session: Option<SessionRow>,
-    /// Where its revocation notice goes (its token's `--webhook`, or its `[[federation]]`
-    /// entry's); none: a revocation notifies nobody.
-    pub webhook: Option<String>,
 }
 
 /// A live session as recorded by the running Hub.
@@ -163,7 +160,7 @@ impl Db {
         self.with(|c| {
             let mut stmt = c.prepare(
                 "SELECT c.name, c.spiffe_id, c.enrolled_at, c.revoked_at, c.revoke_reason, c.last_seen,
-                        s.session_id, s.serial, s.peer, s.since, c.webhook
+                        s.session_id, s.serial, s.peer, s.since
                  FROM clients c LEFT JOIN sessions s ON s.client = c.name ORDER BY c.name",
             )?;
             let mut rows: Vec<ClientRow> = stmt
@@ -186,7 +183,6 @@ impl Db {
                         serials: Vec::new(),
                         last_seen: r.get(5)?,
                         session,
-                        webhook: r.get(10)?,
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;
