@@ -213,6 +213,55 @@ async fn p2_p3_p13_p6_the_unprivileged_layers_hold_as_uid_65534() {
     );
 }
 
+/// The lock stays on its cgroup after the Client exits, and confines every process in it: run
+/// from a login shell (its session's cgroup), it would lock that session's network until it
+/// ends. So the lock refuses a cgroup the Client shares with another program, names what it
+/// found there, and the process beside it stays free; `run` with `require = "kernel"` does
+/// not start. (Only the Client, its namespace's init and other runs of `ewii-client` may share
+/// it.)
+#[test]
+fn p16_the_lock_refuses_a_cgroup_the_client_shares_with_other_processes() {
+    privileged!();
+    let (_dir, config) = world_readable_config("127.0.0.1:5432", "127.0.0.1:47443", "");
+    let cg = Cgroup::new();
+    let mut neighbour = cg
+        .command(Path::new("/bin/sleep"), &["30"])
+        .spawn()
+        .unwrap();
+    let neighbour_pid = neighbour.id();
+    let out = cg
+        .client(&[
+            "probe-enforcement",
+            "--config",
+            config.to_str().unwrap(),
+            "--layers",
+            "ebpf",
+        ])
+        .output()
+        .unwrap();
+    let _ = neighbour.kill();
+    let _ = neighbour.wait();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let ebpf = &report["layers"][0];
+    assert_eq!(ebpf["name"], "ebpf");
+    assert_eq!(ebpf["active"], false, "{report:#}");
+    let detail = ebpf["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!(
+            "holds other processes too (pid {neighbour_pid} sleep)"
+        )),
+        "{report:#}"
+    );
+    assert!(detail.contains("a cgroup of its own"), "{detail}");
+    assert_eq!(out.status.code(), Some(4), "the required layer is missing");
+}
+
 /// DESIGN §9: attaching to the host's root cgroup would filter the whole machine, so the lock
 /// refuses it. Run in a private mount namespace with an empty /sys/fs/bpf: should the refusal
 /// ever break, nothing is pinned and the lock ends with the probe.

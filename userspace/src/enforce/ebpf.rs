@@ -3,7 +3,9 @@
 //!
 //! The cgroup is found from `/proc/self/cgroup` and the cgroup2 mount in `mountinfo`. The
 //! host's root cgroup is refused (inode 1, or our pid not in its `cgroup.procs`): attaching
-//! there would filter the whole machine. Maps are filled before the programs attach, so the
+//! there would filter the whole machine. So is a cgroup the Client shares with other processes
+//! (a login session's, when it is run from a shell): the lock would confine them too, and
+//! outlive the Client there. Maps are filled before the programs attach, so the
 //! Hub is never cut off.
 //!
 //! How the programs are held ([`Hold`]): for `run`, by the cgroup itself (`BPF_PROG_ATTACH`,
@@ -347,7 +349,8 @@ pub fn cgroup2_mount() -> Result<PathBuf, EbpfError> {
         .ok_or_else(|| EbpfError::Cgroup("cgroup2 is not mounted".into()))
 }
 
-/// Refuses the host's root cgroup: inode 1, or a directory this process is not in.
+/// Refuses the host's root cgroup (inode 1, or a directory this process is not in) and a cgroup
+/// shared with other processes.
 fn refuse_root(cgroup: &Path) -> Result<(), EbpfError> {
     let meta = std::fs::metadata(cgroup)
         .map_err(|e| EbpfError::Cgroup(format!("{}: {e}", cgroup.display())))?;
@@ -358,12 +361,54 @@ fn refuse_root(cgroup: &Path) -> Result<(), EbpfError> {
         )));
     }
     let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
-    let me = std::process::id().to_string();
-    if !procs.lines().any(|p| p.trim() == me) {
+    let me = std::process::id();
+    let pids: Vec<u32> = procs
+        .lines()
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
+    if !pids.contains(&me) {
         return Err(EbpfError::Cgroup(format!(
             "this process is not in {}",
             cgroup.display()
         )));
     }
+    let others: Vec<String> = pids
+        .iter()
+        .filter(|&&pid| !own_company(pid, me))
+        .map(|pid| describe(*pid))
+        .collect();
+    if !others.is_empty() {
+        return Err(EbpfError::Cgroup(format!(
+            "{} holds other processes too ({}): the lock would confine them as well and stay on that cgroup after the Client exits (a login session's until it ends); run the Client in a cgroup of its own: a container, a systemd service, or `systemd-run --scope`",
+            cgroup.display(),
+            others.join(", ")
+        )));
+    }
     Ok(())
+}
+
+/// Whether `pid`, in the Client's cgroup, is one the lock may confine with it: the Client
+/// itself, the init of its PID namespace (a container's `tini` or `sh -c`), or another run
+/// of the same program (`ewii-client health` from a probe). A login shell, or anything else
+/// that shares the cgroup, is not.
+fn own_company(pid: u32, me: u32) -> bool {
+    if pid == me || pid == 1 {
+        return true;
+    }
+    let program = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    match (
+        program("/proc/self/exe"),
+        program(&format!("/proc/{pid}/exe")),
+    ) {
+        (Some(mine), Some(theirs)) => mine == theirs,
+        _ => false,
+    }
+}
+
+/// `pid 815 bash`, as far as /proc says.
+fn describe(pid: u32) -> String {
+    match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(comm) => format!("pid {pid} {}", ewii_common::text::printable(comm.trim())),
+        Err(_) => format!("pid {pid}"),
+    }
 }
