@@ -213,6 +213,21 @@ async fn p2_p3_p13_p6_the_unprivileged_layers_hold_as_uid_65534() {
     );
 }
 
+/// `probe-enforcement --layers ebpf`'s report, checked to say the eBPF layer is not active.
+fn inactive_ebpf_report(out: &Output) -> Value {
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let ebpf = &report["layers"][0];
+    assert_eq!(ebpf["name"], "ebpf");
+    assert_eq!(ebpf["active"], false, "{report:#}");
+    report
+}
+
 /// The lock stays on its cgroup after the Client exits, and confines every process in it: run
 /// from a login shell (its session's cgroup), it would lock that session's network until it
 /// ends. So the lock refuses a cgroup the Client shares with another program, names what it
@@ -241,16 +256,8 @@ fn p16_the_lock_refuses_a_cgroup_the_client_shares_with_other_processes() {
         .unwrap();
     let _ = neighbour.kill();
     let _ = neighbour.wait();
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let report = inactive_ebpf_report(&out);
     let ebpf = &report["layers"][0];
-    assert_eq!(ebpf["name"], "ebpf");
-    assert_eq!(ebpf["active"], false, "{report:#}");
     let detail = ebpf["detail"].as_str().unwrap();
     assert!(
         detail.contains(&format!(
@@ -283,16 +290,8 @@ exec "{bin}" probe-enforcement --config "{cfg}" --layers ebpf"#,
         .args(["-m", "sh", "-c", &script])
         .output()
         .unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let report = inactive_ebpf_report(&out);
     let ebpf = &report["layers"][0];
-    assert_eq!(ebpf["name"], "ebpf");
-    assert_eq!(ebpf["active"], false, "{report:#}");
     assert!(
         ebpf["detail"]
             .as_str()
