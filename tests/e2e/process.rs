@@ -1492,6 +1492,114 @@ async fn p10_revoke_says_whether_the_customer_is_notified() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("beta was already revoked"));
 }
 
+/// A token for a name that is enrolled and not revoked replaces that identity when used: the
+/// running Client is refused from its next connection. `token create` says so (and whether it
+/// is connected), so that an operator adding a second machine under the same name learns it
+/// before, not from a Client that fails its handshakes. A new name, or one revoked, is quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_create_warns_before_it_replaces_an_enrolled_client() {
+    let hub = TestHub::start(&[]).await;
+    let mut acme = TestClient::enrol_and_run(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    hub.wait_connected("acme").await;
+    let state = hub.state_dir();
+    let create = |client: &str| {
+        Command::new(bin_path("ewii-hub"))
+            .args([
+                "token",
+                "create",
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--client",
+                client,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = create("acme");
+    let err = exits_saying_once(&out, 0, "acme is enrolled and not revoked (connected now)");
+    assert!(err.contains("replaces its identity"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("token:"));
+    acme.stop().await;
+    let out = create("beta");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(stderr_of(&out), "", "a new name");
+    // (Revoked by now either way: by its stop, or here.)
+    ewii::hub::admin::revoke(&state, "acme", "moved").unwrap();
+    let out = create("acme");
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        stderr_of(&out),
+        "",
+        "a revoked one comes back with a new token"
+    );
+}
+
+/// One running Hub per state directory: a second `ewii-hub run` on it (another port, the same
+/// database) is refused at once and says why, instead of clearing the first one's live
+/// sessions from the database and serving beside it. The first goes on, and once it stops
+/// its directory can be run again; the offline commands run beside it all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_hub_on_the_same_state_directory_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let echo = echo_server().await;
+    let mut hub = HubProcess::start(root.path(), "");
+    let (_client, _) = hub.run_client(root.path(), echo, "", Stdio::null()).await;
+    let second = root.path().join("second.toml");
+    let write_second = || {
+        fs::write(
+            &second,
+            format!(
+                "state_dir = {:?}\nlisten = \"127.0.0.1:{}\"\naudit = \"discard\"\n",
+                hub.dir,
+                free_udp_port()
+            ),
+        )
+        .unwrap()
+    };
+    write_second();
+    let mut refused = Proc(
+        Command::new(bin_path("ewii-hub"))
+            .args(["run", "--config", second.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    poll_until("the second Hub's exit", SOON, || {
+        refused.0.try_wait().unwrap().is_some()
+    })
+    .await;
+    let status = refused.0.wait().unwrap();
+    let mut said = String::new();
+    refused
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut said)
+        .unwrap();
+    let out = Output {
+        status,
+        stdout: Vec::new(),
+        stderr: said.into_bytes(),
+    };
+    let err = exits_saying_once(&out, 1, "another `ewii-hub run` is using");
+    assert!(err.contains("stop it first"), "{err}");
+    // The first Hub still serves, and its Client is still on record as connected.
+    assert!(try_roundtrip(hub.service, b"still here").await.is_ok());
+    let clients = run(
+        "ewii-hub",
+        &["clients", "--state-dir", hub.dir.to_str().unwrap()],
+    );
+    let clients = String::from_utf8_lossy(&clients.stdout);
+    assert!(clients.contains(" connected "), "{clients}");
+    // Stopped, its directory is free again.
+    assert_eq!(hub.proc.terminate().code(), Some(0));
+    write_second();
+    let (mut again, _) = try_spawn_hub(&second).expect("a Hub on the freed directory");
+    assert_eq!(again.terminate().code(), Some(0));
+}
+
 /// The Hub's mistakes an operator makes first: an uninitialised state directory is named once
 /// with the command that fixes it (exit 3), a bad config file is exit 2 with its error once,
 /// and the enrolment line of `token create` carries the address the operator gave.

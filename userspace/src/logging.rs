@@ -152,11 +152,51 @@ pub fn fail(line: &str) {
     }
 }
 
+/// An error and its causes, `outer: inner: …`, each said once: most of this crate's errors
+/// already end with their cause's words, which a plain walk of the chain would repeat
+/// (`cannot listen on …: Address already in use: Address already in use`).
+pub fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut said = String::new();
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let words = e.to_string();
+        if !said.contains(&words) {
+            if !said.is_empty() {
+                said.push_str(": ");
+            }
+            said.push_str(&words);
+        }
+        next = e.source();
+    }
+    said
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use super::{log_filter, subscriber, LogFormat};
+    use super::{causes, log_filter, subscriber, LogFormat};
+
+    /// A cause that the message already says is not said again; one it does not is added.
+    #[test]
+    fn an_errors_causes_are_said_once() {
+        let io = || std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let bind = crate::hub::HubError::Bind {
+            addr: ([127, 0, 0, 1], 443).into(),
+            source: io(),
+        };
+        assert_eq!(
+            causes(&bind),
+            format!("cannot listen on 127.0.0.1:443: {}", io())
+        );
+        #[derive(Debug, thiserror::Error)]
+        #[error("starting the runtime")]
+        struct Context(#[source] std::io::Error);
+        assert_eq!(
+            causes(&Context(io())),
+            format!("starting the runtime: {}", io())
+        );
+    }
     use tracing::Level;
     use tracing_subscriber::filter::LevelFilter;
 

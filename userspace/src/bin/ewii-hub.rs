@@ -209,7 +209,7 @@ fn main() -> ExitCode {
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            fail(&format!("ewii-hub: {e:#}"));
+            fail(&format!("ewii-hub: {}", ewii::logging::causes(e.as_ref())));
             // A value the command refuses is a bad argument, as clap's own refusals are.
             let invalid = matches!(e.downcast_ref::<HubError>(), Some(HubError::Invalid(_)));
             ExitCode::from(if invalid { EXIT_CONFIG } else { 1 })
@@ -304,6 +304,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 webhook.as_deref(),
                 danger_allow_private_webhook,
             )?;
+            if let Some(state) = r.replaces {
+                fail(&format!(
+                    "ewii-hub: warning: {client} is enrolled and not revoked ({state}): an enrolment with this token replaces its identity, and the Client that holds the current one is refused from its next connection; for a second machine, give it a client name of its own"
+                ));
+            }
             println!("token:       {}", r.token);
             println!(
                 "token id:    {}   (for `ewii-hub token list` / `token revoke`)",

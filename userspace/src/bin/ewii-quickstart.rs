@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ewii-quickstart: {e:#}");
+            eprintln!("ewii-quickstart: {}", ewii::logging::causes(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -350,7 +350,12 @@ impl Driver {
             Err(e) => {
                 // A handshake's error can carry the Hub's close reason.
                 let said = e.said();
-                tracing::warn!(error = %said, attempt = self.machine.failures() + 1, "cannot reach the Hub");
+                let attempt = self.machine.failures() + 1;
+                if e.refused() {
+                    tracing::warn!(error = %said, attempt, "the Hub refused this Client's session");
+                } else {
+                    tracing::warn!(error = %said, attempt, "cannot reach the Hub");
+                }
                 self.last_error = Some(said);
                 self.machine.handle_dial_failed(now, random());
             }

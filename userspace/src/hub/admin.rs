@@ -50,6 +50,10 @@ pub struct TokenReport {
     pub expires_at: i64,
     /// The key the customer verifies webhooks with (`whpk_…`), when a webhook was given.
     pub webhook_public_key: Option<String>,
+    /// Set when the client is enrolled and not revoked: an enrolment with this token replaces
+    /// its identity, and the Client holding it is refused from its next connection. Says
+    /// whether it is connected now.
+    pub replaces: Option<&'static str>,
 }
 
 fn ident(dir: &Path) -> impl Fn(IdentityError) -> HubError + '_ {
@@ -135,7 +139,19 @@ pub fn create_token(
     let token = format!("ewii_{}", hex::encode(secret));
     let now = crate::now_timestamp().unix_secs() as i64;
     let expires_at = now + ttl.as_secs() as i64;
-    Db::open(&state_dir.join(DB_FILE))?.add_token(&token, client, expires_at, webhook, now)?;
+    let db = Db::open(&state_dir.join(DB_FILE))?;
+    let replaces = db
+        .clients()?
+        .into_iter()
+        .find(|c| c.name == client && c.revoked_at.is_none() && !c.serials.is_empty())
+        .map(|c| {
+            if c.session.is_some() {
+                "connected now"
+            } else {
+                "offline now"
+            }
+        });
+    db.add_token(&token, client, expires_at, webhook, now)?;
     let webhook_public_key = match webhook {
         Some(_) => Some(
             WebhookKey::load_or_create(state_dir)
@@ -151,6 +167,7 @@ pub fn create_token(
         bundle_hash: bundle_hash(ca.cert()),
         expires_at,
         webhook_public_key,
+        replaces,
     })
 }
 

@@ -201,12 +201,28 @@ pub struct Hub {
     outbox: outbox::Parts,
     services: Vec<(ServiceConfig, TcpListener, SocketAddr)>,
     metrics: Option<(TcpListener, SocketAddr)>,
+    /// Held until `run` returns: no second Hub on this state directory.
+    run_lock: layout::RunLock,
 }
 
 impl Hub {
     /// Loads the state in `config.state_dir` and binds every socket.
     pub async fn bind(config: HubConfig, audit: Audit) -> Result<Self, HubError> {
         let dir = config.state_dir.clone();
+        let d = dir.clone();
+        let run_lock = tokio::task::spawn_blocking(move || layout::lock_run(&d))
+            .await
+            .map_err(|e| HubError::Usage(format!("locking the state directory: {e}")))?
+            .map_err(|source| HubError::Identity {
+                dir: dir.clone(),
+                source,
+            })?
+            .ok_or_else(|| {
+                HubError::Usage(format!(
+                    "another `ewii-hub run` is using {}: stop it first (one running Hub per state directory; the other ewii-hub commands run beside it)",
+                    dir.display()
+                ))
+            })?;
         // File reads (and maybe a renewed Hub SVID written to disk): off the async workers.
         let d = dir.clone();
         // A `[[federation]]` webhook is checked as a token's `--webhook` is.
@@ -320,6 +336,7 @@ impl Hub {
             changes,
             services,
             metrics,
+            run_lock,
         })
     }
 
@@ -367,6 +384,7 @@ impl Hub {
             outbox,
             services,
             metrics,
+            run_lock,
         } = self;
         let audit = sessions.audit.clone();
         let mut r = audit.record(Event::Started);
@@ -503,6 +521,7 @@ impl Hub {
         }
         audit.emit(r);
         audit.flush_async().await;
+        drop(run_lock);
         match lost {
             Some(shard) => Err(HubError::ShardLost { shard }),
             None => Ok(()),
