@@ -987,8 +987,10 @@ async fn p7_a_hub_refuses_to_start_with_a_federation_it_cannot_use_and_says_why(
     let garbage = dir.path().join("garbage.pem");
     std::fs::write(&garbage, "not a certificate\n").unwrap();
     // A name enrolled under the Hub's own trust domain cannot be given to a federated ID.
-    let hub = TestHub::start(&[]).await;
+    let mut hub = TestHub::start(&[]).await;
     let _enrolled = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:1".into())]).await;
+    // Stopped, its state kept: each Hub below is the only one on it (one runs per directory).
+    hub.stop().await;
     let state = hub.state_dir();
     let table = |td: &str, bundle: &std::path::Path, name: &str| {
         format!("[[federation]]\ntrust_domain = \"{td}\"\nbundle = {bundle:?}\nclients = {{ {name} = \"spiffe://{td}/ewii\" }}\n")
