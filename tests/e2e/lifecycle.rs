@@ -640,8 +640,19 @@ async fn p9_a_client_stopped_and_revoked_comes_back_with_a_new_token_in_its_envi
     // spent, so the next start with it stays revoked without asking the Hub.
     assert_eq!(child.terminate().code(), Some(0));
     assert!(dir.join(REVOKED_MARKER).exists());
+    // Whoever stopped it reads so on its stderr, not only in the audit.
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(
+        said.contains("identity revoked at its stop (on_stop = \"revoke\"), confirmed by the Hub: a later start needs a new token"),
+        "{said}"
+    );
     let (code, err) = exit_of(run(&token.token)).await;
     assert_eq!(code, Some(10), "{err}");
+    assert!(
+        err.contains("this Client is revoked (revoked at its stop"),
+        "{err}"
+    );
 }
 
 /// The exit status and stderr of `child`, which must end within [`SOON`].

@@ -616,6 +616,9 @@ impl Driver {
         if self.revoked_at_stop {
             // The next start knows without asking the Hub, and enrols again if it is given
             // a new token (`ewii-client run` with EWII_TOKEN).
+            tracing::info!(
+                "identity {REVOKED_AT_STOP}: a later start needs a new token (EWII_TOKEN, or ewii-client enroll --replace)"
+            );
             self.record_revoked(REVOKED_AT_STOP).await;
         }
         let state = match exit {
@@ -749,6 +752,8 @@ impl Driver {
                  Hub (`ewii-hub revoke`)"
             );
         }
+        // Said on stderr too: whoever stopped the Client learns it there, not only in the audit.
+        tracing::warn!("{why}");
         let mut r = self.audit.record(AuditEvent::Revoked);
         r.client = Some(self.queries.client_id.clone());
         r.outcome = Some(Outcome::Failed);
@@ -784,7 +789,8 @@ enum RenewalError {
 
 /// The reason in the `revoked` marker and the audit record when a stop's revoke was
 /// acknowledged by the Hub.
-const REVOKED_AT_STOP: &str = "revoked at its stop (on_stop = \"revoke\"), confirmed by the Hub";
+pub(crate) const REVOKED_AT_STOP: &str =
+    "revoked at its stop (on_stop = \"revoke\"), confirmed by the Hub";
 
 async fn write_marker(path: PathBuf, reason: String) -> Result<(), String> {
     let written = tokio::task::spawn_blocking(move || {

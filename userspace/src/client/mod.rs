@@ -76,7 +76,7 @@ pub enum ClientError {
         source: IdentityError,
     },
     /// The Hub revoked this Client earlier (the marker file exists).
-    #[error("this Client was revoked by the Hub ({0}); it will not connect again")]
+    #[error("{}; it will not connect again", revoked_earlier(.0))]
     RevokedEarlier(String),
     /// Another Client process uses this state directory.
     #[error(transparent)]
@@ -279,6 +279,16 @@ fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
         pending_revoke,
         renew_key,
     ))
+}
+
+/// Who revoked it, as the marker's reason says: its own stop (`on_stop = "revoke"`), or the
+/// Hub (an operator's revoke, the Hub's grace for a silent Client).
+fn revoked_earlier(reason: &str) -> String {
+    if reason == driver::REVOKED_AT_STOP {
+        format!("this Client is revoked ({reason})")
+    } else {
+        format!("this Client was revoked by the Hub ({reason})")
+    }
 }
 
 /// Refuses a Client revoked earlier; says whether a revoke is pending. Blocking.

@@ -231,7 +231,7 @@ const PROMISES: [(&str, &str); 16] = [
     ),
     (
         "P10",
-        "the operator can revoke centrally, and you get a webhook",
+        "the operator can revoke centrally, and you get a webhook if you gave them its URL",
     ),
     ("P11", "every connection leaves a structured audit record"),
     ("P12", "the audit records can go to your SIEM"),
@@ -694,7 +694,7 @@ fn p10(f: &Facts) -> Assessed {
             Verdict::Holds,
             vec![
                 "not revoked (no revoked marker); a revocation closes the session and the Client exits 10".into(),
-                "the webhook goes from the Hub to the endpoint you gave your operator; check deliveries with `ewii-client verify-webhook`".into(),
+                "the webhook goes from the Hub to the endpoint you gave your operator, if you gave one (this Client cannot see whether they registered it); check deliveries with `ewii-client verify-webhook`".into(),
             ],
         ),
     }
@@ -709,8 +709,13 @@ fn p11(f: &Facts) -> Assessed {
         vec![
             format!("audit records go to {}", s.audit),
             format!(
-                "queries since start: {} ok, {} refused, {} failed; {} bytes up, {} down — each with one record",
-                m.queries.ok, m.queries.refused, m.queries.failed, m.bytes_up, m.bytes_down
+                "queries since start: {} ok, {} refused, {} failed; {} bytes up, {} down — each with one record (as of the status file's last write, {})",
+                m.queries.ok,
+                m.queries.refused,
+                m.queries.failed,
+                m.bytes_up,
+                m.bytes_down,
+                ewii_common::time::Timestamp(s.updated_us)
             ),
         ],
     )
