@@ -244,6 +244,20 @@ fn p16_the_lock_refuses_a_cgroup_the_client_shares_with_other_processes() {
         .spawn()
         .unwrap();
     let neighbour_pid = neighbour.id();
+    // In the cgroup, and `sleep` by then (its `sh` joins, then execs).
+    let settled = || {
+        fs::read_to_string(cg.0.join("cgroup.procs"))
+            .is_ok_and(|p| p.lines().any(|l| l.trim() == neighbour_pid.to_string()))
+            && fs::read_to_string(format!("/proc/{neighbour_pid}/comm"))
+                .is_ok_and(|c| c.trim() == "sleep")
+    };
+    for _ in 0..500 {
+        if settled() {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    assert!(settled(), "the neighbour never settled");
     let out = cg
         .client(&[
             "probe-enforcement",
@@ -261,7 +275,7 @@ fn p16_the_lock_refuses_a_cgroup_the_client_shares_with_other_processes() {
     let detail = ebpf["detail"].as_str().unwrap();
     assert!(
         detail.contains(&format!(
-            "holds other processes too (pid {neighbour_pid} sleep)"
+            "holds other processes too (pid {neighbour_pid} \"sleep\")"
         )),
         "{report:#}"
     );

@@ -54,13 +54,15 @@ pub(crate) fn spawn_hub(config: &std::path::Path) -> Proc {
 /// `ewii-hub run` with `config`, once it says it listens, and what it said until then; else
 /// what it said.
 fn try_spawn_hub(config: &std::path::Path) -> Result<(Proc, String), String> {
-    let mut hub = Proc(
-        Command::new(bin_path("ewii-hub"))
-            .args(["run", "--config", config.to_str().unwrap()])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut run = Command::new(bin_path("ewii-hub"));
+    run.args(["run", "--config", config.to_str().unwrap()]);
+    spawn_until_listening(run)
+}
+
+/// Starts `hub` (an `ewii-hub run`, maybe wrapped) and reads its stderr until it says it
+/// listens: the process and what it said, or what it said before it ended.
+fn spawn_until_listening(mut hub: Command) -> Result<(Proc, String), String> {
+    let mut hub = Proc(hub.stderr(Stdio::piped()).spawn().unwrap());
     // It may say a word about its limits first.
     let mut said = String::new();
     let mut err = BufReader::new(hub.0.stderr.as_mut().unwrap());
@@ -1516,7 +1518,11 @@ async fn token_create_warns_before_it_replaces_an_enrolled_client() {
             .unwrap()
     };
     let out = create("acme");
-    let err = exits_saying_once(&out, 0, "acme is enrolled and not revoked (connected now)");
+    let err = exits_saying_once(
+        &out,
+        0,
+        "acme is enrolled and not revoked (connected, as the running Hub last recorded it)",
+    );
     assert!(err.contains("replaces its identity"), "{err}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("token:"));
     acme.stop().await;
@@ -1532,6 +1538,66 @@ async fn token_create_warns_before_it_replaces_an_enrolled_client() {
         "",
         "a revoked one comes back with a new token"
     );
+}
+
+/// The uid a Hub's own user has in these tests (the image's).
+const HUB_OWNER: u32 = 65532;
+
+/// `ewii-hub init` in `<top>/hub` (as root), then `top`, the directory and everything in it
+/// given to [`HUB_OWNER`], as for a Hub that runs as its own user.
+fn hub_dir_of_another_user(top: &std::path::Path) -> std::path::PathBuf {
+    let dir = top.join("hub");
+    run(
+        "ewii-hub",
+        &[
+            "init",
+            "--state-dir",
+            dir.to_str().unwrap(),
+            "--trust-domain",
+            "example.org",
+        ],
+    );
+    for path in [top.to_owned(), dir.clone()]
+        .into_iter()
+        .chain(fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()))
+    {
+        std::os::unix::fs::lchown(&path, Some(HUB_OWNER), Some(HUB_OWNER)).unwrap();
+    }
+    dir
+}
+
+/// The run lock is an `flock` on the state directory itself, not on a file in it: a file a
+/// start as root left there (as the lock's first version did: `run.lock`, root's, 0600) cannot
+/// keep the directory's owner out.
+#[test]
+fn a_lock_file_left_by_root_does_not_keep_the_owners_hub_out() {
+    use std::os::unix::fs::PermissionsExt;
+    if skipped_without_root("to give the state directory to another user") {
+        return;
+    }
+    let top = tempfile::tempdir().unwrap();
+    let dir = hub_dir_of_another_user(top.path());
+    // What the lock's first version, started as root, left behind.
+    let lock = dir.join("run.lock");
+    fs::write(&lock, "").unwrap();
+    fs::set_permissions(&lock, fs::Permissions::from_mode(0o600)).unwrap();
+    let toml = top.path().join("hub.toml");
+    fs::write(
+        &toml,
+        format!(
+            "state_dir = {dir:?}\nlisten = \"127.0.0.1:{}\"\naudit = \"discard\"\n",
+            free_udp_port()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&toml, fs::Permissions::from_mode(0o644)).unwrap();
+    let mut owner = Command::new("setpriv");
+    owner
+        .args(["--reuid=65532", "--regid=65532", "--clear-groups"])
+        .arg(bin_path("ewii-hub"))
+        .args(["run", "--config", toml.to_str().unwrap()]);
+    let (mut hub, _) = spawn_until_listening(owner).expect("the owner's Hub");
+    assert_eq!(hub.terminate().code(), Some(0));
 }
 
 /// One running Hub per state directory: a second `ewii-hub run` on it (another port, the same
@@ -1763,20 +1829,10 @@ fn hub_commands_that_write_refuse_a_state_directory_of_another_user() {
     if skipped_without_root("to give the state directory to another user") {
         return;
     }
-    const OWNER: u32 = 65532;
+    const OWNER: u32 = HUB_OWNER;
     let top = tempfile::tempdir().unwrap();
-    let dir = top.path().join("hub");
+    let dir = hub_dir_of_another_user(top.path());
     let d = dir.to_str().unwrap();
-    run(
-        "ewii-hub",
-        &["init", "--state-dir", d, "--trust-domain", "example.org"],
-    );
-    for path in [top.path().to_owned(), dir.clone()]
-        .into_iter()
-        .chain(fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()))
-    {
-        std::os::unix::fs::lchown(&path, Some(OWNER), Some(OWNER)).unwrap();
-    }
     // Every entry, and the directory itself: name, inode, size, times to the nanosecond, owner.
     let listing = || {
         let stat = |name: String, m: fs::Metadata| {

@@ -160,7 +160,7 @@ pub fn causes(error: &(dyn std::error::Error + 'static)) -> String {
     let mut next = Some(error);
     while let Some(e) = next {
         let words = e.to_string();
-        if !said.contains(&words) {
+        if !said.ends_with(&words) {
             if !said.is_empty() {
                 said.push_str(": ");
             }

@@ -295,7 +295,7 @@ pub fn check_url(url: &str, allow_private: bool) -> Result<(), String> {
     };
     match ip {
         Some(ip) if !allow_private && !is_public(ip) => Err(format!(
-            "webhook {url:?} points at {ip}, which is not a public address (for a test receiver on this host: --danger-allow-private-webhook, and the Hub's [webhooks] danger_allow_private_targets)"
+            "webhook {url:?} points at {ip}, which is not a public address (a test receiver on this host needs the private-address opt-ins: docs/operator-guide.md §7)"
         )),
         _ => Ok(()),
     }
@@ -323,7 +323,7 @@ pub fn check_url_now(url: &str, allow_private: bool) -> Result<(), String> {
     };
     match addrs.map(|a| a.ip()).find(|ip| !is_public(*ip)) {
         Some(ip) => Err(format!(
-            "webhook {url:?} points at {ip} ({host} resolves to it), which is not a public address (for a test receiver on this host: --danger-allow-private-webhook, and the Hub's [webhooks] danger_allow_private_targets)"
+            "webhook {url:?} points at {ip} ({host} resolves to it), which is not a public address (a test receiver on this host needs the private-address opt-ins: docs/operator-guide.md §7)"
         )),
         None => Ok(()),
     }

@@ -305,7 +305,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 danger_allow_private_webhook,
             )?;
             if let Some(state) = r.replaces {
-                fail(&format!(
+                say(&format!(
                     "ewii-hub: warning: {client} is enrolled and not revoked ({state}): an enrolment with this token replaces its identity, and the Client that holds the current one is refused from its next connection; for a second machine, give it a client name of its own"
                 ));
             }

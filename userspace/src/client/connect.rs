@@ -134,6 +134,18 @@ impl ConnectError {
         }
     }
 
+    /// Whether it was this side's TLS that refused the Hub (its certificate or its offer),
+    /// rather than the Hub that refused this Client.
+    pub(crate) fn refused_here(&self) -> bool {
+        matches!(
+            self,
+            Self::Handshake {
+                source: quinn::ConnectionError::TransportError(_),
+                ..
+            }
+        ) && self.refused()
+    }
+
     /// The error as the Client says it (status `last_error`, logs, the audit `reason`): the
     /// Hub's words in it (a close reason) bounded and escaped.
     pub(crate) fn said(&self) -> String {
@@ -341,6 +353,12 @@ mod tests {
         for e in &refused {
             assert!(e.refused(), "{e}");
         }
+        // Only this side's TLS refusal is this side's.
+        let here: Vec<bool> = refused.iter().map(ConnectError::refused_here).collect();
+        assert_eq!(
+            here,
+            [false, false, true, false, false, false, false, false]
+        );
         assert!(matches!(app_closed(codes::REVOKED), ConnectError::Revoked(r) if r == "said"));
         let failed = [
             peer_closed(alert(80), b""), // internal_error

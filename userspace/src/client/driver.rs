@@ -351,7 +351,9 @@ impl Driver {
                 // A handshake's error can carry the Hub's close reason.
                 let said = e.said();
                 let attempt = self.machine.failures() + 1;
-                if e.refused() {
+                if e.refused_here() {
+                    tracing::warn!(error = %said, attempt, "this Client refused the Hub");
+                } else if e.refused() {
                     tracing::warn!(error = %said, attempt, "the Hub refused this Client's session");
                 } else {
                     tracing::warn!(error = %said, attempt, "cannot reach the Hub");
@@ -616,9 +618,15 @@ impl Driver {
         if self.revoked_at_stop {
             // The next start knows without asking the Hub, and enrols again if it is given
             // a new token (`ewii-client run` with EWII_TOKEN).
-            tracing::info!(
-                "identity {REVOKED_AT_STOP}: a later start needs a new token (EWII_TOKEN, or ewii-client enroll --replace)"
-            );
+            let next = match self.config.svid_source {
+                SvidSource::StateDir => {
+                    "a later start needs a new token (EWII_TOKEN, or ewii-client enroll --replace)"
+                }
+                SvidSource::WorkloadApi { .. } => {
+                    "a later start needs the operator's `ewii-hub readmit`, then the `revoked` file deleted"
+                }
+            };
+            tracing::info!("identity {REVOKED_AT_STOP}: {next}");
             self.record_revoked(REVOKED_AT_STOP).await;
         }
         let state = match exit {

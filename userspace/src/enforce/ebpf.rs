@@ -360,55 +360,119 @@ fn refuse_root(cgroup: &Path) -> Result<(), EbpfError> {
             cgroup.display()
         )));
     }
-    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
     let me = std::process::id();
-    let pids: Vec<u32> = procs
-        .lines()
-        .filter_map(|p| p.trim().parse().ok())
-        .collect();
+    let listed = || -> Vec<u32> {
+        std::fs::read_to_string(cgroup.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|p| p.trim().parse().ok())
+            .collect()
+    };
+    let pids = listed();
     if !pids.contains(&me) {
         return Err(EbpfError::Cgroup(format!(
             "this process is not in {}",
             cgroup.display()
         )));
     }
-    let others: Vec<String> = pids
-        .iter()
-        .filter(|&&pid| !own_company(pid, me))
-        .map(|pid| describe(*pid))
+    let nested = nested_pid_namespace();
+    let mut others: Vec<u32> = pids
+        .into_iter()
+        .filter(|&pid| !own_company(pid, me, nested))
         .collect();
+    // One passing through (an exec probe's `runc init`, a health check) is gone a moment
+    // later; a neighbour stays. Only those listed at every look count.
+    for _ in 0..STRANGER_LOOKS {
+        if others.is_empty() {
+            break;
+        }
+        std::thread::sleep(STRANGER_WAIT);
+        let now = listed();
+        others.retain(|pid| now.contains(pid));
+    }
     if !others.is_empty() {
         return Err(EbpfError::Cgroup(format!(
             "{} holds other processes too ({}): the lock would confine them as well and stay on that cgroup after the Client exits (a login session's until it ends); run the Client in a cgroup of its own: a container, a systemd service, or `systemd-run --scope`",
             cgroup.display(),
-            others.join(", ")
+            describe_all(&others)
         )));
     }
     Ok(())
 }
 
+/// How many more times a cgroup's other processes are looked at, [`STRANGER_WAIT`] apart.
+const STRANGER_LOOKS: usize = 2;
+/// See [`STRANGER_LOOKS`].
+const STRANGER_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+/// Processes named one by one in the refusal; the rest are counted.
+const STRANGERS_NAMED: usize = 5;
+
+/// Whether this process runs in a PID namespace below the host's (a container's), where
+/// pid 1 is its init (`tini`, `sh -c`) and not the host's.
+fn nested_pid_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .is_some_and(|ids| ids.split_whitespace().count() > 1)
+    })
+}
+
 /// Whether `pid`, in the Client's cgroup, is one the lock may confine with it: the Client
-/// itself, the init of its PID namespace (a container's `tini` or `sh -c`), or another run
-/// of the same program (`ewii-client health` from a probe). A login shell, or anything else
-/// that shares the cgroup, is not.
-fn own_company(pid: u32, me: u32) -> bool {
-    if pid == me || pid == 1 {
+/// itself, the init of its own (nested) PID namespace (a container's `tini` or `sh -c`), or
+/// another run of the same program (`ewii-client health` from a probe). A login shell, or
+/// anything else that shares the cgroup, is not; neither is a process outside this PID
+/// namespace, listed as pid 0.
+fn own_company(pid: u32, me: u32, nested: bool) -> bool {
+    if pid == me || (pid == 1 && nested) {
         return true;
     }
-    let program = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
     match (
         program("/proc/self/exe"),
         program(&format!("/proc/{pid}/exe")),
     ) {
-        (Some(mine), Some(theirs)) => mine == theirs,
+        (Some(mine), Some(theirs)) => pid != 0 && mine == theirs,
         _ => false,
     }
 }
 
-/// `pid 815 bash`, as far as /proc says.
+/// The file a `/proc/<pid>/exe` link names, by device and inode; `None` when it cannot be read
+/// (another user's process, one not dumpable, one gone).
+fn program(exe: &str) -> Option<(u64, u64)> {
+    std::fs::metadata(exe).map(|m| (m.dev(), m.ino())).ok()
+}
+
+/// The refusal's list: the first few by pid and name, the rest counted, and those outside
+/// this PID namespace (pid 0) counted apart.
+fn describe_all(others: &[u32]) -> String {
+    let outside = others.iter().filter(|&&p| p == 0).count();
+    let visible: Vec<u32> = others.iter().copied().filter(|&p| p != 0).collect();
+    let mut parts: Vec<String> = visible
+        .iter()
+        .take(STRANGERS_NAMED)
+        .map(|&p| describe(p))
+        .collect();
+    if visible.len() > STRANGERS_NAMED {
+        parts.push(format!("and {} more", visible.len() - STRANGERS_NAMED));
+    }
+    if outside > 0 {
+        parts.push(format!("{outside} outside this PID namespace"));
+    }
+    parts.join(", ")
+}
+
+/// `pid 815 "bash"`, as far as /proc says; `(program unreadable)` when its executable could
+/// not be compared with the Client's.
 fn describe(pid: u32) -> String {
+    let unreadable = if program(&format!("/proc/{pid}/exe")).is_none() {
+        " (program unreadable)"
+    } else {
+        ""
+    };
     match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
-        Ok(comm) => format!("pid {pid} {}", ewii_common::text::printable(comm.trim())),
-        Err(_) => format!("pid {pid}"),
+        Ok(comm) => format!(
+            "pid {pid} {:?}{unreadable}",
+            ewii_common::text::printable(comm.trim())
+        ),
+        Err(_) => format!("pid {pid}{unreadable}"),
     }
 }

@@ -50,9 +50,9 @@ pub struct TokenReport {
     pub expires_at: i64,
     /// The key the customer verifies webhooks with (`whpk_…`), when a webhook was given.
     pub webhook_public_key: Option<String>,
-    /// Set when the client is enrolled and not revoked: an enrolment with this token replaces
-    /// its identity, and the Client holding it is refused from its next connection. Says
-    /// whether it is connected now.
+    /// Set when the client is enrolled, not revoked, and holds an SVID not yet expired: an
+    /// enrolment with this token replaces its identity, and the Client holding it is refused
+    /// from its next connection. Says whether it is connected.
     pub replaces: Option<&'static str>,
 }
 
@@ -143,12 +143,16 @@ pub fn create_token(
     let replaces = db
         .clients()?
         .into_iter()
-        .find(|c| c.name == client && c.revoked_at.is_none() && !c.serials.is_empty())
+        .find(|c| {
+            c.name == client
+                && c.revoked_at.is_none()
+                && c.serials.iter().any(|(_, exp)| *exp > now)
+        })
         .map(|c| {
             if c.session.is_some() {
-                "connected now"
+                "connected, as the running Hub last recorded it"
             } else {
-                "offline now"
+                "not connected, as the running Hub last recorded it"
             }
         });
     db.add_token(&token, client, expires_at, webhook, now)?;

@@ -31,33 +31,28 @@ pub const NEXT_CA_KEY: &str = "ca-next.key";
 /// ([`lock_trust`]).
 pub const TRUST_LOCK: &str = "trust.lock";
 
-/// The lock a running Hub holds for as long as it runs ([`lock_run`]).
-pub const RUN_LOCK: &str = "run.lock";
-
 /// A running Hub's hold on its state directory, released when dropped (or when the process
 /// ends, however it ends).
 #[derive(Debug)]
 pub struct RunLock {
-    _file: std::fs::File,
+    _dir: std::fs::File,
 }
 
 /// Takes, without waiting, the lock that keeps a second `ewii-hub run` off `dir`: two Hubs on
 /// one state directory would each clear and rewrite the other's live sessions in the database
 /// (`ewii-hub clients` then shows a connected Client as offline) and serve its Clients apart.
 /// The offline commands (`token create`, `revoke`, …) do not take it: they run beside the Hub.
-/// `Ok(None)` when another process holds it. Blocking I/O: an open and an `flock`.
+/// The `flock` is on the directory itself, so no file is left that a start as another user
+/// (root) could make unreadable to the owner. `Ok(None)` when another process holds it.
+/// Blocking I/O: an open and an `flock`.
 pub fn lock_run(dir: &Path) -> Result<Option<RunLock>, IdentityError> {
-    let path = dir.join(RUN_LOCK);
     let io = |source| IdentityError::Io {
-        path: path.clone(),
+        path: dir.to_owned(),
         source,
     };
-    let mut opts = std::fs::File::options();
-    opts.create(true).truncate(false).write(true);
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let file = opts.open(&path).map_err(io)?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(RunLock { _file: file })),
+    let handle = std::fs::File::open(dir).map_err(io)?;
+    match handle.try_lock() {
+        Ok(()) => Ok(Some(RunLock { _dir: handle })),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
         Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
     }
