@@ -783,6 +783,11 @@ async fn p13_the_client_binary_has_no_listener_and_p6_one_udp_socket() {
         Some(1),
         "a stopped Client is unhealthy"
     );
+    assert!(
+        stderr_of(&health).contains("unhealthy: state is Stopped: the Client has ended"),
+        "{}",
+        stderr_of(&health)
+    );
     poll_until("the Hub to record the revocation", SOON, || {
         let out = run("ewii-hub", &["clients", "--state-dir", hub_dir_s, "--json"]);
         let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

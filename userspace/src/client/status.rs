@@ -223,9 +223,19 @@ impl Status {
                 age.as_secs()
             ));
         }
+        let why = |what: &str| match &self.last_error {
+            Some(e) => format!("{what}; last error: {e}"),
+            None => what.to_owned(),
+        };
         match self.state {
             State::Connected => Ok(()),
-            other => Err(format!("state is {other:?}")),
+            State::Connecting | State::Backoff => Err(why(&format!(
+                "state is {:?}: running, with no session to the Hub",
+                self.state
+            ))),
+            other => Err(why(&format!(
+                "state is {other:?}: the Client has ended (its last status)"
+            ))),
         }
     }
 }
