@@ -1543,6 +1543,29 @@ async fn token_create_warns_before_it_replaces_an_enrolled_client() {
         "",
         "a revoked one comes back with a new token"
     );
+    // A private webhook needs the Hub's opt-in as well as the token's: said when it is made.
+    let out = Command::new(bin_path("ewii-hub"))
+        .args([
+            "token",
+            "create",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--client",
+            "gamma",
+        ])
+        .args([
+            "--webhook",
+            "http://127.0.0.1:9/hook?key=x",
+            "--danger-allow-private-webhook",
+        ])
+        .output()
+        .unwrap();
+    let err = exits_saying_once(
+        &out,
+        0,
+        "warning: http://127.0.0.1:9/hook?… is not a public address: the running Hub delivers to it only with `[webhooks] danger_allow_private_targets = true`",
+    );
+    assert!(!err.contains("key=x"), "{err}");
 }
 
 /// The uid a Hub's own user has in these tests (the image's).

@@ -235,7 +235,7 @@ pub async fn check_target(
     }
     let host = parsed
         .host_str()
-        .ok_or_else(|| WebhookError::BadUrl(url.to_owned()))?
+        .ok_or_else(|| WebhookError::BadUrl(redacted(url)))?
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned();

@@ -304,6 +304,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 webhook.as_deref(),
                 danger_allow_private_webhook,
             )?;
+            // The token's opt-in alone does not deliver: the Hub's config must allow it too.
+            if let Some(url) = webhook.as_deref().filter(|_| danger_allow_private_webhook) {
+                if ewii::webhook::check_url(url, false).is_err() {
+                    say(&format!(
+                        "ewii-hub: warning: {} is not a public address: the running Hub delivers to it only with `[webhooks] danger_allow_private_targets = true` in its config; without it each attempt is refused",
+                        ewii::webhook::redacted(url)
+                    ));
+                }
+            }
             if let Some(state) = r.replaces {
                 say(&format!(
                     "ewii-hub: warning: {client} is enrolled and not revoked ({state}): an enrolment with this token replaces its identity, and the Client that holds the current one is refused from its next connection; for a second machine, give it a client name of its own"
