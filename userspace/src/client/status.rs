@@ -233,6 +233,9 @@ impl Status {
                 "state is {:?}: running, with no session to the Hub",
                 self.state
             ))),
+            State::Revoking => Err(why(
+                "state is Revoking: stopping, and telling the Hub to revoke this Client",
+            )),
             other => Err(why(&format!(
                 "state is {other:?}: the Client has ended (its last status)"
             ))),
@@ -367,5 +370,41 @@ fn touch(path: &Path) {
         .and_then(|f| f.set_modified(SystemTime::now()));
     if let Err(e) = result {
         tracing::warn!(error = %e, "cannot refresh the status file");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Status;
+
+    /// `health`'s words for each state: running without a session (with the last error),
+    /// stopping while it tells the Hub to revoke it, or ended.
+    #[test]
+    fn health_says_why_a_client_is_unhealthy() {
+        let now = 1_000_000_000;
+        let status = |state: &str, last_error: Option<&str>| -> Status {
+            serde_json::from_value(serde_json::json!({
+                "state": state, "pid": 7, "updated_us": now, "hub": "hub:443",
+                "spiffe_id": "spiffe://example.org/client/acme", "svid_not_after": 0,
+                "session_id": null, "allow_list": [], "failures": 1, "last_error": last_error,
+            }))
+            .unwrap()
+        };
+        assert_eq!(status("connected", None).healthy(now), Ok(()));
+        assert_eq!(
+            status("backoff", Some("handshake with 192.0.2.7:443: timed out")).healthy(now),
+            Err("state is Backoff: running, with no session to the Hub; last error: handshake with 192.0.2.7:443: timed out".into())
+        );
+        assert_eq!(
+            status("revoking", None).healthy(now),
+            Err("state is Revoking: stopping, and telling the Hub to revoke this Client".into())
+        );
+        assert_eq!(
+            status("stopped", None).healthy(now),
+            Err("state is Stopped: the Client has ended (its last status)".into())
+        );
+        assert!(status("connected", None)
+            .healthy(now + 60_000_000)
+            .is_err_and(|e| e.contains("the Client is not running")));
     }
 }
