@@ -581,20 +581,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .build()
                 .context("starting the runtime")?;
             runtime.block_on(async {
+                // Watched before the Hub says it listens: a stop right after is an orderly one.
+                let stop = ewii::signal::terminate();
                 let hub = Hub::bind(config, audit.clone()).await?;
                 say(&format!("ewii-hub: listening on udp {}", hub.local_addr()));
                 if let Some(addr) = hub.metrics_addr() {
                     say(&format!("ewii-hub: metrics on http://{addr}/metrics"));
                 }
-                hub.run(shutdown_signal()).await?;
+                hub.run(stop).await?;
                 audit.flush_async().await;
                 anyhow::Ok(())
             })?;
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-async fn shutdown_signal() {
-    ewii::signal::terminate().await;
 }

@@ -381,14 +381,15 @@ fn refuse_root(cgroup: &Path) -> Result<(), EbpfError> {
         .filter(|&pid| !own_company(pid, me, nested))
         .collect();
     // One passing through (an exec probe's `runc init`, a health check) is gone a moment
-    // later; a neighbour stays. Only those listed at every look count.
+    // later, or has become a run of this program; a neighbour stays what it is. Only those
+    // found foreign at every look count.
     for _ in 0..STRANGER_LOOKS {
         if others.is_empty() {
             break;
         }
         std::thread::sleep(STRANGER_WAIT);
         let now = listed();
-        others.retain(|pid| now.contains(pid));
+        others.retain(|&pid| now.contains(&pid) && !own_company(pid, me, nested));
     }
     if !others.is_empty() {
         return Err(EbpfError::Cgroup(format!(
