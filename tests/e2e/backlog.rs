@@ -48,6 +48,35 @@ async fn until_refused(service: SocketAddr, refusals: u64) -> (u64, u64) {
     (served, refused)
 }
 
+/// One `ok` record per query `served`, every record valid, and exactly one `audit_backlog`
+/// record that counts the `refused` ones; returns it.
+fn nothing_lost_and_one_summary(
+    records: &[serde_json::Value],
+    served: u64,
+    refused: u64,
+) -> &serde_json::Value {
+    let ok = records
+        .iter()
+        .filter(|r| r["event"] == "query" && r["outcome"] == "ok")
+        .count() as u64;
+    assert_eq!(ok, served, "one record per query served");
+    let summaries: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["event"] == "audit_backlog")
+        .collect();
+    assert_eq!(summaries.len(), 1, "{summaries:?}");
+    let reason = summaries[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(&format!("{refused} queries refused since ")),
+        "{reason} (requesters saw {refused} refused)"
+    );
+    for r in records {
+        let bad = audit_line_violations(&r.to_string());
+        assert!(bad.is_empty(), "{bad:?}");
+    }
+    summaries[0]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p11_a_client_whose_audit_sink_blocks_refuses_new_queries_and_loses_no_record() {
     let root = tempfile::tempdir().unwrap();
@@ -106,25 +135,7 @@ async fn p11_a_client_whose_audit_sink_blocks_refuses_new_queries_and_loses_no_r
     assert_eq!(client.terminate().code(), Some(0));
     reader.join().unwrap();
     let records = std::mem::take(&mut *read.lock().unwrap());
-    let ok = records
-        .iter()
-        .filter(|r| r["event"] == "query" && r["outcome"] == "ok")
-        .count() as u64;
-    assert_eq!(ok, served, "one record per query served");
-    let summaries: Vec<&serde_json::Value> = records
-        .iter()
-        .filter(|r| r["event"] == "audit_backlog")
-        .collect();
-    assert_eq!(summaries.len(), 1, "{summaries:?}");
-    let reason = summaries[0]["reason"].as_str().unwrap();
-    assert!(
-        reason.starts_with(&format!("{refused} queries refused since ")),
-        "{reason} (requester saw {refused} refused)"
-    );
-    for r in &records {
-        let bad = audit_line_violations(&r.to_string());
-        assert!(bad.is_empty(), "{bad:?}");
-    }
+    nothing_lost_and_one_summary(&records, served, refused);
     // Bounded: refusing costs nothing that stays (reported, not asserted as a timing).
     eprintln!("client RSS: {rss_before} KiB before, {rss_blocked} KiB with the sink blocked");
     assert!(
@@ -175,32 +186,14 @@ async fn p11_a_hub_whose_audit_sink_blocks_closes_requesters_and_counts_them_at_
     go.send(()).unwrap();
     assert_eq!(hub.proc.terminate().code(), Some(0));
     let records = reader.join().unwrap();
-    let ok = records
-        .iter()
-        .filter(|r| r["event"] == "query" && r["outcome"] == "ok")
-        .count() as u64;
-    assert_eq!(ok, served, "one record per query served");
-    let summaries: Vec<&serde_json::Value> = records
-        .iter()
-        .filter(|r| r["event"] == "audit_backlog")
-        .collect();
-    assert_eq!(summaries.len(), 1, "{summaries:?}");
-    assert_eq!(summaries[0]["side"], "hub");
-    assert_eq!(summaries[0]["outcome"], "refused");
-    let reason = summaries[0]["reason"].as_str().unwrap();
-    assert!(
-        reason.starts_with(&format!("{refused} queries refused since ")),
-        "{reason} (requesters saw {refused} closed)"
-    );
+    let summary = nothing_lost_and_one_summary(&records, served, refused);
+    assert_eq!(summary["side"], "hub");
+    assert_eq!(summary["outcome"], "refused");
     assert_eq!(
         records.last().map(|r| r["event"].clone()),
         Some("stopped".into()),
         "the stop's own record comes last"
     );
-    for r in &records {
-        let bad = audit_line_violations(&r.to_string());
-        assert!(bad.is_empty(), "{bad:?}");
-    }
     // (Killed: its stop would wait for a Hub that is gone to acknowledge its revoke.)
     drop(client);
 }

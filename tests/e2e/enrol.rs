@@ -98,7 +98,7 @@ async fn p7_an_expired_token_is_refused_with_the_same_answer() {
 /// not refused: a SIEM rule on refused enrolments (a bad or stolen token) does not fire for a
 /// network that was down.
 #[tokio::test]
-async fn an_enrolment_that_reaches_no_hub_is_recorded_as_failed_not_refused() {
+async fn p11_an_enrolment_that_reaches_no_hub_is_recorded_as_failed_not_refused() {
     let dir = tempfile::tempdir().unwrap();
     let audit = client_audit();
     // `.invalid` never resolves (RFC 6761 §6.4).

@@ -656,7 +656,7 @@ async fn p9_a_client_stopped_and_revoked_comes_back_with_a_new_token_in_its_envi
 }
 
 /// The exit status and stderr of `child`, which must end within [`SOON`].
-async fn exit_of(child: std::process::Child) -> (Option<i32>, String) {
+pub(crate) async fn exit_of(child: std::process::Child) -> (Option<i32>, String) {
     let mut child = crate::process::Proc(child);
     let mut status = None;
     poll_until("the process to end", SOON, || {

@@ -1651,33 +1651,21 @@ async fn a_second_hub_on_the_same_state_directory_is_refused() {
         .unwrap()
     };
     write_second();
-    let mut refused = Proc(
+    let (code, err) = crate::lifecycle::exit_of(
         Command::new(bin_path("ewii-hub"))
             .args(["run", "--config", second.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
-    );
-    poll_until("the second Hub's exit", SOON, || {
-        refused.0.try_wait().unwrap().is_some()
-    })
+    )
     .await;
-    let status = refused.0.wait().unwrap();
-    let mut said = String::new();
-    refused
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut said)
-        .unwrap();
-    let out = Output {
-        status,
-        stdout: Vec::new(),
-        stderr: said.into_bytes(),
-    };
-    let err = exits_saying_once(&out, 1, "another `ewii-hub run` is using");
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(
+        err.matches("another `ewii-hub run` is using").count(),
+        1,
+        "said once: {err}"
+    );
     assert!(err.contains("stop it first"), "{err}");
     // The first Hub still serves, and its Client is still on record as connected.
     assert!(try_roundtrip(hub.service, b"still here").await.is_ok());

@@ -332,7 +332,7 @@ mod tests {
     /// untrusted Client); a restart, a load bound, a timeout or a TLS internal error is a
     /// failure, so that a Hub restart does not read as the Hub saying no.
     #[test]
-    fn a_dial_is_refused_by_policy_and_failed_otherwise() {
+    fn p11_p12_a_dial_is_refused_by_policy_and_failed_otherwise() {
         let alert = |a: u8| quinn::TransportErrorCode::crypto(a);
         let refused = [
             peer_closed(alert(42), b""), // bad_certificate, from the Hub

@@ -380,7 +380,7 @@ mod tests {
     /// `health`'s words for each state: running without a session (with the last error),
     /// stopping while it tells the Hub to revoke it, or ended.
     #[test]
-    fn health_says_why_a_client_is_unhealthy() {
+    fn p13_health_says_why_a_client_is_unhealthy() {
         let now = 1_000_000_000;
         let status = |state: &str, last_error: Option<&str>| -> Status {
             serde_json::from_value(serde_json::json!({
