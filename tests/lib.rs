@@ -274,6 +274,12 @@ impl TestHub {
         self.launch().await;
     }
 
+    /// [`restart`](Self::restart) with `extra_toml` in place of the config's extra TOML.
+    pub async fn restart_with(&mut self, extra_toml: &str) {
+        extra_toml.clone_into(&mut self.extra_toml);
+        self.restart().await;
+    }
+
     /// Waits until `client` has a live session.
     pub async fn wait_connected(&self, client: &str) {
         let handle = self.handle().clone();

@@ -821,6 +821,48 @@ async fn p10_a_webhook_undelivered_before_a_hub_restart_is_delivered_after_it() 
     );
 }
 
+/// A webhook whose URL is an address the Hub's config refuses (the token's opt-in without the
+/// Hub's) is refused once and parked, not retried `max_attempts` times against a refusal no
+/// retry can change; a restart with the opt-in delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p10_a_webhook_the_hubs_config_refuses_is_parked_until_a_restart_that_allows_it() {
+    let receiver = Receiver::start(Vec::new()).await;
+    let fast = "[webhooks]\nretry_initial_ms = 50\nretry_max_ms = 100\n";
+    let mut hub = TestHub::start_custom(&[], fast).await;
+    let token = hub.token_with_webhook("acme", &receiver.url);
+    let _client = TestClient::enrol_with(&hub, &token, &[("db", "127.0.0.1:9".into())]).await;
+    admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap();
+    let parked = hub
+        .wait_audit("the refused attempt", is(Event::WebhookFailed))
+        .await;
+    let reason = parked.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("attempt 1 of 30")
+            && reason.contains("not a public address")
+            && reason.contains("not tried again before the Hub restarts"),
+        "{reason}"
+    );
+    // Twenty retry periods: a retried refusal would have been tried again by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(count(&hub.audit, is(Event::WebhookFailed)), 1, "tried once");
+    assert!(receiver.deliveries().is_empty(), "nothing was sent");
+
+    hub.restart_with(&format!("{fast}danger_allow_private_targets = true\n"))
+        .await;
+    poll_until("the delivery after the restart", SOON, || {
+        receiver.deliveries().iter().any(|d| d.status == 200)
+    })
+    .await;
+    assert_eq!(receiver.deliveries().len(), 1, "delivered once");
+    let ok = hub
+        .wait_audit("the delivery's record", is(Event::WebhookDelivered))
+        .await;
+    assert!(
+        ok.reason.as_deref().is_some_and(|r| r.contains("HTTP 200")),
+        "{ok:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p10_webhook_arrives_exactly_once_across_failures_and_a_hub_restart_and_verifies() {
     let receiver = Receiver::start(vec![500, 503]).await;

@@ -292,9 +292,24 @@ async fn p4_a_reset_requester_resets_the_destination() {
 #[tokio::test]
 async fn p4_a_name_outside_the_allow_list_is_refused_with_no_connection_attempt() {
     let (allowed, accepted) = counting_listener().await;
-    let hub = TestHub::start(&[Service::tcp("sneaky", "acme", "secret")]).await;
+    let hub = TestHub::start(&[
+        Service::tcp("sneaky", "acme", "secret"),
+        Service::tcp("pg", "acme", "db"),
+        Service::tcp("other", "beta", "secret"),
+    ])
+    .await;
     let client = TestClient::enrol_and_run(&hub, "acme", &[("db", allowed.to_string())]).await;
     hub.wait_connected("acme").await;
+    // The Hub tells its operator at the session's start which of its services to this Client
+    // name an entry the Client does not have (and only those).
+    let up = hub.wait_audit("session_up", is(Event::SessionUp)).await;
+    let said = up.reason.unwrap_or_default();
+    assert!(
+        said.ends_with(
+            "allow-list [db]; service sneaky names entry secret, not in it: its queries are refused"
+        ),
+        "{said}"
+    );
     // The Hub drops the requester (RST or EOF) without a byte of data.
     requester_gets_nothing(hub.service("sneaky"), b"").await;
     let c = client.wait_audit("refused query", is(Event::Query)).await;

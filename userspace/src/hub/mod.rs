@@ -329,6 +329,7 @@ impl Hub {
                 notify_on_stop: config.webhooks.notify_on_stop,
                 admission: admission::Admission::new(config.limits),
                 shard: 0,
+                routes: Arc::new(service_routes(&config.services)),
             },
             endpoints,
             held,
@@ -527,6 +528,18 @@ impl Hub {
             None => Ok(()),
         }
     }
+}
+
+/// The services to each Client, with the allow-list entry each names.
+fn service_routes(services: &[ServiceConfig]) -> session::ServiceRoutes {
+    let mut routes = session::ServiceRoutes::new();
+    for svc in services {
+        routes
+            .entry(svc.client.clone())
+            .or_default()
+            .push((svc.name.clone(), svc.destination.as_str().to_owned()));
+    }
+    routes
 }
 
 /// Shards when `threads` is not set: one per core.

@@ -2,7 +2,9 @@
 //! redirects, only to public addresses (unless `danger_allow_private_targets`). A row is
 //! marked delivered only on a 2xx, in the database, so a Hub restart neither loses nor repeats
 //! an acknowledged one; the receiver deduplicates the rare retry of an unrecorded success by
-//! `webhook-id`.
+//! `webhook-id`. A target this Hub's config refuses by its address (written in the URL) is
+//! parked instead of retried: a retry cannot change the refusal, and the next start, which may
+//! run with another config, tries it again.
 //!
 //! The task sleeps until a row is queued (the store wakes it) or until the next retry it
 //! learned from the store is due: an empty outbox costs no query.
@@ -25,7 +27,7 @@ use super::state::PendingWebhook;
 use super::store::Store;
 use crate::audit::Audit;
 use crate::config::WebhookConfig;
-use crate::webhook::{check_target, WebhookKey};
+use crate::webhook::{check_target, WebhookError, WebhookKey};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after the store failed, before asking it again.
@@ -133,30 +135,41 @@ async fn deliver_due(
                     crate::webhook::redacted(&w.url)
                 ));
             }
-            Err(e) => {
-                let delay = Backoff::new(parts.config.retry_initial, parts.config.retry_max)
-                    .delay_for(w.attempts, rand::random());
-                let next = (now.0 / 1000) as i64 + delay.as_millis() as i64;
-                if let Err(e) = parts.store.webhook_failed(&w.id, &e, next).await {
+            Err(failure) => {
+                let attempt = w.attempts + 1;
+                let last = attempt >= parts.config.max_attempts;
+                let (e, stored) = match &failure {
+                    Failure::Again(e) => {
+                        let delay =
+                            Backoff::new(parts.config.retry_initial, parts.config.retry_max)
+                                .delay_for(w.attempts, rand::random());
+                        let next = (now.0 / 1000) as i64 + delay.as_millis() as i64;
+                        (e, parts.store.webhook_failed(&w.id, e, next).await)
+                    }
+                    Failure::Parked(e) => (e, parts.store.webhook_parked(&w.id, e).await),
+                };
+                if let Err(e) = stored {
                     tracing::error!(error = %e, "cannot record a webhook failure");
                 }
                 r.event = Event::WebhookFailed;
                 r.outcome = Some(Outcome::Failed);
-                let attempt = w.attempts + 1;
-                let last = attempt >= parts.config.max_attempts;
+                let then = if last {
+                    "; the last attempt: the delivery is kept in the outbox and not sent again"
+                } else if matches!(failure, Failure::Parked(_)) {
+                    PARKED_SAYS
+                } else {
+                    ""
+                };
                 r.reason = Some(format!(
-                    "{} to {} (attempt {attempt} of {}): {e}{}",
+                    "{} to {} (attempt {attempt} of {}): {e}{then}",
                     w.id,
                     crate::webhook::redacted(&w.url),
                     parts.config.max_attempts,
-                    if last {
-                        "; the last attempt: the delivery is kept in the outbox and not sent again"
-                    } else {
-                        ""
-                    }
                 ));
                 if last {
                     tracing::error!(id = %w.id, url = %crate::webhook::redacted(&w.url), "a webhook was not delivered after its last attempt; the customer was not told of this revocation by webhook");
+                } else if matches!(failure, Failure::Parked(_)) {
+                    tracing::error!(id = %w.id, url = %crate::webhook::redacted(&w.url), error = %e, "this Hub refuses a webhook's target; the delivery waits in the outbox for the next Hub start (the customer is not told of this revocation by webhook until then)");
                 }
             }
         }
@@ -165,10 +178,32 @@ async fn deliver_due(
     Ok(())
 }
 
-async fn send(parts: &Parts, w: &PendingWebhook) -> Result<u16, String> {
+/// Why an attempt failed, and whether a retry could change it.
+#[derive(Debug)]
+enum Failure {
+    /// Tried again after the backoff (an HTTP error, a timeout, a name that did not resolve).
+    Again(String),
+    /// Refused by this Hub for a reason a retry cannot change while it runs: an address
+    /// written in the URL that its config refuses (or a URL that is not one). Not tried again
+    /// before the next Hub start, which may run with another config.
+    Parked(String),
+}
+
+/// What the record of a parked attempt adds.
+const PARKED_SAYS: &str =
+    "; not tried again before the Hub restarts: no retry can change this Hub's refusal";
+
+async fn send(parts: &Parts, w: &PendingWebhook) -> Result<u16, Failure> {
     let (host, addr) = check_target(&w.url, parts.config.danger_allow_private_targets)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e {
+            // A name may resolve elsewhere later; an address in the URL will not.
+            WebhookError::PrivateTarget(_) if names_an_address(&w.url) => {
+                Failure::Parked(e.to_string())
+            }
+            WebhookError::BadUrl(_) => Failure::Parked(e.to_string()),
+            e => Failure::Again(e.to_string()),
+        })?;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         // A proxy from the environment would reach targets the address check refused.
@@ -176,7 +211,7 @@ async fn send(parts: &Parts, w: &PendingWebhook) -> Result<u16, String> {
         .timeout(REQUEST_TIMEOUT)
         .resolve(&host, addr)
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Failure::Again(e.to_string()))?;
     let ts = crate::now_timestamp().unix_secs() as i64;
     let signature = parts.key.sign(&w.id, ts, w.body.as_bytes());
     let resp = client
@@ -189,11 +224,17 @@ async fn send(parts: &Parts, w: &PendingWebhook) -> Result<u16, String> {
         .send()
         .await
         // (Without the URL: the record names it, redacted.)
-        .map_err(|e| format!("request failed: {}", e.without_url()))?;
+        .map_err(|e| Failure::Again(format!("request failed: {}", e.without_url())))?;
     let status = resp.status();
     if status.is_success() {
         Ok(status.as_u16())
     } else {
-        Err(format!("HTTP {status}"))
+        Err(Failure::Again(format!("HTTP {status}")))
     }
+}
+
+/// Whether the URL's host is an IP address rather than a name.
+fn names_an_address(url: &str) -> bool {
+    reqwest::Url::parse(url)
+        .is_ok_and(|u| matches!(u.host(), Some(url::Host::Ipv4(_) | url::Host::Ipv6(_))))
 }

@@ -93,7 +93,13 @@ pub(crate) struct Parts {
     pub(crate) admission: super::admission::Admission,
     /// The shard the connection lives on (set for each connection).
     pub(crate) shard: usize,
+    /// Client name → the configured services that route to it, with the allow-list entry
+    /// each names: a session whose allow-list lacks one is told of at its start.
+    pub(crate) routes: Arc<ServiceRoutes>,
 }
+
+/// Client name → `(service, destination entry)` of each configured service to it.
+pub(crate) type ServiceRoutes = std::collections::HashMap<String, Vec<(String, String)>>;
 
 /// One authenticated connection with its control stream open and `Welcome` sent.
 #[derive(Debug)]
@@ -439,12 +445,35 @@ impl Session {
         r.client = Some(self.leaf.id.to_string());
         r.peer = Some(self.peer.to_string());
         r.outcome = Some(Outcome::Ok);
-        r.reason = Some(format!(
+        let mut reason = format!(
             "serial {}; allow-list [{}]",
             self.leaf.serial,
             self.allow_list.join(",")
-        ));
+        );
+        for (service, entry) in self.unrouted() {
+            tracing::warn!(
+                client = %self.name,
+                "service {service} sends its queries to {}'s allow-list entry {entry}, which this Client's allow-list does not name (it names [{}]): the Client refuses every query of {service}; correct the service's destination, or ask the customer to add the entry",
+                self.name,
+                self.allow_list.join(", ")
+            );
+            reason.push_str(&format!(
+                "; service {service} names entry {entry}, not in it: its queries are refused"
+            ));
+        }
+        r.reason = Some(reason);
         self.parts.audit.emit(r);
+    }
+
+    /// The configured services to this Client whose destination entry its allow-list does
+    /// not name (each query through them would be refused by the Client).
+    fn unrouted(&self) -> impl Iterator<Item = &(String, String)> + '_ {
+        self.parts
+            .routes
+            .get(&self.name)
+            .into_iter()
+            .flatten()
+            .filter(|(_, entry)| !self.allow_list.contains(entry))
     }
 
     /// Handles one control message; `Some(reason)` ends the session.

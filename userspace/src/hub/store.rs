@@ -427,6 +427,15 @@ impl Store {
             .map_err(Into::into)
     }
 
+    /// A delivery was refused for a reason a retry cannot change: not due before the next
+    /// Hub start.
+    pub(crate) async fn webhook_parked(&self, id: &str, error: &str) -> Result<(), StoreError> {
+        let (id, error) = (id.to_owned(), error.to_owned());
+        self.call(move |o| o.backend.webhook_parked(&id, &error))
+            .await?
+            .map_err(Into::into)
+    }
+
     async fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Owner) -> T + Send + 'static,

@@ -6,6 +6,11 @@ use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::{Db, StateError};
 
+/// `next_attempt_ms` of a parked row: one this Hub refused for a reason a retry cannot change
+/// (its config refuses the URL's address). It is not due again until the next Hub start
+/// ([`Db::unpark_webhooks`]), which may run with another config.
+pub const PARKED: i64 = i64::MAX;
+
 /// A webhook delivery waiting in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingWebhook {
@@ -79,8 +84,8 @@ impl Db {
     pub fn next_webhook_due(&self, max_attempts: u32) -> Result<Option<i64>, StateError> {
         self.with(|c| {
             c.query_row(
-                "SELECT MIN(next_attempt_ms) FROM webhooks WHERE delivered_at IS NULL AND attempts < ?1",
-                params![max_attempts],
+                "SELECT MIN(next_attempt_ms) FROM webhooks WHERE delivered_at IS NULL AND attempts < ?1 AND next_attempt_ms < ?2",
+                params![max_attempts, PARKED],
                 |r| r.get(0),
             )
         })
@@ -105,6 +110,23 @@ impl Db {
                 params![id, error, next_ms],
             )
             .map(|_| ())
+        })
+    }
+
+    /// A delivery was refused for a reason a retry by this Hub cannot change: not tried again
+    /// before the next start ([`PARKED`]).
+    pub fn webhook_parked(&self, id: &str, error: &str) -> Result<(), StateError> {
+        self.webhook_failed(id, error, PARKED)
+    }
+
+    /// At Hub start: the parked rows are due again (this start may allow what the last one
+    /// refused). Returns how many.
+    pub fn unpark_webhooks(&self) -> Result<usize, StateError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE webhooks SET next_attempt_ms = 0 WHERE next_attempt_ms = ?1 AND delivered_at IS NULL",
+                params![PARKED],
+            )
         })
     }
 }

@@ -10,7 +10,8 @@ use crate::hub::state::{
 /// What the owner needs from a database. See the module doc: this is the seam for another
 /// backend.
 pub trait Backend: Send + 'static {
-    /// Hub start: forget recorded sessions, restart the silent-client grace at `now`.
+    /// Hub start: forget recorded sessions, make parked webhooks due, restart the
+    /// silent-client grace at `now`.
     fn start(&self, now: i64) -> Result<(), StateError>;
     /// Every client and serial, for the view.
     fn snapshot(&self) -> Result<Snapshot, StateError>;
@@ -73,11 +74,14 @@ pub trait Backend: Send + 'static {
     fn webhook_delivered(&self, id: &str, now: i64) -> Result<(), StateError>;
     /// See [`Db::webhook_failed`].
     fn webhook_failed(&self, id: &str, error: &str, next_ms: i64) -> Result<(), StateError>;
+    /// See [`Db::webhook_parked`].
+    fn webhook_parked(&self, id: &str, error: &str) -> Result<(), StateError>;
 }
 
 impl Backend for Db {
     fn start(&self, now: i64) -> Result<(), StateError> {
         self.clear_sessions()?;
+        self.unpark_webhooks()?;
         self.restart_grace(now)
     }
     fn snapshot(&self) -> Result<Snapshot, StateError> {
@@ -158,5 +162,8 @@ impl Backend for Db {
     }
     fn webhook_failed(&self, id: &str, error: &str, next_ms: i64) -> Result<(), StateError> {
         Db::webhook_failed(self, id, error, next_ms)
+    }
+    fn webhook_parked(&self, id: &str, error: &str) -> Result<(), StateError> {
+        Db::webhook_parked(self, id, error)
     }
 }
