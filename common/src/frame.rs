@@ -24,6 +24,11 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const FORMAT_VERSION: u8 = 1;
 /// Largest frame body (version byte included). Certificate chains and bundles fit with room.
 pub const MAX_FRAME: usize = 64 * 1024;
+/// Largest frame body of a [`QueryHead`]: an `Open` holds a query id, an allow-list entry name
+/// (at most 63 bytes) and the requester's identity (a SPIFFE ID is at most 2048 bytes), so a
+/// larger one is refused before it is buffered rather than held, up to [`MAX_FRAME`], on each
+/// of a session's query streams.
+pub const MAX_QUERY_HEAD: usize = 4 * 1024;
 /// Size of the length prefix.
 pub const HEADER_LEN: usize = 4;
 /// Most elements in any list inside a message (allow-list names, chain and bundle entries).
@@ -47,6 +52,15 @@ pub enum FrameError {
     /// The length prefix claims more than [`MAX_FRAME`] bytes (or an encoder produced that much).
     #[error("frame of {0} bytes exceeds the maximum of {MAX_FRAME}")]
     TooLarge(usize),
+    /// The length prefix claims more than this message may hold (a [`QueryHead`] larger than
+    /// [`MAX_QUERY_HEAD`]).
+    #[error("frame of {len} bytes exceeds this message's maximum of {max}")]
+    OverLimit {
+        /// What the prefix claims.
+        len: usize,
+        /// The message's maximum.
+        max: usize,
+    },
     /// The length prefix is zero: there is not even a version byte.
     #[error("empty frame")]
     Empty,

@@ -13,6 +13,7 @@
 //!
 //! ```text
 //!             ┌──── handle_dial_failed / handle_lost (backoff, full jitter) ─────┐
+//!             │  (started over only after a session that lasted STABLE_SESSION)   │
 //!             ▼                                                                   │
 //!   new ─▶ Dialing ──handle_dialed──▶ Up{session, svid, renewal} ─────────────────┘
 //!             ▲                        │  renewal Due(t) ──timeout──▶ SendRenew ──▶ Asked(t)
@@ -283,7 +284,19 @@ pub struct ClientSession {
     stale_present: bool,
     /// A local stop was asked for ([`ClientSession::handle_stop`]).
     stop_asked: bool,
+    /// When the current connection came up: one lost after [`STABLE_SESSION`] starts the
+    /// reconnect backoff over, one lost sooner goes on with it.
+    up_since: Option<Duration>,
 }
+
+/// The least time from one adopted renewal to the next `Renew`.
+pub const MIN_RENEW_GAP: Duration = Duration::from_secs(1);
+
+/// How long a session must last for its loss to start the reconnect backoff over. A Hub (or
+/// a path) that ends each session right after `Welcome` would otherwise be dialled again
+/// within `reconnect_initial` for ever; with it, the waits grow to `reconnect_max` as for
+/// failed dials.
+pub const STABLE_SESSION: Duration = Duration::from_secs(10);
 
 impl ClientSession {
     /// A session for an SVID valid over `svid`, starting at `now`: the first action is a
@@ -305,6 +318,7 @@ impl ClientSession {
             stale_dial: false,
             stale_present: false,
             stop_asked: false,
+            up_since: None,
         };
         s.dial_or_expire(now);
         s
@@ -389,7 +403,8 @@ impl ClientSession {
         }
     }
 
-    /// Failed dials in a row since the last connection came up.
+    /// Reconnects in a row since the last session that lasted ([`STABLE_SESSION`]): failed
+    /// dials, and sessions that ended sooner.
     pub fn failures(&self) -> u32 {
         self.backoff.attempts()
     }
@@ -428,13 +443,13 @@ impl ClientSession {
         self.random = random;
         match self.state {
             State::Dialing | State::Waiting { .. } => {
-                self.backoff.reset();
+                self.up_since = Some(now);
                 self.up(now, session_id);
                 self.present_if_stale(now);
             }
             // The newer SVID is in use: the old connection drains and goes.
             State::Moving { from, .. } => {
-                self.backoff.reset();
+                self.up_since = Some(now);
                 self.actions.push_back(Action::Retire { session_id: from });
                 self.up(now, session_id);
                 self.present_if_stale(now);
@@ -550,6 +565,16 @@ impl ClientSession {
                 self.renew_backoff.reset();
                 self.svid = svid;
                 self.up(now, session_id);
+                // An SVID with (almost) no life left cannot make the next renewal due at
+                // once: a Hub cannot drive renewals (a key, fsyncs and a record each) in a
+                // loop. The shortest lifetime a Hub issues, 2 s, renews about this often.
+                if let State::Up {
+                    renewal: Renewal::Due(at),
+                    ..
+                } = &mut self.state
+                {
+                    *at = (*at).max(now + MIN_RENEW_GAP);
+                }
             }
             // Not asked: the Hub broke the protocol.
             State::Up { session_id, .. } => self.protocol_broken(now, session_id),
@@ -581,6 +606,21 @@ impl ClientSession {
             | State::Revoking { .. }
             | State::Stopping { .. }
             | State::Done => {}
+        }
+    }
+
+    /// The Hub sent, on connection `session_id`, an answer to nothing this Client asked (a
+    /// `Refused` with no renewal or presentation in flight): it broke the protocol, and the
+    /// connection is closed as for an unasked `Renewed`. Another connection's changes nothing.
+    pub fn handle_unasked(&mut self, now: Duration, session_id: u64) {
+        if let State::Up {
+            session_id: current,
+            ..
+        } = self.state
+        {
+            if current == session_id {
+                self.protocol_broken(now, session_id);
+            }
         }
     }
 
@@ -819,6 +859,15 @@ impl ClientSession {
     }
 
     fn back_off(&mut self, now: Duration, random: u64) {
+        // A session that lasted starts the waits over; a dial that failed, or a session that
+        // ended soon after it came up, goes on with them.
+        if self
+            .up_since
+            .take()
+            .is_some_and(|since| now.saturating_sub(since) >= STABLE_SESSION)
+        {
+            self.backoff.reset();
+        }
         let until = now + self.backoff.next_delay(random);
         self.stale_present = false;
         self.state = State::Waiting { until };

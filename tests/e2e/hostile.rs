@@ -14,8 +14,9 @@ use ewii_common::audit::{Event, Outcome};
 use ewii_common::frame::{self, Control, QueryHead, QueryId, RefuseCode};
 use ewii_tests::*;
 
-/// A welcomed connection and the receive half of its control stream (the `Hello` read off it).
-type Welcomed = (quinn::Connection, quinn::RecvStream);
+/// A welcomed connection, the receive half of its control stream (the `Hello` read off it) and
+/// its send half (the `Welcome` written on it).
+type Welcomed = (quinn::Connection, quinn::RecvStream, quinn::SendStream);
 
 /// A server holding the real Hub's SVID and trusting its CA: it welcomes the Client, then
 /// hands the connection to the test.
@@ -58,13 +59,27 @@ async fn hostile_hub_granting(
                     },
                 };
                 transport::write_frame(&mut send, &welcome).await.unwrap();
-                // Keep the control stream open for the whole test.
-                std::mem::forget(send);
-                let _ = tx.send((conn, recv)).await;
+                // The test keeps the control stream open (a dropped `SendStream` would finish
+                // it): the send half goes with the connection.
+                let _ = tx.send((conn, recv, send)).await;
             }
         }
     });
     (addr, rx)
+}
+
+/// Client `acme`, enrolled with `hub`, running against a hostile Hub with `hub`'s identity,
+/// and its first connection, welcomed.
+async fn welcomed_by_hostile_hub(hub: &TestHub) -> (TestClient, Welcomed) {
+    let mut client = TestClient::enrol(hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let (addr, mut conns) = hostile_hub(hub).await;
+    client.config.hub = addr.to_string().parse().unwrap();
+    client.start();
+    let welcomed = tokio::time::timeout(SOON, conns.recv())
+        .await
+        .expect("the Client's connection in time")
+        .expect("welcomed");
+    (client, welcomed)
 }
 
 /// A QUIC server on loopback with the real Hub's SVID, trusting its CA: Ewii's own server
@@ -130,7 +145,7 @@ async fn p4_neither_side_takes_quic_datagrams_from_its_peer() {
     let (addr, mut conns) = hostile_hub(&hub).await;
     client.config.hub = addr.to_string().parse().unwrap();
     client.start();
-    let (conn, _control) = tokio::time::timeout(SOON, conns.recv())
+    let (conn, _control, _send) = tokio::time::timeout(SOON, conns.recv())
         .await
         .unwrap()
         .unwrap();
@@ -243,13 +258,14 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
     // The hostile side may open as many streams at once as the Client allows.
     client.config.max_queries = 10_000;
     client.start();
-    let (conn, _control) = tokio::time::timeout(SOON, conns.recv())
+    let (conn, _control, _send) = tokio::time::timeout(SOON, conns.recv())
         .await
         .unwrap()
         .unwrap();
 
     // Every spelling of a name that is not exactly "db".
-    let long = "d".repeat(60_000);
+    // The longest name a query header holds (4 KiB in all).
+    let long = "d".repeat(4_000);
     let names = [
         "DB",
         "Db",
@@ -292,6 +308,19 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
         })
         .await;
     assert_eq!(spoof.destination.unwrap().name, "db\\u{202e}bd");
+    // And bounded: the record of the long one keeps 512 characters of it.
+    let cut = format!("{}…", &long[..512]);
+    let bounded = client
+        .wait_audit("the record of the longest name", |r| {
+            r.destination.as_ref().is_some_and(|d| d.name.len() > 500)
+        })
+        .await;
+    assert_eq!(bounded.destination.unwrap().name, cut);
+    assert!(
+        bounded.reason.as_deref().is_some_and(|r| r.len() < 600),
+        "{:?}",
+        bounded.reason
+    );
     // Frames that are not an Open: truncated, oversized, unknown type, the wrong message.
     let mut oversized = ((frame::MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
     oversized.push(frame::FORMAT_VERSION);
@@ -310,6 +339,7 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
     };
     for (what, bytes) in [
         ("oversized", oversized),
+        ("larger than a query header", open(&"d".repeat(5_000))),
         ("truncated", truncated),
         ("unknown type", unknown),
         ("wrong message", wrong_message),
@@ -363,7 +393,7 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
         .collect();
     assert_eq!(
         refused.len(),
-        names.len() + 6 + 10_000,
+        names.len() + 7 + 10_000,
         "one record per refusal"
     );
     assert!(
@@ -374,7 +404,13 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
                 .as_deref()
                 .is_some_and(|x| x.starts_with("protocol: ")))
             .count()
-            == 6
+            == 7
+    );
+    assert!(
+        refused.iter().any(|r| r.reason.as_deref().is_some_and(|x| x
+            .starts_with("protocol: bad Open header: frame: frame of 5")
+            && x.ends_with("exceeds this message's maximum of 4096"))),
+        "the header over 4 KiB is refused as such"
     );
     client.stop().await;
 }
@@ -391,7 +427,7 @@ async fn p11_a_hub_that_stops_reading_the_control_stream_still_gets_the_session_
     let (addr, mut conns) = hostile_hub_granting(&hub, Some(64)).await;
     client.config.hub = addr.to_string().parse().unwrap();
     client.start();
-    let (conn, mut control) = tokio::time::timeout(SOON, conns.recv())
+    let (conn, mut control, _send) = tokio::time::timeout(SOON, conns.recv())
         .await
         .unwrap()
         .unwrap();
@@ -471,4 +507,100 @@ async fn idle_connections_to_metrics_cannot_starve_a_scrape() {
     );
     let states: Vec<&str> = idle.map(state).collect();
     assert_eq!(states, vec!["open"; 15], "only the oldest was displaced");
+}
+
+/// Whoever holds the Hub's key cannot make the Client trust only a CA of their own in one
+/// message: a bundle that keeps none of the anchors in use is refused and recorded with what it
+/// held, and the bundle on disk stays (P15: a rotation always overlaps). One that adds a CA is
+/// taken, and its record names the CA added, for the customer's SIEM. A `Refused` that answers
+/// nothing the Client asked closes the connection as a protocol violation, as an unasked
+/// `Renewed` does, rather than a log line per frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p15_a_bundle_from_the_hub_must_overlap_and_its_record_names_what_it_changes() {
+    let hub = TestHub::start(&[]).await;
+    let (mut client, (conn, _control, mut send)) = welcomed_by_hostile_hub(&hub).await;
+    let dir = client.state_dir();
+    let on_disk = || std::fs::read(dir.join(store::BUNDLE)).unwrap();
+    let before = on_disk();
+    let ours = store::read_certs(&hub.state_dir().join("ca.pem")).unwrap()[0].clone();
+    let theirs = ewii::identity::ca::Ca::generate(TD).unwrap().cert().clone();
+    let hash = ewii::identity::bundle_hash;
+    let push = |bundle: Vec<Vec<u8>>| frame::encode_to_vec(&Control::BundleUpdate { bundle });
+
+    send.write_all(&push(vec![theirs.to_vec()]).unwrap())
+        .await
+        .unwrap();
+    let refused = client
+        .wait_audit("the refused bundle", |r| {
+            r.event == Event::BundleUpdated && r.outcome == Some(Outcome::Refused)
+        })
+        .await;
+    assert_eq!(
+        refused.reason.as_deref(),
+        Some(
+            format!(
+                "the bundle keeps none of the trust anchors in use (it holds {}): a CA rotation always overlaps; bundle kept",
+                hash(&theirs)
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(on_disk(), before, "the bundle on disk is the one pinned");
+
+    send.write_all(&push(vec![ours.to_vec(), theirs.to_vec()]).unwrap())
+        .await
+        .unwrap();
+    let taken = client
+        .wait_audit("the bundle taken", |r| {
+            r.event == Event::BundleUpdated && r.outcome == Some(Outcome::Ok)
+        })
+        .await;
+    assert_eq!(
+        taken.reason.as_deref(),
+        Some(format!("2 trust anchor(s); added {}", hash(&theirs)).as_str())
+    );
+    assert_ne!(on_disk(), before);
+
+    let unasked = Control::Refused {
+        code: RefuseCode::Busy,
+    };
+    send.write_all(&frame::encode_to_vec(&unasked).unwrap())
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(SOON, conn.closed())
+        .await
+        .expect("the Client closes the connection");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == transport::codes::PROTOCOL),
+        "{closed:?}"
+    );
+    client.stop().await;
+}
+
+/// A revocation reason from the Hub that copies the Client's own words for a revoke at its
+/// stop cannot pass for one: the marker the next start reads to say who revoked it keeps them
+/// as the Hub's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p9_p10_a_hubs_revoke_cannot_pass_for_the_clients_own_at_its_stop() {
+    let hub = TestHub::start(&[]).await;
+    let (mut client, (_conn, _control, mut send)) = welcomed_by_hostile_hub(&hub).await;
+    let own = "revoked at its stop (on_stop = \"revoke\"), confirmed by the Hub";
+    let revoked = Control::Revoked {
+        reason: own.to_owned(),
+    };
+    send.write_all(&frame::encode_to_vec(&revoked).unwrap())
+        .await
+        .unwrap();
+    let exit = client.ended(SOON).await.unwrap();
+    assert_eq!(
+        exit,
+        ewii::client::Exit::Revoked {
+            reason: own.to_owned()
+        }
+    );
+    let marker =
+        std::fs::read_to_string(client.state_dir().join(ewii::client::REVOKED_MARKER)).unwrap();
+    assert_eq!(marker.trim(), format!("by the Hub: {own}"));
+    let again = client.run_once(SOON).await.unwrap_err().to_string();
+    assert!(again.contains("was revoked by the Hub"), "{again}");
 }

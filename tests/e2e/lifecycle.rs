@@ -239,6 +239,16 @@ async fn p9_stop_revokes_and_a_returning_client_is_refused_also_after_a_hub_rest
     let dir = client.state_dir();
     assert!(dir.join(REVOKED_MARKER).exists());
     assert!(!dir.join(REVOKE_PENDING_MARKER).exists());
+    // Its last status says revoked, and why, as after the Hub's revoke.
+    let status = Status::read(&dir).unwrap();
+    assert_eq!(status.state, State::Revoked);
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("revoked at its stop")),
+        "{status:?}"
+    );
     assert!(matches!(
         client.run_once(SOON).await,
         Err(ClientError::RevokedEarlier(_))
@@ -300,6 +310,16 @@ async fn p9_a_stop_while_the_hub_is_away_revokes_at_the_next_start() {
     );
     let dir = client.state_dir();
     assert!(dir.join(REVOKE_PENDING_MARKER).exists());
+    // Not revoked yet: the last status says stopped, and that the revoke waits.
+    let status = Status::read(&dir).unwrap();
+    assert_eq!(status.state, State::Stopped);
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("delivered at the next start")),
+        "{status:?}"
+    );
     let pending = client
         .wait_audit("pending revoke", |r| {
             r.event == Event::Revoked && r.outcome == Some(Outcome::Failed)
@@ -1263,13 +1283,23 @@ async fn p15_the_ca_rotates_with_an_overlap_and_clients_follow_over_the_control_
         "nothing to retire yet"
     );
     admin::ca_prepare(&hub.state_dir()).unwrap();
-    client
+    let old_ca = anchors()[0].clone();
+    let prepared = client
         .wait_audit("bundle update", |r| {
-            r.event == Event::BundleUpdated && r.reason.as_deref() == Some("2 trust anchor(s)")
+            r.event == Event::BundleUpdated
+                && r.reason
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("2 trust anchor(s)"))
         })
         .await;
     assert_eq!(anchors().len(), 2);
     let new_ca = anchors()[1].clone();
+    // The customer's record names the CA its Client trusts from now on.
+    let hash = ewii::identity::bundle_hash;
+    assert_eq!(
+        prepared.reason.as_deref(),
+        Some(format!("2 trust anchor(s); added {}", hash(&new_ca)).as_str())
+    );
 
     // 2. Activate: the running Hub (no restart) reloads its own SVID, now issued by the new
     //    CA, and presents it to the next handshake; the live session goes on. The overlap
@@ -1324,9 +1354,10 @@ async fn p15_the_ca_rotates_with_an_overlap_and_clients_follow_over_the_control_
         !state.join("ca-previous.key").exists(),
         "retire removes the old CA's key"
     );
+    let retired = format!("1 trust anchor(s); removed {}", hash(&old_ca));
     client
         .wait_audit("bundle of one", |r| {
-            r.event == Event::BundleUpdated && r.reason.as_deref() == Some("1 trust anchor(s)")
+            r.event == Event::BundleUpdated && r.reason.as_deref() == Some(retired.as_str())
         })
         .await;
     assert_eq!(anchors(), vec![new_ca]);

@@ -783,8 +783,11 @@ async fn p13_the_client_binary_has_no_listener_and_p6_one_udp_socket() {
         Some(1),
         "a stopped Client is unhealthy"
     );
+    // Stopped with the default on_stop = "revoke", and the Hub confirmed it: revoked, and why.
     assert!(
-        stderr_of(&health).contains("unhealthy: state is Stopped: the Client has ended"),
+        stderr_of(&health).contains(
+            "unhealthy: state is Revoked: the Client has ended (its last status); last error: revoked at its stop"
+        ),
         "{}",
         stderr_of(&health)
     );

@@ -451,7 +451,10 @@ async fn p13_the_operator_guide_followed_literally_with_the_real_binaries() {
     ok(&guide.command("ewii-hub ca prepare"));
     client
         .wait_record("two trust anchors", |r| {
-            r["event"] == "bundle_updated" && r["reason"] == "2 trust anchor(s)"
+            r["event"] == "bundle_updated"
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|x| x.starts_with("2 trust anchor(s); added sha256:"))
         })
         .await;
     // activate: the Client's next renewal (half its 20 s life) comes from the new CA.
@@ -508,7 +511,10 @@ async fn p13_the_operator_guide_followed_literally_with_the_real_binaries() {
     assert!(!hub_state.join("ca-previous.key").exists());
     client
         .wait_record("one trust anchor", |r| {
-            r["event"] == "bundle_updated" && r["reason"] == "1 trust anchor(s)"
+            r["event"] == "bundle_updated"
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|x| x.starts_with("1 trust anchor(s); removed sha256:"))
         })
         .await;
     assert_eq!(try_roundtrip(tcp_service, b"after retire").await, Ok(()));

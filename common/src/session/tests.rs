@@ -164,6 +164,31 @@ impl Sim {
         self.actions()
     }
 
+    /// Connection `id` is lost `lasted` after now; returns how long the machine waits before
+    /// it dials again.
+    fn lost_after(&mut self, id: u64, lasted: Duration) -> Duration {
+        self.now += lasted;
+        let r = self.rng.next();
+        self.s.handle_lost(self.now, id, r);
+        let Phase::Backoff { until } = self.s.phase() else {
+            panic!("a loss backs off");
+        };
+        until - self.now
+    }
+
+    /// The last event broke the protocol: connection `id` is closed for it, and the next dial
+    /// backs off.
+    fn closed_for_protocol(&mut self, id: u64) {
+        assert_eq!(
+            self.actions(),
+            vec![Action::Close {
+                session_id: id,
+                reason: CloseReason::Protocol
+            }]
+        );
+        assert!(matches!(self.s.phase(), Phase::Backoff { .. }));
+    }
+
     fn dial_failed(&mut self) {
         let r = self.rng.next();
         self.s.handle_dial_failed(self.now, r);
@@ -360,15 +385,70 @@ fn p14_reconnects_forever_with_growing_full_jitter_backoff() {
         "grows"
     );
     let id = sim.dialed();
-    assert_eq!(sim.s.failures(), 0, "a session resets the backoff");
     assert_eq!(sim.s.phase(), Phase::Connected { session_id: id });
-    // A loss backs off from the start again.
-    let r = sim.rng.next();
-    sim.s.handle_lost(sim.now, id, r);
-    let Phase::Backoff { until } = sim.s.phase() else {
-        panic!("a loss backs off");
+    // The loss of a session that lasted backs off from the start again.
+    assert!(sim.lost_after(id, STABLE_SESSION) <= Duration::from_millis(500));
+    assert_eq!(
+        sim.s.failures(),
+        1,
+        "a lasting session started the count over"
+    );
+}
+
+/// A Hub (or a path) that ends every session right after `Welcome` is dialled ever less
+/// often, as if each dial had failed: the backoff starts over only after a session that
+/// lasted [`STABLE_SESSION`]. Before, each `Welcome` reset it, and such a Hub had the Client
+/// redial within `reconnect_initial` (0.5 s) for ever, each session with its records and
+/// whatever the Hub pushed on it.
+#[test]
+fn p14_sessions_that_end_at_once_back_off_as_failed_dials_do() {
+    let mut sim = Sim::new(config(), svid_at(START));
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    let mut waits = Vec::new();
+    for _ in 0..20 {
+        let id = sim.dialed();
+        waits.push(sim.lost_after(id, Duration::from_millis(50)));
+        assert_eq!(sim.advance(), vec![Action::Dial]);
+    }
+    assert_eq!(sim.s.failures(), 20);
+    let waited: Duration = waits.iter().sum();
+    assert!(
+        waited > Duration::from_secs(60),
+        "20 sessions that ended at once took {waited:?} of waits: they must grow"
+    );
+    // One that lasts starts the waits over.
+    let id = sim.dialed();
+    assert!(sim.lost_after(id, STABLE_SESSION) <= Duration::from_millis(500));
+}
+
+/// A `Refused` that answers nothing asked breaks the protocol, as an unasked `Renewed` does:
+/// the connection is closed and the next dial backs off. One from an older connection changes
+/// nothing.
+#[test]
+fn p14_an_unasked_refusal_is_a_protocol_error() {
+    let (mut sim, id) = Sim::connected(config(), svid_at(START));
+    sim.s.handle_unasked(sim.now, id + 1);
+    assert_eq!(sim.actions(), vec![], "another connection's");
+    assert_eq!(sim.s.phase(), Phase::Connected { session_id: id });
+    sim.s.handle_unasked(sim.now, id);
+    sim.closed_for_protocol(id);
+}
+
+/// A Hub that issues SVIDs about to end cannot drive renewals in a loop: the next `Renew` comes
+/// at least [`MIN_RENEW_GAP`] after one is adopted, however little life the SVID has.
+#[test]
+fn p7_a_renewed_svid_about_to_end_is_renewed_no_sooner_than_a_second_later() {
+    let (mut sim, _id) = Sim::connected(config(), svid_at(START));
+    sim.until_renew();
+    // One second of life: its half-life is now.
+    let nearly_over = Validity {
+        not_before: sim.now.as_secs() - 30,
+        not_after: sim.now.as_secs() + 1,
     };
-    assert!(until - sim.now <= Duration::from_millis(500));
+    sim.s.handle_renewed(sim.now, nearly_over);
+    assert_eq!(sim.actions(), vec![]);
+    let adopted = sim.now;
+    assert_eq!(sim.s.poll_timeout(), Some(adopted + MIN_RENEW_GAP));
 }
 
 #[test]
@@ -786,15 +866,8 @@ fn p7_renewed_without_renew_is_a_protocol_error() {
     let (mut sim, id) = Sim::connected(config(), svid_at(START));
     let old = sim.s.svid();
     sim.s.handle_renewed(sim.now, svid_at(START + 10));
-    assert_eq!(
-        sim.actions(),
-        vec![Action::Close {
-            session_id: id,
-            reason: CloseReason::Protocol
-        }]
-    );
+    sim.closed_for_protocol(id);
     assert_eq!(sim.s.svid(), old, "an unasked SVID is not adopted");
-    assert!(matches!(sim.s.phase(), Phase::Backoff { .. }));
 }
 
 #[test]
@@ -984,14 +1057,7 @@ fn p7_an_svid_pushed_while_another_is_presented_is_presented_next() {
 fn p7_presented_without_present_is_a_protocol_error() {
     let (mut sim, id) = Sim::connected(workload_api(), spire_svid_at(START));
     sim.s.handle_presented(sim.now, id);
-    assert_eq!(
-        sim.actions(),
-        vec![Action::Close {
-            session_id: id,
-            reason: CloseReason::Protocol
-        }]
-    );
-    assert!(matches!(sim.s.phase(), Phase::Backoff { .. }));
+    sim.closed_for_protocol(id);
 }
 
 #[test]

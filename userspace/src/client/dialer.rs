@@ -26,7 +26,8 @@ use tokio::net::TcpStream;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DialError {
-    /// The name is not in the allow-list; nothing was resolved or dialled.
+    /// The name is not in the allow-list; nothing was resolved or dialled. (The name as the
+    /// Hub sent it, bounded and escaped: [`ewii_common::text::from_peer`].)
     #[error("destination {0:?} is not in the allow-list")]
     NotAllowed(String),
     /// The entry's DNS name did not resolve to an acceptable address.
@@ -273,7 +274,13 @@ impl Dialer {
     pub async fn dial(&self, destination: &str) -> Result<(TcpStream, SocketAddr), DialError> {
         let entry = match self.allow.decide(destination) {
             Decision::Allow(entry) => entry,
-            Decision::Deny => return Err(DialError::NotAllowed(destination.to_owned())),
+            // The Hub's text, in a record and a log: bounded and escaped as the record's own
+            // copy of it is.
+            Decision::Deny => {
+                return Err(DialError::NotAllowed(ewii_common::text::from_peer(
+                    destination.as_bytes(),
+                )))
+            }
         };
         let name = entry.name.to_string();
         let addrs: Vec<SocketAddr> = match &entry.endpoint.host {

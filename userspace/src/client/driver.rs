@@ -407,6 +407,7 @@ impl Driver {
             }
             Event::Control(id, Control::Presented { serial }) => {
                 if self.machine.awaiting_presentation() {
+                    let serial = ewii_common::text::from_peer(serial.as_bytes());
                     tracing::info!(%serial, "the Hub re-bound the session to the SVID from the Workload API");
                 }
                 // Not asked for: the machine closes the connection.
@@ -424,8 +425,12 @@ impl Driver {
             }
             // A Client whose SVIDs come from a Workload API never renews: a `Refused` answers
             // nothing it asked.
+            // A refusal that answers nothing asked breaks the protocol, as an unasked `Renewed`
+            // does: the connection is closed (and the next one dialled after a backoff), so
+            // that a Hub cannot fill the log with them.
             Event::Control(id, Control::Refused { code }) if !self.machine.awaiting_renewal() => {
-                tracing::warn!(session_id = %id, %code, "a refusal from the Hub that answers nothing asked; ignored");
+                tracing::warn!(session_id = %id, %code, "a refusal from the Hub that answers nothing asked: a protocol violation; closing the connection");
+                self.machine.handle_unasked(now, id);
             }
             Event::Control(_, Control::Refused { code }) => {
                 tracing::warn!(%code, "the Hub refused the renewal");
@@ -492,24 +497,27 @@ impl Driver {
         bundle: Vec<Vec<u8>>,
     ) -> Result<Validity, RenewalError> {
         let old = self.identity.clone();
+        let current = self.bundle.anchors();
         let anchors: Vec<CertificateDer<'static>> = if bundle.is_empty() {
-            self.bundle.anchors()
+            current.clone()
         } else {
             bundle.into_iter().map(Into::into).collect()
         };
         let dir = self.config.state_dir.clone();
         let accepted = tokio::task::spawn_blocking(move || {
+            // A bundle that comes with the SVID is held to the rules of a pushed one.
+            let change = rotation::bundle_change(&current, &anchors)?;
             let accepted = rotation::accept_issued(&key, chain, anchors, Some(&old.leaf.id))?;
             rotation::save_renewal(&dir, &accepted)
                 .map_err(|e| RenewalError::Store(e.to_string()))?;
             rotation::remove_renew_keys(&dir);
-            Ok::<_, RenewalError>(accepted)
+            Ok::<_, RenewalError>((accepted, change))
         })
         .await
         .map_err(|e| RenewalError::Store(e.to_string()))?;
         let mut r = self.audit.record(AuditEvent::SvidRotated);
         r.client = Some(self.queries.client_id.clone());
-        let accepted = match accepted {
+        let (accepted, change) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 r.outcome = Some(Outcome::Refused);
@@ -520,8 +528,13 @@ impl Driver {
         };
         self.bundle.replace(accepted.anchors);
         r.outcome = Some(Outcome::Ok);
+        let bundle = if change.added.is_empty() && change.removed.is_empty() {
+            String::new()
+        } else {
+            format!("; bundle: {change}")
+        };
         r.reason = Some(format!(
-            "serial {} replaces {}",
+            "serial {} replaces {}{bundle}",
             accepted.identity.leaf.serial, self.identity.leaf.serial
         ));
         self.audit.emit(r);
@@ -584,11 +597,15 @@ impl Driver {
         let anchors: Vec<CertificateDer<'static>> = bundle.into_iter().map(Into::into).collect();
         let mut r = self.audit.record(AuditEvent::BundleUpdated);
         r.client = Some(self.queries.client_id.clone());
-        if let Err(e) = rotation::check_anchors(&anchors) {
-            r.outcome = Some(Outcome::Refused);
-            r.reason = Some(format!("{e}; bundle kept"));
-            return self.audit.emit(r);
-        }
+        let change = match rotation::bundle_change(&self.bundle.anchors(), &anchors) {
+            Ok(change) => change,
+            Err(e) => {
+                tracing::warn!(error = %e, "a bundle from the Hub refused; the bundle in use is kept");
+                r.outcome = Some(Outcome::Refused);
+                r.reason = Some(format!("{e}; bundle kept"));
+                return self.audit.emit(r);
+            }
+        };
         let dir = self.config.state_dir.clone();
         let to_save = anchors.clone();
         let saved = tokio::task::spawn_blocking(move || rotation::save_bundle(&dir, &to_save))
@@ -602,7 +619,7 @@ impl Driver {
             }
             Ok(()) => {
                 r.outcome = Some(Outcome::Ok);
-                r.reason = Some(format!("{} trust anchor(s)", anchors.len()));
+                r.reason = Some(change.to_string());
                 self.bundle.replace(anchors);
             }
         }
@@ -630,10 +647,23 @@ impl Driver {
             self.record_revoked(REVOKED_AT_STOP).await;
         }
         let state = match exit {
+            // Revoked at its stop: the status says so, as after the Hub's revoke (`status`
+            // and `health` read it, and the next start refuses).
+            Exit::Stopped if self.revoked_at_stop => {
+                self.last_error = Some(REVOKED_AT_STOP.to_owned());
+                State::Revoked
+            }
             Exit::Stopped => State::Stopped,
             Exit::Revoked { reason } => {
-                self.record_revoked(reason).await;
-                self.last_error = Some(reason.clone());
+                // The Hub's words cannot pass for this Client's own stop (the next start reads
+                // the marker to say who revoked it).
+                let reason = if reason == REVOKED_AT_STOP {
+                    format!("by the Hub: {reason}")
+                } else {
+                    reason.clone()
+                };
+                self.record_revoked(&reason).await;
+                self.last_error = Some(reason);
                 State::Revoked
             }
             Exit::Expired => {
@@ -760,8 +790,10 @@ impl Driver {
                  Hub (`ewii-hub revoke`)"
             );
         }
-        // Said on stderr too: whoever stopped the Client learns it there, not only in the audit.
+        // Said on stderr too: whoever stopped the Client learns it there, not only in the audit
+        // (and in the last status).
         tracing::warn!("{why}");
+        self.last_error = Some(why.clone());
         let mut r = self.audit.record(AuditEvent::Revoked);
         r.client = Some(self.queries.client_id.clone());
         r.outcome = Some(Outcome::Failed);

@@ -20,6 +20,7 @@ use crate::identity::ca::new_key_and_csr;
 use crate::identity::store;
 use crate::identity::verify::PinnedHubVerifier;
 use crate::identity::IdentityError;
+use crate::transport::pipe::peer_said;
 use crate::transport::{self, FrameReader};
 
 /// How long the whole enrolment may take.
@@ -236,29 +237,31 @@ async fn enrol_inner(
         .map_err(|e| EnrolError::Connect(e.to_string()))?;
     let conn = connecting.await.map_err(|e| match e {
         quinn::ConnectionError::TransportError(_) => EnrolError::HubNotTrusted(hub.to_string()),
+        // An on-path sender can close the handshake with words of its own: bounded and
+        // escaped, as every peer's text is before it is printed.
         other => EnrolError::Unreachable {
             hub: hub.to_string(),
             addr,
-            why: other.to_string(),
+            why: peer_said(&other),
         },
     })?;
     // Only now, with the Hub proven, does the token leave this host.
     let (mut send, mut recv) = conn
         .open_bi()
         .await
-        .map_err(|e| EnrolError::Connect(e.to_string()))?;
+        .map_err(|e| EnrolError::Connect(peer_said(&e)))?;
     let request = Enrol::Request {
         token: token.to_owned(),
         csr,
     };
     transport::write_frame(&mut send, &request)
         .await
-        .map_err(|e| EnrolError::Connect(e.to_string()))?;
+        .map_err(|e| EnrolError::Connect(peer_said(&e)))?;
     let _ = send.finish();
     let answer = FrameReader::new()
         .read::<Enrol>(&mut recv)
         .await
-        .map_err(|e| EnrolError::BadAnswer(e.to_string()))?;
+        .map_err(|e| EnrolError::BadAnswer(peer_said(&e)))?;
     conn.close(transport::codes::DONE, b"");
     endpoint.wait_idle().await;
     let (chain, bundle) = match answer {

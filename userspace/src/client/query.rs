@@ -60,7 +60,7 @@ pub(crate) async fn serve(
     let started = Instant::now();
     let started_at = crate::now_timestamp();
     let hub = conn.remote_address();
-    let mut reader = FrameReader::new();
+    let mut reader = FrameReader::query_head();
     let head = tokio::time::timeout(OPEN_TIMEOUT, reader.read::<QueryHead>(&mut recv)).await;
     let (query_id, destination, source) = match head {
         Ok(Ok(Some(QueryHead::Open {
@@ -111,12 +111,13 @@ pub(crate) async fn serve(
     r.session_id = Some(session_id);
     r.query_id = Some(query_id);
     r.client = Some(ctx.client_id.clone());
-    // Both are the Hub's words: recorded with no character that could break or disguise a
-    // line where the customer reads them (bidi controls, line separators), as `\u{…}`. A
-    // name that is allowed has none; the dial below uses the name as it came.
-    r.source = Some(ewii_common::text::printable(&source).into_owned());
+    // Both are the Hub's words: recorded bounded (512 characters) and with no character that
+    // could break or disguise a line where the customer reads them (bidi controls, line
+    // separators), as `\u{…}`. A name that is allowed is short and has none; the dial below
+    // uses the name as it came.
+    r.source = Some(ewii_common::text::from_peer(source.as_bytes()));
     r.destination = Some(Destination {
-        name: ewii_common::text::printable(&destination).into_owned(),
+        name: ewii_common::text::from_peer(destination.as_bytes()),
         address: None,
     });
     let result = match ctx.dialer.dial(&destination).await {
@@ -133,7 +134,11 @@ pub(crate) async fn serve(
                 // The session's end cuts the query with its bytes so far on record: a pipe
                 // blocked on the destination's TCP alone would not notice the stream is gone.
                 let ended = async move {
-                    PipeError::Cut(format!("the session ended: {}", conn.closed().await))
+                    let closed = conn.closed().await;
+                    PipeError::Cut(format!(
+                        "the session ended: {}",
+                        transport::pipe::peer_said(&closed)
+                    ))
                 };
                 let start = Start::Leftover(reader.into_leftover());
                 let report = pipe_until(tcp, send, recv, start, ended).await;

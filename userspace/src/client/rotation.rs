@@ -14,7 +14,7 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 
 use crate::identity::store::{self, Svid};
 use crate::identity::verify::{Bundle, Expect, SpiffeVerifier};
-use crate::identity::{IdentityError, LeafInfo};
+use crate::identity::{IdentityError, LeafInfo, MAX_SERIAL_OCTETS, MAX_SVID_LIFETIME_SECS};
 
 /// An SVID in use: the chain with its key, and what was read from the leaf.
 #[derive(Debug)]
@@ -51,6 +51,21 @@ pub enum IssueError {
     /// The leaf certifies another key than the one this host made.
     #[error("the certificate is not for the key we sent")]
     WrongKey,
+    /// The SVID is valid for longer than a Hub issues: it would never be rotated (P7).
+    #[error("the SVID is valid for {secs} s, longer than any Hub issues ({} s)", MAX_SVID_LIFETIME_SECS + crate::identity::ca::BACKDATE.as_secs())]
+    TooLong {
+        /// Its validity, `not_after - not_before`.
+        secs: i64,
+    },
+    /// The certificate's serial is longer than RFC 5280 allows.
+    #[error("the SVID's serial is {0} octets long (RFC 5280 allows 20)")]
+    LongSerial(usize),
+    /// A bundle from the Hub keeps none of the trust anchors in use: not a rotation (P15).
+    #[error("the bundle keeps none of the trust anchors in use (it holds {added}): a CA rotation always overlaps")]
+    NoOverlap {
+        /// The anchors it holds, `sha256:` each.
+        added: String,
+    },
     /// The bundle holds no usable trust anchor, or some unusable one.
     #[error("{usable} of {total} trust anchors usable")]
     BadBundle {
@@ -96,6 +111,13 @@ pub(crate) fn accept_issued(
     if cert.public_key().raw != key.subject_public_key_info().as_slice() {
         return Err(IssueError::WrongKey);
     }
+    if cert.raw_serial().len() > MAX_SERIAL_OCTETS {
+        return Err(IssueError::LongSerial(cert.raw_serial().len()));
+    }
+    let secs = info.not_after.saturating_sub(info.not_before);
+    if secs > (MAX_SVID_LIFETIME_SECS + crate::identity::ca::BACKDATE.as_secs()) as i64 {
+        return Err(IssueError::TooLong { secs });
+    }
     Ok(Accepted {
         identity: Identity {
             svid: Svid::new(chain, key),
@@ -122,6 +144,61 @@ pub(crate) fn check_anchors(anchors: &[CertificateDer<'static>]) -> Result<(), I
         });
     }
     Ok(())
+}
+
+/// What a bundle from the Hub changes in the one in use, by anchor (`sha256:` of each).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BundleChange {
+    pub(crate) added: Vec<String>,
+    pub(crate) removed: Vec<String>,
+    /// Anchors in the new bundle.
+    pub(crate) total: usize,
+}
+
+impl std::fmt::Display for BundleChange {
+    /// `N trust anchor(s)`, then what was added and removed (the customer's SIEM sees which CA
+    /// its Client trusts from now on).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} trust anchor(s)", self.total)?;
+        if !self.added.is_empty() {
+            write!(f, "; added {}", self.added.join(", "))?;
+        }
+        if !self.removed.is_empty() {
+            write!(f, "; removed {}", self.removed.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a bundle the Hub sent (pushed, or with a renewal) against the one in use: every
+/// anchor usable ([`check_anchors`]), and at least one of those in use kept. A CA rotation
+/// always overlaps (P15: `ca prepare` adds the next CA beside the current one, `ca retire`
+/// drops the old one once the new one is in the bundle), so a bundle that keeps none is not a
+/// rotation: whoever holds the Hub's key could otherwise make this Client trust only a CA of
+/// their own, for good, in one message.
+pub(crate) fn bundle_change(
+    current: &[CertificateDer<'static>],
+    new: &[CertificateDer<'static>],
+) -> Result<BundleChange, IssueError> {
+    check_anchors(new)?;
+    let hashes = |set: &[CertificateDer<'static>]| -> Vec<String> {
+        set.iter()
+            .map(|c| crate::identity::bundle_hash(c))
+            .collect()
+    };
+    let (now, next) = (hashes(current), hashes(new));
+    let added: Vec<String> = next.iter().filter(|h| !now.contains(h)).cloned().collect();
+    let removed: Vec<String> = now.iter().filter(|h| !next.contains(h)).cloned().collect();
+    if !now.is_empty() && removed.len() == now.len() {
+        return Err(IssueError::NoOverlap {
+            added: added.join(", "),
+        });
+    }
+    Ok(BundleChange {
+        added,
+        removed,
+        total: new.len(),
+    })
 }
 
 /// Writes the SVID (key 0600) and its bundle into the state directory. Blocking.
@@ -291,6 +368,91 @@ mod tests {
         assert_eq!(err.to_string(), "1 of 2 trust anchors usable");
         assert!(check_anchors(&[leaf]).is_err());
         assert!(check_anchors(&[]).is_err());
+    }
+
+    /// A bundle from the Hub must keep an anchor in use; what it adds and removes is named.
+    #[test]
+    fn p15_a_bundle_from_the_hub_keeps_an_anchor_in_use() {
+        let (old, new, other) = (
+            Ca::generate("example.org").unwrap().cert().clone(),
+            Ca::generate("example.org").unwrap().cert().clone(),
+            Ca::generate("example.org").unwrap().cert().clone(),
+        );
+        let h = |c: &CertificateDer<'static>| crate::identity::bundle_hash(c);
+        // prepare, then retire: each overlaps the bundle before it.
+        let prepared =
+            bundle_change(std::slice::from_ref(&old), &[old.clone(), new.clone()]).unwrap();
+        assert_eq!(
+            prepared.to_string(),
+            format!("2 trust anchor(s); added {}", h(&new))
+        );
+        let retired =
+            bundle_change(&[old.clone(), new.clone()], std::slice::from_ref(&new)).unwrap();
+        assert_eq!(
+            retired.to_string(),
+            format!("1 trust anchor(s); removed {}", h(&old))
+        );
+        let same = bundle_change(std::slice::from_ref(&old), std::slice::from_ref(&old)).unwrap();
+        assert_eq!(same.to_string(), "1 trust anchor(s)");
+        // Swapped for another CA in one message, or two others: not a rotation.
+        for next in [vec![new.clone()], vec![new.clone(), other.clone()]] {
+            assert!(
+                matches!(
+                    bundle_change(std::slice::from_ref(&old), &next),
+                    Err(IssueError::NoOverlap { .. })
+                ),
+                "{} anchor(s)",
+                next.len()
+            );
+        }
+        // And every anchor must be a CA, as before.
+        assert!(matches!(
+            bundle_change(std::slice::from_ref(&old), &[]),
+            Err(IssueError::BadBundle { .. })
+        ));
+    }
+
+    /// An issued SVID a Hub could not have issued is refused: valid for longer than the
+    /// longest lifetime (it would never rotate), or with a serial longer than RFC 5280 allows
+    /// (it names files in the state directory).
+    #[test]
+    fn p7_an_svid_valid_for_too_long_or_with_a_long_serial_is_refused() {
+        use time::OffsetDateTime;
+        let ca = Ca::generate("example.org").unwrap();
+        let id = SpiffeId::client("example.org", "acme").unwrap();
+        let key = new_key();
+        let now = OffsetDateTime::now_utc();
+        let take = |issued: crate::identity::ca::Issued| {
+            accept_issued(
+                &key,
+                vec![issued.der.to_vec()],
+                vec![ca.cert().clone()],
+                Some(&id),
+            )
+        };
+        let serial = |n: usize| rcgen::SerialNumber::from_slice(&vec![0x42; n]);
+        let longest = MAX_SVID_LIFETIME_SECS as i64;
+        let issue = |secs: i64, octets: usize| {
+            ca.issue_with_serial(
+                &key,
+                &id,
+                now - time::Duration::seconds(30),
+                now + time::Duration::seconds(secs),
+                serial(octets),
+            )
+            .unwrap()
+        };
+        assert!(take(issue(longest, 20)).is_ok(), "the longest a Hub issues");
+        assert_eq!(
+            take(issue(longest + 3_600, 16)).unwrap_err(),
+            IssueError::TooLong {
+                secs: longest + 3_630
+            }
+        );
+        assert_eq!(
+            take(issue(3_600, 40)).unwrap_err(),
+            IssueError::LongSerial(40)
+        );
     }
 
     /// An SVID for `key` from `ca`, and its serial.

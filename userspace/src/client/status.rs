@@ -36,7 +36,8 @@ pub enum State {
     Backoff,
     /// Stopping: reaching the Hub only to deliver the revoke (`on_stop = "revoke"`).
     Revoking,
-    /// Revoked by the Hub; the Client will not dial again.
+    /// Revoked, by the Hub or at its own stop (`on_stop = "revoke"`, confirmed by the Hub; the
+    /// reason is in `last_error`); the Client will not dial again.
     Revoked,
     /// Stopped.
     Stopped,

@@ -13,6 +13,11 @@ use serde::Deserialize;
 use super::{default_audit, parse_toml, ConfigError};
 use crate::audit::AuditOutput;
 
+/// The longest `principal` of a plain TCP service (with the requester's address it makes the
+/// `source` of every query's `Open`, which the Client takes up to
+/// [`MAX_QUERY_HEAD`](ewii_common::frame::MAX_QUERY_HEAD)).
+const MAX_PRINCIPAL: usize = 1024;
+
 /// The Hub file's top-level keys.
 const HUB_TOP_LEVEL: &[&str] = &[
     "state_dir",
@@ -273,7 +278,9 @@ impl FromStr for HubConfig {
 
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let raw: RawHub = parse_toml(s, HUB_TOP_LEVEL)?;
-        if raw.svid_lifetime_secs < 2 || raw.svid_lifetime_secs > 30 * 86_400 {
+        if raw.svid_lifetime_secs < 2
+            || raw.svid_lifetime_secs > crate::identity::MAX_SVID_LIFETIME_SECS
+        {
             return Err(ConfigError::Invalid(
                 "svid_lifetime_secs must be between 2 and 2592000 (30 days)".into(),
             ));
@@ -290,6 +297,13 @@ impl FromStr for HubConfig {
                 ConfigError::Invalid(format!("service {:?}: invalid client name", s.name))
             })?;
             let mode = match (s.tls, s.principal, s.workloads) {
+                // It travels in every query's `Open`, which the Client bounds.
+                (false, Some(p), None) if p.len() > MAX_PRINCIPAL => {
+                    return Err(ConfigError::Invalid(format!(
+                        "service {:?}: `principal` is longer than {MAX_PRINCIPAL} bytes",
+                        s.name
+                    )))
+                }
                 (false, Some(p), None) if !p.is_empty() => ServiceMode::Tcp { principal: p },
                 (false, _, Some(_)) => {
                     return Err(ConfigError::Invalid(format!(

@@ -165,6 +165,11 @@ fn hub_services_need_a_principal_or_tls() {
             "principal = \"b\"\nworkloads = [\"billing\"]\n",
             "`workloads` is for TLS services",
         ),
+        // It travels in every query's header, which the Client bounds to 4 KiB.
+        (
+            &format!("principal = \"{}\"\n", "b".repeat(1_025)),
+            "`principal` is longer than 1024 bytes",
+        ),
     ] {
         let err = format!("{base}{extra}").parse::<HubConfig>().unwrap_err();
         assert!(err.to_string().contains(says), "{extra}: {err}");

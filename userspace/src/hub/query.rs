@@ -310,6 +310,7 @@ async fn forward<S: TcpLike>(
     let (mut send, recv) = match tokio::time::timeout(OPEN_TIMEOUT, session.conn.open_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
+            let e = transport::pipe::peer_said(&e);
             log.emit(Outcome::Failed, format!("open stream: {e}"));
             io.abort();
             return;
@@ -335,6 +336,7 @@ async fn forward<S: TcpLike>(
     match tokio::time::timeout(OPEN_TIMEOUT, transport::write_frame(&mut send, &open)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
+            let e = transport::pipe::peer_said(&e);
             log.emit(Outcome::Failed, format!("send Open: {e}"));
             io.abort();
             return;

@@ -155,6 +155,18 @@ impl Ca {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<Issued, IdentityError> {
+        self.issue_with_serial(public_key, id, not_before, not_after, random_serial())
+    }
+
+    /// [`issue_between`](Self::issue_between) with a given serial.
+    pub(crate) fn issue_with_serial(
+        &self,
+        public_key: &impl PublicKeyData,
+        id: &SpiffeId,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+        serial: SerialNumber,
+    ) -> Result<Issued, IdentityError> {
         let mut params = CertificateParams::default();
         // The subject is not used by SPIFFE; keep it empty so nothing else can be read into it.
         params.distinguished_name = DistinguishedName::new();
@@ -168,7 +180,6 @@ impl Ca {
         params.use_authority_key_identifier_extension = true;
         params.not_before = not_before;
         params.not_after = not_after;
-        let serial = random_serial();
         params.serial_number = Some(serial.clone());
         let cert = params.signed_by(public_key, &self.issuer)?;
         Ok(Issued {

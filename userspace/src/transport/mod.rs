@@ -268,9 +268,17 @@ fn udp_socket(bind: SocketAddr, reuse_port: bool) -> std::io::Result<socket2::So
 }
 
 /// Reads frames off a QUIC stream, keeping any bytes past the last frame.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrameReader {
     buf: BytesMut,
+    /// The largest frame body taken.
+    max: usize,
+}
+
+impl Default for FrameReader {
+    fn default() -> Self {
+        Self::with_max(MAX_FRAME)
+    }
 }
 
 impl FrameReader {
@@ -279,17 +287,39 @@ impl FrameReader {
         Self::default()
     }
 
+    /// A reader that refuses a frame whose body is larger than `max` (at most [`MAX_FRAME`])
+    /// as soon as its length prefix is read: [`FrameError::OverLimit`].
+    pub fn with_max(max: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            max: max.min(MAX_FRAME),
+        }
+    }
+
+    /// A reader of a query stream's [`QueryHead`](frame::QueryHead).
+    pub fn query_head() -> Self {
+        Self::with_max(frame::MAX_QUERY_HEAD)
+    }
+
     /// The next message; `Ok(None)` when the stream ended cleanly between frames.
     pub async fn read<T: DeserializeOwned>(
         &mut self,
         recv: &mut RecvStream,
     ) -> Result<Option<T>, StreamError> {
         loop {
+            // Refused on its length prefix, before its body is read.
+            let total = frame::frame_len(&self.buf)?;
+            if let Some(len) = total
+                .map(|t| t - frame::HEADER_LEN)
+                .filter(|l| *l > self.max)
+            {
+                return Err(FrameError::OverLimit { len, max: self.max }.into());
+            }
             if let Some(msg) = frame::decode(&mut self.buf)? {
                 return Ok(Some(msg));
             }
             // Read no further than the end of the frame in progress (or its header).
-            let want = match frame::frame_len(&self.buf)? {
+            let want = match total {
                 Some(total) => total - self.buf.len(),
                 None => frame::HEADER_LEN - self.buf.len(),
             };

@@ -225,7 +225,7 @@ async fn tcp_to_stream<S: TcpLike>(
                 size = next_read_size(size, n);
                 send.write_chunk(buf.split().freeze())
                     .await
-                    .map_err(|e| PipeError::StreamWrite(e.to_string()))?;
+                    .map_err(|e| PipeError::StreamWrite(peer_said(&e)))?;
             }
             Err(e) => return Err(tcp_error(&e, PipeError::TcpRead)),
         }
@@ -272,7 +272,7 @@ async fn stream_to_tcp<S: TcpLike>(
                 return Ok(());
             }
             Err(ReadError::Reset(code)) => return Err(PipeError::StreamReset(code.into_inner())),
-            Err(e) => return Err(PipeError::StreamRead(e.to_string())),
+            Err(e) => return Err(PipeError::StreamRead(peer_said(&e))),
         }
     }
 }
@@ -314,16 +314,23 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 
 /// Reads the Client's answer to `Open`: the bytes after `Opened`, or why there are none.
 async fn answer(recv: &mut RecvStream, within: Duration) -> Result<Bytes, PipeError> {
-    let mut reader = FrameReader::new();
+    let mut reader = FrameReader::query_head();
     match tokio::time::timeout(within, reader.read::<QueryHead>(recv)).await {
         Ok(Ok(Some(QueryHead::Opened))) => Ok(reader.into_leftover()),
         Ok(Ok(Some(QueryHead::Refused { code }))) => Err(PipeError::Refused(code)),
         Ok(Ok(_)) => Err(PipeError::NoAnswer("unexpected answer to Open".into())),
         Ok(Err(e)) => Err(PipeError::NoAnswer(format!(
-            "reading the answer to Open: {e}"
+            "reading the answer to Open: {}",
+            peer_said(&e)
         ))),
         Err(_) => Err(PipeError::NoAnswer("no answer to Open in time".into())),
     }
+}
+
+/// A stream error as text for a record or a log: it can carry the peer's close reason, which
+/// is bounded and escaped ([`ewii_common::text::from_peer`]).
+pub(crate) fn peer_said(e: &impl std::fmt::Display) -> String {
+    ewii_common::text::from_peer(e.to_string().as_bytes())
 }
 
 fn tcp_error(e: &io::Error, other: fn(String) -> PipeError) -> PipeError {
