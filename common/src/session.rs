@@ -284,9 +284,25 @@ pub struct ClientSession {
     stale_present: bool,
     /// A local stop was asked for ([`ClientSession::handle_stop`]).
     stop_asked: bool,
-    /// When the current connection came up: one lost after [`STABLE_SESSION`] starts the
-    /// reconnect backoff over, one lost sooner goes on with it.
+    /// When the current session came up (a move to a new connection keeps it): one lost after
+    /// [`STABLE_SESSION`] starts the reconnect backoff over, one lost sooner goes on with it.
     up_since: Option<Duration>,
+    /// `Renew`s sent on the current connection that the Hub has not answered yet: an answer
+    /// when none is due answers nothing asked ([`RenewAnswer::Unasked`]).
+    renews_unanswered: u32,
+}
+
+/// What an answer to a `Renew` (`Renewed`, or a `Refused` outside a presentation) answers:
+/// [`ClientSession::renew_answer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenewAnswer {
+    /// The `Renew` the machine waits for: handle it ([`ClientSession::handle_renewed`],
+    /// [`ClientSession::handle_renew_refused`]).
+    Awaited,
+    /// An earlier `Renew`, asked again after its timeout and answered since: nothing to do.
+    Late,
+    /// No `Renew` is unanswered: the Hub broke the protocol ([`ClientSession::handle_unasked`]).
+    Unasked,
 }
 
 /// The least time from one adopted renewal to the next `Renew`.
@@ -319,6 +335,7 @@ impl ClientSession {
             stale_present: false,
             stop_asked: false,
             up_since: None,
+            renews_unanswered: 0,
         };
         s.dial_or_expire(now);
         s
@@ -444,12 +461,15 @@ impl ClientSession {
         match self.state {
             State::Dialing | State::Waiting { .. } => {
                 self.up_since = Some(now);
+                self.renews_unanswered = 0;
                 self.up(now, session_id);
                 self.present_if_stale(now);
             }
-            // The newer SVID is in use: the old connection drains and goes.
+            // The newer SVID is in use: the old connection drains and goes. The session goes
+            // on: how long it has lasted stays.
             State::Moving { from, .. } => {
-                self.up_since = Some(now);
+                self.up_since.get_or_insert(now);
+                self.renews_unanswered = 0;
                 self.actions.push_back(Action::Retire { session_id: from });
                 self.up(now, session_id);
                 self.present_if_stale(now);
@@ -567,7 +587,8 @@ impl ClientSession {
                 self.up(now, session_id);
                 // An SVID with (almost) no life left cannot make the next renewal due at
                 // once: a Hub cannot drive renewals (a key, fsyncs and a record each) in a
-                // loop. The shortest lifetime a Hub issues, 2 s, renews about this often.
+                // loop. The shortest lifetime a Hub issues, 4 s, renews every 2 s; an SVID
+                // issued with less than this gap left ends before it is renewed.
                 if let State::Up {
                     renewal: Renewal::Due(at),
                     ..
@@ -609,9 +630,26 @@ impl ClientSession {
         }
     }
 
+    /// The Hub answered a `Renew` on the current connection (`Renewed`, or `Refused` outside a
+    /// presentation): which one it answers. The Hub answers each `Renew` once, in order, so a
+    /// `Renew` asked again after its timeout gets two answers: the first is awaited, the
+    /// second late. An answer with none due is unasked.
+    pub fn renew_answer(&mut self) -> RenewAnswer {
+        if self.renews_unanswered == 0 {
+            return RenewAnswer::Unasked;
+        }
+        self.renews_unanswered -= 1;
+        if self.awaiting_renewal() {
+            RenewAnswer::Awaited
+        } else {
+            RenewAnswer::Late
+        }
+    }
+
     /// The Hub sent, on connection `session_id`, an answer to nothing this Client asked (a
-    /// `Refused` with no renewal or presentation in flight): it broke the protocol, and the
-    /// connection is closed as for an unasked `Renewed`. Another connection's changes nothing.
+    /// `Renewed` or `Refused` with no `Renew` unanswered, a `Presented` with no presentation in
+    /// flight): it broke the protocol, and the connection is closed. Another connection's
+    /// changes nothing.
     pub fn handle_unasked(&mut self, now: Duration, session_id: u64) {
         if let State::Up {
             session_id: current,
@@ -708,6 +746,9 @@ impl ClientSession {
             }
             // "Stopping the container revokes it" must hold when the network is bad too.
             State::Dialing | State::Waiting { .. } if self.config.revoke_on_stop => {
+                // The stop's budget is short: its dials start from the first wait, whatever
+                // the reconnects before it had grown to.
+                self.backoff.reset();
                 let in_flight = self.state == State::Dialing;
                 self.state = State::Revoking {
                     deadline: Some(now + self.config.goodbye_budget),
@@ -753,6 +794,7 @@ impl ClientSession {
                 if let State::Up { renewal, .. } = &mut self.state {
                     *renewal = Renewal::Asked(now + self.config.renew_answer_timeout);
                 }
+                self.renews_unanswered += 1;
                 self.actions.push_back(Action::SendRenew);
             }
             State::Moving {
@@ -859,6 +901,7 @@ impl ClientSession {
     }
 
     fn back_off(&mut self, now: Duration, random: u64) {
+        self.renews_unanswered = 0;
         // A session that lasted starts the waits over; a dial that failed, or a session that
         // ended soon after it came up, goes on with them.
         if self

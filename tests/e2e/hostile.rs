@@ -578,15 +578,15 @@ async fn p15_a_bundle_from_the_hub_must_overlap_and_its_record_names_what_it_cha
 }
 
 /// A revocation reason from the Hub that copies the Client's own words for a revoke at its
-/// stop cannot pass for one: the marker the next start reads to say who revoked it keeps them
-/// as the Hub's.
+/// stop cannot pass for one, with a space after them either (the marker is read back
+/// trimmed): the marker the next start reads to say who revoked it keeps them as the Hub's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p9_p10_a_hubs_revoke_cannot_pass_for_the_clients_own_at_its_stop() {
     let hub = TestHub::start(&[]).await;
     let (mut client, (_conn, _control, mut send)) = welcomed_by_hostile_hub(&hub).await;
     let own = "revoked at its stop (on_stop = \"revoke\"), confirmed by the Hub";
     let revoked = Control::Revoked {
-        reason: own.to_owned(),
+        reason: format!("{own} "),
     };
     send.write_all(&frame::encode_to_vec(&revoked).unwrap())
         .await
@@ -595,7 +595,7 @@ async fn p9_p10_a_hubs_revoke_cannot_pass_for_the_clients_own_at_its_stop() {
     assert_eq!(
         exit,
         ewii::client::Exit::Revoked {
-            reason: own.to_owned()
+            reason: format!("by the Hub: {own} ")
         }
     );
     let marker =

@@ -1058,7 +1058,7 @@ async fn p10_a_webhook_attempt_in_flight_at_a_hub_stop_is_finished_recorded_and_
 
 #[tokio::test]
 async fn p7_an_svid_that_expires_without_renewal_stops_the_client_plainly() {
-    let mut hub = TestHub::start_with(&[], 2).await;
+    let mut hub = TestHub::start_with(&[], 4).await;
     let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
     hub.stop().await; // the Hub is away for the SVID's whole lifetime
     client.start();

@@ -421,6 +421,49 @@ fn p14_sessions_that_end_at_once_back_off_as_failed_dials_do() {
     assert!(sim.lost_after(id, STABLE_SESSION) <= Duration::from_millis(500));
 }
 
+/// Ten failed dials, then up on a first connection.
+fn connected_after_ten_failures(config: SessionConfig, svid: Validity) -> (Sim, u64) {
+    let mut sim = Sim::new(config, svid);
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    for _ in 0..10 {
+        sim.dial_failed();
+        assert_eq!(sim.advance(), vec![Action::Dial]);
+    }
+    assert_eq!(sim.s.failures(), 10);
+    let id = sim.dialed();
+    (sim, id)
+}
+
+/// A move to a new connection (an SVID from SPIRE the Hub did not take live) does not make a
+/// session that lasted an hour a new one: its loss right after the move starts the waits over.
+#[test]
+fn p14_a_session_that_lasted_still_has_after_a_move() {
+    let (mut sim, old) = connected_after_ten_failures(workload_api(), spire_svid_at(START));
+    sim.now += Duration::from_secs(3_000);
+    assert_eq!(
+        sim.push_refused(spire_svid_at(START + 3_000)),
+        vec![Action::Dial]
+    );
+    let new = sim.dialed();
+    assert_eq!(sim.actions(), vec![Action::Retire { session_id: old }]);
+    assert!(sim.lost_after(new, Duration::from_secs(1)) <= Duration::from_millis(500));
+    assert_eq!(sim.s.failures(), 1);
+}
+
+/// A stop that revokes has 5 s to reach the Hub: its dials start from the first wait, however
+/// long the reconnects before it had grown.
+#[test]
+fn p9_a_stop_after_many_reconnects_dials_from_the_first_wait() {
+    let (mut sim, id) = connected_after_ten_failures(config(), svid_at(START));
+    sim.lost_after(id, Duration::from_millis(50));
+    sim.s.handle_stop(sim.now);
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    sim.dial_failed();
+    assert_eq!(sim.s.failures(), 1, "the stop started the count over");
+    let retry = sim.s.poll_timeout().expect("a retry");
+    assert!(retry - sim.now <= Duration::from_millis(500));
+}
+
 /// A `Refused` that answers nothing asked breaks the protocol, as an unasked `Renewed` does:
 /// the connection is closed and the next dial backs off. One from an older connection changes
 /// nothing.
@@ -435,12 +478,25 @@ fn p14_an_unasked_refusal_is_a_protocol_error() {
 }
 
 /// A Hub that issues SVIDs about to end cannot drive renewals in a loop: the next `Renew` comes
-/// at least [`MIN_RENEW_GAP`] after one is adopted, however little life the SVID has.
+/// at least [`MIN_RENEW_GAP`] after one is adopted, however little life the SVID has. One
+/// issued with less life than that ends unrenewed (the Hub chose to end it), and the shortest
+/// lifetime a Hub issues (4 s) renews before its end.
 #[test]
 fn p7_a_renewed_svid_about_to_end_is_renewed_no_sooner_than_a_second_later() {
-    let (mut sim, _id) = Sim::connected(config(), svid_at(START));
+    let (mut sim, id) = Sim::connected(config(), svid_at(START));
     sim.until_renew();
-    // One second of life: its half-life is now.
+    // Four seconds of life, the shortest a Hub issues: renewed at half of it.
+    let shortest = Validity {
+        not_before: sim.now.as_secs() - 1,
+        not_after: sim.now.as_secs() + 4,
+    };
+    sim.s.handle_renewed(sim.now, shortest);
+    assert_eq!(sim.actions(), vec![]);
+    let adopted = sim.now;
+    assert_eq!(sim.advance(), vec![Action::SendRenew]);
+    assert_eq!(sim.now, adopted + Duration::from_secs(2));
+    // One second of life: its half-life is now, and the loop is one renewal a second at
+    // most; here it ends first.
     let nearly_over = Validity {
         not_before: sim.now.as_secs() - 30,
         not_after: sim.now.as_secs() + 1,
@@ -449,6 +505,29 @@ fn p7_a_renewed_svid_about_to_end_is_renewed_no_sooner_than_a_second_later() {
     assert_eq!(sim.actions(), vec![]);
     let adopted = sim.now;
     assert_eq!(sim.s.poll_timeout(), Some(adopted + MIN_RENEW_GAP));
+    assert_eq!(sim.advance(), expired(id));
+}
+
+/// The Hub answers each `Renew` once, in order; a `Renew` asked again after its timeout gets
+/// two answers. The first is the awaited one, the second is late and changes nothing (an
+/// honest Hub whose store stalled past the timeout must not be taken for a hostile one); an
+/// answer with none due is unasked.
+#[test]
+fn p7_p14_a_renewal_asked_twice_takes_one_answer_and_lets_the_second_go() {
+    let (mut sim, _id) = Sim::connected(config(), svid_at(START));
+    assert_eq!(
+        sim.s.renew_answer(),
+        RenewAnswer::Unasked,
+        "nothing asked yet"
+    );
+    sim.until_renew();
+    // No answer within the timeout: asked again.
+    assert_eq!(sim.advance(), vec![Action::SendRenew]);
+    assert_eq!(sim.s.renew_answer(), RenewAnswer::Awaited);
+    let r = sim.rng.next();
+    sim.s.handle_renew_refused(sim.now, r);
+    assert_eq!(sim.s.renew_answer(), RenewAnswer::Late);
+    assert_eq!(sim.s.renew_answer(), RenewAnswer::Unasked);
 }
 
 #[test]

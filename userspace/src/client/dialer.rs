@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 pub enum DialError {
     /// The name is not in the allow-list; nothing was resolved or dialled. (The name as the
     /// Hub sent it, bounded and escaped: [`ewii_common::text::from_peer`].)
-    #[error("destination {0:?} is not in the allow-list")]
+    #[error("destination \"{0}\" is not in the allow-list")]
     NotAllowed(String),
     /// The entry's DNS name did not resolve to an acceptable address.
     #[error("cannot resolve {name}: {why}")]

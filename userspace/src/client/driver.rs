@@ -18,7 +18,8 @@ use std::time::Duration;
 use ewii_common::audit::{Event as AuditEvent, Outcome};
 use ewii_common::frame::{self, Control};
 use ewii_common::session::{
-    Action, ClientSession, CloseReason, Exit, Phase, SessionConfig, Validity,
+    Action, ClientSession, CloseReason, Exit, Phase, RenewAnswer, SessionConfig, Validity,
+    PENDING_REVOKE_REASON,
 };
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
@@ -346,7 +347,7 @@ impl Driver {
                 self.last_error = None;
                 self.machine.handle_dialed(now, id, random());
             }
-            Err(ConnectError::Revoked(reason)) => self.machine.handle_revoked(reason),
+            Err(ConnectError::Revoked(reason)) => self.machine.handle_revoked(from_the_hub(reason)),
             Err(e) => {
                 // A handshake's error can carry the Hub's close reason.
                 let said = e.said();
@@ -375,34 +376,13 @@ impl Driver {
             ) if self.current() != Some(id) => {
                 tracing::debug!(session_id = %id, "an answer on a connection that no longer serves; ignored");
             }
-            Event::Control(_, Control::Renewed { chain, bundle }) => {
-                let key = self.renew_key.take();
-                // Put back if the answer is not stored: the next ask must use this key (the
-                // Hub issued for it), and so must a restart (its file stays).
-                let kept = key.as_ref().map(rcgen::KeyPair::serialize_pem);
-                match key {
-                    // Not asked for (an answer after its timeout): the machine closes the
-                    // connection. The key stays: the Hub issued for it, and the next ask must
-                    // use it.
-                    _ if !self.machine.awaiting_renewal() => {
-                        self.renew_key = key;
-                        self.machine.handle_renewed(now, validity(&self.identity));
-                    }
-                    None => self.machine.handle_renew_refused(now, random()),
-                    Some(key) => match self.adopt_renewal(key, chain, bundle).await {
-                        Ok(validity) => {
-                            // Stored and in use: the Hub re-binds this session to it.
-                            let serial = self.identity.leaf.serial.clone();
-                            self.command(self.current(), Command::Rotated(serial));
-                            self.machine.handle_renewed(now, validity);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "renewal answer refused");
-                            self.renew_key =
-                                kept.and_then(|pem| rcgen::KeyPair::from_pem(&pem).ok());
-                            self.machine.handle_renew_refused(now, random());
-                        }
-                    },
+            // Not asked for: the machine closes the connection. A second answer to a `Renew`
+            // asked again after its timeout changes nothing. Either way the key stays: the
+            // next ask uses it.
+            Event::Control(id, Control::Renewed { chain, bundle }) => {
+                match self.machine.renew_answer() {
+                    RenewAnswer::Awaited => self.renewed(now, chain, bundle).await,
+                    other => self.not_awaited(now, id, other, "a renewed SVID"),
                 }
             }
             Event::Control(id, Control::Presented { serial }) => {
@@ -423,25 +403,24 @@ impl Driver {
                     self.present_refused(id, &why);
                 }
             }
-            // A Client whose SVIDs come from a Workload API never renews: a `Refused` answers
-            // nothing it asked.
-            // A refusal that answers nothing asked breaks the protocol, as an unasked `Renewed`
-            // does: the connection is closed (and the next one dialled after a backoff), so
-            // that a Hub cannot fill the log with them.
-            Event::Control(id, Control::Refused { code }) if !self.machine.awaiting_renewal() => {
-                tracing::warn!(session_id = %id, %code, "a refusal from the Hub that answers nothing asked: a protocol violation; closing the connection");
-                self.machine.handle_unasked(now, id);
-            }
-            Event::Control(_, Control::Refused { code }) => {
-                tracing::warn!(%code, "the Hub refused the renewal");
-                let mut r = self.audit.record(AuditEvent::SvidRotated);
-                r.client = Some(self.queries.client_id.clone());
-                r.outcome = Some(Outcome::Refused);
-                r.reason = Some(format!("renewal refused by the Hub: {code}"));
-                self.audit.emit(r);
-                // The key is kept: the next ask for this serial is made with it.
-                self.machine.handle_renew_refused(now, random());
-            }
+            // Outside a presentation a `Refused` answers a `Renew`. One that answers nothing
+            // asked (a Client whose SVIDs come from a Workload API never renews) breaks the
+            // protocol, as an unasked `Renewed` does: the connection is closed, so that a Hub
+            // cannot fill the log with them. A second answer to a `Renew` asked again after
+            // its timeout changes nothing.
+            Event::Control(id, Control::Refused { code }) => match self.machine.renew_answer() {
+                RenewAnswer::Awaited => {
+                    tracing::warn!(%code, "the Hub refused the renewal");
+                    let mut r = self.audit.record(AuditEvent::SvidRotated);
+                    r.client = Some(self.queries.client_id.clone());
+                    r.outcome = Some(Outcome::Refused);
+                    r.reason = Some(format!("renewal refused by the Hub: {code}"));
+                    self.audit.emit(r);
+                    // The key is kept: the next ask for this serial is made with it.
+                    self.machine.handle_renew_refused(now, random());
+                }
+                other => self.not_awaited(now, id, other, "a refusal"),
+            },
             Event::Control(_, Control::BundleUpdate { bundle }) => self.adopt_bundle(bundle).await,
             Event::Control(..) => {}
             Event::RenewKeyKept { csr, kept } => {
@@ -460,7 +439,7 @@ impl Driver {
             Event::Drained(id) => self.machine.handle_drained(id),
             Event::Ended(id, End::Revoked(reason)) => {
                 self.connections.remove(&id);
-                self.machine.handle_revoked(reason);
+                self.machine.handle_revoked(from_the_hub(reason));
             }
             Event::Ended(id, End::Lost(lost)) => {
                 if self.connections.remove(&id).is_some() && lost != Lost::Moved {
@@ -487,6 +466,42 @@ impl Driver {
         ));
         self.audit.emit(r);
         self.machine.handle_present_refused(session_id);
+    }
+
+    /// An answer to a `Renew` that the machine does not wait for: a late one is let go, an
+    /// unasked one closes the connection.
+    fn not_awaited(&mut self, now: Duration, id: u64, answer: RenewAnswer, what: &str) {
+        if answer == RenewAnswer::Late {
+            tracing::debug!(session_id = %id, "{what} from the Hub answers a renewal asked again and answered since; ignored");
+        } else {
+            tracing::warn!(session_id = %id, "{what} from the Hub that answers nothing asked: a protocol violation");
+            self.machine.handle_unasked(now, id);
+        }
+    }
+
+    /// The awaited answer to a `Renew`: adopted with the key it was asked with, or refused
+    /// (and asked again with that key).
+    async fn renewed(&mut self, now: Duration, chain: Vec<Vec<u8>>, bundle: Vec<Vec<u8>>) {
+        let key = self.renew_key.take();
+        // Put back if the answer is not stored: the next ask must use this key (the Hub
+        // issued for it), and so must a restart (its file stays).
+        let kept = key.as_ref().map(rcgen::KeyPair::serialize_pem);
+        let Some(key) = key else {
+            return self.machine.handle_renew_refused(now, random());
+        };
+        match self.adopt_renewal(key, chain, bundle).await {
+            Ok(validity) => {
+                // Stored and in use: the Hub re-binds this session to it.
+                let serial = self.identity.leaf.serial.clone();
+                self.command(self.current(), Command::Rotated(serial));
+                self.machine.handle_renewed(now, validity);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "renewal answer refused");
+                self.renew_key = kept.and_then(|pem| rcgen::KeyPair::from_pem(&pem).ok());
+                self.machine.handle_renew_refused(now, random());
+            }
+        }
     }
 
     /// Checks a `Renewed` answer and makes it the identity in use (files first, then memory).
@@ -561,14 +576,14 @@ impl Driver {
                 return self.audit.emit(r);
             }
         };
+        // The customer's own agent: what it says of the Hub's CAs is taken as it comes (no
+        // overlap asked, unlike a bundle from the Hub), and named in the record.
         if delivered.hub_anchors != self.bundle.anchors() {
             let mut b = self.audit.record(AuditEvent::BundleUpdated);
             b.client = Some(self.queries.client_id.clone());
             b.outcome = Some(Outcome::Ok);
-            b.reason = Some(format!(
-                "{} trust anchor(s) for the Hub, from the Workload API",
-                delivered.hub_anchors.len()
-            ));
+            let change = rotation::bundle_diff(&self.bundle.anchors(), &delivered.hub_anchors);
+            b.reason = Some(format!("for the Hub, from the Workload API: {change}"));
             self.audit.emit(b);
             self.bundle.replace(delivered.hub_anchors);
         }
@@ -655,15 +670,8 @@ impl Driver {
             }
             Exit::Stopped => State::Stopped,
             Exit::Revoked { reason } => {
-                // The Hub's words cannot pass for this Client's own stop (the next start reads
-                // the marker to say who revoked it).
-                let reason = if reason == REVOKED_AT_STOP {
-                    format!("by the Hub: {reason}")
-                } else {
-                    reason.clone()
-                };
-                self.record_revoked(&reason).await;
-                self.last_error = Some(reason);
+                self.record_revoked(reason).await;
+                self.last_error = Some(reason.clone());
                 State::Revoked
             }
             Exit::Expired => {
@@ -825,6 +833,18 @@ enum RenewalError {
     /// It could not be stored.
     #[error("cannot store the renewed SVID: {0}")]
     Store(String),
+}
+
+/// A revocation reason from the Hub as this Client records it. One that reads as the Client's
+/// own words, a revoke at its stop or one delivered at a restart (the next start reads the
+/// marker to say who revoked it), is marked as the Hub's: the Hub's words cannot pass for the
+/// customer's. Compared as the marker is read back, trimmed.
+fn from_the_hub(reason: String) -> String {
+    if [REVOKED_AT_STOP, PENDING_REVOKE_REASON].contains(&reason.trim()) {
+        format!("by the Hub: {reason}")
+    } else {
+        reason
+    }
 }
 
 /// The reason in the `revoked` marker and the audit record when a stop's revoke was

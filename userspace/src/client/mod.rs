@@ -281,10 +281,11 @@ fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
     ))
 }
 
-/// Who revoked it, as the marker's reason says: its own stop (`on_stop = "revoke"`), or the
-/// Hub (an operator's revoke, the Hub's grace for a silent Client).
+/// Who revoked it, as the marker's reason says: its own stop (`on_stop = "revoke"`, confirmed
+/// at the stop or delivered at a restart), or the Hub (an operator's revoke, the Hub's grace
+/// for a silent Client).
 fn revoked_earlier(reason: &str) -> String {
-    if reason == driver::REVOKED_AT_STOP {
+    if reason == driver::REVOKED_AT_STOP || reason == ewii_common::session::PENDING_REVOKE_REASON {
         format!("this Client is revoked ({reason})")
     } else {
         format!("this Client was revoked by the Hub ({reason})")

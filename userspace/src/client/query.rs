@@ -81,7 +81,7 @@ pub(crate) async fn serve(
             }
             let why = match other {
                 Err(_) => "no Open header in time".to_string(),
-                Ok(Err(e)) => format!("bad Open header: {e}"),
+                Ok(Err(e)) => format!("bad Open header: {}", transport::pipe::peer_said(&e)),
                 Ok(Ok(None)) => "the stream ended before an Open header".to_string(),
                 Ok(Ok(Some(_))) => "a stream that does not start with Open".to_string(),
             };

@@ -111,8 +111,12 @@ pub(crate) fn accept_issued(
     if cert.public_key().raw != key.subject_public_key_info().as_slice() {
         return Err(IssueError::WrongKey);
     }
-    if cert.raw_serial().len() > MAX_SERIAL_OCTETS {
-        return Err(IssueError::LongSerial(cert.raw_serial().len()));
+    let serial = match cert.raw_serial() {
+        [0, rest @ ..] if rest.first().is_some_and(|b| b & 0x80 != 0) => rest,
+        raw => raw,
+    };
+    if serial.len() > MAX_SERIAL_OCTETS {
+        return Err(IssueError::LongSerial(serial.len()));
     }
     let secs = info.not_after.saturating_sub(info.not_before);
     if secs > (MAX_SVID_LIFETIME_SECS + crate::identity::ca::BACKDATE.as_secs()) as i64 {
@@ -181,24 +185,31 @@ pub(crate) fn bundle_change(
     new: &[CertificateDer<'static>],
 ) -> Result<BundleChange, IssueError> {
     check_anchors(new)?;
+    let change = bundle_diff(current, new);
+    if !current.is_empty() && change.removed.len() == current.len() {
+        return Err(IssueError::NoOverlap {
+            added: change.added.join(", "),
+        });
+    }
+    Ok(change)
+}
+
+/// What `new` adds to and removes from `current`, by anchor; nothing checked.
+pub(crate) fn bundle_diff(
+    current: &[CertificateDer<'static>],
+    new: &[CertificateDer<'static>],
+) -> BundleChange {
     let hashes = |set: &[CertificateDer<'static>]| -> Vec<String> {
         set.iter()
             .map(|c| crate::identity::bundle_hash(c))
             .collect()
     };
     let (now, next) = (hashes(current), hashes(new));
-    let added: Vec<String> = next.iter().filter(|h| !now.contains(h)).cloned().collect();
-    let removed: Vec<String> = now.iter().filter(|h| !next.contains(h)).cloned().collect();
-    if !now.is_empty() && removed.len() == now.len() {
-        return Err(IssueError::NoOverlap {
-            added: added.join(", "),
-        });
-    }
-    Ok(BundleChange {
-        added,
-        removed,
+    BundleChange {
+        added: next.iter().filter(|h| !now.contains(h)).cloned().collect(),
+        removed: now.iter().filter(|h| !next.contains(h)).cloned().collect(),
         total: new.len(),
-    })
+    }
 }
 
 /// Writes the SVID (key 0600) and its bundle into the state directory. Blocking.
@@ -443,6 +454,21 @@ mod tests {
             .unwrap()
         };
         assert!(take(issue(longest, 20)).is_ok(), "the longest a Hub issues");
+        // 20 octets with DER's leading zero (the first is over 0x7f): 20, not 21.
+        let signed = ca
+            .issue_with_serial(
+                &key,
+                &id,
+                now - time::Duration::seconds(30),
+                now + time::Duration::seconds(3_600),
+                rcgen::SerialNumber::from_slice(&[[0u8].as_slice(), &[0xc2; 20]].concat()),
+            )
+            .unwrap();
+        assert!(take(signed).is_ok());
+        assert_eq!(
+            take(issue(3_600, 21)).unwrap_err(),
+            IssueError::LongSerial(21)
+        );
         assert_eq!(
             take(issue(longest + 3_600, 16)).unwrap_err(),
             IssueError::TooLong {

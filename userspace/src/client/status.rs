@@ -65,7 +65,8 @@ pub struct Status {
     pub session_id: Option<u64>,
     /// The effective allow-list, `name=endpoint`.
     pub allow_list: Vec<String>,
-    /// Failed dials since the last session.
+    /// Reconnects in a row, while not connected: failed dials, and sessions that ended within
+    /// 10 s, since the last session that lasted.
     pub failures: u32,
     /// Last error, if any.
     pub last_error: Option<String>,
@@ -187,7 +188,7 @@ impl Status {
         out.one(
             "ewii_client_reconnect_failures",
             "gauge",
-            "Failed dials since the last session.",
+            "Reconnects in a row while not connected: failed dials and sessions that ended within 10 s.",
             self.failures,
         );
         let layers: Vec<(String, String)> = self

@@ -13,6 +13,11 @@ use serde::Deserialize;
 use super::{default_audit, parse_toml, ConfigError};
 use crate::audit::AuditOutput;
 
+/// The shortest SVID lifetime: a Client renews at half-life, and at least
+/// [`MIN_RENEW_GAP`](ewii_common::session::MIN_RENEW_GAP) after its last renewal, so a shorter
+/// one could end before its renewal is asked.
+const MIN_SVID_LIFETIME_SECS: u64 = 4;
+
 /// The longest `principal` of a plain TCP service (with the requester's address it makes the
 /// `source` of every query's `Open`, which the Client takes up to
 /// [`MAX_QUERY_HEAD`](ewii_common::frame::MAX_QUERY_HEAD)).
@@ -278,11 +283,11 @@ impl FromStr for HubConfig {
 
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let raw: RawHub = parse_toml(s, HUB_TOP_LEVEL)?;
-        if raw.svid_lifetime_secs < 2
+        if raw.svid_lifetime_secs < MIN_SVID_LIFETIME_SECS
             || raw.svid_lifetime_secs > crate::identity::MAX_SVID_LIFETIME_SECS
         {
             return Err(ConfigError::Invalid(
-                "svid_lifetime_secs must be between 2 and 2592000 (30 days)".into(),
+                "svid_lifetime_secs must be between 4 and 2592000 (30 days)".into(),
             ));
         }
         let mut services: Vec<ServiceConfig> = Vec::new();

@@ -97,6 +97,18 @@ fn counts_out_of_their_range_are_refused_with_the_range() {
     let ok = format!("max_queries = 100000\naudit_backlog = 16\n{CLIENT}");
     let c: ClientConfig = ok.parse().unwrap();
     assert_eq!((c.max_queries, c.audit_backlog), (100_000, 16));
+    // An SVID lifetime a Client renews before its end: half of it is at least the 1 s gap a
+    // Client keeps between renewals, with room for the round trip.
+    for bad in [3, 2_592_001] {
+        let err = format!("state_dir = \"/s\"\nsvid_lifetime_secs = {bad}\n")
+            .parse::<HubConfig>()
+            .unwrap_err();
+        assert!(err.to_string().contains("between 4 and 2592000"), "{err}");
+    }
+    let shortest: HubConfig = "state_dir = \"/s\"\nsvid_lifetime_secs = 4\n"
+        .parse()
+        .unwrap();
+    assert_eq!(shortest.svid_lifetime, Duration::from_secs(4));
 }
 
 #[test]

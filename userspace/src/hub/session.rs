@@ -455,7 +455,8 @@ impl Session {
                 client = %self.name,
                 "service {service} sends its queries to {}'s allow-list entry {entry}, which this Client's allow-list does not name (it names [{}]): the Client refuses every query of {service}; correct the service's destination, or ask the customer to add the entry",
                 self.name,
-                self.allow_list.join(", ")
+                // The Client's words: bounded and escaped for the log.
+                ewii_common::text::from_peer(self.allow_list.join(", ").as_bytes())
             );
             reason.push_str(&format!(
                 "; service {service} names entry {entry}, not in it: its queries are refused"

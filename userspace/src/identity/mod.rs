@@ -43,9 +43,10 @@ pub enum IdentityError {
 /// The longest SVID lifetime a Hub issues (`svid_lifetime_secs`); a Client refuses an issued
 /// SVID valid for longer (plus the CA's backdating), which would stop its rotation (P7).
 pub const MAX_SVID_LIFETIME_SECS: u64 = 30 * 86_400;
-/// The most octets in a certificate serial (RFC 5280 §4.1.2.2: conforming CAs use at most
-/// 20; one more for DER's sign byte). A serial names files in the Client's state directory.
-pub const MAX_SERIAL_OCTETS: usize = 21;
+/// The most octets in a certificate serial (RFC 5280 §4.1.2.2: conforming CAs use at most 20),
+/// not counting a leading zero that DER adds to keep it positive. A serial names files in the
+/// Client's state directory.
+pub const MAX_SERIAL_OCTETS: usize = 20;
 
 /// What the verifiers and the CA read from a leaf certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
