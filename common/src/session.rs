@@ -431,8 +431,8 @@ impl ClientSession {
         self.svid
     }
 
-    /// Whether a `Renew` is waiting for its answer (a `Renewed` at any other time is a
-    /// protocol violation by the Hub).
+    /// Whether a `Renew` is waiting for its answer (what answers a `Renew` at any other time is
+    /// late or unasked: [`renew_answer`](Self::renew_answer)).
     pub fn awaiting_renewal(&self) -> bool {
         matches!(
             self.state,
@@ -630,6 +630,13 @@ impl ClientSession {
         }
     }
 
+    /// The driver sent a `Renew` on the current connection (for [`Action::SendRenew`]; it may
+    /// send none, while the key is still being stored, or when no key could be made): one more
+    /// answer is due.
+    pub fn renew_sent(&mut self) {
+        self.renews_unanswered += 1;
+    }
+
     /// The Hub answered a `Renew` on the current connection (`Renewed`, or `Refused` outside a
     /// presentation): which one it answers. The Hub answers each `Renew` once, in order, so a
     /// `Renew` asked again after its timeout gets two answers: the first is awaited, the
@@ -650,15 +657,20 @@ impl ClientSession {
     /// `Renewed` or `Refused` with no `Renew` unanswered, a `Presented` with no presentation in
     /// flight): it broke the protocol, and the connection is closed. Another connection's
     /// changes nothing.
-    pub fn handle_unasked(&mut self, now: Duration, session_id: u64) {
-        if let State::Up {
-            session_id: current,
-            ..
-        } = self.state
-        {
-            if current == session_id {
+    ///
+    /// Returns whether it closed the connection: not while a session moves to a new connection
+    /// (an SVID from SPIRE the Hub did not take live), where a `Refused` on the old connection
+    /// may be the late answer to the presentation that timed out.
+    pub fn handle_unasked(&mut self, now: Duration, session_id: u64) -> bool {
+        match self.state {
+            State::Up {
+                session_id: current,
+                ..
+            } if current == session_id => {
                 self.protocol_broken(now, session_id);
+                true
             }
+            _ => false,
         }
     }
 
@@ -794,7 +806,6 @@ impl ClientSession {
                 if let State::Up { renewal, .. } = &mut self.state {
                     *renewal = Renewal::Asked(now + self.config.renew_answer_timeout);
                 }
-                self.renews_unanswered += 1;
                 self.actions.push_back(Action::SendRenew);
             }
             State::Moving {

@@ -20,6 +20,7 @@ use ewii::enforce;
 use ewii::identity::parse_bundle_hash;
 use ewii::logging::{say, LogArgs};
 use ewii_common::audit::Side;
+use ewii_common::session::PENDING_REVOKE_REASON;
 use ewii_common::text::printable;
 
 /// Exit status when the Hub has revoked this Client.
@@ -516,9 +517,17 @@ fn run(path: &Path) -> ExitCode {
         let stopped = ewii::signal::terminate();
         match client::run_enforced(config, audit, report, denies, lock, stopped).await {
             Ok(Exit::Stopped) => ExitCode::SUCCESS,
+            // The revoke of an earlier stop, delivered at this start, is the Client's own.
+            Ok(Exit::Revoked { reason }) if reason == PENDING_REVOKE_REASON => fail(
+                EXIT_REVOKED,
+                format!("revoked: {reason}; this Client will not reconnect; {next}"),
+            ),
             Ok(Exit::Revoked { reason }) => fail(
                 EXIT_REVOKED,
-                format!("revoked by the Hub: {reason}; this Client will not reconnect; {next}"),
+                format!(
+                    "revoked by the Hub: {}; this Client will not reconnect; {next}",
+                    reason.strip_prefix("by the Hub: ").unwrap_or(&reason)
+                ),
             ),
             Ok(Exit::Expired) => fail(EXIT_NOT_ENROLLED, expired.into()),
             Err(e @ ClientError::WorkloadApi(_)) => fail(EXIT_NOT_ENROLLED, e.to_string()),

@@ -308,7 +308,7 @@ impl Driver {
         }
         if let Some(key) = &self.renew_key {
             match crate::identity::ca::csr_for(key) {
-                Ok(csr) => self.command(self.current(), Command::Renew(csr)),
+                Ok(csr) => self.renew_on_current(csr),
                 Err(e) => refused(self, &e),
             }
             return;
@@ -432,7 +432,7 @@ impl Driver {
                     tracing::warn!(error = %e, "cannot keep the renewal key in the state directory; asking with it anyway");
                 }
                 if self.machine.awaiting_renewal() {
-                    self.command(self.current(), Command::Renew(csr));
+                    self.renew_on_current(csr);
                 }
             }
             Event::GoodbyeAcknowledged(id) => self.machine.handle_goodbye_acknowledged(id),
@@ -468,14 +468,22 @@ impl Driver {
         self.machine.handle_present_refused(session_id);
     }
 
+    /// Sends `Renew` on the serving connection; the machine counts the answers due.
+    fn renew_on_current(&mut self, csr: Vec<u8>) {
+        if let Some(id) = self.current() {
+            self.command(Some(id), Command::Renew(csr));
+            self.machine.renew_sent();
+        }
+    }
+
     /// An answer to a `Renew` that the machine does not wait for: a late one is let go, an
-    /// unasked one closes the connection.
+    /// unasked one closes the connection (not while the session moves, where it may answer
+    /// the presentation that timed out).
     fn not_awaited(&mut self, now: Duration, id: u64, answer: RenewAnswer, what: &str) {
-        if answer == RenewAnswer::Late {
-            tracing::debug!(session_id = %id, "{what} from the Hub answers a renewal asked again and answered since; ignored");
+        if answer == RenewAnswer::Unasked && self.machine.handle_unasked(now, id) {
+            tracing::warn!(session_id = %id, "{what} from the Hub that answers nothing asked: a protocol violation; the connection is closed");
         } else {
-            tracing::warn!(session_id = %id, "{what} from the Hub that answers nothing asked: a protocol violation");
-            self.machine.handle_unasked(now, id);
+            tracing::debug!(session_id = %id, "{what} from the Hub answers nothing awaited (a renewal asked again and answered since, or a presentation given up); ignored");
         }
     }
 
