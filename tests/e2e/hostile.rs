@@ -604,3 +604,48 @@ async fn p9_p10_a_hubs_revoke_cannot_pass_for_the_clients_own_at_its_stop() {
     let again = client.run_once(SOON).await.unwrap_err().to_string();
     assert!(again.contains("was revoked by the Hub"), "{again}");
 }
+
+/// A Client (a stolen key, a broken build) that grants the Hub almost no room on its query
+/// streams cannot hold a requester, or the Hub's task for it, past the Hub's bound on writing
+/// the `Open`: the query fails, recorded with why, and the requester's connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p11_a_client_that_takes_no_open_cannot_hold_the_requester() {
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    // 16 bytes of room per stream: the `Hello` exchange goes through as it is read; an `Open`
+    // (its header and the requester's identity) does not fit, and nothing reads it.
+    let session = raw_handshake_with_window(&hub, &svid, 16)
+        .await
+        .expect("the handshake")
+        .hello()
+        .await
+        .expect("a session");
+    hub.wait_connected("acme").await;
+    let mut requester = tokio::net::TcpStream::connect(hub.service("pg"))
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut back = Vec::new();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::io::AsyncReadExt::read_to_end(&mut requester, &mut back),
+    )
+    .await;
+    assert!(ended.is_ok(), "the requester was held for 30 s");
+    assert!(back.is_empty());
+    let failed = hub.wait_audit("the query's record", is(Event::Query)).await;
+    assert_eq!(failed.outcome, Some(Outcome::Failed));
+    assert_eq!(
+        failed.reason.as_deref(),
+        Some("send Open: the Client took none of it within 15 s")
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(14),
+        "ended by the bound, not before: {:?}",
+        started.elapsed()
+    );
+    // The session itself goes on: the bound ends the query, not the Client's connection.
+    assert_eq!(hub.handle().connected_clients(), vec!["acme".to_owned()]);
+    drop(session);
+}
