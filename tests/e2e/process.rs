@@ -1512,7 +1512,7 @@ async fn token_create_warns_before_it_replaces_an_enrolled_client() {
     let mut acme = TestClient::enrol_and_run(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
     hub.wait_connected("acme").await;
     let state = hub.state_dir();
-    let create = |client: &str| {
+    let create_with = |client: &str, extra: &[&str]| {
         Command::new(bin_path("ewii-hub"))
             .args([
                 "token",
@@ -1522,9 +1522,11 @@ async fn token_create_warns_before_it_replaces_an_enrolled_client() {
                 "--client",
                 client,
             ])
+            .args(extra)
             .output()
             .unwrap()
     };
+    let create = |client: &str| create_with(client, &[]);
     let out = create("acme");
     let err = exits_saying_once(
         &out,
@@ -1547,22 +1549,14 @@ async fn token_create_warns_before_it_replaces_an_enrolled_client() {
         "a revoked one comes back with a new token"
     );
     // A private webhook needs the Hub's opt-in as well as the token's: said when it is made.
-    let out = Command::new(bin_path("ewii-hub"))
-        .args([
-            "token",
-            "create",
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--client",
-            "gamma",
-        ])
-        .args([
+    let out = create_with(
+        "gamma",
+        &[
             "--webhook",
             "http://127.0.0.1:9/hook?key=x",
             "--danger-allow-private-webhook",
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     let err = exits_saying_once(
         &out,
         0,
