@@ -39,7 +39,8 @@ pub enum PolicyError {
     #[error("address {0} is not a unicast destination")]
     NotUnicast(SocketAddr),
     /// A DNS answer points somewhere only a literal may: loopback, link-local (including the
-    /// cloud metadata service), IPv4-mapped forms of those. DNS answers never widen reach.
+    /// cloud metadata service), or an IPv6 form that carries one of those (v4-mapped, NAT64,
+    /// IPv4-compatible). DNS answers never widen reach.
     #[error("{name} resolved to {addr}, which a DNS answer may not reach (write the address itself if it is meant)")]
     SpecialAnswer {
         /// The name in the allow-list.
@@ -233,27 +234,31 @@ impl AllowList {
     /// canonical. A DNS answer never widens what the Client reaches: loopback, link-local
     /// (169.254.0.0/16, including the cloud metadata address, fe80::/10), the other clouds'
     /// metadata addresses (`fd00:ec2::254`, and Alibaba Cloud's `100.100.100.200`),
-    /// unspecified, multicast and broadcast answers are refused — except loopback for the name
+    /// unspecified, multicast and broadcast answers are refused, and so are IPv6 answers that
+    /// carry one of those IPv4 addresses (NAT64's `64:ff9b::/96`, IPv4-compatible `::a.b.c.d`) — except loopback for the name
     /// `localhost`, which is reserved for it (RFC 6761 §6.3). A customer who means such an
     /// address writes it as a literal.
     ///
     /// Literal entries need no check: they were validated at parse time.
     pub fn check_resolved(name: &str, addr: SocketAddr) -> Result<SocketAddr, PolicyError> {
         let addr = canonical(addr);
-        if !is_unicast(addr.ip()) {
+        // An IPv6 answer that carries an IPv4 address reaches that address through a
+        // gateway (NAT64) or a tunnel: it is checked as that address too.
+        let carried = match addr.ip() {
+            IpAddr::V6(v6) => carried_v4(v6),
+            IpAddr::V4(_) => None,
+        };
+        if !is_unicast(addr.ip()) || carried.is_some_and(|v4| !is_unicast(v4.into())) {
             return Err(PolicyError::NotUnicast(addr));
         }
         let localhost = name.trim_end_matches('.').eq_ignore_ascii_case("localhost");
         let special = match addr.ip() {
-            IpAddr::V4(v4) => {
-                (v4.is_loopback() && !localhost)
-                    || v4.is_link_local()
-                    || v4 == std::net::Ipv4Addr::new(100, 100, 100, 200)
-            }
+            IpAddr::V4(v4) => special_v4(v4, localhost),
             IpAddr::V6(v6) => {
                 (v6.is_loopback() && !localhost)
                     || (v6.segments()[0] & 0xffc0) == 0xfe80
                     || v6 == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+                    || carried.is_some_and(|v4| special_v4(v4, false))
             }
         };
         if special {
@@ -264,6 +269,27 @@ impl AllowList {
         }
         Ok(addr)
     }
+}
+
+/// Whether a DNS answer `v4` is one only a literal may reach: loopback (unless the name is
+/// `localhost`), link-local (the cloud metadata address among them), Alibaba Cloud's metadata.
+fn special_v4(v4: std::net::Ipv4Addr, localhost: bool) -> bool {
+    (v4.is_loopback() && !localhost)
+        || v4.is_link_local()
+        || v4 == std::net::Ipv4Addr::new(100, 100, 100, 200)
+}
+
+/// The IPv4 address an IPv6 address carries to it: NAT64's well-known prefix
+/// (`64:ff9b::/96`, RFC 6052, what DNS64 answers for an IPv4-only name) and the deprecated
+/// IPv4-compatible form (`::a.b.c.d`, RFC 4291 §2.5.5.1; not `::` and `::1`). (A NAT64 with a
+/// network-specific prefix cannot be told from any other IPv6 address; v4-mapped answers
+/// are folded by [`canonical`] before this.)
+fn carried_v4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let s = v6.segments();
+    let [.., a, b, c, d] = v6.octets();
+    let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+    let compatible = s[..6] == [0; 6] && !(v6.is_unspecified() || v6.is_loopback());
+    (nat64 || compatible).then(|| std::net::Ipv4Addr::new(a, b, c, d))
 }
 
 /// Folds a v4-mapped IPv6 address (`::ffff:a.b.c.d`) to plain IPv4.
@@ -389,6 +415,13 @@ mod tests {
             ("db.example.org", "[fd00:ec2::254]:80"),
             ("db.example.org", "100.100.100.200:80"),
             ("db.example.org", "[::ffff:100.100.100.200]:80"),
+            // Through NAT64 (DNS64's answer for an IPv4-only name) or the IPv4-compatible form.
+            ("db.example.org", "[64:ff9b::169.254.169.254]:80"),
+            ("db.example.org", "[64:ff9b::127.0.0.1]:5432"),
+            ("db.example.org", "[64:ff9b::100.100.100.200]:80"),
+            ("db.example.org", "[::169.254.169.254]:80"),
+            ("db.example.org", "[::127.0.0.1]:5432"),
+            ("localhost", "[64:ff9b::127.0.0.1]:5432"),
             ("vm", "127.0.0.1:22"),
         ] {
             let addr: SocketAddr = answer.parse().unwrap();
@@ -409,9 +442,29 @@ mod tests {
         assert!(
             AllowList::check_resolved("localhost", "169.254.169.254:80".parse().unwrap()).is_err()
         );
-        assert!(
-            AllowList::check_resolved("db.example.org", "10.0.0.5:5432".parse().unwrap()).is_ok()
-        );
+        // An ordinary address behind NAT64 is an ordinary answer.
+        for answer in [
+            "10.0.0.5:5432",
+            "[64:ff9b::10.0.0.5]:5432",
+            "[64:ff9b::c633:6407]:5432",
+        ] {
+            let addr: SocketAddr = answer.parse().unwrap();
+            assert_eq!(AllowList::check_resolved("db.example.org", addr), Ok(addr));
+        }
+        // A multicast, broadcast or unspecified address carried is not a destination.
+        for answer in [
+            "[64:ff9b::224.0.0.1]:80",
+            "[64:ff9b::255.255.255.255]:80",
+            "[64:ff9b::]:80",
+        ] {
+            assert!(
+                matches!(
+                    AllowList::check_resolved("db.example.org", answer.parse().unwrap()),
+                    Err(PolicyError::NotUnicast(_))
+                ),
+                "{answer}"
+            );
+        }
     }
 
     #[test]
