@@ -12,11 +12,16 @@
 //! a change is an audit record. With the eBPF lock attached, the set stays the one resolved at
 //! start — the lock cannot follow (nothing in the process may touch it after start-up) — and
 //! the record says that a restart adopts the new answer: the Dialer and the kernel never
-//! disagree. A name that did not resolve at start is resolved when it is first dialled.
+//! disagree. A name that did not resolve at start is resolved when it is first dialled: one
+//! lookup at a time per entry ([`Lookups`]), whose answer every query waiting on it shares, so
+//! a burst of queries while the resolver is down costs one lookup and one blocking thread, not
+//! one each.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ewii_common::policy::{AllowList, Decision, Host};
@@ -56,6 +61,105 @@ pub struct Dialer {
     allow: AllowList,
     connect_timeout: Duration,
     addresses: Addresses,
+    lookups: Lookups,
+}
+
+/// A lookup of a DNS name and port: the system resolver's answers.
+pub type Resolver = Arc<
+    dyn Fn(String, u16) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The lookups the Dialer makes for entries with no addresses yet: at most one in flight per
+/// entry, its outcome (an error too) shared by every dial that asked while it ran. The next
+/// dial after it ends starts a new one: a failure is not remembered.
+#[derive(Clone)]
+struct Lookups {
+    resolve: Resolver,
+    in_flight: Arc<Mutex<BTreeMap<String, Arc<Flight>>>>,
+}
+
+/// One lookup of one entry, and its outcome once it has one.
+type Flight = tokio::sync::OnceCell<Result<Vec<SocketAddr>, DialError>>;
+
+impl std::fmt::Debug for Lookups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self
+            .in_flight
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        f.debug_struct("Lookups")
+            .field("in_flight", &names)
+            .finish()
+    }
+}
+
+impl Lookups {
+    fn new(resolve: Resolver) -> Self {
+        Self {
+            resolve,
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// The system resolver (`getaddrinfo`, on tokio's blocking threads).
+    fn system() -> Self {
+        Self::new(Arc::new(|host, port| {
+            Box::pin(async move {
+                tokio::net::lookup_host((host.as_str(), port))
+                    .await
+                    .map(Iterator::collect)
+            })
+        }))
+    }
+
+    /// Resolves entry `name` (`host`:`port`): joins the lookup in flight for it, or starts
+    /// one. A successful answer's acceptable addresses become the entry's set in `addresses`.
+    async fn resolve(
+        &self,
+        name: &str,
+        host: &str,
+        port: u16,
+        addresses: &Addresses,
+    ) -> Result<Vec<SocketAddr>, DialError> {
+        let flight = match self.in_flight.lock() {
+            Ok(mut m) => Arc::clone(m.entry(name.to_owned()).or_default()),
+            // A poisoned map (a panic elsewhere while it was held): look up alone.
+            Err(_) => Arc::default(),
+        };
+        let outcome = flight
+            .get_or_init(|| async {
+                let answers = (self.resolve)(host.to_owned(), port).await.map_err(|e| {
+                    DialError::Resolve {
+                        name: name.to_owned(),
+                        why: e.to_string(),
+                    }
+                })?;
+                let (ok, refused) = check_answers(host, answers.into_iter());
+                if ok.is_empty() {
+                    return Err(DialError::Resolve {
+                        name: name.to_owned(),
+                        why: refused
+                            .into_iter()
+                            .next()
+                            .unwrap_or_else(|| "no address".into()),
+                    });
+                }
+                addresses.set(name, ok.clone());
+                Ok(ok)
+            })
+            .await
+            .clone();
+        // The lookup has ended: the next dial that finds no addresses starts another.
+        if let Ok(mut m) = self.in_flight.lock() {
+            if m.get(name).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                m.remove(name);
+            }
+        }
+        outcome
+    }
 }
 
 /// The current addresses of each DNS entry, shared by the Dialer and the refresher.
@@ -132,7 +236,7 @@ fn check_answers(
 pub async fn refresh_once<F, Fut>(dialer: &Dialer, resolve: F) -> Vec<AddressChange>
 where
     F: Fn(String, u16) -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<Vec<SocketAddr>>>,
+    Fut: Future<Output = std::io::Result<Vec<SocketAddr>>>,
 {
     let mut changes = Vec::new();
     for entry in dialer.allow.entries() {
@@ -262,7 +366,14 @@ impl Dialer {
             allow,
             connect_timeout,
             addresses,
+            lookups: Lookups::system(),
         }
+    }
+
+    /// The same dialer, looking names up with `resolve` instead of the system resolver.
+    pub fn with_resolver(mut self, resolve: Resolver) -> Self {
+        self.lookups = Lookups::new(resolve);
+        self
     }
 
     /// The allow-list it enforces.
@@ -289,24 +400,9 @@ impl Dialer {
                 let known = self.addresses.get(&name);
                 if known.is_empty() {
                     // Not resolved at start (DNS was down): resolve now, and keep the answer.
-                    let resolved = tokio::net::lookup_host((host.as_str(), entry.endpoint.port))
-                        .await
-                        .map_err(|e| DialError::Resolve {
-                            name: name.clone(),
-                            why: e.to_string(),
-                        })?;
-                    let (ok, refused) = check_answers(host, resolved);
-                    if ok.is_empty() {
-                        return Err(DialError::Resolve {
-                            name,
-                            why: refused
-                                .into_iter()
-                                .next()
-                                .unwrap_or_else(|| "no address".into()),
-                        });
-                    }
-                    self.addresses.set(&name, ok.clone());
-                    ok
+                    self.lookups
+                        .resolve(&name, host, entry.endpoint.port, &self.addresses)
+                        .await?
                 } else {
                     known
                 }
@@ -463,6 +559,134 @@ mod tests {
             r.reason
         );
         assert_eq!(r.destination.unwrap().name, "db");
+    }
+
+    /// A stand-in for the system resolver (a mock: the system's cannot be made slow or down
+    /// here): counts its lookups, holds each until `gate` gives it a permit, then fails the
+    /// first and answers `addr` after.
+    fn held_resolver(
+        addr: SocketAddr,
+        calls: &Arc<std::sync::atomic::AtomicUsize>,
+        gate: &Arc<tokio::sync::Semaphore>,
+    ) -> Resolver {
+        let (calls, gate) = (Arc::clone(calls), Arc::clone(gate));
+        Arc::new(move |_, _| {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let gate = Arc::clone(&gate);
+            Box::pin(async move {
+                gate.acquire()
+                    .await
+                    .map_err(std::io::Error::other)?
+                    .forget();
+                if n == 0 {
+                    Err(std::io::Error::other("resolver down"))
+                } else {
+                    Ok(vec![addr])
+                }
+            })
+        })
+    }
+
+    /// A listener, and a dialer whose entry `db` names `localhost` at its port with no
+    /// addresses yet, looking up through [`held_resolver`] (its count and gate returned).
+    async fn unresolved() -> (
+        Dialer,
+        SocketAddr,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<tokio::sync::Semaphore>,
+        tokio::net::TcpListener,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let allow =
+            AllowList::from_pairs([("db", format!("localhost:{}", addr.port()).as_str())]).unwrap();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let dialer = Dialer::new(allow, Duration::from_secs(2))
+            .with_resolver(held_resolver(addr, &calls, &gate));
+        (dialer, addr, calls, gate, listener)
+    }
+
+    /// Waits (bounded) until `n` dials hold the lookup in flight for `name`.
+    async fn waiting_on(dialer: &Dialer, name: &str, n: usize) {
+        let joined = || {
+            let m = dialer.lookups.in_flight.lock().unwrap();
+            m.get(name).map_or(0, |f| Arc::strong_count(f) - 1)
+        };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while joined() < n {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{} of {n} dials joined the lookup", joined()));
+    }
+
+    /// A burst of queries for an entry that did not resolve at start costs one lookup, whose
+    /// failure they all get; the next query looks up again, and its answer becomes the set.
+    #[tokio::test]
+    async fn p4_queries_for_an_unresolved_name_share_one_lookup() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (dialer, addr, calls, gate, _listener) = unresolved().await;
+        let burst: Vec<_> = (0..50)
+            .map(|_| {
+                let d = dialer.clone();
+                tokio::spawn(async move { d.dial("db").await })
+            })
+            .collect();
+        waiting_on(&dialer, "db", 50).await;
+        assert_eq!(calls.load(SeqCst), 1, "one lookup for the whole burst");
+        gate.add_permits(1);
+        for q in burst {
+            let err = q.await.unwrap().unwrap_err();
+            assert!(
+                matches!(&err, DialError::Resolve { name, why } if name == "db" && why.contains("resolver down")),
+                "{err:?}"
+            );
+        }
+        assert_eq!(calls.load(SeqCst), 1);
+        // The failure is not remembered: the next query looks up again, and keeps the answer.
+        gate.add_permits(1);
+        assert_eq!(dialer.dial("db").await.unwrap().1, addr);
+        assert_eq!(calls.load(SeqCst), 2);
+        assert_eq!(dialer.addresses.get("db"), vec![addr]);
+        assert_eq!(dialer.dial("db").await.unwrap().1, addr);
+        assert_eq!(
+            calls.load(SeqCst),
+            2,
+            "a name with addresses is not looked up"
+        );
+        assert!(dialer.lookups.in_flight.lock().unwrap().is_empty());
+    }
+
+    /// A query cut while its lookup runs (the Hub reset the stream) does not strand the
+    /// queries that joined it: one of them looks up in its place.
+    #[tokio::test]
+    async fn a_lookup_whose_query_is_cut_is_taken_over() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (dialer, addr, calls, gate, _listener) = unresolved().await;
+        let first = {
+            let d = dialer.clone();
+            tokio::spawn(async move { d.dial("db").await })
+        };
+        waiting_on(&dialer, "db", 1).await;
+        let second = {
+            let d = dialer.clone();
+            tokio::spawn(async move { d.dial("db").await })
+        };
+        waiting_on(&dialer, "db", 2).await;
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        // The second dial's lookup (the resolver's second call) answers.
+        gate.add_permits(1);
+        let reached = tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .expect("the joined query must not hang")
+            .unwrap()
+            .unwrap()
+            .1;
+        assert_eq!(reached, addr);
+        assert_eq!(calls.load(SeqCst), 2);
     }
 
     #[tokio::test]
