@@ -235,7 +235,8 @@ impl AllowList {
     /// (169.254.0.0/16, including the cloud metadata address, fe80::/10), the other clouds'
     /// metadata addresses (`fd00:ec2::254`, and Alibaba Cloud's `100.100.100.200`),
     /// unspecified, multicast and broadcast answers are refused, and so are IPv6 answers that
-    /// carry one of those IPv4 addresses (NAT64's `64:ff9b::/96`, IPv4-compatible `::a.b.c.d`) — except loopback for the name
+    /// carry one of those IPv4 addresses (NAT64's `64:ff9b::/96` and local-use `64:ff9b:1::/48`,
+    /// IPv4-translated `::ffff:0:a.b.c.d`, IPv4-compatible `::a.b.c.d`) — except loopback for the name
     /// `localhost`, which is reserved for it (RFC 6761 §6.3). A customer who means such an
     /// address writes it as a literal.
     ///
@@ -259,6 +260,8 @@ impl AllowList {
                     || (v6.segments()[0] & 0xffc0) == 0xfe80
                     || v6 == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
                     || carried.is_some_and(|v4| special_v4(v4, false))
+                    || local_use_v4(v6)
+                        .is_some_and(|all| all.iter().any(|v4| special_v4(*v4, false)))
             }
         };
         if special {
@@ -280,16 +283,35 @@ fn special_v4(v4: std::net::Ipv4Addr, localhost: bool) -> bool {
 }
 
 /// The IPv4 address an IPv6 address carries to it: NAT64's well-known prefix
-/// (`64:ff9b::/96`, RFC 6052, what DNS64 answers for an IPv4-only name) and the deprecated
-/// IPv4-compatible form (`::a.b.c.d`, RFC 4291 §2.5.5.1; not `::` and `::1`). (A NAT64 with a
-/// network-specific prefix cannot be told from any other IPv6 address; v4-mapped answers
-/// are folded by [`canonical`] before this.)
+/// (`64:ff9b::/96`, RFC 6052, what DNS64 answers for an IPv4-only name), the IPv4-translated
+/// form (`::ffff:0:a.b.c.d`, RFC 2765) and the deprecated IPv4-compatible form (`::a.b.c.d`,
+/// RFC 4291 §2.5.5.1; not `::` and `::1`). (v4-mapped answers are folded by [`canonical`]
+/// before this; for NAT64's local-use prefix see [`local_use_v4`].)
 fn carried_v4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
     let s = v6.segments();
     let [.., a, b, c, d] = v6.octets();
     let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+    let translated = s[..6] == [0, 0, 0, 0, 0xffff, 0];
     let compatible = s[..6] == [0; 6] && !(v6.is_unspecified() || v6.is_loopback());
-    (nat64 || compatible).then(|| std::net::Ipv4Addr::new(a, b, c, d))
+    (nat64 || translated || compatible).then(|| std::net::Ipv4Addr::new(a, b, c, d))
+}
+
+/// For an address in NAT64's local-use prefix (`64:ff9b:1::/48`, RFC 8215), the IPv4 address
+/// it carries under each layout a network-specific prefix inside it may use (RFC 6052 §2.2:
+/// prefixes of 48, 56, 64 and 96 bits; bits 64–71 are skipped). The prefix length is the
+/// translator's setting and not in the address, so an answer is refused when any of them is
+/// one only a literal may reach. (An ordinary address reads as 0.x.x.x under the others.)
+fn local_use_v4(v6: std::net::Ipv6Addr) -> Option<[std::net::Ipv4Addr; 4]> {
+    let o = v6.octets();
+    let v4 = |a, b, c, d| std::net::Ipv4Addr::new(o[a], o[b], o[c], o[d]);
+    (v6.segments()[..3] == [0x64, 0xff9b, 1]).then(|| {
+        [
+            v4(6, 7, 9, 10),
+            v4(7, 9, 10, 11),
+            v4(9, 10, 11, 12),
+            v4(12, 13, 14, 15),
+        ]
+    })
 }
 
 /// Folds a v4-mapped IPv6 address (`::ffff:a.b.c.d`) to plain IPv4.
@@ -421,6 +443,11 @@ mod tests {
             ("db.example.org", "[64:ff9b::100.100.100.200]:80"),
             ("db.example.org", "[::169.254.169.254]:80"),
             ("db.example.org", "[::127.0.0.1]:5432"),
+            ("db.example.org", "[::ffff:0:169.254.169.254]:80"),
+            // NAT64's local-use prefix, under the /96, /64 and /48 layouts.
+            ("db.example.org", "[64:ff9b:1::169.254.169.254]:80"),
+            ("db.example.org", "[64:ff9b:1:0:a9:fea9:fe00:0]:80"),
+            ("db.example.org", "[64:ff9b:1:7f00:0:100::]:5432"),
             ("localhost", "[64:ff9b::127.0.0.1]:5432"),
             ("vm", "127.0.0.1:22"),
         ] {
@@ -447,6 +474,9 @@ mod tests {
             "10.0.0.5:5432",
             "[64:ff9b::10.0.0.5]:5432",
             "[64:ff9b::c633:6407]:5432",
+            "[64:ff9b:1::10.0.0.5]:5432",
+            "[64:ff9b:1:a00:0:500::]:5432",
+            "[::ffff:0:10.0.0.5]:5432",
         ] {
             let addr: SocketAddr = answer.parse().unwrap();
             assert_eq!(AllowList::check_resolved("db.example.org", addr), Ok(addr));
