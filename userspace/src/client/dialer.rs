@@ -12,16 +12,17 @@
 //! a change is an audit record. With the eBPF lock attached, the set stays the one resolved at
 //! start — the lock cannot follow (nothing in the process may touch it after start-up) — and
 //! the record says that a restart adopts the new answer: the Dialer and the kernel never
-//! disagree. A name that did not resolve at start is resolved when it is first dialled: one
-//! lookup at a time per entry ([`Lookups`]), whose answer every query waiting on it shares, so
-//! a burst of queries while the resolver is down costs one lookup and one blocking thread, not
-//! one each.
+//! disagree. A name that had no acceptable address at start is resolved when it is first
+//! dialled: one lookup at a time per entry ([`Lookups`]), whose answer every query waiting on
+//! it shares, so a burst of queries while the resolver is down costs one lookup, not one each.
+//! With the lock attached an acceptable answer is not adopted (the lock holds no address for
+//! the name): the query is refused, saying so.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use ewii_common::policy::{AllowList, Decision, Host};
@@ -73,7 +74,9 @@ pub type Resolver = Arc<
 
 /// The lookups the Dialer makes for entries with no addresses yet: at most one in flight per
 /// entry, its outcome (an error too) shared by every dial that asked while it ran. The next
-/// dial after it ends starts a new one: a failure is not remembered.
+/// dial after it ends starts a new one: a failure is not remembered. (A lookup whose every
+/// query was cut goes on in its blocking thread, which cannot be stopped; the next dial starts
+/// another beside it.)
 #[derive(Clone)]
 struct Lookups {
     resolve: Resolver,
@@ -88,8 +91,10 @@ impl std::fmt::Debug for Lookups {
         let names: Vec<String> = self
             .in_flight
             .lock()
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default();
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect();
         f.debug_struct("Lookups")
             .field("in_flight", &names)
             .finish()
@@ -124,10 +129,24 @@ impl Lookups {
         port: u16,
         addresses: &Addresses,
     ) -> Result<Vec<SocketAddr>, DialError> {
-        let flight = match self.in_flight.lock() {
-            Ok(mut m) => Arc::clone(m.entry(name.to_owned()).or_default()),
-            // A poisoned map (a panic elsewhere while it was held): look up alone.
-            Err(_) => Arc::default(),
+        let flight = {
+            // Nothing is left half-done while the map is held: a poisoned one is still right.
+            let mut m = self
+                .in_flight
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // A lookup that ended since this dial looked has left its addresses (it sets them
+            // before it leaves the map).
+            let known = addresses.get(name);
+            if !known.is_empty() {
+                return Ok(known);
+            }
+            let flight = m.entry(name.to_owned()).or_default();
+            // One that failed and has not left yet: its failure is not this dial's answer.
+            if flight.get().is_some_and(Result::is_err) {
+                *flight = Arc::default();
+            }
+            Arc::clone(flight)
         };
         let outcome = flight
             .get_or_init(|| async {
@@ -147,16 +166,29 @@ impl Lookups {
                             .unwrap_or_else(|| "no address".into()),
                     });
                 }
+                if addresses.pinned {
+                    // The eBPF lock was filled at start and cannot change: a connect to this
+                    // answer would be refused by the kernel, with a less useful error.
+                    return Err(DialError::Resolve {
+                        name: name.to_owned(),
+                        why: format!(
+                            "{host} resolves to {} now, but had no acceptable address at start, and the eBPF lock holds none for it: restart the Client to adopt it",
+                            ok.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                        ),
+                    });
+                }
                 addresses.set(name, ok.clone());
                 Ok(ok)
             })
             .await
             .clone();
         // The lookup has ended: the next dial that finds no addresses starts another.
-        if let Ok(mut m) = self.in_flight.lock() {
-            if m.get(name).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-                m.remove(name);
-            }
+        let mut m = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if m.get(name).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+            m.remove(name);
         }
         outcome
     }
@@ -607,7 +639,9 @@ mod tests {
         (dialer, addr, calls, gate, listener)
     }
 
-    /// Waits (bounded) until `n` dials hold the lookup in flight for `name`.
+    /// Waits (bounded) until `n` dials hold the lookup in flight for `name` (each holds a
+    /// handle to it from before its lookup starts until it has the answer; on the test's one
+    /// thread, a dial that holds one is waiting inside it).
     async fn waiting_on(dialer: &Dialer, name: &str, n: usize) {
         let joined = || {
             let m = dialer.lookups.in_flight.lock().unwrap();
@@ -638,7 +672,11 @@ mod tests {
         assert_eq!(calls.load(SeqCst), 1, "one lookup for the whole burst");
         gate.add_permits(1);
         for q in burst {
-            let err = q.await.unwrap().unwrap_err();
+            let err = tokio::time::timeout(Duration::from_secs(10), q)
+                .await
+                .expect("every query of the burst has its answer")
+                .unwrap()
+                .unwrap_err();
             assert!(
                 matches!(&err, DialError::Resolve { name, why } if name == "db" && why.contains("resolver down")),
                 "{err:?}"
@@ -659,8 +697,84 @@ mod tests {
         assert!(dialer.lookups.in_flight.lock().unwrap().is_empty());
     }
 
-    /// A query cut while its lookup runs (the Hub reset the stream) does not strand the
-    /// queries that joined it: one of them looks up in its place.
+    /// A dial that comes as a lookup ends takes what the lookup left: the addresses it set,
+    /// never a failure that has not left the map yet.
+    #[tokio::test]
+    async fn a_dial_at_a_lookups_end_takes_its_addresses_and_never_its_stale_failure() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (dialer, addr, calls, gate, _listener) = unresolved().await;
+        let failed = DialError::Resolve {
+            name: "db".into(),
+            why: "resolver down".into(),
+        };
+        let stale = Arc::new(Flight::new_with(Some(Err(failed))));
+        dialer
+            .lookups
+            .in_flight
+            .lock()
+            .unwrap()
+            .insert("db".into(), stale);
+        gate.add_permits(2);
+        // The resolver's first answer fails, its second answers: a fresh lookup, not the
+        // stale failure, and then a third with the addresses it set.
+        let err = dialer.dial("db").await.unwrap_err();
+        assert!(
+            matches!(&err, DialError::Resolve { why, .. } if why.contains("resolver down")),
+            "{err:?}"
+        );
+        assert_eq!(
+            calls.load(SeqCst),
+            1,
+            "the stale failure was not the answer"
+        );
+        assert_eq!(dialer.dial("db").await.unwrap().1, addr);
+        assert_eq!(calls.load(SeqCst), 2);
+        // Addresses that arrive while a dial is on its way to the lookup are taken as they are.
+        let other: SocketAddr = "127.0.0.3:1".parse().unwrap();
+        dialer.addresses.set("db", vec![other]);
+        let got = tokio::time::timeout(
+            Duration::from_secs(10),
+            dialer
+                .lookups
+                .resolve("db", "localhost", addr.port(), &dialer.addresses),
+        )
+        .await
+        .expect("no lookup: the addresses are there")
+        .unwrap();
+        assert_eq!(got, vec![other]);
+        assert_eq!(calls.load(SeqCst), 2);
+    }
+
+    /// With the eBPF lock attached, a name that had no acceptable address at start is refused
+    /// saying why, and its answer now is not adopted: the lock holds no address for it.
+    #[tokio::test]
+    async fn p4_p16_with_the_lock_a_name_unresolved_at_start_is_refused_saying_why() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (dialer, addr, calls, gate, _listener) = unresolved().await;
+        let dialer = Dialer {
+            addresses: Addresses::new(BTreeMap::new(), true),
+            ..dialer
+        };
+        gate.add_permits(2);
+        // The stand-in resolver fails first: that is the error.
+        let err = dialer.dial("db").await.unwrap_err();
+        assert_eq!(err.to_string(), "cannot resolve db: resolver down");
+        // Then it answers: said, not adopted, nothing dialled.
+        let err = dialer.dial("db").await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "cannot resolve db: localhost resolves to {addr} now, but had no acceptable \
+                 address at start, and the eBPF lock holds none for it: restart the Client to \
+                 adopt it"
+            )
+        );
+        assert_eq!(calls.load(SeqCst), 2);
+        assert!(dialer.addresses.get("db").is_empty());
+    }
+
+    /// A query cut while its lookup runs (its task dropped: the connection ended) does not
+    /// strand the queries that joined it: one of them looks up in its place.
     #[tokio::test]
     async fn a_lookup_whose_query_is_cut_is_taken_over() {
         use std::sync::atomic::Ordering::SeqCst;
