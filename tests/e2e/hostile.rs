@@ -579,30 +579,48 @@ async fn p15_a_bundle_from_the_hub_must_overlap_and_its_record_names_what_it_cha
 
 /// A revocation reason from the Hub that copies the Client's own words for a revoke at its
 /// stop cannot pass for one, with a space after them either (the marker is read back
-/// trimmed): the marker the next start reads to say who revoked it keeps them as the Hub's.
+/// trimmed): the marker the next start reads to say who revoked it, and the session's record,
+/// keep them as the Hub's. Said on the control stream, and as the close's reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p9_p10_a_hubs_revoke_cannot_pass_for_the_clients_own_at_its_stop() {
-    let hub = TestHub::start(&[]).await;
-    let (mut client, (_conn, _control, mut send)) = welcomed_by_hostile_hub(&hub).await;
     let own = "revoked at its stop (on_stop = \"revoke\"), confirmed by the Hub";
-    let revoked = Control::Revoked {
-        reason: format!("{own} "),
-    };
-    send.write_all(&frame::encode_to_vec(&revoked).unwrap())
-        .await
-        .unwrap();
-    let exit = client.ended(SOON).await.unwrap();
-    assert_eq!(
-        exit,
-        ewii::client::Exit::Revoked {
-            reason: format!("by the Hub: {own} ")
+    let said = format!("{own} ");
+    for close in [false, true] {
+        let hub = TestHub::start(&[]).await;
+        let (mut client, (conn, _control, mut send)) = welcomed_by_hostile_hub(&hub).await;
+        if close {
+            conn.close(transport::codes::REVOKED, said.as_bytes());
+        } else {
+            let revoked = Control::Revoked {
+                reason: said.clone(),
+            };
+            send.write_all(&frame::encode_to_vec(&revoked).unwrap())
+                .await
+                .unwrap();
         }
-    );
-    let marker =
-        std::fs::read_to_string(client.state_dir().join(ewii::client::REVOKED_MARKER)).unwrap();
-    assert_eq!(marker.trim(), format!("by the Hub: {own}"));
-    let again = client.run_once(SOON).await.unwrap_err().to_string();
-    assert!(again.contains("was revoked by the Hub"), "{again}");
+        let exit = client.ended(SOON).await.unwrap();
+        let marked = format!("by the Hub: {said}");
+        assert_eq!(
+            exit,
+            ewii::client::Exit::Revoked {
+                reason: marked.clone()
+            },
+            "close: {close}"
+        );
+        let marker =
+            std::fs::read_to_string(client.state_dir().join(ewii::client::REVOKED_MARKER)).unwrap();
+        assert_eq!(marker.trim(), marked.trim());
+        let lost = client
+            .wait_audit("the session_lost record", |r| r.event == Event::SessionLost)
+            .await;
+        assert_eq!(
+            lost.reason.as_deref(),
+            Some(format!("revoked: {marked}").as_str()),
+            "close: {close}"
+        );
+        let again = client.run_once(SOON).await.unwrap_err().to_string();
+        assert!(again.contains("was revoked by the Hub"), "{again}");
+    }
 }
 
 /// A Client (a stolen key, a broken build) that grants the Hub almost no room on its query

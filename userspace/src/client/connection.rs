@@ -86,10 +86,20 @@ pub(crate) enum Event {
 /// How a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum End {
-    /// The Hub closed it with `REVOKED`, or said `Revoked` on the control stream.
+    /// The Hub closed it with `REVOKED`, or said `Revoked` on the control stream: its reason,
+    /// bounded, escaped and marked when it reads as the Client's own ([`End::revoked`]).
     Revoked(String),
     /// Anything else.
     Lost(Lost),
+}
+
+impl End {
+    /// A revocation with the Hub's `reason`, as this Client records it.
+    fn revoked(reason: &[u8]) -> Self {
+        Self::Revoked(super::driver::from_the_hub(ewii_common::text::from_peer(
+            reason,
+        )))
+    }
 }
 
 /// Why a connection was lost. The audit `reason` is rendered from it.
@@ -378,7 +388,7 @@ impl Connection {
                             let _ = events.send(Event::GoodbyeAcknowledged(id));
                         }
                     }
-                    Ok(Some(Control::Revoked { reason })) => break End::Revoked(ewii_common::text::from_peer(reason.as_bytes())),
+                    Ok(Some(Control::Revoked { reason })) => break End::revoked(reason.as_bytes()),
                     Ok(Some(Control::Pong { .. })) => {}
                     Ok(Some(Control::BundleUpdate { .. })) if !bundles.admit(Instant::now()) => {
                         conn.close(codes::PROTOCOL, b"");
@@ -519,7 +529,7 @@ fn ended_by(conn: &quinn::Connection, e: &dyn std::fmt::Display) -> End {
 fn closed(e: &quinn::ConnectionError) -> End {
     match e {
         quinn::ConnectionError::ApplicationClosed(close) if close.error_code == codes::REVOKED => {
-            End::Revoked(ewii_common::text::from_peer(&close.reason))
+            End::revoked(&close.reason)
         }
         quinn::ConnectionError::ApplicationClosed(close) => {
             End::Lost(Lost::ClosedByHub(close.error_code.into_inner()))

@@ -439,7 +439,7 @@ impl Driver {
             Event::Drained(id) => self.machine.handle_drained(id),
             Event::Ended(id, End::Revoked(reason)) => {
                 self.connections.remove(&id);
-                self.machine.handle_revoked(from_the_hub(reason));
+                self.machine.handle_revoked(reason);
             }
             Event::Ended(id, End::Lost(lost)) => {
                 if self.connections.remove(&id).is_some() && lost != Lost::Moved {
@@ -846,8 +846,10 @@ enum RenewalError {
 /// A revocation reason from the Hub as this Client records it. One that reads as the Client's
 /// own words, a revoke at its stop or one delivered at a restart (the next start reads the
 /// marker to say who revoked it), is marked as the Hub's: the Hub's words cannot pass for the
-/// customer's. Compared as the marker is read back, trimmed.
-fn from_the_hub(reason: String) -> String {
+/// customer's. Compared as the marker is read back, trimmed. Applied where the reason arrives
+/// (a refused handshake here, a live session's `Revoked` or close in [`super::connection`]),
+/// so that the `revoked` and `session_lost` records, the marker and `status` all carry it.
+pub(super) fn from_the_hub(reason: String) -> String {
     if [REVOKED_AT_STOP, PENDING_REVOKE_REASON].contains(&reason.trim()) {
         format!("by the Hub: {reason}")
     } else {
