@@ -2258,3 +2258,35 @@ async fn p8_a_serial_renews_once_and_not_in_the_first_quarter_of_its_life() {
     let rows = admin::clients(&hub.state_dir()).unwrap();
     assert_eq!(rows[0].serials.len(), 2, "{rows:?}");
 }
+
+/// A token's TTL and a workload SVID's lifetime out of range are refused as bad arguments
+/// (`ewii-hub` exits 2), under a second too: such a token would be expired when made.
+#[tokio::test]
+async fn a_token_ttl_or_workload_lifetime_out_of_range_is_refused() {
+    let hub = TestHub::start(&[]).await;
+    let state = hub.state_dir();
+    let out = hub.dir.path().join("workload");
+    let day = Duration::from_secs(86_400);
+    let second = Duration::from_secs(1);
+    for ttl in [
+        Duration::ZERO,
+        Duration::from_millis(500),
+        30 * day + second,
+    ] {
+        let err = admin::create_token(&state, "beta", ttl, None, false).unwrap_err();
+        assert!(
+            matches!(&err, ewii::hub::HubError::Invalid(m) if m == "token TTL must be between 1 s and 30 days"),
+            "{ttl:?}: {err:?}"
+        );
+    }
+    for lifetime in [Duration::ZERO, Duration::from_millis(500), 7 * day + second] {
+        let err = admin::issue_workload_svid(&state, "billing", lifetime, &out).unwrap_err();
+        assert!(
+            matches!(&err, ewii::hub::HubError::Invalid(m) if m.contains("between 1 s and 7 days")),
+            "{lifetime:?}: {err:?}"
+        );
+    }
+    assert!(!out.exists(), "nothing written for a refused lifetime");
+    admin::create_token(&state, "beta", second, None, false).unwrap();
+    admin::issue_workload_svid(&state, "billing", second, &out).unwrap();
+}

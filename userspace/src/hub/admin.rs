@@ -126,9 +126,11 @@ pub fn create_token(
             "client name {client:?}: use 1-63 characters of a-z, 0-9, '-', '_', '.'"
         ))
     })?;
-    if ttl.is_zero() || ttl > Duration::from_secs(30 * 86_400) {
+    // Under a second would make a token that has expired when it is made (expiry is kept in
+    // whole seconds).
+    if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(30 * 86_400) {
         return Err(HubError::Invalid(
-            "token TTL must be between 1s and 30 days".into(),
+            "token TTL must be between 1 s and 30 days".into(),
         ));
     }
     if let Some(url) = webhook {
@@ -259,7 +261,7 @@ pub fn issue_workload_svid(
         .map_err(|_| HubError::Invalid(format!("workload name {name:?} is not valid")))?;
     // Workload serials are not tracked, so a workload SVID cannot be revoked before it
     // expires: keep that window short.
-    if lifetime.is_zero() || lifetime > MAX_WORKLOAD_LIFETIME {
+    if lifetime < Duration::from_secs(1) || lifetime > MAX_WORKLOAD_LIFETIME {
         return Err(HubError::Invalid(
             "workload SVID lifetime must be between 1 s and 7 days".into(),
         ));

@@ -263,7 +263,15 @@ impl Hub {
                     .collect(),
                 now,
             )
-            .await?;
+            .await
+            .map_err(|e| match e {
+                // The configuration names a client another identity holds: a bad entry, as
+                // every other refused `[[federation]]` entry is (exit 2).
+                StoreError::State(taken @ StateError::NameTaken { .. }) => {
+                    HubError::Invalid(format!("[[federation]]: {taken}"))
+                }
+                other => other.into(),
+            })?;
         let view = store.view().clone();
         let (trust, quic) = Trust::new(
             material,
