@@ -2030,6 +2030,51 @@ async fn a_client_of_another_protocol_version_is_told_so_before_the_close() {
     }
 }
 
+/// A `Hello` whose allow-list holds something no Client's configuration takes as an entry
+/// name (here, words that would read as the Hub's own in its `session_up` record) is a
+/// protocol error: the session is refused, recorded with the name quoted and escaped, and
+/// nothing of it reaches a `session_up` record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_with_a_name_no_allow_list_takes_is_refused() {
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let acme = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&acme.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let raw = raw_handshake(&hub, &svid).await.expect("the handshake");
+    let (mut send, _recv) = raw.conn.open_bi().await.unwrap();
+    let spoof = "db\"]; service billing names entry db, not in it: its queries are refused\u{202e}";
+    let hello = Control::Hello {
+        version: ewii_common::frame::PROTOCOL_VERSION,
+        allow_list: vec!["db".into(), spoof.into()],
+        allow_list_digest: vec![0; 32],
+        build: "hostile".into(),
+    };
+    transport::write_frame(&mut send, &hello).await.unwrap();
+    assert_eq!(
+        closed_by_hub(&raw.conn).await,
+        Some(transport::codes::PROTOCOL.into_inner()),
+        "closed as a protocol error"
+    );
+    let r = hub
+        .wait_audit("the refused opening", |r| {
+            r.event == Event::SessionLost && r.outcome == Some(Outcome::Refused)
+        })
+        .await;
+    assert_eq!(
+        r.reason.as_deref(),
+        Some(
+            "protocol: Hello names \"db\\\"]; service billing names entry db, not in it: its \
+             queries are refused\\u{202e}\", which is not an allow-list entry name"
+        )
+    );
+    assert!(
+        !hub.audit
+            .records()
+            .iter()
+            .any(|r| r.event == Event::SessionUp),
+        "no session came up"
+    );
+}
+
 /// Sends one `Renew` with `key` on a fresh raw session of `svid`; returns the answer.
 async fn renew_once(hub: &TestHub, svid: &Svid, key: &rcgen::KeyPair) -> Control {
     let mut raw = raw_session(hub, svid).await.expect("a session");

@@ -670,7 +670,21 @@ async fn hello(
             version: frame::PROTOCOL_VERSION,
             allow_list,
             ..
-        })) => Ok((send, recv, reader, allow_list)),
+        })) => {
+            // The names go into the Hub's records and logs: a Client's own are entry names
+            // (its configuration refuses any other), so anything else is not a Client's.
+            if let Some(bad) = allow_list
+                .iter()
+                .find(|n| n.parse::<ewii_common::policy::EntryName>().is_err())
+            {
+                // Escaped, and its quotes too: it cannot end the quote it is shown in.
+                return Err(format!(
+                    "Hello names \"{}\", which is not an allow-list entry name",
+                    ewii_common::text::from_peer(bad.as_bytes()).replace('"', "\\\"")
+                ));
+            }
+            Ok((send, recv, reader, allow_list))
+        }
         Ok(Some(Control::Hello { version, .. })) => {
             let _ = transport::write_frame(
                 &mut send,
