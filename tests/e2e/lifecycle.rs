@@ -749,6 +749,56 @@ async fn p11_a_query_cut_by_its_sessions_end_keeps_its_byte_counts() {
     drop(held);
 }
 
+/// A Hub that stops while queries are open ends each with its record: one that moved bytes
+/// keeps their counts, one still waiting for a query slot says it never opened. (Its tasks
+/// were aborted with no record at all before.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p11_a_hub_that_stops_records_every_query_open_then() {
+    let echo = echo_server().await;
+    let mut hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    // One query at a time: the second requester waits for the first's slot.
+    client.config.max_queries = 1;
+    client.start();
+    hub.wait_connected("acme").await;
+    let mut open = TcpStream::connect(hub.service("pg")).await.unwrap();
+    open.write_all(b"hello").await.unwrap();
+    let mut back = [0u8; 5];
+    open.read_exact(&mut back).await.unwrap();
+    let _waiting = TcpStream::connect(hub.service("pg")).await.unwrap();
+    // The second is accepted and waits for the first's slot.
+    let handle = hub.handle().clone();
+    poll_until("both queries in the Hub", SOON, || {
+        handle.queries_open() == 2
+    })
+    .await;
+    hub.stop().await;
+    assert_eq!(handle.queries_open(), 0, "every query ended");
+    let queries: Vec<_> = hub
+        .audit
+        .records()
+        .into_iter()
+        .filter(|r| r.event == Event::Query)
+        .collect();
+    assert_eq!(queries.len(), 2, "{queries:#?}");
+    let cut = queries
+        .iter()
+        .find(|r| r.reason.as_deref() == Some("the Hub stopped"))
+        .expect("the open query's record");
+    assert_eq!(cut.outcome, Some(Outcome::Failed));
+    assert_eq!(
+        (cut.bytes_up, cut.bytes_down),
+        (Some(5), Some(5)),
+        "{cut:?}"
+    );
+    let waiting = queries
+        .iter()
+        .find(|r| r.reason.as_deref() == Some("the Hub stopped before the query was open"))
+        .expect("the waiting query's record");
+    assert_eq!(waiting.outcome, Some(Outcome::Failed));
+    client.stop().await;
+}
+
 fn token_hash(hub: &TestHub) -> String {
     hub.token("unused", Duration::from_secs(1)).bundle_hash
 }

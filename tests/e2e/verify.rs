@@ -217,6 +217,8 @@ async fn p2_p3_p4_p13_p14_verify_reports_what_holds_for_a_running_client_and_wha
     let scrape = String::from_utf8_lossy(&scrape.stdout).into_owned();
     for line in [
         "ewii_hub_clients_connected 1\n",
+        // The query ended (and was recorded) before the scrape.
+        "ewii_hub_queries_open 0\n",
         "ewii_hub_queries_total{outcome=\"ok\"} 1\n",
         "ewii_hub_query_bytes_total{direction=\"down\"} 4\n",
         "ewii_hub_enrolments_total{outcome=\"ok\"} 1\n",

@@ -192,6 +192,12 @@ fn exposition(audit: &Audit, hub: &HubHandle) -> String {
         "Live Client connections (two for a moment while a Client moves to a new one).",
         hub.connections(),
     );
+    out.one(
+        "ewii_hub_queries_open",
+        "gauge",
+        "Requesters' queries in progress on the service listeners (accepted, not yet recorded).",
+        hub.queries_open(),
+    );
     labelled(
         &mut out,
         "ewii_hub_shard_connections",

@@ -160,6 +160,11 @@ impl HubHandle {
         self.registry.connections()
     }
 
+    /// Requesters' queries in progress on every service listener, from accept to record.
+    pub fn queries_open(&self) -> usize {
+        self.registry.queries_open()
+    }
+
     /// Live connections on each shard (`threads`), in shard order.
     pub fn connections_per_shard(&self) -> Vec<usize> {
         self.registry.per_shard(self.shards)
@@ -407,14 +412,19 @@ impl Hub {
         // Listeners never end by themselves; connections do once the endpoint closes.
         let mut listeners = JoinSet::new();
         let mut connections = JoinSet::new();
+        // The service listeners and their queries: at a stop, told first and waited for, so
+        // that every query open then ends with its record and byte counts.
+        let mut services_set = JoinSet::new();
+        let (stop_queries, queries_stop) = tokio::sync::watch::channel(false);
         let query = query::Parts {
             registry: sessions.registry.clone(),
             trust: sessions.trust.clone(),
             audit: audit.clone(),
             shards: shards.handles().into(),
+            stopping: queries_stop,
         };
         for (svc, listener, _) in services {
-            listeners.spawn(query::serve(query.clone(), svc, listener));
+            services_set.spawn(query::serve(query.clone(), svc, listener));
         }
         if sessions.trust.has_federation_files() {
             listeners.spawn(watch::federation(
@@ -495,6 +505,15 @@ impl Hub {
         }
         // The outbox finishes the attempt in flight meanwhile (bounded below).
         let _ = stop_outbox.send(true);
+        // The requesters' queries end first, each with its record: the listeners stop
+        // accepting, and each open query is cut (its bytes so far counted). One still opening
+        // after the bound is dropped, and records that the Hub stopped before it was open.
+        let _ = stop_queries.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while services_set.join_next().await.is_some() {}
+        })
+        .await;
+        services_set.shutdown().await;
         listeners.shutdown().await;
         for endpoint in &endpoints {
             endpoint.close(codes::SHUTDOWN, b"");

@@ -58,6 +58,15 @@ pub(crate) struct Parts {
     pub(crate) audit: Audit,
     /// The shards' runtimes, in shard order.
     pub(crate) shards: Arc<[Handle]>,
+    /// True once the Hub stops: listeners stop accepting, open queries are cut.
+    pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Resolves once the Hub stops (never, if the Hub is gone without saying so).
+async fn hub_stopping(mut stopping: tokio::sync::watch::Receiver<bool>) {
+    if stopping.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Serves one service listener until the task is aborted. Its accepts run on the shard of the
@@ -92,7 +101,9 @@ pub(crate) async fn serve(parts: Parts, svc: ServiceConfig, listener: TcpListene
             Ok(Moved {
                 queries: q,
                 shard: s,
-            }) => (queries, shard) = (q, s),
+            }) if !*parts.stopping.borrow() => (queries, shard) = (q, s),
+            // The Hub stops: the accept loop waited for its queries.
+            Ok(_) => return,
             Err(e) => {
                 tracing::error!(service = %svc.name, error = %e, "the service listener failed; it accepts no more");
                 return;
@@ -153,7 +164,7 @@ async fn accept(
                         Outcome::Refused,
                         Some(format!("{MAX_QUERIES_PER_LISTENER} queries already in progress on this service")),
                     );
-                    parts.audit.emit_from(Source::address(peer.ip()), r);
+                    log.emit_from(Source::address(peer.ip()), r);
                 }
                 Ok((tcp, peer)) => {
                     // The acceptor is fetched per connection: a CA rotation replaces it.
@@ -193,6 +204,13 @@ async fn accept(
                 }
             },
             Some(_) = queries.join_next() => {}
+            () = hub_stopping(parts.stopping.clone()) => {
+                // No more requesters; the open queries are cut by the same signal and end
+                // with their records (the Hub bounds the wait).
+                drop(listener);
+                while queries.join_next().await.is_some() {}
+                return Moved { queries, shard: here };
+            }
         }
     }
 }
@@ -307,7 +325,15 @@ async fn forward<S: TcpLike>(
     log.session = Some((session.id, session.spiffe_id.to_string()));
     // A stream needs the Client's credit: with all of its `max_queries` in use, a requester
     // waits for one to end — bounded, so that waiting requesters cannot pile up.
-    let (mut send, recv) = match tokio::time::timeout(OPEN_TIMEOUT, session.conn.open_bi()).await {
+    let opening = tokio::select! {
+        opening = tokio::time::timeout(OPEN_TIMEOUT, session.conn.open_bi()) => opening,
+        () = hub_stopping(log.parts.stopping.clone()) => {
+            log.emit(Outcome::Failed, "the Hub stopped before the query was open");
+            io.abort();
+            return;
+        }
+    };
+    let (mut send, recv) = match opening {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let e = transport::pipe::peer_said(&e);
@@ -354,6 +380,14 @@ async fn forward<S: TcpLike>(
             return;
         }
     }
+    // The Hub's stop ends the query too, with what it moved so far on record.
+    let stopping = log.parts.stopping.clone();
+    let cut = async move {
+        tokio::select! {
+            e = cut => e,
+            () = hub_stopping(stopping) => PipeError::Stopped("the Hub stopped".into()),
+        }
+    };
     // The requester's bytes follow `Open` at once; nothing goes back before `Opened`.
     let report = pipe_until(io, send, recv, Start::AwaitAnswer(OPEN_TIMEOUT), cut).await;
     let (outcome, record_bytes) = match &report.error {
@@ -372,7 +406,7 @@ async fn forward<S: TcpLike>(
         r.bytes_up = Some(report.tcp_to_stream);
         r.bytes_down = Some(report.stream_to_tcp);
     }
-    log.parts.audit.emit(r);
+    log.emit_record(r);
 }
 
 /// What the Hub knows about one query so far; every exit path writes its record from here.
@@ -386,6 +420,9 @@ struct QueryLog<'a> {
     query_id: Option<QueryId>,
     /// Session id and the Client's SPIFFE ID, once a session was found.
     session: Option<(u64, String)>,
+    /// Whether its record was written: one that was not when it is dropped (the Hub stopped
+    /// while the query opened, or its task failed) writes one then.
+    written: std::sync::atomic::AtomicBool,
 }
 
 impl<'a> QueryLog<'a> {
@@ -399,7 +436,14 @@ impl<'a> QueryLog<'a> {
             source: None,
             query_id: None,
             session: None,
+            written: std::sync::atomic::AtomicBool::new(false),
         }
+        .counted()
+    }
+
+    fn counted(self) -> Self {
+        self.parts.registry.count_query(true);
+        self
     }
 
     fn record(&self, outcome: Outcome, reason: Option<String>) -> AuditRecord {
@@ -426,8 +470,35 @@ impl<'a> QueryLog<'a> {
     }
 
     fn emit(&self, outcome: Outcome, reason: impl Into<String>) {
-        self.parts
-            .audit
-            .emit(self.record(outcome, Some(reason.into())));
+        self.emit_record(self.record(outcome, Some(reason.into())));
+    }
+
+    /// Writes `r`, this query's record.
+    fn emit_record(&self, r: AuditRecord) {
+        self.written
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.parts.audit.emit(r);
+    }
+
+    /// Writes `r`, this query's record, held to the audit's per-source burst.
+    fn emit_from(&self, source: Source, r: AuditRecord) {
+        self.written
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.parts.audit.emit_from(source, r);
+    }
+}
+
+impl Drop for QueryLog<'_> {
+    fn drop(&mut self) {
+        self.parts.registry.count_query(false);
+        if self.written.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let why = if *self.parts.stopping.borrow() {
+            "the Hub stopped before the query was open"
+        } else {
+            "the query's task ended before it was recorded (a fault in the Hub)"
+        };
+        self.emit(Outcome::Failed, why);
     }
 }

@@ -53,6 +53,8 @@ pub(crate) struct Route {
 pub(crate) struct Registry {
     clients: Mutex<HashMap<String, Connections>>,
     audit: Audit,
+    /// Requesters' queries in progress, from accept to record, on every service.
+    queries_open: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -89,7 +91,23 @@ impl Registry {
         Self {
             clients: Mutex::new(HashMap::new()),
             audit,
+            queries_open: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    /// A requester's query began (`true`) or ended (`false`).
+    pub(crate) fn count_query(&self, began: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if began {
+            self.queries_open.fetch_add(1, Relaxed);
+        } else {
+            self.queries_open.fetch_sub(1, Relaxed);
+        }
+    }
+
+    /// Requesters' queries in progress.
+    pub(crate) fn queries_open(&self) -> usize {
+        self.queries_open.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Adds a session; the newest one is current. A Client holds one session, two while it

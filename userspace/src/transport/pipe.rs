@@ -77,6 +77,9 @@ pub enum PipeError {
     /// Cut by its owner while it ran ([`pipe_until`]), for the reason given.
     #[error("{0}")]
     Cut(String),
+    /// Ended by its owner as it stops ([`pipe_until`]'s cut): not a decision about the query.
+    #[error("{0}")]
+    Stopped(String),
 }
 
 /// What comes off the stream before the peer's raw bytes.
