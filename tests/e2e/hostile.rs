@@ -393,7 +393,7 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
         .collect();
     assert_eq!(
         refused.len(),
-        names.len() + 7 + 10_000,
+        names.len() + 6 + 10_000,
         "one record per refusal"
     );
     assert!(
@@ -404,7 +404,17 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
                 .as_deref()
                 .is_some_and(|x| x.starts_with("protocol: ")))
             .count()
-            == 7
+            == 6
+    );
+    // The empty stream carried nothing to refuse: it failed.
+    let failed: Vec<_> = records
+        .iter()
+        .filter(|r| r.event == Event::Query && r.outcome == Some(Outcome::Failed))
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(
+        failed[0].reason.as_deref(),
+        Some("protocol: the stream ended before an Open header")
     );
     assert!(
         refused.iter().any(|r| r.reason.as_deref().is_some_and(|x| x

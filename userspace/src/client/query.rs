@@ -79,16 +79,26 @@ pub(crate) async fn serve(
             if !ctx.audit.admit_query() {
                 return;
             }
-            let why = match other {
-                Err(_) => "no Open header in time".to_string(),
-                Ok(Err(e)) => format!("bad Open header: {}", transport::pipe::peer_said(&e)),
-                Ok(Ok(None)) => "the stream ended before an Open header".to_string(),
-                Ok(Ok(Some(_))) => "a stream that does not start with Open".to_string(),
+            // What the Hub sent is refused; what it never sent (in time) failed.
+            let (outcome, why) = match other {
+                Err(_) => (Outcome::Failed, "no Open header in time".to_string()),
+                Ok(Err(e)) => (
+                    Outcome::Refused,
+                    format!("bad Open header: {}", transport::pipe::peer_said(&e)),
+                ),
+                Ok(Ok(None)) => (
+                    Outcome::Failed,
+                    "the stream ended before an Open header".to_string(),
+                ),
+                Ok(Ok(Some(_))) => (
+                    Outcome::Refused,
+                    "a stream that does not start with Open".to_string(),
+                ),
             };
             let mut r = ctx.audit.record(Event::Query);
             r.session_id = Some(session_id);
             r.client = Some(ctx.client_id.clone());
-            r.outcome = Some(Outcome::Refused);
+            r.outcome = Some(outcome);
             r.reason = Some(format!("protocol: {why}"));
             r.started = Some(started_at);
             r.peer = Some(hub.to_string());
