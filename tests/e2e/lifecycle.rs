@@ -2113,7 +2113,7 @@ async fn a_hello_with_a_name_no_allow_list_takes_is_refused() {
         r.reason.as_deref(),
         Some(
             "protocol: Hello names \"db\\\"]; service billing names entry db, not in it: its \
-             queries are refused\\u{202e}\", which is not an allow-list entry name"
+             queries are refused\\\\u{202e}\", which is not an allow-list entry name"
         )
     );
     assert!(

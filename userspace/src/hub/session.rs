@@ -677,10 +677,11 @@ async fn hello(
                 .iter()
                 .find(|n| n.parse::<ewii_common::policy::EntryName>().is_err())
             {
-                // Escaped, and its quotes too: it cannot end the quote it is shown in.
+                // Escaped, then quoted as a Rust string (its `"` and `\` escaped too): it
+                // cannot end the quote it is shown in.
                 return Err(format!(
-                    "Hello names \"{}\", which is not an allow-list entry name",
-                    ewii_common::text::from_peer(bad.as_bytes()).replace('"', "\\\"")
+                    "Hello names {:?}, which is not an allow-list entry name",
+                    ewii_common::text::from_peer(bad.as_bytes())
                 ));
             }
             Ok((send, recv, reader, allow_list))
