@@ -509,6 +509,7 @@ impl Hub {
         // accepting, and each open query is cut (its bytes so far counted). One still opening
         // after the bound is dropped, and records that the Hub stopped before it was open.
         let _ = stop_queries.send(true);
+        query.registry.stop_queries();
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             while services_set.join_next().await.is_some() {}
         })

@@ -102,8 +102,12 @@ pub(crate) async fn serve(parts: Parts, svc: ServiceConfig, listener: TcpListene
                 queries: q,
                 shard: s,
             }) if !*parts.stopping.borrow() => (queries, shard) = (q, s),
-            // The Hub stops: the accept loop waited for its queries.
-            Ok(_) => return,
+            // The Hub stops: its queries end with their records (they were told; the Hub
+            // bounds the wait).
+            Ok(Moved { mut queries, .. }) => {
+                while queries.join_next().await.is_some() {}
+                return;
+            }
             Err(e) => {
                 tracing::error!(service = %svc.name, error = %e, "the service listener failed; it accepts no more");
                 return;
@@ -147,6 +151,8 @@ async fn accept(
             };
         }
     };
+    let stop = hub_stopping(parts.stopping.clone());
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -204,8 +210,8 @@ async fn accept(
                 }
             },
             Some(_) = queries.join_next() => {}
-            () = hub_stopping(parts.stopping.clone()) => {
-                // No more requesters; the open queries are cut by the same signal and end
+            () = &mut stop => {
+                // No more requesters; the open queries are cut by their own signals and end
                 // with their records (the Hub bounds the wait).
                 drop(listener);
                 while queries.join_next().await.is_some() {}
@@ -325,13 +331,19 @@ async fn forward<S: TcpLike>(
     log.session = Some((session.id, session.spiffe_id.to_string()));
     // A stream needs the Client's credit: with all of its `max_queries` in use, a requester
     // waits for one to end — bounded, so that waiting requesters cannot pile up.
+    let Some(mut stop) = log.stop.take() else {
+        return log.emit(Outcome::Failed, "no stop signal (a fault in the Hub)");
+    };
+    // The stop first: once the Hub stops, no query opens.
     let opening = tokio::select! {
-        opening = tokio::time::timeout(OPEN_TIMEOUT, session.conn.open_bi()) => opening,
-        () = hub_stopping(log.parts.stopping.clone()) => {
-            log.emit(Outcome::Failed, "the Hub stopped before the query was open");
-            io.abort();
-            return;
-        }
+        biased;
+        _ = &mut stop => None,
+        opening = tokio::time::timeout(OPEN_TIMEOUT, session.conn.open_bi()) => Some(opening),
+    };
+    let Some(opening) = opening else {
+        log.emit(Outcome::Failed, NOT_OPEN);
+        io.abort();
+        return;
     };
     let (mut send, recv) = match opening {
         Ok(Ok(s)) => s,
@@ -359,8 +371,21 @@ async fn forward<S: TcpLike>(
     };
     // Bounded like the stream's opening and its answer: a Client that grants no credit
     // cannot hold the requester (and its socket) here until its connection ends.
-    match tokio::time::timeout(OPEN_TIMEOUT, transport::write_frame(&mut send, &open)).await {
-        Ok(Ok(())) => {}
+    let written = tokio::select! {
+        biased;
+        _ = &mut stop => None,
+        written = tokio::time::timeout(OPEN_TIMEOUT, transport::write_frame(&mut send, &open)) => {
+            Some(written)
+        }
+    };
+    let Some(written) = written else {
+        let _ = send.reset(transport::codes::ABORTED);
+        log.emit(Outcome::Failed, NOT_OPEN);
+        io.abort();
+        return;
+    };
+    match written {
+        Ok(Ok(())) => log.open.store(true, std::sync::atomic::Ordering::Relaxed),
         Ok(Err(e)) => {
             let e = transport::pipe::peer_said(&e);
             log.emit(Outcome::Failed, format!("send Open: {e}"));
@@ -381,11 +406,10 @@ async fn forward<S: TcpLike>(
         }
     }
     // The Hub's stop ends the query too, with what it moved so far on record.
-    let stopping = log.parts.stopping.clone();
     let cut = async move {
         tokio::select! {
             e = cut => e,
-            () = hub_stopping(stopping) => PipeError::Stopped("the Hub stopped".into()),
+            _ = stop => PipeError::Stopped("the Hub stopped".into()),
         }
     };
     // The requester's bytes follow `Open` at once; nothing goes back before `Opened`.
@@ -423,10 +447,20 @@ struct QueryLog<'a> {
     /// Whether its record was written: one that was not when it is dropped (the Hub stopped
     /// while the query opened, or its task failed) writes one then.
     written: std::sync::atomic::AtomicBool,
+    /// Whether the Client was sent its `Open` (for the record a drop writes).
+    open: std::sync::atomic::AtomicBool,
+    /// Its key among the queries in progress ([`Registry::query_began`]).
+    key: u64,
+    /// Resolves when the Hub stops (taken by the query's forwarding).
+    stop: Option<tokio::sync::oneshot::Receiver<()>>,
 }
+
+/// The record of a query the Hub's stop ended before its `Open` was sent.
+const NOT_OPEN: &str = "the Hub stopped before the query was open";
 
 impl<'a> QueryLog<'a> {
     fn new(parts: &'a Parts, svc: &'a ServiceConfig, peer: SocketAddr) -> Self {
+        let (key, stop) = parts.registry.query_began();
         Self {
             parts,
             svc,
@@ -437,13 +471,10 @@ impl<'a> QueryLog<'a> {
             query_id: None,
             session: None,
             written: std::sync::atomic::AtomicBool::new(false),
+            open: std::sync::atomic::AtomicBool::new(false),
+            key,
+            stop: Some(stop),
         }
-        .counted()
-    }
-
-    fn counted(self) -> Self {
-        self.parts.registry.count_query(true);
-        self
     }
 
     fn record(&self, outcome: Outcome, reason: Option<String>) -> AuditRecord {
@@ -490,14 +521,16 @@ impl<'a> QueryLog<'a> {
 
 impl Drop for QueryLog<'_> {
     fn drop(&mut self) {
-        self.parts.registry.count_query(false);
+        self.parts.registry.query_ended(self.key);
         if self.written.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        let why = if *self.parts.stopping.borrow() {
-            "the Hub stopped before the query was open"
-        } else {
+        let why = if !*self.parts.stopping.borrow() {
             "the query's task ended before it was recorded (a fault in the Hub)"
+        } else if self.open.load(std::sync::atomic::Ordering::Relaxed) {
+            "the Hub stopped while the query was open; its byte counts were not taken"
+        } else {
+            NOT_OPEN
         };
         self.emit(Outcome::Failed, why);
     }

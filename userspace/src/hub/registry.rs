@@ -4,7 +4,7 @@
 //! one opened with a stolen key) and tells the holders of retired serials to drain.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ewii_common::audit::{Event, Outcome};
 use ewii_common::frame::Control;
@@ -55,6 +55,17 @@ pub(crate) struct Registry {
     audit: Audit,
     /// Requesters' queries in progress, from accept to record, on every service.
     queries_open: std::sync::atomic::AtomicUsize,
+    /// Each of them's stop signal, fired when the Hub stops.
+    stops: Mutex<Stops>,
+}
+
+/// The stop signals of the requesters' queries in progress.
+#[derive(Debug, Default)]
+struct Stops {
+    next: u64,
+    senders: HashMap<u64, tokio::sync::oneshot::Sender<()>>,
+    /// The Hub stops: a query that begins now is told at once.
+    stopping: bool,
 }
 
 #[derive(Debug, Default)]
@@ -92,17 +103,44 @@ impl Registry {
             clients: Mutex::new(HashMap::new()),
             audit,
             queries_open: std::sync::atomic::AtomicUsize::new(0),
+            stops: Mutex::default(),
         }
     }
 
-    /// A requester's query began (`true`) or ended (`false`).
-    pub(crate) fn count_query(&self, began: bool) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if began {
-            self.queries_open.fetch_add(1, Relaxed);
-        } else {
-            self.queries_open.fetch_sub(1, Relaxed);
+    /// A requester's query began: its key, and the signal that resolves when the Hub stops
+    /// (a per-query channel: polling it is an atomic load, where a shared one would take a
+    /// lock at every wake-up of every query).
+    pub(crate) fn query_began(&self) -> (u64, tokio::sync::oneshot::Receiver<()>) {
+        self.queries_open
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut stops = self.stops.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = stops.next;
+        stops.next += 1;
+        // Stopping: the sender is dropped here, and the signal resolves at once.
+        if !stops.stopping {
+            stops.senders.insert(key, tx);
         }
+        (key, rx)
+    }
+
+    /// The query of `key` ended.
+    pub(crate) fn query_ended(&self, key: u64) {
+        self.stops
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .senders
+            .remove(&key);
+        self.queries_open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The Hub stops: every query in progress, and every one that begins from now, is told.
+    pub(crate) fn stop_queries(&self) {
+        let mut stops = self.stops.lock().unwrap_or_else(PoisonError::into_inner);
+        stops.stopping = true;
+        // Dropping a sender resolves its signal.
+        stops.senders.clear();
     }
 
     /// Requesters' queries in progress.

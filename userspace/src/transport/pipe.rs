@@ -138,6 +138,8 @@ pub async fn pipe_until<S: TcpLike>(
     // Shared by the two directions, polled by this one task.
     let answered = AtomicBool::new(matches!(start, Start::Leftover(_)));
     let stopped_early = AtomicBool::new(false);
+    // Also watched while the last bytes are delivered (below).
+    tokio::pin!(cut);
     let error = {
         let up = tcp_to_stream(&mut r, &mut send, &mut up_count);
         let down = async {
@@ -156,7 +158,7 @@ pub async fn pipe_until<S: TcpLike>(
             };
             stream_to_tcp(&mut recv, &mut w, leftover, &mut down_count).await
         };
-        tokio::pin!(up, down, cut);
+        tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         // A Client that refuses stops the stream as it answers: the stop may overtake the
         // `Refused` frame, so an upload that fails on the stream before the answer waits for
@@ -195,9 +197,12 @@ pub async fn pipe_until<S: TcpLike>(
         r.unsplit(w).abort();
     } else {
         // The last bytes and the FIN are delivered only once the peer has read them: the query
-        // ends then (bounded), so that closing the connection right after (a stop) cannot
-        // discard them.
-        let _ = tokio::time::timeout(FINISH_WAIT, send.stopped()).await;
+        // ends then (bounded, and cut short by its owner), so that closing the connection
+        // right after (a stop) cannot discard them.
+        tokio::select! {
+            _ = tokio::time::timeout(FINISH_WAIT, send.stopped()) => {}
+            _ = &mut cut => {}
+        }
     }
     PipeReport {
         tcp_to_stream: up_count,
