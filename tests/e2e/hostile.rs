@@ -354,6 +354,9 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
             "{what}: {answer:?}"
         );
     }
+    // A stream the Hub resets before any header: nothing was sent to refuse.
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.reset(7u32.into()).unwrap();
     assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing was dialled");
 
     // 10,000 streams at once, each refused, do not wear it down.
@@ -406,15 +409,19 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
             .count()
             == 6
     );
-    // The empty stream carried nothing to refuse: it failed.
-    let failed: Vec<_> = records
+    // The empty stream and the reset one carried nothing to refuse: they failed.
+    let mut failed: Vec<_> = records
         .iter()
         .filter(|r| r.event == Event::Query && r.outcome == Some(Outcome::Failed))
+        .filter_map(|r| r.reason.as_deref())
         .collect();
-    assert_eq!(failed.len(), 1, "{failed:?}");
+    failed.sort_unstable();
     assert_eq!(
-        failed[0].reason.as_deref(),
-        Some("protocol: the stream ended before an Open header")
+        failed,
+        [
+            "protocol: no Open header: read: stream reset by peer: error 7",
+            "protocol: the stream ended before an Open header"
+        ]
     );
     assert!(
         refused.iter().any(|r| r.reason.as_deref().is_some_and(|x| x

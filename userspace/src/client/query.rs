@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::dialer::{DialError, Dialer};
 use crate::audit::Audit;
 use crate::transport::pipe::{pipe_until, PipeError, Start};
-use crate::transport::{self, codes, FrameReader};
+use crate::transport::{self, codes, FrameReader, StreamError};
 
 /// How long the Hub has to send the `Open` header once it opened a stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,9 +79,14 @@ pub(crate) async fn serve(
             if !ctx.audit.admit_query() {
                 return;
             }
-            // What the Hub sent is refused; what it never sent (in time) failed.
+            // What the Hub sent is refused; what it never sent (in time, or before its
+            // stream or connection broke) failed.
             let (outcome, why) = match other {
                 Err(_) => (Outcome::Failed, "no Open header in time".to_string()),
+                Ok(Err(e @ (StreamError::Read(_) | StreamError::Write(_)))) => (
+                    Outcome::Failed,
+                    format!("no Open header: {}", transport::pipe::peer_said(&e)),
+                ),
                 Ok(Err(e)) => (
                     Outcome::Refused,
                     format!("bad Open header: {}", transport::pipe::peer_said(&e)),
