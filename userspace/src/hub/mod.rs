@@ -506,8 +506,8 @@ impl Hub {
         // The outbox finishes the attempt in flight meanwhile (bounded below).
         let _ = stop_outbox.send(true);
         // The requesters' queries end first, each with its record: the listeners stop
-        // accepting, and each open query is cut (its bytes so far counted). One still opening
-        // after the bound is dropped, and records that the Hub stopped before it was open.
+        // accepting, each open query is cut (its bytes so far counted), and one still opening
+        // stops there. One that does not end within the bound is dropped, and records that.
         let _ = stop_queries.send(true);
         query.registry.stop_queries();
         let _ = tokio::time::timeout(Duration::from_secs(2), async {

@@ -247,7 +247,16 @@ async fn query(
         Some(acceptor) => {
             // Before the handshake: a CA that leaves the bundle while it runs is seen too.
             let left = parts.trust.anchors_left();
-            let stream = match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp)).await {
+            // The Hub's stop ends a handshake at once (a slow caller cannot hold the stop).
+            let accepted = tokio::select! {
+                biased;
+                () = stopped(&mut log.stop) => None,
+                accepted = tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp)) => Some(accepted),
+            };
+            let Some(accepted) = accepted else {
+                return log.emit(Outcome::Failed, NOT_OPEN);
+            };
+            let stream = match accepted {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => return log.emit(Outcome::Refused, format!("requester TLS: {e}")),
                 Err(_) => return log.emit(Outcome::Refused, "requester TLS handshake timed out"),
@@ -519,9 +528,28 @@ impl<'a> QueryLog<'a> {
     }
 }
 
+/// Resolves when the Hub stops (`stop` is then spent: taken, so never polled again).
+async fn stopped(stop: &mut Option<tokio::sync::oneshot::Receiver<()>>) {
+    match stop {
+        Some(rx) => {
+            let _ = rx.await;
+            *stop = None;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 impl Drop for QueryLog<'_> {
     fn drop(&mut self) {
+        // The record first: the gauge counts a query until it is recorded.
+        self.record_if_unwritten();
         self.parts.registry.query_ended(self.key);
+    }
+}
+
+impl QueryLog<'_> {
+    /// The record of a query dropped before it wrote one.
+    fn record_if_unwritten(&self) {
         if self.written.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }

@@ -137,10 +137,13 @@ impl Registry {
 
     /// The Hub stops: every query in progress, and every one that begins from now, is told.
     pub(crate) fn stop_queries(&self) {
-        let mut stops = self.stops.lock().unwrap_or_else(PoisonError::into_inner);
-        stops.stopping = true;
-        // Dropping a sender resolves its signal.
-        stops.senders.clear();
+        let senders = {
+            let mut stops = self.stops.lock().unwrap_or_else(PoisonError::into_inner);
+            stops.stopping = true;
+            std::mem::take(&mut stops.senders)
+        };
+        // Dropping a sender resolves its signal (and wakes its query: outside the lock).
+        drop(senders);
     }
 
     /// Requesters' queries in progress.

@@ -123,8 +123,9 @@ pub async fn pipe<S: TcpLike>(
     pipe_until(io, send, recv, start, std::future::pending()).await
 }
 
-/// [`pipe`], cut when `cut` resolves first: both sides are aborted as on an error (a stream
-/// reset, a TCP RST), and the report keeps the bytes moved so far.
+/// [`pipe`], cut when `cut` resolves first (also while the peer has yet to confirm the last
+/// bytes): both sides are aborted as on an error (a stream reset, a TCP RST), and the report
+/// keeps the bytes moved so far.
 pub async fn pipe_until<S: TcpLike>(
     io: S,
     mut send: SendStream,
@@ -186,6 +187,17 @@ pub async fn pipe_until<S: TcpLike>(
             }
         }
     };
+    // The last bytes and the FIN are delivered only once the peer has read them: the query
+    // ends then (bounded), so that closing the connection right after (a stop) cannot discard
+    // them. A cut meanwhile (the owner stops) ends it as a cut: the peer may not have them.
+    let error = match error {
+        Some(e) => Some(e),
+        None => tokio::select! {
+            biased;
+            _ = tokio::time::timeout(FINISH_WAIT, send.stopped()) => None,
+            e = &mut cut => Some(e),
+        },
+    };
     if let Some(e) = &error {
         // Abort everything: the peer sees a stream reset, the TCP peer an RST.
         let code = match e {
@@ -195,14 +207,6 @@ pub async fn pipe_until<S: TcpLike>(
         let _ = send.reset(code);
         let _ = recv.stop(code);
         r.unsplit(w).abort();
-    } else {
-        // The last bytes and the FIN are delivered only once the peer has read them: the query
-        // ends then (bounded, and cut short by its owner), so that closing the connection
-        // right after (a stop) cannot discard them.
-        tokio::select! {
-            _ = tokio::time::timeout(FINISH_WAIT, send.stopped()) => {}
-            _ = &mut cut => {}
-        }
     }
     PipeReport {
         tcp_to_stream: up_count,
