@@ -2085,7 +2085,7 @@ async fn a_client_of_another_protocol_version_is_told_so_before_the_close() {
 /// protocol error: the session is refused, recorded with the name quoted and escaped, and
 /// nothing of it reaches a `session_up` record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hello_with_a_name_no_allow_list_takes_is_refused() {
+async fn p11_a_hello_with_a_name_no_allow_list_takes_is_refused() {
     let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
     let acme = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
     let svid = Svid::load(&acme.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
@@ -2357,7 +2357,7 @@ async fn p8_a_serial_renews_once_and_not_in_the_first_quarter_of_its_life() {
 /// A token's TTL and a workload SVID's lifetime out of range are refused as bad arguments
 /// (`ewii-hub` exits 2), under a second too: such a token would be expired when made.
 #[tokio::test]
-async fn a_token_ttl_or_workload_lifetime_out_of_range_is_refused() {
+async fn p7_a_token_ttl_or_workload_lifetime_out_of_range_is_refused() {
     let hub = TestHub::start(&[]).await;
     let state = hub.state_dir();
     let out = hub.dir.path().join("workload");

@@ -700,7 +700,7 @@ mod tests {
     /// A dial that comes as a lookup ends takes what the lookup left: the addresses it set,
     /// never a failure that has not left the map yet.
     #[tokio::test]
-    async fn a_dial_at_a_lookups_end_takes_its_addresses_and_never_its_stale_failure() {
+    async fn p4_a_dial_at_a_lookups_end_takes_its_addresses_and_never_its_stale_failure() {
         use std::sync::atomic::Ordering::SeqCst;
         let (dialer, addr, calls, gate, _listener) = unresolved().await;
         let failed = DialError::Resolve {
@@ -776,7 +776,7 @@ mod tests {
     /// A query cut while its lookup runs (its task dropped: the connection ended) does not
     /// strand the queries that joined it: one of them looks up in its place.
     #[tokio::test]
-    async fn a_lookup_whose_query_is_cut_is_taken_over() {
+    async fn p4_a_lookup_whose_query_is_cut_is_taken_over() {
         use std::sync::atomic::Ordering::SeqCst;
         let (dialer, addr, calls, gate, _listener) = unresolved().await;
         let first = {

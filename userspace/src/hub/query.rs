@@ -340,13 +340,10 @@ async fn forward<S: TcpLike>(
     log.session = Some((session.id, session.spiffe_id.to_string()));
     // A stream needs the Client's credit: with all of its `max_queries` in use, a requester
     // waits for one to end — bounded, so that waiting requesters cannot pile up.
-    let Some(mut stop) = log.stop.take() else {
-        return log.emit(Outcome::Failed, "no stop signal (a fault in the Hub)");
-    };
     // The stop first: once the Hub stops, no query opens.
     let opening = tokio::select! {
         biased;
-        _ = &mut stop => None,
+        () = stopped(&mut log.stop) => None,
         opening = tokio::time::timeout(OPEN_TIMEOUT, session.conn.open_bi()) => Some(opening),
     };
     let Some(opening) = opening else {
@@ -382,7 +379,7 @@ async fn forward<S: TcpLike>(
     // cannot hold the requester (and its socket) here until its connection ends.
     let written = tokio::select! {
         biased;
-        _ = &mut stop => None,
+        () = stopped(&mut log.stop) => None,
         written = tokio::time::timeout(OPEN_TIMEOUT, transport::write_frame(&mut send, &open)) => {
             Some(written)
         }
@@ -394,7 +391,7 @@ async fn forward<S: TcpLike>(
         return;
     };
     match written {
-        Ok(Ok(())) => log.open.store(true, std::sync::atomic::Ordering::Relaxed),
+        Ok(Ok(())) => log.open = true,
         Ok(Err(e)) => {
             let e = transport::pipe::peer_said(&e);
             log.emit(Outcome::Failed, format!("send Open: {e}"));
@@ -415,10 +412,11 @@ async fn forward<S: TcpLike>(
         }
     }
     // The Hub's stop ends the query too, with what it moved so far on record.
+    let stop = &mut log.stop;
     let cut = async move {
         tokio::select! {
             e = cut => e,
-            _ = stop => PipeError::Stopped("the Hub stopped".into()),
+            () = stopped(stop) => PipeError::Stopped("the Hub stopped".into()),
         }
     };
     // The requester's bytes follow `Open` at once; nothing goes back before `Opened`.
@@ -455,12 +453,12 @@ struct QueryLog<'a> {
     session: Option<(u64, String)>,
     /// Whether its record was written: one that was not when it is dropped (the Hub stopped
     /// while the query opened, or its task failed) writes one then.
-    written: std::sync::atomic::AtomicBool,
+    written: bool,
     /// Whether the Client was sent its `Open` (for the record a drop writes).
-    open: std::sync::atomic::AtomicBool,
+    open: bool,
     /// Its key among the queries in progress ([`Registry::query_began`]).
     key: u64,
-    /// Resolves when the Hub stops (taken by the query's forwarding).
+    /// Resolves when the Hub stops ([`stopped`]; `None` once it has).
     stop: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
@@ -479,8 +477,8 @@ impl<'a> QueryLog<'a> {
             source: None,
             query_id: None,
             session: None,
-            written: std::sync::atomic::AtomicBool::new(false),
-            open: std::sync::atomic::AtomicBool::new(false),
+            written: false,
+            open: false,
             key,
             stop: Some(stop),
         }
@@ -509,21 +507,19 @@ impl<'a> QueryLog<'a> {
         r
     }
 
-    fn emit(&self, outcome: Outcome, reason: impl Into<String>) {
+    fn emit(&mut self, outcome: Outcome, reason: impl Into<String>) {
         self.emit_record(self.record(outcome, Some(reason.into())));
     }
 
     /// Writes `r`, this query's record.
-    fn emit_record(&self, r: AuditRecord) {
-        self.written
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+    fn emit_record(&mut self, r: AuditRecord) {
+        self.written = true;
         self.parts.audit.emit(r);
     }
 
     /// Writes `r`, this query's record, held to the audit's per-source burst.
-    fn emit_from(&self, source: Source, r: AuditRecord) {
-        self.written
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+    fn emit_from(&mut self, source: Source, r: AuditRecord) {
+        self.written = true;
         self.parts.audit.emit_from(source, r);
     }
 }
@@ -549,13 +545,13 @@ impl Drop for QueryLog<'_> {
 
 impl QueryLog<'_> {
     /// The record of a query dropped before it wrote one.
-    fn record_if_unwritten(&self) {
-        if self.written.load(std::sync::atomic::Ordering::Relaxed) {
+    fn record_if_unwritten(&mut self) {
+        if self.written {
             return;
         }
         let why = if !*self.parts.stopping.borrow() {
             "the query's task ended before it was recorded (a fault in the Hub)"
-        } else if self.open.load(std::sync::atomic::Ordering::Relaxed) {
+        } else if self.open {
             "the Hub stopped while the query was open; its byte counts were not taken"
         } else {
             NOT_OPEN
