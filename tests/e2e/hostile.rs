@@ -684,3 +684,46 @@ async fn p11_a_client_that_takes_no_open_cannot_hold_the_requester() {
     assert_eq!(hub.handle().connected_clients(), vec!["acme".to_owned()]);
     drop(session);
 }
+
+/// A query stream the Hub opened as the Client said `Goodbye` (before it read it) is answered
+/// `shutting_down` and recorded on the Client, with the Hub's query id, as `failed`: the stop
+/// does not leave it to die unanswered with the connection. The Client still stops cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p11_a_stopping_client_answers_and_records_a_query_opened_as_it_said_goodbye() {
+    let hub = TestHub::start(&[]).await;
+    let (mut client, (conn, mut control, mut send)) = welcomed_by_hostile_hub(&hub).await;
+    // Up, not still taking the `Welcome` in (a stop then would not say `Goodbye`).
+    client
+        .wait_audit("session_up", |r| r.event == Event::SessionUp)
+        .await;
+    let the_hub = async {
+        let mut reader = FrameReader::new();
+        let goodbye = tokio::time::timeout(SOON, reader.read::<Control>(&mut control))
+            .await
+            .expect("the Goodbye in time")
+            .unwrap();
+        assert_eq!(goodbye, Some(Control::Goodbye { revoke: false }));
+        let answer = ask(&conn, &open("db")).await;
+        // Acknowledged: the Client may close once nothing is left.
+        send.finish().unwrap();
+        answer
+    };
+    let (exit, answer) = tokio::join!(client.stop(), the_hub);
+    assert_eq!(
+        answer,
+        Ok(Some(QueryHead::Refused {
+            code: RefuseCode::ShuttingDown
+        }))
+    );
+    assert_eq!(exit, ewii::client::Exit::Stopped);
+    let r = client
+        .wait_audit("the query's record", |r| r.event == Event::Query)
+        .await;
+    assert_eq!(r.outcome, Some(Outcome::Failed));
+    assert_eq!(
+        r.reason.as_deref(),
+        Some("the Client is stopping: it takes no new query")
+    );
+    assert_eq!(r.query_id, Some(QueryId(7)));
+    assert_eq!(r.destination.map(|d| d.name).as_deref(), Some("db"));
+}

@@ -816,6 +816,9 @@ async fn first_query_seen_by_a_raw_client(
     // Keeps the session open until the caller is done; an opened query reads the requester's
     // end (the Hub finishes a query once its last bytes were read), a refused one stops.
     tokio::spawn(async move {
+        // All of it (a closure takes only the fields it names): dropped, its control stream
+        // would end, and the Hub would close the session.
+        let session = session;
         if opened {
             let _ = recv.read_to_end(1024).await;
         } else {
@@ -840,7 +843,7 @@ async fn p4_the_requesters_first_bytes_travel_with_open_and_reach_it_back_after_
     assert_eq!(back, b"one row");
     requester.shutdown().await.unwrap();
     let h = hub.wait_audit("the query", is(Event::Query)).await;
-    assert_eq!(h.outcome, Some(Outcome::Ok));
+    assert_eq!(h.outcome, Some(Outcome::Ok), "{h:?}");
     assert_eq!(h.bytes_up, Some(8));
     assert_eq!(h.bytes_down, Some(7));
 }
@@ -879,4 +882,100 @@ async fn p4_a_requester_that_resets_before_the_answer_ends_its_query_at_once() {
     let h = hub.wait_audit("the query", is(Event::Query)).await;
     assert_eq!(h.outcome, Some(Outcome::Failed));
     assert_eq!(h.reason.as_deref(), Some("tcp connection reset"));
+}
+
+/// A query whose Client's connection ends is cut and recorded then, with its bytes so far,
+/// even when nothing else would notice: the service already finished its side, and the
+/// requester, its answer read, sits idle (a pooled connection). It is not held until the
+/// requester acts.
+#[tokio::test]
+async fn p11_a_hub_query_ends_with_its_clients_connection() {
+    use ewii_common::frame::QueryHead;
+
+    let (hub, session, mut requester, mut send, recv, early) = a_query_at_a_raw_client().await;
+    assert_eq!(early, b"SELECT 1");
+    ewii::transport::write_frame(&mut send, &QueryHead::Opened)
+        .await
+        .unwrap();
+    send.write_all(b"one row").await.unwrap();
+    send.finish().unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(SOON, requester.read_to_end(&mut back))
+        .await
+        .expect("the answer and the service's end")
+        .unwrap();
+    assert_eq!(back, b"one row");
+    // The requester stays open and idle; the Client's connection goes.
+    session.conn.close(quinn::VarInt::from_u32(0), b"gone");
+    drop(recv);
+    let h = hub.wait_audit("the query", is(Event::Query)).await;
+    assert_eq!(h.outcome, Some(Outcome::Failed));
+    let reason = h.reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("the Client's connection ended: "),
+        "{reason}"
+    );
+    assert_eq!((h.bytes_up, h.bytes_down), (Some(8), Some(7)));
+    // And the requester learns it: its connection was reset (it read the service's end
+    // already, so a read says only that; a write says the rest).
+    let wrote = requester.write_all(b"SELECT 2").await;
+    assert!(
+        matches!(&wrote, Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)),
+        "{wrote:?}"
+    );
+}
+
+/// A Client that answers `Open` with `busy` (its audit sink lags) or `shutting_down` (it is
+/// stopping) turned the query away for load or for its stop, not by policy: the Hub records
+/// it `failed`, as the Client does, and keeps `refused` for what the allow-list refused.
+#[tokio::test]
+async fn p11_a_busy_or_stopping_client_is_a_failed_query_on_the_hub() {
+    use ewii_common::frame::{QueryHead, RefuseCode};
+
+    for code in [RefuseCode::Busy, RefuseCode::ShuttingDown] {
+        let (early, mut requester, hub) =
+            first_query_seen_by_a_raw_client(QueryHead::Refused { code }).await;
+        assert_eq!(early, b"SELECT 1");
+        let mut back = Vec::new();
+        let _ = tokio::time::timeout(SOON, requester.read_to_end(&mut back))
+            .await
+            .expect("the requester's connection ends");
+        assert!(back.is_empty());
+        let h = hub.wait_audit("the query", is(Event::Query)).await;
+        assert_eq!(h.outcome, Some(Outcome::Failed), "{code}");
+        assert_eq!(
+            h.reason.as_deref(),
+            Some(format!("refused by the client: {code}").as_str())
+        );
+    }
+}
+
+/// A TLS service's caller that never finishes its handshake (it closes first) failed; one
+/// that speaks no TLS at all is refused, like one whose certificate TLS refused.
+#[tokio::test]
+async fn p11_a_tls_caller_that_breaks_off_failed_and_one_that_speaks_no_tls_is_refused() {
+    let hub = TestHub::start(&[Service::tls("pg-tls", "acme", "db")]).await;
+    let _client = TestClient::enrol_and_run(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    hub.wait_connected("acme").await;
+    let speaking_no_tls: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    for (said, outcome) in [
+        (&b""[..], Outcome::Failed),
+        (speaking_no_tls, Outcome::Refused),
+    ] {
+        let mut caller = TcpStream::connect(hub.service("pg-tls")).await.unwrap();
+        caller.write_all(said).await.unwrap();
+        if said.is_empty() {
+            drop(caller);
+        }
+        let h = hub
+            .wait_audit("the caller's query", |r| {
+                r.event == Event::Query && r.outcome == Some(outcome)
+            })
+            .await;
+        let reason = h.reason.unwrap_or_default();
+        assert!(
+            reason.starts_with("requester TLS: "),
+            "{outcome:?}: {reason}"
+        );
+    }
 }

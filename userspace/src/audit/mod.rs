@@ -784,6 +784,47 @@ mod tests {
         assert_eq!(audit.metrics().snapshot().handshakes_refused, 63);
     }
 
+    /// A summary keeps the outcome of what it sums up: records of one event and source held
+    /// back with different outcomes (queries turned away for load, `failed`, and by policy,
+    /// `refused`) are summed up apart.
+    #[test]
+    fn p11_a_summary_says_the_outcome_of_the_records_it_holds_back() {
+        let (gate, audit) = open_gate();
+        let source = Source::address("192.0.2.9".parse().unwrap());
+        for (i, outcome) in std::iter::repeat_n(Outcome::Refused, 12)
+            .chain(std::iter::repeat_n(Outcome::Failed, 3))
+            .enumerate()
+        {
+            let mut r = audit.record(Event::Query);
+            r.peer = Some(format!("192.0.2.9:{i}"));
+            r.outcome = Some(outcome);
+            audit.emit_from(source.clone(), r);
+        }
+        audit.flush();
+        let summaries: Vec<_> = gate
+            .lines()
+            .into_iter()
+            .filter(|l| {
+                l["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("not written one by one"))
+            })
+            .map(|l| {
+                (
+                    l["outcome"].clone(),
+                    l["reason"].as_str().unwrap()[..16].to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summaries,
+            vec![
+                ("refused".into(), "2 more records o".into()),
+                ("failed".into(), "3 more records o".into()),
+            ]
+        );
+    }
+
     #[test]
     fn p11_a_sources_window_ends_with_its_summary_and_the_sources_tracked_are_bounded() {
         let mut q = quiet::Quiet::new(Side::Hub);

@@ -72,8 +72,8 @@ impl Source {
 struct Window {
     ends: Instant,
     written: u32,
-    /// Held back in this window, per event, with the first one's time.
-    held: Vec<(Event, u64, Timestamp)>,
+    /// Held back in this window, per event and outcome, with the first one's time.
+    held: Vec<(Event, Option<Outcome>, u64, Timestamp)>,
 }
 
 /// What [`Quiet::admit`] decided.
@@ -162,9 +162,16 @@ impl Quiet {
             };
         }
         let first_held = window.held.is_empty();
-        match window.held.iter_mut().find(|(e, _, _)| *e == record.event) {
-            Some((_, n, _)) => *n += 1,
-            None => window.held.push((record.event, 1, record.time)),
+        let held = window
+            .held
+            .iter_mut()
+            .find(|(e, o, _, _)| *e == record.event && *o == record.outcome);
+        match held {
+            Some((_, _, n, _)) => *n += 1,
+            None => {
+                let (event, outcome) = (record.event, record.outcome);
+                window.held.push((event, outcome, 1, record.time));
+            }
         }
         Admitted {
             write: false,
@@ -198,14 +205,14 @@ impl Quiet {
     }
 }
 
-/// One summary record per event `window` (of `length`) held back from `source`.
+/// One summary record per event and outcome `window` (of `length`) held back from `source`.
 fn summaries(side: Side, source: &Source, window: &Window, length: Duration) -> Vec<AuditRecord> {
     window
         .held
         .iter()
-        .map(|&(event, n, since)| {
+        .map(|&(event, outcome, n, since)| {
             let mut r = AuditRecord::new(crate::now_timestamp(), side, event);
-            r.outcome = Some(Outcome::Refused);
+            r.outcome = outcome;
             match source {
                 Source::Address(ip) => r.peer = Some(ip.to_string()),
                 Source::Claimed(id) => r.client = Some(id.clone()),

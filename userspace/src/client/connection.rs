@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use super::connect::Opened;
 use super::driver::sleep_until_opt;
-use super::query::{self, QueryCtx};
+use super::query::{self, QueryCtx, Taking};
 use super::rotation::Identity;
 use crate::transport::codes;
 use crate::transport::control::{ControlOut, OutError};
@@ -237,6 +237,18 @@ fn release_receive_pages(buf: &mut [u8]) {
     tracing::trace!(kib = bytes / 1024, "receive buffer handed back");
 }
 
+/// A query stream the Hub opened that is here already, without waiting for one.
+fn stream_ready(
+    conn: &quinn::Connection,
+) -> Option<Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>> {
+    let mut accept = std::pin::pin!(conn.accept_bi());
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::future::Future::poll(accept.as_mut(), &mut cx) {
+        std::task::Poll::Ready(stream) => Some(stream),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// UDP bytes the connection has received and sent.
 fn moved(conn: &quinn::Connection) -> u64 {
     let stats = conn.stats();
@@ -288,6 +300,8 @@ impl Connection {
         let mut stopping = false;
         // The Hub has read and processed our `Goodbye`.
         let mut goodbye_read = false;
+        // Until the connection can open no more streams (past `Goodbye` only).
+        let mut accepting = true;
         // Set once retired: queries are still taken until the Hub acknowledged, and a moment
         // after; the end comes when none is left then, or at the deadline.
         let mut retiring: Option<Instant> = None;
@@ -317,6 +331,18 @@ impl Connection {
             // its side of the control stream then): closing earlier could discard it. The
             // session machine bounds the wait.
             if stopping && queries.is_empty() && goodbye_read {
+                // A stream that came with the acknowledgement (the select below may have taken
+                // the acknowledgement first) is answered before the close.
+                if let Some(Ok(stream)) = stream_ready(&conn) {
+                    queries.spawn(query::serve(
+                        ctx.clone(),
+                        id,
+                        conn.clone(),
+                        stream,
+                        Taking::Nothing,
+                    ));
+                    continue;
+                }
                 let _ = events.send(Event::Drained(id));
                 conn.close(codes::DONE, b"");
                 break End::Lost(Lost::Stopped);
@@ -371,14 +397,20 @@ impl Connection {
                 },
                 // Past `Goodbye`, the end is the Hub's answer or the session machine's bound.
                 e = out.failed(), if !stopping && retiring.is_none() => break ended_by(&conn, &e),
-                stream = conn.accept_bi(), if !stopping => match stream {
-                    Ok((qs, qr)) => {
+                // Also past `Goodbye`: a stream the Hub opened before it read that is answered
+                // (`ShuttingDown`) and recorded, not left to fail at the close.
+                stream = conn.accept_bi(), if accepting => match stream {
+                    Ok(stream) => {
                         quiet_at = None;
                         if held_check.is_none() {
                             held_check = Some((Instant::now() + HELD_CHECK, HeldQuiet::from(moved(&conn))));
                         }
-                        queries.spawn(query::serve(ctx.clone(), id, conn.clone(), qs, qr));
+                        let taking = if stopping { Taking::Nothing } else { Taking::Queries };
+                        queries.spawn(query::serve(ctx.clone(), id, conn.clone(), stream, taking));
                     }
+                    // Past `Goodbye` the end comes as it did before: drained, or the control
+                    // stream's error.
+                    Err(_) if stopping => accepting = false,
                     Err(e) => break closed(&e),
                 },
                 msg = reader.read::<Control>(&mut recv), if !goodbye_read => match msg {

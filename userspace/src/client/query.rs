@@ -35,6 +35,10 @@ enum QueryError {
     /// The Hub's stream broke before `Opened` could be sent.
     #[error("the Hub went away before Opened")]
     HubGone,
+    /// The Client had said `Goodbye` (it is stopping) when the query came: answered
+    /// `ShuttingDown`, nothing dialled.
+    #[error("the Client is stopping: it takes no new query")]
+    Stopping,
     /// The pipe broke.
     #[error(transparent)]
     Pipe(#[from] PipeError),
@@ -49,13 +53,23 @@ impl QueryError {
     }
 }
 
+/// Whether a query stream is served, or answered that the Client is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Taking {
+    /// Dial the destination and pipe.
+    Queries,
+    /// The Client said `Goodbye`: a stream the Hub opened before it read that is answered
+    /// `ShuttingDown` (and recorded), so neither side is left guessing.
+    Nothing,
+}
+
 /// Serves one query stream of session `session_id`, opened by the Hub at `hub`.
 pub(crate) async fn serve(
     ctx: Arc<QueryCtx>,
     session_id: u64,
     conn: quinn::Connection,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
+    taking: Taking,
 ) {
     let started = Instant::now();
     let started_at = crate::now_timestamp();
@@ -135,7 +149,18 @@ pub(crate) async fn serve(
         name: ewii_common::text::from_peer(destination.as_bytes()),
         address: None,
     });
-    let result = match ctx.dialer.dial(&destination).await {
+    let dialed = match taking {
+        Taking::Queries => ctx.dialer.dial(&destination).await,
+        Taking::Nothing => {
+            let code = RefuseCode::ShuttingDown;
+            let _ = transport::write_frame(&mut send, &QueryHead::Refused { code }).await;
+            let _ = send.finish();
+            r.outcome = Some(Outcome::Failed);
+            r.reason = Some(QueryError::Stopping.to_string());
+            return r.finish();
+        }
+    };
+    let result = match dialed {
         Ok((tcp, addr)) => {
             if let Some(d) = &mut r.destination {
                 d.address = Some(addr.to_string());

@@ -166,8 +166,9 @@ async fn accept(
                     if let ServiceMode::Tcp { principal } = &svc.mode {
                         log.source = Some(format!("{principal}@{peer}"));
                     }
+                    // Load, not policy: `failed`, as a busy Client's answer is.
                     let r = log.record(
-                        Outcome::Refused,
+                        Outcome::Failed,
                         Some(format!("{MAX_QUERIES_PER_LISTENER} queries already in progress on this service")),
                     );
                     log.emit_from(Source::address(peer.ip()), r);
@@ -256,10 +257,15 @@ async fn query(
             let Some(accepted) = accepted else {
                 return log.emit(Outcome::Failed, NOT_OPEN);
             };
+            // A caller TLS refused (no SVID, one the bundle does not vouch for) is policy; a
+            // handshake the network or the caller broke off, or never finished, is not.
             let stream = match accepted {
                 Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return log.emit(Outcome::Refused, format!("requester TLS: {e}")),
-                Err(_) => return log.emit(Outcome::Refused, "requester TLS handshake timed out"),
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return log.emit(Outcome::Refused, format!("requester TLS: {e}"));
+                }
+                Ok(Err(e)) => return log.emit(Outcome::Failed, format!("requester TLS: {e}")),
+                Err(_) => return log.emit(Outcome::Failed, "requester TLS handshake timed out"),
             };
             // The verifier accepted only `/workload/<name>` SVIDs of our trust domain; this
             // service takes only the ones it lists.
@@ -411,12 +417,19 @@ async fn forward<S: TcpLike>(
             return;
         }
     }
-    // The Hub's stop ends the query too, with what it moved so far on record.
+    // The Hub's stop ends the query too, with what it moved so far on record; so does the
+    // end of the Client's connection (a pipe whose return direction is done and whose
+    // requester is idle would not notice it, and would hold the requester until it acts).
     let stop = &mut log.stop;
+    let conn = session.conn.clone();
     let cut = async move {
         tokio::select! {
             e = cut => e,
-            () = stopped(stop) => PipeError::Stopped("the Hub stopped".into()),
+            () = stopped(stop) => PipeError::Ended("the Hub stopped".into()),
+            closed = conn.closed() => PipeError::Ended(format!(
+                "the Client's connection ended: {}",
+                transport::pipe::peer_said(&closed)
+            )),
         }
     };
     // The requester's bytes follow `Open` at once; nothing goes back before `Opened`.
@@ -424,9 +437,10 @@ async fn forward<S: TcpLike>(
     let (outcome, record_bytes) = match &report.error {
         None => (Outcome::Ok, true),
         // One vocabulary on both sides: `refused` is policy (not in the allow-list), `failed`
-        // is the network (the destination did not answer or refused).
-        Some(PipeError::Refused(RefuseCode::Unreachable)) => (Outcome::Failed, false),
-        Some(PipeError::Refused(_)) => (Outcome::Refused, false),
+        // is the network or load (the destination did not answer or refused, the Client is
+        // busy or stopping).
+        Some(PipeError::Refused(RefuseCode::NotAllowed)) => (Outcome::Refused, false),
+        Some(PipeError::Refused(_)) => (Outcome::Failed, false),
         Some(PipeError::NoAnswer(_)) => (Outcome::Failed, false),
         // Policy again: the caller is no longer trusted. What it moved until then is counted.
         Some(PipeError::Cut(_)) => (Outcome::Refused, true),

@@ -77,9 +77,10 @@ pub enum PipeError {
     /// Cut by its owner while it ran ([`pipe_until`]), for the reason given.
     #[error("{0}")]
     Cut(String),
-    /// Ended by its owner as it stops ([`pipe_until`]'s cut): not a decision about the query.
+    /// Ended by its owner ([`pipe_until`]'s cut) because it stops, or because the connection
+    /// the stream belongs to ended: not a decision about the query.
     #[error("{0}")]
-    Stopped(String),
+    Ended(String),
 }
 
 /// What comes off the stream before the peer's raw bytes.
@@ -233,11 +234,12 @@ async fn tcp_to_stream<S: TcpLike>(
                 return Ok(());
             }
             Ok(n) => {
-                *count += n as u64;
                 size = next_read_size(size, n);
                 send.write_chunk(buf.split().freeze())
                     .await
                     .map_err(|e| PipeError::StreamWrite(peer_said(&e)))?;
+                // Counted once the stream took it: a failed write's bytes never left.
+                *count += n as u64;
             }
             Err(e) => return Err(tcp_error(&e, PipeError::TcpRead)),
         }
@@ -272,7 +274,7 @@ async fn stream_to_tcp<S: TcpLike>(
         if n > 0 {
             // One `writev` for every chunk quinn had ready (each is about one packet's payload),
             // instead of a `write` per chunk.
-            *count += write_all_vectored(w, &mut chunks[..n])
+            write_all_vectored(w, &mut chunks[..n], count)
                 .await
                 .map_err(|e| tcp_error(&e, PipeError::TcpWrite))?;
         }
@@ -289,30 +291,31 @@ async fn stream_to_tcp<S: TcpLike>(
     }
 }
 
-/// Writes every byte of `chunks` (emptying them); returns how many.
+/// Writes every byte of `chunks` (emptying them), adding each write's bytes to `count` as it
+/// goes (a write that fails part-way leaves what went before it counted).
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
     w: &mut W,
     chunks: &mut [Bytes],
-) -> io::Result<u64> {
-    let mut total = 0u64;
+    count: &mut u64,
+) -> io::Result<()> {
     let mut first = 0;
     loop {
         while chunks.get(first).is_some_and(Bytes::is_empty) {
             first += 1;
         }
         if first == chunks.len() {
-            return Ok(total);
+            return Ok(());
         }
         let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
-        let count = (chunks.len() - first).min(WRITE_BATCH);
+        let used = (chunks.len() - first).min(WRITE_BATCH);
         for (slice, chunk) in slices.iter_mut().zip(&chunks[first..]) {
             *slice = IoSlice::new(chunk);
         }
-        let mut written = w.write_vectored(&slices[..count]).await?;
+        let mut written = w.write_vectored(&slices[..used]).await?;
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        total += written as u64;
+        *count += written as u64;
         while first < chunks.len() && written >= chunks[first].len() {
             written -= chunks[first].len();
             chunks[first] = Bytes::new();
@@ -378,9 +381,25 @@ mod tests {
     }
 
     /// A writer that takes at most 5 bytes per call, vectored or not (a stand-in for a full
-    /// socket buffer: partial writes are what the loop must survive).
-    #[derive(Default)]
-    struct Dribble(Vec<u8>);
+    /// socket buffer: partial writes are what the loop must survive), and fails once it holds
+    /// `room` bytes (a peer that reset).
+    struct Dribble {
+        taken: Vec<u8>,
+        room: usize,
+    }
+
+    impl Dribble {
+        fn new(room: usize) -> Self {
+            Self {
+                taken: Vec::new(),
+                room,
+            }
+        }
+
+        fn full(&self) -> Option<io::Error> {
+            (self.taken.len() >= self.room).then(|| io::ErrorKind::ConnectionReset.into())
+        }
+    }
 
     impl AsyncWrite for Dribble {
         fn poll_write(
@@ -388,8 +407,11 @@ mod tests {
             _: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
+            if let Some(e) = self.full() {
+                return Poll::Ready(Err(e));
+            }
             let n = buf.len().min(5);
-            self.0.extend_from_slice(&buf[..n]);
+            self.taken.extend_from_slice(&buf[..n]);
             Poll::Ready(Ok(n))
         }
 
@@ -398,10 +420,13 @@ mod tests {
             _: &mut Context<'_>,
             bufs: &[IoSlice<'_>],
         ) -> Poll<io::Result<usize>> {
+            if let Some(e) = self.full() {
+                return Poll::Ready(Err(e));
+            }
             let mut n = 0;
             for b in bufs {
                 let take = b.len().min(5 - n);
-                self.0.extend_from_slice(&b[..take]);
+                self.taken.extend_from_slice(&b[..take]);
                 n += take;
                 if n == 5 {
                     break;
@@ -429,10 +454,31 @@ mod tests {
             .iter()
             .map(|s| Bytes::from_static(s.as_bytes()))
             .collect();
-        let mut w = Dribble::default();
-        let n = write_all_vectored(&mut w, &mut chunks).await.unwrap();
+        let mut w = Dribble::new(usize::MAX);
+        let mut n = 0;
+        write_all_vectored(&mut w, &mut chunks, &mut n)
+            .await
+            .unwrap();
         assert_eq!(n, 21);
-        assert_eq!(w.0, b"abcdefghijklmnopqrstu");
+        assert_eq!(w.taken, b"abcdefghijklmnopqrstu");
         assert!(chunks.iter().all(Bytes::is_empty));
+    }
+
+    /// The audit's byte count is what reached the TCP peer: a write that fails part-way
+    /// through a batch keeps the bytes written before it counted.
+    #[tokio::test]
+    async fn a_batch_that_fails_part_way_counts_the_bytes_that_went() {
+        let mut chunks: Vec<Bytes> = ["abcdefgh", "ijklmnopqrstu"]
+            .iter()
+            .map(|s| Bytes::from_static(s.as_bytes()))
+            .collect();
+        let mut w = Dribble::new(12);
+        let mut n = 0;
+        let e = write_all_vectored(&mut w, &mut chunks, &mut n)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(n, 15, "three writes of 5 went before the failure");
+        assert_eq!(n, w.taken.len() as u64);
     }
 }
