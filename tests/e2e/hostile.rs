@@ -69,7 +69,10 @@ async fn hostile_hub_granting(
 }
 
 /// Client `acme`, enrolled with `hub`, running against a hostile Hub with `hub`'s identity,
-/// and its first connection, welcomed.
+/// and its first connection, welcomed, once the Client has taken the `Welcome` in (its
+/// `session_up` is written). Before that, what the test does next would race with the
+/// handshake: a revoke ends the Client with no session to record as lost, a stop says no
+/// `Goodbye`.
 async fn welcomed_by_hostile_hub(hub: &TestHub) -> (TestClient, Welcomed) {
     let mut client = TestClient::enrol(hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
     let (addr, mut conns) = hostile_hub(hub).await;
@@ -79,6 +82,9 @@ async fn welcomed_by_hostile_hub(hub: &TestHub) -> (TestClient, Welcomed) {
         .await
         .expect("the Client's connection in time")
         .expect("welcomed");
+    client
+        .wait_audit("session_up", |r| r.event == Event::SessionUp)
+        .await;
     (client, welcomed)
 }
 
@@ -692,10 +698,6 @@ async fn p11_a_client_that_takes_no_open_cannot_hold_the_requester() {
 async fn p11_a_stopping_client_answers_and_records_a_query_opened_as_it_said_goodbye() {
     let hub = TestHub::start(&[]).await;
     let (mut client, (conn, mut control, mut send)) = welcomed_by_hostile_hub(&hub).await;
-    // Up, not still taking the `Welcome` in (a stop then would not say `Goodbye`).
-    client
-        .wait_audit("session_up", |r| r.event == Event::SessionUp)
-        .await;
     let the_hub = async {
         let mut reader = FrameReader::new();
         let goodbye = tokio::time::timeout(SOON, reader.read::<Control>(&mut control))
