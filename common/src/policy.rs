@@ -233,7 +233,8 @@ impl AllowList {
     /// Checks one address that the DNS name `name` of an entry resolved to, and returns it
     /// canonical. A DNS answer never widens what the Client reaches: loopback, link-local
     /// (169.254.0.0/16, including the cloud metadata address, fe80::/10), the other clouds'
-    /// metadata addresses (`fd00:ec2::254`, and Alibaba Cloud's `100.100.100.200`),
+    /// metadata addresses (`fd00:ec2::254`, Alibaba Cloud's `100.100.100.200`, Azure's platform
+    /// address `168.63.129.16`),
     /// unspecified, multicast and broadcast answers are refused, and so are IPv6 answers that
     /// carry one of those IPv4 addresses (NAT64's `64:ff9b::/96` and local-use `64:ff9b:1::/48`,
     /// IPv4-translated `::ffff:0:a.b.c.d`, IPv4-compatible `::a.b.c.d`) — except loopback for the name
@@ -274,12 +275,19 @@ impl AllowList {
     }
 }
 
+/// Azure's platform address (the WireServer: a VM's extension settings and certificates, its
+/// DHCP and DNS). A public address, reachable from every Azure VM, that answers only the
+/// platform's own guests: a metadata service in all but its range.
+pub const AZURE_PLATFORM: std::net::Ipv4Addr = std::net::Ipv4Addr::new(168, 63, 129, 16);
+
 /// Whether a DNS answer `v4` is one only a literal may reach: loopback (unless the name is
-/// `localhost`), link-local (the cloud metadata address among them), Alibaba Cloud's metadata.
+/// `localhost`), link-local (the cloud metadata address among them), Alibaba Cloud's metadata,
+/// Azure's platform address.
 fn special_v4(v4: std::net::Ipv4Addr, localhost: bool) -> bool {
     (v4.is_loopback() && !localhost)
         || v4.is_link_local()
         || v4 == std::net::Ipv4Addr::new(100, 100, 100, 200)
+        || v4 == AZURE_PLATFORM
 }
 
 /// The IPv4 address an IPv6 address carries to it: NAT64's well-known prefix
@@ -437,6 +445,8 @@ mod tests {
             ("db.example.org", "[fd00:ec2::254]:80"),
             ("db.example.org", "100.100.100.200:80"),
             ("db.example.org", "[::ffff:100.100.100.200]:80"),
+            ("db.example.org", "168.63.129.16:80"),
+            ("db.example.org", "[64:ff9b::168.63.129.16]:32526"),
             // Through NAT64 (DNS64's answer for an IPv4-only name) or the IPv4-compatible form.
             ("db.example.org", "[64:ff9b::169.254.169.254]:80"),
             ("db.example.org", "[64:ff9b::127.0.0.1]:5432"),

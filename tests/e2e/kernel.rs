@@ -329,11 +329,14 @@ fn p16_require_kernel_refuses_to_start_without_the_lock() {
         "127.0.0.1:47443",
         "[enforcement]\nrequire = \"kernel\"\n",
     );
-    // As uid 65534 there is no CAP_BPF: the eBPF lock cannot load.
+    // As uid 65534 there is no CAP_BPF: the eBPF lock cannot load. A first start with a token
+    // (an unenrolled one without would stop at that): refused before it enrols, too.
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(bin_path("ewii-client"))
         .args(["run", "--config", config.to_str().unwrap()])
+        .env("EWII_TOKEN", format!("ewii_{}", "00".repeat(32)))
+        .env("EWII_BUNDLE_HASH", format!("sha256:{}", "00".repeat(32)))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(4));

@@ -858,16 +858,28 @@ fn write_unenrolled_config(path: &std::path::Path, state_dir: &std::path::Path) 
     .unwrap();
 }
 
+/// `run` before `enroll` says so and leaves nothing behind: no state directory (which, made by
+/// the wrong user, would stand in `enroll`'s way), no start-up lines that read as if it ran.
 #[test]
-fn running_without_enrolment_exits_3() {
+fn running_without_enrolment_exits_3_and_creates_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let path = unenrolled_config(dir.path());
+    let state = dir.path().join("state");
+    let path = dir.path().join("c.toml");
+    write_unenrolled_config(&path, &state);
     let out = Command::new(bin_path("ewii-client"))
         .args(["run", "--config", path.to_str().unwrap()])
+        .env_remove("EWII_TOKEN")
+        .env_remove("EWII_BUNDLE_HASH")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("ewii-client enroll"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not enrolled") && err.contains("ewii-client enroll"),
+        "{err}"
+    );
+    assert!(!err.contains("effective allow-list"), "{err}");
+    assert!(!state.exists(), "{} was created", state.display());
 }
 
 /// `--log-format json` (or `EWII_LOG_FORMAT=json`): every line either binary writes to stderr
@@ -883,31 +895,48 @@ fn logs_can_be_json_lines_and_both_binaries_print_completions() {
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
             .collect()
     };
-    let client = Command::new(bin_path("ewii-client"))
-        .args([
-            "--log-format",
-            "json",
-            "run",
-            "--config",
-            path.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let run_client = |env: &[(&str, &str)]| {
+        Command::new(bin_path("ewii-client"))
+            .args([
+                "--log-format",
+                "json",
+                "run",
+                "--config",
+                path.to_str().unwrap(),
+            ])
+            .env_remove("EWII_TOKEN")
+            .env_remove("EWII_BUNDLE_HASH")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let message = |l: &serde_json::Value| l["fields"]["message"].as_str().unwrap_or("").to_owned();
+    // Not enrolled: the one line is the error.
+    let client = run_client(&[]);
     assert_eq!(client.status.code(), Some(3));
     let lines = json_lines(&client);
-    let message = |l: &serde_json::Value| l["fields"]["message"].as_str().unwrap_or("").to_owned();
-    assert!(
-        lines
-            .iter()
-            .any(|l| message(l).contains("effective allow-list")),
-        "{lines:?}"
-    );
     assert!(
         lines
             .iter()
             .any(|l| l["level"] == "ERROR" && message(l).contains("ewii-client enroll")),
         "{lines:?}"
     );
+    // A token with a bundle hash that is not one: the start-up lines come first, then the
+    // error, every one of them JSON.
+    let token = format!("ewii_{}", "00".repeat(32));
+    let client = run_client(&[
+        ("EWII_TOKEN", &token),
+        ("EWII_BUNDLE_HASH", "sha256:not-a-hash"),
+    ]);
+    assert_eq!(client.status.code(), Some(2), "{}", stderr_of(&client));
+    let lines = json_lines(&client);
+    assert!(
+        lines
+            .iter()
+            .any(|l| message(l).contains("effective allow-list")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l["level"] == "ERROR"), "{lines:?}");
     let hub = Command::new(bin_path("ewii-hub"))
         .env("EWII_LOG_FORMAT", "json")
         .args([

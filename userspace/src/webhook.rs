@@ -333,7 +333,7 @@ pub fn check_url_now(url: &str, allow_private: bool) -> Result<(), String> {
 /// routable unicast address. Refused: loopback, link-local (cloud metadata 169.254.169.254),
 /// unspecified, multicast, broadcast, private (RFC 1918), shared/CGNAT (RFC 6598, including
 /// 100.100.100.200), "this network", IETF protocol and benchmarking ranges, documentation
-/// ranges, reserved 240/4; for IPv6 also unique-local (fc00::/7, including fd00:ec2::254),
+/// ranges, reserved 240/4, Azure's platform address 168.63.129.16; for IPv6 also unique-local (fc00::/7, including fd00:ec2::254),
 /// site-local, documentation, NAT64 (64:ff9b::/96, 64:ff9b:1::/48) and IPv4-compatible or
 /// IPv4-mapped forms of any of these (which are judged by their IPv4 address).
 pub fn is_public(ip: IpAddr) -> bool {
@@ -375,7 +375,9 @@ fn is_public_v4(v4: std::net::Ipv4Addr) -> bool {
         || (a == 198 && b == 51 && c == 100)
         || (a == 203 && b == 0 && c == 113);
     let reserved = a >= 240;
-    !(v4.is_loopback()
+    let platform = v4 == ewii_common::policy::AZURE_PLATFORM;
+    !(platform
+        || v4.is_loopback()
         || v4.is_link_local()
         || v4.is_unspecified()
         || v4.is_multicast()
@@ -536,6 +538,7 @@ mod tests {
             "192.168.1.1",
             "100.64.0.1",
             "100.100.100.200",
+            "168.63.129.16",
             "100.127.255.254",
             "0.1.2.3",
             "192.0.0.8",

@@ -395,6 +395,13 @@ fn run(path: &Path) -> ExitCode {
             foreign.group
         ));
     }
+    // Not enrolled, and no token to enrol with: said before anything is created, printed or
+    // installed (the directory it would create could belong to the wrong user for `enroll`).
+    if token.is_none() && config.svid_source == config::SvidSource::StateDir {
+        if let Err(e) = client::check_enrolled(&config.state_dir) {
+            return fail(EXIT_NOT_ENROLLED, e.to_string());
+        }
+    }
     // One Client per state directory, checked before anything is installed or written.
     // (Created 0700 when missing, so that a first start can enrol into it.)
     // An error here shows up as the lock's, below.

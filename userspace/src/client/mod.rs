@@ -259,6 +259,19 @@ type Loaded = (
 
 /// Reads the SVID, the bundle and a kept renewal key; refuses a Client revoked earlier.
 /// Blocking.
+/// Whether `dir` holds an SVID this Client could run with: the check `run` makes first, made
+/// by the binary before it creates the state directory, prints its start-up lines or installs
+/// anything (a `run` before `enroll` leaves nothing behind). Blocking: small reads.
+pub fn check_enrolled(dir: &Path) -> Result<(), ClientError> {
+    let not_enrolled = |source| ClientError::NotEnrolled {
+        dir: dir.to_owned(),
+        source,
+    };
+    let svid = Svid::load(dir, store::SVID_CERT, store::SVID_KEY).map_err(not_enrolled)?;
+    inspect_leaf(&svid.chain[0]).map_err(not_enrolled)?;
+    Ok(())
+}
+
 fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
     let pending_revoke = load_markers(dir)?;
     let not_enrolled = |source| ClientError::NotEnrolled {
