@@ -74,7 +74,12 @@ async fn hostile_hub_granting(
 /// handshake: a revoke ends the Client with no session to record as lost, a stop says no
 /// `Goodbye`.
 async fn welcomed_by_hostile_hub(hub: &TestHub) -> (TestClient, Welcomed) {
-    let mut client = TestClient::enrol(hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    welcomed_by_hostile_hub_with(hub, "127.0.0.1:9".parse().unwrap()).await
+}
+
+/// [`welcomed_by_hostile_hub`], with its allow-list entry `db` at `db`.
+async fn welcomed_by_hostile_hub_with(hub: &TestHub, db: SocketAddr) -> (TestClient, Welcomed) {
+    let mut client = TestClient::enrol(hub, "acme", &[("db", db.to_string())]).await;
     let (addr, mut conns) = hostile_hub(hub).await;
     client.config.hub = addr.to_string().parse().unwrap();
     client.start();
@@ -728,4 +733,28 @@ async fn p11_a_stopping_client_answers_and_records_a_query_opened_as_it_said_goo
     );
     assert_eq!(r.query_id, Some(QueryId(7)));
     assert_eq!(r.destination.map(|d| d.name).as_deref(), Some("db"));
+}
+
+/// A query open when the Hub closes the connection is recorded on the Client with the Hub's
+/// words for the close, however the pipe learnt of it (its stream read, or the connection's
+/// end): "connection lost" alone would hide why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p11_a_query_cut_by_the_hubs_close_records_the_hubs_reason() {
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[]).await;
+    let (client, (conn, _control, _send)) = welcomed_by_hostile_hub_with(&hub, echo).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&open("db")).await.unwrap();
+    let answer = tokio::time::timeout(SOON, FrameReader::new().read::<QueryHead>(&mut recv))
+        .await
+        .expect("the answer in time")
+        .unwrap();
+    assert_eq!(answer, Some(QueryHead::Opened));
+    conn.close(quinn::VarInt::from_u32(5), b"maintenance window");
+    let r = client
+        .wait_audit("the query's record", |r| r.event == Event::Query)
+        .await;
+    assert_eq!(r.outcome, Some(Outcome::Failed));
+    let reason = r.reason.unwrap_or_default();
+    assert!(reason.contains("maintenance window (code 5)"), "{reason}");
 }

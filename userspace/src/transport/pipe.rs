@@ -342,10 +342,21 @@ async fn answer(recv: &mut RecvStream, within: Duration) -> Result<Bytes, PipeEr
     }
 }
 
-/// A stream error as text for a record or a log: it can carry the peer's close reason, which
-/// is bounded and escaped ([`ewii_common::text::from_peer`]).
-pub(crate) fn peer_said(e: &impl std::fmt::Display) -> String {
-    ewii_common::text::from_peer(e.to_string().as_bytes())
+/// A stream error as text for a record or a log, with the errors under it that it does not
+/// already say (a lost connection's close and the peer's reason for it: quinn's
+/// `ReadError::ConnectionLost` says only "connection lost"). The peer's words are bounded and
+/// escaped ([`ewii_common::text::from_peer`]).
+pub(crate) fn peer_said<E: std::error::Error + ?Sized>(e: &E) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let said = c.to_string();
+        if !text.ends_with(&said) {
+            text = format!("{text}: {said}");
+        }
+        cause = c.source();
+    }
+    ewii_common::text::from_peer(text.as_bytes())
 }
 
 fn tcp_error(e: &io::Error, other: fn(String) -> PipeError) -> PipeError {
@@ -462,6 +473,24 @@ mod tests {
         assert_eq!(n, 21);
         assert_eq!(w.taken, b"abcdefghijklmnopqrstu");
         assert!(chunks.iter().all(Bytes::is_empty));
+    }
+
+    /// A lost connection's error says why it was lost, in the peer's words (escaped): quinn's
+    /// own text for it is only "connection lost".
+    #[test]
+    fn a_lost_connection_is_said_with_the_peers_reason() {
+        let lost = ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(
+            quinn::ApplicationClose {
+                error_code: quinn::VarInt::from_u32(5),
+                reason: Bytes::from_static(b"maintenance\nwindow"),
+            },
+        ));
+        assert_eq!(
+            peer_said(&crate::transport::StreamError::Read(lost)),
+            "read: connection lost: closed by peer: maintenance\\u{a}window (code 5)"
+        );
+        let reset = ReadError::Reset(quinn::VarInt::from_u32(7));
+        assert_eq!(peer_said(&reset), reset.to_string(), "nothing under it");
     }
 
     /// The audit's byte count is what reached the TCP peer: a write that fails part-way
