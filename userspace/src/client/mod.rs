@@ -257,21 +257,25 @@ type Loaded = (
     Option<rcgen::KeyPair>,
 );
 
-/// Reads the SVID, the bundle and a kept renewal key; refuses a Client revoked earlier.
-/// Blocking.
-/// Whether `dir` holds an SVID this Client could run with: the check `run` makes first, made
-/// by the binary before it creates the state directory, prints its start-up lines or installs
-/// anything (a `run` before `enroll` leaves nothing behind). Blocking: small reads.
+/// Refuses a `dir` with no SVID file at all: never enrolled (or the wrong directory). The
+/// binary asks before it creates the state directory, prints its start-up lines or installs
+/// anything, so that a `run` before `enroll` leaves nothing behind. Anything else (a file this
+/// user cannot read, a broken one) is left to [`run`], which says more about it. Blocking.
 pub fn check_enrolled(dir: &Path) -> Result<(), ClientError> {
-    let not_enrolled = |source| ClientError::NotEnrolled {
-        dir: dir.to_owned(),
-        source,
-    };
-    let svid = Svid::load(dir, store::SVID_CERT, store::SVID_KEY).map_err(not_enrolled)?;
-    inspect_leaf(&svid.chain[0]).map_err(not_enrolled)?;
-    Ok(())
+    let path = dir.join(store::SVID_CERT);
+    match std::fs::symlink_metadata(&path) {
+        Err(source) if source.kind() == std::io::ErrorKind::NotFound => {
+            Err(ClientError::NotEnrolled {
+                dir: dir.to_owned(),
+                source: IdentityError::Io { path, source },
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
+/// Reads the SVID, the bundle and a kept renewal key; refuses a Client revoked earlier.
+/// Blocking.
 fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
     let pending_revoke = load_markers(dir)?;
     let not_enrolled = |source| ClientError::NotEnrolled {

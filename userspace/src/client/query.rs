@@ -11,11 +11,13 @@ use tokio::time::Instant;
 
 use super::dialer::{DialError, Dialer};
 use crate::audit::Audit;
-use crate::transport::pipe::{pipe_until, PipeError, Start};
+use crate::transport::pipe::{pipe_until, Ended, PipeError, Start};
 use crate::transport::{self, codes, FrameReader, StreamError};
 
 /// How long the Hub has to send the `Open` header once it opened a stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopping Client waits for the Hub to read its `ShuttingDown` answer.
+const ANSWER_WAIT: Duration = Duration::from_secs(1);
 
 /// What a query needs from the Client: shared, read-only.
 #[derive(Debug)]
@@ -155,6 +157,9 @@ pub(crate) async fn serve(
             let code = RefuseCode::ShuttingDown;
             let _ = transport::write_frame(&mut send, &QueryHead::Refused { code }).await;
             let _ = send.finish();
+            // Read before the connection closes (a close discards what is unsent): the Hub
+            // stops the stream once it has the answer, about a round trip.
+            let _ = tokio::time::timeout(ANSWER_WAIT, send.stopped()).await;
             r.outcome = Some(Outcome::Failed);
             r.reason = Some(QueryError::Stopping.to_string());
             return r.finish();
@@ -180,8 +185,11 @@ pub(crate) async fn serve(
                         transport::pipe::peer_said(&closed)
                     ))
                 };
+                // At once: the Hub's side is gone, and the connection's own wind-down is short.
+                let ended = Ended::When(ended, Duration::ZERO);
                 let start = Start::Leftover(reader.into_leftover());
-                let report = pipe_until(tcp, send, recv, start, ended).await;
+                let never = std::future::pending();
+                let report = pipe_until(tcp, send, recv, start, never, ended).await;
                 r.bytes_up = Some(report.stream_to_tcp);
                 r.bytes_down = Some(report.tcp_to_stream);
                 report.error.map_or(Ok(()), |e| Err(e.into()))

@@ -20,7 +20,7 @@ use crate::audit::{Audit, Source};
 use crate::config::{ServiceConfig, ServiceMode};
 use crate::identity::inspect_leaf;
 use crate::transport;
-use crate::transport::pipe::{pipe_until, PipeError, Start, TcpLike};
+use crate::transport::pipe::{pipe_until, Ended, PipeError, Start, TcpLike};
 
 /// How long a query may wait for a stream (the Client's `max_queries` all in use), and then
 /// for the Client's answer to `Open` (it dials the destination meanwhile; the requester's first
@@ -417,30 +417,38 @@ async fn forward<S: TcpLike>(
             return;
         }
     }
-    // The Hub's stop ends the query too, with what it moved so far on record; so does the
-    // end of the Client's connection (a pipe whose return direction is done and whose
-    // requester is idle would not notice it, and would hold the requester until it acts).
+    // The Hub's stop ends the query too, with what it moved so far on record.
     let stop = &mut log.stop;
-    let conn = session.conn.clone();
     let cut = async move {
         tokio::select! {
             e = cut => e,
             () = stopped(stop) => PipeError::Ended("the Hub stopped".into()),
-            closed = conn.closed() => PipeError::Ended(format!(
-                "the Client's connection ended: {}",
-                transport::pipe::peer_said(&closed)
-            )),
         }
     };
+    // So does the end of the Client's connection (a pipe whose requester is idle would not
+    // notice it, and hold the requester until it acts), once what the Client sent before it
+    // reached the requester: within the bound a finished query waits for its last bytes.
+    let conn = session.conn.clone();
+    let ended = async move {
+        let closed = conn.closed().await;
+        PipeError::Ended(format!(
+            "the Client's connection ended: {}",
+            transport::pipe::peer_said(&closed)
+        ))
+    };
+    let ended = Ended::When(ended, transport::pipe::FINISH_WAIT);
     // The requester's bytes follow `Open` at once; nothing goes back before `Opened`.
-    let report = pipe_until(io, send, recv, Start::AwaitAnswer(OPEN_TIMEOUT), cut).await;
+    let start = Start::AwaitAnswer(OPEN_TIMEOUT);
+    let report = pipe_until(io, send, recv, start, cut, ended).await;
     let (outcome, record_bytes) = match &report.error {
         None => (Outcome::Ok, true),
         // One vocabulary on both sides: `refused` is policy (not in the allow-list), `failed`
         // is the network or load (the destination did not answer or refused, the Client is
-        // busy or stopping).
-        Some(PipeError::Refused(RefuseCode::NotAllowed)) => (Outcome::Refused, false),
-        Some(PipeError::Refused(_)) => (Outcome::Failed, false),
+        // busy or stopping). A code no Client sends in answer to `Open` stays `refused`.
+        Some(PipeError::Refused(
+            RefuseCode::Unreachable | RefuseCode::Busy | RefuseCode::ShuttingDown,
+        )) => (Outcome::Failed, false),
+        Some(PipeError::Refused(_)) => (Outcome::Refused, false),
         Some(PipeError::NoAnswer(_)) => (Outcome::Failed, false),
         // Policy again: the caller is no longer trusted. What it moved until then is counted.
         Some(PipeError::Cut(_)) => (Outcome::Refused, true),

@@ -33,7 +33,7 @@ const MAX_READ: usize = 64 * 1024;
 const WRITE_BATCH: usize = 32;
 
 /// How long a finished query waits for the peer to read its last bytes.
-const FINISH_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const FINISH_WAIT: Duration = Duration::from_secs(10);
 
 /// What went through, and how it ended.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -121,18 +121,55 @@ pub async fn pipe<S: TcpLike>(
     recv: RecvStream,
     start: Start,
 ) -> PipeReport {
-    pipe_until(io, send, recv, start, std::future::pending()).await
+    let never = std::future::pending;
+    pipe_until(
+        io,
+        send,
+        recv,
+        start,
+        never(),
+        Ended::<std::future::Pending<PipeError>>::Never,
+    )
+    .await
+}
+
+/// The end of a stream's connection, as [`pipe_until`] takes it: a connection's end does not
+/// lose what arrived before it (quinn still hands over the stream's data and its FIN), so what
+/// the stream still holds may be delivered for a while.
+pub enum Ended<F> {
+    /// Not watched.
+    Never,
+    /// Resolves when the connection ends; what the stream holds is then delivered for at most
+    /// this long (zero: cut at once). Once it was all delivered, the TCP side is closed, not
+    /// reset, so that its peer reads all of it.
+    When(F, Duration),
+}
+
+impl<F> std::fmt::Debug for Ended<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Never => f.write_str("Never"),
+            Self::When(_, drain) => f.debug_tuple("When").field(drain).finish(),
+        }
+    }
 }
 
 /// [`pipe`], cut when `cut` resolves first (also while the peer has yet to confirm the last
-/// bytes): both sides are aborted as on an error (a stream reset, a TCP RST), and the report
-/// keeps the bytes moved so far.
-pub async fn pipe_until<S: TcpLike>(
+/// bytes), or by the end of the stream's connection ([`Ended`]): both sides are aborted as on
+/// an error (a stream reset, a TCP RST), and the report keeps the bytes moved so far.
+///
+/// A connection's end matters even to a pipe whose stream read would not see it: one whose
+/// stream side is done and whose TCP peer is idle (its answer read), or one blocked writing to
+/// a TCP peer that reads nothing. A peer that closes right after its last query (a stop) has
+/// had its last bytes acknowledged, not necessarily read: they are delivered first, within
+/// the bound.
+pub async fn pipe_until<S: TcpLike, F: std::future::Future<Output = PipeError>>(
     io: S,
     mut send: SendStream,
     mut recv: RecvStream,
     start: Start,
     cut: impl std::future::Future<Output = PipeError>,
+    ended: Ended<F>,
 ) -> PipeReport {
     let (mut r, mut w) = tokio::io::split(io);
     let mut up_count = 0u64;
@@ -141,7 +178,23 @@ pub async fn pipe_until<S: TcpLike>(
     let answered = AtomicBool::new(matches!(start, Start::Leftover(_)));
     let stopped_early = AtomicBool::new(false);
     // Also watched while the last bytes are delivered (below).
-    tokio::pin!(cut);
+    let (ended, drain) = match ended {
+        Ended::Never => (None, Duration::ZERO),
+        Ended::When(ended, drain) => (Some(ended), drain),
+    };
+    let ended = async move {
+        match ended {
+            Some(ended) => ended.await,
+            None => std::future::pending().await,
+        }
+    };
+    let drained = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(cut, ended, drained);
+    // The connection's end, while what the stream holds is delivered.
+    let mut lost: Option<PipeError> = None;
+    // Set when the connection's end cut a pipe whose stream side had reached the TCP peer
+    // whole.
+    let mut delivered = false;
     let error = {
         let up = tcp_to_stream(&mut r, &mut send, &mut up_count);
         let down = async {
@@ -178,10 +231,25 @@ pub async fn pipe_until<S: TcpLike>(
                     Err(e) => break Some(e),
                 },
                 res = &mut down, if !down_done => match res {
-                    Ok(()) => down_done = true,
+                    Ok(()) => {
+                        down_done = true;
+                        if let (false, Some(e)) = (up_done, lost.take()) {
+                            delivered = true;
+                            break Some(e);
+                        }
+                    }
                     Err(e) => break Some(e),
                 },
                 e = &mut cut => break Some(e),
+                e = &mut ended, if lost.is_none() => {
+                    if down_done {
+                        delivered = true;
+                        break Some(e);
+                    }
+                    drained.as_mut().reset(tokio::time::Instant::now() + drain);
+                    lost = Some(e);
+                }
+                () = &mut drained, if lost.is_some() => break lost.take(),
             }
             if up_done && down_done {
                 break up_error;
@@ -207,7 +275,14 @@ pub async fn pipe_until<S: TcpLike>(
         };
         let _ = send.reset(code);
         let _ = recv.stop(code);
-        r.unsplit(w).abort();
+        let io = r.unsplit(w);
+        if delivered {
+            // What the stream gave reached the TCP peer with its FIN: closed, not reset, so
+            // that the peer reads all of it (what it sends from now on, its kernel refuses).
+            drop(io);
+        } else {
+            io.abort();
+        }
     }
     PipeReport {
         tcp_to_stream: up_count,
@@ -235,11 +310,15 @@ async fn tcp_to_stream<S: TcpLike>(
             }
             Ok(n) => {
                 size = next_read_size(size, n);
-                send.write_chunk(buf.split().freeze())
-                    .await
-                    .map_err(|e| PipeError::StreamWrite(peer_said(&e)))?;
-                // Counted once the stream took it: a failed write's bytes never left.
-                *count += n as u64;
+                // Counted as the stream takes it: a failed or cut write counts what went.
+                let mut chunk = [buf.split().freeze()];
+                while !chunk[0].is_empty() {
+                    let written = send
+                        .write_chunks(&mut chunk)
+                        .await
+                        .map_err(|e| PipeError::StreamWrite(peer_said(&e)))?;
+                    *count += written.bytes as u64;
+                }
             }
             Err(e) => return Err(tcp_error(&e, PipeError::TcpRead)),
         }
