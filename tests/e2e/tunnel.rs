@@ -760,28 +760,22 @@ async fn p8_a_client_enrols_and_serves_through_quic_retries() {
 /// A query as a stand-in Client (a raw session with the acme SVID) sees it before answering:
 /// the Hub, the session, the requester (who wrote `SELECT 1`), the stream, and the bytes that
 /// arrived behind `Open`.
-async fn a_query_at_a_raw_client() -> (
-    TestHub,
-    RawSession,
-    TcpStream,
-    quinn::SendStream,
-    quinn::RecvStream,
-    Vec<u8>,
-) {
+async fn a_query_at_a_raw_client() -> RawQuery {
     a_query_at_a_raw_client_with(None).await
 }
 
-/// [`a_query_at_a_raw_client`], the requester's receive buffer at `rcvbuf` bytes when given.
-async fn a_query_at_a_raw_client_with(
-    rcvbuf: Option<u32>,
-) -> (
+/// What [`a_query_at_a_raw_client`] gives.
+type RawQuery = (
     TestHub,
     RawSession,
     TcpStream,
     quinn::SendStream,
     quinn::RecvStream,
     Vec<u8>,
-) {
+);
+
+/// [`a_query_at_a_raw_client`], the requester's receive buffer at `rcvbuf` bytes when given.
+async fn a_query_at_a_raw_client_with(rcvbuf: Option<u32>) -> RawQuery {
     use ewii::identity::store::{self, Svid};
     use ewii_common::frame::QueryHead;
 
