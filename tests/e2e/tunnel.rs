@@ -952,10 +952,10 @@ async fn p11_a_hub_query_ends_with_its_clients_connection() {
 /// An answer the Client sent whole before it closed its connection (a stop right after its
 /// last query: every byte acknowledged by the Hub's QUIC stack, not yet written to the
 /// requester) reaches the requester whole, with a clean end: the connection's end does not
-/// cut what arrived before it. The requester reads only once the Client has gone. (On
-/// loopback the Hub has written the answer to the requester's socket by then; a requester
-/// behind a slow path, where the answer would still wait in the Hub's stream window or its
-/// socket's send queue, is not tested here.)
+/// cut what arrived before it. The requester, a slow one, reads nothing until the Client has
+/// gone, through a 16 KiB receive buffer: the answer waits in the Hub's socket's send queue
+/// (as much as `tcp_wmem` lets it take) and the rest in its stream window when the close
+/// comes. Reset instead of closed, the requester would lose the first; cut at once, the second.
 #[tokio::test]
 async fn p4_an_answer_sent_before_the_clients_close_reaches_the_requester_whole() {
     use ewii_common::frame::QueryHead;
@@ -963,7 +963,13 @@ async fn p4_an_answer_sent_before_the_clients_close_reaches_the_requester_whole(
     let (hub, session, mut requester, mut send, recv, early) =
         a_query_at_a_raw_client_with(Some(16 * 1024)).await;
     assert_eq!(early, b"SELECT 1");
-    let answer = pattern(3 << 20, 11);
+    // More than the Hub's socket takes (`tcp_wmem`'s largest send buffer, 4 MiB by default),
+    // less than that and its stream window (1 MiB).
+    let wmem_max = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(2)?.parse::<usize>().ok())
+        .unwrap_or(4 << 20);
+    let answer = pattern(wmem_max + (512 << 10), 11);
     let sent = answer.clone();
     let client = tokio::spawn(async move {
         ewii::transport::write_frame(&mut send, &QueryHead::Opened)
