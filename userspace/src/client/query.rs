@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::dialer::{DialError, Dialer};
 use crate::audit::Audit;
-use crate::transport::pipe::{pipe_until, Ended, PipeError, Start};
+use crate::transport::pipe::{pipe_until, PipeError, Start};
 use crate::transport::{self, codes, FrameReader, StreamError};
 
 /// How long the Hub has to send the `Open` header once it opened a stream.
@@ -185,11 +185,12 @@ pub(crate) async fn serve(
                         transport::pipe::peer_said(&closed)
                     ))
                 };
-                // At once: the Hub's side is gone, and the connection's own wind-down is short.
-                let ended = Ended::When(ended, Duration::ZERO);
+                // Cut at once: the Hub's side is gone, and the connection's own wind-down is
+                // short (a destination that reads nothing must not hold it).
+                let drain = Duration::ZERO;
                 let start = Start::Leftover(reader.into_leftover());
                 let never = std::future::pending();
-                let report = pipe_until(tcp, send, recv, start, never, ended).await;
+                let report = pipe_until(tcp, send, recv, start, never, ended, drain).await;
                 r.bytes_up = Some(report.stream_to_tcp);
                 r.bytes_down = Some(report.tcp_to_stream);
                 report.error.map_or(Ok(()), |e| Err(e.into()))

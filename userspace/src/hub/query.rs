@@ -20,7 +20,7 @@ use crate::audit::{Audit, Source};
 use crate::config::{ServiceConfig, ServiceMode};
 use crate::identity::inspect_leaf;
 use crate::transport;
-use crate::transport::pipe::{pipe_until, Ended, PipeError, Start, TcpLike};
+use crate::transport::pipe::{pipe_until, PipeError, Start, TcpLike};
 
 /// How long a query may wait for a stream (the Client's `max_queries` all in use), and then
 /// for the Client's answer to `Open` (it dials the destination meanwhile; the requester's first
@@ -436,10 +436,10 @@ async fn forward<S: TcpLike>(
             transport::pipe::peer_said(&closed)
         ))
     };
-    let ended = Ended::When(ended, transport::pipe::FINISH_WAIT);
+    let drain = transport::pipe::FINISH_WAIT;
     // The requester's bytes follow `Open` at once; nothing goes back before `Opened`.
     let start = Start::AwaitAnswer(OPEN_TIMEOUT);
-    let report = pipe_until(io, send, recv, start, cut, ended).await;
+    let report = pipe_until(io, send, recv, start, cut, ended, drain).await;
     let (outcome, record_bytes) = match &report.error {
         None => (Outcome::Ok, true),
         // One vocabulary on both sides: `refused` is policy (not in the allow-list), `failed`

@@ -122,54 +122,28 @@ pub async fn pipe<S: TcpLike>(
     start: Start,
 ) -> PipeReport {
     let never = std::future::pending;
-    pipe_until(
-        io,
-        send,
-        recv,
-        start,
-        never(),
-        Ended::<std::future::Pending<PipeError>>::Never,
-    )
-    .await
-}
-
-/// The end of a stream's connection, as [`pipe_until`] takes it: a connection's end does not
-/// lose what arrived before it (quinn still hands over the stream's data and its FIN), so what
-/// the stream still holds may be delivered for a while.
-pub enum Ended<F> {
-    /// Not watched.
-    Never,
-    /// Resolves when the connection ends; what the stream holds is then delivered for at most
-    /// this long (zero: cut at once). Once it was all delivered, the TCP side is closed, not
-    /// reset, so that its peer reads all of it.
-    When(F, Duration),
-}
-
-impl<F> std::fmt::Debug for Ended<F> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Never => f.write_str("Never"),
-            Self::When(_, drain) => f.debug_tuple("When").field(drain).finish(),
-        }
-    }
+    pipe_until(io, send, recv, start, never(), never(), Duration::ZERO).await
 }
 
 /// [`pipe`], cut when `cut` resolves first (also while the peer has yet to confirm the last
-/// bytes), or by the end of the stream's connection ([`Ended`]): both sides are aborted as on
-/// an error (a stream reset, a TCP RST), and the report keeps the bytes moved so far.
+/// bytes), or by `ended`, the end of the stream's connection: both sides are aborted as on an
+/// error (a stream reset, a TCP RST), and the report keeps the bytes moved so far.
 ///
 /// A connection's end matters even to a pipe whose stream read would not see it: one whose
 /// stream side is done and whose TCP peer is idle (its answer read), or one blocked writing to
-/// a TCP peer that reads nothing. A peer that closes right after its last query (a stop) has
-/// had its last bytes acknowledged, not necessarily read: they are delivered first, within
-/// the bound.
-pub async fn pipe_until<S: TcpLike, F: std::future::Future<Output = PipeError>>(
+/// a TCP peer that reads nothing. But it does not lose what arrived before it (quinn still
+/// hands over the stream's data and its FIN), and a peer that closes right after its last
+/// query (a stop) has had its last bytes acknowledged, not necessarily read: what the stream
+/// still holds is delivered for at most `drain` (zero: cut at once). Once it was all
+/// delivered, the TCP side is closed, not reset, so that its peer reads all of it.
+pub async fn pipe_until<S: TcpLike>(
     io: S,
     mut send: SendStream,
     mut recv: RecvStream,
     start: Start,
     cut: impl std::future::Future<Output = PipeError>,
-    ended: Ended<F>,
+    ended: impl std::future::Future<Output = PipeError>,
+    drain: Duration,
 ) -> PipeReport {
     let (mut r, mut w) = tokio::io::split(io);
     let mut up_count = 0u64;
@@ -178,16 +152,6 @@ pub async fn pipe_until<S: TcpLike, F: std::future::Future<Output = PipeError>>(
     let answered = AtomicBool::new(matches!(start, Start::Leftover(_)));
     let stopped_early = AtomicBool::new(false);
     // Also watched while the last bytes are delivered (below).
-    let (ended, drain) = match ended {
-        Ended::Never => (None, Duration::ZERO),
-        Ended::When(ended, drain) => (Some(ended), drain),
-    };
-    let ended = async move {
-        match ended {
-            Some(ended) => ended.await,
-            None => std::future::pending().await,
-        }
-    };
     let drained = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(cut, ended, drained);
     // The connection's end, while what the stream holds is delivered.
@@ -557,7 +521,7 @@ mod tests {
     /// A lost connection's error says why it was lost, in the peer's words (escaped): quinn's
     /// own text for it is only "connection lost".
     #[test]
-    fn a_lost_connection_is_said_with_the_peers_reason() {
+    fn p11_a_lost_connection_is_said_with_the_peers_reason() {
         let lost = ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(
             quinn::ApplicationClose {
                 error_code: quinn::VarInt::from_u32(5),
@@ -575,7 +539,7 @@ mod tests {
     /// The audit's byte count is what reached the TCP peer: a write that fails part-way
     /// through a batch keeps the bytes written before it counted.
     #[tokio::test]
-    async fn a_batch_that_fails_part_way_counts_the_bytes_that_went() {
+    async fn p11_a_batch_that_fails_part_way_counts_the_bytes_that_went() {
         let mut chunks: Vec<Bytes> = ["abcdefgh", "ijklmnopqrstu"]
             .iter()
             .map(|s| Bytes::from_static(s.as_bytes()))
