@@ -50,15 +50,7 @@ async fn hostile_hub_granting(
             };
             let mut reader = FrameReader::new();
             if let Ok(Some(Control::Hello { .. })) = reader.read::<Control>(&mut recv).await {
-                let welcome = Control::Welcome {
-                    session_id: 1,
-                    hub_time_us: 0,
-                    limits: frame::Limits {
-                        max_concurrent_queries: 1024,
-                        idle_timeout_ms: 3000,
-                    },
-                };
-                transport::write_frame(&mut send, &welcome).await.unwrap();
+                transport::write_frame(&mut send, &welcome()).await.unwrap();
                 // The test keeps the control stream open (a dropped `SendStream` would finish
                 // it): the send half goes with the connection.
                 let _ = tx.send((conn, recv, send)).await;
@@ -66,6 +58,18 @@ async fn hostile_hub_granting(
         }
     });
     (addr, rx)
+}
+
+/// The `Welcome` the hostile Hub answers a `Hello` with.
+fn welcome() -> Control {
+    Control::Welcome {
+        session_id: 1,
+        hub_time_us: 0,
+        limits: frame::Limits {
+            max_concurrent_queries: 1024,
+            idle_timeout_ms: 3000,
+        },
+    }
 }
 
 /// Client `acme`, enrolled with `hub`, running against a hostile Hub with `hub`'s identity,
@@ -762,4 +766,154 @@ async fn p11_a_query_cut_by_the_hubs_close_records_the_hubs_reason() {
     assert_eq!(r.outcome, Some(Outcome::Failed));
     let reason = r.reason.unwrap_or_default();
     assert!(reason.contains("maintenance window (code 5)"), "{reason}");
+}
+
+/// A destination that counts the connections made to it (its kernel's accept queue, never
+/// accepted): `pending(&db)` says whether any came.
+fn counting_destination() -> std::net::TcpListener {
+    let db = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    db.set_nonblocking(true).unwrap();
+    db
+}
+
+/// Whether a connection to `db` ([`counting_destination`]) was made.
+fn dialled(db: &std::net::TcpListener) -> bool {
+    match db.accept() {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(e) => panic!("the destination's listener: {e}"),
+    }
+}
+
+/// A stopping Client takes no new query (DESIGN §6), also one whose stream the Hub opened
+/// before it read `Goodbye` and whose `Open` it sends after: that query is answered
+/// `ShuttingDown` and recorded, and its destination, allowed, is never dialled.
+#[tokio::test]
+async fn p9_a_stopping_client_dials_no_query_whose_open_comes_after_its_goodbye() {
+    let hub = TestHub::start(&[]).await;
+    let db = counting_destination();
+    let (mut client, (conn, mut control, mut send)) =
+        welcomed_by_hostile_hub_with(&hub, db.local_addr().unwrap()).await;
+    // Stream A: the first byte of an `Open` for the allowed `db`; the rest is held back.
+    let head = open("db");
+    let (mut held, mut held_answer) = conn.open_bi().await.unwrap();
+    held.write_all(&head[..1]).await.unwrap();
+    // Stream B, a complete query the allow-list refuses: once it is answered, the Client has
+    // taken A too (streams are taken in the order they were opened).
+    assert_eq!(
+        ask(&conn, &open("elsewhere")).await,
+        Ok(Some(QueryHead::Refused {
+            code: RefuseCode::NotAllowed
+        }))
+    );
+
+    let hub_side = async {
+        let goodbye = FrameReader::new().read::<Control>(&mut control).await;
+        assert!(
+            matches!(goodbye, Ok(Some(Control::Goodbye { .. }))),
+            "{goodbye:?}"
+        );
+        // The rest of A's `Open`, after the `Goodbye`.
+        held.write_all(&head[1..]).await.unwrap();
+        let _ = held.finish();
+        let answer =
+            tokio::time::timeout(SOON, FrameReader::new().read::<QueryHead>(&mut held_answer))
+                .await
+                .expect("an answer to the held query in time");
+        // The `Goodbye` is taken: the Client may go.
+        let _ = send.finish();
+        answer
+    };
+    let (exit, answer) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(20), client.stop()),
+        hub_side
+    );
+    exit.expect("the Client stops");
+    assert_eq!(
+        answer.unwrap(),
+        Some(QueryHead::Refused {
+            code: RefuseCode::ShuttingDown
+        })
+    );
+    assert!(!dialled(&db), "a stopping Client dialled the destination");
+    let records = client.audit.records();
+    let held_query = records
+        .iter()
+        .find(|r| {
+            r.event == Event::Query
+                && r.query_id == Some(QueryId(7))
+                && r.destination.as_ref().is_some_and(|d| d.name == "db")
+        })
+        .expect("the held query's record");
+    assert_eq!(held_query.outcome, Some(Outcome::Failed));
+    assert_eq!(
+        held_query.reason.as_deref(),
+        Some("the Client is stopping: it takes no new query")
+    );
+}
+
+/// A Client whose revoke is pending dials only to deliver it and serves nothing on that
+/// connection (P9), even a query the Hub opened before its `Welcome`, already there when the
+/// connection starts: it is answered `ShuttingDown`, never dialled. Five Clients in turn: the
+/// connection's first moment is where the race was.
+#[tokio::test]
+async fn p9_the_connection_that_delivers_a_pending_revoke_serves_no_query() {
+    let hub = TestHub::start(&[]).await;
+    let db = counting_destination();
+    let endpoint = hub_impostor(&hub, None);
+    let addr = endpoint.local_addr().unwrap();
+    for round in 0..5 {
+        let name = format!("acme{round}");
+        let allow = [("db", db.local_addr().unwrap().to_string())];
+        let mut client = TestClient::enrol(&hub, &name, &allow).await;
+        std::fs::write(
+            client.state_dir().join(ewii::client::REVOKE_PENDING_MARKER),
+            "",
+        )
+        .unwrap();
+        client.config.hub = addr.to_string().parse().unwrap();
+        client.start();
+        let hub_side = async {
+            let conn = endpoint.accept().await.unwrap().await.unwrap();
+            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+            let mut reader = FrameReader::new();
+            let hello = reader.read::<Control>(&mut recv).await;
+            assert!(
+                matches!(hello, Ok(Some(Control::Hello { .. }))),
+                "{hello:?}"
+            );
+            // A query before the `Welcome`: it is there when the Client's connection starts.
+            let (mut query, mut answer) = conn.open_bi().await.unwrap();
+            query.write_all(&open("db")).await.unwrap();
+            let _ = query.finish();
+            transport::write_frame(&mut send, &welcome()).await.unwrap();
+            let goodbye = reader.read::<Control>(&mut recv).await;
+            assert!(
+                matches!(goodbye, Ok(Some(Control::Goodbye { revoke: true }))),
+                "{goodbye:?}"
+            );
+            let answer =
+                tokio::time::timeout(SOON, FrameReader::new().read::<QueryHead>(&mut answer))
+                    .await
+                    .expect("an answer to the query in time");
+            // The revoke is taken.
+            let _ = send.finish();
+            (answer, conn)
+        };
+        let (exit, (answer, _conn)) = tokio::join!(client.ended(Duration::from_secs(20)), hub_side);
+        assert_eq!(
+            exit.unwrap(),
+            ewii::client::Exit::Revoked {
+                reason: ewii_common::session::PENDING_REVOKE_REASON.into()
+            }
+        );
+        assert_eq!(
+            answer.unwrap(),
+            Some(QueryHead::Refused {
+                code: RefuseCode::ShuttingDown
+            }),
+            "round {round}"
+        );
+        assert!(!dialled(&db), "round {round}: the destination was dialled");
+    }
 }

@@ -1091,3 +1091,37 @@ async fn p7_a_delivery_for_another_identity_or_with_a_foreign_key_is_refused_and
     assert_eq!(ups, 1, "no move for a refused delivery");
     assert_eq!(client.stop().await, Exit::Stopped);
 }
+
+/// With its SVID from the Workload API, a Client takes the Hub's CAs from its SPIRE alone: a
+/// bundle the Hub pushes (`ca prepare`) is refused, and recorded with what it would have
+/// changed and what the customer does about it; the session and its queries go on (P7, P15).
+/// Taken, it would have had the Client trust a CA that SPIRE never federated, until SPIRE's
+/// next delivery took it away again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_p15_a_workload_api_client_takes_the_hubs_cas_from_spire_not_from_the_hub() {
+    let (s, mut client) = Setup::connected().await;
+    let svc = s.hub.service("svc");
+    admin::ca_prepare(&s.hub.state_dir()).unwrap();
+    let refused = wait_audit(&client.audit, "the Hub's bundle, refused", |r| {
+        r.event == Event::BundleUpdated
+    })
+    .await;
+    assert_eq!(refused.outcome, Some(Outcome::Refused), "{refused:?}");
+    let reason = refused.reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("from the Hub (2 trust anchor(s); added sha256:")
+            && reason.contains("the Hub's CAs come from the Workload API")
+            && reason.contains(&format!("federate its new bundle for {TD} in SPIRE")),
+        "{reason}"
+    );
+    try_roundtrip(svc, b"after the push").await.unwrap();
+    assert_eq!(client.stop().await, Exit::Stopped);
+    assert!(
+        !client
+            .audit
+            .records()
+            .iter()
+            .any(|r| r.event == Event::BundleUpdated && r.outcome == Some(Outcome::Ok)),
+        "nothing took the Hub's bundle"
+    );
+}

@@ -298,6 +298,8 @@ impl Connection {
         let hub = conn.remote_address();
         // Set once `Goodbye` is sent: no new query, and the end comes when none is left.
         let mut stopping = false;
+        // The same, for the queries: each reads it once its `Open` is here.
+        let taking = Taking::default();
         // The Hub has read and processed our `Goodbye`.
         let mut goodbye_read = false;
         // Until the connection can open no more streams (past `Goodbye` only).
@@ -339,7 +341,7 @@ impl Connection {
                         id,
                         conn.clone(),
                         stream,
-                        Taking::Nothing,
+                        taking.clone(),
                     ));
                     continue;
                 }
@@ -347,7 +349,11 @@ impl Connection {
                 conn.close(codes::DONE, b"");
                 break End::Lost(Lost::Stopped);
             }
+            // Commands first: the driver queues what a new connection must do before it starts
+            // (a `Goodbye` for one dialled only to deliver a revoke), and it is done before any
+            // stream is taken. Then the Hub's control messages (a `Revoked`), then streams.
             tokio::select! {
+                biased;
                 command = commands.recv() => match command {
                     Some(Command::Renew(csr)) => {
                         if let Err(e) = out.send(&Control::Renew { csr }) {
@@ -370,6 +376,7 @@ impl Connection {
                         }
                     },
                     Some(Command::Goodbye { revoke }) => {
+                        taking.stop();
                         let _ = out.send(&Control::Goodbye { revoke });
                         let _ = out.finish();
                         stopping = true;
@@ -397,22 +404,6 @@ impl Connection {
                 },
                 // Past `Goodbye`, the end is the Hub's answer or the session machine's bound.
                 e = out.failed(), if !stopping && retiring.is_none() => break ended_by(&conn, &e),
-                // Also past `Goodbye`: a stream the Hub opened before it read that is answered
-                // (`ShuttingDown`) and recorded, not left to fail at the close.
-                stream = conn.accept_bi(), if accepting => match stream {
-                    Ok(stream) => {
-                        quiet_at = None;
-                        if held_check.is_none() {
-                            held_check = Some((Instant::now() + HELD_CHECK, HeldQuiet::from(moved(&conn))));
-                        }
-                        let taking = if stopping { Taking::Nothing } else { Taking::Queries };
-                        queries.spawn(query::serve(ctx.clone(), id, conn.clone(), stream, taking));
-                    }
-                    // Past `Goodbye` the end comes as it did before: drained, or the control
-                    // stream's error.
-                    Err(_) if stopping => accepting = false,
-                    Err(e) => break closed(&e),
-                },
                 msg = reader.read::<Control>(&mut recv), if !goodbye_read => match msg {
                     Ok(None) if stopping || retiring.is_some() => {
                         goodbye_read = true;
@@ -441,6 +432,21 @@ impl Connection {
                         break End::Lost(Lost::Control("the Hub closed the control stream".into()));
                     }
                     Err(e) => break ended_by(&conn, &e),
+                },
+                // Also past `Goodbye`: a stream the Hub opened before it read that is answered
+                // (`ShuttingDown`) and recorded, not left to fail at the close.
+                stream = conn.accept_bi(), if accepting => match stream {
+                    Ok(stream) => {
+                        quiet_at = None;
+                        if held_check.is_none() {
+                            held_check = Some((Instant::now() + HELD_CHECK, HeldQuiet::from(moved(&conn))));
+                        }
+                        queries.spawn(query::serve(ctx.clone(), id, conn.clone(), stream, taking.clone()));
+                    }
+                    // Past `Goodbye` the end comes as it did before: drained, or the control
+                    // stream's error.
+                    Err(_) if stopping => accepting = false,
+                    Err(e) => break closed(&e),
                 },
                 Some(_) = queries.join_next(), if !queries.is_empty() => {
                     // A query that ended makes room for the linger to start again.

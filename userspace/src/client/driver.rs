@@ -80,6 +80,9 @@ pub(super) struct Driver {
     denies: Option<Box<dyn DenySource>>,
     status: StatusWriter,
     connections: HashMap<u64, mpsc::UnboundedSender<Command>>,
+    /// Connections just dialled, started once the machine's first commands for them are
+    /// queued (see [`Self::dialled`]).
+    starting: Vec<(Connection, mpsc::UnboundedReceiver<Command>)>,
     tasks: JoinSet<()>,
     events: (mpsc::UnboundedSender<Event>, mpsc::UnboundedReceiver<Event>),
     dialing: Option<Dialing>,
@@ -160,6 +163,7 @@ impl Driver {
             enforcement,
             denies,
             connections: HashMap::new(),
+            starting: Vec::new(),
             tasks: JoinSet::new(),
             events: mpsc::unbounded_channel(),
             dialing: None,
@@ -216,6 +220,10 @@ impl Driver {
         let exit = loop {
             if let Some(exit) = self.perform_actions() {
                 break exit;
+            }
+            for (connection, commands) in self.starting.drain(..) {
+                self.tasks
+                    .spawn(connection.run(commands, self.events.0.clone()));
             }
             let counters = denied.borrow().clone();
             self.publish_status(&counters);
@@ -342,8 +350,12 @@ impl Driver {
                 let id = opened.id;
                 let (tx, rx) = mpsc::unbounded_channel();
                 self.connections.insert(id, tx);
+                // Started after the machine's answer to it is queued: a `Goodbye` (a connection
+                // dialled only to deliver a revoke, or during a stop) or a `Close` (one that came
+                // too late), which the connection takes before any stream. Started at once, it
+                // could serve a query the Hub opened right after its `Welcome` first.
                 let connection = Connection::new(opened, self.queries.clone());
-                self.tasks.spawn(connection.run(rx, self.events.0.clone()));
+                self.starting.push((connection, rx));
                 self.last_error = None;
                 self.machine.handle_dialed(now, id, random());
             }
@@ -616,10 +628,28 @@ impl Driver {
     }
 
     /// A bundle pushed by the Hub over the authenticated control stream replaces ours.
+    /// With `svid_source = "workload-api"` the customer's SPIRE says which CAs vouch for the
+    /// Hub (the federated bundle it delivers): a bundle the Hub pushes is refused and recorded,
+    /// not taken. Taken, it would trust CAs that SPIRE never federated until the next delivery,
+    /// and that delivery would then take them away again.
     async fn adopt_bundle(&mut self, bundle: Vec<Vec<u8>>) {
         let anchors: Vec<CertificateDer<'static>> = bundle.into_iter().map(Into::into).collect();
         let mut r = self.audit.record(AuditEvent::BundleUpdated);
         r.client = Some(self.queries.client_id.clone());
+        if let SvidSource::WorkloadApi {
+            hub_trust_domain, ..
+        } = &self.config.svid_source
+        {
+            let change = rotation::bundle_diff(&self.bundle.anchors(), &anchors);
+            tracing::warn!(%change, "a bundle from the Hub refused: the Hub's CAs come from the Workload API");
+            r.outcome = Some(Outcome::Refused);
+            r.reason = Some(format!(
+                "from the Hub ({change}): not taken, the Hub's CAs come from the Workload API \
+                 (svid_source = \"workload-api\"); if the operator is rotating the Hub's CA, \
+                 federate its new bundle for {hub_trust_domain} in SPIRE; bundle kept"
+            ));
+            return self.audit.emit(r);
+        }
         let change = match rotation::bundle_change(&self.bundle.anchors(), &anchors) {
             Ok(change) => change,
             Err(e) => {

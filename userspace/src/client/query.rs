@@ -2,6 +2,7 @@
 //! entry → `Opened` and the bytes are piped, or `Refused` (DESIGN §4). Every query leaves one
 //! audit record (P11).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,14 +56,25 @@ impl QueryError {
     }
 }
 
-/// Whether a query stream is served, or answered that the Client is stopping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Taking {
-    /// Dial the destination and pipe.
-    Queries,
-    /// The Client said `Goodbye`: a stream the Hub opened before it read that is answered
-    /// `ShuttingDown` (and recorded), so neither side is left guessing.
-    Nothing,
+/// Whether a connection's queries are served, or answered that the Client is stopping: one
+/// flag per connection, set when it says `Goodbye`. A stream the Hub opened before it read that
+/// is answered `ShuttingDown` (and recorded), so neither side is left guessing.
+///
+/// Read when a query's `Open` has arrived, not when its stream did: a Hub can open streams,
+/// hold back their headers, and send them once it has read `Goodbye`. Those are new queries
+/// too, and a stopping Client dials none.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Taking(Arc<AtomicBool>);
+
+impl Taking {
+    /// From now on, every query whose `Open` is read is answered `ShuttingDown`.
+    pub(crate) fn stop(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn queries(&self) -> bool {
+        !self.0.load(Ordering::Acquire)
+    }
 }
 
 /// Serves one query stream of session `session_id`, opened by the Hub at `hub`.
@@ -151,9 +163,9 @@ pub(crate) async fn serve(
         name: ewii_common::text::from_peer(destination.as_bytes()),
         address: None,
     });
-    let dialed = match taking {
-        Taking::Queries => ctx.dialer.dial(&destination).await,
-        Taking::Nothing => {
+    let dialed = match taking.queries() {
+        true => ctx.dialer.dial(&destination).await,
+        false => {
             let code = RefuseCode::ShuttingDown;
             let _ = transport::write_frame(&mut send, &QueryHead::Refused { code }).await;
             let _ = send.finish();
