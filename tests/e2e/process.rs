@@ -801,6 +801,26 @@ async fn p13_the_client_binary_has_no_listener_and_p6_one_udp_socket() {
     let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
     let row = listing.lines().find(|l| l.starts_with("acme ")).unwrap();
     assert_eq!(row.split_whitespace().nth(1), Some("revoked"), "{listing}");
+    // Started again, revoked and with no token: it says so, and what to do, before its
+    // start-up lines or layers (exit 10).
+    let again = Command::new(bin_path("ewii-client"))
+        .args(["run", "--config", client_toml.to_str().unwrap()])
+        .env_remove("EWII_TOKEN")
+        .env_remove("EWII_BUNDLE_HASH")
+        .output()
+        .unwrap();
+    let said = stderr_of(&again);
+    assert_eq!(again.status.code(), Some(10), "{said}");
+    assert!(
+        said.contains("this Client is revoked (revoked at its stop")
+            && said.contains("it will not connect again")
+            && said.contains("ewii-client enroll --replace"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("ewii-client: hub ") && !said.contains("allow-list"),
+        "nothing before the refusal: {said}"
+    );
 
     assert_eq!(hub.terminate().code(), Some(0));
     let hub_lines = fs::read_to_string(&hub_audit).unwrap();
@@ -1618,6 +1638,45 @@ fn hub_dir_of_another_user(top: &std::path::Path) -> std::path::PathBuf {
         std::os::unix::fs::lchown(&path, Some(HUB_OWNER), Some(HUB_OWNER)).unwrap();
     }
     dir
+}
+
+/// A reading command run by a user who may not look into the Hub's state directory (neither
+/// its owner nor root) is told so, and whose the directory is (exit 1): not that it holds no
+/// Hub state, which would send the operator to `init` beside a working Hub.
+#[test]
+fn a_hub_state_directory_this_user_cannot_read_is_not_called_uninitialised() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if skipped_without_root("to run a command as a third user") {
+        return;
+    }
+    let top = tempfile::tempdir().unwrap();
+    let dir = hub_dir_of_another_user(top.path());
+    // The directory's owner can be seen; what is in it cannot.
+    fs::set_permissions(top.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let d = dir.to_str().unwrap();
+    for args in [
+        vec!["clients", "--state-dir", d],
+        vec!["token", "list", "--state-dir", d],
+        vec!["bundle-hash", "--state-dir", d],
+    ] {
+        let out = Command::new(bin_path("ewii-hub"))
+            .args(&args)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        let err = exits_saying_once(
+            &out,
+            1,
+            &format!("cannot read the Hub state in {d}: Permission denied"),
+        );
+        assert!(
+            err.contains(&format!("run this as its owner (uid {HUB_OWNER})")),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("holds no Hub state"), "{args:?}: {err}");
+    }
 }
 
 /// The run lock is an `flock` on the state directory itself, not on a file in it: a file a

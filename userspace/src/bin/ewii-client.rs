@@ -402,6 +402,20 @@ fn run(path: &Path) -> ExitCode {
             return fail(EXIT_NOT_ENROLLED, e.to_string());
         }
     }
+    // Revoked, and no token to enrol again with: said first, in the same words and with the
+    // same exit code as when the start gets that far, with nothing printed or installed before.
+    if token.is_none() {
+        if let Err(e) = client::check_not_revoked(&config.state_dir) {
+            let next = match config.svid_source {
+                config::SvidSource::StateDir => REVOKED_NEXT,
+                config::SvidSource::WorkloadApi { .. } => REVOKED_NEXT_SPIRE,
+            };
+            return fail(
+                EXIT_REVOKED,
+                format!("{}; {next}", printable(&e.to_string())),
+            );
+        }
+    }
     // One Client per state directory, checked before anything is installed or written.
     // (Created 0700 when missing, so that a first start can enrol into it.)
     // An error here shows up as the lock's, below.

@@ -217,10 +217,26 @@ fn main() -> ExitCode {
     }
 }
 
-/// Refuses, once and clearly, a state directory that `ewii-hub init` never made.
+/// Refuses, once and clearly, a state directory that `ewii-hub init` never made. One this
+/// user may not look into is not called uninitialised: its error says so, and whose it is.
 fn initialised(state_dir: &std::path::Path) -> Result<(), ExitCode> {
-    if state_dir.join(admin::CA_CERT).exists() {
-        return Ok(());
+    match std::fs::symlink_metadata(state_dir.join(admin::CA_CERT)) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            let who = match std::fs::metadata(state_dir) {
+                Ok(m) => format!(
+                    "its owner (uid {}), the user the Hub runs as",
+                    std::os::unix::fs::MetadataExt::uid(&m)
+                ),
+                Err(_) => "the user the Hub runs as".to_owned(),
+            };
+            fail(&format!(
+                "ewii-hub: cannot read the Hub state in {}: {e}; run this as {who}",
+                state_dir.display(),
+            ));
+            return Err(ExitCode::from(1));
+        }
     }
     fail(&format!(
         "ewii-hub: {} holds no Hub state: run `ewii-hub init --state-dir {} --trust-domain <your.domain>` first",

@@ -274,6 +274,14 @@ pub fn check_enrolled(dir: &Path) -> Result<(), ClientError> {
     }
 }
 
+/// Refuses a Client revoked earlier ([`ClientError::RevokedEarlier`]): the binary asks before
+/// it prints its start-up lines or installs anything, as for [`check_enrolled`], so that the
+/// restart of a revoked Client says only that, and what to do. [`run`] refuses it all the same.
+/// Blocking.
+pub fn check_not_revoked(dir: &Path) -> Result<(), ClientError> {
+    load_markers(dir).map(|_pending| ())
+}
+
 /// Reads the SVID, the bundle and a kept renewal key; refuses a Client revoked earlier.
 /// Blocking.
 fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
