@@ -414,7 +414,7 @@ fn ebpf_run_options(podman: &Podman, dir: &Path) -> Vec<String> {
             "action": "SCMP_ACT_ALLOW",
             "includes": {"caps": ["CAP_BPF"]}
         }));
-        let path = dir.join("seccomp-ebpf.json");
+        let path = dir.join("ewii-seccomp.json");
         fs::write(&path, profile.to_string()).unwrap();
         out.extend([
             "--security-opt".into(),

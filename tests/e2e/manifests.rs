@@ -2,8 +2,9 @@
 //! both variants and the Hub's systemd unit pass real validators (scripts/check-manifests:
 //! kubernetes-validate, the compose-spec schema, podman-compose, systemd-analyze), and say
 //! what the customer page promises — non-root, no capability (or only the two the kernel lock
-//! needs), a read-only root, no privilege gain, no host network, nothing published, liveness
-//! by `ewii-client health`, egress only to the Hub and the allow-list.
+//! needs), a read-only root, no privilege gain, no host network, nothing published, readiness
+//! by `ewii-client health` and no liveness probe (a restart is a stop, which revokes), egress
+//! only to the Hub and the allow-list.
 
 use std::process::Command;
 
@@ -104,8 +105,14 @@ fn kubernetes_promises(docs: &[Value], image: &str, caps: &[&str]) -> Vec<String
         );
         say(c["ports"].is_null(), "no container port (P13)");
         say(
-            strings(&c["livenessProbe"]["exec"]["command"]) == ["ewii-client", "health"],
-            "liveness by ewii-client health",
+            strings(&c["readinessProbe"]["exec"]["command"]) == ["ewii-client", "health"],
+            "readiness by ewii-client health",
+        );
+        // `health` fails with no session (a Hub outage): a liveness probe would restart the
+        // Client, and a stop revokes it (on_stop = "revoke", the default).
+        say(
+            c["livenessProbe"].is_null(),
+            "no liveness probe: a restart would revoke the Client",
         );
         say(
             c["lifecycle"]["preStop"].is_null(),
@@ -171,13 +178,23 @@ fn p1_p2_p3_p13_the_deployment_examples_validate_and_keep_the_promises() {
     pod["hostNetwork"] = true.into();
     pod["containers"][0]["securityContext"]["capabilities"]["add"] = serde_json::json!(["NET_RAW"]);
     pod["containers"][0]["ports"] = serde_json::json!([{"containerPort": 8080}]);
+    pod["containers"][0]["livenessProbe"] =
+        serde_json::json!({"exec": {"command": ["ewii-client", "health"]}});
     assert_eq!(
         kubernetes_promises(&bad, "ewii-client:", &[]),
         [
             "no host network",
             "adds only the lock's capabilities",
-            "no container port (P13)"
+            "no container port (P13)",
+            "no liveness probe: a restart would revoke the Client"
         ]
+    );
+    // One name for the seccomp profile the lock needs, in both examples and in deploy.md's
+    // recipe.
+    let deploy = ebpf.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    assert_eq!(
+        deploy["spec"]["template"]["spec"]["securityContext"]["seccompProfile"]["localhostProfile"],
+        "profiles/ewii-seccomp.json"
     );
 
     let compose = documents("compose.yaml").unwrap();
@@ -205,4 +222,11 @@ fn p1_p2_p3_p13_the_deployment_examples_validate_and_keep_the_promises() {
             "{name}"
         );
     }
+    assert!(strings(&services["ewii-client-ebpf"]["security_opt"])
+        .contains(&"seccomp=./ewii-seccomp.json"));
+    let recipe = std::fs::read_to_string(format!("{ROOT}/docs/deploy.md")).unwrap();
+    assert!(
+        recipe.contains("> ewii-seccomp.json"),
+        "deploy.md's recipe writes ewii-seccomp.json"
+    );
 }
