@@ -4,7 +4,8 @@
 //! text printed there as it came could start a new line that looks like the Client's own
 //! output (a forged audit line, for a collector that reads stderr with stdout), move the
 //! cursor, or reorder what a reader sees (Unicode bidi controls). [`printable`] escapes every
-//! such character as `\u{…}`, and [`from_peer`] bounds the length too.
+//! such character as `\u{…}` (and a backslash as `\\`, so that no escape can be forged), and
+//! [`from_peer`] bounds the length too.
 
 use std::borrow::Cow;
 use std::fmt::Write;
@@ -29,14 +30,17 @@ fn unsafe_char(c: char) -> bool {
         )
 }
 
-/// `s` with every character that could break or disguise a line escaped as `\u{…}`.
+/// `s` with every character that could break or disguise a line escaped as `\u{…}`, and a
+/// backslash as `\\`: otherwise a peer's literal `\u{a}` would read as an escaped line break.
 pub fn printable(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(unsafe_char) {
+    if !s.chars().any(|c| c == '\\' || unsafe_char(c)) {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
-        if unsafe_char(c) {
+        if c == '\\' {
+            out.push_str("\\\\");
+        } else if unsafe_char(c) {
             let _ = write!(out, "\\u{{{:x}}}", c as u32);
         } else {
             out.push(c);
@@ -81,6 +85,14 @@ mod tests {
             out,
             "x\\u{a}{\"side\":\"client\",\"event\":\"query\"}\\u{d}\\u{1b}[2K"
         );
+    }
+
+    #[test]
+    fn a_backslash_is_escaped_so_that_no_escape_can_be_forged() {
+        // A peer's literal `\u{a}` and an escaped line break read differently.
+        assert_eq!(printable("a\\u{a}b"), "a\\\\u{a}b");
+        assert_eq!(printable("a\nb"), "a\\u{a}b");
+        assert_eq!(from_peer(b"C:\\dir"), "C:\\\\dir");
     }
 
     #[test]

@@ -768,6 +768,27 @@ async fn p11_a_query_cut_by_the_hubs_close_records_the_hubs_reason() {
     assert!(reason.contains("maintenance window (code 5)"), "{reason}");
 }
 
+/// The next connection to `endpoint`, its control stream, and the reader that took its `Hello`
+/// off it (nothing answered yet).
+async fn hello_from_the_client(
+    endpoint: &quinn::Endpoint,
+) -> (
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+    FrameReader,
+) {
+    let conn = endpoint.accept().await.unwrap().await.unwrap();
+    let (send, mut recv) = conn.accept_bi().await.unwrap();
+    let mut reader = FrameReader::new();
+    let hello = reader.read::<Control>(&mut recv).await;
+    assert!(
+        matches!(hello, Ok(Some(Control::Hello { .. }))),
+        "{hello:?}"
+    );
+    (conn, send, recv, reader)
+}
+
 /// A destination that counts the connections made to it (its kernel's accept queue, never
 /// accepted): `pending(&db)` says whether any came.
 fn counting_destination() -> std::net::TcpListener {
@@ -874,14 +895,7 @@ async fn p9_the_connection_that_delivers_a_pending_revoke_serves_no_query() {
         client.config.hub = addr.to_string().parse().unwrap();
         client.start();
         let hub_side = async {
-            let conn = endpoint.accept().await.unwrap().await.unwrap();
-            let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-            let mut reader = FrameReader::new();
-            let hello = reader.read::<Control>(&mut recv).await;
-            assert!(
-                matches!(hello, Ok(Some(Control::Hello { .. }))),
-                "{hello:?}"
-            );
+            let (conn, mut send, mut recv, mut reader) = hello_from_the_client(&endpoint).await;
             // A query before the `Welcome`: it is there when the Client's connection starts.
             let (mut query, mut answer) = conn.open_bi().await.unwrap();
             query.write_all(&open("db")).await.unwrap();
@@ -916,4 +930,95 @@ async fn p9_the_connection_that_delivers_a_pending_revoke_serves_no_query() {
         );
         assert!(!dialled(&db), "round {round}: the destination was dialled");
     }
+}
+
+/// Only the Client pings (architecture.md, "Hub keep-alives are off"), and it never sends the
+/// control stream's `Ping`: a `Ping` or a `Pong` from the Hub is a protocol violation that
+/// closes the connection, on record, not a frame a Hub may send as often as it likes.
+#[tokio::test]
+async fn p4_a_ping_or_an_unasked_pong_from_the_hub_closes_the_connection() {
+    for (what, frame) in [
+        ("Ping", Control::Ping { time_us: 1 }),
+        (
+            "Pong",
+            Control::Pong {
+                echo_us: 1,
+                time_us: 2,
+            },
+        ),
+    ] {
+        let hub = TestHub::start(&[]).await;
+        let (client, (conn, _control, mut send)) = welcomed_by_hostile_hub(&hub).await;
+        transport::write_frame(&mut send, &frame).await.unwrap();
+        let closed = tokio::time::timeout(SOON, conn.closed())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the Client kept the connection"));
+        assert!(
+            matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == transport::codes::PROTOCOL),
+            "{what}: {closed:?}"
+        );
+        let lost = client
+            .wait_audit("session_lost", |r| r.event == Event::SessionLost)
+            .await;
+        assert!(
+            lost.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("unexpected control message")),
+            "{what}: {lost:?}"
+        );
+    }
+}
+
+/// The Hub's `Welcome` carries its clock: a Client whose host's clock is off by 5 s or more
+/// says so in its `session_up` record (and its log), where the customer looks when certificates
+/// are refused as not yet valid. A Hub that agrees with it leaves the record as it was.
+#[tokio::test]
+async fn a_client_records_how_far_its_clock_is_from_the_hubs() {
+    let hub = TestHub::start(&[]).await;
+    let endpoint = hub_impostor(&hub, None);
+    let addr = endpoint.local_addr().unwrap();
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    client.config.hub = addr.to_string().parse().unwrap();
+    client.start();
+    let (_conn, mut send, _recv, _reader) = hello_from_the_client(&endpoint).await;
+    let now_us = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros(),
+    )
+    .unwrap();
+    let ahead = Control::Welcome {
+        session_id: 1,
+        hub_time_us: now_us + 120_000_000,
+        limits: frame::Limits {
+            max_concurrent_queries: 1024,
+            idle_timeout_ms: 3000,
+        },
+    };
+    transport::write_frame(&mut send, &ahead).await.unwrap();
+    let up = client
+        .wait_audit("session_up", |r| r.event == Event::SessionUp)
+        .await;
+    let reason = up.reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("serial ")
+            && (reason.contains("; the Hub's clock is 119 s ahead of this host's")
+                || reason.contains("; the Hub's clock is 120 s ahead of this host's"))
+            && reason.contains("set this host's time (NTP)"),
+        "{reason}"
+    );
+    client.stop().await;
+
+    // The real Hub: the same clock, nothing said.
+    let mut client = TestClient::enrol(&hub, "beta", &[("db", "127.0.0.1:9".into())]).await;
+    client.start();
+    let up = client
+        .wait_audit("session_up", |r| r.event == Event::SessionUp)
+        .await;
+    assert!(
+        !up.reason.as_deref().unwrap_or_default().contains("clock"),
+        "{up:?}"
+    );
+    client.stop().await;
 }

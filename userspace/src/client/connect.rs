@@ -252,8 +252,12 @@ async fn open(plan: &DialPlan, peer: &mut Option<SocketAddr>) -> Result<Opened, 
     let welcome = tokio::time::timeout_at(deadline, reader.read::<Control>(&mut recv))
         .await
         .map_err(no_welcome)?;
-    let id = match welcome {
-        Ok(Some(Control::Welcome { session_id, .. })) => session_id,
+    let (id, hub_time_us) = match welcome {
+        Ok(Some(Control::Welcome {
+            session_id,
+            hub_time_us,
+            ..
+        })) => (session_id, hub_time_us),
         Ok(Some(Control::Refused { code })) => return Err(ConnectError::Refused(code)),
         Ok(_) => return Err(ConnectError::Protocol),
         Err(e) => return Err(lost(e)),
@@ -263,9 +267,16 @@ async fn open(plan: &DialPlan, peer: &mut Option<SocketAddr>) -> Result<Opened, 
     r.client = Some(leaf.id.to_string());
     r.peer = Some(addr.to_string());
     r.outcome = Some(Outcome::Ok);
-    r.reason = Some(format!("serial {}", leaf.serial));
+    let skew = clock_skew(hub_time_us, crate::now_timestamp().0, conn.rtt());
+    r.reason = Some(match &skew {
+        Some(skew) => format!("serial {}; {skew}", leaf.serial),
+        None => format!("serial {}", leaf.serial),
+    });
     plan.audit.emit(r);
     tracing::info!(session_id = id, hub = %addr, "session up");
+    if let Some(skew) = skew {
+        tracing::warn!("{skew}");
+    }
     Ok(Opened {
         id,
         conn,
@@ -273,6 +284,35 @@ async fn open(plan: &DialPlan, peer: &mut Option<SocketAddr>) -> Result<Opened, 
         send,
         recv,
         reader,
+    })
+}
+
+/// How far the Hub's clock and this host's may differ before the Client says so.
+const SKEW_WORTH_SAYING: Duration = Duration::from_secs(5);
+
+/// What the `Welcome`'s time (`hub_us`, stamped about half a round trip before it arrived at
+/// `here_us`) says of the two clocks, when they differ by [`SKEW_WORTH_SAYING`] or more; `None`
+/// when they agree, or when the Hub sent no time (0). Said, never acted on: it is the Hub's
+/// word, and the certificates' checks are what hold.
+fn clock_skew(hub_us: u64, here_us: u64, rtt: Duration) -> Option<String> {
+    if hub_us == 0 {
+        return None;
+    }
+    let half_rtt = u64::try_from(rtt.as_micros() / 2).unwrap_or(u64::MAX);
+    let hub_now = hub_us.saturating_add(half_rtt);
+    let (by, way) = if hub_now >= here_us {
+        (hub_now - here_us, "ahead of")
+    } else {
+        (here_us - hub_now, "behind")
+    };
+    let by = Duration::from_micros(by);
+    (by >= SKEW_WORTH_SAYING).then(|| {
+        format!(
+            "the Hub's clock is {} s {way} this host's: certificates are checked against both \
+             clocks, and one just issued can be refused as not yet valid; set this host's \
+             time (NTP)",
+            by.as_secs()
+        )
     })
 }
 
@@ -302,6 +342,30 @@ pub(crate) fn client_endpoint(hub: SocketAddr) -> std::io::Result<quinn::Endpoin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hubs_clock_is_mentioned_only_when_it_differs_by_5_s_or_more() {
+        const S: u64 = 1_000_000;
+        let here = 1_700_000_000 * S;
+        let rtt = Duration::from_millis(100);
+        // Half the round trip is the Welcome's journey, not a difference.
+        assert_eq!(clock_skew(here - 50_000, here, rtt), None);
+        assert_eq!(clock_skew(here + 4 * S, here, rtt), None);
+        let ahead = clock_skew(here + 42 * S, here, rtt).unwrap();
+        assert!(
+            ahead.starts_with("the Hub's clock is 42 s ahead of this host's"),
+            "{ahead}"
+        );
+        let behind = clock_skew(here - 90 * S, here, rtt).unwrap();
+        assert!(
+            behind.starts_with("the Hub's clock is 89 s behind this host's"),
+            "{behind}"
+        );
+        // No time sent; and a Hub's absurd ones are said, not overflowed.
+        assert_eq!(clock_skew(0, here, rtt), None);
+        assert!(clock_skew(u64::MAX, here, Duration::MAX).is_some());
+        assert!(clock_skew(1, here, rtt).unwrap().contains("behind"));
+    }
 
     fn hub() -> SocketAddr {
         SocketAddr::from(([192, 0, 2, 7], 443))

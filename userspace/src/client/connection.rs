@@ -412,7 +412,6 @@ impl Connection {
                         }
                     }
                     Ok(Some(Control::Revoked { reason })) => break End::revoked(reason.as_bytes()),
-                    Ok(Some(Control::Pong { .. })) => {}
                     Ok(Some(Control::BundleUpdate { .. })) if !bundles.admit(Instant::now()) => {
                         conn.close(codes::PROTOCOL, b"");
                         break End::Lost(Lost::Control(format!(
