@@ -265,6 +265,15 @@ impl AuditRecord {
             (Event::SessionLost, _) => (2, "Close"),
             _ => (99, "Other"),
         };
+        // OCSF severity: 1 Informational, 2 Low, 3 Medium, 4 High. Something in the Client's
+        // container tried a connection the kernel lock forbids: high. A revocation, or a
+        // refusal (policy said no to someone): medium. A failure (the network, load): low.
+        let severity_id = match (self.event, self.outcome) {
+            (Event::KernelDenied, _) => 4,
+            (Event::Revoked, _) | (_, Some(Outcome::Refused)) => 3,
+            (_, Some(Outcome::Failed)) => 2,
+            _ => 1,
+        };
         let (status_id, status) = match self.outcome {
             Some(Outcome::Ok) => (1, "Success"),
             Some(Outcome::Refused | Outcome::Failed) => (2, "Failure"),
@@ -280,7 +289,7 @@ impl AuditRecord {
             "activity_id": activity_id,
             "activity_name": activity_name,
             "type_uid": 4001 * 100 + activity_id,
-            "severity_id": 1,
+            "severity_id": severity_id,
             "time": self.time.0 / 1000,
             "status_id": status_id,
             "status": status,
@@ -293,11 +302,18 @@ impl AuditRecord {
         if let Some(reason) = &self.reason {
             v["status_detail"] = reason.clone().into();
         }
+        // What joins records: a query's two records (Hub and Client) share its id, a session's
+        // records their session id. Neither goes in `metadata.uid`, which OCSF means unique to
+        // one event: a SIEM that drops duplicates by it would keep one side of each query.
         if let Some(q) = self.query_id {
-            v["metadata"]["uid"] = q.to_string().into();
+            v["metadata"]["correlation_uid"] = q.to_string().into();
+            v["unmapped"]["query_id"] = q.to_string().into();
         }
         if let Some(s) = self.session_id {
-            v["metadata"]["correlation_uid"] = s.to_string().into();
+            if self.query_id.is_none() {
+                v["metadata"]["correlation_uid"] = s.to_string().into();
+            }
+            v["unmapped"]["session_id"] = s.to_string().into();
         }
         if let Some(source) = &self.source {
             v["src_endpoint"] = serde_json::json!({ "name": source });
@@ -390,7 +406,20 @@ mod tests {
         assert_eq!(v["dst_endpoint"]["ip"], "10.0.0.5");
         assert_eq!(v["dst_endpoint"]["port"], 5432);
         assert_eq!(v["traffic"]["bytes"], 42);
-        assert_eq!(v["metadata"]["uid"], "000000000000000000000000000000ab");
+        assert_eq!(
+            v["metadata"]["uid"],
+            serde_json::Value::Null,
+            "not unique to one event"
+        );
+        assert_eq!(
+            v["metadata"]["correlation_uid"],
+            "000000000000000000000000000000ab"
+        );
+        assert_eq!(
+            v["unmapped"]["query_id"],
+            "000000000000000000000000000000ab"
+        );
+        assert_eq!(v["severity_id"], 1);
         assert_eq!(
             v["src_endpoint"]["name"],
             "spiffe://example.org/workload/billing"
@@ -405,6 +434,15 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&refused.render(Format::Ocsf)).unwrap();
         assert_eq!(v["activity_id"], 5);
         assert_eq!(v["status"], "Failure");
+        assert_eq!(v["severity_id"], 3);
+        let denied = AuditRecord::new(Timestamp(0), Side::Client, Event::KernelDenied);
+        let v: serde_json::Value = serde_json::from_str(&denied.render(Format::Ocsf)).unwrap();
+        assert_eq!(v["severity_id"], 4);
+        let mut lost = AuditRecord::new(Timestamp(0), Side::Hub, Event::SessionLost);
+        lost.session_id = Some(7);
+        let v: serde_json::Value = serde_json::from_str(&lost.render(Format::Ocsf)).unwrap();
+        assert_eq!(v["metadata"]["correlation_uid"], "7");
+        assert_eq!(v["unmapped"]["session_id"], "7");
         // A Client's dial that got no session: refused by the Hub, or failed on the way.
         for (outcome, activity) in [(Outcome::Refused, 5), (Outcome::Failed, 4)] {
             let mut r = AuditRecord::new(Timestamp(0), Side::Client, Event::SessionFailed);

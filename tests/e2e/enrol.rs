@@ -226,3 +226,84 @@ async fn p8_bad_tokens_from_one_address_throttle_its_enrolments_and_not_its_sess
     hub.wait_connected("acme").await;
     client.stop().await;
 }
+
+/// A QUIC connection to `hub` on the enrolment ALPN, as `ewii-client enroll` opens it (no
+/// SVID; the Hub's certificate checked against its CA): what the test sends on it is its own.
+/// `window`: the bytes of unread answer the caller grants the Hub.
+async fn raw_enrolment(hub: &TestHub, window: u32) -> quinn::Connection {
+    use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
+    let ca = store::read_certs(&hub.state_dir().join("ca.pem")).unwrap();
+    let verifier = SpiffeVerifier::new(Bundle::new(ca), TD, Expect::Hub);
+    let tls = ewii::transport::tls_client_config(
+        None,
+        std::sync::Arc::new(verifier),
+        ewii_common::frame::ENROLL_ALPN,
+    )
+    .unwrap();
+    let quic = ewii::transport::quic_client_config(tls, 1, window).unwrap();
+    let endpoint = ewii::transport::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    endpoint
+        .connect_with(quic, hub.addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+/// The Hub's `enrolment_refused` says `refused` for its decisions (a token it does not take, a
+/// bad CSR) and `failed` for an enrolment that never got that far, as the Client's does: here a
+/// caller that opens the enrolment stream and closes its connection without a request. Its
+/// close reason reaches the record bounded and escaped.
+#[tokio::test]
+async fn p11_an_enrolment_the_caller_broke_off_is_failed_on_the_hub_not_refused() {
+    let hub = TestHub::start(&[]).await;
+    let conn = raw_enrolment(&hub, 1 << 20).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    // One byte, so that the Hub sees the stream; then gone, with a line break in the reason.
+    send.write_all(&[0]).await.unwrap();
+    conn.close(0u32.into(), b"gone\nforged");
+    let r = hub
+        .wait_audit("enrolment_refused", is(Event::EnrolmentRefused))
+        .await;
+    assert_eq!(r.outcome, Some(Outcome::Failed), "{r:?}");
+    let reason = r.reason.unwrap_or_default();
+    assert!(
+        reason.contains("gone\\u{a}forged") && !reason.contains('\n'),
+        "{reason}"
+    );
+}
+
+/// A token redeemed is on record as `enrolled`, with the identity it made, however long its
+/// answer then takes: the Hub bounds the request's arrival (10 s), not what follows it. A
+/// caller that sends a valid request late in that bound, and then holds its connection open
+/// (the Hub waits up to 2 s for its close), must not leave an SVID issued with a refusal
+/// ("timed out") on record, nor an address throttled for it (P11).
+#[tokio::test]
+async fn p11_a_token_redeemed_is_on_record_also_when_its_request_comes_late() {
+    let hub = TestHub::start(&[]).await;
+    let token = hub.token("acme", Duration::from_secs(600));
+    let (_key, csr) = ewii::identity::ca::new_key_and_csr().unwrap();
+    let conn = raw_enrolment(&hub, 1 << 20).await;
+    // The caller's pace is the scenario: 8.5 s of the 10 s the request may take.
+    tokio::time::sleep(Duration::from_millis(8_500)).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let request = ewii_common::frame::Enrol::Request {
+        token: token.token.clone(),
+        csr,
+    };
+    ewii::transport::write_frame(&mut send, &request)
+        .await
+        .unwrap();
+    let _ = send.finish();
+    let r = hub
+        .wait_audit("the enrolment's record", |r| {
+            matches!(r.event, Event::Enrolled | Event::EnrolmentRefused)
+        })
+        .await;
+    assert_eq!(r.event, Event::Enrolled, "{r:?}");
+    assert_eq!(r.outcome, Some(Outcome::Ok));
+    assert_eq!(
+        r.client.as_deref(),
+        Some("spiffe://test.ewii.local/client/acme")
+    );
+    drop(conn);
+}

@@ -2385,3 +2385,32 @@ async fn p7_a_token_ttl_or_workload_lifetime_out_of_range_is_refused() {
     admin::create_token(&state, "beta", second, None, false).unwrap();
     admin::issue_workload_svid(&state, "billing", second, &out).unwrap();
 }
+
+/// At a stop, each session's end goes to the store (a synced commit) before its record, and the
+/// stop waits 2 s for them all. A store that cannot take them in time (a long commit, a slow
+/// disk; here another connection holding the database's write lock, so every write waits out
+/// the 5 s busy timeout) must not cost the records: every session still gets its
+/// `session_lost` (P11).
+#[tokio::test]
+async fn p11_a_hub_stop_whose_store_cannot_take_the_sessions_ends_still_records_them() {
+    let mut hub = TestHub::start(&[]).await;
+    let mut clients = Vec::new();
+    for name in ["acme", "beta", "gamma"] {
+        let client = TestClient::enrol_and_run(&hub, name, &[("db", "127.0.0.1:9".into())]).await;
+        hub.wait_connected(name).await;
+        clients.push(client);
+    }
+    let db = rusqlite::Connection::open(hub.state_dir().join("hub.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    hub.stop().await;
+    let lost: Vec<_> = hub
+        .audit
+        .records()
+        .into_iter()
+        .filter(|r| r.event == Event::SessionLost)
+        .filter_map(|r| r.client)
+        .collect();
+    db.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(lost.len(), 3, "a session_lost for each session: {lost:?}");
+    drop(clients);
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 use ewii::identity::store::{self, Svid};
 use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
 use ewii::transport;
-use ewii_common::audit::{Event, Outcome};
+use ewii_common::audit::{AuditRecord, Event, Outcome};
 use ewii_common::frame::{self, Control};
 use ewii_tests::*;
 use rcgen::{
@@ -92,7 +92,7 @@ fn signed_leaf(issuer: &Issuer<'_, KeyPair>, spec: &LeafSpec<'_>) -> Svid {
     Svid::new(vec![cert.der().clone()], &key)
 }
 
-async fn assert_hub_refuses(hub: &TestHub, svid: &Svid, reason_contains: &str) {
+async fn assert_hub_refuses(hub: &TestHub, svid: &Svid, reason_contains: &str) -> AuditRecord {
     assert!(
         raw_session(hub, svid).await.is_none(),
         "the Hub must not welcome this SVID"
@@ -107,6 +107,7 @@ async fn assert_hub_refuses(hub: &TestHub, svid: &Svid, reason_contains: &str) {
         .await;
     assert_eq!(r.outcome, Some(Outcome::Refused));
     assert!(hub.handle().connected_clients().is_empty());
+    r
 }
 
 #[tokio::test]
@@ -158,7 +159,15 @@ async fn p7_hub_refuses_a_self_signed_svid() {
         .self_signed(&key)
         .unwrap();
     let svid = Svid::new(vec![cert.der().clone()], &key);
-    assert_hub_refuses(&hub, &svid, "UnknownIssuer").await;
+    let r = assert_hub_refuses(&hub, &svid, "UnknownIssuer").await;
+    // Anyone can claim acme's ID in a certificate of their own: the record does not name acme
+    // as its `client` (a SIEM would count it against acme), it says what was claimed.
+    assert_eq!(r.client, None, "{r:?}");
+    assert!(
+        r.reason.as_deref().is_some_and(|x| x
+            .ends_with("(the certificate claims spiffe://test.ewii.local/client/acme, unproven)")),
+        "{r:?}"
+    );
 }
 
 #[tokio::test]

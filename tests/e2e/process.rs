@@ -1468,7 +1468,7 @@ async fn p12_the_client_binary_writes_ocsf_network_activity_field_by_field() {
         assert_eq!(r["activity_name"].as_str(), name, "{r}");
     }
     // The query: Traffic, Success, both byte counts, the resolved destination, the
-    // requester, the Client's identity, joined to the Hub's record by its uid.
+    // requester, the Client's identity, joined to the Hub's record by its correlation uid.
     let q = records.iter().find(|r| r["activity_id"] == 6).unwrap();
     assert_eq!(q["status_id"], 1);
     assert_eq!(q["status"], "Success");
@@ -1484,7 +1484,7 @@ async fn p12_the_client_binary_writes_ocsf_network_activity_field_by_field() {
         "spiffe://test.ewii.local/client/acme"
     );
     assert_eq!(
-        q["metadata"]["uid"],
+        q["metadata"]["correlation_uid"],
         hub_query.query_id.unwrap().to_string(),
         "joined to the Hub's record"
     );

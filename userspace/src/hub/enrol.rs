@@ -60,33 +60,55 @@ pub(crate) async fn enrol(
     conn: quinn::Connection,
     peer: SocketAddr,
 ) -> bool {
-    let outcome = tokio::time::timeout(OPENING_TIMEOUT, async {
-        let stream = |e: &dyn std::fmt::Display| EnrolRefusal::Stream(e.to_string());
-        let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| stream(&e))?;
+    // The peer's words (a close reason) in it: bounded and escaped.
+    let stream = |e: &dyn std::error::Error| EnrolRefusal::Stream(transport::pipe::peer_said(e));
+    // Bounded: the request's arrival. Not what follows: once a token is redeemed, the record
+    // says so however the answer's delivery ends (a caller that breaks off then, or takes its
+    // time, must not leave an SVID issued with only a refusal on record).
+    let request = tokio::time::timeout(OPENING_TIMEOUT, async {
+        let (send, mut recv) = conn.accept_bi().await.map_err(|e| stream(&e))?;
         let mut reader = FrameReader::new();
         let request: Option<Enrol> = reader.read(&mut recv).await.map_err(|e| stream(&e))?;
-        let Some(Enrol::Request { token, csr }) = request else {
-            return Err(EnrolRefusal::NotARequest);
-        };
-        let result = issue_for_token(trust, store, &token, &csr).await;
-        let answer = match &result {
-            Ok((_, _, der)) => Enrol::Issued {
-                chain: vec![der.clone()],
-                bundle: trust.bundle_der(),
-            },
-            Err(_) => Enrol::Refused {
-                code: RefuseCode::EnrolmentRefused,
-            },
-        };
-        transport::write_frame(&mut send, &answer)
-            .await
-            .map_err(|e| stream(&e))?;
-        let _ = send.finish();
-        let _ = tokio::time::timeout(LINGER, conn.closed()).await;
-        result.map(|(id, serial, _)| (id, serial))
+        match request {
+            Some(Enrol::Request { token, csr }) => Ok((send, token, csr)),
+            _ => Err(EnrolRefusal::NotARequest),
+        }
     })
     .await
     .unwrap_or(Err(EnrolRefusal::TimedOut));
+    let mut undelivered = None;
+    let outcome = match request {
+        Err(e) => Err(e),
+        Ok((mut send, token, csr)) => {
+            let result = issue_for_token(trust, store, &token, &csr).await;
+            let answer = match &result {
+                Ok((_, _, der)) => Enrol::Issued {
+                    chain: vec![der.clone()],
+                    bundle: trust.bundle_der(),
+                },
+                Err(_) => Enrol::Refused {
+                    code: RefuseCode::EnrolmentRefused,
+                },
+            };
+            let written =
+                tokio::time::timeout(OPENING_TIMEOUT, transport::write_frame(&mut send, &answer))
+                    .await;
+            match written {
+                Ok(Ok(())) => {
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(LINGER, conn.closed()).await;
+                }
+                Ok(Err(e)) => undelivered = Some(stream(&e).to_string()),
+                Err(_) => {
+                    undelivered = Some(format!(
+                        "the caller did not take it within {} s",
+                        OPENING_TIMEOUT.as_secs()
+                    ))
+                }
+            }
+            result.map(|(id, serial, _)| (id, serial))
+        }
+    };
     let mut r = audit.record(match &outcome {
         Ok(_) => Event::Enrolled,
         Err(_) => Event::EnrolmentRefused,
@@ -97,10 +119,20 @@ pub(crate) async fn enrol(
         Ok((id, serial)) => {
             r.client = Some(id.to_string());
             r.outcome = Some(Outcome::Ok);
-            r.reason = Some(format!("serial {serial}"));
+            r.reason = Some(match &undelivered {
+                None => format!("serial {serial}"),
+                Some(why) => format!(
+                    "serial {serial}; the token is spent and the SVID issued, but the answer did not reach the caller: {why}"
+                ),
+            });
         }
         Err(reason) => {
-            r.outcome = Some(Outcome::Refused);
+            // `refused` is a decision; a stream that broke or a peer that never finished is
+            // `failed`, as on the Client (and as the Hub's own store failing is: fail closed).
+            r.outcome = Some(match reason {
+                EnrolRefusal::Stream(_) | EnrolRefusal::TimedOut => Outcome::Failed,
+                _ => Outcome::Refused,
+            });
             r.reason = Some(reason.to_string());
         }
     }

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ewii_common::audit::{Event, Outcome, SessionEnd};
+use ewii_common::audit::{AuditRecord, Event, Outcome, SessionEnd};
 use ewii_common::frame::{self, Control, Limits, RefuseCode};
 use rand::RngCore;
 use rustls::pki_types::CertificateDer;
@@ -386,6 +386,10 @@ impl Session {
         r.duration_ms = Some(started.elapsed().as_millis() as u64);
         r.reason = Some(reason);
         let now = r.time.unix_secs() as i64;
+        // Written after the store has the end (a reader of both sees them agree), or, if the
+        // Hub's stop gives up on this task first (its sessions' ends wait for the store's synced
+        // commits in turn, bounded as a whole), when the task is dropped: never lost.
+        let record = EmitOnDrop(&self.parts.audit, Some(r));
         if let Err(e) = self
             .parts
             .store
@@ -394,7 +398,7 @@ impl Session {
         {
             tracing::error!(error = %e, "cannot record the session end");
         }
-        self.parts.audit.emit(r);
+        drop(record);
     }
 
     /// After a change of its trust domain's bundle: when the bundle no longer vouches for the
@@ -616,7 +620,20 @@ impl Session {
                 SessionEnd::Revoked.reason(&format!("{} is revoked", self.leaf.id))
             }
             E::LocallyClosed => SessionEnd::HubShutdown.reason("this Hub is shutting down"),
-            other => SessionEnd::ConnectionLost.reason(&other.to_string()),
+            // The Client's close reason in it: bounded and escaped.
+            other => SessionEnd::ConnectionLost.reason(&transport::pipe::peer_said(&other)),
+        }
+    }
+}
+
+/// A record written when this is dropped: at the end of the scope, or when the task holding it
+/// is aborted at an `.await` before that.
+struct EmitOnDrop<'a>(&'a Audit, Option<AuditRecord>);
+
+impl Drop for EmitOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(r) = self.1.take() {
+            self.0.emit(r);
         }
     }
 }
@@ -663,7 +680,8 @@ async fn hello(
     ),
     String,
 > {
-    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+    let said = |e: &dyn std::error::Error| transport::pipe::peer_said(e);
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| said(&e))?;
     let mut reader = FrameReader::new();
     match reader.read::<Control>(&mut recv).await {
         Ok(Some(Control::Hello {
@@ -701,7 +719,7 @@ async fn hello(
             Err(format!("unsupported protocol version {version}"))
         }
         Ok(_) => Err("expected Hello".to_string()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(said(&e)),
     }
 }
 

@@ -413,9 +413,21 @@ impl SpiffeVerifier {
             (Some(id), true) => Source::Claimed(id.clone()),
             _ => Source::Unverified,
         };
-        r.client.clone_from(&who);
+        // Only a proven identity goes in `client`: anyone can write a Client's SPIFFE ID into a
+        // self-signed certificate, and a record naming it would frame that Client.
         r.outcome = Some(Outcome::Refused);
-        r.reason = Some(detail.clone());
+        match (&who, proven) {
+            (Some(_), true) => {
+                r.client.clone_from(&who);
+                r.reason = Some(detail.clone());
+            }
+            (Some(claimed), false) => {
+                r.reason = Some(format!(
+                    "{detail} (the certificate claims {claimed}, unproven)"
+                ));
+            }
+            (None, _) => r.reason = Some(detail.clone()),
+        }
         if audit.emit_from(source, r) {
             tracing::warn!(peer = ?who, reason = %detail, "handshake refused");
         }
