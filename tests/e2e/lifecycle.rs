@@ -1530,6 +1530,98 @@ async fn p8_a_stolen_older_key_cannot_renew_once_the_newer_serial_is_in_use() {
     );
 }
 
+/// Nor can a stolen older key revoke the identity once the newer serial is in use: its
+/// connection, still draining, sends `Goodbye{revoke}`. Refused, on record, and the owner's
+/// session on the new serial goes on (P8, P9).
+#[tokio::test]
+async fn p8_p9_a_stolen_older_key_cannot_revoke_the_identity_once_the_newer_serial_is_in_use() {
+    let hub = hub_renewing_at_once(&[]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let first = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let mut thief = raw_session(&hub, &first).await.expect("thief session");
+    let mut owner = raw_session(&hub, &first).await.expect("owner session");
+    let key2 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key2)
+        .unwrap();
+    let renew = Control::Renew {
+        csr: csr.der().to_vec(),
+    };
+    transport::write_frame(&mut owner.send, &renew)
+        .await
+        .unwrap();
+    let Some(Control::Renewed { chain, .. }) =
+        owner.reader.read::<Control>(&mut owner.recv).await.unwrap()
+    else {
+        panic!("the owner's renewal must succeed");
+    };
+    let second = Svid::new(chain.into_iter().map(Into::into).collect(), &key2);
+    let new = raw_session(&hub, &second)
+        .await
+        .expect("session with the new serial");
+    hub.wait_audit("first serial retired", |r| {
+        r.event == Event::SvidRotated && r.reason.as_deref().is_some_and(|x| x.contains("retired"))
+    })
+    .await;
+    transport::write_frame(&mut thief.send, &Control::Goodbye { revoke: true })
+        .await
+        .unwrap();
+    let refused = hub
+        .wait_audit("the refused revoke", |r| {
+            r.event == Event::Revoked && r.outcome == Some(Outcome::Refused)
+        })
+        .await;
+    assert!(
+        refused
+            .reason
+            .as_deref()
+            .is_some_and(|x| x.contains("which a newer serial replaced: not revoked")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        count(&hub.audit, |r| r.event == Event::Revoked
+            && r.outcome == Some(Outcome::Ok)),
+        0,
+        "the identity is not revoked"
+    );
+    assert!(
+        new.conn.close_reason().is_none(),
+        "the owner's session goes on"
+    );
+}
+
+/// A session that said `Goodbye` without a revoke is no longer routed and drains its queries
+/// for up to 10 s; an operator's revocation meanwhile closes it too, at once and with the
+/// `REVOKED` code, as it closes every connection of the Client (P10).
+#[tokio::test]
+async fn p10_a_revoke_closes_a_session_that_is_draining_after_its_goodbye() {
+    let hub = TestHub::start(&[]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let mut session = raw_session(&hub, &svid).await.expect("session");
+    transport::write_frame(&mut session.send, &Control::Goodbye { revoke: false })
+        .await
+        .unwrap();
+    // The Hub took it: it finishes its side of the control stream.
+    let ack = session.reader.read::<Control>(&mut session.recv).await;
+    assert!(matches!(ack, Ok(None)), "{ack:?}");
+    assert!(
+        admin::revoke(&hub.state_dir(), "acme", "contract ended")
+            .unwrap()
+            .revoked
+    );
+    assert_eq!(
+        session.closed_by_hub().await,
+        Some(transport::codes::REVOKED.into_inner()),
+        "closed for the revocation, not at the end of its drain"
+    );
+    hub.wait_audit("the session closed for it", |r| {
+        r.event == Event::Revoked
+            && r.reason.as_deref() == Some("live session closed: contract ended")
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn p10_a_revoke_closes_every_connection_of_the_client_also_a_draining_one() {
     let hub = hub_renewing_at_once(&[]).await;

@@ -57,6 +57,9 @@ pub(crate) struct Registry {
     queries_open: std::sync::atomic::AtomicUsize,
     /// Each of them's stop signal, fired when the Hub stops.
     stops: Mutex<Stops>,
+    /// Sessions that said `Goodbye` (without a revoke) and drain: no longer routed, but a
+    /// revocation of their Client still closes them. By session id.
+    departing: Mutex<HashMap<u64, (String, Route)>>,
 }
 
 /// The stop signals of the requesters' queries in progress.
@@ -104,6 +107,7 @@ impl Registry {
             audit,
             queries_open: std::sync::atomic::AtomicUsize::new(0),
             stops: Mutex::default(),
+            departing: Mutex::default(),
         }
     }
 
@@ -196,8 +200,28 @@ impl Registry {
         }
     }
 
+    /// Session `session_id` of `client` said `Goodbye`: no query goes to it any more, but until
+    /// it ends ([`Self::remove`]) a revocation of `client` closes it too.
+    pub(crate) fn depart(&self, client: &str, session_id: u64) {
+        let route = self.clients.lock().ok().and_then(|clients| {
+            clients.get(client).and_then(|c| {
+                c.entries
+                    .iter()
+                    .find(|e| e.route.id == session_id)
+                    .map(|e| e.route.clone())
+            })
+        });
+        self.remove(client, session_id);
+        if let (Some(route), Ok(mut departing)) = (route, self.departing.lock()) {
+            departing.insert(session_id, (client.to_owned(), route));
+        }
+    }
+
     /// Removes a session (when it ends). False when it was gone already.
     pub(crate) fn remove(&self, client: &str, session_id: u64) -> bool {
+        if let Ok(mut departing) = self.departing.lock() {
+            departing.remove(&session_id);
+        }
         let Ok(mut clients) = self.clients.lock() else {
             return false;
         };
@@ -271,18 +295,33 @@ impl Registry {
     /// `client` is revoked: closes every one of its connections with `REVOKED` and the
     /// reason, and audits each. Returns how many it closed.
     pub(crate) fn close_revoked(&self, client: &str, reason: &str) -> usize {
-        let taken = self
+        // Kept until every connection is closed: a session whose channel closes first would
+        // end on its own and close with another code.
+        let entries: Vec<Entry> = self
             .clients
             .lock()
             .ok()
             .and_then(|mut c| c.remove(client))
             .map(|c| c.entries)
             .unwrap_or_default();
-        for e in &taken {
-            e.route.conn.close(codes::REVOKED, reason.as_bytes());
+        let mut taken: Vec<Route> = entries.iter().map(|e| e.route.clone()).collect();
+        if let Ok(mut departing) = self.departing.lock() {
+            let ids: Vec<u64> = departing
+                .iter()
+                .filter(|(_, (name, _))| name == client)
+                .map(|(id, _)| *id)
+                .collect();
+            taken.extend(
+                ids.iter()
+                    .filter_map(|id| departing.remove(id))
+                    .map(|(_, r)| r),
+            );
+        }
+        for route in &taken {
+            route.conn.close(codes::REVOKED, reason.as_bytes());
             let mut r = self.audit.record(Event::Revoked);
-            r.session_id = Some(e.route.id);
-            r.client = Some(e.route.spiffe_id.to_string());
+            r.session_id = Some(route.id);
+            r.client = Some(route.spiffe_id.to_string());
             r.outcome = Some(Outcome::Ok);
             r.reason = Some(format!("live session closed: {reason}"));
             self.audit.emit(r);

@@ -495,8 +495,17 @@ impl Session {
                 self.answer(&pong)
             }
             Ok(Some(Control::Goodbye { revoke })) => {
-                // No new query goes to it; in-flight ones finish, then the Client closes.
-                self.parts.registry.remove(&self.name, self.id);
+                // Only the newest serial speaks for the identity: a connection of one a newer
+                // serial replaced (still draining; a stolen older key's, say) cannot revoke it,
+                // as it cannot renew it (P8). Recorded, and taken as a plain `Goodbye`.
+                let revoke = revoke && !self.revoke_from_a_retired_serial();
+                // No new query goes to it; in-flight ones finish, then the Client closes. Until
+                // then an operator's revocation still closes it (its own revoke needs no more).
+                if revoke {
+                    self.parts.registry.remove(&self.name, self.id);
+                } else {
+                    self.parts.registry.depart(&self.name, self.id);
+                }
                 self.moved = !revoke && self.parts.registry.route(&self.name).is_some();
                 if revoke {
                     // The revocation closes any other connection of this client.
@@ -623,6 +632,33 @@ impl Session {
             // The Client's close reason in it: bounded and escaped.
             other => SessionEnd::ConnectionLost.reason(&transport::pipe::peer_said(&other)),
         }
+    }
+}
+
+impl Session {
+    /// Whether this session's serial was replaced by a newer one in use; if so, its `Goodbye`'s
+    /// revoke is refused, on record.
+    fn revoke_from_a_retired_serial(&self) -> bool {
+        let status = self
+            .parts
+            .store
+            .view()
+            .status(&self.leaf.id, &self.leaf.serial);
+        if status != Some(SerialStatus::Retired) {
+            return false;
+        }
+        let mut r = self.parts.audit.record(Event::Revoked);
+        r.client = Some(self.leaf.id.to_string());
+        r.session_id = Some(self.id);
+        r.peer = Some(self.peer.to_string());
+        r.outcome = Some(Outcome::Refused);
+        r.reason = Some(format!(
+            "a Goodbye asked to revoke {} on a connection of serial {}, which a newer serial \
+             replaced: not revoked (only the newest serial speaks for the identity)",
+            self.leaf.id, self.leaf.serial
+        ));
+        self.parts.audit.emit(r);
+        true
     }
 }
 
