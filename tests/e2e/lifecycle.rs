@@ -33,6 +33,39 @@ async fn hub_renewing_at_once(services: &[Service]) -> TestHub {
     TestHub::start_with_limits(services, limits).await
 }
 
+/// The owner's move to a new serial, as the tests of a stolen older key set it up: renews on
+/// `session` with a new key, connects with the renewed SVID, and waits until the Hub has
+/// retired the older serial. Returns the new serial's session.
+async fn move_to_a_new_serial(hub: &TestHub, session: &mut RawSession) -> RawSession {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap();
+    let renew = Control::Renew {
+        csr: csr.der().to_vec(),
+    };
+    transport::write_frame(&mut session.send, &renew)
+        .await
+        .unwrap();
+    let Some(Control::Renewed { chain, .. }) = session
+        .reader
+        .read::<Control>(&mut session.recv)
+        .await
+        .unwrap()
+    else {
+        panic!("the renewal must succeed");
+    };
+    let renewed = Svid::new(chain.into_iter().map(Into::into).collect(), &key);
+    let new = raw_session(hub, &renewed)
+        .await
+        .expect("session with the new serial");
+    hub.wait_audit("first serial retired", |r| {
+        r.event == Event::SvidRotated && r.reason.as_deref().is_some_and(|x| x.contains("retired"))
+    })
+    .await;
+    new
+}
+
 fn count(
     audit: &ewii::audit::Audit,
     pred: impl Fn(&ewii_common::audit::AuditRecord) -> bool,
@@ -1484,34 +1517,16 @@ async fn p8_a_stolen_older_key_cannot_renew_once_the_newer_serial_is_in_use() {
     let mut thief = raw_session(&hub, &first).await.expect("thief session");
     // The Client renews on its own connection and moves to the new serial.
     let mut owner = raw_session(&hub, &first).await.expect("owner session");
-    let renew = |key: &rcgen::KeyPair| {
-        let csr = rcgen::CertificateParams::default()
-            .serialize_request(key)
-            .unwrap();
-        Control::Renew {
-            csr: csr.der().to_vec(),
-        }
-    };
-    let key2 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    transport::write_frame(&mut owner.send, &renew(&key2))
-        .await
-        .unwrap();
-    let Some(Control::Renewed { chain, .. }) =
-        owner.reader.read::<Control>(&mut owner.recv).await.unwrap()
-    else {
-        panic!("the owner's renewal must succeed");
-    };
-    let second = Svid::new(chain.into_iter().map(Into::into).collect(), &key2);
-    let _new = raw_session(&hub, &second)
-        .await
-        .expect("session with the new serial");
-    hub.wait_audit("first serial retired", |r| {
-        r.event == Event::SvidRotated && r.reason.as_deref().is_some_and(|x| x.contains("retired"))
-    })
-    .await;
+    let _new = move_to_a_new_serial(&hub, &mut owner).await;
     // The thief asks for a fresh certificate on the old connection: refused.
     let key3 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    transport::write_frame(&mut thief.send, &renew(&key3))
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key3)
+        .unwrap();
+    let renew = Control::Renew {
+        csr: csr.der().to_vec(),
+    };
+    transport::write_frame(&mut thief.send, &renew)
         .await
         .unwrap();
     let answer = thief.reader.read::<Control>(&mut thief.recv).await.unwrap();
@@ -1540,29 +1555,7 @@ async fn p8_p9_a_stolen_older_key_cannot_revoke_the_identity_once_the_newer_seri
     let first = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
     let mut thief = raw_session(&hub, &first).await.expect("thief session");
     let mut owner = raw_session(&hub, &first).await.expect("owner session");
-    let key2 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key2)
-        .unwrap();
-    let renew = Control::Renew {
-        csr: csr.der().to_vec(),
-    };
-    transport::write_frame(&mut owner.send, &renew)
-        .await
-        .unwrap();
-    let Some(Control::Renewed { chain, .. }) =
-        owner.reader.read::<Control>(&mut owner.recv).await.unwrap()
-    else {
-        panic!("the owner's renewal must succeed");
-    };
-    let second = Svid::new(chain.into_iter().map(Into::into).collect(), &key2);
-    let new = raw_session(&hub, &second)
-        .await
-        .expect("session with the new serial");
-    hub.wait_audit("first serial retired", |r| {
-        r.event == Event::SvidRotated && r.reason.as_deref().is_some_and(|x| x.contains("retired"))
-    })
-    .await;
+    let new = move_to_a_new_serial(&hub, &mut owner).await;
     transport::write_frame(&mut thief.send, &Control::Goodbye { revoke: true })
         .await
         .unwrap();
@@ -1631,29 +1624,7 @@ async fn p10_a_revoke_closes_every_connection_of_the_client_also_a_draining_one(
     let stolen = raw_session(&hub, &first).await.expect("stolen session");
     let mut old = raw_session(&hub, &first).await.expect("first session");
     // The Client renews and moves to the new serial: the old connections drain.
-    let key2 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let csr = rcgen::CertificateParams::default()
-        .serialize_request(&key2)
-        .unwrap();
-    transport::write_frame(
-        &mut old.send,
-        &Control::Renew {
-            csr: csr.der().to_vec(),
-        },
-    )
-    .await
-    .unwrap();
-    let Some(Control::Renewed { chain, .. }) =
-        old.reader.read::<Control>(&mut old.recv).await.unwrap()
-    else {
-        panic!("the renewal must succeed");
-    };
-    let second = Svid::new(chain.into_iter().map(Into::into).collect(), &key2);
-    let new = raw_session(&hub, &second).await.expect("renewed session");
-    hub.wait_audit("first serial retired", |r| {
-        r.event == Event::SvidRotated && r.reason.as_deref().is_some_and(|x| x.contains("retired"))
-    })
-    .await;
+    let new = move_to_a_new_serial(&hub, &mut old).await;
     assert_eq!(
         hub.handle().connections(),
         3,
