@@ -2002,6 +2002,29 @@ async fn pings(raw: &mut RawSession, n: u64) {
     }
 }
 
+/// A Client that floods its control stream with `Ping`s (each one the Hub's shard decodes and
+/// answers, beside other Clients' work) has its session ended past 100 in a second; a few, as
+/// a tool sends them, are answered (P6: one Client cannot take the Hub's time from others).
+#[tokio::test]
+async fn a_ping_flood_ends_the_session_and_a_few_pings_are_answered() {
+    let hub = TestHub::start(&[]).await;
+    let acme = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&acme.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let mut raw = raw_session(&hub, &svid).await.expect("a session");
+    assert!(raw.ping().await, "a Ping is answered");
+    pings(&mut raw, 150).await;
+    hub.wait_audit(
+        "the session's end",
+        says(Event::SessionLost, "more than 100 Pings within 1 s"),
+    )
+    .await;
+    assert_eq!(
+        raw.closed_by_hub().await,
+        Some(2),
+        "closed as a protocol violation"
+    );
+}
+
 /// A Client whose answers wait unread, then breaks the protocol (a bad frame): its session ends,
 /// and its connection is closed, not left open behind the write that waits (the writer task
 /// holds it, and keep-alives would keep it, for ever, outside every registry).

@@ -312,7 +312,7 @@ impl Connection {
         let mut quiet_at: Option<Instant> = None;
         // While queries are open: the next check of whether they went quiet.
         let mut held_check: Option<(Instant, HeldQuiet)> = None;
-        let mut bundles = BundleRate::default();
+        let mut bundles = crate::transport::Window::new(BUNDLE_UPDATES, BUNDLE_WINDOW);
         let end = loop {
             if let Some(deadline) = retiring {
                 if goodbye_read && queries.is_empty() {
@@ -498,28 +498,6 @@ impl Connection {
     }
 }
 
-/// The `BundleUpdate`s of the current window: at most [`BUNDLE_UPDATES`] per [`BUNDLE_WINDOW`].
-#[derive(Debug, Default)]
-struct BundleRate {
-    since: Option<Instant>,
-    count: u32,
-}
-
-impl BundleRate {
-    /// Whether one more, now, is within the bound.
-    fn admit(&mut self, now: Instant) -> bool {
-        match self.since {
-            Some(since) if now.duration_since(since) < BUNDLE_WINDOW => {}
-            _ => {
-                self.since = Some(now);
-                self.count = 0;
-            }
-        }
-        self.count += 1;
-        self.count <= BUNDLE_UPDATES
-    }
-}
-
 /// `Present` for `identity` on `conn`: the chain, and the new key's signature over this
 /// connection's exporter output (made off the async workers: an RSA key takes milliseconds).
 async fn present(conn: &quinn::Connection, identity: Arc<Identity>) -> Result<Control, String> {
@@ -605,14 +583,14 @@ mod tests {
 
     #[test]
     fn p4_a_hub_flooding_bundle_updates_is_cut_at_the_bound_and_a_rotation_is_not() {
-        let mut rate = BundleRate::default();
+        let mut rate = crate::transport::Window::new(BUNDLE_UPDATES, BUNDLE_WINDOW);
         let t0 = Instant::now();
         for i in 0..BUNDLE_UPDATES {
             assert!(rate.admit(t0), "update {i} of a window");
         }
         assert!(!rate.admit(t0 + Duration::from_secs(59)));
         // A new window: a rotation's prepare, activate and retire, minutes apart.
-        let mut rate = BundleRate::default();
+        let mut rate = crate::transport::Window::new(BUNDLE_UPDATES, BUNDLE_WINDOW);
         for minute in 0..3 {
             assert!(rate.admit(t0 + Duration::from_secs(60 * minute)));
         }

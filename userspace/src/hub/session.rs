@@ -76,6 +76,9 @@ const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
 /// applies to a connection that holds an older key (a second process with a stolen key, or
 /// a Client that re-enrolled).
 pub(crate) const RETIRED_DRAIN: Duration = Duration::from_secs(600);
+/// `Ping`s a session answers in one second at most. The Client sends none (QUIC's PINGs keep
+/// it alive); a tool or a test that checks the Hub took what it sent before uses a few.
+const PINGS_PER_SECOND: u32 = 100;
 /// After `Goodbye`, how long the Client has to finish its in-flight queries and close (it
 /// drains for 5 s itself); no new query is routed to it meanwhile.
 const GOODBYE_DRAIN: Duration = Duration::from_secs(10);
@@ -132,6 +135,8 @@ pub(crate) struct Session {
     last_presents: [Option<Instant>; 2],
     /// Renewal requests in a row that broke the renewal rules (`renewal::STRIKES` end it).
     strikes: u32,
+    /// The `Ping`s of the current second: past [`PINGS_PER_SECOND`], a protocol violation.
+    pings: transport::Window,
     /// `Goodbye` without a revoke while a newer connection of the client is live: the
     /// Client moved (a new SVID from its SPIRE), it did not stop.
     moved: bool,
@@ -232,6 +237,7 @@ impl Session {
             last_renew: None,
             last_presents: [None; 2],
             strikes: 0,
+            pings: transport::Window::new(PINGS_PER_SECOND, Duration::from_secs(1)),
             moved: false,
         })
     }
@@ -487,6 +493,15 @@ impl Session {
         msg: Result<Option<Control>, transport::StreamError>,
     ) -> Option<String> {
         match msg {
+            // Each one answered costs the shard a frame in and out, and the shard serves other
+            // Clients too: more than a Client's own checks could want ends the session.
+            Ok(Some(Control::Ping { .. })) if !self.pings.admit(Instant::now()) => {
+                self.conn.close(codes::PROTOCOL, b"");
+                Some(
+                    SessionEnd::Protocol
+                        .reason(&format!("more than {PINGS_PER_SECOND} Pings within 1 s")),
+                )
+            }
             Ok(Some(Control::Ping { time_us })) => {
                 let pong = Control::Pong {
                     echo_us: time_us,

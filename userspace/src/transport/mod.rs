@@ -56,6 +56,40 @@ pub const MAX_STREAM_WINDOW: u32 = CONNECTION_WINDOW / 2;
 pub const UDP_BUFFER: usize = 4 * 1024 * 1024;
 
 /// QUIC application error codes (connection close and stream reset).
+/// At most `max` events in each `length` of time (a window opens at the first event after the
+/// last one closed): the bound on a message a peer may otherwise send as often as it likes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Window {
+    max: u32,
+    length: Duration,
+    since: Option<tokio::time::Instant>,
+    count: u32,
+}
+
+impl Window {
+    pub(crate) const fn new(max: u32, length: Duration) -> Self {
+        Self {
+            max,
+            length,
+            since: None,
+            count: 0,
+        }
+    }
+
+    /// Whether one more, at `now`, is within the bound.
+    pub(crate) fn admit(&mut self, now: tokio::time::Instant) -> bool {
+        match self.since {
+            Some(since) if now.duration_since(since) < self.length => {}
+            _ => {
+                self.since = Some(now);
+                self.count = 0;
+            }
+        }
+        self.count += 1;
+        self.count <= self.max
+    }
+}
+
 pub mod codes {
     use quinn::VarInt;
 
