@@ -1613,6 +1613,9 @@ async fn p10_a_revoke_closes_a_session_that_is_draining_after_its_goodbye() {
             && r.reason.as_deref() == Some("live session closed: contract ended")
     })
     .await;
+    // And its end says so: not "the Client stopped".
+    hub.wait_audit("its session_lost", says(Event::SessionLost, "revoked: "))
+        .await;
 }
 
 #[tokio::test]

@@ -90,9 +90,10 @@ pub(crate) async fn enrol(
                     code: RefuseCode::EnrolmentRefused,
                 },
             };
+            // Bounded by the linger: an unauthenticated caller holds its admission slot about
+            // as long as before the request bound moved.
             let written =
-                tokio::time::timeout(OPENING_TIMEOUT, transport::write_frame(&mut send, &answer))
-                    .await;
+                tokio::time::timeout(LINGER, transport::write_frame(&mut send, &answer)).await;
             match written {
                 Ok(Ok(())) => {
                     let _ = send.finish();
@@ -102,7 +103,7 @@ pub(crate) async fn enrol(
                 Err(_) => {
                     undelivered = Some(format!(
                         "the caller did not take it within {} s",
-                        OPENING_TIMEOUT.as_secs()
+                        LINGER.as_secs()
                     ))
                 }
             }

@@ -203,17 +203,25 @@ impl Registry {
     /// Session `session_id` of `client` said `Goodbye`: no query goes to it any more, but until
     /// it ends ([`Self::remove`]) a revocation of `client` closes it too.
     pub(crate) fn depart(&self, client: &str, session_id: u64) {
-        let route = self.clients.lock().ok().and_then(|clients| {
-            clients.get(client).and_then(|c| {
-                c.entries
-                    .iter()
-                    .find(|e| e.route.id == session_id)
-                    .map(|e| e.route.clone())
-            })
-        });
-        self.remove(client, session_id);
-        if let (Some(route), Ok(mut departing)) = (route, self.departing.lock()) {
-            departing.insert(session_id, (client.to_owned(), route));
+        // Under the clients' lock throughout (then the departing one, the order
+        // `close_revoked` takes them in): a revocation sees the session in one map or the other.
+        let Ok(mut clients) = self.clients.lock() else {
+            return;
+        };
+        let Some(c) = clients.get_mut(client) else {
+            return;
+        };
+        let Some(at) = c.entries.iter().position(|e| e.route.id == session_id) else {
+            return;
+        };
+        let entry = c.entries.remove(at);
+        if c.entries.is_empty() {
+            clients.remove(client);
+        } else if c.current == Some(session_id) {
+            c.pick_current();
+        }
+        if let Ok(mut departing) = self.departing.lock() {
+            departing.insert(session_id, (client.to_owned(), entry.route));
         }
     }
 
@@ -297,11 +305,13 @@ impl Registry {
     pub(crate) fn close_revoked(&self, client: &str, reason: &str) -> usize {
         // Kept until every connection is closed: a session whose channel closes first would
         // end on its own and close with another code.
-        let entries: Vec<Entry> = self
-            .clients
-            .lock()
-            .ok()
-            .and_then(|mut c| c.remove(client))
+        // The clients' lock, then the departing one (as `depart` takes them), held until both
+        // are read: a session moving from one to the other is in one of them.
+        let Ok(mut clients) = self.clients.lock() else {
+            return 0;
+        };
+        let entries: Vec<Entry> = clients
+            .remove(client)
             .map(|c| c.entries)
             .unwrap_or_default();
         let mut taken: Vec<Route> = entries.iter().map(|e| e.route.clone()).collect();
@@ -317,6 +327,7 @@ impl Registry {
                     .map(|(_, r)| r),
             );
         }
+        drop(clients);
         for route in &taken {
             route.conn.close(codes::REVOKED, reason.as_bytes());
             let mut r = self.audit.record(Event::Revoked);

@@ -371,6 +371,11 @@ impl Session {
                     }
                 }
                 e = self.conn.closed() => match self.goodbye {
+                    // Closed by this Hub while it drained: an operator's revocation (the
+                    // registry closes departing sessions too) is said as one.
+                    Some((false, _)) if matches!(e, quinn::ConnectionError::LocallyClosed) => {
+                        break self.lost_reason(&e)
+                    }
                     Some(_) => break goodbye_reason(self.goodbye, self.moved),
                     None => break self.lost_reason(&e),
                 },

@@ -55,7 +55,6 @@ pub const MAX_STREAM_WINDOW: u32 = CONNECTION_WINDOW / 2;
 /// `wmem_max` (an unprivileged process cannot go past them): see docs/benchmarks.md.
 pub const UDP_BUFFER: usize = 4 * 1024 * 1024;
 
-/// QUIC application error codes (connection close and stream reset).
 /// At most `max` events in each `length` of time (a window opens at the first event after the
 /// last one closed): the bound on a message a peer may otherwise send as often as it likes.
 #[derive(Debug, Clone, Copy)]
@@ -90,6 +89,7 @@ impl Window {
     }
 }
 
+/// QUIC application error codes (connection close and stream reset).
 pub mod codes {
     use quinn::VarInt;
 
