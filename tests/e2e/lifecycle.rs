@@ -1171,6 +1171,53 @@ async fn p10_a_webhook_attempt_in_flight_at_a_hub_stop_is_finished_recorded_and_
     assert_ne!(ids[0], ids[1]);
 }
 
+/// One customer's endpoint that holds its answer (up to the 10 s request bound) holds up only
+/// its own delivery: another customer's revocation notice, queued after it, is delivered while
+/// the first attempt still waits. Before, the outbox sent one delivery at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p10_a_slow_webhook_endpoint_does_not_hold_up_another_customers_notice() {
+    let slow = Receiver::start_held().await;
+    let quick = Receiver::start(Vec::new()).await;
+    let hub = TestHub::start_custom(&[], "[webhooks]\ndanger_allow_private_targets = true\n").await;
+    let mut clients = Vec::new();
+    for (name, receiver) in [("acme", &slow), ("beta", &quick)] {
+        let token = hub.token_with_webhook(name, &receiver.url);
+        clients.push(TestClient::enrol_with(&hub, &token, &[("db", "127.0.0.1:9".into())]).await);
+    }
+    let about = |url: &str, event: Event| {
+        let url = url.to_owned();
+        move |r: &ewii_common::audit::AuditRecord| {
+            r.event == event && r.reason.as_deref().is_some_and(|x| x.contains(&url))
+        }
+    };
+    admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap();
+    poll_until("the slow endpoint's attempt in flight", SOON, || {
+        !slow.deliveries().is_empty()
+    })
+    .await;
+    admin::revoke(&hub.state_dir(), "beta", "contract ended").unwrap();
+    hub.wait_audit(
+        "the other customer's delivery",
+        about(&quick.url, Event::WebhookDelivered),
+    )
+    .await;
+    for event in [Event::WebhookDelivered, Event::WebhookFailed] {
+        assert_eq!(
+            count(&hub.audit, about(&slow.url, event)),
+            0,
+            "the slow endpoint has not answered yet"
+        );
+    }
+    assert_eq!(quick.deliveries().len(), 1);
+    slow.release();
+    hub.wait_audit(
+        "the slow endpoint's delivery",
+        about(&slow.url, Event::WebhookDelivered),
+    )
+    .await;
+    assert_eq!(slow.deliveries().len(), 1, "sent once");
+}
+
 #[tokio::test]
 async fn p7_an_svid_that_expires_without_renewal_stops_the_client_plainly() {
     let mut hub = TestHub::start_with(&[], 4).await;

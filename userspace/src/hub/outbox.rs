@@ -6,21 +6,25 @@
 //! parked instead of retried: a retry cannot change the refusal, and the next start, which may
 //! run with another config, tries it again.
 //!
-//! The task sleeps until a row is queued (the store wakes it) or until the next retry it
-//! learned from the store is due: an empty outbox costs no query.
+//! Each attempt is a task of its own, [`IN_FLIGHT`] at most at once, so that one customer's
+//! slow or silent endpoint holds up only its own deliveries. The task sleeps until a row is
+//! queued (the store wakes it), an attempt ends, or the next retry it learned from the store
+//! is due: an empty outbox costs no query.
 //!
-//! At a shutdown the task is told to stop, not aborted: an attempt in flight gets
+//! At a shutdown the task is told to stop, not aborted: the attempts in flight get
 //! [`WIND_DOWN`] to be answered, and an answered one is recorded and audited before the task
 //! returns, so that a restart neither loses the record of an attempt nor sends an acknowledged
 //! webhook again. An attempt not answered by then is abandoned unrecorded, and sent again
 //! (same `webhook-id`) after the restart.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ewii_common::audit::{Event, Outcome};
 use ewii_common::backoff::Backoff;
 use tokio::sync::{watch, Notify};
+use tokio::task::{self, JoinSet};
 use tokio::time::Instant;
 
 use super::state::PendingWebhook;
@@ -30,6 +34,12 @@ use crate::config::WebhookConfig;
 use crate::webhook::{check_target, WebhookError, WebhookKey};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the target's name may take to resolve: the system resolver has no bound of its
+/// own that the Hub chose.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most this many attempts at once: one customer's slow endpoint (an attempt may take
+/// [`RESOLVE_TIMEOUT`] and [`REQUEST_TIMEOUT`]) does not hold up another customer's notice.
+pub(crate) const IN_FLIGHT: usize = 16;
 /// Pause after the store failed, before asking it again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 /// After a stop, how long an attempt in flight may wait for its answer.
@@ -44,16 +54,51 @@ pub(crate) struct Parts {
     pub(crate) key: WebhookKey,
 }
 
-/// Runs until `stop` turns true or its sender is gone (or the task is aborted), between
-/// attempts.
+/// The attempts in flight, each a task of its own, and the rows they hold.
+#[derive(Default)]
+struct Flying {
+    tasks: JoinSet<()>,
+    ids: HashMap<task::Id, String>,
+}
+
+impl Flying {
+    fn ids(&self) -> Vec<String> {
+        self.ids.values().cloned().collect()
+    }
+
+    fn full(&self) -> bool {
+        self.ids.len() >= IN_FLIGHT
+    }
+
+    fn start(&mut self, parts: &Arc<Parts>, w: PendingWebhook, stop: &watch::Receiver<bool>) {
+        let id = w.id.clone();
+        let handle = self.tasks.spawn(attempt(parts.clone(), w, stop.clone()));
+        self.ids.insert(handle.id(), id);
+    }
+
+    /// One attempt ended: its row is the store's again.
+    fn ended(&mut self, done: Result<(task::Id, ()), task::JoinError>) {
+        let id = match done {
+            Ok((id, ())) => id,
+            Err(e) => e.id(),
+        };
+        self.ids.remove(&id);
+    }
+}
+
+/// Runs until `stop` turns true or its sender is gone (or the task is aborted); then lets the
+/// attempts in flight finish (each has [`WIND_DOWN`] from the stop to be answered).
 pub(crate) async fn deliver(parts: Parts, mut stop: watch::Receiver<bool>) {
+    let parts = Arc::new(parts);
     let queued: Arc<Notify> = parts.store.outbox_queued();
+    let mut flying = Flying::default();
     loop {
-        let next = match deliver_due(&parts, &stop).await {
+        let next = match start_due(&parts, &stop, &mut flying).await {
+            Ok(()) if flying.full() => Ok(None),
             Ok(()) => {
                 parts
                     .store
-                    .next_webhook_due(parts.config.max_attempts)
+                    .next_webhook_due(parts.config.max_attempts, flying.ids())
                     .await
             }
             Err(e) => Err(e),
@@ -79,11 +124,15 @@ pub(crate) async fn deliver(parts: Parts, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             () = queued.notified() => {}
             () = due => {}
-            _ = stop.wait_for(|stop| *stop) => return,
+            Some(done) = flying.tasks.join_next_with_id() => flying.ended(done),
+            _ = stop.wait_for(|stop| *stop) => break,
         }
         if stopping(&stop) {
-            return;
+            break;
         }
+    }
+    while let Some(done) = flying.tasks.join_next_with_id().await {
+        flying.ended(done);
     }
 }
 
@@ -99,83 +148,92 @@ async fn wound_down(mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn deliver_due(
-    parts: &Parts,
+/// Starts an attempt for each row due and not in flight, up to [`IN_FLIGHT`] at once.
+async fn start_due(
+    parts: &Arc<Parts>,
     stop: &watch::Receiver<bool>,
+    flying: &mut Flying,
 ) -> Result<(), super::store::StoreError> {
+    if flying.full() || stopping(stop) {
+        return Ok(());
+    }
     let now_ms = (crate::now_timestamp().0 / 1000) as i64;
     let due = parts
         .store
-        .due_webhooks(now_ms, parts.config.max_attempts)
+        .due_webhooks(now_ms, parts.config.max_attempts, flying.ids())
         .await?;
     for w in due {
-        if stopping(stop) {
+        if flying.full() {
             break;
         }
-        // Unanswered at the end of the wind-down: left as it is, sent again after a restart.
-        let result = tokio::select! {
-            result = send(parts, &w) => result,
-            () = wound_down(stop.clone()) => break,
-        };
-        let now = crate::now_timestamp();
-        let mut r = parts.audit.record(Event::WebhookDelivered);
-        match result {
-            Ok(status) => {
-                if let Err(e) = parts
-                    .store
-                    .webhook_delivered(&w.id, now.unix_secs() as i64)
-                    .await
-                {
-                    tracing::error!(error = %e, "cannot record a webhook delivery");
-                }
-                r.outcome = Some(Outcome::Ok);
-                r.reason = Some(format!(
-                    "{} to {}: HTTP {status}",
-                    w.id,
-                    crate::webhook::redacted(&w.url)
-                ));
-            }
-            Err(failure) => {
-                let attempt = w.attempts + 1;
-                let last = attempt >= parts.config.max_attempts;
-                let (e, stored) = match &failure {
-                    Failure::Again(e) => {
-                        let delay =
-                            Backoff::new(parts.config.retry_initial, parts.config.retry_max)
-                                .delay_for(w.attempts, rand::random());
-                        let next = (now.0 / 1000) as i64 + delay.as_millis() as i64;
-                        (e, parts.store.webhook_failed(&w.id, e, next).await)
-                    }
-                    Failure::Parked(e) => (e, parts.store.webhook_parked(&w.id, e).await),
-                };
-                if let Err(e) = stored {
-                    tracing::error!(error = %e, "cannot record a webhook failure");
-                }
-                r.event = Event::WebhookFailed;
-                r.outcome = Some(Outcome::Failed);
-                let then = if last {
-                    "; the last attempt: the delivery is kept in the outbox and not sent again"
-                } else if matches!(failure, Failure::Parked(_)) {
-                    PARKED_SAYS
-                } else {
-                    ""
-                };
-                r.reason = Some(format!(
-                    "{} to {} (attempt {attempt} of {}): {e}{then}",
-                    w.id,
-                    crate::webhook::redacted(&w.url),
-                    parts.config.max_attempts,
-                ));
-                if last {
-                    tracing::error!(id = %w.id, url = %crate::webhook::redacted(&w.url), "a webhook was not delivered after its last attempt; the customer was not told of this revocation by webhook");
-                } else if matches!(failure, Failure::Parked(_)) {
-                    tracing::error!(id = %w.id, url = %crate::webhook::redacted(&w.url), error = %e, "this Hub refuses a webhook's target; the delivery waits in the outbox for the next Hub start (the customer is not told of this revocation by webhook until then)");
-                }
-            }
-        }
-        parts.audit.emit(r);
+        flying.start(parts, w, stop);
     }
     Ok(())
+}
+
+/// One delivery attempt, recorded in the store and the audit. Unanswered at the end of the
+/// wind-down: left as it is, sent again after a restart.
+async fn attempt(parts: Arc<Parts>, w: PendingWebhook, stop: watch::Receiver<bool>) {
+    let result = tokio::select! {
+        result = send(&parts, &w) => result,
+        () = wound_down(stop) => return,
+    };
+    let now = crate::now_timestamp();
+    let mut r = parts.audit.record(Event::WebhookDelivered);
+    match result {
+        Ok(status) => {
+            if let Err(e) = parts
+                .store
+                .webhook_delivered(&w.id, now.unix_secs() as i64)
+                .await
+            {
+                tracing::error!(error = %e, "cannot record a webhook delivery");
+            }
+            r.outcome = Some(Outcome::Ok);
+            r.reason = Some(format!(
+                "{} to {}: HTTP {status}",
+                w.id,
+                crate::webhook::redacted(&w.url)
+            ));
+        }
+        Err(failure) => {
+            let attempt = w.attempts + 1;
+            let last = attempt >= parts.config.max_attempts;
+            let (e, stored) = match &failure {
+                Failure::Again(e) => {
+                    let delay = Backoff::new(parts.config.retry_initial, parts.config.retry_max)
+                        .delay_for(w.attempts, rand::random());
+                    let next = (now.0 / 1000) as i64 + delay.as_millis() as i64;
+                    (e, parts.store.webhook_failed(&w.id, e, next).await)
+                }
+                Failure::Parked(e) => (e, parts.store.webhook_parked(&w.id, e).await),
+            };
+            if let Err(e) = stored {
+                tracing::error!(error = %e, "cannot record a webhook failure");
+            }
+            r.event = Event::WebhookFailed;
+            r.outcome = Some(Outcome::Failed);
+            let then = if last {
+                "; the last attempt: the delivery is kept in the outbox and not sent again"
+            } else if matches!(failure, Failure::Parked(_)) {
+                PARKED_SAYS
+            } else {
+                ""
+            };
+            r.reason = Some(format!(
+                "{} to {} (attempt {attempt} of {}): {e}{then}",
+                w.id,
+                crate::webhook::redacted(&w.url),
+                parts.config.max_attempts,
+            ));
+            if last {
+                tracing::error!(id = %w.id, url = %crate::webhook::redacted(&w.url), "a webhook was not delivered after its last attempt; the customer was not told of this revocation by webhook");
+            } else if matches!(failure, Failure::Parked(_)) {
+                tracing::error!(id = %w.id, url = %crate::webhook::redacted(&w.url), error = %e, "this Hub refuses a webhook's target; the delivery waits in the outbox for the next Hub start (the customer is not told of this revocation by webhook until then)");
+            }
+        }
+    }
+    parts.audit.emit(r);
 }
 
 /// Why an attempt failed, and whether a retry could change it.
@@ -194,16 +252,25 @@ const PARKED_SAYS: &str =
     "; not tried again before the Hub restarts: no retry can change this Hub's refusal";
 
 async fn send(parts: &Parts, w: &PendingWebhook) -> Result<u16, Failure> {
-    let (host, addr) = check_target(&w.url, parts.config.danger_allow_private_targets)
-        .await
-        .map_err(|e| match e {
-            // A name may resolve elsewhere later; an address in the URL will not.
-            WebhookError::PrivateTarget(_) if names_an_address(&w.url) => {
-                Failure::Parked(e.to_string())
-            }
-            WebhookError::BadUrl(_) => Failure::Parked(e.to_string()),
-            e => Failure::Again(e.to_string()),
-        })?;
+    let resolved = tokio::time::timeout(
+        RESOLVE_TIMEOUT,
+        check_target(&w.url, parts.config.danger_allow_private_targets),
+    )
+    .await
+    .map_err(|_| {
+        Failure::Again(format!(
+            "the name did not resolve in {} s",
+            RESOLVE_TIMEOUT.as_secs()
+        ))
+    })?;
+    let (host, addr) = resolved.map_err(|e| match e {
+        // A name may resolve elsewhere later; an address in the URL will not.
+        WebhookError::PrivateTarget(_) if names_an_address(&w.url) => {
+            Failure::Parked(e.to_string())
+        }
+        WebhookError::BadUrl(_) => Failure::Parked(e.to_string()),
+        e => Failure::Again(e.to_string()),
+    })?;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         // A proxy from the environment would reach targets the address check refused.

@@ -385,23 +385,25 @@ impl Store {
         self.call(Owner::refresh).await?
     }
 
-    /// Outbox rows due at `now_ms`.
+    /// Outbox rows due at `now_ms`, leaving out those in `skip` (the attempts in flight).
     pub(crate) async fn due_webhooks(
         &self,
         now_ms: i64,
         max_attempts: u32,
+        skip: Vec<String>,
     ) -> Result<Vec<PendingWebhook>, StoreError> {
-        self.call(move |o| o.backend.due_webhooks(now_ms, max_attempts))
+        self.call(move |o| o.backend.due_webhooks(now_ms, max_attempts, &skip))
             .await?
             .map_err(Into::into)
     }
 
-    /// When the next outbox row is due (ms since the epoch).
+    /// When the next outbox row not in `skip` is due (ms since the epoch).
     pub(crate) async fn next_webhook_due(
         &self,
         max_attempts: u32,
+        skip: Vec<String>,
     ) -> Result<Option<i64>, StoreError> {
-        self.call(move |o| o.backend.next_webhook_due(max_attempts))
+        self.call(move |o| o.backend.next_webhook_due(max_attempts, &skip))
             .await?
             .map_err(Into::into)
     }

@@ -56,19 +56,22 @@ pub(super) fn queue_revocation(
 }
 
 impl Db {
-    /// Outbox rows due at `now_ms` (milliseconds since the epoch), oldest first.
+    /// Outbox rows due at `now_ms` (milliseconds since the epoch), oldest first, at most 32,
+    /// leaving out those in `skip` (the attempts in flight).
     pub fn due_webhooks(
         &self,
         now_ms: i64,
         max_attempts: u32,
+        skip: &[String],
     ) -> Result<Vec<PendingWebhook>, StateError> {
         self.with(|c| {
             let mut stmt = c.prepare(
                 "SELECT id, url, body, attempts FROM webhooks
                  WHERE delivered_at IS NULL AND next_attempt_ms <= ?1 AND attempts < ?2
-                 ORDER BY created_at, id LIMIT 32",
+                 ORDER BY created_at, id LIMIT ?3",
             )?;
-            let rows = stmt.query_map(params![now_ms, max_attempts], |r| {
+            let limit = 32 + skip.len() as i64;
+            let rows = stmt.query_map(params![now_ms, max_attempts, limit], |r| {
                 Ok(PendingWebhook {
                     id: r.get(0)?,
                     url: r.get(1)?,
@@ -76,18 +79,41 @@ impl Db {
                     attempts: r.get(3)?,
                 })
             })?;
-            rows.collect()
+            let mut due = Vec::new();
+            for row in rows {
+                let row = row?;
+                if !skip.contains(&row.id) && due.len() < 32 {
+                    due.push(row);
+                }
+            }
+            Ok(due)
         })
     }
 
-    /// When the next undelivered row is due (milliseconds since the epoch), if any is left.
-    pub fn next_webhook_due(&self, max_attempts: u32) -> Result<Option<i64>, StateError> {
+    /// When the next undelivered row not in `skip` is due (milliseconds since the epoch), if
+    /// any is left.
+    pub fn next_webhook_due(
+        &self,
+        max_attempts: u32,
+        skip: &[String],
+    ) -> Result<Option<i64>, StateError> {
         self.with(|c| {
-            c.query_row(
-                "SELECT MIN(next_attempt_ms) FROM webhooks WHERE delivered_at IS NULL AND attempts < ?1 AND next_attempt_ms < ?2",
-                params![max_attempts, PARKED],
-                |r| r.get(0),
-            )
+            let mut stmt = c.prepare(
+                "SELECT id, next_attempt_ms FROM webhooks
+                 WHERE delivered_at IS NULL AND attempts < ?1 AND next_attempt_ms < ?2
+                 ORDER BY next_attempt_ms LIMIT ?3",
+            )?;
+            let limit = 1 + skip.len() as i64;
+            let rows = stmt.query_map(params![max_attempts, PARKED, limit], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })?;
+            for row in rows {
+                let (id, due) = row?;
+                if !skip.contains(&id) {
+                    return Ok(Some(due));
+                }
+            }
+            Ok(None)
         })
     }
 

@@ -150,7 +150,7 @@ fn serial_check_follows_enrolment_and_revocation_across_reopen() {
 fn the_outbox_tells_when_its_next_row_is_due() {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(&dir.path().join("hub.db")).unwrap();
-    assert_eq!(db.next_webhook_due(3).unwrap(), None);
+    assert_eq!(db.next_webhook_due(3, &[]).unwrap(), None);
     let id = SpiffeId::client("example.org", "acme").unwrap();
     let grant = TokenGrant {
         client: "acme".into(),
@@ -159,16 +159,40 @@ fn the_outbox_tells_when_its_next_row_is_due() {
     };
     db.record_enrolment(&grant, &id, "0a", 1000, 1).unwrap();
     assert!(db.revoke_client("acme", "test", 2, true).unwrap());
-    assert_eq!(db.next_webhook_due(3).unwrap(), Some(0));
-    let due = db.due_webhooks(0, 3).unwrap();
+    assert_eq!(db.next_webhook_due(3, &[]).unwrap(), Some(0));
+    let due = db.due_webhooks(0, 3, &[]).unwrap();
     assert_eq!(due.len(), 1);
+    // An attempt in flight is neither due nor the next due.
+    let flying = [due[0].id.clone()];
+    assert!(db.due_webhooks(0, 3, &flying).unwrap().is_empty());
+    assert_eq!(db.next_webhook_due(3, &flying).unwrap(), None);
     db.webhook_failed(&due[0].id, "HTTP 500", 5_000).unwrap();
-    assert_eq!(db.next_webhook_due(3).unwrap(), Some(5_000));
-    assert!(db.due_webhooks(4_999, 3).unwrap().is_empty());
+    assert_eq!(db.next_webhook_due(3, &[]).unwrap(), Some(5_000));
+    assert!(db.due_webhooks(4_999, 3, &[]).unwrap().is_empty());
     // Given up after the last attempt: nothing is due any more.
     db.webhook_failed(&due[0].id, "HTTP 500", 6_000).unwrap();
     db.webhook_failed(&due[0].id, "HTTP 500", 7_000).unwrap();
-    assert_eq!(db.next_webhook_due(3).unwrap(), None);
+    assert_eq!(db.next_webhook_due(3, &[]).unwrap(), None);
+    // Two rows due, one in flight: the other is due, and the next due.
+    for name in ["beta", "gamma"] {
+        let id = SpiffeId::client("example.org", name).unwrap();
+        let grant = TokenGrant {
+            client: name.into(),
+            ..grant.clone()
+        };
+        db.record_enrolment(&grant, &id, &format!("0{name}"), 1000, 1)
+            .unwrap();
+        assert!(db.revoke_client(name, "test", 3, true).unwrap());
+    }
+    let due = db.due_webhooks(10, 3, &[]).unwrap();
+    assert_eq!(due.len(), 2);
+    db.webhook_failed(&due[1].id, "HTTP 500", 8_000).unwrap();
+    let flying = [due[0].id.clone()];
+    assert_eq!(db.next_webhook_due(3, &flying).unwrap(), Some(8_000));
+    assert_eq!(db.next_webhook_due(3, &[]).unwrap(), Some(0));
+    let later = db.due_webhooks(8_000, 3, &flying).unwrap();
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].id, due[1].id);
 }
 
 #[test]

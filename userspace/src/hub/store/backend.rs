@@ -67,9 +67,14 @@ pub trait Backend: Send + 'static {
         &self,
         now_ms: i64,
         max_attempts: u32,
+        skip: &[String],
     ) -> Result<Vec<PendingWebhook>, StateError>;
     /// See [`Db::next_webhook_due`].
-    fn next_webhook_due(&self, max_attempts: u32) -> Result<Option<i64>, StateError>;
+    fn next_webhook_due(
+        &self,
+        max_attempts: u32,
+        skip: &[String],
+    ) -> Result<Option<i64>, StateError>;
     /// See [`Db::webhook_delivered`].
     fn webhook_delivered(&self, id: &str, now: i64) -> Result<(), StateError>;
     /// See [`Db::webhook_failed`].
@@ -151,11 +156,16 @@ impl Backend for Db {
         &self,
         now_ms: i64,
         max_attempts: u32,
+        skip: &[String],
     ) -> Result<Vec<PendingWebhook>, StateError> {
-        Db::due_webhooks(self, now_ms, max_attempts)
+        Db::due_webhooks(self, now_ms, max_attempts, skip)
     }
-    fn next_webhook_due(&self, max_attempts: u32) -> Result<Option<i64>, StateError> {
-        Db::next_webhook_due(self, max_attempts)
+    fn next_webhook_due(
+        &self,
+        max_attempts: u32,
+        skip: &[String],
+    ) -> Result<Option<i64>, StateError> {
+        Db::next_webhook_due(self, max_attempts, skip)
     }
     fn webhook_delivered(&self, id: &str, now: i64) -> Result<(), StateError> {
         Db::webhook_delivered(self, id, now)
