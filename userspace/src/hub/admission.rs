@@ -255,18 +255,37 @@ impl Admission {
             return;
         };
         let window = self.limits.enrol_window;
-        // Bounded: a table of one entry per host, forgotten when its window ends (swept only
-        // when it grows past a bound, not on every attempt).
         let now = Instant::now();
-        if s.enrol_failures.len() >= ENROL_HOSTS {
-            s.enrol_failures
-                .retain(|_, (_, since)| since.elapsed() < window);
+        if s.enrol_failures.len() >= ENROL_HOSTS && !s.enrol_failures.contains_key(&ip) {
+            make_room(&mut s.enrol_failures, window, now);
         }
         let e = s.enrol_failures.entry(ip).or_insert((0, now));
         if e.1.elapsed() >= window {
             *e = (0, now);
         }
         e.0 = e.0.saturating_add(1);
+    }
+}
+
+/// Makes room in a full table of refused enrolments: one entry per host, forgotten when its
+/// window ends, swept only when the table is full (not on every attempt). When every host is
+/// still in its window (failures from more hosts than the bound: IPv6 /64s are cheap), the
+/// quarter with the fewest failures is forgotten, the oldest first among equals: the hosts
+/// nearest their throttle stay, and the next sweep is a quarter of the bound away, so the
+/// table stays bounded and its sweeps cost O(1) per new host on average.
+fn make_room(table: &mut HashMap<IpAddr, (u32, Instant)>, window: Duration, now: Instant) {
+    table.retain(|_, (_, since)| now.saturating_duration_since(*since) < window);
+    if table.len() < ENROL_HOSTS {
+        return;
+    }
+    let mut all: Vec<(u32, Instant, IpAddr)> = table
+        .iter()
+        .map(|(ip, (n, since))| (*n, *since, *ip))
+        .collect();
+    let cut = ENROL_HOSTS / 4;
+    all.select_nth_unstable_by_key(cut, |(n, since, _)| (*n, *since));
+    for (_, _, ip) in &all[..cut] {
+        table.remove(ip);
     }
 }
 
@@ -305,6 +324,35 @@ mod tests {
         // A minute on, every bucket is full again: nothing to remember but the newest.
         assert!(a.session_allowed_at("late", t0 + Duration::from_secs(61)));
         assert_eq!(a.state.lock().unwrap().sessions.len(), 1);
+    }
+
+    #[test]
+    fn p8_refused_enrolments_from_more_hosts_than_the_bound_keep_the_table_bounded() {
+        let a = Admission::new(Limits {
+            enrol_failures: 3,
+            enrol_window: Duration::from_secs(600),
+            ..Limits::default()
+        });
+        // A host at its throttle, then failures from three times the bound of other hosts
+        // (IPv6 /64s), all inside the window.
+        for _ in 0..3 {
+            a.enrolment_refused(ip(1));
+        }
+        for n in 0..3 * ENROL_HOSTS as u64 {
+            let v6 = std::net::Ipv6Addr::from((0x2001_0db8_u128 << 96) | (u128::from(n) << 64));
+            a.enrolment_refused(IpAddr::V6(v6));
+            assert!(a.state.lock().unwrap().enrol_failures.len() <= ENROL_HOSTS);
+        }
+        assert_eq!(
+            a.enrolment_throttled(ip(1)),
+            Some(3),
+            "the host with the most failures is kept"
+        );
+        // The newest host is counted.
+        a.enrolment_refused(ip(2));
+        a.enrolment_refused(ip(2));
+        a.enrolment_refused(ip(2));
+        assert_eq!(a.enrolment_throttled(ip(2)), Some(3));
     }
 
     fn ip(last: u8) -> IpAddr {
