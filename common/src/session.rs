@@ -27,6 +27,7 @@
 //!   new_with_pending_revoke ──▶ Revoking (no deadline) ──dialed──▶ Goodbye{revoke} ──▶ Exit(Revoked)
 //!   Waiting|Dialing ──handle_stop (on_stop = disconnect)──▶ Exit(Stopped)
 //!   Waiting past not_after ──▶ Exit(Expired)        any ──handle_revoked──▶ Exit(Revoked)
+//!     (but for a retired connection closed by a stop's own revoke: handle_connection_revoked)
 //!   Stopping with a revoke: handle_goodbye_acknowledged (or drained) ──▶ RevokedAtStop, or
 //!     Exit(Revoked) for a pending one; lost or deadline unacknowledged ──▶ RecordPendingRevoke
 //!     (a pending one, no stop asked: Revoking again, after a backoff)
@@ -724,6 +725,27 @@ impl ClientSession {
                 *renewal = Renewal::Due(now + self.renew_backoff.next_delay(random).max(pause));
             }
         }
+    }
+
+    /// Connection `session_id` was closed because the identity is revoked. While a stop that
+    /// revokes drains another connection, this is that stop's own revoke reaching a connection
+    /// a move retired (the Hub closes every other connection of an identity once it has
+    /// recorded its revocation): the revoke is recorded, and the stop goes on. Otherwise as
+    /// [`handle_revoked`](Self::handle_revoked).
+    pub fn handle_connection_revoked(&mut self, session_id: u64, reason: String) {
+        if let State::Stopping {
+            session_id: stopping,
+            revoke: true,
+            acknowledged,
+            ..
+        } = &mut self.state
+        {
+            if *stopping != session_id {
+                *acknowledged = true;
+                return;
+            }
+        }
+        self.handle_revoked(reason);
     }
 
     /// The Hub revoked this identity (on a connection, or in a refused handshake).

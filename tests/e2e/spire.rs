@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ewii::audit::{Audit, AuditOutput};
 use ewii::client::{self, ClientError, Exit};
-use ewii::config::SvidSource;
+use ewii::config::{OnStop, SvidSource};
 use ewii::hub::admin;
 use ewii::identity::store::read_certs;
 use ewii::identity::{inspect_leaf, present};
@@ -61,6 +61,15 @@ struct SpireClient {
 
 impl SpireClient {
     fn start(hub: &TestHub, api: &WorkloadApi, echo: std::net::SocketAddr) -> Self {
+        Self::start_with(hub, api, echo, OnStop::Disconnect)
+    }
+
+    fn start_with(
+        hub: &TestHub,
+        api: &WorkloadApi,
+        echo: std::net::SocketAddr,
+        on_stop: OnStop,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut config = client_config(
             hub.addr,
@@ -71,6 +80,7 @@ impl SpireClient {
             socket: api.endpoint(),
             hub_trust_domain: TD.into(),
         };
+        config.on_stop = on_stop;
         let audit = Audit::open_with_tap(Side::Client, &AuditOutput::Discard).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(client::run(config, audit.clone(), async {
@@ -291,23 +301,9 @@ async fn p5_p7_p8_a_rotation_pushed_by_the_workload_api_re_binds_the_live_sessio
     .await;
     // Then an SVID the Hub accepts: the move's next dial is made with it, and the old
     // connection is retired, make-before-break: it finishes the query open on it.
-    let third = ca.issue(ACME_PATH, HOUR);
-    serve(&api, &third, &hub);
-    hub.wait_audit("session_up with the third serial", |r| {
-        r.event == Event::SessionUp
-            && r.reason
-                .as_deref()
-                .is_some_and(|x| x.contains(&format!("serial {}", third.serial)))
-    })
-    .await;
-    // The Hub has read the retiring Goodbye once it routes nothing more to the old session
-    // (its registry then holds the new one only); the old connection must stay while the
-    // long query is open on it.
+    move_with(&hub, &api, &ca.issue(ACME_PATH, HOUR)).await;
+    // The old connection must stay while the long query is open on it.
     let handle = hub.handle().clone();
-    poll_until("the Hub to process the retiring Goodbye", SOON, || {
-        handle.connections() == 1
-    })
-    .await;
     assert_eq!(
         count(&hub.audit, Event::SessionLost),
         0,
@@ -350,6 +346,86 @@ async fn p5_p7_p8_a_rotation_pushed_by_the_workload_api_re_binds_the_live_sessio
     // Nothing of the agent's SVID was written to disk.
     assert!(!client._dir.path().join("state/svid.key").exists());
     assert_eq!(client.stop().await, Exit::Stopped);
+}
+
+/// A Client that stops (and so revokes) while a connection a move retired still drains at the
+/// Hub: the Hub's revocation closes that one as revoked. That is the stop's own revoke, not an
+/// operator's: the Client ends as a stop, with the revoke recorded. Before, it ended as
+/// "revoked" (exit 10 for the binary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p9_a_workload_api_client_that_stops_soon_after_a_move_ends_as_a_stop() {
+    let s = Setup::new().await;
+    let (mut ca, hub, api) = (s.ca, s.hub, s.api);
+    let mut client = SpireClient::start_with(&hub, &api, s.echo, OnStop::Revoke);
+    hub.wait_connected("acme").await;
+    // A query held open on the first connection keeps it draining after the move.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut held = tokio::net::TcpStream::connect(hub.service("svc"))
+        .await
+        .unwrap();
+    held.write_all(b"held").await.unwrap();
+    let mut buf = [0u8; 4];
+    held.read_exact(&mut buf).await.unwrap();
+    // An SVID the Hub does not take on the live connection (another CA) moves the Client (its
+    // dial is refused too); the next one is taken by the move's new connection.
+    serve(&api, &SpireCa::new(CUSTOMER).issue(ACME_PATH, HOUR), &hub);
+    hub.wait_rotation_refused("presented SVID refused: chain:")
+        .await;
+    move_with(&hub, &api, &ca.issue(ACME_PATH, HOUR)).await;
+    // A query held open on the new connection: the stop cannot drain before the Hub's
+    // revocation has closed the old one.
+    let mut on_new = tokio::net::TcpStream::connect(hub.service("svc"))
+        .await
+        .unwrap();
+    on_new.write_all(b"new!").await.unwrap();
+    on_new.read_exact(&mut buf).await.unwrap();
+    let _ = client.stop.take().unwrap().send(());
+    hub.wait_audit("the retired connection closed as revoked", |r| {
+        r.event == Event::SessionLost
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.starts_with("revoked"))
+    })
+    .await;
+    on_new.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    on_new.read_to_end(&mut rest).await.unwrap();
+    let exit = client.ended(SOON).await.unwrap();
+    assert_eq!(exit, Exit::Stopped);
+    let revoked: Vec<AuditRecord> = client
+        .audit
+        .records()
+        .into_iter()
+        .filter(|r| r.event == Event::Revoked)
+        .collect();
+    assert_eq!(revoked.len(), 1, "{revoked:#?}");
+    assert_eq!(revoked[0].outcome, Some(Outcome::Ok));
+    assert!(
+        revoked[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("at its stop")),
+        "{revoked:?}"
+    );
+}
+
+/// Serves `svid`, which a Client moving to a new connection dials with: waits for that
+/// session, and for the Hub to have read the old connection's retiring `Goodbye` (it routes
+/// nothing more to the old session: its registry holds the new one only).
+async fn move_with(hub: &TestHub, api: &WorkloadApi, svid: &IssuedSvid) {
+    serve(api, svid, hub);
+    hub.wait_audit("session_up with the new serial", |r| {
+        r.event == Event::SessionUp
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.contains(&format!("serial {}", svid.serial)))
+    })
+    .await;
+    let handle = hub.handle().clone();
+    poll_until("the Hub to process the retiring Goodbye", SOON, || {
+        handle.connections() == 1
+    })
+    .await;
 }
 
 /// Waits for the Hub's record of a session re-bound from `from` to the presented `to`.

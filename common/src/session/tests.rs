@@ -1167,6 +1167,70 @@ fn p7_p8_a_pushed_svid_the_hub_does_not_take_moves_to_a_new_connection_before_th
     assert_eq!(sim.s.phase(), Phase::Connected { session_id: new });
 }
 
+/// A stop that revokes, within the Hub's drain of a connection a move retired: the Hub's
+/// revocation closes that connection as revoked. That is the stop's own revoke, recorded (the
+/// Hub closes the others only once it is), not an operator's: the stop ends as a stop. An
+/// operator's revocation of the stopping connection itself still ends it as a revocation.
+#[test]
+fn p9_p10_a_stop_soon_after_a_move_is_not_taken_for_a_revocation_by_its_own_revoke() {
+    let moved = |config: SessionConfig| {
+        let revoke = config.revoke_on_stop;
+        let (mut sim, old) = Sim::connected(config, spire_svid_at(START));
+        sim.now += Duration::from_secs(1_800);
+        sim.push(spire_svid_at(START + 1_800));
+        sim.s.handle_present_refused(old);
+        sim.actions();
+        let new = sim.dialed();
+        assert_eq!(sim.actions(), vec![Action::Retire { session_id: old }]);
+        sim.s.handle_stop(sim.now);
+        assert_eq!(
+            sim.actions(),
+            vec![Action::SendGoodbye {
+                session_id: new,
+                revoke
+            }]
+        );
+        (sim, old, new)
+    };
+    let (mut sim, old, new) = moved(workload_api());
+    sim.s
+        .handle_connection_revoked(old, "stopped by the customer".into());
+    assert_eq!(sim.actions(), vec![]);
+    assert_eq!(sim.s.phase(), Phase::Stopping);
+    // Its connection lost before the acknowledgement: the closed old connection showed the
+    // revoke recorded, so nothing stays pending.
+    let r = sim.rng.next();
+    sim.s.handle_lost(sim.now, new, r);
+    assert_eq!(
+        sim.actions(),
+        vec![Action::RevokedAtStop, Action::Exit(Exit::Stopped)]
+    );
+
+    let (mut sim, _, new) = moved(workload_api());
+    sim.s
+        .handle_connection_revoked(new, "contract ended".into());
+    assert_eq!(
+        sim.actions(),
+        vec![Action::Exit(Exit::Revoked {
+            reason: "contract ended".into()
+        })]
+    );
+
+    // A stop that does not revoke: a revoked connection is the operator's revocation.
+    let (mut sim, old, _) = moved(SessionConfig {
+        revoke_on_stop: false,
+        ..workload_api()
+    });
+    sim.s
+        .handle_connection_revoked(old, "contract ended".into());
+    assert_eq!(
+        sim.actions(),
+        vec![Action::Exit(Exit::Revoked {
+            reason: "contract ended".into()
+        })]
+    );
+}
+
 #[test]
 fn p14_a_move_whose_dial_fails_keeps_serving_on_the_old_connection_and_retries() {
     let (mut sim, old) = Sim::connected(workload_api(), spire_svid_at(START));

@@ -451,7 +451,7 @@ impl Driver {
             Event::Drained(id) => self.machine.handle_drained(id),
             Event::Ended(id, End::Revoked(reason)) => {
                 self.connections.remove(&id);
-                self.machine.handle_revoked(reason);
+                self.machine.handle_connection_revoked(id, reason);
             }
             Event::Ended(id, End::Lost(lost)) => {
                 if self.connections.remove(&id).is_some() && lost != Lost::Moved {
