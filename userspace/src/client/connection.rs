@@ -175,6 +175,54 @@ fn close_text(reason: CloseReason) -> &'static str {
     }
 }
 
+/// A connection's `session_lost` record: written by [`end`](Self::end), or, when the task
+/// that holds it is dropped first (the driver's stop aborts what still runs after its
+/// wind-down), on drop, as the Client's stop: never lost.
+struct LostRecord {
+    audit: crate::audit::Audit,
+    record: Option<ewii_common::audit::AuditRecord>,
+    started: Instant,
+}
+
+impl LostRecord {
+    fn new(
+        audit: &crate::audit::Audit,
+        client: &str,
+        id: u64,
+        hub: std::net::SocketAddr,
+        started: Instant,
+    ) -> Self {
+        let mut r = audit.record(AuditEvent::SessionLost);
+        r.session_id = Some(id);
+        r.client = Some(client.to_owned());
+        r.peer = Some(hub.to_string());
+        r.reason =
+            Some(SessionEnd::Stopped.reason("the Client's stop ended before this connection did"));
+        Self {
+            audit: audit.clone(),
+            record: Some(r),
+            started,
+        }
+    }
+
+    /// Writes the record with `reason`.
+    fn end(mut self, reason: String) {
+        if let Some(r) = self.record.as_mut() {
+            r.reason = Some(reason);
+        }
+    }
+}
+
+impl Drop for LostRecord {
+    fn drop(&mut self) {
+        if let Some(mut r) = self.record.take() {
+            r.time = crate::now_timestamp();
+            r.duration_ms = Some(self.started.elapsed().as_millis() as u64);
+            self.audit.emit(r);
+        }
+    }
+}
+
 /// How long the queries of an ended connection get to write their own records.
 const QUERY_WIND_DOWN: Duration = Duration::from_secs(1);
 
@@ -296,6 +344,7 @@ impl Connection {
         let out = ControlOut::spawn(send);
         let mut queries = JoinSet::new();
         let hub = conn.remote_address();
+        let record = LostRecord::new(&ctx.audit, &ctx.client_id, id, hub, started);
         // Set once `Goodbye` is sent: no new query, and the end comes when none is left.
         let mut stopping = false;
         // The same, for the queries: each reads it once its `Open` is here.
@@ -484,16 +533,10 @@ impl Connection {
         .await;
         queries.abort_all();
         while queries.join_next().await.is_some() {}
-        let mut r = ctx.audit.record(AuditEvent::SessionLost);
-        r.session_id = Some(id);
-        r.client = Some(ctx.client_id.clone());
-        r.duration_ms = Some(started.elapsed().as_millis() as u64);
-        r.peer = Some(hub.to_string());
-        r.reason = Some(match &end {
+        record.end(match &end {
             End::Revoked(reason) => SessionEnd::Revoked.reason(reason),
             End::Lost(lost) => lost.session_end().reason(&lost.to_string()),
         });
-        ctx.audit.emit(r);
         let _ = events.send(Event::Ended(id, end));
     }
 }
@@ -560,6 +603,46 @@ fn closed(e: &quinn::ConnectionError) -> End {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn p11_a_connection_task_aborted_before_its_end_still_writes_its_session_lost() {
+        use crate::audit::{Audit, AuditOutput};
+        let audit =
+            Audit::open_with_tap(ewii_common::audit::Side::Client, &AuditOutput::Discard).unwrap();
+        let hub: std::net::SocketAddr = "192.0.2.1:443".parse().unwrap();
+        let lost = |audit: &Audit| {
+            audit
+                .records()
+                .into_iter()
+                .filter(|r| r.event == AuditEvent::SessionLost)
+                .collect::<Vec<_>>()
+        };
+        // Ended: the reason given.
+        LostRecord::new(&audit, "spiffe://t/client/a", 1, hub, Instant::now())
+            .end(SessionEnd::IdleTimeout.reason("no packet for 30 s"));
+        // Aborted while it waits: the stop's reason.
+        let record = LostRecord::new(&audit, "spiffe://t/client/a", 2, hub, Instant::now());
+        let task = tokio::spawn(async move {
+            let _record = record;
+            std::future::pending::<()>().await;
+        });
+        tokio::task::yield_now().await;
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        let records = lost(&audit);
+        assert_eq!(records.len(), 2, "{records:#?}");
+        assert_eq!(records[0].session_id, Some(1));
+        assert!(records[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("idle_timeout: ")));
+        assert_eq!(records[1].session_id, Some(2));
+        assert_eq!(records[1].peer.as_deref(), Some("192.0.2.1:443"));
+        assert!(records[1]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("stopped: ")));
+    }
 
     #[test]
     fn held_queries_go_quiet_once_per_busy_spell() {
