@@ -58,6 +58,8 @@ pub struct Limits {
     pub enrol_failures: u32,
     /// The window those are counted in.
     pub enrol_window: Duration,
+    /// How long an enrolment's request may take to arrive once its handshake is done.
+    pub enrol_request: Duration,
     /// How much of an SVID's life (in percent) must be used before it may renew: earlier asks
     /// are refused (an honest Client renews at about half its life).
     pub renew_after_percent: u8,
@@ -74,6 +76,7 @@ impl Default for Limits {
             retry_above: 64,
             enrol_failures: 10,
             enrol_window: Duration::from_secs(60),
+            enrol_request: Duration::from_secs(10),
             renew_after_percent: 25,
             // A session lost to the network lives at least the idle timeout (2.5 s): a
             // flapping path redials at most ~24 times a minute, under the refill.

@@ -16,8 +16,6 @@ use crate::audit::Audit;
 use crate::identity::IdentityError;
 use crate::transport::{self, codes, FrameReader};
 
-/// How long an enrolment may take before the Hub gives up on it.
-const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the Hub waits for the Client to read the answer and close first.
 const LINGER: Duration = Duration::from_secs(2);
 
@@ -46,26 +44,28 @@ pub(crate) enum EnrolRefusal {
     /// The stream failed.
     #[error("{0}")]
     Stream(String),
-    /// The peer took longer than the opening timeout.
+    /// The request did not arrive within its bound.
     #[error("enrolment timed out")]
     TimedOut,
 }
 
-/// One enrolment connection, from the first stream to the audit record. Returns whether it
-/// enrolled.
+/// One enrolment connection, from the first stream to the audit record; its request must
+/// arrive within `bound` ([`Limits::enrol_request`](super::admission::Limits)). Returns
+/// whether it enrolled.
 pub(crate) async fn enrol(
     trust: &Trust,
     store: &Store,
     audit: &Audit,
     conn: quinn::Connection,
     peer: SocketAddr,
+    bound: Duration,
 ) -> bool {
     // The peer's words (a close reason) in it: bounded and escaped.
     let stream = |e: &dyn std::error::Error| EnrolRefusal::Stream(transport::pipe::peer_said(e));
     // Bounded: the request's arrival. Not what follows: once a token is redeemed, the record
     // says so however the answer's delivery ends (a caller that breaks off then, or takes its
     // time, must not leave an SVID issued with only a refusal on record).
-    let request = tokio::time::timeout(OPENING_TIMEOUT, async {
+    let request = tokio::time::timeout(bound, async {
         let (send, mut recv) = conn.accept_bi().await.map_err(|e| stream(&e))?;
         let mut reader = FrameReader::new();
         let request: Option<Enrol> = reader.read(&mut recv).await.map_err(|e| stream(&e))?;
@@ -144,8 +144,9 @@ pub(crate) async fn enrol(
 
 /// Answers an enrolment with the one generic refusal without reading its request (no token
 /// lookup, no CSR parsing, no signature): for an address whose enrolments are throttled.
-pub(crate) async fn refuse_unread(conn: quinn::Connection) {
-    let _ = tokio::time::timeout(OPENING_TIMEOUT, async {
+/// Bounded as a request is (`bound`), the answer and the linger included.
+pub(crate) async fn refuse_unread(conn: quinn::Connection, bound: Duration) {
+    let _ = tokio::time::timeout(bound, async {
         let (mut send, _recv) = conn.accept_bi().await.ok()?;
         let answer = Enrol::Refused {
             code: RefuseCode::EnrolmentRefused,

@@ -82,10 +82,12 @@ pub(crate) async fn handle(parts: Parts, incoming: quinn::Incoming, slot: Slot) 
                     peer.ip()
                 ));
                 parts.audit.emit_from(Source::address(peer.ip()), r);
-                enrol::refuse_unread(conn).await;
+                enrol::refuse_unread(conn, parts.admission.limits().enrol_request).await;
                 return;
             }
-            let enrolled = enrol::enrol(&parts.trust, &parts.store, &parts.audit, conn, peer).await;
+            let bound = parts.admission.limits().enrol_request;
+            let enrolled =
+                enrol::enrol(&parts.trust, &parts.store, &parts.audit, conn, peer, bound).await;
             if !enrolled {
                 parts.admission.enrolment_refused(peer.ip());
             }
