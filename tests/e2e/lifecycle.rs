@@ -1864,6 +1864,77 @@ async fn p10_a_central_revoke_of_an_offline_client_is_audited_at_once() {
     assert_eq!(count(&hub.audit, is(Event::Revoked)), 1, "audited once");
 }
 
+/// What an operator's commands do is in the Hub's audit, dated when they were done: a join
+/// token made (its id, client and webhook, shown without its secret parts; never the token)
+/// and a revocation, made while the Hub runs or while it is down (recorded at its next start),
+/// each once across restarts. Before, `token_created` was never written, and a revocation
+/// made while no Hub ran was never recorded by the Hub.
+#[tokio::test]
+async fn p10_p12_the_operators_commands_are_audited_also_when_made_while_the_hub_is_down() {
+    let mut hub = TestHub::start(&[]).await;
+    let token = hub.token_with_webhook("acme", "http://127.0.0.1:9/hook?key=s3cr3t");
+    let made = hub
+        .wait_audit("the token's creation", is(Event::TokenCreated))
+        .await;
+    let reason = made.reason.clone().unwrap_or_default();
+    assert!(
+        reason.starts_with(&format!("token {} for acme, valid until ", token.id))
+            && reason.contains("webhook http://127.0.0.1:9/hook?…")
+            && !reason.contains("s3cr3t"),
+        "{reason}"
+    );
+    assert_eq!(
+        made.client.as_deref(),
+        Some("spiffe://test.ewii.local/client/acme")
+    );
+    assert_eq!(made.outcome, Some(Outcome::Ok));
+    let _client = TestClient::enrol_with(&hub, &token, &[("db", "127.0.0.1:9".into())]).await;
+
+    hub.stop().await;
+    let beta = hub.token("beta", Duration::from_secs(600));
+    assert!(
+        admin::revoke(&hub.state_dir(), "acme", "while down")
+            .unwrap()
+            .revoked
+    );
+    let down = ewii::now_timestamp();
+    hub.restart().await;
+    let revoked = hub
+        .wait_audit("the revocation made while down", is(Event::Revoked))
+        .await;
+    assert_eq!(
+        revoked.reason.as_deref(),
+        Some("while down (offline: told at its next handshake)")
+    );
+    assert!(revoked.time <= down, "dated when it was made");
+    hub.wait_audit("the token made while down", |r| {
+        r.event == Event::TokenCreated
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.starts_with(&format!("token {} for beta", beta.id)))
+    })
+    .await;
+
+    // Once: another restart writes none of them again (a token made after it is the mark
+    // that the Hub has read its log).
+    hub.restart().await;
+    let gamma = hub.token("gamma", Duration::from_secs(600));
+    hub.wait_audit("the token made after the restart", |r| {
+        r.event == Event::TokenCreated && r.reason.as_deref().is_some_and(|x| x.contains(&gamma.id))
+    })
+    .await;
+    assert_eq!(count(&hub.audit, is(Event::TokenCreated)), 3);
+    assert_eq!(count(&hub.audit, is(Event::Revoked)), 1);
+    let secret = [token.token, beta.token, gamma.token];
+    for r in hub.audit.records() {
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(
+            secret.iter().all(|t| !line.contains(&t[5..])),
+            "a token in the audit: {line}"
+        );
+    }
+}
+
 /// A hostile Client (issue 11): `Renew` in a loop costs one signature, the rest is refused
 /// cheaply and audited, and the third refusal in a row ends the session (the records stay
 /// few); streams the Hub did not ask for never open; garbage on the control stream ends that

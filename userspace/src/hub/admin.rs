@@ -195,7 +195,7 @@ pub fn revoke(state_dir: &Path, client: &str, reason: &str) -> Result<Revocation
         return Err(HubError::Invalid(format!("no client named {client:?}")));
     }
     let now = crate::now_timestamp().unix_secs() as i64;
-    let (revoked, webhook) = db.revoke_client_noting(client, reason, now, true)?;
+    let (revoked, webhook) = db.revoke_by_operator(client, reason, now)?;
     Ok(Revocation { revoked, webhook })
 }
 

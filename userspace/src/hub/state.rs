@@ -10,6 +10,7 @@
 //! Every statement SQLite runs on a `Db` is counted per thread ([`statements_on_this_thread`]),
 //! so the store owner can tell how much database work the Hub does.
 
+pub mod operator_log;
 pub mod outbox;
 mod records;
 #[cfg(test)]
@@ -27,6 +28,7 @@ use sha2::{Digest, Sha256};
 
 use crate::identity::verify::{SerialCheck, SerialRefusal};
 
+pub use operator_log::{OperatorAction, OperatorEntry};
 pub use outbox::PendingWebhook;
 pub use records::{ClientRecord, ClientRow, SerialRecord, SerialStatus, SessionRow, Snapshot};
 pub use tokens::{token_id_of, TokenRow, TokenSelector};
@@ -147,6 +149,13 @@ CREATE TABLE IF NOT EXISTS webhooks (
     delivered_at INTEGER,
     last_error TEXT
 );
+CREATE TABLE IF NOT EXISTS operator_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS serials (
     serial TEXT PRIMARY KEY,
     client TEXT NOT NULL REFERENCES clients(name),
@@ -232,7 +241,8 @@ impl Db {
         Ok(f(&mut conn)?)
     }
 
-    /// Stores a token (as its SHA-256) for `client`, valid until `expires_at`.
+    /// Stores a token (as its SHA-256) for `client`, valid until `expires_at`, and notes its
+    /// creation for the running Hub's audit ([`operator_log`]).
     pub fn add_token(
         &self,
         token: &str,
@@ -242,11 +252,19 @@ impl Db {
         now: i64,
     ) -> Result<(), StateError> {
         self.with(|c| {
-            c.execute(
+            let tx = c.transaction()?;
+            let hash = token_hash(token);
+            tx.execute(
                 "INSERT INTO tokens (hash, client, expires_at, webhook, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![token_hash(token), client, expires_at, webhook, now],
-            )
-            .map(|_| ())
+                params![hash, client, expires_at, webhook, now],
+            )?;
+            let action = OperatorAction::TokenCreated {
+                id: tokens::token_id(&hash),
+                expires_at,
+                webhook: webhook.map(str::to_owned),
+            };
+            operator_log::log(&tx, now, client, &action)?;
+            tx.commit()
         })
     }
 
@@ -419,6 +437,28 @@ impl Db {
         now: i64,
         notify: bool,
     ) -> Result<(bool, Option<String>), StateError> {
+        self.revoke_in_transaction(client, reason, now, notify, false)
+    }
+
+    /// `ewii-hub revoke`: [`revoke_client_noting`](Self::revoke_client_noting) with a notice,
+    /// noted for the running Hub's audit ([`operator_log`]) when it revoked.
+    pub fn revoke_by_operator(
+        &self,
+        client: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<(bool, Option<String>), StateError> {
+        self.revoke_in_transaction(client, reason, now, true, true)
+    }
+
+    fn revoke_in_transaction(
+        &self,
+        client: &str,
+        reason: &str,
+        now: i64,
+        notify: bool,
+        logged: bool,
+    ) -> Result<(bool, Option<String>), StateError> {
         self.with(|c| {
             let tx = c.transaction()?;
             let n = tx.execute(
@@ -438,6 +478,12 @@ impl Db {
             } else {
                 None
             };
+            if n > 0 && logged {
+                let action = OperatorAction::Revoked {
+                    reason: reason.to_owned(),
+                };
+                operator_log::log(&tx, now, client, &action)?;
+            }
             tx.commit()?;
             Ok((n > 0, queued))
         })

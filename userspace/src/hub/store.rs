@@ -28,7 +28,7 @@ use ewii_common::spiffe::SpiffeId;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::state::{
-    Db, PendingWebhook, RenewalRow, SessionRow, StateError, TokenGrant, TokenRefusal,
+    operator_log, Db, PendingWebhook, RenewalRow, SessionRow, StateError, TokenGrant, TokenRefusal,
 };
 use crate::identity::verify::SerialRefusal;
 
@@ -120,6 +120,8 @@ struct Owner {
     changes: mpsc::UnboundedSender<Change>,
     outbox: Arc<Notify>,
     marker: Option<i64>,
+    /// The last entry of the operators' log handed to the watcher.
+    operator_log_seen: i64,
     /// Statements spent on change-marker checks during the current job.
     marker_statements: u64,
     counts: Arc<Counts>,
@@ -169,6 +171,7 @@ impl Store {
                     changes,
                     outbox: o,
                     marker: None,
+                    operator_log_seen: 0,
                     marker_statements: 0,
                     counts: c,
                 };
@@ -397,6 +400,13 @@ impl Store {
             .map_err(Into::into)
     }
 
+    /// The watcher audited the operators' log up to entry `id`: moves the mark there.
+    pub(crate) async fn operator_log_audited(&self, id: i64) -> Result<(), StoreError> {
+        self.call(move |o| o.backend.set_meta(operator_log::AUDITED_UP_TO, id))
+            .await?
+            .map_err(Into::into)
+    }
+
     /// When the next outbox row not in `skip` is due (ms since the epoch).
     pub(crate) async fn next_webhook_due(
         &self,
@@ -463,8 +473,30 @@ impl Owner {
         self.marker = Some(self.check_marker()?);
         let snapshot = self.backend.snapshot()?;
         self.view.replace(Some(snapshot));
+        // What operators' commands did while no Hub ran is audited now.
+        self.operator_log_seen = self.backend.meta(operator_log::AUDITED_UP_TO)?.unwrap_or(0);
+        self.publish_operator_log();
         self.count(before);
         Ok(())
+    }
+
+    /// Hands the operators' log entries not handed yet to the watcher. A read that fails is
+    /// tried again at the next reload (or start): the mark has not moved.
+    fn publish_operator_log(&mut self) {
+        loop {
+            let entries = match self.backend.operator_log_after(self.operator_log_seen) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the operators' log; its records wait for the next reload");
+                    return;
+                }
+            };
+            let Some(last) = entries.last().map(|e| e.id) else {
+                return;
+            };
+            self.publish(entries.into_iter().map(Change::Operator).collect());
+            self.operator_log_seen = last;
+        }
     }
 
     /// Adds what ran since `before` to the counters, the marker checks apart.
@@ -503,6 +535,9 @@ impl Owner {
             Ok(snapshot) => {
                 self.marker = Some(marker);
                 let changes = self.view.replace(Some(snapshot));
+                // The log first: the watcher audits an operator's revocation with whether it
+                // closed a live session, before the view's change closes it.
+                self.publish_operator_log();
                 self.publish(changes);
                 // Another process may have queued a webhook with its revocation.
                 self.outbox.notify_one();

@@ -2,7 +2,9 @@
 //!
 //! - a [`Change`] from the store (a revocation by this Hub or, after a reload, by
 //!   `ewii-hub revoke`; serials retired by a rotation or a new enrolment) is handed to the
-//!   registry, which closes or drains every connection concerned;
+//!   registry, which closes or drains every connection concerned; what an operator's command
+//!   noted in the database's log (a join token made, a revocation) is audited, and the log's
+//!   mark moved past it;
 //! - every [`TICK`] the store owner compares SQLite's `data_version` — one pragma, whatever the
 //!   number of sessions — so another process's commit is seen within one tick; then the
 //!   trust material is reloaded too (`ewii-hub ca …` writes files and touches the database),
@@ -18,10 +20,13 @@ use std::time::Duration;
 
 use ewii_common::audit::{Event, Outcome};
 use ewii_common::spiffe::SpiffeId;
+use ewii_common::text;
+use ewii_common::time::Timestamp;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::registry::{self, Registry};
+use super::state::{OperatorAction, OperatorEntry};
 use super::store::{Change, Store};
 use super::trust::Trust;
 use crate::audit::Audit;
@@ -79,7 +84,17 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
             }
             change = changes.recv() => match change {
                 Some(change) => {
-                    apply(&parts, change);
+                    // Those queued with it too: the log's mark (a synced write) moves once for
+                    // a batch, such as the entries a Hub finds at its start.
+                    let mut audited = apply(&parts, change);
+                    while let Ok(change) = changes.try_recv() {
+                        audited = apply(&parts, change).or(audited);
+                    }
+                    if let Some(id) = audited {
+                        if let Err(e) = parts.store.operator_log_audited(id).await {
+                            tracing::error!(error = %e, "cannot note the operators' log as audited; its records are written again at the next start");
+                        }
+                    }
                     grace_at = next_grace(&parts);
                 }
                 None => return,
@@ -92,35 +107,71 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
     }
 }
 
-fn apply(parts: &Parts, change: Change) {
+/// Acts on one change; returns the operators' log entry it audited, if it was one.
+fn apply(parts: &Parts, change: Change) -> Option<i64> {
     match change {
-        Change::Revoked {
-            client,
-            reason,
-            elsewhere,
-        } => {
-            let closed = parts.registry.close_revoked(&client, &reason);
-            // A revocation made by `ewii-hub revoke` is this Hub's to audit, at once, whether
-            // or not the Client is connected (this Hub's own are audited where it makes them).
-            if elsewhere {
-                let mut r = parts.audit.record(Event::Revoked);
-                r.client = SpiffeId::client(parts.trust.trust_domain(), &client)
-                    .ok()
-                    .map(|id| id.to_string());
-                r.outcome = Some(Outcome::Ok);
-                r.reason = Some(if closed == 0 {
-                    format!("{reason} (offline: told at its next handshake)")
-                } else {
-                    reason
-                });
-                parts.audit.emit(r);
-            }
+        // This Hub's own revocations are audited where it makes them, and an operator's
+        // through the log (below), before this closes anything.
+        Change::Revoked { client, reason } => {
+            parts.registry.close_revoked(&client, &reason);
         }
         Change::Retired { client, serials } => {
             parts.registry.retire(&client, &serials);
         }
+        Change::Operator(entry) => {
+            audit_operator(parts, &entry);
+            return Some(entry.id);
+        }
         Change::Seen => {}
     }
+    None
+}
+
+/// The audit record of what an operator's command did (`ewii-hub token create`, `revoke`),
+/// dated when the command made it. A revocation also closes the Client's live connections
+/// here, so that its record says whether one was.
+fn audit_operator(parts: &Parts, entry: &OperatorEntry) {
+    let client = SpiffeId::client(parts.trust.trust_domain(), &entry.client)
+        .ok()
+        .map(|id| id.to_string());
+    let when = Timestamp(entry.at.max(0) as u64 * 1_000_000);
+    let mut r = match &entry.action {
+        OperatorAction::TokenCreated {
+            id,
+            expires_at,
+            webhook,
+        } => {
+            let mut r = parts.audit.record(Event::TokenCreated);
+            r.reason = Some(format!(
+                "token {id} for {}, valid until {}{} (`ewii-hub token create`)",
+                text::printable(&entry.client),
+                Timestamp((*expires_at).max(0) as u64 * 1_000_000),
+                webhook.as_deref().map_or_else(String::new, |url| format!(
+                    ", webhook {}",
+                    crate::webhook::redacted(url)
+                )),
+            ));
+            r
+        }
+        OperatorAction::Revoked { reason } => {
+            let closed = parts.registry.close_revoked(&entry.client, reason);
+            let mut r = parts.audit.record(Event::Revoked);
+            r.reason = Some(if closed == 0 {
+                format!("{reason} (offline: told at its next handshake)")
+            } else {
+                reason.clone()
+            });
+            r
+        }
+        OperatorAction::Other(kind) => {
+            tracing::warn!(%kind, "an operators' log entry of a kind this Hub does not know (a newer ewii-hub wrote it); passed over");
+            return;
+        }
+    };
+    r.time = when;
+    r.client = client;
+    r.outcome = Some(Outcome::Ok);
+    parts.audit.emit(r);
 }
 
 /// Re-reads the `[[federation]]` bundle files every [`FEDERATION_CHECK`]; runs until aborted.

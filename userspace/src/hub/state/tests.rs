@@ -288,3 +288,53 @@ fn an_older_database_is_migrated_on_open() {
     db.add_token("t", "acme", 100, None, 3).unwrap();
     assert_eq!(db.redeem_token("t", 4).unwrap().unwrap().revocations, 1);
 }
+
+#[test]
+fn the_operators_commands_are_logged_in_their_transaction_and_read_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("hub.db")).unwrap();
+    db.add_token("t1", "acme", 100, Some("https://x"), 7)
+        .unwrap();
+    let id = SpiffeId::client("example.org", "acme").unwrap();
+    let grant = TokenGrant {
+        client: "acme".into(),
+        webhook: None,
+        revocations: 0,
+    };
+    db.record_enrolment(&grant, &id, "0a", 1000, 8).unwrap();
+    // The Hub's own revocations are audited where it makes them: not logged.
+    assert!(db.revoke_client("acme", "stopped", 9, false).unwrap());
+    db.readmit("acme").unwrap();
+    assert!(db.revoke_by_operator("acme", "ended", 10).unwrap().0);
+    // Revoked already: nothing changed, nothing logged.
+    assert!(!db.revoke_by_operator("acme", "again", 11).unwrap().0);
+    let entries = db.operator_log_after(0).unwrap();
+    let actions: Vec<(i64, &str, &OperatorAction)> = entries
+        .iter()
+        .map(|e| (e.at, e.client.as_str(), &e.action))
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            (
+                7,
+                "acme",
+                &OperatorAction::TokenCreated {
+                    id: token_id_of("t1"),
+                    expires_at: 100,
+                    webhook: Some("https://x".into()),
+                }
+            ),
+            (
+                10,
+                "acme",
+                &OperatorAction::Revoked {
+                    reason: "ended".into()
+                }
+            ),
+        ]
+    );
+    assert!(entries[0].id < entries[1].id);
+    assert_eq!(db.operator_log_after(entries[0].id).unwrap().len(), 1);
+    assert!(db.operator_log_after(entries[1].id).unwrap().is_empty());
+}

@@ -3,8 +3,8 @@
 use ewii_common::spiffe::SpiffeId;
 
 use crate::hub::state::{
-    self, Db, PendingWebhook, RenewalRow, SerialStatus, SessionRow, Snapshot, StateError,
-    TokenGrant, TokenRefusal,
+    self, Db, OperatorEntry, PendingWebhook, RenewalRow, SerialStatus, SessionRow, Snapshot,
+    StateError, TokenGrant, TokenRefusal,
 };
 
 /// What the owner needs from a database. See the module doc: this is the seam for another
@@ -62,6 +62,12 @@ pub trait Backend: Send + 'static {
         webhook: Option<&str>,
         now: i64,
     ) -> Result<(), StateError>;
+    /// See [`Db::operator_log_after`].
+    fn operator_log_after(&self, after: i64) -> Result<Vec<OperatorEntry>, StateError>;
+    /// See [`Db::meta`].
+    fn meta(&self, key: &str) -> Result<Option<i64>, StateError>;
+    /// See [`Db::set_meta`].
+    fn set_meta(&self, key: &str, value: i64) -> Result<(), StateError>;
     /// See [`Db::due_webhooks`].
     fn due_webhooks(
         &self,
@@ -151,6 +157,15 @@ impl Backend for Db {
         now: i64,
     ) -> Result<(), StateError> {
         Db::admit_federated(self, client, id, webhook, now)
+    }
+    fn operator_log_after(&self, after: i64) -> Result<Vec<OperatorEntry>, StateError> {
+        Db::operator_log_after(self, after)
+    }
+    fn meta(&self, key: &str) -> Result<Option<i64>, StateError> {
+        Db::meta(self, key)
+    }
+    fn set_meta(&self, key: &str, value: i64) -> Result<(), StateError> {
+        Db::set_meta(self, key, value)
     }
     fn due_webhooks(
         &self,

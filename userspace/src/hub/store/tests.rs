@@ -130,7 +130,6 @@ async fn the_view_follows_the_owners_writes_and_reports_retirements() {
                     Change::Revoked {
                         client: "acme".into(),
                         reason: "test".into(),
-                        elsewhere: false,
                     }
                 );
                 break;
@@ -213,7 +212,6 @@ async fn another_process_commit_is_noticed_by_one_pragma_and_reported() {
         Change::Revoked {
             client: "acme".into(),
             reason: "contract ended".into(),
-            elsewhere: true,
         }
     );
     assert_eq!(

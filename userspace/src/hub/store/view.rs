@@ -10,7 +10,7 @@ use std::sync::RwLock;
 
 use ewii_common::spiffe::SpiffeId;
 
-use crate::hub::state::{SerialStatus, Snapshot};
+use crate::hub::state::{OperatorEntry, SerialStatus, Snapshot};
 use crate::identity::verify::{SerialCheck, SerialRefusal};
 
 /// What changed in the view; the owner sends these to the watcher.
@@ -22,10 +22,11 @@ pub(crate) enum Change {
         client: String,
         /// The operator's or the Hub's reason.
         reason: String,
-        /// Made by another process (`ewii-hub revoke`), noticed in the database: this Hub
-        /// has not audited it yet.
-        elsewhere: bool,
     },
+    /// An operator's command (`ewii-hub token create`, `ewii-hub revoke`) noted this in the
+    /// database, for this Hub to audit; once audited, the watcher moves the log's mark past
+    /// it ([`Store::operator_log_audited`](super::Store::operator_log_audited)).
+    Operator(OperatorEntry),
     /// These serials of `client` are retired now: connections holding them drain.
     Retired {
         /// Client name.
@@ -212,7 +213,6 @@ impl View {
                     changes.push(Change::Revoked {
                         client: name.clone(),
                         reason: reason.clone(),
-                        elsewhere: true,
                     });
                 }
             }
@@ -271,7 +271,6 @@ impl View {
                 vec![Change::Revoked {
                     client: client.to_owned(),
                     reason: reason.to_owned(),
-                    elsewhere: false,
                 }]
             }
             _ => Vec::new(),
