@@ -1889,6 +1889,15 @@ async fn p10_p12_the_operators_commands_are_audited_also_when_made_while_the_hub
     );
     assert_eq!(made.outcome, Some(Outcome::Ok));
     let _client = TestClient::enrol_with(&hub, &token, &[("db", "127.0.0.1:9".into())]).await;
+    // The Hub notes in its database what it has audited (a stop before that writes the record
+    // again at the next start: at least once).
+    let db = ewii::hub::state::Db::open(&hub.state_dir().join(ewii::hub::layout::DB_FILE)).unwrap();
+    let audited = || {
+        db.meta(ewii::hub::state::operator_log::AUDITED_UP_TO)
+            .unwrap()
+            .unwrap_or(0)
+    };
+    poll_until("the mark past the first entry", SOON, || audited() >= 1).await;
 
     hub.stop().await;
     let beta = hub.token("beta", Duration::from_secs(600));
@@ -1915,6 +1924,10 @@ async fn p10_p12_the_operators_commands_are_audited_also_when_made_while_the_hub
     })
     .await;
 
+    poll_until("the mark past the entries made while down", SOON, || {
+        audited() >= 3
+    })
+    .await;
     // Once: another restart writes none of them again (a token made after it is the mark
     // that the Hub has read its log).
     hub.restart().await;

@@ -873,6 +873,17 @@ async fn p10_a_federated_client_is_revoked_by_name_and_stays_revoked() {
         Ok(Exit::Revoked { reason }) => assert!(reason.contains("operator says no"), "{reason}"),
         other => panic!("expected a revocation, got {other:?}"),
     }
+    // The Hub's record of the operator's revocation names the identity as it is: in the
+    // customer's trust domain.
+    let revoked = hub
+        .wait_audit("the operator's revocation", |r| {
+            r.event == Event::Revoked && r.reason.as_deref() == Some("operator says no")
+        })
+        .await;
+    assert_eq!(
+        revoked.client.as_deref(),
+        Some(format!("spiffe://{CUSTOMER}{ACME_PATH}").as_str())
+    );
     // A restarted Hub keeps it revoked, whatever SVID the agent issues next.
     hub.restart().await;
     let fresh = ca.issue(ACME_PATH, HOUR);

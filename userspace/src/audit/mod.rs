@@ -270,12 +270,18 @@ impl Audit {
     }
 
     /// [`flush`](Self::flush) for async code: awaits the writer thread, never blocks a worker.
-    pub async fn flush_async(&self) {
+    /// Returns whether everything emitted before the call was written and flushed in time.
+    pub async fn flush_async(&self) -> bool {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.tx.send(Msg::Flush(Done::Task(tx))).is_ok()
-            && tokio::time::timeout(FLUSH_BOUND, rx).await.is_err()
-        {
-            self.unflushed();
+        if self.tx.send(Msg::Flush(Done::Task(tx))).is_err() {
+            return false;
+        }
+        match tokio::time::timeout(FLUSH_BOUND, rx).await {
+            Ok(done) => done.is_ok(),
+            Err(_) => {
+                self.unflushed();
+                false
+            }
         }
     }
 

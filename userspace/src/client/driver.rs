@@ -742,7 +742,10 @@ impl Driver {
             while self.tasks.join_next().await.is_some() {}
         })
         .await;
+        // Aborted, and awaited: each writes its `session_lost` as it goes (before the
+        // `stopped` record and the last flush).
         self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
         self.status.publish(self.snapshot(state, None, denied));
         let status = self.status;
         let _ = tokio::task::spawn_blocking(move || status.finish()).await;

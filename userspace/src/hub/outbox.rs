@@ -27,6 +27,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::{self, JoinSet};
 use tokio::time::Instant;
 
+use super::state::outbox::DUE_PER_URL;
 use super::state::PendingWebhook;
 use super::store::Store;
 use crate::audit::Audit;
@@ -37,8 +38,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the target's name may take to resolve: the system resolver has no bound of its
 /// own that the Hub chose.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
-/// At most this many attempts at once: one customer's slow endpoint (an attempt may take
-/// [`RESOLVE_TIMEOUT`] and [`REQUEST_TIMEOUT`]) does not hold up another customer's notice.
+/// At most this many attempts at once, and [`DUE_PER_URL`] to one URL, taken in turns by URL:
+/// one customer's slow endpoint (an attempt may take [`RESOLVE_TIMEOUT`] and
+/// [`REQUEST_TIMEOUT`]), or its many notices, do not hold up another customer's.
 pub(crate) const IN_FLIGHT: usize = 16;
 /// Pause after the store failed, before asking it again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
@@ -54,26 +56,35 @@ pub(crate) struct Parts {
     pub(crate) key: WebhookKey,
 }
 
-/// The attempts in flight, each a task of its own, and the rows they hold.
+/// The attempts in flight, each a task of its own, the rows they hold, and how many go to
+/// each URL.
 #[derive(Default)]
 struct Flying {
     tasks: JoinSet<()>,
-    ids: HashMap<task::Id, String>,
+    rows: HashMap<task::Id, (String, String)>,
+    per_url: HashMap<String, usize>,
 }
 
 impl Flying {
     fn ids(&self) -> Vec<String> {
-        self.ids.values().cloned().collect()
+        self.rows.values().map(|(id, _)| id.clone()).collect()
     }
 
     fn full(&self) -> bool {
-        self.ids.len() >= IN_FLIGHT
+        self.rows.len() >= IN_FLIGHT
+    }
+
+    /// Whether another attempt to `url` may start: at most [`DUE_PER_URL`] at once, so that
+    /// one customer's notices never take every place.
+    fn room_for(&self, url: &str) -> bool {
+        !self.full() && self.per_url.get(url).copied().unwrap_or(0) < DUE_PER_URL
     }
 
     fn start(&mut self, parts: &Arc<Parts>, w: PendingWebhook, stop: &watch::Receiver<bool>) {
-        let id = w.id.clone();
+        let row = (w.id.clone(), w.url.clone());
+        *self.per_url.entry(w.url.clone()).or_default() += 1;
         let handle = self.tasks.spawn(attempt(parts.clone(), w, stop.clone()));
-        self.ids.insert(handle.id(), id);
+        self.rows.insert(handle.id(), row);
     }
 
     /// One attempt ended: its row is the store's again.
@@ -82,7 +93,14 @@ impl Flying {
             Ok((id, ())) => id,
             Err(e) => e.id(),
         };
-        self.ids.remove(&id);
+        if let Some((_, url)) = self.rows.remove(&id) {
+            if let Some(n) = self.per_url.get_mut(&url) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_url.remove(&url);
+                }
+            }
+        }
     }
 }
 
@@ -93,12 +111,14 @@ pub(crate) async fn deliver(parts: Parts, mut stop: watch::Receiver<bool>) {
     let queued: Arc<Notify> = parts.store.outbox_queued();
     let mut flying = Flying::default();
     loop {
-        let next = match start_due(&parts, &stop, &mut flying).await {
-            Ok(()) if flying.full() => Ok(None),
+        // Rows due by now that cannot start (their URL's or the task's places are taken)
+        // start when an attempt ends; the timer is for the next row due after now.
+        let now_ms = (crate::now_timestamp().0 / 1000) as i64;
+        let next = match start_due(&parts, &stop, &mut flying, now_ms).await {
             Ok(()) => {
                 parts
                     .store
-                    .next_webhook_due(parts.config.max_attempts, flying.ids())
+                    .next_webhook_due(parts.config.max_attempts, now_ms)
                     .await
             }
             Err(e) => Err(e),
@@ -148,36 +168,39 @@ async fn wound_down(mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Starts an attempt for each row due and not in flight, up to [`IN_FLIGHT`] at once.
+/// Starts an attempt for each row due at `now_ms` and not in flight, up to [`IN_FLIGHT`] at
+/// once and [`DUE_PER_URL`] to one URL.
 async fn start_due(
     parts: &Arc<Parts>,
     stop: &watch::Receiver<bool>,
     flying: &mut Flying,
+    now_ms: i64,
 ) -> Result<(), super::store::StoreError> {
     if flying.full() || stopping(stop) {
         return Ok(());
     }
-    let now_ms = (crate::now_timestamp().0 / 1000) as i64;
     let due = parts
         .store
         .due_webhooks(now_ms, parts.config.max_attempts, flying.ids())
         .await?;
     for w in due {
-        if flying.full() {
-            break;
+        if flying.room_for(&w.url) {
+            flying.start(parts, w, stop);
         }
-        flying.start(parts, w, stop);
     }
     Ok(())
 }
 
 /// One delivery attempt, recorded in the store and the audit. Unanswered at the end of the
 /// wind-down: left as it is, sent again after a restart.
-async fn attempt(parts: Arc<Parts>, w: PendingWebhook, stop: watch::Receiver<bool>) {
+async fn attempt(parts: Arc<Parts>, w: PendingWebhook, mut stop: watch::Receiver<bool>) {
     let result = tokio::select! {
         result = send(&parts, &w) => result,
-        () = wound_down(stop) => return,
+        () = wound_down(stop.clone()) => return,
     };
+    // Held a moment when its outcome could not be stored (the row is still due): not sent
+    // again at once while the database fails.
+    let mut unstored = false;
     let now = crate::now_timestamp();
     let mut r = parts.audit.record(Event::WebhookDelivered);
     match result {
@@ -188,6 +211,7 @@ async fn attempt(parts: Arc<Parts>, w: PendingWebhook, stop: watch::Receiver<boo
                 .await
             {
                 tracing::error!(error = %e, "cannot record a webhook delivery");
+                unstored = true;
             }
             r.outcome = Some(Outcome::Ok);
             r.reason = Some(format!(
@@ -210,6 +234,7 @@ async fn attempt(parts: Arc<Parts>, w: PendingWebhook, stop: watch::Receiver<boo
             };
             if let Err(e) = stored {
                 tracing::error!(error = %e, "cannot record a webhook failure");
+                unstored = true;
             }
             r.event = Event::WebhookFailed;
             r.outcome = Some(Outcome::Failed);
@@ -234,6 +259,12 @@ async fn attempt(parts: Arc<Parts>, w: PendingWebhook, stop: watch::Receiver<boo
         }
     }
     parts.audit.emit(r);
+    if unstored {
+        tokio::select! {
+            () = tokio::time::sleep(STORE_RETRY) => {}
+            _ = stop.wait_for(|stop| *stop) => {}
+        }
+    }
 }
 
 /// Why an attempt failed, and whether a retry could change it.

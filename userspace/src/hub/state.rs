@@ -479,8 +479,16 @@ impl Db {
                 None
             };
             if n > 0 && logged {
+                let spiffe_id: Option<String> = tx
+                    .query_row(
+                        "SELECT spiffe_id FROM clients WHERE name = ?1",
+                        params![client],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
                 let action = OperatorAction::Revoked {
                     reason: reason.to_owned(),
+                    spiffe_id,
                 };
                 operator_log::log(&tx, now, client, &action)?;
             }

@@ -388,7 +388,8 @@ impl Store {
         self.call(Owner::refresh).await?
     }
 
-    /// Outbox rows due at `now_ms`, leaving out those in `skip` (the attempts in flight).
+    /// Outbox rows due at `now_ms`, leaving out those in `skip` (the attempts in flight), in
+    /// turns by URL ([`Db::due_webhooks`]).
     pub(crate) async fn due_webhooks(
         &self,
         now_ms: i64,
@@ -400,20 +401,21 @@ impl Store {
             .map_err(Into::into)
     }
 
-    /// The watcher audited the operators' log up to entry `id`: moves the mark there.
+    /// The watcher audited the operators' log up to entry `id`: moves the mark there (and
+    /// deletes the entries up to it).
     pub(crate) async fn operator_log_audited(&self, id: i64) -> Result<(), StoreError> {
-        self.call(move |o| o.backend.set_meta(operator_log::AUDITED_UP_TO, id))
+        self.call(move |o| o.backend.operator_log_audited(id))
             .await?
             .map_err(Into::into)
     }
 
-    /// When the next outbox row not in `skip` is due (ms since the epoch).
+    /// When the next outbox row due after `after_ms` is due (ms since the epoch).
     pub(crate) async fn next_webhook_due(
         &self,
         max_attempts: u32,
-        skip: Vec<String>,
+        after_ms: i64,
     ) -> Result<Option<i64>, StoreError> {
-        self.call(move |o| o.backend.next_webhook_due(max_attempts, &skip))
+        self.call(move |o| o.backend.next_webhook_due(max_attempts, after_ms))
             .await?
             .map_err(Into::into)
     }

@@ -91,9 +91,7 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
                         audited = apply(&parts, change).or(audited);
                     }
                     if let Some(id) = audited {
-                        if let Err(e) = parts.store.operator_log_audited(id).await {
-                            tracing::error!(error = %e, "cannot note the operators' log as audited; its records are written again at the next start");
-                        }
+                        tokio::spawn(mark_audited(parts.audit.clone(), parts.store.clone(), id));
                     }
                     grace_at = next_grace(&parts);
                 }
@@ -127,14 +125,35 @@ fn apply(parts: &Parts, change: Change) -> Option<i64> {
     None
 }
 
+/// Moves the operators' log's mark to `id` once the audit sink has taken the records so far:
+/// the mark must not pass a record the sink has not taken (if it cannot take them now, they
+/// are written again at the next start). A task of its own: a slow sink never holds up the
+/// watcher's next revocation.
+async fn mark_audited(audit: Audit, store: Store, id: i64) {
+    if audit.flush_async().await {
+        if let Err(e) = store.operator_log_audited(id).await {
+            tracing::error!(error = %e, "cannot note the operators' log as audited; its records are written again at the next start");
+        }
+    }
+}
+
 /// The audit record of what an operator's command did (`ewii-hub token create`, `revoke`),
 /// dated when the command made it. A revocation also closes the Client's live connections
 /// here, so that its record says whether one was.
 fn audit_operator(parts: &Parts, entry: &OperatorEntry) {
-    let client = SpiffeId::client(parts.trust.trust_domain(), &entry.client)
-        .ok()
-        .map(|id| id.to_string());
-    let when = Timestamp(entry.at.max(0) as u64 * 1_000_000);
+    // As enrolled (a `[[federation]]` client's ID is in its own trust domain), else as a
+    // token makes it.
+    let client = match &entry.action {
+        OperatorAction::Revoked {
+            spiffe_id: Some(id),
+            ..
+        } => Some(id.clone()),
+        _ => SpiffeId::client(parts.trust.trust_domain(), &entry.client)
+            .ok()
+            .map(|id| id.to_string()),
+    };
+    let secs = |s: i64| Timestamp((s.max(0) as u64).saturating_mul(1_000_000));
+    let when = secs(entry.at);
     let mut r = match &entry.action {
         OperatorAction::TokenCreated {
             id,
@@ -145,7 +164,7 @@ fn audit_operator(parts: &Parts, entry: &OperatorEntry) {
             r.reason = Some(format!(
                 "token {id} for {}, valid until {}{} (`ewii-hub token create`)",
                 text::printable(&entry.client),
-                Timestamp((*expires_at).max(0) as u64 * 1_000_000),
+                secs(*expires_at),
                 webhook.as_deref().map_or_else(String::new, |url| format!(
                     ", webhook {}",
                     crate::webhook::redacted(url)
@@ -153,7 +172,7 @@ fn audit_operator(parts: &Parts, entry: &OperatorEntry) {
             ));
             r
         }
-        OperatorAction::Revoked { reason } => {
+        OperatorAction::Revoked { reason, .. } => {
             let closed = parts.registry.close_revoked(&entry.client, reason);
             let mut r = parts.audit.record(Event::Revoked);
             r.reason = Some(if closed == 0 {

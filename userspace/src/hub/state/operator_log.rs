@@ -1,9 +1,10 @@
 //! What the operator's commands did, for the running Hub's audit. `ewii-hub token create` and
 //! `ewii-hub revoke` run in processes of their own, with no audit sink: each writes an entry
 //! here in the transaction that makes the change, and the Hub that runs (or the next one to
-//! start) writes the audit record and moves its mark past it (`meta` key
-//! [`AUDITED_UP_TO`]). An entry is audited at least once: a Hub that stops between the record
-//! and the mark writes it again at its next start.
+//! start) writes the audit record, waits for its audit sink to take it, and moves its mark
+//! past it (`meta` key [`AUDITED_UP_TO`]), deleting the entries up to the mark. An entry is
+//! audited at least once: a Hub that stops between the record and the mark writes it again at
+//! its next start.
 
 use rusqlite::{params, Transaction};
 
@@ -31,6 +32,9 @@ pub enum OperatorAction {
     Revoked {
         /// The operator's reason.
         reason: String,
+        /// The client's SPIFFE ID as enrolled (a `[[federation]]` client's is in its own
+        /// trust domain); `None` in an entry that did not record it.
+        spiffe_id: Option<String>,
     },
     /// A kind this Hub does not know (written by a newer `ewii-hub`): passed over.
     Other(String),
@@ -65,7 +69,10 @@ pub(super) fn log(
             "token_created",
             serde_json::json!({ "id": id, "expires_at": expires_at, "webhook": webhook }),
         ),
-        OperatorAction::Revoked { reason } => ("revoked", serde_json::json!({ "reason": reason })),
+        OperatorAction::Revoked { reason, spiffe_id } => (
+            "revoked",
+            serde_json::json!({ "reason": reason, "spiffe_id": spiffe_id }),
+        ),
         OperatorAction::Other(kind) => (kind.as_str(), serde_json::Value::Null),
     };
     tx.execute(
@@ -105,6 +112,7 @@ impl Db {
                     },
                     "revoked" => OperatorAction::Revoked {
                         reason: text("reason").unwrap_or_default(),
+                        spiffe_id: text("spiffe_id"),
                     },
                     _ => OperatorAction::Other(kind),
                 };
@@ -116,6 +124,22 @@ impl Db {
                 });
             }
             Ok(entries)
+        })
+    }
+}
+
+impl Db {
+    /// The Hub audited the log up to entry `id`: the mark moves there, and the entries up to
+    /// it go (one transaction).
+    pub fn operator_log_audited(&self, id: i64) -> Result<(), StateError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
+                params![AUDITED_UP_TO, id],
+            )?;
+            tx.execute("DELETE FROM operator_log WHERE id <= ?1", params![id])?;
+            tx.commit()
         })
     }
 }

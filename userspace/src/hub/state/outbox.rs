@@ -11,6 +11,10 @@ use super::{Db, StateError};
 /// ([`Db::unpark_webhooks`]), which may run with another config.
 pub const PARKED: i64 = i64::MAX;
 
+/// At most this many rows of one URL are returned as due at once (the delivery task also
+/// keeps at most this many attempts to one URL in flight).
+pub const DUE_PER_URL: usize = 4;
+
 /// A webhook delivery waiting in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingWebhook {
@@ -56,8 +60,10 @@ pub(super) fn queue_revocation(
 }
 
 impl Db {
-    /// Outbox rows due at `now_ms` (milliseconds since the epoch), oldest first, at most 32,
-    /// leaving out those in `skip` (the attempts in flight).
+    /// Outbox rows due at `now_ms` (milliseconds since the epoch) and not in `skip` (the
+    /// attempts in flight), at most [`DUE_PER_URL`] of each URL, taken in turns: the oldest of
+    /// every URL first, then the second oldest, and so on, at most 64. So a customer with many
+    /// notices waiting does not fill the list before another customer's first.
     pub fn due_webhooks(
         &self,
         now_ms: i64,
@@ -65,13 +71,24 @@ impl Db {
         skip: &[String],
     ) -> Result<Vec<PendingWebhook>, StateError> {
         self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT id, url, body, attempts FROM webhooks
-                 WHERE delivered_at IS NULL AND next_attempt_ms <= ?1 AND attempts < ?2
-                 ORDER BY created_at, id LIMIT ?3",
-            )?;
-            let limit = 32 + skip.len() as i64;
-            let rows = stmt.query_map(params![now_ms, max_attempts, limit], |r| {
+            let not_in = if skip.is_empty() {
+                String::new()
+            } else {
+                format!("AND id NOT IN ({})", vec!["?"; skip.len()].join(", "))
+            };
+            let mut stmt = c.prepare(&format!(
+                "SELECT id, url, body, attempts FROM (
+                     SELECT id, url, body, attempts, created_at,
+                            ROW_NUMBER() OVER (PARTITION BY url ORDER BY created_at, id) AS turn
+                     FROM webhooks
+                     WHERE delivered_at IS NULL AND next_attempt_ms <= ? AND attempts < ? {not_in}
+                 )
+                 WHERE turn <= {DUE_PER_URL}
+                 ORDER BY turn, created_at, id LIMIT 64"
+            ))?;
+            let mut args: Vec<rusqlite::types::Value> = vec![now_ms.into(), max_attempts.into()];
+            args.extend(skip.iter().map(|id| id.clone().into()));
+            let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
                 Ok(PendingWebhook {
                     id: r.get(0)?,
                     url: r.get(1)?,
@@ -79,41 +96,24 @@ impl Db {
                     attempts: r.get(3)?,
                 })
             })?;
-            let mut due = Vec::new();
-            for row in rows {
-                let row = row?;
-                if !skip.contains(&row.id) && due.len() < 32 {
-                    due.push(row);
-                }
-            }
-            Ok(due)
+            rows.collect()
         })
     }
 
-    /// When the next undelivered row not in `skip` is due (milliseconds since the epoch), if
-    /// any is left.
+    /// When the next undelivered row due after `after_ms` is due (milliseconds since the
+    /// epoch), if any. (Rows due by then are the caller's to have taken already, or to take
+    /// when an attempt ends.)
     pub fn next_webhook_due(
         &self,
         max_attempts: u32,
-        skip: &[String],
+        after_ms: i64,
     ) -> Result<Option<i64>, StateError> {
         self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT id, next_attempt_ms FROM webhooks
-                 WHERE delivered_at IS NULL AND attempts < ?1 AND next_attempt_ms < ?2
-                 ORDER BY next_attempt_ms LIMIT ?3",
-            )?;
-            let limit = 1 + skip.len() as i64;
-            let rows = stmt.query_map(params![max_attempts, PARKED, limit], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-            })?;
-            for row in rows {
-                let (id, due) = row?;
-                if !skip.contains(&id) {
-                    return Ok(Some(due));
-                }
-            }
-            Ok(None)
+            c.query_row(
+                "SELECT MIN(next_attempt_ms) FROM webhooks WHERE delivered_at IS NULL AND attempts < ?1 AND next_attempt_ms > ?2 AND next_attempt_ms < ?3",
+                params![max_attempts, after_ms, PARKED],
+                |r| r.get(0),
+            )
         })
     }
 

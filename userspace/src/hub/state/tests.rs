@@ -150,7 +150,7 @@ fn serial_check_follows_enrolment_and_revocation_across_reopen() {
 fn the_outbox_tells_when_its_next_row_is_due() {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(&dir.path().join("hub.db")).unwrap();
-    assert_eq!(db.next_webhook_due(3, &[]).unwrap(), None);
+    assert_eq!(db.next_webhook_due(3, -1).unwrap(), None);
     let id = SpiffeId::client("example.org", "acme").unwrap();
     let grant = TokenGrant {
         client: "acme".into(),
@@ -159,40 +159,61 @@ fn the_outbox_tells_when_its_next_row_is_due() {
     };
     db.record_enrolment(&grant, &id, "0a", 1000, 1).unwrap();
     assert!(db.revoke_client("acme", "test", 2, true).unwrap());
-    assert_eq!(db.next_webhook_due(3, &[]).unwrap(), Some(0));
+    assert_eq!(db.next_webhook_due(3, -1).unwrap(), Some(0));
     let due = db.due_webhooks(0, 3, &[]).unwrap();
     assert_eq!(due.len(), 1);
-    // An attempt in flight is neither due nor the next due.
+    // Due by now: not the next due after now (the caller has it, or takes it when it can).
+    assert_eq!(db.next_webhook_due(3, 0).unwrap(), None);
+    // An attempt in flight is not due again.
     let flying = [due[0].id.clone()];
     assert!(db.due_webhooks(0, 3, &flying).unwrap().is_empty());
-    assert_eq!(db.next_webhook_due(3, &flying).unwrap(), None);
     db.webhook_failed(&due[0].id, "HTTP 500", 5_000).unwrap();
-    assert_eq!(db.next_webhook_due(3, &[]).unwrap(), Some(5_000));
+    assert_eq!(db.next_webhook_due(3, 0).unwrap(), Some(5_000));
     assert!(db.due_webhooks(4_999, 3, &[]).unwrap().is_empty());
     // Given up after the last attempt: nothing is due any more.
     db.webhook_failed(&due[0].id, "HTTP 500", 6_000).unwrap();
     db.webhook_failed(&due[0].id, "HTTP 500", 7_000).unwrap();
-    assert_eq!(db.next_webhook_due(3, &[]).unwrap(), None);
-    // Two rows due, one in flight: the other is due, and the next due.
-    for name in ["beta", "gamma"] {
+    assert_eq!(db.next_webhook_due(3, -1).unwrap(), None);
+}
+
+/// Due rows come in turns by URL, at most `DUE_PER_URL` of one: a customer with many notices
+/// waiting (a fleet revoked at once) does not fill the list before another customer's first.
+#[test]
+fn due_webhooks_take_turns_by_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("hub.db")).unwrap();
+    let revoke = |name: &str, url: &str, at: i64| {
         let id = SpiffeId::client("example.org", name).unwrap();
         let grant = TokenGrant {
             client: name.into(),
-            ..grant.clone()
+            webhook: Some(url.into()),
+            revocations: 0,
         };
         db.record_enrolment(&grant, &id, &format!("0{name}"), 1000, 1)
             .unwrap();
-        assert!(db.revoke_client(name, "test", 3, true).unwrap());
+        assert!(db.revoke_client(name, "test", at, true).unwrap());
+    };
+    for n in 0..10 {
+        revoke(&format!("big{n}"), "https://big.example/hook", 10 + n);
     }
-    let due = db.due_webhooks(10, 3, &[]).unwrap();
-    assert_eq!(due.len(), 2);
-    db.webhook_failed(&due[1].id, "HTTP 500", 8_000).unwrap();
+    revoke("small", "https://small.example/hook", 100);
+    let due = db.due_webhooks(1_000_000, 30, &[]).unwrap();
+    let urls: Vec<&str> = due.iter().map(|w| w.url.as_str()).collect();
+    assert_eq!(
+        urls,
+        [
+            "https://big.example/hook",
+            "https://small.example/hook",
+            "https://big.example/hook",
+            "https://big.example/hook",
+            "https://big.example/hook",
+        ]
+    );
+    // The oldest of the big one's first; with it in flight, the next four.
     let flying = [due[0].id.clone()];
-    assert_eq!(db.next_webhook_due(3, &flying).unwrap(), Some(8_000));
-    assert_eq!(db.next_webhook_due(3, &[]).unwrap(), Some(0));
-    let later = db.due_webhooks(8_000, 3, &flying).unwrap();
-    assert_eq!(later.len(), 1);
-    assert_eq!(later[0].id, due[1].id);
+    let next = db.due_webhooks(1_000_000, 30, &flying).unwrap();
+    assert_eq!(next.len(), 5);
+    assert!(next.iter().all(|w| w.id != due[0].id));
 }
 
 #[test]
@@ -329,7 +350,8 @@ fn the_operators_commands_are_logged_in_their_transaction_and_read_in_order() {
                 10,
                 "acme",
                 &OperatorAction::Revoked {
-                    reason: "ended".into()
+                    reason: "ended".into(),
+                    spiffe_id: Some(id.to_string()),
                 }
             ),
         ]
@@ -337,4 +359,11 @@ fn the_operators_commands_are_logged_in_their_transaction_and_read_in_order() {
     assert!(entries[0].id < entries[1].id);
     assert_eq!(db.operator_log_after(entries[0].id).unwrap().len(), 1);
     assert!(db.operator_log_after(entries[1].id).unwrap().is_empty());
+    // Audited up to the first: the mark moves, that entry goes, the next stays.
+    db.operator_log_audited(entries[0].id).unwrap();
+    assert_eq!(
+        db.meta(operator_log::AUDITED_UP_TO).unwrap(),
+        Some(entries[0].id)
+    );
+    assert_eq!(db.operator_log_after(0).unwrap(), entries[1..].to_vec());
 }

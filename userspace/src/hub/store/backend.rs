@@ -66,8 +66,8 @@ pub trait Backend: Send + 'static {
     fn operator_log_after(&self, after: i64) -> Result<Vec<OperatorEntry>, StateError>;
     /// See [`Db::meta`].
     fn meta(&self, key: &str) -> Result<Option<i64>, StateError>;
-    /// See [`Db::set_meta`].
-    fn set_meta(&self, key: &str, value: i64) -> Result<(), StateError>;
+    /// See [`Db::operator_log_audited`].
+    fn operator_log_audited(&self, id: i64) -> Result<(), StateError>;
     /// See [`Db::due_webhooks`].
     fn due_webhooks(
         &self,
@@ -76,11 +76,8 @@ pub trait Backend: Send + 'static {
         skip: &[String],
     ) -> Result<Vec<PendingWebhook>, StateError>;
     /// See [`Db::next_webhook_due`].
-    fn next_webhook_due(
-        &self,
-        max_attempts: u32,
-        skip: &[String],
-    ) -> Result<Option<i64>, StateError>;
+    fn next_webhook_due(&self, max_attempts: u32, after_ms: i64)
+        -> Result<Option<i64>, StateError>;
     /// See [`Db::webhook_delivered`].
     fn webhook_delivered(&self, id: &str, now: i64) -> Result<(), StateError>;
     /// See [`Db::webhook_failed`].
@@ -164,8 +161,8 @@ impl Backend for Db {
     fn meta(&self, key: &str) -> Result<Option<i64>, StateError> {
         Db::meta(self, key)
     }
-    fn set_meta(&self, key: &str, value: i64) -> Result<(), StateError> {
-        Db::set_meta(self, key, value)
+    fn operator_log_audited(&self, id: i64) -> Result<(), StateError> {
+        Db::operator_log_audited(self, id)
     }
     fn due_webhooks(
         &self,
@@ -178,9 +175,9 @@ impl Backend for Db {
     fn next_webhook_due(
         &self,
         max_attempts: u32,
-        skip: &[String],
+        after_ms: i64,
     ) -> Result<Option<i64>, StateError> {
-        Db::next_webhook_due(self, max_attempts, skip)
+        Db::next_webhook_due(self, max_attempts, after_ms)
     }
     fn webhook_delivered(&self, id: &str, now: i64) -> Result<(), StateError> {
         Db::webhook_delivered(self, id, now)
