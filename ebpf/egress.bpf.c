@@ -43,6 +43,15 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } EVENTS SEC(".maps");
 
+/* Refusals the ring buffer had no room for: each event carries the count so far, so the
+ * Client learns of a gap from the next event it reads (it cannot read maps after start-up). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} LOST SEC(".maps");
+
 static __always_inline void count_and_report(__u8 hook, __u8 family, __u8 proto,
 					     const __u32 *addr, __u16 port)
 {
@@ -50,9 +59,15 @@ static __always_inline void count_and_report(__u8 hook, __u8 family, __u8 proto,
 	__u64 *n = bpf_map_lookup_elem(&DENIES, &idx);
 	if (n)
 		*n += 1;
+	__u32 zero = 0;
+	__u64 *lost = bpf_map_lookup_elem(&LOST, &zero);
 	struct ewii_event *e = bpf_ringbuf_reserve(&EVENTS, sizeof(*e), 0);
-	if (!e)
-		return; /* the counter still counts it */
+	if (!e) {
+		/* The counters still count it; the next event says it was lost. */
+		if (lost)
+			__sync_fetch_and_add(lost, 1);
+		return;
+	}
 	e->ts_ns = bpf_ktime_get_ns();
 	e->pid = bpf_get_current_pid_tgid() >> 32;
 	e->hook = hook;
@@ -67,6 +82,7 @@ static __always_inline void count_and_report(__u8 hook, __u8 family, __u8 proto,
 	}
 	e->port = port;
 	e->pad2 = 0;
+	e->lost = lost ? (__u32)*lost : 0;
 	bpf_ringbuf_submit(e, 0);
 }
 

@@ -51,6 +51,8 @@ struct ewii_event {
 	__u8 addr[16]; /* IPv4 in the first 4 bytes */
 	__u16 port;
 	__u16 pad2;
+	/* Refusals not reported since attach: the ring buffer was full (cumulative, wraps). */
+	__u32 lost;
 };
 
 _Static_assert(sizeof(struct ewii_key4) == 8, "ewii_key4 size");
@@ -66,5 +68,6 @@ _Static_assert(__builtin_offsetof(struct ewii_event, family) == 13, "ewii_event.
 _Static_assert(__builtin_offsetof(struct ewii_event, proto) == 14, "ewii_event.proto offset");
 _Static_assert(__builtin_offsetof(struct ewii_event, addr) == 16, "ewii_event.addr offset");
 _Static_assert(__builtin_offsetof(struct ewii_event, port) == 32, "ewii_event.port offset");
+_Static_assert(__builtin_offsetof(struct ewii_event, lost) == 36, "ewii_event.lost offset");
 
 #endif

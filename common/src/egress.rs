@@ -204,6 +204,9 @@ pub struct DenyEvent {
     pub addr: SocketAddr,
     /// IP protocol number (255 for a socket type the lock never allows, e.g. MPTCP).
     pub proto: u8,
+    /// Refusals the ring buffer had no room for since the programs were attached, as the
+    /// kernel counted them when it sent this one (wraps at 2³²).
+    pub lost: u32,
 }
 
 /// Size of `struct ewii_event`.
@@ -233,6 +236,7 @@ impl DenyEvent {
             hook,
             addr: SocketAddr::new(ip, port),
             proto: b[14],
+            lost: u32::from_ne_bytes(b[36..40].try_into().ok()?),
         })
     }
 
@@ -332,6 +336,7 @@ mod tests {
             ("proto", 14),
             ("addr", 16),
             ("port", 32),
+            ("lost", 36),
         ] {
             assert_eq!(at, pinned(&format!("ewii_event.{field} offset")), "{field}");
         }
@@ -347,8 +352,10 @@ mod tests {
         b[14] = 6;
         b[16..20].copy_from_slice(&[127, 0, 0, 2]);
         b[32..34].copy_from_slice(&9u16.to_be_bytes());
+        b[36..40].copy_from_slice(&31u32.to_ne_bytes());
         let e = DenyEvent::parse(&b).unwrap();
         assert_eq!(e.addr, "127.0.0.2:9".parse::<SocketAddr>().unwrap());
+        assert_eq!(e.lost, 31);
         assert_eq!(
             (e.pid, e.hook, e.proto_name().as_str()),
             (4242, Hook::Connect4, "tcp")

@@ -8,7 +8,8 @@
 //! Programs: `ewii_connect4`, `ewii_connect6`, `ewii_sendmsg4`, `ewii_sendmsg6` (cgroup
 //! socket-address hooks, EPERM on refusal) and `ewii_skb_egress` (cgroup_skb egress backstop).
 //! Maps: `ALLOW4`, `ALLOW6` (hash sets of allowed destinations), `DENIES` (per-CPU counters by
-//! hook), `EVENTS` (ring buffer of refused attempts).
+//! hook), `EVENTS` (ring buffer of refused attempts), `LOST` (refusals the ring buffer had no
+//! room for; each event carries the count so far).
 #![forbid(unsafe_code)]
 
 /// 8-byte alignment for the embedded ELF object (the loader parses it in place).

@@ -396,38 +396,89 @@ async fn p16_the_library_client_refuses_a_requirement_it_cannot_meet() {
     client.stop().await;
 }
 
+/// The Client binary run with `require = "kernel"` in a fresh child cgroup (the eBPF lock held
+/// by it), auditing to a file, its one allow-list entry `db` at `echo`; connected.
+struct LockedClient {
+    audit_file: PathBuf,
+    cg: Cgroup,
+    /// Killed on drop unless taken (a failed test leaves no Client behind).
+    proc: Option<std::process::Child>,
+    log: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Drop for LockedClient {
+    fn drop(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            let _ = proc.kill();
+            let _ = proc.wait();
+        }
+    }
+}
+
+impl LockedClient {
+    async fn start(hub: &TestHub, client: &TestClient, echo: std::net::SocketAddr) -> Self {
+        let audit_file = client.dir.path().join("audit.jsonl");
+        let config = client.dir.path().join("client.toml");
+        fs::write(
+            &config,
+            format!(
+                "hub = \"{}\"\nstate_dir = {:?}\naudit = \"file:{}\"\n[enforcement]\nrequire = \"kernel\"\n[[allow]]\nname = \"db\"\naddress = \"{echo}\"\n",
+                hub.addr,
+                client.state_dir(),
+                audit_file.display()
+            ),
+        )
+        .unwrap();
+        let cg = Cgroup::new();
+        let mut proc = cg
+            .client(&["run", "--config", config.to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = proc.stderr.take().unwrap();
+        let log = std::thread::spawn(move || {
+            BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
+        });
+        hub.wait_connected("acme").await;
+        Self {
+            audit_file,
+            cg,
+            proc: Some(proc),
+            log: Some(log),
+        }
+    }
+
+    /// The audit file's records so far.
+    fn records(&self) -> Vec<Value> {
+        fs::read_to_string(&self.audit_file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Its `kernel_denied` records for `dest`.
+    fn denied_to(&self, dest: &str) -> usize {
+        self.records()
+            .iter()
+            .filter(|r| r["event"] == "kernel_denied" && r["destination"]["address"] == dest)
+            .count()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p16_a_locked_client_serves_queries_while_the_kernel_refuses_a_rogue_connect() {
     privileged!();
     let echo = echo_server().await;
     let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
     let client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
-    let audit_file = client.dir.path().join("audit.jsonl");
-    let config = client.dir.path().join("client.toml");
-    fs::write(
-        &config,
-        format!(
-            "hub = \"{}\"\nstate_dir = {:?}\naudit = \"file:{}\"\n[enforcement]\nrequire = \"kernel\"\n[[allow]]\nname = \"db\"\naddress = \"{echo}\"\n",
-            hub.addr,
-            client.state_dir(),
-            audit_file.display()
-        ),
-    )
-    .unwrap();
-    let cg = Cgroup::new();
-    let mut proc = cg
-        .client(&["run", "--config", config.to_str().unwrap()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = proc.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
-    hub.wait_connected("acme").await;
+    let mut locked = LockedClient::start(&hub, &client, echo).await;
+    let (audit_file, cg) = (locked.audit_file.clone(), &locked.cg);
+    let mut proc = locked.proc.take().unwrap();
+    let log = locked.log.take().unwrap();
 
     // The Client serves queries through the lock.
     let mut s = TcpStream::connect(hub.service("pg")).await.unwrap();
@@ -504,7 +555,98 @@ async fn p16_a_locked_client_serves_queries_while_the_kernel_refuses_a_rogue_con
         .any(|r| r["event"] == "query" && r["outcome"] == "ok"));
     let hub_query = hub.wait_audit("hub query", is(Event::Query)).await;
     assert_eq!(hub_query.bytes_up, Some(16));
-    drop(cg);
+    drop(locked);
+}
+
+/// A burst of refusals beyond what the kernel's ring buffer holds between two reads (a rogue
+/// in the Client's cgroup sending 50,000 datagrams to a refused address): those the kernel had
+/// no room to report are not silently gone; the next event read carries their count, and the
+/// Client writes it as one `kernel_denied` record. Every refusal is accounted for: reported
+/// one by one, or counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p16_refusals_beyond_the_kernels_ring_buffer_are_counted_in_the_audit() {
+    privileged!();
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    let locked = LockedClient::start(&hub, &client, echo).await;
+    const FLOOD: usize = 50_000;
+    let flood = locked
+        .cg
+        .command(
+            Path::new("python3"),
+            &[
+                "-c",
+                &format!(
+                    "import socket\n\
+                     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                     refused = 0\n\
+                     for _ in range({FLOOD}):\n\
+                     \ttry:\n\
+                     \t\ts.sendto(b'x', ('127.0.0.1', 47997))\n\
+                     \texcept PermissionError:\n\
+                     \t\trefused += 1\n\
+                     print(refused)\n"
+                ),
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(flood.status.success(), "{flood:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&flood.stdout).trim(),
+        FLOOD.to_string(),
+        "every datagram refused"
+    );
+    // The count of the lost ones travels with the next event the Client reads: probes, one
+    // at a time, until one is read (a probe sent while the buffer is still full is lost and
+    // counted too).
+    let probe = "127.0.0.1:47996";
+    let mut probes = 0;
+    let deadline = tokio::time::Instant::now() + SOON;
+    while locked.denied_to(probe) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no probe was reported"
+        );
+        let out = locked
+            .cg
+            .command(
+                Path::new("/bin/bash"),
+                &["-c", "exec 3<>/dev/tcp/127.0.0.1/47996"],
+            )
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        probes += 1;
+        for _ in 0..10 {
+            if locked.denied_to(probe) > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    let records = locked.records();
+    let lost: u64 = records
+        .iter()
+        .filter(|r| r["event"] == "kernel_denied" && r["destination"].is_null())
+        .map(|r| {
+            let reason = r["reason"].as_str().unwrap();
+            assert!(
+                reason.contains("not reported one by one: the kernel's 256 KiB ring buffer"),
+                "{reason}"
+            );
+            reason.split(' ').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    let reported = locked.denied_to("127.0.0.1:47997") + locked.denied_to(probe);
+    assert!(lost > 0, "the burst did not overflow the ring buffer");
+    assert_eq!(
+        reported as u64 + lost,
+        (FLOOD + probes) as u64,
+        "every refusal reported or counted ({reported} reported, {lost} counted)"
+    );
+    drop(locked);
 }
 
 /// P6/P16 against hostile code inside the Client process. A harness runs the Client's own

@@ -359,6 +359,30 @@ pub fn deny_record(audit: &Audit, e: &DenyEvent) -> AuditRecord {
     r
 }
 
+/// The record of `n` refusals the kernel could not report one by one (its ring buffer was
+/// full when they happened): written before the first event read after them.
+pub fn lost_record(audit: &Audit, n: u32) -> AuditRecord {
+    let mut r = audit.record(Event::KernelDenied);
+    r.outcome = Some(Outcome::Refused);
+    r.reason = Some(format!(
+        "{n} more refused, not reported one by one: the kernel's 256 KiB ring buffer of \
+         refusals was full (each was refused all the same)"
+    ));
+    r
+}
+
+/// Refusals the kernel had no room to report, newly counted in `e` (its count so far, which
+/// wraps at 2³²) past `seen`; moves `seen` on.
+fn newly_lost(seen: &mut u32, e: &DenyEvent) -> Option<u32> {
+    let n = e.lost.wrapping_sub(*seen);
+    // Events of several CPUs can arrive a little out of order: an older count is not new.
+    if n == 0 || n > u32::MAX / 2 {
+        return None;
+    }
+    *seen = e.lost;
+    Some(n)
+}
+
 /// A source of kernel refusals (the eBPF ring buffer), drained by the running Client.
 pub trait DenySource: Send {
     /// Refusals since the last call.
@@ -379,9 +403,15 @@ pub async fn forward_denies(
     counters: tokio::sync::watch::Sender<Vec<(String, u64)>>,
 ) {
     let mut tick = tokio::time::interval(DENY_POLL);
+    let mut lost = 0;
     loop {
         tick.tick().await;
         for e in src.drain() {
+            if let Some(n) = newly_lost(&mut lost, &e) {
+                let mut r = lost_record(&audit, n);
+                r.client = Some(client_id.clone());
+                audit.emit(r);
+            }
             let mut r = deny_record(&audit, &e);
             r.client = Some(client_id.clone());
             audit.emit(r);
@@ -604,4 +634,34 @@ pub fn matrix(plan: &Plan) -> std::collections::BTreeMap<&'static str, String> {
 
 fn egress_canonical(a: SocketAddr) -> SocketAddr {
     ewii_common::policy::canonical(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(lost: u32) -> DenyEvent {
+        DenyEvent {
+            ts_ns: 0,
+            pid: 1,
+            hook: egress::Hook::Sendmsg4,
+            addr: "127.0.0.1:9".parse().unwrap(),
+            proto: 17,
+            lost,
+        }
+    }
+
+    #[test]
+    fn p16_refusals_the_kernel_could_not_report_are_counted_once_across_its_wrap() {
+        let mut seen = 0;
+        assert_eq!(newly_lost(&mut seen, &event(0)), None);
+        assert_eq!(newly_lost(&mut seen, &event(7)), Some(7));
+        assert_eq!(newly_lost(&mut seen, &event(7)), None, "counted once");
+        // An event of another CPU read after a newer count: not new.
+        assert_eq!(newly_lost(&mut seen, &event(5)), None);
+        assert_eq!(seen, 7);
+        // The kernel's count wraps at 2^32.
+        let mut seen = u32::MAX - 2;
+        assert_eq!(newly_lost(&mut seen, &event(4)), Some(7));
+    }
 }
