@@ -1864,6 +1864,20 @@ async fn p10_a_central_revoke_of_an_offline_client_is_audited_at_once() {
     assert_eq!(count(&hub.audit, is(Event::Revoked)), 1, "audited once");
 }
 
+/// The Hub's `started` record says where it listens in `reason`; `peer`, which a SIEM reads as
+/// the other side of something, is not its own address.
+#[tokio::test]
+async fn p12_the_hubs_started_record_names_its_address_in_reason_not_as_a_peer() {
+    let hub = TestHub::start(&[]).await;
+    let r = hub.wait_audit("started", is(Event::Started)).await;
+    assert_eq!(r.peer, None);
+    let expected = format!(
+        "listening on udp {}; trust domain test.ewii.local, 0 service listener(s)",
+        hub.addr
+    );
+    assert_eq!(r.reason.as_deref(), Some(expected.as_str()));
+}
+
 /// What an operator's commands do is in the Hub's audit, dated when they were done: a join
 /// token made (its id, client and webhook, shown without its secret parts; never the token)
 /// and a revocation, made while the Hub runs or while it is down (recorded at its next start),

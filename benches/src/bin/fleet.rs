@@ -203,7 +203,7 @@ fn make_tokens(state: &Path, n: usize) -> anyhow::Result<Vec<String>> {
             Ok(token)
         })
         .collect::<anyhow::Result<Vec<String>>>()?;
-    db.operator_log_audited(i64::MAX)?;
+    db.operator_log_audited(db.operator_log_last()?)?;
     Ok(tokens)
 }
 

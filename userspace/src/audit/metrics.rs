@@ -132,7 +132,20 @@ impl Metrics {
             Event::Enrolled => add(&self.enrolments, 1),
             Event::EnrolmentRefused => add(&self.enrolments_refused, 1),
             Event::Revoked if r.outcome != Some(Outcome::Failed) => add(&self.revocations, 1),
-            Event::KernelDenied => add(&self.kernel_denied, 1),
+            // A record of refusals the kernel could not report one by one counts them all
+            // (`enforce::lost_record`: no destination, its reason starts with the count).
+            Event::KernelDenied => add(
+                &self.kernel_denied,
+                match &r.destination {
+                    Some(_) => 1,
+                    None => r
+                        .reason
+                        .as_deref()
+                        .and_then(|x| x.split(' ').next())
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(1),
+                },
+            ),
             Event::WebhookDelivered => add(&self.webhooks_delivered, 1),
             Event::WebhookFailed => add(&self.webhooks_failed, 1),
             Event::DnsChanged => add(&self.dns_changed, 1),
@@ -364,7 +377,19 @@ mod tests {
         m.count(&record(Event::SvidRotated, Some(Outcome::Refused)));
         m.count(&record(Event::Revoked, Some(Outcome::Failed)));
         m.count(&record(Event::SessionUp, None));
+        // A refusal reported by itself, and 7 the kernel could only count.
+        let mut denied = record(Event::KernelDenied, Some(Outcome::Refused));
+        denied.destination = Some(ewii_common::audit::Destination {
+            name: "udp".into(),
+            address: Some("127.0.0.1:9".into()),
+        });
+        m.count(&denied);
+        let audit =
+            crate::audit::Audit::open_with_tap(Side::Client, &crate::audit::AuditOutput::Discard)
+                .unwrap();
+        m.count(&crate::enforce::lost_record(&audit, 7));
         let s = m.snapshot();
+        assert_eq!(s.kernel_denied, 8);
         assert_eq!(
             s.queries,
             ByOutcome {

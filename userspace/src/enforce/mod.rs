@@ -403,11 +403,12 @@ pub async fn forward_denies(
     counters: tokio::sync::watch::Sender<Vec<(String, u64)>>,
 ) {
     let mut tick = tokio::time::interval(DENY_POLL);
-    let mut lost = 0;
+    let (mut lost, mut unreported) = (0, 0u64);
     loop {
         tick.tick().await;
         for e in src.drain() {
             if let Some(n) = newly_lost(&mut lost, &e) {
+                unreported += u64::from(n);
                 let mut r = lost_record(&audit, n);
                 r.client = Some(client_id.clone());
                 audit.emit(r);
@@ -416,11 +417,14 @@ pub async fn forward_denies(
             r.client = Some(client_id.clone());
             audit.emit(r);
         }
-        let now: Vec<(String, u64)> = src
+        let mut now: Vec<(String, u64)> = src
             .counters()
             .into_iter()
             .map(|(h, n)| (h.to_owned(), n))
             .collect();
+        if unreported > 0 {
+            now.push(("unreported".to_owned(), unreported));
+        }
         counters.send_if_modified(|c| {
             let changed = *c != now;
             *c = now;

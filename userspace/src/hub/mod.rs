@@ -401,10 +401,20 @@ impl Hub {
             run_lock,
         } = self;
         let audit = sessions.audit.clone();
+        // Its own address is in `reason`: `peer` is the other side of something, and a SIEM
+        // reads it so.
         let mut r = audit.record(Event::Started);
-        r.peer = endpoints[0].local_addr().ok().map(|a| a.to_string());
+        // (One endpoint per shard, all on one address.)
+        let listening = endpoints
+            .iter()
+            .filter_map(|e| e.local_addr().ok())
+            .map(|a| a.to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+            .join(", ");
         r.reason = Some(format!(
-            "trust domain {}, {} service listener(s)",
+            "listening on udp {listening}; trust domain {}, {} service listener(s)",
             sessions.trust.trust_domain(),
             services.len()
         ));

@@ -149,6 +149,8 @@ CREATE TABLE IF NOT EXISTS webhooks (
     delivered_at INTEGER,
     last_error TEXT
 );
+CREATE INDEX IF NOT EXISTS webhooks_undelivered ON webhooks (url, created_at, id)
+    WHERE delivered_at IS NULL;
 CREATE TABLE IF NOT EXISTS operator_log (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at INTEGER NOT NULL,

@@ -131,8 +131,12 @@ fn apply(parts: &Parts, change: Change) -> Option<i64> {
 /// watcher's next revocation.
 async fn mark_audited(audit: Audit, store: Store, id: i64) {
     if audit.flush_async().await {
-        if let Err(e) = store.operator_log_audited(id).await {
-            tracing::error!(error = %e, "cannot note the operators' log as audited; its records are written again at the next start");
+        match store.operator_log_audited(id).await {
+            // The Hub has stopped meanwhile: the next start writes them again.
+            Ok(()) | Err(super::store::StoreError::Closed) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot note the operators' log as audited; its records are written again at the next start");
+            }
         }
     }
 }

@@ -129,6 +129,15 @@ impl Db {
 }
 
 impl Db {
+    /// The newest entry's id (0 for none).
+    pub fn operator_log_last(&self) -> Result<i64, StateError> {
+        self.with(|c| {
+            c.query_row("SELECT COALESCE(MAX(id), 0) FROM operator_log", [], |r| {
+                r.get(0)
+            })
+        })
+    }
+
     /// The Hub audited the log up to entry `id`: the mark moves there, and the entries up to
     /// it go (one transaction).
     pub fn operator_log_audited(&self, id: i64) -> Result<(), StateError> {

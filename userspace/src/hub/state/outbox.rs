@@ -76,15 +76,17 @@ impl Db {
             } else {
                 format!("AND id NOT IN ({})", vec!["?"; skip.len()].join(", "))
             };
+            // The turns are taken over the small columns; the bodies are read for the rows
+            // kept only.
             let mut stmt = c.prepare(&format!(
-                "SELECT id, url, body, attempts FROM (
-                     SELECT id, url, body, attempts, created_at,
+                "SELECT w.id, w.url, w.body, w.attempts FROM (
+                     SELECT id, created_at,
                             ROW_NUMBER() OVER (PARTITION BY url ORDER BY created_at, id) AS turn
                      FROM webhooks
                      WHERE delivered_at IS NULL AND next_attempt_ms <= ? AND attempts < ? {not_in}
-                 )
-                 WHERE turn <= {DUE_PER_URL}
-                 ORDER BY turn, created_at, id LIMIT 64"
+                 ) AS t JOIN webhooks AS w ON w.id = t.id
+                 WHERE t.turn <= {DUE_PER_URL}
+                 ORDER BY t.turn, t.created_at, t.id LIMIT 64"
             ))?;
             let mut args: Vec<rusqlite::types::Value> = vec![now_ms.into(), max_attempts.into()];
             args.extend(skip.iter().map(|id| id.clone().into()));
