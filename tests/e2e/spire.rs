@@ -887,6 +887,23 @@ async fn p10_a_federated_client_is_revoked_by_name_and_stays_revoked() {
         revoked.client.as_deref(),
         Some(format!("spiffe://{CUSTOMER}{ACME_PATH}").as_str())
     );
+    // So does the record of a query that found it gone. (The Hub ends such a requester at
+    // once; on a busy machine its connect can already fail: the record is what counts here.)
+    if let Ok(mut requester) = tokio::net::TcpStream::connect(hub.service("svc")).await {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = requester.write_all(b"anyone there?").await;
+        let mut rest = Vec::new();
+        let _ = requester.read_to_end(&mut rest).await;
+    }
+    let unrouted = hub
+        .wait_audit("the query that found no session", |r| {
+            r.event == Event::Query && r.outcome == Some(Outcome::Failed)
+        })
+        .await;
+    assert_eq!(
+        unrouted.client.as_deref(),
+        Some(format!("spiffe://{CUSTOMER}{ACME_PATH}").as_str())
+    );
     // A restarted Hub keeps it revoked, whatever SVID the agent issues next.
     hub.restart().await;
     let fresh = ca.issue(ACME_PATH, HOUR);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ewii_common::audit::{AuditRecord, Destination, Event, Outcome};
 use ewii_common::frame::{QueryHead, QueryId, RefuseCode};
-use ewii_common::spiffe::{Role, SpiffeId};
+use ewii_common::spiffe::Role;
 use rand::RngCore;
 use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
@@ -512,9 +512,7 @@ impl<'a> QueryLog<'a> {
         r.session_id = self.session.as_ref().map(|(id, _)| *id);
         r.client = match &self.session {
             Some((_, client)) => Some(client.clone()),
-            None => SpiffeId::client(self.parts.trust.trust_domain(), &self.svc.client)
-                .ok()
-                .map(|id| id.to_string()),
+            None => self.parts.trust.client_id(&self.svc.client),
         };
         r.source = self.source.clone();
         r.destination = Some(Destination {

@@ -406,6 +406,17 @@ impl Trust {
         ))
     }
 
+    /// The SPIFFE ID of Client `name` as the records name it: the one its `[[federation]]`
+    /// table lists, else `spiffe://<td>/client/<name>` of the Hub's trust domain.
+    pub(crate) fn client_id(&self, name: &str) -> Option<String> {
+        if let Some((_, id)) = self.federation.clients().find(|(n, _)| *n == name) {
+            return Some(id.to_string());
+        }
+        SpiffeId::client(&self.trust_domain, name)
+            .ok()
+            .map(|id| id.to_string())
+    }
+
     /// The Client name an authenticated SPIFFE ID stands for: `spiffe://<td>/client/<name>`
     /// of the Hub's trust domain, or a SPIFFE ID a `[[federation]]` table names.
     pub(crate) fn client_name(&self, id: &SpiffeId) -> Option<String> {

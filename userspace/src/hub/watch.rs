@@ -145,16 +145,14 @@ async fn mark_audited(audit: Audit, store: Store, id: i64) {
 /// dated when the command made it. A revocation also closes the Client's live connections
 /// here, so that its record says whether one was.
 fn audit_operator(parts: &Parts, entry: &OperatorEntry) {
-    // As enrolled (a `[[federation]]` client's ID is in its own trust domain), else as a
-    // token makes it.
+    // As enrolled (a `[[federation]]` client's ID is in its own trust domain), else as the
+    // Hub's records name the client.
     let client = match &entry.action {
         OperatorAction::Revoked {
             spiffe_id: Some(id),
             ..
         } => Some(id.clone()),
-        _ => SpiffeId::client(parts.trust.trust_domain(), &entry.client)
-            .ok()
-            .map(|id| id.to_string()),
+        _ => parts.trust.client_id(&entry.client),
     };
     let secs = |s: i64| Timestamp((s.max(0) as u64).saturating_mul(1_000_000));
     let when = secs(entry.at);
