@@ -446,7 +446,7 @@ impl Receiver {
     }
 
     /// Answers 200 to everything, each only once [`release`](Self::release) lets it (the
-    /// request is recorded at once).
+    /// request is recorded at once; several can be held at once).
     pub async fn start_held() -> Self {
         Self::start_gated(Vec::new(), true, true).await
     }
@@ -480,27 +480,39 @@ impl Receiver {
         tokio::spawn(async move {
             let mut statuses = statuses.into_iter();
             while let Ok((mut s, _)) = listener.accept().await {
+                let open = |gate: &std::sync::atomic::AtomicBool| {
+                    gate.load(std::sync::atomic::Ordering::SeqCst)
+                };
+                // A held receiver holds each request on its own: several can wait at once.
+                if let Some(hold) = &hold {
+                    let (hold, gate, g) = (hold.clone(), gate.clone(), g.clone());
+                    tokio::spawn(async move {
+                        if let Some((headers, body)) = read_request(&mut s).await {
+                            let status = if open(&gate) { 200 } else { 503 };
+                            let delivery = Delivery {
+                                headers,
+                                body,
+                                status,
+                            };
+                            answer(s, delivery, &g, Some(&hold)).await;
+                        }
+                    });
+                    continue;
+                }
                 let Some((headers, body)) = read_request(&mut s).await else {
                     continue;
                 };
-                let status = if gate.load(std::sync::atomic::Ordering::SeqCst) {
+                let status = if open(&gate) {
                     statuses.next().unwrap_or(200)
                 } else {
                     503
                 };
-                g.lock().unwrap().push(Delivery {
+                let delivery = Delivery {
                     headers,
                     body,
                     status,
-                });
-                if let Some(hold) = &hold {
-                    hold.acquire().await.unwrap().forget();
-                }
-                let reply = format!(
-                    "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                );
-                let _ = s.write_all(reply.as_bytes()).await;
-                let _ = s.shutdown().await;
+                };
+                answer(s, delivery, &g, None).await;
             }
         });
         Self {
@@ -515,6 +527,23 @@ impl Receiver {
     pub fn deliveries(&self) -> Vec<Delivery> {
         self.got.lock().unwrap().clone()
     }
+}
+
+/// Records `delivery` in `got`, waits for `hold` to let it go (if held), and answers it.
+async fn answer(
+    mut s: tokio::net::TcpStream,
+    delivery: Delivery,
+    got: &std::sync::Mutex<Vec<Delivery>>,
+    hold: Option<&tokio::sync::Semaphore>,
+) {
+    let status = delivery.status;
+    got.lock().unwrap().push(delivery);
+    if let Some(hold) = hold {
+        hold.acquire().await.unwrap().forget();
+    }
+    let reply = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    let _ = s.write_all(reply.as_bytes()).await;
+    let _ = s.shutdown().await;
 }
 
 async fn read_request(

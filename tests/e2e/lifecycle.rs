@@ -1218,6 +1218,49 @@ async fn p10_a_slow_webhook_endpoint_does_not_hold_up_another_customers_notice()
     assert_eq!(slow.deliveries().len(), 1, "sent once");
 }
 
+/// At most 4 attempts to one URL at once: a customer with many notices waiting (six Clients
+/// revoked together, one endpoint that holds its answers) takes 4 of the outbox's places, and
+/// the fifth attempt starts when one of them ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p10_webhook_attempts_to_one_url_are_at_most_four_at_once() {
+    let slow = Receiver::start_held().await;
+    let quick = Receiver::start(Vec::new()).await;
+    let hub = TestHub::start_custom(&[], "[webhooks]\ndanger_allow_private_targets = true\n").await;
+    let mut clients = Vec::new();
+    for n in 0..6 {
+        let token = hub.token_with_webhook(&format!("c{n}"), &slow.url);
+        clients.push(TestClient::enrol_with(&hub, &token, &[("db", "127.0.0.1:9".into())]).await);
+    }
+    let token = hub.token_with_webhook("other", &quick.url);
+    clients.push(TestClient::enrol_with(&hub, &token, &[("db", "127.0.0.1:9".into())]).await);
+    for n in 0..6 {
+        admin::revoke(&hub.state_dir(), &format!("c{n}"), "fleet retired").unwrap();
+    }
+    poll_until("four attempts held", SOON, || slow.deliveries().len() >= 4).await;
+    // Another customer's notice goes through meanwhile; by its record the outbox has looked
+    // at the waiting rows again.
+    admin::revoke(&hub.state_dir(), "other", "contract ended").unwrap();
+    hub.wait_audit("the other customer's delivery", |r| {
+        r.event == Event::WebhookDelivered
+            && r.reason.as_deref().is_some_and(|x| x.contains(&quick.url))
+    })
+    .await;
+    assert_eq!(slow.deliveries().len(), 4, "at most 4 to one URL");
+    slow.release();
+    poll_until("the fifth attempt", SOON, || slow.deliveries().len() == 5).await;
+    for _ in 0..5 {
+        slow.release();
+    }
+    poll_until("all six delivered", SOON, || {
+        count(&hub.audit, |r| {
+            r.event == Event::WebhookDelivered
+                && r.reason.as_deref().is_some_and(|x| x.contains(&slow.url))
+        }) == 6
+    })
+    .await;
+    assert_eq!(slow.deliveries().len(), 6, "each sent once");
+}
+
 #[tokio::test]
 async fn p7_an_svid_that_expires_without_renewal_stops_the_client_plainly() {
     let mut hub = TestHub::start_with(&[], 4).await;
