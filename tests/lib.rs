@@ -765,6 +765,17 @@ impl RawSession {
         closed_by_hub(&self.conn).await
     }
 
+    /// Revokes `client` centrally (`ewii-hub revoke`, asserting it was not revoked yet), then
+    /// [`closed_by_hub`](Self::closed_by_hub).
+    pub async fn closed_by_a_revocation_of(&self, hub: &TestHub, client: &str) -> Option<u64> {
+        assert!(
+            admin::revoke(&hub.state_dir(), client, "contract ended")
+                .unwrap()
+                .revoked
+        );
+        self.closed_by_hub().await
+    }
+
     /// The exporter output a `Present` proof signs, for this connection.
     pub fn exporter(&self) -> [u8; ewii_common::frame::PRESENT_EXPORTER_LEN] {
         let mut out = [0u8; ewii_common::frame::PRESENT_EXPORTER_LEN];

@@ -1688,13 +1688,8 @@ async fn p10_a_revoke_closes_a_session_that_is_draining_after_its_goodbye() {
     // The Hub took it: it finishes its side of the control stream.
     let ack = session.reader.read::<Control>(&mut session.recv).await;
     assert!(matches!(ack, Ok(None)), "{ack:?}");
-    assert!(
-        admin::revoke(&hub.state_dir(), "acme", "contract ended")
-            .unwrap()
-            .revoked
-    );
     assert_eq!(
-        session.closed_by_hub().await,
+        session.closed_by_a_revocation_of(&hub, "acme").await,
         Some(transport::codes::REVOKED.into_inner()),
         "closed for the revocation, not at the end of its drain"
     );

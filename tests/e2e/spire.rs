@@ -814,13 +814,8 @@ async fn p10_a_federated_clients_revocation_reaches_the_webhook_of_its_table_sig
     assert!(printed.status.success(), "{printed:?}");
     let key = String::from_utf8(printed.stdout).unwrap().trim().to_owned();
     assert!(key.starts_with("whpk_"), "{key}");
-    assert!(
-        admin::revoke(&hub.state_dir(), "acme", "contract ended")
-            .unwrap()
-            .revoked
-    );
     assert_eq!(
-        session.closed_by_hub().await,
+        session.closed_by_a_revocation_of(&hub, "acme").await,
         Some(ewii::transport::codes::REVOKED.into_inner())
     );
     poll_until("the delivery", SOON, || !receiver.deliveries().is_empty()).await;
