@@ -28,7 +28,8 @@ use ewii_common::spiffe::SpiffeId;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::state::{
-    operator_log, Db, PendingWebhook, RenewalRow, SessionRow, StateError, TokenGrant, TokenRefusal,
+    operator_log, Db, OperatorEntry, PendingWebhook, RenewalRow, SessionRow, StateError,
+    TokenGrant, TokenRefusal,
 };
 use crate::identity::verify::SerialRefusal;
 
@@ -473,29 +474,19 @@ impl Owner {
         let before = self.backend.statements();
         self.backend.start(now)?;
         self.marker = Some(self.check_marker()?);
-        let snapshot = self.backend.snapshot()?;
-        self.view.replace(Some(snapshot));
         // What operators' commands did while no Hub ran is audited now.
-        self.operator_log_seen = self.backend.meta(operator_log::AUDITED_UP_TO)?.unwrap_or(0);
-        self.publish_operator_log();
+        let seen = self.backend.meta(operator_log::AUDITED_UP_TO)?.unwrap_or(0);
+        let (snapshot, log) = self.backend.snapshot_and_log(seen)?;
+        self.view.replace(Some(snapshot));
+        self.operator_log_seen = seen;
+        self.publish_operator_log(log);
         self.count(before);
         Ok(())
     }
 
-    /// Hands the operators' log entries not handed yet to the watcher. A read that fails is
-    /// tried again at the next reload (or start): the mark has not moved.
-    fn publish_operator_log(&mut self) {
-        loop {
-            let entries = match self.backend.operator_log_after(self.operator_log_seen) {
-                Ok(entries) => entries,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the operators' log; its records wait for the next reload");
-                    return;
-                }
-            };
-            let Some(last) = entries.last().map(|e| e.id) else {
-                return;
-            };
+    /// Hands the operators' log entries read with the view to the watcher.
+    fn publish_operator_log(&mut self, entries: Vec<OperatorEntry>) {
+        if let Some(last) = entries.last().map(|e| e.id) {
             self.publish(entries.into_iter().map(Change::Operator).collect());
             self.operator_log_seen = last;
         }
@@ -533,13 +524,16 @@ impl Owner {
         if self.marker == Some(marker) && self.view.available() {
             return Ok(false);
         }
-        match self.backend.snapshot() {
-            Ok(snapshot) => {
+        // The view and the log in one read: a revocation's record and the closing of its
+        // Client's sessions come from the same commit, or neither does (a log that cannot be
+        // read fails the reload, closed, like a view that cannot be).
+        match self.backend.snapshot_and_log(self.operator_log_seen) {
+            Ok((snapshot, log)) => {
                 self.marker = Some(marker);
                 let changes = self.view.replace(Some(snapshot));
                 // The log first: the watcher audits an operator's revocation with whether it
                 // closed a live session, before the view's change closes it.
-                self.publish_operator_log();
+                self.publish_operator_log(log);
                 self.publish(changes);
                 // Another process may have queued a webhook with its revocation.
                 self.outbox.notify_one();

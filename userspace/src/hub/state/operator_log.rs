@@ -13,9 +13,6 @@ use super::{Db, StateError};
 /// The `meta` key holding the id of the last entry the Hub audited.
 pub const AUDITED_UP_TO: &str = "operator_log_audited";
 
-/// At most this many entries are read at once (the rest at the next look).
-const BATCH: i64 = 256;
-
 /// What an operator's command did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OperatorAction {
@@ -83,49 +80,56 @@ pub(super) fn log(
 }
 
 impl Db {
-    /// Entries after `after` (an id), oldest first, at most [`BATCH`].
+    /// Entries after `after` (an id), oldest first.
     pub fn operator_log_after(&self, after: i64) -> Result<Vec<OperatorEntry>, StateError> {
-        self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT id, at, client, kind, detail FROM operator_log WHERE id > ?1 ORDER BY id LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![after, BATCH], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                ))
-            })?;
-            let mut entries = Vec::new();
-            for row in rows {
-                let (id, at, client, kind, detail) = row?;
-                let detail: serde_json::Value =
-                    serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null);
-                let text = |key: &str| detail[key].as_str().map(str::to_owned);
-                let action = match kind.as_str() {
-                    "token_created" => OperatorAction::TokenCreated {
-                        id: text("id").unwrap_or_default(),
-                        expires_at: detail["expires_at"].as_i64().unwrap_or_default(),
-                        webhook: text("webhook"),
-                    },
-                    "revoked" => OperatorAction::Revoked {
-                        reason: text("reason").unwrap_or_default(),
-                        spiffe_id: text("spiffe_id"),
-                    },
-                    _ => OperatorAction::Other(kind),
-                };
-                entries.push(OperatorEntry {
-                    id,
-                    at,
-                    client,
-                    action,
-                });
-            }
-            Ok(entries)
-        })
+        self.with(|c| read_after(c, after))
     }
+}
+
+/// Entries after `after`, oldest first: all of them, as the Hub hands every one to its audit
+/// (one statement; the caller's transaction, if any, is what it agrees with).
+pub(super) fn read_after(
+    c: &rusqlite::Connection,
+    after: i64,
+) -> rusqlite::Result<Vec<OperatorEntry>> {
+    let mut stmt = c.prepare(
+        "SELECT id, at, client, kind, detail FROM operator_log WHERE id > ?1 ORDER BY id",
+    )?;
+    let rows = stmt.query_map(params![after], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, String>(4)?,
+        ))
+    })?;
+    let mut entries = Vec::new();
+    for row in rows {
+        let (id, at, client, kind, detail) = row?;
+        let detail: serde_json::Value =
+            serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null);
+        let text = |key: &str| detail[key].as_str().map(str::to_owned);
+        let action = match kind.as_str() {
+            "token_created" => OperatorAction::TokenCreated {
+                id: text("id").unwrap_or_default(),
+                expires_at: detail["expires_at"].as_i64().unwrap_or_default(),
+                webhook: text("webhook"),
+            },
+            "revoked" => OperatorAction::Revoked {
+                reason: text("reason").unwrap_or_default(),
+                spiffe_id: text("spiffe_id"),
+            },
+            _ => OperatorAction::Other(kind),
+        };
+        entries.push(OperatorEntry {
+            id,
+            at,
+            client,
+            action,
+        });
+    }
+    Ok(entries)
 }
 
 impl Db {

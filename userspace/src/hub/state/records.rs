@@ -4,7 +4,7 @@
 use ewii_common::spiffe::SpiffeId;
 use rusqlite::params;
 
-use super::{Db, StateError};
+use super::{operator_log, Db, OperatorEntry, StateError};
 use crate::identity::verify::SerialRefusal;
 
 /// One row of `ewii-hub clients`.
@@ -121,37 +121,26 @@ impl Db {
     pub fn snapshot(&self) -> Result<Snapshot, StateError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            let clients = tx
-                .prepare(
-                    "SELECT name, spiffe_id, revoked_at, revoke_reason, last_seen FROM clients",
-                )?
-                .query_map([], |r| {
-                    let revoked_at: Option<i64> = r.get(2)?;
-                    let reason: Option<String> = r.get(3)?;
-                    Ok(ClientRecord {
-                        name: r.get(0)?,
-                        spiffe_id: r.get(1)?,
-                        revoked: revoked_at.map(|_| reason.unwrap_or_default()),
-                        last_seen: r.get(4)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let serials = tx
-                .prepare(
-                    "SELECT serial, client, rowid, retired, first_used IS NOT NULL FROM serials",
-                )?
-                .query_map([], |r| {
-                    Ok(SerialRecord {
-                        serial: r.get(0)?,
-                        client: r.get(1)?,
-                        order: r.get(2)?,
-                        retired: r.get(3)?,
-                        used: r.get(4)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let snapshot = read_snapshot(&tx)?;
             tx.commit()?;
-            Ok(Snapshot { clients, serials })
+            Ok(snapshot)
+        })
+    }
+
+    /// The [`snapshot`](Self::snapshot) and the operators' log entries after `log_after`, in
+    /// one read transaction: a revocation an operator's command commits (with its entry) is in
+    /// both or in neither, so the Hub never closes a Client's sessions for a revocation whose
+    /// record it has not read, nor audits one its view does not hold yet.
+    pub fn snapshot_and_log(
+        &self,
+        log_after: i64,
+    ) -> Result<(Snapshot, Vec<OperatorEntry>), StateError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let snapshot = read_snapshot(&tx)?;
+            let log = operator_log::read_after(&tx, log_after)?;
+            tx.commit()?;
+            Ok((snapshot, log))
         })
     }
 
@@ -197,4 +186,34 @@ impl Db {
             Ok(rows)
         })
     }
+}
+
+/// Every client and serial (the caller's transaction makes the two agree).
+fn read_snapshot(c: &rusqlite::Connection) -> rusqlite::Result<Snapshot> {
+    let clients = c
+        .prepare("SELECT name, spiffe_id, revoked_at, revoke_reason, last_seen FROM clients")?
+        .query_map([], |r| {
+            let revoked_at: Option<i64> = r.get(2)?;
+            let reason: Option<String> = r.get(3)?;
+            Ok(ClientRecord {
+                name: r.get(0)?,
+                spiffe_id: r.get(1)?,
+                revoked: revoked_at.map(|_| reason.unwrap_or_default()),
+                last_seen: r.get(4)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let serials = c
+        .prepare("SELECT serial, client, rowid, retired, first_used IS NOT NULL FROM serials")?
+        .query_map([], |r| {
+            Ok(SerialRecord {
+                serial: r.get(0)?,
+                client: r.get(1)?,
+                order: r.get(2)?,
+                retired: r.get(3)?,
+                used: r.get(4)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Snapshot { clients, serials })
 }

@@ -15,6 +15,11 @@ pub trait Backend: Send + 'static {
     fn start(&self, now: i64) -> Result<(), StateError>;
     /// Every client and serial, for the view.
     fn snapshot(&self) -> Result<Snapshot, StateError>;
+    /// See [`Db::snapshot_and_log`].
+    fn snapshot_and_log(
+        &self,
+        log_after: i64,
+    ) -> Result<(Snapshot, Vec<OperatorEntry>), StateError>;
     /// A value that changes whenever another writer committed.
     fn change_marker(&self) -> Result<i64, StateError>;
     /// Statements run so far on the owner thread (for [`Counts`]).
@@ -62,8 +67,6 @@ pub trait Backend: Send + 'static {
         webhook: Option<&str>,
         now: i64,
     ) -> Result<(), StateError>;
-    /// See [`Db::operator_log_after`].
-    fn operator_log_after(&self, after: i64) -> Result<Vec<OperatorEntry>, StateError>;
     /// See [`Db::meta`].
     fn meta(&self, key: &str) -> Result<Option<i64>, StateError>;
     /// See [`Db::operator_log_audited`].
@@ -94,6 +97,12 @@ impl Backend for Db {
     }
     fn snapshot(&self) -> Result<Snapshot, StateError> {
         Db::snapshot(self)
+    }
+    fn snapshot_and_log(
+        &self,
+        log_after: i64,
+    ) -> Result<(Snapshot, Vec<OperatorEntry>), StateError> {
+        Db::snapshot_and_log(self, log_after)
     }
     fn change_marker(&self) -> Result<i64, StateError> {
         self.data_version()
@@ -154,9 +163,6 @@ impl Backend for Db {
         now: i64,
     ) -> Result<(), StateError> {
         Db::admit_federated(self, client, id, webhook, now)
-    }
-    fn operator_log_after(&self, after: i64) -> Result<Vec<OperatorEntry>, StateError> {
-        Db::operator_log_after(self, after)
     }
     fn meta(&self, key: &str) -> Result<Option<i64>, StateError> {
         Db::meta(self, key)

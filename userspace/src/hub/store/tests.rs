@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::hub::state::{OperatorAction, OperatorEntry};
 use crate::identity::verify::SerialCheck;
 
 fn grant(client: &str) -> TokenGrant {
@@ -247,4 +248,110 @@ async fn a_store_that_cannot_be_read_fails_closed() {
         store.may_renew("acme", &id("acme"), "0a", b"key").await,
         Err(RenewalRefusal::Serial(SerialRefusal::StoreUnavailable(_)))
     ));
+}
+
+/// Renames `table` in the database at `path` from another connection (as another process
+/// could break it, or a repair make it whole again).
+fn rename_table(path: &Path, from: &str, to: &str) {
+    let raw = rusqlite::Connection::open(path).unwrap();
+    raw.execute_batch(&format!("ALTER TABLE {from} RENAME TO {to}"))
+        .unwrap();
+}
+
+fn drain(changes: &mut mpsc::UnboundedReceiver<Change>) -> Vec<Change> {
+    std::iter::from_fn(|| changes.try_recv().ok())
+        .filter(|c| *c != Change::Seen)
+        .collect()
+}
+
+#[tokio::test]
+async fn p12_a_failed_reload_forgets_neither_the_live_sessions_nor_what_changed_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    let (store, mut changes) = Store::open(&path, 1).await.unwrap();
+    for (name, serial, session) in [("acme", "0a", 7), ("beta", "0b", 8)] {
+        store
+            .record_enrolment(grant(name), id(name), serial.into(), 1000, 1)
+            .await
+            .unwrap();
+        store
+            .session_up(name, row(session, serial, 2))
+            .await
+            .unwrap();
+    }
+    // Both are connected: however long ago they were last seen, neither is silent.
+    assert!(store.view().silent_since(1_000_000).is_empty());
+    // beta is revoked by other means than `ewii-hub revoke` (an older ewii-hub, SQL by hand):
+    // the view alone tells the Hub to close its sessions.
+    let other = Db::open(&path).unwrap();
+    assert!(other.revoke_client("beta", "by hand", 5, false).unwrap());
+    drain(&mut changes);
+    // The reload fails (the schema is broken) and the view refuses every check...
+    rename_table(&path, "serials", "gone");
+    assert!(store.refresh().await.is_err());
+    assert!(!store.view().available());
+    assert!(drain(&mut changes).is_empty());
+    // ...until it works again.
+    rename_table(&path, "gone", "serials");
+    assert!(store.refresh().await.unwrap());
+    assert_eq!(store.view().check(&id("acme"), "0a"), Ok(()));
+    assert_eq!(
+        drain(&mut changes),
+        vec![Change::Revoked {
+            client: "beta".into(),
+            reason: "by hand".into(),
+        }],
+        "the revocation committed while the view could not be read closes beta's sessions"
+    );
+    assert!(
+        store.view().silent_since(1_000_000).is_empty(),
+        "acme's session is still up: the silent-client grace must not revoke it"
+    );
+    // A session that ends while the view cannot be read is gone when it can again.
+    rename_table(&path, "serials", "gone");
+    assert!(store.refresh().await.is_err());
+    store.session_down("acme", 7, 6).await.unwrap();
+    rename_table(&path, "gone", "serials");
+    assert!(store.refresh().await.unwrap());
+    assert_eq!(
+        store.view().silent_since(1_000_000),
+        vec![("acme".to_string(), id("acme").to_string())]
+    );
+}
+
+#[tokio::test]
+async fn p11_p12_an_operators_revocation_closes_nothing_until_its_record_can_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    let (store, mut changes) = Store::open(&path, 1).await.unwrap();
+    store
+        .record_enrolment(grant("acme"), id("acme"), "0a".into(), 1000, 1)
+        .await
+        .unwrap();
+    store.session_up("acme", row(7, "0a", 2)).await.unwrap();
+    drain(&mut changes);
+    // `ewii-hub revoke` commits the revocation and its log entry; then the log cannot be read.
+    let other = Db::open(&path).unwrap();
+    assert!(other.revoke_by_operator("acme", "ended", 5).unwrap().0);
+    rename_table(&path, "operator_log", "gone");
+    assert!(
+        store.refresh().await.is_err(),
+        "the reload fails as a whole"
+    );
+    assert!(
+        drain(&mut changes).is_empty(),
+        "no session closed for a revocation whose record is not written"
+    );
+    assert!(!store.view().available(), "and the view fails closed");
+    rename_table(&path, "gone", "operator_log");
+    assert!(store.refresh().await.unwrap());
+    let after = drain(&mut changes);
+    assert!(
+        matches!(
+            &after[..],
+            [Change::Operator(OperatorEntry { action: OperatorAction::Revoked { reason, .. }, .. }), Change::Revoked { client, .. }]
+                if reason == "ended" && client == "acme"
+        ),
+        "the record first, then the closing: {after:?}"
+    );
 }

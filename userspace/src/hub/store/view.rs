@@ -42,11 +42,30 @@ pub(crate) enum Change {
 /// refuses: fail closed).
 #[derive(Debug, Default)]
 pub(crate) struct View {
-    state: RwLock<Option<ViewState>>,
+    state: RwLock<Loaded>,
     /// SPIFFE ID → client name of the federated Clients (`[[federation]]`, set at start; not
     /// in the database, so a reload keeps it). Their SVIDs come from the customer's SPIRE, so
     /// the Hub knows no serial of theirs: they stand or fall by the client's revocation.
     federated: RwLock<HashMap<String, String>>,
+}
+
+/// The view as last read, and whether the last read failed.
+#[derive(Debug, Default)]
+struct Loaded {
+    /// The last view read (`None` before the first). Kept, and kept up to date with the live
+    /// sessions, while reloads fail: the next read is compared with it (a revocation or
+    /// retirement committed meanwhile closes what it must), and the sessions that stayed up
+    /// are still known to be live (or the silent-client grace would take them for gone).
+    state: Option<ViewState>,
+    /// The last reload failed: every check refuses until one works.
+    failed: bool,
+}
+
+impl Loaded {
+    /// The view, when it may be believed.
+    fn current(&self) -> Option<&ViewState> {
+        self.state.as_ref().filter(|_| !self.failed)
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -77,7 +96,7 @@ impl View {
     /// Where `serial` stands for `id`; `None` when the view is unavailable.
     pub(crate) fn status(&self, id: &SpiffeId, serial: &str) -> Option<SerialStatus> {
         let guard = self.state.read().ok()?;
-        let state = guard.as_ref()?;
+        let state = guard.current()?;
         let federated = self.federated.read().ok()?.get(&id.to_string()).cloned();
         if let Some(name) = federated {
             let Some(client) = state.clients.get(&name) else {
@@ -120,7 +139,7 @@ impl View {
     /// The revocation reason of `client`, when it is revoked.
     pub(crate) fn revocation(&self, client: &str) -> Option<String> {
         let guard = self.state.read().ok()?;
-        guard.as_ref()?.clients.get(client)?.revoked.clone()
+        guard.current()?.clients.get(client)?.revoked.clone()
     }
 
     /// When (Unix seconds) the next client without a live session passes `grace_secs` of
@@ -128,7 +147,7 @@ impl View {
     pub(crate) fn next_silent_deadline(&self, grace_secs: i64) -> Option<i64> {
         let guard = self.state.read().ok()?;
         guard
-            .as_ref()?
+            .current()?
             .clients
             .values()
             .filter(|c| c.revoked.is_none() && c.live.is_empty())
@@ -143,7 +162,7 @@ impl View {
         let Ok(guard) = self.state.read() else {
             return Vec::new();
         };
-        let Some(state) = guard.as_ref() else {
+        let Some(state) = guard.current() else {
             return Vec::new();
         };
         let mut v: Vec<(String, String)> = state
@@ -159,20 +178,22 @@ impl View {
 
     /// Whether the view is loaded (false: every check refuses).
     pub(crate) fn available(&self) -> bool {
-        self.state.read().is_ok_and(|s| s.is_some())
+        self.state.read().is_ok_and(|s| s.current().is_some())
     }
 
     /// Replaces the whole view from `snapshot` (or marks it unavailable), keeping the live
-    /// sessions this process knows of, and returns what changed.
+    /// sessions this process knows of, and returns what changed since the last view read
+    /// (also when reads failed in between).
     pub(super) fn replace(&self, snapshot: Option<Snapshot>) -> Vec<Change> {
         let Ok(mut guard) = self.state.write() else {
             return Vec::new();
         };
         let Some(snapshot) = snapshot else {
-            *guard = None;
+            guard.failed = true;
             return Vec::new();
         };
-        let old = guard.take();
+        guard.failed = false;
+        let old = guard.state.take();
         let mut new = ViewState::default();
         for c in snapshot.clients {
             let live = old
@@ -232,7 +253,7 @@ impl View {
                 });
             }
         }
-        *guard = Some(new);
+        guard.state = Some(new);
         changes.push(Change::Seen);
         changes
     }
@@ -336,7 +357,7 @@ impl View {
     #[cfg(test)]
     pub(super) fn superseded(&self, client: &str, serial: &str) -> Option<bool> {
         let guard = self.state.read().ok()?;
-        let state = guard.as_ref()?;
+        let state = guard.current()?;
         let order = state.serials.get(serial)?.order;
         Some(
             state
@@ -346,9 +367,11 @@ impl View {
         )
     }
 
+    /// Applies a write this process made to the view, also to one a failed reload left
+    /// standing (a session that ends meanwhile is not live when reads work again).
     fn write(&self, f: impl FnOnce(&mut ViewState) -> Vec<Change>) -> Vec<Change> {
         match self.state.write() {
-            Ok(mut guard) => match guard.as_mut() {
+            Ok(mut guard) => match guard.state.as_mut() {
                 Some(state) => f(state),
                 None => Vec::new(),
             },
