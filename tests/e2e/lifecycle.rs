@@ -2180,6 +2180,32 @@ async fn stalled_session(hub: &TestHub, client: &TestClient, name: &str) -> (Raw
     (raw, not_after)
 }
 
+/// A Client's `Rotated` for a serial it was not issued ends its session, and the record quotes
+/// the serial as every peer text is quoted: bounded, with no character that could disguise the
+/// line where the customer reads it (a 60,000-character string of bidi overrides here).
+#[tokio::test]
+async fn p11_a_rotated_for_a_serial_not_issued_is_quoted_bounded_and_escaped() {
+    let hub = TestHub::start(&[]).await;
+    let acme = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&acme.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let mut raw = raw_session(&hub, &svid).await.expect("a session");
+    let serial = "\u{202e}".repeat(20_000);
+    transport::write_frame(&mut raw.send, &Control::Rotated { serial })
+        .await
+        .unwrap();
+    assert!(raw.closed_by_hub().await.is_some());
+    let lost = hub
+        .wait_audit("the session's end", |r| {
+            r.event == Event::SessionLost
+                && r.reason.as_deref().is_some_and(|x| x.contains("Rotated"))
+        })
+        .await;
+    let reason = lost.reason.unwrap();
+    // The first 512 characters of the Client's text, each override written out.
+    assert!(!reason.contains('\u{202e}'), "{reason}");
+    assert_eq!(reason.matches("\\u{202e}").count(), 512, "{reason}");
+}
+
 /// Sends `n` `Ping`s on `raw`'s control stream.
 async fn pings(raw: &mut RawSession, n: u64) {
     for time_us in 0..n {

@@ -263,38 +263,33 @@ impl Store {
                 "the hub store has stopped".into(),
             ))
         };
-        self.call(move |o| {
-            let unavailable = |e: StateError| SerialRefusal::StoreUnavailable(e.to_string());
-            o.backend
-                .serial_status(&id, &serial)
-                .map_err(unavailable)?
-                .refusal(&id, &serial)?;
-            if o.backend
-                .superseded(&client, &serial)
-                .map_err(unavailable)?
-            {
-                return Err(RenewalRefusal::Superseded(serial));
-            }
-            match o.backend.renewal_of(&serial).map_err(unavailable)? {
-                None => Ok(Renewal::Fresh),
-                Some(row) if row.key_sha256 == key => Ok(Renewal::Again(row)),
-                Some(row) => Err(RenewalRefusal::AlreadyRenewed {
-                    serial,
-                    to: row.serial,
-                }),
-            }
-        })
-        .await
-        .unwrap_or_else(|_| Err(closed()))
+        self.call(move |o| o.renewal(&client, &id, &serial, &key))
+            .await
+            .unwrap_or_else(|_| Err(closed()))
     }
 
-    /// Records a serial issued by renewal.
-    pub(crate) async fn record_renewal(&self, row: RenewalRow, now: i64) -> Result<(), StoreError> {
+    /// Records a serial issued by renewal of `row.from` for `id`, if that renewal is still
+    /// permitted: decided again in the same job as the write, since another renewal of the
+    /// serial (a copy of its key, asking at the same moment) or a re-enrolment may have been
+    /// recorded after [`may_renew`](Self::may_renew) answered. `Ok(Ok(Fresh))`: recorded;
+    /// `Ok(Ok(Again(row)))`: the same key's renewal recorded meanwhile (answer that one, and
+    /// drop the new signature); `Ok(Err(_))`: refused now, nothing recorded.
+    pub(crate) async fn record_renewal(
+        &self,
+        row: RenewalRow,
+        id: &SpiffeId,
+        now: i64,
+    ) -> Result<Result<Renewal, RenewalRefusal>, StoreError> {
+        let id = id.clone();
         self.call(move |o| {
+            match o.renewal(&row.client, &id, &row.from, &row.key_sha256) {
+                Ok(Renewal::Fresh) => {}
+                decided => return Ok(decided),
+            }
             o.backend.record_renewal(&row, now)?;
             let changes = o.view.apply_renewal(&row.client, &row.serial);
             o.publish(changes);
-            Ok(())
+            Ok(Ok(Renewal::Fresh))
         })
         .await?
     }
@@ -470,6 +465,37 @@ impl Store {
 }
 
 impl Owner {
+    /// Whether `serial` of `client` (`id`) renews for the key hashed `key`: see
+    /// [`Store::may_renew`].
+    fn renewal(
+        &self,
+        client: &str,
+        id: &SpiffeId,
+        serial: &str,
+        key: &[u8],
+    ) -> Result<Renewal, RenewalRefusal> {
+        let unavailable = |e: StateError| SerialRefusal::StoreUnavailable(e.to_string());
+        self.backend
+            .serial_status(id, serial)
+            .map_err(unavailable)?
+            .refusal(id, serial)?;
+        if self
+            .backend
+            .superseded(client, serial)
+            .map_err(unavailable)?
+        {
+            return Err(RenewalRefusal::Superseded(serial.to_owned()));
+        }
+        match self.backend.renewal_of(serial).map_err(unavailable)? {
+            None => Ok(Renewal::Fresh),
+            Some(row) if row.key_sha256 == key => Ok(Renewal::Again(row)),
+            Some(row) => Err(RenewalRefusal::AlreadyRenewed {
+                serial: serial.to_owned(),
+                to: row.serial,
+            }),
+        }
+    }
+
     fn begin(&mut self, now: i64) -> Result<(), StateError> {
         let before = self.backend.statements();
         self.backend.start(now)?;

@@ -256,12 +256,18 @@ impl Session {
                     der: issued.der.to_vec(),
                     not_after: issued.not_after,
                 };
-                parts
+                // Decided again with the write: a copy of this serial's key asking at the
+                // same moment, or a re-enrolment, may have been recorded since.
+                match parts
                     .store
-                    .record_renewal(row.clone(), now)
+                    .record_renewal(row.clone(), &self.leaf.id, now)
                     .await
-                    .map_err(|e| e.to_string())?;
-                Ok((row, false))
+                {
+                    Ok(Ok(Renewal::Fresh)) => Ok((row, false)),
+                    Ok(Ok(Renewal::Again(recorded))) => Ok((recorded, true)),
+                    Ok(Err(refusal)) => Err(refusal.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
             }
         }
     }
@@ -273,8 +279,10 @@ impl Session {
     pub(super) async fn rotated(&mut self, serial: String) -> Option<String> {
         let Some((leaf, cert)) = self.pending.take().filter(|(l, _)| l.serial == serial) else {
             self.conn.close(codes::PROTOCOL, b"");
+            // The Client's words: bounded and escaped, as every peer text in a record.
             return Some(SessionEnd::Protocol.reason(&format!(
-                "Rotated for serial {serial}, which this session was not issued"
+                "Rotated for serial {}, which this session was not issued",
+                ewii_common::text::from_peer(serial.as_bytes())
             )));
         };
         self.rebind(leaf, vec![cert], "renewed by this Hub").await;

@@ -75,7 +75,13 @@ async fn the_view_follows_the_owners_writes_and_reports_retirements() {
         Ok(Renewal::Fresh)
     );
     let renewal = acme_renewal();
-    store.record_renewal(renewal.clone(), 2).await.unwrap();
+    assert_eq!(
+        store
+            .record_renewal(renewal.clone(), &acme, 2)
+            .await
+            .unwrap(),
+        Ok(Renewal::Fresh)
+    );
     // A serial renews once: the same key asking again gets the same certificate; another key
     // is refused.
     assert_eq!(
@@ -163,7 +169,13 @@ async fn p8_a_session_with_another_clients_serial_marks_nothing_of_that_client()
         .record_enrolment(grant("acme"), acme.clone(), "0a".into(), 1000, 1)
         .await
         .unwrap();
-    store.record_renewal(acme_renewal(), 2).await.unwrap();
+    assert_eq!(
+        store
+            .record_renewal(acme_renewal(), &acme, 2)
+            .await
+            .unwrap(),
+        Ok(Renewal::Fresh)
+    );
     store
         .record_enrolment(grant("other"), id("other"), "0c".into(), 1000, 3)
         .await
@@ -247,6 +259,90 @@ async fn a_store_that_cannot_be_read_fails_closed() {
     assert!(matches!(
         store.may_renew("acme", &id("acme"), "0a", b"key").await,
         Err(RenewalRefusal::Serial(SerialRefusal::StoreUnavailable(_)))
+    ));
+}
+
+#[tokio::test]
+async fn p8_a_serial_renews_once_also_when_two_keys_ask_at_the_same_moment() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _changes) = Store::open(&dir.path().join("hub.db"), 1).await.unwrap();
+    let acme = id("acme");
+    store
+        .record_enrolment(grant("acme"), acme.clone(), "0a".into(), 1000, 1)
+        .await
+        .unwrap();
+    // The Client and a copy of its key ask at once: both are told "sign" before either's
+    // certificate is recorded.
+    for key in [&b"key-1"[..], b"key-2"] {
+        assert_eq!(
+            store.may_renew("acme", &acme, "0a", key).await,
+            Ok(Renewal::Fresh)
+        );
+    }
+    let first = acme_renewal();
+    let copy = RenewalRow {
+        serial: "0c".into(),
+        key_sha256: b"key-2".to_vec(),
+        der: b"cert-0c".to_vec(),
+        ..acme_renewal()
+    };
+    assert_eq!(
+        store.record_renewal(first.clone(), &acme, 2).await.unwrap(),
+        Ok(Renewal::Fresh)
+    );
+    // The second signature is refused when it is recorded, with the alarm of a copied key,
+    // and nothing is recorded for it.
+    assert_eq!(
+        store.record_renewal(copy, &acme, 2).await.unwrap(),
+        Err(RenewalRefusal::AlreadyRenewed {
+            serial: "0a".into(),
+            to: "0b".into()
+        })
+    );
+    assert!(matches!(
+        store.view().check(&acme, "0c"),
+        Err(SerialRefusal::Unknown { .. })
+    ));
+    // The same key racing itself (its answer lost, asked again at once) gets the one
+    // recorded certificate.
+    let again = RenewalRow {
+        serial: "0d".into(),
+        der: b"cert-0d".to_vec(),
+        ..acme_renewal()
+    };
+    assert_eq!(
+        store.record_renewal(again, &acme, 2).await.unwrap(),
+        Ok(Renewal::Again(first))
+    );
+    // A re-enrolment recorded after the answer to sign retires the serial: its renewal is
+    // not recorded beside the new key.
+    store
+        .record_enrolment(grant("beta"), id("beta"), "1a".into(), 1000, 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.may_renew("beta", &id("beta"), "1a", b"key-3").await,
+        Ok(Renewal::Fresh)
+    );
+    store
+        .record_enrolment(grant("beta"), id("beta"), "1b".into(), 1000, 4)
+        .await
+        .unwrap();
+    let late = RenewalRow {
+        client: "beta".into(),
+        from: "1a".into(),
+        serial: "1c".into(),
+        key_sha256: b"key-3".to_vec(),
+        der: b"cert-1c".to_vec(),
+        not_after: 1000,
+    };
+    assert!(matches!(
+        store.record_renewal(late, &id("beta"), 5).await.unwrap(),
+        Err(RenewalRefusal::Serial(SerialRefusal::Retired { .. }))
+    ));
+    assert!(matches!(
+        store.view().check(&id("beta"), "1c"),
+        Err(SerialRefusal::Unknown { .. })
     ));
 }
 
