@@ -2,6 +2,7 @@
 //! grants only the recorded identity, stop-to-revoke, silent loss and its grace, central
 //! revoke, and signed webhooks.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -243,7 +244,7 @@ async fn p7_a_renewal_csr_asking_for_more_gets_exactly_the_recorded_identity() {
 }
 
 /// The Client's last status in `dir` is `state`, and its `last_error` says `words`.
-fn last_status_says(dir: &std::path::Path, state: State, words: &str) {
+fn last_status_says(dir: &Path, state: State, words: &str) {
     let status = Status::read(dir).unwrap();
     assert_eq!(status.state, state);
     assert!(
@@ -634,25 +635,8 @@ async fn p9_a_client_stopped_and_revoked_comes_back_with_a_new_token_in_its_envi
     );
     let before = store::read_certs(&dir.join(store::SVID_CERT)).unwrap();
 
-    let toml = client.dir.path().join("client.toml");
-    std::fs::write(
-        &toml,
-        format!(
-            "hub = \"{}\"\nstate_dir = {:?}\naudit = \"discard\"\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:9\"\n",
-            hub.addr, dir
-        ),
-    )
-    .unwrap();
-    let run = |token: &str| {
-        Command::new(bin_path("ewii-client"))
-            .args(["run", "--config", toml.to_str().unwrap()])
-            .env("EWII_TOKEN", token)
-            .env("EWII_BUNDLE_HASH", token_hash(&hub))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let toml = run_config(&hub, &client);
+    let run = |token: &str| run_with_token(&hub, &toml, token);
     // A token that is not (or no longer) good: refused, still revoked, nothing served.
     let (code, err) = exit_of(run("ewii_not-a-token")).await;
     assert_eq!(code, Some(3), "{err}");
@@ -704,6 +688,63 @@ async fn p9_a_client_stopped_and_revoked_comes_back_with_a_new_token_in_its_envi
         err.contains("this Client is revoked (revoked at its stop"),
         "{err}"
     );
+}
+
+/// The customer asks for a new token first, then stops the old container (`on_stop =
+/// "revoke"`) and starts its replacement with the token: the stop's revocation is the
+/// customer's, and leaves the operator's unused token good (an operator's revocation deletes
+/// them: `p10_a_revocation_by_the_operator_or_the_hub_deletes_unused_tokens_…`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p9_a_token_given_before_the_stop_brings_the_replacement_back() {
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    client.config.on_stop = OnStop::Revoke;
+    client.start();
+    hub.wait_connected("acme").await;
+    let token = hub.token("acme", Duration::from_secs(600));
+    assert_eq!(client.stop().await, Exit::Stopped);
+    let dir = client.state_dir();
+    assert!(dir.join(REVOKED_MARKER).exists(), "revoked at its stop");
+    let db = ewii::hub::state::Db::open(&hub.state_dir().join(admin::DB_FILE)).unwrap();
+    assert_eq!(
+        db.tokens().unwrap().len(),
+        1,
+        "the new token is still there"
+    );
+    let toml = run_config(&hub, &client);
+    let mut child = crate::process::Proc(run_with_token(&hub, &toml, &token.token));
+    hub.wait_connected("acme").await;
+    assert!(!dir.join(REVOKED_MARKER).exists());
+    assert_eq!(child.terminate().code(), Some(0));
+}
+
+/// A `client.toml` for `ewii-client run` on `client`'s state directory (allow-list entry `db`,
+/// audit discarded).
+fn run_config(hub: &TestHub, client: &TestClient) -> PathBuf {
+    let toml = client.dir.path().join("client.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "hub = \"{}\"\nstate_dir = {:?}\naudit = \"discard\"\n[[allow]]\nname = \"db\"\naddress = \"127.0.0.1:9\"\n",
+            hub.addr,
+            client.state_dir()
+        ),
+    )
+    .unwrap();
+    toml
+}
+
+/// `ewii-client run --config toml` with `token` and `hub`'s bundle hash in its environment
+/// (stderr piped).
+fn run_with_token(hub: &TestHub, toml: &Path, token: &str) -> std::process::Child {
+    Command::new(bin_path("ewii-client"))
+        .args(["run", "--config", toml.to_str().unwrap()])
+        .env("EWII_TOKEN", token)
+        .env("EWII_BUNDLE_HASH", token_hash(hub))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// The exit status and stderr of `child`, which must end within [`SOON`].
@@ -1082,7 +1123,7 @@ async fn p10_webhook_arrives_exactly_once_across_failures_and_a_hub_restart_and_
     // The customer's verifier, as shipped.
     let body_file = hub.dir.path().join("body.json");
     std::fs::write(&body_file, &ok.body).unwrap();
-    let verify_with = |file: &std::path::Path, extra: &[&str]| {
+    let verify_with = |file: &Path, extra: &[&str]| {
         Command::new(bin_path("ewii-client"))
             .args([
                 "verify-webhook",
@@ -1098,7 +1139,7 @@ async fn p10_webhook_arrives_exactly_once_across_failures_and_a_hub_restart_and_
             .output()
             .unwrap()
     };
-    let verify = |file: &std::path::Path| verify_with(file, &[]);
+    let verify = |file: &Path| verify_with(file, &[]);
     assert_eq!(verify(&body_file).status.code(), Some(0));
     // With a file of verified ids, the same delivery verifies once: its retry (or a replay)
     // is reported as a duplicate (exit 6).
@@ -2449,7 +2490,7 @@ async fn hub_renewing_after(percent: u8, lifetime_secs: u64) -> TestHub {
 
 /// Waits until the Hub re-bound the session of serial `serial` to its renewal; the SVID then
 /// in `dir`.
-async fn rebound_from(hub: &TestHub, dir: &std::path::Path, serial: &str) -> Svid {
+async fn rebound_from(hub: &TestHub, dir: &Path, serial: &str) -> Svid {
     let rebound = format!("session re-bound from serial {serial}");
     hub.wait_audit("the session re-bound", says(Event::SvidRotated, &rebound))
         .await;
@@ -2457,7 +2498,7 @@ async fn rebound_from(hub: &TestHub, dir: &std::path::Path, serial: &str) -> Svi
 }
 
 /// Client `acme` enrolled with `hub`, not started: its state directory, SVID and serial.
-async fn enrolled_acme(hub: &TestHub) -> (TestClient, std::path::PathBuf, Svid, String) {
+async fn enrolled_acme(hub: &TestHub) -> (TestClient, PathBuf, Svid, String) {
     let client = TestClient::enrol(hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
     let dir = client.state_dir();
     let svid = Svid::load(&dir, store::SVID_CERT, store::SVID_KEY).unwrap();

@@ -11,6 +11,7 @@ use ewii_common::frame::Control;
 use ewii_common::spiffe::SpiffeId;
 use tokio::sync::mpsc;
 
+use super::state::Revoker;
 use super::store::Store;
 use crate::audit::Audit;
 use crate::transport::codes;
@@ -401,10 +402,14 @@ pub(crate) async fn revoke(
     id: &SpiffeId,
     session_id: Option<u64>,
     reason: &str,
-    notify: bool,
+    by: Revoker,
 ) -> bool {
     let now = crate::now_timestamp().unix_secs() as i64;
-    match store.revoke(client, reason, now, notify).await {
+    let notify = match by {
+        Revoker::Hub => true,
+        Revoker::Customer { notify } => notify,
+    };
+    match store.revoke(client, reason, now, notify, by).await {
         Ok(true) => {
             let mut r = audit.record(Event::Revoked);
             r.client = Some(id.to_string());

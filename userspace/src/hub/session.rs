@@ -24,7 +24,7 @@ use tokio::time::Instant;
 mod renewal;
 
 use super::registry::{self, Command, Registry, Route};
-use super::state::{SerialStatus, SessionRow};
+use super::state::{Revoker, SerialStatus, SessionRow};
 use super::store::Store;
 use super::trust::Trust;
 use crate::audit::{Audit, Source};
@@ -536,7 +536,9 @@ impl Session {
                         &self.leaf.id,
                         Some(self.id),
                         "stopped by the customer",
-                        self.parts.notify_on_stop,
+                        Revoker::Customer {
+                            notify: self.parts.notify_on_stop,
+                        },
                     )
                     .await;
                     if !recorded {

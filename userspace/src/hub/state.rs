@@ -29,6 +29,20 @@ use sha2::{Digest, Sha256};
 use crate::identity::verify::{SerialCheck, SerialRefusal};
 
 pub use operator_log::{OperatorAction, OperatorEntry};
+
+/// Whose revocation it is, for what it does beside revoking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revoker {
+    /// An operator's or the Hub's own (the silent-client grace): the client's unused join
+    /// tokens are deleted with it.
+    Hub,
+    /// The Client's, at its stop (`Goodbye{revoke}`): its unused tokens stay. `notify`: the
+    /// customer's webhook is told (`[webhooks] notify_on_stop`).
+    Customer {
+        /// Whether the webhook is sent.
+        notify: bool,
+    },
+}
 pub use outbox::PendingWebhook;
 pub use records::{ClientRecord, ClientRow, SerialRecord, SerialStatus, SessionRow, Snapshot};
 pub use tokens::{token_id_of, TokenRow, TokenSelector};
@@ -416,9 +430,10 @@ impl Db {
         })
     }
 
-    /// Marks `client` revoked and, when it registered a webhook and `notify` is set, queues
-    /// one `client.revoked` delivery — in the same transaction, so a revocation never loses
-    /// its notice. Returns false when there is no such client or it was revoked already.
+    /// Marks `client` revoked by the Hub and, when it registered a webhook and `notify` is
+    /// set, queues one `client.revoked` delivery — in the same transaction, so a revocation
+    /// never loses its notice. Returns false when there is no such client or it was revoked
+    /// already.
     pub fn revoke_client(
         &self,
         client: &str,
@@ -426,20 +441,22 @@ impl Db {
         now: i64,
         notify: bool,
     ) -> Result<bool, StateError> {
-        self.revoke_client_noting(client, reason, now, notify)
+        self.revoke_client_noting(client, reason, now, notify, Revoker::Hub)
             .map(|(revoked, _)| revoked)
     }
 
-    /// [`revoke_client`](Self::revoke_client), also returning the webhook URL the notice was
-    /// queued for, as read in the same transaction (`None`: no notice, or none to send).
+    /// [`revoke_client`](Self::revoke_client) by `by`, also returning the webhook URL the
+    /// notice was queued for, as read in the same transaction (`None`: no notice, or none to
+    /// send).
     pub fn revoke_client_noting(
         &self,
         client: &str,
         reason: &str,
         now: i64,
         notify: bool,
+        by: Revoker,
     ) -> Result<(bool, Option<String>), StateError> {
-        self.revoke_in_transaction(client, reason, now, notify, false)
+        self.revoke_in_transaction(client, reason, now, notify, false, by)
     }
 
     /// `ewii-hub revoke`: [`revoke_client_noting`](Self::revoke_client_noting) with a notice,
@@ -450,7 +467,7 @@ impl Db {
         reason: &str,
         now: i64,
     ) -> Result<(bool, Option<String>), StateError> {
-        self.revoke_in_transaction(client, reason, now, true, true)
+        self.revoke_in_transaction(client, reason, now, true, true, Revoker::Hub)
     }
 
     fn revoke_in_transaction(
@@ -460,6 +477,7 @@ impl Db {
         now: i64,
         notify: bool,
         logged: bool,
+        by: Revoker,
     ) -> Result<(bool, Option<String>), StateError> {
         self.with(|c| {
             let tx = c.transaction()?;
@@ -473,8 +491,13 @@ impl Db {
                 "UPDATE clients SET revocations = revocations + 1 WHERE name = ?1",
                 params![client],
             )?;
-            // An unused token for this client must not quietly undo the revocation.
-            tx.execute("DELETE FROM tokens WHERE client = ?1", params![client])?;
+            // An unused token for this client must not quietly undo an operator's or the
+            // Hub's revocation. A Client's own stop is the customer's: a token the operator
+            // gave for the container that replaces it stays good (it was good before the stop,
+            // and a revoked client is enrolled again only with a token the operator created).
+            if by == Revoker::Hub {
+                tx.execute("DELETE FROM tokens WHERE client = ?1", params![client])?;
+            }
             let queued = if n > 0 && notify {
                 outbox::queue_revocation(&tx, client, reason, now)?
             } else {

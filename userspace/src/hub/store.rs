@@ -28,7 +28,7 @@ use ewii_common::spiffe::SpiffeId;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::state::{
-    operator_log, Db, OperatorEntry, PendingWebhook, RenewalRow, SessionRow, StateError,
+    operator_log, Db, OperatorEntry, PendingWebhook, RenewalRow, Revoker, SessionRow, StateError,
     TokenGrant, TokenRefusal,
 };
 use crate::identity::verify::SerialRefusal;
@@ -294,17 +294,19 @@ impl Store {
         .await?
     }
 
-    /// Revokes `client`; false when there is no such client or it was revoked already.
+    /// Revokes `client` (by `by`); false when there is no such client or it was revoked
+    /// already.
     pub(crate) async fn revoke(
         &self,
         client: &str,
         reason: &str,
         now: i64,
         notify: bool,
+        by: Revoker,
     ) -> Result<bool, StoreError> {
         let (client, reason) = (client.to_owned(), reason.to_owned());
         self.call(move |o| {
-            let changed = o.backend.revoke_client(&client, &reason, now, notify)?;
+            let changed = o.backend.revoke_client(&client, &reason, now, notify, by)?;
             if changed {
                 let changes = o.view.apply_revocation(&client, &reason);
                 o.publish(changes);

@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::registry::{self, Registry};
-use super::state::{OperatorAction, OperatorEntry};
+use super::state::{OperatorAction, OperatorEntry, Revoker};
 use super::store::{Change, Store};
 use super::trust::Trust;
 use crate::audit::Audit;
@@ -246,6 +246,7 @@ async fn revoke_silent(parts: &Parts) {
             "no session for {} s (revoke_after_lost_secs)",
             grace.as_secs()
         );
-        registry::revoke(&parts.store, &parts.audit, &name, &id, None, &reason, true).await;
+        let by = Revoker::Hub;
+        registry::revoke(&parts.store, &parts.audit, &name, &id, None, &reason, by).await;
     }
 }

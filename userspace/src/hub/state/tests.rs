@@ -367,3 +367,46 @@ fn the_operators_commands_are_logged_in_their_transaction_and_read_in_order() {
     );
     assert_eq!(db.operator_log_after(0).unwrap(), entries[1..].to_vec());
 }
+
+#[test]
+fn p10_a_revocation_by_the_operator_or_the_hub_deletes_unused_tokens_and_a_stop_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("hub.db")).unwrap();
+    let grant = |client: &str| TokenGrant {
+        client: client.into(),
+        webhook: None,
+        revocations: 0,
+    };
+    for name in ["acme", "beta", "gamma"] {
+        let id = SpiffeId::client("example.org", name).unwrap();
+        db.record_enrolment(&grant(name), &id, &format!("{name}-0"), 1000, 1)
+            .unwrap();
+        db.add_token(&format!("{name}-next"), name, 100, None, 2)
+            .unwrap();
+    }
+    let unused = |name: &str| {
+        db.tokens()
+            .unwrap()
+            .iter()
+            .filter(|t| t.client == name)
+            .count()
+    };
+    // The customer's stop: the token the operator gave for the replacement stays.
+    let stop = Revoker::Customer { notify: true };
+    assert!(
+        db.revoke_client_noting("acme", "stopped", 3, true, stop)
+            .unwrap()
+            .0
+    );
+    assert_eq!(unused("acme"), 1);
+    // The Hub's own (the silent-client grace) and an operator's: none left to undo them.
+    assert!(db.revoke_client("beta", "silent", 3, true).unwrap());
+    assert_eq!(unused("beta"), 0);
+    assert!(db.revoke_by_operator("gamma", "ended", 3).unwrap().0);
+    assert_eq!(unused("gamma"), 0);
+    // The kept token enrols the stopped client again.
+    assert_eq!(
+        db.redeem_token("acme-next", 4).unwrap().unwrap().client,
+        "acme"
+    );
+}

@@ -3,8 +3,8 @@
 use ewii_common::spiffe::SpiffeId;
 
 use crate::hub::state::{
-    self, Db, OperatorEntry, PendingWebhook, RenewalRow, SerialStatus, SessionRow, Snapshot,
-    StateError, TokenGrant, TokenRefusal,
+    self, Db, OperatorEntry, PendingWebhook, RenewalRow, Revoker, SerialStatus, SessionRow,
+    Snapshot, StateError, TokenGrant, TokenRefusal,
 };
 
 /// What the owner needs from a database. See the module doc: this is the seam for another
@@ -47,13 +47,14 @@ pub trait Backend: Send + 'static {
     fn serial_status(&self, id: &SpiffeId, serial: &str) -> Result<SerialStatus, StateError>;
     /// See [`Db::superseded`].
     fn superseded(&self, client: &str, serial: &str) -> Result<bool, StateError>;
-    /// See [`Db::revoke_client`].
+    /// See [`Db::revoke_client_noting`].
     fn revoke_client(
         &self,
         client: &str,
         reason: &str,
         now: i64,
         notify: bool,
+        by: Revoker,
     ) -> Result<bool, StateError>;
     /// See [`Db::session_up`] and [`Db::retire_older_serials`].
     fn session_up(&self, client: &str, row: &SessionRow) -> Result<(), StateError>;
@@ -145,8 +146,9 @@ impl Backend for Db {
         reason: &str,
         now: i64,
         notify: bool,
+        by: Revoker,
     ) -> Result<bool, StateError> {
-        Db::revoke_client(self, client, reason, now, notify)
+        Db::revoke_client_noting(self, client, reason, now, notify, by).map(|(revoked, _)| revoked)
     }
     fn session_up(&self, client: &str, row: &SessionRow) -> Result<(), StateError> {
         Db::session_up(self, client, row)?;

@@ -127,7 +127,10 @@ async fn the_view_follows_the_owners_writes_and_reports_retirements() {
         vec![("acme".to_string(), acme.to_string())]
     );
     // This Hub's own revocation: reported at once, checked from memory.
-    assert!(store.revoke("acme", "test", 11, false).await.unwrap());
+    assert!(store
+        .revoke("acme", "test", 11, false, Revoker::Hub)
+        .await
+        .unwrap());
     loop {
         match next_change(&mut changes).await {
             Change::Seen => continue,
