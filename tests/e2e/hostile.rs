@@ -484,6 +484,41 @@ async fn p11_a_hub_that_stops_reading_the_control_stream_still_gets_the_session_
     drop(conn);
 }
 
+/// A Hub that grants one byte of room per stream and reads nothing past the `Hello` asks for a
+/// name outside the allow-list: the Client's `Refused` cannot be written whole, and the
+/// refusal is on record all the same, as `refused`, within a second of waiting for room. A
+/// probe of the allow-list must never hide in a record written only when the session ends (or
+/// never, if the Client is killed first), nor pass for a `failed` query (P11).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p11_a_refusal_the_hub_leaves_no_room_for_is_on_record_at_once() {
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let (addr, mut conns) = hostile_hub_granting(&hub, Some(1)).await;
+    client.config.hub = addr.to_string().parse().unwrap();
+    client.start();
+    let (conn, _control, _send) = tokio::time::timeout(SOON, conns.recv())
+        .await
+        .expect("the Client's connection in time")
+        .expect("welcomed");
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&open("metadata")).await.unwrap();
+    let refused = client
+        .wait_audit("the refusal's record", |r| {
+            r.event == Event::Query && r.destination.as_ref().is_some_and(|d| d.name == "metadata")
+        })
+        .await;
+    assert_eq!(refused.outcome, Some(Outcome::Refused), "{refused:?}");
+    assert!(
+        refused
+            .reason
+            .as_deref()
+            .is_some_and(|x| x.contains("not in the allow-list")),
+        "{refused:?}"
+    );
+    assert_eq!(client.stop().await, ewii::client::Exit::Stopped);
+    drop(conn);
+}
+
 /// The Hub's `/metrics`: connections that send no request (16 of them, as many as it
 /// answers at once, renewed by a stranger before each times out) cannot keep Prometheus out.
 /// A new connection displaces the oldest one still waiting for its request; the others stay

@@ -718,6 +718,27 @@ async fn p9_a_token_given_before_the_stop_brings_the_replacement_back() {
     assert_eq!(child.terminate().code(), Some(0));
 }
 
+/// A `bundle.pem` changed on disk to hold a leaf beside the CA (here the Client's own SVID,
+/// whose key it holds): that key's holder could stand as the Hub. The Client refuses to start
+/// on it and says why, as it refuses such a bundle from the Hub or from SPIRE (P15).
+#[tokio::test]
+async fn p15_a_bundle_changed_on_disk_to_hold_a_leaf_is_refused_at_start() {
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let dir = client.state_dir();
+    let mut bundle = std::fs::read(dir.join(store::BUNDLE)).unwrap();
+    bundle.extend(std::fs::read(dir.join(store::SVID_CERT)).unwrap());
+    std::fs::write(dir.join(store::BUNDLE), bundle).unwrap();
+    let err = client.run_once(SOON).await.unwrap_err();
+    assert!(matches!(err, ClientError::BadBundle { .. }), "{err}");
+    assert!(
+        err.to_string().contains("1 of 2 trust anchors usable")
+            && err.to_string().contains("only CA certificates"),
+        "{err}"
+    );
+    assert!(hub.handle().connected_clients().is_empty());
+}
+
 /// A `client.toml` for `ewii-client run` on `client`'s state directory (allow-list entry `db`,
 /// audit discarded).
 fn run_config(hub: &TestHub, client: &TestClient) -> PathBuf {

@@ -897,7 +897,9 @@ pub(crate) const REVOKED_AT_STOP: &str =
 
 async fn write_marker(path: PathBuf, reason: String) -> Result<(), String> {
     let written = tokio::task::spawn_blocking(move || {
-        store::write_file(&path, reason.as_bytes(), 0o644).map_err(|e| e.to_string())
+        // Durable: a marker lost to a power cut would forget a revoke still to deliver, or let
+        // a revoked Client dial its Hub again at every start.
+        store::write_durable(&path, reason.as_bytes(), 0o644).map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| e.to_string())

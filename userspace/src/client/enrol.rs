@@ -194,9 +194,10 @@ async fn enrol_audited(
             state_dir.join(super::state_dir::SPENT_TOKEN),
             token_digest(token),
         );
-        let kept =
-            tokio::task::spawn_blocking(move || store::write_file(&path, digest.as_bytes(), 0o600))
-                .await;
+        let kept = tokio::task::spawn_blocking(move || {
+            store::write_durable(&path, digest.as_bytes(), 0o600)
+        })
+        .await;
         if !matches!(kept, Ok(Ok(()))) {
             tracing::warn!("cannot note the spent token in the state directory: a later start may send it again");
         }

@@ -75,6 +75,21 @@ pub enum ClientError {
         /// What failed.
         source: IdentityError,
     },
+    /// The state directory's trust bundle holds a certificate that may not stand as a trust
+    /// anchor (a leaf, a certificate that is not a CA's): its key's holder could stand as the
+    /// Hub. Bundles from the Hub and from SPIRE are checked so before they are kept; this one
+    /// was changed on disk.
+    #[error(
+        "state directory {dir}: {bundle}: {source}; only CA certificates may stand as the Hub's trust anchors (a leaf's key holder could pose as the Hub): restore the file, or enrol again with `ewii-client enroll --replace` and a new token"
+    )]
+    BadBundle {
+        /// The state directory.
+        dir: PathBuf,
+        /// The bundle file's name.
+        bundle: &'static str,
+        /// What is wrong with it.
+        source: IssueError,
+    },
     /// The Hub revoked this Client earlier (the marker file exists).
     #[error("{}; it will not connect again", revoked_earlier(.0))]
     RevokedEarlier(String),
@@ -298,6 +313,11 @@ fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
         })?;
     let leaf = inspect_leaf(&svid.chain[0]).map_err(not_enrolled)?;
     let anchors = store::read_certs(&dir.join(store::BUNDLE)).map_err(not_enrolled)?;
+    rotation::check_anchors(&anchors).map_err(|source| ClientError::BadBundle {
+        dir: dir.to_owned(),
+        bundle: store::BUNDLE,
+        source,
+    })?;
     Ok((
         rotation::Identity { svid, leaf },
         anchors,

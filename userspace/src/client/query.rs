@@ -143,9 +143,7 @@ pub(crate) async fn serve(
     // anything, rather than lose a record or grow without bound. Counted, and summed up in
     // one `audit_backlog` record once the sink catches up.
     if !ctx.audit.admit_query() {
-        let code = RefuseCode::Busy;
-        let _ = transport::write_frame(&mut send, &QueryHead::Refused { code }).await;
-        let _ = send.finish();
+        refuse(&mut send, RefuseCode::Busy).await;
         return;
     }
     // Written when the query ends, or — if the task is dropped first (its session ended and
@@ -166,14 +164,13 @@ pub(crate) async fn serve(
     let dialed = match taking.queries() {
         true => ctx.dialer.dial(&destination).await,
         false => {
-            let code = RefuseCode::ShuttingDown;
-            let _ = transport::write_frame(&mut send, &QueryHead::Refused { code }).await;
-            let _ = send.finish();
-            // Read before the connection closes (a close discards what is unsent): the Hub
-            // stops the stream once it has the answer, about a round trip.
-            let _ = tokio::time::timeout(ANSWER_WAIT, send.stopped()).await;
             r.outcome = Some(Outcome::Failed);
             r.reason = Some(QueryError::Stopping.to_string());
+            if refuse(&mut send, RefuseCode::ShuttingDown).await {
+                // Read before the connection closes (a close discards what is unsent): the
+                // Hub stops the stream once it has the answer, about a round trip.
+                let _ = tokio::time::timeout(ANSWER_WAIT, send.stopped()).await;
+            }
             return r.finish();
         }
     };
@@ -216,8 +213,7 @@ pub(crate) async fn serve(
                 DialError::NotAllowed(_) => RefuseCode::NotAllowed,
                 _ => RefuseCode::Unreachable,
             };
-            let _ = transport::write_frame(&mut send, &QueryHead::Refused { code }).await;
-            let _ = send.finish();
+            refuse(&mut send, code).await;
             Err(e.into())
         }
     };
@@ -229,6 +225,24 @@ pub(crate) async fn serve(
         }
     }
     r.finish();
+}
+
+/// Answers `Refused{code}` and ends the stream: whether the answer was written. Bounded: a Hub
+/// that grants no room for it (its flow-control credit held by other queries it does not read)
+/// does not hold the query, and its record, until the session ends; the stream is reset
+/// instead.
+async fn refuse(send: &mut quinn::SendStream, code: RefuseCode) -> bool {
+    let answer = QueryHead::Refused { code };
+    match tokio::time::timeout(ANSWER_WAIT, transport::write_frame(send, &answer)).await {
+        Ok(written) => {
+            let _ = send.finish();
+            written.is_ok()
+        }
+        Err(_) => {
+            let _ = send.reset(codes::REFUSED);
+            false
+        }
+    }
 }
 
 /// A query's audit record until it is written: [`finish`](Self::finish) writes it; dropped

@@ -279,14 +279,22 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityErr
         ".{}.tmp",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
     ));
+    // A temporary file left by a crash, or anything else at its name (a symbolic link planted
+    // to make this write, and the mode below, land on another file): removed, never written
+    // through. The new one is made here or not at all (O_EXCL, which follows no link).
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
     let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
     let mut f = opts.open(&tmp).map_err(io)?;
-    // `mode` applies only on creation; force it in case a stale temporary file existed.
+    // The umask may have narrowed `mode`: set it exactly, on the file just made.
     #[cfg(unix)]
-    fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(io)?;
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .map_err(io)?;
     f.write_all(data).map_err(io)?;
     f.sync_all().map_err(io)?;
     fs::rename(&tmp, path).map_err(io)
@@ -297,4 +305,41 @@ fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
         path: path.to_owned(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        fs::symlink_metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// A link planted at the temporary file's name (by whoever else can write the directory)
+    /// must not make the write, or its mode, land on the file it points to.
+    #[test]
+    fn a_link_at_the_temporary_name_is_replaced_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        fs::write(&target, b"theirs").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o600)).unwrap();
+        let path = dir.path().join("status.json");
+        std::os::unix::fs::symlink(&target, dir.path().join(".status.json.tmp")).unwrap();
+        write_file(&path, b"ours", 0o644).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"theirs");
+        assert_eq!(mode(&target), 0o600);
+        assert!(!fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read(&path).unwrap(), b"ours");
+        assert_eq!(mode(&path), 0o644);
+        // A stale temporary file (a crash mid-write) is replaced too.
+        fs::write(dir.path().join(".status.json.tmp"), b"half").unwrap();
+        write_durable(&path, b"again", 0o600).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"again");
+        assert_eq!(mode(&path), 0o600);
+    }
 }
