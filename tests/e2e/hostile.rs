@@ -484,6 +484,65 @@ async fn p11_a_hub_that_stops_reading_the_control_stream_still_gets_the_session_
     drop(conn);
 }
 
+/// A renewal whose answer brings a bundle with a CA added (as the Hub's answers do during a
+/// CA rotation): the change of the Hub's trust anchors has its own `bundle_updated` record,
+/// as a pushed bundle's does, not only words in the `svid_rotated` record. Two such renewals
+/// could otherwise swap the anchors with no `bundle_updated` record at all (P15).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p15_a_bundle_that_comes_with_a_renewal_has_its_own_record() {
+    // 10 s SVIDs: the Client asks to renew after 4 to 6 s.
+    let hub = TestHub::start_with(&[], 10).await;
+    let (mut client, (_conn, mut control, mut send)) = welcomed_by_hostile_hub(&hub).await;
+    let ca = ewii::identity::ca::Ca::load(&hub.state_dir()).unwrap();
+    let theirs = ewii::identity::ca::Ca::generate(TD).unwrap().cert().clone();
+    let mut reader = FrameReader::new();
+    let csr = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(15), reader.read(&mut control))
+            .await
+            .expect("the Client's Renew in time")
+            .unwrap();
+        match frame {
+            Some(Control::Renew { csr }) => break csr,
+            Some(_) => continue,
+            None => panic!("the control stream ended"),
+        }
+    };
+    let id = ewii_common::spiffe::SpiffeId::client(TD, "acme").unwrap();
+    let issued = ca.sign_csr(&csr, &id, Duration::from_secs(10)).unwrap();
+    let renewed = Control::Renewed {
+        chain: vec![issued.der.to_vec()],
+        bundle: vec![ca.cert().to_vec(), theirs.to_vec()],
+    };
+    send.write_all(&frame::encode_to_vec(&renewed).unwrap())
+        .await
+        .unwrap();
+    let updated = client
+        .wait_audit("the bundle's record", |r| r.event == Event::BundleUpdated)
+        .await;
+    assert_eq!(updated.outcome, Some(Outcome::Ok));
+    let reason = updated.reason.unwrap();
+    assert!(
+        reason.starts_with("with the renewal of serial "),
+        "{reason}"
+    );
+    assert!(
+        reason.ends_with(&format!(
+            "2 trust anchor(s); added {}",
+            ewii::identity::bundle_hash(&theirs)
+        )),
+        "{reason}"
+    );
+    let rotated = client
+        .wait_audit("the renewal's record", |r| {
+            r.event == Event::SvidRotated && r.outcome == Some(Outcome::Ok)
+        })
+        .await;
+    assert!(rotated
+        .reason
+        .is_some_and(|x| x.contains(&format!("serial {}", issued.serial))),);
+    client.stop().await;
+}
+
 /// A Hub that grants one byte of room per stream and reads nothing past the `Hello` asks for a
 /// name outside the allow-list: the Client's `Refused` cannot be written whole, and the
 /// refusal is on record all the same, as `refused`, within a second of waiting for room. A

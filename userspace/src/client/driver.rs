@@ -566,6 +566,16 @@ impl Driver {
         let bundle = if change.added.is_empty() && change.removed.is_empty() {
             String::new()
         } else {
+            // A change of the Hub's trust anchors has its own record, however it came (pushed,
+            // or with a renewal): the customer's evidence of each step of a CA swap.
+            let mut b = self.audit.record(AuditEvent::BundleUpdated);
+            b.client = Some(self.queries.client_id.clone());
+            b.outcome = Some(Outcome::Ok);
+            b.reason = Some(format!(
+                "with the renewal of serial {}: {change}",
+                self.identity.leaf.serial
+            ));
+            self.audit.emit(b);
             format!("; bundle: {change}")
         };
         r.reason = Some(format!(
