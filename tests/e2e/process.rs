@@ -2285,33 +2285,124 @@ pub(crate) fn not_root() -> bool {
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
 }
 
+/// A Hub process writing its audit to a file, and a QUIC endpoint on loopback to reach it as
+/// a stranger would (trusting the Hub's CA, with or without a certificate of its own).
+struct Stranger {
+    audit: std::path::PathBuf,
+    hub: HubProcess,
+    ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    /// Last: dropped after the Hub that runs in it.
+    _root: tempfile::TempDir,
+}
+
+impl Stranger {
+    fn start() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let audit = root.path().join("hub-audit.jsonl");
+        let hub =
+            HubProcess::start_with_audit(root.path(), &format!("file:{}", audit.display()), "");
+        let ca = ewii::identity::store::read_certs(&hub.dir.join("ca.pem")).unwrap();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr: SocketAddr = hub.addr.parse().unwrap();
+        Self {
+            audit,
+            hub,
+            ca,
+            endpoint,
+            addr,
+            _root: root,
+        }
+    }
+
+    /// A connection to the Hub on `alpn`, presenting `svid` if given.
+    fn connect(
+        &self,
+        svid: Option<&ewii::identity::store::Svid>,
+        alpn: &[u8],
+    ) -> quinn::Connecting {
+        use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
+        use ewii::transport;
+        let verifier = SpiffeVerifier::new(Bundle::new(self.ca.clone()), TD, Expect::Hub);
+        let tls = transport::tls_client_config(svid, std::sync::Arc::new(verifier), alpn).unwrap();
+        let quic = transport::quic_client_config(tls, 1, transport::STREAM_WINDOW).unwrap();
+        self.endpoint
+            .connect_with(quic, self.addr, "127.0.0.1")
+            .unwrap()
+    }
+
+    /// Stops the Hub (its windows still open are summed up), then the `reason`s of its audit
+    /// file's `event` records.
+    fn reasons_after_stop(mut self, event: &str) -> Vec<String> {
+        assert!(self.hub.proc.terminate().success());
+        fs::read_to_string(&self.audit)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["event"] == event)
+            .filter_map(|r| r["reason"].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+/// A stranger's refused enrolments are held to the same burst: fifteen from one address,
+/// each opened before any was refused (so none is throttled yet), then each sending garbage,
+/// are written ten one by one and the rest summed up; the record of that address's next
+/// enrolment being throttled is written one by one all the same (P11: a flood of them from
+/// many addresses cannot bury the audit, nor the throttle's own notice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p11_a_strangers_refused_enrolments_are_summed_up_and_the_throttle_still_said() {
+    let stranger = Stranger::start();
+    let enrolment = || stranger.connect(None, ewii_common::frame::ENROLL_ALPN);
+    let mut conns = Vec::new();
+    for _ in 0..15 {
+        conns.push(enrolment().await.expect("the handshake completes"));
+    }
+    for conn in &conns {
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        send.write_all(b"\0\0\0\x05garbage").await.unwrap();
+        let _ = send.finish();
+    }
+    for conn in &conns {
+        assert!(
+            tokio::time::timeout(SOON, conn.closed()).await.is_ok(),
+            "each is refused"
+        );
+    }
+    // The next is throttled: refused unread.
+    let throttled = enrolment().await.expect("the handshake completes");
+    let (mut send, _recv) = throttled.open_bi().await.unwrap();
+    send.write_all(b"\0").await.unwrap();
+    let _ = send.finish();
+    assert!(tokio::time::timeout(SOON, throttled.closed()).await.is_ok());
+    let reasons = stranger.reasons_after_stop("enrolment_refused");
+    let summary = "5 more records of this event from 127.0.0.1 (its enrolments) since ";
+    let summed = reasons.iter().filter(|r| r.starts_with(summary)).count();
+    let throttle = reasons
+        .iter()
+        .filter(|r| r.starts_with("throttled: "))
+        .count();
+    assert_eq!(
+        (reasons.len(), summed, throttle),
+        (12, 1, 1),
+        "{reasons:#?}"
+    );
+}
+
 /// Anyone can make the Hub refuse a handshake (no certificate needed), as fast as it can
 /// refuse: its audit file gets the first ten from one address one by one and one record with
 /// the count of the rest, written at the latest when the Hub stops; certificates that do not
 /// verify share one such source whatever they name (P11).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p11_a_strangers_flood_of_refused_handshakes_is_summed_up_in_the_hubs_audit() {
-    use std::sync::Arc;
-
-    use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
-    use ewii::transport;
     use ewii_common::frame;
 
-    let root = tempfile::tempdir().unwrap();
-    let audit = root.path().join("hub-audit.jsonl");
-    let mut hub =
-        HubProcess::start_with_audit(root.path(), &format!("file:{}", audit.display()), "");
-    let ca = ewii::identity::store::read_certs(&hub.dir.join("ca.pem")).unwrap();
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr: SocketAddr = hub.addr.parse().unwrap();
+    let stranger = Stranger::start();
     // A session's protocol without a client certificate: refused after the handshake.
     for _ in 0..30 {
-        let verifier = SpiffeVerifier::new(Bundle::new(ca.clone()), TD, Expect::Hub);
-        let tls = transport::tls_client_config(None, Arc::new(verifier), frame::ALPN).unwrap();
-        let quic = transport::quic_client_config(tls, 1, transport::STREAM_WINDOW).unwrap();
-        let conn = endpoint
-            .connect_with(quic, addr, "127.0.0.1")
-            .unwrap()
+        let conn = stranger
+            .connect(None, frame::ALPN)
             .await
             .expect("the handshake itself completes");
         assert_eq!(closed_by_hub(&conn).await, Some(5), "refused");
@@ -2326,33 +2417,15 @@ async fn p11_a_strangers_flood_of_refused_handshakes_is_summed_up_in_the_hubs_au
             .issue(&key, &id, std::time::Duration::from_secs(3600))
             .unwrap();
         let svid = ewii::identity::store::Svid::new(vec![issued.der], &key);
-        let verifier = SpiffeVerifier::new(Bundle::new(ca.clone()), TD, Expect::Hub);
-        let tls =
-            transport::tls_client_config(Some(&svid), Arc::new(verifier), frame::ALPN).unwrap();
-        let quic = transport::quic_client_config(tls, 1, transport::STREAM_WINDOW).unwrap();
         // TLS 1.3: the client may finish before the Hub has refused its certificate, and then
         // sees the connection close.
-        if let Ok(conn) = endpoint
-            .connect_with(quic, addr, "127.0.0.1")
-            .unwrap()
-            .await
-        {
+        if let Ok(conn) = stranger.connect(Some(&svid), frame::ALPN).await {
             let closed = tokio::time::timeout(SOON, conn.closed()).await;
             assert!(closed.is_ok(), "a foreign CA's certificate was taken");
         }
     }
-    assert!(hub.proc.terminate().success());
-    let records: Vec<serde_json::Value> = fs::read_to_string(&audit)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|r: &serde_json::Value| r["event"] == "handshake_refused")
-        .collect();
-    let reasons: Vec<&str> = records
-        .iter()
-        .filter_map(|r| r["reason"].as_str())
-        .collect();
-    assert_eq!(records.len(), 22, "{reasons:#?}");
+    let reasons = stranger.reasons_after_stop("handshake_refused");
+    assert_eq!(reasons.len(), 22, "{reasons:#?}");
     let one_by_one = reasons
         .iter()
         .filter(|r| **r == "ALPN ewii/1 without a client certificate")

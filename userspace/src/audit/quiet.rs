@@ -30,6 +30,10 @@ const SOURCES: usize = 1024;
 pub enum Source {
     /// A peer's address (an IPv6 one by its /64: one host holds a whole prefix).
     Address(IpAddr),
+    /// A peer's address (as [`Address`](Self::Address)), for its refused enrolments: apart
+    /// from its other records, so that the record of its enrolments being throttled, which
+    /// follows ten of them, is not held back behind them.
+    Enrolling(IpAddr),
     /// The identity a refused certificate names, proven by its chain (refused for its serial,
     /// its role, …), where the address is unknown.
     Claimed(String),
@@ -44,26 +48,38 @@ pub enum Source {
 impl Source {
     /// The source of a peer at `ip`.
     pub fn address(ip: IpAddr) -> Self {
-        match ip {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Self::Address(IpAddr::V4(v4)),
-                None => {
-                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                    Self::Address(IpAddr::V6(prefix.into()))
-                }
-            },
-            v4 => Self::Address(v4),
-        }
+        Self::Address(host(ip))
+    }
+
+    /// The source of the refused enrolments of a peer at `ip`.
+    pub fn enrolling(ip: IpAddr) -> Self {
+        Self::Enrolling(host(ip))
     }
 
     fn describe(&self) -> String {
         match self {
             Self::Address(ip @ IpAddr::V6(_)) => format!("{ip}/64"),
             Self::Address(ip) => ip.to_string(),
+            Self::Enrolling(ip @ IpAddr::V6(_)) => format!("{ip}/64 (its enrolments)"),
+            Self::Enrolling(ip) => format!("{ip} (its enrolments)"),
             Self::Claimed(id) => id.clone(),
             Self::Unverified => "certificates whose chain did not verify".to_owned(),
             Self::Others => format!("other sources (past {SOURCES} at once)"),
         }
+    }
+}
+
+/// The host a peer at `ip` is: an IPv4 address (also v4-mapped), or an IPv6 /64.
+fn host(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(prefix.into())
+            }
+        },
+        v4 => v4,
     }
 }
 
@@ -214,7 +230,7 @@ fn summaries(side: Side, source: &Source, window: &Window, length: Duration) -> 
             let mut r = AuditRecord::new(crate::now_timestamp(), side, event);
             r.outcome = outcome;
             match source {
-                Source::Address(ip) => r.peer = Some(ip.to_string()),
+                Source::Address(ip) | Source::Enrolling(ip) => r.peer = Some(ip.to_string()),
                 Source::Claimed(id) => r.client = Some(id.clone()),
                 Source::Unverified | Source::Others => {}
             }

@@ -12,7 +12,7 @@ use ewii_common::spiffe::SpiffeId;
 use super::state::TokenRefusal;
 use super::store::{Store, StoreError};
 use super::trust::Trust;
-use crate::audit::Audit;
+use crate::audit::{Audit, Source};
 use crate::identity::IdentityError;
 use crate::transport::{self, codes, FrameReader};
 
@@ -137,7 +137,13 @@ pub(crate) async fn enrol(
             r.reason = Some(reason.to_string());
         }
     }
-    audit.emit(r);
+    if enrolled {
+        audit.emit(r);
+    } else {
+        // A stranger can cause these at will, from as many addresses as it holds: held to the
+        // per-source burst, the rest summed up, as refused handshakes are.
+        audit.emit_from(Source::enrolling(peer.ip()), r);
+    }
     conn.close(codes::DONE, b"");
     enrolled
 }
