@@ -1455,7 +1455,46 @@ async fn p8_p15_a_forced_ca_retirement_ends_the_live_sessions_of_old_ca_svids_at
     acme.stop().await;
 }
 
+/// A TLS service's caller through a CA rotation, in the operator guide's order: `ca prepare`,
+/// then `workload-svid` (its `bundle.pem` holds both CAs), then `ca activate`: the caller still
+/// reaches the Hub, which now presents a certificate from the new CA. A `bundle.pem` with the
+/// signing CA alone, as `workload-svid` wrote before, is refused by the caller (P15).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p15_a_workload_svid_issued_after_prepare_still_trusts_the_hub_after_activate() {
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[Service::tls("pg-tls", "acme", "db")]).await;
+    let mut client = TestClient::enrol_and_run(&hub, "acme", &[("db", echo.to_string())]).await;
+    hub.wait_connected("acme").await;
+    let state = hub.state_dir();
+    admin::ca_prepare(&state).unwrap();
+    let dir = hub.dir.path().join("billing");
+    admin::issue_workload_svid(&state, "billing", Duration::from_secs(3600), &dir).unwrap();
+    assert_eq!(
+        store::read_certs(&dir.join(store::BUNDLE)).unwrap(),
+        store::read_certs(&state.join(admin::BUNDLE_FILE)).unwrap(),
+        "the caller's bundle is the Hub's, both CAs"
+    );
+    admin::ca_activate(&state).unwrap();
+    hub.wait_audit(
+        "the Hub signs with the new CA",
+        says(Event::BundleUpdated, "new signing CA"),
+    )
+    .await;
+    let mut caller = tls_caller(hub.service("pg-tls"), &dir, TD)
+        .await
+        .expect("the caller trusts the Hub's new certificate");
+    caller.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tokio::time::timeout(SOON, caller.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"ping");
+    client.stop().await;
+}
+
 /// A requester's TLS connection rests on its workload SVID as a Client's session rests on its
+/// own:/// A requester's TLS connection rests on its workload SVID as a Client's session rests on its
 /// own: when that SVID's CA leaves the bundle (a leaked CA key, retired by force), a connection
 /// it opened before is cut at once instead of staying open until the requester closes it, and
 /// the Hub's record says why, with the bytes moved so far. A caller whose SVID is from the new

@@ -1114,6 +1114,17 @@ async fn p7_a_hub_refuses_to_start_with_a_federation_it_cannot_use_and_says_why(
             table(CUSTOMER, &good, "beta") + "webhook = \"http://169.254.169.254/latest\"\n",
             "not a public address",
         ),
+        // A name is resolved, as `token create` resolves it.
+        (
+            table(CUSTOMER, &good, "beta") + "webhook = \"http://localhost:8080/hook\"\n",
+            "(localhost resolves to it), which is not a public address",
+        ),
+        // And the URL is shown redacted: its credentials and query are the customer's secrets.
+        (
+            table(CUSTOMER, &good, "beta")
+                + "webhook = \"https://hook:s3cret@10.1.2.3/x?key=s3cret\"\n",
+            "webhook https://…@10.1.2.3/x?… points at 10.1.2.3",
+        ),
     ] {
         let config: ewii::config::HubConfig = format!(
             "state_dir = {state:?}\nlisten = \"127.0.0.1:0\"\naudit = \"discard\"\n{federation}"
@@ -1131,6 +1142,7 @@ async fn p7_a_hub_refuses_to_start_with_a_federation_it_cannot_use_and_says_why(
         );
         let err = err.to_string();
         assert!(err.contains(says), "{federation}: {err}");
+        assert!(!err.contains("s3cret"), "{federation}: {err}");
     }
 }
 

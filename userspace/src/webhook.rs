@@ -287,7 +287,7 @@ pub fn check_url(url: &str, allow_private: bool) -> Result<(), String> {
     let parsed = reqwest::Url::parse(url)
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-        .ok_or_else(|| format!("webhook {url:?} is not an http(s) URL"))?;
+        .ok_or_else(|| format!("webhook {} is not an http(s) URL", redacted(url)))?;
     let ip = match parsed.host() {
         Some(url::Host::Ipv4(v4)) => Some(IpAddr::V4(v4)),
         Some(url::Host::Ipv6(v6)) => Some(IpAddr::V6(v6)),
@@ -295,7 +295,8 @@ pub fn check_url(url: &str, allow_private: bool) -> Result<(), String> {
     };
     match ip {
         Some(ip) if !allow_private && !is_public(ip) => Err(format!(
-            "webhook {url:?} points at {ip}, which is not a public address (a test receiver on this host needs the private-address opt-ins: docs/operator-guide.md §7)"
+            "webhook {} points at {ip}, which is not a public address (a test receiver on this host needs the private-address opt-ins: docs/operator-guide.md §7)",
+            redacted(url)
         )),
         _ => Ok(()),
     }
@@ -323,7 +324,8 @@ pub fn check_url_now(url: &str, allow_private: bool) -> Result<(), String> {
     };
     match addrs.map(|a| a.ip()).find(|ip| !is_public(*ip)) {
         Some(ip) => Err(format!(
-            "webhook {url:?} points at {ip} ({host} resolves to it), which is not a public address (a test receiver on this host needs the private-address opt-ins: docs/operator-guide.md §7)"
+            "webhook {} points at {ip} ({host} resolves to it), which is not a public address (a test receiver on this host needs the private-address opt-ins: docs/operator-guide.md §7)",
+            redacted(url)
         )),
         None => Ok(()),
     }

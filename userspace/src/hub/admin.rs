@@ -245,8 +245,9 @@ pub fn revoke_tokens(state_dir: &Path, which: &TokenSelector) -> Result<usize, H
     Ok(n)
 }
 
-/// Issues an SVID for operator workload `name` into `out_dir` (`svid.pem`, `svid.key`,
-/// `bundle.pem`), for callers of TLS service listeners.
+/// Issues an SVID for operator workload `name` into `out_dir` (`svid.pem`, `svid.key`, and
+/// `bundle.pem`: the Hub's trust bundle, every CA in it), for callers of TLS service
+/// listeners.
 pub fn issue_workload_svid(
     state_dir: &Path,
     name: &str,
@@ -272,9 +273,13 @@ pub fn issue_workload_svid(
     Svid::new(vec![issued.der], &key)
         .save(out_dir, store::SVID_CERT, store::SVID_KEY)
         .map_err(ident(out_dir))?;
+    // The whole bundle, not the signing CA alone: during a CA rotation it holds the next CA
+    // too, which the Hub presents from `ca activate` on; a caller trusting only the CA of the
+    // moment would refuse the Hub from then.
+    let bundle = super::layout::load_bundle(state_dir, &ca).map_err(ident(state_dir))?;
     store::write_file(
         &out_dir.join(store::BUNDLE),
-        store::Pem::certs(std::slice::from_ref(ca.cert())).as_bytes(),
+        store::Pem::certs(&bundle).as_bytes(),
         0o644,
     )
     .map_err(ident(out_dir))?;
