@@ -83,8 +83,18 @@ async fn welcomed_by_hostile_hub(hub: &TestHub) -> (TestClient, Welcomed) {
 
 /// [`welcomed_by_hostile_hub`], with its allow-list entry `db` at `db`.
 async fn welcomed_by_hostile_hub_with(hub: &TestHub, db: SocketAddr) -> (TestClient, Welcomed) {
+    welcomed_by_hostile_hub_granting(hub, db, None).await
+}
+
+/// [`welcomed_by_hostile_hub_with`], by a Hub that grants `window` bytes of room per stream
+/// ([`hostile_hub_granting`]).
+async fn welcomed_by_hostile_hub_granting(
+    hub: &TestHub,
+    db: SocketAddr,
+    window: Option<u32>,
+) -> (TestClient, Welcomed) {
     let mut client = TestClient::enrol(hub, "acme", &[("db", db.to_string())]).await;
-    let (addr, mut conns) = hostile_hub(hub).await;
+    let (addr, mut conns) = hostile_hub_granting(hub, window).await;
     client.config.hub = addr.to_string().parse().unwrap();
     client.start();
     let welcomed = tokio::time::timeout(SOON, conns.recv())
@@ -543,29 +553,39 @@ async fn p15_a_bundle_that_comes_with_a_renewal_has_its_own_record() {
     client.stop().await;
 }
 
+/// The Client's record of a query for `destination`, if one comes `within`.
+async fn query_record(
+    client: &TestClient,
+    destination: &str,
+    within: Duration,
+) -> Option<ewii_common::audit::AuditRecord> {
+    client
+        .audit
+        .wait_for(within, |r| {
+            r.event == Event::Query
+                && r.destination
+                    .as_ref()
+                    .is_some_and(|d| d.name == destination)
+        })
+        .await
+}
+
 /// A Hub that grants one byte of room per stream and reads nothing past the `Hello` asks for a
 /// name outside the allow-list: the Client's `Refused` cannot be written whole, and the
-/// refusal is on record all the same, as `refused`, within a second of waiting for room. A
+/// refusal is on record all the same, as `refused`, without waiting for room. A
 /// probe of the allow-list must never hide in a record written only when the session ends (or
 /// never, if the Client is killed first), nor pass for a `failed` query (P11).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p11_a_refusal_the_hub_leaves_no_room_for_is_on_record_at_once() {
     let hub = TestHub::start(&[]).await;
-    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
-    let (addr, mut conns) = hostile_hub_granting(&hub, Some(1)).await;
-    client.config.hub = addr.to_string().parse().unwrap();
-    client.start();
-    let (conn, _control, _send) = tokio::time::timeout(SOON, conns.recv())
-        .await
-        .expect("the Client's connection in time")
-        .expect("welcomed");
+    let (mut client, (conn, _control, _send)) =
+        welcomed_by_hostile_hub_granting(&hub, "127.0.0.1:9".parse().unwrap(), Some(1)).await;
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     send.write_all(&open("metadata")).await.unwrap();
-    let refused = client
-        .wait_audit("the refusal's record", |r| {
-            r.event == Event::Query && r.destination.as_ref().is_some_and(|d| d.name == "metadata")
-        })
-        .await;
+    // Well within the answer's own 10 s bound: the record does not wait for it.
+    let refused = query_record(&client, "metadata", Duration::from_secs(5))
+        .await
+        .expect("the refusal's record before the answer's bound");
     assert_eq!(refused.outcome, Some(Outcome::Refused), "{refused:?}");
     assert!(
         refused
@@ -574,6 +594,41 @@ async fn p11_a_refusal_the_hub_leaves_no_room_for_is_on_record_at_once() {
             .is_some_and(|x| x.contains("not in the allow-list")),
         "{refused:?}"
     );
+    assert_eq!(client.stop().await, ewii::client::Exit::Stopped);
+    drop(conn);
+}
+
+/// The same Hub, asking for the allowed `db`: the Client dials it, and its `Opened` cannot be
+/// written. Within the answer's bound (10 s) the query ends, `failed` and on record, and the
+/// destination's connection is closed: a Hub cannot hold a database connection open per
+/// stream by never making room for the answer (P4, P11).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_p11_an_opened_the_hub_leaves_no_room_for_does_not_hold_the_destination() {
+    let hub = TestHub::start(&[]).await;
+    let db = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (mut client, (conn, _control, _send)) =
+        welcomed_by_hostile_hub_granting(&hub, db.local_addr().unwrap(), Some(1)).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&open("db")).await.unwrap();
+    let (mut dialled, _) = tokio::time::timeout(SOON, db.accept())
+        .await
+        .expect("the Client dials db")
+        .unwrap();
+    let record = query_record(&client, "db", Duration::from_secs(20))
+        .await
+        .expect("on record within the answer's bound");
+    assert_eq!(record.outcome, Some(Outcome::Failed), "{record:?}");
+    assert_eq!(
+        record.reason.as_deref(),
+        Some("the Hub gave no room for Opened within 10 s")
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        SOON,
+        tokio::io::AsyncReadExt::read_to_end(&mut dialled, &mut rest),
+    )
+    .await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?}");
     assert_eq!(client.stop().await, ewii::client::Exit::Stopped);
     drop(conn);
 }

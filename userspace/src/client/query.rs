@@ -19,6 +19,10 @@ use crate::transport::{self, codes, FrameReader, StreamError};
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stopping Client waits for the Hub to read its `ShuttingDown` answer.
 const ANSWER_WAIT: Duration = Duration::from_secs(1);
+/// How long an answer to the Hub (`Opened`, `Refused`) may wait for room to be written (QUIC
+/// flow control). A Hub whose connection window is held by slow requesters grants it within
+/// that; one that grants none does not hold the query, nor the destination's connection.
+const ANSWER_BOUND: Duration = Duration::from_secs(10);
 
 /// What a query needs from the Client: shared, read-only.
 #[derive(Debug)]
@@ -38,6 +42,9 @@ enum QueryError {
     /// The Hub's stream broke before `Opened` could be sent.
     #[error("the Hub went away before Opened")]
     HubGone,
+    /// The Hub gave no room for `Opened` (QUIC flow control) within [`ANSWER_BOUND`].
+    #[error("the Hub gave no room for Opened within {} s", ANSWER_BOUND.as_secs())]
+    NoRoom,
     /// The Client had said `Goodbye` (it is stopping) when the query came: answered
     /// `ShuttingDown`, nothing dialled.
     #[error("the Client is stopping: it takes no new query")]
@@ -166,12 +173,14 @@ pub(crate) async fn serve(
         false => {
             r.outcome = Some(Outcome::Failed);
             r.reason = Some(QueryError::Stopping.to_string());
+            // On record before the answer, which waits for the Hub's room.
+            r.finish();
             if refuse(&mut send, RefuseCode::ShuttingDown).await {
                 // Read before the connection closes (a close discards what is unsent): the
                 // Hub stops the stream once it has the answer, about a round trip.
                 let _ = tokio::time::timeout(ANSWER_WAIT, send.stopped()).await;
             }
-            return r.finish();
+            return;
         }
     };
     let result = match dialed {
@@ -179,30 +188,33 @@ pub(crate) async fn serve(
             if let Some(d) = &mut r.destination {
                 d.address = Some(addr.to_string());
             }
-            if transport::write_frame(&mut send, &QueryHead::Opened)
-                .await
-                .is_err()
-            {
-                Err(QueryError::HubGone)
-            } else {
-                // The session's end cuts the query with its bytes so far on record: a pipe
-                // blocked on the destination's TCP alone would not notice the stream is gone.
-                let ended = async move {
-                    let closed = conn.closed().await;
-                    PipeError::Cut(format!(
-                        "the session ended: {}",
-                        transport::pipe::peer_said(&closed)
-                    ))
-                };
-                // Cut at once: the Hub's side is gone, and the connection's own wind-down is
-                // short (a destination that reads nothing must not hold it).
-                let drain = Duration::ZERO;
-                let start = Start::Leftover(reader.into_leftover());
-                let never = std::future::pending();
-                let report = pipe_until(tcp, send, recv, start, never, ended, drain).await;
-                r.bytes_up = Some(report.stream_to_tcp);
-                r.bytes_down = Some(report.tcp_to_stream);
-                report.error.map_or(Ok(()), |e| Err(e.into()))
+            let opened = transport::write_frame(&mut send, &QueryHead::Opened);
+            match tokio::time::timeout(ANSWER_BOUND, opened).await {
+                Ok(Err(_)) => Err(QueryError::HubGone),
+                Err(_) => {
+                    let _ = send.reset(codes::ABORTED);
+                    Err(QueryError::NoRoom)
+                }
+                Ok(Ok(())) => {
+                    // The session's end cuts the query with its bytes so far on record: a pipe
+                    // blocked on the destination's TCP alone would not notice the stream is gone.
+                    let ended = async move {
+                        let closed = conn.closed().await;
+                        PipeError::Cut(format!(
+                            "the session ended: {}",
+                            transport::pipe::peer_said(&closed)
+                        ))
+                    };
+                    // Cut at once: the Hub's side is gone, and the connection's own wind-down is
+                    // short (a destination that reads nothing must not hold it).
+                    let drain = Duration::ZERO;
+                    let start = Start::Leftover(reader.into_leftover());
+                    let never = std::future::pending();
+                    let report = pipe_until(tcp, send, recv, start, never, ended, drain).await;
+                    r.bytes_up = Some(report.stream_to_tcp);
+                    r.bytes_down = Some(report.tcp_to_stream);
+                    report.error.map_or(Ok(()), |e| Err(e.into()))
+                }
             }
         }
         Err(e) => {
@@ -213,8 +225,14 @@ pub(crate) async fn serve(
                 DialError::NotAllowed(_) => RefuseCode::NotAllowed,
                 _ => RefuseCode::Unreachable,
             };
+            // On record before the answer, which waits for the Hub's room: a Hub that gives
+            // none cannot hide a probe of the allow-list until its session ends.
+            let e = QueryError::from(e);
+            r.outcome = Some(e.outcome());
+            r.reason = Some(e.to_string());
+            r.finish();
             refuse(&mut send, code).await;
-            Err(e.into())
+            return;
         }
     };
     match result {
@@ -227,13 +245,12 @@ pub(crate) async fn serve(
     r.finish();
 }
 
-/// Answers `Refused{code}` and ends the stream: whether the answer was written. Bounded: a Hub
-/// that grants no room for it (its flow-control credit held by other queries it does not read)
-/// does not hold the query, and its record, until the session ends; the stream is reset
-/// instead.
+/// Answers `Refused{code}` and ends the stream: whether the answer was written. Bounded
+/// ([`ANSWER_BOUND`]): a Hub that grants no room for it does not hold the query until its
+/// session ends; the stream is reset instead.
 async fn refuse(send: &mut quinn::SendStream, code: RefuseCode) -> bool {
     let answer = QueryHead::Refused { code };
-    match tokio::time::timeout(ANSWER_WAIT, transport::write_frame(send, &answer)).await {
+    match tokio::time::timeout(ANSWER_BOUND, transport::write_frame(send, &answer)).await {
         Ok(written) => {
             let _ = send.finish();
             written.is_ok()
