@@ -326,6 +326,44 @@ async fn p9_stop_revokes_and_a_returning_client_is_refused_also_after_a_hub_rest
     );
 }
 
+/// A stop's revoke that reaches a Hub whose serial records cannot be read (its reloads fail):
+/// the Hub cannot tell whether the connection's serial was replaced, and a replaced key's
+/// revoke would revoke the identity that replaced it. It neither revokes nor acknowledges,
+/// and the Client keeps the revoke pending, as when the Hub is away (P9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p9_a_stops_revoke_the_hub_cannot_judge_is_kept_pending() {
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    client.config.on_stop = OnStop::Revoke;
+    client.start();
+    hub.wait_connected("acme").await;
+    let db = hub.state_dir().join(admin::DB_FILE);
+    let rename = |from: &str, to: &str| {
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute_batch(&format!("ALTER TABLE {from} RENAME TO {to}"))
+            .unwrap();
+    };
+    rename("serials", "gone");
+    poll_until("a failed reload of the Hub's records", SOON, || {
+        hub.handle().store_reloads_failed() > 0
+    })
+    .await;
+    assert_eq!(client.stop().await, Exit::Stopped);
+    let dir = client.state_dir();
+    assert!(dir.join(REVOKE_PENDING_MARKER).exists());
+    assert!(!dir.join(REVOKED_MARKER).exists());
+    rename("gone", "serials");
+    let acme = ewii::hub::state::Db::open(&db)
+        .unwrap()
+        .clients()
+        .unwrap()
+        .into_iter()
+        .find(|c| c.name == "acme")
+        .unwrap();
+    assert_eq!(acme.revoked_at, None, "not revoked");
+}
+
 /// "Stop the container and it is revoked" must hold when the network is bad too: a stop
 /// while the Hub is unreachable tries within its budget, records the revoke as pending, and
 /// the next start delivers it before serving anything, then stays revoked.
@@ -1494,7 +1532,6 @@ async fn p15_a_workload_svid_issued_after_prepare_still_trusts_the_hub_after_act
 }
 
 /// A requester's TLS connection rests on its workload SVID as a Client's session rests on its
-/// own:/// A requester's TLS connection rests on its workload SVID as a Client's session rests on its
 /// own: when that SVID's CA leaves the bundle (a leaked CA key, retired by force), a connection
 /// it opened before is cut at once instead of staying open until the requester closes it, and
 /// the Hub's record says why, with the bytes moved so far. A caller whose SVID is from the new

@@ -181,6 +181,12 @@ impl HubHandle {
         self.counts.change_checks()
     }
 
+    /// Reloads of the Hub's records that failed since it started (each leaves every handshake
+    /// refused until one works).
+    pub fn store_reloads_failed(&self) -> u64 {
+        self.counts.reloads_failed()
+    }
+
     /// The trust domain.
     pub fn trust_domain(&self) -> &str {
         self.trust.trust_domain()

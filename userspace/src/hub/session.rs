@@ -518,7 +518,21 @@ impl Session {
                 // Only the newest serial speaks for the identity: a connection of one a newer
                 // serial replaced (still draining; a stolen older key's, say) cannot revoke it,
                 // as it cannot renew it (P8). Recorded, and taken as a plain `Goodbye`.
-                let revoke = revoke && !self.revoke_from_a_retired_serial();
+                let revoke = match revoke.then(|| self.may_revoke()) {
+                    None => false,
+                    Some(Some(may)) => may,
+                    // The records cannot be read now (a reload failed): whether this serial
+                    // was replaced is unknown, and a revoke by a replaced key would revoke the
+                    // identity that replaced it. Neither revoked nor acknowledged: the Client
+                    // keeps the revoke pending and delivers it at its next start.
+                    Some(None) => {
+                        self.conn
+                            .close(codes::SHUTDOWN, b"the revoke could not be recorded");
+                        return Some(SessionEnd::Goodbye.reason(
+                            "the Client stopped and asked to be revoked, but the Hub's serial records cannot be read to tell whether its serial may: not revoked; the Client keeps it pending",
+                        ));
+                    }
+                };
                 // No new query goes to it; in-flight ones finish, then the Client closes. Until
                 // then an operator's revocation still closes it (its own revoke needs no more).
                 if revoke {
@@ -658,16 +672,17 @@ impl Session {
 }
 
 impl Session {
-    /// Whether this session's serial was replaced by a newer one in use; if so, its `Goodbye`'s
-    /// revoke is refused, on record.
-    fn revoke_from_a_retired_serial(&self) -> bool {
+    /// Whether this session's serial may revoke the identity: not when a newer serial in use
+    /// replaced it (its `Goodbye`'s revoke is then refused, on record); `None` when the view
+    /// cannot tell (a reload failed).
+    fn may_revoke(&self) -> Option<bool> {
         let status = self
             .parts
             .store
             .view()
-            .status(&self.leaf.id, &self.leaf.serial);
-        if status != Some(SerialStatus::Retired) {
-            return false;
+            .status(&self.leaf.id, &self.leaf.serial)?;
+        if status != SerialStatus::Retired {
+            return Some(true);
         }
         let mut r = self.parts.audit.record(Event::Revoked);
         r.client = Some(self.leaf.id.to_string());
@@ -680,7 +695,7 @@ impl Session {
             self.leaf.id, self.leaf.serial
         ));
         self.parts.audit.emit(r);
-        true
+        Some(false)
     }
 }
 

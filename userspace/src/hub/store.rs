@@ -89,6 +89,7 @@ pub(crate) enum Renewal {
 pub struct Counts {
     statements: AtomicU64,
     change_checks: AtomicU64,
+    reloads_failed: AtomicU64,
 }
 
 impl Counts {
@@ -100,6 +101,12 @@ impl Counts {
     /// Change-marker checks (`PRAGMA data_version`) run.
     pub fn change_checks(&self) -> u64 {
         self.change_checks.load(Ordering::Relaxed)
+    }
+
+    /// Reloads of the view that failed (each leaves the view refusing every check until one
+    /// works).
+    pub fn reloads_failed(&self) -> u64 {
+        self.reloads_failed.load(Ordering::Relaxed)
     }
 }
 
@@ -544,8 +551,7 @@ impl Owner {
             Ok(m) => m,
             Err(e) => {
                 // Cannot tell whether someone revoked: fail closed until a reload works.
-                self.marker = None;
-                self.view.replace(None);
+                self.fail_closed();
                 return Err(e.into());
             }
         };
@@ -568,11 +574,17 @@ impl Owner {
                 Ok(true)
             }
             Err(e) => {
-                self.marker = None;
-                self.view.replace(None);
+                self.fail_closed();
                 Err(e.into())
             }
         }
+    }
+
+    /// A reload failed: the view refuses every check until one works.
+    fn fail_closed(&mut self) {
+        self.marker = None;
+        self.view.replace(None);
+        self.counts.reloads_failed.fetch_add(1, Ordering::Relaxed);
     }
 
     fn publish(&self, changes: Vec<Change>) {
