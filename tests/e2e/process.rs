@@ -2349,12 +2349,28 @@ impl Stranger {
 /// A stranger's refused enrolments are held to the same burst: fifteen from one address,
 /// each opened before any was refused (so none is throttled yet), then each sending garbage,
 /// are written ten one by one and the rest summed up; the record of that address's next
-/// enrolment being throttled is written one by one all the same (P11: a flood of them from
-/// many addresses cannot bury the audit, nor the throttle's own notice).
+/// enrolment being throttled is written one by one all the same, though the address has spent
+/// its burst of refused handshakes too, and so is the refusal of a customer's expired token,
+/// past the burst (P11: a flood of them from many addresses cannot bury the audit, nor the
+/// throttle's own notice, nor a customer's failed enrolment).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p11_a_strangers_refused_enrolments_are_summed_up_and_the_throttle_still_said() {
     let stranger = Stranger::start();
+    // Ten refused handshakes first: the address's own burst is spent.
+    for _ in 0..10 {
+        let conn = stranger
+            .connect(None, ewii_common::frame::ALPN)
+            .await
+            .expect("the handshake itself completes");
+        assert_eq!(closed_by_hub(&conn).await, Some(5), "refused");
+    }
     let enrolment = || stranger.connect(None, ewii_common::frame::ENROLL_ALPN);
+    // A customer's token, expired (created by hand in the past).
+    let db = ewii::hub::state::Db::open(&stranger.hub.dir.join("hub.db")).unwrap();
+    let now = ewii::now_timestamp().unix_secs() as i64;
+    db.add_token("ewii_expired-for-acme", "acme", now - 60, None, now - 120)
+        .unwrap();
+    let late = enrolment().await.expect("the handshake completes");
     let mut conns = Vec::new();
     for _ in 0..15 {
         conns.push(enrolment().await.expect("the handshake completes"));
@@ -2370,6 +2386,19 @@ async fn p11_a_strangers_refused_enrolments_are_summed_up_and_the_throttle_still
             "each is refused"
         );
     }
+    // The customer's, opened before any refusal (so not throttled), sent after: a real token
+    // matched, so its refusal is written one by one, past the burst.
+    let (mut send, _recv) = late.open_bi().await.unwrap();
+    let (_key, csr) = ewii::identity::ca::new_key_and_csr().unwrap();
+    let request = ewii_common::frame::Enrol::Request {
+        token: "ewii_expired-for-acme".into(),
+        csr,
+    };
+    ewii::transport::write_frame(&mut send, &request)
+        .await
+        .unwrap();
+    let _ = send.finish();
+    assert!(tokio::time::timeout(SOON, late.closed()).await.is_ok());
     // The next is throttled: refused unread.
     let throttled = enrolment().await.expect("the handshake completes");
     let (mut send, _recv) = throttled.open_bi().await.unwrap();
@@ -2383,9 +2412,10 @@ async fn p11_a_strangers_refused_enrolments_are_summed_up_and_the_throttle_still
         .iter()
         .filter(|r| r.starts_with("throttled: "))
         .count();
+    let expired = reasons.iter().filter(|r| *r == "expired token").count();
     assert_eq!(
-        (reasons.len(), summed, throttle),
-        (12, 1, 1),
+        (reasons.len(), summed, throttle, expired),
+        (13, 1, 1, 1),
         "{reasons:#?}"
     );
 }

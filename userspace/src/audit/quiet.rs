@@ -34,6 +34,9 @@ pub enum Source {
     /// from its other records, so that the record of its enrolments being throttled, which
     /// follows ten of them, is not held back behind them.
     Enrolling(IpAddr),
+    /// A peer's address, for the records of its enrolments refused unread (throttled): apart
+    /// from its refused handshakes and enrolments, which come before them.
+    Throttled(IpAddr),
     /// The identity a refused certificate names, proven by its chain (refused for its serial,
     /// its role, …), where the address is unknown.
     Claimed(String),
@@ -56,12 +59,19 @@ impl Source {
         Self::Enrolling(host(ip))
     }
 
+    /// The source of the throttled enrolments of a peer at `ip`.
+    pub fn throttled(ip: IpAddr) -> Self {
+        Self::Throttled(host(ip))
+    }
+
     fn describe(&self) -> String {
         match self {
             Self::Address(ip @ IpAddr::V6(_)) => format!("{ip}/64"),
             Self::Address(ip) => ip.to_string(),
             Self::Enrolling(ip @ IpAddr::V6(_)) => format!("{ip}/64 (its enrolments)"),
             Self::Enrolling(ip) => format!("{ip} (its enrolments)"),
+            Self::Throttled(ip @ IpAddr::V6(_)) => format!("{ip}/64 (its throttled enrolments)"),
+            Self::Throttled(ip) => format!("{ip} (its throttled enrolments)"),
             Self::Claimed(id) => id.clone(),
             Self::Unverified => "certificates whose chain did not verify".to_owned(),
             Self::Others => format!("other sources (past {SOURCES} at once)"),
@@ -230,7 +240,9 @@ fn summaries(side: Side, source: &Source, window: &Window, length: Duration) -> 
             let mut r = AuditRecord::new(crate::now_timestamp(), side, event);
             r.outcome = outcome;
             match source {
-                Source::Address(ip) | Source::Enrolling(ip) => r.peer = Some(ip.to_string()),
+                Source::Address(ip) | Source::Enrolling(ip) | Source::Throttled(ip) => {
+                    r.peer = Some(ip.to_string())
+                }
                 Source::Claimed(id) => r.client = Some(id.clone()),
                 Source::Unverified | Source::Others => {}
             }

@@ -49,6 +49,25 @@ pub(crate) enum EnrolRefusal {
     TimedOut,
 }
 
+impl EnrolRefusal {
+    /// Whether anyone could cause this refusal, with no real token: it is then held to the
+    /// per-source burst of the audit. Once a token matched (expired, or spent and refused for
+    /// its name, CSR or record), the refusal is the operator's and the customer's business.
+    fn a_stranger_could(&self) -> bool {
+        match self {
+            Self::Token(TokenRefusal::UnknownOrUsed)
+            | Self::TokenCheck(_)
+            | Self::NotARequest
+            | Self::Stream(_)
+            | Self::TimedOut => true,
+            Self::Token(TokenRefusal::Expired)
+            | Self::BadName(_)
+            | Self::Csr(_)
+            | Self::Record(_) => false,
+        }
+    }
+}
+
 /// One enrolment connection, from the first stream to the audit record; its request must
 /// arrive within `bound` ([`Limits::enrol_request`](super::admission::Limits)). Returns
 /// whether it enrolled.
@@ -116,6 +135,7 @@ pub(crate) async fn enrol(
     });
     r.peer = Some(peer.to_string());
     let enrolled = outcome.is_ok();
+    let a_stranger_could = outcome.as_ref().is_err_and(EnrolRefusal::a_stranger_could);
     match outcome {
         Ok((id, serial)) => {
             r.client = Some(id.to_string());
@@ -137,12 +157,14 @@ pub(crate) async fn enrol(
             r.reason = Some(reason.to_string());
         }
     }
-    if enrolled {
-        audit.emit(r);
-    } else {
+    if a_stranger_could {
         // A stranger can cause these at will, from as many addresses as it holds: held to the
         // per-source burst, the rest summed up, as refused handshakes are.
         audit.emit_from(Source::enrolling(peer.ip()), r);
+    } else {
+        // An enrolment, or a refusal once a real token matched (spent, or expired): each on
+        // record one by one, whatever strangers do beside it.
+        audit.emit(r);
     }
     conn.close(codes::DONE, b"");
     enrolled

@@ -81,7 +81,7 @@ pub(crate) async fn handle(parts: Parts, incoming: quinn::Incoming, slot: Slot) 
                     "throttled: {failures} refused enrolments from {} in the last minute",
                     peer.ip()
                 ));
-                parts.audit.emit_from(Source::address(peer.ip()), r);
+                parts.audit.emit_from(Source::throttled(peer.ip()), r);
                 enrol::refuse_unread(conn, parts.admission.limits().enrol_request).await;
                 return;
             }
