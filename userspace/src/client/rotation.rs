@@ -338,7 +338,8 @@ fn renew_key_files(dir: &Path) -> Vec<(String, bool)> {
         .filter_map(|n| {
             if n.starts_with(store::RENEW_KEY_PREFIX) && n.ends_with(".key") {
                 Some((n, false))
-            } else if n.starts_with(&temporary_prefix) && n.ends_with(".key.tmp") {
+            } else if n.starts_with(&temporary_prefix) && n.contains(".key.") && n.ends_with(".tmp")
+            {
                 Some((n, true))
             } else {
                 None
@@ -517,6 +518,7 @@ mod tests {
         save_renew_key(d, "0123", &new_key().serialize_pem()).unwrap();
         std::fs::write(d.join(store::renew_key_file("04")), "not a key").unwrap();
         std::fs::write(d.join(".renew-05.key.tmp"), "half a key").unwrap();
+        std::fs::write(d.join(".renew-06.key.4242-00000000deadbeef.tmp"), "half").unwrap();
         let loaded = Svid::load(d, store::SVID_CERT, store::SVID_KEY).unwrap();
         let (back, pending) = recover_renewal(d, loaded).unwrap();
         assert_eq!(back.key().secret_der(), svid.key().secret_der());

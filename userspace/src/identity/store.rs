@@ -275,29 +275,32 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityErr
         source,
     };
     let dir = path.parent().unwrap_or(Path::new("."));
+    // A name of its own, made here or not at all (O_EXCL, which follows no link): nothing
+    // planted in the directory is written through or has its mode changed, and two writers of
+    // one path (two runs of a command into one directory) each rename a whole file.
     let tmp: PathBuf = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+        ".{}.{}-{:016x}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id(),
+        rand::random::<u64>()
     ));
-    // A temporary file left by a crash, or anything else at its name (a symbolic link planted
-    // to make this write, and the mode below, land on another file): removed, never written
-    // through. The new one is made here or not at all (O_EXCL, which follows no link).
-    match fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-        _ => {}
-    }
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
     let mut f = opts.open(&tmp).map_err(io)?;
-    // The umask may have narrowed `mode`: set it exactly, on the file just made.
-    #[cfg(unix)]
-    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
-        .map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)
+    let written = (|| {
+        // The umask may have narrowed `mode`: set it exactly, on the file just made.
+        #[cfg(unix)]
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.map_err(io)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
@@ -317,10 +320,10 @@ mod tests {
         fs::symlink_metadata(path).unwrap().permissions().mode() & 0o777
     }
 
-    /// A link planted at the temporary file's name (by whoever else can write the directory)
-    /// must not make the write, or its mode, land on the file it points to.
+    /// Nothing planted in the directory (a link at the name a temporary file once had) makes
+    /// the write, or its mode, land on another file; no temporary file is left behind.
     #[test]
-    fn a_link_at_the_temporary_name_is_replaced_not_written_through() {
+    fn a_write_lands_on_its_own_path_only_and_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("elsewhere");
         fs::write(&target, b"theirs").unwrap();
@@ -336,10 +339,36 @@ mod tests {
             .is_symlink());
         assert_eq!(fs::read(&path).unwrap(), b"ours");
         assert_eq!(mode(&path), 0o644);
-        // A stale temporary file (a crash mid-write) is replaced too.
-        fs::write(dir.path().join(".status.json.tmp"), b"half").unwrap();
         write_durable(&path, b"again", 0o600).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"again");
         assert_eq!(mode(&path), 0o600);
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".status.json.tmp", "elsewhere", "status.json"]);
+    }
+
+    /// Two writers of one path at once: every write succeeds, and the file is always one of
+    /// them whole, never a mix or a cut.
+    #[test]
+    fn two_writers_of_one_path_each_rename_a_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bundle.pem");
+        let writer = |byte: u8| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                for _ in 0..200 {
+                    write_file(&path, &[byte; 64 * 1024], 0o644).unwrap();
+                    let now = fs::read(&path).unwrap();
+                    assert_eq!(now.len(), 64 * 1024);
+                    assert!(now.iter().all(|b| *b == now[0]), "a mixed file");
+                }
+            })
+        };
+        let (a, b) = (writer(b'a'), writer(b'b'));
+        a.join().unwrap();
+        b.join().unwrap();
     }
 }
