@@ -236,21 +236,24 @@ impl Hub {
             })?;
         // File reads (and maybe a renewed Hub SVID written to disk): off the async workers.
         let d = dir.clone();
+        // A `[[federation]]` webhook is checked at start for what cannot change: an http(s)
+        // URL, and an address written in it. A host name is not resolved here: what it
+        // resolves to is the customer's to change, and is checked (and pinned) at every
+        // delivery; a name that pointed at a private address for a while must not keep this
+        // Hub, and every customer on it, from starting.
         let allow_private = config.webhooks.danger_allow_private_targets;
+        for f in &config.federation {
+            if let Some(url) = &f.webhook {
+                crate::webhook::check_url(url, allow_private).map_err(|why| {
+                    TrustError::Federation {
+                        trust_domain: f.trust_domain.clone(),
+                        why,
+                    }
+                })?;
+            }
+        }
         let federation_config = config.federation.clone();
         let (material, key, federation) = tokio::task::spawn_blocking(move || {
-            // A `[[federation]]` webhook is checked as a token's `--webhook` is: its host name
-            // resolved too (the resolver blocks: here, off the async workers).
-            for f in &federation_config {
-                if let Some(url) = &f.webhook {
-                    crate::webhook::check_url_now(url, allow_private).map_err(|why| {
-                        TrustError::Federation {
-                            trust_domain: f.trust_domain.clone(),
-                            why,
-                        }
-                    })?;
-                }
-            }
             let material = Material::load(&d)?;
             let federation = trust::load_federation(&federation_config, &material)?;
             let key = WebhookKey::load_or_create(&d)
