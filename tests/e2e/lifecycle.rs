@@ -1209,6 +1209,34 @@ async fn p10_webhook_arrives_exactly_once_across_failures_and_a_hub_restart_and_
     assert_eq!(again.status.code(), Some(6));
     assert!(String::from_utf8_lossy(&again.stderr).contains("DUPLICATE"));
     assert_eq!(std::fs::read_to_string(&seen).unwrap().lines().count(), 1);
+    // The Hub signs every customer's notices with one key: a receiver that names its Clients
+    // refuses a genuine delivery about another (a customer passing its own on), before its id
+    // is kept.
+    let acme = "spiffe://test.ewii.local/client/acme";
+    let ours = verify_with(
+        &body_file,
+        &["--client", "spiffe://x/client/y", "--client", acme],
+    );
+    assert_eq!(ours.status.code(), Some(0));
+    let other_seen = hub.dir.path().join("other-seen-ids");
+    let theirs = verify_with(
+        &body_file,
+        &[
+            "--client",
+            "spiffe://test.ewii.local/client/beta",
+            "--seen",
+            other_seen.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(theirs.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&theirs.stderr).contains(&format!(
+            "INVALID: the delivery is about {acme}, which is not one of this receiver's Clients"
+        )),
+        "{}",
+        String::from_utf8_lossy(&theirs.stderr)
+    );
+    assert!(!other_seen.exists());
     std::fs::write(&body_file, &tampered).unwrap();
     let bad = verify(&body_file);
     assert_eq!(bad.status.code(), Some(1));
@@ -1216,6 +1244,37 @@ async fn p10_webhook_arrives_exactly_once_across_failures_and_a_hub_restart_and_
     // Both failures and the delivery are audited.
     assert_eq!(count(&hub.audit, is(Event::WebhookFailed)), 2);
     client.stop().await;
+}
+
+/// A webhook URL naming one of the Hub host's own public addresses would have the Hub deliver
+/// to its own listeners from inside (a service listener: another customer's destination), past
+/// any firewall in front of them: refused, as a private address is, by each delivery's check
+/// and by `token create`'s. In a network namespace of its own, with a public address on its
+/// loopback interface (P10).
+#[test]
+fn p10_a_webhook_to_the_hubs_own_public_address_is_refused() {
+    use crate::netns::{in_own_netns, run, skip_or_fail};
+    use ewii::webhook::{check_target, check_url_now, WebhookError};
+    skip_or_fail(in_own_netns(|| async {
+        if let Err(why) = run("ip", &["addr", "add", "45.45.45.45/32", "dev", "lo"]) {
+            return Some(why);
+        }
+        let listener = std::net::TcpListener::bind("45.45.45.45:0").unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let own: std::net::IpAddr = "45.45.45.45".parse().unwrap();
+        assert_eq!(
+            check_target(&url, false).await,
+            Err(WebhookError::OwnAddress(own))
+        );
+        let err = check_url_now(&url, false).unwrap_err();
+        assert!(err.contains("an address of this host"), "{err}");
+        // With the opt-in, as for any private target; an address not on this host is not
+        // refused for it.
+        assert!(check_target(&url, true).await.is_ok());
+        assert!(check_target("http://46.46.46.46/hook", false).await.is_ok());
+        assert!(check_url_now("http://46.46.46.46/hook", false).is_ok());
+        None
+    }));
 }
 
 #[tokio::test]

@@ -15,6 +15,7 @@ mod lifecycle;
 mod load;
 mod manifests;
 mod mtls;
+mod netns;
 mod postgres;
 mod process;
 mod scale;

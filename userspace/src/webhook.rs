@@ -42,6 +42,13 @@ pub enum WebhookError {
         "webhook target {0} is not a public address (refused unless danger_allow_private_targets)"
     )]
     PrivateTarget(IpAddr),
+    /// The target is an address of the Hub's own host: a delivery would reach the Hub's own
+    /// listeners (its service listeners: another customer's destinations) from inside, past any
+    /// firewall in front of them.
+    #[error(
+        "webhook target {0} is an address of the Hub's own host (refused unless danger_allow_private_targets)"
+    )]
+    OwnAddress(IpAddr),
     /// The host did not resolve.
     #[error("webhook host {0} does not resolve")]
     Resolve(String),
@@ -51,30 +58,56 @@ pub enum WebhookError {
     /// The file of verified ids could not be read or written.
     #[error("{0}")]
     SeenFile(String),
+    /// A genuine delivery, about a Client that is not one of the receiver's: the Hub signs
+    /// every customer's notices with one key, so another customer could pass one of its own on.
+    #[error("the delivery is about {0}, which is not one of this receiver's Clients")]
+    NotOurs(String),
+}
+
+/// Checks that a verified delivery's body is about one of `clients` (SPIFFE IDs): its
+/// `data.client`. With none given, any.
+pub fn check_client(body: &[u8], clients: &[String]) -> Result<(), WebhookError> {
+    if clients.is_empty() {
+        return Ok(());
+    }
+    let about = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["data"]["client"].as_str().map(str::to_owned));
+    match about {
+        Some(id) if clients.contains(&id) => Ok(()),
+        Some(id) => Err(WebhookError::NotOurs(ewii_common::text::from_peer(
+            id.as_bytes(),
+        ))),
+        None => Err(WebhookError::NotOurs("no client".into())),
+    }
 }
 
 /// Records `id` as verified in the file at `path` (one `<unix seconds> <id>` line each), unless
 /// it is there already: then [`WebhookError::Seen`]. Lines older than twice the timestamp
 /// tolerance are dropped (a delivery that old fails the timestamp check anyway), so the file
-/// stays small. An exclusive lock on the file serialises concurrent verifications.
+/// stays small. An exclusive lock on `<path>.lock` serialises concurrent verifications, and
+/// the file is replaced whole (written aside, then renamed): a crash never leaves it emptied.
 pub fn check_and_record_seen(path: &Path, id: &str, now_secs: i64) -> Result<(), WebhookError> {
-    use std::io::{Read, Seek, Write};
     let io = |e: std::io::Error| WebhookError::SeenFile(format!("{}: {e}", path.display()));
     if id.is_empty() || id.chars().any(char::is_whitespace) {
         return Err(WebhookError::SeenFile(format!(
             "webhook-id {id:?} is not one word"
         )));
     }
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
-        .open(path)
+        .open(&lock_path)
         .map_err(io)?;
-    file.lock().map_err(io)?;
-    let mut text = String::new();
-    file.read_to_string(&mut text).map_err(io)?;
+    lock.lock().map_err(io)?;
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io(e)),
+    };
     let horizon = now_secs.saturating_sub(2 * TOLERANCE_SECS);
     let mut kept: Vec<&str> = text
         .lines()
@@ -92,11 +125,8 @@ pub fn check_and_record_seen(path: &Path, id: &str, now_secs: i64) -> Result<(),
     }
     let line = format!("{now_secs} {id}");
     kept.push(&line);
-    file.set_len(0).map_err(io)?;
-    file.rewind().map_err(io)?;
-    file.write_all((kept.join("\n") + "\n").as_bytes())
-        .map_err(io)?;
-    file.sync_all().map_err(io)
+    store::write_durable(path, (kept.join("\n") + "\n").as_bytes(), 0o644)
+        .map_err(|e| WebhookError::SeenFile(e.to_string()))
 }
 
 /// The Hub's webhook signing key (Ed25519), kept as `webhook.key` (0600) in its state dir.
@@ -251,8 +281,24 @@ pub async fn check_target(
         if let Some(bad) = addrs.iter().map(|a| a.ip()).find(|ip| !is_public(*ip)) {
             return Err(WebhookError::PrivateTarget(bad));
         }
+        if let Some(own) = addrs.iter().map(|a| a.ip()).find(|ip| is_this_hosts(*ip)) {
+            return Err(WebhookError::OwnAddress(own));
+        }
     }
     Ok((host, first))
+}
+
+/// Whether `ip` is an address of this host (a public address on one of its interfaces): a
+/// socket can be bound to it. Where the kernel lets a socket bind any address
+/// (`net.ipv4.ip_nonlocal_bind`), an address no host has (documentation ranges) binds too;
+/// then this cannot tell, and says no.
+fn is_this_hosts(ip: IpAddr) -> bool {
+    let binds = |ip: IpAddr| std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok();
+    let nowhere: IpAddr = match ip {
+        IpAddr::V4(_) => std::net::Ipv4Addr::new(192, 0, 2, 1).into(),
+        IpAddr::V6(_) => std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).into(),
+    };
+    binds(ip) && !binds(nowhere)
 }
 
 /// `url` as the Hub shows it (command output, audit records, logs): without the user name,
@@ -314,19 +360,33 @@ pub fn check_url_now(url: &str, allow_private: bool) -> Result<(), String> {
     let Some(parsed) = reqwest::Url::parse(url).ok() else {
         return Ok(());
     };
-    let (Some(url::Host::Domain(host)), Some(port)) =
-        (parsed.host(), parsed.port_or_known_default())
-    else {
+    let own = |ip: IpAddr, how: &str| {
+        format!(
+            "webhook {} points at {ip}{how}, an address of this host: a delivery would reach the Hub's own listeners (a test receiver on this host needs the private-address opt-ins: docs/operator-guide.md §7)",
+            redacted(url)
+        )
+    };
+    let host = match parsed.host() {
+        Some(url::Host::Ipv4(v4)) if is_this_hosts(v4.into()) => return Err(own(v4.into(), "")),
+        Some(url::Host::Ipv6(v6)) if is_this_hosts(v6.into()) => return Err(own(v6.into(), "")),
+        Some(url::Host::Domain(host)) => host,
+        _ => return Ok(()),
+    };
+    let Some(port) = parsed.port_or_known_default() else {
         return Ok(());
     };
     let Ok(addrs) = std::net::ToSocketAddrs::to_socket_addrs(&(host, port)) else {
         return Ok(());
     };
-    match addrs.map(|a| a.ip()).find(|ip| !is_public(*ip)) {
-        Some(ip) => Err(format!(
+    let addrs: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
+    if let Some(ip) = addrs.iter().find(|ip| !is_public(**ip)) {
+        return Err(format!(
             "webhook {} points at {ip} ({host} resolves to it), which is not a public address (a test receiver on this host needs the private-address opt-ins: docs/operator-guide.md §7)",
             redacted(url)
-        )),
+        ));
+    }
+    match addrs.into_iter().find(|ip| is_this_hosts(*ip)) {
+        Some(ip) => Err(own(ip, &format!(" ({host} resolves to it)"))),
         None => Ok(()),
     }
 }
@@ -336,7 +396,8 @@ pub fn check_url_now(url: &str, allow_private: bool) -> Result<(), String> {
 /// unspecified, multicast, broadcast, private (RFC 1918), shared/CGNAT (RFC 6598, including
 /// 100.100.100.200), "this network", IETF protocol and benchmarking ranges, documentation
 /// ranges, reserved 240/4, Azure's platform address 168.63.129.16; for IPv6 also unique-local (fc00::/7, including fd00:ec2::254),
-/// site-local, documentation, NAT64 (64:ff9b::/96, 64:ff9b:1::/48) and IPv4-compatible or
+/// site-local, documentation, NAT64 (64:ff9b::/96, 64:ff9b:1::/48), 6to4 (2002::/16), Teredo
+/// (2001::/32) and IPv4-compatible or
 /// IPv4-mapped forms of any of these (which are judged by their IPv4 address).
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
@@ -354,10 +415,17 @@ pub fn is_public(ip: IpAddr) -> bool {
             let link_local = (seg[0] & 0xffc0) == 0xfe80;
             let site_local = (seg[0] & 0xffc0) == 0xfec0;
             let documentation = seg[0] == 0x2001 && seg[1] == 0x0db8;
+            // 6to4 (2002::/16 embeds an IPv4 address, 169.254.169.254 as 2002:a9fe:a9fe::)
+            // and Teredo (2001::/32) reach IPv4 hosts through a relay or tunnel on the host:
+            // refused outright, as NAT64 is (both deprecated for anything but that).
+            let six_to_four = seg[0] == 0x2002;
+            let teredo = seg[0] == 0x2001 && seg[1] == 0;
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || nat64
+                || six_to_four
+                || teredo
                 || v4_compatible
                 || unique_local
                 || link_local
@@ -558,6 +626,9 @@ mod tests {
             "2001:db8::1",
             "64:ff9b::a00:1",
             "64:ff9b:1::1",
+            "2002:a9fe:a9fe::1",
+            "2002:0808:0808::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
             "::10.0.0.1",
             "::ffff:10.0.0.1",
             "::ffff:100.100.100.200",
@@ -573,6 +644,7 @@ mod tests {
             "100.128.0.1",
             "172.32.0.1",
             "2606:4700::1111",
+            "2001:4860:4860::8888",
             "::ffff:1.1.1.1",
         ] {
             let ip: IpAddr = public.parse().unwrap();

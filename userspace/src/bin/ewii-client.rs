@@ -137,6 +137,11 @@ enum Command {
         /// one is added.
         #[arg(long)]
         seen: Option<PathBuf>,
+        /// The SPIFFE ID of one of this receiver's Clients (repeat for each): a delivery about
+        /// another Client is refused (exit 1). The Hub signs every customer's notices with one
+        /// key, so without it another of the operator's customers could pass one of its own on.
+        #[arg(long = "client")]
+        clients: Vec<String>,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
@@ -227,6 +232,7 @@ fn main() -> ExitCode {
             signature,
             body,
             seen,
+            clients,
         } => {
             let data = if body.as_os_str() == "-" {
                 let mut v = Vec::new();
@@ -239,7 +245,9 @@ fn main() -> ExitCode {
                 Err(e) => return fail(EXIT_CONFIG, format!("{}: {e}", body.display())),
             };
             let now = ewii::now_timestamp().unix_secs() as i64;
-            if let Err(e) = ewii::webhook::verify(&key, &id, &timestamp, &signature, &data, now) {
+            if let Err(e) = ewii::webhook::verify(&key, &id, &timestamp, &signature, &data, now)
+                .and_then(|()| ewii::webhook::check_client(&data, &clients))
+            {
                 return fail(1, format!("INVALID: {e}"));
             }
             match seen.map(|path| ewii::webhook::check_and_record_seen(&path, &id, now)) {

@@ -138,10 +138,14 @@ async fn answer(
 async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+    // Where the blank line may start in what comes next: each read is looked at once (a peer
+    // sending a byte at a time must not make every read rescan the whole head).
+    let mut from = 0;
+    while !head[from..].windows(4).any(|w| w == b"\r\n\r\n") {
         if head.len() > MAX_HEAD {
             return Ok(None);
         }
+        from = head.len().saturating_sub(3);
         let n = stream.read(&mut buf).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());

@@ -296,7 +296,9 @@ async fn send(parts: &Parts, w: &PendingWebhook) -> Result<u16, Failure> {
     })?;
     let (host, addr) = resolved.map_err(|e| match e {
         // A name may resolve elsewhere later; an address in the URL will not.
-        WebhookError::PrivateTarget(_) if names_an_address(&w.url) => {
+        WebhookError::PrivateTarget(_) | WebhookError::OwnAddress(_)
+            if names_an_address(&w.url) =>
+        {
             Failure::Parked(e.to_string())
         }
         WebhookError::BadUrl(_) => Failure::Parked(e.to_string()),
