@@ -353,6 +353,10 @@ async fn p9_a_stops_revoke_the_hub_cannot_judge_is_kept_pending() {
     let dir = client.state_dir();
     assert!(dir.join(REVOKE_PENDING_MARKER).exists());
     assert!(!dir.join(REVOKED_MARKER).exists());
+    let r = hub
+        .wait_audit("the Hub's record of the revoke", is(Event::Revoked))
+        .await;
+    assert_eq!(r.outcome, Some(Outcome::Failed), "{r:?}");
     rename("gone", "serials");
     let acme = ewii::hub::state::Db::open(&db)
         .unwrap()
@@ -777,6 +781,25 @@ async fn p15_a_bundle_changed_on_disk_to_hold_a_leaf_is_refused_at_start() {
     assert!(hub.handle().connected_clients().is_empty());
 }
 
+/// A write a crash cut short leaves its temporary file (a key's holds the whole key): the
+/// Client's and the Hub's next starts remove it. (Named for pid 0, which no process has; one
+/// of a process still running is left alone: `identity::store::tests`.)
+#[tokio::test]
+async fn a_start_removes_the_temporary_files_a_crash_left() {
+    let mut hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let left = client.state_dir().join(".svid.key.0-00000000deadbeef.tmp");
+    std::fs::write(&left, "a key").unwrap();
+    client.start();
+    hub.wait_connected("acme").await;
+    assert!(!left.exists(), "the Client's start removed it");
+    client.stop().await;
+    let hub_left = hub.state_dir().join(".ca.key.0-00000000deadbeef.tmp");
+    std::fs::write(&hub_left, "a key").unwrap();
+    hub.restart().await;
+    assert!(!hub_left.exists(), "the Hub's start removed it");
+}
+
 /// A `client.toml` for `ewii-client run` on `client`'s state directory (allow-list entry `db`,
 /// audit discarded).
 fn run_config(hub: &TestHub, client: &TestClient) -> PathBuf {
@@ -1182,8 +1205,9 @@ async fn p10_webhook_arrives_exactly_once_across_failures_and_a_hub_restart_and_
     // The customer's verifier, as shipped.
     let body_file = hub.dir.path().join("body.json");
     std::fs::write(&body_file, &ok.body).unwrap();
-    let verify_with = |file: &Path, extra: &[&str]| {
+    let verify_in = |cwd: &Path, file: &Path, extra: &[&str]| {
         Command::new(bin_path("ewii-client"))
+            .current_dir(cwd)
             .args([
                 "verify-webhook",
                 "--key",
@@ -1198,6 +1222,7 @@ async fn p10_webhook_arrives_exactly_once_across_failures_and_a_hub_restart_and_
             .output()
             .unwrap()
     };
+    let verify_with = |file: &Path, extra: &[&str]| verify_in(hub.dir.path(), file, extra);
     let verify = |file: &Path| verify_with(file, &[]);
     assert_eq!(verify(&body_file).status.code(), Some(0));
     // With a file of verified ids, the same delivery verifies once: its retry (or a replay)
@@ -1209,6 +1234,18 @@ async fn p10_webhook_arrives_exactly_once_across_failures_and_a_hub_restart_and_
     assert_eq!(again.status.code(), Some(6));
     assert!(String::from_utf8_lossy(&again.stderr).contains("DUPLICATE"));
     assert_eq!(std::fs::read_to_string(&seen).unwrap().lines().count(), 1);
+    // A bare file name: kept in the working directory (where a receiver's script runs).
+    let cwd = tempfile::tempdir().unwrap();
+    let bare = || verify_in(cwd.path(), &body_file, &["--seen", "seen-ids"]);
+    let first = bare();
+    assert_eq!(
+        first.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(bare().status.code(), Some(6));
+    assert!(cwd.path().join("seen-ids").exists());
     // The Hub signs every customer's notices with one key: a receiver that names its Clients
     // refuses a genuine delivery about another (a customer passing its own on), before its id
     // is kept.

@@ -300,6 +300,8 @@ pub fn check_not_revoked(dir: &Path) -> Result<(), ClientError> {
 /// Reads the SVID, the bundle and a kept renewal key; refuses a Client revoked earlier.
 /// Blocking.
 fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
+    // A write a crash cut short left its temporary file (a key's holds the whole key).
+    store::remove_leftover_temporaries(dir);
     let pending_revoke = load_markers(dir)?;
     let not_enrolled = |source| ClientError::NotEnrolled {
         dir: dir.to_owned(),

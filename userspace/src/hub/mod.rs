@@ -254,6 +254,8 @@ impl Hub {
         }
         let federation_config = config.federation.clone();
         let (material, key, federation) = tokio::task::spawn_blocking(move || {
+            // A write a crash cut short left its temporary file (a CA key's holds the key).
+            crate::identity::store::remove_leftover_temporaries(&d);
             let material = Material::load(&d)?;
             let federation = trust::load_federation(&federation_config, &material)?;
             let key = WebhookKey::load_or_create(&d)

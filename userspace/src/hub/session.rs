@@ -526,6 +526,13 @@ impl Session {
                     // identity that replaced it. Neither revoked nor acknowledged: the Client
                     // keeps the revoke pending and delivers it at its next start.
                     Some(None) => {
+                        let mut r = self.parts.audit.record(Event::Revoked);
+                        r.client = Some(self.leaf.id.to_string());
+                        r.session_id = Some(self.id);
+                        r.peer = Some(self.peer.to_string());
+                        r.outcome = Some(Outcome::Failed);
+                        r.reason = Some("stopped by the customer: not recorded: the Hub's serial records cannot be read to tell whether this connection's serial may revoke; the Client keeps the revoke pending".into());
+                        self.parts.audit.emit(r);
                         self.conn
                             .close(codes::SHUTDOWN, b"the revoke could not be recorded");
                         return Some(SessionEnd::Goodbye.reason(

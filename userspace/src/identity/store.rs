@@ -259,7 +259,7 @@ pub fn read_key_pair(path: &Path) -> Result<KeyPair, IdentityError> {
 /// [`write_file`], and the directory synced: the rename survives a power loss.
 pub fn write_durable(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
     write_file(path, data, mode)?;
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = parent(path);
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|source| IdentityError::Io {
@@ -274,7 +274,7 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityErr
         path: path.to_owned(),
         source,
     };
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = parent(path);
     // A name of its own, made here or not at all (O_EXCL, which follows no link): nothing
     // planted in the directory is written through or has its mode changed, and two writers of
     // one path (two runs of a command into one directory) each rename a whole file.
@@ -301,6 +301,46 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityErr
         let _ = fs::remove_file(&tmp);
     }
     written.map_err(io)
+}
+
+/// The directory `path` is in: `.` for a bare file name (whose `parent()` is empty).
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// Removes the temporary files [`write_file`] left in `dir` when its process died mid-write
+/// (`.NAME.<pid>-<random>.tmp` whose process is gone; a key's holds the whole key): at a start,
+/// before the state directory is written. A file of a process still running is left alone.
+pub fn remove_leftover_temporaries(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for name in entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+    {
+        let Some(pid) = temporary_of(&name) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            if let Err(e) = fs::remove_file(dir.join(&name)) {
+                tracing::warn!(file = %name, error = %e, "cannot remove a temporary file a write cut short left");
+            }
+        }
+    }
+}
+
+/// The pid in a temporary file name of [`write_file`]'s, if `name` is one.
+fn temporary_of(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (_, tail) = rest.rsplit_once('.')?;
+    let (pid, random) = tail.split_once('-')?;
+    (random.len() == 16 && random.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| pid.parse().ok())
+        .flatten()
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
@@ -348,6 +388,45 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, [".status.json.tmp", "elsewhere", "status.json"]);
+    }
+
+    /// A bare file name is written in the working directory, synced there too.
+    #[test]
+    fn a_bare_file_name_is_written_and_synced_in_the_working_directory() {
+        assert_eq!(parent(Path::new("seen-ids")), Path::new("."));
+        assert_eq!(parent(Path::new("/a/b")), Path::new("/a"));
+        assert_eq!(parent(Path::new("a/b")), Path::new("a"));
+    }
+
+    /// What a crash mid-write left is removed at the next start; a running writer's is not.
+    #[test]
+    fn temporary_files_a_crash_left_are_removed_and_a_live_writers_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = ".svid.key.0-00000000deadbeef.tmp";
+        let live = format!(".status.json.{}-0123456789abcdef.tmp", std::process::id());
+        for name in [
+            dead,
+            live.as_str(),
+            ".svid.key.tmp",
+            "svid.key",
+            ".x.1-short.tmp",
+        ] {
+            fs::write(dir.path().join(name), b"k").unwrap();
+        }
+        remove_leftover_temporaries(dir.path());
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        let mut want = vec![
+            live,
+            ".svid.key.tmp".into(),
+            ".x.1-short.tmp".into(),
+            "svid.key".into(),
+        ];
+        want.sort();
+        assert_eq!(names, want);
     }
 
     /// Two writers of one path at once: every write succeeds, and the file is always one of
