@@ -66,12 +66,9 @@ impl Source {
 
     fn describe(&self) -> String {
         match self {
-            Self::Address(ip @ IpAddr::V6(_)) => format!("{ip}/64"),
-            Self::Address(ip) => ip.to_string(),
-            Self::Enrolling(ip @ IpAddr::V6(_)) => format!("{ip}/64 (its enrolments)"),
-            Self::Enrolling(ip) => format!("{ip} (its enrolments)"),
-            Self::Throttled(ip @ IpAddr::V6(_)) => format!("{ip}/64 (its throttled enrolments)"),
-            Self::Throttled(ip) => format!("{ip} (its throttled enrolments)"),
+            Self::Address(ip) => host_text(ip),
+            Self::Enrolling(ip) => format!("{} (its enrolments)", host_text(ip)),
+            Self::Throttled(ip) => format!("{} (its throttled enrolments)", host_text(ip)),
             Self::Claimed(id) => id.clone(),
             Self::Unverified => "certificates whose chain did not verify".to_owned(),
             Self::Others => format!("other sources (past {SOURCES} at once)"),
@@ -90,6 +87,14 @@ fn host(ip: IpAddr) -> IpAddr {
             }
         },
         v4 => v4,
+    }
+}
+
+/// A host as [`host`] made it: an IPv6 one with its prefix length.
+fn host_text(ip: &IpAddr) -> String {
+    match ip {
+        IpAddr::V6(_) => format!("{ip}/64"),
+        IpAddr::V4(_) => ip.to_string(),
     }
 }
 

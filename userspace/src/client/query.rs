@@ -188,14 +188,10 @@ pub(crate) async fn serve(
             if let Some(d) = &mut r.destination {
                 d.address = Some(addr.to_string());
             }
-            let opened = transport::write_frame(&mut send, &QueryHead::Opened);
-            match tokio::time::timeout(ANSWER_BOUND, opened).await {
-                Ok(Err(_)) => Err(QueryError::HubGone),
-                Err(_) => {
-                    let _ = send.reset(codes::ABORTED);
-                    Err(QueryError::NoRoom)
-                }
-                Ok(Ok(())) => {
+            match answer(&mut send, &QueryHead::Opened, codes::ABORTED).await {
+                Err(Unanswered::Broke) => Err(QueryError::HubGone),
+                Err(Unanswered::NoRoom) => Err(QueryError::NoRoom),
+                Ok(()) => {
                     // The session's end cuts the query with its bytes so far on record: a pipe
                     // blocked on the destination's TCP alone would not notice the stream is gone.
                     let ended = async move {
@@ -249,15 +245,35 @@ pub(crate) async fn serve(
 /// ([`ANSWER_BOUND`]): a Hub that grants no room for it does not hold the query until its
 /// session ends; the stream is reset instead.
 async fn refuse(send: &mut quinn::SendStream, code: RefuseCode) -> bool {
-    let answer = QueryHead::Refused { code };
-    match tokio::time::timeout(ANSWER_BOUND, transport::write_frame(send, &answer)).await {
-        Ok(written) => {
+    match answer(send, &QueryHead::Refused { code }, codes::REFUSED).await {
+        Err(Unanswered::NoRoom) => false,
+        written => {
             let _ = send.finish();
             written.is_ok()
         }
+    }
+}
+
+/// Why an answer to the Hub was not written.
+enum Unanswered {
+    /// The stream or the connection broke.
+    Broke,
+    /// No room for it within [`ANSWER_BOUND`]: the stream was reset (with the code given).
+    NoRoom,
+}
+
+/// Writes `head` to the Hub, waiting at most [`ANSWER_BOUND`] for room; past that the stream
+/// is reset with `code`.
+async fn answer(
+    send: &mut quinn::SendStream,
+    head: &QueryHead,
+    code: quinn::VarInt,
+) -> Result<(), Unanswered> {
+    match tokio::time::timeout(ANSWER_BOUND, transport::write_frame(send, head)).await {
+        Ok(written) => written.map_err(|_| Unanswered::Broke),
         Err(_) => {
-            let _ = send.reset(codes::REFUSED);
-            false
+            let _ = send.reset(code);
+            Err(Unanswered::NoRoom)
         }
     }
 }

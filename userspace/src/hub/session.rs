@@ -518,28 +518,22 @@ impl Session {
                 // Only the newest serial speaks for the identity: a connection of one a newer
                 // serial replaced (still draining; a stolen older key's, say) cannot revoke it,
                 // as it cannot renew it (P8). Recorded, and taken as a plain `Goodbye`.
-                let revoke = match revoke.then(|| self.may_revoke()) {
-                    None => false,
-                    Some(Some(may)) => may,
-                    // The records cannot be read now (a reload failed): whether this serial
-                    // was replaced is unknown, and a revoke by a replaced key would revoke the
-                    // identity that replaced it. Neither revoked nor acknowledged: the Client
-                    // keeps the revoke pending and delivers it at its next start.
-                    Some(None) => {
-                        let mut r = self.parts.audit.record(Event::Revoked);
-                        r.client = Some(self.leaf.id.to_string());
-                        r.session_id = Some(self.id);
-                        r.peer = Some(self.peer.to_string());
-                        r.outcome = Some(Outcome::Failed);
-                        r.reason = Some("stopped by the customer: not recorded: the Hub's serial records cannot be read to tell whether this connection's serial may revoke; the Client keeps the revoke pending".into());
-                        self.parts.audit.emit(r);
-                        self.conn
-                            .close(codes::SHUTDOWN, b"the revoke could not be recorded");
-                        return Some(SessionEnd::Goodbye.reason(
-                            "the Client stopped and asked to be revoked, but the Hub's serial records cannot be read to tell whether its serial may: not revoked; the Client keeps it pending",
+                let revoke = revoke
+                    && {
+                        let Some(may) = self.may_revoke() else {
+                            // The records cannot be read now (a reload failed): whether this
+                            // serial was replaced is unknown, and a revoke by a replaced key would
+                            // revoke the identity that replaced it.
+                            self.revoked_record(
+                            Outcome::Failed,
+                            "stopped by the customer: not recorded: the Hub's serial records cannot be read to tell whether this connection's serial may revoke; the Client keeps the revoke pending".into(),
+                        );
+                            return Some(self.revoke_kept_pending(
+                            "the Hub's serial records cannot be read to tell whether its serial may: not revoked",
                         ));
-                    }
-                };
+                        };
+                        may
+                    };
                 // No new query goes to it; in-flight ones finish, then the Client closes. Until
                 // then an operator's revocation still closes it (its own revoke needs no more).
                 if revoke {
@@ -563,14 +557,9 @@ impl Session {
                     )
                     .await;
                     if !recorded {
-                        // Not acknowledged: the Client keeps the revoke pending and delivers
-                        // it at its next start, where an acknowledgement would have told it
-                        // the identity is revoked when it is not.
-                        self.conn
-                            .close(codes::SHUTDOWN, b"the revoke could not be recorded");
-                        return Some(SessionEnd::Goodbye.reason(
-                            "the Client stopped and asked to be revoked, but the revocation could not be recorded; the Client keeps it pending",
-                        ));
+                        return Some(
+                            self.revoke_kept_pending("the revocation could not be recorded"),
+                        );
                     }
                 }
                 self.goodbye = Some((revoke, Instant::now() + GOODBYE_DRAIN));
@@ -691,18 +680,38 @@ impl Session {
         if status != SerialStatus::Retired {
             return Some(true);
         }
+        self.revoked_record(
+            Outcome::Refused,
+            format!(
+                "a Goodbye asked to revoke {} on a connection of serial {}, which a newer serial \
+                 replaced: not revoked (only the newest serial speaks for the identity)",
+                self.leaf.id, self.leaf.serial
+            ),
+        );
+        Some(false)
+    }
+
+    /// A `revoked` record of this session's `Goodbye{revoke}` that did not revoke.
+    fn revoked_record(&self, outcome: Outcome, reason: String) {
         let mut r = self.parts.audit.record(Event::Revoked);
         r.client = Some(self.leaf.id.to_string());
         r.session_id = Some(self.id);
         r.peer = Some(self.peer.to_string());
-        r.outcome = Some(Outcome::Refused);
-        r.reason = Some(format!(
-            "a Goodbye asked to revoke {} on a connection of serial {}, which a newer serial \
-             replaced: not revoked (only the newest serial speaks for the identity)",
-            self.leaf.id, self.leaf.serial
-        ));
+        r.outcome = Some(outcome);
+        r.reason = Some(reason);
         self.parts.audit.emit(r);
-        Some(false)
+    }
+
+    /// A stop's revoke this Hub did not take (`why`): the connection closes with the
+    /// `Goodbye` unacknowledged, so the Client keeps the revoke pending and delivers it at its
+    /// next start (an acknowledgement would tell it the identity is revoked when it is not).
+    /// The session's end reason.
+    fn revoke_kept_pending(&self, why: &str) -> String {
+        self.conn
+            .close(codes::SHUTDOWN, b"the revoke could not be recorded");
+        SessionEnd::Goodbye.reason(&format!(
+            "the Client stopped and asked to be revoked, but {why}; the Client keeps it pending"
+        ))
     }
 }
 
