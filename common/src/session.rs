@@ -799,6 +799,57 @@ impl ClientSession {
         }
     }
 
+    /// The wall clock moved against the monotonic one (a step of the host's clock, or a
+    /// suspend the monotonic clock did not count), and reads `now`. Every deadline here is a
+    /// wall-clock instant: after a step back, one set for "within 30 s" would lie as far away
+    /// as the step, and a reconnect or a stop's drain would wait for it. Each is brought back
+    /// to at most the span it was set with, from `now`; the renewal to no later than half of
+    /// the SVID's life left from `now` (or the retry span of a refused one). A step ahead only
+    /// brings deadlines nearer: what they waited for is due, and the SVID's end is judged on
+    /// the new reading at the next timeout.
+    pub fn handle_clock_moved(&mut self, now: Duration) {
+        let cap = |at: &mut Duration, span: Duration| *at = (*at).min(now + span);
+        let reconnect = self.config.reconnect_max.max(self.config.reconnect_initial);
+        if let Some(since) = &mut self.up_since {
+            *since = (*since).min(now);
+        }
+        match &mut self.state {
+            State::Waiting { until } => cap(until, reconnect),
+            State::Up { renewal, .. } => match renewal {
+                Renewal::Due(at) => {
+                    let from = self.svid.not_before.max(now.as_secs());
+                    let fresh =
+                        Duration::from_secs(renewal_time(from, self.svid.not_after, self.random));
+                    let retry = self
+                        .config
+                        .reconnect_max
+                        .max(self.config.renew_retry)
+                        .max(frame::renew_pause(self.svid.end().saturating_sub(now)));
+                    cap(at, fresh.saturating_sub(now).max(retry));
+                }
+                Renewal::Asked(at) | Renewal::Presenting(at) => {
+                    cap(at, self.config.renew_answer_timeout);
+                }
+                Renewal::External => {}
+            },
+            State::Moving { retry_at, .. } => {
+                if let Some(at) = retry_at {
+                    cap(at, reconnect);
+                }
+            }
+            State::Revoking { deadline, retry_at } => {
+                if let Some(at) = deadline {
+                    cap(at, self.config.goodbye_budget);
+                }
+                if let Some(at) = retry_at {
+                    cap(at, reconnect);
+                }
+            }
+            State::Stopping { deadline, .. } => cap(deadline, self.config.stop_drain),
+            State::Dialing | State::Done => {}
+        }
+    }
+
     /// Time passed: fire every deadline at or before `now`.
     pub fn handle_timeout(&mut self, now: Duration) {
         match self.state {

@@ -204,6 +204,18 @@ impl Sim {
         (sim, id)
     }
 
+    /// A stop while connection `id` is up: it says `Goodbye { revoke }` and drains.
+    fn stop_saying_goodbye(&mut self, id: u64, revoke: bool) {
+        self.s.handle_stop(self.now);
+        assert_eq!(
+            self.actions(),
+            vec![Action::SendGoodbye {
+                session_id: id,
+                revoke
+            }]
+        );
+    }
+
     /// Runs the clock until the machine asks for `SendRenew`.
     fn until_renew(&mut self) {
         loop {
@@ -559,14 +571,7 @@ fn p7_p14_expiry_while_disconnected_ends_at_not_after_and_dials_no_more() {
 #[test]
 fn p9_stop_while_connected_says_goodbye_drains_and_exits() {
     let (mut sim, id) = Sim::connected(config(), svid_at(START));
-    sim.s.handle_stop(sim.now);
-    assert_eq!(
-        sim.actions(),
-        vec![Action::SendGoodbye {
-            session_id: id,
-            revoke: true
-        }]
-    );
+    sim.stop_saying_goodbye(id, true);
     assert_eq!(sim.s.phase(), Phase::Stopping);
     // Drained: no query left, and the Hub acknowledged the `Goodbye`, so the revoke is done.
     sim.s.handle_drained(id);
@@ -577,14 +582,7 @@ fn p9_stop_while_connected_says_goodbye_drains_and_exits() {
 
     // `on_stop = "disconnect"` asks for no revocation, and records none.
     let (mut sim, id) = Sim::connected(disconnect_on_stop(), svid_at(START));
-    sim.s.handle_stop(sim.now);
-    assert_eq!(
-        sim.actions(),
-        vec![Action::SendGoodbye {
-            session_id: id,
-            revoke: false
-        }]
-    );
+    sim.stop_saying_goodbye(id, false);
     sim.s.handle_drained(id);
     assert_eq!(sim.actions(), vec![Action::Exit(Exit::Stopped)]);
 }
@@ -1053,14 +1051,7 @@ fn p7_a_late_answer_from_the_old_connection_is_not_taken_for_the_new_ones_presen
 #[test]
 fn p9_a_stop_while_presenting_says_goodbye_and_a_late_answer_changes_nothing() {
     let (mut sim, id) = Sim::presenting();
-    sim.s.handle_stop(sim.now);
-    assert_eq!(
-        sim.actions(),
-        vec![Action::SendGoodbye {
-            session_id: id,
-            revoke: true
-        }]
-    );
+    sim.stop_saying_goodbye(id, true);
     sim.s.handle_presented(sim.now, id);
     sim.s.handle_present_refused(id);
     assert_eq!(sim.actions(), vec![]);
@@ -1320,4 +1311,111 @@ fn p7_a_pushed_svid_is_ignored_by_a_session_the_hub_renews() {
     assert_eq!(sim.actions(), vec![]);
     assert_eq!(sim.s.phase(), Phase::Connected { session_id: id });
     assert_eq!(sim.s.svid(), svid_at(START));
+}
+
+impl Sim {
+    /// The host's wall clock now reads `to` (a step, either way, or a suspend).
+    fn clock_moved(&mut self, to: Duration) {
+        self.now = to;
+        self.s.handle_clock_moved(to);
+        assert_eq!(
+            self.actions(),
+            vec![],
+            "a clock's move alone asks for nothing"
+        );
+    }
+
+    /// How long from now until the machine's next timeout.
+    fn wait(&self) -> Duration {
+        self.s
+            .poll_timeout()
+            .expect("a timeout is pending")
+            .saturating_sub(self.now)
+    }
+}
+
+const HOURS_2: Duration = Duration::from_secs(2 * 3_600);
+
+#[test]
+fn p14_a_clock_stepped_back_does_not_postpone_the_next_dial() {
+    let (mut sim, id) = Sim::connected(config(), svid_at(START));
+    sim.lost_after(id, Duration::from_secs(60));
+    let back = sim.now - HOURS_2;
+    sim.clock_moved(back);
+    assert!(sim.wait() <= config().reconnect_max, "{:?}", sim.wait());
+    assert_eq!(sim.advance(), vec![Action::Dial]);
+    // A move to a new connection waiting for its retry, likewise.
+    let (mut sim, id) = Sim::presenting();
+    sim.s.handle_present_refused(id);
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    sim.dial_failed();
+    sim.clock_moved(sim.now - HOURS_2);
+    assert!(sim.wait() <= config().reconnect_max, "{:?}", sim.wait());
+    assert_eq!(sim.advance(), vec![Action::Dial]);
+}
+
+#[test]
+fn p9_a_clock_stepped_back_does_not_stretch_a_stop_or_its_revoke() {
+    // Draining after `Goodbye`: at most the drain time from the step.
+    let (mut sim, id) = Sim::connected(config(), svid_at(START));
+    sim.stop_saying_goodbye(id, true);
+    sim.clock_moved(sim.now - HOURS_2);
+    assert!(sim.wait() <= config().stop_drain, "{:?}", sim.wait());
+    // Without a connection: the revoke's budget, and its redial, likewise.
+    let mut sim = Sim::new(config(), svid_at(START));
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    sim.s.handle_stop(sim.now);
+    sim.dial_failed();
+    sim.clock_moved(sim.now - HOURS_2);
+    assert!(sim.wait() <= config().reconnect_max, "{:?}", sim.wait());
+    let State::Revoking {
+        deadline: Some(deadline),
+        ..
+    } = sim.s.state
+    else {
+        panic!("revoking: {:?}", sim.s.state);
+    };
+    assert!(deadline - sim.now <= config().goodbye_budget);
+}
+
+#[test]
+fn p7_a_clock_stepped_back_renews_on_the_svid_s_own_schedule() {
+    // The host's clock was 20 h ahead when the Client started (so its renewal was set near
+    // the SVID's end), then set right: the renewal is due by the SVID's own half-life.
+    let svid = svid_at(START);
+    let mut sim = Sim::new(config(), svid);
+    sim.now = Duration::from_secs(START + 20 * 3_600);
+    sim.s = ClientSession::new(config(), svid, sim.now, 7);
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    sim.dialed();
+    let due = sim.s.renewal_due().unwrap();
+    assert!(due > Duration::from_secs(START + 20 * 3_600), "{due:?}");
+    sim.clock_moved(Duration::from_secs(START));
+    let due = sim.s.renewal_due().unwrap().as_secs() - START;
+    assert!(due <= DAY * 6 / 10, "{due} s after the SVID was issued");
+    // A `Renew` asked before the step waits for its answer no longer than it would have.
+    sim.until_renew();
+    sim.clock_moved(sim.now - HOURS_2);
+    assert!(
+        sim.wait() <= config().renew_answer_timeout,
+        "{:?}",
+        sim.wait()
+    );
+    assert_eq!(sim.advance(), vec![Action::SendRenew]);
+}
+
+#[test]
+fn p7_a_clock_moved_ahead_past_half_life_renews_at_once_and_past_the_end_expires() {
+    // A suspend of 15 h (past half-life ± 10 %): the renewal is due at the first timeout,
+    // not after the same time again of running.
+    let (mut sim, id) = Sim::connected(config(), svid_at(START));
+    sim.clock_moved(sim.now + Duration::from_secs(15 * 3_600));
+    assert_eq!(sim.wait(), Duration::ZERO);
+    sim.s.handle_timeout(sim.now);
+    assert_eq!(sim.actions(), vec![Action::SendRenew]);
+    // One of 30 h: the SVID is over, and the session ends as expired.
+    sim.clock_moved(sim.now + Duration::from_secs(15 * 3_600));
+    assert_eq!(sim.wait(), Duration::ZERO);
+    sim.s.handle_timeout(sim.now);
+    assert_eq!(sim.actions(), expired(id));
 }

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::clock::{random, validity, Clock};
+use super::clock::{random, validity, Clock, Moved};
 use super::connect::{self, ConnectError, DialPlan, Opened};
 use super::connection::{Command, Connection, End, Event, Lost};
 use super::dialer::{Addresses, Dialer};
@@ -118,7 +118,8 @@ impl Driver {
             deliveries,
             renew_key,
         } = credentials;
-        let clock = Clock::start();
+        let mut clock = Clock::start();
+        let now = clock.read().now;
         let session = SessionConfig {
             reconnect_initial: config.reconnect.initial,
             reconnect_max: config.reconnect.max,
@@ -130,14 +131,9 @@ impl Driver {
             external_svid: matches!(config.svid_source, SvidSource::WorkloadApi { .. }),
         };
         let machine = if pending_revoke {
-            ClientSession::new_with_pending_revoke(
-                session,
-                validity(&identity),
-                clock.now(),
-                random(),
-            )
+            ClientSession::new_with_pending_revoke(session, validity(&identity), now, random())
         } else {
-            ClientSession::new(session, validity(&identity), clock.now(), random())
+            ClientSession::new(session, validity(&identity), now, random())
         };
         // The Dialer starts from the addresses the layers were planned with; with the eBPF
         // lock attached they are the lock's, and stay.
@@ -175,6 +171,26 @@ impl Driver {
             deliveries,
             presented: None,
         }
+    }
+
+    /// The wall clock, read for an event. When it moved against the monotonic clock (a step,
+    /// or a suspend), the machine brings its deadlines in line first (a step back would push
+    /// a reconnect as far away as the step) and the log says so: a renewal, or the SVID's end,
+    /// may follow at once.
+    fn now(&mut self) -> Duration {
+        let read = self.clock.read();
+        if let Some(moved) = read.moved {
+            let (way, by) = match moved {
+                Moved::Ahead(by) => ("ahead", by),
+                Moved::Back(by) => ("back", by),
+            };
+            tracing::warn!(
+                by_secs = by.as_secs(),
+                "the wall clock moved {way} (a clock step, or the host was suspended): the session's deadlines follow it"
+            );
+            self.machine.handle_clock_moved(read.now);
+        }
+        read.now
     }
 
     /// The Hub's trust domain: the configured one with a Workload API, else our own.
@@ -227,11 +243,13 @@ impl Driver {
             }
             let counters = denied.borrow().clone();
             self.publish_status(&counters);
-            let timeout = self.machine.poll_timeout().map(|t| self.clock.instant(t));
+            let now = self.now();
+            let timeout = Clock::wake_at(self.machine.poll_timeout(), now);
             tokio::select! {
                 () = &mut shutdown, if !stopping => {
                     stopping = true;
-                    self.machine.handle_stop(self.clock.now());
+                    let now = self.now();
+                    self.machine.handle_stop(now);
                 }
                 dialled = poll_dial(&mut self.dialing), if self.dialing.is_some() => {
                     self.dialing = None;
@@ -245,7 +263,10 @@ impl Driver {
                     }
                 }
                 Ok(()) = denied.changed() => {}
-                () = sleep_until_opt(timeout) => self.machine.handle_timeout(self.clock.now()),
+                () = tokio::time::sleep_until(timeout) => {
+                    let now = self.now();
+                    self.machine.handle_timeout(now);
+                }
             }
         };
         for task in [watcher, refresher].into_iter().flatten() {
@@ -308,8 +329,8 @@ impl Driver {
     fn send_renew(&mut self) {
         let refused = |this: &mut Self, e: &dyn std::fmt::Display| {
             tracing::error!(error = %e, "cannot make a renewal key");
-            this.machine
-                .handle_renew_refused(this.clock.now(), random());
+            let now = this.now();
+            this.machine.handle_renew_refused(now, random());
         };
         if self.renew_key_writing {
             return;
@@ -344,7 +365,7 @@ impl Driver {
     }
 
     fn dialled(&mut self, dialled: Result<Opened, ConnectError>) {
-        let now = self.clock.now();
+        let now = self.now();
         match dialled {
             Ok(opened) => {
                 let id = opened.id;
@@ -378,7 +399,7 @@ impl Driver {
     }
 
     async fn event(&mut self, event: Event) {
-        let now = self.clock.now();
+        let now = self.now();
         match event {
             // An answer on a connection that no longer serves (one retired after its
             // presentation timed out) is not the serving one's.
@@ -621,8 +642,8 @@ impl Driver {
             return;
         }
         let replaced = std::mem::replace(&mut self.identity, Arc::new(delivered.identity));
-        self.machine
-            .handle_svid(self.clock.now(), validity(&self.identity));
+        let now = self.now();
+        self.machine.handle_svid(now, validity(&self.identity));
         r.outcome = Some(Outcome::Ok);
         r.reason = Some(format!(
             "serial {} replaces {} (from the Workload API); {}",

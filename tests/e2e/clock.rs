@@ -1,0 +1,163 @@
+//! The Client binary when the host's wall clock moves under it (P7): a suspend the monotonic
+//! clock does not count, and a step back by NTP. (Each deadline a step back would push away,
+//! a reconnect's, a stop's, is tested in the session machine: `common/src/session/tests.rs`.) The clock is moved for the Client's
+//! process alone with Debian's libfaketime (`LD_PRELOAD`, its time read from a file the test
+//! rewrites; the monotonic clock left alone): the seam is the C library's `clock_gettime`,
+//! what a real step or suspend changes. The Hub runs in-process on the real clock.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ewii::client::status::Status;
+use ewii::identity::inspect_leaf;
+use ewii::identity::store::{self, Svid};
+use ewii_common::audit::Event;
+use ewii_tests::*;
+
+use crate::process::Proc;
+
+/// Debian's libfaketime, the variant for threaded programs (scripts/install-test-deps).
+fn libfaketime() -> PathBuf {
+    let found = fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists());
+    found.expect("libfaketime is missing: scripts/install-test-deps installs it (faketime)")
+}
+
+/// Sets the Client's wall clock to real time plus `offset` (libfaketime's `+13h`, `-2h`,
+/// `+0`). The Client reads the file at most once a second.
+fn set_clock(file: &Path, offset: &str) {
+    fs::write(file, format!("{offset}\n")).unwrap();
+}
+
+/// The `ewii-client` binary run with `client`'s state directory and allow-list entry `db` at
+/// `echo`, its wall clock taken from `clock` (in the state directory, which its sandbox lets
+/// it read). Its log goes to `<state>/../client.stderr`.
+fn run_client_binary(client: &TestClient, hub: &TestHub, echo: SocketAddr, clock: &Path) -> Proc {
+    let state = client.state_dir();
+    let root = state.parent().unwrap();
+    let toml = root.join("client.toml");
+    fs::write(
+        &toml,
+        format!(
+            "hub = \"{}\"\nstate_dir = {state:?}\naudit = \"discard\"\n[[allow]]\nname = \"db\"\naddress = \"{echo}\"\n[enforcement]\nlayers = [\"landlock\", \"privileges\", \"seccomp\"]\n",
+            hub.addr
+        ),
+    )
+    .unwrap();
+    Proc(
+        Command::new(bin_path("ewii-client"))
+            .args(["run", "--config", toml.to_str().unwrap()])
+            .env("LD_PRELOAD", libfaketime())
+            .env("FAKETIME_TIMESTAMP_FILE", clock)
+            .env("FAKETIME_CACHE_DURATION", "1")
+            .env("DONT_FAKE_MONOTONIC", "1")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(root.join("client.stderr")).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The Client's log so far, for a failure's message.
+fn client_log(client: &TestClient) -> String {
+    fs::read_to_string(client.state_dir().parent().unwrap().join("client.stderr"))
+        .unwrap_or_default()
+}
+
+/// Longer than the Client's longest wait between two readings of the clock (10 s), its
+/// libfaketime cache (1 s) and a renewal.
+const CLOCK_SEEN: Duration = Duration::from_secs(25);
+
+#[tokio::test]
+async fn p7_a_client_woken_from_a_suspend_past_half_life_renews_within_seconds() {
+    // The Hub renews at any age here: the Client's clock says 15 h, the Hub's a few seconds.
+    let limits = ewii::hub::admission::Limits {
+        renew_after_percent: 0,
+        ..Default::default()
+    };
+    let hub = TestHub::start_with_limits(&[Service::tcp("pg", "acme", "db")], limits).await;
+    let echo = echo_server().await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    let clock = client.state_dir().join("faketime");
+    set_clock(&clock, "+0");
+    let _proc = run_client_binary(&client, &hub, echo, &clock);
+    hub.wait_connected("acme").await;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let serial = inspect_leaf(&svid.chain[0]).unwrap().serial;
+    // The SVID (24 h) is renewed at half-life ± 10 %, 9.6 to 14.4 h of a clock that counts a
+    // suspend: one of 15 h is past it whatever the jitter.
+    set_clock(&clock, "+15h");
+    let rebound = format!("session re-bound from serial {serial}");
+    let renewed = hub
+        .audit
+        .wait_for(CLOCK_SEEN, says(Event::SvidRotated, &rebound))
+        .await;
+    assert!(
+        renewed.is_some(),
+        "no renewal within {CLOCK_SEEN:?} of a 15 h jump; the Client's log:\n{}\nthe Hub's records: {:#?}",
+        client_log(&client),
+        hub.audit.records()
+    );
+    assert!(
+        client_log(&client).contains("the wall clock moved ahead"),
+        "the log says why: {}",
+        client_log(&client)
+    );
+}
+
+#[tokio::test]
+async fn p7_a_client_whose_clock_is_set_back_renews_on_its_svid_s_own_schedule() {
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let echo = echo_server().await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let leaf = inspect_leaf(&svid.chain[0]).unwrap();
+    let life = leaf.not_after - leaf.not_before;
+    let renewal_due = || {
+        Status::read(&client.state_dir())
+            .ok()
+            .and_then(|s| s.next_renewal_unix)
+    };
+    // The host's clock runs 20 h ahead when the Client starts: the SVID seems to have 4 h
+    // left, and its renewal is set at half of them, near its end.
+    let clock = client.state_dir().join("faketime");
+    set_clock(&clock, "+20h");
+    let _proc = run_client_binary(&client, &hub, echo, &clock);
+    hub.wait_connected("acme").await;
+    poll_until("a renewal time in the status", SOON, || {
+        renewal_due().is_some()
+    })
+    .await;
+    let ahead = renewal_due().unwrap();
+    assert!(ahead >= leaf.not_after - 3 * 3_600, "{ahead} for {leaf:?}");
+    // NTP sets the clock right: the renewal comes back to the SVID's own half-life (± 10 %),
+    // not 10 h after it, when a Hub that was away for a while would leave no time to retry.
+    set_clock(&clock, "+0");
+    // (Half of the life left when the clock is set right: the SVID was backdated 30 s, and
+    // the test's first seconds have passed.)
+    let own = leaf.not_before + life * 6 / 10 + 60;
+    let seen = tokio::time::timeout(CLOCK_SEEN, async {
+        while renewal_due().is_none_or(|due| due > own) {
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await;
+    assert!(
+        seen.is_ok(),
+        "renewal due at {:?}, the SVID's own half-life by {own}; the Client's log:\n{}",
+        renewal_due(),
+        client_log(&client)
+    );
+    assert!(
+        client_log(&client).contains("the wall clock moved back"),
+        "the log says why: {}",
+        client_log(&client)
+    );
+}
