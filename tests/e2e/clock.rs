@@ -76,7 +76,7 @@ fn client_log(client: &TestClient) -> String {
 const CLOCK_SEEN: Duration = Duration::from_secs(25);
 
 #[tokio::test]
-async fn p7_a_client_woken_from_a_suspend_past_half_life_renews_within_seconds() {
+async fn p7_a_client_whose_clock_is_set_ahead_past_half_life_renews_within_seconds() {
     // The Hub renews at any age here: the Client's clock says 15 h, the Hub's a few seconds.
     let limits = ewii::hub::admission::Limits {
         renew_after_percent: 0,
@@ -91,8 +91,8 @@ async fn p7_a_client_woken_from_a_suspend_past_half_life_renews_within_seconds()
     hub.wait_connected("acme").await;
     let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
     let serial = inspect_leaf(&svid.chain[0]).unwrap().serial;
-    // The SVID (24 h) is renewed at half-life ± 10 %, 9.6 to 14.4 h of a clock that counts a
-    // suspend: one of 15 h is past it whatever the jitter.
+    // The SVID (24 h) is renewed at half-life ± 10 %, 9.6 to 14.4 h: a clock that ran behind
+    // by 15 h, set right, is past it whatever the jitter.
     set_clock(&clock, "+15h");
     let rebound = format!("session re-bound from serial {serial}");
     let renewed = hub
@@ -160,4 +160,44 @@ async fn p7_a_client_whose_clock_is_set_back_renews_on_its_svid_s_own_schedule()
         "the log says why: {}",
         client_log(&client)
     );
+}
+
+#[tokio::test]
+async fn p7_a_client_whose_host_slept_past_its_svid_s_end_ends_as_expired() {
+    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let echo = echo_server().await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", echo.to_string())]).await;
+    let clock = client.state_dir().join("faketime");
+    set_clock(&clock, "+0");
+    let mut proc = run_client_binary(&client, &hub, echo, &clock);
+    hub.wait_connected("acme").await;
+    // The host sleeps for 30 h: the process stands still longer than the 2.5 s idle timeout
+    // (the Hub drops its connection), and wakes to a clock past its 24 h SVID's end.
+    let signal = |sig: &str| {
+        let sent = Command::new("kill")
+            .args([sig, &proc.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    signal("-STOP");
+    set_clock(&clock, "+30h");
+    tokio::time::sleep(Duration::from_secs(4)).await; // the sleep itself, not a wait
+    signal("-CONT");
+    let mut exit = None;
+    let ended = tokio::time::timeout(CLOCK_SEEN, async {
+        while exit.is_none() {
+            exit = proc.0.try_wait().unwrap();
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await;
+    let log = client_log(&client);
+    assert!(
+        ended.is_ok(),
+        "still running {CLOCK_SEEN:?} after waking; its log:\n{log}"
+    );
+    assert_eq!(exit.unwrap().code(), Some(3), "{log}");
+    assert!(log.contains("the SVID expired without renewal"), "{log}");
+    assert!(log.contains("the wall clock moved ahead"), "{log}");
 }

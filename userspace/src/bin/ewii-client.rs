@@ -540,7 +540,7 @@ fn run(path: &Path) -> ExitCode {
             }
         }
         let (next, expired) = match config.svid_source {
-            config::SvidSource::StateDir => (REVOKED_NEXT, "the SVID expired without renewal (the Hub was unreachable for a whole lifetime); enrol again with a new token"),
+            config::SvidSource::StateDir => (REVOKED_NEXT, "the SVID expired without renewal (the Hub was unreachable, or the host asleep, until its end); enrol again with a new token"),
             config::SvidSource::WorkloadApi { .. } => (REVOKED_NEXT_SPIRE, "the SVID expired and the Workload API delivered no newer one; check the SPIRE agent"),
         };
         let stopped = ewii::signal::terminate();

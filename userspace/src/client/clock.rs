@@ -4,8 +4,9 @@
 //!
 //! The driver's timers run on tokio's clock, which is monotonic: it ignores a step of the
 //! wall clock and, on Linux, stands still while the host is suspended. So a wait is never
-//! longer than [`CHECK_EVERY`]: after a suspend of half a day, the Client renews within
-//! seconds of waking, not half a day of running later.
+//! longer than [`CHECK_EVERY`]: a clock set ahead past the renewal's time renews within
+//! seconds, not after the same time again of running, and a host that slept past the SVID's
+//! end ends the Client as expired when it wakes.
 
 use std::time::Duration;
 
@@ -18,8 +19,9 @@ use super::rotation::Identity;
 /// The longest the driver waits without reading the wall clock again.
 pub(super) const CHECK_EVERY: Duration = Duration::from_secs(10);
 
-/// How far the wall clock may drift from the monotonic one between two readings before it
-/// counts as moved (NTP slews both alike; a step or a suspend moves one alone).
+/// How far the wall clock may move against the monotonic one, since the last move seen (or
+/// the start), before it counts as moved: NTP slews both alike, a step or a suspend moves one
+/// alone. Steps under it add up, and count once their sum is over it.
 const STEP: Duration = Duration::from_secs(2);
 
 /// Reads the wall clock and tells when it moved against tokio's.

@@ -241,9 +241,10 @@ impl Driver {
                 self.tasks
                     .spawn(connection.run(commands, self.events.0.clone()));
             }
+            // Read first: a move of the clock seen here changes the deadlines the status shows.
+            let now = self.now();
             let counters = denied.borrow().clone();
             self.publish_status(&counters);
-            let now = self.now();
             let timeout = Clock::wake_at(self.machine.poll_timeout(), now);
             tokio::select! {
                 () = &mut shutdown, if !stopping => {
@@ -530,7 +531,10 @@ impl Driver {
         let Some(key) = key else {
             return self.machine.handle_renew_refused(now, random());
         };
-        match self.adopt_renewal(key, chain, bundle).await {
+        let adopted = self.adopt_renewal(key, chain, bundle).await;
+        // After the checks and the writes to disk: the time they took counts.
+        let now = self.now();
+        match adopted {
             Ok(validity) => {
                 // Stored and in use: the Hub re-binds this session to it.
                 let serial = self.identity.leaf.serial.clone();
