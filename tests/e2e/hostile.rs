@@ -13,6 +13,7 @@ use ewii::transport::{self, FrameReader};
 use ewii_common::audit::{Event, Outcome};
 use ewii_common::frame::{self, Control, QueryHead, QueryId, RefuseCode};
 use ewii_tests::*;
+use rustls::pki_types::CertificateDer;
 
 /// A welcomed connection, the receive half of its control stream (the `Hello` read off it) and
 /// its send half (the `Welcome` written on it).
@@ -494,6 +495,44 @@ async fn p11_a_hub_that_stops_reading_the_control_stream_still_gets_the_session_
     drop(conn);
 }
 
+/// The Client's `Renew` on the hostile Hub's control stream (it asks after 4 to 6 s of a
+/// 10 s SVID): its CSR.
+async fn renew_asked(control: &mut quinn::RecvStream) -> Vec<u8> {
+    let mut reader = FrameReader::new();
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(15), reader.read(control))
+            .await
+            .expect("the Client's Renew in time")
+            .unwrap();
+        match frame {
+            Some(Control::Renew { csr }) => return csr,
+            Some(_) => continue,
+            None => panic!("the control stream ended"),
+        }
+    }
+}
+
+/// A `Renewed` answer to `csr`, signed by `hub`'s CA, whose bundle adds a CA of someone
+/// else's (as during a CA rotation); sent on `send`. Returns the new serial and that CA.
+async fn renewed_adding_a_ca(
+    hub: &TestHub,
+    csr: &[u8],
+    send: &mut quinn::SendStream,
+) -> (String, CertificateDer<'static>) {
+    let ca = ewii::identity::ca::Ca::load(&hub.state_dir()).unwrap();
+    let theirs = ewii::identity::ca::Ca::generate(TD).unwrap().cert().clone();
+    let id = ewii_common::spiffe::SpiffeId::client(TD, "acme").unwrap();
+    let issued = ca.sign_csr(csr, &id, Duration::from_secs(10)).unwrap();
+    let renewed = Control::Renewed {
+        chain: vec![issued.der.to_vec()],
+        bundle: vec![ca.cert().to_vec(), theirs.to_vec()],
+    };
+    send.write_all(&frame::encode_to_vec(&renewed).unwrap())
+        .await
+        .unwrap();
+    (issued.serial, theirs)
+}
+
 /// A renewal whose answer brings a bundle with a CA added (as the Hub's answers do during a
 /// CA rotation): the change of the Hub's trust anchors has its own `bundle_updated` record,
 /// as a pushed bundle's does, not only words in the `svid_rotated` record. Two such renewals
@@ -503,29 +542,8 @@ async fn p15_a_bundle_that_comes_with_a_renewal_has_its_own_record() {
     // 10 s SVIDs: the Client asks to renew after 4 to 6 s.
     let hub = TestHub::start_with(&[], 10).await;
     let (mut client, (_conn, mut control, mut send)) = welcomed_by_hostile_hub(&hub).await;
-    let ca = ewii::identity::ca::Ca::load(&hub.state_dir()).unwrap();
-    let theirs = ewii::identity::ca::Ca::generate(TD).unwrap().cert().clone();
-    let mut reader = FrameReader::new();
-    let csr = loop {
-        let frame = tokio::time::timeout(Duration::from_secs(15), reader.read(&mut control))
-            .await
-            .expect("the Client's Renew in time")
-            .unwrap();
-        match frame {
-            Some(Control::Renew { csr }) => break csr,
-            Some(_) => continue,
-            None => panic!("the control stream ended"),
-        }
-    };
-    let id = ewii_common::spiffe::SpiffeId::client(TD, "acme").unwrap();
-    let issued = ca.sign_csr(&csr, &id, Duration::from_secs(10)).unwrap();
-    let renewed = Control::Renewed {
-        chain: vec![issued.der.to_vec()],
-        bundle: vec![ca.cert().to_vec(), theirs.to_vec()],
-    };
-    send.write_all(&frame::encode_to_vec(&renewed).unwrap())
-        .await
-        .unwrap();
+    let csr = renew_asked(&mut control).await;
+    let (serial, theirs) = renewed_adding_a_ca(&hub, &csr, &mut send).await;
     let updated = client
         .wait_audit("the bundle's record", |r| r.event == Event::BundleUpdated)
         .await;
@@ -549,7 +567,55 @@ async fn p15_a_bundle_that_comes_with_a_renewal_has_its_own_record() {
         .await;
     assert!(rotated
         .reason
-        .is_some_and(|x| x.contains(&format!("serial {}", issued.serial))),);
+        .is_some_and(|x| x.contains(&format!("serial {serial}"))),);
+    client.stop().await;
+}
+
+/// A renewal stored in part: its bundle was written, its SVID could not be (here a directory
+/// stands where `svid.pem` is replaced). The bundle on disk is what the next start trusts, so
+/// it is the one in use now too, with its `bundle_updated` record; the renewal's refusal says
+/// the bundle was stored. Before, the record said refused while the anchors had changed on
+/// disk with no record (P15).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p15_a_renewal_whose_svid_cannot_be_stored_keeps_its_stored_bundle_on_record() {
+    let hub = TestHub::start_with(&[], 10).await;
+    let (mut client, (_conn, mut control, mut send)) = welcomed_by_hostile_hub(&hub).await;
+    let csr = renew_asked(&mut control).await;
+    let cert = client.state_dir().join(store::SVID_CERT);
+    std::fs::remove_file(&cert).unwrap();
+    std::fs::create_dir(&cert).unwrap();
+    std::fs::write(cert.join("in the way"), "").unwrap();
+    let (_, theirs) = renewed_adding_a_ca(&hub, &csr, &mut send).await;
+    let added = ewii::identity::bundle_hash(&theirs);
+    let updated = client
+        .wait_audit("the bundle's record", |r| r.event == Event::BundleUpdated)
+        .await;
+    let reason = updated.reason.unwrap();
+    assert!(
+        reason.starts_with("with a renewal of serial ")
+            && reason.contains("whose SVID was not stored: 2 trust anchor(s); added ")
+            && reason.ends_with(&added),
+        "{reason}"
+    );
+    let refused = client
+        .wait_audit("the renewal's refusal", |r| {
+            r.event == Event::SvidRotated && r.outcome == Some(Outcome::Refused)
+        })
+        .await;
+    assert!(
+        refused
+            .reason
+            .as_deref()
+            .is_some_and(|x| x.contains("cannot store the renewed SVID (its bundle was stored)")),
+        "{refused:?}"
+    );
+    let on_disk = std::fs::read_to_string(client.state_dir().join(store::BUNDLE)).unwrap();
+    assert_eq!(on_disk.matches("BEGIN CERTIFICATE").count(), 2);
+    poll_until("the status to show the bundle in use", SOON, || {
+        ewii::client::status::Status::read(&client.state_dir())
+            .is_ok_and(|s| s.bundle.contains(&added))
+    })
+    .await;
     client.stop().await;
 }
 

@@ -173,6 +173,27 @@ impl Driver {
         }
     }
 
+    /// The Hub's trust anchors in use become `anchors` (stored), which `change` made, `how`.
+    /// A change has its own record, however it came (pushed, or with a renewal): the
+    /// customer's evidence of each step of a CA swap. Returns whether anything changed.
+    fn bundle_replaced(
+        &mut self,
+        anchors: Vec<CertificateDer<'static>>,
+        change: &rotation::BundleChange,
+        how: &str,
+    ) -> bool {
+        self.bundle.replace(anchors);
+        if change.added.is_empty() && change.removed.is_empty() {
+            return false;
+        }
+        let mut b = self.audit.record(AuditEvent::BundleUpdated);
+        b.client = Some(self.queries.client_id.clone());
+        b.outcome = Some(Outcome::Ok);
+        b.reason = Some(format!("{how}: {change}"));
+        self.audit.emit(b);
+        true
+    }
+
     /// The wall clock, read for an event. When it moved against the monotonic clock (a step,
     /// or a suspend), the machine brings its deadlines in line first (a step back would push
     /// a reconnect as far away as the step) and the log says so: a renewal, or the SVID's end,
@@ -568,8 +589,17 @@ impl Driver {
             // A bundle that comes with the SVID is held to the rules of a pushed one.
             let change = rotation::bundle_change(&current, &anchors)?;
             let accepted = rotation::accept_issued(&key, chain, anchors, Some(&old.leaf.id))?;
-            rotation::save_renewal(&dir, &accepted)
-                .map_err(|e| RenewalError::Store(e.to_string()))?;
+            if let Err(e) = rotation::save_renewal(&dir, &accepted) {
+                return Err(if e.bundle_saved {
+                    RenewalError::StoredBundleOnly {
+                        error: e.error.to_string(),
+                        anchors: accepted.anchors,
+                        change,
+                    }
+                } else {
+                    RenewalError::Store(e.error.to_string())
+                });
+            }
             rotation::remove_renew_keys(&dir);
             Ok::<_, RenewalError>((accepted, change))
         })
@@ -577,31 +607,31 @@ impl Driver {
         .map_err(|e| RenewalError::Store(e.to_string()))?;
         let mut r = self.audit.record(AuditEvent::SvidRotated);
         r.client = Some(self.queries.client_id.clone());
+        let serial = self.identity.leaf.serial.clone();
         let (accepted, change) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
+                // On disk, the bundle is the next start's: it is this run's too, on record.
+                if let RenewalError::StoredBundleOnly {
+                    anchors, change, ..
+                } = &e
+                {
+                    let how =
+                        format!("with a renewal of serial {serial} whose SVID was not stored");
+                    self.bundle_replaced(anchors.clone(), change, &how);
+                }
                 r.outcome = Some(Outcome::Refused);
                 r.reason = Some(format!("renewed SVID refused: {e}"));
                 self.audit.emit(r);
                 return Err(e);
             }
         };
-        self.bundle.replace(accepted.anchors);
         r.outcome = Some(Outcome::Ok);
-        let bundle = if change.added.is_empty() && change.removed.is_empty() {
-            String::new()
-        } else {
-            // A change of the Hub's trust anchors has its own record, however it came (pushed,
-            // or with a renewal): the customer's evidence of each step of a CA swap.
-            let mut b = self.audit.record(AuditEvent::BundleUpdated);
-            b.client = Some(self.queries.client_id.clone());
-            b.outcome = Some(Outcome::Ok);
-            b.reason = Some(format!(
-                "with the renewal of serial {}: {change}",
-                self.identity.leaf.serial
-            ));
-            self.audit.emit(b);
+        let how = format!("with the renewal of serial {serial}");
+        let bundle = if self.bundle_replaced(accepted.anchors, &change, &how) {
             format!("; bundle: {change}")
+        } else {
+            String::new()
         };
         r.reason = Some(format!(
             "serial {} replaces {}{bundle}",
@@ -634,13 +664,9 @@ impl Driver {
         // The customer's own agent: what it says of the Hub's CAs is taken as it comes (no
         // overlap asked, unlike a bundle from the Hub), and named in the record.
         if delivered.hub_anchors != self.bundle.anchors() {
-            let mut b = self.audit.record(AuditEvent::BundleUpdated);
-            b.client = Some(self.queries.client_id.clone());
-            b.outcome = Some(Outcome::Ok);
             let change = rotation::bundle_diff(&self.bundle.anchors(), &delivered.hub_anchors);
-            b.reason = Some(format!("for the Hub, from the Workload API: {change}"));
-            self.audit.emit(b);
-            self.bundle.replace(delivered.hub_anchors);
+            let how = "for the Hub, from the Workload API";
+            self.bundle_replaced(delivered.hub_anchors, &change, how);
         }
         if same_svid(&self.identity, &delivered.identity) {
             return;
@@ -909,6 +935,13 @@ enum RenewalError {
     /// It could not be stored.
     #[error("cannot store the renewed SVID: {0}")]
     Store(String),
+    /// Its bundle was stored (and is in use), the SVID could not be.
+    #[error("cannot store the renewed SVID (its bundle was stored): {error}")]
+    StoredBundleOnly {
+        error: String,
+        anchors: Vec<CertificateDer<'static>>,
+        change: rotation::BundleChange,
+    },
 }
 
 /// A revocation reason from the Hub as this Client records it. One that reads as the Client's

@@ -221,15 +221,34 @@ pub(crate) fn save(dir: &Path, accepted: &Accepted) -> Result<(), IdentityError>
         .save(dir, store::SVID_CERT, store::SVID_KEY)
 }
 
-/// [`save`] for a renewal, whose key is kept ([`save_renew_key`]): the chain first
+/// [`save`] for a renewal, whose key is kept ([`save_renew_key`]): the bundle, then the chain
 /// ([`Svid::save_chain_first`]), so that an interruption leaves what [`recover_renewal`]
 /// puts right. Blocking.
-pub(crate) fn save_renewal(dir: &Path, accepted: &Accepted) -> Result<(), IdentityError> {
-    save_bundle(dir, &accepted.anchors)?;
+///
+/// The bundle goes first: the renewed SVID may come from a CA only the new bundle has. So a
+/// chain that cannot be written leaves the new bundle on disk, the next start's:
+/// [`SaveError::bundle_saved`] says so, for the bundle in use and its record to follow.
+pub(crate) fn save_renewal(dir: &Path, accepted: &Accepted) -> Result<(), SaveError> {
+    save_bundle(dir, &accepted.anchors).map_err(|error| SaveError {
+        error,
+        bundle_saved: false,
+    })?;
     accepted
         .identity
         .svid
         .save_chain_first(dir, store::SVID_CERT, store::SVID_KEY)
+        .map_err(|error| SaveError {
+            error,
+            bundle_saved: true,
+        })
+}
+
+/// A renewal [`save_renewal`] could not store whole.
+#[derive(Debug)]
+pub(crate) struct SaveError {
+    pub(crate) error: IdentityError,
+    /// `bundle.pem` holds the renewal's bundle: only the SVID was not stored.
+    pub(crate) bundle_saved: bool,
 }
 
 /// Keeps the key of a renewal asked for `serial` in the state directory (0600, synced), before
