@@ -804,10 +804,10 @@ impl ClientSession {
     /// wall-clock instant: after a step back, one set for "within 30 s" would lie as far away
     /// as the step, and a reconnect or a stop's drain would wait for it. Each is brought back
     /// to at most the span it was set with, from `now`; the renewal to no later than the top of
-    /// the window a renewal set at `now` is drawn from (half of the SVID's life left, + 10 %;
-    /// or the retry span of a refused one). A move ahead changes none of them: what they
-    /// waited for comes sooner, and the SVID's end is judged on the new reading at the next
-    /// timeout.
+    /// the window a renewal set at `now` is drawn from (half of the SVID's life left, + 10 %),
+    /// or than the retry span of a refused one, whichever is later. A move ahead changes none
+    /// of them: what they waited for comes sooner, and the SVID's end is judged on the new
+    /// reading at the next timeout.
     pub fn handle_clock_moved(&mut self, now: Duration) {
         let cap = |at: &mut Duration, span: Duration| *at = (*at).min(now + span);
         let reconnect = self.config.reconnect_max.max(self.config.reconnect_initial);
@@ -818,11 +818,12 @@ impl ClientSession {
             State::Waiting { until } => cap(until, reconnect),
             State::Up { renewal, .. } => match renewal {
                 Renewal::Due(at) => {
-                    // The latest a renewal set at `now` could be (the top of its jitter): one
-                    // set before a move ahead is never later, so it stays as drawn.
+                    // No earlier than the top of the jitter of a renewal set at `now` (60 % of
+                    // the life left, rounded up, so that it never decreases as `now` grows):
+                    // one set before a move ahead is never later, so it stays as drawn.
                     let from = self.svid.not_before.max(now.as_secs());
                     let life = self.svid.not_after.saturating_sub(from);
-                    let latest = Duration::from_secs(from + life / 2 + life / 10);
+                    let latest = Duration::from_secs(self.svid.not_after - 2 * life / 5);
                     let retry = self
                         .config
                         .reconnect_max

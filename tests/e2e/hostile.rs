@@ -593,7 +593,7 @@ async fn p15_a_renewal_whose_svid_cannot_be_stored_keeps_its_stored_bundle_on_re
     let reason = updated.reason.unwrap();
     assert!(
         reason.starts_with("with a renewal of serial ")
-            && reason.contains("whose SVID was not stored: 2 trust anchor(s); added ")
+            && reason.contains("whose SVID was not stored whole: 2 trust anchor(s); added ")
             && reason.ends_with(&added),
         "{reason}"
     );

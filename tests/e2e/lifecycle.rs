@@ -2946,3 +2946,72 @@ async fn p11_a_hub_stop_whose_store_cannot_take_the_sessions_ends_still_records_
     assert_eq!(lost.len(), 3, "a session_lost for each session: {lost:?}");
     drop(clients);
 }
+
+/// The Hub's SVID as a handshake presents it: its leaf's serial and end.
+fn served(conn: &quinn::Connection) -> (String, i64) {
+    let chain = conn
+        .peer_identity()
+        .expect("the Hub's certificate")
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .expect("a chain");
+    let leaf = inspect_leaf(&chain[0]).unwrap();
+    (leaf.serial, leaf.not_after)
+}
+
+/// A Hub that runs past two thirds of its own SVID's life renews it while it runs, as a
+/// restart would: new handshakes present the new one, and the renewal is on record. It was
+/// renewed only at start or with a new CA: a Hub up for 90 days served an expired SVID, and
+/// every Client refused it (P15: the Client checks the Hub).
+#[tokio::test]
+async fn p15_a_running_hub_renews_its_own_svid_when_a_third_of_its_life_is_left() {
+    let mut hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    // A Hub SVID with a third of its lifetime left, and 8 s: fresh when the Hub starts with
+    // it, due soon after.
+    hub.stop().await;
+    let dir = hub.state_dir();
+    let ca = ewii::identity::ca::Ca::load(&dir).unwrap();
+    let (key, _) = ewii::identity::ca::new_key_and_csr().unwrap();
+    let left = ewii::hub::layout::HUB_SVID_LIFETIME / 3 + Duration::from_secs(8);
+    let issued = ca.issue(&key, &SpiffeId::hub(TD).unwrap(), left).unwrap();
+    Svid::new(vec![issued.der.clone(), ca.cert().clone()], &key)
+        .save(
+            &dir,
+            ewii::hub::layout::HUB_CERT,
+            ewii::hub::layout::HUB_KEY,
+        )
+        .unwrap();
+    hub.restart().await;
+    let before = raw_handshake(&hub, &svid).await.expect("a handshake");
+    assert_eq!(served(&before.conn).0, issued.serial, "started with it");
+    let renewed = hub
+        .audit
+        .wait_for(Duration::from_secs(30), |r| {
+            r.event == Event::SvidRotated
+                && r.reason
+                    .as_deref()
+                    .is_some_and(|x| x.starts_with("the Hub's own SVID: serial "))
+        })
+        .await;
+    assert!(renewed.is_some(), "{:#?}", hub.audit.records());
+    let after = raw_handshake(&hub, &svid).await.expect("a handshake");
+    let (serial, end) = served(&after.conn);
+    assert_ne!(serial, issued.serial);
+    let now = ewii::now_timestamp().unix_secs() as i64;
+    let lifetime = ewii::hub::layout::HUB_SVID_LIFETIME.as_secs() as i64;
+    assert!(
+        end - now > lifetime - 60,
+        "a whole lifetime: {end} at {now}"
+    );
+    let on_disk = Svid::load(
+        &dir,
+        ewii::hub::layout::HUB_CERT,
+        ewii::hub::layout::HUB_KEY,
+    )
+    .unwrap();
+    assert_eq!(inspect_leaf(&on_disk.chain[0]).unwrap().serial, serial);
+    assert!(renewed.unwrap().reason.unwrap().contains(&serial));
+    // The connection made before goes on: its handshake is done.
+    assert!(before.conn.close_reason().is_none());
+}

@@ -616,8 +616,9 @@ impl Driver {
                     anchors, change, ..
                 } = &e
                 {
-                    let how =
-                        format!("with a renewal of serial {serial} whose SVID was not stored");
+                    let how = format!(
+                        "with a renewal of serial {serial} whose SVID was not stored whole"
+                    );
                     self.bundle_replaced(anchors.clone(), change, &how);
                 }
                 r.outcome = Some(Outcome::Refused);

@@ -247,7 +247,8 @@ pub(crate) fn save_renewal(dir: &Path, accepted: &Accepted) -> Result<(), SaveEr
 #[derive(Debug)]
 pub(crate) struct SaveError {
     pub(crate) error: IdentityError,
-    /// `bundle.pem` holds the renewal's bundle: only the SVID was not stored.
+    /// `bundle.pem` holds the renewal's bundle; the SVID was not stored whole (its chain may
+    /// be, without its key: [`recover_renewal`] completes it at the next start).
     pub(crate) bundle_saved: bool,
 }
 

@@ -114,18 +114,30 @@ pub fn load_bundle(dir: &Path, ca: &Ca) -> Result<Vec<CertificateDer<'static>>, 
 /// (a write of the two files cut short) would leave a Hub that cannot start.
 pub fn load_or_renew_hub_svid(dir: &Path, ca: &Ca) -> Result<Svid, IdentityError> {
     if let Ok(svid) = Svid::load(dir, HUB_CERT, HUB_KEY) {
-        let now = crate::now_timestamp().unix_secs() as i64;
-        let fresh = svid
-            .chain
-            .first()
-            .and_then(|c| inspect_leaf(c).ok())
-            .is_some_and(|l| l.not_after - now > HUB_SVID_LIFETIME.as_secs() as i64 / 3);
+        let fresh = hub_svid_end(&svid).is_some_and(|end| !hub_svid_due(end));
         let from_this_ca = svid.chain.get(1) == Some(ca.cert());
         if fresh && from_this_ca && whole(&svid) {
             return Ok(svid);
         }
     }
     issue_hub_svid(dir, ca)
+}
+
+/// The end of the Hub SVID `svid` (its leaf's `notAfter`, seconds since the epoch), if its
+/// leaf parses.
+pub(crate) fn hub_svid_end(svid: &Svid) -> Option<i64> {
+    svid.chain
+        .first()
+        .and_then(|c| inspect_leaf(c).ok())
+        .map(|l| l.not_after)
+}
+
+/// Whether a Hub SVID that ends at `not_after` is due for renewal: a third of its lifetime or
+/// less left. The running Hub checks the one it serves with at every tick of its watcher, so
+/// a Hub that runs for months renews it as a restart would.
+pub(crate) fn hub_svid_due(not_after: i64) -> bool {
+    let now = crate::now_timestamp().unix_secs() as i64;
+    not_after - now <= HUB_SVID_LIFETIME.as_secs() as i64 / 3
 }
 
 /// Whether `svid`'s key is the one its certificate names.

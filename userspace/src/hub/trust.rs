@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -283,6 +283,9 @@ pub(crate) struct Trust {
     reload_failure: Mutex<Option<String>>,
     /// Reloads that failed, every try counted ([`Trust::reloads_failed`]).
     reloads_failed: AtomicU64,
+    /// The end of the Hub SVID the configurations serve (`notAfter`, seconds since the
+    /// epoch): [`Trust::hub_svid_due`].
+    hub_svid_end: AtomicI64,
 }
 
 /// Verdicts on requesters' chains, kept while the Hub's own bundle stays as it is: when an
@@ -374,6 +377,7 @@ impl Trust {
     ) -> Result<(Self, quinn::ServerConfig), TrustError> {
         let bundle = Bundle::new(material.anchors);
         let federation = Arc::new(federation);
+        let hub_svid_end = layout::hub_svid_end(&material.hub_svid).unwrap_or(0);
         let (quic, acceptor) = server_configs(
             &material.hub_svid,
             &bundle,
@@ -401,6 +405,7 @@ impl Trust {
                 verdicts: Mutex::default(),
                 reload_failure: Mutex::default(),
                 reloads_failed: AtomicU64::new(0),
+                hub_svid_end: AtomicI64::new(hub_svid_end),
             },
             quic,
         ))
@@ -576,6 +581,12 @@ impl Trust {
         self.reloads_failed.load(Ordering::Relaxed)
     }
 
+    /// Whether the Hub SVID the configurations serve is due for renewal
+    /// ([`layout::hub_svid_due`]): the watcher then reloads, which renews it. One comparison.
+    pub(crate) fn hub_svid_due(&self) -> bool {
+        layout::hub_svid_due(self.hub_svid_end.load(Ordering::Relaxed))
+    }
+
     /// Re-reads the CA, the Hub SVID and the bundle; swaps in what changed and pushes a new
     /// bundle to every live session. Whether it succeeded: a failed reload changes nothing,
     /// and the watcher tries again until one does. A failure is logged and audited once per
@@ -629,7 +640,8 @@ impl Trust {
         };
         let ca_changed = *ca.cert() != current;
         let bundle_changed = anchors != self.bundle.anchors();
-        if !ca_changed && !bundle_changed {
+        let svid_due = self.hub_svid_due();
+        if !ca_changed && !bundle_changed && !svid_due {
             return Ok(());
         }
         if !anchors.contains(ca.cert()) {
@@ -676,6 +688,14 @@ impl Trust {
         if let Ok(mut c) = self.ca.write() {
             *c = Arc::new(ca);
         }
+        let end = layout::hub_svid_end(&hub_svid).unwrap_or(0);
+        let before_end = self.hub_svid_end.swap(end, Ordering::Relaxed);
+        if end != before_end {
+            self.hub_svid_renewed(&hub_svid, end);
+        }
+        if !ca_changed && !bundle_changed {
+            return Ok(());
+        }
         let mut r = self.audit.record(Event::BundleUpdated);
         r.outcome = Some(Outcome::Ok);
         r.reason = Some(if bundle_changed {
@@ -693,6 +713,27 @@ impl Trust {
         });
         self.audit.emit(r);
         Ok(())
+    }
+}
+
+impl Trust {
+    /// The Hub serves with a new SVID of its own (renewed when a third of its life was left,
+    /// or issued by a new signing CA): logged, and on record for the operator.
+    fn hub_svid_renewed(&self, svid: &Svid, end: i64) {
+        let serial = svid
+            .chain
+            .first()
+            .and_then(|c| inspect_leaf(c).ok())
+            .map(|l| l.serial)
+            .unwrap_or_default();
+        let until = ewii_common::time::Timestamp(u64::try_from(end).unwrap_or(0) * 1_000_000);
+        tracing::info!(%serial, %until, "the Hub serves with a new SVID of its own");
+        let mut r = self.audit.record(Event::SvidRotated);
+        r.outcome = Some(Outcome::Ok);
+        r.reason = Some(format!(
+            "the Hub's own SVID: serial {serial}, valid until {until}; new handshakes present it"
+        ));
+        self.audit.emit(r);
     }
 }
 

@@ -8,7 +8,9 @@
 //! - every [`TICK`] the store owner compares SQLite's `data_version` — one pragma, whatever the
 //!   number of sessions — so another process's commit is seen within one tick; then the
 //!   trust material is reloaded too (`ewii-hub ca …` writes files and touches the database),
-//!   and a reload that failed is tried again every [`RELOAD_RETRY`] until one succeeds;
+//!   and a reload that failed is tried again every [`RELOAD_RETRY`] until one succeeds; at
+//!   the same tick, a Hub SVID with a third of its life left is renewed by a reload (one
+//!   comparison: a Hub that runs for months must not serve an expired SVID);
 //! - the silent-client grace is a timer computed from the view's `last_seen` values, not a
 //!   query;
 //! - every [`FEDERATION_CHECK`] the `[[federation]]` bundle files are re-read, and a changed
@@ -78,7 +80,9 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
                     }
                 };
                 let retry = reload_failed.is_some_and(|at| at.elapsed() >= RELOAD_RETRY);
-                if changed || retry {
+                // The Hub's own SVID renewed while it runs (a failed renewal waits for `retry`).
+                let svid_due = reload_failed.is_none() && parts.trust.hub_svid_due();
+                if changed || retry || svid_due {
                     reload_failed = (!reload_trust(&parts).await).then(Instant::now);
                 }
             }
