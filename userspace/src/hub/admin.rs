@@ -337,9 +337,14 @@ pub fn ca_activate(state_dir: &Path) -> Result<String, HubError> {
     Ok(bundle_hash(next.cert()))
 }
 
+/// How long after `ca activate` an SVID the running Hub issues may still come from the old
+/// CA, as `ca retire` counts: the Hub takes the new CA at the next tick of its watcher, and a
+/// reload that fails (a file still being written) is tried again every second.
+pub const ACTIVATION_SLACK: Duration = Duration::from_secs(10);
+
 /// `ewii-hub ca retire`: removes every CA but the signing one from the bundle. Refused while
-/// a Client still holds an SVID issued before the last activation (it would be locked out),
-/// unless `force`.
+/// a Client still holds an SVID issued before the last activation, or within
+/// [`ACTIVATION_SLACK`] after it (it would be locked out), unless `force`.
 pub fn ca_retire(state_dir: &Path, force: bool) -> Result<Vec<String>, HubError> {
     let _lock = lock_trust(state_dir).map_err(ident(state_dir))?;
     let ca = Ca::load(state_dir).map_err(ident(state_dir))?;
@@ -347,11 +352,12 @@ pub fn ca_retire(state_dir: &Path, force: bool) -> Result<Vec<String>, HubError>
     let activated = db
         .meta("ca_activated_at")?
         .ok_or_else(|| HubError::Usage("no CA was activated; nothing to retire".into()))?;
-    let stale = db.clients_with_serials_before(activated)?;
+    let stale = db.clients_with_serials_before(activated + ACTIVATION_SLACK.as_secs() as i64)?;
     if !stale.is_empty() && !force {
         return Err(HubError::Usage(format!(
-            "client(s) {} still hold an SVID from the old CA; wait for their renewal (half an SVID lifetime) or use --force",
-            stale.join(", ")
+            "client(s) {} may still hold an SVID from the old CA (issued before the activation, or within {} s after it, before the running Hub took the new CA); wait for their renewal (half an SVID lifetime) or use --force",
+            stale.join(", "),
+            ACTIVATION_SLACK.as_secs()
         )));
     }
     write_bundle(state_dir, std::slice::from_ref(ca.cert()))?;

@@ -612,8 +612,8 @@ impl Db {
         })
     }
 
-    /// Clients (not revoked) holding a serial issued at or before `ts` (same-second issues
-    /// count as old: the running Hub may not have switched CA yet).
+    /// Clients (not revoked) holding a serial issued at or before `ts` (the caller adds the
+    /// time the running Hub may take to switch CA: [`super::admin::ACTIVATION_SLACK`]).
     pub fn clients_with_serials_before(&self, ts: i64) -> Result<Vec<String>, StateError> {
         self.with(|c| {
             let mut stmt = c.prepare(
