@@ -5,6 +5,7 @@
 //! rewrites; the monotonic clock left alone): the seam is the C library's `clock_gettime`,
 //! what a real step or suspend changes. The Hub runs in-process on the real clock.
 
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use ewii::identity::store::{self, Svid};
 use ewii_common::audit::Event;
 use ewii_tests::*;
 
-use crate::process::Proc;
+use crate::process::{HubProcess, Proc};
 
 /// Debian's libfaketime, the variant for threaded programs (scripts/install-test-deps).
 fn libfaketime() -> PathBuf {
@@ -28,6 +29,17 @@ fn libfaketime() -> PathBuf {
         .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
         .find(|p| p.exists());
     found.expect("libfaketime is missing: scripts/install-test-deps installs it (faketime)")
+}
+
+/// The environment that has a process take its wall clock from `clock` (read at most once a
+/// second), its monotonic clock left alone.
+fn faketime_env(clock: &Path) -> Vec<(&'static str, OsString)> {
+    vec![
+        ("LD_PRELOAD", libfaketime().into()),
+        ("FAKETIME_TIMESTAMP_FILE", clock.into()),
+        ("FAKETIME_CACHE_DURATION", "1".into()),
+        ("DONT_FAKE_MONOTONIC", "1".into()),
+    ]
 }
 
 /// Sets the Client's wall clock to real time plus `offset` (libfaketime's `+13h`, `-2h`,
@@ -54,10 +66,7 @@ fn run_client_binary(client: &TestClient, hub: &TestHub, echo: SocketAddr, clock
     Proc(
         Command::new(bin_path("ewii-client"))
             .args(["run", "--config", toml.to_str().unwrap()])
-            .env("LD_PRELOAD", libfaketime())
-            .env("FAKETIME_TIMESTAMP_FILE", clock)
-            .env("FAKETIME_CACHE_DURATION", "1")
-            .env("DONT_FAKE_MONOTONIC", "1")
+            .envs(faketime_env(clock))
             .stdout(Stdio::null())
             .stderr(fs::File::create(root.join("client.stderr")).unwrap())
             .spawn()
@@ -200,4 +209,36 @@ async fn p7_a_client_whose_host_slept_past_its_svid_s_end_ends_as_expired() {
     assert_eq!(exit.unwrap().code(), Some(3), "{log}");
     assert!(log.contains("the SVID expired without renewal"), "{log}");
     assert!(log.contains("the wall clock moved ahead"), "{log}");
+}
+
+#[tokio::test]
+async fn p7_a_hub_whose_clock_passes_a_client_s_svid_end_ends_its_session_within_seconds() {
+    let root = tempfile::tempdir().unwrap();
+    let clock = root.path().join("faketime");
+    set_clock(&clock, "+0");
+    let env = faketime_env(&clock);
+    let env: Vec<(&str, &OsStr)> = env.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
+    let audit = root.path().join("hub-audit.jsonl");
+    let (hub, _) = HubProcess::start_with_env(
+        root.path(),
+        &format!("file:{}", audit.display()),
+        &env,
+        0,
+        |_| String::new(),
+    );
+    let echo = echo_server().await;
+    let (_client, _) = hub.run_client(root.path(), echo, "", Stdio::null()).await;
+    // The Hub's clock goes past the Client's 24 h SVID's end (a step, or a host that slept):
+    // the session ends at the Hub's next look at the clock, not 24 h of running later.
+    set_clock(&clock, "+25h");
+    poll_until(
+        "the Hub to end the session as expired",
+        Duration::from_secs(45),
+        || {
+            fs::read_to_string(&audit)
+                .unwrap_or_default()
+                .contains("the SVID of this session expired")
+        },
+    )
+    .await;
 }

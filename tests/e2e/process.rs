@@ -54,8 +54,17 @@ pub(crate) fn spawn_hub(config: &std::path::Path) -> Proc {
 /// `ewii-hub run` with `config`, once it says it listens, and what it said until then; else
 /// what it said.
 fn try_spawn_hub(config: &std::path::Path) -> Result<(Proc, String), String> {
+    try_spawn_hub_with(config, &[])
+}
+
+/// [`try_spawn_hub`] with `env` added to the Hub's environment.
+fn try_spawn_hub_with(
+    config: &std::path::Path,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Result<(Proc, String), String> {
     let mut run = Command::new(bin_path("ewii-hub"));
     run.args(["run", "--config", config.to_str().unwrap()]);
+    run.envs(env.iter().copied());
     spawn_until_listening(run)
 }
 
@@ -85,13 +94,22 @@ fn spawn_until_listening(mut hub: Command) -> Result<(Proc, String), String> {
 /// listen is started again with new ports, up to five times. Returns it and its UDP port.
 pub(crate) fn spawn_hub_on_free_ports(
     toml: &std::path::Path,
+    config: impl FnMut(u16) -> String,
+) -> (Proc, u16) {
+    spawn_hub_on_free_ports_with(toml, &[], config)
+}
+
+/// [`spawn_hub_on_free_ports`] with `env` added to the Hub's environment.
+fn spawn_hub_on_free_ports_with(
+    toml: &std::path::Path,
+    env: &[(&str, &std::ffi::OsStr)],
     mut config: impl FnMut(u16) -> String,
 ) -> (Proc, u16) {
     let mut said = String::new();
     for _ in 0..5 {
         let udp = free_udp_port();
         fs::write(toml, config(udp)).unwrap();
-        match try_spawn_hub(toml) {
+        match try_spawn_hub_with(toml, env) {
             Ok((hub, _)) => return (hub, udp),
             Err(s) if s.contains("cannot listen on") => said = s,
             Err(s) => panic!("ewii-hub did not say it listens: {s}"),
@@ -132,6 +150,17 @@ impl HubProcess {
         ports: usize,
         extra: impl Fn(&[u16]) -> String,
     ) -> (Self, Vec<u16>) {
+        Self::start_with_env(root, audit, &[], ports, extra)
+    }
+
+    /// [`start_with_ports`](Self::start_with_ports) with `env` added to the Hub's environment.
+    pub(crate) fn start_with_env(
+        root: &std::path::Path,
+        audit: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+        ports: usize,
+        extra: impl Fn(&[u16]) -> String,
+    ) -> (Self, Vec<u16>) {
         let dir = root.join("hub");
         let init = run(
             "ewii-hub",
@@ -144,7 +173,7 @@ impl HubProcess {
             ],
         );
         let (mut svc, mut picked) = (0, Vec::new());
-        let (proc, udp) = spawn_hub_on_free_ports(&root.join("hub.toml"), |udp| {
+        let (proc, udp) = spawn_hub_on_free_ports_with(&root.join("hub.toml"), env, |udp| {
             svc = free_tcp_port();
             picked = (0..ports).map(|_| free_tcp_port()).collect();
             let extra = extra(&picked);

@@ -5,7 +5,7 @@
 //! retirement of its serial arrives as [`Command::Drain`] (it then takes no new query and
 //! closes after [`RETIRED_DRAIN`]); a changed bundle of its trust domain as
 //! [`Command::Recheck`] (it ends when the new anchors no longer vouch for its chain); its own
-//! SVID's expiry is a timer.
+//! SVID's expiry is a timer (of at most 30 s, the wall clock read again at each wake).
 //!
 //! Nor does it ever wait on the Client: what it writes on the control stream is queued for a
 //! writer task ([`ControlOut`]), so a Client that stops reading cannot hold those timers.
@@ -315,8 +315,13 @@ impl Session {
             tokio::select! {
                 biased;
                 () = tokio::time::sleep_until(self.expiry) => {
-                    self.conn.close(codes::REFUSED, b"");
-                    break SessionEnd::SvidExpired.reason("the SVID of this session expired");
+                    // The end is wall time, waited for on the monotonic clock, which a step of
+                    // the host's clock does not move: read again at each wake.
+                    if crate::now_timestamp().unix_secs() as i64 >= self.leaf.not_after {
+                        self.conn.close(codes::REFUSED, b"");
+                        break SessionEnd::SvidExpired.reason("the SVID of this session expired");
+                    }
+                    self.expiry = deadline_at(self.leaf.not_after);
                 }
                 () = drained => {
                     self.conn.close(codes::REFUSED, b"");
@@ -823,13 +828,18 @@ fn new_session_id() -> u64 {
     rand::rng().next_u64() & MAX_SESSION_ID
 }
 
-/// The instant the wall clock reads `unix_secs` (now when that has passed).
+/// The instant the wall clock reads `unix_secs` (now when that has passed), or the next check
+/// ([`EXPIRY_CHECK_US`]) when it is further away.
 fn deadline_at(unix_secs: i64) -> Instant {
     let now_us = crate::now_timestamp().0 as i128;
-    // At most about a century ahead, so that the addition cannot overflow.
-    let wait_us = (i128::from(unix_secs) * 1_000_000 - now_us).clamp(0, 1 << 62);
+    let wait_us = (i128::from(unix_secs) * 1_000_000 - now_us).clamp(0, EXPIRY_CHECK_US);
     Instant::now() + Duration::from_micros(wait_us as u64)
 }
+
+/// The longest a session waits for its SVID's end without reading the wall clock again: a
+/// clock stepped ahead (or a host that slept) ends an expired SVID's session within it, not
+/// after the step's length again.
+const EXPIRY_CHECK_US: i128 = 30_000_000;
 
 #[cfg(test)]
 mod tests {
