@@ -2995,6 +2995,20 @@ async fn p15_a_running_hub_renews_its_own_svid_when_a_third_of_its_life_is_left(
         })
         .await;
     assert!(renewed.is_some(), "{:#?}", hub.audit.records());
+    // Once: the new SVID is not due (a Hub that kept renewing would write one a tick). A
+    // bounded look at what does not happen: ten ticks.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let own = hub
+        .audit
+        .records()
+        .into_iter()
+        .filter(|r| {
+            r.reason
+                .as_deref()
+                .is_some_and(|x| x.starts_with("the Hub's own SVID"))
+        })
+        .count();
+    assert_eq!(own, 1);
     let after = raw_handshake(&hub, &svid).await.expect("a handshake");
     let (serial, end) = served(&after.conn);
     assert_ne!(serial, issued.serial);
@@ -3049,6 +3063,29 @@ async fn p15_ca_retire_names_a_client_issued_in_the_seconds_after_activate() {
     assert!(
         refused.contains("acme") && refused.contains("within 10 s after it"),
         "{refused}"
+    );
+    // An SVID that has expired authenticates nothing: it holds nothing back (a Client gone for
+    // good would otherwise block a plain retire for ever).
+    let now = ewii::now_timestamp().unix_secs() as i64;
+    let ends = |at: i64| {
+        db.execute(
+            "UPDATE serials SET not_after = ?1 WHERE client = 'acme'",
+            [at],
+        )
+        .unwrap()
+    };
+    let store = ewii::hub::state::Db::open(&state.join(ewii::hub::layout::DB_FILE)).unwrap();
+    ends(now - 1);
+    assert!(store
+        .clients_with_serials_before(activated + 10, now)
+        .unwrap()
+        .is_empty());
+    ends(now + 3_600);
+    assert_eq!(
+        store
+            .clients_with_serials_before(activated + 10, now)
+            .unwrap(),
+        ["acme"]
     );
     // Issued past the slack, it is the new CA's: the retire goes ahead.
     issued_at(activated + 11);

@@ -422,39 +422,37 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let id = admin::issue_workload_svid(&state_dir, &name, lifetime, &out)?;
             println!("issued {id} into {}", out.display());
         }
-        Command::Ca { command } => {
-            match command {
-                CaCommand::Prepare { state_dir } => {
-                    if let Err(code) = writable(&state_dir) {
-                        return Ok(code);
-                    }
-                    let hash = admin::ca_prepare(&state_dir)?;
-                    println!("prepared the next CA ({hash}); it is in the bundle now.");
-                    println!("Give Clients time to receive it, then: ewii-hub ca activate");
+        Command::Ca { command } => match command {
+            CaCommand::Prepare { state_dir } => {
+                if let Err(code) = writable(&state_dir) {
+                    return Ok(code);
                 }
-                CaCommand::Activate { state_dir } => {
-                    if let Err(code) = writable(&state_dir) {
-                        return Ok(code);
-                    }
-                    let hash = admin::ca_activate(&state_dir)?;
-                    println!("activated the new CA ({hash}); new tokens carry this bundle hash.");
-                    println!("After every Client has renewed (half an SVID lifetime): ewii-hub ca retire");
+                let hash = admin::ca_prepare(&state_dir)?;
+                println!("prepared the next CA ({hash}); it is in the bundle now.");
+                println!("Give Clients time to receive it, then: ewii-hub ca activate");
+            }
+            CaCommand::Activate { state_dir } => {
+                if let Err(code) = writable(&state_dir) {
+                    return Ok(code);
                 }
-                CaCommand::Retire { state_dir, force } => {
-                    if let Err(code) = writable(&state_dir) {
-                        return Ok(code);
-                    }
-                    let stale = admin::ca_retire(&state_dir, force)?;
-                    println!("retired the old CA; the bundle holds the signing CA only.");
-                    if !stale.is_empty() {
-                        println!(
-                            "forced: {} will be refused until re-enrolled",
+                let hash = admin::ca_activate(&state_dir)?;
+                println!("activated the new CA ({hash}); new tokens carry this bundle hash.");
+                println!("After every Client has renewed (up to 60 % of an SVID lifetime): ewii-hub ca retire");
+            }
+            CaCommand::Retire { state_dir, force } => {
+                if let Err(code) = writable(&state_dir) {
+                    return Ok(code);
+                }
+                let stale = admin::ca_retire(&state_dir, force)?;
+                println!("retired the old CA; the bundle holds the signing CA only.");
+                if !stale.is_empty() {
+                    println!(
+                            "forced: {} may be refused until re-enrolled (those that held an old-CA SVID)",
                             stale.join(", ")
                         );
-                    }
                 }
             }
-        }
+        },
         Command::Revoke {
             state_dir,
             client,

@@ -352,10 +352,12 @@ pub fn ca_retire(state_dir: &Path, force: bool) -> Result<Vec<String>, HubError>
     let activated = db
         .meta("ca_activated_at")?
         .ok_or_else(|| HubError::Usage("no CA was activated; nothing to retire".into()))?;
-    let stale = db.clients_with_serials_before(activated + ACTIVATION_SLACK.as_secs() as i64)?;
+    let now = crate::now_timestamp().unix_secs() as i64;
+    let stale =
+        db.clients_with_serials_before(activated + ACTIVATION_SLACK.as_secs() as i64, now)?;
     if !stale.is_empty() && !force {
         return Err(HubError::Usage(format!(
-            "client(s) {} may still hold an SVID from the old CA (issued before the activation, or within {} s after it, before the running Hub took the new CA); wait for their renewal (half an SVID lifetime) or use --force",
+            "client(s) {} may still hold an SVID from the old CA (issued before the activation, or within {} s after it, before the running Hub took the new CA); wait for their renewal (up to 60 % of an SVID lifetime after the activation) or use --force",
             stale.join(", "),
             ACTIVATION_SLACK.as_secs()
         )));

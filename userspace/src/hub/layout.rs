@@ -114,7 +114,7 @@ pub fn load_bundle(dir: &Path, ca: &Ca) -> Result<Vec<CertificateDer<'static>>, 
 /// (a write of the two files cut short) would leave a Hub that cannot start.
 pub fn load_or_renew_hub_svid(dir: &Path, ca: &Ca) -> Result<Svid, IdentityError> {
     if let Ok(svid) = Svid::load(dir, HUB_CERT, HUB_KEY) {
-        let fresh = hub_svid_end(&svid).is_some_and(|end| !hub_svid_due(end));
+        let fresh = ServedSvid::of(&svid).is_some_and(|served| !served.due());
         let from_this_ca = svid.chain.get(1) == Some(ca.cert());
         if fresh && from_this_ca && whole(&svid) {
             return Ok(svid);
@@ -123,21 +123,34 @@ pub fn load_or_renew_hub_svid(dir: &Path, ca: &Ca) -> Result<Svid, IdentityError
     issue_hub_svid(dir, ca)
 }
 
-/// The end of the Hub SVID `svid` (its leaf's `notAfter`, seconds since the epoch), if its
-/// leaf parses.
-pub(crate) fn hub_svid_end(svid: &Svid) -> Option<i64> {
-    svid.chain
-        .first()
-        .and_then(|c| inspect_leaf(c).ok())
-        .map(|l| l.not_after)
+/// What the Hub knows of a Hub SVID to decide its renewal: its leaf's serial and validity
+/// (seconds since the epoch).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct ServedSvid {
+    pub(crate) serial: String,
+    pub(crate) not_before: i64,
+    pub(crate) not_after: i64,
 }
 
-/// Whether a Hub SVID that ends at `not_after` is due for renewal: a third of its lifetime or
-/// less left. The running Hub checks the one it serves with at every tick of its watcher, so
-/// a Hub that runs for months renews it as a restart would.
-pub(crate) fn hub_svid_due(not_after: i64) -> bool {
-    let now = crate::now_timestamp().unix_secs() as i64;
-    not_after - now <= HUB_SVID_LIFETIME.as_secs() as i64 / 3
+impl ServedSvid {
+    /// `svid`'s, if its leaf parses.
+    pub(crate) fn of(svid: &Svid) -> Option<Self> {
+        let leaf = svid.chain.first().and_then(|c| inspect_leaf(c).ok())?;
+        Some(Self {
+            serial: leaf.serial,
+            not_before: leaf.not_before,
+            not_after: leaf.not_after,
+        })
+    }
+
+    /// Whether it is due for renewal: a third of its lifetime or less left, or not valid yet
+    /// (issued while the clock ran ahead, and set right since: every Client would refuse it,
+    /// and it would never come due by its end). The running Hub checks the one it serves at
+    /// every tick of its watcher, so a Hub that runs for months renews it as a restart would.
+    pub(crate) fn due(&self) -> bool {
+        let now = crate::now_timestamp().unix_secs() as i64;
+        self.not_after - now <= HUB_SVID_LIFETIME.as_secs() as i64 / 3 || self.not_before > now
+    }
 }
 
 /// Whether `svid`'s key is the one its certificate names.
@@ -179,4 +192,31 @@ pub fn ca_trust_domain(ca: &Ca) -> Result<String, IdentityError> {
             _ => None,
         })
         .ok_or_else(|| IdentityError::NotSvid("CA has no spiffe://<td> SAN".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServedSvid;
+
+    #[test]
+    fn a_hub_svid_is_due_with_a_third_left_or_before_its_start() {
+        let now = crate::now_timestamp().unix_secs() as i64;
+        let day = 86_400;
+        let served = |not_before, not_after| ServedSvid {
+            serial: String::new(),
+            not_before,
+            not_after,
+        };
+        assert!(!served(now - 30, now + 90 * day).due(), "fresh");
+        assert!(
+            !served(now - 59 * day, now + 31 * day).due(),
+            "more than a third left"
+        );
+        assert!(served(now - 61 * day, now + 29 * day).due(), "a third left");
+        // Issued while the clock ran a day ahead, and set right since: no Client takes it.
+        assert!(
+            served(now + day - 30, now + 91 * day).due(),
+            "not valid yet"
+        );
+    }
 }

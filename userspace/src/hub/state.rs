@@ -613,14 +613,21 @@ impl Db {
     }
 
     /// Clients (not revoked) holding a serial issued at or before `ts` (the caller adds the
-    /// time the running Hub may take to switch CA: [`super::admin::ACTIVATION_SLACK`]).
-    pub fn clients_with_serials_before(&self, ts: i64) -> Result<Vec<String>, StateError> {
+    /// time the running Hub may take to switch CA: [`super::admin::ACTIVATION_SLACK`]) and not
+    /// expired at `now` (an expired SVID authenticates nothing: a Client gone for good does not
+    /// hold a retirement back).
+    pub fn clients_with_serials_before(
+        &self,
+        ts: i64,
+        now: i64,
+    ) -> Result<Vec<String>, StateError> {
         self.with(|c| {
             let mut stmt = c.prepare(
                 "SELECT DISTINCT s.client FROM serials s JOIN clients c ON c.name = s.client
-                 WHERE s.retired = 0 AND c.revoked_at IS NULL AND s.issued_at <= ?1 ORDER BY s.client",
+                 WHERE s.retired = 0 AND c.revoked_at IS NULL AND s.issued_at <= ?1
+                   AND s.not_after > ?2 ORDER BY s.client",
             )?;
-            let rows = stmt.query_map(params![ts], |r| r.get(0))?;
+            let rows = stmt.query_map(params![ts, now], |r| r.get(0))?;
             rows.collect()
         })
     }

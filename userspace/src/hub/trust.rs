@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -283,9 +283,8 @@ pub(crate) struct Trust {
     reload_failure: Mutex<Option<String>>,
     /// Reloads that failed, every try counted ([`Trust::reloads_failed`]).
     reloads_failed: AtomicU64,
-    /// The end of the Hub SVID the configurations serve (`notAfter`, seconds since the
-    /// epoch): [`Trust::hub_svid_due`].
-    hub_svid_end: AtomicI64,
+    /// The Hub SVID the configurations serve: [`Trust::hub_svid_due`].
+    served: Mutex<layout::ServedSvid>,
 }
 
 /// Verdicts on requesters' chains, kept while the Hub's own bundle stays as it is: when an
@@ -377,7 +376,7 @@ impl Trust {
     ) -> Result<(Self, quinn::ServerConfig), TrustError> {
         let bundle = Bundle::new(material.anchors);
         let federation = Arc::new(federation);
-        let hub_svid_end = layout::hub_svid_end(&material.hub_svid).unwrap_or(0);
+        let served = layout::ServedSvid::of(&material.hub_svid).unwrap_or_default();
         let (quic, acceptor) = server_configs(
             &material.hub_svid,
             &bundle,
@@ -405,7 +404,7 @@ impl Trust {
                 verdicts: Mutex::default(),
                 reload_failure: Mutex::default(),
                 reloads_failed: AtomicU64::new(0),
-                hub_svid_end: AtomicI64::new(hub_svid_end),
+                served: Mutex::new(served),
             },
             quic,
         ))
@@ -582,9 +581,13 @@ impl Trust {
     }
 
     /// Whether the Hub SVID the configurations serve is due for renewal
-    /// ([`layout::hub_svid_due`]): the watcher then reloads, which renews it. One comparison.
+    /// ([`layout::ServedSvid::due`]): the watcher then reloads, which renews it. Two
+    /// comparisons.
     pub(crate) fn hub_svid_due(&self) -> bool {
-        layout::hub_svid_due(self.hub_svid_end.load(Ordering::Relaxed))
+        self.served
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .due()
     }
 
     /// Re-reads the CA, the Hub SVID and the bundle; swaps in what changed and pushes a new
@@ -688,10 +691,13 @@ impl Trust {
         if let Ok(mut c) = self.ca.write() {
             *c = Arc::new(ca);
         }
-        let end = layout::hub_svid_end(&hub_svid).unwrap_or(0);
-        let before_end = self.hub_svid_end.swap(end, Ordering::Relaxed);
-        if end != before_end {
-            self.hub_svid_renewed(&hub_svid, end);
+        let served = layout::ServedSvid::of(&hub_svid).unwrap_or_default();
+        let was = std::mem::replace(
+            &mut *self.served.lock().unwrap_or_else(PoisonError::into_inner),
+            served.clone(),
+        );
+        if served.serial != was.serial {
+            self.hub_svid_renewed(&served);
         }
         if !ca_changed && !bundle_changed {
             return Ok(());
@@ -719,14 +725,10 @@ impl Trust {
 impl Trust {
     /// The Hub serves with a new SVID of its own (renewed when a third of its life was left,
     /// or issued by a new signing CA): logged, and on record for the operator.
-    fn hub_svid_renewed(&self, svid: &Svid, end: i64) {
-        let serial = svid
-            .chain
-            .first()
-            .and_then(|c| inspect_leaf(c).ok())
-            .map(|l| l.serial)
-            .unwrap_or_default();
-        let until = ewii_common::time::Timestamp(u64::try_from(end).unwrap_or(0) * 1_000_000);
+    fn hub_svid_renewed(&self, served: &layout::ServedSvid) {
+        let serial = &served.serial;
+        let until =
+            ewii_common::time::Timestamp(u64::try_from(served.not_after).unwrap_or(0) * 1_000_000);
         tracing::info!(%serial, %until, "the Hub serves with a new SVID of its own");
         let mut r = self.audit.record(Event::SvidRotated);
         r.outcome = Some(Outcome::Ok);
