@@ -1,9 +1,11 @@
-//! The Client binary when the host's wall clock moves under it (P7): a suspend the monotonic
-//! clock does not count, and a step back by NTP. (Each deadline a step back would push away,
-//! a reconnect's, a stop's, is tested in the session machine: `common/src/session/tests.rs`.) The clock is moved for the Client's
-//! process alone with Debian's libfaketime (`LD_PRELOAD`, its time read from a file the test
-//! rewrites; the monotonic clock left alone): the seam is the C library's `clock_gettime`,
-//! what a real step or suspend changes. The Hub runs in-process on the real clock.
+//! The binaries when the host's wall clock moves under them (P7): a suspend the monotonic clock
+//! does not count, a step ahead, and a step back by NTP. (Each deadline a step back would push
+//! away, a reconnect's, a stop's, is tested in the session machine:
+//! `common/src/session/tests.rs`.) The clock is moved for one process alone with Debian's
+//! libfaketime (`LD_PRELOAD`, its time read from a file the test rewrites; the monotonic clock
+//! left alone): the seam is the C library's `clock_gettime`, what a real step or suspend
+//! changes. In the Client's tests the Hub runs in-process on the real clock; in the Hub's, the
+//! Client binary runs on it.
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
