@@ -193,7 +193,11 @@ async fn p7_a_client_whose_host_slept_past_its_svid_s_end_ends_as_expired() {
     };
     signal("-STOP");
     set_clock(&clock, "+30h");
-    tokio::time::sleep(Duration::from_secs(4)).await; // the sleep itself, not a wait
+    // Asleep until the Hub has dropped the session (its idle timeout, 2.5 s).
+    hub.wait_audit("the Hub's end of the session", |r| {
+        r.event == Event::SessionLost
+    })
+    .await;
     signal("-CONT");
     let mut exit = None;
     let ended = tokio::time::timeout(CLOCK_SEEN, async {
