@@ -2983,7 +2983,8 @@ async fn p15_a_running_hub_renews_its_own_svid_when_a_third_of_its_life_is_left(
         )
         .unwrap();
     hub.restart().await;
-    let before = raw_handshake(&hub, &svid).await.expect("a handshake");
+    // A session (past `Hello`: a bare handshake is closed by the Hub when no `Hello` follows).
+    let mut before = raw_session(&hub, &svid).await.expect("a session");
     assert_eq!(served(&before.conn).0, issued.serial, "started with it");
     let renewed = hub
         .audit
@@ -3026,8 +3027,12 @@ async fn p15_a_running_hub_renews_its_own_svid_when_a_third_of_its_life_is_left(
     .unwrap();
     assert_eq!(inspect_leaf(&on_disk.chain[0]).unwrap().serial, serial);
     assert!(renewed.unwrap().reason.unwrap().contains(&serial));
-    // The connection made before goes on: its handshake is done.
+    // The session made before goes on: its handshake is done.
     assert!(before.conn.close_reason().is_none());
+    assert!(
+        before.ping().await,
+        "the session before the renewal still answers"
+    );
 }
 
 /// A renewal the running Hub signs in the moments after `ca activate`, before its watcher
