@@ -5,7 +5,8 @@
 //! libfaketime (`LD_PRELOAD`, its time read from a file the test rewrites; the monotonic clock
 //! left alone): the seam is the C library's `clock_gettime`, what a real step or suspend
 //! changes. In the Client's tests the Hub runs in-process on the real clock; in the Hub's, the
-//! Client binary runs on it.
+//! Client binary runs on it: an SVID's end, the silent-client grace (P9) and a webhook's
+//! retry (P10) are dated by the Hub's clock.
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -20,7 +21,7 @@ use ewii::identity::store::{self, Svid};
 use ewii_common::audit::Event;
 use ewii_tests::*;
 
-use crate::process::{HubProcess, Proc};
+use crate::process::{self, HubProcess, Proc};
 
 /// Debian's libfaketime, the variant for threaded programs (scripts/install-test-deps).
 fn libfaketime() -> PathBuf {
@@ -220,31 +221,222 @@ async fn p7_a_client_whose_host_slept_past_its_svid_s_end_ends_as_expired() {
 #[tokio::test]
 async fn p7_a_hub_whose_clock_passes_a_client_s_svid_end_ends_its_session_within_seconds() {
     let root = tempfile::tempdir().unwrap();
-    let clock = root.path().join("faketime");
-    set_clock(&clock, "+0");
-    let env = faketime_env(&clock);
-    let env: Vec<(&str, &OsStr)> = env.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
-    let audit = root.path().join("hub-audit.jsonl");
-    let (hub, _) = HubProcess::start_with_env(
-        root.path(),
-        &format!("file:{}", audit.display()),
-        &env,
-        0,
-        |_| String::new(),
-    );
+    let hub = FakeTimeHub::start(root.path(), "");
     let echo = echo_server().await;
-    let (_client, _) = hub.run_client(root.path(), echo, "", Stdio::null()).await;
+    let (_client, _) = hub
+        .hub
+        .run_client(root.path(), echo, "", Stdio::null())
+        .await;
     // The Hub's clock goes past the Client's 24 h SVID's end (a step, or a host that slept):
     // the session ends at the Hub's next look at the clock, not 24 h of running later.
-    set_clock(&clock, "+25h");
+    set_clock(&hub.clock, "+25h");
     poll_until(
         "the Hub to end the session as expired",
         Duration::from_secs(45),
         || {
-            fs::read_to_string(&audit)
+            fs::read_to_string(&hub.audit)
                 .unwrap_or_default()
                 .contains("the SVID of this session expired")
         },
     )
+    .await;
+}
+
+/// An `ewii-hub` process on a wall clock read from a file (starting at real time), its audit
+/// records in a file and its log kept as it comes.
+struct FakeTimeHub {
+    hub: HubProcess,
+    clock: PathBuf,
+    audit: PathBuf,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl FakeTimeHub {
+    fn start(root: &Path, extra: &str) -> Self {
+        let clock = root.join("faketime");
+        set_clock(&clock, "+0");
+        let env = faketime_env(&clock);
+        let env: Vec<(&str, &OsStr)> = env.iter().map(|(k, v)| (*k, v.as_os_str())).collect();
+        let audit = root.join("hub-audit.jsonl");
+        let (mut hub, _) =
+            HubProcess::start_with_env(root, &format!("file:{}", audit.display()), &env, 0, |_| {
+                extra.to_owned()
+            });
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (stderr, kept) = (hub.proc.0.stderr.take().unwrap(), log.clone());
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+                let Ok(line) = line else { break };
+                kept.lock().unwrap().push_str(&line);
+                kept.lock().unwrap().push('\n');
+            }
+        });
+        Self {
+            hub,
+            clock,
+            audit,
+            log,
+        }
+    }
+
+    /// The Hub's records of `event` so far.
+    fn records(&self, event: &str) -> Vec<serde_json::Value> {
+        fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["event"] == event)
+            .collect()
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Moves the Hub's wall clock to real time plus `offset` and waits until the Hub has seen
+    /// the move (`ahead` or `back`): its log says so within a watcher tick and the
+    /// libfaketime cache (1 s).
+    async fn move_clock(&self, offset: &str, way: &str) {
+        let said = format!("the wall clock moved {way}");
+        let before = self.log().matches(&said).count();
+        set_clock(&self.clock, offset);
+        let deadline = tokio::time::Instant::now() + SOON;
+        while self.log().matches(&said).count() == before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the Hub did not say {said:?} within {SOON:?}; its log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits for the Hub's record of the running Client's loss (it was killed, no goodbye);
+    /// returns when the test saw it.
+    async fn wait_lost(&self) -> tokio::time::Instant {
+        poll_until("the Hub to see the Client lost", SOON, || {
+            !self.records("session_lost").is_empty()
+        })
+        .await;
+        tokio::time::Instant::now()
+    }
+}
+
+/// The grace of the tests below, `revoke_after_lost_secs`.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// A Hub on a clock of its own with a [`GRACE`], and Client `acme` running.
+async fn hub_with_grace_and_client(root: &Path) -> (FakeTimeHub, Proc) {
+    let hub = FakeTimeHub::start(
+        root,
+        &format!("revoke_after_lost_secs = {}", GRACE.as_secs()),
+    );
+    let echo = echo_server().await;
+    let (client, _) = hub.hub.run_client(root, echo, "", Stdio::null()).await;
+    (hub, client)
+}
+
+/// Waits for the grace's revocation of the Client the Hub saw lost at `lost`: not before the
+/// grace has run (less the second the database's times are rounded to).
+async fn wait_grace_revocation(hub: &FakeTimeHub, lost: tokio::time::Instant) {
+    poll_until("the grace's revocation", GRACE + SOON, || {
+        !hub.records("revoked").is_empty()
+    })
+    .await;
+    let after = lost.elapsed();
+    let revoked = hub.records("revoked");
+    let reason = format!(
+        "no session for {} s (revoke_after_lost_secs)",
+        GRACE.as_secs()
+    );
+    assert_eq!(revoked[0]["reason"], reason, "{revoked:?}");
+    assert!(
+        after >= GRACE - Duration::from_secs(1),
+        "revoked {after:?} after the loss, its grace {GRACE:?}; the Hub's log:\n{}",
+        hub.log()
+    );
+}
+
+#[tokio::test]
+async fn p9_a_hub_host_that_slept_does_not_count_its_sleep_against_a_silent_client() {
+    let root = tempfile::tempdir().unwrap();
+    let (hub, client) = hub_with_grace_and_client(root.path()).await;
+    // Killed: no goodbye, so the Hub sees the Client lost and starts the grace.
+    drop(client);
+    let lost = hub.wait_lost().await;
+    // The Hub's host sleeps two hours (for libfaketime, a step ahead: the same move of the
+    // wall clock against the monotonic one). No Client could reach it meanwhile.
+    hub.move_clock("+2h", "ahead").await;
+    // The watcher reads the grace again at any change: an operator's command is one.
+    process::run(
+        "ewii-hub",
+        &[
+            "token",
+            "create",
+            "--state-dir",
+            hub.hub.dir.to_str().unwrap(),
+            "--client",
+            "beta",
+        ],
+    );
+    poll_until("the token's record", SOON, || {
+        !hub.records("token_created").is_empty()
+    })
+    .await;
+    // The grace runs on: the Client is revoked once it has been silent for the grace while
+    // the Hub ran, not at once.
+    wait_grace_revocation(&hub, lost).await;
+}
+
+#[tokio::test]
+async fn p9_a_hub_whose_clock_is_set_back_revokes_a_silent_client_after_its_grace_not_the_step() {
+    let root = tempfile::tempdir().unwrap();
+    let (hub, client) = hub_with_grace_and_client(root.path()).await;
+    // The Hub's clock runs an hour ahead when it loses the Client...
+    hub.move_clock("+1h", "ahead").await;
+    drop(client);
+    let lost = hub.wait_lost().await;
+    // ... and NTP sets it right: the Client's silence is dated an hour ahead of the clock.
+    // It is revoked after the grace all the same, not an hour later.
+    hub.move_clock("+0", "back").await;
+    wait_grace_revocation(&hub, lost).await;
+}
+
+#[tokio::test]
+async fn p10_a_webhook_retry_is_not_held_back_by_a_step_back_of_the_hub_s_clock() {
+    let root = tempfile::tempdir().unwrap();
+    // The first attempt fails; the retry is up to 10 min after it (full jitter: in 98 runs of
+    // 100 more than the 10 s this test waits for it).
+    let receiver = Receiver::start(vec![500]).await;
+    let hub = FakeTimeHub::start(
+        root.path(),
+        "[webhooks]\ndanger_allow_private_targets = true\nretry_initial_ms = 600000\nretry_max_ms = 600000",
+    );
+    hub.hub
+        .enrol_with_webhook("beta", &root.path().join("beta"), Some(&receiver.url));
+    // The Hub's clock runs an hour ahead when the revocation's first attempt fails: its retry
+    // is dated an hour ahead of the real time...
+    hub.move_clock("+1h", "ahead").await;
+    process::run(
+        "ewii-hub",
+        &[
+            "revoke",
+            "--state-dir",
+            hub.hub.dir.to_str().unwrap(),
+            "--client",
+            "beta",
+        ],
+    );
+    poll_until("the first attempt", SOON, || {
+        receiver.deliveries().iter().any(|d| d.status == 500)
+    })
+    .await;
+    // ... and NTP sets it right: the retry is not held an hour longer. It comes at once: the
+    // Hub looks at its outbox again when its clock moves, and a retry dated further ahead
+    // than any is ever set is due.
+    hub.move_clock("+0", "back").await;
+    poll_until("the retry", SOON, || {
+        receiver.deliveries().iter().any(|d| d.status == 200)
+    })
     .await;
 }

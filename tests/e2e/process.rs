@@ -254,19 +254,31 @@ impl HubProcess {
 
     /// A token for Client `name`, redeemed by `ewii-client enroll` into `state_dir`.
     pub(crate) fn enrol(&self, name: &str, state_dir: &std::path::Path) {
-        let token = run(
-            "ewii-hub",
-            &[
-                "token",
-                "create",
-                "--state-dir",
-                self.dir.to_str().unwrap(),
-                "--client",
-                name,
-                "--ttl",
-                "10m",
-            ],
-        );
+        self.enrol_with_webhook(name, state_dir, None);
+    }
+
+    /// [`enrol`](Self::enrol), the customer's webhook at `webhook` (a loopback URL: allowed
+    /// with `--danger-allow-private-webhook`).
+    pub(crate) fn enrol_with_webhook(
+        &self,
+        name: &str,
+        state_dir: &std::path::Path,
+        webhook: Option<&str>,
+    ) {
+        let mut args = vec![
+            "token",
+            "create",
+            "--state-dir",
+            self.dir.to_str().unwrap(),
+            "--client",
+            name,
+            "--ttl",
+            "10m",
+        ];
+        if let Some(url) = webhook {
+            args.extend(["--webhook", url, "--danger-allow-private-webhook"]);
+        }
+        let token = run("ewii-hub", &args);
         let out = Command::new(bin_path("ewii-client"))
             .args([
                 "enroll",

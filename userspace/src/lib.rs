@@ -15,6 +15,7 @@
 //! - [`hub`]: the Hub: QUIC listener, enrolment, sessions, service listeners, SQLite state.
 //! - [`client`]: the Client: enrolment, the reconnecting session, the [`client::dialer`],
 //!   and the status file read by `ewii-client status` and `health`.
+//! - `clock`: the wall clock, with its steps and the host's suspends told from its running.
 //! - [`logging`]: stderr logs filtered by `EWII_LOG`.
 //! - [`quickstart`]: the self-contained demo run by `ewii-quickstart`.
 //! - [`signal`]: SIGTERM/SIGINT as a shutdown future.
@@ -23,6 +24,7 @@
 
 pub mod audit;
 pub mod client;
+pub(crate) mod clock;
 pub mod config;
 #[allow(unsafe_code)]
 // raw syscalls of the probes, the eBPF map types, mallopt, one socket option; nowhere else

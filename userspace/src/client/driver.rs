@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::clock::{random, validity, Clock, Moved};
+use super::clock::{random, validity, wake_at};
 use super::connect::{self, ConnectError, DialPlan, Opened};
 use super::connection::{Command, Connection, End, Event, Lost};
 use super::dialer::{Addresses, Dialer};
@@ -36,6 +36,7 @@ use super::status::{State, Status, StatusWriter};
 use super::workload::{same_svid, Delivered, Deliveries, WorkloadError};
 use super::{REVOKED_MARKER, REVOKE_PENDING_MARKER};
 use crate::audit::Audit;
+use crate::clock::Clock;
 use crate::config::{ClientConfig, OnStop, SvidSource};
 use crate::enforce::{DenySource, Report};
 use crate::identity::ca::new_key_and_csr;
@@ -201,13 +202,10 @@ impl Driver {
     fn now(&mut self) -> Duration {
         let read = self.clock.read();
         if let Some(moved) = read.moved {
-            let (way, by) = match moved {
-                Moved::Ahead(by) => ("ahead", by),
-                Moved::Back(by) => ("back", by),
-            };
             tracing::warn!(
-                by_secs = by.as_secs(),
-                "the wall clock moved {way} (a clock step, or the host was suspended): the session's deadlines follow it"
+                by_secs = moved.by().as_secs(),
+                "the wall clock moved {} (a clock step, or the host was suspended): the session's deadlines follow it",
+                moved.way()
             );
             self.machine.handle_clock_moved(read.now);
         }
@@ -266,7 +264,7 @@ impl Driver {
             let now = self.now();
             let counters = denied.borrow().clone();
             self.publish_status(&counters);
-            let timeout = Clock::wake_at(self.machine.poll_timeout(), now);
+            let timeout = wake_at(self.machine.poll_timeout(), now);
             tokio::select! {
                 () = &mut shutdown, if !stopping => {
                     stopping = true;

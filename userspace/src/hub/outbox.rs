@@ -9,7 +9,10 @@
 //! Each attempt is a task of its own, [`IN_FLIGHT`] at most at once, so that one customer's
 //! slow or silent endpoint holds up only its own deliveries. The task sleeps until a row is
 //! queued (the store wakes it), an attempt ends, or the next retry it learned from the store
-//! is due: an empty outbox costs no query.
+//! is due: an empty outbox costs no query. A retry's time is wall-clock time (it outlives a
+//! restart); one further ahead than the longest retry delay was set by a clock that moved back
+//! since, and is due at once: a step back of the Hub's clock delays a delivery by at most
+//! `retry_max_ms`, not by the step.
 //!
 //! At a shutdown the task is told to stop, not aborted: the attempts in flight get
 //! [`WIND_DOWN`] to be answered, and an answered one is recorded and audited before the task
@@ -28,7 +31,7 @@ use tokio::task::{self, JoinSet};
 use tokio::time::Instant;
 
 use super::state::outbox::DUE_PER_URL;
-use super::state::PendingWebhook;
+use super::state::{DueBy, PendingWebhook};
 use super::store::Store;
 use crate::audit::Audit;
 use crate::config::WebhookConfig;
@@ -113,12 +116,12 @@ pub(crate) async fn deliver(parts: Parts, mut stop: watch::Receiver<bool>) {
     loop {
         // Rows due by now that cannot start (their URL's or the task's places are taken)
         // start when an attempt ends; the timer is for the next row due after now.
-        let now_ms = (crate::now_timestamp().0 / 1000) as i64;
-        let next = match start_due(&parts, &stop, &mut flying, now_ms).await {
+        let due = due_by(&parts);
+        let next = match start_due(&parts, &stop, &mut flying, due).await {
             Ok(()) => {
                 parts
                     .store
-                    .next_webhook_due(parts.config.max_attempts, now_ms)
+                    .next_webhook_due(parts.config.max_attempts, due)
                     .await
             }
             Err(e) => Err(e),
@@ -168,20 +171,30 @@ async fn wound_down(mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Starts an attempt for each row due at `now_ms` and not in flight, up to [`IN_FLIGHT`] at
-/// once and [`DUE_PER_URL`] to one URL.
+/// Which rows are due now: a row's next attempt is never set further ahead than the longest
+/// retry delay, so one further ahead was set by a clock that has moved back since ([`DueBy`]).
+fn due_by(parts: &Parts) -> DueBy {
+    let now_ms = (crate::now_timestamp().0 / 1000) as i64;
+    DueBy {
+        now_ms,
+        latest_ms: now_ms.saturating_add(parts.config.retry_max.as_millis() as i64),
+    }
+}
+
+/// Starts an attempt for each row due and not in flight, up to [`IN_FLIGHT`] at once and
+/// [`DUE_PER_URL`] to one URL.
 async fn start_due(
     parts: &Arc<Parts>,
     stop: &watch::Receiver<bool>,
     flying: &mut Flying,
-    now_ms: i64,
+    due: DueBy,
 ) -> Result<(), super::store::StoreError> {
     if flying.full() || stopping(stop) {
         return Ok(());
     }
     let due = parts
         .store
-        .due_webhooks(now_ms, parts.config.max_attempts, flying.ids())
+        .due_webhooks(due, parts.config.max_attempts, flying.ids())
         .await?;
     for w in due {
         if flying.room_for(&w.url) {

@@ -43,7 +43,7 @@ pub enum Revoker {
         notify: bool,
     },
 }
-pub use outbox::PendingWebhook;
+pub use outbox::{DueBy, PendingWebhook};
 pub use records::{ClientRecord, ClientRow, SerialRecord, SerialStatus, SessionRow, Snapshot};
 pub use tokens::{token_id_of, TokenRow, TokenSelector};
 
@@ -570,6 +570,19 @@ impl Db {
             c.execute(
                 "UPDATE clients SET last_seen = ?1 WHERE revoked_at IS NULL AND last_seen IS NOT NULL",
                 params![now],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// The Hub's wall clock moved `by` seconds against its running (a step, or a suspend of its
+    /// host): every silent client's grace moves with it, so that the grace counts the time
+    /// this Hub ran, as a restart does ([`Db::restart_grace`]).
+    pub fn shift_grace(&self, by: i64) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE clients SET last_seen = last_seen + ?1 WHERE revoked_at IS NULL AND last_seen IS NOT NULL",
+                params![by],
             )
             .map(|_| ())
         })

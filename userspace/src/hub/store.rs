@@ -28,8 +28,8 @@ use ewii_common::spiffe::SpiffeId;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::state::{
-    operator_log, Db, OperatorEntry, PendingWebhook, RenewalRow, Revoker, SessionRow, StateError,
-    TokenGrant, TokenRefusal,
+    operator_log, Db, DueBy, OperatorEntry, PendingWebhook, RenewalRow, Revoker, SessionRow,
+    StateError, TokenGrant, TokenRefusal,
 };
 use crate::identity::verify::SerialRefusal;
 
@@ -387,21 +387,35 @@ impl Store {
         .await?
     }
 
+    /// The Hub's wall clock moved `by` seconds against its running: the silent clients' grace
+    /// moves with it ([`Db::shift_grace`]).
+    pub(crate) async fn shift_grace(&self, by: i64) -> Result<(), StoreError> {
+        self.call(move |o| {
+            // The view moves even when the write fails: the write is for the next start, which
+            // restarts every grace anyway.
+            let written = o.backend.shift_grace(by);
+            let changes = o.view.apply_grace_shift(by);
+            o.publish(changes);
+            written.map_err(Into::into)
+        })
+        .await?
+    }
+
     /// Compares the change marker; when another writer committed (or the view is not
     /// loaded), reloads the view and publishes what changed. Returns whether it reloaded.
     pub(crate) async fn refresh(&self) -> Result<bool, StoreError> {
         self.call(Owner::refresh).await?
     }
 
-    /// Outbox rows due at `now_ms`, leaving out those in `skip` (the attempts in flight), in
-    /// turns by URL ([`Db::due_webhooks`]).
+    /// Outbox rows due, leaving out those in `skip` (the attempts in flight), in turns by URL
+    /// ([`Db::due_webhooks`]).
     pub(crate) async fn due_webhooks(
         &self,
-        now_ms: i64,
+        due: DueBy,
         max_attempts: u32,
         skip: Vec<String>,
     ) -> Result<Vec<PendingWebhook>, StoreError> {
-        self.call(move |o| o.backend.due_webhooks(now_ms, max_attempts, &skip))
+        self.call(move |o| o.backend.due_webhooks(due, max_attempts, &skip))
             .await?
             .map_err(Into::into)
     }
@@ -414,13 +428,13 @@ impl Store {
             .map_err(Into::into)
     }
 
-    /// When the next outbox row due after `after_ms` is due (ms since the epoch).
+    /// When the next outbox row not due yet is due (ms since the epoch).
     pub(crate) async fn next_webhook_due(
         &self,
         max_attempts: u32,
-        after_ms: i64,
+        due: DueBy,
     ) -> Result<Option<i64>, StoreError> {
-        self.call(move |o| o.backend.next_webhook_due(max_attempts, after_ms))
+        self.call(move |o| o.backend.next_webhook_due(max_attempts, due))
             .await?
             .map_err(Into::into)
     }

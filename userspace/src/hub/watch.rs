@@ -12,7 +12,8 @@
 //!   the same tick, a Hub SVID with a third of its life left is renewed by a reload (one
 //!   comparison: a Hub that runs for months must not serve an expired SVID);
 //! - the silent-client grace is a timer computed from the view's `last_seen` values, not a
-//!   query;
+//!   query; when the wall clock moves against the Hub's running (a step, or a suspend of its
+//!   host), the grace moves with it ([`follow_clock`]);
 //! - every [`FEDERATION_CHECK`] the `[[federation]]` bundle files are re-read, and a changed
 //!   one replaces that trust domain's anchors ([`federation`], a task of its own, so that a
 //!   file that hangs its reader never holds up a revocation).
@@ -32,6 +33,7 @@ use super::state::{OperatorAction, OperatorEntry, Revoker};
 use super::store::{Change, Store};
 use super::trust::Trust;
 use crate::audit::Audit;
+use crate::clock::{Clock, Moved};
 
 /// Change-marker period: a revocation by another process reaches live sessions well within
 /// 1 s (DESIGN §6).
@@ -63,6 +65,7 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
     let mut grace_at = next_grace(&parts);
     // When the last reload failed, while it keeps failing.
     let mut reload_failed: Option<Instant> = None;
+    let mut clock = Clock::start();
     loop {
         let grace_due = async {
             match grace_at {
@@ -70,8 +73,21 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            _ = tick.tick() => {
+        let wake = tokio::select! {
+            _ = tick.tick() => Wake::Tick,
+            change = changes.recv() => match change {
+                Some(change) => Wake::Change(change),
+                None => return,
+            },
+            () = grace_due => Wake::Grace,
+        };
+        // Before anything reads the grace: a Hub host that slept must not count its own
+        // sleep against the clients that could not reach it.
+        if follow_clock(&parts, &mut clock).await {
+            grace_at = next_grace(&parts);
+        }
+        match wake {
+            Wake::Tick => {
                 let changed = match parts.store.refresh().await {
                     Ok(changed) => changed,
                     Err(e) => {
@@ -86,27 +102,70 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
                     reload_failed = (!reload_trust(&parts).await).then(Instant::now);
                 }
             }
-            change = changes.recv() => match change {
-                Some(change) => {
-                    // Those queued with it too: the log's mark (a synced write) moves once for
-                    // a batch, such as the entries a Hub finds at its start.
-                    let mut audited = apply(&parts, change);
-                    while let Ok(change) = changes.try_recv() {
-                        audited = apply(&parts, change).or(audited);
-                    }
-                    if let Some(id) = audited {
-                        tokio::spawn(mark_audited(parts.audit.clone(), parts.store.clone(), id));
-                    }
-                    grace_at = next_grace(&parts);
+            Wake::Change(change) => {
+                // Those queued with it too: the log's mark (a synced write) moves once for a
+                // batch, such as the entries a Hub finds at its start.
+                let mut audited = apply(&parts, change);
+                while let Ok(change) = changes.try_recv() {
+                    audited = apply(&parts, change).or(audited);
                 }
-                None => return,
-            },
-            () = grace_due => {
+                if let Some(id) = audited {
+                    tokio::spawn(mark_audited(parts.audit.clone(), parts.store.clone(), id));
+                }
+                grace_at = next_grace(&parts);
+            }
+            Wake::Grace => {
                 revoke_silent(&parts).await;
                 grace_at = next_grace(&parts);
             }
         }
     }
+}
+
+/// What woke the watcher.
+enum Wake {
+    Tick,
+    Change(Change),
+    Grace,
+}
+
+/// Reads the wall clock; when it moved against the Hub's running (a step, or a suspend of
+/// the host), every silent client's grace moves with it, the webhook outbox looks again at
+/// what is due, and the log says so. Returns whether it moved.
+///
+/// The grace (`revoke_after_lost_secs`) is dated by the wall clock and timed by the monotonic
+/// one, which stands still while the host sleeps: without this, a Hub host that slept (or
+/// whose clock was stepped ahead) would, at its next look at the grace, revoke every Client
+/// silent for the sleep's length, though none could reach it meanwhile; and a clock set back
+/// would hold every grace for the step's length. The outbox's retries are wall-clock times
+/// too: after a suspend some are due at once, after a step back some were set further ahead
+/// than a retry is ever set, and its timer knows neither.
+async fn follow_clock(parts: &Parts, clock: &mut Clock) -> bool {
+    let Some(moved) = clock.read().moved else {
+        return false;
+    };
+    let grace = if parts.grace.is_some() {
+        "; the silent-client grace counts the time this Hub ran, not the move"
+    } else {
+        ""
+    };
+    tracing::warn!(
+        by_secs = moved.by().as_secs(),
+        "the wall clock moved {} (a clock step, or the host was suspended){grace}",
+        moved.way()
+    );
+    parts.store.outbox_queued().notify_one();
+    if parts.grace.is_some() {
+        let secs = moved.by().as_secs() as i64;
+        let by = match moved {
+            Moved::Ahead(_) => secs,
+            Moved::Back(_) => -secs,
+        };
+        if let Err(e) = parts.store.shift_grace(by).await {
+            tracing::error!(error = %e, "cannot move the silent-client grace in the hub database; the view has moved it");
+        }
+    }
+    true
 }
 
 /// Acts on one change; returns the operators' log entry it audited, if it was one.

@@ -15,6 +15,18 @@ pub const PARKED: i64 = i64::MAX;
 /// keeps at most this many attempts to one URL in flight).
 pub const DUE_PER_URL: usize = 4;
 
+/// When a row is due: its next attempt is at or before `now_ms`, or after `latest_ms`, the
+/// furthest ahead of now that a retry is ever set (`retry_max_ms`). A row set further ahead
+/// was set by a clock that has moved back since (a Hub whose clock ran ahead, set right):
+/// without this bound, it would wait the step's length on top of its retry's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DueBy {
+    /// Now, in milliseconds since the epoch.
+    pub now_ms: i64,
+    /// Now plus the longest retry delay.
+    pub latest_ms: i64,
+}
+
 /// A webhook delivery waiting in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingWebhook {
@@ -60,13 +72,12 @@ pub(super) fn queue_revocation(
 }
 
 impl Db {
-    /// Outbox rows due at `now_ms` (milliseconds since the epoch) and not in `skip` (the
-    /// attempts in flight), at most [`DUE_PER_URL`] of each URL, taken in turns: the oldest of
+    /// Outbox rows due ([`DueBy`]) and not in `skip` (the attempts in flight), at most [`DUE_PER_URL`] of each URL, taken in turns: the oldest of
     /// every URL first, then the second oldest, and so on, at most 64. So a customer with many
     /// notices waiting does not fill the list before another customer's first.
     pub fn due_webhooks(
         &self,
-        now_ms: i64,
+        due: DueBy,
         max_attempts: u32,
         skip: &[String],
     ) -> Result<Vec<PendingWebhook>, StateError> {
@@ -83,12 +94,18 @@ impl Db {
                      SELECT id, created_at,
                             ROW_NUMBER() OVER (PARTITION BY url ORDER BY created_at, id) AS turn
                      FROM webhooks
-                     WHERE delivered_at IS NULL AND next_attempt_ms <= ? AND attempts < ? {not_in}
+                     WHERE delivered_at IS NULL AND attempts < ?
+                       AND (next_attempt_ms <= ? OR (next_attempt_ms > ? AND next_attempt_ms < ?)) {not_in}
                  ) AS t JOIN webhooks AS w ON w.id = t.id
                  WHERE t.turn <= {DUE_PER_URL}
                  ORDER BY t.turn, t.created_at, t.id LIMIT 64"
             ))?;
-            let mut args: Vec<rusqlite::types::Value> = vec![now_ms.into(), max_attempts.into()];
+            let mut args: Vec<rusqlite::types::Value> = vec![
+                max_attempts.into(),
+                due.now_ms.into(),
+                due.latest_ms.into(),
+                PARKED.into(),
+            ];
             args.extend(skip.iter().map(|id| id.clone().into()));
             let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
                 Ok(PendingWebhook {
@@ -102,18 +119,18 @@ impl Db {
         })
     }
 
-    /// When the next undelivered row due after `after_ms` is due (milliseconds since the
-    /// epoch), if any. (Rows due by then are the caller's to have taken already, or to take
-    /// when an attempt ends.)
+    /// When the next undelivered row not due by `due` is due (milliseconds since the epoch),
+    /// if any. (Rows due by then are the caller's to have taken already, or to take when an
+    /// attempt ends.)
     pub fn next_webhook_due(
         &self,
         max_attempts: u32,
-        after_ms: i64,
+        due: DueBy,
     ) -> Result<Option<i64>, StateError> {
         self.with(|c| {
             c.query_row(
-                "SELECT MIN(next_attempt_ms) FROM webhooks WHERE delivered_at IS NULL AND attempts < ?1 AND next_attempt_ms > ?2 AND next_attempt_ms < ?3",
-                params![max_attempts, after_ms, PARKED],
+                "SELECT MIN(next_attempt_ms) FROM webhooks WHERE delivered_at IS NULL AND attempts < ?1 AND next_attempt_ms > ?2 AND next_attempt_ms <= ?3",
+                params![max_attempts, due.now_ms, due.latest_ms],
                 |r| r.get(0),
             )
         })

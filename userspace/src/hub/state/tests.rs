@@ -1,5 +1,13 @@
 use super::*;
 
+/// Due by `now`, with retries set at most 10 s ahead.
+fn by(now: i64) -> DueBy {
+    DueBy {
+        now_ms: now,
+        latest_ms: now + 10_000,
+    }
+}
+
 fn last_seen(db: &Db, name: &str) -> Option<i64> {
     db.snapshot()
         .unwrap()
@@ -84,6 +92,10 @@ fn p10_revocation_deletes_outstanding_tokens_and_a_restart_resets_the_grace() {
     db.restart_grace(500).unwrap();
     assert_eq!(last_seen(&db, "beta"), Some(500));
     assert_eq!(last_seen(&db, "acme"), None);
+    // The Hub's clock was set back 100 s: the grace follows, for the same clients.
+    db.shift_grace(-100).unwrap();
+    assert_eq!(last_seen(&db, "beta"), Some(400));
+    assert_eq!(last_seen(&db, "acme"), None);
 }
 
 #[test]
@@ -150,7 +162,7 @@ fn serial_check_follows_enrolment_and_revocation_across_reopen() {
 fn the_outbox_tells_when_its_next_row_is_due() {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(&dir.path().join("hub.db")).unwrap();
-    assert_eq!(db.next_webhook_due(3, -1).unwrap(), None);
+    assert_eq!(db.next_webhook_due(3, by(-1)).unwrap(), None);
     let id = SpiffeId::client("example.org", "acme").unwrap();
     let grant = TokenGrant {
         client: "acme".into(),
@@ -159,21 +171,32 @@ fn the_outbox_tells_when_its_next_row_is_due() {
     };
     db.record_enrolment(&grant, &id, "0a", 1000, 1).unwrap();
     assert!(db.revoke_client("acme", "test", 2, true).unwrap());
-    assert_eq!(db.next_webhook_due(3, -1).unwrap(), Some(0));
-    let due = db.due_webhooks(0, 3, &[]).unwrap();
+    assert_eq!(db.next_webhook_due(3, by(-1)).unwrap(), Some(0));
+    let due = db.due_webhooks(by(0), 3, &[]).unwrap();
     assert_eq!(due.len(), 1);
     // Due by now: not the next due after now (the caller has it, or takes it when it can).
-    assert_eq!(db.next_webhook_due(3, 0).unwrap(), None);
+    assert_eq!(db.next_webhook_due(3, by(0)).unwrap(), None);
     // An attempt in flight is not due again.
     let flying = [due[0].id.clone()];
-    assert!(db.due_webhooks(0, 3, &flying).unwrap().is_empty());
+    assert!(db.due_webhooks(by(0), 3, &flying).unwrap().is_empty());
     db.webhook_failed(&due[0].id, "HTTP 500", 5_000).unwrap();
-    assert_eq!(db.next_webhook_due(3, 0).unwrap(), Some(5_000));
-    assert!(db.due_webhooks(4_999, 3, &[]).unwrap().is_empty());
+    assert_eq!(db.next_webhook_due(3, by(0)).unwrap(), Some(5_000));
+    assert!(db.due_webhooks(by(4_999), 3, &[]).unwrap().is_empty());
+    // The Hub's clock was set back an hour after the retry was set: a retry is never set more
+    // than 10 s ahead, so it is due at once, not an hour later; and not next due after it.
+    let stepped_back = by(5_000 - 3_600_000);
+    assert_eq!(db.due_webhooks(stepped_back, 3, &[]).unwrap().len(), 1);
+    assert_eq!(db.next_webhook_due(3, stepped_back).unwrap(), None);
     // Given up after the last attempt: nothing is due any more.
     db.webhook_failed(&due[0].id, "HTTP 500", 6_000).unwrap();
     db.webhook_failed(&due[0].id, "HTTP 500", 7_000).unwrap();
-    assert_eq!(db.next_webhook_due(3, -1).unwrap(), None);
+    assert_eq!(db.next_webhook_due(3, by(-1)).unwrap(), None);
+    // A parked row is not due by the step-back rule: it waits for the next start.
+    db.webhook_parked(&due[0].id, "refused").unwrap();
+    assert!(db.due_webhooks(stepped_back, 10, &[]).unwrap().is_empty());
+    assert_eq!(db.next_webhook_due(10, stepped_back).unwrap(), None);
+    assert_eq!(db.unpark_webhooks().unwrap(), 1);
+    assert_eq!(db.due_webhooks(by(0), 10, &[]).unwrap().len(), 1);
 }
 
 /// Due rows come in turns by URL, at most `DUE_PER_URL` of one: a customer with many notices
@@ -197,7 +220,7 @@ fn due_webhooks_take_turns_by_url() {
         revoke(&format!("big{n}"), "https://big.example/hook", 10 + n);
     }
     revoke("small", "https://small.example/hook", 100);
-    let due = db.due_webhooks(1_000_000, 30, &[]).unwrap();
+    let due = db.due_webhooks(by(1_000_000), 30, &[]).unwrap();
     let urls: Vec<&str> = due.iter().map(|w| w.url.as_str()).collect();
     assert_eq!(
         urls,
@@ -211,7 +234,7 @@ fn due_webhooks_take_turns_by_url() {
     );
     // The oldest of the big one's first; with it in flight, the next four.
     let flying = [due[0].id.clone()];
-    let next = db.due_webhooks(1_000_000, 30, &flying).unwrap();
+    let next = db.due_webhooks(by(1_000_000), 30, &flying).unwrap();
     assert_eq!(next.len(), 5);
     assert!(next.iter().all(|w| w.id != due[0].id));
 }

@@ -3,7 +3,7 @@
 use ewii_common::spiffe::SpiffeId;
 
 use crate::hub::state::{
-    self, Db, OperatorEntry, PendingWebhook, RenewalRow, Revoker, SerialStatus, SessionRow,
+    self, Db, DueBy, OperatorEntry, PendingWebhook, RenewalRow, Revoker, SerialStatus, SessionRow,
     Snapshot, StateError, TokenGrant, TokenRefusal,
 };
 
@@ -60,6 +60,8 @@ pub trait Backend: Send + 'static {
     fn session_up(&self, client: &str, row: &SessionRow) -> Result<(), StateError>;
     /// See [`Db::session_down`].
     fn session_down(&self, client: &str, session_id: u64, now: i64) -> Result<(), StateError>;
+    /// See [`Db::shift_grace`].
+    fn shift_grace(&self, by: i64) -> Result<(), StateError>;
     /// See [`Db::admit_federated`].
     fn admit_federated(
         &self,
@@ -75,13 +77,12 @@ pub trait Backend: Send + 'static {
     /// See [`Db::due_webhooks`].
     fn due_webhooks(
         &self,
-        now_ms: i64,
+        due: DueBy,
         max_attempts: u32,
         skip: &[String],
     ) -> Result<Vec<PendingWebhook>, StateError>;
     /// See [`Db::next_webhook_due`].
-    fn next_webhook_due(&self, max_attempts: u32, after_ms: i64)
-        -> Result<Option<i64>, StateError>;
+    fn next_webhook_due(&self, max_attempts: u32, due: DueBy) -> Result<Option<i64>, StateError>;
     /// See [`Db::webhook_delivered`].
     fn webhook_delivered(&self, id: &str, now: i64) -> Result<(), StateError>;
     /// See [`Db::webhook_failed`].
@@ -157,6 +158,9 @@ impl Backend for Db {
     fn session_down(&self, client: &str, session_id: u64, now: i64) -> Result<(), StateError> {
         Db::session_down(self, client, session_id, now)
     }
+    fn shift_grace(&self, by: i64) -> Result<(), StateError> {
+        Db::shift_grace(self, by)
+    }
     fn admit_federated(
         &self,
         client: &str,
@@ -174,18 +178,14 @@ impl Backend for Db {
     }
     fn due_webhooks(
         &self,
-        now_ms: i64,
+        due: DueBy,
         max_attempts: u32,
         skip: &[String],
     ) -> Result<Vec<PendingWebhook>, StateError> {
-        Db::due_webhooks(self, now_ms, max_attempts, skip)
+        Db::due_webhooks(self, due, max_attempts, skip)
     }
-    fn next_webhook_due(
-        &self,
-        max_attempts: u32,
-        after_ms: i64,
-    ) -> Result<Option<i64>, StateError> {
-        Db::next_webhook_due(self, max_attempts, after_ms)
+    fn next_webhook_due(&self, max_attempts: u32, due: DueBy) -> Result<Option<i64>, StateError> {
+        Db::next_webhook_due(self, max_attempts, due)
     }
     fn webhook_delivered(&self, id: &str, now: i64) -> Result<(), StateError> {
         Db::webhook_delivered(self, id, now)

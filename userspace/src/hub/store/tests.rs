@@ -121,6 +121,13 @@ async fn the_view_follows_the_owners_writes_and_reports_retirements() {
     assert_eq!(store.view().next_silent_deadline(60), None);
     store.session_down("acme", 7, 10).await.unwrap();
     assert_eq!(store.view().next_silent_deadline(60), Some(71));
+    // The Hub's clock moved (its host slept an hour, then a step back of as much): the grace
+    // moves with it, in the view and in the database.
+    store.shift_grace(3_600).await.unwrap();
+    assert_eq!(store.view().next_silent_deadline(60), Some(3_671));
+    assert!(store.view().silent_since(3_610).is_empty());
+    store.shift_grace(-3_600).await.unwrap();
+    assert_eq!(store.view().next_silent_deadline(60), Some(71));
     assert!(store.view().silent_since(10).is_empty());
     assert_eq!(
         store.view().silent_since(11),

@@ -353,6 +353,18 @@ impl View {
         })
     }
 
+    /// After the Hub's wall clock moved `by` seconds: every grace moves with it.
+    pub(super) fn apply_grace_shift(&self, by: i64) -> Vec<Change> {
+        self.write(|state| {
+            for c in state.clients.values_mut().filter(|c| c.revoked.is_none()) {
+                if let Some(seen) = c.last_seen.as_mut() {
+                    *seen = seen.saturating_add(by);
+                }
+            }
+            vec![Change::Seen]
+        })
+    }
+
     /// Whether a serial of `client` issued after `serial` has authenticated a session.
     #[cfg(test)]
     pub(super) fn superseded(&self, client: &str, serial: &str) -> Option<bool> {
