@@ -43,10 +43,12 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } EVENTS SEC(".maps");
 
-/* Refusals the ring buffer had no room for: each event carries the count so far, so the
- * Client learns of a gap from the next event it reads (it cannot read maps after start-up). */
+/* Refusals the ring buffer had no room for. Each event carries the count so far, so the
+ * Client places a gap before the next event it reads; and the Client maps this array into its
+ * memory, read-only, before it loses bpf(2), so that it sees a gap no event follows. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u64);

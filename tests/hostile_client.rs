@@ -196,6 +196,44 @@ fn attacks(plan: &enforce::Plan) -> BTreeMap<&'static str, String> {
         "udplite_socket",
         socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_UDPLITE),
     );
+    // Make the read-only mappings of the kernel's maps writable (the ring buffer's data and
+    // the count of refusals it had no room for), to forge or hide refusals: the kernel
+    // refuses, whatever the descriptors.
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let mut remaps: Vec<String> = maps
+        .lines()
+        .filter(|l| l.ends_with("anon_inode:bpf-map"))
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|p| !p.contains('w'))
+        })
+        .map(|l| {
+            let range = l.split_whitespace().next().unwrap();
+            let (lo, hi) = range.split_once('-').unwrap();
+            let lo = usize::from_str_radix(lo, 16).unwrap();
+            let hi = usize::from_str_radix(hi, 16).unwrap();
+            // SAFETY: a mapping of this process's, named by the kernel; if the call succeeded
+            // the memory would only become writable, and nothing writes it.
+            verdict(unsafe {
+                libc::mprotect(
+                    lo as *mut libc::c_void,
+                    hi - lo,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                )
+            } as _)
+        })
+        .collect();
+    remaps.sort();
+    remaps.dedup();
+    out.insert(
+        "mprotect_bpf_maps_writable",
+        if remaps.is_empty() {
+            "no read-only mapping of a bpf map found".into()
+        } else {
+            remaps.join(", ")
+        },
+    );
     // Close every descriptor the start-up left (the ring buffer's included): a lock held by
     // a descriptor would go with it.
     for fd in 3..1024 {

@@ -18,7 +18,7 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, MapData, RingBuf};
+use aya::maps::{HashMap, Map, MapData, RingBuf};
 use aya::programs::links::FdLink;
 use aya::programs::{
     CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
@@ -68,9 +68,64 @@ pub enum Hold {
     Process,
 }
 
-/// The attached lock: the ring buffer of refusals, and (held by the process) the links.
+/// The kernel's count of refusals its ring buffer had no room for: the `LOST` array
+/// (`BPF_F_MMAPABLE`), mapped read-only into this process before `bpf(2)` is refused to it.
+/// A read-only shared mapping of a bpf map cannot be made writable again (the kernel clears
+/// `VM_MAYWRITE`), and the count widens nothing.
+struct LostCount(std::ptr::NonNull<u64>);
+
+// SAFETY: the pointer is to a mapping this value owns, only read, through an atomic load.
+unsafe impl Send for LostCount {}
+
+impl LostCount {
+    fn map(map: &MapData) -> Result<Self, EbpfError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: a new mapping of the array's first value (the kernel rounds the length to a
+        // page), at an address the kernel picks; nothing else refers to it.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size_of::<u64>(),
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(EbpfError::Bpf(format!(
+                "LOST: mmap: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        std::ptr::NonNull::new(at.cast())
+            .map(Self)
+            .ok_or_else(|| EbpfError::Bpf("LOST: mmap gave no address".into()))
+    }
+
+    fn read(&self) -> u64 {
+        // SAFETY: the mapping is page-aligned, lives as long as `self`, and the kernel's
+        // programs change the value only atomically (`__sync_fetch_and_add`).
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(self.0.as_ptr()) }
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for LostCount {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `map` made; nothing refers to it past this value.
+        unsafe {
+            libc::munmap(self.0.as_ptr().cast(), size_of::<u64>());
+        }
+    }
+}
+
+/// The attached lock: the ring buffer of refusals, the count of those it had no room for,
+/// and (held by the process) the links.
 pub struct EgressLock {
     events: RingBuf<MapData>,
+    lost: LostCount,
     /// Held, never read: dropping a link detaches its program ([`Hold::Process`]).
     _links: Vec<FdLink>,
     cgroup: PathBuf,
@@ -178,6 +233,11 @@ impl EgressLock {
             .take_map("EVENTS")
             .ok_or_else(|| EbpfError::Bpf("no EVENTS map".into()))?;
         let events = RingBuf::try_from(events).map_err(|e| bpf_err("EVENTS")(e.to_string()))?;
+        // Kept open until the programs are loaded: their instructions name it by descriptor.
+        let Some(Map::Array(lost_map)) = bpf.take_map("LOST") else {
+            return Err(EbpfError::Bpf("no LOST array".into()));
+        };
+        let lost = LostCount::map(&lost_map)?;
         let cg = File::open(cgroup)
             .map_err(|e| EbpfError::Cgroup(format!("{}: {e}", cgroup.display())))?;
         let mut links = Vec::new();
@@ -229,10 +289,12 @@ impl EgressLock {
             }
         }
         // Every map and program descriptor closes here: held by the cgroup, the programs
-        // need none of them, and the ring buffer is read through its own mapping.
-        drop(bpf);
+        // need none of them, and the ring buffer and the lost count are read through their
+        // own mappings.
+        drop((bpf, lost_map));
         Ok(Self {
             events,
+            lost,
             _links: links,
             cgroup: cgroup.to_owned(),
             hold,
@@ -293,6 +355,11 @@ impl DenySource for EgressLock {
             }
         }
         out
+    }
+
+    fn lost(&self) -> u32 {
+        // The program's count is 64-bit; events carry its low 32 bits, compared the same way.
+        self.lost.read() as u32
     }
 
     /// Refusals read from the ring buffer, by hook. (The kernel's own per-CPU counters are

@@ -360,7 +360,8 @@ pub fn deny_record(audit: &Audit, e: &DenyEvent) -> AuditRecord {
 }
 
 /// The record of `n` refusals the kernel could not report one by one (its ring buffer was
-/// full when they happened): written before the first event read after them.
+/// full when they happened): written before the first event read after them, or at the
+/// next read of the buffer when none follows.
 pub fn lost_record(audit: &Audit, n: u32) -> AuditRecord {
     let mut r = audit.record(Event::KernelDenied);
     r.outcome = Some(Outcome::Refused);
@@ -371,15 +372,17 @@ pub fn lost_record(audit: &Audit, n: u32) -> AuditRecord {
     r
 }
 
-/// Refusals the kernel had no room to report, newly counted in `e` (its count so far, which
-/// wraps at 2³²) past `seen`; moves `seen` on.
-fn newly_lost(seen: &mut u32, e: &DenyEvent) -> Option<u32> {
-    let n = e.lost.wrapping_sub(*seen);
-    // Events of several CPUs can arrive a little out of order: an older count is not new.
+/// Refusals the kernel had no room to report, newly counted in `count` (its count so far, as
+/// an event carries it or the Client reads it, which wraps at 2³²) past `seen`; moves `seen`
+/// on.
+fn newly_lost(seen: &mut u32, count: u32) -> Option<u32> {
+    let n = count.wrapping_sub(*seen);
+    // Events of several CPUs can arrive a little out of order, and the count read may be
+    // newer than an event read after it: an older count is not new.
     if n == 0 || n > u32::MAX / 2 {
         return None;
     }
-    *seen = e.lost;
+    *seen = count;
     Some(n)
 }
 
@@ -389,6 +392,9 @@ pub trait DenySource: Send {
     fn drain(&mut self) -> Vec<DenyEvent>;
     /// Per-hook refusal counts since attach.
     fn counters(&self) -> Vec<(&'static str, u64)>;
+    /// The kernel's count so far of refusals it had no room to report one by one (wrapping at
+    /// 2³²), read now: so that a gap is reported when no event follows it.
+    fn lost(&self) -> u32;
 }
 
 /// How often the eBPF ring buffer is read.
@@ -406,17 +412,23 @@ pub async fn forward_denies(
     let (mut lost, mut unreported) = (0, 0u64);
     loop {
         tick.tick().await;
-        for e in src.drain() {
-            if let Some(n) = newly_lost(&mut lost, &e) {
+        let mut report_lost = |count: u32| {
+            if let Some(n) = newly_lost(&mut lost, count) {
                 unreported += u64::from(n);
                 let mut r = lost_record(&audit, n);
                 r.client = Some(client_id.clone());
                 audit.emit(r);
             }
+        };
+        // A gap an event reveals is placed before it; one after the last event read is
+        // reported at this tick all the same (read after the drain: it covers those events').
+        for e in src.drain() {
+            report_lost(e.lost);
             let mut r = deny_record(&audit, &e);
             r.client = Some(client_id.clone());
             audit.emit(r);
         }
+        report_lost(src.lost());
         let mut now: Vec<(String, u64)> = src
             .counters()
             .into_iter()
@@ -644,28 +656,17 @@ fn egress_canonical(a: SocketAddr) -> SocketAddr {
 mod tests {
     use super::*;
 
-    fn event(lost: u32) -> DenyEvent {
-        DenyEvent {
-            ts_ns: 0,
-            pid: 1,
-            hook: egress::Hook::Sendmsg4,
-            addr: "127.0.0.1:9".parse().unwrap(),
-            proto: 17,
-            lost,
-        }
-    }
-
     #[test]
     fn p16_refusals_the_kernel_could_not_report_are_counted_once_across_its_wrap() {
         let mut seen = 0;
-        assert_eq!(newly_lost(&mut seen, &event(0)), None);
-        assert_eq!(newly_lost(&mut seen, &event(7)), Some(7));
-        assert_eq!(newly_lost(&mut seen, &event(7)), None, "counted once");
+        assert_eq!(newly_lost(&mut seen, 0), None);
+        assert_eq!(newly_lost(&mut seen, 7), Some(7));
+        assert_eq!(newly_lost(&mut seen, 7), None, "counted once");
         // An event of another CPU read after a newer count: not new.
-        assert_eq!(newly_lost(&mut seen, &event(5)), None);
+        assert_eq!(newly_lost(&mut seen, 5), None);
         assert_eq!(seen, 7);
         // The kernel's count wraps at 2^32.
         let mut seen = u32::MAX - 2;
-        assert_eq!(newly_lost(&mut seen, &event(4)), Some(7));
+        assert_eq!(newly_lost(&mut seen, 4), Some(7));
     }
 }
