@@ -10,9 +10,11 @@
 //! slow or silent endpoint holds up only its own deliveries. The task sleeps until a row is
 //! queued (the store wakes it), an attempt ends, or the next retry it learned from the store
 //! is due: an empty outbox costs no query. A retry's time is wall-clock time (it outlives a
-//! restart); one further ahead than the longest retry delay was set by a clock that moved back
-//! since, and is due at once: a step back of the Hub's clock delays a delivery by at most
-//! `retry_max_ms`, not by the step.
+//! restart). A step back of the clock that the running Hub sees moves every retry with it
+//! (the store owner), and has this task look again, as a suspend or a step ahead does (some
+//! retries are due then); one further ahead than the longest retry delay was set by a clock
+//! that moved back while no Hub ran, and is due at once: such a step delays a delivery by at
+//! most `retry_max_ms`, not by the step.
 //!
 //! At a shutdown the task is told to stop, not aborted: the attempts in flight get
 //! [`WIND_DOWN`] to be answered, and an answered one is recorded and audited before the task
@@ -177,7 +179,8 @@ fn due_by(parts: &Parts) -> DueBy {
     let now_ms = (crate::now_timestamp().0 / 1000) as i64;
     DueBy {
         now_ms,
-        latest_ms: now_ms.saturating_add(parts.config.retry_max.as_millis() as i64),
+        latest_ms: now_ms
+            .saturating_add(i64::try_from(parts.config.retry_max.as_millis()).unwrap_or(i64::MAX)),
     }
 }
 

@@ -401,17 +401,11 @@ impl Session {
         r.peer = Some(self.peer.to_string());
         r.duration_ms = Some(started.elapsed().as_millis() as u64);
         r.reason = Some(reason);
-        let now = r.time.unix_secs() as i64;
         // Written after the store has the end (a reader of both sees them agree), or, if the
         // Hub's stop gives up on this task first (its sessions' ends wait for the store's synced
         // commits in turn, bounded as a whole), when the task is dropped: never lost.
         let record = EmitOnDrop(&self.parts.audit, Some(r));
-        if let Err(e) = self
-            .parts
-            .store
-            .session_down(&self.name, self.id, now)
-            .await
-        {
+        if let Err(e) = self.parts.store.session_down(&self.name, self.id).await {
             tracing::error!(error = %e, "cannot record the session end");
         }
         drop(record);

@@ -352,7 +352,7 @@ impl Db {
             }
             tx.execute(
                 "INSERT INTO clients (name, spiffe_id, enrolled_at, webhook) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(name) DO UPDATE SET webhook = excluded.webhook, revoked_at = NULL, revoke_reason = NULL",
+                 ON CONFLICT(name) DO UPDATE SET webhook = excluded.webhook, revoked_at = NULL, revoke_reason = NULL, last_seen = NULL",
                 params![grant.client, id.to_string(), now, grant.webhook],
             )?;
             // A new enrolment replaces every earlier key of this client.
@@ -419,11 +419,13 @@ impl Db {
     }
 
     /// Lifts the revocation of `client` (for `[[federation]]` Clients; the caller checks).
-    /// Returns false when it was not revoked.
+    /// Returns false when it was not revoked. Its silence before is forgotten, as at an
+    /// enrolment: a readmitted Client has no grace until its first session (else a Client the
+    /// grace revoked would be revoked again at once).
     pub fn readmit(&self, client: &str) -> Result<bool, StateError> {
         self.with(|c| {
             c.execute(
-                "UPDATE clients SET revoked_at = NULL, revoke_reason = NULL WHERE name = ?1 AND revoked_at IS NOT NULL",
+                "UPDATE clients SET revoked_at = NULL, revoke_reason = NULL, last_seen = NULL WHERE name = ?1 AND revoked_at IS NOT NULL",
                 params![client],
             )
             .map(|n| n > 0)
@@ -576,12 +578,13 @@ impl Db {
     }
 
     /// The Hub's wall clock moved `by` seconds against its running (a step, or a suspend of its
-    /// host): every silent client's grace moves with it, so that the grace counts the time
-    /// this Hub ran, as a restart does ([`Db::restart_grace`]).
+    /// host): every silent client's grace moves with it (not revoked, no live session), so
+    /// that the grace counts the time this Hub ran, as a restart does ([`Db::restart_grace`]).
     pub fn shift_grace(&self, by: i64) -> Result<(), StateError> {
         self.with(|c| {
             c.execute(
-                "UPDATE clients SET last_seen = last_seen + ?1 WHERE revoked_at IS NULL AND last_seen IS NOT NULL",
+                "UPDATE clients SET last_seen = last_seen + ?1 WHERE revoked_at IS NULL AND last_seen IS NOT NULL
+                 AND name NOT IN (SELECT client FROM sessions)",
                 params![by],
             )
             .map(|_| ())

@@ -23,14 +23,16 @@ mod view;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ewii_common::spiffe::SpiffeId;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::state::{
     operator_log, Db, DueBy, OperatorEntry, PendingWebhook, RenewalRow, Revoker, SessionRow,
-    StateError, TokenGrant, TokenRefusal,
+    Snapshot, StateError, TokenGrant, TokenRefusal,
 };
+use crate::clock::{Clock, Moved};
 use crate::identity::verify::SerialRefusal;
 
 pub use backend::Backend;
@@ -133,6 +135,15 @@ struct Owner {
     /// Statements spent on change-marker checks during the current job.
     marker_statements: u64,
     counts: Arc<Counts>,
+    /// The wall clock, read at the start of every job (since the Unix epoch).
+    now: Duration,
+    /// Tells a move of the wall clock against the Hub's running (a step, a suspend).
+    clock: Clock,
+    /// Seconds the graces moved in the view that the database has not taken yet (its write
+    /// failed): tried again at every job, and applied to every view loaded meanwhile.
+    unwritten_shift: i64,
+    /// The part of the moves under a second not applied yet, in milliseconds.
+    carry_ms: i64,
 }
 
 impl Store {
@@ -173,6 +184,7 @@ impl Store {
                         return;
                     }
                 };
+                let clock = Clock::start();
                 let mut owner = Owner {
                     backend,
                     view: v,
@@ -182,6 +194,10 @@ impl Store {
                     operator_log_seen: 0,
                     marker_statements: 0,
                     counts: c,
+                    now: Duration::ZERO,
+                    clock,
+                    unwritten_shift: 0,
+                    carry_ms: 0,
                 };
                 let first = owner.begin(now);
                 let failed = first.is_err();
@@ -362,22 +378,24 @@ impl Store {
                     .iter()
                     .map(|(n, id, _)| (n.as_str(), id.to_string())),
             );
-            let changes = o.view.replace(Some(o.backend.snapshot()?));
+            let snapshot = o.backend.snapshot()?;
+            let changes = o.load(Some(snapshot));
             o.publish(changes);
             Ok(())
         })
         .await?
     }
 
-    /// A session ended.
+    /// A session ended: dated by the owner's reading of the clock, so that a move of the
+    /// clock is applied to every grace before it or after it, never to a part of them.
     pub(crate) async fn session_down(
         &self,
         client: &str,
         session_id: u64,
-        now: i64,
     ) -> Result<(), StoreError> {
         let client = client.to_owned();
         self.call(move |o| {
+            let now = o.now.as_secs() as i64;
             // The view moves even when the write fails: the session is gone either way.
             let written = o.backend.session_down(&client, session_id, now);
             let changes = o.view.apply_session_down(&client, session_id, now);
@@ -387,18 +405,24 @@ impl Store {
         .await?
     }
 
-    /// The Hub's wall clock moved `by` seconds against its running: the silent clients' grace
-    /// moves with it ([`Db::shift_grace`]).
-    pub(crate) async fn shift_grace(&self, by: i64) -> Result<(), StoreError> {
+    /// The clients without a live session, not revoked, silent for more than `grace_secs`
+    /// by the clock as the owner reads it (after it has moved every grace with a move of
+    /// that clock), with their SPIFFE IDs.
+    pub(crate) async fn silent(
+        &self,
+        grace_secs: i64,
+    ) -> Result<Vec<(String, String)>, StoreError> {
         self.call(move |o| {
-            // The view moves even when the write fails: the write is for the next start, which
-            // restarts every grace anyway.
-            let written = o.backend.shift_grace(by);
-            let changes = o.view.apply_grace_shift(by);
-            o.publish(changes);
-            written.map_err(Into::into)
+            let cutoff = o.now.as_secs() as i64 - grace_secs;
+            o.view.silent_since(cutoff)
         })
-        .await?
+        .await
+    }
+
+    /// As if the wall clock had moved so (tests: the clock itself is the host's).
+    #[cfg(test)]
+    pub(crate) async fn clock_moved(&self, moved: Moved) -> Result<(), StoreError> {
+        self.call(move |o| o.clock_moved(moved)).await
     }
 
     /// Compares the change marker; when another writer committed (or the view is not
@@ -478,6 +502,7 @@ impl Store {
             // Counted before the answer goes out, so that a caller reading the counters
             // after its answer sees its own statements.
             let before = owner.backend.statements();
+            owner.follow_clock();
             let answer = f(owner);
             owner.count(before);
             let _ = tx.send(answer);
@@ -526,7 +551,7 @@ impl Owner {
         // What operators' commands did while no Hub ran is audited now.
         let seen = self.backend.meta(operator_log::AUDITED_UP_TO)?.unwrap_or(0);
         let (snapshot, log) = self.backend.snapshot_and_log(seen)?;
-        self.view.replace(Some(snapshot));
+        self.load(Some(snapshot));
         self.operator_log_seen = seen;
         self.publish_operator_log(log);
         self.count(before);
@@ -578,7 +603,7 @@ impl Owner {
         match self.backend.snapshot_and_log(self.operator_log_seen) {
             Ok((snapshot, log)) => {
                 self.marker = Some(marker);
-                let changes = self.view.replace(Some(snapshot));
+                let changes = self.load(Some(snapshot));
                 // The log first: the watcher audits an operator's revocation with whether it
                 // closed a live session, before the view's change closes it.
                 self.publish_operator_log(log);
@@ -592,6 +617,75 @@ impl Owner {
                 Err(e.into())
             }
         }
+    }
+
+    /// Reads the wall clock for this job; when it moved, applies the move first.
+    fn follow_clock(&mut self) {
+        let read = self.clock.read();
+        self.now = read.now;
+        if let Some(moved) = read.moved {
+            tracing::warn!(
+                by_secs = moved.by().as_secs(),
+                "the wall clock moved {} (a clock step, or the host was suspended): the silent-client grace counts the time this Hub ran, not the move",
+                moved.way()
+            );
+            self.clock_moved(moved);
+        } else {
+            self.write_shift();
+        }
+    }
+
+    /// The wall clock moved against the Hub's running. The silent-client grace
+    /// (`revoke_after_lost_secs`) is dated by the wall clock and timed by the monotonic one,
+    /// which stands still while the host sleeps: without a shift, a Hub host that slept (or
+    /// whose clock was stepped ahead) would revoke every Client silent for the sleep's length,
+    /// though none could reach it meanwhile; and a clock set back would hold every grace for
+    /// the step's length. So every silent client's grace moves with the clock. A step back
+    /// moves the webhook retries too (they would wait the step's length on top of their own
+    /// delay); after a suspend or a step ahead, those that fell due are sent at once. The
+    /// outbox looks again either way.
+    fn clock_moved(&mut self, moved: Moved) {
+        let ms = match moved {
+            Moved::Ahead(by) => by.as_millis() as i64,
+            Moved::Back(by) => -(by.as_millis() as i64),
+        };
+        let total = self.carry_ms + ms;
+        let secs = total / 1_000;
+        self.carry_ms = total % 1_000;
+        if secs != 0 {
+            let changes = self.view.apply_grace_shift(secs);
+            self.publish(changes);
+            self.unwritten_shift += secs;
+            self.write_shift();
+        }
+        if ms < 0 {
+            if let Err(e) = self.backend.shift_webhooks(ms) {
+                tracing::error!(error = %e, "cannot move the webhook retries with the clock; those set before the step wait up to retry_max_ms longer");
+            }
+        }
+        self.outbox.notify_one();
+    }
+
+    /// Writes the graces' moves the database has not taken yet.
+    fn write_shift(&mut self) {
+        if self.unwritten_shift == 0 {
+            return;
+        }
+        match self.backend.shift_grace(self.unwritten_shift) {
+            Ok(()) => self.unwritten_shift = 0,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot move the silent-client grace in the hub database yet; tried again at its next use")
+            }
+        }
+    }
+
+    /// Loads `snapshot` into the view, with the graces' moves the database has not taken.
+    fn load(&mut self, snapshot: Option<Snapshot>) -> Vec<Change> {
+        let mut changes = self.view.replace(snapshot);
+        if self.unwritten_shift != 0 {
+            changes.extend(self.view.apply_grace_shift(self.unwritten_shift));
+        }
+        changes
     }
 
     /// A reload failed: the view refuses every check until one works.

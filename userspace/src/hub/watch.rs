@@ -12,8 +12,9 @@
 //!   the same tick, a Hub SVID with a third of its life left is renewed by a reload (one
 //!   comparison: a Hub that runs for months must not serve an expired SVID);
 //! - the silent-client grace is a timer computed from the view's `last_seen` values, not a
-//!   query; when the wall clock moves against the Hub's running (a step, or a suspend of its
-//!   host), the grace moves with it ([`follow_clock`]);
+//!   query; the store owner moves those values when the wall clock moves against the Hub's
+//!   running (a step, or a suspend of its host), and decides who is silent by its own reading
+//!   of the clock ([`Store::silent`]);
 //! - every [`FEDERATION_CHECK`] the `[[federation]]` bundle files are re-read, and a changed
 //!   one replaces that trust domain's anchors ([`federation`], a task of its own, so that a
 //!   file that hangs its reader never holds up a revocation).
@@ -33,7 +34,6 @@ use super::state::{OperatorAction, OperatorEntry, Revoker};
 use super::store::{Change, Store};
 use super::trust::Trust;
 use crate::audit::Audit;
-use crate::clock::{Clock, Moved};
 
 /// Change-marker period: a revocation by another process reaches live sessions well within
 /// 1 s (DESIGN §6).
@@ -65,7 +65,6 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
     let mut grace_at = next_grace(&parts);
     // When the last reload failed, while it keeps failing.
     let mut reload_failed: Option<Instant> = None;
-    let mut clock = Clock::start();
     loop {
         let grace_due = async {
             match grace_at {
@@ -81,11 +80,6 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
             },
             () = grace_due => Wake::Grace,
         };
-        // Before anything reads the grace: a Hub host that slept must not count its own
-        // sleep against the clients that could not reach it.
-        if follow_clock(&parts, &mut clock).await {
-            grace_at = next_grace(&parts);
-        }
         match wake {
             Wake::Tick => {
                 let changed = match parts.store.refresh().await {
@@ -127,45 +121,6 @@ enum Wake {
     Tick,
     Change(Change),
     Grace,
-}
-
-/// Reads the wall clock; when it moved against the Hub's running (a step, or a suspend of
-/// the host), every silent client's grace moves with it, the webhook outbox looks again at
-/// what is due, and the log says so. Returns whether it moved.
-///
-/// The grace (`revoke_after_lost_secs`) is dated by the wall clock and timed by the monotonic
-/// one, which stands still while the host sleeps: without this, a Hub host that slept (or
-/// whose clock was stepped ahead) would, at its next look at the grace, revoke every Client
-/// silent for the sleep's length, though none could reach it meanwhile; and a clock set back
-/// would hold every grace for the step's length. The outbox's retries are wall-clock times
-/// too: after a suspend some are due at once, after a step back some were set further ahead
-/// than a retry is ever set, and its timer knows neither.
-async fn follow_clock(parts: &Parts, clock: &mut Clock) -> bool {
-    let Some(moved) = clock.read().moved else {
-        return false;
-    };
-    let grace = if parts.grace.is_some() {
-        "; the silent-client grace counts the time this Hub ran, not the move"
-    } else {
-        ""
-    };
-    tracing::warn!(
-        by_secs = moved.by().as_secs(),
-        "the wall clock moved {} (a clock step, or the host was suspended){grace}",
-        moved.way()
-    );
-    parts.store.outbox_queued().notify_one();
-    if parts.grace.is_some() {
-        let secs = moved.by().as_secs() as i64;
-        let by = match moved {
-            Moved::Ahead(_) => secs,
-            Moved::Back(_) => -secs,
-        };
-        if let Err(e) = parts.store.shift_grace(by).await {
-            tracing::error!(error = %e, "cannot move the silent-client grace in the hub database; the view has moved it");
-        }
-    }
-    true
 }
 
 /// Acts on one change; returns the operators' log entry it audited, if it was one.
@@ -300,8 +255,14 @@ async fn revoke_silent(parts: &Parts) {
     let Some(grace) = parts.grace else {
         return;
     };
-    let cutoff = crate::now_timestamp().unix_secs() as i64 - grace.as_secs() as i64;
-    for (name, spiffe_id) in parts.store.view().silent_since(cutoff) {
+    let silent = match parts.store.silent(grace.as_secs() as i64).await {
+        Ok(silent) => silent,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read which clients are silent");
+            return;
+        }
+    };
+    for (name, spiffe_id) in silent {
         let Ok(id) = spiffe_id.parse::<SpiffeId>() else {
             continue;
         };

@@ -136,6 +136,19 @@ impl Db {
         })
     }
 
+    /// The Hub's wall clock was set back `by_ms` (negative): every retry set before moves
+    /// with it, so that it keeps its delay ([`DueBy`] bounds one moved while no Hub ran).
+    pub fn shift_webhooks(&self, by_ms: i64) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE webhooks SET next_attempt_ms = next_attempt_ms + ?1
+                 WHERE delivered_at IS NULL AND next_attempt_ms > 0 AND next_attempt_ms < ?2",
+                params![by_ms, PARKED],
+            )
+            .map(|_| ())
+        })
+    }
+
     /// A delivery was acknowledged (2xx).
     pub fn webhook_delivered(&self, id: &str, now: i64) -> Result<(), StateError> {
         self.with(|c| {

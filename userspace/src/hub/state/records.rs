@@ -22,7 +22,10 @@ pub struct ClientRow {
     pub revoke_reason: Option<String>,
     /// Current (not retired) serials with their expiry.
     pub serials: Vec<(String, i64)>,
-    /// When a session of this client last ended (or began), seconds since the epoch.
+    /// When a session of this client last ended (or began), seconds since the epoch: the
+    /// start of its silent-client grace, moved with the Hub's clock when that clock moved
+    /// against its running while the client was silent (a step, or a suspend of the host),
+    /// and reset by a Hub's start.
     pub last_seen: Option<i64>,
     /// The live session, as the running Hub recorded it.
     pub session: Option<SessionRow>,

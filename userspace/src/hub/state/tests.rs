@@ -433,3 +433,49 @@ fn p10_a_revocation_by_the_operator_or_the_hub_deletes_unused_tokens_and_a_stop_
         "acme"
     );
 }
+
+#[test]
+fn p9_a_clock_move_shifts_silent_clients_only_and_readmission_or_enrolment_forgets_silence() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("hub.db")).unwrap();
+    let enrol = |name: &str, serial: &str| {
+        let grant = TokenGrant {
+            client: name.into(),
+            webhook: None,
+            revocations: 0,
+        };
+        let id = SpiffeId::client("example.org", name).unwrap();
+        db.record_enrolment(&grant, &id, serial, 1000, 1).unwrap();
+    };
+    let up = |name: &str, id: u64, serial: &str, since: i64| {
+        let row = SessionRow {
+            session_id: id,
+            serial: serial.into(),
+            peer: "p".into(),
+            since,
+        };
+        db.session_up(name, &row).unwrap();
+    };
+    enrol("acme", "0a");
+    enrol("beta", "0b");
+    up("acme", 1, "0a", 10);
+    up("beta", 2, "0b", 10);
+    db.session_down("beta", 2, 20).unwrap();
+    // acme is connected: its `last_seen` is its session's start, not a grace.
+    db.shift_grace(100).unwrap();
+    assert_eq!(last_seen(&db, "acme"), Some(10));
+    assert_eq!(last_seen(&db, "beta"), Some(120));
+    // Revoked (by the grace, say): no grace left to move.
+    assert!(db.revoke_client("beta", "grace", 130, false).unwrap());
+    db.shift_grace(5).unwrap();
+    assert_eq!(last_seen(&db, "beta"), Some(120));
+    // Readmitted: its silence before is forgotten, else the running Hub's grace would revoke
+    // it again at once; the grace starts at its next session.
+    assert!(db.readmit("beta").unwrap());
+    assert_eq!(last_seen(&db, "beta"), None);
+    // So does a new enrolment of a client seen before.
+    db.session_down("acme", 1, 50).unwrap();
+    assert_eq!(last_seen(&db, "acme"), Some(50));
+    enrol("acme", "0c");
+    assert_eq!(last_seen(&db, "acme"), None);
+}

@@ -62,6 +62,8 @@ pub trait Backend: Send + 'static {
     fn session_down(&self, client: &str, session_id: u64, now: i64) -> Result<(), StateError>;
     /// See [`Db::shift_grace`].
     fn shift_grace(&self, by: i64) -> Result<(), StateError>;
+    /// See [`Db::shift_webhooks`].
+    fn shift_webhooks(&self, by_ms: i64) -> Result<(), StateError>;
     /// See [`Db::admit_federated`].
     fn admit_federated(
         &self,
@@ -160,6 +162,9 @@ impl Backend for Db {
     }
     fn shift_grace(&self, by: i64) -> Result<(), StateError> {
         Db::shift_grace(self, by)
+    }
+    fn shift_webhooks(&self, by_ms: i64) -> Result<(), StateError> {
+        Db::shift_webhooks(self, by_ms)
     }
     fn admit_federated(
         &self,

@@ -37,6 +37,20 @@ fn acme_renewal() -> RenewalRow {
     }
 }
 
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// A store on the database at `path` with client `acme` enrolled (serial `0a`).
+async fn with_acme(path: &Path) -> Store {
+    let (store, _changes) = Store::open(path, 1).await.unwrap();
+    store
+        .record_enrolment(grant("acme"), id("acme"), "0a".into(), 1000, 1)
+        .await
+        .unwrap();
+    store
+}
+
 async fn next_change(rx: &mut mpsc::UnboundedReceiver<Change>) -> Change {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
@@ -119,18 +133,33 @@ async fn the_view_follows_the_owners_writes_and_reports_retirements() {
     ));
     // A live session holds off the grace; once it ends, the deadline is last_seen + grace + 1.
     assert_eq!(store.view().next_silent_deadline(60), None);
-    store.session_down("acme", 7, 10).await.unwrap();
-    assert_eq!(store.view().next_silent_deadline(60), Some(71));
+    // Dated by the store's own reading of the clock.
+    let before = crate::now_timestamp().unix_secs() as i64;
+    store.session_down("acme", 7).await.unwrap();
+    let after = crate::now_timestamp().unix_secs() as i64;
+    let deadline = store.view().next_silent_deadline(60).unwrap();
+    assert!((before + 61..=after + 61).contains(&deadline), "{deadline}");
+    let seen = deadline - 61;
     // The Hub's clock moved (its host slept an hour, then a step back of as much): the grace
-    // moves with it, in the view and in the database.
-    store.shift_grace(3_600).await.unwrap();
-    assert_eq!(store.view().next_silent_deadline(60), Some(3_671));
-    assert!(store.view().silent_since(3_610).is_empty());
-    store.shift_grace(-3_600).await.unwrap();
-    assert_eq!(store.view().next_silent_deadline(60), Some(71));
-    assert!(store.view().silent_since(10).is_empty());
+    // moves with it.
+    store.clock_moved(Moved::Ahead(secs(3_600))).await.unwrap();
+    let moved = Some(deadline + 3_600);
+    assert_eq!(store.view().next_silent_deadline(60), moved);
+    assert!(store.view().silent_since(seen + 3_600).is_empty());
+    store.clock_moved(Moved::Back(secs(3_600))).await.unwrap();
+    assert_eq!(store.view().next_silent_deadline(60), Some(deadline));
+    // Moves under a second add up.
+    for _ in 0..4 {
+        store
+            .clock_moved(Moved::Back(Duration::from_millis(250)))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.view().next_silent_deadline(60), Some(deadline - 1));
+    store.clock_moved(Moved::Ahead(secs(1))).await.unwrap();
+    assert!(store.view().silent_since(seen).is_empty());
     assert_eq!(
-        store.view().silent_since(11),
+        store.view().silent_since(seen + 1),
         vec![("acme".to_string(), acme.to_string())]
     );
     // This Hub's own revocation: reported at once, checked from memory.
@@ -249,11 +278,7 @@ async fn another_process_commit_is_noticed_by_one_pragma_and_reported() {
 async fn a_store_that_cannot_be_read_fails_closed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hub.db");
-    let (store, _changes) = Store::open(&path, 1).await.unwrap();
-    store
-        .record_enrolment(grant("acme"), id("acme"), "0a".into(), 1000, 1)
-        .await
-        .unwrap();
+    let store = with_acme(&path).await;
     // Another process breaks the schema: the next reload fails, and so does every check.
     let other = Db::open(&path).unwrap();
     drop(other);
@@ -364,6 +389,93 @@ fn rename_table(path: &Path, from: &str, to: &str) {
         .unwrap();
 }
 
+/// A move of the clock whose write the database refuses (here: a table the write needs is
+/// gone) is kept in the view, applied to every view loaded meanwhile, and written once it can
+/// be: a reload never brings back the unmoved grace (after a suspend, that would revoke every
+/// silent Client at once).
+#[tokio::test]
+async fn p9_a_grace_move_the_database_could_not_take_survives_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    let store = with_acme(&path).await;
+    store.session_up("acme", row(7, "0a", 1)).await.unwrap();
+    store.session_down("acme", 7).await.unwrap();
+    let deadline = store.view().next_silent_deadline(60).unwrap();
+    // Read from another connection, bare: `Db::open` would make the missing table again.
+    let stored = || -> Option<i64> {
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        raw.query_row(
+            "SELECT last_seen FROM clients WHERE name = 'acme'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(stored(), Some(deadline - 61));
+    rename_table(&path, "sessions", "gone");
+    store.clock_moved(Moved::Ahead(secs(3_600))).await.unwrap();
+    let moved = Some(deadline + 3_600);
+    assert_eq!(store.view().next_silent_deadline(60), moved);
+    assert_eq!(stored(), Some(deadline - 61), "not written");
+    // Another process committed (the rename): the view is loaded again from the database.
+    assert!(store.refresh().await.unwrap());
+    let moved = Some(deadline + 3_600);
+    assert_eq!(store.view().next_silent_deadline(60), moved);
+    // Once the database can take it, the next job writes it, once.
+    rename_table(&path, "gone", "sessions");
+    assert!(store.refresh().await.unwrap());
+    let moved = Some(deadline + 3_600);
+    assert_eq!(store.view().next_silent_deadline(60), moved);
+    assert_eq!(stored(), Some(deadline - 61 + 3_600));
+    assert!(!store.refresh().await.unwrap());
+    assert_eq!(stored(), Some(deadline - 61 + 3_600));
+}
+
+/// A step back of the clock moves every pending webhook retry with it (it keeps its delay);
+/// a suspend or a step ahead moves none (those that fell due go at once).
+#[tokio::test]
+async fn p10_a_step_back_of_the_clock_moves_the_webhook_retries_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _changes) = Store::open(&dir.path().join("hub.db"), 1).await.unwrap();
+    let mut with_webhook = grant("acme");
+    with_webhook.webhook = Some("https://example.org/hook".into());
+    store
+        .record_enrolment(with_webhook, id("acme"), "0a".into(), 1000, 1)
+        .await
+        .unwrap();
+    assert!(store
+        .revoke("acme", "test", 2, true, Revoker::Hub)
+        .await
+        .unwrap());
+    let any = DueBy {
+        now_ms: 0,
+        latest_ms: i64::MAX - 1,
+    };
+    let pending = store
+        .due_webhooks(DueBy { now_ms: 1, ..any }, 5, vec![])
+        .await
+        .unwrap();
+    let at = 5_000_000_000_000;
+    store
+        .webhook_failed(&pending[0].id, "HTTP 500", at)
+        .await
+        .unwrap();
+    assert_eq!(store.next_webhook_due(5, any).await.unwrap(), Some(at));
+    store
+        .clock_moved(Moved::Back(Duration::from_millis(3_600_500)))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.next_webhook_due(5, any).await.unwrap(),
+        Some(at - 3_600_500)
+    );
+    store.clock_moved(Moved::Ahead(secs(3_600))).await.unwrap();
+    assert_eq!(
+        store.next_webhook_due(5, any).await.unwrap(),
+        Some(at - 3_600_500)
+    );
+}
+
 fn drain(changes: &mut mpsc::UnboundedReceiver<Change>) -> Vec<Change> {
     std::iter::from_fn(|| changes.try_recv().ok())
         .filter(|c| *c != Change::Seen)
@@ -416,11 +528,11 @@ async fn p12_a_failed_reload_forgets_neither_the_live_sessions_nor_what_changed_
     // A session that ends while the view cannot be read is gone when it can again.
     rename_table(&path, "serials", "gone");
     assert!(store.refresh().await.is_err());
-    store.session_down("acme", 7, 6).await.unwrap();
+    store.session_down("acme", 7).await.unwrap();
     rename_table(&path, "gone", "serials");
     assert!(store.refresh().await.unwrap());
     assert_eq!(
-        store.view().silent_since(1_000_000),
+        store.view().silent_since(i64::MAX),
         vec![("acme".to_string(), id("acme").to_string())]
     );
 }

@@ -353,10 +353,15 @@ impl View {
         })
     }
 
-    /// After the Hub's wall clock moved `by` seconds: every grace moves with it.
+    /// After the Hub's wall clock moved `by` seconds: every silent client's grace moves with
+    /// it (not revoked, no live session: [`crate::hub::state::Db::shift_grace`]).
     pub(super) fn apply_grace_shift(&self, by: i64) -> Vec<Change> {
         self.write(|state| {
-            for c in state.clients.values_mut().filter(|c| c.revoked.is_none()) {
+            let silent = state
+                .clients
+                .values_mut()
+                .filter(|c| c.revoked.is_none() && c.live.is_empty());
+            for c in silent {
                 if let Some(seen) = c.last_seen.as_mut() {
                     *seen = seen.saturating_add(by);
                 }
