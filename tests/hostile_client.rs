@@ -197,8 +197,10 @@ fn attacks(plan: &enforce::Plan) -> BTreeMap<&'static str, String> {
         socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_UDPLITE),
     );
     // Make the read-only mappings of the kernel's maps writable (the ring buffer's data and
-    // the count of refusals it had no room for), to forge or hide refusals: the kernel
-    // refuses, whatever the descriptors.
+    // the count of refusals it had no room for) and write them: the kernel refuses. (Code in
+    // the process can still unmap them and read nothing, or move the ring buffer's consumer
+    // position, which is the process's to write: hiding refusals from this process's records,
+    // not lifting the lock; the kernel's per-hook counters stay out of its reach.)
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     let mut remaps: Vec<String> = maps
         .lines()

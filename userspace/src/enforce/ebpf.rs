@@ -288,9 +288,10 @@ impl EgressLock {
                 }
             }
         }
-        // Every map and program descriptor closes here: held by the cgroup, the programs
-        // need none of them, and the ring buffer and the lost count are read through their
-        // own mappings.
+        // Every program descriptor and every map's but the ring buffer's (aya keeps it with
+        // its mapping) closes here: held by the cgroup, the programs need none of them, and
+        // the lost count is read through its own mapping. (With `bpf(2)` refused by seccomp,
+        // the ring buffer's descriptor can change nothing.)
         drop((bpf, lost_map));
         Ok(Self {
             events,

@@ -243,8 +243,8 @@ async fn attempt(parts: Arc<Parts>, w: PendingWebhook, mut stop: watch::Receiver
                 Failure::Again(e) => {
                     let delay = Backoff::new(parts.config.retry_initial, parts.config.retry_max)
                         .delay_for(w.attempts, rand::random());
-                    let next = (now.0 / 1000) as i64 + delay.as_millis() as i64;
-                    (e, parts.store.webhook_failed(&w.id, e, next).await)
+                    let stored = parts.store.webhook_failed(&w.id, e, delay).await;
+                    (e, stored.map(|_| ()))
                 }
                 Failure::Parked(e) => (e, parts.store.webhook_parked(&w.id, e).await),
             };

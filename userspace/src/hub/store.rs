@@ -144,6 +144,8 @@ struct Owner {
     unwritten_shift: i64,
     /// The part of the moves under a second not applied yet, in milliseconds.
     carry_ms: i64,
+    /// The database refused the last write of `unwritten_shift`.
+    shift_refused: bool,
 }
 
 impl Store {
@@ -198,6 +200,7 @@ impl Store {
                     clock,
                     unwritten_shift: 0,
                     carry_ms: 0,
+                    shift_refused: false,
                 };
                 let first = owner.begin(now);
                 let failed = first.is_err();
@@ -396,8 +399,12 @@ impl Store {
         let client = client.to_owned();
         self.call(move |o| {
             let now = o.now.as_secs() as i64;
+            // While a move of the graces is not in the database, the end is written as the
+            // database's clock has it, before the move: the move, once written (or applied to a
+            // view loaded meanwhile), brings it to `now`, not past it.
+            let stored = now - o.unwritten_shift;
             // The view moves even when the write fails: the session is gone either way.
-            let written = o.backend.session_down(&client, session_id, now);
+            let written = o.backend.session_down(&client, session_id, stored);
             let changes = o.view.apply_session_down(&client, session_id, now);
             o.publish(changes);
             written.map_err(Into::into)
@@ -471,17 +478,25 @@ impl Store {
             .map_err(Into::into)
     }
 
-    /// A delivery failed; the next attempt is at `next_ms`.
+    /// A delivery failed; the next attempt is `delay` from now, dated by the owner's reading
+    /// of the clock (so that a step back applied before this job does not miss it). Returns
+    /// when that is, in milliseconds since the epoch.
     pub(crate) async fn webhook_failed(
         &self,
         id: &str,
         error: &str,
-        next_ms: i64,
-    ) -> Result<(), StoreError> {
+        delay: Duration,
+    ) -> Result<i64, StoreError> {
         let (id, error) = (id.to_owned(), error.to_owned());
-        self.call(move |o| o.backend.webhook_failed(&id, &error, next_ms))
-            .await?
-            .map_err(Into::into)
+        self.call(move |o| {
+            let delay = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+            let next_ms = (o.now.as_millis() as i64).saturating_add(delay);
+            o.backend
+                .webhook_failed(&id, &error, next_ms)
+                .map(|()| next_ms)
+        })
+        .await?
+        .map_err(Into::into)
     }
 
     /// A delivery was refused for a reason a retry cannot change: not due before the next
@@ -666,15 +681,22 @@ impl Owner {
         self.outbox.notify_one();
     }
 
-    /// Writes the graces' moves the database has not taken yet.
+    /// Writes the graces' moves the database has not taken yet (says so once while it cannot).
     fn write_shift(&mut self) {
         if self.unwritten_shift == 0 {
             return;
         }
         match self.backend.shift_grace(self.unwritten_shift) {
-            Ok(()) => self.unwritten_shift = 0,
+            Ok(()) => {
+                if std::mem::take(&mut self.shift_refused) {
+                    tracing::info!("the silent-client grace's move is in the hub database now");
+                }
+                self.unwritten_shift = 0;
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot move the silent-client grace in the hub database yet; tried again at its next use")
+                if !std::mem::replace(&mut self.shift_refused, true) {
+                    tracing::warn!(error = %e, "cannot move the silent-client grace in the hub database yet; the running Hub keeps the move, and tries again at every use of the database");
+                }
             }
         }
     }

@@ -389,46 +389,74 @@ fn rename_table(path: &Path, from: &str, to: &str) {
         .unwrap();
 }
 
-/// A move of the clock whose write the database refuses (here: a table the write needs is
-/// gone) is kept in the view, applied to every view loaded meanwhile, and written once it can
+/// A move of the clock whose write the database refuses (here: a trigger refuses a move of an
+/// hour) is kept in the view, applied to every view loaded meanwhile, and written once it can
 /// be: a reload never brings back the unmoved grace (after a suspend, that would revoke every
-/// silent Client at once).
+/// silent Client at once). A session that ends meanwhile is moved once, not twice.
 #[tokio::test]
 async fn p9_a_grace_move_the_database_could_not_take_survives_a_reload() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hub.db");
     let store = with_acme(&path).await;
+    store
+        .record_enrolment(grant("beta"), id("beta"), "0b".into(), 1000, 1)
+        .await
+        .unwrap();
     store.session_up("acme", row(7, "0a", 1)).await.unwrap();
+    store.session_up("beta", row(8, "0b", 1)).await.unwrap();
     store.session_down("acme", 7).await.unwrap();
     let deadline = store.view().next_silent_deadline(60).unwrap();
-    // Read from another connection, bare: `Db::open` would make the missing table again.
-    let stored = || -> Option<i64> {
-        let raw = rusqlite::Connection::open(&path).unwrap();
-        raw.query_row(
-            "SELECT last_seen FROM clients WHERE name = 'acme'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap()
+    // Read from another connection, which also changes the database as another process.
+    let raw = |sql: &str| {
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap()
     };
-    assert_eq!(stored(), Some(deadline - 61));
-    rename_table(&path, "sessions", "gone");
+    let stored = |name: &str| -> Option<i64> {
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        let sql = "SELECT last_seen FROM clients WHERE name = ?1";
+        raw.query_row(sql, [name], |r| r.get(0)).unwrap()
+    };
+    assert_eq!(stored("acme"), Some(deadline - 61));
+    raw(
+        "CREATE TRIGGER refuse BEFORE UPDATE OF last_seen ON clients \
+         WHEN NEW.last_seen = OLD.last_seen + 3600 BEGIN SELECT RAISE(ABORT, 'refused'); END",
+    );
+    assert!(store.refresh().await.unwrap());
     store.clock_moved(Moved::Ahead(secs(3_600))).await.unwrap();
     let moved = Some(deadline + 3_600);
     assert_eq!(store.view().next_silent_deadline(60), moved);
-    assert_eq!(stored(), Some(deadline - 61), "not written");
-    // Another process committed (the rename): the view is loaded again from the database.
+    assert_eq!(stored("acme"), Some(deadline - 61), "not written");
+    // beta's session ends after the move, while the database still lacks it.
+    let before = crate::now_timestamp().unix_secs() as i64;
+    store.session_down("beta", 8).await.unwrap();
+    let after = crate::now_timestamp().unix_secs() as i64;
+    // Whether `name` is silent since before `at`; `seen` is silent from exactly `seen` on.
+    let silent = |name: &str, at: i64| {
+        let silent = store.view().silent_since(at);
+        silent.iter().any(|(n, _)| n == name)
+    };
+    let seen_at = |name: &str, seen: i64| !silent(name, seen) && silent(name, seen + 1);
+    let beta_seen = |at: std::ops::RangeInclusive<i64>| at.into_iter().any(|t| seen_at("beta", t));
+    assert!(beta_seen(before..=after));
+    // Another process committed: the view is loaded again from the database.
+    raw("CREATE TABLE another_process (x)");
     assert!(store.refresh().await.unwrap());
-    let moved = Some(deadline + 3_600);
-    assert_eq!(store.view().next_silent_deadline(60), moved);
-    // Once the database can take it, the next job writes it, once.
-    rename_table(&path, "gone", "sessions");
+    assert!(seen_at("acme", deadline - 61 + 3_600));
+    assert!(beta_seen(before..=after));
+    // Once the database can take it, the next job writes it, once, for both.
+    raw("DROP TRIGGER refuse");
     assert!(store.refresh().await.unwrap());
-    let moved = Some(deadline + 3_600);
-    assert_eq!(store.view().next_silent_deadline(60), moved);
-    assert_eq!(stored(), Some(deadline - 61 + 3_600));
+    assert!(seen_at("acme", deadline - 61 + 3_600));
+    assert_eq!(stored("acme"), Some(deadline - 61 + 3_600));
+    let beta = stored("beta").unwrap();
+    assert!(
+        (before..=after).contains(&beta),
+        "{beta} not in {before}..={after}"
+    );
     assert!(!store.refresh().await.unwrap());
-    assert_eq!(stored(), Some(deadline - 61 + 3_600));
+    assert_eq!(stored("acme"), Some(deadline - 61 + 3_600));
 }
 
 /// A step back of the clock moves every pending webhook retry with it (it keeps its delay);
@@ -455,11 +483,12 @@ async fn p10_a_step_back_of_the_clock_moves_the_webhook_retries_with_it() {
         .due_webhooks(DueBy { now_ms: 1, ..any }, 5, vec![])
         .await
         .unwrap();
-    let at = 5_000_000_000_000;
-    store
-        .webhook_failed(&pending[0].id, "HTTP 500", at)
+    let at = store
+        .webhook_failed(&pending[0].id, "HTTP 500", secs(600))
         .await
         .unwrap();
+    let now = crate::now_timestamp().0 as i64 / 1000;
+    assert!((now + 590_000..=now + 600_000).contains(&at), "{at}");
     assert_eq!(store.next_webhook_due(5, any).await.unwrap(), Some(at));
     store
         .clock_moved(Moved::Back(Duration::from_millis(3_600_500)))
@@ -474,6 +503,32 @@ async fn p10_a_step_back_of_the_clock_moves_the_webhook_retries_with_it() {
         store.next_webhook_due(5, any).await.unwrap(),
         Some(at - 3_600_500)
     );
+}
+
+/// A Client the grace revoked, enrolled again: the running Hub does not find it silent (it
+/// has no grace until its first session), in memory as in the database.
+#[tokio::test]
+async fn p9_a_client_enrolled_again_after_the_grace_revoked_it_is_not_silent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = with_acme(&dir.path().join("hub.db")).await;
+    store.session_up("acme", row(7, "0a", 1)).await.unwrap();
+    store.session_down("acme", 7).await.unwrap();
+    assert_eq!(store.silent(-10).await.unwrap().len(), 1);
+    assert!(store
+        .revoke("acme", "no session", 2, false, Revoker::Hub)
+        .await
+        .unwrap());
+    // (A token made after the revocation.)
+    let again = TokenGrant {
+        revocations: 1,
+        ..grant("acme")
+    };
+    store
+        .record_enrolment(again, id("acme"), "0c".into(), 1000, 3)
+        .await
+        .unwrap();
+    assert_eq!(store.silent(-10).await.unwrap(), vec![]);
+    assert_eq!(store.view().next_silent_deadline(0), None);
 }
 
 fn drain(changes: &mut mpsc::UnboundedReceiver<Change>) -> Vec<Change> {

@@ -270,6 +270,9 @@ impl View {
             let c = state.clients.entry(client.to_owned()).or_default();
             c.spiffe_id = spiffe_id.to_owned();
             c.revoked = None;
+            // No grace until its first session (as in the database): a Client the grace
+            // revoked would otherwise be silent for longer than it at once.
+            c.last_seen = None;
             let retired = retire(state, client, i64::MAX);
             insert_serial(state, client, serial);
             retired_change(client, retired)
