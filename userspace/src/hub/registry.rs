@@ -409,7 +409,35 @@ pub(crate) async fn revoke(
         Revoker::Hub => true,
         Revoker::Customer { notify } => notify,
     };
-    match store.revoke(client, reason, now, notify, by).await {
+    let made = store.revoke(client, reason, now, notify, by).await;
+    audit_revocation(audit, client, id, session_id, reason, made)
+}
+
+/// Revokes `client` for the silent-client grace of `grace_secs`, if it is still silent when
+/// the store comes to it, and audits it (a failure too).
+pub(crate) async fn revoke_if_silent(
+    store: &Store,
+    audit: &Audit,
+    client: &str,
+    id: &SpiffeId,
+    reason: &str,
+    grace_secs: i64,
+) {
+    let made = store.revoke_if_silent(client, reason, grace_secs).await;
+    audit_revocation(audit, client, id, None, reason, made);
+}
+
+/// The audit record of a revocation the store made (`Ok(true)`), or could not (`Err`): whether
+/// it is recorded (made now or before).
+fn audit_revocation(
+    audit: &Audit,
+    client: &str,
+    id: &SpiffeId,
+    session_id: Option<u64>,
+    reason: &str,
+    made: Result<bool, super::store::StoreError>,
+) -> bool {
+    match made {
         Ok(true) => {
             let mut r = audit.record(Event::Revoked);
             r.client = Some(id.to_string());

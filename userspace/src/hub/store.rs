@@ -331,16 +331,28 @@ impl Store {
         by: Revoker,
     ) -> Result<bool, StoreError> {
         let (client, reason) = (client.to_owned(), reason.to_owned());
+        self.call(move |o| o.revoke(&client, &reason, now, notify, by))
+            .await?
+    }
+
+    /// Revokes `client` for the silent-client grace, if it is still silent for more than
+    /// `grace_secs` when the owner comes to it (it may have come back since it was listed:
+    /// [`silent`](Self::silent)); false when it is not, or was revoked already.
+    pub(crate) async fn revoke_if_silent(
+        &self,
+        client: &str,
+        reason: &str,
+        grace_secs: i64,
+    ) -> Result<bool, StoreError> {
+        let (client, reason) = (client.to_owned(), reason.to_owned());
         self.call(move |o| {
-            let changed = o.backend.revoke_client(&client, &reason, now, notify, by)?;
-            if changed {
-                let changes = o.view.apply_revocation(&client, &reason);
-                o.publish(changes);
-                if notify {
-                    o.outbox.notify_one();
-                }
+            let cutoff = o.now.as_secs() as i64 - grace_secs;
+            let silent = o.view.silent_since(cutoff);
+            if !silent.iter().any(|(name, _)| *name == client) {
+                return Ok(false);
             }
-            Ok(changed)
+            let now = o.now.as_secs() as i64;
+            o.revoke(&client, &reason, now, true, Revoker::Hub)
         })
         .await?
     }
@@ -528,6 +540,28 @@ impl Store {
 }
 
 impl Owner {
+    /// See [`Store::revoke`].
+    fn revoke(
+        &self,
+        client: &str,
+        reason: &str,
+        now: i64,
+        notify: bool,
+        by: Revoker,
+    ) -> Result<bool, StoreError> {
+        let changed = self
+            .backend
+            .revoke_client(client, reason, now, notify, by)?;
+        if changed {
+            let changes = self.view.apply_revocation(client, reason);
+            self.publish(changes);
+            if notify {
+                self.outbox.notify_one();
+            }
+        }
+        Ok(changed)
+    }
+
     /// Whether `serial` of `client` (`id`) renews for the key hashed `key`: see
     /// [`Store::may_renew`].
     fn renewal(

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::registry::{self, Registry};
-use super::state::{OperatorAction, OperatorEntry, Revoker};
+use super::state::{OperatorAction, OperatorEntry};
 use super::store::{Change, Store};
 use super::trust::Trust;
 use crate::audit::Audit;
@@ -270,7 +270,8 @@ async fn revoke_silent(parts: &Parts) {
             "no session for {} s (revoke_after_lost_secs)",
             grace.as_secs()
         );
-        let by = Revoker::Hub;
-        registry::revoke(&parts.store, &parts.audit, &name, &id, None, &reason, by).await;
+        // Only if it is still silent then: it may have come back since it was listed.
+        let grace = grace.as_secs() as i64;
+        registry::revoke_if_silent(&parts.store, &parts.audit, &name, &id, &reason, grace).await;
     }
 }

@@ -531,6 +531,24 @@ async fn p9_a_client_enrolled_again_after_the_grace_revoked_it_is_not_silent() {
     assert_eq!(store.view().next_silent_deadline(0), None);
 }
 
+/// The grace revokes a Client only if it is still silent when the store comes to it: one
+/// that came back after it was listed is left alone.
+#[tokio::test]
+async fn p9_a_client_back_before_its_grace_revocation_is_not_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = with_acme(&dir.path().join("hub.db")).await;
+    store.session_up("acme", row(7, "0a", 1)).await.unwrap();
+    store.session_down("acme", 7).await.unwrap();
+    // (A grace of -10 s: silent since now, for the test.)
+    assert_eq!(store.silent(-10).await.unwrap().len(), 1);
+    store.session_up("acme", row(8, "0a", 2)).await.unwrap();
+    assert!(!store.revoke_if_silent("acme", "grace", -10).await.unwrap());
+    assert_eq!(store.view().revocation("acme"), None);
+    store.session_down("acme", 8).await.unwrap();
+    assert!(store.revoke_if_silent("acme", "grace", -10).await.unwrap());
+    assert_eq!(store.view().revocation("acme").as_deref(), Some("grace"));
+}
+
 fn drain(changes: &mut mpsc::UnboundedReceiver<Change>) -> Vec<Change> {
     std::iter::from_fn(|| changes.try_recv().ok())
         .filter(|c| *c != Change::Seen)
