@@ -2737,6 +2737,48 @@ async fn p8_a_client_restarted_before_it_stored_its_renewal_asks_again_with_the_
     client.stop().await;
 }
 
+/// The run before a restart stored its renewal's SVID and not its key, and recorded the
+/// renewal as refused: the restarted Client stores the kept key beside the SVID, serves with
+/// the renewal, and says so in its audit, so that the customer's record of the renewal does
+/// not end at "refused" while another serial is in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_p11_a_renewal_stored_in_part_and_completed_at_start_is_on_record() {
+    let hub = hub_renewing_after(0, 3_600).await;
+    let (mut client, dir, svid, serial) = enrolled_acme(&hub).await;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    std::fs::write(
+        dir.join(store::renew_key_file(&serial)),
+        key.serialize_pem(),
+    )
+    .unwrap();
+    let Control::Renewed { chain: issued, .. } = renew_once(&hub, &svid, &key).await else {
+        panic!("the Hub issued nothing");
+    };
+    // The chain written, the key not: the old key is still beside it.
+    let chain: Vec<rustls::pki_types::CertificateDer<'static>> =
+        issued.iter().map(|c| c.clone().into()).collect();
+    std::fs::write(dir.join(store::SVID_CERT), store::Pem::certs(&chain)).unwrap();
+    let renewed = inspect_leaf(&chain[0]).unwrap().serial;
+
+    client.start();
+    let record = client
+        .wait_audit(
+            "the completed renewal",
+            says(Event::SvidRotated, "its key is stored now"),
+        )
+        .await;
+    assert_eq!(record.outcome, Some(Outcome::Ok));
+    assert!(
+        record.reason.as_deref().unwrap().contains(&renewed),
+        "{record:?}"
+    );
+    hub.wait_connected("acme").await;
+    let now = Svid::load(&dir, store::SVID_CERT, store::SVID_KEY).unwrap();
+    assert!(now.key_matches());
+    assert_eq!(now.chain[0].to_vec(), issued[0]);
+    client.stop().await;
+}
+
 /// A renewal answer the Client cannot store (its state directory refuses the write) keeps
 /// its key: the next ask uses it and gets the same certificate, where a new key would be
 /// refused as a copy.

@@ -34,7 +34,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ewii_common::audit::Event;
+use ewii_common::audit::{Event, Outcome};
 use ewii_common::time::Timestamp;
 
 use crate::audit::Audit;
@@ -166,12 +166,23 @@ pub async fn run_enforced(
     let dir = config.state_dir.clone();
     let (identity, anchors, pending_revoke, deliveries, renew_key) = match &config.svid_source {
         SvidSource::StateDir => {
-            let (identity, anchors, pending, renew_key) =
+            let (identity, anchors, pending, renew_key, completed) =
                 tokio::task::spawn_blocking(move || load_state(&dir))
                     .await
                     .map_err(|e| join_error(&config.state_dir, e))??;
             if renew_key.is_some() {
                 tracing::info!(serial = %identity.leaf.serial, "a renewal was asked for before a restart; asking again with its key");
+            }
+            if completed {
+                // The last run recorded this renewal as refused: on record, it is in use.
+                let mut r = audit.record(Event::SvidRotated);
+                r.client = Some(identity.leaf.id.to_string());
+                r.outcome = Some(Outcome::Ok);
+                r.reason = Some(format!(
+                    "serial {} in use: an earlier run stored this renewal's SVID but not its key (and recorded it as refused); its key is stored now",
+                    identity.leaf.serial
+                ));
+                audit.emit(r);
             }
             (identity, anchors, pending, None, renew_key)
         }
@@ -263,13 +274,15 @@ pub async fn run_enforced(
     Ok(exit)
 }
 
-/// The SVID, the bundle, whether a revoke is pending from an earlier stop, and the key of a
-/// renewal an earlier run asked for and did not store.
+/// The SVID, the bundle, whether a revoke is pending from an earlier stop, the key of a
+/// renewal an earlier run asked for and did not store, and whether a renewal an earlier run
+/// stored in part was completed ([`rotation::Recovered`]).
 type Loaded = (
     rotation::Identity,
     Vec<rustls::pki_types::CertificateDer<'static>>,
     bool,
     Option<rcgen::KeyPair>,
+    bool,
 );
 
 /// Refuses a `dir` with no SVID file at all: never enrolled (or the wrong directory). The
@@ -308,11 +321,12 @@ fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
         source,
     };
     let svid = Svid::load(dir, store::SVID_CERT, store::SVID_KEY).map_err(not_enrolled)?;
-    let (svid, renew_key) =
+    let recovered =
         rotation::recover_renewal(dir, svid).map_err(|source| ClientError::StateDir {
             dir: dir.to_owned(),
             source,
         })?;
+    let (svid, renew_key) = (recovered.svid, recovered.renew_key);
     let leaf = inspect_leaf(&svid.chain[0]).map_err(not_enrolled)?;
     let anchors = store::read_certs(&dir.join(store::BUNDLE)).map_err(not_enrolled)?;
     rotation::check_anchors(&anchors).map_err(|source| ClientError::BadBundle {
@@ -325,6 +339,7 @@ fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
         anchors,
         pending_revoke,
         renew_key,
+        recovered.completed,
     ))
 }
 

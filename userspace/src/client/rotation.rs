@@ -275,10 +275,8 @@ pub(crate) fn save_renew_key(dir: &Path, serial: &str, key_pem: &str) -> Result<
 ///
 /// A kept key that cannot be read (permissions, I/O) is an error: removing it could lock the
 /// Client out, and a new key would overwrite it.
-pub(crate) fn recover_renewal(
-    dir: &Path,
-    mut svid: Svid,
-) -> Result<(Svid, Option<rcgen::KeyPair>), IdentityError> {
+pub(crate) fn recover_renewal(dir: &Path, mut svid: Svid) -> Result<Recovered, IdentityError> {
+    let mut completed = false;
     let mut kept = Vec::new();
     for (name, temporary) in renew_key_files(dir) {
         let path = dir.join(&name);
@@ -314,6 +312,7 @@ pub(crate) fn recover_renewal(
             )?;
             remove(&dir.join(name));
             svid = repaired;
+            completed = true;
         }
     }
     let serial = svid
@@ -330,7 +329,22 @@ pub(crate) fn recover_renewal(
             remove(&dir.join(name));
         }
     }
-    Ok((svid, pending))
+    Ok(Recovered {
+        svid,
+        renew_key: pending,
+        completed,
+    })
+}
+
+/// What [`recover_renewal`] found, and did.
+pub(crate) struct Recovered {
+    /// The SVID in use.
+    pub(crate) svid: Svid,
+    /// The key of a renewal asked for and not stored: the next `Renew` asks with it.
+    pub(crate) renew_key: Option<rcgen::KeyPair>,
+    /// The last run stored a renewal's chain and not its key (and recorded the renewal as
+    /// refused): the key is stored now, and the renewal is the SVID in use.
+    pub(crate) completed: bool,
 }
 
 /// Removes every kept renewal key: the renewed SVID is stored, with its key. Blocking.
@@ -540,10 +554,11 @@ mod tests {
         std::fs::write(d.join(".renew-05.key.tmp"), "half a key").unwrap();
         std::fs::write(d.join(".renew-06.key.4242-00000000deadbeef.tmp"), "half").unwrap();
         let loaded = Svid::load(d, store::SVID_CERT, store::SVID_KEY).unwrap();
-        let (back, pending) = recover_renewal(d, loaded).unwrap();
-        assert_eq!(back.key().secret_der(), svid.key().secret_der());
+        let back = recover_renewal(d, loaded).unwrap();
+        assert!(!back.completed);
+        assert_eq!(back.svid.key().secret_der(), svid.key().secret_der());
         assert_eq!(
-            pending.unwrap().serialized_der(),
+            back.renew_key.unwrap().serialized_der(),
             asked.serialized_der(),
             "the key asked with, for this serial"
         );
@@ -569,7 +584,9 @@ mod tests {
         // A read that fails for another reason than its contents (a directory here: the test
         // runs as root, which reads any file whatever its mode).
         std::fs::create_dir(d.join(store::renew_key_file(&serial))).unwrap();
-        let err = recover_renewal(d, svid).unwrap_err();
+        let Err(err) = recover_renewal(d, svid) else {
+            panic!("a kept key that cannot be read must fail the start");
+        };
         assert!(matches!(err, IdentityError::Io { .. }), "{err:?}");
         assert!(d.join(store::renew_key_file(&serial)).exists());
     }
@@ -589,10 +606,12 @@ mod tests {
         std::fs::write(d.join(store::SVID_CERT), store::Pem::certs(&renewed.chain)).unwrap();
         let loaded = Svid::load(d, store::SVID_CERT, store::SVID_KEY).unwrap();
         assert!(!loaded.key_matches(), "the new chain beside the old key");
-        let (fixed, pending) = recover_renewal(d, loaded).unwrap();
+        let recovered = recover_renewal(d, loaded).unwrap();
+        let fixed = recovered.svid;
         assert!(fixed.key_matches());
         assert_eq!(fixed.key().secret_der(), renewed_key.serialized_der());
-        assert!(pending.is_none());
+        assert!(recovered.renew_key.is_none());
+        assert!(recovered.completed, "told, for its audit record");
         let on_disk = Svid::load(d, store::SVID_CERT, store::SVID_KEY).unwrap();
         assert!(on_disk.key_matches(), "the key is stored beside its chain");
         assert_eq!(
