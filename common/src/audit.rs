@@ -68,6 +68,13 @@ pub enum Event {
     AuditBacklog,
 }
 
+/// The largest session id: 2^53 − 1. Audit records carry the id as a JSON integer, and many
+/// SIEMs (JavaScript's numbers, and every parser that reads JSON numbers as doubles) hold
+/// integers beyond 2^53 inexactly, which would break the join of a customer's records by
+/// session. RFC 7493 (I-JSON) §2.2 asks for this bound. The Hub picks ids within it, and the
+/// Client refuses a `Welcome` beyond it.
+pub const MAX_SESSION_ID: u64 = (1 << 53) - 1;
+
 /// Why a session ended: the first word of a `session_lost` record's `reason` on both sides
 /// (`"<code>: <detail>"`), from one documented list (docs/audit.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

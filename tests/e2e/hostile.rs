@@ -1184,17 +1184,53 @@ async fn p4_a_ping_or_an_unasked_pong_from_the_hub_closes_the_connection() {
     }
 }
 
+/// Client `acme`, enrolled with `hub`, started against an impostor of it ([`hub_impostor`]).
+async fn client_of_an_impostor(hub: &TestHub) -> (TestClient, quinn::Endpoint) {
+    let endpoint = hub_impostor(hub, None);
+    let addr = endpoint.local_addr().unwrap();
+    let mut client = TestClient::enrol(hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    client.config.hub = addr.to_string().parse().unwrap();
+    client.start();
+    (client, endpoint)
+}
+
+/// A `Welcome` whose session id is beyond 2^53 - 1: the customer's SIEM would hold it
+/// inexactly, and the Client's records could not be joined with the Hub's by session. The
+/// Client takes it as a broken protocol: no session on record, the connection given up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p11_a_hub_s_session_id_beyond_2_53_is_refused() {
+    let hub = TestHub::start(&[]).await;
+    let (mut client, endpoint) = client_of_an_impostor(&hub).await;
+    let (conn, mut send, _recv, _reader) = hello_from_the_client(&endpoint).await;
+    let Control::Welcome {
+        hub_time_us,
+        limits,
+        ..
+    } = welcome()
+    else {
+        unreachable!()
+    };
+    let beyond = Control::Welcome {
+        session_id: 1 << 53,
+        hub_time_us,
+        limits,
+    };
+    transport::write_frame(&mut send, &beyond).await.unwrap();
+    tokio::time::timeout(SOON, conn.closed())
+        .await
+        .expect("the Client gives the connection up");
+    let ups = client.audit.records();
+    assert!(!ups.iter().any(|r| r.event == Event::SessionUp), "{ups:?}");
+    client.stop().await;
+}
+
 /// The Hub's `Welcome` carries its clock: a Client whose host's clock is off by 5 s or more
 /// says so in its `session_up` record (and its log), where the customer looks when certificates
 /// are refused as not yet valid. A Hub that agrees with it leaves the record as it was.
 #[tokio::test]
 async fn a_client_records_how_far_its_clock_is_from_the_hubs() {
     let hub = TestHub::start(&[]).await;
-    let endpoint = hub_impostor(&hub, None);
-    let addr = endpoint.local_addr().unwrap();
-    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
-    client.config.hub = addr.to_string().parse().unwrap();
-    client.start();
+    let (mut client, endpoint) = client_of_an_impostor(&hub).await;
     let (_conn, mut send, _recv, _reader) = hello_from_the_client(&endpoint).await;
     let now_us = u64::try_from(
         std::time::SystemTime::now()

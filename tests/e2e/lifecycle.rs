@@ -368,6 +368,48 @@ async fn p9_a_stops_revoke_the_hub_cannot_judge_is_kept_pending() {
     assert_eq!(acme.revoked_at, None, "not revoked");
 }
 
+/// A session that registers while the Hub's records cannot be read is not kept: a revocation
+/// or retirement made before that moment could not be told, and the next good reload reports
+/// no change for it (fail closed). Its Client dials again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p12_a_session_registered_while_the_hub_s_records_cannot_be_read_is_not_kept() {
+    let hub = TestHub::start(&[]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    // Past the TLS check and the Hub's first look at the serial, before `Hello`.
+    let handshake = raw_handshake(&hub, &svid).await.expect("a handshake");
+    let db = hub.state_dir().join(admin::DB_FILE);
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("ALTER TABLE serials RENAME TO gone")
+        .unwrap();
+    poll_until("a failed reload of the Hub's records", SOON, || {
+        hub.handle().store_reloads_failed() > 0
+    })
+    .await;
+    // The Hub closes it as it registers (its `Welcome` may not reach us first).
+    let session = handshake.hello().await;
+    if let Some(session) = &session {
+        assert_eq!(
+            session.closed_by_hub().await,
+            Some(transport::codes::UNTRUSTED.into_inner())
+        );
+    }
+    let ended = hub
+        .wait_audit("the end of the session", |r| {
+            r.event == Event::SessionLost
+                && r.reason
+                    .as_deref()
+                    .is_some_and(|x| x.contains("could not be read"))
+        })
+        .await;
+    assert!(ended.reason.unwrap().starts_with("untrusted: "), "its code");
+    assert!(!hub
+        .handle()
+        .connected_clients()
+        .contains(&"acme".to_string()));
+}
+
 /// "Stop the container and it is revoked" must hold when the network is bad too: a stop
 /// while the Hub is unreachable tries within its budget, records the revoke as pending, and
 /// the next start delivers it before serving anything, then stays revoked.
@@ -2735,6 +2777,73 @@ async fn p8_a_client_restarted_before_it_stored_its_renewal_asks_again_with_the_
     );
     assert!(!kept.exists(), "the key file goes once its SVID is stored");
     client.stop().await;
+}
+
+/// A renewal is for a fresh key (DESIGN §5): a `Renew` whose CSR is for the key the session's
+/// SVID already certifies is refused, so that a Client cannot keep a key (and a stolen copy
+/// of it) through every rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_a_renewal_for_the_key_in_use_is_refused() {
+    let hub = hub_renewing_after(0, 3_600).await;
+    let (_client, dir, svid, serial) = enrolled_acme(&hub).await;
+    let same = store::read_key_pair(&dir.join(store::SVID_KEY)).unwrap();
+    let answer = renew_once(&hub, &svid, &same).await;
+    assert!(matches!(answer, Control::Refused { .. }), "{answer:?}");
+    let refused = hub
+        .wait_audit(
+            "the refusal",
+            says(Event::SvidRotated, "a renewal is for a fresh key"),
+        )
+        .await;
+    assert_eq!(refused.outcome, Some(Outcome::Refused));
+    assert!(refused.reason.unwrap().contains(&serial));
+    // A fresh key renews.
+    let fresh = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let answer = renew_once(&hub, &svid, &fresh).await;
+    assert!(matches!(answer, Control::Renewed { .. }), "{answer:?}");
+}
+
+/// A `Rotated` for a serial this Hub issued, sent after a re-enrolment retired it (say, the
+/// holder of a copy of the old key renewed in the moment before the customer enrolled the
+/// Client again): the session is not re-bound to it, and the client's recorded session is not
+/// moved to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_a_rotated_for_a_serial_retired_since_its_renewal_is_refused() {
+    let hub = hub_renewing_after(0, 3_600).await;
+    let (_client, _dir, svid, serial) = enrolled_acme(&hub).await;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut raw = raw_session(&hub, &svid).await.expect("a session");
+    let csr = ewii::identity::ca::csr_for(&key).unwrap();
+    transport::write_frame(&mut raw.send, &Control::Renew { csr })
+        .await
+        .unwrap();
+    let answer = raw.reader.read::<Control>(&mut raw.recv).await.unwrap();
+    let Some(Control::Renewed { chain, .. }) = answer else {
+        panic!("no renewal: {answer:?}");
+    };
+    let renewed = inspect_leaf(&chain[0]).unwrap().serial;
+    // The customer enrols acme again: every earlier serial is retired, the renewal's too.
+    let _again = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    transport::write_frame(&mut raw.send, &Control::Rotated { serial: renewed })
+        .await
+        .unwrap();
+    let refused = hub
+        .wait_audit(
+            "the refusal",
+            says(Event::SvidRotated, "Rotated for serial"),
+        )
+        .await;
+    assert_eq!(refused.outcome, Some(Outcome::Refused));
+    let reason = refused.reason.unwrap();
+    assert!(reason.contains("retired since it was issued"), "{reason}");
+    assert!(
+        reason.contains(&format!("stays on serial {serial}")),
+        "{reason}"
+    );
+    assert_eq!(
+        count(&hub.audit, says(Event::SvidRotated, "session re-bound")),
+        0
+    );
 }
 
 /// The run before a restart stored its renewal's SVID and not its key, and recorded the

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ewii_common::audit::{Event, Outcome};
+use ewii_common::audit::{Event, Outcome, MAX_SESSION_ID};
 use ewii_common::frame::{self, Control, RefuseCode};
 
 use super::rotation::Identity;
@@ -253,11 +253,14 @@ async fn open(plan: &DialPlan, peer: &mut Option<SocketAddr>) -> Result<Opened, 
         .await
         .map_err(no_welcome)?;
     let (id, hub_time_us) = match welcome {
+        // An id beyond 2^53 - 1 would be held inexactly by the customer's SIEM, and the
+        // Client's records could not be joined with the Hub's: a Hub that sends one breaks
+        // the protocol.
         Ok(Some(Control::Welcome {
             session_id,
             hub_time_us,
             ..
-        })) => (session_id, hub_time_us),
+        })) if session_id <= MAX_SESSION_ID => (session_id, hub_time_us),
         Ok(Some(Control::Refused { code })) => return Err(ConnectError::Refused(code)),
         Ok(_) => return Err(ConnectError::Protocol),
         Err(e) => return Err(lost(e)),

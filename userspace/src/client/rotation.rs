@@ -458,6 +458,34 @@ mod tests {
         ));
     }
 
+    /// A `Renewed` from a hostile Hub for another identity (another client of the same trust
+    /// domain), or for another key than the one asked with (a key the Hub would hold): both
+    /// refused, so the Client never serves as someone else or with a key it did not make.
+    #[test]
+    fn p7_p8_an_svid_for_another_identity_or_another_key_is_refused() {
+        let ca = Ca::generate("example.org").unwrap();
+        let acme = SpiffeId::client("example.org", "acme").unwrap();
+        let beta = SpiffeId::client("example.org", "beta").unwrap();
+        let key = new_key();
+        let sign = |key: &rcgen::KeyPair, id: &SpiffeId| {
+            let csr = crate::identity::ca::csr_for(key).unwrap();
+            let issued = ca
+                .sign_csr(&csr, id, std::time::Duration::from_secs(3_600))
+                .unwrap();
+            vec![issued.der.to_vec()]
+        };
+        let take = |chain| accept_issued(&key, chain, vec![ca.cert().clone()], Some(&acme));
+        assert!(take(sign(&key, &acme)).is_ok());
+        let Err(IssueError::WrongIdentity { got, want }) = take(sign(&key, &beta)) else {
+            panic!("another identity taken");
+        };
+        assert_eq!((got, want), (beta.to_string(), acme.to_string()));
+        assert!(matches!(
+            take(sign(&new_key(), &acme)),
+            Err(IssueError::WrongKey)
+        ));
+    }
+
     /// An issued SVID a Hub could not have issued is refused: valid for longer than the
     /// longest lifetime (it would never rotate), or with a serial longer than RFC 5280 allows
     /// (it names files in the state directory).

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ewii_common::audit::{AuditRecord, Event, Outcome, SessionEnd};
+use ewii_common::audit::{AuditRecord, Event, Outcome, SessionEnd, MAX_SESSION_ID};
 use ewii_common::frame::{self, Control, Limits, RefuseCode};
 use rand::RngCore;
 use rustls::pki_types::CertificateDer;
@@ -163,36 +163,47 @@ impl Session {
         // A revoked identity that proved a current key is told so (it holds the key, so
         // telling it leaks nothing): it records the revocation and stops dialling (exit 10).
         // The TLS verifier let it through for this; strangers got the generic refusal there.
-        if parts.store.view().status(&leaf.id, &leaf.serial) == Some(SerialStatus::Revoked) {
-            let reason = parts.store.view().revocation(&name).unwrap_or_default();
+        let status = parts.store.view().status(&leaf.id, &leaf.serial);
+        // The records cannot be read (a reload failed since the TLS check): whether this
+        // serial was revoked or retired meanwhile cannot be told. Refused, as the TLS check
+        // refuses then (fail closed).
+        // Refused with a record, summed up per identity: the holder of a key may dial in a
+        // loop.
+        let refuse = |reason: String, code, said: &[u8]| {
             let mut r = parts.audit.record(Event::HandshakeRefused);
             r.client = Some(leaf.id.to_string());
             r.peer = Some(peer.to_string());
             r.outcome = Some(Outcome::Refused);
-            r.reason = Some(format!("{} is revoked", leaf.id));
-            // The holder of a revoked key may dial in a loop: a flood is summed up.
+            r.reason = Some(reason);
             parts
                 .audit
                 .emit_from(Source::Claimed(leaf.id.to_string()), r);
-            conn.close(codes::REVOKED, reason.as_bytes());
+            conn.close(code, said);
+        };
+        if status.is_none() {
+            let why = format!("{}: the Hub's records cannot be read", leaf.id);
+            refuse(
+                format!("{why}; refused until they can"),
+                codes::REFUSED,
+                b"",
+            );
+            return None;
+        }
+        if status == Some(SerialStatus::Revoked) {
+            let reason = parts.store.view().revocation(&name).unwrap_or_default();
+            let why = format!("{} is revoked", leaf.id);
+            refuse(why, codes::REVOKED, reason.as_bytes());
             return None;
         }
         // A Client that reconnects in a loop: refused before its session costs a synced write
         // (it backs off, and its next dial comes once its rate allows).
         if !parts.admission.session_allowed(&name) {
             let per_minute = parts.admission.limits().sessions_per_minute;
-            let mut r = parts.audit.record(Event::HandshakeRefused);
-            r.client = Some(leaf.id.to_string());
-            r.peer = Some(peer.to_string());
-            r.outcome = Some(Outcome::Refused);
-            r.reason = Some(format!(
+            let why = format!(
                 "{} opens sessions faster than {per_minute} a minute: refused until its rate falls",
                 leaf.id
-            ));
-            parts
-                .audit
-                .emit_from(Source::Claimed(leaf.id.to_string()), r);
-            conn.close(codes::REFUSED, b"reconnecting too often");
+            );
+            refuse(why, codes::REFUSED, b"reconnecting too often");
             return None;
         }
         let opened = tokio::time::timeout(OPENING_TIMEOUT, hello(&conn))
@@ -288,6 +299,15 @@ impl Session {
                 self.parts
                     .registry
                     .retire(&self.name, std::slice::from_ref(&self.leaf.serial));
+            }
+            // The records could not be read as it registered: a revocation or retirement made
+            // before could not be seen, and the next good reload reports no change for it.
+            // Not kept (fail closed): the Client dials again.
+            None if untrusted.is_none() => {
+                let why = "the Hub's records could not be read as this session registered";
+                tracing::warn!(client = %self.name, "closing a new session: {why}");
+                self.conn.close(codes::UNTRUSTED, why.as_bytes());
+                untrusted = Some(SessionEnd::Untrusted.reason(why));
             }
             _ => {}
         }
@@ -810,12 +830,6 @@ async fn hello(
         Err(e) => Err(said(&e)),
     }
 }
-
-/// The largest session id: 2^53 − 1. Audit records carry the id as a JSON integer, and many
-/// JSON readers (JavaScript, jq 1.6, a SIEM that parses numbers as doubles) read an integer
-/// beyond 2^53 inexactly, which would break the join of a customer's records by session.
-/// RFC 7493 (I-JSON) §2.2 asks for this bound.
-const MAX_SESSION_ID: u64 = (1 << 53) - 1;
 
 /// A random session id, at most [`MAX_SESSION_ID`]: 53 random bits.
 fn new_session_id() -> u64 {

@@ -193,8 +193,7 @@ impl Ca {
     /// self-signature is checked.
     pub fn csr_key_sha256(csr_der: &[u8]) -> Result<Vec<u8>, IdentityError> {
         use sha2::Digest;
-        let csr = CertificateSigningRequestDer::from(csr_der);
-        let parsed = CertificateSigningRequestParams::from_der(&csr)?;
+        let parsed = parse_csr(csr_der)?;
         Ok(sha2::Sha256::digest(parsed.public_key.der_bytes()).to_vec())
     }
 
@@ -205,10 +204,17 @@ impl Ca {
         id: &SpiffeId,
         lifetime: Duration,
     ) -> Result<Issued, IdentityError> {
-        let csr = CertificateSigningRequestDer::from(csr_der);
-        let parsed = CertificateSigningRequestParams::from_der(&csr)?;
+        let parsed = parse_csr(csr_der)?;
         self.issue(&parsed.public_key, id, lifetime)
     }
+}
+
+/// A peer's CSR, its self-signature checked. The parser's error may quote the CSR's own
+/// bytes (a subject string it refuses, whole): they reach audit records bounded and escaped.
+fn parse_csr(csr_der: &[u8]) -> Result<CertificateSigningRequestParams, IdentityError> {
+    let csr = CertificateSigningRequestDer::from(csr_der);
+    CertificateSigningRequestParams::from_der(&csr)
+        .map_err(|e| IdentityError::BadCsr(ewii_common::text::from_peer(e.to_string().as_bytes())))
 }
 
 /// 128 random bits with the top bit clear (RFC 5280 §4.1.2.2: positive, at most 20 octets;
@@ -284,8 +290,58 @@ mod tests {
         let id = SpiffeId::client("example.org", "acme").unwrap();
         assert!(matches!(
             ca.sign_csr(&csr, &id, Duration::from_secs(60)),
-            Err(IdentityError::Rcgen(_))
+            Err(IdentityError::BadCsr(_))
         ));
+    }
+
+    /// A CSR signed by its own key whose subject the parser refuses: the parser's error
+    /// quotes the subject whole, and a hostile Client chooses it (64 KiB of line breaks and
+    /// right-to-left overrides in an audit record). The refusal keeps it bounded and escaped.
+    #[test]
+    fn a_hostile_csr_s_own_text_reaches_its_refusal_bounded_and_escaped() {
+        use rcgen::{DnType, DnValue, KeyPair, SigningKey, PKCS_ED25519};
+        let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        let filler = "x".repeat(30_000);
+        let cn = DnValue::PrintableString(filler.clone().try_into().unwrap());
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let mut der = params.serialize_request(&key).unwrap().der().to_vec();
+        // Characters a PrintableString may not hold, in the same bytes, signed again (an
+        // Ed25519 signature is 64 bytes whatever it signs: the lengths stay).
+        let at = der
+            .windows(filler.len())
+            .position(|w| w == filler.as_bytes())
+            .unwrap();
+        let hostile = "@\n\u{202e}".repeat(6_000);
+        der[at..at + 30_000].copy_from_slice(hostile.as_bytes());
+        // CertificationRequest ::= SEQUENCE { info, algorithm, signature }: the outer header
+        // is 4 bytes (a two-byte length), and so is the info's.
+        assert_eq!(&der[..2], &[0x30, 0x82]);
+        assert_eq!(&der[4..6], &[0x30, 0x82]);
+        let info_len = 4 + usize::from(u16::from_be_bytes([der[6], der[7]]));
+        let signature = key.sign(&der[4..4 + info_len]).unwrap();
+        let end = der.len();
+        der[end - 64..].copy_from_slice(&signature);
+
+        let ca = Ca::generate("example.org").unwrap();
+        let id = SpiffeId::client("example.org", "acme").unwrap();
+        for refused in [
+            ca.sign_csr(&der, &id, Duration::from_secs(60)).map(|_| ()),
+            Ca::csr_key_sha256(&der).map(|_| ()),
+        ] {
+            let Err(IdentityError::BadCsr(text)) = refused else {
+                panic!("{refused:?}");
+            };
+            assert!(text.contains("PrintableString"), "{text}");
+            // Cut at 512 characters of the peer's (each escaped in a few): 30,000 were sent.
+            assert!(text.contains('…'), "{text}");
+            assert!(
+                text.chars().count() < 8_000,
+                "{} chars",
+                text.chars().count()
+            );
+            assert!(!text.contains('\n') && !text.contains('\u{202e}'), "{text}");
+        }
     }
 
     #[test]

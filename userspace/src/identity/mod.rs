@@ -29,9 +29,14 @@ pub enum IdentityError {
     /// A PEM file holds nothing usable.
     #[error("{0}: no usable PEM item")]
     Pem(std::path::PathBuf),
-    /// Key generation, CSR parsing or signing failed (includes a CSR with a bad signature).
+    /// Key generation or signing failed.
     #[error("certificate operation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
+    /// A peer's CSR does not parse, or its self-signature does not verify. The text is the
+    /// parser's, which may quote the CSR's own bytes: bounded and escaped as every peer text
+    /// ([`ewii_common::text::from_peer`]), since it goes into audit records.
+    #[error("it does not parse, or its self-signature does not verify: {0}")]
+    BadCsr(String),
     /// A certificate does not meet the SPIFFE X509-SVID leaf rules.
     #[error("not a valid SVID: {0}")]
     NotSvid(String),

@@ -11,7 +11,7 @@ use ewii_common::frame::{self, Control, RefuseCode};
 use rustls::pki_types::CertificateDer;
 use tokio::time::Instant;
 
-use super::super::state::{RenewalRow, SessionRow};
+use super::super::state::{RenewalRow, SerialStatus, SessionRow};
 use super::super::store::Renewal;
 use super::{deadline_at, Session};
 use crate::identity::ca::Ca;
@@ -236,6 +236,14 @@ impl Session {
             ));
         }
         let key = Ca::csr_key_sha256(csr).map_err(|e| format!("renewal CSR refused: {e}"))?;
+        // A renewal is for a fresh key (DESIGN §5, P8): a Client that kept its key through
+        // every rotation would keep a stolen copy of it working too.
+        if self.chain.first().and_then(|c| key_sha256(c)) == Some(key.clone()) {
+            return Err(format!(
+                "renewal CSR refused: its key is the one serial {} already certifies; a renewal is for a fresh key",
+                self.leaf.serial
+            ));
+        }
         let renewal = parts
             .store
             .may_renew(&self.name, &self.leaf.id, &self.leaf.serial, &key)
@@ -285,6 +293,28 @@ impl Session {
                 ewii_common::text::from_peer(serial.as_bytes())
             )));
         };
+        // Still current? A re-enrolment (or a revocation) since the `Renewed` retired it: a
+        // session must not be re-bound, nor the client's recorded session moved, to a serial
+        // that opens nothing any more.
+        let status = self.parts.store.view().status(&leaf.id, &leaf.serial);
+        if status != Some(SerialStatus::Current) {
+            let why = match status {
+                Some(SerialStatus::Retired) => "retired since it was issued",
+                Some(SerialStatus::Revoked) => "revoked since it was issued",
+                None => "the Hub's records cannot be read",
+                Some(_) => "not this client's",
+            };
+            let mut r = self.parts.audit.record(Event::SvidRotated);
+            r.session_id = Some(self.id);
+            r.client = Some(self.leaf.id.to_string());
+            r.outcome = Some(Outcome::Refused);
+            r.reason = Some(format!(
+                "Rotated for serial {serial}: {why}; the session stays on serial {}",
+                self.leaf.serial
+            ));
+            self.parts.audit.emit(r);
+            return None;
+        }
         self.rebind(leaf, vec![cert], "renewed by this Hub").await;
         None
     }
@@ -325,4 +355,11 @@ impl Session {
         self.leaf = leaf;
         self.chain = chain;
     }
+}
+
+/// The SHA-256 of a certificate's public key bits, as [`Ca::csr_key_sha256`] hashes a CSR's.
+fn key_sha256(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(sha2::Sha256::digest(&cert.public_key().subject_public_key.data).to_vec())
 }
