@@ -1143,7 +1143,7 @@ pub fn audit_line_violations(line: &str) -> Vec<String> {
     let reason = v["reason"].as_str();
     // A session's end is one of the documented codes (docs/audit.md).
     if v["event"] == "session_lost" {
-        const CODES: [&str; 11] = [
+        const CODES: [&str; 12] = [
             "goodbye",
             "hub_shutdown",
             "idle_timeout",
@@ -1151,6 +1151,7 @@ pub fn audit_line_violations(line: &str) -> Vec<String> {
             "svid_expired",
             "retired",
             "untrusted",
+            "records_unreadable",
             "protocol",
             "stopped",
             "closed_by_peer",

@@ -95,6 +95,10 @@ pub enum SessionEnd {
     /// The Hub's trust bundle for the session's trust domain no longer vouches for its SVID
     /// (its CA was removed: `ewii-hub ca retire --force`, or a federated bundle file).
     Untrusted,
+    /// The Hub could not read its records when the session registered, or when its Client
+    /// rotated: whether its serial was revoked or retired could not be told, so the Hub
+    /// closed it (fail closed); the Client dials again.
+    RecordsUnreadable,
     /// A peer broke the protocol.
     Protocol,
     /// The Client stopped locally (its drain bound ran out, or it was shut down).
@@ -116,6 +120,7 @@ impl SessionEnd {
             Self::SvidExpired => "svid_expired",
             Self::Retired => "retired",
             Self::Untrusted => "untrusted",
+            Self::RecordsUnreadable => "records_unreadable",
             Self::Protocol => "protocol",
             Self::Stopped => "stopped",
             Self::ClosedByPeer => "closed_by_peer",

@@ -174,12 +174,13 @@ pub async fn run_enforced(
                 tracing::info!(serial = %identity.leaf.serial, "a renewal was asked for before a restart; asking again with its key");
             }
             if completed {
-                // The last run recorded this renewal as refused: on record, it is in use.
+                // The last run recorded this renewal as refused (or was cut short before any
+                // record): on record, it is in use.
                 let mut r = audit.record(Event::SvidRotated);
                 r.client = Some(identity.leaf.id.to_string());
                 r.outcome = Some(Outcome::Ok);
                 r.reason = Some(format!(
-                    "serial {} in use: an earlier run stored this renewal's SVID but not its key (and recorded it as refused); its key is stored now",
+                    "serial {} in use: an earlier run stored this renewal's SVID but not its key (a write that failed, recorded then as refused, or a run cut short); its key is stored now",
                     identity.leaf.serial
                 ));
                 audit.emit(r);

@@ -271,21 +271,33 @@ impl Session {
                 idle_timeout_ms: transport::IDLE_TIMEOUT.as_millis() as u32,
             },
         };
-        let welcomed = self.out.send(&welcome).is_ok();
-        // A CA left a bundle between the check in `open` and the registration: the sessions
-        // were told before this one could be, so it checks itself.
-        let mut untrusted = (self.parts.trust.generation() != self.generation)
-            .then(|| self.untrusted())
-            .flatten();
-        let mut drain_until: Option<Instant> = None;
-        let mut control_ended = false;
-        // Told before it registered? The view says so.
-        match self
+        // Told before it registered? The view says so. When it cannot be read, a revocation
+        // or retirement made before could not be seen, and the next good reload reports no
+        // change for it: the session is not kept (fail closed), and no `Welcome` goes out (a
+        // Client moving to a new connection would retire its working one on reading it). The
+        // Client dials again.
+        let status = self
             .parts
             .store
             .view()
-            .status(&self.leaf.id, &self.leaf.serial)
-        {
+            .status(&self.leaf.id, &self.leaf.serial);
+        let unreadable = status.is_none().then(|| {
+            let why = "the Hub's records could not be read as this session registered";
+            tracing::warn!(client = %self.name, "closing a new session: {why}");
+            self.conn.close(codes::REFUSED, why.as_bytes());
+            SessionEnd::RecordsUnreadable.reason(why)
+        });
+        let welcomed = unreadable.is_none() && self.out.send(&welcome).is_ok();
+        // A CA left a bundle between the check in `open` and the registration: the sessions
+        // were told before this one could be, so it checks itself.
+        let mut untrusted = unreadable.or_else(|| {
+            (self.parts.trust.generation() != self.generation)
+                .then(|| self.untrusted())
+                .flatten()
+        });
+        let mut drain_until: Option<Instant> = None;
+        let mut control_ended = false;
+        match status {
             Some(SerialStatus::Revoked) => {
                 let reason = self
                     .parts
@@ -299,15 +311,6 @@ impl Session {
                 self.parts
                     .registry
                     .retire(&self.name, std::slice::from_ref(&self.leaf.serial));
-            }
-            // The records could not be read as it registered: a revocation or retirement made
-            // before could not be seen, and the next good reload reports no change for it.
-            // Not kept (fail closed): the Client dials again.
-            None if untrusted.is_none() => {
-                let why = "the Hub's records could not be read as this session registered";
-                tracing::warn!(client = %self.name, "closing a new session: {why}");
-                self.conn.close(codes::UNTRUSTED, why.as_bytes());
-                untrusted = Some(SessionEnd::Untrusted.reason(why));
             }
             _ => {}
         }

@@ -347,8 +347,7 @@ impl Store {
         let (client, reason) = (client.to_owned(), reason.to_owned());
         self.call(move |o| {
             let cutoff = o.now.as_secs() as i64 - grace_secs;
-            let silent = o.view.silent_since(cutoff);
-            if !silent.iter().any(|(name, _)| *name == client) {
+            if !o.view.is_silent(&client, cutoff) {
                 return Ok(false);
             }
             let now = o.now.as_secs() as i64;

@@ -297,12 +297,21 @@ impl Session {
         // session must not be re-bound, nor the client's recorded session moved, to a serial
         // that opens nothing any more.
         let status = self.parts.store.view().status(&leaf.id, &leaf.serial);
+        if status.is_none() {
+            // Cannot be told: not re-bound, and not left on the old serial either (the
+            // Client has stored the new SVID and would renew the old serial again). Closed:
+            // the Client dials again with its new SVID once the records can be read.
+            let why = format!(
+                "the Hub's records could not be read as the Client said Rotated for serial {serial}"
+            );
+            self.conn.close(codes::REFUSED, why.as_bytes());
+            return Some(SessionEnd::RecordsUnreadable.reason(&why));
+        }
         if status != Some(SerialStatus::Current) {
             let why = match status {
                 Some(SerialStatus::Retired) => "retired since it was issued",
                 Some(SerialStatus::Revoked) => "revoked since it was issued",
-                None => "the Hub's records cannot be read",
-                Some(_) => "not this client's",
+                _ => "not this client's",
             };
             let mut r = self.parts.audit.record(Event::SvidRotated);
             r.session_id = Some(self.id);

@@ -176,6 +176,22 @@ impl View {
         v
     }
 
+    /// Whether `client` is without a live session, not revoked, and silent since before
+    /// `cutoff` ([`silent_since`](Self::silent_since), for one client).
+    pub(crate) fn is_silent(&self, client: &str, cutoff: i64) -> bool {
+        let Ok(guard) = self.state.read() else {
+            return false;
+        };
+        guard
+            .current()
+            .and_then(|state| state.clients.get(client))
+            .is_some_and(|c| {
+                c.revoked.is_none()
+                    && c.live.is_empty()
+                    && c.last_seen.is_some_and(|seen| seen < cutoff)
+            })
+    }
+
     /// Whether the view is loaded (false: every check refuses).
     pub(crate) fn available(&self) -> bool {
         self.state.read().is_ok_and(|s| s.current().is_some())
