@@ -217,6 +217,16 @@ impl Session {
                 return None;
             }
         };
+        // The records could not be read since the first look (a reload failed while the
+        // Client said `Hello`): not registered, which would retire the Client's older serials
+        // and route queries to it (fail closed). `run` looks again after registering, for a
+        // reload that fails in between.
+        if parts.store.view().status(&leaf.id, &leaf.serial).is_none() {
+            let why = "the Hub's records could not be read as the Client said Hello";
+            let reason = SessionEnd::RecordsUnreadable.reason(why);
+            refuse_opening(&parts, &conn, &leaf, peer, reason, codes::REFUSED, b"");
+            return None;
+        }
         // A CA left a bundle since the handshake was checked: not registered (no query goes
         // to it) unless the bundles in use still vouch for this chain.
         let checked = parts.trust.generation();
