@@ -298,7 +298,7 @@ mod tests {
     /// quotes the subject whole, and a hostile Client chooses it (64 KiB of line breaks and
     /// right-to-left overrides in an audit record). The refusal keeps it bounded and escaped.
     #[test]
-    fn a_hostile_csr_s_own_text_reaches_its_refusal_bounded_and_escaped() {
+    fn p12_a_hostile_csr_s_own_text_reaches_its_refusal_bounded_and_escaped() {
         use rcgen::{DnType, DnValue, KeyPair, SigningKey, PKCS_ED25519};
         let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
