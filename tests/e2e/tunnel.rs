@@ -761,7 +761,7 @@ async fn p8_a_client_enrols_and_serves_through_quic_retries() {
 /// the Hub, the session, the requester (who wrote `SELECT 1`), the stream, and the bytes that
 /// arrived behind `Open`.
 async fn a_query_at_a_raw_client() -> RawQuery {
-    a_query_at_a_raw_client_with(None).await
+    a_query_at_a_raw_client_with(None, "").await
 }
 
 /// What [`a_query_at_a_raw_client`] gives.
@@ -774,12 +774,13 @@ type RawQuery = (
     Vec<u8>,
 );
 
-/// [`a_query_at_a_raw_client`], the requester's receive buffer at `rcvbuf` bytes when given.
-async fn a_query_at_a_raw_client_with(rcvbuf: Option<u32>) -> RawQuery {
+/// [`a_query_at_a_raw_client`], the requester's receive buffer at `rcvbuf` bytes when given,
+/// the Hub started with `hub_toml` as extra configuration.
+async fn a_query_at_a_raw_client_with(rcvbuf: Option<u32>, hub_toml: &str) -> RawQuery {
     use ewii::identity::store::{self, Svid};
     use ewii_common::frame::QueryHead;
 
-    let hub = TestHub::start(&[Service::tcp("pg", "acme", "db")]).await;
+    let hub = TestHub::start_custom(&[Service::tcp("pg", "acme", "db")], hub_toml).await;
     let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
     let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
     let session = raw_session(&hub, &svid).await.expect("session");
@@ -961,10 +962,12 @@ async fn p4_an_answer_sent_before_the_clients_close_reaches_the_requester_whole(
     use ewii_common::frame::QueryHead;
 
     let (hub, session, mut requester, mut send, recv, early) =
-        a_query_at_a_raw_client_with(Some(16 * 1024)).await;
+        a_query_at_a_raw_client_with(Some(16 * 1024), "query_window_kib = 4096\n").await;
     assert_eq!(early, b"SELECT 1");
     // More than the Hub's socket takes (`tcp_wmem`'s largest send buffer, 4 MiB by default),
-    // less than that and its stream window (1 MiB).
+    // less than that and the Hub's stream window, raised to 4 MiB here: how much of its send
+    // buffer the socket fills depends on the kernel's congestion control (with BBR, 3.6 of
+    // 4 MiB), and with the default 1 MiB window the margin was a few KiB.
     let wmem_max = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
         .ok()
         .and_then(|t| t.split_whitespace().nth(2)?.parse::<usize>().ok())
