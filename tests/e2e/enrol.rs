@@ -310,3 +310,37 @@ async fn p11_a_token_redeemed_is_on_record_also_when_its_answer_outlasts_the_req
     );
     drop(conn);
 }
+
+/// What a peer that has proven nothing can make the Hub hold: anyone who can reach its port may
+/// open an enrolment connection (512 at once), and quinn keeps what such a peer sends ahead of
+/// the Hub's reader (out of order, or past its request) up to the credit it was granted. That
+/// credit is one frame's worth (`UNAUTHENTICATED_WINDOW`), not the query window; a session whose
+/// checks passed gets the query window for its streams. Read off the peer's side: one `write`
+/// takes what the credit allows at that moment, and no more.
+#[tokio::test]
+async fn a_stranger_gets_one_frame_of_credit_and_a_proven_session_the_query_window() {
+    let hub = TestHub::start(&[]).await;
+    let lot = vec![0u8; 8 << 20];
+    let conn = raw_enrolment(&hub, 1 << 20).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let taken = send.write(&lot).await.unwrap();
+    let credit = ewii::transport::UNAUTHENTICATED_WINDOW as usize;
+    assert!(
+        taken <= credit,
+        "a stranger sent {taken} bytes at once; its credit is {credit}"
+    );
+    drop(conn);
+
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = store::Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let mut session = raw_session(&hub, &svid)
+        .await
+        .expect("the Hub welcomes the session");
+    let taken = session.send.write(&lot).await.unwrap();
+    let window = ewii::transport::STREAM_WINDOW as usize;
+    // The control stream's window, less the `Hello` it carried.
+    assert!(
+        taken > window - 4096 && taken <= window,
+        "a proven session sent {taken} bytes at once; its stream window is {window}"
+    );
+}

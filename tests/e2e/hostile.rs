@@ -51,6 +51,8 @@ async fn hostile_hub_granting(
             };
             let mut reader = FrameReader::new();
             if let Ok(Some(Control::Hello { .. })) = reader.read::<Control>(&mut recv).await {
+                // As the Hub grants a session once its checks pass.
+                transport::authenticated(&conn);
                 transport::write_frame(&mut send, &welcome()).await.unwrap();
                 // The test keeps the control stream open (a dropped `SendStream` would finish
                 // it): the send half goes with the connection.
@@ -997,6 +999,7 @@ async fn hello_from_the_client(
     let (send, mut recv) = conn.accept_bi().await.unwrap();
     let mut reader = FrameReader::new();
     let hello = reader.read::<Control>(&mut recv).await;
+    transport::authenticated(&conn);
     assert!(
         matches!(hello, Ok(Some(Control::Hello { .. }))),
         "{hello:?}"

@@ -130,6 +130,8 @@ async fn server(
     while let Some(incoming) = endpoint.accept().await {
         match incoming.await {
             Ok(conn) => {
+                // As the Hub grants a session once its checks pass.
+                ewii::transport::authenticated(&conn);
                 let _ = tx.send(Some(conn));
             }
             Err(e) => eprintln!("handshake: {e}"),

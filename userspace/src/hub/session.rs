@@ -238,6 +238,8 @@ impl Session {
                 return None;
             }
         }
+        // Proven: the connection gets the window its queries need (strangers never get here).
+        transport::authenticated(&conn);
         let id = new_session_id();
         Some(Self {
             parts,

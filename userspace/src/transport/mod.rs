@@ -44,6 +44,13 @@ pub const STREAM_WINDOW: u32 = 1024 * 1024;
 pub const MIN_STREAM_WINDOW: u32 = 64 * 1024;
 /// Per-connection receive window: bounds what one peer can make us buffer across all queries.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// The Hub's per-connection receive window until the peer has proven who it is (its
+/// session's checks passed: [`authenticated`]): one frame's worth, as much as an enrolment
+/// request or a `Hello` needs in one flight. Anyone who can reach the Hub's port may open a
+/// connection on the enrolment ALPN, and 512 of them at once (`hub/admission.rs`); with the
+/// query window as their credit, each could make the Hub hold 1–8 MiB it has not read (data
+/// sent out of order, or past the request) for as long as its request may take.
+pub const UNAUTHENTICATED_WINDOW: u32 = MAX_FRAME as u32;
 /// The largest per-query window a configuration may set: half the connection's. Data held for
 /// a reader that does not read also holds the connection's window, so a query window as large
 /// as the connection's would let one stalled query stop every other query of its Client.
@@ -161,6 +168,7 @@ fn transport(
     max_bidi_from_peer: u32,
     keep_alive: bool,
     stream_window: u32,
+    connection_window: u32,
 ) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     // 2 500 ms is far below the VarInt limit.
@@ -172,7 +180,7 @@ fn transport(
     // Memory stays bounded whatever the peer sends: flow control stops it at these windows.
     let stream_window = stream_window.clamp(MIN_STREAM_WINDOW, MAX_STREAM_WINDOW);
     t.stream_receive_window(VarInt::from_u32(stream_window));
-    t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
+    t.receive_window(VarInt::from_u32(connection_window));
     t.send_window(u64::from(CONNECTION_WINDOW));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     // Nothing travels in QUIC DATAGRAM frames. quinn's default advertises them and queues
@@ -215,7 +223,12 @@ pub fn quic_client_config(
     let quic = QuicClientConfig::with_initial(Arc::new(tls), initial_suite()?)
         .map_err(|e| ConfigError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(transport(max_queries, true, stream_window));
+    cfg.transport_config(transport(
+        max_queries,
+        true,
+        stream_window,
+        CONNECTION_WINDOW,
+    ));
     Ok(cfg)
 }
 
@@ -239,7 +252,8 @@ pub fn tls_server_config(
 
 /// The quinn server configuration (a Client may open one stream: the control stream). The
 /// Hub takes up to `stream_window` bytes of each query ahead of its reader (the service →
-/// requester direction).
+/// requester direction), once the connection is [`authenticated`]; until then, at most
+/// [`UNAUTHENTICATED_WINDOW`] bytes in all.
 pub fn quic_server_config(
     tls: rustls::ServerConfig,
     stream_window: u32,
@@ -247,8 +261,14 @@ pub fn quic_server_config(
     let quic = QuicServerConfig::with_initial(Arc::new(tls), initial_suite()?)
         .map_err(|e| ConfigError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(transport(1, false, stream_window));
+    cfg.transport_config(transport(1, false, stream_window, UNAUTHENTICATED_WINDOW));
     Ok(cfg)
+}
+
+/// Grants a connection the Hub accepted (its peer proven: a session whose checks passed) the
+/// whole [`CONNECTION_WINDOW`], before any query is opened on it.
+pub fn authenticated(conn: &quinn::Connection) {
+    conn.set_receive_window(VarInt::from_u32(CONNECTION_WINDOW));
 }
 
 /// A QUIC endpoint on `bind` (a server when `server` is given) whose UDP socket has
@@ -464,6 +484,8 @@ pub(crate) mod tests {
             let server = quic_server_config(server_tls, hub_window).unwrap();
             let client = quic_client_config(client_tls, 1, client_window).unwrap();
             let (_endpoint, _dialer, hub, client) = handshake(server, client).await;
+            // As the Hub grants a session once its checks pass.
+            authenticated(&hub);
             // The Hub opens a query's stream, as it does; the Client accepts it on the first
             // byte and reads nothing more.
             let (mut hub_send, _hub_recv) = hub.open_bi().await.unwrap();
