@@ -336,6 +336,12 @@ async fn a_stranger_gets_one_frame_of_credit_and_a_proven_session_the_query_wind
     let mut session = raw_session(&hub, &svid)
         .await
         .expect("the Hub welcomes the session");
+    // The raise is a MAX_DATA frame, sent before `Welcome`, but in a packet of its own that
+    // loss could delay: the write waits for it (its `Hello` was too short to earn one).
+    poll_until("the Hub's MAX_DATA", SOON, || {
+        session.conn.stats().frame_rx.max_data > 0
+    })
+    .await;
     let taken = session.send.write(&lot).await.unwrap();
     let window = ewii::transport::STREAM_WINDOW as usize;
     // The control stream's window, less the `Hello` it carried.

@@ -51,7 +51,8 @@ async fn hostile_hub_granting(
             };
             let mut reader = FrameReader::new();
             if let Ok(Some(Control::Hello { .. })) = reader.read::<Control>(&mut recv).await {
-                // As the Hub grants a session once its checks pass.
+                // As the Hub grants a session once its checks pass (with a transport of the
+                // test's own, this sets the Hub's connection window in place of its own).
                 transport::authenticated(&conn);
                 transport::write_frame(&mut send, &welcome()).await.unwrap();
                 // The test keeps the control stream open (a dropped `SendStream` would finish

@@ -45,12 +45,13 @@ pub const MIN_STREAM_WINDOW: u32 = 64 * 1024;
 /// Per-connection receive window: bounds what one peer can make us buffer across all queries.
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// The Hub's per-connection receive window until the peer has proven who it is (its
-/// session's checks passed: [`authenticated`]): one frame's worth, as much as an enrolment
-/// request or a `Hello` needs in one flight. Anyone who can reach the Hub's port may open a
-/// connection on the enrolment ALPN, and 512 of them at once (`hub/admission.rs`); with the
-/// query window as their credit, each could make the Hub hold 1–8 MiB it has not read (data
-/// sent out of order, or past the request) for as long as its request may take.
-pub const UNAUTHENTICATED_WINDOW: u32 = MAX_FRAME as u32;
+/// session's checks passed: [`authenticated`]): one whole frame, as much as the largest
+/// enrolment request or `Hello` needs in one flight. Anyone who can reach the Hub's port may
+/// open a connection on the enrolment ALPN, and 512 of them at once (`hub/admission.rs`); with
+/// the query window as their credit, each could make the Hub hold 1–8 MiB it has not read
+/// (data sent out of order, or past the request) for as long as its request may take. Now
+/// about twice this: a frame being read, and this much past it.
+pub const UNAUTHENTICATED_WINDOW: u32 = (frame::HEADER_LEN + MAX_FRAME) as u32;
 /// The largest per-query window a configuration may set: half the connection's. Data held for
 /// a reader that does not read also holds the connection's window, so a query window as large
 /// as the connection's would let one stalled query stop every other query of its Client.
