@@ -40,6 +40,10 @@ pub enum Source {
     /// The identity a refused certificate names, proven by its chain (refused for its serial,
     /// its role, …), where the address is unknown.
     Claimed(String),
+    /// Proven certificates naming IDs of this federated trust domain that its `[[federation]]`
+    /// entry does not list: the customer's CA can mint as many such IDs as it likes, so they
+    /// share one source rather than each getting a share of its own.
+    Unlisted(String),
     /// Certificates whose chain did not verify: what they name proves nothing, so they share
     /// one source (one stranger could otherwise name a new identity each time, or use up a real
     /// Client's share).
@@ -70,6 +74,9 @@ impl Source {
             Self::Enrolling(ip) => format!("{} (its enrolments)", host_text(ip)),
             Self::Throttled(ip) => format!("{} (its throttled enrolments)", host_text(ip)),
             Self::Claimed(id) => id.clone(),
+            Self::Unlisted(td) => {
+                format!("the IDs of trust domain {td} that [[federation]] does not list")
+            }
             Self::Unverified => "certificates whose chain did not verify".to_owned(),
             Self::Others => format!("other sources (past {SOURCES} at once)"),
         }
@@ -249,7 +256,7 @@ fn summaries(side: Side, source: &Source, window: &Window, length: Duration) -> 
                     r.peer = Some(ip.to_string())
                 }
                 Source::Claimed(id) => r.client = Some(id.clone()),
-                Source::Unverified | Source::Others => {}
+                Source::Unverified | Source::Unlisted(_) | Source::Others => {}
             }
             r.reason = Some(format!(
                 "{n} more records of this event from {} since {since}, not written one by one: at most {BURST} per source every {} s are",

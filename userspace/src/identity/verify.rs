@@ -392,6 +392,23 @@ impl SpiffeVerifier {
         Ok(leaf)
     }
 
+    /// Where a refused certificate's record is summed up from: its proven identity; for a
+    /// federated trust domain's IDs that its `[[federation]]` entry does not list, that trust
+    /// domain (its CA can mint any number of them); every unproven one together.
+    fn refusal_source(&self, id: Option<&SpiffeId>, proven: bool) -> Source {
+        let Some(id) = id.filter(|_| proven) else {
+            return Source::Unverified;
+        };
+        let federated = self
+            .federation
+            .as_ref()
+            .and_then(|f| f.domain(id.trust_domain()));
+        match federated {
+            Some(d) if !d.clients.contains_key(id) => Source::Unlisted(d.trust_domain.clone()),
+            _ => Source::Claimed(id.to_string()),
+        }
+    }
+
     /// Logs and audits a refusal (`proven`: the chain verified, so what the leaf names is
     /// true), and returns the one error the peer sees.
     fn refuse(
@@ -400,19 +417,16 @@ impl SpiffeVerifier {
         end_entity: &CertificateDer<'_>,
         proven: bool,
     ) -> rustls::Error {
-        let who = inspect_leaf(end_entity).ok().map(|l| l.id.to_string());
+        let leaf = inspect_leaf(end_entity).ok();
+        let who = leaf.as_ref().map(|l| l.id.to_string());
         let Some(audit) = &self.audit else {
             tracing::warn!(peer = ?who, reason = %detail, "handshake refused");
             return generic_refusal();
         };
         let mut r = audit.record(Event::HandshakeRefused);
-        // Anyone can send a certificate: a flood is summed up, per proven identity, or all
-        // unproven ones together; the log follows the audit (a warning for each record
-        // written one by one).
-        let source = match (&who, proven) {
-            (Some(id), true) => Source::Claimed(id.clone()),
-            _ => Source::Unverified,
-        };
+        // Anyone can send a certificate: a flood is summed up ([`Self::refusal_source`]); the
+        // log follows the audit (a warning for each record written one by one).
+        let source = self.refusal_source(leaf.as_ref().map(|l| &l.id), proven);
         // Only a proven identity goes in `client`: anyone can write a Client's SPIFFE ID into a
         // self-signed certificate, and a record naming it would frame that Client.
         r.outcome = Some(Outcome::Refused);
@@ -566,4 +580,46 @@ impl ServerCertVerifier for PinnedHubVerifier {
     }
 
     signature_checks!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A federated customer's CA can mint any ID of its trust domain: the refusals of IDs its
+    /// `[[federation]]` entry does not list are summed up as one source (the trust domain), so
+    /// that made-up IDs do not each get their own share of records (`audit::quiet`). Every other
+    /// proven identity stays its own source, and unproven ones share one.
+    #[test]
+    fn p11_unlisted_ids_of_a_federated_domain_share_one_source_and_listed_ones_keep_their_own() {
+        let id = |s: &str| s.parse::<SpiffeId>().unwrap();
+        let listed = id("spiffe://customer.test/ewii/acme");
+        let domain = FederatedDomain {
+            trust_domain: "customer.test".into(),
+            bundle: Bundle::new(Vec::new()),
+            clients: [(listed.clone(), "acme".to_owned())].into(),
+        };
+        let verifier = SpiffeVerifier::new(Bundle::new(Vec::new()), "ewii.test", Expect::Client)
+            .with_federation(Arc::new(Federation::new(vec![domain])));
+        let source = |s: &str, proven| verifier.refusal_source(Some(&id(s)), proven);
+        let unlisted = Source::Unlisted("customer.test".into());
+        for made_up in ["/ewii/mallory", "/ewii/m1", "/anything/else"] {
+            let s = format!("spiffe://customer.test{made_up}");
+            assert_eq!(source(&s, true), unlisted, "{s}");
+        }
+        assert_eq!(
+            source("spiffe://customer.test/ewii/acme", true),
+            Source::Claimed(listed.to_string())
+        );
+        // The Hub's own trust domain: its own CA issues only what it means to.
+        assert_eq!(
+            source("spiffe://ewii.test/client/beta", true),
+            Source::Claimed("spiffe://ewii.test/client/beta".into())
+        );
+        assert_eq!(
+            source("spiffe://customer.test/ewii/mallory", false),
+            Source::Unverified
+        );
+        assert_eq!(verifier.refusal_source(None, true), Source::Unverified);
+    }
 }
