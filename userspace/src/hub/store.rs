@@ -146,6 +146,10 @@ struct Owner {
     carry_ms: i64,
     /// The database refused the last write of `unwritten_shift`.
     shift_refused: bool,
+    /// Sessions whose end the database refused (client, session id; the latest per client):
+    /// written at every job, with the `last_seen` the view holds; kept in every view loaded
+    /// meanwhile, where the database still has the session's start.
+    unwritten_ends: Vec<(String, u64)>,
 }
 
 impl Store {
@@ -201,6 +205,7 @@ impl Store {
                     unwritten_shift: 0,
                     carry_ms: 0,
                     shift_refused: false,
+                    unwritten_ends: Vec::new(),
                 };
                 let first = owner.begin(now);
                 let failed = first.is_err();
@@ -414,10 +419,18 @@ impl Store {
             // database's clock has it, before the move: the move, once written (or applied to a
             // view loaded meanwhile), brings it to `now`, not past it.
             let stored = now - o.unwritten_shift;
-            // The view moves even when the write fails: the session is gone either way.
+            // The view moves even when the write fails: the session is gone either way. The
+            // write is tried again at every job; until then a reload would bring back the
+            // session's start as the client's `last_seen`, and the silent-client grace would
+            // count from there.
             let written = o.backend.session_down(&client, session_id, stored);
             let changes = o.view.apply_session_down(&client, session_id, now);
             o.publish(changes);
+            // The latest end stands for the client's older ones (one session row per client).
+            o.unwritten_ends.retain(|(c, _)| *c != client);
+            if written.is_err() {
+                o.unwritten_ends.push((client, session_id));
+            }
             written.map_err(Into::into)
         })
         .await?
@@ -681,6 +694,26 @@ impl Owner {
         } else {
             self.write_shift();
         }
+        self.write_ends();
+    }
+
+    /// Writes the sessions' ends the database refused, each with the `last_seen` the view
+    /// holds now (moved with the clock since, as the client was silent) in the database's
+    /// frame: the moves it has not taken yet are left out, and applied to it with them.
+    fn write_ends(&mut self) {
+        if self.unwritten_ends.is_empty() {
+            return;
+        }
+        let fallback = self.now.as_secs() as i64;
+        let (view, backend, shift) = (&self.view, &self.backend, self.unwritten_shift);
+        self.unwritten_ends.retain(|(client, session_id)| {
+            let seen = view.last_seen(client).unwrap_or(fallback) - shift;
+            let written = backend.session_down(client, *session_id, seen).is_ok();
+            if written {
+                tracing::info!(%client, session_id, "the session's end is in the hub database now");
+            }
+            !written
+        });
     }
 
     /// The wall clock moved against the Hub's running. The silent-client grace
@@ -736,9 +769,19 @@ impl Owner {
 
     /// Loads `snapshot` into the view, with the graces' moves the database has not taken.
     fn load(&mut self, snapshot: Option<Snapshot>) -> Vec<Change> {
+        let ended: Vec<(String, Option<i64>)> = self
+            .unwritten_ends
+            .iter()
+            .map(|(client, _)| (client.clone(), self.view.last_seen(client)))
+            .collect();
         let mut changes = self.view.replace(snapshot);
         if self.unwritten_shift != 0 {
             changes.extend(self.view.apply_grace_shift(self.unwritten_shift));
+        }
+        for (client, seen) in ended {
+            if let Some(seen) = seen {
+                self.view.restore_last_seen(&client, seen);
+            }
         }
         changes
     }

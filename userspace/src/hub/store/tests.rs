@@ -646,3 +646,66 @@ async fn p11_p12_an_operators_revocation_closes_nothing_until_its_record_can_be_
         "the record first, then the closing: {after:?}"
     );
 }
+
+/// A session's end whose write the database refuses (here: a trigger refuses to delete a
+/// session's row) is kept by the running Hub: a reload meanwhile does not bring back the
+/// session's start as the client's `last_seen` (the silent-client grace would count from there
+/// and revoke a Client that had just left), and the next job once the database takes writes
+/// again writes the end.
+#[tokio::test]
+async fn p9_a_session_end_the_database_could_not_take_survives_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    let store = with_acme(&path).await;
+    store.session_up("acme", row(7, "0a", 1)).await.unwrap();
+    let raw = |sql: &str| {
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap()
+    };
+    let stored = || -> (Option<i64>, i64) {
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        let seen = raw
+            .query_row(
+                "SELECT last_seen FROM clients WHERE name = 'acme'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let rows = raw
+            .query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))
+            .unwrap();
+        (seen, rows)
+    };
+    raw(
+        "CREATE TRIGGER refuse BEFORE DELETE ON sessions BEGIN SELECT RAISE(ABORT, 'refused'); END",
+    );
+    assert!(store.refresh().await.unwrap());
+    let before = crate::now_timestamp().unix_secs() as i64;
+    assert!(store.session_down("acme", 7).await.is_err());
+    let after = crate::now_timestamp().unix_secs() as i64;
+    assert_eq!(stored(), (Some(1), 1), "not written");
+    // Silent from exactly `seen` on.
+    let seen_at = |seen: i64| {
+        let silent = |at: i64| store.view().is_silent("acme", at);
+        !silent(seen) && silent(seen + 1)
+    };
+    let seen_now = || (before..=after).any(seen_at);
+    assert!(seen_now());
+    // Another process committed: the view is loaded again from the database.
+    raw("CREATE TABLE another_process (x)");
+    assert!(store.refresh().await.unwrap());
+    assert!(seen_now(), "the reload brought back the session's start");
+    // Once the database takes writes, the next job writes the end, once.
+    raw("DROP TRIGGER refuse");
+    assert!(store.refresh().await.unwrap());
+    let (seen, rows) = stored();
+    assert_eq!(rows, 0, "the session's row is gone");
+    assert!(
+        seen.is_some_and(|s| (before..=after).contains(&s)),
+        "{seen:?} not in {before}..={after}"
+    );
+    assert!(seen_now());
+    assert!(!store.refresh().await.unwrap());
+}

@@ -372,6 +372,24 @@ impl View {
         })
     }
 
+    /// The `last_seen` this process holds for `client`, also in a view a failed reload left
+    /// standing.
+    pub(super) fn last_seen(&self, client: &str) -> Option<i64> {
+        let guard = self.state.read().ok()?;
+        guard.state.as_ref()?.clients.get(client)?.last_seen
+    }
+
+    /// Sets `client`'s `last_seen` back to what this process knows and the database lacks (a
+    /// session's end whose write failed, after a reload).
+    pub(super) fn restore_last_seen(&self, client: &str, seen: i64) {
+        self.write(|state| {
+            if let Some(c) = state.clients.get_mut(client) {
+                c.last_seen = Some(seen);
+            }
+            Vec::new()
+        });
+    }
+
     /// After the Hub's wall clock moved `by` seconds: every silent client's grace moves with
     /// it (not revoked, no live session: [`crate::hub::state::Db::shift_grace`]).
     pub(super) fn apply_grace_shift(&self, by: i64) -> Vec<Change> {
