@@ -591,18 +591,26 @@ impl Db {
         })
     }
 
-    /// A session ended: forget it (if it is still the recorded one) and note the time.
-    pub fn session_down(&self, client: &str, session_id: u64, now: i64) -> Result<(), StateError> {
+    /// A session ended: forget it (if it is still the recorded one) and note `last_seen`
+    /// (`None` leaves it: a client whose grace was cleared since the session ended).
+    pub fn session_down(
+        &self,
+        client: &str,
+        session_id: u64,
+        last_seen: Option<i64>,
+    ) -> Result<(), StateError> {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
                 "DELETE FROM sessions WHERE client = ?1 AND session_id = ?2",
                 params![client, session_id as i64],
             )?;
-            tx.execute(
-                "UPDATE clients SET last_seen = ?2 WHERE name = ?1",
-                params![client, now],
-            )?;
+            if let Some(seen) = last_seen {
+                tx.execute(
+                    "UPDATE clients SET last_seen = ?2 WHERE name = ?1",
+                    params![client, seen],
+                )?;
+            }
             tx.commit()
         })
     }

@@ -146,10 +146,13 @@ struct Owner {
     carry_ms: i64,
     /// The database refused the last write of `unwritten_shift`.
     shift_refused: bool,
-    /// Sessions whose end the database refused (client, session id; the latest per client):
-    /// written at every job, with the `last_seen` the view holds; kept in every view loaded
-    /// meanwhile, where the database still has the session's start.
+    /// Sessions whose end the database refused (client, session id): written at the next
+    /// jobs, with the `last_seen` the view holds then; kept in every view loaded meanwhile,
+    /// where the database still has the session's start. Dropped when the client's next
+    /// session replaces the row.
     unwritten_ends: Vec<(String, u64)>,
+    /// The database refused the last write of `unwritten_ends`.
+    ends_refused: bool,
 }
 
 impl Store {
@@ -206,6 +209,7 @@ impl Store {
                     carry_ms: 0,
                     shift_refused: false,
                     unwritten_ends: Vec::new(),
+                    ends_refused: false,
                 };
                 let first = owner.begin(now);
                 let failed = first.is_err();
@@ -371,6 +375,9 @@ impl Store {
         let client = client.to_owned();
         self.call(move |o| {
             o.backend.session_up(&client, &row)?;
+            // The row is this session's now: an older end still unwritten has nothing left to
+            // delete, and the client is not silent.
+            o.unwritten_ends.retain(|(c, _)| *c != client);
             let (changes, retired) =
                 o.view
                     .apply_session_up(&client, row.session_id, &row.serial, row.since);
@@ -423,11 +430,9 @@ impl Store {
             // write is tried again at every job; until then a reload would bring back the
             // session's start as the client's `last_seen`, and the silent-client grace would
             // count from there.
-            let written = o.backend.session_down(&client, session_id, stored);
+            let written = o.backend.session_down(&client, session_id, Some(stored));
             let changes = o.view.apply_session_down(&client, session_id, now);
             o.publish(changes);
-            // The latest end stands for the client's older ones (one session row per client).
-            o.unwritten_ends.retain(|(c, _)| *c != client);
             if written.is_err() {
                 o.unwritten_ends.push((client, session_id));
             }
@@ -697,23 +702,28 @@ impl Owner {
         self.write_ends();
     }
 
-    /// Writes the sessions' ends the database refused, each with the `last_seen` the view
-    /// holds now (moved with the clock since, as the client was silent) in the database's
-    /// frame: the moves it has not taken yet are left out, and applied to it with them.
+    /// Writes the sessions' ends the database refused, in order, each with the `last_seen` the
+    /// view holds now (moved with the clock since, as the client was silent) in the database's
+    /// frame: the moves it has not taken yet are left out, and applied to it with them. A
+    /// client whose grace was cleared since (a new enrolment, `readmit`) keeps it cleared.
+    /// Stops at the first refusal: under a lock, each try may wait the busy timeout.
     fn write_ends(&mut self) {
-        if self.unwritten_ends.is_empty() {
-            return;
-        }
-        let fallback = self.now.as_secs() as i64;
-        let (view, backend, shift) = (&self.view, &self.backend, self.unwritten_shift);
-        self.unwritten_ends.retain(|(client, session_id)| {
-            let seen = view.last_seen(client).unwrap_or(fallback) - shift;
-            let written = backend.session_down(client, *session_id, seen).is_ok();
-            if written {
-                tracing::info!(%client, session_id, "the session's end is in the hub database now");
+        while let Some((client, session_id)) = self.unwritten_ends.first().cloned() {
+            let seen = self
+                .view
+                .last_seen(&client)
+                .map(|s| s - self.unwritten_shift);
+            if let Err(e) = self.backend.session_down(&client, session_id, seen) {
+                if !std::mem::replace(&mut self.ends_refused, true) {
+                    tracing::warn!(error = %e, "cannot record sessions' ends in the hub database yet; the running Hub keeps them, and tries again at every use of the database");
+                }
+                return;
             }
-            !written
-        });
+            self.unwritten_ends.remove(0);
+        }
+        if std::mem::take(&mut self.ends_refused) {
+            tracing::info!("the sessions' ends are in the hub database now");
+        }
     }
 
     /// The wall clock moved against the Hub's running. The silent-client grace
@@ -779,7 +789,8 @@ impl Owner {
             changes.extend(self.view.apply_grace_shift(self.unwritten_shift));
         }
         for (client, seen) in ended {
-            if let Some(seen) = seen {
+            // Not over a grace cleared by another process meanwhile (`readmit`).
+            if let (Some(seen), Some(_)) = (seen, self.view.last_seen(&client)) {
                 self.view.restore_last_seen(&client, seen);
             }
         }

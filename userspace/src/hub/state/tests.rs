@@ -85,7 +85,7 @@ fn p10_revocation_deletes_outstanding_tokens_and_a_restart_resets_the_grace() {
         since: 10,
     };
     db.session_up("beta", &row).unwrap();
-    db.session_down("beta", 1, 10).unwrap();
+    db.session_down("beta", 1, Some(10)).unwrap();
     assert_eq!(last_seen(&db, "beta"), Some(10));
     // The Hub was down until 500: nobody could reach it, so the grace starts again — but not
     // for a revoked client.
@@ -460,7 +460,7 @@ fn p9_a_clock_move_shifts_silent_clients_only_and_readmission_or_enrolment_forge
     enrol("beta", "0b");
     up("acme", 1, "0a", 10);
     up("beta", 2, "0b", 10);
-    db.session_down("beta", 2, 20).unwrap();
+    db.session_down("beta", 2, Some(20)).unwrap();
     // acme is connected: its `last_seen` is its session's start, not a grace.
     db.shift_grace(100).unwrap();
     assert_eq!(last_seen(&db, "acme"), Some(10));
@@ -474,7 +474,7 @@ fn p9_a_clock_move_shifts_silent_clients_only_and_readmission_or_enrolment_forge
     assert!(db.readmit("beta").unwrap());
     assert_eq!(last_seen(&db, "beta"), None);
     // So does a new enrolment of a client seen before.
-    db.session_down("acme", 1, 50).unwrap();
+    db.session_down("acme", 1, Some(50)).unwrap();
     assert_eq!(last_seen(&db, "acme"), Some(50));
     enrol("acme", "0c");
     assert_eq!(last_seen(&db, "acme"), None);

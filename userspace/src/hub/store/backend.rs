@@ -59,7 +59,12 @@ pub trait Backend: Send + 'static {
     /// See [`Db::session_up`] and [`Db::retire_older_serials`].
     fn session_up(&self, client: &str, row: &SessionRow) -> Result<(), StateError>;
     /// See [`Db::session_down`].
-    fn session_down(&self, client: &str, session_id: u64, now: i64) -> Result<(), StateError>;
+    fn session_down(
+        &self,
+        client: &str,
+        session_id: u64,
+        last_seen: Option<i64>,
+    ) -> Result<(), StateError>;
     /// See [`Db::shift_grace`].
     fn shift_grace(&self, by: i64) -> Result<(), StateError>;
     /// See [`Db::shift_webhooks`].
@@ -157,8 +162,13 @@ impl Backend for Db {
         Db::session_up(self, client, row)?;
         self.retire_older_serials(client, &row.serial).map(|_| ())
     }
-    fn session_down(&self, client: &str, session_id: u64, now: i64) -> Result<(), StateError> {
-        Db::session_down(self, client, session_id, now)
+    fn session_down(
+        &self,
+        client: &str,
+        session_id: u64,
+        last_seen: Option<i64>,
+    ) -> Result<(), StateError> {
+        Db::session_down(self, client, session_id, last_seen)
     }
     fn shift_grace(&self, by: i64) -> Result<(), StateError> {
         Db::shift_grace(self, by)

@@ -647,6 +647,41 @@ async fn p11_p12_an_operators_revocation_closes_nothing_until_its_record_can_be_
     );
 }
 
+/// Refuses every delete of a session's row (a session's end), until dropped as `refuse`.
+const REFUSE_SESSION_ENDS: &str =
+    "CREATE TRIGGER refuse BEFORE DELETE ON sessions BEGIN SELECT RAISE(ABORT, 'refused'); END";
+
+/// A store on a new database in `dir` with `acme` enrolled and in session 7 (since 1).
+async fn acme_in_session(dir: &tempfile::TempDir) -> (Store, PathBuf) {
+    let path = dir.path().join("hub.db");
+    let store = with_acme(&path).await;
+    store.session_up("acme", row(7, "0a", 1)).await.unwrap();
+    (store, path)
+}
+
+/// Runs `sql` on the database at `path` from a connection of its own (another process).
+fn raw(path: &Path, sql: &str) {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .execute_batch(sql)
+        .unwrap()
+}
+
+/// acme's `last_seen` in the database, and the session ids of its rows.
+fn acme_stored(path: &Path) -> (Option<i64>, Vec<i64>) {
+    let raw = rusqlite::Connection::open(path).unwrap();
+    let seen = raw
+        .query_row(
+            "SELECT last_seen FROM clients WHERE name = 'acme'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let mut rows = raw.prepare("SELECT session_id FROM sessions").unwrap();
+    let ids = rows.query_map([], |r| r.get(0)).unwrap();
+    (seen, ids.map(Result::unwrap).collect())
+}
+
 /// A session's end whose write the database refuses (here: a trigger refuses to delete a
 /// session's row) is kept by the running Hub: a reload meanwhile does not bring back the
 /// session's start as the client's `last_seen` (the silent-client grace would count from there
@@ -655,32 +690,13 @@ async fn p11_p12_an_operators_revocation_closes_nothing_until_its_record_can_be_
 #[tokio::test]
 async fn p9_a_session_end_the_database_could_not_take_survives_a_reload() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("hub.db");
-    let store = with_acme(&path).await;
-    store.session_up("acme", row(7, "0a", 1)).await.unwrap();
-    let raw = |sql: &str| {
-        rusqlite::Connection::open(&path)
-            .unwrap()
-            .execute_batch(sql)
-            .unwrap()
+    let (store, path) = acme_in_session(&dir).await;
+    let raw = |sql: &str| raw(&path, sql);
+    let stored = || {
+        let (seen, rows) = acme_stored(&path);
+        (seen, rows.len())
     };
-    let stored = || -> (Option<i64>, i64) {
-        let raw = rusqlite::Connection::open(&path).unwrap();
-        let seen = raw
-            .query_row(
-                "SELECT last_seen FROM clients WHERE name = 'acme'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        let rows = raw
-            .query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))
-            .unwrap();
-        (seen, rows)
-    };
-    raw(
-        "CREATE TRIGGER refuse BEFORE DELETE ON sessions BEGIN SELECT RAISE(ABORT, 'refused'); END",
-    );
+    raw(REFUSE_SESSION_ENDS);
     assert!(store.refresh().await.unwrap());
     let before = crate::now_timestamp().unix_secs() as i64;
     assert!(store.session_down("acme", 7).await.is_err());
@@ -707,5 +723,63 @@ async fn p9_a_session_end_the_database_could_not_take_survives_a_reload() {
         "{seen:?} not in {before}..={after}"
     );
     assert!(seen_now());
+    // Written once: the jobs after it make no statement.
+    let statements = store.counts().statements();
     assert!(!store.refresh().await.unwrap());
+    assert!(!store.refresh().await.unwrap());
+    assert_eq!(store.counts().statements(), statements);
+}
+
+/// A session's end the database refused does not undo what came after it: an operator's
+/// `readmit` in another process (which clears the grace until the Client's next session) stays
+/// cleared in the view and in the database once the end is written; and the client's next
+/// session takes the row, so the old end has nothing left to write.
+#[tokio::test]
+async fn p9_an_unwritten_session_end_keeps_a_readmits_cleared_grace_and_yields_to_a_new_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, path) = acme_in_session(&dir).await;
+    let raw = |sql: &str| raw(&path, sql);
+    let refuse = REFUSE_SESSION_ENDS;
+    let stored = || acme_stored(&path);
+    // What a reload costs alone, with nothing to write.
+    raw("CREATE TABLE another_process (x)");
+    let statements = store.counts().statements();
+    assert!(store.refresh().await.unwrap());
+    let reload = store.counts().statements() - statements;
+    raw(refuse);
+    assert!(store.refresh().await.unwrap());
+    assert!(store.session_down("acme", 7).await.is_err());
+    // The operator revokes acme, then readmits it, from another process.
+    let other = Db::open(&path).unwrap();
+    assert!(other.revoke_client("acme", "by mistake", 5, false).unwrap());
+    assert!(other.readmit("acme").unwrap());
+    assert!(store.refresh().await.unwrap());
+    let graced = || !store.view().silent_since(i64::MAX).is_empty();
+    assert!(!graced(), "readmitted: no grace until its next session");
+    raw("DROP TRIGGER refuse");
+    assert!(store.refresh().await.unwrap());
+    assert_eq!(
+        stored(),
+        (None, vec![]),
+        "the row deleted, the grace left cleared"
+    );
+    assert!(!graced());
+
+    // Refused again; then the client's next session takes the row.
+    store.session_up("acme", row(8, "0a", 2)).await.unwrap();
+    raw(refuse);
+    assert!(store.refresh().await.unwrap());
+    assert!(store.session_down("acme", 8).await.is_err());
+    store.session_up("acme", row(9, "0a", 3)).await.unwrap();
+    raw("DROP TRIGGER refuse");
+    assert_eq!(stored(), (Some(3), vec![9]));
+    let statements = store.counts().statements();
+    assert!(store.refresh().await.unwrap());
+    assert!(!store.refresh().await.unwrap());
+    assert_eq!(stored(), (Some(3), vec![9]));
+    assert_eq!(
+        store.counts().statements() - statements,
+        reload,
+        "the reload only: the old end has nothing to write"
+    );
 }
