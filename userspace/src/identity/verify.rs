@@ -399,9 +399,12 @@ impl SpiffeVerifier {
         let Some(id) = id.filter(|_| proven) else {
             return Source::Unverified;
         };
+        // The Hub's own trust domain is never a federated one (its CA issues only what the Hub
+        // means to; `[[federation]]` may not name it), whatever the federation holds.
         let federated = self
             .federation
             .as_ref()
+            .filter(|_| id.trust_domain() != self.trust_domain)
             .and_then(|f| f.domain(id.trust_domain()));
         match federated {
             Some(d) if !d.clients.contains_key(id) => Source::Unlisted(d.trust_domain.clone()),
@@ -599,8 +602,15 @@ mod tests {
             bundle: Bundle::new(Vec::new()),
             clients: [(listed.clone(), "acme".to_owned())].into(),
         };
+        // A federation naming the Hub's own trust domain is refused at load (`hub::trust`);
+        // the source stays per identity for that domain even so.
+        let own = FederatedDomain {
+            trust_domain: "ewii.test".into(),
+            bundle: Bundle::new(Vec::new()),
+            clients: Default::default(),
+        };
         let verifier = SpiffeVerifier::new(Bundle::new(Vec::new()), "ewii.test", Expect::Client)
-            .with_federation(Arc::new(Federation::new(vec![domain])));
+            .with_federation(Arc::new(Federation::new(vec![domain, own])));
         let source = |s: &str, proven| verifier.refusal_source(Some(&id(s)), proven);
         let unlisted = Source::Unlisted("customer.test".into());
         for made_up in ["/ewii/mallory", "/ewii/m1", "/anything/else"] {
