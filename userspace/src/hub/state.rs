@@ -592,7 +592,8 @@ impl Db {
     }
 
     /// A session ended: forget it (if it is still the recorded one) and note `last_seen`
-    /// (`None` leaves it: a client whose grace was cleared since the session ended).
+    /// (`None` leaves it). A grace cleared since the session began (`readmit`, a new
+    /// enrolment: until the client's next session) stays cleared.
     pub fn session_down(
         &self,
         client: &str,
@@ -607,7 +608,7 @@ impl Db {
             )?;
             if let Some(seen) = last_seen {
                 tx.execute(
-                    "UPDATE clients SET last_seen = ?2 WHERE name = ?1",
+                    "UPDATE clients SET last_seen = ?2 WHERE name = ?1 AND last_seen IS NOT NULL",
                     params![client, seen],
                 )?;
             }

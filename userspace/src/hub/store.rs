@@ -147,9 +147,10 @@ struct Owner {
     /// The database refused the last write of `unwritten_shift`.
     shift_refused: bool,
     /// Sessions whose end the database refused (client, session id): written at the next
-    /// jobs, with the `last_seen` the view holds then; kept in every view loaded meanwhile,
-    /// where the database still has the session's start. Dropped when the client's next
-    /// session replaces the row.
+    /// jobs, with the `last_seen` the view holds then (never over a grace cleared meanwhile:
+    /// [`Db::session_down`](crate::hub::state::Db::session_down)); that `last_seen` is kept
+    /// in every view loaded meanwhile whose client still has one. Dropped when the client's
+    /// next session replaces the row, so at most one per session live at that moment.
     unwritten_ends: Vec<(String, u64)>,
     /// The database refused the last write of `unwritten_ends`.
     ends_refused: bool,
