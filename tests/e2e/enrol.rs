@@ -325,10 +325,12 @@ async fn a_stranger_gets_one_frame_of_credit_and_a_proven_session_the_query_wind
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     let taken = send.write(&lot).await.unwrap();
     let credit = ewii::transport::UNAUTHENTICATED_WINDOW as usize;
-    assert!(
-        taken <= credit,
+    // All of it, and no more: the largest frame fits in one flight.
+    assert_eq!(
+        taken, credit,
         "a stranger sent {taken} bytes at once; its credit is {credit}"
     );
+    assert!(credit >= ewii_common::frame::HEADER_LEN + ewii_common::frame::MAX_FRAME);
     drop(conn);
 
     let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
