@@ -468,9 +468,7 @@ impl Session {
         match self.parts.store.session_up(&self.name, row).await {
             Ok(0) => {}
             Ok(n) => {
-                let mut r = self.parts.audit.record(Event::SvidRotated);
-                r.session_id = Some(self.id);
-                r.client = Some(self.leaf.id.to_string());
+                let mut r = self.rotation_record();
                 r.outcome = Some(Outcome::Ok);
                 r.reason = Some(format!(
                     "serial {} in use; {n} older serial(s) retired",

@@ -41,10 +41,8 @@ impl Session {
         let flood = self.renew_flood();
         let federated = self.parts.trust.is_federated(&self.leaf.id);
         self.strike(federated || flood.is_some());
+        let mut r = self.rotation_record();
         let parts = &self.parts;
-        let mut r = parts.audit.record(Event::SvidRotated);
-        r.session_id = Some(self.id);
-        r.client = Some(self.leaf.id.to_string());
         if federated {
             r.outcome = Some(Outcome::Refused);
             r.reason = Some(
@@ -125,6 +123,14 @@ impl Session {
         None
     }
 
+    /// An `svid_rotated` record of this session, its outcome and reason left to the caller.
+    pub(super) fn rotation_record(&self) -> ewii_common::audit::AuditRecord {
+        let mut r = self.parts.audit.record(Event::SvidRotated);
+        r.session_id = Some(self.id);
+        r.client = Some(self.leaf.id.to_string());
+        r
+    }
+
     /// Counts a request that broke the renewal rules, or starts the count again after one that
     /// kept them ([`STRIKES`]).
     fn strike(&mut self, broke_a_rule: bool) {
@@ -170,9 +176,7 @@ impl Session {
                 Control::Presented { serial }
             }
             Err(reason) => {
-                let mut r = self.parts.audit.record(Event::SvidRotated);
-                r.session_id = Some(self.id);
-                r.client = Some(self.leaf.id.to_string());
+                let mut r = self.rotation_record();
                 r.outcome = Some(Outcome::Refused);
                 r.reason = Some(format!("presented SVID refused: {reason}"));
                 self.parts.audit.emit(r);
@@ -313,9 +317,7 @@ impl Session {
                 Some(SerialStatus::Revoked) => "revoked since it was issued",
                 _ => "not this client's",
             };
-            let mut r = self.parts.audit.record(Event::SvidRotated);
-            r.session_id = Some(self.id);
-            r.client = Some(self.leaf.id.to_string());
+            let mut r = self.rotation_record();
             r.outcome = Some(Outcome::Refused);
             r.reason = Some(format!(
                 "Rotated for serial {serial}: {why}; the session stays on serial {}",
@@ -343,9 +345,7 @@ impl Session {
             since: crate::now_timestamp().unix_secs() as i64,
         };
         let retired = self.parts.store.session_up(&self.name, row).await;
-        let mut r = self.parts.audit.record(Event::SvidRotated);
-        r.session_id = Some(self.id);
-        r.client = Some(self.leaf.id.to_string());
+        let mut r = self.rotation_record();
         match retired {
             Ok(n) => {
                 r.outcome = Some(Outcome::Ok);
