@@ -810,6 +810,34 @@ async fn p9_an_unwritten_session_end_keeps_a_readmits_cleared_grace_and_yields_t
     );
 }
 
+/// A session that outlives its client's revocation and `readmit` (both from another process,
+/// before this Hub closed it) ends without starting a grace, in the view as in the database: a
+/// readmitted client has none until its next session.
+#[tokio::test]
+async fn p9_a_session_ending_after_its_clients_readmit_starts_no_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, path) = acme_in_session(&dir).await;
+    let other = Db::open(&path).unwrap();
+    assert!(other.revoke_client("acme", "by mistake", 5, false).unwrap());
+    assert!(other.readmit("acme").unwrap());
+    assert!(store.refresh().await.unwrap());
+    store.session_down("acme", 7).await.unwrap();
+    let graced = || {
+        let silent = store.view().silent_since(i64::MAX);
+        silent.iter().any(|(n, _)| n == "acme")
+    };
+    assert_eq!(stored_of(&path, "acme"), (None, vec![]));
+    assert!(
+        !graced(),
+        "the view started a grace the database does not have"
+    );
+    // The next session starts one again, as it ends.
+    store.session_up("acme", row(8, "0a", 2)).await.unwrap();
+    store.session_down("acme", 8).await.unwrap();
+    assert!(graced());
+    assert!(stored_of(&path, "acme").0.is_some());
+}
+
 /// Two sessions of one client overlap (a Client moving to a new connection): the newer one
 /// holds the row, and its end is refused; the older one then ends and is written. The newer
 /// one's end stays to be written: its row goes once the database takes it, where it would

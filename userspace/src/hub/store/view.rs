@@ -356,7 +356,9 @@ impl View {
         (changes, n)
     }
 
-    /// After a session ended.
+    /// After a session ended. As in the database ([`crate::hub::state::Db::session_down`]),
+    /// a grace cleared since the session began (`readmit`, a new enrolment) stays cleared
+    /// until the client's next session.
     pub(super) fn apply_session_down(
         &self,
         client: &str,
@@ -366,7 +368,9 @@ impl View {
         self.write(|state| {
             if let Some(c) = state.clients.get_mut(client) {
                 c.live.remove(&session_id);
-                c.last_seen = Some(now);
+                if c.last_seen.is_some() {
+                    c.last_seen = Some(now);
+                }
             }
             vec![Change::Seen]
         })
