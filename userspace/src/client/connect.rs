@@ -319,17 +319,32 @@ fn clock_skew(hub_us: u64, here_us: u64, rtt: Duration) -> Option<String> {
     })
 }
 
-/// Resolves the Hub address (first result).
+/// Resolves the Hub address: the first answer the Client may dial
+/// ([`HubAddress::reachable`]). Resolved again at every dial, so that a Hub that moves is
+/// followed; each answer is checked every time.
 pub(crate) async fn resolve(hub: &HubAddress) -> Result<SocketAddr, ConnectError> {
-    let resolve = |why: String| ConnectError::Resolve {
-        hub: hub.to_string(),
-        why,
-    };
-    tokio::net::lookup_host((hub.host.as_str(), hub.port))
+    let answers = tokio::net::lookup_host((hub.host.as_str(), hub.port))
         .await
-        .map_err(|e| resolve(e.to_string()))?
-        .next()
-        .ok_or_else(|| resolve("no address".into()))
+        .map_err(|e| ConnectError::Resolve {
+            hub: hub.to_string(),
+            why: e.to_string(),
+        })?;
+    first_reachable(hub, answers)
+}
+
+/// The first of `answers` the Client may dial, or why none.
+fn first_reachable(
+    hub: &HubAddress,
+    answers: impl IntoIterator<Item = SocketAddr>,
+) -> Result<SocketAddr, ConnectError> {
+    let (ok, refused) = hub.reachable(answers);
+    ok.first().copied().ok_or_else(|| ConnectError::Resolve {
+        hub: hub.to_string(),
+        why: match refused.first() {
+            None => "no address".into(),
+            Some(e) => e.to_string(),
+        },
+    })
 }
 
 /// A client-only QUIC endpoint on an ephemeral port of the right family.
@@ -372,6 +387,58 @@ mod tests {
 
     fn hub() -> SocketAddr {
         SocketAddr::from(([192, 0, 2, 7], 443))
+    }
+
+    /// Whoever answers for the Hub's name (its DNS, a poisoned cache, `/etc/hosts` in a shared
+    /// image) cannot have the Client dial this host or its cloud's metadata service: each
+    /// answer is checked as an allow-list entry's is, the first one allowed is dialled, and
+    /// when none is the error names what was refused. An address written literally is dialled
+    /// as written, and `localhost` may be loopback.
+    #[test]
+    fn p5_the_hub_is_dialled_only_at_an_answer_its_name_may_reach() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let at = |h: &str| h.parse::<HubAddress>().unwrap();
+        let metadata = addr("169.254.169.254:443");
+        let public = addr("203.0.113.9:443");
+        let named = at("hub.example.net:443");
+        let dialled = first_reachable(&named, [metadata, addr("127.0.0.1:443"), public]);
+        assert_eq!(dialled.unwrap(), public);
+        for refused in [
+            vec![metadata],
+            vec![addr("127.0.0.1:443")],
+            vec![addr("[::1]:443")],
+            vec![addr("[fe80::1]:443")],
+            vec![addr("0.0.0.0:443")],
+            vec![addr("[::ffff:169.254.169.254]:443")],
+        ] {
+            let e = first_reachable(&named, refused.clone()).unwrap_err();
+            let said = e.to_string();
+            assert!(
+                matches!(e, ConnectError::Resolve { .. })
+                    && said.starts_with("cannot resolve the Hub hub.example.net:443: ")
+                    && said.contains(&refused[0].ip().to_canonical().to_string()),
+                "{refused:?}: {said}"
+            );
+        }
+        let e = first_reachable(&named, []).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot resolve the Hub hub.example.net:443: no address"
+        );
+        let loopback = addr("127.0.0.1:4433");
+        assert_eq!(
+            first_reachable(&at("localhost:4433"), [loopback]).unwrap(),
+            loopback
+        );
+        assert_eq!(
+            first_reachable(&at("127.0.0.1:4433"), [loopback]).unwrap(),
+            loopback
+        );
+        assert_eq!(
+            first_reachable(&at("169.254.169.254"), [metadata]).unwrap(),
+            metadata,
+            "written literally: meant"
+        );
     }
 
     fn peer_closed(code: quinn::TransportErrorCode, reason: &[u8]) -> ConnectError {

@@ -130,6 +130,33 @@ impl FromStr for HubAddress {
     }
 }
 
+impl HubAddress {
+    /// The resolver's `answers` for this address that the Client may dial, in their order: an
+    /// IP literal's as written; a DNS name's checked as an allow-list entry's answers are
+    /// ([`AllowList::check_resolved`]: no metadata, link-local, wildcard, multicast or
+    /// broadcast address, and loopback only for `localhost`), so that whoever answers for the
+    /// Hub's name cannot point the Client at this host or its cloud's metadata service. The
+    /// refused answers come back as the second list.
+    pub fn reachable(
+        &self,
+        answers: impl IntoIterator<Item = SocketAddr>,
+    ) -> (Vec<SocketAddr>, Vec<PolicyError>) {
+        let literal = self.host.parse::<std::net::IpAddr>().is_ok();
+        let (mut ok, mut refused) = (Vec::new(), Vec::new());
+        for a in answers {
+            if literal {
+                ok.push(a);
+                continue;
+            }
+            match AllowList::check_resolved(&self.host, a) {
+                Ok(a) => ok.push(a),
+                Err(e) => refused.push(e),
+            }
+        }
+        (ok, refused)
+    }
+}
+
 impl fmt::Display for HubAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.host.contains(':') {

@@ -277,7 +277,15 @@ impl Plan {
             }
             addrs
         };
-        let hub = resolve(&config.hub.host, config.hub.port);
+        // The answers the Client may dial (`HubAddress::reachable`): the map never holds one
+        // it refuses.
+        let (hub, refused) = config
+            .hub
+            .reachable(resolve(&config.hub.host, config.hub.port));
+        let hub_refused = match (hub.is_empty(), refused.first()) {
+            (true, Some(e)) => Some(format!("{} ({e})", config.hub)),
+            _ => None,
+        };
         let mut names_used = config.hub.host.parse::<IpAddr>().is_err();
         let mut allow = Vec::new();
         let mut by_name = std::collections::BTreeMap::new();
@@ -302,6 +310,7 @@ impl Plan {
                 }
             }
         }
+        unresolved.extend(hub_refused);
         let resolvers = if names_used { resolvers() } else { Vec::new() };
         if !resolvers.is_empty() {
             tcp_ports.push(53);
@@ -517,7 +526,7 @@ fn ebpf_layer(state: LayerState, detail: String) -> Layer {
 fn install_ebpf(plan: &Plan, hold: Hold) -> (Layer, Option<Box<dyn DenySource>>) {
     if plan.hub.is_empty() {
         let why = format!(
-            "the Hub's name did not resolve at start ({}): the lock needs its addresses",
+            "the Hub's name did not resolve at start to an address the Client may dial ({}): the lock needs its addresses",
             plan.unresolved.join(", ")
         );
         return (ebpf_layer(LayerState::Unavailable, why), None);
