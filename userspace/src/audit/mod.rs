@@ -831,6 +831,33 @@ mod tests {
         );
     }
 
+    /// The summary of a federated trust domain's unlisted IDs carries the trust domain in
+    /// `client`, as its SPIFFE ID, so that a SIEM finds it with the Clients of that domain; the
+    /// records written one by one before it name the ID each refused certificate proved.
+    #[test]
+    fn p11_the_summary_of_a_trust_domains_unlisted_ids_names_the_trust_domain() {
+        let (gate, audit) = open_gate();
+        for i in 0..12 {
+            let mut r = audit.record(Event::HandshakeRefused);
+            r.client = Some(format!("spiffe://customer.test/made-up/{i}"));
+            r.outcome = Some(Outcome::Refused);
+            audit.emit_from(Source::Unlisted("customer.test".into()), r);
+        }
+        audit.flush();
+        let lines = gate.lines();
+        let clients: Vec<&str> = lines.iter().filter_map(|l| l["client"].as_str()).collect();
+        assert_eq!(clients.len(), 11, "{lines:?}");
+        assert_eq!(clients[9], "spiffe://customer.test/made-up/9");
+        assert_eq!(clients[10], "spiffe://customer.test");
+        let said = lines[10]["reason"].as_str().unwrap();
+        assert!(
+            said.starts_with(
+                "2 more records of this event from the IDs of trust domain customer.test"
+            ),
+            "{said}"
+        );
+    }
+
     #[test]
     fn p11_a_sources_window_ends_with_its_summary_and_the_sources_tracked_are_bounded() {
         let mut q = quiet::Quiet::new(Side::Hub);

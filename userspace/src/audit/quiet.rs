@@ -256,7 +256,9 @@ fn summaries(side: Side, source: &Source, window: &Window, length: Duration) -> 
                     r.peer = Some(ip.to_string())
                 }
                 Source::Claimed(id) => r.client = Some(id.clone()),
-                Source::Unverified | Source::Unlisted(_) | Source::Others => {}
+                // The trust domain's own SPIFFE ID: every ID the summary holds begins with it.
+                Source::Unlisted(td) => r.client = Some(format!("spiffe://{td}")),
+                Source::Unverified | Source::Others => {}
             }
             r.reason = Some(format!(
                 "{n} more records of this event from {} since {since}, not written one by one: at most {BURST} per source every {} s are",
