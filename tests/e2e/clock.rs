@@ -1,5 +1,6 @@
 //! The binaries when the host's wall clock moves under them (P7): a suspend the monotonic clock
-//! does not count, a step ahead, and a step back by NTP. (Each deadline a step back would push
+//! does not count, a step ahead, and a step back by NTP; and a Hub process held still
+//! (`SIGSTOP`) while its host runs on, which moves neither clock against the other. (Each deadline a step back would push
 //! away, a reconnect's, a stop's, is tested in the session machine:
 //! `common/src/session/tests.rs`.) The clock is moved for one process alone with Debian's
 //! libfaketime (`LD_PRELOAD`, its time read from a file the test rewrites; the monotonic clock
@@ -386,6 +387,46 @@ async fn p9_a_hub_host_that_slept_does_not_count_its_sleep_against_a_silent_clie
     // The grace runs on: the Client is revoked once it has been silent for the grace while
     // the Hub ran, not at once.
     wait_grace_revocation(&hub, lost).await;
+}
+
+/// A Hub process held still (`SIGSTOP`: what `docker pause` and a frozen cgroup do) while its
+/// host runs on: its wall clock and its monotonic clock both move through the hold, and no
+/// Client could reach it meanwhile. The silent-client grace counts the time the Hub ran: the
+/// Client it lost before the hold is revoked once it has been silent for the grace while the
+/// Hub ran, not at the hold's end.
+#[tokio::test]
+async fn p9_a_hub_process_held_still_does_not_count_the_hold_against_a_silent_client() {
+    const HOLD: Duration = Duration::from_secs(15);
+    let root = tempfile::tempdir().unwrap();
+    let (hub, client) = hub_with_grace_and_client(root.path()).await;
+    drop(client);
+    let lost = hub.wait_lost().await;
+    let pid = hub.hub.proc.pid().to_string();
+    let signal = |sig: &str| {
+        let done = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(done.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let held = tokio::time::Instant::now();
+    tokio::time::sleep(HOLD).await;
+    let ran_before = held - lost;
+    signal("-CONT");
+    poll_until("the grace's revocation", GRACE + SOON, || {
+        !hub.records("revoked").is_empty()
+    })
+    .await;
+    let ran = lost.elapsed() - HOLD;
+    assert!(
+        ran >= GRACE - Duration::from_secs(1),
+        "revoked after {ran:?} of running ({ran_before:?} before the hold), its grace {GRACE:?}; the Hub's log:\n{}",
+        hub.log()
+    );
+    assert!(
+        hub.log()
+            .contains("the wall clock moved ahead against the time this Hub ran"),
+        "{}",
+        hub.log()
+    );
 }
 
 #[tokio::test]

@@ -32,7 +32,7 @@ use super::state::{
     operator_log, Db, DueBy, OperatorEntry, PendingWebhook, RenewalRow, Revoker, SessionRow,
     Snapshot, StateError, TokenGrant, TokenRefusal,
 };
-use crate::clock::{Clock, Moved};
+use crate::clock::{Clock, Moved, Stalls};
 use crate::identity::verify::SerialRefusal;
 
 pub use backend::Backend;
@@ -137,7 +137,8 @@ struct Owner {
     counts: Arc<Counts>,
     /// The wall clock, read at the start of every job (since the Unix epoch).
     now: Duration,
-    /// Tells a move of the wall clock against the Hub's running (a step, a suspend).
+    /// Tells a move of the wall clock against the Hub's running (a step, a suspend, a
+    /// pause of the process).
     clock: Clock,
     /// Seconds the graces moved in the view that the database has not taken yet (its write
     /// failed): tried again at every job, and applied to every view loaded meanwhile.
@@ -184,6 +185,9 @@ impl Store {
         let outbox = Arc::new(Notify::new());
         let (ready, started) = oneshot::channel::<Result<(), StateError>>();
         let (v, c, o) = (view.clone(), counts.clone(), outbox.clone());
+        // The grace counts the time this Hub ran: a pause of the process is not a Client's
+        // silence (it could not reach the Hub either).
+        let stalls = Stalls::start().map_err(StoreError::Thread)?;
         std::thread::Builder::new()
             .name("ewii-store".into())
             .spawn(move || {
@@ -194,7 +198,7 @@ impl Store {
                         return;
                     }
                 };
-                let clock = Clock::start();
+                let clock = Clock::start_counting_stalls(stalls);
                 let mut owner = Owner {
                     backend,
                     view: v,
@@ -693,7 +697,7 @@ impl Owner {
         if let Some(moved) = read.moved {
             tracing::warn!(
                 by_secs = moved.by().as_secs(),
-                "the wall clock moved {} (a clock step, or the host was suspended): the silent-client grace counts the time this Hub ran, not the move",
+                "the wall clock moved {} against the time this Hub ran (a clock step, the host suspended, or this process held still: SIGSTOP, a paused container): the silent-client grace counts the time this Hub ran, not the move",
                 moved.way()
             );
             self.clock_moved(moved);
