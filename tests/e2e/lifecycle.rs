@@ -2810,6 +2810,45 @@ async fn p8_a_renewal_for_the_key_in_use_is_refused() {
     assert!(matches!(answer, Control::Renewed { .. }), "{answer:?}");
 }
 
+/// A renewal is for a key this client never held (P8): after a renewal to key A, the session
+/// of A's serial asking to go back to the enrolment's key is refused (the key in use is not
+/// that one: the Hub's records of every serial's key decide), so that alternating keys cannot
+/// bring a copy of an old one back to life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_a_renewal_back_to_the_enrolments_key_is_refused() {
+    let hub = hub_renewing_after(0, 3_600).await;
+    let (_client, dir, svid, serial) = enrolled_acme(&hub).await;
+    let enrolled = store::read_key_pair(&dir.join(store::SVID_KEY)).unwrap();
+    let a = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let Control::Renewed { chain, .. } = renew_once(&hub, &svid, &a).await else {
+        panic!("no renewal to a fresh key");
+    };
+    let chain = chain
+        .into_iter()
+        .map(rustls::pki_types::CertificateDer::from);
+    let renewed = Svid::new(chain.collect(), &a);
+    let answer = renew_once(&hub, &renewed, &enrolled).await;
+    assert!(matches!(answer, Control::Refused { .. }), "{answer:?}");
+    let refused = hub
+        .wait_audit(
+            "the refusal",
+            says(
+                Event::SvidRotated,
+                &format!("the one serial {serial} certified"),
+            ),
+        )
+        .await;
+    assert_eq!(refused.outcome, Some(Outcome::Refused));
+    assert!(
+        refused
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("a renewal is for a fresh key"),
+        "{refused:?}"
+    );
+}
+
 /// A `Rotated` for a serial this Hub issued, sent after a re-enrolment retired it (say, the
 /// holder of a copy of the old key renewed in the moment before the customer enrolled the
 /// Client again): the session is not re-bound to it, and the client's recorded session is not

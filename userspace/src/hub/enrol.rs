@@ -9,10 +9,11 @@ use ewii_common::audit::{Event, Outcome};
 use ewii_common::frame::{Enrol, RefuseCode};
 use ewii_common::spiffe::SpiffeId;
 
-use super::state::TokenRefusal;
+use super::state::{IssuedSerial, TokenRefusal};
 use super::store::{Store, StoreError};
 use super::trust::Trust;
 use crate::audit::{Audit, Source};
+use crate::identity::ca::Ca;
 use crate::identity::IdentityError;
 use crate::transport::{self, codes, FrameReader};
 
@@ -204,11 +205,16 @@ async fn issue_for_token(
     let id = SpiffeId::client(trust.trust_domain(), &grant.client)
         .map_err(|e| EnrolRefusal::BadName(e.to_string()))?;
     let issued = trust.issue(csr, &id).map_err(EnrolRefusal::Csr)?;
+    // Kept so that no renewal brings this key back later (P8); a CSR that was signed parses.
+    let key_sha256 = Ca::csr_key_sha256(csr).ok();
     store
         .record_enrolment(
             grant,
             id.clone(),
-            issued.serial.clone(),
+            IssuedSerial {
+                serial: issued.serial.clone(),
+                key_sha256,
+            },
             issued.not_after,
             now,
         )

@@ -98,6 +98,33 @@ pub struct TokenGrant {
     pub revocations: i64,
 }
 
+/// A client's first serial, issued at enrolment, and the hash of the key it certifies, when
+/// known (SHA-256 of the DER SubjectPublicKeyInfo): a renewal for that key is refused later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedSerial {
+    /// The serial.
+    pub serial: String,
+    /// The key's hash.
+    pub key_sha256: Option<Vec<u8>>,
+}
+
+impl From<&String> for IssuedSerial {
+    /// As [`From<&str>`].
+    fn from(serial: &String) -> Self {
+        serial.as_str().into()
+    }
+}
+
+impl From<&str> for IssuedSerial {
+    /// A serial whose key is not known (tests; records made before keys were kept).
+    fn from(serial: &str) -> Self {
+        Self {
+            serial: serial.to_owned(),
+            key_sha256: None,
+        }
+    }
+}
+
 /// A serial issued by renewal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenewalRow {
@@ -183,6 +210,7 @@ CREATE TABLE IF NOT EXISTS serials (
     key_sha256 BLOB,
     der BLOB
 );
+CREATE INDEX IF NOT EXISTS serials_by_client ON serials (client);
 ";
 
 /// Brings a database made by an older Hub up to [`SCHEMA`] (columns added since).
@@ -334,10 +362,11 @@ impl Db {
         &self,
         grant: &TokenGrant,
         id: &SpiffeId,
-        serial: &str,
+        serial: impl Into<IssuedSerial>,
         not_after: i64,
         now: i64,
     ) -> Result<(), StateError> {
+        let issued = serial.into();
         let recorded = self.with(|c| {
             let tx = c.transaction()?;
             let revocations: Option<i64> = tx
@@ -361,8 +390,8 @@ impl Db {
                 params![grant.client],
             )?;
             tx.execute(
-                "INSERT INTO serials (serial, client, issued_at, not_after) VALUES (?1, ?2, ?3, ?4)",
-                params![serial, grant.client, now, not_after],
+                "INSERT INTO serials (serial, client, issued_at, not_after, key_sha256) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![issued.serial, grant.client, now, not_after, issued.key_sha256],
             )?;
             tx.commit()?;
             Ok(true)
@@ -549,6 +578,27 @@ impl Db {
                 params![client, session.since],
             )?;
             tx.commit()
+        })
+    }
+
+    /// A serial of `client` that certified the key hashed `key_sha256`, other than the
+    /// renewal of `renewing` (which is that serial's renewal asked again): a renewal for a key
+    /// this client held before is refused (P8: a copy of an old key must not come back to life).
+    /// Keys of enrolments recorded before the Hub kept them are not known.
+    pub fn key_certified_before(
+        &self,
+        client: &str,
+        key_sha256: &[u8],
+        renewing: &str,
+    ) -> Result<Option<String>, StateError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT serial FROM serials WHERE client = ?1 AND key_sha256 = ?2
+                 AND (renewed_from IS NULL OR renewed_from != ?3) ORDER BY rowid LIMIT 1",
+                params![client, key_sha256, renewing],
+                |r| r.get(0),
+            )
+            .optional()
         })
     }
 

@@ -29,8 +29,8 @@ use ewii_common::spiffe::SpiffeId;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::state::{
-    operator_log, Db, DueBy, OperatorEntry, PendingWebhook, RenewalRow, Revoker, SessionRow,
-    Snapshot, StateError, TokenGrant, TokenRefusal,
+    operator_log, Db, DueBy, IssuedSerial, OperatorEntry, PendingWebhook, RenewalRow, Revoker,
+    SessionRow, Snapshot, StateError, TokenGrant, TokenRefusal,
 };
 use crate::clock::{Clock, Moved, Stalls};
 use crate::identity::verify::SerialRefusal;
@@ -66,6 +66,13 @@ pub enum RenewalRefusal {
     /// A newer serial of this client is in use: only the newest key renews.
     #[error("no renewal: serial {0} is superseded by a newer one in use")]
     Superseded(String),
+    /// The CSR's key is one an earlier serial of this client certified: a renewal is for a
+    /// fresh key (P8), or a copy of an old key would come back to life.
+    #[error("no renewal: the CSR's key is the one serial {earlier} certified; a renewal is for a fresh key")]
+    KeyReused {
+        /// The earlier serial.
+        earlier: String,
+    },
     /// The serial was renewed already, for another key: a serial renews once. Suspicious: two
     /// holders of one key (a stolen copy), or a Client that lost its pending key.
     #[error("no renewal: serial {serial} was renewed already (to {to}) for another key; a serial renews once — a copy of this key?")]
@@ -271,7 +278,7 @@ impl Store {
         &self,
         grant: TokenGrant,
         id: SpiffeId,
-        serial: String,
+        serial: IssuedSerial,
         not_after: i64,
         now: i64,
     ) -> Result<(), StoreError> {
@@ -280,7 +287,7 @@ impl Store {
                 .record_enrolment(&grant, &id, &serial, not_after, now)?;
             let changes = o
                 .view
-                .apply_enrolment(&grant.client, &id.to_string(), &serial);
+                .apply_enrolment(&grant.client, &id.to_string(), &serial.serial);
             o.publish(changes);
             Ok(())
         })
@@ -606,7 +613,14 @@ impl Owner {
             return Err(RenewalRefusal::Superseded(serial.to_owned()));
         }
         match self.backend.renewal_of(serial).map_err(unavailable)? {
-            None => Ok(Renewal::Fresh),
+            None => match self
+                .backend
+                .key_certified_before(client, key, serial)
+                .map_err(unavailable)?
+            {
+                Some(earlier) => Err(RenewalRefusal::KeyReused { earlier }),
+                None => Ok(Renewal::Fresh),
+            },
             Some(row) if row.key_sha256 == key => Ok(Renewal::Again(row)),
             Some(row) => Err(RenewalRefusal::AlreadyRenewed {
                 serial: serial.to_owned(),

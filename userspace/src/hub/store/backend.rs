@@ -3,8 +3,8 @@
 use ewii_common::spiffe::SpiffeId;
 
 use crate::hub::state::{
-    self, Db, DueBy, OperatorEntry, PendingWebhook, RenewalRow, Revoker, SerialStatus, SessionRow,
-    Snapshot, StateError, TokenGrant, TokenRefusal,
+    self, Db, DueBy, IssuedSerial, OperatorEntry, PendingWebhook, RenewalRow, Revoker,
+    SerialStatus, SessionRow, Snapshot, StateError, TokenGrant, TokenRefusal,
 };
 
 /// What the owner needs from a database. See the module doc: this is the seam for another
@@ -35,7 +35,7 @@ pub trait Backend: Send + 'static {
         &self,
         grant: &TokenGrant,
         id: &SpiffeId,
-        serial: &str,
+        serial: &IssuedSerial,
         not_after: i64,
         now: i64,
     ) -> Result<(), StateError>;
@@ -43,6 +43,13 @@ pub trait Backend: Send + 'static {
     fn record_renewal(&self, row: &RenewalRow, now: i64) -> Result<(), StateError>;
     /// See [`Db::renewal_of`].
     fn renewal_of(&self, from: &str) -> Result<Option<RenewalRow>, StateError>;
+    /// See [`Db::key_certified_before`].
+    fn key_certified_before(
+        &self,
+        client: &str,
+        key_sha256: &[u8],
+        renewing: &str,
+    ) -> Result<Option<String>, StateError>;
     /// See [`Db::serial_status`].
     fn serial_status(&self, id: &SpiffeId, serial: &str) -> Result<SerialStatus, StateError>;
     /// See [`Db::superseded`].
@@ -130,14 +137,22 @@ impl Backend for Db {
         &self,
         grant: &TokenGrant,
         id: &SpiffeId,
-        serial: &str,
+        serial: &IssuedSerial,
         not_after: i64,
         now: i64,
     ) -> Result<(), StateError> {
-        Db::record_enrolment(self, grant, id, serial, not_after, now)
+        Db::record_enrolment(self, grant, id, serial.clone(), not_after, now)
     }
     fn record_renewal(&self, row: &RenewalRow, now: i64) -> Result<(), StateError> {
         Db::record_renewal(self, row, now)
+    }
+    fn key_certified_before(
+        &self,
+        client: &str,
+        key_sha256: &[u8],
+        renewing: &str,
+    ) -> Result<Option<String>, StateError> {
+        Db::key_certified_before(self, client, key_sha256, renewing)
     }
     fn renewal_of(&self, from: &str) -> Result<Option<RenewalRow>, StateError> {
         Db::renewal_of(self, from)

@@ -195,6 +195,89 @@ async fn the_view_follows_the_owners_writes_and_reports_retirements() {
     );
 }
 
+/// A renewal is for a fresh key (P8): a key any earlier serial of the client certified, its
+/// enrolment's included, is refused, so that a Client alternating keys (A, B, A) cannot bring a
+/// copy of an old key back to life; the same key asking again for the same serial's renewal
+/// (its answer lost) still gets that renewal.
+#[tokio::test]
+async fn p8_a_renewal_for_a_key_the_client_held_before_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _changes) = Store::open(&dir.path().join("hub.db"), 1).await.unwrap();
+    let acme = id("acme");
+    let enrolled = IssuedSerial {
+        serial: "0a".into(),
+        key_sha256: Some(b"key-0".to_vec()),
+    };
+    store
+        .record_enrolment(grant("acme"), acme.clone(), enrolled, 1000, 1)
+        .await
+        .unwrap();
+    let renew = |from: &str, to: &str, key: &[u8]| RenewalRow {
+        client: "acme".into(),
+        from: from.into(),
+        serial: to.into(),
+        key_sha256: key.to_vec(),
+        der: format!("cert-{to}").into_bytes(),
+        not_after: 1000,
+    };
+    let reused = |earlier: &str| {
+        Err(RenewalRefusal::KeyReused {
+            earlier: earlier.into(),
+        })
+    };
+    // 0a (key-0) renews to 0b (key-1), which comes into use.
+    assert_eq!(
+        store.may_renew("acme", &acme, "0a", b"key-0").await,
+        reused("0a"),
+        "its own key"
+    );
+    assert_eq!(
+        store
+            .record_renewal(renew("0a", "0b", b"key-1"), &acme, 2)
+            .await
+            .unwrap(),
+        Ok(Renewal::Fresh)
+    );
+    store.session_up("acme", row(7, "0b", 3)).await.unwrap();
+    // 0b may not go back to the enrolment's key, nor keep its own.
+    assert_eq!(
+        store.may_renew("acme", &acme, "0b", b"key-0").await,
+        reused("0a")
+    );
+    assert_eq!(
+        store.may_renew("acme", &acme, "0b", b"key-1").await,
+        reused("0b")
+    );
+    // Decided again with the write.
+    assert_eq!(
+        store
+            .record_renewal(renew("0b", "0c", b"key-0"), &acme, 4)
+            .await
+            .unwrap(),
+        reused("0a")
+    );
+    // A fresh key renews; asked again (the answer lost), the same renewal comes back.
+    let fresh = renew("0b", "0c", b"key-2");
+    assert_eq!(
+        store.record_renewal(fresh.clone(), &acme, 4).await.unwrap(),
+        Ok(Renewal::Fresh)
+    );
+    assert_eq!(
+        store.may_renew("acme", &acme, "0b", b"key-2").await,
+        Ok(Renewal::Again(fresh))
+    );
+    // 0c in use: back to key-1 (A, B, A) is refused.
+    store.session_up("acme", row(8, "0c", 5)).await.unwrap();
+    assert_eq!(
+        store.may_renew("acme", &acme, "0c", b"key-1").await,
+        reused("0b")
+    );
+    assert_eq!(
+        store.may_renew("acme", &acme, "0c", b"key-3").await,
+        Ok(Renewal::Fresh)
+    );
+}
+
 #[tokio::test]
 async fn p8_a_session_with_another_clients_serial_marks_nothing_of_that_client() {
     // A federated Client's CA chooses its own serials: one may equal a serial this Hub issued
