@@ -458,7 +458,7 @@ fn run(path: &Path) -> ExitCode {
     let plan = enforce::Plan::for_config(&config);
     for name in &plan.unresolved {
         say(&format!(
-            "ewii-client: {name} does not resolve now; the Client will keep trying"
+            "ewii-client: no address to dial for {name} now; the Client will keep trying"
         ));
     }
     let layers: Vec<&str> = config.layers.iter().map(String::as_str).collect();
@@ -582,7 +582,7 @@ fn probe_enforcement(path: &Path, layers: &[String]) -> ExitCode {
     if !plan.unresolved.is_empty() {
         return fail(
             EXIT_CONFIG,
-            format!("cannot resolve {}", plan.unresolved.join(", ")),
+            format!("no address to dial for {}", plan.unresolved.join(", ")),
         );
     }
     let layers: Vec<&str> = layers.iter().map(String::as_str).collect();

@@ -253,7 +253,8 @@ pub struct Plan {
     pub resolvers: Vec<IpAddr>,
     /// TCP ports the Client may connect to (Landlock).
     pub tcp_ports: Vec<u16>,
-    /// `host:port` names that did not resolve at start (left out of the eBPF lock).
+    /// `host:port` names that did not resolve at start (left out of the eBPF lock); the Hub's
+    /// also when every answer was refused, with why.
     pub unresolved: Vec<String>,
     /// Each DNS allow-list entry's accepted answers at start, by entry name.
     pub by_name: std::collections::BTreeMap<String, Vec<SocketAddr>>,
