@@ -1143,7 +1143,7 @@ pub fn audit_line_violations(line: &str) -> Vec<String> {
     let reason = v["reason"].as_str();
     // A session's end is one of the documented codes (docs/audit.md).
     if v["event"] == "session_lost" {
-        const CODES: [&str; 12] = [
+        const CODES: [&str; 13] = [
             "goodbye",
             "hub_shutdown",
             "idle_timeout",
@@ -1152,6 +1152,7 @@ pub fn audit_line_violations(line: &str) -> Vec<String> {
             "retired",
             "untrusted",
             "records_unreadable",
+            "records_unwritable",
             "protocol",
             "stopped",
             "closed_by_peer",

@@ -99,6 +99,11 @@ pub enum SessionEnd {
     /// rotated: whether its serial was revoked or retired could not be told, so the Hub
     /// closed it (fail closed); the Client dials again.
     RecordsUnreadable,
+    /// The Hub could not record the session as it opened (its database refused the write: a
+    /// full disk, another writer's lock past the busy timeout): the serial's first use and the
+    /// retirement of the client's older serials (P8) would not be on record, so the Hub closed
+    /// it (fail closed); the Client dials again.
+    RecordsUnwritable,
     /// A peer broke the protocol.
     Protocol,
     /// The Client stopped locally (its drain bound ran out, or it was shut down).
@@ -121,6 +126,7 @@ impl SessionEnd {
             Self::Retired => "retired",
             Self::Untrusted => "untrusted",
             Self::RecordsUnreadable => "records_unreadable",
+            Self::RecordsUnwritable => "records_unwritable",
             Self::Protocol => "protocol",
             Self::Stopped => "stopped",
             Self::ClosedByPeer => "closed_by_peer",

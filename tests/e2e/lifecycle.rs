@@ -368,6 +368,26 @@ async fn p9_a_stops_revoke_the_hub_cannot_judge_is_kept_pending() {
     assert_eq!(acme.revoked_at, None, "not revoked");
 }
 
+/// Says `Hello` on `handshake` and waits for the Hub's refusal: no `Welcome`, the connection
+/// closed with the code of a refusal (not the "CA no longer trusted" one, which the guide
+/// answers with a re-enrolment), and a `session_lost` whose reason starts with `code`; returns
+/// that reason.
+async fn refused_before_welcome(hub: &TestHub, handshake: RawHandshake, code: &str) -> String {
+    let conn = handshake.conn.clone();
+    assert!(handshake.hello().await.is_none(), "no Welcome");
+    assert_eq!(
+        closed_by_hub(&conn).await,
+        Some(transport::codes::REFUSED.into_inner())
+    );
+    let ended = hub
+        .wait_audit("the end of the session", |r| {
+            r.event == Event::SessionLost
+                && r.reason.as_deref().is_some_and(|x| x.starts_with(code))
+        })
+        .await;
+    ended.reason.unwrap_or_default()
+}
+
 /// A session that opens while the Hub's records cannot be read is not kept (nor registered,
 /// which would retire the Client's older serials): a revocation or retirement made before
 /// that moment could not be told, and the next good reload reports no change for it (fail
@@ -393,27 +413,42 @@ async fn p12_a_session_registered_while_the_hub_s_records_cannot_be_read_is_not_
         hub.handle().store_reloads_failed() > 0
     })
     .await;
-    // Refused before it registers, with no `Welcome`, with the code of a refusal (not the
-    // "CA no longer trusted" one, which the guide answers with a re-enrolment).
-    let conn = handshake.conn.clone();
-    assert!(handshake.hello().await.is_none());
-    assert_eq!(
-        closed_by_hub(&conn).await,
-        Some(transport::codes::REFUSED.into_inner())
-    );
-    let ended = hub
-        .wait_audit("the end of the session", |r| {
-            r.event == Event::SessionLost
-                && r.reason
-                    .as_deref()
-                    .is_some_and(|x| x.starts_with("records_unreadable: "))
-        })
-        .await;
-    assert!(ended.reason.unwrap().contains("could not be read"));
+    // Refused before it registers.
+    let ended = refused_before_welcome(&hub, handshake, "records_unreadable: ").await;
+    assert!(ended.contains("could not be read"));
     assert_eq!(
         count(&hub.audit, |r| r.event == Event::SessionUp),
         0,
         "not registered"
+    );
+}
+
+/// A session the Hub cannot record as it opens (its database refuses the write: a full disk,
+/// another writer's lock past the busy timeout; here a trigger) is closed before `Welcome`
+/// (fail closed): its serial's first use and the retirement of the client's older serials (P8)
+/// would not be on record, and a session the records do not hold would hold off the
+/// silent-client grace only until the next reload. Once the Hub can write again, the Client's
+/// next dial is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_a_session_the_hub_cannot_record_is_closed_before_welcome() {
+    let hub = TestHub::start(&[]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let db = rusqlite::Connection::open(hub.state_dir().join(admin::DB_FILE)).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE INSERT ON sessions BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+    )
+    .unwrap();
+    let handshake = raw_handshake(&hub, &svid).await.expect("a handshake");
+    let ended = refused_before_welcome(&hub, handshake, "records_unwritable: ").await;
+    assert!(
+        ended.contains("could not record this session: "),
+        "the database's word"
+    );
+    db.execute_batch("DROP TRIGGER refuse").unwrap();
+    assert!(
+        raw_session(&hub, &svid).await.is_some(),
+        "served once it can write"
     );
 }
 

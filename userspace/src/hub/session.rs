@@ -274,7 +274,7 @@ impl Session {
     pub(crate) async fn run(mut self) {
         let started = Instant::now();
         let (tell, mut told) = mpsc::unbounded_channel::<Command>();
-        self.up(tell).await;
+        let unrecorded = self.up(tell).await;
         let welcome = Control::Welcome {
             session_id: self.id,
             hub_time_us: crate::now_timestamp().0,
@@ -293,12 +293,21 @@ impl Session {
             .store
             .view()
             .status(&self.leaf.id, &self.leaf.serial);
-        let unreadable = status.is_none().then(|| {
-            let why = "the Hub's records could not be read as this session registered";
-            tracing::warn!(client = %self.name, "closing a new session: {why}");
-            self.conn.close(codes::REFUSED, why.as_bytes());
-            SessionEnd::RecordsUnreadable.reason(why)
-        });
+        // Not recorded: closed the same way (fail closed), and the Client dials again.
+        let unreadable = match unrecorded {
+            Some(why) => {
+                tracing::warn!(client = %self.name, "closing a new session: {why}");
+                self.conn
+                    .close(codes::REFUSED, b"the Hub could not record this session");
+                Some(SessionEnd::RecordsUnwritable.reason(&why))
+            }
+            None => status.is_none().then(|| {
+                let why = "the Hub's records could not be read as this session registered";
+                tracing::warn!(client = %self.name, "closing a new session: {why}");
+                self.conn.close(codes::REFUSED, why.as_bytes());
+                SessionEnd::RecordsUnreadable.reason(why)
+            }),
+        };
         let welcomed = unreadable.is_none() && self.out.send(&welcome).is_ok();
         // A CA left a bundle between the check in `open` and the registration: the sessions
         // were told before this one could be, so it checks itself.
@@ -457,14 +466,16 @@ impl Session {
         Some(SessionEnd::Untrusted.reason(&reason))
     }
 
-    /// Records the session, retires older serials (P8) and registers it for queries.
-    async fn up(&mut self, tell: mpsc::UnboundedSender<Command>) {
+    /// Records the session, retires older serials (P8) and registers it for queries. Returns
+    /// why it must close at once when the Hub could not record it.
+    async fn up(&mut self, tell: mpsc::UnboundedSender<Command>) -> Option<String> {
         let row = SessionRow {
             session_id: self.id,
             serial: self.leaf.serial.clone(),
             peer: self.peer.to_string(),
             since: crate::now_timestamp().unix_secs() as i64,
         };
+        let mut unrecorded = None;
         match self.parts.store.session_up(&self.name, row).await {
             Ok(0) => {}
             Ok(n) => {
@@ -476,7 +487,7 @@ impl Session {
                 ));
                 self.parts.audit.emit(r);
             }
-            Err(e) => tracing::error!(error = %e, "cannot record the session"),
+            Err(e) => unrecorded = Some(format!("the Hub could not record this session: {e}")),
         }
         let route = Route {
             id: self.id,
@@ -511,6 +522,7 @@ impl Session {
         }
         r.reason = Some(reason);
         self.parts.audit.emit(r);
+        unrecorded
     }
 
     /// The configured services to this Client whose destination entry its allow-list does

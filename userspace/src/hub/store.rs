@@ -386,20 +386,17 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let client = client.to_owned();
         self.call(move |o| {
-            let written = o.backend.session_up(&client, &row);
-            if written.is_ok() {
-                // The row is this session's now: an older end still unwritten has nothing
-                // left to delete.
-                o.unwritten_ends.retain(|(c, _)| *c != client);
-            }
-            // The view moves even when the write fails: the session runs either way (the
-            // caller keeps it), and a client with a live session is not silent; its end then
-            // starts the grace, as any session's.
+            // Not written, not applied: the view never holds a start (a serial's first use, the
+            // older serials' retirement) the database lacks, which a reload would undo. The
+            // caller closes a new session it could not record.
+            o.backend.session_up(&client, &row)?;
+            // The row is this session's now: an older end still unwritten has nothing left to
+            // delete, and the client is not silent.
+            o.unwritten_ends.retain(|(c, _)| *c != client);
             let (changes, retired) =
                 o.view
                     .apply_session_up(&client, row.session_id, &row.serial, row.since);
             o.publish(changes);
-            written?;
             Ok(retired)
         })
         .await?

@@ -921,38 +921,6 @@ async fn p9_a_session_ending_after_its_clients_readmit_starts_no_grace() {
     assert!(stored_of(&path, "acme").0.is_some());
 }
 
-/// A session the database could not record (a locked or full database: the Hub keeps the
-/// session) is live in the running Hub's view all the same: its client is not silent while it
-/// runs, whether it had a grace running before (acme) or none yet (beta, just enrolled), and
-/// its end starts the grace.
-#[tokio::test]
-async fn p9_a_session_the_database_could_not_record_holds_off_the_grace_and_its_end_starts_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, path) = acme_in_session(&dir).await;
-    store.session_down("acme", 7).await.unwrap();
-    store
-        .record_enrolment(grant("beta"), id("beta"), "0b".into(), 1000, 1)
-        .await
-        .unwrap();
-    raw(
-        &path,
-        "CREATE TRIGGER refuse BEFORE INSERT ON sessions BEGIN SELECT RAISE(ABORT, 'refused'); END",
-    );
-    assert!(store.refresh().await.unwrap());
-    let graced = |client: &str| {
-        let silent = store.view().silent_since(i64::MAX);
-        silent.iter().any(|(n, _)| n == client)
-    };
-    assert!(graced("acme") && !graced("beta"));
-    assert!(store.session_up("acme", row(8, "0a", 2)).await.is_err());
-    assert!(store.session_up("beta", row(9, "0b", 2)).await.is_err());
-    assert!(!graced("acme"), "silent while its session runs");
-    assert!(!graced("beta"));
-    store.session_down("acme", 8).await.unwrap();
-    store.session_down("beta", 9).await.unwrap();
-    assert!(graced("acme") && graced("beta"), "the ends start the grace");
-}
-
 /// Two sessions of one client overlap (a Client moving to a new connection): the newer one
 /// holds the row, and its end is refused; the older one then ends and is written. The newer
 /// one's end stays to be written: its row goes once the database takes it, where it would
