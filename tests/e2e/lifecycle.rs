@@ -424,8 +424,8 @@ async fn p12_a_session_registered_while_the_hub_s_records_cannot_be_read_is_not_
 }
 
 /// A session the Hub cannot record as it opens (its database refuses the write: a full disk,
-/// another writer's lock past the busy timeout; here a trigger) is closed before `Welcome`
-/// (fail closed): its serial's first use and the retirement of the client's older serials (P8)
+/// another writer's lock past the busy timeout; here a trigger) is refused before it registers,
+/// with no `Welcome` (fail closed): its serial's first use and the retirement of the client's older serials (P8)
 /// would not be on record, and a session the records do not hold would hold off the
 /// silent-client grace only until the next reload. Once the Hub can write again, the Client's
 /// next dial is served.
@@ -442,8 +442,13 @@ async fn p8_a_session_the_hub_cannot_record_is_closed_before_welcome() {
     let handshake = raw_handshake(&hub, &svid).await.expect("a handshake");
     let ended = refused_before_welcome(&hub, handshake, "records_unwritable: ").await;
     assert!(
-        ended.contains("could not record this session: "),
-        "the database's word"
+        ended.contains("could not record this session: ") && ended.contains("disk full"),
+        "the database's word: {ended}"
+    );
+    assert_eq!(
+        count(&hub.audit, |r| r.event == Event::SessionUp),
+        0,
+        "not registered"
     );
     db.execute_batch("DROP TRIGGER refuse").unwrap();
     assert!(

@@ -140,6 +140,8 @@ pub(crate) struct Session {
     /// `Goodbye` without a revoke while a newer connection of the client is live: the
     /// Client moved (a new SVID from its SPIRE), it did not stop.
     moved: bool,
+    /// How many older serials recording this session retired (said once it registers).
+    retired: usize,
 }
 
 impl Session {
@@ -238,9 +240,31 @@ impl Session {
                 return None;
             }
         }
+        // Recorded before it registers: a session the Hub cannot record (its database refuses
+        // the write: a full disk, another writer's lock past the busy timeout) is not kept, since
+        // its serial's first use and the retirement of the client's older serials (P8) would not
+        // be on record, nor would the session that holds off the silent-client grace (fail
+        // closed). Its Client dials again.
+        let id = new_session_id();
+        let row = SessionRow {
+            session_id: id,
+            serial: leaf.serial.clone(),
+            peer: peer.to_string(),
+            since: crate::now_timestamp().unix_secs() as i64,
+        };
+        let retired = match parts.store.session_up(&name, row).await {
+            Ok(retired) => retired,
+            Err(e) => {
+                let why = format!("the Hub could not record this session: {e}");
+                tracing::warn!(client = %name, "refusing a new session: {why}");
+                let reason = SessionEnd::RecordsUnwritable.reason(&why);
+                let said = b"the Hub could not record this session";
+                refuse_opening(&parts, &conn, &leaf, peer, reason, codes::REFUSED, said);
+                return None;
+            }
+        };
         // Proven: the connection gets the window its queries need (strangers never get here).
         transport::authenticated(&conn);
-        let id = new_session_id();
         Some(Self {
             parts,
             conn,
@@ -262,6 +286,7 @@ impl Session {
             strikes: 0,
             pings: transport::Window::new(PINGS_PER_SECOND, Duration::from_secs(1)),
             moved: false,
+            retired,
         })
     }
 
@@ -274,7 +299,7 @@ impl Session {
     pub(crate) async fn run(mut self) {
         let started = Instant::now();
         let (tell, mut told) = mpsc::unbounded_channel::<Command>();
-        let unrecorded = self.up(tell).await;
+        self.up(tell);
         let welcome = Control::Welcome {
             session_id: self.id,
             hub_time_us: crate::now_timestamp().0,
@@ -293,21 +318,12 @@ impl Session {
             .store
             .view()
             .status(&self.leaf.id, &self.leaf.serial);
-        // Not recorded: closed the same way (fail closed), and the Client dials again.
-        let unreadable = match unrecorded {
-            Some(why) => {
-                tracing::warn!(client = %self.name, "closing a new session: {why}");
-                self.conn
-                    .close(codes::REFUSED, b"the Hub could not record this session");
-                Some(SessionEnd::RecordsUnwritable.reason(&why))
-            }
-            None => status.is_none().then(|| {
-                let why = "the Hub's records could not be read as this session registered";
-                tracing::warn!(client = %self.name, "closing a new session: {why}");
-                self.conn.close(codes::REFUSED, why.as_bytes());
-                SessionEnd::RecordsUnreadable.reason(why)
-            }),
-        };
+        let unreadable = status.is_none().then(|| {
+            let why = "the Hub's records could not be read as this session registered";
+            tracing::warn!(client = %self.name, "closing a new session: {why}");
+            self.conn.close(codes::REFUSED, why.as_bytes());
+            SessionEnd::RecordsUnreadable.reason(why)
+        });
         let welcomed = unreadable.is_none() && self.out.send(&welcome).is_ok();
         // A CA left a bundle between the check in `open` and the registration: the sessions
         // were told before this one could be, so it checks itself.
@@ -466,28 +482,16 @@ impl Session {
         Some(SessionEnd::Untrusted.reason(&reason))
     }
 
-    /// Records the session, retires older serials (P8) and registers it for queries. Returns
-    /// why it must close at once when the Hub could not record it.
-    async fn up(&mut self, tell: mpsc::UnboundedSender<Command>) -> Option<String> {
-        let row = SessionRow {
-            session_id: self.id,
-            serial: self.leaf.serial.clone(),
-            peer: self.peer.to_string(),
-            since: crate::now_timestamp().unix_secs() as i64,
-        };
-        let mut unrecorded = None;
-        match self.parts.store.session_up(&self.name, row).await {
-            Ok(0) => {}
-            Ok(n) => {
-                let mut r = self.rotation_record();
-                r.outcome = Some(Outcome::Ok);
-                r.reason = Some(format!(
-                    "serial {} in use; {n} older serial(s) retired",
-                    self.leaf.serial
-                ));
-                self.parts.audit.emit(r);
-            }
-            Err(e) => unrecorded = Some(format!("the Hub could not record this session: {e}")),
+    /// Registers the session (recorded in [`open`](Self::open)) for queries, and says so.
+    fn up(&mut self, tell: mpsc::UnboundedSender<Command>) {
+        if self.retired > 0 {
+            let mut r = self.rotation_record();
+            r.outcome = Some(Outcome::Ok);
+            r.reason = Some(format!(
+                "serial {} in use; {} older serial(s) retired",
+                self.leaf.serial, self.retired
+            ));
+            self.parts.audit.emit(r);
         }
         let route = Route {
             id: self.id,
@@ -522,7 +526,6 @@ impl Session {
         }
         r.reason = Some(reason);
         self.parts.audit.emit(r);
-        unrecorded
     }
 
     /// The configured services to this Client whose destination entry its allow-list does

@@ -386,9 +386,9 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let client = client.to_owned();
         self.call(move |o| {
-            // Not written, not applied: the view never holds a start (a serial's first use, the
-            // older serials' retirement) the database lacks, which a reload would undo. The
-            // caller closes a new session it could not record.
+            // Not applied unless written: the view never holds a start (a serial's first use,
+            // the older serials' retirement) the database lacks, which a reload would undo.
+            // The caller refuses a new session it could not record.
             o.backend.session_up(&client, &row)?;
             // The row is this session's now: an older end still unwritten has nothing left to
             // delete, and the client is not silent.

@@ -921,6 +921,37 @@ async fn p9_a_session_ending_after_its_clients_readmit_starts_no_grace() {
     assert!(stored_of(&path, "acme").0.is_some());
 }
 
+/// A session start the database refuses is not applied to the view either (the Hub refuses
+/// that session): the view never holds a start a reload would undo. The client's older serial
+/// stays current and its new one unused, and its grace runs on.
+#[tokio::test]
+async fn p8_a_session_start_the_database_refuses_leaves_the_view_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, path) = acme_in_session(&dir).await;
+    store
+        .record_renewal(acme_renewal(), &id("acme"), 2)
+        .await
+        .unwrap()
+        .unwrap();
+    store.session_down("acme", 7).await.unwrap();
+    raw(
+        &path,
+        "CREATE TRIGGER refuse BEFORE INSERT ON sessions BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+    );
+    assert!(store.refresh().await.unwrap());
+    let graced = || {
+        let silent = store.view().silent_since(i64::MAX);
+        silent.iter().any(|(n, _)| n == "acme")
+    };
+    assert!(graced());
+    assert!(store.session_up("acme", row(8, "0b", 3)).await.is_err());
+    assert!(graced(), "no live session in the view");
+    assert_eq!(store.view().check(&id("acme"), "0a"), Ok(()), "not retired");
+    assert_eq!(store.view().superseded("acme", "0a"), Some(false));
+    assert!(store.refresh().await.is_ok());
+    assert_eq!(store.view().check(&id("acme"), "0a"), Ok(()));
+}
+
 /// Two sessions of one client overlap (a Client moving to a new connection): the newer one
 /// holds the row, and its end is refused; the older one then ends and is written. The newer
 /// one's end stays to be written: its row goes once the database takes it, where it would
