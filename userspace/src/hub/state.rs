@@ -560,7 +560,10 @@ impl Db {
     }
 
     /// A session came up: record it (replacing an older one of the same client), mark its
-    /// serial used and the client seen — one transaction.
+    /// serial used and the client seen, and retire every serial of the client issued before
+    /// that one — one transaction. Older serials never retire newer ones, so a stolen old key
+    /// that races the legitimate Client cannot lock it out; once the new serial is used, the
+    /// old is dead.
     pub fn session_up(&self, client: &str, session: &SessionRow) -> Result<(), StateError> {
         self.with(|c| {
             let tx = c.transaction()?;
@@ -576,6 +579,14 @@ impl Db {
             tx.execute(
                 "UPDATE clients SET last_seen = ?2 WHERE name = ?1",
                 params![client, session.since],
+            )?;
+            // The session's serial is in use: every older one of the client retires (P8), in
+            // the same transaction, so that a session is never on record with its older
+            // serials still current.
+            tx.execute(
+                "UPDATE serials SET retired = 1 WHERE client = ?1 AND retired = 0
+                 AND rowid < (SELECT rowid FROM serials WHERE serial = ?2)",
+                params![client, session.serial],
             )?;
             tx.commit()
         })
@@ -753,19 +764,6 @@ impl Db {
                 },
             )
             .optional()
-        })
-    }
-
-    /// A session authenticated with `current`: retire every serial of `client` issued before
-    /// it. Older serials never retire newer ones, so a stolen old key that races the
-    /// legitimate Client cannot lock it out; once the new serial is used, the old is dead.
-    pub fn retire_older_serials(&self, client: &str, current: &str) -> Result<usize, StateError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE serials SET retired = 1 WHERE client = ?1 AND retired = 0
-                 AND rowid < (SELECT rowid FROM serials WHERE serial = ?2)",
-                params![client, current],
-            )
         })
     }
 

@@ -51,9 +51,8 @@ fn tokens_work_once_and_expire() {
     );
 }
 
-#[test]
-fn p10_revocation_deletes_outstanding_tokens_and_a_restart_resets_the_grace() {
-    let dir = tempfile::tempdir().unwrap();
+/// A new database in `dir` with `acme` enrolled (serial 0a), and acme's SPIFFE ID.
+fn with_acme(dir: &tempfile::TempDir) -> (Db, SpiffeId) {
     let db = Db::open(&dir.path().join("hub.db")).unwrap();
     let id = SpiffeId::client("example.org", "acme").unwrap();
     let grant = TokenGrant {
@@ -62,6 +61,13 @@ fn p10_revocation_deletes_outstanding_tokens_and_a_restart_resets_the_grace() {
         revocations: 0,
     };
     db.record_enrolment(&grant, &id, "0a", 1000, 1).unwrap();
+    (db, id)
+}
+
+#[test]
+fn p10_revocation_deletes_outstanding_tokens_and_a_restart_resets_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, _) = with_acme(&dir);
     db.add_token("spare", "acme", 10_000, None, 1).unwrap();
     assert!(db.revoke_client("acme", "test", 2, false).unwrap());
     // A leaked spare token must not quietly undo the revocation.
@@ -478,4 +484,52 @@ fn p9_a_clock_move_shifts_silent_clients_only_and_readmission_or_enrolment_forge
     assert_eq!(last_seen(&db, "acme"), Some(50));
     enrol("acme", "0c");
     assert_eq!(last_seen(&db, "acme"), None);
+}
+
+/// A session's record and the retirement of its client's older serials (P8) are one write:
+/// when the retirement cannot be written, neither is the session (no row, its serial unused,
+/// the client's `last_seen` as it was), and the Hub refuses the session; when it can, both.
+#[test]
+fn p8_a_session_is_recorded_with_its_older_serials_retirement_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, id) = with_acme(&dir);
+    let renewal = RenewalRow {
+        serial: "0b".into(),
+        from: "0a".into(),
+        client: "acme".into(),
+        not_after: 1000,
+        key_sha256: b"key-1".to_vec(),
+        der: Vec::new(),
+    };
+    db.record_renewal(&renewal, 2).unwrap();
+    let row = SessionRow {
+        session_id: 7,
+        serial: "0b".into(),
+        peer: "p".into(),
+        since: 10,
+    };
+    let sessions = |db: &Db| -> i64 {
+        db.with(|c| c.query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0)))
+            .unwrap()
+    };
+    db.with(|c| {
+        c.execute_batch(
+            "CREATE TRIGGER refuse BEFORE UPDATE OF retired ON serials \
+             BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+        )
+    })
+    .unwrap();
+    assert!(db.session_up("acme", &row).is_err());
+    assert_eq!(sessions(&db), 0, "no session on record");
+    assert_eq!(last_seen(&db, "acme"), None);
+    assert_eq!(db.check(&id, "0a"), Ok(()), "not retired");
+    assert!(!db.superseded("acme", "0a").unwrap(), "0b not in use");
+    db.with(|c| c.execute_batch("DROP TRIGGER refuse")).unwrap();
+    db.session_up("acme", &row).unwrap();
+    assert_eq!(sessions(&db), 1);
+    assert_eq!(last_seen(&db, "acme"), Some(10));
+    assert!(matches!(
+        db.check(&id, "0a"),
+        Err(SerialRefusal::Retired { .. })
+    ));
 }

@@ -63,7 +63,7 @@ pub trait Backend: Send + 'static {
         notify: bool,
         by: Revoker,
     ) -> Result<bool, StateError>;
-    /// See [`Db::session_up`] and [`Db::retire_older_serials`].
+    /// See [`Db::session_up`].
     fn session_up(&self, client: &str, row: &SessionRow) -> Result<(), StateError>;
     /// See [`Db::session_down`].
     fn session_down(
@@ -174,8 +174,7 @@ impl Backend for Db {
         Db::revoke_client_noting(self, client, reason, now, notify, by).map(|(revoked, _)| revoked)
     }
     fn session_up(&self, client: &str, row: &SessionRow) -> Result<(), StateError> {
-        Db::session_up(self, client, row)?;
-        self.retire_older_serials(client, &row.serial).map(|_| ())
+        Db::session_up(self, client, row)
     }
     fn session_down(
         &self,
