@@ -592,21 +592,21 @@ impl Db {
         })
     }
 
-    /// A serial of `client` that certified the key hashed `key_sha256`, other than the
-    /// renewal of `renewing` (which is that serial's renewal asked again): a renewal for a key
-    /// this client held before is refused (P8: a copy of an old key must not come back to life).
-    /// Keys of enrolments recorded before the Hub kept them are not known.
+    /// The first serial of `client` that certified the key hashed `key_sha256`: a renewal for
+    /// a key this client held before is refused (P8: a copy of an old key must not come back
+    /// to life). Asked only for a serial not renewed yet (the same key asking again for a
+    /// renewal gets that renewal first). Keys of enrolments recorded before the Hub kept them
+    /// are not known.
     pub fn key_certified_before(
         &self,
         client: &str,
         key_sha256: &[u8],
-        renewing: &str,
     ) -> Result<Option<String>, StateError> {
         self.with(|c| {
             c.query_row(
                 "SELECT serial FROM serials WHERE client = ?1 AND key_sha256 = ?2
-                 AND (renewed_from IS NULL OR renewed_from != ?3) ORDER BY rowid LIMIT 1",
-                params![client, key_sha256, renewing],
+                 ORDER BY rowid LIMIT 1",
+                params![client, key_sha256],
                 |r| r.get(0),
             )
             .optional()

@@ -618,7 +618,7 @@ impl Owner {
         match self.backend.renewal_of(serial).map_err(unavailable)? {
             None => match self
                 .backend
-                .key_certified_before(client, key, serial)
+                .key_certified_before(client, key)
                 .map_err(unavailable)?
             {
                 Some(earlier) => Err(RenewalRefusal::KeyReused { earlier }),

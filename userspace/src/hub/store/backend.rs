@@ -48,7 +48,6 @@ pub trait Backend: Send + 'static {
         &self,
         client: &str,
         key_sha256: &[u8],
-        renewing: &str,
     ) -> Result<Option<String>, StateError>;
     /// See [`Db::serial_status`].
     fn serial_status(&self, id: &SpiffeId, serial: &str) -> Result<SerialStatus, StateError>;
@@ -150,9 +149,8 @@ impl Backend for Db {
         &self,
         client: &str,
         key_sha256: &[u8],
-        renewing: &str,
     ) -> Result<Option<String>, StateError> {
-        Db::key_certified_before(self, client, key_sha256, renewing)
+        Db::key_certified_before(self, client, key_sha256)
     }
     fn renewal_of(&self, from: &str) -> Result<Option<RenewalRow>, StateError> {
         Db::renewal_of(self, from)
