@@ -2889,16 +2889,11 @@ async fn p8_a_renewal_back_to_the_enrolments_key_is_refused() {
     );
 }
 
-/// A `Rotated` for a serial this Hub issued, sent after a re-enrolment retired it (say, the
-/// holder of a copy of the old key renewed in the moment before the customer enrolled the
-/// Client again): the session is not re-bound to it, and the client's recorded session is not
-/// moved to it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p8_a_rotated_for_a_serial_retired_since_its_renewal_is_refused() {
-    let hub = hub_renewing_after(0, 3_600).await;
-    let (_client, _dir, svid, serial) = enrolled_acme(&hub).await;
+/// A session of `svid` that has renewed it (with a fresh key) and not yet said `Rotated`, and
+/// the renewed SVID.
+async fn renewed_on_a_session(hub: &TestHub, svid: &Svid) -> (RawSession, Svid) {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut raw = raw_session(&hub, &svid).await.expect("a session");
+    let mut raw = raw_session(hub, svid).await.expect("a session");
     let csr = ewii::identity::ca::csr_for(&key).unwrap();
     transport::write_frame(&mut raw.send, &Control::Renew { csr })
         .await
@@ -2907,7 +2902,20 @@ async fn p8_a_rotated_for_a_serial_retired_since_its_renewal_is_refused() {
     let Some(Control::Renewed { chain, .. }) = answer else {
         panic!("no renewal: {answer:?}");
     };
-    let renewed = inspect_leaf(&chain[0]).unwrap().serial;
+    let renewed = Svid::new(chain.into_iter().map(Into::into).collect(), &key);
+    (raw, renewed)
+}
+
+/// A `Rotated` for a serial this Hub issued, sent after a re-enrolment retired it (say, the
+/// holder of a copy of the old key renewed in the moment before the customer enrolled the
+/// Client again): the session is not re-bound to it, and the client's recorded session is not
+/// moved to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_a_rotated_for_a_serial_retired_since_its_renewal_is_refused() {
+    let hub = hub_renewing_after(0, 3_600).await;
+    let (_client, _dir, svid, serial) = enrolled_acme(&hub).await;
+    let (mut raw, renewed) = renewed_on_a_session(&hub, &svid).await;
+    let renewed = inspect_leaf(&renewed.chain[0]).unwrap().serial;
     // The customer enrols acme again: every earlier serial is retired, the renewal's too.
     let _again = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
     transport::write_frame(&mut raw.send, &Control::Rotated { serial: renewed })
@@ -2929,6 +2937,74 @@ async fn p8_a_rotated_for_a_serial_retired_since_its_renewal_is_refused() {
     assert_eq!(
         count(&hub.audit, says(Event::SvidRotated, "session re-bound")),
         0
+    );
+}
+
+/// A `Rotated` the Hub cannot record (its database refuses the write: a full disk, another
+/// writer's lock past the busy timeout; here a trigger) closes the session, fail closed, as a
+/// session that cannot be recorded as it opens is refused: kept on the renewed serial, it would
+/// run on a serial whose use is not on record, every older serial of the client still current
+/// (a stolen copy of an older key would still open sessions). The Client's next session, on
+/// the serial it has stored, is served once the Hub can write again, and retires the older one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_a_rotation_the_hub_cannot_record_closes_the_session() {
+    let hub = hub_renewing_after(0, 3_600).await;
+    let (_client, _dir, svid, serial) = enrolled_acme(&hub).await;
+    let (mut raw, renewed) = renewed_on_a_session(&hub, &svid).await;
+    let new_serial = inspect_leaf(&renewed.chain[0]).unwrap().serial;
+    let db = rusqlite::Connection::open(hub.state_dir().join(admin::DB_FILE)).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE UPDATE ON sessions BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+    )
+    .unwrap();
+    transport::write_frame(
+        &mut raw.send,
+        &Control::Rotated {
+            serial: new_serial.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let failed = hub
+        .wait_audit(
+            "the rotation's failure",
+            says(Event::SvidRotated, "could not record"),
+        )
+        .await;
+    assert_eq!(failed.outcome, Some(Outcome::Failed));
+    let reason = failed.reason.unwrap();
+    assert!(
+        reason.contains(&new_serial) && reason.contains("disk full"),
+        "{reason}"
+    );
+    assert_eq!(
+        raw.closed_by_hub().await,
+        Some(transport::codes::REFUSED.into_inner()),
+        "the session is closed"
+    );
+    hub.wait_audit("the end of the session", |r| {
+        r.event == Event::SessionLost
+            && r.reason
+                .as_deref()
+                .is_some_and(|x| x.starts_with("records_unwritable: "))
+    })
+    .await;
+    let id = SpiffeId::client(TD, "acme").unwrap();
+    let hub_db = ewii::hub::state::Db::open(&hub.state_dir().join(admin::DB_FILE)).unwrap();
+    let check = |serial: &str| ewii::identity::verify::SerialCheck::check(&hub_db, &id, serial);
+    assert_eq!(
+        check(&serial),
+        Ok(()),
+        "not retired by what is not on record"
+    );
+    db.execute_batch("DROP TRIGGER refuse").unwrap();
+    assert!(
+        raw_session(&hub, &renewed).await.is_some(),
+        "served once it can write"
+    );
+    assert!(
+        matches!(check(&serial), Err(SerialRefusal::Retired { .. })),
+        "the next session retired the older serial"
     );
 }
 

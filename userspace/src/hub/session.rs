@@ -620,10 +620,10 @@ impl Session {
                 chain,
                 scheme,
                 proof,
-            })) => {
-                let answer = self.present(chain, scheme, &proof).await;
-                self.answer(&answer).or_else(|| self.struck_out())
-            }
+            })) => match self.present(chain, scheme, &proof).await {
+                Ok(answer) => self.answer(&answer).or_else(|| self.struck_out()),
+                Err(end) => Some(end),
+            },
             Ok(Some(Control::Renew { csr })) => {
                 let answer = self.renew(&csr).await;
                 self.answer(&answer).or_else(|| self.struck_out())

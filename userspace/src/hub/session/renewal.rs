@@ -162,27 +162,29 @@ impl Session {
     /// passes the handshake's checks, names this session's SPIFFE ID, and its key signed this
     /// connection's proof. Anything else is refused (and audited); the session goes on with the
     /// SVID it has, and the Client moves to a new connection made with the new one.
+    /// `Err(reason)` ends the session (the re-binding could not be recorded, see
+    /// [`Self::rebind`]).
     pub(super) async fn present(
         &mut self,
         chain: Vec<Vec<u8>>,
         scheme: u16,
         proof: &[u8],
-    ) -> Control {
+    ) -> Result<Control, String> {
         match self.check_presented(chain, scheme, proof) {
             Ok((leaf, chain)) => {
                 let serial = leaf.serial.clone();
                 self.rebind(leaf, chain, "presented from the Client's SPIRE")
-                    .await;
-                Control::Presented { serial }
+                    .await?;
+                Ok(Control::Presented { serial })
             }
             Err(reason) => {
                 let mut r = self.rotation_record();
                 r.outcome = Some(Outcome::Refused);
                 r.reason = Some(format!("presented SVID refused: {reason}"));
                 self.parts.audit.emit(r);
-                Control::Refused {
+                Ok(Control::Refused {
                     code: RefuseCode::BadRequest,
-                }
+                })
             }
         }
     }
@@ -287,7 +289,8 @@ impl Session {
     /// The Client stored the SVID of the last `Renewed` and uses it: this live session is
     /// re-bound to the new serial (its expiry moves with it), and every older serial of the
     /// client is retired (P8), so a stolen older key opens nothing any more. The connection
-    /// stays: a rotation cuts no query. `Some(reason)` ends the session.
+    /// stays: a rotation cuts no query (unless it cannot be recorded, see [`Self::rebind`]).
+    /// `Some(reason)` ends the session.
     pub(super) async fn rotated(&mut self, serial: String) -> Option<String> {
         let Some((leaf, cert)) = self.pending.take().filter(|(l, _)| l.serial == serial) else {
             self.conn.close(codes::PROTOCOL, b"");
@@ -326,14 +329,27 @@ impl Session {
             self.parts.audit.emit(r);
             return None;
         }
-        self.rebind(leaf, vec![cert], "renewed by this Hub").await;
-        None
+        self.rebind(leaf, vec![cert], "renewed by this Hub")
+            .await
+            .err()
     }
 
     /// Re-binds this live session to `leaf`, the head of `chain` (its expiry moves with it),
     /// and retires every older serial of the client (P8). The connection stays: no query is
     /// cut.
-    async fn rebind(&mut self, leaf: LeafInfo, chain: Vec<CertificateDer<'static>>, how: &str) {
+    ///
+    /// Unless the database refuses the write (a full disk, another writer's lock past the busy
+    /// timeout): then the session is closed, as one that could not be recorded as it opened
+    /// is (fail closed), and `Err(reason)` is its end. Kept, it would run on a serial whose use
+    /// is not on record while every older serial of the client stayed current, so that a
+    /// stolen older key would still open sessions. The Client dials again with the SVID it
+    /// has stored, and that session's record retires the older serials.
+    async fn rebind(
+        &mut self,
+        leaf: LeafInfo,
+        chain: Vec<CertificateDer<'static>>,
+        how: &str,
+    ) -> Result<(), String> {
         // Re-bound in the registry first, so that the retirement below does not drain us.
         self.parts
             .registry
@@ -355,14 +371,24 @@ impl Session {
                 ));
             }
             Err(e) => {
+                let why = format!(
+                    "the Hub could not record the session's move to serial {}: {e}",
+                    leaf.serial
+                );
                 r.outcome = Some(Outcome::Failed);
-                r.reason = Some(format!("cannot record serial {}: {e}", leaf.serial));
+                r.reason = Some(format!("{why}; the session is closed"));
+                self.parts.audit.emit(r);
+                tracing::warn!(client = %self.name, session_id = self.id, "closing a session: {why}");
+                self.conn
+                    .close(codes::REFUSED, b"the Hub could not record this session");
+                return Err(SessionEnd::RecordsUnwritable.reason(&why));
             }
         }
         self.parts.audit.emit(r);
         self.expiry = deadline_at(leaf.not_after);
         self.leaf = leaf;
         self.chain = chain;
+        Ok(())
     }
 }
 
