@@ -233,6 +233,13 @@ async fn p2_p3_p4_p13_p14_verify_reports_what_holds_for_a_running_client_and_wha
         .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         .sum();
     assert_eq!(on_shards, 1, "{scrape}");
+    // The QUIC endpoints hold it too (and, for a moment, the enrolment's closed connection).
+    let held: u64 = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("ewii_hub_quic_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ewii_hub_quic_connections in {scrape}"));
+    assert!((1..=2).contains(&held), "{scrape}");
     for (args, code) in [
         (vec![url.replace("/metrics", "/")], "404"),
         (vec!["-X".into(), "POST".into(), url.clone()], "405"),

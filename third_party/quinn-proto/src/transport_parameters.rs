@@ -171,6 +171,10 @@ impl TransportParameters {
                 .datagram_receive_buffer_size
                 .map(|x| (x.min(u16::MAX.into()) as u16).into()),
             grease_quic_bit: endpoint_config.grease_quic_bit,
+            // Ewii patch: `TransportConfig::declared_max_ack_delay`.
+            max_ack_delay: config
+                .declared_max_ack_delay
+                .unwrap_or(Self::default().max_ack_delay),
             min_ack_delay: Some(
                 VarInt::from_u64(u64::try_from(TIMER_GRANULARITY.as_micros()).unwrap()).unwrap(),
             ),

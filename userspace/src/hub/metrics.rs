@@ -213,6 +213,12 @@ fn exposition(audit: &Audit, hub: &HubHandle) -> String {
             .map(|(shard, n)| (format!("shard=\"{shard}\""), n.to_string())),
     );
     out.one(
+        "ewii_hub_quic_connections",
+        "gauge",
+        "QUIC connections the Hub's endpoints hold: handshakes, live connections, and closed ones, each kept for three probe timeouts after it closes.",
+        hub.quic_connections(),
+    );
+    out.one(
         "ewii_hub_quic_retries_total",
         "counter",
         "New connections asked to prove their address (QUIC Retry) under load.",

@@ -133,6 +133,7 @@ impl From<TrustError> for HubError {
 pub struct HubHandle {
     registry: Arc<Registry>,
     shards: usize,
+    endpoints: Endpoints,
     counts: Arc<Counts>,
     trust: Arc<Trust>,
     admission: admission::Admission,
@@ -153,6 +154,13 @@ impl HubHandle {
     /// Names of the Clients with a live session.
     pub fn connected_clients(&self) -> Vec<String> {
         self.registry.connected_clients()
+    }
+
+    /// QUIC connections the Hub's endpoints hold: handshakes, live connections, and closed
+    /// ones, each kept for three probe timeouts after it closes (to answer its peer's late
+    /// packets). 0 once the Hub has stopped.
+    pub fn quic_connections(&self) -> usize {
+        self.endpoints.open_connections()
     }
 
     /// Live connections (a Client has two for a moment while it rotates).
@@ -199,11 +207,32 @@ impl HubHandle {
     }
 }
 
+/// The shards' endpoints as handles see them while the Hub runs: emptied as it stops, so that
+/// a handle kept after does not hold the Hub's UDP port.
+#[derive(Debug, Clone, Default)]
+struct Endpoints(Arc<std::sync::Mutex<Vec<quinn::Endpoint>>>);
+
+impl Endpoints {
+    fn open_connections(&self) -> usize {
+        self.0
+            .lock()
+            .map_or(0, |e| e.iter().map(quinn::Endpoint::open_connections).sum())
+    }
+
+    fn forget(&self) {
+        if let Ok(mut e) = self.0.lock() {
+            e.clear();
+        }
+    }
+}
+
 /// A bound, not yet running Hub.
 #[derive(Debug)]
 pub struct Hub {
     /// One per shard, in shard order, all on one UDP port.
     endpoints: Vec<quinn::Endpoint>,
+    /// The same, for handles.
+    shared: Endpoints,
     held: transport::shard::AddressHeld,
     shards: Shards,
     changes: mpsc::UnboundedReceiver<Change>,
@@ -356,6 +385,7 @@ impl Hub {
                 shard: 0,
                 routes: Arc::new(service_routes(&config.services)),
             },
+            shared: Endpoints(Arc::new(std::sync::Mutex::new(endpoints.clone()))),
             endpoints,
             held,
             shards,
@@ -391,6 +421,7 @@ impl Hub {
         HubHandle {
             registry: self.sessions.registry.clone(),
             shards: self.endpoints.len(),
+            endpoints: self.shared.clone(),
             counts: self.sessions.store.counts(),
             trust: self.sessions.trust.clone(),
             admission: self.sessions.admission.clone(),
@@ -402,6 +433,7 @@ impl Hub {
         let handle = self.handle();
         let Self {
             endpoints,
+            shared,
             held,
             shards,
             changes,
@@ -562,6 +594,7 @@ impl Hub {
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), idle).await;
+        shared.forget();
         drop(endpoints);
         shards.stop().await;
         drop(held);

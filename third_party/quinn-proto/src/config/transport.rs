@@ -55,10 +55,22 @@ pub struct TransportConfig {
 
     pub(crate) enable_segmentation_offload: bool,
 
+    // Ewii patch: see `declared_max_ack_delay`.
+    pub(crate) declared_max_ack_delay: Option<VarInt>,
+
     pub(crate) qlog_sink: QlogSink,
 }
 
 impl TransportConfig {
+    /// Ewii patch: the `max_ack_delay` transport parameter this endpoint declares, in
+    /// milliseconds (below 2^14), in place of the default 25. A declaration only: this endpoint
+    /// still acknowledges as it would. Ewii's tests use it to play a peer that declares the
+    /// largest value allowed (`tests/e2e/enrol.rs`); nothing else sets it.
+    pub fn declared_max_ack_delay(&mut self, millis: VarInt) -> &mut Self {
+        self.declared_max_ack_delay = Some(millis);
+        self
+    }
+
     /// Maximum number of incoming bidirectional streams that may be open concurrently
     ///
     /// Must be nonzero for the peer to open any bidirectional streams.
@@ -400,6 +412,7 @@ impl Default for TransportConfig {
             congestion_controller_factory: Arc::new(congestion::CubicConfig::default()),
 
             enable_segmentation_offload: true,
+            declared_max_ack_delay: None,
 
             qlog_sink: QlogSink::default(),
         }
@@ -434,6 +447,7 @@ impl fmt::Debug for TransportConfig {
                 deterministic_packet_numbers: _,
             congestion_controller_factory: _,
             enable_segmentation_offload,
+            declared_max_ack_delay,
             qlog_sink,
         } = self;
         let mut s = fmt.debug_struct("TransportConfig");
@@ -463,7 +477,8 @@ impl fmt::Debug for TransportConfig {
             .field("datagram_receive_buffer_size", datagram_receive_buffer_size)
             .field("datagram_send_buffer_size", datagram_send_buffer_size)
             // congestion_controller_factory not debug
-            .field("enable_segmentation_offload", enable_segmentation_offload);
+            .field("enable_segmentation_offload", enable_segmentation_offload)
+            .field("declared_max_ack_delay", declared_max_ack_delay);
         if cfg!(feature = "qlog") {
             s.field("qlog_stream", &qlog_sink.is_enabled());
         }

@@ -3492,8 +3492,25 @@ impl Connection {
     }
 
     fn set_close_timer(&mut self, now: Instant) {
-        self.timers
-            .set(Timer::Close, now + 3 * self.pto(self.highest_space));
+        // Ewii patch: the peer's `max_ack_delay` counts at most its default (25 ms, RFC 9000
+        // §18.2) here. The
+        // peer declares it (up to 16.4 s, RFC 9000 §18.2), and with it the time this side keeps
+        // a closed connection's state: any peer that completes a handshake (an enrolment needs
+        // no certificate) could make a server keep every connection it closed for ~49 s, its
+        // buffers with it, while the server's bounds on connections count only open ones. The
+        // loss-recovery PTO keeps the declared delay (that only slows retransmissions to the
+        // peer that asked for it).
+        let max_ack_delay = match self.highest_space {
+            SpaceId::Initial | SpaceId::Handshake => Duration::ZERO,
+            SpaceId::Data => self
+                .ack_frequency
+                .max_ack_delay_for_pto()
+                .min(Duration::from_millis(25)),
+        };
+        self.timers.set(
+            Timer::Close,
+            now + 3 * (self.path.rtt.pto_base() + max_ack_delay),
+        );
     }
 
     /// Handle transport parameters received from the peer
