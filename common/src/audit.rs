@@ -99,10 +99,11 @@ pub enum SessionEnd {
     /// rotated: whether its serial was revoked or retired could not be told, so the Hub
     /// closed it (fail closed); the Client dials again.
     RecordsUnreadable,
-    /// The Hub could not record the session as it opened (its database refused the write: a
-    /// full disk, another writer's lock past the busy timeout): the serial's first use and the
-    /// retirement of the client's older serials (P8) would not be on record, so the Hub closed
-    /// it (fail closed); the Client dials again.
+    /// The Hub could not record the session as it opened, or its move to a renewed serial
+    /// (`Rotated`), because its database refused the write (a full disk, another writer's lock
+    /// past the busy timeout): the serial's use and the retirement of the client's older
+    /// serials (P8) would not be on record, so the Hub closed it (fail closed); the Client
+    /// dials again.
     RecordsUnwritable,
     /// A peer broke the protocol.
     Protocol,

@@ -2953,8 +2953,10 @@ async fn p8_a_rotation_the_hub_cannot_record_closes_the_session() {
     let (mut raw, renewed) = renewed_on_a_session(&hub, &svid).await;
     let new_serial = inspect_leaf(&renewed.chain[0]).unwrap().serial;
     let db = rusqlite::Connection::open(hub.state_dir().join(admin::DB_FILE)).unwrap();
+    // The rotation updates the session's row; a new session inserts one.
     db.execute_batch(
-        "CREATE TRIGGER refuse BEFORE UPDATE ON sessions BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+        "CREATE TRIGGER refuse BEFORE UPDATE ON sessions BEGIN SELECT RAISE(ABORT, 'disk full'); END;
+         CREATE TRIGGER refuse_new BEFORE INSERT ON sessions BEGIN SELECT RAISE(ABORT, 'disk full'); END",
     )
     .unwrap();
     transport::write_frame(
@@ -2997,7 +2999,13 @@ async fn p8_a_rotation_the_hub_cannot_record_closes_the_session() {
         Ok(()),
         "not retired by what is not on record"
     );
-    db.execute_batch("DROP TRIGGER refuse").unwrap();
+    assert!(
+        raw_session(&hub, &renewed).await.is_none(),
+        "refused while the Hub cannot write"
+    );
+    assert_eq!(check(&serial), Ok(()));
+    db.execute_batch("DROP TRIGGER refuse; DROP TRIGGER refuse_new")
+        .unwrap();
     assert!(
         raw_session(&hub, &renewed).await.is_some(),
         "served once it can write"

@@ -554,18 +554,73 @@ async fn p7_p8_a_presented_svid_is_taken_only_for_this_identity_with_its_keys_pr
         .unwrap()
         .saturating_sub(ewii::now_timestamp().unix_secs());
     tokio::time::sleep(Duration::from_secs(left + 1)).await;
+    answers_a_ping(&mut s, "the session outlives its first SVID").await;
+    assert!(s.conn.close_reason().is_none());
+}
+
+/// Sends a `Ping` on the session's control stream and waits for its `Pong`; `live` says why it
+/// must come.
+async fn answers_a_ping(s: &mut RawSession, live: &str) {
     ewii::transport::write_frame(&mut s.send, &frame::Control::Ping { time_us: 1 })
         .await
         .unwrap();
     let pong = tokio::time::timeout(SOON, s.reader.read::<frame::Control>(&mut s.recv))
         .await
         .expect("an answer")
-        .expect("the session outlives its first SVID");
+        .expect(live);
     assert!(
         matches!(pong, Some(frame::Control::Pong { echo_us: 1, .. })),
         "{pong:?}"
     );
-    assert!(s.conn.close_reason().is_none());
+}
+
+/// A presented SVID whose re-binding the Hub's database refuses to record (a full disk,
+/// another writer's lock past the busy timeout; here a trigger) is refused, not taken
+/// unrecorded: the session stays on the SVID it has and keeps serving (a federated serial
+/// retires no other, so nothing the records should have retired stays current), and the
+/// Client moves to a new connection as for any refused `Present`. Once the Hub can write, the
+/// same presentation is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p8_a_presented_svid_the_hub_cannot_record_is_refused_and_the_session_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = SpireCa::new(CUSTOMER);
+    let hub = federated_hub(&ca, &dir).await;
+    let first = ca.issue(ACME_PATH, HOUR);
+    let next = ca.issue(ACME_PATH, HOUR);
+    let mut s = raw_session(&hub, &first.svid()).await.unwrap();
+    let db = rusqlite::Connection::open(hub.state_dir().join(admin::DB_FILE)).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE UPDATE ON sessions BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+    )
+    .unwrap();
+    let (scheme, proof) = present::sign(&next.svid(), &s.exporter()).unwrap();
+    assert_eq!(
+        s.present(&der_chain(&next), scheme, proof.clone()).await,
+        frame::Control::Refused {
+            code: frame::RefuseCode::BadRequest,
+        }
+    );
+    let failed = hub
+        .wait_audit("the re-binding's failure", |r| {
+            r.event == Event::SvidRotated && r.outcome == Some(Outcome::Failed)
+        })
+        .await;
+    let reason = failed.reason.unwrap();
+    assert!(
+        reason.contains("disk full")
+            && reason.contains(&format!("the session stays on serial {}", first.serial)),
+        "{reason}"
+    );
+    // Still up, on its control stream.
+    answers_a_ping(&mut s, "the session stays").await;
+    db.execute_batch("DROP TRIGGER refuse").unwrap();
+    assert_eq!(
+        s.present(&der_chain(&next), scheme, proof).await,
+        frame::Control::Presented {
+            serial: next.serial.clone()
+        }
+    );
+    wait_rebound(&hub, &first, &next).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -485,13 +485,13 @@ impl Session {
     /// Registers the session (recorded in [`open`](Self::open)) for queries, and says so.
     fn up(&mut self, tell: mpsc::UnboundedSender<Command>) {
         if self.retired > 0 {
-            let mut r = self.rotation_record();
-            r.outcome = Some(Outcome::Ok);
-            r.reason = Some(format!(
-                "serial {} in use; {} older serial(s) retired",
-                self.leaf.serial, self.retired
-            ));
-            self.parts.audit.emit(r);
+            self.audit_rotation(
+                Outcome::Ok,
+                format!(
+                    "serial {} in use; {} older serial(s) retired",
+                    self.leaf.serial, self.retired
+                ),
+            );
         }
         let route = Route {
             id: self.id,
@@ -620,10 +620,10 @@ impl Session {
                 chain,
                 scheme,
                 proof,
-            })) => match self.present(chain, scheme, &proof).await {
-                Ok(answer) => self.answer(&answer).or_else(|| self.struck_out()),
-                Err(end) => Some(end),
-            },
+            })) => {
+                let answer = self.present(chain, scheme, &proof).await;
+                self.answer(&answer).or_else(|| self.struck_out())
+            }
             Ok(Some(Control::Renew { csr })) => {
                 let answer = self.renew(&csr).await;
                 self.answer(&answer).or_else(|| self.struck_out())

@@ -131,6 +131,14 @@ impl Session {
         r
     }
 
+    /// Emits an `svid_rotated` record of this session.
+    pub(super) fn audit_rotation(&self, outcome: Outcome, reason: String) {
+        let mut r = self.rotation_record();
+        r.outcome = Some(outcome);
+        r.reason = Some(reason);
+        self.parts.audit.emit(r);
+    }
+
     /// Counts a request that broke the renewal rules, or starts the count again after one that
     /// kept them ([`STRIKES`]).
     fn strike(&mut self, broke_a_rule: bool) {
@@ -162,29 +170,42 @@ impl Session {
     /// passes the handshake's checks, names this session's SPIFFE ID, and its key signed this
     /// connection's proof. Anything else is refused (and audited); the session goes on with the
     /// SVID it has, and the Client moves to a new connection made with the new one.
-    /// `Err(reason)` ends the session (the re-binding could not be recorded, see
-    /// [`Self::rebind`]).
+    ///
+    /// A re-binding the database refuses to record is refused too: the session stays on the
+    /// SVID it has (a federated serial retires nothing, so no older serial of the Hub's stays
+    /// current meanwhile), and the Client moves to a new connection, whose opening records it.
     pub(super) async fn present(
         &mut self,
         chain: Vec<Vec<u8>>,
         scheme: u16,
         proof: &[u8],
-    ) -> Result<Control, String> {
+    ) -> Control {
+        let refused = Control::Refused {
+            code: RefuseCode::BadRequest,
+        };
         match self.check_presented(chain, scheme, proof) {
             Ok((leaf, chain)) => {
                 let serial = leaf.serial.clone();
-                self.rebind(leaf, chain, "presented from the Client's SPIRE")
-                    .await?;
-                Ok(Control::Presented { serial })
+                match self
+                    .rebind(leaf, chain, "presented from the Client's SPIRE")
+                    .await
+                {
+                    Ok(()) => Control::Presented { serial },
+                    Err(why) => {
+                        self.audit_rotation(
+                            Outcome::Failed,
+                            format!("{why}; the session stays on serial {}", self.leaf.serial),
+                        );
+                        refused
+                    }
+                }
             }
             Err(reason) => {
-                let mut r = self.rotation_record();
-                r.outcome = Some(Outcome::Refused);
-                r.reason = Some(format!("presented SVID refused: {reason}"));
-                self.parts.audit.emit(r);
-                Ok(Control::Refused {
-                    code: RefuseCode::BadRequest,
-                })
+                self.audit_rotation(
+                    Outcome::Refused,
+                    format!("presented SVID refused: {reason}"),
+                );
+                refused
             }
         }
     }
@@ -320,18 +341,30 @@ impl Session {
                 Some(SerialStatus::Revoked) => "revoked since it was issued",
                 _ => "not this client's",
             };
-            let mut r = self.rotation_record();
-            r.outcome = Some(Outcome::Refused);
-            r.reason = Some(format!(
-                "Rotated for serial {serial}: {why}; the session stays on serial {}",
-                self.leaf.serial
-            ));
-            self.parts.audit.emit(r);
+            self.audit_rotation(
+                Outcome::Refused,
+                format!(
+                    "Rotated for serial {serial}: {why}; the session stays on serial {}",
+                    self.leaf.serial
+                ),
+            );
             return None;
         }
-        self.rebind(leaf, vec![cert], "renewed by this Hub")
+        let why = self
+            .rebind(leaf, vec![cert], "renewed by this Hub")
             .await
-            .err()
+            .err()?;
+        // Not left on the old serial either: the Client has stored the new SVID and would
+        // renew the old serial again. Closed, fail closed, as a session that cannot be recorded
+        // as it opens is refused: kept on the new serial, it would run on a serial whose use
+        // is not on record, every older serial of the client still current (a stolen copy of
+        // an older key would still open sessions). The Client dials again with the SVID it has
+        // stored, and that session's record retires the older serials.
+        self.audit_rotation(Outcome::Failed, format!("{why}; the session is closed"));
+        tracing::warn!(client = %self.name, session_id = self.id, "closing a session: {why}");
+        self.conn
+            .close(codes::REFUSED, b"the Hub could not record this session");
+        Some(SessionEnd::RecordsUnwritable.reason(&why))
     }
 
     /// Re-binds this live session to `leaf`, the head of `chain` (its expiry moves with it),
@@ -339,11 +372,8 @@ impl Session {
     /// cut.
     ///
     /// Unless the database refuses the write (a full disk, another writer's lock past the busy
-    /// timeout): then the session is closed, as one that could not be recorded as it opened
-    /// is (fail closed), and `Err(reason)` is its end. Kept, it would run on a serial whose use
-    /// is not on record while every older serial of the client stayed current, so that a
-    /// stolen older key would still open sessions. The Client dials again with the SVID it
-    /// has stored, and that session's record retires the older serials.
+    /// timeout): then nothing changes (the registry holds the old serial again), and `Err(why)`
+    /// leaves it to the caller to refuse or close, and to audit.
     async fn rebind(
         &mut self,
         leaf: LeafInfo,
@@ -360,31 +390,25 @@ impl Session {
             peer: self.peer.to_string(),
             since: crate::now_timestamp().unix_secs() as i64,
         };
-        let retired = self.parts.store.session_up(&self.name, row).await;
-        let mut r = self.rotation_record();
-        match retired {
-            Ok(n) => {
-                r.outcome = Some(Outcome::Ok);
-                r.reason = Some(format!(
-                    "session re-bound from serial {} to {} ({how}); {n} older serial(s) retired",
-                    self.leaf.serial, leaf.serial
-                ));
-            }
+        let retired = match self.parts.store.session_up(&self.name, row).await {
+            Ok(n) => n,
             Err(e) => {
-                let why = format!(
+                self.parts
+                    .registry
+                    .rebind(&self.name, self.id, &self.leaf.serial);
+                return Err(format!(
                     "the Hub could not record the session's move to serial {}: {e}",
                     leaf.serial
-                );
-                r.outcome = Some(Outcome::Failed);
-                r.reason = Some(format!("{why}; the session is closed"));
-                self.parts.audit.emit(r);
-                tracing::warn!(client = %self.name, session_id = self.id, "closing a session: {why}");
-                self.conn
-                    .close(codes::REFUSED, b"the Hub could not record this session");
-                return Err(SessionEnd::RecordsUnwritable.reason(&why));
+                ));
             }
-        }
-        self.parts.audit.emit(r);
+        };
+        self.audit_rotation(
+            Outcome::Ok,
+            format!(
+                "session re-bound from serial {} to {} ({how}); {retired} older serial(s) retired",
+                self.leaf.serial, leaf.serial
+            ),
+        );
         self.expiry = deadline_at(leaf.not_after);
         self.leaf = leaf;
         self.chain = chain;
