@@ -383,6 +383,7 @@ async fn a_closed_strangers_state_is_not_kept_for_the_ack_delay_it_declared() {
         // The largest value a peer may declare (RFC 9000 §18.2: below 2^14 ms).
         transport.declared_max_ack_delay(quinn::VarInt::from_u32((1 << 14) - 1));
         let conn = raw_enrolment_with(&hub, 1 << 20, Some(transport)).await;
+        assert!(hub.handle().quic_connections() >= 1, "counted while open");
         let (mut send, _recv) = conn.open_bi().await.unwrap();
         // No request: a frame header that announces more than any frame may carry.
         send.write_all(&[0xff; 1024]).await.unwrap();

@@ -215,7 +215,7 @@ fn exposition(audit: &Audit, hub: &HubHandle) -> String {
     out.one(
         "ewii_hub_quic_connections",
         "gauge",
-        "QUIC connections the Hub's endpoints hold: handshakes, live connections, and closed ones, each kept for three probe timeouts after it closes.",
+        "QUIC connections the Hub's endpoints hold: handshakes, live connections, and closed ones, each kept for three probe timeouts after a close (one that timed out idle or was reset is let go at once).",
         hub.quic_connections(),
     );
     out.one(

@@ -157,8 +157,9 @@ impl HubHandle {
     }
 
     /// QUIC connections the Hub's endpoints hold: handshakes, live connections, and closed
-    /// ones, each kept for three probe timeouts after it closes (to answer its peer's late
-    /// packets). 0 once the Hub has stopped.
+    /// ones, each kept for three probe timeouts after a close (to answer its peer's late
+    /// packets; one that timed out idle or was reset is let go at once). 0 once the Hub is
+    /// gone.
     pub fn quic_connections(&self) -> usize {
         self.endpoints.open_connections()
     }
@@ -207,22 +208,34 @@ impl HubHandle {
     }
 }
 
-/// The shards' endpoints as handles see them while the Hub runs: emptied as it stops, so that
-/// a handle kept after does not hold the Hub's UDP port.
+/// The shards' endpoints as handles see them while the Hub is bound or runs: a handle kept
+/// after the Hub is gone must not hold its UDP port.
 #[derive(Debug, Clone, Default)]
 struct Endpoints(Arc<std::sync::Mutex<Vec<quinn::Endpoint>>>);
 
 impl Endpoints {
     fn open_connections(&self) -> usize {
-        self.0
-            .lock()
-            .map_or(0, |e| e.iter().map(quinn::Endpoint::open_connections).sum())
+        self.held()
+            .iter()
+            .map(quinn::Endpoint::open_connections)
+            .sum()
     }
 
-    fn forget(&self) {
-        if let Ok(mut e) = self.0.lock() {
-            e.clear();
-        }
+    fn held(&self) -> std::sync::MutexGuard<'_, Vec<quinn::Endpoint>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The Hub's own [`Endpoints`]: when it is dropped (the Hub stopped, or was dropped unrun, or
+/// its `run` was cancelled), the handles let the endpoints go.
+#[derive(Debug)]
+struct EndpointsOwner(Endpoints);
+
+impl Drop for EndpointsOwner {
+    fn drop(&mut self) {
+        self.0.held().clear();
     }
 }
 
@@ -232,7 +245,7 @@ pub struct Hub {
     /// One per shard, in shard order, all on one UDP port.
     endpoints: Vec<quinn::Endpoint>,
     /// The same, for handles.
-    shared: Endpoints,
+    shared: EndpointsOwner,
     held: transport::shard::AddressHeld,
     shards: Shards,
     changes: mpsc::UnboundedReceiver<Change>,
@@ -385,7 +398,9 @@ impl Hub {
                 shard: 0,
                 routes: Arc::new(service_routes(&config.services)),
             },
-            shared: Endpoints(Arc::new(std::sync::Mutex::new(endpoints.clone()))),
+            shared: EndpointsOwner(Endpoints(Arc::new(std::sync::Mutex::new(
+                endpoints.clone(),
+            )))),
             endpoints,
             held,
             shards,
@@ -421,7 +436,7 @@ impl Hub {
         HubHandle {
             registry: self.sessions.registry.clone(),
             shards: self.endpoints.len(),
-            endpoints: self.shared.clone(),
+            endpoints: self.shared.0.clone(),
             counts: self.sessions.store.counts(),
             trust: self.sessions.trust.clone(),
             admission: self.sessions.admission.clone(),
@@ -594,7 +609,7 @@ impl Hub {
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), idle).await;
-        shared.forget();
+        drop(shared);
         drop(endpoints);
         shards.stop().await;
         drop(held);

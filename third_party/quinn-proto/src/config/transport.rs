@@ -63,7 +63,8 @@ pub struct TransportConfig {
 
 impl TransportConfig {
     /// Ewii patch: the `max_ack_delay` transport parameter this endpoint declares, in
-    /// milliseconds (below 2^14), in place of the default 25. A declaration only: this endpoint
+    /// milliseconds (1 to 2^14 - 1: peers refuse 0, less than the `min_ack_delay` of 1 ms this
+    /// endpoint declares, and 2^14 or more), in place of the default 25. A declaration only: this endpoint
     /// still acknowledges as it would. Ewii's tests use it to play a peer that declares the
     /// largest value allowed (`tests/e2e/enrol.rs`); nothing else sets it.
     pub fn declared_max_ack_delay(&mut self, millis: VarInt) -> &mut Self {
