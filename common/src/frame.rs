@@ -168,7 +168,8 @@ pub enum RefuseCode {
     EnrolmentRefused,
     /// The protocol version is not supported.
     Version,
-    /// The Client takes no new query for now (its audit sink lags); try again later.
+    /// Not now; try again later: the Client takes no new query (its audit sink lags), or the
+    /// Hub cannot record a presented SVID (its database refuses the write).
     Busy,
 }
 

@@ -575,7 +575,7 @@ async fn answers_a_ping(s: &mut RawSession, live: &str) {
 }
 
 /// A presented SVID whose re-binding the Hub's database refuses to record (a full disk,
-/// another writer's lock past the busy timeout; here a trigger) is refused, not taken
+/// another writer's lock past the busy timeout; here a trigger) is refused (`busy`), not taken
 /// unrecorded: the session stays on the SVID it has and keeps serving (a federated serial
 /// retires no other, so nothing the records should have retired stays current), and the
 /// Client moves to a new connection as for any refused `Present`. Once the Hub can write, the
@@ -597,7 +597,7 @@ async fn p8_a_presented_svid_the_hub_cannot_record_is_refused_and_the_session_st
     assert_eq!(
         s.present(&der_chain(&next), scheme, proof.clone()).await,
         frame::Control::Refused {
-            code: frame::RefuseCode::BadRequest,
+            code: frame::RefuseCode::Busy,
         }
     );
     let failed = hub

@@ -171,9 +171,10 @@ impl Session {
     /// connection's proof. Anything else is refused (and audited); the session goes on with the
     /// SVID it has, and the Client moves to a new connection made with the new one.
     ///
-    /// A re-binding the database refuses to record is refused too: the session stays on the
-    /// SVID it has (a federated serial retires nothing, so no older serial of the Hub's stays
-    /// current meanwhile), and the Client moves to a new connection, whose opening records it.
+    /// A re-binding the database refuses to record is refused too (`Busy`): the session stays
+    /// on the SVID it has (a federated serial retires nothing, so no older serial of the Hub's
+    /// stays current meanwhile), and the Client moves to a new connection, whose opening
+    /// records it.
     pub(super) async fn present(
         &mut self,
         chain: Vec<Vec<u8>>,
@@ -192,11 +193,14 @@ impl Session {
                 {
                     Ok(()) => Control::Presented { serial },
                     Err(why) => {
+                        tracing::warn!(client = %self.name, session_id = self.id, "refusing a presented SVID: {why}");
                         self.audit_rotation(
                             Outcome::Failed,
                             format!("{why}; the session stays on serial {}", self.leaf.serial),
                         );
-                        refused
+                        Control::Refused {
+                            code: RefuseCode::Busy,
+                        }
                     }
                 }
             }
@@ -373,7 +377,11 @@ impl Session {
     ///
     /// Unless the database refuses the write (a full disk, another writer's lock past the busy
     /// timeout): then nothing changes (the registry holds the old serial again), and `Err(why)`
-    /// leaves it to the caller to refuse or close, and to audit.
+    /// leaves it to the caller to refuse or close, and to audit. A session kept on its old
+    /// serial so must hold one nothing retires: a retirement of that serial while the write
+    /// waited found the registry on the new one, and drains nothing later. Both callers keep
+    /// to it: `rotated` closes the session, and `present` is for federated serials, which the
+    /// Hub never retires.
     async fn rebind(
         &mut self,
         leaf: LeafInfo,
