@@ -457,6 +457,52 @@ async fn p8_a_session_the_hub_cannot_record_is_closed_before_welcome() {
     );
 }
 
+/// A session that does not end within the Hub's stop bound (a renewal's write waits behind
+/// another writer's lock as the Hub stops) is aborted: its end is on record all the same, and
+/// its connection goes with it: a handle kept after the stop counts none, and the Hub's UDP
+/// port is free for the next Hub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p11_a_session_aborted_at_the_hubs_stop_is_on_record_and_keeps_no_port() {
+    let mut hub = hub_renewing_at_once(&[]).await;
+    let client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let svid = Svid::load(&client.state_dir(), store::SVID_CERT, store::SVID_KEY).unwrap();
+    let mut raw = raw_session(&hub, &svid).await.expect("a session");
+    let handle = hub.handle().clone();
+    assert_eq!(handle.connections(), 1);
+    let db = rusqlite::Connection::open(hub.state_dir().join(admin::DB_FILE)).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = ewii::identity::ca::csr_for(&key).unwrap();
+    transport::write_frame(&mut raw.send, &Control::Renew { csr })
+        .await
+        .unwrap();
+    // Into the renewal's write, which waits for the lock (5 s) past the stop's bound (2 s).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hub.stop().await;
+    db.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(handle.connections(), 0, "let go with its aborted session");
+    let ended: Vec<_> = hub
+        .audit
+        .records()
+        .into_iter()
+        .filter(|r| r.event == Event::SessionLost)
+        .collect();
+    assert_eq!(ended.len(), 1, "its end is on record: {ended:?}");
+    assert!(
+        ended[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("hub_shutdown: ")),
+        "{ended:?}"
+    );
+    let deadline = Instant::now() + SOON;
+    while std::net::UdpSocket::bind(hub.addr).is_err() {
+        assert!(Instant::now() < deadline, "{} still bound", hub.addr);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(raw);
+}
+
 /// "Stop the container and it is revoked" must hold when the network is bad too: a stop
 /// while the Hub is unreachable tries within its budget, records the revoke as pending, and
 /// the next start delivers it before serving anything, then stays revoked.
@@ -2953,7 +2999,8 @@ async fn p8_a_rotation_the_hub_cannot_record_closes_the_session() {
     let (mut raw, renewed) = renewed_on_a_session(&hub, &svid).await;
     let new_serial = inspect_leaf(&renewed.chain[0]).unwrap().serial;
     let db = rusqlite::Connection::open(hub.state_dir().join(admin::DB_FILE)).unwrap();
-    // The rotation updates the session's row; a new session inserts one.
+    // Every write of a session's start (an upsert: SQLite runs the INSERT trigger before it
+    // finds the row the rotation would update) is refused.
     db.execute_batch(
         "CREATE TRIGGER refuse BEFORE UPDATE ON sessions BEGIN SELECT RAISE(ABORT, 'disk full'); END;
          CREATE TRIGGER refuse_new BEFORE INSERT ON sessions BEGIN SELECT RAISE(ABORT, 'disk full'); END",
@@ -3003,6 +3050,15 @@ async fn p8_a_rotation_the_hub_cannot_record_closes_the_session() {
         raw_session(&hub, &renewed).await.is_none(),
         "refused while the Hub cannot write"
     );
+    poll_until("the refusal's record", SOON, || {
+        count(&hub.audit, |r| {
+            r.event == Event::SessionLost
+                && r.reason
+                    .as_deref()
+                    .is_some_and(|x| x.starts_with("records_unwritable: "))
+        }) == 2
+    })
+    .await;
     assert_eq!(check(&serial), Ok(()));
     db.execute_batch("DROP TRIGGER refuse; DROP TRIGGER refuse_new")
         .unwrap();

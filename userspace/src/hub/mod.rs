@@ -659,20 +659,46 @@ mod tests {
     use super::*;
     use crate::audit::AuditOutput;
 
+    /// A Hub bound on a free loopback port with `threads` shards, its state in `dir`, and
+    /// its audit.
+    async fn bound(dir: &tempfile::TempDir, threads: usize) -> (Hub, Audit) {
+        let state = dir.path().join("hub");
+        admin::init(&state, "test.ewii.local").unwrap();
+        let config: HubConfig = format!(
+            "state_dir = {state:?}\nlisten = \"127.0.0.1:0\"\naudit = \"discard\"\nthreads = {threads}\n"
+        )
+        .parse()
+        .unwrap();
+        let audit = Audit::open_with_tap(Side::Hub, &AuditOutput::Discard).unwrap();
+        (Hub::bind(config, audit.clone()).await.unwrap(), audit)
+    }
+
+    /// A handle kept after its Hub is gone (dropped unrun here; a stopped or cancelled run
+    /// drops the same guard) does not hold the Hub's UDP port: another Hub can bind it.
+    #[tokio::test]
+    async fn a_handle_kept_after_its_hub_does_not_hold_the_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub, _) = bound(&dir, 2).await;
+        let (addr, handle) = (hub.local_addr(), hub.handle());
+        drop(hub);
+        // The endpoints' drivers let the socket go once no handle holds them.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while std::net::UdpSocket::bind(addr).is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{addr} still bound while a handle lives"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(handle.quic_connections(), 0);
+    }
+
     /// A shard whose endpoint stops (its socket failed) stops the Hub with an error and a
     /// `stopped` record that says why, instead of losing that shard's Clients in silence.
     #[tokio::test]
     async fn a_lost_shard_stops_the_hub_and_says_which() {
         let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("hub");
-        admin::init(&state, "test.ewii.local").unwrap();
-        let config: HubConfig = format!(
-            "state_dir = {state:?}\nlisten = \"127.0.0.1:0\"\naudit = \"discard\"\nthreads = 3\n"
-        )
-        .parse()
-        .unwrap();
-        let audit = Audit::open_with_tap(Side::Hub, &AuditOutput::Discard).unwrap();
-        let hub = Hub::bind(config, audit.clone()).await.unwrap();
+        let (hub, audit) = bound(&dir, 3).await;
         assert_eq!(hub.endpoints.len(), 3);
         hub.endpoints[1].close(codes::SHUTDOWN, b"");
         let ran = tokio::time::timeout(Duration::from_secs(10), hub.run(std::future::pending()))

@@ -300,6 +300,7 @@ impl Session {
         let started = Instant::now();
         let (tell, mut told) = mpsc::unbounded_channel::<Command>();
         self.up(tell);
+        let mut cut_short = CutShort::new(&self, started);
         let welcome = Control::Welcome {
             session_id: self.id,
             hub_time_us: crate::now_timestamp().0,
@@ -453,6 +454,7 @@ impl Session {
             self.conn.close(codes::PROTOCOL, b"");
         }
         self.parts.registry.remove(&self.name, self.id);
+        cut_short.0 = None;
         tracing::debug!(session_id = %self.id, stats = ?self.conn.stats(), "session's QUIC counters");
         // Stamped now, when the end was seen, not after the synced commit below.
         let mut r = self.parts.audit.record(Event::SessionLost);
@@ -764,6 +766,44 @@ impl Session {
 
 /// A record written when this is dropped: at the end of the scope, or when the task holding it
 /// is aborted at an `.await` before that.
+/// A registered session whose task is dropped before its end (the Hub's stop gives up on it
+/// while a request of its Client waits, say a renewal's write behind another writer's lock):
+/// its end is still audited (P11), and its connection leaves the registry, which would keep
+/// the Hub's UDP socket open for as long as a handle lives. Its row in the store stays, as
+/// after a crash: the next start reads it so.
+struct CutShort(Option<(Audit, Arc<Registry>, String, u64, AuditRecord, Instant)>);
+
+impl CutShort {
+    fn new(session: &Session, started: Instant) -> Self {
+        let mut r = session.parts.audit.record(Event::SessionLost);
+        r.session_id = Some(session.id);
+        r.client = Some(session.leaf.id.to_string());
+        r.peer = Some(session.peer.to_string());
+        r.reason = Some(
+            SessionEnd::HubShutdown
+                .reason("this Hub stopped before the session's end could be seen"),
+        );
+        Self(Some((
+            session.parts.audit.clone(),
+            session.parts.registry.clone(),
+            session.name.clone(),
+            session.id,
+            r,
+            started,
+        )))
+    }
+}
+
+impl Drop for CutShort {
+    fn drop(&mut self) {
+        if let Some((audit, registry, name, id, mut r, started)) = self.0.take() {
+            registry.remove(&name, id);
+            r.duration_ms = Some(started.elapsed().as_millis() as u64);
+            audit.emit(r);
+        }
+    }
+}
+
 struct EmitOnDrop<'a>(&'a Audit, Option<AuditRecord>);
 
 impl Drop for EmitOnDrop<'_> {
