@@ -764,8 +764,6 @@ impl Session {
     }
 }
 
-/// A record written when this is dropped: at the end of the scope, or when the task holding it
-/// is aborted at an `.await` before that.
 /// A registered session whose task is dropped before its end (the Hub's stop gives up on it
 /// while a request of its Client waits, say a renewal's write behind another writer's lock):
 /// its end is still audited (P11), and its connection leaves the registry, which would keep
@@ -798,12 +796,16 @@ impl Drop for CutShort {
     fn drop(&mut self) {
         if let Some((audit, registry, name, id, mut r, started)) = self.0.take() {
             registry.remove(&name, id);
+            // Stamped when the end is seen, as every end is.
+            r.time = crate::now_timestamp();
             r.duration_ms = Some(started.elapsed().as_millis() as u64);
             audit.emit(r);
         }
     }
 }
 
+/// A record written when this is dropped: at the end of the scope, or when the task holding it
+/// is aborted at an `.await` before that.
 struct EmitOnDrop<'a>(&'a Audit, Option<AuditRecord>);
 
 impl Drop for EmitOnDrop<'_> {
