@@ -181,9 +181,6 @@ impl Session {
         scheme: u16,
         proof: &[u8],
     ) -> Control {
-        let refused = Control::Refused {
-            code: RefuseCode::BadRequest,
-        };
         match self.check_presented(chain, scheme, proof) {
             Ok((leaf, chain)) => {
                 let serial = leaf.serial.clone();
@@ -209,7 +206,9 @@ impl Session {
                     Outcome::Refused,
                     format!("presented SVID refused: {reason}"),
                 );
-                refused
+                Control::Refused {
+                    code: RefuseCode::BadRequest,
+                }
             }
         }
     }
