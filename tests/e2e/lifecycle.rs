@@ -473,12 +473,17 @@ async fn p11_a_session_aborted_at_the_hubs_stop_is_on_record_and_keeps_no_port()
     db.execute_batch("BEGIN IMMEDIATE").unwrap();
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let csr = ewii::identity::ca::csr_for(&key).unwrap();
+    let before = handle.store_statements();
     transport::write_frame(&mut raw.send, &Control::Renew { csr })
         .await
         .unwrap();
-    // Into the renewal's write (a read and a signature before it), which waits for the lock
-    // (the 5 s busy timeout) past the stop's bound (2 s after the stop).
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The renewal's read is done (reads pass the lock): the session is past its `Renew`, on
+    // to a signature and the write, which waits for the lock (the 5 s busy timeout) past the
+    // stop's bound (2 s after the stop).
+    poll_until("the renewal's read", SOON, || {
+        handle.store_statements() > before
+    })
+    .await;
     hub.stop().await;
     db.execute_batch("ROLLBACK").unwrap();
     assert_eq!(handle.connections(), 0, "let go with its aborted session");
@@ -505,11 +510,10 @@ async fn p11_a_session_aborted_at_the_hubs_stop_is_on_record_and_keeps_no_port()
         ended[0].time.0 >= up.time.0 + 2_000_000,
         "stamped at its end"
     );
-    let deadline = Instant::now() + SOON;
-    while std::net::UdpSocket::bind(hub.addr).is_err() {
-        assert!(Instant::now() < deadline, "{} still bound", hub.addr);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until("the Hub's port to be free", SOON, || {
+        std::net::UdpSocket::bind(hub.addr).is_ok()
+    })
+    .await;
     drop(raw);
 }
 
