@@ -1169,16 +1169,7 @@ async fn p4_a_ping_or_an_unasked_pong_from_the_hub_closes_the_connection() {
         let hub = TestHub::start(&[]).await;
         let (client, (conn, _control, mut send)) = welcomed_by_hostile_hub(&hub).await;
         transport::write_frame(&mut send, &frame).await.unwrap();
-        let closed = tokio::time::timeout(SOON, conn.closed())
-            .await
-            .unwrap_or_else(|_| panic!("{what}: the Client kept the connection"));
-        assert!(
-            matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == transport::codes::PROTOCOL),
-            "{what}: {closed:?}"
-        );
-        let lost = client
-            .wait_audit("session_lost", |r| r.event == Event::SessionLost)
-            .await;
+        let lost = closed_as_protocol_error(what, &conn, &client).await;
         assert!(
             lost.reason
                 .as_deref()
@@ -1186,6 +1177,63 @@ async fn p4_a_ping_or_an_unasked_pong_from_the_hub_closes_the_connection() {
             "{what}: {lost:?}"
         );
     }
+}
+
+/// Answers (`Renewed`, `Refused`, `Presented`) beyond what the Client asked on a connection
+/// end it at the first, in the connection's own task: none reaches the driver, which may be
+/// waiting on the disk while a Hub sends them at line rate (they would queue without bound).
+/// A burst of a thousand is sent in one write; the end is on record with its cause.
+#[tokio::test]
+async fn p4_answers_to_nothing_asked_end_the_connection_at_the_first() {
+    let serial = "ab".repeat(20);
+    for (what, frame) in [
+        (
+            "Renewed",
+            Control::Renewed {
+                chain: Vec::new(),
+                bundle: Vec::new(),
+            },
+        ),
+        (
+            "Refused",
+            Control::Refused {
+                code: RefuseCode::Busy,
+            },
+        ),
+        ("Presented", Control::Presented { serial }),
+    ] {
+        let hub = TestHub::start(&[]).await;
+        let (client, (conn, _control, mut send)) = welcomed_by_hostile_hub(&hub).await;
+        let one = frame::encode_to_vec(&frame).unwrap();
+        let burst: Vec<u8> = one.iter().copied().cycle().take(one.len() * 1000).collect();
+        // The Client may close before it has read them all.
+        let _ = send.write_all(&burst).await;
+        let lost = closed_as_protocol_error(what, &conn, &client).await;
+        assert_eq!(
+            lost.reason.as_deref(),
+            Some("protocol: control stream: an answer from the Hub to nothing asked on this connection"),
+            "{what}: {lost:?}"
+        );
+    }
+}
+
+/// The Client closes `conn` as a protocol violation (`what` broke it), soon; its record of the
+/// end.
+async fn closed_as_protocol_error(
+    what: &str,
+    conn: &quinn::Connection,
+    client: &TestClient,
+) -> ewii_common::audit::AuditRecord {
+    let closed = tokio::time::timeout(SOON, conn.closed())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the Client kept the connection"));
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == transport::codes::PROTOCOL),
+        "{what}: {closed:?}"
+    );
+    client
+        .wait_audit("session_lost", |r| r.event == Event::SessionLost)
+        .await
 }
 
 /// Client `acme`, enrolled with `hub`, started against an impostor of it ([`hub_impostor`]).

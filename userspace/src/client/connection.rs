@@ -231,6 +231,8 @@ const QUERY_WIND_DOWN: Duration = Duration::from_secs(1);
 /// queue faster than it is stored: past this many, it is a protocol violation.
 const BUNDLE_UPDATES: u32 = 8;
 const BUNDLE_WINDOW: Duration = Duration::from_secs(60);
+/// Why a connection ends when the Hub answers more than it was asked on it.
+const UNASKED: &str = "an answer from the Hub to nothing asked on this connection";
 /// How long a retired connection may finish its queries (the Hub allows 10 s after Goodbye).
 pub(crate) const RETIRE_DRAIN: Duration = Duration::from_secs(15);
 /// After the Hub acknowledged a retiring `Goodbye`, how long a query stream it opened just
@@ -362,6 +364,11 @@ impl Connection {
         // While queries are open: the next check of whether they went quiet.
         let mut held_check: Option<(Instant, HeldQuiet)> = None;
         let mut bundles = crate::transport::Window::new(BUNDLE_UPDATES, BUNDLE_WINDOW);
+        // Answers the Hub owes on this connection: one per `Renew` and per `Present` sent.
+        // An answer beyond them breaks the protocol and ends the connection here, before it
+        // is queued for the driver: while the driver waits on the disk (a bundle or an SVID
+        // being stored), a Hub could otherwise queue them at line rate.
+        let mut owed: u32 = 0;
         let end = loop {
             if let Some(deadline) = retiring {
                 if goodbye_read && queries.is_empty() {
@@ -408,6 +415,7 @@ impl Connection {
                         if let Err(e) = out.send(&Control::Renew { csr }) {
                             break unsent(&conn, &e);
                         }
+                        owed = owed.saturating_add(1);
                     }
                     Some(Command::Rotated(serial)) => {
                         if let Err(e) = out.send(&Control::Rotated { serial }) {
@@ -419,6 +427,7 @@ impl Connection {
                             if let Err(e) = out.send(&msg) {
                                 break unsent(&conn, &e);
                             }
+                            owed = owed.saturating_add(1);
                         }
                         Err(e) => {
                             let _ = events.send(Event::PresentFailed(id, e));
@@ -468,7 +477,15 @@ impl Connection {
                             BUNDLE_WINDOW.as_secs()
                         )));
                     }
-                    Ok(Some(msg @ (Control::Renewed { .. } | Control::Refused { .. } | Control::BundleUpdate { .. } | Control::Presented { .. }))) => {
+                    Ok(Some(Control::Renewed { .. } | Control::Refused { .. } | Control::Presented { .. })) if owed == 0 => {
+                        conn.close(codes::PROTOCOL, b"");
+                        break End::Lost(Lost::Control(UNASKED.into()));
+                    }
+                    Ok(Some(msg @ (Control::Renewed { .. } | Control::Refused { .. } | Control::Presented { .. }))) => {
+                        owed -= 1;
+                        let _ = events.send(Event::Control(id, msg));
+                    }
+                    Ok(Some(msg @ Control::BundleUpdate { .. })) => {
                         let _ = events.send(Event::Control(id, msg));
                     }
                     Ok(Some(_)) => {

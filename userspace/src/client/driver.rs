@@ -429,9 +429,10 @@ impl Driver {
             ) if self.current() != Some(id) => {
                 tracing::debug!(session_id = %id, "an answer on a connection that no longer serves; ignored");
             }
-            // Not asked for: the machine closes the connection. A second answer to a `Renew`
-            // asked again after its timeout changes nothing. Either way the key stays: the
-            // next ask uses it.
+            // Not asked for: the machine closes the connection (an answer beyond what was
+            // asked on the connection never gets here: its own task ends it). A second answer
+            // to a `Renew` asked again after its timeout changes nothing. Either way the key
+            // stays: the next ask uses it.
             Event::Control(id, Control::Renewed { chain, bundle }) => {
                 match self.machine.renew_answer() {
                     RenewAnswer::Awaited => self.renewed(now, chain, bundle).await,
