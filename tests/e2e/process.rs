@@ -1290,6 +1290,57 @@ fn a_token_without_its_bundle_hash_is_refused_by_name_before_anything_runs() {
     }
 }
 
+/// `ewii-client enroll` as the Client's user (the image's uid 65532) into a state directory it
+/// cannot write (root's, 0755: a volume without `fsGroup`) fails before the token leaves the
+/// host (exit 1, "the token was NOT sent"), where it used to spend the token and fail on the
+/// write after. The same token then enrols into a directory as Kubernetes' `fsGroup` makes a
+/// volume's root (root's, group 65532, 2775), which that user may write but not chmod: that
+/// directory is left as it is, and the key in it is the user's, 0600.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolment_checks_the_state_directory_before_it_spends_the_token() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if skipped_without_root("to enrol as another user") {
+        return;
+    }
+    let hub = TestHub::start(&[]).await;
+    let token = hub.token("acme", std::time::Duration::from_secs(60));
+    let top = tempfile::tempdir().unwrap();
+    fs::set_permissions(top.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let enrol_as_client_user = |dir: std::path::PathBuf| {
+        let hub_addr = hub.addr.to_string();
+        let (token, hash) = (token.token.clone(), token.bundle_hash.clone());
+        tokio::task::spawn_blocking(move || {
+            Command::new("setpriv")
+                .args(["--reuid=65532", "--regid=65532", "--clear-groups"])
+                .arg(bin_path("ewii-client"))
+                .args(["enroll", "--hub", &hub_addr, "--bundle-hash", &hash])
+                .args(["--state-dir", dir.to_str().unwrap()])
+                .env("EWII_TOKEN", &token)
+                .output()
+                .unwrap()
+        })
+    };
+
+    let locked = top.path().join("locked");
+    fs::create_dir(&locked).unwrap();
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = enrol_as_client_user(locked.clone()).await.unwrap();
+    let err = exits_saying_once(&out, 1, "cannot write in the state directory");
+    assert!(err.contains("the token was NOT sent"), "{err}");
+    assert_eq!(fs::read_dir(&locked).unwrap().count(), 0, "nothing written");
+
+    let volume = top.path().join("volume");
+    fs::create_dir(&volume).unwrap();
+    std::os::unix::fs::chown(&volume, Some(0), Some(65532)).unwrap();
+    fs::set_permissions(&volume, fs::Permissions::from_mode(0o2775)).unwrap();
+    let out = enrol_as_client_user(volume.clone()).await.unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let key = fs::metadata(volume.join(ewii::identity::store::SVID_KEY)).unwrap();
+    assert_eq!((key.uid(), key.mode() & 0o777), (65532, 0o600));
+    let dir = fs::metadata(&volume).unwrap();
+    assert_eq!((dir.uid(), dir.mode() & 0o7777), (0, 0o2775));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_client_on_the_same_state_directory_is_refused_and_the_first_keeps_its_status() {
     let hub = TestHub::start(&[]).await;

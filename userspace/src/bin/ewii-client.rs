@@ -313,8 +313,9 @@ enum Enrolment<'a> {
     First,
     /// `enroll --replace`: taking the state directory's lock for it.
     Replace,
-    /// `run` with a token, over a revoked identity: the caller holds the lock.
-    ReplaceHeld(&'a client::state_dir::StateLock),
+    /// `run` with a token, into a state directory with no identity or a revoked one: the
+    /// caller holds the lock (a second one, taken here, would be refused as another Client).
+    Held(&'a client::state_dir::StateLock),
 }
 
 async fn enroll(
@@ -338,7 +339,7 @@ async fn enroll(
         Enrolment::Replace => {
             client::enrol::enrol_replacing(&hub, token, pin, state_dir, audit).await
         }
-        Enrolment::ReplaceHeld(lock) => {
+        Enrolment::Held(lock) => {
             client::enrol::enrol_replacing_held(&hub, token, pin, state_dir, audit, lock).await
         }
     };
@@ -353,7 +354,7 @@ async fn enroll(
         Err(e @ (EnrolError::Unreachable { .. } | EnrolError::Resolve(_))) => {
             fail(EXIT_UNREACHABLE, e.to_string())
         }
-        Err(e @ EnrolError::Busy(_)) => fail(1, e.to_string()),
+        Err(e @ (EnrolError::Busy(_) | EnrolError::StateDir { .. })) => fail(1, e.to_string()),
         Err(e) => fail(EXIT_NOT_ENROLLED, e.to_string()),
     }
 }
@@ -516,7 +517,7 @@ fn run(path: &Path) -> ExitCode {
             .await
             .unwrap_or((true, None, true));
             let how = match (enrolled, &revoked) {
-                (false, _) => Some(Enrolment::First),
+                (false, _) => Some(Enrolment::Held(&lock)),
                 (true, Some(_)) if spent => {
                     say("ewii-client: EWII_TOKEN is the token this Client was enrolled with, spent: not sent again; this Client stays revoked until it is given a new one");
                     None
@@ -527,7 +528,7 @@ fn run(path: &Path) -> ExitCode {
                         dir.display(),
                         printable(reason.trim())
                     ));
-                    Some(Enrolment::ReplaceHeld(&lock))
+                    Some(Enrolment::Held(&lock))
                 }
                 (true, None) => None,
             };

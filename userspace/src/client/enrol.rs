@@ -68,6 +68,15 @@ pub enum EnrolError {
     /// Another Client process uses the state directory.
     #[error(transparent)]
     Busy(#[from] super::state_dir::LockError),
+    /// The state directory cannot be made, or no file can be made in it: found before the
+    /// token is sent, which a failed write after the Hub's answer would have spent.
+    #[error("cannot write in the state directory {dir}: {source}; the token was NOT sent and is still good")]
+    StateDir {
+        /// The state directory.
+        dir: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
     /// It took too long.
     #[error("enrolment timed out")]
     Timeout,
@@ -96,14 +105,49 @@ pub async fn enrol(
     if state_dir.join(store::SVID_CERT).exists() {
         return Err(EnrolError::AlreadyEnrolled(state_dir.to_owned()));
     }
+    let dir = state_dir.to_owned();
+    let _lock = tokio::task::spawn_blocking(move || lock(&dir))
+        .await
+        .map_err(|e| EnrolError::Connect(e.to_string()))??;
+    // Another enrolment may have finished while this one waited for nothing: the lock is
+    // taken without waiting, but the check above was made without it.
+    if state_dir.join(store::SVID_CERT).exists() {
+        return Err(EnrolError::AlreadyEnrolled(state_dir.to_owned()));
+    }
     enrol_audited(hub, token, pin, state_dir, audit).await
 }
 
 /// Locks the state directory (creating it) for the enrolment: a running Client must not
-/// have its SVID replaced under it.
+/// have its SVID replaced under it, and two enrolments must not spend two tokens on it. A
+/// directory that cannot be written is found here, before the token leaves the host.
 fn lock(state_dir: &Path) -> Result<super::state_dir::StateLock, EnrolError> {
-    create_state_dir(state_dir)?;
-    Ok(super::state_dir::StateLock::acquire(state_dir)?)
+    let unwritable = |source| EnrolError::StateDir {
+        dir: state_dir.to_owned(),
+        source,
+    };
+    create_state_dir(state_dir).map_err(|e| match e {
+        IdentityError::Io { source, .. } => unwritable(source),
+        other => other.into(),
+    })?;
+    let lock = super::state_dir::StateLock::acquire(state_dir).map_err(|e| match e {
+        super::state_dir::LockError::Io { source, .. } => unwritable(source),
+        busy => busy.into(),
+    })?;
+    writable(state_dir).map_err(unwritable)?;
+    Ok(lock)
+}
+
+/// Whether a file can be made in `dir`, as the key, the SVID and the bundle will be once the
+/// Hub has issued them (the lock's file may exist already, and opening it proves less).
+/// Blocking (one create and one remove).
+fn writable(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".enroll-probe-{}", std::process::id()));
+    std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&probe)?;
+    std::fs::remove_file(&probe)
 }
 
 /// [`enrol`] over an existing enrolment (`ewii-client enroll --replace`): the new SVID
@@ -124,8 +168,8 @@ pub async fn enrol_replacing(
 }
 
 /// [`enrol_replacing`] by a process that holds the state directory's lock already:
-/// `ewii-client run`, which enrols again at start with the token in its environment when the
-/// identity in the directory was revoked.
+/// `ewii-client run`, which enrols at start with the token in its environment when the
+/// directory holds no identity, or one that was revoked.
 pub async fn enrol_replacing_held(
     hub: &HubAddress,
     token: &str,
@@ -134,6 +178,12 @@ pub async fn enrol_replacing_held(
     audit: &Audit,
     _held: &super::state_dir::StateLock,
 ) -> Result<SpiffeId, EnrolError> {
+    let dir = state_dir.to_owned();
+    tokio::task::spawn_blocking(move || {
+        writable(&dir).map_err(|source| EnrolError::StateDir { dir, source })
+    })
+    .await
+    .map_err(|e| EnrolError::Connect(e.to_string()))??;
     let id = enrol_audited(hub, token, pin, state_dir, audit).await?;
     let dir = state_dir.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -300,10 +350,17 @@ fn create_state_dir(dir: &Path) -> Result<(), IdentityError> {
         path: dir.to_owned(),
         source,
     };
-    std::fs::create_dir_all(dir).map_err(io)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io)?;
+    // This user's directory is made private. Another's is left as it is: a volume's root that
+    // Kubernetes' `fsGroup` gave this user's group (root's, 2775) may be written but not
+    // chmod-ed by it, and the key written into it is 0600 (`verify` checks it).
+    let meta = std::fs::metadata(dir).map_err(io)?;
+    if meta.uid() == store::fs_uid().map_err(io)? && meta.mode() & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
     }
     Ok(())

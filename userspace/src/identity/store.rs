@@ -218,7 +218,7 @@ pub fn foreign_owner(state_dir: &Path) -> std::io::Result<Option<ForeignOwner>> 
 }
 
 /// This process's filesystem uid (the owner of what it creates), from `/proc/self/status`.
-fn fs_uid() -> std::io::Result<u32> {
+pub(crate) fn fs_uid() -> std::io::Result<u32> {
     const STATUS: &str = "/proc/self/status";
     let status = fs::read_to_string(STATUS)
         .map_err(|e| std::io::Error::new(e.kind(), format!("{STATUS}: {e}")))?;
