@@ -153,6 +153,42 @@ async fn p16_the_ebpf_lock_refuses_everything_outside_the_policy_with_eperm() {
     );
 }
 
+/// `probe-enforcement` installs the layers the configuration names (`[enforcement] layers`), as
+/// `run` would, unless `--layers` names others; a layer name it does not know is refused, where
+/// it used to be passed over (a misspelt `ebpf` probed nothing of it and said nothing).
+#[test]
+fn probe_enforcement_installs_the_configured_layers_and_refuses_an_unknown_one() {
+    let (_dir, config) = world_readable_config(
+        "127.0.0.1:9",
+        "127.0.0.1:47443",
+        "[enforcement]\nlayers = [\"landlock\"]",
+    );
+    let probe = |args: &[&str]| {
+        Command::new(bin_path("ewii-client"))
+            .args(["probe-enforcement", "--config", config.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let installed = |out: Output| -> Vec<String> {
+        json(&out)["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(installed(probe(&[])), ["landlock"]);
+    assert_eq!(
+        installed(probe(&["--layers", "seccomp,privileges"])),
+        ["privileges", "seccomp"]
+    );
+    let out = probe(&["--layers", "ebfp"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("invalid value 'ebfp' for '--layers"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p2_p3_p13_p6_the_unprivileged_layers_hold_as_uid_65534() {
     privileged!();

@@ -87,13 +87,14 @@ enum Command {
         /// Configuration file (TOML).
         #[arg(long, env = "EWII_CONFIG", default_value = "/etc/ewii/client.toml")]
         config: PathBuf,
-        /// Layers to install, comma-separated.
+        /// Layers to install, comma-separated; by default the configuration's
+        /// `[enforcement] layers`.
         #[arg(
             long,
-            default_value = "ebpf,landlock,privileges,seccomp",
-            value_delimiter = ','
+            value_delimiter = ',',
+            value_parser = ["ebpf", "landlock", "privileges", "seccomp"]
         )]
-        layers: Vec<String>,
+        layers: Option<Vec<String>>,
     },
     /// Print the Client's state (from the status file).
     Status {
@@ -209,7 +210,9 @@ fn main() -> ExitCode {
             })
         }
         Command::Run { config } => run(&config),
-        Command::ProbeEnforcement { config, layers } => probe_enforcement(&config, &layers),
+        Command::ProbeEnforcement { config, layers } => {
+            probe_enforcement(&config, layers.as_deref())
+        }
         Command::Status { state_dir } => match Status::read(&state_dir) {
             Ok(status) => {
                 println!(
@@ -574,7 +577,7 @@ fn run(path: &Path) -> ExitCode {
     })
 }
 
-fn probe_enforcement(path: &Path, layers: &[String]) -> ExitCode {
+fn probe_enforcement(path: &Path, layers: Option<&[String]>) -> ExitCode {
     let config: ClientConfig = match config::load(path) {
         Ok(c) => c,
         Err(e) => return fail(EXIT_CONFIG, format!("{}: {e}", path.display())),
@@ -586,7 +589,11 @@ fn probe_enforcement(path: &Path, layers: &[String]) -> ExitCode {
             format!("no address to dial for {}", plan.unresolved.join(", ")),
         );
     }
-    let layers: Vec<&str> = layers.iter().map(String::as_str).collect();
+    let layers: Vec<&str> = layers
+        .unwrap_or(&config.layers)
+        .iter()
+        .map(String::as_str)
+        .collect();
     // The probe's lock is held by its own process: it leaves nothing behind.
     let (report, denies) = enforce::install(&plan, &layers, enforce::Hold::Process);
     let probes = enforce::matrix(&plan);

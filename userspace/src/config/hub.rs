@@ -284,11 +284,14 @@ impl FromStr for HubConfig {
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let raw: RawHub = parse_toml(s, HUB_TOP_LEVEL)?;
         if raw.svid_lifetime_secs < MIN_SVID_LIFETIME_SECS
-            || raw.svid_lifetime_secs > crate::identity::MAX_SVID_LIFETIME_SECS
+            || raw.svid_lifetime_secs > crate::identity::PROMISED_SVID_LIFETIME_SECS
         {
-            return Err(ConfigError::Invalid(
-                "svid_lifetime_secs must be between 4 and 2592000 (30 days)".into(),
-            ));
+            return Err(ConfigError::Invalid(format!(
+                "svid_lifetime_secs must be between {MIN_SVID_LIFETIME_SECS} and {} (24 hours): \
+                 the customers are promised SVIDs rotated every 24 hours, and each Client's \
+                 `ewii-client verify` reports a longer one as broken",
+                crate::identity::PROMISED_SVID_LIFETIME_SECS
+            )));
         }
         let mut services: Vec<ServiceConfig> = Vec::new();
         for s in raw.service {

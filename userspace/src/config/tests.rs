@@ -99,12 +99,21 @@ fn counts_out_of_their_range_are_refused_with_the_range() {
     assert_eq!((c.max_queries, c.audit_backlog), (100_000, 16));
     // An SVID lifetime a Client renews before its end: half of it is at least the 1 s gap a
     // Client keeps between renewals, with room for the round trip.
-    for bad in [3, 2_592_001] {
+    // At most the 24 hours customers are promised (P7).
+    for bad in [3, 86_401, 2_592_000] {
         let err = format!("state_dir = \"/s\"\nsvid_lifetime_secs = {bad}\n")
             .parse::<HubConfig>()
             .unwrap_err();
-        assert!(err.to_string().contains("between 4 and 2592000"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("between 4 and 86400 (24 hours): the customers are promised"),
+            "{err}"
+        );
     }
+    let longest: HubConfig = "state_dir = \"/s\"\nsvid_lifetime_secs = 86400\n"
+        .parse()
+        .unwrap();
+    assert_eq!(longest.svid_lifetime, Duration::from_secs(86_400));
     let shortest: HubConfig = "state_dir = \"/s\"\nsvid_lifetime_secs = 4\n"
         .parse()
         .unwrap();

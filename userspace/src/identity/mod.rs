@@ -45,9 +45,14 @@ pub enum IdentityError {
     BundleHash,
 }
 
-/// The longest SVID lifetime a Hub issues (`svid_lifetime_secs`); a Client refuses an issued
-/// SVID valid for longer (plus the CA's backdating), which would stop its rotation (P7).
+/// The longest SVID lifetime a Client takes from a Hub (plus the CA's backdating): a longer
+/// one would stop its rotation. A Hub issues at most [`PROMISED_SVID_LIFETIME_SECS`]; the
+/// slack lets a Client keep working with a Hub misconfigured by hand, which its `verify`
+/// reports as breaking P7.
 pub const MAX_SVID_LIFETIME_SECS: u64 = 30 * 86_400;
+/// The longest SVID lifetime a Hub may be set to issue (`svid_lifetime_secs`): the customer
+/// is promised an SVID rotated every 24 hours (P7), and `ewii-client verify` checks it.
+pub const PROMISED_SVID_LIFETIME_SECS: u64 = 86_400;
 /// The most octets in a certificate serial (RFC 5280 §4.1.2.2: conforming CAs use at most 20),
 /// not counting a leading zero that DER adds to keep it positive. A serial names files in the
 /// Client's state directory.

@@ -24,7 +24,7 @@ use procfs::{Attribution, Credentials, Proto, Sockets};
 
 /// The longest SVID lifetime that still keeps "rotated every 24 hours" (a minute of slack
 /// for the issuer's back-dating).
-const MAX_LIFETIME_SECS: i64 = 24 * 3600 + 300;
+const MAX_LIFETIME_SECS: i64 = identity::PROMISED_SVID_LIFETIME_SECS as i64 + 300;
 
 /// The Client's process name in `/proc/<pid>/status`.
 const CLIENT_COMM: &str = "ewii-client";
