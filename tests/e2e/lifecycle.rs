@@ -3307,6 +3307,17 @@ async fn p7_a_token_ttl_or_workload_lifetime_out_of_range_is_refused() {
     assert!(!out.exists(), "nothing written for a refused lifetime");
     admin::create_token(&state, "beta", second, None, false).unwrap();
     admin::issue_workload_svid(&state, "billing", second, &out).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&out), 0o700, "a directory it makes is private");
+    assert_eq!(mode(&out.join(store::SVID_KEY)), 0o600);
+    // A directory that exists (the workload's own, `--out /etc/billing`) keeps its mode.
+    let shared = hub.dir.path().join("billing");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    admin::issue_workload_svid(&state, "billing", second, &shared).unwrap();
+    assert_eq!(mode(&shared), 0o755);
+    assert_eq!(mode(&shared.join(store::SVID_KEY)), 0o600);
 }
 
 /// At a stop, each session's end goes to the store (a synced commit) before its record, and the

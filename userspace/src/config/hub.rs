@@ -353,8 +353,14 @@ impl FromStr for HubConfig {
                     ServiceMode::Tls { workloads }
                 }
             };
+            let destination = s.destination.parse().map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "service {:?}: `destination` is not the name of an entry in the Client's allow-list: {e}",
+                    s.name
+                ))
+            })?;
             services.push(ServiceConfig {
-                destination: s.destination.parse()?,
+                destination,
                 name: s.name,
                 listen: s.listen,
                 client: s.client,

@@ -99,16 +99,24 @@ impl FromStr for HubAddress {
 
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let bad = || ConfigError::Invalid(format!("hub address {s:?} is not host[:port]"));
-        if let Ok(sa) = s.parse::<SocketAddr>() {
-            return Ok(Self {
-                host: sa.ip().to_string(),
-                port: sa.port(),
+        // An address, with a port or without (443): `[2001:db8::1]` as well as `2001:db8::1`.
+        let address = s
+            .parse::<SocketAddr>()
+            .map(|sa| (sa.ip(), sa.port()))
+            .or_else(|_| {
+                match s.strip_prefix('[').and_then(|v6| v6.strip_suffix(']')) {
+                    Some(v6) => v6.parse::<std::net::Ipv6Addr>().map(std::net::IpAddr::from),
+                    None => s.parse::<std::net::IpAddr>(),
+                }
+                .map(|ip| (ip, 443))
             });
-        }
-        if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        if let Ok((ip, port)) = address {
+            if port == 0 {
+                return Err(bad());
+            }
             return Ok(Self {
                 host: ip.to_string(),
-                port: 443,
+                port,
             });
         }
         let (host, port) = match s.rsplit_once(':') {

@@ -145,11 +145,23 @@ fn hub_addresses() {
         ("10.0.0.1:8443", "10.0.0.1:8443"),
         ("[::1]:443", "[::1]:443"),
         ("::1", "[::1]:443"),
+        ("[2001:db8::1]", "[2001:db8::1]:443"),
+        ("10.0.0.1", "10.0.0.1:443"),
         ("Hub.Example.NET:4433", "hub.example.net:4433"),
     ] {
         assert_eq!(s.parse::<HubAddress>().unwrap().to_string(), want);
     }
-    for bad in ["", "hub:0", "hub:x", "hu b:1", "a/b:1"] {
+    for bad in [
+        "",
+        "hub:0",
+        "hub:x",
+        "hu b:1",
+        "a/b:1",
+        "10.0.0.1:0",
+        "[::1]:0",
+        "[::1",
+        "[10.0.0.1]",
+    ] {
         assert!(bad.parse::<HubAddress>().is_err(), "{bad}");
     }
 }
@@ -197,8 +209,13 @@ fn hub_services_need_a_principal_or_tls() {
     }
     let both = format!("{base}tls = true\nprincipal = \"x\"\n");
     assert!(both.parse::<HubConfig>().is_err());
+    // A bad destination is named with its service and key.
     let bad_dest = base.replace("\"db\"", "\"DB!\"") + "principal = \"b\"\n";
-    assert!(bad_dest.parse::<HubConfig>().is_err());
+    let err = bad_dest.parse::<HubConfig>().unwrap_err().to_string();
+    assert!(
+        err.contains("service \"pg\": `destination` is not the name of an entry in the Client's allow-list: invalid entry name \"DB!\""),
+        "{err}"
+    );
 }
 
 #[test]
