@@ -3318,6 +3318,14 @@ async fn p7_a_token_ttl_or_workload_lifetime_out_of_range_is_refused() {
     admin::issue_workload_svid(&state, "billing", second, &shared).unwrap();
     assert_eq!(mode(&shared), 0o755);
     assert_eq!(mode(&shared.join(store::SVID_KEY)), 0o600);
+    // Missing parents are made as any directory is (`--out /etc/billing/ewii` with no
+    // `/etc/billing` yet): only the directory handed over is private.
+    let nested = hub.dir.path().join("etc").join("billing").join("ewii");
+    admin::issue_workload_svid(&state, "billing", second, &nested).unwrap();
+    let plain = hub.dir.path().join("plain");
+    std::fs::create_dir(&plain).unwrap();
+    assert_eq!(mode(nested.parent().unwrap()), mode(&plain));
+    assert_eq!(mode(&nested), 0o700);
 }
 
 /// At a stop, each session's end goes to the store (a synced commit) before its record, and the

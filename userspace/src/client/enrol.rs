@@ -139,13 +139,13 @@ fn lock(state_dir: &Path) -> Result<super::state_dir::StateLock, EnrolError> {
 
 /// Whether a file can be made in `dir`, as the key, the SVID and the bundle will be once the
 /// Hub has issued them (the lock's file may exist already, and opening it proves less).
-/// Blocking (one create and one remove).
+/// A new file of a random name: nothing planted in the directory (a link, another user's
+/// file) is opened through. Blocking (one create and one remove).
 fn writable(dir: &Path) -> std::io::Result<()> {
-    let probe = dir.join(format!(".enroll-probe-{}", std::process::id()));
+    let probe = dir.join(format!(".enroll-probe-{:016x}", rand::random::<u64>()));
     std::fs::File::options()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .open(&probe)?;
     std::fs::remove_file(&probe)
 }
@@ -350,12 +350,8 @@ fn create_state_dir(dir: &Path) -> Result<(), IdentityError> {
         path: dir.to_owned(),
         source,
     };
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io)?;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    store::create_private_dir(dir).map_err(io)?;
     // This user's directory is made private. Another's is left as it is: a volume's root that
     // Kubernetes' `fsGroup` gave this user's group (root's, 2775) may be written but not
     // chmod-ed by it, and the key written into it is 0600 (`verify` checks it).

@@ -52,7 +52,7 @@ pub enum IssueError {
     #[error("the certificate is not for the key we sent")]
     WrongKey,
     /// The SVID is valid for longer than a Hub issues: it would never be rotated (P7).
-    #[error("the SVID is valid for {secs} s, longer than any Hub issues ({} s)", MAX_SVID_LIFETIME_SECS + crate::identity::ca::BACKDATE.as_secs())]
+    #[error("the SVID is valid for {secs} s, longer than a Client takes ({} s)", MAX_SVID_LIFETIME_SECS + crate::identity::ca::BACKDATE.as_secs())]
     TooLong {
         /// Its validity, `not_after - not_before`.
         secs: i64,

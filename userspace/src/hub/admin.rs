@@ -269,8 +269,7 @@ pub fn issue_workload_svid(
     }
     // Made 0700 when missing; one that exists keeps its mode (`--out /etc/billing` must not
     // lock the workload's other files away from it): the key written into it is 0600.
-    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-        .create(out_dir)
+    store::create_private_dir(out_dir)
         .map_err(|e| HubError::Usage(format!("{}: {e}", out_dir.display())))?;
     let (key, _) = new_key_and_csr().map_err(ident(state_dir))?;
     let issued = ca.issue(&key, &id, lifetime).map_err(ident(state_dir))?;

@@ -22,7 +22,7 @@ use crate::enforce::LayerState;
 use crate::identity::{self, store, LeafInfo};
 use procfs::{Attribution, Credentials, Proto, Sockets};
 
-/// The longest SVID lifetime that still keeps "rotated every 24 hours" (a minute of slack
+/// The longest SVID lifetime that still keeps "rotated every 24 hours" (five minutes of slack
 /// for the issuer's back-dating).
 const MAX_LIFETIME_SECS: i64 = identity::PROMISED_SVID_LIFETIME_SECS as i64 + 300;
 
