@@ -170,6 +170,29 @@ async fn p7_hub_refuses_a_self_signed_svid() {
     );
 }
 
+/// A stranger's certificate may claim a SPIFFE ID of 2,048 bytes: its record quotes it
+/// bounded, as every peer's words are (docs/audit.md), not whole in each refusal's line.
+#[tokio::test]
+async fn p7_a_strangers_long_claimed_id_is_bounded_in_the_refusals_record() {
+    let hub = TestHub::start(&[]).await;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let long = format!("spiffe://test.ewii.local/client/{}", "a".repeat(1_900));
+    let cert = params(&LeafSpec::valid(&[long.as_str()]))
+        .self_signed(&key)
+        .unwrap();
+    let svid = Svid::new(vec![cert.der().clone()], &key);
+    let r = assert_hub_refuses(&hub, &svid, "UnknownIssuer").await;
+    let reason = r.reason.unwrap();
+    assert!(reason.len() < 1_100, "{} bytes: {reason}", reason.len());
+    assert!(
+        reason.ends_with(&format!(
+            "(the certificate claims {}…, unproven)",
+            &long[..ewii_common::text::PEER_TEXT_MAX]
+        )),
+        "{reason}"
+    );
+}
+
 #[tokio::test]
 async fn p7_hub_refuses_a_well_formed_svid_it_never_issued() {
     // Signed by the right CA with the right shape: only the Hub's serial records stop it.

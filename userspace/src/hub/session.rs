@@ -512,7 +512,7 @@ impl Session {
         let mut reason = format!(
             "serial {}; allow-list [{}]",
             self.leaf.serial,
-            self.allow_list.join(",")
+            names_bounded(&self.allow_list)
         );
         for (service, entry) in self.unrouted() {
             tracing::warn!(
@@ -901,6 +901,24 @@ async fn hello(
     }
 }
 
+/// The Client's allow-list names, comma-separated, as many whole ones as fit in
+/// [`ewii_common::text::PEER_TEXT_MAX`] characters, then how many there are in all: a Client
+/// may name 1,024 (up to 64 KiB), and each session's record would carry them all.
+fn names_bounded(names: &[String]) -> String {
+    let mut out = String::new();
+    for name in names {
+        let sep = usize::from(!out.is_empty());
+        if out.len() + sep + name.len() > ewii_common::text::PEER_TEXT_MAX {
+            return format!("{out},… ({} names in all)", names.len());
+        }
+        if sep == 1 {
+            out.push(',');
+        }
+        out.push_str(name);
+    }
+    out
+}
+
 /// A random session id, at most [`MAX_SESSION_ID`]: 53 random bits.
 fn new_session_id() -> u64 {
     rand::rng().next_u64() & MAX_SESSION_ID
@@ -939,5 +957,21 @@ mod tests {
         }
         // The top bit in use is used: the ids are not confined to a smaller range.
         assert!(ids.iter().any(|id| id >> 52 == 1));
+    }
+
+    /// A Client may name 1,024 entries of 63 characters: its `session_up` record names whole
+    /// ones up to the bound on a peer's words, then how many there are.
+    #[test]
+    fn a_long_allow_list_is_named_bounded_in_the_sessions_record() {
+        let few = ["db".to_owned(), "cache".to_owned()];
+        assert_eq!(names_bounded(&few), "db,cache");
+        let many: Vec<String> = (0..1_024).map(|i| format!("{i:0>60}")).collect();
+        let listed = names_bounded(&many);
+        let shown = listed
+            .strip_suffix(",… (1024 names in all)")
+            .unwrap_or_else(|| panic!("{listed}"));
+        assert!(shown.len() <= ewii_common::text::PEER_TEXT_MAX, "{listed}");
+        // Eight names of 60 and their commas fit in 512 characters; a ninth would not.
+        assert_eq!(shown, many[..8].join(","));
     }
 }

@@ -439,8 +439,13 @@ impl SpiffeVerifier {
                 r.reason = Some(detail.clone());
             }
             (Some(claimed), false) => {
+                // A stranger's words (a SPIFFE ID may be 2,048 bytes long, and the detail may
+                // name it too): bounded.
+                let said = |s: &str| ewii_common::text::from_peer(s.as_bytes());
                 r.reason = Some(format!(
-                    "{detail} (the certificate claims {claimed}, unproven)"
+                    "{} (the certificate claims {}, unproven)",
+                    said(&detail),
+                    said(claimed)
                 ));
             }
             (None, _) => r.reason = Some(detail.clone()),
