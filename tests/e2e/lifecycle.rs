@@ -1696,6 +1696,7 @@ async fn p8_p15_a_forced_ca_retirement_ends_the_live_sessions_of_old_ca_svids_at
     acme.start();
     hub.wait_connected("acme").await;
     let state = hub.state_dir();
+    let old_ca = store::read_certs(&state.join("ca.pem")).unwrap();
     next_ca_signs(&hub).await;
     // `beta` enrols after the activation: its SVID is from the new CA.
     let beta = TestClient::enrol(&hub, "beta", &[("db", echo.to_string())]).await;
@@ -1714,14 +1715,26 @@ async fn p8_p15_a_forced_ca_retirement_ends_the_live_sessions_of_old_ca_svids_at
     let vouch = format!("untrusted: the bundle of {TD} no longer vouches for serial {serial}");
     hub.wait_audit("acme's session ended", says(Event::SessionLost, &vouch))
         .await;
-    hub.wait_audit(
-        "the reload",
-        says(
-            Event::BundleUpdated,
-            "1 trust anchor(s); pushed to 2 live session(s), 2 re-checked",
-        ),
-    )
-    .await;
+    let reload = hub
+        .wait_audit(
+            "the reload",
+            says(
+                Event::BundleUpdated,
+                "1 trust anchor(s); pushed to 2 live session(s), 2 re-checked",
+            ),
+        )
+        .await;
+    // The Hub's record names the CA that left, as the Client's does.
+    assert!(
+        reload
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.ends_with(&format!(
+                "; removed {}",
+                ewii::identity::bundle_hash(&old_ca[0])
+            ))),
+        "{reload:?}"
+    );
     // The customer's side says why in its own record…
     acme.wait_audit(
         "acme's own record",

@@ -81,6 +81,9 @@ pub type Resolver = Arc<
 struct Lookups {
     resolve: Resolver,
     in_flight: Arc<Mutex<BTreeMap<String, Arc<Flight>>>>,
+    /// Where an entry's first addresses, found by a dial, are recorded (`dns_changed`), and
+    /// the Client's ID for the record.
+    audit: Option<(crate::audit::Audit, String)>,
 }
 
 /// One lookup of one entry, and its outcome once it has one.
@@ -106,18 +109,13 @@ impl Lookups {
         Self {
             resolve,
             in_flight: Arc::default(),
+            audit: None,
         }
     }
 
-    /// The system resolver (`getaddrinfo`, on tokio's blocking threads).
+    /// The system resolver (`getaddrinfo`, on tokio's blocking threads), bounded.
     fn system() -> Self {
-        Self::new(Arc::new(|host, port| {
-            Box::pin(async move {
-                tokio::net::lookup_host((host.as_str(), port))
-                    .await
-                    .map(Iterator::collect)
-            })
-        }))
+        Self::new(Arc::new(|host, port| Box::pin(system_lookup(host, port))))
     }
 
     /// Resolves entry `name` (`host`:`port`): joins the lookup in flight for it, or starts
@@ -178,6 +176,19 @@ impl Lookups {
                     });
                 }
                 addresses.set(name, ok.clone());
+                // Its first addresses: the customer's SIEM sees where the entry points, and
+                // any answer refused, as it does for a refresh's change.
+                if let Some((audit, client_id)) = &self.audit {
+                    let change = AddressChange {
+                        entry: name.to_owned(),
+                        host: host.to_owned(),
+                        before: Vec::new(),
+                        after: ok.clone(),
+                        refused,
+                        adopted: true,
+                    };
+                    audit.emit(change_record(audit, client_id, &change));
+                }
                 Ok(ok)
             })
             .await
@@ -300,6 +311,38 @@ where
     changes
 }
 
+/// The DNS entries some of whose answers were refused when the Client planned its layers at
+/// start, as changes from no addresses to those it took: each is recorded (`dns_changed`), as
+/// a refresh's refusals are. Nothing is looked up here.
+pub fn refused_at_start(
+    allow: &AllowList,
+    enforcement: &crate::enforce::Report,
+) -> Vec<AddressChange> {
+    allow
+        .entries()
+        .filter_map(|entry| {
+            let Host::Dns(host) = &entry.endpoint.host else {
+                return None;
+            };
+            let name = entry.name.to_string();
+            let refused = enforcement.refused_answers.get(&name)?.clone();
+            let after = enforcement
+                .addresses
+                .get(&name)
+                .cloned()
+                .unwrap_or_default();
+            Some(AddressChange {
+                entry: name,
+                host: host.clone(),
+                before: Vec::new(),
+                adopted: !after.is_empty(),
+                after,
+                refused,
+            })
+        })
+        .collect()
+}
+
 /// The `dns_changed` audit record of `change`.
 pub fn change_record(
     audit: &crate::audit::Audit,
@@ -348,6 +391,30 @@ pub fn change_record(
     r
 }
 
+/// How long a lookup of the system resolver may take: `getaddrinfo` follows `resolv.conf`'s
+/// own timeouts, which a resolver that drops queries can stretch to minutes; the dial (or the
+/// refresh) then fails, or keeps its addresses, and says why.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `host`:`port` by the system resolver, at most [`LOOKUP_TIMEOUT`].
+async fn system_lookup(host: String, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    match tokio::time::timeout(
+        LOOKUP_TIMEOUT,
+        tokio::net::lookup_host((host.as_str(), port)),
+    )
+    .await
+    {
+        Ok(answers) => answers.map(Iterator::collect),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no answer from the resolver within {} s",
+                LOOKUP_TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
+
 /// Re-resolves the DNS entries every `every` and records each change; runs until aborted.
 pub async fn refresh_every(
     dialer: Dialer,
@@ -360,12 +427,7 @@ pub async fn refresh_every(
     tick.tick().await;
     loop {
         tick.tick().await;
-        let changes = refresh_once(&dialer, |host, port| async move {
-            tokio::net::lookup_host((host.as_str(), port))
-                .await
-                .map(Iterator::collect)
-        })
-        .await;
+        let changes = refresh_once(&dialer, system_lookup).await;
         for c in &changes {
             audit.emit(change_record(&audit, &client_id, c));
         }
@@ -404,7 +466,17 @@ impl Dialer {
 
     /// The same dialer, looking names up with `resolve` instead of the system resolver.
     pub fn with_resolver(mut self, resolve: Resolver) -> Self {
-        self.lookups = Lookups::new(resolve);
+        self.lookups = Lookups {
+            audit: self.lookups.audit.take(),
+            ..Lookups::new(resolve)
+        };
+        self
+    }
+
+    /// The same dialer, recording in `audit` (as Client `client_id`) the addresses it finds for
+    /// an entry that had none at start (`dns_changed`).
+    pub fn audited(mut self, audit: crate::audit::Audit, client_id: String) -> Self {
+        self.lookups.audit = Some((audit, client_id));
         self
     }
 
@@ -593,6 +665,48 @@ mod tests {
         assert_eq!(r.destination.unwrap().name, "db");
     }
 
+    /// Answers refused when the layers were planned at start are recorded once the Client
+    /// runs, with the addresses it took; an entry with none refused, or given as an address,
+    /// is not.
+    #[test]
+    fn answers_refused_at_start_are_on_record() {
+        let allow = AllowList::from_pairs([
+            ("db", "db.example:5432"),
+            ("cache", "cache.example:6379"),
+            ("ip", "10.0.0.9:80"),
+        ])
+        .unwrap();
+        let taken: SocketAddr = "10.0.0.5:5432".parse().unwrap();
+        let report = crate::enforce::Report {
+            addresses: BTreeMap::from([
+                ("db".to_owned(), vec![taken]),
+                ("cache".to_owned(), vec!["10.0.0.6:6379".parse().unwrap()]),
+            ]),
+            refused_answers: BTreeMap::from([(
+                "db".to_owned(),
+                vec!["169.254.169.254:5432 is link-local".to_owned()],
+            )]),
+            ..crate::enforce::Report::default()
+        };
+        let changes = refused_at_start(&allow, &report);
+        assert_eq!(
+            changes,
+            [AddressChange {
+                entry: "db".into(),
+                host: "db.example".into(),
+                before: vec![],
+                after: vec![taken],
+                refused: vec!["169.254.169.254:5432 is link-local".into()],
+                adopted: true,
+            }]
+        );
+        let r = change_record(&discard(), "spiffe://x/client/acme", &changes[0]);
+        assert_eq!(
+            r.reason.as_deref(),
+            Some("db.example resolved to 10.0.0.5:5432 (was none); refused answers: 169.254.169.254:5432 is link-local; adopted")
+        );
+    }
+
     /// A stand-in for the system resolver (a mock: the system's cannot be made slow or down
     /// here): counts its lookups, holds each until `gate` gives it a permit, then fails the
     /// first and answers `addr` after.
@@ -683,11 +797,25 @@ mod tests {
             );
         }
         assert_eq!(calls.load(SeqCst), 1);
-        // The failure is not remembered: the next query looks up again, and keeps the answer.
+        // The failure is not remembered: the next query looks up again, and keeps the answer,
+        // which is on record as the entry's first addresses.
+        let audit = discard();
+        let dialer = dialer.audited(audit.clone(), "spiffe://x/client/acme".into());
         gate.add_permits(1);
         assert_eq!(dialer.dial("db").await.unwrap().1, addr);
         assert_eq!(calls.load(SeqCst), 2);
         assert_eq!(dialer.addresses.get("db"), vec![addr]);
+        let found: Vec<_> = audit
+            .records()
+            .into_iter()
+            .filter(|r| r.event == ewii_common::audit::Event::DnsChanged)
+            .collect();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].outcome, Some(ewii_common::audit::Outcome::Ok));
+        assert_eq!(
+            found[0].reason.as_deref(),
+            Some(format!("localhost resolved to {addr} (was none); adopted").as_str())
+        );
         assert_eq!(dialer.dial("db").await.unwrap().1, addr);
         assert_eq!(
             calls.load(SeqCst),

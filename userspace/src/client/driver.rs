@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use super::clock::{random, validity, wake_at};
 use super::connect::{self, ConnectError, DialPlan, Opened};
 use super::connection::{Command, Connection, End, Event, Lost};
-use super::dialer::{Addresses, Dialer};
+use super::dialer::{self, Addresses, Dialer};
 use super::query::QueryCtx;
 use super::rotation::{self, Identity, IssueError};
 use super::status::{State, Status, StatusWriter};
@@ -139,10 +139,15 @@ impl Driver {
         // The Dialer starts from the addresses the layers were planned with; with the eBPF
         // lock attached they are the lock's, and stay.
         let addresses = Addresses::new(enforcement.addresses.clone(), enforcement.active("ebpf"));
+        let client_id = identity.leaf.id.to_string();
+        for change in dialer::refused_at_start(&config.allow, &enforcement) {
+            audit.emit(dialer::change_record(&audit, &client_id, &change));
+        }
         let queries = Arc::new(QueryCtx {
             audit: audit.clone(),
-            dialer: Dialer::with_addresses(config.allow.clone(), config.connect_timeout, addresses),
-            client_id: identity.leaf.id.to_string(),
+            dialer: Dialer::with_addresses(config.allow.clone(), config.connect_timeout, addresses)
+                .audited(audit.clone(), client_id.clone()),
+            client_id,
         });
         Self {
             machine,
@@ -244,7 +249,7 @@ impl Driver {
                     .any(|e| matches!(e.endpoint.host, ewii_common::policy::Host::Dns(_)))
             })
             .map(|every| {
-                tokio::spawn(super::dialer::refresh_every(
+                tokio::spawn(dialer::refresh_every(
                     self.queries.dialer.clone(),
                     self.audit.clone(),
                     self.queries.client_id.clone(),

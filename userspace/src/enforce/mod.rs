@@ -101,6 +101,9 @@ pub struct Report {
     /// what the eBPF lock holds, and where the Dialer starts.
     #[serde(default)]
     pub addresses: std::collections::BTreeMap<String, Vec<SocketAddr>>,
+    /// The answers refused at start, with why, by entry name ([`Plan::refused`]).
+    #[serde(default)]
+    pub refused_answers: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl Report {
@@ -117,6 +120,7 @@ impl Report {
                 "no kernel layer: a Client run as a library installs none (the ewii-client binary does), so only its own code keeps to the allow-list".into(),
             ],
             addresses: Default::default(),
+            refused_answers: Default::default(),
         }
     }
 
@@ -258,6 +262,9 @@ pub struct Plan {
     pub unresolved: Vec<String>,
     /// Each DNS allow-list entry's accepted answers at start, by entry name.
     pub by_name: std::collections::BTreeMap<String, Vec<SocketAddr>>,
+    /// The answers refused at start (loopback, link-local, metadata, not unicast), with why, by
+    /// entry name: recorded once the Client runs, as a refresh's are.
+    pub refused: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl Plan {
@@ -290,6 +297,7 @@ impl Plan {
         let mut names_used = config.hub.host.parse::<IpAddr>().is_err();
         let mut allow = Vec::new();
         let mut by_name = std::collections::BTreeMap::new();
+        let mut refused_by_name = std::collections::BTreeMap::new();
         let mut tcp_ports = Vec::new();
         for e in config.allow.entries() {
             tcp_ports.push(e.endpoint.port);
@@ -298,15 +306,22 @@ impl Plan {
                 Host::Dns(name) => {
                     names_used = true;
                     // The same answers the Dialer starts from: the kernel map never holds more.
-                    let mut ok: Vec<SocketAddr> = resolve(name, e.endpoint.port)
-                        .into_iter()
-                        .filter_map(|a| AllowList::check_resolved(name, a).ok())
-                        .collect();
+                    let mut ok: Vec<SocketAddr> = Vec::new();
+                    let mut refused = Vec::new();
+                    for a in resolve(name, e.endpoint.port) {
+                        match AllowList::check_resolved(name, a) {
+                            Ok(a) => ok.push(a),
+                            Err(why) => refused.push(why.to_string()),
+                        }
+                    }
                     ok.sort_unstable();
                     ok.dedup();
                     allow.extend(ok.iter().copied());
                     if !ok.is_empty() {
                         by_name.insert(e.name.to_string(), ok);
+                    }
+                    if !refused.is_empty() {
+                        refused_by_name.insert(e.name.to_string(), refused);
                     }
                 }
             }
@@ -325,6 +340,7 @@ impl Plan {
             tcp_ports,
             unresolved,
             by_name,
+            refused: refused_by_name,
         }
     }
 
@@ -503,6 +519,7 @@ pub fn install(plan: &Plan, layers: &[&str], hold: Hold) -> (Report, Option<Box<
     }
     report.not_covered = report.gaps();
     report.addresses = plan.by_name.clone();
+    report.refused_answers = plan.refused.clone();
     (report, source)
 }
 

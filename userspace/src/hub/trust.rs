@@ -169,9 +169,10 @@ impl BundleFile {
             )),
             Ok(anchors) => {
                 let reason = format!(
-                    "federated trust domain {td}: {} trust anchor(s) from {path} (were {})",
+                    "federated trust domain {td}: {} trust anchor(s) from {path} (were {}){}",
                     anchors.len(),
-                    in_use.len()
+                    in_use.len(),
+                    crate::identity::anchors_changed(&in_use, &anchors)
                 );
                 bundle.replace(anchors);
                 Some((Outcome::Ok, reason))
@@ -706,10 +707,11 @@ impl Trust {
         r.outcome = Some(Outcome::Ok);
         r.reason = Some(if bundle_changed {
             format!(
-                "{} trust anchor(s){}; pushed to {pushed} live session(s){}",
+                "{} trust anchor(s){}; pushed to {pushed} live session(s){}{}",
                 anchors.len(),
                 if ca_changed { ", new signing CA" } else { "" },
                 rechecked.map_or_else(String::new, |n| format!(", {n} re-checked")),
+                crate::identity::anchors_changed(&before, &anchors),
             )
         } else {
             format!(

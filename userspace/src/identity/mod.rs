@@ -170,6 +170,33 @@ pub fn bundle_hash(ca_der: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(ca_der)))
 }
 
+/// What `after` adds to and removes from `before`, anchor by anchor, as a record says it:
+/// `; added sha256:…; removed sha256:…` (each part when it names one; empty for the same
+/// anchors), so that a SIEM sees which CA is trusted from then on.
+pub fn anchors_changed(
+    before: &[rustls::pki_types::CertificateDer<'_>],
+    after: &[rustls::pki_types::CertificateDer<'_>],
+) -> String {
+    let hashes = |from: &[rustls::pki_types::CertificateDer<'_>],
+                  not_in: &[rustls::pki_types::CertificateDer<'_>]| {
+        from.iter()
+            .filter(|c| !not_in.contains(c))
+            .map(|c| bundle_hash(c))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = String::new();
+    for (what, list) in [
+        ("added", hashes(after, before)),
+        ("removed", hashes(before, after)),
+    ] {
+        if !list.is_empty() {
+            out.push_str(&format!("; {what} {list}"));
+        }
+    }
+    out
+}
+
 /// Parses a `sha256:<hex>` pin.
 pub fn parse_bundle_hash(s: &str) -> Result<[u8; 32], IdentityError> {
     let hex_part = s.strip_prefix("sha256:").ok_or(IdentityError::BundleHash)?;
