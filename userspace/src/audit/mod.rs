@@ -779,6 +779,12 @@ mod tests {
         assert_eq!(v6.len(), 10, "one source for the /64");
         let said = summary(&from("2001:db8::"));
         assert_eq!(said.len(), 1);
+        // Its `peer` is the prefix the records came from, not one host of it.
+        assert_eq!(
+            from("2001:db8::/64").len(),
+            1,
+            "the summary's peer names the /64"
+        );
         assert!(
             said[0].starts_with("2 more records of this event from 2001:db8::/64"),
             "{}",

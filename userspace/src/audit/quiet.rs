@@ -252,8 +252,9 @@ fn summaries(side: Side, source: &Source, window: &Window, length: Duration) -> 
             let mut r = AuditRecord::new(crate::now_timestamp(), side, event);
             r.outcome = outcome;
             match source {
+                // An IPv6 host by its prefix: the records held back came from all of it.
                 Source::Address(ip) | Source::Enrolling(ip) | Source::Throttled(ip) => {
-                    r.peer = Some(ip.to_string())
+                    r.peer = Some(host_text(ip))
                 }
                 Source::Claimed(id) => r.client = Some(id.clone()),
                 // The trust domain's own SPIFFE ID: every ID the summary holds begins with it.

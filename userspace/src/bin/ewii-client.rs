@@ -431,9 +431,7 @@ fn run(path: &Path) -> ExitCode {
     // One Client per state directory, checked before anything is installed or written.
     // (Created 0700 when missing, so that a first start can enrol into it.)
     // An error here shows up as the lock's, below.
-    let _ =
-        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
-            .create(&config.state_dir);
+    let _ = ewii::identity::store::create_private_dir(&config.state_dir);
     // A directory this user cannot write is reported after the enforcement check (which says
     // more about a missing privilege); a second Client is refused here, before anything.
     let lock = match client::state_dir::StateLock::acquire(&config.state_dir) {

@@ -323,7 +323,7 @@ fn clock_skew(hub_us: u64, here_us: u64, rtt: Duration) -> Option<String> {
 /// ([`HubAddress::reachable`]). Resolved again at every dial, so that a Hub that moves is
 /// followed; each answer is checked every time.
 pub(crate) async fn resolve(hub: &HubAddress) -> Result<SocketAddr, ConnectError> {
-    let answers = tokio::net::lookup_host((hub.host.as_str(), hub.port))
+    let answers = super::dialer::system_lookup(hub.host.clone(), hub.port)
         .await
         .map_err(|e| ConnectError::Resolve {
             hub: hub.to_string(),

@@ -175,6 +175,12 @@ impl Lookups {
                         ),
                     });
                 }
+                // A refresh may have given the entry its addresses while this lookup ran:
+                // those stand, and the refresh has recorded them.
+                let now_known = addresses.get(name);
+                if !now_known.is_empty() {
+                    return Ok(now_known);
+                }
                 addresses.set(name, ok.clone());
                 // Its first addresses: the customer's SIEM sees where the entry points, and
                 // any answer refused, as it does for a refresh's change.
@@ -397,7 +403,7 @@ pub fn change_record(
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `host`:`port` by the system resolver, at most [`LOOKUP_TIMEOUT`].
-async fn system_lookup(host: String, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+pub(crate) async fn system_lookup(host: String, port: u16) -> std::io::Result<Vec<SocketAddr>> {
     match tokio::time::timeout(
         LOOKUP_TIMEOUT,
         tokio::net::lookup_host((host.as_str(), port)),
@@ -682,10 +688,15 @@ mod tests {
                 ("db".to_owned(), vec![taken]),
                 ("cache".to_owned(), vec!["10.0.0.6:6379".parse().unwrap()]),
             ]),
-            refused_answers: BTreeMap::from([(
-                "db".to_owned(),
-                vec!["169.254.169.254:5432 is link-local".to_owned()],
-            )]),
+            // An entry given as an address is never looked up: whatever the report says of
+            // it, it has no record.
+            refused_answers: BTreeMap::from([
+                (
+                    "db".to_owned(),
+                    vec!["169.254.169.254:5432 is link-local".to_owned()],
+                ),
+                ("ip".to_owned(), vec!["stale".to_owned()]),
+            ]),
             ..crate::enforce::Report::default()
         };
         let changes = refused_at_start(&allow, &report);
@@ -797,12 +808,21 @@ mod tests {
             );
         }
         assert_eq!(calls.load(SeqCst), 1);
-        // The failure is not remembered: the next query looks up again, and keeps the answer,
-        // which is on record as the entry's first addresses.
+        // The failure is not remembered: the next queries look up again (one lookup for them
+        // all), and keep the answer, which is on record once as the entry's first addresses.
         let audit = discard();
         let dialer = dialer.audited(audit.clone(), "spiffe://x/client/acme".into());
+        let burst: Vec<_> = (0..5)
+            .map(|_| {
+                let d = dialer.clone();
+                tokio::spawn(async move { d.dial("db").await })
+            })
+            .collect();
+        waiting_on(&dialer, "db", 5).await;
         gate.add_permits(1);
-        assert_eq!(dialer.dial("db").await.unwrap().1, addr);
+        for q in burst {
+            assert_eq!(q.await.unwrap().unwrap().1, addr);
+        }
         assert_eq!(calls.load(SeqCst), 2);
         assert_eq!(dialer.addresses.get("db"), vec![addr]);
         let found: Vec<_> = audit
@@ -823,6 +843,34 @@ mod tests {
             "a name with addresses is not looked up"
         );
         assert!(dialer.lookups.in_flight.lock().unwrap().is_empty());
+    }
+
+    /// A refresh that gives an entry its addresses while a dial's lookup for it runs stands:
+    /// the lookup then takes them, and does not record a second "first" set.
+    #[tokio::test]
+    async fn a_refresh_during_a_dials_lookup_is_not_recorded_twice() {
+        let (dialer, addr, _calls, gate, _listener) = unresolved().await;
+        let audit = discard();
+        let dialer = dialer.audited(audit.clone(), "spiffe://x/client/acme".into());
+        // The first lookup fails: let it, then hold the next one.
+        gate.add_permits(1);
+        assert!(dialer.dial("db").await.is_err());
+        let d = dialer.clone();
+        let dial = tokio::spawn(async move { d.dial("db").await });
+        waiting_on(&dialer, "db", 1).await;
+        let changes = refresh_once(&dialer, answer(vec![addr])).await;
+        assert_eq!(changes.len(), 1);
+        gate.add_permits(1);
+        assert_eq!(dial.await.unwrap().unwrap().1, addr);
+        let recorded = audit
+            .records()
+            .into_iter()
+            .filter(|r| r.event == ewii_common::audit::Event::DnsChanged)
+            .count();
+        assert_eq!(
+            recorded, 0,
+            "the refresh's change is its caller's to record"
+        );
     }
 
     /// A dial that comes as a lookup ends takes what the lookup left: the addresses it set,

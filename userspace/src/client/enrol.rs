@@ -140,9 +140,14 @@ fn lock(state_dir: &Path) -> Result<super::state_dir::StateLock, EnrolError> {
 /// Whether a file can be made in `dir`, as the key, the SVID and the bundle will be once the
 /// Hub has issued them (the lock's file may exist already, and opening it proves less).
 /// A new file of a random name: nothing planted in the directory (a link, another user's
-/// file) is opened through. Blocking (one create and one remove).
+/// file) is opened through. Named as a cut-short write's temporary file, so that one a crash
+/// leaves is removed at a later start. Blocking (one create and one remove).
 fn writable(dir: &Path) -> std::io::Result<()> {
-    let probe = dir.join(format!(".enroll-probe-{:016x}", rand::random::<u64>()));
+    let probe = dir.join(format!(
+        ".enroll-probe.{}-{:016x}.tmp",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     std::fs::File::options()
         .write(true)
         .create_new(true)

@@ -134,11 +134,7 @@ pub async fn run(
     let lock = tokio::task::spawn_blocking(move || {
         if from_agent {
             // Nothing to enrol: the directory only holds the status, the lock and markers.
-            let _ = std::os::unix::fs::DirBuilderExt::mode(
-                std::fs::DirBuilder::new().recursive(true),
-                0o700,
-            )
-            .create(&dir);
+            let _ = store::create_private_dir(&dir);
         } else if !dir.is_dir() {
             // Not enrolled: say so, rather than that the lock file cannot be made.
             load_state(&dir)?;

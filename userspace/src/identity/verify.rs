@@ -436,7 +436,9 @@ impl SpiffeVerifier {
         match (&who, proven) {
             (Some(_), true) => {
                 r.client.clone_from(&who);
-                r.reason = Some(detail.clone());
+                // A federated partner's CA may issue IDs of 2,048 bytes, and the detail names
+                // the ID: bounded as a peer's words are.
+                r.reason = Some(ewii_common::text::from_peer(detail.as_bytes()));
             }
             (Some(claimed), false) => {
                 // A stranger's words (a SPIFFE ID may be 2,048 bytes long, and the detail may
@@ -448,7 +450,7 @@ impl SpiffeVerifier {
                     said(claimed)
                 ));
             }
-            (None, _) => r.reason = Some(detail.clone()),
+            (None, _) => r.reason = Some(ewii_common::text::from_peer(detail.as_bytes())),
         }
         if audit.emit_from(source, r) {
             tracing::warn!(peer = ?who, reason = %detail, "handshake refused");
