@@ -177,11 +177,9 @@ impl Lookups {
                 }
                 // A refresh may have given the entry its addresses while this lookup ran:
                 // those stand, and the refresh has recorded them.
-                let now_known = addresses.get(name);
-                if !now_known.is_empty() {
-                    return Ok(now_known);
+                if !addresses.replace_if(name, &[], ok.clone()) {
+                    return Ok(addresses.get(name));
                 }
-                addresses.set(name, ok.clone());
                 // Its first addresses: the customer's SIEM sees where the entry points, and
                 // any answer refused, as it does for a refresh's change.
                 if let Some((audit, client_id)) = &self.audit {
@@ -237,10 +235,18 @@ impl Addresses {
             .unwrap_or_default()
     }
 
-    fn set(&self, name: &str, addrs: Vec<SocketAddr>) {
-        if let Ok(mut s) = self.sets.write() {
-            s.insert(name.to_owned(), addrs);
+    /// Makes `addrs` entry `name`'s set if it still is `expected`, under one lock: a lookup
+    /// and a refresh that race cannot both adopt (and record) a change from the same set.
+    /// Returns whether it did.
+    fn replace_if(&self, name: &str, expected: &[SocketAddr], addrs: Vec<SocketAddr>) -> bool {
+        let Ok(mut s) = self.sets.write() else {
+            return false;
+        };
+        if s.get(name).map_or(&[][..], Vec::as_slice) != expected {
+            return false;
         }
+        s.insert(name.to_owned(), addrs);
+        true
     }
 }
 
@@ -302,8 +308,10 @@ where
             continue;
         }
         let adopted = !dialer.addresses.pinned && !after.is_empty() && after != before;
-        if adopted {
-            dialer.addresses.set(&name, after.clone());
+        // A query's first lookup may have set the entry since `before` was read: its set
+        // stands, and it has its record.
+        if adopted && !dialer.addresses.replace_if(&name, &before, after.clone()) {
+            continue;
         }
         changes.push(AddressChange {
             entry: name,
@@ -398,9 +406,10 @@ pub fn change_record(
 }
 
 /// How long a lookup of the system resolver may take: `getaddrinfo` follows `resolv.conf`'s
-/// own timeouts, which a resolver that drops queries can stretch to minutes; the dial (or the
-/// refresh) then fails, or keeps its addresses, and says why.
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// own timeouts (5 s, two attempts, up to three servers by default: 30 s), which a resolver or
+/// an NSS module that hangs stretches without end; past this the dial fails (or the refresh
+/// keeps its addresses) and says why. No lookup glibc's defaults would finish is cut.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `host`:`port` by the system resolver, at most [`LOOKUP_TIMEOUT`].
 pub(crate) async fn system_lookup(host: String, port: u16) -> std::io::Result<Vec<SocketAddr>> {
@@ -850,6 +859,11 @@ mod tests {
     #[tokio::test]
     async fn a_refresh_during_a_dials_lookup_is_not_recorded_twice() {
         let (dialer, addr, _calls, gate, _listener) = unresolved().await;
+        // The refresh answers another address than the held lookup will.
+        let second = tokio::net::TcpListener::bind(("127.0.0.2", addr.port()))
+            .await
+            .unwrap();
+        let refreshed = second.local_addr().unwrap();
         let audit = discard();
         let dialer = dialer.audited(audit.clone(), "spiffe://x/client/acme".into());
         // The first lookup fails: let it, then hold the next one.
@@ -858,10 +872,16 @@ mod tests {
         let d = dialer.clone();
         let dial = tokio::spawn(async move { d.dial("db").await });
         waiting_on(&dialer, "db", 1).await;
-        let changes = refresh_once(&dialer, answer(vec![addr])).await;
+        let changes = refresh_once(&dialer, answer(vec![refreshed])).await;
         assert_eq!(changes.len(), 1);
+        assert!(changes[0].adopted);
         gate.add_permits(1);
-        assert_eq!(dial.await.unwrap().unwrap().1, addr);
+        assert_eq!(
+            dial.await.unwrap().unwrap().1,
+            refreshed,
+            "the refresh's set stands"
+        );
+        assert_eq!(dialer.addresses.get("db"), vec![refreshed]);
         let recorded = audit
             .records()
             .into_iter()
@@ -907,7 +927,7 @@ mod tests {
         assert_eq!(calls.load(SeqCst), 2);
         // Addresses that arrive while a dial is on its way to the lookup are taken as they are.
         let other: SocketAddr = "127.0.0.3:1".parse().unwrap();
-        dialer.addresses.set("db", vec![other]);
+        assert!(dialer.addresses.replace_if("db", &[addr], vec![other]));
         let got = tokio::time::timeout(
             Duration::from_secs(10),
             dialer
