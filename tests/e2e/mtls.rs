@@ -171,7 +171,8 @@ async fn p7_hub_refuses_a_self_signed_svid() {
 }
 
 /// A stranger's certificate may claim a SPIFFE ID of 2,048 bytes: its record quotes it
-/// bounded, as every peer's words are (docs/audit.md), not whole in each refusal's line.
+/// bounded, as every peer's words are (docs/audit.md), not whole in each refusal's line, also
+/// where the refusal's detail names it.
 #[tokio::test]
 async fn p7_a_strangers_long_claimed_id_is_bounded_in_the_refusals_record() {
     let hub = TestHub::start(&[]).await;
@@ -191,6 +192,21 @@ async fn p7_a_strangers_long_claimed_id_is_bounded_in_the_refusals_record() {
         )),
         "{reason}"
     );
+
+    // Refused for its trust domain before its chain is checked (this Hub's trust domains are
+    // known): a detail that names the ID names it bounded, and says the rest whole.
+    let (_, ca) = hub_ca(&hub);
+    let other = format!("spiffe://other.example/client/{}", "b".repeat(1_900));
+    let svid = signed_leaf(&ca, &LeafSpec::valid(&[other.as_str()]));
+    let r = assert_hub_refuses(&hub, &svid, "is not in trust domain test.ewii.local").await;
+    let cut = format!("{}…", &other[..ewii_common::text::PEER_TEXT_MAX]);
+    assert_eq!(
+        r.reason.as_deref(),
+        Some(format!(
+            "{cut} is not in trust domain test.ewii.local nor in a federated one (the certificate claims {cut}, unproven)"
+        ).as_str())
+    );
+    assert_eq!(r.client, None, "unproven");
 }
 
 #[tokio::test]

@@ -239,9 +239,8 @@ impl Addresses {
     /// and a refresh that race cannot both adopt (and record) a change from the same set.
     /// Returns whether it did.
     fn replace_if(&self, name: &str, expected: &[SocketAddr], addrs: Vec<SocketAddr>) -> bool {
-        let Ok(mut s) = self.sets.write() else {
-            return false;
-        };
+        // Nothing is left half-done while it is held: a poisoned one is still right.
+        let mut s = self.sets.write().unwrap_or_else(PoisonError::into_inner);
         if s.get(name).map_or(&[][..], Vec::as_slice) != expected {
             return false;
         }

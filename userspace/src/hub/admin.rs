@@ -79,7 +79,7 @@ pub fn init(state_dir: &Path, trust_domain: &str) -> Result<InitReport, HubError
             state_dir.display()
         )));
     }
-    create_private_dir(state_dir)?;
+    make_private_dir(state_dir)?;
     let ca = Ca::generate(trust_domain).map_err(ident(state_dir))?;
     ca.save(state_dir).map_err(ident(state_dir))?;
     issue_hub_svid(state_dir, &ca).map_err(ident(state_dir))?;
@@ -416,7 +416,10 @@ fn touch(state_dir: &Path, key: &str) -> Result<(), HubError> {
     Ok(())
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), HubError> {
+/// Makes `dir` (the Hub's state directory) and makes it 0700, also when it exists: it holds
+/// the CA's key. (A directory handed to someone else keeps its mode:
+/// [`store::create_private_dir`].)
+fn make_private_dir(dir: &Path) -> Result<(), HubError> {
     let io = |e: std::io::Error| HubError::Usage(format!("{}: {e}", dir.display()));
     std::fs::create_dir_all(dir).map_err(io)?;
     #[cfg(unix)]

@@ -218,17 +218,16 @@ pub fn foreign_owner(state_dir: &Path) -> std::io::Result<Option<ForeignOwner>> 
 }
 
 /// Makes `dir` 0700 if it is missing, its missing parents as any directory is made (so that
-/// `/etc/billing/ewii` leaves `/etc/billing` open to the user later given `ewii`). Returns
-/// whether it made `dir`; one that exists keeps its mode.
-pub fn create_private_dir(dir: &Path) -> std::io::Result<bool> {
+/// `/etc/billing/ewii` leaves `/etc/billing` open to the user later given `ewii`). One that
+/// exists keeps its mode.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent)?;
     }
     match fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(false),
-        Err(e) => Err(e),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        other => other,
     }
 }
 

@@ -433,24 +433,23 @@ impl SpiffeVerifier {
         // Only a proven identity goes in `client`: anyone can write a Client's SPIFFE ID into a
         // self-signed certificate, and a record naming it would frame that Client.
         r.outcome = Some(Outcome::Refused);
+        // A SPIFFE ID may be 2,048 bytes long (a stranger's, or one a federated partner's CA
+        // issued), and the detail may name it: it is quoted bounded, as a peer's words are,
+        // and the rest of the detail (this side's words) as it is.
+        let said = |id: &str| ewii_common::text::from_peer(id.as_bytes());
         match (&who, proven) {
-            (Some(_), true) => {
+            (Some(id), true) => {
                 r.client.clone_from(&who);
-                // A federated partner's CA may issue IDs of 2,048 bytes, and the detail names
-                // the ID: bounded as a peer's words are.
-                r.reason = Some(ewii_common::text::from_peer(detail.as_bytes()));
+                r.reason = Some(detail.replace(id.as_str(), &said(id)));
             }
             (Some(claimed), false) => {
-                // A stranger's words (a SPIFFE ID may be 2,048 bytes long, and the detail may
-                // name it too): bounded.
-                let said = |s: &str| ewii_common::text::from_peer(s.as_bytes());
                 r.reason = Some(format!(
                     "{} (the certificate claims {}, unproven)",
-                    said(&detail),
+                    detail.replace(claimed.as_str(), &said(claimed)),
                     said(claimed)
                 ));
             }
-            (None, _) => r.reason = Some(ewii_common::text::from_peer(detail.as_bytes())),
+            (None, _) => r.reason = Some(said(&detail)),
         }
         if audit.emit_from(source, r) {
             tracing::warn!(peer = ?who, reason = %detail, "handshake refused");
