@@ -158,7 +158,7 @@ async fn p16_the_ebpf_lock_refuses_everything_outside_the_policy_with_eperm() {
 /// it used to be passed over (a misspelt `ebpf` probed nothing of it and said nothing). The
 /// layers named need no privilege and no optional kernel feature (seccomp, privileges).
 #[test]
-fn probe_enforcement_installs_the_configured_layers_and_refuses_an_unknown_one() {
+fn p3_probe_enforcement_installs_the_configured_layers_and_refuses_an_unknown_one() {
     let (_dir, config) = world_readable_config(
         "127.0.0.1:9",
         "127.0.0.1:47443",

@@ -174,7 +174,7 @@ async fn p7_hub_refuses_a_self_signed_svid() {
 /// bounded, as every peer's words are (docs/audit.md), not whole in each refusal's line, also
 /// where the refusal's detail names it.
 #[tokio::test]
-async fn p7_a_strangers_long_claimed_id_is_bounded_in_the_refusals_record() {
+async fn p7_p12_a_strangers_long_claimed_id_is_bounded_in_the_refusals_record() {
     let hub = TestHub::start(&[]).await;
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let long = format!("spiffe://test.ewii.local/client/{}", "a".repeat(1_900));

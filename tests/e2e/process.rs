@@ -1297,7 +1297,7 @@ fn a_token_without_its_bundle_hash_is_refused_by_name_before_anything_runs() {
 /// volume's root (root's, group 65532, 2775), which that user may write but not chmod: that
 /// directory is left as it is, and the key in it is the user's, 0600.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enrolment_checks_the_state_directory_before_it_spends_the_token() {
+async fn p7_enrolment_checks_the_state_directory_before_it_spends_the_token() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     if skipped_without_root("to enrol as another user") {
         return;

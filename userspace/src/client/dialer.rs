@@ -683,7 +683,7 @@ mod tests {
     /// runs, with the addresses it took; an entry with none refused, or given as an address,
     /// is not.
     #[test]
-    fn answers_refused_at_start_are_on_record() {
+    fn p4_p11_answers_refused_at_start_are_on_record() {
         let allow = AllowList::from_pairs([
             ("db", "db.example:5432"),
             ("cache", "cache.example:6379"),
@@ -856,7 +856,7 @@ mod tests {
     /// A refresh that gives an entry its addresses while a dial's lookup for it runs stands:
     /// the lookup then takes them, and does not record a second "first" set.
     #[tokio::test]
-    async fn a_refresh_during_a_dials_lookup_is_not_recorded_twice() {
+    async fn p4_p11_a_refresh_during_a_dials_lookup_is_not_recorded_twice() {
         let (dialer, addr, _calls, gate, _listener) = unresolved().await;
         // The refresh answers another address than the held lookup will.
         let second = tokio::net::TcpListener::bind(("127.0.0.2", addr.port()))

@@ -166,10 +166,11 @@ pub async fn enrol_replacing(
     audit: &Audit,
 ) -> Result<SpiffeId, EnrolError> {
     let dir = state_dir.to_owned();
-    let lock = tokio::task::spawn_blocking(move || lock(&dir))
+    // Held until the end; taking it made sure the directory can be written.
+    let _lock = tokio::task::spawn_blocking(move || lock(&dir))
         .await
         .map_err(|e| EnrolError::Connect(e.to_string()))??;
-    enrol_replacing_held(hub, token, pin, state_dir, audit, &lock).await
+    replace_locked(hub, token, pin, state_dir, audit).await
 }
 
 /// [`enrol_replacing`] by a process that holds the state directory's lock already:
@@ -189,6 +190,18 @@ pub async fn enrol_replacing_held(
     })
     .await
     .map_err(|e| EnrolError::Connect(e.to_string()))??;
+    replace_locked(hub, token, pin, state_dir, audit).await
+}
+
+/// The enrolment over an identity, by a caller that holds the state directory's lock and has
+/// found it writable: the new SVID, then the markers of the old one removed.
+async fn replace_locked(
+    hub: &HubAddress,
+    token: &str,
+    pin: [u8; 32],
+    state_dir: &Path,
+    audit: &Audit,
+) -> Result<SpiffeId, EnrolError> {
     let id = enrol_audited(hub, token, pin, state_dir, audit).await?;
     let dir = state_dir.to_owned();
     tokio::task::spawn_blocking(move || {

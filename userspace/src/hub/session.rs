@@ -962,7 +962,7 @@ mod tests {
     /// A Client may name 1,024 entries of 63 characters: its `session_up` record names whole
     /// ones up to the bound on a peer's words, then how many there are.
     #[test]
-    fn a_long_allow_list_is_named_bounded_in_the_sessions_record() {
+    fn p12_a_long_allow_list_is_named_bounded_in_the_sessions_record() {
         let few = ["db".to_owned(), "cache".to_owned()];
         assert_eq!(names_bounded(&few), "db,cache");
         let many: Vec<String> = (0..1_024).map(|i| format!("{i:0>60}")).collect();
