@@ -203,17 +203,22 @@ impl Registry {
 
     /// Session `session_id` of `client` said `Goodbye`: no query goes to it any more, but until
     /// it ends ([`Self::remove`]) a revocation of `client` closes it too.
-    pub(crate) fn depart(&self, client: &str, session_id: u64) {
+    ///
+    /// False when the session was in neither map: superseded ([`Command::Superseded`] waits in
+    /// its channel) or closed by a revocation as its `Goodbye` came. It must then end at once:
+    /// nothing could reach it while it drained.
+    pub(crate) fn depart(&self, client: &str, session_id: u64) -> bool {
         // Under the clients' lock throughout (then the departing one, the order
         // `close_revoked` takes them in): a revocation sees the session in one map or the other.
         let Ok(mut clients) = self.clients.lock() else {
-            return;
+            // Poisoned: the maps cannot be read, and the session drains as it would have.
+            return true;
         };
         let Some(c) = clients.get_mut(client) else {
-            return;
+            return false;
         };
         let Some(at) = c.entries.iter().position(|e| e.route.id == session_id) else {
-            return;
+            return false;
         };
         let entry = c.entries.remove(at);
         if c.entries.is_empty() {
@@ -224,6 +229,7 @@ impl Registry {
         if let Ok(mut departing) = self.departing.lock() {
             departing.insert(session_id, (client.to_owned(), entry.route));
         }
+        true
     }
 
     /// Removes a session (when it ends). False when it was gone already.

@@ -140,6 +140,10 @@ pub(crate) struct Session {
     /// `Goodbye` without a revoke while a newer connection of the client is live: the
     /// Client moved (a new SVID from its SPIRE), it did not stop.
     moved: bool,
+    /// `Goodbye` without a revoke found this session in neither of the registry's maps
+    /// (superseded or revoked meanwhile): it is not drained but ended by what it was told,
+    /// since no revocation could reach it while it drained.
+    stranded: bool,
     /// How many older serials recording this session retired (said once it registers).
     retired: usize,
 }
@@ -286,6 +290,7 @@ impl Session {
             strikes: 0,
             pings: transport::Window::new(PINGS_PER_SECOND, Duration::from_secs(1)),
             moved: false,
+            stranded: false,
             retired,
         })
     }
@@ -393,8 +398,9 @@ impl Session {
                     break goodbye_reason(self.goodbye, self.moved);
                 }
                 // After `Goodbye` the registry no longer holds this session (it dropped the
-                // sender): nothing more is told.
-                command = told.recv(), if self.goodbye.is_none() => match command {
+                // sender): nothing more is told. Unless it was in neither map as it departed
+                // (`stranded`): then what it was told before is read, and ends it.
+                command = told.recv(), if self.goodbye.is_none() || self.stranded => match command {
                     Some(Command::Drain) => {
                         drain_until.get_or_insert_with(|| Instant::now() + RETIRED_DRAIN);
                     }
@@ -588,7 +594,9 @@ impl Session {
                 if revoke {
                     self.parts.registry.remove(&self.name, self.id);
                 } else {
-                    self.parts.registry.depart(&self.name, self.id);
+                    // In neither of the registry's maps (superseded, or revoked, as the
+                    // `Goodbye` came), it still reads what it was told, and ends by it.
+                    self.stranded = !self.parts.registry.depart(&self.name, self.id);
                 }
                 self.moved = !revoke && self.parts.registry.route(&self.name).is_some();
                 if revoke {

@@ -251,20 +251,16 @@ impl Session {
     }
 
     /// Whether and how this session's serial renews for `csr`: refused in the first quarter
-    /// of its life, refused when retired, revoked or superseded, refused when it was renewed
+    /// of its life or once it has ended ([`renewal_window`]), refused when retired, revoked or superseded, refused when it was renewed
     /// already for another key (a serial renews once), the same certificate again for the
     /// same key (an answer lost on the way), else a new signature. `Ok((row, again))`.
     async fn decide_renewal(&self, csr: &[u8], now: i64) -> Result<(RenewalRow, bool), String> {
         let parts = &self.parts;
-        let life = (self.leaf.not_after - self.leaf.not_before).max(1);
-        let used = now - self.leaf.not_before;
-        let percent = i64::from(parts.admission.limits().renew_after_percent);
-        if used * 100 < life * percent {
-            return Err(format!(
-                "renewal too early: {used} s of serial {}'s {life} s life used; renewal is refused before {percent} %",
-                self.leaf.serial
-            ));
-        }
+        renewal_window(
+            &self.leaf,
+            now,
+            i64::from(parts.admission.limits().renew_after_percent),
+        )?;
         let key = Ca::csr_key_sha256(csr).map_err(|e| format!("renewal CSR refused: {e}"))?;
         // A renewal is for a fresh key (DESIGN §5, P8): a Client that kept its key through
         // every rotation would keep a stolen copy of it working too.
@@ -428,4 +424,60 @@ fn key_sha256(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
     use sha2::Digest;
     let (_, cert) = x509_parser::parse_x509_certificate(cert).ok()?;
     Some(sha2::Sha256::digest(&cert.public_key().subject_public_key.data).to_vec())
+}
+
+/// Whether `leaf` may renew at `now` (Unix seconds): not before `percent` of its life is used,
+/// and not once it has ended. The session ends with its SVID, but its expiry is waited for on
+/// the monotonic clock and read against the wall clock again at most every 30 s
+/// (`EXPIRY_CHECK_US`): after a forward step of the Hub's clock a session may outlive
+/// its SVID that long, and an ended SVID must not buy a new one (a stolen key past its end
+/// would live on).
+fn renewal_window(leaf: &LeafInfo, now: i64, percent: i64) -> Result<(), String> {
+    if now >= leaf.not_after {
+        return Err(format!(
+            "renewal refused: serial {} ended {} s ago; an ended SVID renews nothing",
+            leaf.serial,
+            now - leaf.not_after
+        ));
+    }
+    let life = (leaf.not_after - leaf.not_before).max(1);
+    let used = now - leaf.not_before;
+    if used * 100 < life * percent {
+        return Err(format!(
+            "renewal too early: {used} s of serial {}'s {life} s life used; renewal is refused before {percent} %",
+            leaf.serial
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(not_before: i64, not_after: i64) -> LeafInfo {
+        LeafInfo {
+            id: "spiffe://customer.example/client/acme".parse().unwrap(),
+            serial: "0a".into(),
+            not_before,
+            not_after,
+        }
+    }
+
+    /// P8: the session's expiry is checked against the wall clock at most every 30 s, so after
+    /// a forward step of the Hub's clock a session may still run on an SVID that has ended: its
+    /// `Renew` is refused, whatever share of the life the step says was used.
+    #[test]
+    fn p8_an_ended_svid_renews_nothing() {
+        let l = leaf(1_000, 1_000 + 86_400);
+        let err = renewal_window(&l, l.not_after, 25).unwrap_err();
+        assert!(err.contains("serial 0a ended 0 s ago"), "{err}");
+        let err = renewal_window(&l, l.not_after + 29, 25).unwrap_err();
+        assert!(err.contains("ended 29 s ago"), "{err}");
+        // The last second of its life still renews; the first quarter does not.
+        assert_eq!(renewal_window(&l, l.not_after - 1, 25), Ok(()));
+        let err = renewal_window(&l, l.not_before + 86_400 / 4 - 1, 25).unwrap_err();
+        assert!(err.starts_with("renewal too early"), "{err}");
+        assert_eq!(renewal_window(&l, l.not_before + 86_400 / 4, 25), Ok(()));
+    }
 }
