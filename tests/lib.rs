@@ -413,6 +413,19 @@ impl TestClient {
     pub async fn wait_audit(&self, what: &str, pred: impl Fn(&AuditRecord) -> bool) -> AuditRecord {
         wait_audit(&self.audit, what, pred).await
     }
+
+    /// Waits until exactly `n` of the Client's audit records match `pred`.
+    pub async fn wait_count(&self, n: usize, what: &str, pred: impl Fn(&AuditRecord) -> bool) {
+        poll_until(&format!("{n} client records: {what}"), SOON, || {
+            self.audit.records().iter().filter(|r| pred(r)).count() == n
+        })
+        .await;
+    }
+}
+
+/// A query record that ended well.
+pub fn query_ok(r: &AuditRecord) -> bool {
+    r.event == Event::Query && r.outcome == Some(Outcome::Ok)
 }
 
 /// A minimal HTTP/1.1 endpoint that records webhook deliveries and answers with the given

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod backlog;
+mod clients;
 mod clock;
 mod crash;
 mod enrol;

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ewii_common::audit::{Event, Outcome};
+use ewii_common::audit::Event;
 use ewii_tests::*;
 
 struct Cluster {
@@ -185,16 +185,7 @@ async fn p4_postgresql_answers_sql_through_the_tunnel() {
     .unwrap();
     assert_eq!(answers.0, "42");
     assert_eq!(answers.1, "2000|64000");
-    poll_until("three client query records", SOON, || {
-        client
-            .audit
-            .records()
-            .iter()
-            .filter(|r| r.event == Event::Query && r.outcome == Some(Outcome::Ok))
-            .count()
-            == 3
-    })
-    .await;
+    client.wait_count(3, "queries ok", query_ok).await;
     let q = client.wait_audit("query", is(Event::Query)).await;
     assert_eq!(
         q.destination.unwrap().address,

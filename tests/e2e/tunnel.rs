@@ -348,16 +348,7 @@ async fn p4_a_hundred_concurrent_queries_all_succeed() {
     for t in tasks {
         t.await.unwrap();
     }
-    poll_until("100 client query records", SOON, || {
-        client
-            .audit
-            .records()
-            .iter()
-            .filter(|r| r.event == Event::Query && r.outcome == Some(Outcome::Ok))
-            .count()
-            == 100
-    })
-    .await;
+    client.wait_count(100, "queries ok", query_ok).await;
 }
 
 #[tokio::test]

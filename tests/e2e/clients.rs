@@ -1,0 +1,383 @@
+//! Real clients from Debian's packages through the tunnel, against real servers behind the
+//! Client (P4): `redis-cli` against `redis-server` (a large value, a pipeline, a subscription
+//! the server pushes to), `curl` against Python's `http.server` (a download checked byte for
+//! byte) and `iperf3` (both directions, parallel connections, both ways at once). Each is what
+//! a customer's first try looks like; each tool's own view of success is asserted, and the
+//! bytes are compared where the tool hands them back.
+//!
+//! Without the tools the tests print `SKIPPED`, unless `EWII_REQUIRE_CLIENTS=1` (set by
+//! `.ci/run`; `scripts/install-test-deps` installs them).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ewii_common::audit::{Event, Outcome};
+use ewii_tests::*;
+use sha2::{Digest, Sha256};
+
+/// A server process, killed when dropped.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether every tool is on the PATH; else the test is skipped (or fails when required).
+fn tools(names: &[&str]) -> bool {
+    let missing: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|t| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {t}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        !require("EWII_REQUIRE_CLIENTS"),
+        "EWII_REQUIRE_CLIENTS=1 but missing: {missing:?} (scripts/install-test-deps installs them)"
+    );
+    println!("SKIPPED: missing {missing:?}");
+    false
+}
+
+/// Waits until something accepts TCP connections at `addr` (a server that has started).
+async fn listening(what: &str, addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + SOON;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} does not listen on {addr}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Runs a tool to its end (bounded) and returns its stdout; a failure or a timeout fails the
+/// test with what the tool said.
+async fn run(cmd: &mut Command, stdin: &[u8]) -> String {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_vec();
+    let writer = std::thread::spawn(move || input.write_all(&stdin));
+    let shown = format!("{cmd:?}");
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{shown} did not end within 60 s"))
+    .unwrap()
+    .unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{shown}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A Hub with one service to `client`'s entry `dest`, and that Client, enrolled and connected.
+async fn tunnel(client: &'static str, dest: SocketAddr) -> (TestHub, TestClient, SocketAddr) {
+    let hub = TestHub::start(&[Service::tcp("svc", client, "dest")]).await;
+    let c = TestClient::enrol_and_run(&hub, client, &[("dest", dest.to_string())]).await;
+    hub.wait_connected(client).await;
+    let entry = hub.service("svc");
+    (hub, c, entry)
+}
+
+fn redis_cli(entry: SocketAddr, args: &[&str]) -> Command {
+    let mut c = Command::new("redis-cli");
+    c.args(["-h", "127.0.0.1", "-p", &entry.port().to_string()])
+        .args(args);
+    c
+}
+
+/// P4: `redis-cli` through the tunnel, as a customer's cache would be used: a 1 MiB value
+/// written and read back whole, 20,000 commands in one pipeline (`--pipe`, which sends
+/// everything before it reads), and a subscription that the server pushes a message to while
+/// another query publishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_redis_cli_through_the_tunnel() {
+    if !tools(&["redis-server", "redis-cli"]) {
+        return;
+    }
+    let held = hold_tcp_port();
+    let port = held.addr.port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let _redis = Server(
+        Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port, "--save", ""])
+            .args(["--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    drop(held);
+    let dest = SocketAddr::from(([127, 0, 0, 1], port.parse::<u16>().unwrap()));
+    listening("redis-server", dest).await;
+    let (_hub, client, entry) = tunnel("acme", dest).await;
+
+    assert_eq!(run(&mut redis_cli(entry, &["PING"]), b"").await, "PONG\n");
+
+    // 1 MiB of printable bytes (redis-cli -x takes the value from stdin as it is).
+    let value: Vec<u8> = (0..1 << 20).map(|i| b'a' + (i * 7 % 26) as u8).collect();
+    assert_eq!(
+        run(&mut redis_cli(entry, &["-x", "SET", "big"]), &value).await,
+        "OK\n"
+    );
+    let got = run(&mut redis_cli(entry, &["--no-raw", "STRLEN", "big"]), b"").await;
+    assert_eq!(got.trim(), "(integer) 1048576");
+    let got = run(&mut redis_cli(entry, &["GET", "big"]), b"").await;
+    assert_eq!(got.trim_end().as_bytes(), &value[..], "the value read back");
+
+    // RESP commands, all sent before any reply is read.
+    let mut pipe = Vec::new();
+    for i in 0..20_000 {
+        let (k, v) = (format!("k{i}"), format!("v{i}"));
+        write!(
+            pipe,
+            "*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n{v}\r\n",
+            k.len(),
+            v.len()
+        )
+        .unwrap();
+    }
+    let got = run(&mut redis_cli(entry, &["--pipe"]), &pipe).await;
+    assert!(got.contains("errors: 0, replies: 20000"), "{got}");
+    assert_eq!(
+        run(&mut redis_cli(entry, &["GET", "k19999"]), b"").await,
+        "v19999\n"
+    );
+
+    // A subscriber holds its query open; the server pushes to it.
+    let mut sub = Server(
+        redis_cli(entry, &["SUBSCRIBE", "news"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = BufReader::new(sub.0.stdout.take().unwrap());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in lines.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Subscribed: redis-cli prints the confirmation ("subscribe", "news", "1").
+    let mut seen = Vec::new();
+    while !seen.ends_with(&["subscribe".to_owned(), "news".to_owned(), "1".to_owned()]) {
+        let line = tokio::time::timeout(SOON, rx.recv())
+            .await
+            .expect("the subscription is confirmed through the tunnel")
+            .expect("redis-cli SUBSCRIBE ended early");
+        seen.push(line);
+    }
+    let receivers = run(&mut redis_cli(entry, &["PUBLISH", "news", "through"]), b"").await;
+    assert_eq!(
+        receivers, "1\n",
+        "one subscriber, reached through the tunnel"
+    );
+    let mut pushed = Vec::new();
+    while !pushed.ends_with(&[
+        "message".to_owned(),
+        "news".to_owned(),
+        "through".to_owned(),
+    ]) {
+        let line = tokio::time::timeout(SOON, rx.recv())
+            .await
+            .expect("the server's push reaches the subscriber")
+            .expect("redis-cli SUBSCRIBE ended early");
+        pushed.push(line);
+    }
+    drop(sub);
+    // PING, SET, STRLEN, GET, --pipe, GET, SUBSCRIBE, PUBLISH.
+    client.wait_count(8, "queries ok", query_ok).await;
+}
+
+/// P4: `curl` downloads a 24 MiB file from a web server behind the Client, and two files over
+/// one invocation; what it wrote is what the server holds, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_curl_downloads_through_the_tunnel() {
+    if !tools(&["curl", "python3"]) {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let big: Vec<u8> = (0..24 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    std::fs::write(root.path().join("big.bin"), &big).unwrap();
+    std::fs::write(root.path().join("small.txt"), b"through the tunnel\n").unwrap();
+    let held = hold_tcp_port();
+    let port = held.addr.port();
+    drop(held);
+    let _http = Server(
+        Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1"])
+            .arg(port.to_string())
+            .current_dir(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let dest = SocketAddr::from(([127, 0, 0, 1], port));
+    listening("python3 -m http.server", dest).await;
+    let (_hub, client, entry) = tunnel("acme", dest).await;
+
+    let out = tempfile::tempdir().unwrap();
+    let url = |f: &str| format!("http://127.0.0.1:{}/{f}", entry.port());
+    let got = run(
+        Command::new("curl")
+            .args(["-fsS", "--max-time", "50", "-o"])
+            .arg(out.path().join("big.bin"))
+            .args(["-w", "%{http_code} %{size_download}", &url("big.bin")]),
+        b"",
+    )
+    .await;
+    assert_eq!(got, format!("200 {}", big.len()));
+    assert_eq!(
+        sha256_file(&out.path().join("big.bin")),
+        Sha256::digest(&big).to_vec(),
+        "the download is the file, byte for byte"
+    );
+    // Two URLs in one invocation: two connections (the server speaks HTTP/1.0), two queries.
+    let got = run(
+        Command::new("curl").args([
+            "-fsS",
+            "--max-time",
+            "20",
+            &url("small.txt"),
+            &url("small.txt"),
+        ]),
+        b"",
+    )
+    .await;
+    assert_eq!(got, "through the tunnel\nthrough the tunnel\n");
+    client.wait_count(3, "queries ok", query_ok).await;
+}
+
+fn sha256_file(path: &Path) -> Vec<u8> {
+    Sha256::digest(std::fs::read(path).unwrap()).to_vec()
+}
+
+/// One `iperf3` run's JSON, after checking that iperf3 itself reports no error and that data
+/// was received in every direction it ran.
+async fn iperf3(entry: SocketAddr, args: &[&str]) -> serde_json::Value {
+    let out = run(
+        Command::new("iperf3")
+            .args(["-c", "127.0.0.1", "-p", &entry.port().to_string()])
+            .args(["-t", "1", "-J", "--connect-timeout", "10000"])
+            .args(args),
+        b"",
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v.get("error").is_none(), "iperf3 {args:?}: {}", v["error"]);
+    v
+}
+
+fn received(v: &serde_json::Value, sum: &str) -> u64 {
+    v["end"][sum]["bytes"].as_u64().unwrap_or(0)
+}
+
+/// P4: `iperf3` through the tunnel: upload, download (`-R`), four parallel data connections
+/// (`-P 4`, five queries with the control connection) and both directions at once
+/// (`--bidir`). iperf3's own control protocol checks that both ends agree on the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_iperf3_through_the_tunnel() {
+    if !tools(&["iperf3"]) {
+        return;
+    }
+    let held = hold_tcp_port();
+    let port = held.addr.port();
+    drop(held);
+    let _server = Server(
+        Command::new("iperf3")
+            .args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let dest = SocketAddr::from(([127, 0, 0, 1], port));
+    listening("iperf3 -s", dest).await;
+    let (_hub, client, entry) = tunnel("acme", dest).await;
+
+    let up = iperf3(entry, &[]).await;
+    assert!(received(&up, "sum_received") > 0, "upload: {up}");
+    let down = iperf3(entry, &["-R"]).await;
+    assert!(received(&down, "sum_received") > 0, "download: {down}");
+    let parallel = iperf3(entry, &["-P", "4"]).await;
+    let streams = parallel["end"]["streams"].as_array().unwrap();
+    assert_eq!(streams.len(), 4, "{parallel}");
+    for s in streams {
+        assert!(s["receiver"]["bytes"].as_u64().unwrap_or(0) > 0, "{s}");
+    }
+    let both = iperf3(entry, &["--bidir"]).await;
+    assert!(received(&both, "sum_received") > 0, "bidir, up: {both}");
+    assert!(
+        received(&both, "sum_received_bidir_reverse") > 0,
+        "bidir, down: {both}"
+    );
+    // Each connection is a query on record: control and data, 2 + 2 + 5 + 3. The control
+    // connections end as they should; a data connection's receiver closes while its sender
+    // still sends (iperf3 times the test, not the bytes), so the Client records what the
+    // destination did to the bytes in flight (a broken pipe, a reset), as TCP would tell them.
+    client.wait_count(12, "queries", is(Event::Query)).await;
+    let records = client.audit.records();
+    let queries: Vec<_> = records.iter().filter(|r| r.event == Event::Query).collect();
+    let ok = queries
+        .iter()
+        .filter(|r| r.outcome == Some(Outcome::Ok))
+        .count();
+    assert!(
+        ok >= 4,
+        "the four control connections end cleanly: {queries:?}"
+    );
+    assert!(
+        queries.iter().all(|r| r.outcome != Some(Outcome::Refused)),
+        "{queries:?}"
+    );
+    let moved: u64 = queries
+        .iter()
+        .map(|r| r.bytes_up.unwrap_or(0) + r.bytes_down.unwrap_or(0))
+        .sum();
+    let reported = [&up, &down, &parallel, &both]
+        .iter()
+        .map(|v| received(v, "sum_received") + received(v, "sum_received_bidir_reverse"))
+        .sum::<u64>();
+    assert!(
+        moved >= reported,
+        "the records count at least what iperf3's receivers got: {moved} < {reported}"
+    );
+}
