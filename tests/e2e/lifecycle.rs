@@ -690,6 +690,55 @@ async fn p9_a_client_silent_past_the_grace_is_revoked() {
     client.stop().await;
 }
 
+/// A grace revocation the Hub cannot record (a full disk; here a trigger) is tried again after
+/// a pause, not at once: the deadline, past and unchanged, used to wake the watcher again at
+/// once, each turn two database jobs and a `revoked` `failed` record. Once the database takes
+/// the write, the next try revokes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p9_a_grace_revocation_that_cannot_be_recorded_is_retried_after_a_pause() {
+    let hub = TestHub::start_custom(&[], "revoke_after_lost_secs = 1\n").await;
+    let mut client = TestClient::enrol_and_run(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    hub.wait_connected("acme").await;
+    let db = rusqlite::Connection::open(hub.state_dir().join(admin::DB_FILE)).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE UPDATE OF revoked_at ON clients BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+    )
+    .unwrap();
+    client.stop().await; // disconnect only
+    let failed = |r: &ewii_common::audit::AuditRecord| {
+        r.event == Event::Revoked && r.outcome == Some(Outcome::Failed)
+    };
+    let first = hub
+        .wait_audit("a grace revocation not recorded", failed)
+        .await;
+    assert!(
+        first
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("disk full")),
+        "{first:?}"
+    );
+    let statements = hub.handle().store_statements();
+    // Within the pause after the first failure, nothing is tried again.
+    tokio::time::sleep(GRACE_RETRY_WITHIN).await;
+    assert_eq!(count(&hub.audit, failed), 1, "one failure, then a pause");
+    let ran = hub.handle().store_statements() - statements;
+    assert!(ran < 50, "{ran} database statements during the pause");
+    db.execute_batch("DROP TRIGGER refuse").unwrap();
+    let revoked = hub
+        .wait_audit("the grace revocation, recorded", |r| {
+            r.event == Event::Revoked && r.outcome == Some(Outcome::Ok)
+        })
+        .await;
+    assert_eq!(
+        revoked.reason.as_deref(),
+        Some("no session for 1 s (revoke_after_lost_secs)")
+    );
+}
+
+/// Shorter than the Hub's first pause after a failed grace revocation (2 s).
+const GRACE_RETRY_WITHIN: Duration = Duration::from_millis(1500);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p10_central_revoke_closes_a_live_session_within_1s_and_a_restart_exits_at_once() {
     let hub = TestHub::start(&[]).await;

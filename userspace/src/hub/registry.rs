@@ -420,7 +420,8 @@ pub(crate) async fn revoke(
 }
 
 /// Revokes `client` for the silent-client grace of `grace_secs`, if it is still silent when
-/// the store comes to it, and audits it (a failure too).
+/// the store comes to it, and audits it (a failure too): whether it is recorded (or was not
+/// due).
 pub(crate) async fn revoke_if_silent(
     store: &Store,
     audit: &Audit,
@@ -428,9 +429,9 @@ pub(crate) async fn revoke_if_silent(
     id: &SpiffeId,
     reason: &str,
     grace_secs: i64,
-) {
+) -> bool {
     let made = store.revoke_if_silent(client, reason, grace_secs).await;
-    audit_revocation(audit, client, id, None, reason, made);
+    audit_revocation(audit, client, id, None, reason, made)
 }
 
 /// The audit record of a revocation the store made (`Ok(true)`), or could not (`Err`): whether

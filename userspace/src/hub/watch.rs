@@ -45,6 +45,14 @@ pub(crate) const FEDERATION_CHECK: Duration = Duration::from_secs(5);
 /// changing, a state directory that cannot be read for a moment). Without it, the next try
 /// would wait for the next change to the database, which may never come.
 pub(crate) const RELOAD_RETRY: Duration = Duration::from_secs(1);
+/// How soon the silent-client grace is tried again after a revocation it could not record (a
+/// full disk, a database another writer holds), doubled at each failure in a row up to
+/// [`GRACE_RETRY_MAX`]. Without it the deadline, past and unchanged, would wake the watcher at
+/// once, again and again: two database jobs, an error line and a `revoked` `failed` record per
+/// silent client per turn, on the thread that admits new connections.
+pub(crate) const GRACE_RETRY: Duration = Duration::from_secs(2);
+/// The longest wait between two tries of a grace that keeps failing.
+const GRACE_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// What the watcher needs.
 #[derive(Debug, Clone)]
@@ -62,7 +70,9 @@ pub(crate) struct Parts {
 pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Change>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut grace_at = next_grace(&parts);
+    // The grace's next try is not before `grace_hold`, and waits `grace_retry` after a failure.
+    let (mut grace_hold, mut grace_retry) = (None, GRACE_RETRY);
+    let mut grace_at = next_grace(&parts, grace_hold);
     // When the last reload failed, while it keeps failing.
     let mut reload_failed: Option<Instant> = None;
     loop {
@@ -106,11 +116,16 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
                 if let Some(id) = audited {
                     tokio::spawn(mark_audited(parts.audit.clone(), parts.store.clone(), id));
                 }
-                grace_at = next_grace(&parts);
+                grace_at = next_grace(&parts, grace_hold);
             }
             Wake::Grace => {
-                revoke_silent(&parts).await;
-                grace_at = next_grace(&parts);
+                if revoke_silent(&parts).await {
+                    (grace_hold, grace_retry) = (None, GRACE_RETRY);
+                } else {
+                    grace_hold = Some(Instant::now() + grace_retry);
+                    grace_retry = (grace_retry * 2).min(GRACE_RETRY_MAX);
+                }
+                grace_at = next_grace(&parts, grace_hold);
             }
         }
     }
@@ -239,8 +254,9 @@ async fn reload_trust(parts: &Parts) -> bool {
         .unwrap_or(false)
 }
 
-/// When the next client passes its grace, as an instant.
-fn next_grace(parts: &Parts) -> Option<Instant> {
+/// When the next client passes its grace, as an instant; not before `hold` (a retry after a
+/// failure).
+fn next_grace(parts: &Parts, hold: Option<Instant>) -> Option<Instant> {
     let grace = parts.grace?;
     let at = parts
         .store
@@ -248,22 +264,30 @@ fn next_grace(parts: &Parts) -> Option<Instant> {
         .next_silent_deadline(grace.as_secs() as i64)?;
     let now_us = crate::now_timestamp().0 as i128;
     let wait_us = (i128::from(at) * 1_000_000 - now_us).clamp(0, 1 << 62);
-    Some(Instant::now() + Duration::from_micros(wait_us as u64))
+    let at = Instant::now() + Duration::from_micros(wait_us as u64);
+    Some(hold.map_or(at, |hold| at.max(hold)))
 }
 
-async fn revoke_silent(parts: &Parts) {
+/// Revokes the clients silent past the grace; false when one could not be recorded (or the
+/// silent ones could not be read): the grace is tried again later ([`GRACE_RETRY`]).
+async fn revoke_silent(parts: &Parts) -> bool {
     let Some(grace) = parts.grace else {
-        return;
+        return true;
     };
     let silent = match parts.store.silent(grace.as_secs() as i64).await {
         Ok(silent) => silent,
         Err(e) => {
             tracing::error!(error = %e, "cannot read which clients are silent");
-            return;
+            return false;
         }
     };
+    let mut recorded = true;
     for (name, spiffe_id) in silent {
         let Ok(id) = spiffe_id.parse::<SpiffeId>() else {
+            // Not one the Hub wrote (an edited database): still silent at the next turn, so
+            // the grace waits before it looks again.
+            tracing::error!(client = %name, "a silent client's recorded SPIFFE ID does not parse; not revoked");
+            recorded = false;
             continue;
         };
         let reason = format!(
@@ -272,6 +296,9 @@ async fn revoke_silent(parts: &Parts) {
         );
         // Only if it is still silent then: it may have come back since it was listed.
         let grace = grace.as_secs() as i64;
-        registry::revoke_if_silent(&parts.store, &parts.audit, &name, &id, &reason, grace).await;
+        recorded &=
+            registry::revoke_if_silent(&parts.store, &parts.audit, &name, &id, &reason, grace)
+                .await;
     }
+    recorded
 }
