@@ -3573,3 +3573,77 @@ async fn p15_ca_retire_names_a_client_issued_in_the_seconds_after_activate() {
     issued_at(activated + 11);
     admin::ca_retire(&state, false).unwrap();
 }
+
+/// Sets or clears the immutable flag of `dir` (root): no entry can be made in it, while a file
+/// already in it can still be opened for writing and its time set. The shape of a full disk
+/// for the status file: its atomic write (a new temporary, renamed) fails, a touch works.
+fn immutable(dir: &Path, on: bool) -> bool {
+    Command::new("chattr")
+        .arg(if on { "+i" } else { "-i" })
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// P13: a status the Client cannot write (a full or read-only state volume) is not vouched
+/// for. The writer used to refresh the old file's time at every heartbeat while each new
+/// status failed to be written: `health` read an old `connected` as current. Now the file
+/// goes stale (and `health` fails within 35 s), and the next heartbeat after the volume
+/// recovers writes the newest status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p13_a_status_that_cannot_be_written_is_not_refreshed_as_current() {
+    use ewii::client::status::{StatusWriter, HEARTBEAT, STATUS_FILE};
+    let dir = tempfile::tempdir().unwrap();
+    if !immutable(dir.path(), false) {
+        assert!(
+            !require("EWII_REQUIRE_PRIVILEGED"),
+            "EWII_REQUIRE_PRIVILEGED=1 but chattr does not work here"
+        );
+        println!("SKIPPED: chattr does not work here");
+        return;
+    }
+    let status = |state: &str| -> Status {
+        serde_json::from_value(serde_json::json!({
+            "state": state, "pid": 7, "updated_us": 0, "hub": "hub:443",
+            "spiffe_id": "spiffe://example.org/client/acme", "svid_not_after": 0,
+            "session_id": null, "allow_list": [], "failures": 0, "last_error": null,
+        }))
+        .unwrap()
+    };
+    let file = dir.path().join(STATUS_FILE);
+    let modified = || std::fs::metadata(&file).and_then(|m| m.modified()).ok();
+    let writer = StatusWriter::start(dir.path().into(), Default::default(), None);
+    writer.publish(status("connected"));
+    poll_until("the first status written", SOON, || {
+        Status::read(dir.path()).is_ok_and(|s| s.state == State::Connected)
+    })
+    .await;
+    struct Mutable<'a>(&'a Path);
+    impl Drop for Mutable<'_> {
+        fn drop(&mut self) {
+            immutable(self.0, false);
+        }
+    }
+    assert!(immutable(dir.path(), true));
+    let guard = Mutable(dir.path());
+    writer.publish(status("backoff"));
+    let before = modified();
+    // Past a heartbeat: the old code touched the file here.
+    tokio::time::sleep(HEARTBEAT + Duration::from_millis(1500)).await;
+    assert_eq!(
+        Status::read(dir.path()).unwrap().state,
+        State::Connected,
+        "the write failed: the file holds the old state"
+    );
+    assert_eq!(modified(), before, "and its time is not refreshed");
+    drop(guard);
+    poll_until(
+        "the newest status written once the volume takes it",
+        HEARTBEAT + SOON,
+        || Status::read(dir.path()).is_ok_and(|s| s.state == State::Backoff),
+    )
+    .await;
+    tokio::task::spawn_blocking(move || writer.finish())
+        .await
+        .unwrap();
+}

@@ -116,13 +116,9 @@ pub struct Status {
 
 impl Status {
     /// Writes the file atomically.
-    pub fn write(&self, state_dir: &Path) {
-        let Ok(json) = serde_json::to_vec_pretty(self) else {
-            return;
-        };
-        if let Err(e) = store::write_file(&state_dir.join(STATUS_FILE), &json, 0o644) {
-            tracing::warn!(error = %e, "cannot write status file");
-        }
+    pub fn write(&self, state_dir: &Path) -> Result<(), String> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| e.to_string())?;
+        store::write_file(&state_dir.join(STATUS_FILE), &json, 0o644).map_err(|e| e.to_string())
     }
 
     /// Reads the file.
@@ -221,7 +217,7 @@ impl Status {
         let age = Duration::from_micros(now_us.saturating_sub(self.updated_us));
         if age > STALE_AFTER {
             return Err(format!(
-                "status is {}s old: the Client is not running",
+                "status is {}s old: the Client is not running, or cannot write its state directory (its log says which)",
                 age.as_secs()
             ));
         }
@@ -305,39 +301,51 @@ struct Outputs {
 }
 
 impl Outputs {
-    fn write(&self, status: &Status) {
-        status.write(&self.dir);
+    /// Whether `status.json` now holds `status` (the metrics file is a copy for an exporter:
+    /// its failure is logged, and does not count).
+    fn write(&self, status: &Status) -> Result<(), String> {
+        let written = status.write(&self.dir);
         if let Some(path) = &self.textfile {
             // 0644: node-exporter reads it as another user.
             if let Err(e) = store::write_file(path, status.prometheus().as_bytes(), 0o644) {
                 tracing::warn!(error = %e, path = %path.display(), "cannot write the metrics file");
             }
         }
+        written
     }
 }
 
+/// A status whose write failed (a full disk, a read-only volume) is tried again at the next
+/// heartbeat, and meanwhile the file's time is not refreshed: `status.json` still holds an
+/// older state, and vouching for it as current would let `health` pass a Client that is no
+/// longer connected. It goes stale instead, and `health` fails within [`STALE_AFTER`].
 fn write_loop(
     out: &Outputs,
     slot: &Mutex<Option<Status>>,
     woken: &crossbeam_channel::Receiver<()>,
 ) {
     let mut written: Option<Status> = None;
+    // The newest status, while its write keeps failing; and whether the last write failed.
+    let mut unwritten: Option<Status> = None;
+    let mut failing = false;
     let now = tokio::time::Instant::now;
+    // The last write, touch or failed try.
     let mut confirmed = now();
     loop {
         let wait = HEARTBEAT.saturating_sub(confirmed.elapsed());
         let wake = woken.recv_timeout(wait);
         let last = matches!(wake, Err(crossbeam_channel::RecvTimeoutError::Disconnected));
+        let heartbeat = confirmed.elapsed() >= HEARTBEAT;
         // The newest status, or the last one again at a heartbeat (its counters may have
         // moved: queries do not wake the driver).
         let next = slot
             .lock()
             .ok()
             .and_then(|mut s| s.take())
+            .or_else(|| unwritten.take())
             .or_else(|| written.clone());
         if let Some(mut status) = next {
             status.metrics = out.metrics.snapshot();
-            let heartbeat = confirmed.elapsed() >= HEARTBEAT;
             let content = written.as_ref().is_none_or(|w| status.differs(w));
             // Counters alone are written at heartbeats, not per query.
             let counters_only = written.as_ref().is_some_and(|w| {
@@ -347,14 +355,33 @@ fn write_loop(
                 }
                 .differs(w)
             });
-            if content && (!counters_only || heartbeat || last) {
+            let retry = failing && heartbeat;
+            if retry || (content && (!counters_only || heartbeat || last)) {
                 status.updated_us = crate::now_timestamp().0;
-                out.write(&status);
-                written = Some(status);
+                match out.write(&status) {
+                    Ok(()) => {
+                        if failing {
+                            tracing::info!("the status file is written again");
+                        }
+                        failing = false;
+                        written = Some(status);
+                    }
+                    Err(e) => {
+                        // Said once per run of failures; tried again at each heartbeat.
+                        if !failing {
+                            tracing::warn!(error = %e, "cannot write the status file: `health` reports it stale until it can");
+                        }
+                        failing = true;
+                        unwritten = Some(status);
+                    }
+                }
                 confirmed = now();
+            } else if failing {
+                // Not tried now: kept for the next try.
+                unwritten = Some(status);
             }
         }
-        if written.is_some() && confirmed.elapsed() >= HEARTBEAT {
+        if !failing && written.is_some() && confirmed.elapsed() >= HEARTBEAT {
             touch(&out.dir.join(STATUS_FILE));
             confirmed = now();
         }
