@@ -1306,7 +1306,7 @@ async fn p7_enrolment_checks_the_state_directory_before_it_spends_the_token() {
     let token = hub.token("acme", std::time::Duration::from_secs(60));
     let top = tempfile::tempdir().unwrap();
     fs::set_permissions(top.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    let enrol_as_client_user = |dir: std::path::PathBuf| {
+    let enrol_as = |dir: std::path::PathBuf, token: &ewii::hub::admin::TokenReport| {
         let hub_addr = hub.addr.to_string();
         let (token, hash) = (token.token.clone(), token.bundle_hash.clone());
         tokio::task::spawn_blocking(move || {
@@ -1324,7 +1324,7 @@ async fn p7_enrolment_checks_the_state_directory_before_it_spends_the_token() {
     let locked = top.path().join("locked");
     fs::create_dir(&locked).unwrap();
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o755)).unwrap();
-    let out = enrol_as_client_user(locked.clone()).await.unwrap();
+    let out = enrol_as(locked.clone(), &token).await.unwrap();
     let err = exits_saying_once(&out, 1, "cannot write in the state directory");
     assert!(err.contains("the token was NOT sent"), "{err}");
     assert_eq!(fs::read_dir(&locked).unwrap().count(), 0, "nothing written");
@@ -1333,12 +1333,54 @@ async fn p7_enrolment_checks_the_state_directory_before_it_spends_the_token() {
     fs::create_dir(&volume).unwrap();
     std::os::unix::fs::chown(&volume, Some(0), Some(65532)).unwrap();
     fs::set_permissions(&volume, fs::Permissions::from_mode(0o2775)).unwrap();
-    let out = enrol_as_client_user(volume.clone()).await.unwrap();
+    let out = enrol_as(volume.clone(), &token).await.unwrap();
     assert!(out.status.success(), "{}", stderr_of(&out));
     let key = fs::metadata(volume.join(ewii::identity::store::SVID_KEY)).unwrap();
     assert_eq!((key.uid(), key.mode() & 0o777), (65532, 0o600));
     let dir = fs::metadata(&volume).unwrap();
     assert_eq!((dir.uid(), dir.mode() & 0o7777), (0, 0o2775));
+
+    // A full volume: a new empty file can still be made in it (the probe's test before), the
+    // SVID's write cannot. Refused before the token leaves, and the token still works once
+    // there is room.
+    let again = hub.token("acme", std::time::Duration::from_secs(60));
+    let full = top.path().join("full");
+    fs::create_dir(&full).unwrap();
+    let mounted = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=256k,mode=0700,uid=65532,gid=65532",
+            "tmpfs",
+        ])
+        .arg(&full)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a small tmpfs");
+    struct Mounted<'a>(&'a std::path::Path);
+    impl Drop for Mounted<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _mounted = Mounted(&full);
+    let filler = full.join("filler");
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(&filler).unwrap();
+        while f.write_all(&[0u8; 4096]).is_ok() {}
+    }
+    let out = enrol_as(full.clone(), &again).await.unwrap();
+    let err = exits_saying_once(&out, 1, "cannot write in the state directory");
+    assert!(err.contains("the token was NOT sent"), "{err}");
+    fs::remove_file(&filler).unwrap();
+    let out = enrol_as(full.clone(), &again).await.unwrap();
+    assert!(
+        out.status.success(),
+        "the same token, once there is room: {}",
+        stderr_of(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,6 +77,15 @@ pub enum EnrolError {
         /// What failed.
         source: std::io::Error,
     },
+    /// The Hub issued an SVID, and it could not be stored (a volume that filled since the
+    /// probe, a write that failed): the token is spent.
+    #[error("the Hub issued an SVID, but it could not be stored in {dir}: {source}; the token is spent: make room in the state directory, then ask the operator for a new token")]
+    NotStored {
+        /// The state directory.
+        dir: PathBuf,
+        /// What failed.
+        source: IdentityError,
+    },
     /// It took too long.
     #[error("enrolment timed out")]
     Timeout,
@@ -137,22 +146,37 @@ fn lock(state_dir: &Path) -> Result<super::state_dir::StateLock, EnrolError> {
     Ok(lock)
 }
 
-/// Whether a file can be made in `dir`, as the key, the SVID and the bundle will be once the
-/// Hub has issued them (the lock's file may exist already, and opening it proves less).
-/// A new file of a random name: nothing planted in the directory (a link, another user's
-/// file) is opened through. Named as a cut-short write's temporary file, so that one a crash
-/// leaves is removed at a later start. Blocking (one create and one remove).
+/// Bytes the write probe stores and syncs: several times what an enrolment writes (a key, an
+/// SVID chain and a bundle, each a few KiB, each through a temporary file).
+const PROBE_BYTES: usize = 64 * 1024;
+
+/// Whether files can be written in `dir`, as the key, the SVID and the bundle will be once the
+/// Hub has issued them (the lock's file may exist already, and opening it proves less). A
+/// file that is made, filled with [`PROBE_BYTES`] and synced: an empty one can still be made
+/// on a full volume, where the SVID's write would then fail with the token spent. A new file
+/// of a random name: nothing planted in the directory (a link, another user's file) is opened
+/// through. Named as a cut-short write's temporary file, so that one a crash leaves is removed
+/// at a later start. Blocking.
 fn writable(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
     let probe = dir.join(format!(
         ".enroll-probe.{}-{:016x}.tmp",
         std::process::id(),
         rand::random::<u64>()
     ));
-    std::fs::File::options()
+    let filled = std::fs::File::options()
         .write(true)
         .create_new(true)
-        .open(&probe)?;
-    std::fs::remove_file(&probe)
+        .open(&probe)
+        .and_then(|mut f| {
+            f.write_all(&[0u8; PROBE_BYTES])?;
+            f.sync_all()
+        });
+    let removed = std::fs::remove_file(&probe);
+    match filled {
+        Err(e) => Err(e),
+        Ok(()) => removed,
+    }
 }
 
 /// [`enrol`] over an existing enrolment (`ewii-client enroll --replace`): the new SVID
@@ -354,12 +378,16 @@ async fn enrol_inner(
         .map_err(|e| EnrolError::BadAnswer(e.to_string()))?;
     let dir = state_dir.to_owned();
     let id = accepted.identity.leaf.id.clone();
-    tokio::task::spawn_blocking(move || {
+    let stored = tokio::task::spawn_blocking(move || {
         create_state_dir(&dir)?;
         rotation::save(&dir, &accepted)
     })
     .await
-    .map_err(|e| EnrolError::Connect(e.to_string()))??;
+    .map_err(|e| EnrolError::Connect(e.to_string()))?;
+    stored.map_err(|source| EnrolError::NotStored {
+        dir: state_dir.to_owned(),
+        source,
+    })?;
     Ok(id)
 }
 
