@@ -25,6 +25,7 @@
 //!   Waiting|Dialing ──handle_stop (on_stop = revoke)──▶ Revoking ──dialed──▶ Stopping (Goodbye{revoke})
 //!                                      └── goodbye_budget over ──▶ RecordPendingRevoke, Exit(Stopped)
 //!   new_with_pending_revoke ──▶ Revoking (no deadline) ──dialed──▶ Goodbye{revoke} ──▶ Exit(Revoked)
+//!                                      └── own SVID past not_after ──▶ Exit(Expired) (still pending)
 //!   Waiting|Dialing ──handle_stop (on_stop = disconnect)──▶ Exit(Stopped)
 //!   Waiting past not_after ──▶ Exit(Expired)        any ──handle_revoked──▶ Exit(Revoked)
 //!     (but for a retired connection closed by a stop's own revoke: handle_connection_revoked)
@@ -247,7 +248,8 @@ enum State {
         retry_at: Option<Duration>,
     },
     /// Dialling only to deliver a revoke; the dial is in flight unless `retry_at` is set.
-    /// `deadline` is `None` for a revoke pending from an earlier stop: it retries for ever.
+    /// `deadline` is `None` for a revoke pending from an earlier stop: it retries until the
+    /// SVID ends (no dial can deliver it after that).
     Revoking {
         deadline: Option<Duration>,
         retry_at: Option<Duration>,
@@ -343,10 +345,11 @@ impl ClientSession {
     }
 
     /// A session that starts by delivering a revoke an earlier stop could not deliver: it
-    /// dials (with backoff, for ever), says `Goodbye { revoke: true }`, and ends with
-    /// [`Exit::Revoked`] once the Hub acknowledged the `Goodbye`; a connection lost before
-    /// that is dialled again. It never serves a query. A stop meanwhile ends it with the
-    /// revoke still pending.
+    /// dials (with backoff, until its SVID ends), says `Goodbye { revoke: true }`, and ends
+    /// with [`Exit::Revoked`] once the Hub acknowledged the `Goodbye`; a connection lost
+    /// before that is dialled again. It never serves a query. A stop meanwhile ends it with
+    /// the revoke still pending; so does the SVID's end ([`Exit::Expired`]): the Hub refuses
+    /// every handshake with it, and the Client would dial for ever, delivering nothing.
     pub fn new_with_pending_revoke(
         config: SessionConfig,
         svid: Validity,
@@ -386,10 +389,11 @@ impl ClientSession {
             State::Moving {
                 retry_at: Some(at), ..
             } => Some(at.min(self.svid.end())),
-            State::Revoking { deadline, retry_at } => match (deadline, retry_at) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            },
+            // A pending revoke has no deadline of its own: the SVID's end is one.
+            State::Revoking { deadline, retry_at } => {
+                let deadline = deadline.unwrap_or_else(|| self.svid.end());
+                Some(retry_at.map_or(deadline, |at| at.min(deadline)))
+            }
             State::Stopping { deadline, .. } => Some(deadline),
         }
     }
@@ -897,6 +901,10 @@ impl ClientSession {
             } if now >= deadline => {
                 self.actions.push_back(Action::RecordPendingRevoke);
                 self.finish(Exit::Stopped);
+            }
+            // A pending revoke (recorded already) that its SVID outlived no longer.
+            State::Revoking { deadline: None, .. } if self.svid.expired_at(now) => {
+                self.finish(Exit::Expired);
             }
             State::Revoking {
                 deadline,

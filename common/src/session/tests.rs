@@ -817,6 +817,40 @@ fn pending_revoke_sim() -> Sim {
     }
 }
 
+/// P9, P14: a revoke pending from an earlier stop is tried until the SVID ends, and no longer:
+/// the Hub refuses every handshake made with an ended SVID, so the Client used to dial every
+/// 30 s for ever, a `session_failed` record each time, `health` saying it was stopping. It
+/// ends as expired (the marker stays: the revoke was not delivered), even with a retry or a
+/// dial in flight.
+#[test]
+fn p9_p14_a_pending_revoke_ends_with_its_svid() {
+    let mut sim = pending_revoke_sim();
+    assert_eq!(sim.actions(), vec![Action::Dial]);
+    let end = sim.s.svid.end();
+    while sim.now < end {
+        sim.dial_failed();
+        assert!(
+            sim.s.poll_timeout().is_some_and(|t| t <= end),
+            "woken by the end at the latest"
+        );
+        let next = sim.advance();
+        if sim.now < end {
+            assert_eq!(next, vec![Action::Dial]);
+        } else {
+            assert_eq!(next, vec![Action::Exit(Exit::Expired)]);
+        }
+    }
+    assert_eq!(sim.s.phase(), Phase::Done);
+
+    // A dial in flight at the end: the end still comes.
+    let mut sim = pending_revoke_sim();
+    sim.actions();
+    assert_eq!(sim.s.poll_timeout(), Some(sim.s.svid.end()));
+    sim.now = sim.s.svid.end();
+    sim.s.handle_timeout(sim.now);
+    assert_eq!(sim.actions(), vec![Action::Exit(Exit::Expired)]);
+}
+
 #[test]
 fn p9_a_pending_revoke_is_delivered_before_anything_else_at_the_next_start() {
     let mut sim = pending_revoke_sim();

@@ -95,6 +95,8 @@ pub(super) struct Driver {
     renew_key_writing: bool,
     /// The machine asked for the stop's revoke to be recorded as pending.
     pending_revoke: bool,
+    /// This run started to deliver a revoke pending from an earlier stop.
+    delivering_pending: bool,
     /// The Hub acknowledged this stop's revoke.
     revoked_at_stop: bool,
     last_error: Option<String>,
@@ -172,6 +174,7 @@ impl Driver {
             renew_key,
             renew_key_writing: false,
             pending_revoke: false,
+            delivering_pending: pending_revoke,
             revoked_at_stop: false,
             last_error: None,
             deliveries,
@@ -782,7 +785,7 @@ impl Driver {
                 let at = ewii_common::time::Timestamp(
                     self.identity.leaf.not_after.max(0) as u64 * 1_000_000,
                 );
-                let reason = match self.config.svid_source {
+                let mut reason = match self.config.svid_source {
                     SvidSource::StateDir => {
                         format!("SVID expired at {at} without renewal; enrol again")
                     }
@@ -790,6 +793,11 @@ impl Driver {
                         "SVID expired at {at}: the Workload API delivered no newer one; check the SPIRE agent"
                     ),
                 };
+                if self.delivering_pending {
+                    reason.push_str(
+                        "; the revoke of an earlier stop was not delivered (the Hub was not reached before the SVID ended): the Hub's revoke_after_lost_secs revokes a Client that stays away",
+                    );
+                }
                 let mut r = self.audit.record(AuditEvent::SvidExpired);
                 r.client = Some(self.queries.client_id.clone());
                 r.reason = Some(reason.clone());
