@@ -1565,6 +1565,39 @@ async fn p10_a_webhook_attempt_in_flight_at_a_hub_stop_is_finished_recorded_and_
     assert_ne!(ids[0], ids[1]);
 }
 
+/// A delivered notice whose outcome the Hub's database refuses (a full disk; here a trigger)
+/// is not sent again: its outcome is stored once the database takes it. The row stayed due
+/// and was re-sent about every second, the same `webhook-id` to a receiver that had answered
+/// 2xx each time, each with its own `webhook_delivered` record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p10_a_delivered_webhook_whose_outcome_cannot_be_stored_is_not_sent_again() {
+    let receiver = Receiver::start(Vec::new()).await;
+    let hub = TestHub::start_custom(&[], "[webhooks]\ndanger_allow_private_targets = true\n").await;
+    let token = hub.token_with_webhook("acme", &receiver.url);
+    let _client = TestClient::enrol_with(&hub, &token, &[("db", "127.0.0.1:9".into())]).await;
+    let db = rusqlite::Connection::open(hub.state_dir().join(admin::DB_FILE)).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE UPDATE OF delivered_at ON webhooks BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+    )
+    .unwrap();
+    admin::revoke(&hub.state_dir(), "acme", "contract ended").unwrap();
+    hub.wait_audit("the delivery", is(Event::WebhookDelivered))
+        .await;
+    // Several of the old retry's seconds.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(receiver.deliveries().len(), 1, "sent once");
+    assert_eq!(count(&hub.audit, is(Event::WebhookDelivered)), 1);
+    db.execute_batch("DROP TRIGGER refuse").unwrap();
+    poll_until("the outcome stored", SOON, || {
+        db.query_row("SELECT delivered_at IS NOT NULL FROM webhooks", [], |r| {
+            r.get::<_, bool>(0)
+        })
+        .unwrap_or(false)
+    })
+    .await;
+    assert_eq!(receiver.deliveries().len(), 1, "and never again");
+}
+
 /// One customer's endpoint that holds its answer (up to the 10 s request bound) holds up only
 /// its own delivery: another customer's revocation notice, queued after it, is delivered while
 /// the first attempt still waits. Before, the outbox sent one delivery at a time.

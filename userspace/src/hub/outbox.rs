@@ -47,8 +47,11 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// one customer's slow endpoint (an attempt may take [`RESOLVE_TIMEOUT`] and
 /// [`REQUEST_TIMEOUT`]), or its many notices, do not hold up another customer's.
 pub(crate) const IN_FLIGHT: usize = 16;
-/// Pause after the store failed, before asking it again.
+/// Pause after the store failed, before asking it again (an attempt's outcome: doubled at
+/// each failure in a row, up to [`STORE_RETRY_MAX`]).
 const STORE_RETRY: Duration = Duration::from_secs(1);
+/// The longest pause between two tries to store an attempt's outcome.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// After a stop, how long an attempt in flight may wait for its answer.
 pub(crate) const WIND_DOWN: Duration = Duration::from_secs(2);
 
@@ -207,51 +210,34 @@ async fn start_due(
     Ok(())
 }
 
-/// One delivery attempt, recorded in the store and the audit. Unanswered at the end of the
+/// One delivery attempt, recorded in the audit and the store. Unanswered at the end of the
 /// wind-down: left as it is, sent again after a restart.
+///
+/// An outcome the store refuses (a full disk) is stored again after a pause, for as long as
+/// it takes, while the attempt stays in flight: the row, still due in the database, is not
+/// sent again meanwhile. Sent again, a delivered notice would reach the customer once per
+/// second of the outage, and a failed one would be retried without its backoff or its
+/// `max_attempts`. A stop ends the tries (the row is then sent again by the next start).
 async fn attempt(parts: Arc<Parts>, w: PendingWebhook, mut stop: watch::Receiver<bool>) {
     let result = tokio::select! {
         result = send(&parts, &w) => result,
         () = wound_down(stop.clone()) => return,
     };
-    // Held a moment when its outcome could not be stored (the row is still due): not sent
-    // again at once while the database fails.
-    let mut unstored = false;
     let now = crate::now_timestamp();
     let mut r = parts.audit.record(Event::WebhookDelivered);
-    match result {
+    let outcome = match result {
         Ok(status) => {
-            if let Err(e) = parts
-                .store
-                .webhook_delivered(&w.id, now.unix_secs() as i64)
-                .await
-            {
-                tracing::error!(error = %e, "cannot record a webhook delivery");
-                unstored = true;
-            }
             r.outcome = Some(Outcome::Ok);
             r.reason = Some(format!(
                 "{} to {}: HTTP {status}",
                 w.id,
                 crate::webhook::redacted(&w.url)
             ));
+            Stored::Delivered(now.unix_secs() as i64)
         }
         Err(failure) => {
             let attempt = w.attempts + 1;
             let last = attempt >= parts.config.max_attempts;
-            let (e, stored) = match &failure {
-                Failure::Again(e) => {
-                    let delay = Backoff::new(parts.config.retry_initial, parts.config.retry_max)
-                        .delay_for(w.attempts, rand::random());
-                    let stored = parts.store.webhook_failed(&w.id, e, delay).await;
-                    (e, stored.map(|_| ()))
-                }
-                Failure::Parked(e) => (e, parts.store.webhook_parked(&w.id, e).await),
-            };
-            if let Err(e) = stored {
-                tracing::error!(error = %e, "cannot record a webhook failure");
-                unstored = true;
-            }
             r.event = Event::WebhookFailed;
             r.outcome = Some(Outcome::Failed);
             let then = if last {
@@ -260,6 +246,9 @@ async fn attempt(parts: Arc<Parts>, w: PendingWebhook, mut stop: watch::Receiver
                 PARKED_SAYS
             } else {
                 ""
+            };
+            let e = match &failure {
+                Failure::Again(e) | Failure::Parked(e) => e,
             };
             r.reason = Some(format!(
                 "{} to {} (attempt {attempt} of {}): {e}{then}",
@@ -272,15 +261,55 @@ async fn attempt(parts: Arc<Parts>, w: PendingWebhook, mut stop: watch::Receiver
             } else if matches!(failure, Failure::Parked(_)) {
                 tracing::error!(id = %w.id, url = %crate::webhook::redacted(&w.url), error = %e, "this Hub refuses a webhook's target; the delivery waits in the outbox for the next Hub start (the customer is not told of this revocation by webhook until then)");
             }
+            match failure {
+                Failure::Again(e) => Stored::Failed {
+                    error: e,
+                    delay: Backoff::new(parts.config.retry_initial, parts.config.retry_max)
+                        .delay_for(w.attempts, rand::random()),
+                },
+                Failure::Parked(e) => Stored::Parked(e),
+            }
         }
-    }
+    };
     parts.audit.emit(r);
-    if unstored {
-        tokio::select! {
-            () = tokio::time::sleep(STORE_RETRY) => {}
-            _ = stop.wait_for(|stop| *stop) => {}
+    let mut pause = STORE_RETRY;
+    let mut said = false;
+    loop {
+        let stored = match &outcome {
+            Stored::Delivered(at) => parts.store.webhook_delivered(&w.id, *at).await,
+            Stored::Failed { error, delay } => parts
+                .store
+                .webhook_failed(&w.id, error, *delay)
+                .await
+                .map(|_| ()),
+            Stored::Parked(error) => parts.store.webhook_parked(&w.id, error).await,
+        };
+        let Err(e) = stored else {
+            if said {
+                tracing::info!(id = %w.id, "a webhook attempt's outcome is recorded at last");
+            }
+            return;
+        };
+        if !said {
+            tracing::error!(id = %w.id, error = %e, "cannot record a webhook attempt's outcome; it is not sent again, and the outcome is stored once the database takes it");
+            said = true;
         }
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        pause = (pause * 2).min(STORE_RETRY_MAX);
     }
+}
+
+/// An attempt's outcome, as the store records it.
+enum Stored {
+    /// Delivered at this time (Unix seconds).
+    Delivered(i64),
+    /// Failed; tried again after `delay`.
+    Failed { error: String, delay: Duration },
+    /// Refused by this Hub's config until it restarts.
+    Parked(String),
 }
 
 /// Why an attempt failed, and whether a retry could change it.
