@@ -77,21 +77,30 @@ async fn run(cmd: &mut Command, stdin: &[u8]) -> String {
     let stdin = stdin.to_vec();
     let writer = std::thread::spawn(move || input.write_all(&stdin));
     let shown = format!("{cmd:?}");
-    let out = tokio::time::timeout(
+    // Killed if it outlives its bound (its pid, kept: the child itself waits in the task).
+    let pid = child.id();
+    let out = match tokio::time::timeout(
         Duration::from_secs(60),
         tokio::task::spawn_blocking(move || child.wait_with_output()),
     )
     .await
-    .unwrap_or_else(|_| panic!("{shown} did not end within 60 s"))
-    .unwrap()
-    .unwrap();
-    writer.join().unwrap().unwrap();
+    {
+        Ok(out) => out.unwrap().unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{shown} did not end within 60 s");
+        }
+    };
     assert!(
         out.status.success(),
         "{shown}: {}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    // After the status: a tool that ended early shows its own words, not a broken pipe.
+    writer.join().unwrap().unwrap();
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -133,9 +142,9 @@ async fn p4_redis_cli_through_the_tunnel() {
             .spawn()
             .unwrap(),
     );
-    drop(held);
     let dest = SocketAddr::from(([127, 0, 0, 1], port.parse::<u16>().unwrap()));
     listening("redis-server", dest).await;
+    drop(held);
     let (_hub, client, entry) = tunnel("acme", dest).await;
 
     assert_eq!(run(&mut redis_cli(entry, &["PING"]), b"").await, "PONG\n");
@@ -239,7 +248,6 @@ async fn p4_curl_downloads_through_the_tunnel() {
     std::fs::write(root.path().join("small.txt"), b"through the tunnel\n").unwrap();
     let held = hold_tcp_port();
     let port = held.addr.port();
-    drop(held);
     let _http = Server(
         Command::new("python3")
             .args(["-m", "http.server", "--bind", "127.0.0.1"])
@@ -252,6 +260,7 @@ async fn p4_curl_downloads_through_the_tunnel() {
     );
     let dest = SocketAddr::from(([127, 0, 0, 1], port));
     listening("python3 -m http.server", dest).await;
+    drop(held);
     let (_hub, client, entry) = tunnel("acme", dest).await;
 
     let out = tempfile::tempdir().unwrap();
@@ -320,7 +329,6 @@ async fn p4_iperf3_through_the_tunnel() {
     }
     let held = hold_tcp_port();
     let port = held.addr.port();
-    drop(held);
     let _server = Server(
         Command::new("iperf3")
             .args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()])
@@ -331,18 +339,26 @@ async fn p4_iperf3_through_the_tunnel() {
     );
     let dest = SocketAddr::from(([127, 0, 0, 1], port));
     listening("iperf3 -s", dest).await;
+    drop(held);
     let (_hub, client, entry) = tunnel("acme", dest).await;
 
+    // One run at a time, as the server takes them: the next starts once the last one's
+    // connections are on record (the Client records a query once both ends have closed it;
+    // a run that reached the server before it had finished the last would be told "busy").
+    let queries = |n: usize| client.wait_count(n, "queries", is(Event::Query));
     let up = iperf3(entry, &[]).await;
     assert!(received(&up, "sum_received") > 0, "upload: {up}");
+    queries(2).await;
     let down = iperf3(entry, &["-R"]).await;
     assert!(received(&down, "sum_received") > 0, "download: {down}");
+    queries(4).await;
     let parallel = iperf3(entry, &["-P", "4"]).await;
     let streams = parallel["end"]["streams"].as_array().unwrap();
     assert_eq!(streams.len(), 4, "{parallel}");
     for s in streams {
         assert!(s["receiver"]["bytes"].as_u64().unwrap_or(0) > 0, "{s}");
     }
+    queries(9).await;
     let both = iperf3(entry, &["--bidir"]).await;
     assert!(received(&both, "sum_received") > 0, "bidir, up: {both}");
     assert!(
@@ -353,7 +369,7 @@ async fn p4_iperf3_through_the_tunnel() {
     // connections end as they should; a data connection's receiver closes while its sender
     // still sends (iperf3 times the test, not the bytes), so the Client records what the
     // destination did to the bytes in flight (a broken pipe, a reset), as TCP would tell them.
-    client.wait_count(12, "queries", is(Event::Query)).await;
+    queries(12).await;
     let records = client.audit.records();
     let queries: Vec<_> = records.iter().filter(|r| r.event == Event::Query).collect();
     let ok = queries

@@ -1357,7 +1357,15 @@ async fn p7_enrolment_checks_the_state_directory_before_it_spends_the_token() {
         .arg(&full)
         .status()
         .unwrap();
-    assert!(mounted.success(), "mount a small tmpfs");
+    if !mounted.success() {
+        // Root without CAP_SYS_ADMIN (a plain container): the rest was shown.
+        assert!(
+            !require("EWII_REQUIRE_PRIVILEGED"),
+            "EWII_REQUIRE_PRIVILEGED=1 but a tmpfs cannot be mounted here"
+        );
+        println!("SKIPPED (the full volume's case): a tmpfs cannot be mounted here");
+        return;
+    }
     struct Mounted<'a>(&'a std::path::Path);
     impl Drop for Mounted<'_> {
         fn drop(&mut self) {

@@ -596,6 +596,12 @@ impl Driver {
             // A bundle that comes with the SVID is held to the rules of a pushed one.
             let change = rotation::bundle_change(&current, &anchors)?;
             let accepted = rotation::accept_issued(&key, chain, anchors, Some(&old.leaf.id))?;
+            // Not stored unless its key is kept beside it: see `ensure_renew_key`.
+            rotation::ensure_renew_key(&dir, &old.leaf.serial, &key).map_err(|e| {
+                RenewalError::Store(format!(
+                    "its key cannot be kept in the state directory ({e}), and the SVID is not stored without it; the SVID in use stays"
+                ))
+            })?;
             if let Err(e) = rotation::save_renewal(&dir, &accepted) {
                 return Err(if e.bundle_saved {
                     RenewalError::StoredBundleOnly {

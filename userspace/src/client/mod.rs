@@ -324,6 +324,16 @@ fn load_state(dir: &Path) -> Result<Loaded, ClientError> {
             source,
         })?;
     let (svid, renew_key) = (recovered.svid, recovered.renew_key);
+    // A key that is not the certificate's (a copy or an edit gone wrong; no write of the
+    // Client's leaves one) would be refused by every handshake, read as a Hub that cannot be
+    // reached, for ever: said now, once.
+    if !svid.key_matches() {
+        return Err(not_enrolled(IdentityError::NotSvid(format!(
+            "{} is not the key of the certificate in {}: the SVID cannot be used without its own key",
+            store::SVID_KEY,
+            store::SVID_CERT
+        ))));
+    }
     let leaf = inspect_leaf(&svid.chain[0]).map_err(not_enrolled)?;
     let anchors = store::read_certs(&dir.join(store::BUNDLE)).map_err(not_enrolled)?;
     rotation::check_anchors(&anchors).map_err(|source| ClientError::BadBundle {

@@ -262,6 +262,23 @@ pub(crate) fn save_renew_key(dir: &Path, serial: &str, key_pem: &str) -> Result<
     )
 }
 
+/// Makes sure the key of a renewal asked for `serial` is kept in the state directory, as
+/// [`save_renew_key`] keeps it when the `Renew` goes out (that write may have failed, and the
+/// ask went out all the same): [`save_renewal`] writes the chain first, and a save cut short
+/// after it is completed at the next start from this key ([`recover_renewal`]). Without it,
+/// such a save would leave a chain whose key is nowhere, and the identity lost. Blocking.
+pub(crate) fn ensure_renew_key(
+    dir: &Path,
+    serial: &str,
+    key: &rcgen::KeyPair,
+) -> Result<(), IdentityError> {
+    let path = dir.join(store::renew_key_file(serial));
+    if store::read_key_pair(&path).is_ok_and(|k| k.serialized_der() == key.serialized_der()) {
+        return Ok(());
+    }
+    save_renew_key(dir, serial, &key.serialize_pem())
+}
+
 /// What an earlier run left of a renewal, put right at start: `svid` as loaded, and the key
 /// of a renewal asked for its serial and not stored yet, if one was kept. Blocking.
 ///

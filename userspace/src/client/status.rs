@@ -364,6 +364,8 @@ fn write_loop(
                             tracing::info!("the status file is written again");
                         }
                         failing = false;
+                        // An older status whose write failed is not tried again over this one.
+                        unwritten = None;
                         written = Some(status);
                     }
                     Err(e) => {

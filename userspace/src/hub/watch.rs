@@ -126,6 +126,10 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
                     grace_retry = (grace_retry * 2).min(GRACE_RETRY_MAX);
                 }
                 grace_at = next_grace(&parts, grace_hold);
+                if grace_at.is_none() {
+                    // No one silent any more: the next failure starts the pauses over.
+                    (grace_hold, grace_retry) = (None, GRACE_RETRY);
+                }
             }
         }
     }
