@@ -488,12 +488,24 @@ impl Driver {
             Event::RenewKeyKept { csr, kept } => {
                 self.renew_key_writing = false;
                 if let Err(e) = kept {
-                    // Asked all the same: only a restart before the answer is stored would
-                    // need the file, and the Client would then renew with a new key after
-                    // the Hub's refusal of it (until the SVID ends).
-                    tracing::warn!(error = %e, "cannot keep the renewal key in the state directory; asking with it anyway");
-                }
-                if self.machine.awaiting_renewal() {
+                    // Not asked: the Hub would sign for a key that lives only in this process,
+                    // and a serial renews once. A restart before the answer is stored (or an
+                    // answer that cannot be stored without its key) would leave the serial
+                    // renewed for a key nowhere, every later ask refused, the identity lost at
+                    // the SVID's end. Asked again later, with a new key.
+                    tracing::warn!(error = %e, "cannot keep a renewal key in the state directory; the renewal is not asked until it can be");
+                    self.renew_key = None;
+                    let mut r = self.audit.record(AuditEvent::SvidRotated);
+                    r.client = Some(self.queries.client_id.clone());
+                    r.outcome = Some(Outcome::Failed);
+                    r.reason = Some(format!(
+                        "renewal not asked: its key cannot be kept in the state directory ({e}); asked again later"
+                    ));
+                    self.audit.emit(r);
+                    if self.machine.awaiting_renewal() {
+                        self.machine.handle_renew_refused(now, random());
+                    }
+                } else if self.machine.awaiting_renewal() {
                     self.renew_on_current(csr);
                 }
             }
