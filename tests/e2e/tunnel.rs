@@ -1046,3 +1046,72 @@ async fn p11_a_tls_caller_that_breaks_off_failed_and_one_that_speaks_no_tls_is_r
         );
     }
 }
+
+/// The TCP sockets of this host, as `ss` lists the established ones: (local, peer, options).
+fn established() -> Vec<(String, String, String)> {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established"])
+        .output()
+        .expect("ss (iproute2)");
+    assert!(
+        out.status.success(),
+        "ss: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 4).then(|| (f[2].to_owned(), f[3].to_owned(), f[4..].join(" ")))
+        })
+        .collect()
+}
+
+/// P4: both TCP legs of a query probe a quiet peer with TCP keep-alive (after 60 s, then every
+/// 15 s, four times): a requester or a destination that vanished (its host crashed, a path
+/// that dropped the connection's state) ends its query within about two minutes, where it
+/// held its slot of `max_queries` and the database's connection for ever, and a middlebox's
+/// idle timer does not drop a quiet query that is still wanted. Seen as the kernel shows it:
+/// a keep-alive timer on the Hub's socket to the requester and on the Client's to the
+/// destination (and, as the control, none on the requester's own socket).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_a_querys_tcp_legs_probe_a_quiet_peer() {
+    let echo = echo_server().await;
+    let hub = TestHub::start(&[Service::tcp("svc", "acme", "echo")]).await;
+    let _client = TestClient::enrol_and_run(&hub, "acme", &[("echo", echo.to_string())]).await;
+    hub.wait_connected("acme").await;
+    let entry = hub.service("svc");
+    let mut s = TcpStream::connect(entry).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tokio::time::timeout(SOON, s.read_exact(&mut back))
+        .await
+        .expect("the echo in time")
+        .unwrap();
+    assert_eq!(&back, b"ping");
+    let requester = s.local_addr().unwrap().to_string();
+    let sockets = established();
+    let find = |local: &dyn Fn(&str) -> bool, peer: &str| {
+        sockets
+            .iter()
+            .find(|(l, p, _)| local(l) && p == peer)
+            .unwrap_or_else(|| panic!("no socket to {peer} in {sockets:?}"))
+            .2
+            .clone()
+    };
+    let hub_leg = find(&|l| l == entry.to_string(), &requester);
+    assert!(
+        hub_leg.contains("timer:(keepalive,"),
+        "the Hub's leg: {hub_leg}"
+    );
+    let client_leg = find(&|_| true, &echo.to_string());
+    assert!(
+        client_leg.contains("timer:(keepalive,"),
+        "the Client's leg: {client_leg}"
+    );
+    let own = find(&|l| l == requester, &entry.to_string());
+    assert!(
+        !own.contains("keepalive"),
+        "the requester's own socket: {own}"
+    );
+}

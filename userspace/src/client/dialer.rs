@@ -530,7 +530,7 @@ impl Dialer {
         for addr in addrs {
             match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => {
-                    let _ = stream.set_nodelay(true);
+                    crate::transport::tune_tcp(&stream);
                     return Ok((stream, addr));
                 }
                 Ok(Err(e)) => last = Some((addr, format!("{addr}: {e}"))),

@@ -235,7 +235,7 @@ async fn query(
         tracing::debug!(%peer, service = %svc.name, "query refused: the audit sink lags");
         return;
     }
-    let _ = tcp.set_nodelay(true);
+    transport::tune_tcp(&tcp);
     let mut log = QueryLog::new(&parts, &svc, peer);
     match tls {
         None => {

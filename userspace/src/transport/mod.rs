@@ -63,6 +63,34 @@ pub const MAX_STREAM_WINDOW: u32 = CONNECTION_WINDOW / 2;
 /// `wmem_max` (an unprivileged process cannot go past them): see docs/benchmarks.md.
 pub const UDP_BUFFER: usize = 4 * 1024 * 1024;
 
+/// A query's TCP legs (the requester's on the Hub, the destination's on the Client) send a
+/// keep-alive probe after this long without traffic. Without it a peer that vanished (its
+/// host crashed, a path that dropped the connection's state) goes unnoticed for as long as
+/// the other end waits, a long-lived query (a `LISTEN`, a pool's idle connection) holds its
+/// slot of `max_queries` and the database's connection for ever, and a middlebox's idle timer
+/// (a cloud load balancer's, four to six minutes) drops a quiet query that is still wanted.
+pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Between two unanswered probes.
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+/// Unanswered probes that end the connection: a vanished peer is found within two minutes.
+pub const TCP_KEEPALIVE_PROBES: u32 = 4;
+
+/// Sets a query's TCP leg as the tunnel wants it: no Nagle delay (a round trip's small writes
+/// leave at once) and keep-alive probes ([`TCP_KEEPALIVE_IDLE`]). Failures are logged: a
+/// socket that refuses either still carries the query.
+pub(crate) fn tune_tcp(stream: &tokio::net::TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL)
+        .with_retries(TCP_KEEPALIVE_PROBES);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "cannot set TCP keep-alive");
+    }
+}
+
 /// At most `max` events in each `length` of time (a window opens at the first event after the
 /// last one closed): the bound on a message a peer may otherwise send as often as it likes.
 #[derive(Debug, Clone, Copy)]
