@@ -295,6 +295,81 @@ async fn p4_curl_downloads_through_the_tunnel() {
     client.wait_count(3, "queries ok", query_ok).await;
 }
 
+/// An HTTP/1.1 server (keep-alive, `Expect: 100-continue` as Python's handler answers it) whose
+/// PUT answers the SHA-256 of the body it read.
+const PUT_SERVER: &str = r#"
+import hashlib, http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_PUT(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        out = hashlib.sha256(body).hexdigest().encode() + b"\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// P4: `curl` uploads through the tunnel as an HTTP/1.1 client does: two 5 MiB PUTs on one
+/// kept-alive connection (one query), each after the server's `100 Continue` (curl would wait
+/// its `--expect100-timeout`, 20 s, for an answer held back on the way), and the server read
+/// each body whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_curl_uploads_over_one_kept_alive_connection() {
+    if !tools(&["curl", "python3"]) {
+        return;
+    }
+    let held = hold_tcp_port();
+    let port = held.addr.port();
+    let _http = Server(
+        Command::new("python3")
+            .args(["-c", PUT_SERVER, &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let dest = SocketAddr::from(([127, 0, 0, 1], port));
+    listening("the PUT server", dest).await;
+    drop(held);
+    let (_hub, client, entry) = tunnel("acme", dest).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("upload.bin");
+    let body: Vec<u8> = (0..5u32 << 20).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(&file, &body).unwrap();
+    let url = |n: u32| format!("http://127.0.0.1:{}/u{n}", entry.port());
+    let started = tokio::time::Instant::now();
+    let got = run(
+        Command::new("curl")
+            .args(["-fsS", "--max-time", "50", "--expect100-timeout", "20"])
+            .args(["-H", "Expect: 100-continue"])
+            .arg("-T")
+            .arg(&file)
+            .arg(url(1))
+            .arg("-T")
+            .arg(&file)
+            .arg(url(2))
+            .args(["-w", "connects=%{num_connects}\n"]),
+        b"",
+    )
+    .await;
+    let digest = format!("{:x}", Sha256::digest(&body));
+    assert_eq!(
+        got,
+        format!("{digest}\nconnects=1\n{digest}\nconnects=0\n"),
+        "both bodies read whole; the second on the first's connection"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "no 100-continue wait: {:?}",
+        started.elapsed()
+    );
+    client.wait_count(1, "queries ok", query_ok).await;
+}
+
 fn sha256_file(path: &Path) -> Vec<u8> {
     Sha256::digest(std::fs::read(path).unwrap()).to_vec()
 }

@@ -89,20 +89,20 @@ impl Cluster {
         );
         // TLS on, as Debian's clusters have it (and psql asks for by default): a certificate
         // for `db.example`, the name a caller checks with `sslmode=verify-full`.
-        let key = rcgen::KeyPair::generate().ok()?;
+        let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec![DB_NAME.to_owned()])
-            .ok()?
+            .unwrap()
             .self_signed(&key)
-            .ok()?;
-        std::fs::write(data.join("server.crt"), cert.pem()).ok()?;
-        std::fs::write(data.join("server.key"), key.serialize_pem()).ok()?;
+            .unwrap();
+        std::fs::write(data.join("server.crt"), cert.pem()).unwrap();
+        std::fs::write(data.join("server.key"), key.serialize_pem()).unwrap();
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(
                 data.join("server.key"),
                 std::fs::Permissions::from_mode(0o600),
             )
-            .ok()?;
+            .unwrap();
         }
         if as_postgres {
             let ok = Command::new("chown")
@@ -110,7 +110,7 @@ impl Cluster {
                 .arg(data.join("server.crt"))
                 .arg(data.join("server.key"))
                 .status()
-                .ok()?
+                .unwrap()
                 .success();
             assert!(ok, "chown of the server's key");
         }
@@ -284,7 +284,7 @@ async fn p4_psql_with_tls_and_its_cancel_through_the_tunnel() {
     assert_eq!(verified, "t", "and its certificate checked by name");
 
     // A statement that would run 60 s, cancelled once it runs.
-    let mut running = psql_command(
+    let running = psql_command(
         &bin,
         entry,
         "SELECT pg_sleep(60)",
@@ -294,6 +294,15 @@ async fn p4_psql_with_tls_and_its_cancel_through_the_tunnel() {
     .stderr(std::process::Stdio::piped())
     .spawn()
     .unwrap();
+    // Killed if the test fails before it ends.
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut running = Running(running);
     let direct = pg.port;
     poll_until("the statement running", SOON, || {
         psql(
@@ -305,14 +314,14 @@ async fn p4_psql_with_tls_and_its_cancel_through_the_tunnel() {
     .await;
     let started = tokio::time::Instant::now();
     let sent = Command::new("kill")
-        .args(["-INT", &running.id().to_string()])
+        .args(["-INT", &running.0.id().to_string()])
         .status()
         .unwrap();
     assert!(sent.success());
     let out = tokio::task::spawn_blocking(move || {
-        let status = running.wait().unwrap();
+        let status = running.0.wait().unwrap();
         let mut err = String::new();
-        std::io::Read::read_to_string(&mut running.stderr.take().unwrap(), &mut err).unwrap();
+        std::io::Read::read_to_string(&mut running.0.stderr.take().unwrap(), &mut err).unwrap();
         (status, err)
     });
     let (status, err) = tokio::time::timeout(SOON, out)
