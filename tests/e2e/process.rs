@@ -1391,6 +1391,73 @@ async fn p7_enrolment_checks_the_state_directory_before_it_spends_the_token() {
     );
 }
 
+/// P7: a stop (SIGTERM: `docker stop`, a pod deleted) while `enroll` waits for the Hub's
+/// answer does not cut the enrolment: cut after its token left, it would have spent the token
+/// with nothing stored, and every later enrolment with it refused. The process says it stops
+/// once the enrolment ends, stores the SVID, and exits 0. (It used to die of the signal.)
+/// The Hub's answer is held back by another connection's write lock on its database, released
+/// a moment after the signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_a_stop_during_enrolment_lets_it_end_and_store_its_svid() {
+    let hub = TestHub::start(&[]).await;
+    let token = hub.token("acme", std::time::Duration::from_secs(60));
+    let db = rusqlite::Connection::open(hub.state_dir().join(ewii::hub::admin::DB_FILE)).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let enrolling = Command::new(bin_path("ewii-client"))
+        .args(["enroll", "--hub", &hub.addr.to_string()])
+        .args(["--bundle-hash", &token.bundle_hash])
+        .args(["--state-dir", state.to_str().unwrap()])
+        .env("EWII_TOKEN", &token.token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Killed(Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut enrolling = Killed(enrolling);
+    // Its request at the Hub, which waits for the database (its busy timeout is 5 s).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let sent = Command::new("kill")
+        .args(["-TERM", &enrolling.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    db.execute_batch("COMMIT").unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        let status = enrolling.0.wait().unwrap();
+        let mut err = String::new();
+        enrolling
+            .0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (status, err)
+    });
+    let (status, err) = tokio::time::timeout(SOON, out)
+        .await
+        .expect("enroll ends")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{status}: {err}");
+    assert!(
+        err.contains("stopping once the enrolment under way ends"),
+        "{err}"
+    );
+    assert!(
+        state.join(ewii::identity::store::SVID_KEY).exists(),
+        "the SVID stored: {err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_client_on_the_same_state_directory_is_refused_and_the_first_keeps_its_status() {
     let hub = TestHub::start(&[]).await;

@@ -25,6 +25,8 @@ use ewii_common::text::printable;
 
 /// Exit status when the Hub has revoked this Client.
 const EXIT_REVOKED: u8 = 10;
+/// Stopped by a second signal during an enrolment (as a shell reports SIGINT's death).
+const EXIT_STOPPED_ENROLLING: u8 = 130;
 const EXIT_CONFIG: u8 = 2;
 const EXIT_NOT_ENROLLED: u8 = 3;
 /// Exit status when `enforcement.require` cannot be met.
@@ -206,7 +208,9 @@ fn main() -> ExitCode {
                 Enrolment::First
             };
             block_on(config::DEFAULT_CLIENT_THREADS, async move {
-                enroll(&hub, &token, &bundle_hash, &state_dir, &audit, how).await
+                let stopped = ewii::signal::terminate();
+                let enrolment = enroll(&hub, &token, &bundle_hash, &state_dir, &audit, how);
+                not_cut(enrolment, stopped).await.0
             })
         }
         Command::Run { config } => run(&config),
@@ -319,6 +323,35 @@ enum Enrolment<'a> {
     /// `run` with a token, into a state directory with no identity or a revoked one: the
     /// caller holds the lock (a second one, taken here, would be refused as another Client).
     Held(&'a client::state_dir::StateLock),
+}
+
+/// Runs an enrolment to its end even when a stop (SIGTERM, SIGINT) comes meanwhile: one cut
+/// after its token left may have spent the token with nothing stored, and every later start
+/// would be refused. The enrolment is bounded (its lookup, dial and answer each have a
+/// timeout); a second stop ends the process at once, saying what that may cost. `stopped` is
+/// made before the enrolment starts, so that a signal is not the default action (death)
+/// meanwhile. Whether a stop came.
+async fn not_cut(
+    enrolment: impl std::future::Future<Output = ExitCode>,
+    stopped: impl std::future::Future<Output = ()>,
+) -> (ExitCode, bool) {
+    tokio::pin!(enrolment);
+    tokio::select! {
+        code = &mut enrolment => return (code, false),
+        () = stopped => {}
+    }
+    say("ewii-client: stopping once the enrolment under way ends (it is bounded); a second signal stops at once, and may leave the token spent with nothing stored");
+    let again = ewii::signal::terminate();
+    tokio::select! {
+        code = enrolment => (code, true),
+        () = again => (
+            fail(
+                EXIT_STOPPED_ENROLLING,
+                "stopped during the enrolment: the token may be spent with nothing stored; if the next enrolment is refused, ask the operator for a new token".into(),
+            ),
+            true,
+        ),
+    }
 }
 
 async fn enroll(
@@ -500,6 +533,10 @@ fn run(path: &Path) -> ExitCode {
         ));
     }
     block_on(config.threads, async move {
+        // Watched from here: a stop during an enrolment lets it end (`not_cut`), and the
+        // run that follows sees it.
+        let stopped = ewii::signal::terminate();
+        tokio::pin!(stopped);
         // A token in the environment enrols a Client that has no identity, and one whose
         // identity was revoked (a stop with on_stop = "revoke", or the operator): a
         // rescheduled pod or a recreated container comes back with the new token it was
@@ -535,9 +572,14 @@ fn run(path: &Path) -> ExitCode {
             };
             if let Some(how) = how {
                 let hub = config.hub.to_string();
-                let code = enroll(&hub, &token, &hash, dir, &audit, how).await;
+                let enrolment = enroll(&hub, &token, &hash, dir, &audit, how);
+                let (code, stop) = not_cut(enrolment, stopped.as_mut()).await;
                 if code != ExitCode::SUCCESS {
                     return code;
+                }
+                if stop {
+                    say("ewii-client: enrolled; stopped before running, as asked");
+                    return ExitCode::SUCCESS;
                 }
             }
         }
@@ -545,7 +587,6 @@ fn run(path: &Path) -> ExitCode {
             config::SvidSource::StateDir => (REVOKED_NEXT, "the SVID expired without renewal (the Hub was unreachable, or the host asleep, until its end); enrol again with a new token"),
             config::SvidSource::WorkloadApi { .. } => (REVOKED_NEXT_SPIRE, "the SVID expired and the Workload API delivered no newer one; check the SPIRE agent"),
         };
-        let stopped = ewii::signal::terminate();
         match client::run_enforced(config, audit, report, denies, lock, stopped).await {
             Ok(Exit::Stopped) => ExitCode::SUCCESS,
             // The revoke of an earlier stop, delivered at this start, is the Client's own.
