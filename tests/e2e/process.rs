@@ -1414,38 +1414,34 @@ async fn p7_a_stop_during_enrolment_lets_it_end_and_store_its_svid() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    struct Killed(Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut enrolling = Killed(enrolling);
-    // Its request at the Hub, which waits for the database (its busy timeout is 5 s).
+    let mut enrolling = Proc(enrolling);
+    // Time for the process to start and (most likely) to have its request at the Hub, which
+    // waits for the database (its busy timeout is 5 s). A signal that came before the request
+    // left would pass this test as well: what it shows is that the enrolment under way ends.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let sent = Command::new("kill")
-        .args(["-TERM", &enrolling.0.id().to_string()])
+        .args(["-TERM", &enrolling.pid().to_string()])
         .status()
         .unwrap();
     assert!(sent.success());
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     db.execute_batch("COMMIT").unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        let status = enrolling.0.wait().unwrap();
-        let mut err = String::new();
-        enrolling
-            .0
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (status, err)
-    });
-    let (status, err) = tokio::time::timeout(SOON, out)
-        .await
-        .expect("enroll ends")
+    // Polled, so that a process that does not end is killed (by the guard) as the test fails.
+    let deadline = tokio::time::Instant::now() + SOON;
+    let status = loop {
+        if let Some(status) = enrolling.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "enroll did not end");
+        tokio::time::sleep(POLL).await;
+    };
+    let mut err = String::new();
+    enrolling
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
         .unwrap();
     assert_eq!(status.code(), Some(0), "{status}: {err}");
     assert!(

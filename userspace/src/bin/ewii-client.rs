@@ -340,17 +340,20 @@ async fn not_cut(
         code = &mut enrolment => return (code, false),
         () = stopped => {}
     }
-    say("ewii-client: stopping once the enrolment under way ends (it is bounded); a second signal stops at once, and may leave the token spent with nothing stored");
+    // Watched before anything is said: a second signal meanwhile is not lost.
     let again = ewii::signal::terminate();
+    say("ewii-client: stopping once the enrolment under way ends (it is bounded); a second signal stops at once, and may leave the token spent with nothing stored");
     tokio::select! {
         code = enrolment => (code, true),
-        () = again => (
+        () = again => {
             fail(
                 EXIT_STOPPED_ENROLLING,
                 "stopped during the enrolment: the token may be spent with nothing stored; if the next enrolment is refused, ask the operator for a new token".into(),
-            ),
-            true,
-        ),
+            );
+            // At once: the runtime's end would wait for a blocking write or lookup still
+            // under way (a volume that hangs is what a second signal escapes).
+            std::process::exit(i32::from(EXIT_STOPPED_ENROLLING));
+        }
     }
 }
 
