@@ -11,22 +11,14 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ewii_common::audit::{Event, Outcome};
 use ewii_tests::*;
 use sha2::{Digest, Sha256};
 
-/// A server process, killed when dropped.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::process::Proc;
 
 /// Whether every tool is on the PATH; else the test is skipped (or fails when required).
 fn tools(names: &[&str]) -> bool {
@@ -132,7 +124,7 @@ async fn p4_redis_cli_through_the_tunnel() {
     let held = hold_tcp_port();
     let port = held.addr.port().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let _redis = Server(
+    let _redis = Proc(
         Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port, "--save", ""])
             .args(["--appendonly", "no", "--daemonize", "no"])
@@ -180,7 +172,7 @@ async fn p4_redis_cli_through_the_tunnel() {
     );
 
     // A subscriber holds its query open; the server pushes to it.
-    let mut sub = Server(
+    let mut sub = Proc(
         redis_cli(entry, &["SUBSCRIBE", "news"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -248,7 +240,7 @@ async fn p4_curl_downloads_through_the_tunnel() {
     std::fs::write(root.path().join("small.txt"), b"through the tunnel\n").unwrap();
     let held = hold_tcp_port();
     let port = held.addr.port();
-    let _http = Server(
+    let _http = Proc(
         Command::new("python3")
             .args(["-m", "http.server", "--bind", "127.0.0.1"])
             .arg(port.to_string())
@@ -324,7 +316,7 @@ async fn p4_curl_uploads_over_one_kept_alive_connection() {
     }
     let held = hold_tcp_port();
     let port = held.addr.port();
-    let _http = Server(
+    let _http = Proc(
         Command::new("python3")
             .args(["-c", PUT_SERVER, &port.to_string()])
             .stdout(Stdio::null())
@@ -404,7 +396,7 @@ async fn p4_iperf3_through_the_tunnel() {
     }
     let held = hold_tcp_port();
     let port = held.addr.port();
-    let _server = Server(
+    let _server = Proc(
         Command::new("iperf3")
             .args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())

@@ -295,14 +295,7 @@ async fn p4_psql_with_tls_and_its_cancel_through_the_tunnel() {
     .spawn()
     .unwrap();
     // Killed if the test fails before it ends.
-    struct Running(std::process::Child);
-    impl Drop for Running {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut running = Running(running);
+    let mut running = crate::process::Proc(running);
     let direct = pg.port;
     poll_until("the statement running", SOON, || {
         psql(

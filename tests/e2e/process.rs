@@ -1415,16 +1415,41 @@ async fn p7_a_stop_during_enrolment_lets_it_end_and_store_its_svid() {
         .spawn()
         .unwrap();
     let mut enrolling = Proc(enrolling);
-    // Time for the process to start and (most likely) to have its request at the Hub, which
-    // waits for the database (its busy timeout is 5 s). A signal that came before the request
-    // left would pass this test as well: what it shows is that the enrolment under way ends.
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let lines = BufReader::new(enrolling.0.stderr.take().unwrap());
+    let (said, mut told) = tokio::sync::mpsc::unbounded_channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in lines.lines().map_while(Result::ok) {
+            let _ = said.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    // Its connection at the Hub: the process runs, its stop handler is in place, and its
+    // request is on its way to a Hub that waits for the database (busy timeout 5 s). A signal
+    // that came before the request left would pass this test as well: what it shows is that
+    // the enrolment under way ends.
+    poll_until("the enrolment's connection at the Hub", SOON, || {
+        hub.handle().quic_connections() > 0
+    })
+    .await;
     let sent = Command::new("kill")
         .args(["-TERM", &enrolling.pid().to_string()])
         .status()
         .unwrap();
     assert!(sent.success());
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Said while the enrolment still waits for the Hub; only then is the Hub let answer.
+    tokio::time::timeout(SOON, async {
+        while let Some(line) = told.recv().await {
+            if line.contains("stopping once the enrolment under way ends") {
+                return;
+            }
+        }
+        panic!("enroll ended without saying it stops once the enrolment ends");
+    })
+    .await
+    .expect("the stop is said in time");
     db.execute_batch("COMMIT").unwrap();
     // Polled, so that a process that does not end is killed (by the guard) as the test fails.
     let deadline = tokio::time::Instant::now() + SOON;
@@ -1435,14 +1460,7 @@ async fn p7_a_stop_during_enrolment_lets_it_end_and_store_its_svid() {
         assert!(tokio::time::Instant::now() < deadline, "enroll did not end");
         tokio::time::sleep(POLL).await;
     };
-    let mut err = String::new();
-    enrolling
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = reader.join().unwrap();
     assert_eq!(status.code(), Some(0), "{status}: {err}");
     assert!(
         err.contains("stopping once the enrolment under way ends"),

@@ -253,6 +253,17 @@ impl StatusWriter {
     /// Starts the writer thread for `state_dir`; it adds the audit `metrics` to every status
     /// it writes, and writes them to `textfile` too when one is configured.
     pub fn start(state_dir: PathBuf, metrics: Arc<Metrics>, textfile: Option<PathBuf>) -> Self {
+        Self::start_every(state_dir, metrics, textfile, HEARTBEAT)
+    }
+
+    /// [`start`](Self::start) with a heartbeat of its own (a test's, shorter than
+    /// [`HEARTBEAT`]).
+    pub fn start_every(
+        state_dir: PathBuf,
+        metrics: Arc<Metrics>,
+        textfile: Option<PathBuf>,
+        heartbeat: Duration,
+    ) -> Self {
         let slot = Arc::new(Mutex::new(None));
         // One pending wake-up is enough: the thread always takes the newest status.
         let (wake, woken) = crossbeam_channel::bounded(1);
@@ -265,7 +276,7 @@ impl StatusWriter {
                     metrics,
                     textfile,
                 };
-                write_loop(&out, &taken, &woken);
+                write_loop(&out, &taken, &woken, heartbeat);
             })
             .map_err(|e| tracing::error!(error = %e, "cannot start the status writer"))
             .ok();
@@ -323,6 +334,7 @@ fn write_loop(
     out: &Outputs,
     slot: &Mutex<Option<Status>>,
     woken: &crossbeam_channel::Receiver<()>,
+    heartbeat: Duration,
 ) {
     let mut written: Option<Status> = None;
     // The newest status, while its write keeps failing; and whether the last write failed.
@@ -332,10 +344,10 @@ fn write_loop(
     // The last write, touch or failed try.
     let mut confirmed = now();
     loop {
-        let wait = HEARTBEAT.saturating_sub(confirmed.elapsed());
+        let wait = heartbeat.saturating_sub(confirmed.elapsed());
         let wake = woken.recv_timeout(wait);
         let last = matches!(wake, Err(crossbeam_channel::RecvTimeoutError::Disconnected));
-        let heartbeat = confirmed.elapsed() >= HEARTBEAT;
+        let beat = confirmed.elapsed() >= heartbeat;
         // The newest status, or the last one again at a heartbeat (its counters may have
         // moved: queries do not wake the driver).
         let next = slot
@@ -355,8 +367,8 @@ fn write_loop(
                 }
                 .differs(w)
             });
-            let retry = failing && heartbeat;
-            if retry || (content && (!counters_only || heartbeat || last)) {
+            let retry = failing && beat;
+            if retry || (content && (!counters_only || beat || last)) {
                 status.updated_us = crate::now_timestamp().0;
                 match out.write(&status) {
                     Ok(()) => {
@@ -383,7 +395,7 @@ fn write_loop(
                 unwritten = Some(status);
             }
         }
-        if !failing && written.is_some() && confirmed.elapsed() >= HEARTBEAT {
+        if !failing && written.is_some() && confirmed.elapsed() >= heartbeat {
             touch(&out.dir.join(STATUS_FILE));
             confirmed = now();
         }
