@@ -747,6 +747,69 @@ async fn p9_a_grace_revocation_that_cannot_be_recorded_is_retried_after_a_pause(
     );
 }
 
+/// A silent client whose recorded SPIFFE ID does not parse (an edited database) is revoked by
+/// its name like any other, and the turn goes on to the next. It used to be left unrevoked and
+/// each turn counted as a failure: that client was never revoked, and every other client's
+/// grace waited behind the growing pause (up to 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p9_a_silent_client_whose_recorded_id_does_not_parse_is_revoked_by_its_name() {
+    let hub = TestHub::start_custom(&[], "revoke_after_lost_secs = 1\n").await;
+    let allow = [("db", "127.0.0.1:9".into())];
+    let mut edited = TestClient::enrol_and_run(&hub, "acme", &allow).await;
+    let mut other = TestClient::enrol_and_run(&hub, "beta", &allow).await;
+    hub.wait_connected("acme").await;
+    hub.wait_connected("beta").await;
+    let db = rusqlite::Connection::open(hub.state_dir().join(admin::DB_FILE)).unwrap();
+    db.execute(
+        "UPDATE clients SET spiffe_id = 'not a spiffe id' WHERE name = 'acme'",
+        [],
+    )
+    .unwrap();
+    edited.stop().await; // disconnect only
+    other.stop().await;
+    let revoked = |name: &'static str| {
+        move |r: &ewii_common::audit::AuditRecord| {
+            r.event == Event::Revoked
+                && r.outcome == Some(Outcome::Ok)
+                && r.client
+                    .as_deref()
+                    .is_some_and(|c| c.ends_with(&format!("/client/{name}")))
+        }
+    };
+    let acme = hub
+        .wait_audit("acme's grace revocation", revoked("acme"))
+        .await;
+    let reason = acme.reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.starts_with("no session for 1 s (revoke_after_lost_secs)")
+            && reason.contains("\"not a spiffe id\" does not parse"),
+        "{acme:?}"
+    );
+    let beta = hub
+        .wait_audit("beta's grace revocation", revoked("beta"))
+        .await;
+    assert_eq!(
+        beta.reason.as_deref(),
+        Some("no session for 1 s (revoke_after_lost_secs)")
+    );
+    assert_eq!(
+        count(&hub.audit, |r| r.event == Event::Revoked
+            && r.outcome == Some(Outcome::Failed)),
+        0,
+        "{:#?}",
+        hub.audit.records()
+    );
+    // Recorded in the database, as every revocation is.
+    let revoked_at: Option<i64> = db
+        .query_row(
+            "SELECT revoked_at FROM clients WHERE name = 'acme'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(revoked_at.is_some());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p10_central_revoke_closes_a_live_session_within_1s_and_a_restart_exits_at_once() {
     let hub = TestHub::start(&[]).await;

@@ -416,7 +416,7 @@ pub(crate) async fn revoke(
         Revoker::Customer { notify } => notify,
     };
     let made = store.revoke(client, reason, now, notify, by).await;
-    audit_revocation(audit, client, id, session_id, reason, made)
+    audit_revocation(audit, client, &id.to_string(), session_id, reason, made)
 }
 
 /// Revokes `client` for the silent-client grace of `grace_secs`, if it is still silent when
@@ -426,7 +426,7 @@ pub(crate) async fn revoke_if_silent(
     store: &Store,
     audit: &Audit,
     client: &str,
-    id: &SpiffeId,
+    id: &str,
     reason: &str,
     grace_secs: i64,
 ) -> bool {
@@ -439,7 +439,7 @@ pub(crate) async fn revoke_if_silent(
 fn audit_revocation(
     audit: &Audit,
     client: &str,
-    id: &SpiffeId,
+    id: &str,
     session_id: Option<u64>,
     reason: &str,
     made: Result<bool, super::store::StoreError>,
@@ -447,7 +447,7 @@ fn audit_revocation(
     match made {
         Ok(true) => {
             let mut r = audit.record(Event::Revoked);
-            r.client = Some(id.to_string());
+            r.client = Some(id.to_owned());
             r.session_id = session_id;
             r.outcome = Some(Outcome::Ok);
             r.reason = Some(reason.to_owned());
@@ -458,7 +458,7 @@ fn audit_revocation(
         Err(e) => {
             tracing::error!(error = %e, %client, "could not record revocation");
             let mut r = audit.record(Event::Revoked);
-            r.client = Some(id.to_string());
+            r.client = Some(id.to_owned());
             r.session_id = session_id;
             r.outcome = Some(Outcome::Failed);
             r.reason = Some(format!("{reason}: not recorded: {e}"));

@@ -287,17 +287,25 @@ async fn revoke_silent(parts: &Parts) -> bool {
     };
     let mut recorded = true;
     for (name, spiffe_id) in silent {
-        let Ok(id) = spiffe_id.parse::<SpiffeId>() else {
-            // Not one the Hub wrote (an edited database): still silent at the next turn, so
-            // the grace waits before it looks again.
-            tracing::error!(client = %name, "a silent client's recorded SPIFFE ID does not parse; not revoked");
-            recorded = false;
-            continue;
-        };
-        let reason = format!(
+        let mut reason = format!(
             "no session for {} s (revoke_after_lost_secs)",
             grace.as_secs()
         );
+        // One the Hub did not write (an edited database) is revoked all the same: a client
+        // silent past its grace is revoked whatever its row says, and one left silent would
+        // be due again at every turn, each failure pausing the grace of every other client.
+        // Its record names the ID its name stands for.
+        let id = match spiffe_id.parse::<SpiffeId>() {
+            Ok(id) => id.to_string(),
+            Err(e) => {
+                tracing::error!(client = %name, error = %e, "a silent client's recorded SPIFFE ID does not parse (an edited database?); revoked by its name");
+                reason.push_str(&format!(
+                    "; its recorded SPIFFE ID {:?} does not parse ({e})",
+                    text::printable(&spiffe_id)
+                ));
+                parts.trust.client_id(&name).unwrap_or(spiffe_id)
+            }
+        };
         // Only if it is still silent then: it may have come back since it was listed.
         let grace = grace.as_secs() as i64;
         recorded &=
