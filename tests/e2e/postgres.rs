@@ -10,6 +10,7 @@ use std::process::Command;
 
 use ewii_common::audit::Event;
 use ewii_tests::*;
+use sha2::Digest;
 
 struct Cluster {
     bin: PathBuf,
@@ -330,4 +331,86 @@ async fn p4_psql_with_tls_and_its_cancel_through_the_tunnel() {
     client
         .wait_count(4, "queries", |r| r.event == Event::Query)
         .await;
+}
+
+/// P4: a large `\copy` each way through the tunnel, over the database's TLS, arrives whole:
+/// 32 MiB of rows psql streams from a file into a table (the server's digest of what it stored
+/// is the file's), then the table streamed back into a file, byte for byte the one sent. Each
+/// is one query on record, with its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_a_large_copy_each_way_through_the_tunnel_arrives_whole() {
+    let Some((pg, _hub, client, entry)) = tunnelled().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (sent, back) = (dir.path().join("in.csv"), dir.path().join("out.csv"));
+    // Rows of an id and 96 pseudo-random hex digits: no quoting, so `\copy … TO` writes each
+    // row as it was read.
+    let mut rows = String::with_capacity(33 << 20);
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut id = 0u32;
+    while rows.len() < 32 << 20 {
+        id += 1;
+        rows.push_str(&format!("{id},"));
+        for _ in 0..6 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            rows.push_str(&format!("{x:016x}"));
+        }
+        rows.push('\n');
+    }
+    std::fs::write(&sent, &rows).unwrap();
+    let values: Vec<&str> = rows.lines().map(|l| l.split_once(',').unwrap().1).collect();
+    let digest: String = sha2::Sha256::digest(values.join(",").as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let bin = pg.bin.clone();
+    let tls = [("PGSSLMODE", "require")];
+    let (stored, sent_path, back_path) = (sent.clone(), sent.clone(), back.clone());
+    let server_digest = tokio::task::spawn_blocking(move || {
+        psql_with(&bin, entry, "CREATE TABLE big (id int PRIMARY KEY, v text)", &tls);
+        let copy_in = format!("\\copy big FROM '{}' WITH (FORMAT csv)", sent_path.display());
+        psql_with(&bin, entry, &copy_in, &tls);
+        let copy_out = format!(
+            "\\copy (SELECT id, v FROM big ORDER BY id) TO '{}' WITH (FORMAT csv)",
+            back_path.display()
+        );
+        psql_with(&bin, entry, &copy_out, &tls);
+        psql_with(
+            &bin,
+            entry,
+            "SELECT count(*) || '|' || encode(sha256(convert_to(string_agg(v, ',' ORDER BY id), 'UTF8')), 'hex') FROM big",
+            &tls,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        server_digest,
+        format!("{id}|{digest}"),
+        "what the server stored"
+    );
+    let returned = std::fs::read(&back).unwrap();
+    assert!(
+        returned == std::fs::read(&stored).unwrap(),
+        "the table came back as {} bytes, not the {} sent, or not the same",
+        returned.len(),
+        rows.len()
+    );
+    // The server resets each TLS connection as it ends (a backend that exits on `Terminate`
+    // closes with libpq's `close_notify` unread): the records say so, after the bytes.
+    client
+        .wait_count(4, "queries", |r| r.event == Event::Query)
+        .await;
+    let size = rows.len() as u64;
+    let records = client.audit.records();
+    let moved = |up: bool| {
+        records.iter().any(|r| {
+            r.event == Event::Query
+                && if up { r.bytes_up } else { r.bytes_down }.is_some_and(|b| b > size)
+        })
+    };
+    assert!(moved(true) && moved(false), "{records:#?}");
 }
