@@ -1325,3 +1325,120 @@ async fn a_client_records_how_far_its_clock_is_from_the_hubs() {
     );
     client.stop().await;
 }
+
+/// A revocation forged before the Hub proved itself is not taken. quinn takes an
+/// `APPLICATION_CLOSE` from a server's Initial packet (RFC 9000 §12.4 forbids it there), and an
+/// Initial's keys come from the Client's own connection ID, sent in the clear: anyone who sees
+/// the dial, or answers for the Hub's name, can send one without a key. With the Hub's
+/// `revoked` code, the Client used to record a revocation no Hub made, delete its renewal keys
+/// and stop for good (exit 10, refusing every later start). Now it is a failed dial, said as
+/// such, and the Client dials again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p9_a_revocation_forged_before_the_hub_proved_itself_is_not_taken() {
+    let hub = TestHub::start(&[]).await;
+    let forger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    client.config.hub = forger.local_addr().unwrap().to_string().parse().unwrap();
+    client.start();
+    // Every dial answered at once with the forged close, until two dials (two connection IDs)
+    // were: the Client still dials after the first.
+    let mut dials: Vec<Vec<u8>> = Vec::new();
+    let mut buf = vec![0u8; 65_536];
+    while dials.len() < 2 {
+        let (n, from) = tokio::time::timeout(SOON, forger.recv_from(&mut buf))
+            .await
+            .expect("the Client dials again")
+            .unwrap();
+        let Some((dcid, packet)) = forged_close(&buf[..n], 3, b"forged: you are revoked") else {
+            continue;
+        };
+        forger.send_to(&packet, from).await.unwrap();
+        if !dials.contains(&dcid) {
+            dials.push(dcid);
+        }
+    }
+    // The close was taken by quinn (the record quotes it), as a failed dial.
+    let failed = client
+        .wait_audit("the forged close, as a failed dial", |r| {
+            r.event == Event::SessionFailed
+                && r.reason
+                    .as_deref()
+                    .is_some_and(|x| x.contains("forged: you are revoked"))
+        })
+        .await;
+    assert_eq!(failed.outcome, Some(Outcome::Failed), "{failed:?}");
+    assert!(
+        failed
+            .reason
+            .as_deref()
+            .is_some_and(|x| x.contains("before the Hub proved itself")),
+        "{failed:?}"
+    );
+    assert_eq!(client.stop().await, ewii::client::Exit::Stopped);
+    let records = client.audit.records();
+    assert!(
+        !records.iter().any(|r| r.event == Event::Revoked),
+        "{records:#?}"
+    );
+    assert!(!client
+        .state_dir()
+        .join(ewii::client::REVOKED_MARKER)
+        .exists());
+}
+
+/// The server's answer to a client's QUIC v1 Initial `initial`: an Initial packet carrying an
+/// `APPLICATION_CLOSE` (frame type 0x1d) with `code` and `reason`, protected with the Initial
+/// keys every observer can derive from the client's destination connection ID (RFC 9001
+/// §5.2). With that ID, for telling dials apart; `None` for what is not a v1 Initial.
+fn forged_close(initial: &[u8], code: u8, reason: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    // Long header, type Initial, version 1.
+    if initial.first()? & 0xf0 != 0xc0 || initial.get(1..5)? != [0, 0, 0, 1] {
+        return None;
+    }
+    let dcid_len = usize::from(*initial.get(5)?);
+    let dcid = initial.get(6..6 + dcid_len)?;
+    let scid_len = usize::from(*initial.get(6 + dcid_len)?);
+    let scid = initial.get(7 + dcid_len..7 + dcid_len + scid_len)?;
+    let rustls::SupportedCipherSuite::Tls13(suite) =
+        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+    else {
+        unreachable!("a TLS 1.3 suite")
+    };
+    let keys = rustls::quic::Keys::initial(
+        rustls::quic::Version::V1,
+        suite,
+        suite.quic?,
+        dcid,
+        rustls::Side::Server,
+    );
+    // APPLICATION_CLOSE: type, code, reason length (one-byte varints), reason; padded so that
+    // the header protection's sample lies within the packet.
+    let mut payload = vec![0x1d, code, u8::try_from(reason.len()).ok()?];
+    payload.extend_from_slice(reason);
+    payload.resize(payload.len().max(32), 0);
+    let tag_len = keys.local.packet.tag_len();
+    // One-byte packet number 0; the length (two-byte varint) counts it, the payload and tag.
+    let mut header = vec![0xc0, 0, 0, 0, 1, u8::try_from(scid_len).ok()?];
+    header.extend_from_slice(scid);
+    header.extend_from_slice(&[8, 0x5e, 0x1f, 0x0e, 0xd0, 0xc0, 0xde, 0x00, 0x01]);
+    header.push(0); // no token
+    let length = u16::try_from(1 + payload.len() + tag_len).ok()?;
+    header.extend_from_slice(&(0x4000 | length).to_be_bytes());
+    let pn_at = header.len();
+    header.push(0);
+    let tag = keys
+        .local
+        .packet
+        .encrypt_in_place(0, &header, &mut payload)
+        .ok()?;
+    let mut packet = header;
+    packet.extend_from_slice(&payload);
+    packet.extend_from_slice(tag.as_ref());
+    let sample = packet.get(pn_at + 4..pn_at + 4 + 16)?.to_vec();
+    let (first, rest) = packet.split_at_mut(1);
+    keys.local
+        .header
+        .encrypt_in_place(&sample, &mut first[0], &mut rest[pn_at - 1..pn_at])
+        .ok()?;
+    Some((dcid.to_vec(), packet))
+}

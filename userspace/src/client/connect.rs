@@ -55,6 +55,20 @@ pub enum ConnectError {
         /// What quinn saw.
         source: quinn::ConnectionError,
     },
+    /// The connection was closed with an application code before the Hub proved itself (its
+    /// handshake not complete). The Hub closes so only once the handshake is done; quinn
+    /// takes such a close even from an Initial packet (RFC 9000 §12.4 forbids it there), which
+    /// anyone who sees the dial, or answers for the Hub's name, can send without a key. A
+    /// failed dial like any other: never a revocation, nor a refusal by the Hub.
+    #[error("handshake with {addr}: closed with code {code} before the Hub proved itself ({said}); not taken as the Hub's word")]
+    Unproven {
+        /// Where the close came from.
+        addr: SocketAddr,
+        /// Its application code.
+        code: u64,
+        /// Its words, bounded and escaped.
+        said: String,
+    },
     /// The Hub closed the connection with `REVOKED`: this identity is revoked.
     #[error("revoked by the Hub: {0}")]
     Revoked(String),
@@ -166,8 +180,21 @@ fn tls_refusal(code: u64) -> bool {
     code >> 8 == 1 && code != 0x100 + 80
 }
 
-/// The connection ended during the dial: a revocation is said as such, anything else is the
-/// handshake's (or the connection's) error as quinn gives it.
+/// The handshake failed: nothing in its close is the Hub's word yet ([`ConnectError::Unproven`]).
+fn unproven(addr: SocketAddr, source: quinn::ConnectionError) -> ConnectError {
+    match source {
+        quinn::ConnectionError::ApplicationClosed(c) => ConnectError::Unproven {
+            addr,
+            code: c.error_code.into_inner(),
+            said: ewii_common::text::from_peer(&c.reason),
+        },
+        source => ConnectError::Handshake { addr, source },
+    }
+}
+
+/// The connection ended after the handshake, the Hub proven (its certificate checked, the
+/// close under keys only it holds): a revocation is said as such, anything else is the
+/// connection's error as quinn gives it.
 fn closed(addr: SocketAddr, source: quinn::ConnectionError) -> ConnectError {
     match source {
         quinn::ConnectionError::ApplicationClosed(c) if c.error_code == codes::REVOKED => {
@@ -217,7 +244,7 @@ async fn open(plan: &DialPlan, peer: &mut Option<SocketAddr>) -> Result<Opened, 
             why: e.to_string(),
         })?
         .await
-        .map_err(|source| closed(addr, source))?;
+        .map_err(|source| unproven(addr, source))?;
     let deadline = tokio::time::Instant::now() + WELCOME_TIMEOUT;
     let no_welcome = |_| ConnectError::NoWelcome(WELCOME_TIMEOUT);
     let opened = tokio::time::timeout_at(deadline, conn.open_bi())
@@ -494,6 +521,19 @@ mod tests {
             [false, false, true, false, false, false, false, false]
         );
         assert!(matches!(app_closed(codes::REVOKED), ConnectError::Revoked(r) if r == "said"));
+        // The same close before the handshake is done: anyone's, a failed dial.
+        let forged = unproven(
+            hub(),
+            quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+                error_code: codes::REVOKED,
+                reason: b"said".to_vec().into(),
+            }),
+        );
+        assert!(
+            matches!(&forged, ConnectError::Unproven { code: 3, said, .. } if said == "said"),
+            "{forged:?}"
+        );
+        assert!(!forged.refused(), "{forged}");
         let failed = [
             peer_closed(alert(80), b""), // internal_error
             peer_closed(quinn::TransportErrorCode::APPLICATION_ERROR, b""), // closed before its handshake: a stop
