@@ -1135,6 +1135,35 @@ async fn p7_a_federated_client_gets_no_svid_from_the_hub() {
     .await;
 }
 
+/// `ewii-hub token create` for a `[[federation]]` client's name is refused, and says why: an
+/// enrolment with it would take the name over (its routes, its revocation) from the identity
+/// the customer's SPIRE issues for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p7_no_token_is_made_for_a_federated_clients_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = SpireCa::new(CUSTOMER);
+    let hub = federated_hub(&ca, &dir).await;
+    let made = admin::create_token(
+        &hub.state_dir(),
+        "acme",
+        Duration::from_secs(600),
+        None,
+        false,
+    );
+    let Err(e) = made else {
+        panic!("a token for a federated name: {made:?}")
+    };
+    assert!(
+        matches!(e, ewii::hub::HubError::Invalid(_))
+            && e.to_string().contains(&format!(
+                "acme is spiffe://{CUSTOMER}{ACME_PATH} in this Hub's records: a [[federation]] client"
+            )),
+        "{e}"
+    );
+    // Another name is no federated client's.
+    admin::create_token(&hub.state_dir(), "beta", HOUR, None, false).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p7_a_hub_refuses_to_start_with_a_federation_it_cannot_use_and_says_why() {
     let dir = tempfile::tempdir().unwrap();

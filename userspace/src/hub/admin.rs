@@ -142,8 +142,19 @@ pub fn create_token(
     let now = crate::now_timestamp().unix_secs() as i64;
     let expires_at = now + ttl.as_secs() as i64;
     let db = Db::open(&state_dir.join(DB_FILE))?;
-    let replaces = db
-        .clients()?
+    let clients = db.clients()?;
+    // A `[[federation]]` client: its SPIRE issues its SVIDs, and an enrolment would take its
+    // name (and with it its routes and its revocation) over. The Hub refuses one too.
+    if let Some(c) = clients
+        .iter()
+        .find(|c| c.name == client && c.spiffe_id != client_id.to_string())
+    {
+        return Err(HubError::Invalid(format!(
+            "{client} is {} in this Hub's records: a [[federation]] client, whose SVIDs its SPIRE issues; a token cannot enrol it (a token-enrolled Client needs a name of its own)",
+            c.spiffe_id
+        )));
+    }
+    let replaces = clients
         .into_iter()
         .find(|c| {
             c.name == client

@@ -61,6 +61,16 @@ pub enum StateError {
     /// recorded: the enrolment is refused, so that it cannot undo that revocation.
     #[error("client {0} was revoked while it enrolled; the enrolment is refused")]
     RevokedMeanwhile(String),
+    /// A token was redeemed for a name whose records hold another SPIFFE ID (a
+    /// `[[federation]]` client, whose SVIDs its SPIRE issues): an enrolment would take its
+    /// name, its routes and its revocation over, and is refused.
+    #[error("client {client} is {holder} in this Hub's records (a [[federation]] client: its SPIRE issues its SVIDs); a token cannot enrol it")]
+    NotTokenEnrolled {
+        /// The name.
+        client: String,
+        /// The SPIFFE ID recorded for it.
+        holder: String,
+    },
     /// A `[[federation]]` client name is already held by another identity (an enrolled
     /// Client, or another SPIFFE ID).
     #[error("client {client} is {holder} in this Hub's records, not {wanted}; choose another name for it in [[federation]]")]
@@ -357,7 +367,8 @@ impl Db {
     /// Records an enrolment: the client (re-enrolling clears an earlier revocation, since the
     /// operator made a new token for it), and its first serial. A revocation made after the
     /// token was redeemed is not cleared: the enrolment is refused
-    /// ([`StateError::RevokedMeanwhile`]).
+    /// ([`StateError::RevokedMeanwhile`]); so is one for a name held by another SPIFFE ID
+    /// ([`StateError::NotTokenEnrolled`]).
     pub fn record_enrolment(
         &self,
         grant: &TokenGrant,
@@ -369,15 +380,24 @@ impl Db {
         let issued = serial.into();
         let recorded = self.with(|c| {
             let tx = c.transaction()?;
-            let revocations: Option<i64> = tx
+            let held: Option<(i64, String)> = tx
                 .query_row(
-                    "SELECT revocations FROM clients WHERE name = ?1",
+                    "SELECT revocations, spiffe_id FROM clients WHERE name = ?1",
                     params![grant.client],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            if revocations.is_some_and(|n| n != grant.revocations) {
-                return Ok(false);
+            match held {
+                Some((_, holder)) if holder != id.to_string() => {
+                    return Ok(Err(StateError::NotTokenEnrolled {
+                        client: grant.client.clone(),
+                        holder,
+                    }))
+                }
+                Some((n, _)) if n != grant.revocations => {
+                    return Ok(Err(StateError::RevokedMeanwhile(grant.client.clone())))
+                }
+                _ => {}
             }
             tx.execute(
                 "INSERT INTO clients (name, spiffe_id, enrolled_at, webhook) VALUES (?1, ?2, ?3, ?4)
@@ -394,13 +414,9 @@ impl Db {
                 params![issued.serial, grant.client, now, not_after, issued.key_sha256],
             )?;
             tx.commit()?;
-            Ok(true)
+            Ok(Ok(()))
         })?;
-        if recorded {
-            Ok(())
-        } else {
-            Err(StateError::RevokedMeanwhile(grant.client.clone()))
-        }
+        recorded
     }
 
     /// Records a federated client (`[[federation]]`): no token and no serial, the customer's

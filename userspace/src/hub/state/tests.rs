@@ -533,3 +533,33 @@ fn p8_a_session_is_recorded_with_its_older_serials_retirement_or_not_at_all() {
         Err(SerialRefusal::Retired { .. })
     ));
 }
+
+/// A token redeemed for a `[[federation]]` client's name does not enrol: the enrolment would
+/// take the name, its routes and its revocation over (a revoked federated client stays revoked).
+#[test]
+fn p7_a_token_for_a_federated_clients_name_enrols_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(&dir.path().join("hub.db")).unwrap();
+    let federated: SpiffeId = "spiffe://customer.example/ewii/acme".parse().unwrap();
+    db.admit_federated("acme", &federated, None, 1).unwrap();
+    assert!(db.revoke_client("acme", "left", 2, false).unwrap());
+    // A token made for the name (before its Hub recorded the federation, or by hand).
+    db.add_token("t", "acme", 100, None, 3).unwrap();
+    let grant = db.redeem_token("t", 4).unwrap().unwrap();
+    let id: SpiffeId = "spiffe://example.org/client/acme".parse().unwrap();
+    let refused = db.record_enrolment(&grant, &id, "0a", 1000, 5);
+    assert!(
+        matches!(&refused, Err(StateError::NotTokenEnrolled { client, holder })
+            if client == "acme" && *holder == federated.to_string()),
+        "{refused:?}"
+    );
+    let row = db
+        .clients()
+        .unwrap()
+        .into_iter()
+        .find(|c| c.name == "acme")
+        .unwrap();
+    assert_eq!(row.spiffe_id, federated.to_string());
+    assert_eq!(row.revoked_at, Some(2), "still revoked");
+    assert!(row.serials.is_empty(), "{:?}", row.serials);
+}
