@@ -1108,6 +1108,46 @@ fn hub_init_refuses_to_replace_a_ca() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to replace it"));
 }
 
+/// A command's answer to a reader that has gone (`ewii-hub clients | head -1` once `head` has
+/// its line) ends the command quietly with 141, as SIGPIPE ends other tools, where
+/// `println!` panicked ("failed printing to stdout"). A state directory that is a file is
+/// said as such, not blamed on who runs the command.
+#[test]
+fn an_answer_to_a_closed_pipe_ends_quietly_and_a_file_is_no_state_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    run(
+        "ewii-hub",
+        &["init", "--state-dir", d, "--trust-domain", TD],
+    );
+    for (bin, args) in [
+        ("ewii-hub", vec!["clients", "--state-dir", d]),
+        ("ewii-hub", vec!["bundle-hash", "--state-dir", d]),
+        ("ewii-client", vec!["completions", "bash"]),
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(bin_path(bin))
+            .args(&args)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(141),
+            "{bin} {args:?}: {}",
+            stderr_of(&out)
+        );
+        assert_eq!(stderr_of(&out), "", "{bin} {args:?}");
+    }
+    let file = dir.path().join("ca.pem");
+    let out = Command::new(bin_path("ewii-hub"))
+        .args(["clients", "--state-dir", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    exits_saying_once(&out, 1, "is not a directory: give --state-dir");
+}
+
 /// P14 with DNS down at start: the binary does not give up (today's bug was exit 4 with no
 /// kernel layer at all). The Landlock and seccomp layers go in whatever resolved, the eBPF
 /// lock says why it could not be attached, and the session keeps trying with backoff until

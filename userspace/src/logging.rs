@@ -143,6 +143,26 @@ pub fn say(line: &str) {
     }
 }
 
+/// A command's answer on stdout (`status`, `clients`, a report), written whole. A reader that
+/// closed the pipe before the end (`… | head`) ends the command quietly with status 141, as
+/// SIGPIPE ends other tools (Rust ignores the signal, and `println!` would panic instead);
+/// another write error is said on stderr, status 1.
+pub fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(141),
+        Err(e) => {
+            fail(&format!("cannot write the answer to stdout: {e}"));
+            std::process::exit(1);
+        }
+    }
+}
+
 /// An error for the operator on stderr: as it is in text mode, an `error` event in JSON mode.
 pub fn fail(line: &str) {
     if json() {

@@ -107,7 +107,14 @@ impl Audit {
                 opts.create(true).append(true);
                 #[cfg(unix)]
                 std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o640);
-                Box::new(opts.open(path)?)
+                // Said with the file and the key, for the operator to find it in the config.
+                let opened = opts.open(path).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("`audit = \"file:{}\"`: {e}", path.display()),
+                    )
+                })?;
+                Box::new(opened)
             }
             AuditOutput::Discard => Box::new(io::sink()),
         };
@@ -946,6 +953,22 @@ mod tests {
             );
         }
         assert_eq!(gate.lines().len(), 2);
+    }
+
+    /// A file sink that cannot be opened says which file, as the configuration names it.
+    #[test]
+    fn p12_a_file_sink_that_cannot_be_opened_names_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("no-such-dir").join("audit.jsonl");
+        let Err(e) = Audit::open(Side::Client, &AuditOutput::File(path.clone())) else {
+            panic!("opened a file in a missing directory");
+        };
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(
+            e.to_string()
+                .starts_with(&format!("`audit = \"file:{}\"`: ", path.display())),
+            "{e}"
+        );
     }
 
     #[test]

@@ -23,6 +23,23 @@ use ewii_common::audit::Side;
 use ewii_common::session::PENDING_REVOKE_REASON;
 use ewii_common::text::printable;
 
+/// `println!` for a command's answer: [`ewii::logging::out`] (a closed pipe ends it quietly).
+macro_rules! outln {
+    () => {
+        ewii::logging::out("\n")
+    };
+    ($($arg:tt)*) => {
+        ewii::logging::out(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for a command's answer (see `outln!`).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        ewii::logging::out(&format!($($arg)*))
+    };
+}
+
 /// Exit status when the Hub has revoked this Client.
 const EXIT_REVOKED: u8 = 10;
 /// Stopped by a second signal during an enrolment (as a shell reports SIGINT's death).
@@ -167,12 +184,12 @@ fn verify(state_dir: &Path, config: Option<&Path>, json: bool) -> ExitCode {
     };
     let findings = verify::assess(&facts);
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&verify::to_json(&facts, &findings)).unwrap_or_default()
         );
     } else {
-        print!("{}", verify::render(&facts, &findings));
+        out!("{}", verify::render(&facts, &findings));
     }
     if findings
         .iter()
@@ -219,7 +236,7 @@ fn main() -> ExitCode {
         }
         Command::Status { state_dir } => match Status::read(&state_dir) {
             Ok(status) => {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&status).unwrap_or_default()
                 );
@@ -263,25 +280,23 @@ fn main() -> ExitCode {
                 }
                 Some(Err(e)) => fail(1, e.to_string()),
                 _ => {
-                    println!("valid: signed by {key}");
+                    outln!("valid: signed by {key}");
                     ExitCode::SUCCESS
                 }
             }
         }
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "ewii-client",
-                &mut std::io::stdout(),
-            );
+            // Into memory first: the generator panics on a write that fails.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ewii-client", &mut script);
+            out!("{}", String::from_utf8_lossy(&script));
             ExitCode::SUCCESS
         }
         Command::Health { state_dir } => {
             let verdict = Status::read(&state_dir).and_then(|s| s.healthy(ewii::now_timestamp().0));
             match verdict {
                 Ok(()) => {
-                    println!("healthy");
+                    outln!("healthy");
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(1, format!("unhealthy: {e}")),
@@ -663,7 +678,7 @@ fn probe_enforcement(path: &Path, layers: Option<&[String]>) -> ExitCode {
             .into_iter()
             .collect::<std::collections::BTreeMap<_, _>>());
     }
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(&result).unwrap_or_default()
     );

@@ -16,6 +16,23 @@ use ewii::hub::{admin, Hub, HubError};
 use ewii::logging::{fail, say, LogArgs};
 use ewii_common::audit::Side;
 
+/// `print!` for a command's answer: [`ewii::logging::out`] (a closed pipe ends it quietly).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        ewii::logging::out(&format!($($arg)*))
+    };
+}
+
+/// `println!` for a command's answer: [`ewii::logging::out`] (a closed pipe ends it quietly).
+macro_rules! outln {
+    () => {
+        ewii::logging::out("\n")
+    };
+    ($($arg:tt)*) => {
+        ewii::logging::out(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 #[derive(Parser)]
 #[command(
     name = "ewii-hub",
@@ -223,6 +240,14 @@ fn initialised(state_dir: &std::path::Path) -> Result<(), ExitCode> {
     match std::fs::symlink_metadata(state_dir.join(admin::CA_CERT)) {
         Ok(_) => return Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // A file where the directory should be: not a question of who runs the command.
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            fail(&format!(
+                "ewii-hub: {} is not a directory: give --state-dir (or `state_dir` in the config) the Hub's state directory, made by `ewii-hub init`",
+                state_dir.display()
+            ));
+            return Err(ExitCode::from(1));
+        }
         Err(e) => {
             let who = match std::fs::metadata(state_dir) {
                 Ok(m) => format!(
@@ -280,12 +305,10 @@ fn writable(state_dir: &std::path::Path) -> Result<(), ExitCode> {
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "ewii-hub",
-                &mut std::io::stdout(),
-            );
+            // Into memory first: the generator panics on a write that fails.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ewii-hub", &mut script);
+            out!("{}", String::from_utf8_lossy(&script));
         }
         Command::Init {
             state_dir,
@@ -295,9 +318,9 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(code);
             }
             let r = admin::init(&state_dir, &trust_domain)?;
-            println!("initialised {}", state_dir.display());
-            println!("hub id:      {}", r.hub_id);
-            println!("bundle hash: {}", r.bundle_hash);
+            outln!("initialised {}", state_dir.display());
+            outln!("hub id:      {}", r.hub_id);
+            outln!("bundle hash: {}", r.bundle_hash);
         }
         Command::Token {
             command:
@@ -324,7 +347,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(url) = webhook.as_deref().filter(|_| danger_allow_private_webhook) {
                 if ewii::webhook::check_url(url, false).is_err() {
                     say(&format!(
-                        "ewii-hub: warning: {} is not a public address: the running Hub delivers to it only with `[webhooks] danger_allow_private_targets = true` in its config; without it each attempt is refused",
+                        "ewii-hub: warning: {} is not a public address: the running Hub delivers to it only with `[webhooks] danger_allow_private_targets = true` in its config; without it the first attempt is refused and the delivery waits in the outbox until a Hub starts with it",
                         ewii::webhook::redacted(url)
                     ));
                 }
@@ -334,23 +357,23 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     "ewii-hub: warning: {client} is enrolled and not revoked ({state}): an enrolment with this token replaces its identity, and the Client that holds the current one is refused from its next connection; for a second machine, give it a client name of its own"
                 ));
             }
-            println!("token:       {}", r.token);
-            println!(
+            outln!("token:       {}", r.token);
+            outln!(
                 "token id:    {}   (for `ewii-hub token list` / `token revoke`)",
                 r.id
             );
-            println!("client id:   {}", r.client_id);
-            println!("bundle hash: {}", r.bundle_hash);
-            println!(
+            outln!("client id:   {}", r.client_id);
+            outln!("bundle hash: {}", r.bundle_hash);
+            outln!(
                 "expires:     {}",
                 ewii_common::time::Timestamp(r.expires_at as u64 * 1_000_000)
             );
             if let Some(key) = &r.webhook_public_key {
-                println!("webhook key: {key}   (the customer verifies deliveries with it)");
+                outln!("webhook key: {key}   (the customer verifies deliveries with it)");
             }
-            println!();
-            println!("The customer enrols with:");
-            println!(
+            outln!();
+            outln!("The customer enrols with:");
+            outln!(
                 "  ewii-client enroll --hub {} --token {} --bundle-hash {}",
                 hub_address.as_deref().unwrap_or("<hub-host>:443"),
                 r.token,
@@ -365,10 +388,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let rows = admin::tokens(&state_dir)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                outln!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 let now = ewii::now_timestamp().unix_secs() as i64;
-                println!("{:<18} {:<20} {:<28} WEBHOOK", "ID", "CLIENT", "EXPIRES");
+                outln!("{:<18} {:<20} {:<28} WEBHOOK", "ID", "CLIENT", "EXPIRES");
                 for t in rows {
                     let expires = ewii_common::time::Timestamp(t.expires_at as u64 * 1_000_000);
                     let expires = if t.expires_at <= now {
@@ -376,7 +399,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     } else {
                         expires.to_string()
                     };
-                    println!(
+                    outln!(
                         "{:<18} {:<20} {:<28} {}",
                         t.id,
                         t.client,
@@ -408,7 +431,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             let n = admin::revoke_tokens(&state_dir, &which)?;
-            println!("deleted {n} unused token(s); they can no longer enrol anything");
+            outln!("deleted {n} unused token(s); they can no longer enrol anything");
         }
         Command::WorkloadSvid {
             state_dir,
@@ -420,7 +443,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(code);
             }
             let id = admin::issue_workload_svid(&state_dir, &name, lifetime, &out)?;
-            println!("issued {id} into {}", out.display());
+            outln!("issued {id} into {}", out.display());
         }
         Command::Ca { command } => match command {
             CaCommand::Prepare { state_dir } => {
@@ -428,25 +451,25 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(code);
                 }
                 let hash = admin::ca_prepare(&state_dir)?;
-                println!("prepared the next CA ({hash}); it is in the bundle now.");
-                println!("Give Clients time to receive it, then: ewii-hub ca activate");
+                outln!("prepared the next CA ({hash}); it is in the bundle now.");
+                outln!("Give Clients time to receive it, then: ewii-hub ca activate");
             }
             CaCommand::Activate { state_dir } => {
                 if let Err(code) = writable(&state_dir) {
                     return Ok(code);
                 }
                 let hash = admin::ca_activate(&state_dir)?;
-                println!("activated the new CA ({hash}); new tokens carry this bundle hash.");
-                println!("After every Client has renewed (up to 60 % of an SVID lifetime): ewii-hub ca retire");
+                outln!("activated the new CA ({hash}); new tokens carry this bundle hash.");
+                outln!("After every Client has renewed (up to 60 % of an SVID lifetime): ewii-hub ca retire");
             }
             CaCommand::Retire { state_dir, force } => {
                 if let Err(code) = writable(&state_dir) {
                     return Ok(code);
                 }
                 let stale = admin::ca_retire(&state_dir, force)?;
-                println!("retired the old CA; the bundle holds the signing CA only.");
+                outln!("retired the old CA; the bundle holds the signing CA only.");
                 if !stale.is_empty() {
-                    println!(
+                    outln!(
                             "forced: {} may be refused until re-enrolled (those that held an old-CA SVID)",
                             stale.join(", ")
                         );
@@ -463,14 +486,12 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let done = admin::revoke(&state_dir, &client, &reason)?;
             if !done.revoked {
-                println!("{client} was already revoked");
+                outln!("{client} was already revoked");
                 return Ok(ExitCode::SUCCESS);
             }
-            println!(
-                "revoked {client}: a live session closes within 1 s; the Client cannot return"
-            );
+            outln!("revoked {client}: a live session closes within 1 s; the Client cannot return");
             match done.webhook {
-                Some(url) => println!(
+                Some(url) => outln!(
                     "a notice to the customer's webhook ({}) is queued: the running Hub delivers it (or the next to start), and its audit says when (`webhook_delivered`, or `webhook_failed`)",
                     ewii::webhook::redacted(&url)
                 ),
@@ -484,11 +505,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(code);
             }
             if admin::readmit(&state_dir, &client)? {
-                println!(
+                outln!(
                     "readmitted {client}: its next handshake is accepted (the customer deletes the `revoked` marker in its state directory first)"
                 );
             } else {
-                println!("{client} was not revoked");
+                outln!("{client} was not revoked");
             }
         }
         Command::Clients { state_dir, json } => {
@@ -497,11 +518,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let rows = admin::clients(&state_dir)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                outln!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!(
+                outln!(
                     "{:<20} {:<10} {:<34} SVID EXPIRES",
-                    "CLIENT", "STATE", "SERIAL"
+                    "CLIENT",
+                    "STATE",
+                    "SERIAL"
                 );
                 for row in rows {
                     // As the running Hub recorded it: a live session, none, or revoked.
@@ -522,7 +545,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                             )
                         })
                         .unwrap_or_else(|| ("-".into(), "-".into()));
-                    println!("{:<20} {:<10} {:<34} {}", row.name, state, serial, exp);
+                    outln!("{:<20} {:<10} {:<34} {}", row.name, state, serial, exp);
                 }
             }
         }
@@ -530,7 +553,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Err(code) = initialised(&state_dir) {
                 return Ok(code);
             }
-            println!("{}", admin::current_bundle_hash(&state_dir)?);
+            outln!("{}", admin::current_bundle_hash(&state_dir)?);
         }
         Command::WebhookKey { state_dir } => {
             if let Err(code) = initialised(&state_dir) {
@@ -542,7 +565,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(code);
                 }
             }
-            println!("{}", admin::webhook_key(&state_dir)?);
+            outln!("{}", admin::webhook_key(&state_dir)?);
         }
         Command::Run { config: path } => {
             let config: HubConfig = match config::load(&path) {

@@ -57,7 +57,7 @@ pub use state_dir::{REVOKED_MARKER, REVOKE_PENDING_MARKER};
 #[non_exhaustive]
 pub enum ClientError {
     /// No usable SVID or bundle in the state directory.
-    #[error("not enrolled ({dir}): {source}; run `ewii-client enroll` first")]
+    #[error("not enrolled ({dir}): {source}; {}", enrol_hint(source))]
     NotEnrolled {
         /// The state directory.
         dir: PathBuf,
@@ -367,6 +367,18 @@ fn load_markers(dir: &Path) -> Result<bool, ClientError> {
         return Err(ClientError::RevokedEarlier(reason.trim().to_owned()));
     }
     Ok(dir.join(REVOKE_PENDING_MARKER).exists())
+}
+
+/// What to do when no identity is usable: a missing one is enrolled; files that are there but
+/// do not make an identity (a key from another copy, a damaged certificate) are replaced with
+/// `--replace`, since a plain `enroll` refuses a directory that holds an SVID.
+fn enrol_hint(e: &IdentityError) -> &'static str {
+    match e {
+        IdentityError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            "run `ewii-client enroll` first"
+        }
+        _ => "restore the state directory's files from the copy they came from, or enrol anew with a new token: `ewii-client enroll --replace`",
+    }
 }
 
 /// A blocking step that panicked: reported as an I/O failure on the state directory.

@@ -367,6 +367,7 @@ impl FromStr for HubConfig {
                 mode,
             });
         }
+        tcp_listens_apart(&services, raw.metrics_listen)?;
         let d = WebhookConfig::default();
         let w = raw.webhooks;
         let webhooks = WebhookConfig {
@@ -409,4 +410,38 @@ impl FromStr for HubConfig {
             query_window: super::query_window(raw.query_window_kib)?,
         })
     }
+}
+
+/// Two TCP listeners of the Hub (the services, `metrics_listen`) on one port where the second
+/// could not bind (the same address, or one of them every address of its family, which a
+/// dual-stack `[::]` is for both): refused when the file is read, naming both, rather than at
+/// `run`'s second bind as an `Address already in use` that reads like another process's.
+fn tcp_listens_apart(
+    services: &[ServiceConfig],
+    metrics: Option<SocketAddr>,
+) -> Result<(), ConfigError> {
+    let named = services
+        .iter()
+        .map(|s| (format!("service {:?}", s.name), s.listen))
+        .chain(metrics.map(|m| ("metrics_listen".to_owned(), m)));
+    let mut seen: Vec<(String, SocketAddr)> = Vec::new();
+    for (what, addr) in named {
+        // An unspecified address holds the port for every address of its family, and `[::]`
+        // (dual-stack, as Linux binds it by default) for IPv4's too.
+        let covers = |any: &SocketAddr, other: &SocketAddr| {
+            any.ip().is_unspecified() && (any.is_ipv6() || other.is_ipv4())
+        };
+        let clash = seen.iter().find(|(_, other)| {
+            addr.port() != 0
+                && addr.port() == other.port()
+                && (addr.ip() == other.ip() || covers(&addr, other) || covers(other, &addr))
+        });
+        if let Some((first, other)) = clash {
+            return Err(ConfigError::Invalid(format!(
+                "{what} listens on {addr}, where {first} listens ({other}): each needs a port of its own"
+            )));
+        }
+        seen.push((what, addr));
+    }
+    Ok(())
 }

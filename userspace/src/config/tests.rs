@@ -413,3 +413,46 @@ fn p7_federation_names_each_client_once_in_its_own_trust_domain() {
         assert!(err.contains(says), "{text}: {err}");
     }
 }
+
+/// Two of the Hub's TCP listeners on one port where the second could not bind are refused when
+/// the file is read, naming both; listeners that can share a port are not.
+#[test]
+fn hub_listeners_that_cannot_share_a_port_are_refused_when_read() {
+    let svc = |name: &str, listen: &str| {
+        format!("[[service]]\nname = \"{name}\"\nlisten = \"{listen}\"\nclient = \"acme\"\ndestination = \"db\"\nprincipal = \"p\"\n")
+    };
+    let hub = |body: String| hub_with(&body);
+    for (a, b) in [
+        ("127.0.0.1:5432", "127.0.0.1:5432"),
+        ("0.0.0.0:5432", "127.0.0.1:5432"),
+        ("127.0.0.1:5432", "0.0.0.0:5432"),
+        ("[::]:5432", "127.0.0.1:5432"),
+        ("[::1]:5432", "[::]:5432"),
+    ] {
+        let e = hub(svc("one", a) + &svc("two", b)).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "service \"two\" listens on {b}, where service \"one\" listens ({a})"
+            )),
+            "{a} {b}: {e}"
+        );
+    }
+    let e = hub(format!(
+        "metrics_listen = \"127.0.0.1:9100\"\n{}",
+        svc("one", "0.0.0.0:9100")
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("metrics_listen listens on 127.0.0.1:9100"),
+        "{e}"
+    );
+    for (a, b) in [
+        ("127.0.0.1:0", "127.0.0.1:0"),
+        ("127.0.0.1:5432", "127.0.0.2:5432"),
+        ("0.0.0.0:5432", "[::1]:5432"),
+        ("127.0.0.1:5432", "127.0.0.1:5433"),
+    ] {
+        hub(svc("one", a) + &svc("two", b)).unwrap_or_else(|e| panic!("{a} {b}: {e}"));
+    }
+}
