@@ -2609,6 +2609,58 @@ impl Stranger {
     }
 }
 
+/// Anyone who reaches a TLS service's port can fail its TLS handshake as fast as it connects:
+/// those `query` records, of no proven workload, are held to the same burst per address (ten
+/// one by one, one record with the count of the rest), where each used to be written and a
+/// stranger could fill the audit backlog and have every service's queries shed (P11).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p11_a_strangers_failed_tls_handshakes_with_a_service_are_summed_up() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let root = tempfile::tempdir().unwrap();
+    let audit = root.path().join("hub-audit.jsonl");
+    let (mut hub, ports) = HubProcess::start_with_ports(
+        root.path(),
+        &format!("file:{}", audit.display()),
+        1,
+        |p| {
+            format!(
+                "[[service]]\nname = \"pg-tls\"\nlisten = \"127.0.0.1:{}\"\nclient = \"acme\"\ndestination = \"db\"\ntls = true\nworkloads = [\"billing\"]\n",
+                p[0]
+            )
+        },
+    );
+    for _ in 0..25 {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", ports[0]))
+            .await
+            .unwrap();
+        tcp.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        // The Hub's TLS answers with an alert, or closes: either way the record is made.
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(SOON, tcp.read_to_end(&mut rest)).await;
+    }
+    assert!(hub.proc.terminate().success());
+    let reasons: Vec<String> = fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["event"] == "query")
+        .filter_map(|r| r["reason"].as_str().map(str::to_owned))
+        .collect();
+    let one_by_one = reasons
+        .iter()
+        .filter(|r| r.starts_with("requester TLS: "))
+        .count();
+    assert_eq!(one_by_one, 10, "{reasons:#?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("15 more records of this event from 127.0.0.1 since ")),
+        "{reasons:#?}"
+    );
+    assert_eq!(reasons.len(), 11, "{reasons:#?}");
+}
+
 /// A stranger's refused enrolments are held to the same burst: fifteen from one address,
 /// each opened before any was refused (so none is throttled yet), then each sending garbage,
 /// are written ten one by one and the rest summed up; the record of that address's next

@@ -257,15 +257,31 @@ async fn query(
             let Some(accepted) = accepted else {
                 return log.emit(Outcome::Failed, NOT_OPEN);
             };
+            // Before a workload is proven, anyone who reaches the port can make these records
+            // as fast as it connects: held to its address's burst, as refused QUIC handshakes
+            // are, so that a stranger cannot fill the audit backlog and shed every service's
+            // queries.
+            let stranger = |log: &mut QueryLog<'_>, outcome, reason: String| {
+                let r = log.record(outcome, Some(reason));
+                log.emit_from(Source::address(peer.ip()), r);
+            };
             // A caller TLS refused (no SVID, one the bundle does not vouch for) is policy; a
             // handshake the network or the caller broke off, or never finished, is not.
             let stream = match accepted {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    return log.emit(Outcome::Refused, format!("requester TLS: {e}"));
+                    return stranger(&mut log, Outcome::Refused, format!("requester TLS: {e}"));
                 }
-                Ok(Err(e)) => return log.emit(Outcome::Failed, format!("requester TLS: {e}")),
-                Err(_) => return log.emit(Outcome::Failed, "requester TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    return stranger(&mut log, Outcome::Failed, format!("requester TLS: {e}"))
+                }
+                Err(_) => {
+                    return stranger(
+                        &mut log,
+                        Outcome::Failed,
+                        "requester TLS handshake timed out".into(),
+                    )
+                }
             };
             // The verifier accepted only `/workload/<name>` SVIDs of our trust domain; this
             // service takes only the ones it lists.
@@ -302,7 +318,11 @@ async fn query(
                     );
                     log.emit(Outcome::Refused, reason);
                 }
-                None => log.emit(Outcome::Refused, "requester presented no workload SVID"),
+                None => stranger(
+                    &mut log,
+                    Outcome::Refused,
+                    "requester presented no workload SVID".into(),
+                ),
             }
         }
     }
