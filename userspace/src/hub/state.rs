@@ -532,17 +532,20 @@ impl Db {
                 "UPDATE clients SET revoked_at = ?2, revoke_reason = ?3 WHERE name = ?1 AND revoked_at IS NULL",
                 params![client, now, reason],
             )?;
-            // Counted even when it was revoked already: an enrolment in flight must not undo
-            // an operator's later "no".
-            tx.execute(
-                "UPDATE clients SET revocations = revocations + 1 WHERE name = ?1",
-                params![client],
-            )?;
-            // An unused token for this client must not quietly undo an operator's or the
-            // Hub's revocation. A Client's own stop is the customer's: a token the operator
-            // gave for the container that replaces it stays good (it was good before the stop,
-            // and a revoked client is enrolled again only with a token the operator created).
+            // An operator's or the Hub's "no" is counted even when the client was revoked
+            // already: an enrolment in flight must not undo it. And an unused token for this
+            // client must not quietly undo it either.
+            //
+            // A Client's own stop is the customer's, and no "no" to what replaces it: a token
+            // the operator gave for the container that replaces it stays good (it was good
+            // before the stop, and a revoked client is enrolled again only with a token the
+            // operator created), and an enrolment with it that is in flight goes on, as it
+            // would had the stop come before it redeemed the token (a blue/green swap).
             if by == Revoker::Hub {
+                tx.execute(
+                    "UPDATE clients SET revocations = revocations + 1 WHERE name = ?1",
+                    params![client],
+                )?;
                 tx.execute("DELETE FROM tokens WHERE client = ?1", params![client])?;
             }
             let queued = if n > 0 && notify {

@@ -563,3 +563,40 @@ fn p7_a_token_for_a_federated_clients_name_enrols_nothing() {
     assert_eq!(row.revoked_at, Some(2), "still revoked");
     assert!(row.serials.is_empty(), "{:?}", row.serials);
 }
+
+/// A Client's own stop that lands while its replacement enrols (a blue/green swap: the old
+/// container's `Goodbye{revoke}` between the new one's token redeemed and its enrolment
+/// recorded) does not refuse that enrolment: its token was the operator's for it, and the
+/// stop would not have refused it a moment earlier. It used to be refused as "revoked
+/// meanwhile", the token spent.
+#[test]
+fn p9_a_stop_during_its_replacements_enrolment_does_not_refuse_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, id) = with_acme(&dir);
+    db.add_token("next", "acme", 100, None, 2).unwrap();
+    let grant = db.redeem_token("next", 3).unwrap().unwrap();
+    let stop = Revoker::Customer { notify: false };
+    assert!(
+        db.revoke_client_noting("acme", "stopped", 4, false, stop)
+            .unwrap()
+            .0
+    );
+    db.record_enrolment(&grant, &id, "0b", 1000, 5).unwrap();
+    let row = db
+        .clients()
+        .unwrap()
+        .into_iter()
+        .find(|c| c.name == "acme")
+        .unwrap();
+    assert_eq!(row.revoked_at, None, "enrolled again");
+    assert_eq!(row.serials.len(), 1);
+    assert_eq!(row.serials[0].0, "0b");
+    // An operator's revocation at the same point still refuses it.
+    db.add_token("again", "acme", 100, None, 6).unwrap();
+    let grant = db.redeem_token("again", 7).unwrap().unwrap();
+    assert!(db.revoke_by_operator("acme", "ended", 8).unwrap().0);
+    assert!(matches!(
+        db.record_enrolment(&grant, &id, "0c", 1000, 9),
+        Err(StateError::RevokedMeanwhile(_))
+    ));
+}
