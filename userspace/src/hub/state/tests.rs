@@ -553,12 +553,7 @@ fn p7_a_token_for_a_federated_clients_name_enrols_nothing() {
             if client == "acme" && *holder == federated.to_string()),
         "{refused:?}"
     );
-    let row = db
-        .clients()
-        .unwrap()
-        .into_iter()
-        .find(|c| c.name == "acme")
-        .unwrap();
+    let row = client_row(&db, "acme");
     assert_eq!(row.spiffe_id, federated.to_string());
     assert_eq!(row.revoked_at, Some(2), "still revoked");
     assert!(row.serials.is_empty(), "{:?}", row.serials);
@@ -582,12 +577,7 @@ fn p9_a_stop_during_its_replacements_enrolment_does_not_refuse_it() {
             .0
     );
     db.record_enrolment(&grant, &id, "0b", 1000, 5).unwrap();
-    let row = db
-        .clients()
-        .unwrap()
-        .into_iter()
-        .find(|c| c.name == "acme")
-        .unwrap();
+    let row = client_row(&db, "acme");
     assert_eq!(row.revoked_at, None, "enrolled again");
     assert_eq!(row.serials.len(), 1);
     assert_eq!(row.serials[0].0, "0b");
@@ -599,4 +589,13 @@ fn p9_a_stop_during_its_replacements_enrolment_does_not_refuse_it() {
         db.record_enrolment(&grant, &id, "0c", 1000, 9),
         Err(StateError::RevokedMeanwhile(_))
     ));
+}
+
+/// `name`'s row, which must be there.
+fn client_row(db: &Db, name: &str) -> ClientRow {
+    db.clients()
+        .unwrap()
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap()
 }
