@@ -291,6 +291,14 @@ async fn p2_p3_p4_p13_p14_verify_reports_what_holds_for_a_running_client_and_wha
     assert_eq!(verdict(&report, "P13"), "holds");
     assert_eq!(beta_client.terminate().code(), Some(0));
 
+    // A configuration file that cannot be read: the report, then the usage error (2), as
+    // `run` would exit.
+    let missing = root.path().join("no-such-client.toml");
+    let (out, report) = verify(&acme, &["--config", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(verdict(&report, "P4"), "broken", "{report:#}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("{}: ", missing.display())));
+
     // Broken on purpose (real): the Client stopped.
     assert_eq!(client.terminate().code(), Some(0));
     let (out, report) = verify(&acme, &[]);

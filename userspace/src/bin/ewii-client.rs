@@ -191,6 +191,11 @@ fn verify(state_dir: &Path, config: Option<&Path>, json: bool) -> ExitCode {
     } else {
         out!("{}", verify::render(&facts, &findings));
     }
+    // The report says what it could check without it; the file itself is a usage error, as it
+    // is for `run`.
+    if let Some((path, Err(e))) = &facts.config {
+        return fail(EXIT_CONFIG, format!("{}: {e}", path.display()));
+    }
     if findings
         .iter()
         .any(|f| f.verdict == verify::Verdict::Broken)
@@ -642,8 +647,11 @@ fn probe_enforcement(path: &Path, layers: Option<&[String]>) -> ExitCode {
     let plan = enforce::Plan::for_config(&config);
     if !plan.unresolved.is_empty() {
         return fail(
-            EXIT_CONFIG,
-            format!("no address to dial for {}", plan.unresolved.join(", ")),
+            1,
+            format!(
+                "no address to probe for {}: the probes dial the addresses these names resolve to, and they resolve to none (or only to ones the Client refuses) from this host now; check its DNS, or probe with a config that writes the addresses",
+                plan.unresolved.join(", ")
+            ),
         );
     }
     let layers: Vec<&str> = layers
