@@ -199,12 +199,13 @@ enum TokenCommand {
         json: bool,
     },
     /// Delete unused tokens: one by id, or every one of a client.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "client"])))]
     Revoke {
         /// State directory.
         #[arg(long, env = "EWII_HUB_STATE_DIR", default_value = "/var/lib/ewii-hub")]
         state_dir: PathBuf,
         /// The token's id (from `token list` or `token create`).
-        #[arg(long, conflicts_with = "client", required_unless_present = "client")]
+        #[arg(long)]
         id: Option<String>,
         /// Every unused token of this client.
         #[arg(long)]
