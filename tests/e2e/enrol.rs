@@ -231,15 +231,29 @@ async fn p8_bad_tokens_from_one_address_throttle_its_enrolments_and_not_its_sess
 /// SVID; the Hub's certificate checked against its CA): what the test sends on it is its own.
 /// `window`: the bytes of unread answer the caller grants the Hub.
 async fn raw_enrolment(hub: &TestHub, window: u32) -> quinn::Connection {
-    raw_enrolment_with(hub, window, None).await
+    raw_enrolment_with(hub, window, None, "127.0.0.1:0").await
 }
 
-/// [`raw_enrolment`] with `transport` in place of Ewii's transport settings, when given.
+/// [`raw_enrolment`] with `transport` in place of Ewii's transport settings, when given,
+/// from a socket bound to `from`.
 async fn raw_enrolment_with(
     hub: &TestHub,
     window: u32,
     transport: Option<quinn::TransportConfig>,
+    from: &str,
 ) -> quinn::Connection {
+    try_raw_enrolment(hub, window, transport, from)
+        .await
+        .unwrap()
+}
+
+/// [`raw_enrolment_with`], or how the Hub refused the connection.
+async fn try_raw_enrolment(
+    hub: &TestHub,
+    window: u32,
+    transport: Option<quinn::TransportConfig>,
+    from: &str,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
     use ewii::identity::verify::{Bundle, Expect, SpiffeVerifier};
     let ca = store::read_certs(&hub.state_dir().join("ca.pem")).unwrap();
     let verifier = SpiffeVerifier::new(Bundle::new(ca), TD, Expect::Hub);
@@ -253,12 +267,11 @@ async fn raw_enrolment_with(
     if let Some(transport) = transport {
         quic.transport_config(std::sync::Arc::new(transport));
     }
-    let endpoint = ewii::transport::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    let endpoint = ewii::transport::endpoint(from.parse().unwrap(), None).unwrap();
     endpoint
         .connect_with(quic, hub.addr, "localhost")
         .unwrap()
         .await
-        .unwrap()
 }
 
 /// The Hub's `enrolment_refused` says `refused` for its decisions (a token it does not take, a
@@ -282,6 +295,51 @@ async fn p11_an_enrolment_the_caller_broke_off_is_failed_on_the_hub_not_refused(
         reason.contains("gone\\u{a}forged") && !reason.contains('\n'),
         "{reason}"
     );
+}
+
+/// P14 against strangers who hold the Hub's handshake bound: two enrolment connections from
+/// another host (127.0.0.2) that never send their request hold both places (the bound is 2
+/// here, the request's wait a minute), and a third stranger is refused. A Client whose session
+/// came from 127.0.0.1 loses its connection and comes back all the same, after a Retry,
+/// from the places kept for hosts sessions came from. It used to be refused until the
+/// strangers let go (and, held long enough, revoked by the grace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p14_a_client_comes_back_past_strangers_holding_the_handshake_bound() {
+    let limits = ewii::hub::admission::Limits {
+        handshakes: 2,
+        per_address: 2,
+        enrol_request: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let hub = TestHub::start_with_limits(&[], limits).await;
+    let mut client = TestClient::enrol_and_run(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    hub.wait_connected("acme").await;
+    let _held = [
+        raw_enrolment_with(&hub, 1 << 20, None, "127.0.0.2:0").await,
+        raw_enrolment_with(&hub, 1 << 20, None, "127.0.0.2:0").await,
+    ];
+    // The bound is held: another stranger gets nowhere.
+    let refused = tokio::time::timeout(SOON, try_raw_enrolment(&hub, 1 << 20, None, "127.0.0.3:0"))
+        .await
+        .expect("the third stranger is answered");
+    assert!(
+        matches!(refused, Err(quinn::ConnectionError::ConnectionClosed(ref c)) if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED),
+        "{refused:?}"
+    );
+    // The Client's connection ends (a stop without a revoke), and it dials again.
+    client.stop().await;
+    client.start();
+    poll_until("the Client's second session_up", SOON, || {
+        hub.audit
+            .records()
+            .iter()
+            .filter(|r| r.event == Event::SessionUp)
+            .count()
+            >= 2
+    })
+    .await;
+    hub.wait_connected("acme").await;
+    client.stop().await;
 }
 
 /// A token redeemed is on record as `enrolled`, with the identity it made, however long its
@@ -382,7 +440,7 @@ async fn a_closed_strangers_state_is_not_kept_for_the_ack_delay_it_declared() {
         let mut transport = quinn::TransportConfig::default();
         // The largest value a peer may declare (RFC 9000 §18.2: below 2^14 ms).
         transport.declared_max_ack_delay(quinn::VarInt::from_u32((1 << 14) - 1));
-        let conn = raw_enrolment_with(&hub, 1 << 20, Some(transport)).await;
+        let conn = raw_enrolment_with(&hub, 1 << 20, Some(transport), "127.0.0.1:0").await;
         assert!(hub.handle().quic_connections() >= 1, "counted while open");
         let (mut send, _recv) = conn.open_bi().await.unwrap();
         // No request: a frame header that announces more than any frame may carry.

@@ -799,15 +799,20 @@ async fn p9_a_silent_client_whose_recorded_id_does_not_parse_is_revoked_by_its_n
         "{:#?}",
         hub.audit.records()
     );
-    // Recorded in the database, as every revocation is.
-    let revoked_at: Option<i64> = db
+    // Recorded in the database, as every revocation is, with the reason the Client and the
+    // webhook are told: the row's contents stay in the audit record.
+    let (revoked_at, said): (Option<i64>, Option<String>) = db
         .query_row(
-            "SELECT revoked_at FROM clients WHERE name = 'acme'",
+            "SELECT revoked_at, revoke_reason FROM clients WHERE name = 'acme'",
             [],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
     assert!(revoked_at.is_some());
+    assert_eq!(
+        said.as_deref(),
+        Some("no session for 1 s (revoke_after_lost_secs)")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,12 @@
 //!   and for an enrolment the whole exchange), and [`Limits::per_address`] from one host (an
 //!   IPv4 address; an IPv6 /64, which one host holds whole: [`host`]): beyond, a new one is
 //!   refused before any cryptography;
+//! - past that bound, a host a session came from before (since this Hub started, or recorded
+//!   by the one before it) still gets in, up to [`Limits::returning_reserve`] more at once,
+//!   once QUIC has validated its address (a Retry first): a few hosts that hold the bound with
+//!   handshakes they never finish (or enrolments that never send) cannot keep every Client
+//!   from coming back after a network break or a Hub restart. A spoofed source cannot pass
+//!   the Retry; a stranger at a returning host's address is still held to the per-host bound;
 //! - above [`Limits::retry_above`] of them, a new connection from an address QUIC has not
 //!   validated gets a Retry first (RFC 9000 §8.1): one round trip that proves the address
 //!   is real before the Hub spends a handshake on it;
@@ -45,6 +51,10 @@ pub(crate) fn host(ip: IpAddr) -> IpAddr {
 /// ended windows before it grows.
 const ENROL_HOSTS: usize = 4096;
 
+/// Hosts remembered as ones sessions came from; past this, the one seen longest ago is
+/// forgotten first.
+const RETURNING_HOSTS: usize = 65_536;
+
 /// The bounds. [`Limits::default`] is what the Hub runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -54,6 +64,9 @@ pub struct Limits {
     pub per_address: usize,
     /// Above this many, unvalidated addresses get a Retry first.
     pub retry_above: usize,
+    /// Connections in their first moments at once, beyond `handshakes`, from hosts a
+    /// session came from before (their addresses validated).
+    pub returning_reserve: usize,
     /// Refused enrolments from one address before its enrolments are refused unread.
     pub enrol_failures: u32,
     /// The window those are counted in.
@@ -74,6 +87,7 @@ impl Default for Limits {
             handshakes: 512,
             per_address: 64,
             retry_above: 64,
+            returning_reserve: 512,
             enrol_failures: 10,
             enrol_window: Duration::from_secs(60),
             enrol_request: Duration::from_secs(10),
@@ -83,6 +97,21 @@ impl Default for Limits {
             sessions_per_minute: 30,
         }
     }
+}
+
+/// Notes `ip` as returning at `now`, within [`RETURNING_HOSTS`] (the host seen longest ago
+/// goes first).
+fn remember(returning: &mut HashMap<IpAddr, Instant>, ip: IpAddr, now: Instant) {
+    if returning.len() >= RETURNING_HOSTS && !returning.contains_key(&ip) {
+        if let Some(oldest) = returning
+            .iter()
+            .min_by_key(|(_, at)| **at)
+            .map(|(ip, _)| *ip)
+        {
+            returning.remove(&oldest);
+        }
+    }
+    returning.insert(ip, now);
 }
 
 /// Client names whose session rate is remembered before the full ones are forgotten.
@@ -102,6 +131,10 @@ pub(crate) enum Verdict {
 #[derive(Debug, Default)]
 struct State {
     in_flight: usize,
+    /// Of those past the `handshakes` bound, from returning hosts.
+    reserved: usize,
+    /// Hosts sessions came from, and when one last did.
+    returning: HashMap<IpAddr, Instant>,
     per_address: HashMap<IpAddr, usize>,
     /// Refused enrolments per address: count and the start of its window.
     enrol_failures: HashMap<IpAddr, (u32, Instant)>,
@@ -128,12 +161,18 @@ pub(crate) const REFUSAL_REASONS: [&str; 2] = ["hub_bound", "address_bound"];
 pub(crate) struct Slot {
     ip: IpAddr,
     state: Arc<Mutex<State>>,
+    /// Taken from [`Limits::returning_reserve`].
+    reserved: bool,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Ok(mut s) = self.state.lock() {
-            s.in_flight = s.in_flight.saturating_sub(1);
+            if self.reserved {
+                s.reserved = s.reserved.saturating_sub(1);
+            } else {
+                s.in_flight = s.in_flight.saturating_sub(1);
+            }
             if let Some(n) = s.per_address.get_mut(&self.ip) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
@@ -189,22 +228,51 @@ impl Admission {
         let Ok(mut s) = self.state.lock() else {
             return self.refuse(0, "admission state poisoned");
         };
-        if s.in_flight >= self.limits.handshakes {
+        let full = s.in_flight >= self.limits.handshakes;
+        let returning = s.returning.contains_key(&ip);
+        if full && !(returning && s.reserved < self.limits.returning_reserve) {
             return self.refuse(0, "too many handshakes in progress");
         }
         if s.per_address.get(&ip).copied().unwrap_or(0) >= self.limits.per_address {
             return self.refuse(1, "too many handshakes in progress from this address");
         }
-        if !validated && s.in_flight >= self.limits.retry_above {
+        // Past the bound, the reserve is for an address proven real, never a spoofed one.
+        if !validated && (full || s.in_flight >= self.limits.retry_above) {
             return (Verdict::Retry, None);
         }
-        s.in_flight += 1;
+        if full {
+            s.reserved += 1;
+        } else {
+            s.in_flight += 1;
+        }
         *s.per_address.entry(ip).or_default() += 1;
         let slot = Slot {
             ip,
             state: self.state.clone(),
+            reserved: full,
         };
         (Verdict::Accept, Some(slot))
+    }
+
+    /// A session's checks passed for a connection from `ip`: its host is a returning one
+    /// ([`Limits::returning_reserve`]).
+    pub(crate) fn session_from(&self, ip: IpAddr) {
+        if let Ok(mut s) = self.state.lock() {
+            remember(&mut s.returning, host(ip), Instant::now());
+        }
+    }
+
+    /// Hosts the sessions recorded by the Hub before this one came from (read at its start):
+    /// returning ones from the start, so that a flood that holds the bound while the Hub
+    /// restarts does not keep its Clients from coming back.
+    pub(crate) fn with_returning(self, ips: impl IntoIterator<Item = IpAddr>) -> Self {
+        if let Ok(mut s) = self.state.lock() {
+            let now = Instant::now();
+            for ip in ips {
+                remember(&mut s.returning, host(ip), now);
+            }
+        }
+        self
     }
 
     /// Whether enrolments from `ip`'s host are refused for now; `Some(failures)` when they are.
@@ -387,6 +455,73 @@ mod tests {
         // A finished handshake gives its slot back.
         drop(s1);
         assert_eq!(a.admit(ip(1), true).0, Verdict::Accept);
+    }
+
+    /// Strangers that hold the whole bound (handshakes never finished, enrolments that never
+    /// send) keep out other strangers, not the hosts sessions came from: those get in from a
+    /// reserve of their own, once their address is validated, and are still held to the
+    /// per-host bound. The hosts the Hub before this one recorded count from its start.
+    #[test]
+    fn p8_p14_hosts_sessions_came_from_get_in_past_a_bound_strangers_hold() {
+        let limits = Limits {
+            handshakes: 4,
+            per_address: 2,
+            retry_above: 0,
+            returning_reserve: 3,
+            ..Limits::default()
+        };
+        let a = Admission::new(limits).with_returning([ip(7)]);
+        a.session_from(IpAddr::from([0, 0, 0, 0, 0, 0xffff, 0xc000, 0x0209])); // 192.0.2.9, mapped
+        let mut held: Vec<Slot> = [1, 1, 2, 2]
+            .into_iter()
+            .map(|n| a.admit(ip(n), true).1.expect("a stranger's slot"))
+            .collect();
+        // The bound is held: another stranger is refused, validated or not.
+        assert!(matches!(a.admit(ip(3), true).0, Verdict::Refuse(_)));
+        assert!(matches!(a.admit(ip(3), false).0, Verdict::Refuse(_)));
+        // A returning host proves its address first, then gets in.
+        assert_eq!(a.admit(ip(9), false).0, Verdict::Retry);
+        let (v, r1) = a.admit(ip(9), true);
+        assert_eq!(v, Verdict::Accept);
+        let (v, _r2) = a.admit(ip(9), true);
+        assert_eq!(v, Verdict::Accept);
+        // Held to its host's bound as any host is.
+        assert!(matches!(a.admit(ip(9), true).0, Verdict::Refuse(_)));
+        // One recorded at the start gets the reserve's last place; then it is used up.
+        let (v, _r3) = a.admit(ip(7), true);
+        assert_eq!(v, Verdict::Accept);
+        assert!(matches!(a.admit(ip(7), true).0, Verdict::Refuse(_)));
+        // A reserved slot given back is the reserve's again, not the strangers'.
+        drop(r1);
+        assert!(matches!(a.admit(ip(3), true).0, Verdict::Refuse(_)));
+        let (v, _r4) = a.admit(ip(7), true);
+        assert_eq!(v, Verdict::Accept);
+        // A stranger's slot given back is the strangers' again.
+        held.pop();
+        let (v, _s) = a.admit(ip(3), true);
+        assert_eq!(v, Verdict::Accept);
+    }
+
+    #[test]
+    fn p8_returning_hosts_are_bounded_forgetting_the_longest_seen_first() {
+        let a = Admission::new(Limits::default());
+        let t0 = Instant::now();
+        let mut s = a.state.lock().unwrap();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        for n in 0..RETURNING_HOSTS as u32 {
+            let when = if n == 5 { at(0) } else { at(1) };
+            remember(&mut s.returning, IpAddr::from(n.to_be_bytes()), when);
+        }
+        remember(&mut s.returning, ip(1), at(2));
+        assert_eq!(s.returning.len(), RETURNING_HOSTS);
+        assert!(s.returning.contains_key(&ip(1)));
+        assert!(
+            !s.returning.contains_key(&IpAddr::from(5u32.to_be_bytes())),
+            "the one seen longest ago is forgotten"
+        );
+        // Seen again: remembered anew, nothing forgotten.
+        remember(&mut s.returning, ip(1), at(3));
+        assert_eq!(s.returning.len(), RETURNING_HOSTS);
     }
 
     #[test]

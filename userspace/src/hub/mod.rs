@@ -373,6 +373,9 @@ impl Hub {
             }
         };
         let (registry, trust) = (Arc::new(Registry::new(audit.clone())), Arc::new(trust));
+        // The hosts its Clients came from before the restart keep a way in (`admission`).
+        let admission =
+            admission::Admission::new(config.limits).with_returning(store.peers_before_start());
         Ok(Self {
             watcher: watch::Parts {
                 store: store.clone(),
@@ -394,7 +397,7 @@ impl Hub {
                 trust,
                 audit,
                 notify_on_stop: config.webhooks.notify_on_stop,
-                admission: admission::Admission::new(config.limits),
+                admission,
                 shard: 0,
                 routes: Arc::new(service_routes(&config.services)),
             },

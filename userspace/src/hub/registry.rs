@@ -11,7 +11,6 @@ use ewii_common::frame::Control;
 use ewii_common::spiffe::SpiffeId;
 use tokio::sync::mpsc;
 
-use super::state::Revoker;
 use super::store::Store;
 use crate::audit::Audit;
 use crate::transport::codes;
@@ -398,40 +397,72 @@ impl Registry {
     }
 }
 
-/// Revokes `client` now (persisted first) and audits it. The store then reports the change,
-/// and the watcher closes every live connection of the client through the registry.
-/// Whether the revocation is recorded (made now or before); a failure is audited.
-pub(crate) async fn revoke(
-    store: &Store,
-    audit: &Audit,
-    client: &str,
-    id: &SpiffeId,
-    session_id: Option<u64>,
-    reason: &str,
-    by: Revoker,
-) -> bool {
-    let now = crate::now_timestamp().unix_secs() as i64;
-    let notify = match by {
-        Revoker::Hub => true,
-        Revoker::Customer { notify } => notify,
-    };
-    let made = store.revoke(client, reason, now, notify, by).await;
-    audit_revocation(audit, client, &id.to_string(), session_id, reason, made)
+/// A `Goodbye{revoke}`: the session that received it.
+pub(crate) struct AtStop<'a> {
+    pub(crate) client: &'a str,
+    pub(crate) id: &'a SpiffeId,
+    /// The serial its connection was made with.
+    pub(crate) serial: &'a str,
+    pub(crate) session_id: u64,
+    pub(crate) reason: &'a str,
+    /// Whether the customer's webhook is told (`[webhooks] notify_on_stop`).
+    pub(crate) notify: bool,
 }
 
-/// Revokes `client` for the silent-client grace of `grace_secs`, if it is still silent when
-/// the store comes to it, and audits it (a failure too): whether it is recorded (or was not
-/// due).
-pub(crate) async fn revoke_if_silent(
-    store: &Store,
-    audit: &Audit,
-    client: &str,
-    id: &str,
-    reason: &str,
-    grace_secs: i64,
-) -> bool {
-    let made = store.revoke_if_silent(client, reason, grace_secs).await;
-    audit_revocation(audit, client, id, None, reason, made)
+/// Revokes a client at its stop unless a newer serial replaced the stopping connection's
+/// meanwhile ([`Store::revoke_at_stop`]), and audits it (a failure too). `Some(recorded)`, or
+/// `None` when it was replaced (nothing done or audited).
+pub(crate) async fn revoke_at_stop(store: &Store, audit: &Audit, stop: AtStop<'_>) -> Option<bool> {
+    let now = crate::now_timestamp().unix_secs() as i64;
+    let made = match store
+        .revoke_at_stop(
+            stop.client,
+            stop.id,
+            stop.serial,
+            stop.reason,
+            now,
+            stop.notify,
+        )
+        .await
+    {
+        Ok(None) => return None,
+        Ok(Some(made)) => Ok(made),
+        Err(e) => Err(e),
+    };
+    let id = stop.id.to_string();
+    Some(audit_revocation(
+        audit,
+        stop.client,
+        &id,
+        Some(stop.session_id),
+        stop.reason,
+        made,
+    ))
+}
+
+/// A client past the silent-client grace, to revoke if it is still silent.
+pub(crate) struct Silent<'a> {
+    pub(crate) client: &'a str,
+    /// Its SPIFFE ID, for the record.
+    pub(crate) id: &'a str,
+    /// The revocation's reason (the Client's and the webhook's).
+    pub(crate) reason: &'a str,
+    /// Said after the reason in the audit record only.
+    pub(crate) note: Option<&'a str>,
+    pub(crate) grace_secs: i64,
+}
+
+/// Revokes a client for the silent-client grace, if it is still silent when the store comes
+/// to it, and audits it (a failure too): whether it is recorded (or was not due).
+pub(crate) async fn revoke_if_silent(store: &Store, audit: &Audit, silent: Silent<'_>) -> bool {
+    let made = store
+        .revoke_if_silent(silent.client, silent.reason, silent.grace_secs)
+        .await;
+    let said = match silent.note {
+        Some(note) => format!("{}; {note}", silent.reason),
+        None => silent.reason.to_owned(),
+    };
+    audit_revocation(audit, silent.client, silent.id, None, &said, made)
 }
 
 /// The audit record of a revocation the store made (`Ok(true)`), or could not (`Err`): whether

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 mod renewal;
 
 use super::registry::{self, Command, Registry, Route};
-use super::state::{Revoker, SerialStatus, SessionRow};
+use super::state::{SerialStatus, SessionRow};
 use super::store::Store;
 use super::trust::Trust;
 use crate::audit::{Audit, Source};
@@ -267,8 +267,11 @@ impl Session {
                 return None;
             }
         };
-        // Proven: the connection gets the window its queries need (strangers never get here).
+        // Proven: the connection gets the window its queries need (strangers never get here),
+        // and its host is one a session came from (it keeps a way in past the bound strangers
+        // may hold: `admission`).
         transport::authenticated(&conn);
+        parts.admission.session_from(peer.ip());
         Some(Self {
             parts,
             conn,
@@ -599,24 +602,35 @@ impl Session {
                     self.stranded = !self.parts.registry.depart(&self.name, self.id);
                 }
                 self.moved = !revoke && self.parts.registry.route(&self.name).is_some();
+                let mut revoke = revoke;
                 if revoke {
-                    // The revocation closes any other connection of this client.
-                    let recorded = registry::revoke(
-                        &self.parts.store,
-                        &self.parts.audit,
-                        &self.name,
-                        &self.leaf.id,
-                        Some(self.id),
-                        "stopped by the customer",
-                        Revoker::Customer {
-                            notify: self.parts.notify_on_stop,
-                        },
-                    )
-                    .await;
-                    if !recorded {
-                        return Some(
-                            self.revoke_kept_pending("the revocation could not be recorded"),
-                        );
+                    // The revocation closes any other connection of this client. Checked again
+                    // with it: a replacement that came since the check above is not revoked.
+                    let stop = registry::AtStop {
+                        client: &self.name,
+                        id: &self.leaf.id,
+                        serial: &self.leaf.serial,
+                        session_id: self.id,
+                        reason: "stopped by the customer",
+                        notify: self.parts.notify_on_stop,
+                    };
+                    let recorded =
+                        registry::revoke_at_stop(&self.parts.store, &self.parts.audit, stop).await;
+                    match recorded {
+                        Some(true) => {}
+                        Some(false) => {
+                            return Some(
+                                self.revoke_kept_pending("the revocation could not be recorded"),
+                            );
+                        }
+                        None => {
+                            // Out of the registry already: it ends by what it was told, as
+                            // one superseded when its `Goodbye` came.
+                            self.refused_revoke();
+                            revoke = false;
+                            self.stranded = true;
+                            self.moved = self.parts.registry.route(&self.name).is_some();
+                        }
                     }
                 }
                 self.goodbye = Some((revoke, Instant::now() + GOODBYE_DRAIN));
@@ -737,6 +751,12 @@ impl Session {
         if status != SerialStatus::Retired {
             return Some(true);
         }
+        self.refused_revoke();
+        Some(false)
+    }
+
+    /// The record of a `Goodbye{revoke}` on a connection whose serial a newer one replaced.
+    fn refused_revoke(&self) {
         self.revoked_record(
             Outcome::Refused,
             format!(
@@ -745,7 +765,6 @@ impl Session {
                 self.leaf.id, self.leaf.serial
             ),
         );
-        Some(false)
     }
 
     /// A `revoked` record of this session's `Goodbye{revoke}` that did not revoke.

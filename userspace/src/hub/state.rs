@@ -103,8 +103,9 @@ pub struct TokenGrant {
     pub client: String,
     /// Webhook URL registered with it, if any.
     pub webhook: Option<String>,
-    /// How many times the client had been revoked when the token was redeemed (0 for a new
-    /// client): the enrolment clears only those revocations, never a later one.
+    /// How many times an operator or the Hub had revoked the client when the token was
+    /// redeemed (0 for a new client): the enrolment clears only those revocations, never a
+    /// later one. A Client's own stop is not counted: it does not refuse its replacement.
     pub revocations: i64,
 }
 
@@ -737,9 +738,14 @@ impl Db {
         })
     }
 
-    /// At Hub start: no session survives a restart.
-    pub fn clear_sessions(&self) -> Result<(), StateError> {
-        self.with(|c| c.execute("DELETE FROM sessions", []).map(|_| ()))
+    /// At Hub start: no session survives a restart. Returns the addresses (`ip:port`) the
+    /// forgotten sessions came from.
+    pub fn clear_sessions(&self) -> Result<Vec<String>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("DELETE FROM sessions RETURNING peer")?;
+            let peers = stmt.query_map([], |r| r.get(0))?.collect();
+            peers
+        })
     }
 
     /// Records a serial issued by renewal (the old one stays valid until the Client's next

@@ -20,6 +20,7 @@
 mod backend;
 mod view;
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,7 +31,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::state::{
     operator_log, Db, DueBy, IssuedSerial, OperatorEntry, PendingWebhook, RenewalRow, Revoker,
-    SessionRow, Snapshot, StateError, TokenGrant, TokenRefusal,
+    SerialStatus, SessionRow, Snapshot, StateError, TokenGrant, TokenRefusal,
 };
 use crate::clock::{Clock, Moved, Stalls};
 use crate::identity::verify::SerialRefusal;
@@ -126,6 +127,8 @@ pub(crate) struct Store {
     view: Arc<View>,
     counts: Arc<Counts>,
     outbox: Arc<Notify>,
+    /// Where the sessions the Hub before this one recorded came from.
+    peers_before: Arc<[IpAddr]>,
 }
 
 type Job = Box<dyn FnOnce(&mut Owner) + Send>;
@@ -190,7 +193,7 @@ impl Store {
         let view = Arc::new(View::default());
         let counts = Arc::new(Counts::default());
         let outbox = Arc::new(Notify::new());
-        let (ready, started) = oneshot::channel::<Result<(), StateError>>();
+        let (ready, started) = oneshot::channel::<Result<Vec<String>, StateError>>();
         let (v, c, o) = (view.clone(), counts.clone(), outbox.clone());
         // The grace counts the time this Hub ran: a pause of the process is not a Client's
         // silence (it could not reach the Hub either).
@@ -234,13 +237,21 @@ impl Store {
                 }
             })
             .map_err(StoreError::Thread)?;
-        started.await.map_err(|_| StoreError::Closed)??;
+        let peers = started.await.map_err(|_| StoreError::Closed)??;
+        // Recorded by this Hub's own code; one that does not parse (an edited database) is
+        // passed over.
+        let peers_before: Arc<[IpAddr]> = peers
+            .iter()
+            .filter_map(|p| p.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.ip())
+            .collect();
         Ok((
             Self {
                 jobs,
                 view,
                 counts,
                 outbox,
+                peers_before,
             },
             changed,
         ))
@@ -249,6 +260,12 @@ impl Store {
     /// The in-memory view (for the TLS verifier and the watcher).
     pub(crate) fn view(&self) -> &Arc<View> {
         &self.view
+    }
+
+    /// The addresses the sessions recorded by the Hub before this one came from (read, and
+    /// forgotten, at its start).
+    pub(crate) fn peers_before_start(&self) -> Vec<IpAddr> {
+        self.peers_before.to_vec()
     }
 
     /// The statement counters.
@@ -342,7 +359,9 @@ impl Store {
     }
 
     /// Revokes `client` (by `by`); false when there is no such client or it was revoked
-    /// already.
+    /// already. Tests: the Hub revokes through [`revoke_at_stop`](Self::revoke_at_stop) and
+    /// [`revoke_if_silent`](Self::revoke_if_silent), and an operator through `ewii-hub revoke`.
+    #[cfg(test)]
     pub(crate) async fn revoke(
         &self,
         client: &str,
@@ -354,6 +373,38 @@ impl Store {
         let (client, reason) = (client.to_owned(), reason.to_owned());
         self.call(move |o| o.revoke(&client, &reason, now, notify, by))
             .await?
+    }
+
+    /// A `Goodbye{revoke}` from a connection of `serial`: revokes `client` (by the customer,
+    /// `notify` for the webhook), unless a newer serial has replaced that one by the time the
+    /// owner comes to it. Checked with the revocation: a replacement's enrolment or first
+    /// session that lands after the session's own check must not be revoked by the stop of
+    /// the container it replaced. `Ok(None)`: replaced (or the view cannot tell), nothing
+    /// done; otherwise whether it revoked (false: revoked already).
+    pub(crate) async fn revoke_at_stop(
+        &self,
+        client: &str,
+        id: &SpiffeId,
+        serial: &str,
+        reason: &str,
+        now: i64,
+        notify: bool,
+    ) -> Result<Option<bool>, StoreError> {
+        let (client, reason, id, serial) = (
+            client.to_owned(),
+            reason.to_owned(),
+            id.clone(),
+            serial.to_owned(),
+        );
+        self.call(move |o| {
+            match o.view.status(&id, &serial) {
+                Some(SerialStatus::Retired) | None => return Ok(None),
+                Some(_) => {}
+            }
+            let by = Revoker::Customer { notify };
+            o.revoke(&client, &reason, now, notify, by).map(Some)
+        })
+        .await?
     }
 
     /// Revokes `client` for the silent-client grace, if it is still silent for more than
@@ -632,9 +683,11 @@ impl Owner {
         }
     }
 
-    fn begin(&mut self, now: i64) -> Result<(), StateError> {
+    /// Starts the backend and loads the view; returns the addresses the sessions the Hub
+    /// before this one recorded came from.
+    fn begin(&mut self, now: i64) -> Result<Vec<String>, StateError> {
         let before = self.backend.statements();
-        self.backend.start(now)?;
+        let peers = self.backend.start(now)?;
         self.marker = Some(self.check_marker()?);
         // What operators' commands did while no Hub ran is audited now.
         let seen = self.backend.meta(operator_log::AUDITED_UP_TO)?.unwrap_or(0);
@@ -643,7 +696,7 @@ impl Owner {
         self.operator_log_seen = seen;
         self.publish_operator_log(log);
         self.count(before);
-        Ok(())
+        Ok(peers)
     }
 
     /// Hands the operators' log entries read with the view to the watcher.

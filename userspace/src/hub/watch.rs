@@ -287,10 +287,12 @@ async fn revoke_silent(parts: &Parts) -> bool {
     };
     let mut recorded = true;
     for (name, spiffe_id) in silent {
-        let mut reason = format!(
+        let reason = format!(
             "no session for {} s (revoke_after_lost_secs)",
             grace.as_secs()
         );
+        // Said in the audit record, not in the reason the Client and the webhook are given.
+        let mut note = None;
         // One the Hub did not write (an edited database) is revoked all the same: a client
         // silent past its grace is revoked whatever its row says, and one left silent would
         // be due again at every turn, each failure pausing the grace of every other client.
@@ -298,9 +300,9 @@ async fn revoke_silent(parts: &Parts) -> bool {
         let id = match spiffe_id.parse::<SpiffeId>() {
             Ok(id) => id.to_string(),
             Err(e) => {
-                tracing::error!(client = %name, error = %e, "a silent client's recorded SPIFFE ID does not parse (an edited database?); revoked by its name");
-                reason.push_str(&format!(
-                    "; its recorded SPIFFE ID {:?} does not parse ({e})",
+                tracing::error!(client = %name, error = %e, "a silent client's recorded SPIFFE ID does not parse (an edited database?); revoking it by its name");
+                note = Some(format!(
+                    "its recorded SPIFFE ID {:?} does not parse ({e})",
                     text::printable(&spiffe_id)
                 ));
                 parts.trust.client_id(&name).unwrap_or(spiffe_id)
@@ -308,9 +310,14 @@ async fn revoke_silent(parts: &Parts) -> bool {
         };
         // Only if it is still silent then: it may have come back since it was listed.
         let grace = grace.as_secs() as i64;
-        recorded &=
-            registry::revoke_if_silent(&parts.store, &parts.audit, &name, &id, &reason, grace)
-                .await;
+        let silent = registry::Silent {
+            client: &name,
+            id: &id,
+            reason: &reason,
+            note: note.as_deref(),
+            grace_secs: grace,
+        };
+        recorded &= registry::revoke_if_silent(&parts.store, &parts.audit, silent).await;
     }
     recorded
 }

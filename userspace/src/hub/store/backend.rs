@@ -11,8 +11,8 @@ use crate::hub::state::{
 /// backend.
 pub trait Backend: Send + 'static {
     /// Hub start: forget recorded sessions, make parked webhooks due, restart the
-    /// silent-client grace at `now`.
-    fn start(&self, now: i64) -> Result<(), StateError>;
+    /// silent-client grace at `now`. Returns the addresses the forgotten sessions came from.
+    fn start(&self, now: i64) -> Result<Vec<String>, StateError>;
     /// Every client and serial, for the view.
     fn snapshot(&self) -> Result<Snapshot, StateError>;
     /// See [`Db::snapshot_and_log`].
@@ -105,10 +105,11 @@ pub trait Backend: Send + 'static {
 }
 
 impl Backend for Db {
-    fn start(&self, now: i64) -> Result<(), StateError> {
-        self.clear_sessions()?;
+    fn start(&self, now: i64) -> Result<Vec<String>, StateError> {
+        let peers = self.clear_sessions()?;
         self.unpark_webhooks()?;
-        self.restart_grace(now)
+        self.restart_grace(now)?;
+        Ok(peers)
     }
     fn snapshot(&self) -> Result<Snapshot, StateError> {
         Db::snapshot(self)

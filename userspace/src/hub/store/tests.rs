@@ -974,3 +974,80 @@ async fn p9_an_unwritten_end_of_a_newer_session_outlives_the_older_ones_end() {
     assert!(store.refresh().await.unwrap());
     assert_eq!(stored_of(&path, "acme").1, Vec::<i64>::new());
 }
+
+/// A stop's revoke is checked against its serial with the revocation, in the owner: a
+/// replacement enrolled after the session's own check (a blue/green swap: the old container's
+/// `Goodbye{revoke}` races the new one's enrolment) retired that serial, and the stop revokes
+/// nothing. It used to revoke the identity that had just replaced it. The newest serial's
+/// stop revokes.
+#[tokio::test]
+async fn p9_a_stop_of_a_replaced_serial_does_not_revoke_its_replacement() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = with_acme(&dir.path().join("hub.db")).await;
+    let acme = id("acme");
+    // The replacement's enrolment lands first: serial 0a retires.
+    store
+        .record_enrolment(grant("acme"), acme.clone(), "0b".into(), 1000, 2)
+        .await
+        .unwrap();
+    let stop = |serial: &'static str| {
+        let (store, acme) = (store.clone(), acme.clone());
+        async move {
+            store
+                .revoke_at_stop("acme", &acme, serial, "stopped by the customer", 3, false)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        stop("0a").await,
+        None,
+        "the replaced serial's stop revokes nothing"
+    );
+    assert_eq!(store.view().revocation("acme"), None);
+    assert_eq!(
+        stop("0b").await,
+        Some(true),
+        "the newest serial's stop revokes"
+    );
+    assert_eq!(
+        store.view().revocation("acme").as_deref(),
+        Some("stopped by the customer")
+    );
+    assert_eq!(stop("0b").await, Some(false), "revoked already");
+}
+
+/// The addresses the sessions a Hub recorded came from are handed to the next Hub at its
+/// start (its admission keeps them a way in), as it forgets the sessions; a peer that does
+/// not parse (an edited database) is passed over.
+#[tokio::test]
+async fn p14_the_next_start_learns_where_the_recorded_sessions_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    {
+        let store = with_acme(&path).await;
+        let mut up = row(7, "0a", 2);
+        up.peer = "192.0.2.7:4433".into();
+        store.session_up("acme", up).await.unwrap();
+        store
+            .record_enrolment(grant("beta"), id("beta"), "0c".into(), 1000, 2)
+            .await
+            .unwrap();
+        store.session_up("beta", row(8, "0c", 2)).await.unwrap();
+        assert!(
+            store.peers_before_start().is_empty(),
+            "none before this start"
+        );
+    }
+    let (store, _changes) = Store::open(&path, 3).await.unwrap();
+    assert_eq!(
+        store.peers_before_start(),
+        vec![IpAddr::from([192, 0, 2, 7])]
+    );
+    drop(store);
+    let (again, _changes) = Store::open(&path, 4).await.unwrap();
+    assert!(
+        again.peers_before_start().is_empty(),
+        "forgotten with the sessions"
+    );
+}
