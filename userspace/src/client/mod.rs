@@ -373,9 +373,21 @@ fn load_markers(dir: &Path) -> Result<bool, ClientError> {
 /// do not make an identity (a key from another copy, a damaged certificate) are replaced with
 /// `--replace`, since a plain `enroll` refuses a directory that holds an SVID.
 fn enrol_hint(e: &IdentityError) -> &'static str {
+    use std::io::ErrorKind;
     match e {
-        IdentityError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+        // No SVID at all (its absence is checked first): never enrolled here.
+        IdentityError::Io { path, source }
+            if source.kind() == ErrorKind::NotFound
+                && path.file_name() == Some(std::ffi::OsStr::new(store::SVID_CERT)) =>
+        {
             "run `ewii-client enroll` first"
+        }
+        IdentityError::Io { source, .. } if source.kind() == ErrorKind::PermissionDenied => {
+            "fix the file's permissions: the Client must read it, as the user it runs as"
+        }
+        // A step that could not run ([`join_error`]): nothing wrong with the files known.
+        IdentityError::Io { source, .. } if source.kind() == ErrorKind::Other => {
+            "start it again; if this repeats, report it with this line"
         }
         _ => "restore the state directory's files from the copy they came from, or enrol anew with a new token: `ewii-client enroll --replace`",
     }
@@ -413,4 +425,38 @@ pub fn describe_audit(config: &ClientConfig) -> String {
 /// Where `ewii-client` keeps its state by default.
 pub fn default_state_dir() -> &'static Path {
     Path::new("/var/lib/ewii")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `not enrolled` tells the customer to do matches what the state directory holds:
+    /// a plain `enroll` only where there is no SVID (it refuses a directory that holds one).
+    #[test]
+    fn p7_not_enrolled_says_what_would_mend_the_state_directory() {
+        let io = |file: &str, kind: std::io::ErrorKind| IdentityError::Io {
+            path: Path::new("/var/lib/ewii").join(file),
+            source: kind.into(),
+        };
+        let hint = |e: IdentityError| {
+            ClientError::NotEnrolled {
+                dir: "/var/lib/ewii".into(),
+                source: e,
+            }
+            .to_string()
+        };
+        use std::io::ErrorKind::{NotFound, Other, PermissionDenied};
+        assert!(hint(io(store::SVID_CERT, NotFound)).ends_with("; run `ewii-client enroll` first"));
+        for e in [
+            io(store::SVID_KEY, NotFound),
+            io(store::BUNDLE, NotFound),
+            IdentityError::NotSvid("svid.key is not the key of the certificate".into()),
+        ] {
+            let said = hint(e);
+            assert!(said.ends_with("`ewii-client enroll --replace`"), "{said}");
+        }
+        assert!(hint(io(store::SVID_KEY, PermissionDenied)).contains("fix the file's permissions"));
+        assert!(hint(io("", Other)).contains("start it again"));
+    }
 }

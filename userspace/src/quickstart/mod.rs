@@ -76,7 +76,12 @@ principal = "operator-report-job"
         "3. ewii-hub run: QUIC on udp {hub_addr}, service 'demo-db' on tcp {entry}"
     )?;
 
-    let token = admin::create_token(&hub_dir, "demo", Duration::from_secs(600), None, false)?;
+    // A command's synced database write and file reads: not on the runtime the Hub runs on.
+    let dir = hub_dir.clone();
+    let token = tokio::task::spawn_blocking(move || {
+        admin::create_token(&dir, "demo", Duration::from_secs(600), None, false)
+    })
+    .await??;
     writeln!(
         out,
         "4. ewii-hub token create --client demo: {}…",
