@@ -314,7 +314,7 @@ async fn p14_a_client_comes_back_past_strangers_holding_the_handshake_bound() {
     let hub = TestHub::start_with_limits(&[], limits).await;
     let mut client = TestClient::enrol_and_run(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
     hub.wait_connected("acme").await;
-    let _held = [
+    let held = [
         raw_enrolment_with(&hub, 1 << 20, None, "127.0.0.2:0").await,
         raw_enrolment_with(&hub, 1 << 20, None, "127.0.0.2:0").await,
     ];
@@ -328,6 +328,7 @@ async fn p14_a_client_comes_back_past_strangers_holding_the_handshake_bound() {
     );
     // The Client's connection ends (a stop without a revoke), and it dials again.
     client.stop().await;
+    let retries = hub.handle().retries_sent();
     client.start();
     poll_until("the Client's second session_up", SOON, || {
         hub.audit
@@ -339,6 +340,11 @@ async fn p14_a_client_comes_back_past_strangers_holding_the_handshake_bound() {
     })
     .await;
     hub.wait_connected("acme").await;
+    // Past the bound: its address proven by a Retry, while the strangers still held it.
+    assert!(hub.handle().retries_sent() > retries);
+    for conn in &held {
+        assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+    }
     client.stop().await;
 }
 

@@ -10,7 +10,8 @@
 //!   refused before any cryptography;
 //! - past that bound, a host a session came from before (since this Hub started, or recorded
 //!   by the one before it) still gets in, up to [`Limits::returning_reserve`] more at once,
-//!   once QUIC has validated its address (a Retry first): a few hosts that hold the bound with
+//!   once QUIC has validated its address (a Retry first), and at most
+//!   [`Limits::returning_per_host`] in progress from it: a few hosts that hold the bound with
 //!   handshakes they never finish (or enrolments that never send) cannot keep every Client
 //!   from coming back after a network break or a Hub restart. A spoofed source cannot pass
 //!   the Retry; a stranger at a returning host's address is still held to the per-host bound;
@@ -67,6 +68,8 @@ pub struct Limits {
     /// Connections in their first moments at once, beyond `handshakes`, from hosts a
     /// session came from before (their addresses validated).
     pub returning_reserve: usize,
+    /// … of which one such host may hold (counting its others in progress).
+    pub returning_per_host: usize,
     /// Refused enrolments from one address before its enrolments are refused unread.
     pub enrol_failures: u32,
     /// The window those are counted in.
@@ -88,6 +91,7 @@ impl Default for Limits {
             per_address: 64,
             retry_above: 64,
             returning_reserve: 512,
+            returning_per_host: 8,
             enrol_failures: 10,
             enrol_window: Duration::from_secs(60),
             enrol_request: Duration::from_secs(10),
@@ -99,16 +103,17 @@ impl Default for Limits {
     }
 }
 
-/// Notes `ip` as returning at `now`, within [`RETURNING_HOSTS`] (the host seen longest ago
-/// goes first).
+/// Notes `ip` as returning at `now`, within [`RETURNING_HOSTS`]: when full, the quarter seen
+/// longest ago is forgotten at once (one pass for a quarter of the table's inserts, not one
+/// per insert, under the admission's lock).
 fn remember(returning: &mut HashMap<IpAddr, Instant>, ip: IpAddr, now: Instant) {
     if returning.len() >= RETURNING_HOSTS && !returning.contains_key(&ip) {
-        if let Some(oldest) = returning
-            .iter()
-            .min_by_key(|(_, at)| **at)
-            .map(|(ip, _)| *ip)
-        {
-            returning.remove(&oldest);
+        let mut by_age: Vec<(Instant, IpAddr)> =
+            returning.iter().map(|(ip, at)| (*at, *ip)).collect();
+        let cut = by_age.len() / 4;
+        by_age.select_nth_unstable_by_key(cut, |(at, _)| *at);
+        for (_, old) in &by_age[..cut] {
+            returning.remove(old);
         }
     }
     returning.insert(ip, now);
@@ -229,11 +234,16 @@ impl Admission {
             return self.refuse(0, "admission state poisoned");
         };
         let full = s.in_flight >= self.limits.handshakes;
-        let returning = s.returning.contains_key(&ip);
-        if full && !(returning && s.reserved < self.limits.returning_reserve) {
+        let from_host = s.per_address.get(&ip).copied().unwrap_or(0);
+        // The reserve, for a returning host with few in progress: one host (a Client's own,
+        // or a stranger behind the same NAT) cannot take it all.
+        let reserve = s.returning.contains_key(&ip)
+            && s.reserved < self.limits.returning_reserve
+            && from_host < self.limits.returning_per_host;
+        if full && !reserve {
             return self.refuse(0, "too many handshakes in progress");
         }
-        if s.per_address.get(&ip).copied().unwrap_or(0) >= self.limits.per_address {
+        if from_host >= self.limits.per_address {
             return self.refuse(1, "too many handshakes in progress from this address");
         }
         // Past the bound, the reserve is for an address proven real, never a spoofed one.
@@ -459,20 +469,22 @@ mod tests {
 
     /// Strangers that hold the whole bound (handshakes never finished, enrolments that never
     /// send) keep out other strangers, not the hosts sessions came from: those get in from a
-    /// reserve of their own, once their address is validated, and are still held to the
-    /// per-host bound. The hosts the Hub before this one recorded count from its start.
+    /// reserve of their own, once their address is validated (a Retry, though the Hub is
+    /// below `retry_above`), and one host holds at most `returning_per_host` of it. The hosts
+    /// the Hub before this one recorded count from its start.
     #[test]
     fn p8_p14_hosts_sessions_came_from_get_in_past_a_bound_strangers_hold() {
         let limits = Limits {
             handshakes: 4,
-            per_address: 2,
-            retry_above: 0,
+            per_address: 4,
+            retry_above: 64,
             returning_reserve: 3,
+            returning_per_host: 2,
             ..Limits::default()
         };
         let a = Admission::new(limits).with_returning([ip(7)]);
         a.session_from(IpAddr::from([0, 0, 0, 0, 0, 0xffff, 0xc000, 0x0209])); // 192.0.2.9, mapped
-        let mut held: Vec<Slot> = [1, 1, 2, 2]
+        let mut held: Vec<Slot> = [1, 1, 1, 2]
             .into_iter()
             .map(|n| a.admit(ip(n), true).1.expect("a stranger's slot"))
             .collect();
@@ -485,7 +497,7 @@ mod tests {
         assert_eq!(v, Verdict::Accept);
         let (v, _r2) = a.admit(ip(9), true);
         assert_eq!(v, Verdict::Accept);
-        // Held to its host's bound as any host is.
+        // Held to the reserve's bound for one host, below the per-host bound.
         assert!(matches!(a.admit(ip(9), true).0, Verdict::Refuse(_)));
         // One recorded at the start gets the reserve's last place; then it is used up.
         let (v, _r3) = a.admit(ip(7), true);
@@ -513,7 +525,7 @@ mod tests {
             remember(&mut s.returning, IpAddr::from(n.to_be_bytes()), when);
         }
         remember(&mut s.returning, ip(1), at(2));
-        assert_eq!(s.returning.len(), RETURNING_HOSTS);
+        assert_eq!(s.returning.len(), RETURNING_HOSTS - RETURNING_HOSTS / 4 + 1);
         assert!(s.returning.contains_key(&ip(1)));
         assert!(
             !s.returning.contains_key(&IpAddr::from(5u32.to_be_bytes())),
@@ -521,7 +533,7 @@ mod tests {
         );
         // Seen again: remembered anew, nothing forgotten.
         remember(&mut s.returning, ip(1), at(3));
-        assert_eq!(s.returning.len(), RETURNING_HOSTS);
+        assert_eq!(s.returning.len(), RETURNING_HOSTS - RETURNING_HOSTS / 4 + 1);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use ewii_common::frame::Control;
 use ewii_common::spiffe::SpiffeId;
 use tokio::sync::mpsc;
 
-use super::store::Store;
+use super::store::{StopRevoke, Store};
 use crate::audit::Audit;
 use crate::transport::codes;
 
@@ -409,10 +409,26 @@ pub(crate) struct AtStop<'a> {
     pub(crate) notify: bool,
 }
 
+/// What became of a stop's revoke ([`revoke_at_stop`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AtStopOutcome {
+    /// Recorded (made now or before), and audited.
+    Recorded,
+    /// Not recorded (the store failed), and audited as such.
+    NotRecorded,
+    /// A newer serial replaced the stopping connection's: nothing done or audited.
+    Replaced,
+    /// The records cannot tell whether it was replaced: nothing done or audited.
+    CannotTell,
+}
+
 /// Revokes a client at its stop unless a newer serial replaced the stopping connection's
-/// meanwhile ([`Store::revoke_at_stop`]), and audits it (a failure too). `Some(recorded)`, or
-/// `None` when it was replaced (nothing done or audited).
-pub(crate) async fn revoke_at_stop(store: &Store, audit: &Audit, stop: AtStop<'_>) -> Option<bool> {
+/// meanwhile ([`Store::revoke_at_stop`]), and audits it (a failure too).
+pub(crate) async fn revoke_at_stop(
+    store: &Store,
+    audit: &Audit,
+    stop: AtStop<'_>,
+) -> AtStopOutcome {
     let now = crate::now_timestamp().unix_secs() as i64;
     let made = match store
         .revoke_at_stop(
@@ -425,19 +441,25 @@ pub(crate) async fn revoke_at_stop(store: &Store, audit: &Audit, stop: AtStop<'_
         )
         .await
     {
-        Ok(None) => return None,
-        Ok(Some(made)) => Ok(made),
+        Ok(StopRevoke::Replaced) => return AtStopOutcome::Replaced,
+        Ok(StopRevoke::CannotTell) => return AtStopOutcome::CannotTell,
+        Ok(StopRevoke::Revoked(made)) => Ok(made),
         Err(e) => Err(e),
     };
     let id = stop.id.to_string();
-    Some(audit_revocation(
+    let recorded = audit_revocation(
         audit,
         stop.client,
         &id,
         Some(stop.session_id),
         stop.reason,
         made,
-    ))
+    );
+    if recorded {
+        AtStopOutcome::Recorded
+    } else {
+        AtStopOutcome::NotRecorded
+    }
 }
 
 /// A client past the silent-client grace, to revoke if it is still silent.

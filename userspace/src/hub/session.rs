@@ -576,22 +576,16 @@ impl Session {
                 // Only the newest serial speaks for the identity: a connection of one a newer
                 // serial replaced (still draining; a stolen older key's, say) cannot revoke it,
                 // as it cannot renew it (P8). Recorded, and taken as a plain `Goodbye`.
-                let revoke = revoke
-                    && {
-                        let Some(may) = self.may_revoke() else {
-                            // The records cannot be read now (a reload failed): whether this
-                            // serial was replaced is unknown, and a revoke by a replaced key would
-                            // revoke the identity that replaced it.
-                            self.revoked_record(
-                            Outcome::Failed,
-                            "stopped by the customer: not recorded: the Hub's serial records cannot be read to tell whether this connection's serial may revoke; the Client keeps the revoke pending".into(),
-                        );
-                            return Some(self.revoke_kept_pending(
-                            "the Hub's serial records cannot be read to tell whether its serial may: not revoked",
-                        ));
-                        };
-                        may
+                let revoke = revoke && {
+                    let Some(may) = self.may_revoke() else {
+                        // The records cannot be read now (a reload failed): whether this
+                        // serial was replaced is unknown, and a revoke by a replaced key would
+                        // revoke the identity that replaced it.
+                        self.revoked_record(Outcome::Failed, CANNOT_TELL.into());
+                        return Some(self.revoke_kept_pending(CANNOT_TELL_END));
                     };
+                    may
+                };
                 // No new query goes to it; in-flight ones finish, then the Client closes. Until
                 // then an operator's revocation still closes it (its own revoke needs no more).
                 if revoke {
@@ -617,18 +611,22 @@ impl Session {
                     let recorded =
                         registry::revoke_at_stop(&self.parts.store, &self.parts.audit, stop).await;
                     match recorded {
-                        Some(true) => {}
-                        Some(false) => {
+                        registry::AtStopOutcome::Recorded => {}
+                        registry::AtStopOutcome::NotRecorded => {
                             return Some(
                                 self.revoke_kept_pending("the revocation could not be recorded"),
                             );
                         }
-                        None => {
-                            // Out of the registry already: it ends by what it was told, as
-                            // one superseded when its `Goodbye` came.
+                        registry::AtStopOutcome::CannotTell => {
+                            self.revoked_record(Outcome::Failed, CANNOT_TELL.into());
+                            return Some(self.revoke_kept_pending(CANNOT_TELL_END));
+                        }
+                        registry::AtStopOutcome::Replaced => {
+                            // Replaced since the check above: a plain `Goodbye`. Out of the
+                            // registry already, it drains untold (no operator's revocation
+                            // reaches it in those seconds; its serial is retired anyway).
                             self.refused_revoke();
                             revoke = false;
-                            self.stranded = true;
                             self.moved = self.parts.registry.route(&self.name).is_some();
                         }
                     }
@@ -790,6 +788,12 @@ impl Session {
         ))
     }
 }
+
+/// The record of a stop's revoke when the serial records cannot be read.
+const CANNOT_TELL: &str = "stopped by the customer: not recorded: the Hub's serial records cannot be read to tell whether this connection's serial may revoke; the Client keeps the revoke pending";
+/// The session's end then.
+const CANNOT_TELL_END: &str =
+    "the Hub's serial records cannot be read to tell whether its serial may: not revoked";
 
 /// A registered session whose task is dropped before its end (the Hub's stop gives up on it
 /// while a request of its Client waits, say a renewal's write behind another writer's lock):

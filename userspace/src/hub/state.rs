@@ -177,7 +177,8 @@ CREATE TABLE IF NOT EXISTS clients (
     webhook TEXT,
     revoked_at INTEGER,
     revoke_reason TEXT,
-    last_seen INTEGER
+    last_seen INTEGER,
+    last_peer TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -241,6 +242,14 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         [],
         |r| r.get(0),
     )?;
+    let has_last_peer: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('clients') WHERE name = 'last_peer')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_last_peer {
+        conn.execute_batch("ALTER TABLE clients ADD COLUMN last_peer TEXT")?;
+    }
     if !has_renewed_from {
         conn.execute_batch(
             "ALTER TABLE serials ADD COLUMN renewed_from TEXT;
@@ -597,8 +606,8 @@ impl Db {
                 params![session.serial, session.since, client],
             )?;
             tx.execute(
-                "UPDATE clients SET last_seen = ?2 WHERE name = ?1",
-                params![client, session.since],
+                "UPDATE clients SET last_seen = ?2, last_peer = ?3 WHERE name = ?1",
+                params![client, session.since, session.peer],
             )?;
             // The session's serial is in use: every older one of the client retires (P8), in
             // the same transaction, so that a session is never on record with its older
@@ -738,11 +747,17 @@ impl Db {
         })
     }
 
-    /// At Hub start: no session survives a restart. Returns the addresses (`ip:port`) the
-    /// forgotten sessions came from.
-    pub fn clear_sessions(&self) -> Result<Vec<String>, StateError> {
+    /// At Hub start: no session survives a restart.
+    pub fn clear_sessions(&self) -> Result<(), StateError> {
+        self.with(|c| c.execute("DELETE FROM sessions", []).map(|_| ()))
+    }
+
+    /// Where each client not revoked had its last session from (`ip:port`), however it ended.
+    pub fn last_peers(&self) -> Result<Vec<String>, StateError> {
         self.with(|c| {
-            let mut stmt = c.prepare("DELETE FROM sessions RETURNING peer")?;
+            let mut stmt = c.prepare(
+                "SELECT last_peer FROM clients WHERE revoked_at IS NULL AND last_peer IS NOT NULL",
+            )?;
             let peers = stmt.query_map([], |r| r.get(0))?.collect();
             peers
         })

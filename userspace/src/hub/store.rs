@@ -127,11 +127,22 @@ pub(crate) struct Store {
     view: Arc<View>,
     counts: Arc<Counts>,
     outbox: Arc<Notify>,
-    /// Where the sessions the Hub before this one recorded came from.
+    /// Where the clients not revoked had their last sessions from, as this Hub started.
     peers_before: Arc<[IpAddr]>,
 }
 
 type Job = Box<dyn FnOnce(&mut Owner) + Send>;
+
+/// What a stop's revoke did ([`Store::revoke_at_stop`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopRevoke {
+    /// Revoked now (`true`), or revoked already.
+    Revoked(bool),
+    /// A newer serial replaced the stopping connection's: nothing done.
+    Replaced,
+    /// The view cannot tell (its records could not be read): nothing done.
+    CannotTell,
+}
 
 /// The thread that owns the backend.
 struct Owner {
@@ -262,8 +273,8 @@ impl Store {
         &self.view
     }
 
-    /// The addresses the sessions recorded by the Hub before this one came from (read, and
-    /// forgotten, at its start).
+    /// Where the clients not revoked had their last sessions from, read at this Hub's start
+    /// (whether those sessions ended in order, or were cut by a crash).
     pub(crate) fn peers_before_start(&self) -> Vec<IpAddr> {
         self.peers_before.to_vec()
     }
@@ -379,8 +390,7 @@ impl Store {
     /// `notify` for the webhook), unless a newer serial has replaced that one by the time the
     /// owner comes to it. Checked with the revocation: a replacement's enrolment or first
     /// session that lands after the session's own check must not be revoked by the stop of
-    /// the container it replaced. `Ok(None)`: replaced (or the view cannot tell), nothing
-    /// done; otherwise whether it revoked (false: revoked already).
+    /// the container it replaced.
     pub(crate) async fn revoke_at_stop(
         &self,
         client: &str,
@@ -389,7 +399,7 @@ impl Store {
         reason: &str,
         now: i64,
         notify: bool,
-    ) -> Result<Option<bool>, StoreError> {
+    ) -> Result<StopRevoke, StoreError> {
         let (client, reason, id, serial) = (
             client.to_owned(),
             reason.to_owned(),
@@ -398,11 +408,13 @@ impl Store {
         );
         self.call(move |o| {
             match o.view.status(&id, &serial) {
-                Some(SerialStatus::Retired) | None => return Ok(None),
+                Some(SerialStatus::Retired) => return Ok(StopRevoke::Replaced),
+                None => return Ok(StopRevoke::CannotTell),
                 Some(_) => {}
             }
             let by = Revoker::Customer { notify };
-            o.revoke(&client, &reason, now, notify, by).map(Some)
+            o.revoke(&client, &reason, now, notify, by)
+                .map(StopRevoke::Revoked)
         })
         .await?
     }
@@ -683,8 +695,8 @@ impl Owner {
         }
     }
 
-    /// Starts the backend and loads the view; returns the addresses the sessions the Hub
-    /// before this one recorded came from.
+    /// Starts the backend and loads the view; returns where the clients not revoked had
+    /// their last sessions from.
     fn begin(&mut self, now: i64) -> Result<Vec<String>, StateError> {
         let before = self.backend.statements();
         let peers = self.backend.start(now)?;

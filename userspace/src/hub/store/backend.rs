@@ -11,7 +11,8 @@ use crate::hub::state::{
 /// backend.
 pub trait Backend: Send + 'static {
     /// Hub start: forget recorded sessions, make parked webhooks due, restart the
-    /// silent-client grace at `now`. Returns the addresses the forgotten sessions came from.
+    /// silent-client grace at `now`. Returns where the clients not revoked had their last
+    /// sessions from.
     fn start(&self, now: i64) -> Result<Vec<String>, StateError>;
     /// Every client and serial, for the view.
     fn snapshot(&self) -> Result<Snapshot, StateError>;
@@ -106,7 +107,8 @@ pub trait Backend: Send + 'static {
 
 impl Backend for Db {
     fn start(&self, now: i64) -> Result<Vec<String>, StateError> {
-        let peers = self.clear_sessions()?;
+        self.clear_sessions()?;
+        let peers = self.last_peers()?;
         self.unpark_webhooks()?;
         self.restart_grace(now)?;
         Ok(peers)

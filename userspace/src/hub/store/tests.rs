@@ -978,12 +978,13 @@ async fn p9_an_unwritten_end_of_a_newer_session_outlives_the_older_ones_end() {
 /// A stop's revoke is checked against its serial with the revocation, in the owner: a
 /// replacement enrolled after the session's own check (a blue/green swap: the old container's
 /// `Goodbye{revoke}` races the new one's enrolment) retired that serial, and the stop revokes
-/// nothing. It used to revoke the identity that had just replaced it. The newest serial's
-/// stop revokes.
+/// nothing. It used to revoke the identity that had just replaced it. Records that cannot be
+/// read revoke nothing either (the view cannot tell); the newest serial's stop revokes.
 #[tokio::test]
 async fn p9_a_stop_of_a_replaced_serial_does_not_revoke_its_replacement() {
     let dir = tempfile::tempdir().unwrap();
-    let store = with_acme(&dir.path().join("hub.db")).await;
+    let path = dir.path().join("hub.db");
+    let store = with_acme(&path).await;
     let acme = id("acme");
     // The replacement's enrolment lands first: serial 0a retires.
     store
@@ -1001,27 +1002,40 @@ async fn p9_a_stop_of_a_replaced_serial_does_not_revoke_its_replacement() {
     };
     assert_eq!(
         stop("0a").await,
-        None,
+        StopRevoke::Replaced,
         "the replaced serial's stop revokes nothing"
     );
     assert_eq!(store.view().revocation("acme"), None);
+    // Records that cannot be read: whether the serial was replaced is unknown, nothing done
+    // (the session keeps the Client's revoke pending).
+    rename_table(&path, "serials", "gone");
+    assert!(store.refresh().await.is_err());
+    assert_eq!(stop("0b").await, StopRevoke::CannotTell);
+    rename_table(&path, "gone", "serials");
+    assert!(store.refresh().await.unwrap());
+    assert_eq!(store.view().revocation("acme"), None);
     assert_eq!(
         stop("0b").await,
-        Some(true),
+        StopRevoke::Revoked(true),
         "the newest serial's stop revokes"
     );
     assert_eq!(
         store.view().revocation("acme").as_deref(),
         Some("stopped by the customer")
     );
-    assert_eq!(stop("0b").await, Some(false), "revoked already");
+    assert_eq!(
+        stop("0b").await,
+        StopRevoke::Revoked(false),
+        "revoked already"
+    );
 }
 
-/// The addresses the sessions a Hub recorded came from are handed to the next Hub at its
-/// start (its admission keeps them a way in), as it forgets the sessions; a peer that does
-/// not parse (an edited database) is passed over.
+/// Where each client not revoked had its last session from is handed to the next Hub at its
+/// start (its admission keeps those hosts a way in), whether the session ended in order (a
+/// restart) or was cut (a crash); a revoked client's is not, and a peer that does not parse
+/// (an edited database) is passed over.
 #[tokio::test]
-async fn p14_the_next_start_learns_where_the_recorded_sessions_came_from() {
+async fn p14_the_next_start_learns_where_its_clients_came_from() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hub.db");
     {
@@ -1029,25 +1043,29 @@ async fn p14_the_next_start_learns_where_the_recorded_sessions_came_from() {
         let mut up = row(7, "0a", 2);
         up.peer = "192.0.2.7:4433".into();
         store.session_up("acme", up).await.unwrap();
+        // Ended in order, as a Hub's stop ends its sessions.
+        store.session_down("acme", 7).await.unwrap();
+        for (name, serial, peer) in [("beta", "0c", "192.0.2.8:4433"), ("gamma", "0d", "p")] {
+            store
+                .record_enrolment(grant(name), id(name), serial.into(), 1000, 2)
+                .await
+                .unwrap();
+            let mut up = row(8, serial, 2);
+            up.peer = peer.into();
+            store.session_up(name, up).await.unwrap();
+        }
         store
-            .record_enrolment(grant("beta"), id("beta"), "0c".into(), 1000, 2)
+            .revoke("beta", "ended", 3, false, Revoker::Hub)
             .await
             .unwrap();
-        store.session_up("beta", row(8, "0c", 2)).await.unwrap();
         assert!(
             store.peers_before_start().is_empty(),
             "none before this start"
         );
     }
-    let (store, _changes) = Store::open(&path, 3).await.unwrap();
+    let (store, _changes) = Store::open(&path, 4).await.unwrap();
     assert_eq!(
         store.peers_before_start(),
         vec![IpAddr::from([192, 0, 2, 7])]
-    );
-    drop(store);
-    let (again, _changes) = Store::open(&path, 4).await.unwrap();
-    assert!(
-        again.peers_before_start().is_empty(),
-        "forgotten with the sessions"
     );
 }
