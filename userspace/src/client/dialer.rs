@@ -16,7 +16,8 @@
 //! dialled: one lookup at a time per entry ([`Lookups`]), whose answer every query waiting on
 //! it shares, so a burst of queries while the resolver is down costs one lookup, not one each.
 //! With the lock attached an acceptable answer is not adopted (the lock holds no address for
-//! the name): the query is refused, saying so.
+//! the name): the query is refused, saying so, and that refusal is given again for 30 s
+//! without a lookup (a Hub cannot make one DNS query per `Open`).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -72,6 +73,9 @@ pub type Resolver = Arc<
         + Sync,
 >;
 
+/// How long a refusal of an answer the eBPF lock cannot adopt is said again without a lookup.
+const PINNED_REFUSAL: Duration = Duration::from_secs(30);
+
 /// The lookups the Dialer makes for entries with no addresses yet: at most one in flight per
 /// entry, its outcome (an error too) shared by every dial that asked while it ran. The next
 /// dial after it ends starts a new one: a failure is not remembered. (A lookup whose every
@@ -81,6 +85,10 @@ pub type Resolver = Arc<
 struct Lookups {
     resolve: Resolver,
     in_flight: Arc<Mutex<BTreeMap<String, Arc<Flight>>>>,
+    /// With the eBPF lock attached, the refusal of an entry whose answer cannot be adopted,
+    /// and when: said again for [`PINNED_REFUSAL`] without a lookup, so that a Hub sending
+    /// `Open` for it in a loop does not make a DNS query of each.
+    pinned_refusals: Arc<Mutex<BTreeMap<String, (tokio::time::Instant, DialError)>>>,
     /// Where an entry's first addresses, found by a dial, are recorded (`dns_changed`), and
     /// the Client's ID for the record.
     audit: Option<(crate::audit::Audit, String)>,
@@ -109,6 +117,7 @@ impl Lookups {
         Self {
             resolve,
             in_flight: Arc::default(),
+            pinned_refusals: Arc::default(),
             audit: None,
         }
     }
@@ -127,6 +136,18 @@ impl Lookups {
         port: u16,
         addresses: &Addresses,
     ) -> Result<Vec<SocketAddr>, DialError> {
+        if addresses.pinned {
+            let refusals = self
+                .pinned_refusals
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some((_, refused)) = refusals
+                .get(name)
+                .filter(|(at, _)| at.elapsed() < PINNED_REFUSAL)
+            {
+                return Err(refused.clone());
+            }
+        }
         let flight = {
             // Nothing is left half-done while the map is held: a poisoned one is still right.
             let mut m = self
@@ -167,13 +188,18 @@ impl Lookups {
                 if addresses.pinned {
                     // The eBPF lock was filled at start and cannot change: a connect to this
                     // answer would be refused by the kernel, with a less useful error.
-                    return Err(DialError::Resolve {
+                    let refused = DialError::Resolve {
                         name: name.to_owned(),
                         why: format!(
                             "{host} resolves to {} now, but had no acceptable address at start, and the eBPF lock holds none for it: restart the Client to adopt it",
                             ok.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
                         ),
-                    });
+                    };
+                    self.pinned_refusals
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(name.to_owned(), (tokio::time::Instant::now(), refused.clone()));
+                    return Err(refused);
                 }
                 // A refresh may have given the entry its addresses while this lookup ran:
                 // those stand, and the refresh has recorded them.
@@ -966,6 +992,14 @@ mod tests {
         );
         assert_eq!(calls.load(SeqCst), 2);
         assert!(dialer.addresses.get("db").is_empty());
+        // Asked again at once (a Hub sending `Open` in a loop): the same refusal, no lookup
+        // (one would wait for the stand-in resolver's next permit).
+        let again = tokio::time::timeout(Duration::from_secs(5), dialer.dial("db"))
+            .await
+            .expect("answered without a lookup")
+            .unwrap_err();
+        assert_eq!(again.to_string(), err.to_string());
+        assert_eq!(calls.load(SeqCst), 2);
     }
 
     /// A query cut while its lookup runs (its task dropped: the connection ended) does not

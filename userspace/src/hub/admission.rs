@@ -52,8 +52,8 @@ pub(crate) fn host(ip: IpAddr) -> IpAddr {
 /// ended windows before it grows.
 const ENROL_HOSTS: usize = 4096;
 
-/// Hosts remembered as ones sessions came from; past this, the one seen longest ago is
-/// forgotten first.
+/// Hosts remembered as ones sessions came from; past this, the quarter seen longest ago is
+/// forgotten ([`remember`]).
 const RETURNING_HOSTS: usize = 65_536;
 
 /// The bounds. [`Limits::default`] is what the Hub runs with.
@@ -68,7 +68,7 @@ pub struct Limits {
     /// Connections in their first moments at once, beyond `handshakes`, from hosts a
     /// session came from before (their addresses validated).
     pub returning_reserve: usize,
-    /// … of which one such host may hold (counting its others in progress).
+    /// … of which one such host may hold (its ordinary places apart).
     pub returning_per_host: usize,
     /// Refused enrolments from one address before its enrolments are refused unread.
     pub enrol_failures: u32,
@@ -136,8 +136,9 @@ pub(crate) enum Verdict {
 #[derive(Debug, Default)]
 struct State {
     in_flight: usize,
-    /// Of those past the `handshakes` bound, from returning hosts.
+    /// Of those past the `handshakes` bound, from returning hosts: in all, and by host.
     reserved: usize,
+    reserved_by_host: HashMap<IpAddr, usize>,
     /// Hosts sessions came from, and when one last did.
     returning: HashMap<IpAddr, Instant>,
     per_address: HashMap<IpAddr, usize>,
@@ -175,6 +176,12 @@ impl Drop for Slot {
         if let Ok(mut s) = self.state.lock() {
             if self.reserved {
                 s.reserved = s.reserved.saturating_sub(1);
+                if let Some(n) = s.reserved_by_host.get_mut(&self.ip) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        s.reserved_by_host.remove(&self.ip);
+                    }
+                }
             } else {
                 s.in_flight = s.in_flight.saturating_sub(1);
             }
@@ -234,16 +241,17 @@ impl Admission {
             return self.refuse(0, "admission state poisoned");
         };
         let full = s.in_flight >= self.limits.handshakes;
-        let from_host = s.per_address.get(&ip).copied().unwrap_or(0);
-        // The reserve, for a returning host with few in progress: one host (a Client's own,
-        // or a stranger behind the same NAT) cannot take it all.
-        let reserve = s.returning.contains_key(&ip)
-            && s.reserved < self.limits.returning_reserve
-            && from_host < self.limits.returning_per_host;
-        if full && !reserve {
+        let returning = s.returning.contains_key(&ip);
+        if full && !(returning && s.reserved < self.limits.returning_reserve) {
             return self.refuse(0, "too many handshakes in progress");
         }
-        if from_host >= self.limits.per_address {
+        // Of the reserve, one host (a Client's own, or a stranger behind the same NAT) holds at
+        // most its share, whatever it holds of the ordinary places.
+        let reserved_here = s.reserved_by_host.get(&ip).copied().unwrap_or(0);
+        if full && reserved_here >= self.limits.returning_per_host {
+            return self.refuse(1, "too many handshakes in progress from this address");
+        }
+        if s.per_address.get(&ip).copied().unwrap_or(0) >= self.limits.per_address {
             return self.refuse(1, "too many handshakes in progress from this address");
         }
         // Past the bound, the reserve is for an address proven real, never a spoofed one.
@@ -252,6 +260,7 @@ impl Admission {
         }
         if full {
             s.reserved += 1;
+            *s.reserved_by_host.entry(ip).or_default() += 1;
         } else {
             s.in_flight += 1;
         }
@@ -272,9 +281,9 @@ impl Admission {
         }
     }
 
-    /// Hosts the sessions recorded by the Hub before this one came from (read at its start):
-    /// returning ones from the start, so that a flood that holds the bound while the Hub
-    /// restarts does not keep its Clients from coming back.
+    /// Where the clients not revoked had their last sessions from, as the Hub before this one
+    /// recorded them (read at its start): returning hosts from the start, so that a flood that
+    /// holds the bound while the Hub restarts does not keep its Clients from coming back.
     pub(crate) fn with_returning(self, ips: impl IntoIterator<Item = IpAddr>) -> Self {
         if let Ok(mut s) = self.state.lock() {
             let now = Instant::now();
@@ -497,8 +506,11 @@ mod tests {
         assert_eq!(v, Verdict::Accept);
         let (v, _r2) = a.admit(ip(9), true);
         assert_eq!(v, Verdict::Accept);
-        // Held to the reserve's bound for one host, below the per-host bound.
+        // Held to the reserve's share for one host, below the per-host bound, and counted as
+        // the address's bound.
+        let [hub_bound, address_bound] = a.refused();
         assert!(matches!(a.admit(ip(9), true).0, Verdict::Refuse(_)));
+        assert_eq!(a.refused(), [hub_bound, address_bound + 1]);
         // One recorded at the start gets the reserve's last place; then it is used up.
         let (v, _r3) = a.admit(ip(7), true);
         assert_eq!(v, Verdict::Accept);
@@ -511,6 +523,17 @@ mod tests {
         // A stranger's slot given back is the strangers' again.
         held.pop();
         let (v, _s) = a.admit(ip(3), true);
+        assert_eq!(v, Verdict::Accept);
+
+        // A host's ordinary places do not count against its share of the reserve: a stranger
+        // behind a Client's NAT that holds some cannot keep the Client out.
+        let b = Admission::new(limits);
+        b.session_from(ip(5));
+        let _ordinary: Vec<Slot> = [5, 5, 5, 6]
+            .into_iter()
+            .map(|n| b.admit(ip(n), true).1.expect("an ordinary place"))
+            .collect();
+        let (v, _r) = b.admit(ip(5), true);
         assert_eq!(v, Verdict::Accept);
     }
 

@@ -225,32 +225,52 @@ CREATE TABLE IF NOT EXISTS serials (
 CREATE INDEX IF NOT EXISTS serials_by_client ON serials (client);
 ";
 
-/// Brings a database made by an older Hub up to [`SCHEMA`] (columns added since).
+/// Brings a database made by an older Hub up to [`SCHEMA`] (columns added since). Under a
+/// write lock, checked again inside it: two processes of the new version that open an older
+/// database at once (a Hub starting, an operator's command) would otherwise both add a column,
+/// and the second fail. A database that needs nothing is only read.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let has_revocations: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('clients') WHERE name = 'revocations')",
-        [],
+    if !missing_columns(conn)? {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let added = add_missing_columns(conn);
+    conn.execute_batch(if added.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
+    added
+}
+
+/// Whether `table` has column `column`.
+fn has_column(conn: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
+        params![table, column],
         |r| r.get(0),
-    )?;
-    if !has_revocations {
+    )
+}
+
+/// Whether any column [`add_missing_columns`] adds is missing.
+fn missing_columns(conn: &Connection) -> rusqlite::Result<bool> {
+    Ok(!has_column(conn, "clients", "revocations")?
+        || !has_column(conn, "serials", "renewed_from")?
+        || !has_column(conn, "clients", "last_peer")?)
+}
+
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    if !has_column(conn, "clients", "revocations")? {
         conn.execute_batch(
             "ALTER TABLE clients ADD COLUMN revocations INTEGER NOT NULL DEFAULT 0",
         )?;
     }
-    let has_renewed_from: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('serials') WHERE name = 'renewed_from')",
-        [],
-        |r| r.get(0),
-    )?;
-    let has_last_peer: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('clients') WHERE name = 'last_peer')",
-        [],
-        |r| r.get(0),
-    )?;
-    if !has_last_peer {
-        conn.execute_batch("ALTER TABLE clients ADD COLUMN last_peer TEXT")?;
+    if !has_column(conn, "clients", "last_peer")? {
+        // Seeded from the sessions the older Hub recorded (a crash leaves them), so that the
+        // first start after the upgrade knows where those Clients came from.
+        conn.execute_batch(
+            "ALTER TABLE clients ADD COLUMN last_peer TEXT;
+             UPDATE clients SET last_peer =
+                 (SELECT peer FROM sessions WHERE sessions.client = clients.name);",
+        )?;
     }
-    if !has_renewed_from {
+    if !has_column(conn, "serials", "renewed_from")? {
         conn.execute_batch(
             "ALTER TABLE serials ADD COLUMN renewed_from TEXT;
              ALTER TABLE serials ADD COLUMN key_sha256 BLOB;

@@ -320,7 +320,8 @@ fn p10_a_revocation_between_redemption_and_record_is_not_undone_by_the_enrolment
     assert!(row().revoked_at.is_some());
 }
 
-/// A database made before the `revocations` column existed opens, and gains it.
+/// A database made before the `revocations` and `last_peer` columns existed opens, and gains
+/// them: `last_peer` from the sessions the older Hub left recorded.
 #[test]
 fn an_older_database_is_migrated_on_open() {
     let dir = tempfile::tempdir().unwrap();
@@ -329,14 +330,25 @@ fn an_older_database_is_migrated_on_open() {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(
             "CREATE TABLE clients (name TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, enrolled_at INTEGER NOT NULL, webhook TEXT, revoked_at INTEGER, revoke_reason TEXT, last_seen INTEGER);
-             INSERT INTO clients (name, spiffe_id, enrolled_at) VALUES ('acme', 'spiffe://example.org/client/acme', 1);",
+             INSERT INTO clients (name, spiffe_id, enrolled_at) VALUES ('acme', 'spiffe://example.org/client/acme', 1);
+             INSERT INTO clients (name, spiffe_id, enrolled_at) VALUES ('beta', 'spiffe://example.org/client/beta', 1);
+             CREATE TABLE sessions (client TEXT PRIMARY KEY, session_id INTEGER NOT NULL, serial TEXT NOT NULL, peer TEXT NOT NULL, since INTEGER NOT NULL);
+             INSERT INTO sessions VALUES ('beta', 7, '0b', '192.0.2.8:4433', 1);",
         )
         .unwrap();
     }
     let db = Db::open(&path).unwrap();
+    assert_eq!(db.last_peers().unwrap(), vec!["192.0.2.8:4433".to_string()]);
     assert!(db.revoke_client("acme", "r", 2, false).unwrap());
     db.add_token("t", "acme", 100, None, 3).unwrap();
     assert_eq!(db.redeem_token("t", 4).unwrap().unwrap().revocations, 1);
+    // Opened again: nothing left to add, the peer kept.
+    drop(db);
+    let again = Db::open(&path).unwrap();
+    assert_eq!(
+        again.last_peers().unwrap(),
+        vec!["192.0.2.8:4433".to_string()]
+    );
 }
 
 #[test]
