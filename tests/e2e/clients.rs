@@ -464,3 +464,53 @@ async fn p4_iperf3_through_the_tunnel() {
         "the records count at least what iperf3's receivers got: {moved} < {reported}"
     );
 }
+
+/// P4: connections reach the destination in the order the requester made them. Some clients
+/// tell their connections apart by that order alone: `iperf3 --bidir` makes two data
+/// connections with the same cookie, and its server takes the first it accepts to receive
+/// and the second to send; swapped, both ends send and neither reads, and the run reports
+/// nothing received (a CI run caught that). Two connections made back to back, each sending
+/// its number at once, a hundred times: the destination accepts them in that order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_connections_reach_the_destination_in_the_order_they_were_made() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    let dest = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (_hub, client, entry) = tunnel("acme", dest.local_addr().unwrap()).await;
+    let mut swapped = Vec::new();
+    for round in 0..100u8 {
+        let made = async {
+            let mut first = TcpStream::connect(entry).await.unwrap();
+            first.write_all(&[round, 0]).await.unwrap();
+            let mut second = TcpStream::connect(entry).await.unwrap();
+            second.write_all(&[round, 1]).await.unwrap();
+            (first, second)
+        };
+        let accepted = async {
+            let mut order = Vec::new();
+            let mut kept = Vec::new();
+            for _ in 0..2 {
+                let (mut s, _) = dest.accept().await.unwrap();
+                let mut said = [0u8; 2];
+                s.read_exact(&mut said).await.unwrap();
+                order.push(said);
+                kept.push(s);
+            }
+            (order, kept)
+        };
+        let ((_first, _second), (order, _kept)) =
+            tokio::time::timeout(SOON, async { tokio::join!(made, accepted) })
+                .await
+                .expect("both connections through");
+        assert!(order.iter().all(|s| s[0] == round), "{order:?}");
+        if order[0][1] != 0 {
+            swapped.push(round);
+        }
+    }
+    assert!(
+        swapped.is_empty(),
+        "accepted in the other order in rounds {swapped:?}"
+    );
+    client.wait_count(200, "queries", is(Event::Query)).await;
+}

@@ -351,6 +351,8 @@ impl Connection {
         let mut stopping = false;
         // The same, for the queries: each reads it once its `Open` is here.
         let taking = Taking::default();
+        // The order the Hub opens its query streams in, kept as each dials its destination.
+        let order = query::DialOrder::default();
         // The Hub has read and processed our `Goodbye`.
         let mut goodbye_read = false;
         // Until the connection can open no more streams (past `Goodbye` only).
@@ -398,6 +400,7 @@ impl Connection {
                         conn.clone(),
                         stream,
                         taking.clone(),
+                        order.ticket(),
                     ));
                     continue;
                 }
@@ -506,7 +509,7 @@ impl Connection {
                         if held_check.is_none() {
                             held_check = Some((Instant::now() + HELD_CHECK, HeldQuiet::from(moved(&conn))));
                         }
-                        queries.spawn(query::serve(ctx.clone(), id, conn.clone(), stream, taking.clone()));
+                        queries.spawn(query::serve(ctx.clone(), id, conn.clone(), stream, taking.clone(), order.ticket()));
                     }
                     // Past `Goodbye` the end comes as it did before: drained, or the control
                     // stream's error.

@@ -78,7 +78,8 @@ const PINNED_REFUSAL: Duration = Duration::from_secs(30);
 
 /// The lookups the Dialer makes for entries with no addresses yet: at most one in flight per
 /// entry, its outcome (an error too) shared by every dial that asked while it ran. The next
-/// dial after it ends starts a new one: a failure is not remembered. (A lookup whose every
+/// dial after it ends starts a new one: a failure is not remembered, but with the eBPF lock an
+/// answer it cannot adopt is, for [`PINNED_REFUSAL`] (`pinned_refusals`). (A lookup whose every
 /// query was cut goes on in its blocking thread, which cannot be stopped; the next dial starts
 /// another beside it.)
 #[derive(Clone)]

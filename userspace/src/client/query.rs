@@ -2,8 +2,10 @@
 //! entry → `Opened` and the bytes are piped, or `Refused` (DESIGN §4). Every query leaves one
 //! audit record (P11).
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use ewii_common::audit::{Destination, Event, Outcome};
@@ -17,6 +19,9 @@ use crate::transport::{self, codes, FrameReader, StreamError};
 
 /// How long the Hub has to send the `Open` header once it opened a stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a query waits for the queries opened before it to start their dials
+/// ([`DialOrder`]): they do in microseconds once their `Open` is read.
+const ORDER_WAIT: Duration = Duration::from_millis(100);
 /// How long a stopping Client waits for the Hub to read its `ShuttingDown` answer.
 const ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// How long an answer to the Hub (`Opened`, `Refused`) may wait for room to be written (QUIC
@@ -84,13 +89,112 @@ impl Taking {
     }
 }
 
-/// Serves one query stream of session `session_id`, opened by the Hub at `hub`.
+/// The order the Hub opened its query streams in, kept at the destination: a query starts its
+/// dial only once every query opened before it on the connection has started its own (or
+/// ended). Some clients tell their connections apart by the order they were made alone
+/// (`iperf3 --bidir`'s two data connections carry the same cookie, and its server takes the
+/// first it accepts to receive, the second to send); the queries' tasks, woken together, would
+/// otherwise dial in whatever order the runtime runs them. For an entry written as an address,
+/// or one resolved already, the dial's first step is its `connect`; a name still to be looked up
+/// lets the next query go once its lookup has started. A query waits for those before it at
+/// most [`ORDER_WAIT`]: one whose `Open` has not all arrived (a Hub that holds part of it back,
+/// its packet lost on the way) does not hold the next ones longer.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DialOrder(Arc<std::sync::Mutex<OrderState>>);
+
+#[derive(Debug, Default)]
+struct OrderState {
+    /// The next stream's place.
+    next: u64,
+    /// The lowest place not yet released: every one below it has started its dial, or ended.
+    turn: u64,
+    /// Places released above `turn`.
+    released: std::collections::BTreeSet<u64>,
+    /// The query waiting for each place's turn. Only the one whose place `turn` reaches is
+    /// woken (those below it have all released theirs), so ten thousand queries opened at once
+    /// cost one wake-up each, not one per release.
+    waiting: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>,
+}
+
+impl DialOrder {
+    fn state(&self) -> std::sync::MutexGuard<'_, OrderState> {
+        // Nothing is left half-done while it is held: a poisoned one is still right.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The place of the stream the connection takes now (called in the order it takes them).
+    pub(crate) fn ticket(&self) -> Ticket {
+        let mut state = self.state();
+        let place = state.next;
+        state.next += 1;
+        Ticket {
+            order: self.clone(),
+            place,
+            released: false,
+        }
+    }
+}
+
+/// A query's place in its connection's [`DialOrder`]; released when dropped, at the latest.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    order: DialOrder,
+    place: u64,
+    released: bool,
+}
+
+impl Ticket {
+    /// Until every query opened before this one has started its dial, or ended, or
+    /// [`ORDER_WAIT`] has passed.
+    async fn turn(&self) {
+        let woken = {
+            let mut state = self.order.state();
+            if state.turn >= self.place {
+                return;
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            state.waiting.insert(self.place, tx);
+            rx
+        };
+        // A sender dropped unsent is a place whose query went away: the turn came all the same.
+        let _ = tokio::time::timeout(ORDER_WAIT, woken).await;
+    }
+
+    /// This query has started its dial, or will not dial: the next may start theirs.
+    fn release(&mut self) {
+        if std::mem::replace(&mut self.released, true) {
+            return;
+        }
+        let mut state = self.order.state();
+        let state = &mut *state;
+        state.waiting.remove(&self.place);
+        state.released.insert(self.place);
+        while state.released.remove(&state.turn) {
+            state.turn += 1;
+        }
+        if let Some(next) = state.waiting.remove(&state.turn) {
+            let _ = next.send(());
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Serves one query stream of session `session_id`, opened by the Hub at `hub`, at its place
+/// `ticket` in the order the Hub opened them.
 pub(crate) async fn serve(
     ctx: Arc<QueryCtx>,
     session_id: u64,
     conn: quinn::Connection,
     (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
     taking: Taking,
+    mut ticket: Ticket,
 ) {
     let started = Instant::now();
     let started_at = crate::now_timestamp();
@@ -150,6 +254,7 @@ pub(crate) async fn serve(
     // anything, rather than lose a record or grow without bound. Counted, and summed up in
     // one `audit_backlog` record once the sink catches up.
     if !ctx.audit.admit_query() {
+        ticket.release();
         refuse(&mut send, RefuseCode::Busy).await;
         return;
     }
@@ -169,8 +274,19 @@ pub(crate) async fn serve(
         address: None,
     });
     let dialed = match taking.queries() {
-        true => ctx.dialer.dial(&destination).await,
+        true => {
+            ticket.turn().await;
+            let mut dial = std::pin::pin!(ctx.dialer.dial(&destination));
+            // Its first step (the `connect`, for an address known) before the next query's.
+            let first = std::future::poll_fn(|cx| Poll::Ready(dial.as_mut().poll(cx))).await;
+            ticket.release();
+            match first {
+                Poll::Ready(dialed) => dialed,
+                Poll::Pending => dial.await,
+            }
+        }
         false => {
+            ticket.release();
             r.outcome = Some(Outcome::Failed);
             r.reason = Some(QueryError::Stopping.to_string());
             // On record before the answer, which waits for the Hub's room.

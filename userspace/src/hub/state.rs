@@ -234,9 +234,17 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         return Ok(());
     }
     conn.execute_batch("BEGIN IMMEDIATE")?;
-    let added = add_missing_columns(conn);
-    conn.execute_batch(if added.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
-    added
+    match add_missing_columns(conn) {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            // SQLite may have rolled back itself (a full disk): the error that says why is
+            // the step's, not the rollback's.
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Whether `table` has column `column`.
