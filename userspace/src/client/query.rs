@@ -22,6 +22,8 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest a query waits for the queries opened before it to start their dials
 /// ([`DialOrder`]): they do in microseconds once their `Open` is read.
 const ORDER_WAIT: Duration = Duration::from_millis(100);
+/// Places released ahead of a turn that does not move, before the turn passes the late ones.
+const MAX_AHEAD: usize = 1024;
 /// How long a stopping Client waits for the Hub to read its `ShuttingDown` answer.
 const ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// How long an answer to the Hub (`Opened`, `Refused`) may wait for room to be written (QUIC
@@ -147,7 +149,8 @@ pub(crate) struct Ticket {
 
 impl Ticket {
     /// Until every query opened before this one has started its dial, or ended, or
-    /// [`ORDER_WAIT`] has passed.
+    /// [`ORDER_WAIT`] has passed. Then the places still before it are passed: one query whose
+    /// `Open` is late costs the next one wait, not one each.
     async fn turn(&self) {
         let woken = {
             let mut state = self.order.state();
@@ -159,7 +162,11 @@ impl Ticket {
             rx
         };
         // A sender dropped unsent is a place whose query went away: the turn came all the same.
-        let _ = tokio::time::timeout(ORDER_WAIT, woken).await;
+        if tokio::time::timeout(ORDER_WAIT, woken).await.is_err() {
+            let mut state = self.order.state();
+            state.waiting.remove(&self.place);
+            state.pass_to(self.place);
+        }
     }
 
     /// This query has started its dial, or will not dial: the next may start theirs.
@@ -168,14 +175,55 @@ impl Ticket {
             return;
         }
         let mut state = self.order.state();
-        let state = &mut *state;
         state.waiting.remove(&self.place);
-        state.released.insert(self.place);
-        while state.released.remove(&state.turn) {
-            state.turn += 1;
+        // A place the turn has passed already (its query was late) needs nothing more.
+        if self.place >= state.turn {
+            state.released.insert(self.place);
         }
-        if let Some(next) = state.waiting.remove(&state.turn) {
+        // Queries that end before their turn without waiting (a Hub's junk streams) behind
+        // one that is late: passed, rather than kept without bound.
+        if state.released.len() > MAX_AHEAD {
+            if let Some(&lowest) = state.released.first() {
+                state.pass_to(lowest);
+            }
+        }
+        state.advance();
+    }
+}
+
+impl OrderState {
+    /// Moves the turn to `place`, as if every place before it had released: those left
+    /// waiting go now, in any order.
+    fn pass_to(&mut self, place: u64) {
+        if self.turn >= place {
+            return;
+        }
+        self.turn = place;
+        self.released = self.released.split_off(&place);
+        let passed: Vec<u64> = self
+            .waiting
+            .keys()
+            .filter(|p| **p < place)
+            .copied()
+            .collect();
+        for p in passed {
+            if let Some(tx) = self.waiting.remove(&p) {
+                let _ = tx.send(());
+            }
+        }
+        self.advance();
+    }
+
+    /// Moves the turn past the places released, and wakes the query whose place it reaches.
+    fn advance(&mut self) {
+        while self.released.remove(&self.turn) {
+            self.turn += 1;
+        }
+        if let Some(next) = self.waiting.remove(&self.turn) {
             let _ = next.send(());
+        }
+        if self.waiting.is_empty() && self.waiting.capacity() > 64 {
+            self.waiting.shrink_to_fit();
         }
     }
 }
@@ -455,5 +503,86 @@ impl std::ops::Deref for Unfinished {
 impl std::ops::DerefMut for Unfinished {
     fn deref_mut(&mut self) -> &mut Self::Target {
         self.record.as_mut().unwrap_or_else(|| unreachable!())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `f` is ready at its first poll.
+    async fn at_once(f: impl Future<Output = ()>) -> bool {
+        tokio::time::timeout(Duration::ZERO, f).await.is_ok()
+    }
+
+    /// P4: dials start in the order the Hub opened the streams: a query waits for those before
+    /// it and is woken by the release that reaches it; one that ended early counts.
+    #[tokio::test]
+    async fn p4_dials_start_in_the_order_the_streams_were_opened() {
+        let order = DialOrder::default();
+        let (mut a, b, c) = (order.ticket(), order.ticket(), order.ticket());
+        assert!(at_once(a.turn()).await, "the first goes at once");
+        assert!(!at_once(b.turn()).await, "the second waits for the first");
+        drop(c); // ended before its turn (a stream with no Open)
+        let waiting = tokio::spawn(async move {
+            b.turn().await;
+            b
+        });
+        while !order.state().waiting.contains_key(&1) {
+            tokio::task::yield_now().await;
+        }
+        a.release();
+        assert!(
+            !order.state().waiting.contains_key(&1),
+            "woken by that release"
+        );
+        let mut b = waiting.await.unwrap();
+        assert_eq!(order.state().turn, 1);
+        b.release();
+        let state = order.state();
+        assert_eq!(
+            (state.turn, state.released.len()),
+            (3, 0),
+            "c's end counted"
+        );
+    }
+
+    /// A query whose `Open` is late holds the next one at most `ORDER_WAIT`, and only that one:
+    /// the turn passes it, and its own late release leaves nothing behind.
+    #[tokio::test]
+    async fn p4_a_late_query_holds_the_next_one_wait_and_no_more() {
+        let order = DialOrder::default();
+        let (mut late, mut b, mut c) = (order.ticket(), order.ticket(), order.ticket());
+        b.turn().await; // after ORDER_WAIT: `late` never released
+        assert_eq!(order.state().turn, 1, "passed");
+        assert!(!at_once(c.turn()).await, "c still waits for b");
+        b.release();
+        assert!(
+            at_once(c.turn()).await,
+            "and goes with b's release, no second wait"
+        );
+        c.release();
+        assert!(at_once(late.turn()).await, "its turn has passed");
+        late.release();
+        let state = order.state();
+        assert_eq!((state.turn, state.released.len()), (3, 0));
+    }
+
+    /// Queries that end before their turn without waiting, behind one that is late, are not
+    /// kept without bound: past `MAX_AHEAD` the turn passes the late one.
+    #[tokio::test]
+    async fn p4_releases_kept_behind_a_late_query_are_bounded() {
+        let order = DialOrder::default();
+        let _late = order.ticket();
+        for _ in 0..MAX_AHEAD + 10 {
+            drop(order.ticket());
+        }
+        let state = order.state();
+        assert!(
+            state.released.len() <= MAX_AHEAD,
+            "{}",
+            state.released.len()
+        );
+        assert!(state.turn > 0);
     }
 }
