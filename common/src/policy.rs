@@ -142,8 +142,12 @@ impl Endpoint {
         if port == 0 {
             return Err(bad("port 0 is not a destination"));
         }
-        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
-        if !is_dns_name(&host) {
+        // A trailing dot is kept: it makes the name absolute, so the resolver asks for it
+        // alone and never through `resolv.conf`'s search list (where, in a Kubernetes pod,
+        // `db.internal` is first asked as `db.internal.<namespace>.svc.cluster.local`, a name
+        // whoever may create Services in that namespace can answer).
+        let host = host.to_ascii_lowercase();
+        if !is_dns_name(host.strip_suffix('.').unwrap_or(&host)) {
             return Err(bad("host is neither an IP address nor a valid DNS name"));
         }
         Ok(Self {
@@ -426,7 +430,11 @@ mod tests {
     fn canonicalises_v4_mapped_and_dns_case() {
         let l = list(&[("a", "[::ffff:10.0.0.7]:80"), ("b", "DB.Example.ORG.:5432")]).unwrap();
         let names: Vec<String> = l.entries().map(|e| e.endpoint.to_string()).collect();
-        assert_eq!(names, ["10.0.0.7:80", "db.example.org:5432"]);
+        // The trailing dot stays: the name is resolved as written, outside any search list.
+        assert_eq!(names, ["10.0.0.7:80", "db.example.org.:5432"]);
+        for bad in ["db..:5432", ".:5432", "..:5432", "db.example.org..:5432"] {
+            assert!(list(&[("b", bad)]).is_err(), "{bad} must be refused");
+        }
         assert_eq!(
             AllowList::check_resolved("db.example.org", "[::ffff:10.0.0.7]:5".parse().unwrap()),
             Ok("10.0.0.7:5".parse().unwrap())

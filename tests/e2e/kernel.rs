@@ -83,16 +83,7 @@ async fn p16_the_ebpf_lock_refuses_everything_outside_the_policy_with_eperm() {
     privileged!();
     let (allowed, _accepted) = counting_listener().await;
     let (_dir, config) = world_readable_config(&allowed.to_string(), "127.0.0.1:47443", "");
-    let cg = Cgroup::new();
-    let cfg = config.to_str().unwrap().to_owned();
-    let out = tokio::task::spawn_blocking(move || {
-        cg.client(&["probe-enforcement", "--config", &cfg, "--layers", "ebpf"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let report = json(&out);
+    let report = probe_ebpf_in_own_cgroup(&config).await;
     assert_eq!(report["layers"][0]["name"], "ebpf");
     assert_eq!(report["layers"][0]["active"], true, "{report:#}");
     let p = &report["probes"];
@@ -143,6 +134,11 @@ async fn p16_the_ebpf_lock_refuses_everything_outside_the_policy_with_eperm() {
         c["skb_egress"], 1,
         "the raw packet was caught by the backstop"
     );
+    // Addresses only: the lock lets no resolver through, and the report names none.
+    assert!(
+        !not_covered(&report).iter().any(|g| g.starts_with("DNS ")),
+        "{report:#}"
+    );
     // The probe's lock is its own: it says so, and ends with it.
     assert!(
         report["layers"][0]["detail"]
@@ -151,6 +147,61 @@ async fn p16_the_ebpf_lock_refuses_everything_outside_the_policy_with_eperm() {
             .contains("held by this process"),
         "{report:#}"
     );
+}
+
+/// A Hub written as a name puts the resolvers in the lock, and the report says what that lets
+/// out: DNS from every process in the container, which a recursive resolver carries anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p16_the_lock_report_names_the_resolvers_it_lets_through_when_names_are_used() {
+    privileged!();
+    let (allowed, _accepted) = counting_listener().await;
+    let (_dir, config) = world_readable_config(&allowed.to_string(), "localhost:47443", "");
+    let report = probe_ebpf_in_own_cgroup(&config).await;
+    assert_eq!(report["layers"][0]["active"], true, "{report:#}");
+    let resolvers: Vec<String> = fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+        .map(|a| a.to_string())
+        .collect();
+    let dns: Vec<String> = not_covered(&report)
+        .into_iter()
+        .filter(|g| g.starts_with("DNS "))
+        .collect();
+    if resolvers.is_empty() {
+        assert!(dns.is_empty(), "no resolver, none let through: {dns:?}");
+    } else {
+        assert_eq!(dns.len(), 1, "{report:#}");
+        for r in &resolvers {
+            assert!(dns[0].contains(r.as_str()), "{r} named: {dns:?}");
+        }
+        assert!(dns[0].contains("DNS tunnelling"), "{dns:?}");
+    }
+}
+
+/// `probe-enforcement --layers ebpf` with `config`, run in a cgroup of its own; its report.
+async fn probe_ebpf_in_own_cgroup(config: &Path) -> Value {
+    let cg = Cgroup::new();
+    let cfg = config.to_str().unwrap().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        cg.client(&["probe-enforcement", "--config", &cfg, "--layers", "ebpf"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    json(&out)
+}
+
+/// The report's `not_covered` gaps.
+fn not_covered(report: &Value) -> Vec<String> {
+    report["not_covered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g.as_str().unwrap().to_owned())
+        .collect()
 }
 
 /// `probe-enforcement` installs the layers the configuration names (`[enforcement] layers`), as

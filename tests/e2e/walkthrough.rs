@@ -388,7 +388,7 @@ async fn p13_the_operator_guide_followed_literally_with_the_real_binaries() {
     .replace("hub.example.net:443", &hub_udp.to_string())
     .replace("/var/lib/ewii", &s(&client_state))
     .replace("10.0.0.5:5432", &db.to_string())
-    .replace("redis.internal:6379", &cache.to_string());
+    .replace("redis.internal.:6379", &cache.to_string());
     fs::write(&client_toml, example).unwrap();
     let run_client = words(&format!(
         "ewii-client run --config {}",

@@ -126,12 +126,20 @@ impl Report {
 
     /// What the active layers leave uncovered: said plainly, so that a customer who runs
     /// without the eBPF lock knows what reaches the network unchecked by the kernel.
-    pub fn gaps(&self) -> Vec<String> {
+    /// `resolvers` are the nameservers the lock lets through (none when no name is used).
+    pub fn gaps(&self, resolvers: &[IpAddr]) -> Vec<String> {
         let mut out = Vec::new();
         if self.active("ebpf") {
             out.push(
                 "the host's administrator (or a process added from outside with the container's capabilities) can detach the lock".into(),
             );
+            if !resolvers.is_empty() {
+                let list: Vec<String> = resolvers.iter().map(IpAddr::to_string).collect();
+                out.push(format!(
+                    "DNS from every process in the container to the resolvers ({}, port 53, UDP and TCP): a recursive resolver asks the Internet for any name, so data can leave in the names asked (DNS tunnelling); with the Hub and every allow-list entry written as addresses the lock lets no resolver through",
+                    list.join(", ")
+                ));
+            }
             return out;
         }
         out.push(if self.active("landlock") {
@@ -517,7 +525,7 @@ pub fn install(plan: &Plan, layers: &[&str], hold: Hold) -> (Report, Option<Box<
     if layers.contains(&"seccomp") {
         report.layers.push(seccomp::install());
     }
-    report.not_covered = report.gaps();
+    report.not_covered = report.gaps(&plan.resolvers);
     report.addresses = plan.by_name.clone();
     report.refused_answers = plan.refused.clone();
     (report, source)
