@@ -815,6 +815,32 @@ async fn p9_a_silent_client_whose_recorded_id_does_not_parse_is_revoked_by_its_n
     );
 }
 
+/// An `ewii-hub ca …` command holds the trust lock for its writes (each may wait out the
+/// database's busy timeout; a command paused with Ctrl-Z holds it for as long). The Hub's
+/// reload of the trust material, which a revocation's change starts, waits for that lock; the
+/// revocation itself must not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p10_a_revocation_closes_the_session_while_a_ca_command_holds_the_trust_lock() {
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    client.start();
+    hub.wait_connected("acme").await;
+    let held = ewii::hub::layout::lock_trust(&hub.state_dir()).unwrap();
+    assert!(
+        admin::revoke(&hub.state_dir(), "acme", "contract ended")
+            .unwrap()
+            .revoked
+    );
+    hub.wait_audit("revoked while the trust lock is held", |r| {
+        r.event == Event::Revoked
+            && r.reason.as_deref() == Some("live session closed: contract ended")
+    })
+    .await;
+    let exit = client.ended(SOON).await.unwrap();
+    assert!(matches!(exit, Exit::Revoked { .. }), "{exit:?}");
+    drop(held);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p10_central_revoke_closes_a_live_session_within_1s_and_a_restart_exits_at_once() {
     let hub = TestHub::start(&[]).await;

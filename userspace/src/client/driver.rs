@@ -84,7 +84,7 @@ pub(super) struct Driver {
     /// Connections just dialled, started once the machine's first commands for them are
     /// queued (see [`Self::dialled`]).
     starting: Vec<(Connection, mpsc::UnboundedReceiver<Command>)>,
-    tasks: JoinSet<()>,
+    tasks: Tasks,
     events: (mpsc::UnboundedSender<Event>, mpsc::UnboundedReceiver<Event>),
     dialing: Option<Dialing>,
     /// The key of the `Renew` in flight, also kept in the state directory
@@ -168,7 +168,7 @@ impl Driver {
             denies,
             connections: HashMap::new(),
             starting: Vec::new(),
-            tasks: JoinSet::new(),
+            tasks: Tasks::default(),
             events: mpsc::unbounded_channel(),
             dialing: None,
             renew_key,
@@ -830,14 +830,15 @@ impl Driver {
         for (_, tx) in self.connections.drain() {
             let _ = tx.send(Command::Close(CloseReason::StopDeadline));
         }
+        let tasks = &mut self.tasks.0;
         let _ = tokio::time::timeout(WIND_DOWN, async {
-            while self.tasks.join_next().await.is_some() {}
+            while tasks.join_next().await.is_some() {}
         })
         .await;
         // Aborted, and awaited: each writes its `session_lost` as it goes (before the
         // `stopped` record and the last flush).
-        self.tasks.abort_all();
-        while self.tasks.join_next().await.is_some() {}
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
         self.status.publish(self.snapshot(state, None, denied));
         let status = self.status;
         let _ = tokio::task::spawn_blocking(move || status.finish()).await;
@@ -1009,6 +1010,20 @@ async fn write_marker(path: PathBuf, reason: String) -> Result<(), String> {
     written
 }
 
+/// The driver's tasks: its connections and the renewal key's writes. A `JoinSet` keeps each
+/// ended task's allocation (sized for its whole future) until it is joined, and the driver
+/// joins them only as it stops: each spawn first joins those that have ended, so a Client
+/// that reconnects for weeks holds the tasks still running, not one per session it had.
+#[derive(Default)]
+struct Tasks(JoinSet<()>);
+
+impl Tasks {
+    fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        while self.0.try_join_next().is_some() {}
+        self.0.spawn(task);
+    }
+}
+
 /// The next Workload API delivery; never resolves without a source.
 async fn next_delivery(
     deliveries: &mut Option<Deliveries>,
@@ -1032,5 +1047,28 @@ pub(super) async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ended_tasks_are_joined_as_the_next_starts() {
+        let mut tasks = Tasks::default();
+        for _ in 0..100 {
+            tasks.spawn(async {});
+            // The task runs, and ends, before this one goes on.
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            tasks.0.len(),
+            1,
+            "only the last one, which has not been joined yet"
+        );
+        tasks.spawn(std::future::pending());
+        tasks.spawn(std::future::pending());
+        assert_eq!(tasks.0.len(), 2, "running tasks are kept");
     }
 }

@@ -75,6 +75,12 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
     let mut grace_at = next_grace(&parts, grace_hold);
     // When the last reload failed, while it keeps failing.
     let mut reload_failed: Option<Instant> = None;
+    // The reload in flight, and whether the database changed since it started. It runs apart
+    // from this loop: it waits for the trust lock, which an `ewii-hub ca …` command holds for
+    // its writes (each may wait out the database's busy timeout, and a command paused with
+    // Ctrl-Z holds it for as long), and the revocations this loop applies must not wait.
+    let mut reloading: Option<tokio::task::JoinHandle<bool>> = None;
+    let mut reload_again = false;
     loop {
         let grace_due = async {
             match grace_at {
@@ -89,6 +95,7 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
                 None => return,
             },
             () = grace_due => Wake::Grace,
+            ok = reloaded(&mut reloading), if reloading.is_some() => Wake::Reloaded(ok),
         };
         match wake {
             Wake::Tick => {
@@ -102,9 +109,16 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
                 let retry = reload_failed.is_some_and(|at| at.elapsed() >= RELOAD_RETRY);
                 // The Hub's own SVID renewed while it runs (a failed renewal waits for `retry`).
                 let svid_due = reload_failed.is_none() && parts.trust.hub_svid_due();
-                if changed || retry || svid_due {
-                    reload_failed = (!reload_trust(&parts).await).then(Instant::now);
+                if reloading.is_some() {
+                    // What it read may be older than this change: once more when it ends.
+                    reload_again |= changed;
+                } else if changed || retry || svid_due {
+                    reloading = Some(reload_trust(&parts));
                 }
+            }
+            Wake::Reloaded(ok) => {
+                reload_failed = (!ok).then(Instant::now);
+                reloading = std::mem::take(&mut reload_again).then(|| reload_trust(&parts));
             }
             Wake::Change(change) => {
                 // Those queued with it too: the log's mark (a synced write) moves once for a
@@ -140,6 +154,8 @@ enum Wake {
     Tick,
     Change(Change),
     Grace,
+    /// The trust reload ended; whether it succeeded.
+    Reloaded(bool),
 }
 
 /// Acts on one change; returns the operators' log entry it audited, if it was one.
@@ -244,8 +260,18 @@ pub(crate) async fn federation(trust: Arc<Trust>, registry: Arc<Registry>) {
     }
 }
 
-/// Whether the reload succeeded (a task that could not run counts as a failure).
-async fn reload_trust(parts: &Parts) -> bool {
+/// The end of the reload in flight: whether it succeeded (a task that could not run counts as
+/// a failure); never resolves without one.
+async fn reloaded(reloading: &mut Option<tokio::task::JoinHandle<bool>>) -> bool {
+    match reloading {
+        Some(task) => task.await.unwrap_or(false),
+        None => std::future::pending().await,
+    }
+}
+
+/// Starts a trust reload; its result says whether it succeeded (a task that could not run
+/// counts as a failure).
+fn reload_trust(parts: &Parts) -> tokio::task::JoinHandle<bool> {
     let (trust, endpoint, registry) = (
         parts.trust.clone(),
         parts.endpoints.clone(),
@@ -254,8 +280,6 @@ async fn reload_trust(parts: &Parts) -> bool {
     // File reads, a lock an `ewii-hub ca …` command may hold for a few writes, and possibly a
     // new Hub SVID on disk: not on an async worker.
     tokio::task::spawn_blocking(move || trust.reload(&endpoint, &registry))
-        .await
-        .unwrap_or(false)
 }
 
 /// When the next client passes its grace, as an instant; not before `hold` (a retry after a
