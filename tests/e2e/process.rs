@@ -2030,6 +2030,40 @@ async fn a_second_hub_on_the_same_state_directory_is_refused() {
     assert_eq!(again.terminate().code(), Some(0));
 }
 
+/// A stop does not wait for an `ewii-hub ca …` command that holds the trust lock (one paused
+/// with Ctrl-Z holds it for as long): the Hub's reload waiting behind it gives up, and the
+/// process exits; before, the runtime's end waited for that reload's thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_stop_does_not_wait_for_a_ca_command_holding_the_trust_lock() {
+    let root = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(root.path(), "");
+    let held = ewii::hub::layout::lock_trust(&hub.dir).unwrap();
+    // A change in the database: the Hub's watcher (every 200 ms) starts a reload, which waits.
+    let dir = hub.dir.to_str().unwrap().to_owned();
+    run(
+        "ewii-hub",
+        &[
+            "token",
+            "create",
+            "--state-dir",
+            &dir,
+            "--client",
+            "other",
+            "--ttl",
+            "1h",
+        ],
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let mut hub = hub;
+        hub.proc.terminate()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    drop(held);
+}
+
 /// The Hub's mistakes an operator makes first: an uninitialised state directory is named once
 /// with the command that fixes it (exit 3), a bad config file is exit 2 with its error once,
 /// and the enrolment line of `token create` carries the address the operator gave.

@@ -76,23 +76,54 @@ pub struct TrustLock {
 /// few file writes). The file holds nothing; it is opened for reading when it exists, so that
 /// one made by another user (root running a command) still serves.
 pub fn lock_trust(dir: &Path) -> Result<TrustLock, IdentityError> {
+    let (file, io) = open_trust_lock(dir)?;
+    file.lock().map_err(io)?;
+    Ok(TrustLock { _file: file })
+}
+
+/// [`lock_trust`], given up (`Ok(None)`) once `stop` is set while another holds the lock: the
+/// running Hub's reload, which a stop must not wait for (a command paused with Ctrl-Z holds
+/// the lock for as long). Tries again every 50 ms while it waits.
+pub fn lock_trust_unless(
+    dir: &Path,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<Option<TrustLock>, IdentityError> {
+    let (file, io) = open_trust_lock(dir)?;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(Some(TrustLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(None);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+    }
+}
+
+/// The trust lock's file, made when missing, and how to name it in an error.
+fn open_trust_lock(
+    dir: &Path,
+) -> Result<(std::fs::File, impl Fn(std::io::Error) -> IdentityError), IdentityError> {
     let path = dir.join(TRUST_LOCK);
-    let io = |source| IdentityError::Io {
+    let io = move |source| IdentityError::Io {
         path: path.clone(),
         source,
     };
+    let path = dir.join(TRUST_LOCK);
     let file = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut opts = std::fs::File::options();
             opts.create(true).truncate(false).write(true);
             std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o644);
-            opts.open(&path).map_err(io)?
+            opts.open(&path).map_err(&io)?
         }
         Err(e) => return Err(io(e)),
     };
-    file.lock().map_err(io)?;
-    Ok(TrustLock { _file: file })
+    Ok((file, io))
 }
 
 /// The trusted CAs: `bundle.pem` when present, else the signing CA alone.

@@ -575,6 +575,9 @@ impl Hub {
                 Some(_) = connections.join_next() => {}
             }
         }
+        // A trust reload waiting for an `ewii-hub ca …` command's lock gives up: the
+        // runtime's end would wait for its thread.
+        sessions.trust.stop();
         // The outbox finishes the attempt in flight meanwhile (bounded below).
         let _ = stop_outbox.send(true);
         // The requesters' queries end first, each with its record: the listeners stop

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -43,6 +43,9 @@ pub enum TrustError {
     /// The bundle on disk does not contain the signing CA.
     #[error("the bundle does not contain the signing CA; not reloading")]
     BundleWithoutCa,
+    /// The Hub is stopping: a reload that waited for the trust lock gave up.
+    #[error("the Hub is stopping")]
+    Stopping,
     /// A `[[federation]]` table cannot be used.
     #[error("[[federation]] {trust_domain:?}: {why}")]
     Federation {
@@ -286,6 +289,8 @@ pub(crate) struct Trust {
     reloads_failed: AtomicU64,
     /// The Hub SVID the configurations serve: [`Trust::hub_svid_due`].
     served: Mutex<layout::ServedSvid>,
+    /// The Hub is stopping: a reload waiting for the trust lock gives up ([`Trust::stop`]).
+    stopping: AtomicBool,
 }
 
 /// Verdicts on requesters' chains, kept while the Hub's own bundle stays as it is: when an
@@ -405,6 +410,7 @@ impl Trust {
                 verdicts: Mutex::default(),
                 reload_failure: Mutex::default(),
                 reloads_failed: AtomicU64::new(0),
+                stopping: AtomicBool::new(false),
                 served: Mutex::new(served),
             },
             quic,
@@ -591,12 +597,21 @@ impl Trust {
             .due()
     }
 
+    /// The Hub is stopping: a reload waiting for the trust lock (an `ewii-hub ca …` command
+    /// holds it) gives up, so that the stop does not wait for that command.
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
     /// Re-reads the CA, the Hub SVID and the bundle; swaps in what changed and pushes a new
     /// bundle to every live session. Whether it succeeded: a failed reload changes nothing,
     /// and the watcher tries again until one does. A failure is logged and audited once per
     /// reason. Blocking: run it with `spawn_blocking`.
     pub(crate) fn reload(&self, endpoints: &[quinn::Endpoint], registry: &Registry) -> bool {
         let outcome = self.try_reload(endpoints, registry);
+        if matches!(outcome, Err(TrustError::Stopping)) {
+            return false;
+        }
         let mut last = self
             .reload_failure
             .lock()
@@ -635,7 +650,9 @@ impl Trust {
         // The files as one `ewii-hub ca …` command left them, never halfway through one: a
         // new CA read beside the old Hub SVID would have this Hub issue an SVID of its own
         // while the command writes another.
-        let _lock = layout::lock_trust(dir).map_err(ident)?;
+        let Some(_lock) = layout::lock_trust_unless(dir, &self.stopping).map_err(ident)? else {
+            return Err(TrustError::Stopping);
+        };
         let ca = Ca::load(dir).map_err(ident)?;
         let anchors = layout::load_bundle(dir, &ca).map_err(ident)?;
         let current = match self.ca.read() {
@@ -877,7 +894,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("hub");
         crate::hub::admin::init(&state, "test.ewii.local").unwrap();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
         let reads = Arc::new(AtomicU64::new(0));
         let reader = {
             let (state, stop, reads) = (state.clone(), stop.clone(), reads.clone());
