@@ -191,7 +191,17 @@ impl Db {
     }
 }
 
-/// Every client and serial (the caller's transaction makes the two agree).
+/// How many of a client's retired serials the snapshot keeps, the most recent first. A serial
+/// retires once a newer one is used, and each Client renews about twice a day: the table holds
+/// every serial ever issued (the keys' history that refuses an old key's renewal, P8), and a
+/// view of all of them would grow by ~2 entries per Client per day for the Hub's whole life (a
+/// year of 10,000 Clients: 7 million). The recent ones answer `retired` to an old key's
+/// handshake and to the `Goodbye` of a session a newer serial replaced; an older one answers
+/// `unknown`, refused all the same (and its certificate has ended long before: 24 h at most).
+pub(crate) const RETIRED_KEPT: i64 = 8;
+
+/// Every client, its serials not retired and its [`RETIRED_KEPT`] most recently issued
+/// retired ones (the caller's transaction makes the two agree).
 fn read_snapshot(c: &rusqlite::Connection) -> rusqlite::Result<Snapshot> {
     let clients = c
         .prepare("SELECT name, spiffe_id, revoked_at, revoke_reason, last_seen FROM clients")?
@@ -207,8 +217,14 @@ fn read_snapshot(c: &rusqlite::Connection) -> rusqlite::Result<Snapshot> {
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let serials = c
-        .prepare("SELECT serial, client, rowid, retired, first_used IS NOT NULL FROM serials")?
-        .query_map([], |r| {
+        .prepare(
+            "SELECT serial, client, ord, retired, used FROM (
+                 SELECT serial, client, rowid AS ord, retired, first_used IS NOT NULL AS used,
+                        ROW_NUMBER() OVER (PARTITION BY client, retired ORDER BY rowid DESC) AS recent
+                 FROM serials)
+             WHERE retired = 0 OR recent <= ?1",
+        )?
+        .query_map([RETIRED_KEPT], |r| {
             Ok(SerialRecord {
                 serial: r.get(0)?,
                 client: r.get(1)?,

@@ -611,3 +611,60 @@ fn client_row(db: &Db, name: &str) -> ClientRow {
         .find(|c| c.name == name)
         .unwrap()
 }
+
+/// The snapshot the view is built from keeps a client's serials in use and its most recent
+/// retired ones (the view would otherwise grow by every renewal for the Hub's whole life); the
+/// table keeps them all, and still answers `retired` for the oldest.
+#[test]
+fn p8_the_snapshot_keeps_the_recent_retired_serials_and_the_table_every_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, id) = with_acme(&dir);
+    let grant = TokenGrant {
+        client: "acme".into(),
+        webhook: None,
+        revocations: 0,
+    };
+    // Each enrolment retires every earlier serial: 0a and s01..s19 retire, s20 is in use.
+    for n in 1..=20 {
+        db.record_enrolment(&grant, &id, format!("s{n:02}").as_str(), 1000, 1 + n)
+            .unwrap();
+    }
+    let (other, beta) = (
+        SpiffeId::client("example.org", "beta").unwrap(),
+        TokenGrant {
+            client: "beta".into(),
+            webhook: None,
+            revocations: 0,
+        },
+    );
+    db.record_enrolment(&beta, &other, "b1", 1000, 30).unwrap();
+    db.record_enrolment(&beta, &other, "b2", 1000, 31).unwrap();
+    let mut kept: Vec<(String, bool)> = db
+        .snapshot()
+        .unwrap()
+        .serials
+        .into_iter()
+        .map(|s| (s.serial, s.retired))
+        .collect();
+    kept.sort();
+    let mut want: Vec<(String, bool)> = (12..=19)
+        .map(|n| (format!("s{n:02}"), true))
+        .chain([("s20".to_owned(), false)])
+        .chain([("b1".to_owned(), true), ("b2".to_owned(), false)])
+        .collect();
+    want.sort();
+    assert_eq!(kept, want);
+    assert_eq!(
+        records::RETIRED_KEPT,
+        8,
+        "the expected list above is written for eight"
+    );
+    // The table forgets nothing: the oldest is still told retired by its record.
+    assert_eq!(
+        db.check(&id, "0a"),
+        Err(SerialRefusal::Retired {
+            serial: "0a".into(),
+            id: id.to_string()
+        })
+    );
+}
