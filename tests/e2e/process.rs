@@ -2036,9 +2036,11 @@ async fn a_second_hub_on_the_same_state_directory_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_stop_does_not_wait_for_a_ca_command_holding_the_trust_lock() {
     let root = tempfile::tempdir().unwrap();
-    let hub = HubProcess::start(root.path(), "");
+    let audit = root.path().join("audit.jsonl");
+    let hub = HubProcess::start_with_audit(root.path(), &format!("file:{}", audit.display()), "");
     let held = ewii::hub::layout::lock_trust(&hub.dir).unwrap();
-    // A change in the database: the Hub's watcher (every 200 ms) starts a reload, which waits.
+    // A change in the database: the Hub's watcher (every 200 ms) starts a reload, which waits;
+    // its record of the change comes after that start (the same tick queues it).
     let dir = hub.dir.to_str().unwrap().to_owned();
     run(
         "ewii-hub",
@@ -2053,7 +2055,10 @@ async fn a_hub_stop_does_not_wait_for_a_ca_command_holding_the_trust_lock() {
             "1h",
         ],
     );
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    poll_until("the Hub's record of the token", SOON, || {
+        fs::read_to_string(&audit).is_ok_and(|a| a.contains("\"token_created\""))
+    })
+    .await;
     let status = tokio::task::spawn_blocking(move || {
         let mut hub = hub;
         hub.proc.terminate()

@@ -462,6 +462,9 @@ impl Hub {
             metrics,
             run_lock,
         } = self;
+        // However the run ends (stopped, or its future dropped), a trust reload waiting for an
+        // `ewii-hub ca …` command's lock gives up: the runtime's end would wait for its thread.
+        let _reloads_give_up = trust::StopOnDrop(sessions.trust.clone());
         let audit = sessions.audit.clone();
         // Its own address is in `reason`: `peer` is the other side of something, and a SIEM
         // reads it so.
@@ -575,8 +578,8 @@ impl Hub {
                 Some(_) = connections.join_next() => {}
             }
         }
-        // A trust reload waiting for an `ewii-hub ca …` command's lock gives up: the
-        // runtime's end would wait for its thread.
+        // A trust reload waiting for an `ewii-hub ca …` command's lock gives up now (the
+        // guard above makes sure of it, later, on every other way out).
         sessions.trust.stop();
         // The outbox finishes the attempt in flight meanwhile (bounded below).
         let _ = stop_outbox.send(true);

@@ -293,6 +293,15 @@ pub(crate) struct Trust {
     stopping: AtomicBool,
 }
 
+/// Calls [`Trust::stop`] when dropped.
+pub(crate) struct StopOnDrop(pub(crate) Arc<Trust>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
 /// Verdicts on requesters' chains, kept while the Hub's own bundle stays as it is: when an
 /// anchor leaves, every live TLS query re-checks its caller on its shard's thread, and
 /// thousands of them usually share a few callers' SVIDs. A distinct chain is verified once
