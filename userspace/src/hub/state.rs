@@ -223,6 +223,7 @@ CREATE TABLE IF NOT EXISTS serials (
     der BLOB
 );
 CREATE INDEX IF NOT EXISTS serials_by_client ON serials (client);
+CREATE INDEX IF NOT EXISTS serials_by_state ON serials (retired, not_after);
 ";
 
 /// Brings a database made by an older Hub up to [`SCHEMA`] (columns added since). Under a

@@ -407,7 +407,14 @@ impl Store {
             serial.to_owned(),
         );
         self.call(move |o| {
-            match o.view.status(&id, &serial) {
+            // The view keeps a client's most recent retired serials only: one it does not
+            // know is asked of the records (an old container's draining session may stop after
+            // its replacement renewed many times).
+            let status = match o.view.status(&id, &serial) {
+                Some(SerialStatus::Unknown) => o.backend.serial_status(&id, &serial).ok(),
+                known => known,
+            };
+            match status {
                 Some(SerialStatus::Retired) => return Ok(StopRevoke::Replaced),
                 None => return Ok(StopRevoke::CannotTell),
                 Some(_) => {}

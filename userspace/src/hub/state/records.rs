@@ -49,7 +49,7 @@ pub struct SessionRow {
 pub struct Snapshot {
     /// Every client.
     pub clients: Vec<ClientRecord>,
-    /// Every serial ever issued to a client.
+    /// The serials the view keeps ([`RETIRED_KEPT`]).
     pub serials: Vec<SerialRecord>,
 }
 
@@ -119,8 +119,8 @@ impl SerialStatus {
 }
 
 impl Db {
-    /// Every client and serial, for the running Hub's in-memory view (two statements, in one
-    /// read transaction so they agree).
+    /// Every client and the serials the view keeps ([`RETIRED_KEPT`]), for the running Hub's
+    /// in-memory view (two statements, in one read transaction so they agree).
     pub fn snapshot(&self) -> Result<Snapshot, StateError> {
         self.with(|c| {
             let tx = c.transaction()?;
@@ -191,17 +191,33 @@ impl Db {
     }
 }
 
-/// How many of a client's retired serials the snapshot keeps, the most recent first. A serial
-/// retires once a newer one is used, and each Client renews about twice a day: the table holds
-/// every serial ever issued (the keys' history that refuses an old key's renewal, P8), and a
-/// view of all of them would grow by ~2 entries per Client per day for the Hub's whole life (a
-/// year of 10,000 Clients: 7 million). The recent ones answer `retired` to an old key's
-/// handshake and to the `Goodbye` of a session a newer serial replaced; an older one answers
-/// `unknown`, refused all the same (and its certificate has ended long before: 24 h at most).
+/// How many of a client's retired serials the snapshot keeps, the most recent first, beside
+/// those whose certificates have not ended. A serial retires once a newer one is used, and each
+/// Client renews about twice a day: the table holds every serial ever issued (the keys'
+/// history that refuses an old key's renewal, P8), and a view of all of them would grow by ~2
+/// entries per Client per day for the Hub's whole life (a year of 10,000 Clients: 7 million).
+/// The ones kept answer `retired` to an old key's handshake and to the `Goodbye` of a session a
+/// newer serial replaced (a session ends with its certificate, so no session holds one left
+/// out); one left out answers `unknown`, refused all the same, and a stop's revoke asks the
+/// records about it (`Store::revoke_at_stop`).
 pub(crate) const RETIRED_KEPT: i64 = 8;
 
-/// Every client, its serials not retired and its [`RETIRED_KEPT`] most recently issued
-/// retired ones (the caller's transaction makes the two agree).
+/// The snapshot's serials in use (by the index `serials_by_state`).
+pub(crate) const SERIALS_IN_USE: &str =
+    "SELECT serial, client, rowid, retired, first_used IS NOT NULL FROM serials WHERE retired = 0";
+/// Its retired serials whose certificates end after `?1` (by `serials_by_state`).
+pub(crate) const SERIALS_RETIRED_NOT_ENDED: &str =
+    "SELECT serial, client, rowid, retired, first_used IS NOT NULL FROM serials
+     WHERE retired = 1 AND not_after > ?1";
+/// Client `?1`'s `?2` most recently issued retired serials (by `serials_by_client`, newest
+/// first: a client's newest serials are nearly all retired, so it reads a few more than `?2`).
+pub(crate) const SERIALS_RETIRED_RECENT: &str =
+    "SELECT serial, client, rowid, retired, first_used IS NOT NULL FROM serials
+     WHERE client = ?1 AND retired = 1 ORDER BY rowid DESC LIMIT ?2";
+
+/// Every client, its serials not retired, its retired ones whose certificates have not ended
+/// (by the database's clock) and its [`RETIRED_KEPT`] most recently issued retired ones (the
+/// caller's transaction makes the two agree).
 fn read_snapshot(c: &rusqlite::Connection) -> rusqlite::Result<Snapshot> {
     let clients = c
         .prepare("SELECT name, spiffe_id, revoked_at, revoke_reason, last_seen FROM clients")?
@@ -216,23 +232,37 @@ fn read_snapshot(c: &rusqlite::Connection) -> rusqlite::Result<Snapshot> {
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let serials = c
-        .prepare(
-            "SELECT serial, client, ord, retired, used FROM (
-                 SELECT serial, client, rowid AS ord, retired, first_used IS NOT NULL AS used,
-                        ROW_NUMBER() OVER (PARTITION BY client, retired ORDER BY rowid DESC) AS recent
-                 FROM serials)
-             WHERE retired = 0 OR recent <= ?1",
-        )?
-        .query_map([RETIRED_KEPT], |r| {
-            Ok(SerialRecord {
-                serial: r.get(0)?,
-                client: r.get(1)?,
-                order: r.get(2)?,
-                retired: r.get(3)?,
-                used: r.get(4)?,
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    // Each read by an index, so that a reload reads the rows it keeps and not the whole table.
+    let now: i64 = c.query_row("SELECT unixepoch()", [], |r| r.get(0))?;
+    let record = |r: &rusqlite::Row<'_>| {
+        Ok(SerialRecord {
+            serial: r.get(0)?,
+            client: r.get(1)?,
+            order: r.get(2)?,
+            retired: r.get(3)?,
+            used: r.get(4)?,
+        })
+    };
+    // By their order (the rowid): a serial both recent and not ended is read twice, kept once.
+    let mut kept = std::collections::BTreeMap::new();
+    for row in c.prepare(SERIALS_IN_USE)?.query_map([], record)? {
+        let row = row?;
+        kept.insert(row.order, row);
+    }
+    for row in c
+        .prepare(SERIALS_RETIRED_NOT_ENDED)?
+        .query_map([now], record)?
+    {
+        let row = row?;
+        kept.insert(row.order, row);
+    }
+    let mut recent = c.prepare(SERIALS_RETIRED_RECENT)?;
+    for client in &clients {
+        for row in recent.query_map(params![client.name, RETIRED_KEPT], record)? {
+            let row = row?;
+            kept.insert(row.order, row);
+        }
+    }
+    let serials = kept.into_values().collect();
     Ok(Snapshot { clients, serials })
 }

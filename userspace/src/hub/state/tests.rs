@@ -612,9 +612,10 @@ fn client_row(db: &Db, name: &str) -> ClientRow {
         .unwrap()
 }
 
-/// The snapshot the view is built from keeps a client's serials in use and its most recent
-/// retired ones (the view would otherwise grow by every renewal for the Hub's whole life); the
-/// table keeps them all, and still answers `retired` for the oldest.
+/// The snapshot the view is built from keeps a client's serials in use, its most recent
+/// retired ones and those whose certificates have not ended (the view would otherwise grow by
+/// every renewal for the Hub's whole life); the table keeps them all, and still answers
+/// `retired` for the oldest.
 #[test]
 fn p8_the_snapshot_keeps_the_recent_retired_serials_and_the_table_every_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -637,8 +638,13 @@ fn p8_the_snapshot_keeps_the_recent_retired_serials_and_the_table_every_one() {
             revocations: 0,
         },
     );
-    db.record_enrolment(&beta, &other, "b1", 1000, 30).unwrap();
-    db.record_enrolment(&beta, &other, "b2", 1000, 31).unwrap();
+    // b0's certificate has not ended: kept, however many retired after it.
+    db.record_enrolment(&beta, &other, "b0", 4_000_000_000, 30)
+        .unwrap();
+    for n in 1..=10 {
+        db.record_enrolment(&beta, &other, format!("b{n:02}").as_str(), 1000, 30 + n)
+            .unwrap();
+    }
     let mut kept: Vec<(String, bool)> = db
         .snapshot()
         .unwrap()
@@ -650,7 +656,8 @@ fn p8_the_snapshot_keeps_the_recent_retired_serials_and_the_table_every_one() {
     let mut want: Vec<(String, bool)> = (12..=19)
         .map(|n| (format!("s{n:02}"), true))
         .chain([("s20".to_owned(), false)])
-        .chain([("b1".to_owned(), true), ("b2".to_owned(), false)])
+        .chain((2..=9).map(|n| (format!("b{n:02}"), true)))
+        .chain([("b0".to_owned(), true), ("b10".to_owned(), false)])
         .collect();
     want.sort();
     assert_eq!(kept, want);
@@ -667,4 +674,34 @@ fn p8_the_snapshot_keeps_the_recent_retired_serials_and_the_table_every_one() {
             id: id.to_string()
         })
     );
+}
+
+/// A reload reads the serials it keeps through indexes, not the whole table (which holds every
+/// serial ever issued): each of the snapshot's reads searches an index, and none sorts.
+#[test]
+fn the_snapshot_reads_its_serials_by_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, _) = with_acme(&dir);
+    for sql in [
+        records::SERIALS_IN_USE,
+        records::SERIALS_RETIRED_NOT_ENDED,
+        records::SERIALS_RETIRED_RECENT,
+    ] {
+        let plan: Vec<String> = db
+            .with(|c| {
+                let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                let n = stmt.parameter_count();
+                let steps = stmt
+                    .query_map(rusqlite::params_from_iter(vec![0i64; n]), |r| r.get(3))?
+                    .collect();
+                steps
+            })
+            .unwrap();
+        assert!(
+            plan.iter()
+                .all(|step| step.starts_with("SEARCH serials USING")
+                    && !step.contains("TEMP B-TREE")),
+            "{sql}: {plan:?}"
+        );
+    }
 }

@@ -1030,6 +1030,51 @@ async fn p9_a_stop_of_a_replaced_serial_does_not_revoke_its_replacement() {
     );
 }
 
+/// The view keeps a client's most recent retired serials only (and those whose certificates
+/// have not ended): an old container's draining session may stop after its replacement renewed
+/// many times, its serial then unknown to a reloaded view. Its stop revokes nothing: the
+/// records say it was replaced.
+#[tokio::test]
+async fn p9_a_stop_of_a_serial_the_view_has_let_go_still_does_not_revoke_its_replacement() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    let store = with_acme(&path).await;
+    let acme = id("acme");
+    for n in 1..=9 {
+        let serial = format!("1{n}");
+        store
+            .record_enrolment(
+                grant("acme"),
+                acme.clone(),
+                serial.as_str().into(),
+                1000,
+                1 + n,
+            )
+            .await
+            .unwrap();
+    }
+    // Another process writes: the view is read again, without 0a (nine newer serials retired
+    // after it, its certificate ended at 1000).
+    raw(
+        &path,
+        "UPDATE clients SET last_seen = 5 WHERE name = 'acme'",
+    );
+    assert!(store.refresh().await.unwrap());
+    assert_eq!(
+        store.view().status(&acme, "0a"),
+        Some(SerialStatus::Unknown),
+        "the view let it go"
+    );
+    assert_eq!(
+        store
+            .revoke_at_stop("acme", &acme, "0a", "stopped by the customer", 20, false)
+            .await
+            .unwrap(),
+        StopRevoke::Replaced
+    );
+    assert_eq!(store.view().revocation("acme"), None);
+}
+
 /// Where each client not revoked had its last session from is handed to the next Hub at its
 /// start (its admission keeps those hosts a way in), whether the session ended in order (a
 /// restart) or was cut (a crash); a revoked client's is not, and a peer that does not parse
