@@ -223,8 +223,12 @@ CREATE TABLE IF NOT EXISTS serials (
     der BLOB
 );
 CREATE INDEX IF NOT EXISTS serials_by_client ON serials (client);
-CREATE INDEX IF NOT EXISTS serials_by_state ON serials (retired, not_after);
 ";
+
+/// The index the view's reads of serials search ([`records::SERIALS_IN_USE`]), added after the
+/// table: built at the Hub's start only ([`Db::add_missing_indexes`]).
+const SERIALS_BY_STATE: &str =
+    "CREATE INDEX IF NOT EXISTS serials_by_state ON serials (retired, not_after)";
 
 /// Brings a database made by an older Hub up to [`SCHEMA`] (columns added since). Under a
 /// write lock, checked again inside it: two processes of the new version that open an older
@@ -773,6 +777,43 @@ impl Db {
             )?;
             let rows = stmt.query_map(params![ts, now], |r| r.get(0))?;
             rows.collect()
+        })
+    }
+
+    /// At Hub start, before anything else: builds the indexes a database made by an older
+    /// Hub lacks. On a large table a build holds the write lock while it reads every row (an
+    /// operator's command that opens the database meanwhile waits out its busy timeout and
+    /// fails: docs/operator-guide.md), so `Db::open`, which every command runs, never builds
+    /// one; the Hub is not serving yet, and its run lock keeps any other Hub out. A database
+    /// that has them is only read.
+    pub fn add_missing_indexes(&self) -> Result<(), StateError> {
+        let has = |c: &Connection| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'index' AND name = 'serials_by_state')",
+                [],
+                |r| r.get::<_, bool>(0),
+            )
+        };
+        self.with(|c| {
+            if has(c)? {
+                return Ok(());
+            }
+            tracing::info!("building an index of the serials (once, after an upgrade; a large table takes a while)");
+            c.execute_batch("BEGIN IMMEDIATE")?;
+            let built = match has(c) {
+                Ok(true) => Ok(()),
+                Ok(false) => c.execute_batch(SERIALS_BY_STATE),
+                Err(e) => Err(e),
+            };
+            match built {
+                Ok(()) => c.execute_batch("COMMIT"),
+                Err(e) => {
+                    if !c.is_autocommit() {
+                        let _ = c.execute_batch("ROLLBACK");
+                    }
+                    Err(e)
+                }
+            }
         })
     }
 

@@ -120,7 +120,7 @@ impl SerialStatus {
 
 impl Db {
     /// Every client and the serials the view keeps ([`RETIRED_KEPT`]), for the running Hub's
-    /// in-memory view (two statements, in one read transaction so they agree).
+    /// in-memory view (in one read transaction, so that its statements agree).
     pub fn snapshot(&self) -> Result<Snapshot, StateError> {
         self.with(|c| {
             let tx = c.transaction()?;
@@ -202,7 +202,8 @@ impl Db {
 /// records about it (`Store::revoke_at_stop`).
 pub(crate) const RETIRED_KEPT: i64 = 8;
 
-/// The snapshot's serials in use (by the index `serials_by_state`).
+/// The snapshot's serials in use (by the index `serials_by_state`, which the Hub's start
+/// builds: [`Db::add_missing_indexes`]).
 pub(crate) const SERIALS_IN_USE: &str =
     "SELECT serial, client, rowid, retired, first_used IS NOT NULL FROM serials WHERE retired = 0";
 /// Its retired serials whose certificates end after `?1` (by `serials_by_state`).
@@ -217,7 +218,9 @@ pub(crate) const SERIALS_RETIRED_RECENT: &str =
 
 /// Every client, its serials not retired, its retired ones whose certificates have not ended
 /// (by the database's clock) and its [`RETIRED_KEPT`] most recently issued retired ones (the
-/// caller's transaction makes the two agree).
+/// caller's transaction makes its statements agree). Without the index the Hub's start builds
+/// (an operator's command reading a database no Hub has started on since an upgrade) the
+/// first two scan the table: slower, the same answer.
 fn read_snapshot(c: &rusqlite::Connection) -> rusqlite::Result<Snapshot> {
     let clients = c
         .prepare("SELECT name, spiffe_id, revoked_at, revoke_reason, last_seen FROM clients")?

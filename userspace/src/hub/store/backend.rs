@@ -107,6 +107,7 @@ pub trait Backend: Send + 'static {
 
 impl Backend for Db {
     fn start(&self, now: i64) -> Result<Vec<String>, StateError> {
+        self.add_missing_indexes()?;
         self.clear_sessions()?;
         let peers = self.last_peers()?;
         self.unpark_webhooks()?;

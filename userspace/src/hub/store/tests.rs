@@ -1114,3 +1114,25 @@ async fn p14_the_next_start_learns_where_its_clients_came_from() {
         vec![IpAddr::from([192, 0, 2, 7])]
     );
 }
+
+/// The index the view's reads search is built by the Hub's start, never by the open every
+/// `ewii-hub` command makes: on a large table the build holds the write lock for a while.
+#[tokio::test]
+async fn the_hub_start_builds_the_serials_index_and_a_commands_open_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    let built = || {
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'index' AND name = 'serials_by_state')",
+                [],
+                |r| r.get::<_, bool>(0),
+            )
+            .unwrap()
+    };
+    drop(Db::open(&path).unwrap());
+    assert!(!built(), "a command's open builds nothing");
+    let (_store, _changes) = Store::open(&path, 1).await.unwrap();
+    assert!(built(), "the Hub's start builds it");
+}
