@@ -782,6 +782,23 @@ async fn p13_the_client_binary_has_no_listener_and_p6_one_udp_socket() {
     );
     assert_eq!(tcp[0].0, "01", "established");
     assert_eq!(udp_socks.len(), 1, "one UDP socket: {udp_socks:?}");
+    // P13: that socket is connected to the Hub. The kernel hands it the Hub's datagrams alone,
+    // and answers a stranger's as a closed port's (its own socket reads the refusal).
+    assert_eq!(
+        udp_socks[0].0, "01",
+        "the QUIC socket is connected: {udp_socks:?}"
+    );
+    let quic_port = u16::from_str_radix(udp_socks[0].1.rsplit(':').next().unwrap(), 16).unwrap();
+    let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+    stranger.connect(("127.0.0.1", quic_port)).unwrap();
+    stranger.set_read_timeout(Some(SOON)).unwrap();
+    stranger.send(&[0x40; 1200]).unwrap();
+    let refused = stranger.recv(&mut [0u8; 64]).unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "a stranger's datagram to the Client's QUIC port: {refused}"
+    );
     // tokio's signal driver holds an unnamed AF_UNIX socketpair: no path, not listening.
     let unix = unix_sockets(client.pid(), &inodes);
     assert!(

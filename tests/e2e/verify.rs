@@ -145,6 +145,15 @@ async fn p2_p3_p4_p13_p14_verify_reports_what_holds_for_a_running_client_and_wha
         .collect();
     assert_eq!(tcp.len(), 1, "{sockets:#}");
     assert_eq!(tcp[0]["remote"], echo.to_string());
+    // The QUIC socket is connected to the Hub: nothing else reaches it (P13).
+    let udp: Vec<&serde_json::Value> = sockets["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["proto"] == "udp")
+        .collect();
+    assert_eq!(udp.len(), 1, "{sockets:#}");
+    assert_eq!(udp[0]["remote"], hub_addr.as_str(), "{sockets:#}");
     assert_eq!(report["client"]["credentials"]["uids"][1], NOBODY);
     assert_eq!(report["client"]["credentials"]["seccomp"], 2);
 

@@ -151,7 +151,8 @@ async fn client(server: SocketAddr, cert: PathBuf, dests: Vec<SocketAddr>) -> an
             .with_root_certificates(roots)
             .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let mut endpoint = ewii::transport::endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), None)?;
+    // As the Client dials: a socket connected to the server.
+    let mut endpoint = ewii::transport::client_endpoint(server)?;
     endpoint.set_default_client_config(ewii::transport::quic_client_config(
         tls,
         ewii::transport::MAX_CONCURRENT_QUERIES,

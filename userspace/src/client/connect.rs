@@ -1,7 +1,7 @@
 //! Reaching the Hub: resolve its name, dial one QUIC connection with the SVID in use, and say
 //! `Hello` on the control stream until the Hub answers `Welcome` (DESIGN §4).
 //!
-//! Enrolment uses the same [`resolve`] and [`client_endpoint`], with its own error type.
+//! Enrolment uses the same [`resolve`] and [`transport::client_endpoint`], with its own error type.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -236,7 +236,7 @@ async fn open(plan: &DialPlan, peer: &mut Option<SocketAddr>) -> Result<Opened, 
     let quic = transport::quic_client_config(tls, plan.max_queries, plan.query_window)?;
     let addr = resolve(&plan.hub).await?;
     *peer = Some(addr);
-    let endpoint = client_endpoint(addr).map_err(ConnectError::Socket)?;
+    let endpoint = transport::client_endpoint(addr).map_err(ConnectError::Socket)?;
     let conn = endpoint
         .connect_with(quic, addr, &plan.hub.host)
         .map_err(|e| ConnectError::Start {
@@ -372,16 +372,6 @@ fn first_reachable(
             Some(e) => e.to_string(),
         },
     })
-}
-
-/// A client-only QUIC endpoint on an ephemeral port of the right family.
-pub(crate) fn client_endpoint(hub: SocketAddr) -> std::io::Result<quinn::Endpoint> {
-    let bind: SocketAddr = if hub.is_ipv4() {
-        SocketAddr::from(([0, 0, 0, 0], 0))
-    } else {
-        SocketAddr::from(([0u16; 8], 0))
-    };
-    transport::endpoint(bind, None)
 }
 
 #[cfg(test)]

@@ -324,7 +324,7 @@ async fn enrol_inner(
         .await
         .map_err(|e| EnrolError::Resolve(e.to_string()))?;
     let endpoint =
-        connect::client_endpoint(addr).map_err(|e| EnrolError::Connect(e.to_string()))?;
+        transport::client_endpoint(addr).map_err(|e| EnrolError::Connect(e.to_string()))?;
     let connecting = endpoint
         .connect_with(quic, addr, &hub.host)
         .map_err(|e| EnrolError::Connect(e.to_string()))?;

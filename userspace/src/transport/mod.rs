@@ -7,9 +7,12 @@
 //! session resumption: a resumed handshake would skip the client-certificate verifier, and a
 //! revoked Client would get back in.
 
+mod connected;
 pub mod control;
 pub mod pipe;
 pub mod shard;
+
+pub use connected::client_endpoint;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -302,7 +305,8 @@ pub fn authenticated(conn: &quinn::Connection) {
 
 /// A QUIC endpoint on `bind` (a server when `server` is given) whose UDP socket has
 /// [`UDP_BUFFER`] receive and send buffers, or as much as the kernel allows (a warning says
-/// how to raise it). The Hub binds one per shard instead: [`shard::endpoints`].
+/// how to raise it). The Hub binds one per shard instead: [`shard::endpoints`]; the Client
+/// dials from [`client_endpoint`].
 pub fn endpoint(
     bind: SocketAddr,
     server: Option<quinn::ServerConfig>,

@@ -754,8 +754,31 @@ fn p13(f: &Facts) -> Assessed {
                 .into(),
         );
     }
-    ev.push("the QUIC socket receives only the Hub's answers: quinn drops packets of connections it did not dial (the Client runs no server)".into());
-    holds_if(listening.is_empty(), ev)
+    // The Client's QUIC socket is connected to the Hub: the kernel hands it no one else's
+    // datagrams. One that is not takes them from any source that reaches its port.
+    let udp = udp_sockets(sockets, &f.resolvers);
+    let (peered, open): (Vec<&procfs::Socket>, Vec<_>) =
+        udp.into_iter().partition(|x| x.connected());
+    if !peered.is_empty() {
+        ev.push(format!(
+            "the QUIC socket(s) connected to {}: the kernel hands them datagrams from that address alone and answers any other as a closed port",
+            peered
+                .iter()
+                .map(|x| x.remote.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if !open.is_empty() {
+        ev.push(format!(
+            "UDP socket(s) taking datagrams from any source: {}",
+            open.iter()
+                .map(|x| x.local.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    holds_if(listening.is_empty() && open.is_empty(), ev)
 }
 
 fn p14(f: &Facts) -> Assessed {

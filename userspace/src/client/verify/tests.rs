@@ -76,7 +76,7 @@ fn good() -> Facts {
         sockets: Ok(Sockets {
             attribution: Attribution::Descriptors,
             sockets: vec![
-                sock(Proto::Udp, "0.0.0.0:40000", "0.0.0.0:0", 7),
+                sock(Proto::Udp, "0.0.0.0:40000", "192.0.2.10:443", 1),
                 sock(Proto::Tcp, "10.0.0.2:50000", "10.0.0.5:5432", 1),
             ],
             other_families: 0,
@@ -203,9 +203,10 @@ fn p5_p6_a_second_udp_or_a_raw_socket_breaks_them() {
     f.status.hub_connections = 2;
     let s = f.sockets.as_mut().unwrap();
     s.sockets
-        .push(sock(Proto::Udp, "0.0.0.0:40001", "0.0.0.0:0", 7));
+        .push(sock(Proto::Udp, "0.0.0.0:40001", "192.0.2.10:443", 1));
     assert_eq!(verdict(&f, "P5"), Verdict::Holds);
     assert_eq!(verdict(&f, "P6"), Verdict::Holds);
+    assert_eq!(verdict(&f, "P13"), Verdict::Holds);
     // A DNS query in flight is not a second connection.
     let mut f = good();
     let s = f.sockets.as_mut().unwrap();
@@ -259,6 +260,22 @@ fn p13_a_listener_breaks_it() {
         s.sockets
             .push(sock(Proto::Tcp, "0.0.0.0:8080", "0.0.0.0:0", TCP_LISTEN));
     });
+}
+
+#[test]
+fn p13_a_udp_socket_that_takes_datagrams_from_anyone_breaks_it() {
+    // The QUIC socket not connected to the Hub (an older Client's) receives from any source.
+    broken("P13", |f| {
+        f.sockets.as_mut().unwrap().sockets[0] = sock(Proto::Udp, "0.0.0.0:40000", "0.0.0.0:0", 7);
+    });
+    // A DNS lookup's socket is connected to its resolver: not a way in.
+    let mut f = good();
+    f.sockets
+        .as_mut()
+        .unwrap()
+        .sockets
+        .push(sock(Proto::Udp, "0.0.0.0:40002", "10.0.0.53:53", 1));
+    assert_eq!(verdict(&f, "P13"), Verdict::Holds);
 }
 
 #[test]

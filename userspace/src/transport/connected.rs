@@ -1,0 +1,147 @@
+//! The Client's QUIC endpoint: a UDP socket connected to the Hub, so that the kernel hands it
+//! the Hub's datagrams and no one else's (P13).
+//!
+//! An unconnected socket takes a datagram from any source that reaches its port (through a
+//! NAT, anyone the mapping lets in), and quinn parses each one. A stranger's datagrams would
+//! then share the socket's receive buffer with the Hub's (a flood displaces them), reach a
+//! QUIC parser before any authentication, and could draw an answer: quinn sends a stateless
+//! reset to whatever source a packet for one of the endpoint's retired connection IDs claims.
+//! Connected, the socket is found only for datagrams from the Hub's address and port; the
+//! kernel answers everything else as it answers a closed port. The Hub answers from the
+//! address and port the Client dials, as any QUIC server does (it announces no preferred
+//! address), and a NAT or load balancer in front of it must keep that pair, as UDP's do.
+//!
+//! What connecting adds: the kernel reports an ICMP error about the Hub's address (port
+//! unreachable while the Hub restarts, or one forged by someone on the path) on the socket's
+//! next call. quinn's tokio socket retries a receive that fails, and its socket layer drops
+//! and logs a send that fails: to QUIC, such an error is one lost datagram, which it
+//! retransmits (a test below keeps that true across quinn upgrades).
+//!
+//! What it costs: connecting fixes the socket's source address too. A NAT rebinding on the way
+//! is still the Hub's to follow (QUIC migrates, `faults::p14_a_path_change_…`), but if the
+//! Client's host itself changes address (a container's does not while it lives), its datagrams
+//! stop, the session ends at the idle timeout, and the Client dials again from the new address
+//! (P14): its open queries are reset, where an unconnected socket would have migrated them.
+
+use std::io;
+use std::net::SocketAddr;
+
+/// A client-only QUIC endpoint on an ephemeral port of `peer`'s family, its socket connected
+/// to `peer`, with [`super::UDP_BUFFER`] buffers as far as the kernel allows.
+pub fn client_endpoint(peer: SocketAddr) -> io::Result<quinn::Endpoint> {
+    let bind: SocketAddr = if peer.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let socket = super::udp_socket(bind, false)?;
+    socket.connect(&peer.into())?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket.into(),
+        runtime,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::IoSliceMut;
+    use std::net::UdpSocket;
+    use std::time::Duration;
+
+    use quinn::udp::RecvMeta;
+
+    use tokio::io::Interest;
+
+    use super::*;
+
+    const SOON: Duration = Duration::from_secs(10);
+
+    /// A UDP socket on loopback's port nothing listens on, the port freed at once.
+    fn closed_port() -> SocketAddr {
+        UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    /// `socket` once the kernel has an error pending on it (`EPOLLERR`).
+    async fn error_pending(socket: UdpSocket) -> UdpSocket {
+        let socket = tokio::net::UdpSocket::from_std(socket).unwrap();
+        let ready = tokio::time::timeout(SOON, socket.ready(Interest::ERROR))
+            .await
+            .expect("no ICMP error reached the socket")
+            .unwrap();
+        assert!(ready.is_error());
+        socket.into_std().unwrap()
+    }
+
+    #[tokio::test]
+    async fn p13_a_strangers_datagram_is_refused_by_the_kernel_and_the_hubs_reaches_quic() {
+        let hub = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let endpoint = client_endpoint(hub.local_addr().unwrap()).unwrap();
+        let port = endpoint.local_addr().unwrap().port();
+        let client = SocketAddr::from(([127, 0, 0, 1], port));
+
+        // A stranger is answered as a closed port would answer it: its socket reads the
+        // ICMP port unreachable as a refusal.
+        let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+        stranger.connect(client).unwrap();
+        stranger.set_read_timeout(Some(SOON)).unwrap();
+        stranger.send(&[0x40; 1200]).unwrap();
+        let refused = stranger.recv(&mut [0u8; 64]).unwrap_err();
+        assert_eq!(
+            refused.kind(),
+            io::ErrorKind::ConnectionRefused,
+            "{refused}"
+        );
+
+        // The Hub's address is let in: its datagram is taken (and dropped by QUIC as
+        // garbage), with no refusal.
+        hub.connect(client).unwrap();
+        hub.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        hub.send(&[0x40; 1200]).unwrap();
+        let quiet = hub.recv(&mut [0u8; 64]).unwrap_err();
+        assert_eq!(quiet.kind(), io::ErrorKind::WouldBlock, "{quiet}");
+    }
+
+    #[tokio::test]
+    async fn an_icmp_error_about_the_hub_does_not_end_quics_receive() {
+        let peer = closed_port();
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.connect(peer).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        // Nothing listens on `peer`: the kernel answers with an ICMP port unreachable, which a
+        // connected socket reports on its next call.
+        socket.send(b"hello?").unwrap();
+        let socket = error_pending(socket).await;
+        // As `client_endpoint` has quinn wrap it.
+        let wrapped = quinn::default_runtime()
+            .unwrap()
+            .wrap_udp_socket(socket)
+            .unwrap();
+
+        // The peer (back) sends: that datagram is what the receive returns.
+        let back = UdpSocket::bind(peer).unwrap();
+        back.send_to(b"here", wrapped.local_addr().unwrap())
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let mut meta = [RecvMeta::default()];
+        let got = tokio::time::timeout(
+            SOON,
+            std::future::poll_fn(|cx| {
+                wrapped.poll_recv(cx, &mut [IoSliceMut::new(&mut buf)], &mut meta)
+            }),
+        )
+        .await
+        .expect("the datagram was not read")
+        .expect("the ICMP error ended the receive");
+        assert_eq!(got, 1);
+        assert_eq!(&buf[..meta[0].len], b"here");
+        assert_eq!(meta[0].addr, peer);
+    }
+}
