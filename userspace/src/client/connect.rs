@@ -33,8 +33,9 @@ pub enum ConnectError {
         /// The resolver's answer.
         why: String,
     },
-    /// No local UDP socket could be opened.
-    #[error("cannot open a UDP socket: {0}")]
+    /// No local UDP socket to the Hub could be opened (under the eBPF lock, one to an
+    /// address outside it is refused: `connect to ADDR: Operation not permitted`).
+    #[error("cannot open a UDP socket to the Hub: {0}")]
     Socket(#[source] std::io::Error),
     /// The TLS or QUIC configuration was refused.
     #[error(transparent)]

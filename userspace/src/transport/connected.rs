@@ -12,30 +12,32 @@
 //! address), and a NAT or load balancer in front of it must keep that pair, as UDP's do.
 //!
 //! What connecting adds: the kernel reports an ICMP error about the Hub's address (port
-//! unreachable while the Hub restarts, or one forged by someone on the path) on the socket's
-//! next call. quinn's tokio socket retries a receive that fails, and its socket layer drops
-//! and logs a send that fails: to QUIC, such an error is one lost datagram, which it
-//! retransmits (a test below keeps that true across quinn upgrades).
+//! unreachable while the Hub restarts, or one forged by anyone who knows both addresses and
+//! ports, from anywhere the Client's NAT lets ICMP through) on the socket's next call, which
+//! consumes it. quinn's tokio socket retries a receive that fails, and (vendored patch,
+//! third_party/README.md) makes a send that fails once more: such an error costs one system
+//! call, not a datagram. The tests below keep both true across quinn upgrades.
 //!
 //! What it costs: connecting fixes the socket's source address too. A NAT rebinding on the way
 //! is still the Hub's to follow (QUIC migrates, `faults::p14_a_path_change_…`), but if the
-//! Client's host itself changes address (a container's does not while it lives), its datagrams
-//! stop, the session ends at the idle timeout, and the Client dials again from the new address
-//! (P14): its open queries are reset, where an unconnected socket would have migrated them.
+//! Client's own address goes (a host renumbered, an IPv6 temporary address expired, a
+//! container's network detached; a container's address rarely changes while it lives), its
+//! datagrams stop, the session ends at the idle timeout, and the Client dials again from the
+//! address it has then (P14): its open queries are reset, where an unconnected socket would
+//! have migrated them.
 
 use std::io;
 use std::net::SocketAddr;
 
 /// A client-only QUIC endpoint on an ephemeral port of `peer`'s family, its socket connected
-/// to `peer`, with [`super::UDP_BUFFER`] buffers as far as the kernel allows.
+/// to `peer`, with [`super::UDP_BUFFER`] buffers as far as the kernel allows. The connect binds
+/// it: it is never bound and unconnected, not even for a moment (`ewii-client verify` would
+/// read that as a socket open to anyone).
 pub fn client_endpoint(peer: SocketAddr) -> io::Result<quinn::Endpoint> {
-    let bind: SocketAddr = if peer.is_ipv4() {
-        SocketAddr::from(([0, 0, 0, 0], 0))
-    } else {
-        SocketAddr::from(([0u16; 8], 0))
-    };
-    let socket = super::udp_socket(bind, false)?;
-    socket.connect(&peer.into())?;
+    let socket = super::unbound_udp_socket(peer, false)?;
+    socket
+        .connect(&peer.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("connect to {peer}: {e}")))?;
     let runtime =
         quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
     quinn::Endpoint::new(
@@ -52,7 +54,7 @@ mod tests {
     use std::net::UdpSocket;
     use std::time::Duration;
 
-    use quinn::udp::RecvMeta;
+    use quinn::udp::{RecvMeta, Transmit};
 
     use tokio::io::Interest;
 
@@ -143,5 +145,36 @@ mod tests {
         assert_eq!(got, 1);
         assert_eq!(&buf[..meta[0].len], b"here");
         assert_eq!(meta[0].addr, peer);
+    }
+
+    #[tokio::test]
+    async fn a_send_that_meets_an_icmp_error_about_the_hub_still_goes_out() {
+        let peer = closed_port();
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.connect(peer).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        socket.send(b"hello?").unwrap();
+        let socket = error_pending(socket).await;
+        let wrapped = quinn::default_runtime()
+            .unwrap()
+            .wrap_udp_socket(socket)
+            .unwrap();
+
+        // The peer is back; the next send meets the error the kernel holds, and goes out.
+        let back = UdpSocket::bind(peer).unwrap();
+        back.set_read_timeout(Some(SOON)).unwrap();
+        wrapped
+            .try_send(&Transmit {
+                destination: peer,
+                ecn: None,
+                contents: b"again",
+                segment_size: None,
+                src_ip: None,
+            })
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = back.recv_from(&mut buf).expect("the send was dropped");
+        assert_eq!(&buf[..n], b"again");
+        assert_eq!(from.port(), wrapped.local_addr().unwrap().port());
     }
 }

@@ -325,12 +325,19 @@ pub fn endpoint(
 /// A UDP socket bound to `bind` with [`UDP_BUFFER`] buffers (as far as the kernel allows), in
 /// an `SO_REUSEPORT` group when `reuse_port`.
 fn udp_socket(bind: SocketAddr, reuse_port: bool) -> std::io::Result<socket2::Socket> {
+    let socket = unbound_udp_socket(bind, reuse_port)?;
+    socket.bind(&bind.into())?;
+    Ok(socket)
+}
+
+/// [`udp_socket`] not bound yet, of `family`'s address family.
+fn unbound_udp_socket(family: SocketAddr, reuse_port: bool) -> std::io::Result<socket2::Socket> {
     let socket = socket2::Socket::new(
-        socket2::Domain::for_address(bind),
+        socket2::Domain::for_address(family),
         socket2::Type::DGRAM,
         Some(socket2::Protocol::UDP),
     )?;
-    if bind.is_ipv6() {
+    if family.is_ipv6() {
         // Dual-stack when bound to `::` (a v4 Hub address still works), as std binds it.
         let _ = socket.set_only_v6(false);
     }
@@ -340,7 +347,6 @@ fn udp_socket(bind: SocketAddr, reuse_port: bool) -> std::io::Result<socket2::So
     // Best effort: the kernel caps both at its maxima; below them QUIC still works.
     let _ = socket.set_recv_buffer_size(UDP_BUFFER);
     let _ = socket.set_send_buffer_size(UDP_BUFFER);
-    socket.bind(&bind.into())?;
     // Linux reports twice what it grants (its bookkeeping overhead).
     let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
     static WARNED: std::sync::Once = std::sync::Once::new();

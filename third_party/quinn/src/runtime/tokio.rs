@@ -114,7 +114,18 @@ impl AsyncUdpSocket for UdpSocket {
     }
 
     fn try_send(&self, transmit: &udp::Transmit) -> io::Result<()> {
-        match self.inner.send(self.io.get_ref().into(), transmit) {
+        // Ewii patch (third_party/README.md): a send that fails is made once more, through
+        // upstream's `send`, which drops and logs one that fails again. On a connected socket
+        // (the Ewii Client's) the kernel reports an ICMP error about the peer on the next call,
+        // and that call consumes it: upstream dropped the send that met it (a whole GSO batch),
+        // so a stream of forged ICMP errors could stop every send.
+        let sent = match self.inner.try_send(self.io.get_ref().into(), transmit) {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
+                self.inner.send(self.io.get_ref().into(), transmit)
+            }
+            sent => sent,
+        };
+        match sent {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.blocked.store(true, Ordering::Release);
                 Err(e)

@@ -755,13 +755,14 @@ fn p13(f: &Facts) -> Assessed {
         );
     }
     // The Client's QUIC socket is connected to the Hub: the kernel hands it no one else's
-    // datagrams. One that is not takes them from any source that reaches its port.
+    // datagrams. One that is not takes them from any source that reaches its port. (Which
+    // peer a connected socket has is P5's and P6's to judge.)
     let udp = udp_sockets(sockets, &f.resolvers);
     let (peered, open): (Vec<&procfs::Socket>, Vec<_>) =
         udp.into_iter().partition(|x| x.connected());
     if !peered.is_empty() {
         ev.push(format!(
-            "the QUIC socket(s) connected to {}: the kernel hands them datagrams from that address alone and answers any other as a closed port",
+            "UDP socket(s) each connected to one peer ({}): the kernel hands each that peer's datagrams alone and answers any other sender as a closed port",
             peered
                 .iter()
                 .map(|x| x.remote.to_string())

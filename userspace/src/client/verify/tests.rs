@@ -268,14 +268,16 @@ fn p13_a_udp_socket_that_takes_datagrams_from_anyone_breaks_it() {
     broken("P13", |f| {
         f.sockets.as_mut().unwrap().sockets[0] = sock(Proto::Udp, "0.0.0.0:40000", "0.0.0.0:0", 7);
     });
-    // A DNS lookup's socket is connected to its resolver: not a way in.
+    // A socket connected to one peer is no way in, whatever that peer (P6 judges it).
     let mut f = good();
-    f.sockets
-        .as_mut()
-        .unwrap()
-        .sockets
-        .push(sock(Proto::Udp, "0.0.0.0:40002", "10.0.0.53:53", 1));
+    f.sockets.as_mut().unwrap().sockets.push(sock(
+        Proto::Udp,
+        "0.0.0.0:40002",
+        "203.0.113.53:53",
+        1,
+    ));
     assert_eq!(verdict(&f, "P13"), Verdict::Holds);
+    assert_eq!(verdict(&f, "P6"), Verdict::Broken);
 }
 
 #[test]
