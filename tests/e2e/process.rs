@@ -2086,6 +2086,70 @@ async fn a_hub_stop_does_not_wait_for_a_ca_command_holding_the_trust_lock() {
     drop(held);
 }
 
+/// A Hub started while an `ewii-hub ca …` command holds the trust lock (one paused with Ctrl-Z
+/// holds it until resumed) says what it waits for, and a stop meanwhile ends it in order
+/// (exit 0) without waiting for the command: the stop was caught and held until the start
+/// was done, which was never.
+#[test]
+fn a_hub_start_waiting_for_the_trust_lock_says_so_and_a_stop_ends_it() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("hub");
+    run(
+        "ewii-hub",
+        &[
+            "init",
+            "--state-dir",
+            dir.to_str().unwrap(),
+            "--trust-domain",
+            TD,
+        ],
+    );
+    let held = ewii::hub::layout::lock_trust(&dir).unwrap();
+    let toml = root.path().join("hub.toml");
+    fs::write(
+        &toml,
+        format!(
+            "state_dir = {dir:?}\nlisten = \"127.0.0.1:{}\"\naudit = \"discard\"\n",
+            free_udp_port()
+        ),
+    )
+    .unwrap();
+    let mut hub = Proc(
+        Command::new(bin_path("ewii-hub"))
+            .args(["run", "--config", toml.to_str().unwrap()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Its stderr, line by line, from a thread: the test reads with a bound.
+    let (lines, said) = std::sync::mpsc::channel();
+    let err = hub.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut heard = String::new();
+    while !heard.contains("waiting for the trust lock") {
+        match said.recv_timeout(SOON) {
+            Ok(line) => heard.push_str(&format!("{line}\n")),
+            Err(e) => panic!("the Hub did not say it waits for the trust lock ({e}): {heard}"),
+        }
+    }
+    assert!(!heard.contains("listening on udp"), "{heard}");
+    let status = hub.terminate();
+    assert_eq!(status.code(), Some(0), "{status:?}: {heard}");
+    // The rest, until its stderr closes.
+    while let Ok(line) = said.recv_timeout(SOON) {
+        heard.push_str(&format!("{line}\n"));
+    }
+    assert!(heard.contains("stopped before it listened"), "{heard}");
+    drop(held);
+}
+
 /// The Hub's mistakes an operator makes first: an uninitialised state directory is named once
 /// with the command that fixes it (exit 3), a bad config file is exit 2 with its error once,
 /// and the enrolment line of `token create` carries the address the operator gave.

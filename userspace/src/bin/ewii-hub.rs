@@ -6,6 +6,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -619,14 +621,40 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .build()
                 .context("starting the runtime")?;
             runtime.block_on(async {
-                // Watched before the Hub says it listens: a stop right after is an orderly one.
+                // Watched before the Hub starts: a stop while it starts, or right after it says
+                // it listens, is an orderly one.
                 let stop = ewii::signal::terminate();
-                let hub = Hub::bind(config, audit.clone()).await?;
+                tokio::pin!(stop);
+                // Set at a stop during the start: a wait for the trust lock (held by an
+                // `ewii-hub ca …` command, maybe paused) gives up.
+                let giving_up = Arc::new(AtomicBool::new(false));
+                let bind = Hub::bind_unless(config, audit.clone(), giving_up.clone());
+                tokio::pin!(bind);
+                let (bound, stopped) = tokio::select! {
+                    bound = &mut bind => (bound, false),
+                    () = &mut stop => {
+                        giving_up.store(true, Ordering::Relaxed);
+                        (bind.await, true)
+                    }
+                };
+                let hub = match bound {
+                    Err(HubError::Stopped) => {
+                        say("ewii-hub: stopped before it listened");
+                        audit.flush_async().await;
+                        return anyhow::Ok(());
+                    }
+                    bound => bound?,
+                };
                 say(&format!("ewii-hub: listening on udp {}", hub.local_addr()));
                 if let Some(addr) = hub.metrics_addr() {
                     say(&format!("ewii-hub: metrics on http://{addr}/metrics"));
                 }
-                hub.run(stop).await?;
+                if stopped {
+                    // The start had got past its waits: stop in order at once.
+                    hub.run(std::future::ready(())).await?;
+                } else {
+                    hub.run(stop).await?;
+                }
                 audit.flush_async().await;
                 anyhow::Ok(())
             })?;

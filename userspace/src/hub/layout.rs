@@ -81,22 +81,45 @@ pub fn lock_trust(dir: &Path) -> Result<TrustLock, IdentityError> {
     Ok(TrustLock { _file: file })
 }
 
+/// How long [`lock_trust_unless`] waits before it says so: a command's writes take
+/// milliseconds, a paused one holds the lock until it goes on.
+const TRUST_WAIT_SAID_AFTER: Duration = Duration::from_secs(1);
+
+/// How often [`lock_trust_unless`] tries the lock while another holds it.
+const TRUST_TRY_EVERY: Duration = Duration::from_millis(50);
+
 /// [`lock_trust`], given up (`Ok(None)`) once `stop` is set while another holds the lock: the
-/// running Hub's reload, which a stop must not wait for (a command paused with Ctrl-Z holds
-/// the lock for as long). Tries again every 50 ms while it waits.
+/// running Hub's start and reloads, which a stop must not wait for (a command paused with
+/// Ctrl-Z holds the lock for as long). Tries again every [`TRUST_TRY_EVERY`] while it waits, and says so in
+/// a warning once it has waited [`TRUST_WAIT_SAID_AFTER`].
 pub fn lock_trust_unless(
     dir: &Path,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<Option<TrustLock>, IdentityError> {
     let (file, io) = open_trust_lock(dir)?;
+    let mut tries = 0u32;
+    let mut said = false;
     loop {
         match file.try_lock() {
-            Ok(()) => return Ok(Some(TrustLock { _file: file })),
+            Ok(()) => {
+                if said {
+                    tracing::info!("the trust lock is free: going on");
+                }
+                return Ok(Some(TrustLock { _file: file }));
+            }
             Err(std::fs::TryLockError::WouldBlock) => {
                 if stop.load(std::sync::atomic::Ordering::Relaxed) {
                     return Ok(None);
                 }
-                std::thread::sleep(Duration::from_millis(50));
+                tries += 1;
+                if !said && TRUST_TRY_EVERY * tries >= TRUST_WAIT_SAID_AFTER {
+                    said = true;
+                    tracing::warn!(
+                        lock = %dir.join(TRUST_LOCK).display(),
+                        "waiting for the trust lock: an `ewii-hub ca …` command holds it (one paused with Ctrl-Z holds it until it is resumed)"
+                    );
+                }
+                std::thread::sleep(TRUST_TRY_EVERY);
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
         }

@@ -45,6 +45,7 @@ mod watch;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -115,6 +116,9 @@ pub enum HubError {
     /// `ewii-hub` exits 2 for it, as for any bad argument.
     #[error("{0}")]
     Invalid(String),
+    /// [`Hub::bind_unless`] gave up at a stop, before it listened.
+    #[error("stopped before it listened")]
+    Stopped,
 }
 
 impl From<TrustError> for HubError {
@@ -123,6 +127,7 @@ impl From<TrustError> for HubError {
             TrustError::Identity { dir, source } => Self::Identity { dir, source },
             TrustError::Transport(e) => Self::Transport(e),
             e @ TrustError::Federation { .. } => Self::Invalid(e.to_string()),
+            TrustError::Stopping => Self::Stopped,
             other => Self::Usage(other.to_string()),
         }
     }
@@ -261,6 +266,17 @@ pub struct Hub {
 impl Hub {
     /// Loads the state in `config.state_dir` and binds every socket.
     pub async fn bind(config: HubConfig, audit: Audit) -> Result<Self, HubError> {
+        Self::bind_unless(config, audit, Arc::new(AtomicBool::new(false))).await
+    }
+
+    /// [`bind`](Self::bind), given up ([`HubError::Stopped`]) if `stop` is set while it waits
+    /// for the trust lock an `ewii-hub ca …` command holds: a stop during the start must not
+    /// wait for that command, which may be paused.
+    pub async fn bind_unless(
+        config: HubConfig,
+        audit: Audit,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self, HubError> {
         let dir = config.state_dir.clone();
         let d = dir.clone();
         let run_lock = tokio::task::spawn_blocking(move || layout::lock_run(&d))
@@ -298,7 +314,7 @@ impl Hub {
         let (material, key, federation) = tokio::task::spawn_blocking(move || {
             // A write a crash cut short left its temporary file (a CA key's holds the key).
             crate::identity::store::remove_leftover_temporaries(&d);
-            let material = Material::load(&d)?;
+            let material = Material::load(&d, &stop)?;
             let federation = trust::load_federation(&federation_config, &material)?;
             let key = WebhookKey::load_or_create(&d)
                 .map_err(|source| TrustError::Identity { dir: d, source })?;

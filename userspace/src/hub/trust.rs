@@ -223,14 +223,17 @@ impl Material {
     }
 
     /// Reads (and renews the Hub SVID when due). Blocking file I/O: call it off the async
-    /// workers.
-    pub(crate) fn load(dir: &Path) -> Result<Self, TrustError> {
+    /// workers. Waiting for an `ewii-hub ca …` command's trust lock, it gives up
+    /// ([`TrustError::Stopping`]) once `stop` is set.
+    pub(crate) fn load(dir: &Path, stop: &AtomicBool) -> Result<Self, TrustError> {
         let ident = |source| TrustError::Identity {
             dir: dir.to_owned(),
             source,
         };
         // One consistent state, even while an `ewii-hub ca …` command runs.
-        let _lock = layout::lock_trust(dir).map_err(ident)?;
+        let Some(_lock) = layout::lock_trust_unless(dir, stop).map_err(ident)? else {
+            return Err(TrustError::Stopping);
+        };
         let ca = Ca::load(dir).map_err(ident)?;
         let anchors = layout::load_bundle(dir, &ca).map_err(ident)?;
         let hub_svid = layout::load_or_renew_hub_svid(dir, &ca).map_err(ident)?;
@@ -910,7 +913,7 @@ mod tests {
             std::thread::spawn(move || {
                 let mut errors = Vec::new();
                 while !stop.load(Ordering::SeqCst) {
-                    match Material::load(&state) {
+                    match Material::load(&state, &AtomicBool::new(false)) {
                         Ok(m) if layout::whole(&m.hub_svid) => {}
                         Ok(_) => errors.push("a Hub SVID whose key does not match".to_owned()),
                         Err(e) => errors.push(e.to_string()),
@@ -937,7 +940,7 @@ mod tests {
         let errors = reader.join().unwrap();
         let reads = reads.load(Ordering::SeqCst);
         assert_eq!(errors, Vec::<String>::new(), "in {reads} reads");
-        let last = Material::load(&state).unwrap();
+        let last = Material::load(&state, &AtomicBool::new(false)).unwrap();
         assert!(layout::whole(&last.hub_svid));
         assert_eq!(last.hub_svid.chain.get(1), Some(last.ca.cert()));
     }
@@ -959,7 +962,7 @@ mod tests {
         let after = layout::load_or_renew_hub_svid(&state, &ca).unwrap();
         assert!(layout::whole(&after));
         assert_ne!(after.chain[0], before.chain[0], "a new SVID");
-        assert!(Material::load(&state).is_ok());
+        assert!(Material::load(&state, &AtomicBool::new(false)).is_ok());
     }
 
     /// A chain's digest covers every certificate and where each one ends.
