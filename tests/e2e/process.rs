@@ -118,6 +118,19 @@ fn spawn_hub_on_free_ports_with(
     panic!("ewii-hub found no free port in five tries: {said}");
 }
 
+/// Writes to `toml` a Hub configuration with state in `dir`, a free UDP port on loopback, its
+/// audit discarded, and nothing else.
+fn write_bare_hub_toml(toml: &std::path::Path, dir: &std::path::Path) {
+    fs::write(
+        toml,
+        format!(
+            "state_dir = {dir:?}\nlisten = \"127.0.0.1:{}\"\naudit = \"discard\"\n",
+            free_udp_port()
+        ),
+    )
+    .unwrap();
+}
+
 /// An `ewii-hub` process with one plain TCP service, `pg`, to Client `acme`'s entry `db`.
 pub(crate) struct HubProcess {
     pub(crate) proc: Proc,
@@ -1975,14 +1988,7 @@ fn a_lock_file_left_by_root_does_not_keep_the_owners_hub_out() {
     fs::write(&lock, "").unwrap();
     fs::set_permissions(&lock, fs::Permissions::from_mode(0o600)).unwrap();
     let toml = top.path().join("hub.toml");
-    fs::write(
-        &toml,
-        format!(
-            "state_dir = {dir:?}\nlisten = \"127.0.0.1:{}\"\naudit = \"discard\"\n",
-            free_udp_port()
-        ),
-    )
-    .unwrap();
+    write_bare_hub_toml(&toml, &dir);
     fs::set_permissions(&toml, fs::Permissions::from_mode(0o644)).unwrap();
     let mut owner = Command::new("setpriv");
     owner
@@ -2004,17 +2010,7 @@ async fn a_second_hub_on_the_same_state_directory_is_refused() {
     let mut hub = HubProcess::start(root.path(), "");
     let (_client, _) = hub.run_client(root.path(), echo, "", Stdio::null()).await;
     let second = root.path().join("second.toml");
-    let write_second = || {
-        fs::write(
-            &second,
-            format!(
-                "state_dir = {:?}\nlisten = \"127.0.0.1:{}\"\naudit = \"discard\"\n",
-                hub.dir,
-                free_udp_port()
-            ),
-        )
-        .unwrap()
-    };
+    let write_second = || write_bare_hub_toml(&second, &hub.dir);
     write_second();
     let (code, err) = crate::lifecycle::exit_of(
         Command::new(bin_path("ewii-hub"))
@@ -2106,14 +2102,7 @@ fn a_hub_start_waiting_for_the_trust_lock_says_so_and_a_stop_ends_it() {
     );
     let held = ewii::hub::layout::lock_trust(&dir).unwrap();
     let toml = root.path().join("hub.toml");
-    fs::write(
-        &toml,
-        format!(
-            "state_dir = {dir:?}\nlisten = \"127.0.0.1:{}\"\naudit = \"discard\"\n",
-            free_udp_port()
-        ),
-    )
-    .unwrap();
+    write_bare_hub_toml(&toml, &dir);
     let mut hub = Proc(
         Command::new(bin_path("ewii-hub"))
             .args(["run", "--config", toml.to_str().unwrap()])

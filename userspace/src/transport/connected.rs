@@ -54,7 +54,10 @@ mod tests {
     use std::net::UdpSocket;
     use std::time::Duration;
 
+    use std::sync::Arc;
+
     use quinn::udp::{RecvMeta, Transmit};
+    use quinn::AsyncUdpSocket;
 
     use tokio::io::Interest;
 
@@ -111,21 +114,26 @@ mod tests {
         assert_eq!(quiet.kind(), io::ErrorKind::WouldBlock, "{quiet}");
     }
 
-    #[tokio::test]
-    async fn an_icmp_error_about_the_hub_does_not_end_quics_receive() {
+    /// A socket connected to a loopback port nothing listens on, after a send there, with the
+    /// kernel's report of the ICMP port unreachable pending, wrapped by quinn's runtime as
+    /// `client_endpoint`'s is; and that port, free.
+    async fn icmp_error_pending() -> (SocketAddr, Arc<dyn AsyncUdpSocket>) {
         let peer = closed_port();
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.connect(peer).unwrap();
         socket.set_nonblocking(true).unwrap();
-        // Nothing listens on `peer`: the kernel answers with an ICMP port unreachable, which a
-        // connected socket reports on its next call.
         socket.send(b"hello?").unwrap();
         let socket = error_pending(socket).await;
-        // As `client_endpoint` has quinn wrap it.
         let wrapped = quinn::default_runtime()
             .unwrap()
             .wrap_udp_socket(socket)
             .unwrap();
+        (peer, wrapped)
+    }
+
+    #[tokio::test]
+    async fn an_icmp_error_about_the_hub_does_not_end_quics_receive() {
+        let (peer, wrapped) = icmp_error_pending().await;
 
         // The peer (back) sends: that datagram is what the receive returns.
         let back = UdpSocket::bind(peer).unwrap();
@@ -149,16 +157,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_send_that_meets_an_icmp_error_about_the_hub_still_goes_out() {
-        let peer = closed_port();
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket.connect(peer).unwrap();
-        socket.set_nonblocking(true).unwrap();
-        socket.send(b"hello?").unwrap();
-        let socket = error_pending(socket).await;
-        let wrapped = quinn::default_runtime()
-            .unwrap()
-            .wrap_udp_socket(socket)
-            .unwrap();
+        let (peer, wrapped) = icmp_error_pending().await;
 
         // The peer is back; the next send meets the error the kernel holds, and goes out.
         let back = UdpSocket::bind(peer).unwrap();
