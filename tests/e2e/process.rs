@@ -2106,6 +2106,9 @@ fn a_hub_start_waiting_for_the_trust_lock_says_so_and_a_stop_ends_it() {
     let mut hub = Proc(
         Command::new(bin_path("ewii-hub"))
             .args(["run", "--config", toml.to_str().unwrap()])
+            // Its warning is what the test waits for: at the default level, whatever the
+            // test's environment says.
+            .env_remove("EWII_LOG")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),

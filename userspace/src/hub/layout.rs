@@ -90,8 +90,8 @@ const TRUST_TRY_EVERY: Duration = Duration::from_millis(50);
 
 /// [`lock_trust`], given up (`Ok(None)`) once `stop` is set while another holds the lock: the
 /// running Hub's start and reloads, which a stop must not wait for (a command paused with
-/// Ctrl-Z holds the lock for as long). Tries again every [`TRUST_TRY_EVERY`] while it waits, and says so in
-/// a warning once it has waited [`TRUST_WAIT_SAID_AFTER`].
+/// Ctrl-Z holds the lock for as long). Tries again every [`TRUST_TRY_EVERY`] while it waits,
+/// and says so in a warning once it has waited [`TRUST_WAIT_SAID_AFTER`].
 pub fn lock_trust_unless(
     dir: &Path,
     stop: &std::sync::atomic::AtomicBool,

@@ -269,9 +269,12 @@ impl Hub {
         Self::bind_unless(config, audit, Arc::new(AtomicBool::new(false))).await
     }
 
-    /// [`bind`](Self::bind), given up ([`HubError::Stopped`]) if `stop` is set while it waits
-    /// for the trust lock an `ewii-hub ca …` command holds: a stop during the start must not
-    /// wait for that command, which may be paused.
+    /// [`bind`](Self::bind), given up ([`HubError::Stopped`]) once `stop` is set: at once while
+    /// it waits for the trust lock an `ewii-hub ca …` command holds (a stop during the start
+    /// must not wait for that command, which may be paused), else at its next step before it
+    /// binds a socket. The steps between are bounded: file reads, and the database's open
+    /// (SQLite's busy wait of 5 s per statement, and at the first start after an upgrade an
+    /// index to build).
     pub async fn bind_unless(
         config: HubConfig,
         audit: Audit,
@@ -311,10 +314,11 @@ impl Hub {
             }
         }
         let federation_config = config.federation.clone();
+        let giving_up = stop.clone();
         let (material, key, federation) = tokio::task::spawn_blocking(move || {
             // A write a crash cut short left its temporary file (a CA key's holds the key).
             crate::identity::store::remove_leftover_temporaries(&d);
-            let material = Material::load(&d, &stop)?;
+            let material = Material::load(&d, &giving_up)?;
             let federation = trust::load_federation(&federation_config, &material)?;
             let key = WebhookKey::load_or_create(&d)
                 .map_err(|source| TrustError::Identity { dir: d, source })?;
@@ -322,6 +326,11 @@ impl Hub {
         })
         .await
         .map_err(|e| HubError::Usage(format!("loading the state directory: {e}")))??;
+        let stopped = || match stop.load(std::sync::atomic::Ordering::Relaxed) {
+            true => Err(HubError::Stopped),
+            false => Ok(()),
+        };
+        stopped()?;
         let now = crate::now_timestamp().unix_secs() as i64;
         let (store, changes) = Store::open(&dir.join(layout::DB_FILE), now).await?;
         // Before any handshake: the verifier checks federated Clients against these rows.
@@ -347,6 +356,9 @@ impl Hub {
                 }
                 other => other.into(),
             })?;
+        // Before anything listens: a stop during the database's open (its busy waits, an
+        // index built at the first start after an upgrade) ends the start here.
+        stopped()?;
         let view = store.view().clone();
         let (trust, quic) = Trust::new(
             material,

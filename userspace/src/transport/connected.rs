@@ -16,7 +16,8 @@
 //! ports, from anywhere the Client's NAT lets ICMP through) on the socket's next call, which
 //! consumes it. quinn's tokio socket retries a receive that fails, and (vendored patch,
 //! third_party/README.md) makes a send that fails once more: such an error costs one system
-//! call, not a datagram. The tests below keep both true across quinn upgrades.
+//! call, and a datagram only if a second error lands between the two. The tests below keep
+//! both true across quinn upgrades.
 //!
 //! What it costs: connecting fixes the socket's source address too. A NAT rebinding on the way
 //! is still the Hub's to follow (QUIC migrates, `faults::p14_a_path_change_…`), but if the
@@ -31,8 +32,8 @@ use std::net::SocketAddr;
 
 /// A client-only QUIC endpoint on an ephemeral port of `peer`'s family, its socket connected
 /// to `peer`, with [`super::UDP_BUFFER`] buffers as far as the kernel allows. The connect binds
-/// it: it is never bound and unconnected, not even for a moment (`ewii-client verify` would
-/// read that as a socket open to anyone).
+/// it, inside the one system call: no bound, unconnected socket is left (for longer than that
+/// call) for a datagram to reach, or for `ewii-client verify` to read as open to anyone.
 pub fn client_endpoint(peer: SocketAddr) -> io::Result<quinn::Endpoint> {
     let socket = super::unbound_udp_socket(peer, false)?;
     socket

@@ -118,7 +118,9 @@ impl AsyncUdpSocket for UdpSocket {
         // upstream's `send`, which drops and logs one that fails again. On a connected socket
         // (the Ewii Client's) the kernel reports an ICMP error about the peer on the next call,
         // and that call consumes it: upstream dropped the send that met it (a whole GSO batch),
-        // so a stream of forged ICMP errors could stop every send.
+        // so a stream of forged ICMP errors could stop every send. A send that fails for
+        // another reason (a netfilter refusal, a route gone, an MTU probe too large) fails the
+        // same way again: one more system call, on that path only.
         let sent = match self.inner.try_send(self.io.get_ref().into(), transmit) {
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
                 self.inner.send(self.io.get_ref().into(), transmit)
