@@ -177,4 +177,53 @@ mod tests {
         assert_eq!(&buf[..n], b"again");
         assert_eq!(from.port(), wrapped.local_addr().unwrap().port());
     }
+
+    /// The same over IPv6: a Hub on `[::1]` is dialled through a connected socket of that
+    /// family (a whole handshake and a stream each way), and a stranger is refused.
+    #[tokio::test]
+    async fn p13_an_ipv6_hub_is_dialled_through_a_connected_socket_and_a_stranger_refused() {
+        if UdpSocket::bind("[::1]:0").is_err() {
+            eprintln!("skipped: no IPv6 loopback here");
+            return;
+        }
+        let (server_tls, client_tls) = super::super::tests::tls_pair(&[b"ewii-test"]);
+        let server = super::super::quic_server_config(server_tls, super::super::STREAM_WINDOW);
+        let hub = quinn::Endpoint::server(server.unwrap(), "[::1]:0".parse().unwrap()).unwrap();
+        let hub_addr = hub.local_addr().unwrap();
+        let endpoint = client_endpoint(hub_addr).unwrap();
+        assert!(endpoint.local_addr().unwrap().is_ipv6());
+        let client = super::super::quic_client_config(client_tls, 4, super::super::STREAM_WINDOW);
+        let connecting = endpoint
+            .connect_with(client.unwrap(), hub_addr, "localhost")
+            .unwrap();
+        let accepted =
+            tokio::time::timeout(SOON, async { hub.accept().await.unwrap().await.unwrap() })
+                .await
+                .expect("no handshake");
+        let conn = connecting.await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(b"ping").await.unwrap();
+        send.finish().unwrap();
+        let (mut back, mut got) = accepted.accept_bi().await.unwrap();
+        assert_eq!(got.read_to_end(64).await.unwrap(), b"ping");
+        back.write_all(b"pong").await.unwrap();
+        back.finish().unwrap();
+        assert_eq!(recv.read_to_end(64).await.unwrap(), b"pong");
+
+        let stranger = UdpSocket::bind("[::1]:0").unwrap();
+        stranger
+            .connect(SocketAddr::from((
+                std::net::Ipv6Addr::LOCALHOST,
+                endpoint.local_addr().unwrap().port(),
+            )))
+            .unwrap();
+        stranger.set_read_timeout(Some(SOON)).unwrap();
+        stranger.send(&[0x40; 1200]).unwrap();
+        let refused = stranger.recv(&mut [0u8; 64]).unwrap_err();
+        assert_eq!(
+            refused.kind(),
+            io::ErrorKind::ConnectionRefused,
+            "{refused}"
+        );
+    }
 }
