@@ -53,9 +53,8 @@ pub fn client_endpoint(peer: SocketAddr) -> io::Result<quinn::Endpoint> {
 mod tests {
     use std::io::IoSliceMut;
     use std::net::UdpSocket;
-    use std::time::Duration;
-
     use std::sync::Arc;
+    use std::time::Duration;
 
     use quinn::udp::{RecvMeta, Transmit};
     use quinn::AsyncUdpSocket;
