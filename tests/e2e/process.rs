@@ -2090,15 +2090,10 @@ async fn a_hub_stop_does_not_wait_for_a_ca_command_holding_the_trust_lock() {
 fn a_hub_start_waiting_for_the_trust_lock_says_so_and_a_stop_ends_it() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("hub");
+    let d = dir.to_str().unwrap();
     run(
         "ewii-hub",
-        &[
-            "init",
-            "--state-dir",
-            dir.to_str().unwrap(),
-            "--trust-domain",
-            TD,
-        ],
+        &["init", "--state-dir", d, "--trust-domain", TD],
     );
     let held = ewii::hub::layout::lock_trust(&dir).unwrap();
     let toml = root.path().join("hub.toml");

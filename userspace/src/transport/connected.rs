@@ -73,6 +73,26 @@ mod tests {
             .unwrap()
     }
 
+    /// A stranger's datagram to `client` (a loopback address) is answered as a closed port
+    /// would answer it: the stranger's socket reads the ICMP port unreachable as a refusal.
+    fn a_stranger_is_refused(client: SocketAddr) {
+        let any = if client.is_ipv4() {
+            "127.0.0.1:0"
+        } else {
+            "[::1]:0"
+        };
+        let stranger = UdpSocket::bind(any).unwrap();
+        stranger.connect(client).unwrap();
+        stranger.set_read_timeout(Some(SOON)).unwrap();
+        stranger.send(&[0x40; 1200]).unwrap();
+        let refused = stranger.recv(&mut [0u8; 64]).unwrap_err();
+        assert_eq!(
+            refused.kind(),
+            io::ErrorKind::ConnectionRefused,
+            "{client}: {refused}"
+        );
+    }
+
     /// `socket` once the kernel has an error pending on it (`EPOLLERR`).
     async fn error_pending(socket: UdpSocket) -> UdpSocket {
         let socket = tokio::net::UdpSocket::from_std(socket).unwrap();
@@ -90,19 +110,7 @@ mod tests {
         let endpoint = client_endpoint(hub.local_addr().unwrap()).unwrap();
         let port = endpoint.local_addr().unwrap().port();
         let client = SocketAddr::from(([127, 0, 0, 1], port));
-
-        // A stranger is answered as a closed port would answer it: its socket reads the
-        // ICMP port unreachable as a refusal.
-        let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
-        stranger.connect(client).unwrap();
-        stranger.set_read_timeout(Some(SOON)).unwrap();
-        stranger.send(&[0x40; 1200]).unwrap();
-        let refused = stranger.recv(&mut [0u8; 64]).unwrap_err();
-        assert_eq!(
-            refused.kind(),
-            io::ErrorKind::ConnectionRefused,
-            "{refused}"
-        );
+        a_stranger_is_refused(client);
 
         // The Hub's address is let in: its datagram is taken (and dropped by QUIC as
         // garbage), with no refusal.
@@ -209,20 +217,7 @@ mod tests {
         back.finish().unwrap();
         assert_eq!(recv.read_to_end(64).await.unwrap(), b"pong");
 
-        let stranger = UdpSocket::bind("[::1]:0").unwrap();
-        stranger
-            .connect(SocketAddr::from((
-                std::net::Ipv6Addr::LOCALHOST,
-                endpoint.local_addr().unwrap().port(),
-            )))
-            .unwrap();
-        stranger.set_read_timeout(Some(SOON)).unwrap();
-        stranger.send(&[0x40; 1200]).unwrap();
-        let refused = stranger.recv(&mut [0u8; 64]).unwrap_err();
-        assert_eq!(
-            refused.kind(),
-            io::ErrorKind::ConnectionRefused,
-            "{refused}"
-        );
+        let port = endpoint.local_addr().unwrap().port();
+        a_stranger_is_refused(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));
     }
 }
