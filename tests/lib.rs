@@ -294,6 +294,11 @@ impl TestHub {
         wait_audit(&self.audit, what, pred).await
     }
 
+    /// Waits until exactly `n` of the Hub's audit records match `pred`.
+    pub async fn wait_count(&self, n: usize, what: &str, pred: impl Fn(&AuditRecord) -> bool) {
+        wait_count(&self.audit, n, what, pred).await;
+    }
+
     /// Waits for a refused `svid_rotated` record whose reason contains `why`.
     pub async fn wait_rotation_refused(&self, why: &str) -> AuditRecord {
         self.wait_audit(why, |r| {
@@ -302,6 +307,20 @@ impl TestHub {
                 && r.reason.as_deref().is_some_and(|x| x.contains(why))
         })
         .await
+    }
+}
+
+/// Waits up to [`SOON`] until exactly `n` records of `audit` match `pred`.
+pub async fn wait_count(audit: &Audit, n: usize, what: &str, pred: impl Fn(&AuditRecord) -> bool) {
+    let deadline = tokio::time::Instant::now() + SOON;
+    while audit.records().iter().filter(|r| pred(r)).count() != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {n} {:?} records: {what}; it has: {:#?}",
+            audit.side(),
+            audit.records()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -416,10 +435,7 @@ impl TestClient {
 
     /// Waits until exactly `n` of the Client's audit records match `pred`.
     pub async fn wait_count(&self, n: usize, what: &str, pred: impl Fn(&AuditRecord) -> bool) {
-        poll_until(&format!("{n} client records: {what}"), SOON, || {
-            self.audit.records().iter().filter(|r| pred(r)).count() == n
-        })
-        .await;
+        wait_count(&self.audit, n, what, pred).await;
     }
 }
 

@@ -25,6 +25,18 @@ async fn hostile_hub(hub: &TestHub) -> (SocketAddr, tokio::sync::mpsc::Receiver<
     hostile_hub_granting(hub, None).await
 }
 
+/// Starts `client` against a [`hostile_hub`]: the connection it made, once welcomed (with
+/// the control stream's halves, kept open).
+async fn at_a_hostile_hub(hub: &TestHub, client: &mut TestClient) -> Welcomed {
+    let (addr, mut conns) = hostile_hub(hub).await;
+    client.config.hub = addr.to_string().parse().unwrap();
+    client.start();
+    tokio::time::timeout(SOON, conns.recv())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 /// [`hostile_hub`]; with `Some(window)`, one that grants the Client `window` bytes of unread
 /// data per stream: past the `Hello`, what the Client writes on its control stream waits for
 /// the test to read it.
@@ -138,6 +150,21 @@ async fn ask(conn: &quinn::Connection, bytes: &[u8]) -> Result<Option<QueryHead>
         .map_err(|e| e.to_string())
 }
 
+/// A query to `destination` the Client answered `Opened`: its stream's halves.
+async fn opened(
+    conn: &quinn::Connection,
+    destination: &str,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&open(destination)).await.unwrap();
+    let answer = FrameReader::new()
+        .read::<QueryHead>(&mut recv)
+        .await
+        .unwrap();
+    assert_eq!(answer, Some(QueryHead::Opened));
+    (send, recv)
+}
+
 fn open(destination: &str) -> Vec<u8> {
     frame::encode_to_vec(&QueryHead::Open {
         query_id: QueryId(7),
@@ -171,13 +198,7 @@ async fn p4_neither_side_takes_quic_datagrams_from_its_peer() {
         .send_datagram(bytes::Bytes::from_static(b"x"))
         .is_err());
     // The Client, as a Hub sees it.
-    let (addr, mut conns) = hostile_hub(&hub).await;
-    client.config.hub = addr.to_string().parse().unwrap();
-    client.start();
-    let (conn, _control, _send) = tokio::time::timeout(SOON, conns.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let (conn, _control, _send) = at_a_hostile_hub(&hub, &mut client).await;
     assert_eq!(
         conn.max_datagram_size(),
         None,
@@ -277,20 +298,41 @@ async fn p6_one_identity_holds_at_most_four_sessions_on_the_hub() {
     assert_eq!(hub.handle().connected_clients(), ["acme"]);
 }
 
+/// P4, P11: the reset that ends a query well ([`transport::codes::RESET_AFTER_END`]: the
+/// requester reset its connection after the destination's end reached it) is taken from the Hub
+/// only once that end went: a Hub that sends it while the destination is still talking gets a
+/// failed query on record, and the destination a reset, as for any other reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_p11_a_hubs_reset_claiming_an_end_that_did_not_happen_is_a_failure() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let db = listener.local_addr().unwrap();
+    let (ended, end) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        let _ = ended.send(s.read_to_end(&mut got).await.map_err(|e| e.kind()));
+    });
+    let hub = TestHub::start(&[]).await;
+    let mut client = TestClient::enrol(&hub, "acme", &[("db", db.to_string())]).await;
+    let (conn, _control, _send) = at_a_hostile_hub(&hub, &mut client).await;
+    let (mut send, _recv) = opened(&conn, "db").await;
+    send.reset(transport::codes::RESET_AFTER_END).unwrap();
+    let how = tokio::time::timeout(SOON, end).await.unwrap().unwrap();
+    assert_eq!(how, Err(std::io::ErrorKind::ConnectionReset));
+    let c = client.wait_audit("query", is(Event::Query)).await;
+    assert_eq!(c.outcome, Some(Outcome::Failed), "{c:?}");
+    assert_eq!(c.reason.as_deref(), Some("stream reset by peer (7)"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy() {
     let (db, accepted) = counting_listener().await;
     let hub = TestHub::start(&[]).await;
     let mut client = TestClient::enrol(&hub, "acme", &[("db", db.to_string())]).await;
-    let (addr, mut conns) = hostile_hub(&hub).await;
-    client.config.hub = addr.to_string().parse().unwrap();
     // The hostile side may open as many streams at once as the Client allows.
     client.config.max_queries = 10_000;
-    client.start();
-    let (conn, _control, _send) = tokio::time::timeout(SOON, conns.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let (conn, _control, _send) = at_a_hostile_hub(&hub, &mut client).await;
 
     // Every spelling of a name that is not exactly "db".
     // The longest name a query header holds (4 KiB in all).
@@ -404,14 +446,7 @@ async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy(
         );
     }
     // Still healthy: the real name is served.
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&open("db")).await.unwrap();
-    let answer = FrameReader::new()
-        .read::<QueryHead>(&mut recv)
-        .await
-        .unwrap();
-    assert_eq!(answer, Some(QueryHead::Opened));
-    drop((send, recv));
+    drop(opened(&conn, "db").await);
     poll_until("the real query to connect", SOON, || {
         accepted.load(Ordering::SeqCst) == 1
     })

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ewii_common::audit::Event;
+use ewii_common::audit::{AuditRecord, Event, Outcome};
 use ewii_tests::*;
 use sha2::Digest;
 
@@ -254,8 +254,8 @@ async fn p4_postgresql_answers_sql_through_the_tunnel() {
 /// guide.md). And psql's cancel (Ctrl-C): a second connection carrying the cancel key, which
 /// the tunnel takes to the same database, which stops the running statement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p4_psql_with_tls_and_its_cancel_through_the_tunnel() {
-    let Some((pg, _hub, client, entry)) = tunnelled().await else {
+async fn p4_p11_psql_with_tls_and_its_cancel_through_the_tunnel() {
+    let Some((pg, hub, client, entry)) = tunnelled().await else {
         return;
     };
     let bin = pg.bin.clone();
@@ -283,6 +283,21 @@ async fn p4_psql_with_tls_and_its_cancel_through_the_tunnel() {
     .unwrap();
     assert_eq!(required, "t", "TLS to the database, end to end");
     assert_eq!(verified, "t", "and its certificate checked by name");
+    // psql ends with `Terminate` and its TLS `close_notify`; the database exits on the first,
+    // and its kernel resets the connection when the second came first and is unread: an end,
+    // on both sides, as is the database's FIN when it closed before the second came.
+    let ended_well = |r: &AuditRecord| {
+        r.event == Event::Query
+            && r.outcome == Some(Outcome::Ok)
+            && r.reason.as_deref().is_none_or(|why| {
+                why.starts_with("the destination reset its connection after the requester's end")
+            })
+    };
+    client
+        .wait_count(2, "TLS sessions ended well", ended_well)
+        .await;
+    hub.wait_count(2, "TLS sessions ended well", ended_well)
+        .await;
 
     // A statement that would run 60 s, cancelled once it runs.
     let running = psql_command(

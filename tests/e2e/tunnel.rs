@@ -265,9 +265,7 @@ async fn p4_a_reset_requester_resets_the_destination() {
         };
         let _ = ended.send(how);
     });
-    let hub = TestHub::start(&[Service::tcp("x", "acme", "db")]).await;
-    let client = TestClient::enrol_and_run(&hub, "acme", &[("db", dest.to_string())]).await;
-    hub.wait_connected("acme").await;
+    let (hub, client) = tunnel_to(dest).await;
     let s = TcpStream::connect(hub.service("x")).await.unwrap();
     let mut s = s;
     s.write_all(b"hello").await.unwrap();
@@ -287,6 +285,163 @@ async fn p4_a_reset_requester_resets_the_destination() {
     assert_eq!(c.outcome, Some(Outcome::Failed));
     assert_eq!(c.reason.as_deref(), Some("stream reset by peer (1)"));
     assert_eq!(c.bytes_up, Some(5));
+}
+
+/// The state of the IPv4 TCP socket at `local` connected to `peer`, as `/proc/net/tcp` gives
+/// it (`01` established, `08` close-wait: the peer's FIN arrived).
+fn tcp_state(local: SocketAddr, peer: SocketAddr) -> Option<String> {
+    let addr = |hex: &str| {
+        let (ip, port) = hex.split_once(':').unwrap();
+        let ip = u32::from_str_radix(ip, 16).unwrap().to_le_bytes();
+        SocketAddr::from((ip, u16::from_str_radix(port, 16).unwrap()))
+    };
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        ((addr(f[1]), addr(f[2])) == (local, peer)).then(|| f[3].to_owned())
+    })
+}
+
+/// A Hub whose service `x` reaches `dest` through a connected Client (entry `db`).
+async fn tunnel_to(dest: SocketAddr) -> (TestHub, TestClient) {
+    let hub = TestHub::start(&[Service::tcp("x", "acme", "db")]).await;
+    let client = TestClient::enrol_and_run(&hub, "acme", &[("db", dest.to_string())]).await;
+    hub.wait_connected("acme").await;
+    (hub, client)
+}
+
+/// A query record that ended well for the reason `said`, with these bytes (up, down).
+fn ended_well(r: &ewii_common::audit::AuditRecord, said: &str, (up, down): (u64, u64)) {
+    assert_eq!(r.outcome, Some(Outcome::Ok), "{r:?}");
+    assert_eq!(r.reason.as_deref(), Some(said), "{r:?}");
+    assert_eq!((r.bytes_up, r.bytes_down), (Some(up), Some(down)), "{r:?}");
+}
+
+/// P4, P11: a destination that resets its connection once the requester's end has reached
+/// it, as PostgreSQL over TLS does (it exits on `Terminate` with the client's `close_notify`
+/// unread, and its kernel resets for it), ended its query well: both sides record `ok`, each
+/// saying how it ended. The reset is still passed on: the requester reads the whole answer,
+/// then the reset, as it would from the destination itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_p11_a_destination_that_resets_after_the_requesters_end_ended_its_query_well() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = listener.local_addr().unwrap();
+    let answer = pattern(100_000, 7);
+    let sent = answer.clone();
+    tokio::spawn(async move {
+        let (mut s, peer) = listener.accept().await.unwrap();
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await.unwrap();
+        s.write_all(&sent).await.unwrap();
+        // The requester's FIN arrived, behind bytes this side leaves unread: the close is a
+        // reset.
+        poll_until("the requester's end at the destination", SOON, || {
+            tcp_state(dest, peer).as_deref() == Some("08")
+        })
+        .await;
+        drop(s);
+    });
+    let (hub, client) = tunnel_to(dest).await;
+    let mut s = TcpStream::connect(hub.service("x")).await.unwrap();
+    let request = b"hello, and more the destination never reads";
+    s.write_all(request).await.unwrap();
+    let mut got = vec![0; answer.len()];
+    tokio::time::timeout(SOON, s.read_exact(&mut got))
+        .await
+        .expect("the answer in time")
+        .unwrap();
+    assert!(got == answer, "the answer, byte for byte");
+    s.shutdown().await.unwrap();
+    let end = tokio::time::timeout(SOON, s.read(&mut [0; 16]))
+        .await
+        .expect("the end in time");
+    assert_eq!(
+        end.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the destination's reset, passed on"
+    );
+    let said = "the destination reset its connection after the requester's end reached it";
+    let bytes = (request.len() as u64, 100_000);
+    let c = client.wait_audit("query", is(Event::Query)).await;
+    ended_well(&c, said, bytes);
+    let h = hub.wait_audit("query", is(Event::Query)).await;
+    ended_well(&h, &format!("{said} (said by the Client)"), bytes);
+}
+
+/// The requester's end travels behind its last bytes, so a destination that resets as it
+/// reads them (PostgreSQL over TLS reads `Terminate` and exits) can reset before that end has
+/// reached it through the tunnel, where it would have been there first without one. A reset is
+/// taken as an end when the requester's end follows within the grace with nothing more to
+/// write: here it follows 20 ms after the destination reset (and a requester that never ends
+/// reads a failure: `p4_a_reset_destination_resets_the_requester`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_p11_a_reset_just_before_the_requesters_end_arrives_is_an_end() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = listener.local_addr().unwrap();
+    let (reset, was_reset) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.read_exact(&mut [0; 3]).await.unwrap();
+        s.set_zero_linger().unwrap();
+        drop(s);
+        let _ = reset.send(());
+    });
+    let (hub, client) = tunnel_to(dest).await;
+    let mut s = TcpStream::connect(hub.service("x")).await.unwrap();
+    s.write_all(b"bye").await.unwrap();
+    tokio::time::timeout(SOON, was_reset)
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.shutdown().await.unwrap();
+    let end = tokio::time::timeout(SOON, s.read(&mut [0; 16]))
+        .await
+        .expect("the end in time");
+    assert_eq!(
+        end.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+    let c = client.wait_audit("query", is(Event::Query)).await;
+    assert_eq!(c.outcome, Some(Outcome::Ok), "{c:?}");
+    let h = hub.wait_audit("query", is(Event::Query)).await;
+    assert_eq!(h.outcome, Some(Outcome::Ok), "{h:?}");
+}
+
+/// The other direction of the test above: a requester that resets its connection once the
+/// destination's end has reached it (it read the answer to its end, then closed with SO_LINGER
+/// 0) ended its query well on both sides, and the destination reads the reset, passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_p11_a_requester_that_resets_after_the_destinations_end_ended_its_query_well() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = listener.local_addr().unwrap();
+    let (ended, end) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await.unwrap();
+        s.write_all(b"the whole answer").await.unwrap();
+        s.shutdown().await.unwrap();
+        let _ = ended.send(s.read(&mut [0; 16]).await.map_err(|e| e.kind()));
+    });
+    let (hub, client) = tunnel_to(dest).await;
+    let mut s = TcpStream::connect(hub.service("x")).await.unwrap();
+    s.write_all(b"hello").await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(SOON, s.read_to_end(&mut back))
+        .await
+        .expect("the answer and its end in time")
+        .unwrap();
+    assert_eq!(back, b"the whole answer");
+    s.set_zero_linger().unwrap();
+    drop(s);
+    let how = tokio::time::timeout(SOON, end).await.unwrap().unwrap();
+    assert_eq!(how, Err(std::io::ErrorKind::ConnectionReset), "passed on");
+    let said = "the requester reset its connection after the destination's end reached it";
+    let h = hub.wait_audit("query", is(Event::Query)).await;
+    ended_well(&h, said, (5, 16));
+    let c = client.wait_audit("query", is(Event::Query)).await;
+    ended_well(&c, &format!("{said} (said by the Hub)"), (5, 16));
 }
 
 #[tokio::test]

@@ -56,15 +56,34 @@ enum QueryError {
     /// `ShuttingDown`, nothing dialled.
     #[error("the Client is stopping: it takes no new query")]
     Stopping,
+    /// The destination reset its connection after the requester's end had reached it: the
+    /// query ended well ([`PipeError::TcpResetAfterEnd`]).
+    #[error("the destination reset its connection after the requester's end reached it")]
+    DestinationResetAfterEnd,
+    /// The requester reset its connection after the destination's end had reached it, as the
+    /// Hub said ([`PipeError::PeerResetAfterEnd`]): the query ended well.
+    #[error("the requester reset its connection after the destination's end reached it (said by the Hub)")]
+    RequesterResetAfterEnd,
     /// The pipe broke.
     #[error(transparent)]
-    Pipe(#[from] PipeError),
+    Pipe(PipeError),
+}
+
+impl From<PipeError> for QueryError {
+    fn from(e: PipeError) -> Self {
+        match e {
+            PipeError::TcpResetAfterEnd => Self::DestinationResetAfterEnd,
+            PipeError::PeerResetAfterEnd => Self::RequesterResetAfterEnd,
+            e => Self::Pipe(e),
+        }
+    }
 }
 
 impl QueryError {
     fn outcome(&self) -> Outcome {
         match self {
             Self::Dial(DialError::NotAllowed(_)) => Outcome::Refused,
+            Self::DestinationResetAfterEnd | Self::RequesterResetAfterEnd => Outcome::Ok,
             _ => Outcome::Failed,
         }
     }

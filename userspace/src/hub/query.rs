@@ -472,9 +472,20 @@ async fn forward<S: TcpLike>(
         Some(PipeError::NoAnswer(_)) => (Outcome::Failed, false),
         // Policy again: the caller is no longer trusted. What it moved until then is counted.
         Some(PipeError::Cut(_)) => (Outcome::Refused, true),
+        // A reset after the other party's end: how the query ended, not a failure.
+        Some(e) if e.is_end() => (Outcome::Ok, true),
         Some(_) => (Outcome::Failed, true),
     };
-    let mut r = log.record(outcome, report.error.as_ref().map(ToString::to_string));
+    let reason = report.error.as_ref().map(|e| match e {
+        PipeError::TcpResetAfterEnd => {
+            "the requester reset its connection after the destination's end reached it".into()
+        }
+        PipeError::PeerResetAfterEnd => "the destination reset its connection after the \
+             requester's end reached it (said by the Client)"
+            .into(),
+        e => e.to_string(),
+    });
+    let mut r = log.record(outcome, reason);
     if record_bytes {
         r.bytes_up = Some(report.tcp_to_stream);
         r.bytes_down = Some(report.stream_to_tcp);

@@ -8,6 +8,15 @@
 //! Semantics: a TCP FIN becomes a stream FIN and the other way round (half-close); a TCP
 //! reset or any I/O error aborts both directions, and a stream reset becomes a TCP RST.
 //!
+//! A TCP peer's reset once the other party's end (its FIN, passed on) has reached it is passed
+//! on the same way, but it ends the query well ([`PipeError::is_end`]): it is how many servers
+//! close. PostgreSQL over TLS, say, exits on the client's `Terminate` with the client's
+//! `close_notify` unread, and its kernel resets the connection for it. The stream reset then
+//! carries [`codes::RESET_AFTER_END`], so that the peer's side records the same. The client's
+//! FIN travels a moment behind its last bytes, so the reset can come first here where the
+//! client had ended first: a reset is taken as an end too when that end arrives within
+//! [`RESET_GRACE`] with nothing more to write.
+//!
 //! On the Hub the pipe starts before the Client has answered `Open` ([`Start::AwaitAnswer`]):
 //! the requester's first bytes travel right behind `Open` instead of a round trip later, and
 //! nothing goes back to the requester until the answer is `Opened`. A refused query discards
@@ -31,6 +40,13 @@ const MIN_READ: usize = 4 * 1024;
 const MAX_READ: usize = 64 * 1024;
 /// Chunks taken off a QUIC stream at once and written to TCP with one `writev`.
 const WRITE_BATCH: usize = 32;
+
+/// How long a TCP reset waits for the other party's end, on its way behind its last bytes,
+/// before it is taken as a failure (a reset after that end is an end: [`PipeError::is_end`]).
+/// What limits it is the gap between a party's last bytes and its FIN, not the path's round
+/// trip: the two travel together. A requester whose destination resets mid-conversation, while
+/// it sends nothing, reads the reset this much later.
+pub(crate) const RESET_GRACE: Duration = Duration::from_millis(100);
 
 /// How long a finished query waits for the peer to read its last bytes.
 pub(crate) const FINISH_WAIT: Duration = Duration::from_secs(10);
@@ -59,6 +75,16 @@ pub enum PipeError {
     /// The TCP peer reset its connection.
     #[error("tcp connection reset")]
     TcpReset,
+    /// The TCP peer reset its connection once the other party's end (the stream's FIN) had
+    /// reached it: an end, not a failure. The stream is reset with
+    /// [`codes::RESET_AFTER_END`].
+    #[error("tcp connection reset after the other party's end reached it")]
+    TcpResetAfterEnd,
+    /// The peer reset the stream with [`codes::RESET_AFTER_END`] once this side's TCP peer had
+    /// ended its side: the peer's TCP peer reset its connection after that end reached it. The
+    /// TCP side is reset as for any stream reset.
+    #[error("the other party reset its connection after this one's end reached it")]
+    PeerResetAfterEnd,
     /// The QUIC peer reset the stream with this application code.
     #[error("stream reset by peer ({0})")]
     StreamReset(u64),
@@ -81,6 +107,14 @@ pub enum PipeError {
     /// the stream belongs to ended: not a decision about the query.
     #[error("{0}")]
     Ended(String),
+}
+
+impl PipeError {
+    /// Whether this is a reset after the other party's end ([`Self::TcpResetAfterEnd`],
+    /// [`Self::PeerResetAfterEnd`]): the query ended well, and its record says how.
+    pub fn is_end(&self) -> bool {
+        matches!(self, Self::TcpResetAfterEnd | Self::PeerResetAfterEnd)
+    }
 }
 
 /// What comes off the stream before the peer's raw bytes.
@@ -153,7 +187,10 @@ pub async fn pipe_until<S: TcpLike>(
     let stopped_early = AtomicBool::new(false);
     // Also watched while the last bytes are delivered (below).
     let drained = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(cut, ended, drained);
+    // A TCP reset while the stream's end has yet to reach the TCP peer: that end is awaited
+    // for [`RESET_GRACE`].
+    let grace = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(cut, ended, drained, grace);
     // The connection's end, while what the stream holds is delivered.
     let mut lost: Option<PipeError> = None;
     // Set when the connection's end cut a pipe whose stream side had reached the TCP peer
@@ -179,6 +216,10 @@ pub async fn pipe_until<S: TcpLike>(
         };
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
+        // The TCP peer's FIN passed on as the stream's.
+        let mut up_ended = false;
+        // The TCP peer reset its connection before the stream's end reached it.
+        let mut reset_early = false;
         // A Client that refuses stops the stream as it answers: the stop may overtake the
         // `Refused` frame, so an upload that fails on the stream before the answer waits for
         // it (bounded by the answer's timeout). A TCP error ends the query at once.
@@ -186,7 +227,18 @@ pub async fn pipe_until<S: TcpLike>(
         loop {
             tokio::select! {
                 res = &mut up, if !up_done => match res {
-                    Ok(()) => up_done = true,
+                    Ok(()) => (up_done, up_ended) = (true, true),
+                    // An end: every byte before the reset was read (Linux hands those over
+                    // first), and the other party has said all it had to.
+                    Err(PipeError::TcpReset) if down_done => break Some(PipeError::TcpResetAfterEnd),
+                    // The other party's end may be on its way, only behind: a client that
+                    // sends its last bytes and closes, to a server that resets as it reads
+                    // them (PostgreSQL over TLS), has ended first, but its FIN comes through
+                    // the tunnel a moment after those bytes.
+                    Err(PipeError::TcpReset) if answered.load(Ordering::Relaxed) => {
+                        (up_done, reset_early) = (true, true);
+                        grace.as_mut().reset(tokio::time::Instant::now() + RESET_GRACE);
+                    }
                     Err(e @ PipeError::StreamWrite(_)) if !answered.load(Ordering::Relaxed) => {
                         up_done = true;
                         up_error = Some(e);
@@ -195,6 +247,8 @@ pub async fn pipe_until<S: TcpLike>(
                     Err(e) => break Some(e),
                 },
                 res = &mut down, if !down_done => match res {
+                    // Its end came with nothing more to write to the reset connection.
+                    Ok(()) if reset_early => break Some(PipeError::TcpResetAfterEnd),
                     Ok(()) => {
                         down_done = true;
                         if let (false, Some(e)) = (up_done, lost.take()) {
@@ -202,8 +256,18 @@ pub async fn pipe_until<S: TcpLike>(
                             break Some(e);
                         }
                     }
+                    // Taken at the peer's word only once this side's end went: the peer's TCP
+                    // peer could not have seen it before.
+                    Err(PipeError::StreamReset(code))
+                        if code == codes::RESET_AFTER_END.into_inner() && up_ended =>
+                    {
+                        break Some(PipeError::PeerResetAfterEnd)
+                    }
+                    // Bytes that could not go to the reset connection: the reset stands.
+                    Err(_) if reset_early => break Some(PipeError::TcpReset),
                     Err(e) => break Some(e),
                 },
+                () = &mut grace, if reset_early => break Some(PipeError::TcpReset),
                 e = &mut cut => break Some(e),
                 e = &mut ended, if lost.is_none() => {
                     if down_done {
@@ -235,6 +299,7 @@ pub async fn pipe_until<S: TcpLike>(
         // Abort everything: the peer sees a stream reset, the TCP peer an RST.
         let code = match e {
             PipeError::NoAnswer(_) => codes::PROTOCOL,
+            PipeError::TcpResetAfterEnd => codes::RESET_AFTER_END,
             _ => codes::ABORTED,
         };
         let _ = send.reset(code);
