@@ -298,33 +298,6 @@ async fn p6_one_identity_holds_at_most_four_sessions_on_the_hub() {
     assert_eq!(hub.handle().connected_clients(), ["acme"]);
 }
 
-/// P4, P11: the reset that ends a query well ([`transport::codes::RESET_AFTER_END`]: the
-/// requester reset its connection after the destination's end reached it) is taken from the Hub
-/// only once that end went: a Hub that sends it while the destination is still talking gets a
-/// failed query on record, and the destination a reset, as for any other reset.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p4_p11_a_hubs_reset_claiming_an_end_that_did_not_happen_is_a_failure() {
-    use tokio::io::AsyncReadExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let db = listener.local_addr().unwrap();
-    let (ended, end) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut got = Vec::new();
-        let _ = ended.send(s.read_to_end(&mut got).await.map_err(|e| e.kind()));
-    });
-    let hub = TestHub::start(&[]).await;
-    let mut client = TestClient::enrol(&hub, "acme", &[("db", db.to_string())]).await;
-    let (conn, _control, _send) = at_a_hostile_hub(&hub, &mut client).await;
-    let (mut send, _recv) = opened(&conn, "db").await;
-    send.reset(transport::codes::RESET_AFTER_END).unwrap();
-    let how = tokio::time::timeout(SOON, end).await.unwrap().unwrap();
-    assert_eq!(how, Err(std::io::ErrorKind::ConnectionReset));
-    let c = client.wait_audit("query", is(Event::Query)).await;
-    assert_eq!(c.outcome, Some(Outcome::Failed), "{c:?}");
-    assert_eq!(c.reason.as_deref(), Some("stream reset by peer (7)"));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p4_a_hostile_hub_gets_refusals_with_codes_and_the_client_stays_healthy() {
     let (db, accepted) = counting_listener().await;

@@ -288,8 +288,9 @@ async fn p4_a_reset_requester_resets_the_destination() {
 }
 
 /// The state of the IPv4 TCP socket at `local` connected to `peer`, as `/proc/net/tcp` gives
-/// it (`01` established, `08` close-wait: the peer's FIN arrived).
-fn tcp_state(local: SocketAddr, peer: SocketAddr) -> Option<String> {
+/// it (`01` established, `08` close-wait: the peer's FIN arrived), and its send queue (bytes
+/// not yet acknowledged).
+fn tcp_state(local: SocketAddr, peer: SocketAddr) -> Option<(String, usize)> {
     let addr = |hex: &str| {
         let (ip, port) = hex.split_once(':').unwrap();
         let ip = u32::from_str_radix(ip, 16).unwrap().to_le_bytes();
@@ -298,7 +299,8 @@ fn tcp_state(local: SocketAddr, peer: SocketAddr) -> Option<String> {
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
     table.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
-        ((addr(f[1]), addr(f[2])) == (local, peer)).then(|| f[3].to_owned())
+        let queued = usize::from_str_radix(f[4].split_once(':').unwrap().0, 16).unwrap();
+        ((addr(f[1]), addr(f[2])) == (local, peer)).then(|| (f[3].to_owned(), queued))
     })
 }
 
@@ -310,33 +312,40 @@ async fn tunnel_to(dest: SocketAddr) -> (TestHub, TestClient) {
     (hub, client)
 }
 
-/// A query record that ended well for the reason `said`, with these bytes (up, down).
-fn ended_well(r: &ewii_common::audit::AuditRecord, said: &str, (up, down): (u64, u64)) {
+/// A query record that ended well, for the reason `said` (none for a plain end), with these
+/// bytes (up, down).
+fn ended_well(r: &ewii_common::audit::AuditRecord, said: Option<&str>, (up, down): (u64, u64)) {
     assert_eq!(r.outcome, Some(Outcome::Ok), "{r:?}");
-    assert_eq!(r.reason.as_deref(), Some(said), "{r:?}");
+    assert_eq!(r.reason.as_deref(), said, "{r:?}");
     assert_eq!((r.bytes_up, r.bytes_down), (Some(up), Some(down)), "{r:?}");
 }
 
 /// P4, P11: a destination that resets its connection once the requester's end has reached
 /// it, as PostgreSQL over TLS does (it exits on `Terminate` with the client's `close_notify`
-/// unread, and its kernel resets for it), ended its query well: both sides record `ok`, each
-/// saying how it ended. The reset is still passed on: the requester reads the whole answer,
-/// then the reset, as it would from the destination itself.
+/// unread, and its kernel resets for it), ended its query well, and lost none of its answer:
+/// here it writes 1 MiB after the requester's FIN arrived, and resets as soon as its kernel
+/// has handed the last byte over (a stream reset would have let the tunnel drop what it had
+/// not yet passed on). The requester reads every byte, then the end of the stream (where a
+/// direct connection reads a reset after the same bytes); the Client records the reset, the
+/// Hub a plain end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p4_p11_a_destination_that_resets_after_the_requesters_end_ended_its_query_well() {
+async fn p4_p11_a_destination_that_resets_after_the_requesters_end_loses_no_byte_of_its_answer() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dest = listener.local_addr().unwrap();
-    let answer = pattern(100_000, 7);
+    let answer = pattern(1 << 20, 7);
     let sent = answer.clone();
     tokio::spawn(async move {
         let (mut s, peer) = listener.accept().await.unwrap();
-        let mut head = [0u8; 5];
-        s.read_exact(&mut head).await.unwrap();
-        s.write_all(&sent).await.unwrap();
+        s.read_exact(&mut [0; 5]).await.unwrap();
         // The requester's FIN arrived, behind bytes this side leaves unread: the close is a
         // reset.
         poll_until("the requester's end at the destination", SOON, || {
-            tcp_state(dest, peer).as_deref() == Some("08")
+            tcp_state(dest, peer).is_some_and(|(state, _)| state == "08")
+        })
+        .await;
+        s.write_all(&sent).await.unwrap();
+        poll_until("the answer acknowledged", SOON, || {
+            tcp_state(dest, peer).is_some_and(|(_, queued)| queued == 0)
         })
         .await;
         drop(s);
@@ -345,27 +354,56 @@ async fn p4_p11_a_destination_that_resets_after_the_requesters_end_ended_its_que
     let mut s = TcpStream::connect(hub.service("x")).await.unwrap();
     let request = b"hello, and more the destination never reads";
     s.write_all(request).await.unwrap();
-    let mut got = vec![0; answer.len()];
-    tokio::time::timeout(SOON, s.read_exact(&mut got))
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(SOON, s.read_to_end(&mut got))
         .await
         .expect("the answer in time")
-        .unwrap();
-    assert!(got == answer, "the answer, byte for byte");
+        .expect("every byte, then the end of the stream");
+    assert!(got == answer, "{} bytes of {}", got.len(), answer.len());
+    let bytes = (request.len() as u64, 1 << 20);
+    let c = client.wait_audit("query", is(Event::Query)).await;
+    let said = "the destination reset its connection after the requester's end reached it; \
+                passed on as the end of the stream";
+    ended_well(&c, Some(said), bytes);
+    let h = hub.wait_audit("query", is(Event::Query)).await;
+    ended_well(&h, None, bytes);
+}
+
+/// A destination's reset after the requester's end went is an end only if every byte before
+/// that end reached the destination: one that stops reading (its receive buffer is 4 KiB
+/// here) and resets with the requester's 256 KiB still queued in the Client's socket, which
+/// the reset purges, failed the query, on both sides, and the requester reads the reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p4_p11_a_reset_that_purges_the_requesters_bytes_is_a_failure_after_its_end_too() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(16).unwrap();
+    let dest = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.read_exact(&mut [0; 1024]).await.unwrap();
+        // The rest, and the requester's end, wait in the Client's socket.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(s);
+    });
+    let (hub, client) = tunnel_to(dest).await;
+    let mut s = TcpStream::connect(hub.service("x")).await.unwrap();
+    s.write_all(&pattern(256 * 1024, 3)).await.unwrap();
     s.shutdown().await.unwrap();
     let end = tokio::time::timeout(SOON, s.read(&mut [0; 16]))
         .await
         .expect("the end in time");
     assert_eq!(
         end.map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::ConnectionReset),
-        "the destination's reset, passed on"
+        Err(std::io::ErrorKind::ConnectionReset)
     );
-    let said = "the destination reset its connection after the requester's end reached it";
-    let bytes = (request.len() as u64, 100_000);
     let c = client.wait_audit("query", is(Event::Query)).await;
-    ended_well(&c, said, bytes);
+    assert_eq!(c.outcome, Some(Outcome::Failed), "{c:?}");
+    assert_eq!(c.reason.as_deref(), Some("tcp connection reset"));
     let h = hub.wait_audit("query", is(Event::Query)).await;
-    ended_well(&h, &format!("{said} (said by the Client)"), bytes);
+    assert_eq!(h.outcome, Some(Outcome::Failed), "{h:?}");
 }
 
 /// The requester's end travels behind its last bytes, so a destination that resets as it
@@ -398,19 +436,17 @@ async fn p4_p11_a_reset_just_before_the_requesters_end_arrives_is_an_end() {
     let end = tokio::time::timeout(SOON, s.read(&mut [0; 16]))
         .await
         .expect("the end in time");
-    assert_eq!(
-        end.map_err(|e| e.kind()),
-        Err(std::io::ErrorKind::ConnectionReset)
-    );
+    assert_eq!(end.map_err(|e| e.kind()), Ok(0), "the end of the stream");
     let c = client.wait_audit("query", is(Event::Query)).await;
     assert_eq!(c.outcome, Some(Outcome::Ok), "{c:?}");
     let h = hub.wait_audit("query", is(Event::Query)).await;
     assert_eq!(h.outcome, Some(Outcome::Ok), "{h:?}");
 }
 
-/// The other direction of the test above: a requester that resets its connection once the
+/// The other direction of the tests above: a requester that resets its connection once the
 /// destination's end has reached it (it read the answer to its end, then closed with SO_LINGER
-/// 0) ended its query well on both sides, and the destination reads the reset, passed on.
+/// 0) ended its query well on both sides, the Hub saying how; the destination reads the end of
+/// the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p4_p11_a_requester_that_resets_after_the_destinations_end_ended_its_query_well() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -418,8 +454,7 @@ async fn p4_p11_a_requester_that_resets_after_the_destinations_end_ended_its_que
     let (ended, end) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        let mut head = [0u8; 5];
-        s.read_exact(&mut head).await.unwrap();
+        s.read_exact(&mut [0; 5]).await.unwrap();
         s.write_all(b"the whole answer").await.unwrap();
         s.shutdown().await.unwrap();
         let _ = ended.send(s.read(&mut [0; 16]).await.map_err(|e| e.kind()));
@@ -436,12 +471,13 @@ async fn p4_p11_a_requester_that_resets_after_the_destinations_end_ended_its_que
     s.set_zero_linger().unwrap();
     drop(s);
     let how = tokio::time::timeout(SOON, end).await.unwrap().unwrap();
-    assert_eq!(how, Err(std::io::ErrorKind::ConnectionReset), "passed on");
-    let said = "the requester reset its connection after the destination's end reached it";
+    assert_eq!(how, Ok(0), "the end of the stream");
     let h = hub.wait_audit("query", is(Event::Query)).await;
-    ended_well(&h, said, (5, 16));
+    let said = "the requester reset its connection after the destination's end reached it; \
+                passed on as the end of the stream";
+    ended_well(&h, Some(said), (5, 16));
     let c = client.wait_audit("query", is(Event::Query)).await;
-    ended_well(&c, &format!("{said} (said by the Hub)"), (5, 16));
+    ended_well(&c, None, (5, 16));
 }
 
 #[tokio::test]

@@ -27,7 +27,7 @@ pub mod client;
 pub(crate) mod clock;
 pub mod config;
 #[allow(unsafe_code)]
-// raw syscalls of the probes, the eBPF map types, mallopt, one socket option; nowhere else
+// raw syscalls of the probes, the eBPF map types, mallopt, two socket options; nowhere else
 pub mod enforce;
 pub mod hub;
 pub mod identity;

@@ -57,13 +57,10 @@ enum QueryError {
     #[error("the Client is stopping: it takes no new query")]
     Stopping,
     /// The destination reset its connection after the requester's end had reached it: the
-    /// query ended well ([`PipeError::TcpResetAfterEnd`]).
-    #[error("the destination reset its connection after the requester's end reached it")]
+    /// query ended well ([`PipeError::TcpResetAfterEnd`]), and the Hub was sent the end of the
+    /// stream.
+    #[error("the destination reset its connection after the requester's end reached it; passed on as the end of the stream")]
     DestinationResetAfterEnd,
-    /// The requester reset its connection after the destination's end had reached it, as the
-    /// Hub said ([`PipeError::PeerResetAfterEnd`]): the query ended well.
-    #[error("the requester reset its connection after the destination's end reached it (said by the Hub)")]
-    RequesterResetAfterEnd,
     /// The pipe broke.
     #[error(transparent)]
     Pipe(PipeError),
@@ -73,7 +70,6 @@ impl From<PipeError> for QueryError {
     fn from(e: PipeError) -> Self {
         match e {
             PipeError::TcpResetAfterEnd => Self::DestinationResetAfterEnd,
-            PipeError::PeerResetAfterEnd => Self::RequesterResetAfterEnd,
             e => Self::Pipe(e),
         }
     }
@@ -83,7 +79,7 @@ impl QueryError {
     fn outcome(&self) -> Outcome {
         match self {
             Self::Dial(DialError::NotAllowed(_)) => Outcome::Refused,
-            Self::DestinationResetAfterEnd | Self::RequesterResetAfterEnd => Outcome::Ok,
+            Self::DestinationResetAfterEnd => Outcome::Ok,
             _ => Outcome::Failed,
         }
     }

@@ -30,6 +30,7 @@ pub mod privileges;
 pub mod probe;
 pub mod seccomp;
 pub mod steer;
+pub mod tcp_info;
 
 #[cfg(feature = "ebpf")]
 pub mod ebpf;

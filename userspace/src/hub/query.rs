@@ -473,15 +473,12 @@ async fn forward<S: TcpLike>(
         // Policy again: the caller is no longer trusted. What it moved until then is counted.
         Some(PipeError::Cut(_)) => (Outcome::Refused, true),
         // A reset after the other party's end: how the query ended, not a failure.
-        Some(e) if e.is_end() => (Outcome::Ok, true),
+        Some(PipeError::TcpResetAfterEnd) => (Outcome::Ok, true),
         Some(_) => (Outcome::Failed, true),
     };
     let reason = report.error.as_ref().map(|e| match e {
-        PipeError::TcpResetAfterEnd => {
-            "the requester reset its connection after the destination's end reached it".into()
-        }
-        PipeError::PeerResetAfterEnd => "the destination reset its connection after the \
-             requester's end reached it (said by the Client)"
+        PipeError::TcpResetAfterEnd => "the requester reset its connection after the \
+             destination's end reached it; passed on as the end of the stream"
             .into(),
         e => e.to_string(),
     });

@@ -147,9 +147,6 @@ pub mod codes {
     /// The Hub no longer trusts the CA of the session's SVID (it left the bundle of its trust
     /// domain); the reason says which.
     pub const UNTRUSTED: VarInt = VarInt::from_u32(6);
-    /// A query's stream reset because this side's TCP peer reset its connection after the
-    /// other party's end had reached it: passed on as a reset, but the query ended well.
-    pub const RESET_AFTER_END: VarInt = VarInt::from_u32(7);
 }
 
 /// Why a TLS or QUIC configuration could not be built.

@@ -8,13 +8,18 @@
 //! Semantics: a TCP FIN becomes a stream FIN and the other way round (half-close); a TCP
 //! reset or any I/O error aborts both directions, and a stream reset becomes a TCP RST.
 //!
-//! A TCP peer's reset once the other party's end (its FIN, passed on) has reached it is passed
-//! on the same way, but it ends the query well ([`PipeError::is_end`]): it is how many servers
-//! close. PostgreSQL over TLS, say, exits on the client's `Terminate` with the client's
-//! `close_notify` unread, and its kernel resets the connection for it. The stream reset then
-//! carries [`codes::RESET_AFTER_END`], so that the peer's side records the same. The client's
-//! FIN travels a moment behind its last bytes, so the reset can come first here where the
-//! client had ended first: a reset is taken as an end too when that end arrives within
+//! One reset is an end instead ([`PipeError::TcpResetAfterEnd`]): the TCP peer's, once the
+//! other party's end (its FIN, passed on) and every byte before it have reached the peer's
+//! kernel (it acknowledged them). It is how many servers close: PostgreSQL over TLS, say,
+//! exits on the client's `Terminate` with the client's `close_notify` unread, and its kernel
+//! resets the connection for it. The other party has nothing left to send, and the reset can
+//! no longer refuse anything it sent; what the reset could still cost is the TCP peer's last
+//! bytes, which Linux hands over before the reset and a QUIC stream reset would discard (quinn
+//! drops what it has not sent, and the peer's quinn what it holds unread). So the stream ends
+//! with a FIN behind those bytes: the other party reads every one of them and then the end of
+//! the stream, where a direct connection would read the same bytes and then a reset. The
+//! other party's FIN travels a moment behind its last bytes, so the reset can come first here
+//! where that party had ended first: it is taken as an end too when that end arrives within
 //! [`RESET_GRACE`] with nothing more to write.
 //!
 //! On the Hub the pipe starts before the Client has answered `Open` ([`Start::AwaitAnswer`]):
@@ -42,10 +47,12 @@ const MAX_READ: usize = 64 * 1024;
 const WRITE_BATCH: usize = 32;
 
 /// How long a TCP reset waits for the other party's end, on its way behind its last bytes,
-/// before it is taken as a failure (a reset after that end is an end: [`PipeError::is_end`]).
-/// What limits it is the gap between a party's last bytes and its FIN, not the path's round
-/// trip: the two travel together. A requester whose destination resets mid-conversation, while
-/// it sends nothing, reads the reset this much later.
+/// before it is taken as a failure (a reset after that end is an end:
+/// [`PipeError::TcpResetAfterEnd`]). What it must cover is the gap between a party's last
+/// bytes and its FIN, which travel together, not the path's round trip; a FIN whose packet is
+/// lost takes a retransmission and misses it (a failure on record, never an end that was not).
+/// On either side, a party whose TCP peer resets mid-conversation while that party sends
+/// nothing reads the reset this much later.
 pub(crate) const RESET_GRACE: Duration = Duration::from_millis(100);
 
 /// How long a finished query waits for the peer to read its last bytes.
@@ -75,16 +82,11 @@ pub enum PipeError {
     /// The TCP peer reset its connection.
     #[error("tcp connection reset")]
     TcpReset,
-    /// The TCP peer reset its connection once the other party's end (the stream's FIN) had
-    /// reached it: an end, not a failure. The stream is reset with
-    /// [`codes::RESET_AFTER_END`].
+    /// The TCP peer reset its connection once the other party's end (the stream's FIN, passed
+    /// on) and every byte before it had reached it, or that end followed within
+    /// [`RESET_GRACE`] with nothing more: an end, not a failure. The stream ends with a FIN.
     #[error("tcp connection reset after the other party's end reached it")]
     TcpResetAfterEnd,
-    /// The peer reset the stream with [`codes::RESET_AFTER_END`] once this side's TCP peer had
-    /// ended its side: the peer's TCP peer reset its connection after that end reached it. The
-    /// TCP side is reset as for any stream reset.
-    #[error("the other party reset its connection after this one's end reached it")]
-    PeerResetAfterEnd,
     /// The QUIC peer reset the stream with this application code.
     #[error("stream reset by peer ({0})")]
     StreamReset(u64),
@@ -109,14 +111,6 @@ pub enum PipeError {
     Ended(String),
 }
 
-impl PipeError {
-    /// Whether this is a reset after the other party's end ([`Self::TcpResetAfterEnd`],
-    /// [`Self::PeerResetAfterEnd`]): the query ended well, and its record says how.
-    pub fn is_end(&self) -> bool {
-        matches!(self, Self::TcpResetAfterEnd | Self::PeerResetAfterEnd)
-    }
-}
-
 /// What comes off the stream before the peer's raw bytes.
 #[derive(Debug)]
 pub enum Start {
@@ -132,6 +126,9 @@ pub enum Start {
 pub trait TcpLike: AsyncRead + AsyncWrite + Unpin + Send {
     /// Closes the connection with an RST instead of a FIN.
     fn abort(self);
+    /// Whether the TCP peer's kernel acknowledged the first `written` bytes written to this
+    /// stream; `false` when that cannot be told.
+    fn acknowledged(&self, written: u64) -> bool;
 }
 
 impl TcpLike for TcpStream {
@@ -139,11 +136,20 @@ impl TcpLike for TcpStream {
         // SO_LINGER 0: close() sends RST and does not block.
         let _ = self.set_zero_linger();
     }
+
+    fn acknowledged(&self, written: u64) -> bool {
+        crate::enforce::tcp_info::bytes_acked(self).is_ok_and(|acked| acked >= written)
+    }
 }
 
 impl TcpLike for tokio_rustls::server::TlsStream<TcpStream> {
     fn abort(self) {
         let _ = self.get_ref().0.set_zero_linger();
+    }
+
+    /// Cannot be told: what the pipe writes is the plaintext, and TLS records add to it.
+    fn acknowledged(&self, _: u64) -> bool {
+        false
     }
 }
 
@@ -216,8 +222,6 @@ pub async fn pipe_until<S: TcpLike>(
         };
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
-        // The TCP peer's FIN passed on as the stream's.
-        let mut up_ended = false;
         // The TCP peer reset its connection before the stream's end reached it.
         let mut reset_early = false;
         // A Client that refuses stops the stream as it answers: the stop may overtake the
@@ -227,15 +231,16 @@ pub async fn pipe_until<S: TcpLike>(
         loop {
             tokio::select! {
                 res = &mut up, if !up_done => match res {
-                    Ok(()) => (up_done, up_ended) = (true, true),
-                    // An end: every byte before the reset was read (Linux hands those over
-                    // first), and the other party has said all it had to.
+                    Ok(()) => up_done = true,
+                    // An end (once the TCP peer is found to have every byte, below): every
+                    // byte before the reset was read (Linux hands those over first), and the
+                    // other party has said all it had to.
                     Err(PipeError::TcpReset) if down_done => break Some(PipeError::TcpResetAfterEnd),
                     // The other party's end may be on its way, only behind: a client that
                     // sends its last bytes and closes, to a server that resets as it reads
                     // them (PostgreSQL over TLS), has ended first, but its FIN comes through
                     // the tunnel a moment after those bytes.
-                    Err(PipeError::TcpReset) if answered.load(Ordering::Relaxed) => {
+                    Err(PipeError::TcpReset) if !down_done && answered.load(Ordering::Relaxed) => {
                         (up_done, reset_early) = (true, true);
                         grace.as_mut().reset(tokio::time::Instant::now() + RESET_GRACE);
                     }
@@ -255,13 +260,6 @@ pub async fn pipe_until<S: TcpLike>(
                             delivered = true;
                             break Some(e);
                         }
-                    }
-                    // Taken at the peer's word only once this side's end went: the peer's TCP
-                    // peer could not have seen it before.
-                    Err(PipeError::StreamReset(code))
-                        if code == codes::RESET_AFTER_END.into_inner() && up_ended =>
-                    {
-                        break Some(PipeError::PeerResetAfterEnd)
                     }
                     // Bytes that could not go to the reset connection: the reset stands.
                     Err(_) if reset_early => break Some(PipeError::TcpReset),
@@ -284,27 +282,39 @@ pub async fn pipe_until<S: TcpLike>(
             }
         }
     };
+    let io = r.unsplit(w);
+    let error = match error {
+        // Only once the TCP peer had every byte the other party sent: a reset can also purge
+        // what still waited in this side's send queue (a peer that stopped reading).
+        Some(PipeError::TcpResetAfterEnd) if io.acknowledged(down_count) => {
+            let _ = send.finish();
+            Some(PipeError::TcpResetAfterEnd)
+        }
+        Some(PipeError::TcpResetAfterEnd) => Some(PipeError::TcpReset),
+        e => e,
+    };
     // The last bytes and the FIN are delivered only once the peer has read them: the query
     // ends then (bounded), so that closing the connection right after (a stop) cannot discard
     // them. A cut meanwhile (the owner stops) ends it as a cut: the peer may not have them.
     let error = match error {
-        Some(e) => Some(e),
-        None => tokio::select! {
+        None | Some(PipeError::TcpResetAfterEnd) => tokio::select! {
             biased;
-            _ = tokio::time::timeout(FINISH_WAIT, send.stopped()) => None,
+            _ = tokio::time::timeout(FINISH_WAIT, send.stopped()) => error,
             e = &mut cut => Some(e),
         },
+        Some(e) => Some(e),
     };
-    if let Some(e) = &error {
+    if let Some(e) = error
+        .as_ref()
+        .filter(|e| !matches!(e, PipeError::TcpResetAfterEnd))
+    {
         // Abort everything: the peer sees a stream reset, the TCP peer an RST.
         let code = match e {
             PipeError::NoAnswer(_) => codes::PROTOCOL,
-            PipeError::TcpResetAfterEnd => codes::RESET_AFTER_END,
             _ => codes::ABORTED,
         };
         let _ = send.reset(code);
         let _ = recv.stop(code);
-        let io = r.unsplit(w);
         if delivered {
             // What the stream gave reached the TCP peer with its FIN: closed, not reset, so
             // that the peer reads all of it (what it sends from now on, its kernel refuses).
