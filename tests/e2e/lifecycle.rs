@@ -3882,3 +3882,34 @@ async fn p13_a_status_that_cannot_be_written_is_not_refreshed_as_current() {
         "and so does the last write"
     );
 }
+
+/// A running Hub clears the certificate kept with each serial whose certificate ended more
+/// than a day ago (5 s after its start, then every hour), so that its database does not grow
+/// by the certificates of every renewal it ever issued (docs/operator-guide.md); the rows stay,
+/// and a certificate that has not ended is kept (a renewal asked again still gets it).
+#[tokio::test]
+async fn a_running_hub_clears_the_certificates_of_serials_that_ended() {
+    let mut hub = TestHub::start(&[]).await;
+    let _client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
+    let db = ewii::hub::state::Db::open(&hub.state_dir().join(admin::DB_FILE)).unwrap();
+    let now = ewii::now_timestamp().unix_secs() as i64;
+    for (from, not_after) in [("f-ended", now - 2 * 86_400), ("f-current", now + 86_400)] {
+        let row = ewii::hub::state::RenewalRow {
+            client: "acme".into(),
+            from: from.into(),
+            serial: format!("s-{from}"),
+            key_sha256: from.as_bytes().to_vec(),
+            der: vec![0x30; 600],
+            not_after,
+        };
+        db.record_renewal(&row, now).unwrap();
+    }
+    // Read at the start: the rows were there before it.
+    hub.restart().await;
+    let der = |from: &str| db.renewal_of(from).unwrap().expect("the row stays").der;
+    poll_until("the ended certificate cleared", 3 * SOON, || {
+        der("f-ended").is_empty()
+    })
+    .await;
+    assert_eq!(der("f-current"), vec![0x30; 600]);
+}

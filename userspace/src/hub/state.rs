@@ -230,6 +230,19 @@ CREATE INDEX IF NOT EXISTS serials_by_client ON serials (client);
 const SERIALS_BY_STATE: &str =
     "CREATE INDEX IF NOT EXISTS serials_by_state ON serials (retired, not_after)";
 
+/// The serials that still hold their certificate, by its end: what
+/// [`Db::forget_ended_certificates`] searches, so that it reads only the rows it clears (a
+/// cleared row leaves the index). Built at the Hub's start too.
+const SERIALS_HOLDING_CERTIFICATES: &str =
+    "CREATE INDEX IF NOT EXISTS serials_holding_certificates \
+     ON serials (not_after) WHERE der IS NOT NULL";
+
+/// The indexes added after their tables, by name: built at the Hub's start only.
+const ADDED_INDEXES: [(&str, &str); 2] = [
+    ("serials_by_state", SERIALS_BY_STATE),
+    ("serials_holding_certificates", SERIALS_HOLDING_CERTIFICATES),
+];
+
 /// Brings a database made by an older Hub up to [`SCHEMA`] (columns added since). Under a
 /// write lock, checked again inside it: two processes of the new version that open an older
 /// database at once (a Hub starting, an operator's command) would otherwise both add a column,
@@ -787,33 +800,95 @@ impl Db {
     /// one; the Hub is not serving yet, and its run lock keeps any other Hub out. A database
     /// that has them is only read.
     pub fn add_missing_indexes(&self) -> Result<(), StateError> {
-        let has = |c: &Connection| {
+        let has = |c: &Connection, name: &str| {
             c.query_row(
-                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'index' AND name = 'serials_by_state')",
-                [],
+                "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'index' AND name = ?1)",
+                params![name],
                 |r| r.get::<_, bool>(0),
             )
         };
         self.with(|c| {
-            if has(c)? {
-                return Ok(());
-            }
-            tracing::info!("building an index of the serials (once, after an upgrade; a large table takes a while)");
-            c.execute_batch("BEGIN IMMEDIATE")?;
-            let built = match has(c) {
-                Ok(true) => Ok(()),
-                Ok(false) => c.execute_batch(SERIALS_BY_STATE),
-                Err(e) => Err(e),
-            };
-            match built {
-                Ok(()) => c.execute_batch("COMMIT"),
-                Err(e) => {
-                    if !c.is_autocommit() {
-                        let _ = c.execute_batch("ROLLBACK");
+            for (name, sql) in ADDED_INDEXES {
+                if has(c, name)? {
+                    continue;
+                }
+                tracing::info!(index = name, "building an index of the serials (once, after an upgrade; a large table takes a while)");
+                c.execute_batch("BEGIN IMMEDIATE")?;
+                let built = match has(c, name) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => c.execute_batch(sql),
+                    Err(e) => Err(e),
+                };
+                match built {
+                    Ok(()) => c.execute_batch("COMMIT")?,
+                    Err(e) => {
+                        if !c.is_autocommit() {
+                            let _ = c.execute_batch("ROLLBACK");
+                        }
+                        return Err(e);
                     }
-                    Err(e)
                 }
             }
+            Ok(())
+        })
+    }
+
+    /// Clears the certificate kept with each serial (`der`) that ended before `before`, at most
+    /// `limit` of them: how many it cleared. A certificate is kept to send a renewal again to
+    /// the key it was issued to ([`Self::renewal_of`]: the answer was lost on the way), which
+    /// no session can ask for once it has ended (the serial it renewed ended before it). It is
+    /// most of each row (with its indexes ~890 bytes, ~100 without it; two rows per Client a
+    /// day): without this, a Hub's database grows by ~1.8 KB per Client every day for as long
+    /// as it runs, and by ~0.2 KB with it. The rows
+    /// stay (P8 refuses a retired key for ever, and the records name every serial), each at
+    /// its place in the issue order (its rowid, which P8's decisions compare).
+    ///
+    /// Each row is deleted and written again without its certificate, at the same rowid: an
+    /// update that shortens a row leaves its page as long as it was (SQLite merges pages only
+    /// as rows leave them), so the space would never come back. By the index of the rows that
+    /// still hold one: each call reads only what it clears.
+    pub fn forget_ended_certificates(&self, before: i64, limit: u32) -> Result<usize, StateError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let rows = {
+                let mut stmt = tx.prepare(
+                    "SELECT rowid, serial, client, issued_at, not_after, retired, first_used,
+                            renewed_from, key_sha256
+                     FROM serials INDEXED BY serials_holding_certificates
+                     WHERE der IS NOT NULL AND not_after < ?1 LIMIT ?2",
+                )?;
+                let rows = stmt.query_map(params![before, limit], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, i64>(5)?,
+                        r.get::<_, Option<i64>>(6)?,
+                        r.get::<_, Option<String>>(7)?,
+                        r.get::<_, Option<Vec<u8>>>(8)?,
+                    ))
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            for (rowid, ..) in &rows {
+                tx.execute("DELETE FROM serials WHERE rowid = ?1", params![rowid])?;
+            }
+            for (rowid, serial, client, issued_at, not_after, retired, first_used, from, key) in
+                &rows
+            {
+                tx.execute(
+                    "INSERT INTO serials (rowid, serial, client, issued_at, not_after, retired,
+                                          first_used, renewed_from, key_sha256)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![
+                        rowid, serial, client, issued_at, not_after, retired, first_used, from, key
+                    ],
+                )?;
+            }
+            tx.commit()?;
+            Ok(rows.len())
         })
     }
 

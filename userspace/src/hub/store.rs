@@ -42,6 +42,13 @@ pub(crate) use view::{Change, View};
 /// Jobs waiting for the owner at most; senders wait beyond that (back-pressure).
 const QUEUE: usize = 256;
 
+/// How long after its end a serial's certificate is kept ([`Store::forget_ended_certificates`]):
+/// a day past it, so that a clock behind the Hub's by less than that sees nothing change.
+pub(crate) const CERTIFICATE_KEPT_SECS: i64 = 86_400;
+/// Certificates cleared per job: one job holds the database's write lock for a few
+/// milliseconds, and the jobs of sessions and renewals queue behind it only that long.
+pub(crate) const FORGET_BATCH: u32 = 256;
+
 /// Why the store could not answer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -552,6 +559,20 @@ impl Store {
         self.call(Owner::refresh).await?
     }
 
+    /// Clears the kept certificates of serials that ended more than [`CERTIFICATE_KEPT_SECS`]
+    /// ago, at most [`FORGET_BATCH`] of them ([`Db::forget_ended_certificates`](crate::hub::state::Db::forget_ended_certificates)): whether it
+    /// cleared a full batch (more may be waiting).
+    pub(crate) async fn forget_ended_certificates(&self) -> Result<bool, StoreError> {
+        self.call(|o| {
+            let before = o.now.as_secs() as i64 - CERTIFICATE_KEPT_SECS;
+            o.backend
+                .forget_ended_certificates(before, FORGET_BATCH)
+                .map(|cleared| cleared == FORGET_BATCH as usize)
+        })
+        .await?
+        .map_err(Into::into)
+    }
+
     /// Outbox rows due, leaving out those in `skip` (the attempts in flight), in turns by URL
     /// ([`Db::due_webhooks`]).
     pub(crate) async fn due_webhooks(
@@ -694,7 +715,9 @@ impl Owner {
                 Some(earlier) => Err(RenewalRefusal::KeyReused { earlier }),
                 None => Ok(Renewal::Fresh),
             },
-            Some(row) if row.key_sha256 == key => Ok(Renewal::Again(row)),
+            // Its certificate was cleared once it ended (`forget_ended_certificates`), or never
+            // kept (a row older than the column): nothing to send again.
+            Some(row) if row.key_sha256 == key && !row.der.is_empty() => Ok(Renewal::Again(row)),
             Some(row) => Err(RenewalRefusal::AlreadyRenewed {
                 serial: serial.to_owned(),
                 to: row.serial,

@@ -53,6 +53,11 @@ pub(crate) const RELOAD_RETRY: Duration = Duration::from_secs(1);
 pub(crate) const GRACE_RETRY: Duration = Duration::from_secs(2);
 /// The longest wait between two tries of a grace that keeps failing.
 const GRACE_RETRY_MAX: Duration = Duration::from_secs(60);
+/// The certificates of serials that ended are cleared this long after the start, then every
+/// [`FORGET_EVERY`], a batch per tick while full batches come ([`Store::forget_ended_certificates`]).
+const FORGET_FIRST: Duration = Duration::from_secs(5);
+/// See [`FORGET_FIRST`].
+const FORGET_EVERY: Duration = Duration::from_secs(3600);
 
 /// What the watcher needs.
 #[derive(Debug, Clone)]
@@ -81,6 +86,7 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
     // Ctrl-Z holds it for as long), and the revocations this loop applies must not wait.
     let mut reloading: Option<tokio::task::JoinHandle<bool>> = None;
     let mut reload_again = false;
+    let mut forget_at = Instant::now() + FORGET_FIRST;
     loop {
         let grace_due = async {
             match grace_at {
@@ -115,6 +121,9 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
                 } else if changed || retry || svid_due {
                     reloading = Some(reload_trust(&parts));
                 }
+                if Instant::now() >= forget_at {
+                    forget_at = forget_ended_certificates(&parts.store).await;
+                }
             }
             Wake::Reloaded(ok) => {
                 reload_failed = (!ok).then(Instant::now);
@@ -145,6 +154,19 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
                     (grace_hold, grace_retry) = (None, GRACE_RETRY);
                 }
             }
+        }
+    }
+}
+
+/// Clears one batch of ended certificates; when to clear the next.
+async fn forget_ended_certificates(store: &Store) -> Instant {
+    match store.forget_ended_certificates().await {
+        // More are waiting: the next tick.
+        Ok(true) => Instant::now(),
+        Ok(false) => Instant::now() + FORGET_EVERY,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot clear the certificates of ended serials; trying again in an hour");
+            Instant::now() + FORGET_EVERY
         }
     }
 }

@@ -1136,3 +1136,48 @@ async fn the_hub_start_builds_the_serials_index_and_a_commands_open_does_not() {
     let (_store, _changes) = Store::open(&path, 1).await.unwrap();
     assert!(built(), "the Hub's start builds it");
 }
+
+/// A certificate kept for a renewal is cleared a day after it ended
+/// ([`Store::forget_ended_certificates`]); one not ended, or ended less than a day ago, stays.
+/// A renewal asked again for a serial whose renewal's certificate was cleared is refused as
+/// renewed already, not sent again with an empty certificate.
+#[tokio::test]
+async fn an_ended_renewal_is_not_sent_again_once_its_certificate_is_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    let store = with_acme(&path).await;
+    let acme = id("acme");
+    let now = crate::now_timestamp().unix_secs() as i64;
+    let ended = acme_renewal();
+    let recent = RenewalRow {
+        from: "0b".into(),
+        serial: "0d".into(),
+        key_sha256: b"key-0d".to_vec(),
+        der: b"cert-0d".to_vec(),
+        not_after: now - CERTIFICATE_KEPT_SECS + 600,
+        ..acme_renewal()
+    };
+    for row in [ended.clone(), recent.clone()] {
+        assert_eq!(
+            store.record_renewal(row, &acme, 2).await.unwrap(),
+            Ok(Renewal::Fresh)
+        );
+    }
+    assert_eq!(
+        store.may_renew("acme", &acme, "0a", b"key-1").await,
+        Ok(Renewal::Again(ended))
+    );
+    assert!(
+        !store.forget_ended_certificates().await.unwrap(),
+        "less than a batch"
+    );
+    assert_eq!(
+        store.may_renew("acme", &acme, "0a", b"key-1").await,
+        Err(RenewalRefusal::AlreadyRenewed {
+            serial: "0a".into(),
+            to: "0b".into()
+        })
+    );
+    let db = Db::open(&path).unwrap();
+    assert_eq!(db.renewal_of("0b").unwrap().unwrap().der, recent.der);
+}
