@@ -3884,7 +3884,7 @@ async fn p13_a_status_that_cannot_be_written_is_not_refreshed_as_current() {
 }
 
 /// A running Hub clears the certificate kept with each serial whose certificate ended more
-/// than a day ago (5 s after its start, then every hour), so that its database does not grow
+/// than a day ago (as it starts, then every hour), so that its database does not grow
 /// by the certificates of every renewal it ever issued (docs/operator-guide.md); the rows stay,
 /// and a certificate that has not ended is kept (a renewal asked again still gets it).
 #[tokio::test]

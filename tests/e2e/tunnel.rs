@@ -410,7 +410,7 @@ async fn p4_p11_a_reset_that_purges_the_requesters_bytes_is_a_failure_after_its_
 /// reads them (PostgreSQL over TLS reads `Terminate` and exits) can reset before that end has
 /// reached it through the tunnel, where it would have been there first without one. A reset is
 /// taken as an end when the requester's end follows within the grace with nothing more to
-/// write: here it follows 20 ms after the destination reset (and a requester that never ends
+/// write: here it follows 10 ms after the destination reset (and a requester that never ends
 /// reads a failure: `p4_a_reset_destination_resets_the_requester`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p4_p11_a_reset_just_before_the_requesters_end_arrives_is_an_end() {
@@ -431,7 +431,7 @@ async fn p4_p11_a_reset_just_before_the_requesters_end_arrives_is_an_end() {
         .await
         .unwrap()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
     s.shutdown().await.unwrap();
     let end = tokio::time::timeout(SOON, s.read(&mut [0; 16]))
         .await

@@ -1,14 +1,14 @@
 //! Not a layer: one socket option the standard library does not offer, `TCP_INFO`, read for
-//! what the peer's kernel acknowledged of a TCP connection (the byte pipe's, in
-//! `transport::pipe`). Here because it is a foreign call.
+//! what a TCP connection still holds unsent (the byte pipe's, in `transport::pipe`). Here
+//! because it is a foreign call.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 
-/// Bytes of `socket`'s connection the peer acknowledged (`tcpi_bytes_acked`, Linux 4.1: data
-/// bytes, and one more once a FIN of this side was acknowledged). Still read once the
-/// connection was reset: the count stays.
-pub fn bytes_acked(socket: &impl AsFd) -> io::Result<u64> {
+/// Bytes written to `socket` that its kernel has not sent yet (`tcpi_notsent_bytes`, Linux
+/// 4.6: what waits behind the peer's window). Still read once the connection was reset, which
+/// purges them: the count is kept in the sequence numbers, which the reset leaves.
+pub fn unsent_bytes(socket: &impl AsFd) -> io::Result<u32> {
     // SAFETY: `tcp_info` is plain old data, for which all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -27,12 +27,12 @@ pub fn bytes_acked(socket: &impl AsFd) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     // A kernel older than the field writes less: it cannot tell.
-    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + size_of::<u64>();
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_notsent_bytes) + size_of::<u32>();
     if (len as usize) < needed {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
-            "this kernel's TCP_INFO has no tcpi_bytes_acked",
+            "this kernel's TCP_INFO has no tcpi_notsent_bytes",
         ));
     }
-    Ok(info.tcpi_bytes_acked)
+    Ok(info.tcpi_notsent_bytes)
 }

@@ -834,22 +834,38 @@ impl Db {
     }
 
     /// Clears the certificate kept with each serial (`der`) that ended before `before`, at most
-    /// `limit` of them: how many it cleared. A certificate is kept to send a renewal again to
+    /// `limit` of them: how many it read, and how many of those it cleared. A certificate is kept to send a renewal again to
     /// the key it was issued to ([`Self::renewal_of`]: the answer was lost on the way), which
     /// no session can ask for once it has ended (the serial it renewed ended before it). It is
     /// most of each row (with its indexes ~890 bytes, ~100 without it; two rows per Client a
     /// day): without this, a Hub's database grows by ~1.8 KB per Client every day for as long
-    /// as it runs, and by ~0.2 KB with it. The rows
-    /// stay (P8 refuses a retired key for ever, and the records name every serial), each at
-    /// its place in the issue order (its rowid, which P8's decisions compare).
+    /// as it runs, and by ~0.2 KB with it. The rows stay (P8 refuses a retired key for ever,
+    /// and the records name every serial), each at its place in the issue order (its rowid,
+    /// which P8's decisions compare).
     ///
     /// Each row is deleted and written again without its certificate, at the same rowid: an
     /// update that shortens a row leaves its page as long as it was (SQLite merges pages only
     /// as rows leave them), so the space would never come back. By the index of the rows that
     /// still hold one: each call reads only what it clears.
-    pub fn forget_ended_certificates(&self, before: i64, limit: u32) -> Result<usize, StateError> {
+    pub fn forget_ended_certificates(
+        &self,
+        before: i64,
+        limit: u32,
+    ) -> Result<(usize, usize), StateError> {
         self.with(|c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            // Read first: with nothing to clear (most hours), the write lock is not taken, and
+            // another process writing then (an `ewii-hub` command) never meets it.
+            let any: bool = c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM serials INDEXED BY serials_holding_certificates
+                 WHERE der IS NOT NULL AND not_after < ?1)",
+                params![before],
+                |r| r.get(0),
+            )?;
+            if !any {
+                return Ok((0, 0));
+            }
+            let mut tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            // As stored, whatever their types: a row is copied, never reinterpreted.
             let rows = {
                 let mut stmt = tx.prepare(
                     "SELECT rowid, serial, client, issued_at, not_after, retired, first_used,
@@ -858,37 +874,40 @@ impl Db {
                      WHERE der IS NOT NULL AND not_after < ?1 LIMIT ?2",
                 )?;
                 let rows = stmt.query_map(params![before, limit], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, i64>(4)?,
-                        r.get::<_, i64>(5)?,
-                        r.get::<_, Option<i64>>(6)?,
-                        r.get::<_, Option<String>>(7)?,
-                        r.get::<_, Option<Vec<u8>>>(8)?,
-                    ))
+                    (0..9)
+                        .map(|i| r.get::<_, rusqlite::types::Value>(i))
+                        .collect::<rusqlite::Result<Vec<_>>>()
                 })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()?
             };
-            for (rowid, ..) in &rows {
-                tx.execute("DELETE FROM serials WHERE rowid = ?1", params![rowid])?;
-            }
-            for (rowid, serial, client, issued_at, not_after, retired, first_used, from, key) in
-                &rows
-            {
-                tx.execute(
-                    "INSERT INTO serials (rowid, serial, client, issued_at, not_after, retired,
-                                          first_used, renewed_from, key_sha256)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    params![
-                        rowid, serial, client, issued_at, not_after, retired, first_used, from, key
-                    ],
-                )?;
+            let mut cleared = 0;
+            for row in &rows {
+                // One row that cannot be written again (a hand-edited one its foreign key
+                // refuses) keeps its certificate and stops none of the others.
+                let sp = tx.savepoint()?;
+                let moved = sp
+                    .execute("DELETE FROM serials WHERE rowid = ?1", [&row[0]])
+                    .and_then(|_| {
+                        sp.execute(
+                            "INSERT INTO serials (rowid, serial, client, issued_at, not_after,
+                                 retired, first_used, renewed_from, key_sha256)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                            rusqlite::params_from_iter(row),
+                        )
+                    });
+                match moved {
+                    Ok(_) => {
+                        sp.commit()?;
+                        cleared += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(serial = ?row[1], error = %e, "cannot clear the certificate of this ended serial; it keeps it");
+                        drop(sp);
+                    }
+                }
             }
             tx.commit()?;
-            Ok(rows.len())
+            Ok((rows.len(), cleared))
         })
     }
 

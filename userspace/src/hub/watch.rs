@@ -53,10 +53,9 @@ pub(crate) const RELOAD_RETRY: Duration = Duration::from_secs(1);
 pub(crate) const GRACE_RETRY: Duration = Duration::from_secs(2);
 /// The longest wait between two tries of a grace that keeps failing.
 const GRACE_RETRY_MAX: Duration = Duration::from_secs(60);
-/// The certificates of serials that ended are cleared this long after the start, then every
-/// [`FORGET_EVERY`], a batch per tick while full batches come ([`Store::forget_ended_certificates`]).
-const FORGET_FIRST: Duration = Duration::from_secs(5);
-/// See [`FORGET_FIRST`].
+/// The certificates of serials that ended are cleared at the first tick after the start, then
+/// every this long, a batch per tick while full batches come
+/// ([`Store::forget_ended_certificates`]).
 const FORGET_EVERY: Duration = Duration::from_secs(3600);
 
 /// What the watcher needs.
@@ -86,7 +85,10 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
     // Ctrl-Z holds it for as long), and the revocations this loop applies must not wait.
     let mut reloading: Option<tokio::task::JoinHandle<bool>> = None;
     let mut reload_again = false;
-    let mut forget_at = Instant::now() + FORGET_FIRST;
+    // The clearing of ended certificates, in flight apart from this loop (a command holding
+    // the database's write lock makes it wait), and when the next starts.
+    let mut forgetting: Option<tokio::task::JoinHandle<Instant>> = None;
+    let mut forget_at = Instant::now();
     loop {
         let grace_due = async {
             match grace_at {
@@ -121,8 +123,14 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
                 } else if changed || retry || svid_due {
                     reloading = Some(reload_trust(&parts));
                 }
-                if Instant::now() >= forget_at {
-                    forget_at = forget_ended_certificates(&parts.store).await;
+                if let Some(done) = forgetting.take_if(|job| job.is_finished()) {
+                    forget_at = done.await.unwrap_or_else(|_| Instant::now() + FORGET_EVERY);
+                }
+                if forgetting.is_none() && Instant::now() >= forget_at {
+                    let store = parts.store.clone();
+                    forgetting = Some(tokio::spawn(async move {
+                        forget_ended_certificates(&store).await
+                    }));
                 }
             }
             Wake::Reloaded(ok) => {

@@ -9,8 +9,8 @@
 //! reset or any I/O error aborts both directions, and a stream reset becomes a TCP RST.
 //!
 //! One reset is an end instead ([`PipeError::TcpResetAfterEnd`]): the TCP peer's, once the
-//! other party's end (its FIN, passed on) and every byte before it have reached the peer's
-//! kernel (it acknowledged them). It is how many servers close: PostgreSQL over TLS, say,
+//! other party's end (its FIN, passed on) and every byte before it have been sent to it (none
+//! waited in this side's send queue). It is how many servers close: PostgreSQL over TLS, say,
 //! exits on the client's `Terminate` with the client's `close_notify` unread, and its kernel
 //! resets the connection for it. The other party has nothing left to send, and the reset can
 //! no longer refuse anything it sent; what the reset could still cost is the TCP peer's last
@@ -83,8 +83,9 @@ pub enum PipeError {
     #[error("tcp connection reset")]
     TcpReset,
     /// The TCP peer reset its connection once the other party's end (the stream's FIN, passed
-    /// on) and every byte before it had reached it, or that end followed within
-    /// [`RESET_GRACE`] with nothing more: an end, not a failure. The stream ends with a FIN.
+    /// on) had gone to it, or that end followed within [`RESET_GRACE`] with nothing more, and
+    /// every byte before that end had been sent to it: an end, not a failure. The stream ends
+    /// with a FIN, and the peer has read every byte before it.
     #[error("tcp connection reset after the other party's end reached it")]
     TcpResetAfterEnd,
     /// The QUIC peer reset the stream with this application code.
@@ -126,9 +127,8 @@ pub enum Start {
 pub trait TcpLike: AsyncRead + AsyncWrite + Unpin + Send {
     /// Closes the connection with an RST instead of a FIN.
     fn abort(self);
-    /// Whether the TCP peer's kernel acknowledged the first `written` bytes written to this
-    /// stream; `false` when that cannot be told.
-    fn acknowledged(&self, written: u64) -> bool;
+    /// Bytes written that the kernel has not sent yet, when that can be told.
+    fn unsent(&self) -> Option<u32>;
 }
 
 impl TcpLike for TcpStream {
@@ -137,8 +137,8 @@ impl TcpLike for TcpStream {
         let _ = self.set_zero_linger();
     }
 
-    fn acknowledged(&self, written: u64) -> bool {
-        crate::enforce::tcp_info::bytes_acked(self).is_ok_and(|acked| acked >= written)
+    fn unsent(&self) -> Option<u32> {
+        crate::enforce::tcp_info::unsent_bytes(self).ok()
     }
 }
 
@@ -147,9 +147,9 @@ impl TcpLike for tokio_rustls::server::TlsStream<TcpStream> {
         let _ = self.get_ref().0.set_zero_linger();
     }
 
-    /// Cannot be told: what the pipe writes is the plaintext, and TLS records add to it.
-    fn acknowledged(&self, _: u64) -> bool {
-        false
+    /// Not told: TLS may hold records of its own that the pipe never counted.
+    fn unsent(&self) -> Option<u32> {
+        None
     }
 }
 
@@ -253,7 +253,10 @@ pub async fn pipe_until<S: TcpLike>(
                 },
                 res = &mut down, if !down_done => match res {
                     // Its end came with nothing more to write to the reset connection.
-                    Ok(()) if reset_early => break Some(PipeError::TcpResetAfterEnd),
+                    // Unless the connection ended meanwhile (its FIN was already there).
+                    Ok(()) if reset_early => {
+                        break Some(lost.take().unwrap_or(PipeError::TcpResetAfterEnd))
+                    }
                     Ok(()) => {
                         down_done = true;
                         if let (false, Some(e)) = (up_done, lost.take()) {
@@ -284,9 +287,11 @@ pub async fn pipe_until<S: TcpLike>(
     };
     let io = r.unsplit(w);
     let error = match error {
-        // Only once the TCP peer had every byte the other party sent: a reset can also purge
-        // what still waited in this side's send queue (a peer that stopped reading).
-        Some(PipeError::TcpResetAfterEnd) if io.acknowledged(down_count) => {
+        // Only if every byte the other party sent had gone to the TCP peer: a reset purges
+        // what still waits in this side's send queue (behind a peer that stopped reading).
+        // Not "acknowledged": a peer that exits with bytes unread resets before its delayed
+        // acknowledgement of them, and its reset's own acknowledgement is not counted.
+        Some(PipeError::TcpResetAfterEnd) if io.unsent() == Some(0) => {
             let _ = send.finish();
             Some(PipeError::TcpResetAfterEnd)
         }
@@ -297,9 +302,19 @@ pub async fn pipe_until<S: TcpLike>(
     // ends then (bounded), so that closing the connection right after (a stop) cannot discard
     // them. A cut meanwhile (the owner stops) ends it as a cut: the peer may not have them.
     let error = match error {
-        None | Some(PipeError::TcpResetAfterEnd) => tokio::select! {
+        None => tokio::select! {
             biased;
-            _ = tokio::time::timeout(FINISH_WAIT, send.stopped()) => error,
+            _ = tokio::time::timeout(FINISH_WAIT, send.stopped()) => None,
+            e = &mut cut => Some(e),
+        },
+        // An end only if the peer read every byte, as its record says: a peer that stopped the
+        // stream, a connection lost or no answer in time leave the reset it was.
+        Some(PipeError::TcpResetAfterEnd) => tokio::select! {
+            biased;
+            stopped = tokio::time::timeout(FINISH_WAIT, send.stopped()) => match stopped {
+                Ok(Ok(None)) => Some(PipeError::TcpResetAfterEnd),
+                _ => Some(PipeError::TcpReset),
+            },
             e = &mut cut => Some(e),
         },
         Some(e) => Some(e),

@@ -771,16 +771,33 @@ fn ended_certificates_are_cleared_in_batches_and_their_space_is_reused() {
     );
     renewals(&db, 0, 4000, 100);
     renewals(&db, 4000, 10, 5000);
+    let rowids = |db: &Db| -> Vec<(String, i64)> {
+        db.with(|c| {
+            let mut stmt = c.prepare("SELECT serial, rowid FROM serials ORDER BY rowid")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect();
+            rows
+        })
+        .unwrap()
+    };
+    let order = rowids(&db);
     let before = pages_used(&db);
     let mut cleared = Vec::new();
     loop {
-        let n = db.forget_ended_certificates(1000, 1024).unwrap();
+        let (read, n) = db.forget_ended_certificates(1000, 1024).unwrap();
+        assert_eq!(read, n, "every row read was cleared");
         cleared.push(n);
         if n < 1024 {
             break;
         }
     }
     assert_eq!(cleared, [1024, 1024, 1024, 928]);
+    assert_eq!(
+        rowids(&db),
+        order,
+        "each serial keeps its place in the issue order"
+    );
     let kept: Vec<(String, bool)> = db
         .with(|c| {
             let mut stmt = c.prepare(
