@@ -237,6 +237,80 @@ const SERIALS_HOLDING_CERTIFICATES: &str =
     "CREATE INDEX IF NOT EXISTS serials_holding_certificates \
      ON serials (not_after) WHERE der IS NOT NULL";
 
+/// How long a statement waits for another writer's lock before it fails (`database is
+/// locked`).
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The same for [`Db::forget_ended_certificates`], which can wait for its next turn.
+pub const FORGET_BUSY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A column's value as SQLite stored it, kept to be written back unchanged: text is kept as
+/// its bytes, never checked as UTF-8 (rusqlite's own `Value` would panic on bytes that are
+/// not).
+enum Stored {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(Vec<u8>),
+    Blob(Vec<u8>),
+}
+
+impl From<rusqlite::types::ValueRef<'_>> for Stored {
+    fn from(v: rusqlite::types::ValueRef<'_>) -> Self {
+        use rusqlite::types::ValueRef;
+        match v {
+            ValueRef::Null => Self::Null,
+            ValueRef::Integer(i) => Self::Integer(i),
+            ValueRef::Real(f) => Self::Real(f),
+            ValueRef::Text(t) => Self::Text(t.to_vec()),
+            ValueRef::Blob(b) => Self::Blob(b.to_vec()),
+        }
+    }
+}
+
+impl rusqlite::ToSql for Stored {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::ValueRef;
+        Ok(rusqlite::types::ToSqlOutput::Borrowed(match self {
+            Self::Null => ValueRef::Null,
+            Self::Integer(i) => ValueRef::Integer(*i),
+            Self::Real(f) => ValueRef::Real(*f),
+            Self::Text(t) => ValueRef::Text(t),
+            Self::Blob(b) => ValueRef::Blob(b),
+        }))
+    }
+}
+
+/// [`Db::forget_ended_certificates`]'s transaction: at most `limit` of the rows `candidates`
+/// names (a `FROM … WHERE …` taking `?1`), each deleted and written again without `der`.
+fn rewrite_without_certificates(
+    c: &mut Connection,
+    candidates: &str,
+    before: i64,
+    limit: u32,
+) -> rusqlite::Result<usize> {
+    const COLUMNS: &str =
+        "rowid, serial, client, issued_at, not_after, retired, first_used, renewed_from, key_sha256";
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let rows = {
+        let mut stmt = tx.prepare(&format!("SELECT {COLUMNS} {candidates} LIMIT ?2"))?;
+        let rows = stmt.query_map(params![before, limit], |r| {
+            (0..9)
+                .map(|i| r.get_ref(i).map(Stored::from))
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    for row in &rows {
+        tx.execute("DELETE FROM serials WHERE rowid = ?1", [&row[0]])?;
+        tx.execute(
+            &format!("INSERT INTO serials ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+            rusqlite::params_from_iter(row),
+        )?;
+    }
+    tx.commit()?;
+    Ok(rows.len())
+}
+
 /// The indexes added after their tables, by name: built at the Hub's start only.
 const ADDED_INDEXES: [(&str, &str); 2] = [
     ("serials_by_state", SERIALS_BY_STATE),
@@ -330,7 +404,7 @@ impl Db {
     pub fn open(path: &Path) -> Result<Self, StateError> {
         let conn = Connection::open(path)?;
         conn.trace_v2(TraceEventCodes::SQLITE_TRACE_STMT, Some(count_statement));
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
         #[cfg(unix)]
@@ -834,7 +908,7 @@ impl Db {
     }
 
     /// Clears the certificate kept with each serial (`der`) that ended before `before`, at most
-    /// `limit` of them: how many it read, and how many of those it cleared. A certificate is kept to send a renewal again to
+    /// `limit` of them: how many it cleared. A certificate is kept to send a renewal again to
     /// the key it was issued to ([`Self::renewal_of`]: the answer was lost on the way), which
     /// no session can ask for once it has ended (the serial it renewed ended before it). It is
     /// most of each row (with its indexes ~890 bytes, ~100 without it; two rows per Client a
@@ -843,71 +917,32 @@ impl Db {
     /// and the records name every serial), each at its place in the issue order (its rowid,
     /// which P8's decisions compare).
     ///
-    /// Each row is deleted and written again without its certificate, at the same rowid: an
-    /// update that shortens a row leaves its page as long as it was (SQLite merges pages only
-    /// as rows leave them), so the space would never come back. By the index of the rows that
-    /// still hold one: each call reads only what it clears.
-    pub fn forget_ended_certificates(
-        &self,
-        before: i64,
-        limit: u32,
-    ) -> Result<(usize, usize), StateError> {
+    /// Each row is deleted and written again without its certificate, at the same rowid and
+    /// with its values as stored (never read as Rust types: a hand-edited value stays what it
+    /// was): an update that shortens a row leaves its page as long as it was (SQLite merges
+    /// pages only as rows leave them), so the space would never come back. A row whose client
+    /// is not on record (edited by hand) could not be written again: it is left as it is. By
+    /// the index of the rows that still hold one: each call reads only what it clears. It
+    /// waits at most [`FORGET_BUSY`] for the write lock (another process's command holding
+    /// it), since the Hub's other database work queues behind it.
+    pub fn forget_ended_certificates(&self, before: i64, limit: u32) -> Result<usize, StateError> {
+        const CANDIDATES: &str = "FROM serials INDEXED BY serials_holding_certificates
+             WHERE der IS NOT NULL AND not_after < ?1
+             AND client IN (SELECT name FROM clients)";
         self.with(|c| {
-            // Read first: with nothing to clear (most hours), the write lock is not taken, and
-            // another process writing then (an `ewii-hub` command) never meets it.
+            // Read first: with nothing to clear the write lock is not taken.
             let any: bool = c.query_row(
-                "SELECT EXISTS (SELECT 1 FROM serials INDEXED BY serials_holding_certificates
-                 WHERE der IS NOT NULL AND not_after < ?1)",
+                &format!("SELECT EXISTS (SELECT 1 {CANDIDATES})"),
                 params![before],
                 |r| r.get(0),
             )?;
             if !any {
-                return Ok((0, 0));
+                return Ok(0);
             }
-            let mut tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            // As stored, whatever their types: a row is copied, never reinterpreted.
-            let rows = {
-                let mut stmt = tx.prepare(
-                    "SELECT rowid, serial, client, issued_at, not_after, retired, first_used,
-                            renewed_from, key_sha256
-                     FROM serials INDEXED BY serials_holding_certificates
-                     WHERE der IS NOT NULL AND not_after < ?1 LIMIT ?2",
-                )?;
-                let rows = stmt.query_map(params![before, limit], |r| {
-                    (0..9)
-                        .map(|i| r.get::<_, rusqlite::types::Value>(i))
-                        .collect::<rusqlite::Result<Vec<_>>>()
-                })?;
-                rows.collect::<rusqlite::Result<Vec<_>>>()?
-            };
-            let mut cleared = 0;
-            for row in &rows {
-                // One row that cannot be written again (a hand-edited one its foreign key
-                // refuses) keeps its certificate and stops none of the others.
-                let sp = tx.savepoint()?;
-                let moved = sp
-                    .execute("DELETE FROM serials WHERE rowid = ?1", [&row[0]])
-                    .and_then(|_| {
-                        sp.execute(
-                            "INSERT INTO serials (rowid, serial, client, issued_at, not_after,
-                                 retired, first_used, renewed_from, key_sha256)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                            rusqlite::params_from_iter(row),
-                        )
-                    });
-                match moved {
-                    Ok(_) => {
-                        sp.commit()?;
-                        cleared += 1;
-                    }
-                    Err(e) => {
-                        tracing::warn!(serial = ?row[1], error = %e, "cannot clear the certificate of this ended serial; it keeps it");
-                        drop(sp);
-                    }
-                }
-            }
-            tx.commit()?;
-            Ok((rows.len(), cleared))
+            c.busy_timeout(FORGET_BUSY)?;
+            let cleared = rewrite_without_certificates(c, CANDIDATES, before, limit);
+            c.busy_timeout(BUSY_TIMEOUT)?;
+            cleared
         })
     }
 

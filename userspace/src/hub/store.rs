@@ -562,14 +562,13 @@ impl Store {
     /// Clears the kept certificates of serials that ended more than [`CERTIFICATE_KEPT_SECS`]
     /// ago, at most [`FORGET_BATCH`] of them
     /// ([`Db::forget_ended_certificates`](crate::hub::state::Db::forget_ended_certificates)):
-    /// whether more may be waiting (it read a full batch and cleared some of it; rows it
-    /// cannot write again are not read again at once).
+    /// whether more may be waiting (it cleared a full batch).
     pub(crate) async fn forget_ended_certificates(&self) -> Result<bool, StoreError> {
         self.call(|o| {
             let before = o.now.as_secs() as i64 - CERTIFICATE_KEPT_SECS;
             o.backend
                 .forget_ended_certificates(before, FORGET_BATCH)
-                .map(|(read, cleared)| read == FORGET_BATCH as usize && cleared > 0)
+                .map(|cleared| cleared == FORGET_BATCH as usize)
         })
         .await?
         .map_err(Into::into)

@@ -57,6 +57,9 @@ const GRACE_RETRY_MAX: Duration = Duration::from_secs(60);
 /// every this long, a batch per tick while full batches come
 /// ([`Store::forget_ended_certificates`]).
 const FORGET_EVERY: Duration = Duration::from_secs(3600);
+/// How soon a clearing that failed is tried again (the database's write lock held by another
+/// process's command for longer than [`FORGET_BUSY`](super::state::FORGET_BUSY)).
+const FORGET_RETRY: Duration = Duration::from_secs(60);
 
 /// What the watcher needs.
 #[derive(Debug, Clone)]
@@ -85,8 +88,9 @@ pub(crate) async fn watch(parts: Parts, mut changes: mpsc::UnboundedReceiver<Cha
     // Ctrl-Z holds it for as long), and the revocations this loop applies must not wait.
     let mut reloading: Option<tokio::task::JoinHandle<bool>> = None;
     let mut reload_again = false;
-    // The clearing of ended certificates, in flight apart from this loop (a command holding
-    // the database's write lock makes it wait), and when the next starts.
+    // The clearing of ended certificates, in flight apart from this loop, and when the next
+    // starts. It waits at most `FORGET_BUSY` for the database's write lock; the store's other
+    // work queues behind it meanwhile.
     let mut forgetting: Option<tokio::task::JoinHandle<Instant>> = None;
     let mut forget_at = Instant::now();
     loop {
@@ -172,9 +176,11 @@ async fn forget_ended_certificates(store: &Store) -> Instant {
         // More are waiting: the next tick.
         Ok(true) => Instant::now(),
         Ok(false) => Instant::now() + FORGET_EVERY,
+        // The Hub stopped meanwhile.
+        Err(super::store::StoreError::Closed) => Instant::now() + FORGET_EVERY,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot clear the certificates of ended serials; trying again in an hour");
-            Instant::now() + FORGET_EVERY
+            tracing::warn!(error = %e, "cannot clear the certificates of ended serials; trying again in a minute");
+            Instant::now() + FORGET_RETRY
         }
     }
 }

@@ -45,11 +45,7 @@ pub trait Backend: Send + 'static {
     /// See [`Db::renewal_of`].
     fn renewal_of(&self, from: &str) -> Result<Option<RenewalRow>, StateError>;
     /// See [`Db::forget_ended_certificates`].
-    fn forget_ended_certificates(
-        &self,
-        before: i64,
-        limit: u32,
-    ) -> Result<(usize, usize), StateError>;
+    fn forget_ended_certificates(&self, before: i64, limit: u32) -> Result<usize, StateError>;
     /// See [`Db::key_certified_before`].
     fn key_certified_before(
         &self,
@@ -165,11 +161,7 @@ impl Backend for Db {
     fn renewal_of(&self, from: &str) -> Result<Option<RenewalRow>, StateError> {
         Db::renewal_of(self, from)
     }
-    fn forget_ended_certificates(
-        &self,
-        before: i64,
-        limit: u32,
-    ) -> Result<(usize, usize), StateError> {
+    fn forget_ended_certificates(&self, before: i64, limit: u32) -> Result<usize, StateError> {
         Db::forget_ended_certificates(self, before, limit)
     }
     fn serial_status(&self, id: &SpiffeId, serial: &str) -> Result<SerialStatus, StateError> {
