@@ -10,7 +10,8 @@
 //!
 //! One reset is an end instead ([`PipeError::TcpResetAfterEnd`]): the TCP peer's, once the
 //! other party's end (its FIN, passed on) and every byte before it have been sent to it (none
-//! waited in this side's send queue). It is how many servers close: PostgreSQL over TLS, say,
+//! waited in this side's send queue; bytes lost on the way as the reset comes are not told
+//! apart). It is how many servers close: PostgreSQL over TLS, say,
 //! exits on the client's `Terminate` with the client's `close_notify` unread, and its kernel
 //! resets the connection for it. The other party has nothing left to send, and the reset can
 //! no longer refuse anything it sent; what the reset could still cost is the TCP peer's last
@@ -86,7 +87,7 @@ pub enum PipeError {
     /// The TCP peer reset its connection once the other party's end (the stream's FIN, passed
     /// on) had gone to it, or that end followed within [`RESET_GRACE`] with nothing more, and
     /// every byte before that end had been sent to it: an end, not a failure. The stream ends
-    /// with a FIN, and the peer has read every byte before it.
+    /// with a FIN, and the peer's QUIC stack acknowledged every byte before it.
     #[error("tcp connection reset after the other party's end reached it")]
     TcpResetAfterEnd,
     /// The QUIC peer reset the stream with this application code.
@@ -316,8 +317,9 @@ pub async fn pipe_until<S: TcpLike>(
             _ = tokio::time::timeout(FINISH_WAIT, send.stopped()) => None,
             e = &mut cut => Some(e),
         },
-        // An end only if the peer read every byte, as its record says: a peer that stopped the
-        // stream, a connection lost or no answer in time leave the reset it was.
+        // An end only once the peer's QUIC stack acknowledged every byte and the FIN: a peer
+        // that stopped the stream, a connection lost or no answer in time leave the reset it
+        // was.
         Some(PipeError::TcpResetAfterEnd) => tokio::select! {
             biased;
             stopped = tokio::time::timeout(FINISH_WAIT, send.stopped()) => match stopped {
