@@ -3888,7 +3888,7 @@ async fn p13_a_status_that_cannot_be_written_is_not_refreshed_as_current() {
 /// by the certificates of every renewal it ever issued (docs/operator-guide.md); the rows stay,
 /// and a certificate that has not ended is kept (a renewal asked again still gets it).
 #[tokio::test]
-async fn a_running_hub_clears_the_certificates_of_serials_that_ended() {
+async fn p8_a_running_hub_clears_the_certificates_of_serials_that_ended() {
     let mut hub = TestHub::start(&[]).await;
     let _client = TestClient::enrol(&hub, "acme", &[("db", "127.0.0.1:9".into())]).await;
     let db = ewii::hub::state::Db::open(&hub.state_dir().join(admin::DB_FILE)).unwrap();

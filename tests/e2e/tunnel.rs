@@ -382,10 +382,14 @@ async fn p4_p11_a_reset_that_purges_the_requesters_bytes_is_a_failure_after_its_
     let listener = socket.listen(16).unwrap();
     let dest = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
+        let (mut s, client) = listener.accept().await.unwrap();
         s.read_exact(&mut [0; 1024]).await.unwrap();
-        // The rest, and the requester's end, wait in the Client's socket.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The rest, and the requester's end, wait in the Client's socket (FIN-WAIT-1: its FIN
+        // is queued behind them).
+        poll_until("the requester's end queued at the Client", SOON, || {
+            tcp_state(client, dest).is_some_and(|(state, queued)| state == "04" && queued > 0)
+        })
+        .await;
         drop(s);
     });
     let (hub, client) = tunnel_to(dest).await;
@@ -410,7 +414,7 @@ async fn p4_p11_a_reset_that_purges_the_requesters_bytes_is_a_failure_after_its_
 /// reads them (PostgreSQL over TLS reads `Terminate` and exits) can reset before that end has
 /// reached it through the tunnel, where it would have been there first without one. A reset is
 /// taken as an end when the requester's end follows within the grace with nothing more to
-/// write: here it follows 10 ms after the destination reset (and a requester that never ends
+/// write: here it leaves once the reset reached the Client (and a requester that never ends
 /// reads a failure: `p4_a_reset_destination_resets_the_requester`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn p4_p11_a_reset_just_before_the_requesters_end_arrives_is_an_end() {
@@ -418,20 +422,25 @@ async fn p4_p11_a_reset_just_before_the_requesters_end_arrives_is_an_end() {
     let dest = listener.local_addr().unwrap();
     let (reset, was_reset) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
+        let (mut s, client) = listener.accept().await.unwrap();
         s.read_exact(&mut [0; 3]).await.unwrap();
         s.set_zero_linger().unwrap();
         drop(s);
-        let _ = reset.send(());
+        let _ = reset.send(client);
     });
     let (hub, client) = tunnel_to(dest).await;
     let mut s = TcpStream::connect(hub.service("x")).await.unwrap();
     s.write_all(b"bye").await.unwrap();
-    tokio::time::timeout(SOON, was_reset)
+    let client_end = tokio::time::timeout(SOON, was_reset)
         .await
         .unwrap()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The reset reached the Client's socket (a reset one leaves the kernel's table), before
+    // the requester's end leaves.
+    poll_until("the reset at the Client", SOON, || {
+        tcp_state(client_end, dest).is_none()
+    })
+    .await;
     s.shutdown().await.unwrap();
     let end = tokio::time::timeout(SOON, s.read(&mut [0; 16]))
         .await

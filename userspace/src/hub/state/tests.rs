@@ -751,7 +751,8 @@ fn pages_used(db: &Db) -> i64 {
 /// serials again in far less than the space they took the first time (SQLite merges the pages
 /// the shorter rows leave and reuses them), where without the clearing it would double.
 #[test]
-fn ended_certificates_are_cleared_in_batches_and_their_space_is_reused() {
+fn p8_ended_certificates_are_cleared_in_batches_keeping_the_issue_order_and_their_space_is_reused()
+{
     let dir = tempfile::tempdir().unwrap();
     let (db, _) = with_acme(&dir);
     db.add_missing_indexes().unwrap();

@@ -1142,7 +1142,7 @@ async fn the_hub_start_builds_the_serials_index_and_a_commands_open_does_not() {
 /// A renewal asked again for a serial whose renewal's certificate was cleared is refused as
 /// renewed already, not sent again with an empty certificate.
 #[tokio::test]
-async fn an_ended_renewal_is_not_sent_again_once_its_certificate_is_cleared() {
+async fn p8_an_ended_renewal_is_not_sent_again_once_its_certificate_is_cleared() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hub.db");
     let store = with_acme(&path).await;
